@@ -1,0 +1,201 @@
+"""The `fusedit` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fusedit.config import ConfigError, load_config, preset_names, to_yaml
+
+
+def _config(args) -> object:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from fusedit.train.loop import train
+
+    cfg = _config(args)
+    out = Path(args.out or f"runs/{cfg.name}")
+    result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    print(f"trained to step {result['step']}; checkpoints in {out / 'checkpoints'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fusedit.demo import run_demo
+
+    cfg = load_config("debug", args.overrides)
+    out = Path(args.out)
+    t0 = time.time()
+    r = run_demo(cfg, out, progress=not args.quiet)
+    print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
+    print(f"  samples:     {r['samples']}")
+    print(f"  loss curve:  {r['loss_curve']}")
+    print(f"  checkpoints: {r['checkpoint']}")
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def cmd_sample(args) -> int:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from fusedit.imaging import image_grid, save_png, to_uint8
+    from fusedit.sample import generate
+    from fusedit.train.checkpoint import load_model
+    from fusedit.train.loop import resolve_device
+
+    prompts = _read_prompts(args)
+    device = resolve_device(args.device)
+    model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
+    s = cfg.sample
+    steps = args.steps or s.steps
+    guidance = s.guidance if args.guidance is None else args.guidance
+    size = args.size or cfg.data.image_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
+    for b, batch in enumerate(batches):
+        seed = args.seed + b
+        x = generate(
+            model,
+            batch,
+            image_size=size,
+            steps=steps,
+            guidance=guidance,
+            sampler=args.sampler or s.sampler,
+            shift=s.shift,
+            negative_prompt=args.negative_prompt if args.negative_prompt is not None else s.negative_prompt,
+            seed=seed,
+            cache_text=not args.no_cache,
+            progress=lambda: bar.update(1),
+        )
+        for j, (img, prompt) in enumerate(zip(to_uint8(x), batch)):
+            name = f"{len(images):05d}"
+            save_png(Image.fromarray(img), out / f"{name}.png")
+            meta = {
+                "prompt": prompt,
+                "seed": seed,
+                "index_in_batch": j,
+                "steps": steps,
+                "guidance": guidance,
+                "size": size,
+                "checkpoint": str(ckpt),
+            }
+            (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+            images.append(img)
+    bar.close()
+    save_png(image_grid(images, prompts, scale=max(1, 128 // size)), out / "grid.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from fusedit.system import build_model, count_parameters
+
+    cfg = _config(args)
+    model = build_model(cfg, "meta")
+    d, llm = model.denoiser, model.text.llm
+    print(
+        f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
+        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} "
+        f"llm_layers={d.llm_layers[0]}..{d.llm_layers[-1]}"
+    )
+    print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
+    print(f"frozen (LLM, incl. embeddings): {count_parameters(llm) / 1e6:.1f}M")
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = _config(args)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    print("\n".join(preset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="preset name (see `fusedit presets`) or YAML file")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    sp = sub.add_parser("train", help="train a config")
+    with_config(sp)
+    sp.add_argument("--out", help="run folder (default runs/<name>)")
+    sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    sp.add_argument("--stop-at", type=int, help="stop after this step (the run can be resumed)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("demo", help="train the debug preset on the shapes world and sample a grid")
+    sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the debug preset")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("sample", help="generate images from a run or checkpoint folder")
+    sp.add_argument("model", help="run folder or checkpoint folder")
+    sp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    sp.add_argument("--prompts-file", help="a text file with one prompt per line")
+    sp.add_argument("--out", default="samples")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--guidance", type=float)
+    sp.add_argument("--sampler", choices=["euler", "heun"])
+    sp.add_argument("--negative-prompt")
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--size", type=int)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--no-cache", action="store_true", help="recompute the text K/V at every step")
+    sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser(
+        "describe", help="architecture summary and parameter counts (built on the meta device)"
+    )
+    with_config(sp)
+    sp.set_defaults(func=cmd_describe)
+
+    sp = sub.add_parser("config", help="print the resolved config")
+    with_config(sp)
+    sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("presets", help="list the named presets")
+    sp.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fusedit: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Datasets: the procedural shapes world (the built-in default)."""

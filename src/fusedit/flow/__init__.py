@@ -1,0 +1,24 @@
+"""Flow matching: the time convention, training targets and samplers. Imports only torch."""
+
+from fusedit.flow.matching import (
+    drop_captions,
+    flow_loss,
+    interpolate,
+    sample_training_times,
+    shift_time,
+    velocity_target,
+)
+from fusedit.flow.samplers import SAMPLERS, guided, sample, sampling_times
+
+__all__ = [
+    "SAMPLERS",
+    "drop_captions",
+    "flow_loss",
+    "guided",
+    "interpolate",
+    "sample",
+    "sample_training_times",
+    "sampling_times",
+    "shift_time",
+    "velocity_target",
+]

@@ -1,0 +1,1 @@
+"""Building blocks shared by every design: attention, rotary embeddings, modulation, MLPs, patches."""

@@ -1,0 +1,51 @@
+"""The single place that calls scaled-dot-product attention and chooses its kernel.
+
+Image queries attend to [text K/V ; image K/V]. Text rows are never computed here: in deep fusion they
+are the frozen LLM's own causal forward, computed once per prompt batch (design-space.md s.1), so the
+only mask left is a key-padding mask over the text part, (B, 1, 1, T + N), and none at all when the batch
+has no padding. No dense (T + N) x (T + N) mask is ever built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def backend_context(name: str) -> contextlib.AbstractContextManager:
+    """``sdpa_kernel`` for an explicit backend name, a no-op for "auto"."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (allowed: auto, {', '.join(BACKENDS)})")
+    return sdpa_kernel(BACKENDS[name])
+
+
+def key_padding_mask(text_mask: torch.Tensor | None, num_image: int) -> torch.Tensor | None:
+    """(B, T) bool text mask -> (B, 1, 1, T + N) bool keep-mask over [text ; image] keys, or None."""
+    if text_mask is None:
+        return None
+    ones = text_mask.new_ones(text_mask.shape[0], num_image)
+    return torch.cat([text_mask, ones], dim=1)[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q (B, H, N, d); k, v (B, KVH, S, d) with H a multiple of KVH (MQA/GQA); mask (B, 1, 1, S) bool.
+
+    Returns (B, N, H * d).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2).flatten(2)

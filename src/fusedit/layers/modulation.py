@@ -1,0 +1,207 @@
+"""Timestep conditioning variants of the FuseDiT study (design-space.md s.1), chosen at build time.
+
+Each variant says (1) how the timestep is embedded, (2) whether it is added to the image tokens, (3) what
+each block's two sublayers (attention, MLP) are modulated with, and (4) the final layer's norm. Blocks
+call ``mod.pre(norm(x))`` before a sublayer and ``mod.post(y)`` on its output whatever the variant; the
+unmodulated variants hand out ``IDENTITY``, so no block ever branches on the variant.
+
+- ``adaln-zero`` (DiT): per block Linear(d, 6d) on SiLU(temb), zero-initialised; adaLN final layer.
+- ``adaln-single`` (PixArt-alpha): one global Linear(d, 6d), plus a learned (6, d) table per block.
+- ``addition``: temb added to every image token after patchify; plain affine RMSNorms.
+- ``none``: no timestep input at all (the released large FuseDiT model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fusedit.layers.embed import TimestepEmbedder
+from fusedit.layers.norm import RMSNorm, layer_norm
+
+
+class ZeroInit:
+    """Marks modules whose output projection starts at zero (adaLN-Zero); the model's init calls zero_()."""
+
+    def zero_(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Mod:
+    """One sublayer's modulation; shift, scale, gate are (B, 1, d)."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.scale) + self.shift
+
+    def post(self, y: torch.Tensor) -> torch.Tensor:
+        return self.gate * y
+
+
+class _Identity:
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def post(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+IDENTITY = _Identity()
+
+
+def _six(m: torch.Tensor) -> tuple[Mod, Mod]:
+    """(B, 6, d) -> (attention Mod, MLP Mod) in the order shift, scale, gate."""
+    s = m[:, :, None, :].unbind(1)
+    return Mod(s[0], s[1], s[2]), Mod(s[3], s[4], s[5])
+
+
+# ------------------------------------------------------------------ per-block modulation
+
+
+class AdaLNZeroBlock(nn.Module, ZeroInit):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def zero_(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, cond: torch.Tensor) -> tuple[Mod, Mod]:
+        return _six(self.linear(cond).unflatten(-1, (6, -1)))
+
+
+class AdaLNSingleBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(self, cond: torch.Tensor) -> tuple[Mod, Mod]:
+        return _six(cond + self.table)
+
+
+class NoBlockModulation(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+
+    def forward(self, cond: None) -> tuple[_Identity, _Identity]:
+        return IDENTITY, IDENTITY
+
+
+# ------------------------------------------------------------------ final layers (norm before proj_out)
+
+
+class AdaLNFinal(nn.Module, ZeroInit):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = layer_norm(dim, eps)
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def zero_(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(nn.functional.silu(c))[:, None].chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class TableFinal(nn.Module):
+    """PixArt-alpha's final layer: a learned (2, d) shift/scale table plus the timestep embedding."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = layer_norm(dim, eps)
+        self.table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.table[None] + c[:, None]).unbind(1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class NormFinal(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------ the variants
+
+
+class TimestepConditioning(nn.Module):
+    """Base: owns the global timestep path; builds per-block modulators, block norms and the final layer."""
+
+    block_modulation: type[nn.Module] = NoBlockModulation
+    final_layer: type[nn.Module] = NormFinal
+    modulated = False
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embedder = TimestepEmbedder(dim)
+
+    def embed(self, t: torch.Tensor) -> torch.Tensor | None:
+        """(B,) t in [0, 1] -> (B, d) conditioning vector (None: no timestep input)."""
+        return self.embedder(t)
+
+    def into_tokens(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+    def block_input(self, c: torch.Tensor | None):
+        """What every block's modulator reads, computed once per forward."""
+        return None
+
+    def block_norm(self, dim: int, eps: float) -> nn.Module:
+        return layer_norm(dim, eps) if self.modulated else RMSNorm(dim, eps)
+
+
+class AdaLNZero(TimestepConditioning):
+    block_modulation = AdaLNZeroBlock
+    final_layer = AdaLNFinal
+    modulated = True
+
+    def block_input(self, c: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(c)
+
+
+class AdaLNSingle(TimestepConditioning):
+    block_modulation = AdaLNSingleBlock
+    final_layer = TableFinal
+    modulated = True
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def block_input(self, c: torch.Tensor) -> torch.Tensor:
+        return self.t_block(c).unflatten(-1, (6, -1))
+
+
+class Addition(TimestepConditioning):
+    def into_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x + c[:, None]
+
+
+class NoTimestep(TimestepConditioning):
+    def __init__(self, dim: int):
+        # Skip the base class's embedder: this variant has no timestep parameters at all.
+        nn.Module.__init__(self)
+
+    def embed(self, t: torch.Tensor) -> None:
+        return None
+
+
+TIMESTEP_CONDITIONING: dict[str, type[TimestepConditioning]] = {
+    "adaln-zero": AdaLNZero,
+    "adaln-single": AdaLNSingle,
+    "addition": Addition,
+    "none": NoTimestep,
+}

@@ -1,0 +1,1 @@
+"""Named YAML presets; experiments are small override files on top of them (``base: <preset>``)."""

@@ -1,0 +1,56 @@
+"""Prompt -> image. Used by `fusedit sample`, the demo, evaluation and training previews.
+
+With ``cache_text`` (the default) the LLM runs once per prompt batch, negative prompts included (they are
+just more rows of the batch), and its per-layer K/V serve every step and both guidance branches. Without
+it the LLM runs again at every step, which gives the same images at several times the cost: the test suite
+checks that equality for every position scheme.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedit.flow import guided, sample
+from fusedit.system import TextToImage
+
+
+@torch.no_grad()
+def generate(
+    model: TextToImage,
+    prompts: list[str],
+    *,
+    image_size: int,
+    steps: int = 25,
+    guidance: float = 6.0,
+    sampler: str = "euler",
+    shift: float = 1.0,
+    negative_prompt: str = "",
+    seed: int = 42,
+    cache_text: bool = True,
+    noise: torch.Tensor | None = None,
+    progress=None,
+) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1."""
+    denoiser, ae = model.denoiser, model.autoencoder
+    device = next(denoiser.parameters()).device
+    use_cfg = guidance != 1.0
+    rows = [negative_prompt] * len(prompts) + list(prompts) if use_cfg else list(prompts)
+    if cache_text:
+        context = model.encode_prompts(rows)
+
+        def velocity(x, t):
+            return denoiser(x, t, context)
+    else:
+        ids, mask = model.text.tokenize(rows, device)
+
+        def velocity(x, t):
+            return denoiser(x, t, model.text(ids, mask, denoiser.text_request))
+
+    if use_cfg:
+        velocity = guided(velocity, guidance)
+    if noise is None:
+        side = image_size // ae.downsample
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(prompts), ae.channels, side, side, generator=gen)
+    latents = sample(velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress)
+    return ae.decode(latents)

@@ -1,0 +1,119 @@
+"""Prompts -> tokens -> the frozen LLM's forward -> a TextContext (design-space.md s.1 and s.2).
+
+The text stream of deep fusion is exactly the LLM's own causal forward on the prompt: it never sees the
+image or the timestep. So it runs once per prompt batch, under no_grad when the LLM is frozen, and the
+per-layer keys/values are read off its hidden states with the layer's own modules:
+
+    K_i = RoPE(k_norm(k_proj(input_layernorm(h_i))))    V_i = v_proj(input_layernorm(h_i))
+
+where h_i is the input of LLM layer i. Nothing of the LLM is kept for backward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fusedit.layers.rope import rotate_half
+from fusedit.text.context import TextContext, TextRequest
+
+log = logging.getLogger(__name__)
+
+
+def _layer_kv(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """(B, T, d) input of an HF decoder layer -> its post-RoPE keys and its values, (B, KVH, T, head_dim)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    k = attn.k_proj(x).unflatten(-1, (-1, head_dim))
+    v = attn.v_proj(x).unflatten(-1, (-1, head_dim)).transpose(1, 2)
+    k_norm = getattr(attn, "k_norm", None)  # Qwen3 / Gemma-3 normalise keys per head before RoPE
+    if k_norm is not None:
+        k = k_norm(k)
+    k = k.transpose(1, 2)
+    k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(v.dtype)
+    return k, v
+
+
+class TextEncoder(nn.Module):
+    """Holds the LLM and its tokenizer; ``encode(prompts, request)`` gives the TextContext."""
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer,
+        max_length: int,
+        instruction: str = "",
+        chat_template: bool = False,
+        trim_padding: bool = True,
+    ):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.instruction = instruction
+        self.chat_template = chat_template
+        self.trim_padding = trim_padding
+        cfg = llm.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.llm.parameters())
+
+    def _format(self, prompt: str) -> str:
+        text = self.instruction + prompt
+        if self.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def tokenize(self, prompts: list[str], device: torch.device | str = "cpu"):
+        """Right-padded ids and bool mask, (B, max_length); longer prompts are truncated with a warning."""
+        if isinstance(prompts, str):
+            raise TypeError("tokenize takes a list of prompts, not a single string")
+        ids = self.tokenizer([self._format(p) for p in prompts], add_special_tokens=not self.chat_template)[
+            "input_ids"
+        ]
+        too_long = [i for i, seq in enumerate(ids) if len(seq) > self.max_length]
+        if too_long:
+            first = prompts[too_long[0]]
+            log.warning(
+                "%d prompt(s) longer than text.max_length=%d tokens were truncated, e.g. %r (%d tokens)",
+                len(too_long),
+                self.max_length,
+                first[:80],
+                len(ids[too_long[0]]),
+            )
+        pad = self.tokenizer.pad_token_id
+        out = torch.full((len(ids), self.max_length), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), self.max_length), dtype=torch.bool)
+        for i, seq in enumerate(ids):
+            seq = seq[: self.max_length]
+            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = True
+        return out.to(device), mask.to(device)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
+        """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
+        lengths = mask.sum(1)
+        longest = int(lengths.max())  # one host sync per prompt batch, not per step
+        if self.trim_padding:
+            input_ids, mask = input_ids[:, :longest], mask[:, :longest]
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            out = self.llm(
+                input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
+            )
+            hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            cos, sin = self.llm.rotary_emb(hidden[0], positions)
+            kv = [
+                _layer_kv(self.llm.layers[i], hidden[i], cos, sin, self.head_dim) for i in request.kv_layers
+            ]
+        return TextContext(mask=mask, lengths=lengths, kv=kv, padded=not bool(mask.all()))
+
+    def encode(self, prompts: list[str], request: TextRequest, device=None) -> TextContext:
+        device = device or next(self.llm.parameters()).device
+        return self(*self.tokenize(prompts, device), request)

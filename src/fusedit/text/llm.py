@@ -1,0 +1,84 @@
+"""Loading the LLM and its tokenizer: any Hugging Face decoder-only model, or a random-init one.
+
+The LLM is kept as transformers' own *base* model (no LM head): its layers, norms and rotary embedding are
+what the text stream runs, so every supported family (Gemma, Gemma-2, Qwen2/2.5/3, Llama) works unchanged.
+It is truncated after the deepest layer a design reads: deeper layers would never be used.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from fusedit.config import ConfigError, TextConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
+    """The LLM's transformers config: from the hub id / folder, or ``family`` + ``arch`` for random init.
+
+    ``shape_only`` (meta-device builds that only count parameters) falls back to ``arch`` when the hub id
+    cannot be reached, so a preset can be described offline.
+    """
+    if cfg.model_id:
+        try:
+            # Shape-only builds never wait on the network: the local cache or the preset's arch will do.
+            config = AutoConfig.from_pretrained(cfg.model_id, local_files_only=shape_only)
+        except OSError as e:
+            if shape_only and cfg.arch:
+                return AutoConfig.for_model(cfg.family, **cfg.arch)
+            raise ConfigError(
+                f"text.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
+                f"unreachable or has no such model): {str(e).splitlines()[0]}"
+            ) from None
+        # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
+        return getattr(config, "text_config", None) or config
+    try:
+        return AutoConfig.for_model(cfg.family, **cfg.arch)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"text.arch={cfg.arch!r} is not a valid {cfg.family} config: {e}") from None
+
+
+def load_llm(
+    cfg: TextConfig, num_layers: int, device: torch.device | str = "cpu", shape_only: bool = False
+) -> PreTrainedModel:
+    """The frozen base LLM with only its first ``num_layers`` layers, in eval mode, on ``device``.
+
+    ``shape_only`` builds random weights from the config (meta-device parameter counts).
+    """
+    config = llm_config(cfg, shape_only)
+    if num_layers > config.num_hidden_layers:
+        raise ConfigError(
+            f"the design needs {num_layers} LLM layers but the LLM has {config.num_hidden_layers}"
+        )
+    config.num_hidden_layers = num_layers
+    dtype = DTYPES[cfg.dtype]
+    if cfg.model_id and not shape_only:
+        llm = AutoModel.from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
+    else:
+        llm = AutoModel.from_config(config).to(dtype)
+    llm = llm.to(device) if str(device) != "meta" else llm
+    llm.requires_grad_(False)
+    return llm.eval()
+
+
+def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
+    """The tokenizer of ``text.tokenizer`` or ``text.model_id``; else a word tokenizer over ``builtin_words``."""
+    from fusedit.text.tokenizer import word_tokenizer
+
+    name = cfg.tokenizer or cfg.model_id
+    if not name:
+        if builtin_words is None:
+            raise ConfigError("no tokenizer: set text.tokenizer or text.model_id")
+        return word_tokenizer(builtin_words)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise ConfigError(f"tokenizer {name!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

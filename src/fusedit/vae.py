@@ -1,0 +1,70 @@
+"""The latent space: one interface for pixels (identity) and diffusers VAEs.
+
+``encode`` maps images in [-1, 1] to the latents the denoiser is trained on, ``decode`` maps back. Each
+VAE's own shift and scale (SD3/FLUX: shift_factor and scaling_factor; SDXL: scaling only) are applied here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedit.config import ConfigError, VAEConfig
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel-space training behind the latent interface: latents are the images themselves."""
+
+    channels, downsample = 3, 1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+
+class DiffusersAutoencoder(nn.Module):
+    """A diffusers ``AutoencoderKL`` (SD3, FLUX, SDXL VAEs), frozen, with its shift and scale."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.channels = config.latent_channels
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        self.scale = float(getattr(config, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode(images.to(dtype)).latent_dist.sample()
+        return ((latents - self.shift) * self.scale).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode((latents / self.scale + self.shift).to(dtype)).sample
+        return images.float().clamp(-1, 1)
+
+
+def load_autoencoder(cfg: VAEConfig, device: torch.device | str = "cpu") -> nn.Module:
+    if cfg.kind == "identity":
+        return IdentityAutoencoder()
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(cfg.model_id, subfolder=cfg.subfolder or None)
+    except OSError as e:
+        raise ConfigError(
+            f"vae.model_id={cfg.model_id!r} cannot be loaded: {str(e).splitlines()[0]}"
+        ) from None
+    ae = DiffusersAutoencoder(vae).to(device)
+    if ae.channels != cfg.latent_channels or ae.downsample != cfg.downsample:
+        raise ConfigError(
+            f"vae {cfg.model_id!r} has {ae.channels} latent channels and downsample {ae.downsample}, but the "
+            f"config says vae.latent_channels={cfg.latent_channels}, vae.downsample={cfg.downsample}"
+        )
+    return ae

@@ -1,0 +1,75 @@
+import pytest
+
+from fusedit.config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    preset_names,
+    save_config,
+)
+
+
+def test_presets_load_and_round_trip(tmp_path):
+    assert {"debug", "fusedit-gemma2b"} <= set(preset_names())
+    cfg = load_config("debug", ["train.steps=7", "model.pos_embed=2d-rope", "text.arch.num_hidden_layers=4"])
+    assert cfg.train.steps == 7 and cfg.model.pos_embed == "2d-rope"
+    assert cfg.text.arch["num_hidden_layers"] == 4 and cfg.text.arch["hidden_size"] == 64  # arch merged
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_override_file_on_a_preset(tmp_path):
+    (tmp_path / "exp.yaml").write_text("base: debug\nmodel:\n  pos_embed: m-rope\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(tmp_path / "exp.yaml")
+    assert cfg.model.pos_embed == "m-rope" and cfg.train.lr == 0.01 and cfg.data.image_size == 32
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.foo=1", "unknown config key 'model.foo'"),
+        ("nosection.x=1", "unknown config key 'nosection'"),
+        (
+            "model.pos_embed=3d-rope",
+            "model.pos_embed='3d-rope' is not allowed (allowed: ape, 1d-rope, 2d-rope, m-rope)",
+        ),
+        ("model.timestep_conditioning=film", "allowed: adaln-zero, adaln-single, addition, none"),
+        ("train.steps=abc", "train.steps='abc' must be an integer"),
+        ("train.steps=0", "train.steps=0 must be > 0"),
+        ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+        ("model.qk_norm=maybe", "model.qk_norm='maybe' must be true or false"),
+        ("data.caption_dropout=1.5", "data.caption_dropout=1.5 must be <= 1"),
+        ("data.image_size=30", "data.image_size=30 must be divisible by"),
+        ("vae.latent_channels=4", "vae.kind=identity needs"),
+        ("text.arch=null", "text.arch=None must be a dict"),
+        ("train.steps", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_fail_with_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_unknown_preset(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_random_llm_needs_an_arch():
+    with pytest.raises(ConfigError, match="text.arch is empty"):
+        config_from_dict({"text": {"family": "gemma"}})
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a.b=1", "a.c=true", "a.d=x y", "a.e=null", "a.f=[1, 2]"]) == {
+        "a": {"b": 1, "c": True, "d": "x y", "e": None, "f": [1, 2]}
+    }
