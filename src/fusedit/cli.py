@@ -114,10 +114,18 @@ def cmd_describe(args) -> int:
     cfg = _config(args)
     model = build_model(cfg, "meta")
     d, llm = model.denoiser, model.text.llm
+    req = d.text_request
+    reads = (
+        f"K/V of LLM layers {req.kv_layers[0]}..{req.kv_layers[-1]}"
+        if req.kv_layers
+        else f"pre-RoPE K/V of LLM layers {req.raw_kv_layers[0]}..{req.raw_kv_layers[-1]}"
+        if req.raw_kv_layers
+        else f"LLM hidden state {req.hidden_layer}"
+    )
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
-        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} "
-        f"llm_layers={d.llm_layers[0]}..{d.llm_layers[-1]}"
+        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads {reads} "
+        f"of {len(llm.layers)} LLM layers run"
     )
     print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
     print(f"frozen (LLM, incl. embeddings): {count_parameters(llm) / 1e6:.1f}M")

@@ -40,13 +40,17 @@ def nonneg(default: float | int) -> Any:
 class ModelConfig:
     """The denoiser. Heads, head_dim, KV heads and MLP are mirrored from the LLM (design-space.md s.1)."""
 
-    design: str = choice("fusedit", "fusedit")
+    # fusedit: deep fusion; fusedit-cross: its cross-attention variant; dit-self / dit-cross: the shallow
+    # baselines reading one LLM hidden state (design-space.md s.1).
+    design: str = choice("fusedit", "fusedit", "fusedit-cross", "dit-self", "dit-cross")
     # Residual width of the DiT; None = the LLM's hidden size.
     dit_hidden_size: int | None = positive(None)
     # Number of DiT layers (= fused LLM layers); None = every LLM layer after `initial_layers`.
     num_layers: int | None = positive(None)
     # LLM layers that run text-only before fusion starts: DiT layer i pairs with LLM layer initial_layers + i.
     initial_layers: int = nonneg(0)
+    # Shallow designs: which LLM hidden state they read (transformers indexing; -1 = last, after the norm).
+    hidden_layer: int = -1
     pos_embed: str = choice("ape", "ape", "1d-rope", "2d-rope", "m-rope")
     timestep_conditioning: str = choice("adaln-zero", "adaln-zero", "adaln-single", "addition", "none")
     qk_norm: bool = True
@@ -120,6 +124,8 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 1})
     beta2: float = field(default=0.999, metadata={"min": 0, "max": 1})
     warmup_steps: int = nonneg(0)
+    # LR after warmup: "constant" (the FuseDiT recipe) or "cosine" decay to 0 at train.steps.
+    schedule: str = choice("constant", "constant", "cosine")
     grad_clip: float = positive(1.0)
     ema_decay: float = field(default=0.99, metadata={"min": 0, "max": 1})
     ema_every: int = positive(100)

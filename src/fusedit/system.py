@@ -46,7 +46,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> TextToImage:
     autoencoder = None if meta else load_autoencoder(cfg.vae, device)
     with torch.device(device):
         denoiser = build_denoiser(cfg.model, spec, cfg.vae.latent_channels)
-    needed = max(denoiser.text_request.kv_layers) + 1
+    needed = denoiser.text_request.layers_needed(spec.num_layers)
     # On "meta" the LLM is built under the device context too, so no real weights are allocated.
     with torch.device(device) if meta else contextlib.nullcontext():
         llm = load_llm(cfg.text, needed, device, shape_only=meta)

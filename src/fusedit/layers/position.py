@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedit.layers.embed import sincos_2d
-from fusedit.layers.rope import NoRotary, Rotary, rope_1d, rope_2d, rope_m
+from fusedit.layers.rope import NoRotary, Rotary, rope_1d, rope_2d, rope_m, rope_text
 
 
 class PositionScheme:
@@ -21,12 +21,20 @@ class PositionScheme:
         """Rotation for the (h * w) image tokens of each sample, offset by its unpadded text length (B,)."""
         return NoRotary()
 
+    def text_rotary(self, length: int, device) -> Rotary | NoRotary:
+        """Rotation of text keys a design projects itself (shallow designs): 1D RoPE at 0..length-1,
+        which every RoPE scheme uses for text (M-RoPE's (p, p) included)."""
+        return rope_text(length, self.head_dim, self.theta, device)
+
 
 class APE(PositionScheme):
     """Fixed 2D sin-cos added after patchify; the text keeps the LLM's own 1D RoPE."""
 
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return x + sincos_2d(x.shape[-1], h, w, x.device).to(x.dtype)
+
+    def text_rotary(self, length: int, device) -> NoRotary:
+        return NoRotary()
 
 
 class Rope1D(PositionScheme):

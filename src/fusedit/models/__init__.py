@@ -5,10 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from fusedit.config import ModelConfig
-from fusedit.models.fusedit import DeepFusionDiT
+from fusedit.models.fusedit import DeepFusionCrossDiT, DeepFusionDiT
+from fusedit.models.shallow import CrossAttentionDiT, SelfAttentionDiT
 from fusedit.text.spec import LLMSpec
 
-DESIGNS: dict[str, type[nn.Module]] = {"fusedit": DeepFusionDiT}
+DESIGNS: dict[str, type[nn.Module]] = {
+    "fusedit": DeepFusionDiT,
+    "fusedit-cross": DeepFusionCrossDiT,
+    "dit-self": SelfAttentionDiT,
+    "dit-cross": CrossAttentionDiT,
+}
 
 
 def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int) -> nn.Module:

@@ -6,7 +6,8 @@ per-layer keys/values are read off its hidden states with the layer's own module
 
     K_i = RoPE(k_norm(k_proj(input_layernorm(h_i))))    V_i = v_proj(input_layernorm(h_i))
 
-where h_i is the input of LLM layer i. Nothing of the LLM is kept for backward.
+where h_i is the input of LLM layer i. Nothing of the LLM is kept for backward. The shallow designs read
+one hidden state instead, and the deep cross variant the keys before RoPE.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from fusedit.text.context import TextContext, TextRequest
 log = logging.getLogger(__name__)
 
 
-def _layer_kv(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
-    """(B, T, d) input of an HF decoder layer -> its post-RoPE keys and its values, (B, KVH, T, head_dim)."""
+def _layer_kv(layer: nn.Module, h: torch.Tensor, head_dim: int):
+    """(B, T, d) input of an HF decoder layer -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     k = attn.k_proj(x).unflatten(-1, (-1, head_dim))
@@ -31,9 +32,12 @@ def _layer_kv(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     k_norm = getattr(attn, "k_norm", None)  # Qwen3 / Gemma-3 normalise keys per head before RoPE
     if k_norm is not None:
         k = k_norm(k)
-    k = k.transpose(1, 2)
-    k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(v.dtype)
-    return k, v
+    return k.transpose(1, 2), v
+
+
+def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The LLM's own rotation (rotate-half layout); cos, sin (B, T, head_dim) from its rotary_emb."""
+    return (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(k.dtype)
 
 
 class TextEncoder(nn.Module):
@@ -109,10 +113,15 @@ class TextEncoder(nn.Module):
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             cos, sin = self.llm.rotary_emb(hidden[0], positions)
-            kv = [
-                _layer_kv(self.llm.layers[i], hidden[i], cos, sin, self.head_dim) for i in request.kv_layers
-            ]
-        return TextContext(mask=mask, lengths=lengths, kv=kv, padded=not bool(mask.all()))
+            kv = []
+            for i in request.kv_layers:
+                k, v = _layer_kv(self.llm.layers[i], hidden[i], self.head_dim)
+                kv.append((_rope(k, cos, sin), v))
+            raw_kv = [_layer_kv(self.llm.layers[i], hidden[i], self.head_dim) for i in request.raw_kv_layers]
+            chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
+        return TextContext(
+            mask=mask, lengths=lengths, kv=kv, raw_kv=raw_kv, hidden=chosen, padded=not bool(mask.all())
+        )
 
     def encode(self, prompts: list[str], request: TextRequest, device=None) -> TextContext:
         device = device or next(self.llm.parameters()).device

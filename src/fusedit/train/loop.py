@@ -46,9 +46,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def learning_rate(step: int, base: float, warmup: int) -> float:
-    """Linear warmup, then constant (the FuseDiT recipe is constant with no warmup)."""
-    return base * min(1.0, (step + 1) / warmup) if warmup else base
+def learning_rate(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
+    """Linear warmup, then constant (the FuseDiT recipe) or cosine decay to 0 at ``total`` steps."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return base
 
 
 def llm_needs_saving(cfg: Config, model: TextToImage) -> bool:
@@ -150,7 +155,7 @@ def train(
 
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            lr = learning_rate(step, tc.lr, tc.warmup_steps)
+            lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.schedule, tc.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()

@@ -1,0 +1,1 @@
+"""Evaluation of generated images: programmatic verifiers and benchmark scoring."""

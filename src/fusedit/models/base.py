@@ -1,0 +1,104 @@
+"""The skeleton every design shares, DiT-style: the model never sees the diffusion process, only
+(latents, t in [0, 1], TextContext) -> velocity.
+
+    patchify (+ APE) -> timestep embedding -> blocks, each reading its text input -> final norm -> unpatchify
+
+A design (subclass) says which blocks it stacks, what it asks of the LLM (``text_request``) and what each
+block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialisation live here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fusedit.config import ConfigError, ModelConfig
+from fusedit.layers.attention import backend_context
+from fusedit.layers.embed import PatchEmbed, unpatchify
+from fusedit.layers.modulation import TIMESTEP_CONDITIONING, ZeroInit
+from fusedit.layers.position import POSITION_SCHEMES
+from fusedit.layers.rope import NoRotary, Rotary
+from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.spec import LLMSpec
+
+
+def dit_depth(cfg: ModelConfig, llm: LLMSpec) -> int:
+    """DiT layers: ``num_layers``, or every LLM layer after ``initial_layers``."""
+    return cfg.num_layers if cfg.num_layers is not None else llm.num_layers - cfg.initial_layers
+
+
+def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
+    """LLM layer index of each DiT layer in deep fusion: initial_layers, initial_layers + 1, ..."""
+    n = dit_depth(cfg, llm)
+    if n < 1 or cfg.initial_layers + n > llm.num_layers:
+        raise ConfigError(
+            f"model.initial_layers={cfg.initial_layers} + model.num_layers={n} needs "
+            f"{cfg.initial_layers + n} LLM layers but the LLM has {llm.num_layers}: deep fusion pairs every DiT "
+            f"layer with one LLM layer (allowed: initial_layers + num_layers <= {llm.num_layers})"
+        )
+    return tuple(range(cfg.initial_layers, cfg.initial_layers + n))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int):
+        super().__init__()
+        dim = cfg.dit_hidden_size or llm.hidden_size
+        self.dim, self.patch_size, self.in_channels = dim, cfg.patch_size, in_channels
+        self.attention_backend = cfg.attention_backend
+        self.position = POSITION_SCHEMES[cfg.pos_embed](llm.head_dim, llm.rope_theta)
+        self.patch_embed = PatchEmbed(in_channels, dim, cfg.patch_size)
+        self.time = TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim)
+        self.blocks = nn.ModuleList(self.make_block(dim, llm, cfg) for _ in range(self.depth(cfg, llm)))
+        self.final_norm = self.time.final_layer(dim, llm.rms_norm_eps)
+        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * in_channels)
+
+    # ---- what a design defines
+    def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
+        return dit_depth(cfg, llm)
+
+    def make_block(self, dim: int, llm: LLMSpec, cfg: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def text_request(self) -> TextRequest:
+        raise NotImplementedError
+
+    def block_texts(self, text: TextContext, num_image: int, rope: Rotary | NoRotary) -> Iterator[tuple]:
+        """(text K/V, attention mask) for each block, in order."""
+        raise NotImplementedError
+
+    # ---- shared
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier Linear with zero bias, N(0, 0.02) timestep MLP, adaLN-Zero and output at 0.
+
+        Designs call this at the end of their __init__, after adding their own modules."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for lin in (m for m in self.time.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(lin.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, ZeroInit):
+                m.zero_()
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
+        """x (B, C, H, W) latents at time t (B,) in [0, 1] -> velocity (B, C, H, W)."""
+        _, c, height, width = x.shape
+        h, w = height // self.patch_size, width // self.patch_size
+        img = self.position.add_absolute(self.patch_embed(x), h, w)  # (B, N, d)
+        temb = self.time.embed(t)  # (B, d) or None
+        img = self.time.into_tokens(img, temb)
+        cond = self.time.block_input(temb)
+        rope = self.position.rotary(h, w, text.lengths)  # image positions continue after the text
+        with backend_context(self.attention_backend):
+            texts = self.block_texts(text, img.shape[1], self.position.text_rotary(text.mask.shape[1], x.device))
+            for block, (kv, mask) in zip(self.blocks, texts, strict=True):
+                img = block(img, cond, kv, mask, rope)
+        img = self.proj_out(self.final_norm(img, temb))
+        return unpatchify(img, self.patch_size, height, width, c)

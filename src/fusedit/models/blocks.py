@@ -1,0 +1,137 @@
+"""Attention modules and transformer blocks shared by the designs. Every projection is shaped like the
+LLM's attention (heads, KV heads, head_dim), whatever the DiT's residual width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedit.config import ModelConfig
+from fusedit.layers.attention import attention
+from fusedit.layers.mlp import GatedMLP
+from fusedit.layers.modulation import TimestepConditioning
+from fusedit.layers.norm import RMSNorm
+from fusedit.layers.rope import NoRotary, Rotary
+from fusedit.text.spec import LLMSpec
+
+
+def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """(B, S, n * d) -> (B, n, S, d)."""
+    return x.unflatten(-1, (n, d)).transpose(1, 2)
+
+
+class ImageAttention(nn.Module):
+    """Image queries over [context K/V ; image K/V] (context optional: plain image self-attention)."""
+
+    def __init__(self, dim: int, llm: LLMSpec, qk_norm: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, llm.head_dim
+        self.q_proj = nn.Linear(dim, llm.num_heads * llm.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rotary | NoRotary,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x (B, N, d); context K/V (B, KVH, T, hd), keys already rotated; mask (B, 1, 1, T + N) or None
+        q = rope.apply(self.q_norm(_heads(self.q_proj(x), self.heads, self.head_dim)))
+        k = rope.apply(self.k_norm(_heads(self.k_proj(x), self.kv_heads, self.head_dim)))
+        v = _heads(self.v_proj(x), self.kv_heads, self.head_dim)
+        if context_kv is not None:
+            k = torch.cat([context_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([context_kv[1].to(v.dtype), v], dim=2)
+        return self.o_proj(attention(q, k, v, mask))
+
+
+class TextKV(nn.Module):
+    """Per-layer text K/V projections of a (context-embedded) LLM hidden state: the shallow self-attention
+    DiT's text side. Text tokens are read, never updated."""
+
+    def __init__(self, dim: int, llm: LLMSpec, qk_norm: bool):
+        super().__init__()
+        self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_dim
+        self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+
+    def forward(self, context: torch.Tensor, rope: Rotary | NoRotary) -> tuple[torch.Tensor, torch.Tensor]:
+        k = rope.apply(self.k_norm(_heads(self.k_proj(context), self.kv_heads, self.head_dim)))
+        return k, _heads(self.v_proj(context), self.kv_heads, self.head_dim)
+
+
+class CrossAttention(nn.Module):
+    """Image queries over text keys/values given to it: the paired LLM layer's own K/V (the deep-fusion
+    cross variant) or per-layer projections of one LLM hidden state (PixArt-style shallow DiT)."""
+
+    def __init__(self, dim: int, llm: LLMSpec, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = llm.num_heads, llm.head_dim
+        self.q_proj = nn.Linear(dim, llm.num_heads * llm.head_dim, bias=False)
+        self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        # x (B, N, d); kv (B, KVH, T, hd) each; mask (B, 1, 1, T) or None
+        q = self.q_norm(_heads(self.q_proj(x), self.heads, self.head_dim))
+        k, v = kv
+        return self.o_proj(attention(q, k.to(q.dtype), v.to(q.dtype), mask))
+
+
+def post_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
+    """Gemma-2 style "sandwich" norm on a sublayer's output (before the gate and residual), or nothing."""
+    return RMSNorm(dim, eps) if enabled else nn.Identity()
+
+
+class JointBlock(nn.Module):
+    """Modulated image attention over [text ; image] K/V, then the modulated MLP (deep fusion and the
+    shallow self-attention DiT)."""
+
+    def __init__(self, dim: int, llm: LLMSpec, cfg: ModelConfig, time: TimestepConditioning):
+        super().__init__()
+        eps = llm.rms_norm_eps
+        self.modulation = time.block_modulation(dim)
+        self.attn_norm = time.block_norm(dim, eps)
+        self.img_attn = ImageAttention(dim, llm, cfg.qk_norm)
+        self.attn_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+        self.mlp_norm = time.block_norm(dim, eps)
+        self.img_mlp = GatedMLP(dim, llm.intermediate_size, llm.activation)
+        self.mlp_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+
+    def forward(self, x, cond, txt_kv, mask, rope):
+        attn_mod, mlp_mod = self.modulation(cond)
+        a = self.img_attn(attn_mod.pre(self.attn_norm(x)), rope, txt_kv, mask)
+        x = x + attn_mod.post(self.attn_post_norm(a))
+        m = self.img_mlp(mlp_mod.pre(self.mlp_norm(x)))
+        return x + mlp_mod.post(self.mlp_post_norm(m))
+
+
+class CrossBlock(nn.Module):
+    """Modulated image self-attention, then cross-attention to the text (PixArt: unmodulated, no norm on
+    its input), then the modulated MLP."""
+
+    def __init__(self, dim: int, llm: LLMSpec, cfg: ModelConfig, time: TimestepConditioning):
+        super().__init__()
+        eps = llm.rms_norm_eps
+        self.modulation = time.block_modulation(dim)
+        self.attn_norm = time.block_norm(dim, eps)
+        self.img_attn = ImageAttention(dim, llm, cfg.qk_norm)
+        self.attn_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+        self.txt_attn = CrossAttention(dim, llm, cfg.qk_norm)
+        self.txt_attn_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+        self.mlp_norm = time.block_norm(dim, eps)
+        self.img_mlp = GatedMLP(dim, llm.intermediate_size, llm.activation)
+        self.mlp_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+
+    def forward(self, x, cond, txt_kv, mask, rope):
+        attn_mod, mlp_mod = self.modulation(cond)
+        x = x + attn_mod.post(self.attn_post_norm(self.img_attn(attn_mod.pre(self.attn_norm(x)), rope)))
+        x = x + self.txt_attn_post_norm(self.txt_attn(x, txt_kv, mask))
+        m = self.img_mlp(mlp_mod.pre(self.mlp_norm(x)))
+        return x + mlp_mod.post(self.mlp_post_norm(m))

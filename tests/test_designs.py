@@ -1,0 +1,90 @@
+"""The FuseDiT study's designs: every preset counted against design-space.md s.1, every design trained
+and sampled at debug size."""
+
+import pytest
+import torch
+
+from conftest import POSITIONS, randomize, tiny_config
+from fusedit.config import load_config, preset_names
+from fusedit.sample import generate
+from fusedit.system import build_model, count_parameters
+from fusedit.train.loop import train
+
+DESIGNS = ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
+
+# preset -> (trainable DiT, frozen LLM incl. embeddings) in millions, design-space.md s.1
+PAPER_COUNTS = {
+    "fusedit-gemma2b": (2448.5, 2506.2),
+    "fusedit-no-timestep": (1982.2, 2506.2),
+    "fusedit-adaln-single": (2012.3, 2506.2),
+    "fusedit-cross": (2599.5, 2506.2),
+    "fusedit-hidden-1280": (1421.2, None),
+    "fusedit-hidden-1536": (1749.1, None),
+    "fusedit-hidden-1792": (2091.5, None),
+    "fusedit-14-layers": (1907.3, 2286.0),
+    "fusedit-10-layers": (1366.2, 2065.8),
+    "fusedit-gemma2": (2869.8, 2614.3),
+    "fusedit-large": (2024.8, 2614.3),
+    "dit-self-gemma2b": (2471.6, 2506.2),
+    "dit-cross-gemma2b": (2622.6, 2506.2),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_COUNTS))
+def test_preset_parameter_counts_match_the_paper(preset):
+    model = build_model(load_config(preset), "meta")
+    dit, llm = PAPER_COUNTS[preset]
+    assert abs(count_parameters(model.denoiser) / 1e6 - dit) / dit < 0.01
+    if llm is not None:
+        assert abs(count_parameters(model.text.llm) / 1e6 - llm) / llm < 0.01
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads_and_builds_on_meta(preset):
+    cfg = load_config(preset)
+    model = build_model(cfg, "meta")
+    assert len(model.denoiser.blocks) >= 1
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_designs_forward_backward_and_cached_sampling(design, pos):
+    cfg = tiny_config(model={"design": design, "pos_embed": pos})
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle", ""])
+    v = model(torch.randn(3, 3, 16, 16), torch.rand(3), text)
+    v.pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.denoiser.parameters())
+    assert all(p.grad is None for p in model.text.llm.parameters())
+    kw = dict(image_size=16, steps=3, guidance=3.0, seed=1)
+    prompts = ["a red circle", "two green triangles"]
+    torch.testing.assert_close(
+        generate(model, prompts, cache_text=True, **kw), generate(model, prompts, cache_text=False, **kw)
+    )
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_padding_does_not_change_a_prompt(design):
+    model = build_model(tiny_config(model={"design": design, "pos_embed": "2d-rope"}))
+    randomize(model.denoiser)
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    alone = model(x, t, model.encode_prompts(["a red circle"]))
+    batch = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    together = model(torch.cat([x, x]), torch.cat([t, t]), batch)[:1]
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_shallow_designs_read_the_chosen_hidden_state():
+    model = build_model(tiny_config(model={"design": "dit-self", "hidden_layer": 2}))
+    assert model.denoiser.text_request.hidden_layer == 2
+    assert len(model.text.llm.layers) == 2  # hidden state 2 is the output of layer 1: the rest is cut
+    full = build_model(tiny_config(model={"design": "dit-cross"}))
+    assert len(full.text.llm.layers) == 3  # the last hidden state needs the whole LLM
+
+
+@pytest.mark.parametrize("design", DESIGNS[1:])
+def test_designs_train_a_few_steps(tmp_path, design):
+    cfg = tiny_config(model={"design": design}, train={"steps": 4, "checkpoint_every": 4})
+    losses = train(cfg, tmp_path / design, progress=False)["losses"]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

@@ -1,0 +1,77 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import TINY_ARCH, tiny_config
+from fusedit.config import ConfigError
+from fusedit.data.shapes import vocabulary
+from fusedit.system import build_model
+from fusedit.text.tokenizer import word_tokenizer
+
+
+def test_prompts_are_right_padded_and_truncated_with_a_warning(caplog):
+    model = build_model(tiny_config(text={"max_length": 5}))
+    tok = model.text.tokenizer
+    with caplog.at_level(logging.WARNING):
+        ids, mask = model.text.tokenize(["a red circle", "a blue square to the left of a green triangle"])
+    assert ids.shape == mask.shape == (2, 5)
+    assert ids[0].tolist() == [
+        tok.bos_token_id,
+        *tok.convert_tokens_to_ids(["a", "red", "circle"]),
+        tok.pad_token_id,
+    ]
+    assert mask[0].tolist() == [True, True, True, True, False] and mask[1].all()
+    assert "1 prompt(s) longer than text.max_length=5 tokens were truncated" in caplog.text
+    with pytest.raises(TypeError, match="list of prompts"):
+        model.text.tokenize("a red circle")
+
+
+def test_instruction_prefix_and_chat_template():
+    model = build_model(tiny_config(text={"instruction": "a green square "}))
+    tok = model.text.tokenizer
+    ids, mask = model.text.tokenize(["a red circle"])
+    words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    assert words == ["<bos>", "a", "green", "square", "a", "red", "circle"]
+
+    model = build_model(tiny_config(text={"chat_template": True}))
+    model.text.tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}above {{ m['content'] }} below{% endfor %}"
+        "{% if add_generation_prompt %} left{% endif %}"
+    )
+    ids, mask = model.text.tokenize(["a red circle"])
+    words = model.text.tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    assert words == ["<bos>", "above", "a", "red", "circle", "below", "left"]  # one BOS, from the template
+
+
+def test_empty_prompt_is_just_bos():
+    model = build_model(tiny_config())
+    ids, mask = model.text.tokenize([""])
+    assert mask.sum() == 1 and ids[0, 0] == model.text.tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_llm_and_tokenizer_load_from_a_local_folder(tmp_path, family):
+    """text.model_id may be a folder written by save_pretrained (the same code path as a hub id)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / family
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY_ARCH))
+    hf.save_pretrained(folder)
+    word_tokenizer(vocabulary()).save_pretrained(folder)
+    model = build_model(
+        tiny_config(text={"model_id": str(folder), "family": family}, model={"num_layers": 2})
+    )
+    assert len(model.text.llm.layers) == 2  # truncated after the deepest fused layer
+    assert all(not p.requires_grad for p in model.text.llm.parameters())
+    ref = hf.model.layers[1].self_attn.k_proj.weight
+    assert torch.equal(model.text.llm.layers[1].self_attn.k_proj.weight, ref)
+    v = model(torch.randn(2, 3, 16, 16), torch.rand(2), model.encode_prompts(["a red circle", ""]))
+    assert v.shape == (2, 3, 16, 16)
+
+
+def test_missing_model_folder_is_a_one_line_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="text.model_id=.*cannot be loaded") as e:
+        build_model(tiny_config(text={"model_id": str(tmp_path / "no-such-model")}))
+    assert "\n" not in str(e.value)

@@ -1,0 +1,37 @@
+import torch
+
+from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
+
+
+def test_identity_autoencoder_is_pixel_space():
+    ae = IdentityAutoencoder()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(ae.encode(x), x) and torch.equal(ae.decode(x), x)
+    assert ae.decode(torch.full((1, 3, 2, 2), 5.0)).max() == 1.0
+
+
+def test_diffusers_vae_applies_its_shift_and_scale():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        scaling_factor=1.5,
+        shift_factor=0.25,
+    )
+    ae = DiffusersAutoencoder(vae)
+    assert (ae.channels, ae.downsample, ae.scale, ae.shift) == (4, 2, 1.5, 0.25)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    z = ae.encode(x)
+    torch.manual_seed(0)
+    raw = vae.encode(x).latent_dist.sample()
+    torch.testing.assert_close(z, (raw - 0.25) * 1.5)
+    torch.testing.assert_close(ae.decode(z), vae.decode(raw).sample.clamp(-1, 1))
+    assert z.shape == (1, 4, 8, 8) and not any(p.requires_grad for p in vae.parameters())
