@@ -11,9 +11,10 @@ triangles), so the detector can be written by hand and needs no learned weights:
    object would grow an orange rim. Instead each pixel is projected onto the segment from the background to
    each palette colour; it takes the colour whose segment passes closest (Euclidean RGB), and counts as that
    colour only if it lies at least half-way from the background towards it (``t >= 0.5``), otherwise as
-   background. Pixels far from every segment (``> max_color_distance``, e.g. black, grey, cyan) are
-   "unknown" and ignored. For the pure palette colours this keeps a wide margin: the closest colour/segment
-   pair (orange vs the background-red segment) is ~89 apart, so Gaussian noise of std 12 is harmless.
+   background. Pixels far from every segment (``> max_color_distance``, e.g. black, dark grey, cyan,
+   magenta) are "unknown" and ignored. For the pure palette colours this keeps a wide margin: the closest
+   colour/segment pair (orange vs the background-red segment) is ~89 apart, so Gaussian noise of std 12 is
+   harmless.
 2. **Objects** (:func:`label_components`): 8-connected components of equally coloured pixels, found by
    iterative min-label propagation with pointer jumping in numpy (a few ms for a 64 px image). Components
    smaller than ``min_area_fraction`` of the image are noise and dropped. The renderer keeps objects at
@@ -46,7 +47,9 @@ UNKNOWN_SHAPE = "unknown"
 MIN_AREA_FRACTION = 0.015
 # Default distance (RGB units) from the nearest background-to-colour segment beyond which a pixel is
 # "unknown". Pure palette colours are >= 89 from the other colours' segments, and a desaturated or darkened
-# version of a colour stays well within 80 of its own segment (e.g. (200, 60, 60) is 23 from the red one).
+# version of a colour stays within 80 of its own segment ((200, 60, 60) is 23 from the red one, (170, 10, 10)
+# is 52). The price of that tolerance: a mid grey (128, 128, 128) is 66 from the green segment and counts
+# as green, while darker greys, black, cyan and magenta are unknown.
 MAX_COLOR_DISTANCE = 80.0
 # A pixel counts as a colour only when it is at least this far along the background -> colour segment, i.e.
 # closer to the colour than to the background. Soft edges below that belong to the background.
@@ -56,11 +59,12 @@ _MIN_MIX = 0.5
 #   shape      fill (area / bbox area)   asymmetry (centroid below bbox centre, / height)   taper
 #   square     1.00                      0.00                                                1.00
 #   circle     0.67-0.84 (~pi/4 = 0.785) 0.00                                                1.00
-#   triangle   0.51-0.63 (-> 0.5)        0.125-0.163 (-> 1/6)                                0.13-0.25
-# where taper = mean row width of the top quarter / mean row width of the bottom quarter (an apex-up
-# triangle is narrow at the top and full at the bottom; circles and squares are symmetric). Each threshold is
-# roughly mid-way between the classes, and a triangle needs two of its three cues, so one cue spoiled by
-# noise (a blunt apex, a ragged edge) does not flip the decision.
+#   triangle   0.50-0.63 (-> 0.5)        0.125-0.166 (-> 1/6)                                0.13-0.27
+# where area and row widths are measured by each row's span (see classify_shape) and taper = mean row width
+# of the top quarter / mean row width of the bottom quarter (an apex-up triangle is narrow at the top and
+# full at the bottom; circles and squares are symmetric). Each threshold is roughly mid-way between the
+# classes, and a triangle needs two of its three cues, so one cue spoiled by noise (a blunt apex, a ragged
+# edge) does not flip the decision.
 _TRIANGLE_MIN_ASYMMETRY = 0.075
 _TRIANGLE_MAX_TAPER = 0.6
 _TRIANGLE_MAX_FILL = 0.66
@@ -116,7 +120,7 @@ class Verdict:
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """``image`` as a float (H, W, 3) array of 0-255 values (uint8 expected; other dtypes are read as 0-255)."""
+    """``image`` as a float (H, W, 3) array (uint8 expected; other dtypes are read as 0-255 values too)."""
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {array.shape}")
@@ -293,7 +297,7 @@ def relation_between(a: Detection, b: Detection) -> str | None:
 
     The centroid offset along the relation's axis must be larger than the offset along the other axis and
     than ``_POSITION_MARGIN`` times the objects' summed extents along the axis (GenEval's margin), so two
-    objects that nearly overlap, or sit on a diagonal, stand in no relation.
+    objects whose centroids nearly coincide, or sit exactly on a diagonal, stand in no relation.
     """
     dx, dy = b.cx - a.cx, b.cy - a.cy  # image y points down
     widths = (a.bbox[2] - a.bbox[0]) + (b.bbox[2] - b.bbox[0])
@@ -366,7 +370,8 @@ def score(
     """Whether ``image`` (H, W, 3) ``uint8`` shows what ``prompt`` describes, following GenEval's rules.
 
     * ``single``: exactly one object, with the asked colour *and* shape. Stricter than GenEval (which only
-      checks that the class is present): in the shapes world an extra object is an unambiguous mistake.
+      checks that the class is present): in the shapes world an extra object (any detected component, even
+      one of unknown shape, or a second copy of the asked object) is an unambiguous mistake.
     * ``two`` / ``color_attr``: each asked (colour, shape) pair is present, so the colours must be bound to
       the right shapes. As in GenEval, extra objects are allowed.
     * ``counting``: exactly N objects of the asked colour and shape and no object of that shape in another

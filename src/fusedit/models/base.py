@@ -19,7 +19,6 @@ from fusedit.layers.attention import backend_context
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import TIMESTEP_CONDITIONING, ZeroInit
 from fusedit.layers.position import POSITION_SCHEMES
-from fusedit.layers.rope import NoRotary, Rotary
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.spec import LLMSpec
 
@@ -65,7 +64,7 @@ class DiT(nn.Module):
     def text_request(self) -> TextRequest:
         raise NotImplementedError
 
-    def block_texts(self, text: TextContext, num_image: int, rope: Rotary | NoRotary) -> Iterator[tuple]:
+    def block_texts(self, text: TextContext, num_image: int) -> Iterator[tuple]:
         """(text K/V, attention mask) for each block, in order."""
         raise NotImplementedError
 
@@ -97,7 +96,7 @@ class DiT(nn.Module):
         cond = self.time.block_input(temb)
         rope = self.position.rotary(h, w, text.lengths)  # image positions continue after the text
         with backend_context(self.attention_backend):
-            texts = self.block_texts(text, img.shape[1], self.position.text_rotary(text.mask.shape[1], x.device))
+            texts = self.block_texts(text, img.shape[1])
             for block, (kv, mask) in zip(self.blocks, texts, strict=True):
                 img = block(img, cond, kv, mask, rope)
         img = self.proj_out(self.final_norm(img, temb))

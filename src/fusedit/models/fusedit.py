@@ -35,7 +35,7 @@ class DeepFusionDiT(DiT):
     def text_request(self) -> TextRequest:
         return TextRequest(kv_layers=self.llm_layers)
 
-    def block_texts(self, text: TextContext, num_image: int, text_rope):
+    def block_texts(self, text: TextContext, num_image: int):
         mask = key_padding_mask(text.key_mask, num_image)  # (B, 1, 1, T + N) or None, built once
         return ((kv, mask) for kv in text.kv)
 
@@ -48,6 +48,6 @@ class DeepFusionCrossDiT(DeepFusionDiT):
     def text_request(self) -> TextRequest:
         return TextRequest(raw_kv_layers=self.llm_layers)
 
-    def block_texts(self, text: TextContext, num_image: int, text_rope):
+    def block_texts(self, text: TextContext, num_image: int):
         mask = None if text.key_mask is None else text.key_mask[:, None, None, :]
         return ((kv, mask) for kv in text.raw_kv)

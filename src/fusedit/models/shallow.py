@@ -39,10 +39,11 @@ class ShallowDiT(DiT):
     def text_request(self) -> TextRequest:
         return TextRequest(hidden_layer=self.hidden_layer)
 
-    def block_texts(self, text: TextContext, num_image: int, text_rope):
+    def block_texts(self, text: TextContext, num_image: int):
         context = self.context_embedder(text.hidden)  # (B, T, d)
+        rope = self.position.text_rotary(context.shape[1], context.device)  # text at 0..T-1 (none for APE)
         mask = self.text_mask(text, num_image)
-        return ((proj(context, text_rope), mask) for proj in self.text_kv)
+        return ((proj(context, rope), mask) for proj in self.text_kv)
 
 
 class SelfAttentionDiT(ShallowDiT):
