@@ -75,3 +75,13 @@ def test_missing_model_folder_is_a_one_line_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="text.model_id=.*cannot be loaded") as e:
         build_model(tiny_config(text={"model_id": str(tmp_path / "no-such-model")}))
     assert "\n" not in str(e.value)
+
+
+def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing():
+    from fusedit.data.shapes import caption_corpus
+    from fusedit.text.pretrain import pretrain_llm
+
+    model = build_model(tiny_config())
+    losses = pretrain_llm(model.text, caption_corpus(256, seed=0), steps=30, batch_size=16, progress=False)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert all(not p.requires_grad for p in model.text.llm.parameters()) and not model.text.llm.training
