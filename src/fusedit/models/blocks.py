@@ -89,9 +89,9 @@ def post_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
     return RMSNorm(dim, eps) if enabled else nn.Identity()
 
 
-class JointBlock(nn.Module):
-    """Modulated image attention over [text ; image] K/V, then the modulated MLP (deep fusion and the
-    shallow self-attention DiT)."""
+class _Block(nn.Module):
+    """What every block has: a modulated image attention and a modulated gated MLP, each with an
+    optional sandwich norm on its output."""
 
     def __init__(self, dim: int, llm: LLMSpec, cfg: ModelConfig, time: TimestepConditioning):
         super().__init__()
@@ -103,35 +103,32 @@ class JointBlock(nn.Module):
         self.mlp_norm = time.block_norm(dim, eps)
         self.img_mlp = GatedMLP(dim, llm.intermediate_size, llm.activation)
         self.mlp_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+
+    def mlp(self, x: torch.Tensor, mod) -> torch.Tensor:
+        return x + mod.post(self.mlp_post_norm(self.img_mlp(mod.pre(self.mlp_norm(x)))))
+
+
+class JointBlock(_Block):
+    """Image attention over [text ; image] K/V, then the MLP (deep fusion, shallow self-attention DiT)."""
 
     def forward(self, x, cond, txt_kv, mask, rope):
         attn_mod, mlp_mod = self.modulation(cond)
         a = self.img_attn(attn_mod.pre(self.attn_norm(x)), rope, txt_kv, mask)
         x = x + attn_mod.post(self.attn_post_norm(a))
-        m = self.img_mlp(mlp_mod.pre(self.mlp_norm(x)))
-        return x + mlp_mod.post(self.mlp_post_norm(m))
+        return self.mlp(x, mlp_mod)
 
 
-class CrossBlock(nn.Module):
-    """Modulated image self-attention, then cross-attention to the text (PixArt: unmodulated, no norm on
-    its input), then the modulated MLP."""
+class CrossBlock(_Block):
+    """Image self-attention, then cross-attention to the text (PixArt: unmodulated, no norm on its
+    input), then the MLP (deep-fusion cross variant, shallow cross-attention DiT)."""
 
     def __init__(self, dim: int, llm: LLMSpec, cfg: ModelConfig, time: TimestepConditioning):
-        super().__init__()
-        eps = llm.rms_norm_eps
-        self.modulation = time.block_modulation(dim)
-        self.attn_norm = time.block_norm(dim, eps)
-        self.img_attn = ImageAttention(dim, llm, cfg.qk_norm)
-        self.attn_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+        super().__init__(dim, llm, cfg, time)
         self.txt_attn = CrossAttention(dim, llm, cfg.qk_norm)
-        self.txt_attn_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
-        self.mlp_norm = time.block_norm(dim, eps)
-        self.img_mlp = GatedMLP(dim, llm.intermediate_size, llm.activation)
-        self.mlp_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
+        self.txt_attn_post_norm = post_norm(dim, llm.rms_norm_eps, cfg.sandwich_norm)
 
     def forward(self, x, cond, txt_kv, mask, rope):
         attn_mod, mlp_mod = self.modulation(cond)
         x = x + attn_mod.post(self.attn_post_norm(self.img_attn(attn_mod.pre(self.attn_norm(x)), rope)))
         x = x + self.txt_attn_post_norm(self.txt_attn(x, txt_kv, mask))
-        m = self.img_mlp(mlp_mod.pre(self.mlp_norm(x)))
-        return x + mlp_mod.post(self.mlp_post_norm(m))
+        return self.mlp(x, mlp_mod)
