@@ -69,6 +69,12 @@ def test_random_llm_needs_an_arch():
         config_from_dict({"text": {"family": "gemma"}})
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "e.yaml").write_text("base: debug\ntrain:\n  lr: 1e-4\n")
+    assert load_config(tmp_path / "e.yaml").train.lr == 1e-4
+    assert load_config("debug", ["train.lr=2e-3"]).train.lr == 2e-3
+
+
 def test_parse_overrides_types():
     assert parse_overrides(["a.b=1", "a.c=true", "a.d=x y", "a.e=null", "a.f=[1, 2]"]) == {
         "a": {"b": 1, "c": True, "d": "x y", "e": None, "f": [1, 2]}

@@ -8,6 +8,7 @@ key, the value and what is allowed. The resolved config is written next to every
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -263,6 +264,10 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}={value!r} must be an integer")
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} must be a number")
         value = float(value)
