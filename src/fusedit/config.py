@@ -101,6 +101,8 @@ class DataConfig:
     source: str = choice("shapes", "shapes")
     image_size: int = positive(32)
     max_objects: int = positive(4)
+    # Distinct samples of the procedural dataset; training steps cycle over them (small = overfit).
+    num_samples: int = positive(10_000_000)
     kinds: list = field(default_factory=lambda: ["single", "two", "counting", "position", "color_attr"])
     # Probability that a caption is replaced by "" so the model learns the unconditional velocity (CFG).
     caption_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})

@@ -40,7 +40,11 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
     from fusedit.data.shapes import ShapesDataset
 
     return ShapesDataset(
-        size=cfg.image_size, length=10_000_000, seed=seed, kinds=tuple(cfg.kinds), max_objects=cfg.max_objects
+        size=cfg.image_size,
+        length=cfg.num_samples,
+        seed=seed,
+        kinds=tuple(cfg.kinds),
+        max_objects=cfg.max_objects,
     )
 
 
