@@ -108,6 +108,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from fusedit.eval.shapes_bench import run_shapes_bench
+    from fusedit.train.checkpoint import load_model
+    from fusedit.train.loop import resolve_device
+
+    model, cfg, ckpt = load_model(args.model, resolve_device(args.device), use_ema=not args.no_ema)
+    out = Path(args.out or Path(args.model) / "eval" / args.bench)
+    s = cfg.sample
+    scores = run_shapes_bench(
+        model,
+        cfg.data.image_size,
+        out,
+        name=cfg.name,
+        per_category=args.per_category,
+        max_objects=cfg.data.max_objects,
+        steps=args.steps or s.steps,
+        guidance=s.guidance if args.guidance is None else args.guidance,
+        shift=s.shift,
+        sampler=s.sampler,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print((out / "scores.md").read_text(), end="")
+    print(f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts; details in {out}")
+    return 0
+
+
 def cmd_describe(args) -> int:
     from fusedit.system import build_model, count_parameters
 
@@ -182,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
+    sp.add_argument("model", help="run folder or checkpoint folder")
+    sp.add_argument("--bench", choices=["shapes"], default="shapes")
+    sp.add_argument("--per-category", type=int, default=20, help="held-out prompts per category")
+    sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--guidance", type=float)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-ema", action="store_true")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser(
         "describe", help="architecture summary and parameter counts (built on the meta device)"
