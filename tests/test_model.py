@@ -79,13 +79,16 @@ def test_llm_runs_once_per_prompt_batch_when_cached():
     assert len(calls) == 1 + 5
 
 
+@pytest.mark.parametrize("design", ["fusedit", "fusedit-cross", "dit-self", "dit-cross"])
 @pytest.mark.parametrize("pos", POSITIONS)
-def test_padding_and_batch_composition_do_not_change_a_prompt(pos):
+def test_padding_and_batch_composition_do_not_change_a_prompt(pos, design):
     """A prompt's velocity is the same alone (no padding) or next to a longer prompt (padded keys masked,
     image positions offset by the unpadded length), with or without trimming the padding."""
     outs = []
     for trim, max_len in ((True, 16), (False, 16), (False, 24)):
-        cfg = tiny_config(model={"pos_embed": pos}, text={"trim_padding": trim, "max_length": max_len})
+        cfg = tiny_config(
+            model={"pos_embed": pos, "design": design}, text={"trim_padding": trim, "max_length": max_len}
+        )
         torch.manual_seed(0)
         model = build_model(cfg)
         torch.manual_seed(1)
