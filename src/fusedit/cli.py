@@ -136,6 +136,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_describe(args) -> int:
+    from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
     from fusedit.system import build_model, count_parameters
 
     cfg = _config(args)
@@ -156,6 +157,14 @@ def cmd_describe(args) -> int:
     )
     print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
     print(f"frozen (LLM, incl. embeddings): {count_parameters(llm) / 1e6:.1f}M")
+    text = cfg.text.max_length
+    for size in sorted({256, 512, cfg.data.image_size}):
+        n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
+        dit, lm = denoiser_flops(d, n, text), llm_flops(llm, text)
+        print(
+            f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
+            f"LLM forward {lm / 1e12:.3f} TFLOP, training {(3 * dit + lm) / 1e12:.3f} TFLOP per image"
+        )
     return 0
 
 

@@ -1,0 +1,54 @@
+"""Forward FLOPs per image from a built model's own shapes (works on the meta device).
+
+Counted: every matrix multiply (2 FLOPs per multiply-add) and the two attention products
+(4 * queries * keys * heads * head_dim), which is what matmul-bound GPU time follows; elementwise work
+(norms, activations, RoPE) is left out. Token counts per module: image-path Linears run on the N image
+tokens, text-path ones (context embedder, text K/V) on the T text tokens, timestep and modulation ones
+once per image. A training step costs 3 x the DiT forward (forward + backward) + 1 x the frozen LLM forward.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
+
+_TEXT_PATH = ("context_embedder", "text_kv")
+_PER_IMAGE = ("time", "modulation", "final_norm")
+
+
+def _linear(m: nn.Linear, tokens: int) -> int:
+    return 2 * tokens * m.in_features * m.out_features
+
+
+def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int) -> int:
+    total = 0
+    for name, m in denoiser.named_modules():
+        parts = name.split(".")
+        if isinstance(m, nn.Linear):
+            if any(p in _TEXT_PATH for p in parts):
+                total += _linear(m, num_text)
+            elif any(p in _PER_IMAGE for p in parts):
+                total += _linear(m, 1)
+            else:
+                total += _linear(m, num_image)
+        elif isinstance(m, ImageAttention):
+            block = denoiser.get_submodule(".".join(parts[:-1]))
+            keys = num_image + (num_text if isinstance(block, JointBlock) else 0)
+            total += 4 * num_image * keys * m.heads * m.head_dim
+        elif isinstance(m, CrossAttention):
+            total += 4 * num_image * num_text * m.heads * m.head_dim
+    return total
+
+
+def llm_flops(llm: nn.Module, num_text: int) -> int:
+    """The LLM's forward on one prompt of ``num_text`` tokens (all its Linears; full attention products)."""
+    cfg = llm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    linears = sum(_linear(m, num_text) for m in llm.modules() if isinstance(m, nn.Linear))
+    attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * head_dim
+    return linears + attention
+
+
+def image_tokens(image_size: int, downsample: int, patch_size: int) -> int:
+    return (image_size // downsample // patch_size) ** 2
