@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import POSITIONS, randomize, tiny_config
-from fusedit.config import load_config, preset_names
+from fusedit.config import ConfigError, load_config, preset_names
 from fusedit.sample import generate
 from fusedit.system import build_model, count_parameters
 from fusedit.train.loop import train
@@ -65,11 +65,28 @@ def test_designs_forward_backward_and_cached_sampling(design, pos):
 
 
 def test_shallow_designs_read_the_chosen_hidden_state():
-    model = build_model(tiny_config(model={"design": "dit-self", "hidden_layer": 2}))
-    assert model.denoiser.text_request.hidden_layer == 2
-    assert len(model.text.llm.layers) == 2  # hidden state 2 is the output of layer 1: the rest is cut
-    full = build_model(tiny_config(model={"design": "dit-cross"}))
-    assert len(full.text.llm.layers) == 3  # the last hidden state needs the whole LLM
+    cfg = tiny_config(
+        model={"design": "dit-self", "hidden_layer": -3}, text={"arch": {"num_hidden_layers": 4}}
+    )
+    model = build_model(cfg)
+    assert model.denoiser.text_request.hidden_layer == 2  # -3 of 5 hidden states: the output of block 2
+    assert len(model.text.llm.layers) == 3  # one layer past it, so it is not the final-normed last entry
+    text = model.encode_prompts(["a red circle"])
+    ids, mask = model.text.tokenize(["a red circle"])
+    T = int(mask.sum())
+    from transformers import AutoModel
+
+    full = AutoModel.from_config(
+        model.text.llm.config.__class__(**{**model.text.llm.config.to_dict(), "num_hidden_layers": 4})
+    )
+    full.load_state_dict(model.text.llm.state_dict(), strict=False)
+    with torch.no_grad():
+        ref = full.eval()(input_ids=ids[:, :T], output_hidden_states=True).hidden_states[-3]
+    torch.testing.assert_close(text.hidden, ref)
+    last = build_model(tiny_config(model={"design": "dit-cross"}))
+    assert len(last.text.llm.layers) == 3  # the last (final-normed) hidden state needs the whole LLM
+    with pytest.raises(ConfigError, match=r"model.hidden_layer=7 is out of range .* \(allowed: -4..3\)"):
+        build_model(tiny_config(model={"design": "dit-self", "hidden_layer": 7}))
 
 
 @pytest.mark.parametrize("design", DESIGNS[1:])

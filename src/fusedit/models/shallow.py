@@ -17,14 +17,14 @@ from fusedit.layers.attention import key_padding_mask
 from fusedit.layers.norm import RMSNorm
 from fusedit.models.base import DiT
 from fusedit.models.blocks import CrossBlock, JointBlock, TextKV
-from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.context import TextContext, TextRequest, resolve_hidden_layer
 from fusedit.text.spec import LLMSpec
 
 
 class ShallowDiT(DiT):
     def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int):
         super().__init__(cfg, llm, in_channels)
-        self.hidden_layer = cfg.hidden_layer
+        self.hidden_layer = resolve_hidden_layer(cfg.hidden_layer, llm.num_layers)
         self.context_embedder = nn.Sequential(
             RMSNorm(llm.hidden_size, llm.rms_norm_eps), nn.Linear(llm.hidden_size, self.dim)
         )

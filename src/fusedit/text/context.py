@@ -15,16 +15,32 @@ class TextRequest:
     kv_layers: tuple[int, ...] = ()
     # LLM layers whose pre-RoPE keys/values the DiT cross-attends to (the deep-fusion cross variant).
     raw_kv_layers: tuple[int, ...] = ()
-    # One hidden state in transformers' `hidden_states` indexing (0 = embeddings, -1 = last, after the
-    # final norm), for the shallow designs; None when unused.
+    # One hidden state, as an absolute index into the full LLM's `hidden_states` (0 = embeddings, i = output
+    # of block i, num_layers = the last block's output after the final norm); None when unused.
     hidden_layer: int | None = None
 
     def layers_needed(self, num_layers: int) -> int:
-        """How many leading LLM layers must run: the LLM is truncated after that."""
+        """How many leading LLM layers must run: the LLM is truncated after that.
+
+        transformers applies the final norm to the last entry of `hidden_states`, so an inner block's raw
+        output needs one layer past it to stay un-normalised."""
         needed = [i + 1 for i in (*self.kv_layers, *self.raw_kv_layers)]
         if self.hidden_layer is not None:
-            needed.append(num_layers if self.hidden_layer < 0 else self.hidden_layer)
+            needed.append(num_layers if self.hidden_layer == num_layers else self.hidden_layer + 1)
         return max(needed, default=0)
+
+
+def resolve_hidden_layer(index: int, num_layers: int, key: str = "model.hidden_layer") -> int:
+    """A transformers-style hidden-state index (negative counts from the end) -> absolute 0..num_layers."""
+    absolute = index if index >= 0 else num_layers + 1 + index
+    if not 0 <= absolute <= num_layers:
+        from fusedit.config import ConfigError
+
+        raise ConfigError(
+            f"{key}={index} is out of range for an LLM with {num_layers} layers "
+            f"(allowed: {-(num_layers + 1)}..{num_layers})"
+        )
+    return absolute
 
 
 @dataclass
