@@ -32,7 +32,7 @@ def test_override_file_on_a_preset(tmp_path):
         ("nosection.x=1", "unknown config key 'nosection'"),
         (
             "model.pos_embed=3d-rope",
-            "model.pos_embed='3d-rope' is not allowed (allowed: ape, 1d-rope, 2d-rope, m-rope)",
+            "model.pos_embed='3d-rope' is not allowed (allowed: ape, 1d-rope, 2d-rope, m-rope, none)",
         ),
         ("model.timestep_conditioning=film", "allowed: adaln-zero, adaln-single, addition, none"),
         ("train.steps=abc", "train.steps='abc' must be an integer"),

@@ -66,7 +66,7 @@ def test_designs_forward_backward_and_cached_sampling(design, pos):
 
 def test_shallow_designs_read_the_chosen_hidden_state():
     cfg = tiny_config(
-        model={"design": "dit-self", "hidden_layer": -3}, text={"arch": {"num_hidden_layers": 4}}
+        model={"design": "dit-self"}, text={"hidden_layer": -3, "arch": {"num_hidden_layers": 4}}
     )
     model = build_model(cfg)
     assert model.denoiser.text_request.hidden_layer == 2  # -3 of 5 hidden states: the output of block 2
@@ -85,8 +85,8 @@ def test_shallow_designs_read_the_chosen_hidden_state():
     torch.testing.assert_close(text.hidden, ref)
     last = build_model(tiny_config(model={"design": "dit-cross"}))
     assert len(last.text.llm.layers) == 3  # the last (final-normed) hidden state needs the whole LLM
-    with pytest.raises(ConfigError, match=r"model.hidden_layer=7 is out of range .* \(allowed: -4..3\)"):
-        build_model(tiny_config(model={"design": "dit-self", "hidden_layer": 7}))
+    with pytest.raises(ConfigError, match=r"text.hidden_layer=7 is out of range .* \(allowed: -4..3\)"):
+        build_model(tiny_config(model={"design": "dit-self"}, text={"hidden_layer": 7}))
 
 
 @pytest.mark.parametrize("design", DESIGNS[1:])

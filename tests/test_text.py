@@ -34,14 +34,41 @@ def test_instruction_prefix_and_chat_template():
     words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
     assert words == ["<bos>", "a", "green", "square", "a", "red", "circle"]
 
-    model = build_model(tiny_config(text={"chat_template": True}))
-    model.text.tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}above {{ m['content'] }} below{% endfor %}"
-        "{% if add_generation_prompt %} left{% endif %}"
+    # a chat template is rendered by the tokenizer around the prompt; its tokens are marked as instruction
+    cfg = tiny_config(text={"template": "chat", "system_prompt": "above"})
+    from fusedit.system import builtin_words, load_tokenizer
+
+    tok = load_tokenizer(cfg.text, builtin_words(cfg))
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] == 'system' and 'left' or 'right' }} "
+        "{{ m['content'] }} below {% endfor %}{% if add_generation_prompt %}two{% endif %}"
     )
-    ids, mask = model.text.tokenize(["a red circle"])
-    words = model.text.tokenizer.convert_ids_to_tokens(ids[0][mask[0]].tolist())
-    assert words == ["<bos>", "above", "a", "red", "circle", "below", "left"]  # one BOS, from the template
+    from fusedit.text.encoder import TextEncoder
+    from fusedit.text.templates import build_template
+
+    enc = TextEncoder(model.text.llm, tok, 16, build_template("chat", tok, "", "above"))
+    ids, mask = enc.tokenize(["a red circle", "a blue square"])
+    words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    assert words == ["<bos>", "left", "above", "below", "right", "a", "red", "circle", "below", "two"]
+    instruction = enc.instruction_mask(mask.sum(1), ids.shape[1])[0][mask[0]].tolist()
+    assert instruction == [False, True, True, True, True, False, False, False, True, True]
+
+
+def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt(caplog):
+    from fusedit.text.templates import LIDIT_INSTRUCTION
+
+    n_instr = len(LIDIT_INSTRUCTION.replace(":", " :").replace(",", " ,").split())
+    model = build_model(tiny_config(text={"template": "lidit", "max_length": n_instr + 4}))
+    tok = model.text.tokenizer
+    with caplog.at_level(logging.WARNING):
+        context = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    assert "truncated" in caplog.text
+    words = tok.convert_ids_to_tokens(model.text.tokenize(["a red circle"])[0][0].tolist())
+    assert words[:3] == ["<bos>", "Describe", "the"] and words[-3:] == ["a", "red", "circle"]
+    assert "<unk>" not in words  # the built-in vocabulary includes the template's words
+    # instruction tokens: everything of the template except <bos>; the prompt's tokens are not
+    assert context.instruction[0].tolist() == [False] + [True] * n_instr + [False] * 3
+    assert context.instruction[1].sum() == n_instr and context.mask[1].all()  # prompt cut, template kept
 
 
 def test_empty_prompt_is_just_bos():

@@ -42,7 +42,8 @@ class ModelConfig:
     """The denoiser. Heads, head_dim, KV heads and MLP are mirrored from the LLM (design-space.md s.1)."""
 
     # fusedit: deep fusion; fusedit-cross: its cross-attention variant; dit-self / dit-cross: the shallow
-    # baselines reading one LLM hidden state (design-space.md s.1).
+    # baselines reading one LLM hidden state (text.hidden_layer) per LLM (design-space.md s.1). LI-DiT is
+    # dit-cross with the refiner, pooled-text modulation and the conv position embedding (s.2).
     design: str = choice("fusedit", "fusedit", "fusedit-cross", "dit-self", "dit-cross")
     # Residual width of the DiT; None = the LLM's hidden size.
     dit_hidden_size: int | None = positive(None)
@@ -50,15 +51,30 @@ class ModelConfig:
     num_layers: int | None = positive(None)
     # LLM layers that run text-only before fusion starts: DiT layer i pairs with LLM layer initial_layers + i.
     initial_layers: int = nonneg(0)
-    # Shallow designs: which LLM hidden state they read (transformers indexing; -1 = last, after the norm).
-    hidden_layer: int = -1
-    pos_embed: str = choice("ape", "ape", "1d-rope", "2d-rope", "m-rope")
+    # "none": no position input besides model.conv_pos (LI-DiT).
+    pos_embed: str = choice("ape", "ape", "1d-rope", "2d-rope", "m-rope", "none")
     timestep_conditioning: str = choice("adaln-zero", "adaln-zero", "adaln-single", "addition", "none")
     qk_norm: bool = True
     sandwich_norm: bool = False
     patch_size: int = positive(2)
     # SDPA backend for the DiT's attention; "auto" lets PyTorch pick.
     attention_backend: str = choice("auto", "auto", "math", "flash", "efficient", "cudnn")
+    # LI-DiT's position embedding: a conv ResBlock over the patch grid right after patchify (s.2).
+    conv_pos: bool = False
+    # LI-DiT linguistic token refiner blocks per LLM (shallow designs only; 0 = the plain RMSNorm + Linear
+    # context embedder). Width = the DiT width; MLP ratio 4; LayerNorm; no RoPE (unknown in the paper: the
+    # choices of a public re-implementation).
+    refiner_depth: int = nonneg(0)
+    refiner_heads: int = positive(8)
+    # Ablation: keep the LLM's causal mask inside the refiner instead of bidirectional attention.
+    refiner_causal: bool = False
+    # With 2+ LLMs: LI-DiT's collaborative refiner (each LLM's tokens cross-attend to the others').
+    collaborative_refiner: bool = True
+    # Drop instruction/template tokens after the refiners (LI-DiT); they stay for the refiners to read.
+    drop_instruction: bool = True
+    # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
+    # (LI-DiT), "clip" = a second encoder's pooled embedding (FuseDiT clip-mod, configured in pooled_text).
+    pooled_text: str = choice("none", "none", "refined", "clip")
 
 
 @dataclass
@@ -73,15 +89,33 @@ class TextConfig:
     # Tokenizer hub id or folder; empty = model_id's, or the built-in shapes-world word tokenizer.
     tokenizer: str = ""
     max_length: int = positive(32)
-    # Plain-text prefix prepended to every prompt (FuseDiT's "Imagine: " study, LI-DiT's instruction).
+    # How a prompt is presented to the LLM (fusedit.text.templates): "plain" = instruction + prompt;
+    # "chat" = the tokenizer's chat template around it; "lidit" = LI-DiT's instruction as plain text;
+    # "lidit-chat" = LI-DiT's instruction inside the chat template (instruction-tuned LLMs).
+    template: str = choice("plain", "plain", "chat", "lidit", "lidit-chat")
+    # Plain-text prefix before every prompt (FuseDiT's "Imagine: " study).
     instruction: str = ""
-    # Wrap prompts in the tokenizer's chat template (instruction-tuned LLMs).
-    chat_template: bool = False
+    # System prompt for the chat and LI-DiT templates (LI-DiT's wording is unknown; empty by default).
+    system_prompt: str = ""
+    # The hidden state shallow designs and the refiner read (transformers indexing: -1 = last after the
+    # final norm; LI-DiT: -3, the third-to-last block's output).
+    hidden_layer: int = -1
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     # Cut each batch's text to its longest real prompt: exact (padded keys are masked anyway) and cheaper.
     trim_padding: bool = True
     # Steps of next-token pretraining on the shapes caption corpus for a random-init LLM (0 = none).
     pretrain_steps: int = nonneg(0)
+
+
+@dataclass
+class PooledTextConfig:
+    """A second text encoder whose pooled embedding modulates the DiT (FuseDiT clip-mod): a CLIP text model
+    through transformers (hub id or folder), or a random-init one from ``arch`` (tests, demos)."""
+
+    model_id: str = ""
+    arch: dict = field(default_factory=dict)
+    tokenizer: str = ""
+    max_length: int = positive(77)
 
 
 @dataclass
@@ -98,7 +132,9 @@ class VAEConfig:
 
 @dataclass
 class DataConfig:
-    source: str = choice("shapes", "shapes")
+    # shapes: the procedural world; folder: images on disk; webdataset: tar shards; hf: Hugging Face
+    # datasets; latents: a cache written by fusedit.data.latents.cache_latents (no VAE encode in training).
+    source: str = choice("shapes", "shapes", "folder", "webdataset", "hf", "latents")
     image_size: int = positive(32)
     max_objects: int = positive(4)
     # Distinct samples of the procedural dataset; training steps cycle over them (small = overfit).
@@ -106,7 +142,42 @@ class DataConfig:
     kinds: list = field(default_factory=lambda: ["single", "two", "counting", "position", "color_attr"])
     # Probability that a caption is replaced by "" so the model learns the unconditional velocity (CFG).
     caption_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    # DataLoader worker processes (index-addressable sources) or decode threads (streams).
     num_workers: int = nonneg(0)
+    # folder: the image folder, scanned recursively in sorted path order with <stem>.txt/<stem>.json
+    # captions; with index_file, the folder its relative paths are resolved against (default: its folder).
+    root: str = ""
+    # folder: a .jsonl or .csv index with one row per image (a path column and caption columns).
+    index_file: str = ""
+    # Column (index file, hf) or tar member extension (webdataset) holding the image; "" = the first of
+    # path/file_name/image/filepath (index file), "image" (hf), jpg/jpeg/png/webp (webdataset).
+    image_field: str = ""
+    # Caption sources, tried in order; dotted names read into JSON (e.g. json.caption). Several present:
+    # see caption_pick. A sample with none of them is skipped and counted ("no-caption").
+    caption_fields: list = field(default_factory=lambda: ["txt", "caption"])
+    # "random": a caption drawn by (seed, epoch, sample) among the fields present; "first": the first one.
+    caption_pick: str = choice("random", "random", "first")
+    # webdataset: one entry per dataset, a brace pattern ("data/{0000..0099}.tar") or a list of them.
+    # On the command line quote the YAML: data.shards='["a/{0..9}.tar", "b/{0..3}.tar"]'.
+    shards: list = field(default_factory=list)
+    # webdataset: mixing weight of each data.shards entry (empty = equal weights).
+    weights: list = field(default_factory=list)
+    # hf: a parquet file or glob, a local dataset folder, or a hub id; hf_name picks the hub config.
+    hf_path: str = ""
+    hf_name: str = ""
+    hf_split: str = "train"
+    # hf: stream instead of downloading (read in stored order, not shuffled; position is restorable).
+    hf_streaming: bool = False
+    # Images whose shorter side is below this are skipped and counted ("tiny"); None = image_size // 2
+    # (upscaling by more than 2x mostly teaches blur).
+    min_image_size: int | None = positive(None)
+    # Crop after resizing the shorter side: "center", or "random" (offset fixed per sample by seed).
+    crop: str = choice("center", "center", "random")
+    # Aspect-ratio buckets as [[H, W], ...]: each image goes to the nearest aspect ratio and every batch
+    # comes from one bucket; empty = square image_size crops.
+    buckets: list = field(default_factory=list)
+    # latents: the folder cache_latents wrote (safetensors shards + index.json).
+    latents_dir: str = ""
 
 
 @dataclass
@@ -158,6 +229,9 @@ class SampleConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # Further LLMs (LI-DiT multi-LLM fusion), each with its own tokenizer and template.
+    extra_text: list = field(default_factory=list, metadata={"item": TextConfig})
+    pooled_text: PooledTextConfig = field(default_factory=PooledTextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -305,6 +379,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         tp, path = hints[name], f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, path)
+        elif "item" in fields[name].metadata:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}={value!r} must be a list of mappings")
+            item = fields[name].metadata["item"]
+            kwargs[name] = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[name] = _check_value(path, value, tp, dict(fields[name].metadata))
     return cls(**kwargs)
@@ -338,9 +417,32 @@ def validate(cfg: Config) -> None:
             f"data.image_size={cfg.data.image_size} must be divisible by vae.downsample x model.patch_size "
             f"= {cfg.vae.downsample * cfg.model.patch_size}"
         )
-    if cfg.text.model_id == "" and not cfg.text.arch:
+    for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
+        if text.model_id == "" and not text.arch:
+            raise ConfigError(
+                f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
+            )
+    m = cfg.model
+    shallow = m.design in ("dit-self", "dit-cross")
+    if cfg.extra_text and not (shallow and m.refiner_depth):
         raise ConfigError(
-            "text.arch is empty: give text.model_id (hub id or folder) or a random-init text.arch"
+            f"extra_text has {len(cfg.extra_text)} more LLM(s) but model.design={m.design!r} with "
+            f"model.refiner_depth={m.refiner_depth} reads one (allowed: dit-self or dit-cross with refiner_depth >= 1)"
+        )
+    if m.refiner_depth and not shallow:
+        raise ConfigError(
+            f"model.refiner_depth={m.refiner_depth} needs a shallow design (dit-self or dit-cross)"
+        )
+    if m.pooled_text == "refined" and not m.refiner_depth:
+        raise ConfigError("model.pooled_text='refined' pools the refined text: set model.refiner_depth >= 1")
+    if m.pooled_text == "clip" and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):
+        raise ConfigError(
+            "model.pooled_text='clip' needs pooled_text.model_id (or a random-init pooled_text.arch)"
+        )
+    if m.pooled_text != "none" and m.timestep_conditioning == "none":
+        raise ConfigError(
+            f"model.pooled_text={m.pooled_text!r} is added to the timestep embedding, but "
+            "model.timestep_conditioning='none' has none (allowed: adaln-zero, adaln-single, addition)"
         )
 
 

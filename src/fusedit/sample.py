@@ -41,10 +41,9 @@ def generate(
         def velocity(x, t):
             return denoiser(x, t, context)
     else:
-        ids, mask = model.text.tokenize(rows, device)
 
         def velocity(x, t):
-            return denoiser(x, t, model.text(ids, mask, denoiser.text_request))
+            return denoiser(x, t, model.encode_prompts(rows))
 
     if use_cfg:
         velocity = guided(velocity, guidance)

@@ -1,65 +1,114 @@
-"""The whole text-to-image model: text encoder (LLM + tokenizer), denoiser and latent space, built from a
-Config. Training, sampling and the CLI all start from ``build_model``."""
+"""The whole text-to-image model: text encoder(s) (LLM + tokenizer + template), an optional pooled text
+encoder, the denoiser and the latent space, built from a Config. Training, sampling and the CLI all start
+from ``build_model``."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from torch import nn
 
-from fusedit.config import Config
+from fusedit.config import Config, TextConfig
 from fusedit.models import build_denoiser
-from fusedit.text.context import TextContext
+from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import llm_config, load_llm, load_tokenizer
+from fusedit.text.pooled import PooledTextEncoder, load_pooled_encoder
 from fusedit.text.spec import LLMSpec
+from fusedit.text.templates import LIDIT_INSTRUCTION, build_template
 from fusedit.vae import load_autoencoder
 
 
 class TextToImage(nn.Module):
-    def __init__(self, text: TextEncoder, denoiser: nn.Module, autoencoder: nn.Module):
+    def __init__(
+        self,
+        text: TextEncoder,
+        denoiser: nn.Module,
+        autoencoder: nn.Module | None,
+        extra_text: list[TextEncoder] | None = None,
+        pooled_text: PooledTextEncoder | None = None,
+    ):
         super().__init__()
         self.text = text
+        self.extra_text = nn.ModuleList(extra_text or [])
+        self.pooled_text = pooled_text
         self.denoiser = denoiser
         self.autoencoder = autoencoder
 
+    @property
+    def encoders(self) -> list[TextEncoder]:
+        return [self.text, *self.extra_text]
+
     def encode_prompts(self, prompts: list[str]) -> TextContext:
-        """One LLM forward for the whole prompt batch; the result serves every step and CFG branch."""
-        return self.text.encode(prompts, self.denoiser.text_request)
+        """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch."""
+        requests = self.denoiser.text_requests
+        context = self.text.encode(prompts, requests[0])
+        context.others = [
+            enc.encode(prompts, req) for enc, req in zip(self.extra_text, requests[1:], strict=True)
+        ]
+        if self.pooled_text is not None:
+            context.pooled = self.pooled_text(prompts)
+        return context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         return self.denoiser(x, t, text)
 
 
 def builtin_words(cfg: Config) -> list[str] | None:
-    """The word list of the built-in tokenizer when the data is the shapes world."""
+    """The word list of the built-in tokenizer when the data is the shapes world: the caption vocabulary
+    plus the words of the configured templates (so LI-DiT's instruction is not all <unk>)."""
     from fusedit.data.shapes import vocabulary
 
-    return vocabulary() if cfg.data.source == "shapes" else None
+    if cfg.data.source != "shapes":
+        return None
+    extra = " ".join(
+        [LIDIT_INSTRUCTION] + [f"{t.instruction} {t.system_prompt}" for t in (cfg.text, *cfg.extra_text)]
+    )
+    return vocabulary() + sorted(set(re.findall(r"\w+|[^\w\s]", extra)) - set(vocabulary()))
+
+
+def _text_encoder(
+    tcfg: TextConfig, request: TextRequest, spec: LLMSpec, device, meta: bool, words: list[str] | None
+) -> TextEncoder:
+    needed = request.layers_needed(spec.num_layers)
+    # On "meta" the LLM is built under the device context too, so no real weights are allocated.
+    with torch.device(device) if meta else contextlib.nullcontext():
+        llm = load_llm(tcfg, needed, device, shape_only=meta)
+    if meta:
+        return TextEncoder(llm, None, tcfg.max_length)
+    tokenizer = load_tokenizer(tcfg, words)
+    template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
+    return TextEncoder(llm, tokenizer, tcfg.max_length, template, trim_padding=tcfg.trim_padding)
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> TextToImage:
     """Build every part on ``device`` ("meta" builds shapes only, for counting parameters)."""
     meta = str(device) == "meta"
-    spec = LLMSpec.from_hf(llm_config(cfg.text, shape_only=meta))
-    autoencoder = None if meta else load_autoencoder(cfg.vae, device)
+    text_cfgs = [cfg.text, *cfg.extra_text]
+    specs = [LLMSpec.from_hf(llm_config(t, shape_only=meta)) for t in text_cfgs]
+    words = builtin_words(cfg)
+    pooled = None
+    if cfg.model.pooled_text == "clip":
+        with torch.device(device) if meta else contextlib.nullcontext():
+            builtin = None if meta or cfg.pooled_text.tokenizer else load_tokenizer(TextConfig(), words)
+            pooled = load_pooled_encoder(cfg.pooled_text, device, builtin, shape_only=meta)
     with torch.device(device):
-        denoiser = build_denoiser(cfg.model, spec, cfg.vae.latent_channels)
-    needed = denoiser.text_request.layers_needed(spec.num_layers)
-    # On "meta" the LLM is built under the device context too, so no real weights are allocated.
-    with torch.device(device) if meta else contextlib.nullcontext():
-        llm = load_llm(cfg.text, needed, device, shape_only=meta)
-    tokenizer = None if meta else load_tokenizer(cfg.text, builtin_words(cfg))
-    text = TextEncoder(
-        llm,
-        tokenizer,
-        cfg.text.max_length,
-        instruction=cfg.text.instruction,
-        chat_template=cfg.text.chat_template,
-        trim_padding=cfg.text.trim_padding,
-    )
-    return TextToImage(text, denoiser, autoencoder)
+        denoiser = build_denoiser(
+            cfg.model,
+            specs[0],
+            cfg.vae.latent_channels,
+            extra_llms=tuple(specs[1:]),
+            hidden_layers=tuple(t.hidden_layer for t in text_cfgs),
+            pooled_dim=pooled.dim if pooled is not None else None,
+        )
+    encoders = [
+        _text_encoder(t, req, spec, device, meta, words)
+        for t, req, spec in zip(text_cfgs, denoiser.text_requests, specs, strict=True)
+    ]
+    autoencoder = None if meta else load_autoencoder(cfg.vae, device)
+    return TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)
 
 
 def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:

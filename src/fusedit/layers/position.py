@@ -52,9 +52,17 @@ class MRope(PositionScheme):
         return rope_m(h, w, text_lengths, self.head_dim, self.theta)
 
 
+class NoPosition(PositionScheme):
+    """No position input here: LI-DiT's conv ResBlock (model.conv_pos) gives image tokens their place."""
+
+    def text_rotary(self, length: int, device) -> NoRotary:
+        return NoRotary()
+
+
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {
     "ape": APE,
     "1d-rope": Rope1D,
     "2d-rope": Rope2D,
     "m-rope": MRope,
+    "none": NoPosition,
 }

@@ -17,5 +17,6 @@ DESIGNS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int) -> nn.Module:
-    return DESIGNS[cfg.design](cfg, llm, in_channels)
+def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs) -> nn.Module:
+    """``text_inputs``: extra_llms (further LLMs' specs), hidden_layers (per LLM), pooled_dim."""
+    return DESIGNS[cfg.design](cfg, llm, in_channels, **text_inputs)

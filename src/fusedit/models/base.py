@@ -9,6 +9,7 @@ block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -18,8 +19,10 @@ from fusedit.config import ConfigError, ModelConfig
 from fusedit.layers.attention import backend_context
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import TIMESTEP_CONDITIONING, ZeroInit
+from fusedit.layers.norm import RMSNorm
 from fusedit.layers.position import POSITION_SCHEMES
 from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.refiner import masked_mean
 from fusedit.text.spec import LLMSpec
 
 
@@ -40,15 +43,86 @@ def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
     return tuple(range(cfg.initial_layers, cfg.initial_layers + n))
 
 
+class ConvPosition(nn.Module):
+    """LI-DiT's position embedding: a conv ResBlock over the (h, w) patch grid right after patchify; zero
+    padding at the borders lets the convolutions tell positions apart (design-space.md s.2)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        groups = math.gcd(32, dim)
+        self.block = nn.Sequential(
+            nn.GroupNorm(groups, dim),
+            nn.SiLU(),
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.GroupNorm(groups, dim),
+            nn.SiLU(),
+            nn.Conv2d(dim, dim, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        grid = x.transpose(1, 2).unflatten(-1, (h, w))  # (B, d, h, w)
+        return x + self.block(grid).flatten(2).transpose(1, 2)
+
+
+class NoConvPosition(nn.Module):
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return x
+
+
+class NoPooledText(nn.Module):
+    def forward(self, temb, text: TextContext, state):
+        return temb
+
+
+class ClipPooledText(nn.Module):
+    """FuseDiT clip-mod: a second encoder's pooled embedding, embedded and added to the timestep's."""
+
+    def __init__(self, pooled_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.embed = nn.Sequential(
+            RMSNorm(pooled_dim, eps), nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
+
+    def forward(self, temb, text: TextContext, state):
+        return temb + self.embed(text.pooled.to(temb.dtype))
+
+
+class RefinedPooledText(nn.Module):
+    """LI-DiT: the masked mean of the refined text, projected and added to the timestep embedding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, temb, text: TextContext, state):
+        context, mask = state
+        return temb + self.embed(masked_mean(context, mask))
+
+
 class DiT(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        llm: LLMSpec,
+        in_channels: int,
+        *,
+        extra_llms: tuple[LLMSpec, ...] = (),
+        hidden_layers: tuple[int, ...] = (-1,),
+        pooled_dim: int | None = None,
+    ):
         super().__init__()
         dim = cfg.dit_hidden_size or llm.hidden_size
         self.dim, self.patch_size, self.in_channels = dim, cfg.patch_size, in_channels
         self.attention_backend = cfg.attention_backend
         self.position = POSITION_SCHEMES[cfg.pos_embed](llm.head_dim, llm.rope_theta)
         self.patch_embed = PatchEmbed(in_channels, dim, cfg.patch_size)
+        self.conv_pos = ConvPosition(dim) if cfg.conv_pos else NoConvPosition()
         self.time = TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim)
+        self.pooled = {
+            "none": lambda: NoPooledText(),
+            "clip": lambda: ClipPooledText(pooled_dim, dim, llm.rms_norm_eps),
+            "refined": lambda: RefinedPooledText(dim),
+        }[cfg.pooled_text]()
         self.blocks = nn.ModuleList(self.make_block(dim, llm, cfg) for _ in range(self.depth(cfg, llm)))
         self.final_norm = self.time.final_layer(dim, llm.rms_norm_eps)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * in_channels)
@@ -61,10 +135,19 @@ class DiT(nn.Module):
         raise NotImplementedError
 
     @property
-    def text_request(self) -> TextRequest:
+    def text_requests(self) -> list[TextRequest]:
+        """What each LLM must provide (one request per LLM, in config order)."""
         raise NotImplementedError
 
-    def block_texts(self, text: TextContext, num_image: int) -> Iterator[tuple]:
+    @property
+    def text_request(self) -> TextRequest:
+        return self.text_requests[0]
+
+    def prepare_text(self, text: TextContext, temb: torch.Tensor | None):
+        """Per-step text work done once per forward, before the blocks (the deep designs need none)."""
+        return text
+
+    def block_texts(self, state, num_image: int) -> Iterator[tuple]:
         """(text K/V, attention mask) for each block, in order."""
         raise NotImplementedError
 
@@ -90,13 +173,15 @@ class DiT(nn.Module):
         """x (B, C, H, W) latents at time t (B,) in [0, 1] -> velocity (B, C, H, W)."""
         _, c, height, width = x.shape
         h, w = height // self.patch_size, width // self.patch_size
-        img = self.position.add_absolute(self.patch_embed(x), h, w)  # (B, N, d)
+        img = self.conv_pos(self.position.add_absolute(self.patch_embed(x), h, w), h, w)  # (B, N, d)
         temb = self.time.embed(t)  # (B, d) or None
+        state = self.prepare_text(text, temb)
+        temb = self.pooled(temb, text, state)
         img = self.time.into_tokens(img, temb)
         cond = self.time.block_input(temb)
         rope = self.position.rotary(h, w, text.lengths)  # image positions continue after the text
         with backend_context(self.attention_backend):
-            texts = self.block_texts(text, img.shape[1])
+            texts = self.block_texts(state, img.shape[1])
             for block, (kv, mask) in zip(self.blocks, texts, strict=True):
                 img = block(img, cond, kv, mask, rope)
         img = self.proj_out(self.final_norm(img, temb))

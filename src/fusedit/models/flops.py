@@ -12,9 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
+from fusedit.text.refiner import TokenAttention
 
-_TEXT_PATH = ("context_embedder", "text_kv")
-_PER_IMAGE = ("time", "modulation", "final_norm")
+_TEXT_PATH = ("context", "text_kv")
+_PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
 
 
 def _linear(m: nn.Linear, tokens: int) -> int:
@@ -26,12 +27,17 @@ def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int) -> int:
     for name, m in denoiser.named_modules():
         parts = name.split(".")
         if isinstance(m, nn.Linear):
-            if any(p in _TEXT_PATH for p in parts):
-                total += _linear(m, num_text)
-            elif any(p in _PER_IMAGE for p in parts):
+            if any(p in _PER_IMAGE for p in parts):
                 total += _linear(m, 1)
+            elif any(p in _TEXT_PATH for p in parts):
+                total += _linear(m, num_text)
             else:
                 total += _linear(m, num_image)
+        elif isinstance(m, nn.Conv2d):  # LI-DiT's conv position ResBlock, over the patch grid
+            total += 2 * num_image * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, TokenAttention):  # refiner attention over one LLM's tokens (others': same length)
+            others = len(denoiser.context.linguistic) - 1 if "collaborative" in parts else 1
+            total += 4 * num_text * num_text * others * m.q.out_features
         elif isinstance(m, ImageAttention):
             block = denoiser.get_submodule(".".join(parts[:-1]))
             keys = num_image + (num_text if isinstance(block, JointBlock) else 0)

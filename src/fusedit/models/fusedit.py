@@ -23,17 +23,17 @@ from fusedit.text.spec import LLMSpec
 
 
 class DeepFusionDiT(DiT):
-    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int):
+    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs):
         self.llm_layers = paired_layers(cfg, llm)
-        super().__init__(cfg, llm, in_channels)
+        super().__init__(cfg, llm, in_channels, **text_inputs)
         self.initialize_weights()
 
     def make_block(self, dim, llm, cfg):
         return JointBlock(dim, llm, cfg, self.time)
 
     @property
-    def text_request(self) -> TextRequest:
-        return TextRequest(kv_layers=self.llm_layers)
+    def text_requests(self) -> list[TextRequest]:
+        return [TextRequest(kv_layers=self.llm_layers)]
 
     def block_texts(self, text: TextContext, num_image: int):
         mask = key_padding_mask(text.key_mask, num_image)  # (B, 1, 1, T + N) or None, built once
@@ -45,8 +45,8 @@ class DeepFusionCrossDiT(DeepFusionDiT):
         return CrossBlock(dim, llm, cfg, self.time)
 
     @property
-    def text_request(self) -> TextRequest:
-        return TextRequest(raw_kv_layers=self.llm_layers)
+    def text_requests(self) -> list[TextRequest]:
+        return [TextRequest(raw_kv_layers=self.llm_layers)]
 
     def block_texts(self, text: TextContext, num_image: int):
         mask = None if text.key_mask is None else text.key_mask[:, None, None, :]

@@ -1,62 +1,98 @@
-"""Shallow-fusion baselines of the FuseDiT study (design-space.md s.1): the LLM runs separately, and one of
-its hidden states (``model.hidden_layer``, default the last) conditions every DiT layer.
+"""Shallow-fusion designs (design-space.md s.1 and s.2): the LLM runs separately, and one of its hidden
+states (``text.hidden_layer``, default the last) conditions every DiT layer.
 
-The hidden state goes through the context embedder (RMSNorm + Linear to the DiT width); each DiT layer
-then has its own text K/V projections of it. Text tokens are read, never updated.
+The hidden state becomes the DiT's text context either through the context embedder (RMSNorm + Linear to
+the DiT width: the FuseDiT baselines) or through LI-DiT's refiners (``model.refiner_depth`` >= 1), which
+also fuse several LLMs. Each DiT layer then has its own text K/V projections of that context. Text tokens
+are read, never updated.
 
 ``dit-self`` (MMDiT-lite): image queries attend to [text K/V ; image K/V] in one attention per layer.
-``dit-cross`` (PixArt-style): image self-attention, then cross-attention to the text, then the MLP.
+``dit-cross`` (PixArt-style, and LI-DiT's denoiser): image self-attention, cross-attention to the text, MLP.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from fusedit.config import ModelConfig
+from fusedit.config import ConfigError, ModelConfig
 from fusedit.layers.attention import key_padding_mask
 from fusedit.layers.norm import RMSNorm
 from fusedit.models.base import DiT
 from fusedit.models.blocks import CrossBlock, JointBlock, TextKV
 from fusedit.text.context import TextContext, TextRequest, resolve_hidden_layer
+from fusedit.text.refiner import PromptRefiner
 from fusedit.text.spec import LLMSpec
 
 
+class ContextEmbedder(nn.Module):
+    """One LLM's hidden state -> RMSNorm + Linear to the DiT width (the FuseDiT shallow baselines)."""
+
+    def __init__(self, llm_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(llm_dim, eps)
+        self.proj = nn.Linear(llm_dim, dim)
+
+    def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(self.norm(texts[0].hidden)), texts[0].mask
+
+
 class ShallowDiT(DiT):
-    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int):
-        super().__init__(cfg, llm, in_channels)
-        self.hidden_layer = resolve_hidden_layer(cfg.hidden_layer, llm.num_layers)
-        self.context_embedder = nn.Sequential(
-            RMSNorm(llm.hidden_size, llm.rms_norm_eps), nn.Linear(llm.hidden_size, self.dim)
+    def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs):
+        super().__init__(cfg, llm, in_channels, **text_inputs)
+        llms = (llm, *text_inputs.get("extra_llms", ()))
+        wanted = text_inputs.get("hidden_layers", (-1,) * len(llms))
+        if len(wanted) != len(llms):
+            raise ConfigError(f"got {len(wanted)} hidden layers for {len(llms)} LLMs")
+        self.hidden_layers = tuple(
+            resolve_hidden_layer(h, spec.num_layers, "text.hidden_layer") for h, spec in zip(wanted, llms)
         )
+        if cfg.refiner_depth:
+            self.context = PromptRefiner(
+                [spec.hidden_size for spec in llms],
+                self.dim,
+                cfg.refiner_heads,
+                cfg.refiner_depth,
+                cfg.refiner_causal,
+                cfg.collaborative_refiner,
+                cfg.drop_instruction,
+            )
+        else:
+            self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
         self.text_kv = nn.ModuleList(TextKV(self.dim, llm, cfg.qk_norm) for _ in self.blocks)
         self.initialize_weights()
-        nn.init.normal_(self.context_embedder[1].weight, std=0.02)
+        if isinstance(self.context, ContextEmbedder):
+            nn.init.normal_(self.context.proj.weight, std=0.02)
 
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
         return cfg.num_layers if cfg.num_layers is not None else llm.num_layers
 
     @property
-    def text_request(self) -> TextRequest:
-        return TextRequest(hidden_layer=self.hidden_layer)
+    def text_requests(self) -> list[TextRequest]:
+        return [TextRequest(hidden_layer=h) for h in self.hidden_layers]
 
-    def block_texts(self, text: TextContext, num_image: int):
-        context = self.context_embedder(text.hidden)  # (B, T, d)
+    def prepare_text(self, text: TextContext, temb):
+        """-> (context (B, T', d), keep-mask (B, T')): computed once per forward, read by every layer."""
+        return self.context(text.all, temb)
+
+    def block_texts(self, state, num_image: int):
+        context, mask = state
         rope = self.position.text_rotary(context.shape[1], context.device)  # text at 0..T-1 (none for APE)
-        mask = self.text_mask(text, num_image)
-        return ((proj(context, rope), mask) for proj in self.text_kv)
+        attn_mask = self.text_mask(mask, num_image)
+        return ((proj(context, rope), attn_mask) for proj in self.text_kv)
 
 
 class SelfAttentionDiT(ShallowDiT):
     def make_block(self, dim, llm, cfg):
         return JointBlock(dim, llm, cfg, self.time)
 
-    def text_mask(self, text: TextContext, num_image: int):
-        return key_padding_mask(text.key_mask, num_image)
+    def text_mask(self, mask: torch.Tensor, num_image: int):
+        return key_padding_mask(mask, num_image)
 
 
 class CrossAttentionDiT(ShallowDiT):
     def make_block(self, dim, llm, cfg):
         return CrossBlock(dim, llm, cfg, self.time)
 
-    def text_mask(self, text: TextContext, num_image: int):
-        return None if text.key_mask is None else text.key_mask[:, None, None, :]
+    def text_mask(self, mask: torch.Tensor, num_image: int):
+        return mask[:, None, None, :]

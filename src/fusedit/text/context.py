@@ -52,6 +52,9 @@ class TextContext:
     kv:      per requested layer, (keys, values), each (B, KVH, T, head_dim); keys carry the LLM's RoPE.
     raw_kv:  the same without RoPE on the keys (``raw_kv_layers``).
     hidden:  (B, T, d_llm), the requested hidden state, or None.
+    instruction: (B, T) bool, True on template tokens (dropped after LI-DiT's refiners), or None.
+    pooled:  (B, P) pooled embedding of a second encoder (FuseDiT clip-mod), or None.
+    others:  contexts of the further LLMs of a multi-LLM model (LI-DiT), same prompts, in config order.
     padded:  whether any row has padding; when False the denoiser needs no attention mask at all.
     """
 
@@ -60,7 +63,15 @@ class TextContext:
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     raw_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     hidden: torch.Tensor | None = None
+    instruction: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    others: list[TextContext] = field(default_factory=list)
     padded: bool = True
+
+    @property
+    def all(self) -> list[TextContext]:
+        """This LLM's context followed by the further LLMs' (one per LLM)."""
+        return [self, *self.others]
 
     @property
     def key_mask(self) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -41,47 +42,54 @@ def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class TextEncoder(nn.Module):
-    """Holds the LLM and its tokenizer; ``encode(prompts, request)`` gives the TextContext."""
+    """Holds the LLM, its tokenizer and prompt template; ``encode(prompts, request)`` gives the TextContext."""
 
     def __init__(
         self,
         llm: nn.Module,
         tokenizer,
         max_length: int,
-        instruction: str = "",
-        chat_template: bool = False,
+        template: Template | None = None,
         trim_padding: bool = True,
     ):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.instruction = instruction
-        self.chat_template = chat_template
+        self.template = template or Template("", "")
         self.trim_padding = trim_padding
         cfg = llm.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if tokenizer is None:  # shape-only (meta) builds never tokenise
+            return
+        t = self.template
+        self.prefix_ids = tokenizer(t.prefix, add_special_tokens=not t.rendered)["input_ids"]
+        self.suffix_ids = tokenizer(t.suffix, add_special_tokens=False)["input_ids"] if t.suffix else []
+        self.budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.budget < 1:
+            raise ValueError(
+                f"text.max_length={max_length} leaves no room for the prompt after the template's "
+                f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens (allowed: max_length > that)"
+            )
+        # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay,
+        # so an empty prompt keeps one token).
+        special = set(tokenizer.all_special_ids)
+        self.register_buffer(
+            "prefix_instruction", torch.tensor([i not in special for i in self.prefix_ids]), persistent=False
+        )
 
     @property
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.llm.parameters())
 
-    def _format(self, prompt: str) -> str:
-        text = self.instruction + prompt
-        if self.chat_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
-
     def tokenize(self, prompts: list[str], device: torch.device | str = "cpu"):
-        """Right-padded ids and bool mask, (B, max_length); longer prompts are truncated with a warning."""
+        """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
+
+        Prompts longer than the room the template leaves are truncated, with a warning."""
         if isinstance(prompts, str):
             raise TypeError("tokenize takes a list of prompts, not a single string")
-        ids = self.tokenizer([self._format(p) for p in prompts], add_special_tokens=not self.chat_template)[
-            "input_ids"
-        ]
-        too_long = [i for i, seq in enumerate(ids) if len(seq) > self.max_length]
+        bodies = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        too_long = [i for i, seq in enumerate(bodies) if len(seq) > self.budget]
         if too_long:
             first = prompts[too_long[0]]
             log.warning(
@@ -89,16 +97,25 @@ class TextEncoder(nn.Module):
                 len(too_long),
                 self.max_length,
                 first[:80],
-                len(ids[too_long[0]]),
+                len(bodies[too_long[0]]) + self.max_length - self.budget,
             )
         pad = self.tokenizer.pad_token_id
-        out = torch.full((len(ids), self.max_length), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), self.max_length), dtype=torch.bool)
-        for i, seq in enumerate(ids):
-            seq = seq[: self.max_length]
+        out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
+        mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)
+        for i, body in enumerate(bodies):
+            seq = self.prefix_ids + body[: self.budget] + self.suffix_ids
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[i, : len(seq)] = True
         return out.to(device), mask.to(device)
+
+    def instruction_mask(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, T) bool: True on template tokens (prefix after any special tokens, and the suffix)."""
+        pos = torch.arange(length, device=lengths.device)[None]
+        n = len(self.prefix_ids)
+        prefix = torch.zeros(length, dtype=torch.bool, device=lengths.device)
+        prefix[: min(n, length)] = self.prefix_instruction[:length].to(lengths.device)
+        suffix = (pos >= (lengths - len(self.suffix_ids))[:, None]) & (pos < lengths[:, None])
+        return prefix[None] | suffix
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
@@ -120,7 +137,13 @@ class TextEncoder(nn.Module):
             raw_kv = [_layer_kv(self.llm.layers[i], hidden[i], self.head_dim) for i in request.raw_kv_layers]
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
-            mask=mask, lengths=lengths, kv=kv, raw_kv=raw_kv, hidden=chosen, padded=not bool(mask.all())
+            mask=mask,
+            lengths=lengths,
+            kv=kv,
+            raw_kv=raw_kv,
+            hidden=chosen,
+            instruction=self.instruction_mask(lengths, mask.shape[1]),
+            padded=not bool(mask.all()),
         )
 
     def encode(self, prompts: list[str], request: TextRequest, device=None) -> TextContext:

@@ -1,0 +1,54 @@
+"""A second, pooled text embedding (FuseDiT's clip-mod study): a CLIP text model through transformers,
+frozen, whose pooled output is added to the DiT's timestep embedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+from fusedit.config import ConfigError, PooledTextConfig
+
+
+class PooledTextEncoder(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) prompts -> (B, hidden) pooled embeddings (CLIP: the end-of-text token's final state)."""
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        out = self.model(
+            input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+        )
+        return out.pooler_output
+
+
+def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False):
+    """The CLIP text model of ``cfg.model_id``, or a random-init one from ``cfg.arch``."""
+    if cfg.model_id and not shape_only:
+        try:
+            model = CLIPTextModel.from_pretrained(cfg.model_id)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_id)
+        except OSError as e:
+            raise ConfigError(
+                f"pooled_text.model_id={cfg.model_id!r} cannot be loaded: {str(e).splitlines()[0]}"
+            ) from None
+    else:
+        model = CLIPTextModel(CLIPTextConfig(**cfg.arch))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else builtin_tokenizer
+    return PooledTextEncoder(model.to(device) if str(device) != "meta" else model, tokenizer, cfg.max_length)

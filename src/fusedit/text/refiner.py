@@ -1,0 +1,164 @@
+"""LI-DiT's refiners (design-space.md s.2): trainable, timestep-aware, run at every denoising step over
+LLM features that were computed once per prompt batch.
+
+- Linguistic token refiner, one per LLM: Linear in-projection to the DiT width, then ``depth`` blocks of
+  [bidirectional self-attention, MLP]; each sublayer's output is scaled by a gate computed from
+  (masked-mean-pooled features + timestep embedding). The gates start at zero, so the refiner starts as
+  the identity on the projected features. ``causal`` keeps the LLM's causal mask (the paper's ablation).
+- Collaborative refiner, for 2+ LLMs: one block with a branch per LLM; each branch's tokens cross-attend
+  to the other branches' tokens, then an MLP, gated the same way.
+- Then the instruction (template) tokens are dropped and the branches concatenated along the token axis
+  (the paper leaves the axis unknown; tokens work for any lengths and tokenizers).
+
+Widths, heads, LayerNorm, MLP ratio 4 and masked mean pooling follow a public re-implementation where
+the paper is silent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedit.layers.attention import attention
+from fusedit.layers.modulation import ZeroInit
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d), (B, T) bool -> (B, d) mean over the True positions."""
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class Gates(nn.Module, ZeroInit):
+    """Two per-channel gates (attention, MLP) from a conditioning vector; zero at init."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def zero_(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.linear(nn.functional.silu(c))[:, None]
+        return g.chunk(2, dim=-1)
+
+
+class TokenAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.refiner_heads={heads} must divide the refiner width {dim}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # x (B, T, d) queries; context (B, S, d) keys/values; mask broadcastable to (B, 1, T, S) bool
+        q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.kv(context).chunk(2, dim=-1))
+        return self.out(attention(q, k, v, mask))
+
+
+def _mlp(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+
+class RefinerBlock(nn.Module):
+    """[self- or cross-attention, MLP], each gated by the conditioning vector."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TokenAttention(dim, heads)
+        self.mlp_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _mlp(dim)
+        self.gates = Gates(dim)
+
+    def forward(self, x, c, context=None, mask=None):
+        g_attn, g_mlp = self.gates(c)
+        h = self.attn_norm(x)
+        x = x + g_attn * self.attn(h, h if context is None else context, mask)
+        return x + g_mlp * self.mlp(self.mlp_norm(x))
+
+
+class LinguisticRefiner(nn.Module):
+    def __init__(self, llm_dim: int, dim: int, heads: int, depth: int, causal: bool):
+        super().__init__()
+        self.in_proj = nn.Linear(llm_dim, dim)
+        self.blocks = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(depth))
+        self.causal = causal
+
+    def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) key padding -> (B, 1, T, T) bool; with ``causal``, also no looking ahead."""
+        keep = mask[:, None, None, :]
+        if self.causal:
+            t = mask.shape[1]
+            keep = keep & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+        return keep
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """features (B, T, d_llm), mask (B, T), temb (B, d) -> refined (B, T, d)."""
+        x = self.in_proj(features)
+        c = masked_mean(x, mask)
+        if temb is not None:  # the no-timestep variant gates from the pooled text alone
+            c = c + temb
+        attn_mask = self.attention_mask(mask)
+        for block in self.blocks:
+            x = block(x, c, mask=attn_mask)
+        return x
+
+
+class CollaborativeRefiner(nn.Module):
+    """One block, a branch per LLM; branch i attends to the concatenation of the other branches."""
+
+    def __init__(self, dim: int, heads: int, branches: int):
+        super().__init__()
+        self.branches = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(branches))
+
+    def forward(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor
+    ) -> list[torch.Tensor]:
+        out = []
+        for i, (branch, x) in enumerate(zip(self.branches, xs)):
+            context = torch.cat([xs[j] for j in range(len(xs)) if j != i], dim=1)
+            keep = torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1)[:, None, None, :]
+            out.append(branch(x, c, context=context, mask=keep))
+        return out
+
+
+class PromptRefiner(nn.Module):
+    """LLM features of one or more LLMs -> one refined token sequence for the DiT to read."""
+
+    def __init__(
+        self,
+        llm_dims: list[int],
+        dim: int,
+        heads: int,
+        depth: int,
+        causal: bool,
+        collaborative: bool,
+        drop_instruction: bool,
+    ):
+        super().__init__()
+        self.linguistic = nn.ModuleList(LinguisticRefiner(d, dim, heads, depth, causal) for d in llm_dims)
+        self.collaborative = (
+            CollaborativeRefiner(dim, heads, len(llm_dims)) if collaborative and len(llm_dims) > 1 else None
+        )
+        self.drop_instruction = drop_instruction
+
+    def forward(self, texts, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts: one TextContext per LLM (hidden, mask, instruction); temb (B, d).
+
+        Returns the refined context (B, sum T_i, d) and its keep-mask (B, sum T_i)."""
+        xs = [ref(t.hidden, t.mask, temb) for ref, t in zip(self.linguistic, texts, strict=True)]
+        masks = [t.mask for t in texts]
+        if self.collaborative is not None:
+            c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks)]).mean(0)
+            c = c if temb is None else c + temb
+            xs = self.collaborative(xs, masks, c)
+        if self.drop_instruction:
+            masks = [m & ~t.instruction for m, t in zip(masks, texts)]
+        return torch.cat(xs, dim=1), torch.cat(masks, dim=1)

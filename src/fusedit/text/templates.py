@@ -1,0 +1,59 @@
+"""Prompt templates: how a prompt is presented to the LLM, shared by training and sampling.
+
+A template is a plain-text prefix and suffix around the prompt. They are tokenised apart from the prompt,
+so the encoder knows exactly which tokens are the template's ("instruction tokens"): LI-DiT's refiners
+read them and they are dropped afterwards (design-space.md s.2). Chat templates are rendered by the
+tokenizer around a placeholder, and split there.
+
+| name         | text                                                                                  |
+|--------------|---------------------------------------------------------------------------------------|
+| plain        | ``text.instruction`` + prompt (FuseDiT's plain-text prefix study, e.g. "Imagine: ")   |
+| chat         | the tokenizer's chat template: [system prompt], user: instruction + prompt            |
+| lidit        | system prompt, then LI-DiT's instruction + prompt, as plain text                      |
+| lidit-chat   | LI-DiT's instruction + prompt as the user turn of the chat template                   |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# LI-DiT's "usage guidance" instruction (Ma et al. 2024, design-space.md s.2).
+LIDIT_INSTRUCTION = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, and spatial "
+    "relationships of the objects: "
+)
+_PLACEHOLDER = "<<fusedit-prompt>>"
+
+
+@dataclass(frozen=True)
+class Template:
+    prefix: str
+    suffix: str
+    # Whether the prefix text already holds the tokenizer's special tokens (rendered chat templates).
+    rendered: bool = False
+
+
+def _chat(tokenizer, user: str, system_prompt: str) -> Template:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"text.template needs a chat template but tokenizer {tokenizer.name_or_path!r} has none "
+            "(allowed without one: plain, lidit)"
+        )
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": user + _PLACEHOLDER})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix, _, suffix = text.partition(_PLACEHOLDER)
+    return Template(prefix, suffix, rendered=True)
+
+
+def build_template(name: str, tokenizer, instruction: str = "", system_prompt: str = "") -> Template:
+    if name == "plain":
+        return Template(instruction, "")
+    if name == "lidit":
+        system = f"{system_prompt} " if system_prompt else ""
+        return Template(system + LIDIT_INSTRUCTION + instruction, "")
+    if name == "chat":
+        return _chat(tokenizer, instruction, system_prompt)
+    if name == "lidit-chat":
+        return _chat(tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt)
+    raise ValueError(f"unknown text.template {name!r} (allowed: plain, chat, lidit, lidit-chat)")
