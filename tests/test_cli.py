@@ -61,3 +61,105 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "fusedit", "presets"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "fusedit-gemma2b" in r.stdout
+
+
+def _tiny_run(tmp_path):
+    import yaml
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "tiny.yaml"), "train.steps=1", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
+    run = _tiny_run(tmp_path)
+    meta = [
+        {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+        {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"},
+    ]
+    (tmp_path / "geneval.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    out = tmp_path / "ge"
+    args = [
+        "eval",
+        str(run),
+        "--bench",
+        "geneval",
+        "--prompts",
+        str(tmp_path / "geneval.jsonl"),
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert json.loads((out / "samples" / "00001" / "metadata.jsonl").read_text()) == meta[1]
+    assert len(list((out / "samples" / "00000" / "samples").glob("*.png"))) == 4
+    assert main(args) == 0 and "0 generated, 2 already there" in capsys.readouterr().out  # resumable
+
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "7.txt").write_text("a red circle above a blue square")
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--bench",
+                "dpg",
+                "--prompts",
+                str(tmp_path / "dpg"),
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "dpgout"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert Image.open(tmp_path / "dpgout" / "grids" / "7.png").size == (32, 32)  # 2 x 2 tiles of 16 px
+    assert main(["eval", str(run), "--bench", "geneval"]) == 2
+    assert "needs --prompts PATH" in capsys.readouterr().err
+
+
+def test_cache_latents_then_train_on_them(tmp_path):
+    import yaml
+
+    cfg = {**TINY, "data": {**TINY["data"], "num_samples": 8}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    lat = tmp_path / "latents"
+    assert (
+        main(
+            [
+                "cache-latents",
+                str(tmp_path / "tiny.yaml"),
+                "--out",
+                str(lat),
+                "--batch-size",
+                "4",
+                "--shard-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "tiny.yaml"),
+                "data.source=latents",
+                f"data.latents_dir={lat}",
+                "train.steps=2",
+                "--out",
+                str(tmp_path / "run"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()

@@ -112,3 +112,27 @@ def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing(
     losses = pretrain_llm(model.text, caption_corpus(256, seed=0), steps=30, batch_size=16, progress=False)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert all(not p.requires_grad for p in model.text.llm.parameters()) and not model.text.llm.training
+
+
+def test_language_decoder_of_a_multimodal_checkpoint(tmp_path):
+    """PaliGemma-style folders: the fused LLM is the multimodal model's language decoder, with its weights."""
+    from transformers import AutoModel, PaliGemmaConfig
+
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = dict(model_type="gemma", **{**TINY_ARCH, "num_key_value_heads": 1})
+    mm = AutoModel.from_config(PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=32))
+    mm.save_pretrained(tmp_path / "pg")
+    word_tokenizer(vocabulary()).save_pretrained(tmp_path / "pg")
+    model = build_model(tiny_config(text={"model_id": str(tmp_path / "pg")}, model={"num_layers": 2}))
+    assert len(model.text.llm.layers) == 2
+    ref = mm.language_model.layers[1].mlp.up_proj.weight
+    assert torch.equal(model.text.llm.layers[1].mlp.up_proj.weight, ref)

@@ -97,3 +97,48 @@ def test_training_runs_the_llm_once_per_step_without_autograd(tmp_path, monkeypa
     monkeypatch.setattr(loop, "build_model", counting_build)
     train(tiny_config(train={"steps": 3, "checkpoint_every": 3}), tmp_path / "run", progress=False)
     assert calls == [False, False, False]  # one LLM forward per step, none of them recording a graph
+
+
+def test_nan_steps_are_skipped_and_counted_then_stop_the_run(tmp_path, monkeypatch):
+    import fusedit.train.loop as loop
+
+    real = loop.flow_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(v, x0, noise):
+        calls["n"] += 1
+        loss = real(v, x0, noise)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "flow_loss", sometimes_nan)
+    result = train(tiny_config(train={"steps": 4, "checkpoint_every": 4}), tmp_path / "a", progress=False)
+    assert result["skipped_steps"] == 1 and len(result["losses"]) == 4
+    assert all(torch.isfinite(p).all() for p in result["model"].denoiser.parameters())
+    state = json.loads((find_checkpoint(tmp_path / "a") / "state.json").read_text())
+    assert state["skipped_steps"] == 1
+
+    monkeypatch.setattr(loop, "flow_loss", lambda v, x0, noise: real(v, x0, noise) * float("nan"))
+    cfg = tiny_config(train={"steps": 10, "max_bad_steps": 3})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row had a NaN/inf loss or gradient"):
+        train(cfg, tmp_path / "b", progress=False)
+
+
+def test_webdataset_training_resumes_exactly_with_its_data_position(tmp_path):
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+    from test_data_sources import _write_shards
+
+    shards = _write_shards(tmp_path / "shards", "wds", shards=2, per_shard=6, corrupt=((0, 2),))
+    word_tokenizer(vocabulary() + ["wds", "json", "0", "1", "2", "3", "4", "5"]).save_pretrained(
+        tmp_path / "tok"
+    )
+    cfg = tiny_config(
+        data={"source": "webdataset", "shards": shards, "min_image_size": 16},
+        text={"tokenizer": str(tmp_path / "tok")},
+        train={"steps": 6, "checkpoint_every": 3},
+    )
+    full = train(cfg, tmp_path / "a", progress=False)["losses"]
+    first = train(cfg, tmp_path / "b", stop_at=3, progress=False)["losses"]
+    assert (find_checkpoint(tmp_path / "b") / "data_state.json").is_file()
+    rest = train(cfg, tmp_path / "b", resume=True, progress=False)["losses"]
+    assert first + rest == full

@@ -113,9 +113,12 @@ def cmd_eval(args) -> int:
     from fusedit.train.checkpoint import load_model
     from fusedit.train.loop import resolve_device
 
-    model, cfg, ckpt = load_model(args.model, resolve_device(args.device), use_ema=not args.no_ema)
+    device = resolve_device(args.device)
+    model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
     out = Path(args.out or Path(args.model) / "eval" / args.bench)
     s = cfg.sample
+    if args.bench in ("geneval", "dpg"):
+        return _eval_protocol(args, model, cfg, out, device)
     scores = run_shapes_bench(
         model,
         cfg.data.image_size,
@@ -127,11 +130,108 @@ def cmd_eval(args) -> int:
         guidance=s.guidance if args.guidance is None else args.guidance,
         shift=s.shift,
         sampler=s.sampler,
-        seed=args.seed,
+        seed=args.seed or 0,
         progress=not args.quiet,
     )
     print((out / "scores.md").read_text(), end="")
     print(f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts; details in {out}")
+    return 0
+
+
+def _eval_protocol(args, model, cfg, out: Path, device) -> int:
+    from fusedit.eval.run import generator, run_dpg, run_geneval
+
+    if not args.prompts:
+        raise ConfigError(
+            f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
+        )
+    s = cfg.sample
+    gen = generator(
+        model,
+        args.size or cfg.data.image_size,
+        args.steps or s.steps,
+        s.guidance if args.guidance is None else args.guidance,
+        s.shift,
+        s.sampler,
+        s.negative_prompt,
+    )
+    seed = 42 if args.seed is None else args.seed  # both protocols fix seed 42
+    if args.bench == "geneval":
+        r = run_geneval(
+            gen,
+            args.prompts,
+            out,
+            detector=args.detector,
+            clip=args.clip,
+            seed=seed,
+            device=device,
+            progress=not args.quiet,
+        )
+    else:
+        r = run_dpg(gen, args.prompts, out, vqa=args.vqa, seed=seed, device=device, progress=not args.quiet)
+    print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
+    if "scores" in r:
+        print(f"overall {r['scores']['overall']:.4f}; details in {out / 'scores.json'}")
+    return 0
+
+
+def cmd_benchmarks(args) -> int:
+    from fusedit.eval.benchmarks import download
+
+    path = download(
+        args.name,
+        Path(args.dest or f"benchmarks-data/{args.name}"),
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(f"{args.name} prompts in {path}")
+    return 0
+
+
+def cmd_cache_latents(args) -> int:
+    import torch
+
+    from fusedit.data.latents import cache_latents
+    from fusedit.train.loop import resolve_device
+
+    cfg = _config(args)
+    summary = cache_latents(
+        cfg.data,
+        cfg.vae,
+        args.out,
+        args.batch_size,
+        args.shard_size,
+        resolve_device(args.device),
+        progress=not args.quiet,
+        seed=cfg.train.seed,
+        dtype=getattr(torch, args.dtype),
+    )
+    print(summary["report"])
+    print(f"train on them with: data.source=latents data.latents_dir={args.out}")
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from fusedit.eval.fid import ReferenceStats, TransformersImageFeatures, fid_score, list_images
+
+    extractor = TransformersImageFeatures(args.features)
+    reference = ReferenceStats.cached(
+        args.reference_name, lambda: list_images(args.reference), extractor, Path(args.cache_dir)
+    )
+    print(f"FD ({args.features} features): {fid_score(list_images(args.samples), reference, extractor):.4f}")
+    return 0
+
+
+def cmd_clip_score(args) -> int:
+    from fusedit.eval.fid import ClipScore, clip_score
+
+    paths = sorted(Path(args.samples).glob("*.png"))
+    meta = [Path(p).with_suffix(".json") for p in paths]
+    pairs = [(p, json.loads(m.read_text())["prompt"]) for p, m in zip(paths, meta) if m.is_file()]
+    if not pairs:
+        raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
+    score = clip_score([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
+    print(f"CLIP score over {len(pairs)} images: {score:.3f}")
     return 0
 
 
@@ -156,11 +256,15 @@ def cmd_describe(args) -> int:
         f"of {len(llm.layers)} LLM layers run"
     )
     print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
-    print(f"frozen (LLM, incl. embeddings): {count_parameters(llm) / 1e6:.1f}M")
+    frozen = [("LLM", enc.llm) for enc in model.encoders]
+    if model.pooled_text is not None:
+        frozen.append(("pooled text encoder", model.pooled_text))
+    for what, module in frozen:
+        print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
     text = cfg.text.max_length
     for size in sorted({256, 512, cfg.data.image_size}):
         n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
-        dit, lm = denoiser_flops(d, n, text), llm_flops(llm, text)
+        dit, lm = denoiser_flops(d, n, text), sum(llm_flops(enc.llm, text) for enc in model.encoders)
         print(
             f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
             f"LLM forward {lm / 1e12:.3f} TFLOP, training {(3 * dit + lm) / 1e12:.3f} TFLOP per image"
@@ -221,16 +325,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
     sp.add_argument("model", help="run folder or checkpoint folder")
-    sp.add_argument("--bench", choices=["shapes"], default="shapes")
-    sp.add_argument("--per-category", type=int, default=20, help="held-out prompts per category")
+    sp.add_argument("--bench", choices=["shapes", "geneval", "dpg"], default="shapes")
+    sp.add_argument("--per-category", type=int, default=20, help="shapes: held-out prompts per category")
+    sp.add_argument("--prompts", help="geneval/dpg: the prompt data (see `fusedit benchmarks download`)")
+    sp.add_argument("--detector", help="geneval: detector hub id or folder (e.g. a Mask2Former COCO model)")
+    sp.add_argument("--clip", help="geneval: CLIP hub id or folder for colour classification")
+    sp.add_argument("--vqa", help="dpg: VQA model hub id or folder (BLIP/ViLT)")
+    sp.add_argument("--size", type=int, help="geneval/dpg: image size (default the model's)")
     sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval and dpg")
     sp.add_argument("--no-ema", action="store_true")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")
+    bsub = sp.add_subparsers(dest="action", required=True)
+    dp = bsub.add_parser("download", help="download GenEval or DPG-Bench prompts")
+    dp.add_argument("name", choices=["geneval", "dpg"])
+    dp.add_argument("--dest", help="folder (default benchmarks-data/NAME)")
+    dp.add_argument("--force", action="store_true")
+    dp.add_argument("--quiet", action="store_true")
+    dp.set_defaults(func=cmd_benchmarks)
+
+    sp = sub.add_parser("cache-latents", help="pre-encode a dataset with the config's VAE into latent shards")
+    with_config(sp)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--shard-size", type=int, default=1000)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_cache_latents)
+
+    sp = sub.add_parser("fid", help="Frechet distance of a sample folder to a reference folder")
+    sp.add_argument("samples")
+    sp.add_argument("--reference", required=True)
+    sp.add_argument("--reference-name", required=True, help="name of the cached reference statistics")
+    sp.add_argument("--features", required=True, help="feature model hub id or folder (CLIP, DINOv2, ...)")
+    sp.add_argument("--cache-dir", default=".cache/fusedit-fid")
+    sp.set_defaults(func=cmd_fid)
+
+    sp = sub.add_parser("clip-score", help="CLIP score of a `fusedit sample` output folder")
+    sp.add_argument("samples")
+    sp.add_argument("--clip", required=True, help="CLIP hub id or folder")
+    sp.set_defaults(func=cmd_clip_score)
 
     sp = sub.add_parser(
         "describe", help="architecture summary and parameter counts (built on the meta device)"

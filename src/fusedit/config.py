@@ -59,6 +59,12 @@ class ModelConfig:
     patch_size: int = positive(2)
     # SDPA backend for the DiT's attention; "auto" lets PyTorch pick.
     attention_backend: str = choice("auto", "auto", "math", "flash", "efficient", "cudnn")
+    # Shallow designs only: the DiT's own attention/MLP shape instead of the LLM's (None = mirror the LLM,
+    # as FuseDiT does; LI-DiT-1B uses 16 heads over width 1152). Deep fusion must mirror the LLM.
+    num_heads: int | None = positive(None)
+    num_kv_heads: int | None = positive(None)
+    head_dim: int | None = positive(None)
+    intermediate_size: int | None = positive(None)
     # LI-DiT's position embedding: a conv ResBlock over the patch grid right after patchify (s.2).
     conv_pos: bool = False
     # LI-DiT linguistic token refiner blocks per LLM (shallow designs only; 0 = the plain RMSNorm + Linear
@@ -201,6 +207,8 @@ class TrainConfig:
     # LR after warmup: "constant" (the FuseDiT recipe) or "cosine" decay to 0 at train.steps.
     schedule: str = choice("constant", "constant", "cosine")
     grad_clip: float = positive(1.0)
+    # A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run.
+    max_bad_steps: int = positive(10)
     ema_decay: float = field(default=0.99, metadata={"min": 0, "max": 1})
     ema_every: int = positive(100)
     precision: str = choice("auto", "auto", "fp32", "bf16")
@@ -428,6 +436,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"extra_text has {len(cfg.extra_text)} more LLM(s) but model.design={m.design!r} with "
             f"model.refiner_depth={m.refiner_depth} reads one (allowed: dit-self or dit-cross with refiner_depth >= 1)"
+        )
+    own_shape = [k for k in ("num_heads", "num_kv_heads", "head_dim", "intermediate_size") if getattr(m, k)]
+    if own_shape and not shallow:
+        raise ConfigError(
+            f"model.{own_shape[0]} is set but model.design={m.design!r} mirrors the LLM's attention and MLP "
+            "(allowed only with dit-self or dit-cross)"
         )
     if m.refiner_depth and not shallow:
         raise ConfigError(

@@ -5,6 +5,7 @@ from ``build_model``."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import torch
@@ -19,6 +20,8 @@ from fusedit.text.pooled import PooledTextEncoder, load_pooled_encoder
 from fusedit.text.spec import LLMSpec
 from fusedit.text.templates import LIDIT_INSTRUCTION, build_template
 from fusedit.vae import load_autoencoder
+
+log = logging.getLogger(__name__)
 
 
 class TextToImage(nn.Module):
@@ -56,13 +59,17 @@ class TextToImage(nn.Module):
         return self.denoiser(x, t, text)
 
 
-def builtin_words(cfg: Config) -> list[str] | None:
-    """The word list of the built-in tokenizer when the data is the shapes world: the caption vocabulary
-    plus the words of the configured templates (so LI-DiT's instruction is not all <unk>)."""
+def builtin_words(cfg: Config) -> list[str]:
+    """The word list of the built-in tokenizer (used when no text.tokenizer / model_id is set): the shapes
+    caption vocabulary plus the words of the configured templates (so LI-DiT's instruction is not <unk>)."""
     from fusedit.data.shapes import vocabulary
 
-    if cfg.data.source != "shapes":
-        return None
+    if cfg.data.source not in ("shapes", "latents") and not (cfg.text.tokenizer or cfg.text.model_id):
+        log.warning(
+            "data.source=%s with the built-in shapes-world tokenizer: other words become <unk>; set "
+            "text.tokenizer (or text.model_id)",
+            cfg.data.source,
+        )
     extra = " ".join(
         [LIDIT_INSTRUCTION] + [f"{t.instruction} {t.system_prompt}" for t in (cfg.text, *cfg.extra_text)]
     )

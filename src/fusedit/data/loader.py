@@ -1,42 +1,372 @@
 """Batches addressed by training step, so a resumed run reads exactly the samples it would have read.
 
-Step s reads dataset indices [s * B, (s + 1) * B) modulo the dataset length; the shapes dataset is a pure
-function of its index, so the read position is just the step and needs no state of its own.
+``step_loader(cfg, seed, batch_size, start_step, end_step, rank=, world_size=, state=)`` yields one batch
+per step in [start_step, end_step): ``{"image": (B, 3, H, W) in [-1, 1], "caption": [str], "index":
+LongTensor, "id": [str]}`` (``"latent"`` instead of ``"image"`` for ``data.source=latents``). Every rank
+yields exactly ``end_step - start_step`` batches (sources repeat in epochs, never run dry), so distributed
+ranks never wait on one another at an epoch end.
+
+Index-addressable sources (shapes, folder, hf without streaming, latents) need no state: global batch
+g = step * world_size + rank covers positions [g * B, (g + 1) * B) of an endless sequence of epochs, each
+a permutation of the dataset by (seed, epoch) (shapes keeps its historical unpermuted order: its samples
+are random already). With aspect-ratio buckets an epoch is instead a list of single-bucket batches: each
+bucket's samples in permuted order, cut into batches (the last one wrapping around), the batches shuffled
+by (seed, epoch); global batch g is batch g mod K of epoch g // K (K is the same every epoch).
+
+Streams (webdataset, hf with streaming) have a position instead: ``loader.state_dict()`` after a step is
+what ``step_loader(..., start_step=that step, state=...)`` continues from exactly. Without a state a stream
+is fast-forwarded by reading and decoding every sample before ``start_step`` (exact, but slow).
+
+A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by the next one in the same
+order (the same bucket's order with buckets), so batches are always full and the replacement is
+deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason.
+Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fusedit.config import DataConfig
+from fusedit.config import ConfigError, DataConfig
+from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, make_rng
+
+log = logging.getLogger(__name__)
+
+STREAM_SOURCES = ("webdataset",)
+# Examples of skipped samples kept per reason for the report (the counts are exact regardless).
+_EXAMPLES = 3
+# Image headers read in parallel when planning buckets (I/O bound: threads, not processes).
+_HEADER_THREADS = 16
 
 
-class StepBatches(Sampler[list[int]]):
-    def __init__(self, length: int, batch_size: int, start_step: int, end_step: int):
-        self.length, self.batch_size = length, batch_size
-        self.start_step, self.end_step = start_step, end_step
+def is_stream(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` reads a stream (position in a state dict) rather than an index-addressable set."""
+    return cfg.source in STREAM_SOURCES or (cfg.source == "hf" and cfg.hf_streaming)
 
-    def __iter__(self) -> Iterator[list[int]]:
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Skip accounting
+
+
+class SkipCounter:
+    """Skipped samples by reason: distinct sample ids, occurrences (a bad sample is met again every
+    epoch), and a few examples with the detail for the report.
+
+    Everything only grows, in order (ids are kept in insertion-ordered dicts), so ``mark()`` is an O(1)
+    snapshot that ``state_dict(mark)`` later expands into the exact state at that moment: loaders take a
+    mark every step without copying every id each time.
+    """
+
+    def __init__(self) -> None:
+        self.ids: dict[str, dict[str, None]] = {}
+        self.times: dict[str, int] = {}
+        self.examples: dict[str, list[list[str]]] = {}
+
+    def add(self, reason: str, sample_id: str, detail: str = "") -> None:
+        ids = self.ids.setdefault(reason, {})
+        self.times[reason] = self.times.get(reason, 0) + 1
+        if sample_id not in ids:
+            ids[sample_id] = None
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < _EXAMPLES:
+                examples.append([sample_id, detail])
+
+    def add_all(self, events) -> None:
+        for event in events:
+            self.add(*event)
+
+    def counts(self) -> dict[str, int]:
+        """Distinct skipped samples per reason."""
+        return {reason: len(ids) for reason, ids in sorted(self.ids.items())}
+
+    def total(self) -> int:
+        return sum(len(ids) for ids in self.ids.values())
+
+    def report(self) -> str:
+        if not self.ids:
+            return "skipped samples: none"
+        parts = []
+        for reason, n in self.counts().items():
+            shown = "; ".join(f"{i}: {d}" if d else i for i, d in self.examples.get(reason, []))
+            parts.append(f"{reason} {n} (e.g. {shown})")
+        times = sum(self.times.values())
+        return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
+
+    def mark(self) -> dict[str, tuple[int, int]]:
+        return {reason: (len(ids), self.times[reason]) for reason, ids in self.ids.items()}
+
+    def state_dict(self, mark: dict[str, tuple[int, int]] | None = None) -> dict:
+        mark = self.mark() if mark is None else mark
+        return {
+            "ids": {r: list(itertools.islice(self.ids[r], n)) for r, (n, _) in mark.items()},
+            "times": {r: t for r, (_, t) in mark.items()},
+            "examples": {r: [list(e) for e in self.examples[r][:n]] for r, (n, _) in mark.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ids = {r: dict.fromkeys(ids) for r, ids in state.get("ids", {}).items()}
+        self.times = {r: int(n) for r, n in state.get("times", {}).items()}
+        self.examples = {r: [list(e) for e in ex] for r, ex in state.get("examples", {}).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Step plans for index-addressable sources
+
+
+class StepPlan:
+    """Which dataset positions fill each slot of the batch a rank reads at a step (module docstring).
+
+    A slot is a tuple ``(epoch, group, position)``; ``candidate(slot, k)`` is the k-th sample to try for
+    it (k > 0 only when the earlier ones had to be skipped). ``groups`` gives each sample's bucket
+    (-1: unusable, never planned); None means one group of every sample, addressed as one endless stream.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        groups: np.ndarray | None = None,
+        shuffle: bool = True,
+    ):
+        _check_rank(rank, world_size)
+        if n < 1:
+            raise ValueError("cannot plan batches over an empty dataset")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self._cache: dict[int, Any] = {}
+        if self.groups is not None:
+            self.members = np.flatnonzero(self.groups >= 0)
+            if len(self.members) == 0:
+                raise RuntimeError("no usable samples to plan batches over (every sample was skipped)")
+            ids, sizes = np.unique(self.groups[self.members], return_counts=True)
+            self.group_sizes = dict(zip(ids.tolist(), sizes.tolist()))
+            # Batches per epoch: every bucket's samples, the last batch of a bucket wrapping around.
+            self.batches_per_epoch = sum(math.ceil(s / batch_size) for s in self.group_sizes.values())
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) >= 2:  # neighbouring epochs only: a slot's candidates may cross into the next
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[epoch] = self._build(epoch)
+        return self._cache[epoch]
+
+    def _build(self, epoch: int) -> Any:
+        if self.groups is None:
+            return make_rng(self.seed, 0, epoch).permutation(self.n)
+        order = self.members[make_rng(self.seed, 0, epoch).permutation(len(self.members))]
+        lists = {g: order[self.groups[order] == g] for g in self.group_sizes}
+        batches = [
+            (g, c) for g, size in self.group_sizes.items() for c in range(math.ceil(size / self.batch_size))
+        ]
+        batches = [batches[i] for i in make_rng(self.seed, 6, epoch).permutation(len(batches))]
+        return lists, batches
+
+    def slots(self, step: int) -> list[tuple[int, int, int]]:
+        g = step * self.world_size + self.rank
         b = self.batch_size
+        if self.groups is None:
+            return [(-1, -1, g * b + j) for j in range(b)]
+        epoch, t = divmod(g, self.batches_per_epoch)
+        group, chunk = self._perm(epoch)[1][t]
+        return [(epoch, group, chunk * b + j) for j in range(b)]
+
+    def tries(self, slot: tuple[int, int, int]) -> int:
+        return self.n if self.groups is None else self.group_sizes[slot[1]]
+
+    def candidate(self, slot: tuple[int, int, int], k: int) -> tuple[int, int]:
+        """(dataset index, epoch) of the k-th sample to try for ``slot``."""
+        epoch, group, position = slot
+        if self.groups is None:
+            epoch, position = divmod(position + k, self.n)
+            return (int(self._perm(epoch)[position]) if self.shuffle else position), epoch
+        members = self._perm(epoch)[0][group]
+        return int(members[(position + k) % len(members)]), epoch
+
+
+class PlanBatches(Sampler[list]):
+    """The batch sampler: the slots of each step in [start_step, end_step)."""
+
+    def __init__(self, plan: StepPlan, start_step: int, end_step: int):
+        self.plan, self.start_step, self.end_step = plan, start_step, end_step
+
+    def __iter__(self) -> Iterator[list]:
         for step in range(self.start_step, self.end_step):
-            yield [(step * b + j) % self.length for j in range(b)]
+            yield self.plan.slots(step)
 
     def __len__(self) -> int:
         return self.end_step - self.start_step
 
 
+class PlannedDataset(Dataset):
+    """A map-style dataset indexed by plan slots: item = the first usable candidate of the slot, with the
+    skips met on the way (so skips counted in worker processes reach the main process's counter)."""
+
+    plan: StepPlan
+
+    def sample_id(self, i: int) -> str:
+        raise NotImplementedError
+
+    def load(self, i: int, epoch: int, group: int) -> dict:
+        """Item of sample ``i``; raises SkipSample when it cannot be used."""
+        raise NotImplementedError
+
+    def __getitem__(self, slot: tuple[int, int, int]) -> dict:
+        bad = self.__dict__.setdefault("_bad", {})  # per process: known-bad samples are not decoded again
+        skipped = []
+        for k in range(self.plan.tries(slot)):
+            i, epoch = self.plan.candidate(slot, k)
+            if i in bad:
+                skipped.append((bad[i][0], self.sample_id(i), bad[i][1]))
+                continue
+            try:
+                item = self.load(i, epoch, slot[1])
+            except SkipSample as e:
+                bad[i] = (e.reason, e.detail)
+                skipped.append((e.reason, self.sample_id(i), e.detail))
+                continue
+            item["skipped"] = skipped
+            return item
+        counter = SkipCounter()
+        counter.add_all(skipped)
+        raise RuntimeError(f"no usable sample left to fill a batch; {counter.report()}")
+
+
+class ShapesItems(PlannedDataset):
+    """The procedural shapes world behind a plan (it never skips)."""
+
+    def __init__(self, dataset: Dataset, plan: StepPlan):
+        self.dataset, self.plan = dataset, plan
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample_id(self, i: int) -> str:
+        return str(i)
+
+    def load(self, i: int, epoch: int, group: int) -> dict:
+        item = dict(self.dataset[i])
+        item["id"] = str(i)
+        return item
+
+
+class CatalogItems(PlannedDataset):
+    """Decoded images of a catalog (folder, hf, webdataset index) behind a plan."""
+
+    def __init__(self, catalog: Any, decoder: SampleDecoder, plan: StepPlan):
+        self.catalog, self.decoder, self.plan = catalog, decoder, plan
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def sample_id(self, i: int) -> str:
+        return self.catalog.sample_id(i)
+
+    def load(self, i: int, epoch: int, group: int) -> dict:
+        fields, image = self.catalog.record(i)
+        bucket = group if len(self.decoder.targets) > 1 else None
+        out = self.decoder(
+            fields, image, key=i, epoch=epoch, bucket=bucket, base=getattr(self.catalog, "base", None)
+        )
+        return {"image": out.image, "caption": out.caption, "index": i, "id": self.catalog.sample_id(i)}
+
+
 def collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "caption": [it["caption"] for it in items],
-        "index": torch.tensor([it["index"] for it in items]),
-    }
+    out: dict[str, Any] = {}
+    for name in ("image", "latent"):
+        if name in items[0]:
+            out[name] = torch.stack([it[name] for it in items])
+    out["caption"] = [it["caption"] for it in items]
+    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    out["id"] = [it.get("id", str(it["index"])) for it in items]
+    out["skipped"] = [event for it in items for event in it.get("skipped", ())]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Building sources
+
+
+def build_catalog(cfg: DataConfig) -> Any:
+    """The index-addressable catalog of a folder, hf (map-style) or webdataset (all shards) source."""
+    if cfg.source == "folder":
+        from fusedit.data.folder import FolderCatalog
+
+        return FolderCatalog(cfg.root, cfg.index_file, cfg.image_field, keep_fields=cfg.caption_fields)
+    if cfg.source == "hf":
+        from fusedit.data.hf import HFCatalog
+
+        return HFCatalog(cfg)
+    if cfg.source == "webdataset":
+        from fusedit.data.webdataset_source import WebDatasetCatalog, shard_lists
+
+        datasets, _ = shard_lists(cfg.shards, cfg.weights)
+        return WebDatasetCatalog(datasets, cfg.caption_fields, cfg.image_field)
+    raise ConfigError(f"data.source={cfg.source!r} has no image catalog (allowed: folder, hf, webdataset)")
+
+
+def bucket_groups(catalog: Any, decoder: SampleDecoder) -> tuple[np.ndarray, list]:
+    """Each sample's bucket from its size (-1 when unusable), and the skips found on the way.
+
+    Planning needs every sample's size before the first batch; the captions are checked in the same pass
+    so that unusable samples are left out of the plan rather than replaced batch by batch. Sizes come from
+    the catalog when it knows them (index columns), otherwise from the image headers (pixels not decoded).
+    """
+    n = len(catalog)
+    groups = np.full(n, -1, dtype=np.int64)
+    events: list = []
+    known = getattr(catalog, "sizes_known", None)
+    base = getattr(catalog, "base", None)
+
+    def size_of(i: int):
+        try:
+            fields, value = catalog.record(i)
+            decoder.captions(fields)
+            if known is not None:
+                width, height = int(known[i][0]), int(known[i][1])
+                decoder.check_size(width, height)
+                return width, height
+            return decoder.header(value, base)
+        except SkipSample as e:
+            return e
+
+    log.info("checking %d samples to assign aspect-ratio buckets", n)
+    with ThreadPoolExecutor(_HEADER_THREADS) as pool:
+        for i, result in enumerate(pool.map(size_of, range(n))):
+            if isinstance(result, SkipSample):
+                events.append((result.reason, catalog.sample_id(i), result.detail))
+            else:
+                groups[i] = decoder.bucket_for(*result)
+    return groups, events
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The shapes world as a plain map-style dataset (item i = example i); kept for callers that index the
+    procedural data directly. Real-data sources are read through :func:`step_loader`."""
+    if cfg.source != "shapes":
+        raise ConfigError(
+            f"build_dataset is the shapes world only (data.source={cfg.source!r}); use step_loader"
+        )
     from fusedit.data.shapes import ShapesDataset
 
     return ShapesDataset(
@@ -48,14 +378,292 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
     )
 
 
-def step_loader(cfg: DataConfig, seed: int, batch_size: int, start_step: int, end_step: int) -> DataLoader:
-    dataset = build_dataset(cfg, seed)
-    sampler = StepBatches(len(dataset), batch_size, start_step, end_step)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        prefetch_factor=4 if cfg.num_workers else None,
+def planned_dataset(
+    cfg: DataConfig, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> tuple[PlannedDataset, list]:
+    """(dataset over plan slots, skips found while building) for an index-addressable source."""
+    if cfg.source == "shapes":
+        shapes = build_dataset(cfg, seed)
+        # Unpermuted: shapes examples are random already, and this keeps old runs' batches unchanged.
+        plan = StepPlan(len(shapes), batch_size, seed, rank, world_size, shuffle=False)
+        return ShapesItems(shapes, plan), []
+    if cfg.source == "latents":
+        from fusedit.data.latents import LatentDataset
+
+        latents = LatentDataset(cfg.latents_dir, seed=seed, caption_pick=cfg.caption_pick)
+        latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=latents.groups())
+        return latents, []
+    catalog = build_catalog(cfg)
+    decoder = SampleDecoder.from_config(cfg, seed)
+    events = list(getattr(catalog, "skipped", []))
+    groups = None
+    if len(decoder.targets) > 1:
+        groups, found = bucket_groups(catalog, decoder)
+        events += found
+    plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups)
+    return CatalogItems(catalog, decoder, plan), events
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+class IndexedStepLoader:
+    """Step-addressed batches of an index-addressable source (a DataLoader over plan slots)."""
+
+    def __init__(self, dataset, start_step, end_step, num_workers, skips: SkipCounter):
+        self.dataset, self.start_step, self.end_step = dataset, start_step, end_step
+        self.num_workers, self.skips = num_workers, skips
+        self.step = start_step
+
+    def __len__(self) -> int:
+        return self.end_step - self.start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=PlanBatches(self.dataset.plan, self.start_step, self.end_step),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for step, batch in zip(range(self.start_step, self.end_step), loader):
+            self.skips.add_all(batch.pop("skipped"))
+            self.step, self._mark = step + 1, self.skips.mark()
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Position after the last yielded batch (index sources only need the step; the skip counts
+        travel along so a resumed run's report covers the whole run)."""
+        mark = getattr(self, "_mark", None)
+        return {"kind": "index", "step": self.step, "skips": self.skips.state_dict(mark)}
+
+    def skipped_report(self) -> str:
+        return self.skips.report()
+
+
+class _StreamBatcher:
+    """Consumes a stream record by record (decoding in a thread pool, results taken in stream order so
+    the outcome never depends on thread timing), keeps per-bucket pending samples and emits a batch when
+    a bucket is full.
+
+    Its state after a batch: the number of records consumed (``seq``), the seqs of pending samples, and
+    the reader state before record ``from_seq`` = the oldest pending sample (or the last consumed record).
+    Restoring re-reads records from ``from_seq`` (raw bytes only, no decoding except for the pending ones)
+    up to ``seq``.
+    """
+
+    def __init__(self, reader, decoder: SampleDecoder, batch_size: int, workers: int, skips: SkipCounter):
+        self.reader, self.decoder, self.batch_size = reader, decoder, batch_size
+        self.workers, self.skips = workers, skips
+        self.seq = 0
+        self.pending: dict[int, list[tuple[int, dict, dict]]] = {}  # bucket -> [(seq, state before, item)]
+        self.last: tuple[int, dict] | None = None  # (seq, state before) of the last consumed record
+
+    def _decode(self, record: StreamRecord) -> dict | SkipSample:
+        try:
+            if record.error is not None:
+                raise record.error
+            out = self.decoder(record.fields, record.image, key=record.key, epoch=record.epoch)
+        except SkipSample as e:
+            return e
+        item = {"image": out.image, "caption": out.caption, "index": record.key, "id": record.id}
+        return {"bucket": out.bucket, "item": item}
+
+    def _records(self) -> Iterator[tuple[dict, StreamRecord]]:
+        while True:
+            before = self.reader.state_dict()
+            yield before, self.reader.next()
+
+    def _decoded(self) -> Iterator[tuple[dict, StreamRecord, Any]]:
+        records = self._records()
+        if self.workers == 0:
+            for before, record in records:
+                yield before, record, self._decode(record)
+            return
+        pool = ThreadPoolExecutor(self.workers)
+        window: deque = deque()
+        try:
+            while True:
+                while len(window) < 4 * self.workers:
+                    before, record = next(records)
+                    window.append((before, record, pool.submit(self._decode, record)))
+                before, record, future = window.popleft()
+                yield before, record, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def batches(self) -> Iterator[dict]:
+        for before, record, result in self._decoded():
+            seq = self.seq
+            self.seq += 1
+            self.last = (seq, before)
+            self.skips.add_all(record.events)
+            if isinstance(result, SkipSample):
+                self.skips.add(result.reason, record.id, result.detail)
+                continue
+            bucket = self.pending.setdefault(result["bucket"], [])
+            bucket.append((seq, before, result["item"]))
+            if len(bucket) == self.batch_size:
+                items = [item for _, _, item in bucket]
+                self.pending[result["bucket"]] = []
+                batch = collate(items)
+                batch.pop("skipped")
+                yield batch
+
+    def state_dict(self) -> dict:
+        marks = [(seq, before) for entries in self.pending.values() for seq, before, _ in entries]
+        if self.last is not None:
+            marks.append(self.last)
+        if marks:
+            from_seq, reader_state = min(marks, key=lambda m: m[0])
+        else:
+            from_seq, reader_state = self.seq, self.reader.state_dict()
+        return {
+            "seq": self.seq,
+            "from_seq": from_seq,
+            "reader": reader_state,
+            "pending": {
+                str(b): [seq for seq, _, _ in entries] for b, entries in self.pending.items() if entries
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state["reader"])
+        self.seq = int(state["from_seq"])
+        self.pending, self.last = {}, None
+        wanted = {int(s) for seqs in state["pending"].values() for s in seqs}
+        end = int(state["seq"])
+        while self.seq < end:
+            before = self.reader.state_dict()
+            record = self.reader.next()
+            seq = self.seq
+            self.seq += 1
+            self.last = (seq, before)
+            if seq in wanted:
+                result = self._decode(record)
+                if isinstance(result, SkipSample):
+                    raise RuntimeError(
+                        f"restoring the data position: sample {record.id} decoded before but now fails "
+                        f"({result.reason}: {result.detail}); the data changed since the state was saved"
+                    )
+                self.pending.setdefault(result["bucket"], []).append((seq, before, result["item"]))
+
+
+class StreamStepLoader:
+    """Step-addressed batches of a stream, with a restorable position (see the module docstring)."""
+
+    def __init__(
+        self, make_reader: Callable[[], Any], decoder, batch_size, start_step, end_step, workers, state, skips
+    ):
+        self.make_reader, self.decoder, self.batch_size = make_reader, decoder, batch_size
+        self.start_step, self.end_step, self.workers = start_step, end_step, workers
+        self.initial_state, self.skips = state, skips
+        self._state = state
+
+    def __len__(self) -> int:
+        return self.end_step - self.start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        reader = self.make_reader()
+        batcher = _StreamBatcher(reader, self.decoder, self.batch_size, self.workers, self.skips)
+        if self.initial_state is not None:
+            self.skips.load_state_dict(self.initial_state.get("skips", {}))
+            batcher.load_state_dict(self.initial_state["stream"])
+        batches = batcher.batches()
+        try:
+            if self.initial_state is None and self.start_step > 0:
+                log.warning(
+                    "data stream has no saved position for step %d: re-reading the samples of %d steps to "
+                    "reach it (exact but slow; pass the loader's state_dict() from the checkpoint)",
+                    self.start_step,
+                    self.start_step,
+                )
+                for _ in range(self.start_step):
+                    next(batches)
+            for step in range(self.start_step, self.end_step):
+                batch = next(batches)
+                self._state = {"kind": "stream", "step": step + 1, "stream": batcher.state_dict()}
+                self._mark = self.skips.mark()
+                yield batch
+        finally:
+            batches.close()
+            reader.close()
+
+    def state_dict(self) -> dict:
+        """Position after the last yielded batch: pass it as ``state=`` with ``start_step=state["step"]``."""
+        if self._state is None:
+            raise RuntimeError("no position yet: state_dict() is available once a batch has been read")
+        if self._state is self.initial_state:
+            return self._state
+        return {**self._state, "skips": self.skips.state_dict(self._mark)}
+
+    def skipped_report(self) -> str:
+        return self.skips.report()
+
+
+def _stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: int) -> Callable[[], Any]:
+    if cfg.source == "webdataset":
+        from fusedit.data.webdataset_source import WebDatasetReader, shard_lists
+
+        datasets, weights = shard_lists(cfg.shards, cfg.weights)
+        return lambda: WebDatasetReader(
+            datasets,
+            weights,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            caption_fields=cfg.caption_fields,
+            image_field=cfg.image_field,
+        )
+    from fusedit.data.hf import HFStreamReader, _keep_columns, load_hf
+
+    image_field = cfg.image_field or "image"
+    load_hf(cfg, streaming=True)  # fail now, with a config error, rather than at the first batch
+    return lambda: HFStreamReader(
+        lambda: _keep_columns(load_hf(cfg, streaming=True), image_field, cfg.caption_fields),
+        image_field=image_field,
+        rank=rank,
+        world_size=world_size,
     )
+
+
+def step_loader(
+    cfg: DataConfig,
+    seed: int,
+    batch_size: int,
+    start_step: int,
+    end_step: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
+) -> IndexedStepLoader | StreamStepLoader:
+    """Batches for steps [start_step, end_step) of this rank (see the module docstring).
+
+    ``state`` is a previous loader's ``state_dict()`` at ``start_step``: required for an exact and fast
+    stream resume, optional for index-addressable sources (it carries the skip counts).
+    """
+    _check_rank(rank, world_size)
+    if state is not None and int(state.get("step", -1)) != start_step:
+        raise ValueError(
+            f"data state is for step {state.get('step')!r}, but the loader starts at step {start_step}"
+        )
+    skips = SkipCounter()
+    if is_stream(cfg):
+        if state is not None and state.get("kind") != "stream":
+            raise ValueError(
+                f"data state of kind {state.get('kind')!r} cannot resume data.source={cfg.source!r}"
+            )
+        decoder = SampleDecoder.from_config(cfg, seed)
+        factory = _stream_reader_factory(cfg, seed, rank, world_size)
+        return StreamStepLoader(
+            factory, decoder, batch_size, start_step, end_step, cfg.num_workers, state, skips
+        )
+    dataset, events = planned_dataset(cfg, seed, batch_size, rank, world_size)
+    if state is not None:
+        skips.load_state_dict(state.get("skips", {}))
+    else:
+        skips.add_all(events)
+    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips)

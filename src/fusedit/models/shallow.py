@@ -12,6 +12,8 @@ are read, never updated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -37,9 +39,22 @@ class ContextEmbedder(nn.Module):
         return self.proj(self.norm(texts[0].hidden)), texts[0].mask
 
 
+def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
+    """The attention/MLP shape the DiT's blocks take: the LLM's, with the model.* overrides applied."""
+    heads = cfg.num_heads or llm.num_heads
+    return dataclasses.replace(
+        llm,
+        num_heads=heads,
+        num_kv_heads=cfg.num_kv_heads or (heads if cfg.num_heads else llm.num_kv_heads),
+        head_dim=cfg.head_dim
+        or (llm.head_dim if not cfg.num_heads else (cfg.dit_hidden_size or llm.hidden_size) // heads),
+        intermediate_size=cfg.intermediate_size or llm.intermediate_size,
+    )
+
+
 class ShallowDiT(DiT):
     def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs):
-        super().__init__(cfg, llm, in_channels, **text_inputs)
+        super().__init__(cfg, own_shape(cfg, llm), in_channels, **text_inputs)
         llms = (llm, *text_inputs.get("extra_llms", ()))
         wanted = text_inputs.get("hidden_layers", (-1,) * len(llms))
         if len(wanted) != len(llms):
@@ -59,7 +74,7 @@ class ShallowDiT(DiT):
             )
         else:
             self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
-        self.text_kv = nn.ModuleList(TextKV(self.dim, llm, cfg.qk_norm) for _ in self.blocks)
+        self.text_kv = nn.ModuleList(TextKV(self.dim, own_shape(cfg, llm), cfg.qk_norm) for _ in self.blocks)
         self.initialize_weights()
         if isinstance(self.context, ContextEmbedder):
             nn.init.normal_(self.context.proj.weight, std=0.02)

@@ -56,13 +56,25 @@ def load_llm(
         )
     config.num_hidden_layers = num_layers
     dtype = DTYPES[cfg.dtype]
-    if cfg.model_id and not shape_only:
+    if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
+        # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix, so
+        # load the whole model and keep its language decoder, cut after the layers the design reads.
+        full = AutoModel.from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype})
+        llm = full.language_model
+        llm.layers = llm.layers[:num_layers]
+        llm.config.num_hidden_layers = num_layers
+    elif cfg.model_id and not shape_only:
         llm = AutoModel.from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
     else:
         llm = AutoModel.from_config(config).to(dtype)
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()
+
+
+def _is_multimodal(model_id: str) -> bool:
+    config = AutoConfig.from_pretrained(model_id)
+    return getattr(config, "text_config", None) is not None and config.text_config is not config
 
 
 def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):

@@ -23,7 +23,10 @@ class PooledTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        """(B,) prompts -> (B, hidden) pooled embeddings (CLIP: the end-of-text token's final state)."""
+        """(B,) prompts -> (B, hidden): the final (layer-normed) state of each prompt's last real token.
+
+        For CLIP's own tokenizer that token is end-of-text, so this is exactly CLIP's pooled output; unlike
+        CLIP's pooler it needs no particular end-of-text id, so any tokenizer works."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer(
             list(prompts),
@@ -32,10 +35,10 @@ class PooledTextEncoder(nn.Module):
             max_length=self.max_length,
             return_tensors="pt",
         )
-        out = self.model(
-            input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
-        )
-        return out.pooler_output
+        mask = tok["attention_mask"].to(device)
+        hidden = self.model(input_ids=tok["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=device), last]
 
 
 def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False):

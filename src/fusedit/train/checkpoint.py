@@ -41,7 +41,9 @@ def save_checkpoint(
     llm: torch.nn.Module | None,
     extra: dict | None = None,
     keep: int = 2,
+    files: dict[str, str] | None = None,
 ) -> Path:
+    """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -56,6 +58,8 @@ def save_checkpoint(
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     save_config(cfg, tmp / "config.yaml")
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
     if final.exists():
         shutil.rmtree(final)

@@ -117,10 +117,13 @@ def train(
             ckpt = find_checkpoint(run_dir)
         except FileNotFoundError:
             log.warning("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
+    data_state = None
     if ckpt is not None:
         start = restore(model, ckpt, ema, optimizer)
         log.info("resumed from %s (step %d)", ckpt, start)
         _rewind_metrics(metrics_path, start)
+        if (ckpt / "data_state.json").is_file():
+            data_state = json.loads((ckpt / "data_state.json").read_text())
     else:
         metrics_path.unlink(missing_ok=True)
         if cfg.text.pretrain_steps and not cfg.text.model_id:
@@ -132,8 +135,21 @@ def train(
     save_config(cfg, run_dir / "config.yaml")
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    loader = step_loader(cfg.data, tc.seed, tc.batch_size, start, end)
+    if cfg.data.source == "latents":
+        from fusedit.data.latents import check_latents
+
+        check_latents(cfg.data, cfg.vae)
+
+        def to_latents(batch):  # pre-encoded by `fusedit cache-latents`
+            return batch["latent"].to(device)
+    else:
+
+        def to_latents(batch):
+            return model.autoencoder.encode(batch["image"].to(device))
+
+    loader = step_loader(cfg.data, tc.seed, tc.batch_size, start, end, state=data_state)
     autocast = autocast_for(tc.precision, device)
+    bad_in_row = bad_total = 0
     save_llm = llm_needs_saving(cfg, model)
     losses: list[float] = []
     denoiser.train()
@@ -143,7 +159,7 @@ def train(
             t0 = time.perf_counter()
             gen = step_generator(tc.seed, step)
             captions = drop_captions(batch["caption"], cfg.data.caption_dropout, gen)
-            x0 = model.autoencoder.encode(batch["image"].to(device))
+            x0 = to_latents(batch)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = sample_training_times(
                 x0.shape[0], gen, cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift
@@ -156,18 +172,23 @@ def train(
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.schedule, tc.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
+            loss_value = loss.item()  # the one host sync of a step (logging needs it anyway)
+            if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                bad_in_row = 0
+            else:  # skip the update: the weights stay as they were
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                log.warning("step %d: loss %s, grad norm %s: update skipped", step + 1, loss_value, grad_norm)
+                if bad_in_row >= tc.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{bad_in_row} steps in a row had a NaN/inf loss or gradient (train.max_bad_steps="
+                        f"{tc.max_bad_steps}) at step {step + 1}; lower train.lr or check the data"
+                    )
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % tc.ema_every == 0:
                 ema.update(denoiser)
-
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {step + 1}; lower train.lr or check data"
-                )
             losses.append(loss_value)
             record = {
                 "step": step + 1,
@@ -192,6 +213,18 @@ def train(
                     optimizer,
                     model.text.llm if save_llm else None,
                     keep=tc.keep_checkpoints,
+                    extra={"skipped_steps": bad_total},
+                    files={"data_state.json": json.dumps(loader.state_dict())},
                 )
     bar.close()
-    return {"losses": losses, "step": end, "run_dir": run_dir, "model": model, "ema": ema}
+    report = loader.skipped_report()
+    if report:
+        log.info("data: %s", report)
+    return {
+        "losses": losses,
+        "step": end,
+        "run_dir": run_dir,
+        "model": model,
+        "ema": ema,
+        "skipped_steps": bad_total,
+    }

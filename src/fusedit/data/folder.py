@@ -1,0 +1,160 @@
+"""A folder of images as an index-addressable catalog: sample i is a fixed image, in a stable order.
+
+Two layouts:
+
+* **sidecar** (``data.root`` only): every image under ``root`` (recursive, hidden files and folders
+  ignored) sorted by its relative POSIX path, so the order is the same on every machine and file system.
+  Captions come from ``<stem>.txt`` (field ``txt``) and/or ``<stem>.json`` (field ``json``, so a caption
+  field ``json.caption`` reads its "caption" key) next to the image.
+* **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line) or ``.csv`` file with one row
+  per image, in file order. ``data.image_field`` names the path column (default: the first of ``path``,
+  ``file_name``, ``image``, ``filepath`` that the file has); relative paths are resolved against
+  ``data.root`` or, without it, the index file's folder. Captions come from the row's columns. Rows with
+  integer ``width`` and ``height`` columns let aspect-ratio bucketing skip reading image headers.
+
+Rows that cannot be used (unparsable line, no path) are counted as "bad-row" skips, not errors: an index
+of millions of rows written by a crawler should not stop a run over one bad line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedit.config import ConfigError
+from fusedit.data.transforms import IMAGE_EXTS
+
+_PATH_COLUMNS = ("path", "file_name", "image", "filepath")
+
+
+def scan_images(root: Path) -> list[str]:
+    """Relative POSIX paths of every image under ``root``, sorted (a stable order across machines)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        # Hidden folders hold editor/OS copies (.ipynb_checkpoints, .thumbnails) that are not data.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(root)
+        for name in files:
+            if not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name:
+                found.append((rel / name).as_posix())
+    return sorted(found)
+
+
+class FolderCatalog:
+    """Images on disk (sidecar captions or an index file); see the module docstring."""
+
+    def __init__(self, root: str = "", index_file: str = "", image_field: str = "", keep_fields=()):
+        self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
+        self.sizes_known: np.ndarray | None = None
+        if index_file:
+            path = Path(index_file)
+            if not path.is_file():
+                raise ConfigError(f"data.index_file={index_file!r} does not exist")
+            if root and not Path(root).is_dir():
+                raise ConfigError(f"data.root={root!r} is not a folder")
+            self.root_dir = Path(root) if root else path.parent
+            self.mode = "index"
+            self._load_index(path, image_field, keep_fields)
+        else:
+            if not root:
+                raise ConfigError("data.source=folder needs data.root (an image folder) or data.index_file")
+            if not Path(root).is_dir():
+                raise ConfigError(f"data.root={root!r} is not a folder")
+            self.root_dir = Path(root)
+            self.mode = "sidecar"
+            self.paths = scan_images(self.root_dir)
+            self.rows = None
+        if not self.paths:
+            where = index_file or root
+            raise ConfigError(f"no images found in {where!r} (looked for: {', '.join(IMAGE_EXTS)})")
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _read_rows(self, path: Path):
+        """(line number, row dict or None) for each data row of a .jsonl or .csv file."""
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            with path.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    yield number, row if isinstance(row, dict) else None
+        elif suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                for number, row in enumerate(reader, 2):
+                    yield number, dict(row)
+        else:
+            raise ConfigError(f"data.index_file={str(path)!r} must end in .jsonl or .csv (got {suffix!r})")
+
+    def _load_index(self, path: Path, image_field: str, keep_fields) -> None:
+        rows, paths = [], []
+        column = image_field
+        # Keep only the columns something reads: an index of millions of rows with many unused columns
+        # would otherwise be copied into every worker process.
+        keep = {f.split(".", 1)[0] for f in keep_fields} | {"width", "height"}
+        for number, row in self._read_rows(path):
+            where = f"{path.name}:{number}"
+            if row is None:
+                self.skipped.append(("bad-row", where, "not a JSON object"))
+                continue
+            if not column:
+                column = next((c for c in _PATH_COLUMNS if c in row), "")
+                if not column:
+                    raise ConfigError(
+                        f"data.index_file={str(path)!r} has none of the path columns {list(_PATH_COLUMNS)}; "
+                        f"set data.image_field (its columns: {', '.join(map(str, row))})"
+                    )
+            value = row.get(column)
+            if not isinstance(value, str) or not value:
+                self.skipped.append(("bad-row", where, f"no {column!r} path"))
+                continue
+            paths.append(value)
+            rows.append({k: v for k, v in row.items() if k in keep})
+        self.paths, self.rows = paths, rows
+        if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
+            self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sample_id(self, i: int) -> str:
+        return self.paths[i]
+
+    def image_value(self, i: int) -> Path:
+        return self.root_dir / self.paths[i]
+
+    def record(self, i: int) -> tuple[dict, Any]:
+        """(caption fields, image path) of sample ``i``; the image itself is not opened here."""
+        if self.rows is not None:
+            return self.rows[i], self.image_value(i)
+        image = self.image_value(i)
+        fields: dict[str, Any] = {}
+        # An unreadable or unparsable sidecar is an absent caption source: the caption check then counts
+        # the sample as "no-caption" instead of the run failing on one file.
+        with contextlib.suppress(OSError):
+            fields["txt"] = image.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+        with contextlib.suppress(OSError, ValueError):
+            fields["json"] = json.loads(
+                image.with_suffix(".json").read_text(encoding="utf-8", errors="replace")
+            )
+        return fields, image
+
+
+def _is_size(value: Any) -> bool:
+    try:
+        return int(value) > 0
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,186 @@
+"""Hugging Face ``datasets`` as a data source (the optional ``datasets`` package).
+
+``data.hf_path`` is a local parquet file, a glob of them, a local dataset folder, or a hub id
+(``data.hf_name`` picks a config, ``data.hf_split`` the split). Images are read undecoded
+(``Image(decode=False)``) and decoded here, so a corrupt image is counted and skipped like in every other
+source instead of raising inside ``datasets``.
+
+* ``data.hf_streaming=false``: the dataset is downloaded/memory-mapped and index-addressable
+  (:class:`HFCatalog`), so training permutes it per epoch and addresses batches by step like a folder.
+* ``data.hf_streaming=true``: :class:`HFStreamReader` iterates the stream in its stored order (sharded over
+  ranks with ``datasets.distributed.split_dataset_by_node``: disjoint shares that cover the data) and its
+  position is ``datasets``' own ``state_dict()``, which resumes at the next example without re-reading the
+  ones before it. It does not shuffle: a shuffle buffer cannot be restored exactly. Use
+  ``hf_streaming=false`` or webdataset shards for shuffled training.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedit.config import ConfigError
+from fusedit.data.transforms import StreamRecord, stable_key
+
+# Columns that, when present, name a sample better than its row number.
+_ID_COLUMNS = ("__key__", "key", "id")
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "data.source=hf needs the optional 'datasets' package: pip install datasets"
+        ) from None
+    return datasets
+
+
+def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
+    """The ``datasets`` Dataset (or IterableDataset when streaming) that ``cfg`` (a DataConfig) names, with
+    its image column left undecoded."""
+    datasets = _datasets()
+    path = cfg.hf_path
+    if not path:
+        raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
+    streaming = cfg.hf_streaming if streaming is None else streaming
+    local = Path(path)
+    try:
+        if local.is_file() or any(ch in path for ch in "*?["):
+            files = sorted(glob.glob(path, recursive=True)) if not local.is_file() else [path]
+            if not files:
+                raise ConfigError(f"data.hf_path={path!r} matches no files")
+            ds = datasets.load_dataset(
+                "parquet", data_files={cfg.hf_split: files}, split=cfg.hf_split, streaming=streaming
+            )
+        else:
+            ds = datasets.load_dataset(
+                path, name=cfg.hf_name or None, split=cfg.hf_split, streaming=streaming
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, hub errors)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"data.hf_path={path!r} (split {cfg.hf_split!r}) cannot be loaded: {detail}"
+        ) from None
+    column = cfg.image_field or "image"
+    features = getattr(ds, "features", None)
+    if features is not None:
+        if column not in features:
+            raise ConfigError(
+                f"data.image_field={column!r} is not a column of {path!r} (columns: {', '.join(features)})"
+            )
+        if isinstance(features[column], datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def _keep_columns(ds: Any, image_field: str, caption_fields: Sequence[str]) -> Any:
+    """Only the columns something reads: the others would still be decoded for every row."""
+    names = getattr(ds, "column_names", None)
+    if not names:
+        return ds
+    wanted = {image_field, "width", "height", *_ID_COLUMNS} | {f.split(".", 1)[0] for f in caption_fields}
+    return ds.select_columns([c for c in names if c in wanted])
+
+
+class HFCatalog:
+    """A map-style ``datasets.Dataset``: sample i is row i; its id is the row number (or an id column)."""
+
+    def __init__(self, cfg: Any):
+        self.image_field = cfg.image_field or "image"
+        ds = _keep_columns(load_hf(cfg, streaming=False), self.image_field, cfg.caption_fields)
+        self.ds = ds
+        self.base = Path(cfg.hf_path) if Path(cfg.hf_path).is_dir() else None
+        self.skipped: list[tuple[str, str, str]] = []
+        self.sizes_known = None
+        if "width" in ds.column_names and "height" in ds.column_names:
+            sizes = np.array([ds["width"], ds["height"]], dtype=object).T
+            if all(isinstance(v, int) and v > 0 for v in sizes.ravel()):
+                self.sizes_known = sizes.astype(np.int64)
+        self.id_column = next((c for c in _ID_COLUMNS if c in ds.column_names), None)
+        self._ids = [str(v) for v in ds[self.id_column]] if self.id_column else None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def sample_id(self, i: int) -> str:
+        return self._ids[i] if self._ids is not None else str(i)
+
+    def record(self, i: int) -> tuple[dict, Any]:
+        row = dict(self.ds[int(i)])
+        return row, row.pop(self.image_field, None)
+
+
+class HFStreamReader:
+    """One rank's endless stream over a streaming ``datasets.IterableDataset``; restorable position."""
+
+    def __init__(
+        self, make_dataset: Callable[[], Any], *, image_field: str, rank: int = 0, world_size: int = 1
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.make_dataset, self.image_field = make_dataset, image_field
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.count = 0, 0  # examples produced in this epoch (for ids)
+        self._hf_state: dict | None = None  # where the next epoch-iterator starts (None = the beginning)
+        self._ds: Any = None
+        self._it: Any = None
+        self._fresh, self._found = True, 0
+
+    def _dataset(self) -> Any:
+        ds = self.make_dataset()
+        if self.world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        return ds
+
+    def state_dict(self) -> dict:
+        hf = self._ds.state_dict() if self._ds is not None else self._hf_state
+        return {"epoch": self.epoch, "count": self.count, "hf": copy.deepcopy(hf)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.count = int(state["epoch"]), int(state["count"])
+        self._hf_state, self._ds, self._it = state["hf"], None, None
+        self._fresh, self._found = self.count == 0, 0
+
+    def close(self) -> None:
+        self._it = None
+
+    def next(self) -> StreamRecord:
+        while True:
+            if self._it is None:
+                # A new dataset object per epoch: a datasets iterator restarted after load_state_dict()
+                # would otherwise start from the loaded position again instead of from the beginning.
+                self._ds = self._dataset()
+                if self._hf_state is not None:
+                    self._ds.load_state_dict(self._hf_state)
+                self._it = iter(self._ds)
+            try:
+                row = dict(next(self._it))
+                break
+            except StopIteration:
+                if self._fresh and self._found == 0:
+                    raise RuntimeError(
+                        f"data.hf_path stream has no examples for rank {self.rank} of {self.world_size}"
+                    ) from None
+                self.epoch, self.count, self._hf_state, self._it = self.epoch + 1, 0, None, None
+                self._fresh, self._found = True, 0
+        image = row.pop(self.image_field, None)
+        id_column = next((c for c in _ID_COLUMNS if c in row), None)
+        if id_column is not None:
+            sample_id = str(row[id_column])
+        elif self.world_size == 1:
+            sample_id = f"#{self.count}"
+        else:
+            sample_id = f"#{self.rank}/{self.world_size}/{self.count}"
+        self.count += 1
+        self._found += 1
+        return StreamRecord(row, image, sample_id, stable_key(sample_id), self.epoch)

@@ -1,0 +1,492 @@
+"""Pre-encoded latents: encode a dataset with the VAE once, then train without running the VAE.
+
+:func:`cache_latents` enumerates the samples of ``data_cfg`` once, in the source's natural order (sorted
+paths, index rows, shards as listed, table rows), decodes and transforms them exactly like training does,
+encodes them with ``fusedit.vae.load_autoencoder(vae_cfg)`` and writes, into ``out_dir``:
+
+* ``latents-NNNNNN.safetensors``: shard j holds the samples at positions [j * shard_size, (j + 1) *
+  shard_size) of that order (skipped samples leave gaps), one tensor per sample;
+* ``latents-NNNNNN.json``: that shard's samples (stable id, tensor key, every caption candidate, shape) and
+  its skips, written after the tensors, so its presence marks the shard finished;
+* ``index.json``: sample id -> shard, key, captions, shape, position, for all shards, and the skip report;
+* ``meta.json``: the data and VAE settings the cache was made with.
+
+Samples are keyed by their stable id (relative path, shard/key, row), never by a training step, so one
+cache serves any batch size, seed and number of ranks. A rerun after an interruption skips finished shards
+(without decoding them) and refuses a folder made with other settings. The VAE's sampling noise is seeded by
+(seed, shard, batch), so a re-encoded shard is identical to the one it replaces.
+
+:class:`LatentDataset` reads the cache (``data.source=latents``, ``data.latents_dir``): items are
+``{"latent": (C, h, w) float32, "caption", "index": position, "id"}``; with buckets in the cache, every batch
+holds one latent shape. Captions are picked among the stored candidates by ``data.caption_pick`` per epoch,
+as for raw images; caption dropout stays with the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fusedit.config import ConfigError, DataConfig, VAEConfig
+from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
+from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
+
+FORMAT = 1
+INDEX, META = "index.json", "meta.json"
+# DataConfig fields that change what a cache holds; a rerun with other values must not mix into it.
+_DATA_KEYS = (
+    "source",
+    "root",
+    "index_file",
+    "image_field",
+    "caption_fields",
+    "shards",
+    "hf_path",
+    "hf_name",
+    "hf_split",
+    "image_size",
+    "min_image_size",
+    "crop",
+    "buckets",
+    "max_objects",
+    "num_samples",
+    "kinds",
+)
+
+
+def _shard_name(j: int) -> str:
+    return f"latents-{j:06d}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    # Written to a temporary name and renamed: a killed run never leaves a half-written file behind.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# What to encode: one enumeration per source kind
+
+
+class _Items:
+    """The samples of a source in natural order: ``total`` (None for a stream, known only at its end),
+    ``sample_id(position)`` where random access exists, and ``iterate(start, end)`` yielding (position,
+    id, result) with result = (image tensor, bucket, captions) or SkipSample."""
+
+    total: int | None = None
+
+    def sample_id(self, position: int) -> str | None:
+        return None
+
+    def iterate(self, start: int, end: int | None) -> Iterator[tuple[int, str, Any]]:
+        raise NotImplementedError
+
+
+class _CatalogItems(_Items):
+    def __init__(self, catalog: Any, decoder: SampleDecoder, workers: int, chunk: int):
+        self.catalog, self.decoder, self.workers, self.chunk = catalog, decoder, workers, chunk
+        self.total = len(catalog)
+        self.base = getattr(catalog, "base", None)
+
+    def sample_id(self, position: int) -> str:
+        return self.catalog.sample_id(position)
+
+    def _one(self, i: int) -> Any:
+        try:
+            fields, image = self.catalog.record(i)
+            out = self.decoder(fields, image, key=i, epoch=0, base=self.base)
+        except SkipSample as e:
+            return e
+        return out.image, out.bucket, out.captions
+
+    def iterate(self, start: int, end: int | None) -> Iterator[tuple[int, str, Any]]:
+        end = self.total if end is None else min(end, self.total)
+        # In chunks, so at most `chunk` decoded images are held at once whatever the shard size.
+        pool = ThreadPoolExecutor(self.workers) if self.workers else None
+        try:
+            for lo in range(start, end, self.chunk):
+                positions = range(lo, min(end, lo + self.chunk))
+                results = pool.map(self._one, positions) if pool else map(self._one, positions)
+                for i, result in zip(positions, results):
+                    yield i, self.catalog.sample_id(i), result
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+
+
+class _ShapesItems(_Items):
+    def __init__(self, cfg: DataConfig, seed: int):
+        from fusedit.data.loader import build_dataset
+
+        self.dataset = build_dataset(cfg, seed)
+        self.total = len(self.dataset)
+
+    def sample_id(self, position: int) -> str:
+        return str(position)
+
+    def iterate(self, start: int, end: int | None) -> Iterator[tuple[int, str, Any]]:
+        for i in range(start, self.total if end is None else min(end, self.total)):
+            item = self.dataset[i]
+            yield i, str(i), (item["image"], 0, (item["caption"],))
+
+
+class _StreamItems(_Items):
+    """A streaming hf dataset: one pass (epoch 0) as rank 0 of 1; finished positions are read, not decoded."""
+
+    def __init__(self, cfg: DataConfig, decoder: SampleDecoder):
+        from fusedit.data.loader import _stream_reader_factory
+
+        self.make_reader, self.decoder = _stream_reader_factory(cfg, decoder.seed, 0, 1), decoder
+        self.reader, self.position = None, 0
+
+    def iterate(self, start: int, end: int | None) -> Iterator[tuple[int, str, Any]]:
+        if self.reader is None or self.position > start:
+            self.reader, self.position = self.make_reader(), 0
+        while end is None or self.position < end:
+            record = self.reader.next()
+            if record.epoch > 0:
+                self.total = self.position
+                return
+            position = self.position
+            self.position += 1
+            if position < start:
+                continue
+            try:
+                if record.error is not None:
+                    raise record.error
+                out = self.decoder(record.fields, record.image, key=record.key, epoch=0)
+                result: Any = (out.image, out.bucket, out.captions)
+            except SkipSample as e:
+                result = e
+            yield position, record.id, result
+
+
+def _items(cfg: DataConfig, seed: int, batch_size: int) -> _Items:
+    if cfg.source == "latents":
+        raise ConfigError(
+            "data.source=latents is already a latent cache (allowed: shapes, folder, webdataset, hf)"
+        )
+    if cfg.source == "shapes":
+        return _ShapesItems(cfg, seed)
+    decoder = SampleDecoder.from_config(cfg, seed)
+    if is_stream(cfg) and cfg.source == "hf":
+        return _StreamItems(cfg, decoder)
+    # webdataset is cached through its index-addressable view (all shards, listed order, no mixing).
+    return _CatalogItems(build_catalog(cfg), decoder, cfg.num_workers, chunk=max(4 * batch_size, 64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, dtype: torch.dtype) -> dict:
+    data = dataclasses.asdict(data_cfg)
+    return {
+        "format": FORMAT,
+        "data": {k: data[k] for k in _DATA_KEYS},
+        "vae": dataclasses.asdict(vae_cfg),
+        "seed": seed,
+        "shard_size": shard_size,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _check_meta(out: Path, meta: dict) -> None:
+    path = out / META
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    differences = [
+        (f"{section}.{key}", old.get(section, {}).get(key), value)
+        for section in ("data", "vae")
+        for key, value in meta[section].items()
+        if old.get(section, {}).get(key) != value
+    ]
+    differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
+    for key, before, now in differences:
+        if before != now:
+            raise ConfigError(
+                f"{str(out)!r} holds latents made with {key}={before!r}, not {now!r}: "
+                "use another folder (or delete this one)"
+            )
+
+
+def _noise_seed(seed: int, shard: int, batch: int) -> int:
+    return ((seed * 1_000_003 + shard) * 1_000_003 + batch) % 2**63
+
+
+class _ShardEncoder:
+    """Encodes one shard's decoded images batch by batch (one latent shape per batch)."""
+
+    def __init__(self, autoencoder, device: torch.device, batch_size: int, seed: int, shard: int, dtype):
+        self.ae, self.device, self.batch_size = autoencoder, device, batch_size
+        self.seed, self.shard, self.dtype = seed, shard, dtype
+        self.pending: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.latents: dict[int, torch.Tensor] = {}
+        self.batches = 0
+
+    def add(self, position: int, image: torch.Tensor, bucket: int) -> None:
+        entries = self.pending.setdefault(bucket, [])
+        entries.append((position, image))
+        if len(entries) == self.batch_size:
+            self._flush(bucket)
+
+    def finish(self) -> dict[int, torch.Tensor]:
+        for bucket in sorted(self.pending):
+            if self.pending[bucket]:
+                self._flush(bucket)
+        return self.latents
+
+    def _flush(self, bucket: int) -> None:
+        entries = self.pending.pop(bucket)
+        x = torch.stack([image for _, image in entries]).to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(_noise_seed(self.seed, self.shard, self.batches))
+            z = self.ae.encode(x)
+        self.batches += 1
+        for (position, _), latent in zip(entries, z.detach().cpu()):
+            self.latents[position] = latent.to(self.dtype).contiguous()
+
+
+def cache_latents(
+    data_cfg: DataConfig,
+    vae_cfg: VAEConfig,
+    out_dir: str | Path,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Encode every sample of ``data_cfg`` into ``out_dir`` (see the module docstring); resumable.
+
+    ``seed`` fixes the random crops, caption-independent choices and the VAE's sampling noise; ``dtype``
+    is what the latents are stored as (float16/bfloat16 halve the disk). Returns {"samples", "shards",
+    "skipped" (counts by reason), "report", "index" (path)}.
+    """
+    from fusedit.vae import load_autoencoder
+
+    if batch_size < 1 or shard_size < 1:
+        raise ConfigError(f"batch_size={batch_size} and shard_size={shard_size} must be positive")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
+    _check_meta(out, meta)
+    _write_json(out / META, meta)
+    device = torch.device(device)
+    items = _items(data_cfg, seed, batch_size)
+    autoencoder = None  # loaded only when a shard needs encoding: a finished cache reruns in no time
+    total = items.total
+    bar = tqdm(total=total, desc="cache latents", unit="img", disable=not progress)
+    shards: list[dict] = []
+    j = 0
+    while total is None or j * shard_size < total:
+        start, end = j * shard_size, (j + 1) * shard_size
+        if total is not None:
+            end = min(end, total)
+        done = out / f"{_shard_name(j)}.json"
+        if done.is_file() and (out / f"{_shard_name(j)}.safetensors").is_file():
+            shard = json.loads(done.read_text())
+            _check_shard(items, shard, out)
+            shards.append(shard)
+            bar.update(shard["end"] - shard["start"])
+            j += 1
+            if shard["end"] - shard["start"] < shard_size:
+                break  # a short shard is the last one of a stream
+            continue
+        if autoencoder is None:
+            autoencoder = load_autoencoder(vae_cfg, device)
+        encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
+        samples, skipped, seen = {}, [], 0
+        first_id = last_id = None
+        for position, sample_id, result in items.iterate(start, end):
+            seen += 1
+            first_id = sample_id if first_id is None else first_id
+            last_id = sample_id
+            bar.update(1)
+            if isinstance(result, SkipSample):
+                skipped.append([result.reason, sample_id, result.detail])
+                continue
+            image, bucket, captions = result
+            samples[position] = {"id": sample_id, "captions": list(captions)}
+            encoder.add(position, image, bucket)
+        if seen == 0:
+            break  # a stream that ended exactly at a shard boundary
+        latents = encoder.finish()
+        tensors = {str(p): latents[p] for p in sorted(latents)}
+        tmp = out / f"{_shard_name(j)}.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "shard": str(j)})
+        os.replace(tmp, out / f"{_shard_name(j)}.safetensors")
+        shard = {
+            "shard": j,
+            "start": start,
+            "end": start + seen,
+            "first_id": first_id,
+            "last_id": last_id,
+            "samples": [
+                {**samples[p], "key": str(p), "position": p, "shape": list(latents[p].shape)}
+                for p in sorted(samples)
+            ],
+            "skipped": skipped,
+        }
+        _write_json(done, shard)
+        shards.append(shard)
+        j += 1
+        if total is None and seen < shard_size:
+            break
+    bar.close()
+    return _write_index(out, meta, shards)
+
+
+def _check_shard(items: _Items, shard: dict, out: Path) -> None:
+    """A finished shard must still describe the same samples (a folder may have gained files since)."""
+    if items.total is None:
+        return
+    start, end = shard["start"], shard["end"]
+    now = (items.sample_id(start), items.sample_id(end - 1)) if end <= items.total else None
+    if now != (shard["first_id"], shard["last_id"]):
+        was = f"{shard['first_id']!r}..{shard['last_id']!r}"
+        raise ConfigError(
+            f"{str(out)!r}: shard {shard['shard']} was made from samples {was} at positions "
+            f"{start}..{end - 1}, which now hold {now}: the dataset changed; use another folder"
+        )
+
+
+def _write_index(out: Path, meta: dict, shards: list[dict]) -> dict:
+    skips = SkipCounter()
+    samples: dict[str, dict] = {}
+    for shard in shards:
+        skips.add_all(tuple(s) for s in shard["skipped"])
+        for s in shard["samples"]:
+            # Ids are unique in every source here; an id column of a streamed table might not be, and a
+            # duplicate must not silently replace the earlier sample.
+            sample_id = s["id"] if s["id"] not in samples else f"{s['id']}@{s['position']}"
+            samples[sample_id] = {
+                "shard": f"{_shard_name(shard['shard'])}.safetensors",
+                "key": s["key"],
+                "caption": s["captions"][0],
+                "captions": s["captions"],
+                "shape": s["shape"],
+                "position": s["position"],
+            }
+    index = {
+        "meta": meta,
+        "num_samples": len(samples),
+        "shards": [f"{_shard_name(s['shard'])}.safetensors" for s in shards],
+        "samples": samples,
+        "skipped": skips.counts(),
+        "report": skips.report(),
+    }
+    _write_json(out / INDEX, index)
+    return {
+        "samples": len(samples),
+        "shards": len(shards),
+        "skipped": skips.counts(),
+        "report": skips.report(),
+        "index": out / INDEX,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_index(latents_dir: str | Path) -> dict:
+    path = Path(latents_dir) / INDEX
+    if not latents_dir or not path.is_file():
+        raise ConfigError(
+            f"data.latents_dir={str(latents_dir)!r} has no {INDEX}: run cache_latents into it first (an "
+            "interrupted run writes it when rerun to the end)"
+        )
+    return json.loads(path.read_text())
+
+
+def check_latents(data_cfg: DataConfig, vae_cfg: VAEConfig) -> None:
+    """Raise ConfigError when the cache in data.latents_dir was made with another VAE or image size."""
+    meta = read_index(data_cfg.latents_dir)["meta"]
+    for key in ("kind", "model_id", "subfolder", "latent_channels", "downsample"):
+        cached, now = meta["vae"].get(key), getattr(vae_cfg, key)
+        if cached != now:
+            raise ConfigError(
+                f"data.latents_dir={data_cfg.latents_dir!r} was encoded with vae.{key}={cached!r}, "
+                f"but the config has vae.{key}={now!r}"
+            )
+    cached_size = meta["data"]["image_size"]
+    if not meta["data"].get("buckets") and cached_size != data_cfg.image_size:
+        raise ConfigError(
+            f"data.latents_dir={data_cfg.latents_dir!r} holds {cached_size} px images, "
+            f"but data.image_size={data_cfg.image_size}"
+        )
+
+
+class LatentDataset(PlannedDataset):
+    """The cached latents (module docstring). ``len`` = cached samples; sample i = i-th by position."""
+
+    def __init__(self, latents_dir: str | Path, seed: int = 0, caption_pick: str = "random"):
+        index = read_index(latents_dir)
+        self.dir = Path(latents_dir)
+        self.seed, self.caption_pick = seed, caption_pick
+        self.meta = index["meta"]
+        entries = sorted(index["samples"].items(), key=lambda kv: kv[1]["position"])
+        if not entries:
+            raise ConfigError(
+                f"data.latents_dir={str(latents_dir)!r} holds no samples ({index.get('report')})"
+            )
+        self.ids = [sample_id for sample_id, _ in entries]
+        self.entries = [entry for _, entry in entries]
+        self.report = index.get("report", "")
+        self._handles: dict[str, Any] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict:
+        # Open safetensors handles cannot be pickled (DataLoader workers under "spawn"); workers reopen.
+        return {**self.__dict__, "_handles": {}, "_pid": None}
+
+    def groups(self) -> np.ndarray | None:
+        """A group per latent shape, so every batch holds one shape; None when all shapes agree."""
+        shapes = sorted({tuple(e["shape"]) for e in self.entries})
+        if len(shapes) == 1:
+            return None
+        ids = {shape: i for i, shape in enumerate(shapes)}
+        return np.array([ids[tuple(e["shape"])] for e in self.entries], dtype=np.int64)
+
+    def sample_id(self, i: int) -> str:
+        return self.ids[i]
+
+    def _handle(self, shard: str) -> Any:
+        if self._pid != os.getpid():  # file handles are per process (DataLoader workers fork)
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            if len(self._handles) >= 8:
+                self._handles.pop(next(iter(self._handles)))
+            handle = self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
+        return handle
+
+    def load(self, i: int, epoch: int, group: int) -> dict:
+        entry = self.entries[i]
+        latent = self._handle(entry["shard"]).get_tensor(entry["key"]).float()
+        caption = pick_caption(entry["captions"], self.caption_pick, self.seed, epoch, entry["position"])
+        return {"latent": latent, "caption": caption, "index": entry["position"], "id": self.ids[i]}
+
+    def skipped_report(self) -> str:
+        """What was skipped when the cache was made."""
+        return self.report

@@ -1,0 +1,348 @@
+"""Image decoding, validation and the resize/crop/normalise transform shared by every real-data source.
+
+A sample that cannot be used raises :class:`SkipSample` with one of ``SKIP_REASONS``; the loaders catch it,
+count it and take the next sample, so a bad file never crashes a run and is never dropped silently.
+
+The transform is: resize so the image covers the target (H, W) (for a square target that is "shorter side
+= size"), crop to (H, W) (centre, or a random offset that is a pure function of ``(seed, key)``), then map
+to a float tensor in [-1, 1]. With aspect-ratio buckets the target is the bucket nearest to the image's
+aspect ratio (in log space, so 1:2 and 2:1 are equally far from 1:1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from fusedit.config import ConfigError
+
+# Why a sample was skipped. "corrupt-shard" is a tar shard that is unreadable from some point on.
+SKIP_REASONS = ("missing", "corrupt", "tiny", "no-caption", "bad-row", "corrupt-shard")
+# Files a folder scan treats as images (lower-case suffix without the dot).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used: ``reason`` is one of ``SKIP_REASONS``, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def make_rng(*parts: int) -> np.random.Generator:
+    """A generator seeded by a tuple of integers (negative seeds allowed: numpy wants non-negative words)."""
+    return np.random.default_rng([int(p) % 2**64 for p in parts])
+
+
+def stable_key(text: str) -> int:
+    """A non-negative 63-bit integer from a string, equal across processes and Python versions.
+
+    (``hash()`` is salted per process, so it cannot key anything that must survive a restart.)
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+@dataclass
+class StreamRecord:
+    """One raw sample read from a stream (or a catalog), before decoding."""
+
+    fields: dict  # caption sources: {"txt": str, "json": dict, ...} or a table row
+    image: Any  # bytes, a path, an HF image dict, or a PIL image
+    id: str  # stable sample id (shard/key, relative path, row number)
+    key: int  # stable integer for per-sample randomness (stable_key(id) for streams)
+    epoch: int = 0
+    error: SkipSample | None = None  # the sample was unreadable at the source (e.g. truncated tar member)
+    # Problems noticed while reading up to this sample (an unreadable shard): counted when it is consumed.
+    events: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Buckets
+
+
+def parse_buckets(value: Any, multiple: int = 1) -> tuple[tuple[int, int], ...]:
+    """``[[H, W], ...]`` -> a tuple of (H, W); each side a positive multiple of ``multiple``."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"data.buckets={value!r} must be a list of [height, width] pairs")
+    out = []
+    for item in value:
+        ok = (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in item)
+        )
+        if not ok:
+            raise ConfigError(f"data.buckets entry {item!r} must be [height, width] with positive integers")
+        if item[0] % multiple or item[1] % multiple:
+            raise ConfigError(f"data.buckets entry {list(item)} must have sides divisible by {multiple}")
+        out.append((int(item[0]), int(item[1])))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"data.buckets={value!r} lists a bucket twice")
+    return tuple(out)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is nearest to width/height (log distance; ties -> first)."""
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - ratio))
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def open_image(value: Any, base: Path | None = None) -> Image.Image:
+    """Open (header only, pixels not decoded yet) an image given as bytes, a path, an HF image dict or a
+    PIL image. Raises SkipSample("missing") when there is no image and SkipSample("corrupt") when the
+    data is not an image PIL can read."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):  # Hugging Face Image(decode=False): {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, (bytes, str)) and len(value) == 0):
+        raise SkipSample("missing", "no image data")
+    try:
+        with warnings.catch_warnings():
+            # Oversized images warn before they raise; the error path below counts them.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                return Image.open(io.BytesIO(bytes(value)))
+            path = Path(value)
+            if base is not None and not path.is_absolute():
+                path = base / path
+            return Image.open(path)
+    except FileNotFoundError:
+        raise SkipSample("missing", f"{value} does not exist") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise SkipSample("missing", f"{value} is not a file") from None
+    except Exception as e:  # any failure to parse the header is the data's (see SampleDecoder.__call__)
+        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(
+            e, Image.DecompressionBombError
+        ):
+            # PIL's message would name a BytesIO object by its memory address: useless and different per run.
+            raise SkipSample("corrupt", f"{len(value)} bytes that are not a readable image") from None
+        raise SkipSample("corrupt", _short(e)) from None
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, i.e. after the EXIF orientation a camera recorded is applied."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block must not make an otherwise fine image unusable
+        orientation = None
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:200]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent pixels carry arbitrary colours; compositing on white is what a viewer shows.
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_crop(
+    image: Image.Image, height: int, width: int, crop: str = "center", seed: int = 0, key: int = 0
+) -> Image.Image:
+    """Resize ``image`` to cover (height, width) keeping its aspect ratio, then crop to exactly that.
+
+    A random crop offset is drawn from a generator seeded by (seed, key), so it is the same in every
+    process and epoch for a given sample.
+    """
+    w, h = image.size
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        # Lanczos is the sharper choice when shrinking; bicubic avoids Lanczos' ringing when enlarging.
+        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        image = image.resize((new_w, new_h), resample)
+    if crop == "random":
+        rng = make_rng(seed, 1, key)
+        left, top = int(rng.integers(0, new_w - width + 1)), int(rng.integers(0, new_h - height + 1))
+    else:
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+    if (left, top, width, height) != (0, 0, new_w, new_h):
+        image = image.crop((left, top, left + width, top + height))
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float32 (3, H, W) in [-1, 1] (the convention of the shapes dataset)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions
+
+
+def field_value(record: dict, name: str) -> Any:
+    """``record[name]``, where a dotted name walks into nested mappings (``json.caption``). A JSON text or
+    bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes)."""
+    if name in record:
+        return record[name]
+    node: Any = record
+    for part in name.split("."):
+        if isinstance(node, (bytes, str)):
+            try:
+                node = json.loads(node)
+            except ValueError:
+                return None
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
+    """The non-empty captions found under ``fields``, in field order, without duplicates. A field holding
+    a list of strings (several captions per image) contributes each of them."""
+    out: list[str] = []
+    for name in fields:
+        value = field_value(record, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", errors="replace")
+            if isinstance(v, str) and v.strip() and v.strip() not in out:
+                out.append(v.strip())
+    return out
+
+
+def pick_caption(candidates: Sequence[str], mode: str, seed: int, epoch: int, key: int) -> str:
+    """ "first": the first candidate; "random": one drawn from (seed, epoch, key), so a sample with several
+    captions shows a different one from epoch to epoch, identically in every run with that seed."""
+    if mode == "first" or len(candidates) == 1:
+        return candidates[0]
+    return candidates[int(make_rng(seed, 2, epoch, key).integers(len(candidates)))]
+
+
+# --------------------------------------------------------------------------------------------------
+# One sample, end to end
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: torch.Tensor  # (3, H, W) in [-1, 1]
+    caption: str
+    captions: tuple[str, ...]  # every candidate (what a latent cache stores)
+    bucket: int  # index into SampleDecoder.targets
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Record -> :class:`Decoded`, or SkipSample. Pure and picklable: safe in worker processes/threads."""
+
+    targets: tuple[tuple[int, int], ...]  # (H, W) per bucket; one square target without buckets
+    crop: str = "center"
+    seed: int = 0
+    min_image_size: int = 1
+    caption_fields: tuple[str, ...] = ("txt", "caption")
+    caption_pick: str = "random"
+
+    @classmethod
+    def from_config(cls, cfg: Any, seed: int) -> SampleDecoder:
+        buckets = parse_buckets(cfg.buckets) if cfg.buckets else ((cfg.image_size, cfg.image_size),)
+        if not isinstance(cfg.caption_fields, list) or not all(
+            isinstance(f, str) and f for f in cfg.caption_fields
+        ):
+            raise ConfigError(f"data.caption_fields={cfg.caption_fields!r} must be a non-empty list of names")
+        if not cfg.caption_fields:
+            raise ConfigError("data.caption_fields=[] must name at least one caption field")
+        min_size = cfg.min_image_size if cfg.min_image_size is not None else max(1, cfg.image_size // 2)
+        return cls(
+            targets=buckets,
+            crop=cfg.crop,
+            seed=seed,
+            min_image_size=min_size,
+            caption_fields=tuple(cfg.caption_fields),
+            caption_pick=cfg.caption_pick,
+        )
+
+    def bucket_for(self, width: int, height: int) -> int:
+        return nearest_bucket(width, height, self.targets) if len(self.targets) > 1 else 0
+
+    def check_size(self, width: int, height: int) -> None:
+        if min(width, height) < self.min_image_size:
+            raise SkipSample("tiny", f"{width}x{height} < min_image_size {self.min_image_size}")
+
+    def captions(self, record: dict) -> tuple[str, ...]:
+        found = caption_candidates(record, self.caption_fields)
+        if not found:
+            raise SkipSample("no-caption", f"none of the fields {list(self.caption_fields)} holds text")
+        return tuple(found)
+
+    def __call__(
+        self,
+        record: dict,
+        image_value: Any,
+        *,
+        key: int,
+        epoch: int = 0,
+        bucket: int | None = None,
+        base: Path | None = None,
+    ) -> Decoded:
+        """Decode one sample. ``bucket`` forces a target (a planned batch); None picks it from the image's
+        own aspect ratio (a stream)."""
+        captions = self.captions(record)  # before decoding: a caption-less sample costs no image decode
+        image = open_image(image_value, base)
+        try:
+            width, height = oriented_size(image)
+            self.check_size(width, height)
+            bucket = self.bucket_for(width, height) if bucket is None else bucket
+            target_h, target_w = self.targets[bucket]
+            # JPEG draft mode decodes at a reduced DCT scale (still >= the requested size): a large photo
+            # decodes several times faster and is then resized less.
+            scale = max(target_h / height, target_w / width)
+            draft = (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale))
+            if image.format == "JPEG" and scale < 0.5:
+                image.draft("RGB", draft)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+            image = _to_rgb(ImageOps.exif_transpose(image))
+        except SkipSample:
+            image.close()
+            raise
+        except Exception as e:
+            # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise
+            # assorted types on malformed data (struct.error, IndexError, ...). Everything in this block
+            # only reads the image, so any exception here is the data's fault: skip it, never crash.
+            image.close()
+            raise SkipSample("corrupt", _short(e)) from None
+        tensor = to_tensor(resize_crop(image, target_h, target_w, self.crop, self.seed, key))
+        caption = pick_caption(captions, self.caption_pick, self.seed, epoch, key)
+        return Decoded(image=tensor, caption=caption, captions=captions, bucket=bucket)
+
+    def header(self, image_value: Any, base: Path | None = None) -> tuple[int, int]:
+        """(width, height) from the header only, validated against min_image_size (for bucket planning)."""
+        image = open_image(image_value, base)
+        try:
+            width, height = oriented_size(image)
+        finally:
+            image.close()  # only the header was read; release the file now rather than at GC
+        self.check_size(width, height)
+        return width, height

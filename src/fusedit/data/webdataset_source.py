@@ -1,0 +1,414 @@
+"""WebDataset tar shards (the img2dataset layout), read with the standard library's ``tarfile``.
+
+A shard is a tar whose members are grouped into samples by key: ``00001/000010042.jpg``,
+``00001/000010042.txt`` and ``00001/000010042.json`` form the sample ``00001/000010042`` with fields
+``jpg``, ``txt`` (text) and ``json`` (parsed). The key is the member path up to the first dot of its file
+name, as in the ``webdataset`` package. Reading tars directly keeps this an optional-dependency-free path
+and gives random access inside a shard (tar headers record each member's offset), which is what makes the
+in-shard shuffle and the exact restore cheap.
+
+:class:`WebDatasetReader` is the training stream of one rank:
+
+* ``data.shards`` lists datasets; each is a brace pattern (``data-{0000..0009}.tar``) or a list of them.
+  Each draw picks a dataset with probability proportional to ``data.weights``, from a generator seeded by
+  (seed, rank, draw number), so the mixture is reproducible.
+* Per dataset and epoch, the shard list is permuted by (seed, dataset, epoch); rank r of w takes shards
+  r, r + w, ... of that order, so the ranks' shares are disjoint and together cover the epoch. With fewer
+  shards than ranks every rank reads every shard and keeps the samples at positions r, r + w, ... instead.
+* Inside a shard the samples are visited in a permutation by (seed, dataset, epoch, shard).
+* The position is ``state_dict()``: the draw count and, per dataset, (epoch, shard position, sample
+  position). ``load_state_dict()`` of a saved state continues with exactly the sample that would have come
+  next. The stream never ends (epochs repeat), so every rank can always take the same number of steps.
+
+:class:`WebDatasetCatalog` is the same data index-addressable (every sample of every shard, in listed
+order), for passes that visit each sample once, such as pre-encoding latents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusedit.config import ConfigError
+from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+# Draws of the dataset mixture are generated in blocks: one generator per block, not per draw.
+_DRAW_BLOCK = 1024
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard lists
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``a-{00..02}.tar`` -> a-00.tar, a-01.tar, a-02.tar; ``{x,y}`` -> x, y.
+
+    Numeric ranges keep zero padding (to the wider endpoint when either starts with 0), several braces
+    expand as a product, nested braces work, and a pattern without braces is returned as is.
+    """
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth, end = 0, -1
+    for i in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[i], 0)
+        if depth == 0:
+            end = i
+            break
+    if end < 0:
+        raise ConfigError(f"shard pattern {pattern!r} has an unclosed '{{'")
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    match = _RANGE.match(body)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        width = max(len(lo), len(hi)) if lo.lstrip("-").startswith("0") or hi.startswith("0") else 0
+        a, b = int(lo), int(hi)
+        step = 1 if b >= a else -1
+        options = [str(n).zfill(width) for n in range(a, b + step, step)]
+    else:
+        options, depth, current = [], 0, ""
+        for ch in body:  # split on top-level commas only, so nested braces stay whole
+            if ch == "," and depth == 0:
+                options.append(current)
+                current = ""
+                continue
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            current += ch
+        options.append(current)
+        options = [o for option in options for o in expand_braces(option)]
+    return [head + option + rest for option in options for rest in expand_braces(tail)]
+
+
+def shard_lists(spec: Any, weights: Any) -> tuple[list[list[str]], list[float]]:
+    """``data.shards`` and ``data.weights`` -> (one shard list per dataset, normalised weights).
+
+    Every expanded shard must exist: a missing shard is a configuration mistake (a typo in a range), not
+    a data defect to skip.
+    """
+    if not isinstance(spec, list) or not spec:
+        raise ConfigError(
+            f"data.shards={spec!r} must be a non-empty list of shard patterns (one per dataset), "
+            "e.g. ['data/{0000..0099}.tar']"
+        )
+    datasets = []
+    for entry in spec:
+        patterns = entry if isinstance(entry, list) else [entry]
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(f"data.shards entry {entry!r} must be a pattern string or a list of them")
+        paths = [path for pattern in patterns for path in expand_braces(pattern)]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.shards entry {entry!r}: {len(missing)} of {len(paths)} shards do not exist "
+                f"(first: {missing[0]!r})"
+            )
+        datasets.append(list(dict.fromkeys(paths)))
+    if weights in (None, []):
+        weights = [1.0] * len(datasets)
+    ok = isinstance(weights, list) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
+    )
+    if not ok or len(weights) != len(datasets) or sum(weights) <= 0:
+        raise ConfigError(
+            f"data.weights={weights!r} must list one non-negative number per data.shards entry "
+            f"({len(datasets)}), not all zero"
+        )
+    total = float(sum(weights))
+    return datasets, [float(w) / total for w in weights]
+
+
+# --------------------------------------------------------------------------------------------------
+# One shard
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Member path -> (sample key, field): the field is everything after the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class TarShard:
+    """An open tar shard: its samples (key -> members) in file order, readable in any order."""
+
+    def __init__(self, path: str, samples: list | None = None):
+        """``samples`` from an earlier open of the same file skips re-reading the headers."""
+        self.path = path
+        self.error: str | None = None  # set when the shard is unreadable from some point on
+        self.samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+        self._lock = threading.Lock()  # one file position per tar: reads from threads take turns
+        try:
+            # Kept open across reads (random access into the shard); close() releases it.
+            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115
+        except _TAR_ERRORS as e:
+            self.tar, self.error = None, _short(e)
+            return
+        if samples is not None:
+            self.samples = samples
+            return
+        try:
+            members = self.tar.getmembers()
+        except _TAR_ERRORS as e:
+            members, self.error = list(self.tar.members), _short(e)
+        else:
+            self.error = self._check_end()
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in members:
+            if not member.isfile():
+                continue
+            key, ext = split_key(member.name)
+            if ext and not key.rpartition("/")[2].startswith("__"):  # __index__ and similar are not samples
+                groups.setdefault(key, {})[ext] = member
+        self.samples = list(groups.items())
+
+    def _check_end(self) -> str | None:
+        """tarfile stops quietly at a damaged header after the first one; the bytes after the last member
+        must be the zero blocks that end an archive, otherwise the rest of the shard was lost."""
+        try:
+            size = os.path.getsize(self.path)
+            fileobj = self.tar.fileobj
+            fileobj.seek(self.tar.offset)
+            block = fileobj.read(tarfile.BLOCKSIZE)
+        except _TAR_ERRORS:
+            return None
+        if self.tar.offset > size and not self.path.endswith(("gz", "bz2", "xz")):
+            # The last header announced more data than the file holds: the shard was cut short.
+            return f"truncated: {size} bytes, the last member needs {self.tar.offset}"
+        if block and block.strip(b"\0"):
+            return f"unreadable tar header at byte {self.tar.offset}; the members after it are lost"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+    def read(self, index: int, wanted: Sequence[str], image_field: str) -> tuple[str, dict, Any]:
+        """(key, caption fields, image bytes) of sample ``index``. Only members that something reads are
+        loaded (an img2dataset sample may also carry large unused members). Raises SkipSample."""
+        if self.tar is None:
+            raise SkipSample("corrupt", f"shard unreadable: {self.error}")
+        key, members = self.samples[index]
+        ext = image_field or next((e for e in IMAGE_EXTENSIONS if e in members), "")
+        if ext not in members:
+            raise SkipSample("missing", f"no {image_field or '/'.join(IMAGE_EXTENSIONS)} member")
+        fields: dict[str, Any] = {"__key__": key}
+        try:
+            with self._lock:
+                image = self._bytes(members[ext])
+                for name in wanted:
+                    if name in members and name != ext:
+                        fields[name] = self._bytes(members[name])
+        except _TAR_ERRORS as e:
+            raise SkipSample("corrupt", f"tar member unreadable: {_short(e)}") from None
+        for name, value in list(fields.items()):
+            if name == "json" or name.endswith(".json"):
+                try:
+                    fields[name] = json.loads(value)
+                except ValueError:
+                    del fields[name]  # an unparsable sidecar is an absent caption source
+            elif name == "txt" or name.endswith(".txt"):
+                fields[name] = value.decode("utf-8", errors="replace")
+        return key, fields, image
+
+    def _bytes(self, member: tarfile.TarInfo) -> bytes:
+        f = self.tar.extractfile(member)
+        data = f.read() if f is not None else b""
+        if len(data) != member.size:
+            raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes (truncated)")
+        return data
+
+
+def wanted_fields(caption_fields: Sequence[str]) -> tuple[str, ...]:
+    """Tar member extensions the caption fields read (``json.caption`` reads the ``json`` member)."""
+    return tuple(dict.fromkeys(f.split(".", 1)[0] if f.startswith("json.") else f for f in caption_fields))
+
+
+# --------------------------------------------------------------------------------------------------
+# The training stream
+
+
+class WebDatasetReader:
+    """One rank's endless, restorable stream over several weighted shard sets (see the module docstring)."""
+
+    def __init__(
+        self,
+        datasets: list[list[str]],
+        weights: list[float],
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        caption_fields: Sequence[str] = ("txt",),
+        image_field: str = "",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.datasets, self.weights = datasets, np.asarray(weights, dtype=np.float64)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.wanted, self.image_field = wanted_fields(caption_fields), image_field
+        self.draws = 0
+        self.cursors = [[0, 0, 0] for _ in datasets]  # (epoch, shard position, sample position)
+        self._open: dict[int, tuple[tuple[int, int], TarShard, np.ndarray]] = {}
+        self._draw_block: tuple[int, np.ndarray] | None = None
+        self._fresh = [True] * len(datasets)  # whether the current epoch was started here from its start
+        self._found = [0] * len(datasets)  # samples produced in the current epoch
+
+    # ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "cursors": [list(c) for c in self.cursors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        cursors = state["cursors"]
+        if len(cursors) != len(self.datasets):
+            raise ValueError(
+                f"reader state has {len(cursors)} datasets but data.shards lists {len(self.datasets)}"
+            )
+        self.draws, self.cursors = int(state["draws"]), [list(map(int, c)) for c in cursors]
+        self._fresh = [c[1] == 0 and c[2] == 0 for c in self.cursors]
+        self._found = [0] * len(self.datasets)
+
+    def close(self) -> None:
+        for _, shard, _ in self._open.values():
+            shard.close()
+        self._open.clear()
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _choose(self) -> int:
+        if len(self.datasets) == 1:
+            return 0
+        block, offset = divmod(self.draws, _DRAW_BLOCK)
+        if self._draw_block is None or self._draw_block[0] != block:
+            rng = make_rng(self.seed, 5, self.rank, block)
+            self._draw_block = (block, rng.choice(len(self.datasets), size=_DRAW_BLOCK, p=self.weights))
+        return int(self._draw_block[1][offset])
+
+    def _my_shards(self, d: int, epoch: int) -> tuple[list[int], int, int]:
+        """(shard indices this rank reads in ``epoch``, sample stride, sample offset)."""
+        n = len(self.datasets[d])
+        order = make_rng(self.seed, 3, d, epoch).permutation(n)
+        if n >= self.world_size:
+            return [int(i) for i in order[self.rank :: self.world_size]], 1, 0
+        return [int(i) for i in order], self.world_size, self.rank
+
+    def _shard(self, d: int, epoch: int, position: int, events: list) -> tuple[TarShard, np.ndarray]:
+        """The open shard at ``position`` of this rank's epoch list and its sample visiting order."""
+        opened = self._open.get(d)
+        if opened is not None and opened[0] == (epoch, position):
+            return opened[1], opened[2]
+        if opened is not None:
+            opened[1].close()
+        shards, stride, offset = self._my_shards(d, epoch)
+        index = shards[position]
+        shard = TarShard(self.datasets[d][index])
+        if shard.error:
+            events.append(("corrupt-shard", shard.path, shard.error))
+        # The permutation does not depend on the rank, so with sample striding the ranks' shares of one
+        # shard are disjoint.
+        order = make_rng(self.seed, 4, d, epoch, index).permutation(len(shard))
+        order = order[offset::stride]
+        self._open[d] = ((epoch, position), shard, order)
+        return shard, order
+
+    def next(self) -> StreamRecord:
+        d = self._choose()
+        self.draws += 1
+        events: list = []
+        while True:
+            epoch, position, k = self.cursors[d]
+            shards, _, _ = self._my_shards(d, epoch)
+            if position >= len(shards):
+                if self._fresh[d] and self._found[d] == 0:
+                    raise RuntimeError(
+                        f"data.shards entry {d} has no readable samples for rank {self.rank} of "
+                        f"{self.world_size} ({len(self.datasets[d])} shards)"
+                    )
+                self.cursors[d] = [epoch + 1, 0, 0]
+                self._fresh[d], self._found[d] = True, 0
+                continue
+            shard, order = self._shard(d, epoch, position, events)
+            if k >= len(order):
+                self.cursors[d] = [epoch, position + 1, 0]
+                continue
+            self.cursors[d] = [epoch, position, k + 1]
+            self._found[d] += 1
+            index = int(order[k])
+            key = shard.samples[index][0]
+            sample_id = f"{shard.path}/{key}"
+            try:
+                _, fields, image = shard.read(index, self.wanted, self.image_field)
+                error = None
+            except SkipSample as e:
+                fields, image, error = {}, None, e
+            return StreamRecord(fields, image, sample_id, stable_key(sample_id), epoch, error, events)
+
+
+# --------------------------------------------------------------------------------------------------
+# Index-addressable view
+
+
+class WebDatasetCatalog:
+    """Every sample of every shard once, in listed order (shards in data.shards order, samples in tar
+    order): sample i is a fixed sample. Opening a catalog reads every shard's tar headers (not the data).
+    Safe to read from several threads: each thread opens its own file handles."""
+
+    def __init__(self, datasets: list[list[str]], caption_fields: Sequence[str] = ("txt",), image_field=""):
+        self.paths = list(dict.fromkeys(p for paths in datasets for p in paths))
+        self.wanted, self.image_field = wanted_fields(caption_fields), image_field
+        self.skipped: list[tuple[str, str, str]] = []
+        self.sizes_known = None
+        with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
+            scanned = list(pool.map(TarShard, self.paths))
+        self.samples: list[list] = []
+        for shard in scanned:
+            if shard.error:
+                self.skipped.append(("corrupt-shard", shard.path, shard.error))
+            self.samples.append(shard.samples)
+            shard.close()
+        self.offsets = np.cumsum([0] + [len(s) for s in self.samples])
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_local": None}  # open handles stay with their process and thread
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _local=threading.local())
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return s, i - int(self.offsets[s])
+
+    def sample_id(self, i: int) -> str:
+        s, j = self._locate(i)
+        return f"{self.paths[s]}/{self.samples[s][j][0]}"
+
+    def record(self, i: int) -> tuple[dict, Any]:
+        s, j = self._locate(i)
+        opened = getattr(self._local, "shard", None)
+        if opened is None or opened[0] != s:
+            # Samples are read in order, so one open shard per thread is enough; it is this thread's own,
+            # so closing it cannot pull a file from under another thread's read.
+            if opened is not None:
+                opened[1].close()
+            opened = self._local.shard = (s, TarShard(self.paths[s], self.samples[s]))
+        _, fields, image = opened[1].read(j, self.wanted, self.image_field)
+        return fields, image

@@ -1,0 +1,364 @@
+"""Frechet distance between feature Gaussians (FID and its variants) and CLIP score.
+
+* ``frechet_distance``: ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64 torch. The
+  trace term is computed from the symmetric PSD matrix sqrt(S1) S2 sqrt(S1), which has the same
+  eigenvalues as S1 S2, by eigen-decomposition: no complex parts to discard and no ill-conditioned
+  iteration (feature covariances of a few thousand images are rank-deficient).
+* Features come from any callable ``images -> (B, D) tensor``; ``TransformersImageFeatures`` wraps a
+  transformers vision model (CLIP, DINOv2, ViT, ...) loaded by hub id or folder. The standard FID number
+  (Inception-v3, as clean-fid computes on MJHQ-30K) needs Inception weights that transformers does not
+  provide; use the ``clean-fid`` package for it, and these extractors for FD_CLIP / FD_DINOv2 comparisons.
+* ``ReferenceStats.cached``: a reference set's (mu, sigma) computed once and kept in an ``.npz`` whose name
+  is derived from the set's name and the extractor's id, so a later run never touches the reference
+  images again.
+* ``ClipScore``: 100 x cosine(image, text) of CLIP embeddings, clipped at 0, as torchmetrics computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _f64(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().to("cpu", torch.float64)
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    x = _f64(features)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features have shape {tuple(x.shape)}; expected (N, D) with N >= 2")
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values; check the extractor's inputs and dtype")
+    mu = x.mean(0)
+    centred = x - mu
+    sigma = centred.T @ centred / (x.shape[0] - 1)
+    return mu.numpy(), sigma.numpy()
+
+
+def _psd_eigenvalues(values: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise removed: those below the matrix's numerical
+    precision become 0. Feature covariances of fewer images than dimensions are singular, and the square
+    root would otherwise turn each ~1e-16 of noise into ~1e-8 of error."""
+    tol = values.abs().max() * values.numel() * torch.finfo(values.dtype).eps
+    return torch.where(values > tol, values, torch.zeros_like(values))
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric PSD matrix."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * _psd_eigenvalues(values).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (non-negative; 0 for equal inputs)."""
+    mu1, mu2, s1, s2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(
+            f"shapes mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(mu2.shape)}, sigma2 "
+            f"{tuple(s2.shape)}; expected (D,), (D, D), (D,), (D, D) with one D"
+        )
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric; remove rounding asymmetry
+    root1 = _sqrtm_psd(s1)
+    middle = root1 @ s2 @ root1
+    eigenvalues = _psd_eigenvalues(torch.linalg.eigvalsh((middle + middle.T) / 2))
+    value = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * eigenvalues.sqrt().sum()
+    return max(float(value), 0.0)  # a squared distance: tiny negative values are rounding
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), in a fixed (sorted) order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
+    return files
+
+
+def _open(item) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    with Image.open(item) as image:
+        return image.convert("RGB")
+
+
+def extract_features(
+    images: Iterable, extractor: FeatureExtractor, *, batch_size: int = 32, progress: bool = True
+) -> np.ndarray:
+    """Features (N, D) float64 of images (PIL images or paths), ``batch_size`` at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    total = len(images) if hasattr(images, "__len__") else None
+    chunks, batch = [], []
+    with tqdm(total=total, desc="features", unit="img", disable=not progress) as bar:
+        for item in images:
+            batch.append(_open(item))
+            if len(batch) == batch_size:
+                chunks.append(_f64(extractor(batch)))
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            chunks.append(_f64(extractor(batch)))
+            bar.update(len(batch))
+    if not chunks:
+        raise ValueError("no images to extract features from")
+    return torch.cat(chunks).numpy()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+@dataclass(eq=False)
+class ReferenceStats:
+    """A reference image set's feature Gaussian, tagged with the set's name and the extractor's id."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    name: str = ""
+    extractor_id: str = ""
+
+    @classmethod
+    def from_features(cls, features, name: str = "", extractor_id: str = "") -> ReferenceStats:
+        mu, sigma = feature_stats(features)
+        return cls(mu, sigma, int(np.shape(features)[0]), name, extractor_id)
+
+    def save(self, path: str | Path) -> None:
+        """Write the stats as .npz, atomically (a half-written cache would be read as valid later)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(
+                    handle,
+                    mu=self.mu,
+                    sigma=self.sigma,
+                    count=self.count,
+                    name=np.array(self.name),
+                    extractor_id=np.array(self.extractor_id),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceStats:
+        with np.load(Path(path)) as data:
+            return cls(
+                data["mu"], data["sigma"], int(data["count"]), str(data["name"]), str(data["extractor_id"])
+            )
+
+    @staticmethod
+    def cache_path(cache_dir: str | Path, name: str, extractor_id: str) -> Path:
+        """``<cache_dir>/<name>__<extractor>__<hash>.npz``; the hash keeps apart ids that slug alike."""
+        digest = hashlib.sha1(f"{name}\0{extractor_id}".encode()).hexdigest()[:10]
+        return Path(cache_dir) / f"{_slug(name)}__{_slug(extractor_id)}__{digest}.npz"
+
+    @classmethod
+    def cached(
+        cls,
+        name: str,
+        images: Iterable | Callable[[], Iterable],
+        extractor: FeatureExtractor,
+        cache_dir: str | Path,
+        *,
+        extractor_id: str | None = None,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> ReferenceStats:
+        """The stats of reference set ``name`` under ``extractor``, from the cache when present, otherwise
+        computed and cached. ``images`` may be a zero-argument callable so that a cache hit does not even
+        list the reference images. ``extractor_id`` defaults to ``extractor.id``."""
+        extractor_id = extractor_id if extractor_id is not None else getattr(extractor, "id", None)
+        if not extractor_id:
+            raise ValueError("the extractor has no `id`; pass extractor_id= to name it in the cache key")
+        path = cls.cache_path(cache_dir, name, extractor_id)
+        if path.is_file():
+            stats = cls.load(path)
+            if (stats.name, stats.extractor_id) == (name, extractor_id):
+                return stats
+        features = extract_features(
+            images() if callable(images) else images, extractor, batch_size=batch_size, progress=progress
+        )
+        stats = cls.from_features(features, name, extractor_id)
+        stats.save(path)
+        return stats
+
+
+def fid_score(
+    images: Iterable,
+    reference: ReferenceStats,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> float:
+    """Frechet distance between ``images`` and ``reference`` in ``extractor``'s feature space."""
+    extractor_id = getattr(extractor, "id", None)
+    if reference.extractor_id and extractor_id and extractor_id != reference.extractor_id:
+        raise ValueError(
+            f"reference stats were computed with {reference.extractor_id!r}, not {extractor_id!r}; "
+            f"compare features of one extractor"
+        )
+    mu, sigma = feature_stats(extract_features(images, extractor, batch_size=batch_size, progress=progress))
+    return frechet_distance(mu, sigma, reference.mu, reference.sigma)
+
+
+def pick_device(device) -> torch.device:
+    """``device``, or CUDA when available and CPU otherwise."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def model_inputs(inputs, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move processor outputs to the model: floating tensors also take the model's dtype."""
+    return {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
+
+
+class ClipEmbedder:
+    """Unit CLIP image and text embeddings from a ``CLIPModel`` hub id or folder (with its processor)."""
+
+    def __init__(
+        self,
+        model_id: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model_id = str(model_id)
+        self.device, self.dtype = pick_device(device), dtype
+        self.processor = CLIPProcessor.from_pretrained(model_id)
+        # Cast after loading: the keyword for the load dtype differs across transformers versions.
+        self.model = CLIPModel.from_pretrained(model_id).to(self.device, dtype).eval()
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    # The projections are applied here rather than through get_*_features, whose return type changed
+    # between transformers 4 (a tensor) and 5 (a model output).
+    @torch.no_grad()
+    def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        inputs = self.processor(images=[_open(i) for i in images], return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        # CLIP reads at most max_position_embeddings (77) tokens; longer prompts are truncated, as in
+        # torchmetrics' CLIPScore.
+        inputs = self.processor(
+            text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+        )
+        out = self.model.text_model(
+            input_ids=inputs["input_ids"].to(self.device),
+            attention_mask=inputs["attention_mask"].to(self.device),
+        )
+        return torch.nn.functional.normalize(
+            self.model.text_projection(out.pooler_output).float(), dim=-1
+        ).cpu()
+
+
+class ClipScore:
+    """CLIP score of (image, prompt) pairs: max(100 x cosine similarity, 0). torchmetrics' default model
+    is ``openai/clip-vit-large-patch14``."""
+
+    def __init__(
+        self,
+        model_id: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.clip = ClipEmbedder(model_id, device=device, dtype=dtype)
+        self.id = f"clip-score:{self.clip.model_id}"
+
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> torch.Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(
+                f"{len(images)} images but {len(prompts)} prompts; expected one prompt per image"
+            )
+        cosine = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
+        return (100 * cosine).clamp(min=0)
+
+
+def clip_score(
+    images: Sequence,
+    prompts: Sequence[str],
+    scorer: Callable[[Sequence, Sequence[str]], torch.Tensor],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> float:
+    """Mean CLIP score over pairs (images as PIL images or paths), ``batch_size`` pairs at a time."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"{len(images)} images and {len(prompts)} prompts; expected equal, non-zero counts")
+    scores = []
+    for start in tqdm(
+        range(0, len(images), batch_size), desc="CLIP score", unit="batch", disable=not progress
+    ):
+        batch = [_open(i) for i in images[start : start + batch_size]]
+        scores.append(_f64(scorer(batch, list(prompts[start : start + batch_size]))))
+    return float(torch.cat(scores).mean())
+
+
+class TransformersImageFeatures:
+    """A transformers vision model as a ``FeatureExtractor``: images -> (B, D) float32 features.
+
+    CLIP checkpoints give their projected image embeddings (unnormalised); other models (DINOv2, ViT,
+    SigLIP vision, ...) loaded through ``AutoModel`` give ``image_embeds`` when they have them, else the
+    pooled output, else the mean of the last hidden state. ``id`` names the model for stats caches.
+    """
+
+    def __init__(
+        self,
+        model_id: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
+
+        self.model_id = str(model_id)
+        self.id = f"transformers:{self.model_id}"
+        self.device, self.dtype = pick_device(device), dtype
+        self.processor = AutoImageProcessor.from_pretrained(model_id)
+        self.is_clip = AutoConfig.from_pretrained(model_id).model_type == "clip"
+        loader = CLIPModel if self.is_clip else AutoModel
+        self.model = loader.from_pretrained(model_id).to(self.device, dtype).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=[_open(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self.dtype)
+        if self.is_clip:
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            return self.model.visual_projection(pooled).float().cpu()
+        out = self.model(pixel_values=pixels)
+        for key in ("image_embeds", "pooler_output"):
+            value = getattr(out, key, None)
+            if value is not None:
+                return value.flatten(1).float().cpu()
+        return out.last_hidden_state.mean(1).float().cpu()

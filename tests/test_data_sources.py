@@ -1,0 +1,426 @@
+"""Real-data sources: folders, webdataset shards, Hugging Face datasets; transforms, buckets, skips, ranks,
+resume. Every test builds its own tiny data in a temporary folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusedit.config import ConfigError, DataConfig, config_from_dict
+from fusedit.data.loader import StepPlan, step_loader
+from fusedit.data.transforms import SampleDecoder, SkipSample, nearest_bucket, parse_buckets, resize_crop
+from fusedit.data.webdataset_source import WebDatasetReader, expand_braces, shard_lists
+
+# (relative path, width, height, caption); JPEG and PNG, nested folders, three aspect ratios.
+GOOD = [
+    ("a/cat.png", 32, 32, "a cat"),
+    ("a/dog.jpg", 48, 32, "a dog"),
+    ("a/sub/owl.png", 32, 48, "an owl"),
+    ("b/fox.png", 40, 40, "a fox"),
+    ("b/hen.jpg", 64, 40, "a hen"),
+    ("b/pig.png", 36, 54, "a pig"),
+    ("c/ant.png", 30, 30, "an ant"),
+    ("c/bee.jpg", 50, 30, "a bee"),
+]
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _write_good(root: Path, sidecars: bool = True) -> None:
+    for i, (rel, w, h, caption) in enumerate(GOOD):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _noise(w, h, i).save(path, "JPEG" if rel.endswith(".jpg") else "PNG")
+        if sidecars:
+            path.with_suffix(".txt").write_text(caption)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """GOOD plus a corrupt PNG (random bytes), a tiny image and an image without a caption."""
+    root = tmp_path / "images"
+    _write_good(root)
+    (root / "c" / "broken.png").write_bytes(os.urandom(200))
+    (root / "c" / "broken.txt").write_text("never shown")
+    _noise(6, 6, 99).save(root / "c" / "tiny.png")
+    (root / "c" / "tiny.txt").write_text("too small")
+    _noise(32, 32, 98).save(root / "c" / "nocaption.png")
+    (root / ".hidden").mkdir()
+    _noise(32, 32, 97).save(root / ".hidden" / "skip.png")  # hidden folders are not data
+    return root
+
+
+def _cfg(**kw) -> DataConfig:
+    base = {"image_size": 16, "min_image_size": 16}
+    return DataConfig(**{**base, **kw})
+
+
+def _run(cfg, steps, batch_size=4, seed=0, start=0, **kw):
+    loader = step_loader(cfg, seed, batch_size, start, steps, **kw)
+    return loader, list(loader)
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder
+
+
+def test_folder_scan_is_sorted_and_skips_are_counted_and_reported(folder):
+    loader, batches = _run(_cfg(source="folder", root=str(folder)), steps=6)  # 24 draws: > 2 epochs
+    captions = {rel: cap for rel, _, _, cap in GOOD}
+    seen = set()
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+        assert batch["index"].dtype == torch.long and len(batch["caption"]) == 4
+        for sample_id, caption in zip(batch["id"], batch["caption"]):
+            assert captions[sample_id] == caption  # the sidecar of that very image
+            seen.add(sample_id)
+    assert seen == set(captions)  # every good image, nothing else (hidden folder ignored)
+    from fusedit.data.folder import scan_images
+
+    assert scan_images(folder) == sorted(scan_images(folder)) and len(scan_images(folder)) == 11
+    # distinct samples per reason, however often each was met
+    assert loader.skips.counts() == {"corrupt": 1, "no-caption": 1, "tiny": 1}
+    report = loader.skipped_report()
+    assert "corrupt 1" in report and "c/broken.png" in report and "tiny 1" in report and "6x6" in report
+
+
+def test_index_jsonl_and_csv_with_missing_files_and_bad_rows(tmp_path):
+    root = tmp_path / "data"
+    _write_good(root, sidecars=False)
+    rows = [{"path": rel, "caption": cap, "width": w, "height": h} for rel, w, h, cap in GOOD]
+    rows.insert(3, {"path": "a/gone.png", "caption": "missing file", "width": 32, "height": 32})
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"caption": "no path"})]
+    index = root / "index.jsonl"
+    index.write_text("\n".join(lines) + "\n")
+    loader, batches = _run(_cfg(source="folder", index_file=str(index)), steps=5)
+    assert {i for b in batches for i in b["id"]} == {rel for rel, *_ in GOOD}
+    assert loader.skips.counts() == {"bad-row": 2, "missing": 1}
+    assert "index.jsonl:10" in loader.skipped_report() and "a/gone.png" in loader.skipped_report()
+
+    # CSV, another path column name, root given separately, a configured caption column
+    csv = tmp_path / "list.csv"
+    csv.write_text("file_name,text\n" + "".join(f"{rel},{cap} (csv)\n" for rel, _, _, cap in GOOD[:4]))
+    cfg = _cfg(source="folder", index_file=str(csv), root=str(root), caption_fields=["text"])
+    _, batches = _run(cfg, steps=2)
+    assert {c for b in batches for c in b["caption"]} == {f"{cap} (csv)" for *_, cap in GOOD[:4]}
+
+
+def test_caption_fields_random_pick_is_deterministic_and_varies_by_epoch(tmp_path):
+    root = tmp_path / "data"
+    _write_good(root)
+    for rel, *_ in GOOD:
+        (root / rel).with_suffix(".json").write_text(json.dumps({"caption": "long " + rel}))
+    fields = ["txt", "json.caption"]
+
+    def captions(pick, seed):
+        cfg = _cfg(source="folder", root=str(root), caption_fields=fields, caption_pick=pick)
+        return [(i, c) for b in _run(cfg, steps=32, seed=seed)[1] for i, c in zip(b["id"], b["caption"])]
+
+    first = captions("first", 0)
+    assert all(not c.startswith("long") for _, c in first)
+    random_a, random_b = captions("random", 0), captions("random", 0)
+    assert random_a == random_b  # deterministic by seed
+    for rel, *_ in GOOD:  # over 16 epochs every sample shows both of its captions
+        shown = {c for i, c in random_a if i == rel}
+        assert len(shown) == 2, (rel, shown)
+
+
+def test_order_is_a_permutation_per_epoch_deterministic_by_seed_and_addressed_by_step(folder):
+    cfg = _cfg(source="folder", root=str(folder), min_image_size=1, caption_fields=["txt", "caption"])
+    _, full = _run(cfg, steps=6, batch_size=3)
+    _, again = _run(cfg, steps=6, batch_size=3)
+    _, tail = _run(cfg, steps=6, batch_size=3, start=4)
+    _, other_seed = _run(cfg, steps=6, batch_size=3, seed=1)
+    assert [b["id"] for b in full] == [b["id"] for b in again]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full, again))
+    assert [b["id"] for b in full[4:]] == [b["id"] for b in tail]  # step addressing: exact resume
+    assert [b["id"] for b in full] != [b["id"] for b in other_seed]
+
+
+def test_ranks_read_disjoint_shares_that_cover_each_epoch(tmp_path):
+    root = tmp_path / "data"
+    _write_good(root)  # 8 good samples
+    cfg = _cfg(source="folder", root=str(root))
+    for world in (2, 4):
+        steps = len(GOOD) // (2 * world)  # one epoch over all ranks together
+        shares = [
+            [i for b in _run(cfg, steps=steps, batch_size=2, rank=r, world_size=world)[1] for i in b["id"]]
+            for r in range(world)
+        ]
+        epoch = [i for share in shares for i in share]
+        assert sorted(epoch) == sorted(rel for rel, *_ in GOOD)  # disjoint and covering
+
+
+def test_plan_with_buckets_gives_every_rank_the_same_steps_and_covers_each_bucket():
+    groups = np.array([0] * 5 + [1] * 3 + [2] * 1 + [-1] * 2)  # uneven buckets, two unusable samples
+    batch, world = 2, 3
+    plans = [
+        StepPlan(len(groups), batch, seed=7, rank=r, world_size=world, groups=groups) for r in range(world)
+    ]
+    per_epoch = plans[0].batches_per_epoch
+    assert per_epoch == 3 + 2 + 1  # ceil(5/2) + ceil(3/2) + ceil(1/2)
+    seen = []
+    for step in range(per_epoch // world):
+        for plan in plans:
+            slots = plan.slots(step)
+            members = [plan.candidate(s, 0)[0] for s in slots]
+            assert len({int(groups[m]) for m in members}) == 1  # one bucket per batch
+            seen += members
+    assert set(seen) == set(range(9))  # every usable sample in the epoch, never the unusable ones
+
+
+def test_buckets_give_one_shape_per_batch(folder):
+    buckets = [[16, 16], [16, 24], [24, 16]]
+    cfg = _cfg(source="folder", root=str(folder), buckets=buckets)
+    loader, batches = _run(cfg, steps=8, batch_size=2, world_size=2, rank=1)
+    assert len(batches) == 8
+    shapes = {tuple(b["image"].shape[2:]) for b in batches}
+    assert shapes <= {(16, 16), (16, 24), (24, 16)} and len(shapes) >= 2
+    sizes = {rel: (w, h) for rel, w, h, _ in GOOD}
+    for b in batches:
+        for sample_id in b["id"]:
+            w, h = sizes[sample_id]
+            assert buckets[nearest_bucket(w, h, [tuple(x) for x in buckets])] == list(b["image"].shape[2:])
+    # planning found the unusable files before any batch was built
+    assert loader.skips.counts() == {"corrupt": 1, "no-caption": 1, "tiny": 1}
+    assert parse_buckets(buckets) == ((16, 16), (16, 24), (24, 16))
+    with pytest.raises(ConfigError, match=r"data.buckets entry \[16, 0\]"):
+        parse_buckets([[16, 0]])
+
+
+def test_transform_resize_crop_and_random_crop_determinism():
+    image = _noise(40, 20, 0)
+    center = resize_crop(image, 16, 16)
+    assert center.size == (16, 16)
+    resized = image.resize((32, 16), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(center), np.asarray(resized.crop((8, 0, 24, 16))))
+    a = resize_crop(image, 16, 16, "random", seed=3, key=11)
+    assert np.array_equal(np.asarray(a), np.asarray(resize_crop(image, 16, 16, "random", seed=3, key=11)))
+    offsets = {np.asarray(resize_crop(image, 16, 16, "random", seed=3, key=k)).tobytes() for k in range(20)}
+    assert len(offsets) > 3  # different samples, different crops
+    decoder = SampleDecoder(targets=((16, 16),), min_image_size=16)
+    with pytest.raises(SkipSample, match="tiny"):
+        decoder({"txt": "x"}, _encode(_noise(15, 40, 0), "PNG"), key=0)
+    with pytest.raises(SkipSample, match="corrupt"):
+        decoder({"txt": "x"}, _encode(_noise(40, 40, 0), "PNG")[:-200], key=0)  # truncated
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    out = decoder({"txt": "x"}, _encode(rgba, "PNG"), key=0)
+    assert torch.allclose(out.image, torch.ones(3, 16, 16))  # transparent -> white, not black
+
+
+# --------------------------------------------------------------------------------------------------
+# WebDataset
+
+
+def _write_shards(folder: Path, prefix: str, shards: int, per_shard: int, corrupt: tuple = ()) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = folder / f"{prefix}-{s:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}/{s:05d}{i:04d}"
+                w, h = (32, 32) if i % 3 == 0 else ((48, 32) if i % 3 == 1 else (32, 48))
+                image = os.urandom(300) if (s, i) in corrupt else _encode(_noise(w, h, s * 100 + i), "JPEG")
+                members = {
+                    "jpg": image,
+                    "txt": f"{prefix} {s} {i}".encode(),
+                    "json": json.dumps({"caption": f"json {prefix} {s} {i}", "width": w}).encode(),
+                }
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
+def test_brace_expansion():
+    assert expand_braces("d/x-{0000..0002}.tar") == ["d/x-0000.tar", "d/x-0001.tar", "d/x-0002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert expand_braces("{8..10}") == ["8", "9", "10"] and expand_braces("plain.tar") == ["plain.tar"]
+    assert expand_braces("{x,{y,z}0}") == ["x", "y0", "z0"]
+    with pytest.raises(ConfigError, match="unclosed"):
+        expand_braces("a-{0..3.tar")
+
+
+def _epoch_ids(datasets, seed, rank, world):
+    reader = WebDatasetReader(datasets, [1.0], seed=seed, rank=rank, world_size=world)
+    ids = []
+    while True:
+        record = reader.next()
+        if record.epoch > 0:
+            return ids
+        ids.append(record.id)
+
+
+def test_webdataset_ranks_take_disjoint_shares_covering_the_epoch(tmp_path):
+    paths = _write_shards(tmp_path / "wds", "a", shards=4, per_shard=6)
+    everything = sorted(_epoch_ids([paths], 0, 0, 1))
+    assert len(everything) == 24
+    for world in (2, 3, 6):  # 6 > 4 shards: samples are striped inside the shards instead
+        shares = [_epoch_ids([paths], 0, r, world) for r in range(world)]
+        assert sorted(i for share in shares for i in share) == everything, world
+    assert _epoch_ids([paths], 0, 0, 1) == _epoch_ids([paths], 0, 0, 1)
+    assert _epoch_ids([paths], 0, 0, 1) != _epoch_ids([paths], 1, 0, 1)  # shuffled by seed
+
+
+def test_webdataset_mixes_datasets_by_weight(tmp_path):
+    a = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=4)
+    b = _write_shards(tmp_path / "wds", "b", shards=1, per_shard=4)
+    datasets, weights = shard_lists([str(tmp_path / "wds/a-{0000..0001}.tar"), b], [3, 1])
+    assert datasets == [a, b] and weights == [0.75, 0.25]
+    reader = WebDatasetReader(datasets, weights, seed=0)
+    ids = [reader.next().id for _ in range(800)]
+    share = sum("/a-" in i for i in ids) / len(ids)
+    assert 0.7 < share < 0.8, share
+
+
+def test_webdataset_loader_restores_its_position_exactly(tmp_path):
+    _write_shards(tmp_path / "wds", "a", shards=3, per_shard=5, corrupt={(1, 2)})
+    _write_shards(tmp_path / "wds", "b", shards=2, per_shard=4)
+    cfg = _cfg(
+        source="webdataset",
+        shards=[str(tmp_path / "wds/a-{0000..0002}.tar"), str(tmp_path / "wds/b-{0000..0001}.tar")],
+        weights=[2, 1],
+        buckets=[[16, 16], [16, 24], [24, 16]],  # pending samples per bucket are part of the position
+        caption_fields=["txt", "json.caption"],
+    )
+    loader, full = _run(cfg, steps=10, batch_size=3)
+    assert all(b["image"].shape[0] == 3 for b in full) and len({b["image"].shape for b in full}) > 1
+    assert loader.skips.counts() == {"corrupt": 1}
+    first = step_loader(cfg, 0, 3, 0, 4)
+    head = list(first)
+    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint stores it as JSON
+    resumed_loader = step_loader(cfg, 0, 3, 4, 10, state=state)
+    resumed = list(resumed_loader)
+    assert resumed_loader.skips.counts() == loader.skips.counts()  # the counts travel with the state
+    replayed = list(step_loader(cfg, 0, 3, 4, 10))  # no state: fast-forward, slower but exact
+    threaded = list(step_loader(DataConfig(**{**cfg.__dict__, "num_workers": 2}), 0, 3, 0, 10))
+    for got in (head + resumed, full[:4] + replayed, threaded):
+        assert [b["id"] for b in got] == [b["id"] for b in full]
+        assert [b["caption"] for b in got] == [b["caption"] for b in full]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(got, full))
+    with pytest.raises(ValueError, match="data state is for step 4"):
+        step_loader(cfg, 0, 3, 5, 10, state=state)
+
+
+def test_webdataset_corrupt_shard_is_counted_and_the_stream_goes_on(tmp_path):
+    paths = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=4)
+    Path(paths[1]).write_bytes(os.urandom(3000))  # not a tar at all
+    truncated = _write_shards(tmp_path / "wds", "t", shards=1, per_shard=4)[0]
+    data = Path(truncated).read_bytes()
+    Path(truncated).write_bytes(data[: len(data) // 2])  # cut in the middle of a member
+    cfg = _cfg(source="webdataset", shards=[[paths[0], paths[1], truncated]])
+    loader, batches = _run(cfg, steps=4, batch_size=2)
+    assert len(batches) == 4 and all(b["image"].shape == (2, 3, 16, 16) for b in batches)
+    counts = loader.skips.counts()
+    assert counts["corrupt-shard"] == 2 and counts.get("corrupt", 0) >= 1
+    assert paths[1] in loader.skipped_report()
+
+
+def test_webdataset_config_errors_are_one_line(tmp_path):
+    paths = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=2)
+    with pytest.raises(ConfigError, match=r"1 of 3 shards do not exist \(first: '.*a-0002.tar'\)"):
+        shard_lists([str(tmp_path / "wds/a-{0000..0002}.tar")], [])
+    with pytest.raises(ConfigError, match=r"data.weights=\[1, 2\] must list one non-negative number"):
+        shard_lists([paths], [1, 2])
+    with pytest.raises(ConfigError, match="data.shards='x.tar' must be a non-empty list"):
+        shard_lists("x.tar", [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Config, errors, shapes
+
+
+def test_config_fields_and_errors(tmp_path):
+    from conftest import TINY
+
+    data = {**TINY, "data": {**TINY["data"], "source": "webdataset", "shards": ["x-{0..3}.tar"]}}
+    cfg = config_from_dict(data)
+    assert cfg.data.shards == ["x-{0..3}.tar"] and cfg.data.buckets == [] and cfg.data.crop == "center"
+    with pytest.raises(ConfigError, match=r"data.source='lmdb' is not allowed \(allowed: shapes, folder"):
+        config_from_dict({**TINY, "data": {"source": "lmdb"}})
+    with pytest.raises(ConfigError, match=r"data.crop='left' is not allowed"):
+        config_from_dict({**TINY, "data": {"crop": "left"}})
+    with pytest.raises(ConfigError, match="data.source=folder needs data.root"):
+        step_loader(_cfg(source="folder"), 0, 2, 0, 1)
+    with pytest.raises(ConfigError, match=r"data.root='.*nowhere' is not a folder"):
+        step_loader(_cfg(source="folder", root=str(tmp_path / "nowhere")), 0, 2, 0, 1)
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        step_loader(_cfg(), 0, 2, 0, 1, rank=2, world_size=2)
+
+
+def test_shapes_source_keeps_its_addressing():
+    cfg = DataConfig(image_size=16, max_objects=2, kinds=["single"], num_samples=50)
+    batches = list(step_loader(cfg, 0, 4, 3, 5))
+    assert [b["index"].tolist() for b in batches] == [[12, 13, 14, 15], [16, 17, 18, 19]]
+    ranks = [list(step_loader(cfg, 0, 4, 3, 4, rank=r, world_size=2))[0]["index"].tolist() for r in (0, 1)]
+    assert ranks == [[24, 25, 26, 27], [28, 29, 30, 31]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets (optional dependency)
+
+
+@pytest.fixture
+def parquet(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    rows = {"image": [], "text": [], "id": []}
+    for i, (rel, w, h, caption) in enumerate(GOOD):
+        rows["image"].append({"bytes": _encode(_noise(w, h, i), "PNG"), "path": None})
+        rows["text"].append(caption)
+        rows["id"].append(rel)
+    rows["image"].append({"bytes": os.urandom(100), "path": None})
+    rows["text"].append("corrupt")
+    rows["id"].append("corrupt-row")
+    features = datasets.Features(
+        {"image": datasets.Image(), "text": datasets.Value("string"), "id": datasets.Value("string")}
+    )
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def test_hf_parquet_map_style(parquet):
+    cfg = _cfg(source="hf", hf_path=str(parquet), caption_fields=["text"])
+    loader, batches = _run(cfg, steps=5)
+    captions = {rel: cap for rel, _, _, cap in GOOD}
+    assert all(captions[i] == c for b in batches for i, c in zip(b["id"], b["caption"]))
+    assert {i for b in batches for i in b["id"]} == set(captions)
+    assert loader.skips.counts() == {"corrupt": 1}
+    with pytest.raises(ConfigError, match="data.image_field='jpg' is not a column"):
+        step_loader(_cfg(source="hf", hf_path=str(parquet), image_field="jpg"), 0, 2, 0, 1)
+
+
+def test_hf_streaming_ranks_and_exact_restore(parquet):
+    cfg = _cfg(source="hf", hf_path=str(parquet), caption_fields=["text"], hf_streaming=True)
+    loader, full = _run(cfg, steps=6, batch_size=3)
+    assert loader.skips.counts() == {"corrupt": 1}
+    first = step_loader(cfg, 0, 3, 0, 2)
+    head = list(first)
+    rest = list(step_loader(cfg, 0, 3, 2, 6, state=json.loads(json.dumps(first.state_dict()))))
+    assert [b["id"] for b in head + rest] == [b["id"] for b in full]
+    shares = [
+        {i for b in _run(cfg, steps=2, batch_size=2, rank=r, world_size=2)[1] for i in b["id"]}
+        for r in (0, 1)
+    ]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == {rel for rel, *_ in GOOD}

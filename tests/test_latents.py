@@ -1,0 +1,188 @@
+"""Latent caches: cache_latents writes shards keyed by sample id, resumes, and LatentDataset reads them back
+(identity autoencoder for exact round trips, a tiny random diffusers VAE for the real code path)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fusedit.config import ConfigError, DataConfig, VAEConfig
+from fusedit.data.folder import FolderCatalog
+from fusedit.data.latents import LatentDataset, cache_latents, check_latents
+from fusedit.data.loader import step_loader
+from fusedit.data.transforms import SampleDecoder
+
+SIZES = [(32, 32), (48, 32), (32, 48), (40, 40), (64, 40), (36, 54), (30, 30)]
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i, (w, h) in enumerate(SIZES):
+        _noise(w, h, i).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"caption {i}")
+    (root / "img3b.png").write_bytes(os.urandom(150))  # corrupt, sorted between img3 and img4
+    (root / "img3b.txt").write_text("corrupt")
+    _noise(5, 5, 0).save(root / "img5b.png")  # tiny
+    (root / "img5b.txt").write_text("tiny")
+    return root
+
+
+def _data(root, **kw) -> DataConfig:
+    return DataConfig(**{"source": "folder", "root": str(root), "image_size": 16, "min_image_size": 16, **kw})
+
+
+def _tensors(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p) for p in sorted(out.glob("latents-*.safetensors"))}
+
+
+def test_identity_cache_round_trip_and_latent_batches(tmp_path, folder):
+    data = _data(folder)
+    out = tmp_path / "cache"
+    summary = cache_latents(data, VAEConfig(), out, batch_size=3, shard_size=4, device="cpu", progress=False)
+    assert summary["samples"] == 7 and summary["shards"] == 3  # 9 files in shards of 4
+    assert summary["skipped"] == {"corrupt": 1, "tiny": 1} and "img3b.png" in summary["report"]
+    index = json.loads((out / "index.json").read_text())
+    assert set(index["samples"]) == {f"img{i}.png" for i in range(7)}  # keyed by the stable sample id
+    assert index["samples"]["img2.png"]["caption"] == "caption 2"
+    assert index["samples"]["img2.png"]["shard"] == "latents-000000.safetensors"
+
+    # identity latents are exactly the images the raw-image path produces for that sample
+    catalog, decoder = FolderCatalog(str(folder)), SampleDecoder.from_config(data, 0)
+    dataset = LatentDataset(out)
+    assert len(dataset) == 7 and dataset.groups() is None
+    for i in range(len(dataset)):
+        item = dataset.load(i, epoch=0, group=-1)
+        position = catalog.paths.index(item["id"])
+        fields, image = catalog.record(position)
+        expected = decoder(fields, image, key=position)
+        assert torch.equal(item["latent"], expected.image) and item["caption"] == expected.caption
+
+    latents = _data(folder, source="latents", latents_dir=str(out))
+    batches = list(step_loader(latents, 0, 4, 0, 4))
+    assert all(b["latent"].shape == (4, 3, 16, 16) and "image" not in b for b in batches)
+    assert {i for b in batches for i in b["id"]} == set(index["samples"])
+    check_latents(latents, VAEConfig())
+    with pytest.raises(ConfigError, match="holds 16 px images, but data.image_size=32"):
+        check_latents(_data(folder, source="latents", latents_dir=str(out), image_size=32), VAEConfig())
+
+
+def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
+    data, out = _data(folder), tmp_path / "cache"
+    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    before = _tensors(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("latents-*")}
+    # an interruption while shard 1 was being written: its marker json never appeared
+    (out / "latents-000001.json").unlink()
+    (out / "index.json").unlink()
+    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert _tensors(out).keys() == before.keys()
+    for name, tensors in _tensors(out).items():
+        assert tensors.keys() == before[name].keys()
+        assert all(torch.equal(t, before[name][k]) for k, t in tensors.items())
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("latents-*")}
+    rewritten = {name for name in stamps if after[name] != stamps[name]}
+    assert rewritten == {"latents-000001.safetensors", "latents-000001.json"}
+
+    # a finished cache reruns without even loading the autoencoder
+    import fusedit.vae
+
+    monkeypatch.setattr(fusedit.vae, "load_autoencoder", lambda *a, **k: pytest.fail("encoded again"))
+    summary = cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert summary["samples"] == 7
+
+    with pytest.raises(ConfigError, match="holds latents made with data.crop='center', not 'random'"):
+        cache_latents(_data(folder, crop="random"), VAEConfig(), out, 2, 3, "cpu", progress=False)
+    (folder / "img0a.png").write_bytes((folder / "img0.png").read_bytes())  # the folder gained a file
+    with pytest.raises(ConfigError, match="the dataset changed"):
+        cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+
+
+def test_diffusers_vae_cache_is_deterministic_and_resumable(tmp_path, folder):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+    ).save_pretrained(tmp_path / "vae")
+    vae = VAEConfig(kind="diffusers", model_id=str(tmp_path / "vae"), latent_channels=4, downsample=2)
+    data = _data(folder)
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache_latents(data, vae, a, batch_size=4, shard_size=5, device="cpu", progress=False, seed=3)
+    cache_latents(data, vae, b, batch_size=4, shard_size=5, device="cpu", progress=False, seed=3)
+    (b / "latents-000000.json").unlink()  # redo one shard: the VAE noise is seeded per (seed, shard, batch)
+    torch.manual_seed(1234)  # the global generator must not matter
+    cache_latents(data, vae, b, batch_size=4, shard_size=5, device="cpu", progress=False, seed=3)
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert all(torch.equal(ta[name][k], tb[name][k]) for k in ta[name])
+    latents = _data(folder, source="latents", latents_dir=str(a))
+    batch = next(iter(step_loader(latents, 0, 2, 0, 1)))
+    assert batch["latent"].shape == (2, 4, 8, 8)
+    check_latents(latents, vae)
+    with pytest.raises(
+        ConfigError, match="was encoded with vae.kind='diffusers', but the config has vae.kind"
+    ):
+        check_latents(latents, VAEConfig())
+
+
+def test_webdataset_cache_with_buckets_gives_one_latent_shape_per_batch(tmp_path):
+    shard_dir = tmp_path / "wds"
+    shard_dir.mkdir()
+    for s in range(2):
+        with tarfile.open(shard_dir / f"part-{s}.tar", "w") as tar:
+            for i, (w, h) in enumerate(SIZES):
+                buf = io.BytesIO()
+                _noise(w, h, 10 * s + i).save(buf, "JPEG")
+                for ext, payload in (("jpg", buf.getvalue()), ("txt", f"shard {s} image {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    data = DataConfig(
+        source="webdataset",
+        shards=[str(shard_dir / "part-{0..1}.tar")],
+        image_size=16,
+        min_image_size=16,
+        buckets=[[16, 16], [16, 24], [24, 16]],
+        num_workers=2,  # decode threads reading the shards concurrently
+    )
+    out = tmp_path / "cache"
+    summary = cache_latents(data, VAEConfig(), out, batch_size=3, shard_size=8, device="cpu", progress=False)
+    assert summary["samples"] == 14 and summary["shards"] == 2
+    index = json.loads((out / "index.json").read_text())
+    assert index["samples"][f"{shard_dir}/part-1.tar/0002"]["caption"] == "shard 1 image 2"
+    shapes = {tuple(s["shape"]) for s in index["samples"].values()}
+    assert shapes == {(3, 16, 16), (3, 16, 24), (3, 24, 16)}
+    latents = DataConfig(source="latents", latents_dir=str(out), image_size=16)
+    assert LatentDataset(out).groups() is not None
+    for batch in step_loader(latents, 0, 2, 0, 6, rank=1, world_size=2):
+        assert batch["latent"].shape[0] == 2 and tuple(batch["latent"].shape[1:]) in shapes
+
+
+def test_shapes_can_be_cached_and_missing_cache_is_a_config_error(tmp_path):
+    data = DataConfig(image_size=16, max_objects=2, kinds=["single"], num_samples=6)
+    summary = cache_latents(data, VAEConfig(), tmp_path / "c", batch_size=4, shard_size=4, progress=False)
+    assert summary["samples"] == 6 and summary["skipped"] == {}
+    with pytest.raises(ConfigError, match=r"data.latents_dir='.*nothing' has no index.json"):
+        step_loader(DataConfig(source="latents", latents_dir=str(tmp_path / "nothing")), 0, 2, 0, 1)

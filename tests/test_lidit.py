@@ -1,0 +1,212 @@
+"""LI-DiT prompt encoding (design-space.md s.2): refiners, instruction tokens, multi-LLM, pooled text,
+and the same mechanisms in front of the shallow baselines."""
+
+import pytest
+import torch
+
+from conftest import TINY_ARCH, randomize, tiny_config
+from fusedit.config import ConfigError
+from fusedit.sample import generate
+from fusedit.system import build_model
+from fusedit.text.refiner import LinguisticRefiner
+from fusedit.train.loop import train
+
+QWEN = {
+    "family": "qwen2",
+    "arch": {**TINY_ARCH, "hidden_size": 48, "head_dim": 12, "num_hidden_layers": 4},
+    "template": "lidit",
+    "hidden_layer": -2,
+    "max_length": 40,
+}
+
+
+def lidit(design="dit-cross", extra=True, **model):
+    return tiny_config(
+        model={
+            "design": design,
+            "pos_embed": "none",
+            "conv_pos": True,
+            "refiner_depth": 2,
+            "refiner_heads": 4,
+            "pooled_text": "refined",
+            **model,
+        },
+        text={"template": "lidit", "hidden_layer": -3, "max_length": 40},
+        extra_text=[QWEN] if extra else [],
+    )
+
+
+def test_refiner_starts_as_identity_and_its_gates_are_zero():
+    model = build_model(lidit(extra=False))
+    refiner = model.denoiser.context
+    gates = [b.gates.linear for ref in refiner.linguistic for b in ref.blocks]
+    assert gates and all(
+        torch.count_nonzero(g.weight) == 0 and torch.count_nonzero(g.bias) == 0 for g in gates
+    )
+    text = model.encode_prompts(["a red circle", "two blue squares"])
+    context, mask = refiner(text.all, torch.randn(2, model.denoiser.dim))
+    torch.testing.assert_close(context, refiner.linguistic[0].in_proj(text.hidden))
+    assert torch.equal(mask, text.mask & ~text.instruction)
+
+
+def test_instruction_tokens_are_read_by_the_refiner_then_dropped():
+    model = build_model(lidit(extra=False))
+    randomize(model.denoiser.context)
+    refiner, temb = model.denoiser.context, torch.randn(1, model.denoiser.dim)
+    text = model.encode_prompts(["a red circle"])
+    context, mask = refiner(text.all, temb)
+    n = int(text.instruction.sum())
+    assert n > 10 and int(mask.sum()) == int(text.mask.sum()) - n  # the prompt (and <bos>) remain
+    assert not mask[0, 1 : 1 + n].any() and mask[0, 0] and mask[0, -3:].all()
+    # the refiner reads the instruction: change one instruction token's features, the prompt tokens change
+    text.hidden[0, 2] += 1.0
+    context2, _ = refiner(text.all, temb)
+    assert not torch.allclose(context2[0, -3:], context[0, -3:])
+    # and with drop_instruction off nothing is masked beyond padding
+    model = build_model(lidit(extra=False, drop_instruction=False))
+    _, mask = model.denoiser.context(model.encode_prompts(["a red circle"]).all, temb)
+    assert mask.all()
+
+
+def test_causal_refiner_ablation_does_not_look_ahead():
+    torch.manual_seed(0)
+    ref = LinguisticRefiner(llm_dim=16, dim=32, heads=4, depth=2, causal=True)
+    randomize(ref)
+    x, mask, temb = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool), torch.randn(1, 32)
+    y = ref(x, mask, temb)
+    x2 = x.clone()
+    d = torch.randn(16)
+    x2[0, 4] += d  # change the future but not the pooled mean the gates read
+    x2[0, 5] -= d
+    y2 = ref(x2, mask, temb)
+    torch.testing.assert_close(y[0, :4], y2[0, :4])  # the past does not see it
+    bidirectional = LinguisticRefiner(16, 32, 4, 2, causal=False)
+    bidirectional.load_state_dict(ref.state_dict())
+    assert not torch.allclose(bidirectional(x, mask, temb)[0, :4], bidirectional(x2, mask, temb)[0, :4])
+
+
+def test_two_llm_families_with_their_own_tokenizers_are_fused(tmp_path):
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.templates import LIDIT_INSTRUCTION
+    from fusedit.text.tokenizer import word_tokenizer
+
+    # the second LLM gets its own tokenizer (a different vocabulary order, hence different ids)
+    words = sorted(set(vocabulary()) | set(LIDIT_INSTRUCTION.replace(":", " :").replace(",", " ,").split()))
+    word_tokenizer(words[::-1]).save_pretrained(tmp_path / "tok")
+    cfg = lidit()
+    cfg.extra_text[0].tokenizer = str(tmp_path / "tok")
+    model = build_model(cfg)
+    assert (
+        type(model.text.llm).__name__ == "GemmaModel"
+        and type(model.extra_text[0].llm).__name__ == "Qwen2Model"
+    )
+    a, b = (enc.tokenize(["a red circle"])[0] for enc in model.encoders)
+    assert not torch.equal(a, b)
+    assert model.denoiser.context.collaborative is not None
+    randomize(model.denoiser)
+    text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    assert len(text.all) == 2 and text.others[0].hidden.shape[-1] == 48
+    context, mask = model.denoiser.context(text.all, torch.randn(2, model.denoiser.dim))
+    assert context.shape[1] == text.mask.shape[1] + text.others[0].mask.shape[1]
+    # both LLMs matter: perturbing the second one's features changes the denoiser's output
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    v = model(x, t, text)
+    text.others[0].hidden[:, 1:] += 0.5
+    assert not torch.allclose(v, model(x, t, text))
+
+
+@pytest.mark.parametrize("design", ["dit-cross", "dit-self"])
+def test_lidit_and_refined_shallow_baselines_sample_cached_equals_uncached_and_train(tmp_path, design):
+    cfg = lidit(design)
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    kw = dict(image_size=16, steps=3, guidance=3.0, seed=1)
+    prompts = ["a red circle", "two green triangles"]
+    cached = generate(model, prompts, cache_text=True, **kw)
+    torch.testing.assert_close(cached, generate(model, prompts, cache_text=False, **kw))
+    # padding invariance through two LLMs, the refiners and the instruction drop
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    alone = model(x, t, model.encode_prompts(["a red circle"]))
+    batch = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    torch.testing.assert_close(
+        alone, model(torch.cat([x, x]), torch.cat([t, t]), batch)[:1], atol=1e-5, rtol=1e-5
+    )
+    cfg.train.steps, cfg.train.checkpoint_every = 3, 3
+    result = train(cfg, tmp_path / design, progress=False)
+    assert len(result["losses"]) == 3 and all(
+        p.grad is None for enc in result["model"].encoders for p in enc.llm.parameters()
+    )
+
+
+def test_clip_pooled_text_modulation():
+    cfg = tiny_config(
+        model={"pooled_text": "clip"},
+        pooled_text={
+            "arch": {
+                "vocab_size": 64,
+                "hidden_size": 24,
+                "intermediate_size": 48,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 32,
+                "bos_token_id": 2,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+            },
+            "max_length": 16,
+        },
+    )
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    text = model.encode_prompts(["a red circle", "a blue square"])
+    assert text.pooled.shape == (2, 24) and not torch.allclose(text.pooled[0], text.pooled[1])
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    v = model(x, t, text)
+    text.pooled = text.pooled.flip(0)
+    assert not torch.allclose(v, model(x, t, text))  # the pooled embedding modulates the DiT
+    assert all(not p.requires_grad for p in model.pooled_text.parameters())
+    kw = dict(image_size=16, steps=2, guidance=2.0)
+    torch.testing.assert_close(
+        generate(model, ["a red circle"], cache_text=True, **kw),
+        generate(model, ["a red circle"], cache_text=False, **kw),
+    )
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"extra_text": [QWEN]}, "extra_text has 1 more LLM(s) but model.design='fusedit'"),
+        (
+            {"model": {"design": "fusedit", "refiner_depth": 2}},
+            "model.refiner_depth=2 needs a shallow design",
+        ),
+        ({"model": {"design": "dit-cross", "pooled_text": "refined"}}, "pools the refined text"),
+        ({"model": {"pooled_text": "clip"}}, "needs pooled_text.model_id"),
+        ({"model": {"num_heads": 4}}, "model.num_heads is set but model.design='fusedit' mirrors the LLM"),
+        (
+            {
+                "model": {
+                    "design": "dit-cross",
+                    "refiner_depth": 1,
+                    "pooled_text": "refined",
+                    "timestep_conditioning": "none",
+                }
+            },
+            "is added to the timestep embedding",
+        ),
+    ],
+)
+def test_lidit_config_errors(sections, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(**sections)
+
+
+def test_dit_shape_of_its_own_for_shallow_designs():
+    model = build_model(
+        tiny_config(model={"design": "dit-cross", "num_heads": 2, "head_dim": 16, "intermediate_size": 96})
+    )
+    block = model.denoiser.blocks[0]
+    assert block.img_attn.q_proj.out_features == 32 and block.img_attn.heads == 2
+    assert block.img_mlp.up_proj.out_features == 96
+    v = model(torch.randn(1, 3, 16, 16), torch.rand(1), model.encode_prompts(["a red circle"]))
+    assert v.shape == (1, 3, 16, 16)
