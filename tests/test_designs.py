@@ -128,3 +128,19 @@ def test_paper_training_flops_per_image():
     assert abs(dit512 / 1e12 - 4.25) < 0.05
     assert abs((3 * dit512 + lm) / 1e12 - 13.8) < 0.2
     assert abs((3 * dit256 + lm) / 1e12 - 4.1) < 0.1
+
+
+@pytest.mark.parametrize("preset", [p for p in preset_names() if p.startswith("debug")])
+def test_every_debug_twin_trains_and_samples_on_cpu(tmp_path, preset):
+    """The CPU-size twin of each design family trains a couple of steps and samples (cached = uncached)."""
+    cfg = load_config(preset, ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=2"])
+    model = train(cfg, tmp_path / preset, progress=False)["model"].eval()
+    kw = dict(image_size=cfg.data.image_size, steps=2, guidance=3.0, seed=0)
+    images = generate(model, ["a red circle", "a blue square to the left of a green triangle"], **kw)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    torch.testing.assert_close(
+        images,
+        generate(
+            model, ["a red circle", "a blue square to the left of a green triangle"], cache_text=False, **kw
+        ),
+    )
