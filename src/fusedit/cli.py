@@ -235,6 +235,42 @@ def cmd_clip_score(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from fusedit.bench import bench_sample, bench_train, format_table, setup, write_json
+    from fusedit.train.loop import resolve_device
+
+    cfg = _config(args)
+    device = resolve_device(args.device)
+    s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
+    tokens = args.text_tokens or cfg.text.max_length
+    rows = []
+    for resolution in args.resolution or [cfg.data.image_size]:
+        if "train" in args.what:
+            for batch in args.batch or [cfg.train.batch_size]:
+                rows.append(bench_train(s, batch, resolution, tokens, args.warmup, args.repeats))
+                print(format_table(rows[-1:]), flush=True)
+        if "sample" in args.what:
+            for cached in (True, False):
+                rows.append(
+                    bench_sample(
+                        s,
+                        args.prompts,
+                        resolution,
+                        tokens,
+                        args.steps,
+                        args.guidance,
+                        cached,
+                        args.warmup,
+                        args.repeats,
+                    )
+                )
+                print(format_table(rows[-1:]), flush=True)
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {len(rows)} measurements to {args.json}")
+    return 0
+
+
 def cmd_describe(args) -> int:
     from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
     from fusedit.system import build_model, count_parameters
@@ -340,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("bench", help="training and sampling throughput on synthetic inputs (random weights)")
+    with_config(sp)
+    sp.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
+    sp.add_argument("--resolution", type=int, nargs="+", help="image sizes in pixels (default the config's)")
+    sp.add_argument("--batch", type=int, nargs="+", help="training batch sizes (default train.batch_size)")
+    sp.add_argument("--text-tokens", type=int, help="prompt length in tokens (default text.max_length)")
+    sp.add_argument("--prompts", type=int, default=4, help="sampling batch")
+    sp.add_argument("--steps", type=int, default=25)
+    sp.add_argument("--guidance", type=float, default=6.0)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--json", help="write one JSON object per measurement to this file")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")
     bsub = sp.add_subparsers(dest="action", required=True)

@@ -90,8 +90,12 @@ def _text_encoder(
     return TextEncoder(llm, tokenizer, tcfg.max_length, template, trim_padding=tcfg.trim_padding)
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu") -> TextToImage:
-    """Build every part on ``device`` ("meta" builds shapes only, for counting parameters)."""
+def build_model(
+    cfg: Config, device: torch.device | str = "cpu", with_autoencoder: bool = True
+) -> TextToImage:
+    """Build every part on ``device`` ("meta" builds shapes only, for counting parameters).
+
+    ``with_autoencoder=False`` skips the VAE (benchmarks on synthetic latents)."""
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
     specs = [LLMSpec.from_hf(llm_config(t, shape_only=meta)) for t in text_cfgs]
@@ -114,7 +118,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> TextToImage:
         _text_encoder(t, req, spec, device, meta, words)
         for t, req, spec in zip(text_cfgs, denoiser.text_requests, specs, strict=True)
     ]
-    autoencoder = None if meta else load_autoencoder(cfg.vae, device)
+    autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
     return TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)
 
 

@@ -1,0 +1,214 @@
+"""`fusedit bench`: training-step and sampling throughput of any preset with random weights and synthetic
+inputs (latents and token ids), so it needs no data and no downloads.
+
+Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT forward + 1 x LLM forward per
+image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. Sampling:
+images/s and seconds per image for N steps with guidance, with and without the text cache. Warm-up runs are
+excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fusedit.config import Config
+from fusedit.flow import flow_loss, guided, interpolate, sample
+from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+from fusedit.system import TextToImage, build_model, count_parameters
+from fusedit.text.context import TextContext
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) on this device: the MFU denominator."""
+    n = n if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_it(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return 2 * n**3 / seconds
+
+
+def synthetic_text(model: TextToImage, batch: int, tokens: int, generator: torch.Generator) -> TextContext:
+    """Random token ids of exactly ``tokens`` per prompt (no padding) through every LLM, once."""
+    device = next(model.denoiser.parameters()).device
+    contexts = []
+    for enc, request in zip(model.encoders, model.denoiser.text_requests, strict=True):
+        vocab = enc.llm.config.vocab_size
+        ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
+        mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        contexts.append(enc(ids, mask, request))
+    context = contexts[0]
+    context.others = contexts[1:]
+    if model.pooled_text is not None:
+        context.pooled = model.pooled_text(["a prompt"] * batch)
+    return context
+
+
+@dataclasses.dataclass
+class BenchSetup:
+    model: TextToImage
+    cfg: Config
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    peak: float
+
+
+def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
+    """Random weights of the preset's shape (a hub model_id is replaced by its ``arch``), no VAE."""
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, model_id="", tokenizer=""))
+    torch.manual_seed(0)
+    model = build_model(cfg, device, with_autoencoder=False)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype))
+
+
+def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup: int, repeats: int) -> dict:
+    cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
+    side = resolution // cfg.vae.downsample
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, cfg.vae.latent_channels, side, side, generator=gen).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.rand(batch, generator=gen).to(device)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    denoiser.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        text = synthetic_text(s.model, batch, tokens, gen)  # a training step includes one LLM forward
+        with s.autocast:
+            v = denoiser(interpolate(x0, noise, t), t, text)
+        flow_loss(v, x0, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = time_it(step, device, warmup, repeats)
+    n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
+    flops = 3 * denoiser_flops(denoiser, n_img, tokens) + sum(
+        llm_flops(e.llm, tokens) for e in s.model.encoders
+    )
+    achieved = flops * batch / seconds
+    return {
+        "kind": "train",
+        "preset": cfg.name,
+        "device": str(device),
+        "batch": batch,
+        "resolution": resolution,
+        "text_tokens": tokens,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / s.peak,
+        "peak_tflops": s.peak / 1e12,
+        "flops_per_image": flops,
+        "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30)
+        if device.type == "cuda"
+        else None,
+        "trainable_params": count_parameters(denoiser, trainable=True),
+    }
+
+
+def bench_sample(
+    s: BenchSetup,
+    prompts: int,
+    resolution: int,
+    tokens: int,
+    steps: int,
+    guidance: float,
+    cached: bool,
+    warmup: int,
+    repeats: int,
+) -> dict:
+    cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
+    denoiser.eval()
+    side = resolution // cfg.vae.downsample
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(prompts, cfg.vae.latent_channels, side, side, generator=gen).to(device)
+    rows = 2 * prompts if guidance != 1.0 else prompts
+
+    @torch.no_grad()
+    def run():
+        context = synthetic_text(s.model, rows, tokens, torch.Generator().manual_seed(1))
+
+        def velocity(x, t):
+            text = (
+                context if cached else synthetic_text(s.model, rows, tokens, torch.Generator().manual_seed(1))
+            )
+            with s.autocast:
+                return denoiser(x, t, text).float()
+
+        v = guided(velocity, guidance) if guidance != 1.0 else velocity
+        return sample(v, noise, steps, shift=cfg.sample.shift)
+
+    seconds = time_it(run, device, warmup, repeats)
+    return {
+        "kind": "sample",
+        "preset": cfg.name,
+        "device": str(device),
+        "prompts": prompts,
+        "resolution": resolution,
+        "text_tokens": tokens,
+        "steps": steps,
+        "guidance": guidance,
+        "text_cache": cached,
+        "batch_s": seconds,
+        "images_per_s": prompts / seconds,
+        "s_per_image": seconds / prompts,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["kind"] == "train":
+            mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "-"
+            lines.append(
+                f"train  {r['preset']:<22} {r['resolution']:>5}px b{r['batch']:<4} {r['images_per_s']:9.2f} img/s "
+                f"{r['tflops']:8.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak mem {mem}"
+            )
+        else:
+            lines.append(
+                f"sample {r['preset']:<22} {r['resolution']:>5}px n{r['prompts']:<4} {r['images_per_s']:9.2f} img/s "
+                f"{r['s_per_image']:8.3f} s/img  {r['steps']} steps cfg {r['guidance']}  "
+                f"{'cached' if r['text_cache'] else 'uncached'}"
+            )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict], path) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
