@@ -81,6 +81,24 @@ class ModelConfig:
     # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
     # (LI-DiT), "clip" = a second encoder's pooled embedding (FuseDiT clip-mod, configured in pooled_text).
     pooled_text: str = choice("none", "none", "refined", "clip")
+    # -- Options that reproduce the public FuseDiT code's numerics (fusedit.convert.fusedit_official); the
+    # defaults are fusedit's own choices.
+    # APE positions scaled by ape_base_size / grid, as diffusers' PatchEmbed does (its base_size: the training
+    # grid in patches), so every grid spans the training grid's range; None = positions 0 .. h - 1.
+    ape_base_size: int | None = positive(None)
+    # APE over a fixed ape_max_size x ape_max_size grid, centre-cropped to the latent grid (diffusers'
+    # pos_embed_max_size); None = the latent grid itself.
+    ape_max_size: int | None = positive(None)
+    # The norm adaLN modulates (adaln-zero, adaln-single): "layernorm" (DiT, parameter-free) or "rmsnorm"
+    # (affine, the public FuseDiT code).
+    adaln_norm: str = choice("layernorm", "layernorm", "rmsnorm")
+    # RoPE schemes: "joint" = text and image share one sequence (image positions after the unpadded text;
+    # shallow designs rotate their projected text keys at 0 .. T - 1); "image-only" = only image tokens are
+    # rotated, from position 0 (the public code's shallow baselines).
+    rope_layout: str = choice("joint", "joint", "image-only")
+    # Deep fusion with RoPE: image rotations as the public code computed them for prompts left-padded to this
+    # many tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
+    rope_left_pad: int | None = positive(None)
 
 
 @dataclass

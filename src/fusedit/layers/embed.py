@@ -38,17 +38,47 @@ class PatchEmbed(nn.Module):
 
 def sincos_2d(dim: int, h: int, w: int, device=None) -> torch.Tensor:
     """(h * w, dim) fixed 2D sin-cos position embedding (MAE/DiT): half the channels per axis."""
+    rows = torch.arange(h, device=device, dtype=torch.float64)
+    cols = torch.arange(w, device=device, dtype=torch.float64)
+    return _sincos_grid(dim, rows, cols)
+
+
+def scaled_sincos_2d(
+    dim: int, h: int, w: int, base_size: int | None, max_size: int | None, device=None
+) -> torch.Tensor:
+    """(h * w, dim) sin-cos table as diffusers' ``PatchEmbed`` builds it (the public FuseDiT code's APE).
+
+    Along each axis the table covers a grid of G positions, G = ``max_size`` or the axis length itself,
+    scaled by ``base_size / G`` (so every grid spans what the training grid of ``base_size`` patches spanned;
+    None = unscaled), and is centre-cropped to the h x w latent grid. The positions are divided in float32
+    as diffusers does, so the table equals its stored ``pos_embed`` buffer bit for bit.
+    """
+
+    def axis(n: int) -> torch.Tensor:
+        grid = max_size or n
+        if n > grid:
+            raise ValueError(
+                f"a latent grid of {n} patches exceeds the APE table's {grid} (model.ape_max_size)"
+            )
+        start = (grid - n) // 2
+        pos = torch.arange(start, start + n, device=device, dtype=torch.float32)
+        return (pos / (grid / (base_size or grid))).double()
+
+    return _sincos_grid(dim, axis(h), axis(w))
+
+
+def _sincos_grid(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Row positions (h,) and column positions (w,), float64 -> (h * w, dim): columns first, then rows."""
     if dim % 4:
         raise ValueError(f"2D sin-cos embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4))
-    rows = torch.arange(h, device=device, dtype=torch.float64).repeat_interleave(w)
-    cols = torch.arange(w, device=device, dtype=torch.float64).repeat(h)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=rows.device, dtype=torch.float64) / (dim / 4))
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
         a = pos[:, None] * omega
         return torch.cat([a.sin(), a.cos()], dim=1)
 
-    return torch.cat([axis(cols), axis(rows)], dim=1).float()
+    h, w = rows.shape[0], cols.shape[0]
+    return torch.cat([axis(cols.repeat(h)), axis(rows.repeat_interleave(w))], dim=1).float()
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

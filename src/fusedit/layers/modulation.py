@@ -9,17 +9,26 @@ unmodulated variants hand out ``IDENTITY``, so no block ever branches on the var
 - ``adaln-single`` (PixArt-alpha): one global Linear(d, 6d), plus a learned (6, d) table per block.
 - ``addition``: temb added to every image token after patchify; plain affine RMSNorms.
 - ``none``: no timestep input at all (the released large FuseDiT model).
+
+The norm that adaLN modulates (blocks and final layer) is DiT's parameter-free LayerNorm, or with
+``model.adaln_norm=rmsnorm`` an affine RMSNorm, as the public FuseDiT code has it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fusedit.config import ModelConfig
 from fusedit.layers.embed import TimestepEmbedder
 from fusedit.layers.norm import RMSNorm, layer_norm
+
+# The norm adaLN modulates (model.adaln_norm): DiT's parameter-free LayerNorm, or the public FuseDiT code's
+# affine RMSNorm.
+MODULATED_NORMS: dict[str, Callable[[int, float], nn.Module]] = {"layernorm": layer_norm, "rmsnorm": RMSNorm}
 
 
 class ZeroInit:
@@ -98,9 +107,9 @@ class NoBlockModulation(nn.Module):
 
 
 class AdaLNFinal(nn.Module, ZeroInit):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, norm: Callable[[int, float], nn.Module] = layer_norm):
         super().__init__()
-        self.norm = layer_norm(dim, eps)
+        self.norm = norm(dim, eps)
         self.linear = nn.Linear(dim, 2 * dim)
 
     def zero_(self) -> None:
@@ -115,9 +124,9 @@ class AdaLNFinal(nn.Module, ZeroInit):
 class TableFinal(nn.Module):
     """PixArt-alpha's final layer: a learned (2, d) shift/scale table plus the timestep embedding."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, norm: Callable[[int, float], nn.Module] = layer_norm):
         super().__init__()
-        self.norm = layer_norm(dim, eps)
+        self.norm = norm(dim, eps)
         self.table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -126,7 +135,9 @@ class TableFinal(nn.Module):
 
 
 class NormFinal(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Unmodulated: an affine RMSNorm whatever ``norm`` the modulated variants use."""
+
+    def __init__(self, dim: int, eps: float, norm: Callable[[int, float], nn.Module] | None = None):
         super().__init__()
         self.norm = RMSNorm(dim, eps)
 
@@ -141,12 +152,13 @@ class TimestepConditioning(nn.Module):
     """Base: owns the global timestep path; builds per-block modulators, block norms and the final layer."""
 
     block_modulation: type[nn.Module] = NoBlockModulation
-    final_layer: type[nn.Module] = NormFinal
+    final_cls: type[nn.Module] = NormFinal
     modulated = False
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, adaln_norm: str = "layernorm"):
         super().__init__()
         self.embedder = TimestepEmbedder(dim)
+        self.modulated_norm = MODULATED_NORMS[adaln_norm]
 
     def embed(self, t: torch.Tensor) -> torch.Tensor | None:
         """(B,) t in [0, 1] -> (B, d) conditioning vector (None: no timestep input)."""
@@ -160,12 +172,16 @@ class TimestepConditioning(nn.Module):
         return None
 
     def block_norm(self, dim: int, eps: float) -> nn.Module:
-        return layer_norm(dim, eps) if self.modulated else RMSNorm(dim, eps)
+        return self.modulated_norm(dim, eps) if self.modulated else RMSNorm(dim, eps)
+
+    def final_layer(self, dim: int, eps: float) -> nn.Module:
+        """The norm before proj_out (modulated like the blocks' norms)."""
+        return self.final_cls(dim, eps, self.modulated_norm)
 
 
 class AdaLNZero(TimestepConditioning):
     block_modulation = AdaLNZeroBlock
-    final_layer = AdaLNFinal
+    final_cls = AdaLNFinal
     modulated = True
 
     def block_input(self, c: torch.Tensor) -> torch.Tensor:
@@ -174,11 +190,11 @@ class AdaLNZero(TimestepConditioning):
 
 class AdaLNSingle(TimestepConditioning):
     block_modulation = AdaLNSingleBlock
-    final_layer = TableFinal
+    final_cls = TableFinal
     modulated = True
 
-    def __init__(self, dim: int):
-        super().__init__(dim)
+    def __init__(self, dim: int, adaln_norm: str = "layernorm"):
+        super().__init__(dim, adaln_norm)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def block_input(self, c: torch.Tensor) -> torch.Tensor:
@@ -191,9 +207,10 @@ class Addition(TimestepConditioning):
 
 
 class NoTimestep(TimestepConditioning):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, adaln_norm: str = "layernorm"):
         # Skip the base class's embedder: this variant has no timestep parameters at all.
         nn.Module.__init__(self)
+        self.modulated_norm = MODULATED_NORMS[adaln_norm]
 
     def embed(self, t: torch.Tensor) -> None:
         return None
@@ -205,3 +222,8 @@ TIMESTEP_CONDITIONING: dict[str, type[TimestepConditioning]] = {
     "addition": Addition,
     "none": NoTimestep,
 }
+
+
+def timestep_conditioning(cfg: ModelConfig, dim: int) -> TimestepConditioning:
+    """The timestep conditioning ``cfg`` asks for, with its options (``adaln_norm``)."""
+    return TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim, adaln_norm=cfg.adaln_norm)

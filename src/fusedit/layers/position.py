@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fusedit.layers.embed import sincos_2d
-from fusedit.layers.rope import NoRotary, Rotary, rope_1d, rope_2d, rope_m, rope_text
+from fusedit.config import ModelConfig
+from fusedit.layers.embed import scaled_sincos_2d, sincos_2d
+from fusedit.layers.rope import NoRotary, Rotary, inv_freq, rope_1d, rope_2d, rope_m, rope_text
 
 
 class PositionScheme:
@@ -37,6 +38,20 @@ class APE(PositionScheme):
         return NoRotary()
 
 
+class ScaledAPE(APE):
+    """APE as diffusers' ``PatchEmbed`` builds it (the public FuseDiT code): positions scaled by
+    ``base_size / G`` over a G-position grid (G = ``max_size`` or the latent grid), centre-cropped to the
+    latent grid. See ``scaled_sincos_2d``."""
+
+    def __init__(self, head_dim: int, theta: float, base_size: int | None, max_size: int | None):
+        super().__init__(head_dim, theta)
+        self.base_size, self.max_size = base_size, max_size
+
+    def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        table = scaled_sincos_2d(x.shape[-1], h, w, self.base_size, self.max_size, x.device)
+        return x + table.to(x.dtype)
+
+
 class Rope1D(PositionScheme):
     def rotary(self, h, w, text_lengths):
         return rope_1d(h, w, text_lengths, self.head_dim, self.theta)
@@ -66,3 +81,77 @@ POSITION_SCHEMES: dict[str, type[PositionScheme]] = {
     "m-rope": MRope,
     "none": NoPosition,
 }
+# The schemes that rotate image tokens (the RoPE layout options apply to these only).
+ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")
+
+
+# ------------------------------------------------------------------ RoPE layout variants (build time)
+
+
+class _Wrapped(PositionScheme):
+    """A position scheme that changes one aspect of another's rotation and delegates the rest."""
+
+    def __init__(self, inner: PositionScheme):
+        super().__init__(inner.head_dim, inner.theta)
+        self.inner = inner
+
+    def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return self.inner.add_absolute(x, h, w)
+
+    def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
+        return self.inner.rotary(h, w, text_lengths)
+
+    def text_rotary(self, length: int, device) -> Rotary | NoRotary:
+        return self.inner.text_rotary(length, device)
+
+
+class ImageOnlyRotary(_Wrapped):
+    """``model.rope_layout=image-only``: only image tokens are rotated, at positions from 0 (no text offset);
+    text keys a design projects itself stay unrotated. The public FuseDiT code's shallow baselines."""
+
+    def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
+        return self.inner.rotary(h, w, torch.zeros_like(text_lengths))
+
+    def text_rotary(self, length: int, device) -> NoRotary:
+        return NoRotary()
+
+
+class LeftPaddedRotary(_Wrapped):
+    """``model.rope_left_pad=P``: image rotations as the public FuseDiT code computed them for prompts
+    left-padded to P tokens (Gemma's tokenizers pad on the left): its real text tokens sat at positions
+    P - L .. P - 1 while the image positions still started at the unpadded length L.
+
+    Here the text keys arrive rotated at 0 .. L - 1 by the LLM's 1D RoPE, so every image query and key is
+    rotated back by the LLM's angles for P - L positions instead: image-text angle differences then equal
+    the public code's, and image-image ones are unchanged (both sides move alike). For 2D RoPE, whose image
+    frequencies differ from the text's, no position shift could do this; an angle shift does.
+    """
+
+    def __init__(self, inner: PositionScheme, pad_to: int):
+        super().__init__(inner)
+        self.pad_to = pad_to
+
+    def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary:
+        rot = self.inner.rotary(h, w, text_lengths)
+        pad = (self.pad_to - text_lengths).float()  # (B,)
+        shift = -pad[:, None] * inv_freq(self.head_dim, self.theta, text_lengths.device)  # (B, head_dim / 2)
+        shift = torch.cat([shift, shift], dim=-1)[:, None, None]  # rotate-half layout, (B, 1, 1, head_dim)
+        cos, sin = shift.cos(), shift.sin()
+        # Rotations compose by adding angles: cos(a + b), sin(a + b).
+        return Rotary(rot.cos * cos - rot.sin * sin, rot.sin * cos + rot.cos * sin)
+
+
+def position_scheme(cfg: ModelConfig, head_dim: int, theta: float) -> PositionScheme:
+    """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
+    ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
+    if cfg.pos_embed == "ape" and ape_options:
+        return ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size)
+    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta)
+    if cfg.pos_embed not in ROTARY_SCHEMES:
+        return scheme
+    if cfg.rope_layout == "image-only":
+        # Text keys are not rotated in this layout, so how the text was padded cannot matter.
+        return ImageOnlyRotary(scheme)
+    if cfg.rope_left_pad is not None:
+        return LeftPaddedRotary(scheme, cfg.rope_left_pad)
+    return scheme
