@@ -271,6 +271,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from fusedit.convert.fusedit_official import load_official
+    from fusedit.train.checkpoint import save_checkpoint
+
+    cfg, model = load_official(
+        args.path,
+        config=args.config,
+        tokenizer=args.tokenizer or "",
+        vae=args.vae or "",
+        vae_subfolder=args.vae_subfolder or "",
+        llm=args.llm or "",
+        max_length=args.max_length,
+        padding_side=args.padding_side,
+    )
+    if cfg.vae.kind == "diffusers" and not cfg.vae.model_id:
+        raise ConfigError(
+            f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
+            "--vae-subfolder vae, the VAE FuseDiT was trained with)"
+        )
+    weights = model.denoiser.state_dict()
+    ckpt = save_checkpoint(
+        args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
+    )
+    print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
+    return 0
+
+
 def cmd_describe(args) -> int:
     from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
     from fusedit.system import build_model, count_parameters
@@ -376,6 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("convert", help="import a public FuseDiT checkpoint (folder, pipeline or raw file)")
+    sp.add_argument(
+        "path", help="transformer folder, pipeline folder, model.pt.zst/ema.pt.zst or DeepSpeed file"
+    )
+    sp.add_argument("--out", required=True, help="fusedit run folder to write")
+    sp.add_argument("--config", help="the public config.json when it is not next to the weights")
+    sp.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the pipeline's or the LLM's)")
+    sp.add_argument("--vae", help="VAE hub id or folder (default: the pipeline's)")
+    sp.add_argument("--vae-subfolder")
+    sp.add_argument("--llm", help="LLM hub id or folder when the checkpoint holds no LLM weights")
+    sp.add_argument("--max-length", type=int, default=256)
+    sp.add_argument("--padding-side", choices=["left", "right"])
+    sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("bench", help="training and sampling throughput on synthetic inputs (random weights)")
     with_config(sp)

@@ -18,9 +18,9 @@ from torch import nn
 from fusedit.config import ConfigError, ModelConfig
 from fusedit.layers.attention import backend_context
 from fusedit.layers.embed import PatchEmbed, unpatchify
-from fusedit.layers.modulation import TIMESTEP_CONDITIONING, ZeroInit
+from fusedit.layers.modulation import ZeroInit, timestep_conditioning
 from fusedit.layers.norm import RMSNorm
-from fusedit.layers.position import POSITION_SCHEMES
+from fusedit.layers.position import position_scheme
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.refiner import masked_mean
 from fusedit.text.spec import LLMSpec
@@ -114,10 +114,10 @@ class DiT(nn.Module):
         dim = cfg.dit_hidden_size or llm.hidden_size
         self.dim, self.patch_size, self.in_channels = dim, cfg.patch_size, in_channels
         self.attention_backend = cfg.attention_backend
-        self.position = POSITION_SCHEMES[cfg.pos_embed](llm.head_dim, llm.rope_theta)
+        self.position = position_scheme(cfg, llm.head_dim, llm.rope_theta)
         self.patch_embed = PatchEmbed(in_channels, dim, cfg.patch_size)
         self.conv_pos = ConvPosition(dim) if cfg.conv_pos else NoConvPosition()
-        self.time = TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim)
+        self.time = timestep_conditioning(cfg, dim)
         self.pooled = {
             "none": lambda: NoPooledText(),
             "clip": lambda: ClipPooledText(pooled_dim, dim, llm.rms_norm_eps),
