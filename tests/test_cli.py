@@ -223,3 +223,12 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
         == 0
     )
     assert (out / "00000.png").is_file()
+
+
+def test_export_a_run_as_a_diffusers_pipeline(tmp_path):
+    run = _tiny_run(tmp_path)
+    assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0
+    import json as _json
+
+    index = _json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "FuseDiTPipeline" and "transformer" in index

@@ -298,6 +298,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fusedit.hub import export_run
+
+    out = export_run(args.model, args.out, use_ema=not args.no_ema, device=args.device)
+    print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
+    return 0
+
+
 def cmd_describe(args) -> int:
     from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
     from fusedit.system import build_model, count_parameters
@@ -404,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
 
+    sp = sub.add_parser("export", help="write a run or checkpoint as a diffusers pipeline folder")
+    sp.add_argument("model", help="run folder or checkpoint folder")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_export)
+
     sp = sub.add_parser("convert", help="import a public FuseDiT checkpoint (folder, pipeline or raw file)")
     sp.add_argument(
         "path", help="transformer folder, pipeline folder, model.pt.zst/ema.pt.zst or DeepSpeed file"
@@ -487,6 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fusedit: error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,8 @@ def load_llm(
             f"the design needs {num_layers} LLM layers but the LLM has {config.num_hidden_layers}"
         )
     config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):  # Gemma-2, Qwen2/3: one attention type per layer
+        config.layer_types = config.layer_types[:num_layers]
     dtype = DTYPES[cfg.dtype]
     if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
         # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix, so

@@ -1,0 +1,360 @@
+"""``FuseDiTPipeline``: a fusedit model as a diffusers ``DiffusionPipeline``.
+
+    pipe = FuseDiTPipeline.from_pretrained("exported/")        # or .from_fusedit("runs/a")
+    images = pipe("a red circle", negative_prompt="", num_inference_steps=25, guidance_scale=6.0,
+                  generator=torch.Generator().manual_seed(0)).images
+
+It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary diffusers components (see
+``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sample.generate`` does: the LLMs run
+once per call for the whole [negative ; prompt] batch and that text context serves every step and both
+guidance branches; the scheduler integrates fusedit's schedule (uniform in t, then the SD3 shift of the
+scheduler's config) with Euler steps. Same seed, steps, guidance and shift give the same images as
+``generate``, bit for bit.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fusedit.config import Config
+from fusedit.flow import guided, sampling_times
+from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
+from fusedit.imaging import to_uint8
+from fusedit.system import TextToImage
+from fusedit.text.encoder import TextEncoder
+from fusedit.text.llm import DTYPES
+from fusedit.text.pooled import PooledTextEncoder
+from fusedit.text.templates import build_template
+from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
+
+# Component names of the LLMs, in config order (text, extra_text[0], ...): diffusers builds a pipeline from
+# its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
+LLM_SLOTS = [("tokenizer", "text_encoder")] + [(f"tokenizer_{i}", f"text_encoder_{i}") for i in (2, 3, 4)]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# FlowMatchEulerDiscreteScheduler options that change its sigmas beyond the plain shift.
+_SCHEDULE_VARIANTS = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+)
+
+
+class FuseDiTPipeline(DiffusionPipeline):
+    """Text-to-image with a fusedit model (any design: deep fusion, the shallow baselines, LI-DiT).
+
+    ``__call__`` defaults (steps, guidance, negative prompt, size) are the model's own ``sample`` section and
+    training resolution, recorded in ``transformer/config.json``."""
+
+    model_cpu_offload_seq = "->".join(
+        [enc for _, enc in LLM_SLOTS] + ["pooled_text_encoder", "transformer", "vae"]
+    )
+    _optional_components = [name for slot in LLM_SLOTS[1:] for name in slot] + [
+        "pooled_tokenizer",
+        "pooled_text_encoder",
+    ]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: PreTrainedModel,
+        transformer: FuseDiTTransformer2DModel,
+        vae: AutoencoderKL | IdentityVAE,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_3: PreTrainedTokenizerBase | None = None,
+        text_encoder_3: PreTrainedModel | None = None,
+        tokenizer_4: PreTrainedTokenizerBase | None = None,
+        text_encoder_4: PreTrainedModel | None = None,
+        pooled_tokenizer: PreTrainedTokenizerBase | None = None,
+        pooled_text_encoder: PreTrainedModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+            tokenizer_2=tokenizer_2,
+            text_encoder_2=text_encoder_2,
+            tokenizer_3=tokenizer_3,
+            text_encoder_3=text_encoder_3,
+            tokenizer_4=tokenizer_4,
+            text_encoder_4=text_encoder_4,
+            pooled_tokenizer=pooled_tokenizer,
+            pooled_text_encoder=pooled_text_encoder,
+        )
+        # fusedit keeps every text encoder and the VAE frozen; a loaded transformers model comes back with
+        # requires_grad on, which would make TextEncoder run the LLM with autograd.
+        for module in (*self._llms(), pooled_text_encoder, vae):
+            if module is not None:
+                module.requires_grad_(False)
+
+    # ---- building
+    @classmethod
+    def from_model(cls, model: TextToImage, cfg: Config) -> "FuseDiTPipeline":
+        """A pipeline over a built fusedit model (``build_model(cfg)`` / ``load_model``), sharing its
+        modules: nothing is copied."""
+        encoders = model.encoders
+        if len(encoders) > len(LLM_SLOTS):
+            raise ValueError(
+                f"a FuseDiTPipeline holds at most {len(LLM_SLOTS)} LLMs; this model has {len(encoders)}"
+            )
+        if any(enc.tokenizer is None for enc in encoders):
+            raise ValueError("a shape-only (meta device) model has no tokenizer and no weights to export")
+        parts = {}
+        for (tok_name, llm_name), enc in zip(LLM_SLOTS, encoders):
+            parts[tok_name], parts[llm_name] = enc.tokenizer, enc.llm
+        pooled_dim = None
+        if model.pooled_text is not None:
+            parts["pooled_tokenizer"] = model.pooled_text.tokenizer
+            parts["pooled_text_encoder"] = model.pooled_text.model
+            pooled_dim = model.pooled_text.dim
+        ae = model.autoencoder
+        if isinstance(ae, IdentityAutoencoder):
+            vae = IdentityVAE(latent_channels=ae.channels).to(next(model.denoiser.parameters()).device)
+        elif isinstance(ae, DiffusersAutoencoder):
+            vae = ae.vae
+        else:
+            raise ValueError(f"cannot export autoencoder {type(ae).__name__} (allowed: identity, diffusers)")
+        return cls(
+            transformer=FuseDiTTransformer2DModel.from_denoiser(model.denoiser, cfg, pooled_dim),
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.sample.shift),
+            **parts,
+        )
+
+    @classmethod
+    def from_fusedit(
+        cls, run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True
+    ) -> "FuseDiTPipeline":
+        """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder."""
+        from fusedit.train.checkpoint import load_model
+
+        model, cfg, _ = load_model(run_or_checkpoint, device, use_ema=use_ema)
+        return cls.from_model(model, cfg)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FuseDiTPipeline":
+        """diffusers' loader, after checking (one-line errors) that the folder or hub repo is a fusedit
+        pipeline. Without ``torch_dtype`` each LLM gets the dtype its ``text.dtype`` recorded."""
+        _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if kwargs.get("torch_dtype") is None:
+            # transformers 4.x loads float32 whatever the checkpoint holds; fusedit ran the LLM in text.dtype.
+            cfg = pipe.fusedit_config
+            for text, llm in zip([cfg.text, *cfg.extra_text], pipe._llms()):
+                llm.to(DTYPES[text.dtype])
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' writer. fusedit cuts an LLM after the deepest layer a design reads, but per-layer config
+        lists (``layer_types`` of Gemma-2, Qwen2/3) keep the full length, and transformers refuses to save
+        such a config: they are cut to the saved layers while saving, then restored."""
+        restore = []
+        for llm in self._llms():
+            config = llm.config
+            types = getattr(config, "layer_types", None)
+            if types is not None and len(types) > config.num_hidden_layers:
+                restore.append((config, types))
+                config.layer_types = list(types[: config.num_hidden_layers])
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            for config, types in restore:
+                config.layer_types = types
+
+    # ---- the fusedit view
+    def _llms(self) -> list:
+        return [m for _, name in LLM_SLOTS if (m := getattr(self, name, None)) is not None]
+
+    @property
+    def fusedit_config(self) -> Config:
+        return self.transformer.fusedit_config()
+
+    def to_fusedit(self) -> tuple[TextToImage, Config]:
+        """``(TextToImage, Config)`` over this pipeline's components (shared, not copied): what
+        ``fusedit.sample.generate``, evaluation and training take."""
+        cfg = self.fusedit_config
+        texts = [cfg.text, *cfg.extra_text]
+        pairs = [(getattr(self, tok), getattr(self, llm)) for tok, llm in LLM_SLOTS[: len(texts)]]
+        if len(texts) > len(LLM_SLOTS) or any(tok is None or llm is None for tok, llm in pairs):
+            have = sum(llm is not None for llm in self._llms())
+            raise ValueError(
+                f"the transformer reads {len(texts)} LLM(s) but the pipeline holds {have} text encoder(s)"
+            )
+        encoders = [
+            TextEncoder(
+                llm,
+                tok,
+                t.max_length,
+                build_template(t.template, tok, t.instruction, t.system_prompt),
+                trim_padding=t.trim_padding,
+            )
+            for t, (tok, llm) in zip(texts, pairs)
+        ]
+        pooled = None
+        if cfg.model.pooled_text == "clip":
+            if self.pooled_text_encoder is None or self.pooled_tokenizer is None:
+                raise ValueError(
+                    "the transformer reads a pooled CLIP embedding but the pipeline has no pooled_text_encoder"
+                )
+            pooled = PooledTextEncoder(
+                self.pooled_text_encoder, self.pooled_tokenizer, cfg.pooled_text.max_length
+            )
+        ae = self.vae if isinstance(self.vae, IdentityVAE) else DiffusersAutoencoder(self.vae)
+        return TextToImage(encoders[0], self.transformer.denoiser, ae, encoders[1:], pooled), cfg
+
+    # ---- sampling
+    def _set_schedule(self, steps: int, device: torch.device) -> None:
+        """Put fusedit's schedule on the scheduler: t uniform from 1 to 0 over ``steps``, then the shift."""
+        scheduler = self.scheduler
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(
+                f"FuseDiTPipeline samples with FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}"
+            )
+        if any(scheduler.config.get(key) for key in _SCHEDULE_VARIANTS):
+            # A schedule variant the user configured: hand it the unshifted times and let it transform them.
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device)
+            return
+        # The scheduler would apply the shift to float32 sigmas; fusedit shifts in float64 and rounds once.
+        # Giving it fusedit's shifted times with its shift at 1 (an exact identity) keeps the images equal
+        # to generate's, not just close.
+        shift = scheduler.shift
+        scheduler.set_shift(1.0)
+        try:
+            scheduler.set_timesteps(sigmas=sampling_times(steps, shift)[:-1].tolist(), device=device)
+        finally:
+            scheduler.set_shift(shift)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Images for ``prompt``. None means the model's own default (``sample.steps``, ``sample.guidance``,
+        ``sample.negative_prompt``, the training resolution). Guidance is classifier-free whenever it is not
+        1. ``output_type``: "pil" (fusedit's uint8 rounding, as ``fusedit sample`` writes), "np" / "pt"
+        (floats in [0, 1]), "latent". Returns ImagePipelineOutput(images=...) or a 1-tuple."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type={output_type!r} is not allowed (allowed: {', '.join(OUTPUT_TYPES)})"
+            )
+        model, cfg = self.to_fusedit()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt: give a string or a non-empty list of strings")
+        negative = cfg.sample.negative_prompt if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        steps = num_inference_steps or cfg.sample.steps
+        guidance = cfg.sample.guidance if guidance_scale is None else guidance_scale
+        height, width = height or cfg.data.image_size, width or cfg.data.image_size
+        ae = model.autoencoder
+        unit = ae.downsample * cfg.model.patch_size
+        if height % unit or width % unit:
+            raise ValueError(
+                f"height={height} and width={width} must be multiples of {unit} (VAE downsampling x patch size)"
+            )
+        shape = (len(prompts), ae.channels, height // ae.downsample, width // ae.downsample)
+        device = self._execution_device
+        if latents is None:
+            # randn_tensor draws on the generator's device (the CPU for a CPU generator) and then moves, as
+            # generate draws its noise on the CPU: the same seed gives the same noise on every device.
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device)
+
+        use_cfg = guidance != 1.0
+        # The text cache: one forward of each LLM for the whole batch (negative rows first, as
+        # fusedit.flow.guided expects), read by every step and both guidance branches.
+        context = model.encode_prompts(negatives + prompts if use_cfg else prompts)
+
+        def velocity(x, t):
+            return model.denoiser(x, t, context)
+
+        if use_cfg:
+            velocity = guided(velocity, guidance)
+        self._set_schedule(steps, device)
+        sigmas = self.scheduler.sigmas
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
+            for i, timestep in enumerate(self.scheduler.timesteps):
+                # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
+                v = velocity(latents, sigmas[i].expand(latents.shape[0]))
+                latents = self.scheduler.step(v, timestep, latents, return_dict=False)[0]
+                bar.update()
+        self.maybe_free_model_hooks()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = ae.decode(latents)
+            if output_type == "pil":
+                images = [Image.fromarray(a) for a in to_uint8(decoded)]
+            else:
+                unit_range = ((decoded.float() + 1) / 2).clamp(0, 1)
+                images = unit_range.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else unit_range
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
+    """One-line errors for what is not a fusedit pipeline folder or hub repo, before diffusers' loader."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
+                raise ValueError(
+                    f"{name!r} is a fusedit run or checkpoint folder, not a pipeline folder: use "
+                    f"FuseDiTPipeline.from_fusedit({name!r}) or export it first (fusedit.hub.export_run)"
+                )
+            raise ValueError(f"{name!r} is not a fusedit pipeline folder (it has no model_index.json)")
+        text = index.read_text()
+    elif path.exists():
+        raise ValueError(f"{name!r} is a file, not a fusedit pipeline folder")
+    elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:
+        # A hub repo id is exactly "owner/name"; anything else was meant as a local folder.
+        raise FileNotFoundError(f"no such folder: {name!r}")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        hub = ("revision", "cache_dir", "token", "local_files_only", "proxies", "force_download")
+        try:
+            text = Path(
+                hf_hub_download(name, "model_index.json", **{k: kwargs[k] for k in hub if k in kwargs})
+            ).read_text()
+        except Exception as e:  # the hub client's many error types all mean: not readable from there
+            raise OSError(
+                f"cannot read model_index.json of {name!r} from the Hugging Face hub: {str(e).splitlines()[0]}"
+            ) from None
+    try:
+        found = json.loads(text).get("_class_name")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{name!r}: model_index.json is not a JSON object") from None
+    if found != class_name:
+        raise ValueError(f"{name!r} holds a {found} pipeline, not a fusedit pipeline ({class_name})")

@@ -1,0 +1,290 @@
+"""Hugging Face formats: the diffusers pipeline folder (fusedit.hub) and FuseDiTPipeline (fusedit.pipeline).
+
+Every check that matters here is exact: a saved and reloaded model, the pipeline and fusedit's own
+``generate`` must give the same velocities and the same images, not close ones."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_ARCH, randomize, tiny_config
+from fusedit import hub
+from fusedit.flow import sampling_times
+from fusedit.imaging import to_uint8
+from fusedit.pipeline import FuseDiTPipeline
+from fusedit.sample import generate
+from fusedit.system import build_model
+from fusedit.train.checkpoint import load_model, save_checkpoint
+
+PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
+NEGATIVE = "a yellow square"
+SAMPLE = {"steps": 3, "guidance": 3.0, "shift": 3.0}  # shift != 1 so the schedule's rounding is exercised
+
+CLIP_ARCH = {
+    "vocab_size": 64,
+    "hidden_size": 24,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 32,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+QWEN = {
+    "family": "qwen2",
+    "arch": {**TINY_ARCH, "hidden_size": 48, "head_dim": 12, "num_hidden_layers": 4},
+    "template": "lidit",
+    "hidden_layer": -3,  # the saved Qwen is cut to 2 of its 4 layers
+    "max_length": 40,
+}
+
+
+def tiny_vae(folder):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        scaling_factor=1.5,
+        shift_factor=0.25,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def variant(name, tmp_path):
+    """A tiny config per kind of component a pipeline folder can hold."""
+    if name == "fusedit":  # deep fusion, pixel space, Gemma-2 (per-layer config lists), LLM cut to 2 layers
+        return tiny_config(sample=SAMPLE, text={"family": "gemma2"}, model={"num_layers": 2})
+    if name == "lidit":  # two LLMs of two families, refiners, refined pooled text
+        return tiny_config(
+            sample=SAMPLE,
+            model={
+                "design": "dit-cross",
+                "pos_embed": "none",
+                "conv_pos": True,
+                "refiner_depth": 1,
+                "refiner_heads": 4,
+                "pooled_text": "refined",
+            },
+            text={"template": "lidit", "hidden_layer": -2, "max_length": 40},
+            extra_text=[QWEN],
+        )
+    if name == "clip-mod":  # a pooled CLIP encoder
+        return tiny_config(
+            sample=SAMPLE, model={"pooled_text": "clip"}, pooled_text={"arch": CLIP_ARCH, "max_length": 16}
+        )
+    # a real latent space: a diffusers AutoencoderKL with its own scale and shift
+    return tiny_config(
+        sample=SAMPLE,
+        model={"pos_embed": "2d-rope"},
+        vae={
+            "kind": "diffusers",
+            "model_id": tiny_vae(tmp_path / "vae"),
+            "latent_channels": 4,
+            "downsample": 2,
+        },
+    )
+
+
+def built(cfg):
+    model = build_model(cfg)
+    randomize(model.denoiser)  # adaLN-Zero and the output projection start at 0: make the outputs non-trivial
+    return model
+
+
+def images(model, prompts=PROMPTS, seed=7, **kw):
+    return generate(model, prompts, image_size=16, seed=seed, **{**SAMPLE, "negative_prompt": NEGATIVE, **kw})
+
+
+def run_pipe(pipe, prompts=PROMPTS, seed=7, **kw):
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(
+        num_inference_steps=SAMPLE["steps"], guidance_scale=SAMPLE["guidance"], negative_prompt=NEGATIVE
+    )
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **{**args, **kw}).images
+
+
+def same_pil(pil_images, tensor):
+    return all(np.array_equal(np.asarray(a), b) for a, b in zip(pil_images, to_uint8(tensor), strict=True))
+
+
+def llm_calls(pipe):
+    """A forward-hook counter on every LLM of the pipeline."""
+    calls = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    return calls
+
+
+def test_pipeline_matches_generate_and_runs_the_llm_once_per_call():
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    assert pipe.transformer.denoiser is model.denoiser and pipe.text_encoder is model.text.llm  # shared
+    calls = llm_calls(pipe)
+    out = run_pipe(pipe)
+    assert calls == ["text_encoder"]  # one forward for [negative ; prompts], every step reads it
+    reference = images(model)
+    assert len(out) == 2 and out[0].size == (16, 16) and same_pil(out, reference)
+    # bit for bit before the uint8 rounding too
+    latents = run_pipe(pipe, output_type="latent")
+    assert torch.equal(latents.clamp(-1, 1), reference)
+    assert torch.equal(pipe.scheduler.sigmas, sampling_times(SAMPLE["steps"], SAMPLE["shift"]))
+    assert pipe.scheduler.shift == SAMPLE["shift"] == pipe.scheduler.config.shift  # restored after the call
+    # without guidance: no negative rows, still one LLM forward
+    calls.clear()
+    unguided = run_pipe(pipe, guidance_scale=1.0)
+    assert calls == ["text_encoder"] and same_pil(unguided, images(model, guidance=1.0))
+    # several images per prompt are the prompts repeated in order; defaults come from the model's config
+    many = pipe(PROMPTS, num_images_per_prompt=2, generator=torch.Generator().manual_seed(3))
+    assert same_pil(
+        many.images, images(model, [p for p in PROMPTS for _ in range(2)], seed=3, negative_prompt="")
+    )
+    floats = pipe("a red circle", output_type="np", return_dict=False)[0]
+    assert floats.shape == (1, 16, 16, 3) and floats.min() >= 0 and floats.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["fusedit", "lidit", "clip-mod", "diffusers-vae"])
+def test_saved_then_loaded_model_gives_identical_velocities_and_images(name, tmp_path):
+    cfg = variant(name, tmp_path)
+    model = built(cfg)
+    hub.save_pretrained(model, cfg, tmp_path / "export")
+    loaded, cfg2 = hub.from_pretrained(tmp_path / "export")
+    assert hub.export_config(cfg2) == hub.export_config(cfg)
+    assert loaded.denoiser is not model.denoiser and not loaded.denoiser.training
+    x = torch.randn(3, cfg.vae.latent_channels, 8, 8)
+    t = torch.tensor([0.9, 0.5, 0.1])
+    prompts = [NEGATIVE, *PROMPTS]
+    with torch.no_grad():
+        v = model(x, t, model.encode_prompts(prompts))
+        v2 = loaded(x, t, loaded.encode_prompts(prompts))
+    assert torch.equal(v, v2) and v.abs().sum() > 0
+    reference = images(model)
+    assert torch.equal(images(loaded), reference)
+    # and the pipeline read by diffusers' loader samples the same images, each LLM running once
+    pipe = FuseDiTPipeline.from_pretrained(tmp_path / "export")
+    calls = llm_calls(pipe)
+    assert same_pil(run_pipe(pipe), reference)
+    assert sorted(calls) == ["text_encoder", "text_encoder_2"][: len(cfg.extra_text) + 1]
+
+
+def test_the_folder_records_the_architecture(tmp_path):
+    from transformers import AutoModel
+
+    from fusedit.data.shapes import vocabulary
+    from fusedit.hub import FuseDiTTransformer2DModel
+    from fusedit.text.tokenizer import word_tokenizer
+
+    # an LLM with a "hub id" (a local folder here), read by a shallow design two blocks from the end
+    llm_dir = tmp_path / "llm"
+    AutoModel.from_config(hub.hf_config({"config": {"model_type": "gemma", **TINY_ARCH}})).save_pretrained(
+        llm_dir
+    )
+    word_tokenizer(vocabulary()).save_pretrained(llm_dir)
+    cfg = tiny_config(
+        sample=SAMPLE, model={"design": "dit-self"}, text={"model_id": str(llm_dir), "hidden_layer": -3}
+    )
+    model = built(cfg)
+    out = hub.save_pretrained(model, cfg, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"
+    ]  # fmt: skip
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "FuseDiTPipeline" and index["text_encoder_2"] == [None, None]
+    # diffusers resolves custom components by library and class name: both must import to our classes
+    for component, cls in [("transformer", FuseDiTTransformer2DModel), ("vae", hub.IdentityVAE)]:
+        library, name = index[component]
+        assert library == "fusedit.hub" and getattr(importlib.import_module(library), name) is cls
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    record = json.loads((out / "transformer" / "config.json").read_text())
+    assert record["fusedit"]["model"]["design"] == "dit-self" and record["fusedit"]["data"] == {
+        "image_size": 16
+    }
+    assert "train" not in record["fusedit"] and record["pooled_dim"] is None
+    (llm,) = record["llms"]
+    # the full LLM's config (3 layers) and its id; the text encoder itself is saved cut after layer 2
+    assert llm["model_id"] == str(llm_dir) and llm["config"]["num_hidden_layers"] == 3
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == SAMPLE["shift"]
+    # the record alone rebuilds the denoiser: same parameters, no fusedit YAML involved
+    rebuilt = FuseDiTTransformer2DModel.from_config(
+        FuseDiTTransformer2DModel.load_config(out / "transformer")
+    )
+    shapes = {k: v.shape for k, v in model.denoiser.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.denoiser.state_dict().items()} == shapes
+
+
+def test_pipeline_save_pretrained_round_trips_through_diffusers(tmp_path):
+    cfg = tiny_config(sample=SAMPLE)
+    pipe = FuseDiTPipeline.from_model(built(cfg), cfg)
+    reference = run_pipe(pipe)
+    pipe.save_pretrained(tmp_path / "a")
+    again = FuseDiTPipeline.from_pretrained(tmp_path / "a")
+    assert isinstance(again.vae, hub.IdentityVAE) and not any(
+        p.requires_grad for p in again.text_encoder.parameters()
+    )
+    again.save_pretrained(tmp_path / "b")  # a loaded pipeline saves again
+    third = FuseDiTPipeline.from_pretrained(tmp_path / "b")
+    for p in (again, third):
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(run_pipe(p), reference))
+
+
+def test_from_fusedit_reads_a_run_folder_with_its_ema_weights(tmp_path):
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in model.denoiser.state_dict().items()}
+    save_checkpoint(tmp_path / "run", 4, cfg, model.denoiser, ema, None, model.text.llm)
+    pipe = FuseDiTPipeline.from_fusedit(tmp_path / "run")
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.transformer.denoiser.state_dict().items())
+    trained, _, _ = load_model(tmp_path / "run")
+    reference = images(trained)
+    assert same_pil(run_pipe(pipe), reference)
+    raw = FuseDiTPipeline.from_fusedit(tmp_path / "run", use_ema=False).transformer.denoiser
+    assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in raw.state_dict().items())
+    # the export the CLI would write, read back as a fusedit model
+    hub.export_run(tmp_path / "run", tmp_path / "export")
+    exported, _ = hub.from_pretrained(tmp_path / "export")
+    assert torch.equal(images(exported), reference)
+
+
+def test_what_is_not_a_fusedit_pipeline_fails_in_one_line(tmp_path):
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    save_checkpoint(tmp_path / "run", 1, cfg, model.denoiser, None, None, model.text.llm)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "sd3").mkdir()
+    (tmp_path / "sd3" / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusion3Pipeline"})
+    )
+    cases = [
+        (tmp_path / "empty", ValueError, "is not a fusedit pipeline folder"),
+        (tmp_path / "run", ValueError, "is a fusedit run or checkpoint folder"),
+        (tmp_path / "sd3", ValueError, "holds a StableDiffusion3Pipeline pipeline"),
+        (tmp_path / "missing" / "export", FileNotFoundError, "no such folder"),
+    ]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            hub.from_pretrained(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(OSError, match="cannot read model_index.json of 'nobody/nothing'") as info:
+        FuseDiTPipeline.from_pretrained("nobody/nothing", local_files_only=True)
+    assert "\n" not in str(info.value)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    for kw, message in [
+        ({"height": 15}, "must be multiples of 2"),
+        ({"output_type": "jpeg"}, "output_type='jpeg' is not allowed"),
+        ({"negative_prompt": ["a", "b", "c"]}, "got 3 negative prompts for 2 prompts"),
+    ]:
+        with pytest.raises(ValueError, match=message) as info:
+            pipe(PROMPTS, **kw)
+        assert "\n" not in str(info.value)
