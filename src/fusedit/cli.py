@@ -298,6 +298,24 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from fusedit.eval.study import describe_study, load_study, run_study
+
+    study = load_study(args.study, device=args.device)
+    if args.check:
+        print(describe_study(study))
+        return 0
+    out = Path(args.out or f"runs/studies/{study.name}")
+    t0 = time.time()
+    r = run_study(study, out, progress=not args.quiet)
+    print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
+    print(f"study {r['name']}: {len(r['designs'])} designs in {time.time() - t0:.0f}s")
+    print(f"  report:  {out / 'report.md'}")
+    print(f"  plots:   {out / 'loss_curves.png'}, {out / 'scores.png'}")
+    print(f"  samples: {out / 'samples.png'} (per design: {out / 'grids'})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from fusedit.hub import export_run
 
@@ -411,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("study", help="train, score and compare several designs under one recipe")
+    sp.add_argument("study", help="study YAML file (see studies/)")
+    sp.add_argument("--out", help="output folder (default runs/studies/<name>); running it again resumes")
+    sp.add_argument("--device", help="train.device for every design (default: each config's, auto)")
+    sp.add_argument(
+        "--check", action="store_true", help="validate, print each design's size and cost, train nothing"
+    )
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_study)
 
     sp = sub.add_parser("export", help="write a run or checkpoint as a diffusers pipeline folder")
     sp.add_argument("model", help="run folder or checkpoint folder")

@@ -209,3 +209,199 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison plots (several series on one figure), for design studies (fusedit.eval.study)
+
+# Ten well-separated colours (matplotlib's tab10), so that up to ten designs stay distinguishable.
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+_GRID_COLOR = (225, 225, 225)
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """``count`` evenly spaced values from ``low`` to ``high`` (both included)."""
+    return [low + (high - low) * i / (count - 1) for i in range(count)]
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, font, labels: Sequence[str], right: float, top: float) -> None:
+    """A boxed legend (colour swatch + label per line) whose top-right corner is at (right, top)."""
+    line_h = font.getbbox("Ag")[3] + 4
+    width = 22 + max(font.getlength(label) for label in labels) + 8
+    left = right - width
+    draw.rectangle((left, top, right, top + 6 + line_h * len(labels)), fill=_WHITE, outline=_GRAY)
+    for i, label in enumerate(labels):
+        y = top + 4 + i * line_h
+        color = PALETTE[i % len(PALETTE)]
+        draw.rectangle((left + 6, y + 2, left + 18, y + line_h - 4), fill=color)
+        draw.text((left + 22, y), label, fill=_BLACK, font=font)
+
+
+def plot_curves(
+    series: dict[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    title: str = "",
+    ylabel: str = "loss",
+    xlabel: str = "step",
+    smooth: int = 0,
+) -> None:
+    """Write several curves (label -> values against their index + 1, i.e. training steps) on one PNG,
+    with a legend, each in its own colour.
+
+    With ``smooth > 1`` every curve is a trailing moving average over that many points: raw per-step losses
+    of several runs overlap into noise, and a comparison only needs the trends. Non-finite values are left
+    out. The y range covers the drawn (smoothed) curves.
+    """
+    width, height = 720, 440
+    left, right, top, bottom = 70, 20, 30, 44
+    image = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    if title:
+        draw.text(((width - font.getlength(title)) / 2, 8), title, fill=_BLACK, font=font)
+    draw.text((8, 8), ylabel, fill=_BLACK, font=font)
+    draw.text(((x0 + x1 - font.getlength(xlabel)) / 2, height - 16), xlabel, fill=_BLACK, font=font)
+
+    curves: list[tuple[np.ndarray, np.ndarray]] = []
+    for values in series.values():
+        data = np.asarray(values, dtype=np.float64)
+        steps = np.flatnonzero(np.isfinite(data))
+        finite = data[steps]
+        if smooth > 1 and finite.size:
+            finite = _moving_average(finite, smooth)
+        curves.append((steps + 1, finite))
+    drawn = [c for c in curves if c[1].size]
+    if not drawn:
+        draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=_BLACK)
+        draw.text((x0 + 10, y0 + 10), "no data", fill=_GRAY, font=font)
+        save_png(image, path)
+        return
+    low = min(float(v.min()) for _, v in drawn)
+    high = max(float(v.max()) for _, v in drawn)
+    if high == low:
+        low, high = low - 0.5, high + 0.5
+    last = max(max(int(s[-1]) for s, _ in drawn), 2)
+
+    def px(step: np.ndarray) -> np.ndarray:
+        return x0 + (step - 1) / (last - 1) * (x1 - x0)
+
+    def py(value: np.ndarray | float) -> np.ndarray | float:
+        return y1 - (value - low) / (high - low) * (y1 - y0)
+
+    for value in _ticks(low, high):
+        y = py(value)
+        draw.line([(x0, y), (x1, y)], fill=_GRID_COLOR)
+        text = f"{value:.4g}"
+        draw.text((x0 - 6 - font.getlength(text), y - 5), text, fill=_BLACK, font=font)
+    for step in sorted({1, *(round(v) for v in _ticks(1, last))}):
+        x = float(px(np.asarray(step)))
+        draw.line([(x, y1), (x, y1 + 4)], fill=_BLACK)
+        draw.text((x - font.getlength(str(step)) / 2, y1 + 6), str(step), fill=_BLACK, font=font)
+    draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=_BLACK)
+    for i, (steps, values) in enumerate(curves):
+        color = PALETTE[i % len(PALETTE)]
+        points = list(zip(px(steps).tolist(), py(values).tolist()))
+        if len(points) == 1:
+            x, y = points[0]
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        elif points:
+            draw.line(points, fill=color, width=2)
+    _draw_legend(draw, font, list(series), x1 - 4, y0 + 4)
+    save_png(image, path)
+
+
+def plot_grouped_bars(
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    title: str = "",
+    ylabel: str = "",
+    ymax: float | None = None,
+) -> None:
+    """Write a grouped bar chart: one group per entry of ``groups`` (e.g. benchmark categories), one bar per
+    series (e.g. designs; label -> one value per group) in the series' colour, with a legend.
+
+    ``ymax`` fixes the top of the axis (1.0 for accuracies, so that two charts compare by eye); by default
+    it is the largest value. Values are printed above their bars where the bar is wide enough.
+    """
+    labels = list(series)
+    for label in labels:
+        if len(series[label]) != len(groups):
+            raise ValueError(f"series {label!r} has {len(series[label])} values for {len(groups)} groups")
+    font = ImageFont.load_default()
+    legend_w = 40 + max((font.getlength(label) for label in labels), default=0)
+    bar_w = 16 if len(labels) > 4 else 22
+    group_w = max(len(labels), 1) * bar_w + 24
+    left, right, top, bottom = 56, 20 + legend_w, 30, 40
+    width = max(560, int(left + right + group_w * len(groups)))
+    height = 400
+    image = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    if title:
+        draw.text(((width - font.getlength(title)) / 2, 8), title, fill=_BLACK, font=font)
+    if ylabel:
+        draw.text((8, 8), ylabel, fill=_BLACK, font=font)
+
+    values = [float(v) for label in labels for v in series[label] if math.isfinite(float(v))]
+    top_value = ymax if ymax is not None else max(values, default=1.0)
+    top_value = top_value if top_value > 0 else 1.0
+    for value in _ticks(0.0, top_value):
+        y = y1 - value / top_value * (y1 - y0)
+        draw.line([(x0, y), (x1, y)], fill=_GRID_COLOR)
+        text = f"{value:.3g}"
+        draw.text((x0 - 6 - font.getlength(text), y - 5), text, fill=_BLACK, font=font)
+    draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=_BLACK)
+
+    slot = (x1 - x0) / max(len(groups), 1)
+    for g, group in enumerate(groups):
+        center = x0 + (g + 0.5) * slot
+        draw.text((center - font.getlength(group) / 2, y1 + 6), group, fill=_BLACK, font=font)
+        start = center - len(labels) * bar_w / 2
+        for i, label in enumerate(labels):
+            value = float(series[label][g])
+            if not math.isfinite(value):
+                continue
+            bx = start + i * bar_w
+            by = y1 - min(max(value, 0.0), top_value) / top_value * (y1 - y0)
+            draw.rectangle((bx + 1, by, bx + bar_w - 2, y1), fill=PALETTE[i % len(PALETTE)])
+            text = f"{value:.2f}".lstrip("0") if 0 <= value < 1 else f"{value:.3g}"
+            if font.getlength(text) <= bar_w + 2:
+                draw.text((bx + bar_w / 2 - font.getlength(text) / 2, by - 12), text, fill=_BLACK, font=font)
+    if labels:
+        _draw_legend(draw, font, labels, width - 6, y0)
+    save_png(image, path)
+
+
+def stack_images(images: Sequence[Image.Image], titles: Sequence[str], margin: int = 4) -> Image.Image:
+    """Stack images vertically on white, each under its own title line (left-aligned), e.g. one sample
+    grid per design into a single side-by-side comparison."""
+    if len(images) != len(titles):
+        raise ValueError(f"got {len(titles)} titles for {len(images)} images")
+    if not images:
+        raise ValueError("stack_images needs at least one image")
+    font = ImageFont.load_default()
+    title_h = font.getbbox("Ag")[3] + 6
+    width = max(max(im.width for im in images), *(int(font.getlength(t)) + 8 for t in titles)) + 2 * margin
+    height = sum(im.height + title_h + margin for im in images) + margin
+    out = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(out)
+    y = margin
+    for im, title in zip(images, titles):
+        draw.text((margin + 2, y + 2), title, fill=_BLACK, font=font)
+        y += title_h
+        out.paste(im.convert("RGB"), (margin, y))
+        y += im.height + margin
+    return out

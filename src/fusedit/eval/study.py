@@ -1,0 +1,686 @@
+"""Design studies: train several designs under one recipe, score each on the shapes benchmark, and write a
+paper-style comparison (``fusedit study STUDY.yaml``).
+
+A study file::
+
+    name: position-encodings-tiny
+    description: APE vs 1D / 2D / M-RoPE in deep fusion.
+    base:                       # applied to every design: the same data, seeds, steps and batch
+      train.steps: 300          # dotted keys or nested sections, or a list of "section.key=value"
+    designs:                    # label -> a preset (or YAML config file) plus overrides
+      ape: {preset: debug}
+      2d-rope: {preset: debug, overrides: [model.pos_embed=2d-rope]}
+    eval: {bench: shapes, per_category: 5, steps: 20, guidance: 3.0}
+    prompts: [a red circle, a blue square and a green triangle]     # the sample grids (optional)
+    seeds: [0, 1]                                                   # one grid row per seed (optional)
+
+Each design's config is its preset, then the study ``base``, then ``name: <label>``, then the design's own
+overrides, validated like any config (so errors read the same one-line way). Everything is resolved before
+anything trains, so a typo in the last design fails in seconds rather than after the others trained.
+
+Output folder::
+
+    runs/<label>/          the run (checkpoints, metrics.jsonl, config.yaml) and eval/ (scores.json, ...)
+    grids/<label>.png      a labelled sample grid per design; samples.png stacks them
+    report.md              the comparison table; loss_curves.png, scores.png; results.json
+
+Re-running a study is cheap and safe: a design whose run holds a checkpoint at its final step and whose
+``eval/scores.json`` matches the eval settings is not redone; a partially trained one resumes exactly; a
+run folder trained with a different config is refused rather than silently mixed into the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from fusedit.config import (
+    Config,
+    ConfigError,
+    _build,
+    _deep_merge,
+    _resolve_raw,
+    choice,
+    config_from_dict,
+    load_config,
+    nonneg,
+    parse_overrides,
+    positive,
+    to_dict,
+)
+from fusedit.data.shapes import ALL_KINDS
+from fusedit.demo import DEMO_PROMPTS
+from fusedit.eval.shapes_bench import run_shapes_bench
+from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
+from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+from fusedit.sample import generate
+from fusedit.system import build_model, count_parameters
+from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
+from fusedit.train.loop import resolve_device, train
+
+log = logging.getLogger(__name__)
+
+STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
+DESIGN_KEYS = ("preset", "overrides", "description")
+# Labels name folders and files (runs/<label>, grids/<label>.png) and markdown links.
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# Keys that may differ between a finished run and the study without making its results stale.
+_IGNORED_KEYS = ("name", "train.device")
+# Sections that make up the training recipe: a design that changes them is no longer a fair comparison.
+_RECIPE_SECTIONS = ("data", "flow", "train", "sample")
+
+
+@dataclass
+class EvalSettings:
+    """How every design is scored (validated by fusedit.config's own field checks)."""
+
+    # Only the built-in programmatic benchmark: GenEval / DPG need external models (`fusedit eval`).
+    bench: str = choice("shapes", "shapes")
+    per_category: int = positive(5)
+    # Sampling steps and guidance; None = each design's sample.steps / sample.guidance (which the study
+    # base should then hold equal).
+    steps: int | None = positive(None)
+    guidance: float | None = field(default=None, metadata={"min": 0})
+    # No batch size: run_shapes_bench seeds each batch by its offset, so the batch size changes the noise,
+    # and scores from runs with different batch sizes would not be comparable. Its default holds for all.
+    seed: int = nonneg(0)
+
+
+@dataclass
+class Design:
+    label: str
+    preset: str
+    overrides: dict
+    config: Config
+    description: str = ""
+
+
+@dataclass
+class Study:
+    name: str
+    designs: list[Design]
+    eval: EvalSettings
+    prompts: list[str]
+    seeds: list[int]
+    description: str = ""
+    source: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _overrides_mapping(value: Any, where: str) -> dict:
+    """A list of ``section.key=value`` strings, or a mapping (nested sections and/or dotted keys), as one
+    nested mapping."""
+    if value is None:
+        return {}
+    if isinstance(value, list):
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise ConfigError(f"{where}: list items must be 'section.key=value' strings, got {bad[0]!r}")
+        try:
+            return parse_overrides(value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if isinstance(value, dict):
+        out: dict = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"{where}: keys must be section names or dotted keys, got {key!r}")
+            parts = key.split(".")
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            # "arch" holds transformers field names, taken verbatim (no dotted keys inside).
+            nested = isinstance(item, dict) and parts[-1] != "arch"
+            leaf = _overrides_mapping(item, f"{where}.{key}") if nested else item
+            node[parts[-1]] = (
+                _deep_merge(node[parts[-1]], leaf) if isinstance(node.get(parts[-1]), dict) else leaf
+            )
+        return out
+    raise ConfigError(f"{where} must be a list of 'section.key=value' or a mapping, got {value!r}")
+
+
+def resolve_design_config(
+    preset: str,
+    base: dict,
+    overrides: dict,
+    label: str,
+    folder: Path | None = None,
+    device: str | None = None,
+) -> Config:
+    """preset (name, or YAML file relative to ``folder``) <- study base <- name <- design overrides."""
+    ref: str | Path = preset
+    if folder is not None and (folder / preset).is_file():
+        ref = folder / preset
+    # fusedit.config's own reader and merge, so that presets, files and their `base:` chains behave exactly
+    # as in `fusedit train PRESET key=value ...`.
+    raw = _resolve_raw(ref)
+    for layer in (base, {"name": label}, overrides):
+        raw = _deep_merge(raw, layer)
+    if device:
+        raw = _deep_merge(raw, {"train": {"device": device}})
+    return config_from_dict(raw)
+
+
+def load_study(study: str | Path | dict | Study, *, device: str | None = None) -> Study:
+    """Read and validate a study (a YAML path, or the same content as a dict) and resolve every design's
+    config. Every problem is a one-line :class:`ConfigError`."""
+    if isinstance(study, Study):
+        if device:
+            study = copy.deepcopy(study)
+            for d in study.designs:
+                d.config.train.device = device
+        return study
+    folder: Path | None = None
+    source = ""
+    if isinstance(study, dict):
+        data, default_name = study, "study"
+    else:
+        path = Path(study)
+        if not path.is_file():
+            raise ConfigError(f"study file not found: {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:  # its message spans lines; the first one says what
+            raise ConfigError(f"cannot parse study {str(path)!r}: {str(e).splitlines()[0]}") from None
+        folder, default_name, source = path.parent, path.stem, str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"a study must be a YAML mapping with {', '.join(STUDY_KEYS)}; got {type(data).__name__}"
+        )
+    name = data.get("name", default_name)
+    where = f"study {name!r}"
+    unknown = [k for k in data if k not in STUDY_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(STUDY_KEYS)})")
+    if not isinstance(name, str) or not _LABEL.match(name):
+        raise ConfigError(f"{where}: name must be a word of letters, digits, '.', '_', '+', '-'")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description must be a string, got {description!r}")
+    base = _overrides_mapping(data.get("base"), f"{where}: base")
+
+    designs_raw = data.get("designs")
+    if not isinstance(designs_raw, dict) or not designs_raw:
+        raise ConfigError(f"{where}: designs must be a non-empty mapping of label -> {{preset, overrides}}")
+    designs = []
+    for label, spec in designs_raw.items():
+        dwhere = f"{where}: designs.{label}"
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise ConfigError(f"{dwhere}: a label must be a word of letters, digits, '.', '_', '+', '-'")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{dwhere} must be a mapping with {', '.join(DESIGN_KEYS)}, got {spec!r}")
+        unknown = [k for k in spec if k not in DESIGN_KEYS]
+        if unknown:
+            raise ConfigError(f"{dwhere}: unknown key {unknown[0]!r} (allowed: {', '.join(DESIGN_KEYS)})")
+        preset = spec.get("preset")
+        if not isinstance(preset, str) or not preset:
+            raise ConfigError(
+                f"{dwhere}: preset is required (a preset name, see `fusedit presets`, or a file)"
+            )
+        overrides = _overrides_mapping(spec.get("overrides"), f"{dwhere}.overrides")
+        try:
+            cfg = resolve_design_config(preset, base, overrides, label, folder, device)
+        except ConfigError as e:
+            raise ConfigError(f"{dwhere}: {e}") from None
+        designs.append(Design(label, preset, overrides, cfg, str(spec.get("description") or "")))
+
+    eval_raw = data.get("eval") or {}
+    try:
+        settings = _build(EvalSettings, eval_raw, "eval")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+    prompts = data.get("prompts", list(DEMO_PROMPTS))
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ConfigError(f"{where}: prompts must be a non-empty list of strings")
+    seeds = data.get("seeds", [0, 1])
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
+    return Study(name, designs, settings, prompts, seeds, description, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# What differs between designs, and what a design costs
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and key != "arch":
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def varying_keys(configs: list[Config]) -> list[str]:
+    """Dotted config keys whose value is not the same in every config (names and devices aside)."""
+    flat = [_flatten(to_dict(c)) for c in configs]
+    keys = sorted(set().union(*flat))
+    return [
+        k
+        for k in keys
+        if k not in _IGNORED_KEYS and any(f.get(k, "<unset>") != flat[0].get(k, "<unset>") for f in flat)
+    ]
+
+
+def design_cost(cfg: Config) -> dict:
+    """Parameter counts and FLOPs per image, counted on the meta device as `fusedit describe` does (the
+    denoiser is what trains; the LLMs and a pooled text encoder are frozen)."""
+    model = build_model(cfg, "meta")
+    frozen = [enc.llm for enc in model.encoders]
+    if model.pooled_text is not None:
+        frozen.append(model.pooled_text)
+    text = cfg.text.max_length
+    n = image_tokens(cfg.data.image_size, cfg.vae.downsample, cfg.model.patch_size)
+    dit = denoiser_flops(model.denoiser, n, text)
+    lm = sum(llm_flops(enc.llm, text) for enc in model.encoders)
+    return {
+        "trainable_params": count_parameters(model.denoiser),
+        "frozen_params": sum(count_parameters(m) for m in frozen),
+        "image_tokens": n,
+        "text_tokens": text,
+        "dit_forward_flops": dit,
+        "llm_forward_flops": lm,
+        # Forward + backward of the DiT (3x its forward) + one frozen LLM forward (design-space.md).
+        "train_flops_per_image": 3 * dit + lm,
+    }
+
+
+def describe_study(study: str | Path | dict | Study) -> str:
+    """A plain-text plan of a study (what each design is and costs), without training anything."""
+    study = load_study(study)
+    cfgs = [d.config for d in study.designs]
+    lines = [f"study {study.name}: {len(study.designs)} designs"]
+    varying = varying_keys(cfgs)
+    lines.append(f"  varies: {', '.join(varying) or 'nothing'}")
+    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    if unfair:
+        lines.append(f"  warning: the recipe differs between designs in {', '.join(unfair)}")
+    for d in study.designs:
+        c, cost = d.config, design_cost(d.config)
+        lines.append(
+            f"  {d.label}: {d.preset} design={c.model.design} pos_embed={c.model.pos_embed} "
+            f"timestep={c.model.timestep_conditioning} trainable {_si(cost['trainable_params'])} "
+            f"frozen {_si(cost['frozen_params'])} training {_si(cost['train_flops_per_image'])}FLOP/image; "
+            f"{c.train.steps} steps x batch {c.train.batch_size} at {c.data.image_size} px"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one design
+
+
+def _finished_step(run_dir: Path) -> int | None:
+    try:
+        return int(load_state(find_checkpoint(run_dir))["step"])
+    except FileNotFoundError:
+        return None
+
+
+def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
+    """Refuse a run folder trained with another config: its scores would be stale for this study."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = load_config(saved)
+    except ConfigError as e:
+        raise ConfigError(f"{saved}: {e}; delete {run_dir} to retrain design {label!r}") from None
+    diff = varying_keys([old, cfg])
+    if diff:
+        a, b = _flatten(to_dict(old)), _flatten(to_dict(cfg))
+        raise ConfigError(
+            f"{run_dir} was trained with a different config for design {label!r} ({diff[0]}: "
+            f"{a.get(diff[0])!r} there, {b.get(diff[0])!r} now); delete it or use another output folder"
+        )
+
+
+def _eval_settings(settings: EvalSettings, cfg: Config) -> dict:
+    """The eval settings as run_shapes_bench records them in scores.json (to tell whether to redo it)."""
+    return {
+        "per_category": settings.per_category,
+        "steps": settings.steps or cfg.sample.steps,
+        "guidance": cfg.sample.guidance if settings.guidance is None else settings.guidance,
+        "seed": settings.seed,
+        "image_size": cfg.data.image_size,
+        "sampler": cfg.sample.sampler,
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _read_losses(run_dir: Path) -> tuple[list[float], float]:
+    """Per-step losses of a run and the seconds its steps took (from metrics.jsonl)."""
+    losses, seconds = [], 0.0
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                losses.append(float(record["loss"]))
+                seconds += float(record.get("sec", 0.0))
+    return losses, seconds
+
+
+def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+    images, labels = [], []
+    for seed in seeds:
+        x = generate(
+            model,
+            list(prompts),
+            image_size=cfg.data.image_size,
+            steps=steps,
+            guidance=guidance,
+            sampler=cfg.sample.sampler,
+            shift=cfg.sample.shift,
+            negative_prompt=cfg.sample.negative_prompt,
+            seed=seed,
+            cache_text=cfg.sample.cache_text,
+        )
+        images.extend(to_uint8(x))
+        labels.extend(f"{p} (seed {seed})" for p in prompts)
+    return image_grid(images, labels, ncols=len(prompts), scale=max(1, 96 // cfg.data.image_size))
+
+
+def _run_design(design: Design, study: Study, out_dir: Path, index: str, progress: bool) -> dict:
+    label, cfg = design.label, design.config
+    run_dir = out_dir / "runs" / label
+    total = cfg.train.steps
+    step = _finished_step(run_dir)
+    trained = False
+    if step is None:
+        log.info(
+            "%s %s: training %d steps (batch %d) into %s", index, label, total, cfg.train.batch_size, run_dir
+        )
+        status = "trained"
+    elif step < total:
+        log.info("%s %s: resuming from step %d of %d", index, label, step, total)
+        status = f"resumed at step {step}"
+    else:
+        log.info("%s %s: already trained (step %d)", index, label, step)
+        status = "reused"
+    if step is None or step < total:
+        # The returned model is dropped: scoring reloads the checkpoint's EMA weights (what sampling
+        # uses), the same way for a design trained now and one trained by an earlier call.
+        train(cfg, run_dir, resume=step is not None, progress=progress)
+        trained = True
+
+    settings = _eval_settings(study.eval, cfg)
+    scores_path = run_dir / "eval" / "scores.json"
+    scores = None if trained else _read_json(scores_path)
+    if scores is not None and scores.get("settings") != settings:
+        log.info("%s %s: eval settings changed, re-scoring", index, label)
+        scores = None
+    grid_path = out_dir / "grids" / f"{label}.png"
+    grid_meta_path = grid_path.with_suffix(".json")
+    grid_meta = {
+        "prompts": study.prompts,
+        "seeds": study.seeds,
+        "steps": settings["steps"],
+        "guidance": settings["guidance"],
+    }
+    need_grid = trained or not grid_path.is_file() or _read_json(grid_meta_path) != grid_meta
+
+    if scores is None or need_grid:
+        device = resolve_device(cfg.train.device)
+        model, _, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+        if scores is None:
+            log.info(
+                "%s %s: shapes benchmark, %d prompts per category", index, label, settings["per_category"]
+            )
+            scores = run_shapes_bench(
+                model,
+                cfg.data.image_size,
+                run_dir / "eval",
+                name=label,
+                per_category=settings["per_category"],
+                max_objects=cfg.data.max_objects,
+                steps=settings["steps"],
+                guidance=settings["guidance"],
+                shift=cfg.sample.shift,
+                sampler=cfg.sample.sampler,
+                seed=settings["seed"],
+                progress=progress,
+            )
+        else:
+            log.info("%s %s: scores present, not re-scored", index, label)
+        if need_grid:
+            grid = _sample_grid(
+                model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"]
+            )
+            save_png(grid, grid_path)
+            grid_meta_path.write_text(json.dumps(grid_meta, indent=1))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        log.info("%s %s: scores and grid present, nothing to do", index, label)
+
+    losses, seconds = _read_losses(run_dir)
+    tail = losses[-max(1, len(losses) // 10) :]
+    log.info("%s %s: overall %.3f", index, label, scores["overall"])
+    return {
+        "label": label,
+        "preset": design.preset,
+        "description": design.description,
+        "overrides": design.overrides,
+        "status": status,
+        "run_dir": f"runs/{label}",
+        "config": f"runs/{label}/config.yaml",
+        "grid": f"grids/{label}.png",
+        "failures": (run_dir / "eval" / "failures.png").is_file(),
+        "steps": total,
+        "batch_size": cfg.train.batch_size,
+        # The mean loss over the last tenth of training: one step's loss is too noisy to rank designs.
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "train_seconds": round(seconds, 1),
+        "scores": {k: scores[k] for k in ("overall", "per_category", "counts", "num_images")},
+        **design_cost(cfg),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _categories(results: dict) -> list[str]:
+    present = {k for r in results.values() for k in r["scores"]["per_category"]}
+    return [k for k in ALL_KINDS if k in present]
+
+
+def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
+    """The comparison table (rows = designs, columns = shapes categories + overall, cost, loss, samples)."""
+    kinds = _categories(results)
+    first = next(iter(results.values()), None)
+    settings = _eval_settings(study.eval, study.designs[0].config)
+    lines = [f"# Study: {study.name}", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    cfg0 = study.designs[0].config
+    lines += [
+        f"Recipe: {cfg0.train.steps} steps, batch {cfg0.train.batch_size}, seed {cfg0.train.seed}, "
+        f"{cfg0.data.image_size} px {cfg0.data.source} data. What varies between the designs: "
+        f"{', '.join(f'`{k}`' for k in varying) or 'nothing'}.",
+        "",
+        f"Shapes benchmark: {settings['per_category']} held-out prompts per category (never seen in training), "
+        f"{settings['steps']} {settings['sampler']} steps, guidance {settings['guidance']}, seed {settings['seed']}; "
+        "accuracy per category, overall = their mean (GenEval's rule). Best of each column in bold. "
+        "Params: the trainable denoiser; FLOPs: one training image (3x the DiT forward + the frozen LLM "
+        "forward), as `fusedit describe` counts them; final loss: the mean flow-matching loss over the last "
+        "tenth of training; train time: the training steps alone (metrics.jsonl).",
+        "",
+    ]
+    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    if unfair:
+        lines += [f"**Warning: not a fair comparison**: the recipe differs in {', '.join(unfair)}.", ""]
+    if first is None:
+        return "\n".join(lines + ["No design has finished yet."]) + "\n"
+
+    columns = [*kinds, "overall"]
+    # Bold marks the best of a column; a column where every design ties (e.g. all 0 early on) has none.
+    values = {c: [_score(r, c) for r in results.values()] for c in columns}
+    best = {c: max(v) if len(set(v)) > 1 else None for c, v in values.items()}
+    lines.append(
+        "| design | preset | "
+        + " | ".join(columns)
+        + " | trainable params | train FLOPs / image | final loss | train time | samples |"
+    )
+    lines.append("|---" * (len(columns) + 7) + "|")
+    for label, r in results.items():
+        cells = []
+        for c in columns:
+            value = _score(r, c)
+            cells.append(f"**{value:.3f}**" if value == best[c] else f"{value:.3f}")
+        loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        lines.append(
+            f"| {label} | {r['preset']} | "
+            + " | ".join(cells)
+            + f" | {_si(r['trainable_params'])} | {_si(r['train_flops_per_image'])} | {loss} | "
+            f"{r['train_seconds'] / 60:.1f} min | [grid]({r['grid']}) |"
+        )
+    pending = [d.label for d in study.designs if d.label not in results]
+    if pending:
+        lines += ["", f"Pending: {', '.join(pending)}."]
+    lines.append("")
+    for label, r in results.items():
+        what = f": {r['description']}" if r["description"] else ""
+        links = f"[scores]({r['run_dir']}/eval/scores.md), [config]({r['config']})"
+        if r["failures"]:
+            links += f", [failures]({r['run_dir']}/eval/failures.png)"
+        lines.append(f"* **{label}** ({r['preset']}){what}. {links}")
+    lines += [
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![scores](scores.png)",
+        "",
+        "Samples (one row per seed, same prompts and seeds for every design): [all designs](samples.png).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _score(result: dict, column: str) -> float:
+    s = result["scores"]
+    return float(s["overall"] if column == "overall" else s["per_category"].get(column, 0.0))
+
+
+def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
+    """report.md, loss_curves.png, scores.png, samples.png and results.json for the designs done so far."""
+    varying = varying_keys([d.config for d in study.designs])
+    (out_dir / "report.md").write_text(markdown_report(study, results, varying))
+    curves = {label: _read_losses(out_dir / r["run_dir"])[0] for label, r in results.items()}
+    longest = max((len(v) for v in curves.values()), default=0)
+    plot_curves(
+        curves,
+        out_dir / "loss_curves.png",
+        title=f"{study.name}: flow-matching loss (moving average)",
+        smooth=max(1, longest // 25),
+    )
+    kinds = [*_categories(results), "overall"]
+    plot_grouped_bars(
+        kinds,
+        {label: [_score(r, k) for k in kinds] for label, r in results.items()},
+        out_dir / "scores.png",
+        title=f"{study.name}: shapes benchmark accuracy",
+        ylabel="accuracy",
+        ymax=1.0,
+    )
+    grids = [(label, out_dir / r["grid"]) for label, r in results.items() if (out_dir / r["grid"]).is_file()]
+    if grids:
+        from PIL import Image
+
+        images = []
+        for _, path in grids:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        save_png(stack_images(images, [label for label, _ in grids]), out_dir / "samples.png")
+    summary = {
+        "name": study.name,
+        "description": study.description,
+        "source": study.source,
+        "varies": varying,
+        "eval": {"bench": study.eval.bench, **_eval_settings(study.eval, study.designs[0].config)},
+        "prompts": study.prompts,
+        "seeds": study.seeds,
+        "categories": _categories(results),
+        "designs": results,
+        "pending": [d.label for d in study.designs if d.label not in results],
+        "files": {
+            "report": "report.md",
+            "loss_curves": "loss_curves.png",
+            "scores": "scores.png",
+            "samples": "samples.png",
+        },
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(
+    study: str | Path | dict | Study,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
+    """Train, evaluate and compare every design of ``study`` (a YAML path or its content as a dict) into
+    ``out_dir``; ``device`` overrides every design's train.device. Returns what results.json holds."""
+    study = load_study(study, device=device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("study %s: %d designs into %s", study.name, len(study.designs), out)
+    varying = varying_keys([d.config for d in study.designs])
+    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    if unfair:
+        log.warning(
+            "study %s: the training recipe differs between designs in %s", study.name, ", ".join(unfair)
+        )
+    # Before anything trains: a finished run of another recipe must not wait until its turn to fail.
+    for design in study.designs:
+        _check_same_config(out / "runs" / design.label, design.config, design.label)
+    results: dict = {}
+    summary: dict = {}
+    t0 = time.time()
+    bar = tqdm(study.designs, desc=f"study {study.name}", unit="design", disable=not progress)
+    for i, design in enumerate(bar):
+        bar.set_postfix_str(design.label)
+        index = f"[{i + 1}/{len(study.designs)}]"
+        results[design.label] = _run_design(design, study, out, index, progress)
+        # Written after every design, so a long study's partial table can be read while it runs.
+        summary = write_outputs(study, results, out)
+    bar.close()
+    log.info("study %s: done in %.0fs; report in %s", study.name, time.time() - t0, out / "report.md")
+    return summary

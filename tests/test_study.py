@@ -1,0 +1,239 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import fusedit.eval.study as study_mod
+from conftest import TINY
+from fusedit.config import ConfigError
+from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
+from fusedit.eval.study import describe_study, load_study, run_study, varying_keys
+from fusedit.train.checkpoint import find_checkpoint, load_state
+from fusedit.train.loop import train as real_train
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+def _tiny_study(tmp_path: Path) -> dict:
+    """Two tiny designs (deep fusion vs the shallow cross-attention DiT), 4 steps each, 1 prompt per
+    category; the study base holds the recipe equal, as a real study's does."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    preset = str(tmp_path / "tiny.yaml")
+    return {
+        "name": "tiny-study",
+        "description": "Deep fusion vs cross-attention at toy size.",
+        "base": {"train.steps": 4, "train.checkpoint_every": 2, "train": {"batch_size": 2}},
+        "designs": {
+            "fusion": {"preset": preset},
+            "dit-cross": {
+                "preset": preset,
+                "overrides": ["model.design=dit-cross"],
+                "description": "shallow",
+            },
+        },
+        "eval": {"bench": "shapes", "per_category": 1, "steps": 2, "guidance": 2.0},
+        "prompts": ["a red circle", "a blue square"],
+        "seeds": [0],
+    }
+
+
+class Interrupted(Exception):
+    """Stands for a crash or Ctrl-C in the middle of a design's training."""
+
+
+def _spy(monkeypatch, interrupt: str | None = None) -> tuple[list, list]:
+    """Count train and benchmark calls; ``interrupt`` stops that design after step 2 as a crash would."""
+    trains, benches = [], []
+
+    def train(cfg, run_dir, **kw):
+        trains.append((cfg.name, kw.get("resume")))
+        if cfg.name == interrupt:
+            real_train(cfg, run_dir, stop_at=2, **kw)
+            raise Interrupted
+        return real_train(cfg, run_dir, **kw)
+
+    def bench(*args, **kw):
+        benches.append(kw["name"])
+        return real_bench(*args, **kw)
+
+    monkeypatch.setattr(study_mod, "train", train)
+    monkeypatch.setattr(study_mod, "run_shapes_bench", bench)
+    return trains, benches
+
+
+def _table(report: str) -> list[list[str]]:
+    rows = [line for line in report.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_study_end_to_end_resumes_and_redoes_nothing(tmp_path, monkeypatch):
+    spec, out = _tiny_study(tmp_path), tmp_path / "out"
+
+    # First call: the second design is interrupted after step 2 (its checkpoint at step 2 survives).
+    trains, _ = _spy(monkeypatch, interrupt="dit-cross")
+    with pytest.raises(Interrupted):
+        run_study(spec, out, progress=False)
+    assert trains == [("fusion", False), ("dit-cross", False)]
+    partial = json.loads((out / "results.json").read_text())  # written after the first design
+    assert list(partial["designs"]) == ["fusion"] and partial["pending"] == ["dit-cross"]
+    assert load_state(find_checkpoint(out / "runs" / "dit-cross"))["step"] == 2
+
+    # Second call: the finished design is reused, the interrupted one resumes at step 2 and completes.
+    trains, benches = _spy(monkeypatch)
+    result = run_study(spec, out, progress=False)
+    assert trains == [("dit-cross", True)] and benches == ["dit-cross"]
+    assert load_state(find_checkpoint(out / "runs" / "dit-cross"))["step"] == 4
+    metrics = (out / "runs" / "dit-cross" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4]
+    assert result["designs"]["fusion"]["status"] == "reused"
+    assert result["designs"]["dit-cross"]["status"] == "resumed at step 2"
+
+    # The report: one row per design; columns = categories + overall + cost, linked grids.
+    results = json.loads((out / "results.json").read_text())
+    assert results["varies"] == ["model.design"] and results["pending"] == []
+    kinds = results["categories"]
+    assert kinds and set(kinds) <= {"single", "two", "counting", "position", "color_attr"}
+    table = _table((out / "report.md").read_text())
+    header, rows = table[0], table[2:]
+    assert header[:2] == ["design", "preset"] and header[2 : 3 + len(kinds)] == [*kinds, "overall"]
+    assert {"trainable params", "train FLOPs / image", "final loss", "samples"} <= set(header)
+    assert [row[0] for row in rows] == ["fusion", "dit-cross"]
+    assert all(len(row) == len(header) for row in rows)
+    for row in rows:
+        label = row[0]
+        d = results["designs"][label]
+        overall = row[header.index("overall")].strip("*")
+        assert float(overall) == pytest.approx(d["scores"]["overall"], abs=1e-3)
+        assert row[header.index("samples")] == f"[grid](grids/{label}.png)"
+        assert d["trainable_params"] > 0 and d["train_flops_per_image"] > 0 and d["steps"] == 4
+        assert (out / "runs" / label / "eval" / "scores.json").is_file()
+    assert (
+        results["designs"]["dit-cross"]["trainable_params"]
+        != results["designs"]["fusion"]["trainable_params"]
+    )
+    report_text = (out / "report.md").read_text()
+    assert "* **dit-cross** (" in report_text and "tiny.yaml): shallow. [scores](" in report_text
+    for name in ("loss_curves.png", "scores.png", "samples.png", "grids/fusion.png", "grids/dit-cross.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+
+    # Third call: nothing is trained or scored again, and the report is unchanged.
+    report = (out / "report.md").read_text()
+    trains, benches = _spy(monkeypatch)
+    again = run_study(spec, out, progress=False)
+    assert trains == [] and benches == []
+    assert (out / "report.md").read_text() == report
+    assert {d["status"] for d in again["designs"].values()} == {"reused"}
+
+    # A changed recipe does not silently reuse runs trained with the old one.
+    changed = copy.deepcopy(spec)
+    changed["base"]["train.lr"] = 5e-4
+    with pytest.raises(ConfigError, match=r"different config .*train\.lr"):
+        run_study(changed, out, progress=False)
+    assert trains == []
+
+
+GOOD = {"preset": "debug"}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"designs": {"a": {"preset": "no-such-preset"}}}, "unknown preset 'no-such-preset'"),
+        (
+            {"designs": {"a": {"preset": "debug", "overrides": ["model.bogus=1"]}}},
+            "unknown config key 'model.bogus'",
+        ),
+        (
+            {"designs": {"a": {"preset": "debug", "overrides": {"model.pos_embed": "3d"}}}},
+            "model.pos_embed='3d'",
+        ),
+        ({"designs": {"a": GOOD}, "evals": {}}, "unknown key 'evals'"),
+        ({"designs": {"a": {"preset": "debug", "override": []}}}, "unknown key 'override'"),
+        ({"designs": {"a": {"overrides": []}}}, "preset is required"),
+        ({"designs": {"a": GOOD}, "eval": {"per_category": 0}}, "eval.per_category=0 must be > 0"),
+        ({"designs": {"a": GOOD}, "eval": {"bench": "geneval"}}, "eval.bench='geneval' is not allowed"),
+        ({"designs": {"a": GOOD}, "base": "train.steps=3"}, "base must be a list"),
+        ({"designs": {"a": GOOD}, "base": ["train.steps"]}, "must look like section.key=value"),
+        ({"designs": {}}, "designs must be a non-empty mapping"),
+        ({"designs": {"a/b": GOOD}}, "designs.a/b: a label must be"),
+        ({"designs": {"a": GOOD}, "prompts": []}, "prompts must be a non-empty list"),
+    ],
+)
+def test_study_errors_are_one_line(spec, message):
+    with pytest.raises(ConfigError) as e:
+        load_study(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_study_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="study file not found"):
+        load_study(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("designs: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse study") as e:
+        load_study(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_overrides_forms_agree_and_presets_resolve_next_to_the_study(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: debug\nmodel: {pos_embed: 2d-rope}\n")
+    forms = [
+        ["model.timestep_conditioning=addition", "train.steps=7"],
+        {"model.timestep_conditioning": "addition", "train": {"steps": 7}},
+        {"model": {"timestep_conditioning": "addition"}, "train.steps": 7},
+    ]
+    for form in forms:
+        (tmp_path / "s.yaml").write_text(
+            yaml.safe_dump({"designs": {"x": {"preset": "mine.yaml", "overrides": form}}})
+        )
+        cfg = load_study(tmp_path / "s.yaml").designs[0].config
+        assert (cfg.name, cfg.model.pos_embed, cfg.model.timestep_conditioning, cfg.train.steps) == (
+            "x",
+            "2d-rope",
+            "addition",
+            7,
+        )
+
+
+def test_shipped_studies_load_resolve_and_are_fair():
+    assert {p.stem for p in STUDIES} >= {
+        "fusedit-designs-tiny",
+        "position-encodings-tiny",
+        "timestep-tiny",
+        "lidit-tiny",
+        "fusedit-designs-gpu",
+        "lidit-gpu",
+    }
+    for path in STUDIES:
+        study = load_study(path)
+        assert len(study.designs) >= 2, path.name
+        cfgs = [d.config for d in study.designs]
+        varies = varying_keys(cfgs)
+        assert varies, f"{path.name}: the designs are identical"
+        # The recipe (data, flow schedule, steps, batch, seeds, sampling) is the same for every design.
+        assert not [k for k in varies if k.split(".")[0] in ("data", "flow", "train", "sample")], path.name
+        if path.stem.endswith("-tiny"):  # sized for 2 CPU cores in minutes
+            assert all(c.train.steps <= 400 and c.data.image_size <= 32 for c in cfgs), path.name
+            assert study.eval.per_category <= 6
+        # Builds every design on the meta device (parameter and FLOP counts), so a shape error shows here.
+        plan = describe_study(study)
+        assert all(f"  {d.label}: " in plan for d in study.designs)
+
+
+def test_unfair_recipes_are_flagged_and_device_overrides_apply():
+    spec = {
+        "designs": {
+            "a": {"preset": "debug"},
+            "b": {"preset": "debug-dit-cross", "overrides": {"train.steps": 10}},
+        }
+    }
+    study = load_study(spec, device="cpu")
+    assert all(d.config.train.device == "cpu" for d in study.designs)
+    assert varying_keys([d.config for d in study.designs]) == ["model.design", "train.steps"]
+    assert "warning: the recipe differs between designs in train.steps" in describe_study(study)
+    moved = load_study(study, device="meta")
+    assert [d.config.train.device for d in moved.designs] == ["meta", "meta"]
+    assert study.designs[0].config.train.device == "cpu"  # the given study is left as it was
