@@ -65,3 +65,20 @@ def randomize(module: torch.nn.Module, std: float = 0.1) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * std)
+
+
+def tiny_vae(**config):
+    """A random-init diffusers AutoencoderKL: 4 latent channels, 2x downsampling, a few thousand weights."""
+    from diffusers import AutoencoderKL
+
+    kw = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+    )
+    return AutoencoderKL(**{**kw, **config})

@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from conftest import TINY
+from conftest import TINY, tiny_vae
 from fusedit.cli import main
 
 
@@ -168,23 +168,11 @@ def test_cache_latents_then_train_on_them(tmp_path):
 def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     from pathlib import Path
 
-    from diffusers import AutoencoderKL
-
     from fusedit.data.shapes import vocabulary
     from fusedit.text.tokenizer import word_tokenizer
 
     fixture = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     word_tokenizer(vocabulary()).save_pretrained(tmp_path / "tok")
     assert main(["convert", str(fixture), "--out", str(tmp_path / "run")]) == 2
     assert "has no VAE: pass --vae" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import tiny_vae
 from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.folder import FolderCatalog
 from fusedit.data.latents import LatentDataset, cache_latents, check_latents
@@ -113,18 +114,7 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
 
 
 def test_diffusers_vae_cache_is_deterministic_and_resumable(tmp_path, folder):
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     vae = VAEConfig(kind="diffusers", model_id=str(tmp_path / "vae"), latent_channels=4, downsample=2)
     data = _data(folder)
     a, b = tmp_path / "a", tmp_path / "b"

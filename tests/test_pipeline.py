@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ARCH, randomize, tiny_config
+from conftest import TINY_ARCH, randomize, tiny_config, tiny_vae
 from fusedit import hub
 from fusedit.flow import sampling_times
 from fusedit.imaging import to_uint8
@@ -43,19 +43,8 @@ QWEN = {
 }
 
 
-def tiny_vae(folder):
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        scaling_factor=1.5,
-        shift_factor=0.25,
-    ).save_pretrained(folder)
+def saved_tiny_vae(folder):
+    tiny_vae(scaling_factor=1.5, shift_factor=0.25).save_pretrained(folder)
     return str(folder)
 
 
@@ -87,7 +76,7 @@ def variant(name, tmp_path):
         model={"pos_embed": "2d-rope"},
         vae={
             "kind": "diffusers",
-            "model_id": tiny_vae(tmp_path / "vae"),
+            "model_id": saved_tiny_vae(tmp_path / "vae"),
             "latent_channels": 4,
             "downsample": 2,
         },

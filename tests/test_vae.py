@@ -1,5 +1,6 @@
 import torch
 
+from conftest import tiny_vae
 from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 
 
@@ -11,20 +12,7 @@ def test_identity_autoencoder_is_pixel_space():
 
 
 def test_diffusers_vae_applies_its_shift_and_scale():
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        scaling_factor=1.5,
-        shift_factor=0.25,
-    )
+    vae = tiny_vae(scaling_factor=1.5, shift_factor=0.25)
     ae = DiffusersAutoencoder(vae)
     assert (ae.channels, ae.downsample, ae.scale, ae.shift) == (4, 2, 1.5, 0.25)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
