@@ -77,7 +77,9 @@ def test_shallow_designs_read_the_chosen_hidden_state():
     from transformers import AutoModel
 
     full = AutoModel.from_config(
-        model.text.llm.config.__class__(**{**model.text.llm.config.to_dict(), "num_hidden_layers": 4})
+        model.text.llm.config.__class__(
+            **{**model.text.llm.config.to_dict(), "num_hidden_layers": 4, "layer_types": None}
+        )
     )
     full.load_state_dict(model.text.llm.state_dict(), strict=False)
     with torch.no_grad():

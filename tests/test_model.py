@@ -123,7 +123,9 @@ def test_text_stream_reproduces_the_plain_transformers_model(family):
     model = build_model(cfg)
     assert len(model.text.llm.layers) == 3  # truncated after the deepest fused layer (index 2)
     full = AutoModel.from_config(
-        model.text.llm.config.__class__(**{**model.text.llm.config.to_dict(), "num_hidden_layers": 4})
+        model.text.llm.config.__class__(
+            **{**model.text.llm.config.to_dict(), "num_hidden_layers": 4, "layer_types": None}
+        )
     )
     missing, _ = full.load_state_dict(model.text.llm.state_dict(), strict=False)
     assert all(".3." in k for k in missing)  # only the unused fourth layer differs

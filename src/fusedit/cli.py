@@ -22,7 +22,8 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     out = Path(args.out or f"runs/{cfg.name}")
     result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
-    print(f"trained to step {result['step']}; checkpoints in {out / 'checkpoints'}")
+    if result.get("rank", 0) == 0:
+        print(f"trained to step {result['step']}; checkpoints in {out / 'checkpoints'}")
     return 0
 
 

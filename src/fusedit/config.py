@@ -216,7 +216,12 @@ class FlowConfig:
 @dataclass
 class TrainConfig:
     steps: int = positive(1000)
+    # Samples per process and micro-step: the global batch of a step is
+    # batch_size * grad_accum * world size (the number of torchrun processes).
     batch_size: int = positive(32)
+    # Micro-steps whose gradients are summed before each optimizer step (under DDP without an all-reduce
+    # until the last one).
+    grad_accum: int = positive(1)
     lr: float = positive(1e-4)
     weight_decay: float = nonneg(1e-4)
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 1})
@@ -234,7 +239,17 @@ class TrainConfig:
     keep_checkpoints: int = positive(2)
     log_every: int = positive(10)
     seed: int = 0
+    # "auto": CUDA when present (under torchrun, each process the GPU of its LOCAL_RANK), else the CPU.
     device: str = "auto"
+    # How the denoiser is spread over torchrun's processes: "ddp" (replicated, gradients all-reduced),
+    # "fsdp" (FSDP2 fully_shard per DiT block and the root; bf16 parameters with fp32 gradient reduction
+    # when precision resolves to bf16), "none" (one process only). Ignored without torchrun.
+    parallel: str = choice("ddp", "none", "ddp", "fsdp")
+    # Shard the frozen LLM over the processes (FSDP2, gathered for each prompt batch's forward) instead of
+    # keeping a full copy on each: 1/world of its memory during the denoiser's forward and backward.
+    shard_llm: bool = False
+    # Collective timeout: a rank waiting this long for the others (a hung or dead peer) fails the run.
+    dist_timeout_s: int = positive(1800)
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Exponential moving average of the trainable weights, kept in float32."""
+"""Exponential moving average of the trainable weights, kept in float32.
+
+Under FSDP2 the model's state dict holds DTensor shards, and so does the EMA: each rank averages only its
+own shard (no communication), and checkpoints save it sharded like the weights.
+"""
 
 from __future__ import annotations
 
@@ -26,4 +30,15 @@ class EMA:
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:3]}")
-        self.shadow = {k: v.float().clone() for k, v in state.items()}
+        self.shadow = {k: _like(self.shadow[k], v) for k, v in state.items()}
+
+
+def _like(current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a float32 copy laid out like ``current``: a full tensor (a single-process checkpoint)
+    is sharded the way the current DTensor is."""
+    mesh = getattr(current, "device_mesh", None)
+    if mesh is not None and getattr(value, "device_mesh", None) is None:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.float().to(current.device), mesh, current.placements)
+    return value.float().clone().to(current.device)

@@ -1,0 +1,263 @@
+"""Data-parallel training on PyTorch's own engine: torchrun starts the processes and sets RANK, WORLD_SIZE,
+LOCAL_RANK (and the rendezvous), DDP or FSDP2 (``fully_shard``) spread the denoiser, and Distributed
+Checkpoint (DCP, in :mod:`fusedit.train.checkpoint`) saves and reshards. There is no launcher of our own.
+
+Only the training package imports ``torch.distributed``: the model code stays free of it, and FSDP2 changes
+nothing but the modules' parameters (DTensor shards) and forward hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fusedit.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank and world size, its device, and whether a process group is up."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    # A process group is initialised (by us or by the caller): collectives and DCP checkpoints apply.
+    distributed: bool = False
+    # We initialised it, so we destroy it at the end.
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets RANK/WORLD_SIZE/LOCAL_RANK for every worker it starts."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={value!r} is not an integer (torchrun sets it)"
+        ) from None
+
+
+def local_device(name: str, local_rank: int) -> torch.device:
+    """train.device resolved for this process: "auto" is CUDA when present; a CUDA device without an index
+    becomes the local rank's GPU (one process per GPU, torchrun's model)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device_name: str, timeout_s: float = 1800) -> DistEnv:
+    """Join the process group torchrun describes (or the one the caller already initialised).
+
+    Without torchrun's environment this is a plain single process. The backend is NCCL on CUDA and gloo
+    on the CPU; the device is the local rank's GPU."""
+    if dist.is_available() and dist.is_initialized():
+        local_rank = _env_int("LOCAL_RANK", 0)
+        device = local_device(device_name, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, True, False)
+    if not launched_by_torchrun():
+        return DistEnv(device=local_device(device_name, 0))
+    if not dist.is_available():
+        raise RuntimeError("launched by torchrun, but this torch build has no torch.distributed")
+    rank, world, local_rank = (_env_int(n, 0) for n in _ENV)
+    device = local_device(device_name, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        # Before init: NCCL binds each process's communicator to its current device.
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return DistEnv(rank, world, local_rank, device, True, True)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet_unless_main(env: DistEnv) -> Iterator[None]:
+    """Info logging from rank 0 only (every rank would print the same lines); warnings still show."""
+    logger = logging.getLogger("fusedit")
+    level = logger.level
+    if not env.is_main:
+        logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def resolve_parallel(parallel: str, env: DistEnv) -> str:
+    """train.parallel for this launch: without a process group there is nothing to spread."""
+    if not env.distributed:
+        return "none"
+    if parallel == "none" and env.world_size > 1:
+        raise ConfigError(
+            f"train.parallel=none with {env.world_size} processes would train unsynchronised copies "
+            "(allowed: ddp, fsdp; or launch one process)"
+        )
+    return parallel
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers rank ``src``'s (before sharding, or for a frozen module that
+    each rank built or pretrained itself: CUDA kernels need not be bitwise deterministic across GPUs)."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)
+
+
+def _fsdp_api():
+    try:  # public since torch 2.6
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def wrap_denoiser(denoiser: nn.Module, parallel: str, env: DistEnv, bf16: bool) -> nn.Module:
+    """The module to call for the forward pass. ``denoiser`` itself stays the model's attribute (its
+    design properties, state-dict names and EMA see the unwrapped module; FSDP2 shards it in place).
+
+    ddp: DistributedDataParallel over the whole denoiser.
+    fsdp: fully_shard on every DiT block, then on the root (patch/time embeddings, refiners, output), with
+    bf16 parameters and fp32 gradient reduction when training in bf16."""
+    if parallel == "none":
+        return denoiser
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The denoiser's buffers are constants (RoPE tables): synced once at construction, not every forward.
+        # Newer torch names the switch forward_sync_buffers (broadcast_buffers is deprecated there).
+        names = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = {
+            "forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers": False
+        }
+        return DistributedDataParallel(
+            denoiser,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            **no_buffer_sync,
+        )
+    if parallel == "fsdp":
+        fully_shard, MixedPrecisionPolicy = _fsdp_api()
+        # fully_shard keeps each rank's local values: make them rank 0's first, as DDP's constructor does.
+        broadcast_module(denoiser)
+        # cast_forward_inputs=False: the inputs stay fp32 and autocast casts at the matmuls, so the timestep
+        # (fractions in (0, 1) that feed a sinusoidal embedding) is not rounded to bf16's 8 bits.
+        policy = (
+            MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
+            if bf16
+            else MixedPrecisionPolicy()
+        )
+        for block in getattr(denoiser, "blocks", ()):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(denoiser, mp_policy=policy)
+        return denoiser
+    raise ConfigError(f"train.parallel={parallel!r} is not allowed (allowed: none, ddp, fsdp)")
+
+
+def shard_frozen(llm: nn.Module) -> None:
+    """Shard a frozen LLM over the ranks with FSDP2: each decoder layer, the embeddings and the final norm
+    are their own unit, gathered during the prompt batch's forward and freed by :func:`reshard` after it.
+
+    Two constraints of the text side shape this. The text encoder reads each fused layer's K/V with that
+    layer's own modules after the LLM's forward (outside the layer's forward hooks), so the units stay
+    gathered until the encode is done (reshard_after_forward=False). And the LLM's root module is left
+    unwrapped: transformers finds a model's hidden-state recorders by its class name, which fully_shard
+    would change. Memory: the whole LLM while a prompt batch is encoded, 1/world of it during the
+    denoiser's forward and backward (a training step's peak)."""
+    fully_shard, _ = _fsdp_api()
+    units = list(getattr(llm, "layers", ()))
+    units += [child for name, child in llm.named_children() if name != "layers" and _has_parameters(child)]
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=False)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in ``module`` (no-op for unsharded modules)."""
+    for sub in module.modules():
+        if hasattr(sub, "reshard") and hasattr(sub, "_get_fsdp_state"):
+            sub.reshard()
+
+
+@contextlib.contextmanager
+def gradient_sync(forward: nn.Module, parallel: str, sync: bool) -> Iterator[None]:
+    """Gradient accumulation under DDP: no all-reduce on all but the last micro-step (``no_sync``).
+
+    FSDP2 reduce-scatters every micro-step instead: skipping it would keep each rank's whole unsharded
+    gradient until the last micro-step, the memory that sharding is there to save."""
+    if parallel == "ddp" and not sync:
+        with forward.no_sync():
+            yield
+    else:
+        yield
+
+
+def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of a per-rank scalar over all ranks (every rank calls this: it is a collective)."""
+    if not env.distributed or env.world_size == 1:
+        return value
+    value = value.detach().clone().float()
+    dist.all_reduce(value)
+    return value / env.world_size
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as a plain tensor; plain tensors pass through."""
+    full = getattr(value, "full_tensor", None)
+    return full() if full is not None else value
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's value of ``obj`` on every rank (a collective): ranks agree on e.g. the checkpoint to resume
+    from even when a shared filesystem shows them different views for a moment."""
+    if not env.distributed or env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed and env.world_size > 1:
+        dist.barrier()

@@ -1,0 +1,321 @@
+"""Distributed training on 2 CPU processes (gloo), launched the way users launch it: torchrun running
+``python -m fusedit train``. The runs are tiny (conftest.TINY) and shared between tests (module fixtures).
+
+What must hold: splitting a global batch over processes or micro-steps changes the losses only by float
+rounding; DDP and FSDP2 train the same model; a checkpoint written by 2 processes resumes on 1 (and the other
+way round) and samples without a process group; a run SIGKILLed at random moments, mid-save included,
+loses at most one checkpoint interval and ends with the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import tiny_config
+from fusedit.config import ConfigError, save_config
+from fusedit.train.checkpoint import (
+    consolidate_checkpoint,
+    find_checkpoint,
+    is_distributed_checkpoint,
+    load_model,
+    load_state,
+)
+from fusedit.train.distributed import DistEnv, resolve_parallel
+from fusedit.train.loop import train
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+
+LAUNCH_TIMEOUT = 240  # seconds for one torchrun launch (import + 6 tiny steps take ~10 s on 2 busy cores)
+# Float tolerance between differently split runs (one process vs two, micro-steps, DDP vs FSDP): the
+# reductions differ in order only.
+TOL = {"rel": 1e-5, "abs": 1e-6}
+
+_DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _config(path: Path, **train) -> Path:
+    save_config(tiny_config(train={"device": "cpu", **train}), path)
+    return path
+
+
+def _run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Run to completion in its own session (so a timeout ends every process it started)."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-4000:]}"
+
+
+def torchrun(nproc: int, config: Path, out: Path, *args: str) -> Path:
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", port, "-m", "fusedit", "train", str(config)]
+    _run([*cmd, "--out", str(out), "--quiet", *args], _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    return out
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _keep_until(run_dir: Path, step: int) -> None:
+    """Make ``step`` the run's latest checkpoint, as if the run had been interrupted right after it."""
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+
+
+def _weights_close(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-5) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=atol, rtol=1e-4), k
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run folders made once: "ref" one process x 8 samples (in this process); the others are torchrun
+    launches built lazily by ``runs(name)``."""
+    root = tmp_path_factory.mktemp("dist")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name in made:
+            return made[name]
+        if name == "ref":  # one process, batch 8
+            made[name] = train(tiny_config(train={"batch_size": 8}), root / name, progress=False)["run_dir"]
+        elif name == "ddp":  # two processes x batch 4 = the same global batch
+            made[name] = torchrun(2, _config(root / "ddp.yaml", batch_size=4), root / name)
+        elif name == "fsdp":  # two processes x 2 micro-steps x batch 2, the LLM sharded too
+            cfg = _config(root / "fsdp.yaml", batch_size=2, grad_accum=2, parallel="fsdp", shard_llm=True)
+            made[name] = torchrun(2, cfg, root / name)
+        elif name == "ref-bf16":
+            cfg = tiny_config(train={"batch_size": 8, "precision": "bf16"})
+            made[name] = train(cfg, root / name, progress=False)["run_dir"]
+        elif name == "fsdp-bf16":  # bf16 parameters all-gathered, fp32 gradient reduction
+            cfg = _config(root / "fsdp-bf16.yaml", batch_size=4, parallel="fsdp", precision="bf16")
+            made[name] = torchrun(2, cfg, root / name)
+        return made[name]
+
+    return get
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs, tmp_path):
+    ref = logged_losses(runs("ref"))
+    two = runs("ddp")
+    assert logged_losses(two) == pytest.approx(ref, **TOL)
+    ckpt = find_checkpoint(two)
+    assert is_distributed_checkpoint(ckpt) and ckpt.name == "step_00000006"
+    assert {"data_state.json", "data_state.rank1.json", "state.json", "config.yaml"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    assert load_state(ckpt)["world_size"] == 2
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000003",
+        "step_00000006",
+    ]
+    # Gradient accumulation in one process: 2 micro-steps x 4 samples are the same global batch of 8.
+    accum = train(tiny_config(train={"batch_size": 4, "grad_accum": 2}), tmp_path / "accum", progress=False)
+    assert accum["losses"] == pytest.approx(ref, **TOL)
+
+
+def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(runs):
+    fsdp = runs("fsdp")
+    assert logged_losses(fsdp) == pytest.approx(logged_losses(runs("ddp")), **TOL)
+    sharded, _, ckpt = load_model(fsdp)  # no process group here: DCP reassembles the shards
+    assert is_distributed_checkpoint(ckpt)
+    replicated, _, _ = load_model(runs("ddp"))
+    _weights_close(sharded.denoiser, replicated.denoiser)
+    _weights_close(sharded.text.llm, replicated.text.llm, atol=0)  # frozen: saved sharded, unchanged
+
+
+def test_fsdp_mixed_precision_matches_bf16_autocast_in_one_process(runs):
+    # One process: fp32 weights under bf16 autocast. FSDP2: bf16 copies of the weights all-gathered (the
+    # same rounding autocast applies at each matmul), gradients reduced in fp32.
+    assert logged_losses(runs("fsdp-bf16")) == pytest.approx(logged_losses(runs("ref-bf16")), rel=1e-4)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
+    ref = runs("ref")
+    run = tmp_path / "run"
+    shutil.copytree(runs("ddp"), run)
+    _keep_until(run, 3)
+    rest = train(tiny_config(train={"batch_size": 8}), run, resume=True, progress=False)
+    assert rest["losses"] == pytest.approx(logged_losses(ref)[3:], **TOL)
+    assert logged_losses(run) == pytest.approx(logged_losses(ref), **TOL)
+    _weights_close(load_model(run)[0].denoiser, load_model(ref)[0].denoiser)
+    # What sampling loads (EMA weights) from a checkpoint of 2 processes, and from its plain consolidation.
+    from_dcp, _, ckpt = load_model(runs("ddp"))
+    assert is_distributed_checkpoint(ckpt)
+    _weights_close(from_dcp.denoiser, load_model(ref)[0].denoiser)
+    plain = consolidate_checkpoint(runs("ddp"), tmp_path / "plain")
+    assert not is_distributed_checkpoint(plain)
+    assert {"denoiser.safetensors", "ema.safetensors", "llm.safetensors", "optimizer.pt"} <= {
+        p.name for p in plain.iterdir()
+    }
+    from_plain, _, _ = load_model(plain)
+    for k, v in from_dcp.denoiser.state_dict().items():
+        assert torch.equal(v, from_plain.denoiser.state_dict()[k]), k
+
+
+def test_a_one_process_checkpoint_resumes_sharded_on_two(runs, tmp_path):
+    ref = runs("ref")
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    _keep_until(run, 3)
+    torchrun(2, _config(tmp_path / "fsdp.yaml", batch_size=4, parallel="fsdp"), run, "--resume")
+    assert logged_losses(run) == pytest.approx(logged_losses(ref), **TOL)
+    assert is_distributed_checkpoint(find_checkpoint(run))
+
+
+def test_parallel_none_refuses_several_processes():
+    env = DistEnv(rank=0, world_size=2, distributed=True)
+    with pytest.raises(ConfigError, match="train.parallel=none with 2 processes"):
+        resolve_parallel("none", env)
+    assert resolve_parallel("fsdp", DistEnv()) == "none"  # one plain process: nothing to spread
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill -9 at random moments
+
+
+def _complete_steps(run_dir: Path) -> int:
+    """The last step whose metrics line was written whole."""
+    last = 0
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            last = json.loads(line)["step"]
+        except json.JSONDecodeError:
+            break
+    return last
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    try:
+        return int(load_state(find_checkpoint(run_dir))["step"])
+    except FileNotFoundError:
+        return 0
+
+
+def _saving(run_dir: Path) -> bool:
+    try:
+        return any(e.name.endswith(".partial") for e in os.scandir(run_dir / "checkpoints"))
+    except FileNotFoundError:
+        return False
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group this test started (it may have ended by itself already)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait(condition, proc: subprocess.Popen, timeout: float, poll: float) -> bool:
+    """Poll until ``condition()`` or the process ends; False when it ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            _kill(proc)
+            pytest.fail(f"no progress in {timeout}s")
+        time.sleep(poll)
+    return False
+
+
+@pytest.mark.parametrize("fmt", ["plain", "dcp"])
+def test_training_killed_at_random_moments_resumes_with_the_uninterrupted_losses(tmp_path, fmt):
+    steps, every = 12, 2
+    cfg = tiny_config(train={"steps": steps, "checkpoint_every": every, "device": "cpu"})
+    reference = train(cfg, tmp_path / "ref", progress=False)["losses"]
+    config = tmp_path / "cfg.yaml"
+    save_config(cfg, config)
+    run = tmp_path / "run"
+    rng = random.Random(f"kill-{fmt}")
+    partial_seen, kills = [], 0
+    for attempt, moment in enumerate(["random", "save", "random", "end"]):
+        # "dcp": the torchrun environment of a 1-process job, so checkpoints go through DCP's collective path.
+        extra = {}
+        if fmt == "dcp":
+            extra = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            extra["MASTER_PORT"] = str(_free_port())
+        cmd = [sys.executable, "-m", "fusedit", "train", str(config), "--out", str(run), "--quiet"]
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if attempt else []),
+            env=_env(**extra),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            if moment != "end":
+                # Wait until it trains past what the last launch had logged (before that, a resumed launch is
+                # still starting up and the metrics are the last launch's): to a random step, then a random
+                # moment within the next steps, or the moment a checkpoint folder is being written (spinning:
+                # a tiny model's save takes milliseconds).
+                logged = _complete_steps(run)
+                target = min(logged + rng.randint(1, 3), steps - 1) if moment == "random" else logged + 1
+                if _wait(lambda k=target: _complete_steps(run) >= k, proc, LAUNCH_TIMEOUT, 0.002):
+                    if moment == "save":
+                        _wait(lambda: _saving(run), proc, LAUNCH_TIMEOUT, 0)
+                    else:
+                        time.sleep(rng.uniform(0, 0.05))
+                    _kill(proc)
+                    kills += 1
+            proc.wait(timeout=LAUNCH_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                _kill(proc)
+                proc.wait()
+        partial_seen.append(_saving(run))
+        if moment != "end":
+            # At most one checkpoint interval lost: every step logged before the kill is at most `every`
+            # past the checkpoint the next launch resumes from.
+            assert _complete_steps(run) - _checkpoint_step(run) <= every
+    assert kills == 3 and _checkpoint_step(run) == steps
+    assert logged_losses(run) == pytest.approx(reference, **TOL)
+    assert not _saving(run)  # the resumed run rewrote and renamed it
+    assert any(partial_seen), "no kill landed while a checkpoint was being written"
