@@ -142,3 +142,34 @@ def test_webdataset_training_resumes_exactly_with_its_data_position(tmp_path):
     assert (find_checkpoint(tmp_path / "b") / "data_state.json").is_file()
     rest = train(cfg, tmp_path / "b", resume=True, progress=False)["losses"]
     assert first + rest == full
+
+
+def test_gradient_checkpointing_and_compiled_blocks_give_the_same_training(tmp_path):
+    base = train(tiny_config(train={"steps": 3, "checkpoint_every": 3}), tmp_path / "a", progress=False)
+    ckpt = train(
+        tiny_config(train={"steps": 3, "checkpoint_every": 3, "grad_checkpointing": True}),
+        tmp_path / "b",
+        progress=False,
+    )
+    assert ckpt["model"].denoiser.run_block.__name__ == "_run_block_checkpointed"
+    torch.testing.assert_close(torch.tensor(ckpt["losses"]), torch.tensor(base["losses"]))
+    # "eager" traces every block with torch.compile without generating code: fast enough for CPU CI
+    comp = train(
+        tiny_config(train={"steps": 3, "checkpoint_every": 3, "compile": "eager"}),
+        tmp_path / "c",
+        progress=False,
+    )
+    torch.testing.assert_close(torch.tensor(comp["losses"]), torch.tensor(base["losses"]))
+
+
+def test_preview_grids_are_written_during_training(tmp_path):
+    from PIL import Image
+
+    train(
+        tiny_config(train={"steps": 4, "checkpoint_every": 4, "preview_every": 2}),
+        tmp_path / "run",
+        progress=False,
+    )
+    previews = sorted((tmp_path / "run" / "previews").glob("*.png"))
+    assert [p.name for p in previews] == ["step_00000002.png", "step_00000004.png"]
+    assert Image.open(previews[0]).size[0] > 0

@@ -230,6 +230,12 @@ class TrainConfig:
     # LR after warmup: "constant" (the FuseDiT recipe) or "cosine" decay to 0 at train.steps.
     schedule: str = choice("constant", "constant", "cosine")
     grad_clip: float = positive(1.0)
+    # Recompute each DiT block's activations in backward instead of keeping them (memory for time).
+    grad_checkpointing: bool = False
+    # torch.compile every DiT block ("" = off; "inductor" on a GPU; "eager" only checks tracing).
+    compile: str = choice("", "", "inductor", "aot_eager", "eager")
+    # Every this many steps, rank 0 samples a preview grid of data captions into run_dir/previews (0 = off).
+    preview_every: int = nonneg(0)
     # A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run.
     max_bad_steps: int = positive(10)
     ema_decay: float = field(default=0.99, metadata={"min": 0, "max": 1})

@@ -101,6 +101,33 @@ def llm_needs_saving(cfg: Config, model: TextToImage) -> bool:
     return not cfg.text.model_id or model.text.trainable
 
 
+@torch.no_grad()
+def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -> None:
+    """A labelled grid of this step's captions sampled with the current (not EMA) weights, fixed seed.
+
+    Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
+    from fusedit.imaging import image_grid, save_png, to_uint8
+    from fusedit.sample import generate
+
+    was_training = model.denoiser.training
+    model.denoiser.eval()
+    s = cfg.sample
+    images = generate(
+        model,
+        captions,
+        image_size=cfg.data.image_size,
+        steps=s.steps,
+        guidance=s.guidance,
+        sampler=s.sampler,
+        shift=s.shift,
+        negative_prompt=s.negative_prompt,
+        seed=s.seed,
+    )
+    model.denoiser.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
+
+
 def _rewind_metrics(path: Path, step: int) -> None:
     """Drop log lines past the resumed step so the metrics file reads like one uninterrupted run (and a
     line cut short by a kill)."""
@@ -177,6 +204,11 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     tc = cfg.train
     device, main = env.device, env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
+    if tc.preview_every and parallel == "fsdp":
+        raise ConfigError(
+            "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
+            "(allowed: preview_every=0 with fsdp, or parallel=ddp)"
+        )
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
     denoiser = model.denoiser
@@ -216,6 +248,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                     )
                 distributed.shard_frozen(encoder.llm)
                 sharded_llms.append(encoder.llm)
+    denoiser.set_gradient_checkpointing(tc.grad_checkpointing)
+    if tc.compile:
+        denoiser.compile_blocks(tc.compile)
     forward = distributed.wrap_denoiser(denoiser, parallel, env, uses_bf16(tc.precision, device))
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -339,6 +374,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                     recent = losses[-tc.log_every :]
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             bar.update(1)
+            if main and tc.preview_every and (step + 1) % tc.preview_every == 0:
+                _preview(model, cfg, batch["caption"][:8], run_dir / "previews" / f"step_{step + 1:08d}.png")
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
                 if metrics is not None:
                     metrics.flush()
