@@ -58,17 +58,23 @@ def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate
+    from fusedit.sample import generate, sample_settings
     from fusedit.train.checkpoint import load_model
     from fusedit.train.loop import resolve_device
 
     prompts = _read_prompts(args)
     device = resolve_device(args.device)
     model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
-    s = cfg.sample
-    steps = args.steps or s.steps
-    guidance = s.guidance if args.guidance is None else args.guidance
-    size = args.size or cfg.data.image_size
+    settings = sample_settings(
+        cfg,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        image_size=args.size,
+        negative_prompt=args.negative_prompt,
+        cache_text=False if args.no_cache else None,
+    )
+    steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -76,19 +82,7 @@ def cmd_sample(args) -> int:
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
     for b, batch in enumerate(batches):
         seed = args.seed + b
-        x = generate(
-            model,
-            batch,
-            image_size=size,
-            steps=steps,
-            guidance=guidance,
-            sampler=args.sampler or s.sampler,
-            shift=s.shift,
-            negative_prompt=args.negative_prompt if args.negative_prompt is not None else s.negative_prompt,
-            seed=seed,
-            cache_text=not args.no_cache,
-            progress=lambda: bar.update(1),
-        )
+        x = generate(model, batch, seed=seed, progress=lambda: bar.update(1), **settings)
         for j, (img, prompt) in enumerate(zip(to_uint8(x), batch)):
             name = f"{len(images):05d}"
             save_png(Image.fromarray(img), out / f"{name}.png")
@@ -141,20 +135,14 @@ def cmd_eval(args) -> int:
 
 def _eval_protocol(args, model, cfg, out: Path, device) -> int:
     from fusedit.eval.run import generator, run_dpg, run_geneval
+    from fusedit.sample import sample_settings
 
     if not args.prompts:
         raise ConfigError(
             f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
         )
-    s = cfg.sample
     gen = generator(
-        model,
-        args.size or cfg.data.image_size,
-        args.steps or s.steps,
-        s.guidance if args.guidance is None else args.guidance,
-        s.shift,
-        s.sampler,
-        s.negative_prompt,
+        model, sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     )
     seed = 42 if args.seed is None else args.seed  # both protocols fix seed 42
     if args.bench == "geneval":

@@ -12,7 +12,7 @@ import torch
 
 from fusedit.config import Config
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
-from fusedit.sample import generate
+from fusedit.sample import generate, sample_settings
 from fusedit.train.checkpoint import load_model
 from fusedit.train.loop import resolve_device, train
 
@@ -34,21 +34,9 @@ DEMO_PROMPTS = (
 def sample_sheet(run_dir: Path, cfg: Config, prompts=DEMO_PROMPTS, seeds=(0, 1), progress=True) -> Path:
     device = resolve_device(cfg.train.device)
     model, cfg, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
-    s = cfg.sample
     images, labels = [], []
     for seed in seeds:
-        out = generate(
-            model,
-            list(prompts),
-            image_size=cfg.data.image_size,
-            steps=s.steps,
-            guidance=s.guidance,
-            sampler=s.sampler,
-            shift=s.shift,
-            negative_prompt=s.negative_prompt,
-            seed=seed,
-            cache_text=s.cache_text,
-        )
+        out = generate(model, list(prompts), seed=seed, **sample_settings(cfg))
         images.extend(to_uint8(out))
         labels.extend(f"{p} (seed {seed})" for p in prompts)
     grid = image_grid(images, labels, ncols=len(prompts), scale=3)

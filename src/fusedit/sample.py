@@ -10,8 +10,28 @@ from __future__ import annotations
 
 import torch
 
+from fusedit.config import Config
 from fusedit.flow import guided, sample
 from fusedit.system import TextToImage
+
+
+def sample_settings(cfg: Config, **overrides) -> dict:
+    """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
+    None keeps the config's value (so CLI flags can be passed straight through)."""
+    s = cfg.sample
+    settings = {
+        "image_size": cfg.data.image_size,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "sampler": s.sampler,
+        "shift": s.shift,
+        "negative_prompt": s.negative_prompt,
+        "cache_text": s.cache_text,
+    }
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise TypeError(f"unknown sample setting(s) {sorted(unknown)} (allowed: {', '.join(settings)})")
+    return {**settings, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 @torch.no_grad()

@@ -17,23 +17,12 @@ from fusedit.imaging import to_uint8
 from fusedit.sample import generate
 
 
-def generator(
-    model, image_size: int, steps: int, guidance: float, shift: float, sampler: str, negative_prompt: str = ""
-):
-    """A ``generate(prompt, seed, n) -> [PIL images]`` callable over ``model`` for the protocol writers."""
+def generator(model, settings: dict):
+    """A ``generate(prompt, seed, n) -> [PIL images]`` callable over ``model`` for the protocol writers;
+    ``settings`` are ``generate`` keyword arguments (``fusedit.sample.sample_settings``)."""
 
     def run(prompt: str, seed: int, n: int) -> list[Image.Image]:
-        x = generate(
-            model,
-            [prompt] * n,
-            image_size=image_size,
-            steps=steps,
-            guidance=guidance,
-            shift=shift,
-            sampler=sampler,
-            negative_prompt=negative_prompt,
-            seed=seed,
-        )
+        x = generate(model, [prompt] * n, seed=seed, **settings)
         return [Image.fromarray(a) for a in to_uint8(x)]
 
     return run

@@ -120,7 +120,8 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
         lengths = mask.sum(1)
-        longest = int(lengths.max())  # one host sync per prompt batch, not per step
+        # One host sync per prompt batch (not per step), for both the trim and the padding flag.
+        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
         if self.trim_padding:
             input_ids, mask = input_ids[:, :longest], mask[:, :longest]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
@@ -143,7 +144,7 @@ class TextEncoder(nn.Module):
             raw_kv=raw_kv,
             hidden=chosen,
             instruction=self.instruction_mask(lengths, mask.shape[1]),
-            padded=not bool(mask.all()),
+            padded=shortest < mask.shape[1],
         )
 
     def encode(self, prompts: list[str], request: TextRequest, device=None) -> TextContext:

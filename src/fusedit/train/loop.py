@@ -107,22 +107,11 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 
     Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate
+    from fusedit.sample import generate, sample_settings
 
     was_training = model.denoiser.training
     model.denoiser.eval()
-    s = cfg.sample
-    images = generate(
-        model,
-        captions,
-        image_size=cfg.data.image_size,
-        steps=s.steps,
-        guidance=s.guidance,
-        sampler=s.sampler,
-        shift=s.shift,
-        negative_prompt=s.negative_prompt,
-        seed=s.seed,
-    )
+    images = generate(model, captions, seed=cfg.sample.seed, **sample_settings(cfg))
     model.denoiser.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
@@ -379,35 +368,19 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
                 if metrics is not None:
                     metrics.flush()
-                llm = model.text.llm if save_llm else None
                 data = json.dumps(loader.state_dict())
+                args = (run_dir, step + 1, cfg, denoiser, ema.state_dict(), optimizer)
+                common = dict(
+                    llm=model.text.llm if save_llm else None,
+                    keep=tc.keep_checkpoints,
+                    extra={"skipped_steps": bad_total, **extra},
+                )
                 if env.distributed:
                     save_distributed_checkpoint(
-                        run_dir,
-                        step + 1,
-                        cfg,
-                        denoiser,
-                        ema.state_dict(),
-                        optimizer,
-                        llm,
-                        rank=env.rank,
-                        extra={"skipped_steps": bad_total, **extra},
-                        keep=tc.keep_checkpoints,
-                        rank_files={data_state_name(env.rank): data},
+                        *args, rank=env.rank, rank_files={data_state_name(env.rank): data}, **common
                     )
                 else:
-                    save_checkpoint(
-                        run_dir,
-                        step + 1,
-                        cfg,
-                        denoiser,
-                        ema.state_dict(),
-                        optimizer,
-                        llm,
-                        keep=tc.keep_checkpoints,
-                        extra={"skipped_steps": bad_total, **extra},
-                        files={"data_state.json": data},
-                    )
+                    save_checkpoint(*args, files={"data_state.json": data}, **common)
     bar.close()
     report = loader.skipped_report()
     if report:
