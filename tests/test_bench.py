@@ -37,3 +37,50 @@ def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
     assert train["flops_per_image"] == expected
     assert train["mfu"] > 0 and abs(train["tflops"] * 1e12 - expected * train["images_per_s"]) < 1e3
     assert "img/s" in capsys.readouterr().out
+
+
+def test_bench_sweeps_points_and_records_out_of_memory(tmp_path, monkeypatch, capsys):
+    """Training points run first (sampling turns the model into its sampling form), a point that does
+    not fit is a row saying so, and sampling sweeps prompts x steps."""
+    import torch
+
+    import fusedit.bench
+
+    real = fusedit.bench.bench_train
+
+    def bench_train(s, batch, *args):
+        if batch == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(s, batch, *args)
+
+    monkeypatch.setattr(fusedit.bench, "bench_train", bench_train)
+    out = tmp_path / "bench.jsonl"
+    args = [
+        "bench",
+        "debug",
+        "--batch",
+        "2",
+        "3",
+        "--steps",
+        "1",
+        "2",
+        "--prompts",
+        "1",
+        "2",
+        "--cached-only",
+    ]
+    args += ["--warmup", "0", "--repeats", "1", "--text-tokens", "8", "--json", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r.get("batch"), r.get("error")) for r in rows[:2]] == [
+        ("train", 2, None),
+        ("train", 3, "out of memory"),
+    ]
+    assert [(r["prompts"], r["steps"], r["text_cache"]) for r in rows[2:]] == [
+        (1, 1, True),
+        (1, 2, True),
+        (2, 1, True),
+        (2, 2, True),
+    ]
+    assert all(r["fuse_projections"] for r in rows[2:])
+    assert "out of memory" in capsys.readouterr().out

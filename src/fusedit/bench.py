@@ -21,6 +21,7 @@ import torch
 from fusedit.config import Config
 from fusedit.flow import flow_loss, guided, interpolate, sample
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
 
@@ -50,9 +51,9 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     return statistics.median(times)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
     """Measured dense matmul rate (FLOP/s) on this device: the MFU denominator."""
-    n = n if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_it(lambda: a @ b, device, warmup=2, repeats=repeats)
     return 2 * n**3 / seconds
@@ -64,7 +65,7 @@ def synthetic_text(model: TextToImage, batch: int, tokens: int, generator: torch
     contexts = []
     for enc, request in zip(model.encoders, model.denoiser.text_requests, strict=True):
         vocab = enc.llm.config.vocab_size
-        ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
+        ids = torch.randint(vocab, (batch, tokens), generator=generator, device=generator.device).to(device)
         mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
         contexts.append(enc(ids, mask, request))
     context = contexts[0]
@@ -81,6 +82,8 @@ class BenchSetup:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     peak: float
+    bf16: bool
+    sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
@@ -88,15 +91,41 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, model_id="", tokenizer=""))
     torch.manual_seed(0)
     model = build_model(cfg, device, with_autoencoder=False)
+    # The same training-time levers as `fusedit train`, read from the config (train.compile, ...).
+    model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
+    model.compile(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype))
+    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype), bf16)
+
+
+def to_sampling_form(s: BenchSetup) -> None:
+    """What `fusedit sample` does to a loaded model (sample.fuse_projections, sample.bf16_weights); one-way,
+    so every training measurement comes first."""
+    if not s.sampling_form:
+        dtype = torch.bfloat16 if s.bf16 and s.cfg.sample.bf16_weights else None
+        prepare_for_sampling(s.model.denoiser, dtype, fuse=s.cfg.sample.fuse_projections)
+        s.sampling_form = True
+
+
+def levers(cfg: Config) -> dict:
+    """The speed settings a measurement ran with, recorded next to it."""
+    return {
+        "attention_backend": cfg.model.attention_backend,
+        "compile": cfg.train.compile,
+        "grad_checkpointing": cfg.train.grad_checkpointing,
+        "activation_memory_budget": cfg.train.activation_memory_budget,
+        "fuse_projections": cfg.sample.fuse_projections,
+        "bf16_weights": cfg.sample.bf16_weights,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup: int, repeats: int) -> dict:
     cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
     side = resolution // cfg.vae.downsample
-    gen = torch.Generator().manual_seed(0)
+    gen, tgen = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(0)
     x0 = torch.randn(batch, cfg.vae.latent_channels, side, side, generator=gen).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.rand(batch, generator=gen).to(device)
@@ -107,7 +136,7 @@ def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup:
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        text = synthetic_text(s.model, batch, tokens, gen)  # a training step includes one LLM forward
+        text = synthetic_text(s.model, batch, tokens, tgen)  # a training step includes one LLM forward
         with s.autocast:
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
@@ -138,6 +167,7 @@ def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup:
         if device.type == "cuda"
         else None,
         "trainable_params": count_parameters(denoiser, trainable=True),
+        **levers(cfg),
     }
 
 
@@ -152,8 +182,8 @@ def bench_sample(
     warmup: int,
     repeats: int,
 ) -> dict:
+    to_sampling_form(s)
     cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
-    denoiser.eval()
     side = resolution // cfg.vae.downsample
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(prompts, cfg.vae.latent_channels, side, side, generator=gen).to(device)
@@ -161,11 +191,13 @@ def bench_sample(
 
     @torch.no_grad()
     def run():
-        context = synthetic_text(s.model, rows, tokens, torch.Generator().manual_seed(1))
+        context = synthetic_text(s.model, rows, tokens, torch.Generator(device).manual_seed(1))
 
         def velocity(x, t):
             text = (
-                context if cached else synthetic_text(s.model, rows, tokens, torch.Generator().manual_seed(1))
+                context
+                if cached
+                else synthetic_text(s.model, rows, tokens, torch.Generator(device).manual_seed(1))
             )
             with s.autocast:
                 return denoiser(x, t, text).float()
@@ -187,6 +219,7 @@ def bench_sample(
         "batch_s": seconds,
         "images_per_s": prompts / seconds,
         "s_per_image": seconds / prompts,
+        **levers(cfg),
     }
 
 

@@ -17,3 +17,19 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedGatedMLP(nn.Module):
+    """A GatedMLP whose gate and up projections run as one matmul of the concatenated weights
+    (B, N, d) -> (B, N, 2 * hidden): the same function with one larger GEMM (inference-time form)."""
+
+    def __init__(self, mlp: GatedMLP):
+        super().__init__()
+        weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.gate_up_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.gate_up_proj.weight = nn.Parameter(weight, requires_grad=False)
+        self.down_proj, self.act = mlp.down_proj, mlp.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)

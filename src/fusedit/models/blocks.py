@@ -33,6 +33,10 @@ class ImageAttention(nn.Module):
         self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, d) -> q (B, N, H * hd), k and v (B, N, KVH * hd)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -41,13 +45,31 @@ class ImageAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x (B, N, d); context K/V (B, KVH, T, hd), keys already rotated; mask (B, 1, 1, T + N) or None
-        q = rope.apply(self.q_norm(_heads(self.q_proj(x), self.heads, self.head_dim)))
-        k = rope.apply(self.k_norm(_heads(self.k_proj(x), self.kv_heads, self.head_dim)))
-        v = _heads(self.v_proj(x), self.kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = rope.apply(self.q_norm(_heads(q, self.heads, self.head_dim)))
+        k = rope.apply(self.k_norm(_heads(k, self.kv_heads, self.head_dim)))
+        v = _heads(v, self.kv_heads, self.head_dim)
         if context_kv is not None:
             k = torch.cat([context_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([context_kv[1].to(v.dtype), v], dim=2)
         return self.o_proj(attention(q, k, v, mask))
+
+
+class FusedImageAttention(ImageAttention):
+    """An ImageAttention whose q/k/v projections run as one matmul of the concatenated weights: the same
+    function with one larger GEMM instead of three (an inference-time form, ``fusedit.models.inference``)."""
+
+    def __init__(self, attn: ImageAttention):
+        nn.Module.__init__(self)
+        self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
+        weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.qkv_proj.weight = nn.Parameter(weight, requires_grad=False)
+        self.split = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+        self.o_proj, self.q_norm, self.k_norm = attn.o_proj, attn.q_norm, attn.k_norm
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(x).split(self.split, dim=-1)
 
 
 class TextKV(nn.Module):

@@ -1,0 +1,58 @@
+"""The sampling form of a denoiser (fusedit.models.inference) computes the same function as the
+training form: bit-identical with bf16 matmul weights under bf16 autocast, equal to rounding when fused."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from fusedit.layers.mlp import FusedGatedMLP, GatedMLP
+from fusedit.models.blocks import FusedImageAttention, ImageAttention
+from fusedit.models.inference import cast_matmul_weights, fuse_projections, prepare_for_sampling
+from fusedit.sample import generate
+from fusedit.system import build_model
+
+DESIGNS = ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
+
+
+def _model_and_inputs(design, **model):
+    cfg = tiny_config(model={"design": design, **model})
+    m = build_model(cfg)
+    randomize(m.denoiser)
+    text = m.encode_prompts(["a red circle", "two blue squares above a green triangle", ""])
+    return m, (torch.randn(3, 3, 16, 16), torch.rand(3), text)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_bf16_matmul_weights_are_bit_identical_under_autocast(design):
+    m, inputs = _model_and_inputs(design, pos_embed="2d-rope")
+    slow = m.denoiser.eval()
+    fast = cast_matmul_weights(copy.deepcopy(slow), torch.bfloat16)
+    assert fast.blocks[0].img_mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(*inputs), slow(*inputs))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_fused_projections_compute_the_same_function(design):
+    m, inputs = _model_and_inputs(design)
+    slow = m.denoiser.eval()
+    fast = fuse_projections(copy.deepcopy(slow))
+    kinds = [type(x) for x in fast.modules()]
+    assert FusedGatedMLP in kinds and FusedImageAttention in kinds
+    assert GatedMLP not in kinds and ImageAttention not in kinds
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*inputs), slow(*inputs), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(*inputs), slow(*inputs), rtol=2e-2, atol=2e-2)
+
+
+def test_prepared_model_samples_like_the_training_form():
+    m, _ = _model_and_inputs("fusedit")
+    kw = dict(image_size=16, steps=3, guidance=3.0, seed=1)
+    prompts = ["a red circle", "two green triangles"]
+    ref = generate(m, prompts, **kw)
+    prepare_for_sampling(m.denoiser, weights_dtype=None, fuse=True)
+    assert not any(p.requires_grad for p in m.denoiser.parameters())
+    torch.testing.assert_close(generate(m, prompts, **kw), ref, rtol=1e-4, atol=1e-4)
