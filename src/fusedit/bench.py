@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -239,9 +238,3 @@ def format_table(rows: list[dict]) -> str:
                 f"{'cached' if r['text_cache'] else 'uncached'}"
             )
     return "\n".join(lines)
-
-
-def write_json(rows: list[dict], path) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")

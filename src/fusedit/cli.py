@@ -53,18 +53,76 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _saved_by_public_fusedit(folder: Path) -> bool:
+    """Whether ``folder`` is a pipeline or transformer folder of the public FuseDiT code: its pipeline is also
+    called FuseDiTPipeline, but its weights and config need `fusedit convert` first."""
+    for config in (folder / "transformer" / "config.json", folder / "config.json"):
+        try:
+            if json.loads(config.read_text()).get("model_type") in ("FuseDiT", "DiT"):
+                return True
+        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
+            continue
+    return False
+
+
+def load_sampling_model(path: str | Path, device, use_ema: bool = True):
+    """MODEL of `fusedit sample` and `fusedit serve`: a run folder (its latest checkpoint; `fusedit convert`
+    writes one), a checkpoint folder, or a diffusers pipeline folder (`fusedit export`,
+    `FuseDiTPipeline.save_pretrained`). Returns (model in eval mode, Config, the folder it was read from)."""
+    from fusedit.sample import to_sampling_form
+    from fusedit.train.checkpoint import find_checkpoint, load_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
+        )
+    if _saved_by_public_fusedit(folder):
+        raise ConfigError(
+            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
+            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
+        )
+    if (folder / "model_index.json").is_file():
+        if not use_ema:
+            raise ConfigError(
+                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
+                "the weights it was exported with"
+            )
+        from fusedit.hub import from_pretrained
+
+        model, cfg = from_pretrained(folder, device)
+        return to_sampling_form(model, cfg), cfg, folder
+    try:
+        ckpt = find_checkpoint(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
+            "folder with model_index.json)"
+        ) from None
+    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema)
+    return to_sampling_form(model, cfg), cfg, ckpt
+
+
 def cmd_sample(args) -> int:
+    import math
+
     from PIL import Image
     from tqdm.auto import tqdm
 
     from fusedit.imaging import image_grid, save_png, to_uint8
     from fusedit.sample import generate, sample_settings
-    from fusedit.train.checkpoint import load_model
     from fusedit.train.loop import resolve_device
 
     prompts = _read_prompts(args)
+    # Checked before the (possibly slow) model load, so a typo fails at once.
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps} is not allowed (allowed: 1 or more)")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
     device = resolve_device(args.device)
-    model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, source = load_sampling_model(args.model, device, use_ema=not args.no_ema)
     settings = sample_settings(
         cfg,
         steps=args.steps,
@@ -75,6 +133,12 @@ def cmd_sample(args) -> int:
         cache_text=False if args.no_cache else None,
     )
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
+    unit = model.autoencoder.downsample * cfg.model.patch_size  # whole patches of whole latent pixels
+    if size < unit or size % unit:
+        raise ConfigError(
+            f"--size {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
+            "x the patch size)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -90,10 +154,13 @@ def cmd_sample(args) -> int:
                 "prompt": prompt,
                 "seed": seed,
                 "index_in_batch": j,
+                "negative_prompt": settings["negative_prompt"],
                 "steps": steps,
                 "guidance": guidance,
                 "size": size,
-                "checkpoint": str(ckpt),
+                "sampler": settings["sampler"],
+                "shift": settings["shift"],
+                "model": str(source),
             }
             (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
             images.append(img)
@@ -103,13 +170,36 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from fusedit.serve import DemoServer
+    from fusedit.train.loop import resolve_device
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not allowed (allowed: 0..65535; 0 picks a free port)")
+    device = resolve_device(args.device)
+    model, cfg, source = load_sampling_model(args.model, device, use_ema=not args.no_ema)
+    server = DemoServer(model, cfg, args.host, args.port, source=str(source))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone reaching it can run the model", file=sys.stderr)
+    print(f"serving {source} at {server.url} (Ctrl+C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close(wait=False)  # do not sit out a running generation after Ctrl+C
+    return 0
+
+
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import run_shapes_bench
+    from fusedit.sample import to_sampling_form
     from fusedit.train.checkpoint import load_model
     from fusedit.train.loop import resolve_device
 
     device = resolve_device(args.device)
     model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
+    to_sampling_form(model, cfg)
     out = Path(args.out or Path(args.model) / "eval" / args.bench)
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
@@ -224,38 +314,72 @@ def cmd_clip_score(args) -> int:
     return 0
 
 
+def _size_by_batch(text: str) -> tuple[int, int]:
+    try:
+        resolution, batch = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not RESOLUTIONxBATCH (e.g. 512x16)") from None
+    return resolution, batch
+
+
 def cmd_bench(args) -> int:
-    from fusedit.bench import bench_sample, bench_train, format_table, setup, write_json
+    import torch
+
+    from fusedit.bench import bench_sample, bench_train, format_table, setup
     from fusedit.train.loop import resolve_device
 
     cfg = _config(args)
     device = resolve_device(args.device)
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     tokens = args.text_tokens or cfg.text.max_length
-    rows = []
-    for resolution in args.resolution or [cfg.data.image_size]:
-        if "train" in args.what:
-            for batch in args.batch or [cfg.train.batch_size]:
-                rows.append(bench_train(s, batch, resolution, tokens, args.warmup, args.repeats))
-                print(format_table(rows[-1:]), flush=True)
-        if "sample" in args.what:
-            for cached in (True, False):
-                rows.append(
-                    bench_sample(
-                        s,
-                        args.prompts,
-                        resolution,
-                        tokens,
-                        args.steps,
-                        args.guidance,
-                        cached,
-                        args.warmup,
-                        args.repeats,
-                    )
+    resolutions = args.resolution or [cfg.data.image_size]
+    runs = []  # every training measurement first: sampling turns the model into its sampling form
+    if "train" in args.what:
+        grid = [(r, b) for r in resolutions for b in args.batch or [cfg.train.batch_size]]
+        for resolution, batch in args.train_points or grid:
+            point = {"kind": "train", "batch": batch, "resolution": resolution}
+            runs.append(
+                (
+                    point,
+                    lambda b=batch, r=resolution: bench_train(s, b, r, tokens, args.warmup, args.repeats),
                 )
-                print(format_table(rows[-1:]), flush=True)
-    if args.json:
-        write_json(rows, args.json)
+            )
+    if "sample" in args.what:
+        for resolution in resolutions:
+            for prompts in args.prompts:
+                for steps in args.steps:
+                    for cached in (True, False)[: 1 if args.cached_only else 2]:
+                        point = {
+                            "kind": "sample",
+                            "prompts": prompts,
+                            "resolution": resolution,
+                            "steps": steps,
+                        }
+                        runs.append(
+                            (
+                                point | {"text_cache": cached},
+                                lambda p=prompts, r=resolution, n=steps, c=cached: bench_sample(
+                                    s, p, r, tokens, n, args.guidance, c, args.warmup, args.repeats
+                                ),
+                            )
+                        )
+    rows = []
+    sink = open(args.json, "w") if args.json else None  # noqa: SIM115 - one line per measurement, as it lands
+    for point, measure in runs:
+        try:
+            rows.append(measure())
+            print(format_table(rows[-1:]), flush=True)
+        except torch.OutOfMemoryError:
+            # "does batch 64 fit?" is a result too: record it and go on with the next point
+            rows.append(point | {"preset": cfg.name, "error": "out of memory"})
+            print(f"{point}: out of memory", flush=True)
+        if sink is not None:  # written as it goes, so a run cut short keeps what it measured
+            sink.write(json.dumps(rows[-1]) + "\n")
+            sink.flush()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if sink is not None:
+        sink.close()
         print(f"wrote {len(rows)} measurements to {args.json}")
     return 0
 
@@ -347,6 +471,10 @@ def cmd_describe(args) -> int:
             f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
             f"LLM forward {lm / 1e12:.3f} TFLOP, training {(3 * dit + lm) / 1e12:.3f} TFLOP per image"
         )
+    if cfg.stages:
+        from fusedit.train.stages import describe_stages
+
+        print("\n".join(describe_stages(cfg, model)))
     return 0
 
 
@@ -383,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
-    sp = sub.add_parser("sample", help="generate images from a run or checkpoint folder")
-    sp.add_argument("model", help="run folder or checkpoint folder")
+    sp = sub.add_parser("sample", help="generate images from a run, checkpoint or pipeline folder")
+    sp.add_argument("model", help="run folder (also `fusedit convert`'s), checkpoint or pipeline folder")
     sp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     sp.add_argument("--prompts-file", help="a text file with one prompt per line")
     sp.add_argument("--out", default="samples")
@@ -400,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("serve", help="a local web demo: prompt, settings, live progress, gallery")
+    sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sp.add_argument("--port", type=int, default=7860, help="0 picks a free port")
+    sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
     sp.add_argument("model", help="run folder or checkpoint folder")
@@ -455,9 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
     sp.add_argument("--resolution", type=int, nargs="+", help="image sizes in pixels (default the config's)")
     sp.add_argument("--batch", type=int, nargs="+", help="training batch sizes (default train.batch_size)")
+    sp.add_argument(
+        "--train-points",
+        type=_size_by_batch,
+        nargs="+",
+        help="training points as RESOLUTIONxBATCH, e.g. 256x64 512x16 (instead of --resolution x --batch)",
+    )
     sp.add_argument("--text-tokens", type=int, help="prompt length in tokens (default text.max_length)")
-    sp.add_argument("--prompts", type=int, default=4, help="sampling batch")
-    sp.add_argument("--steps", type=int, default=25)
+    sp.add_argument("--prompts", type=int, nargs="+", default=[4], help="sampling batch(es)")
+    sp.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling step count(s)")
+    sp.add_argument("--cached-only", action="store_true", help="skip the uncached sampling runs")
     sp.add_argument("--guidance", type=float, default=6.0)
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--repeats", type=int, default=5)

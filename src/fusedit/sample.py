@@ -12,7 +12,22 @@ import torch
 
 from fusedit.config import Config
 from fusedit.flow import guided, sample
+from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU (what training used), plain fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:
+    """Turn a loaded model that will only sample into its faster sampling form (sample.fuse_projections,
+    sample.bf16_weights; fusedit.models.inference): the same images within bf16 rounding."""
+    device = next(model.denoiser.parameters()).device
+    bf16 = cfg.sample.bf16_weights and sampling_dtype(device) == torch.bfloat16
+    prepare_for_sampling(model.denoiser, torch.bfloat16 if bf16 else None, fuse=cfg.sample.fuse_projections)
+    return model
 
 
 def sample_settings(cfg: Config, **overrides) -> dict:
@@ -53,17 +68,23 @@ def generate(
     """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
+    dtype = sampling_dtype(device)
     use_cfg = guidance != 1.0
     rows = [negative_prompt] * len(prompts) + list(prompts) if use_cfg else list(prompts)
+
+    def run(x, t, context):  # the denoiser in bf16 on a GPU; the sampler's own arithmetic stays fp32
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return denoiser(x, t, context).float()
+
     if cache_text:
         context = model.encode_prompts(rows)
 
         def velocity(x, t):
-            return denoiser(x, t, context)
+            return run(x, t, context)
     else:
 
         def velocity(x, t):
-            return denoiser(x, t, model.encode_prompts(rows))
+            return run(x, t, model.encode_prompts(rows))
 
     if use_cfg:
         velocity = guided(velocity, guidance)

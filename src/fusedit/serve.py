@@ -1,0 +1,489 @@
+"""``fusedit serve``: a local web demo of a text-to-image model.
+
+One page (``serve_page.html``: inline CSS and JavaScript, nothing loaded from anywhere else) with a prompt
+box, the sampling settings, live progress and a gallery, over a small JSON API:
+
+    GET  /                     the page
+    GET  /api/info             the model, its sampling defaults and the allowed ranges
+    POST /api/generate         {"prompt", "negative_prompt", "steps", "guidance", "seed", "size",
+                               "num_images"} (all but the prompt optional) -> 202 the new job,
+                               or 400 {"error": "<one line naming the bad value and what is allowed>"}
+    GET  /api/jobs             the kept jobs, newest first (the gallery)
+    GET  /api/jobs/<id>        one job: status (queued, running, done, error), step of total, images
+    GET  /images/<id>/<n>.png  image n of a job
+
+Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
+the model: jobs wait in a queue, so generations never run concurrently (a model is not safe to call from
+two threads, and two generations at once would not finish sooner). The worker samples through
+``fusedit.sample.generate``, counting the sampler's steps with its progress callback; the page polls the
+job for "step k of N".
+
+Image i of a job starts from the noise of seed + i alone, so each image is the one ``fusedit sample MODEL
+--prompt ... --seed <its seed>`` makes with the same settings (up to float rounding between batch sizes).
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import logging
+import math
+import queue
+import re
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from urllib.parse import urlsplit
+
+import torch
+from PIL import Image
+
+from fusedit.config import Config
+from fusedit.imaging import to_uint8
+from fusedit.sample import generate, sample_settings
+from fusedit.system import TextToImage
+
+log = logging.getLogger(__name__)
+
+# Limits on one request: a demo server must not let one click occupy the machine for hours or run it out of
+# memory, and a mistyped value should come back as an error rather than as a very long wait.
+MAX_STEPS = 200
+MAX_IMAGES = 8
+MAX_SIZE = 2048
+MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 4000
+SEED_MAX = 2**32 - 1
+MAX_BODY_BYTES = 64 * 1024
+# Jobs waiting at once; more are refused (503) instead of piling up behind a slow model.
+MAX_WAITING = 16
+# Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
+KEEP_JOBS = 64
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "size", "num_images")
+
+
+class RequestError(ValueError):
+    """Bad input, answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated generation request."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    size: int
+    num_images: int
+
+
+@dataclass
+class Job:
+    id: int
+    request: Request
+    status: str = "queued"  # queued -> running -> done | error
+    step: int = 0
+    images: list[bytes] = field(default_factory=list)
+    error: str | None = None
+    seconds: float | None = None
+
+
+def _blank(value) -> bool:
+    """An absent field or an empty form input: the model's default applies."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if _blank(value):
+        return default
+    number = value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        number = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    # bool is an int subclass, but `true` is not a step count.
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise RequestError(f"{name}={value!r} is not an integer (allowed: {low}..{high})")
+    if not low <= number <= high:
+        raise RequestError(f"{name}={number} is out of range (allowed: {low}..{high})")
+    return number
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if _blank(value):
+        return default
+    allowed = f"allowed: a number from {low:g} to {high:g}"
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+    except ValueError:
+        raise RequestError(f"{name}={value!r} is not a number ({allowed})") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise RequestError(f"{name}={value!r} is not allowed ({allowed})")
+    return number
+
+
+def _text(body: dict, name: str, default: str) -> str:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestError(f"{name}={value!r} is not a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{name} has {len(value)} characters (allowed: at most {MAX_PROMPT_CHARS})")
+    return value
+
+
+class JobQueue:
+    """The model, the one worker thread that runs it, and the jobs (all methods are thread-safe)."""
+
+    def __init__(self, model: TextToImage, cfg: Config, source: str = ""):
+        self.model, self.cfg, self.source = model, cfg, source
+        self.defaults = sample_settings(cfg)
+        ae = model.autoencoder
+        # The latent grid must split into whole patches (as FuseDiTPipeline checks).
+        self.size_unit = ae.downsample * cfg.model.patch_size
+        self.max_size = MAX_SIZE // self.size_unit * self.size_unit
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._next_id = 1
+        self._waiting: queue.Queue[Job | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="fusedit-serve-worker", daemon=True)
+        self._worker.start()
+
+    # ---- requests
+    def info(self) -> dict:
+        d = self.defaults
+        return {
+            "model": self.source,
+            "name": self.cfg.name,
+            "design": self.cfg.model.design,
+            "defaults": {
+                "negative_prompt": d["negative_prompt"],
+                "steps": d["steps"],
+                "guidance": d["guidance"],
+                "size": d["image_size"],
+                "num_images": 1,
+                "sampler": d["sampler"],
+                "shift": d["shift"],
+            },
+            "limits": {
+                "steps": [1, MAX_STEPS],
+                "guidance": [0.0, MAX_GUIDANCE],
+                "seed": [0, SEED_MAX],
+                "size": [self.size_unit, self.max_size],
+                "size_multiple_of": self.size_unit,
+                "num_images": [1, MAX_IMAGES],
+                "prompt_chars": MAX_PROMPT_CHARS,
+            },
+        }
+
+    def parse(self, body) -> Request:
+        """A request body (decoded JSON) -> a Request; RequestError naming the first bad value."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object with a prompt")
+        unknown = [k for k in body if k not in FIELDS]
+        if unknown:
+            raise RequestError(f"unknown field {unknown[0]!r} (allowed: {', '.join(FIELDS)})")
+        prompt = _text(body, "prompt", "").strip()
+        if not prompt:
+            raise RequestError("prompt is empty: describe the image to generate")
+        d = self.defaults
+        size = _integer(body, "size", d["image_size"], self.size_unit, self.max_size)
+        if size % self.size_unit:
+            raise RequestError(
+                f"size={size} is not allowed (allowed: multiples of {self.size_unit} from {self.size_unit} "
+                f"to {self.max_size}: the VAE's downsampling x the patch size)"
+            )
+        # No seed: a fresh random one, reported with the images so that they can be made again.
+        seed = secrets.randbelow(SEED_MAX + 1)
+        if not _blank(body.get("seed")):
+            seed = _integer(body, "seed", seed, 0, SEED_MAX)
+        return Request(
+            prompt=prompt,
+            negative_prompt=_text(body, "negative_prompt", d["negative_prompt"]),
+            steps=_integer(body, "steps", d["steps"], 1, MAX_STEPS),
+            guidance=_number(body, "guidance", d["guidance"], 0.0, MAX_GUIDANCE),
+            seed=seed,
+            size=size,
+            num_images=_integer(body, "num_images", 1, 1, MAX_IMAGES),
+        )
+
+    def submit(self, body) -> dict:
+        """Validate and queue a request; returns the new job's snapshot."""
+        request = self.parse(body)
+        with self._lock:
+            if self._stop.is_set():
+                raise RequestError("the server is shutting down", status=503)
+            waiting = sum(job.status == "queued" for job in self._jobs.values())
+            if waiting >= MAX_WAITING:
+                raise RequestError(
+                    f"{waiting} jobs are already waiting (allowed: {MAX_WAITING}); try again when one finishes",
+                    status=503,
+                )
+            job = Job(self._next_id, request)
+            self._next_id += 1
+            self._jobs[job.id] = job
+            snapshot = self._snapshot(job)
+        self._waiting.put(job)
+        return snapshot
+
+    def job(self, job_id: int) -> dict | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else self._snapshot(job)
+
+    def jobs(self) -> list[dict]:
+        with self._lock:
+            return [self._snapshot(job) for job in sorted(self._jobs.values(), key=lambda j: -j.id)]
+
+    def image(self, job_id: int, index: int) -> bytes | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return job.images[index] if job is not None and 0 <= index < len(job.images) else None
+
+    def _snapshot(self, job: Job) -> dict:
+        """The JSON view of a job (called under the lock)."""
+        r, d = job.request, self.defaults
+        ahead = 0
+        if job.status == "queued":
+            ahead = sum(j.id < job.id and j.status in ("queued", "running") for j in self._jobs.values())
+        return {
+            "id": job.id,
+            "status": job.status,
+            "step": job.step,
+            "total": r.steps,
+            "ahead": ahead,
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "seed": r.seed,
+            "size": r.size,
+            "num_images": r.num_images,
+            "sampler": d["sampler"],
+            "shift": d["shift"],
+            "images": [
+                {"url": f"/images/{job.id}/{i}.png", "seed": r.seed + i} for i in range(len(job.images))
+            ],
+            "error": job.error,
+            "seconds": job.seconds,
+        }
+
+    # ---- the worker
+    def _work(self) -> None:
+        while True:
+            job = self._waiting.get()
+            if job is None or self._stop.is_set():
+                return
+            with self._lock:
+                job.status = "running"
+            start = time.perf_counter()
+            images, error = [], None
+            try:
+                images = self._generate(job)
+            except Exception as e:  # whatever one generation hits, the server stays up and the page says why
+                log.exception("generation %d failed", job.id)
+                error = f"generation failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            # One update, so that no reader ever sees a finished job without its images or its time.
+            with self._lock:
+                job.images, job.error = images, error
+                job.status = "error" if error else "done"
+                job.seconds = round(time.perf_counter() - start, 3)
+                self._prune()
+
+    def _generate(self, job: Job) -> list[bytes]:
+        r = job.request
+        settings = sample_settings(
+            self.cfg,
+            steps=r.steps,
+            guidance=r.guidance,
+            image_size=r.size,
+            negative_prompt=r.negative_prompt,
+        )
+        ae = self.model.autoencoder
+        side = r.size // ae.downsample
+        # Each image's noise is drawn alone from its own seed, as a one-prompt `fusedit sample` draws it.
+        noise = torch.cat(
+            [
+                torch.randn(1, ae.channels, side, side, generator=torch.Generator().manual_seed(r.seed + i))
+                for i in range(r.num_images)
+            ]
+        )
+
+        def advance() -> None:
+            with self._lock:
+                job.step += 1
+
+        x = generate(
+            self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
+        )
+        pngs = []
+        for array in to_uint8(x):
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        return pngs
+
+    def _prune(self) -> None:
+        """Drop the oldest finished jobs beyond KEEP_JOBS (called under the lock)."""
+        finished = sorted(j.id for j in self._jobs.values() if j.status in ("done", "error"))
+        for job_id in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
+            del self._jobs[job_id]
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker after the generation it is running (jobs still waiting are not started)."""
+        self._stop.set()
+        self._waiting.put(None)
+        if wait:
+            self._worker.join()
+
+
+def page() -> bytes:
+    return resources.files("fusedit").joinpath("serve_page.html").read_bytes()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: DemoServer
+    server_version = "fusedit-serve"
+
+    def log_message(self, format: str, *args) -> None:
+        # The page polls several times a second: per-request lines would bury the server's own messages.
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def do_GET(self) -> None:
+        jobs = self.server.jobs
+        path = urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            # The page may only talk to this server: no scripts, styles, fonts or images from elsewhere.
+            csp = (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'"
+            )
+            self._send(200, self.server.page, "text/html; charset=utf-8", {"Content-Security-Policy": csp})
+        elif path == "/api/info":
+            self._json(200, jobs.info())
+        elif path == "/api/jobs":
+            self._json(200, {"jobs": jobs.jobs()})
+        elif m := re.fullmatch(r"/api/jobs/(\d+)", path):
+            job = jobs.job(int(m[1]))
+            if job is None:
+                self._error(404, f"no job {m[1]} (it never existed or was dropped from the gallery)")
+            else:
+                self._json(200, job)
+        elif m := re.fullmatch(r"/images/(\d+)/(\d+)\.png", path):
+            png = jobs.image(int(m[1]), int(m[2]))
+            if png is None:
+                self._error(404, f"no image {m[2]} of job {m[1]}")
+            else:
+                self._send(200, png, "image/png")
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._error(404, f"no such path: {path}")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/generate":
+            self._error(404, f"no such path: POST {path} (allowed: POST /api/generate)")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(411, "the request needs a Content-Length header")
+            return
+        if not 0 <= length <= MAX_BODY_BYTES:
+            self._error(413, f"the request body has {length} bytes (allowed: at most {MAX_BODY_BYTES})")
+            return
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._error(400, f"the request body is not JSON ({e})")
+            return
+        try:
+            job = self.server.jobs.submit(body)
+        except RequestError as e:
+            self._error(e.status, str(e))
+            return
+        self._json(202, job)
+
+
+class DemoServer(http.server.ThreadingHTTPServer):
+    """The demo's HTTP server over one model. ``serve_forever()`` blocks; ``start()`` serves on a background
+    thread instead (tests, notebooks); ``close()`` stops both the server and the worker."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, model: TextToImage, cfg: Config, host: str = "127.0.0.1", port: int = 7860, source: str = ""
+    ):
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
+        self.page = page()
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as e:
+            raise OSError(
+                f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for any free one)"
+            ) from None
+        self.jobs = JobQueue(model, cfg, source)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::"):  # listening everywhere: this machine reaches it as localhost
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+    def start(self) -> DemoServer:
+        # A short poll interval: close() waits up to one interval for the serving loop to notice.
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.05,), name="fusedit-serve-http", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self, wait: bool = True) -> None:
+        """Stop serving and stop the worker; ``wait``: until the generation it is running has finished."""
+        if self._thread is not None:
+            self.shutdown()  # returns once serve_forever has stopped, so it is only called when that runs
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+        self.jobs.close(wait)

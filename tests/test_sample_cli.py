@@ -1,0 +1,187 @@
+"""`fusedit sample`: every kind of MODEL folder (run, checkpoint, `fusedit convert` output, diffusers
+pipeline), prompts from the command line and a file, batches and their seeds, the settings, the metadata
+written next to each image, the progress bar, and one-line errors for bad arguments."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize, tiny_config, tiny_vae
+from fusedit.cli import load_sampling_model, main
+from fusedit.convert.fusedit_official import export_official, load_official
+from fusedit.data.shapes import vocabulary
+from fusedit.imaging import to_uint8
+from fusedit.sample import generate
+from fusedit.system import build_model
+from fusedit.text.tokenizer import word_tokenizer
+from fusedit.train.checkpoint import save_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A run folder whose EMA differs from its raw weights, its checkpoint folder, the diffusers pipeline
+    `fusedit export` makes of it, a pipeline folder of the public FuseDiT code (made from the fixture that
+    code saved) and its `fusedit convert` import."""
+    root = tmp_path_factory.mktemp("models")
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    ema = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in model.denoiser.named_parameters()}
+    ema = {**model.denoiser.state_dict(), **ema}
+    ckpt = save_checkpoint(root / "run", 0, cfg, model.denoiser, ema, None, model.text.llm)
+    assert main(["export", str(root / "run"), "--out", str(root / "pipeline")]) == 0
+
+    # A pipeline folder as the public code saves one (utils/save_pipeline.py), imported as a user would.
+    tiny_vae().save_pretrained(root / "vae")
+    word_tokenizer(vocabulary()).save_pretrained(root / "tok")
+    official = load_official(FIXTURE, vae=str(root / "vae"), tokenizer=str(root / "tok"))
+    export_official(*official, root / "public-pipeline", layout="pipeline")
+    assert main(["convert", str(root / "public-pipeline"), "--out", str(root / "converted")]) == 0
+    return {
+        "run": root / "run",
+        "checkpoint": ckpt,
+        "pipeline": root / "pipeline",
+        "converted": root / "converted",
+        "public": root / "public-pipeline",
+    }
+
+
+def sample(model, out, *args):
+    return main(["sample", str(model), "--out", str(out), "--quiet", "--device", "cpu", *args])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def metadata(out, i) -> dict:
+    return json.loads((out / f"{i:05d}.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["run", "checkpoint", "pipeline", "converted"])
+def test_every_kind_of_model_folder_samples(folders, tmp_path, kind):
+    out = tmp_path / "out"
+    assert sample(folders[kind], out, "--prompt", "a red circle", "--steps", "2", "--size", "16") == 0
+    image = Image.open(out / "00000.png")
+    assert image.format == "PNG" and image.size == (16, 16)
+    meta = metadata(out, 0)
+    assert meta["prompt"] == "a red circle" and meta["steps"] == 2 and meta["size"] == 16
+    expected = {
+        "run": folders["checkpoint"],
+        "converted": next((folders["converted"] / "checkpoints").glob("step_*")),
+    }
+    assert meta["model"] == str(expected.get(kind, folders[kind]))
+
+
+def test_a_pipeline_folder_gives_the_images_of_its_run(folders, tmp_path):
+    args = ["--prompt", "a red circle", "--prompt", "two blue squares", "--steps", "2", "--seed", "3"]
+    assert sample(folders["run"], tmp_path / "run", *args) == 0
+    assert sample(folders["pipeline"], tmp_path / "pipe", *args) == 0
+    for i in range(2):
+        assert np.array_equal(
+            pixels(tmp_path / "run" / f"{i:05d}.png"), pixels(tmp_path / "pipe" / f"{i:05d}.png")
+        )
+    # The raw weights are not the EMA the pipeline was exported with.
+    assert sample(folders["run"], tmp_path / "raw", *args, "--no-ema") == 0
+    assert not np.array_equal(pixels(tmp_path / "run" / "00000.png"), pixels(tmp_path / "raw" / "00000.png"))
+
+
+def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("two blue squares\n\n  a green triangle  \n")
+    out = tmp_path / "out"
+    settings = [
+        "--steps",
+        "2",
+        "--guidance",
+        "2.5",
+        "--sampler",
+        "heun",
+        "--negative-prompt",
+        "a yellow square",
+    ]
+    args = ["--prompt", "a red circle", "--prompts-file", str(prompts), "--batch-size", "2", "--seed", "5"]
+    assert sample(folders["run"], out, *args, *settings, "--size", "8") == 0
+    metas = [metadata(out, i) for i in range(3)]
+    assert [m["prompt"] for m in metas] == ["a red circle", "two blue squares", "a green triangle"]
+    assert [(m["seed"], m["index_in_batch"]) for m in metas] == [(5, 0), (5, 1), (6, 0)]  # batch b: seed + b
+    for m in metas:
+        assert m == {
+            **m,
+            "negative_prompt": "a yellow square",
+            "steps": 2,
+            "guidance": 2.5,
+            "size": 8,
+            "sampler": "heun",
+            "shift": 1.0,
+        }
+    assert not (out / "00003.png").exists() and Image.open(out / "grid.png").format == "PNG"
+
+    model, cfg, _ = load_sampling_model(folders["run"], "cpu")
+    kw = dict(
+        image_size=8, steps=2, guidance=2.5, sampler="heun", shift=1.0, negative_prompt="a yellow square"
+    )
+    first = to_uint8(generate(model, ["a red circle", "two blue squares"], seed=5, **kw))
+    last = to_uint8(generate(model, ["a green triangle"], seed=6, **kw))
+    assert all(np.array_equal(pixels(out / f"{i:05d}.png"), a) for i, a in enumerate([*first, *last]))
+
+    # The same seed makes the same image again; another seed another one.
+    assert sample(folders["run"], tmp_path / "again", *args, *settings, "--size", "8") == 0
+    assert np.array_equal(pixels(out / "00002.png"), pixels(tmp_path / "again" / "00002.png"))
+    assert sample(folders["run"], tmp_path / "other", *args[:-1], "6", *settings, "--size", "8") == 0
+    assert not np.array_equal(pixels(out / "00000.png"), pixels(tmp_path / "other" / "00000.png"))
+
+
+def test_progress_bar_counts_every_step(folders, tmp_path, capsys):
+    args = ["sample", str(folders["run"]), "--out", str(tmp_path), "--device", "cpu", "--steps", "2"]
+    assert main([*args, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "sample" in captured.err and "4/4" in captured.err  # 2 batches x 2 steps
+    assert f"wrote 3 images to {tmp_path}" in captured.out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0 is not allowed (allowed: 1 or more)"),
+        (["--steps", "0"], "--steps 0 is not allowed (allowed: 1 or more)"),
+        (["--guidance", "nan"], "--guidance nan is not allowed"),
+        (["--guidance", "-1"], "--guidance -1.0 is not allowed"),
+        (["--size", "15"], "--size 15 is not allowed (allowed: a positive multiple of 2"),
+        (["--size", "0"], "--size 0 is not allowed"),
+        (["--prompts-file", "missing.txt"], "--prompts-file 'missing.txt' does not exist"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(folders, tmp_path, capsys, args, message):
+    prompt = [] if "--prompts-file" in args else ["--prompt", "a red circle"]
+    assert sample(folders["run"], tmp_path, *prompt, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and message in err and "\n" not in err
+
+
+def test_bad_model_folders_fail_with_one_line(folders, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        ([str(tmp_path / "nothing")], "no such folder"),
+        ([str(tmp_path / "empty")], "no model in"),
+        ([str(folders["pipeline"]), "--no-ema"], "--no-ema needs a run or checkpoint folder"),
+        (
+            [str(folders["public"])],
+            "was saved by the public FuseDiT code: import it first with `fusedit convert",
+        ),
+        ([str(FIXTURE)], "was saved by the public FuseDiT code"),
+        ([str(folders["run"]), "--prompts-file", str(tmp_path / "empty.txt")], "no prompts"),
+    ]
+    for args, message in cases:
+        prompt = [] if "--prompts-file" in args else ["--prompt", "x"]
+        assert main(["sample", *args, *prompt, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

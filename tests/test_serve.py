@@ -1,0 +1,496 @@
+"""`fusedit serve`: the JSON API over urllib, `fusedit serve` itself, and the page in a real headless
+browser (Debian's chromium driven by playwright, as a new user would use it; skipped, saying how to install
+them, where either is missing). Every server runs a tiny random model built here."""
+
+import io
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize, tiny_config
+from fusedit import serve
+from fusedit.cli import main
+from fusedit.imaging import to_uint8
+from fusedit.sample import generate
+from fusedit.serve import DemoServer
+from fusedit.system import build_model
+from fusedit.train.checkpoint import save_checkpoint
+
+INSTALL = (
+    "the browser test needs playwright and Debian's chromium: pip install playwright && "
+    "apt-get install chromium (playwright's own browser download is not needed)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    return model.eval(), cfg
+
+
+@pytest.fixture
+def server(tiny):
+    s = DemoServer(*tiny, host="127.0.0.1", port=0, source="tiny-test").start()
+    yield s
+    s.close()
+
+
+def call(server, path, body=None, raw: bytes | None = None):
+    """(status, decoded JSON) of a GET, or of a POST when a body is given."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path.lstrip("/"), data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def fetch(server, path) -> bytes:
+    with urllib.request.urlopen(server.url + path.lstrip("/"), timeout=30) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        return response.read()
+
+
+def wait(server, job_id, until=("done", "error"), timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, job = call(server, f"/api/jobs/{job_id}")
+        assert status == 200
+        if job["status"] in until:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout} s"
+        time.sleep(0.02)
+
+
+def reference(tiny, prompt, seed, steps, guidance=3.0, negative="", size=16) -> np.ndarray:
+    """What `fusedit sample --prompt PROMPT --seed SEED` makes with these settings."""
+    model, cfg = tiny
+    x = generate(
+        model,
+        [prompt],
+        image_size=size,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative,
+        seed=seed,
+        shift=cfg.sample.shift,
+    )
+    return to_uint8(x)[0]
+
+
+class Gate:
+    """A forward pre-hook on the denoiser that holds the worker before denoiser call ``at`` (0-based; one
+    call per Euler step) until ``release()``: a deterministic way to look at a generation in progress."""
+
+    def __init__(self, model, at: int):
+        self.at, self.calls, self.open = at, 0, threading.Event()
+        self.handle = model.denoiser.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+        if self.calls == self.at + 1:
+            assert self.open.wait(30), "the test never released the gate"
+
+    def release(self):
+        self.open.set()
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The JSON API
+
+
+def test_info_gives_the_model_defaults_and_limits(server):
+    status, info = call(server, "/api/info")
+    assert status == 200 and info["model"] == "tiny-test" and info["design"] == "fusedit"
+    assert info["defaults"] == {
+        "negative_prompt": "",
+        "steps": 3,
+        "guidance": 3.0,
+        "size": 16,
+        "num_images": 1,
+        "sampler": "euler",
+        "shift": 1.0,
+    }
+    assert info["limits"]["size"] == [2, 2048] and info["limits"]["size_multiple_of"] == 2
+
+
+def test_generate_makes_the_images_fusedit_sample_makes(server, tiny):
+    body = {
+        "prompt": "a red circle",
+        "negative_prompt": "a blue square",
+        "steps": 2,
+        "guidance": 2.5,
+        "seed": 11,
+        "size": 8,
+        "num_images": 2,
+    }
+    status, job = call(server, "/api/generate", body)
+    assert status == 202 and job["status"] in ("queued", "running", "done") and job["total"] == 2
+    job = wait(server, job["id"])
+    assert job["status"] == "done" and job["step"] == 2 and job["error"] is None and job["seconds"] > 0
+    assert {k: job[k] for k in body} == body and (job["sampler"], job["shift"]) == ("euler", 1.0)
+    assert [image["seed"] for image in job["images"]] == [11, 12]
+    pngs = [fetch(server, image["url"]) for image in job["images"]]
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs)
+    arrays = [np.asarray(Image.open(io.BytesIO(png))) for png in pngs]
+    assert [a.shape for a in arrays] == [(8, 8, 3)] * 2
+    # Each image is its own seed's: the first bit for bit, the second up to batch-size float rounding.
+    settings = dict(steps=2, guidance=2.5, negative="a blue square", size=8)
+    assert np.array_equal(arrays[0], reference(tiny, "a red circle", 11, **settings))
+    second = reference(tiny, "a red circle", 12, **settings).astype(int)
+    assert np.abs(arrays[1].astype(int) - second).max() <= 1
+    assert call(server, "/api/jobs")[1]["jobs"][0]["id"] == job["id"]
+
+
+def test_no_seed_draws_one_and_reports_it(server):
+    ids = [call(server, "/api/generate", {"prompt": "a red circle", "seed": ""})[1]["id"] for _ in range(2)]
+    jobs = [wait(server, i) for i in ids]
+    seeds = [job["seed"] for job in jobs]
+    assert all(0 <= s <= serve.SEED_MAX for s in seeds) and seeds[0] != seeds[1]
+    assert [job["images"][0]["seed"] for job in jobs] == seeds
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"steps": 2}, "prompt is empty"),
+        ({"prompt": 3}, "prompt=3 is not a string"),
+        ({"prompt": "x", "steps": 0}, "steps=0 is out of range (allowed: 1..200)"),
+        ({"prompt": "x", "steps": 201}, "steps=201 is out of range (allowed: 1..200)"),
+        ({"prompt": "x", "steps": "many"}, "steps='many' is not an integer (allowed: 1..200)"),
+        ({"prompt": "x", "steps": 2.5}, "steps=2.5 is not an integer"),
+        ({"prompt": "x", "steps": True}, "steps=True is not an integer"),
+        ({"prompt": "x", "seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
+        ({"prompt": "x", "seed": "1.5"}, "seed='1.5' is not an integer"),
+        ({"prompt": "x", "seed": -1}, "seed=-1 is out of range"),
+        ({"prompt": "x", "size": 15}, "size=15 is not allowed (allowed: multiples of 2 from 2 to 2048"),
+        ({"prompt": "x", "size": 0}, "size=0 is out of range (allowed: 2..2048)"),
+        ({"prompt": "x", "num_images": 0}, "num_images=0 is out of range (allowed: 1..8)"),
+        ({"prompt": "x", "num_images": 9}, "num_images=9 is out of range (allowed: 1..8)"),
+        (
+            {"prompt": "x", "guidance": "strong"},
+            "guidance='strong' is not a number (allowed: a number from 0 to 50)",
+        ),
+        (
+            {"prompt": "x", "guidance": "nan"},
+            "guidance='nan' is not allowed (allowed: a number from 0 to 50)",
+        ),
+        ({"prompt": "x", "guidance": 51}, "guidance=51 is not allowed"),
+        ({"prompt": "x", "negative_prompt": 5}, "negative_prompt=5 is not a string"),
+        ({"prompt": "x" * 4001}, "prompt has 4001 characters (allowed: at most 4000)"),
+        ({"prompt": "x", "width": 8}, "unknown field 'width' (allowed: prompt, negative_prompt, steps,"),
+        (["a red circle"], "the request body must be a JSON object with a prompt"),
+    ],
+)
+def test_bad_input_is_a_one_line_json_error(server, body, message):
+    status, answer = call(server, "/api/generate", body)
+    assert status == 400 and message in answer["error"] and "\n" not in answer["error"]
+    assert call(server, "/api/jobs")[1]["jobs"] == []  # nothing was queued
+
+
+def test_malformed_requests_and_unknown_paths(server):
+    status, answer = call(server, "/api/generate", raw=b"prompt=a red circle")
+    assert status == 400 and answer["error"].startswith("the request body is not JSON")
+    assert call(server, "/api/jobs/99") == (
+        404,
+        {"error": "no job 99 (it never existed or was dropped from the gallery)"},
+    )
+    assert call(server, "/images/99/0.png")[0] == 404
+    assert call(server, "/nowhere") == (404, {"error": "no such path: /nowhere"})
+    assert call(server, "/api/jobs", body={})[0] == 404  # POST only to /api/generate
+
+
+def test_jobs_run_one_at_a_time_with_live_progress(server, tiny):
+    model, _ = tiny
+    active, most, lock = [0], [0], threading.Lock()
+
+    def enter(*_):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.005)  # widen the window in which an overlapping call would be seen
+
+    def leave(*_):
+        with lock:
+            active[0] -= 1
+
+    hooks = [model.denoiser.register_forward_pre_hook(enter), model.denoiser.register_forward_hook(leave)]
+    gate = Gate(model, at=1)  # hold the first job after its first step
+    try:
+        first = call(server, "/api/generate", {"prompt": "a red circle", "steps": 4, "seed": 1})[1]
+        job = wait(server, first["id"], until=("running",))
+        while job["step"] < 1:
+            job = wait(server, first["id"], until=("running",))
+        assert (job["step"], job["total"]) == (1, 4)
+        # Requests from several clients at once queue up behind it.
+        answers = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: answers.append(
+                    call(server, "/api/generate", {"prompt": "a blue square", "steps": 2, "seed": i})[1]
+                )
+            )
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        queued = sorted(answers, key=lambda j: j["id"])
+        assert [j["status"] for j in queued] == ["queued"] * 3 and [j["ahead"] for j in queued] == [1, 2, 3]
+        assert call(server, f"/api/jobs/{first['id']}")[1]["step"] == 1  # still held: nothing overtook it
+        gate.release()
+        done = [wait(server, j["id"]) for j in [first, *queued]]
+    finally:
+        gate.release()
+        for h in hooks:
+            h.remove()
+    assert [j["status"] for j in done] == ["done"] * 4 and [j["step"] for j in done] == [4, 2, 2, 2]
+    assert most[0] == 1
+    assert [j["id"] for j in call(server, "/api/jobs")[1]["jobs"]] == sorted(
+        (j["id"] for j in done), reverse=True
+    )
+
+
+def test_a_failed_generation_is_reported_and_the_server_carries_on(server, tiny):
+    model, _ = tiny
+
+    def fail(*_):
+        raise RuntimeError("out of memory\nmore details")
+
+    handle = model.denoiser.register_forward_pre_hook(fail)
+    try:
+        failed = wait(server, call(server, "/api/generate", {"prompt": "a red circle"})[1]["id"])
+    finally:
+        handle.remove()
+    assert failed["status"] == "error" and failed["error"] == "generation failed: out of memory"
+    assert failed["images"] == []
+    assert (
+        wait(server, call(server, "/api/generate", {"prompt": "a red circle"})[1]["id"])["status"] == "done"
+    )
+
+
+def test_a_full_queue_refuses_more(server, tiny, monkeypatch):
+    monkeypatch.setattr(serve, "MAX_WAITING", 2)
+    gate = Gate(tiny[0], at=0)
+    try:
+        ids = [call(server, "/api/generate", {"prompt": "x", "steps": 1})[1]["id"]]
+        wait(server, ids[0], until=("running",))
+        ids += [call(server, "/api/generate", {"prompt": "x", "steps": 1})[1]["id"] for _ in range(2)]
+        status, answer = call(server, "/api/generate", {"prompt": "x", "steps": 1})
+        assert status == 503 and answer["error"].startswith("2 jobs are already waiting (allowed: 2)")
+    finally:
+        gate.release()
+    assert all(wait(server, i)["status"] == "done" for i in ids)
+
+
+def test_the_page_is_self_contained(server):
+    with urllib.request.urlopen(server.url, timeout=30) as response:
+        html = response.read().decode()
+        csp = response.headers["Content-Security-Policy"]
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?https?:""", html)
+    for element_id in (
+        "prompt",
+        "negative",
+        "steps",
+        "guidance",
+        "seed",
+        "size",
+        "count",
+        "generate",
+        "gallery",
+    ):
+        assert f'id="{element_id}"' in html
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `fusedit serve`
+
+
+def test_fusedit_serve_loads_a_run_folder_and_serves_it(tmp_path, tiny, monkeypatch, capsys):
+    model, cfg = tiny
+    save_checkpoint(tmp_path / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+    started = []
+    serve_forever = DemoServer.serve_forever
+
+    def record(self, *args, **kwargs):
+        started.append(self)
+        serve_forever(self, *args, **kwargs)
+
+    monkeypatch.setattr(DemoServer, "serve_forever", record)
+    codes = []
+    runner = threading.Thread(
+        target=lambda: codes.append(main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu"]))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not started:
+            assert runner.is_alive() and time.monotonic() < deadline, "fusedit serve did not start"
+            time.sleep(0.02)
+        server = started[0]
+        assert call(server, "/api/info")[1]["model"] == str(
+            tmp_path / "run" / "checkpoints" / "step_00000000"
+        )
+        job = wait(server, call(server, "/api/generate", {"prompt": "a red circle", "steps": 1})[1]["id"])
+        assert job["status"] == "done"
+    finally:
+        if started:
+            started[0].shutdown()  # what Ctrl+C does to serve_forever
+        runner.join(30)
+    assert codes == [0] and f"at {server.url} (Ctrl+C stops)" in capsys.readouterr().out
+
+
+def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port 70000 is not allowed (allowed: 0..65535" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The page in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"playwright is not installed: {INSTALL}")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip(f"no chromium on PATH: {INSTALL}")
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=executable, headless=True)
+        except Exception as e:  # a browser that cannot start here is an environment problem, not fusedit's
+            pytest.skip(f"chromium ({executable}) did not start under playwright: {str(e).splitlines()[0]}")
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context()
+    p = context.new_page()
+    p.set_default_timeout(30_000)
+    p.requests = []
+    p.on("request", lambda request: p.requests.append(request.url))
+    p.goto(server.url)
+    p.wait_for_selector("body[data-ready=true]")
+    yield p
+    context.close()
+
+
+def test_a_user_generates_images_in_the_browser(page, server, tiny):
+    # The form starts at the model's own defaults.
+    assert [page.input_value(f"#{i}") for i in ("steps", "guidance", "size", "count")] == [
+        "3",
+        "3",
+        "16",
+        "1",
+    ]
+    assert "tiny (fusedit) \u00b7 tiny-test" in page.inner_text("#model")
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#negative", "a green triangle")
+    page.fill("#steps", "2")
+    page.fill("#seed", "21")
+    page.fill("#count", "2")
+    page.click("#generate")
+
+    card = page.locator(".card[data-status=done]")
+    card.wait_for()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth)"
+    )
+    assert card.locator("img").evaluate_all(
+        "images => images.map(i => [i.naturalWidth, i.naturalHeight])"
+    ) == [
+        [16, 16],
+        [16, 16],
+    ]
+    assert card.locator(".prompt").inner_text() == "a red circle above a blue square"
+    meta = card.locator(".meta").inner_text()
+    for part in ("negative: a green triangle", "2 steps", "guidance 3", "16 px", "seeds 21-22", "euler"):
+        assert part in meta, meta
+    assert card.locator("figcaption").all_inner_texts() == ["seed 21", "seed 22"]
+    assert page.inner_text("#progress-text").startswith("done in")
+    assert not page.is_visible("#error")
+
+    # The picture shown is the real PNG, the one `fusedit sample --seed 21` makes.
+    png = fetch(server, card.locator("img").first.get_attribute("src"))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    expected = reference(tiny, "a red circle above a blue square", 21, steps=2, negative="a green triangle")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
+
+    # The gallery is kept by the server: a reload shows it again; "use these settings" refills the form.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator(".card[data-status=done]").wait_for()
+    page.click(".card .reuse")
+    assert (
+        page.input_value("#seed") == "21"
+        and page.input_value("#prompt") == "a red circle above a blue square"
+    )
+    assert all(url.startswith(server.url) for url in page.requests), page.requests  # nothing from elsewhere
+
+
+def test_the_page_shows_live_progress_and_puts_the_newest_first(page, server, tiny):
+    gate = Gate(tiny[0], at=1)  # the first job stops after step 1 of 3
+    try:
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('#progress-text').textContent === 'step 1 of 3'")
+        assert page.locator(".card .status-text").inner_text() == "step 1 of 3"
+        assert page.get_attribute("#bar", "value") == "1"
+        page.fill("#prompt", "two blue squares")
+        page.click("#generate")  # queued behind the held one
+        page.wait_for_function(
+            "() => document.querySelector('#progress-text').textContent === 'waiting: 1 ahead'"
+        )
+    finally:
+        gate.release()
+    page.wait_for_function("() => document.querySelectorAll('.card[data-status=done]').length === 2")
+    assert page.locator(".card .prompt").all_inner_texts() == ["two blue squares", "a red circle"]
+
+
+def test_the_page_shows_what_is_wrong_with_the_input(page):
+    cases = [
+        ("", {}, "prompt is empty: describe the image to generate"),
+        ("a red circle", {"#seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
+        ("a red circle", {"#seed": "", "#steps": "0"}, "steps=0 is out of range (allowed: 1..200)"),
+        ("a red circle", {"#steps": "2", "#size": "15"}, "size=15 is not allowed"),
+    ]
+    for prompt, fields, message in cases:
+        page.fill("#prompt", prompt)
+        for selector, value in fields.items():
+            page.fill(selector, value)
+        page.click("#generate")
+        page.wait_for_function("m => document.querySelector('#error').textContent.includes(m)", arg=message)
+        assert page.is_visible("#error")
+    assert page.locator(".card").count() == 0  # no bad request became a job
+    # Fixing the input clears the error and generates.
+    page.fill("#size", "16")
+    page.click("#generate")
+    page.locator(".card[data-status=done]").wait_for()
+    assert not page.is_visible("#error")
