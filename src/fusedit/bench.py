@@ -92,7 +92,7 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model = build_model(cfg, device, with_autoencoder=False)
     # The same training-time levers as `fusedit train`, read from the config (train.compile, ...).
     model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
-    model.compile(cfg.train.compile, cfg.train.activation_memory_budget)
+    model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype), bf16)

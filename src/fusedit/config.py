@@ -4,6 +4,12 @@ A config file is YAML with one mapping per section (``model``, ``text``, ``vae``
 ``train``, ``sample``) and an optional ``base:`` naming a preset (or another file) it overrides. Every key
 is checked at load: an unknown key or a bad value fails with a one-line :class:`ConfigError` naming the
 key, the value and what is allowed. The resolved config is written next to every run and checkpoint.
+
+A run may be a list of ``stages`` (training recipes: resolution schedules, joint LLM fine-tuning, LoRA
+fine-tuning): each stage has its own length and overrides of the ``data``, ``train``, ``flow`` and
+``sample`` sections, applied on top of the stage before it (the first on top of the top-level sections).
+:func:`resolved_stages` turns a config into one full config per stage with its global step range; a config
+without stages is one implicit stage, the config itself.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ def nonneg(default: float | int) -> Any:
     return field(default=default, metadata={"min": 0})
 
 
+def subset(default: list[str], *allowed: str, nonempty: bool = False) -> Any:
+    """A list of distinct strings, each one of ``allowed`` (validated at load)."""
+    return field(
+        default_factory=lambda: list(default), metadata={"item_choices": allowed, "nonempty": nonempty}
+    )
+
+
 @dataclass
 class ModelConfig:
     """The denoiser. Heads, head_dim, KV heads and MLP are mirrored from the LLM (design-space.md s.1)."""
@@ -57,7 +70,8 @@ class ModelConfig:
     qk_norm: bool = True
     sandwich_norm: bool = False
     patch_size: int = positive(2)
-    # SDPA backend for the DiT's attention; "auto" lets PyTorch pick.
+    # SDPA backend for the DiT's attention; "auto" tries cuDNN, flash, efficient, math in that order
+    # (fusedit.layers.attention.AUTO_ORDER).
     attention_backend: str = choice("auto", "auto", "math", "flash", "efficient", "cudnn")
     # Shallow designs only: the DiT's own attention/MLP shape instead of the LLM's (None = mirror the LLM,
     # as FuseDiT does; LI-DiT-1B uses 16 heads over width 1152). Deep fusion must mirror the LLM.
@@ -213,8 +227,29 @@ class FlowConfig:
     shift: float = positive(3.0)
 
 
+# What a stage can train (train.trainable): the denoiser's DiT (everything but the refiner), the shallow
+# designs' text adapter between the LLM and the DiT (LI-DiT's refiners or the context embedder), and the
+# LLM(s) themselves (joint fine-tuning, see fusedit.train.stages).
+TRAINABLE_PARTS = ("dit", "refiner", "llm")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (through peft) on a part's linear projections: with rank >= 1 the part trains through
+    the adapters and its own weights stay frozen; rank 0 = no adapters (the part trains fully)."""
+
+    rank: int = nonneg(0)
+    # The adapters' output is scaled by alpha / rank; None = rank (scale 1).
+    alpha: float | None = positive(None)
+    # Module names to adapt, matched against the end of each module's dotted name (peft's rule); empty =
+    # the part's attention projections q/k/v/o_proj, and for the DiT also its MLP's gate/up/down_proj (the
+    # DiT's blocks use the LLMs' module names).
+    targets: list = field(default_factory=list)
+
+
 @dataclass
 class TrainConfig:
+    # Optimizer steps. With `stages` this is the sum of the stages' steps (set at load).
     steps: int = positive(1000)
     # Samples per process and micro-step: the global batch of a step is
     # batch_size * grad_accum * world size (the number of torchrun processes).
@@ -232,8 +267,13 @@ class TrainConfig:
     grad_clip: float = positive(1.0)
     # Recompute each DiT block's activations in backward instead of keeping them (memory for time).
     grad_checkpointing: bool = False
-    # torch.compile every DiT block ("" = off; "inductor" on a GPU; "eager" only checks tracing).
-    compile: str = choice("", "", "inductor", "aot_eager", "eager")
+    # torch.compile every DiT block: "auto" = inductor on a GPU and off on the CPU; "" = off; "eager" and
+    # "aot_eager" only check tracing.
+    compile: str = choice("auto", "auto", "", "inductor", "aot_eager", "eager")
+    # Below 1, the compiled blocks recompute their cheapest activations in backward so that the kept ones
+    # fit this fraction of the default (memory for a little time; fusedit-gemma2b's 512 px batch 16 fits
+    # 64 GB with it, benchmarks/RESULTS.md).
+    activation_memory_budget: float = field(default=1.0, metadata={"min": 0, "max": 1})
     # Every this many steps, rank 0 samples a preview grid of data captions into run_dir/previews (0 = off).
     preview_every: int = nonneg(0)
     # A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run.
@@ -256,6 +296,25 @@ class TrainConfig:
     shard_llm: bool = False
     # Collective timeout: a rank waiting this long for the others (a hung or dead peer) fails the run.
     dist_timeout_s: int = positive(1800)
+    # Which parts train (TRAINABLE_PARTS); everything else is frozen and keeps nothing for backward.
+    trainable: list = subset(["dit"], *TRAINABLE_PARTS, nonempty=True)
+    # The LLM's own learning rate when it trains (same warmup and schedule); None = train.lr.
+    llm_lr: float | None = positive(None)
+    # Train only the top k of the LLM layers the design reads (and the final norm when read); None = all
+    # that the design reads (fusedit.text.encoder.TextEncoder.read_modules).
+    llm_top_layers: int | None = positive(None)
+    # Train the LLM through LoRA adapters instead of fully (rank >= 1); with llm_top_layers, only there.
+    llm_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Train the DiT through LoRA adapters on its attention and MLP projections (rank >= 1), e.g. to
+    # fine-tune a trained model (train.init_from); its other weights stay frozen.
+    dit_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # A run or checkpoint folder whose weights (EMA when saved, LoRA adapters merged; its LLM when saved)
+    # start this run instead of the random init: fine-tuning a trained or converted model. Resuming reads
+    # this run's own checkpoints instead.
+    init_from: str = ""
+    # Metric loggers next to the always-on metrics.jsonl, on rank 0: "tensorboard" (run_dir/tensorboard)
+    # and "wandb" (project from $WANDB_PROJECT, default "fusedit"; offline with WANDB_MODE=offline).
+    loggers: list = subset([], "tensorboard", "wandb")
 
 
 @dataclass
@@ -270,6 +329,43 @@ class SampleConfig:
     # Compute the LLM's per-layer text K/V once per prompt batch and reuse it for every step.
     cache_text: bool = True
     use_ema: bool = True
+    # The sampling form of the denoiser (fusedit.models.inference): q/k/v and gate/up as one matmul each,
+    # and, under bf16 autocast, matmul weights stored in bf16 (bit-identical outputs, less memory traffic).
+    fuse_projections: bool = True
+    bf16_weights: bool = True
+
+
+# Keys a stage may not change: the run's identity and machinery (seed and placement stay fixed so that
+# noise, data order and checkpoints mean the same in every stage), and its length (stages[i].steps).
+RUN_WIDE_TRAIN_KEYS = (
+    "steps",
+    "seed",
+    "device",
+    "parallel",
+    "shard_llm",
+    "dist_timeout_s",
+    "compile",
+    "activation_memory_budget",
+    "keep_checkpoints",
+    "init_from",
+    "loggers",
+)
+STAGE_SECTIONS = ("data", "train", "flow", "sample")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged run: its length and what it changes, as overrides of the data, train, flow
+    and sample sections on top of the stage before it (e.g. data.image_size, train.batch_size, train.lr,
+    train.trainable). The architecture (model, text, vae) is the run's."""
+
+    name: str = ""
+    # Optimizer steps of this stage (required); stage boundaries are the running sums, global step numbers.
+    steps: int | None = positive(None)
+    data: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    flow: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -285,6 +381,24 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     name: str = "run"
+    # A staged run (see StageConfig and resolved_stages); empty = one stage, this config.
+    stages: list = field(default_factory=list, metadata={"item": StageConfig})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage resolved: global steps [start, end) and the full config it trains under (its train.steps is
+    the stage's length, its stages list empty)."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    config: Config
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,10 +447,23 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
     return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path))), data)
 
 
+def _merge_into_list(items: list, patch: dict, key: str) -> list:
+    """``stages.1.steps=10``: a mapping keyed by list positions patches those items of a list."""
+    out = list(items)
+    for index, value in patch.items():
+        i = index if isinstance(index, int) else int(index) if str(index).isdigit() else None
+        if i is None or not 0 <= i < len(out):
+            raise ConfigError(f"{key}.{index}: no such item (allowed: 0..{len(out) - 1})")
+        out[i] = _deep_merge(out[i], value) if isinstance(value, dict) and isinstance(out[i], dict) else value
+    return out
+
+
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
+        if isinstance(v, dict) and isinstance(out.get(k), list):
+            out[k] = _merge_into_list(out[k], v, k)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -401,6 +528,14 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
         want = origin or tp
         if not isinstance(value, want):
             raise ConfigError(f"{path}={value!r} must be a {_describe_type(want)}")
+        if "item_choices" in meta:
+            allowed = meta["item_choices"]
+            bad = [v for v in value if v not in allowed]
+            if bad or len(set(value)) != len(value) or (meta["nonempty"] and not value):
+                what = (
+                    f"{bad[0]!r} is not allowed" if bad else "needs distinct items" if value else "is empty"
+                )
+                raise ConfigError(f"{path}={value!r}: {what} (allowed: a list of {', '.join(allowed)})")
         return value
     if "min" in meta:
         bad = value <= meta["min"] if meta.get("strict") else value < meta["min"]
@@ -438,6 +573,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data, "")
+    if cfg.stages:
+        missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
+        if missing:
+            raise ConfigError(f"stages[{missing[0]}].steps is required (the stage's optimizer steps)")
+        cfg.train.steps = sum(st.steps for st in cfg.stages)
     validate(cfg)
     return cfg
 
@@ -497,6 +637,65 @@ def validate(cfg: Config) -> None:
             f"model.pooled_text={m.pooled_text!r} is added to the timestep embedding, but "
             "model.timestep_conditioning='none' has none (allowed: adaln-zero, adaln-single, addition)"
         )
+    _validate_training(cfg)
+    if cfg.stages:
+        resolved_stages(cfg)  # builds and validates every stage's config
+
+
+def _validate_training(cfg: Config) -> None:
+    """What train.trainable and the LoRA settings need from the rest of the config."""
+    tc, shallow = cfg.train, cfg.model.design in ("dit-self", "dit-cross")
+    if "refiner" in tc.trainable and not shallow:
+        raise ConfigError(
+            f"train.trainable={tc.trainable} names 'refiner' but model.design={cfg.model.design!r} has none "
+            "(allowed with dit-self or dit-cross: their context embedder or LI-DiT refiners)"
+        )
+    if "llm" not in tc.trainable:
+        return
+    if tc.shard_llm:
+        raise ConfigError("train.shard_llm=true needs a frozen LLM, but train.trainable names 'llm'")
+    if not tc.llm_lora.rank:
+        low = [
+            (k, t.dtype)
+            for k, t in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]
+            if t.dtype != "float32"
+        ]
+        if low:
+            raise ConfigError(
+                f"train.trainable names 'llm' (full fine-tuning) but {low[0][0]}.dtype={low[0][1]!r}: AdamW "
+                "needs float32 master weights (allowed: dtype float32, or train.llm_lora.rank >= 1)"
+            )
+
+
+def resolved_stages(cfg: Config) -> list[Stage]:
+    """The run's stages, each with its global steps [start, end) and full config (module docstring).
+
+    A stage's data/train/flow/sample overrides apply on top of the previous stage's resolved sections, so
+    a stage states only what changes. Each is validated like a whole config; errors name the stage."""
+    if not cfg.stages:
+        return [Stage(0, cfg.name, 0, cfg.train.steps, cfg)]
+    classes = {"data": DataConfig, "train": TrainConfig, "flow": FlowConfig, "sample": SampleConfig}
+    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS}
+    stages, start = [], 0
+    for i, st in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        fixed = [k for k in st.train if k in RUN_WIDE_TRAIN_KEYS]
+        if fixed:
+            hint = f"{where}.steps is the stage's length" if fixed[0] == "steps" else f"set train.{fixed[0]}"
+            raise ConfigError(f"{where}.train.{fixed[0]} cannot differ between stages ({hint})")
+        built = {}
+        for name in STAGE_SECTIONS:
+            sections[name] = _deep_merge(sections[name], getattr(st, name))
+            built[name] = _build(classes[name], sections[name], f"{where}.{name}")
+        built["train"].steps = st.steps
+        stage_cfg = dataclasses.replace(cfg, stages=[], **built)
+        try:
+            validate(stage_cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where} ({st.name or 'unnamed'}): {e}") from None
+        stages.append(Stage(i, st.name or f"stage{i}", start, start + st.steps, stage_cfg))
+        start += st.steps
+    return stages
 
 
 def to_dict(cfg: Config) -> dict:

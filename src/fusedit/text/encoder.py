@@ -8,6 +8,13 @@ per-layer keys/values are read off its hidden states with the layer's own module
 
 where h_i is the input of LLM layer i. Nothing of the LLM is kept for backward. The shallow designs read
 one hidden state instead, and the deep cross variant the keys before RoPE.
+
+When the LLM has trainable weights (joint fine-tuning, fusedit.train.stages) the same single forward per
+prompt batch records autograd instead, from the lowest trainable layer up (layers below it have no
+trainable input). The text rows still never see the image, so the LLM's gradient reaches it only through
+what the denoiser reads: the image queries' attention to these K/V ("gradient-masked" attention,
+design-space.md s.1), or the shallow designs' hidden state. Sampling runs under no_grad, so the context is
+computed once and cached there as for a frozen LLM.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from fusedit.text.templates import Template
 log = logging.getLogger(__name__)
 
 
+# What _layer_kv reads of a decoder layer: the rest of the deepest K/V layer (its queries, attention output
+# and MLP) computes nothing the denoiser reads.
+KV_MODULES = ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
+
+
 def _layer_kv(layer: nn.Module, h: torch.Tensor, head_dim: int):
     """(B, T, d) input of an HF decoder layer -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
     attn = layer.self_attn
@@ -34,6 +46,14 @@ def _layer_kv(layer: nn.Module, h: torch.Tensor, head_dim: int):
     if k_norm is not None:
         k = k_norm(k)
     return k.transpose(1, 2), v
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -80,7 +100,27 @@ class TextEncoder(nn.Module):
 
     @property
     def trainable(self) -> bool:
+        """Whether any LLM weight (or LoRA adapter) trains: set once per stage by train.stages.apply_parts."""
         return any(p.requires_grad for p in self.llm.parameters())
+
+    def read_modules(self, request: TextRequest) -> list[tuple[int, nn.Module]]:
+        """The LLM modules whose weights reach what ``request`` reads, bottom up, each with its position
+        (-1 the embeddings, i decoder layer i, len(layers) the final norm): what joint fine-tuning trains.
+
+        The text stream never sees the image (design-space.md s.1), so nothing else of the LLM can get a
+        gradient: the deepest K/V layer's queries, attention output and MLP, the layer past a read hidden
+        state (run only so that the hidden state is that block's raw output), and the final norm unless the
+        last hidden state is read."""
+        llm, hidden = self.llm, request.hidden_layer
+        n, kv = len(llm.layers), [*request.kv_layers, *request.raw_kv_layers]
+        depth = max(hidden or 0, max(kv, default=0))  # the layers below this one are read whole
+        out = [(-1, llm.get_input_embeddings()), *((i, llm.layers[i]) for i in range(min(depth, n)))]
+        if kv and max(kv) == depth:
+            layer = llm.layers[depth]
+            out += [(depth, layer.get_submodule(m)) for m in KV_MODULES if _has_submodule(layer, m)]
+        if hidden == n:
+            out.append((n, llm.norm))
+        return out
 
     def tokenize(self, prompts: list[str], device: torch.device | str = "cpu"):
         """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
@@ -124,6 +164,7 @@ class TextEncoder(nn.Module):
         shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
         if self.trim_padding:
             input_ids, mask = input_ids[:, :longest], mask[:, :longest]
+        # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.llm(
                 input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False

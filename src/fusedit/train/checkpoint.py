@@ -4,15 +4,25 @@ killed while saving keeps its previous checkpoint intact. ``latest`` names the n
 
 A single-process run writes plain files:
   denoiser.safetensors  the trained DiT         ema.safetensors   its EMA (what sampling uses)
-  llm.safetensors       the LLM, only when it is not reloadable from text.model_id unchanged
-  optimizer.pt          optimizer state          state.json        step and bookkeeping
+  llm.safetensors       the LLM, only when it is not reloadable from text.model_id unchanged (random init,
+                        or trained); llm_extra<i>.safetensors the same for extra_text[i]
+  <part>_lora.safetensors  the LoRA adapters of a part that trains through them (denoiser, llm, ...)
+  optimizer.pt          the denoiser's optimizer state; optimizer_<llm>.pt each trained LLM's
+  state.json            step, stage and bookkeeping
   config.yaml           the resolved config      data_state.json   the data position
 
+Weights are always saved under their plain names (without adapters: fusedit.train.lora), adapters apart,
+and the EMA holds the merged weights; so every file but the adapters loads into a model without adapters.
+
 A distributed run (torchrun) writes one Distributed Checkpoint (DCP) instead of the tensor files:
-  dcp/                  {"model", "optim", "ema", "llm"?}, each rank writing its own shards; the optimizer
-                        state is keyed by parameter name, so DCP reshards it for any other world size or
-                        parallelism on load (N -> M ranks, DDP <-> FSDP, and N -> 1 without a process group)
+  dcp/                  {"model", "optim", "ema"} and, as above, "model_lora", "llm", "llm_lora",
+                        "optim_llm", ...; each rank writes its own shards; the optimizer state is keyed by
+                        parameter name, so DCP reshards it for any other world size or parallelism on load
+                        (N -> M ranks, DDP <-> FSDP, and N -> 1 without a process group)
   data_state.json, data_state.rank<r>.json   each rank's data position (rank 0's under the plain name)
+
+A staged run's checkpoint records its stage (state.json "stage"): it is loaded into the model as that
+stage built it (its adapters), whatever stage the run goes on to.
 
 Both formats resume either way (``load_training_state``); ``load_model`` samples from both, and
 ``consolidate_checkpoint`` turns a DCP checkpoint into the plain format.
@@ -30,9 +40,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusedit.config import Config, load_config, save_config
+from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config
+from fusedit.train import lora
 
 DCP_DIR = "dcp"
+DENOISER = (
+    "denoiser"  # the denoiser's file stem; its DCP sections keep their historical names "model", "optim"
+)
+
+
+def optimizer_file(key: str) -> str:
+    return "optimizer.pt" if key == DENOISER else f"optimizer_{key}.pt"
+
+
+def _dcp_section(key: str) -> str:
+    return "model" if key == DENOISER else key
+
+
+def _optim_section(key: str) -> str:
+    return "optim" if key == DENOISER else f"optim_{key}"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,24 +82,42 @@ def save_checkpoint(
     extra: dict | None = None,
     keep: int = 2,
     files: dict[str, str] | None = None,
+    *,
+    text: dict[str, tuple[torch.nn.Module, bool]] | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position)."""
+    """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position).
+
+    ``llm`` is saved whole as llm.safetensors. ``text`` maps further LLM names (``llm``, ``llm_extra0``) to
+    (module, whole): whole saves its weights, and its adapters are saved either way. ``optimizers`` are the
+    LLMs' optimizers by the same names (``optimizer`` is the denoiser's)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_contiguous(denoiser.state_dict()), tmp / "denoiser.safetensors")
+    modules = {
+        DENOISER: (denoiser, True),
+        **({"llm": (llm, True)} if llm is not None else {}),
+        **(text or {}),
+    }
+    for key, (module, whole) in modules.items():
+        if whole:
+            save_file(_contiguous(lora.base_state_dict(module)), tmp / f"{key}.safetensors")
+        adapters = lora.adapter_state_dict(module)
+        if adapters:
+            save_file(_contiguous(adapters), tmp / f"{key}_lora.safetensors")
     if ema is not None:
         save_file(_contiguous(ema), tmp / "ema.safetensors")
-    if llm is not None:
-        save_file(_contiguous(llm.state_dict()), tmp / "llm.safetensors")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for key, opt in {
+        **({DENOISER: optimizer} if optimizer is not None else {}),
+        **(optimizers or {}),
+    }.items():
+        torch.save(opt.state_dict(), tmp / optimizer_file(key))
     save_config(cfg, tmp / "config.yaml")
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text)
+    for name, content in (files or {}).items():
+        (tmp / name).write_text(content)
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
     _publish(root, tmp, final, keep)
     return final
@@ -94,14 +138,22 @@ def data_state_name(rank: int) -> str:
     return "data_state.json" if rank == 0 else f"data_state.rank{rank}.json"
 
 
+def _split_sections(key: str, state: dict) -> dict[str, dict]:
+    """A module's (structured) state dict -> its DCP sections: plain weights, and adapters when it has any."""
+    plain = {lora.plain_key(k): v for k, v in state.items() if not lora.is_adapter_key(k)}
+    adapters = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
+    section = _dcp_section(key)
+    return {section: plain, **({f"{section}_lora": adapters} if adapters else {})}
+
+
 def save_distributed_checkpoint(
     run_dir: str | Path,
     step: int,
     cfg: Config,
     denoiser: torch.nn.Module,
     ema: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    llm: torch.nn.Module | None,
+    optimizers: dict[str, torch.optim.Optimizer],
+    text: dict[str, tuple[torch.nn.Module, bool]],
     *,
     rank: int,
     extra: dict | None = None,
@@ -110,13 +162,13 @@ def save_distributed_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` through DCP; every rank calls this (it is a collective).
 
-    ``denoiser`` is the unwrapped module (plain, or sharded in place by FSDP2) whose parameters
-    ``optimizer`` holds; ``rank_files`` are this rank's own text files (its data position). Every rank
-    writes its shards and files into the temporary folder; then rank 0 alone writes config and state.json
-    and renames the folder into place, while the others go on training."""
+    ``denoiser`` is the unwrapped module (plain, or sharded in place by FSDP2); ``optimizers`` hold its
+    parameters (key "denoiser") and each trained LLM's; ``text`` is as for :func:`save_checkpoint`;
+    ``rank_files`` are this rank's own text files (its data position). Every rank writes its shards and
+    files into the temporary folder; then rank 0 alone writes config and state.json and renames the folder
+    into place, while the others go on training."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
@@ -126,13 +178,18 @@ def save_distributed_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
         tmp.mkdir()
     dist.barrier()  # the folder is fresh before anyone writes into it
-    model_state, optim_state = get_state_dict(denoiser, optimizer)
-    state = {"model": model_state, "optim": optim_state, "ema": ema}
-    if llm is not None:
-        state["llm"] = get_model_state_dict(llm)
+    state = {"ema": ema}
+    for key, (module, whole) in {DENOISER: (denoiser, True), **text}.items():
+        module_state, optim_state = _module_and_optim_state(module, optimizers.get(key))
+        sections = _split_sections(key, module_state)
+        if not whole:  # a hub LLM trained through adapters: its own weights reload from text.model_id
+            sections.pop(_dcp_section(key))
+        state.update(sections)
+        if optim_state is not None:
+            state[_optim_section(key)] = optim_state
     dcp.save(state, checkpoint_id=tmp / DCP_DIR)
-    for name, text in (rank_files or {}).items():
-        (tmp / name).write_text(text)
+    for name, content in (rank_files or {}).items():
+        (tmp / name).write_text(content)
     # Every rank's shards and files are written once all ranks get here. Rank 0 checks it sees the other
     # ranks' files and all ranks learn the verdict, so a run folder that the nodes do not share fails every
     # rank at once, instead of publishing a checkpoint with missing shards.
@@ -151,6 +208,15 @@ def save_distributed_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
         _publish(root, tmp, final, keep)
     return final
+
+
+def _module_and_optim_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """DCP's (possibly sharded) state dicts of a module and its optimizer (None when it has none)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return get_model_state_dict(module), None
+    return get_state_dict(module, optimizer)
 
 
 def is_distributed_checkpoint(ckpt: Path) -> bool:
@@ -206,39 +272,98 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     return load_file(f) if f.is_file() else None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
-    """A trained model from a run folder or checkpoint folder, EMA weights by default, in eval mode.
+def checkpoint_stage(ckpt: Path, cfg: Config | None = None) -> Stage:
+    """The stage that wrote ``ckpt`` (its state.json), resolved from ``cfg`` (default: the checkpoint's own
+    config)."""
+    from fusedit.train.stages import stage_of_checkpoint
 
-    Returns (model, config, checkpoint folder).
+    state = load_state(ckpt)
+    cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
+    return stage_of_checkpoint(resolved_stages(cfg), int(state["step"]), state.get("stage"))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """A trained model from a run folder or checkpoint folder, EMA weights by default, LoRA adapters merged,
+    in eval mode.
+
+    Returns (model, config, checkpoint folder). The config is the one the checkpoint's stage trained under
+    (the stage's image size and sampling settings; for a run without stages, the run's config).
     """
     from fusedit.system import build_model
 
     ckpt = find_checkpoint(path)
-    cfg = load_checkpoint_config(ckpt)
-    model = build_model(cfg, device)
-    if is_distributed_checkpoint(ckpt):
-        _load_dcp_weights(ckpt, model, use_ema)
-        return model.eval(), cfg, ckpt
-    weights = (load_tensors(ckpt, "ema") if use_ema else None) or load_tensors(ckpt, "denoiser")
-    model.denoiser.load_state_dict(weights)
-    llm = load_tensors(ckpt, "llm")
-    if llm is not None:
-        model.text.llm.load_state_dict(llm)
-    return model.eval(), cfg, ckpt
+    stage = checkpoint_stage(ckpt)
+    model = build_model(stage.config, device)
+    load_weights(model, ckpt, stage, use_ema)
+    return model.eval(), stage.config, ckpt
 
 
-def _load_dcp_weights(ckpt: Path, model, use_ema: bool) -> None:
+def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> None:
+    """Load a checkpoint written in ``stage`` into a freshly built ``model``: the denoiser's EMA (or raw
+    weights and adapters), each saved LLM and its adapters; then merge every adapter, leaving a model
+    without adapters whose requires_grad flags are as ``build_model`` sets them."""
+    from dataclasses import replace
+
+    from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
+
+    dcp_format = is_distributed_checkpoint(ckpt)
+    ema = use_ema and (_has_section(ckpt, "ema") if dcp_format else (ckpt / "ema.safetensors").is_file())
+    parts = Parts.of(stage.config.train)
+    # The adapters the checkpoint holds (their values are loaded below; the EMA has them merged already).
+    add_stage_adapters(model, None, replace(parts, dit_adapters=None) if ema else parts, seed=0, stage=0)
+    if dcp_format:
+        _load_dcp_weights(ckpt, model, ema)
+    else:
+        if ema:
+            model.denoiser.load_state_dict(load_tensors(ckpt, "ema"))
+        else:
+            lora.load_plain_and_adapters(
+                model.denoiser, load_tensors(ckpt, DENOISER), load_tensors(ckpt, f"{DENOISER}_lora")
+            )
+        for key, module in text_modules(model).items():
+            plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
+            if plain is not None or adapters is not None:
+                lora.load_plain_and_adapters(module, plain, adapters)
+    for module in trained_modules(model).values():
+        lora.merge_adapters(module)
+    model.denoiser.requires_grad_(True)
+    for module in text_modules(model).values():
+        module.requires_grad_(False)
+
+
+def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
     """Full (unsharded) weights from a DCP checkpoint written by any number of ranks, in this process alone
     (no process group needed: DCP reassembles each tensor from the shards that cover it)."""
+    from fusedit.train.stages import text_modules
 
-    key = "ema" if use_ema and _has_section(ckpt, "ema") else "model"
-    state = {key: model.denoiser.state_dict()}
-    if _has_section(ckpt, "llm"):
-        state["llm"] = model.text.llm.state_dict()
+    den = (
+        {"ema": model.denoiser.state_dict()}
+        if ema
+        else _split_sections(DENOISER, model.denoiser.state_dict())
+    )
+    text = {key: _split_sections(key, m.state_dict()) for key, m in text_modules(model).items()}
+    state = {**den, **{name: d for sections in text.values() for name, d in sections.items()}}
+    state = {name: d for name, d in state.items() if _has_section(ckpt, name)}
     _dcp_load(state, ckpt, no_dist=True)
-    model.denoiser.load_state_dict(state[key])
-    if "llm" in state:
-        model.text.llm.load_state_dict(state["llm"])
+    if ema:
+        model.denoiser.load_state_dict(den["ema"])
+    else:
+        lora.load_plain_and_adapters(model.denoiser, den["model"], den.get("model_lora"))
+    for key, module in text_modules(model).items():
+        if any(name in state for name in text[key]):
+            lora.load_plain_and_adapters(module, text[key][key], text[key].get(f"{key}_lora"))
+
+
+def init_weights(model, path: str | Path) -> Path:
+    """train.init_from: start ``model`` (freshly built, before any stage applies) from the weights of a run
+    or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved)."""
+    ckpt = find_checkpoint(path)
+    try:
+        load_weights(model, ckpt, checkpoint_stage(ckpt))
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {detail}") from None
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,52 +397,63 @@ def optimizer_by_index(state: dict) -> dict:
 def load_training_state(
     ckpt: Path,
     denoiser: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: dict[str, torch.optim.Optimizer],
     ema,
-    llm: torch.nn.Module | None,
+    text: dict[str, torch.nn.Module],
     *,
     distributed: bool,
 ) -> dict:
-    """Load weights, optimizer, EMA (and the LLM when given and saved) from either checkpoint format into
-    this run's modules, whatever the world size and parallelism of the run that wrote it. Every rank calls
-    this. Returns the checkpoint's state.json."""
+    """Load weights and adapters, optimizers (by module: "denoiser", "llm", ...), the EMA and the saved LLMs
+    of ``text`` from either checkpoint format into this run's modules, built as the checkpoint's stage built
+    them, whatever the world size and parallelism of the run that wrote it. Every rank calls this. Returns
+    the checkpoint's state.json."""
     if is_distributed_checkpoint(ckpt):
-        _load_dcp_training(ckpt, denoiser, optimizer, ema, llm, distributed)
+        _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed)
     elif distributed:
-        _load_files_distributed(ckpt, denoiser, optimizer, ema, llm)
+        _load_files_distributed(ckpt, denoiser, optimizers, ema, text)
     else:
-        denoiser.load_state_dict(load_tensors(ckpt, "denoiser"))
-        saved_llm = load_tensors(ckpt, "llm") if llm is not None else None
-        if saved_llm is not None:
-            llm.load_state_dict(saved_llm)
+        for key, module in {DENOISER: denoiser, **text}.items():
+            plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
+            if plain is not None or adapters is not None:
+                lora.load_plain_and_adapters(module, plain, adapters)
         ema.load_state_dict(load_tensors(ckpt, "ema"))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        for key, opt in optimizers.items():
+            opt.load_state_dict(torch.load(ckpt / optimizer_file(key), weights_only=True))
     return load_state(ckpt)
 
 
-def _load_dcp_training(ckpt, denoiser, optimizer, ema, llm, distributed: bool) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
+def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     # The destination's own (possibly sharded) state dicts: DCP fills them in place, reading from each
-    # saved shard the pieces this rank holds.
-    model_state, optim_state = get_state_dict(denoiser, optimizer)
-    state = {"model": model_state, "optim": optim_state, "ema": ema.state_dict()}
-    with_llm = llm is not None and _has_section(ckpt, "llm")
-    if with_llm:
-        state["llm"] = get_model_state_dict(llm)
+    # saved shard the pieces this rank holds. A section the checkpoint lacks (a hub LLM saved as adapters
+    # only) keeps the module's current values.
+    modules = {DENOISER: denoiser, **text}
+    state, sections = {"ema": ema.state_dict()}, {}
+    for key, module in modules.items():
+        module_state, optim_state = _module_and_optim_state(module, optimizers.get(key))
+        sections[key] = _split_sections(key, module_state)
+        state.update({n: d for n, d in sections[key].items() if key == DENOISER or _has_section(ckpt, n)})
+        if optim_state is not None:
+            state[_optim_section(key)] = optim_state
     _dcp_load(state, ckpt, no_dist=not distributed)
-    set_state_dict(denoiser, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for key, module in modules.items():
+        section = _dcp_section(key)
+        if not any(name in state for name in sections[key]):
+            continue
+        joined = lora.structured_state(
+            module, sections[key][section], sections[key].get(f"{section}_lora", {})
+        )
+        if key in optimizers:
+            set_state_dict(
+                module, optimizers[key], model_state_dict=joined, optim_state_dict=state[_optim_section(key)]
+            )
+        else:
+            set_model_state_dict(module, joined)
     ema.load_state_dict(state["ema"])
-    if with_llm:
-        set_model_state_dict(llm, state["llm"])
 
 
-def _load_files_distributed(ckpt, denoiser, optimizer, ema, llm) -> None:
+def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
     """A single-process checkpoint into a distributed run: every rank reads the full tensors and keeps its
     share (FSDP2 slices them; DDP replicas load them whole)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -327,14 +463,17 @@ def _load_files_distributed(ckpt, denoiser, optimizer, ema, llm) -> None:
     )
 
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(denoiser, load_tensors(ckpt, "denoiser"), options=full)
-    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    named = optimizer_by_name(saved, trainable_names(denoiser))
-    set_optimizer_state_dict(denoiser, optimizer, named, options=full)
+    for key, module in {DENOISER: denoiser, **text}.items():
+        plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
+        if plain is None and adapters is None:
+            continue
+        plain = lora.base_state_dict(module) if plain is None else plain
+        set_model_state_dict(module, lora.structured_state(module, plain, adapters or {}), options=full)
+        if key in optimizers:
+            saved = torch.load(ckpt / optimizer_file(key), weights_only=True)
+            named = optimizer_by_name(saved, trainable_names(module))
+            set_optimizer_state_dict(module, optimizers[key], named, options=full)
     ema.load_state_dict(load_tensors(ckpt, "ema"))
-    saved_llm = load_tensors(ckpt, "llm") if llm is not None else None
-    if saved_llm is not None:
-        set_model_state_dict(llm, saved_llm, options=full)
 
 
 def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
@@ -358,11 +497,13 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
             dcp_to_torch_save(ckpt / DCP_DIR, whole)
         state = torch.load(whole, weights_only=True)
-    save_file(_contiguous(state["model"]), tmp / "denoiser.safetensors")
-    save_file(_contiguous(state["ema"]), tmp / "ema.safetensors")
-    if "llm" in state:
-        save_file(_contiguous(state["llm"]), tmp / "llm.safetensors")
-    torch.save(optimizer_by_index(state["optim"]), tmp / "optimizer.pt")
+    for section, content in state.items():
+        if section == "optim" or section.startswith("optim_"):
+            key = DENOISER if section == "optim" else section[len("optim_") :]
+            torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
+        else:  # "model" is the denoiser's weights, "model_lora" its adapters; the others keep their names
+            name = DENOISER + section[len("model") :] if section.startswith("model") else section
+            save_file(_contiguous(content), tmp / f"{name}.safetensors")
     for name in ("config.yaml", "data_state.json"):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)

@@ -233,6 +233,17 @@ def gradient_sync(forward: nn.Module, parallel: str, sync: bool) -> Iterator[Non
         yield
 
 
+def average_gradients(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Mean of each gradient over the ranks, for trainable weights outside the wrapped denoiser (a jointly
+    trained LLM): DDP reduces only the module it wraps. Every rank calls this (a collective per tensor)."""
+    if not env.distributed or env.world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
+
+
 def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The mean of a per-rank scalar over all ranks (every rank calls this: it is a collective)."""
     if not env.distributed or env.world_size == 1:

@@ -9,15 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusedit.train.lora import merged_state_dict
+
 
 class EMA:
+    """The average of what the model computes: with LoRA adapters (fusedit.train.lora) it averages the
+    merged weights under their plain names, so the EMA is always a model without adapters, and it carries
+    over unchanged when a stage adds or merges adapters."""
+
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.shadow = {k: v.detach().float().clone() for k, v in merged_state_dict(model).items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
+        for k, v in merged_state_dict(model).items():
             if v.is_floating_point():
                 self.shadow[k].lerp_(v.float(), 1 - self.decay)
             else:

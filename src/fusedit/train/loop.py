@@ -7,6 +7,13 @@ batch: caption dropout and timesteps are drawn for the whole global batch from a
 step. So a run resumed from a checkpoint continues with exactly the losses of an uninterrupted run, and
 how the global batch is split over processes and micro-steps changes the losses only by float rounding.
 
+A run is a list of stages (config ``stages``; one implicit stage without them): each stage trains its own
+parts at its own resolution, batch, data and learning rates, starting from the previous stage's weights,
+EMA and (where the parameter set allows) optimizer state (fusedit.train.stages). Stage boundaries are
+global step numbers; a stage's learning-rate schedule and data order count from its first step (its data
+seeded by train.seed + stage index), while noise, timesteps and dropout stay functions of the global step.
+Checkpoints record their stage, so a run resumes at any step of any stage with the uninterrupted losses.
+
 Under torchrun (``torchrun --nproc_per_node N -m fusedit train ...``) every process runs this same loop on
 its share of each global batch of ``batch_size * grad_accum * N`` samples: the denoiser is wrapped by DDP
 or sharded by FSDP2 (``train.parallel``), checkpoints go through Distributed Checkpoint, and rank 0 alone
@@ -16,30 +23,45 @@ logs, writes metrics and publishes checkpoints (see :mod:`fusedit.train.distribu
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from tqdm.auto import tqdm
 
-from fusedit.config import Config, ConfigError, save_config
+from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import is_stream, step_loader
 from fusedit.flow import flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model
-from fusedit.train import distributed
+from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     data_state_name,
     find_checkpoint,
+    init_weights,
+    load_state,
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
+from fusedit.train.loggers import open_loggers
+from fusedit.train.stages import (
+    DENOISER,
+    Optimizers,
+    Parts,
+    apply_parts,
+    llm_base_changed,
+    stage_of_checkpoint,
+    text_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +118,17 @@ def learning_rate(step: int, base: float, warmup: int, schedule: str = "constant
     return base
 
 
-def llm_needs_saving(cfg: Config, model: TextToImage) -> bool:
-    """A random-init (or pretrained-here, or trained) LLM cannot be reloaded from a hub id."""
-    return not cfg.text.model_id or model.text.trainable
+def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """The LLMs a checkpoint of ``stage`` holds, by checkpoint name: (module, whole). Whole when the LLM's
+    weights are not what its hub id loads (random init, pretrained here, loaded by train.init_from, or
+    trained fully or with merged adapters by this stage); otherwise only live LoRA adapters are saved."""
+    texts = [cfg.text, *cfg.extra_text]
+    out = {}
+    for (key, module), tcfg in zip(text_modules(model).items(), texts, strict=True):
+        whole = not tcfg.model_id or llm_base_changed(cfg, stage)
+        if whole or lora.has_adapters(module):
+            out[key] = (module, whole)
+    return out
 
 
 @torch.no_grad()
@@ -131,6 +161,30 @@ def _rewind_metrics(path: Path, step: int) -> None:
         if record["step"] <= step:
             keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _check_stages_fit(stages: list[Stage], parallel: str) -> None:
+    """What train.parallel allows a run's stages to do (the checks that need the launch)."""
+    if parallel != "fsdp":
+        return
+    if any(s.config.train.preview_every for s in stages):
+        raise ConfigError(
+            "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
+            "(allowed: preview_every=0 with fsdp, or parallel=ddp)"
+        )
+    first = Parts.of(stages[0].config.train)
+    for s in stages:
+        parts = Parts.of(s.config.train)
+        if parts.llm or parts.dit_adapters:
+            raise ConfigError(
+                f"stage {s.index} ({s.name}) trains {parts.describe()}: train.parallel=fsdp shards the DiT "
+                "alone and without adapters (allowed: trainable [dit] or [dit, refiner] with fsdp, or parallel=ddp)"
+            )
+        if parts != first or s.config.train.precision != stages[0].config.train.precision:
+            raise ConfigError(
+                f"stage {s.index} ({s.name}) changes the trainable parts or train.precision, which "
+                "train.parallel=fsdp fixes when it shards the model (allowed: the same in every stage, or ddp)"
+            )
 
 
 def _saved_data_state(ckpt: Path, saved: dict, env: DistEnv, cfg: Config) -> dict | None:
@@ -190,14 +244,11 @@ def train(
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
     run_dir.mkdir(parents=True, exist_ok=True)
-    tc = cfg.train
+    tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     device, main = env.device, env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
-    if tc.preview_every and parallel == "fsdp":
-        raise ConfigError(
-            "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
-            "(allowed: preview_every=0 with fsdp, or parallel=ddp)"
-        )
+    stages = resolved_stages(cfg)
+    _check_stages_fit(stages, parallel)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
     denoiser = model.denoiser
@@ -223,87 +274,179 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             pretrain_llm(
                 model.text, corpus, cfg.text.pretrain_steps, seed=tc.seed, progress=progress and main
             )
+        if tc.init_from:
+            log.info("weights initialised from %s", init_weights(model, tc.init_from))
+    saved = load_state(ckpt) if ckpt is not None else None
+    start = int(saved["step"]) if saved else 0
+    first = stage_of_checkpoint(stages, start, saved.get("stage")) if saved else stages[0]
 
-    save_llm = llm_needs_saving(cfg, model)
     sharded_llms = []
     if env.distributed:
-        if save_llm:  # built at random or pretrained by every rank: rank 0's copy is the one that is saved
-            distributed.broadcast_module(model.text.llm)
-        if tc.shard_llm:
+        # Built at random or pretrained by every rank: rank 0's copies are the ones that are saved.
+        for tcfg, llm in zip([cfg.text, *cfg.extra_text], text_modules(model).values()):
+            if not tcfg.model_id:
+                distributed.broadcast_module(llm)
+        if tc.shard_llm:  # validated: no stage trains the LLM
             for encoder in model.encoders:
-                if encoder.trainable:
-                    raise ConfigError(
-                        "train.shard_llm=true needs a frozen LLM (this one has trainable weights)"
-                    )
                 distributed.shard_frozen(encoder.llm)
                 sharded_llms.append(encoder.llm)
-    denoiser.set_gradient_checkpointing(tc.grad_checkpointing)
-    if tc.compile:
-        denoiser.compile_blocks(tc.compile)
-    forward = distributed.wrap_denoiser(denoiser, parallel, env, uses_bf16(tc.precision, device))
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=tc.lr,
-        betas=(tc.beta1, tc.beta2),
-        weight_decay=tc.weight_decay,
-        fused=device.type == "cuda",
-    )
-    ema = EMA(denoiser, tc.ema_decay)
-
-    start = 0
-    data_state = None
-    if ckpt is not None:
-        llm = model.text.llm if save_llm else None
-        saved = load_training_state(ckpt, denoiser, optimizer, ema, llm, distributed=env.distributed)
-        start = int(saved["step"])
-        log.info("resumed from %s (step %d)", ckpt, start)
-        if main:
-            _rewind_metrics(metrics_path, start)
-        data_state = _saved_data_state(ckpt, saved, env, cfg)
+    if tc.compile:  # once for the whole run: a later stage's new shapes or adapters recompile the graphs
+        model.compile_parts(tc.compile, tc.activation_memory_budget)  # DiT blocks and each LLM
     if main:
         save_config(cfg, run_dir / "config.yaml")
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    if cfg.data.source == "latents":
-        from fusedit.data.latents import check_latents
-
-        check_latents(cfg.data, cfg.vae)
-
-        def to_latents(batch, rows: slice):  # pre-encoded by `fusedit cache-latents`
-            return batch["latent"][rows].to(device)
-    else:
-
-        def to_latents(batch, rows: slice):
-            return model.autoencoder.encode(batch["image"][rows].to(device))
-
-    # Each rank reads its batch_size * grad_accum samples of every step (the loader's rank/world_size
-    # addressing); micro-step m takes rows [m * batch_size, (m + 1) * batch_size) of them.
-    micro, accum = tc.batch_size, tc.grad_accum
-    per_rank = micro * accum
-    global_batch = per_rank * env.world_size
-    first_row = env.rank * per_rank  # this rank's rows in the step's global batch
-    loader = step_loader(
-        cfg.data, tc.seed, per_rank, start, end, rank=env.rank, world_size=env.world_size, state=data_state
-    )
-    autocast = autocast_for(tc.precision, device)
-    bad_in_row = bad_total = 0
-    losses: list[float] = []
+    parts = opts = ema = forward = None
     denoiser.train()
-    bar = tqdm(
-        total=end - start, initial=0, desc=f"train {cfg.name}", disable=not (progress and main), unit="step"
-    )
-    extra = {"batch_size": micro, "grad_accum": accum, "world_size": env.world_size, "parallel": parallel}
     with contextlib.ExitStack() as stack:
-        metrics = stack.enter_context(metrics_path.open("a")) if main else None
-        for step, batch in zip(range(start, end), loader):
+        loggers = open_loggers(cfg, run_dir, start if ckpt is not None else None) if main else []
+        for logger in loggers:
+            stack.callback(logger.close)
+        bar = tqdm(total=end - start, desc=f"train {cfg.name}", disable=not (progress and main), unit="step")
+        stack.callback(bar.close)
+        run = _Run(cfg, model, env, run_dir, parallel, sharded_llms, loggers, bar)
+        if main:
+            run.metrics = stack.enter_context(metrics_path.open("a"))
+        for stage in stages[first.index :]:
+            if stage.index > first.index and stage.start >= end:
+                break
+            sc, stc = stage.config, stage.config.train
+            # The stage's trainable parts, then the wrapper (DDP needs the parts set; FSDP2 shards once,
+            # before any optimizer exists), then the optimizers over this stage's parameters.
+            new_parts = Parts.of(stc)
+            apply_parts(model, new_parts, parts, seed=tc.seed, stage=stage.index)
+            denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
+            if forward is None or (new_parts != parts and parallel == "ddp"):
+                # DDP refuses a module without trainable weights: a stage that trains only the LLM runs the
+                # denoiser unwrapped (the LLM's gradients are averaged by _Run.stage).
+                stage_parallel = parallel if any(p.requires_grad for p in denoiser.parameters()) else "none"
+                forward = distributed.wrap_denoiser(
+                    denoiser, stage_parallel, env, uses_bf16(stc.precision, device)
+                )
+            new_opts = Optimizers.build(model, stc, device)
+            data_state = None
+            if opts is None:
+                ema = EMA(denoiser, stc.ema_decay)
+                if ckpt is not None:
+                    text = text_modules(model)
+                    saved = load_training_state(
+                        ckpt, denoiser, new_opts.by_module, ema, text, distributed=env.distributed
+                    )
+                    log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
+                    if main:
+                        _rewind_metrics(metrics_path, start)
+                    data_state = _saved_data_state(ckpt, saved, env, sc)
+            else:
+                log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
+                ema.decay = stc.ema_decay
+            parts, opts = new_parts, new_opts
+            steps = range(max(start, stage.start), min(stage.end, end))
+            if steps:  # empty when resumed at this stage's last step
+                run.stage(stage, steps, forward, stage_parallel, opts, ema, data_state)
+    # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
+    distributed.barrier(env)
+    return {
+        "losses": run.losses,
+        "step": end,
+        "run_dir": run_dir,
+        "model": model,
+        "ema": ema,
+        "skipped_steps": run.bad_total,
+        "rank": env.rank,
+        "world_size": env.world_size,
+    }
+
+
+@dataclass
+class _Run:
+    """What the stages of one train() call share: the model, where outputs go, and the counters."""
+
+    cfg: Config
+    model: TextToImage
+    env: DistEnv
+    run_dir: Path
+    parallel: str
+    sharded_llms: list
+    loggers: list
+    bar: tqdm
+    metrics: TextIO | None = None
+    losses: list[float] = field(default_factory=list)
+    bad_in_row: int = 0
+    bad_total: int = 0
+
+    def stage(self, stage: Stage, steps: range, forward, stage_parallel: str, opts, ema, data_state) -> None:
+        """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
+        step -> EMA -> log -> atomic checkpoint (at checkpoint_every, the stage's end and the run's end)."""
+        cfg, model, env = self.cfg, self.model, self.env
+        sc, tc, seed = stage.config, stage.config.train, cfg.train.seed
+        device, main, denoiser = env.device, env.is_main, model.denoiser
+        parts = Parts.of(tc)
+        if cfg.stages:
+            log.info(
+                "stage %d %r: steps %d..%d, %d px, batch %d x %d, lr %g, trains %s",
+                stage.index,
+                stage.name,
+                stage.start,
+                stage.end,
+                sc.data.image_size,
+                tc.batch_size,
+                tc.grad_accum,
+                tc.lr,
+                parts.describe(),
+            )
+        if sc.data.source == "latents":
+            from fusedit.data.latents import check_latents
+
+            check_latents(sc.data, sc.vae)
+
+            def to_latents(batch, rows: slice):  # pre-encoded by `fusedit cache-latents`
+                return batch["latent"][rows].to(device)
+        else:
+
+            def to_latents(batch, rows: slice):
+                return model.autoencoder.encode(batch["image"][rows].to(device))
+
+        # Each rank reads its batch_size * grad_accum samples of every step (the loader's rank/world_size
+        # addressing); micro-step m takes rows [m * batch_size, (m + 1) * batch_size) of them. A stage's
+        # data is addressed by its own step count, in an order seeded by (train.seed + stage index).
+        micro, accum = tc.batch_size, tc.grad_accum
+        per_rank = micro * accum
+        global_batch = per_rank * env.world_size
+        first_row = env.rank * per_rank  # this rank's rows in the step's global batch
+        loader = step_loader(
+            sc.data,
+            seed + stage.index,
+            per_rank,
+            steps.start - stage.start,
+            steps.stop - stage.start,
+            rank=env.rank,
+            world_size=env.world_size,
+            state=data_state,
+        )
+        autocast = autocast_for(tc.precision, device)
+        # A trained LLM runs under the same autocast as the denoiser; a frozen one in its own dtype.
+        text_autocast = autocast_for(tc.precision, device) if parts.llm else contextlib.nullcontext()
+        params = opts.parameters()
+        llm_params = [
+            p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
+        ]
+        save_text = saved_llms(cfg, model, stage.index)
+        extra = {
+            "batch_size": micro,
+            "grad_accum": accum,
+            "world_size": env.world_size,
+            "parallel": self.parallel,
+            "stage": stage.index,
+            "stage_name": stage.name,
+        }
+        for step, batch in zip(steps, loader):
             t0 = time.perf_counter()
             # The global batch's dropout and times from (seed, step), then this rank's rows: the losses are
             # the same however the global batch is split over ranks and micro-steps.
-            gen = step_generator(tc.seed, step)
-            keep = (torch.rand(global_batch, generator=gen) >= cfg.data.caption_dropout).tolist()
+            gen = step_generator(seed, step)
+            keep = (torch.rand(global_batch, generator=gen) >= sc.data.caption_dropout).tolist()
             times = sample_training_times(
-                global_batch, gen, cfg.flow.logit_mean, cfg.flow.logit_std, cfg.flow.shift
+                global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
             )
             loss_sum = torch.zeros((), device=device)
             for m in range(accum):
@@ -313,43 +456,50 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                     c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])
                 ]
                 x0 = to_latents(batch, local)
-                noise = sample_noise(tc.seed, step, rows, x0.shape[1:]).to(device)
+                noise = sample_noise(seed, step, rows, x0.shape[1:]).to(device)
                 t = times[rows.start : rows.stop].to(device)
-                with distributed.gradient_sync(forward, parallel, sync=m == accum - 1):
-                    text = model.encode_prompts(captions)  # one LLM forward, no autograd when frozen
-                    for llm in sharded_llms:
+                with distributed.gradient_sync(forward, stage_parallel, sync=m == accum - 1):
+                    # One LLM forward per micro-batch: without autograd when frozen; when it trains, its
+                    # graph runs from its lowest trainable layer to the text K/V the image queries read.
+                    with text_autocast:
+                        text = model.encode_prompts(captions)
+                    for llm in self.sharded_llms:
                         distributed.reshard(llm)
                     with autocast:
                         v = forward(interpolate(x0, noise, t), t, text)
                     loss = flow_loss(v, x0, noise)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
+            distributed.average_gradients(llm_params, env)
             loss_mean = distributed.mean_over_ranks(loss_sum / accum, env)
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
-            lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.schedule, tc.steps)
+            local_step = step - stage.start
+            # Each stage's schedule counts from its own first step; every module scales its own base lr.
+            rate = functools.partial(
+                learning_rate, local_step, warmup=tc.warmup_steps, schedule=tc.schedule, total=stage.steps
+            )
+            lr, lrs = rate(tc.lr), opts.set_lr(rate)
             loss_value = loss_mean.item()  # the one host sync of a step (logging needs it anyway)
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
             if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                bad_in_row = 0
+                opts.step()
+                self.bad_in_row = 0
             else:  # skip the update: the weights stay as they were
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                self.bad_in_row, self.bad_total = self.bad_in_row + 1, self.bad_total + 1
                 if main:
                     log.warning(
                         "step %d: loss %s, grad norm %s: update skipped", step + 1, loss_value, grad_norm
                     )
-                if bad_in_row >= tc.max_bad_steps:
+                if self.bad_in_row >= tc.max_bad_steps:
                     raise FloatingPointError(
-                        f"{bad_in_row} steps in a row had a NaN/inf loss or gradient (train.max_bad_steps="
+                        f"{self.bad_in_row} steps in a row had a NaN/inf loss or gradient (train.max_bad_steps="
                         f"{tc.max_bad_steps}) at step {step + 1}; lower train.lr or check the data"
                     )
-            optimizer.zero_grad(set_to_none=True)
+            opts.zero_grad()
             if (step + 1) % tc.ema_every == 0:
                 ema.update(denoiser)
-            losses.append(loss_value)
-            if metrics is not None:
+            self.losses.append(loss_value)
+            if self.metrics is not None:
                 record = {
                     "step": step + 1,
                     "loss": loss_value,
@@ -357,43 +507,57 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                     "lr": lr,
                     "sec": round(time.perf_counter() - t0, 4),
                 }
-                metrics.write(json.dumps(record) + "\n")
+                if cfg.stages:
+                    record["stage"] = stage.index
+                if "llm" in lrs:
+                    record["llm_lr"] = lrs["llm"]
+                self.metrics.write(json.dumps(record) + "\n")
+                for logger in self.loggers:
+                    logger.log(record, step + 1)
                 if (step + 1) % tc.log_every == 0:
-                    metrics.flush()
-                    recent = losses[-tc.log_every :]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-            bar.update(1)
+                    self.metrics.flush()
+                    recent = self.losses[-tc.log_every :]
+                    self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            self.bar.update(1)
             if main and tc.preview_every and (step + 1) % tc.preview_every == 0:
-                _preview(model, cfg, batch["caption"][:8], run_dir / "previews" / f"step_{step + 1:08d}.png")
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
-                if metrics is not None:
-                    metrics.flush()
+                path = self.run_dir / "previews" / f"step_{step + 1:08d}.png"
+                _preview(model, sc, batch["caption"][:8], path)
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == steps.stop:
+                if self.metrics is not None:
+                    self.metrics.flush()
                 data = json.dumps(loader.state_dict())
-                args = (run_dir, step + 1, cfg, denoiser, ema.state_dict(), optimizer)
                 common = dict(
-                    llm=model.text.llm if save_llm else None,
-                    keep=tc.keep_checkpoints,
-                    extra={"skipped_steps": bad_total, **extra},
+                    keep=cfg.train.keep_checkpoints, extra={"skipped_steps": self.bad_total, **extra}
                 )
+                ema_state = ema.state_dict()
                 if env.distributed:
                     save_distributed_checkpoint(
-                        *args, rank=env.rank, rank_files={data_state_name(env.rank): data}, **common
+                        self.run_dir,
+                        step + 1,
+                        cfg,
+                        denoiser,
+                        ema_state,
+                        opts.by_module,
+                        save_text,
+                        rank=env.rank,
+                        rank_files={data_state_name(env.rank): data},
+                        **common,
                     )
                 else:
-                    save_checkpoint(*args, files={"data_state.json": data}, **common)
-    bar.close()
-    report = loader.skipped_report()
-    if report:
-        log.info("data: %s", report if env.world_size == 1 else f"rank 0: {report}")
-    # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
-    distributed.barrier(env)
-    return {
-        "losses": losses,
-        "step": end,
-        "run_dir": run_dir,
-        "model": model,
-        "ema": ema,
-        "skipped_steps": bad_total,
-        "rank": env.rank,
-        "world_size": env.world_size,
-    }
+                    others = {k: o for k, o in opts.by_module.items() if k != DENOISER}
+                    save_checkpoint(
+                        self.run_dir,
+                        step + 1,
+                        cfg,
+                        denoiser,
+                        ema_state,
+                        opts.by_module.get(DENOISER),
+                        None,
+                        files={"data_state.json": data},
+                        text=save_text,
+                        optimizers=others,
+                        **common,
+                    )
+        report = loader.skipped_report()
+        if report:
+            log.info("data: %s", report if env.world_size == 1 else f"rank 0: {report}")

@@ -1,0 +1,357 @@
+"""What a training stage trains, and what carries over from one stage to the next (docs/recipes.md).
+
+A stage's ``train.trainable`` names parts (``dit``, ``refiner``, ``llm``) and its LoRA settings say how they
+train. :func:`apply_parts` turns that into the model's state once, when the stage is built: it sets
+``requires_grad`` and adds or merges LoRA adapters, so no forward pass ever asks which parts train.
+
+- ``dit``: the denoiser except the shallow designs' text adapter; fully, or through LoRA adapters on its
+  attention and MLP projections (``train.dit_lora``).
+- ``refiner``: that text adapter (LI-DiT's refiners, or the context embedder), always fully.
+- ``llm``: every LLM of the model (joint fine-tuning), fully (``train.llm_top_layers``: only the top k
+  layers it reads) or through LoRA adapters (``train.llm_lora``), with its own learning rate
+  (``train.llm_lr``). In deep fusion the text stream never attends to image tokens (design-space.md s.1,
+  "Deep fusion mask and its consequence"), so the LLM's gradient arrives only through the image queries'
+  attention to its per-layer text K/V: "gradient-masked" attention, by construction. The shallow designs
+  pass it back through the hidden state their text adapter reads. Only the weights that reach what the
+  denoiser reads train (``TextEncoder.read_modules``); the rest could never get a gradient and stays
+  frozen, so every trainable weight has optimizer state. The LLM still runs once per prompt batch; it
+  records autograd only while it has trainable weights, and only from its lowest trainable layer up.
+
+Between stages the weights and the EMA carry over unchanged (adapters that the next stage does not keep are
+merged into their weights first). Each part has its own AdamW (its own learning rate; Distributed
+Checkpoint keys each one by its module); at a stage boundary the optimizers are rebuilt over the new
+stage's parameters, and the Adam state of every parameter present in both stages is carried, with a log line
+saying which.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fusedit.config import Config, ConfigError, LoRAConfig, Stage, TrainConfig, resolved_stages
+from fusedit.train import lora
+
+log = logging.getLogger(__name__)
+
+DENOISER = "denoiser"
+# The projections LoRA adapts when train.*_lora.targets is empty. The DiT's blocks use the LLMs' module names.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = {"dit": ATTENTION_PROJECTIONS + MLP_PROJECTIONS, "llm": ATTENTION_PROJECTIONS}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a stage trains. ``*_adapters`` identify the LoRA adapters a part carries while it trains
+    through them (None: none); a part keeps its adapters into the next stage only if they are equal."""
+
+    dit: bool
+    refiner: bool
+    llm: bool
+    llm_top_layers: int | None
+    dit_adapters: tuple | None
+    llm_adapters: tuple | None
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> Parts:
+        def adapters(part: str, cfg: LoRAConfig, *extra) -> tuple | None:
+            if part not in tc.trainable or not cfg.rank:
+                return None
+            return (cfg.rank, cfg.alpha, tuple(cfg.targets) or DEFAULT_TARGETS[part], *extra)
+
+        llm = "llm" in tc.trainable
+        return cls(
+            dit="dit" in tc.trainable,
+            refiner="refiner" in tc.trainable,
+            llm=llm,
+            llm_top_layers=tc.llm_top_layers if llm else None,
+            dit_adapters=adapters("dit", tc.dit_lora),
+            llm_adapters=adapters("llm", tc.llm_lora, tc.llm_top_layers),
+        )
+
+    def describe(self) -> str:
+        out = []
+        if self.dit:
+            out.append(f"DiT (LoRA rank {self.dit_adapters[0]})" if self.dit_adapters else "DiT")
+        if self.refiner:
+            out.append("refiner")
+        if self.llm:
+            top = f"top {self.llm_top_layers} layers" if self.llm_top_layers else "all layers"
+            how = f"LoRA rank {self.llm_adapters[0]}" if self.llm_adapters else "fully"
+            out.append(f"LLM ({how}, {top})")
+        return ", ".join(out)
+
+
+def text_modules(model) -> dict[str, nn.Module]:
+    """Each LLM under its checkpoint name: ``llm`` (text), ``llm_extra0``, ... (extra_text, in order)."""
+    return {"llm": model.text.llm, **{f"llm_extra{i}": enc.llm for i, enc in enumerate(model.extra_text)}}
+
+
+def trained_modules(model) -> dict[str, nn.Module]:
+    """Every module that can hold trainable weights, under its checkpoint name (the denoiser first)."""
+    return {DENOISER: model.denoiser, **text_modules(model)}
+
+
+def _text_parts(model):
+    """(checkpoint name, text encoder, what the denoiser asks of it) for each LLM."""
+    return zip(text_modules(model), model.encoders, model.denoiser.text_requests, strict=True)
+
+
+def _trained_llm_modules(encoder, request, top: int | None, key: str) -> list[nn.Module]:
+    """The modules of one LLM a stage trains: what the denoiser reads of it (TextEncoder.read_modules:
+    nothing else can get a gradient), with ``top`` only its top ``top`` read layers and the final norm."""
+    read = encoder.read_modules(request)
+    if not top:
+        return [m for _, m in read]
+    n = len(encoder.llm.layers)
+    layers = sorted({i for i, _ in read if 0 <= i < n})
+    if top > len(layers):
+        raise ConfigError(
+            f"train.llm_top_layers={top} but the design reads {len(layers)} layers of {key} "
+            f"(allowed: 1..{len(layers)})"
+        )
+    keep = {*layers[-top:], n}
+    return [m for i, m in read if i in keep]
+
+
+def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> list[str]:
+    """Full names of the linear ``targets`` projections inside ``modules`` (the LLM's trained part)."""
+    inside = {id(sub) for m in modules for sub in m.modules()}
+    return [
+        name
+        for name, m in llm.named_modules()
+        if id(m) in inside
+        and isinstance(m, nn.Linear)
+        and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+
+
+def _lora_cfg(adapters: tuple) -> LoRAConfig:
+    return LoRAConfig(rank=adapters[0], alpha=adapters[1], targets=list(adapters[2]))
+
+
+def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: int) -> None:
+    """Make ``model`` train ``parts``; ``before`` is what it trained until now (None: a freshly built model):
+    :func:`add_stage_adapters`, then every parameter frozen except those of the parts that train."""
+    add_stage_adapters(model, before, parts, seed=seed, stage=stage)
+    den = model.denoiser
+    den.requires_grad_(False)
+    if parts.dit:
+        for p in lora.adapter_parameters(den) if parts.dit_adapters else den.parameters():
+            p.requires_grad_(True)
+        context = getattr(den, "context", None)  # the shallow designs' text adapter is the "refiner" part
+        if context is not None and not parts.dit_adapters:
+            context.requires_grad_(False)
+    if parts.refiner:
+        den.context.requires_grad_(True)
+    for key, encoder, request in _text_parts(model):
+        encoder.llm.requires_grad_(False)
+        if parts.llm_adapters:
+            for p in lora.adapter_parameters(encoder.llm):
+                p.requires_grad_(True)
+        elif parts.llm:
+            for module in _trained_llm_modules(encoder, request, parts.llm_top_layers, key):
+                module.requires_grad_(True)
+
+
+def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, stage: int) -> None:
+    """The LoRA adapters ``parts`` train through: adapters whose settings differ from ``before``'s are
+    merged into their weights, and new ones are added with an init seeded by (seed, stage)."""
+    den = model.denoiser
+    if (before.dit_adapters if before else None) != parts.dit_adapters:
+        lora.merge_adapters(den)
+        if parts.dit_adapters:
+            cfg = _lora_cfg(parts.dit_adapters)
+            lora.add_adapters(
+                den, cfg, cfg.targets, lora.adapter_seed(seed, stage, DENOISER), "train.dit_lora"
+            )
+    for key, encoder, request in _text_parts(model):
+        trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key) if parts.llm else []
+        if (before.llm_adapters if before else None) == parts.llm_adapters:
+            continue
+        lora.merge_adapters(encoder.llm)
+        if parts.llm_adapters:
+            cfg = _lora_cfg(parts.llm_adapters)
+            targets = _llm_targets(encoder.llm, trained, parts.llm_adapters[2])
+            if not targets:
+                raise ConfigError(
+                    f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
+                    f"design reads of {key}"
+                )
+            seed_here = lora.adapter_seed(seed, stage, key)
+            lora.add_adapters(encoder.llm, cfg, targets, seed_here, "train.llm_lora")
+
+
+def llm_base_changed(cfg: Config, stage: int) -> bool:
+    """Whether the LLMs' own weights (live adapters aside) may differ from what their ``model_id`` loads
+    once stage ``stage`` has begun: loaded by train.init_from, trained fully in a stage up to this one, or
+    with adapters merged at an earlier boundary. Such an LLM is saved whole in checkpoints (as a random-init
+    one always is); otherwise only its adapters are."""
+    if cfg.train.init_from:
+        return True
+    parts = [Parts.of(s.config.train) for s in resolved_stages(cfg)[: stage + 1]]
+    if any(p.llm and not p.llm_adapters for p in parts):
+        return True
+    return any(a.llm_adapters and a.llm_adapters != b.llm_adapters for a, b in zip(parts, parts[1:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+@dataclass
+class Optimizers:
+    """One AdamW per module with trainable weights (the denoiser, each LLM), keyed like the checkpoint."""
+
+    by_module: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    names: dict[str, list[str]] = field(default_factory=dict)
+    base_lr: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model, tc: TrainConfig, device: torch.device) -> Optimizers:
+        out = cls()
+        for key, module in trained_modules(model).items():
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            if not named:
+                continue
+            lr = tc.lr if key == DENOISER else tc.llm_lr or tc.lr
+            out.by_module[key] = torch.optim.AdamW(
+                [p for _, p in named],
+                lr=lr,
+                betas=(tc.beta1, tc.beta2),
+                weight_decay=tc.weight_decay,
+                fused=device.type == "cuda",
+            )
+            out.names[key] = [n for n, _ in named]
+            out.base_lr[key] = lr
+        return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for opt in self.by_module.values() for g in opt.param_groups for p in g["params"]]
+
+    def named(self) -> dict[str, dict[str, nn.Parameter]]:
+        return {
+            key: dict(zip(self.names[key], opt.param_groups[0]["params"]))
+            for key, opt in self.by_module.items()
+        }
+
+    def set_lr(self, lr_of) -> dict[str, float]:
+        """Set each optimizer's learning rate to ``lr_of(base_lr)``; returns them by module."""
+        lrs = {key: lr_of(base) for key, base in self.base_lr.items()}
+        for key, opt in self.by_module.items():
+            for group in opt.param_groups:
+                group["lr"] = lrs[key]
+        return lrs
+
+    def step(self) -> None:
+        for opt in self.by_module.values():
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.by_module.values():
+            opt.zero_grad(set_to_none=True)
+
+    def carry_from(self, old: Optimizers) -> str:
+        """Adam state of every parameter trained before and now (same module, name and shape) moves into
+        these optimizers; returns the log line that says what was carried and what starts fresh."""
+        before, now = old.named(), self.named()
+        common = fresh = 0
+        for key, params in now.items():
+            old_opt, old_params = old.by_module.get(key), before.get(key, {})
+            for name, p in params.items():
+                q = old_params.get(name)
+                if q is None or q.shape != p.shape:
+                    fresh += 1
+                    continue
+                common += 1
+                if q in old_opt.state:
+                    self.by_module[key].state[p] = old_opt.state[q]
+        dropped = sum(len(v) for v in before.values()) - common
+        if not fresh and not dropped:
+            return f"optimizer: the same {common} trainable tensors, Adam state carried"
+        return (
+            f"optimizer rebuilt for a changed parameter set: Adam state carried for the {common} tensors "
+            f"that train in both stages, {fresh} new ones start fresh, {dropped} no longer train"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Compute budget (``fusedit describe``)
+
+
+def training_flops_per_image(parts: Parts, dit: int, llm: int, llm_layers: int) -> int:
+    """Training FLOPs of one image from the forward FLOPs of the DiT and the LLM(s).
+
+    A part that trains fully costs its forward, the activation gradients and the weight gradients (3x its
+    forward); a part the gradient only passes through, or that trains through LoRA, costs 2x (the adapters'
+    own products are negligible). The DiT is always passed through (every trainable part sits below its
+    output). The LLM is passed through only from its lowest trainable layer up (the top-layer share)."""
+    dit_cost = 3 * dit if parts.dit and not parts.dit_adapters else 2 * dit
+    if not parts.llm:
+        return dit_cost + llm
+    share = (parts.llm_top_layers or llm_layers) / llm_layers
+    weight_grads = 0 if parts.llm_adapters else 1
+    return dit_cost + llm + round(llm * share * (1 + weight_grads))
+
+
+def _flop(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+PFLOP_DAY = 1e15 * 86400  # one PFLOP/s sustained for a day
+
+
+def describe_stages(cfg: Config, model) -> list[str]:
+    """One line per stage (of a meta-device ``model``): steps, resolution, batch, what trains, and the
+    training compute from fusedit.models.flops (per image, and in total for batch_size x grad_accum images
+    per step: the global batch of one process; N processes multiply it)."""
+    from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+
+    encoders = model.encoders
+    text = cfg.text.max_length
+    lines, run_total = [], 0
+    for stage in resolved_stages(cfg):
+        sc, tc = stage.config, stage.config.train
+        parts = Parts.of(tc)
+        size = sc.data.image_size
+        n = image_tokens(size, sc.vae.downsample, sc.model.patch_size)
+        dit = denoiser_flops(model.denoiser, n, text)
+        lm = sum(llm_flops(e.llm, text) for e in encoders)
+        layers = min(len(e.llm.layers) for e in encoders)
+        per_image = training_flops_per_image(parts, dit, lm, layers)
+        total = per_image * stage.steps * tc.batch_size * tc.grad_accum
+        run_total += total
+        res = f"{size} px" + (
+            f" ({len(sc.data.buckets)} aspect buckets, counted square)" if sc.data.buckets else ""
+        )
+        lines.append(
+            f"stage {stage.index} {stage.name!r}: steps {stage.start}..{stage.end}, {res}, batch "
+            f"{tc.batch_size}x{tc.grad_accum}, lr {tc.lr:g}, trains {parts.describe()}: "
+            f"{_flop(per_image)} per image, {total:.3e} FLOP ({total / PFLOP_DAY:.3g} PFLOP/s-days)"
+        )
+    lines.append(
+        f"whole run: {run_total:.3e} FLOP ({run_total / PFLOP_DAY:.3g} PFLOP/s-days) at batch_size x "
+        "grad_accum images per step (N processes: N times the batch and the FLOPs)"
+    )
+    return lines
+
+
+def stage_of_checkpoint(stages: list[Stage], step: int, recorded: int | None) -> Stage:
+    """The stage a checkpoint written after ``step`` steps belongs to: the one it recorded (checked against
+    this config's step ranges), or for a checkpoint without a record, the stage whose range holds it."""
+    if recorded is None:
+        recorded = next((s.index for s in stages if s.start < step <= s.end), 0)
+    if not 0 <= recorded < len(stages) or not stages[recorded].start <= step <= stages[recorded].end:
+        ranges = ", ".join(f"{s.index} {s.name!r} {s.start}..{s.end}" for s in stages)
+        raise ConfigError(
+            f"the checkpoint at step {step} was written in stage {recorded}, which this config's stages do "
+            f"not place there (stages: {ranges}): resume with the config the run was started with"
+        )
+    return stages[recorded]
