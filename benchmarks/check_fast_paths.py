@@ -14,6 +14,7 @@ import copy
 import json
 
 import torch
+import torch._functorch.config
 
 from fusedit.bench import synthetic_text
 from fusedit.config import load_config
@@ -43,7 +44,8 @@ def main() -> None:
     fast = copy.deepcopy(slow)
     slow.attention_backend = "math"
     fast.attention_backend = "auto"
-    fast.compile_blocks("inductor" if device.type == "cuda" else "eager", cfg.train.activation_memory_budget)
+    torch._functorch.config.activation_memory_budget = cfg.train.activation_memory_budget
+    fast.compile_blocks("inductor" if device.type == "cuda" else "eager")
     side = args.resolution // cfg.vae.downsample
     x = torch.randn(4, cfg.vae.latent_channels, side, side, device=device)
     t = torch.rand(4, device=device)

@@ -50,7 +50,8 @@ def server(tiny):
 def call(server, path, body=None, raw: bytes | None = None):
     """(status, decoded JSON) of a GET, or of a POST when a body is given."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path.lstrip("/"), data=data)
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(server.url + path.lstrip("/"), data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -202,6 +203,43 @@ def test_bad_input_is_a_one_line_json_error(server, body, message):
     status, answer = call(server, "/api/generate", body)
     assert status == 400 and message in answer["error"] and "\n" not in answer["error"]
     assert call(server, "/api/jobs")[1]["jobs"] == []  # nothing was queued
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b'{"prompt": "a", "steps": ' + b"9" * 5000 + b"}", "the request body is not JSON"),
+        (b'{"prompt": "a", "guidance": ' + b"1" + b"0" * 400 + b"}", "guidance="),
+        (b'{"prompt": "a", "seed": "' + b"9" * 5000 + b'"}', "seed="),
+    ],
+)
+def test_huge_numbers_are_one_line_errors_not_dropped_connections(server, raw, message):
+    status, body = call(server, "/api/generate", raw=raw)
+    assert status == 400 and message in body["error"] and "\n" not in body["error"]
+
+
+def test_other_sites_cannot_queue_work_or_read_the_gallery(server):
+    """A script on another page can send a text/plain POST without a CORS preflight, and a page that
+    points its own name at 127.0.0.1 (DNS rebinding) sends its own Host header: both are refused."""
+    url = server.url + "api/generate"
+    data = json.dumps({"prompt": "a red circle"}).encode()
+    plain = urllib.request.Request(url, data=data, headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(plain, timeout=30)
+    assert e.value.code == 415 and "allowed: application/json" in json.loads(e.value.read())["error"]
+    rebound = urllib.request.Request(server.url + "api/jobs", headers={"Host": "evil.example:7860"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(rebound, timeout=30)
+    assert (
+        e.value.code == 403
+        and "'evil.example:7860' is not this machine" in json.loads(e.value.read())["error"]
+    )
+    assert call(server, "/api/jobs")[1] == {"jobs": []}  # nothing was queued
+    local = urllib.request.Request(
+        server.url + "api/jobs", headers={"Host": f"localhost:{server.server_address[1]}"}
+    )
+    with urllib.request.urlopen(local, timeout=30) as response:
+        assert response.status == 200
 
 
 def test_malformed_requests_and_unknown_paths(server):

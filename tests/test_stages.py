@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -92,6 +93,7 @@ def test_stage_overrides_on_the_command_line_and_round_trip(tmp_path):
         ("stages.0.steps=null", "stages[0].steps is required"),
         ("text.dtype=bfloat16", "(full fine-tuning) but text.dtype='bfloat16': AdamW needs float32"),
         ("train.shard_llm=true", "train.shard_llm=true needs a frozen LLM"),
+        ("train.steps=100", "train.steps=100 cannot be set on a staged config"),
     ],
 )
 def test_bad_stages_fail_with_one_line_errors(override, message):
@@ -284,6 +286,41 @@ def test_transitions_carry_weights_ema_and_optimizer_state_or_rebuild_it(tmp_pat
         for i, p in enumerate(params):  # the denoiser's Adam moments continue where they were
             assert torch.equal(state["denoiser"][p]["exp_avg"], saved_opt[i]["exp_avg"])
     assert seen[2][2]["llm"] == {}  # the LLM's optimizer starts fresh
+
+
+def test_re_created_adapters_start_with_fresh_adam_state(tmp_path, caplog):
+    """Two LoRA stages of the same rank but another alpha: the old adapters are merged and new ones made
+    under the same names and shapes; those must not inherit the old adapters' moments. alpha None and
+    alpha = rank are the same adapters and keep theirs."""
+    lora_stage = lambda name, **lora: {  # noqa: E731
+        "name": name,
+        "steps": 1,
+        "train": {"trainable": ["dit"], "dit_lora": {"rank": 2, **lora}},
+    }
+    stages = [lora_stage("a"), lora_stage("b", alpha=2), lora_stage("c", alpha=4)]
+    cfg = tiny_config(stages=stages, train={"checkpoint_every": 1})
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        train(cfg, tmp_path / "run", progress=False)
+    log = caplog.text
+    assert "stage 1 'b': optimizer: the same" in log
+    assert "stage 2 'c': optimizer rebuilt for a changed parameter set: Adam state carried for the 0 " in log
+
+
+@pytest.mark.parametrize(
+    "later, message",
+    [
+        ({"trainable": ["dit", "llm"], "llm_top_layers": 50}, "stages[1] (b): train.llm_top_layers=50 but"),
+        (
+            {"trainable": ["dit"], "dit_lora": {"rank": 2, "targets": ["nope"]}},
+            "stages[1] (b): train.dit_lora",
+        ),
+    ],
+)
+def test_a_later_stage_that_cannot_run_fails_before_the_first_step(tmp_path, later, message):
+    stages = [{"name": "a", "steps": 1}, {"name": "b", "steps": 1, "train": later}]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(tiny_config(stages=stages, train={"checkpoint_every": 1}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_resume_in_the_middle_of_a_later_stage_equals_an_uninterrupted_run(tmp_path):

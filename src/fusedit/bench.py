@@ -98,7 +98,7 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype), bf16)
 
 
-def to_sampling_form(s: BenchSetup) -> None:
+def use_sampling_form(s: BenchSetup) -> None:
     """What `fusedit sample` does to a loaded model (sample.fuse_projections, sample.bf16_weights); one-way,
     so every training measurement comes first."""
     if not s.sampling_form:
@@ -181,7 +181,7 @@ def bench_sample(
     warmup: int,
     repeats: int,
 ) -> dict:
-    to_sampling_form(s)
+    use_sampling_form(s)
     cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
     side = resolution // cfg.vae.downsample
     gen = torch.Generator().manual_seed(0)

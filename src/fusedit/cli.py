@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -325,7 +326,7 @@ def _size_by_batch(text: str) -> tuple[int, int]:
 def cmd_bench(args) -> int:
     import torch
 
-    from fusedit.bench import bench_sample, bench_train, format_table, setup
+    from fusedit.bench import bench_sample, bench_train, format_table, levers, setup
     from fusedit.train.loop import resolve_device
 
     cfg = _config(args)
@@ -364,22 +365,22 @@ def cmd_bench(args) -> int:
                             )
                         )
     rows = []
-    sink = open(args.json, "w") if args.json else None  # noqa: SIM115 - one line per measurement, as it lands
-    for point, measure in runs:
-        try:
-            rows.append(measure())
-            print(format_table(rows[-1:]), flush=True)
-        except torch.OutOfMemoryError:
-            # "does batch 64 fit?" is a result too: record it and go on with the next point
-            rows.append(point | {"preset": cfg.name, "error": "out of memory"})
-            print(f"{point}: out of memory", flush=True)
-        if sink is not None:  # written as it goes, so a run cut short keeps what it measured
-            sink.write(json.dumps(rows[-1]) + "\n")
-            sink.flush()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if sink is not None:
-        sink.close()
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(args.json, "w")) if args.json else None
+        for point, measure in runs:
+            try:
+                rows.append(measure())
+                print(format_table(rows[-1:]), flush=True)
+            except torch.OutOfMemoryError:
+                # "does batch 64 fit?" is a result too: record it and go on with the next point
+                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s.cfg)})
+                print(f"{point}: out of memory", flush=True)
+            if sink is not None:  # written as it goes, so a run cut short keeps what it measured
+                sink.write(json.dumps(rows[-1]) + "\n")
+                sink.flush()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
         print(f"wrote {len(rows)} measurements to {args.json}")
     return 0
 

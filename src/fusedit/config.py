@@ -329,6 +329,9 @@ class SampleConfig:
     # Compute the LLM's per-layer text K/V once per prompt batch and reuse it for every step.
     cache_text: bool = True
     use_ema: bool = True
+    # The denoiser's compute dtype when sampling: "auto" = bf16 autocast on a GPU that has bf16 (what
+    # training used), fp32 elsewhere; "fp32" always fp32; "bf16" always bf16 autocast.
+    precision: str = choice("auto", "auto", "fp32", "bf16")
     # The sampling form of the denoiser (fusedit.models.inference): q/k/v and gate/up as one matmul each,
     # and, under bf16 autocast, matmul weights stored in bf16 (bit-identical outputs, less memory traffic).
     fuse_projections: bool = True
@@ -585,7 +588,13 @@ def config_from_dict(data: dict) -> Config:
 def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:
     """Load a preset name or YAML file, apply dotted overrides, validate, and return the typed config."""
     data = _resolve_raw(name_or_path)
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    data = _deep_merge(data, extra)
+    if data.get("stages") and "steps" in (extra.get("train") or {}):
+        raise ConfigError(
+            f"train.steps={extra['train']['steps']!r} cannot be set on a staged config: its length is the sum "
+            "of stages[i].steps (allowed: stages.N.steps=..., or `fusedit train --stop-at STEP`)"
+        )
     return config_from_dict(data)
 
 

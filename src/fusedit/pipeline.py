@@ -9,7 +9,7 @@ It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary di
 once per call for the whole [negative ; prompt] batch and that text context serves every step and both
 guidance branches; the scheduler integrates fusedit's schedule (uniform in t, then the SD3 shift of the
 scheduler's config) with Euler steps. Same seed, steps, guidance and shift give the same images as
-``generate``, bit for bit.
+``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast: ``sample.precision``).
 """
 
 import json

@@ -16,16 +16,19 @@ from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage
 
 
-def sampling_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on a GPU (what training used), plain fp32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of sampling (sample.precision): bf16, or None for plain fp32."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:
     """Turn a loaded model that will only sample into its faster sampling form (sample.fuse_projections,
     sample.bf16_weights; fusedit.models.inference): the same images within bf16 rounding."""
     device = next(model.denoiser.parameters()).device
-    bf16 = cfg.sample.bf16_weights and sampling_dtype(device) == torch.bfloat16
+    bf16 = cfg.sample.bf16_weights and sampling_dtype(cfg.sample.precision, device) == torch.bfloat16
     prepare_for_sampling(model.denoiser, torch.bfloat16 if bf16 else None, fuse=cfg.sample.fuse_projections)
     return model
 
@@ -42,6 +45,7 @@ def sample_settings(cfg: Config, **overrides) -> dict:
         "shift": s.shift,
         "negative_prompt": s.negative_prompt,
         "cache_text": s.cache_text,
+        "precision": s.precision,
     }
     unknown = set(overrides) - set(settings)
     if unknown:
@@ -62,13 +66,14 @@ def generate(
     negative_prompt: str = "",
     seed: int = 42,
     cache_text: bool = True,
+    precision: str = "auto",
     noise: torch.Tensor | None = None,
     progress=None,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
-    dtype = sampling_dtype(device)
+    dtype = sampling_dtype(precision, device)
     use_cfg = guidance != 1.0
     rows = [negative_prompt] * len(prompts) + list(prompts) if use_cfg else list(prompts)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -107,7 +108,7 @@ def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
     if _blank(value):
         return default
     number = value
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,18}", value.strip()):  # longer: never in range
         number = int(value.strip())
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
@@ -128,7 +129,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond float's range
         raise RequestError(f"{name}={value!r} is not a number ({allowed})") from None
     if not (math.isfinite(number) and low <= number <= high):
         raise RequestError(f"{name}={value!r} is not allowed ({allowed})")
@@ -416,23 +417,55 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _trusted_host(self) -> bool:
+        """Bound to loopback, answer only requests addressed to loopback: a web page that points its own
+        name at 127.0.0.1 (DNS rebinding) must not read the gallery or queue work."""
+        if not ipaddress.ip_address(self.server.server_address[0]).is_loopback:
+            return True
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def parse_request(self) -> bool:  # every verb passes here once the request line and headers are read
+        if not super().parse_request():
+            return False
+        if not self._trusted_host():
+            self._error(403, f"Host {self.headers.get('Host')!r} is not this machine (allowed: localhost)")
+            return False
+        return True
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         if path != "/api/generate":
             self._error(404, f"no such path: POST {path} (allowed: POST /api/generate)")
+            return
+        # application/json makes a cross-site request from another page's script need a CORS preflight,
+        # which this server never grants: only this page (and local tools) can queue work.
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            self._error(
+                415, f"Content-Type {content_type or 'none'!r} is not allowed (allowed: application/json)"
+            )
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             self._error(411, "the request needs a Content-Length header")
             return
-        if not 0 <= length <= MAX_BODY_BYTES:
+        if length < 0:
+            self._error(400, f"Content-Length {length} is not a byte count")
+            return
+        if length > MAX_BODY_BYTES:
             self._error(413, f"the request body has {length} bytes (allowed: at most {MAX_BODY_BYTES})")
             return
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # bad UTF-8, bad JSON, or a number too long for Python to read
             self._error(400, f"the request body is not JSON ({e})")
             return
         try:
@@ -461,7 +494,11 @@ class DemoServer(http.server.ThreadingHTTPServer):
             raise OSError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for any free one)"
             ) from None
-        self.jobs = JobQueue(model, cfg, source)
+        try:
+            self.jobs = JobQueue(model, cfg, source)
+        except BaseException:
+            self.server_close()  # do not keep the port for a server that will never run
+            raise
         self._thread: threading.Thread | None = None
 
     @property

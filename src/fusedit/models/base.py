@@ -13,7 +13,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch._functorch.config
 import torch.utils.checkpoint
 from torch import nn
 
@@ -143,19 +142,12 @@ class DiT(nn.Module):
         """Training-time choice, made once: every block call is checkpointed, or none is."""
         self.run_block = _run_block_checkpointed if enabled else _run_block
 
-    def compile_blocks(self, backend: str = "auto", memory_budget: float = 1.0) -> None:
-        """torch.compile each repeated block (same shapes every step, so one graph serves them all).
-
-        "auto" is inductor on a GPU and nothing on the CPU. ``memory_budget`` < 1 lets the compiler
-        recompute the cheapest activations in backward until the saved ones fit that fraction of what
-        it would keep otherwise (``torch._functorch.config.activation_memory_budget``, process-wide: the
-        last value set is the one every compiled graph uses)."""
+    def compile_blocks(self, backend: str = "auto") -> None:
+        """torch.compile each repeated block (same shapes every step, so one graph serves them all);
+        "auto" is inductor on a GPU and nothing on the CPU."""
         if backend == "auto":
             backend = "inductor" if next(self.parameters()).device.type == "cuda" else ""
-        if not backend:
-            return
-        torch._functorch.config.activation_memory_budget = memory_budget
-        for block in self.blocks:
+        for block in self.blocks if backend else []:
             block.compile(backend=backend, dynamic=False)
 
     # ---- what a design defines

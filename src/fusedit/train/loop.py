@@ -58,6 +58,7 @@ from fusedit.train.stages import (
     Optimizers,
     Parts,
     apply_parts,
+    check_stages,
     llm_base_changed,
     stage_of_checkpoint,
     text_modules,
@@ -251,6 +252,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     _check_stages_fit(stages, parallel)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
+    check_stages(model, stages)
     denoiser = model.denoiser
     metrics_path = run_dir / "metrics.jsonl"
 

@@ -101,6 +101,8 @@ def merge_adapters(module: nn.Module) -> int:
         layer.merge(adapter_names=[ADAPTER])
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer.get_base_layer())
+    if layers and hasattr(module, "peft_config"):  # peft's record of the adapters just folded away
+        del module.peft_config
     return len(layers)
 
 

@@ -61,7 +61,8 @@ class Parts:
         def adapters(part: str, cfg: LoRAConfig, *extra) -> tuple | None:
             if part not in tc.trainable or not cfg.rank:
                 return None
-            return (cfg.rank, cfg.alpha, tuple(cfg.targets) or DEFAULT_TARGETS[part], *extra)
+            # alpha None means alpha = rank: the same adapters, so spelled the same here
+            return (cfg.rank, cfg.alpha or cfg.rank, tuple(cfg.targets) or DEFAULT_TARGETS[part], *extra)
 
         llm = "llm" in tc.trainable
         return cls(
@@ -128,6 +129,36 @@ def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> li
         and isinstance(m, nn.Linear)
         and any(name == t or name.endswith("." + t) for t in targets)
     ]
+
+
+def _module_targets(module: nn.Module, targets: tuple) -> list[str]:
+    """Full names of the linear ``targets`` projections anywhere in ``module``."""
+    return _llm_targets(module, [module], targets)
+
+
+def check_stages(model, stages: list[Stage]) -> None:
+    """What every stage will ask of the built model, checked before the first step, so a recipe never
+    fails in its third stage after training two: peft installed, llm_top_layers within the layers the
+    design reads, LoRA targets that match a linear layer. Errors name the stage."""
+    for stage in stages:
+        parts, where = Parts.of(stage.config.train), f"stages[{stage.index}] ({stage.name})"
+        try:
+            if parts.dit_adapters or parts.llm_adapters:
+                lora.require_peft(where)
+            if parts.dit_adapters and not _module_targets(model.denoiser, parts.dit_adapters[2]):
+                raise ConfigError(
+                    f"train.dit_lora.targets={list(parts.dit_adapters[2])} match no linear layer of the denoiser"
+                )
+            for key, encoder, request in _text_parts(model) if parts.llm else ():
+                trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
+                if parts.llm_adapters and not _llm_targets(encoder.llm, trained, parts.llm_adapters[2]):
+                    raise ConfigError(
+                        f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
+                        f"design reads of {key}"
+                    )
+        except ConfigError as e:
+            message = str(e)
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def _lora_cfg(adapters: tuple) -> LoRAConfig:
@@ -256,15 +287,19 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
     def carry_from(self, old: Optimizers) -> str:
-        """Adam state of every parameter trained before and now (same module, name and shape) moves into
-        these optimizers; returns the log line that says what was carried and what starts fresh."""
+        """Adam state of every parameter trained before and now moves into these optimizers; returns the
+        log line that says what was carried and what starts fresh.
+
+        "Before and now" is the same tensor object: a parameter that lives on keeps its identity (adapter
+        merges write into the base weight in place), while re-created adapters get new tensors under the
+        same names and shapes and must not inherit the old adapters' moments."""
         before, now = old.named(), self.named()
         common = fresh = 0
         for key, params in now.items():
             old_opt, old_params = old.by_module.get(key), before.get(key, {})
             for name, p in params.items():
                 q = old_params.get(name)
-                if q is None or q.shape != p.shape:
+                if q is not p:
                     fresh += 1
                     continue
                 common += 1
