@@ -90,11 +90,19 @@ def _run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> None:
 
 
 def torchrun(nproc: int, config: Path, out: Path, *args: str) -> Path:
-    port = str(_free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", port, "-m", "fusedit", "train", str(config)]
-    _run([*cmd, "--out", str(out), "--quiet", *args], _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-    return out
+    for attempt in range(3):
+        # A port found free can be taken by another process before torchrun binds it: only that failure
+        # is retried, with a new port; any other failure fails the test at once.
+        port = str(_free_port())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", port, "-m", "fusedit", "train", str(config)]
+        try:
+            _run([*cmd, "--out", str(out), "--quiet", *args], _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            return out
+        except AssertionError as e:
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
+    return out  # not reached: the last attempt returns or raises
 
 
 def logged_losses(run_dir: Path) -> list[float]:
