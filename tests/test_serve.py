@@ -408,6 +408,16 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, capsys):
 # The page in a real browser
 
 
+def wait_until(page, predicate: str, arg=None, timeout: float = 30.0) -> None:
+    """Poll a JS predicate from Python. Playwright's own wait_for_function compiles its predicate with eval
+    inside the page, which the page's Content-Security-Policy (no 'unsafe-eval') rightly refuses whenever
+    the predicate is not already true at the first check."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate, arg):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {predicate}"
+        page.wait_for_timeout(25)
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
@@ -457,8 +467,8 @@ def test_a_user_generates_images_in_the_browser(page, server, tiny):
 
     card = page.locator(".card[data-status=done]")
     card.wait_for()
-    page.wait_for_function(
-        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth)"
+    wait_until(
+        page, "() => [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth)"
     )
     assert card.locator("img").evaluate_all(
         "images => images.map(i => [i.naturalWidth, i.naturalHeight])"
@@ -498,17 +508,15 @@ def test_the_page_shows_live_progress_and_puts_the_newest_first(page, server, ti
         page.fill("#prompt", "a red circle")
         page.fill("#steps", "3")
         page.click("#generate")
-        page.wait_for_function("() => document.querySelector('#progress-text').textContent === 'step 1 of 3'")
+        wait_until(page, "() => document.querySelector('#progress-text').textContent === 'step 1 of 3'")
         assert page.locator(".card .status-text").inner_text() == "step 1 of 3"
         assert page.get_attribute("#bar", "value") == "1"
         page.fill("#prompt", "two blue squares")
         page.click("#generate")  # queued behind the held one
-        page.wait_for_function(
-            "() => document.querySelector('#progress-text').textContent === 'waiting: 1 ahead'"
-        )
+        wait_until(page, "() => document.querySelector('#progress-text').textContent === 'waiting: 1 ahead'")
     finally:
         gate.release()
-    page.wait_for_function("() => document.querySelectorAll('.card[data-status=done]').length === 2")
+    wait_until(page, "() => document.querySelectorAll('.card[data-status=done]').length === 2")
     assert page.locator(".card .prompt").all_inner_texts() == ["two blue squares", "a red circle"]
 
 
@@ -524,7 +532,7 @@ def test_the_page_shows_what_is_wrong_with_the_input(page):
         for selector, value in fields.items():
             page.fill(selector, value)
         page.click("#generate")
-        page.wait_for_function("m => document.querySelector('#error').textContent.includes(m)", arg=message)
+        wait_until(page, "m => document.querySelector('#error').textContent.includes(m)", message)
         assert page.is_visible("#error")
     assert page.locator(".card").count() == 0  # no bad request became a job
     # Fixing the input clears the error and generates.
