@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -402,6 +403,12 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, capsys):
     assert "--port 70000 is not allowed (allowed: 0..65535" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
     assert "no such folder" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use is reported before any model is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "nothing"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------

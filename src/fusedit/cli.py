@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import socket
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,17 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not allowed (allowed: 0..65535; 0 picks a free port)")
+    if args.port:  # a port in use should fail now, not after loading the model
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot listen on {args.host}:{args.port}: {e.strerror or e} "
+                    "(choose another --port, or 0 for any free one)"
+                ) from None
     device = resolve_device(args.device)
     model, cfg, source = load_sampling_model(args.model, device, use_ema=not args.no_ema)
     server = DemoServer(model, cfg, args.host, args.port, source=str(source))
