@@ -6,17 +6,12 @@ from fusedit.models.flops import denoiser_flops, llm_flops
 from fusedit.system import build_model
 
 
-def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
-    out = tmp_path / "bench.jsonl"
-    args = [
+def bench_args(out, *points: str) -> list[str]:
+    """`fusedit bench debug` at CPU size: one timed repeat, 8 text tokens, JSON to ``out``."""
+    return [
         "bench",
         "debug",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--prompts",
-        "1",
+        *points,
         "--warmup",
         "0",
         "--repeats",
@@ -26,6 +21,11 @@ def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
         "--json",
         str(out),
     ]
+
+
+def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    args = bench_args(out, "--batch", "2", "--steps", "2", "--prompts", "1")
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["train", "sample", "sample"]
@@ -55,21 +55,7 @@ def test_bench_sweeps_points_and_records_out_of_memory(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(fusedit.bench, "bench_train", bench_train)
     out = tmp_path / "bench.jsonl"
-    args = [
-        "bench",
-        "debug",
-        "--batch",
-        "2",
-        "3",
-        "--steps",
-        "1",
-        "2",
-        "--prompts",
-        "1",
-        "2",
-        "--cached-only",
-    ]
-    args += ["--warmup", "0", "--repeats", "1", "--text-tokens", "8", "--json", str(out)]
+    args = bench_args(out, "--batch", "2", "3", "--steps", "1", "2", "--prompts", "1", "2", "--cached-only")
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kind"], r.get("batch"), r.get("error")) for r in rows[:2]] == [

@@ -20,7 +20,7 @@ import torch
 from fusedit.config import Config
 from fusedit.flow import flow_loss, guided, interpolate, sample
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
-from fusedit.models.inference import prepare_for_sampling
+from fusedit.sample import to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
 
@@ -81,13 +81,18 @@ class BenchSetup:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     peak: float
-    bf16: bool
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     """Random weights of the preset's shape (a hub model_id is replaced by its ``arch``), no VAE."""
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, model_id="", tokenizer=""))
+    # Sampling runs under the same precision as the training steps (sample.precision follows --fp32).
+    precision = "bf16" if bf16 else "fp32"
+    cfg = dataclasses.replace(
+        cfg,
+        text=dataclasses.replace(cfg.text, model_id="", tokenizer=""),
+        sample=dataclasses.replace(cfg.sample, precision=precision),
+    )
     torch.manual_seed(0)
     model = build_model(cfg, device, with_autoencoder=False)
     # The same training-time levers as `fusedit train`, read from the config (train.compile, ...).
@@ -95,15 +100,14 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype), bf16)
+    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype))
 
 
 def use_sampling_form(s: BenchSetup) -> None:
     """What `fusedit sample` does to a loaded model (sample.fuse_projections, sample.bf16_weights); one-way,
     so every training measurement comes first."""
     if not s.sampling_form:
-        dtype = torch.bfloat16 if s.bf16 and s.cfg.sample.bf16_weights else None
-        prepare_for_sampling(s.model.denoiser, dtype, fuse=s.cfg.sample.fuse_projections)
+        to_sampling_form(s.model, s.cfg)
         s.sampling_form = True
 
 

@@ -346,42 +346,42 @@ def cmd_bench(args) -> int:
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     tokens = args.text_tokens or cfg.text.max_length
     resolutions = args.resolution or [cfg.data.image_size]
-    runs = []  # every training measurement first: sampling turns the model into its sampling form
+    # Every training point first: sampling turns the model into its sampling form.
+    points = []
     if "train" in args.what:
         grid = [(r, b) for r in resolutions for b in args.batch or [cfg.train.batch_size]]
-        for resolution, batch in args.train_points or grid:
-            point = {"kind": "train", "batch": batch, "resolution": resolution}
-            runs.append(
-                (
-                    point,
-                    lambda b=batch, r=resolution: bench_train(s, b, r, tokens, args.warmup, args.repeats),
-                )
-            )
+        points += [{"kind": "train", "resolution": r, "batch": b} for r, b in args.train_points or grid]
     if "sample" in args.what:
-        for resolution in resolutions:
-            for prompts in args.prompts:
-                for steps in args.steps:
-                    for cached in (True, False)[: 1 if args.cached_only else 2]:
-                        point = {
-                            "kind": "sample",
-                            "prompts": prompts,
-                            "resolution": resolution,
-                            "steps": steps,
-                        }
-                        runs.append(
-                            (
-                                point | {"text_cache": cached},
-                                lambda p=prompts, r=resolution, n=steps, c=cached: bench_sample(
-                                    s, p, r, tokens, n, args.guidance, c, args.warmup, args.repeats
-                                ),
-                            )
-                        )
+        caches = (True,) if args.cached_only else (True, False)
+        points += [
+            {"kind": "sample", "resolution": r, "prompts": p, "steps": n, "text_cache": c}
+            for r in resolutions
+            for p in args.prompts
+            for n in args.steps
+            for c in caches
+        ]
+
+    def measure(point: dict) -> dict:
+        if point["kind"] == "train":
+            return bench_train(s, point["batch"], point["resolution"], tokens, args.warmup, args.repeats)
+        return bench_sample(
+            s,
+            point["prompts"],
+            point["resolution"],
+            tokens,
+            point["steps"],
+            args.guidance,
+            point["text_cache"],
+            args.warmup,
+            args.repeats,
+        )
+
     rows = []
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(args.json, "w")) if args.json else None
-        for point, measure in runs:
+        for point in points:
             try:
-                rows.append(measure())
+                rows.append(measure(point))
                 print(format_table(rows[-1:]), flush=True)
             except torch.OutOfMemoryError:
                 # "does batch 64 fit?" is a result too: record it and go on with the next point

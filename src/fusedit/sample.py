@@ -13,15 +13,12 @@ import torch
 from fusedit.config import Config
 from fusedit.flow import guided, sample
 from fusedit.models.inference import prepare_for_sampling
-from fusedit.system import TextToImage
+from fusedit.system import TextToImage, uses_bf16
 
 
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of sampling (sample.precision): bf16, or None for plain fp32."""
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else None
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if uses_bf16(precision, device) else None
 
 
 def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:

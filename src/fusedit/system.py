@@ -79,6 +79,14 @@ class TextToImage(nn.Module):
             enc.llm.compile(backend=backend)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a precision setting (train.precision, sample.precision) resolves to bf16 autocast here:
+    "bf16" always, "auto" on a CUDA device with bf16 support, "fp32" never."""
+    return precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+
+
 def builtin_words(cfg: Config) -> list[str]:
     """The word list of the built-in tokenizer (used when no text.tokenizer / model_id is set): the shapes
     caption vocabulary plus the words of the configured templates (so LI-DiT's instruction is not <unk>)."""

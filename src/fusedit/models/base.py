@@ -142,12 +142,10 @@ class DiT(nn.Module):
         """Training-time choice, made once: every block call is checkpointed, or none is."""
         self.run_block = _run_block_checkpointed if enabled else _run_block
 
-    def compile_blocks(self, backend: str = "auto") -> None:
-        """torch.compile each repeated block (same shapes every step, so one graph serves them all);
-        "auto" is inductor on a GPU and nothing on the CPU."""
-        if backend == "auto":
-            backend = "inductor" if next(self.parameters()).device.type == "cuda" else ""
-        for block in self.blocks if backend else []:
+    def compile_blocks(self, backend: str) -> None:
+        """torch.compile each repeated block with ``backend`` (same shapes every step, so one graph serves
+        them all)."""
+        for block in self.blocks:
             block.compile(backend=backend, dynamic=False)
 
     # ---- what a design defines

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import is_stream, step_loader
 from fusedit.flow import flow_loss, interpolate, sample_training_times
-from fusedit.system import TextToImage, build_model
+from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     data_state_name,
@@ -71,13 +71,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether train.precision resolves to bf16 here ("auto": CUDA with bf16 support)."""
-    return precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -481,16 +474,17 @@ class _Run:
                 learning_rate, local_step, warmup=tc.warmup_steps, schedule=tc.schedule, total=stage.steps
             )
             lr, lrs = rate(tc.lr), opts.set_lr(rate)
-            loss_value = loss_mean.item()  # the one host sync of a step (logging needs it anyway)
+            # The one host sync of a step (logging needs both anyway).
+            loss_value, norm_value = torch.stack([loss_mean.float(), grad_norm.float()]).tolist()
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
-            if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
                 opts.step()
                 self.bad_in_row = 0
             else:  # skip the update: the weights stay as they were
                 self.bad_in_row, self.bad_total = self.bad_in_row + 1, self.bad_total + 1
                 if main:
                     log.warning(
-                        "step %d: loss %s, grad norm %s: update skipped", step + 1, loss_value, grad_norm
+                        "step %d: loss %s, grad norm %s: update skipped", step + 1, loss_value, norm_value
                     )
                 if self.bad_in_row >= tc.max_bad_steps:
                     raise FloatingPointError(
@@ -505,7 +499,7 @@ class _Run:
                 record = {
                     "step": step + 1,
                     "loss": loss_value,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": norm_value,
                     "lr": lr,
                     "sec": round(time.perf_counter() - t0, 4),
                 }

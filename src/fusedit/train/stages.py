@@ -150,15 +150,26 @@ def check_stages(model, stages: list[Stage]) -> None:
                     f"train.dit_lora.targets={list(parts.dit_adapters[2])} match no linear layer of the denoiser"
                 )
             for key, encoder, request in _text_parts(model) if parts.llm else ():
-                trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
-                if parts.llm_adapters and not _llm_targets(encoder.llm, trained, parts.llm_adapters[2]):
-                    raise ConfigError(
-                        f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
-                        f"design reads of {key}"
-                    )
+                if parts.llm_adapters:
+                    _llm_lora_targets(encoder, request, parts, key)
+                else:
+                    _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
         except ConfigError as e:
             message = str(e)
             raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
+def _llm_lora_targets(encoder, request, parts: Parts, key: str) -> list[str]:
+    """Full names of the projections the LLM's adapters wrap: ``train.llm_lora.targets`` inside the part of
+    the LLM the stage trains; a one-line error when they match none."""
+    trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
+    targets = _llm_targets(encoder.llm, trained, parts.llm_adapters[2])
+    if not targets:
+        raise ConfigError(
+            f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
+            f"design reads of {key}"
+        )
+    return targets
 
 
 def _lora_cfg(adapters: tuple) -> LoRAConfig:
@@ -201,18 +212,12 @@ def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, 
                 den, cfg, cfg.targets, lora.adapter_seed(seed, stage, DENOISER), "train.dit_lora"
             )
     for key, encoder, request in _text_parts(model):
-        trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key) if parts.llm else []
         if (before.llm_adapters if before else None) == parts.llm_adapters:
             continue
         lora.merge_adapters(encoder.llm)
         if parts.llm_adapters:
             cfg = _lora_cfg(parts.llm_adapters)
-            targets = _llm_targets(encoder.llm, trained, parts.llm_adapters[2])
-            if not targets:
-                raise ConfigError(
-                    f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
-                    f"design reads of {key}"
-                )
+            targets = _llm_lora_targets(encoder, request, parts, key)
             seed_here = lora.adapter_seed(seed, stage, key)
             lora.add_adapters(encoder.llm, cfg, targets, seed_here, "train.llm_lora")
 
