@@ -70,3 +70,40 @@ def test_bench_sweeps_points_and_records_out_of_memory(tmp_path, monkeypatch, ca
     ]
     assert all(r["fuse_projections"] for r in rows[2:])
     assert "out of memory" in capsys.readouterr().out
+
+
+def test_bench_with_padded_prompts_trims_them_and_counts_the_flops_of_what_ran(tmp_path):
+    """--min-text-tokens draws real prompt lengths below the padded width: the encoders trim each batch to
+    its longest prompt, and the FLOP count follows the trimmed widths the timed steps computed over."""
+    out = tmp_path / "bench.jsonl"
+    args = bench_args(out, "--batch", "2", "--steps", "1", "--prompts", "1", "--cached-only")
+    assert main([*args, "--min-text-tokens", "2"]) == 0
+    train, sample = (json.loads(line) for line in out.read_text().splitlines())
+    assert train["min_text_tokens"] == 2 and train["trim_multiple"] == 1
+    assert 2 <= train["text_width_mean"] <= 8
+    model = build_model(load_config("debug"), "meta")
+    full = 3 * denoiser_flops(model.denoiser, 64, 8) + llm_flops(model.text.llm, 8)
+    assert train["flops_per_image"] <= full
+    # guidance: one empty negative row (1 token) and one prompt of 2..8 tokens
+    assert 2 <= sample["text_width_mean"] <= 8 and sample["cuda_graphs"] is False
+
+
+def test_bench_prompt_lengths_and_reachable_text_widths():
+    import torch
+
+    from fusedit.bench import prompt_lengths, text_widths
+
+    gen = torch.Generator().manual_seed(0)
+    assert prompt_lengths(3, 8, None, gen).tolist() == [8, 8, 8]
+    lengths = prompt_lengths(6, 8, 2, gen, empty_rows=3)
+    assert lengths[:3].tolist() == [1, 1, 1] and all(2 <= n <= 8 for n in lengths[3:].tolist())
+    model = build_model(load_config("debug"), "meta")
+    assert text_widths(model, None, 16) == [16]
+    assert text_widths(model, 3, 8) == [3, 4, 5, 6, 7, 8]
+    model.text.trim_multiple = 4
+    assert text_widths(model, 3, 10) == [4, 8, 10]
+
+
+def test_bench_rejects_a_minimum_prompt_length_outside_the_prompt_length(tmp_path, capsys):
+    assert main([*bench_args(tmp_path / "b.jsonl", "--what", "train"), "--min-text-tokens", "9"]) != 0
+    assert "--min-text-tokens 9 is not in 1..8" in capsys.readouterr().err

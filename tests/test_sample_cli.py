@@ -185,3 +185,27 @@ def test_bad_model_folders_fail_with_one_line(folders, tmp_path, capsys):
         assert main(["sample", *args, *prompt, "--out", str(tmp_path / "o"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("kind", ["run", "pipeline"])
+def test_compile_and_cuda_graph_flags_override_the_saved_sample_section(folders, monkeypatch, tmp_path, kind):
+    """--compile and --cuda-graphs reach the sampling form and generate; without them the saved values
+    (compile auto: nothing on the CPU) hold, and the images are the same either way on the CPU."""
+    import fusedit.sample
+
+    seen = []
+    real = fusedit.sample.to_sampling_form
+    monkeypatch.setattr(fusedit.sample, "to_sampling_form", lambda m, c: seen.append(c.sample) or real(m, c))
+    assert sample(folders[kind], tmp_path / "a", "--prompt", "a red circle") == 0
+    assert (
+        sample(folders[kind], tmp_path / "b", "--prompt", "a red circle", "--compile", "off", "--cuda-graphs")
+        == 0
+    )
+    assert [(s.compile, s.cuda_graphs) for s in seen] == [("auto", False), ("", True)]
+    assert np.array_equal(pixels(tmp_path / "a" / "00000.png"), pixels(tmp_path / "b" / "00000.png"))
+
+
+def test_unknown_compile_flag_is_a_one_line_error(folders, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample(folders["run"], tmp_path, "--prompt", "x", "--compile", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

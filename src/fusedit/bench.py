@@ -18,16 +18,14 @@ from collections.abc import Callable
 import torch
 
 from fusedit.config import Config
-from fusedit.flow import flow_loss, guided, interpolate, sample
+from fusedit.flow import flow_loss, interpolate, sample
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
-from fusedit.sample import to_sampling_form
+from fusedit.sample import CUDAGraphVelocity, text_velocity, to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# At most this many text lengths get an untimed priming step each (bench_train).
+MAX_PRIMED_WIDTHS = 16
 
 
 def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -58,14 +56,38 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> 
     return 2 * n**3 / seconds
 
 
-def synthetic_text(model: TextToImage, batch: int, tokens: int, generator: torch.Generator) -> TextContext:
-    """Random token ids of exactly ``tokens`` per prompt (no padding) through every LLM, once."""
+def prompt_lengths(
+    batch: int, tokens: int, min_tokens: int | None, gen: torch.Generator, empty_rows: int = 0
+) -> torch.Tensor:
+    """(batch,) real prompt lengths: all ``tokens`` (no padding), or, with ``min_tokens``, uniform in
+    min_tokens..tokens with the first ``empty_rows`` rows 1 token long (guidance's empty negative prompt)."""
+    if min_tokens is None:
+        return torch.full((batch,), tokens)
+    lengths = torch.randint(min_tokens, tokens + 1, (batch,), generator=gen)
+    lengths[:empty_rows] = 1
+    return lengths
+
+
+def text_widths(model: TextToImage, min_tokens: int | None, tokens: int) -> list[int]:
+    """The text lengths the encoders can trim a batch to (text.trim_padding, text.trim_multiple)."""
+    enc, device = model.text, next(model.denoiser.parameters()).device
+    if min_tokens is None or not enc.trim_padding:
+        return [tokens]
+    return sorted({enc.trimmed_length(n, tokens, device) for n in range(min_tokens, tokens + 1)})
+
+
+def synthetic_text(
+    model: TextToImage, lengths: torch.Tensor, tokens: int, generator: torch.Generator
+) -> TextContext:
+    """Random token ids, right-padded to ``tokens`` as tokenized prompts are, through every LLM once; the
+    encoders trim the padding as in training and sampling."""
     device = next(model.denoiser.parameters()).device
+    batch = len(lengths)
+    mask = (torch.arange(tokens)[None] < lengths[:, None]).to(device)
     contexts = []
     for enc, request in zip(model.encoders, model.denoiser.text_requests, strict=True):
         vocab = enc.llm.config.vocab_size
         ids = torch.randint(vocab, (batch, tokens), generator=generator, device=generator.device).to(device)
-        mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
         contexts.append(enc(ids, mask, request))
     context = contexts[0]
     context.others = contexts[1:]
@@ -80,6 +102,7 @@ class BenchSetup:
     cfg: Config
     device: torch.device
     autocast: contextlib.AbstractContextManager
+    bf16: bool
     peak: float
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
@@ -100,7 +123,7 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    return BenchSetup(model, cfg, device, autocast, matmul_peak(device, dtype))
+    return BenchSetup(model, cfg, device, autocast, bf16, matmul_peak(device, dtype))
 
 
 def use_sampling_form(s: BenchSetup) -> None:
@@ -111,11 +134,15 @@ def use_sampling_form(s: BenchSetup) -> None:
         s.sampling_form = True
 
 
-def levers(cfg: Config) -> dict:
+def levers(s: BenchSetup) -> dict:
     """The speed settings a measurement ran with, recorded next to it."""
+    cfg = s.cfg
     return {
         "attention_backend": cfg.model.attention_backend,
         "compile": cfg.train.compile,
+        "sample_compile": cfg.sample.compile,
+        "trim_padding": cfg.text.trim_padding,
+        "trim_multiple": s.model.text.trim_multiple_on(s.device),
         "grad_checkpointing": cfg.train.grad_checkpointing,
         "activation_memory_budget": cfg.train.activation_memory_budget,
         "fuse_projections": cfg.sample.fuse_projections,
@@ -125,21 +152,32 @@ def levers(cfg: Config) -> dict:
     }
 
 
-def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup: int, repeats: int) -> dict:
+def bench_train(
+    s: BenchSetup,
+    batch: int,
+    resolution: int,
+    tokens: int,
+    warmup: int,
+    repeats: int,
+    min_tokens: int | None = None,
+) -> dict:
     cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
     side = resolution // cfg.vae.downsample
     gen, tgen = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(0)
+    lgen = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, cfg.vae.latent_channels, side, side, generator=gen).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.rand(batch, generator=gen).to(device)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     denoiser.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    widths = []  # the trimmed text length of every timed step
 
-    def step():
-        text = synthetic_text(s.model, batch, tokens, tgen)  # a training step includes one LLM forward
+    def step(lengths=None):
+        if lengths is None:
+            lengths = prompt_lengths(batch, tokens, min_tokens, lgen)
+        text = synthetic_text(s.model, lengths, tokens, tgen)  # a training step includes one LLM forward
+        widths.append(text.mask.shape[1])
         with s.autocast:
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
@@ -147,10 +185,24 @@ def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = time_it(step, device, warmup, repeats)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # Padded prompts: one untimed step per text length a batch can be trimmed to, so that no compile
+    # lands in the timed steps (what a long training run sees once, at its start). More lengths than a
+    # compiled function may have graphs are not primed: the timed steps then show what such a run pays.
+    widths_to_prime = text_widths(s.model, min_tokens, tokens)
+    primed = len(widths_to_prime) <= MAX_PRIMED_WIDTHS
+    for width in widths_to_prime if primed else []:
+        step(torch.full((batch,), width))
+    for _ in range(warmup):
+        step()
+    widths.clear()
+    seconds = time_it(step, device, 0, repeats)
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
-    flops = 3 * denoiser_flops(denoiser, n_img, tokens) + sum(
-        llm_flops(e.llm, tokens) for e in s.model.encoders
+    # FLOPs of the text lengths the timed steps computed over (padding included: the kernels compute it).
+    flops = statistics.mean(
+        3 * denoiser_flops(denoiser, n_img, w) + sum(llm_flops(e.llm, w) for e in s.model.encoders)
+        for w in widths
     )
     achieved = flops * batch / seconds
     return {
@@ -160,6 +212,9 @@ def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup:
         "batch": batch,
         "resolution": resolution,
         "text_tokens": tokens,
+        "min_text_tokens": min_tokens,
+        "text_width_mean": statistics.mean(widths),
+        "primed_widths": len(widths_to_prime) if primed else 0,
         "step_s": seconds,
         "images_per_s": batch / seconds,
         "tflops": achieved / 1e12,
@@ -170,7 +225,7 @@ def bench_train(s: BenchSetup, batch: int, resolution: int, tokens: int, warmup:
         if device.type == "cuda"
         else None,
         "trainable_params": count_parameters(denoiser, trainable=True),
-        **levers(cfg),
+        **levers(s),
     }
 
 
@@ -184,29 +239,34 @@ def bench_sample(
     cached: bool,
     warmup: int,
     repeats: int,
+    min_tokens: int | None = None,
 ) -> dict:
+    """What `generate` does past tokenizing, on synthetic token ids: the velocity of
+    ``fusedit.sample.text_velocity`` (and its CUDA graph, sample.cuda_graphs) integrated by the sampler."""
     use_sampling_form(s)
-    cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
+    cfg, device = s.cfg, s.device
     side = resolution // cfg.vae.downsample
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(prompts, cfg.vae.latent_channels, side, side, generator=gen).to(device)
-    rows = 2 * prompts if guidance != 1.0 else prompts
+    use_cfg = guidance != 1.0
+    rows = 2 * prompts if use_cfg else prompts
+    # Negative prompts are empty (1 token) when prompts are padded; without padding every row is full.
+    lengths = prompt_lengths(rows, tokens, min_tokens, gen, empty_rows=prompts if use_cfg else 0)
+    graphs = cfg.sample.cuda_graphs and cached and device.type == "cuda"
+    dtype = torch.bfloat16 if s.bf16 else None
+    widths = []
 
     @torch.no_grad()
     def run():
-        context = synthetic_text(s.model, rows, tokens, torch.Generator(device).manual_seed(1))
+        def text():
+            context = synthetic_text(s.model, lengths, tokens, torch.Generator(device).manual_seed(1))
+            widths.append(context.mask.shape[1])
+            return context
 
-        def velocity(x, t):
-            text = (
-                context
-                if cached
-                else synthetic_text(s.model, rows, tokens, torch.Generator(device).manual_seed(1))
-            )
-            with s.autocast:
-                return denoiser(x, t, text).float()
-
-        v = guided(velocity, guidance) if guidance != 1.0 else velocity
-        return sample(v, noise, steps, shift=cfg.sample.shift)
+        velocity = text_velocity(s.model.denoiser, text() if cached else text, guidance, dtype)
+        return sample(
+            CUDAGraphVelocity(velocity) if graphs else velocity, noise, steps, shift=cfg.sample.shift
+        )
 
     seconds = time_it(run, device, warmup, repeats)
     return {
@@ -216,13 +276,16 @@ def bench_sample(
         "prompts": prompts,
         "resolution": resolution,
         "text_tokens": tokens,
+        "min_text_tokens": min_tokens,
+        "text_width_mean": statistics.mean(widths),
         "steps": steps,
         "guidance": guidance,
         "text_cache": cached,
+        "cuda_graphs": graphs,
         "batch_s": seconds,
         "images_per_s": prompts / seconds,
         "s_per_image": seconds / prompts,
-        **levers(cfg),
+        **levers(s),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -67,11 +68,19 @@ def _saved_by_public_fusedit(folder: Path) -> bool:
     return False
 
 
-def load_sampling_model(path: str | Path, device, use_ema: bool = True):
+def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample_overrides):
     """MODEL of `fusedit sample` and `fusedit serve`: a run folder (its latest checkpoint; `fusedit convert`
     writes one), a checkpoint folder, or a diffusers pipeline folder (`fusedit export`,
-    `FuseDiTPipeline.save_pretrained`). Returns (model in eval mode, Config, the folder it was read from)."""
+    `FuseDiTPipeline.save_pretrained`). ``sample_overrides`` replace keys of the saved config's sample
+    section (None keeps the saved value). Returns (model in eval mode, Config, the folder it was read
+    from)."""
     from fusedit.sample import to_sampling_form
+
+    def sampling(model, cfg):
+        overrides = {k: v for k, v in sample_overrides.items() if v is not None}
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
+        return to_sampling_form(model, cfg), cfg
+
     from fusedit.train.checkpoint import find_checkpoint, load_model
 
     folder = Path(path)
@@ -92,8 +101,7 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True):
             )
         from fusedit.hub import from_pretrained
 
-        model, cfg = from_pretrained(folder, device)
-        return to_sampling_form(model, cfg), cfg, folder
+        return *sampling(*from_pretrained(folder, device)), folder
     try:
         ckpt = find_checkpoint(folder)
     except FileNotFoundError:
@@ -102,7 +110,16 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True):
             "folder with model_index.json)"
         ) from None
     model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema)
-    return to_sampling_form(model, cfg), cfg, ckpt
+    return *sampling(model, cfg), ckpt
+
+
+def _sampling_flags(args) -> dict:
+    """load_sampling_model's arguments from the flags `fusedit sample` and `fusedit serve` share."""
+    return {
+        "use_ema": not args.no_ema,
+        "compile": {"off": ""}.get(args.compile, args.compile),
+        "cuda_graphs": True if args.cuda_graphs else None,
+    }
 
 
 def cmd_sample(args) -> int:
@@ -124,7 +141,7 @@ def cmd_sample(args) -> int:
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
     device = resolve_device(args.device)
-    model, cfg, source = load_sampling_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     settings = sample_settings(
         cfg,
         steps=args.steps,
@@ -190,7 +207,7 @@ def cmd_serve(args) -> int:
                     "(choose another --port, or 0 for any free one)"
                 ) from None
     device = resolve_device(args.device)
-    model, cfg, source = load_sampling_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     server = DemoServer(model, cfg, args.host, args.port, source=str(source))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone reaching it can run the model", file=sys.stderr)
@@ -345,6 +362,10 @@ def cmd_bench(args) -> int:
     device = resolve_device(args.device)
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     tokens = args.text_tokens or cfg.text.max_length
+    if args.min_text_tokens is not None and not 1 <= args.min_text_tokens <= tokens:
+        raise ConfigError(
+            f"--min-text-tokens {args.min_text_tokens} is not in 1..{tokens} (the prompt length)"
+        )
     resolutions = args.resolution or [cfg.data.image_size]
     # Every training point first: sampling turns the model into its sampling form.
     points = []
@@ -363,7 +384,15 @@ def cmd_bench(args) -> int:
 
     def measure(point: dict) -> dict:
         if point["kind"] == "train":
-            return bench_train(s, point["batch"], point["resolution"], tokens, args.warmup, args.repeats)
+            return bench_train(
+                s,
+                point["batch"],
+                point["resolution"],
+                tokens,
+                args.warmup,
+                args.repeats,
+                args.min_text_tokens,
+            )
         return bench_sample(
             s,
             point["prompts"],
@@ -374,6 +403,7 @@ def cmd_bench(args) -> int:
             point["text_cache"],
             args.warmup,
             args.repeats,
+            args.min_text_tokens,
         )
 
     rows = []
@@ -385,7 +415,7 @@ def cmd_bench(args) -> int:
                 print(format_table(rows[-1:]), flush=True)
             except torch.OutOfMemoryError:
                 # "does batch 64 fit?" is a result too: record it and go on with the next point
-                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s.cfg)})
+                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s)})
                 print(f"{point}: out of memory", flush=True)
             if sink is not None:  # written as it goes, so a run cut short keeps what it measured
                 sink.write(json.dumps(rows[-1]) + "\n")
@@ -506,6 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    def sampling_flags(sp):
+        sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument(
+            "--compile",
+            choices=["auto", "off", "inductor"],
+            help="torch.compile the DiT blocks (default the saved sample.compile: auto = on a GPU)",
+        )
+        sp.add_argument(
+            "--cuda-graphs",
+            action="store_true",
+            help="replay each step as one CUDA graph (sample.cuda_graphs)",
+        )
+
     def with_config(sp):
         sp.add_argument("config", help="preset name (see `fusedit presets`) or YAML file")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -537,8 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=int)
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--no-cache", action="store_true", help="recompute the text K/V at every step")
-    sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    sp.add_argument("--device", default="auto")
+    sampling_flags(sp)
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_sample)
 
@@ -546,8 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sp.add_argument("--port", type=int, default=7860, help="0 picks a free port")
-    sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    sp.add_argument("--device", default="auto")
+    sampling_flags(sp)
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
@@ -611,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training points as RESOLUTIONxBATCH, e.g. 256x64 512x16 (instead of --resolution x --batch)",
     )
     sp.add_argument("--text-tokens", type=int, help="prompt length in tokens (default text.max_length)")
+    sp.add_argument(
+        "--min-text-tokens",
+        type=int,
+        help="padded prompts: real lengths uniform in this..--text-tokens, empty negative prompts "
+        "(default: every prompt --text-tokens long, no padding)",
+    )
     sp.add_argument("--prompts", type=int, nargs="+", default=[4], help="sampling batch(es)")
     sp.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling step count(s)")
     sp.add_argument("--cached-only", action="store_true", help="skip the uncached sampling runs")

@@ -141,6 +141,12 @@ class TextConfig:
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     # Cut each batch's text to its longest real prompt: exact (padded keys are masked anyway) and cheaper.
     trim_padding: bool = True
+    # With trim_padding, round the kept length up to a multiple of this. Compiled DiT blocks (train.compile,
+    # sample.compile) compile once per text length, and past torch's recompile limit new lengths run
+    # eagerly, so real prompts of every length must not each get their own. None = auto: 128 on a GPU
+    # (at most ceil(max_length / 128) lengths, cuDNN-friendly key lengths; text/encoder.py), 1 (the
+    # longest prompt exactly) on the CPU.
+    trim_multiple: int | None = positive(None)
     # Steps of next-token pretraining on the shapes caption corpus for a random-init LLM (0 = none).
     pretrain_steps: int = nonneg(0)
 
@@ -336,6 +342,14 @@ class SampleConfig:
     # and, under bf16 autocast, matmul weights stored in bf16 (bit-identical outputs, less memory traffic).
     fuse_projections: bool = True
     bf16_weights: bool = True
+    # torch.compile each DiT block for sampling, as train.compile does for training: "auto" = inductor on a
+    # GPU, off on the CPU; "" = off. The first batch of each new shape pays the compile (inductor caches it
+    # on disk for later runs); every later step runs the compiled blocks.
+    compile: str = choice("auto", "auto", "", "inductor", "aot_eager", "eager")
+    # Replay each sampling step as one CUDA graph (with the text cache, on a GPU; ignored elsewhere): one
+    # launch instead of hundreds, for small batches that leave the GPU waiting. Off until it is measured
+    # on a GPU (benchmarks/RESULTS.md).
+    cuda_graphs: bool = False
 
 
 # Keys a stage may not change: the run's identity and machinery (seed and placement stay fixed so that

@@ -201,6 +201,7 @@ class FuseDiTPipeline(DiffusionPipeline):
                 t.max_length,
                 build_template(t.template, tok, t.instruction, t.system_prompt),
                 trim_padding=t.trim_padding,
+                trim_multiple=t.trim_multiple,
             )
             for t, (tok, llm) in zip(texts, pairs)
         ]

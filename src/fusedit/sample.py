@@ -8,12 +8,17 @@ checks that equality for every position scheme.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from fusedit.config import Config
 from fusedit.flow import guided, sample
+from fusedit.flow.samplers import Velocity
 from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage, uses_bf16
+from fusedit.text.context import TextContext
 
 
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -23,11 +28,68 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:
     """Turn a loaded model that will only sample into its faster sampling form (sample.fuse_projections,
-    sample.bf16_weights; fusedit.models.inference): the same images within bf16 rounding."""
+    sample.bf16_weights; fusedit.models.inference) with compiled blocks (sample.compile): the same images
+    within bf16 rounding. The LLM runs once per prompt batch, so it is not compiled."""
     device = next(model.denoiser.parameters()).device
     bf16 = cfg.sample.bf16_weights and sampling_dtype(cfg.sample.precision, device) == torch.bfloat16
     prepare_for_sampling(model.denoiser, torch.bfloat16 if bf16 else None, fuse=cfg.sample.fuse_projections)
+    model.compile_parts(cfg.sample.compile, llm=False)
     return model
+
+
+def text_velocity(
+    denoiser: nn.Module,
+    text: TextContext | Callable[[], TextContext],
+    guidance: float,
+    dtype: torch.dtype | None,
+) -> Velocity:
+    """The velocity the sampler integrates: the denoiser under autocast ``dtype`` (None = plain fp32; the
+    sampler's own arithmetic stays fp32) over a text context computed once (the text cache) or by a
+    function called at every step, with classifier-free guidance when guidance != 1 (the context's rows are
+    then [negative ; prompt])."""
+    device_type = next(denoiser.parameters()).device.type
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        context = text if isinstance(text, TextContext) else text()
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            return denoiser(x, t, context).float()
+
+    return guided(velocity, guidance) if guidance != 1.0 else velocity
+
+
+class CUDAGraphVelocity:
+    """A velocity function replayed as one CUDA graph (sample.cuda_graphs): every kernel of a step is
+    launched at once, which matters when a small batch leaves the GPU waiting on Python and launches.
+
+    The first ``warmup`` calls run normally on a side stream (cuDNN plans, autotuning and the allocator
+    settle outside the capture, as torch.cuda.graphs asks); the next one captures the step for inputs
+    shaped like its x (B, C, H, W) and t (B,), and every call from then on copies its inputs into the
+    graph's buffers and replays it. The graph reads the text context's tensors where they lie, so the
+    context must be fixed for the whole run (the text cache)."""
+
+    def __init__(self, velocity: Velocity, warmup: int = 2):
+        self.velocity, self.warmup = velocity, warmup
+        self.calls = 0
+        self.graph = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                out = self.velocity(x, t)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            self.x, self.t = x.clone(), t.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.velocity(self.x, self.t)
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites self.out (Heun keeps two velocities)
 
 
 def sample_settings(cfg: Config, **overrides) -> dict:
@@ -43,6 +105,7 @@ def sample_settings(cfg: Config, **overrides) -> dict:
         "negative_prompt": s.negative_prompt,
         "cache_text": s.cache_text,
         "precision": s.precision,
+        "cuda_graphs": s.cuda_graphs,
     }
     unknown = set(overrides) - set(settings)
     if unknown:
@@ -64,32 +127,19 @@ def generate(
     seed: int = 42,
     cache_text: bool = True,
     precision: str = "auto",
+    cuda_graphs: bool = False,
     noise: torch.Tensor | None = None,
     progress=None,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1."""
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1. ``cuda_graphs``
+    replays each step as one CUDA graph (with the text cache on a GPU; elsewhere it changes nothing)."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
-    dtype = sampling_dtype(precision, device)
-    use_cfg = guidance != 1.0
-    rows = [negative_prompt] * len(prompts) + list(prompts) if use_cfg else list(prompts)
-
-    def run(x, t, context):  # the denoiser in bf16 on a GPU; the sampler's own arithmetic stays fp32
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return denoiser(x, t, context).float()
-
-    if cache_text:
-        context = model.encode_prompts(rows)
-
-        def velocity(x, t):
-            return run(x, t, context)
-    else:
-
-        def velocity(x, t):
-            return run(x, t, model.encode_prompts(rows))
-
-    if use_cfg:
-        velocity = guided(velocity, guidance)
+    rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
+    text = model.encode_prompts(rows) if cache_text else lambda: model.encode_prompts(rows)
+    velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device))
+    if cuda_graphs and cache_text and device.type == "cuda":
+        velocity = CUDAGraphVelocity(velocity)
     if noise is None:
         side = image_size // ae.downsample
         gen = torch.Generator().manual_seed(seed)

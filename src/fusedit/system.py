@@ -9,6 +9,7 @@ import logging
 import re
 
 import torch
+import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
@@ -23,6 +24,9 @@ from fusedit.text.templates import LIDIT_INSTRUCTION, build_template
 from fusedit.vae import load_autoencoder
 
 log = logging.getLogger(__name__)
+
+# Compiled graphs allowed per function beyond those of the text lengths (see compile_parts).
+RECOMPILE_SLACK = 8
 
 
 class TextToImage(nn.Module):
@@ -59,24 +63,41 @@ class TextToImage(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         return self.denoiser(x, t, text)
 
-    def compile_parts(self, backend: str = "auto", memory_budget: float = 1.0) -> None:
-        """The training-time compile (train.compile; named apart from nn.Module.compile): the denoiser's
-        blocks and each LLM's forward, "auto" = inductor on a GPU and nothing on the CPU. The LLM compiles
-        with automatic dynamic shapes, since trimmed prompt batches change length; on an H200 it takes
-        Gemma-2B's batch-16 forward from 40 to 33 ms.
+    def compile_parts(self, backend: str = "auto", memory_budget: float = 1.0, llm: bool = True) -> None:
+        """torch.compile the denoiser's blocks and, with ``llm``, each LLM's forward (train.compile,
+        sample.compile; named apart from nn.Module.compile): "auto" = inductor on a GPU and nothing on the
+        CPU. The LLM compiles with automatic dynamic shapes, since trimmed prompt batches change length; on
+        an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms.
+
+        The blocks compile with static shapes: all blocks share their graphs, one per batch size, text
+        length and autograd state (a training step's first block gets an input without grad, the others
+        one with it; previews run without grad). Past torch's per-function recompile limit (8) new shapes
+        would run eagerly, so it is raised to cover those graphs for every text length a batch can be
+        trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
 
         ``memory_budget`` < 1 (train.activation_memory_budget) lets the compiler recompute the cheapest
-        activations in backward until the kept ones fit that fraction of what it would keep otherwise. It
-        is PyTorch's process-wide ``torch._functorch.config.activation_memory_budget``, read whenever a
-        graph compiles, so it is set here, once per training process, and applies to every graph."""
+        activations in backward until the kept ones fit that fraction of what it would keep otherwise.
+        It and the recompile limit are PyTorch's process-wide settings (torch._functorch.config,
+        torch._dynamo.config), read whenever a graph compiles, so they are set here."""
+        device = next(self.denoiser.parameters()).device
         if backend == "auto":
-            backend = "inductor" if next(self.denoiser.parameters()).device.type == "cuda" else ""
+            backend = "inductor" if device.type == "cuda" else ""
         if not backend:
             return
         torch._functorch.config.activation_memory_budget = memory_budget
+        lengths = max(
+            -(-enc.max_length // enc.trim_multiple_on(device)) if enc.trim_padding else 1
+            for enc in self.encoders
+        )
+        # Per length: a training step's two autograd states, a preview, a last partial batch.
+        needed = 4 * lengths + RECOMPILE_SLACK
+        # torch < 2.7 calls the recompile limit cache_size_limit.
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), needed))
         self.denoiser.compile_blocks(backend)
-        for enc in self.encoders:
-            enc.llm.compile(backend=backend)
+        if llm:
+            for enc in self.encoders:
+                enc.llm.compile(backend=backend)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -115,7 +136,14 @@ def _text_encoder(
         return TextEncoder(llm, None, tcfg.max_length)
     tokenizer = load_tokenizer(tcfg, words)
     template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
-    return TextEncoder(llm, tokenizer, tcfg.max_length, template, trim_padding=tcfg.trim_padding)
+    return TextEncoder(
+        llm,
+        tokenizer,
+        tcfg.max_length,
+        template,
+        trim_padding=tcfg.trim_padding,
+        trim_multiple=tcfg.trim_multiple,
+    )
 
 
 def build_model(

@@ -61,6 +61,14 @@ def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(k.dtype)
 
 
+# text.trim_multiple's "auto" on a GPU. Compiled DiT blocks get one graph per text length, so few lengths
+# must occur (prompts of up to 256 tokens give 2); and with the image tokens (256, 1024, 4096: multiples of
+# 128) the keys stay a multiple of 128, the lengths cuDNN's attention kernels are tiled for, away from
+# lengths where masked cuDNN attention has failed (pytorch/pytorch#196678: NaN dq at S % 128 == 64 on
+# H100/H200 in torch 2.11).
+CUDA_TRIM_MULTIPLE = 128
+
+
 class TextEncoder(nn.Module):
     """Holds the LLM, its tokenizer and prompt template; ``encode(prompts, request)`` gives the TextContext."""
 
@@ -71,6 +79,7 @@ class TextEncoder(nn.Module):
         max_length: int,
         template: Template | None = None,
         trim_padding: bool = True,
+        trim_multiple: int | None = None,
     ):
         super().__init__()
         self.llm = llm
@@ -78,6 +87,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.template = template or Template("", "")
         self.trim_padding = trim_padding
+        self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         cfg = llm.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if tokenizer is None:  # shape-only (meta) builds never tokenise
@@ -157,13 +167,24 @@ class TextEncoder(nn.Module):
         suffix = (pos >= (lengths - len(self.suffix_ids))[:, None]) & (pos < lengths[:, None])
         return prefix[None] | suffix
 
+    def trim_multiple_on(self, device: torch.device) -> int:
+        """text.trim_multiple, with "auto" (None) resolved for ``device``: CUDA_TRIM_MULTIPLE on a GPU, 1
+        (the longest prompt exactly) elsewhere."""
+        return self.trim_multiple or (CUDA_TRIM_MULTIPLE if device.type == "cuda" else 1)
+
+    def trimmed_length(self, longest: int, width: int, device: torch.device) -> int:
+        """The text length a batch of padded ``width`` whose longest prompt has ``longest`` tokens is cut to."""
+        multiple = self.trim_multiple_on(device)
+        return min(width, -(-longest // multiple) * multiple)
+
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
         lengths = mask.sum(1)
         # One host sync per prompt batch (not per step), for both the trim and the padding flag.
         shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
         if self.trim_padding:
-            input_ids, mask = input_ids[:, :longest], mask[:, :longest]
+            keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
+            input_ids, mask = input_ids[:, :keep], mask[:, :keep]
         # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.llm(

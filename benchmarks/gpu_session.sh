@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 6 still needs, in three parts that each fit one 10-minute device command
+# (no install: the repo's src/ on PYTHONPATH; the GPU image has torch, transformers, peft and pytest):
+#   bash benchmarks/gpu_session.sh 1  # GPU tests; fusedit-gemma2b at this commit; CUDA graphs for 1 and 4 prompts
+#   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against batch, sampling against steps/batch
+#   bash benchmarks/gpu_session.sh 3  # padded prompts (trim multiple, no trim, no padding); a staged LoRA run
+# JSON lines (one object per measurement, written as it lands) and logs go to $OUT, or
+# benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh 1|2|3}
+out=${OUT:-benchmarks/raw/$(date +%F)-gpu}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log="$out/part$part.log"
+{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } >>"$log" 2>&1
+
+bench() {  # bench NAME SECONDS ARGS...: one `fusedit bench` process, its JSON in $out/NAME.jsonl
+  local name=$1 limit=$2
+  shift 2
+  echo "== fusedit bench $* ($name)" >>"$log"
+  timeout "$limit" python3 -m fusedit bench "$@" --json "$out/$name.jsonl" >>"$log" 2>&1 || echo "!! $name exited $?" >>"$log"
+}
+
+case $part in
+1)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >>"$log" 2>&1 || echo "!! tests exited $?" >>"$log"
+  bench gemma2b 240 fusedit-gemma2b --train-points 512x16 256x32 --prompts 4 1 --steps 25 --cached-only
+  bench graphs 150 fusedit-gemma2b sample.cuda_graphs=true --what sample --prompts 1 4 --steps 25 --cached-only
+  ;;
+2)
+  for preset in dit-self-gemma2b dit-cross-gemma2b; do
+    bench "${preset%%-gemma2b}-sweep" 290 "$preset" --train-points 256x64 512x8 512x32 1024x8 \
+      --prompts 1 4 --steps 10 25 50 --cached-only --repeats 3
+  done
+  ;;
+3)
+  # Prompts of 32..256 real tokens, empty negative prompts: the masked attention path. Trimmed to multiples
+  # of 64 (the compiled default), kept at 256 with a mask (trim_padding=false).
+  bench padded 200 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
+  bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
+    --cached-only --min-text-tokens 32
+  echo "== staged training with LoRA under inductor (recipe-shapes-3stage)" >>"$log"
+  start=$SECONDS
+  timeout 200 python3 -m fusedit train recipe-shapes-3stage train.compile=inductor --out /tmp/stages-run --quiet \
+    >>"$log" 2>&1 || echo "!! staged run exited $?" >>"$log"
+  echo "staged run: $((SECONDS - start)) s wall; last metrics:" >>"$log"
+  tail -n 2 /tmp/stages-run/metrics.jsonl >>"$log" 2>/dev/null
+  ;;
+*)
+  echo "unknown part $part (allowed: 1, 2, 3)" >&2
+  exit 2
+  ;;
+esac
+echo "part $part done" >>"$log"

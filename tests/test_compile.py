@@ -1,0 +1,114 @@
+"""Compiled DiT blocks (train.compile, sample.compile) see few shapes: text lengths are trimmed to a
+multiple (text.trim_multiple) and torch's recompile limit covers them, so no batch falls back to eager."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from conftest import TINY_ARCH, randomize, tiny_config
+from fusedit.sample import generate, to_sampling_form
+from fusedit.system import RECOMPILE_SLACK, build_model
+from fusedit.text.encoder import CUDA_TRIM_MULTIPLE
+
+WORDS = [
+    "a",
+    "red",
+    "circle",
+    "left",
+    "of",
+    "a",
+    "blue",
+    "square",
+    "above",
+    "two",
+    "small",
+    "green",
+    "triangles",
+]
+
+
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    """Each test starts from torch's default recompile limit and no compiled graphs, and leaves none."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def counting_backend(graphs: list):
+    """A torch.compile backend that records each graph it is handed and runs it as is."""
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def prompt_of(n: int) -> str:
+    return " ".join((WORDS * 8)[:n])
+
+
+def test_compiled_blocks_get_one_graph_per_trimmed_text_length(fresh_dynamo):
+    """Prompts of 1 to 69 words give 9 text lengths once rounded up to multiples of 8 (max_length 72):
+    9 graphs, one more than torch's default recompile limit, all compiled (none left to run eagerly)."""
+    arch = {**TINY_ARCH, "max_position_embeddings": 256}
+    cfg = tiny_config(text={"max_length": 72, "trim_multiple": 8, "arch": arch})
+    model = build_model(cfg)
+    graphs = []
+    model.compile_parts(counting_backend(graphs), llm=False)
+    assert torch._dynamo.config.recompile_limit >= 9
+    lengths = set()
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    for n in range(1, 70, 3):
+        text = model.encode_prompts([prompt_of(n), "a"])
+        assert text.mask.shape[1] % 8 == 0
+        lengths.add(text.mask.shape[1])
+        model(x, t, text)
+    assert len(lengths) == 9
+    assert len(graphs) == 9
+
+
+def test_auto_trim_multiple_is_the_longest_prompt_on_the_cpu_and_128_on_a_gpu(fresh_dynamo):
+    model = build_model(
+        tiny_config(text={"max_length": 300, "arch": {**TINY_ARCH, "max_position_embeddings": 512}})
+    )
+    assert model.text.trim_multiple is None
+    assert model.text.trim_multiple_on(torch.device("cpu")) == 1
+    assert model.text.trim_multiple_on(torch.device("cuda")) == CUDA_TRIM_MULTIPLE == 128
+    assert model.text.trimmed_length(3, 300, torch.device("cuda")) == 128
+    assert model.text.trimmed_length(290, 300, torch.device("cuda")) == 300
+    assert model.encode_prompts([prompt_of(3)]).mask.shape[1] < 16  # trimmed to the longest prompt
+
+
+def test_the_recompile_limit_covers_every_trimmed_length(fresh_dynamo):
+    """3 lengths (100, 200, 300): 4 graphs each (two autograd states in training, previews, a last partial
+    batch) and a few more fit under the raised limit."""
+    arch = {**TINY_ARCH, "max_position_embeddings": 512}
+    model = build_model(tiny_config(text={"max_length": 300, "trim_multiple": 100, "arch": arch}))
+    model.compile_parts("eager", llm=False)
+    assert torch._dynamo.config.recompile_limit == 4 * 3 + RECOMPILE_SLACK
+
+
+def test_trim_multiple_of_the_config_is_kept_on_any_device(fresh_dynamo):
+    model = build_model(tiny_config(text={"trim_multiple": 4}))
+    model.compile_parts("eager", llm=False)
+    assert model.text.trim_multiple_on(torch.device("cuda")) == 4
+    assert model.encode_prompts([prompt_of(3)]).mask.shape[1] == 4
+
+
+def test_sample_compile_gives_the_same_images(fresh_dynamo):
+    """sample.compile compiles the blocks of the sampling form; "eager" traces them without generating code,
+    so the images equal those of the uncompiled sampling form exactly (at the same text length: a
+    different trim changes float rounding)."""
+    images = []
+    for backend in ("", "eager"):
+        cfg = tiny_config(sample={"compile": backend}, text={"trim_multiple": 16})
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        randomize(model.denoiser)
+        to_sampling_form(model.eval(), cfg)
+        assert (model.denoiser.blocks[0]._compiled_call_impl is not None) == bool(backend)
+        images.append(generate(model, ["a red circle", "two blue squares"], image_size=16, steps=3))
+    assert torch.equal(images[0], images[1])

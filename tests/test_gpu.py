@@ -1,0 +1,48 @@
+"""GPU-only paths: CUDA-graph sampling and compiled (inductor) sampling. CI has no GPU, so these are
+skipped there; benchmarks/gpu_session.sh runs them on a GPU machine (results in benchmarks/RESULTS.md)."""
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from fusedit.sample import generate, sample_settings, to_sampling_form
+from fusedit.system import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = ["a red circle", "two blue squares above a green triangle"]
+
+
+def _model(**sections):
+    cfg = tiny_config(**sections)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cuda")
+    randomize(model.denoiser)
+    return to_sampling_form(model.eval(), cfg), cfg
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_cuda_graph_sampling_replays_the_same_kernels(precision, sampler):
+    """A replayed step runs exactly the kernels of an eager one: the images are bit-identical."""
+    model, cfg = _model(sample={"compile": ""})
+    settings = sample_settings(cfg, precision=precision, sampler=sampler, steps=6)
+    eager = generate(model, PROMPTS, **{**settings, "cuda_graphs": False})
+    graphed = generate(model, PROMPTS, **{**settings, "cuda_graphs": True})
+    assert torch.equal(eager, graphed)
+
+
+def test_inductor_sampling_matches_eager_within_bf16_rounding():
+    images = []
+    for backend in ("", "inductor"):
+        model, cfg = _model(sample={"compile": backend}, text={"trim_multiple": 16})
+        images.append(generate(model, PROMPTS, **sample_settings(cfg, precision="bf16")))
+    torch.testing.assert_close(images[1], images[0], atol=0.05, rtol=0)
+
+
+def test_cuda_graphs_over_inductor_blocks_match_inductor_alone():
+    model, cfg = _model(sample={"compile": "inductor"})
+    settings = sample_settings(cfg, precision="bf16")
+    plain = generate(model, PROMPTS, **{**settings, "cuda_graphs": False})
+    graphed = generate(model, PROMPTS, **{**settings, "cuda_graphs": True})
+    torch.testing.assert_close(graphed, plain, atol=1e-3, rtol=0)
