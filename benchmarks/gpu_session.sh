@@ -3,16 +3,18 @@
 # (no install: the repo's src/ on PYTHONPATH; the GPU image has torch, transformers, peft and pytest):
 #   bash benchmarks/gpu_session.sh 1  # GPU tests; fusedit-gemma2b at this commit; CUDA graphs for 1 and 4 prompts
 #   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against batch, sampling against steps/batch
-#   bash benchmarks/gpu_session.sh 3  # padded prompts (trim multiple, no trim, no padding); a staged LoRA run
+#   bash benchmarks/gpu_session.sh 3  # padded prompts (trimmed to multiples of 128, untrimmed); a staged LoRA run
 # JSON lines (one object per measurement, written as it lands) and logs go to $OUT, or
-# benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part.
+# benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part; the
+# three parts take up to about 28 minutes with the machine's start, so they may need two sessions' device
+# time. COMMIT=$(git rev-parse HEAD) names the commit where the device copy has no .git.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh 1|2|3}
 out=${OUT:-benchmarks/raw/$(date +%F)-gpu}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$out/part$part.log"
-{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+{ date -u; echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } >>"$log" 2>&1
 
 bench() {  # bench NAME SECONDS ARGS...: one `fusedit bench` process, its JSON in $out/NAME.jsonl
@@ -30,13 +32,14 @@ case $part in
   ;;
 2)
   for preset in dit-self-gemma2b dit-cross-gemma2b; do
-    bench "${preset%%-gemma2b}-sweep" 290 "$preset" --train-points 256x64 512x8 512x32 1024x8 \
+    bench "${preset%%-gemma2b}-sweep" 270 "$preset" --train-points 256x64 512x8 512x32 1024x8 \
       --prompts 1 4 --steps 10 25 50 --cached-only --repeats 3
   done
   ;;
 3)
   # Prompts of 32..256 real tokens, empty negative prompts: the masked attention path. Trimmed to multiples
-  # of 64 (the compiled default), kept at 256 with a mask (trim_padding=false).
+  # of 128 (the default on a GPU), then kept at 256 with a mask (trim_padding=false); part 1's gemma2b run
+  # is the same shape without padding.
   bench padded 200 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
   bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
     --cached-only --min-text-tokens 32

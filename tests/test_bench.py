@@ -107,3 +107,43 @@ def test_bench_prompt_lengths_and_reachable_text_widths():
 def test_bench_rejects_a_minimum_prompt_length_outside_the_prompt_length(tmp_path, capsys):
     assert main([*bench_args(tmp_path / "b.jsonl", "--what", "train"), "--min-text-tokens", "9"]) != 0
     assert "--min-text-tokens 9 is not in 1..8" in capsys.readouterr().err
+
+
+def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
+    """Priming runs each reachable text length with and without a padding mask, so no compile lands in
+    the timed steps ("eager" traces the blocks with torch.compile, as inductor would, without codegen)."""
+    import dataclasses
+
+    import torch
+    import torch._dynamo
+
+    import fusedit.bench as bench
+
+    cfg = load_config("debug")
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, compile="eager"),
+        text=dataclasses.replace(cfg.text, trim_multiple=4),
+    )
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    s = bench.setup(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), torch.device("cpu"), False
+    )
+    s.model.compile_parts(backend, llm=False)
+    real_time_it, compiled_before_timing = bench.time_it, []
+
+    def time_it(fn, device, warmup, repeats):
+        compiled_before_timing.append(len(graphs))
+        return real_time_it(fn, device, warmup, repeats)
+
+    monkeypatch.setattr(bench, "time_it", time_it)
+    row = bench.bench_train(s, 2, 32, 16, 0, 4, min_tokens=2)
+    torch._dynamo.reset()
+    assert row["primed_widths"] == 4  # 4, 8, 12, 16
+    assert compiled_before_timing == [len(graphs)] and len(graphs) > 4

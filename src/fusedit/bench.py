@@ -187,13 +187,18 @@ def bench_train(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Padded prompts: one untimed step per text length a batch can be trimmed to, so that no compile
-    # lands in the timed steps (what a long training run sees once, at its start). More lengths than a
-    # compiled function may have graphs are not primed: the timed steps then show what such a run pays.
+    # Padded prompts: untimed steps at every text length a batch can be trimmed to, with and without a
+    # padding mask (separate graphs), so that no compile lands in the timed steps (what a long training
+    # run sees once, at its start). More lengths than a compiled function may have graphs are not primed:
+    # the timed steps then show what such a run pays.
     widths_to_prime = text_widths(s.model, min_tokens, tokens)
     primed = len(widths_to_prime) <= MAX_PRIMED_WIDTHS
     for width in widths_to_prime if primed else []:
-        step(torch.full((batch,), width))
+        unpadded = torch.full((batch,), width)
+        padded = unpadded.clone()
+        padded[1:] = min_tokens or width
+        for lengths in (unpadded, padded) if not torch.equal(unpadded, padded) else (unpadded,):
+            step(lengths)
     for _ in range(warmup):
         step()
     widths.clear()

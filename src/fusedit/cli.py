@@ -118,7 +118,7 @@ def _sampling_flags(args) -> dict:
     return {
         "use_ema": not args.no_ema,
         "compile": {"off": ""}.get(args.compile, args.compile),
-        "cuda_graphs": True if args.cuda_graphs else None,
+        "cuda_graphs": args.cuda_graphs,
     }
 
 
@@ -207,7 +207,10 @@ def cmd_serve(args) -> int:
                     "(choose another --port, or 0 for any free one)"
                 ) from None
     device = resolve_device(args.device)
-    model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
+    flags = _sampling_flags(args)
+    # Compile off unless asked: each new size, image count or guidance setting of a request would compile.
+    flags["compile"] = flags["compile"] or ""
+    model, cfg, source = load_sampling_model(args.model, device, **flags)
     server = DemoServer(model, cfg, args.host, args.port, source=str(source))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone reaching it can run the model", file=sys.stderr)
@@ -536,18 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def sampling_flags(sp):
+    def sampling_flags(sp, compile_default="the saved sample.compile: auto = on a GPU"):
         sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
         sp.add_argument("--device", default="auto")
         sp.add_argument(
             "--compile",
             choices=["auto", "off", "inductor"],
-            help="torch.compile the DiT blocks (default the saved sample.compile: auto = on a GPU)",
+            help=f"torch.compile the DiT blocks (default {compile_default})",
         )
         sp.add_argument(
             "--cuda-graphs",
-            action="store_true",
-            help="replay each step as one CUDA graph (sample.cuda_graphs)",
+            action=argparse.BooleanOptionalAction,
+            help="replay each step as one CUDA graph (default the saved sample.cuda_graphs)",
         )
 
     def with_config(sp):
@@ -589,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sp.add_argument("--port", type=int, default=7860, help="0 picks a free port")
-    sampling_flags(sp)
+    sampling_flags(sp, compile_default="off: every new request shape would compile")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")

@@ -29,7 +29,7 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:
     """Turn a loaded model that will only sample into its faster sampling form (sample.fuse_projections,
     sample.bf16_weights; fusedit.models.inference) with compiled blocks (sample.compile): the same images
-    within bf16 rounding. The LLM runs once per prompt batch, so it is not compiled."""
+    within bf16 rounding. The LLM is not compiled: with the text cache it runs once per prompt batch."""
     device = next(model.denoiser.parameters()).device
     bf16 = cfg.sample.bf16_weights and sampling_dtype(cfg.sample.precision, device) == torch.bfloat16
     prepare_for_sampling(model.denoiser, torch.bfloat16 if bf16 else None, fuse=cfg.sample.fuse_projections)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 
 import torch
@@ -70,8 +71,8 @@ class TextToImage(nn.Module):
         an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms.
 
         The blocks compile with static shapes: all blocks share their graphs, one per batch size, text
-        length and autograd state (a training step's first block gets an input without grad, the others
-        one with it; previews run without grad). Past torch's per-function recompile limit (8) new shapes
+        length, padding mask or none, and autograd state (a training step's first block may get an input
+        without grad and the others one with it; previews run without grad). Past torch's per-function recompile limit (8) new shapes
         would run eagerly, so it is raised to cover those graphs for every text length a batch can be
         trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
 
@@ -82,15 +83,17 @@ class TextToImage(nn.Module):
         device = next(self.denoiser.parameters()).device
         if backend == "auto":
             backend = "inductor" if device.type == "cuda" else ""
-        if not backend:
+        if not backend:  # off: blocks compiled for training (fusedit bench) run eagerly again
+            self.denoiser.compile_blocks("")
             return
         torch._functorch.config.activation_memory_budget = memory_budget
-        lengths = max(
+        lengths = math.prod(
             -(-enc.max_length // enc.trim_multiple_on(device)) if enc.trim_padding else 1
             for enc in self.encoders
         )
-        # Per length: a training step's two autograd states, a preview, a last partial batch.
-        needed = 4 * lengths + RECOMPILE_SLACK
+        # Per text length (of every LLM together): with and without a padding mask, each in a training
+        # step's two autograd states and in a preview without grad, and a last partial batch.
+        needed = 8 * lengths + RECOMPILE_SLACK
         # torch < 2.7 calls the recompile limit cache_size_limit.
         name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), needed))

@@ -144,9 +144,13 @@ class DiT(nn.Module):
 
     def compile_blocks(self, backend: str) -> None:
         """torch.compile each repeated block with ``backend`` (same shapes every step, so one graph serves
-        them all)."""
+        them all); "" runs them eagerly again (nn.Module.compile keeps its compiled call in
+        ``_compiled_call_impl`` and has no public way back)."""
         for block in self.blocks:
-            block.compile(backend=backend, dynamic=False)
+            if backend:
+                block.compile(backend=backend, dynamic=False)
+            else:
+                block._compiled_call_impl = None
 
     # ---- what a design defines
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:

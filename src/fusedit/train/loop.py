@@ -135,7 +135,8 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 
     was_training = model.denoiser.training
     model.denoiser.eval()
-    images = generate(model, captions, seed=cfg.sample.seed, **sample_settings(cfg))
+    # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing.
+    images = generate(model, captions, seed=cfg.sample.seed, **sample_settings(cfg, cuda_graphs=False))
     model.denoiser.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
