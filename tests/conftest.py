@@ -23,6 +23,19 @@ TINY_ARCH = {
     "max_position_embeddings": 128,
 }
 
+# A random-init CLIP text model (FuseDiT clip-mod's pooled encoder).
+TINY_CLIP_ARCH = {
+    "vocab_size": 64,
+    "hidden_size": 24,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 32,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
 TINY = {
     "name": "tiny",
     "model": {"dit_hidden_size": 32, "patch_size": 2},
@@ -65,6 +78,22 @@ def randomize(module: torch.nn.Module, std: float = 0.1) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * std)
+
+
+def watch_llm_forwards(monkeypatch) -> list[bool]:
+    """Make training build models whose LLM appends, at every forward, whether autograd was on."""
+    from fusedit.train import loop
+
+    calls = []
+    build = loop.build_model
+
+    def watching_build(cfg, device):
+        model = build(cfg, device)
+        model.text.llm.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", watching_build)
+    return calls
 
 
 def tiny_vae(**config):

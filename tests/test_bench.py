@@ -147,3 +147,18 @@ def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
     torch._dynamo.reset()
     assert row["primed_widths"] == 4  # 4, 8, 12, 16
     assert compiled_before_timing == [len(graphs)] and len(graphs) > 4
+
+
+def test_priming_covers_every_text_length_with_and_without_a_mask():
+    """A single prompt is masked too when trimming rounds its length up; a batch of several always can be."""
+    from fusedit.bench import priming_lengths
+
+    model = build_model(load_config("debug"), "meta")
+    model.text.trim_multiple = 4
+    one = priming_lengths(model, 1, 8, 2)
+    assert sorted(one) == [(4, False), (4, True), (8, False), (8, True)]
+    assert one[(4, True)].tolist() == [2] and one[(8, False)].tolist() == [8]
+    three = priming_lengths(model, 3, 8, 4)
+    assert sorted(three) == [(4, False), (8, False), (8, True)]
+    assert three[(8, True)].tolist() == [5, 5, 5]  # rounded up from 5: masked
+    assert priming_lengths(model, 2, 8, None)[(8, False)].tolist() == [8, 8]

@@ -4,7 +4,7 @@ and the same mechanisms in front of the shallow baselines."""
 import pytest
 import torch
 
-from conftest import TINY_ARCH, randomize, tiny_config
+from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError
 from fusedit.sample import generate
 from fusedit.system import build_model
@@ -142,17 +142,7 @@ def test_clip_pooled_text_modulation():
     cfg = tiny_config(
         model={"pooled_text": "clip"},
         pooled_text={
-            "arch": {
-                "vocab_size": 64,
-                "hidden_size": 24,
-                "intermediate_size": 48,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "max_position_embeddings": 32,
-                "bos_token_id": 2,
-                "eos_token_id": 1,
-                "pad_token_id": 0,
-            },
+            "arch": TINY_CLIP_ARCH,
             "max_length": 16,
         },
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ARCH, randomize, tiny_config, tiny_vae
+from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config, tiny_vae
 from fusedit import hub
 from fusedit.flow import sampling_times
 from fusedit.imaging import to_uint8
@@ -23,17 +23,6 @@ PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
 NEGATIVE = "a yellow square"
 SAMPLE = {"steps": 3, "guidance": 3.0, "shift": 3.0}  # shift != 1 so the schedule's rounding is exercised
 
-CLIP_ARCH = {
-    "vocab_size": 64,
-    "hidden_size": 24,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 32,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-}
 QWEN = {
     "family": "qwen2",
     "arch": {**TINY_ARCH, "hidden_size": 48, "head_dim": 12, "num_hidden_layers": 4},
@@ -68,7 +57,9 @@ def variant(name, tmp_path):
         )
     if name == "clip-mod":  # a pooled CLIP encoder
         return tiny_config(
-            sample=SAMPLE, model={"pooled_text": "clip"}, pooled_text={"arch": CLIP_ARCH, "max_length": 16}
+            sample=SAMPLE,
+            model={"pooled_text": "clip"},
+            pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 16},
         )
     # a real latent space: a diffusers AutoencoderKL with its own scale and shift
     return tiny_config(

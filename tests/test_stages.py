@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import POSITIONS, randomize, tiny_config
+from conftest import POSITIONS, randomize, tiny_config, watch_llm_forwards
 from fusedit.config import ConfigError, load_config, resolved_stages, save_config
 from fusedit.sample import generate
 from fusedit.system import build_model
@@ -218,15 +218,7 @@ def test_lora_parts_train_only_their_adapters():
 def test_joint_stage_runs_the_llm_with_autograd_and_changes_it_while_a_frozen_stage_does_not(
     tmp_path, monkeypatch
 ):
-    calls = []
-    build = loop.build_model
-
-    def watching_build(cfg, device):
-        model = build(cfg, device)
-        model.text.llm.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
-        return model
-
-    monkeypatch.setattr(loop, "build_model", watching_build)
+    calls = watch_llm_forwards(monkeypatch)
     stages = [{"name": "frozen", "steps": 2}, {"name": "joint", "steps": 2, "train": JOINT}]
     cfg = tiny_config(stages=stages, train={"checkpoint_every": 1, "keep_checkpoints": 10})
     torch.manual_seed(cfg.train.seed)  # the run builds the same random LLM from train.seed

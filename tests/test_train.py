@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, watch_llm_forwards
 from fusedit.train.checkpoint import find_checkpoint, load_model, save_checkpoint
 from fusedit.train.loop import train
 
@@ -84,17 +84,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_training_runs_the_llm_once_per_step_without_autograd(tmp_path, monkeypatch):
-    import fusedit.train.loop as loop
-
-    calls = []
-    build = loop.build_model
-
-    def counting_build(cfg, device):
-        model = build(cfg, device)
-        model.text.llm.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
-        return model
-
-    monkeypatch.setattr(loop, "build_model", counting_build)
+    calls = watch_llm_forwards(monkeypatch)
     train(tiny_config(train={"steps": 3, "checkpoint_every": 3}), tmp_path / "run", progress=False)
     assert calls == [False, False, False]  # one LLM forward per step, none of them recording a graph
 

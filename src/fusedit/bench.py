@@ -68,12 +68,30 @@ def prompt_lengths(
     return lengths
 
 
-def text_widths(model: TextToImage, min_tokens: int | None, tokens: int) -> list[int]:
-    """The text lengths the encoders can trim a batch to (text.trim_padding, text.trim_multiple)."""
+def priming_lengths(
+    model: TextToImage, batch: int, tokens: int, min_tokens: int | None
+) -> dict[tuple[int, bool], torch.Tensor]:
+    """One batch of prompt lengths for each (trimmed text length, padding mask or not) that batches of
+    real lengths min_tokens..tokens meet (text.trim_padding, text.trim_multiple): compiled blocks have a
+    graph for each."""
+    if min_tokens is None:
+        return {(tokens, False): torch.full((batch,), tokens)}
     enc, device = model.text, next(model.denoiser.parameters()).device
-    if min_tokens is None or not enc.trim_padding:
-        return [tokens]
-    return sorted({enc.trimmed_length(n, tokens, device) for n in range(min_tokens, tokens + 1)})
+    out = {}
+    for n in range(min_tokens, tokens + 1):
+        width = enc.trimmed_length(n, tokens, device)
+        same = torch.full((batch,), n)  # a mask only where trimming rounds n up
+        out.setdefault((width, n < width), same)
+        if batch > 1 and min_tokens < width:  # one prompt of n tokens, the others shortest: a mask
+            mixed = same.clone()
+            mixed[1:] = min_tokens
+            out.setdefault((width, True), mixed)
+    return out
+
+
+def text_widths(model: TextToImage, min_tokens: int | None, tokens: int) -> list[int]:
+    """The text lengths the encoders can trim a batch to."""
+    return sorted({width for width, _ in priming_lengths(model, 1, tokens, min_tokens)})
 
 
 def synthetic_text(
@@ -101,10 +119,13 @@ class BenchSetup:
     model: TextToImage
     cfg: Config
     device: torch.device
-    autocast: contextlib.AbstractContextManager
     bf16: bool
     peak: float
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the run is bf16, else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
@@ -122,8 +143,7 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    return BenchSetup(model, cfg, device, autocast, bf16, matmul_peak(device, dtype))
+    return BenchSetup(model, cfg, device, bf16, matmul_peak(device, dtype))
 
 
 def use_sampling_form(s: BenchSetup) -> None:
@@ -178,7 +198,7 @@ def bench_train(
             lengths = prompt_lengths(batch, tokens, min_tokens, lgen)
         text = synthetic_text(s.model, lengths, tokens, tgen)  # a training step includes one LLM forward
         widths.append(text.mask.shape[1])
-        with s.autocast:
+        with s.autocast():
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -187,18 +207,14 @@ def bench_train(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Padded prompts: untimed steps at every text length a batch can be trimmed to, with and without a
-    # padding mask (separate graphs), so that no compile lands in the timed steps (what a long training
-    # run sees once, at its start). More lengths than a compiled function may have graphs are not primed:
-    # the timed steps then show what such a run pays.
-    widths_to_prime = text_widths(s.model, min_tokens, tokens)
+    # Padded prompts: an untimed step for every text length and mask a batch can meet, so that no compile
+    # lands in the timed steps (what a long training run sees once, at its start). More lengths than a
+    # compiled function may have graphs are not primed: the timed steps then show what such a run pays.
+    priming = priming_lengths(s.model, batch, tokens, min_tokens)
+    widths_to_prime = {width for width, _ in priming}
     primed = len(widths_to_prime) <= MAX_PRIMED_WIDTHS
-    for width in widths_to_prime if primed else []:
-        unpadded = torch.full((batch,), width)
-        padded = unpadded.clone()
-        padded[1:] = min_tokens or width
-        for lengths in (unpadded, padded) if not torch.equal(unpadded, padded) else (unpadded,):
-            step(lengths)
+    for lengths in priming.values() if primed else []:
+        step(lengths)
     for _ in range(warmup):
         step()
     widths.clear()

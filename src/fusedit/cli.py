@@ -130,7 +130,7 @@ def cmd_sample(args) -> int:
 
     from fusedit.imaging import image_grid, save_png, to_uint8
     from fusedit.sample import generate, sample_settings
-    from fusedit.train.loop import resolve_device
+    from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
     # Checked before the (possibly slow) model load, so a typo fails at once.
@@ -191,7 +191,7 @@ def cmd_sample(args) -> int:
 
 def cmd_serve(args) -> int:
     from fusedit.serve import DemoServer
-    from fusedit.train.loop import resolve_device
+    from fusedit.system import resolve_device
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not allowed (allowed: 0..65535; 0 picks a free port)")
@@ -227,8 +227,8 @@ def cmd_serve(args) -> int:
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import run_shapes_bench
     from fusedit.sample import to_sampling_form
+    from fusedit.system import resolve_device
     from fusedit.train.checkpoint import load_model
-    from fusedit.train.loop import resolve_device
 
     device = resolve_device(args.device)
     model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
@@ -304,7 +304,7 @@ def cmd_cache_latents(args) -> int:
     import torch
 
     from fusedit.data.latents import cache_latents
-    from fusedit.train.loop import resolve_device
+    from fusedit.system import resolve_device
 
     cfg = _config(args)
     summary = cache_latents(
@@ -359,7 +359,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from fusedit.bench import bench_sample, bench_train, format_table, levers, setup
-    from fusedit.train.loop import resolve_device
+    from fusedit.system import resolve_device
 
     cfg = _config(args)
     device = resolve_device(args.device)

@@ -13,8 +13,9 @@ import torch
 from fusedit.config import Config
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
+from fusedit.system import resolve_device
 from fusedit.train.checkpoint import load_model
-from fusedit.train.loop import resolve_device, train
+from fusedit.train.loop import train
 
 # Prompts the demo shows: colours and shapes alone, two objects, and relative positions.
 DEMO_PROMPTS = (

@@ -87,10 +87,7 @@ class TextToImage(nn.Module):
             self.denoiser.compile_blocks("")
             return
         torch._functorch.config.activation_memory_budget = memory_budget
-        lengths = math.prod(
-            -(-enc.max_length // enc.trim_multiple_on(device)) if enc.trim_padding else 1
-            for enc in self.encoders
-        )
+        lengths = math.prod(enc.text_lengths(device) for enc in self.encoders)
         # Per text length (of every LLM together): with and without a padding mask, each in a training
         # step's two autograd states and in a preview without grad, and a last partial batch.
         needed = 8 * lengths + RECOMPILE_SLACK
@@ -101,6 +98,14 @@ class TextToImage(nn.Module):
         if llm:
             for enc in self.encoders:
                 enc.llm.compile(backend=backend)
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """A device setting (train.device, --device, an evaluator's device): "auto" or None = CUDA when
+    available, else the CPU."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

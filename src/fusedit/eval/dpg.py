@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order
-from fusedit.eval.fid import model_inputs, pick_device
+from fusedit.eval.fid import model_inputs
 from fusedit.imaging import save_png
+from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class TransformersVQA:
                 f"supported: {', '.join(self.SUPPORTED)} "
                 f"(e.g. Salesforce/blip-vqa-capfilt-large)"
             )
-        self.device, self.dtype = pick_device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.max_new_tokens = max_new_tokens
         self.processor = AutoProcessor.from_pretrained(model_id)
         # Cast after loading: the keyword for the load dtype differs across transformers versions.

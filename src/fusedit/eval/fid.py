@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fusedit.system import resolve_device
+
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -224,11 +226,6 @@ def fid_score(
     return frechet_distance(mu, sigma, reference.mu, reference.sigma)
 
 
-def pick_device(device) -> torch.device:
-    """``device``, or CUDA when available and CPU otherwise."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def model_inputs(inputs, device: torch.device, dtype: torch.dtype) -> dict:
     """Move processor outputs to the model: floating tensors also take the model's dtype."""
     return {
@@ -250,7 +247,7 @@ class ClipEmbedder:
         from transformers import CLIPModel, CLIPProcessor
 
         self.model_id = str(model_id)
-        self.device, self.dtype = pick_device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.processor = CLIPProcessor.from_pretrained(model_id)
         # Cast after loading: the keyword for the load dtype differs across transformers versions.
         self.model = CLIPModel.from_pretrained(model_id).to(self.device, dtype).eval()
@@ -343,7 +340,7 @@ class TransformersImageFeatures:
 
         self.model_id = str(model_id)
         self.id = f"transformers:{self.model_id}"
-        self.device, self.dtype = pick_device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.processor = AutoImageProcessor.from_pretrained(model_id)
         self.is_clip = AutoConfig.from_pretrained(model_id).model_type == "clip"
         loader = CLIPModel if self.is_clip else AutoModel

@@ -38,8 +38,9 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.eval.fid import ClipEmbedder, model_inputs, pick_device
+from fusedit.eval.fid import ClipEmbedder, model_inputs
 from fusedit.imaging import save_png
+from fusedit.system import resolve_device
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -472,7 +473,7 @@ class TransformersDetector:
         )
 
         self.model_id = str(model_id)
-        self.device, self.dtype = pick_device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.min_score, self.max_per_image = min_score, max_per_image
         config = AutoConfig.from_pretrained(model_id)
         self.with_masks = config.model_type in _MASK_MODELS

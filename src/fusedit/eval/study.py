@@ -64,9 +64,9 @@ from fusedit.eval.shapes_bench import run_shapes_bench
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import generate
-from fusedit.system import build_model, count_parameters
+from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
-from fusedit.train.loop import resolve_device, train
+from fusedit.train.loop import train
 
 log = logging.getLogger(__name__)
 

@@ -174,17 +174,22 @@ class TextEncoder(nn.Module):
 
     def trimmed_length(self, longest: int, width: int, device: torch.device) -> int:
         """The text length a batch of padded ``width`` whose longest prompt has ``longest`` tokens is cut to."""
+        if not self.trim_padding:
+            return width
         multiple = self.trim_multiple_on(device)
         return min(width, -(-longest // multiple) * multiple)
+
+    def text_lengths(self, device: torch.device) -> int:
+        """How many text lengths a tokenized batch (padded to max_length) can be cut to on ``device``."""
+        return len({self.trimmed_length(n, self.max_length, device) for n in range(1, self.max_length + 1)})
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
         lengths = mask.sum(1)
         # One host sync per prompt batch (not per step), for both the trim and the padding flag.
         shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
-        if self.trim_padding:
-            keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
-            input_ids, mask = input_ids[:, :keep], mask[:, :keep]
+        keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
+        input_ids, mask = input_ids[:, :keep], mask[:, :keep]
         # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.llm(

@@ -67,12 +67,6 @@ from fusedit.train.stages import (
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast over fp32 master weights where the device supports it ("auto": CUDA with bf16)."""
     if uses_bf16(precision, device):
