@@ -230,10 +230,14 @@ def test_parallel_none_refuses_several_processes():
 
 
 def _complete_steps(run_dir: Path) -> int:
-    """The last step whose metrics line was written whole."""
+    """The last step whose metrics line was written whole (0 before the file exists, and after a launch that
+    found no checkpoint to resume deleted it)."""
     last = 0
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in text.splitlines():
         try:
             last = json.loads(line)["step"]
         except json.JSONDecodeError:
@@ -286,10 +290,11 @@ def test_training_killed_at_random_moments_resumes_with_the_uninterrupted_losses
     partial_seen, kills = [], 0
     for attempt, moment in enumerate(["random", "save", "random", "end"]):
         # "dcp": the torchrun environment of a 1-process job, so checkpoints go through DCP's collective path.
+        # Port 0: the lone rank's store binds a free port itself (no other rank needs to find it), so no
+        # other process can take the port between choosing and binding it.
         extra = {}
         if fmt == "dcp":
-            extra = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            extra["MASTER_PORT"] = str(_free_port())
+            extra = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
         cmd = [sys.executable, "-m", "fusedit", "train", str(config), "--out", str(run), "--quiet"]
         proc = subprocess.Popen(
             cmd + (["--resume"] if attempt else []),

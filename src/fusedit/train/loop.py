@@ -49,6 +49,7 @@ from fusedit.train.checkpoint import (
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
+    write_text_atomic,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
@@ -138,7 +139,7 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 
 def _rewind_metrics(path: Path, step: int) -> None:
     """Drop log lines past the resumed step so the metrics file reads like one uninterrupted run (and a
-    line cut short by a kill)."""
+    line cut short by a kill). Atomic: a kill during the rewind leaves the old file whole."""
     if not path.exists():
         return
     keep = []
@@ -149,7 +150,7 @@ def _rewind_metrics(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _check_stages_fit(stages: list[Stage], parallel: str) -> None:
@@ -269,6 +270,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     saved = load_state(ckpt) if ckpt is not None else None
     start = int(saved["step"]) if saved else 0
     first = stage_of_checkpoint(stages, start, saved.get("stage")) if saved else stages[0]
+    if saved and main:  # before the file is opened for appending: the rewind replaces it
+        _rewind_metrics(metrics_path, start)
 
     sharded_llms = []
     if env.distributed:
@@ -323,8 +326,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                         ckpt, denoiser, new_opts.by_module, ema, text, distributed=env.distributed
                     )
                     log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
-                    if main:
-                        _rewind_metrics(metrics_path, start)
                     data_state = _saved_data_state(ckpt, saved, env, sc)
             else:
                 log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
