@@ -259,6 +259,20 @@ def _saving(run_dir: Path) -> bool:
         return False
 
 
+_MAIN = "from fusedit.cli import main; raise SystemExit(main())"
+_SLOW_PUBLISH = """
+import time
+from fusedit.cli import main
+from fusedit.train import checkpoint
+publish = checkpoint._publish
+def slow_publish(*args, **kwargs):
+    time.sleep(0.3)
+    publish(*args, **kwargs)
+checkpoint._publish = slow_publish
+raise SystemExit(main())
+"""
+
+
 def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL the process group this test started (it may have ended by itself already)."""
     with contextlib.suppress(ProcessLookupError):
@@ -295,9 +309,13 @@ def test_training_killed_at_random_moments_resumes_with_the_uninterrupted_losses
         extra = {}
         if fmt == "dcp":
             extra = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-        cmd = [sys.executable, "-m", "fusedit", "train", str(config), "--out", str(run), "--quiet"]
+        args = ["train", str(config), "--out", str(run), "--quiet"] + (["--resume"] if attempt else [])
+        # The "save" launch holds every complete checkpoint folder 0.3 s before it is renamed into place: a
+        # tiny model saves in milliseconds, and a test process descheduled on a busy machine could otherwise
+        # miss every window in which a kill lands mid-save.
+        launch = _SLOW_PUBLISH if moment == "save" else _MAIN
         proc = subprocess.Popen(
-            cmd + (["--resume"] if attempt else []),
+            [sys.executable, "-c", launch, *args],
             env=_env(**extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -313,11 +331,12 @@ def test_training_killed_at_random_moments_resumes_with_the_uninterrupted_losses
                 target = min(logged + rng.randint(1, 3), steps - 1) if moment == "random" else logged + 1
                 if _wait(lambda k=target: _complete_steps(run) >= k, proc, LAUNCH_TIMEOUT, 0.002):
                     if moment == "save":
-                        _wait(lambda: _saving(run), proc, LAUNCH_TIMEOUT, 0)
+                        caught = _wait(lambda: _saving(run), proc, LAUNCH_TIMEOUT, 0.002)
                     else:
+                        caught = True
                         time.sleep(rng.uniform(0, 0.05))
                     _kill(proc)
-                    kills += 1
+                    kills += caught
             proc.wait(timeout=LAUNCH_TIMEOUT)
         finally:
             if proc.poll() is None:

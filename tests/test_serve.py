@@ -48,20 +48,24 @@ def server(tiny):
     s.close()
 
 
+# Straight to 127.0.0.1: an http_proxy in the environment (without no_proxy) would otherwise carry every call.
+urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+
+
 def call(server, path, body=None, raw: bytes | None = None):
     """(status, decoded JSON) of a GET, or of a POST when a body is given."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
     request = urllib.request.Request(server.url + path.lstrip("/"), data=data, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
 
 def fetch(server, path) -> bytes:
-    with urllib.request.urlopen(server.url + path.lstrip("/"), timeout=30) as response:
+    with urlopen(server.url + path.lstrip("/"), timeout=30) as response:
         assert response.headers["Content-Type"] == "image/png"
         return response.read()
 
@@ -104,7 +108,7 @@ class Gate:
     def _hook(self, *_):
         self.calls += 1
         if self.calls == self.at + 1:
-            assert self.open.wait(30), "the test never released the gate"
+            assert self.open.wait(120), "the test never released the gate"
 
     def release(self):
         self.open.set()
@@ -150,11 +154,12 @@ def test_generate_makes_the_images_fusedit_sample_makes(server, tiny):
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs)
     arrays = [np.asarray(Image.open(io.BytesIO(png))) for png in pngs]
     assert [a.shape for a in arrays] == [(8, 8, 3)] * 2
-    # Each image is its own seed's: the first bit for bit, the second up to batch-size float rounding.
+    # Each image is its own seed's, alone in its batch, up to float rounding: a batch of two may take other CPU
+    # kernels (so other summation orders) than a batch of one, which moves a pixel by at most one level.
     settings = dict(steps=2, guidance=2.5, negative="a blue square", size=8)
-    assert np.array_equal(arrays[0], reference(tiny, "a red circle", 11, **settings))
-    second = reference(tiny, "a red circle", 12, **settings).astype(int)
-    assert np.abs(arrays[1].astype(int) - second).max() <= 1
+    for array, seed in zip(arrays, (11, 12)):
+        alone = reference(tiny, "a red circle", seed, **settings).astype(int)
+        assert np.abs(array.astype(int) - alone).max() <= 1
     assert call(server, "/api/jobs")[1]["jobs"][0]["id"] == job["id"]
 
 
@@ -226,11 +231,11 @@ def test_other_sites_cannot_queue_work_or_read_the_gallery(server):
     data = json.dumps({"prompt": "a red circle"}).encode()
     plain = urllib.request.Request(url, data=data, headers={"Content-Type": "text/plain"})
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(plain, timeout=30)
+        urlopen(plain, timeout=30)
     assert e.value.code == 415 and "allowed: application/json" in json.loads(e.value.read())["error"]
     rebound = urllib.request.Request(server.url + "api/jobs", headers={"Host": "evil.example:7860"})
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(rebound, timeout=30)
+        urlopen(rebound, timeout=30)
     assert (
         e.value.code == 403
         and "'evil.example:7860' is not this machine" in json.loads(e.value.read())["error"]
@@ -239,7 +244,7 @@ def test_other_sites_cannot_queue_work_or_read_the_gallery(server):
     local = urllib.request.Request(
         server.url + "api/jobs", headers={"Host": f"localhost:{server.server_address[1]}"}
     )
-    with urllib.request.urlopen(local, timeout=30) as response:
+    with urlopen(local, timeout=30) as response:
         assert response.status == 200
 
 
@@ -340,7 +345,7 @@ def test_a_full_queue_refuses_more(server, tiny, monkeypatch):
 
 
 def test_the_page_is_self_contained(server):
-    with urllib.request.urlopen(server.url, timeout=30) as response:
+    with urlopen(server.url, timeout=30) as response:
         html = response.read().decode()
         csp = response.headers["Content-Security-Policy"]
         assert response.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -491,11 +496,12 @@ def test_a_user_generates_images_in_the_browser(page, server, tiny):
     assert page.inner_text("#progress-text").startswith("done in")
     assert not page.is_visible("#error")
 
-    # The picture shown is the real PNG, the one `fusedit sample --seed 21` makes.
+    # The picture shown is the real PNG, the one `fusedit sample --seed 21` makes (up to the rounding of a
+    # batch of two against one, as in the API test).
     png = fetch(server, card.locator("img").first.get_attribute("src"))
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     expected = reference(tiny, "a red circle above a blue square", 21, steps=2, negative="a green triangle")
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(png))).astype(int) - expected.astype(int)).max() <= 1
 
     # The gallery is kept by the server: a reload shows it again; "use these settings" refills the form.
     page.reload()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image, ImageDraw
 from fusedit.data import shapes
 from fusedit.data.shapes import ALL_KINDS, BACKGROUND, COLORS, Prompt, Scene, ShapeObject
 from fusedit.eval import shapes_verifier as sv
-from fusedit.eval.shapes_verifier import Detection, detect_objects, evaluate, score, score_detections
+from fusedit.eval.shapes_verifier import Detection, detect_objects, evaluate, score_detections
 
 SIZES = (32, 64)
 PER_SIZE = 150  # ~300 ground-truth scenes in all, ~60 per kind
@@ -153,17 +152,6 @@ def test_blurred_noisy_renders_still_score_well():
     assert result["overall"] >= 0.9, failures[:5]
     for kind, value in result["per_category"].items():
         assert value >= 0.9, (kind, failures[:5])
-
-
-def test_verification_is_fast():
-    pairs = [pair for pair in ground_truth() if pair[1].size == 64][:40]
-    images = [shapes.render(scene) for _, scene in pairs]
-    start = time.perf_counter()
-    for (prompt, _), image in zip(pairs, images):
-        score(prompt, image)
-    per_image = (time.perf_counter() - start) / len(images)
-    # A few ms on an idle core; the bound is loose because other jobs may share the machine.
-    assert per_image < 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------
