@@ -96,6 +96,16 @@ def watch_llm_forwards(monkeypatch) -> list[bool]:
     return calls
 
 
+def counting_backend(graphs: list):
+    """A torch.compile backend that records each graph it is handed and runs it as is."""
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
 def tiny_vae(**config):
     """A random-init diffusers AutoencoderKL: 4 latent channels, 2x downsampling, a few thousand weights."""
     from diffusers import AutoencoderKL

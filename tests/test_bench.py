@@ -1,5 +1,6 @@
 import json
 
+from conftest import counting_backend
 from fusedit.cli import main
 from fusedit.config import load_config
 from fusedit.models.flops import denoiser_flops, llm_flops
@@ -126,16 +127,11 @@ def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
         text=dataclasses.replace(cfg.text, trim_multiple=4),
     )
     graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
     s = bench.setup(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), torch.device("cpu"), False
     )
-    s.model.compile_parts(backend, llm=False)
+    s.model.compile_parts(counting_backend(graphs), llm=False)
     real_time_it, compiled_before_timing = bench.time_it, []
 
     def time_it(fn, device, warmup, repeats):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from conftest import TINY_ARCH, randomize, tiny_config
+from conftest import TINY_ARCH, counting_backend, randomize, tiny_config
 from fusedit.sample import generate, to_sampling_form
 from fusedit.system import RECOMPILE_SLACK, build_model
 from fusedit.text.encoder import CUDA_TRIM_MULTIPLE
@@ -36,16 +36,6 @@ def fresh_dynamo():
     with torch._dynamo.config.patch(recompile_limit=8):
         yield
     torch._dynamo.reset()
-
-
-def counting_backend(graphs: list):
-    """A torch.compile backend that records each graph it is handed and runs it as is."""
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    return backend
 
 
 def prompt_of(n: int) -> str:

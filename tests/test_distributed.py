@@ -259,7 +259,6 @@ def _saving(run_dir: Path) -> bool:
         return False
 
 
-_MAIN = "from fusedit.cli import main; raise SystemExit(main())"
 _SLOW_PUBLISH = """
 import time
 from fusedit.cli import main
@@ -313,9 +312,9 @@ def test_training_killed_at_random_moments_resumes_with_the_uninterrupted_losses
         # The "save" launch holds every complete checkpoint folder 0.3 s before it is renamed into place: a
         # tiny model saves in milliseconds, and a test process descheduled on a busy machine could otherwise
         # miss every window in which a kill lands mid-save.
-        launch = _SLOW_PUBLISH if moment == "save" else _MAIN
+        launch = ["-c", _SLOW_PUBLISH] if moment == "save" else ["-m", "fusedit"]
         proc = subprocess.Popen(
-            [sys.executable, "-c", launch, *args],
+            [sys.executable, *launch, *args],
             env=_env(**extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ import torch
 from fusedit.config import Config
 from fusedit.flow import flow_loss, interpolate, sample
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
-from fusedit.sample import CUDAGraphVelocity, text_velocity, to_sampling_form
+from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
 
@@ -273,9 +273,8 @@ def bench_sample(
     rows = 2 * prompts if use_cfg else prompts
     # Negative prompts are empty (1 token) when prompts are padded; without padding every row is full.
     lengths = prompt_lengths(rows, tokens, min_tokens, gen, empty_rows=prompts if use_cfg else 0)
-    graphs = cfg.sample.cuda_graphs and cached and device.type == "cuda"
-    dtype = torch.bfloat16 if s.bf16 else None
-    widths = []
+    dtype = sampling_dtype(cfg.sample.precision, device)  # set from bf16 by setup
+    widths, graphed = [], []
 
     @torch.no_grad()
     def run():
@@ -284,10 +283,11 @@ def bench_sample(
             widths.append(context.mask.shape[1])
             return context
 
-        velocity = text_velocity(s.model.denoiser, text() if cached else text, guidance, dtype)
-        return sample(
-            CUDAGraphVelocity(velocity) if graphs else velocity, noise, steps, shift=cfg.sample.shift
+        velocity = text_velocity(
+            s.model.denoiser, text() if cached else text, guidance, dtype, cfg.sample.cuda_graphs
         )
+        graphed.append(isinstance(velocity, CUDAGraphVelocity))
+        return sample(velocity, noise, steps, shift=cfg.sample.shift)
 
     seconds = time_it(run, device, warmup, repeats)
     return {
@@ -302,7 +302,7 @@ def bench_sample(
         "steps": steps,
         "guidance": guidance,
         "text_cache": cached,
-        "cuda_graphs": graphs,
+        "cuda_graphs": graphed[-1],
         "batch_s": seconds,
         "images_per_s": prompts / seconds,
         "s_per_image": seconds / prompts,

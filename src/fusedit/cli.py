@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import socket
 import sys
 import time
 from pathlib import Path
@@ -75,13 +74,12 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample
     section (None keeps the saved value). Returns (model in eval mode, Config, the folder it was read
     from)."""
     from fusedit.sample import to_sampling_form
+    from fusedit.train.checkpoint import find_checkpoint, load_model
 
     def sampling(model, cfg):
         overrides = {k: v for k, v in sample_overrides.items() if v is not None}
         cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
         return to_sampling_form(model, cfg), cfg
-
-    from fusedit.train.checkpoint import find_checkpoint, load_model
 
     folder = Path(path)
     if not folder.is_dir():
@@ -190,22 +188,16 @@ def cmd_sample(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fusedit.serve import DemoServer
+    from fusedit.serve import DemoServer, check_port_free
     from fusedit.system import resolve_device
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not allowed (allowed: 0..65535; 0 picks a free port)")
     if args.port:  # a port in use should fail now, not after loading the model
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
-            try:
-                probe.bind((args.host, args.port))
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot listen on {args.host}:{args.port}: {e.strerror or e} "
-                    "(choose another --port, or 0 for any free one)"
-                ) from None
+        try:
+            check_port_free(args.host, args.port)
+        except OSError as e:
+            raise ConfigError(str(e)) from None
     device = resolve_device(args.device)
     flags = _sampling_flags(args)
     # Compile off unless asked: each new size, image count or guidance setting of a request would compile.

@@ -42,19 +42,23 @@ def text_velocity(
     text: TextContext | Callable[[], TextContext],
     guidance: float,
     dtype: torch.dtype | None,
+    cuda_graphs: bool = False,
 ) -> Velocity:
     """The velocity the sampler integrates: the denoiser under autocast ``dtype`` (None = plain fp32; the
     sampler's own arithmetic stays fp32) over a text context computed once (the text cache) or by a
     function called at every step, with classifier-free guidance when guidance != 1 (the context's rows are
-    then [negative ; prompt])."""
+    then [negative ; prompt]). ``cuda_graphs`` replays it as a CUDA graph (CUDAGraphVelocity) where one
+    can be captured: with the text cache, on a GPU."""
     device_type = next(denoiser.parameters()).device.type
+    cached = isinstance(text, TextContext)
+    context_now = (lambda: text) if cached else text
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        context = text if isinstance(text, TextContext) else text()
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            return denoiser(x, t, context).float()
+            return denoiser(x, t, context_now()).float()
 
-    return guided(velocity, guidance) if guidance != 1.0 else velocity
+    v = guided(velocity, guidance) if guidance != 1.0 else velocity
+    return CUDAGraphVelocity(v) if cuda_graphs and cached and device_type == "cuda" else v
 
 
 class CUDAGraphVelocity:
@@ -137,9 +141,7 @@ def generate(
     device = next(denoiser.parameters()).device
     rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
     text = model.encode_prompts(rows) if cache_text else lambda: model.encode_prompts(rows)
-    velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device))
-    if cuda_graphs and cache_text and device.type == "cuda":
-        velocity = CUDAGraphVelocity(velocity)
+    velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)
     if noise is None:
         side = image_size // ae.downsample
         gen = torch.Generator().manual_seed(seed)

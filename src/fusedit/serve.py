@@ -476,6 +476,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(202, job)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET  # ":": an IPv6 address such as ::1
+
+
+def _listen_error(host: str, port: int, e: OSError) -> OSError:
+    return OSError(
+        f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for any free one)"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go, as DemoServer binds it (SO_REUSEADDR), so that a port in use is
+    reported before a slow model load rather than after it."""
+    with socket.socket(_family(host)) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise _listen_error(host, port, e) from None
+
+
 class DemoServer(http.server.ThreadingHTTPServer):
     """The demo's HTTP server over one model. ``serve_forever()`` blocks; ``start()`` serves on a background
     thread instead (tests, notebooks); ``close()`` stops both the server and the worker."""
@@ -485,15 +506,12 @@ class DemoServer(http.server.ThreadingHTTPServer):
     def __init__(
         self, model: TextToImage, cfg: Config, host: str = "127.0.0.1", port: int = 7860, source: str = ""
     ):
-        if ":" in host:  # an IPv6 address such as ::1
-            self.address_family = socket.AF_INET6
+        self.address_family = _family(host)
         self.page = page()
         try:
             super().__init__((host, port), _Handler)
         except OSError as e:
-            raise OSError(
-                f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for any free one)"
-            ) from None
+            raise _listen_error(host, port, e) from None
         try:
             self.jobs = JobQueue(model, cfg, source)
         except BaseException:

@@ -72,9 +72,9 @@ class TextToImage(nn.Module):
 
         The blocks compile with static shapes: all blocks share their graphs, one per batch size, text
         length, padding mask or none, and autograd state (a training step's first block may get an input
-        without grad and the others one with it; previews run without grad). Past torch's per-function recompile limit (8) new shapes
-        would run eagerly, so it is raised to cover those graphs for every text length a batch can be
-        trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
+        without grad and the others one with it; previews run without grad). Past torch's per-function
+        recompile limit (8) new shapes would run eagerly, so it is raised to cover those graphs for every
+        text length a batch can be trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
 
         ``memory_budget`` < 1 (train.activation_memory_budget) lets the compiler recompute the cheapest
         activations in backward until the kept ones fit that fraction of what it would keep otherwise.
