@@ -56,3 +56,26 @@ def test_prepared_model_samples_like_the_training_form():
     prepare_for_sampling(m.denoiser, weights_dtype=None, fuse=True)
     assert not any(p.requires_grad for p in m.denoiser.parameters())
     torch.testing.assert_close(generate(m, prompts, **kw), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_uncached_text_is_computed_outside_autocast_like_the_cache(design):
+    """Without the text cache the LLM runs at every step, but not under the denoiser's bf16 autocast: the
+    images equal the cached ones bit for bit."""
+    m, _ = _model_and_inputs(design)
+    kw = dict(image_size=16, steps=2, guidance=3.0, seed=1, precision="bf16")
+    prompts = ["a red circle", "two green triangles"]
+    assert torch.equal(
+        generate(m, prompts, cache_text=True, **kw), generate(m, prompts, cache_text=False, **kw)
+    )
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_bf16_llm_feeds_an_fp32_denoiser(design):
+    """text.dtype=bfloat16 with fp32 sampling (no autocast): the LLM's bf16 features enter fp32 layers."""
+    cfg = tiny_config(model={"design": design}, text={"dtype": "bfloat16"})
+    m = build_model(cfg)
+    assert next(m.text.llm.parameters()).dtype == torch.bfloat16
+    randomize(m.denoiser)
+    images = generate(m, ["a red circle"], image_size=16, steps=2, guidance=3.0, precision="fp32")
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()

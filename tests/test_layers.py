@@ -31,7 +31,7 @@ def test_mrope_of_a_text_token_is_1d_rope():
     offsets = torch.arange(5)
     for p in range(5):
         m = rope_m(1, 1, offsets[p : p + 1], head_dim, theta)
-        ref = rope_text(p + 1, head_dim, theta)
+        ref = rope_text(torch.arange(p + 1)[None], head_dim, theta)
         torch.testing.assert_close(m.cos[0, 0, 0], ref.cos[0, 0, p])
         torch.testing.assert_close(m.sin[0, 0, 0], ref.sin[0, 0, p])
 
@@ -40,7 +40,7 @@ def test_rope_positions_follow_text_length():
     head_dim, theta = 16, 100.0
     lengths = torch.tensor([3, 7])
     r = rope_1d(2, 2, lengths, head_dim, theta)
-    ref = rope_text(11, head_dim, theta)
+    ref = rope_text(torch.arange(11)[None], head_dim, theta)
     for b, L in enumerate(lengths.tolist()):
         torch.testing.assert_close(r.cos[b, 0], ref.cos[0, 0, L : L + 4])
     # 2D: the first half of the rotary pairs follow the row, the second half the column

@@ -138,6 +138,33 @@ def test_lidit_and_refined_shallow_baselines_sample_cached_equals_uncached_and_t
     )
 
 
+@pytest.mark.parametrize("pos_embed", ["1d-rope", "2d-rope", "m-rope"])
+@pytest.mark.parametrize("design", ["dit-self", "dit-cross"])
+def test_two_llms_with_rope_give_a_prompt_the_same_output_whatever_its_batch(design, pos_embed):
+    """Text positions count real tokens across both LLMs, so a longer neighbour (more padding on both
+    LLMs' sides) moves no token; without that the second LLM's tokens sat after the first's padding."""
+    model = build_model(lidit(design, pos_embed=pos_embed, conv_pos=False))
+    randomize(model.denoiser)
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    alone = model(x, t, model.encode_prompts(["a red circle"]))
+    batch = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    assert batch.mask.shape[1] > int(batch.lengths[0]) and batch.others[0].mask.shape[1] > int(
+        batch.others[0].lengths[0]
+    )
+    torch.testing.assert_close(
+        alone, model(torch.cat([x, x]), torch.cat([t, t]), batch)[:1], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_the_refiners_read_bf16_llms_in_fp32():
+    cfg = lidit()
+    cfg.text.dtype = cfg.extra_text[0].dtype = "bfloat16"
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    images = generate(model, ["a red circle"], image_size=16, steps=2, guidance=3.0, precision="fp32")
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
 def test_clip_pooled_text_modulation():
     cfg = tiny_config(
         model={"pooled_text": "clip"},

@@ -54,8 +54,9 @@ def text_velocity(
     context_now = (lambda: text) if cached else text
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        context = context_now()  # outside autocast, as the cached context was computed
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            return denoiser(x, t, context_now()).float()
+            return denoiser(x, t, context).float()
 
     v = guided(velocity, guidance) if guidance != 1.0 else velocity
     return CUDAGraphVelocity(v) if cuda_graphs and cached and device_type == "cuda" else v

@@ -22,10 +22,10 @@ class PositionScheme:
         """Rotation for the (h * w) image tokens of each sample, offset by its unpadded text length (B,)."""
         return NoRotary()
 
-    def text_rotary(self, length: int, device) -> Rotary | NoRotary:
-        """Rotation of text keys a design projects itself (shallow designs): 1D RoPE at 0..length-1,
-        which every RoPE scheme uses for text (M-RoPE's (p, p) included)."""
-        return rope_text(length, self.head_dim, self.theta, device)
+    def text_rotary(self, positions: torch.Tensor) -> Rotary | NoRotary:
+        """Rotation of text keys a design projects itself (shallow designs): 1D RoPE at ``positions``
+        (B, T), which every RoPE scheme uses for text (M-RoPE's (p, p) included)."""
+        return rope_text(positions, self.head_dim, self.theta)
 
 
 class APE(PositionScheme):
@@ -34,7 +34,7 @@ class APE(PositionScheme):
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return x + sincos_2d(x.shape[-1], h, w, x.device).to(x.dtype)
 
-    def text_rotary(self, length: int, device) -> NoRotary:
+    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
         return NoRotary()
 
 
@@ -70,7 +70,7 @@ class MRope(PositionScheme):
 class NoPosition(PositionScheme):
     """No position input here: LI-DiT's conv ResBlock (model.conv_pos) gives image tokens their place."""
 
-    def text_rotary(self, length: int, device) -> NoRotary:
+    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
         return NoRotary()
 
 
@@ -101,8 +101,8 @@ class _Wrapped(PositionScheme):
     def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
         return self.inner.rotary(h, w, text_lengths)
 
-    def text_rotary(self, length: int, device) -> Rotary | NoRotary:
-        return self.inner.text_rotary(length, device)
+    def text_rotary(self, positions: torch.Tensor) -> Rotary | NoRotary:
+        return self.inner.text_rotary(positions)
 
 
 class ImageOnlyRotary(_Wrapped):
@@ -112,7 +112,7 @@ class ImageOnlyRotary(_Wrapped):
     def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
         return self.inner.rotary(h, w, torch.zeros_like(text_lengths))
 
-    def text_rotary(self, length: int, device) -> NoRotary:
+    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
         return NoRotary()
 
 

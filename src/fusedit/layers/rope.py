@@ -88,7 +88,6 @@ def rope_m(h: int, w: int, offsets: torch.Tensor, head_dim: int, theta: float) -
     return _rotary(torch.cat([a_row, a_col], dim=-1))
 
 
-def rope_text(length: int, head_dim: int, theta: float, device=None) -> Rotary:
-    """Plain 1D RoPE at positions 0..length-1, (1, 1, length, head_dim): used by tests and the shallow DiT."""
-    pos = torch.arange(length, device=device)[None]
-    return _rotary(_angles(pos, inv_freq(head_dim, theta, device)))
+def rope_text(positions: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+    """Plain 1D RoPE of text keys at ``positions`` (B, T) -> (B, 1, T, head_dim): the shallow DiT's text."""
+    return _rotary(_angles(positions, inv_freq(head_dim, theta, positions.device)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -88,6 +89,14 @@ class ClipPooledText(nn.Module):
         return temb + self.embed(text.pooled.to(temb.dtype))
 
 
+class TextTokens(NamedTuple):
+    """The shallow designs' text, prepared once per forward and read by every layer."""
+
+    context: torch.Tensor  # (B, T', d): the LLMs' tokens embedded or refined, concatenated
+    mask: torch.Tensor  # (B, T') bool: the tokens the image may attend to
+    positions: torch.Tensor  # (B, T') long: RoPE position of each token
+
+
 class RefinedPooledText(nn.Module):
     """LI-DiT: the masked mean of the refined text, projected and added to the timestep embedding."""
 
@@ -95,9 +104,8 @@ class RefinedPooledText(nn.Module):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, temb, text: TextContext, state):
-        context, mask = state
-        return temb + self.embed(masked_mean(context, mask))
+    def forward(self, temb, text: TextContext, state: TextTokens):
+        return temb + self.embed(masked_mean(state.context, state.mask))
 
 
 def _run_block(block: nn.Module, *args) -> torch.Tensor:
@@ -200,12 +208,12 @@ class DiT(nn.Module):
         h, w = height // self.patch_size, width // self.patch_size
         img = self.conv_pos(self.position.add_absolute(self.patch_embed(x), h, w), h, w)  # (B, N, d)
         temb = self.time.embed(t)  # (B, d) or None
-        state = self.prepare_text(text, temb)
-        temb = self.pooled(temb, text, state)
-        img = self.time.into_tokens(img, temb)
-        cond = self.time.block_input(temb)
-        rope = self.position.rotary(h, w, text.lengths)  # image positions continue after the text
-        with backend_context(self.attention_backend):
+        with backend_context(self.attention_backend):  # the refiners' attention (prepare_text) included
+            state = self.prepare_text(text, temb)
+            temb = self.pooled(temb, text, state)
+            img = self.time.into_tokens(img, temb)
+            cond = self.time.block_input(temb)
+            rope = self.position.rotary(h, w, text.real_tokens)  # image positions continue after the text
             texts = self.block_texts(state, img.shape[1])
             for block, (kv, mask) in zip(self.blocks, texts, strict=True):
                 img = self.run_block(block, img, cond, kv, mask, rope)

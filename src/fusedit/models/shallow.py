@@ -20,7 +20,8 @@ from torch import nn
 from fusedit.config import ConfigError, ModelConfig
 from fusedit.layers.attention import key_padding_mask
 from fusedit.layers.norm import RMSNorm
-from fusedit.models.base import DiT
+from fusedit.layers.rope import NoRotary, Rotary
+from fusedit.models.base import DiT, TextTokens
 from fusedit.models.blocks import CrossBlock, JointBlock, TextKV
 from fusedit.text.context import TextContext, TextRequest, resolve_hidden_layer
 from fusedit.text.refiner import PromptRefiner
@@ -36,7 +37,9 @@ class ContextEmbedder(nn.Module):
         self.proj = nn.Linear(llm_dim, dim)
 
     def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj(self.norm(texts[0].hidden)), texts[0].mask
+        # The LLM's weights may be bf16 (text.dtype) while this runs in fp32 (no autocast).
+        hidden = texts[0].hidden.to(self.norm.weight.dtype)
+        return self.proj(self.norm(hidden)), texts[0].mask
 
 
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
@@ -86,20 +89,28 @@ class ShallowDiT(DiT):
     def text_requests(self) -> list[TextRequest]:
         return [TextRequest(hidden_layer=h) for h in self.hidden_layers]
 
-    def prepare_text(self, text: TextContext, temb):
-        """-> (context (B, T', d), keep-mask (B, T')): computed once per forward, read by every layer."""
-        return self.context(text.all, temb)
+    def prepare_text(self, text: TextContext, temb) -> TextTokens:
+        """Computed once per forward, read by every layer. T' is the LLMs' padded lengths together.
 
-    def block_texts(self, state, num_image: int):
-        context, mask = state
-        rope = self.position.text_rotary(context.shape[1], context.device)  # text at 0..T-1 (none for APE)
-        attn_mask = self.text_mask(mask, num_image)
-        return ((proj(context, rope), attn_mask) for proj in self.text_kv)
+        A token's position counts the real tokens before it, over the LLMs in config order, so no token's
+        position depends on how much padding its batch has; the image continues after them all
+        (TextContext.real_tokens). With one LLM this is 0..L-1, as in the LLM itself."""
+        context, keep = self.context(text.all, temb)
+        real = torch.cat([t.mask for t in text.all], dim=1)  # (B, T'), before the instruction drop
+        return TextTokens(context, keep, real.cumsum(1) - 1)
+
+    def block_texts(self, state: TextTokens, num_image: int):
+        rope = self.text_rotary(state.positions)
+        attn_mask = self.text_mask(state.mask, num_image)
+        return ((proj(state.context, rope), attn_mask) for proj in self.text_kv)
 
 
 class SelfAttentionDiT(ShallowDiT):
     def make_block(self, dim, llm, cfg):
         return JointBlock(dim, llm, cfg, self.time)
+
+    def text_rotary(self, positions: torch.Tensor) -> Rotary | NoRotary:
+        return self.position.text_rotary(positions)  # none for APE and rope_layout=image-only
 
     def text_mask(self, mask: torch.Tensor, num_image: int):
         return key_padding_mask(mask, num_image)
@@ -108,6 +119,11 @@ class SelfAttentionDiT(ShallowDiT):
 class CrossAttentionDiT(ShallowDiT):
     def make_block(self, dim, llm, cfg):
         return CrossBlock(dim, llm, cfg, self.time)
+
+    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
+        """Unrotated text keys: the cross-attention's image queries carry no rotation (PixArt; fusedit-cross
+        reads the LLM's pre-RoPE keys likewise), and keys rotated alone would encode no relative position."""
+        return NoRotary()
 
     def text_mask(self, mask: torch.Tensor, num_image: int):
         return mask[:, None, None, :]

@@ -48,7 +48,7 @@ class TextContext:
     """A prompt batch as the denoiser sees it. T is the (possibly trimmed) padded text length.
 
     mask:    (B, T) bool, True on real tokens (right padding).
-    lengths: (B,) long, unpadded lengths: image positions continue after them.
+    lengths: (B,) long, unpadded lengths.
     kv:      per requested layer, (keys, values), each (B, KVH, T, head_dim); keys carry the LLM's RoPE.
     raw_kv:  the same without RoPE on the keys (``raw_kv_layers``).
     hidden:  (B, T, d_llm), the requested hidden state, or None.
@@ -72,6 +72,14 @@ class TextContext:
     def all(self) -> list[TextContext]:
         """This LLM's context followed by the further LLMs' (one per LLM)."""
         return [self, *self.others]
+
+    @property
+    def real_tokens(self) -> torch.Tensor:
+        """(B,) real tokens of every LLM together: image positions continue after them."""
+        total = self.lengths
+        for other in self.others:
+            total = total + other.lengths
+        return total
 
     @property
     def key_mask(self) -> torch.Tensor | None:

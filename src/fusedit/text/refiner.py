@@ -101,7 +101,7 @@ class LinguisticRefiner(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """features (B, T, d_llm), mask (B, T), temb (B, d) -> refined (B, T, d)."""
-        x = self.in_proj(features)
+        x = self.in_proj(features.to(self.in_proj.weight.dtype))  # a bf16 LLM's features, fp32 weights
         c = masked_mean(x, mask)
         if temb is not None:  # the no-timestep variant gates from the pooled text alone
             c = c + temb
