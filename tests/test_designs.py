@@ -4,7 +4,7 @@ and sampled at debug size."""
 import pytest
 import torch
 
-from conftest import POSITIONS, randomize, tiny_config
+from conftest import POSITIONS, TINY_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError, load_config, preset_names
 from fusedit.sample import generate
 from fusedit.system import build_model, count_parameters
@@ -146,3 +146,51 @@ def test_every_debug_twin_trains_and_samples_on_cpu(tmp_path, preset):
             model, ["a red circle", "a blue square to the left of a green triangle"], cache_text=False, **kw
         ),
     )
+
+
+LLAMA3_SCALED = {
+    "family": "llama",
+    "arch": {
+        **TINY_ARCH,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("text", [{}, LLAMA3_SCALED], ids=["default-rope", "llama3-rope"])
+def test_image_rotations_continue_the_llms_own_text_rotations(text):
+    """Deep fusion puts image queries next to text keys the LLM rotated itself: image token n of a prompt of
+    L tokens must rotate exactly as the LLM would rotate position L + n (1D RoPE), and M-RoPE's 1 x 1 image
+    at offset p as the LLM's position p, whatever the LLM's RoPE type (Llama-3.1's rescaled ladder here)."""
+    model = build_model(tiny_config(model={"pos_embed": "1d-rope"}, text=text))
+    llm = model.text.llm
+    lengths = torch.tensor([3, 5])
+    positions = torch.arange(12)[None]
+    cos, sin = llm.rotary_emb(torch.zeros(1, 12, 8), positions)  # (1, 12, head_dim)
+    rot = model.denoiser.position.rotary(2, 2, lengths)  # (B, 1, 4, head_dim)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(rot.cos[b, 0], cos[0, n : n + 4])
+        torch.testing.assert_close(rot.sin[b, 0], sin[0, n : n + 4])
+    mrope = build_model(tiny_config(model={"pos_embed": "m-rope"}, text=text)).denoiser.position
+    for p in range(6):
+        torch.testing.assert_close(mrope.rotary(1, 1, torch.tensor([p])).cos[0, 0, 0], cos[0, p])
+    if text:  # the rescaled ladder differs from the default one, so this case tests something
+        default = build_model(tiny_config(model={"pos_embed": "1d-rope"})).text.llm.rotary_emb
+        assert not torch.allclose(default(torch.zeros(1, 12, 8), positions)[0], cos)
+
+
+def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
+    from transformers import AutoConfig
+
+    from fusedit.text.spec import LLMSpec
+
+    with pytest.raises(
+        ConfigError, match="gemma3_text LLM has a RoPE per layer type.*allowed: LLMs with one"
+    ):
+        LLMSpec.from_hf(AutoConfig.for_model("gemma3_text"))

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fusedit.layers.attention import attention, key_padding_mask
 from fusedit.layers.embed import patchify, sincos_2d, unpatchify
-from fusedit.layers.rope import rope_1d, rope_2d, rope_m, rope_text
+from fusedit.layers.rope import inv_freq, rope_1d, rope_2d, rope_m, rope_text
 
 
 @pytest.mark.parametrize("c, h, w, p", [(3, 8, 8, 2), (4, 16, 8, 2), (16, 8, 12, 4), (1, 4, 4, 1)])
@@ -30,8 +30,8 @@ def test_mrope_of_a_text_token_is_1d_rope():
     # a 1 x 1 "image" at offset p has row = col = p
     offsets = torch.arange(5)
     for p in range(5):
-        m = rope_m(1, 1, offsets[p : p + 1], head_dim, theta)
-        ref = rope_text(torch.arange(p + 1)[None], head_dim, theta)
+        m = rope_m(1, 1, offsets[p : p + 1], inv_freq(head_dim, theta))
+        ref = rope_text(torch.arange(p + 1)[None], inv_freq(head_dim, theta))
         torch.testing.assert_close(m.cos[0, 0, 0], ref.cos[0, 0, p])
         torch.testing.assert_close(m.sin[0, 0, 0], ref.sin[0, 0, p])
 
@@ -39,8 +39,8 @@ def test_mrope_of_a_text_token_is_1d_rope():
 def test_rope_positions_follow_text_length():
     head_dim, theta = 16, 100.0
     lengths = torch.tensor([3, 7])
-    r = rope_1d(2, 2, lengths, head_dim, theta)
-    ref = rope_text(torch.arange(11)[None], head_dim, theta)
+    r = rope_1d(2, 2, lengths, inv_freq(head_dim, theta))
+    ref = rope_text(torch.arange(11)[None], inv_freq(head_dim, theta))
     for b, L in enumerate(lengths.tolist()):
         torch.testing.assert_close(r.cos[b, 0], ref.cos[0, 0, L : L + 4])
     # 2D: the first half of the rotary pairs follow the row, the second half the column

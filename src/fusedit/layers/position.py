@@ -10,10 +10,19 @@ from fusedit.layers.rope import NoRotary, Rotary, inv_freq, rope_1d, rope_2d, ro
 
 
 class PositionScheme:
-    """Adds absolute embeddings to image tokens and/or gives the image queries' and keys' rotation."""
+    """Adds absolute embeddings to image tokens and/or gives the image queries' and keys' rotation.
 
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim, self.theta = head_dim, theta
+    ``ladder``: the LLM's RoPE inverse frequencies when they are not the default ladder of ``theta``
+    (LLMSpec.rope_freqs), so that image rotations continue the LLM's text rotations."""
+
+    def __init__(self, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None):
+        self.head_dim, self.theta, self.ladder = head_dim, theta, ladder
+
+    def freqs(self, device) -> torch.Tensor:
+        """(head_dim / 2,) float32: the LLM's 1D frequency ladder."""
+        if self.ladder is None:
+            return inv_freq(self.head_dim, self.theta, device)
+        return torch.tensor(self.ladder, dtype=torch.float32, device=device)
 
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return x
@@ -25,7 +34,7 @@ class PositionScheme:
     def text_rotary(self, positions: torch.Tensor) -> Rotary | NoRotary:
         """Rotation of text keys a design projects itself (shallow designs): 1D RoPE at ``positions``
         (B, T), which every RoPE scheme uses for text (M-RoPE's (p, p) included)."""
-        return rope_text(positions, self.head_dim, self.theta)
+        return rope_text(positions, self.freqs(positions.device))
 
 
 class APE(PositionScheme):
@@ -54,7 +63,7 @@ class ScaledAPE(APE):
 
 class Rope1D(PositionScheme):
     def rotary(self, h, w, text_lengths):
-        return rope_1d(h, w, text_lengths, self.head_dim, self.theta)
+        return rope_1d(h, w, text_lengths, self.freqs(text_lengths.device))
 
 
 class Rope2D(PositionScheme):
@@ -64,7 +73,7 @@ class Rope2D(PositionScheme):
 
 class MRope(PositionScheme):
     def rotary(self, h, w, text_lengths):
-        return rope_m(h, w, text_lengths, self.head_dim, self.theta)
+        return rope_m(h, w, text_lengths, self.freqs(text_lengths.device))
 
 
 class NoPosition(PositionScheme):
@@ -92,7 +101,7 @@ class _Wrapped(PositionScheme):
     """A position scheme that changes one aspect of another's rotation and delegates the rest."""
 
     def __init__(self, inner: PositionScheme):
-        super().__init__(inner.head_dim, inner.theta)
+        super().__init__(inner.head_dim, inner.theta, inner.ladder)
         self.inner = inner
 
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -134,19 +143,21 @@ class LeftPaddedRotary(_Wrapped):
     def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary:
         rot = self.inner.rotary(h, w, text_lengths)
         pad = (self.pad_to - text_lengths).float()  # (B,)
-        shift = -pad[:, None] * inv_freq(self.head_dim, self.theta, text_lengths.device)  # (B, head_dim / 2)
+        shift = -pad[:, None] * self.freqs(text_lengths.device)  # (B, head_dim / 2)
         shift = torch.cat([shift, shift], dim=-1)[:, None, None]  # rotate-half layout, (B, 1, 1, head_dim)
         cos, sin = shift.cos(), shift.sin()
         # Rotations compose by adding angles: cos(a + b), sin(a + b).
         return Rotary(rot.cos * cos - rot.sin * sin, rot.sin * cos + rot.cos * sin)
 
 
-def position_scheme(cfg: ModelConfig, head_dim: int, theta: float) -> PositionScheme:
+def position_scheme(
+    cfg: ModelConfig, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None
+) -> PositionScheme:
     """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
     ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
     if cfg.pos_embed == "ape" and ape_options:
         return ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size)
-    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta)
+    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
     if cfg.pos_embed not in ROTARY_SCHEMES:
         return scheme
     if cfg.rope_layout == "image-only":

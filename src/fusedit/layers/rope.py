@@ -9,6 +9,10 @@ offset by each prompt's unpadded text length L, so image tokens continue the tex
   pairs encode the row L + h, the second half the column L + w.
 - ``m-rope``: the LLM's 1D frequency ladder split in two: its first half rotates by the row L + h, its
   second by the column L + w. A text token (p, p) then rotates exactly like 1D RoPE at p.
+
+"The LLM's ladder" (``freqs``, (head_dim / 2,)) is its rotary embedding's inverse frequencies: the default
+``inv_freq(head_dim, rope_theta)``, or a rescaled one (Llama-3.1's ``llama3``, ``linear``, ...), so image
+rotations continue the text keys' exactly.
 """
 
 from __future__ import annotations
@@ -66,9 +70,9 @@ def _rotary(half_angles: torch.Tensor) -> Rotary:
     return Rotary(emb.cos(), emb.sin())
 
 
-def rope_1d(h: int, w: int, offsets: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+def rope_1d(h: int, w: int, offsets: torch.Tensor, freqs: torch.Tensor) -> Rotary:
     pos = offsets[:, None] + torch.arange(h * w, device=offsets.device)
-    return _rotary(_angles(pos, inv_freq(head_dim, theta, offsets.device)))
+    return _rotary(_angles(pos, freqs))
 
 
 def rope_2d(h: int, w: int, offsets: torch.Tensor, head_dim: int, theta: float) -> Rotary:
@@ -79,15 +83,14 @@ def rope_2d(h: int, w: int, offsets: torch.Tensor, head_dim: int, theta: float) 
     return _rotary(torch.cat([a_row, a_col], dim=-1))
 
 
-def rope_m(h: int, w: int, offsets: torch.Tensor, head_dim: int, theta: float) -> Rotary:
+def rope_m(h: int, w: int, offsets: torch.Tensor, freqs: torch.Tensor) -> Rotary:
     rows, cols = _grid(h, w, offsets.device)
-    freqs = inv_freq(head_dim, theta, offsets.device)
     half = freqs.shape[0] // 2
     a_row = _angles(offsets[:, None] + rows, freqs[:half])
     a_col = _angles(offsets[:, None] + cols, freqs[half:])
     return _rotary(torch.cat([a_row, a_col], dim=-1))
 
 
-def rope_text(positions: torch.Tensor, head_dim: int, theta: float) -> Rotary:
-    """Plain 1D RoPE of text keys at ``positions`` (B, T) -> (B, 1, T, head_dim): the shallow DiT's text."""
-    return _rotary(_angles(positions, inv_freq(head_dim, theta, positions.device)))
+def rope_text(positions: torch.Tensor, freqs: torch.Tensor) -> Rotary:
+    """1D RoPE of text keys at ``positions`` (B, T) -> (B, 1, T, head_dim): the shallow DiT's text."""
+    return _rotary(_angles(positions, freqs))

@@ -132,7 +132,7 @@ class DiT(nn.Module):
         dim = cfg.dit_hidden_size or llm.hidden_size
         self.dim, self.patch_size, self.in_channels = dim, cfg.patch_size, in_channels
         self.attention_backend = cfg.attention_backend
-        self.position = position_scheme(cfg, llm.head_dim, llm.rope_theta)
+        self.position = position_scheme(cfg, llm.head_dim, llm.rope_theta, llm.rope_freqs)
         self.patch_embed = PatchEmbed(in_channels, dim, cfg.patch_size)
         self.conv_pos = ConvPosition(dim) if cfg.conv_pos else NoConvPosition()
         self.time = timestep_conditioning(cfg, dim)

@@ -42,7 +42,7 @@ def _layer_kv(layer: nn.Module, h: torch.Tensor, head_dim: int):
     x = layer.input_layernorm(h)
     k = attn.k_proj(x).unflatten(-1, (-1, head_dim))
     v = attn.v_proj(x).unflatten(-1, (-1, head_dim)).transpose(1, 2)
-    k_norm = getattr(attn, "k_norm", None)  # Qwen3 / Gemma-3 normalise keys per head before RoPE
+    k_norm = getattr(attn, "k_norm", None)  # Qwen3 normalises keys per head before RoPE
     if k_norm is not None:
         k = k_norm(k)
     return k.transpose(1, 2), v

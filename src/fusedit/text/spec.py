@@ -17,14 +17,24 @@ class LLMSpec:
     rms_norm_eps: float
     rope_theta: float
     model_type: str
+    # The LLM's RoPE inverse frequencies (head_dim / 2) when its rope_type rescales them (Llama-3.1's
+    # llama3, linear, yarn, ...); None = the default ladder of rope_theta. Image rotations use the same
+    # ladder so that they continue the text keys' (layers/rope.py). An attention factor (yarn, longrope)
+    # scales only the text keys' logits: a constant the DiT's own projections adapt to.
+    rope_freqs: tuple[float, ...] | None = None
 
     @classmethod
     def from_hf(cls, config) -> LLMSpec:
-        """From a transformers PretrainedConfig (4.x and 5.x spellings of rope_theta and activation)."""
+        """From a transformers PretrainedConfig (4.x and 5.x spellings of RoPE settings and activation)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-        theta = theta or getattr(config, "rope_theta", None) or 10000.0
+        rope = _rope_settings(config)
+        theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        freqs = None
+        if rope_type != "default":
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            freqs = tuple(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].tolist())
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
         return cls(
             hidden_size=config.hidden_size,
@@ -37,4 +47,20 @@ class LLMSpec:
             rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             model_type=config.model_type,
+            rope_freqs=freqs,
         )
+
+
+def _rope_settings(config) -> dict:
+    """The LLM's RoPE settings as one dict: transformers 5's ``rope_parameters``, or 4.x's ``rope_scaling``
+    (its ``rope_theta`` is an attribute of its own)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    # transformers 5 nests one dict per layer type; 4.x's Gemma-3 has a second base frequency instead.
+    if any(isinstance(v, dict) for v in params.values()) or hasattr(config, "rope_local_base_freq"):
+        from fusedit.config import ConfigError
+
+        raise ConfigError(
+            f"the {config.model_type} LLM has a RoPE per layer type, which fusedit "
+            "does not mirror (allowed: LLMs with one RoPE for every layer: Gemma, Gemma-2, Qwen2/2.5/3, Llama)"
+        )
+    return params
