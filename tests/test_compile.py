@@ -83,6 +83,18 @@ def test_the_recompile_limit_covers_every_trimmed_length(fresh_dynamo):
     assert torch._dynamo.config.recompile_limit == 8 * 3 + RECOMPILE_SLACK
 
 
+def test_sampling_compile_keeps_the_training_memory_budget(fresh_dynamo):
+    """The activation budget is a process-wide setting: a sampling compile (no backward) in the same
+    process, as in fusedit bench, leaves the training one in place."""
+    import torch._functorch.config as functorch_config
+
+    model = build_model(tiny_config())
+    with functorch_config.patch(activation_memory_budget=1.0):
+        model.compile_parts("eager", memory_budget=0.7, llm=False)
+        model.compile_parts("eager", llm=False)
+        assert functorch_config.activation_memory_budget == 0.7
+
+
 def test_trim_multiple_of_the_config_is_kept_on_any_device(fresh_dynamo):
     model = build_model(tiny_config(text={"trim_multiple": 4}))
     model.compile_parts("eager", llm=False)

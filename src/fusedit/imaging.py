@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from fusedit.files import write_atomic
 
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
@@ -192,23 +192,8 @@ def plot_curve(
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
-    """Save ``image`` as a PNG atomically: readers see either the old file or the complete new one.
-
-    The image is written to a temporary file in the destination folder (``os.replace`` is only atomic
-    within one file system) and then renamed over ``path``. Missing parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        # mkstemp creates the file readable by its owner only; an image should get ordinary permissions.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Save ``image`` as a PNG atomically (``write_atomic``): readers see the old file or the whole new one."""
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------------

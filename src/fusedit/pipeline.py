@@ -16,7 +16,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -227,7 +226,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             )
         if any(scheduler.config.get(key) for key in _SCHEDULE_VARIANTS):
             # A schedule variant the user configured: hand it the unshifted times and let it transform them.
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device)
+            scheduler.set_timesteps(sigmas=sampling_times(steps)[:-1].tolist(), device=device)
             return
         # The scheduler would apply the shift to float32 sigmas; fusedit shifts in float64 and rounds once.
         # Giving it fusedit's shifted times with its shift at 1 (an exact identity) keeps the images equal

@@ -64,7 +64,9 @@ class TextToImage(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         return self.denoiser(x, t, text)
 
-    def compile_parts(self, backend: str = "auto", memory_budget: float = 1.0, llm: bool = True) -> None:
+    def compile_parts(
+        self, backend: str = "auto", memory_budget: float | None = None, llm: bool = True
+    ) -> None:
         """torch.compile the denoiser's blocks and, with ``llm``, each LLM's forward (train.compile,
         sample.compile; named apart from nn.Module.compile): "auto" = inductor on a GPU and nothing on the
         CPU. The LLM compiles with automatic dynamic shapes, since trimmed prompt batches change length; on
@@ -77,16 +79,18 @@ class TextToImage(nn.Module):
         text length a batch can be trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
 
         ``memory_budget`` < 1 (train.activation_memory_budget) lets the compiler recompute the cheapest
-        activations in backward until the kept ones fit that fraction of what it would keep otherwise.
-        It and the recompile limit are PyTorch's process-wide settings (torch._functorch.config,
-        torch._dynamo.config), read whenever a graph compiles, so they are set here."""
+        activations in backward until the kept ones fit that fraction of what it would keep otherwise;
+        None (sampling: no backward) leaves it as it is. It and the recompile limit are PyTorch's
+        process-wide settings (torch._functorch.config, torch._dynamo.config), read whenever a graph
+        compiles, so they are set here; the limit is only ever raised."""
         device = next(self.denoiser.parameters()).device
         if backend == "auto":
             backend = "inductor" if device.type == "cuda" else ""
         if not backend:  # off: blocks compiled for training (fusedit bench) run eagerly again
             self.denoiser.compile_blocks("")
             return
-        torch._functorch.config.activation_memory_budget = memory_budget
+        if memory_budget is not None:
+            torch._functorch.config.activation_memory_budget = memory_budget
         lengths = math.prod(enc.text_lengths(device) for enc in self.encoders)
         # Per text length (of every LLM together): with and without a padding mask, each in a training
         # step's two autograd states and in a preview without grad, and a last partial batch.

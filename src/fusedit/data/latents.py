@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
+from fusedit.files import write_text_atomic
 
 FORMAT = 1
 INDEX, META = "index.json", "meta.json"
@@ -70,10 +71,7 @@ def _shard_name(j: int) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    # Written to a temporary name and renamed: a killed run never leaves a half-written file behind.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))  # a killed run never leaves half a file
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order
 from fusedit.eval.fid import model_inputs
+from fusedit.files import write_text_atomic
 from fusedit.imaging import save_png
 from fusedit.system import resolve_device
 
@@ -243,7 +244,7 @@ def score_dpg_folder(
     grids = sorted((p for p in folder.glob("*.png") if p.stem in questions), key=lambda p: name_order(p.stem))
     if not grids:
         raise FileNotFoundError(f"no grids named after DPG-Bench item ids (e.g. 0.png) in {str(folder)!r}")
-    results, by_category = [], {}
+    results, by_category, top = [], {}, {}
     for path in tqdm(grids, desc="DPG-Bench scoring", unit="prompt", disable=not progress):
         qs = questions[path.stem]
         with Image.open(path) as grid:
@@ -260,6 +261,7 @@ def score_dpg_folder(
             tile_answers.append({str(k): a for k, a in said.items()})
             for q in qs:
                 by_category.setdefault(q.category, []).append(float(raw[q.proposition_id]))
+                top.setdefault(q.top_category, []).append(float(raw[q.proposition_id]))
         results.append(
             {
                 "name": path.stem,
@@ -270,12 +272,7 @@ def score_dpg_folder(
         )
     out_path = Path(out_file) if out_file is not None else folder / "dpg_results.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
-    tmp.replace(out_path)
-    top: dict[str, list[float]] = {}
-    for category, values in by_category.items():
-        top.setdefault(category.split("-")[0].strip(), []).extend(values)
+    write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     scored = {r["name"] for r in results}
     return {
         "overall": float(np.mean([r["score"] for r in results])),

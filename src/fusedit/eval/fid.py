@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fusedit.files import write_atomic
 from fusedit.system import resolve_device
 
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
@@ -145,23 +144,14 @@ class ReferenceStats:
 
     def save(self, path: str | Path) -> None:
         """Write the stats as .npz, atomically (a half-written cache would be read as valid later)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle,
-                    mu=self.mu,
-                    sigma=self.sigma,
-                    count=self.count,
-                    name=np.array(self.name),
-                    extractor_id=np.array(self.extractor_id),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        arrays = {
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "count": self.count,
+            "name": np.array(self.name),
+            "extractor_id": np.array(self.extractor_id),
+        }
+        write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.eval.fid import ClipEmbedder, model_inputs
+from fusedit.files import write_text_atomic
 from fusedit.imaging import save_png
 from fusedit.system import resolve_device
 
@@ -299,12 +300,6 @@ def _as_image(sample) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a crash never leaves a truncated metadata file behind
-
-
 def _prompt_done(folder: Path, metadata: dict, n: int) -> bool:
     meta_file = folder / "metadata.jsonl"
     if not meta_file.is_file():
@@ -348,7 +343,7 @@ def write_geneval_samples(
                 f"generate returned {len(images)} images for {meta['prompt']!r}; expected {n_per_prompt}"
             )
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        _write_text(folder / "metadata.jsonl", json.dumps(meta) + "\n")
+        write_text_atomic(folder / "metadata.jsonl", json.dumps(meta) + "\n")
         for k, image in enumerate(images):
             save_png(_as_image(image), folder / "samples" / f"{k:05d}.png")
         generated += 1
@@ -439,7 +434,7 @@ def score_geneval_folder(
         )
     out_path = Path(out_file) if out_file is not None else folder / "results.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(out_path, "".join(json.dumps(r) + "\n" for r in results))
+    write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     return {**summarize(results), "results_file": str(out_path)}
 
 

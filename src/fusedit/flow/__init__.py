@@ -1,7 +1,7 @@
 """Flow matching: the time convention, training targets and samplers. Imports only torch."""
 
 from fusedit.flow.matching import (
-    drop_captions,
+    caption_keep,
     flow_loss,
     interpolate,
     sample_training_times,
@@ -12,7 +12,7 @@ from fusedit.flow.samplers import SAMPLERS, guided, sample, sampling_times
 
 __all__ = [
     "SAMPLERS",
-    "drop_captions",
+    "caption_keep",
     "flow_loss",
     "guided",
     "interpolate",

@@ -40,7 +40,7 @@ def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> to
     return torch.mean((v_pred.float() - velocity_target(x0, noise).float()) ** 2)
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
-    """Replace each caption by "" with probability p, so one model learns both CFG branches."""
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+def caption_keep(n: int, p: float, generator: torch.Generator | None = None) -> list[bool]:
+    """Whether each of n captions is kept; a dropped one (probability p) becomes "", so one model learns
+    both CFG branches."""
+    return (torch.rand(n, generator=generator) >= p).tolist()

@@ -3,7 +3,9 @@
 Image queries attend to [text K/V ; image K/V]. Text rows are never computed here: in deep fusion they
 are the frozen LLM's own causal forward, computed once per prompt batch (design-space.md s.1), so the
 only mask left is a key-padding mask over the text part, (B, 1, 1, T + N), and none at all when the batch
-has no padding. No dense (T + N) x (T + N) mask is ever built.
+has no padding. No dense (T + N) x (T + N) mask is ever built. The other callers pass masks of the same
+kind: cross-attention's key padding (B, 1, 1, T) and LI-DiT's refiner's (B, 1, T, T), causal in its
+ablation.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from torch import nn
 
 from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
 from fusedit.text.refiner import TokenAttention
+from fusedit.text.spec import head_dim
 
 _TEXT_PATH = ("context", "text_kv")
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
@@ -50,9 +51,8 @@ def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int) -> int:
 def llm_flops(llm: nn.Module, num_text: int) -> int:
     """The LLM's forward on one prompt of ``num_text`` tokens (all its Linears; full attention products)."""
     cfg = llm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     linears = sum(_linear(m, num_text) for m in llm.modules() if isinstance(m, nn.Linear))
-    attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * head_dim
+    attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * head_dim(cfg)
     return linears + attention
 
 

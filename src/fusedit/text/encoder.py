@@ -26,6 +26,7 @@ from torch import nn
 
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.spec import head_dim
 from fusedit.text.templates import Template
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 
 
 def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The LLM's own rotation (rotate-half layout); cos, sin (B, T, head_dim) from its rotary_emb."""
+    """The LLM's own rotation (rotate-half layout); cos, sin (B, T, head_dim) from its rotary_emb.
+
+    Not ``Rotary.apply``: that one computes in float32, this one in the LLM's dtype as transformers does,
+    so the keys equal those inside the LLM's own attention."""
     return (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(k.dtype)
 
 
@@ -88,8 +92,7 @@ class TextEncoder(nn.Module):
         self.template = template or Template("", "")
         self.trim_padding = trim_padding
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
-        cfg = llm.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(llm.config)
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template

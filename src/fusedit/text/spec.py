@@ -26,7 +26,6 @@ class LLMSpec:
     @classmethod
     def from_hf(cls, config) -> LLMSpec:
         """From a transformers PretrainedConfig (4.x and 5.x spellings of RoPE settings and activation)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rope = _rope_settings(config)
         theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -41,7 +40,7 @@ class LLMSpec:
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
+            head_dim=head_dim(config),
             intermediate_size=config.intermediate_size,
             activation=activation,
             rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
@@ -49,6 +48,11 @@ class LLMSpec:
             model_type=config.model_type,
             rope_freqs=freqs,
         )
+
+
+def head_dim(config) -> int:
+    """An HF LLM config's attention head width (set explicitly by Gemma, else hidden_size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rope_settings(config) -> dict:

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config
+from fusedit.files import write_text_atomic
 from fusedit.train import lora
 
 DCP_DIR = "dcp"
@@ -63,13 +64,6 @@ def _optim_section(key: str) -> str:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename: a reader or a kill sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(

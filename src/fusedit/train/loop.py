@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import is_stream, step_loader
-from fusedit.flow import flow_loss, interpolate, sample_training_times
+from fusedit.files import write_text_atomic
+from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
@@ -49,7 +50,6 @@ from fusedit.train.checkpoint import (
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
-    write_text_atomic,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
@@ -435,7 +435,7 @@ class _Run:
             # The global batch's dropout and times from (seed, step), then this rank's rows: the losses are
             # the same however the global batch is split over ranks and micro-steps.
             gen = step_generator(seed, step)
-            keep = (torch.rand(global_batch, generator=gen) >= sc.data.caption_dropout).tolist()
+            keep = caption_keep(global_batch, sc.data.caption_dropout, gen)
             times = sample_training_times(
                 global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
             )
