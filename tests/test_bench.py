@@ -92,7 +92,10 @@ def test_bench_with_padded_prompts_trims_them_and_counts_the_flops_of_what_ran(t
 def test_bench_prompt_lengths_and_reachable_text_widths():
     import torch
 
-    from fusedit.bench import prompt_lengths, text_widths
+    from fusedit.bench import priming_lengths, prompt_lengths
+
+    def text_widths(model, min_tokens, tokens):  # the text lengths the encoders can trim a batch to
+        return sorted({width for width, _ in priming_lengths(model, 1, tokens, min_tokens)})
 
     gen = torch.Generator().manual_seed(0)
     assert prompt_lengths(3, 8, None, gen).tolist() == [8, 8, 8]

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_config
+from fusedit.cli import main
 from fusedit.config import ConfigError, save_config
 from fusedit.train.checkpoint import (
-    consolidate_checkpoint,
     find_checkpoint,
     is_distributed_checkpoint,
     load_model,
@@ -185,7 +185,7 @@ def test_fsdp_mixed_precision_matches_bf16_autocast_in_one_process(runs):
     assert logged_losses(runs("fsdp-bf16")) == pytest.approx(logged_losses(runs("ref-bf16")), rel=1e-4)
 
 
-def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, capsys):
     ref = runs("ref")
     run = tmp_path / "run"
     shutil.copytree(runs("ddp"), run)
@@ -198,8 +198,12 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
     from_dcp, _, ckpt = load_model(runs("ddp"))
     assert is_distributed_checkpoint(ckpt)
     _weights_close(from_dcp.denoiser, load_model(ref)[0].denoiser)
-    plain = consolidate_checkpoint(runs("ddp"), tmp_path / "plain")
+    plain = tmp_path / "plain"
+    assert main(["consolidate", str(runs("ddp")), "--out", str(plain)]) == 0
     assert not is_distributed_checkpoint(plain)
+    # a plain checkpoint has nothing to consolidate: one line says so
+    assert main(["consolidate", str(plain), "--out", str(tmp_path / "again")]) == 2
+    assert "is not a distributed (DCP) checkpoint" in capsys.readouterr().err
     assert {"denoiser.safetensors", "ema.safetensors", "llm.safetensors", "optimizer.pt"} <= {
         p.name for p in plain.iterdir()
     }

@@ -89,11 +89,6 @@ def priming_lengths(
     return out
 
 
-def text_widths(model: TextToImage, min_tokens: int | None, tokens: int) -> list[int]:
-    """The text lengths the encoders can trim a batch to."""
-    return sorted({width for width, _ in priming_lengths(model, 1, tokens, min_tokens)})
-
-
 def synthetic_text(
     model: TextToImage, lengths: torch.Tensor, tokens: int, generator: torch.Generator
 ) -> TextContext:

@@ -475,6 +475,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from fusedit.train.checkpoint import consolidate_checkpoint
+
+    out = consolidate_checkpoint(args.model, args.out)
+    print(f"wrote the plain single-process checkpoint {out} (safetensors weights and EMA, optimizer.pt)")
+    return 0
+
+
 def cmd_describe(args) -> int:
     from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
     from fusedit.system import build_model, count_parameters
@@ -621,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     sp.add_argument("--device", default="cpu")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser(
+        "consolidate", help="turn a distributed (DCP) checkpoint into the plain one-process format"
+    )
+    sp.add_argument("model", help="run folder or checkpoint folder of a torchrun run")
+    sp.add_argument("--out", required=True, help="the checkpoint folder to write")
+    sp.set_defaults(func=cmd_consolidate)
 
     sp = sub.add_parser("convert", help="import a public FuseDiT checkpoint (folder, pipeline or raw file)")
     sp.add_argument(

@@ -11,25 +11,12 @@ from pathlib import Path
 import torch
 
 from fusedit.config import Config
+from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
 from fusedit.system import resolve_device
 from fusedit.train.checkpoint import load_model
 from fusedit.train.loop import train
-
-# Prompts the demo shows: colours and shapes alone, two objects, and relative positions.
-DEMO_PROMPTS = (
-    "a red circle",
-    "a blue square",
-    "a green triangle",
-    "a yellow circle",
-    "a purple square",
-    "an orange triangle",
-    "a red square and a blue circle",
-    "a yellow triangle and a green square",
-    "a blue circle to the left of a red square",
-    "a green square above an orange circle",
-)
 
 
 def sample_sheet(run_dir: Path, cfg: Config, prompts=DEMO_PROMPTS, seeds=(0, 1), progress=True) -> Path:

@@ -61,6 +61,21 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 
 ALL_KINDS: tuple[str, ...] = ("single", "two", "counting", "position", "color_attr")
+
+# The demo's prompt sheet (and a study's default): colours and shapes alone, two objects, relative positions.
+DEMO_PROMPTS = (
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow circle",
+    "a purple square",
+    "an orange triangle",
+    "a red square and a blue circle",
+    "a yellow triangle and a green square",
+    "a blue circle to the left of a red square",
+    "a green square above an orange circle",
+)
+
 # The relation names stored in ``Prompt.relation``; the caption uses the phrase on the right.
 _RELATION_PHRASES: dict[str, str] = {
     "left of": "to the left of",

@@ -58,8 +58,7 @@ from fusedit.config import (
     positive,
     to_dict,
 )
-from fusedit.data.shapes import ALL_KINDS
-from fusedit.demo import DEMO_PROMPTS
+from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
 from fusedit.eval.shapes_bench import run_shapes_bench
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
