@@ -41,6 +41,8 @@ def test_override_file_on_a_preset(tmp_path):
         ("model.qk_norm=maybe", "model.qk_norm='maybe' must be true or false"),
         ("data.caption_dropout=1.5", "data.caption_dropout=1.5 must be <= 1"),
         ("data.image_size=30", "data.image_size=30 must be divisible by"),
+        ("data.buckets=[[32,30]]", "data.buckets: [32, 30] must have both sides divisible by"),
+        ("data.buckets=[32,48]", "data.buckets=[32, 48]: 32 is not [height, width] in pixels"),
         ("vae.latent_channels=4", "vae.kind=identity needs"),
         ("text.arch=null", "text.arch=None must be a dict"),
         ("train.steps", "must look like section.key=value"),
@@ -79,3 +81,14 @@ def test_parse_overrides_types():
     assert parse_overrides(["a.b=1", "a.c=true", "a.d=x y", "a.e=null", "a.f=[1, 2]"]) == {
         "a": {"b": 1, "c": True, "d": "x y", "e": None, "f": [1, 2]}
     }
+
+
+def test_string_keys_take_the_override_as_typed():
+    """YAML would read these as a mapping, booleans and a comment; a string key keeps the text."""
+    cfg = load_config(
+        "debug",
+        ["text.instruction=Imagine: ", "name=yes", "text.system_prompt=no", "sample.negative_prompt=#blurry"],
+    )
+    assert cfg.text.instruction == "Imagine: " and cfg.name == "yes" and cfg.text.system_prompt == "no"
+    assert cfg.sample.negative_prompt == "#blurry"
+    assert load_config("debug", ["train.steps=3", "data.caption_dropout=0.5"]).train.steps == 3

@@ -99,9 +99,10 @@ def test_llm_and_tokenizer_load_from_a_local_folder(tmp_path, family):
 
 def test_missing_model_folder_is_a_one_line_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="text.model_id=.*cannot be loaded") as e:
-        build_model(tiny_config(text={"model_id": str(tmp_path / "no-such-model")}))
-    assert "\n" not in str(e.value)
+    for device in ("cpu", "meta"):  # meta: fusedit describe, whose preset arch stands in for hub ids only
+        with pytest.raises(ConfigError, match="text.model_id=.*no-such-model' is a path to nothing") as e:
+            build_model(tiny_config(text={"model_id": str(tmp_path / "no-such-model")}), device)
+        assert "\n" not in str(e.value)
 
 
 def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing():
@@ -136,3 +137,43 @@ def test_language_decoder_of_a_multimodal_checkpoint(tmp_path):
     assert len(model.text.llm.layers) == 2
     ref = mm.language_model.layers[1].mlp.up_proj.weight
     assert torch.equal(model.text.llm.layers[1].mlp.up_proj.weight, ref)
+
+
+def _local_llm(folder, tokenizer, family="qwen2"):
+    """A random LLM saved in ``folder``; ``tokenizer`` saved beside it (its own folder: transformers would
+    load a Qwen2 folder's tokenizer files as Qwen's BPE class), None for none at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY_ARCH)).save_pretrained(folder)
+    text = {"model_id": str(folder), "family": family}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder.with_name(folder.name + "-tokenizer"))
+        text["tokenizer"] = str(folder.with_name(folder.name + "-tokenizer"))
+    return tiny_config(text=text)
+
+
+def test_an_empty_prompt_without_bos_is_the_end_of_text_token(tmp_path):
+    """Qwen's tokenizers add no BOS: an empty prompt (a dropped caption, the negative prompt) would be zero
+    tokens, which the LLM cannot run on. It becomes one end-of-text token, in training and in sampling."""
+    from tokenizers import processors
+
+    from fusedit.sample import generate
+
+    tok = word_tokenizer(vocabulary())
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    model = build_model(_local_llm(tmp_path / "qwen", tok))
+    ids, mask = model.text.tokenize(["", "a red circle"])
+    assert mask.sum(1).tolist() == [1, 3] and ids[0, 0] == model.text.tokenizer.eos_token_id
+    images = generate(model, [""], image_size=16, steps=2, guidance=3.0)  # empty prompt and negative
+    assert torch.isfinite(images).all()
+
+
+def test_a_tokenizer_that_does_not_fit_the_llm_is_a_one_line_config_error(tmp_path):
+    # a folder with the LLM's weights but no tokenizer files: transformers builds an empty tokenizer
+    with pytest.raises(ConfigError, match="into no tokens .*no tokenizer files"):
+        build_model(_local_llm(tmp_path / "no-tokenizer", None))
+    # a tokenizer whose ids run past the LLM's 64 embeddings
+    big = word_tokenizer([f"w{i}" for i in range(100)] + vocabulary())
+    model = build_model(_local_llm(tmp_path / "big", big))
+    with pytest.raises(ConfigError, match="token ids up to 1.. .*64 embeddings: it is not this LLM's"):
+        model.encode_prompts(["a red circle"])

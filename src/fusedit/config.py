@@ -489,8 +489,23 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _field_type(parts: list[str]) -> Any:
+    """The declared type of the Config field at ``parts`` (e.g. ["text", "instruction"]), or None."""
+    cls: Any = Config
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        tp = typing.get_type_hints(cls).get(name)
+        if i == len(parts) - 1 or tp is None:
+            return tp
+        cls = tp
+    return None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.steps=10", "model.pos_embed=2d-rope"]`` -> nested mapping (values parsed as YAML)."""
+    """``["train.steps=10", "model.pos_embed=2d-rope"]`` -> nested mapping. Values are parsed as YAML,
+    except for string keys, which take the text as typed: YAML would turn ``text.instruction=Imagine: ``
+    into a mapping and ``name=yes`` into true."""
     out: dict = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -500,6 +515,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+        if _field_type(parts) is str:
+            node[parts[-1]] = value
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
@@ -621,12 +639,23 @@ def validate(cfg: Config) -> None:
         )
     if cfg.vae.kind == "diffusers" and not cfg.vae.model_id:
         raise ConfigError("vae.kind=diffusers needs vae.model_id (a hub id or a local folder)")
-    latent = cfg.data.image_size // cfg.vae.downsample
-    if cfg.data.image_size % cfg.vae.downsample or latent % cfg.model.patch_size:
+    unit = cfg.vae.downsample * cfg.model.patch_size  # pixels per DiT token side
+    if cfg.data.image_size % unit:
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} must be divisible by vae.downsample x model.patch_size "
-            f"= {cfg.vae.downsample * cfg.model.patch_size}"
+            f"= {unit}"
         )
+    for bucket in cfg.data.buckets:
+        ok = isinstance(bucket, (list, tuple)) and len(bucket) == 2
+        if not (ok and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in bucket)):
+            raise ConfigError(
+                f"data.buckets={cfg.data.buckets!r}: {bucket!r} is not [height, width] in pixels"
+            )
+        if bucket[0] % unit or bucket[1] % unit:
+            raise ConfigError(
+                f"data.buckets: {list(bucket)} must have both sides divisible by vae.downsample x "
+                f"model.patch_size = {unit}"
+            )
     for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
         if text.model_id == "" and not text.arch:
             raise ConfigError(

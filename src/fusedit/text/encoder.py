@@ -24,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from fusedit.config import ConfigError
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.spec import head_dim
@@ -104,6 +105,12 @@ class TextEncoder(nn.Module):
                 f"text.max_length={max_length} leaves no room for the prompt after the template's "
                 f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens (allowed: max_length > that)"
             )
+        # An empty prompt through a template without tokens and a tokenizer that adds no BOS (Qwen's) would
+        # be zero tokens, which no LLM runs on: it becomes the end-of-text token, the same in training
+        # (dropped captions) and sampling (the empty negative prompt).
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        self.empty_ids = [] if self.prefix_ids or self.suffix_ids else [end]
+        self.vocab_rows = llm.get_input_embeddings().num_embeddings
         # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay,
         # so an empty prompt keeps one token).
         special = set(tokenizer.all_special_ids)
@@ -156,9 +163,14 @@ class TextEncoder(nn.Module):
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)
         for i, body in enumerate(bodies):
-            seq = self.prefix_ids + body[: self.budget] + self.suffix_ids
+            seq = self.prefix_ids + body[: self.budget] + self.suffix_ids or self.empty_ids
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[i, : len(seq)] = True
+        if int(out.max()) >= self.vocab_rows:
+            raise ConfigError(
+                f"the tokenizer gives token ids up to {int(out.max())} (padding: {pad}) but the LLM has "
+                f"{self.vocab_rows} embeddings: it is not this LLM's tokenizer (check text.tokenizer)"
+            )
         return out.to(device), mask.to(device)
 
     def instruction_mask(self, lengths: torch.Tensor, length: int) -> torch.Tensor:

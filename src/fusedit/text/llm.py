@@ -7,6 +7,8 @@ It is truncated after the deepest layer a design reads: deeper layers would neve
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -28,8 +30,14 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
             # Shape-only builds never wait on the network: the local cache or the preset's arch will do.
             config = AutoConfig.from_pretrained(cfg.model_id, local_files_only=shape_only)
         except OSError as e:
-            if shape_only and cfg.arch:
+            # The preset's arch stands in for an unreachable hub id, never for a folder that is not there.
+            if shape_only and cfg.arch and not _is_path(cfg.model_id):
                 return AutoConfig.for_model(cfg.family, **cfg.arch)
+            if _is_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
+                raise ConfigError(
+                    f"text.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
+                    "save_pretrained, or a hub id written org/name)"
+                ) from None
             raise ConfigError(
                 f"text.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
                 f"unreachable or has no such model): {str(e).splitlines()[0]}"
@@ -74,6 +82,11 @@ def load_llm(
     return llm.eval()
 
 
+def _is_path(model_id: str) -> bool:
+    """Whether ``model_id`` is written as a local path (a hub id is "org/name")."""
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
 def _is_multimodal(model_id: str) -> bool:
     config = AutoConfig.from_pretrained(model_id)
     return getattr(config, "text_config", None) is not None and config.text_config is not config
@@ -92,7 +105,18 @@ def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise ConfigError(f"tokenizer {name!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+    # transformers builds an empty tokenizer for a folder that has a config but no tokenizer files.
+    probe = "a photo of a cat"
+    if not tok(probe, add_special_tokens=False)["input_ids"]:
+        raise ConfigError(
+            f"tokenizer {name!r} turns {probe!r} into no tokens ({len(tok)} in its vocabulary): the folder "
+            "has no tokenizer files? (set text.tokenizer to the LLM's tokenizer)"
+        )
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if tok.pad_token is None:
+        raise ConfigError(
+            f"tokenizer {name!r} has neither a pad nor an end-of-text token to pad prompts with"
+        )
     return tok
