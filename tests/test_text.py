@@ -177,3 +177,22 @@ def test_a_tokenizer_that_does_not_fit_the_llm_is_a_one_line_config_error(tmp_pa
     model = build_model(_local_llm(tmp_path / "big", big))
     with pytest.raises(ConfigError, match="token ids up to 1.. .*64 embeddings: it is not this LLM's"):
         model.encode_prompts(["a red circle"])
+
+
+def test_loading_reports_missing_llm_weights_but_not_the_unread_lm_head(tmp_path, caplog, capfd):
+    """The base model never reads a causal LM's head: no table about it. A weight the LLM needs but the
+    checkpoint lacks stays random, which is worth one warning."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = _local_llm(tmp_path / "llama", word_tokenizer(vocabulary()), family="llama")
+    build_model(cfg)
+    assert "LOAD REPORT" not in capfd.readouterr().err and "lacks" not in caplog.text
+    weights = load_file(tmp_path / "llama" / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.weight"]
+    save_file(weights, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        build_model(cfg)
+    assert (
+        "lacks 1 weight(s) the LLM needs (random instead), e.g. layers.0.self_attn.k_proj.weight"
+        in caplog.text
+    )

@@ -7,6 +7,7 @@ It is truncated after the deepest layer a design reads: deeper layers would neve
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fusedit.config import ConfigError, TextConfig
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -69,17 +72,40 @@ def load_llm(
     if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
         # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix, so
         # load the whole model and keep its language decoder, cut after the layers the design reads.
-        full = AutoModel.from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype})
+        full = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype})
         llm = full.language_model
         llm.layers = llm.layers[:num_layers]
         llm.config.num_hidden_layers = num_layers
     elif cfg.model_id and not shape_only:
-        llm = AutoModel.from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
+        llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
     else:
         llm = AutoModel.from_config(config).to(dtype)
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()
+
+
+def _from_pretrained(model_id: str, **kwargs) -> PreTrainedModel:
+    """AutoModel.from_pretrained, reporting only what matters here. The base model of a causal-LM
+    checkpoint never reads its LM head (or the layers past the cut), which transformers reports as a table
+    of unexpected weights on every load; weights the model needs but the checkpoint lacks are warned
+    about, since they stay random."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(model_id, output_loading_info=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        log.warning(
+            "text.model_id=%r lacks %d weight(s) the LLM needs (random instead), e.g. %s",
+            model_id,
+            len(missing) + len(mismatched),
+            (missing + mismatched)[0],
+        )
+    return model
 
 
 def _is_path(model_id: str) -> bool:
