@@ -92,3 +92,15 @@ def test_string_keys_take_the_override_as_typed():
     assert cfg.text.instruction == "Imagine: " and cfg.name == "yes" and cfg.text.system_prompt == "no"
     assert cfg.sample.negative_prompt == "#blurry"
     assert load_config("debug", ["train.steps=3", "data.caption_dropout=0.5"]).train.steps == 3
+
+
+def test_relative_paths_that_exist_are_saved_absolute(tmp_path, monkeypatch):
+    """A run's saved config must find its data and LLM from any working directory (fusedit sample)."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "my-llm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        "debug", ["data.source=folder", "data.root=photos", "text.model_id=my-llm", "vae.model_id=org/vae"]
+    )
+    assert cfg.data.root == str(tmp_path / "photos") and cfg.text.model_id == str(tmp_path / "my-llm")
+    assert cfg.vae.model_id == "org/vae" and cfg.text.tokenizer == ""  # hub ids and empty keys stay

@@ -627,7 +627,29 @@ def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None 
             f"train.steps={extra['train']['steps']!r} cannot be set on a staged config: its length is the sum "
             "of stages[i].steps (allowed: stages.N.steps=..., or `fusedit train --stop-at STEP`)"
         )
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    _absolute_paths(cfg)
+    return cfg
+
+
+# Keys that may name a local file or folder (or else a hub id).
+PATH_KEYS = {
+    "text": ("model_id", "tokenizer"),
+    "pooled_text": ("model_id",),
+    "vae": ("model_id",),
+    "data": ("root", "index_file", "hf_path", "latents_dir"),
+}
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Relative paths that exist here become absolute, so the config saved with a run still finds them
+    from another working directory (``fusedit sample`` elsewhere); hub ids are not paths here and stay."""
+    sections = [(name, getattr(cfg, name)) for name in PATH_KEYS] + [("text", t) for t in cfg.extra_text]
+    for name, section in sections:
+        for key in PATH_KEYS[name]:
+            value = getattr(section, key)
+            if value and not Path(value).is_absolute() and Path(value).exists():
+                setattr(section, key, str(Path(value).absolute()))
 
 
 def validate(cfg: Config) -> None:
