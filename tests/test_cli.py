@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY, tiny_vae
 from fusedit.cli import main
 
@@ -123,6 +125,11 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
     assert Image.open(tmp_path / "dpgout" / "grids" / "7.png").size == (32, 32)  # 2 x 2 tiles of 16 px
     assert main(["eval", str(run), "--bench", "geneval"]) == 2
     assert "needs --prompts PATH" in capsys.readouterr().err
+    # A missing copy names the command that fetches one.
+    for bench in ("geneval", "dpg"):
+        assert main(["eval", str(run), "--bench", bench, "--prompts", str(tmp_path / "nope")]) == 2
+        err = capsys.readouterr().err
+        assert f"get a copy with `fusedit benchmarks download {bench}`" in err and "\n" not in err.strip()
 
 
 def test_cache_latents_then_train_on_them(tmp_path):
@@ -220,3 +227,89 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path):
 
     index = _json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["_class_name"] == "FuseDiTPipeline" and "transformer" in index
+
+
+def _tiny_yaml(tmp_path):
+    import yaml
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return str(tmp_path / "tiny.yaml")
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_devices_fail_with_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    config = _tiny_yaml(tmp_path)
+    sample = ["sample", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]
+    assert main([*sample, "--device", "tpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "--device 'tpu' is not allowed (allowed: auto, cpu, cuda, cuda:N, mps" in err
+    assert main(["train", config, "train.device=gpu", "--out", str(tmp_path / "run")]) == 2
+    assert "train.device 'gpu' is not allowed (allowed: auto, cpu, cuda" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+    # CUDA asked of a torch without it (whatever this machine has).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    assert main([*sample, "--device", "cuda"]) == 2
+    err = _one_line_error(capsys)
+    assert "--device 'cuda' is not available: torch " in err and "is built without CUDA" in err
+    assert main(["train", config, "train.device=cuda:0", "--out", str(tmp_path / "run")]) == 2
+    assert "train.device 'cuda:0' is not available" in _one_line_error(capsys)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    assert main([*sample, "--device", "cuda"]) == 2
+    assert "finds no cuda device (allowed here: auto or cpu)" in _one_line_error(capsys)
+
+
+def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, capsys):
+    from fusedit.train.checkpoint import find_checkpoint
+
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+
+    def train(steps: int, *flags: str) -> int:
+        overrides = [f"train.steps={steps}", "train.checkpoint_every=2"]
+        return main(["train", config, *overrides, "--out", str(run), "--quiet", *flags])
+
+    assert train(4) == 0
+    capsys.readouterr()
+    assert train(4) == 2
+    err = _one_line_error(capsys)
+    assert f"{str(run)!r} already holds a run (checkpoint at step 4)" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4  # untouched
+    # Starting over removes the old run's checkpoints, even those past the new run's steps.
+    assert train(1, "--overwrite") == 0
+    assert find_checkpoint(run).name == "step_00000001"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        train(1, "--resume", "--overwrite")
+    assert "not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+
+    def train(steps: int, *flags: str) -> int:
+        return main(["train", config, f"train.steps={steps}", "--out", str(run), "--quiet", *flags])
+
+    for bad in ("0", "-1"):
+        assert train(3, "--stop-at", bad) == 2
+        assert f"--stop-at {bad} is not allowed (allowed: a step number, 1 or more)" in _one_line_error(
+            capsys
+        )
+    assert not run.exists()
+    assert train(3, "--stop-at", "2") == 0
+    assert capsys.readouterr().out == f"trained to step 2; checkpoints in {run / 'checkpoints'}\n"
+    assert train(3, "--resume", "--stop-at", "1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to train: the run is already at step 2, at or past --stop-at 1; ")
+    assert train(2, "--resume") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to train: the run already finished (step 2 of train.steps=2); ")

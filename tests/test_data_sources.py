@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -122,6 +123,24 @@ def test_index_jsonl_and_csv_with_missing_files_and_bad_rows(tmp_path):
     assert {c for b in batches for c in b["caption"]} == {f"{cap} (csv)" for *_, cap in GOOD[:4]}
 
 
+def test_index_with_the_documented_file_column_loads_as_jsonl_and_csv(tmp_path):
+    # The layout docs/train-your-own-data.md shows: {"file": "more/0003.webp", "caption": "..."} lines, or
+    # a CSV with a file,caption header; relative paths resolved against the index file's folder.
+    root = tmp_path / "data"
+    _write_good(root, sidecars=False)
+    (root / "more").mkdir()
+    _noise(32, 32, 50).save(root / "more" / "0003.webp", "WEBP")
+    listed = [(rel, cap) for rel, *_, cap in GOOD[:3]] + [("more/0003.webp", "a webp, with a comma")]
+    jsonl = root / "index.jsonl"
+    jsonl.write_text("".join(json.dumps({"file": rel, "caption": cap}) + "\n" for rel, cap in listed))
+    csv = root / "index.csv"
+    csv.write_text("file,caption\n" + "".join(f'{rel},"{cap}"\n' for rel, cap in listed))
+    for index in (jsonl, csv):
+        loader, batches = _run(_cfg(source="folder", index_file=str(index)), steps=2)
+        assert {(i, c) for b in batches for i, c in zip(b["id"], b["caption"])} == set(listed), index.name
+        assert loader.skips.counts() == {}
+
+
 def test_caption_fields_random_pick_is_deterministic_and_varies_by_epoch(tmp_path):
     root = tmp_path / "data"
     _write_good(root)
@@ -223,6 +242,71 @@ def test_transform_resize_crop_and_random_crop_determinism():
     rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
     out = decoder({"txt": "x"}, _encode(rgba, "PNG"), key=0)
     assert torch.allclose(out.image, torch.ones(3, 16, 16))  # transparent -> white, not black
+
+
+def test_deep_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    levels = np.arange(256).reshape(16, 16)  # every 8-bit level once; 16x16 = the target: no resampling
+    expected = torch.from_numpy(levels).float().expand(3, 16, 16) / 127.5 - 1.0
+    decoder = SampleDecoder(targets=((16, 16),), min_image_size=16)
+    png16 = tmp_path / "grey16.png"
+    Image.fromarray((levels * 257).astype(np.uint16)).save(png16)
+    assert Image.open(png16).mode == "I;16"  # what PIL makes of a 16-bit greyscale PNG
+    for value in (
+        str(png16),
+        Image.fromarray((levels * 257).astype(np.int32)),  # "I" within 16 bits: 16-bit data
+        Image.fromarray(np.rint(levels * ((2**31 - 1) / 255)).astype(np.int32)),  # "I", full 32 bits
+        Image.fromarray((levels / 255).astype(np.float32)),  # "F" in [0, 1]
+    ):
+        out = decoder({"txt": "x"}, value, key=0)
+        assert torch.equal(out.image, expected), getattr(value, "mode", value)
+
+
+def _uncaptioned_folder(root: Path) -> Path:
+    """Images whose .json sidecar holds the caption under "caption", which the default fields do not read."""
+    for rel, w, h, caption in GOOD[:3]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _noise(w, h, 0).save(path, "JPEG" if rel.endswith(".jpg") else "PNG")
+        path.with_suffix(".json").write_text(json.dumps({"caption": caption}))
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"num_workers": 1}, {"buckets": [[16, 16], [16, 24]]}],
+    ids=["in-process", "worker-process", "buckets"],
+)
+def test_no_usable_sample_is_a_one_line_config_error_naming_the_fix(tmp_path, extra):
+    root = _uncaptioned_folder(tmp_path / "data")
+    with pytest.raises(ConfigError) as error:
+        _run(_cfg(source="folder", root=str(root), **extra), steps=1)
+    message = str(error.value)
+    assert "\n" not in message  # also from a DataLoader worker, whose errors carry its traceback
+    assert message.startswith("no usable sample left to fill a batch; skipped 3 samples")
+    assert re.search(
+        r"no-caption 3 \(e\.g\. a/\S+: none of the fields \['txt', 'caption'\] holds text", message
+    )
+    assert "data.caption_fields (e.g. [txt, json.caption]" in message
+    # the hint works: the same folder loads with the field it names
+    _, batches = _run(_cfg(source="folder", root=str(root), caption_fields=["json.caption"]), steps=1)
+    assert sorted(batches[0]["caption"][:3]) == ["a cat", "a dog", "an owl"]
+
+
+def test_cli_prints_no_usable_sample_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from conftest import TINY
+    from fusedit.cli import main
+
+    root = _uncaptioned_folder(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY, "data": {"source": "folder", "root": str(root), "image_size": 16}})
+    )
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fusedit: error: no usable sample left to fill a batch; skipped 3 samples")
+    assert not any("Traceback" in line for line in err)
 
 
 # --------------------------------------------------------------------------------------------------

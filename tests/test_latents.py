@@ -176,5 +176,16 @@ def test_shapes_can_be_cached_and_missing_cache_is_a_config_error(tmp_path):
     data = DataConfig(image_size=16, max_objects=2, kinds=["single"], num_samples=6)
     summary = cache_latents(data, VAEConfig(), tmp_path / "c", batch_size=4, shard_size=4, progress=False)
     assert summary["samples"] == 6 and summary["skipped"] == {}
-    with pytest.raises(ConfigError, match=r"data.latents_dir='.*nothing' has no index.json"):
-        step_loader(DataConfig(source="latents", latents_dir=str(tmp_path / "nothing")), 0, 2, 0, 1)
+    nothing = tmp_path / "nothing"
+    # the message names the command that writes the cache, as typed on the command line
+    with pytest.raises(ConfigError) as error:
+        step_loader(DataConfig(source="latents", latents_dir=str(nothing)), 0, 2, 0, 1)
+    assert str(error.value).startswith(
+        f"data.latents_dir={str(nothing)!r} has no index.json: write it with "
+        f"`fusedit cache-latents CONFIG --out {nothing}` first"
+    )
+    with pytest.raises(ConfigError) as error:
+        step_loader(DataConfig(source="latents"), 0, 2, 0, 1)
+    assert str(error.value) == (
+        "data.source=latents needs data.latents_dir (a folder written by `fusedit cache-latents`)"
+    )

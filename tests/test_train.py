@@ -1,4 +1,6 @@
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -163,3 +165,83 @@ def test_preview_grids_are_written_during_training(tmp_path):
     previews = sorted((tmp_path / "run" / "previews").glob("*.png"))
     assert [p.name for p in previews] == ["step_00000002.png", "step_00000004.png"]
     assert Image.open(previews[0]).size[0] > 0
+
+
+def test_resuming_with_another_architecture_is_a_one_line_error(tmp_path):
+    from conftest import TINY_ARCH
+    from fusedit.config import ConfigError, load_config
+
+    run = tmp_path / "run"
+    trained = tiny_config(train={"steps": 1})
+    train(trained, run, progress=False)
+    cases = [
+        # a changed width: shapes differ
+        (
+            {"model": {"dit_hidden_size": 64}},
+            r"'patch_embed\.proj\.weight' has shape \[32, 12\] in the checkpoint but \[64, 12\]",
+        ),
+        # a deeper LLM, so a deeper DiT: weights missing from the checkpoint
+        ({"text": {"arch": {**TINY_ARCH, "num_hidden_layers": 4}}}, r"'blocks\.3\..*' of the configured"),
+        # fewer DiT layers: weights of the checkpoint left over
+        ({"model": {"num_layers": 2}}, r"'blocks\.2\..*' of the checkpoint has no place in the configured"),
+    ]
+    for change, detail in cases:
+        with pytest.raises(ConfigError, match="does not fit the configured model: denoiser weight ") as e:
+            train(tiny_config(train={"steps": 2}, **change), run, resume=True, progress=False)
+        message = str(e.value)
+        assert re.search(detail, message) and "\n" not in message, message
+        assert "resume with the config it was trained with" in message and "new --out" in message
+    assert load_config(run / "config.yaml") == trained  # the refused resumes left the run as it was
+    assert train(trained, run, resume=True, progress=False)["step"] == 1
+
+
+def test_weights_mismatch_reads_the_shapes_of_both_checkpoint_formats(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from fusedit.train.checkpoint import weights_mismatch
+
+    plain, dist = tmp_path / "plain", tmp_path / "dist"
+    plain.mkdir()
+    save_file({"w": torch.zeros(2, 3)}, plain / "denoiser.safetensors")
+    # An optimizer section holds other shapes under the same parameter name: it is not compared.
+    state = {"model": {"w": torch.zeros(2, 3)}, "optim": {"state": {"w": {"exp_avg": torch.zeros(4)}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=dist / "dcp", no_dist=True)
+    w, other = torch.zeros(2, 3), torch.zeros(3, 3)
+    for ckpt in (plain, dist):
+        assert weights_mismatch(ckpt, {"denoiser": {"w": w}, "llm": {"x": w}}) is None  # no llm saved
+        assert weights_mismatch(ckpt, {"denoiser": {"w": other}}) == (
+            "denoiser weight 'w' has shape [2, 3] in the checkpoint but [3, 3] in the configured model"
+        )
+        missing = weights_mismatch(ckpt, {"denoiser": {"w": w, "v": w}})
+        assert missing == "denoiser weight 'v' of the configured model is not in the checkpoint"
+        left = weights_mismatch(ckpt, {"denoiser": {}})
+        assert left == "denoiser weight 'w' of the checkpoint has no place in the configured model"
+        adapters = weights_mismatch(ckpt, {"denoiser": {"w": w}, "denoiser_lora": {"a.lora_A": w}})
+        assert adapters == "adapter 'a.lora_A' of the configured model is not in the checkpoint"
+
+
+def test_a_warmup_longer_than_its_run_or_stage_is_warned_about_once(tmp_path, caplog):
+    def warmup_warnings(cfg, run_dir) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusedit"):
+            train(cfg, run_dir, progress=False)
+        return [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+
+    cfg = tiny_config(train={"steps": 2, "warmup_steps": 5, "checkpoint_every": 2})
+    assert warmup_warnings(cfg, tmp_path / "a") == [
+        "train.warmup_steps=5 exceeds the 2 steps of the run: the learning rate peaks at 0.0004 instead of "
+        "train.lr=0.001 (allowed: warmup_steps <= 2 to reach it)"
+    ]
+    assert warmup_warnings(tiny_config(train={"steps": 2, "warmup_steps": 2}), tmp_path / "b") == []
+    # Each stage's schedule counts from its own first step: its warmup is checked against its own steps.
+    stages = [
+        {"name": "short", "steps": 1, "train": {"warmup_steps": 2}},
+        {"name": "long", "steps": 2, "train": {"warmup_steps": 2}},
+    ]
+    messages = warmup_warnings(tiny_config(stages=stages, train={"checkpoint_every": 3}), tmp_path / "c")
+    assert len(messages) == 1 and "exceeds the 1 steps of stage 0 (short)" in messages[0]

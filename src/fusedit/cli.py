@@ -19,13 +19,38 @@ def _config(args) -> object:
 
 
 def cmd_train(args) -> int:
+    from fusedit.train.checkpoint import find_checkpoint, load_state
     from fusedit.train.loop import train
 
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     cfg = _config(args)
     out = Path(args.out or f"runs/{cfg.name}")
+    if not (args.resume or args.overwrite):
+        # Training afresh deletes the run's metrics and checkpoints: a forgotten --resume would lose it.
+        try:
+            step = load_state(find_checkpoint(out))["step"]
+        except FileNotFoundError:
+            pass
+        else:
+            raise ConfigError(
+                f"{str(out)!r} already holds a run (checkpoint at step {step}): pass --resume to continue "
+                "it, --overwrite to delete it and start over, or another --out"
+            )
     result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
-    if result.get("rank", 0) == 0:
-        print(f"trained to step {result['step']}; checkpoints in {out / 'checkpoints'}")
+    if result.get("rank", 0) != 0:
+        return 0
+    step, where = result["step"], f"checkpoints in {out / 'checkpoints'}"
+    if step > result["start_step"]:
+        print(f"trained to step {step}; {where}")
+    elif step >= cfg.train.steps:
+        print(
+            f"nothing to train: the run already finished (step {step} of train.steps={cfg.train.steps}); {where}"
+        )
+    else:
+        print(
+            f"nothing to train: the run is already at step {step}, at or past --stop-at {args.stop_at}; {where}"
+        )
     return 0
 
 
@@ -127,7 +152,7 @@ def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, sample_settings
+    from fusedit.sample import generate, sample_settings, seeded_noise
     from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
@@ -138,7 +163,7 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--steps {args.steps} is not allowed (allowed: 1 or more)")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     settings = sample_settings(
         cfg,
@@ -161,16 +186,19 @@ def cmd_sample(args) -> int:
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
-    for b, batch in enumerate(batches):
-        seed = args.seed + b
-        x = generate(model, batch, seed=seed, progress=lambda: bar.update(1), **settings)
-        for j, (img, prompt) in enumerate(zip(to_uint8(x), batch)):
+    channels, side = model.autoencoder.channels, size // model.autoencoder.downsample
+    for batch in batches:
+        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
+        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
+        seeds = [args.seed + len(images) + j for j in range(len(batch))]
+        noise = seeded_noise(seeds, channels, side)
+        x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
+        for img, prompt, seed in zip(to_uint8(x), batch, seeds):
             name = f"{len(images):05d}"
             save_png(Image.fromarray(img), out / f"{name}.png")
             meta = {
                 "prompt": prompt,
                 "seed": seed,
-                "index_in_batch": j,
                 "negative_prompt": settings["negative_prompt"],
                 "steps": steps,
                 "guidance": guidance,
@@ -198,7 +226,7 @@ def cmd_serve(args) -> int:
             check_port_free(args.host, args.port)
         except OSError as e:
             raise ConfigError(str(e)) from None
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     flags = _sampling_flags(args)
     # Compile off unless asked: each new size, image count or guidance setting of a request would compile.
     flags["compile"] = flags["compile"] or ""
@@ -222,7 +250,7 @@ def cmd_eval(args) -> int:
     from fusedit.system import resolve_device
     from fusedit.train.checkpoint import load_model
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
     to_sampling_form(model, cfg)
     out = Path(args.out or Path(args.model) / "eval" / args.bench)
@@ -305,7 +333,7 @@ def cmd_cache_latents(args) -> int:
         args.out,
         args.batch_size,
         args.shard_size,
-        resolve_device(args.device),
+        resolve_device(args.device, "--device"),
         progress=not args.quiet,
         seed=cfg.train.seed,
         dtype=getattr(torch, args.dtype),
@@ -354,7 +382,7 @@ def cmd_bench(args) -> int:
     from fusedit.system import resolve_device
 
     cfg = _config(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     tokens = args.text_tokens or cfg.text.max_length
     if args.min_text_tokens is not None and not 1 <= args.min_text_tokens <= tokens:
@@ -560,8 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train a config")
     with_config(sp)
     sp.add_argument("--out", help="run folder (default runs/<name>)")
-    sp.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    sp.add_argument("--stop-at", type=int, help="stop after this step (the run can be resumed)")
+    fresh = sp.add_mutually_exclusive_group()
+    fresh.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    fresh.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds checkpoints, deleting them and its metrics",
+    )
+    sp.add_argument("--stop-at", type=int, help="stop after this step, 1 or more (the run can be resumed)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_train)
 

@@ -177,7 +177,7 @@ class VAEConfig:
 @dataclass
 class DataConfig:
     # shapes: the procedural world; folder: images on disk; webdataset: tar shards; hf: Hugging Face
-    # datasets; latents: a cache written by fusedit.data.latents.cache_latents (no VAE encode in training).
+    # datasets; latents: a cache written by `fusedit cache-latents` (no VAE encode in training).
     source: str = choice("shapes", "shapes", "folder", "webdataset", "hf", "latents")
     image_size: int = positive(32)
     max_objects: int = positive(4)
@@ -194,7 +194,7 @@ class DataConfig:
     # folder: a .jsonl or .csv index with one row per image (a path column and caption columns).
     index_file: str = ""
     # Column (index file, hf) or tar member extension (webdataset) holding the image; "" = the first of
-    # path/file_name/image/filepath (index file), "image" (hf), jpg/jpeg/png/webp (webdataset).
+    # path/file_name/image/filepath/file (index file), "image" (hf), jpg/jpeg/png/webp (webdataset).
     image_field: str = ""
     # Caption sources, tried in order; dotted names read into JSON (e.g. json.caption). Several present:
     # see caption_pick. A sample with none of them is skipped and counted ("no-caption").
@@ -220,7 +220,7 @@ class DataConfig:
     # Aspect-ratio buckets as [[H, W], ...]: each image goes to the nearest aspect ratio and every batch
     # comes from one bucket; empty = square image_size crops.
     buckets: list = field(default_factory=list)
-    # latents: the folder cache_latents wrote (safetensors shards + index.json).
+    # latents: the folder `fusedit cache-latents` wrote (safetensors shards + index.json).
     latents_dir: str = ""
 
 

@@ -97,6 +97,13 @@ class CUDAGraphVelocity:
         return self.out.clone()  # the next replay overwrites self.out (Heun keeps two velocities)
 
 
+def seeded_noise(seeds: list[int], channels: int, side: int) -> torch.Tensor:
+    """(len(seeds), channels, side, side) starting noise, row i drawn alone from seeds[i]: image i of a
+    batch is then the image its prompt gives sampled alone with that seed (``fusedit sample``, ``serve``)."""
+    rows = [torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.cat(rows)
+
+
 def sample_settings(cfg: Config, **overrides) -> dict:
     """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
     None keeps the config's value (so CLI flags can be passed straight through)."""

@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import urlsplit
 
-import torch
 from PIL import Image
 
 from fusedit.config import Config
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate, sample_settings
+from fusedit.sample import generate, sample_settings, seeded_noise
 from fusedit.system import TextToImage
 
 log = logging.getLogger(__name__)
@@ -317,13 +316,7 @@ class JobQueue:
         )
         ae = self.model.autoencoder
         side = r.size // ae.downsample
-        # Each image's noise is drawn alone from its own seed, as a one-prompt `fusedit sample` draws it.
-        noise = torch.cat(
-            [
-                torch.randn(1, ae.channels, side, side, generator=torch.Generator().manual_seed(r.seed + i))
-                for i in range(r.num_images)
-            ]
-        )
+        noise = seeded_noise([r.seed + i for i in range(r.num_images)], ae.channels, side)
 
         def advance() -> None:
             with self._lock:

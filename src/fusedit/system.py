@@ -14,7 +14,7 @@ import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
-from fusedit.config import Config, TextConfig
+from fusedit.config import Config, ConfigError, TextConfig
 from fusedit.models import build_denoiser
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
@@ -104,12 +104,39 @@ class TextToImage(nn.Module):
                 enc.llm.compile(backend=backend)
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(name: str | torch.device | None = "auto", setting: str = "device") -> torch.device:
     """A device setting (train.device, --device, an evaluator's device): "auto" or None = CUDA when
-    available, else the CPU."""
+    available, else the CPU. A name torch does not know, or a device this machine lacks, is a one-line
+    ConfigError naming ``setting``: torch's own errors surface late and say nothing of the setting."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"{setting} {str(name)!r} is not allowed (allowed: auto, cpu, cuda, cuda:N, mps, or another "
+            "torch device type such as xpu)"
+        ) from None
+    # torch.cuda, torch.mps, torch.xpu, ... say whether the device is there; "meta" and others have none.
+    backend = getattr(torch, device.type, None)
+    if callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        why = (
+            "is built without CUDA"
+            if device.type == "cuda" and not torch.backends.cuda.is_built()
+            else f"finds no {device.type} device"
+        )
+        raise ConfigError(
+            f"{setting} {str(name)!r} is not available: torch {torch.__version__} {why} (allowed here: "
+            "auto or cpu)"
+        )
+    count = getattr(backend, "device_count", None)
+    # torch accepts any index of "cpu" and ignores it, so only accelerators' indexes are checked.
+    if device.type != "cpu" and device.index is not None and callable(count) and device.index >= count():
+        raise ConfigError(
+            f"{setting} {str(name)!r} is not available: this machine has {count()} {device.type} "
+            f"device(s) (allowed: {device.type}:0..{device.type}:{count() - 1})"
+        )
+    return device
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

@@ -8,7 +8,7 @@ Two layouts:
   field ``json.caption`` reads its "caption" key) next to the image.
 * **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line) or ``.csv`` file with one row
   per image, in file order. ``data.image_field`` names the path column (default: the first of ``path``,
-  ``file_name``, ``image``, ``filepath`` that the file has); relative paths are resolved against
+  ``file_name``, ``image``, ``filepath``, ``file`` that the file has); relative paths are resolved against
   ``data.root`` or, without it, the index file's folder. Captions come from the row's columns. Rows with
   integer ``width`` and ``height`` columns let aspect-ratio bucketing skip reading image headers.
 
@@ -30,7 +30,9 @@ import numpy as np
 from fusedit.config import ConfigError
 from fusedit.data.transforms import IMAGE_EXTS
 
-_PATH_COLUMNS = ("path", "file_name", "image", "filepath")
+# Tried in this order when data.image_field is unset; "file" is last so that an index that also has one of
+# the others keeps the column it was read by before "file" was accepted.
+_PATH_COLUMNS = ("path", "file_name", "image", "filepath", "file")
 
 
 def scan_images(root: Path) -> list[str]:

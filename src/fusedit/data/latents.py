@@ -405,11 +405,16 @@ def _write_index(out: Path, meta: dict, shards: list[dict]) -> dict:
 
 
 def read_index(latents_dir: str | Path) -> dict:
-    path = Path(latents_dir) / INDEX
-    if not latents_dir or not path.is_file():
+    if not latents_dir:
         raise ConfigError(
-            f"data.latents_dir={str(latents_dir)!r} has no {INDEX}: run cache_latents into it first (an "
-            "interrupted run writes it when rerun to the end)"
+            "data.source=latents needs data.latents_dir (a folder written by `fusedit cache-latents`)"
+        )
+    path = Path(latents_dir) / INDEX
+    if not path.is_file():
+        raise ConfigError(
+            f"data.latents_dir={str(latents_dir)!r} has no {INDEX}: write it with `fusedit cache-latents "
+            f"CONFIG --out {latents_dir}` first (an interrupted cache-latents writes it when rerun to "
+            "the end)"
         )
     return json.loads(path.read_text())
 

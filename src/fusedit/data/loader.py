@@ -19,7 +19,8 @@ is fast-forwarded by reading and decoding every sample before ``start_step`` (ex
 
 A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by the next one in the same
 order (the same bucket's order with buckets), so batches are always full and the replacement is
-deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason.
+deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason. When
+no usable sample is left (every one skipped), reading raises a ConfigError with the counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
@@ -126,6 +127,24 @@ class SkipCounter:
         self.examples = {r: [list(e) for e in ex] for r, ex in state.get("examples", {}).items()}
 
 
+def _no_usable_samples(events) -> ConfigError:
+    """The error for data whose every sample was skipped: the skip counts, and which setting to change for
+    the reasons a setting can cause (no-caption, tiny)."""
+    counter = SkipCounter()
+    counter.add_all(events)
+    counts = counter.counts()
+    hints = []
+    if "no-caption" in counts:
+        hints.append(
+            "if the captions are under other fields, list them in data.caption_fields "
+            '(e.g. [txt, json.caption] for a "caption" key in .json sidecars, or a column name)'
+        )
+    if "tiny" in counts:
+        hints.append("lower data.min_image_size to keep smaller images")
+    hint = f"; {'; '.join(hints)}" if hints else ""
+    return ConfigError(f"no usable sample left to fill a batch; {counter.report()}{hint}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Step plans for index-addressable sources
 
@@ -220,7 +239,8 @@ class PlanBatches(Sampler[list]):
 
 class PlannedDataset(Dataset):
     """A map-style dataset indexed by plan slots: item = the first usable candidate of the slot, with the
-    skips met on the way (so skips counted in worker processes reach the main process's counter)."""
+    skips met on the way (so skips counted in worker processes reach the main process's counter), or
+    ``{"unusable": skips}`` when no candidate is usable."""
 
     plan: StepPlan
 
@@ -247,9 +267,10 @@ class PlannedDataset(Dataset):
                 continue
             item["skipped"] = skipped
             return item
-        counter = SkipCounter()
-        counter.add_all(skipped)
-        raise RuntimeError(f"no usable sample left to fill a batch; {counter.report()}")
+        # Reported, not raised: this may run in a DataLoader worker, whose exceptions reach the main process
+        # with the worker's whole traceback as their message. collate passes the report on and
+        # IndexedStepLoader raises the one-line error.
+        return {"unusable": skipped}
 
 
 class ShapesItems(PlannedDataset):
@@ -292,6 +313,9 @@ class CatalogItems(PlannedDataset):
 
 
 def collate(items: list[dict]) -> dict:
+    unusable = next((it["unusable"] for it in items if "unusable" in it), None)
+    if unusable is not None:
+        return {"unusable": unusable}
     out: dict[str, Any] = {}
     for name in ("image", "latent"):
         if name in items[0]:
@@ -400,6 +424,8 @@ def planned_dataset(
     if len(decoder.targets) > 1:
         groups, found = bucket_groups(catalog, decoder)
         events += found
+        if (groups < 0).all():
+            raise _no_usable_samples(events)
     plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups)
     return CatalogItems(catalog, decoder, plan), events
 
@@ -429,6 +455,8 @@ class IndexedStepLoader:
             prefetch_factor=4 if self.num_workers else None,
         )
         for step, batch in zip(range(self.start_step, self.end_step), loader):
+            if "unusable" in batch:
+                raise _no_usable_samples(batch["unusable"])
             self.skips.add_all(batch.pop("skipped"))
             self.step, self._mark = step + 1, self.skips.mark()
             yield batch

@@ -154,7 +154,30 @@ def _short(error: BaseException) -> str:
     return text[:200]
 
 
+def _deep_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16*"), 32-bit integer ("I") or float ("F") greyscale image scaled to 8 bits ("L").
+
+    PIL's own conversion clips these to 0..255 instead of scaling them, which turns a mid-grey 16-bit PNG
+    white. The full scale is 65535 for "I;16*"; "I" and "F" carry no bit depth, so it is guessed from the
+    brightest pixel: 65535 when it fits (16-bit data read as "I"), else the int32 maximum, and 1.0 for
+    floats that stay within [0, 1] (the usual range of float images).
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    peak = float(values.max(initial=0.0))
+    if image.mode == "F" and peak <= 1.0:
+        full = 1.0
+    elif image.mode.startswith("I;16") or peak <= 65535:
+        full = 65535.0
+    else:
+        full = float(2**31 - 1)
+    # full / 255 is 257 for 16 bits: dividing by it is exact, multiplying by its inverse would round.
+    scaled = np.clip(np.rint(values / (full / 255.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _deep_grey_to_8bit(image)
     # Transparent pixels carry arbitrary colours; compositing on white is what a viewer shows.
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -177,12 +177,13 @@ def _dpg_member_target(member: tarfile.TarInfo, prompts: Path, tmp: Path) -> Pat
     return None
 
 
-def _existing(path: str | Path, what: str) -> Path:
+def _existing(path: str | Path, what: str, bench: str) -> Path:
+    """``path`` when it exists; otherwise a one-line error with the command that fetches ``bench``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"{what} {str(path)!r} does not exist; download it (fusedit.eval.benchmarks.download) or give "
-            f"the path of a local copy"
+            f"{what} {str(path)!r} does not exist; get a copy with `fusedit benchmarks download {bench}` "
+            f"(it writes benchmarks-data/{bench}) or give the path of a local copy"
         )
     return path
 
@@ -190,9 +191,9 @@ def _existing(path: str | Path, what: str) -> Path:
 def load_geneval(path: str | Path) -> list[dict]:
     """GenEval's prompt metadata, one dict per prompt in file order (the order that numbers the output
     folders). ``path`` is ``evaluation_metadata.jsonl`` or a folder containing it."""
-    path = _existing(path, "GenEval metadata")
+    path = _existing(path, "GenEval metadata", "geneval")
     if path.is_dir():
-        path = _existing(path / GENEVAL_METADATA, "GenEval metadata")
+        path = _existing(path / GENEVAL_METADATA, "GenEval metadata", "geneval")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -228,7 +229,7 @@ def name_order(stem: str) -> tuple:
 def load_dpg(path: str | Path) -> list[tuple[str, str]]:
     """DPG-Bench prompts as (name, prompt) pairs, name = the file stem (the key of the question CSV and
     of the grid image). ``path`` is a folder of ``*.txt`` files or a folder with a ``prompts/`` one."""
-    path = _existing(path, "DPG-Bench prompts folder")
+    path = _existing(path, "DPG-Bench prompts folder", "dpg")
     if not path.is_dir():
         raise BenchmarkError(f"DPG-Bench prompts {str(path)!r} is a file; expected a folder of *.txt files")
     if not any(path.glob("*.txt")) and (path / DPG_PROMPTS).is_dir():
@@ -242,12 +243,13 @@ def load_dpg(path: str | Path) -> list[tuple[str, str]]:
 def dpg_csv_path(path: str | Path) -> Path:
     """The DPG-Bench question file: ``path`` itself, or ``dpg_bench.csv`` in the folder ``path`` or in its
     parent (so the prompts folder of a downloaded copy also finds its CSV)."""
-    path = _existing(path, "DPG-Bench question file")
+    path = _existing(path, "DPG-Bench question file", "dpg")
     if path.is_file():
         return path
     for candidate in (path / DPG_CSV, path.parent / DPG_CSV):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"no {DPG_CSV} in {str(path)!r} or its parent; download DPG-Bench (it ships the CSV) or give its path"
+        f"no {DPG_CSV} in {str(path)!r} or its parent; get DPG-Bench with `fusedit benchmarks download dpg` "
+        "(it ships the CSV) or give its path"
     )

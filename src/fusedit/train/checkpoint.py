@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config
@@ -60,6 +61,12 @@ def _dcp_section(key: str) -> str:
 
 def _optim_section(key: str) -> str:
     return "optim" if key == DENOISER else f"optim_{key}"
+
+
+def _file_stem(section: str) -> str:
+    """A DCP section's plain-format file stem: "model" (the denoiser) -> "denoiser", "model_lora" ->
+    "denoiser_lora"; the others keep their names."""
+    return DENOISER + section[len("model") :] if section.startswith("model") else section
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,6 +274,54 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     return load_file(f) if f.is_file() else None
 
 
+def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shape of every saved weight by file stem ("denoiser", "denoiser_lora", "ema", "llm", ...), in
+    either format, from the safetensors headers or the DCP metadata: no tensor is read."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    if is_distributed_checkpoint(ckpt):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata
+        for key, meta in metadata.items():
+            section, _, name = key.partition(".")
+            # Optimizer states are keyed by parameter too, but their shapes are not the weights'.
+            if section == "optim" or section.startswith("optim_") or not hasattr(meta, "size"):
+                continue
+            out.setdefault(_file_stem(section), {})[name] = tuple(meta.size)
+        return out
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as tensors:
+            names = tensors.keys()  # a safe_open handle is not iterable itself
+            out[f.stem] = {k: tuple(tensors.get_slice(k).get_shape()) for k in names}
+    return out
+
+
+def weights_mismatch(ckpt: Path, expected: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """The first way the weights saved in ``ckpt`` do not fit ``expected`` (file stem -> the state the
+    module will load, as :func:`saved_shapes` names them), or None when they fit. A plain section the
+    checkpoint lacks is not compared (a hub LLM's weights are not saved); adapters the module has must be
+    saved, since a checkpoint saves the adapters of every module that has them."""
+    saved = saved_shapes(ckpt)
+    for stem, state in expected.items():
+        have = saved.get(stem)
+        if have is None:
+            if stem.endswith("_lora") and state:
+                return f"adapter {next(iter(state))!r} of the configured model is not in the checkpoint"
+            continue
+        for name, tensor in state.items():
+            if name not in have:
+                return f"{stem} weight {name!r} of the configured model is not in the checkpoint"
+            if have[name] != tuple(tensor.shape):
+                return (
+                    f"{stem} weight {name!r} has shape {list(have[name])} in the checkpoint but "
+                    f"{list(tensor.shape)} in the configured model"
+                )
+        extra = [name for name in have if name not in state]
+        if extra:
+            return f"{stem} weight {extra[0]!r} of the checkpoint has no place in the configured model"
+    return None
+
+
 def checkpoint_stage(ckpt: Path, cfg: Config | None = None) -> Stage:
     """The stage that wrote ``ckpt`` (its state.json), resolved from ``cfg`` (default: the checkpoint's own
     config)."""
@@ -401,7 +456,21 @@ def load_training_state(
     """Load weights and adapters, optimizers (by module: "denoiser", "llm", ...), the EMA and the saved LLMs
     of ``text`` from either checkpoint format into this run's modules, built as the checkpoint's stage built
     them, whatever the world size and parallelism of the run that wrote it. Every rank calls this. Returns
-    the checkpoint's state.json."""
+    the checkpoint's state.json.
+
+    A checkpoint of another architecture (a changed width, depth or LLM) is a one-line ConfigError naming
+    the first weight that does not fit, before anything is loaded."""
+    expected = {}
+    for key, module in {DENOISER: denoiser, **text}.items():
+        expected[key] = lora.base_state_dict(module)
+        expected[f"{key}_lora"] = lora.adapter_state_dict(module)
+    expected["ema"] = ema.state_dict()
+    problem = weights_mismatch(ckpt, expected)
+    if problem:
+        raise ConfigError(
+            f"checkpoint {str(ckpt)!r} does not fit the configured model: {problem}; resume with the "
+            f"config it was trained with ({ckpt / 'config.yaml'}) or train into a new --out"
+        )
     if is_distributed_checkpoint(ckpt):
         _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed)
     elif distributed:
@@ -496,9 +565,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
         if section == "optim" or section.startswith("optim_"):
             key = DENOISER if section == "optim" else section[len("optim_") :]
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
-        else:  # "model" is the denoiser's weights, "model_lora" its adapters; the others keep their names
-            name = DENOISER + section[len("model") :] if section.startswith("model") else section
-            save_file(_contiguous(content), tmp / f"{name}.safetensors")
+        else:
+            save_file(_contiguous(content), tmp / f"{_file_stem(section)}.safetensors")
     for name in ("config.yaml", "data_state.json"):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)

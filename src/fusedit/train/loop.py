@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_con
 from fusedit.data.loader import is_stream, step_loader
 from fusedit.files import write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
-from fusedit.system import TextToImage, build_model, uses_bf16
+from fusedit.system import TextToImage, build_model, resolve_device, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     data_state_name,
@@ -221,9 +222,12 @@ def train(
     Under torchrun this process joins the process group (NCCL on CUDA, gloo on the CPU), trains its share
     and leaves the group at the end; a group the caller initialised is used and left up.
 
-    Returns {"losses": [...] global mean loss of the steps run in this call, "step": last step, "run_dir",
-    "model", "ema", "skipped_steps", "rank", "world_size"}.
+    Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
+    now, "start_step": the step this call started from (both the same when it trained nothing: a run
+    already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps", "rank",
+    "world_size"}.
     """
+    resolve_device(cfg.train.device, "train.device")  # a bad name fails here in one line, not in torch
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with distributed.quiet_unless_main(env):
@@ -257,6 +261,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     if ckpt is None:
         if main:
             metrics_path.unlink(missing_ok=True)
+            # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
+            # train.keep_checkpoints are kept) and be what sampling and --resume find.
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         if cfg.text.pretrain_steps and not cfg.text.model_id:
             from fusedit.data.shapes import caption_corpus
             from fusedit.text.pretrain import pretrain_llm
@@ -285,8 +292,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                 sharded_llms.append(encoder.llm)
     if tc.compile:  # once for the whole run: a later stage's new shapes or adapters recompile the graphs
         model.compile_parts(tc.compile, tc.activation_memory_budget)  # DiT blocks and each LLM
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     parts = opts = ema = forward = None
@@ -295,7 +300,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         loggers = open_loggers(cfg, run_dir, start if ckpt is not None else None) if main else []
         for logger in loggers:
             stack.callback(logger.close)
-        bar = tqdm(total=end - start, desc=f"train {cfg.name}", disable=not (progress and main), unit="step")
+        bar = tqdm(
+            total=max(0, end - start), desc=f"train {cfg.name}", disable=not (progress and main), unit="step"
+        )
         stack.callback(bar.close)
         run = _Run(cfg, model, env, run_dir, parallel, sharded_llms, loggers, bar)
         if main:
@@ -327,6 +334,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                     )
                     log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
                     data_state = _saved_data_state(ckpt, saved, env, sc)
+                if main:  # once the checkpoint is known to fit: a refused resume leaves the config as it was
+                    save_config(cfg, run_dir / "config.yaml")
             else:
                 log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
                 ema.decay = stc.ema_decay
@@ -338,7 +347,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     distributed.barrier(env)
     return {
         "losses": run.losses,
-        "step": end,
+        "step": max(start, end),
+        "start_step": start,
         "run_dir": run_dir,
         "model": model,
         "ema": ema,
@@ -384,6 +394,20 @@ class _Run:
                 tc.grad_accum,
                 tc.lr,
                 parts.describe(),
+            )
+        if tc.warmup_steps > stage.steps and main:
+            # The schedule counts from the stage's first step, so its warmup has to fit the stage.
+            span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
+            peak = learning_rate(stage.steps - 1, tc.lr, tc.warmup_steps, tc.schedule, stage.steps)
+            log.warning(
+                "train.warmup_steps=%d exceeds the %d steps of %s: the learning rate peaks at %.3g instead "
+                "of train.lr=%g (allowed: warmup_steps <= %d to reach it)",
+                tc.warmup_steps,
+                stage.steps,
+                span,
+                peak,
+                tc.lr,
+                stage.steps,
             )
         if sc.data.source == "latents":
             from fusedit.data.latents import check_latents
