@@ -63,6 +63,13 @@ def _optim_section(key: str) -> str:
     return "optim" if key == DENOISER else f"optim_{key}"
 
 
+def _optim_key(section: str) -> str | None:
+    """The module key of a DCP optimizer section (the inverse of _optim_section), None for weights."""
+    if section == "optim":
+        return DENOISER
+    return section[len("optim_") :] if section.startswith("optim_") else None
+
+
 def _file_stem(section: str) -> str:
     """A DCP section's plain-format file stem: "model" (the denoiser) -> "denoiser", "model_lora" ->
     "denoiser_lora"; the others keep their names."""
@@ -285,7 +292,7 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
         for key, meta in metadata.items():
             section, _, name = key.partition(".")
             # Optimizer states are keyed by parameter too, but their shapes are not the weights'.
-            if section == "optim" or section.startswith("optim_") or not hasattr(meta, "size"):
+            if _optim_key(section) is not None or not hasattr(meta, "size"):
                 continue
             out.setdefault(_file_stem(section), {})[name] = tuple(meta.size)
         return out
@@ -562,8 +569,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             dcp_to_torch_save(ckpt / DCP_DIR, whole)
         state = torch.load(whole, weights_only=True)
     for section, content in state.items():
-        if section == "optim" or section.startswith("optim_"):
-            key = DENOISER if section == "optim" else section[len("optim_") :]
+        key = _optim_key(section)
+        if key is not None:
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
         else:
             save_file(_contiguous(content), tmp / f"{_file_stem(section)}.safetensors")

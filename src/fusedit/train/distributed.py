@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fusedit.config import ConfigError
+from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 def local_device(name: str, local_rank: int) -> torch.device:
-    """train.device resolved for this process: "auto" is CUDA when present; a CUDA device without an index
-    becomes the local rank's GPU (one process per GPU, torchrun's model)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """train.device resolved for this process (system.resolve_device: "auto" is CUDA when present, a bad or
+    absent device a one-line error); a CUDA device without an index becomes the local rank's GPU (one
+    process per GPU, torchrun's model)."""
+    device = resolve_device(name, "train.device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device

@@ -41,7 +41,7 @@ from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_con
 from fusedit.data.loader import is_stream, step_loader
 from fusedit.files import write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
-from fusedit.system import TextToImage, build_model, resolve_device, uses_bf16
+from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     data_state_name,
@@ -227,7 +227,6 @@ def train(
     already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps", "rank",
     "world_size"}.
     """
-    resolve_device(cfg.train.device, "train.device")  # a bad name fails here in one line, not in torch
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with distributed.quiet_unless_main(env):
