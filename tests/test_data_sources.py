@@ -420,6 +420,32 @@ def test_webdataset_corrupt_shard_is_counted_and_the_stream_goes_on(tmp_path):
     assert paths[1] in loader.skipped_report()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_without_usable_samples_is_a_config_error_not_an_endless_read(tmp_path, workers):
+    paths = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=3)
+    cfg = _cfg(source="webdataset", shards=[paths], caption_fields=["json.title"], num_workers=workers)
+    with pytest.raises(ConfigError) as error:
+        _run(cfg, steps=1, batch_size=2)
+    message = str(error.value)
+    assert message.startswith("no usable sample left to fill a batch; skipped 6 samples (12 times)")
+    assert "no-caption 6" in message and "data.caption_fields" in message
+
+
+def test_webdataset_mixed_source_without_usable_samples_is_named(tmp_path):
+    good = _write_shards(tmp_path / "wds", "a", shards=1, per_shard=4)
+    every = tuple((0, i) for i in range(3))
+    bad = _write_shards(tmp_path / "wds", "b", shards=1, per_shard=3, corrupt=every)
+    cfg = _cfg(source="webdataset", shards=[good, bad], weights=[1, 1])
+    with pytest.raises(
+        ConfigError, match=r"^no usable sample left to fill a batch \(data.shards entry 1 has "
+    ):
+        _run(cfg, steps=50, batch_size=2)
+    # Mixed with a source that is only partly unusable, the stream goes on.
+    partly = _write_shards(tmp_path / "wds", "c", shards=1, per_shard=3, corrupt=every[:2])
+    loader, batches = _run(_cfg(source="webdataset", shards=[good, partly]), steps=20, batch_size=2)
+    assert len(batches) == 20 and loader.skips.counts() == {"corrupt": 2}
+
+
 def test_webdataset_config_errors_are_one_line(tmp_path):
     paths = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=2)
     with pytest.raises(ConfigError, match=r"1 of 3 shards do not exist \(first: '.*a-0002.tar'\)"):
@@ -493,6 +519,12 @@ def test_hf_parquet_map_style(parquet):
     assert loader.skips.counts() == {"corrupt": 1}
     with pytest.raises(ConfigError, match="data.image_field='jpg' is not a column"):
         step_loader(_cfg(source="hf", hf_path=str(parquet), image_field="jpg"), 0, 2, 0, 1)
+
+
+def test_hf_stream_without_usable_samples_is_a_config_error(parquet):
+    cfg = _cfg(source="hf", hf_path=str(parquet), caption_fields=["title"], hf_streaming=True)
+    with pytest.raises(ConfigError, match=r"^no usable sample left to fill a batch; skipped 9 samples"):
+        _run(cfg, steps=1, batch_size=2)
 
 
 def test_hf_streaming_ranks_and_exact_restore(parquet):

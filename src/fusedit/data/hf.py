@@ -168,7 +168,7 @@ class HFStreamReader:
                 break
             except StopIteration:
                 if self._fresh and self._found == 0:
-                    raise RuntimeError(
+                    raise ConfigError(
                         f"data.hf_path stream has no examples for rank {self.rank} of {self.world_size}"
                     ) from None
                 self.epoch, self.count, self._hf_state, self._it = self.epoch + 1, 0, None, None

@@ -93,6 +93,12 @@ class SkipCounter:
         for event in events:
             self.add(*event)
 
+    @classmethod
+    def of(cls, events) -> SkipCounter:
+        counter = cls()
+        counter.add_all(events)
+        return counter
+
     def counts(self) -> dict[str, int]:
         """Distinct skipped samples per reason."""
         return {reason: len(ids) for reason, ids in sorted(self.ids.items())}
@@ -127,11 +133,9 @@ class SkipCounter:
         self.examples = {r: [list(e) for e in ex] for r, ex in state.get("examples", {}).items()}
 
 
-def _no_usable_samples(events) -> ConfigError:
-    """The error for data whose every sample was skipped: the skip counts, and which setting to change for
-    the reasons a setting can cause (no-caption, tiny)."""
-    counter = SkipCounter()
-    counter.add_all(events)
+def _no_usable_samples(counter: SkipCounter, where: str = "") -> ConfigError:
+    """The error for data whose every sample was skipped (``where``: which of several mixed sources): the
+    skip counts, and which setting to change for the reasons a setting can cause (no-caption, tiny)."""
     counts = counter.counts()
     hints = []
     if "no-caption" in counts:
@@ -142,7 +146,8 @@ def _no_usable_samples(events) -> ConfigError:
     if "tiny" in counts:
         hints.append("lower data.min_image_size to keep smaller images")
     hint = f"; {'; '.join(hints)}" if hints else ""
-    return ConfigError(f"no usable sample left to fill a batch; {counter.report()}{hint}")
+    where = f" ({where} has none)" if where else ""
+    return ConfigError(f"no usable sample left to fill a batch{where}; {counter.report()}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,7 +430,7 @@ def planned_dataset(
         groups, found = bucket_groups(catalog, decoder)
         events += found
         if (groups < 0).all():
-            raise _no_usable_samples(events)
+            raise _no_usable_samples(SkipCounter.of(events))
     plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups)
     return CatalogItems(catalog, decoder, plan), events
 
@@ -456,7 +461,7 @@ class IndexedStepLoader:
         )
         for step, batch in zip(range(self.start_step, self.end_step), loader):
             if "unusable" in batch:
-                raise _no_usable_samples(batch["unusable"])
+                raise _no_usable_samples(SkipCounter.of(batch["unusable"]))
             self.skips.add_all(batch.pop("skipped"))
             self.step, self._mark = step + 1, self.skips.mark()
             yield batch
@@ -488,6 +493,9 @@ class _StreamBatcher:
         self.seq = 0
         self.pending: dict[int, list[tuple[int, dict, dict]]] = {}  # bucket -> [(seq, state before, item)]
         self.last: tuple[int, dict] | None = None  # (seq, state before) of the last consumed record
+        # source -> [epoch, usable samples in it, whether this process read it from its start]: a source
+        # whose whole epoch gave nothing usable would otherwise be read forever, a batch never filling.
+        self.usable: dict[str, list] = {}
 
     def _decode(self, record: StreamRecord) -> dict | SkipSample:
         try:
@@ -528,6 +536,7 @@ class _StreamBatcher:
             self.seq += 1
             self.last = (seq, before)
             self.skips.add_all(record.events)
+            self._count_usable(record, not isinstance(result, SkipSample))
             if isinstance(result, SkipSample):
                 self.skips.add(result.reason, record.id, result.detail)
                 continue
@@ -539,6 +548,17 @@ class _StreamBatcher:
                 batch = collate(items)
                 batch.pop("skipped")
                 yield batch
+
+    def _count_usable(self, record: StreamRecord, usable: bool) -> None:
+        seen = self.usable.get(record.source)
+        if seen is None:
+            # The first epoch met may start mid-way (a restored position): it is not judged.
+            seen = self.usable[record.source] = [record.epoch, 0, False]
+        elif record.epoch != seen[0]:
+            if seen[2] and seen[1] == 0:
+                raise _no_usable_samples(self.skips, record.source)
+            seen[:] = [record.epoch, 0, True]
+        seen[1] += usable
 
     def state_dict(self) -> dict:
         marks = [(seq, before) for entries in self.pending.values() for seq, before, _ in entries]
@@ -572,7 +592,7 @@ class _StreamBatcher:
             if seq in wanted:
                 result = self._decode(record)
                 if isinstance(result, SkipSample):
-                    raise RuntimeError(
+                    raise ConfigError(
                         f"restoring the data position: sample {record.id} decoded before but now fails "
                         f"({result.reason}: {result.detail}); the data changed since the state was saved"
                     )

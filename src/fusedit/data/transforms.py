@@ -69,6 +69,8 @@ class StreamRecord:
     error: SkipSample | None = None  # the sample was unreadable at the source (e.g. truncated tar member)
     # Problems noticed while reading up to this sample (an unreadable shard): counted when it is consumed.
     events: list = field(default_factory=list)
+    # Which of several mixed sources the sample came from ("data.shards entry 1"); "" for a single source.
+    source: str = ""
 
 
 # --------------------------------------------------------------------------------------------------

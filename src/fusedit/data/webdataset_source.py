@@ -335,7 +335,7 @@ class WebDatasetReader:
             shards, _, _ = self._my_shards(d, epoch)
             if position >= len(shards):
                 if self._fresh[d] and self._found[d] == 0:
-                    raise RuntimeError(
+                    raise ConfigError(
                         f"data.shards entry {d} has no readable samples for rank {self.rank} of "
                         f"{self.world_size} ({len(self.datasets[d])} shards)"
                     )
@@ -356,7 +356,8 @@ class WebDatasetReader:
                 error = None
             except SkipSample as e:
                 fields, image, error = {}, None, e
-            return StreamRecord(fields, image, sample_id, stable_key(sample_id), epoch, error, events)
+            source = f"data.shards entry {d}" if len(self.datasets) > 1 else ""
+            return StreamRecord(fields, image, sample_id, stable_key(sample_id), epoch, error, events, source)
 
 
 # --------------------------------------------------------------------------------------------------
