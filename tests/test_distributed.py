@@ -222,6 +222,41 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(runs, tmp_path):
     assert is_distributed_checkpoint(find_checkpoint(run))
 
 
+def test_consolidate_refuses_to_replace_a_folder_it_did_not_write(runs, tmp_path, capsys):
+    run = runs("ddp")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["consolidate", str(run), "--out", str(run)]) == 2  # the run folder itself
+    assert "already exists and is not a checkpoint that consolidate wrote" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert main(["consolidate", str(run), "--out", str(other)]) == 2
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    plain = tmp_path / "plain"
+    assert main(["consolidate", str(run), "--out", str(plain)]) == 0
+    assert main(["consolidate", str(run), "--out", str(plain)]) == 0  # an earlier consolidation is replaced
+    assert load_state(plain)["step"] == 6
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_previews_are_refused_where_rank_0_lacks_the_whole_model(tmp_path, parallel):
+    # A preview runs on rank 0 alone: a sharded LLM (shard_llm) or DiT (fsdp) would leave it waiting for
+    # the other ranks' shards until the collective timeout. A 1-process group shows the check.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        train_cfg = {
+            "device": "cpu",
+            "parallel": parallel,
+            "shard_llm": parallel == "ddp",
+            "preview_every": 2,
+        }
+        with pytest.raises(ConfigError, match=r"^train.preview_every needs the whole (LLM|model) on rank 0"):
+            train(tiny_config(train=train_cfg), tmp_path / "run", progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_parallel_none_refuses_several_processes():
     env = DistEnv(rank=0, world_size=2, distributed=True)
     with pytest.raises(ConfigError, match="train.parallel=none with 2 processes"):

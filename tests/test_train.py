@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, watch_llm_forwards
+from fusedit.config import ConfigError
 from fusedit.train.checkpoint import find_checkpoint, load_model, save_checkpoint
 from fusedit.train.loop import train
 
@@ -35,6 +36,18 @@ def test_resume_continues_exactly(tmp_path):
         json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     ]
     assert logged == full
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_stop_at_below_one_is_a_one_line_error_that_leaves_the_run_alone(tmp_path, bad):
+    cfg = tiny_config(train={"steps": 3, "checkpoint_every": 3})
+    train(cfg, tmp_path / "run", progress=False)
+    good = find_checkpoint(tmp_path / "run")
+    with pytest.raises(
+        ConfigError, match=rf"^stop_at={bad} is not allowed \(allowed: a step number, 1 or more"
+    ):
+        train(cfg, tmp_path / "run", stop_at=bad, progress=False)
+    assert find_checkpoint(tmp_path / "run") == good  # not wiped as a fresh start would
 
 
 def test_run_folder_contents_and_loading(tmp_path):

@@ -559,6 +559,13 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             f"{str(ckpt)!r} is not a distributed (DCP) checkpoint: it is in the plain format already"
         )
     out = Path(out)
+    # ``out`` is replaced whole at the end: anything but an earlier consolidation (the run folder itself, a
+    # folder of other files) would be deleted.
+    if out.exists() and not _written_by_consolidate(out):
+        raise ValueError(
+            f"the output folder {str(out)!r} already exists and is not a checkpoint that consolidate wrote, "
+            "so replacing it would delete it (allowed: a new folder, or an earlier consolidation's)"
+        )
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -584,3 +591,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _written_by_consolidate(folder: Path) -> bool:
+    state = folder / "state.json"
+    return state.is_file() and "consolidated_from" in load_state(folder)

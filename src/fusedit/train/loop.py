@@ -154,8 +154,17 @@ def _rewind_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def _check_stages_fit(stages: list[Stage], parallel: str) -> None:
-    """What train.parallel allows a run's stages to do (the checks that need the launch)."""
+def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> None:
+    """What train.parallel and train.shard_llm allow a run's stages to do (the checks that need the launch)."""
+    if parallel == "none":  # one plain process: nothing is sharded
+        return
+    # A preview encodes its captions on rank 0 alone: a sharded LLM would wait there for the other ranks'
+    # shards until train.dist_timeout_s.
+    if shard_llm and any(s.config.train.preview_every for s in stages):
+        raise ConfigError(
+            "train.preview_every needs the whole LLM on rank 0, which train.shard_llm=true shards "
+            "(allowed: preview_every=0 with shard_llm, or shard_llm=false)"
+        )
     if parallel != "fsdp":
         return
     if any(s.config.train.preview_every for s in stages):
@@ -227,6 +236,10 @@ def train(
     already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps", "rank",
     "world_size"}.
     """
+    # Before anything is set up or deleted: a fresh run with stop_at <= 0 would wipe the run folder's
+    # checkpoints and train nothing.
+    if stop_at is not None and stop_at < 1:
+        raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with distributed.quiet_unless_main(env):
@@ -241,7 +254,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     device, main = env.device, env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
     stages = resolved_stages(cfg)
-    _check_stages_fit(stages, parallel)
+    _check_stages_fit(stages, parallel, tc.shard_llm)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
     check_stages(model, stages)
