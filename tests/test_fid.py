@@ -162,6 +162,18 @@ def test_fid_of_a_set_against_itself_is_zero_and_extractors_must_match(tmp_path)
         fid_score(images, reference, ColourStats(), progress=False)
 
 
+def test_list_images_leaves_out_the_contact_sheets_of_sample_folders(tmp_path):
+    # `fusedit sample` writes NNNNN.png + NNNNN.json and a grid.png of them all; GenEval's generator writes
+    # <index>/samples/NNNNN.png and <index>/grid.png. Only the samples are images of the model's output.
+    for folder in (tmp_path, tmp_path / "00000", tmp_path / "00000" / "samples"):
+        folder.mkdir(exist_ok=True)
+    for path in (tmp_path / "00000.png", tmp_path / "00000" / "samples" / "00000.png"):
+        Image.new("RGB", (4, 4)).save(path)
+    for path in (tmp_path / "grid.png", tmp_path / "00000" / "grid.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    assert list_images(tmp_path) == [tmp_path / "00000" / "samples" / "00000.png", tmp_path / "00000.png"]
+
+
 def test_clip_score_matches_the_model_and_clips_at_zero(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
 

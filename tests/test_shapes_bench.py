@@ -1,9 +1,13 @@
 import json
 
+import pytest
+import torch
 import yaml
 
+import fusedit.eval.shapes_bench as shapes_bench
 from conftest import TINY
 from fusedit.cli import main
+from fusedit.config import ConfigError
 from fusedit.data.shapes import is_heldout
 from fusedit.eval.shapes_bench import benchmark_prompts
 
@@ -29,3 +33,41 @@ def test_eval_cli_writes_scores_and_failures(tmp_path, capsys):
     assert (out / "scores.md").read_text().startswith("| model | overall |")
     assert (out / "failures.png").is_file()  # a one-step model fails, and its failures are shown
     assert "held-out prompts" in capsys.readouterr().out
+
+
+def test_bench_samples_with_the_given_settings_and_writes_results_atomically(tmp_path, monkeypatch):
+    calls, written = [], []
+
+    def fake_generate(model, prompts, **kw):
+        calls.append(kw)
+        return torch.ones(len(prompts), 3, 16, 16)  # white: nothing detected, every prompt fails
+
+    def atomic(path, text):
+        written.append(path.name)
+        path.write_text(text)
+
+    monkeypatch.setattr(shapes_bench, "generate", fake_generate)
+    monkeypatch.setattr(shapes_bench, "write_text_atomic", atomic)
+    scores = shapes_bench.run_shapes_bench(
+        None, 16, tmp_path, per_category=1, negative_prompt="blurry", precision="fp32", progress=False
+    )
+    assert {(c["negative_prompt"], c["precision"]) for c in calls} == {("blurry", "fp32")}
+    assert scores["settings"]["negative_prompt"] == "blurry" and scores["settings"]["precision"] == "fp32"
+    assert written == ["scores.json", "scores.md"]
+    assert json.loads((tmp_path / "scores.json").read_text())["overall"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"per_category": 0}, r"per_category=0 is not allowed \(allowed: an integer >= 1\)"),
+        ({"per_category": -3}, r"per_category=-3 is not allowed \(allowed: an integer >= 1\)"),
+        ({"steps": 0}, r"steps=0 is not allowed \(allowed: an integer >= 1\)"),
+        ({"guidance": -1.0}, r"guidance=-1.0 is not allowed \(allowed: a finite number >= 0\)"),
+        ({"guidance": float("nan")}, r"guidance=nan is not allowed \(allowed: a finite number >= 0\)"),
+    ],
+)
+def test_bench_rejects_bad_settings_in_one_line_before_sampling(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        shapes_bench.run_shapes_bench(None, 16, tmp_path, progress=False, **setting)
+    assert not (tmp_path / "scores.json").exists()

@@ -237,3 +237,22 @@ def test_unfair_recipes_are_flagged_and_device_overrides_apply():
     moved = load_study(study, device="meta")
     assert [d.config.train.device for d in moved.designs] == ["meta", "meta"]
     assert study.designs[0].config.train.device == "cpu"  # the given study is left as it was
+
+
+def test_study_outputs_are_written_atomically_and_eval_follows_the_sample_section(tmp_path, monkeypatch):
+    written = []
+
+    def atomic(path, text):
+        written.append(path.name)
+        path.write_text(text)
+
+    monkeypatch.setattr(study_mod, "write_text_atomic", atomic)
+    study = load_study(
+        {"designs": {"a": {"preset": "debug", "overrides": ["sample.negative_prompt=blurry"]}}}
+    )
+    summary = study_mod.write_outputs(study, {}, tmp_path)
+    # The report and results.json are rewritten after every design and read while the study runs.
+    assert written == ["report.md", "results.json"] and summary["pending"] == ["a"]
+    # The bench samples as the design's sample section says, and a change of it invalidates old scores.
+    settings = study_mod._eval_settings(study.eval, study.designs[0].config)
+    assert (settings["negative_prompt"], settings["precision"]) == ("blurry", "auto")

@@ -251,5 +251,5 @@ def dpg_csv_path(path: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(
         f"no {DPG_CSV} in {str(path)!r} or its parent; get DPG-Bench with `fusedit benchmarks download dpg` "
-        "(it ships the CSV) or give its path"
+        f"(it ships the CSV) or copy ELLA's dpg_bench/{DPG_CSV} into {str(path)!r}"
     )

@@ -32,6 +32,9 @@ from fusedit.system import resolve_device
 
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# `fusedit sample` and GenEval's generation script write a grid of their samples under this name; counted as
+# an image it would be one more (out-of-distribution) sample in the statistics.
+CONTACT_SHEET = "grid.png"
 
 
 def _f64(x) -> torch.Tensor:
@@ -83,11 +86,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), in a fixed (sorted) order."""
+    """Image files under ``folder`` (recursively), in a fixed (sorted) order, without the contact sheets
+    (``CONTACT_SHEET``) that sample folders hold beside their samples."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET and p.is_file()
+    )
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
     return files

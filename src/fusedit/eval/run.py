@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fusedit.config import ConfigError
+from fusedit.files import write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate
 
@@ -48,8 +50,18 @@ def run_geneval(
         write_geneval_samples,
     )
 
+    metadata = load_geneval(prompts_path)
+    # Checked before generating: a missing scoring model must not surface only after hours of sampling.
+    if clip and not detector:
+        raise ConfigError(f"--clip {clip} scores GenEval colours only together with --detector ID; add one")
+    colour_prompts = sum(any("color" in c for c in m["include"]) for m in metadata)
+    if detector and not clip and colour_prompts:
+        raise ConfigError(
+            f"--detector needs --clip ID: {colour_prompts} of the {len(metadata)} GenEval prompts ask for "
+            f"colours, which GenEval classifies with CLIP (e.g. openai/clip-vit-large-patch14)"
+        )
     samples = out_dir / "samples"
-    counts = write_geneval_samples(load_geneval(prompts_path), gen, samples, n_per_prompt, seed, progress)
+    counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts}
     if detector:
         scores = score_geneval_folder(
@@ -59,7 +71,7 @@ def run_geneval(
             progress=progress,
         )
         result["scores"] = scores
-        (out_dir / "scores.json").write_text(json.dumps(scores, indent=1))
+        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
     return result
 
 
@@ -69,13 +81,14 @@ def run_dpg(
     from fusedit.eval.benchmarks import dpg_csv_path, load_dpg
     from fusedit.eval.dpg import TransformersVQA, score_dpg_folder, write_dpg_grids
 
+    prompts = load_dpg(prompts_path)
+    # Found before generating: without the question file the grids could not be scored.
+    questions = dpg_csv_path(prompts_path) if vqa else None
     grids = out_dir / "grids"
-    counts = write_dpg_grids(load_dpg(prompts_path), gen, grids, seed=seed, progress=progress)
+    counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts}
     if vqa:
-        scores = score_dpg_folder(
-            grids, dpg_csv_path(prompts_path), TransformersVQA(vqa, device=device), progress=progress
-        )
+        scores = score_dpg_folder(grids, questions, TransformersVQA(vqa, device=device), progress=progress)
         result["scores"] = scores
-        (out_dir / "scores.json").write_text(json.dumps(scores, indent=1))
+        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
     return result

@@ -8,13 +8,16 @@ per category, in a fixed order for a given seed, so two models are compared on t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusedit.config import ConfigError
 from fusedit.data.shapes import ALL_KINDS, Prompt, all_prompts
 from fusedit.eval.shapes_verifier import evaluate
+from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.sample import generate
 
@@ -54,12 +57,24 @@ def run_shapes_bench(
     guidance: float = 3.0,
     shift: float = 1.0,
     sampler: str = "euler",
+    negative_prompt: str = "",
+    precision: str = "auto",
     seed: int = 0,
     batch_size: int = 32,
     worst: int = 24,
     progress: bool = True,
 ) -> dict:
-    """Generate one image per benchmark prompt, score it, write scores.json, scores.md, failures.png."""
+    """Generate one image per benchmark prompt, score it, write scores.json, scores.md, failures.png.
+
+    The sampling arguments are ``fusedit.sample.generate``'s; pass the model's ``sample`` section
+    (negative prompt and precision included) so that the bench samples as ``fusedit sample`` does."""
+    # Checked before sampling anything, one line each, as config values are.
+    if per_category < 1:
+        raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
+    if steps < 1:
+        raise ConfigError(f"steps={steps!r} is not allowed (allowed: an integer >= 1)")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"guidance={guidance!r} is not allowed (allowed: a finite number >= 0)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = benchmark_prompts(per_category, max_objects, seed=seed)
@@ -75,6 +90,8 @@ def run_shapes_bench(
             guidance=guidance,
             shift=shift,
             sampler=sampler,
+            negative_prompt=negative_prompt,
+            precision=precision,
             seed=seed + b,
         )
         images.extend(to_uint8(x))
@@ -86,9 +103,12 @@ def run_shapes_bench(
         "seed": seed,
         "image_size": image_size,
         "sampler": sampler,
+        "negative_prompt": negative_prompt,
+        "precision": precision,
     }
-    (out / "scores.json").write_text(json.dumps(scores, indent=1))
-    (out / "scores.md").write_text(markdown_table(name, scores))
+    # Atomic: a study decides from scores.json whether a design is done, so it must never be half written.
+    write_text_atomic(out / "scores.json", json.dumps(scores, indent=1))
+    write_text_atomic(out / "scores.md", markdown_table(name, scores))
     failed = [i for i, v in enumerate(scores["verdicts"]) if not v["correct"]][:worst]
     if failed:
         labels = [f"{scores['verdicts'][i]['text']}: {scores['verdicts'][i]['reason']}" for i in failed]

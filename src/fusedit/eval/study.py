@@ -60,6 +60,7 @@ from fusedit.config import (
 )
 from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
 from fusedit.eval.shapes_bench import run_shapes_bench
+from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import generate
@@ -359,6 +360,8 @@ def _eval_settings(settings: EvalSettings, cfg: Config) -> dict:
         "seed": settings.seed,
         "image_size": cfg.data.image_size,
         "sampler": cfg.sample.sampler,
+        "negative_prompt": cfg.sample.negative_prompt,
+        "precision": cfg.sample.precision,
     }
 
 
@@ -394,6 +397,7 @@ def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps
             sampler=cfg.sample.sampler,
             shift=cfg.sample.shift,
             negative_prompt=cfg.sample.negative_prompt,
+            precision=cfg.sample.precision,
             seed=seed,
             cache_text=cfg.sample.cache_text,
         )
@@ -459,6 +463,8 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
                 guidance=settings["guidance"],
                 shift=cfg.sample.shift,
                 sampler=cfg.sample.sampler,
+                negative_prompt=cfg.sample.negative_prompt,
+                precision=cfg.sample.precision,
                 seed=settings["seed"],
                 progress=progress,
             )
@@ -469,7 +475,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
                 model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"]
             )
             save_png(grid, grid_path)
-            grid_meta_path.write_text(json.dumps(grid_meta, indent=1))
+            write_text_atomic(grid_meta_path, json.dumps(grid_meta, indent=1))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -595,7 +601,8 @@ def _score(result: dict, column: str) -> float:
 def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
     """report.md, loss_curves.png, scores.png, samples.png and results.json for the designs done so far."""
     varying = varying_keys([d.config for d in study.designs])
-    (out_dir / "report.md").write_text(markdown_report(study, results, varying))
+    # Atomic, as the report is rewritten after every design and may be read while the study runs.
+    write_text_atomic(out_dir / "report.md", markdown_report(study, results, varying))
     curves = {label: _read_losses(out_dir / r["run_dir"])[0] for label, r in results.items()}
     longest = max((len(v) for v in curves.values()), default=0)
     plot_curves(
@@ -640,7 +647,7 @@ def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
             "samples": "samples.png",
         },
     }
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=1))
     return summary
 
 

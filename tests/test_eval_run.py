@@ -1,0 +1,119 @@
+"""The benchmark protocol runners behind `fusedit eval --bench geneval|dpg` (fusedit.eval.run): inputs are
+checked before any image is generated, and scores.json is written atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+import fusedit.eval.dpg as dpg_mod
+import fusedit.eval.geneval as geneval_mod
+import fusedit.eval.run as run_mod
+from fusedit.config import ConfigError
+from fusedit.eval.geneval import Detection
+from fusedit.eval.run import run_dpg, run_geneval
+
+COW = {"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}
+RED_CAR = {
+    "tag": "colors",
+    "include": [{"class": "car", "count": 1, "color": "red"}],
+    "prompt": "a photo of a red car",
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def generate(calls):
+    def run(prompt, seed, n):
+        calls.append(prompt)
+        return [Image.new("RGB", (8, 8), (200, 20, 20)) for _ in range(n)]
+
+    return run
+
+
+def spy_atomic(monkeypatch) -> list[str]:
+    written = []
+
+    def write(path, text):
+        written.append(path.name)
+        path.write_text(text)
+
+    monkeypatch.setattr(run_mod, "write_text_atomic", write)
+    return written
+
+
+@pytest.mark.parametrize(
+    ("prompts", "detector", "clip", "message"),
+    [
+        (
+            [COW, RED_CAR],
+            "det",
+            None,
+            r"--detector needs --clip ID: 1 of the 2 GenEval prompts ask for colours",
+        ),
+        ([COW], None, "clip", "--clip clip scores GenEval colours only together with --detector ID"),
+    ],
+)
+def test_geneval_scoring_models_are_checked_before_generating(tmp_path, prompts, detector, clip, message):
+    calls = []
+    path = write_jsonl(tmp_path / "meta.jsonl", prompts)
+    with pytest.raises(ConfigError, match=message):
+        run_geneval(generate(calls), path, tmp_path / "out", detector=detector, clip=clip, progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_geneval_without_colour_prompts_scores_with_a_detector_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        geneval_mod,
+        "TransformersDetector",
+        lambda model_id, device: lambda image: [Detection("cow", 0.9, (0, 0, 4, 4))],
+    )
+    written = spy_atomic(monkeypatch)
+    path = write_jsonl(tmp_path / "meta.jsonl", [COW])
+    r = run_geneval(generate([]), path, tmp_path / "out", detector="det", clip=None, progress=False)
+    assert r["scores"]["overall"] == 1.0 and r["generated"] == 1
+    assert written == ["scores.json"]
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["per_task"] == {"single_object": 1.0}
+
+
+def test_dpg_question_file_is_found_before_generating(tmp_path):
+    prompts = tmp_path / "dpg" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "0.txt").write_text("A red ball.")
+    calls = []
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^no dpg_bench.csv in .* or copy ELLA's dpg_bench/dpg_bench.csv into '.*prompts'$",
+    ):
+        run_dpg(generate(calls), prompts, tmp_path / "out", vqa="vqa", progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
+    # Without --vqa the grids are only written, and no question file is needed.
+    assert run_dpg(generate(calls), prompts, tmp_path / "out", vqa=None, progress=False)["generated"] == 1
+
+
+def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
+    prompts = tmp_path / "dpg" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "0.txt").write_text("A red ball.")
+    (tmp_path / "dpg" / "dpg_bench.csv").write_text(
+        "item_id,proposition_id,dependency,tuple,question_natural_language\n"
+        "0,1,0,entity - whole (ball),Is there a ball?\n"
+    )
+
+    class YesVQA:
+        def __init__(self, model_id, device):
+            pass
+
+        def __call__(self, image, question):
+            return "yes"
+
+    monkeypatch.setattr(dpg_mod, "TransformersVQA", YesVQA)
+    written = spy_atomic(monkeypatch)
+    r = run_dpg(generate([]), prompts, tmp_path / "out", vqa="vqa", progress=False)
+    assert r["scores"]["overall"] == 1.0 and written == ["scores.json"]
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["per_category"] == {"entity": 1.0}
