@@ -313,3 +313,19 @@ def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
     assert train(2, "--resume") == 0
     out = capsys.readouterr().out
     assert out.startswith("nothing to train: the run already finished (step 2 of train.steps=2); ")
+
+
+def test_overrides_may_follow_options_and_unknown_words_still_fail(tmp_path, capsys):
+    import yaml
+
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+    args = ["train", config, "train.steps=1", "--out", str(run), "--quiet", "train.lr=0.0005", "train.seed=3"]
+    assert main(args) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 1 and saved["train"]["lr"] == 0.0005 and saved["train"]["seed"] == 3
+    capsys.readouterr()
+    for extra in (["--bogus"], ["train.lr=1", "stray"]):
+        with pytest.raises(SystemExit):
+            main(["train", config, "--out", str(tmp_path / "other"), *extra])
+        assert f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -260,8 +260,13 @@ def test_config_next_to_the_weights_or_given(tmp_path):
     sd_file = raw_checkpoint(tmp_path / "step", "mp_rank_00_model_states.pt", lambda sd: {"module": sd})
     lone = tmp_path / "lone.pt"
     shutil.move(sd_file, lone)
-    with pytest.raises(ConfigError, match="no config.json next to"):
+    with pytest.raises(ConfigError, match="no config.json next to") as e:
         load_official(lone)
+    assert "pass --config (config= from Python" in str(e.value)  # the CLI's flag, and the library's
+    # the config given where the weights go: said so, not a pickle-safety error about trusting the file
+    with pytest.raises(ConfigError, match="config.json' is a JSON file, not checkpoint weights") as e:
+        load_official(tmp_path / "step" / "config.json")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     cfg, _ = load_official(lone, config=tmp_path / "step")
     assert cfg.model.num_layers == 3
 

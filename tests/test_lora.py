@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fusedit import hub
 from fusedit.config import ConfigError
+from fusedit.pipeline import export_run, from_pretrained
 from fusedit.system import build_model
 from fusedit.train import lora
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_tensors
@@ -126,8 +126,8 @@ def test_dit_lora_fine_tunes_a_trained_model_and_merges_for_export(tmp_path):
     raw, _, _ = load_model(tmp_path / "tuned", use_ema=False)
     assert not lora.has_adapters(raw.denoiser)
     torch.testing.assert_close(velocity(raw), velocity(tuned["model"]), atol=1e-5, rtol=1e-4)
-    hub.export_run(tmp_path / "tuned", tmp_path / "export", use_ema=False)
-    exported, _ = hub.from_pretrained(tmp_path / "export")
+    export_run(tmp_path / "tuned", tmp_path / "export", use_ema=False)
+    exported, _ = from_pretrained(tmp_path / "export")
     torch.testing.assert_close(velocity(exported), velocity(raw))
     # the EMA is of the merged weights, under plain names
     ema_model, _, _ = load_model(tmp_path / "tuned")

@@ -1,10 +1,12 @@
-"""Hugging Face formats: the diffusers pipeline folder (fusedit.hub) and FuseDiTPipeline (fusedit.pipeline).
+"""Hugging Face formats: the diffusers components (fusedit.hub) and FuseDiTPipeline with its folder writers
+and readers (fusedit.pipeline).
 
 Every check that matters here is exact: a saved and reloaded model, the pipeline and fusedit's own
 ``generate`` must give the same velocities and the same images, not close ones."""
 
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,8 +16,8 @@ from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config, tiny_vae
 from fusedit import hub
 from fusedit.flow import sampling_times
 from fusedit.imaging import to_uint8
-from fusedit.pipeline import FuseDiTPipeline
-from fusedit.sample import generate
+from fusedit.pipeline import FuseDiTPipeline, export_run, from_pretrained, save_pretrained
+from fusedit.sample import generate, seeded_noise
 from fusedit.system import build_model
 from fusedit.train.checkpoint import load_model, save_checkpoint
 
@@ -87,9 +89,12 @@ def images(model, prompts=PROMPTS, seed=7, **kw):
 def run_pipe(pipe, prompts=PROMPTS, seed=7, **kw):
     pipe.set_progress_bar_config(disable=True)
     args = dict(
-        num_inference_steps=SAMPLE["steps"], guidance_scale=SAMPLE["guidance"], negative_prompt=NEGATIVE
+        num_inference_steps=SAMPLE["steps"],
+        guidance_scale=SAMPLE["guidance"],
+        negative_prompt=NEGATIVE,
+        generator=torch.Generator().manual_seed(seed),
     )
-    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **{**args, **kw}).images
+    return pipe(prompts, **{**args, **kw}).images
 
 
 def same_pil(pil_images, tensor):
@@ -137,8 +142,8 @@ def test_pipeline_matches_generate_and_runs_the_llm_once_per_call():
 def test_saved_then_loaded_model_gives_identical_velocities_and_images(name, tmp_path):
     cfg = variant(name, tmp_path)
     model = built(cfg)
-    hub.save_pretrained(model, cfg, tmp_path / "export")
-    loaded, cfg2 = hub.from_pretrained(tmp_path / "export")
+    save_pretrained(model, cfg, tmp_path / "export")
+    loaded, cfg2 = from_pretrained(tmp_path / "export")
     assert hub.export_config(cfg2) == hub.export_config(cfg)
     assert loaded.denoiser is not model.denoiser and not loaded.denoiser.training
     x = torch.randn(3, cfg.vae.latent_channels, 8, 8)
@@ -174,7 +179,7 @@ def test_the_folder_records_the_architecture(tmp_path):
         sample=SAMPLE, model={"design": "dit-self"}, text={"model_id": str(llm_dir), "hidden_layer": -3}
     )
     model = built(cfg)
-    out = hub.save_pretrained(model, cfg, tmp_path / "export")
+    out = save_pretrained(model, cfg, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == [
         "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"
     ]  # fmt: skip
@@ -232,8 +237,8 @@ def test_from_fusedit_reads_a_run_folder_with_its_ema_weights(tmp_path):
     raw = FuseDiTPipeline.from_fusedit(tmp_path / "run", use_ema=False).transformer.denoiser
     assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in raw.state_dict().items())
     # the export the CLI would write, read back as a fusedit model
-    hub.export_run(tmp_path / "run", tmp_path / "export")
-    exported, _ = hub.from_pretrained(tmp_path / "export")
+    export_run(tmp_path / "run", tmp_path / "export")
+    exported, _ = from_pretrained(tmp_path / "export")
     assert torch.equal(images(exported), reference)
 
 
@@ -246,25 +251,92 @@ def test_what_is_not_a_fusedit_pipeline_fails_in_one_line(tmp_path):
     (tmp_path / "sd3" / "model_index.json").write_text(
         json.dumps({"_class_name": "StableDiffusion3Pipeline"})
     )
+    # what the public FuseDiT code's save_pipeline.py writes: a FuseDiTPipeline too, with its own transformer
+    (tmp_path / "public").mkdir()
+    (tmp_path / "public" / "model_index.json").write_text(
+        json.dumps({"_class_name": "FuseDiTPipeline", "transformer": ["models.fusedit", "FuseDiT"]})
+    )
     cases = [
+        (tmp_path / "public", ValueError, "holds a transformer ['models.fusedit', 'FuseDiT'], not fusedit's"),
         (tmp_path / "empty", ValueError, "is not a fusedit pipeline folder"),
         (tmp_path / "run", ValueError, "is a fusedit run or checkpoint folder"),
         (tmp_path / "sd3", ValueError, "holds a StableDiffusion3Pipeline pipeline"),
         (tmp_path / "missing" / "export", FileNotFoundError, "no such folder"),
     ]
     for path, error, message in cases:
-        with pytest.raises(error, match=message) as info:
-            hub.from_pretrained(path)
+        with pytest.raises(error, match=re.escape(message)) as info:
+            from_pretrained(path)
         assert "\n" not in str(info.value)
     with pytest.raises(OSError, match="cannot read model_index.json of 'nobody/nothing'") as info:
         FuseDiTPipeline.from_pretrained("nobody/nothing", local_files_only=True)
     assert "\n" not in str(info.value)
     pipe = FuseDiTPipeline.from_model(model, cfg)
+    multiple = "(allowed: a positive multiple of 2, the VAE's downsampling x the patch size)"
     for kw, message in [
-        ({"height": 15}, "must be multiples of 2"),
+        ({"height": 15}, f"height=15 is not allowed {multiple}"),
+        # 0 and negative sizes and counts used to fall back to the default or crash deep inside
+        ({"height": 0}, f"height=0 is not allowed {multiple}"),
+        ({"width": -4}, f"width=-4 is not allowed {multiple}"),
+        ({"width": "16"}, f"width='16' is not allowed {multiple}"),
+        (
+            {"num_inference_steps": 0},
+            "num_inference_steps=0 is not allowed (allowed: a positive whole number)",
+        ),
+        ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 is not allowed"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 is not allowed (allowed: a positive whole"),
+        ({"guidance_scale": float("nan")}, "guidance_scale=nan is not allowed (allowed: a finite number)"),
+        ({"generator": [torch.Generator()]}, "got 1 generators for 2 images (allowed: one torch.Generator"),
+        ({"generator": [torch.Generator()] * 3}, "got 3 generators for 2 images"),
+        ({"prompt": None}, "prompt=None is not allowed (allowed: a string or a list of strings)"),
+        ({"prompt": ["a", 3]}, "prompt=['a', 3] is not allowed"),
+        ({"negative_prompt": 3}, "negative_prompt=3 is not allowed (allowed: a string or a list of strings)"),
         ({"output_type": "jpeg"}, "output_type='jpeg' is not allowed"),
         ({"negative_prompt": ["a", "b", "c"]}, "got 3 negative prompts for 2 prompts"),
     ]:
-        with pytest.raises(ValueError, match=message) as info:
-            pipe(PROMPTS, **kw)
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            pipe(**{"prompt": PROMPTS, **kw})
         assert "\n" not in str(info.value)
+
+
+def test_one_generator_per_image_remakes_fusedit_sample():
+    """`fusedit sample --seed s` (and `fusedit serve`) start image i from the noise of seed s + i alone; a list
+    of generators seeded that way gives the pipeline the same noise, so the same images."""
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    noise = seeded_noise([7 + i for i in range(4)], cfg.vae.latent_channels, 16)
+    reference = images(model, prompts, noise=noise)
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(4)]
+    assert same_pil(run_pipe(pipe, generator=generators, num_images_per_prompt=2), reference)
+    # one generator draws the whole batch at once: after the first image, other noise than fusedit sample's
+    assert not same_pil(run_pipe(pipe, num_images_per_prompt=2), reference)
+
+
+def test_a_bf16_pipeline_samples_as_generate_does_in_bf16():
+    """A pipeline moved to bf16 (or loaded with dtype=torch.bfloat16) runs its denoiser under bf16 autocast
+    and integrates in float32, exactly as generate's bf16 sampling of the same weights."""
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    pipe = FuseDiTPipeline.from_model(model, cfg).to(torch.bfloat16)  # shares, so model is bf16 too
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    reference = images(model, precision="bf16")
+    assert same_pil(run_pipe(pipe), reference)
+    assert torch.equal(run_pipe(pipe, output_type="latent").clamp(-1, 1), reference)
+    # latents given in bf16 are integrated in float32 like any others
+    noise = torch.randn(2, 3, 16, 16).bfloat16()
+    assert torch.equal(
+        run_pipe(pipe, latents=noise, output_type="latent"),
+        run_pipe(pipe, latents=noise.float(), output_type="latent"),
+    )
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_loading_dtype_applies_to_every_component(key, tmp_path):
+    """diffusers' `dtype` (and the older `torch_dtype`) cast the whole pipeline; only without either does
+    each LLM get its recorded text.dtype."""
+    cfg = tiny_config(sample=SAMPLE)
+    save_pretrained(built(cfg), cfg, tmp_path / "export")
+    pipe = FuseDiTPipeline.from_pretrained(tmp_path / "export", **{key: torch.bfloat16})
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert len(run_pipe(pipe)) == 2

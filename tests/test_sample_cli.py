@@ -153,6 +153,29 @@ def test_progress_bar_counts_every_step(folders, tmp_path, capsys):
     assert f"wrote 3 images to {tmp_path}" in captured.out
 
 
+def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level("INFO", logger="fusedit.cli"):
+        assert sample(folders["run"], out, "--prompt", "d", "--steps", "1") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png", "notes.txt"]
+    assert metadata(out, 0)["prompt"] == "d"
+    assert f"removed 7 files of an earlier sample in {out}" in caplog.text
+
+
+def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, monkeypatch, capsys):
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    monkeypatch.setattr(
+        "fusedit.cli.cmd_sample", lambda args: seen.append(hf_logging.is_progress_bar_enabled())
+    )
+    assert hf_logging.is_progress_bar_enabled()
+    sample(folders["run"], tmp_path, "--prompt", "a")
+    assert seen == [False] and hf_logging.is_progress_bar_enabled()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

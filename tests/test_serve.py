@@ -201,6 +201,9 @@ def test_no_seed_draws_one_and_reports_it(server):
         ({"prompt": "x", "guidance": 51}, "guidance=51 is not allowed"),
         ({"prompt": "x", "negative_prompt": 5}, "negative_prompt=5 is not a string"),
         ({"prompt": "x" * 4001}, "prompt has 4001 characters (allowed: at most 4000)"),
+        # JSON escapes can spell a lone surrogate, which the tokenizer would only refuse in the worker
+        ({"prompt": "a \ud800 b"}, "prompt has a lone surrogate '\\ud800' at character 2"),
+        ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt has a lone surrogate"),
         ({"prompt": "x", "width": 8}, "unknown field 'width' (allowed: prompt, negative_prompt, steps,"),
         (["a red circle"], "the request body must be a JSON object with a prompt"),
     ],
@@ -258,6 +261,43 @@ def test_malformed_requests_and_unknown_paths(server):
     assert call(server, "/images/99/0.png")[0] == 404
     assert call(server, "/nowhere") == (404, {"error": "no such path: /nowhere"})
     assert call(server, "/api/jobs", body={})[0] == 404  # POST only to /api/generate
+    assert call(server, "/api/generate") == (
+        405,
+        {"error": "GET /api/generate is not allowed (allowed: POST)"},
+    )
+
+
+def raw_exchange(server, request: bytes) -> tuple[str, dict, dict]:
+    """(status line, headers, JSON body) of a hand-written request that urllib would not send."""
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return status, headers, json.loads(body)
+
+
+def test_http_servers_own_refusals_are_json_too(server):
+    """Methods the API lacks and broken request lines get the API's JSON errors, with a status line,
+    not http.server's HTML page (or, for a broken line, a bare body)."""
+    host = f"Host: 127.0.0.1:{server.server_address[1]}\r\n"
+    for method in ("PUT", "DELETE", "OPTIONS", "BREW"):
+        status, headers, body = raw_exchange(
+            server, f"{method} /api/generate HTTP/1.1\r\n{host}\r\n".encode()
+        )
+        assert status.endswith("405 Method Not Allowed") and headers["Allow"] == "GET, HEAD, POST"
+        assert headers["Content-Type"] == "application/json"
+        assert body == {"error": f"method '{method}' is not allowed (allowed: GET, HEAD, POST)"}
+    status, headers, body = raw_exchange(server, b"GARBAGE\r\n\r\n")
+    assert status.endswith("400 Bad Request") and body == {"error": "Bad request syntax ('GARBAGE')"}
+    status, _, body = raw_exchange(server, b"GET / HTTP/9.9\r\n\r\n")
+    assert status.endswith("505 HTTP Version Not Supported") and body == {
+        "error": "Invalid HTTP version (9.9)"
+    }
+    assert call(server, "/api/jobs")[1] == {"jobs": []}  # nothing was queued
 
 
 def test_jobs_run_one_at_a_time_with_live_progress(server, tiny):

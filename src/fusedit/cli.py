@@ -7,11 +7,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 from fusedit.config import ConfigError, load_config, preset_names, to_yaml
+
+log = logging.getLogger(__name__)
 
 
 def _config(args) -> object:
@@ -122,7 +125,7 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample
                 f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
                 "the weights it was exported with"
             )
-        from fusedit.hub import from_pretrained
+        from fusedit.pipeline import from_pretrained
 
         return *sampling(*from_pretrained(folder, device)), folder
     try:
@@ -145,12 +148,23 @@ def _sampling_flags(args) -> dict:
     }
 
 
+def _remove_earlier_samples(out: Path) -> None:
+    """An --out folder reused for fewer prompts would keep the earlier sample's higher-numbered images
+    next to the new ones; only the files `fusedit sample` writes are removed."""
+    earlier = [p for p in out.iterdir() if re.fullmatch(r"\d{5}\.(png|json)|grid\.png", p.name)]
+    for path in earlier:
+        path.unlink()
+    if earlier:
+        log.info("removed %d files of an earlier sample in %s", len(earlier), out)
+
+
 def cmd_sample(args) -> int:
     import math
 
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from fusedit.files import write_text_atomic
     from fusedit.imaging import image_grid, save_png, to_uint8
     from fusedit.sample import generate, sample_settings, seeded_noise
     from fusedit.system import resolve_device
@@ -183,6 +197,7 @@ def cmd_sample(args) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_samples(out)
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
@@ -207,7 +222,7 @@ def cmd_sample(args) -> int:
                 "shift": settings["shift"],
                 "model": str(source),
             }
-            (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+            write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
             images.append(img)
     bar.close()
     save_png(image_grid(images, prompts, scale=max(1, 128 // size)), out / "grid.png")
@@ -496,7 +511,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fusedit.hub import export_run
+    from fusedit.pipeline import export_run
 
     out = export_run(args.model, args.out, use_ema=not args.no_ema, device=args.device)
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
@@ -763,12 +778,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """--quiet also hushes transformers' own bars ("Loading weights"); the setting is process-wide, so it
+    is restored afterwards for a caller of main() that goes on."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # A positional list ends at the first option, so overrides written after one (`train debug --out r
+    # train.steps=2`) come back unrecognised: they are overrides all the same.
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        with _library_bars(not getattr(args, "quiet", False)):
+            return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fusedit: error: {e}", file=sys.stderr)
         return 2

@@ -11,17 +11,16 @@ fusedit all read, and that rebuilds the model without any fusedit YAML.
     vae/                         diffusers AutoencoderKL, or IdentityVAE (pixel space: a config, no weights)
     scheduler/                   FlowMatchEulerDiscreteScheduler with fusedit's ``sample.shift``
 
-``save_pretrained(model, cfg, folder)`` writes it, ``from_pretrained(folder, device)`` returns
-``(TextToImage, Config)``, ``export_run(run, folder)`` exports a training run. The classes here are the
-custom components model_index.json names as ``["fusedit.hub", class]``: diffusers imports them from this
-module, which ``fusedit.pipeline`` imports, so loading through ``FuseDiTPipeline`` always finds them.
+The classes here are the custom components model_index.json names as ``["fusedit.hub", class]``: diffusers
+imports them from this module, which ``fusedit.pipeline`` imports, so loading through ``FuseDiTPipeline``
+always finds them. Imports point one way, pipeline -> hub: the functions that write and read whole folders
+(``save_pretrained``, ``from_pretrained``, ``export_run``) live in ``fusedit.pipeline``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -155,35 +154,3 @@ class IdentityVAE(ModelMixin, ConfigMixin):
         hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
         config = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs})
         return cls.from_config(config)
-
-
-def save_pretrained(model, cfg: Config, folder: str | Path) -> Path:
-    """Write ``model`` (a TextToImage built from ``cfg``) as a diffusers pipeline folder; returns it."""
-    from fusedit.pipeline import FuseDiTPipeline
-
-    FuseDiTPipeline.from_model(model, cfg).save_pretrained(str(folder))
-    return Path(folder)
-
-
-def from_pretrained(folder: str | Path, device: torch.device | str = "cpu"):
-    """A saved pipeline folder (or hub id) -> ``(TextToImage, Config)`` on ``device``, in eval mode; the
-    same model ``fusedit.sample.generate`` and the training loop take."""
-    from fusedit.pipeline import FuseDiTPipeline
-
-    model, cfg = FuseDiTPipeline.from_pretrained(str(folder)).to(device).to_fusedit()
-    return model.eval(), cfg
-
-
-def export_run(
-    run_or_checkpoint: str | Path,
-    folder: str | Path,
-    use_ema: bool = True,
-    device: torch.device | str = "cpu",
-) -> Path:
-    """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder."""
-    from fusedit.pipeline import FuseDiTPipeline
-
-    FuseDiTPipeline.from_fusedit(run_or_checkpoint, device=device, use_ema=use_ema).save_pretrained(
-        str(folder)
-    )
-    return Path(folder)

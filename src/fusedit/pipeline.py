@@ -10,9 +10,16 @@ once per call for the whole [negative ; prompt] batch and that text context serv
 guidance branches; the scheduler integrates fusedit's schedule (uniform in t, then the SD3 shift of the
 scheduler's config) with Euler steps. Same seed, steps, guidance and shift give the same images as
 ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast: ``sample.precision``).
+
+``save_pretrained(model, cfg, folder)`` writes a fusedit model as a pipeline folder, ``from_pretrained(folder,
+device)`` reads one back as ``(TextToImage, Config)`` and ``export_run(run, folder)`` exports a training run.
+They live here, not in ``fusedit.hub``, so that imports point one way: this module imports ``fusedit.hub``
+(whose component classes model_index.json names), never the reverse.
 """
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -23,9 +30,10 @@ from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import Config
-from fusedit.flow import guided, sampling_times
+from fusedit.flow import sampling_times
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
+from fusedit.sample import text_velocity
 from fusedit.system import TextToImage
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import DTYPES
@@ -147,10 +155,11 @@ class FuseDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FuseDiTPipeline":
         """diffusers' loader, after checking (one-line errors) that the folder or hub repo is a fusedit
-        pipeline. Without ``torch_dtype`` each LLM gets the dtype its ``text.dtype`` recorded."""
+        pipeline. Without ``dtype`` (or ``torch_dtype``) each LLM gets the dtype its ``text.dtype`` recorded."""
         _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if kwargs.get("torch_dtype") is None:
+        # diffusers takes the dtype as `dtype` (newer) or `torch_dtype` (older, still accepted).
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             # transformers 4.x loads float32 whatever the checkpoint holds; fusedit ran the LLM in text.dtype.
             cfg = pipe.fusedit_config
             for text, llm in zip([cfg.text, *cfg.extra_text], pipe._llms()):
@@ -262,25 +271,45 @@ class FuseDiTPipeline(DiffusionPipeline):
                 f"output_type={output_type!r} is not allowed (allowed: {', '.join(OUTPUT_TYPES)})"
             )
         model, cfg = self.to_fusedit()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _strings("prompt", prompt)
         if not prompts:
             raise ValueError("no prompt: give a string or a non-empty list of strings")
         negative = cfg.sample.negative_prompt if negative_prompt is None else negative_prompt
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        negatives = _strings("negative_prompt", negative)
+        if isinstance(negative, str):
+            negatives *= len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
-        steps = num_inference_steps or cfg.sample.steps
+        per_prompt = _whole("num_images_per_prompt", num_images_per_prompt)
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        steps = (
+            cfg.sample.steps
+            if num_inference_steps is None
+            else _whole("num_inference_steps", num_inference_steps)
+        )
         guidance = cfg.sample.guidance if guidance_scale is None else guidance_scale
-        height, width = height or cfg.data.image_size, width or cfg.data.image_size
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, numbers.Real)
+            or not math.isfinite(guidance)
+        ):
+            raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number)")
         ae = model.autoencoder
         unit = ae.downsample * cfg.model.patch_size
-        if height % unit or width % unit:
-            raise ValueError(
-                f"height={height} and width={width} must be multiples of {unit} (VAE downsampling x patch size)"
-            )
+        height, width = (
+            cfg.data.image_size
+            if size is None
+            else _whole(name, size, unit, ", the VAE's downsampling x the patch size")
+            for name, size in (("height", height), ("width", width))
+        )
         shape = (len(prompts), ae.channels, height // ae.downsample, width // ae.downsample)
+        if isinstance(generator, list) and len(generator) != len(prompts):
+            # randn_tensor would silently reuse one generator for a list of one, or ignore the extras.
+            raise ValueError(
+                f"got {len(generator)} generators for {len(prompts)} images (allowed: one torch.Generator, "
+                "or one per image: len(prompt) x num_images_per_prompt)"
+            )
         device = self._execution_device
         if latents is None:
             # randn_tensor draws on the generator's device (the CPU for a CPU generator) and then moves, as
@@ -288,18 +317,16 @@ class FuseDiTPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device)
+        # The scheduler integrates in float32 whatever the weights' dtype, as generate does.
+        latents = latents.to(device, torch.float32)
 
-        use_cfg = guidance != 1.0
         # The text cache: one forward of each LLM for the whole batch (negative rows first, as
         # fusedit.flow.guided expects), read by every step and both guidance branches.
-        context = model.encode_prompts(negatives + prompts if use_cfg else prompts)
-
-        def velocity(x, t):
-            return model.denoiser(x, t, context)
-
-        if use_cfg:
-            velocity = guided(velocity, guidance)
+        context = model.encode_prompts(negatives + prompts if guidance != 1.0 else prompts)
+        # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
+        # to bf16), plain float32 otherwise, guided whenever guidance != 1.
+        dtype = self.transformer.dtype
+        velocity = text_velocity(model.denoiser, context, guidance, None if dtype == torch.float32 else dtype)
         self._set_schedule(steps, device)
         sigmas = self.scheduler.sigmas
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
@@ -322,6 +349,50 @@ class FuseDiTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
+def save_pretrained(model: TextToImage, cfg: Config, folder: str | os.PathLike) -> Path:
+    """Write ``model`` (a TextToImage built from ``cfg``) as a diffusers pipeline folder; returns it."""
+    FuseDiTPipeline.from_model(model, cfg).save_pretrained(str(folder))
+    return Path(folder)
+
+
+def from_pretrained(
+    folder: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[TextToImage, Config]:
+    """A saved pipeline folder (or hub id) -> ``(TextToImage, Config)`` on ``device``, in eval mode; the
+    same model ``fusedit.sample.generate`` and the training loop take."""
+    model, cfg = FuseDiTPipeline.from_pretrained(str(folder)).to(device).to_fusedit()
+    return model.eval(), cfg
+
+
+def export_run(
+    run_or_checkpoint: str | os.PathLike,
+    folder: str | os.PathLike,
+    use_ema: bool = True,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder."""
+    FuseDiTPipeline.from_fusedit(run_or_checkpoint, device=device, use_ema=use_ema).save_pretrained(
+        str(folder)
+    )
+    return Path(folder)
+
+
+def _strings(name: str, value) -> list[str]:
+    """A prompt argument as a list: one string, or a list or tuple of strings."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name}={value!r} is not allowed (allowed: a string or a list of strings)")
+    return list(values)
+
+
+def _whole(name: str, value, multiple: int = 1, why: str = "") -> int:
+    """A call argument that must be a positive whole number (and a multiple of ``multiple``, for ``why``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % multiple:
+        allowed = "a positive whole number" if multiple == 1 else f"a positive multiple of {multiple}{why}"
+        raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed})")
+    return int(value)
+
+
 def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
     """One-line errors for what is not a fusedit pipeline folder or hub repo, before diffusers' loader."""
     path = Path(name).expanduser()
@@ -331,7 +402,7 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
             if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
                 raise ValueError(
                     f"{name!r} is a fusedit run or checkpoint folder, not a pipeline folder: use "
-                    f"FuseDiTPipeline.from_fusedit({name!r}) or export it first (fusedit.hub.export_run)"
+                    f"FuseDiTPipeline.from_fusedit({name!r}) or export it first (fusedit.pipeline.export_run)"
                 )
             raise ValueError(f"{name!r} is not a fusedit pipeline folder (it has no model_index.json)")
         text = index.read_text()
@@ -353,8 +424,18 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
                 f"cannot read model_index.json of {name!r} from the Hugging Face hub: {str(e).splitlines()[0]}"
             ) from None
     try:
-        found = json.loads(text).get("_class_name")
+        index = json.loads(text)
+        found = index.get("_class_name")
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{name!r}: model_index.json is not a JSON object") from None
     if found != class_name:
         raise ValueError(f"{name!r} holds a {found} pipeline, not a fusedit pipeline ({class_name})")
+    # The public FuseDiT code calls its pipeline FuseDiTPipeline too; its transformer is its own class,
+    # which diffusers would fail on with a long message about importing modules.
+    transformer = index.get("transformer")
+    if not (isinstance(transformer, list) and transformer[-1:] == [FuseDiTTransformer2DModel.__name__]):
+        raise ValueError(
+            f"{name!r} holds a transformer {transformer!r}, not fusedit's {FuseDiTTransformer2DModel.__name__}: "
+            f"a pipeline saved by the public FuseDiT code needs `fusedit convert {name} --out DIR` first "
+            "(docs/run-released-fusedit.md)"
+        )

@@ -24,6 +24,7 @@ Image i of a job starts from the noise of seed + i alone, so each image is the o
 
 from __future__ import annotations
 
+import http
 import http.server
 import io
 import ipaddress
@@ -62,6 +63,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_WAITING = 16
 # Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
 KEEP_JOBS = 64
+ALLOWED_METHODS = "GET, HEAD, POST"
 FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "size", "num_images")
 
 
@@ -143,6 +145,15 @@ def _text(body: dict, name: str, default: str) -> str:
         raise RequestError(f"{name}={value!r} is not a string")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(f"{name} has {len(value)} characters (allowed: at most {MAX_PROMPT_CHARS})")
+    # JSON's \ud800-style escapes can spell lone surrogates, which no tokenizer takes: refused here rather
+    # than accepted and then failed by the worker.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(
+                f"{name} has a lone surrogate {value[e.start]!r} at character {e.start} (allowed: valid Unicode)"
+            ) from None
     return value
 
 
@@ -373,8 +384,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _json(self, status: int, payload) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, extra: dict | None = None) -> None:
+        self._send(status, json.dumps({"error": message}).encode(), "application/json", extra)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, headers too long, a method with no do_*
+        handler) as the API's JSON errors instead of its HTML page. An unknown method is 405 with Allow."""
+        self.close_connection = True  # the request may not have been read to its end
+        # A request line too broken to name its version leaves http.server at HTTP/0.9, which answers with
+        # a bare body: the status line and headers are what tell a client the request was refused.
+        self.request_version = self.protocol_version
+        if code == http.HTTPStatus.NOT_IMPLEMENTED:
+            self._error(
+                405,
+                f"method {self.command!r} is not allowed (allowed: {ALLOWED_METHODS})",
+                {"Allow": ALLOWED_METHODS},
+            )
+            return
+        self._error(code, message or http.HTTPStatus(code).phrase)
 
     def do_GET(self) -> None:
         jobs = self.server.jobs
@@ -402,6 +429,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._error(404, f"no image {m[2]} of job {m[1]}")
             else:
                 self._send(200, png, "image/png")
+        elif path == "/api/generate":
+            self._error(405, f"{self.command} {path} is not allowed (allowed: POST)", {"Allow": "POST"})
         elif path == "/favicon.ico":
             self._send(204, b"", "image/x-icon")
         else:

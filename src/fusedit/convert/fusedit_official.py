@@ -562,6 +562,13 @@ def read_state_dict(file: str | Path, weights_only: bool = True) -> dict[str, to
     elif name.endswith(".index.json"):
         shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
         sd = {k: v for shard in shards for k, v in load_file(file.parent / shard).items()}
+    elif name.endswith(".json"):
+        # A config.json given as the checkpoint: torch.load would fail on it with a pickle-safety message
+        # that suggests trusting the file instead.
+        raise ConfigError(
+            f"{str(file)!r} is a JSON file, not checkpoint weights (allowed: the folder holding config.json "
+            "and the weights, *.safetensors, *.safetensors.index.json, *.pt.zst, *.pt, *.bin)"
+        )
     else:
         sd = _torch_load(file, file, weights_only)
     if isinstance(sd, dict) and isinstance(sd.get("module"), dict):  # DeepSpeed model states
@@ -610,7 +617,8 @@ def _config_for(weights: Path, config) -> dict:
         if (folder / "config.json").is_file():
             return _read_json(folder / "config.json")
     raise ConfigError(
-        f"no config.json next to {str(weights)!r}: pass config= (a config.json, its folder or a dict)"
+        f"no config.json next to {str(weights)!r}: pass --config (config= from Python: a config.json, its "
+        "folder or a dict)"
     )
 
 
