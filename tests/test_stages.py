@@ -180,9 +180,16 @@ def test_shallow_and_lidit_designs_train_exactly_the_parts_named():
     cfg = load_config("debug-lidit", ["data.image_size=16", "model.patch_size=2"])
     model, grads = _grads_after_one_loss(cfg, ["refiner"])
     assert grads == {("denoiser", f"context.{n}") for n, _ in model.denoiser.context.named_parameters()}
+    # The default trains the whole denoiser: the refiners (their gates included) learn with the DiT.
+    assert load_config("debug-lidit").train.trainable == ["dit"]
     model, grads = _grads_after_one_loss(cfg, ["dit"])
-    assert {n for _, n in grads} == {
-        n for n, _ in model.denoiser.named_parameters() if not n.startswith("context.")
+    assert grads == _names(model.denoiser, "denoiser")
+    # Through the DiT's adapters, the refiners stay frozen unless named.
+    model, grads = _grads_after_one_loss(cfg, ["dit"], dit_lora={"rank": 2})
+    assert not any(n.startswith("context.") for _, n in grads)
+    model, grads = _grads_after_one_loss(cfg, ["dit", "refiner"], dit_lora={"rank": 2})
+    assert {n for _, n in grads if n.startswith("context.")} == {
+        f"context.{n}" for n, _ in model.denoiser.context.named_parameters()
     }
     model, grads = _grads_after_one_loss(cfg, ["dit", "refiner", "llm"])
     # both LLMs of LI-DiT train jointly, through the refiners: the blocks up to the hidden state each one

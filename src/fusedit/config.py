@@ -233,8 +233,8 @@ class FlowConfig:
     shift: float = positive(3.0)
 
 
-# What a stage can train (train.trainable): the denoiser's DiT (everything but the refiner), the shallow
-# designs' text adapter between the LLM and the DiT (LI-DiT's refiners or the context embedder), and the
+# What a stage can train (train.trainable): the denoiser (its text adapter included), the shallow designs'
+# text adapter between the LLM and the DiT alone (LI-DiT's refiners or the context embedder), and the
 # LLM(s) themselves (joint fine-tuning, see fusedit.train.stages).
 TRAINABLE_PARTS = ("dit", "refiner", "llm")
 

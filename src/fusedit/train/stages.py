@@ -4,9 +4,11 @@ A stage's ``train.trainable`` names parts (``dit``, ``refiner``, ``llm``) and it
 train. :func:`apply_parts` turns that into the model's state once, when the stage is built: it sets
 ``requires_grad`` and adds or merges LoRA adapters, so no forward pass ever asks which parts train.
 
-- ``dit``: the denoiser except the shallow designs' text adapter; fully, or through LoRA adapters on its
-  attention and MLP projections (``train.dit_lora``).
-- ``refiner``: that text adapter (LI-DiT's refiners, or the context embedder), always fully.
+- ``dit``: the denoiser, fully (the shallow designs' text adapter included: LI-DiT's refiners and the
+  baselines' context embedder train with the DiT, design-space.md s.1, s.2), or through LoRA adapters on
+  its attention and MLP projections (``train.dit_lora``), the text adapter then frozen.
+- ``refiner``: that text adapter alone, always fully: a stage that trains only it, or trains it fully next
+  to the DiT's adapters.
 - ``llm``: every LLM of the model (joint fine-tuning), fully (``train.llm_top_layers``: only the top k
   layers it reads) or through LoRA adapters (``train.llm_lora``), with its own learning rate
   (``train.llm_lr``). In deep fusion the text stream never attends to image tokens (design-space.md s.1,
@@ -185,9 +187,6 @@ def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: 
     if parts.dit:
         for p in lora.adapter_parameters(den) if parts.dit_adapters else den.parameters():
             p.requires_grad_(True)
-        context = getattr(den, "context", None)  # the shallow designs' text adapter is the "refiner" part
-        if context is not None and not parts.dit_adapters:
-            context.requires_grad_(False)
     if parts.refiner:
         den.context.requires_grad_(True)
     for key, encoder, request in _text_parts(model):
