@@ -58,23 +58,56 @@ def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt(capl
     from fusedit.text.templates import LIDIT_INSTRUCTION
 
     n_instr = len(LIDIT_INSTRUCTION.replace(":", " :").replace(",", " ,").split())
-    model = build_model(tiny_config(text={"template": "lidit", "max_length": n_instr + 4}))
+    # text.max_length counts the prompt and BOS; the template's tokens come on top
+    model = build_model(tiny_config(text={"template": "lidit", "max_length": 5}))
     tok = model.text.tokenizer
     with caplog.at_level(logging.WARNING):
         context = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
     assert "truncated" in caplog.text
-    words = tok.convert_ids_to_tokens(model.text.tokenize(["a red circle"])[0][0].tolist())
+    ids, mask = model.text.tokenize(["a red circle"])
+    words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
     assert words[:3] == ["<bos>", "Describe", "the"] and words[-3:] == ["a", "red", "circle"]
     assert "<unk>" not in words  # the built-in vocabulary includes the template's words
     # instruction tokens: everything of the template except <bos>; the prompt's tokens are not
-    assert context.instruction[0].tolist() == [False] + [True] * n_instr + [False] * 3
+    assert context.instruction[0].tolist() == [False] + [True] * n_instr + [False] * 4
     assert context.instruction[1].sum() == n_instr and context.mask[1].all()  # prompt cut, template kept
+    assert context.mask[1].sum() == 1 + n_instr + 4 == model.text.max_length
 
 
-def test_empty_prompt_is_just_bos():
+@pytest.mark.parametrize("text", [{}, {"instruction": "a green square "}, {"template": "lidit"}])
+def test_empty_prompt_is_just_bos_without_the_template(text):
+    """A dropped caption and the empty negative prompt are "" as in the public code: no instruction."""
+    model = build_model(tiny_config(text=text))
+    ids, mask = model.text.tokenize(["", "a red circle"])
+    assert mask[0].sum() == 1 and ids[0, 0] == model.text.tokenizer.bos_token_id
+    assert mask[1].sum() == 4 + len(model.text.prefix_ids) - 1  # the prompt row keeps its template
+    instruction = model.text.instruction_mask(mask.sum(1), ids.shape[1])
+    assert not instruction[0].any() and instruction[1].sum() == len(model.text.prefix_ids) - 1
+
+
+def test_a_prefix_ending_in_a_space_tokenises_as_one_string_with_the_prompt():
+    """SentencePiece- and GPT-style tokenizers fold a space into the next word ("▁a"): "Imagine: " alone
+    would end in a lone space token and "a" would lose its space. Prefix and prompt tokenise as one text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from fusedit.text.encoder import TextEncoder
+    from fusedit.text.templates import build_template
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", "Imagine:", "▁", "a", "▁a", "red", "▁red"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     model = build_model(tiny_config())
-    ids, mask = model.text.tokenize([""])
-    assert mask.sum() == 1 and ids[0, 0] == model.text.tokenizer.bos_token_id
+    enc = TextEncoder(model.text.llm, tok, 8, build_template("plain", tok, "Imagine: "))
+    ids, mask = enc.tokenize(["a red", ""])
+    whole = tok("Imagine: a red")["input_ids"]
+    assert tok.convert_ids_to_tokens(whole) == ["<bos>", "Imagine:", "▁a", "▁red"]
+    assert ids[0][mask[0]].tolist() == whole
+    assert ids[1][mask[1]].tolist() == [tok.bos_token_id]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

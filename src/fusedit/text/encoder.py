@@ -89,7 +89,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.prompt_limit = max_length  # text.max_length
+        self.max_length = max_length  # the padded width: text.max_length + the template's tokens, below
         self.template = template or Template("", "")
         self.trim_padding = trim_padding
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
@@ -97,26 +98,37 @@ class TextEncoder(nn.Module):
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
-        self.prefix_ids = tokenizer(t.prefix, add_special_tokens=not t.rendered)["input_ids"]
+        # The spaces ending a prefix ("Imagine: ") open the prompt instead: tokenised apart they would be a
+        # lone space token and the prompt's first word would lose its leading-space form, whereas the text
+        # the LLM was trained on (and the public code, which tokenises instruction + caption as one string)
+        # has "▁a" / "Ġa" there. Cut at the space, the two pieces tokenise as the whole string does.
+        prefix = t.prefix.rstrip(" ")
+        self.prompt_lead = t.prefix[len(prefix) :]
+        self.prefix_ids = tokenizer(prefix, add_special_tokens=not t.rendered)["input_ids"]
         self.suffix_ids = tokenizer(t.suffix, add_special_tokens=False)["input_ids"] if t.suffix else []
-        self.budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay).
+        special = set(tokenizer.all_special_ids)
+        instruction = [i not in special for i in self.prefix_ids]
+        self.register_buffer(
+            "prefix_instruction", torch.tensor(instruction, dtype=torch.bool), persistent=False
+        )
+        # text.max_length counts the prompt and the tokenizer's own special tokens (BOS); the template's
+        # tokens come on top, as in the public code (max prompt length + instruction length), so a long
+        # template does not eat into the prompt.
+        self.budget = max_length - (len(instruction) - sum(instruction))
         if self.budget < 1:
             raise ValueError(
-                f"text.max_length={max_length} leaves no room for the prompt after the template's "
-                f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens (allowed: max_length > that)"
+                f"text.max_length={max_length} leaves no room for the prompt after the tokenizer's "
+                f"{max_length - self.budget} special token(s) (allowed: more than that)"
             )
-        # An empty prompt through a template without tokens and a tokenizer that adds no BOS (Qwen's) would
-        # be zero tokens, which no LLM runs on: it becomes the end-of-text token, the same in training
-        # (dropped captions) and sampling (the empty negative prompt).
+        self.max_length = max_length + sum(instruction) + len(self.suffix_ids)
+        # An empty prompt (a dropped caption, the empty negative prompt) is the unconditional input: the
+        # tokenizer's own encoding of "" (BOS), without the template, as the public code drops it (design-
+        # space.md s.3: caption dropout to ""). A tokenizer that adds no BOS (Qwen's) would give zero tokens,
+        # which no LLM runs on: then it is the end-of-text token, the same in training and sampling.
         end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        self.empty_ids = [] if self.prefix_ids or self.suffix_ids else [end]
+        self.empty_ids = tokenizer("")["input_ids"] or [end]
         self.vocab_rows = llm.get_input_embeddings().num_embeddings
-        # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay,
-        # so an empty prompt keeps one token).
-        special = set(tokenizer.all_special_ids)
-        self.register_buffer(
-            "prefix_instruction", torch.tensor([i not in special for i in self.prefix_ids]), persistent=False
-        )
 
     @property
     def trainable(self) -> bool:
@@ -148,22 +160,23 @@ class TextEncoder(nn.Module):
         Prompts longer than the room the template leaves are truncated, with a warning."""
         if isinstance(prompts, str):
             raise TypeError("tokenize takes a list of prompts, not a single string")
-        bodies = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        texts = [self.prompt_lead + p if p else p for p in prompts]
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         too_long = [i for i, seq in enumerate(bodies) if len(seq) > self.budget]
         if too_long:
             first = prompts[too_long[0]]
             log.warning(
                 "%d prompt(s) longer than text.max_length=%d tokens were truncated, e.g. %r (%d tokens)",
                 len(too_long),
-                self.max_length,
+                self.prompt_limit,
                 first[:80],
-                len(bodies[too_long[0]]) + self.max_length - self.budget,
+                len(bodies[too_long[0]]) + self.prompt_limit - self.budget,
             )
         pad = self.tokenizer.pad_token_id
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)
         for i, body in enumerate(bodies):
-            seq = self.prefix_ids + body[: self.budget] + self.suffix_ids or self.empty_ids
+            seq = self.prefix_ids + body[: self.budget] + self.suffix_ids if body else self.empty_ids
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[i, : len(seq)] = True
         if int(out.max()) >= self.vocab_rows:
@@ -174,13 +187,16 @@ class TextEncoder(nn.Module):
         return out.to(device), mask.to(device)
 
     def instruction_mask(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, T) bool: True on template tokens (prefix after any special tokens, and the suffix)."""
+        """(B, T) bool: True on template tokens (prefix after any special tokens, and the suffix) of the rows
+        that have them. An empty prompt's row (``empty_ids``, no template) is shorter than any templated
+        one, which holds the template's tokens and at least one of the prompt's."""
         pos = torch.arange(length, device=lengths.device)[None]
         n = len(self.prefix_ids)
         prefix = torch.zeros(length, dtype=torch.bool, device=lengths.device)
         prefix[: min(n, length)] = self.prefix_instruction[:length].to(lengths.device)
         suffix = (pos >= (lengths - len(self.suffix_ids))[:, None]) & (pos < lengths[:, None])
-        return prefix[None] | suffix
+        templated = lengths > n + len(self.suffix_ids)
+        return (prefix[None] | suffix) & templated[:, None]
 
     def trim_multiple_on(self, device: torch.device) -> int:
         """text.trim_multiple, with "auto" (None) resolved for ``device``: CUDA_TRIM_MULTIPLE on a GPU, 1

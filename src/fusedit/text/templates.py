@@ -3,7 +3,9 @@
 A template is a plain-text prefix and suffix around the prompt. They are tokenised apart from the prompt,
 so the encoder knows exactly which tokens are the template's ("instruction tokens"): LI-DiT's refiners
 read them and they are dropped afterwards (design-space.md s.2). Chat templates are rendered by the
-tokenizer around a placeholder, and split there.
+tokenizer around a placeholder, and split there. The encoder moves a prefix's closing spaces onto the
+prompt, so the pieces tokenise as the whole text does, and gives an empty prompt no template (the
+unconditional input, as in the public code).
 
 | name         | text                                                                                  |
 |--------------|---------------------------------------------------------------------------------------|
