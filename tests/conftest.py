@@ -31,6 +31,7 @@ TINY_CLIP_ARCH = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "max_position_embeddings": 32,
+    "projection_dim": 20,
     "bos_token_id": 2,
     "eos_token_id": 1,
     "pad_token_id": 0,

@@ -176,7 +176,14 @@ def test_clip_pooled_text_modulation():
     model = build_model(cfg)
     randomize(model.denoiser)
     text = model.encode_prompts(["a red circle", "a blue square"])
-    assert text.pooled.shape == (2, 24) and not torch.allclose(text.pooled[0], text.pooled[1])
+    assert text.pooled.shape == (2, 20) and not torch.allclose(text.pooled[0], text.pooled[1])
+    # CLIP's own text_embeds (the projected end-of-text state), which the public code adds, for a prompt
+    # whose last token is CLIP's end-of-text id
+    pooled = model.pooled_text
+    tok = pooled.tokenizer(["a red circle <eos>"], return_tensors="pt")
+    assert tok["input_ids"][0, -1] == TINY_CLIP_ARCH["eos_token_id"]
+    clip = pooled.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).text_embeds
+    torch.testing.assert_close(pooled(["a red circle <eos>"]), clip)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     v = model(x, t, text)
     text.pooled = text.pooled.flip(0)

@@ -1,11 +1,12 @@
 """A second, pooled text embedding (FuseDiT's clip-mod study): a CLIP text model through transformers,
-frozen, whose pooled output is added to the DiT's timestep embedding."""
+frozen, whose projected pooled output (CLIP's ``text_embeds``, as the public code reads it) is added to the
+DiT's timestep embedding."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
 from fusedit.config import ConfigError, PooledTextConfig
 
@@ -19,13 +20,14 @@ class PooledTextEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.model.config.projection_dim
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        """(B,) prompts -> (B, hidden): the final (layer-normed) state of each prompt's last real token.
+        """(B,) prompts -> (B, projection_dim): the final (layer-normed) state of each prompt's last real
+        token, through CLIP's text projection.
 
-        For CLIP's own tokenizer that token is end-of-text, so this is exactly CLIP's pooled output; unlike
+        For CLIP's own tokenizer that token is end-of-text, so this is exactly CLIP's ``text_embeds``; unlike
         CLIP's pooler it needs no particular end-of-text id, so any tokenizer works."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer(
@@ -36,22 +38,23 @@ class PooledTextEncoder(nn.Module):
             return_tensors="pt",
         )
         mask = tok["attention_mask"].to(device)
-        hidden = self.model(input_ids=tok["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        ids = tok["input_ids"].to(device)
+        hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=device), last]
+        return self.model.text_projection(hidden[torch.arange(hidden.shape[0], device=device), last])
 
 
 def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False):
     """The CLIP text model of ``cfg.model_id``, or a random-init one from ``cfg.arch``."""
     if cfg.model_id and not shape_only:
         try:
-            model = CLIPTextModel.from_pretrained(cfg.model_id)
+            model = CLIPTextModelWithProjection.from_pretrained(cfg.model_id)
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_id)
         except OSError as e:
             raise ConfigError(
                 f"pooled_text.model_id={cfg.model_id!r} cannot be loaded: {str(e).splitlines()[0]}"
             ) from None
     else:
-        model = CLIPTextModel(CLIPTextConfig(**cfg.arch))
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg.arch))
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else builtin_tokenizer
     return PooledTextEncoder(model.to(device) if str(device) != "meta" else model, tokenizer, cfg.max_length)
