@@ -1,8 +1,13 @@
+import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, tiny_vae
 from fusedit.cli import main
@@ -329,3 +334,121 @@ def test_overrides_may_follow_options_and_unknown_words_still_fail(tmp_path, cap
             main(["train", config, "--out", str(tmp_path / "other"), *extra])
         assert f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
+
+
+def test_convert_asks_for_a_missing_vae_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import fusedit.convert.fusedit_official
+
+    def load_official(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fusedit.convert.fusedit_official, "load_official", load_official)
+    assert main(["convert", str(FIXTURE), "--out", str(tmp_path / "run")]) == 2
+    assert "has no VAE: pass --vae (e.g. stabilityai/" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_reads_a_pickled_file_only_with_trust_pickle(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+
+    # A DeepSpeed file pickles more than tensors (here its training arguments), which weights_only refuses.
+    (tmp_path / "step").mkdir()
+    shutil.copy(FIXTURE / "config.json", tmp_path / "step" / "config.json")
+    weights = tmp_path / "step" / "mp_rank_00_model_states.pt"
+    torch.save(
+        {"module": load_file(FIXTURE / "model.safetensors"), "args": argparse.Namespace(lr=1)}, weights
+    )
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    word_tokenizer(vocabulary()).save_pretrained(tmp_path / "tok")
+    convert = ["convert", str(weights), "--vae", str(tmp_path / "vae"), "--tokenizer", str(tmp_path / "tok")]
+    assert main([*convert, "--out", str(tmp_path / "run")]) == 2
+    err = _one_line_error(capsys)
+    assert f"cannot read {str(weights)!r}" in err and "only for a file you trust: pass --trust-pickle" in err
+    assert main([*convert, "--out", str(tmp_path / "run"), "--trust-pickle"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import fusedit.eval.fid
+
+    class MeanColour:  # a stand-in feature model: each image's mean colour
+        def __init__(self, model_id):
+            self.id = f"mean-colour:{model_id}"
+
+        def __call__(self, images):
+            return torch.tensor(np.stack([np.asarray(im, dtype=np.float64).mean((0, 1)) for im in images]))
+
+    monkeypatch.setattr(fusedit.eval.fid, "TransformersImageFeatures", MeanColour)
+    for folder, count in (("one", 1), ("three", 3), ("four", 4)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            colour = (60 * i, 200 - 40 * i, 30 * (i % 2))
+            Image.new("RGB", (8, 8), colour).save(tmp_path / folder / f"{i:05d}.png")
+
+    def fid(samples: str, reference: str) -> int:
+        return main(
+            [
+                "fid",
+                str(tmp_path / samples),
+                "--reference",
+                str(tmp_path / reference),
+                "--reference-name",
+                reference,
+                "--features",
+                "x",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+
+    for samples, reference, what in (("one", "three", "samples"), ("three", "one", "reference")):
+        assert fid(samples, reference) == 2
+        err = _one_line_error(capsys)
+        assert f"the {what} folder {str(tmp_path / 'one')!r} holds 1 image" in err
+        assert "(allowed: a folder of at least 2 images)" in err
+    assert fid("three", "four") == 0
+    assert capsys.readouterr().out.startswith("FD (x features): ")
+
+
+def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch):
+    bad = ["config", "debug", "model.pos_embed=nope"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the line of a plain run
+    assert main(bad) == 2
+    assert capsys.readouterr().err.startswith("fusedit: error: model.pos_embed='nope'")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusedit: error (rank 1): model.pos_embed='nope' is not allowed")
+    assert err.endswith("\n") and err.count("\n") == 1
+
+
+def test_log_lines_go_above_the_progress_bar(capsys, monkeypatch):
+    import logging
+
+    from tqdm import tqdm
+
+    def train(args):  # a bar on the console, and a warning while it is drawn
+        with tqdm(total=2, desc="train", file=sys.stderr) as bar:
+            bar.update(1)
+            logging.getLogger("fusedit.train").warning("warmup is long")
+            bar.update(1)
+        return 0
+
+    monkeypatch.setattr("fusedit.cli.cmd_train", train)
+    console = logging.StreamHandler(sys.stderr)  # what `fusedit` has outside pytest (logging.basicConfig)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    monkeypatch.setattr(logging.root, "handlers", [*logging.root.handlers, console])
+    line = "WARNING fusedit.train: warmup is long"
+    assert main(["train", "debug"]) == 0
+    assert line in re.split(r"[\r\n]", capsys.readouterr().err)  # a line of its own, not after the bar's
+    assert logging.root.handlers[-1] is console  # restored

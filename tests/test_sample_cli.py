@@ -153,6 +153,11 @@ def test_progress_bar_counts_every_step(folders, tmp_path, capsys):
     assert f"wrote 3 images to {tmp_path}" in captured.out
 
 
+def test_one_image_is_reported_in_the_singular(folders, tmp_path, capsys):
+    assert sample(folders["run"], tmp_path, "--prompt", "a", "--steps", "1") == 0
+    assert capsys.readouterr().out == f"wrote 1 image to {tmp_path}\n"
+
+
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
     out = tmp_path / "out"
     assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0

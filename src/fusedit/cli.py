@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
 import re
 import sys
 import time
@@ -158,9 +160,31 @@ def _remove_earlier_samples(out: Path) -> None:
         log.info("removed %d files of an earlier sample in %s", len(earlier), out)
 
 
-def cmd_sample(args) -> int:
-    import math
+def _check_sampling_flags(args) -> None:
+    """--steps, --guidance and --size of `fusedit sample` and `fusedit eval`, checked before the (possibly
+    slow) model load, so that a typo fails at once. Which sizes the model takes is _check_size's."""
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps} is not allowed (allowed: 1 or more)")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
+    if args.size is not None and args.size < 1:
+        raise ConfigError(
+            f"--size {args.size} is not allowed (allowed: a positive multiple of the VAE's downsampling x "
+            "the patch size)"
+        )
 
+
+def _check_size(size: int, unit: int) -> None:
+    """``unit``: the VAE's downsampling x the patch size; a size must make whole patches of whole latent
+    pixels."""
+    if size < unit or size % unit:
+        raise ConfigError(
+            f"--size {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
+            "x the patch size)"
+        )
+
+
+def cmd_sample(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -173,10 +197,7 @@ def cmd_sample(args) -> int:
     # Checked before the (possibly slow) model load, so a typo fails at once.
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps {args.steps} is not allowed (allowed: 1 or more)")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
+    _check_sampling_flags(args)
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     settings = sample_settings(
@@ -189,12 +210,7 @@ def cmd_sample(args) -> int:
         cache_text=False if args.no_cache else None,
     )
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
-    unit = model.autoencoder.downsample * cfg.model.patch_size  # whole patches of whole latent pixels
-    if size < unit or size % unit:
-        raise ConfigError(
-            f"--size {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
-            "x the patch size)"
-        )
+    _check_size(size, model.autoencoder.downsample * cfg.model.patch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_samples(out)
@@ -226,7 +242,7 @@ def cmd_sample(args) -> int:
             images.append(img)
     bar.close()
     save_png(image_grid(images, prompts, scale=max(1, 128 // size)), out / "grid.png")
-    print(f"wrote {len(images)} images to {out}")
+    print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     return 0
 
 
@@ -259,14 +275,45 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# The `fusedit eval` flags that only some benches read: given with another bench, they would be ignored.
+_BENCH_FLAGS = {
+    "per_category": ("shapes",),
+    "prompts": ("geneval", "dpg"),
+    "detector": ("geneval",),
+    "clip": ("geneval",),
+    "vqa": ("dpg",),
+    "size": ("geneval", "dpg"),
+}
+
+
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import run_shapes_bench
     from fusedit.sample import to_sampling_form
     from fusedit.system import resolve_device
-    from fusedit.train.checkpoint import load_model
+    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint, load_model
 
+    # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
+    # of these flags is None, so only the flags given count.
+    for name, benches in _BENCH_FLAGS.items():
+        if getattr(args, name) is not None and args.bench not in benches:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} does not apply to --bench {args.bench} (allowed with: "
+                f"{' or '.join(f'--bench {b}' for b in benches)})"
+            )
+    if args.bench in ("geneval", "dpg") and not args.prompts:
+        raise ConfigError(
+            f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
+        )
+    if args.per_category is not None and args.per_category < 1:
+        raise ConfigError(f"--per-category {args.per_category} is not allowed (allowed: 1 or more)")
+    _check_sampling_flags(args)
+    ckpt = find_checkpoint(args.model)
+    if args.size is not None:
+        saved = checkpoint_stage(ckpt).config  # the config alone: no weights are read
+        _check_size(args.size, saved.vae.downsample * saved.model.patch_size)
     device = resolve_device(args.device, "--device")
-    model, cfg, ckpt = load_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, ckpt = load_model(ckpt, device, use_ema=not args.no_ema)
     to_sampling_form(model, cfg)
     out = Path(args.out or Path(args.model) / "eval" / args.bench)
     s = cfg.sample
@@ -277,13 +324,15 @@ def cmd_eval(args) -> int:
         cfg.data.image_size,
         out,
         name=cfg.name,
-        per_category=args.per_category,
+        per_category=20 if args.per_category is None else args.per_category,
         max_objects=cfg.data.max_objects,
-        steps=args.steps or s.steps,
+        steps=s.steps if args.steps is None else args.steps,
         guidance=s.guidance if args.guidance is None else args.guidance,
         shift=s.shift,
         sampler=s.sampler,
-        seed=args.seed or 0,
+        negative_prompt=s.negative_prompt,
+        precision=s.precision,
+        seed=0 if args.seed is None else args.seed,
         progress=not args.quiet,
     )
     print((out / "scores.md").read_text(), end="")
@@ -295,10 +344,6 @@ def _eval_protocol(args, model, cfg, out: Path, device) -> int:
     from fusedit.eval.run import generator, run_dpg, run_geneval
     from fusedit.sample import sample_settings
 
-    if not args.prompts:
-        raise ConfigError(
-            f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
-        )
     gen = generator(
         model, sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     )
@@ -361,11 +406,20 @@ def cmd_cache_latents(args) -> int:
 def cmd_fid(args) -> int:
     from fusedit.eval.fid import ReferenceStats, TransformersImageFeatures, fid_score, list_images
 
+    def images(folder: str, what: str) -> list[Path]:
+        found = list_images(folder)
+        if len(found) < 2:  # one image has no covariance
+            raise ConfigError(
+                f"the {what} folder {folder!r} holds 1 image (allowed: a folder of at least 2 images)"
+            )
+        return found
+
+    samples = images(args.samples, "samples")  # before the feature model loads
     extractor = TransformersImageFeatures(args.features)
     reference = ReferenceStats.cached(
-        args.reference_name, lambda: list_images(args.reference), extractor, Path(args.cache_dir)
+        args.reference_name, lambda: images(args.reference, "reference"), extractor, Path(args.cache_dir)
     )
-    print(f"FD ({args.features} features): {fid_score(list_images(args.samples), reference, extractor):.4f}")
+    print(f"FD ({args.features} features): {fid_score(samples, reference, extractor):.4f}")
     return 0
 
 
@@ -466,9 +520,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from fusedit.convert.fusedit_official import load_official
+    from fusedit.convert.fusedit_official import load_official, official_vae
     from fusedit.train.checkpoint import save_checkpoint
 
+    # Asked before load_official builds and loads the model, which takes minutes for the 4.6B release.
+    if not args.vae and official_vae(args.path, args.config) is None:
+        raise ConfigError(
+            f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
+            "--vae-subfolder vae, the VAE FuseDiT was trained with)"
+        )
     cfg, model = load_official(
         args.path,
         config=args.config,
@@ -478,12 +538,8 @@ def cmd_convert(args) -> int:
         llm=args.llm or "",
         max_length=args.max_length,
         padding_side=args.padding_side,
+        weights_only=not args.trust_pickle,
     )
-    if cfg.vae.kind == "diffusers" and not cfg.vae.model_id:
-        raise ConfigError(
-            f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
-            "--vae-subfolder vae, the VAE FuseDiT was trained with)"
-        )
     weights = model.denoiser.state_dict()
     ckpt = save_checkpoint(
         args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
@@ -649,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
     sp.add_argument("model", help="run folder or checkpoint folder")
     sp.add_argument("--bench", choices=["shapes", "geneval", "dpg"], default="shapes")
-    sp.add_argument("--per-category", type=int, default=20, help="shapes: held-out prompts per category")
+    sp.add_argument("--per-category", type=int, help="shapes: held-out prompts per category (default 20)")
     sp.add_argument("--prompts", help="geneval/dpg: the prompt data (see `fusedit benchmarks download`)")
     sp.add_argument("--detector", help="geneval: detector hub id or folder (e.g. a Mask2Former COCO model)")
     sp.add_argument("--clip", help="geneval: CLIP hub id or folder for colour classification")
@@ -700,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--llm", help="LLM hub id or folder when the checkpoint holds no LLM weights")
     sp.add_argument("--max-length", type=int, default=256)
     sp.add_argument("--padding-side", choices=["left", "right"])
+    sp.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read a pickled *.pt/*.bin file with weights_only=False: only for a file you trust (unpickling "
+        "can run code)",
+    )
     sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("bench", help="training and sampling throughput on synthetic inputs (random weights)")
@@ -796,6 +858,24 @@ def _library_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _logs_above_bars(enabled: bool):
+    """Log lines (the warmup warning, stage changes) written while a progress bar is drawn would land on
+    the bar's line: tqdm writes them instead, above the bar. Only when the root logger writes to the
+    console: tqdm would otherwise add a console handler of its own (under pytest, which captures logs)."""
+    console = any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+        for h in logging.root.handlers
+    )
+    if not (enabled and console):
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -807,9 +887,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    progress = not getattr(args, "quiet", False)
     try:
-        with _library_bars(not getattr(args, "quiet", False)):
+        with _library_bars(progress), _logs_above_bars(progress):
             return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"fusedit: error: {e}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "")
+        # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
+        # write, so that the ranks' lines do not run together.
+        who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+        sys.stderr.write(f"fusedit: error{who}: {e}\n")
+        sys.stderr.flush()
         return 2

@@ -541,7 +541,12 @@ def _torch_load(data, where: Path, weights_only: bool):
     try:
         return torch.load(data, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # unpickling fails with many exception types: say which file, and why
-        hint = " (pass weights_only=False only for a file you trust)" if weights_only else ""
+        hint = (
+            " (only for a file you trust: pass --trust-pickle to `fusedit convert`, weights_only=False "
+            "from Python)"
+            if weights_only
+            else ""
+        )
         raise ConfigError(f"cannot read {str(where)!r}: {str(e).splitlines()[0]}{hint}") from None
 
 
@@ -638,6 +643,12 @@ def _locate(path: Path, config) -> _Source:
         )
     weights = _weights_in(path) if path.is_dir() else path
     return _Source(config=_config_for(weights, config), weights=weights)
+
+
+def official_vae(path: str | Path, config: dict | str | Path | None = None) -> tuple[str, str] | None:
+    """The VAE (folder, subfolder) that the public checkpoint at ``path`` brings, a pipeline folder's
+    ``vae/``, or None; reads no weights, so a caller can ask for a missing VAE before load_official."""
+    return _locate(Path(path), config).vae
 
 
 def _padding_side(tokenizer: str) -> str:

@@ -1,0 +1,110 @@
+"""`fusedit eval`: its flags are checked before the model loads, each bench's flags are refused with the
+others, and the shapes bench samples with the run's sample section."""
+
+import pytest
+
+from conftest import tiny_config
+from fusedit.cli import main
+from fusedit.system import build_model
+from fusedit.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder (no training) whose sample section differs from the defaults."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = tiny_config(sample={"steps": 3, "guidance": 3.0, "negative_prompt": "a blur", "precision": "fp32"})
+    model = build_model(cfg)
+    save_checkpoint(root / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+    return root / "run"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if `fusedit eval` loads the model."""
+    import fusedit.train.checkpoint
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", load_model)
+
+
+@pytest.fixture
+def shapes_bench(monkeypatch):
+    """The keyword arguments each run of the shapes bench gets (it samples nothing)."""
+    import fusedit.eval.shapes_bench
+
+    calls = []
+
+    def run_shapes_bench(model, image_size, out, **kwargs):
+        calls.append(kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scores.md").write_text("| scores |\n")
+        return {"overall": 0.5, "num_images": 3}
+
+    monkeypatch.setattr(fusedit.eval.shapes_bench, "run_shapes_bench", run_shapes_bench)
+    return calls
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("fusedit: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "bench, args, message",
+    [
+        ("shapes", ["--steps", "0"], "--steps 0 is not allowed (allowed: 1 or more)"),
+        ("geneval", ["--steps", "-2"], "--steps -2 is not allowed (allowed: 1 or more)"),
+        ("shapes", ["--guidance", "-1"], "--guidance -1.0 is not allowed (allowed: a finite number >= 0)"),
+        ("dpg", ["--guidance", "nan"], "--guidance nan is not allowed (allowed: a finite number >= 0)"),
+        ("geneval", ["--size", "0"], "--size 0 is not allowed (allowed: a positive multiple"),
+        ("dpg", ["--size", "15"], "--size 15 is not allowed (allowed: a positive multiple of 2, the VAE's"),
+        ("shapes", ["--per-category", "0"], "--per-category 0 is not allowed (allowed: 1 or more)"),
+    ],
+)
+def test_bad_sampling_flags_fail_before_the_model_loads(run, capsys, no_model_load, bench, args, message):
+    prompts = [] if bench == "shapes" else ["--prompts", "prompts.jsonl"]
+    assert main(["eval", str(run), "--bench", bench, *prompts, *args, "--quiet"]) == 2
+    assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "bench, args, allowed",
+    [
+        ("shapes", ["--detector", "det"], "--bench geneval"),
+        ("shapes", ["--clip", "clip"], "--bench geneval"),
+        ("shapes", ["--vqa", "vqa"], "--bench dpg"),
+        ("shapes", ["--prompts", "p.jsonl"], "--bench geneval or --bench dpg"),
+        ("shapes", ["--size", "16"], "--bench geneval or --bench dpg"),
+        ("geneval", ["--per-category", "5"], "--bench shapes"),
+        ("dpg", ["--per-category", "5"], "--bench shapes"),
+        ("dpg", ["--detector", "det"], "--bench geneval"),
+        ("geneval", ["--vqa", "vqa"], "--bench dpg"),
+    ],
+)
+def test_flags_of_another_bench_are_refused(run, capsys, no_model_load, bench, args, allowed):
+    assert main(["eval", str(run), "--bench", bench, *args, "--quiet"]) == 2
+    assert f"{args[0]} does not apply to --bench {bench} (allowed with: {allowed})" in one_line_error(capsys)
+
+
+def test_the_shapes_bench_samples_with_the_runs_sample_section(run, tmp_path, capsys, shapes_bench):
+    def evaluate(*args: str) -> dict:
+        assert main(["eval", str(run), "--out", str(tmp_path), "--device", "cpu", "--quiet", *args]) == 0
+        return shapes_bench[-1]
+
+    saved = evaluate()
+    expected = {"steps": 3, "guidance": 3.0, "negative_prompt": "a blur", "precision": "fp32", "seed": 0}
+    assert saved == {**saved, **expected, "per_category": 20}
+    assert "overall 0.500 on 3 held-out prompts" in capsys.readouterr().out
+    # Flags replace the saved values, a zero guidance too.
+    given = evaluate("--steps", "1", "--guidance", "0", "--seed", "5", "--per-category", "2")
+    assert given == {**saved, "steps": 1, "guidance": 0.0, "seed": 5, "per_category": 2}
+
+
+@pytest.mark.parametrize("bench", ["geneval", "dpg"])
+def test_a_missing_prompts_flag_fails_before_the_model_loads(run, capsys, no_model_load, bench):
+    assert main(["eval", str(run), "--bench", bench, "--quiet"]) == 2
+    assert f"--bench {bench} needs --prompts PATH" in one_line_error(capsys)
