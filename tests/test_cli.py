@@ -16,7 +16,7 @@ from fusedit.cli import main
 def test_describe_and_config_and_presets(capsys):
     assert main(["describe", "fusedit-gemma2b"]) == 0
     out = capsys.readouterr().out
-    assert "trainable (DiT): 2448.4M" in out and "frozen (LLM, incl. embeddings): 2506.2M" in out
+    assert "trainable (DiT): 2448.5M" in out and "frozen (LLM, incl. embeddings): 2506.2M" in out
     assert main(["config", "debug", "train.steps=3"]) == 0
     assert "steps: 3" in capsys.readouterr().out
     assert main(["presets"]) == 0

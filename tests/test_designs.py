@@ -34,9 +34,10 @@ PAPER_COUNTS = {
 def test_preset_parameter_counts_match_the_paper(preset):
     model = build_model(load_config(preset), "meta")
     dit, llm = PAPER_COUNTS[preset]
-    assert abs(count_parameters(model.denoiser) / 1e6 - dit) / dit < 0.01
+    # to the 0.1M the paper gives: the public code's affine RMSNorm in adaLN is 0.08M of the baseline
+    assert round(count_parameters(model.denoiser) / 1e6, 1) == dit
     if llm is not None:
-        assert abs(count_parameters(model.text.llm) / 1e6 - llm) / llm < 0.01
+        assert round(count_parameters(model.text.llm) / 1e6, 1) == llm
 
 
 @pytest.mark.parametrize("preset", preset_names())
