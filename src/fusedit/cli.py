@@ -287,7 +287,7 @@ _BENCH_FLAGS = {
 
 
 def cmd_eval(args) -> int:
-    from fusedit.eval.shapes_bench import run_shapes_bench
+    from fusedit.eval.shapes_bench import PER_CATEGORY, run_shapes_bench
     from fusedit.sample import to_sampling_form
     from fusedit.system import resolve_device
     from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint, load_model
@@ -324,7 +324,7 @@ def cmd_eval(args) -> int:
         cfg.data.image_size,
         out,
         name=cfg.name,
-        per_category=20 if args.per_category is None else args.per_category,
+        per_category=PER_CATEGORY if args.per_category is None else args.per_category,
         max_objects=cfg.data.max_objects,
         steps=s.steps if args.steps is None else args.steps,
         guidance=s.guidance if args.guidance is None else args.guidance,

@@ -45,13 +45,17 @@ def markdown_table(name: str, scores: dict) -> str:
     return head + rule + row + " |\n"
 
 
+# Held-out prompts per category when none is asked for (`fusedit eval --per-category`).
+PER_CATEGORY = 20
+
+
 def run_shapes_bench(
     model,
     image_size: int,
     out_dir: str | Path,
     *,
     name: str = "model",
-    per_category: int = 20,
+    per_category: int = PER_CATEGORY,
     max_objects: int = 4,
     steps: int = 25,
     guidance: float = 3.0,

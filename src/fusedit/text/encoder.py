@@ -157,7 +157,8 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str], device: torch.device | str = "cpu"):
         """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
 
-        Prompts longer than the room the template leaves are truncated, with a warning."""
+        Prompts longer than text.max_length (with the tokenizer's special tokens; the template's come on top)
+        are truncated, with a warning. An empty prompt is ``empty_ids``, without the template."""
         if isinstance(prompts, str):
             raise TypeError("tokenize takes a list of prompts, not a single string")
         texts = [self.prompt_lead + p if p else p for p in prompts]
