@@ -247,8 +247,9 @@ def test_every_checkpoint_format_loads_the_fixture(tmp_path, fixture_model, refe
     if kind == "pipeline":
         assert isinstance(model.autoencoder, DiffusersAutoencoder) and model.autoencoder.channels == 4
         assert (cfg.vae.model_id, cfg.vae.subfolder, cfg.vae.downsample) == (str(path), "vae", 2)
-        assert (cfg.sample.shift, cfg.data.image_size, cfg.text.tokenizer) == (
+        assert (cfg.sample.shift, cfg.sample.schedule, cfg.data.image_size, cfg.text.tokenizer) == (
             3.0,
+            "diffusers",  # the public pipeline's sigmas
             16,
             str(path / "tokenizer"),
         )

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fusedit.flow import (
@@ -65,3 +66,25 @@ def test_caption_dropout_rate_and_determinism():
     assert len(keep) == 4000 and 300 < keep.count(False) < 500
     assert keep == caption_keep(4000, 0.1, torch.Generator().manual_seed(0))
     assert all(caption_keep(50, 0.0)) and not any(caption_keep(50, 1.0))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 50])
+def test_diffusers_schedule_is_the_schedulers_own_spacing(steps, shift):
+    """sample.schedule=diffusers: the sigmas of FlowMatchEulerDiscreteScheduler.set_timesteps(steps), as the
+    public FuseDiT pipeline samples, exactly (it shifts its spacing's endpoints, then the times again)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    times = sampling_times(steps, shift, schedule="diffusers")
+    assert times.dtype == torch.float32 and torch.equal(times, scheduler.sigmas)
+    if steps > 1 and shift > 1:  # the two spacings differ: diffusers' last step starts much closer to 0
+        assert times[-2] < sampling_times(steps, shift)[-2]
+
+
+def test_unknown_schedule_is_named():
+    with pytest.raises(
+        ValueError, match=r"unknown sampling schedule 'karras' \(allowed: uniform, diffusers\)"
+    ):
+        sampling_times(4, schedule="karras")

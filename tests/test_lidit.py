@@ -44,7 +44,7 @@ def test_refiner_starts_as_identity_and_its_gates_are_zero():
         torch.count_nonzero(g.weight) == 0 and torch.count_nonzero(g.bias) == 0 for g in gates
     )
     text = model.encode_prompts(["a red circle", "two blue squares"])
-    context, mask = refiner(text.all, torch.randn(2, model.denoiser.dim))
+    context, mask, _ = refiner(text.all, torch.randn(2, model.denoiser.dim))
     torch.testing.assert_close(context, refiner.linguistic[0].in_proj(text.hidden))
     assert torch.equal(mask, text.mask & ~text.instruction)
 
@@ -54,23 +54,23 @@ def test_instruction_tokens_are_read_by_the_refiner_then_dropped():
     randomize(model.denoiser.context)
     refiner, temb = model.denoiser.context, torch.randn(1, model.denoiser.dim)
     text = model.encode_prompts(["a red circle"])
-    context, mask = refiner(text.all, temb)
+    context, mask, _ = refiner(text.all, temb)
     n = int(text.instruction.sum())
     assert n > 10 and int(mask.sum()) == int(text.mask.sum()) - n  # the prompt (and <bos>) remain
     assert not mask[0, 1 : 1 + n].any() and mask[0, 0] and mask[0, -3:].all()
     # the refiner reads the instruction: change one instruction token's features, the prompt tokens change
     text.hidden[0, 2] += 1.0
-    context2, _ = refiner(text.all, temb)
+    context2, _, _ = refiner(text.all, temb)
     assert not torch.allclose(context2[0, -3:], context[0, -3:])
     # and with drop_instruction off nothing is masked beyond padding
     model = build_model(lidit(extra=False, drop_instruction=False))
-    _, mask = model.denoiser.context(model.encode_prompts(["a red circle"]).all, temb)
+    _, mask, _ = model.denoiser.context(model.encode_prompts(["a red circle"]).all, temb)
     assert mask.all()
 
 
 def test_causal_refiner_ablation_does_not_look_ahead():
     torch.manual_seed(0)
-    ref = LinguisticRefiner(llm_dim=16, dim=32, heads=4, depth=2, causal=True)
+    ref = LinguisticRefiner(llm_dim=16, dim=32, heads=4, depth=2, causal=True, gated=True)
     randomize(ref)
     x, mask, temb = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool), torch.randn(1, 32)
     y = ref(x, mask, temb)
@@ -80,9 +80,81 @@ def test_causal_refiner_ablation_does_not_look_ahead():
     x2[0, 5] -= d
     y2 = ref(x2, mask, temb)
     torch.testing.assert_close(y[0, :4], y2[0, :4])  # the past does not see it
-    bidirectional = LinguisticRefiner(16, 32, 4, 2, causal=False)
+    bidirectional = LinguisticRefiner(16, 32, 4, 2, causal=False, gated=True)
     bidirectional.load_state_dict(ref.state_dict())
     assert not torch.allclose(bidirectional(x, mask, temb)[0, :4], bidirectional(x2, mask, temb)[0, :4])
+
+
+def test_no_gating_ablation_adds_every_sublayer_unscaled():
+    model = build_model(lidit(extra=False, refiner_gating=False))
+    refiner = model.denoiser.context
+    assert not [n for n, _ in refiner.named_parameters() if "gates" in n]
+    randomize(refiner)
+    text = model.encode_prompts(["a red circle", "two blue squares"])
+    temb = torch.randn(2, model.denoiser.dim)
+    ling = refiner.linguistic[0]
+    x = ling.in_proj(text.hidden)
+    keep = ling.attention_mask(text.mask)
+    for block in ling.blocks:  # the refiner written out: pre-norm residual sublayers, nothing scales them
+        h = block.attn_norm(x)
+        x = x + block.attn(h, h, keep)
+        x = x + block.mlp(block.mlp_norm(x))
+    context, mask, _ = refiner(text.all, temb)
+    torch.testing.assert_close(context, x)
+    # so, unlike the gated refiner, it does not start as the identity, and it ignores the timestep
+    assert not torch.allclose(context, ling.in_proj(text.hidden))
+    torch.testing.assert_close(refiner(text.all, torch.randn(2, model.denoiser.dim))[0], context)
+
+
+def test_collaborative_refiner_layer_norms_the_other_branches_tokens():
+    """The other LLM's tokens are a residual stream of their own scale: LayerNormed before the K/V
+    projection, a branch's output does not change when they are scaled and offset."""
+    model = build_model(lidit())
+    randomize(model.denoiser)
+    collaborative = model.denoiser.context.collaborative
+    xs, masks = [torch.randn(2, 5, 32), torch.randn(2, 7, 32)], [torch.ones(2, 5, dtype=torch.bool)] * 2
+    masks[1] = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    c = torch.randn(2, 32)
+    out = collaborative(xs, masks, c)
+    moved = collaborative([xs[0], 3.0 * xs[1] + 2.0], masks, c)
+    torch.testing.assert_close(moved[0], out[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moved[1], out[1])  # a branch's own tokens still count as they are
+
+
+def test_channel_concatenation_lines_up_each_llms_kept_tokens():
+    model = build_model(lidit(refiner_concat="channels"))
+    randomize(model.denoiser)
+    refiner = model.denoiser.context
+    text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    temb = torch.randn(2, model.denoiser.dim)
+    context, keep, positions = refiner(text.all, temb)
+    width = max(text.mask.shape[1], text.others[0].mask.shape[1])
+    assert context.shape == (2, width, model.denoiser.dim) and keep.shape == positions.shape == (2, width)
+    # Row by row: the refined tokens each LLM keeps (instruction dropped), first to last, side by side
+    # (zeros where an LLM has fewer), then the projection.
+    refined = [ref(t.hidden, t.mask, temb) for ref, t in zip(refiner.linguistic, text.all)]
+    refined = refiner.collaborative(
+        refined, [t.mask for t in text.all], refiner_condition(refiner, refined, text, temb)
+    )
+    for row in range(2):
+        columns, counts = [], []
+        for x, t in zip(refined, text.all):
+            kept = x[row][t.mask[row] & ~t.instruction[row]]
+            counts.append(len(kept))
+            columns.append(torch.cat([kept, kept.new_zeros(width - len(kept), kept.shape[1])]))
+        expected = refiner.concat.proj(torch.cat(columns, dim=-1))
+        n = max(counts)
+        assert keep[row].tolist() == [True] * n + [False] * (width - n)
+        assert positions[row, :n].tolist() == list(range(n))
+        torch.testing.assert_close(context[row, :n], expected[:n])
+
+
+def refiner_condition(refiner, refined, text, temb):
+    """The collaborative refiner's conditioning: the branches' mean pooled tokens plus the timestep."""
+    from fusedit.text.refiner import masked_mean
+
+    pooled = torch.stack([masked_mean(x, t.mask) for x, t in zip(refined, text.all)]).mean(0)
+    return pooled + temb
 
 
 def test_two_llm_families_with_their_own_tokenizers_are_fused(tmp_path):
@@ -106,7 +178,7 @@ def test_two_llm_families_with_their_own_tokenizers_are_fused(tmp_path):
     randomize(model.denoiser)
     text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
     assert len(text.all) == 2 and text.others[0].hidden.shape[-1] == 48
-    context, mask = model.denoiser.context(text.all, torch.randn(2, model.denoiser.dim))
+    context, mask, _ = model.denoiser.context(text.all, torch.randn(2, model.denoiser.dim))
     assert context.shape[1] == text.mask.shape[1] + text.others[0].mask.shape[1]
     # both LLMs matter: perturbing the second one's features changes the denoiser's output
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
@@ -138,12 +210,24 @@ def test_lidit_and_refined_shallow_baselines_sample_cached_equals_uncached_and_t
     )
 
 
-@pytest.mark.parametrize("pos_embed", ["1d-rope", "2d-rope", "m-rope"])
-@pytest.mark.parametrize("design", ["dit-self", "dit-cross"])
-def test_two_llms_with_rope_give_a_prompt_the_same_output_whatever_its_batch(design, pos_embed):
+@pytest.mark.parametrize(
+    "design, pos_embed, concat",
+    [
+        ("dit-self", "1d-rope", "tokens"),
+        ("dit-self", "2d-rope", "tokens"),
+        ("dit-self", "m-rope", "tokens"),
+        ("dit-cross", "1d-rope", "tokens"),
+        ("dit-cross", "2d-rope", "tokens"),
+        ("dit-cross", "m-rope", "tokens"),
+        ("dit-self", "2d-rope", "channels"),
+        ("dit-cross", "1d-rope", "channels"),
+    ],
+)
+def test_two_llms_with_rope_give_a_prompt_the_same_output_whatever_its_batch(design, pos_embed, concat):
     """Text positions count real tokens across both LLMs, so a longer neighbour (more padding on both
-    LLMs' sides) moves no token; without that the second LLM's tokens sat after the first's padding."""
-    model = build_model(lidit(design, pos_embed=pos_embed, conv_pos=False))
+    LLMs' sides) moves no token; without that the second LLM's tokens sat after the first's padding. The
+    channel concatenation packs each LLM's kept tokens first, so padding never meets a real token."""
+    model = build_model(lidit(design, pos_embed=pos_embed, conv_pos=False, refiner_concat=concat))
     randomize(model.denoiser)
     x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
     alone = model(x, t, model.encode_prompts(["a red circle"]))
@@ -207,6 +291,15 @@ def test_clip_pooled_text_modulation():
         ({"model": {"design": "dit-cross", "pooled_text": "refined"}}, "pools the refined text"),
         ({"model": {"pooled_text": "clip"}}, "needs pooled_text.model_id"),
         ({"model": {"num_heads": 4}}, "model.num_heads is set but model.design='fusedit' mirrors the LLM"),
+        (
+            {"model": {"design": "dit-cross", "refiner_depth": 1, "refiner_concat": "channels"}},
+            "model.refiner_concat='channels' sets the LLMs' refined tokens side by side: it needs "
+            "model.refiner_depth >= 1 and extra_text (got refiner_depth=1, 1 LLM)",
+        ),
+        (
+            {"model": {"design": "dit-cross", "refiner_gating": False}},
+            "model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1",
+        ),
         (
             {
                 "model": {

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config, tiny_vae
 from fusedit import hub
@@ -136,6 +137,20 @@ def test_pipeline_matches_generate_and_runs_the_llm_once_per_call():
     )
     floats = pipe("a red circle", output_type="np", return_dict=False)[0]
     assert floats.shape == (1, 16, 16, 3) and floats.min() >= 0 and floats.max() <= 1
+
+
+def test_diffusers_schedule_is_the_schedulers_own_and_matches_generate():
+    """sample.schedule=diffusers (converted public checkpoints): the pipeline lets the scheduler space its
+    own sigmas, as the public pipeline does, and generate() samples the same sigmas bit for bit."""
+    cfg = tiny_config(sample={**SAMPLE, "schedule": "diffusers"})
+    model = built(cfg)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    latents = run_pipe(pipe, output_type="latent")
+    own = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SAMPLE["shift"])
+    own.set_timesteps(SAMPLE["steps"])
+    assert torch.equal(pipe.scheduler.sigmas, own.sigmas)
+    assert torch.equal(latents.clamp(-1, 1), images(model, schedule="diffusers"))
+    assert not torch.equal(latents.clamp(-1, 1), images(model))  # the uniform spacing is another schedule
 
 
 @pytest.mark.parametrize("name", ["fusedit", "lidit", "clip-mod", "diffusers-vae"])

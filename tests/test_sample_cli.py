@@ -104,6 +104,8 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
         "2.5",
         "--sampler",
         "heun",
+        "--schedule",
+        "diffusers",
         "--negative-prompt",
         "a yellow square",
     ]
@@ -121,6 +123,7 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
             "size": 8,
             "sampler": "heun",
             "shift": 1.0,
+            "schedule": "diffusers",
         }
     assert not (out / "00003.png").exists() and Image.open(out / "grid.png").format == "PNG"
 
@@ -128,7 +131,13 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
     # batch sizes), the second image of a batch too.
     model, cfg, _ = load_sampling_model(folders["run"], "cpu")
     kw = dict(
-        image_size=8, steps=2, guidance=2.5, sampler="heun", shift=1.0, negative_prompt="a yellow square"
+        image_size=8,
+        steps=2,
+        guidance=2.5,
+        sampler="heun",
+        shift=1.0,
+        schedule="diffusers",
+        negative_prompt="a yellow square",
     )
     for i, m in enumerate(metas):
         alone = to_uint8(generate(model, [m["prompt"]], seed=m["seed"], **kw))[0]

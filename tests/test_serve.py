@@ -130,6 +130,7 @@ def test_info_gives_the_model_defaults_and_limits(server):
         "num_images": 1,
         "sampler": "euler",
         "shift": 1.0,
+        "schedule": "uniform",
     }
     assert info["limits"]["size"] == [2, 2048] and info["limits"]["size_multiple_of"] == 2
 

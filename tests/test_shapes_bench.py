@@ -49,10 +49,20 @@ def test_bench_samples_with_the_given_settings_and_writes_results_atomically(tmp
     monkeypatch.setattr(shapes_bench, "generate", fake_generate)
     monkeypatch.setattr(shapes_bench, "write_text_atomic", atomic)
     scores = shapes_bench.run_shapes_bench(
-        None, 16, tmp_path, per_category=1, negative_prompt="blurry", precision="fp32", progress=False
+        None,
+        16,
+        tmp_path,
+        per_category=1,
+        negative_prompt="blurry",
+        precision="fp32",
+        shift=2.0,
+        schedule="diffusers",
+        progress=False,
     )
-    assert {(c["negative_prompt"], c["precision"]) for c in calls} == {("blurry", "fp32")}
-    assert scores["settings"]["negative_prompt"] == "blurry" and scores["settings"]["precision"] == "fp32"
+    given = ("blurry", "fp32", 2.0, "diffusers")
+    keys = ("negative_prompt", "precision", "shift", "schedule")
+    assert {tuple(c[k] for k in keys) for c in calls} == {given}
+    assert tuple(scores["settings"][k] for k in keys) == given
     assert written == ["scores.json", "scores.md"]
     assert json.loads((tmp_path / "scores.json").read_text())["overall"] == 0.0
 

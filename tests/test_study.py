@@ -248,11 +248,22 @@ def test_study_outputs_are_written_atomically_and_eval_follows_the_sample_sectio
 
     monkeypatch.setattr(study_mod, "write_text_atomic", atomic)
     study = load_study(
-        {"designs": {"a": {"preset": "debug", "overrides": ["sample.negative_prompt=blurry"]}}}
+        {
+            "designs": {
+                "a": {
+                    "preset": "debug",
+                    "overrides": ["sample.negative_prompt=blurry", "sample.schedule=diffusers"],
+                }
+            }
+        }
     )
     summary = study_mod.write_outputs(study, {}, tmp_path)
     # The report and results.json are rewritten after every design and read while the study runs.
     assert written == ["report.md", "results.json"] and summary["pending"] == ["a"]
     # The bench samples as the design's sample section says, and a change of it invalidates old scores.
     settings = study_mod._eval_settings(study.eval, study.designs[0].config)
-    assert (settings["negative_prompt"], settings["precision"]) == ("blurry", "auto")
+    assert (settings["negative_prompt"], settings["precision"], settings["schedule"]) == (
+        "blurry",
+        "auto",
+        "diffusers",
+    )

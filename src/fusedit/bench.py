@@ -282,7 +282,7 @@ def bench_sample(
             s.model.denoiser, text() if cached else text, guidance, dtype, cfg.sample.cuda_graphs
         )
         graphed.append(isinstance(velocity, CUDAGraphVelocity))
-        return sample(velocity, noise, steps, shift=cfg.sample.shift)
+        return sample(velocity, noise, steps, shift=cfg.sample.shift, schedule=cfg.sample.schedule)
 
     seconds = time_it(run, device, warmup, repeats)
     return {

@@ -205,6 +205,7 @@ def cmd_sample(args) -> int:
         steps=args.steps,
         guidance=args.guidance,
         sampler=args.sampler,
+        schedule=args.schedule,
         image_size=args.size,
         negative_prompt=args.negative_prompt,
         cache_text=False if args.no_cache else None,
@@ -236,6 +237,7 @@ def cmd_sample(args) -> int:
                 "size": size,
                 "sampler": settings["sampler"],
                 "shift": settings["shift"],
+                "schedule": settings["schedule"],
                 "model": str(source),
             }
             write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
@@ -329,6 +331,7 @@ def cmd_eval(args) -> int:
         steps=s.steps if args.steps is None else args.steps,
         guidance=s.guidance if args.guidance is None else args.guidance,
         shift=s.shift,
+        schedule=s.schedule,
         sampler=s.sampler,
         negative_prompt=s.negative_prompt,
         precision=s.precision,
@@ -686,6 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
     sp.add_argument("--sampler", choices=["euler", "heun"])
+    sp.add_argument(
+        "--schedule",
+        choices=["uniform", "diffusers"],
+        help="how the sampling times are spaced before the shift (default the saved sample.schedule)",
+    )
     sp.add_argument("--negative-prompt")
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--size", type=int)

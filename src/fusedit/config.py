@@ -88,8 +88,13 @@ class ModelConfig:
     refiner_heads: int = positive(8)
     # Ablation: keep the LLM's causal mask inside the refiner instead of bidirectional attention.
     refiner_causal: bool = False
+    # The refiners' zero-initialised gates on every sublayer; false = the "no gating" ablation (s.2).
+    refiner_gating: bool = True
     # With 2+ LLMs: LI-DiT's collaborative refiner (each LLM's tokens cross-attend to the others').
     collaborative_refiner: bool = True
+    # With 2+ LLMs: how the refined branches become one sequence (the paper leaves the axis unknown):
+    # "tokens" one after another; "channels" token j of every branch side by side, Linear back to the width.
+    refiner_concat: str = choice("tokens", "tokens", "channels")
     # Drop instruction/template tokens after the refiners (LI-DiT); they stay for the refiners to read.
     drop_instruction: bool = True
     # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
@@ -329,8 +334,12 @@ class SampleConfig:
     steps: int = positive(25)
     guidance: float = nonneg(6.0)
     sampler: str = choice("euler", "euler", "heun")
-    # Time shift of the sampling schedule (SD3 style); 1.0 = uniform in t.
+    # Time shift of the sampling schedule (SD3 style); 1.0 = no shift.
     shift: float = positive(3.0)
+    # How the sampling times are spaced before the shift (fusedit.flow.samplers.SCHEDULES): "uniform" in t
+    # from 1 to 0; "diffusers" = FlowMatchEulerDiscreteScheduler's default spacing, which the public FuseDiT
+    # pipeline samples with (converted checkpoints use it, to reproduce published images and scores).
+    schedule: str = choice("uniform", "uniform", "diffusers")
     negative_prompt: str = ""
     seed: int = 42
     # Compute the LLM's per-layer text K/V once per prompt batch and reuse it for every step.
@@ -701,6 +710,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.refiner_depth={m.refiner_depth} needs a shallow design (dit-self or dit-cross)"
         )
+    if m.refiner_concat == "channels" and not (m.refiner_depth and cfg.extra_text):
+        raise ConfigError(
+            "model.refiner_concat='channels' sets the LLMs' refined tokens side by side: it needs "
+            f"model.refiner_depth >= 1 and extra_text (got refiner_depth={m.refiner_depth}, "
+            f"{1 + len(cfg.extra_text)} LLM)"
+        )
+    if not m.refiner_gating and not m.refiner_depth:
+        raise ConfigError("model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1")
     if m.pooled_text == "refined" and not m.refiner_depth:
         raise ConfigError("model.pooled_text='refined' pools the refined text: set model.refiner_depth >= 1")
     if m.pooled_text == "clip" and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):

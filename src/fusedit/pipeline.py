@@ -7,8 +7,9 @@
 It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary diffusers components (see
 ``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sample.generate`` does: the LLMs run
 once per call for the whole [negative ; prompt] batch and that text context serves every step and both
-guidance branches; the scheduler integrates fusedit's schedule (uniform in t, then the SD3 shift of the
-scheduler's config) with Euler steps. Same seed, steps, guidance and shift give the same images as
+guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, or the
+scheduler's own spacing, then the SD3 shift of the scheduler's config) with Euler steps. Same seed, steps,
+guidance, shift and schedule give the same images as
 ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast: ``sample.precision``).
 
 ``save_pretrained(model, cfg, folder)`` writes a fusedit model as a pipeline folder, ``from_pretrained(folder,
@@ -227,12 +228,16 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     # ---- sampling
     def _set_schedule(self, steps: int, device: torch.device) -> None:
-        """Put fusedit's schedule on the scheduler: t uniform from 1 to 0 over ``steps``, then the shift."""
+        """Put the model's ``sample.schedule`` on the scheduler: "uniform" (t uniform from 1 to 0 over
+        ``steps``, then the shift) or "diffusers" (the scheduler's own spacing, which is what that means)."""
         scheduler = self.scheduler
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise TypeError(
                 f"FuseDiTPipeline samples with FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}"
             )
+        if self.fusedit_config.sample.schedule == "diffusers":
+            scheduler.set_timesteps(steps, device=device)
+            return
         if any(scheduler.config.get(key) for key in _SCHEDULE_VARIANTS):
             # A schedule variant the user configured: hand it the unshifted times and let it transform them.
             scheduler.set_timesteps(sigmas=sampling_times(steps)[:-1].tolist(), device=device)

@@ -114,6 +114,7 @@ def sample_settings(cfg: Config, **overrides) -> dict:
         "guidance": s.guidance,
         "sampler": s.sampler,
         "shift": s.shift,
+        "schedule": s.schedule,
         "negative_prompt": s.negative_prompt,
         "cache_text": s.cache_text,
         "precision": s.precision,
@@ -135,6 +136,7 @@ def generate(
     guidance: float = 6.0,
     sampler: str = "euler",
     shift: float = 1.0,
+    schedule: str = "uniform",
     negative_prompt: str = "",
     seed: int = 42,
     cache_text: bool = True,
@@ -154,5 +156,7 @@ def generate(
         side = image_size // ae.downsample
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(prompts), ae.channels, side, side, generator=gen)
-    latents = sample(velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress)
+    latents = sample(
+        velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress, schedule=schedule
+    )
     return ae.decode(latents)

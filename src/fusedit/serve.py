@@ -190,6 +190,7 @@ class JobQueue:
                 "num_images": 1,
                 "sampler": d["sampler"],
                 "shift": d["shift"],
+                "schedule": d["schedule"],
             },
             "limits": {
                 "steps": [1, MAX_STEPS],
@@ -287,6 +288,7 @@ class JobQueue:
             "num_images": r.num_images,
             "sampler": d["sampler"],
             "shift": d["shift"],
+            "schedule": d["schedule"],
             "images": [
                 {"url": f"/images/{job.id}/{i}.png", "seed": r.seed + i} for i in range(len(job.images))
             ],

@@ -51,9 +51,9 @@ code made: ``tests/fixtures/fusedit-official-tiny``). Where that code departs fr
   and text keys (fusedit gets two copies of it).
 * Caching: the public cached path crashes with 1D RoPE and drops the image positions' text-length offset
   with 2D/M-RoPE; fusedit's cached and uncached sampling agree, equal to the public *uncached* path.
-* Sampling schedule: fusedit integrates on linspace(1, 0) with ``sample.shift``; the public pipeline's
-  FlowMatchEulerDiscreteScheduler spaces its sigmas between 1 and its smallest training sigma (then 0), so
-  its images differ slightly for the same steps.
+* Sampling schedule: the public pipeline's FlowMatchEulerDiscreteScheduler spaces its sigmas between 1 and
+  its smallest (shifted) training sigma, shifts them again, then ends at 0; fusedit's default spacing is
+  uniform in t. Converted configs set ``sample.schedule: diffusers``, which is the public spacing exactly.
   The public DiT pipeline indexes the transformer's output with ``[0]`` (the first sample of the batch);
   that bug is not reproduced.
 
@@ -355,8 +355,10 @@ def official_config(
         "vae": vae_section or {"kind": "identity"},
         "data": {"image_size": sample_size * downsample},
     }
+    # The public pipeline samples on its scheduler's own spacing (module docstring: sampling schedule).
+    data["sample"] = {"schedule": "diffusers"}
     if shift is not None:
-        data["sample"] = {"shift": float(shift)}
+        data["sample"]["shift"] = float(shift)
     cfg = config_from_dict(data)
     if vae_section is None:
         cfg = dataclasses.replace(

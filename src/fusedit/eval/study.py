@@ -360,6 +360,8 @@ def _eval_settings(settings: EvalSettings, cfg: Config) -> dict:
         "seed": settings.seed,
         "image_size": cfg.data.image_size,
         "sampler": cfg.sample.sampler,
+        "shift": cfg.sample.shift,
+        "schedule": cfg.sample.schedule,
         "negative_prompt": cfg.sample.negative_prompt,
         "precision": cfg.sample.precision,
     }
@@ -396,6 +398,7 @@ def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps
             guidance=guidance,
             sampler=cfg.sample.sampler,
             shift=cfg.sample.shift,
+            schedule=cfg.sample.schedule,
             negative_prompt=cfg.sample.negative_prompt,
             precision=cfg.sample.precision,
             seed=seed,
@@ -437,11 +440,11 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
         scores = None
     grid_path = out_dir / "grids" / f"{label}.png"
     grid_meta_path = grid_path.with_suffix(".json")
+    # Everything the grid's images depend on besides the weights (which `trained` covers).
     grid_meta = {
         "prompts": study.prompts,
         "seeds": study.seeds,
-        "steps": settings["steps"],
-        "guidance": settings["guidance"],
+        **{k: v for k, v in settings.items() if k not in ("per_category", "seed")},
     }
     need_grid = trained or not grid_path.is_file() or _read_json(grid_meta_path) != grid_meta
 
@@ -462,6 +465,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
                 steps=settings["steps"],
                 guidance=settings["guidance"],
                 shift=cfg.sample.shift,
+                schedule=cfg.sample.schedule,
                 sampler=cfg.sample.sampler,
                 negative_prompt=cfg.sample.negative_prompt,
                 precision=cfg.sample.precision,

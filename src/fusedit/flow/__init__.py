@@ -8,10 +8,11 @@ from fusedit.flow.matching import (
     shift_time,
     velocity_target,
 )
-from fusedit.flow.samplers import SAMPLERS, guided, sample, sampling_times
+from fusedit.flow.samplers import SAMPLERS, SCHEDULES, guided, sample, sampling_times
 
 __all__ = [
     "SAMPLERS",
+    "SCHEDULES",
     "caption_keep",
     "flow_loss",
     "guided",

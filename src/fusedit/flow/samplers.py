@@ -16,11 +16,38 @@ from fusedit.flow.matching import shift_time
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sampling_times(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(steps + 1,) times from 1 (noise) down to 0 (data): uniform in t, then the SD3 shift."""
+def _uniform(steps: int, shift: float) -> torch.Tensor:
+    """fusedit's spacing: t uniform from 1 to 0 (steps + 1 points)."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+
+def _diffusers(steps: int, shift: float) -> torch.Tensor:
+    """diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(steps) at its defaults (1000 training
+    timesteps, no dynamic shifting), which the public FuseDiT pipeline samples with: ``steps`` points evenly
+    spaced between its largest and smallest *already shifted* training sigmas, 1 and shift(1/1000), then
+    shifted (a second time) and followed by 0. Its last step starts close to the data: at 25 steps and
+    shift 3 the final times are 0.22, 0.12, 0.009, 0, where uniform spacing gives 0.29, 0.21, 0.11, 0."""
+    # Computed as the scheduler does, to the bit: its training sigmas in float32, the spacing in float64
+    # over timesteps (sigma * 1000).
+    sigma_min = float(shift_time(torch.tensor(1.0) / 1000, shift))
+    spaced = torch.linspace(1000.0, sigma_min * 1000, steps, dtype=torch.float64) / 1000
+    return torch.cat([spaced, torch.zeros(1, dtype=torch.float64)])
+
+
+# sample.schedule: how the unshifted times are spaced before the SD3 shift (shift_time(0) = 0 keeps the end).
+SCHEDULES = {"uniform": _uniform, "diffusers": _diffusers}
+
+
+def sampling_times(
+    steps: int, shift: float = 1.0, device: torch.device | str = "cpu", schedule: str = "uniform"
+) -> torch.Tensor:
+    """(steps + 1,) float32 times from 1 (noise) down to 0 (data): spaced by ``schedule`` (SCHEDULES), then
+    the SD3 shift, computed in float64 and rounded once."""
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown sampling schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
+    return shift_time(SCHEDULES[schedule](steps, shift), shift).float().to(device)
 
 
 def guided(velocity: Velocity, scale: float) -> Velocity:
@@ -70,9 +97,10 @@ def sample(
     sampler: str = "euler",
     shift: float = 1.0,
     progress: Callable | None = None,
+    schedule: str = "uniform",
 ) -> torch.Tensor:
-    """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0)."""
+    """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) on ``sampling_times``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
-    times = sampling_times(steps, shift, noise.device)
+    times = sampling_times(steps, shift, noise.device, schedule)
     return SAMPLERS[sampler](velocity, noise, times, progress)

@@ -36,10 +36,11 @@ class ContextEmbedder(nn.Module):
         self.norm = RMSNorm(llm_dim, eps)
         self.proj = nn.Linear(llm_dim, dim)
 
-    def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> context (B, T, d), keep-mask (B, T), positions (B, T): 0..L-1 as in the LLM itself."""
         # The LLM's weights may be bf16 (text.dtype) while this runs in fp32 (no autocast).
-        hidden = texts[0].hidden.to(self.norm.weight.dtype)
-        return self.proj(self.norm(hidden)), texts[0].mask
+        hidden, mask = texts[0].hidden.to(self.norm.weight.dtype), texts[0].mask
+        return self.proj(self.norm(hidden)), mask, mask.cumsum(1) - 1
 
 
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
@@ -71,9 +72,11 @@ class ShallowDiT(DiT):
                 self.dim,
                 cfg.refiner_heads,
                 cfg.refiner_depth,
-                cfg.refiner_causal,
-                cfg.collaborative_refiner,
-                cfg.drop_instruction,
+                causal=cfg.refiner_causal,
+                gated=cfg.refiner_gating,
+                collaborative=cfg.collaborative_refiner,
+                drop_instruction=cfg.drop_instruction,
+                concat=cfg.refiner_concat,
             )
         else:
             self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
@@ -90,14 +93,11 @@ class ShallowDiT(DiT):
         return [TextRequest(hidden_layer=h) for h in self.hidden_layers]
 
     def prepare_text(self, text: TextContext, temb) -> TextTokens:
-        """Computed once per forward, read by every layer. T' is the LLMs' padded lengths together.
-
-        A token's position counts the real tokens before it, over the LLMs in config order, so no token's
-        position depends on how much padding its batch has; the image continues after them all
-        (TextContext.real_tokens). With one LLM this is 0..L-1, as in the LLM itself."""
-        context, keep = self.context(text.all, temb)
-        real = torch.cat([t.mask for t in text.all], dim=1)  # (B, T'), before the instruction drop
-        return TextTokens(context, keep, real.cumsum(1) - 1)
+        """Computed once per forward, read by every layer: the context embedder's or the refiners' tokens,
+        keep-mask and positions. A position counts the real tokens before it (see ``PromptRefiner``), so
+        no token's position depends on how much padding its batch has; the image continues after them
+        all (TextContext.real_tokens)."""
+        return TextTokens(*self.context(text.all, temb))
 
     def block_texts(self, state: TextTokens, num_image: int):
         rope = self.text_rotary(state.positions)

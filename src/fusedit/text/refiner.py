@@ -4,11 +4,13 @@ LLM features that were computed once per prompt batch.
 - Linguistic token refiner, one per LLM: Linear in-projection to the DiT width, then ``depth`` blocks of
   [bidirectional self-attention, MLP]; each sublayer's output is scaled by a gate computed from
   (masked-mean-pooled features + timestep embedding). The gates start at zero, so the refiner starts as
-  the identity on the projected features. ``causal`` keeps the LLM's causal mask (the paper's ablation).
+  the identity on the projected features. Ablations: ``causal`` keeps the LLM's causal mask, and
+  ``gated=False`` adds every sublayer's output unscaled ("no gating").
 - Collaborative refiner, for 2+ LLMs: one block with a branch per LLM; each branch's tokens cross-attend
-  to the other branches' tokens, then an MLP, gated the same way.
-- Then the instruction (template) tokens are dropped and the branches concatenated along the token axis
-  (the paper leaves the axis unknown; tokens work for any lengths and tokenizers).
+  to the other branches' tokens (LayerNormed, as its own queries are), then an MLP, gated the same way.
+- Then the instruction (template) tokens are dropped and the branches concatenated (``CONCATS``; the paper
+  leaves the axis unknown): along the token axis (any lengths and tokenizers), or along the channel axis,
+  token j of every branch's kept tokens side by side, projected back to the DiT width.
 
 Widths, heads, LayerNorm, MLP ratio 4 and masked mean pooling follow a public re-implementation where
 the paper is silent.
@@ -45,6 +47,13 @@ class Gates(nn.Module, ZeroInit):
         return g.chunk(2, dim=-1)
 
 
+class NoGates(nn.Module):
+    """The "no gating" ablation (design-space.md s.2): every sublayer's output is added unscaled."""
+
+    def forward(self, c: torch.Tensor) -> tuple[float, float]:
+        return 1.0, 1.0
+
+
 class TokenAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -67,28 +76,44 @@ def _mlp(dim: int) -> nn.Sequential:
 
 
 class RefinerBlock(nn.Module):
-    """[self- or cross-attention, MLP], each gated by the conditioning vector."""
+    """[self-attention, MLP], each gated by the conditioning vector (pre-norm, LayerNorm)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, gated: bool):
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = TokenAttention(dim, heads)
         self.mlp_norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = _mlp(dim)
-        self.gates = Gates(dim)
+        self.gates = Gates(dim) if gated else NoGates()
 
-    def forward(self, x, c, context=None, mask=None):
+    def keys(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return h  # self-attention: keys and values are the normed tokens themselves
+
+    def forward(self, x, c, mask, context=None):
+        """x (B, T, d), c (B, d), mask broadcastable to (B, 1, T, S); context (B, S, d) for cross-attention."""
         g_attn, g_mlp = self.gates(c)
         h = self.attn_norm(x)
-        x = x + g_attn * self.attn(h, h if context is None else context, mask)
+        x = x + g_attn * self.attn(h, self.keys(h, context), mask)
         return x + g_mlp * self.mlp(self.mlp_norm(x))
 
 
+class CrossRefinerBlock(RefinerBlock):
+    """[cross-attention to another token sequence, MLP]: the collaborative refiner's branch. That sequence
+    is another branch's residual stream, so it is LayerNormed like the queries before the K/V projection."""
+
+    def __init__(self, dim: int, heads: int, gated: bool):
+        super().__init__(dim, heads, gated)
+        self.context_norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def keys(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return self.context_norm(context)
+
+
 class LinguisticRefiner(nn.Module):
-    def __init__(self, llm_dim: int, dim: int, heads: int, depth: int, causal: bool):
+    def __init__(self, llm_dim: int, dim: int, heads: int, depth: int, causal: bool, gated: bool):
         super().__init__()
         self.in_proj = nn.Linear(llm_dim, dim)
-        self.blocks = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(RefinerBlock(dim, heads, gated) for _ in range(depth))
         self.causal = causal
 
     def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -107,16 +132,16 @@ class LinguisticRefiner(nn.Module):
             c = c + temb
         attn_mask = self.attention_mask(mask)
         for block in self.blocks:
-            x = block(x, c, mask=attn_mask)
+            x = block(x, c, attn_mask)
         return x
 
 
 class CollaborativeRefiner(nn.Module):
     """One block, a branch per LLM; branch i attends to the concatenation of the other branches."""
 
-    def __init__(self, dim: int, heads: int, branches: int):
+    def __init__(self, dim: int, heads: int, branches: int, gated: bool):
         super().__init__()
-        self.branches = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(branches))
+        self.branches = nn.ModuleList(CrossRefinerBlock(dim, heads, gated) for _ in range(branches))
 
     def forward(
         self, xs: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor
@@ -125,8 +150,47 @@ class CollaborativeRefiner(nn.Module):
         for i, (branch, x) in enumerate(zip(self.branches, xs)):
             context = torch.cat([xs[j] for j in range(len(xs)) if j != i], dim=1)
             keep = torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1)[:, None, None, :]
-            out.append(branch(x, c, context=context, mask=keep))
+            out.append(branch(x, c, keep, context))
         return out
+
+
+class TokenConcat(nn.Module):
+    """The branches one after another along the token axis: (B, sum T_i, d)."""
+
+    def __init__(self, dim: int, branches: int):
+        super().__init__()
+
+    def forward(self, xs, masks, keeps):
+        # A token's position counts the real tokens before it over the LLMs in config order (instruction
+        # tokens included: the refiners read them), so no position depends on the batch's padding.
+        return torch.cat(xs, dim=1), torch.cat(keeps, dim=1), torch.cat(masks, dim=1).cumsum(1) - 1
+
+
+class ChannelConcat(nn.Module):
+    """The branches side by side along the channel axis, projected back to the DiT width: (B, max T_i, d).
+
+    Token j is the j-th kept token of every branch (zeros where a branch has fewer), so templates of other
+    lengths and other tokenizers' padding do not shift one branch against another."""
+
+    def __init__(self, dim: int, branches: int):
+        super().__init__()
+        self.proj = nn.Linear(branches * dim, dim)
+
+    def forward(self, xs, masks, keeps):
+        width = max(x.shape[1] for x in xs)  # static: no host sync to count the kept tokens
+        packed, packed_keeps = [], []
+        for x, keep in zip(xs, keeps):
+            # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed.
+            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+            x = torch.gather(x * keep[..., None].to(x.dtype), 1, order[..., None].expand_as(x))
+            packed.append(nn.functional.pad(x, (0, 0, 0, width - x.shape[1])))
+            packed_keeps.append(nn.functional.pad(torch.gather(keep, 1, order), (0, width - x.shape[1])))
+        keep = torch.stack(packed_keeps).any(0)
+        return self.proj(torch.cat(packed, dim=-1)), keep, keep.cumsum(1) - 1
+
+
+# model.refiner_concat: how the branches become the one sequence the DiT reads.
+CONCATS = {"tokens": TokenConcat, "channels": ChannelConcat}
 
 
 class PromptRefiner(nn.Module):
@@ -138,27 +202,35 @@ class PromptRefiner(nn.Module):
         dim: int,
         heads: int,
         depth: int,
+        *,
         causal: bool,
+        gated: bool,
         collaborative: bool,
         drop_instruction: bool,
+        concat: str,
     ):
         super().__init__()
-        self.linguistic = nn.ModuleList(LinguisticRefiner(d, dim, heads, depth, causal) for d in llm_dims)
+        self.linguistic = nn.ModuleList(
+            LinguisticRefiner(d, dim, heads, depth, causal, gated) for d in llm_dims
+        )
         self.collaborative = (
-            CollaborativeRefiner(dim, heads, len(llm_dims)) if collaborative and len(llm_dims) > 1 else None
+            CollaborativeRefiner(dim, heads, len(llm_dims), gated)
+            if collaborative and len(llm_dims) > 1
+            else None
         )
         self.drop_instruction = drop_instruction
+        self.concat = CONCATS[concat](dim, len(llm_dims))
 
-    def forward(self, texts, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, texts, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """texts: one TextContext per LLM (hidden, mask, instruction); temb (B, d).
 
-        Returns the refined context (B, sum T_i, d) and its keep-mask (B, sum T_i)."""
+        Returns the refined context (B, T', d), its keep-mask (B, T') and token positions (B, T'); T' is
+        sum T_i for the token concatenation, max T_i for the channel one."""
         xs = [ref(t.hidden, t.mask, temb) for ref, t in zip(self.linguistic, texts, strict=True)]
         masks = [t.mask for t in texts]
         if self.collaborative is not None:
             c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks)]).mean(0)
             c = c if temb is None else c + temb
             xs = self.collaborative(xs, masks, c)
-        if self.drop_instruction:
-            masks = [m & ~t.instruction for m, t in zip(masks, texts)]
-        return torch.cat(xs, dim=1), torch.cat(masks, dim=1)
+        keeps = [m & ~t.instruction for m, t in zip(masks, texts)] if self.drop_instruction else masks
+        return self.concat(xs, masks, keeps)
