@@ -8,7 +8,7 @@ from PIL import Image
 
 import fusedit.eval.study as study_mod
 from conftest import TINY
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, load_config
 from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
 from fusedit.eval.study import describe_study, load_study, run_study, varying_keys
 from fusedit.train.checkpoint import find_checkpoint, load_state
@@ -267,3 +267,21 @@ def test_study_outputs_are_written_atomically_and_eval_follows_the_sample_sectio
         "auto",
         "diffusers",
     )
+
+
+def test_design_cost_counts_each_llms_padded_width_template_included():
+    """A templated design pads its prompts wider by the template's tokens (text.max_length counts the prompt
+    alone): the FLOP columns count that width, as the real build pads, for every LLM."""
+    from fusedit.models.flops import llm_flops
+    from fusedit.system import build_model
+
+    cfg = load_config("debug-lidit")
+    real = build_model(cfg, with_autoencoder=False)
+    widths = [enc.max_length for enc in real.encoders]
+    assert widths[0] > cfg.text.max_length and len(widths) == 2
+    cost = study_mod.design_cost(cfg)
+    assert cost["text_tokens"] == widths[0]
+    assert cost["llm_forward_flops"] == sum(llm_flops(enc.llm, w) for enc, w in zip(real.encoders, widths))
+    # A hub tokenizer is not downloaded for a shapes-only build: its width is text.max_length.
+    hub = load_config("lidit-1b")
+    assert study_mod.design_cost(hub)["text_tokens"] == hub.text.max_length

@@ -586,7 +586,7 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+    from fusedit.models.flops import image_tokens, model_flops
     from fusedit.system import build_model, count_parameters
 
     cfg = _config(args)
@@ -611,10 +611,9 @@ def cmd_describe(args) -> int:
         frozen.append(("pooled text encoder", model.pooled_text))
     for what, module in frozen:
         print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
-    text = cfg.text.max_length
     for size in sorted({256, 512, cfg.data.image_size}):
         n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
-        dit, lm = denoiser_flops(d, n, text), sum(llm_flops(enc.llm, text) for enc in model.encoders)
+        dit, lm, text = model_flops(model, n)
         print(
             f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
             f"LLM forward {lm / 1e12:.3f} TFLOP, training {(3 * dit + lm) / 1e12:.3f} TFLOP per image"

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch._dynamo.config
@@ -171,8 +172,11 @@ def _text_encoder(
     # On "meta" the LLM is built under the device context too, so no real weights are allocated.
     with torch.device(device) if meta else contextlib.nullcontext():
         llm = load_llm(tcfg, needed, device, shape_only=meta)
-    if meta:
-        return TextEncoder(llm, None, tcfg.max_length)
+    name = tcfg.tokenizer or tcfg.model_id
+    if meta and name and not Path(name).is_dir():
+        return TextEncoder(llm, None, tcfg.max_length)  # a hub tokenizer: shapes only, no download
+    # Meta builds load a local tokenizer too (cheap), so that the padded width (encoder.max_length) counts
+    # the template's tokens: what FLOP counts of templated designs read.
     tokenizer = load_tokenizer(tcfg, words)
     template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
     return TextEncoder(

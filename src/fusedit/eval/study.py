@@ -62,7 +62,7 @@ from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
 from fusedit.eval.shapes_bench import run_shapes_bench
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
-from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import generate
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
@@ -285,10 +285,8 @@ def design_cost(cfg: Config) -> dict:
     frozen = [enc.llm for enc in model.encoders]
     if model.pooled_text is not None:
         frozen.append(model.pooled_text)
-    text = cfg.text.max_length
     n = image_tokens(cfg.data.image_size, cfg.vae.downsample, cfg.model.patch_size)
-    dit = denoiser_flops(model.denoiser, n, text)
-    lm = sum(llm_flops(enc.llm, text) for enc in model.encoders)
+    dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
     return {
         "trainable_params": count_parameters(model.denoiser),
         "frozen_params": sum(count_parameters(m) for m in frozen),

@@ -56,5 +56,16 @@ def llm_flops(llm: nn.Module, num_text: int) -> int:
     return linears + attention
 
 
+def model_flops(model, num_image: int) -> tuple[int, int, int]:
+    """(DiT forward, LLM forwards, text tokens) per image for a built TextToImage (meta builds too).
+
+    Each LLM runs at its padded width, ``encoder.max_length``: text.max_length plus the template's tokens
+    where the tokenizer is local (a hub tokenizer on a meta build: text.max_length alone). The DiT reads
+    the first LLM's width (see denoiser_flops)."""
+    widths = [enc.max_length for enc in model.encoders]
+    lm = sum(llm_flops(enc.llm, w) for enc, w in zip(model.encoders, widths))
+    return denoiser_flops(model.denoiser, num_image, widths[0]), lm, widths[0]
+
+
 def image_tokens(image_size: int, downsample: int, patch_size: int) -> int:
     return (image_size // downsample // patch_size) ** 2

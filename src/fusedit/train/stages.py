@@ -351,18 +351,16 @@ def describe_stages(cfg: Config, model) -> list[str]:
     """One line per stage (of a meta-device ``model``): steps, resolution, batch, what trains, and the
     training compute from fusedit.models.flops (per image, and in total for batch_size x grad_accum images
     per step: the global batch of one process; N processes multiply it)."""
-    from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
+    from fusedit.models.flops import image_tokens, model_flops
 
     encoders = model.encoders
-    text = cfg.text.max_length
     lines, run_total = [], 0
     for stage in resolved_stages(cfg):
         sc, tc = stage.config, stage.config.train
         parts = Parts.of(tc)
         size = sc.data.image_size
         n = image_tokens(size, sc.vae.downsample, sc.model.patch_size)
-        dit = denoiser_flops(model.denoiser, n, text)
-        lm = sum(llm_flops(e.llm, text) for e in encoders)
+        dit, lm, _ = model_flops(model, n)
         layers = min(len(e.llm.layers) for e in encoders)
         per_image = training_flops_per_image(parts, dit, lm, layers)
         total = per_image * stage.steps * tc.batch_size * tc.grad_accum
