@@ -257,6 +257,17 @@ def test_every_checkpoint_format_loads_the_fixture(tmp_path, fixture_model, refe
         assert ids[0, :3].tolist() == [504, 9, 0] and mask[0, :3].tolist() == [True, True, False]
 
 
+def test_a_scheduler_spacing_fusedit_does_not_reproduce_is_refused(tmp_path):
+    path = write_pipeline(tmp_path / "pipe", FIXTURE / "transformer")
+    config = path / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({"shift": 3.0, "use_karras_sigmas": False, "shift_terminal": 0.1}))
+    with pytest.raises(
+        ConfigError, match=r"sets shift_terminal=0.1, a spacing fusedit does not reproduce"
+    ) as e:
+        load_official(path)
+    assert "allowed: a FlowMatchEulerDiscreteScheduler with only shift set" in str(e.value)
+
+
 def test_config_next_to_the_weights_or_given(tmp_path):
     sd_file = raw_checkpoint(tmp_path / "step", "mp_rank_00_model_states.pt", lambda sd: {"module": sd})
     lone = tmp_path / "lone.pt"

@@ -151,6 +151,12 @@ def test_diffusers_schedule_is_the_schedulers_own_and_matches_generate():
     assert torch.equal(pipe.scheduler.sigmas, own.sigmas)
     assert torch.equal(latents.clamp(-1, 1), images(model, schedule="diffusers"))
     assert not torch.equal(latents.clamp(-1, 1), images(model))  # the uniform spacing is another schedule
+    # A resolution-dependent shift needs a mu no fusedit model defines: said in one line, for either schedule.
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=True
+    )
+    with pytest.raises(ValueError, match=r"use_dynamic_shifting=True needs a resolution-dependent mu"):
+        run_pipe(pipe)
 
 
 @pytest.mark.parametrize("name", ["fusedit", "lidit", "clip-mod", "diffusers-vae"])

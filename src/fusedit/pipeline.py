@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import Config
 from fusedit.flow import sampling_times
+from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
 from fusedit.sample import text_velocity
@@ -46,15 +47,6 @@ from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 # its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
 LLM_SLOTS = [("tokenizer", "text_encoder")] + [(f"tokenizer_{i}", f"text_encoder_{i}") for i in (2, 3, 4)]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# FlowMatchEulerDiscreteScheduler options that change its sigmas beyond the plain shift.
-_SCHEDULE_VARIANTS = (
-    "use_dynamic_shifting",
-    "shift_terminal",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "invert_sigmas",
-)
 
 
 class FuseDiTPipeline(DiffusionPipeline):
@@ -235,10 +227,15 @@ class FuseDiTPipeline(DiffusionPipeline):
             raise TypeError(
                 f"FuseDiTPipeline samples with FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}"
             )
+        if scheduler.config.get("use_dynamic_shifting"):
+            raise ValueError(
+                "FuseDiTPipeline: the scheduler's use_dynamic_shifting=True needs a resolution-dependent mu, "
+                "which fusedit models do not define (allowed: use_dynamic_shifting=False; sample.shift shifts)"
+            )
         if self.fusedit_config.sample.schedule == "diffusers":
             scheduler.set_timesteps(steps, device=device)
             return
-        if any(scheduler.config.get(key) for key in _SCHEDULE_VARIANTS):
+        if any(scheduler.config.get(key) for key in DIFFUSERS_SCHEDULE_VARIANTS):
             # A schedule variant the user configured: hand it the unshifted times and let it transform them.
             scheduler.set_timesteps(sigmas=sampling_times(steps)[:-1].tolist(), device=device)
             return

@@ -80,6 +80,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusedit.config import Config, ConfigError, VAEConfig, config_from_dict
+from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.layers.position import ROTARY_SCHEMES
 from fusedit.system import TextToImage, build_model
@@ -629,6 +630,21 @@ def _config_for(weights: Path, config) -> dict:
     )
 
 
+def _scheduler_shift(path: Path) -> float | None:
+    """The saved scheduler's shift; its other options must leave the spacing sample.schedule=diffusers
+    computes (the public pipeline saves a plain FlowMatchEulerDiscreteScheduler)."""
+    if not path.is_file():
+        return None
+    scheduler = _read_json(path)
+    variants = [key for key in DIFFUSERS_SCHEDULE_VARIANTS if scheduler.get(key)]
+    if variants:
+        raise ConfigError(
+            f"{path} sets {variants[0]}={scheduler[variants[0]]!r}, a spacing fusedit does not reproduce "
+            "(allowed: a FlowMatchEulerDiscreteScheduler with only shift set)"
+        )
+    return scheduler.get("shift")
+
+
 def _locate(path: Path, config) -> _Source:
     if not path.exists():
         raise ConfigError(f"no such checkpoint: {str(path)!r}")
@@ -641,7 +657,7 @@ def _locate(path: Path, config) -> _Source:
             tokenizer=str(path / "tokenizer") if (path / "tokenizer").is_dir() else "",
             vae=(str(path), "vae") if (path / "vae" / "config.json").is_file() else None,
             llm=str(path / "llm") if (path / "llm").is_dir() else "",
-            shift=_read_json(scheduler).get("shift") if scheduler.is_file() else None,
+            shift=_scheduler_shift(scheduler),
         )
     weights = _weights_in(path) if path.is_dir() else path
     return _Source(config=_config_for(weights, config), weights=weights)

@@ -94,9 +94,10 @@ class ShallowDiT(DiT):
 
     def prepare_text(self, text: TextContext, temb) -> TextTokens:
         """Computed once per forward, read by every layer: the context embedder's or the refiners' tokens,
-        keep-mask and positions. A position counts the real tokens before it (see ``PromptRefiner``), so
-        no token's position depends on how much padding its batch has; the image continues after them
-        all (TextContext.real_tokens)."""
+        keep-mask and positions. A position counts the tokens before it that are not padding (the concat
+        modules of ``fusedit.text.refiner``), so no position depends on how much padding its batch has;
+        the image continues after all the LLMs' real tokens (TextContext.real_tokens), which with
+        refiner_concat=channels leaves a gap past the packed tokens, the same for any batch."""
         return TextTokens(*self.context(text.all, temb))
 
     def block_texts(self, state: TextTokens, num_image: int):

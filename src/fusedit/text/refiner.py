@@ -169,8 +169,8 @@ class TokenConcat(nn.Module):
 class ChannelConcat(nn.Module):
     """The branches side by side along the channel axis, projected back to the DiT width: (B, max T_i, d).
 
-    Token j is the j-th kept token of every branch (zeros where a branch has fewer), so templates of other
-    lengths and other tokenizers' padding do not shift one branch against another."""
+    Token j is the j-th kept token of every branch (zeros where a branch has fewer), so padding never
+    shifts one branch against another, nor, with drop_instruction, templates of other lengths."""
 
     def __init__(self, dim: int, branches: int):
         super().__init__()
@@ -182,7 +182,7 @@ class ChannelConcat(nn.Module):
         for x, keep in zip(xs, keeps):
             # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed.
             order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-            x = torch.gather(x * keep[..., None].to(x.dtype), 1, order[..., None].expand_as(x))
+            x = torch.gather(torch.where(keep[..., None], x, 0.0), 1, order[..., None].expand_as(x))
             packed.append(nn.functional.pad(x, (0, 0, 0, width - x.shape[1])))
             packed_keeps.append(nn.functional.pad(torch.gather(keep, 1, order), (0, width - x.shape[1])))
         keep = torch.stack(packed_keeps).any(0)
