@@ -195,3 +195,33 @@ def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
         ConfigError, match="gemma3_text LLM has a RoPE per layer type.*allowed: LLMs with one"
     ):
         LLMSpec.from_hf(AutoConfig.for_model("gemma3_text"))
+
+
+@pytest.mark.parametrize("concat", ["tokens", "channels"])
+def test_flop_formula_matches_a_counted_forward_with_two_llms_and_the_refiners(concat):
+    """LI-DiT with two LLMs of other widths: each refiner counts its own LLM's tokens, the collaborative
+    refiner the others', and the DiT what the concatenation leaves it (the sum, or the widest LLM)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusedit.models.flops import denoiser_flops
+
+    second = {**TINY_ARCH, "hidden_size": 48, "head_dim": 12, "num_hidden_layers": 4}
+    cfg = tiny_config(
+        model={
+            "design": "dit-cross",
+            "attention_backend": "math",
+            "refiner_depth": 2,
+            "refiner_heads": 4,
+            "refiner_concat": concat,
+        },
+        text={"trim_padding": False, "template": "lidit", "max_length": 12},
+        extra_text=[{"family": "qwen2", "arch": second, "max_length": 20, "trim_padding": False}],
+    )
+    model = build_model(cfg)
+    text = model.encode_prompts(["a red circle"])
+    widths = [t.mask.shape[1] for t in text.all]
+    assert widths[0] != widths[1] and widths == [enc.max_length for enc in model.encoders]
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, text)
+    assert denoiser_flops(model.denoiser, 64, widths) == counter.get_total_flops()

@@ -280,7 +280,7 @@ def test_design_cost_counts_each_llms_padded_width_template_included():
     widths = [enc.max_length for enc in real.encoders]
     assert widths[0] > cfg.text.max_length and len(widths) == 2
     cost = study_mod.design_cost(cfg)
-    assert cost["text_tokens"] == widths[0]
+    assert cost["text_tokens"] == sum(widths)  # what the DiT reads: the two LLMs' tokens one after another
     assert cost["llm_forward_flops"] == sum(llm_flops(enc.llm, w) for enc, w in zip(real.encoders, widths))
     # A hub tokenizer is not downloaded for a shapes-only build: its width is text.max_length.
     hub = load_config("lidit-1b")

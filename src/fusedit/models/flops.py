@@ -3,8 +3,9 @@
 Counted: every matrix multiply (2 FLOPs per multiply-add) and the two attention products
 (4 * queries * keys * heads * head_dim), which is what matmul-bound GPU time follows; elementwise work
 (norms, activations, RoPE) is left out. Token counts per module: image-path Linears run on the N image
-tokens, text-path ones (context embedder, text K/V) on the T text tokens, timestep and modulation ones
-once per image. A training step costs 3 x the DiT forward (forward + backward) + 1 x the frozen LLM forward.
+tokens; the context embedder and each LLM's refiner on that LLM's T_i tokens; the text K/V and the
+attention over text on the T' tokens the DiT reads (sum T_i, or max T_i with LI-DiT's channel concat);
+timestep and modulation ones once per image. A training step costs 3 x the DiT forward (forward + backward) + 1 x the frozen LLM forward.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 from torch import nn
 
 from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
-from fusedit.text.refiner import TokenAttention
+from fusedit.text.refiner import ChannelConcat, TokenAttention
 from fusedit.text.spec import head_dim
 
-_TEXT_PATH = ("context", "text_kv")
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
 
 
@@ -23,28 +23,51 @@ def _linear(m: nn.Linear, tokens: int) -> int:
     return 2 * tokens * m.in_features * m.out_features
 
 
-def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int) -> int:
+def _text_width(denoiser: nn.Module, widths: list[int]) -> int:
+    """How many text tokens the DiT's layers read: LI-DiT's channel concatenation keeps the widest LLM's
+    width, the token one (and a single LLM) the sum."""
+    concat = getattr(getattr(denoiser, "context", None), "concat", None)
+    return max(widths) if isinstance(concat, ChannelConcat) else sum(widths)
+
+
+def _branch(parts: list[str]) -> int | None:
+    """Which LLM a refiner module serves: context.linguistic.i... and context.collaborative.branches.i..."""
+    for key in ("linguistic", "branches"):
+        if key in parts[:-1]:
+            return int(parts[parts.index(key) + 1])
+    return None
+
+
+def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int | list[int]) -> int:
+    """``num_text``: each LLM's text width (one int for one LLM). The context embedder and each LLM's refiner
+    run on their own LLM's tokens; the text K/V and the attention over text on what the DiT reads."""
+    widths = [num_text] if isinstance(num_text, int) else list(num_text)
+    read = _text_width(denoiser, widths)
     total = 0
     for name, m in denoiser.named_modules():
         parts = name.split(".")
+        branch = _branch(parts)
+        own = widths[branch] if branch is not None else widths[0]
         if isinstance(m, nn.Linear):
             if any(p in _PER_IMAGE for p in parts):
                 total += _linear(m, 1)
-            elif any(p in _TEXT_PATH for p in parts):
-                total += _linear(m, num_text)
+            elif "text_kv" in parts or "concat" in parts:
+                total += _linear(m, read)
+            elif "context" in parts:
+                total += _linear(m, own)
             else:
                 total += _linear(m, num_image)
         elif isinstance(m, nn.Conv2d):  # LI-DiT's conv position ResBlock, over the patch grid
             total += 2 * num_image * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, TokenAttention):  # refiner attention over one LLM's tokens (others': same length)
-            others = len(denoiser.context.linguistic) - 1 if "collaborative" in parts else 1
-            total += 4 * num_text * num_text * others * m.q.out_features
+        elif isinstance(m, TokenAttention):  # a refiner's attention: over its own tokens, or the others'
+            keys = sum(widths) - own if "collaborative" in parts else own
+            total += 4 * own * keys * m.q.out_features
         elif isinstance(m, ImageAttention):
             block = denoiser.get_submodule(".".join(parts[:-1]))
-            keys = num_image + (num_text if isinstance(block, JointBlock) else 0)
+            keys = num_image + (read if isinstance(block, JointBlock) else 0)
             total += 4 * num_image * keys * m.heads * m.head_dim
         elif isinstance(m, CrossAttention):
-            total += 4 * num_image * num_text * m.heads * m.head_dim
+            total += 4 * num_image * read * m.heads * m.head_dim
     return total
 
 
@@ -57,14 +80,12 @@ def llm_flops(llm: nn.Module, num_text: int) -> int:
 
 
 def model_flops(model, num_image: int) -> tuple[int, int, int]:
-    """(DiT forward, LLM forwards, text tokens) per image for a built TextToImage (meta builds too).
-
-    Each LLM runs at its padded width, ``encoder.max_length``: text.max_length plus the template's tokens
-    where the tokenizer is local (a hub tokenizer on a meta build: text.max_length alone). The DiT reads
-    the first LLM's width (see denoiser_flops)."""
+    """(DiT forward, LLM forwards, text tokens the DiT reads) per image for a built TextToImage (meta
+    builds too). Each LLM runs at its padded width, ``encoder.max_length``: text.max_length plus the
+    template's tokens where the tokenizer is local (a hub tokenizer on a meta build: text.max_length)."""
     widths = [enc.max_length for enc in model.encoders]
     lm = sum(llm_flops(enc.llm, w) for enc, w in zip(model.encoders, widths))
-    return denoiser_flops(model.denoiser, num_image, widths[0]), lm, widths[0]
+    return denoiser_flops(model.denoiser, num_image, widths), lm, _text_width(model.denoiser, widths)
 
 
 def image_tokens(image_size: int, downsample: int, patch_size: int) -> int:
