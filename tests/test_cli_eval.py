@@ -37,10 +37,10 @@ def shapes_bench(monkeypatch):
 
     calls = []
 
-    def run_shapes_bench(model, image_size, out, **kwargs):
+    def run_shapes_bench(model, image_size, out_dir, **kwargs):
         calls.append(kwargs)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "scores.md").write_text("| scores |\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "scores.md").write_text("| scores |\n")
         return {"overall": 0.5, "num_images": 3}
 
     monkeypatch.setattr(fusedit.eval.shapes_bench, "run_shapes_bench", run_shapes_bench)

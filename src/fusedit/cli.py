@@ -289,7 +289,7 @@ _BENCH_FLAGS = {
 
 
 def cmd_eval(args) -> int:
-    from fusedit.eval.shapes_bench import PER_CATEGORY, run_shapes_bench
+    from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
     from fusedit.sample import to_sampling_form
     from fusedit.system import resolve_device
     from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint, load_model
@@ -321,22 +321,20 @@ def cmd_eval(args) -> int:
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
         return _eval_protocol(args, model, cfg, out, device)
-    scores = run_shapes_bench(
-        model,
-        cfg.data.image_size,
-        out,
-        name=cfg.name,
+    settings = bench_settings(
+        cfg,
         per_category=PER_CATEGORY if args.per_category is None else args.per_category,
-        max_objects=cfg.data.max_objects,
         steps=s.steps if args.steps is None else args.steps,
         guidance=s.guidance if args.guidance is None else args.guidance,
-        shift=s.shift,
-        schedule=s.schedule,
-        sampler=s.sampler,
-        negative_prompt=s.negative_prompt,
-        precision=s.precision,
         seed=0 if args.seed is None else args.seed,
+    )
+    scores = run_shapes_bench(
+        model,
+        out_dir=out,
+        name=cfg.name,
+        max_objects=cfg.data.max_objects,
         progress=not args.quiet,
+        **settings,
     )
     print((out / "scores.md").read_text(), end="")
     print(f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts; details in {out}")

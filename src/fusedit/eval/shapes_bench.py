@@ -49,6 +49,24 @@ def markdown_table(name: str, scores: dict) -> str:
 PER_CATEGORY = 20
 
 
+def bench_settings(cfg, *, per_category: int, steps: int, guidance: float, seed: int) -> dict:
+    """``run_shapes_bench`` keyword arguments for a model's config: its image size and ``sample`` section,
+    with the bench's own choices. They are exactly the settings the bench records in scores.json."""
+    s = cfg.sample
+    return {
+        "image_size": cfg.data.image_size,
+        "per_category": per_category,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "sampler": s.sampler,
+        "shift": s.shift,
+        "schedule": s.schedule,
+        "negative_prompt": s.negative_prompt,
+        "precision": s.precision,
+    }
+
+
 def run_shapes_bench(
     model,
     image_size: int,
@@ -71,8 +89,9 @@ def run_shapes_bench(
 ) -> dict:
     """Generate one image per benchmark prompt, score it, write scores.json, scores.md, failures.png.
 
-    The sampling arguments are ``fusedit.sample.generate``'s; pass the model's ``sample`` section
-    (negative prompt and precision included) so that the bench samples as ``fusedit sample`` does."""
+    The sampling arguments are ``fusedit.sample.generate``'s; ``bench_settings(cfg, ...)`` gives the model's
+    ``sample`` section (negative prompt and precision included), so that the bench samples as ``fusedit
+    sample`` does."""
     # Checked before sampling anything, one line each, as config values are.
     if per_category < 1:
         raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")

@@ -59,11 +59,11 @@ from fusedit.config import (
     to_dict,
 )
 from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
-from fusedit.eval.shapes_bench import run_shapes_bench
+from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.models.flops import image_tokens, model_flops
-from fusedit.sample import generate
+from fusedit.sample import generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
 from fusedit.train.loop import train
@@ -350,19 +350,14 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
 
 
 def _eval_settings(settings: EvalSettings, cfg: Config) -> dict:
-    """The eval settings as run_shapes_bench records them in scores.json (to tell whether to redo it)."""
-    return {
-        "per_category": settings.per_category,
-        "steps": settings.steps or cfg.sample.steps,
-        "guidance": cfg.sample.guidance if settings.guidance is None else settings.guidance,
-        "seed": settings.seed,
-        "image_size": cfg.data.image_size,
-        "sampler": cfg.sample.sampler,
-        "shift": cfg.sample.shift,
-        "schedule": cfg.sample.schedule,
-        "negative_prompt": cfg.sample.negative_prompt,
-        "precision": cfg.sample.precision,
-    }
+    """The bench's arguments, which it records in scores.json (to tell whether to redo it)."""
+    return bench_settings(
+        cfg,
+        per_category=settings.per_category,
+        steps=settings.steps or cfg.sample.steps,
+        guidance=cfg.sample.guidance if settings.guidance is None else settings.guidance,
+        seed=settings.seed,
+    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -388,20 +383,8 @@ def _read_losses(run_dir: Path) -> tuple[list[float], float]:
 def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps: int, guidance: float):
     images, labels = [], []
     for seed in seeds:
-        x = generate(
-            model,
-            list(prompts),
-            image_size=cfg.data.image_size,
-            steps=steps,
-            guidance=guidance,
-            sampler=cfg.sample.sampler,
-            shift=cfg.sample.shift,
-            schedule=cfg.sample.schedule,
-            negative_prompt=cfg.sample.negative_prompt,
-            precision=cfg.sample.precision,
-            seed=seed,
-            cache_text=cfg.sample.cache_text,
-        )
+        settings = sample_settings(cfg, steps=steps, guidance=guidance, cuda_graphs=False)
+        x = generate(model, list(prompts), seed=seed, **settings)
         images.extend(to_uint8(x))
         labels.extend(f"{p} (seed {seed})" for p in prompts)
     return image_grid(images, labels, ncols=len(prompts), scale=max(1, 96 // cfg.data.image_size))
@@ -455,20 +438,11 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
             )
             scores = run_shapes_bench(
                 model,
-                cfg.data.image_size,
-                run_dir / "eval",
+                out_dir=run_dir / "eval",
                 name=label,
-                per_category=settings["per_category"],
                 max_objects=cfg.data.max_objects,
-                steps=settings["steps"],
-                guidance=settings["guidance"],
-                shift=cfg.sample.shift,
-                schedule=cfg.sample.schedule,
-                sampler=cfg.sample.sampler,
-                negative_prompt=cfg.sample.negative_prompt,
-                precision=cfg.sample.precision,
-                seed=settings["seed"],
                 progress=progress,
+                **settings,
             )
         else:
             log.info("%s %s: scores present, not re-scored", index, label)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
-from fusedit.text.refiner import ChannelConcat, TokenAttention
+from fusedit.text.refiner import TokenAttention
 from fusedit.text.spec import head_dim
 
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
@@ -24,10 +24,10 @@ def _linear(m: nn.Linear, tokens: int) -> int:
 
 
 def _text_width(denoiser: nn.Module, widths: list[int]) -> int:
-    """How many text tokens the DiT's layers read: LI-DiT's channel concatenation keeps the widest LLM's
-    width, the token one (and a single LLM) the sum."""
+    """How many text tokens the DiT's layers read: as LI-DiT's concatenation of the LLMs leaves them (the
+    refiner's ``concat.width``), else the one LLM's."""
     concat = getattr(getattr(denoiser, "context", None), "concat", None)
-    return max(widths) if isinstance(concat, ChannelConcat) else sum(widths)
+    return concat.width(widths) if concat is not None else sum(widths)
 
 
 def _branch(parts: list[str]) -> int | None:

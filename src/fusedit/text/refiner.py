@@ -160,6 +160,11 @@ class TokenConcat(nn.Module):
     def __init__(self, dim: int, branches: int):
         super().__init__()
 
+    @staticmethod
+    def width(widths: list[int]) -> int:
+        """Tokens the DiT reads from branches of these widths."""
+        return sum(widths)
+
     def forward(self, xs, masks, keeps):
         # A token's position counts the real tokens before it over the LLMs in config order (instruction
         # tokens included: the refiners read them), so no position depends on the batch's padding.
@@ -176,8 +181,12 @@ class ChannelConcat(nn.Module):
         super().__init__()
         self.proj = nn.Linear(branches * dim, dim)
 
+    @staticmethod
+    def width(widths: list[int]) -> int:
+        return max(widths)
+
     def forward(self, xs, masks, keeps):
-        width = max(x.shape[1] for x in xs)  # static: no host sync to count the kept tokens
+        width = self.width([x.shape[1] for x in xs])  # static: no host sync to count the kept tokens
         packed, packed_keeps = [], []
         for x, keep in zip(xs, keeps):
             # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed.
