@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import counting_backend
 from fusedit.cli import main
 from fusedit.config import load_config
@@ -111,6 +113,32 @@ def test_bench_prompt_lengths_and_reachable_text_widths():
 def test_bench_rejects_a_minimum_prompt_length_outside_the_prompt_length(tmp_path, capsys):
     assert main([*bench_args(tmp_path / "b.jsonl", "--what", "train"), "--min-text-tokens", "9"]) != 0
     assert "--min-text-tokens 9 is not in 1..8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--repeats", "0"], "--repeats 0 is not allowed (allowed: 1 or more)"),
+        (["--warmup", "-1"], "--warmup -1 is not allowed (allowed: 0 or more)"),
+        (["--prompts", "4", "0"], "--prompts 0 is not allowed (allowed: 1 or more)"),
+        (["--batch", "0"], "--batch 0 is not allowed (allowed: 1 or more)"),
+        (["--train-points", "32x0"], "--train-points 32x0 is not allowed (allowed: a batch of 1 or more)"),
+        (["--text-tokens", "0"], "--text-tokens 0 is not allowed (allowed: 1 or more)"),
+        (["--steps", "25", "0"], "--steps 0 is not allowed (allowed: an integer >= 1)"),
+        (["--guidance", "nan"], "--guidance nan is not allowed (allowed: a finite number >= 0)"),
+        (["--resolution", "30"], "--resolution 30 is not allowed (allowed: a positive multiple of 4,"),
+        (["--train-points", "18x2"], "--train-points 18 is not allowed (allowed: a positive multiple of 4,"),
+    ],
+)
+def test_bench_rejects_bad_flags_before_building_the_model(flags, message, tmp_path, capsys, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the flags were checked")
+
+    monkeypatch.setattr("fusedit.bench.setup", no_build)
+    args = ["bench", "debug", *flags, "--json", str(tmp_path / "b.jsonl")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):

@@ -56,8 +56,8 @@ def one_line_error(capsys) -> str:
 @pytest.mark.parametrize(
     "bench, args, message",
     [
-        ("shapes", ["--steps", "0"], "--steps 0 is not allowed (allowed: 1 or more)"),
-        ("geneval", ["--steps", "-2"], "--steps -2 is not allowed (allowed: 1 or more)"),
+        ("shapes", ["--steps", "0"], "--steps 0 is not allowed (allowed: an integer >= 1)"),
+        ("geneval", ["--steps", "-2"], "--steps -2 is not allowed (allowed: an integer >= 1)"),
         ("shapes", ["--guidance", "-1"], "--guidance -1.0 is not allowed (allowed: a finite number >= 0)"),
         ("dpg", ["--guidance", "nan"], "--guidance nan is not allowed (allowed: a finite number >= 0)"),
         ("geneval", ["--size", "0"], "--size 0 is not allowed (allowed: a positive multiple"),

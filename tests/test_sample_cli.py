@@ -194,7 +194,7 @@ def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, mo
     "args, message",
     [
         (["--batch-size", "0"], "--batch-size 0 is not allowed (allowed: 1 or more)"),
-        (["--steps", "0"], "--steps 0 is not allowed (allowed: 1 or more)"),
+        (["--steps", "0"], "--steps 0 is not allowed (allowed: an integer >= 1)"),
         (["--guidance", "nan"], "--guidance nan is not allowed"),
         (["--guidance", "-1"], "--guidance -1.0 is not allowed"),
         (["--size", "15"], "--size 15 is not allowed (allowed: a positive multiple of 2"),

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -163,10 +162,9 @@ def _remove_earlier_samples(out: Path) -> None:
 def _check_sampling_flags(args) -> None:
     """--steps, --guidance and --size of `fusedit sample` and `fusedit eval`, checked before the (possibly
     slow) model load, so that a typo fails at once. Which sizes the model takes is _check_size's."""
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps {args.steps} is not allowed (allowed: 1 or more)")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ConfigError(f"--guidance {args.guidance} is not allowed (allowed: a finite number >= 0)")
+    from fusedit.sample import check_steps_guidance
+
+    check_steps_guidance(args.steps, args.guidance, flags=True)
     if args.size is not None and args.size < 1:
         raise ConfigError(
             f"--size {args.size} is not allowed (allowed: a positive multiple of the VAE's downsampling x "
@@ -174,12 +172,12 @@ def _check_sampling_flags(args) -> None:
         )
 
 
-def _check_size(size: int, unit: int) -> None:
+def _check_size(size: int, unit: int, flag: str = "--size") -> None:
     """``unit``: the VAE's downsampling x the patch size; a size must make whole patches of whole latent
     pixels."""
     if size < unit or size % unit:
         raise ConfigError(
-            f"--size {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
+            f"{flag} {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
             "x the patch size)"
         )
 
@@ -449,17 +447,37 @@ def cmd_bench(args) -> int:
     import torch
 
     from fusedit.bench import bench_sample, bench_train, format_table, levers, setup
+    from fusedit.sample import check_steps_guidance
     from fusedit.system import resolve_device
 
     cfg = _config(args)
-    device = resolve_device(args.device, "--device")
-    s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
+    # Every flag checked before the (slow) model build, so that a typo fails at once, not after minutes.
+    for n in args.steps:
+        check_steps_guidance(n, args.guidance, flags=True)
+    counts = [
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+        ("--text-tokens", args.text_tokens, 1),
+    ]
+    counts += [("--prompts", n, 1) for n in args.prompts] + [("--batch", n, 1) for n in args.batch or []]
+    for flag, value, low in counts:
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value} is not allowed (allowed: {low} or more)")
     tokens = args.text_tokens or cfg.text.max_length
     if args.min_text_tokens is not None and not 1 <= args.min_text_tokens <= tokens:
         raise ConfigError(
             f"--min-text-tokens {args.min_text_tokens} is not in 1..{tokens} (the prompt length)"
         )
     resolutions = args.resolution or [cfg.data.image_size]
+    unit = cfg.vae.downsample * cfg.model.patch_size
+    for size in resolutions:
+        _check_size(size, unit, "--resolution")
+    for size, batch in args.train_points or []:
+        if batch < 1:
+            raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
+        _check_size(size, unit, "--train-points")
+    device = resolve_device(args.device, "--device")
+    s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     # Every training point first: sampling turns the model into its sampling form.
     points = []
     if "train" in args.what:

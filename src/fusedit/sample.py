@@ -8,12 +8,13 @@ checks that equality for every position scheme.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fusedit.config import Config
+from fusedit.config import Config, ConfigError
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity
 from fusedit.models.inference import prepare_for_sampling
@@ -102,6 +103,20 @@ def seeded_noise(seeds: list[int], channels: int, side: int) -> torch.Tensor:
     batch is then the image its prompt gives sampled alone with that seed (``fusedit sample``, ``serve``)."""
     rows = [torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.cat(rows)
+
+
+def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bool = False) -> None:
+    """One-line errors for a step count below 1 or a guidance scale that is negative or not finite (None:
+    not given). Called before any slow work; ``flags`` names them as command-line flags (``--steps 0``)
+    rather than keywords (``steps=0``)."""
+
+    def named(key: str, value) -> str:
+        return f"--{key} {value}" if flags else f"{key}={value!r}"
+
+    if steps is not None and steps < 1:
+        raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"{named('guidance', guidance)} is not allowed (allowed: a finite number >= 0)")
 
 
 def sample_settings(cfg: Config, **overrides) -> dict:

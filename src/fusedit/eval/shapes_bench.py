@@ -8,7 +8,6 @@ per category, in a fixed order for a given seed, so two models are compared on t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from fusedit.data.shapes import ALL_KINDS, Prompt, all_prompts
 from fusedit.eval.shapes_verifier import evaluate
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, save_png, to_uint8
-from fusedit.sample import generate
+from fusedit.sample import check_steps_guidance, generate
 
 
 def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed: int = 0) -> list[Prompt]:
@@ -95,10 +94,7 @@ def run_shapes_bench(
     # Checked before sampling anything, one line each, as config values are.
     if per_category < 1:
         raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
-    if steps < 1:
-        raise ConfigError(f"steps={steps!r} is not allowed (allowed: an integer >= 1)")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise ConfigError(f"guidance={guidance!r} is not allowed (allowed: a finite number >= 0)")
+    check_steps_guidance(steps, guidance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = benchmark_prompts(per_category, max_objects, seed=seed)
