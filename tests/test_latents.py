@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -189,3 +190,14 @@ def test_shapes_can_be_cached_and_missing_cache_is_a_config_error(tmp_path):
     assert str(error.value) == (
         "data.source=latents needs data.latents_dir (a folder written by `fusedit cache-latents`)"
     )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"), [((0, 3), "batch_size=0 is not allowed"), ((2, -1), "shard_size=-1 is")]
+)
+def test_cache_latents_rejects_batch_and_shard_sizes_below_one(tmp_path, sizes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cache_latents(
+            _data(tmp_path / "images"), VAEConfig(), tmp_path / "out", *sizes, "cpu", progress=False
+        )
+    assert not (tmp_path / "out").exists()

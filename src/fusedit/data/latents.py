@@ -279,8 +279,9 @@ def cache_latents(
     """
     from fusedit.vae import load_autoencoder
 
-    if batch_size < 1 or shard_size < 1:
-        raise ConfigError(f"batch_size={batch_size} and shard_size={shard_size} must be positive")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"{name}={value!r} is not allowed (allowed: an integer >= 1)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
