@@ -136,6 +136,38 @@ def test_study_end_to_end_resumes_and_redoes_nothing(tmp_path, monkeypatch):
     assert trains == []
 
 
+def test_study_only_some_designs_keeps_the_others_finished_results(tmp_path, monkeypatch):
+    spec, out = _tiny_study(tmp_path), tmp_path / "out"
+    with pytest.raises(
+        ConfigError, match=r"design 'cros' is not in study tiny-study \(allowed: fusion, dit-cross\)"
+    ):
+        run_study(spec, out, progress=False, only=["cros"])
+    with pytest.raises(ConfigError, match=r"only=\[\] names no design"):
+        run_study(spec, out, progress=False, only=[])
+    assert not (out / "runs").exists()
+
+    trains, benches = _spy(monkeypatch)
+    first = run_study(spec, out, progress=False, only=["dit-cross"])
+    assert trains == [("dit-cross", False)] and benches == ["dit-cross"]
+    assert list(first["designs"]) == ["dit-cross"] and first["pending"] == ["fusion"]
+
+    # The other design now; the first one's finished result keeps its place (study order), untouched.
+    trains, benches = _spy(monkeypatch)
+    second = run_study(spec, out, progress=False, only=["fusion"])
+    assert trains == [("fusion", False)] and benches == ["fusion"]
+    assert list(second["designs"]) == ["fusion", "dit-cross"] and second["pending"] == []
+    assert second["designs"]["dit-cross"] == first["designs"]["dit-cross"] | {"status": "reused"}
+    assert [row[0] for row in _table((out / "report.md").read_text())[2:]] == ["fusion", "dit-cross"]
+
+    # Scores of a left-out design made under other eval settings are not shown as current: it is pending.
+    rescored = copy.deepcopy(spec)
+    rescored["eval"]["guidance"] = 3.0
+    trains, benches = _spy(monkeypatch)
+    third = run_study(rescored, out, progress=False, only=["fusion"])
+    assert trains == [] and benches == ["fusion"]
+    assert list(third["designs"]) == ["fusion"] and third["pending"] == ["dit-cross"]
+
+
 GOOD = {"preset": "debug"}
 
 

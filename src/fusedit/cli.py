@@ -576,9 +576,10 @@ def cmd_study(args) -> int:
         return 0
     out = Path(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
-    r = run_study(study, out, progress=not args.quiet)
+    r = run_study(study, out, progress=not args.quiet, only=args.only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
-    print(f"study {r['name']}: {len(r['designs'])} designs in {time.time() - t0:.0f}s")
+    pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
+    print(f"study {r['name']}: {len(r['designs'])} designs in {time.time() - t0:.0f}s{pending}")
     print(f"  report:  {out / 'report.md'}")
     print(f"  plots:   {out / 'loss_curves.png'}, {out / 'scores.png'}")
     print(f"  samples: {out / 'samples.png'} (per design: {out / 'grids'})")
@@ -747,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("study", help="study YAML file (see studies/)")
     sp.add_argument("--out", help="output folder (default runs/studies/<name>); running it again resumes")
     sp.add_argument("--device", help="train.device for every design (default: each config's, auto)")
+    sp.add_argument(
+        "--only",
+        nargs="+",
+        metavar="DESIGN",
+        help="train and score only these designs; the report keeps the others an earlier call finished",
+    )
     sp.add_argument(
         "--check", action="store_true", help="validate, print each design's size and cost, train nothing"
     )

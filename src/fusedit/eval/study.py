@@ -421,13 +421,8 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
         scores = None
     grid_path = out_dir / "grids" / f"{label}.png"
     grid_meta_path = grid_path.with_suffix(".json")
-    # Everything the grid's images depend on besides the weights (which `trained` covers).
-    grid_meta = {
-        "prompts": study.prompts,
-        "seeds": study.seeds,
-        **{k: v for k, v in settings.items() if k not in ("per_category", "seed")},
-    }
-    need_grid = trained or not grid_path.is_file() or _read_json(grid_meta_path) != grid_meta
+    grid_meta = _grid_meta(study, settings)
+    need_grid = trained or not _grid_current(grid_path, grid_meta)
 
     if scores is None or need_grid:
         device = resolve_device(cfg.train.device)
@@ -458,9 +453,47 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     else:
         log.info("%s %s: scores and grid present, nothing to do", index, label)
 
+    log.info("%s %s: overall %.3f", index, label, scores["overall"])
+    return _result(design, run_dir, status, scores)
+
+
+def _grid_meta(study: Study, settings: dict) -> dict:
+    """Everything a design's sample grid depends on besides the weights."""
+    return {
+        "prompts": study.prompts,
+        "seeds": study.seeds,
+        **{k: v for k, v in settings.items() if k not in ("per_category", "seed")},
+    }
+
+
+def _grid_current(grid_path: Path, grid_meta: dict) -> bool:
+    return grid_path.is_file() and _read_json(grid_path.with_suffix(".json")) == grid_meta
+
+
+def _earlier_result(design: Design, study: Study, out_dir: Path) -> dict | None:
+    """The result of a design that an earlier call finished and scored under the current settings (with
+    its grid), without training or sampling anything; None when some of it is missing or stale."""
+    cfg, run_dir = design.config, out_dir / "runs" / design.label
+    step = _finished_step(run_dir)
+    if step is None or step < cfg.train.steps:
+        return None
+    settings = _eval_settings(study.eval, cfg)
+    scores = _read_json(run_dir / "eval" / "scores.json")
+    grid = out_dir / "grids" / f"{design.label}.png"
+    if (
+        scores is None
+        or scores.get("settings") != settings
+        or not _grid_current(grid, _grid_meta(study, settings))
+    ):
+        return None
+    return _result(design, run_dir, "reused", scores)
+
+
+def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
+    """One design's row of results.json."""
+    label, cfg = design.label, design.config
     losses, seconds = _read_losses(run_dir)
     tail = losses[-max(1, len(losses) // 10) :]
-    log.info("%s %s: overall %.3f", index, label, scores["overall"])
     return {
         "label": label,
         "preset": design.preset,
@@ -471,7 +504,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
         "config": f"runs/{label}/config.yaml",
         "grid": f"grids/{label}.png",
         "failures": (run_dir / "eval" / "failures.png").is_file(),
-        "steps": total,
+        "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,
         # The mean loss over the last tenth of training: one step's loss is too noisy to rank designs.
         "final_loss": sum(tail) / len(tail) if tail else None,
@@ -637,13 +670,28 @@ def run_study(
     *,
     progress: bool = True,
     device: str | None = None,
+    only: list[str] | None = None,
 ) -> dict:
     """Train, evaluate and compare every design of ``study`` (a YAML path or its content as a dict) into
-    ``out_dir``; ``device`` overrides every design's train.device. Returns what results.json holds."""
+    ``out_dir``; ``device`` overrides every design's train.device. ``only`` (design labels) trains and
+    scores just those; the report also shows the other designs an earlier call finished and lists the
+    rest as pending. Returns what results.json holds."""
     study = load_study(study, device=device)
+    labels = [d.label for d in study.designs]
+    unknown = [label for label in only or () if label not in labels]
+    if only is not None and not only:
+        raise ConfigError(
+            f"only=[] names no design of study {study.name} (allowed: None, or some of {labels})"
+        )
+    if unknown:
+        raise ConfigError(
+            f"design {unknown[0]!r} is not in study {study.name} (allowed: {', '.join(labels)})"
+        )
+    chosen = [d for d in study.designs if only is None or d.label in only]
+    left_out = [d for d in study.designs if d not in chosen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("study %s: %d designs into %s", study.name, len(study.designs), out)
+    log.info("study %s: %d of %d designs into %s", study.name, len(chosen), len(study.designs), out)
     varying = varying_keys([d.config for d in study.designs])
     unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
     if unfair:
@@ -653,16 +701,21 @@ def run_study(
     # Before anything trains: a finished run of another recipe must not wait until its turn to fail.
     for design in study.designs:
         _check_same_config(out / "runs" / design.label, design.config, design.label)
-    results: dict = {}
+    # The designs left out this time keep their place in the report when an earlier call finished them.
+    results = {d.label: r for d in left_out if (r := _earlier_result(d, study, out))}
     summary: dict = {}
     t0 = time.time()
-    bar = tqdm(study.designs, desc=f"study {study.name}", unit="design", disable=not progress)
+    bar = tqdm(chosen, desc=f"study {study.name}", unit="design", disable=not progress)
     for i, design in enumerate(bar):
         bar.set_postfix_str(design.label)
-        index = f"[{i + 1}/{len(study.designs)}]"
+        index = f"[{i + 1}/{len(chosen)}]"
         results[design.label] = _run_design(design, study, out, index, progress)
         # Written after every design, so a long study's partial table can be read while it runs.
-        summary = write_outputs(study, results, out)
+        summary = write_outputs(study, _in_study_order(study, results), out)
     bar.close()
     log.info("study %s: done in %.0fs; report in %s", study.name, time.time() - t0, out / "report.md")
     return summary
+
+
+def _in_study_order(study: Study, results: dict) -> dict:
+    return {d.label: results[d.label] for d in study.designs if d.label in results}
