@@ -19,6 +19,18 @@ def test_presets_load_and_round_trip(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
+def test_an_arch_of_another_family_replaces_the_base_arch(tmp_path):
+    """lidit-1b (a Llama) sits on fusedit-gemma2b: Gemma's arch keys (hidden_activation) must not leak into
+    the Llama arch, while an override of the same family still changes one number and keeps the rest."""
+    assert "hidden_activation" in load_config("fusedit-gemma2b").text.arch
+    lidit = load_config("lidit-1b").text.arch
+    assert "hidden_activation" not in lidit and lidit["hidden_act"] == "silu"
+    (tmp_path / "exp.yaml").write_text(
+        "base: lidit-1b\ntext:\n  family: llama\n  arch: {num_hidden_layers: 8}\n"
+    )
+    assert load_config(tmp_path / "exp.yaml").text.arch == {**lidit, "num_hidden_layers": 8}
+
+
 def test_override_file_on_a_preset(tmp_path):
     (tmp_path / "exp.yaml").write_text("base: debug\nmodel:\n  pos_embed: m-rope\ntrain:\n  lr: 0.01\n")
     cfg = load_config(tmp_path / "exp.yaml")
@@ -53,6 +65,39 @@ def test_bad_values_fail_with_one_line_errors(override, message):
         load_config("debug", [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.design=dit-self", "model.initial_layers=1"],
+            "model.initial_layers=1 pairs DiT layers with deeper LLM layers, but model.design='dit-self' reads",
+        ),
+        (["model.pos_embed=none"], "model.pos_embed='none' without model.conv_pos=true leaves the image"),
+        (
+            ["model.pos_embed=1d-rope", "model.rope_layout=image-only"],
+            "model.rope_layout='image-only' is for the shallow designs, not model.design='fusedit'",
+        ),
+        (
+            ["model.design=fusedit-cross", "model.rope_layout=image-only"],
+            "not model.design='fusedit-cross', whose text keys the LLM rotates (allowed: joint)",
+        ),
+        (["model.rope_left_pad=16"], "got design='fusedit', pos_embed='ape', rope_layout='joint'"),
+        (
+            ["model.design=dit-self", "model.pos_embed=2d-rope", "model.rope_left_pad=16"],
+            "model.rope_left_pad=16 reproduces the public code's joint text-image rotations: it needs",
+        ),
+    ],
+)
+def test_designs_refuse_knobs_they_would_misuse(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # What each refusal points to is accepted.
+    load_config("debug", ["model.design=dit-self", "model.pos_embed=1d-rope", "model.rope_layout=image-only"])
+    load_config("debug", ["model.pos_embed=none", "model.conv_pos=true"])
+    load_config("debug", ["model.pos_embed=2d-rope", "model.rope_left_pad=16"])
 
 
 def test_missing_file_and_unknown_preset(tmp_path):

@@ -8,6 +8,7 @@ from conftest import POSITIONS, TINY_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError, load_config, preset_names
 from fusedit.sample import generate
 from fusedit.system import build_model, count_parameters
+from fusedit.text.spec import LLMSpec
 from fusedit.train.loop import train
 
 DESIGNS = ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
@@ -186,10 +187,24 @@ def test_image_rotations_continue_the_llms_own_text_rotations(text):
         assert not torch.allclose(default(torch.zeros(1, 12, 8), positions)[0], cos)
 
 
+@pytest.mark.parametrize("design", ["dit-self", "dit-cross"])
+def test_shallow_designs_of_their_own_head_width_take_their_own_rope_ladder(design):
+    """A shallow DiT rotates its text keys and image queries itself: with the LLM's head width it keeps the
+    LLM's rescaled ladder; with its own (model.num_heads) the LLM's ladder has the wrong length, so it takes
+    rope_theta's default ladder of its own width."""
+    same = build_model(tiny_config(model={"design": design, "pos_embed": "1d-rope"}, text=LLAMA3_SCALED))
+    ladder = LLMSpec.from_hf(same.text.llm.config).rope_freqs
+    assert ladder is not None and same.denoiser.position.ladder == ladder
+    model = build_model(
+        tiny_config(model={"design": design, "pos_embed": "m-rope", "num_heads": 2}, text=LLAMA3_SCALED)
+    )
+    assert model.denoiser.position.ladder is None and model.denoiser.position.head_dim == 16
+    x = model(torch.randn(2, 3, 16, 16), torch.rand(2), model.encode_prompts(["a red circle", "two squares"]))
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
 def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
     from transformers import AutoConfig
-
-    from fusedit.text.spec import LLMSpec
 
     with pytest.raises(
         ConfigError, match="gemma3_text LLM has a RoPE per layer type.*allowed: LLMs with one"
@@ -197,10 +212,11 @@ def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
         LLMSpec.from_hf(AutoConfig.for_model("gemma3_text"))
 
 
-@pytest.mark.parametrize("concat", ["tokens", "channels"])
-def test_flop_formula_matches_a_counted_forward_with_two_llms_and_the_refiners(concat):
-    """LI-DiT with two LLMs of other widths: each refiner counts its own LLM's tokens, the collaborative
-    refiner the others', and the DiT what the concatenation leaves it (the sum, or the widest LLM)."""
+@pytest.mark.parametrize(("concat", "llms"), [("tokens", 2), ("channels", 2), ("tokens", 3)])
+def test_flop_formula_matches_a_counted_forward_with_several_llms_and_the_refiners(concat, llms):
+    """LI-DiT with two or three LLMs of other widths: each refiner counts its own LLM's tokens, the
+    collaborative refiner's keys and values the others', and the DiT what the concatenation leaves it (the
+    sum, or the widest LLM). Three LLMs tell "the others" apart from "the other"."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fusedit.models.flops import denoiser_flops
@@ -215,12 +231,15 @@ def test_flop_formula_matches_a_counted_forward_with_two_llms_and_the_refiners(c
             "refiner_concat": concat,
         },
         text={"trim_padding": False, "template": "lidit", "max_length": 12},
-        extra_text=[{"family": "qwen2", "arch": second, "max_length": 20, "trim_padding": False}],
+        extra_text=[
+            {"family": "qwen2", "arch": second, "max_length": 20 + 7 * i, "trim_padding": False}
+            for i in range(llms - 1)
+        ],
     )
     model = build_model(cfg)
     text = model.encode_prompts(["a red circle"])
     widths = [t.mask.shape[1] for t in text.all]
-    assert widths[0] != widths[1] and widths == [enc.max_length for enc in model.encoders]
+    assert len(set(widths)) == llms and widths == [enc.max_length for enc in model.encoders]
     x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
     with FlopCounterMode(display=False) as counter:
         model(x, t, text)

@@ -280,6 +280,27 @@ def test_clip_pooled_text_modulation():
     )
 
 
+def test_clip_pooled_text_pads_on_the_right_whatever_its_tokenizer_says(tmp_path):
+    """The pooled token is the last real one; a tokenizer saved to pad on the left (as Gemma's do) must not
+    make every prompt pool a padding position."""
+    from fusedit.config import PooledTextConfig
+    from fusedit.text.pooled import load_pooled_encoder
+    from fusedit.text.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(["a", "red", "circle", "blue", "square"])
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    encoder = load_pooled_encoder(
+        PooledTextConfig(arch=TINY_CLIP_ARCH, tokenizer=str(tmp_path / "tok"), max_length=8), "cpu"
+    )
+    assert encoder.tokenizer.padding_side == "right"
+    pooled = encoder(["a red circle", "a blue square"])
+    assert not torch.allclose(pooled[0], pooled[1])
+    encoder.max_length = 16  # more padding changes nothing: CLIP's mask is causal, padding comes after
+    torch.testing.assert_close(encoder(["a red circle", "a blue square"]), pooled)
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [

@@ -229,3 +229,27 @@ def test_loading_reports_missing_llm_weights_but_not_the_unread_lm_head(tmp_path
         "lacks 1 weight(s) the LLM needs (random instead), e.g. layers.0.self_attn.k_proj.weight"
         in caplog.text
     )
+
+
+@pytest.mark.parametrize(
+    ("family", "keys", "expected"),
+    [
+        ("llama", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}, "silu"),
+        ("gemma2", {"hidden_activation": "gelu"}, "gelu"),
+        ("qwen2", {"hidden_act": "relu"}, "relu"),
+    ],
+)
+def test_the_dit_mirrors_the_activation_the_llms_mlp_runs(family, keys, expected):
+    """A Llama config carrying a hidden_activation key (from another family's arch) still runs hidden_act;
+    Gemma-2 declares hidden_activation and runs it."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.activations import ACT2FN
+
+    from fusedit.text.spec import LLMSpec
+
+    arch = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    arch |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+    config = AutoConfig.for_model(family, **arch, **keys)
+    assert LLMSpec.from_hf(config).activation == expected
+    mlp_act = AutoModel.from_config(config).layers[0].mlp.act_fn
+    assert type(mlp_act) is type(ACT2FN[expected])

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import tiny_config, watch_llm_forwards
+from conftest import tiny_config, tiny_vae, watch_llm_forwards
 from fusedit.config import ConfigError
 from fusedit.train.checkpoint import find_checkpoint, load_model, save_checkpoint
 from fusedit.train.loop import train
@@ -93,6 +93,19 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints" / "step_00000009").exists()
 
 
+def test_resume_with_a_real_vae_draws_the_same_latents(tmp_path):
+    """A diffusers VAE samples its posterior at every step: that draw, like the flow's noise, comes from
+    (seed, step, position), so a resumed run gets the uninterrupted run's latents and losses."""
+    torch.manual_seed(0)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    vae = {"kind": "diffusers", "model_id": str(tmp_path / "vae"), "latent_channels": 4, "downsample": 2}
+    cfg = tiny_config(vae=vae, train={"steps": 4, "checkpoint_every": 2})
+    full = train(cfg, tmp_path / "a", progress=False)["losses"]
+    train(cfg, tmp_path / "b", stop_at=2, progress=False)
+    torch.rand(100)  # whatever the process drew before does not matter
+    assert train(cfg, tmp_path / "b", resume=True, progress=False)["losses"] == full[2:]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         find_checkpoint(tmp_path)
@@ -116,16 +129,25 @@ def test_nan_steps_are_skipped_and_counted_then_stop_the_run(tmp_path, monkeypat
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(loop, "flow_loss", sometimes_nan)
-    result = train(tiny_config(train={"steps": 4, "checkpoint_every": 4}), tmp_path / "a", progress=False)
+    cfg = tiny_config(train={"steps": 6, "checkpoint_every": 4})
+    result = train(cfg, tmp_path / "a", stop_at=4, progress=False)
     assert result["skipped_steps"] == 1 and len(result["losses"]) == 4
     assert all(torch.isfinite(p).all() for p in result["model"].denoiser.parameters())
     state = json.loads((find_checkpoint(tmp_path / "a") / "state.json").read_text())
     assert state["skipped_steps"] == 1
+    # The count is the run's: a resume goes on from it.
+    monkeypatch.setattr(loop, "flow_loss", real)
+    assert train(cfg, tmp_path / "a", resume=True, progress=False)["skipped_steps"] == 1
+    assert json.loads((find_checkpoint(tmp_path / "a") / "state.json").read_text())["skipped_steps"] == 1
 
+    # Bad steps in a row stop the run, counted across a resume too (2 before it, the 3rd after).
     monkeypatch.setattr(loop, "flow_loss", lambda v, x0, noise: real(v, x0, noise) * float("nan"))
-    cfg = tiny_config(train={"steps": 10, "max_bad_steps": 3})
-    with pytest.raises(FloatingPointError, match=r"3 steps in a row had a NaN/inf loss or gradient"):
-        train(cfg, tmp_path / "b", progress=False)
+    cfg = tiny_config(train={"steps": 10, "max_bad_steps": 3, "checkpoint_every": 2})
+    train(cfg, tmp_path / "b", stop_at=2, progress=False)
+    with pytest.raises(
+        FloatingPointError, match=r"3 steps in a row had a NaN/inf loss or gradient .* at step 3"
+    ):
+        train(cfg, tmp_path / "b", resume=True, progress=False)
 
 
 def test_webdataset_training_resumes_exactly_with_its_data_position(tmp_path):

@@ -62,9 +62,10 @@ class ModelConfig:
     dit_hidden_size: int | None = positive(None)
     # Number of DiT layers (= fused LLM layers); None = every LLM layer after `initial_layers`.
     num_layers: int | None = positive(None)
-    # LLM layers that run text-only before fusion starts: DiT layer i pairs with LLM layer initial_layers + i.
+    # Deep fusion: LLM layers that run text-only before fusion starts (DiT layer i pairs with LLM layer
+    # initial_layers + i). The shallow designs read text.hidden_layer instead.
     initial_layers: int = nonneg(0)
-    # "none": no position input besides model.conv_pos (LI-DiT).
+    # "none": no position input besides model.conv_pos, which it requires (LI-DiT).
     pos_embed: str = choice("ape", "ape", "1d-rope", "2d-rope", "m-rope", "none")
     timestep_conditioning: str = choice("adaln-zero", "adaln-zero", "adaln-single", "addition", "none")
     qk_norm: bool = True
@@ -113,10 +114,12 @@ class ModelConfig:
     adaln_norm: str = choice("layernorm", "layernorm", "rmsnorm")
     # RoPE schemes: "joint" = text and image share one sequence (image positions after the unpadded text;
     # shallow designs rotate their projected text keys at 0 .. T - 1); "image-only" = only image tokens are
-    # rotated, from position 0 (the public code's shallow baselines).
+    # rotated, from position 0 (the public code's shallow baselines; shallow designs only, as deep fusion's
+    # text keys come rotated by the LLM).
     rope_layout: str = choice("joint", "joint", "image-only")
     # Deep fusion with RoPE: image rotations as the public code computed them for prompts left-padded to this
     # many tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
+    # design=fusedit with a RoPE pos_embed and rope_layout=joint only.
     rope_left_pad: int | None = positive(None)
 
 
@@ -493,7 +496,10 @@ def _deep_merge(a: dict, b: dict) -> dict:
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
+            # text.arch is merged key by key (an override may change one number) unless the same override
+            # changes the LLM family: another family's keys (Gemma's hidden_activation) must not leak in.
+            same_family = b.get("family", a.get("family")) == a.get("family")
+            out[k] = {**out[k], **v} if same_family else dict(v)
         else:
             out[k] = v
     return out
@@ -709,6 +715,31 @@ def validate(cfg: Config) -> None:
     if m.refiner_depth and not shallow:
         raise ConfigError(
             f"model.refiner_depth={m.refiner_depth} needs a shallow design (dit-self or dit-cross)"
+        )
+    if m.initial_layers and shallow:
+        raise ConfigError(
+            f"model.initial_layers={m.initial_layers} pairs DiT layers with deeper LLM layers, but "
+            f"model.design={m.design!r} reads one hidden state (set text.hidden_layer; allowed: 0)"
+        )
+    if m.pos_embed == "none" and not m.conv_pos:
+        raise ConfigError(
+            "model.pos_embed='none' without model.conv_pos=true leaves the image tokens no position "
+            "(allowed: ape, 1d-rope, 2d-rope, m-rope, or none with conv_pos=true as LI-DiT)"
+        )
+    # Deep fusion's text keys come rotated by the LLM at 0 .. L - 1, so its image positions must continue
+    # after them (joint); image-only restarts them at 0, on top of the text's (design-space.md s.1).
+    if m.rope_layout == "image-only" and not shallow:
+        raise ConfigError(
+            f"model.rope_layout='image-only' is for the shallow designs, not model.design={m.design!r}, "
+            "whose text keys the LLM rotates (allowed: joint)"
+        )
+    if m.rope_left_pad is not None and not (
+        m.design == "fusedit" and m.pos_embed in ("1d-rope", "2d-rope", "m-rope") and m.rope_layout == "joint"
+    ):
+        raise ConfigError(
+            f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "
+            f"it needs model.design='fusedit' with a RoPE pos_embed and rope_layout='joint' (got "
+            f"design={m.design!r}, pos_embed={m.pos_embed!r}, rope_layout={m.rope_layout!r})"
         )
     if m.refiner_concat == "channels" and not (m.refiner_depth and cfg.extra_text):
         raise ConfigError(

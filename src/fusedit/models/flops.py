@@ -48,20 +48,21 @@ def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int | list[int
         parts = name.split(".")
         branch = _branch(parts)
         own = widths[branch] if branch is not None else widths[0]
+        # The collaborative refiner's branch reads the other LLMs' tokens as keys and values.
+        others = sum(widths) - own if "collaborative" in parts else own
         if isinstance(m, nn.Linear):
             if any(p in _PER_IMAGE for p in parts):
                 total += _linear(m, 1)
             elif "text_kv" in parts or "concat" in parts:
                 total += _linear(m, read)
             elif "context" in parts:
-                total += _linear(m, own)
+                total += _linear(m, others if parts[-1] == "kv" else own)
             else:
                 total += _linear(m, num_image)
         elif isinstance(m, nn.Conv2d):  # LI-DiT's conv position ResBlock, over the patch grid
             total += 2 * num_image * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, TokenAttention):  # a refiner's attention: over its own tokens, or the others'
-            keys = sum(widths) - own if "collaborative" in parts else own
-            total += 4 * own * keys * m.q.out_features
+            total += 4 * own * others * m.q.out_features
         elif isinstance(m, ImageAttention):
             block = denoiser.get_submodule(".".join(parts[:-1]))
             keys = num_image + (read if isinstance(block, JointBlock) else 0)

@@ -46,13 +46,18 @@ class ContextEmbedder(nn.Module):
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
     """The attention/MLP shape the DiT's blocks take: the LLM's, with the model.* overrides applied."""
     heads = cfg.num_heads or llm.num_heads
+    head_dim = cfg.head_dim or (
+        llm.head_dim if not cfg.num_heads else (cfg.dit_hidden_size or llm.hidden_size) // heads
+    )
     return dataclasses.replace(
         llm,
         num_heads=heads,
         num_kv_heads=cfg.num_kv_heads or (heads if cfg.num_heads else llm.num_kv_heads),
-        head_dim=cfg.head_dim
-        or (llm.head_dim if not cfg.num_heads else (cfg.dit_hidden_size or llm.hidden_size) // heads),
+        head_dim=head_dim,
         intermediate_size=cfg.intermediate_size or llm.intermediate_size,
+        # The DiT rotates its own text keys and image queries alike, so any ladder of its head width is
+        # consistent; the LLM's rescaled one (head_dim / 2 entries) fits only the LLM's head width.
+        rope_freqs=llm.rope_freqs if head_dim == llm.head_dim else None,
     )
 
 

@@ -57,4 +57,9 @@ def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, s
     else:
         model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg.arch))
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else builtin_tokenizer
+    # The pooled token is the last real one at index mask.sum - 1, and CLIP was trained with its tokens
+    # from position 0: both need padding on the right, whatever the tokenizer's own default. (A meta build
+    # without a local tokenizer has none: it only counts parameters.)
+    if tokenizer is not None:
+        tokenizer.padding_side = "right"
     return PooledTextEncoder(model.to(device) if str(device) != "meta" else model, tokenizer, cfg.max_length)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 
@@ -34,7 +35,7 @@ class LLMSpec:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             freqs = tuple(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].tolist())
-        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+        activation = _activation(config)
         return cls(
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
@@ -48,6 +49,17 @@ class LLMSpec:
             model_type=config.model_type,
             rope_freqs=freqs,
         )
+
+
+def _activation(config) -> str:
+    """The activation the LLM's MLP runs: ``hidden_activation`` for families whose config declares it
+    (Gemma-2/3; Gemma-1 in transformers 4), else ``hidden_act``. An undeclared ``hidden_activation`` (a key
+    carried into another family's config) is not read: the LLM ignores it."""
+    cls = type(config)
+    declared = any("hidden_activation" in getattr(c, "__annotations__", {}) for c in cls.__mro__)
+    declared = declared or "hidden_activation" in inspect.signature(cls.__init__).parameters
+    chosen = getattr(config, "hidden_activation", None) if declared else None
+    return chosen or config.hidden_act
 
 
 def head_dim(config) -> int:

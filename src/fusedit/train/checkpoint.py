@@ -489,7 +489,9 @@ def load_training_state(
                 lora.load_plain_and_adapters(module, plain, adapters)
         ema.load_state_dict(load_tensors(ckpt, "ema"))
         for key, opt in optimizers.items():
-            opt.load_state_dict(torch.load(ckpt / optimizer_file(key), weights_only=True))
+            # On the CPU first: a GPU run's Adam moments load on a machine without one, and
+            # load_state_dict moves them to each parameter's device.
+            opt.load_state_dict(torch.load(ckpt / optimizer_file(key), map_location="cpu", weights_only=True))
     return load_state(ckpt)
 
 
@@ -541,7 +543,7 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
         plain = lora.base_state_dict(module) if plain is None else plain
         set_model_state_dict(module, lora.structured_state(module, plain, adapters or {}), options=full)
         if key in optimizers:
-            saved = torch.load(ckpt / optimizer_file(key), weights_only=True)
+            saved = torch.load(ckpt / optimizer_file(key), map_location="cpu", weights_only=True)
             named = optimizer_by_name(saved, trainable_names(module))
             set_optimizer_state_dict(module, optimizers[key], named, options=full)
     ema.load_state_dict(load_tensors(ckpt, "ema"))
@@ -574,7 +576,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
             dcp_to_torch_save(ckpt / DCP_DIR, whole)
-        state = torch.load(whole, weights_only=True)
+        state = torch.load(whole, map_location="cpu", weights_only=True)
     for section, content in state.items():
         key = _optim_key(section)
         if key is not None:

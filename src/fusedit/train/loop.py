@@ -80,19 +80,20 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def sample_seed(seed: int, step: int, position: int) -> int:
-    """Seed of one sample's noise: a hash, so neighbouring (step, position) pairs get unrelated streams."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{position}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, step: int, position: int, stream: str = "") -> int:
+    """Seed of one sample's noise: a hash, so neighbouring (step, position) pairs get unrelated streams;
+    ``stream`` names another draw of the same sample (the VAE posterior's: "vae/")."""
+    digest = hashlib.blake2b(f"{stream}{seed}/{step}/{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def sample_noise(seed: int, step: int, positions: range, shape: torch.Size) -> torch.Tensor:
+def sample_noise(seed: int, step: int, positions: range, shape: torch.Size, stream: str = "") -> torch.Tensor:
     """Noise for the samples at ``positions`` of the step's global batch, (len(positions), *shape) on the
     CPU. One generator per sample: each rank draws only its own rows (drawing the whole global batch and
     slicing would cost every rank the global batch's noise)."""
     return torch.stack(
         [
-            torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, p)))
+            torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, p, stream)))
             for p in positions
         ]
     )
@@ -317,6 +318,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         )
         stack.callback(bar.close)
         run = _Run(cfg, model, env, run_dir, parallel, sharded_llms, loggers, bar)
+        if saved:  # the counts of skipped steps go on across a resume, as the run itself does
+            run.bad_total = int(saved.get("skipped_steps", 0))
+            run.bad_in_row = int(saved.get("bad_steps_in_row", 0))
         if main:
             run.metrics = stack.enter_context(metrics_path.open("a"))
         for stage in stages[first.index :]:
@@ -426,12 +430,22 @@ class _Run:
 
             check_latents(sc.data, sc.vae)
 
-            def to_latents(batch, rows: slice):  # pre-encoded by `fusedit cache-latents`
-                return batch["latent"][rows].to(device)
+            def to_latents(batch, local: slice, step: int, rows: range):  # pre-encoded by cache-latents
+                return batch["latent"][local].to(device)
+        elif model.autoencoder.stochastic:
+            ae = model.autoencoder
+
+            def to_latents(batch, local: slice, step: int, rows: range):
+                # The VAE's posterior draw, like the flow's noise, from (seed, step, position): a resumed
+                # run, or one split over other ranks, draws what an uninterrupted one would.
+                images = batch["image"][local]
+                shape = (ae.channels, *(side // ae.downsample for side in images.shape[-2:]))
+                noise = sample_noise(seed, step, rows, torch.Size(shape), stream="vae/")
+                return ae.encode(images.to(device), noise.to(device))
         else:
 
-            def to_latents(batch, rows: slice):
-                return model.autoencoder.encode(batch["image"][rows].to(device))
+            def to_latents(batch, local: slice, step: int, rows: range):
+                return model.autoencoder.encode(batch["image"][local].to(device))
 
         # Each rank reads its batch_size * grad_accum samples of every step (the loader's rank/world_size
         # addressing); micro-step m takes rows [m * batch_size, (m + 1) * batch_size) of them. A stage's
@@ -482,7 +496,7 @@ class _Run:
                 captions = [
                     c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])
                 ]
-                x0 = to_latents(batch, local)
+                x0 = to_latents(batch, local, step, rows)
                 noise = sample_noise(seed, step, rows, x0.shape[1:]).to(device)
                 t = times[rows.start : rows.stop].to(device)
                 with distributed.gradient_sync(forward, stage_parallel, sync=m == accum - 1):
@@ -555,7 +569,8 @@ class _Run:
                     self.metrics.flush()
                 data = json.dumps(loader.state_dict())
                 common = dict(
-                    keep=cfg.train.keep_checkpoints, extra={"skipped_steps": self.bad_total, **extra}
+                    keep=cfg.train.keep_checkpoints,
+                    extra={"skipped_steps": self.bad_total, "bad_steps_in_row": self.bad_in_row, **extra},
                 )
                 ema_state = ema.state_dict()
                 if env.distributed:
