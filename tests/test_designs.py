@@ -212,6 +212,28 @@ def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
         LLMSpec.from_hf(AutoConfig.for_model("gemma3_text"))
 
 
+def test_llms_the_text_stream_cannot_read_are_refused_in_one_line(tmp_path):
+    """GPT-2's config is not LLaMA-style; Phi-3's is, but its attention fuses q/k/v into one projection, so
+    its K/V cannot be read per layer: both are one-line errors naming the model type, before any training."""
+    from transformers import AutoConfig, AutoModel
+
+    from fusedit.config import TextConfig
+    from fusedit.text.llm import load_llm
+
+    with pytest.raises(ConfigError, match=r"model_type 'gpt2' is not supported: its config has no "):
+        LLMSpec.from_hf(AutoConfig.for_model("gpt2"))
+    arch = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    config = AutoConfig.for_model(
+        "phi3", **arch, num_attention_heads=2, num_key_value_heads=1, pad_token_id=0
+    )
+    config.eos_token_id = config.bos_token_id = 1
+    AutoModel.from_config(config).save_pretrained(tmp_path / "phi3")
+    with pytest.raises(ConfigError) as e:
+        load_llm(TextConfig(model_id=str(tmp_path / "phi3")), 1)
+    assert "model_type 'phi3' is not supported: its layers have no separate q/k/v projections" in str(e.value)
+    assert "Gemma, Gemma-2, Qwen2/2.5/3, Llama, Mistral" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(("concat", "llms"), [("tokens", 2), ("channels", 2), ("tokens", 3)])
 def test_flop_formula_matches_a_counted_forward_with_several_llms_and_the_refiners(concat, llms):
     """LI-DiT with two or three LLMs of other widths: each refiner counts its own LLM's tokens, the

@@ -103,6 +103,23 @@ def test_a_hub_llm_trained_through_adapters_saves_only_its_adapters(tmp_path):
     torch.testing.assert_close(velocity(loaded), velocity(result["model"]), atol=1e-5, rtol=1e-4)
 
 
+def test_init_from_saves_a_hub_llm_only_when_its_checkpoint_changed_it(tmp_path):
+    """A fine-tune of a run whose hub LLM stayed frozen holds no LLM (it reloads from the hub, gigabytes
+    saved per checkpoint); of a run that trained LLM adapters, the merged LLM whole."""
+    hub = {"model_id": _hub_like_llm(tmp_path)}
+    short = {"steps": 1, "checkpoint_every": 1}
+    train(tiny_config(text=hub, train=short), tmp_path / "frozen", progress=False)
+    tuned = {**short, "init_from": str(tmp_path / "frozen"), "dit_lora": {"rank": 2}}
+    train(tiny_config(text=hub, train=tuned), tmp_path / "a", progress=False)
+    assert not list(find_checkpoint(tmp_path / "a").glob("llm*"))
+
+    adapted = {**short, "trainable": ["dit", "llm"], "llm_lora": {"rank": 2}}
+    train(tiny_config(text=hub, train=adapted), tmp_path / "adapted", progress=False)
+    tuned["init_from"] = str(tmp_path / "adapted")
+    train(tiny_config(text=hub, train=tuned), tmp_path / "b", progress=False)
+    assert (find_checkpoint(tmp_path / "b") / "llm.safetensors").is_file()
+
+
 def test_dit_lora_fine_tunes_a_trained_model_and_merges_for_export(tmp_path):
     base = train(tiny_config(train={"steps": 3, "checkpoint_every": 3}), tmp_path / "base", progress=False)
     cfg = tiny_config(
@@ -139,8 +156,10 @@ def test_dit_lora_fine_tunes_a_trained_model_and_merges_for_export(tmp_path):
 def test_init_from_a_different_architecture_is_a_config_error(tmp_path):
     train(tiny_config(train={"steps": 1, "checkpoint_every": 1}), tmp_path / "base", progress=False)
     cfg = tiny_config(model={"dit_hidden_size": 64}, train={"steps": 1, "init_from": str(tmp_path / "base")})
-    with pytest.raises(ConfigError, match=r"train.init_from=.* does not fit this model: .*size mismatch"):
+    with pytest.raises(ConfigError, match=r"train.init_from=.* does not fit this model: ema weight ") as e:
         train(cfg, tmp_path / "other", progress=False)
+    assert "has shape [32, 12] in the checkpoint but [64, 12] in the configured model" in str(e.value)
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value)
 
 
 def test_missing_peft_is_a_one_line_error_naming_the_package(monkeypatch):

@@ -202,32 +202,67 @@ def test_preview_grids_are_written_during_training(tmp_path):
     assert Image.open(previews[0]).size[0] > 0
 
 
-def test_resuming_with_another_architecture_is_a_one_line_error(tmp_path):
+def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch):
+    import fusedit.train.loop as loop
     from conftest import TINY_ARCH
     from fusedit.config import ConfigError, load_config
 
     run = tmp_path / "run"
     trained = tiny_config(train={"steps": 1})
     train(trained, run, progress=False)
+    build = loop.build_model
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the resume was refused")
+
+    monkeypatch.setattr(loop, "build_model", not_built)
     cases = [
-        # a changed width: shapes differ
-        (
-            {"model": {"dit_hidden_size": 64}},
-            r"'patch_embed\.proj\.weight' has shape \[32, 12\] in the checkpoint but \[64, 12\]",
-        ),
-        # a deeper LLM, so a deeper DiT: weights missing from the checkpoint
-        ({"text": {"arch": {**TINY_ARCH, "num_hidden_layers": 4}}}, r"'blocks\.3\..*' of the configured"),
-        # fewer DiT layers: weights of the checkpoint left over
-        ({"model": {"num_layers": 2}}, r"'blocks\.2\..*' of the checkpoint has no place in the configured"),
+        ({"model": {"dit_hidden_size": 64}}, "model.dit_hidden_size=32, this config has 64"),
+        # Same weight shapes, another model: caught by the config, not by the weights.
+        ({"model": {"pos_embed": "2d-rope"}}, "model.pos_embed='ape', this config has '2d-rope'"),
+        ({"text": {"hidden_layer": -2}}, "text.hidden_layer=-1, this config has -2"),
+        ({"text": {"arch": {**TINY_ARCH, "num_hidden_layers": 4}}}, "text.arch={"),
+        ({"model": {"qk_norm": False}}, "model.qk_norm=True, this config has False"),
     ]
     for change, detail in cases:
-        with pytest.raises(ConfigError, match="does not fit the configured model: denoiser weight ") as e:
+        with pytest.raises(ConfigError, match="a resumed run keeps its model") as e:
             train(tiny_config(train={"steps": 2}, **change), run, resume=True, progress=False)
         message = str(e.value)
-        assert re.search(detail, message) and "\n" not in message, message
-        assert "resume with the config it was trained with" in message and "new --out" in message
+        assert detail in message and "\n" not in message, message
+        assert "another --out" in message and "train.init_from" in message
     assert load_config(run / "config.yaml") == trained  # the refused resumes left the run as it was
-    assert train(trained, run, resume=True, progress=False)["step"] == 1
+    monkeypatch.setattr(loop, "build_model", build)
+    # How the model is run may change: the attention kernel, the text padding, the recipe.
+    changed = {
+        "model": {"attention_backend": "math"},
+        "text": {"trim_padding": False},
+        "flow": {"shift": 2.0},
+    }
+    assert train(tiny_config(train={"steps": 2}, **changed), run, resume=True, progress=False)["step"] == 2
+    with pytest.raises(
+        ConfigError, match=r"the run is at step 2, past train.steps=1 \(allowed: train.steps >= 2"
+    ):
+        train(trained, run, resume=True, progress=False)
+
+
+def test_a_checkpoint_of_other_weights_is_refused_before_loading(tmp_path):
+    """The config check aside (a checkpoint's config.yaml replaced by hand), weights that do not fit are a
+    one-line error naming the first one, before anything is loaded."""
+    import shutil
+
+    from fusedit.config import ConfigError, save_config
+
+    run = tmp_path / "run"
+    train(tiny_config(train={"steps": 1}), run, progress=False)
+    wider = tiny_config(train={"steps": 2}, model={"dit_hidden_size": 64})
+    for path in (run / "config.yaml", find_checkpoint(run) / "config.yaml"):
+        save_config(wider, path)
+    with pytest.raises(ConfigError, match=r"does not fit the configured model: denoiser weight ") as e:
+        train(wider, run, resume=True, progress=False)
+    assert re.search(
+        r"'patch_embed\.proj\.weight' has shape \[32, 12\] in the checkpoint but \[64, 12\]", str(e.value)
+    )
+    shutil.rmtree(run)
 
 
 def test_weights_mismatch_reads_the_shapes_of_both_checkpoint_formats(tmp_path):

@@ -166,12 +166,19 @@ def builtin_words(cfg: Config) -> list[str]:
 
 
 def _text_encoder(
-    tcfg: TextConfig, request: TextRequest, spec: LLMSpec, device, meta: bool, words: list[str] | None
+    tcfg: TextConfig,
+    request: TextRequest,
+    spec: LLMSpec,
+    config,
+    device,
+    meta: bool,
+    words: list[str] | None,
 ) -> TextEncoder:
+    """``config``: the LLM's transformers config (llm_config), read once per build; ``spec`` its summary."""
     needed = request.layers_needed(spec.num_layers)
     # On "meta" the LLM is built under the device context too, so no real weights are allocated.
     with torch.device(device) if meta else contextlib.nullcontext():
-        llm = load_llm(tcfg, needed, device, shape_only=meta)
+        llm = load_llm(tcfg, needed, device, shape_only=meta, config=config)
     name = tcfg.tokenizer or tcfg.model_id
     if meta and name and not Path(name).is_dir():
         return TextEncoder(llm, None, tcfg.max_length)  # a hub tokenizer: shapes only, no download
@@ -197,7 +204,8 @@ def build_model(
     ``with_autoencoder=False`` skips the VAE (benchmarks on synthetic latents)."""
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
-    specs = [LLMSpec.from_hf(llm_config(t, shape_only=meta)) for t in text_cfgs]
+    configs = [llm_config(t, shape_only=meta) for t in text_cfgs]
+    specs = [LLMSpec.from_hf(c) for c in configs]
     words = builtin_words(cfg)
     pooled = None
     if cfg.model.pooled_text == "clip":
@@ -214,8 +222,8 @@ def build_model(
             pooled_dim=pooled.dim if pooled is not None else None,
         )
     encoders = [
-        _text_encoder(t, req, spec, device, meta, words)
-        for t, req, spec in zip(text_cfgs, denoiser.text_requests, specs, strict=True)
+        _text_encoder(t, req, spec, config, device, meta, words)
+        for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
     ]
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
     return TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)

@@ -65,7 +65,7 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
-from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
+from fusedit.train.checkpoint import find_checkpoint, flatten, load_model, load_state
 from fusedit.train.loop import train
 
 log = logging.getLogger(__name__)
@@ -256,20 +256,9 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
 # What differs between designs, and what a design costs
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and key != "arch":
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 def varying_keys(configs: list[Config]) -> list[str]:
     """Dotted config keys whose value is not the same in every config (names and devices aside)."""
-    flat = [_flatten(to_dict(c)) for c in configs]
+    flat = [flatten(to_dict(c)) for c in configs]
     keys = sorted(set().union(*flat))
     return [
         k
@@ -342,7 +331,7 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
         raise ConfigError(f"{saved}: {e}; delete {run_dir} to retrain design {label!r}") from None
     diff = varying_keys([old, cfg])
     if diff:
-        a, b = _flatten(to_dict(old)), _flatten(to_dict(cfg))
+        a, b = flatten(to_dict(old)), flatten(to_dict(cfg))
         raise ConfigError(
             f"{run_dir} was trained with a different config for design {label!r} ({diff[0]}: "
             f"{a.get(diff[0])!r} there, {b.get(diff[0])!r} now); delete it or use another output folder"

@@ -7,6 +7,7 @@ It is truncated after the deepest layer a design reads: deeper layers would neve
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fusedit.config import ConfigError, TextConfig
+from fusedit.text.spec import SUPPORTED_LLMS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,17 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
         except OSError as e:
             # The preset's arch stands in for an unreachable hub id, never for a folder that is not there.
             if shape_only and cfg.arch and not _is_path(cfg.model_id):
-                return AutoConfig.for_model(cfg.family, **cfg.arch)
+                config = AutoConfig.for_model(cfg.family, **cfg.arch)
+                # The arch may be a preset's, inherited past a changed model_id: say what was counted.
+                log.warning(
+                    "text.model_id=%r is not in the local cache: counting text.arch instead (%s, %d layers, "
+                    "width %d); set text.arch to the model's shape if it differs",
+                    cfg.model_id,
+                    cfg.family,
+                    config.num_hidden_layers,
+                    config.hidden_size,
+                )
+                return config
             if _is_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
                 raise ConfigError(
                     f"text.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
@@ -54,13 +66,18 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
 
 
 def load_llm(
-    cfg: TextConfig, num_layers: int, device: torch.device | str = "cpu", shape_only: bool = False
+    cfg: TextConfig,
+    num_layers: int,
+    device: torch.device | str = "cpu",
+    shape_only: bool = False,
+    config: PretrainedConfig | None = None,
 ) -> PreTrainedModel:
     """The frozen base LLM with only its first ``num_layers`` layers, in eval mode, on ``device``.
 
-    ``shape_only`` builds random weights from the config (meta-device parameter counts).
+    ``shape_only`` builds random weights from the config (meta-device parameter counts); ``config`` is
+    ``llm_config(cfg, shape_only)`` when the caller has it already (it is not modified).
     """
-    config = llm_config(cfg, shape_only)
+    config = llm_config(cfg, shape_only) if config is None else copy.deepcopy(config)
     if num_layers > config.num_hidden_layers:
         raise ConfigError(
             f"the design needs {num_layers} LLM layers but the LLM has {config.num_hidden_layers}"
@@ -80,6 +97,12 @@ def load_llm(
         llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
     else:
         llm = AutoModel.from_config(config).to(dtype)
+    attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise ConfigError(
+            f"an LLM of model_type {config.model_type!r} is not supported: its layers have no separate "
+            f"q/k/v projections ({SUPPORTED_LLMS})"
+        )
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()

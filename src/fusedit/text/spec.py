@@ -5,6 +5,15 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+from fusedit.config import ConfigError
+
+# What the text stream needs of an LLM: a LLaMA-style decoder config, and layers with separate q/k/v/o
+# projections (fusedit reads each layer's K/V itself, text/encoder.py).
+SUPPORTED_LLMS = (
+    "allowed: LLaMA-style decoder-only LLMs with separate q/k/v projections, e.g. Gemma, Gemma-2, "
+    "Qwen2/2.5/3, Llama, Mistral"
+)
+
 
 @dataclass(frozen=True)
 class LLMSpec:
@@ -27,6 +36,16 @@ class LLMSpec:
     @classmethod
     def from_hf(cls, config) -> LLMSpec:
         """From a transformers PretrainedConfig (4.x and 5.x spellings of RoPE settings and activation)."""
+        missing = [
+            k
+            for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size")
+            if not hasattr(config, k)
+        ]
+        if missing or not (hasattr(config, "hidden_act") or hasattr(config, "hidden_activation")):
+            raise ConfigError(
+                f"an LLM of model_type {config.model_type!r} is not supported: its config has no "
+                f"{(missing or ['hidden_act'])[0]} ({SUPPORTED_LLMS})"
+            )
         rope = _rope_settings(config)
         theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -73,8 +92,6 @@ def _rope_settings(config) -> dict:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     # transformers 5 nests one dict per layer type; 4.x's Gemma-3 has a second base frequency instead.
     if any(isinstance(v, dict) for v in params.values()) or hasattr(config, "rope_local_base_freq"):
-        from fusedit.config import ConfigError
-
         raise ConfigError(
             f"the {config.model_type} LLM has a RoPE per layer type, which fusedit "
             "does not mirror (allowed: LLMs with one RoPE for every layer: Gemma, Gemma-2, Qwen2/2.5/3, Llama)"

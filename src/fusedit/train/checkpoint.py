@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config
+from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config, to_dict
 from fusedit.files import write_text_atomic
 from fusedit.train import lora
 
@@ -414,13 +414,63 @@ def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
 def init_weights(model, path: str | Path) -> Path:
     """train.init_from: start ``model`` (freshly built, before any stage applies) from the weights of a run
     or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved)."""
+    from fusedit.train.stages import text_modules
+
     ckpt = find_checkpoint(path)
+    # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
+    expected = {
+        "ema": model.denoiser.state_dict(),
+        **{k: m.state_dict() for k, m in text_modules(model).items()},
+    }
+    problem = weights_mismatch(ckpt, expected)
     try:
-        load_weights(model, ckpt, checkpoint_stage(ckpt))
+        if problem is None:
+            load_weights(model, ckpt, checkpoint_stage(ckpt))
     except (RuntimeError, KeyError) as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
-        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {detail}") from None
+        problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+    if problem:
+        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
     return ckpt
+
+
+# Settings a resumed run may change: how the text is batched and which kernels compute, not what the
+# weights are or mean.
+RESUMABLE_CHANGES = frozenset(
+    {"attention_backend", "dtype", "trim_padding", "trim_multiple", "pretrain_steps", "max_length"}
+)
+MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
+
+
+def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
+    """A nested config dict as dotted keys (an LLM's ``arch`` stays one value); ``lists`` also numbers the
+    entries of lists of mappings (extra_text.0.family)."""
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and key != "arch":
+            out.update(flatten(value, path, lists))
+        elif lists and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out.update(flatten(dict(enumerate(value)), path, lists))
+        else:
+            out[path] = value
+    return out
+
+
+def check_same_model(ckpt: Path, cfg: Config) -> None:
+    """Resuming keeps a run's model: a changed design, LLM, VAE or pooled-text encoder is refused, naming
+    the first differing key, rather than trained on under the old run's name (a change that leaves every
+    weight shape alone, such as another LLM of the same shape, would otherwise go unnoticed)."""
+    old, new = (
+        flatten({s: to_dict(c)[s] for s in MODEL_SECTIONS}, lists=True)
+        for c in (load_checkpoint_config(ckpt), cfg)
+    )
+    for key in sorted(set(old) | set(new)):
+        if key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
+                f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
+                "or start one from these weights with train.init_from)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_t
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
+    check_same_model,
     data_state_name,
     find_checkpoint,
     init_weights,
@@ -51,6 +52,7 @@ from fusedit.train.checkpoint import (
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
+    saved_shapes,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
@@ -115,11 +117,25 @@ def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[t
     trained fully or with merged adapters by this stage); otherwise only live LoRA adapters are saved."""
     texts = [cfg.text, *cfg.extra_text]
     out = {}
+    initialised = initialised_llms(cfg, text_modules(model))
     for (key, module), tcfg in zip(text_modules(model).items(), texts, strict=True):
-        whole = not tcfg.model_id or llm_base_changed(cfg, stage)
+        whole = not tcfg.model_id or key in initialised or llm_base_changed(cfg, stage)
         if whole or lora.has_adapters(module):
             out[key] = (module, whole)
     return out
+
+
+def initialised_llms(cfg: Config, llms: dict) -> set[str]:
+    """The LLMs (checkpoint names) whose weights train.init_from loaded: those its checkpoint saved, whole
+    or as adapters. The others are what their model_id loads, so a checkpoint need not hold them. All of
+    them when that checkpoint is gone (say, on a resume elsewhere): saving too much loses nothing."""
+    if not cfg.train.init_from:
+        return set()
+    try:
+        saved = saved_shapes(find_checkpoint(cfg.train.init_from))
+    except FileNotFoundError:
+        return set(llms)
+    return {key for key in llms if key in saved or f"{key}_lora" in saved}
 
 
 @torch.no_grad()
@@ -256,12 +272,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     parallel = distributed.resolve_parallel(tc.parallel, env)
     stages = resolved_stages(cfg)
     _check_stages_fit(stages, parallel, tc.shard_llm)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg, device)
-    check_stages(model, stages)
-    denoiser = model.denoiser
     metrics_path = run_dir / "metrics.jsonl"
-
     ckpt = None
     if resume:
         try:
@@ -271,6 +282,20 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                 log.warning("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
         found = distributed.broadcast_object(None if ckpt is None else str(ckpt), env)
         ckpt = None if found is None else Path(found)
+    saved = load_state(ckpt) if ckpt is not None else None
+    start = int(saved["step"]) if saved else 0
+    if saved:  # before the (slow) model build
+        check_same_model(ckpt, cfg)
+        if start > tc.steps:
+            raise ConfigError(
+                f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
+                "to resume it)"
+            )
+
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg, device)
+    check_stages(model, stages)
+    denoiser = model.denoiser
     if ckpt is None:
         if main:
             metrics_path.unlink(missing_ok=True)
@@ -287,8 +312,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             )
         if tc.init_from:
             log.info("weights initialised from %s", init_weights(model, tc.init_from))
-    saved = load_state(ckpt) if ckpt is not None else None
-    start = int(saved["step"]) if saved else 0
     first = stage_of_checkpoint(stages, start, saved.get("stage")) if saved else stages[0]
     if saved and main:  # before the file is opened for appending: the rewind replaces it
         _rewind_metrics(metrics_path, start)

@@ -223,11 +223,9 @@ def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, 
 
 def llm_base_changed(cfg: Config, stage: int) -> bool:
     """Whether the LLMs' own weights (live adapters aside) may differ from what their ``model_id`` loads
-    once stage ``stage`` has begun: loaded by train.init_from, trained fully in a stage up to this one, or
-    with adapters merged at an earlier boundary. Such an LLM is saved whole in checkpoints (as a random-init
-    one always is); otherwise only its adapters are."""
-    if cfg.train.init_from:
-        return True
+    once stage ``stage`` has begun: trained fully in a stage up to this one, or with adapters merged at an
+    earlier boundary. Such an LLM is saved whole in checkpoints (as a random-init one always is, and one
+    that train.init_from loaded); otherwise only its adapters are."""
     parts = [Parts.of(s.config.train) for s in resolved_stages(cfg)[: stage + 1]]
     if any(p.llm and not p.llm_adapters for p in parts):
         return True
