@@ -452,3 +452,34 @@ def test_log_lines_go_above_the_progress_bar(capsys, monkeypatch):
     assert main(["train", "debug"]) == 0
     assert line in re.split(r"[\r\n]", capsys.readouterr().err)  # a line of its own, not after the bar's
     assert logging.root.handlers[-1] is console  # restored
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "CONFIG"],
+        ["demo"],
+        ["export", "RUN"],
+        ["eval", "RUN"],
+        ["cache-latents", "CONFIG"],
+        ["convert", "RUN"],
+        ["consolidate", "RUN"],
+    ],
+)
+def test_an_out_that_is_a_file_fails_at_once_with_one_line(tmp_path, capsys, monkeypatch, command):
+    """Not a bare [Errno 17] File exists or [Errno 20] Not a directory once the work is done: the check
+    comes before training, exporting or any model folder is read (RUN does not even exist)."""
+    import fusedit.demo
+    import fusedit.train.loop
+
+    monkeypatch.setattr(fusedit.train.loop, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(fusedit.demo, "run_demo", lambda *a, **k: pytest.fail("trained"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    names = {"CONFIG": _tiny_yaml(tmp_path), "RUN": str(tmp_path / "run")}
+    argv = [names.get(word, word) for word in command]
+    assert main([*argv, "--out", str(afile)]) == 2
+    assert f"--out {str(afile)!r} is a file (allowed: a folder, new or existing)" in _one_line_error(capsys)
+    assert main([*argv, "--out", str(afile / "sub")]) == 2
+    err = _one_line_error(capsys)
+    assert f"--out {str(afile / 'sub')!r} is inside the file {str(afile)!r} (allowed: a folder" in err

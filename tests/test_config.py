@@ -1,3 +1,5 @@
+import shlex
+
 import pytest
 
 from fusedit.config import (
@@ -149,3 +151,142 @@ def test_relative_paths_that_exist_are_saved_absolute(tmp_path, monkeypatch):
     )
     assert cfg.data.root == str(tmp_path / "photos") and cfg.text.model_id == str(tmp_path / "my-llm")
     assert cfg.vae.model_id == "org/vae" and cfg.text.tokenizer == ""  # hub ids and empty keys stay
+
+
+def test_every_preset_loads():
+    for name in preset_names():
+        load_config(name)
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    (tmp_path / "broken.yaml").write_text("base: debug\ntrain:\n  batch_size: [1, 2\n  lr: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "broken.yaml")
+    assert str(e.value) == (
+        f"cannot parse {tmp_path / 'broken.yaml'}: line 4, column 5: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence started at line 3, column 15)"
+    )
+    (tmp_path / "tab.yaml").write_text("base: debug\n\ttrain: {}\n")
+    with pytest.raises(ConfigError, match=r"tab.yaml: line 2, column 1: found character '\\t' that cannot"):
+        load_config(tmp_path / "tab.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train.batch_sise=3",
+            "unknown config key 'train.batch_sise': did you mean 'train.batch_size'? (allowed: steps, batch_size,",
+        ),
+        ("trian.steps=3", "unknown config key 'trian': did you mean 'train'? (allowed: model, text,"),
+        ("model.foo=1", "unknown config key 'model.foo' (allowed: design,"),
+        (
+            "stages.0.train.batchsize=3",
+            "unknown config key 'stages[0].train.batchsize': did you mean 'stages[0].train.batch_size'?",
+        ),
+    ],
+)
+def test_an_unknown_key_suggests_a_close_one(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("recipe-shapes-3stage", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_preset_suggests_the_yaml_file_of_that_name_or_a_close_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-run.yaml").write_text("base: debug\n")
+    with pytest.raises(
+        ConfigError, match=r"^unknown preset 'my-run': did you mean my-run.yaml\? \(allowed: "
+    ):
+        load_config("my-run")
+    with pytest.raises(ConfigError, match=r"^unknown preset 'debugg': did you mean 'debug'\? \(allowed: "):
+        load_config("debugg")
+    with pytest.raises(ConfigError, match=r"^unknown preset 'zzz' \(allowed: debug, "):
+        load_config("zzz")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.shards=a.tar", "data.shards='a.tar' must be a list, e.g. data.shards=[a.tar]"),
+        (
+            "data.shards=data/{0000..0099}.tar",
+            """data.shards='data/{0000..0099}.tar' must be a list, e.g. data.shards='["data/{0000..0099}.tar"]'""",
+        ),
+        ("train.trainable=dit", "train.trainable='dit' must be a list, e.g. train.trainable=[dit]"),
+        (
+            "stages.0.data.shards=a.tar",
+            "stages[0].data.shards='a.tar' must be a list, e.g. stages.0.data.shards=[a.tar]",
+        ),
+    ],
+)
+def test_a_scalar_for_a_list_key_shows_the_list_syntax(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("recipe-shapes-3stage", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # What it shows is, as the shell passes it on, an override that loads.
+    (example,) = shlex.split(message.split("e.g. ")[1])
+    load_config("recipe-shapes-3stage", [example])
+
+
+def test_relative_stage_paths_are_saved_absolute(tmp_path, monkeypatch):
+    """Stage sections are override mappings, made absolute like the top-level sections: the saved staged
+    config of a config file from another folder still finds the stage's data from anywhere."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "index.jsonl").write_text("")
+    (tmp_path / "configs" / "staged.yaml").write_text(
+        "base: recipe-shapes-3stage\n"
+        "stages:\n"
+        "  - {name: a, steps: 2, data: {source: folder, root: photos, index_file: index.jsonl}}\n"
+        "  - {name: b, steps: 2, data: {root: org/not-here, hf_path: ''}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    save_config(load_config("configs/staged.yaml"), tmp_path / "saved.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(tmp_path / "saved.yaml")
+    assert cfg.stages[0].data == {
+        "source": "folder",
+        "root": str(tmp_path / "photos"),
+        "index_file": str(tmp_path / "index.jsonl"),
+    }
+    assert cfg.stages[1].data == {"root": "org/not-here", "hf_path": ""}  # not a path here, or empty
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.image_size=1280"],
+            "data.image_size=1280 makes a latent grid side of 80 patches, more than the APE table's "
+            "model.ape_max_size=64 (allowed: sides up to 1024 px = model.ape_max_size x vae.downsample x "
+            "model.patch_size)",
+        ),
+        (
+            ["data.buckets=[[1024, 768], [768, 1280]]"],
+            "data.buckets: [768, 1280] makes a latent grid side of 80 patches",
+        ),
+        (
+            ["stages=[{steps: 2, data: {image_size: 1088}}]"],
+            "stages[0] (unnamed): data.image_size=1088 makes",
+        ),
+    ],
+)
+def test_a_latent_grid_past_the_ape_table_is_refused_at_load(overrides, message):
+    """model.ape_max_size fixes the APE table (fusedit-gemma2b: 64 patches, 1024 px): a larger image or
+    bucket would otherwise fail only at training's first batch."""
+    with pytest.raises(ConfigError) as e:
+        load_config("fusedit-gemma2b", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    load_config("fusedit-gemma2b", ["data.image_size=1024", "data.buckets=[[1024, 768]]"])
+    load_config("fusedit-gemma2b", ["data.image_size=1280", "model.ape_max_size=null"])
+    load_config("fusedit-gemma2b", ["data.image_size=1280", "model.pos_embed=2d-rope"])
+
+
+def test_a_relative_init_from_that_exists_is_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    cfg = load_config("debug", ["train.init_from=runs/base"])
+    assert cfg.train.init_from == str(tmp_path / "runs" / "base")
+    assert load_config("debug", ["train.init_from=runs/elsewhere"]).train.init_from == "runs/elsewhere"

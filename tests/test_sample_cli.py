@@ -252,3 +252,42 @@ def test_unknown_compile_flag_is_a_one_line_error(folders, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample(folders["run"], tmp_path, "--prompt", "x", "--compile", "fast")
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["run", "checkpoint", "pipeline"])
+def test_a_bad_size_or_out_fails_before_the_model_loads(folders, tmp_path, capsys, monkeypatch, kind):
+    """--size is checked against the saved config, read without the weights, as `fusedit eval` does; an
+    --out that is a file is refused at once too."""
+    import fusedit.pipeline
+    import fusedit.train.checkpoint
+
+    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(fusedit.pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--size", "33"], "--size 33 is not allowed (allowed: a positive multiple of 2, the VAE's"),
+        (
+            ["--out", str(tmp_path / "afile")],
+            f"--out {str(tmp_path / 'afile')!r} is a file (allowed: a folder",
+        ),
+    ]
+    for args, message in cases:
+        assert main(["sample", str(folders[kind]), "--prompt", "x", "--out", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fusedit: error: ") and message in err and "\n" not in err, err
+
+
+def test_a_size_past_the_ape_table_fails_before_the_model_loads(folders, tmp_path, capsys, monkeypatch):
+    """A converted FuseDiT model has the public code's fixed APE table (model.ape_max_size): larger images
+    would fail only in the first sampling step."""
+    import fusedit.train.checkpoint
+    from fusedit.config import ape_limit
+    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
+
+    saved = checkpoint_stage(find_checkpoint(folders["converted"])).config
+    largest, unit = ape_limit(saved), saved.vae.downsample * saved.model.patch_size
+    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    assert sample(folders["converted"], tmp_path, "--prompt", "x", "--size", str(largest + unit)) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--size {largest + unit} is not allowed (allowed: a positive multiple of {unit}" in err
+    assert f"up to {largest} (the APE table's model.ape_max_size)" in err and "\n" not in err

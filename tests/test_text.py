@@ -27,6 +27,19 @@ def test_prompts_are_right_padded_and_truncated_with_a_warning(caplog):
         model.text.tokenize("a red circle")
 
 
+def test_truncation_warns_once_per_encoder_and_counts_the_rest(caplog):
+    """Training tokenises the same over-long captions every epoch: one warning, then only a count."""
+    model = build_model(tiny_config(text={"max_length": 5}))
+    long = "a blue square to the left of a green triangle"
+    with caplog.at_level(logging.WARNING):
+        model.text.tokenize([long, "a red circle"])
+        model.text.tokenize([long, long])
+        model.text.tokenize(["a red circle"])
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and f"e.g. {long!r} (11 tokens)" in warnings[0], warnings
+    assert model.text.truncated == 3
+
+
 def test_instruction_prefix_and_chat_template():
     model = build_model(tiny_config(text={"instruction": "a green square "}))
     tok = model.text.tokenizer

@@ -106,6 +106,25 @@ def test_resume_with_a_real_vae_draws_the_same_latents(tmp_path):
     assert train(cfg, tmp_path / "b", resume=True, progress=False)["losses"] == full[2:]
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "folder", "root": "/no/such/folder"}, "data.root='/no/such/folder' is not a folder"),
+        ({"source": "folder"}, "data.source=folder needs data.root (an image folder) or data.index_file"),
+        ({"source": "latents"}, "data.source=latents needs data.latents_dir"),
+    ],
+)
+def test_a_bad_data_path_fails_before_the_model_is_built(tmp_path, monkeypatch, data, message):
+    import fusedit.train.loop as loop
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the model was built before the data paths were checked")
+
+    monkeypatch.setattr(loop, "build_model", not_built)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(tiny_config(data=data), tmp_path / "run", progress=False)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         find_checkpoint(tmp_path)

@@ -13,13 +13,32 @@ import sys
 import time
 from pathlib import Path
 
-from fusedit.config import ConfigError, load_config, preset_names, to_yaml
+from fusedit.config import (
+    Config,
+    ConfigError,
+    ape_limit,
+    config_from_dict,
+    load_config,
+    preset_names,
+    to_yaml,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _config(args) -> object:
     return load_config(args.config, args.overrides)
+
+
+def _out_folder(out: str | Path) -> Path:
+    """--out as a folder to write into, refused at once when it or a folder above it is a file: creating
+    it would fail only after the slow work, with a bare [Errno 17] or [Errno 20]."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside the file {str(existing)!r}"
+        raise ConfigError(f"--out {str(out)!r} {where} (allowed: a folder, new or existing)")
+    return out
 
 
 def cmd_train(args) -> int:
@@ -29,7 +48,7 @@ def cmd_train(args) -> int:
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     cfg = _config(args)
-    out = Path(args.out or f"runs/{cfg.name}")
+    out = _out_folder(args.out or f"runs/{cfg.name}")
     if not (args.resume or args.overwrite):
         # Training afresh deletes the run's metrics and checkpoints: a forgotten --resume would lose it.
         try:
@@ -62,7 +81,7 @@ def cmd_demo(args) -> int:
     from fusedit.demo import run_demo
 
     cfg = load_config("debug", args.overrides)
-    out = Path(args.out)
+    out = _out_folder(args.out)
     t0 = time.time()
     r = run_demo(cfg, out, progress=not args.quiet)
     print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
@@ -172,14 +191,33 @@ def _check_sampling_flags(args) -> None:
         )
 
 
-def _check_size(size: int, unit: int, flag: str = "--size") -> None:
+def _check_size(size: int, unit: int, flag: str = "--size", largest: int | None = None) -> None:
     """``unit``: the VAE's downsampling x the patch size; a size must make whole patches of whole latent
-    pixels."""
-    if size < unit or size % unit:
+    pixels, and no more of them than a fixed APE table covers (``largest``: config.ape_limit)."""
+    if size < unit or size % unit or (largest is not None and size > largest):
+        limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
         raise ConfigError(
             f"{flag} {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
-            "x the patch size)"
+            f"x the patch size{limit})"
         )
+
+
+def _saved_config(path: str | Path) -> Config | None:
+    """The config MODEL samples with (as load_sampling_model reads it), read without any weights; None
+    where the folder holds none, which load_sampling_model then reports."""
+    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        try:  # the sections the pipeline's transformer recorded (fusedit.hub.export_config)
+            recorded = json.loads((folder / "transformer" / "config.json").read_text())["fusedit"]
+        except (OSError, ValueError, KeyError, TypeError):  # none, or not fusedit's (public FuseDiT)
+            return None
+        return config_from_dict(recorded)
+    try:
+        return checkpoint_stage(find_checkpoint(folder)).config
+    except FileNotFoundError:
+        return None
 
 
 def cmd_sample(args) -> int:
@@ -196,6 +234,10 @@ def cmd_sample(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
+    out = _out_folder(args.out)
+    saved = _saved_config(args.model) if args.size is not None else None
+    if saved is not None:
+        _check_size(args.size, saved.vae.downsample * saved.model.patch_size, largest=ape_limit(saved))
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     settings = sample_settings(
@@ -209,8 +251,8 @@ def cmd_sample(args) -> int:
         cache_text=False if args.no_cache else None,
     )
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
-    _check_size(size, model.autoencoder.downsample * cfg.model.patch_size)
-    out = Path(args.out)
+    # Checked again against the model as loaded: the early check needs a config readable without it.
+    _check_size(size, model.autoencoder.downsample * cfg.model.patch_size, largest=ape_limit(cfg))
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_samples(out)
     images = []
@@ -308,14 +350,14 @@ def cmd_eval(args) -> int:
     if args.per_category is not None and args.per_category < 1:
         raise ConfigError(f"--per-category {args.per_category} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
+    out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     ckpt = find_checkpoint(args.model)
     if args.size is not None:
         saved = checkpoint_stage(ckpt).config  # the config alone: no weights are read
-        _check_size(args.size, saved.vae.downsample * saved.model.patch_size)
+        _check_size(args.size, saved.vae.downsample * saved.model.patch_size, largest=ape_limit(saved))
     device = resolve_device(args.device, "--device")
     model, cfg, ckpt = load_model(ckpt, device, use_ema=not args.no_ema)
     to_sampling_form(model, cfg)
-    out = Path(args.out or Path(args.model) / "eval" / args.bench)
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
         return _eval_protocol(args, model, cfg, out, device)
@@ -389,7 +431,7 @@ def cmd_cache_latents(args) -> int:
     summary = cache_latents(
         cfg.data,
         cfg.vae,
-        args.out,
+        _out_folder(args.out),
         args.batch_size,
         args.shard_size,
         resolve_device(args.device, "--device"),
@@ -469,13 +511,13 @@ def cmd_bench(args) -> int:
             f"--min-text-tokens {args.min_text_tokens} is not in 1..{tokens} (the prompt length)"
         )
     resolutions = args.resolution or [cfg.data.image_size]
-    unit = cfg.vae.downsample * cfg.model.patch_size
+    unit, largest = cfg.vae.downsample * cfg.model.patch_size, ape_limit(cfg)
     for size in resolutions:
-        _check_size(size, unit, "--resolution")
+        _check_size(size, unit, "--resolution", largest)
     for size, batch in args.train_points or []:
         if batch < 1:
             raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
-        _check_size(size, unit, "--train-points")
+        _check_size(size, unit, "--train-points", largest)
     device = resolve_device(args.device, "--device")
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     # Every training point first: sampling turns the model into its sampling form.
@@ -543,6 +585,7 @@ def cmd_convert(args) -> int:
     from fusedit.train.checkpoint import save_checkpoint
 
     # Asked before load_official builds and loads the model, which takes minutes for the 4.6B release.
+    _out_folder(args.out)
     if not args.vae and official_vae(args.path, args.config) is None:
         raise ConfigError(
             f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
@@ -574,7 +617,7 @@ def cmd_study(args) -> int:
     if args.check:
         print(describe_study(study))
         return 0
-    out = Path(args.out or f"runs/studies/{study.name}")
+    out = _out_folder(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
     r = run_study(study, out, progress=not args.quiet, only=args.only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
@@ -589,7 +632,7 @@ def cmd_study(args) -> int:
 def cmd_export(args) -> int:
     from fusedit.pipeline import export_run
 
-    out = export_run(args.model, args.out, use_ema=not args.no_ema, device=args.device)
+    out = export_run(args.model, _out_folder(args.out), use_ema=not args.no_ema, device=args.device)
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
     return 0
 
@@ -597,7 +640,7 @@ def cmd_export(args) -> int:
 def cmd_consolidate(args) -> int:
     from fusedit.train.checkpoint import consolidate_checkpoint
 
-    out = consolidate_checkpoint(args.model, args.out)
+    out = consolidate_checkpoint(args.model, _out_folder(args.out))
     print(f"wrote the plain single-process checkpoint {out} (safetensors weights and EMA, optimizer.pt)")
     return 0
 

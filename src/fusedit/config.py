@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -451,10 +454,15 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
     else:
         res = resources.files("fusedit.presets") / f"{name_or_path}.yaml"
         if not res.is_file():
-            raise ConfigError(f"unknown preset {str(name_or_path)!r} (allowed: {', '.join(preset_names())})")
+            raise ConfigError(
+                f"unknown preset {str(name_or_path)!r}{_preset_hint(str(name_or_path))} "
+                f"(allowed: {', '.join(preset_names())})"
+            )
         text, folder = res.read_text(), None
     try:
         data = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(f"cannot parse {name_or_path}: {_yaml_problem(e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {name_or_path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -462,6 +470,34 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
             f"{name_or_path}: a config must be a YAML mapping of sections, got {type(data).__name__}"
         )
     return data, folder
+
+
+def _preset_hint(name: str) -> str:
+    """What an unknown preset name most likely meant: a YAML file of that name here (``fusedit train my-run``
+    for my-run.yaml), or a preset spelled alike."""
+    local = [name + ext for ext in (".yaml", ".yml") if Path(name + ext).is_file()]
+    close = local or [repr(n) for n in difflib.get_close_matches(name, preset_names(), n=1)]
+    return f": did you mean {close[0]}?" if close else ""
+
+
+def _yaml_problem(e: yaml.MarkedYAMLError) -> str:
+    """PyYAML's report (several lines, the problem's position last) as one line: where, what, and what
+    the parser was in the middle of."""
+
+    def where(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    text = e.problem or e.context or "not valid YAML"
+    if e.problem_mark is not None:
+        text = f"{where(e.problem_mark)}: {text}"
+    if e.problem and e.context:
+        start = where(e.context_mark)
+        text += (
+            f" ({e.context} started at {start})"
+            if start not in ("", where(e.problem_mark))
+            else f" ({e.context})"
+        )
+    return text
 
 
 def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
@@ -545,6 +581,21 @@ def _describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _list_override(path: str, value: Any) -> str:
+    """The override giving ``value`` as a one-item list: ``data.shards=[a.tar]``, or the quoted JSON form
+    where YAML or the shell would not read the plain one as that list (``data.shards='["a/{0..9}.tar"]'``)."""
+    key = re.sub(r"\[(\d+)\]", r".\1", path)  # stages[0].data.shards is overridden as stages.0.data.shards
+    plain = f"[{value}]"
+    with contextlib.suppress(yaml.YAMLError):
+        if re.fullmatch(r"[\w./-]+", str(value)) and yaml.safe_load(plain) == [value]:
+            return f"{key}={plain}"
+    return f"{key}='{json.dumps([value])}'"
+
+
 def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -578,7 +629,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
     elif tp in (dict, list) or origin in (dict, list):
         want = origin or tp
         if not isinstance(value, want):
-            raise ConfigError(f"{path}={value!r} must be a {_describe_type(want)}")
+            example = f", e.g. {_list_override(path, value)}" if want is list and _scalar(value) else ""
+            raise ConfigError(f"{path}={value!r} must be a {_describe_type(want)}{example}")
         if "item_choices" in meta:
             allowed = meta["item_choices"]
             bad = [v for v in value if v not in allowed]
@@ -605,8 +657,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown config key {key!r} (allowed: {', '.join(fields)})")
+        where = f"{prefix}." if prefix else ""
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f": did you mean {where + close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown config key {where + str(unknown[0])!r}{hint} (allowed: {', '.join(fields)})"
+        )
     kwargs = {}
     for name, value in data.items():
         tp, path = hints[name], f"{prefix}.{name}" if prefix else name
@@ -654,18 +710,38 @@ PATH_KEYS = {
     "pooled_text": ("model_id",),
     "vae": ("model_id",),
     "data": ("root", "index_file", "hf_path", "latents_dir"),
+    "train": ("init_from",),
 }
 
 
 def _absolute_paths(cfg: Config) -> None:
     """Relative paths that exist here become absolute, so the config saved with a run still finds them
-    from another working directory (``fusedit sample`` elsewhere); hub ids are not paths here and stay."""
+    from another working directory (``fusedit sample`` elsewhere); hub ids are not paths here and stay.
+    Stages hold their sections as override mappings: the path keys they set are made absolute alike."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            return str(Path(value).absolute())
+        return value
+
     sections = [(name, getattr(cfg, name)) for name in PATH_KEYS] + [("text", t) for t in cfg.extra_text]
     for name, section in sections:
         for key in PATH_KEYS[name]:
-            value = getattr(section, key)
-            if value and not Path(value).is_absolute() and Path(value).exists():
-                setattr(section, key, str(Path(value).absolute()))
+            setattr(section, key, absolute(getattr(section, key)))
+    for stage in cfg.stages:
+        for name in set(STAGE_SECTIONS) & set(PATH_KEYS):
+            overrides = getattr(stage, name)
+            for key in set(PATH_KEYS[name]) & set(overrides):
+                overrides[key] = absolute(overrides[key])
+
+
+def ape_limit(cfg: Config) -> int | None:
+    """The largest image side in pixels the model's fixed APE table covers (model.ape_max_size patches), or
+    None when the position embedding takes any size."""
+    m = cfg.model
+    if m.pos_embed != "ape" or m.ape_max_size is None:
+        return None
+    return m.ape_max_size * cfg.vae.downsample * m.patch_size
 
 
 def validate(cfg: Config) -> None:
@@ -694,6 +770,18 @@ def validate(cfg: Config) -> None:
                 f"data.buckets: {list(bucket)} must have both sides divisible by vae.downsample x "
                 f"model.patch_size = {unit}"
             )
+    # The table's size is fixed: a larger grid would otherwise fail only at training's first batch.
+    largest = ape_limit(cfg)
+    sides = [(f"data.image_size={cfg.data.image_size}", cfg.data.image_size)]
+    sides += [(f"data.buckets: {list(b)}", max(b)) for b in cfg.data.buckets]
+    too_large = [(what, side) for what, side in sides if largest is not None and side > largest]
+    if too_large:
+        what, side = too_large[0]
+        raise ConfigError(
+            f"{what} makes a latent grid side of {side // unit} patches, more than the APE table's "
+            f"model.ape_max_size={cfg.model.ape_max_size} (allowed: sides up to {largest} px = "
+            "model.ape_max_size x vae.downsample x model.patch_size)"
+        )
     for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
         if text.model_id == "" and not text.arch:
             raise ConfigError(

@@ -48,26 +48,29 @@ def scan_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+def check_folder_paths(root: str, index_file: str) -> None:
+    """That data.root / data.index_file name what a folder source needs; nothing is read."""
+    if index_file and not Path(index_file).is_file():
+        raise ConfigError(f"data.index_file={index_file!r} does not exist")
+    if not (root or index_file):
+        raise ConfigError("data.source=folder needs data.root (an image folder) or data.index_file")
+    if root and not Path(root).is_dir():
+        raise ConfigError(f"data.root={root!r} is not a folder")
+
+
 class FolderCatalog:
     """Images on disk (sidecar captions or an index file); see the module docstring."""
 
     def __init__(self, root: str = "", index_file: str = "", image_field: str = "", keep_fields=()):
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
         self.sizes_known: np.ndarray | None = None
+        check_folder_paths(root, index_file)
         if index_file:
             path = Path(index_file)
-            if not path.is_file():
-                raise ConfigError(f"data.index_file={index_file!r} does not exist")
-            if root and not Path(root).is_dir():
-                raise ConfigError(f"data.root={root!r} is not a folder")
             self.root_dir = Path(root) if root else path.parent
             self.mode = "index"
             self._load_index(path, image_field, keep_fields)
         else:
-            if not root:
-                raise ConfigError("data.source=folder needs data.root (an image folder) or data.index_file")
-            if not Path(root).is_dir():
-                raise ConfigError(f"data.root={root!r} is not a folder")
             self.root_dir = Path(root)
             self.mode = "sidecar"
             self.paths = scan_images(self.root_dir)

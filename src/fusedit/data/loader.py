@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fusedit.config import ConfigError, DataConfig
+from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, make_rng
 
 log = logging.getLogger(__name__)
@@ -334,6 +334,19 @@ def collate(items: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Building sources
+
+
+def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
+    """The checks of a data source that read nothing big (its paths, a latent cache's index): made before a
+    run builds its model, so that a mistyped folder fails at once rather than after an LLM has loaded."""
+    if cfg.source == "folder":
+        from fusedit.data.folder import check_folder_paths
+
+        check_folder_paths(cfg.root, cfg.index_file)
+    elif cfg.source == "latents":
+        from fusedit.data.latents import check_latents
+
+        check_latents(cfg, vae_cfg)
 
 
 def build_catalog(cfg: DataConfig) -> Any:

@@ -95,6 +95,9 @@ class TextEncoder(nn.Module):
         self.trim_padding = trim_padding
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         self.head_dim = head_dim(llm.config)
+        # Prompts truncated so far. Training meets the same over-long captions batch after batch, so only
+        # the first truncation is logged; the rest are counted here.
+        self.truncated = 0
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
@@ -158,21 +161,24 @@ class TextEncoder(nn.Module):
         """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
 
         Prompts longer than text.max_length (with the tokenizer's special tokens; the template's come on top)
-        are truncated, with a warning. An empty prompt is ``empty_ids``, without the template."""
+        are truncated, with a warning the first time and counted in ``truncated``. An empty prompt is
+        ``empty_ids``, without the template."""
         if isinstance(prompts, str):
             raise TypeError("tokenize takes a list of prompts, not a single string")
         texts = [self.prompt_lead + p if p else p for p in prompts]
         bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         too_long = [i for i, seq in enumerate(bodies) if len(seq) > self.budget]
-        if too_long:
+        if too_long and not self.truncated:
             first = prompts[too_long[0]]
             log.warning(
-                "%d prompt(s) longer than text.max_length=%d tokens were truncated, e.g. %r (%d tokens)",
+                "%d prompt(s) longer than text.max_length=%d tokens were truncated, e.g. %r (%d tokens); "
+                "later truncations are only counted (TextEncoder.truncated)",
                 len(too_long),
                 self.prompt_limit,
                 first[:80],
                 len(bodies[too_long[0]]) + self.prompt_limit - self.budget,
             )
+        self.truncated += len(too_long)
         pad = self.tokenizer.pad_token_id
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
-from fusedit.data.loader import is_stream, step_loader
+from fusedit.data.loader import check_data_paths, is_stream, step_loader
 from fusedit.files import write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
@@ -292,6 +292,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                 "to resume it)"
             )
 
+    for stage in stages:
+        check_data_paths(stage.config.data, stage.config.vae)
+
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
     check_stages(model, stages)
@@ -448,10 +451,7 @@ class _Run:
                 tc.lr,
                 stage.steps,
             )
-        if sc.data.source == "latents":
-            from fusedit.data.latents import check_latents
-
-            check_latents(sc.data, sc.vae)
+        if sc.data.source == "latents":  # the cache was checked against the VAE before the build
 
             def to_latents(batch, local: slice, step: int, rows: range):  # pre-encoded by cache-latents
                 return batch["latent"][local].to(device)
