@@ -345,8 +345,8 @@ def official_config(
                 "a public DiT baseline checkpoint carries no LLM: pass llm= (a hub id or folder; its "
                 f"base_config names {base.get('_name_or_path') or 'none'!r})"
             )
-    # Without a VAE: the public code's (SD3's) 8x downsampling sizes the images; the section is validated
-    # as identity and then left naming no VAE.
+    # Without a VAE: the public code's (SD3's) 8x downsampling sizes the images; the config is validated
+    # in pixel space (identity, the latent size as the image size), then left naming no VAE.
     vae_section = _vae_config(vae, channels) if vae is not None else None
     downsample = vae_section["downsample"] if vae_section else 8
     data = {
@@ -354,7 +354,7 @@ def official_config(
         "model": model,
         "text": text,
         "vae": vae_section or {"kind": "identity"},
-        "data": {"image_size": sample_size * downsample},
+        "data": {"image_size": sample_size * (downsample if vae_section else 1)},
     }
     # The public pipeline samples on its scheduler's own spacing (module docstring: sampling schedule).
     data["sample"] = {"schedule": "diffusers"}
@@ -363,7 +363,9 @@ def official_config(
     cfg = config_from_dict(data)
     if vae_section is None:
         cfg = dataclasses.replace(
-            cfg, vae=VAEConfig(kind="diffusers", latent_channels=channels, downsample=downsample)
+            cfg,
+            vae=VAEConfig(kind="diffusers", latent_channels=channels, downsample=downsample),
+            data=dataclasses.replace(cfg.data, image_size=sample_size * downsample),
         )
     return cfg
 
