@@ -135,6 +135,14 @@ def test_info_gives_the_model_defaults_and_limits(server):
     assert info["limits"]["size"] == [2, 2048] and info["limits"]["size_multiple_of"] == 2
 
 
+def test_sizes_stop_where_a_fixed_ape_table_ends(tiny):
+    """A model with model.ape_max_size covers grids up to that many patches: larger sizes are refused up
+    front (as an API error), not failed inside the job."""
+    model, _ = tiny
+    queue = serve.JobQueue(model, tiny_config(model={"ape_max_size": 8}))
+    assert queue.max_size == 16  # 8 patches of 2 px
+
+
 def test_generate_makes_the_images_fusedit_sample_makes(server, tiny):
     body = {
         "prompt": "a red circle",

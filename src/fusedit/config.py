@@ -462,7 +462,7 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.MarkedYAMLError as e:
-        raise ConfigError(f"cannot parse {name_or_path}: {_yaml_problem(e)}") from None
+        raise ConfigError(f"cannot parse {name_or_path}: {yaml_problem(e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {name_or_path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -480,7 +480,7 @@ def _preset_hint(name: str) -> str:
     return f": did you mean {close[0]}?" if close else ""
 
 
-def _yaml_problem(e: yaml.MarkedYAMLError) -> str:
+def yaml_problem(e: yaml.MarkedYAMLError) -> str:
     """PyYAML's report (several lines, the problem's position last) as one line: where, what, and what
     the parser was in the middle of."""
 

@@ -57,6 +57,7 @@ from fusedit.config import (
     parse_overrides,
     positive,
     to_dict,
+    yaml_problem,
 )
 from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
 from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
@@ -193,6 +194,8 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
             raise ConfigError(f"study file not found: {str(path)!r}")
         try:
             data = yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as e:
+            raise ConfigError(f"cannot parse study {str(path)!r}: {yaml_problem(e)}") from None
         except yaml.YAMLError as e:  # its message spans lines; the first one says what
             raise ConfigError(f"cannot parse study {str(path)!r}: {str(e).splitlines()[0]}") from None
         folder, default_name, source = path.parent, path.stem, str(path)
