@@ -12,6 +12,14 @@ from fusedit.config import (
 )
 
 
+def one_line_error(preset: str, overrides: list[str]) -> str:
+    """The message of the ConfigError that loading ``preset`` with ``overrides`` raises: one line."""
+    with pytest.raises(ConfigError) as e:
+        load_config(preset, overrides)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
 def test_presets_load_and_round_trip(tmp_path):
     assert {"debug", "fusedit-gemma2b"} <= set(preset_names())
     cfg = load_config("debug", ["train.steps=7", "model.pos_embed=2d-rope", "text.arch.num_hidden_layers=4"])
@@ -63,10 +71,7 @@ def test_override_file_on_a_preset(tmp_path):
     ],
 )
 def test_bad_values_fail_with_one_line_errors(override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config("debug", [override])
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
+    assert message in one_line_error("debug", [override])
 
 
 @pytest.mark.parametrize(
@@ -93,9 +98,7 @@ def test_bad_values_fail_with_one_line_errors(override, message):
     ],
 )
 def test_designs_refuse_knobs_they_would_misuse(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config("debug", overrides)
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error("debug", overrides)
     # What each refusal points to is accepted.
     load_config("debug", ["model.design=dit-self", "model.pos_embed=1d-rope", "model.rope_layout=image-only"])
     load_config("debug", ["model.pos_embed=none", "model.conv_pos=true"])
@@ -187,9 +190,7 @@ def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
     ],
 )
 def test_an_unknown_key_suggests_a_close_one(override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config("recipe-shapes-3stage", [override])
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error("recipe-shapes-3stage", [override])
 
 
 def test_an_unknown_preset_suggests_the_yaml_file_of_that_name_or_a_close_preset(tmp_path, monkeypatch):
@@ -221,9 +222,7 @@ def test_an_unknown_preset_suggests_the_yaml_file_of_that_name_or_a_close_preset
     ],
 )
 def test_a_scalar_for_a_list_key_shows_the_list_syntax(override, message):
-    with pytest.raises(ConfigError) as e:
-        load_config("recipe-shapes-3stage", [override])
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error("recipe-shapes-3stage", [override])
     # What it shows is, as the shell passes it on, an override that loads.
     (example,) = shlex.split(message.split("e.g. ")[1])
     load_config("recipe-shapes-3stage", [example])
@@ -276,9 +275,7 @@ def test_relative_stage_paths_are_saved_absolute(tmp_path, monkeypatch):
 def test_a_latent_grid_past_the_ape_table_is_refused_at_load(overrides, message):
     """model.ape_max_size fixes the APE table (fusedit-gemma2b: 64 patches, 1024 px): a larger image or
     bucket would otherwise fail only at training's first batch."""
-    with pytest.raises(ConfigError) as e:
-        load_config("fusedit-gemma2b", overrides)
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error("fusedit-gemma2b", overrides)
     load_config("fusedit-gemma2b", ["data.image_size=1024", "data.buckets=[[1024, 768]]"])
     load_config("fusedit-gemma2b", ["data.image_size=1280", "model.ape_max_size=null"])
     load_config("fusedit-gemma2b", ["data.image_size=1280", "model.pos_embed=2d-rope"])

@@ -281,11 +281,11 @@ def test_a_size_past_the_ape_table_fails_before_the_model_loads(folders, tmp_pat
     """A converted FuseDiT model has the public code's fixed APE table (model.ape_max_size): larger images
     would fail only in the first sampling step."""
     import fusedit.train.checkpoint
-    from fusedit.config import ape_limit
+    from fusedit.config import side_limits
     from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
 
     saved = checkpoint_stage(find_checkpoint(folders["converted"])).config
-    largest, unit = ape_limit(saved), saved.vae.downsample * saved.model.patch_size
+    unit, largest = side_limits(saved)
     monkeypatch.setattr(fusedit.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded"))
     assert sample(folders["converted"], tmp_path, "--prompt", "x", "--size", str(largest + unit)) == 2
     err = capsys.readouterr().err.strip()

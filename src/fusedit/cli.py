@@ -16,10 +16,10 @@ from pathlib import Path
 from fusedit.config import (
     Config,
     ConfigError,
-    ape_limit,
     config_from_dict,
     load_config,
     preset_names,
+    side_limits,
     to_yaml,
 )
 
@@ -180,20 +180,27 @@ def _remove_earlier_samples(out: Path) -> None:
 
 def _check_sampling_flags(args) -> None:
     """--steps, --guidance and --size of `fusedit sample` and `fusedit eval`, checked before the (possibly
-    slow) model load, so that a typo fails at once. Which sizes the model takes is _check_size's."""
+    slow) model load, so that a typo fails at once: the size against the model's saved config, read
+    without its weights."""
     from fusedit.sample import check_steps_guidance
 
     check_steps_guidance(args.steps, args.guidance, flags=True)
-    if args.size is not None and args.size < 1:
+    if args.size is None:
+        return
+    saved = _saved_config(args.model)
+    if saved is not None:
+        _check_size(args.size, saved)
+    elif args.size < 1:  # no config to say more: load_sampling_model reports the folder
         raise ConfigError(
             f"--size {args.size} is not allowed (allowed: a positive multiple of the VAE's downsampling x "
             "the patch size)"
         )
 
 
-def _check_size(size: int, unit: int, flag: str = "--size", largest: int | None = None) -> None:
-    """``unit``: the VAE's downsampling x the patch size; a size must make whole patches of whole latent
-    pixels, and no more of them than a fixed APE table covers (``largest``: config.ape_limit)."""
+def _check_size(size: int, cfg: Config, flag: str = "--size") -> None:
+    """A size must make whole patches of whole latent pixels, and no more of them than a fixed APE table
+    covers (config.side_limits)."""
+    unit, largest = side_limits(cfg)
     if size < unit or size % unit or (largest is not None and size > largest):
         limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
         raise ConfigError(
@@ -235,9 +242,6 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
     out = _out_folder(args.out)
-    saved = _saved_config(args.model) if args.size is not None else None
-    if saved is not None:
-        _check_size(args.size, saved.vae.downsample * saved.model.patch_size, largest=ape_limit(saved))
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     settings = sample_settings(
@@ -252,7 +256,7 @@ def cmd_sample(args) -> int:
     )
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
     # Checked again against the model as loaded: the early check needs a config readable without it.
-    _check_size(size, model.autoencoder.downsample * cfg.model.patch_size, largest=ape_limit(cfg))
+    _check_size(size, cfg)
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_samples(out)
     images = []
@@ -332,7 +336,7 @@ def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
     from fusedit.sample import to_sampling_form
     from fusedit.system import resolve_device
-    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint, load_model
+    from fusedit.train.checkpoint import find_checkpoint, load_model
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
     # of these flags is None, so only the flags given count.
@@ -352,9 +356,6 @@ def cmd_eval(args) -> int:
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     ckpt = find_checkpoint(args.model)
-    if args.size is not None:
-        saved = checkpoint_stage(ckpt).config  # the config alone: no weights are read
-        _check_size(args.size, saved.vae.downsample * saved.model.patch_size, largest=ape_limit(saved))
     device = resolve_device(args.device, "--device")
     model, cfg, ckpt = load_model(ckpt, device, use_ema=not args.no_ema)
     to_sampling_form(model, cfg)
@@ -511,13 +512,12 @@ def cmd_bench(args) -> int:
             f"--min-text-tokens {args.min_text_tokens} is not in 1..{tokens} (the prompt length)"
         )
     resolutions = args.resolution or [cfg.data.image_size]
-    unit, largest = cfg.vae.downsample * cfg.model.patch_size, ape_limit(cfg)
     for size in resolutions:
-        _check_size(size, unit, "--resolution", largest)
+        _check_size(size, cfg, "--resolution")
     for size, batch in args.train_points or []:
         if batch < 1:
             raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
-        _check_size(size, unit, "--train-points", largest)
+        _check_size(size, cfg, "--train-points")
     device = resolve_device(args.device, "--device")
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     # Every training point first: sampling turns the model into its sampling form.

@@ -735,13 +735,33 @@ def _absolute_paths(cfg: Config) -> None:
                 overrides[key] = absolute(overrides[key])
 
 
-def ape_limit(cfg: Config) -> int | None:
-    """The largest image side in pixels the model's fixed APE table covers (model.ape_max_size patches), or
-    None when the position embedding takes any size."""
+def side_limits(cfg: Config) -> tuple[int, int | None]:
+    """(unit, largest) of an image side in pixels: a multiple of ``unit`` (the VAE's downsampling x the
+    patch size: whole patches of whole latent pixels) and, where a fixed APE table (model.ape_max_size
+    patches) bounds the grid, at most ``largest`` (None: any size)."""
     m = cfg.model
-    if m.pos_embed != "ape" or m.ape_max_size is None:
-        return None
-    return m.ape_max_size * cfg.vae.downsample * m.patch_size
+    unit = cfg.vae.downsample * m.patch_size
+    return unit, m.ape_max_size * unit if m.pos_embed == "ape" and m.ape_max_size is not None else None
+
+
+# The position schemes that rotate image tokens (layers/position.py builds them); the RoPE layout
+# options apply to these only.
+ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")
+
+
+def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
+    """A nested config dict (``to_dict``) as dotted keys (an LLM's ``arch`` stays one value); ``lists``
+    also numbers the entries of lists of mappings (extra_text.0.family)."""
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and key != "arch":
+            out.update(flatten(value, path, lists))
+        elif lists and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out.update(flatten(dict(enumerate(value)), path, lists))
+        else:
+            out[path] = value
+    return out
 
 
 def validate(cfg: Config) -> None:
@@ -753,7 +773,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.vae.kind == "diffusers" and not cfg.vae.model_id:
         raise ConfigError("vae.kind=diffusers needs vae.model_id (a hub id or a local folder)")
-    unit = cfg.vae.downsample * cfg.model.patch_size  # pixels per DiT token side
+    unit, largest = side_limits(cfg)  # pixels per DiT token side; the APE table's largest side
     if cfg.data.image_size % unit:
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} must be divisible by vae.downsample x model.patch_size "
@@ -771,12 +791,11 @@ def validate(cfg: Config) -> None:
                 f"model.patch_size = {unit}"
             )
     # The table's size is fixed: a larger grid would otherwise fail only at training's first batch.
-    largest = ape_limit(cfg)
     sides = [(f"data.image_size={cfg.data.image_size}", cfg.data.image_size)]
     sides += [(f"data.buckets: {list(b)}", max(b)) for b in cfg.data.buckets]
-    too_large = [(what, side) for what, side in sides if largest is not None and side > largest]
-    if too_large:
-        what, side = too_large[0]
+    for what, side in sides if largest is not None else ():
+        if side <= largest:
+            continue
         raise ConfigError(
             f"{what} makes a latent grid side of {side // unit} patches, more than the APE table's "
             f"model.ape_max_size={cfg.model.ape_max_size} (allowed: sides up to {largest} px = "
@@ -822,7 +841,7 @@ def validate(cfg: Config) -> None:
             "whose text keys the LLM rotates (allowed: joint)"
         )
     if m.rope_left_pad is not None and not (
-        m.design == "fusedit" and m.pos_embed in ("1d-rope", "2d-rope", "m-rope") and m.rope_layout == "joint"
+        m.design == "fusedit" and m.pos_embed in ROTARY_SCHEMES and m.rope_layout == "joint"
     ):
         raise ConfigError(
             f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fusedit.config import Config, ape_limit
+from fusedit.config import Config, side_limits
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, sample_settings, seeded_noise
 from fusedit.system import TextToImage
@@ -163,11 +163,10 @@ class JobQueue:
     def __init__(self, model: TextToImage, cfg: Config, source: str = ""):
         self.model, self.cfg, self.source = model, cfg, source
         self.defaults = sample_settings(cfg)
-        ae = model.autoencoder
         # The latent grid must split into whole patches (as FuseDiTPipeline checks), and no more of them
         # than a fixed APE table covers.
-        self.size_unit = ae.downsample * cfg.model.patch_size
-        self.max_size = min(MAX_SIZE, ape_limit(cfg) or MAX_SIZE) // self.size_unit * self.size_unit
+        self.size_unit, largest = side_limits(cfg)
+        self.max_size = min(MAX_SIZE, largest or MAX_SIZE) // self.size_unit * self.size_unit
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 1

@@ -17,10 +17,9 @@ class IdentityAutoencoder(nn.Module):
     """Pixel-space training behind the latent interface: latents are the images themselves."""
 
     channels, downsample = 3, 1
-    stochastic = False  # encode draws nothing
 
-    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return images
+    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        return images  # nothing to draw: ``generator`` is for the VAEs that sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
@@ -28,8 +27,6 @@ class IdentityAutoencoder(nn.Module):
 
 class DiffusersAutoencoder(nn.Module):
     """A diffusers ``AutoencoderKL`` (SD3, FLUX, SDXL VAEs), frozen, with its shift and scale."""
-
-    stochastic = True  # encode draws from the VAE's posterior
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -41,17 +38,13 @@ class DiffusersAutoencoder(nn.Module):
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """images (B, 3, H, W) -> latents (B, C, H / downsample, W / downsample): a draw from the posterior,
-        mean + std * ``noise`` (standard normal of the latents' shape; None: drawn from the global RNG, as
-        diffusers does). Training passes noise seeded by (seed, step, position), which keeps a resumed or
+    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """images (B, 3, H, W) -> latents (B, C, H / downsample, W / downsample): a draw from the posterior
+        with ``generator`` (one, or one per image, as diffusers' ``randn_tensor`` takes; None: the global
+        RNG). Training passes one per image seeded by (seed, step, position), which keeps a resumed or
         differently split run drawing what an uninterrupted one would."""
         dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(images.to(dtype)).latent_dist
-        if noise is None:
-            latents = posterior.sample()
-        else:
-            latents = posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
+        latents = self.vae.encode(images.to(dtype)).latent_dist.sample(generator=generator)
         return ((latents - self.shift) * self.scale).float()
 
     @torch.no_grad()

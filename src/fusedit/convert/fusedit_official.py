@@ -79,10 +79,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusedit.config import Config, ConfigError, VAEConfig, config_from_dict
+from fusedit.config import ROTARY_SCHEMES, Config, ConfigError, VAEConfig, config_from_dict
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.layers.embed import scaled_sincos_2d
-from fusedit.layers.position import ROTARY_SCHEMES
 from fusedit.system import TextToImage, build_model
 from fusedit.text.spec import LLMSpec
 

@@ -250,10 +250,10 @@ class _ShardEncoder:
     def _flush(self, bucket: int) -> None:
         entries = self.pending.pop(bucket)
         x = torch.stack([image for _, image in entries]).to(self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(_noise_seed(self.seed, self.shard, self.batches))
-            z = self.ae.encode(x)
+        # The posterior draw from its own CPU generator: the same latents on any device and after a rerun.
+        generator = torch.Generator().manual_seed(_noise_seed(self.seed, self.shard, self.batches))
+        with torch.inference_mode():
+            z = self.ae.encode(x, generator)
         self.batches += 1
         for (position, _), latent in zip(entries, z.detach().cpu()):
             self.latents[position] = latent.to(self.dtype).contiguous()

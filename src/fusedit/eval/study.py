@@ -52,6 +52,7 @@ from fusedit.config import (
     _resolve_raw,
     choice,
     config_from_dict,
+    flatten,
     load_config,
     nonneg,
     parse_overrides,
@@ -66,7 +67,7 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
-from fusedit.train.checkpoint import find_checkpoint, flatten, load_model, load_state
+from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
 from fusedit.train.loop import train
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,10 @@ def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps
 
 def _run_design(design: Design, study: Study, out_dir: Path, index: str, progress: bool) -> dict:
     label, cfg = design.label, design.config
+    done = _earlier_result(design, study, out_dir)
+    if done is not None:
+        log.info("%s %s: trained, scores and grid present, nothing to do", index, label)
+        return done
     run_dir = out_dir / "runs" / label
     total = cfg.train.steps
     step = _finished_step(run_dir)
@@ -416,34 +421,28 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     grid_meta = _grid_meta(study, settings)
     need_grid = trained or not _grid_current(grid_path, grid_meta)
 
-    if scores is None or need_grid:
-        device = resolve_device(cfg.train.device)
-        model, _, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
-        if scores is None:
-            log.info(
-                "%s %s: shapes benchmark, %d prompts per category", index, label, settings["per_category"]
-            )
-            scores = run_shapes_bench(
-                model,
-                out_dir=run_dir / "eval",
-                name=label,
-                max_objects=cfg.data.max_objects,
-                progress=progress,
-                **settings,
-            )
-        else:
-            log.info("%s %s: scores present, not re-scored", index, label)
-        if need_grid:
-            grid = _sample_grid(
-                model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"]
-            )
-            save_png(grid, grid_path)
-            write_text_atomic(grid_meta_path, json.dumps(grid_meta, indent=1))
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # Past the early return, the scores or the grid (or both) need the model.
+    device = resolve_device(cfg.train.device)
+    model, _, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+    if scores is None:
+        log.info("%s %s: shapes benchmark, %d prompts per category", index, label, settings["per_category"])
+        scores = run_shapes_bench(
+            model,
+            out_dir=run_dir / "eval",
+            name=label,
+            max_objects=cfg.data.max_objects,
+            progress=progress,
+            **settings,
+        )
     else:
-        log.info("%s %s: scores and grid present, nothing to do", index, label)
+        log.info("%s %s: scores present, not re-scored", index, label)
+    if need_grid:
+        grid = _sample_grid(model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"])
+        save_png(grid, grid_path)
+        write_text_atomic(grid_meta_path, json.dumps(grid_meta, indent=1))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     log.info("%s %s: overall %.3f", index, label, scores["overall"])
     return _result(design, run_dir, status, scores)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedit.config import ModelConfig
+from fusedit.config import ROTARY_SCHEMES, ModelConfig
 from fusedit.layers.embed import scaled_sincos_2d, sincos_2d
 from fusedit.layers.rope import NoRotary, Rotary, inv_freq, rope_1d, rope_2d, rope_m, rope_text
 
@@ -90,8 +90,6 @@ POSITION_SCHEMES: dict[str, type[PositionScheme]] = {
     "m-rope": MRope,
     "none": NoPosition,
 }
-# The schemes that rotate image tokens (the RoPE layout options apply to these only).
-ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")
 
 
 # ------------------------------------------------------------------ RoPE layout variants (build time)

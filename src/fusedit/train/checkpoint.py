@@ -41,7 +41,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fusedit.config import Config, ConfigError, Stage, load_config, resolved_stages, save_config, to_dict
+from fusedit.config import (
+    Config,
+    ConfigError,
+    Stage,
+    flatten,
+    load_config,
+    resolved_stages,
+    save_config,
+    to_dict,
+)
 from fusedit.files import write_text_atomic
 from fusedit.train import lora
 
@@ -423,11 +432,11 @@ def init_weights(model, path: str | Path) -> Path:
         **{k: m.state_dict() for k, m in text_modules(model).items()},
     }
     problem = weights_mismatch(ckpt, expected)
-    try:
-        if problem is None:
+    if problem is None:
+        try:
             load_weights(model, ckpt, checkpoint_stage(ckpt))
-    except (RuntimeError, KeyError) as e:
-        problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        except (RuntimeError, KeyError) as e:  # what the shapes cannot show (adapters of another rank)
+            problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
     if problem:
         raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
     return ckpt
@@ -439,21 +448,6 @@ RESUMABLE_CHANGES = frozenset(
     {"attention_backend", "dtype", "trim_padding", "trim_multiple", "pretrain_steps", "max_length"}
 )
 MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
-
-
-def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
-    """A nested config dict as dotted keys (an LLM's ``arch`` stays one value); ``lists`` also numbers the
-    entries of lists of mappings (extra_text.0.family)."""
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and key != "arch":
-            out.update(flatten(value, path, lists))
-        elif lists and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            out.update(flatten(dict(enumerate(value)), path, lists))
-        else:
-            out[path] = value
-    return out
 
 
 def check_same_model(ckpt: Path, cfg: Config) -> None:

@@ -89,16 +89,16 @@ def sample_seed(seed: int, step: int, position: int, stream: str = "") -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def sample_noise(seed: int, step: int, positions: range, shape: torch.Size, stream: str = "") -> torch.Tensor:
+def sample_generators(seed: int, step: int, positions: range, stream: str = "") -> list[torch.Generator]:
+    """One CPU generator per sample at ``positions`` of the step's global batch: each rank draws only its
+    own rows (drawing the whole global batch and slicing would cost every rank the global batch's)."""
+    return [torch.Generator().manual_seed(sample_seed(seed, step, p, stream)) for p in positions]
+
+
+def sample_noise(seed: int, step: int, positions: range, shape: torch.Size) -> torch.Tensor:
     """Noise for the samples at ``positions`` of the step's global batch, (len(positions), *shape) on the
-    CPU. One generator per sample: each rank draws only its own rows (drawing the whole global batch and
-    slicing would cost every rank the global batch's noise)."""
-    return torch.stack(
-        [
-            torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, p, stream)))
-            for p in positions
-        ]
-    )
+    CPU."""
+    return torch.stack([torch.randn(shape, generator=g) for g in sample_generators(seed, step, positions)])
 
 
 def learning_rate(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
@@ -455,20 +455,13 @@ class _Run:
 
             def to_latents(batch, local: slice, step: int, rows: range):  # pre-encoded by cache-latents
                 return batch["latent"][local].to(device)
-        elif model.autoencoder.stochastic:
-            ae = model.autoencoder
-
-            def to_latents(batch, local: slice, step: int, rows: range):
-                # The VAE's posterior draw, like the flow's noise, from (seed, step, position): a resumed
-                # run, or one split over other ranks, draws what an uninterrupted one would.
-                images = batch["image"][local]
-                shape = (ae.channels, *(side // ae.downsample for side in images.shape[-2:]))
-                noise = sample_noise(seed, step, rows, torch.Size(shape), stream="vae/")
-                return ae.encode(images.to(device), noise.to(device))
         else:
 
             def to_latents(batch, local: slice, step: int, rows: range):
-                return model.autoencoder.encode(batch["image"][local].to(device))
+                # A real VAE's posterior draw, like the flow's noise, from (seed, step, position): a resumed
+                # run, or one split over other ranks, draws what an uninterrupted one would.
+                generators = sample_generators(seed, step, rows, stream="vae/")
+                return model.autoencoder.encode(batch["image"][local].to(device), generators)
 
         # Each rank reads its batch_size * grad_accum samples of every step (the loader's rank/world_size
         # addressing); micro-step m takes rows [m * batch_size, (m + 1) * batch_size) of them. A stage's
