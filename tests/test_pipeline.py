@@ -326,7 +326,7 @@ def test_one_generator_per_image_remakes_fusedit_sample():
     model = built(cfg)
     pipe = FuseDiTPipeline.from_model(model, cfg)
     prompts = [p for p in PROMPTS for _ in range(2)]
-    noise = seeded_noise([7 + i for i in range(4)], cfg.vae.latent_channels, 16)
+    noise = seeded_noise([7 + i for i in range(4)], (cfg.vae.latent_channels, 16, 16))
     reference = images(model, prompts, noise=noise)
     generators = [torch.Generator().manual_seed(7 + i) for i in range(4)]
     assert same_pil(run_pipe(pipe, generator=generators, num_images_per_prompt=2), reference)

@@ -106,6 +106,8 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
         "heun",
         "--schedule",
         "diffusers",
+        "--shift",
+        "2",
         "--negative-prompt",
         "a yellow square",
     ]
@@ -121,9 +123,14 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
             "steps": 2,
             "guidance": 2.5,
             "size": 8,
+            "width": 8,
+            "height": 8,
             "sampler": "heun",
-            "shift": 1.0,
+            "shift": 2.0,
             "schedule": "diffusers",
+            "precision": "auto",
+            "cache_text": True,
+            "use_ema": True,
         }
     assert not (out / "00003.png").exists() and Image.open(out / "grid.png").format == "PNG"
 
@@ -135,7 +142,7 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
         steps=2,
         guidance=2.5,
         sampler="heun",
-        shift=1.0,
+        shift=2.0,
         schedule="diffusers",
         negative_prompt="a yellow square",
     )
@@ -152,6 +159,27 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
     assert np.array_equal(pixels(out / "00002.png"), pixels(tmp_path / "again" / "00002.png"))
     assert sample(folders["run"], tmp_path / "other", *args[:-1], "6", *settings, "--size", "8") == 0
     assert not np.array_equal(pixels(out / "00000.png"), pixels(tmp_path / "other" / "00000.png"))
+
+
+def test_width_by_height_samples_a_wide_image(folders, tmp_path):
+    """--size WIDTHxHEIGHT: a 12 px wide, 8 px tall image, the one generate makes at (8, 12), recorded as
+    width and height (no "size": that one is a square's side)."""
+    out = tmp_path / "wide"
+    assert sample(folders["run"], out, "--prompt", "a red circle", "--steps", "2", "--size", "12x8") == 0
+    assert Image.open(out / "00000.png").size == (12, 8)
+    meta = metadata(out, 0)
+    assert (meta["width"], meta["height"]) == (12, 8) and "size" not in meta
+    model, cfg, _ = load_sampling_model(folders["run"], "cpu")
+    kw = {"image_size": (8, 12), "steps": 2, "guidance": cfg.sample.guidance, "shift": cfg.sample.shift}
+    alone = to_uint8(generate(model, ["a red circle"], seed=42, **kw))[0]
+    assert np.array_equal(pixels(out / "00000.png"), alone)
+
+
+def test_a_size_that_is_not_a_number_is_refused_by_the_parser(folders, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sample(folders["run"], tmp_path, "--prompt", "a", "--size", "12by8")
+    assert stop.value.code == 2
+    assert "'12by8' is not a size (allowed: one side in pixels for a square" in capsys.readouterr().err
 
 
 def test_progress_bar_counts_every_step(folders, tmp_path, capsys):
@@ -199,6 +227,10 @@ def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, mo
         (["--guidance", "-1"], "--guidance -1.0 is not allowed"),
         (["--size", "15"], "--size 15 is not allowed (allowed: a positive multiple of 2"),
         (["--size", "0"], "--size 0 is not allowed"),
+        (["--size", "12x15"], "--size 12x15 is not allowed (allowed for each side: a positive multiple of 2"),
+        (["--size", "0x8"], "--size 0x8 is not allowed"),
+        (["--shift", "0"], "--shift 0.0 is not allowed (allowed: a finite number > 0; 1 = no shift)"),
+        (["--shift", "inf"], "--shift inf is not allowed"),
         (["--prompts-file", "missing.txt"], "--prompts-file 'missing.txt' does not exist"),
     ],
 )

@@ -127,6 +127,8 @@ def test_info_gives_the_model_defaults_and_limits(server):
         "steps": 3,
         "guidance": 3.0,
         "size": 16,
+        "width": 16,
+        "height": 16,
         "num_images": 1,
         "sampler": "euler",
         "shift": 1.0,
@@ -150,7 +152,8 @@ def test_generate_makes_the_images_fusedit_sample_makes(server, tiny):
         "steps": 2,
         "guidance": 2.5,
         "seed": 11,
-        "size": 8,
+        "width": 8,
+        "height": 8,
         "num_images": 2,
     }
     status, job = call(server, "/api/generate", body)
@@ -170,6 +173,17 @@ def test_generate_makes_the_images_fusedit_sample_makes(server, tiny):
         alone = reference(tiny, "a red circle", seed, **settings).astype(int)
         assert np.abs(array.astype(int) - alone).max() <= 1
     assert call(server, "/api/jobs")[1]["jobs"][0]["id"] == job["id"]
+
+
+def test_width_and_height_make_a_wide_image(server, tiny):
+    """The "size" field sets both sides and "width"/"height" one each: a 12 px wide, 8 px tall image, the one
+    generate makes at (height, width) = (8, 12) from the same seed."""
+    body = {"prompt": "a red circle", "steps": 2, "seed": 5, "size": 8, "width": 12}
+    job = wait(server, call(server, "/api/generate", body)[1]["id"])
+    assert job["status"] == "done" and (job["width"], job["height"]) == (12, 8)
+    array = np.asarray(Image.open(io.BytesIO(fetch(server, job["images"][0]["url"]))))
+    assert array.shape == (8, 12, 3)
+    assert np.array_equal(array, reference(tiny, "a red circle", 5, steps=2, size=(8, 12)))
 
 
 def test_no_seed_draws_one_and_reports_it(server):
@@ -197,6 +211,8 @@ def test_no_seed_draws_one_and_reports_it(server):
         ({"prompt": "x", "seed": -1}, "seed=-1 is out of range"),
         ({"prompt": "x", "size": 15}, "size=15 is not allowed (allowed: multiples of 2 from 2 to 2048"),
         ({"prompt": "x", "size": 0}, "size=0 is out of range (allowed: 2..2048)"),
+        ({"prompt": "x", "size": 8, "width": 7}, "width=7 is not allowed (allowed: multiples of 2 from 2"),
+        ({"prompt": "x", "height": 4096}, "height=4096 is out of range (allowed: 2..2048)"),
         ({"prompt": "x", "num_images": 0}, "num_images=0 is out of range (allowed: 1..8)"),
         ({"prompt": "x", "num_images": 9}, "num_images=9 is out of range (allowed: 1..8)"),
         (
@@ -213,7 +229,7 @@ def test_no_seed_draws_one_and_reports_it(server):
         # JSON escapes can spell a lone surrogate, which the tokenizer would only refuse in the worker
         ({"prompt": "a \ud800 b"}, "prompt has a lone surrogate '\\ud800' at character 2"),
         ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt has a lone surrogate"),
-        ({"prompt": "x", "width": 8}, "unknown field 'width' (allowed: prompt, negative_prompt, steps,"),
+        ({"prompt": "x", "widht": 8}, "unknown field 'widht' (allowed: prompt, negative_prompt, steps,"),
         (["a red circle"], "the request body must be a JSON object with a prompt"),
     ],
 )
@@ -406,7 +422,8 @@ def test_the_page_is_self_contained(server):
         "steps",
         "guidance",
         "seed",
-        "size",
+        "width",
+        "height",
         "count",
         "generate",
         "gallery",
@@ -512,9 +529,10 @@ def page(browser, server):
 
 def test_a_user_generates_images_in_the_browser(page, server, tiny):
     # The form starts at the model's own defaults.
-    assert [page.input_value(f"#{i}") for i in ("steps", "guidance", "size", "count")] == [
+    assert [page.input_value(f"#{i}") for i in ("steps", "guidance", "width", "height", "count")] == [
         "3",
         "3",
+        "16",
         "16",
         "1",
     ]
@@ -539,7 +557,7 @@ def test_a_user_generates_images_in_the_browser(page, server, tiny):
     ]
     assert card.locator(".prompt").inner_text() == "a red circle above a blue square"
     meta = card.locator(".meta").inner_text()
-    for part in ("negative: a green triangle", "2 steps", "guidance 3", "16 px", "seeds 21-22", "euler"):
+    for part in ("negative: a green triangle", "2 steps", "guidance 3", "16x16 px", "seeds 21-22", "euler"):
         assert part in meta, meta
     assert card.locator("figcaption").all_inner_texts() == ["seed 21", "seed 22"]
     assert page.inner_text("#progress-text").startswith("done in")
@@ -587,7 +605,7 @@ def test_the_page_shows_what_is_wrong_with_the_input(page):
         ("", {}, "prompt is empty: describe the image to generate"),
         ("a red circle", {"#seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
         ("a red circle", {"#seed": "", "#steps": "0"}, "steps=0 is out of range (allowed: 1..200)"),
-        ("a red circle", {"#steps": "2", "#size": "15"}, "size=15 is not allowed"),
+        ("a red circle", {"#steps": "2", "#width": "15"}, "width=15 is not allowed"),
     ]
     for prompt, fields, message in cases:
         page.fill("#prompt", prompt)
@@ -598,7 +616,7 @@ def test_the_page_shows_what_is_wrong_with_the_input(page):
         assert page.is_visible("#error")
     assert page.locator(".card").count() == 0  # no bad request became a job
     # Fixing the input clears the error and generates.
-    page.fill("#size", "16")
+    page.fill("#width", "16")
     page.click("#generate")
     page.locator(".card[data-status=done]").wait_for()
     assert not page.is_visible("#error")

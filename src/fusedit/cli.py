@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -179,33 +180,58 @@ def _remove_earlier_samples(out: Path) -> None:
 
 
 def _check_sampling_flags(args) -> None:
-    """--steps, --guidance and --size of `fusedit sample` and `fusedit eval`, checked before the (possibly
-    slow) model load, so that a typo fails at once: the size against the model's saved config, read
-    without its weights."""
+    """--steps, --guidance, --shift and --size of `fusedit sample` and `fusedit eval`, checked before the
+    (possibly slow) model load, so that a typo fails at once: the size against the model's saved config,
+    read without its weights."""
     from fusedit.sample import check_steps_guidance
 
     check_steps_guidance(args.steps, args.guidance, flags=True)
+    shift = getattr(args, "shift", None)
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ConfigError(f"--shift {shift} is not allowed (allowed: a finite number > 0; 1 = no shift)")
     if args.size is None:
         return
+    from fusedit.sample import image_shape
+
     saved = _saved_config(args.model)
     if saved is not None:
         _check_size(args.size, saved)
-    elif args.size < 1:  # no config to say more: load_sampling_model reports the folder
+    elif min(image_shape(args.size)) < 1:  # no config to say more: load_sampling_model reports the folder
         raise ConfigError(
-            f"--size {args.size} is not allowed (allowed: a positive multiple of the VAE's downsampling x "
-            "the patch size)"
+            f"--size {_size_text(args.size)} is not allowed (allowed: a positive multiple of the VAE's "
+            "downsampling x the patch size)"
         )
 
 
-def _check_size(size: int, cfg: Config, flag: str = "--size") -> None:
-    """A size must make whole patches of whole latent pixels, and no more of them than a fixed APE table
+def _image_size(text: str) -> int | tuple[int, int]:
+    """--size: one side in pixels (a square), or WIDTHxHEIGHT -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if match is None:  # a side of 0 passes here, to be refused with the allowed multiples (_check_size)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (allowed: one side in pixels for a square, e.g. 512, or WIDTHxHEIGHT, "
+            "e.g. 768x512)"
+        )
+    width, height = match.groups()
+    return int(width) if height is None else (int(height), int(width))
+
+
+def _size_text(size: int | tuple[int, int]) -> str:
+    """A size as --size takes it: 512, or WIDTHxHEIGHT for (height, width)."""
+    return str(size) if isinstance(size, int) else f"{size[1]}x{size[0]}"
+
+
+def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") -> None:
+    """Each side must make whole patches of whole latent pixels, and no more of them than a fixed APE table
     covers (config.side_limits)."""
+    from fusedit.sample import image_shape
+
     unit, largest = side_limits(cfg)
-    if size < unit or size % unit or (largest is not None and size > largest):
+    if any(s < unit or s % unit or (largest is not None and s > largest) for s in image_shape(size)):
         limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
+        sides = "" if isinstance(size, int) else " for each side"
         raise ConfigError(
-            f"{flag} {size} is not allowed (allowed: a positive multiple of {unit}, the VAE's downsampling "
-            f"x the patch size{limit})"
+            f"{flag} {_size_text(size)} is not allowed (allowed{sides}: a positive multiple of {unit}, the "
+            f"VAE's downsampling x the patch size{limit})"
         )
 
 
@@ -233,7 +259,7 @@ def cmd_sample(args) -> int:
 
     from fusedit.files import write_text_atomic
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, sample_settings, seeded_noise
+    from fusedit.sample import generate, image_shape, latent_shape, sample_settings, seeded_noise
     from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
@@ -250,6 +276,7 @@ def cmd_sample(args) -> int:
         guidance=args.guidance,
         sampler=args.sampler,
         schedule=args.schedule,
+        shift=args.shift,
         image_size=args.size,
         negative_prompt=args.negative_prompt,
         cache_text=False if args.no_cache else None,
@@ -262,12 +289,12 @@ def cmd_sample(args) -> int:
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
-    channels, side = model.autoencoder.channels, size // model.autoencoder.downsample
+    height, width = image_shape(size)
     for batch in batches:
         # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
         # sampling its prompt on its own with that seed draws: any image can be made again by itself.
         seeds = [args.seed + len(images) + j for j in range(len(batch))]
-        noise = seeded_noise(seeds, channels, side)
+        noise = seeded_noise(seeds, latent_shape(model, size))
         x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
         for img, prompt, seed in zip(to_uint8(x), batch, seeds):
             name = f"{len(images):05d}"
@@ -278,16 +305,21 @@ def cmd_sample(args) -> int:
                 "negative_prompt": settings["negative_prompt"],
                 "steps": steps,
                 "guidance": guidance,
-                "size": size,
+                "width": width,
+                "height": height,
+                **({"size": size} if height == width else {}),
                 "sampler": settings["sampler"],
                 "shift": settings["shift"],
                 "schedule": settings["schedule"],
+                "precision": settings["precision"],
+                "cache_text": settings["cache_text"],
+                "use_ema": not args.no_ema,
                 "model": str(source),
             }
             write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
             images.append(img)
     bar.close()
-    save_png(image_grid(images, prompts, scale=max(1, 128 // size)), out / "grid.png")
+    save_png(image_grid(images, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     return 0
 
@@ -753,9 +785,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["uniform", "diffusers"],
         help="how the sampling times are spaced before the shift (default the saved sample.schedule)",
     )
+    sp.add_argument(
+        "--shift", type=float, help="time shift of the schedule, 1 = none (default the saved sample.shift)"
+    )
     sp.add_argument("--negative-prompt")
     sp.add_argument("--seed", type=int, default=42)
-    sp.add_argument("--size", type=int)
+    sp.add_argument(
+        "--size",
+        type=_image_size,
+        help="image size in pixels: one side (512) or WIDTHxHEIGHT (768x512); default the model's",
+    )
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--no-cache", action="store_true", help="recompute the text K/V at every step")
     sampling_flags(sp)
@@ -777,7 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--detector", help="geneval: detector hub id or folder (e.g. a Mask2Former COCO model)")
     sp.add_argument("--clip", help="geneval: CLIP hub id or folder for colour classification")
     sp.add_argument("--vqa", help="dpg: VQA model hub id or folder (BLIP/ViLT)")
-    sp.add_argument("--size", type=int, help="geneval/dpg: image size (default the model's)")
+    sp.add_argument(
+        "--size", type=int, help="geneval/dpg: image side in pixels, square (default the model's)"
+    )
     sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)

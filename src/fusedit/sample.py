@@ -98,11 +98,24 @@ class CUDAGraphVelocity:
         return self.out.clone()  # the next replay overwrites self.out (Heun keeps two velocities)
 
 
-def seeded_noise(seeds: list[int], channels: int, side: int) -> torch.Tensor:
-    """(len(seeds), channels, side, side) starting noise, row i drawn alone from seeds[i]: image i of a
-    batch is then the image its prompt gives sampled alone with that seed (``fusedit sample``, ``serve``)."""
-    rows = [torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds]
+def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of an image size: one side (a square) or (height, width)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(len(seeds), C, h, w) starting noise for latents of ``shape`` (C, h, w), row i drawn alone from
+    seeds[i]: image i of a batch is then the image its prompt gives sampled alone with that seed
+    (``fusedit sample``, ``serve``)."""
+    rows = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.cat(rows)
+
+
+def latent_shape(model: TextToImage, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+    """(C, h, w) of the latents of an image of ``image_size`` (one side, or (height, width))."""
+    ae = model.autoencoder
+    height, width = image_shape(image_size)
+    return ae.channels, height // ae.downsample, width // ae.downsample
 
 
 def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bool = False) -> None:
@@ -146,7 +159,7 @@ def generate(
     model: TextToImage,
     prompts: list[str],
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     steps: int = 25,
     guidance: float = 6.0,
     sampler: str = "euler",
@@ -160,7 +173,8 @@ def generate(
     noise: torch.Tensor | None = None,
     progress=None,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``prompts``. CFG is used when guidance != 1. ``cuda_graphs``
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts`` at ``image_size``: one side (a square) or (H, W).
+    CFG is used when guidance != 1. ``cuda_graphs``
     replays each step as one CUDA graph (with the text cache on a GPU; elsewhere it changes nothing)."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
@@ -168,9 +182,8 @@ def generate(
     text = model.encode_prompts(rows) if cache_text else lambda: model.encode_prompts(rows)
     velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)
     if noise is None:
-        side = image_size // ae.downsample
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(prompts), ae.channels, side, side, generator=gen)
+        noise = torch.randn(len(prompts), *latent_shape(model, image_size), generator=gen)
     latents = sample(
         velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress, schedule=schedule
     )

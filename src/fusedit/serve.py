@@ -6,7 +6,8 @@ box, the sampling settings, live progress and a gallery, over a small JSON API:
     GET  /                     the page
     GET  /api/info             the model, its sampling defaults and the allowed ranges
     POST /api/generate         {"prompt", "negative_prompt", "steps", "guidance", "seed", "size",
-                               "num_images"} (all but the prompt optional) -> 202 the new job,
+                               "width", "height", "num_images"} (all but the prompt optional; "size"
+                               sets both sides, "width"/"height" one) -> 202 the new job,
                                or 400 {"error": "<one line naming the bad value and what is allowed>"}
     GET  /api/jobs             the kept jobs, newest first (the gallery)
     GET  /api/jobs/<id>        one job: status (queued, running, done, error), step of total, images
@@ -45,7 +46,7 @@ from PIL import Image
 
 from fusedit.config import Config, side_limits
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate, sample_settings, seeded_noise
+from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ MAX_WAITING = 16
 # Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
 KEEP_JOBS = 64
 ALLOWED_METHODS = "GET, HEAD, POST"
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "size", "num_images")
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "size", "width", "height", "num_images")
 
 
 class RequestError(ValueError):
@@ -84,7 +85,8 @@ class Request:
     steps: int
     guidance: float
     seed: int
-    size: int
+    height: int
+    width: int
     num_images: int
 
 
@@ -187,6 +189,8 @@ class JobQueue:
                 "steps": d["steps"],
                 "guidance": d["guidance"],
                 "size": d["image_size"],
+                "width": d["image_size"],
+                "height": d["image_size"],
                 "num_images": 1,
                 "sampler": d["sampler"],
                 "shift": d["shift"],
@@ -214,12 +218,8 @@ class JobQueue:
         if not prompt:
             raise RequestError("prompt is empty: describe the image to generate")
         d = self.defaults
-        size = _integer(body, "size", d["image_size"], self.size_unit, self.max_size)
-        if size % self.size_unit:
-            raise RequestError(
-                f"size={size} is not allowed (allowed: multiples of {self.size_unit} from {self.size_unit} "
-                f"to {self.max_size}: the VAE's downsampling x the patch size)"
-            )
+        size = self._side(body, "size", d["image_size"])
+        height, width = self._side(body, "height", size), self._side(body, "width", size)
         # No seed: a fresh random one, reported with the images so that they can be made again.
         seed = secrets.randbelow(SEED_MAX + 1)
         if not _blank(body.get("seed")):
@@ -230,9 +230,20 @@ class JobQueue:
             steps=_integer(body, "steps", d["steps"], 1, MAX_STEPS),
             guidance=_number(body, "guidance", d["guidance"], 0.0, MAX_GUIDANCE),
             seed=seed,
-            size=size,
+            height=height,
+            width=width,
             num_images=_integer(body, "num_images", 1, 1, MAX_IMAGES),
         )
+
+    def _side(self, body: dict, name: str, default: int) -> int:
+        """An image side in pixels: whole patches of whole latent pixels, within the size limits."""
+        side = _integer(body, name, default, self.size_unit, self.max_size)
+        if side % self.size_unit:
+            raise RequestError(
+                f"{name}={side} is not allowed (allowed: multiples of {self.size_unit} from {self.size_unit} "
+                f"to {self.max_size}: the VAE's downsampling x the patch size)"
+            )
+        return side
 
     def submit(self, body) -> dict:
         """Validate and queue a request; returns the new job's snapshot."""
@@ -284,7 +295,8 @@ class JobQueue:
             "steps": r.steps,
             "guidance": r.guidance,
             "seed": r.seed,
-            "size": r.size,
+            "width": r.width,
+            "height": r.height,
             "num_images": r.num_images,
             "sampler": d["sampler"],
             "shift": d["shift"],
@@ -324,12 +336,11 @@ class JobQueue:
             self.cfg,
             steps=r.steps,
             guidance=r.guidance,
-            image_size=r.size,
+            image_size=(r.height, r.width),
             negative_prompt=r.negative_prompt,
         )
-        ae = self.model.autoencoder
-        side = r.size // ae.downsample
-        noise = seeded_noise([r.seed + i for i in range(r.num_images)], ae.channels, side)
+        shape = latent_shape(self.model, (r.height, r.width))
+        noise = seeded_noise([r.seed + i for i in range(r.num_images)], shape)
 
         def advance() -> None:
             with self._lock:
