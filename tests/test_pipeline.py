@@ -317,6 +317,15 @@ def test_what_is_not_a_fusedit_pipeline_fails_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)) as info:
             pipe(**{"prompt": PROMPTS, **kw})
         assert "\n" not in str(info.value)
+    # A fixed APE table of 8 patches of 2 px: no side past 16 px, refused before any sampling.
+    ape_cfg = tiny_config(model={"ape_max_size": 8})
+    ape_pipe = FuseDiTPipeline.from_model(built(ape_cfg), ape_cfg)
+    with pytest.raises(
+        ValueError, match=re.escape("width=18 is not allowed (allowed: a positive multiple of 2, ")
+    ):
+        ape_pipe(prompt=PROMPTS, width=18)
+    with pytest.raises(ValueError, match=re.escape("up to 16 (the APE table's model.ape_max_size)")):
+        ape_pipe(prompt=PROMPTS, height=32)
 
 
 def test_one_generator_per_image_remakes_fusedit_sample():

@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusedit.config import Config
+from fusedit.config import Config, side_limits
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
@@ -298,11 +298,12 @@ class FuseDiTPipeline(DiffusionPipeline):
         ):
             raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number)")
         ae = model.autoencoder
-        unit = ae.downsample * cfg.model.patch_size
+        unit, largest = side_limits(cfg)
+        why = ", the VAE's downsampling x the patch size"
+        if largest is not None:
+            why += f", up to {largest} (the APE table's model.ape_max_size)"
         height, width = (
-            cfg.data.image_size
-            if size is None
-            else _whole(name, size, unit, ", the VAE's downsampling x the patch size")
+            cfg.data.image_size if size is None else _whole(name, size, unit, why, largest)
             for name, size in (("height", height), ("width", width))
         )
         shape = (len(prompts), ae.channels, height // ae.downsample, width // ae.downsample)
@@ -387,9 +388,16 @@ def _strings(name: str, value) -> list[str]:
     return list(values)
 
 
-def _whole(name: str, value, multiple: int = 1, why: str = "") -> int:
-    """A call argument that must be a positive whole number (and a multiple of ``multiple``, for ``why``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % multiple:
+def _whole(name: str, value, multiple: int = 1, why: str = "", largest: int | None = None) -> int:
+    """A call argument that must be a positive whole number (and a multiple of ``multiple``, at most
+    ``largest``, for ``why``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < 1
+        or value % multiple
+        or (largest is not None and value > largest)
+    ):
         allowed = "a positive whole number" if multiple == 1 else f"a positive multiple of {multiple}{why}"
         raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed})")
     return int(value)
