@@ -123,6 +123,31 @@ def test_a_prefix_ending_in_a_space_tokenises_as_one_string_with_the_prompt():
     assert ids[1][mask[1]].tolist() == [tok.bos_token_id]
 
 
+def test_an_unknown_word_of_the_instruction_is_instruction_not_a_special_token():
+    """The built-in word tokenizer turns an instruction word it lacks into <unk>: that token is part of the
+    instruction (dropped after the refiners, on top of text.max_length), not a special token like <bos>."""
+    from fusedit.text.encoder import TextEncoder
+    from fusedit.text.templates import build_template
+    from fusedit.text.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(["draw", "a", "red", "circle"])
+    model = build_model(tiny_config())
+    enc = TextEncoder(model.text.llm, tok, 4, build_template("plain", tok, "draw zebras "))
+    assert tok.convert_ids_to_tokens(enc.prefix_ids) == ["<bos>", "draw", "<unk>"]
+    assert enc.prefix_instruction.tolist() == [False, True, True]
+    assert enc.budget == 3 and enc.max_length == 6  # <bos> counts in text.max_length, the template on top
+    ids, mask = enc.tokenize(["a red circle"])
+    assert mask.sum().item() == 6
+    assert enc.instruction_mask(mask.sum(1), ids.shape[1])[0].tolist() == [
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_llm_and_tokenizer_load_from_a_local_folder(tmp_path, family):
     """text.model_id may be a folder written by save_pretrained (the same code path as a hub id)."""
