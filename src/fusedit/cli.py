@@ -17,6 +17,8 @@ from pathlib import Path
 from fusedit.config import (
     Config,
     ConfigError,
+    SampleConfig,
+    choices_of,
     config_from_dict,
     load_config,
     preset_names,
@@ -779,10 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="samples")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
-    sp.add_argument("--sampler", choices=["euler", "heun"])
+    sp.add_argument("--sampler", choices=choices_of(SampleConfig, "sampler"))
     sp.add_argument(
         "--schedule",
-        choices=["uniform", "diffusers"],
+        choices=choices_of(SampleConfig, "schedule"),
         help="how the sampling times are spaced before the shift (default the saved sample.schedule)",
     )
     sp.add_argument(

@@ -38,6 +38,11 @@ def choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={"choices": allowed})
 
 
+def choices_of(section: type, name: str) -> tuple[str, ...]:
+    """The values a ``choice`` field of a config section allows (command-line flags offer the same)."""
+    return section.__dataclass_fields__[name].metadata["choices"]
+
+
 def positive(default: float | int | None) -> Any:
     return field(default=default, metadata={"min": 0, "strict": True})
 
