@@ -173,6 +173,31 @@ def test_order_is_a_permutation_per_epoch_deterministic_by_seed_and_addressed_by
     assert [b["id"] for b in full] != [b["id"] for b in other_seed]
 
 
+def test_a_resume_warns_when_the_folder_changed_size_and_old_states_are_not_checked(tmp_path, caplog):
+    root = tmp_path / "data"
+    _write_good(root)
+    cfg = _cfg(source="folder", root=str(root))
+    first, _ = _run(cfg, steps=2)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["samples"] == len(GOOD)
+
+    def warnings(state) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fusedit"):
+            _run(cfg, steps=3, start=2, state=state)
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings(state) == []  # same folder
+    _noise(32, 32, 50).save(root / "c" / "extra.png")
+    (root / "c" / "extra.txt").write_text("an extra")
+    assert len(messages := warnings(state)) == 1
+    assert messages[0].startswith(
+        f"data: the dataset has {len(GOOD) + 1} samples, not the {len(GOOD)} it had"
+    )
+    old = {k: v for k, v in state.items() if k != "samples"}  # a checkpoint from before the size was saved
+    assert warnings(old) == []
+
+
 def test_ranks_read_disjoint_shares_that_cover_each_epoch(tmp_path):
     root = tmp_path / "data"
     _write_good(root)  # 8 good samples

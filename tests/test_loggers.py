@@ -62,7 +62,8 @@ def test_wandb_gets_every_record_and_a_resumed_run_continues_the_same_wandb_run(
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "shapes")
-    cfg = tiny_config(train={"steps": 3, "checkpoint_every": 2, "loggers": ["wandb"]})
+    # text.max_length=4 cuts some shapes captions: the run's count of them is logged too.
+    cfg = tiny_config(text={"max_length": 4}, train={"steps": 3, "checkpoint_every": 2, "loggers": ["wandb"]})
     train(cfg, tmp_path / "run", stop_at=2, progress=False)
     train(cfg, tmp_path / "run", resume=True, progress=False)
     first, second = fake.inits
@@ -71,6 +72,9 @@ def test_wandb_gets_every_record_and_a_resumed_run_continues_the_same_wandb_run(
     assert second["id"] == first["id"] == (tmp_path / "run" / "wandb_run_id").read_text()
     assert [step for step, _ in fake.logged] == [1, 2, 3] and fake.finished == 2
     assert [values["train/loss"] for _, values in fake.logged] == logged_losses(tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    truncated = [json.loads(line).get("truncated") for line in lines]
+    assert truncated[-1] > 0 and [values.get("train/truncated") for _, values in fake.logged] == truncated
     # a fresh (not resumed) run in the same folder is a new wandb run
     train(cfg, tmp_path / "run", stop_at=1, progress=False)
     assert fake.inits[2]["id"] != first["id"]

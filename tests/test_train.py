@@ -334,3 +334,64 @@ def test_a_warmup_longer_than_its_run_or_stage_is_warned_about_once(tmp_path, ca
     ]
     messages = warmup_warnings(tiny_config(stages=stages, train={"checkpoint_every": 3}), tmp_path / "c")
     assert len(messages) == 1 and "exceeds the 1 steps of stage 0 (short)" in messages[0]
+
+
+def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tmp_path, caplog):
+    from fusedit.data.loader import step_loader
+
+    # text.max_length=4 leaves 3 prompt tokens after BOS: the longer shapes captions are cut.
+    cfg = tiny_config(
+        text={"max_length": 4}, data={"caption_dropout": 0.0}, train={"steps": 4, "checkpoint_every": 2}
+    )
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        full = train(cfg, tmp_path / "a", progress=False)
+    encoder = full["model"].text
+    captions = [c for batch in step_loader(cfg.data, 0, 4, 0, 4) for c in batch["caption"]]
+    lengths = [len(ids) for ids in encoder.tokenizer(captions, add_special_tokens=False)["input_ids"]]
+    expected = sum(n > encoder.budget for n in lengths)
+    assert 0 < expected < len(captions) and full["truncated_prompts"] == expected
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("text: ")]
+    assert summary == [
+        f"text: {expected} prompts longer than text.max_length=4 tokens were truncated in this run (to step 4)"
+    ]
+
+    def counts(run_dir) -> list:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line).get("truncated") for line in lines]
+
+    logged = counts(tmp_path / "a")
+    assert logged[-1] == expected and logged == sorted(logged, key=lambda n: n or 0)
+    # The count is the run's: it goes on across a resume, exactly as in the uninterrupted run.
+    train(cfg, tmp_path / "b", stop_at=2, progress=False)
+    state = json.loads((find_checkpoint(tmp_path / "b") / "state.json").read_text())
+    assert state["truncated_prompts"] == (logged[1] or 0)
+    assert train(cfg, tmp_path / "b", resume=True, progress=False)["truncated_prompts"] == expected
+    assert counts(tmp_path / "b") == logged
+
+
+def test_resuming_on_a_folder_that_changed_size_warns_once_and_trains_on(tmp_path, caplog):
+    from test_data_sources import _noise
+
+    root = tmp_path / "images"
+    root.mkdir()
+
+    def add(names):
+        for i, name in enumerate(names):
+            _noise(16, 16, i).save(root / f"{name}.png")
+            (root / f"{name}.txt").write_text(f"a red {'circle' if i % 2 else 'square'}")
+
+    add([f"a{i}" for i in range(6)])
+    cfg = tiny_config(data={"source": "folder", "root": str(root)}, train={"steps": 4, "checkpoint_every": 2})
+    train(cfg, tmp_path / "run", stop_at=2, progress=False)
+    state = json.loads((find_checkpoint(tmp_path / "run") / "data_state.json").read_text())
+    assert state["samples"] == 6
+    add([f"b{i}" for i in range(3)])
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        result = train(cfg, tmp_path / "run", resume=True, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: the dataset has")]
+    assert warnings == [
+        "data: the dataset has 9 samples, not the 6 it had when the data position was saved; the run goes on "
+        "at the same step in a new order of the 9, so the current epoch may repeat or miss samples read "
+        "before the resume"
+    ]
+    assert result["step"] == 4 and len(result["losses"]) == 2

@@ -11,7 +11,10 @@ g = step * world_size + rank covers positions [g * B, (g + 1) * B) of an endless
 a permutation of the dataset by (seed, epoch) (shapes keeps its historical unpermuted order: its samples
 are random already). With aspect-ratio buckets an epoch is instead a list of single-bucket batches: each
 bucket's samples in permuted order, cut into batches (the last one wrapping around), the batches shuffled
-by (seed, epoch); global batch g is batch g mod K of epoch g // K (K is the same every epoch).
+by (seed, epoch); global batch g is batch g mod K of epoch g // K (K is the same every epoch). Their
+``loader.state_dict()`` carries the skip counts and the dataset's size: resumed onto a dataset of another
+size (images added or removed), the epochs are permutations of the new size, so the resume warns that the
+current epoch's order is a new one.
 
 Streams (webdataset, hf with streaming) have a position instead: ``loader.state_dict()`` after a step is
 what ``step_loader(..., start_step=that step, state=...)`` continues from exactly. Without a state a stream
@@ -481,9 +484,15 @@ class IndexedStepLoader:
 
     def state_dict(self) -> dict:
         """Position after the last yielded batch (index sources only need the step; the skip counts
-        travel along so a resumed run's report covers the whole run)."""
+        travel along so a resumed run's report covers the whole run, the size so a resume can tell that
+        the dataset changed)."""
         mark = getattr(self, "_mark", None)
-        return {"kind": "index", "step": self.step, "skips": self.skips.state_dict(mark)}
+        return {
+            "kind": "index",
+            "step": self.step,
+            "samples": len(self.dataset),
+            "skips": self.skips.state_dict(mark),
+        }
 
     def skipped_report(self) -> str:
         return self.skips.report()
@@ -724,6 +733,16 @@ def step_loader(
         )
     dataset, events = planned_dataset(cfg, seed, batch_size, rank, world_size)
     if state is not None:
+        saved = state.get("samples")  # absent from states saved before it was recorded: nothing to check
+        if saved is not None and int(saved) != len(dataset):
+            log.warning(
+                "data: the dataset has %d samples, not the %d it had when the data position was saved; the "
+                "run goes on at the same step in a new order of the %d, so the current epoch may repeat or "
+                "miss samples read before the resume",
+                len(dataset),
+                int(saved),
+                len(dataset),
+            )
         skips.load_state_dict(state.get("skips", {}))
     else:
         skips.add_all(events)

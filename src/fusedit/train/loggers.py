@@ -2,8 +2,9 @@
 (``train.loggers``). Rank 0 alone logs. Each package is imported only when a run asks for it, and a missing
 one fails the run before training with a one-line error naming the pip package.
 
-Both see exactly the records ``metrics.jsonl`` gets (loss, grad_norm, lr, sec, and a staged run's stage and
-llm_lr), as scalars ``train/<name>`` at the record's step. A resumed run continues where its checkpoint
+Both see exactly the records ``metrics.jsonl`` gets (loss, grad_norm, lr, sec, a staged run's stage and
+llm_lr, and from the first prompt cut to text.max_length the run's count of them, truncated), as scalars
+``train/<name>`` at the record's step. A resumed run continues where its checkpoint
 was: TensorBoard hides what the interrupted run logged past it (``purge_step``, as metrics.jsonl is rewound),
 and wandb continues the same run (its id is kept in the run folder; wandb itself ignores steps it has).
 """

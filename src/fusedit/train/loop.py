@@ -250,8 +250,8 @@ def train(
 
     Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
     now, "start_step": the step this call started from (both the same when it trained nothing: a run
-    already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps", "rank",
-    "world_size"}.
+    already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps",
+    "truncated_prompts" (the run's prompts cut to text.max_length, across resumes), "rank", "world_size"}.
     """
     # Before anything is set up or deleted: a fresh run with stop_at <= 0 would wipe the run folder's
     # checkpoints and train nothing.
@@ -344,9 +344,10 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         )
         stack.callback(bar.close)
         run = _Run(cfg, model, env, run_dir, parallel, sharded_llms, loggers, bar)
-        if saved:  # the counts of skipped steps go on across a resume, as the run itself does
+        if saved:  # the counts of skipped steps and truncated prompts go on across a resume, as the run does
             run.bad_total = int(saved.get("skipped_steps", 0))
             run.bad_in_row = int(saved.get("bad_steps_in_row", 0))
+            run.truncated = int(saved.get("truncated_prompts", 0))
         if main:
             run.metrics = stack.enter_context(metrics_path.open("a"))
         for stage in stages[first.index :]:
@@ -385,6 +386,13 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             steps = range(max(start, stage.start), min(stage.end, end))
             if steps:  # empty when resumed at this stage's last step
                 run.stage(stage, steps, forward, stage_parallel, opts, ema, data_state)
+    if main and run.truncated:  # the text encoder warns at the first truncation only
+        log.info(
+            "text: %d prompts longer than text.max_length=%d tokens were truncated in this run (to step %d)",
+            run.truncated,
+            cfg.text.max_length,
+            max(start, end),
+        )
     # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
     distributed.barrier(env)
     return {
@@ -395,6 +403,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         "model": model,
         "ema": ema,
         "skipped_steps": run.bad_total,
+        "truncated_prompts": run.truncated,
         "rank": env.rank,
         "world_size": env.world_size,
     }
@@ -416,6 +425,9 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     bad_in_row: int = 0
     bad_total: int = 0
+    # Prompts of the training batches cut to text.max_length so far, over all ranks (and once per text
+    # encoder that cut it); a preview's prompts are not counted.
+    truncated: int = 0
 
     def stage(self, stage: Stage, steps: range, forward, stage_parallel: str, opts, ema, data_state) -> None:
         """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
@@ -506,6 +518,7 @@ class _Run:
                 global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
             )
             loss_sum = torch.zeros((), device=device)
+            truncated_before = sum(encoder.truncated for encoder in model.encoders)
             for m in range(accum):
                 local = slice(m * micro, (m + 1) * micro)
                 rows = range(first_row + local.start, first_row + local.stop)
@@ -528,7 +541,11 @@ class _Run:
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             distributed.average_gradients(llm_params, env)
-            loss_mean = distributed.mean_over_ranks(loss_sum / accum, env)
+            # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
+            # full_like fills on the device, where a copy from the host would wait for the step's kernels.
+            truncated = sum(encoder.truncated for encoder in model.encoders) - truncated_before
+            step_sums = torch.stack([loss_sum / accum, torch.full_like(loss_sum, truncated)])
+            loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, env)
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
             local_step = step - stage.start
             # Each stage's schedule counts from its own first step; every module scales its own base lr.
@@ -536,8 +553,11 @@ class _Run:
                 learning_rate, local_step, warmup=tc.warmup_steps, schedule=tc.schedule, total=stage.steps
             )
             lr, lrs = rate(tc.lr), opts.set_lr(rate)
-            # The one host sync of a step (logging needs both anyway).
-            loss_value, norm_value = torch.stack([loss_mean.float(), grad_norm.float()]).tolist()
+            # The one host sync of a step (logging needs these anyway).
+            loss_value, norm_value, truncated_value = torch.stack(
+                [loss_mean.float(), grad_norm.float(), truncated_mean.float()]
+            ).tolist()
+            self.truncated += round(truncated_value * env.world_size)
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 opts.step()
@@ -569,6 +589,8 @@ class _Run:
                     record["stage"] = stage.index
                 if "llm" in lrs:
                     record["llm_lr"] = lrs["llm"]
+                if self.truncated:  # the run's count so far, from the first truncation on
+                    record["truncated"] = self.truncated
                 self.metrics.write(json.dumps(record) + "\n")
                 for logger in self.loggers:
                     logger.log(record, step + 1)
@@ -586,7 +608,12 @@ class _Run:
                 data = json.dumps(loader.state_dict())
                 common = dict(
                     keep=cfg.train.keep_checkpoints,
-                    extra={"skipped_steps": self.bad_total, "bad_steps_in_row": self.bad_in_row, **extra},
+                    extra={
+                        "skipped_steps": self.bad_total,
+                        "bad_steps_in_row": self.bad_in_row,
+                        "truncated_prompts": self.truncated,
+                        **extra,
+                    },
                 )
                 ema_state = ema.state_dict()
                 if env.distributed:
