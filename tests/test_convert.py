@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
+from conftest import tiny_config
+from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.convert.fusedit_official import (
     MissingAutoencoder,
@@ -34,7 +36,9 @@ from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.layers.norm import RMSNorm
 from fusedit.layers.position import ImageOnlyRotary, position_scheme
 from fusedit.layers.rope import inv_freq, rotate_half
+from fusedit.pipeline import save_pretrained
 from fusedit.sample import generate
+from fusedit.system import build_model
 from fusedit.vae import DiffusersAutoencoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fusedit-official-tiny"
@@ -281,6 +285,21 @@ def test_config_next_to_the_weights_or_given(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     cfg, _ = load_official(lone, config=tmp_path / "step")
     assert cfg.model.num_layers == 3
+
+
+def test_fusedit_own_pipeline_folder_is_refused_as_needing_no_conversion(tmp_path, capsys):
+    # What `fusedit export` writes has no public model_type: said so, not "model_type=None".
+    cfg = tiny_config()
+    export = save_pretrained(build_model(cfg, "cpu"), cfg, tmp_path / "export")
+    capsys.readouterr()  # the export's progress bars
+    assert main(["convert", str(export), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is already a fusedit pipeline folder" in err and "\n" not in err and "model_type" not in err
+    assert "`fusedit sample` and `fusedit serve` read it directly" in err
+    assert not (tmp_path / "out").exists()
+    for part in (export / "transformer", export / "transformer" / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(ConfigError, match=r"is part of a fusedit pipeline folder .* read that pipeline"):
+            load_official(part)
 
 
 def test_missing_zstandard_is_one_line(tmp_path, monkeypatch):

@@ -646,14 +646,33 @@ def _scheduler_shift(path: Path) -> float | None:
     return scheduler.get("shift")
 
 
+# The class that fusedit's own pipeline folders (`fusedit export`) record in transformer/config.json: that
+# of fusedit.hub.FuseDiTTransformer2DModel, spelled out because importing fusedit.hub loads diffusers.
+OWN_TRANSFORMER_CLASS = "FuseDiTTransformer2DModel"
+
+
+def _refuse_own_export(public: dict, path: Path, pipeline: bool) -> None:
+    """fusedit's own export has no public model_type, which official_config would report as the problem."""
+    if public.get("_class_name") != OWN_TRANSFORMER_CLASS:
+        return
+    what, reader = ("already", "it") if pipeline else ("part of", "that pipeline folder")
+    raise ConfigError(
+        f"{str(path)!r} is {what} a fusedit pipeline folder (written by `fusedit export`): nothing to convert, "
+        f"`fusedit sample` and `fusedit serve` read {reader} directly (allowed here: the public FuseDiT "
+        "code's transformer or pipeline folder, or a raw training file)"
+    )
+
+
 def _locate(path: Path, config) -> _Source:
     if not path.exists():
         raise ConfigError(f"no such checkpoint: {str(path)!r}")
     if path.is_dir() and (path / "transformer").is_dir():  # a saved pipeline
         transformer = path / "transformer"
         scheduler = path / "scheduler" / "scheduler_config.json"
+        public = _config_for(transformer / "config.json", config)
+        _refuse_own_export(public, path, pipeline=True)
         return _Source(
-            config=_config_for(transformer / "config.json", config),
+            config=public,
             weights=_weights_in(transformer),
             tokenizer=str(path / "tokenizer") if (path / "tokenizer").is_dir() else "",
             vae=(str(path), "vae") if (path / "vae" / "config.json").is_file() else None,
@@ -661,7 +680,9 @@ def _locate(path: Path, config) -> _Source:
             shift=_scheduler_shift(scheduler),
         )
     weights = _weights_in(path) if path.is_dir() else path
-    return _Source(config=_config_for(weights, config), weights=weights)
+    public = _config_for(weights, config)
+    _refuse_own_export(public, path, pipeline=False)  # its transformer/ folder or weights file
+    return _Source(config=public, weights=weights)
 
 
 def official_vae(path: str | Path, config: dict | str | Path | None = None) -> tuple[str, str] | None:

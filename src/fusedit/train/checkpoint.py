@@ -147,8 +147,19 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_text_atomic(root / "latest", final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in _checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """The ``step_<n>`` folders of a checkpoints folder, oldest first. Ordered by the step number: the
+    names are zero-padded to 8 digits only, so past step 99,999,999 they no longer sort by step."""
+    steps = {}
+    for folder in root.glob("step_*"):
+        digits = folder.name[len("step_") :]
+        if folder.is_dir() and digits.isascii() and digits.isdigit():
+            steps[folder] = int(digits)
+    return sorted(steps, key=steps.__getitem__)
 
 
 def data_state_name(rank: int) -> str:
@@ -198,7 +209,7 @@ def save_distributed_checkpoint(
     dist.barrier()  # the folder is fresh before anyone writes into it
     state = {"ema": ema}
     for key, (module, whole) in {DENOISER: (denoiser, True), **text}.items():
-        module_state, optim_state = _module_and_optim_state(module, optimizers.get(key))
+        module_state, optim_state = _state_to_save(module, optimizers.get(key))
         sections = _split_sections(key, module_state)
         if not whole:  # a hub LLM trained through adapters: its own weights reload from text.model_id
             sections.pop(_dcp_section(key))
@@ -229,12 +240,56 @@ def save_distributed_checkpoint(
 
 
 def _module_and_optim_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
-    """DCP's (possibly sharded) state dicts of a module and its optimizer (None when it has none)."""
+    """DCP's (possibly sharded) state dicts of a module and its optimizer (None when it has none).
+
+    For an optimizer without any state, torch's get_state_dict first takes a step at learning rate 0 with
+    zero gradients: every parameter gets a zero state with step 1, which the optimizer then keeps."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
         return get_model_state_dict(module), None
     return get_state_dict(module, optimizer)
+
+
+def _state_to_save(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """:func:`_module_and_optim_state` that leaves ``optimizer`` as it was. An optimizer that has not
+    stepped yet (every step so far skipped as non-finite) would otherwise keep, and save, the zero states
+    with step 1 that get_state_dict makes, and its first real step would use Adam's bias correction of
+    step 2, in this run and in the runs resumed from the checkpoint."""
+    stepped = optimizer is None or bool(optimizer.state)
+    module_state, optim_state = _module_and_optim_state(module, optimizer)
+    if not stepped:
+        optimizer.state.clear()
+        optim_state["state"] = {}
+    return module_state, optim_state
+
+
+def _set_optimizer_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict, filler, options=None
+) -> None:
+    """Load ``named`` (an optimizer state keyed by parameter name, DCP's form) into ``optimizer``, leaving
+    the parameters it has no state for (no gradient before the save) without state, as the saved run had
+    them. torch's loader wants a state for every trainable parameter (a KeyError, or an error unless
+    strict=False in newer torch), so ``filler()`` (states of this optimizer in the form ``options`` load)
+    stands in for the missing ones until it is done: kept, their zero states with step 1 would change
+    Adam's bias correction at each such parameter's first update."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    missing = [name for name in trainable_names(module) if name not in named["state"]]
+    if missing:
+        stand_in = filler()
+        named = {**named, "state": {**named["state"], **{name: stand_in[name] for name in missing}}}
+    set_optimizer_state_dict(module, optimizer, named, options=options)
+    params = dict(module.named_parameters())
+    for name in missing:
+        optimizer.state.pop(params[name], None)
+
+
+def _names_with_state(keys: set[str], section: str) -> set[str]:
+    """The parameters that a DCP optimizer section holds a state for. Its keys are
+    "<section>.state.<parameter>.<state name>" (Adam's "step", "exp_avg", ...: no dots)."""
+    prefix = f"{section}.state."
+    return {key[len(prefix) :].rpartition(".")[0] for key in keys if key.startswith(prefix)}
 
 
 def is_distributed_checkpoint(ckpt: Path) -> bool:
@@ -269,7 +324,7 @@ def find_checkpoint(path: str | Path) -> Path:
     latest = root / "latest"
     if latest.is_file() and (root / latest.read_text().strip() / "state.json").is_file():
         return root / latest.read_text().strip()
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    done = [p for p in _checkpoint_folders(root) if (p / "state.json").is_file()]
     if not done:
         raise FileNotFoundError(
             f"no checkpoint in {str(path)!r} (expected a run folder or a checkpoint folder)"
@@ -540,19 +595,26 @@ def load_training_state(
 
 
 def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     # The destination's own (possibly sharded) state dicts: DCP fills them in place, reading from each
     # saved shard the pieces this rank holds. A section the checkpoint lacks (a hub LLM saved as adapters
     # only) keeps the module's current values.
     modules = {DENOISER: denoiser, **text}
-    state, sections = {"ema": ema.state_dict()}, {}
+    state, sections, fresh = {"ema": ema.state_dict()}, {}, {}
+    keys = _dcp_keys(ckpt)
     for key, module in modules.items():
         module_state, optim_state = _module_and_optim_state(module, optimizers.get(key))
         sections[key] = _split_sections(key, module_state)
         state.update({n: d for n, d in sections[key].items() if key == DENOISER or _has_section(ckpt, n)})
         if optim_state is not None:
-            state[_optim_section(key)] = optim_state
+            # Only the states the checkpoint holds: DCP fails on a key it lacks, and a parameter without
+            # a gradient before the save has none. The fresh optimizer's fill the gaps while loading.
+            section = _optim_section(key)
+            saved = _names_with_state(keys, section)
+            fresh[key] = optim_state["state"]
+            kept = {name: s for name, s in optim_state["state"].items() if name in saved}
+            state[section] = {**optim_state, "state": kept}
     _dcp_load(state, ckpt, no_dist=not distributed)
     for key, module in modules.items():
         section = _dcp_section(key)
@@ -561,12 +623,10 @@ def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool)
         joined = lora.structured_state(
             module, sections[key][section], sections[key].get(f"{section}_lora", {})
         )
+        set_model_state_dict(module, joined)
         if key in optimizers:
-            set_state_dict(
-                module, optimizers[key], model_state_dict=joined, optim_state_dict=state[_optim_section(key)]
-            )
-        else:
-            set_model_state_dict(module, joined)
+            named = state[_optim_section(key)]
+            _set_optimizer_state(module, optimizers[key], named, lambda key=key: fresh[key])
     ema.load_state_dict(state["ema"])
 
 
@@ -575,8 +635,8 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
     share (FSDP2 slices them; DDP replicas load them whole)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
+        get_optimizer_state_dict,
         set_model_state_dict,
-        set_optimizer_state_dict,
     )
 
     full = StateDictOptions(full_state_dict=True)
@@ -589,7 +649,12 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
         if key in optimizers:
             saved = torch.load(ckpt / optimizer_file(key), map_location="cpu", weights_only=True)
             named = optimizer_by_name(saved, trainable_names(module))
-            set_optimizer_state_dict(module, optimizers[key], named, options=full)
+            opt = optimizers[key]
+
+            def whole_states(module=module, opt=opt) -> dict:  # gathered only when some are missing
+                return get_optimizer_state_dict(module, opt, options=full)["state"]
+
+            _set_optimizer_state(module, opt, named, whole_states, options=full)
     ema.load_state_dict(load_tensors(ckpt, "ema"))
 
 

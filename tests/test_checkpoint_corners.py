@@ -1,0 +1,146 @@
+"""Checkpoint corners that a short test run never reaches: step numbers past the 8 digits of the folder
+names, and optimizer states that are missing for some parameters (or all) when a checkpoint is saved.
+
+Resuming is checked on a tiny stand-alone module in this process, for both formats and both ways of
+loading: in a process group (a 1-process gloo group, as torchrun makes it) and without one."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import tiny_config
+from fusedit.train.checkpoint import (
+    find_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_distributed_checkpoint,
+)
+from fusedit.train.distributed import _fsdp_api
+from fusedit.train.ema import EMA
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+
+
+def test_the_latest_checkpoint_is_the_highest_step_past_eight_digits(tmp_path):
+    # step_100000000 sorts before step_99999999 by name: it must neither be pruned nor lose "latest".
+    cfg, net = tiny_config(), torch.nn.Linear(2, 2)
+    for step in (99_999_998, 99_999_999, 100_000_000):
+        save_checkpoint(tmp_path, step, cfg, net, None, None, None, keep=2)
+    root = tmp_path / "checkpoints"
+    assert {p.name for p in root.iterdir()} == {"latest", "step_99999999", "step_100000000"}
+    assert find_checkpoint(tmp_path).name == "step_100000000"
+    (root / "latest").unlink()  # without the pointer (a run killed before writing it), the highest step
+    assert find_checkpoint(tmp_path).name == "step_100000000"
+
+
+class _Net(torch.nn.Module):
+    """``b`` is used from step 2 on only: before that it gets no gradient, so AdamW keeps no state for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y) if step >= 2 else y
+
+
+def _build(shard: bool = False):
+    torch.manual_seed(0)
+    net = _Net()
+    if shard:  # FSDP2 in the 1-process group: parameters, Adam states and EMA become DTensors
+        fully_shard, _ = _fsdp_api()
+        fully_shard(net)
+    return net, torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1), EMA(net, 0.9)
+
+
+def _train(net, opt, ema, steps: range, save=None) -> None:
+    for step in steps:
+        if save is not None:
+            save(step)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        net(x, step).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(net)
+
+
+@contextlib.contextmanager
+def _process_group(folder: Path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(folder / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _same(a, b, what: str) -> None:
+    """Equal state (dicts, lists, tensors and numbers), tensors bit for bit."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), what
+        for k in a:
+            _same(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        full = [getattr(t, "full_tensor", lambda t=t: t)() for t in (a, b)]  # DTensors in full
+        assert isinstance(b, torch.Tensor) and torch.equal(*full), what
+    else:
+        assert a == b, what
+
+
+def _resume_and_check(run: Path, ref, saved_at: int, *, shard: bool, distributed: bool) -> None:
+    net, opt, ema = _build(shard)
+    load_training_state(find_checkpoint(run), net, {"denoiser": opt}, ema, {}, distributed=distributed)
+    assert net.b.weight not in opt.state
+    _train(net, opt, ema, range(saved_at, 4))
+    _same(net.state_dict(), ref[0].state_dict(), "weights")
+    _same(opt.state_dict(), ref[1].state_dict(), "optimizer")
+    _same(ema.state_dict(), ref[2].state_dict(), "EMA")
+
+
+@needs_gloo
+@pytest.mark.parametrize("saved_at", [0, 2], ids=["before-any-step", "b-without-state"])
+@pytest.mark.parametrize("load", ["alone", "in-group", "fsdp"])
+@pytest.mark.parametrize("fmt", ["dcp", "plain"])
+def test_parameters_without_adam_state_resume_exactly(tmp_path, fmt, load, saved_at):
+    """A parameter that had no gradient before the save has no Adam state; resumed, it must have none
+    either (not a zero state with step 1, which changes Adam's bias correction at its first update), and
+    saving must not give it one. Checked against a run that never saved: weights, optimizer states and
+    EMA bit for bit. "alone": loaded without a process group; "fsdp": saved (DCP) and resumed sharded."""
+    ref = _build()
+    _train(*ref, range(4))
+    cfg = tiny_config()
+    with _process_group(tmp_path):
+        # A plain checkpoint is one unsharded process's.
+        net, opt, ema = _build(shard=load == "fsdp" and fmt == "dcp")
+
+        def save(step: int) -> None:
+            if step != saved_at:
+                return
+            if fmt == "dcp":
+                optimizers = {"denoiser": opt}
+                save_distributed_checkpoint(
+                    tmp_path, step, cfg, net, ema.state_dict(), optimizers, {}, rank=0
+                )
+            else:
+                save_checkpoint(tmp_path, step, cfg, net, ema.state_dict(), opt, None)
+
+        _train(net, opt, ema, range(4), save)
+        _same(net.state_dict(), ref[0].state_dict(), "weights of the run that saved")
+        _same(opt.state_dict(), ref[1].state_dict(), "optimizer of the run that saved")
+        if load != "alone":
+            _resume_and_check(tmp_path, ref, saved_at, shard=load == "fsdp", distributed=True)
+    if load == "alone":
+        _resume_and_check(tmp_path, ref, saved_at, shard=False, distributed=False)
