@@ -186,6 +186,18 @@ def test_width_and_height_make_a_wide_image(server, tiny):
     assert np.array_equal(array, reference(tiny, "a red circle", 5, steps=2, size=(8, 12)))
 
 
+def test_a_prompt_cut_to_the_length_limit_is_told_on_every_job(server):
+    """The log warns about truncation once per process; each job whose prompt was cut says so itself."""
+    long = "a red circle above a blue square " * 4  # 28 words, text.max_length = 16
+    jobs = [
+        wait(server, call(server, "/api/generate", {"prompt": p, "steps": 1})[1]["id"]) for p in (long, long)
+    ]
+    notice = "the prompt (or negative prompt) is longer than text.max_length=16 tokens: its end was cut"
+    assert [job["notice"] for job in jobs] == [notice, notice]
+    short = wait(server, call(server, "/api/generate", {"prompt": "a red circle", "steps": 1})[1]["id"])
+    assert short["status"] == "done" and short["notice"] is None
+
+
 def test_no_seed_draws_one_and_reports_it(server):
     ids = [call(server, "/api/generate", {"prompt": "a red circle", "seed": ""})[1]["id"] for _ in range(2)]
     jobs = [wait(server, i) for i in ids]

@@ -10,7 +10,8 @@ box, the sampling settings, live progress and a gallery, over a small JSON API:
                                sets both sides, "width"/"height" one) -> 202 the new job,
                                or 400 {"error": "<one line naming the bad value and what is allowed>"}
     GET  /api/jobs             the kept jobs, newest first (the gallery)
-    GET  /api/jobs/<id>        one job: status (queued, running, done, error), step of total, images
+    GET  /api/jobs/<id>        one job: status (queued, running, done, error), step of total, images,
+                               a notice (a prompt cut to text.max_length) or null
     GET  /images/<id>/<n>.png  image n of a job
 
 Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
@@ -98,6 +99,8 @@ class Job:
     step: int = 0
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
+    # What the images do not show: a prompt cut to text.max_length (the log warns only once per process).
+    notice: str | None = None
     seconds: float | None = None
 
 
@@ -305,6 +308,7 @@ class JobQueue:
                 {"url": f"/images/{job.id}/{i}.png", "seed": r.seed + i} for i in range(len(job.images))
             ],
             "error": job.error,
+            "notice": job.notice,
             "seconds": job.seconds,
         }
 
@@ -346,9 +350,16 @@ class JobQueue:
             with self._lock:
                 job.step += 1
 
+        truncated = sum(encoder.truncated for encoder in self.model.encoders)
         x = generate(
             self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
         )
+        if sum(encoder.truncated for encoder in self.model.encoders) > truncated:
+            with self._lock:
+                job.notice = (
+                    f"the prompt (or negative prompt) is longer than text.max_length={self.cfg.text.max_length} "
+                    "tokens: its end was cut"
+                )
         pngs = []
         for array in to_uint8(x):
             buffer = io.BytesIO()
