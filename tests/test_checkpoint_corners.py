@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from conftest import tiny_config
 from fusedit.train.checkpoint import (
+    consolidate_checkpoint,
     find_checkpoint,
     load_training_state,
     save_checkpoint,
@@ -144,3 +145,26 @@ def test_parameters_without_adam_state_resume_exactly(tmp_path, fmt, load, saved
             _resume_and_check(tmp_path, ref, saved_at, shard=load == "fsdp", distributed=True)
     if load == "alone":
         _resume_and_check(tmp_path, ref, saved_at, shard=False, distributed=False)
+
+
+@needs_gloo
+@pytest.mark.parametrize("saved_at", [0, 2], ids=["before-any-step", "b-without-state"])
+def test_a_dcp_checkpoint_with_missing_adam_states_consolidates_and_resumes_exactly(tmp_path, saved_at):
+    """DCP writes no optimizer "state" at all for an optimizer saved before its first step: consolidate
+    still writes a plain checkpoint, and it resumes as the run that never saved goes on."""
+    ref = _build()
+    _train(*ref, range(4))
+    run = tmp_path / "run"
+    with _process_group(tmp_path):
+        net, opt, ema = _build()
+
+        def save(step: int) -> None:
+            if step == saved_at:
+                optimizers = {"denoiser": opt}
+                save_distributed_checkpoint(
+                    run, step, tiny_config(), net, ema.state_dict(), optimizers, {}, rank=0
+                )
+
+        _train(net, opt, ema, range(4), save)
+    plain = consolidate_checkpoint(run, tmp_path / "plain")
+    _resume_and_check(plain, ref, saved_at, shard=False, distributed=False)

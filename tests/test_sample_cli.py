@@ -175,6 +175,11 @@ def test_width_by_height_samples_a_wide_image(folders, tmp_path):
     assert np.array_equal(pixels(out / "00000.png"), alone)
 
 
+def test_a_square_written_width_by_height_is_recorded_as_one_side(folders, tmp_path):
+    assert sample(folders["run"], tmp_path, "--prompt", "a red circle", "--steps", "1", "--size", "8x8") == 0
+    assert metadata(tmp_path, 0)["size"] == 8
+
+
 def test_a_size_that_is_not_a_number_is_refused_by_the_parser(folders, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         sample(folders["run"], tmp_path, "--prompt", "a", "--size", "12by8")

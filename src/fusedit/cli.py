@@ -309,7 +309,7 @@ def cmd_sample(args) -> int:
                 "guidance": guidance,
                 "width": width,
                 "height": height,
-                **({"size": size} if height == width else {}),
+                **({"size": height} if height == width else {}),
                 "sampler": settings["sampler"],
                 "shift": settings["shift"],
                 "schedule": settings["schedule"],

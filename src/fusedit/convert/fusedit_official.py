@@ -679,6 +679,8 @@ def _locate(path: Path, config) -> _Source:
             llm=str(path / "llm") if (path / "llm").is_dir() else "",
             shift=_scheduler_shift(scheduler),
         )
+    if path.is_dir() and (path / "config.json").is_file():  # before the weights: any shard layout
+        _refuse_own_export(_config_for(path / "config.json", config), path, pipeline=False)
     weights = _weights_in(path) if path.is_dir() else path
     public = _config_for(weights, config)
     _refuse_own_export(public, path, pipeline=False)  # its transformer/ folder or weights file

@@ -110,8 +110,12 @@ class TextEncoder(nn.Module):
         self.prefix_ids = tokenizer(prefix, add_special_tokens=not t.rendered)["input_ids"]
         self.suffix_ids = tokenizer(t.suffix, add_special_tokens=False)["input_ids"] if t.suffix else []
         # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay).
-        # <unk> is no such token: it stands in for a word of the instruction the vocabulary lacks.
-        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+        # <unk> is no such token: it stands in for a word of the instruction the vocabulary lacks (unless
+        # the tokenizer's unk is also its BOS/EOS/pad, as GPT-2-style <|endoftext|> is).
+        special = set(tokenizer.all_special_ids)
+        own = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        if tokenizer.unk_token_id not in own:
+            special.discard(tokenizer.unk_token_id)
         instruction = [i not in special for i in self.prefix_ids]
         self.register_buffer(
             "prefix_instruction", torch.tensor(instruction, dtype=torch.bool), persistent=False

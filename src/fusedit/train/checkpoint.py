@@ -545,7 +545,8 @@ def optimizer_by_index(state: dict) -> dict:
     """The inverse of :func:`optimizer_by_name`, numbering parameters in the order the groups list them."""
     index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
     return {
-        "state": {index[name]: s for name, s in state["state"].items()},
+        # DCP writes no "state" for an optimizer saved before its first step (nothing to flatten).
+        "state": {index[name]: s for name, s in state.get("state", {}).items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
     }
 
