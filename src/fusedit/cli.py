@@ -18,11 +18,12 @@ from fusedit.config import (
     Config,
     ConfigError,
     SampleConfig,
+    allowed_sides,
     choices_of,
     config_from_dict,
     load_config,
     preset_names,
-    side_limits,
+    side_fits,
     to_yaml,
 )
 
@@ -227,14 +228,9 @@ def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") 
     covers (config.side_limits)."""
     from fusedit.sample import image_shape
 
-    unit, largest = side_limits(cfg)
-    if any(s < unit or s % unit or (largest is not None and s > largest) for s in image_shape(size)):
-        limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
+    if not all(side_fits(s, cfg) for s in image_shape(size)):
         sides = "" if isinstance(size, int) else " for each side"
-        raise ConfigError(
-            f"{flag} {_size_text(size)} is not allowed (allowed{sides}: a positive multiple of {unit}, the "
-            f"VAE's downsampling x the patch size{limit})"
-        )
+        raise ConfigError(f"{flag} {_size_text(size)} is not allowed (allowed{sides}: {allowed_sides(cfg)})")
 
 
 def _saved_config(path: str | Path) -> Config | None:

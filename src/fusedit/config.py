@@ -749,6 +749,19 @@ def side_limits(cfg: Config) -> tuple[int, int | None]:
     return unit, m.ape_max_size * unit if m.pos_embed == "ape" and m.ape_max_size is not None else None
 
 
+def side_fits(side: int, cfg: Config) -> bool:
+    """Whether an image side in pixels keeps to ``side_limits``."""
+    unit, largest = side_limits(cfg)
+    return side >= unit and side % unit == 0 and (largest is None or side <= largest)
+
+
+def allowed_sides(cfg: Config) -> str:
+    """``side_limits`` as the errors for a bad image side say it."""
+    unit, largest = side_limits(cfg)
+    limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
+    return f"a positive multiple of {unit}, the VAE's downsampling x the patch size{limit}"
+
+
 # The position schemes that rotate image tokens (layers/position.py builds them); the RoPE layout
 # options apply to these only.
 ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")

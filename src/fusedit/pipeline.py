@@ -30,12 +30,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusedit.config import Config, side_limits
+from fusedit.config import Config, allowed_sides, side_fits
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
-from fusedit.sample import text_velocity
+from fusedit.sample import latent_shape, text_velocity
 from fusedit.system import TextToImage
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import DTYPES
@@ -297,16 +297,11 @@ class FuseDiTPipeline(DiffusionPipeline):
             or not math.isfinite(guidance)
         ):
             raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number)")
-        ae = model.autoencoder
-        unit, largest = side_limits(cfg)
-        why = ", the VAE's downsampling x the patch size"
-        if largest is not None:
-            why += f", up to {largest} (the APE table's model.ape_max_size)"
         height, width = (
-            cfg.data.image_size if size is None else _whole(name, size, unit, why, largest)
+            cfg.data.image_size if size is None else _side(name, size, cfg)
             for name, size in (("height", height), ("width", width))
         )
-        shape = (len(prompts), ae.channels, height // ae.downsample, width // ae.downsample)
+        shape = (len(prompts), *latent_shape(model, (height, width)))
         if isinstance(generator, list) and len(generator) != len(prompts):
             # randn_tensor would silently reuse one generator for a list of one, or ignore the extras.
             raise ValueError(
@@ -343,7 +338,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            decoded = ae.decode(latents)
+            decoded = model.autoencoder.decode(latents)
             if output_type == "pil":
                 images = [Image.fromarray(a) for a in to_uint8(decoded)]
             else:
@@ -388,18 +383,17 @@ def _strings(name: str, value) -> list[str]:
     return list(values)
 
 
-def _whole(name: str, value, multiple: int = 1, why: str = "", largest: int | None = None) -> int:
-    """A call argument that must be a positive whole number (and a multiple of ``multiple``, at most
-    ``largest``, for ``why``)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 1
-        or value % multiple
-        or (largest is not None and value > largest)
-    ):
-        allowed = "a positive whole number" if multiple == 1 else f"a positive multiple of {multiple}{why}"
-        raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed})")
+def _whole(name: str, value) -> int:
+    """A call argument that must be a positive whole number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed (allowed: a positive whole number)")
+    return int(value)
+
+
+def _side(name: str, value, cfg: Config) -> int:
+    """height / width: a whole number of pixels that keeps to the model's side limits."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not side_fits(int(value), cfg):
+        raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed_sides(cfg)})")
     return int(value)
 
 

@@ -350,11 +350,11 @@ class JobQueue:
             with self._lock:
                 job.step += 1
 
-        truncated = sum(encoder.truncated for encoder in self.model.encoders)
+        truncated = self.model.truncated
         x = generate(
             self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
         )
-        if sum(encoder.truncated for encoder in self.model.encoders) > truncated:
+        if self.model.truncated > truncated:
             with self._lock:
                 job.notice = (
                     f"the prompt (or negative prompt) is longer than text.max_length={self.cfg.text.max_length} "

@@ -51,6 +51,11 @@ class TextToImage(nn.Module):
     def encoders(self) -> list[TextEncoder]:
         return [self.text, *self.extra_text]
 
+    @property
+    def truncated(self) -> int:
+        """Prompts cut to text.max_length so far, summed over the LLMs (each TextEncoder counts its own)."""
+        return sum(enc.truncated for enc in self.encoders)
+
     def encode_prompts(self, prompts: list[str]) -> TextContext:
         """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch."""
         requests = self.denoiser.text_requests

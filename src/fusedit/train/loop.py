@@ -518,7 +518,7 @@ class _Run:
                 global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
             )
             loss_sum = torch.zeros((), device=device)
-            truncated_before = sum(encoder.truncated for encoder in model.encoders)
+            truncated_before = model.truncated
             for m in range(accum):
                 local = slice(m * micro, (m + 1) * micro)
                 rows = range(first_row + local.start, first_row + local.stop)
@@ -543,7 +543,7 @@ class _Run:
             distributed.average_gradients(llm_params, env)
             # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
             # full_like fills on the device, where a copy from the host would wait for the step's kernels.
-            truncated = sum(encoder.truncated for encoder in model.encoders) - truncated_before
+            truncated = model.truncated - truncated_before
             step_sums = torch.stack([loss_sum / accum, torch.full_like(loss_sum, truncated)])
             loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, env)
             grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
