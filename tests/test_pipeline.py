@@ -214,7 +214,8 @@ def test_the_folder_records_the_architecture(tmp_path):
     assert (out / "text_encoder" / "model.safetensors").is_file()
     record = json.loads((out / "transformer" / "config.json").read_text())
     assert record["fusedit"]["model"]["design"] == "dit-self" and record["fusedit"]["data"] == {
-        "image_size": 16
+        "image_size": 16,
+        "max_objects": 2,
     }
     assert "train" not in record["fusedit"] and record["pooled_dim"] is None
     (llm,) = record["llms"]

@@ -364,9 +364,7 @@ _BENCH_FLAGS = {
 
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
-    from fusedit.sample import to_sampling_form
     from fusedit.system import resolve_device
-    from fusedit.train.checkpoint import find_checkpoint, load_model
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
     # of these flags is None, so only the flags given count.
@@ -385,10 +383,8 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--per-category {args.per_category} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
-    ckpt = find_checkpoint(args.model)
     device = resolve_device(args.device, "--device")
-    model, cfg, ckpt = load_model(ckpt, device, use_ema=not args.no_ema)
-    to_sampling_form(model, cfg)
+    model, cfg, _ = load_sampling_model(args.model, device, use_ema=not args.no_ema)
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
         return _eval_protocol(args, model, cfg, out, device)
@@ -745,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def with_config(sp):
-        sp.add_argument("config", help="preset name (see `fusedit presets`) or YAML file")
+        sp.add_argument("config", help="preset name (see `fusedit presets`), YAML file, or model folder")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     sp = sub.add_parser("train", help="train a config")
@@ -806,8 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_flags(sp, compile_default="off: every new request shape would compile")
     sp.set_defaults(func=cmd_serve)
 
-    sp = sub.add_parser("eval", help="score a run or checkpoint on a benchmark")
-    sp.add_argument("model", help="run folder or checkpoint folder")
+    sp = sub.add_parser("eval", help="score a run, checkpoint or pipeline folder on a benchmark")
+    sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--bench", choices=["shapes", "geneval", "dpg"], default="shapes")
     sp.add_argument("--per-category", type=int, help="shapes: held-out prompts per category (default 20)")
     sp.add_argument("--prompts", help="geneval/dpg: the prompt data (see `fusedit benchmarks download`)")

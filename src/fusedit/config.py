@@ -331,8 +331,9 @@ class TrainConfig:
     # Train the DiT through LoRA adapters on its attention and MLP projections (rank >= 1), e.g. to
     # fine-tune a trained model (train.init_from); its other weights stay frozen.
     dit_lora: LoRAConfig = field(default_factory=LoRAConfig)
-    # A run or checkpoint folder whose weights (EMA when saved, LoRA adapters merged; its LLM when saved)
-    # start this run instead of the random init: fine-tuning a trained or converted model. Resuming reads
+    # A run or checkpoint folder whose weights (EMA when saved, LoRA adapters merged; its LLM when saved),
+    # or a diffusers pipeline folder whose transformer and LLMs, start this run instead of the random init:
+    # fine-tuning a trained, converted or downloaded model. Resuming reads
     # this run's own checkpoints instead.
     init_from: str = ""
     # Metric loggers next to the always-on metrics.jsonl, on rank 0: "tensorboard" (run_dir/tensorboard)
@@ -450,8 +451,11 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
-    """A preset name or a YAML path -> (mapping, folder it came from for relative ``base:``)."""
+    """A preset name, a YAML path, or a model folder -> (mapping, folder it came from for relative
+    ``base:``)."""
     path = Path(name_or_path)
+    if path.is_dir():
+        return _saved_mapping(path), None
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file not found: {str(path)!r}")
@@ -475,6 +479,31 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
             f"{name_or_path}: a config must be a YAML mapping of sections, got {type(data).__name__}"
         )
     return data, folder
+
+
+def _saved_mapping(folder: Path) -> dict:
+    """The config a model folder was saved with, as a base to build on (fine-tuning it with
+    ``train.init_from``): a run or checkpoint folder's ``config.yaml``, or the sections a diffusers pipeline
+    folder's transformer recorded (``fusedit.hub.export_config``; the data and train sections then start
+    from their defaults, but for data.image_size)."""
+    if (folder / "config.yaml").is_file():
+        return _read_yaml(folder / "config.yaml")[0]
+    if (folder / "model_index.json").is_file():
+        config = folder / "transformer" / "config.json"
+        try:
+            recorded = json.loads(config.read_text()).get("fusedit")
+        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise ConfigError(
+                f"{str(folder)!r} is not a fusedit pipeline folder ({config} records no fusedit config; a "
+                "public FuseDiT pipeline needs `fusedit convert` first)"
+            )
+        return recorded
+    raise ConfigError(
+        f"{str(folder)!r} is a folder without a saved config (allowed: a preset name, a YAML file, or a run, "
+        "checkpoint or diffusers pipeline folder)"
+    )
 
 
 def _preset_hint(name: str) -> str:

@@ -40,10 +40,11 @@ EXPORTED_SECTIONS = ("name", "model", "text", "extra_text", "pooled_text", "vae"
 
 
 def export_config(cfg: Config) -> dict:
-    """The Config sections a saved model records (JSON-ready), with data.image_size as its native size."""
+    """The Config sections a saved model records (JSON-ready), with data.image_size as its native size and
+    data.max_objects (the shapes world it learnt, which `fusedit eval --bench shapes` draws from)."""
     full = to_dict(cfg)
     out = {key: copy.deepcopy(full[key]) for key in EXPORTED_SECTIONS}
-    out["data"] = {"image_size": cfg.data.image_size}
+    out["data"] = {"image_size": cfg.data.image_size, "max_objects": cfg.data.max_objects}
     return out
 
 

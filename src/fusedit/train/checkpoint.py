@@ -372,24 +372,33 @@ def weights_mismatch(ckpt: Path, expected: dict[str, dict[str, torch.Tensor]]) -
     module will load, as :func:`saved_shapes` names them), or None when they fit. A plain section the
     checkpoint lacks is not compared (a hub LLM's weights are not saved); adapters the module has must be
     saved, since a checkpoint saves the adapters of every module that has them."""
-    saved = saved_shapes(ckpt)
+    return shapes_mismatch(saved_shapes(ckpt), expected)
+
+
+def shapes_mismatch(
+    saved: dict[str, dict[str, tuple[int, ...]]],
+    expected: dict[str, dict[str, torch.Tensor]],
+    where: str = "the checkpoint",
+) -> str | None:
+    """:func:`weights_mismatch` over the shapes of saved weights by file stem (:func:`saved_shapes`), saved
+    in ``where``."""
     for stem, state in expected.items():
         have = saved.get(stem)
         if have is None:
             if stem.endswith("_lora") and state:
-                return f"adapter {next(iter(state))!r} of the configured model is not in the checkpoint"
+                return f"adapter {next(iter(state))!r} of the configured model is not in {where}"
             continue
         for name, tensor in state.items():
             if name not in have:
-                return f"{stem} weight {name!r} of the configured model is not in the checkpoint"
+                return f"{stem} weight {name!r} of the configured model is not in {where}"
             if have[name] != tuple(tensor.shape):
                 return (
-                    f"{stem} weight {name!r} has shape {list(have[name])} in the checkpoint but "
+                    f"{stem} weight {name!r} has shape {list(have[name])} in {where} but "
                     f"{list(tensor.shape)} in the configured model"
                 )
         extra = [name for name in have if name not in state]
         if extra:
-            return f"{stem} weight {extra[0]!r} of the checkpoint has no place in the configured model"
+            return f"{stem} weight {extra[0]!r} of {where} has no place in the configured model"
     return None
 
 
@@ -477,9 +486,15 @@ def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
 
 def init_weights(model, path: str | Path) -> Path:
     """train.init_from: start ``model`` (freshly built, before any stage applies) from the weights of a run
-    or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved)."""
+    or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved), or of a
+    diffusers pipeline folder (its transformer and every LLM)."""
     from fusedit.train.stages import text_modules
 
+    if (Path(path) / "model_index.json").is_file():
+        problem = _init_from_pipeline(model, Path(path))
+        if problem:
+            raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
+        return Path(path)
     ckpt = find_checkpoint(path)
     # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
     expected = {
@@ -495,6 +510,38 @@ def init_weights(model, path: str | Path) -> Path:
     if problem:
         raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
     return ckpt
+
+
+def _init_from_pipeline(model, folder: Path) -> str | None:
+    """init_weights from a pipeline folder (``fusedit export``, ``FuseDiTPipeline.save_pretrained``): the
+    first way it does not fit ``model`` (as :func:`shapes_mismatch` words it, under the pipeline's folder
+    names), or None once its denoiser and LLM weights are loaded. The pooled CLIP and the VAE stay what the
+    config loads, as they do for a run folder."""
+    from fusedit.pipeline import LLM_SLOTS, from_pretrained
+    from fusedit.train.stages import text_modules
+
+    try:
+        source, _ = from_pretrained(folder)
+    except (ValueError, OSError) as e:  # not a fusedit pipeline, or a component it cannot read
+        return str(e).splitlines()[0]
+    # Checkpoint name -> the pipeline's folder for it (llm -> text_encoder, llm_extra0 -> text_encoder_2, ...).
+    folders = {DENOISER: "transformer"} | {
+        key: slot for key, (_, slot) in zip(text_modules(model), LLM_SLOTS, strict=False)
+    }
+    have = {DENOISER: source.denoiser, **text_modules(source)}
+    want = {DENOISER: model.denoiser, **text_modules(model)}
+    if set(have) != set(want):
+        return f"it holds {len(have) - 1} LLM(s), the configured model reads {len(want) - 1}"
+    states = {key: module.state_dict() for key, module in have.items()}
+    problem = shapes_mismatch(
+        {folders[k]: {n: tuple(t.shape) for n, t in s.items()} for k, s in states.items()},
+        {folders[k]: m.state_dict() for k, m in want.items()},
+        where="the pipeline",
+    )
+    if problem is None:
+        for key, module in want.items():
+            module.load_state_dict(states[key])
+    return problem
 
 
 # Settings a resumed run may change: how the text is batched and which kernels compute, not what the

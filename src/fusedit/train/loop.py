@@ -128,7 +128,8 @@ def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[t
 def initialised_llms(cfg: Config, llms: dict) -> set[str]:
     """The LLMs (checkpoint names) whose weights train.init_from loaded: those its checkpoint saved, whole
     or as adapters. The others are what their model_id loads, so a checkpoint need not hold them. All of
-    them when that checkpoint is gone (say, on a resume elsewhere): saving too much loses nothing."""
+    them from a pipeline folder (it holds every LLM), or when that checkpoint is gone (say, on a resume
+    elsewhere): saving too much loses nothing."""
     if not cfg.train.init_from:
         return set()
     try:
