@@ -258,6 +258,9 @@ def test_clip_pooled_text_modulation():
         },
     )
     model = build_model(cfg)
+    # The embedding MLP starts as the public code's: N(0, 0.02) weights, zero biases (not xavier)
+    for lin in (model.denoiser.pooled.embed[1], model.denoiser.pooled.embed[3]):
+        assert abs(lin.weight.std().item() - 0.02) < 0.004 and not lin.bias.any()
     randomize(model.denoiser)
     text = model.encode_prompts(["a red circle", "a blue square"])
     assert text.pooled.shape == (2, 20) and not torch.allclose(text.pooled[0], text.pooled[1])

@@ -148,6 +148,38 @@ def test_an_unknown_word_of_the_instruction_is_instruction_not_a_special_token()
     ]
 
 
+@pytest.mark.parametrize("bos", [True, False])
+def test_chat_markers_registered_as_special_are_instruction_before_the_prompt_as_after_it(bos):
+    """Gemma-it and Qwen2-Instruct register their turn markers as special tokens; the DiT keeps only what
+    the tokenizer puts before any text (Gemma's <bos>, nothing for Qwen), not the markers around the prompt."""
+    from fusedit.system import builtin_words, load_tokenizer
+    from fusedit.text.encoder import TextEncoder
+    from fusedit.text.templates import build_template
+
+    cfg = tiny_config()
+    model = build_model(cfg)
+    tok = load_tokenizer(cfg.text, builtin_words(cfg) + ["user", "model"])
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = (
+        "{{ bos_token }}" * bos + "{% for m in messages %}<start_of_turn> {{ m['role'] }} {{ m['content'] }} "
+        "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> model {% endif %}"
+    )
+    if not bos:  # Qwen's tokenizer adds no BOS
+        tok._tokenizer.post_processor = None
+    enc = TextEncoder(model.text.llm, tok, 8, build_template("chat", tok))
+    ids, mask = enc.tokenize(["a red circle"])
+    words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
+    kept = ["<bos>"] * bos + ["a", "red", "circle"]
+    assert words == kept[:bos] + ["<start_of_turn>", "user"] + kept[bos:] + [
+        "<end_of_turn>",
+        "<start_of_turn>",
+        "model",
+    ]
+    instruction = enc.instruction_mask(mask.sum(1), ids.shape[1])[0][mask[0]].tolist()
+    assert [w for w, drop in zip(words, instruction, strict=True) if not drop] == kept
+    assert enc.budget == 8 - bos  # only <bos> counts in text.max_length
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_llm_and_tokenizer_load_from_a_local_folder(tmp_path, family):
     """text.model_id may be a folder written by save_pretrained (the same code path as a hub id)."""

@@ -186,7 +186,8 @@ class DiT(nn.Module):
 
     # ---- shared
     def initialize_weights(self) -> None:
-        """DiT's init: xavier Linear with zero bias, N(0, 0.02) timestep MLP, adaLN-Zero and output at 0.
+        """DiT's init: xavier Linear with zero bias, N(0, 0.02) timestep MLP (and clip-mod's pooled-text MLP,
+        as the public FuseDiT code inits its condition embedder), adaLN-Zero and output at 0.
 
         Designs call this at the end of their __init__, after adding their own modules."""
         for m in self.modules():
@@ -194,7 +195,8 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for lin in (m for m in self.time.modules() if isinstance(m, nn.Linear)):
+        embedders = [self.time, *([self.pooled] if isinstance(self.pooled, ClipPooledText) else [])]
+        for lin in (m for e in embedders for m in e.modules() if isinstance(m, nn.Linear)):
             nn.init.normal_(lin.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, ZeroInit):

@@ -109,14 +109,15 @@ class TextEncoder(nn.Module):
         self.prompt_lead = t.prefix[len(prefix) :]
         self.prefix_ids = tokenizer(prefix, add_special_tokens=not t.rendered)["input_ids"]
         self.suffix_ids = tokenizer(t.suffix, add_special_tokens=False)["input_ids"] if t.suffix else []
-        # Template tokens the refiners may read but the DiT should not (special tokens such as BOS stay).
-        # <unk> is no such token: it stands in for a word of the instruction the vocabulary lacks (unless
-        # the tokenizer's unk is also its BOS/EOS/pad, as GPT-2-style <|endoftext|> is).
-        special = set(tokenizer.all_special_ids)
-        own = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-        if tokenizer.unk_token_id not in own:
-            special.discard(tokenizer.unk_token_id)
-        instruction = [i not in special for i in self.prefix_ids]
+        # Template tokens the refiners may read but the DiT should not. The DiT keeps only what the tokenizer
+        # itself puts before any text (BOS; nothing for Qwen's), the tokens an empty prompt is made of.
+        # Everything else is instruction, like the suffix: chat markers a tokenizer registers as special
+        # (Qwen's <|im_start|>, Gemma-it's <start_of_turn>), which the DiT would otherwise see before the
+        # prompt but not after it, and an <unk> standing for an instruction word the vocabulary lacks.
+        lead, keep = tokenizer("")["input_ids"], 0
+        while keep < min(len(lead), len(self.prefix_ids)) and self.prefix_ids[keep] == lead[keep]:
+            keep += 1
+        instruction = [j >= keep for j in range(len(self.prefix_ids))]
         self.register_buffer(
             "prefix_instruction", torch.tensor(instruction, dtype=torch.bool), persistent=False
         )
@@ -135,7 +136,7 @@ class TextEncoder(nn.Module):
         # space.md s.3: caption dropout to ""). A tokenizer that adds no BOS (Qwen's) would give zero tokens,
         # which no LLM runs on: then it is the end-of-text token, the same in training and sampling.
         end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-        self.empty_ids = tokenizer("")["input_ids"] or [end]
+        self.empty_ids = lead or [end]
         self.vocab_rows = llm.get_input_embeddings().num_embeddings
 
     @property
