@@ -181,10 +181,10 @@ def test_a_resume_warns_when_the_folder_changed_size_and_old_states_are_not_chec
     state = json.loads(json.dumps(first.state_dict()))
     assert state["samples"] == len(GOOD)
 
-    def warnings(state) -> list[str]:
+    def warnings(state, **ranks) -> list[str]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="fusedit"):
-            _run(cfg, steps=3, start=2, state=state)
+            _run(cfg, steps=3, start=2, state=state, **ranks)
         return [r.getMessage() for r in caplog.records]
 
     assert warnings(state) == []  # same folder
@@ -194,6 +194,8 @@ def test_a_resume_warns_when_the_folder_changed_size_and_old_states_are_not_chec
     assert messages[0].startswith(
         f"data: the dataset has {len(GOOD) + 1} samples, not the {len(GOOD)} it had"
     )
+    assert len(warnings(state, rank=0, world_size=2)) == 1
+    assert warnings(state, rank=1, world_size=2) == []  # the first rank says it for every rank
     old = {k: v for k, v in state.items() if k != "samples"}  # a checkpoint from before the size was saved
     assert warnings(old) == []
 

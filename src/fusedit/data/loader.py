@@ -734,7 +734,8 @@ def step_loader(
     dataset, events = planned_dataset(cfg, seed, batch_size, rank, world_size)
     if state is not None:
         saved = state.get("samples")  # absent from states saved before it was recorded: nothing to check
-        if saved is not None and int(saved) != len(dataset):
+        # Every rank sees the same dataset; the first says so for all.
+        if rank == 0 and saved is not None and int(saved) != len(dataset):
             log.warning(
                 "data: the dataset has %d samples, not the %d it had when the data position was saved; the "
                 "run goes on at the same step in a new order of the %d, so the current epoch may repeat or "
