@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from conftest import TINY_ARCH, tiny_config
+from conftest import TINY_ARCH, TINY_CLIP_ARCH, tiny_config
 from fusedit.config import ConfigError
 from fusedit.data.shapes import vocabulary
 from fusedit.system import build_model
@@ -38,6 +38,33 @@ def test_truncation_warns_once_per_encoder_and_counts_the_rest(caplog):
     warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and f"e.g. {long!r} (11 tokens)" in warnings[0], warnings
     assert model.text.truncated == 3
+
+
+def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(caplog):
+    """Two LLMs (LI-DiT) and a pooled CLIP (clip-mod) each cut a long prompt to their own limit: the model
+    counts the prompt once, and the warnings and the model's limits name each encoder's setting."""
+    qwen = {"family": "qwen2", "arch": TINY_ARCH, "max_length": 8}
+    cfg = tiny_config(
+        model={"design": "dit-cross", "pooled_text": "clip", "refiner_depth": 1, "refiner_heads": 4},
+        text={"max_length": 5},
+        extra_text=[qwen],
+        pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 7},
+    )
+    model = build_model(cfg)
+    assert model.limits == "one of text.max_length=5, extra_text.0.max_length=8, pooled_text.max_length=7"
+    long = "a blue square to the left of a green triangle"  # 10 words: every encoder cuts it
+    middle = "a blue square to the left"  # 6 words: only the first LLM (5 with <bos>) cuts it
+    with caplog.at_level(logging.WARNING):
+        model.encode_prompts([long, middle, "a red circle"])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("1 prompt(s) longer than extra_text.0.max_length=8 tokens") for w in warnings)
+    assert any(
+        w.startswith("1 prompt(s) longer than pooled_text.max_length=7 tokens were cut") for w in warnings
+    )
+    assert [e.truncated for e in model.encoders] == [2, 1] and model.pooled_text.truncated == 1
+    assert model.truncated == 2
+    model.encode_prompts(["a red circle"])
+    assert model.truncated == 2
 
 
 def test_instruction_prefix_and_chat_template():

@@ -357,8 +357,8 @@ class JobQueue:
         if self.model.truncated > truncated:
             with self._lock:
                 job.notice = (
-                    f"the prompt (or negative prompt) is longer than text.max_length={self.cfg.text.max_length} "
-                    "tokens: its end was cut"
+                    f"the prompt (or negative prompt) is longer than {self.model.limits} tokens: its end was "
+                    "cut"
                 )
         pngs = []
         for array in to_uint8(x):

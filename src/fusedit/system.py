@@ -46,15 +46,22 @@ class TextToImage(nn.Module):
         self.pooled_text = pooled_text
         self.denoiser = denoiser
         self.autoencoder = autoencoder
+        for i, enc in enumerate(self.extra_text):
+            enc.setting = f"extra_text.{i}.max_length"
+        # Prompts cut by the limit of any text encoder so far (each counted once per encode_prompts call).
+        self.truncated = 0
 
     @property
     def encoders(self) -> list[TextEncoder]:
         return [self.text, *self.extra_text]
 
     @property
-    def truncated(self) -> int:
-        """Prompts cut to text.max_length so far, summed over the LLMs (each TextEncoder counts its own)."""
-        return sum(enc.truncated for enc in self.encoders)
+    def limits(self) -> str:
+        """The prompt limits of the text encoders, for messages: "text.max_length=256", or "one of
+        text.max_length=256, pooled_text.max_length=77" where several encoders each cut prompts."""
+        cutting = [*self.encoders, *([self.pooled_text] if self.pooled_text is not None else [])]
+        named = [f"{enc.setting}={enc.prompt_limit}" for enc in cutting]
+        return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
     def encode_prompts(self, prompts: list[str]) -> TextContext:
         """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch."""
@@ -63,8 +70,11 @@ class TextToImage(nn.Module):
         context.others = [
             enc.encode(prompts, req) for enc, req in zip(self.extra_text, requests[1:], strict=True)
         ]
+        cutting = list(self.encoders)
         if self.pooled_text is not None:
             context.pooled = self.pooled_text(prompts)
+            cutting.append(self.pooled_text)
+        self.truncated += len(frozenset().union(*(enc.cut for enc in cutting)))
         return context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:

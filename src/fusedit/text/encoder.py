@@ -96,8 +96,11 @@ class TextEncoder(nn.Module):
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         self.head_dim = head_dim(llm.config)
         # Prompts truncated so far. Training meets the same over-long captions batch after batch, so only
-        # the first truncation is logged; the rest are counted here.
+        # the first truncation is logged; the rest are counted here, and ``cut`` holds the positions cut
+        # in the last batch (TextToImage counts a prompt once, however many of its encoders cut it).
         self.truncated = 0
+        self.cut: frozenset[int] = frozenset()
+        self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
@@ -177,14 +180,16 @@ class TextEncoder(nn.Module):
         if too_long and not self.truncated:
             first = prompts[too_long[0]]
             log.warning(
-                "%d prompt(s) longer than text.max_length=%d tokens were truncated, e.g. %r (%d tokens); "
+                "%d prompt(s) longer than %s=%d tokens were truncated, e.g. %r (%d tokens); "
                 "later truncations are only counted (TextEncoder.truncated)",
                 len(too_long),
+                self.setting,
                 self.prompt_limit,
                 first[:80],
                 len(bodies[too_long[0]]) + self.prompt_limit - self.budget,
             )
         self.truncated += len(too_long)
+        self.cut = frozenset(too_long)
         pad = self.tokenizer.pad_token_id
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)

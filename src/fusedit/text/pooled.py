@@ -4,11 +4,15 @@ DiT's timestep embedding."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
 from fusedit.config import ConfigError, PooledTextConfig
+
+log = logging.getLogger(__name__)
 
 
 class PooledTextEncoder(nn.Module):
@@ -17,6 +21,15 @@ class PooledTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # As TextEncoder's: prompts cut to max_length so far (the first batch with one is logged), the
+        # positions cut in the last batch, and the config key of the limit.
+        self.truncated = 0
+        self.cut: frozenset[int] = frozenset()
+        self.setting = "pooled_text.max_length"
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_length
 
     @property
     def dim(self) -> int:
@@ -30,6 +43,20 @@ class PooledTextEncoder(nn.Module):
         For CLIP's own tokenizer that token is end-of-text, so this is exactly CLIP's ``text_embeds``; unlike
         CLIP's pooler it needs no particular end-of-text id, so any tokenizer works."""
         device = next(self.model.parameters()).device
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        self.cut = frozenset(i for i, n in enumerate(lengths) if n > self.max_length)
+        if self.cut and not self.truncated:
+            first = min(self.cut)
+            log.warning(
+                "%d prompt(s) longer than %s=%d tokens were cut for the pooled text embedding, e.g. %r "
+                "(%d tokens); later ones are only counted",
+                len(self.cut),
+                self.setting,
+                self.max_length,
+                prompts[first][:80],
+                lengths[first],
+            )
+        self.truncated += len(self.cut)
         tok = self.tokenizer(
             list(prompts),
             padding="max_length",

@@ -252,7 +252,7 @@ def train(
     Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
     now, "start_step": the step this call started from (both the same when it trained nothing: a run
     already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps",
-    "truncated_prompts" (the run's prompts cut to text.max_length, across resumes), "rank", "world_size"}.
+    "truncated_prompts" (the run's prompts cut to a text encoder's limit, across resumes), "rank", "world_size"}.
     """
     # Before anything is set up or deleted: a fresh run with stop_at <= 0 would wipe the run folder's
     # checkpoints and train nothing.
@@ -389,9 +389,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                 run.stage(stage, steps, forward, stage_parallel, opts, ema, data_state)
     if main and run.truncated:  # the text encoder warns at the first truncation only
         log.info(
-            "text: %d prompts longer than text.max_length=%d tokens were truncated in this run (to step %d)",
+            "text: %d prompts longer than %s tokens were truncated in this run (to step %d)",
             run.truncated,
-            cfg.text.max_length,
+            model.limits,
             max(start, end),
         )
     # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
@@ -426,8 +426,8 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     bad_in_row: int = 0
     bad_total: int = 0
-    # Prompts of the training batches cut to text.max_length so far, over all ranks (and once per text
-    # encoder that cut it); a preview's prompts are not counted.
+    # Prompts of the training batches cut to a text encoder's limit so far (text.max_length, an
+    # extra_text's or pooled_text's; once however many cut it), over all ranks; previews do not count.
     truncated: int = 0
 
     def stage(self, stage: Stage, steps: range, forward, stage_parallel: str, opts, ema, data_state) -> None:
