@@ -42,6 +42,21 @@ def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
     assert "img/s" in capsys.readouterr().out
 
 
+def test_bench_counts_every_llm_of_a_multi_llm_model(tmp_path):
+    """LI-DiT's two LLMs: each has its own text width, and the FLOP count has both LLMs and both branches."""
+    out = tmp_path / "bench.jsonl"
+    args = bench_args(out, "--batch", "2", "--what", "train")
+    assert main([*(a if a != "debug" else "debug-lidit" for a in args)]) == 0
+    (train,) = (json.loads(line) for line in out.read_text().splitlines())
+    model = build_model(load_config("debug-lidit"), "meta")
+    widths = [8, 8]  # --text-tokens 8 of random ids through each LLM
+    assert len(model.encoders) == 2
+    expected = 3 * denoiser_flops(model.denoiser, 64, widths) + sum(
+        llm_flops(e.llm, w) for e, w in zip(model.encoders, widths)
+    )
+    assert train["flops_per_image"] == expected
+
+
 def test_bench_sweeps_points_and_records_out_of_memory(tmp_path, monkeypatch, capsys):
     """Training points run first (sampling turns the model into its sampling form), a point that does
     not fit is a row saying so, and sampling sweeps prompts x steps."""

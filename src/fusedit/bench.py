@@ -186,13 +186,13 @@ def bench_train(
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     denoiser.train()
-    widths = []  # the trimmed text length of every timed step
+    widths = []  # the trimmed text length of each LLM at every timed step
 
     def step(lengths=None):
         if lengths is None:
             lengths = prompt_lengths(batch, tokens, min_tokens, lgen)
         text = synthetic_text(s.model, lengths, tokens, tgen)  # a training step includes one LLM forward
-        widths.append(text.mask.shape[1])
+        widths.append([c.mask.shape[1] for c in text.all])
         with s.autocast():
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
@@ -217,7 +217,8 @@ def bench_train(
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
     # FLOPs of the text lengths the timed steps computed over (padding included: the kernels compute it).
     flops = statistics.mean(
-        3 * denoiser_flops(denoiser, n_img, w) + sum(llm_flops(e.llm, w) for e in s.model.encoders)
+        3 * denoiser_flops(denoiser, n_img, w)
+        + sum(llm_flops(e.llm, n) for e, n in zip(s.model.encoders, w, strict=True))
         for w in widths
     )
     achieved = flops * batch / seconds
@@ -229,7 +230,7 @@ def bench_train(
         "resolution": resolution,
         "text_tokens": tokens,
         "min_text_tokens": min_tokens,
-        "text_width_mean": statistics.mean(widths),
+        "text_width_mean": statistics.mean(w[0] for w in widths),
         "primed_widths": len(widths_to_prime) if primed else 0,
         "step_s": seconds,
         "images_per_s": batch / seconds,
