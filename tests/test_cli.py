@@ -374,6 +374,24 @@ def test_convert_reads_a_pickled_file_only_with_trust_pickle(tmp_path, capsys):
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
+def test_a_converted_run_samples_from_another_working_directory(tmp_path, monkeypatch):
+    """The folders convert reads (--vae, --tokenizer, the download's own) are saved as absolute paths."""
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
+
+    monkeypatch.chdir(tmp_path)
+    tiny_vae().save_pretrained("vae")
+    word_tokenizer(vocabulary()).save_pretrained("tok")
+    assert main(["convert", str(FIXTURE), "--vae", "vae", "--tokenizer", "tok", "--out", "run"]) == 0
+    cfg = load_checkpoint_config(find_checkpoint("run"))
+    assert (cfg.vae.model_id, cfg.text.tokenizer) == (str(tmp_path / "vae"), str(tmp_path / "tok"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["sample", str(tmp_path / "run"), "--prompt", "a red circle", "--steps", "1", "--quiet"]
+    assert main([*args, "--out", "out"]) == 0
+
+
 def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch):
     import numpy as np
     from PIL import Image

@@ -18,6 +18,7 @@ from fusedit.config import (
     Config,
     ConfigError,
     SampleConfig,
+    absolute_paths,
     allowed_sides,
     choices_of,
     config_from_dict,
@@ -628,6 +629,9 @@ def cmd_convert(args) -> int:
         padding_side=args.padding_side,
         weights_only=not args.trust_pickle,
     )
+    # The folders it reads (the download's tokenizer and VAE, --tokenizer, --vae, --llm) as absolute paths, so
+    # the converted run samples from any working directory, as a trained run's saved config does.
+    absolute_paths(cfg)
     weights = model.denoiser.state_dict()
     ckpt = save_checkpoint(
         args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm

@@ -734,7 +734,7 @@ def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None 
             "of stages[i].steps (allowed: stages.N.steps=..., or `fusedit train --stop-at STEP`)"
         )
     cfg = config_from_dict(data)
-    _absolute_paths(cfg)
+    absolute_paths(cfg)
     return cfg
 
 
@@ -748,7 +748,7 @@ PATH_KEYS = {
 }
 
 
-def _absolute_paths(cfg: Config) -> None:
+def absolute_paths(cfg: Config) -> None:
     """Relative paths that exist here become absolute, so the config saved with a run still finds them
     from another working directory (``fusedit sample`` elsewhere); hub ids are not paths here and stay.
     Stages hold their sections as override mappings: the path keys they set are made absolute alike."""
