@@ -18,11 +18,11 @@ from fusedit.config import (
     Config,
     ConfigError,
     SampleConfig,
-    absolute_paths,
     allowed_sides,
     choices_of,
     config_from_dict,
     load_config,
+    pipeline_record,
     preset_names,
     side_fits,
     to_yaml,
@@ -241,11 +241,8 @@ def _saved_config(path: str | Path) -> Config | None:
 
     folder = Path(path)
     if (folder / "model_index.json").is_file():
-        try:  # the sections the pipeline's transformer recorded (fusedit.hub.export_config)
-            recorded = json.loads((folder / "transformer" / "config.json").read_text())["fusedit"]
-        except (OSError, ValueError, KeyError, TypeError):  # none, or not fusedit's (public FuseDiT)
-            return None
-        return config_from_dict(recorded)
+        recorded = pipeline_record(folder)
+        return None if recorded is None else config_from_dict(recorded)
     try:
         return checkpoint_stage(find_checkpoint(folder)).config
     except FileNotFoundError:
@@ -629,9 +626,6 @@ def cmd_convert(args) -> int:
         padding_side=args.padding_side,
         weights_only=not args.trust_pickle,
     )
-    # The folders it reads (the download's tokenizer and VAE, --tokenizer, --vae, --llm) as absolute paths, so
-    # the converted run samples from any working directory, as a trained run's saved config does.
-    absolute_paths(cfg)
     weights = model.denoiser.state_dict()
     ckpt = save_checkpoint(
         args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm

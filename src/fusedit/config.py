@@ -481,23 +481,29 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
     return data, folder
 
 
+def pipeline_record(folder: Path) -> dict | None:
+    """The Config sections a diffusers pipeline folder's transformer recorded (``fusedit.hub.export_config``),
+    or None where it records none (no such file, or the public FuseDiT code's pipeline)."""
+    try:
+        recorded = json.loads((folder / "transformer" / "config.json").read_text()).get("fusedit")
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def _saved_mapping(folder: Path) -> dict:
     """The config a model folder was saved with, as a base to build on (fine-tuning it with
     ``train.init_from``): a run or checkpoint folder's ``config.yaml``, or the sections a diffusers pipeline
-    folder's transformer recorded (``fusedit.hub.export_config``; the data and train sections then start
-    from their defaults, but for data.image_size)."""
+    folder recorded (the data and train sections then start from their defaults, but for data.image_size
+    and data.max_objects)."""
     if (folder / "config.yaml").is_file():
         return _read_yaml(folder / "config.yaml")[0]
     if (folder / "model_index.json").is_file():
-        config = folder / "transformer" / "config.json"
-        try:
-            recorded = json.loads(config.read_text()).get("fusedit")
-        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
-            recorded = None
-        if not isinstance(recorded, dict):
+        recorded = pipeline_record(folder)
+        if recorded is None:
             raise ConfigError(
-                f"{str(folder)!r} is not a fusedit pipeline folder ({config} records no fusedit config; a "
-                "public FuseDiT pipeline needs `fusedit convert` first)"
+                f"{str(folder)!r} is not a fusedit pipeline folder ({folder / 'transformer' / 'config.json'} "
+                "records no fusedit config; a public FuseDiT pipeline needs `fusedit convert` first)"
             )
         return recorded
     raise ConfigError(

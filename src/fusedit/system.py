@@ -56,11 +56,15 @@ class TextToImage(nn.Module):
         return [self.text, *self.extra_text]
 
     @property
+    def limited(self) -> list:
+        """Every encoder that cuts prompts to a limit of its own: the LLMs' and the pooled CLIP's."""
+        return [*self.encoders, *([self.pooled_text] if self.pooled_text is not None else [])]
+
+    @property
     def limits(self) -> str:
-        """The prompt limits of the text encoders, for messages: "text.max_length=256", or "one of
-        text.max_length=256, pooled_text.max_length=77" where several encoders each cut prompts."""
-        cutting = [*self.encoders, *([self.pooled_text] if self.pooled_text is not None else [])]
-        named = [f"{enc.setting}={enc.prompt_limit}" for enc in cutting]
+        """The prompt limits of the text encoders, for messages: "text.max_length=256", or with several
+        encoders "one of text.max_length=256, pooled_text.max_length=77"."""
+        named = [f"{enc.setting}={enc.prompt_limit}" for enc in self.limited]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
     def encode_prompts(self, prompts: list[str]) -> TextContext:
@@ -70,11 +74,9 @@ class TextToImage(nn.Module):
         context.others = [
             enc.encode(prompts, req) for enc, req in zip(self.extra_text, requests[1:], strict=True)
         ]
-        cutting = list(self.encoders)
         if self.pooled_text is not None:
             context.pooled = self.pooled_text(prompts)
-            cutting.append(self.pooled_text)
-        self.truncated += len(frozenset().union(*(enc.cut for enc in cutting)))
+        self.truncated += len(frozenset().union(*(enc.cut for enc in self.limited)))
         return context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:

@@ -79,7 +79,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusedit.config import ROTARY_SCHEMES, Config, ConfigError, VAEConfig, config_from_dict
+from fusedit.config import ROTARY_SCHEMES, Config, ConfigError, VAEConfig, absolute_paths, config_from_dict
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.system import TextToImage, build_model
@@ -366,6 +366,9 @@ def official_config(
             vae=VAEConfig(kind="diffusers", latent_channels=channels, downsample=downsample),
             data=dataclasses.replace(cfg.data, image_size=sample_size * downsample),
         )
+    # The folders it names (a download's tokenizer and VAE, --tokenizer, --vae, --llm) absolute, as load_config
+    # makes them: a converted run then samples from any working directory.
+    absolute_paths(cfg)
     return cfg
 
 

@@ -491,25 +491,23 @@ def init_weights(model, path: str | Path) -> Path:
     from fusedit.train.stages import text_modules
 
     if (Path(path) / "model_index.json").is_file():
-        problem = _init_from_pipeline(model, Path(path))
-        if problem:
-            raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
-        return Path(path)
-    ckpt = find_checkpoint(path)
-    # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
-    expected = {
-        "ema": model.denoiser.state_dict(),
-        **{k: m.state_dict() for k, m in text_modules(model).items()},
-    }
-    problem = weights_mismatch(ckpt, expected)
-    if problem is None:
-        try:
-            load_weights(model, ckpt, checkpoint_stage(ckpt))
-        except (RuntimeError, KeyError) as e:  # what the shapes cannot show (adapters of another rank)
-            problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        source, problem = Path(path), _init_from_pipeline(model, Path(path))
+    else:
+        source = find_checkpoint(path)
+        # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
+        expected = {
+            "ema": model.denoiser.state_dict(),
+            **{k: m.state_dict() for k, m in text_modules(model).items()},
+        }
+        problem = weights_mismatch(source, expected)
+        if problem is None:
+            try:
+                load_weights(model, source, checkpoint_stage(source))
+            except (RuntimeError, KeyError) as e:  # what the shapes cannot show (adapters of another rank)
+                problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
     if problem:
-        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}") from None
-    return ckpt
+        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}")
+    return source
 
 
 def _init_from_pipeline(model, folder: Path) -> str | None:
