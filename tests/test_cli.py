@@ -104,6 +104,12 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
     assert json.loads((out / "samples" / "00001" / "metadata.jsonl").read_text()) == meta[1]
     assert len(list((out / "samples" / "00000" / "samples").glob("*.png"))) == 4
     assert main(args) == 0 and "0 generated, 2 already there" in capsys.readouterr().out  # resumable
+    # ... but only by the same generation: other settings (or a later checkpoint) never reuse those images.
+    record = json.loads((out / "generation.json").read_text())
+    assert record["steps"] == 1 and record["seed"] == 42 and record["model"].endswith("step_00000001")
+    assert main([*args, "--guidance", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{out} holds images made with guidance=3.0, not guidance=2.0" in err and "\n" not in err
 
     (tmp_path / "dpg").mkdir()
     (tmp_path / "dpg" / "7.txt").write_text("a red circle above a blue square")

@@ -117,3 +117,37 @@ def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
     r = run_dpg(generate([]), prompts, tmp_path / "out", vqa="vqa", progress=False)
     assert r["scores"]["overall"] == 1.0 and written == ["scores.json"]
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["per_category"] == {"entity": 1.0}
+
+
+def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [COW])
+    out = tmp_path / "out"
+    record = {"model": "/runs/a/step_00000100", "ema": True, "steps": 25, "image_size": (16, 16)}
+    calls = []
+    run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
+    assert calls == [COW["prompt"]]
+    saved = json.loads((out / run_mod.RECORD).read_text())
+    assert saved == {**record, "image_size": [16, 16], "bench": "geneval", "seed": 42, "n_per_prompt": 4}
+    r = run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
+    assert (r["generated"], r["skipped"], len(calls)) == (0, 1, 1)
+    later = {**record, "model": "/runs/a/step_00000200"}
+    with pytest.raises(ConfigError, match="holds images made with model='/runs/a/step_00000100', not "):
+        run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=later)
+    with pytest.raises(ConfigError, match="seed=42, not seed=7"):
+        run_geneval(
+            generate(calls), path, out, detector=None, clip=None, seed=7, progress=False, record=record
+        )
+    assert len(calls) == 1
+
+
+def test_images_without_a_record_are_not_reused(tmp_path):
+    prompts = tmp_path / "dpg"
+    prompts.mkdir()
+    (prompts / "7.txt").write_text("a cow")
+    out = tmp_path / "out"
+    calls = []
+    run_dpg(generate(calls), prompts, out, vqa=None, progress=False)  # a caller's generator: no record
+    assert not (out / run_mod.RECORD).exists()
+    with pytest.raises(ConfigError, match="grids holds images without a record of what made them"):
+        run_dpg(generate(calls), prompts, out, vqa=None, progress=False, record={"steps": 25})
+    assert len(calls) == 1

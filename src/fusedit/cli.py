@@ -382,10 +382,10 @@ def cmd_eval(args) -> int:
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
-    model, cfg, _ = load_sampling_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, where = load_sampling_model(args.model, device, use_ema=not args.no_ema)
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
-        return _eval_protocol(args, model, cfg, out, device)
+        return _eval_protocol(args, model, cfg, where, out, device)
     settings = bench_settings(
         cfg,
         per_category=PER_CATEGORY if args.per_category is None else args.per_category,
@@ -406,14 +406,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_protocol(args, model, cfg, out: Path, device) -> int:
+def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
     from fusedit.eval.run import generator, run_dpg, run_geneval
     from fusedit.sample import sample_settings
 
-    gen = generator(
-        model, sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
-    )
+    settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
+    gen = generator(model, settings)
     seed = 42 if args.seed is None else args.seed  # both protocols fix seed 42
+    # What made the images, so a rerun after more training does not keep (and score) the old ones. The
+    # text cache and CUDA graphs change no image beyond rounding, so they may differ between runs.
+    kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
+    record = {"model": str(Path(where).resolve()), "ema": not args.no_ema, **kept}
     if args.bench == "geneval":
         r = run_geneval(
             gen,
@@ -424,9 +427,19 @@ def _eval_protocol(args, model, cfg, out: Path, device) -> int:
             seed=seed,
             device=device,
             progress=not args.quiet,
+            record=record,
         )
     else:
-        r = run_dpg(gen, args.prompts, out, vqa=args.vqa, seed=seed, device=device, progress=not args.quiet)
+        r = run_dpg(
+            gen,
+            args.prompts,
+            out,
+            vqa=args.vqa,
+            seed=seed,
+            device=device,
+            progress=not args.quiet,
+            record=record,
+        )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
     if "scores" in r:
         print(f"overall {r['scores']['overall']:.4f}; details in {out / 'scores.json'}")

@@ -4,6 +4,10 @@ benchmark's official layout, then score with the built-in scorers when their mod
 GenEval: 4 images per prompt, seed 42, ``<index>/metadata.jsonl`` + ``<index>/samples/NNNNN.png`` (the
 official scorer, github.com/djghosh13/geneval ``evaluation/evaluate_images.py``, runs on that folder for
 the published numbers). DPG-Bench: one 2x2 grid per prompt, ``<name>.png``.
+
+Generation resumes: images already in the output folder are kept. So that a rerun after more training (or
+with other settings) never scores the old images, the folder records what made them (``generation.json``:
+the model folder, EMA or not, the sampling settings, seed) and a rerun with a different record is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +34,35 @@ def generator(model, settings: dict):
     return run
 
 
+RECORD = "generation.json"
+
+
+def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
+    """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
+    otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
+    checks nothing."""
+    if record is None:
+        return
+    record = json.loads(json.dumps(record))  # tuples -> lists: compared as read back from JSON
+    path = out_dir / RECORD
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"{out_dir} holds images made with {k}={saved.get(k)!r}, not {k}={record.get(k)!r} (see "
+                f"{path}); give a new --out, or delete the folder to regenerate"
+            )
+        return
+    if images.is_dir() and any(images.iterdir()):
+        raise ConfigError(
+            f"{images} holds images without a record of what made them ({RECORD}); give a new --out, or "
+            "delete the folder to regenerate"
+        )
+    write_text_atomic(path, json.dumps(record, indent=1))
+
+
 def run_geneval(
     gen,
     prompts_path,
@@ -41,7 +74,10 @@ def run_geneval(
     seed: int = 42,
     device=None,
     progress: bool = True,
+    record: dict | None = None,
 ) -> dict:
+    """GenEval images into ``out_dir/samples`` (scored with ``detector``/``clip`` when given). ``record``
+    describes ``gen`` (model and settings; see ``claim_folder``)."""
     from fusedit.eval.benchmarks import load_geneval
     from fusedit.eval.geneval import (
         ClipColorClassifier,
@@ -61,6 +97,9 @@ def run_geneval(
             f"colours, which GenEval classifies with CLIP (e.g. openai/clip-vit-large-patch14)"
         )
     samples = out_dir / "samples"
+    if record is not None:
+        record = {**record, "bench": "geneval", "seed": seed, "n_per_prompt": n_per_prompt}
+    claim_folder(out_dir, samples, record)
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts}
     if detector:
@@ -76,8 +115,18 @@ def run_geneval(
 
 
 def run_dpg(
-    gen, prompts_path, out_dir: Path, *, vqa: str | None, seed: int = 42, device=None, progress: bool = True
+    gen,
+    prompts_path,
+    out_dir: Path,
+    *,
+    vqa: str | None,
+    seed: int = 42,
+    device=None,
+    progress: bool = True,
+    record: dict | None = None,
 ) -> dict:
+    """DPG-Bench grids into ``out_dir/grids`` (scored with ``vqa`` when given); ``record`` as in
+    ``run_geneval``."""
     from fusedit.eval.benchmarks import dpg_csv_path, load_dpg
     from fusedit.eval.dpg import TransformersVQA, score_dpg_folder, write_dpg_grids
 
@@ -85,6 +134,9 @@ def run_dpg(
     # Found before generating: without the question file the grids could not be scored.
     questions = dpg_csv_path(prompts_path) if vqa else None
     grids = out_dir / "grids"
+    if record is not None:
+        record = {**record, "bench": "dpg", "seed": seed}
+    claim_folder(out_dir, grids, record)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts}
     if vqa:
