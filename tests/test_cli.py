@@ -209,6 +209,11 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
         )
         == 0
     )
+    capsys.readouterr()
+    again = ["convert", str(fixture), "--out", str(tmp_path / "run"), "--vae", str(tmp_path / "vae")]
+    assert main(again) == 2  # into a run: refused, it would add a step-0 checkpoint to it
+    err = capsys.readouterr().err
+    assert "already holds other files (e.g. 'checkpoints'); writing a converted run into it" in err
     out = tmp_path / "samples"
     assert (
         main(
@@ -231,13 +236,23 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     assert (out / "00000.png").is_file()
 
 
-def test_export_a_run_as_a_diffusers_pipeline(tmp_path):
+def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys):
     run = _tiny_run(tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0
     import json as _json
 
     index = _json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["_class_name"] == "FuseDiTPipeline" and "transformer" in index
+    assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0  # an earlier export: written over
+    # Into the run itself (or any folder of other files): refused, the run would sample the export from then on.
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(run)]) == 2
+    err = _one_line_error(capsys)
+    assert f"the output folder {str(run)!r} already holds other files (e.g. 'checkpoints')" in err
+    assert "(allowed: a new or empty folder, or an earlier export's folder)" in err
+    assert not (run / "model_index.json").exists()
+    assert main(["export", str(tmp_path / "pipe"), "--out", str(tmp_path / "again")]) == 2
+    assert "is a diffusers pipeline folder already (nothing to export" in _one_line_error(capsys)
 
 
 def _tiny_yaml(tmp_path):

@@ -201,3 +201,20 @@ def test_cache_latents_rejects_batch_and_shard_sizes_below_one(tmp_path, sizes, 
             _data(tmp_path / "images"), VAEConfig(), tmp_path / "out", *sizes, "cpu", progress=False
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_other_files_or_a_cache_too_big_for_the_disk_is_refused_before_encoding(tmp_path, folder):
+    with pytest.raises(
+        ValueError, match=r"already holds other files \(e.g. 'img0.png'\); writing a latent cache"
+    ):
+        cache_latents(_data(folder), VAEConfig(), folder, 2, 3, "cpu", progress=False)
+    # The procedural source at 10^13 samples: ~120 PB of float32 latents, refused with a size that fits.
+    huge = DataConfig(source="shapes", image_size=32, num_samples=10**13)
+    out = tmp_path / "cache"
+    with pytest.raises(
+        ConfigError, match=r"caching 10,000,000,000,000 samples needs about .* GB more \(12,288 bytes"
+    ):
+        cache_latents(huge, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"data.num_samples=\d+ fits, --dtype bfloat16 halves it"):
+        cache_latents(huge, VAEConfig(), out, 2, 3, "cpu", progress=False)

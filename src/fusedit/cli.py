@@ -27,6 +27,7 @@ from fusedit.config import (
     side_fits,
     to_yaml,
 )
+from fusedit.files import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -622,7 +623,7 @@ def cmd_convert(args) -> int:
     from fusedit.train.checkpoint import save_checkpoint
 
     # Asked before load_official builds and loads the model, which takes minutes for the 4.6B release.
-    _out_folder(args.out)
+    check_output_folder(_out_folder(args.out), "a converted run")
     if not args.vae and official_vae(args.path, args.config) is None:
         raise ConfigError(
             f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "

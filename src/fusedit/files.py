@@ -30,3 +30,20 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """``write_atomic`` of UTF-8 text."""
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "") -> Path:
+    """``out`` as a folder to write ``what`` into: new or empty, or (when ``earlier`` names one and the
+    caller has recognised it) an earlier output of the same command. Any other folder is refused in one
+    line, since writing into it would mix files into a run, a dataset or another export (a run folder that
+    gains a ``model_index.json`` samples the export from then on)."""
+    out = Path(out)
+    if out.is_dir():
+        first = next(iter(sorted(out.iterdir())), None)
+        if first is not None:
+            also = f", or {earlier}" if earlier else ""
+            raise ValueError(
+                f"the output folder {str(out)!r} already holds other files (e.g. {first.name!r}); writing "
+                f"{what} into it would mix them (allowed: a new or empty folder{also})"
+            )
+    return out

@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import Config, allowed_sides, side_fits
+from fusedit.files import check_output_folder
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
@@ -368,11 +369,29 @@ def export_run(
     use_ema: bool = True,
     device: torch.device | str = "cpu",
 ) -> Path:
-    """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder."""
-    FuseDiTPipeline.from_fusedit(run_or_checkpoint, device=device, use_ema=use_ema).save_pretrained(
-        str(folder)
-    )
-    return Path(folder)
+    """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder.
+    ``folder`` is new, empty, or an earlier export (written over); anything else is refused before the
+    model loads."""
+    source = Path(run_or_checkpoint)
+    if (source / "model_index.json").is_file():
+        raise ValueError(
+            f"{str(source)!r} is a diffusers pipeline folder already (nothing to export; load it with "
+            "FuseDiTPipeline.from_pretrained or `fusedit sample`)"
+        )
+    folder = Path(folder)
+    if not _exported(folder):
+        check_output_folder(folder, "a pipeline", "an earlier export's folder")
+    FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema).save_pretrained(str(folder))
+    return folder
+
+
+def _exported(folder: Path) -> bool:
+    """Whether ``folder`` holds a fusedit pipeline (an earlier export), which an export may write over."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == FuseDiTPipeline.__name__
 
 
 def _strings(name: str, value) -> list[str]:

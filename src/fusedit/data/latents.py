@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
-from fusedit.files import write_text_atomic
+from fusedit.files import check_output_folder, write_text_atomic
 
 FORMAT = 1
 INDEX, META = "index.json", "meta.json"
@@ -221,6 +222,27 @@ def _check_meta(out: Path, meta: dict) -> None:
             )
 
 
+def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAEConfig, dtype) -> None:
+    """Refuse a cache that cannot fit on the disk before encoding any of it: the procedural source's
+    default 10M samples are about 120 GB of float32 latents at 32 px, found out otherwise when the disk is
+    full hours later. A stream of unknown length is not checked. Shards already written count as done."""
+    if total is None:
+        return
+    side = data_cfg.image_size // vae_cfg.downsample  # buckets keep about image_size**2 pixels
+    per_sample = vae_cfg.latent_channels * side * side * torch.empty((), dtype=dtype).element_size()
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else 0
+    need = total * per_sample - written
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        hint = f"data.num_samples={free // per_sample} fits" if data_cfg.source == "shapes" else "free space"
+        raise ConfigError(
+            f"caching {total:,} samples needs about {need / 1e9:.1f} GB more ({per_sample:,} bytes of "
+            f"{str(dtype).removeprefix('torch.')} latents each) but {str(where)!r} has {free / 1e9:.1f} GB "
+            f"free (allowed: a cache that fits: {hint}, --dtype bfloat16 halves it, or another disk)"
+        )
+
+
 def _noise_seed(seed: int, shard: int, batch: int) -> int:
     return ((seed * 1_000_003 + shard) * 1_000_003 + batch) % 2**63
 
@@ -283,12 +305,14 @@ def cache_latents(
         if value < 1:
             raise ConfigError(f"{name}={value!r} is not allowed (allowed: an integer >= 1)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not (out / META).is_file():
+        check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
     _check_meta(out, meta)
+    items = _items(data_cfg, seed, batch_size)
+    _check_disk(out, items.total, data_cfg, vae_cfg, dtype)
     _write_json(out / META, meta)
     device = torch.device(device)
-    items = _items(data_cfg, seed, batch_size)
     autoencoder = None  # loaded only when a shard needs encoding: a finished cache reruns in no time
     total = items.total
     bar = tqdm(total=total, desc="cache latents", unit="img", disable=not progress)
