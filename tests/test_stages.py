@@ -19,7 +19,7 @@ from fusedit.system import build_model
 from fusedit.train import loop, lora
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_tensors
 from fusedit.train.loop import train
-from fusedit.train.stages import Parts, apply_parts, describe_stages, training_flops_per_image
+from fusedit.train.stages import Parts, apply_parts, describe_stages, idle_settings, training_flops_per_image
 
 PROMPTS = ["a red circle", "a blue square to the left of a green triangle", ""]
 JOINT = {"trainable": ["dit", "llm"], "llm_lr": 3e-4}
@@ -517,3 +517,23 @@ def test_training_flops_count_what_each_part_needs():
     assert training_flops_per_image(joint, 10, 4, 2) == 3 * 10 + 3 * 4
     assert training_flops_per_image(top, 10, 4, 2) == 3 * 10 + 4 + 4  # 2 x its half of the LLM
     assert training_flops_per_image(adapters, 10, 4, 2) == 2 * 10 + 2 * 4
+
+
+def test_settings_for_a_part_that_does_not_train_are_named_in_a_warning(tmp_path, caplog):
+    """A stage that leaves the LLM frozen ignores the LLM's LoRA, learning rate and layer choice (inherited
+    from the run's train section by every stage): warned, naming each, rather than silently dropped."""
+    stages = [
+        {"name": "dit-only", "steps": 1},
+        {"name": "joint", "steps": 1, "train": {"trainable": ["dit", "llm"]}},
+    ]
+    train_keys = {"llm_lr": 3e-4, "llm_top_layers": 2, "llm_lora": {"rank": 2}, "checkpoint_every": 2}
+    cfg = tiny_config(stages=stages, train=train_keys)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(cfg, tmp_path / "run", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "do nothing" in r.getMessage()]
+    assert warned == [
+        "stage 0 (dit-only) trains DiT (train.trainable=['dit']), so these settings for other parts do nothing: "
+        "train.llm_lora.rank=2 (LLM), train.llm_lr=0.0003 (LLM), train.llm_top_layers=2 (LLM)"
+    ]
+    llm_only = tiny_config(train={"trainable": ["llm"], "dit_lora": {"rank": 4}, "llm_lr": 1e-5}).train
+    assert idle_settings(llm_only) == ["train.dit_lora.rank=4 (DiT)"]

@@ -63,6 +63,7 @@ from fusedit.train.stages import (
     Parts,
     apply_parts,
     check_stages,
+    idle_settings,
     llm_base_changed,
     stage_of_checkpoint,
     text_modules,
@@ -449,6 +450,15 @@ class _Run:
                 tc.grad_accum,
                 tc.lr,
                 parts.describe(),
+            )
+        idle = idle_settings(tc)
+        if idle and main:
+            log.warning(
+                "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
+                f"stage {stage.index} ({stage.name})" if cfg.stages else "the run",
+                parts.describe(),
+                tc.trainable,
+                ", ".join(idle),
             )
         if tc.warmup_steps > stage.steps and main:
             # The schedule counts from the stage's first step, so its warmup has to fit the stage.

@@ -89,6 +89,24 @@ class Parts:
         return ", ".join(out)
 
 
+def idle_settings(tc: TrainConfig) -> list[str]:
+    """The settings of ``tc`` for a part that ``train.trainable`` does not train, which therefore do
+    nothing, e.g. ``train.llm_lora.rank=8`` in a stage that trains only the DiT. Not an error: a staged
+    recipe's later stages inherit the keys of earlier ones (design-space.md s.3, the LLM unfreezes late)."""
+    idle = []
+    if "llm" not in tc.trainable:
+        for key, value in (
+            ("llm_lora.rank", tc.llm_lora.rank or None),
+            ("llm_lr", tc.llm_lr),
+            ("llm_top_layers", tc.llm_top_layers),
+        ):
+            if value is not None:
+                idle.append(f"train.{key}={value!r} (LLM)")
+    if "dit" not in tc.trainable and tc.dit_lora.rank:
+        idle.append(f"train.dit_lora.rank={tc.dit_lora.rank!r} (DiT)")
+    return idle
+
+
 def text_modules(model) -> dict[str, nn.Module]:
     """Each LLM under its checkpoint name: ``llm`` (text), ``llm_extra0``, ... (extra_text, in order)."""
     return {"llm": model.text.llm, **{f"llm_extra{i}": enc.llm for i, enc in enumerate(model.extra_text)}}
