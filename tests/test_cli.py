@@ -522,3 +522,18 @@ def test_an_out_that_is_a_file_fails_at_once_with_one_line(tmp_path, capsys, mon
     assert main([*argv, "--out", str(afile / "sub")]) == 2
     err = _one_line_error(capsys)
     assert f"--out {str(afile / 'sub')!r} is inside the file {str(afile)!r} (allowed: a folder" in err
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """NaN/inf steps in a row reach train.max_bad_steps: said in one line, as a learning rate that could
+    only diverge is at load."""
+    import fusedit.train.loop as loop
+
+    args = ["train", _tiny_yaml(tmp_path), "train.steps=6", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "train.lr=1e38"]) == 2
+    assert "train.lr=1e+38 must be <= 1" in _one_line_error(capsys)
+    monkeypatch.setattr(loop, "flow_loss", lambda v, x0, noise: (v - noise).sum() * float("nan"))
+    assert main([*args, "train.max_bad_steps=2"]) == 2
+    assert "2 steps in a row had a NaN/inf loss or gradient (train.max_bad_steps=2)" in _one_line_error(
+        capsys
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -214,3 +216,19 @@ def test_transformers_feature_extractors(tiny_clip, tmp_path):
     vit = TransformersImageFeatures(vit_dir, device="cpu")
     features = extract_features(random_images(5), vit, batch_size=2, progress=False)
     assert features.shape == (5, 16) and features.dtype == np.float64 and np.isfinite(features).all()
+
+
+def test_fusedit_clip_score_over_a_sample_folder(tiny_clip, tmp_path, capsys):
+    from fusedit.cli import main
+
+    for k, (image, prompt) in enumerate(zip(random_images(2, size=40), ["a red dog", "two blue cats"])):
+        image.save(tmp_path / f"{k:05d}.png")
+        (tmp_path / f"{k:05d}.json").write_text(json.dumps({"prompt": prompt, "seed": k}))
+    assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 0
+    assert "CLIP score over 2 images: " in capsys.readouterr().out
+    (tmp_path / "00001.json").write_text(json.dumps({"seed": 1}))  # no prompt: one line naming the file
+    assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{str(tmp_path / '00001.json')!r} has no prompt" in err and "\n" not in err
+    assert main(["clip-score", str(tmp_path / "nope"), "--clip", str(tiny_clip)]) == 2
+    assert "no such folder: " in capsys.readouterr().err

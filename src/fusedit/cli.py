@@ -506,9 +506,25 @@ def cmd_fid(args) -> int:
 def cmd_clip_score(args) -> int:
     from fusedit.eval.fid import ClipScore, clip_score
 
+    def prompt_of(meta: Path) -> str:
+        try:
+            prompt = json.loads(meta.read_text(encoding="utf-8")).get("prompt")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            raise ConfigError(
+                f"{str(meta)!r} has no prompt (allowed: the JSON object `fusedit sample` writes beside each "
+                'image, with "prompt": "...")'
+            )
+        return prompt
+
+    if not Path(args.samples).is_dir():
+        raise FileNotFoundError(
+            f"no such folder: {args.samples!r} (expected a `fusedit sample` output folder)"
+        )
     paths = sorted(Path(args.samples).glob("*.png"))
     meta = [Path(p).with_suffix(".json") for p in paths]
-    pairs = [(p, json.loads(m.read_text())["prompt"]) for p, m in zip(paths, meta) if m.is_file()]
+    pairs = [(p, prompt_of(m)) for p, m in zip(paths, meta) if m.is_file()]
     if not pairs:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
     score = clip_score([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
@@ -1011,7 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _library_bars(progress), _logs_above_bars(progress):
             return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+    # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
+    # what to change), an outcome to report in one line like bad input.
+    except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError) as e:
         world = os.environ.get("WORLD_SIZE", "")
         # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
         # write, so that the ranks' lines do not run together.

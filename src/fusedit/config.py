@@ -280,7 +280,9 @@ class TrainConfig:
     # Micro-steps whose gradients are summed before each optimizer step (under DDP without an all-reduce
     # until the last one).
     grad_accum: int = positive(1)
-    lr: float = positive(1e-4)
+    # At most 1: an AdamW step moves each weight by about lr, so far above it a run only diverges, and from
+    # about 1e37 Adam's step size overflows float32.
+    lr: float = field(default=1e-4, metadata={"min": 0, "strict": True, "max": 1})
     weight_decay: float = nonneg(1e-4)
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 1})
     beta2: float = field(default=0.999, metadata={"min": 0, "max": 1})
@@ -322,7 +324,7 @@ class TrainConfig:
     # Which parts train (TRAINABLE_PARTS); everything else is frozen and keeps nothing for backward.
     trainable: list = subset(["dit"], *TRAINABLE_PARTS, nonempty=True)
     # The LLM's own learning rate when it trains (same warmup and schedule); None = train.lr.
-    llm_lr: float | None = positive(None)
+    llm_lr: float | None = field(default=None, metadata={"min": 0, "strict": True, "max": 1})
     # Train only the top k of the LLM layers the design reads (and the final norm when read); None = all
     # that the design reads (fusedit.text.encoder.TextEncoder.read_modules).
     llm_top_layers: int | None = positive(None)
