@@ -167,6 +167,11 @@ def test_unsupported_fusion_layout_is_a_config_error():
         match=r"model.initial_layers=1 \+ model.num_layers=3 needs 4 LLM layers but the LLM has 3",
     ):
         build_model(tiny_config(model={"initial_layers": 1, "num_layers": 3}))
+    # num_layers unset = every LLM layer after the initial ones: none left is said so, not "needs 3 ... has 3".
+    with pytest.raises(
+        ConfigError, match=r"model.initial_layers=3 leaves no LLM layer for the DiT: the LLM has 3"
+    ):
+        build_model(tiny_config(model={"initial_layers": 3, "num_layers": None}))
 
 
 def test_paper_baseline_parameter_count_on_meta():

@@ -258,7 +258,7 @@ def test_bad_model_folders_fail_with_one_line(folders, tmp_path, capsys):
             "was saved by the public FuseDiT code: import it first with `fusedit convert",
         ),
         ([str(FIXTURE)], "was saved by the public FuseDiT code"),
-        ([str(folders["run"]), "--prompts-file", str(tmp_path / "empty.txt")], "no prompts"),
+        ([str(folders["run"]), "--prompts-file", str(tmp_path / "empty.txt")], "empty.txt' holds no prompt"),
     ]
     for args, message in cases:
         prompt = [] if "--prompts-file" in args else ["--prompt", "x"]

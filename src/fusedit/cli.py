@@ -103,7 +103,10 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"--prompts-file {str(path)!r} holds no prompt (allowed: one prompt per line)")
+        prompts += lines
     if not prompts:
         raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -967,7 +970,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_describe)
 
-    sp = sub.add_parser("config", help="print the resolved config")
+    sp = sub.add_parser(
+        "config",
+        help="print the resolved config, checked key by key (`fusedit describe` also checks it against the "
+        "LLM's shape, e.g. model.initial_layers)",
+    )
     with_config(sp)
     sp.set_defaults(func=cmd_config)
 

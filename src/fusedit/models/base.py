@@ -36,6 +36,13 @@ def dit_depth(cfg: ModelConfig, llm: LLMSpec) -> int:
 def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
     """LLM layer index of each DiT layer in deep fusion: initial_layers, initial_layers + 1, ..."""
     n = dit_depth(cfg, llm)
+    if cfg.num_layers is None and n < 1:
+        # num_layers unset means "every LLM layer after initial_layers": none are left.
+        raise ConfigError(
+            f"model.initial_layers={cfg.initial_layers} leaves no LLM layer for the DiT: the LLM has "
+            f"{llm.num_layers} and deep fusion pairs every DiT layer with one after the initial ones "
+            f"(allowed: initial_layers < {llm.num_layers}, or set model.num_layers)"
+        )
     if n < 1 or cfg.initial_layers + n > llm.num_layers:
         raise ConfigError(
             f"model.initial_layers={cfg.initial_layers} + model.num_layers={n} needs "
