@@ -128,7 +128,7 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
             "sampler": "heun",
             "shift": 2.0,
             "schedule": "diffusers",
-            "precision": "auto",
+            "precision": "fp32",  # what sample.precision=auto resolved to on the CPU
             "cache_text": True,
             "use_ema": True,
         }

@@ -20,6 +20,7 @@ from PIL import Image
 from conftest import randomize, tiny_config
 from fusedit import serve
 from fusedit.cli import main
+from fusedit.config import ConfigError
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate
 from fusedit.serve import DemoServer
@@ -81,7 +82,7 @@ def wait(server, job_id, until=("done", "error"), timeout=30.0) -> dict:
         time.sleep(0.02)
 
 
-def reference(tiny, prompt, seed, steps, guidance=3.0, negative="", size=16) -> np.ndarray:
+def reference(tiny, prompt, seed, steps, guidance=3.0, negative="", size=16, **settings) -> np.ndarray:
     """What `fusedit sample --prompt PROMPT --seed SEED` makes with these settings."""
     model, cfg = tiny
     x = generate(
@@ -92,7 +93,7 @@ def reference(tiny, prompt, seed, steps, guidance=3.0, negative="", size=16) -> 
         guidance=guidance,
         negative_prompt=negative,
         seed=seed,
-        shift=cfg.sample.shift,
+        **{"shift": cfg.sample.shift, **settings},
     )
     return to_uint8(x)[0]
 
@@ -134,7 +135,26 @@ def test_info_gives_the_model_defaults_and_limits(server):
         "shift": 1.0,
         "schedule": "uniform",
     }
-    assert info["limits"]["size"] == [2, 2048] and info["limits"]["size_multiple_of"] == 2
+    # Sides up to twice the trained 16 px by default: one click must not occupy the machine for hours.
+    assert info["limits"]["size"] == [2, 32] and info["limits"]["size_multiple_of"] == 2
+    assert info["limits"]["sampler"] == ["euler", "heun"] and info["limits"]["schedule"] == [
+        "uniform",
+        "diffusers",
+    ]
+
+
+def test_max_size_is_the_servers_choice_within_the_model_limits(tiny):
+    model, cfg = tiny
+    queue = serve.JobQueue(model, cfg, max_size=512)
+    assert (
+        queue.info()["limits"]["size"] == [2, 512] and queue.parse({"prompt": "x", "size": 512}).width == 512
+    )
+    queue.close()
+    for bad in (15, 8):  # not a multiple of 2; below the default 16 px
+        with pytest.raises(
+            ConfigError, match=f"--max-size {bad} is not allowed \\(allowed: a multiple of 2 from"
+        ):
+            serve.JobQueue(model, cfg, max_size=bad)
 
 
 def test_sizes_stop_where_a_fixed_ape_table_ends(tiny):
@@ -184,6 +204,48 @@ def test_width_and_height_make_a_wide_image(server, tiny):
     array = np.asarray(Image.open(io.BytesIO(fetch(server, job["images"][0]["url"]))))
     assert array.shape == (8, 12, 3)
     assert np.array_equal(array, reference(tiny, "a red circle", 5, steps=2, size=(8, 12)))
+    # "size" as WIDTHxHEIGHT: the same image.
+    job = wait(server, call(server, "/api/generate", {**body, "size": "12x8", "width": None})[1]["id"])
+    assert (job["width"], job["height"]) == (12, 8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fetch(server, job["images"][0]["url"])))), array)
+
+
+def test_sampler_shift_and_schedule_reach_the_sampler(server, tiny):
+    chosen = {"sampler": "heun", "shift": 2.5, "schedule": "diffusers"}
+    body = {"prompt": "a red circle", "steps": 2, "seed": 4, **chosen}
+    job = wait(server, call(server, "/api/generate", body)[1]["id"])
+    assert job["status"] == "done" and {k: job[k] for k in chosen} == chosen
+    array = np.asarray(Image.open(io.BytesIO(fetch(server, job["images"][0]["url"]))))
+    assert np.array_equal(array, reference(tiny, "a red circle", 4, steps=2, **chosen))
+    assert not np.array_equal(array, reference(tiny, "a red circle", 4, steps=2))
+
+
+def test_a_queued_or_running_job_can_be_cancelled(server, tiny):
+    gate = Gate(tiny[0], at=1)  # hold the first job after its first step
+    try:
+        first = call(server, "/api/generate", {"prompt": "a red circle", "steps": 3})[1]
+        while wait(server, first["id"], until=("running",))["step"] < 1:
+            pass
+        second = call(server, "/api/generate", {"prompt": "a blue square", "steps": 3})[1]
+        status, answer = call(server, f"/api/jobs/{second['id']}/cancel", body={})
+        assert status == 200 and answer["status"] == "cancelled"  # queued: never starts
+        status, answer = call(server, f"/api/jobs/{first['id']}/cancel", body={})
+        assert status == 200 and answer["status"] == "running"  # stops after the step it is in
+    finally:
+        gate.release()
+    stopped = wait(server, first["id"], until=("cancelled",))
+    assert (stopped["step"], stopped["images"], stopped["error"]) == (1, [], None)
+    assert wait(server, second["id"], until=("cancelled",))["step"] == 0
+    assert call(server, f"/api/jobs/{first['id']}/cancel", body={}) == (
+        409,
+        {"error": f"job {first['id']} is cancelled already (allowed: cancel a queued or running job)"},
+    )
+    assert call(server, "/api/jobs/99/cancel", body={})[0] == 404
+    assert call(server, f"/api/jobs/{first['id']}/cancel")[0] == 405  # GET
+    # The worker goes on with the next job.
+    assert (
+        wait(server, call(server, "/api/generate", {"prompt": "x", "steps": 1})[1]["id"])["status"] == "done"
+    )
 
 
 def test_a_prompt_cut_to_the_length_limit_is_told_on_every_job(server):
@@ -221,10 +283,19 @@ def test_no_seed_draws_one_and_reports_it(server):
         ({"prompt": "x", "seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
         ({"prompt": "x", "seed": "1.5"}, "seed='1.5' is not an integer"),
         ({"prompt": "x", "seed": -1}, "seed=-1 is out of range"),
-        ({"prompt": "x", "size": 15}, "size=15 is not allowed (allowed: multiples of 2 from 2 to 2048"),
-        ({"prompt": "x", "size": 0}, "size=0 is out of range (allowed: 2..2048)"),
+        ({"prompt": "x", "size": 15}, "size=15 is not allowed (allowed: multiples of 2 from 2 to 32"),
+        ({"prompt": "x", "size": 0}, "size=0 is out of range (allowed: 2..32)"),
+        ({"prompt": "x", "size": "48x32"}, "size width=48 is out of range (allowed: 2..32)"),
+        ({"prompt": "x", "size": "8 x 7"}, "size height=7 is not allowed (allowed: multiples of 2"),
+        (
+            {"prompt": "x", "size": "8x8x8"},
+            "size='8x8x8' is not allowed (allowed: one side in pixels, or WIDTHx",
+        ),
+        ({"prompt": "x", "sampler": "ddim"}, "sampler='ddim' is not allowed (allowed: euler, heun)"),
+        ({"prompt": "x", "schedule": 3}, "schedule=3 is not allowed (allowed: uniform, diffusers)"),
+        ({"prompt": "x", "shift": 0}, "shift=0 is not allowed (allowed: a number from 0.1 to 20)"),
         ({"prompt": "x", "size": 8, "width": 7}, "width=7 is not allowed (allowed: multiples of 2 from 2"),
-        ({"prompt": "x", "height": 4096}, "height=4096 is out of range (allowed: 2..2048)"),
+        ({"prompt": "x", "height": 4096}, "height=4096 is out of range (allowed: 2..32)"),
         ({"prompt": "x", "num_images": 0}, "num_images=0 is out of range (allowed: 1..8)"),
         ({"prompt": "x", "num_images": 9}, "num_images=9 is out of range (allowed: 1..8)"),
         (
@@ -297,7 +368,7 @@ def test_malformed_requests_and_unknown_paths(server):
     )
     assert call(server, "/images/99/0.png")[0] == 404
     assert call(server, "/nowhere") == (404, {"error": "no such path: /nowhere"})
-    assert call(server, "/api/jobs", body={})[0] == 404  # POST only to /api/generate
+    assert call(server, "/api/jobs", body={})[0] == 404  # POST only to /api/generate and .../cancel
     assert call(server, "/api/generate") == (
         405,
         {"error": "GET /api/generate is not allowed (allowed: POST)"},
@@ -481,7 +552,7 @@ def test_fusedit_serve_loads_a_run_folder_and_serves_it(tmp_path, tiny, monkeypa
     assert codes == [0] and f"at {server.url} (Ctrl+C stops)" in capsys.readouterr().out
 
 
-def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, capsys):
+def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, tiny, capsys):
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "--port 70000 is not allowed (allowed: 0..65535" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
@@ -492,6 +563,12 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", str(tmp_path / "nothing"), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    model, cfg = tiny
+    save_checkpoint(tmp_path / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+    assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu", "--max-size", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-size 7 is not allowed (allowed: a multiple of 2 from the model's default size 16" in err
+    assert "\n" not in err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -610,6 +687,26 @@ def test_the_page_shows_live_progress_and_puts_the_newest_first(page, server, ti
         gate.release()
     wait_until(page, "() => document.querySelectorAll('.card[data-status=done]').length === 2")
     assert page.locator(".card .prompt").all_inner_texts() == ["two blue squares", "a red circle"]
+    assert not page.locator(".card .cancel").first.is_visible()  # nothing left to cancel
+
+
+def test_the_page_cancels_a_job_and_sends_the_sampler_settings(page, server, tiny):
+    assert page.input_value("#sampler") == "euler" and page.input_value("#schedule") == "uniform"
+    gate = Gate(tiny[0], at=2)  # heun: two denoiser calls per step
+    try:
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "3")
+        page.select_option("#sampler", "heun")
+        page.fill("#shift", "2")
+        page.click("#generate")
+        wait_until(page, "() => document.querySelector('#progress-text').textContent === 'step 1 of 3'")
+        page.click(".card .cancel")
+    finally:
+        gate.release()
+    page.locator(".card[data-status=cancelled]").wait_for()
+    assert page.locator(".card .status-text").inner_text() == "cancelled after step 1 of 3"
+    assert "heun \u00b7 shift 2 \u00b7 uniform times" in page.locator(".card .meta").inner_text()
+    assert not page.locator(".card .cancel").is_visible() and page.locator(".card img").count() == 0
 
 
 def test_the_page_shows_what_is_wrong_with_the_input(page):

@@ -260,7 +260,7 @@ def cmd_sample(args) -> int:
     from fusedit.files import write_text_atomic
     from fusedit.imaging import image_grid, save_png, to_uint8
     from fusedit.sample import generate, image_shape, latent_shape, sample_settings, seeded_noise
-    from fusedit.system import resolve_device
+    from fusedit.system import resolve_device, uses_bf16
 
     prompts = _read_prompts(args)
     # Checked before the (possibly slow) model load, so a typo fails at once.
@@ -286,6 +286,7 @@ def cmd_sample(args) -> int:
     _check_size(size, cfg)
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_samples(out)
+    ran = "bf16" if uses_bf16(settings["precision"], device) else "fp32"  # what "auto" resolved to here
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
@@ -311,7 +312,7 @@ def cmd_sample(args) -> int:
                 "sampler": settings["sampler"],
                 "shift": settings["shift"],
                 "schedule": settings["schedule"],
-                "precision": settings["precision"],
+                "precision": ran,
                 "cache_text": settings["cache_text"],
                 "use_ema": not args.no_ema,
                 "model": str(source),
@@ -340,7 +341,7 @@ def cmd_serve(args) -> int:
     # Compile off unless asked: each new size, image count or guidance setting of a request would compile.
     flags["compile"] = flags["compile"] or ""
     model, cfg, source = load_sampling_model(args.model, device, **flags)
-    server = DemoServer(model, cfg, args.host, args.port, source=str(source))
+    server = DemoServer(model, cfg, args.host, args.port, source=str(source), max_size=args.max_size)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone reaching it can run the model", file=sys.stderr)
     print(f"serving {source} at {server.url} (Ctrl+C stops)", flush=True)
@@ -830,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     sp.add_argument("--port", type=int, default=7860, help="0 picks a free port")
+    sp.add_argument(
+        "--max-size",
+        type=int,
+        help="largest image side a request may ask for, in pixels (default: twice the trained data.image_size)",
+    )
     sampling_flags(sp, compile_default="off: every new request shape would compile")
     sp.set_defaults(func=cmd_serve)
 

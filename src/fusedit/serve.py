@@ -6,12 +6,14 @@ box, the sampling settings, live progress and a gallery, over a small JSON API:
     GET  /                     the page
     GET  /api/info             the model, its sampling defaults and the allowed ranges
     POST /api/generate         {"prompt", "negative_prompt", "steps", "guidance", "seed", "size",
-                               "width", "height", "num_images"} (all but the prompt optional; "size"
-                               sets both sides, "width"/"height" one) -> 202 the new job,
+                               "width", "height", "num_images", "sampler", "shift", "schedule"} (all
+                               but the prompt optional; "size" sets both sides, as one number or
+                               "WIDTHxHEIGHT", "width"/"height" one) -> 202 the new job,
                                or 400 {"error": "<one line naming the bad value and what is allowed>"}
+    POST /api/jobs/<id>/cancel a queued job never starts; a running one stops after its current step
     GET  /api/jobs             the kept jobs, newest first (the gallery)
-    GET  /api/jobs/<id>        one job: status (queued, running, done, error), step of total, images,
-                               a notice (a prompt cut to text.max_length) or null
+    GET  /api/jobs/<id>        one job: status (queued, running, done, error, cancelled), step of total,
+                               images, a notice (a prompt cut to text.max_length) or null
     GET  /images/<id>/<n>.png  image n of a job
 
 Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
@@ -45,7 +47,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fusedit.config import Config, side_limits
+from fusedit.config import Config, ConfigError, SampleConfig, choices_of, side_limits
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
@@ -58,6 +60,7 @@ MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_SIZE = 2048
 MAX_GUIDANCE = 50.0
+SHIFT_RANGE = (0.1, 20.0)
 MAX_PROMPT_CHARS = 4000
 SEED_MAX = 2**32 - 1
 MAX_BODY_BYTES = 64 * 1024
@@ -66,7 +69,21 @@ MAX_WAITING = 16
 # Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
 KEEP_JOBS = 64
 ALLOWED_METHODS = "GET, HEAD, POST"
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "size", "width", "height", "num_images")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance",
+    "seed",
+    "size",
+    "width",
+    "height",
+    "num_images",
+    "sampler",
+    "shift",
+    "schedule",
+)
+CHOICES = {name: choices_of(SampleConfig, name) for name in ("sampler", "schedule")}
 
 
 class RequestError(ValueError):
@@ -89,14 +106,22 @@ class Request:
     height: int
     width: int
     num_images: int
+    sampler: str
+    shift: float
+    schedule: str
+
+
+class Cancelled(Exception):
+    """Raised from the sampler's progress callback to stop a job whose cancel was asked for."""
 
 
 @dataclass
 class Job:
     id: int
     request: Request
-    status: str = "queued"  # queued -> running -> done | error
+    status: str = "queued"  # queued -> running -> done | error | cancelled (queued -> cancelled too)
     step: int = 0
+    cancel: bool = False
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
     # What the images do not show: a prompt cut to text.max_length (the log warns only once per process).
@@ -142,6 +167,15 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     return number
 
 
+def _choice(body: dict, name: str, default: str) -> str:
+    value = body.get(name)
+    if _blank(value):
+        return default
+    if value not in CHOICES[name]:
+        raise RequestError(f"{name}={value!r} is not allowed (allowed: {', '.join(CHOICES[name])})")
+    return value
+
+
 def _text(body: dict, name: str, default: str) -> str:
     value = body.get(name, default)
     if value is None:
@@ -165,13 +199,12 @@ def _text(body: dict, name: str, default: str) -> str:
 class JobQueue:
     """The model, the one worker thread that runs it, and the jobs (all methods are thread-safe)."""
 
-    def __init__(self, model: TextToImage, cfg: Config, source: str = ""):
+    def __init__(self, model: TextToImage, cfg: Config, source: str = "", max_size: int | None = None):
+        """``max_size``: the largest image side a request may ask for; None = twice the side the model was
+        trained at (``data.image_size``), so that one click cannot occupy the machine for hours."""
         self.model, self.cfg, self.source = model, cfg, source
         self.defaults = sample_settings(cfg)
-        # The latent grid must split into whole patches (as FuseDiTPipeline checks), and no more of them
-        # than a fixed APE table covers.
-        self.size_unit, largest = side_limits(cfg)
-        self.max_size = min(MAX_SIZE, largest or MAX_SIZE) // self.size_unit * self.size_unit
+        self.max_size = self._max_size(cfg, max_size)
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 1
@@ -205,6 +238,9 @@ class JobQueue:
                 "seed": [0, SEED_MAX],
                 "size": [self.size_unit, self.max_size],
                 "size_multiple_of": self.size_unit,
+                "shift": list(SHIFT_RANGE),
+                "sampler": list(CHOICES["sampler"]),
+                "schedule": list(CHOICES["schedule"]),
                 "num_images": [1, MAX_IMAGES],
                 "prompt_chars": MAX_PROMPT_CHARS,
             },
@@ -221,8 +257,7 @@ class JobQueue:
         if not prompt:
             raise RequestError("prompt is empty: describe the image to generate")
         d = self.defaults
-        size = self._side(body, "size", d["image_size"])
-        height, width = self._side(body, "height", size), self._side(body, "width", size)
+        height, width = self._sides(body)
         # No seed: a fresh random one, reported with the images so that they can be made again.
         seed = secrets.randbelow(SEED_MAX + 1)
         if not _blank(body.get("seed")):
@@ -236,7 +271,42 @@ class JobQueue:
             height=height,
             width=width,
             num_images=_integer(body, "num_images", 1, 1, MAX_IMAGES),
+            sampler=_choice(body, "sampler", d["sampler"]),
+            shift=_number(body, "shift", d["shift"], *SHIFT_RANGE),
+            schedule=_choice(body, "schedule", d["schedule"]),
         )
+
+    def _max_size(self, cfg: Config, wanted: int | None) -> int:
+        # The latent grid must split into whole patches (as FuseDiTPipeline checks), and no more of them
+        # than a fixed APE table covers.
+        self.size_unit, largest = side_limits(cfg)
+        unit, default = self.size_unit, self.defaults["image_size"]
+        ceiling = largest or MAX_SIZE * 8
+        if wanted is None:
+            return min(2 * default, ceiling) // unit * unit
+        if wanted % unit or not default <= wanted <= ceiling:
+            raise ConfigError(
+                f"--max-size {wanted} is not allowed (allowed: a multiple of {unit} from the model's default "
+                f"size {default} to {ceiling})"
+            )
+        return wanted
+
+    def _sides(self, body: dict) -> tuple[int, int]:
+        """(height, width): "size" sets both (one number, or "WIDTHxHEIGHT"), "width"/"height" one."""
+        default = self.defaults["image_size"]
+        size = body.get("size")
+        if isinstance(size, str) and "x" in size.lower():
+            m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
+            if m is None:
+                raise RequestError(
+                    f"size={size!r} is not allowed (allowed: one side in pixels, or WIDTHxHEIGHT such as "
+                    f"{default}x{default})"
+                )
+            width = self._side({"size width": m[1]}, "size width", default)
+            height = self._side({"size height": m[2]}, "size height", default)
+        else:
+            height = width = self._side(body, "size", default)
+        return self._side(body, "height", height), self._side(body, "width", width)
 
     def _side(self, body: dict, name: str, default: int) -> int:
         """An image side in pixels: whole patches of whole latent pixels, within the size limits."""
@@ -283,7 +353,7 @@ class JobQueue:
 
     def _snapshot(self, job: Job) -> dict:
         """The JSON view of a job (called under the lock)."""
-        r, d = job.request, self.defaults
+        r = job.request
         ahead = 0
         if job.status == "queued":
             ahead = sum(j.id < job.id and j.status in ("queued", "running") for j in self._jobs.values())
@@ -301,9 +371,9 @@ class JobQueue:
             "width": r.width,
             "height": r.height,
             "num_images": r.num_images,
-            "sampler": d["sampler"],
-            "shift": d["shift"],
-            "schedule": d["schedule"],
+            "sampler": r.sampler,
+            "shift": r.shift,
+            "schedule": r.schedule,
             "images": [
                 {"url": f"/images/{job.id}/{i}.png", "seed": r.seed + i} for i in range(len(job.images))
             ],
@@ -312,6 +382,22 @@ class JobQueue:
             "seconds": job.seconds,
         }
 
+    def cancel(self, job_id: int) -> dict:
+        """Cancel a queued job (it never starts) or a running one (it stops after its current step, with
+        no images); returns its snapshot. RequestError for an unknown or finished job."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise RequestError(f"no job {job_id} (it never existed or was dropped from the gallery)", 404)
+            if job.status not in ("queued", "running"):
+                raise RequestError(
+                    f"job {job_id} is {job.status} already (allowed: cancel a queued or running job)", 409
+                )
+            job.cancel = True
+            if job.status == "queued":
+                job.status = "cancelled"
+            return self._snapshot(job)
+
     # ---- the worker
     def _work(self) -> None:
         while True:
@@ -319,18 +405,22 @@ class JobQueue:
             if job is None or self._stop.is_set():
                 return
             with self._lock:
+                if job.status != "queued":  # cancelled while it waited
+                    continue
                 job.status = "running"
             start = time.perf_counter()
-            images, error = [], None
+            images, error, status = [], None, "done"
             try:
                 images = self._generate(job)
+            except Cancelled:
+                status = "cancelled"
             except Exception as e:  # whatever one generation hits, the server stays up and the page says why
                 log.exception("generation %d failed", job.id)
                 error = f"generation failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                status = "error"
             # One update, so that no reader ever sees a finished job without its images or its time.
             with self._lock:
-                job.images, job.error = images, error
-                job.status = "error" if error else "done"
+                job.images, job.error, job.status = images, error, status
                 job.seconds = round(time.perf_counter() - start, 3)
                 self._prune()
 
@@ -342,12 +432,17 @@ class JobQueue:
             guidance=r.guidance,
             image_size=(r.height, r.width),
             negative_prompt=r.negative_prompt,
+            sampler=r.sampler,
+            shift=r.shift,
+            schedule=r.schedule,
         )
         shape = latent_shape(self.model, (r.height, r.width))
         noise = seeded_noise([r.seed + i for i in range(r.num_images)], shape)
 
-        def advance() -> None:
+        def advance() -> None:  # after each sampler step
             with self._lock:
+                if job.cancel:
+                    raise Cancelled
                 job.step += 1
 
         truncated = self.model.truncated
@@ -369,7 +464,7 @@ class JobQueue:
 
     def _prune(self) -> None:
         """Drop the oldest finished jobs beyond KEEP_JOBS (called under the lock)."""
-        finished = sorted(j.id for j in self._jobs.values() if j.status in ("done", "error"))
+        finished = sorted(j.id for j in self._jobs.values() if j.status in ("done", "error", "cancelled"))
         for job_id in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[job_id]
 
@@ -453,7 +548,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._error(404, f"no image {m[2]} of job {m[1]}")
             else:
                 self._send(200, png, "image/png")
-        elif path == "/api/generate":
+        elif path == "/api/generate" or re.fullmatch(r"/api/jobs/\d+/cancel", path):
             self._error(405, f"{self.command} {path} is not allowed (allowed: POST)", {"Allow": "POST"})
         elif path == "/favicon.ico":
             self._send(204, b"", "image/x-icon")
@@ -486,16 +581,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
-        if path != "/api/generate":
-            self._error(404, f"no such path: POST {path} (allowed: POST /api/generate)")
+        cancel = re.fullmatch(r"/api/jobs/(\d+)/cancel", path)
+        if path != "/api/generate" and cancel is None:
+            self._error(
+                404, f"no such path: POST {path} (allowed: POST /api/generate, POST /api/jobs/<id>/cancel)"
+            )
             return
         # application/json makes a cross-site request from another page's script need a CORS preflight,
-        # which this server never grants: only this page (and local tools) can queue work.
+        # which this server never grants: only this page (and local tools) can queue or cancel work.
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             self._error(
                 415, f"Content-Type {content_type or 'none'!r} is not allowed (allowed: application/json)"
             )
+            return
+        if cancel is not None:  # no body to read: the job is named in the path
+            try:
+                self._json(200, self.server.jobs.cancel(int(cancel[1])))
+            except RequestError as e:
+                self._error(e.status, str(e))
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -550,7 +654,13 @@ class DemoServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, model: TextToImage, cfg: Config, host: str = "127.0.0.1", port: int = 7860, source: str = ""
+        self,
+        model: TextToImage,
+        cfg: Config,
+        host: str = "127.0.0.1",
+        port: int = 7860,
+        source: str = "",
+        max_size: int | None = None,
     ):
         self.address_family = _family(host)
         self.page = page()
@@ -559,7 +669,7 @@ class DemoServer(http.server.ThreadingHTTPServer):
         except OSError as e:
             raise _listen_error(host, port, e) from None
         try:
-            self.jobs = JobQueue(model, cfg, source)
+            self.jobs = JobQueue(model, cfg, source, max_size)
         except BaseException:
             self.server_close()  # do not keep the port for a server that will never run
             raise
