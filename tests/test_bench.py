@@ -40,6 +40,14 @@ def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
     assert train["flops_per_image"] == expected
     assert train["mfu"] > 0 and abs(train["tflops"] * 1e12 - expected * train["images_per_s"]) < 1e3
     assert "img/s" in capsys.readouterr().out
+    # A second run into the same file adds its rows after the first run's.
+    assert main([*args, "--what", "train"]) == 0
+    assert [json.loads(line)["kind"] for line in out.read_text().splitlines()] == [
+        "train",
+        "sample",
+        "sample",
+        "train",
+    ]
 
 
 def test_bench_counts_every_llm_of_a_multi_llm_model(tmp_path):
@@ -143,6 +151,11 @@ def test_bench_rejects_a_minimum_prompt_length_outside_the_prompt_length(tmp_pat
         (["--guidance", "nan"], "--guidance nan is not allowed (allowed: a finite number >= 0)"),
         (["--resolution", "30"], "--resolution 30 is not allowed (allowed: a positive multiple of 4,"),
         (["--train-points", "18x2"], "--train-points 18 is not allowed (allowed: a positive multiple of 4,"),
+        (["--train-points", "32x2", "--batch", "4"], "--batch does not apply with --train-points"),
+        (
+            ["--train-points", "32x2", "--resolution", "64", "--what", "train"],
+            "--resolution does not apply with --train-points and --what train",
+        ),
     ],
 )
 def test_bench_rejects_bad_flags_before_building_the_model(flags, message, tmp_path, capsys, monkeypatch):

@@ -413,7 +413,7 @@ def test_a_converted_run_samples_from_another_working_directory(tmp_path, monkey
     assert main([*args, "--out", "out"]) == 0
 
 
-def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch):
+def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch, caplog):
     import numpy as np
     from PIL import Image
 
@@ -454,8 +454,14 @@ def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch):
         err = _one_line_error(capsys)
         assert f"the {what} folder {str(tmp_path / 'one')!r} holds 1 image" in err
         assert "(allowed: a folder of at least 2 images)" in err
-    assert fid("three", "four") == 0
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert fid("three", "four") == 0
     assert capsys.readouterr().out.startswith("FD (x features): ")
+    # A handful of images gives a number, with a warning of what it is worth.
+    assert (
+        f"the samples folder {str(tmp_path / 'three')!r} holds 3 images: FD over fewer than 1000"
+        in caplog.text
+    )
 
 
 def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch):

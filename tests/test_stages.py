@@ -91,6 +91,10 @@ def test_stage_overrides_on_the_command_line_and_round_trip(tmp_path):
         ("stages.1.train.trainable=[refiner]", "names 'refiner' but model.design='fusedit' has none"),
         ("stages.5.steps=3", "stages.5: no such item (allowed: 0..2)"),
         ("stages.0.steps=null", "stages[0].steps is required"),
+        (
+            "stages.2.name=low-res",
+            "stages[2].name='low-res' is already the name of stages[0] (allowed: distinct",
+        ),
         ("text.dtype=bfloat16", "(full fine-tuning) but text.dtype='bfloat16': AdamW needs float32"),
         ("train.shard_llm=true", "train.shard_llm=true needs a frozen LLM"),
         ("train.steps=100", "train.steps=100 cannot be set on a staged config"),

@@ -31,6 +31,9 @@ from fusedit.files import check_output_folder
 
 log = logging.getLogger(__name__)
 
+# `fusedit fid` warns below this many images in a folder.
+FEW_FOR_FID = 1000
+
 
 def _config(args) -> object:
     return load_config(args.config, args.overrides)
@@ -496,6 +499,17 @@ def cmd_fid(args) -> int:
             raise ConfigError(
                 f"the {what} folder {folder!r} holds 1 image (allowed: a folder of at least 2 images)"
             )
+        if len(found) < FEW_FOR_FID:
+            # The covariance of N images has rank N-1 at most, far below the feature width: the distance is
+            # mostly small-sample bias, comparable only between runs with the same N.
+            log.warning(
+                "the %s folder %r holds %d images: FD over fewer than %d images is dominated by small-sample "
+                "bias (published FID uses 10k-50k); compare only scores over the same number",
+                what,
+                folder,
+                len(found),
+                FEW_FOR_FID,
+            )
         return found
 
     samples = images(args.samples, "samples")  # before the feature model loads
@@ -569,6 +583,17 @@ def cmd_bench(args) -> int:
         raise ConfigError(
             f"--min-text-tokens {args.min_text_tokens} is not in 1..{tokens} (the prompt length)"
         )
+    # --train-points names each training point whole: --batch (and, without sampling, --resolution) would
+    # be silently ignored beside it.
+    if args.train_points and args.batch:
+        raise ConfigError(
+            "--batch does not apply with --train-points (each RESOLUTIONxBATCH point names its batch)"
+        )
+    if args.train_points and args.resolution and "sample" not in args.what:
+        raise ConfigError(
+            "--resolution does not apply with --train-points and --what train (each RESOLUTIONxBATCH point "
+            "names its resolution; --resolution sets the sampling points')"
+        )
     resolutions = args.resolution or [cfg.data.image_size]
     for size in resolutions:
         _check_size(size, cfg, "--resolution")
@@ -619,7 +644,8 @@ def cmd_bench(args) -> int:
 
     rows = []
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(open(args.json, "w")) if args.json else None
+        # Appended: the measurements of earlier runs into the same file (a session's sweep) are kept.
+        sink = stack.enter_context(open(args.json, "a")) if args.json else None
         for point in points:
             try:
                 rows.append(measure(point))
@@ -634,7 +660,7 @@ def cmd_bench(args) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:
-        print(f"wrote {len(rows)} measurements to {args.json}")
+        print(f"appended {len(rows)} measurements to {args.json}")
     return 0
 
 
@@ -935,7 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
     sp.add_argument("--device", default="auto")
-    sp.add_argument("--json", help="write one JSON object per measurement to this file")
+    sp.add_argument("--json", help="append one JSON object per measurement to this file (JSON lines)")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")

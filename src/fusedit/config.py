@@ -726,6 +726,13 @@ def config_from_dict(data: dict) -> Config:
         missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
         if missing:
             raise ConfigError(f"stages[{missing[0]}].steps is required (the stage's optimizer steps)")
+        names = [st.name or f"stage{i}" for i, st in enumerate(cfg.stages)]
+        for j, name in enumerate(names):
+            if name in names[:j]:
+                raise ConfigError(
+                    f"stages[{j}].name={name!r} is already the name of stages[{names.index(name)}] (allowed: "
+                    "distinct names, which tell the stages apart in logs and `fusedit describe`)"
+                )
         cfg.train.steps = sum(st.steps for st in cfg.stages)
     validate(cfg)
     return cfg
