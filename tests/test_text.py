@@ -6,6 +6,7 @@ import torch
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, tiny_config
 from fusedit.config import ConfigError
 from fusedit.data.shapes import vocabulary
+from fusedit.sample import generate
 from fusedit.system import build_model
 from fusedit.text.tokenizer import word_tokenizer
 
@@ -65,6 +66,10 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
     assert model.truncated == 2
     model.encode_prompts(["a red circle"])
     assert model.truncated == 2
+    # Sampling counts each prompt once, with the text cache or without it (which encodes at every step).
+    for cache_text in (True, False):
+        generate(model, [long], image_size=16, steps=3, guidance=2.0, cache_text=cache_text)
+    assert model.truncated == 4
 
 
 def test_instruction_prefix_and_chat_template():

@@ -179,7 +179,20 @@ def generate(
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
     rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
-    text = model.encode_prompts(rows) if cache_text else lambda: model.encode_prompts(rows)
+    if cache_text:
+        text = model.encode_prompts(rows)
+    else:
+        counted: list[int] = []
+
+        def text():
+            # The uncached baseline encodes at every step; its prompts are cut (and counted) once, as cached.
+            context = model.encode_prompts(rows)
+            if counted:
+                model.truncated = counted[0]
+            else:
+                counted.append(model.truncated)
+            return context
+
     velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)
     if noise is None:
         gen = torch.Generator().manual_seed(seed)
