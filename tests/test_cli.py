@@ -106,7 +106,12 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
     assert main(args) == 0 and "0 generated, 2 already there" in capsys.readouterr().out  # resumable
     # ... but only by the same generation: other settings (or a later checkpoint) never reuse those images.
     record = json.loads((out / "generation.json").read_text())
-    assert record["steps"] == 1 and record["seed"] == 42 and record["model"].endswith("step_00000001")
+    assert (record["steps"], record["seed"], record["checkpoint"], record["precision"]) == (
+        1,
+        42,
+        "step_00000001",
+        "fp32",
+    )
     assert main([*args, "--guidance", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{out} holds images made with guidance=3.0, not guidance=2.0" in err and "\n" not in err
@@ -188,6 +193,7 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
 
     from fusedit.data.shapes import vocabulary
     from fusedit.text.tokenizer import word_tokenizer
+    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
 
     fixture = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
     tiny_vae().save_pretrained(tmp_path / "vae")
@@ -210,10 +216,18 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
         == 0
     )
     capsys.readouterr()
-    again = ["convert", str(fixture), "--out", str(tmp_path / "run"), "--vae", str(tmp_path / "vae")]
-    assert main(again) == 2  # into a run: refused, it would add a step-0 checkpoint to it
+    again = ["convert", str(fixture), "--vae", str(tmp_path / "vae"), "--tokenizer", str(tmp_path / "tok")]
+    assert main([*again, "--out", str(tmp_path / "run"), "--max-length", "12"]) == 0  # redone: replaced
+    assert load_checkpoint_config(find_checkpoint(tmp_path / "run")).text.max_length == 12
+    (tmp_path / "trained").mkdir()
+    trained = _tiny_run(tmp_path / "trained")
+    capsys.readouterr()
+    assert (
+        main([*again, "--out", str(trained)]) == 2
+    )  # a trained run: refused, it would gain a step-0 checkpoint
     err = capsys.readouterr().err
     assert "already holds other files (e.g. 'checkpoints'); writing a converted run into it" in err
+    assert "(allowed: a new or empty folder, or an earlier conversion's folder)" in err
     out = tmp_path / "samples"
     assert (
         main(
@@ -236,7 +250,7 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     assert (out / "00000.png").is_file()
 
 
-def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys):
+def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     run = _tiny_run(tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0
     import json as _json
@@ -253,6 +267,28 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys):
     assert not (run / "model_index.json").exists()
     assert main(["export", str(tmp_path / "pipe"), "--out", str(tmp_path / "again")]) == 2
     assert "is a diffusers pipeline folder already (nothing to export" in _one_line_error(capsys)
+    # A release of the public FuseDiT code names a FuseDiTPipeline too: never taken for an earlier export.
+    public = tmp_path / "release"
+    public.mkdir()
+    index = {"_class_name": "FuseDiTPipeline", "transformer": ["models.fusedit", "FuseDiT"]}
+    (public / "model_index.json").write_text(_json.dumps(index))
+    assert main(["export", str(run), "--out", str(public)]) == 2
+    assert "already holds other files (e.g. 'model_index.json')" in _one_line_error(capsys)
+    assert _json.loads((public / "model_index.json").read_text()) == index
+    # An export killed while writing leaves the folder as it was; the next one replaces its partial copy.
+    import fusedit.pipeline
+
+    def killed(self, folder, **kwargs):
+        (Path(folder) / "transformer").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fusedit.pipeline.FuseDiTPipeline, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(["export", str(run), "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists() and (tmp_path / ".fresh.partial" / "transformer").is_dir()
+    assert main(["export", str(run), "--out", str(tmp_path / "fresh")]) == 0
+    assert (tmp_path / "fresh" / "model_index.json").is_file() and not (tmp_path / ".fresh.partial").exists()
 
 
 def _tiny_yaml(tmp_path):
@@ -538,6 +574,8 @@ def test_a_diverging_run_stops_with_one_line(tmp_path, capsys, monkeypatch):
     args = ["train", _tiny_yaml(tmp_path), "train.steps=6", "--out", str(tmp_path / "run"), "--quiet"]
     assert main([*args, "train.lr=1e38"]) == 2
     assert "train.lr=1e+38 must be <= 1" in _one_line_error(capsys)
+    assert main([*args, "train.llm_lr=nan"]) == 2  # NaN passes every comparison
+    assert "train.llm_lr=nan must be a number (NaN is not)" in _one_line_error(capsys)
     monkeypatch.setattr(loop, "flow_loss", lambda v, x0, noise: (v - noise).sum() * float("nan"))
     assert main([*args, "train.max_bad_steps=2"]) == 2
     assert "2 steps in a row had a NaN/inf loss or gradient (train.max_bad_steps=2)" in _one_line_error(

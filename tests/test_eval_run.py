@@ -122,7 +122,7 @@ def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
 def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [COW])
     out = tmp_path / "out"
-    record = {"model": "/runs/a/step_00000100", "ema": True, "steps": 25, "image_size": (16, 16)}
+    record = {"checkpoint": "step_00000100", "ema": True, "steps": 25, "image_size": (16, 16)}
     calls = []
     run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert calls == [COW["prompt"]]
@@ -130,8 +130,8 @@ def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
     assert saved == {**record, "image_size": [16, 16], "bench": "geneval", "seed": 42, "n_per_prompt": 4}
     r = run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert (r["generated"], r["skipped"], len(calls)) == (0, 1, 1)
-    later = {**record, "model": "/runs/a/step_00000200"}
-    with pytest.raises(ConfigError, match="holds images made with model='/runs/a/step_00000100', not "):
+    later = {**record, "checkpoint": "step_00000200"}
+    with pytest.raises(ConfigError, match="holds images made with checkpoint='step_00000100', not "):
         run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=later)
     with pytest.raises(ConfigError, match="seed=42, not seed=7"):
         run_geneval(
@@ -151,3 +151,31 @@ def test_images_without_a_record_are_not_reused(tmp_path):
     with pytest.raises(ConfigError, match="grids holds images without a record of what made them"):
         run_dpg(generate(calls), prompts, out, vqa=None, progress=False, record={"steps": 25})
     assert len(calls) == 1
+
+
+def test_a_record_without_images_is_replaced(tmp_path):
+    """A run that stopped before its first image (out of memory at a large --size) locks nothing."""
+    path = write_jsonl(tmp_path / "p.jsonl", [COW])
+    out = tmp_path / "out"
+
+    def fail(prompt, seed, n):
+        raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError):
+        run_geneval(fail, path, out, detector=None, clip=None, progress=False, record={"image_size": 1024})
+    calls = []
+    run_geneval(
+        generate(calls), path, out, detector=None, clip=None, progress=False, record={"image_size": 512}
+    )
+    assert calls == [COW["prompt"]] and json.loads((out / run_mod.RECORD).read_text())["image_size"] == 512
+
+
+def test_the_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    import shutil
+
+    (tmp_path / "a" / "transformer").mkdir(parents=True)
+    (tmp_path / "a" / "transformer" / "model.safetensors").write_bytes(b"header" + bytes(range(200)))
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert run_mod.weights_fingerprint(tmp_path / "a") == run_mod.weights_fingerprint(tmp_path / "copy")
+    (tmp_path / "copy" / "transformer" / "model.safetensors").write_bytes(b"header" + bytes(range(1, 201)))
+    assert run_mod.weights_fingerprint(tmp_path / "a") != run_mod.weights_fingerprint(tmp_path / "copy")

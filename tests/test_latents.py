@@ -216,5 +216,12 @@ def test_a_folder_of_other_files_or_a_cache_too_big_for_the_disk_is_refused_befo
     ):
         cache_latents(huge, VAEConfig(), out, 2, 3, "cpu", progress=False)
     assert not out.exists()
-    with pytest.raises(ConfigError, match=r"data.num_samples=\d+ fits, --dtype bfloat16 halves it"):
+    with pytest.raises(
+        ConfigError, match=r"fits: data.num_samples=\d+, --dtype bfloat16 \(half the bytes\), more"
+    ):
         cache_latents(huge, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    # A folder whose meta.json is not a cache's is another folder of files, not an earlier cache.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"already holds other files \(e.g. 'meta.json'\)"):
+        cache_latents(_data(folder), VAEConfig(), tmp_path / "other", 2, 3, "cpu", progress=False)

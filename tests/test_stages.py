@@ -91,10 +91,6 @@ def test_stage_overrides_on_the_command_line_and_round_trip(tmp_path):
         ("stages.1.train.trainable=[refiner]", "names 'refiner' but model.design='fusedit' has none"),
         ("stages.5.steps=3", "stages.5: no such item (allowed: 0..2)"),
         ("stages.0.steps=null", "stages[0].steps is required"),
-        (
-            "stages.2.name=low-res",
-            "stages[2].name='low-res' is already the name of stages[0] (allowed: distinct",
-        ),
         ("text.dtype=bfloat16", "(full fine-tuning) but text.dtype='bfloat16': AdamW needs float32"),
         ("train.shard_llm=true", "train.shard_llm=true needs a frozen LLM"),
         ("train.steps=100", "train.steps=100 cannot be set on a staged config"),
@@ -541,3 +537,13 @@ def test_settings_for_a_part_that_does_not_train_are_named_in_a_warning(tmp_path
     ]
     llm_only = tiny_config(train={"trainable": ["llm"], "dit_lora": {"rank": 4}, "llm_lr": 1e-5}).train
     assert idle_settings(llm_only) == ["train.dit_lora.rank=4 (DiT)"]
+
+
+def test_duplicate_stage_names_are_refused_before_training(tmp_path):
+    stages = [{"name": "a", "steps": 1}, {"name": "a", "steps": 1}]
+    cfg = tiny_config(stages=stages)  # loads: a saved run with such names still samples
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\].name='a' is already the name of stages\[0\] \(allowed: distinct"
+    ):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

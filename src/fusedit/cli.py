@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -329,7 +330,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fusedit.serve import DemoServer, check_port_free
+    from fusedit.serve import DemoServer, check_port_free, max_side
     from fusedit.system import resolve_device
 
     if not 0 <= args.port <= 65535:
@@ -339,6 +340,8 @@ def cmd_serve(args) -> int:
             check_port_free(args.host, args.port)
         except OSError as e:
             raise ConfigError(str(e)) from None
+    if args.max_size is not None:  # checked against the model's saved config before its weights load
+        max_side(load_config(args.model), args.max_size)
     device = resolve_device(args.device, "--device")
     flags = _sampling_flags(args)
     # Compile off unless asked: each new size, image count or guidance setting of a request would compile.
@@ -415,8 +418,9 @@ def cmd_eval(args) -> int:
 
 
 def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
-    from fusedit.eval.run import generator, run_dpg, run_geneval
+    from fusedit.eval.run import generator, run_dpg, run_geneval, weights_fingerprint
     from fusedit.sample import sample_settings
+    from fusedit.system import uses_bf16
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     gen = generator(model, settings)
@@ -424,7 +428,13 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
     # What made the images, so a rerun after more training does not keep (and score) the old ones. The
     # text cache and CUDA graphs change no image beyond rounding, so they may differ between runs.
     kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
-    record = {"model": str(Path(where).resolve()), "ema": not args.no_ema, **kept}
+    record = {
+        "checkpoint": Path(where).name,
+        "weights": weights_fingerprint(Path(where)),
+        "ema": not args.no_ema,
+        **kept,
+        "precision": "bf16" if uses_bf16(settings["precision"], device) else "fp32",
+    }
     if args.bench == "geneval":
         r = run_geneval(
             gen,
@@ -592,7 +602,7 @@ def cmd_bench(args) -> int:
     if args.train_points and args.resolution and "sample" not in args.what:
         raise ConfigError(
             "--resolution does not apply with --train-points and --what train (each RESOLUTIONxBATCH point "
-            "names its resolution; --resolution sets the sampling points')"
+            "names its resolution; --resolution sets the sampling points)"
         )
     resolutions = args.resolution or [cfg.data.image_size]
     for size in resolutions:
@@ -669,7 +679,10 @@ def cmd_convert(args) -> int:
     from fusedit.train.checkpoint import save_checkpoint
 
     # Asked before load_official builds and loads the model, which takes minutes for the 4.6B release.
-    check_output_folder(_out_folder(args.out), "a converted run")
+    out = _out_folder(args.out)
+    earlier = _converted(out)
+    if not earlier:
+        check_output_folder(out, "a converted run", "an earlier conversion's folder")
     if not args.vae and official_vae(args.path, args.config) is None:
         raise ConfigError(
             f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
@@ -687,11 +700,24 @@ def cmd_convert(args) -> int:
         weights_only=not args.trust_pickle,
     )
     weights = model.denoiser.state_dict()
+    if earlier:  # redone, e.g. with another --vae or --max-length: the new conversion replaces it
+        shutil.rmtree(out)
     ckpt = save_checkpoint(
         args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
     )
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
+
+
+def _converted(out: Path) -> bool:
+    """Whether ``out`` is what `fusedit convert` writes: a run folder whose only checkpoint is step 0."""
+    checkpoints = out / "checkpoints"
+    return (
+        checkpoints.is_dir()
+        and {p.name for p in out.iterdir()} == {"checkpoints"}
+        and {p.name for p in checkpoints.iterdir()} <= {"latest", "step_00000000"}
+        and (checkpoints / "step_00000000" / "state.json").is_file()
+    )
 
 
 def cmd_study(args) -> int:

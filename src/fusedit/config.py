@@ -500,6 +500,9 @@ def _saved_mapping(folder: Path) -> dict:
     and data.max_objects)."""
     if (folder / "config.yaml").is_file():
         return _read_yaml(folder / "config.yaml")[0]
+    latest = folder / "checkpoints" / "latest"  # a run folder without a top-level copy (`fusedit convert`)
+    if latest.is_file() and (folder / "checkpoints" / latest.read_text().strip() / "config.yaml").is_file():
+        return _read_yaml(folder / "checkpoints" / latest.read_text().strip() / "config.yaml")[0]
     if (folder / "model_index.json").is_file():
         recorded = pipeline_record(folder)
         if recorded is None:
@@ -682,6 +685,9 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
                 )
                 raise ConfigError(f"{path}={value!r}: {what} (allowed: a list of {', '.join(allowed)})")
         return value
+    if isinstance(value, float) and value != value and ("min" in meta or "max" in meta):
+        # NaN compares false with any bound, so it would pass them all.
+        raise ConfigError(f"{path}={value!r} must be a number (NaN is not)")
     if "min" in meta:
         bad = value <= meta["min"] if meta.get("strict") else value < meta["min"]
         if bad:
@@ -726,13 +732,6 @@ def config_from_dict(data: dict) -> Config:
         missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
         if missing:
             raise ConfigError(f"stages[{missing[0]}].steps is required (the stage's optimizer steps)")
-        names = [st.name or f"stage{i}" for i, st in enumerate(cfg.stages)]
-        for j, name in enumerate(names):
-            if name in names[:j]:
-                raise ConfigError(
-                    f"stages[{j}].name={name!r} is already the name of stages[{names.index(name)}] (allowed: "
-                    "distinct names, which tell the stages apart in logs and `fusedit describe`)"
-                )
         cfg.train.steps = sum(st.steps for st in cfg.stages)
     validate(cfg)
     return cfg

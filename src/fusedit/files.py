@@ -39,7 +39,7 @@ def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "
     gains a ``model_index.json`` samples the export from then on)."""
     out = Path(out)
     if out.is_dir():
-        first = next(iter(sorted(out.iterdir())), None)
+        first = min(out.iterdir(), default=None)  # the first name, without sorting a huge listing
         if first is not None:
             also = f", or {earlier}" if earlier else ""
             raise ValueError(

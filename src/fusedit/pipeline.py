@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -370,8 +371,9 @@ def export_run(
     device: torch.device | str = "cpu",
 ) -> Path:
     """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder.
-    ``folder`` is new, empty, or an earlier export (written over); anything else is refused before the
-    model loads."""
+    ``folder`` is new, empty, or an earlier export (replaced); anything else is refused before the model
+    loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
+    as it was (and a partial ``.NAME.partial`` that the next export replaces)."""
     source = Path(run_or_checkpoint)
     if (source / "model_index.json").is_file():
         raise ValueError(
@@ -379,19 +381,37 @@ def export_run(
             "FuseDiTPipeline.from_pretrained or `fusedit sample`)"
         )
     folder = Path(folder)
-    if not _exported(folder):
+    earlier = _exported(folder)
+    if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
-    FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema).save_pretrained(str(folder))
+    pipe = FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(str(partial))
+    if earlier:
+        shutil.rmtree(folder)
+    elif folder.exists():
+        folder.rmdir()  # empty, as checked
+    os.replace(partial, folder)
     return folder
 
 
 def _exported(folder: Path) -> bool:
-    """Whether ``folder`` holds a fusedit pipeline (an earlier export), which an export may write over."""
+    """Whether ``folder`` holds a fusedit pipeline (an earlier export, which an export may replace): its
+    model_index.json names fusedit's transformer class. The public FuseDiT code's pipelines share the
+    pipeline's class name, not the transformer's, so a downloaded release is never replaced."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(index, dict) and index.get("_class_name") == FuseDiTPipeline.__name__
+    if not isinstance(index, dict):
+        return False
+    transformer = index.get("transformer")
+    return (
+        index.get("_class_name") == FuseDiTPipeline.__name__
+        and isinstance(transformer, list)
+        and transformer[-1:] == [FuseDiTTransformer2DModel.__name__]
+    )
 
 
 def _strings(name: str, value) -> list[str]:

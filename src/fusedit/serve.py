@@ -11,10 +11,14 @@ box, the sampling settings, live progress and a gallery, over a small JSON API:
                                "WIDTHxHEIGHT", "width"/"height" one) -> 202 the new job,
                                or 400 {"error": "<one line naming the bad value and what is allowed>"}
     POST /api/jobs/<id>/cancel a queued job never starts; a running one stops after its current step
+                               (409 when finished, or finishing: past its last step)
     GET  /api/jobs             the kept jobs, newest first (the gallery)
     GET  /api/jobs/<id>        one job: status (queued, running, done, error, cancelled), step of total,
                                images, a notice (a prompt cut to text.max_length) or null
     GET  /images/<id>/<n>.png  image n of a job
+
+Both POSTs need ``Content-Type: application/json`` (the cancel's body is ignored): a page of another site
+cannot send that without a CORS preflight, which this server never grants.
 
 Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
 the model: jobs wait in a queue, so generations never run concurrently (a model is not safe to call from
@@ -58,9 +62,10 @@ log = logging.getLogger(__name__)
 # memory, and a mistyped value should come back as an error rather than as a very long wait.
 MAX_STEPS = 200
 MAX_IMAGES = 8
-MAX_SIZE = 2048
 MAX_GUIDANCE = 50.0
-SHIFT_RANGE = (0.1, 20.0)
+# The sampling time shift a request may ask for: 1 = none, SD3 uses 3; above the model's default when that
+# is higher. Any positive value is well defined; far outside this range the steps bunch at one end.
+SHIFT_RANGE = (0.01, 20.0)
 MAX_PROMPT_CHARS = 4000
 SEED_MAX = 2**32 - 1
 MAX_BODY_BYTES = 64 * 1024
@@ -196,6 +201,20 @@ def _text(body: dict, name: str, default: str) -> str:
     return value
 
 
+def max_side(cfg: Config, wanted: int | None = None) -> tuple[int, int]:
+    """(unit, largest) image side in pixels a server of ``cfg``'s model takes: a multiple of ``unit`` (whole
+    patches of whole latent pixels, as FuseDiTPipeline checks) up to ``wanted`` (`fusedit serve
+    --max-size`), by default twice the trained side (data.image_size); never past a fixed APE table."""
+    unit, largest = side_limits(cfg)
+    if wanted is None:
+        side = 2 * cfg.data.image_size // unit * unit
+        return unit, min(side, largest) if largest else side
+    if wanted < unit or wanted % unit or (largest and wanted > largest):
+        upto = f" up to {largest} (the APE table's model.ape_max_size)" if largest else ""
+        raise ConfigError(f"--max-size {wanted} is not allowed (allowed: a multiple of {unit}{upto})")
+    return unit, wanted
+
+
 class JobQueue:
     """The model, the one worker thread that runs it, and the jobs (all methods are thread-safe)."""
 
@@ -203,8 +222,11 @@ class JobQueue:
         """``max_size``: the largest image side a request may ask for; None = twice the side the model was
         trained at (``data.image_size``), so that one click cannot occupy the machine for hours."""
         self.model, self.cfg, self.source = model, cfg, source
-        self.defaults = sample_settings(cfg)
-        self.max_size = self._max_size(cfg, max_size)
+        self.size_unit, self.max_size = max_side(cfg, max_size)
+        # The page's default side is the trained one, unless the server caps sides below it.
+        defaults = sample_settings(cfg)
+        self.defaults = {**defaults, "image_size": min(defaults["image_size"], self.max_size)}
+        self.shift_range = (SHIFT_RANGE[0], max(SHIFT_RANGE[1], defaults["shift"]))
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 1
@@ -238,7 +260,7 @@ class JobQueue:
                 "seed": [0, SEED_MAX],
                 "size": [self.size_unit, self.max_size],
                 "size_multiple_of": self.size_unit,
-                "shift": list(SHIFT_RANGE),
+                "shift": list(self.shift_range),
                 "sampler": list(CHOICES["sampler"]),
                 "schedule": list(CHOICES["schedule"]),
                 "num_images": [1, MAX_IMAGES],
@@ -272,24 +294,9 @@ class JobQueue:
             width=width,
             num_images=_integer(body, "num_images", 1, 1, MAX_IMAGES),
             sampler=_choice(body, "sampler", d["sampler"]),
-            shift=_number(body, "shift", d["shift"], *SHIFT_RANGE),
+            shift=_number(body, "shift", d["shift"], *self.shift_range),
             schedule=_choice(body, "schedule", d["schedule"]),
         )
-
-    def _max_size(self, cfg: Config, wanted: int | None) -> int:
-        # The latent grid must split into whole patches (as FuseDiTPipeline checks), and no more of them
-        # than a fixed APE table covers.
-        self.size_unit, largest = side_limits(cfg)
-        unit, default = self.size_unit, self.defaults["image_size"]
-        ceiling = largest or MAX_SIZE * 8
-        if wanted is None:
-            return min(2 * default, ceiling) // unit * unit
-        if wanted % unit or not default <= wanted <= ceiling:
-            raise ConfigError(
-                f"--max-size {wanted} is not allowed (allowed: a multiple of {unit} from the model's default "
-                f"size {default} to {ceiling})"
-            )
-        return wanted
 
     def _sides(self, body: dict) -> tuple[int, int]:
         """(height, width): "size" sets both (one number, or "WIDTHxHEIGHT"), "width"/"height" one."""
@@ -393,6 +400,8 @@ class JobQueue:
                 raise RequestError(
                     f"job {job_id} is {job.status} already (allowed: cancel a queued or running job)", 409
                 )
+            if job.step == job.request.steps:  # only the decode is left: it would finish regardless
+                raise RequestError(f"job {job_id} is finishing: its last step is done", 409)
             job.cancel = True
             if job.status == "queued":
                 job.status = "cancelled"

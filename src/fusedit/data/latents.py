@@ -202,6 +202,15 @@ def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, 
     }
 
 
+def _is_cache(out: Path) -> bool:
+    """Whether ``out`` holds a latent cache (whose META records its format), finished or not."""
+    try:
+        meta = json.loads((out / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta
+
+
 def _check_meta(out: Path, meta: dict) -> None:
     path = out / META
     if not path.is_file():
@@ -235,11 +244,14 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
     where = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        hint = f"data.num_samples={free // per_sample} fits" if data_cfg.source == "shapes" else "free space"
+        ways = [f"data.num_samples={(free + written) // per_sample}"] if data_cfg.source == "shapes" else []
+        if torch.empty((), dtype=dtype).element_size() == 4:
+            ways.append("--dtype bfloat16 (half the bytes)")
+        ways += ["more free disk space", "another disk"]
         raise ConfigError(
             f"caching {total:,} samples needs about {need / 1e9:.1f} GB more ({per_sample:,} bytes of "
             f"{str(dtype).removeprefix('torch.')} latents each) but {str(where)!r} has {free / 1e9:.1f} GB "
-            f"free (allowed: a cache that fits: {hint}, --dtype bfloat16 halves it, or another disk)"
+            f"free (allowed: a cache that fits: {', '.join(ways)})"
         )
 
 
@@ -305,7 +317,7 @@ def cache_latents(
         if value < 1:
             raise ConfigError(f"{name}={value!r} is not allowed (allowed: an integer >= 1)")
     out = Path(out_dir)
-    if not (out / META).is_file():
+    if not _is_cache(out):
         check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
     _check_meta(out, meta)

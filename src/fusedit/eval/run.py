@@ -7,11 +7,12 @@ the published numbers). DPG-Bench: one 2x2 grid per prompt, ``<name>.png``.
 
 Generation resumes: images already in the output folder are kept. So that a rerun after more training (or
 with other settings) never scores the old images, the folder records what made them (``generation.json``:
-the model folder, EMA or not, the sampling settings, seed) and a rerun with a different record is refused.
+the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling settings, seed) and a rerun with a different record is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,17 +36,34 @@ def generator(model, settings: dict):
 
 
 RECORD = "generation.json"
+# Bytes of each weight file that go into its fingerprint (with its size): past the safetensors header they
+# are weights, which differ between any two checkpoints, and reading them is instant even for 19 GB.
+FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A short hash of the weight files under ``folder`` (a checkpoint or pipeline folder): their names,
+    sizes and first bytes. It follows the weights, not the path: a moved or copied model keeps it, a later
+    checkpoint or a re-export into the same folder changes it."""
+    digest = hashlib.sha256()
+    files = sorted(p for pattern in ("*.safetensors", "*.distcp") for p in folder.rglob(pattern))
+    for path in files:
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
     """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
     otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
-    checks nothing."""
+    checks nothing. A record without images (a run that stopped before its first) is replaced."""
     if record is None:
         return
     record = json.loads(json.dumps(record))  # tuples -> lists: compared as read back from JSON
     path = out_dir / RECORD
-    if path.is_file():
+    has_images = images.is_dir() and any(images.iterdir())
+    if path.is_file() and has_images:
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
         if changed:
@@ -55,7 +73,7 @@ def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
                 f"{path}); give a new --out, or delete the folder to regenerate"
             )
         return
-    if images.is_dir() and any(images.iterdir()):
+    if has_images and not path.is_file():
         raise ConfigError(
             f"{images} holds images without a record of what made them ({RECORD}); give a new --out, or "
             "delete the folder to regenerate"

@@ -41,7 +41,7 @@ def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
         raise ConfigError(
             f"model.initial_layers={cfg.initial_layers} leaves no LLM layer for the DiT: the LLM has "
             f"{llm.num_layers} and deep fusion pairs every DiT layer with one after the initial ones "
-            f"(allowed: initial_layers < {llm.num_layers}, or set model.num_layers)"
+            f"(allowed: initial_layers < {llm.num_layers})"
         )
     if n < 1 or cfg.initial_layers + n > llm.num_layers:
         raise ConfigError(

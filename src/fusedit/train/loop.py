@@ -273,6 +273,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     device, main = env.device, env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
     stages = resolved_stages(cfg)
+    names = [stage.name for stage in stages]
+    for stage in stages:
+        # Refused here rather than at config load, so that a saved run with such names still samples.
+        if names.index(stage.name) != stage.index:
+            raise ConfigError(
+                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
+                "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
+            )
     _check_stages_fit(stages, parallel, tc.shard_llm)
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = None
