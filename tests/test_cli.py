@@ -219,6 +219,9 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     again = ["convert", str(fixture), "--vae", str(tmp_path / "vae"), "--tokenizer", str(tmp_path / "tok")]
     assert main([*again, "--out", str(tmp_path / "run"), "--max-length", "12"]) == 0  # redone: replaced
     assert load_checkpoint_config(find_checkpoint(tmp_path / "run")).text.max_length == 12
+    from fusedit.config import load_config
+
+    assert load_config(str(tmp_path / "run")).text.max_length == 12  # a converted run is a config base
     (tmp_path / "trained").mkdir()
     trained = _tiny_run(tmp_path / "trained")
     capsys.readouterr()

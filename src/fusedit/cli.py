@@ -25,6 +25,7 @@ from fusedit.config import (
     load_config,
     pipeline_record,
     preset_names,
+    save_config,
     side_fits,
     to_yaml,
 )
@@ -264,7 +265,7 @@ def cmd_sample(args) -> int:
     from fusedit.files import write_text_atomic
     from fusedit.imaging import image_grid, save_png, to_uint8
     from fusedit.sample import generate, image_shape, latent_shape, sample_settings, seeded_noise
-    from fusedit.system import resolve_device, uses_bf16
+    from fusedit.system import precision_name, resolve_device
 
     prompts = _read_prompts(args)
     # Checked before the (possibly slow) model load, so a typo fails at once.
@@ -290,7 +291,6 @@ def cmd_sample(args) -> int:
     _check_size(size, cfg)
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_samples(out)
-    ran = "bf16" if uses_bf16(settings["precision"], device) else "fp32"  # what "auto" resolved to here
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
@@ -316,7 +316,7 @@ def cmd_sample(args) -> int:
                 "sampler": settings["sampler"],
                 "shift": settings["shift"],
                 "schedule": settings["schedule"],
-                "precision": ran,
+                "precision": precision_name(settings["precision"], device),
                 "cache_text": settings["cache_text"],
                 "use_ema": not args.no_ema,
                 "model": str(source),
@@ -340,8 +340,9 @@ def cmd_serve(args) -> int:
             check_port_free(args.host, args.port)
         except OSError as e:
             raise ConfigError(str(e)) from None
-    if args.max_size is not None:  # checked against the model's saved config before its weights load
-        max_side(load_config(args.model), args.max_size)
+    saved = _saved_config(args.model) if args.max_size is not None else None
+    if saved is not None:  # checked against the model's saved config before its weights load
+        max_side(saved, args.max_size)
     device = resolve_device(args.device, "--device")
     flags = _sampling_flags(args)
     # Compile off unless asked: each new size, image count or guidance setting of a request would compile.
@@ -420,7 +421,7 @@ def cmd_eval(args) -> int:
 def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
     from fusedit.eval.run import generator, run_dpg, run_geneval, weights_fingerprint
     from fusedit.sample import sample_settings
-    from fusedit.system import uses_bf16
+    from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     gen = generator(model, settings)
@@ -433,7 +434,7 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
         "weights": weights_fingerprint(Path(where)),
         "ema": not args.no_ema,
         **kept,
-        "precision": "bf16" if uses_bf16(settings["precision"], device) else "fp32",
+        "precision": precision_name(settings["precision"], device),
     }
     if args.bench == "geneval":
         r = run_geneval(
@@ -703,18 +704,20 @@ def cmd_convert(args) -> int:
     if earlier:  # redone, e.g. with another --vae or --max-length: the new conversion replaces it
         shutil.rmtree(out)
     ckpt = save_checkpoint(
-        args.out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
+        out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
     )
+    save_config(cfg, out / "config.yaml")  # as a trained run has: the folder is a config base too
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
 
 
 def _converted(out: Path) -> bool:
-    """Whether ``out`` is what `fusedit convert` writes: a run folder whose only checkpoint is step 0."""
+    """Whether ``out`` is what `fusedit convert` writes: a run folder whose only checkpoint is step 0 (with
+    the run's config.yaml, or without it as before 2b20aca)."""
     checkpoints = out / "checkpoints"
     return (
         checkpoints.is_dir()
-        and {p.name for p in out.iterdir()} == {"checkpoints"}
+        and {p.name for p in out.iterdir()} <= {"checkpoints", "config.yaml"}
         and {p.name for p in checkpoints.iterdir()} <= {"latest", "step_00000000"}
         and (checkpoints / "step_00000000" / "state.json").is_file()
     )

@@ -500,9 +500,6 @@ def _saved_mapping(folder: Path) -> dict:
     and data.max_objects)."""
     if (folder / "config.yaml").is_file():
         return _read_yaml(folder / "config.yaml")[0]
-    latest = folder / "checkpoints" / "latest"  # a run folder without a top-level copy (`fusedit convert`)
-    if latest.is_file() and (folder / "checkpoints" / latest.read_text().strip() / "config.yaml").is_file():
-        return _read_yaml(folder / "checkpoints" / latest.read_text().strip() / "config.yaml")[0]
     if (folder / "model_index.json").is_file():
         recorded = pipeline_record(folder)
         if recorded is None:

@@ -404,14 +404,17 @@ def _exported(folder: Path) -> bool:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if not isinstance(index, dict):
-        return False
-    transformer = index.get("transformer")
     return (
-        index.get("_class_name") == FuseDiTPipeline.__name__
-        and isinstance(transformer, list)
-        and transformer[-1:] == [FuseDiTTransformer2DModel.__name__]
+        isinstance(index, dict)
+        and index.get("_class_name") == FuseDiTPipeline.__name__
+        and _fusedit_transformer(index)
     )
+
+
+def _fusedit_transformer(index: dict) -> bool:
+    """Whether a model_index.json names fusedit's transformer class (the public code's names its own)."""
+    transformer = index.get("transformer")
+    return isinstance(transformer, list) and transformer[-1:] == [FuseDiTTransformer2DModel.__name__]
 
 
 def _strings(name: str, value) -> list[str]:
@@ -476,7 +479,7 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
     # The public FuseDiT code calls its pipeline FuseDiTPipeline too; its transformer is its own class,
     # which diffusers would fail on with a long message about importing modules.
     transformer = index.get("transformer")
-    if not (isinstance(transformer, list) and transformer[-1:] == [FuseDiTTransformer2DModel.__name__]):
+    if not _fusedit_transformer(index):
         raise ValueError(
             f"{name!r} holds a transformer {transformer!r}, not fusedit's {FuseDiTTransformer2DModel.__name__}: "
             f"a pipeline saved by the public FuseDiT code needs `fusedit convert {name} --out DIR` first "

@@ -182,15 +182,14 @@ def generate(
     if cache_text:
         text = model.encode_prompts(rows)
     else:
-        counted: list[int] = []
+        counted = None
 
         def text():
             # The uncached baseline encodes at every step; its prompts are cut (and counted) once, as cached.
+            nonlocal counted
             context = model.encode_prompts(rows)
-            if counted:
-                model.truncated = counted[0]
-            else:
-                counted.append(model.truncated)
+            counted = model.truncated if counted is None else counted
+            model.truncated = counted
             return context
 
     velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)

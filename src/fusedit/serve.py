@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fusedit.config import Config, ConfigError, SampleConfig, choices_of, side_limits
+from fusedit.config import Config, ConfigError, SampleConfig, choices_of, side_fits, side_limits
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
@@ -209,7 +209,7 @@ def max_side(cfg: Config, wanted: int | None = None) -> tuple[int, int]:
     if wanted is None:
         side = 2 * cfg.data.image_size // unit * unit
         return unit, min(side, largest) if largest else side
-    if wanted < unit or wanted % unit or (largest and wanted > largest):
+    if not side_fits(wanted, cfg):
         upto = f" up to {largest} (the APE table's model.ape_max_size)" if largest else ""
         raise ConfigError(f"--max-size {wanted} is not allowed (allowed: a multiple of {unit}{upto})")
     return unit, wanted

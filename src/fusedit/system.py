@@ -165,6 +165,11 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     )
 
 
+def precision_name(precision: str, device: torch.device) -> str:
+    """What a precision setting ran as here, for records: "bf16" or "fp32" ("auto" resolved)."""
+    return "bf16" if uses_bf16(precision, device) else "fp32"
+
+
 def builtin_words(cfg: Config) -> list[str]:
     """The word list of the built-in tokenizer (used when no text.tokenizer / model_id is set): the shapes
     caption vocabulary plus the words of the configured templates (so LI-DiT's instruction is not <unk>)."""

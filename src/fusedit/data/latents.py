@@ -238,14 +238,14 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
     if total is None:
         return
     side = data_cfg.image_size // vae_cfg.downsample  # buckets keep about image_size**2 pixels
-    per_sample = vae_cfg.latent_channels * side * side * torch.empty((), dtype=dtype).element_size()
+    per_sample = vae_cfg.latent_channels * side * side * dtype.itemsize
     written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else 0
     need = total * per_sample - written
     where = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
         ways = [f"data.num_samples={(free + written) // per_sample}"] if data_cfg.source == "shapes" else []
-        if torch.empty((), dtype=dtype).element_size() == 4:
+        if dtype.itemsize == 4:
             ways.append("--dtype bfloat16 (half the bytes)")
         ways += ["more free disk space", "another disk"]
         raise ConfigError(
