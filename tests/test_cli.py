@@ -79,7 +79,7 @@ def _tiny_run(tmp_path):
     return run
 
 
-def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
+def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monkeypatch):
     run = _tiny_run(tmp_path)
     meta = [
         {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
@@ -112,7 +112,10 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys):
         "step_00000001",
         "fp32",
     )
-    assert main([*args, "--guidance", "2"]) == 2
+    # Refused before the model loads (a large LLM takes minutes to load).
+    with monkeypatch.context() as m:
+        m.setattr("fusedit.cli.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main([*args, "--guidance", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{out} holds images made with guidance=3.0, not guidance=2.0" in err and "\n" not in err
 

@@ -23,7 +23,7 @@ from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate
-from fusedit.serve import DemoServer
+from fusedit.serve import MAX_BODY_BYTES, DemoServer
 from fusedit.system import build_model
 from fusedit.train.checkpoint import save_checkpoint
 
@@ -393,6 +393,15 @@ def test_malformed_requests_and_unknown_paths(server):
         405,
         {"error": "GET /api/generate is not allowed (allowed: POST)"},
     )
+    # A cancel's body is not used, but its length is checked as the generate's is: it is read.
+    host = f"Host: 127.0.0.1:{server.server_address[1]}\r\nContent-Type: application/json\r\n"
+    for length, code, error in (
+        (MAX_BODY_BYTES + 1, "413", f"the request body has {MAX_BODY_BYTES + 1} bytes"),
+        ("ten", "411", "the request needs a Content-Length header"),
+    ):
+        request = f"POST /api/jobs/1/cancel HTTP/1.1\r\n{host}Content-Length: {length}\r\n\r\n"
+        status, _, body = raw_exchange(server, request.encode())
+        assert status.split()[1] == code and body["error"].startswith(error)
 
 
 def raw_exchange(server, request: bytes) -> tuple[str, dict, dict]:

@@ -243,19 +243,27 @@ def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") 
         raise ConfigError(f"{flag} {_size_text(size)} is not allowed (allowed{sides}: {allowed_sides(cfg)})")
 
 
-def _saved_config(path: str | Path) -> Config | None:
-    """The config MODEL samples with (as load_sampling_model reads it), read without any weights; None
-    where the folder holds none, which load_sampling_model then reports."""
+def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
+    """The config MODEL samples with and the folder its weights are read from (as load_sampling_model
+    reads and returns them), without any weights; None where the folder holds none, which
+    load_sampling_model then reports."""
     from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
 
     folder = Path(path)
     if (folder / "model_index.json").is_file():
         recorded = pipeline_record(folder)
-        return None if recorded is None else config_from_dict(recorded)
+        return None if recorded is None else (config_from_dict(recorded), folder)
     try:
-        return checkpoint_stage(find_checkpoint(folder)).config
+        ckpt = find_checkpoint(folder)
     except FileNotFoundError:
         return None
+    return checkpoint_stage(ckpt).config, ckpt
+
+
+def _saved_config(path: str | Path) -> Config | None:
+    """The config MODEL samples with, read without any weights (see _saved_model)."""
+    saved = _saved_model(path)
+    return None if saved is None else saved[0]
 
 
 def cmd_sample(args) -> int:
@@ -394,6 +402,12 @@ def cmd_eval(args) -> int:
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
+    if args.bench in ("geneval", "dpg"):
+        from fusedit.eval.run import check_protocol_folder
+
+        saved = _saved_model(args.model)
+        if saved is not None:  # a folder of another generation's images is refused before the load
+            check_protocol_folder(out, args.bench, _eval_record(args, *saved, device)[1], _eval_seed(args))
     model, cfg, where = load_sampling_model(args.model, device, use_ema=not args.no_ema)
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
@@ -418,16 +432,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
-    from fusedit.eval.run import generator, run_dpg, run_geneval, weights_fingerprint
+def _eval_seed(args) -> int:
+    return 42 if args.seed is None else args.seed  # both protocols fix seed 42
+
+
+def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
+    """The sampling settings of `fusedit eval --bench geneval|dpg` for a model of ``cfg`` read from
+    ``where``, and the record of what makes its images (eval.run.claim_folder), so that a rerun after more
+    training does not keep (and score) the old ones. The text cache and CUDA graphs change no image beyond
+    rounding, so they may differ between runs."""
+    from fusedit.eval.run import weights_fingerprint
     from fusedit.sample import sample_settings
     from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
-    gen = generator(model, settings)
-    seed = 42 if args.seed is None else args.seed  # both protocols fix seed 42
-    # What made the images, so a rerun after more training does not keep (and score) the old ones. The
-    # text cache and CUDA graphs change no image beyond rounding, so they may differ between runs.
     kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
     record = {
         "checkpoint": Path(where).name,
@@ -436,6 +454,15 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
         **kept,
         "precision": precision_name(settings["precision"], device),
     }
+    return settings, record
+
+
+def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
+    from fusedit.eval.run import generator, run_dpg, run_geneval
+
+    settings, record = _eval_record(args, cfg, where, device)
+    gen = generator(model, settings)
+    seed = _eval_seed(args)
     if args.bench == "geneval":
         r = run_geneval(
             gen,

@@ -588,6 +588,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
+    def _body(self, required: bool) -> bytes | None:
+        """The request body, b"" where none is sent and ``required`` is False; None after an error reply."""
+        given = self.headers.get("Content-Length")
+        if given is None and not required:
+            return b""
+        try:
+            length = int(given or "")
+        except ValueError:
+            self._error(411, "the request needs a Content-Length header")
+            return None
+        if length < 0:
+            self._error(400, f"Content-Length {length} is not a byte count")
+            return None
+        if length > MAX_BODY_BYTES:
+            self._error(413, f"the request body has {length} bytes (allowed: at most {MAX_BODY_BYTES})")
+            return None
+        return self.rfile.read(length)
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         cancel = re.fullmatch(r"/api/jobs/(\d+)/cancel", path)
@@ -604,24 +622,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 415, f"Content-Type {content_type or 'none'!r} is not allowed (allowed: application/json)"
             )
             return
-        if cancel is not None:  # no body to read: the job is named in the path
+        raw = self._body(required=cancel is None)
+        if raw is None:
+            return
+        # The cancel names its job in the path: a body it is sent is read (the next request on the
+        # connection starts after it) but not used.
+        if cancel is not None:
             try:
                 self._json(200, self.server.jobs.cancel(int(cancel[1])))
             except RequestError as e:
                 self._error(e.status, str(e))
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._error(411, "the request needs a Content-Length header")
-            return
-        if length < 0:
-            self._error(400, f"Content-Length {length} is not a byte count")
-            return
-        if length > MAX_BODY_BYTES:
-            self._error(413, f"the request body has {length} bytes (allowed: at most {MAX_BODY_BYTES})")
-            return
-        raw = self.rfile.read(length)
         try:
             body = json.loads(raw.decode("utf-8"))
         except ValueError as e:  # bad UTF-8, bad JSON, or a number too long for Python to read

@@ -54,12 +54,27 @@ def weights_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
-    """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
-    otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
-    checks nothing. A record without images (a run that stopped before its first) is replaced."""
-    if record is None:
-        return
+# Where each protocol writes its images under the out folder, and GenEval's images per prompt.
+IMAGES = {"geneval": "samples", "dpg": "grids"}
+GENEVAL_PER_PROMPT = 4
+
+
+def protocol_record(record: dict, bench: str, seed: int, n_per_prompt: int | None = None) -> dict:
+    """``record`` (the model and its sampling settings) with what the protocol run adds to it."""
+    extra = {} if n_per_prompt is None else {"n_per_prompt": n_per_prompt}
+    return {**record, "bench": bench, "seed": seed, **extra}
+
+
+def check_protocol_folder(out_dir: Path, bench: str, record: dict, seed: int) -> None:
+    """``claim_folder``'s refusal alone, for ``run_geneval``/``run_dpg`` with their default layout: the CLI
+    checks it before the model loads."""
+    n = GENEVAL_PER_PROMPT if bench == "geneval" else None
+    _check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
+
+
+def _check_claim(out_dir: Path, images: Path, record: dict) -> bool:
+    """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes;
+    True when they were made by this one (its record is there)."""
     record = json.loads(json.dumps(record))  # tuples -> lists: compared as read back from JSON
     path = out_dir / RECORD
     has_images = images.is_dir() and any(images.iterdir())
@@ -72,13 +87,21 @@ def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
                 f"{out_dir} holds images made with {k}={saved.get(k)!r}, not {k}={record.get(k)!r} (see "
                 f"{path}); give a new --out, or delete the folder to regenerate"
             )
-        return
-    if has_images and not path.is_file():
+        return True
+    if has_images:
         raise ConfigError(
             f"{images} holds images without a record of what made them ({RECORD}); give a new --out, or "
             "delete the folder to regenerate"
         )
-    write_text_atomic(path, json.dumps(record, indent=1))
+    return False
+
+
+def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
+    """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
+    otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
+    checks nothing. A record without images (a run that stopped before its first) is replaced."""
+    if record is not None and not _check_claim(out_dir, images, record):
+        write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
 
 
 def run_geneval(
@@ -88,7 +111,7 @@ def run_geneval(
     *,
     detector: str | None,
     clip: str | None,
-    n_per_prompt: int = 4,
+    n_per_prompt: int = GENEVAL_PER_PROMPT,
     seed: int = 42,
     device=None,
     progress: bool = True,
@@ -114,9 +137,9 @@ def run_geneval(
             f"--detector needs --clip ID: {colour_prompts} of the {len(metadata)} GenEval prompts ask for "
             f"colours, which GenEval classifies with CLIP (e.g. openai/clip-vit-large-patch14)"
         )
-    samples = out_dir / "samples"
+    samples = out_dir / IMAGES["geneval"]
     if record is not None:
-        record = {**record, "bench": "geneval", "seed": seed, "n_per_prompt": n_per_prompt}
+        record = protocol_record(record, "geneval", seed, n_per_prompt)
     claim_folder(out_dir, samples, record)
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts}
@@ -151,9 +174,9 @@ def run_dpg(
     prompts = load_dpg(prompts_path)
     # Found before generating: without the question file the grids could not be scored.
     questions = dpg_csv_path(prompts_path) if vqa else None
-    grids = out_dir / "grids"
+    grids = out_dir / IMAGES["dpg"]
     if record is not None:
-        record = {**record, "bench": "dpg", "seed": seed}
+        record = protocol_record(record, "dpg", seed)
     claim_folder(out_dir, grids, record)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts}
