@@ -70,6 +70,7 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
     for cache_text in (True, False):
         generate(model, [long], image_size=16, steps=3, guidance=2.0, cache_text=cache_text)
     assert model.truncated == 4
+    assert [e.truncated for e in model.encoders] == [4, 3] and model.pooled_text.truncated == 3
 
 
 def test_instruction_prefix_and_chat_template():

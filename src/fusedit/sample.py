@@ -182,15 +182,16 @@ def generate(
     if cache_text:
         text = model.encode_prompts(rows)
     else:
-        counted = None
+        first = True
 
         def text():
             # The uncached baseline encodes at every step; its prompts are cut (and counted) once, as cached.
-            nonlocal counted
-            context = model.encode_prompts(rows)
-            counted = model.truncated if counted is None else counted
-            model.truncated = counted
-            return context
+            nonlocal first
+            if first:
+                first = False
+                return model.encode_prompts(rows)
+            with model.uncounted():
+                return model.encode_prompts(rows)
 
     velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)
     if noise is None:

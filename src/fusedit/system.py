@@ -79,6 +79,18 @@ class TextToImage(nn.Module):
         self.truncated += len(frozenset().union(*(enc.cut for enc in self.limited)))
         return context
 
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Encode prompts again without counting their truncations a second time (the model's count and
+        each encoder's): the uncached sampler re-encodes the same prompts at every step."""
+        counts = [self.truncated, *(enc.truncated for enc in self.limited)]
+        try:
+            yield
+        finally:
+            self.truncated = counts[0]
+            for enc, n in zip(self.limited, counts[1:], strict=True):
+                enc.truncated = n
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         return self.denoiser(x, t, text)
 
