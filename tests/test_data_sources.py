@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -214,22 +215,35 @@ def test_ranks_read_disjoint_shares_that_cover_each_epoch(tmp_path):
         assert sorted(epoch) == sorted(rel for rel, *_ in GOOD)  # disjoint and covering
 
 
-def test_plan_with_buckets_gives_every_rank_the_same_steps_and_covers_each_bucket():
-    groups = np.array([0] * 5 + [1] * 3 + [2] * 1 + [-1] * 2)  # uneven buckets, two unusable samples
-    batch, world = 2, 3
-    plans = [
-        StepPlan(len(groups), batch, seed=7, rank=r, world_size=world, groups=groups) for r in range(world)
+def test_plan_with_buckets_reads_one_bucket_per_step_whatever_the_split(caplog):
+    """A step's global batch is one bucket, each rank reading its rows of it: 1 x 6, 2 x 3 and 3 x 2 read
+    the same samples at every step (so a resume on another split goes on exactly), and an epoch covers
+    every usable sample, never an unusable one."""
+    groups = np.array([0] * 13 + [1] * 7 + [2] * 1 + [-1] * 2)  # uneven buckets, two unusable samples
+
+    def global_batches(batch: int, world: int, steps: int) -> list[list[int]]:
+        plans = [
+            StepPlan(len(groups), batch, seed=7, rank=r, world_size=world, groups=groups)
+            for r in range(world)
+        ]
+        return [[p.candidate(s, 0)[0] for p in plans for s in p.slots(step)] for step in range(steps)]
+
+    per_epoch = StepPlan(len(groups), 2, seed=7, rank=1, world_size=3, groups=groups).batches_per_epoch
+    assert per_epoch == 3 + 2 + 1  # ceil(13/6) + ceil(7/6) + ceil(1/6)
+    reads = global_batches(2, 3, 2 * per_epoch)
+    assert reads == global_batches(3, 2, 2 * per_epoch) == global_batches(6, 1, 2 * per_epoch)
+    assert all(len({int(groups[m]) for m in batch}) == 1 for batch in reads)  # one bucket per step
+    assert {m for batch in reads[:per_epoch] for m in batch} == set(range(21))
+    assert reads[:per_epoch] != reads[per_epoch:]  # each epoch its own order
+    # A bucket smaller than the global batch repeats samples within it: the first rank says so.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for rank in (0, 1):
+            StepPlan(len(groups), 4, seed=7, rank=rank, world_size=2, groups=groups, names=["a", "b", "c"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "data: bucket(s) b (7), c (1) hold fewer usable samples than the global batch of 8: each of their "
+        "batches repeats samples (fewer buckets, or more data in them, avoid it)"
     ]
-    per_epoch = plans[0].batches_per_epoch
-    assert per_epoch == 3 + 2 + 1  # ceil(5/2) + ceil(3/2) + ceil(1/2)
-    seen = []
-    for step in range(per_epoch // world):
-        for plan in plans:
-            slots = plan.slots(step)
-            members = [plan.candidate(s, 0)[0] for s in slots]
-            assert len({int(groups[m]) for m in members}) == 1  # one bucket per batch
-            seen += members
-    assert set(seen) == set(range(9))  # every usable sample in the epoch, never the unusable ones
 
 
 def test_buckets_give_one_shape_per_batch(folder):

@@ -66,7 +66,7 @@ def test_identity_cache_round_trip_and_latent_batches(tmp_path, folder):
     # identity latents are exactly the images the raw-image path produces for that sample
     catalog, decoder = FolderCatalog(str(folder)), SampleDecoder.from_config(data, 0)
     dataset = LatentDataset(out)
-    assert len(dataset) == 7 and dataset.groups() is None
+    assert len(dataset) == 7 and dataset.groups()[0] is None
     for i in range(len(dataset)):
         item = dataset.load(i, epoch=0, group=-1)
         position = catalog.paths.index(item["id"])
@@ -168,7 +168,7 @@ def test_webdataset_cache_with_buckets_gives_one_latent_shape_per_batch(tmp_path
     shapes = {tuple(s["shape"]) for s in index["samples"].values()}
     assert shapes == {(3, 16, 16), (3, 16, 24), (3, 24, 16)}
     latents = DataConfig(source="latents", latents_dir=str(out), image_size=16)
-    assert LatentDataset(out).groups() is not None
+    assert LatentDataset(out).groups()[0] is not None
     for batch in step_loader(latents, 0, 2, 0, 6, rank=1, world_size=2):
         assert batch["latent"].shape[0] == 2 and tuple(batch["latent"].shape[1:]) in shapes
 

@@ -235,7 +235,8 @@ class DataConfig:
     # Crop after resizing the shorter side: "center", or "random" (offset fixed per sample by seed).
     crop: str = choice("center", "center", "random")
     # Aspect-ratio buckets as [[H, W], ...]: each image goes to the nearest aspect ratio and every batch
-    # comes from one bucket; empty = square image_size crops.
+    # comes from one bucket (the whole global batch of a step, all processes alike, except for streams,
+    # which bucket per process); empty = square image_size crops.
     buckets: list = field(default_factory=list)
     # latents: the folder `fusedit cache-latents` wrote (safetensors shards + index.json).
     latents_dir: str = ""

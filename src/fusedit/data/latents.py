@@ -500,13 +500,15 @@ class LatentDataset(PlannedDataset):
         # Open safetensors handles cannot be pickled (DataLoader workers under "spawn"); workers reopen.
         return {**self.__dict__, "_handles": {}, "_pid": None}
 
-    def groups(self) -> np.ndarray | None:
-        """A group per latent shape, so every batch holds one shape; None when all shapes agree."""
+    def groups(self) -> tuple[np.ndarray | None, list[str]]:
+        """A group per latent shape, so every batch holds one shape (None when all shapes agree), and each
+        group's name."""
         shapes = sorted({tuple(e["shape"]) for e in self.entries})
+        names = ["latents " + "x".join(map(str, shape)) for shape in shapes]
         if len(shapes) == 1:
-            return None
+            return None, names
         ids = {shape: i for i, shape in enumerate(shapes)}
-        return np.array([ids[tuple(e["shape"])] for e in self.entries], dtype=np.int64)
+        return np.array([ids[tuple(e["shape"])] for e in self.entries], dtype=np.int64), names
 
     def sample_id(self, i: int) -> str:
         return self.ids[i]

@@ -6,15 +6,17 @@ LongTensor, "id": [str]}`` (``"latent"`` instead of ``"image"`` for ``data.sourc
 yields exactly ``end_step - start_step`` batches (sources repeat in epochs, never run dry), so distributed
 ranks never wait on one another at an epoch end.
 
-Index-addressable sources (shapes, folder, hf without streaming, latents) need no state: global batch
-g = step * world_size + rank covers positions [g * B, (g + 1) * B) of an endless sequence of epochs, each
-a permutation of the dataset by (seed, epoch) (shapes keeps its historical unpermuted order: its samples
-are random already). With aspect-ratio buckets an epoch is instead a list of single-bucket batches: each
-bucket's samples in permuted order, cut into batches (the last one wrapping around), the batches shuffled
-by (seed, epoch); global batch g is batch g mod K of epoch g // K (K is the same every epoch). Their
-``loader.state_dict()`` carries the skip counts and the dataset's size: resumed onto a dataset of another
-size (images added or removed), the epochs are permutations of the new size, so the resume warns that the
-current epoch's order is a new one.
+Index-addressable sources (shapes, folder, hf without streaming, latents) need no state. Step s reads
+global batch s, positions [s * G, (s + 1) * G) of an endless sequence of epochs (G = B x world_size, B the
+per-rank batch), each epoch a permutation of the dataset by (seed, epoch) (shapes keeps its historical
+unpermuted order: its samples are random already); rank r reads its rows [r * B, (r + 1) * B) of it. With
+aspect-ratio buckets an epoch is instead a list of single-bucket global batches: each bucket's samples in
+permuted order, cut into batches of G (the last one wrapping around), the batches shuffled by (seed,
+epoch); step s reads batch s mod K of epoch s // K (K is the same every epoch). Either way, how a global
+batch is split over processes does not change which samples it holds. Their ``loader.state_dict()``
+carries the skip counts and the dataset's size: resumed onto a dataset of another size (images added or
+removed), the epochs are permutations of the new size, so the resume warns that the current epoch's order
+is a new one.
 
 Streams (webdataset, hf with streaming) have a position instead: ``loader.state_dict()`` after a step is
 what ``step_loader(..., start_step=that step, state=...)`` continues from exactly. Without a state a stream
@@ -163,6 +165,7 @@ class StepPlan:
     A slot is a tuple ``(epoch, group, position)``; ``candidate(slot, k)`` is the k-th sample to try for
     it (k > 0 only when the earlier ones had to be skipped). ``groups`` gives each sample's bucket
     (-1: unusable, never planned); None means one group of every sample, addressed as one endless stream.
+    ``names`` names each bucket for messages.
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class StepPlan:
         world_size: int = 1,
         groups: np.ndarray | None = None,
         shuffle: bool = True,
+        names: list[str] | None = None,
     ):
         _check_rank(rank, world_size)
         if n < 1:
@@ -188,8 +192,21 @@ class StepPlan:
                 raise RuntimeError("no usable samples to plan batches over (every sample was skipped)")
             ids, sizes = np.unique(self.groups[self.members], return_counts=True)
             self.group_sizes = dict(zip(ids.tolist(), sizes.tolist()))
-            # Batches per epoch: every bucket's samples, the last batch of a bucket wrapping around.
-            self.batches_per_epoch = sum(math.ceil(s / batch_size) for s in self.group_sizes.values())
+            # Global batches per epoch: every bucket's samples cut into batches of batch_size x world_size,
+            # the last batch of a bucket wrapping around. A step's global batch is one bucket, each rank
+            # reading its rows of it: so any split of the same global batch reads the same samples (1 x 8
+            # and 2 x 4 alike, and a resume on another split goes on exactly), and no rank waits at a step
+            # on another's larger images.
+            self.global_batch = batch_size * world_size
+            self.batches_per_epoch = sum(math.ceil(s / self.global_batch) for s in self.group_sizes.values())
+            small = [g for g, size in self.group_sizes.items() if size < self.global_batch]
+            if small and rank == 0:
+                log.warning(
+                    "data: bucket(s) %s hold fewer usable samples than the global batch of %d: each of their "
+                    "batches repeats samples (fewer buckets, or more data in them, avoid it)",
+                    ", ".join(f"{names[g] if names else g} ({self.group_sizes[g]})" for g in small),
+                    self.global_batch,
+                )
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
@@ -204,19 +221,20 @@ class StepPlan:
         order = self.members[make_rng(self.seed, 0, epoch).permutation(len(self.members))]
         lists = {g: order[self.groups[order] == g] for g in self.group_sizes}
         batches = [
-            (g, c) for g, size in self.group_sizes.items() for c in range(math.ceil(size / self.batch_size))
+            (g, c) for g, size in self.group_sizes.items() for c in range(math.ceil(size / self.global_batch))
         ]
         batches = [batches[i] for i in make_rng(self.seed, 6, epoch).permutation(len(batches))]
         return lists, batches
 
     def slots(self, step: int) -> list[tuple[int, int, int]]:
-        g = step * self.world_size + self.rank
         b = self.batch_size
         if self.groups is None:
+            g = step * self.world_size + self.rank
             return [(-1, -1, g * b + j) for j in range(b)]
-        epoch, t = divmod(g, self.batches_per_epoch)
+        epoch, t = divmod(step, self.batches_per_epoch)
         group, chunk = self._perm(epoch)[1][t]
-        return [(epoch, group, chunk * b + j) for j in range(b)]
+        first = chunk * self.global_batch + self.rank * b
+        return [(epoch, group, first + j) for j in range(b)]
 
     def tries(self, slot: tuple[int, int, int]) -> int:
         return self.n if self.groups is None else self.group_sizes[slot[1]]
@@ -436,7 +454,8 @@ def planned_dataset(
         from fusedit.data.latents import LatentDataset
 
         latents = LatentDataset(cfg.latents_dir, seed=seed, caption_pick=cfg.caption_pick)
-        latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=latents.groups())
+        groups, names = latents.groups()
+        latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=groups, names=names)
         return latents, []
     catalog = build_catalog(cfg)
     decoder = SampleDecoder.from_config(cfg, seed)
@@ -447,7 +466,8 @@ def planned_dataset(
         events += found
         if (groups < 0).all():
             raise _no_usable_samples(SkipCounter.of(events))
-    plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups)
+    names = [f"{w}x{h} px" for h, w in decoder.targets]
+    plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups, names=names)
     return CatalogItems(catalog, decoder, plan), events
 
 
