@@ -13,8 +13,9 @@ encodes them with ``fusedit.vae.load_autoencoder(vae_cfg)`` and writes, into ``o
 
 Samples are keyed by their stable id (relative path, shard/key, row), never by a training step, so one
 cache serves any batch size, seed and number of ranks. A rerun after an interruption skips finished shards
-(without decoding them) and refuses a folder made with other settings. The VAE's sampling noise is seeded by
-(seed, shard, batch), so a re-encoded shard is identical to the one it replaces.
+(without decoding them) and refuses a folder made with other settings. The VAE's sampling noise is seeded per
+sample by (seed, shard, position), so a re-encoded shard is identical to the one it replaces, whatever
+``batch_size`` encodes it.
 
 :class:`LatentDataset` reads the cache (``data.source=latents``, ``data.latents_dir``): items are
 ``{"latent": (C, h, w) float32, "caption", "index": position, "id"}``; with buckets in the cache, every batch
@@ -44,7 +45,7 @@ from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_s
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
 from fusedit.files import check_output_folder, write_text_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: the VAE noise seeded per sample (1: per encoding batch)
 INDEX, META = "index.json", "meta.json"
 # DataConfig fields that change what a cache holds; a rerun with other values must not mix into it.
 _DATA_KEYS = (
@@ -255,8 +256,8 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
         )
 
 
-def _noise_seed(seed: int, shard: int, batch: int) -> int:
-    return ((seed * 1_000_003 + shard) * 1_000_003 + batch) % 2**63
+def _noise_seed(seed: int, shard: int, position: int) -> int:
+    return ((seed * 1_000_003 + shard) * 1_000_003 + position) % 2**63
 
 
 class _ShardEncoder:
@@ -267,7 +268,6 @@ class _ShardEncoder:
         self.seed, self.shard, self.dtype = seed, shard, dtype
         self.pending: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.latents: dict[int, torch.Tensor] = {}
-        self.batches = 0
 
     def add(self, position: int, image: torch.Tensor, bucket: int) -> None:
         entries = self.pending.setdefault(bucket, [])
@@ -284,11 +284,14 @@ class _ShardEncoder:
     def _flush(self, bucket: int) -> None:
         entries = self.pending.pop(bucket)
         x = torch.stack([image for _, image in entries]).to(self.device)
-        # The posterior draw from its own CPU generator: the same latents on any device and after a rerun.
-        generator = torch.Generator().manual_seed(_noise_seed(self.seed, self.shard, self.batches))
+        # Each sample's posterior draw from a CPU generator of its own: the same latent on any device, in any
+        # batch (size or neighbours), and after a rerun.
+        generators = [
+            torch.Generator().manual_seed(_noise_seed(self.seed, self.shard, position))
+            for position, _ in entries
+        ]
         with torch.inference_mode():
-            z = self.ae.encode(x, generator)
-        self.batches += 1
+            z = self.ae.encode(x, generators)
         for (position, _), latent in zip(entries, z.detach().cpu()):
             self.latents[position] = latent.to(self.dtype).contiguous()
 
