@@ -7,6 +7,7 @@ loading: in a process group (a 1-process gloo group, as torchrun makes it) and w
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,42 @@ needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="this torch build has no torch.distributed/gloo",
 )
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced descriptor through /proc")
+def test_a_checkpoint_is_on_the_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """A rename is atomic against a kill, not against a crash: every file of a checkpoint is fsynced before
+    its folder is renamed into place, and the rename before `latest` names it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cfg, net = tiny_config(), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    final = save_checkpoint(
+        tmp_path, 5, cfg, net, net.state_dict(), opt, None, files={"data_state.json": "{}"}
+    )
+    root, partial = tmp_path / "checkpoints", tmp_path / "checkpoints" / ".step_00000005.partial"
+    moved = events.index(("replace", str(final)))
+    synced = {path for kind, path in events[:moved] if kind == "fsync"}
+    files = {partial / p.relative_to(final) for p in final.rglob("*")}
+    assert {"denoiser.safetensors", "ema.safetensors", "optimizer.pt", "state.json"} <= {
+        p.name for p in files
+    }
+    assert {str(p) for p in files} | {str(partial)} <= synced
+    pointed = events.index(("replace", str(root / "latest")))
+    assert ("fsync", str(root)) in events[moved:pointed]  # the rename is on the disk before `latest`
+    assert events[pointed + 1 :] == [("fsync", str(root))]  # and `latest` itself before the return
+    assert find_checkpoint(tmp_path) == final
 
 
 def test_the_latest_checkpoint_is_the_highest_step_past_eight_digits(tmp_path):

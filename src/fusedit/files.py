@@ -1,8 +1,10 @@
 """File writes that a kill cannot leave half done: the checkpoint pointer, the metrics log, latent-cache
-records, images, evaluation results and FID reference statistics all go through ``write_atomic``."""
+records, images, evaluation results and FID reference statistics all go through ``write_atomic``.
+Checkpoints are also made durable across a power loss or node crash (``sync_tree``, ``durable=True``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,26 +12,60 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object], durable: bool = False
+) -> None:
     """Write ``path`` through ``write(handle)`` into a temporary file beside it, then rename that over
     ``path`` (``os.replace`` is atomic within one file system): a reader or a kill sees the old file or
-    the whole new one, never a part. Missing parent folders are created."""
+    the whole new one, never a part. Missing parent folders are created. ``durable`` also holds across a
+    power loss or a node crash (see ``sync_tree``): the file's bytes reach the disk before the rename, and
+    the rename before the return."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file readable by its owner only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        sync_folder(path.parent)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = False) -> None:
     """``write_atomic`` of UTF-8 text."""
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), durable)
+
+
+def sync_tree(folder: str | os.PathLike[str]) -> None:
+    """fsync every file under ``folder``, then each folder, deepest first. A rename is atomic against a
+    kill, but after a power loss or node crash the renamed folder may hold empty or partial files whose
+    bytes were still in the page cache: synced before the rename, they are on the disk first."""
+    for parent, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            _fsync(os.path.join(parent, name))
+        sync_folder(parent)
+
+
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder, so that the entries just created or renamed in it survive a crash. Not every
+    platform can open a folder for that (Windows cannot): there it is left to the file system."""
+    with contextlib.suppress(PermissionError, IsADirectoryError):
+        _fsync(folder)
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "") -> Path:

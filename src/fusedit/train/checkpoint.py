@@ -1,6 +1,7 @@
 """Checkpoints: one folder per save, written under a temporary name and renamed into place, so a run
 killed while saving keeps its previous checkpoint intact. ``latest`` names the newest complete one, and
-``state.json`` (written last) marks a folder complete.
+``state.json`` (written last) marks a folder complete. The files reach the disk (fsync) before the rename,
+and the rename before ``latest`` names it, so a power loss or node crash keeps them too.
 
 A single-process run writes plain files:
   denoiser.safetensors  the trained DiT         ema.safetensors   its EMA (what sampling uses)
@@ -51,7 +52,7 @@ from fusedit.config import (
     save_config,
     to_dict,
 )
-from fusedit.files import write_text_atomic
+from fusedit.files import sync_folder, sync_tree, write_text_atomic
 from fusedit.train import lora
 
 DCP_DIR = "dcp"
@@ -142,11 +143,15 @@ def save_checkpoint(
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``."""
+    """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``.
+    Each on the disk before the next (fsync): after a crash ``latest`` never names a folder whose files
+    were lost with the page cache."""
+    sync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_text_atomic(root / "latest", final.name)
+    sync_folder(root)
+    write_text_atomic(root / "latest", final.name, durable=True)
     for old in _checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
