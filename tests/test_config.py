@@ -68,6 +68,13 @@ def test_override_file_on_a_preset(tmp_path):
         ("vae.latent_channels=4", "vae.kind=identity needs"),
         ("text.arch=null", "text.arch=None must be a dict"),
         ("train.steps", "must look like section.key=value"),
+        # Real data named while data.source is left at shapes: it would never be read.
+        (
+            "data.root=/data/photos",
+            "data.root='/data/photos' is set but data.source='shapes' (the built-in procedural world) never "
+            "reads it (allowed: data.source=folder to read it, or no data.root)",
+        ),
+        ('data.shards=["a/{0..3}.tar"]', "(allowed: data.source=webdataset to read it, or no data.shards)"),
     ],
 )
 def test_bad_values_fail_with_one_line_errors(override, message):
@@ -225,7 +232,9 @@ def test_a_scalar_for_a_list_key_shows_the_list_syntax(override, message):
     assert message in one_line_error("recipe-shapes-3stage", [override])
     # What it shows is, as the shell passes it on, an override that loads.
     (example,) = shlex.split(message.split("e.g. ")[1])
-    load_config("recipe-shapes-3stage", [example])
+    # (with the source that reads shards: the shapes world never would, and says so)
+    source = [example.split("shards")[0] + "source=webdataset"] if "shards" in example else []
+    load_config("recipe-shapes-3stage", [example, *source])
 
 
 def test_relative_stage_paths_are_saved_absolute(tmp_path, monkeypatch):

@@ -823,6 +823,16 @@ def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
     return out
 
 
+# The data keys that say where real data is, and the source that reads each.
+DATA_LOCATIONS = {
+    "root": "folder",
+    "index_file": "folder",
+    "shards": "webdataset",
+    "hf_path": "hf",
+    "latents_dir": "latents",
+}
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-field types cannot express."""
     if cfg.vae.kind == "identity" and (cfg.vae.downsample != 1 or cfg.vae.latent_channels != 3):
@@ -860,6 +870,17 @@ def validate(cfg: Config) -> None:
             f"model.ape_max_size={cfg.model.ape_max_size} (allowed: sides up to {largest} px = "
             "model.ape_max_size x vae.downsample x model.patch_size)"
         )
+    # Where real data is, set while data.source is left at its default: the run would train on the
+    # procedural shapes world without ever reading it.
+    if cfg.data.source == "shapes":
+        given = [key for key in DATA_LOCATIONS if getattr(cfg.data, key)]
+        if given:
+            key = given[0]
+            raise ConfigError(
+                f"data.{key}={getattr(cfg.data, key)!r} is set but data.source='shapes' (the built-in "
+                f"procedural world) never reads it (allowed: data.source={DATA_LOCATIONS[key]} to read it, or "
+                f"no data.{key})"
+            )
     for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
         if text.model_id == "" and not text.arch:
             raise ConfigError(
