@@ -99,6 +99,19 @@ def test_instruction_prefix_and_chat_template():
     instruction = enc.instruction_mask(mask.sum(1), ids.shape[1])[0][mask[0]].tolist()
     assert instruction == [False, True, True, True, True, False, False, False, True, True]
 
+    # A template that refuses a system turn (Gemma's) is a setting to change, said in one line.
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ValueError) as e:
+        build_template("chat", tok, "", "above")
+    assert str(e.value).endswith(
+        "chat template refuses the prompt with text.system_prompt='above': System role not supported "
+        "(allowed: an empty text.system_prompt, or text.template plain or lidit, which need no chat template)"
+    )
+    assert build_template("chat", tok, "", "").prefix == ""
+
 
 def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt(caplog):
     from fusedit.text.templates import LIDIT_INSTRUCTION

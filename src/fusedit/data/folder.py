@@ -34,18 +34,68 @@ from fusedit.data.transforms import IMAGE_EXTS
 # the others keeps the column it was read by before "file" was accepted.
 _PATH_COLUMNS = ("path", "file_name", "image", "filepath", "file")
 
+# Caption sidecar extensions (lower case), each the name of the caption field it fills.
+_SIDECAR_KINDS = ("txt", "json")
+
+# "utf-8-sig" reads plain UTF-8 and also drops the byte-order mark that Excel ("CSV UTF-8") and Windows
+# Notepad put first: with "utf-8" it would become part of the first column name, JSON line or caption.
+_TEXT_ENCODING = "utf-8-sig"
+
 
 def scan_images(root: Path) -> list[str]:
     """Relative POSIX paths of every image under ``root``, sorted (a stable order across machines)."""
-    found = []
+    return _scan(root)[0]
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The sorted image paths under ``root``, and for the images whose caption sidecar is spelled with an
+    extension in another case than ``.txt``/``.json`` (``a.TXT`` next to ``a.JPG``, as cameras and Windows
+    tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``).
+
+    Directory symlinks are followed (a data folder is often assembled from links to other disks) except
+    into a folder already walked or inside ``root`` itself (walked anyway): a link back up the tree
+    (``a/up -> ..``) would otherwise list the same images again on every turn of the loop. Sub-folders are
+    walked in sorted order, so which of two links to one folder is kept is the same on every machine.
+    """
+    found: list[str] = []
+    sidecars: dict[str, dict[str, str]] = {}
+    real_root = os.path.realpath(root)
+    visited = {real_root}
     for folder, dirs, files in os.walk(root, followlinks=True):
+        kept = []
         # Hidden folders hold editor/OS copies (.ipynb_checkpoints, .thumbnails) that are not data.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                if real in visited or _is_within(real, real_root):
+                    continue
+                visited.add(real)
+            kept.append(name)
+        dirs[:] = kept
         rel = Path(folder).relative_to(root)
+        # Sorted so that, of several case spellings of one sidecar (a.TXT, a.Txt), the same one is read
+        # everywhere; an exact lower-case ".txt"/".json" needs no entry (record() tries it first).
+        by_stem: dict[tuple[str, str], str] = {}
+        for name in sorted(files):
+            stem, dot, ext = name.rpartition(".")
+            if dot and ext.lower() in _SIDECAR_KINDS:
+                by_stem.setdefault((stem, ext.lower()), name)
         for name in files:
-            if not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name:
-                found.append((rel / name).as_posix())
-    return sorted(found)
+            stem, dot, ext = name.rpartition(".")
+            if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:
+                continue
+            path = (rel / name).as_posix()
+            found.append(path)
+            for kind in _SIDECAR_KINDS:
+                other = by_stem.get((stem, kind))
+                if other is not None and other != f"{stem}.{kind}":
+                    sidecars.setdefault(path, {})[kind] = other
+    return sorted(found), sidecars
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_folder_paths(root: str, index_file: str) -> None:
@@ -63,6 +113,7 @@ class FolderCatalog:
 
     def __init__(self, root: str = "", index_file: str = "", image_field: str = "", keep_fields=()):
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
+        self._sidecars: dict[str, dict[str, str]] = {}
         self.sizes_known: np.ndarray | None = None
         check_folder_paths(root, index_file)
         if index_file:
@@ -73,7 +124,7 @@ class FolderCatalog:
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
-            self.paths = scan_images(self.root_dir)
+            self.paths, self._sidecars = _scan(self.root_dir)
             self.rows = None
         if not self.paths:
             where = index_file or root
@@ -85,7 +136,7 @@ class FolderCatalog:
         """(line number, row dict or None) for each data row of a .jsonl or .csv file."""
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding=_TEXT_ENCODING) as f:
                 for number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -95,7 +146,7 @@ class FolderCatalog:
                         row = None
                     yield number, row if isinstance(row, dict) else None
         elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding=_TEXT_ENCODING, newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 for number, row in enumerate(reader, 2):
                     yield number, dict(row)
@@ -146,16 +197,21 @@ class FolderCatalog:
         if self.rows is not None:
             return self.rows[i], self.image_value(i)
         image = self.image_value(i)
+        names = self._sidecars.get(self.paths[i], {})
         fields: dict[str, Any] = {}
         # An unreadable or unparsable sidecar is an absent caption source: the caption check then counts
         # the sample as "no-caption" instead of the run failing on one file.
         with contextlib.suppress(OSError):
-            fields["txt"] = image.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+            fields["txt"] = _sidecar(image, names.get("txt"), "txt")
         with contextlib.suppress(OSError, ValueError):
-            fields["json"] = json.loads(
-                image.with_suffix(".json").read_text(encoding="utf-8", errors="replace")
-            )
+            fields["json"] = json.loads(_sidecar(image, names.get("json"), "json"))
         return fields, image
+
+
+def _sidecar(image: Path, name: str | None, kind: str) -> str:
+    """The text of ``image``'s sidecar of ``kind``: the file ``name`` found by the scan, else ``<stem>.kind``."""
+    path = image.with_name(name) if name else image.with_suffix(f".{kind}")
+    return path.read_text(encoding=_TEXT_ENCODING, errors="replace")
 
 
 def _is_size(value: Any) -> bool:

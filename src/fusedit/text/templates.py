@@ -41,9 +41,20 @@ def _chat(tokenizer, user: str, system_prompt: str) -> Template:
             f"text.template needs a chat template but tokenizer {tokenizer.name_or_path!r} has none "
             "(allowed without one: plain, lidit)"
         )
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user + _PLACEHOLDER})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        # Gemma's template refuses a system turn ("System role not supported"): a setting to change.
+        given = f" with text.system_prompt={system_prompt!r}" if system_prompt else ""
+        allowed = "an empty text.system_prompt, or " if system_prompt else ""
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r}'s chat template refuses the prompt{given}: {e} (allowed: "
+            f"{allowed}text.template plain or lidit, which need no chat template)"
+        ) from None
     prefix, _, suffix = text.partition(_PLACEHOLDER)
     return Template(prefix, suffix, rendered=True)
 
