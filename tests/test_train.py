@@ -22,14 +22,16 @@ def test_tiny_overfit_drives_the_loss_down(tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, caplog):
     cfg = tiny_config(train={"steps": 6, "checkpoint_every": 3})
     full = train(cfg, tmp_path / "a", progress=False)["losses"]
     first = train(cfg, tmp_path / "b", stop_at=4, progress=False)["losses"]  # checkpoints at 3 and 4
     # simulate losing the last checkpoint: resume from step 3
     ckpts = tmp_path / "b" / "checkpoints"
     (ckpts / "latest").write_text("step_00000003")
-    rest = train(cfg, tmp_path / "b", resume=True, progress=False)["losses"]
+    with caplog.at_level(logging.WARNING):
+        rest = train(cfg, tmp_path / "b", resume=True, progress=False)["losses"]
+    assert not [r for r in caplog.records if "changed setting" in r.getMessage()]  # nothing changed
     assert first == full[:4]
     assert rest == full[3:]  # bit-identical losses after resuming
     logged = [
@@ -221,7 +223,7 @@ def test_preview_grids_are_written_during_training(tmp_path):
     assert Image.open(previews[0]).size[0] > 0
 
 
-def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch):
+def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch, caplog):
     import fusedit.train.loop as loop
     from conftest import TINY_ARCH
     from fusedit.config import ConfigError, load_config
@@ -257,7 +259,14 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch):
         "text": {"trim_padding": False},
         "flow": {"shift": 2.0},
     }
-    assert train(tiny_config(train={"steps": 2}, **changed), run, resume=True, progress=False)["step"] == 2
+    with caplog.at_level(logging.WARNING):
+        resumed = train(tiny_config(train={"steps": 2}, **changed), run, resume=True, progress=False)
+    assert resumed["step"] == 2
+    # ... and is named: a resumed run goes on under the new settings (a longer run is no news).
+    assert [r.getMessage() for r in caplog.records if "changed setting" in r.getMessage()] == [
+        "resuming step_00000001 with 3 changed setting(s): flow.shift: 1.0 -> 2.0; "
+        "model.attention_backend: 'auto' -> 'math'; text.trim_padding: True -> False"
+    ]
     with pytest.raises(
         ConfigError, match=r"the run is at step 2, past train.steps=1 \(allowed: train.steps >= 2"
     ):

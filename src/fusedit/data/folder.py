@@ -53,34 +53,40 @@ def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``).
 
     Directory symlinks are followed (a data folder is often assembled from links to other disks) except
-    into a folder already walked or inside ``root`` itself (walked anyway): a link back up the tree
-    (``a/up -> ..``) would otherwise list the same images again on every turn of the loop. Sub-folders are
-    walked in sorted order, so which of two links to one folder is kept is the same on every machine.
+    those into ``root`` itself (its folders are walked under their own names anyway), and a folder reached
+    a second time is not listed again: a link back up the tree (``a/up -> ..``) would otherwise list the
+    same images again on every turn of the loop. Sub-folders are walked in sorted order, so which of two
+    links to one folder is kept is the same on every machine.
     """
     found: list[str] = []
     sidecars: dict[str, dict[str, str]] = {}
     real_root = os.path.realpath(root)
-    visited = {real_root}
+    visited: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
-        kept = []
+        real = os.path.realpath(folder)
+        if real in visited:  # reached again through another link: its images are listed already
+            dirs[:] = []
+            continue
+        visited.add(real)
         # Hidden folders hold editor/OS copies (.ipynb_checkpoints, .thumbnails) that are not data.
-        for name in sorted(d for d in dirs if not d.startswith(".")):
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                real = os.path.realpath(path)
-                if real in visited or _is_within(real, real_root):
-                    continue
-                visited.add(real)
-            kept.append(name)
-        dirs[:] = kept
+        dirs[:] = [
+            d
+            for d in sorted(dirs)
+            if not d.startswith(".")
+            and not (
+                os.path.islink(os.path.join(folder, d))
+                and _is_within(os.path.realpath(os.path.join(folder, d)), real_root)
+            )
+        ]
         rel = Path(folder).relative_to(root)
         # Sorted so that, of several case spellings of one sidecar (a.TXT, a.Txt), the same one is read
-        # everywhere; an exact lower-case ".txt"/".json" needs no entry (record() tries it first).
+        # everywhere; an exact lower-case ".txt"/".json" wins and needs no entry (record()'s default).
         by_stem: dict[tuple[str, str], str] = {}
         for name in sorted(files):
             stem, dot, ext = name.rpartition(".")
-            if dot and ext.lower() in _SIDECAR_KINDS:
-                by_stem.setdefault((stem, ext.lower()), name)
+            kind = ext.lower()
+            if dot and kind in _SIDECAR_KINDS and (name == f"{stem}.{kind}" or (stem, kind) not in by_stem):
+                by_stem[(stem, kind)] = name
         for name in files:
             stem, dot, ext = name.rpartition(".")
             if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:

@@ -1,9 +1,11 @@
 """Hugging Face ``datasets`` as a data source (the optional ``datasets`` package).
 
-``data.hf_path`` is a local parquet file, a glob of them, a local dataset folder, or a hub id
+``data.hf_path`` is a local parquet file, a glob of them, a local dataset folder (files ``load_dataset``
+reads, or a folder written by ``save_to_disk``, read with ``load_from_disk``), or a hub id
 (``data.hf_name`` picks a config, ``data.hf_split`` the split). Images are read undecoded
 (``Image(decode=False)``) and decoded here, so a corrupt image is counted and skipped like in every other
-source instead of raising inside ``datasets``.
+source instead of raising inside ``datasets``. An image stored as a relative path (no bytes) is resolved
+against the working directory, as ``datasets`` itself does, whichever form ``hf_path`` takes.
 
 * ``data.hf_streaming=false``: the dataset is downloaded/memory-mapped and index-addressable
   (:class:`HFCatalog`), so training permutes it per epoch and addresses batches by step like a folder.
@@ -58,6 +60,8 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
             ds = datasets.load_dataset(
                 "parquet", data_files={cfg.hf_split: files}, split=cfg.hf_split, streaming=streaming
             )
+        elif _saved_to_disk(local):
+            ds = _load_from_disk(datasets, cfg, streaming)
         else:
             ds = datasets.load_dataset(
                 path, name=cfg.hf_name or None, split=cfg.hf_split, streaming=streaming
@@ -81,6 +85,63 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
     return ds
 
 
+def _saved_to_disk(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``save_to_disk``: a Dataset's arrow files with its state.json and
+    dataset_info.json, or a DatasetDict's dataset_dict.json over one such folder per split.
+    ``load_dataset`` refuses these ("use load_from_disk instead")."""
+    if not folder.is_dir():
+        return False
+    if (folder / "dataset_dict.json").is_file():
+        return True
+    return (
+        (folder / "state.json").is_file()
+        and (folder / "dataset_info.json").is_file()
+        and any(folder.glob("*.arrow"))
+    )
+
+
+def _load_from_disk(datasets: Any, cfg: Any, streaming: bool) -> Any:
+    """The split ``cfg.hf_split`` of the ``save_to_disk`` folder ``cfg.hf_path``, streamed if asked."""
+    path = cfg.hf_path
+    if cfg.hf_name:
+        # Configs are a hub/loading-script notion: a saved folder has none, so the setting would be ignored.
+        raise ConfigError(
+            f"data.hf_name={cfg.hf_name!r} does not apply to the save_to_disk folder data.hf_path={path!r} "
+            "(allowed: empty)"
+        )
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.hf_split not in ds:
+            raise ConfigError(
+                f"data.hf_split={cfg.hf_split!r} is not a split of data.hf_path={path!r} "
+                f"(allowed: {', '.join(ds)})"
+            )
+        ds = ds[cfg.hf_split]
+    # A saved Dataset is memory-mapped already; streaming turns it into an IterableDataset so that it
+    # reads in stored order with a restorable position, like a streamed hub dataset.
+    return ds.to_iterable_dataset() if streaming else ds
+
+
+def _absolute_image(value: Any) -> Any:
+    """An image value whose relative local path (a path-only HF image dict, or a path string) is made
+    absolute against the working directory.
+
+    This is the rule ``datasets`` applies when it decodes such a path, so a parquet file, its folder, a
+    glob, a save_to_disk folder and a stream of them all read the same images; an absolute path also makes
+    a "does not exist" skip say where the image was looked for."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        path = value.get("path")
+        return {**value, "path": _absolute(path)} if isinstance(path, str) and path else value
+    return _absolute(value) if isinstance(value, str) and value else value
+
+
+def _absolute(path: str) -> str:
+    # URLs and fsspec chains ("zip://a.png::b.zip") are not local paths to anchor.
+    if "://" in path or "::" in path or Path(path).is_absolute():
+        return path
+    return str(Path.cwd() / path)
+
+
 def _keep_columns(ds: Any, image_field: str, caption_fields: Sequence[str]) -> Any:
     """Only the columns something reads: the others would still be decoded for every row."""
     names = getattr(ds, "column_names", None)
@@ -97,7 +158,6 @@ class HFCatalog:
         self.image_field = cfg.image_field or "image"
         ds = _keep_columns(load_hf(cfg, streaming=False), self.image_field, cfg.caption_fields)
         self.ds = ds
-        self.base = Path(cfg.hf_path) if Path(cfg.hf_path).is_dir() else None
         self.skipped: list[tuple[str, str, str]] = []
         self.sizes_known = None
         if "width" in ds.column_names and "height" in ds.column_names:
@@ -115,7 +175,7 @@ class HFCatalog:
 
     def record(self, i: int) -> tuple[dict, Any]:
         row = dict(self.ds[int(i)])
-        return row, row.pop(self.image_field, None)
+        return row, _absolute_image(row.pop(self.image_field, None))
 
 
 class HFStreamReader:
@@ -173,7 +233,7 @@ class HFStreamReader:
                     ) from None
                 self.epoch, self.count, self._hf_state, self._it = self.epoch + 1, 0, None, None
                 self._fresh, self._found = True, 0
-        image = row.pop(self.image_field, None)
+        image = _absolute_image(row.pop(self.image_field, None))
         id_column = next((c for c in _ID_COLUMNS if c in row), None)
         if id_column is not None:
             sample_id = str(row[id_column])

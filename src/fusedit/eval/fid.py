@@ -9,26 +9,39 @@
   (Inception-v3, as clean-fid computes on MJHQ-30K) needs Inception weights that transformers does not
   provide; use the ``clean-fid`` package for it, and these extractors for FD_CLIP / FD_DINOv2 comparisons.
 * ``ReferenceStats.cached``: a reference set's (mu, sigma) computed once and kept in an ``.npz`` whose name
-  is derived from the set's name and the extractor's id, so a later run never touches the reference
-  images again.
+  is derived from the set's name and the extractor's id, so a later run never decodes the reference
+  images again. The ``.npz`` also records what it was computed from (``folder_source``: the resolved
+  folder and a digest of its files' names and sizes; the feature model's ``fingerprint``): when that no
+  longer matches, the stats are recomputed rather than reused for a different set.
+* Images are decoded as training decodes them (``load_image``): EXIF orientation applied, transparency
+  composited on white, 16-bit greyscale scaled rather than clipped. An unreadable file is skipped and
+  counted, as in training.
 * ``ClipScore``: 100 x cosine(image, text) of CLIP embeddings, clipped at 0, as torchmetrics computes it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+# _to_rgb is the colour conversion training applies after exif_transpose; importing it (rather than
+# copying it) keeps evaluation and training decoding one implementation.
+from fusedit.data.transforms import SkipSample, _short, _to_rgb, open_image
 from fusedit.files import write_atomic
 from fusedit.system import resolve_device
+
+log = logging.getLogger(__name__)
 
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -101,24 +114,78 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def _open(item) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    with Image.open(item) as image:
-        return image.convert("RGB")
+def load_image(item) -> Image.Image:
+    """An image (a PIL image or a path) as RGB, decoded exactly as training decodes a sample (see
+    ``SampleDecoder``): EXIF orientation applied, transparent pixels composited on white, 16/32-bit greyscale
+    scaled to 8 bits, palette and CMYK converted. Raises ``SkipSample`` for a missing or unreadable file."""
+    image = open_image(item)
+    try:
+        with warnings.catch_warnings():
+            # Oversized images warn before they raise; the except below counts them as unreadable.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as e:
+        # Truncated or malformed data only surfaces when the pixels are decoded, as assorted exception
+        # types; this block only reads the image, so any failure is the file's.
+        raise SkipSample("corrupt", _short(e)) from None
+    finally:
+        if image is not item:  # close the file we opened, never the caller's image
+            image.close()
+
+
+def _decoded(item) -> Image.Image:
+    """``load_image`` for the model wrappers, whose callers pass images one by one: an unreadable one is
+    an error there (the batch functions skip and count them before they reach a model)."""
+    try:
+        return load_image(item)
+    except SkipSample as e:
+        raise ValueError(f"{item}: {e.reason} image ({e.detail}); allowed: a readable image file") from None
+
+
+class _Skipped:
+    """Unreadable images met while reading a set: counted, with the first as the example to report."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.example = what, 0, ""
+
+    def add(self, item, error: SkipSample) -> None:
+        self.count += 1
+        if not self.example:
+            self.example = f"{item}: {error.reason}: {error.detail}"
+
+    def warn(self, total: int) -> None:
+        if self.count:
+            log.warning(
+                "skipped %d of %d %s that could not be read (e.g. %s)", self.count, total, self.what, self.example
+            )
 
 
 def extract_features(
-    images: Iterable, extractor: FeatureExtractor, *, batch_size: int = 32, progress: bool = True
+    images: Iterable,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+    min_count: int = 1,
+    what: str = "images",
 ) -> np.ndarray:
-    """Features (N, D) float64 of images (PIL images or paths), ``batch_size`` at a time."""
+    """Features (N, D) float64 of images (PIL images or paths), ``batch_size`` at a time. Unreadable
+    files are skipped and counted (one warning names how many and an example); fewer than ``min_count``
+    readable images is an error. ``what`` names the images in those messages."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
     total = len(images) if hasattr(images, "__len__") else None
-    chunks, batch = [], []
+    chunks, batch, seen, skipped = [], [], 0, _Skipped(what)
     with tqdm(total=total, desc="features", unit="img", disable=not progress) as bar:
         for item in images:
-            batch.append(_open(item))
+            seen += 1
+            try:
+                batch.append(load_image(item))
+            except SkipSample as e:
+                skipped.add(item, e)
+                bar.update(1)
+                continue
             if len(batch) == batch_size:
                 chunks.append(_f64(extractor(batch)))
                 bar.update(len(batch))
@@ -126,8 +193,13 @@ def extract_features(
         if batch:
             chunks.append(_f64(extractor(batch)))
             bar.update(len(batch))
-    if not chunks:
-        raise ValueError("no images to extract features from")
+    skipped.warn(seen)
+    readable = sum(len(c) for c in chunks)
+    if readable < max(min_count, 1):
+        unreadable = f" ({skipped.count} unreadable, e.g. {skipped.example})" if skipped.count else ""
+        raise ValueError(
+            f"{readable} readable {what} of {seen}{unreadable}; allowed: at least {max(min_count, 1)}"
+        )
     return torch.cat(chunks).numpy()
 
 

@@ -572,6 +572,18 @@ def check_same_model(ckpt: Path, cfg: Config) -> None:
             )
 
 
+def changed_settings(ckpt: Path, cfg: Config) -> list[str]:
+    """The settings ``cfg`` changes from those ``ckpt`` was trained with, as "key: old -> new" (what
+    check_same_model lets through: data, schedule, sampling, the kernels): a resumed run goes on under
+    them, which may be meant but should not be silent. train.steps, the run's length, is left out."""
+    old, new = (flatten(to_dict(c), lists=True) for c in (load_checkpoint_config(ckpt), cfg))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key != "train.steps" and old.get(key) != new.get(key)
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # Resuming training (either format, into plain, DDP-unwrapped or FSDP2-sharded modules)
 

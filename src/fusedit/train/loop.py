@@ -44,6 +44,7 @@ from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_t
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
+    changed_settings,
     check_same_model,
     data_state_name,
     find_checkpoint,
@@ -296,6 +297,11 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     start = int(saved["step"]) if saved else 0
     if saved:  # before the (slow) model build
         check_same_model(ckpt, cfg)
+        changed = changed_settings(ckpt, cfg)
+        if changed and main:
+            log.warning(
+                "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
+            )
         if start > tc.steps:
             raise ConfigError(
                 f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
