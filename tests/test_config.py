@@ -161,6 +161,9 @@ def test_relative_paths_that_exist_are_saved_absolute(tmp_path, monkeypatch):
     )
     assert cfg.data.root == str(tmp_path / "photos") and cfg.text.model_id == str(tmp_path / "my-llm")
     assert cfg.vae.model_id == "org/vae" and cfg.text.tokenizer == ""  # hub ids and empty keys stay
+    # One folder, one spelling (a resume compares them): "..", "." and a trailing "/" are normalised away.
+    for spelled in ("photos/../my-llm/", f"{tmp_path}/./my-llm/"):
+        assert load_config("debug", [f"text.model_id={spelled}"]).text.model_id == str(tmp_path / "my-llm")
 
 
 def test_every_preset_loads():

@@ -142,6 +142,87 @@ def test_index_with_the_documented_file_column_loads_as_jsonl_and_csv(tmp_path):
         assert loader.skips.counts() == {}
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Excel ("CSV UTF-8") and Windows Notepad write first
+
+
+def _captions_by_id(cfg, steps=2) -> dict:
+    loader, batches = _run(cfg, steps=steps, batch_size=2)
+    assert loader.skips.counts() == {}
+    return {i: c for b in batches for i, c in zip(b["id"], b["caption"])}
+
+
+def test_index_files_and_sidecars_with_a_utf8_bom_read_like_plain_utf8(tmp_path):
+    root = tmp_path / "data"
+    _write_good(root, sidecars=False)
+    listed = {rel: cap for rel, *_, cap in GOOD[:2]}
+    expected = {rel: f"{cap} é" for rel, cap in listed.items()}
+    files = {
+        "path-first.csv": "file,caption\n" + "".join(f"{r},{c} é\n" for r, c in listed.items()),
+        # The caption column first: with the BOM in its name every row was a no-caption skip.
+        "caption-first.csv": "caption,file\n" + "".join(f"{c} é,{r}\n" for r, c in listed.items()),
+        "rows.jsonl": "".join(json.dumps({"file": r, "caption": f"{c} é"}) + "\n" for r, c in listed.items()),
+    }
+    for name, text in files.items():
+        (root / name).write_bytes(BOM + text.encode("utf-8"))
+        cfg = _cfg(source="folder", index_file=str(root / name), caption_fields=["caption"])
+        assert _captions_by_id(cfg) == expected, name
+
+    sidecars = tmp_path / "sidecars"
+    _write_good(sidecars, sidecars=False)
+    for rel, cap in listed.items():
+        (sidecars / rel).with_suffix(".txt").write_bytes(BOM + f"{cap} é".encode())
+    for rel, *_, cap in GOOD[3:5]:  # JSON sidecars with a BOM were unparsable: no caption at all
+        (sidecars / rel).with_suffix(".json").write_bytes(BOM + json.dumps({"caption": cap}).encode())
+    for rel, *_ in GOOD[2:3] + GOOD[5:]:
+        (sidecars / rel).unlink()  # keep only the four captioned images
+    cfg = _cfg(source="folder", root=str(sidecars), caption_fields=["txt", "json.caption"])
+    assert _captions_by_id(cfg) == {**expected, **{rel: cap for rel, *_, cap in GOOD[3:5]}}
+
+
+def test_caption_sidecars_match_the_image_whatever_the_case_of_their_extension(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for i, name in enumerate(["UP.JPG", "mixed.png", "json.PNG", "both.png", "x.v2.jpg"]):
+        _noise(32, 32, i).save(root / name, "JPEG" if name.lower().endswith(".jpg") else "PNG")
+    (root / "UP.TXT").write_text("upper case, as cameras write it")
+    (root / "mixed.Txt").write_text("mixed case")
+    (root / "json.JSON").write_text(json.dumps({"caption": "from an upper-case json"}))
+    (root / "both.TXT").write_text("not this one")
+    (root / "both.txt").write_text("the exact .txt wins")
+    (root / "x.v2.TXT").write_text("dotted stem")
+    (root / "x.txt").write_text("another image's stem")
+    cfg = _cfg(source="folder", root=str(root), caption_fields=["txt", "json.caption"])
+    assert _captions_by_id(cfg, steps=3) == {
+        "UP.JPG": "upper case, as cameras write it",
+        "mixed.png": "mixed case",
+        "json.PNG": "from an upper-case json",
+        "both.png": "the exact .txt wins",
+        "x.v2.jpg": "dotted stem",
+    }
+
+
+def test_symlinked_folders_are_followed_once_and_a_loop_does_not_multiply_images(tmp_path):
+    from fusedit.data.folder import scan_images
+
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    for rel in ("a/one.png", "z/two.png", "a/deep/three.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        _noise(32, 32, 0).save(root / rel)
+    (outside / "sub").mkdir(parents=True)
+    _noise(32, 32, 1).save(outside / "sub" / "far.png")
+    try:
+        (root / "a" / "up").symlink_to("..", target_is_directory=True)  # a loop back to the root
+        (root / "a" / "deep" / "loop").symlink_to(root / "a", target_is_directory=True)
+        (root / "b-link").symlink_to(root / "z", target_is_directory=True)  # into the tree, sorts first
+        (root / "ext1").symlink_to(outside, target_is_directory=True)  # another disk: followed
+        (root / "ext2").symlink_to(outside / "sub", target_is_directory=True)  # reached via ext1 already
+        (outside / "sub" / "back").symlink_to(outside, target_is_directory=True)  # a loop outside
+    except OSError as e:  # e.g. Windows without the symlink privilege
+        pytest.skip(f"cannot create symlinks here: {e}")
+    expected = ["a/deep/three.png", "a/one.png", "ext1/sub/far.png", "z/two.png"]
+    assert scan_images(root) == expected
+
+
 def test_caption_fields_random_pick_is_deterministic_and_varies_by_epoch(tmp_path):
     root = tmp_path / "data"
     _write_good(root)

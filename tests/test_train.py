@@ -273,6 +273,26 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch, 
         train(trained, run, resume=True, progress=False)
 
 
+def test_a_resumed_run_finds_its_model_files_moved(tmp_path):
+    """A model folder (here the tokenizer's) moved since the run started: the resume names the new place
+    and goes on; another folder while the old one is still there is another model, refused."""
+    import shutil
+
+    from fusedit.config import ConfigError
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+
+    word_tokenizer(vocabulary()).save_pretrained(tmp_path / "tok")
+    run = tmp_path / "run"
+    train(tiny_config(train={"steps": 1}, text={"tokenizer": str(tmp_path / "tok")}), run, progress=False)
+    shutil.copytree(tmp_path / "tok", tmp_path / "other")
+    with pytest.raises(ConfigError, match="was trained with text.tokenizer=.*a resumed run keeps its model"):
+        train(tiny_config(text={"tokenizer": str(tmp_path / "other")}), run, resume=True, progress=False)
+    (tmp_path / "tok").rename(tmp_path / "moved")
+    moved = tiny_config(train={"steps": 2}, text={"tokenizer": str(tmp_path / "moved")})
+    assert train(moved, run, resume=True, progress=False)["step"] == 2
+
+
 def test_a_checkpoint_of_other_weights_is_refused_before_loading(tmp_path):
     """The config check aside (a checkpoint's config.yaml replaced by hand), weights that do not fit are a
     one-line error naming the first one, before anything is loaded."""

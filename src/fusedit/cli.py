@@ -108,7 +108,16 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        # UTF-8 whatever the locale (a prompt file is shared between machines), and "-sig" so that the
+        # byte-order mark Windows Notepad writes first does not become part of the first prompt.
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--prompts-file {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}; "
+                "allowed: a UTF-8 text file, one prompt per line)"
+            ) from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"--prompts-file {str(path)!r} holds no prompt (allowed: one prompt per line)")
         prompts += lines
@@ -529,7 +538,13 @@ def cmd_cache_latents(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    from fusedit.eval.fid import ReferenceStats, TransformersImageFeatures, fid_score, list_images
+    from fusedit.eval.fid import (
+        ReferenceStats,
+        TransformersImageFeatures,
+        fid_score,
+        folder_source,
+        list_images,
+    )
 
     def images(folder: str, what: str) -> list[Path]:
         found = list_images(folder)
@@ -550,17 +565,25 @@ def cmd_fid(args) -> int:
             )
         return found
 
-    samples = images(args.samples, "samples")  # before the feature model loads
+    # Both folders are listed before the feature model loads, so a wrong path fails at once. The reference
+    # is listed even when its stats are cached: the listing (names and sizes, no pixels) is what tells
+    # whether the cache still describes this folder.
+    samples = images(args.samples, "samples")
+    reference_files = images(args.reference, "reference")
     extractor = TransformersImageFeatures(args.features)
     reference = ReferenceStats.cached(
-        args.reference_name, lambda: images(args.reference, "reference"), extractor, Path(args.cache_dir)
+        args.reference_name,
+        reference_files,
+        extractor,
+        Path(args.cache_dir),
+        reference=folder_source(args.reference, reference_files),
     )
     print(f"FD ({args.features} features): {fid_score(samples, reference, extractor):.4f}")
     return 0
 
 
 def cmd_clip_score(args) -> int:
-    from fusedit.eval.fid import ClipScore, clip_score
+    from fusedit.eval.fid import ClipScore, clip_scores
 
     def prompt_of(meta: Path) -> str:
         try:
@@ -583,8 +606,9 @@ def cmd_clip_score(args) -> int:
     pairs = [(p, prompt_of(m)) for p, m in zip(paths, meta) if m.is_file()]
     if not pairs:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
-    score = clip_score([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
-    print(f"CLIP score over {len(pairs)} images: {score:.3f}")
+    scores = clip_scores([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
+    scored = int(scores.isfinite().sum())  # unreadable images are NaN, skipped with a warning
+    print(f"CLIP score over {scored} images: {float(scores.nanmean()):.3f}")
     return 0
 
 

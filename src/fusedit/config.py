@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -761,13 +762,15 @@ PATH_KEYS = {
 
 
 def absolute_paths(cfg: Config) -> None:
-    """Relative paths that exist here become absolute, so the config saved with a run still finds them
-    from another working directory (``fusedit sample`` elsewhere); hub ids are not paths here and stay.
-    Stages hold their sections as override mappings: the path keys they set are made absolute alike."""
+    """Paths that exist here become absolute and normalised ("..", "." and a trailing "/" gone; symlinks
+    kept), so the config saved with a run still finds them from another working directory (``fusedit
+    sample`` elsewhere) and one folder is one spelling (a resume compares them); hub ids are not paths here
+    and stay. Stages hold their sections as override mappings: the path keys they set are made absolute
+    alike."""
 
     def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
-            return str(Path(value).absolute())
+        if isinstance(value, str) and value and Path(value).exists():
+            return os.path.abspath(value)
         return value
 
     sections = [(name, getattr(cfg, name)) for name in PATH_KEYS] + [("text", t) for t in cfg.extra_text]

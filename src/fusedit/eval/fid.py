@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -157,7 +158,11 @@ class _Skipped:
     def warn(self, total: int) -> None:
         if self.count:
             log.warning(
-                "skipped %d of %d %s that could not be read (e.g. %s)", self.count, total, self.what, self.example
+                "skipped %d of %d %s that could not be read (e.g. %s)",
+                self.count,
+                total,
+                self.what,
+                self.example,
             )
 
 
@@ -194,11 +199,12 @@ def extract_features(
             chunks.append(_f64(extractor(batch)))
             bar.update(len(batch))
     skipped.warn(seen)
-    readable = sum(len(c) for c in chunks)
-    if readable < max(min_count, 1):
+    readable, needed = sum(len(c) for c in chunks), max(min_count, 1)
+    if readable < needed:
         unreadable = f" ({skipped.count} unreadable, e.g. {skipped.example})" if skipped.count else ""
         raise ValueError(
-            f"{readable} readable {what} of {seen}{unreadable}; allowed: at least {max(min_count, 1)}"
+            f"{what}: {readable} of {seen} could be read{unreadable}; allowed: at least {needed} readable "
+            "images"
         )
     return torch.cat(chunks).numpy()
 
@@ -207,20 +213,67 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
 
 
+def _files_digest(root: Path, files: Iterable[Path]) -> str:
+    """A digest of files' paths relative to ``root`` and their sizes: an added, removed, renamed or
+    re-encoded file changes it, while reading no image data (so it is cheap to take on every run)."""
+    h = hashlib.sha1()
+    for name, path in sorted((Path(os.path.relpath(p, root)).as_posix(), p) for p in files):
+        h.update(f"{name}\0{Path(path).stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> dict:
+    """What stats computed from ``folder`` were computed from: its resolved path, its image count and a
+    digest of the images' names and sizes. ``files`` are its images as ``list_images`` gives them (listed
+    here when None)."""
+    files = list_images(folder) if files is None else files
+    return {
+        "folder": str(Path(folder).resolve()),
+        "files": len(files),
+        "digest": _files_digest(Path(folder), files),
+    }
+
+
+def _source_change(recorded: dict, current: dict) -> str:
+    """Why stats recorded from ``recorded`` do not describe ``current`` ("" when they do). Only what
+    ``current`` knows is compared: a caller that cannot describe its images leaves them unchecked."""
+    changes = []
+    for key, label in (("reference", "reference images"), ("features", "feature model")):
+        old, new = recorded.get(key), current.get(key)
+        if new is None or old == new:
+            continue
+        if old is None:
+            changes.append(f"the cache does not record its {label} (now {new!r})")
+        elif key == "reference" and old.get("folder") != new.get("folder"):
+            changes.append(f"the reference folder was {old.get('folder')!r}, now {new.get('folder')!r}")
+        elif key == "reference":
+            changes.append(
+                f"the images in {new.get('folder')!r} changed (were {old.get('files')}, now "
+                f"{new.get('files')}; names or sizes differ)"
+            )
+        else:
+            changes.append(f"the {label} was {old!r}, now {new!r}")
+    return "; ".join(changes)
+
+
 @dataclass(eq=False)
 class ReferenceStats:
-    """A reference image set's feature Gaussian, tagged with the set's name and the extractor's id."""
+    """A reference image set's feature Gaussian, tagged with the set's name, the extractor's id and what
+    it was computed from (``source``: ``{"reference": folder_source(...), "features": fingerprint}``)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     count: int
     name: str = ""
     extractor_id: str = ""
+    source: dict = field(default_factory=dict)
 
     @classmethod
-    def from_features(cls, features, name: str = "", extractor_id: str = "") -> ReferenceStats:
+    def from_features(
+        cls, features, name: str = "", extractor_id: str = "", source: dict | None = None
+    ) -> ReferenceStats:
         mu, sigma = feature_stats(features)
-        return cls(mu, sigma, int(np.shape(features)[0]), name, extractor_id)
+        return cls(mu, sigma, int(np.shape(features)[0]), name, extractor_id, dict(source or {}))
 
     def save(self, path: str | Path) -> None:
         """Write the stats as .npz, atomically (a half-written cache would be read as valid later)."""
@@ -230,14 +283,24 @@ class ReferenceStats:
             "count": self.count,
             "name": np.array(self.name),
             "extractor_id": np.array(self.extractor_id),
+            # JSON in a string array: np.load can then read it without allow_pickle.
+            "source": np.array(json.dumps(self.source, sort_keys=True)),
         }
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
         with np.load(Path(path)) as data:
+            # Caches written before sources were recorded have no "source": an empty one never matches a
+            # described reference, so they are recomputed once.
+            source = json.loads(str(data["source"])) if "source" in data.files else {}
             return cls(
-                data["mu"], data["sigma"], int(data["count"]), str(data["name"]), str(data["extractor_id"])
+                data["mu"],
+                data["sigma"],
+                int(data["count"]),
+                str(data["name"]),
+                str(data["extractor_id"]),
+                source,
             )
 
     @staticmethod
@@ -255,24 +318,41 @@ class ReferenceStats:
         cache_dir: str | Path,
         *,
         extractor_id: str | None = None,
+        reference: dict | None = None,
         batch_size: int = 32,
         progress: bool = True,
     ) -> ReferenceStats:
-        """The stats of reference set ``name`` under ``extractor``, from the cache when present, otherwise
-        computed and cached. ``images`` may be a zero-argument callable so that a cache hit does not even
-        list the reference images. ``extractor_id`` defaults to ``extractor.id``."""
+        """The stats of reference set ``name`` under ``extractor``, from the cache when present and still
+        describing the same images, otherwise computed and cached. ``images`` may be a zero-argument
+        callable so that a cache hit does not even list the reference images. ``extractor_id`` defaults to
+        ``extractor.id``.
+
+        ``reference`` describes the images (``folder_source(folder)``) and ``extractor.fingerprint``, when
+        it has one, the feature model's weights; both are recorded in the cache, and a cache that recorded
+        other ones is recomputed (with a warning saying what changed) rather than reused."""
         extractor_id = extractor_id if extractor_id is not None else getattr(extractor, "id", None)
         if not extractor_id:
             raise ValueError("the extractor has no `id`; pass extractor_id= to name it in the cache key")
+        source = {"reference": reference, "features": getattr(extractor, "fingerprint", None)}
+        source = {k: v for k, v in source.items() if v is not None}
         path = cls.cache_path(cache_dir, name, extractor_id)
         if path.is_file():
             stats = cls.load(path)
             if (stats.name, stats.extractor_id) == (name, extractor_id):
-                return stats
+                change = _source_change(stats.source, source)
+                if not change:
+                    log.info("reference %r: cached statistics of %d images (%s)", name, stats.count, path)
+                    return stats
+                log.warning("reference %r: recomputing the cached statistics in %s: %s", name, path, change)
         features = extract_features(
-            images() if callable(images) else images, extractor, batch_size=batch_size, progress=progress
+            images() if callable(images) else images,
+            extractor,
+            batch_size=batch_size,
+            progress=progress,
+            min_count=2,  # one image has no covariance
+            what=f"reference images of {name!r}",
         )
-        stats = cls.from_features(features, name, extractor_id)
+        stats = cls.from_features(features, name, extractor_id, source)
         stats.save(path)
         return stats
 
@@ -292,7 +372,10 @@ def fid_score(
             f"reference stats were computed with {reference.extractor_id!r}, not {extractor_id!r}; "
             f"compare features of one extractor"
         )
-    mu, sigma = feature_stats(extract_features(images, extractor, batch_size=batch_size, progress=progress))
+    features = extract_features(
+        images, extractor, batch_size=batch_size, progress=progress, min_count=2, what="sample images"
+    )
+    mu, sigma = feature_stats(features)
     return frechet_distance(mu, sigma, reference.mu, reference.sigma)
 
 
@@ -327,7 +410,7 @@ class ClipEmbedder:
     # between transformers 4 (a tensor) and 5 (a model output).
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=[_open(i) for i in images], return_tensors="pt")
+        inputs = self.processor(images=[_decoded(i) for i in images], return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1).cpu()
@@ -371,6 +454,45 @@ class ClipScore:
         return (100 * cosine).clamp(min=0)
 
 
+def clip_scores(
+    images: Sequence,
+    prompts: Sequence[str],
+    scorer: Callable[[Sequence, Sequence[str]], torch.Tensor],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """CLIP score of each (image, prompt) pair (images as PIL images or paths), float64 (N,), with NaN
+    for an image that could not be read: those are skipped and counted (one warning names how many and an
+    example), as training skips them."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"{len(images)} images and {len(prompts)} prompts; expected equal, non-zero counts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    scores = torch.full((len(images),), float("nan"), dtype=torch.float64)
+    skipped = _Skipped("images")
+    for start in tqdm(
+        range(0, len(images), batch_size), desc="CLIP score", unit="batch", disable=not progress
+    ):
+        kept, batch = [], []
+        for index in range(start, min(start + batch_size, len(images))):
+            try:
+                batch.append(load_image(images[index]))
+            except SkipSample as e:
+                skipped.add(images[index], e)
+                continue
+            kept.append(index)
+        if batch:
+            scores[kept] = _f64(scorer(batch, [prompts[i] for i in kept]))
+    skipped.warn(len(images))
+    if skipped.count == len(images):
+        raise ValueError(
+            f"none of the {len(images)} images could be read (e.g. {skipped.example}); allowed: readable "
+            "image files"
+        )
+    return scores
+
+
 def clip_score(
     images: Sequence,
     prompts: Sequence[str],
@@ -379,16 +501,9 @@ def clip_score(
     batch_size: int = 32,
     progress: bool = True,
 ) -> float:
-    """Mean CLIP score over pairs (images as PIL images or paths), ``batch_size`` pairs at a time."""
-    if len(images) != len(prompts) or not images:
-        raise ValueError(f"{len(images)} images and {len(prompts)} prompts; expected equal, non-zero counts")
-    scores = []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc="CLIP score", unit="batch", disable=not progress
-    ):
-        batch = [_open(i) for i in images[start : start + batch_size]]
-        scores.append(_f64(scorer(batch, list(prompts[start : start + batch_size]))))
-    return float(torch.cat(scores).mean())
+    """Mean CLIP score over the pairs whose image could be read (see ``clip_scores``)."""
+    scores = clip_scores(images, prompts, scorer, batch_size=batch_size, progress=progress)
+    return float(scores.nanmean())
 
 
 class TransformersImageFeatures:
@@ -415,10 +530,19 @@ class TransformersImageFeatures:
         self.is_clip = AutoConfig.from_pretrained(model_id).model_type == "clip"
         loader = CLIPModel if self.is_clip else AutoModel
         self.model = loader.from_pretrained(model_id).to(self.device, dtype).eval()
+        # The id is the name the user gave; the fingerprint is what that name loaded, so that cached
+        # reference stats are not reused after the folder's weights were replaced (or the hub model updated).
+        folder = Path(model_id)
+        if folder.is_dir():
+            weights = [p for p in folder.rglob("*") if p.is_file()]
+            self.fingerprint = f"{folder.resolve()}#{_files_digest(folder, weights)[:16]}"
+        else:
+            commit = getattr(self.model.config, "_commit_hash", None)
+            self.fingerprint = f"{self.model_id}@{commit}" if commit else self.model_id
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=[_open(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=[_decoded(i) for i in images], return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.dtype)
         if self.is_clip:
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output

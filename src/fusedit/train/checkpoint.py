@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -564,12 +565,24 @@ def check_same_model(ckpt: Path, cfg: Config) -> None:
         for c in (load_checkpoint_config(ckpt), cfg)
     )
     for key in sorted(set(old) | set(new)):
-        if key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
-            raise ConfigError(
-                f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
-                f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
-                "or start one from these weights with train.init_from)"
-            )
+        if key.rsplit(".", 1)[-1] in RESUMABLE_CHANGES or old.get(key) == new.get(key):
+            continue
+        if key.rsplit(".", 1)[-1] in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key)):
+            continue
+        raise ConfigError(
+            f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
+            f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
+            "or start one from these weights with train.init_from)"
+        )
+
+
+def _moved(old: Any, new: Any) -> bool:
+    """Whether a model path of a checkpoint's config and one of a resuming config name the same folder:
+    spelled otherwise (configs saved before paths were normalised), or moved (the old path gone, the new
+    one a folder). Weights that do not fit are still refused when they load."""
+    if not (isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)):
+        return False
+    return os.path.normpath(old) == os.path.normpath(new) or (not os.path.exists(old) and os.path.isdir(new))
 
 
 def changed_settings(ckpt: Path, cfg: Config) -> list[str]:
