@@ -116,6 +116,16 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
 
 
+def test_a_rerun_encodes_what_the_folder_gained_after_the_cached_samples(tmp_path, folder):
+    data, out = _data(folder), tmp_path / "cache"
+    # 9 files (7 usable) in shards of 4: the last shard, [8, 9), is short.
+    assert cache_latents(data, VAEConfig(), out, 2, 4, "cpu", progress=False)["samples"] == 7
+    _noise(32, 32, 9).save(folder / "img9.png")  # sorted after every cached file
+    (folder / "img9.txt").write_text("caption 9")
+    assert cache_latents(data, VAEConfig(), out, 2, 4, "cpu", progress=False)["samples"] == 8
+    assert "img9.png" in LatentDataset(out).ids
+
+
 def test_diffusers_vae_cache_is_deterministic_and_resumable(tmp_path, folder):
     tiny_vae().save_pretrained(tmp_path / "vae")
     vae = VAEConfig(kind="diffusers", model_id=str(tmp_path / "vae"), latent_channels=4, downsample=2)

@@ -338,15 +338,18 @@ def cache_latents(
         if total is not None:
             end = min(end, total)
         done = out / f"{_shard_name(j)}.json"
-        if done.is_file() and (out / f"{_shard_name(j)}.safetensors").is_file():
-            shard = json.loads(done.read_text())
+        shard = json.loads(done.read_text()) if done.is_file() else None
+        if shard is not None and (out / f"{_shard_name(j)}.safetensors").is_file():
             _check_shard(items, shard, out)
-            shards.append(shard)
-            bar.update(shard["end"] - shard["start"])
-            j += 1
-            if shard["end"] - shard["start"] < shard_size:
-                break  # a short shard is the last one of a stream
-            continue
+            # A short last shard of a dataset that has grown since (images added after it in the order) is
+            # encoded again, up to the new end.
+            if total is None or shard["end"] >= end:
+                shards.append(shard)
+                bar.update(shard["end"] - shard["start"])
+                j += 1
+                if shard["end"] - shard["start"] < shard_size:
+                    break  # a short shard is the last one of a stream
+                continue
         if autoencoder is None:
             autoencoder = load_autoencoder(vae_cfg, device)
         encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
