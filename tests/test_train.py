@@ -114,6 +114,11 @@ def test_resume_with_a_real_vae_draws_the_same_latents(tmp_path):
         ({"source": "folder", "root": "/no/such/folder"}, "data.root='/no/such/folder' is not a folder"),
         ({"source": "folder"}, "data.source=folder needs data.root (an image folder) or data.index_file"),
         ({"source": "latents"}, "data.source=latents needs data.latents_dir"),
+        (
+            {"source": "webdataset", "shards": ["/no/{0..3}.tar"]},
+            "data.shards entry '/no/{0..3}.tar': 4 of 4 shards do not exist (first: '/no/0.tar')",
+        ),
+        ({"source": "webdataset"}, "data.shards=[] must be a non-empty list of shard patterns"),
     ],
 )
 def test_a_bad_data_path_fails_before_the_model_is_built(tmp_path, monkeypatch, data, message):

@@ -368,6 +368,10 @@ def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
         from fusedit.data.latents import check_latents
 
         check_latents(cfg, vae_cfg)
+    elif cfg.source == "webdataset":
+        from fusedit.data.webdataset_source import shard_lists
+
+        shard_lists(cfg.shards, cfg.weights)  # every shard a pattern names must exist
 
 
 def build_catalog(cfg: DataConfig) -> Any:
