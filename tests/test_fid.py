@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,11 +15,14 @@ from fusedit.eval.fid import (
     ReferenceStats,
     TransformersImageFeatures,
     clip_score,
+    clip_scores,
     extract_features,
     feature_stats,
     fid_score,
+    folder_source,
     frechet_distance,
     list_images,
+    load_image,
 )
 
 
@@ -232,3 +236,241 @@ def test_fusedit_clip_score_over_a_sample_folder(tiny_clip, tmp_path, capsys):
     assert f"{str(tmp_path / '00001.json')!r} has no prompt" in err and "\n" not in err
     assert main(["clip-score", str(tmp_path / "nope"), "--clip", str(tiny_clip)]) == 2
     assert "no such folder: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference cache records what it was computed from; images are decoded as training decodes them.
+
+
+def save_images(folder, images, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(folder / (names[k] if names else f"{k:03d}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    """A random-init ViT (width 16, 32 px) with its processor: a feature model for `fusedit fid`."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+    )
+    ViTModel(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+class FingerprintedColourStats(ColourStats):
+    def __init__(self, fingerprint):
+        super().__init__()
+        self.fingerprint = fingerprint
+
+
+def test_cached_reference_stats_are_recomputed_when_the_folder_files_or_model_differ(tmp_path, caplog):
+    ref_a = save_images(tmp_path / "a", random_images(6, seed=1))
+    ref_b = save_images(tmp_path / "b", random_images(6, seed=2))
+    cache = tmp_path / "cache"
+    extractor = FingerprintedColourStats("weights-v1")
+
+    def cached(folder):
+        files = list_images(folder)
+        source = folder_source(folder, files)
+        return ReferenceStats.cached("mine", files, extractor, cache, reference=source, progress=False)
+
+    def fresh(folder):
+        return feature_stats(extract_features(list_images(folder), ColourStats(), progress=False))
+
+    with caplog.at_level(logging.INFO, logger="fusedit.eval.fid"):
+        first = cached(ref_a)
+        assert extractor.calls == 1 and first.source["reference"]["folder"] == str(ref_a.resolve())
+        # Nothing changed: reused, and the log says so.
+        caplog.clear()
+        assert cached(ref_a).count == 6 and extractor.calls == 1
+        assert "cached statistics of 6 images" in caplog.text
+        # Same name, another folder: recomputed from that folder, with a warning naming both.
+        caplog.clear()
+        other = cached(ref_b)
+        assert extractor.calls == 2
+        np.testing.assert_allclose(other.mu, fresh(ref_b)[0])
+        assert (
+            f"the reference folder was {str(ref_a.resolve())!r}, now {str(ref_b.resolve())!r}" in caplog.text
+        )
+        # An added image, then a re-encoded one (same name, other size), in the same folder.
+        random_images(1, seed=9)[0].save(ref_b / "extra.png")
+        caplog.clear()
+        assert cached(ref_b).count == 7 and extractor.calls == 3
+        assert "(were 6, now 7; names or sizes differ)" in caplog.text
+        Image.new("RGB", (24, 24), (9, 99, 199)).save(ref_b / "extra.png")  # flat: compresses smaller
+        assert cached(ref_b).count == 7 and extractor.calls == 4
+        np.testing.assert_allclose(ReferenceStats.load(next(cache.glob("*.npz"))).mu, fresh(ref_b)[0])
+        assert cached(ref_b).count == 7 and extractor.calls == 4
+        # Other weights behind the same extractor id.
+        extractor.fingerprint = "weights-v2"
+        caplog.clear()
+        cached(ref_b)
+        assert extractor.calls == 5 and "feature model was 'weights-v1', now 'weights-v2'" in caplog.text
+    # A cache written without a source (an older fusedit) is recomputed once, then reused.
+    path = next(cache.glob("*.npz"))
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "source"}
+    np.savez(path, **arrays)
+    cached(ref_b)
+    cached(ref_b)
+    assert extractor.calls == 6
+
+
+def test_fusedit_fid_does_not_reuse_another_folders_reference_stats(tiny_vit, tmp_path, capsys):
+    from fusedit.cli import main
+
+    samples = save_images(tmp_path / "samples", random_images(4, size=32, seed=5))
+    ref_a = save_images(tmp_path / "refA", random_images(4, size=32, seed=6))
+    ref_b = save_images(tmp_path / "refB", [Image.new("RGB", (32, 32), (40 * k, 0, 0)) for k in range(4)])
+
+    def fd(reference, cache):
+        argv = ["fid", str(samples), "--reference", str(reference), "--reference-name", "mine"]
+        assert main([*argv, "--features", str(tiny_vit), "--cache-dir", str(cache)]) == 0
+        return capsys.readouterr().out.strip().rsplit(" ", 1)[-1]
+
+    fd_a, fd_b = fd(ref_a, tmp_path / "c1"), fd(ref_b, tmp_path / "c2")
+    assert fd_a != fd_b
+    # One cache for both, as the report's repro: the second run must read refB, not refA's stats.
+    assert fd(ref_a, tmp_path / "c3") == fd_a
+    assert fd(ref_b, tmp_path / "c3") == fd_b
+    assert fd(ref_b, tmp_path / "c3") == fd_b  # and a cache hit gives the same number
+    # A missing reference folder is reported before any model loads, even with cached stats.
+    argv = ["fid", str(samples), "--reference", str(tmp_path / "nope"), "--reference-name", "mine"]
+    assert main([*argv, "--features", str(tiny_vit), "--cache-dir", str(tmp_path / "c3")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _exif_rotated_jpeg(path):
+    """A JPEG stored 40 wide x 24 high (left half red) whose EXIF orientation 6 says: display it rotated
+    90 degrees clockwise, i.e. 24 wide x 40 high with the red half on top."""
+    image = Image.new("RGB", (40, 24), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif, quality=95)
+    return path
+
+
+def decode_fixtures(folder):
+    """One file per decoding case training handles, and what each must decode to (a pixel's colour)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.paste((10, 200, 10, 255), (0, 0, 8, 16))
+    rgba.save(folder / "rgba.png")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(folder / "grey16.png")
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.save(folder / "palette.png", transparency=0)  # index 1 opaque: all pixels red
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)
+    _exif_rotated_jpeg(folder / "exif6.jpg")
+    return {
+        "rgba.png": ((16, 16), [(0, 0, (10, 200, 10)), (15, 0, (255, 255, 255))]),  # transparent -> white
+        "grey16.png": ((16, 16), [(0, 0, (128, 128, 128))]),  # 32768 / 257, not clipped to 255
+        "palette.png": ((16, 16), [(5, 5, (200, 30, 30))]),
+        "cmyk.jpg": ((16, 16), [(8, 8, (255, 0, 0))]),
+        "exif6.jpg": ((24, 40), [(12, 5, (255, 0, 0)), (12, 35, (0, 0, 255))]),  # displayed upright
+    }
+
+
+def test_load_image_decodes_as_training_does(tmp_path):
+    from fusedit.data.transforms import SampleDecoder, to_tensor
+
+    for name, (size, pixels) in decode_fixtures(tmp_path).items():
+        image = load_image(tmp_path / name)
+        assert (image.mode, image.size) == ("RGB", size), name
+        for x, y, colour in pixels:
+            np.testing.assert_allclose(image.getpixel((x, y)), colour, atol=6, err_msg=name)
+        # Bit for bit what a training sample of the same file is (a target of the image's own size: no resize).
+        decoder = SampleDecoder(targets=((size[1], size[0]),))
+        trained = decoder({"txt": "x"}, str(tmp_path / name), key=0).image
+        assert torch.equal(to_tensor(image), trained), name
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    folder = save_images(tmp_path / "ref", random_images(3, seed=7))
+    (folder / "corrupt.jpg").write_bytes(b"not an image at all")
+    random_images(1, size=64, seed=8)[0].save(folder / "truncated.png")
+    data = (folder / "truncated.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    files = list_images(folder)
+    assert len(files) == 5
+    with caplog.at_level(logging.WARNING, logger="fusedit.eval.fid"):
+        features = extract_features(
+            files, ColourStats(), batch_size=2, progress=False, what="reference images"
+        )
+    readable = [f for f in files if f.stem not in ("corrupt", "truncated")]
+    np.testing.assert_allclose(features, extract_features(readable, ColourStats(), progress=False))
+    assert "skipped 2 of 5 reference images that could not be read (e.g. " in caplog.text
+    assert str(folder / "corrupt.jpg") in caplog.text
+    # Too few left for a covariance: one line that counts them.
+    two_bad = [files[0], folder / "corrupt.jpg", folder / "truncated.png"]
+    reference = ReferenceStats.from_features(features, "r", "colour-stats-v1")
+    with pytest.raises(
+        ValueError, match=r"^sample images: 1 of 3 could be read \(2 unreadable, e\.g\. "
+    ) as e:
+        fid_score(two_bad, reference, ColourStats(), progress=False)
+    assert "allowed: at least 2 readable images" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fusedit_fid_reads_a_reference_folder_of_phone_photos(tiny_vit, tmp_path, capsys, caplog):
+    from fusedit.cli import main
+
+    photos = tmp_path / "photos"
+    decode_fixtures(photos)
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    samples = save_images(tmp_path / "samples", random_images(3, size=32, seed=5))
+    argv = ["fid", str(samples), "--reference", str(photos), "--reference-name", "photos"]
+    assert main([*argv, "--features", str(tiny_vit), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "FD (" in capsys.readouterr().out
+    assert "skipped 1 of 6 reference images of 'photos' that could not be read" in caplog.text
+    # The cached stats are those of the photos as training sees them (upright, on white, 16-bit scaled).
+    extractor = TransformersImageFeatures(tiny_vit, device="cpu")
+    decoded = [load_image(p) for p in list_images(photos) if p.name != "corrupt.jpg"]
+    stats = ReferenceStats.load(next((tmp_path / "c").glob("*.npz")))
+    assert stats.count == 5
+    np.testing.assert_allclose(
+        stats.mu, feature_stats(extract_features(decoded, extractor, progress=False))[0]
+    )
+
+
+def test_clip_score_skips_unreadable_images(tiny_clip, tmp_path, capsys, caplog):
+    from fusedit.cli import main
+
+    prompts = ["a red dog", "two blue cats", "a green clock"]
+    for k, (image, prompt) in enumerate(zip(random_images(3, size=40), prompts)):
+        image.save(tmp_path / f"{k:05d}.png")
+        (tmp_path / f"{k:05d}.json").write_text(json.dumps({"prompt": prompt, "seed": k}))
+    scorer = ClipScore(tiny_clip, device="cpu")
+    paths = sorted(tmp_path.glob("*.png"))
+    whole = clip_scores(paths, prompts, scorer, progress=False)
+    (tmp_path / "00001.png").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="fusedit.eval.fid"):
+        scores = clip_scores(paths, prompts, scorer, batch_size=2, progress=False)
+    assert torch.isnan(scores[1]) and torch.allclose(scores[[0, 2]], whole[[0, 2]], atol=1e-5)
+    assert f"skipped 1 of 3 images that could not be read (e.g. {paths[1]}: corrupt: " in caplog.text
+    assert clip_score(paths, prompts, scorer, progress=False) == pytest.approx(
+        float(whole[[0, 2]].mean()), abs=1e-5
+    )
+    assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 0
+    assert "CLIP score over 2 images: " in capsys.readouterr().out
+    with pytest.raises(
+        ValueError, match=r"none of the 1 images could be read \(e\.g\. .*00001\.png: corrupt"
+    ):
+        clip_score(paths[1:2], prompts[1:2], scorer, progress=False)
+    # An EXIF-rotated photo is scored upright, as training would see it.
+    photo = _exif_rotated_jpeg(tmp_path / "photo.jpg")
+    upright = load_image(photo)
+    assert upright.size == (24, 40)
+    torch.testing.assert_close(scorer([photo], ["a red dog"]), scorer([upright], ["a red dog"]))
