@@ -533,7 +533,10 @@ def cmd_cache_latents(args) -> int:
         dtype=getattr(torch, args.dtype),
     )
     print(summary["report"])
-    print(f"train on them with: data.source=latents data.latents_dir={args.out}")
+    # The cache holds the VAE's latents: training must name the same VAE (check_latents refuses another).
+    print(
+        f"train on them with the same config and vae.* settings plus: data.source=latents data.latents_dir={args.out}"
+    )
     return 0
 
 
