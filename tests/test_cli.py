@@ -587,3 +587,19 @@ def test_a_diverging_run_stops_with_one_line(tmp_path, capsys, monkeypatch):
     assert "2 steps in a row had a NaN/inf loss or gradient (train.max_bad_steps=2)" in _one_line_error(
         capsys
     )
+
+
+def test_prompts_file_is_read_as_utf8_whatever_the_locale_and_a_bom_is_dropped(tmp_path):
+    from fusedit.cli import _read_prompts
+    from fusedit.config import ConfigError
+
+    path = tmp_path / "prompts.txt"
+    # The BOM Windows Notepad writes first; the first prompt used to start with an invisible "\ufeff".
+    path.write_bytes(b"\xef\xbb\xbf" + "a café at dusk\n\n  a 🌸 in rain \n".encode())
+    args = argparse.Namespace(prompt=["first"], prompts_file=str(path))
+    assert _read_prompts(args) == ["first", "a café at dusk", "a 🌸 in rain"]
+    path.write_bytes("a café".encode("latin-1"))  # not UTF-8: one line naming the file and what is allowed
+    with pytest.raises(
+        ConfigError, match=r"prompts.txt' is not UTF-8 text \(byte 5 is 0xe9; allowed: a UTF-8"
+    ):
+        _read_prompts(args)

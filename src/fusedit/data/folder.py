@@ -5,12 +5,15 @@ Two layouts:
 * **sidecar** (``data.root`` only): every image under ``root`` (recursive, hidden files and folders
   ignored) sorted by its relative POSIX path, so the order is the same on every machine and file system.
   Captions come from ``<stem>.txt`` (field ``txt``) and/or ``<stem>.json`` (field ``json``, so a caption
-  field ``json.caption`` reads its "caption" key) next to the image.
+  field ``json.caption`` reads its "caption" key) next to the image; the extension may be in any case
+  (``a.TXT``). Directory symlinks are followed, but no folder is listed twice (a link loop adds nothing).
 * **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line) or ``.csv`` file with one row
   per image, in file order. ``data.image_field`` names the path column (default: the first of ``path``,
   ``file_name``, ``image``, ``filepath``, ``file`` that the file has); relative paths are resolved against
   ``data.root`` or, without it, the index file's folder. Captions come from the row's columns. Rows with
   integer ``width`` and ``height`` columns let aspect-ratio bucketing skip reading image headers.
+
+Index files and sidecars are UTF-8, with or without a byte-order mark.
 
 Rows that cannot be used (unparsable line, no path) are counted as "bad-row" skips, not errors: an index
 of millions of rows written by a crawler should not stop a run over one bad line.
@@ -34,18 +37,74 @@ from fusedit.data.transforms import IMAGE_EXTS
 # the others keeps the column it was read by before "file" was accepted.
 _PATH_COLUMNS = ("path", "file_name", "image", "filepath", "file")
 
+# Caption sidecar extensions (lower case), each the name of the caption field it fills.
+_SIDECAR_KINDS = ("txt", "json")
+
+# "utf-8-sig" reads plain UTF-8 and also drops the byte-order mark that Excel ("CSV UTF-8") and Windows
+# Notepad put first: with "utf-8" it would become part of the first column name, JSON line or caption.
+_TEXT_ENCODING = "utf-8-sig"
+
 
 def scan_images(root: Path) -> list[str]:
     """Relative POSIX paths of every image under ``root``, sorted (a stable order across machines)."""
-    found = []
+    return _scan(root)[0]
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The sorted image paths under ``root``, and for the images whose caption sidecar is spelled with an
+    extension in another case than ``.txt``/``.json`` (``a.TXT`` next to ``a.JPG``, as cameras and Windows
+    tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``).
+
+    Directory symlinks are followed (a data folder is often assembled from links to other disks) except
+    those into ``root`` itself (its folders are walked under their own names anyway), and a folder reached
+    a second time is not listed again: a link back up the tree (``a/up -> ..``) would otherwise list the
+    same images again on every turn of the loop. Sub-folders are walked in sorted order, so which of two
+    links to one folder is kept is the same on every machine.
+    """
+    found: list[str] = []
+    sidecars: dict[str, dict[str, str]] = {}
+    real_root = os.path.realpath(root)
+    visited: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # reached again through another link: its images are listed already
+            dirs[:] = []
+            continue
+        visited.add(real)
         # Hidden folders hold editor/OS copies (.ipynb_checkpoints, .thumbnails) that are not data.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [
+            d
+            for d in sorted(dirs)
+            if not d.startswith(".")
+            and not (
+                os.path.islink(os.path.join(folder, d))
+                and _is_within(os.path.realpath(os.path.join(folder, d)), real_root)
+            )
+        ]
         rel = Path(folder).relative_to(root)
+        # Sorted so that, of several case spellings of one sidecar (a.TXT, a.Txt), the same one is read
+        # everywhere; an exact lower-case ".txt"/".json" wins and needs no entry (record()'s default).
+        by_stem: dict[tuple[str, str], str] = {}
+        for name in sorted(files):
+            stem, dot, ext = name.rpartition(".")
+            kind = ext.lower()
+            if dot and kind in _SIDECAR_KINDS and (name == f"{stem}.{kind}" or (stem, kind) not in by_stem):
+                by_stem[(stem, kind)] = name
         for name in files:
-            if not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name:
-                found.append((rel / name).as_posix())
-    return sorted(found)
+            stem, dot, ext = name.rpartition(".")
+            if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:
+                continue
+            path = (rel / name).as_posix()
+            found.append(path)
+            for kind in _SIDECAR_KINDS:
+                other = by_stem.get((stem, kind))
+                if other is not None and other != f"{stem}.{kind}":
+                    sidecars.setdefault(path, {})[kind] = other
+    return sorted(found), sidecars
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_folder_paths(root: str, index_file: str) -> None:
@@ -63,6 +122,7 @@ class FolderCatalog:
 
     def __init__(self, root: str = "", index_file: str = "", image_field: str = "", keep_fields=()):
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
+        self._sidecars: dict[str, dict[str, str]] = {}
         self.sizes_known: np.ndarray | None = None
         check_folder_paths(root, index_file)
         if index_file:
@@ -73,7 +133,7 @@ class FolderCatalog:
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
-            self.paths = scan_images(self.root_dir)
+            self.paths, self._sidecars = _scan(self.root_dir)
             self.rows = None
         if not self.paths:
             where = index_file or root
@@ -85,7 +145,7 @@ class FolderCatalog:
         """(line number, row dict or None) for each data row of a .jsonl or .csv file."""
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding=_TEXT_ENCODING) as f:
                 for number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -95,7 +155,7 @@ class FolderCatalog:
                         row = None
                     yield number, row if isinstance(row, dict) else None
         elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding=_TEXT_ENCODING, newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 for number, row in enumerate(reader, 2):
                     yield number, dict(row)
@@ -146,16 +206,21 @@ class FolderCatalog:
         if self.rows is not None:
             return self.rows[i], self.image_value(i)
         image = self.image_value(i)
+        names = self._sidecars.get(self.paths[i], {})
         fields: dict[str, Any] = {}
         # An unreadable or unparsable sidecar is an absent caption source: the caption check then counts
         # the sample as "no-caption" instead of the run failing on one file.
         with contextlib.suppress(OSError):
-            fields["txt"] = image.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+            fields["txt"] = _sidecar(image, names.get("txt"), "txt")
         with contextlib.suppress(OSError, ValueError):
-            fields["json"] = json.loads(
-                image.with_suffix(".json").read_text(encoding="utf-8", errors="replace")
-            )
+            fields["json"] = json.loads(_sidecar(image, names.get("json"), "json"))
         return fields, image
+
+
+def _sidecar(image: Path, name: str | None, kind: str) -> str:
+    """The text of ``image``'s sidecar of ``kind``: the file ``name`` found by the scan, else ``<stem>.kind``."""
+    path = image.with_name(name) if name else image.with_suffix(f".{kind}")
+    return path.read_text(encoding=_TEXT_ENCODING, errors="replace")
 
 
 def _is_size(value: Any) -> bool:

@@ -251,7 +251,7 @@ def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, bytes):
-                v = v.decode("utf-8", errors="replace")
+                v = v.decode("utf-8-sig", errors="replace")  # -sig: a BOM (Windows tools) is not caption text
             if isinstance(v, str) and v.strip() and v.strip() not in out:
                 out.append(v.strip())
     return out
