@@ -199,25 +199,11 @@ def test_clip_score_matches_the_model_and_clips_at_zero(tiny_clip):
         clip_score(images, prompts[:2], scorer, progress=False)
 
 
-def test_transformers_feature_extractors(tiny_clip, tmp_path):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
+def test_transformers_feature_extractors(tiny_clip, tiny_vit):
     clip = TransformersImageFeatures(tiny_clip, device="cpu")
     assert clip.id == f"transformers:{tiny_clip}"
     assert clip(random_images(3)).shape == (3, 8)  # CLIP's projection_dim
-    vit_dir = tmp_path / "vit"
-    ViTModel(
-        ViTConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(vit_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
-    vit = TransformersImageFeatures(vit_dir, device="cpu")
+    vit = TransformersImageFeatures(tiny_vit, device="cpu")
     features = extract_features(random_images(5), vit, batch_size=2, progress=False)
     assert features.shape == (5, 16) and features.dtype == np.float64 and np.isfinite(features).all()
 

@@ -5,9 +5,10 @@ Checkpoints are also made durable across a power loss or node crash (``sync_tree
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,6 +67,20 @@ def _fsync(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def files_digest(root: str | os.PathLike[str], files: Iterable, head_bytes: int = 0) -> str:
+    """A sha256 hex digest of ``files`` (under ``root``): each one's path relative to ``root``, its size
+    and its first ``head_bytes`` bytes, in path order. It follows the files, not their place: a moved or
+    copied folder keeps it; a file added, removed, renamed or resized (or, with ``head_bytes``, rewritten
+    at its start) changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in files):
+        digest.update(f"{Path(os.path.relpath(path, root))}:{path.stat().st_size}".encode())
+        if head_bytes:
+            with path.open("rb") as handle:
+                digest.update(handle.read(head_bytes))
+    return digest.hexdigest()
 
 
 def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "") -> Path:

@@ -98,7 +98,6 @@ class _CatalogItems(_Items):
     def __init__(self, catalog: Any, decoder: SampleDecoder, workers: int, chunk: int):
         self.catalog, self.decoder, self.workers, self.chunk = catalog, decoder, workers, chunk
         self.total = len(catalog)
-        self.base = getattr(catalog, "base", None)
 
     def sample_id(self, position: int) -> str:
         return self.catalog.sample_id(position)
@@ -106,7 +105,7 @@ class _CatalogItems(_Items):
     def _one(self, i: int) -> Any:
         try:
             fields, image = self.catalog.record(i)
-            out = self.decoder(fields, image, key=i, epoch=0, base=self.base)
+            out = self.decoder(fields, image, key=i, epoch=0)
         except SkipSample as e:
             return e
         return out.image, out.bucket, out.captions

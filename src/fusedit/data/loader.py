@@ -332,9 +332,7 @@ class CatalogItems(PlannedDataset):
     def load(self, i: int, epoch: int, group: int) -> dict:
         fields, image = self.catalog.record(i)
         bucket = group if len(self.decoder.targets) > 1 else None
-        out = self.decoder(
-            fields, image, key=i, epoch=epoch, bucket=bucket, base=getattr(self.catalog, "base", None)
-        )
+        out = self.decoder(fields, image, key=i, epoch=epoch, bucket=bucket)
         return {"image": out.image, "caption": out.caption, "index": i, "id": self.catalog.sample_id(i)}
 
 
@@ -403,7 +401,6 @@ def bucket_groups(catalog: Any, decoder: SampleDecoder) -> tuple[np.ndarray, lis
     groups = np.full(n, -1, dtype=np.int64)
     events: list = []
     known = getattr(catalog, "sizes_known", None)
-    base = getattr(catalog, "base", None)
 
     def size_of(i: int):
         try:
@@ -413,7 +410,7 @@ def bucket_groups(catalog: Any, decoder: SampleDecoder) -> tuple[np.ndarray, lis
                 width, height = int(known[i][0]), int(known[i][1])
                 decoder.check_size(width, height)
                 return width, height
-            return decoder.header(value, base)
+            return decoder.header(value)
         except SkipSample as e:
             return e
 

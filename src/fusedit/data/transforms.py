@@ -108,7 +108,7 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 # Decoding
 
 
-def open_image(value: Any, base: Path | None = None) -> Image.Image:
+def open_image(value: Any) -> Image.Image:
     """Open (header only, pixels not decoded yet) an image given as bytes, a path, an HF image dict or a
     PIL image. Raises SkipSample("missing") when there is no image and SkipSample("corrupt") when the
     data is not an image PIL can read."""
@@ -124,10 +124,7 @@ def open_image(value: Any, base: Path | None = None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(value, (bytes, bytearray, memoryview)):
                 return Image.open(io.BytesIO(bytes(value)))
-            path = Path(value)
-            if base is not None and not path.is_absolute():
-                path = base / path
-            return Image.open(path)
+            return Image.open(Path(value))
     except FileNotFoundError:
         raise SkipSample("missing", f"{value} does not exist") from None
     except (IsADirectoryError, NotADirectoryError):
@@ -154,6 +151,22 @@ def oriented_size(image: Image.Image) -> tuple[int, int]:
 def _short(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:200]
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """An opened image's pixels as displayed, in RGB: decoded, the EXIF orientation applied, deep greyscale
+    scaled to 8 bits, transparency composited on white (training's decoding, and evaluation's). Raises
+    SkipSample("corrupt") for data that fails to decode; closing ``image`` is the caller's."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as e:
+        # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise
+        # assorted types on malformed data (struct.error, IndexError, ...). This only reads the image,
+        # so any exception here is the data's fault: skip it, never crash.
+        raise SkipSample("corrupt", _short(e)) from None
 
 
 def _deep_grey_to_8bit(image: Image.Image) -> Image.Image:
@@ -328,12 +341,11 @@ class SampleDecoder:
         key: int,
         epoch: int = 0,
         bucket: int | None = None,
-        base: Path | None = None,
     ) -> Decoded:
         """Decode one sample. ``bucket`` forces a target (a planned batch); None picks it from the image's
         own aspect ratio (a stream)."""
         captions = self.captions(record)  # before decoding: a caption-less sample costs no image decode
-        image = open_image(image_value, base)
+        image = open_image(image_value)
         try:
             width, height = oriented_size(image)
             self.check_size(width, height)
@@ -345,26 +357,20 @@ class SampleDecoder:
             draft = (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale))
             if image.format == "JPEG" and scale < 0.5:
                 image.draft("RGB", draft)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image.load()
-            image = _to_rgb(ImageOps.exif_transpose(image))
+            image = decode_rgb(image)
         except SkipSample:
             image.close()
             raise
-        except Exception as e:
-            # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise
-            # assorted types on malformed data (struct.error, IndexError, ...). Everything in this block
-            # only reads the image, so any exception here is the data's fault: skip it, never crash.
+        except Exception as e:  # a malformed header or EXIF block (see decode_rgb): the data's fault
             image.close()
             raise SkipSample("corrupt", _short(e)) from None
         tensor = to_tensor(resize_crop(image, target_h, target_w, self.crop, self.seed, key))
         caption = pick_caption(captions, self.caption_pick, self.seed, epoch, key)
         return Decoded(image=tensor, caption=caption, captions=captions, bucket=bucket)
 
-    def header(self, image_value: Any, base: Path | None = None) -> tuple[int, int]:
+    def header(self, image_value: Any) -> tuple[int, int]:
         """(width, height) from the header only, validated against min_image_size (for bucket planning)."""
-        image = open_image(image_value, base)
+        image = open_image(image_value)
         try:
             width, height = oriented_size(image)
         finally:

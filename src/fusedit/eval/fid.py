@@ -24,22 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
-# _to_rgb is the colour conversion training applies after exif_transpose; importing it (rather than
-# copying it) keeps evaluation and training decoding one implementation.
-from fusedit.data.transforms import SkipSample, _short, _to_rgb, open_image
-from fusedit.files import write_atomic
+from fusedit.data.transforms import SkipSample, decode_rgb, open_image
+from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -121,15 +117,7 @@ def load_image(item) -> Image.Image:
     scaled to 8 bits, palette and CMYK converted. Raises ``SkipSample`` for a missing or unreadable file."""
     image = open_image(item)
     try:
-        with warnings.catch_warnings():
-            # Oversized images warn before they raise; the except below counts them as unreadable.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
-    except Exception as e:
-        # Truncated or malformed data only surfaces when the pixels are decoded, as assorted exception
-        # types; this block only reads the image, so any failure is the file's.
-        raise SkipSample("corrupt", _short(e)) from None
+        return decode_rgb(image)
     finally:
         if image is not item:  # close the file we opened, never the caller's image
             image.close()
@@ -213,15 +201,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
 
 
-def _files_digest(root: Path, files: Iterable[Path]) -> str:
-    """A digest of files' paths relative to ``root`` and their sizes: an added, removed, renamed or
-    re-encoded file changes it, while reading no image data (so it is cheap to take on every run)."""
-    h = hashlib.sha1()
-    for name, path in sorted((Path(os.path.relpath(p, root)).as_posix(), p) for p in files):
-        h.update(f"{name}\0{Path(path).stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
 def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> dict:
     """What stats computed from ``folder`` were computed from: its resolved path, its image count and a
     digest of the images' names and sizes. ``files`` are its images as ``list_images`` gives them (listed
@@ -230,7 +209,7 @@ def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> di
     return {
         "folder": str(Path(folder).resolve()),
         "files": len(files),
-        "digest": _files_digest(Path(folder), files),
+        "digest": files_digest(folder, files),
     }
 
 
@@ -535,7 +514,7 @@ class TransformersImageFeatures:
         folder = Path(model_id)
         if folder.is_dir():
             weights = [p for p in folder.rglob("*") if p.is_file()]
-            self.fingerprint = f"{folder.resolve()}#{_files_digest(folder, weights)[:16]}"
+            self.fingerprint = f"{folder.resolve()}#{files_digest(folder, weights)[:16]}"
         else:
             commit = getattr(self.model.config, "_commit_hash", None)
             self.fingerprint = f"{self.model_id}@{commit}" if commit else self.model_id

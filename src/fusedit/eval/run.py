@@ -12,14 +12,13 @@ the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from PIL import Image
 
 from fusedit.config import ConfigError
-from fusedit.files import write_text_atomic
+from fusedit.files import files_digest, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate
 
@@ -45,13 +44,8 @@ def weights_fingerprint(folder: Path) -> str:
     """A short hash of the weight files under ``folder`` (a checkpoint or pipeline folder): their names,
     sizes and first bytes. It follows the weights, not the path: a moved or copied model keeps it, a later
     checkpoint or a re-export into the same folder changes it."""
-    digest = hashlib.sha256()
-    files = sorted(p for pattern in ("*.safetensors", "*.distcp") for p in folder.rglob(pattern))
-    for path in files:
-        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(FINGERPRINT_BYTES))
-    return digest.hexdigest()[:16]
+    files = [p for pattern in ("*.safetensors", "*.distcp") for p in folder.rglob(pattern)]
+    return files_digest(folder, files, FINGERPRINT_BYTES)[:16]
 
 
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.

@@ -556,24 +556,33 @@ RESUMABLE_CHANGES = frozenset(
 MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
 
 
-def check_same_model(ckpt: Path, cfg: Config) -> None:
+def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
     """Resuming keeps a run's model: a changed design, LLM, VAE or pooled-text encoder is refused, naming
     the first differing key, rather than trained on under the old run's name (a change that leaves every
-    weight shape alone, such as another LLM of the same shape, would otherwise go unnoticed)."""
-    old, new = (
-        flatten({s: to_dict(c)[s] for s in MODEL_SECTIONS}, lists=True)
-        for c in (load_checkpoint_config(ckpt), cfg)
-    )
+    weight shape alone, such as another LLM of the same shape, would otherwise go unnoticed).
+
+    Returns what ``cfg`` changes all the same, as "key: old -> new": the settings a resumed run may change
+    (data, schedule, sampling, the kernels, a moved model folder), which may be meant but should not be
+    silent. train.steps, the run's length, is left out."""
+    old, new = (flatten(to_dict(c), lists=True) for c in (load_checkpoint_config(ckpt), cfg))
+    changed = []
     for key in sorted(set(old) | set(new)):
-        if key.rsplit(".", 1)[-1] in RESUMABLE_CHANGES or old.get(key) == new.get(key):
+        if key == "train.steps" or old.get(key) == new.get(key):
             continue
-        if key.rsplit(".", 1)[-1] in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key)):
-            continue
-        raise ConfigError(
-            f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
-            f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
-            "or start one from these weights with train.init_from)"
+        section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
+        allowed = (
+            section not in MODEL_SECTIONS
+            or name in RESUMABLE_CHANGES
+            or (name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key)))
         )
+        if not allowed:
+            raise ConfigError(
+                f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
+                f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
+                "or start one from these weights with train.init_from)"
+            )
+        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
 
 
 def _moved(old: Any, new: Any) -> bool:
@@ -583,18 +592,6 @@ def _moved(old: Any, new: Any) -> bool:
     if not (isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)):
         return False
     return os.path.normpath(old) == os.path.normpath(new) or (not os.path.exists(old) and os.path.isdir(new))
-
-
-def changed_settings(ckpt: Path, cfg: Config) -> list[str]:
-    """The settings ``cfg`` changes from those ``ckpt`` was trained with, as "key: old -> new" (what
-    check_same_model lets through: data, schedule, sampling, the kernels): a resumed run goes on under
-    them, which may be meant but should not be silent. train.steps, the run's length, is left out."""
-    old, new = (flatten(to_dict(c), lists=True) for c in (load_checkpoint_config(ckpt), cfg))
-    return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if key != "train.steps" and old.get(key) != new.get(key)
-    ]
 
 
 # --------------------------------------------------------------------------------------------------

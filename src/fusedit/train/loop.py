@@ -44,7 +44,6 @@ from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_t
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
-    changed_settings,
     check_same_model,
     data_state_name,
     find_checkpoint,
@@ -296,8 +295,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     saved = load_state(ckpt) if ckpt is not None else None
     start = int(saved["step"]) if saved else 0
     if saved:  # before the (slow) model build
-        check_same_model(ckpt, cfg)
-        changed = changed_settings(ckpt, cfg)
+        changed = check_same_model(ckpt, cfg)
         if changed and main:
             log.warning(
                 "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
