@@ -138,12 +138,14 @@ def _saved_by_public_fusedit(folder: Path) -> bool:
     return False
 
 
-def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample_overrides):
+def load_sampling_model(
+    path: str | Path, device, use_ema: bool = True, relocate: dict[str, str] | None = None, **sample_overrides
+):
     """MODEL of `fusedit sample` and `fusedit serve`: a run folder (its latest checkpoint; `fusedit convert`
     writes one), a checkpoint folder, or a diffusers pipeline folder (`fusedit export`,
-    `FuseDiTPipeline.save_pretrained`). ``sample_overrides`` replace keys of the saved config's sample
-    section (None keeps the saved value). Returns (model in eval mode, Config, the folder it was read
-    from)."""
+    `FuseDiTPipeline.save_pretrained`). ``relocate`` (--relocate) reads a run's model folders that moved
+    from their new place. ``sample_overrides`` replace keys of the saved config's sample section (None
+    keeps the saved value). Returns (model in eval mode, Config, the folder it was read from)."""
     from fusedit.sample import to_sampling_form
     from fusedit.train.checkpoint import find_checkpoint, load_model
 
@@ -168,6 +170,11 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample
                 f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
                 "the weights it was exported with"
             )
+        if relocate:
+            raise ConfigError(
+                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
+                "models itself"
+            )
         from fusedit.pipeline import from_pretrained
 
         return *sampling(*from_pretrained(folder, device)), folder
@@ -178,7 +185,7 @@ def load_sampling_model(path: str | Path, device, use_ema: bool = True, **sample
             f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
             "folder with model_index.json)"
         ) from None
-    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema)
+    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
     return *sampling(model, cfg), ckpt
 
 
@@ -186,9 +193,29 @@ def _sampling_flags(args) -> dict:
     """load_sampling_model's arguments from the flags `fusedit sample` and `fusedit serve` share."""
     return {
         "use_ema": not args.no_ema,
+        "relocate": _relocations(args),
         "compile": {"off": ""}.get(args.compile, args.compile),
         "cuda_graphs": args.cuda_graphs,
     }
+
+
+def _relocations(args) -> dict[str, str]:
+    """--relocate KEY=PLACE (repeatable) -> {KEY: PLACE}; the keys are checked against the saved config
+    when it is read (config.relocate)."""
+    moves: dict[str, str] = {}
+    for item in args.relocate or []:
+        key, sep, place = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not place:
+            raise ConfigError(
+                f"--relocate {item!r} must look like KEY=NEW_PLACE (e.g. text.model_id=/data/models/gemma-2b)"
+            )
+        if key in moves:
+            raise ConfigError(
+                f"--relocate {key} is given twice ({moves[key]!r} and {place!r}; allowed: once)"
+            )
+        moves[key] = place
+    return moves
 
 
 def _remove_earlier_samples(out: Path) -> None:
@@ -417,7 +444,9 @@ def cmd_eval(args) -> int:
         saved = _saved_model(args.model)
         if saved is not None:  # a folder of another generation's images is refused before the load
             check_protocol_folder(out, args.bench, _eval_record(args, *saved, device)[1], _eval_seed(args))
-    model, cfg, where = load_sampling_model(args.model, device, use_ema=not args.no_ema)
+    model, cfg, where = load_sampling_model(
+        args.model, device, use_ema=not args.no_ema, relocate=_relocations(args)
+    )
     s = cfg.sample
     if args.bench in ("geneval", "dpg"):
         return _eval_protocol(args, model, cfg, where, out, device)
@@ -799,7 +828,13 @@ def cmd_study(args) -> int:
 def cmd_export(args) -> int:
     from fusedit.pipeline import export_run
 
-    out = export_run(args.model, _out_folder(args.out), use_ema=not args.no_ema, device=args.device)
+    out = export_run(
+        args.model,
+        _out_folder(args.out),
+        use_ema=not args.no_ema,
+        device=args.device,
+        relocate=_relocations(args),
+    )
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
     return 0
 
@@ -867,7 +902,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    def relocate_flag(sp):
+        sp.add_argument(
+            "--relocate",
+            action="append",
+            metavar="KEY=PLACE",
+            help="read a model folder the run's saved config names from its new place, e.g. "
+            "text.model_id=/data/gemma-2b (repeatable; keys: text.model_id, text.tokenizer, "
+            "extra_text.N.model_id, pooled_text.model_id, vae.model_id, ...)",
+        )
+
     def sampling_flags(sp, compile_default="the saved sample.compile: auto = on a GPU"):
+        relocate_flag(sp)
         sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
         sp.add_argument("--device", default="auto")
         sp.add_argument(
@@ -964,6 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float)
     sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval and dpg")
     sp.add_argument("--no-ema", action="store_true")
+    relocate_flag(sp)
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
@@ -988,6 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="run folder or checkpoint folder")
     sp.add_argument("--out", required=True)
     sp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    relocate_flag(sp)
     sp.add_argument("--device", default="cpu")
     sp.set_defaults(func=cmd_export)
 

@@ -784,6 +784,56 @@ def absolute_paths(cfg: Config) -> None:
                 overrides[key] = absolute(overrides[key])
 
 
+# The PATH_KEYS sections that name a model's files (an LLM, its tokenizer, the pooled-text encoder, the VAE).
+MODEL_PATH_SECTIONS = ("text", "pooled_text", "vae")
+
+
+def model_paths(cfg: Config) -> dict[str, str]:
+    """The model locations ``cfg`` sets, by dotted key (text.model_id, extra_text.0.tokenizer, ...)."""
+    sections = [(name, name, getattr(cfg, name)) for name in MODEL_PATH_SECTIONS]
+    sections += [(f"extra_text.{i}", "text", text) for i, text in enumerate(cfg.extra_text)]
+    return {
+        f"{name}.{key}": getattr(section, key)
+        for name, kind, section in sections
+        for key in PATH_KEYS[kind]
+        if getattr(section, key)
+    }
+
+
+def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Config:
+    """A saved run's ``cfg`` with model folders that moved read from their new place: ``moves`` maps
+    model_paths keys to the new location (a folder, or a hub id). A saved absolute path that no longer
+    exists and is not moved is refused here, naming ``flag``, rather than by the loader's "path to nothing"
+    after the slow parts have loaded. The new place is trusted to hold the same model: weights the
+    checkpoint holds are still shape-checked when they load, but a frozen LLM read wholly from its folder
+    is not compared (the run recorded no fingerprint of it)."""
+    paths = model_paths(cfg)
+    data = to_dict(cfg)
+    for key, place in moves.items():
+        if key not in paths:
+            raise ConfigError(
+                f"{flag} {key}={place}: {key} is not a model location the saved config sets (allowed: "
+                f"{', '.join(sorted(paths)) or 'none, the model is wholly in its checkpoint'})"
+            )
+        if not place or (place.startswith(("/", "./", "../", "~")) and not Path(place).expanduser().exists()):
+            raise ConfigError(
+                f"{flag} {key}={place!r} is a path to nothing (allowed: the folder's new place)"
+            )
+        place = os.path.abspath(Path(place).expanduser()) if Path(place).expanduser().exists() else place
+        *where, name = key.split(".")
+        node = data
+        for part in where:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[name] = place
+    moved = config_from_dict(data)
+    for key, place in model_paths(moved).items():
+        if os.path.isabs(place) and not os.path.exists(place):
+            raise ConfigError(
+                f"{key}={place!r} of the saved config is a path to nothing (if it moved: {flag} {key}=NEW_PLACE)"
+            )
+    return moved
+
+
 def side_limits(cfg: Config) -> tuple[int, int | None]:
     """(unit, largest) of an image side in pixels: a multiple of ``unit`` (the VAE's downsampling x the
     patch size: whole patches of whole latent pixels) and, where a fixed APE table (model.ape_max_size

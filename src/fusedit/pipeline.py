@@ -139,12 +139,17 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     @classmethod
     def from_fusedit(
-        cls, run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", use_ema: bool = True
+        cls,
+        run_or_checkpoint: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        use_ema: bool = True,
+        relocate: dict[str, str] | None = None,
     ) -> "FuseDiTPipeline":
-        """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder."""
+        """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder; ``relocate``
+        names the new place of model folders that moved (checkpoint.load_model)."""
         from fusedit.train.checkpoint import load_model
 
-        model, cfg, _ = load_model(run_or_checkpoint, device, use_ema=use_ema)
+        model, cfg, _ = load_model(run_or_checkpoint, device, use_ema=use_ema, relocate=relocate)
         return cls.from_model(model, cfg)
 
     @classmethod
@@ -369,11 +374,13 @@ def export_run(
     folder: str | os.PathLike,
     use_ema: bool = True,
     device: torch.device | str = "cpu",
+    relocate: dict[str, str] | None = None,
 ) -> Path:
     """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder.
     ``folder`` is new, empty, or an earlier export (replaced); anything else is refused before the model
     loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
-    as it was (and a partial ``.NAME.partial`` that the next export replaces)."""
+    as it was (and a partial ``.NAME.partial`` that the next export replaces). ``relocate``: model folders
+    that moved since the run saved their paths (checkpoint.load_model)."""
     source = Path(run_or_checkpoint)
     if (source / "model_index.json").is_file():
         raise ValueError(
@@ -384,7 +391,7 @@ def export_run(
     earlier = _exported(folder)
     if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
-    pipe = FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema)
+    pipe = FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema, relocate=relocate)
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial))

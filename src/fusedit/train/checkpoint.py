@@ -53,6 +53,7 @@ from fusedit.config import (
     save_config,
     to_dict,
 )
+from fusedit.config import relocate as relocate_paths
 from fusedit.files import sync_folder, sync_tree, write_text_atomic
 from fusedit.train import lora
 
@@ -418,9 +419,16 @@ def checkpoint_stage(ckpt: Path, cfg: Config | None = None) -> Stage:
     return stage_of_checkpoint(resolved_stages(cfg), int(state["step"]), state.get("stage"))
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    use_ema: bool = True,
+    relocate: dict[str, str] | None = None,
+):
     """A trained model from a run folder or checkpoint folder, EMA weights by default, LoRA adapters merged,
-    in eval mode.
+    in eval mode. ``relocate`` ({"text.model_id": NEW_PLACE, ...}, config.relocate) reads model folders
+    that moved since the run saved their paths from their new place; given (even empty), a saved path to
+    nothing is refused before anything loads, naming the key to relocate.
 
     Returns (model, config, checkpoint folder). The config is the one the checkpoint's stage trained under
     (the stage's image size and sampling settings; for a run without stages, the run's config).
@@ -428,7 +436,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     from fusedit.system import build_model
 
     ckpt = find_checkpoint(path)
-    stage = checkpoint_stage(ckpt)
+    cfg = load_checkpoint_config(ckpt)
+    stage = checkpoint_stage(ckpt, cfg if relocate is None else relocate_paths(cfg, relocate))
     model = build_model(stage.config, device)
     load_weights(model, ckpt, stage, use_ema)
     return model.eval(), stage.config, ckpt

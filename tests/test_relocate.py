@@ -1,0 +1,150 @@
+"""A run whose model folders moved after training (another disk, another machine): `fusedit sample`,
+`serve`, `eval` and `export` read them from their new place with --relocate KEY=PLACE, the same images as
+before the move; a saved path to nothing names the flag before anything loads; bad keys and places are
+one-line errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import TINY_ARCH, randomize, tiny_config
+from fusedit.cli import main
+from fusedit.config import model_paths
+from fusedit.data.shapes import vocabulary
+from fusedit.system import build_model
+from fusedit.text.tokenizer import word_tokenizer
+from fusedit.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture
+def moved_run(tmp_path):
+    """A checkpointed run whose LLM (with its tokenizer) was read from a folder, sampled once, and the
+    LLM folder then moved to another place."""
+    llm = tmp_path / "disk-a" / "llm"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY_ARCH)).save_pretrained(llm)
+    word_tokenizer(vocabulary()).save_pretrained(llm)
+    cfg = tiny_config(text={"model_id": str(llm), "family": "qwen2"}, model={"num_layers": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    save_checkpoint(
+        tmp_path / "run", 0, cfg, model.denoiser, model.denoiser.state_dict(), None, model.text.llm
+    )
+    assert sample(tmp_path / "run", tmp_path / "before") == 0
+    new = tmp_path / "disk-b" / "llm"
+    new.parent.mkdir()
+    llm.rename(new)
+    return tmp_path / "run", llm, new
+
+
+def sample(model, out, *args):
+    return main(
+        [
+            "sample",
+            str(model),
+            "--prompt",
+            "a red circle",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+            *args,
+        ]
+    )
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def error(capsys) -> str:
+    """The one line `fusedit` printed for a refused command (exit status 2)."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and "\n" not in err, err
+    return err.removeprefix("fusedit: error: ")
+
+
+def test_sample_reads_a_moved_llm_from_its_new_place(moved_run, tmp_path, capsys):
+    run, old, new = moved_run
+    assert sample(run, tmp_path / "lost") == 2
+    assert error(capsys) == (
+        f"text.model_id={str(old)!r} of the saved config is a path to nothing (if it moved: --relocate "
+        "text.model_id=NEW_PLACE)"
+    )
+    assert not (tmp_path / "lost").exists()  # refused before the folder is made or anything loads
+    assert sample(run, tmp_path / "after", "--relocate", f"text.model_id={new}") == 0
+    assert np.array_equal(pixels(tmp_path / "after" / "00000.png"), pixels(tmp_path / "before" / "00000.png"))
+
+
+def test_export_and_eval_take_the_new_place(moved_run, tmp_path, capsys):
+    run, _, new = moved_run
+    flag = ["--relocate", f"text.model_id={new}"]
+    assert main(["export", str(run), "--out", str(tmp_path / "pipe"), *flag]) == 0
+    assert sample(tmp_path / "pipe", tmp_path / "exported") == 0
+    assert np.array_equal(
+        pixels(tmp_path / "exported" / "00000.png"), pixels(tmp_path / "before" / "00000.png")
+    )
+    out = tmp_path / "eval"
+    args = ["eval", str(run), "--out", str(out), "--per-category", "1", "--quiet", "--device", "cpu"]
+    capsys.readouterr()  # the export's and sampling's progress bars
+    assert main(args) == 2
+    assert error(capsys).endswith("(if it moved: --relocate text.model_id=NEW_PLACE)")
+    assert main([*args, *flag]) == 0
+    assert (out / "scores.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--relocate", "vae.model_id={new}"],
+            "--relocate vae.model_id={new}: vae.model_id is not a model location the saved config sets "
+            "(allowed: text.model_id)",
+        ),
+        (
+            ["--relocate", "text.model_id=/no/such/llm"],
+            "--relocate text.model_id='/no/such/llm' is a path to nothing",
+        ),
+        (["--relocate", "text.model_id"], "--relocate 'text.model_id' must look like KEY=NEW_PLACE"),
+        (
+            ["--relocate", "text.model_id={new}", "--relocate", "text.model_id={new}"],
+            "--relocate text.model_id is given twice",
+        ),
+    ],
+)
+def test_bad_relocations_are_one_line_errors(moved_run, tmp_path, capsys, flags, message):
+    run, _, new = moved_run
+    assert sample(run, tmp_path / "x", *[f.format(new=new) for f in flags]) == 2
+    assert error(capsys).startswith(message.format(new=new))
+
+
+def test_a_pipeline_folder_takes_no_relocation(moved_run, tmp_path, capsys):
+    run, _, new = moved_run
+    assert (
+        main(["export", str(run), "--out", str(tmp_path / "pipe"), "--relocate", f"text.model_id={new}"]) == 0
+    )
+    capsys.readouterr()  # the export's progress bars
+    assert sample(tmp_path / "pipe", tmp_path / "x", "--relocate", f"text.model_id={new}") == 2
+    assert "the pipeline folder" in error(capsys)
+
+
+def test_model_paths_name_every_model_location(tmp_path):
+    """Every model location, an extra LLM's included, and only those the config sets; relocating one
+    changes it alone."""
+    from fusedit.config import relocate
+
+    cfg = tiny_config(
+        text={"tokenizer": str(tmp_path)},
+        extra_text=[{"family": "qwen2", "arch": TINY_ARCH, "model_id": "org/llm"}],
+        model={"design": "dit-self", "refiner_depth": 1, "refiner_heads": 4},
+    )
+    assert model_paths(cfg) == {"text.tokenizer": str(tmp_path), "extra_text.0.model_id": "org/llm"}
+    (tmp_path / "here").mkdir()
+    moved = relocate(cfg, {"extra_text.0.model_id": str(tmp_path / "here" / ".." / "here")})
+    assert model_paths(moved) == {
+        "text.tokenizer": str(tmp_path),
+        "extra_text.0.model_id": str(tmp_path / "here"),
+    }
