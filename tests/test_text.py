@@ -11,6 +11,32 @@ from fusedit.system import build_model
 from fusedit.text.tokenizer import word_tokenizer
 
 
+def test_a_limit_past_the_models_positions_is_named_at_build(caplog):
+    """A max_length (with the template's tokens) past an LLM's or CLIP's max_position_embeddings is named in
+    one warning per encoder with the largest limit that fits; a limit that fits says nothing."""
+    qwen = {"family": "qwen2", "arch": TINY_ARCH, "max_length": 200, "template": "lidit"}
+    cfg = tiny_config(
+        model={"design": "dit-cross", "pooled_text": "clip", "refiner_depth": 1, "refiner_heads": 4},
+        extra_text=[qwen],
+        pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 40},
+    )
+    with caplog.at_level(logging.WARNING, logger="fusedit.system"):
+        model = build_model(cfg)
+    template = model.extra_text[0].max_length - 200
+    assert template > 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"extra_text.0.max_length=200 and the template's {template} token(s) make {200 + template} positions, "
+        "more than the model's max_position_embeddings=128: longer prompts read positions it never learned; "
+        f"set extra_text.0.max_length <= {128 - template}",
+        "pooled_text.max_length=40 makes 40 positions, more than the model's max_position_embeddings=32: "
+        "longer prompts read positions it never learned; set pooled_text.max_length <= 32",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit.system"):
+        build_model(tiny_config(text={"max_length": 128}))
+    assert not caplog.records
+
+
 def test_prompts_are_right_padded_and_truncated_with_a_warning(caplog):
     model = build_model(tiny_config(text={"max_length": 5}))
     tok = model.text.tokenizer

@@ -260,7 +260,34 @@ def build_model(
         for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
     ]
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
-    return TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)
+    model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)
+    _check_positions(model)
+    return model
+
+
+def _check_positions(model: TextToImage) -> None:
+    """Warns when a text encoder's padded width (its max_length, plus the template's tokens for an LLM)
+    passes the positions its model was trained with: a RoPE LLM then reads positions it never saw, and a
+    CLIP text model's learned table fails on a prompt that long. A warning, not an error, so that a run
+    saved under such a setting still loads."""
+    encoders = [*model.encoders, *([model.pooled_text] if model.pooled_text is not None else [])]
+    for enc in encoders:
+        config = enc.llm.config if isinstance(enc, TextEncoder) else enc.model.config
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is None or enc.max_length <= positions:
+            continue
+        template = enc.max_length - enc.prompt_limit
+        log.warning(
+            "%s=%d%s %d positions, more than the model's max_position_embeddings=%d: longer prompts read "
+            "positions it never learned; set %s <= %d",
+            enc.setting,
+            enc.prompt_limit,
+            f" and the template's {template} token(s) make" if template else " makes",
+            enc.max_length,
+            positions,
+            enc.setting,
+            positions - template,
+        )
 
 
 def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
