@@ -180,6 +180,13 @@ def test_list_images_leaves_out_the_contact_sheets_of_sample_folders(tmp_path):
     assert list_images(tmp_path) == [tmp_path / "00000" / "samples" / "00000.png", tmp_path / "00000.png"]
 
 
+def test_list_images_reads_every_format_training_reads(tmp_path):
+    for name in ("a.gif", "b.TIF", "c.tiff", "d.JPG", "e.webp"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in list_images(tmp_path)] == ["a.gif", "b.TIF", "c.tiff", "d.JPG", "e.webp"]
+
+
 def test_clip_score_matches_the_model_and_clips_at_zero(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
 
@@ -294,16 +301,24 @@ def test_cached_reference_stats_are_recomputed_when_the_folder_files_or_model_di
         random_images(1, seed=9)[0].save(ref_b / "extra.png")
         caplog.clear()
         assert cached(ref_b).count == 7 and extractor.calls == 3
-        assert "(were 6, now 7; names or sizes differ)" in caplog.text
+        assert "(were 6, now 7; names, sizes or contents differ)" in caplog.text
         Image.new("RGB", (24, 24), (9, 99, 199)).save(ref_b / "extra.png")  # flat: compresses smaller
         assert cached(ref_b).count == 7 and extractor.calls == 4
         np.testing.assert_allclose(ReferenceStats.load(next(cache.glob("*.npz"))).mu, fresh(ref_b)[0])
         assert cached(ref_b).count == 7 and extractor.calls == 4
+        # Rewritten in place at the same size (an uncompressed BMP always is): recomputed.
+        Image.new("RGB", (24, 24), (1, 2, 3)).save(ref_b / "flat.bmp")
+        assert cached(ref_b).count == 8 and extractor.calls == 5
+        size = (ref_b / "flat.bmp").stat().st_size
+        Image.new("RGB", (24, 24), (200, 2, 3)).save(ref_b / "flat.bmp")
+        assert (ref_b / "flat.bmp").stat().st_size == size
+        assert cached(ref_b).count == 8 and extractor.calls == 6
+        np.testing.assert_allclose(ReferenceStats.load(next(cache.glob("*.npz"))).mu, fresh(ref_b)[0])
         # Other weights behind the same extractor id.
         extractor.fingerprint = "weights-v2"
         caplog.clear()
         cached(ref_b)
-        assert extractor.calls == 5 and "feature model was 'weights-v1', now 'weights-v2'" in caplog.text
+        assert extractor.calls == 7 and "feature model was 'weights-v1', now 'weights-v2'" in caplog.text
     # A cache written without a source (an older fusedit) is recomputed once, then reused.
     path = next(cache.glob("*.npz"))
     with np.load(path) as data:
@@ -311,7 +326,7 @@ def test_cached_reference_stats_are_recomputed_when_the_folder_files_or_model_di
     np.savez(path, **arrays)
     cached(ref_b)
     cached(ref_b)
-    assert extractor.calls == 6
+    assert extractor.calls == 8
 
 
 def test_fusedit_fid_does_not_reuse_another_folders_reference_stats(tiny_vit, tmp_path, capsys):

@@ -598,8 +598,8 @@ def cmd_fid(args) -> int:
         return found
 
     # Both folders are listed before the feature model loads, so a wrong path fails at once. The reference
-    # is listed even when its stats are cached: the listing (names and sizes, no pixels) is what tells
-    # whether the cache still describes this folder.
+    # is listed even when its stats are cached: the listing (names, sizes and each file's first 4 KiB, no
+    # decoding) is what tells whether the cache still describes this folder.
     samples = images(args.samples, "samples")
     reference_files = images(args.reference, "reference")
     extractor = TransformersImageFeatures(args.features)

@@ -11,8 +11,8 @@
 * ``ReferenceStats.cached``: a reference set's (mu, sigma) computed once and kept in an ``.npz`` whose name
   is derived from the set's name and the extractor's id, so a later run never decodes the reference
   images again. The ``.npz`` also records what it was computed from (``folder_source``: the resolved
-  folder and a digest of its files' names and sizes; the feature model's ``fingerprint``): when that no
-  longer matches, the stats are recomputed rather than reused for a different set.
+  folder and a digest of its files' names, sizes and first bytes; the feature model's ``fingerprint``):
+  when that no longer matches, the stats are recomputed rather than reused for a different set.
 * Images are decoded as training decodes them (``load_image``): EXIF orientation applied, transparency
   composited on white, 16-bit greyscale scaled rather than clipped. An unreadable file is skipped and
   counted, as in training.
@@ -34,14 +34,19 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.data.transforms import SkipSample, decode_rgb, open_image
+from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
 
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What training reads (data.transforms), so that a reference folder of training images is read whole.
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
+# Bytes of each reference image that its digest reads besides name and size: a re-encoded image of the same
+# size (a BMP or TIFF always is; a PNG may be) changes its first bytes, and 4 KiB each costs little beside
+# decoding the folder again.
+DIGEST_HEAD_BYTES = 4096
 # `fusedit sample` and GenEval's generation script write a grid of their samples under this name; counted as
 # an image it would be one more (out-of-distribution) sample in the statistics.
 CONTACT_SHEET = "grid.png"
@@ -203,13 +208,13 @@ def _slug(text: str) -> str:
 
 def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> dict:
     """What stats computed from ``folder`` were computed from: its resolved path, its image count and a
-    digest of the images' names and sizes. ``files`` are its images as ``list_images`` gives them (listed
+    digest of the images' names, sizes and first bytes. ``files`` are its images as ``list_images`` gives them (listed
     here when None)."""
     files = list_images(folder) if files is None else files
     return {
         "folder": str(Path(folder).resolve()),
         "files": len(files),
-        "digest": files_digest(folder, files),
+        "digest": files_digest(folder, files, DIGEST_HEAD_BYTES),
     }
 
 
@@ -228,7 +233,7 @@ def _source_change(recorded: dict, current: dict) -> str:
         elif key == "reference":
             changes.append(
                 f"the images in {new.get('folder')!r} changed (were {old.get('files')}, now "
-                f"{new.get('files')}; names or sizes differ)"
+                f"{new.get('files')}; names, sizes or contents differ)"
             )
         else:
             changes.append(f"the {label} was {old!r}, now {new!r}")
