@@ -603,3 +603,26 @@ def test_prompts_file_is_read_as_utf8_whatever_the_locale_and_a_bom_is_dropped(t
         ConfigError, match=r"prompts.txt' is not UTF-8 text \(byte 5 is 0xe9; allowed: a UTF-8"
     ):
         _read_prompts(args)
+
+
+def test_transformers_log_lines_are_written_above_progress_bars(monkeypatch):
+    """transformers logs through a console handler of its own (it does not propagate): while a bar is
+    drawn, its lines go through tqdm.write too, and its handler is put back afterwards."""
+    import logging
+
+    import tqdm
+
+    from fusedit.cli import _logs_above_bars
+
+    hf = logging.getLogger("transformers")
+    handler = logging.StreamHandler(sys.stderr)
+    monkeypatch.setattr(hf, "handlers", [handler])
+    monkeypatch.setattr(hf, "propagate", False)
+    written = []
+    monkeypatch.setattr(tqdm.std.tqdm, "write", classmethod(lambda cls, s, **kw: written.append(s)))
+    with _logs_above_bars(True):
+        hf.warning("a transformers warning")
+    assert written == ["a transformers warning"]
+    assert hf.handlers == [handler]
+    with _logs_above_bars(False):  # --quiet: no bars, nothing moved
+        assert hf.handlers == [handler]

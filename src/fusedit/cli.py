@@ -1167,18 +1167,25 @@ def _library_bars(enabled: bool):
 @contextlib.contextmanager
 def _logs_above_bars(enabled: bool):
     """Log lines (the warmup warning, stage changes) written while a progress bar is drawn would land on
-    the bar's line: tqdm writes them instead, above the bar. Only when the root logger writes to the
-    console: tqdm would otherwise add a console handler of its own (under pytest, which captures logs)."""
-    console = any(
-        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
-        for h in logging.root.handlers
-    )
-    if not (enabled and console):
+    the bar's line: tqdm writes them instead, above the bar. That of every logger that writes to the
+    console itself: the root logger, and transformers', which has a handler of its own and does not
+    propagate. A logger without a console handler is left alone: tqdm would add one (under pytest, which
+    captures logs, a second copy of each line)."""
+
+    def console(logger: logging.Logger) -> bool:
+        return any(
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+            for h in logger.handlers
+        )
+
+    loggers = [logging.root, logging.getLogger("transformers")]
+    loggers = [logger for logger in loggers if console(logger)]
+    if not (enabled and loggers):
         yield
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(loggers):
         yield
 
 
