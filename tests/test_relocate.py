@@ -3,6 +3,8 @@
 before the move; a saved path to nothing names the flag before anything loads; bad keys and places are
 one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,23 @@ def test_model_paths_name_every_model_location(tmp_path):
         "text.tokenizer": str(tmp_path),
         "extra_text.0.model_id": str(tmp_path / "here"),
     }
+
+
+def test_a_relocation_to_another_model_is_refused(moved_run, tmp_path, capsys):
+    """The checkpoint records the kind and shapes of the LLM folder it read (models.json): a folder of
+    another LLM is refused by name; the moved folder itself passes."""
+    run, _, new = moved_run
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    recorded = json.loads((ckpt / "models.json").read_text())
+    assert recorded["text.model_id"]["model_type"] == "qwen2"
+    assert recorded["text.model_id"]["hidden_size"] == TINY_ARCH["hidden_size"]
+    other = tmp_path / "other-llm"
+    arch = {**TINY_ARCH, "num_hidden_layers": 4}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **arch)).save_pretrained(other)
+    word_tokenizer(vocabulary()).save_pretrained(other)
+    capsys.readouterr()
+    assert sample(run, tmp_path / "x", "--relocate", f"text.model_id={other}") == 2
+    assert error(capsys) == (
+        f"--relocate text.model_id={other}: that folder holds another model than the run trained with "
+        "(num_hidden_layers=4 there, 3 in the run; allowed: the moved folder itself)"
+    )

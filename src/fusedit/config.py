@@ -804,9 +804,8 @@ def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Co
     """A saved run's ``cfg`` with model folders that moved read from their new place: ``moves`` maps
     model_paths keys to the new location (a folder, or a hub id). A saved absolute path that no longer
     exists and is not moved is refused here, naming ``flag``, rather than by the loader's "path to nothing"
-    after the slow parts have loaded. The new place is trusted to hold the same model: weights the
-    checkpoint holds are still shape-checked when they load, but a frozen LLM read wholly from its folder
-    is not compared (the run recorded no fingerprint of it)."""
+    after the slow parts have loaded. That the new place holds the same model is checked by
+    checkpoint.load_model against what the checkpoint recorded."""
     paths = model_paths(cfg)
     data = to_dict(cfg)
     for key, place in moves.items():

@@ -11,6 +11,7 @@ A single-process run writes plain files:
   optimizer.pt          the denoiser's optimizer state; optimizer_<llm>.pt each trained LLM's
   state.json            step, stage and bookkeeping
   config.yaml           the resolved config      data_state.json   the data position
+  models.json           the kind and shapes of each local model folder the config names (load_model's relocate)
 
 Weights are always saved under their plain names (without adapters: fusedit.train.lora), adapters apart,
 and the EMA holds the merged weights; so every file but the adapters loads into a model without adapters.
@@ -49,6 +50,7 @@ from fusedit.config import (
     Stage,
     flatten,
     load_config,
+    model_paths,
     resolved_stages,
     save_config,
     to_dict,
@@ -136,12 +138,81 @@ def save_checkpoint(
         **(optimizers or {}),
     }.items():
         torch.save(opt.state_dict(), tmp / optimizer_file(key))
-    save_config(cfg, tmp / "config.yaml")
+    _save_config_files(cfg, tmp)
     for name, content in (files or {}).items():
         (tmp / name).write_text(content)
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
     _publish(root, tmp, final, keep)
     return final
+
+
+# The config.json fields that make a model folder the model a run trained with: its kind and shapes. Other
+# fields (versions, dtype, _name_or_path) change when the same weights are saved again elsewhere.
+IDENTITY_FIELDS = (
+    "model_type",
+    "_class_name",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "projection_dim",
+    "latent_channels",
+    "block_out_channels",
+    "scaling_factor",
+    "shift_factor",
+)
+MODELS_FILE = "models.json"
+
+
+def model_identity(place: str, subfolder: str = "") -> dict | None:
+    """IDENTITY_FIELDS of the config.json in a local model folder (a multimodal wrapper's language model's,
+    under text_config); None for a hub id, a file, or a folder without one (a tokenizer's)."""
+    try:
+        config = json.loads((Path(place) / subfolder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return {key: config[key] for key in IDENTITY_FIELDS if key in config}
+
+
+def _save_config_files(cfg: Config, folder: Path) -> None:
+    """config.yaml, and models.json: what each local model folder the config names held (model_identity),
+    so that a run read after one moved (load_model's ``relocate``) can tell the new place holds the same
+    model."""
+    save_config(cfg, folder / "config.yaml")
+    identities = {}
+    for key, place in model_paths(cfg).items():
+        identity = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "")
+        if identity:
+            identities[key] = identity
+    (folder / MODELS_FILE).write_text(json.dumps(identities, indent=1))
+
+
+def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
+    """Each relocated model folder holds the model the checkpoint's run read there (models.json); a
+    checkpoint written before that record, or a hub id, is not compared."""
+    try:
+        recorded = json.loads((ckpt / MODELS_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    paths = model_paths(cfg)
+    for key in relocate:
+        old = recorded.get(key)
+        new = model_identity(paths[key], cfg.vae.subfolder if key == "vae.model_id" else "")
+        if not old or new is None:
+            continue
+        differ = [f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]]
+        if differ:
+            f = differ[0]
+            raise ConfigError(
+                f"--relocate {key}={relocate[key]}: that folder holds another model than the run trained with "
+                f"({f}={new[f]!r} there, {old[f]!r} in the run; allowed: the moved folder itself)"
+            )
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
@@ -239,7 +310,7 @@ def save_distributed_checkpoint(
             "...): the run folder must be on a filesystem that every node shares"
         )
     if rank == 0:
-        save_config(cfg, tmp / "config.yaml")
+        _save_config_files(cfg, tmp)
         state_json = {"step": step, "format": "dcp", "world_size": dist.get_world_size(), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
         _publish(root, tmp, final, keep)
@@ -437,7 +508,10 @@ def load_model(
 
     ckpt = find_checkpoint(path)
     cfg = load_checkpoint_config(ckpt)
-    stage = checkpoint_stage(ckpt, cfg if relocate is None else relocate_paths(cfg, relocate))
+    if relocate is not None:
+        cfg = relocate_paths(cfg, relocate)
+        _check_relocated(ckpt, cfg, relocate)
+    stage = checkpoint_stage(ckpt, cfg)
     model = build_model(stage.config, device)
     load_weights(model, ckpt, stage, use_ema)
     return model.eval(), stage.config, ckpt
@@ -774,7 +848,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
         else:
             save_file(_contiguous(content), tmp / f"{_file_stem(section)}.safetensors")
-    for name in ("config.yaml", "data_state.json"):
+    for name in ("config.yaml", MODELS_FILE, "data_state.json"):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)
