@@ -170,3 +170,32 @@ def test_a_relocation_to_another_model_is_refused(moved_run, tmp_path, capsys):
         f"--relocate text.model_id={other}: that folder holds another model than the run trained with "
         "(num_hidden_layers=4 there, 3 in the run; allowed: the moved folder itself)"
     )
+
+
+def test_a_resume_refuses_another_model_in_place_of_a_moved_one(tmp_path):
+    """Resuming accepts a moved LLM folder under its new path (check_same_model), but not a folder of
+    another LLM that took its place: the checkpoint's models.json tells them apart."""
+    from fusedit.config import ConfigError
+    from fusedit.train.loop import train
+
+    def llm_folder(path, **arch):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **{**TINY_ARCH, **arch}))
+        hf.save_pretrained(path)
+        word_tokenizer(vocabulary()).save_pretrained(path)
+        return str(path)
+
+    def config(llm, steps):
+        text = {"model_id": llm, "family": "qwen2"}
+        return tiny_config(text=text, model={"num_layers": 2}, train={"steps": steps, "checkpoint_every": 1})
+
+    run = tmp_path / "run"
+    train(config(llm_folder(tmp_path / "llm"), 1), run, progress=False)
+    (tmp_path / "llm").rename(tmp_path / "moved")
+    other = llm_folder(tmp_path / "other", intermediate_size=96)
+    with pytest.raises(
+        ConfigError,
+        match=r"text.model_id='.*other' holds another model than checkpoint .* "
+        r"\(intermediate_size=96 there, 64 in the run; allowed: the moved folder itself\)",
+    ):
+        train(config(other, 2), run, resume=True, progress=False)
+    assert train(config(str(tmp_path / "moved"), 2), run, resume=True, progress=False)["step"] == 2

@@ -193,25 +193,29 @@ def _save_config_files(cfg: Config, folder: Path) -> None:
     (folder / MODELS_FILE).write_text(json.dumps(identities, indent=1))
 
 
-def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
-    """Each relocated model folder holds the model the checkpoint's run read there (models.json); a
-    checkpoint written before that record, or a hub id, is not compared."""
+def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
+    """How the model folder ``cfg`` names at ``key`` differs from the one ``ckpt``'s run read there
+    (models.json): "field=new there, old in the run", or None when it does not, or when either side is not
+    known (a checkpoint written before the record, a hub id)."""
     try:
-        recorded = json.loads((ckpt / MODELS_FILE).read_text())
-    except (OSError, ValueError):
-        return
-    paths = model_paths(cfg)
+        old = json.loads((ckpt / MODELS_FILE).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    new = model_identity(model_paths(cfg).get(key, ""), cfg.vae.subfolder if key == "vae.model_id" else "")
+    if not old or new is None:
+        return None
+    differ = [f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]]
+    return f"{differ[0]}={new[differ[0]]!r} there, {old[differ[0]]!r} in the run" if differ else None
+
+
+def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
+    """Each relocated model folder holds the model the checkpoint's run read there."""
     for key in relocate:
-        old = recorded.get(key)
-        new = model_identity(paths[key], cfg.vae.subfolder if key == "vae.model_id" else "")
-        if not old or new is None:
-            continue
-        differ = [f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]]
-        if differ:
-            f = differ[0]
+        change = _identity_change(ckpt, cfg, key)
+        if change:
             raise ConfigError(
                 f"--relocate {key}={relocate[key]}: that folder holds another model than the run trained with "
-                f"({f}={new[f]!r} there, {old[f]!r} in the run; allowed: the moved folder itself)"
+                f"({change}; allowed: the moved folder itself)"
             )
 
 
@@ -658,6 +662,12 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
             or name in RESUMABLE_CHANGES
             or (name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key)))
         )
+        change = _identity_change(ckpt, cfg, key) if allowed and section in MODEL_SECTIONS else None
+        if change:
+            raise ConfigError(
+                f"{key}={new.get(key)!r} holds another model than checkpoint {str(ckpt)!r} was trained with "
+                f"({change}; allowed: the moved folder itself)"
+            )
         if not allowed:
             raise ConfigError(
                 f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
