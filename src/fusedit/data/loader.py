@@ -24,14 +24,17 @@ is fast-forwarded by reading and decoding every sample before ``start_step`` (ex
 
 A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by the next one in the same
 order (the same bucket's order with buckets), so batches are always full and the replacement is
-deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason. When
-no usable sample is left (every one skipped), reading raises a ConfigError with the counts.
+deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason (the
+state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists). Rank 0 warns
+once, early, when more than a fifth of the data looks unusable (``SkipWatch``). When no usable sample
+is left (every one skipped), reading raises a ConfigError with the counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from collections import deque
@@ -49,10 +52,26 @@ from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, mak
 log = logging.getLogger(__name__)
 
 STREAM_SOURCES = ("webdataset",)
-# Examples of skipped samples kept per reason for the report (the counts are exact regardless).
+# Skipped samples the report shows per reason (every id is counted, and kept for the list of them).
 _EXAMPLES = 3
 # Image headers read in parallel when planning buckets (I/O bound: threads, not processes).
 _HEADER_THREADS = 16
+# The early warning about skipped samples (SkipWatch): above this share of the data. Scraped or exported
+# image sets commonly lose a few percent to broken files, odd formats or thumbnails, which the report at the
+# end of training covers; past a fifth the run learns from markedly less (and repeats it more often) than
+# the data suggests, which is usually a setting (data.caption_fields, data.min_image_size) or a broken copy:
+# worth saying at once rather than after the run.
+_WARN_SHARE = 0.2
+# The share of the distinct samples met in batches is judged as if at least this many (or all, when the data
+# has fewer) had been met, the missing ones usable: one bad sample among the first three is then 1 in 50,
+# not a third, and only more than 10 bad ones warn before 50 are met. Data that is 10% bad then warns by
+# chance in about 2% of runs, 5% bad practically never (simulated); mostly bad data still warns within the
+# first steps.
+_WARN_MIN_TRIED = 50
+# The share is judged over the first this many distinct samples met, then no longer tracked: the data's
+# order is shuffled (but for an hf stream's), so they estimate it to about 1%, and tracking every id met
+# would cost memory in proportion to the data. The end-of-training report and skipped list cover the run.
+_WARN_WINDOW = 10_000
 
 
 def is_stream(cfg: DataConfig) -> bool:
@@ -72,8 +91,9 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 class SkipCounter:
-    """Skipped samples by reason: distinct sample ids, occurrences (a bad sample is met again every
-    epoch), and a few examples with the detail for the report.
+    """Skipped samples by reason: distinct sample ids with the detail of why (kept for the run's list of
+    skipped samples), and occurrences (a bad sample is met again every epoch, and by every batch slot
+    whose candidates pass it).
 
     Everything only grows, in order (ids are kept in insertion-ordered dicts), so ``mark()`` is an O(1)
     snapshot that ``state_dict(mark)`` later expands into the exact state at that moment: loaders take a
@@ -81,18 +101,12 @@ class SkipCounter:
     """
 
     def __init__(self) -> None:
-        self.ids: dict[str, dict[str, None]] = {}
+        self.ids: dict[str, dict[str, str]] = {}  # reason -> {sample id: detail}, in the order first met
         self.times: dict[str, int] = {}
-        self.examples: dict[str, list[list[str]]] = {}
 
     def add(self, reason: str, sample_id: str, detail: str = "") -> None:
-        ids = self.ids.setdefault(reason, {})
         self.times[reason] = self.times.get(reason, 0) + 1
-        if sample_id not in ids:
-            ids[sample_id] = None
-            examples = self.examples.setdefault(reason, [])
-            if len(examples) < _EXAMPLES:
-                examples.append([sample_id, detail])
+        self.ids.setdefault(reason, {}).setdefault(sample_id, detail)
 
     def add_all(self, events) -> None:
         for event in events:
@@ -116,7 +130,8 @@ class SkipCounter:
             return "skipped samples: none"
         parts = []
         for reason, n in self.counts().items():
-            shown = "; ".join(f"{i}: {d}" if d else i for i, d in self.examples.get(reason, []))
+            examples = itertools.islice(self.ids[reason].items(), _EXAMPLES)
+            shown = "; ".join(f"{i}: {d}" if d else i for i, d in examples)
             parts.append(f"{reason} {n} (e.g. {shown})")
         times = sum(self.times.values())
         return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
@@ -128,14 +143,107 @@ class SkipCounter:
         mark = self.mark() if mark is None else mark
         return {
             "ids": {r: list(itertools.islice(self.ids[r], n)) for r, (n, _) in mark.items()},
+            "details": {r: list(itertools.islice(self.ids[r].values(), n)) for r, (n, _) in mark.items()},
             "times": {r: t for r, (_, t) in mark.items()},
-            "examples": {r: [list(e) for e in self.examples[r][:n]] for r, (n, _) in mark.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.ids = {r: dict.fromkeys(ids) for r, ids in state.get("ids", {}).items()}
+        details = state.get("details")
+        if details is None:  # saved before every detail was kept: those of the first few ids (the examples)
+            details = {r: [d for _, d in ex] for r, ex in state.get("examples", {}).items()}
+        self.ids = {
+            r: dict(itertools.zip_longest(ids, details.get(r, [])[: len(ids)], fillvalue=""))
+            for r, ids in state.get("ids", {}).items()
+        }
         self.times = {r: int(n) for r, n in state.get("times", {}).items()}
-        self.examples = {r: [list(e) for e in ex] for r, ex in state.get("examples", {}).items()}
+
+
+def skipped_jsonl(skips: dict) -> str:
+    """The skipped samples of a loader state's ``"skips"``, one JSON object per line ({"id", "reason",
+    "detail"}, the detail left out where none is known), by reason, each reason's in the order first met;
+    "" when none was skipped."""
+    lines = []
+    for reason, ids in sorted(skips.get("ids", {}).items()):
+        details = skips.get("details", {}).get(reason, [])
+        for k, sample_id in enumerate(ids):
+            detail = details[k] if k < len(details) else ""
+            record = {"id": sample_id, "reason": reason, **({"detail": detail} if detail else {})}
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+class SkipWatch:
+    """One early warning when a large share of the data cannot be used (the counts alone come at the end of
+    training, by when every step has trained on the remainder).
+
+    The share is this process's estimate. Of ``total`` samples, ``checked`` were judged before the first
+    batch (rows a catalog read, and with buckets every sample, whose header planning read), the unusable
+    ones among them ``known`` exactly; the fate of the others is estimated from the distinct samples met in
+    batches, the share of them skipped. A stream's size is unknown (``total`` None): its share is that of
+    the distinct samples read so far. The samples met are tracked over the first ``_WARN_WINDOW``.
+    ``see()`` returns the warning's text once, then None.
+    """
+
+    def __init__(self, total: int | None = None, known=(), checked: int = 0, where: str = ""):
+        self.total, self.checked, self.where = total, checked, where
+        self.known = {sample_id: reason for reason, sample_id, *_ in known}
+        unknown = None if total is None else total - len(self.known)
+        self.min_tried = _WARN_MIN_TRIED if unknown is None else max(1, min(_WARN_MIN_TRIED, unknown))
+        self.used: set[str] = set()
+        self.skipped: dict[str, str] = {}  # sample id -> reason, met in batches
+        self.done = False
+
+    def see(self, used=(), skipped=()) -> str | None:
+        """Take one batch's used sample ids and skip events; the warning's text when the share is first
+        found above ``_WARN_SHARE``."""
+        if self.done:
+            return None
+        self.used.update(used)
+        for reason, sample_id, *_ in skipped:
+            if sample_id not in self.known:
+                self.skipped.setdefault(sample_id, reason)
+        tried = len(self.used) + len(self.skipped)
+        # As if the samples still missing to the minimum were usable (see _WARN_MIN_TRIED).
+        if self._share(len(self.skipped) / max(tried, self.min_tried)) > _WARN_SHARE:
+            self.done = True
+            return self._message(tried)
+        if tried >= _WARN_WINDOW:
+            self.done = True  # judged: the sets are dropped (see _WARN_WINDOW)
+            self.used, self.skipped = set(), {}
+        return None
+
+    def _share(self, met: float) -> float:
+        """The data's share that cannot be used, given the share ``met`` of the samples met in batches."""
+        if self.total is None:
+            return met
+        return (len(self.known) + (self.total - len(self.known)) * met) / max(1, self.total)
+
+    def _message(self, tried: int) -> str:
+        reasons: dict[str, int] = {}
+        for reason in itertools.chain(self.known.values(), self.skipped.values()):
+            reasons[reason] = reasons.get(reason, 0) + 1
+        skipped = len(self.known) + len(self.skipped)
+        counts = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+        share = self._share(len(self.skipped) / tried if tried else 0.0)
+        if self.total is None:
+            head = f"{skipped} of the {tried} samples read so far cannot be used ({counts}): {share:.0%}"
+        else:
+            tried = min(self.total, self.checked + tried)
+            head = (
+                f"{skipped} of the {tried} samples tried so far cannot be used ({counts}): about {share:.0%} "
+                f"of the {self.total} in the data"
+            )
+        where = f"; every skipped id is listed in {self.where}" if self.where else ""
+        return (
+            f"data: {head} (warned above {_WARN_SHARE:.0%}); training goes on with the rest, repeating it "
+            f"more often{where}"
+        )
+
+
+def _warn(watch: SkipWatch | None, used=(), skipped=()) -> None:
+    message = None if watch is None else watch.see(used, skipped)
+    if message:
+        log.warning("%s", message)
 
 
 def _no_usable_samples(counter: SkipCounter, where: str = "") -> ConfigError:
@@ -237,7 +345,12 @@ class StepPlan:
         return [(epoch, group, first + j) for j in range(b)]
 
     def tries(self, slot: tuple[int, int, int]) -> int:
-        return self.n if self.groups is None else self.group_sizes[slot[1]]
+        if self.groups is None:
+            # The rest of the slot's epoch, then the whole next one (every sample): a usable sample is found
+            # whenever one exists. Only n tries could end before the one usable sample of mostly bad data,
+            # it lying early in this epoch's order and late in the next's.
+            return 2 * self.n - slot[2] % self.n
+        return self.group_sizes[slot[1]]
 
     def candidate(self, slot: tuple[int, int, int], k: int) -> tuple[int, int]:
         """(dataset index, epoch) of the k-th sample to try for ``slot``."""
@@ -278,7 +391,11 @@ class PlannedDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, slot: tuple[int, int, int]) -> dict:
-        bad = self.__dict__.setdefault("_bad", {})  # per process: known-bad samples are not decoded again
+        # Per process (each DataLoader worker has its own): a sample found unusable is not opened again.
+        # Its outcome cannot change within a run (the same file, caption fields and sizes), so the batches
+        # are those without this shortcut. It starts empty in every loader: a run resumed after the files
+        # were fixed reads them again.
+        bad = self.__dict__.setdefault("_bad", {})
         skipped = []
         for k in range(self.plan.tries(slot)):
             i, epoch = self.plan.candidate(slot, k)
@@ -444,23 +561,25 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 def planned_dataset(
     cfg: DataConfig, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
-) -> tuple[PlannedDataset, list]:
-    """(dataset over plan slots, skips found while building) for an index-addressable source."""
+) -> tuple[PlannedDataset, list, int]:
+    """(dataset over plan slots, skips found while building, the number of samples those are out of: the
+    dataset's and those the catalog refused) for an index-addressable source."""
     if cfg.source == "shapes":
         shapes = build_dataset(cfg, seed)
         # Unpermuted: shapes examples are random already, and this keeps old runs' batches unchanged.
         plan = StepPlan(len(shapes), batch_size, seed, rank, world_size, shuffle=False)
-        return ShapesItems(shapes, plan), []
+        return ShapesItems(shapes, plan), [], len(shapes)
     if cfg.source == "latents":
         from fusedit.data.latents import LatentDataset
 
         latents = LatentDataset(cfg.latents_dir, seed=seed, caption_pick=cfg.caption_pick)
         groups, names = latents.groups()
         latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=groups, names=names)
-        return latents, []
+        return latents, [], len(latents)
     catalog = build_catalog(cfg)
     decoder = SampleDecoder.from_config(cfg, seed)
     events = list(getattr(catalog, "skipped", []))
+    total = len(catalog) + len(events)
     groups = None
     if len(decoder.targets) > 1:
         groups, found = bucket_groups(catalog, decoder)
@@ -469,7 +588,7 @@ def planned_dataset(
             raise _no_usable_samples(SkipCounter.of(events))
     names = [f"{w}x{h} px" for h, w in decoder.targets]
     plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups, names=names)
-    return CatalogItems(catalog, decoder, plan), events
+    return CatalogItems(catalog, decoder, plan), events, total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,9 +598,11 @@ def planned_dataset(
 class IndexedStepLoader:
     """Step-addressed batches of an index-addressable source (a DataLoader over plan slots)."""
 
-    def __init__(self, dataset, start_step, end_step, num_workers, skips: SkipCounter):
+    def __init__(
+        self, dataset, start_step, end_step, num_workers, skips: SkipCounter, watch: SkipWatch | None
+    ):
         self.dataset, self.start_step, self.end_step = dataset, start_step, end_step
-        self.num_workers, self.skips = num_workers, skips
+        self.num_workers, self.skips, self.watch = num_workers, skips, watch
         self.step = start_step
 
     def __len__(self) -> int:
@@ -496,11 +617,14 @@ class IndexedStepLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
         )
+        _warn(self.watch)  # what building the plan found may be enough
         for step, batch in zip(range(self.start_step, self.end_step), loader):
             if "unusable" in batch:
                 raise _no_usable_samples(SkipCounter.of(batch["unusable"]))
-            self.skips.add_all(batch.pop("skipped"))
+            skipped = batch.pop("skipped")
+            self.skips.add_all(skipped)
             self.step, self._mark = step + 1, self.skips.mark()
+            _warn(self.watch, batch["id"], skipped)
             yield batch
 
     def state_dict(self) -> dict:
@@ -574,14 +698,18 @@ class _StreamBatcher:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def batches(self) -> Iterator[dict]:
+        """Batches whose "skipped" are the skips met since the previous batch (already counted)."""
+        skipped: list = []
         for before, record, result in self._decoded():
             seq = self.seq
             self.seq += 1
             self.last = (seq, before)
             self.skips.add_all(record.events)
+            skipped += record.events
             self._count_usable(record, not isinstance(result, SkipSample))
             if isinstance(result, SkipSample):
                 self.skips.add(result.reason, record.id, result.detail)
+                skipped.append((result.reason, record.id, result.detail))
                 continue
             bucket = self.pending.setdefault(result["bucket"], [])
             bucket.append((seq, before, result["item"]))
@@ -589,7 +717,7 @@ class _StreamBatcher:
                 items = [item for _, _, item in bucket]
                 self.pending[result["bucket"]] = []
                 batch = collate(items)
-                batch.pop("skipped")
+                batch["skipped"], skipped = skipped, []
                 yield batch
 
     def _count_usable(self, record: StreamRecord, usable: bool) -> None:
@@ -646,11 +774,20 @@ class StreamStepLoader:
     """Step-addressed batches of a stream, with a restorable position (see the module docstring)."""
 
     def __init__(
-        self, make_reader: Callable[[], Any], decoder, batch_size, start_step, end_step, workers, state, skips
+        self,
+        make_reader: Callable[[], Any],
+        decoder,
+        batch_size,
+        start_step,
+        end_step,
+        workers,
+        state,
+        skips,
+        watch: SkipWatch | None,
     ):
         self.make_reader, self.decoder, self.batch_size = make_reader, decoder, batch_size
         self.start_step, self.end_step, self.workers = start_step, end_step, workers
-        self.initial_state, self.skips = state, skips
+        self.initial_state, self.skips, self.watch = state, skips, watch
         self._state = state
 
     def __len__(self) -> int:
@@ -675,8 +812,10 @@ class StreamStepLoader:
                     next(batches)
             for step in range(self.start_step, self.end_step):
                 batch = next(batches)
+                skipped = batch.pop("skipped")
                 self._state = {"kind": "stream", "step": step + 1, "stream": batcher.state_dict()}
                 self._mark = self.skips.mark()
+                _warn(self.watch, batch["id"], skipped)
                 yield batch
         finally:
             batches.close()
@@ -730,11 +869,13 @@ def step_loader(
     rank: int = 0,
     world_size: int = 1,
     state: dict | None = None,
+    skip_list: str = "",
 ) -> IndexedStepLoader | StreamStepLoader:
     """Batches for steps [start_step, end_step) of this rank (see the module docstring).
 
     ``state`` is a previous loader's ``state_dict()`` at ``start_step``: required for an exact and fast
-    stream resume, optional for index-addressable sources (it carries the skip counts).
+    stream resume, optional for index-addressable sources (it carries the skip counts). ``skip_list`` names
+    the file the caller writes the skipped samples to (``skipped_jsonl``), for the early warning.
     """
     _check_rank(rank, world_size)
     if state is not None and int(state.get("step", -1)) != start_step:
@@ -749,10 +890,12 @@ def step_loader(
             )
         decoder = SampleDecoder.from_config(cfg, seed)
         factory = _stream_reader_factory(cfg, seed, rank, world_size)
+        # Rank 0 warns for all: every rank reads its share of the same data.
+        watch = SkipWatch(where=skip_list) if rank == 0 else None
         return StreamStepLoader(
-            factory, decoder, batch_size, start_step, end_step, cfg.num_workers, state, skips
+            factory, decoder, batch_size, start_step, end_step, cfg.num_workers, state, skips, watch
         )
-    dataset, events = planned_dataset(cfg, seed, batch_size, rank, world_size)
+    dataset, events, total = planned_dataset(cfg, seed, batch_size, rank, world_size)
     if state is not None:
         saved = state.get("samples")  # absent from states saved before it was recorded: nothing to check
         # Every rank sees the same dataset; the first says so for all.
@@ -768,4 +911,7 @@ def step_loader(
         skips.load_state_dict(state.get("skips", {}))
     else:
         skips.add_all(events)
-    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips)
+    # Bucket planning read every sample's header: all are checked; otherwise the rows a catalog refused.
+    checked = total if dataset.plan.groups is not None else len(events)
+    watch = SkipWatch(total, events, checked, skip_list) if rank == 0 else None
+    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch)

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
-from fusedit.data.loader import check_data_paths, is_stream, step_loader
+from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
@@ -206,6 +206,26 @@ def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> No
             )
 
 
+def skipped_list_name(rank: int, stage: int | None = None) -> str:
+    """The run folder's list of the samples a rank skipped (``stage``: in a run of stages, whose data may
+    differ). Ranks read different samples, so each writes its own; rank 0 keeps the plain name, as its
+    data_state.json does."""
+    stage_part = "" if stage is None else f".stage{stage}"
+    rank_part = "" if rank == 0 else f".rank{rank}"
+    return f"skipped{stage_part}{rank_part}.jsonl"
+
+
+def _write_skipped(path: Path, loader_state: dict) -> bool:
+    """The skipped samples of a loader's state into ``path`` (whether there were any; with none, an earlier
+    list there goes: the file always matches the last checkpoint)."""
+    text = skipped_jsonl(loader_state.get("skips", {}))
+    if text:
+        write_text_atomic(path, text)
+    else:
+        path.unlink(missing_ok=True)
+    return bool(text)
+
+
 def _saved_data_state(ckpt: Path, saved: dict, env: DistEnv, cfg: Config) -> dict | None:
     """This rank's data position from the checkpoint, when the run that wrote it split the data the same way
     (same world size and per-rank batch). Otherwise None: index-addressable sources derive the position from
@@ -316,6 +336,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     if ckpt is None:
         if main:
             metrics_path.unlink(missing_ok=True)
+            # An earlier run's lists of skipped samples, which this run's would not all replace.
+            for stale in [*run_dir.glob("skipped.jsonl"), *run_dir.glob("skipped.*.jsonl")]:
+                stale.unlink(missing_ok=True)
             # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
             # train.keep_checkpoints are kept) and be what sampling and --resume find.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -505,6 +528,7 @@ class _Run:
         per_rank = micro * accum
         global_batch = per_rank * env.world_size
         first_row = env.rank * per_rank  # this rank's rows in the step's global batch
+        skip_path = self.run_dir / skipped_list_name(env.rank, stage.index if cfg.stages else None)
         loader = step_loader(
             sc.data,
             seed + stage.index,
@@ -514,7 +538,9 @@ class _Run:
             rank=env.rank,
             world_size=env.world_size,
             state=data_state,
+            skip_list=str(skip_path),
         )
+        listed = False  # whether the skipped list was written at the last checkpoint
         autocast = autocast_for(tc.precision, device)
         # A trained LLM runs under the same autocast as the denoiser; a frozen one in its own dtype.
         text_autocast = autocast_for(tc.precision, device) if parts.llm else contextlib.nullcontext()
@@ -628,7 +654,8 @@ class _Run:
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == steps.stop:
                 if self.metrics is not None:
                     self.metrics.flush()
-                data = json.dumps(loader.state_dict())
+                position = loader.state_dict()
+                data = json.dumps(position)
                 common = dict(
                     keep=cfg.train.keep_checkpoints,
                     extra={
@@ -667,6 +694,12 @@ class _Run:
                         optimizers=others,
                         **common,
                     )
+                # Beside the checkpoint, not in it: a list for people to read (the checkpoint's data state
+                # holds the same ids). The last step always checkpoints, so the end of training writes it.
+                listed = _write_skipped(skip_path, position)
         report = loader.skipped_report()
-        if report:
-            log.info("data: %s", report if env.world_size == 1 else f"rank 0: {report}")
+        if listed:
+            report += f"; every skipped id is listed in {skip_path}"
+            if env.world_size > 1:
+                report += f" (rank 1's in {skipped_list_name(1, stage.index if cfg.stages else None)}, ...)"
+        log.info("data: %s", report if env.world_size == 1 else f"rank 0: {report}")

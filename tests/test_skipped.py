@@ -1,0 +1,267 @@
+"""Skipped samples: the early warning when much of the data cannot be used, the run folder's list of every
+skipped sample, and known-bad samples not opened again (without changing any batch)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fusedit.data.transforms as transforms
+from conftest import tiny_config
+from fusedit.config import DataConfig
+from fusedit.data.loader import SkipCounter, skipped_jsonl, step_loader
+from fusedit.data.transforms import make_rng
+from fusedit.train.checkpoint import find_checkpoint
+from fusedit.train.loop import train
+from test_data_sources import _noise, _write_shards
+
+
+def _folder(root: Path, good: int, corrupt: int, tiny: int = 0, uncaptioned: int = 0) -> Path:
+    """``good`` 32x32 captioned images, then the unusable kinds (random bytes, 6x6, no caption)."""
+    root.mkdir(parents=True)
+    for i in range(good):
+        _noise(32, 32, i).save(root / f"good{i:02d}.png")
+        (root / f"good{i:02d}.txt").write_text(f"a red {'circle' if i % 2 else 'square'}")
+    for i in range(corrupt):
+        (root / f"bad{i:02d}.png").write_bytes(np.random.default_rng(i).bytes(200))
+        (root / f"bad{i:02d}.txt").write_text("never shown")
+    for i in range(tiny):
+        _noise(6, 6, 50 + i).save(root / f"tiny{i:02d}.png")
+        (root / f"tiny{i:02d}.txt").write_text("too small")
+    for i in range(uncaptioned):
+        _noise(32, 32, 80 + i).save(root / f"nocap{i:02d}.png")
+    return root
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(**{"source": "folder", "root": str(root), "image_size": 16, "min_image_size": 16, **kw})
+
+
+def _skip_warnings(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "cannot be used" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, head",
+    [
+        # met batch by batch: as if all 16 had been met, so once more than 3 are known skipped
+        ({}, "9 of the 10 samples tried so far cannot be used (corrupt 8, tiny 1): about 90%"),
+        # bucket planning checks every sample before the first batch
+        (
+            {"buckets": [[16, 16], [16, 24]]},
+            "15 of the 16 samples tried so far cannot be used (corrupt 12, no-caption 1, tiny 2): about 94%",
+        ),
+    ],
+    ids=["plain", "buckets"],
+)
+def test_mostly_unusable_folder_warns_once_early_naming_share_reasons_and_list(tmp_path, caplog, extra, head):
+    root = _folder(tmp_path / "data", good=1, corrupt=12, tiny=2, uncaptioned=1)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        loader = step_loader(_cfg(root, **extra), 0, 4, 0, 8, skip_list="run/skipped.jsonl")
+        batches = iter(loader)
+        next(batches)
+        assert len(_skip_warnings(caplog)) == 1  # at the first step, not at the end of training
+        list(batches)
+    assert _skip_warnings(caplog) == [
+        f"data: {head} of the 16 in the data (warned above 20%); training goes on with the rest, repeating it "
+        "more often; every skipped id is listed in run/skipped.jsonl"
+    ]
+    # Rank 0 warns for all ranks: they read shares of the same data.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        list(step_loader(_cfg(root, **extra), 0, 2, 0, 8, rank=1, world_size=2))
+    assert _skip_warnings(caplog) == []
+
+
+def _seed_trying_first(n: int, position: int) -> int:
+    """A seed whose first epoch tries sample ``position`` (in path order) among its first three."""
+    return next(s for s in range(1000) if position in make_rng(s, 0, 0).permutation(n)[:3])
+
+
+def test_one_bad_file_among_many_does_not_warn_even_when_met_first(tmp_path, caplog):
+    root = _folder(tmp_path / "data", good=30, corrupt=1)  # bad00.png sorts first: position 0
+    seed = _seed_trying_first(31, 0)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        loader = step_loader(_cfg(root), seed, 3, 0, 25)  # 75 draws: more than two epochs
+        batches = iter(loader)
+        next(batches)
+        assert loader.skips.counts() == {"corrupt": 1}  # met at the first step: one of three tried
+        list(batches)
+    assert _skip_warnings(caplog) == []
+    # nor a few refused rows of an index file (3 of 33): they are weighed against all the rows
+    index = root / "index.jsonl"
+    rows = [{"file": f"good{i:02d}.png", "caption": "x"} for i in range(30)] + [{"caption": "no file"}] * 3
+    index.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        cfg = DataConfig(source="folder", index_file=str(index), image_size=16, min_image_size=16)
+        loader = step_loader(cfg, 0, 4, 0, 10)
+        list(loader)
+    assert loader.skips.counts() == {"bad-row": 3} and _skip_warnings(caplog) == []
+
+
+def test_a_mostly_unusable_stream_warns(tmp_path, caplog):
+    corrupt = {(0, i) for i in range(10)} | {(1, i) for i in range(5)}  # half of the 30
+    shards = _write_shards(tmp_path / "wds", "a", shards=3, per_shard=10, corrupt=corrupt)
+    cfg = DataConfig(source="webdataset", shards=[shards], image_size=16, min_image_size=16)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        list(step_loader(cfg, 0, 2, 0, 12))
+    warnings = _skip_warnings(caplog)
+    assert len(warnings) == 1 and re.match(
+        r"data: \d+ of the \d+ samples read so far cannot be used \(corrupt", warnings[0]
+    )
+    # 2 bad in 20 of the other shards, 10%: no warning for data that is only partly unusable
+    caplog.clear()
+    fine = _write_shards(tmp_path / "wds2", "b", shards=2, per_shard=10, corrupt={(0, 3), (1, 5)})
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        list(step_loader(DataConfig(**{**cfg.__dict__, "shards": [fine]}), 0, 2, 0, 12))
+    assert _skip_warnings(caplog) == []
+
+
+def test_skip_state_keeps_every_detail_and_reads_older_states():
+    counter = SkipCounter.of(
+        [("corrupt", f"b{i}", f"broken {i}") for i in range(5)]
+        + [("tiny", "t", "6x6"), ("corrupt", "b0", "")]
+    )
+    state = json.loads(json.dumps(counter.state_dict()))
+    assert state["details"] == {"corrupt": [f"broken {i}" for i in range(5)], "tiny": ["6x6"]}
+    restored = SkipCounter()
+    restored.load_state_dict(state)
+    assert restored.ids == counter.ids and restored.report() == counter.report()
+    assert [json.loads(line) for line in skipped_jsonl(state).splitlines()] == [
+        *({"id": f"b{i}", "reason": "corrupt", "detail": f"broken {i}"} for i in range(5)),
+        {"id": "t", "reason": "tiny", "detail": "6x6"},
+    ]
+    # A state saved before the details were kept has those of the first three ids (its examples) only.
+    old = {"ids": state["ids"], "times": state["times"], "examples": {"corrupt": [["b0", "broken 0"]]}}
+    restored.load_state_dict(old)
+    assert restored.ids["corrupt"] == {"b0": "broken 0", "b1": "", "b2": "", "b3": "", "b4": ""}
+    assert json.loads(skipped_jsonl(restored.state_dict()).splitlines()[1]) == {
+        "id": "b1",
+        "reason": "corrupt",
+    }
+    assert skipped_jsonl(SkipCounter().state_dict()) == ""
+
+
+def _listed(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_lists_the_skipped_samples_in_the_run_folder_exactly_across_a_resume(tmp_path, caplog):
+    root = _folder(tmp_path / "data", good=2, corrupt=6, tiny=1)
+    cfg = tiny_config(data={"source": "folder", "root": str(root)}, train={"steps": 4, "checkpoint_every": 2})
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        train(cfg, tmp_path / "a", progress=False)
+    listed = _listed(tmp_path / "a" / "skipped.jsonl")
+    assert sorted((r["id"], r["reason"]) for r in listed) == [
+        *((f"bad{i:02d}.png", "corrupt") for i in range(6)),
+        ("tiny00.png", "tiny"),
+    ]
+    assert all(r["detail"] for r in listed) and {r["detail"] for r in listed if r["reason"] == "tiny"} == {
+        "6x6 < min_image_size 8"
+    }
+    (warning,) = _skip_warnings(caplog)
+    assert f"every skipped id is listed in {tmp_path / 'a' / 'skipped.jsonl'}" in warning
+    assert "samples tried so far cannot be used (corrupt " in warning
+    report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped 7 samples")]
+    assert len(report) == 1 and report[0].endswith(
+        f"; every skipped id is listed in {tmp_path / 'a' / 'skipped.jsonl'}"
+    )
+
+    # Interrupted at the first checkpoint: the list matches that checkpoint's data state, and after the
+    # resume the uninterrupted run's, byte for byte.
+    train(cfg, tmp_path / "b", stop_at=2, progress=False)
+    position = json.loads((find_checkpoint(tmp_path / "b") / "data_state.json").read_text())
+    assert (tmp_path / "b" / "skipped.jsonl").read_text() == skipped_jsonl(position["skips"])
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert (tmp_path / "b" / "skipped.jsonl").read_bytes() == (tmp_path / "a" / "skipped.jsonl").read_bytes()
+
+    # A fresh run without skips in the same folder leaves no earlier run's list behind.
+    train(tiny_config(train={"steps": 2, "checkpoint_every": 2}), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / "skipped.jsonl").exists()
+
+
+def test_a_mostly_unusable_folder_trains_past_many_epochs(tmp_path):
+    # 1 usable sample of 16: a slot whose candidates run into the next epoch must reach it there, wherever
+    # it lies in the two epochs' orders (only 16 tries once ended before it: "no usable sample left").
+    root = _folder(tmp_path / "data", good=1, corrupt=15)
+    loader = step_loader(_cfg(root), 0, 4, 0, 30)
+    assert {i for batch in loader for i in batch["id"]} == {"good00.png"}
+    assert loader.skips.counts() == {"corrupt": 15}
+
+
+class _Forgetful(dict):
+    """A known-bad table that never learns: every candidate is opened, as without the shortcut."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+@pytest.mark.parametrize("extra", [{}, {"buckets": [[16, 16], [16, 24]]}], ids=["plain", "buckets"])
+def test_known_bad_samples_are_opened_once_and_the_batches_do_not_change(tmp_path, monkeypatch, extra):
+    root = _folder(tmp_path / "data", good=5, corrupt=6)
+    if extra:  # truncated: its header passes bucket planning, its pixels fail in the batches
+        data = (root / "good00.png").read_bytes()
+        (root / "good00.png").write_bytes(data[: len(data) // 2])
+    # Met in the batches: the corrupt files, or (planning having left those out) the truncated one.
+    bad = ["good00.png"] if extra else [f"bad{i:02d}.png" for i in range(6)]
+    opened: list[str] = []
+    open_image = transforms.open_image
+
+    def counting(value):
+        opened.append(Path(value).name)
+        return open_image(value)
+
+    monkeypatch.setattr(transforms, "open_image", counting)
+    cfg = _cfg(root, **extra)
+    loader = step_loader(cfg, 0, 4, 0, 12)  # 48 draws of 11 samples: four epochs and more
+    opened.clear()  # bucket planning reads every header once
+    with_shortcut = list(loader)
+    assert {n: opened.count(n) for n in bad} == dict.fromkeys(bad, 1)
+    assert sum(loader.skips.times.values()) > 2 * len(bad)  # met again and again, opened once
+
+    loader = step_loader(cfg, 0, 4, 0, 12)
+    loader.dataset._bad = _Forgetful()
+    opened.clear()
+    without = list(loader)
+    assert all(opened.count(n) > 1 for n in bad)
+    threaded = list(step_loader(DataConfig(**{**cfg.__dict__, "num_workers": 2}), 0, 4, 0, 12))
+    resumed = with_shortcut[:5] + list(step_loader(cfg, 0, 4, 5, 12))  # a fresh table at step 5
+    for got in (without, threaded, resumed):
+        assert [b["id"] for b in got] == [b["id"] for b in with_shortcut]
+        assert [b["caption"] for b in got] == [b["caption"] for b in with_shortcut]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(got, with_shortcut))
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+def test_each_rank_lists_the_samples_it_skipped(tmp_path):
+    from fusedit.config import save_config
+    from fusedit.train.loop import skipped_list_name
+    from test_distributed import torchrun
+
+    root = _folder(tmp_path / "data", good=2, corrupt=9)
+    cfg = tiny_config(data={"source": "folder", "root": str(root)}, train={"device": "cpu", "steps": 2})
+    save_config(cfg, tmp_path / "run.yaml")
+    run = torchrun(2, tmp_path / "run.yaml", tmp_path / "run")
+    ckpt = find_checkpoint(run)
+    for rank, state_file in enumerate(["data_state.json", "data_state.rank1.json"]):
+        # Ranks read different rows of each batch: each lists what it met, as its data state holds it.
+        position = json.loads((ckpt / state_file).read_text())
+        listed = (run / skipped_list_name(rank)).read_text()
+        assert listed and listed == skipped_jsonl(position["skips"])
+    assert (
+        skipped_list_name(1) == "skipped.rank1.jsonl"
+        and skipped_list_name(0, stage=2) == "skipped.stage2.jsonl"
+    )
