@@ -508,6 +508,41 @@ def test_describe_prints_each_stage_compute_budget(capsys):
     assert "13.785 TFLOP per image" in line  # design-space.md s.3: about 13.8 TFLOP per 512 px image
 
 
+def test_a_recipes_global_batch_is_kept_on_any_number_of_processes(tmp_path):
+    """The recipes name their global batch (train.global_batch): batch_size x grad_accum x processes must
+    make it, else training is refused at start with a per-process batch that does; null opts out."""
+    paper = resolved_stages(load_config("recipe-fusedit-paper"))
+    loop._check_global_batch(paper, 1, staged=True)  # 512 x 1 x 1
+    with pytest.raises(ConfigError) as e:
+        loop._check_global_batch(paper, 8, staged=True)
+    assert str(e.value) == (
+        "stages.0.train.global_batch=512, but stages.0.train.batch_size=512 x grad_accum=1 x 8 process(es) = "
+        "4096 (allowed: stages.0.train.batch_size=64 on 8 process(es), or stages.0.train.global_batch=null "
+        "to train at 4096)"
+    )
+    loop._check_global_batch(
+        resolved_stages(load_config("recipe-fusedit-paper", ["stages.0.train.batch_size=64"])), 8, staged=True
+    )
+    accum = ["stages.0.train.batch_size=16", "stages.0.train.grad_accum=3"]
+    with pytest.raises(ConfigError, match=r"batch_size=64 stages.0.train.grad_accum=1 on 8 process"):
+        loop._check_global_batch(resolved_stages(load_config("recipe-fusedit-paper", accum)), 8, staged=True)
+    with pytest.raises(ConfigError, match=r"allowed: a number of processes that divides 512, or"):
+        loop._check_global_batch(paper, 3, staged=True)
+    opted_out = load_config("recipe-fusedit-paper", ["stages.0.train.global_batch=null"])
+    loop._check_global_batch(resolved_stages(opted_out), 8, staged=True)
+    # Each stage of a recipe is checked with its own batch; a run without stages names train.*.
+    lidit = resolved_stages(load_config("recipe-lidit-3stage", ["stages.1.train.batch_size=64"]))
+    with pytest.raises(ConfigError, match=r"^stages.1.train.global_batch=512, but"):
+        loop._check_global_batch(lidit, 1, staged=True)
+    # train() refuses it before building anything.
+    cfg = tiny_config(train={"global_batch": 8})
+    with pytest.raises(
+        ConfigError, match=r"^train.global_batch=8, but train.batch_size=4 x grad_accum=1 x 1"
+    ):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_training_flops_count_what_each_part_needs():
     frozen = Parts.of(tiny_config().train)
     joint = Parts.of(tiny_config(train=JOINT).train)

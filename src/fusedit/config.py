@@ -282,6 +282,10 @@ class TrainConfig:
     # Micro-steps whose gradients are summed before each optimizer step (under DDP without an all-reduce
     # until the last one).
     grad_accum: int = positive(1)
+    # The global batch a recipe means (None: unchecked). When set, batch_size * grad_accum * world size must
+    # equal it, checked when training starts: a recipe's batch of 512 stays 512 on 8 GPUs (batch_size=64)
+    # instead of becoming 8 x 512.
+    global_batch: int | None = positive(None)
     # At most 1: an AdamW step moves each weight by about lr, so far above it a run only diverges, and from
     # about 1e37 Adam's step size overflows float32.
     lr: float = field(default=1e-4, metadata={"min": 0, "strict": True, "max": 1})

@@ -206,6 +206,31 @@ def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> No
             )
 
 
+def _check_global_batch(stages: list[Stage], world_size: int, staged: bool) -> None:
+    """A stage's train.global_batch (a recipe's batch) is what its batch_size x grad_accum x processes
+    make; refused at start, naming a per-process batch that makes it, rather than trained at another."""
+    for s in stages:
+        tc = s.config.train
+        if tc.global_batch is None:
+            continue
+        made = tc.batch_size * tc.grad_accum * world_size
+        if made == tc.global_batch:
+            continue
+        key = f"stages.{s.index}.train" if staged else "train"
+        per_process, rest = divmod(tc.global_batch, world_size)
+        if rest:
+            fix = f"a number of processes that divides {tc.global_batch}, "
+        elif per_process % tc.grad_accum == 0:
+            fix = f"{key}.batch_size={per_process // tc.grad_accum} on {world_size} process(es), "
+        else:
+            fix = f"{key}.batch_size={per_process} {key}.grad_accum=1 on {world_size} process(es), "
+        raise ConfigError(
+            f"{key}.global_batch={tc.global_batch}, but {key}.batch_size={tc.batch_size} x grad_accum="
+            f"{tc.grad_accum} x {world_size} process(es) = {made} (allowed: {fix}or {key}.global_batch=null "
+            f"to train at {made})"
+        )
+
+
 def skipped_list_name(rank: int, stage: int | None = None) -> str:
     """The run folder's list of the samples a rank skipped (``stage``: in a run of stages, whose data may
     differ). Ranks read different samples, so each writes its own; rank 0 keeps the plain name, as its
@@ -302,6 +327,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
                 "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
             )
     _check_stages_fit(stages, parallel, tc.shard_llm)
+    _check_global_batch(stages, env.world_size, bool(cfg.stages))
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = None
     if resume:
