@@ -15,6 +15,7 @@ without stages is one implicit stage, the config itself.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import json
@@ -792,16 +793,27 @@ def absolute_paths(cfg: Config) -> None:
 MODEL_PATH_SECTIONS = ("text", "pooled_text", "vae")
 
 
-def model_paths(cfg: Config) -> dict[str, str]:
-    """The model locations ``cfg`` sets, by dotted key (text.model_id, extra_text.0.tokenizer, ...)."""
+def _model_path_fields(cfg: Config) -> dict[str, tuple[Any, str]]:
+    """(section, field) of each model location ``cfg`` sets, by dotted key (text.model_id,
+    extra_text.0.tokenizer, ...)."""
     sections = [(name, name, getattr(cfg, name)) for name in MODEL_PATH_SECTIONS]
     sections += [(f"extra_text.{i}", "text", text) for i, text in enumerate(cfg.extra_text)]
     return {
-        f"{name}.{key}": getattr(section, key)
+        f"{name}.{key}": (section, key)
         for name, kind, section in sections
         for key in PATH_KEYS[kind]
         if getattr(section, key)
     }
+
+
+def model_paths(cfg: Config) -> dict[str, str]:
+    """The model locations ``cfg`` sets, by dotted key (text.model_id, extra_text.0.tokenizer, ...)."""
+    return {key: getattr(section, name) for key, (section, name) in _model_path_fields(cfg).items()}
+
+
+def written_as_path(value: str) -> bool:
+    """Whether a model location is written as a local path (a hub id is "org/name")."""
+    return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
 
 
 def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Config:
@@ -810,31 +822,27 @@ def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Co
     exists and is not moved is refused here, naming ``flag``, rather than by the loader's "path to nothing"
     after the slow parts have loaded. That the new place holds the same model is checked by
     checkpoint.load_model against what the checkpoint recorded."""
-    paths = model_paths(cfg)
-    data = to_dict(cfg)
+    cfg = copy.deepcopy(cfg)
+    fields = _model_path_fields(cfg)
     for key, place in moves.items():
-        if key not in paths:
+        if key not in fields:
             raise ConfigError(
                 f"{flag} {key}={place}: {key} is not a model location the saved config sets (allowed: "
-                f"{', '.join(sorted(paths)) or 'none, the model is wholly in its checkpoint'})"
+                f"{', '.join(sorted(fields)) or 'none, the model is wholly in its checkpoint'})"
             )
-        if not place or (place.startswith(("/", "./", "../", "~")) and not Path(place).expanduser().exists()):
+        place = os.path.expanduser(place)
+        if not place or (written_as_path(place) and not os.path.exists(place)):
             raise ConfigError(
-                f"{flag} {key}={place!r} is a path to nothing (allowed: the folder's new place)"
+                f"{flag} {key}={moves[key]!r} is a path to nothing (allowed: the folder's new place)"
             )
-        place = os.path.abspath(Path(place).expanduser()) if Path(place).expanduser().exists() else place
-        *where, name = key.split(".")
-        node = data
-        for part in where:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[name] = place
-    moved = config_from_dict(data)
-    for key, place in model_paths(moved).items():
+        setattr(*fields[key], place)
+    absolute_paths(cfg)
+    for key, place in model_paths(cfg).items():
         if os.path.isabs(place) and not os.path.exists(place):
             raise ConfigError(
                 f"{key}={place!r} of the saved config is a path to nothing (if it moved: {flag} {key}=NEW_PLACE)"
             )
-    return moved
+    return cfg
 
 
 def side_limits(cfg: Config) -> tuple[int, int | None]:

@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from fusedit.config import ConfigError, TextConfig
+from fusedit.config import ConfigError, TextConfig, written_as_path
 from fusedit.text.spec import SUPPORTED_LLMS
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
             config = AutoConfig.from_pretrained(cfg.model_id, local_files_only=shape_only)
         except OSError as e:
             # The preset's arch stands in for an unreachable hub id, never for a folder that is not there.
-            if shape_only and cfg.arch and not _is_path(cfg.model_id):
+            if shape_only and cfg.arch and not written_as_path(cfg.model_id):
                 config = AutoConfig.for_model(cfg.family, **cfg.arch)
                 # The arch may be a preset's, inherited past a changed model_id: say what was counted.
                 log.warning(
@@ -48,7 +48,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
                     config.hidden_size,
                 )
                 return config
-            if _is_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
+            if written_as_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
                 raise ConfigError(
                     f"text.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
                     "save_pretrained, or a hub id written org/name)"
@@ -129,11 +129,6 @@ def _from_pretrained(model_id: str, **kwargs) -> PreTrainedModel:
             (missing + mismatched)[0],
         )
     return model
-
-
-def _is_path(model_id: str) -> bool:
-    """Whether ``model_id`` is written as a local path (a hub id is "org/name")."""
-    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
 
 
 def _is_multimodal(model_id: str) -> bool:

@@ -201,8 +201,9 @@ def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
         old = json.loads((ckpt / MODELS_FILE).read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    new = model_identity(model_paths(cfg).get(key, ""), cfg.vae.subfolder if key == "vae.model_id" else "")
-    if not old or new is None:
+    place = model_paths(cfg).get(key)
+    new = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "") if old and place else None
+    if new is None:
         return None
     differ = [f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]]
     return f"{differ[0]}={new[differ[0]]!r} there, {old[differ[0]]!r} in the run" if differ else None
@@ -657,12 +658,9 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
         if key == "train.steps" or old.get(key) == new.get(key):
             continue
         section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
-        allowed = (
-            section not in MODEL_SECTIONS
-            or name in RESUMABLE_CHANGES
-            or (name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key)))
-        )
-        change = _identity_change(ckpt, cfg, key) if allowed and section in MODEL_SECTIONS else None
+        moved = name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key))
+        allowed = section not in MODEL_SECTIONS or name in RESUMABLE_CHANGES or moved
+        change = _identity_change(ckpt, cfg, key) if moved else None
         if change:
             raise ConfigError(
                 f"{key}={new.get(key)!r} holds another model than checkpoint {str(ckpt)!r} was trained with "
