@@ -133,10 +133,10 @@ def test_a_pipeline_folder_takes_no_relocation(moved_run, tmp_path, capsys):
     assert "the pipeline folder" in error(capsys)
 
 
-def test_model_paths_name_every_model_location(tmp_path):
+def test_model_paths_name_every_model_location(tmp_path, monkeypatch):
     """Every model location, an extra LLM's included, and only those the config sets; relocating one
     changes it alone."""
-    from fusedit.config import relocate
+    from fusedit.config import load_config, relocate
 
     cfg = tiny_config(
         text={"tokenizer": str(tmp_path)},
@@ -144,6 +144,11 @@ def test_model_paths_name_every_model_location(tmp_path):
         model={"design": "dit-self", "refiner_depth": 1, "refiner_heads": 4},
     )
     assert model_paths(cfg) == {"text.tokenizer": str(tmp_path), "extra_text.0.model_id": "org/llm"}
+    # A pooled CLIP's tokenizer folder is a model location too: saved absolute, relocatable.
+    (tmp_path / "clip-tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    pooled = load_config("debug-clip-mod", ["pooled_text.tokenizer=clip-tok"])
+    assert model_paths(pooled) == {"pooled_text.tokenizer": str(tmp_path / "clip-tok")}
     (tmp_path / "here").mkdir()
     moved = relocate(cfg, {"extra_text.0.model_id": str(tmp_path / "here" / ".." / "here")})
     assert model_paths(moved) == {

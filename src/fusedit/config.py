@@ -759,7 +759,7 @@ def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None 
 # Keys that may name a local file or folder (or else a hub id).
 PATH_KEYS = {
     "text": ("model_id", "tokenizer"),
-    "pooled_text": ("model_id",),
+    "pooled_text": ("model_id", "tokenizer"),
     "vae": ("model_id",),
     "data": ("root", "index_file", "hf_path", "latents_dir"),
     "train": ("init_from",),
