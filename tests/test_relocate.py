@@ -179,7 +179,8 @@ def test_a_relocation_to_another_model_is_refused(moved_run, tmp_path, capsys):
 
 def test_a_resume_refuses_another_model_in_place_of_a_moved_one(tmp_path):
     """Resuming accepts a moved LLM folder under its new path (check_same_model), but not a folder of
-    another LLM that took its place: the checkpoint's models.json tells them apart."""
+    another LLM that took its place: the checkpoint's models.json tells them apart. Resuming with the gone
+    path names the override before the model builds."""
     from fusedit.config import ConfigError
     from fusedit.train.loop import train
 
@@ -196,6 +197,13 @@ def test_a_resume_refuses_another_model_in_place_of_a_moved_one(tmp_path):
     run = tmp_path / "run"
     train(config(llm_folder(tmp_path / "llm"), 1), run, progress=False)
     (tmp_path / "llm").rename(tmp_path / "moved")
+    # The run's own config, unchanged: the gone folder is named with the override that finds it.
+    with pytest.raises(
+        ConfigError,
+        match=r"^text.model_id='.*llm' is a path to nothing \(if the folder moved, resume with the override "
+        r"text.model_id=NEW_PLACE; allowed: a folder holding the model checkpoint '.*step_00000001' was",
+    ):
+        train(config(str(tmp_path / "llm"), 2), run, resume=True, progress=False)
     other = llm_folder(tmp_path / "other", intermediate_size=96)
     with pytest.raises(
         ConfigError,

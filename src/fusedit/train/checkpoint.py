@@ -673,6 +673,13 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
                 "or start one from these weights with train.init_from)"
             )
         changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    for key, place in model_paths(cfg).items():
+        # Named here, before the model builds, with the way out: the loader would only say "path to nothing".
+        if os.path.isabs(place) and not os.path.exists(place):
+            raise ConfigError(
+                f"{key}={place!r} is a path to nothing (if the folder moved, resume with the override "
+                f"{key}=NEW_PLACE; allowed: a folder holding the model checkpoint {str(ckpt)!r} was trained with)"
+            )
     return changed
 
 
