@@ -256,6 +256,32 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     assert (out / "00000.png").is_file()
 
 
+def test_convert_takes_the_tokenizer_of_the_llm_the_checkpoint_names(tmp_path, capsys):
+    """Without --tokenizer and a pipeline's tokenizer/, a conversion reads the tokenizer of the LLM the
+    public config's base_config names; where it names none, the conversion is refused. Before, the run
+    was saved without one and sampled silently with the built-in word tokenizer (another vocabulary)."""
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
+
+    fixture = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    word_tokenizer(vocabulary()).save_pretrained(tmp_path / "llm")
+    capsys.readouterr()
+    assert main(["convert", str(fixture), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "a")]) == 2
+    assert _one_line_error(capsys) == (
+        f"fusedit: error: {str(fixture)!r} names no tokenizer (no tokenizer/ folder, and its base_config names no LLM): pass "
+        "--tokenizer (the hub id or folder of the LLM it was trained with, e.g. google/gemma-2b)"
+    )
+    named = tmp_path / "named"
+    shutil.copytree(fixture, named)
+    public = json.loads((named / "config.json").read_text())
+    public["base_config"]["_name_or_path"] = str(tmp_path / "llm")
+    (named / "config.json").write_text(json.dumps(public))
+    assert main(["convert", str(named), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "b")]) == 0
+    assert load_checkpoint_config(find_checkpoint(tmp_path / "b")).text.tokenizer == str(tmp_path / "llm")
+
+
 def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     run = _tiny_run(tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0

@@ -759,7 +759,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from fusedit.convert.fusedit_official import load_official, official_vae
+    from fusedit.convert.fusedit_official import load_official, official_tokenizer, official_vae
     from fusedit.train.checkpoint import save_checkpoint
 
     # Asked before load_official builds and loads the model, which takes minutes for the 4.6B release.
@@ -772,10 +772,17 @@ def cmd_convert(args) -> int:
             f"{args.path!r} has no VAE: pass --vae (e.g. stabilityai/stable-diffusion-3-medium-diffusers "
             "--vae-subfolder vae, the VAE FuseDiT was trained with)"
         )
+    # A run saved without one would sample with the built-in word tokenizer: the ids of another vocabulary.
+    tokenizer = args.tokenizer or official_tokenizer(args.path, args.config, args.llm or "")
+    if not tokenizer:
+        raise ConfigError(
+            f"{args.path!r} names no tokenizer (no tokenizer/ folder, and its base_config names no LLM): pass "
+            "--tokenizer (the hub id or folder of the LLM it was trained with, e.g. google/gemma-2b)"
+        )
     cfg, model = load_official(
         args.path,
         config=args.config,
-        tokenizer=args.tokenizer or "",
+        tokenizer=tokenizer,
         vae=args.vae or "",
         vae_subfolder=args.vae_subfolder or "",
         llm=args.llm or "",

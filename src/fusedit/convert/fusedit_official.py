@@ -696,6 +696,14 @@ def official_vae(path: str | Path, config: dict | str | Path | None = None) -> t
     return _locate(Path(path), config).vae
 
 
+def official_tokenizer(path: str | Path, config: dict | str | Path | None = None, llm: str = "") -> str:
+    """The tokenizer the public checkpoint at ``path`` was trained with, as far as it says: a pipeline
+    folder's ``tokenizer/``, else its LLM's (``llm``, a pipeline's ``llm/``, or the hub id its base_config
+    names); "" when it names none. Reads no weights."""
+    src = _locate(Path(path), config)
+    return src.tokenizer or llm or src.llm or (src.config.get("base_config") or {}).get("_name_or_path", "")
+
+
 def _padding_side(tokenizer: str) -> str:
     """The side the checkpoint's tokenizer pads; without one, Gemma's (left), which the public code used."""
     if not tokenizer:
