@@ -290,6 +290,9 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     index = _json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["_class_name"] == "FuseDiTPipeline" and "transformer" in index
     assert main(["export", str(run), "--out", str(tmp_path / "pipe")]) == 0  # an earlier export: written over
+    # safetensors writes its files owner-only: a run or pipeline folder a team shares is readable by all.
+    for folder in (run, tmp_path / "pipe"):
+        assert all(p.stat().st_mode & 0o444 == 0o444 for p in folder.rglob("*") if p.is_file())
     # Into the run itself (or any folder of other files): refused, the run would sample the export from then on.
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(run)]) == 2

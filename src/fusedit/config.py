@@ -816,6 +816,39 @@ def written_as_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
 
 
+# The config.json fields that make a model folder the model a run trained with: its kind and shapes. Other
+# fields (versions, dtype, _name_or_path) change when the same weights are saved again elsewhere.
+IDENTITY_FIELDS = (
+    "model_type",
+    "_class_name",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "projection_dim",
+    "latent_channels",
+    "block_out_channels",
+    "scaling_factor",
+    "shift_factor",
+)
+
+
+def model_identity(place: str, subfolder: str = "") -> dict | None:
+    """IDENTITY_FIELDS of the config.json in a local model folder (a multimodal wrapper's language model's,
+    under text_config); None for a hub id, a file, or a folder without one (a tokenizer's)."""
+    try:
+        config = json.loads((Path(place) / subfolder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return {key: config[key] for key in IDENTITY_FIELDS if key in config}
+
+
 def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Config:
     """A saved run's ``cfg`` with model folders that moved read from their new place: ``moves`` maps
     model_paths keys to the new location (a folder, or a hub id). A saved absolute path that no longer

@@ -39,6 +39,18 @@ def write_atomic(
         sync_folder(path.parent)
 
 
+def readable_by_all(path: str | os.PathLike[str]) -> None:
+    """The file ``path``, or every file in the folder ``path``, made readable by every user as the files
+    ``write_atomic`` writes are (0o644): safetensors' ``save_file`` (and so diffusers' ``save_pretrained``)
+    leaves its files readable by their owner only, and a run folder shared by a team (a cluster's
+    shared file system, docs/multi-node.md) must be readable by the teammates who sample or resume it."""
+    path = Path(path)
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        mode = file.stat().st_mode
+        if mode & 0o444 != 0o444:
+            os.chmod(file, mode | 0o444)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = False) -> None:
     """``write_atomic`` of UTF-8 text."""
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), durable)

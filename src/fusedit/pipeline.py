@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import Config, allowed_sides, side_fits
-from fusedit.files import check_output_folder
+from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
@@ -395,6 +395,7 @@ def export_run(
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial))
+    readable_by_all(partial)
     if earlier:
         shutil.rmtree(folder)
     elif folder.exists():

@@ -45,18 +45,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fusedit.config import (
+    IDENTITY_FIELDS,
     Config,
     ConfigError,
     Stage,
     flatten,
     load_config,
+    model_identity,
     model_paths,
     resolved_stages,
     save_config,
     to_dict,
 )
 from fusedit.config import relocate as relocate_paths
-from fusedit.files import sync_folder, sync_tree, write_text_atomic
+from fusedit.files import readable_by_all, sync_folder, sync_tree, write_text_atomic
 from fusedit.train import lora
 
 DCP_DIR = "dcp"
@@ -146,38 +148,7 @@ def save_checkpoint(
     return final
 
 
-# The config.json fields that make a model folder the model a run trained with: its kind and shapes. Other
-# fields (versions, dtype, _name_or_path) change when the same weights are saved again elsewhere.
-IDENTITY_FIELDS = (
-    "model_type",
-    "_class_name",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "vocab_size",
-    "projection_dim",
-    "latent_channels",
-    "block_out_channels",
-    "scaling_factor",
-    "shift_factor",
-)
 MODELS_FILE = "models.json"
-
-
-def model_identity(place: str, subfolder: str = "") -> dict | None:
-    """IDENTITY_FIELDS of the config.json in a local model folder (a multimodal wrapper's language model's,
-    under text_config); None for a hub id, a file, or a folder without one (a tokenizer's)."""
-    try:
-        config = json.loads((Path(place) / subfolder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return {key: config[key] for key in IDENTITY_FIELDS if key in config}
 
 
 def _save_config_files(cfg: Config, folder: Path) -> None:
@@ -224,6 +195,7 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``.
     Each on the disk before the next (fsync): after a crash ``latest`` never names a folder whose files
     were lost with the page cache."""
+    readable_by_all(tmp)
     sync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -869,6 +841,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = load_state(ckpt)
     meta.pop("format", None)
     (tmp / "state.json").write_text(json.dumps({**meta, "consolidated_from": str(ckpt)}, indent=1))
+    readable_by_all(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
