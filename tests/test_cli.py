@@ -302,6 +302,14 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     assert not (run / "model_index.json").exists()
     assert main(["export", str(tmp_path / "pipe"), "--out", str(tmp_path / "again")]) == 2
     assert "is a diffusers pipeline folder already (nothing to export" in _one_line_error(capsys)
+    # What a user put beside the pipeline (`fusedit eval`'s default output) outlives a new export.
+    (tmp_path / "pipe" / "eval" / "shapes").mkdir(parents=True)
+    (tmp_path / "pipe" / "eval" / "shapes" / "scores.md").write_text("| overall | 0.5 |")
+    assert main(["export", str(run), "--out", str(tmp_path / "pipe"), "--device", "auto", "--quiet"]) == 0
+    assert (tmp_path / "pipe" / "eval" / "shapes" / "scores.md").read_text() == "| overall | 0.5 |"
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not allowed (allowed: auto, cpu, cuda" in _one_line_error(capsys)
     # A release of the public FuseDiT code names a FuseDiTPipeline too: never taken for an earlier export.
     public = tmp_path / "release"
     public.mkdir()

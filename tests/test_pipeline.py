@@ -306,7 +306,11 @@ def test_what_is_not_a_fusedit_pipeline_fails_in_one_line(tmp_path):
         ),
         ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 is not allowed"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 is not allowed (allowed: a positive whole"),
-        ({"guidance_scale": float("nan")}, "guidance_scale=nan is not allowed (allowed: a finite number)"),
+        (
+            {"guidance_scale": float("nan")},
+            "guidance_scale=nan is not allowed (allowed: a finite number >= 0)",
+        ),
+        ({"guidance_scale": -2.0}, "guidance_scale=-2.0 is not allowed (allowed: a finite number >= 0)"),
         ({"generator": [torch.Generator()]}, "got 1 generators for 2 images (allowed: one torch.Generator"),
         ({"generator": [torch.Generator()] * 3}, "got 3 generators for 2 images"),
         ({"prompt": None}, "prompt=None is not allowed (allowed: a string or a list of strings)"),

@@ -78,6 +78,35 @@ def test_every_kind_of_model_folder_samples(folders, tmp_path, kind):
         "converted": next((folders["converted"] / "checkpoints").glob("step_*")),
     }
     assert meta["model"] == str(expected.get(kind, folders[kind]))
+    assert meta["use_ema"] is True
+
+
+def test_the_metadata_says_which_weights_were_sampled(folders, tmp_path):
+    """--no-ema and an export of the raw weights are recorded as such (before, the flag was written, and a
+    pipeline exported with --no-ema claimed its EMA)."""
+    assert sample(folders["run"], tmp_path / "raw", "--prompt", "x", "--steps", "1", "--no-ema") == 0
+    assert metadata(tmp_path / "raw", 0)["use_ema"] is False
+    assert main(["export", str(folders["run"]), "--out", str(tmp_path / "pipe"), "--no-ema", "--quiet"]) == 0
+    assert sample(tmp_path / "pipe", tmp_path / "piped", "--prompt", "x", "--steps", "1") == 0
+    assert metadata(tmp_path / "piped", 0)["use_ema"] is False
+    assert np.array_equal(pixels(tmp_path / "raw" / "00000.png"), pixels(tmp_path / "piped" / "00000.png"))
+
+
+@pytest.mark.parametrize("lost", ["ema.safetensors", "llm.safetensors", "denoiser.safetensors"])
+def test_a_checkpoint_that_lost_a_weight_file_is_refused(folders, tmp_path, capsys, lost):
+    """A partial copy of a checkpoint is refused by name; before, a lost LLM file sampled a random-init
+    LLM, a lost EMA the raw weights, a lost denoiser (with --no-ema) a random DiT, each with exit status 0."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["checkpoint"], copy)
+    (copy / lost).unlink()
+    capsys.readouterr()
+    assert sample(copy, tmp_path / "out", "--prompt", "x", "--steps", "1") == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: checkpoint {str(copy)!r} lacks {lost}, which it was saved with (a partial copy? "
+        "copy the whole checkpoint folder again)\n"
+    )
 
 
 def test_a_pipeline_folder_gives_the_images_of_its_run(folders, tmp_path):
@@ -211,6 +240,22 @@ def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog
     assert f"removed 7 files of an earlier sample in {out}" in caplog.text
 
 
+def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(folders, tmp_path, monkeypatch):
+    """The earlier images go once the first new one is ready: a failed or interrupted sample (a bad
+    model, Ctrl+C during the first batch) leaves them whole. Before, they were removed up front."""
+    out = tmp_path / "out"
+    assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--steps", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fusedit.sample.generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample(folders["run"], out, "--prompt", "c", "--steps", "1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, monkeypatch, capsys):
     from transformers.utils import logging as hf_logging
 
@@ -221,6 +266,49 @@ def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, mo
     assert hf_logging.is_progress_bar_enabled()
     sample(folders["run"], tmp_path, "--prompt", "a")
     assert seen == [False] and hf_logging.is_progress_bar_enabled()
+
+
+def test_quiet_hushes_diffusers_bars_too(folders, tmp_path, monkeypatch):
+    """A pipeline folder loads through diffusers, whose "Loading pipeline components" bar has a switch
+    of its own."""
+    from diffusers.utils import logging as diffusers_logging
+
+    seen = []
+    monkeypatch.setattr(
+        "fusedit.cli.cmd_sample", lambda args: seen.append(diffusers_logging.is_progress_bar_enabled())
+    )
+    sample(folders["pipeline"], tmp_path, "--prompt", "a")
+    assert seen == [False] and diffusers_logging.is_progress_bar_enabled()
+
+
+def test_prompts_come_from_a_pipe(folders, tmp_path):
+    """`--prompts-file <(...)`: a named pipe is not a regular file, but it is read all the same."""
+    import os
+    import threading
+
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    # A daemon: were the pipe never opened for reading, the blocked writer would not hold pytest open.
+    writer = threading.Thread(target=lambda: fifo.write_text("a red circle\na blue square\n"), daemon=True)
+    writer.start()
+    assert sample(folders["run"], tmp_path / "out", "--prompts-file", str(fifo), "--steps", "1") == 0
+    writer.join(timeout=10)
+    assert [metadata(tmp_path / "out", i)["prompt"] for i in range(2)] == ["a red circle", "a blue square"]
+
+
+def test_a_damaged_weight_file_is_named_in_one_line(folders, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["checkpoint"], copy)
+    (copy / "ema.safetensors").write_bytes(b"\xff" * 64)
+    capsys.readouterr()
+    assert sample(copy, tmp_path / "out", "--prompt", "x", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"fusedit: error: {str(copy / 'ema.safetensors')!r} is not a readable safetensors file ("
+    )
+    assert err.endswith("; a damaged copy? copy the checkpoint again)\n") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -237,6 +325,7 @@ def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, mo
         (["--shift", "0"], "--shift 0.0 is not allowed (allowed: a finite number > 0; 1 = no shift)"),
         (["--shift", "inf"], "--shift inf is not allowed"),
         (["--prompts-file", "missing.txt"], "--prompts-file 'missing.txt' does not exist"),
+        (["--prompts-file", "."], "--prompts-file '.' is a folder (allowed: a UTF-8 text file, one prompt"),
     ],
 )
 def test_bad_arguments_fail_with_one_line(folders, tmp_path, capsys, args, message):
@@ -328,3 +417,15 @@ def test_a_size_past_the_ape_table_fails_before_the_model_loads(folders, tmp_pat
     err = capsys.readouterr().err.strip()
     assert f"--size {largest + unit} is not allowed (allowed: a positive multiple of {unit}" in err
     assert f"up to {largest} (the APE table's model.ape_max_size)" in err and "\n" not in err
+
+
+def test_an_export_of_a_public_pipeline_points_to_convert(folders, tmp_path, capsys):
+    """Before, it said "load it with FuseDiTPipeline.from_pretrained or `fusedit sample`", both of which
+    refuse a public pipeline."""
+    capsys.readouterr()
+    assert main(["export", str(folders["public"]), "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: {str(folders['public'])!r} is a pipeline folder fusedit did not write (nothing to "
+        f"export; one of the public FuseDiT code is imported with `fusedit convert {folders['public']} --out "
+        "DIR`, see docs/run-released-fusedit.md)\n"
+    )

@@ -311,6 +311,10 @@ def test_no_seed_draws_one_and_reports_it(server):
             {"prompt": "x", "size": "8x8x8"},
             "size='8x8x8' is not allowed (allowed: one side in pixels, or WIDTHx",
         ),
+        (
+            {"prompt": "x", "size": "8*8"},
+            "size='8*8' is not allowed (allowed: one side in pixels, or WIDTHxHEIGHT such as 16x16)",
+        ),
         ({"prompt": "x", "sampler": "ddim"}, "sampler='ddim' is not allowed (allowed: euler, heun)"),
         ({"prompt": "x", "schedule": 3}, "schedule=3 is not allowed (allowed: uniform, diffusers)"),
         ({"prompt": "x", "shift": 0}, "shift=0 is not allowed (allowed: a number from 0.01 to 20)"),

@@ -106,8 +106,13 @@ def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
+        # Not is_file(): a pipe (`--prompts-file <(...)`, /dev/stdin) is read as well.
+        if not path.exists():
             raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(
+                f"--prompts-file {str(path)!r} is a folder (allowed: a UTF-8 text file, one prompt per line)"
+            )
         # UTF-8 whatever the locale (a prompt file is shared between machines), and "-sig" so that the
         # byte-order mark Windows Notepad writes first does not become part of the first prompt.
         try:
@@ -220,7 +225,8 @@ def _relocations(args) -> dict[str, str]:
 
 def _remove_earlier_samples(out: Path) -> None:
     """An --out folder reused for fewer prompts would keep the earlier sample's higher-numbered images
-    next to the new ones; only the files `fusedit sample` writes are removed."""
+    next to the new ones; only the files `fusedit sample` writes are removed. Called once the first new
+    image is ready: a sample that fails or is stopped before it leaves the earlier one whole."""
     earlier = [p for p in out.iterdir() if re.fullmatch(r"\d{5}\.(png|json)|grid\.png", p.name)]
     for path in earlier:
         path.unlink()
@@ -334,7 +340,6 @@ def cmd_sample(args) -> int:
     # Checked again against the model as loaded: the early check needs a config readable without it.
     _check_size(size, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_earlier_samples(out)
     images = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
@@ -345,6 +350,8 @@ def cmd_sample(args) -> int:
         seeds = [args.seed + len(images) + j for j in range(len(batch))]
         noise = seeded_noise(seeds, latent_shape(model, size))
         x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
+        if not images:
+            _remove_earlier_samples(out)
         for img, prompt, seed in zip(to_uint8(x), batch, seeds):
             name = f"{len(images):05d}"
             save_png(Image.fromarray(img), out / f"{name}.png")
@@ -362,7 +369,7 @@ def cmd_sample(args) -> int:
                 "schedule": settings["schedule"],
                 "precision": precision_name(settings["precision"], device),
                 "cache_text": settings["cache_text"],
-                "use_ema": not args.no_ema,
+                "use_ema": cfg.sample.use_ema,
                 "model": str(source),
             }
             write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
@@ -834,12 +841,13 @@ def cmd_study(args) -> int:
 
 def cmd_export(args) -> int:
     from fusedit.pipeline import export_run
+    from fusedit.system import resolve_device
 
     out = export_run(
         args.model,
         _out_folder(args.out),
         use_ema=not args.no_ema,
-        device=args.device,
+        device=resolve_device(args.device, "--device"),
         relocate=_relocations(args),
     )
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
@@ -1043,7 +1051,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     relocate_flag(sp)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model loads to be written: auto, cpu, cuda, ... (default cpu)",
+    )
+    sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser(
@@ -1155,20 +1168,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _library_bars(enabled: bool):
-    """--quiet also hushes transformers' own bars ("Loading weights"); the setting is process-wide, so it
-    is restored afterwards for a caller of main() that goes on."""
+    """--quiet also hushes transformers' and diffusers' own bars ("Loading weights", "Loading pipeline
+    components"); the settings are process-wide, so they are restored afterwards for a caller of main()
+    that goes on."""
     if enabled:
         yield
         return
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    libraries = [hf_logging]
+    try:  # an optional dependency (the GPU image has none)
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        pass
+    else:
+        libraries.append(diffusers_logging)
+    were = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
     try:
         yield
     finally:
-        if was:
-            hf_logging.enable_progress_bar()
+        for library, was in zip(libraries, were):
+            if was:
+                library.enable_progress_bar()
 
 
 @contextlib.contextmanager

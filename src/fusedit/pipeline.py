@@ -302,8 +302,10 @@ class FuseDiTPipeline(DiffusionPipeline):
             isinstance(guidance, bool)
             or not isinstance(guidance, numbers.Real)
             or not math.isfinite(guidance)
+            or guidance < 0
         ):
-            raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number)")
+            # As sample.guidance and `fusedit sample --guidance`: 0 and 1 turn CFG off, less is no setting.
+            raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number >= 0)")
         height, width = (
             cfg.data.image_size if size is None else _side(name, size, cfg)
             for name, size in (("height", height), ("width", width))
@@ -382,10 +384,15 @@ def export_run(
     as it was (and a partial ``.NAME.partial`` that the next export replaces). ``relocate``: model folders
     that moved since the run saved their paths (checkpoint.load_model)."""
     source = Path(run_or_checkpoint)
-    if (source / "model_index.json").is_file():
+    if _exported(source):
         raise ValueError(
             f"{str(source)!r} is a diffusers pipeline folder already (nothing to export; load it with "
             "FuseDiTPipeline.from_pretrained or `fusedit sample`)"
+        )
+    if (source / "model_index.json").is_file():
+        raise ValueError(
+            f"{str(source)!r} is a pipeline folder fusedit did not write (nothing to export; one of the public "
+            f"FuseDiT code is imported with `fusedit convert {source} --out DIR`, see docs/run-released-fusedit.md)"
         )
     folder = Path(folder)
     earlier = _exported(folder)
@@ -397,11 +404,22 @@ def export_run(
     pipe.save_pretrained(str(partial))
     readable_by_all(partial)
     if earlier:
+        # What is not the pipeline's (`fusedit eval`'s results in eval/, a model card) stays with it.
+        for entry in folder.iterdir():
+            if not (partial / entry.name).exists() and entry.name not in _pipeline_entries(folder):
+                os.replace(entry, partial / entry.name)
         shutil.rmtree(folder)
     elif folder.exists():
         folder.rmdir()  # empty, as checked
     os.replace(partial, folder)
     return folder
+
+
+def _pipeline_entries(folder: Path) -> set[str]:
+    """The files and folders of the pipeline saved in ``folder``: model_index.json and a folder per
+    component it lists."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {"model_index.json", *(key for key in index if not key.startswith("_"))}
 
 
 def _exported(folder: Path) -> bool:

@@ -302,7 +302,8 @@ class JobQueue:
         """(height, width): "size" sets both (one number, or "WIDTHxHEIGHT"), "width"/"height" one."""
         default = self.defaults["image_size"]
         size = body.get("size")
-        if isinstance(size, str) and "x" in size.lower():
+        # A text that is not one whole number is read as WIDTHxHEIGHT, so a slip ("64*32") names that form.
+        if isinstance(size, str) and not _blank(size) and not re.fullmatch(r"\s*[+-]?\d+\s*", size):
             m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
             if m is None:
                 raise RequestError(

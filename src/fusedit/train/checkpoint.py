@@ -32,16 +32,18 @@ Both formats resume either way (``load_training_state``); ``load_model`` samples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fusedit.config import (
@@ -143,9 +145,31 @@ def save_checkpoint(
     _save_config_files(cfg, tmp)
     for name, content in (files or {}).items():
         (tmp / name).write_text(content)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    state = {"step": step, **(extra or {}), WEIGHT_FILES: _weight_files(tmp)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _publish(root, tmp, final, keep)
     return final
+
+
+# state.json's list of the weight files a plain checkpoint was written with: a copy that lost one (cut
+# short, or pruned by hand) is refused by name when it loads, rather than sampled with random weights.
+WEIGHT_FILES = "weight_files"
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(f.name for f in folder.glob("*.safetensors"))
+
+
+def _check_weight_files(ckpt: Path) -> None:
+    """Every weight file state.json lists is there (checkpoints written before the list: the denoiser's,
+    which every plain checkpoint has)."""
+    listed = load_state(ckpt).get(WEIGHT_FILES, [f"{DENOISER}.safetensors"])
+    missing = [name for name in listed if not (ckpt / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {str(ckpt)!r} lacks {missing[0]}, which it was saved with (a partial copy? copy "
+            "the whole checkpoint folder again)"
+        )
 
 
 MODELS_FILE = "models.json"
@@ -397,7 +421,22 @@ def load_checkpoint_config(ckpt: Path) -> Config:
 
 def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     f = ckpt / f"{name}.safetensors"
-    return load_file(f) if f.is_file() else None
+    if not f.is_file():
+        return None
+    with _readable(f):
+        return load_file(f)
+
+
+@contextlib.contextmanager
+def _readable(f: Path):
+    """A damaged weight file (cut short, overwritten) named in one line, not safetensors' bare "header too
+    large" traceback."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(
+            f"{str(f)!r} is not a readable safetensors file ({e}; a damaged copy? copy the checkpoint again)"
+        ) from None
 
 
 def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -416,7 +455,7 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
             out.setdefault(_file_stem(section), {})[name] = tuple(meta.size)
         return out
     for f in ckpt.glob("*.safetensors"):
-        with safe_open(f, framework="pt") as tensors:
+        with _readable(f), safe_open(f, framework="pt") as tensors:
             names = tensors.keys()  # a safe_open handle is not iterable itself
             out[f.stem] = {k: tuple(tensors.get_slice(k).get_shape()) for k in names}
     return out
@@ -479,7 +518,8 @@ def load_model(
     nothing is refused before anything loads, naming the key to relocate.
 
     Returns (model, config, checkpoint folder). The config is the one the checkpoint's stage trained under
-    (the stage's image size and sampling settings; for a run without stages, the run's config).
+    (the stage's image size and sampling settings; for a run without stages, the run's config), its
+    sample.use_ema saying whether the EMA was loaded.
     """
     from fusedit.system import build_model
 
@@ -490,16 +530,17 @@ def load_model(
         _check_relocated(ckpt, cfg, relocate)
     stage = checkpoint_stage(ckpt, cfg)
     model = build_model(stage.config, device)
-    load_weights(model, ckpt, stage, use_ema)
-    return model.eval(), stage.config, ckpt
+    ema = load_weights(model, ckpt, stage, use_ema)
+    # sample.use_ema says which weights this model holds (a sample's metadata, an export's record).
+    return model.eval(), replace(stage.config, sample=replace(stage.config.sample, use_ema=ema)), ckpt
 
 
-def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> None:
+def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     """Load a checkpoint written in ``stage`` into a freshly built ``model``: the denoiser's EMA (or raw
     weights and adapters), each saved LLM and its adapters; then merge every adapter, leaving a model
-    without adapters whose requires_grad flags are as ``build_model`` sets them."""
-    from dataclasses import replace
-
+    without adapters whose requires_grad flags are as ``build_model`` sets them. Returns whether the EMA
+    was loaded: ``use_ema`` asks for it, and a checkpoint without one (`fusedit convert`'s) has the raw
+    weights only."""
     from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
 
     dcp_format = is_distributed_checkpoint(ckpt)
@@ -510,6 +551,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> None:
     if dcp_format:
         _load_dcp_weights(ckpt, model, ema)
     else:
+        _check_weight_files(ckpt)
         if ema:
             model.denoiser.load_state_dict(load_tensors(ckpt, "ema"))
         else:
@@ -525,6 +567,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> None:
     model.denoiser.requires_grad_(True)
     for module in text_modules(model).values():
         module.requires_grad_(False)
+    return ema
 
 
 def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
@@ -840,7 +883,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)
     meta.pop("format", None)
-    (tmp / "state.json").write_text(json.dumps({**meta, "consolidated_from": str(ckpt)}, indent=1))
+    meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: _weight_files(tmp)}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
     if out.exists():
         shutil.rmtree(out)
