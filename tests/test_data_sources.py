@@ -149,6 +149,52 @@ def test_index_with_the_documented_file_column_loads_as_jsonl_and_csv(tmp_path):
         assert loader.skips.counts() == {}
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        # an export's list of rows: pretty-printed, one object per line with a comma after, or on one line
+        (
+            '[\n  {"file": "a/cat.png", "caption": "a cat"},\n'
+            '  {"file": "a/dog.jpg", "caption": "a dog"}\n]\n',
+            "array",
+        ),
+        ('[{"file": "a/cat.png", "caption": "a cat"}]\n', "array"),
+        ('{\n  "file": "a/cat.png",\n  "caption": "a cat"\n}\n', "object"),
+    ],
+    ids=["array-per-line", "array-one-line", "object"],
+)
+def test_an_index_that_is_one_json_document_is_refused_as_not_json_lines(tmp_path, text, kind):
+    root = tmp_path / "data"
+    _write_good(root, sidecars=False)
+    (root / "index.json").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        _run(_cfg(source="folder", index_file=str(root / "index.json")), steps=1)
+    assert str(error.value) == (
+        f"data.index_file={str(root / 'index.json')!r} holds one JSON {kind}, not JSON Lines (one JSON "
+        "object per line; allowed: .jsonl, .json, .ndjson with one JSON object per line, or .csv, .tsv with "
+        "a header row)"
+    )
+
+
+def test_an_index_of_unusable_rows_or_another_suffix_is_a_one_line_error(tmp_path):
+    root = tmp_path / "data"
+    _write_good(root, sidecars=False)
+    (root / "index.jsonl").write_text("not json\n" + json.dumps({"file": "", "caption": "no path"}) + "\n")
+    with pytest.raises(ConfigError) as error:
+        _run(_cfg(source="folder", index_file=str(root / "index.jsonl")), steps=1)
+    assert str(error.value) == (
+        f"data.index_file={str(root / 'index.jsonl')!r} lists no images (2 unusable rows, e.g. "
+        "index.jsonl:1: not a JSON object)"
+    )
+    (root / "index.txt").write_text("a/cat.png\n")
+    with pytest.raises(ConfigError) as error:
+        _run(_cfg(source="folder", index_file=str(root / "index.txt")), steps=1)
+    assert str(error.value) == (
+        f"data.index_file={str(root / 'index.txt')!r} ends in '.txt' (allowed: .jsonl, .json, .ndjson with "
+        "one JSON object per line, or .csv, .tsv with a header row)"
+    )
+
+
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Excel ("CSV UTF-8") and Windows Notepad write first
 
 
@@ -353,6 +399,29 @@ def test_buckets_give_one_shape_per_batch(folder):
     assert parse_buckets(buckets) == ((16, 16), (16, 24), (24, 16))
     with pytest.raises(ConfigError, match=r"data.buckets entry \[16, 0\]"):
         parse_buckets([[16, 0]])
+
+
+def test_scan_and_bucket_planning_show_progress_on_rank_0_and_log_the_epoch_size(folder, capsys, caplog):
+    buckets = _cfg(source="folder", root=str(folder), buckets=[[16, 16], [16, 24], [24, 16]])
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        step_loader(buckets, 0, 2, 0, 1, progress=True)
+        bars = capsys.readouterr().err
+        assert "scan images" in bars and "bucket images" in bars
+        step_loader(buckets, 0, 2, 0, 1, progress=True, rank=1, world_size=2)  # rank 0 speaks for all
+        assert "images" not in capsys.readouterr().err
+        step_loader(buckets, 0, 2, 0, 1)
+        assert "images" not in capsys.readouterr().err
+        step_loader(_cfg(source="folder", root=str(folder)), 0, 2, 0, 1)
+    epochs = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("data: ") and "samples" in r.getMessage()
+    ]
+    assert epochs == [
+        f"data: 8 usable samples of 11 in {str(folder)!r} (3 buckets)",
+        f"data: 8 usable samples of 11 in {str(folder)!r} (3 buckets)",
+        f"data: 11 samples in {str(folder)!r}",
+    ]
 
 
 def test_transform_resize_crop_and_random_crop_determinism():
@@ -653,9 +722,25 @@ def test_hf_parquet_map_style(parquet):
 
 
 def test_hf_stream_without_usable_samples_is_a_config_error(parquet):
-    cfg = _cfg(source="hf", hf_path=str(parquet), caption_fields=["title"], hf_streaming=True)
+    # Every image smaller than min_image_size (and one corrupt): the stream ends in an error, not a loop.
+    cfg = _cfg(
+        source="hf", hf_path=str(parquet), caption_fields=["text"], hf_streaming=True, min_image_size=99
+    )
     with pytest.raises(ConfigError, match=r"^no usable sample left to fill a batch; skipped 9 samples"):
         _run(cfg, steps=1, batch_size=2)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "stream"])
+def test_hf_caption_fields_naming_no_column_is_an_error_listing_the_columns(parquet, streaming):
+    cfg = _cfg(
+        source="hf", hf_path=str(parquet), caption_fields=["title", "json.caption"], hf_streaming=streaming
+    )
+    with pytest.raises(ConfigError) as error:
+        _run(cfg, steps=1, batch_size=2)
+    assert str(error.value) == (
+        f"data.caption_fields=['title', 'json.caption'] names no column of {str(parquet)!r} (columns: image, "
+        "text, id)"
+    )
 
 
 def test_hf_streaming_ranks_and_exact_restore(parquet):

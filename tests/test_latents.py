@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -238,3 +239,134 @@ def test_a_folder_of_other_files_or_a_cache_too_big_for_the_disk_is_refused_befo
     (tmp_path / "other" / "meta.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"already holds other files \(e.g. 'meta.json'\)"):
         cache_latents(_data(folder), VAEConfig(), tmp_path / "other", 2, 3, "cpu", progress=False)
+
+
+def test_a_rerun_refuses_files_changed_inside_a_shard_naming_them(tmp_path, folder):
+    data, out = _data(folder), tmp_path / "cache"
+    # 9 files in shards of 3: img0 img1 img2 | img3 img3b img4 | img5 img5b img6
+    cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    # One file removed, another added in the same shard: the same count, first and last file.
+    (folder / "img0b.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "img0b.txt").write_text("added")
+    (folder / "img1.png").unlink()
+    with pytest.raises(ConfigError) as error:
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert str(error.value) == (
+        f"{str(out)!r}: the dataset changed since shard 0 (positions 0..2) was cached: 'img1.png' is gone "
+        "and 'img0b.png' is new; use another folder (allowed: only samples added after the last cached one)"
+    )
+    (folder / "img1.png").write_bytes((folder / "img0b.png").read_bytes())
+    (folder / "img0b.png").unlink()
+    (folder / "img6.png").unlink()  # the last file, so the last shard's positions run past the end
+    with pytest.raises(
+        ConfigError, match=r"since shard 2 \(positions 6..8\) was cached: 'img6.png' is gone;"
+    ):
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+
+
+def test_a_rerun_refuses_an_index_whose_rows_changed_order(tmp_path, folder):
+    index = tmp_path / "index.jsonl"
+    rows = [{"file": f"img{i}.png", "caption": f"c{i}"} for i in range(3)]
+    index.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, out = _data(folder, index_file=str(index), caption_fields=["caption"]), tmp_path / "cache"
+    cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    index.write_text("".join(json.dumps(r) + "\n" for r in [rows[1], rows[0], rows[2]]))
+    with pytest.raises(ConfigError, match=r"was cached: 'img0.png', at position 0 then, is now at 1; use"):
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+
+
+def test_latent_shards_are_readable_by_everyone(tmp_path, folder):
+    out = tmp_path / "cache"
+    cache_latents(_data(folder), VAEConfig(), out, 2, 4, "cpu", progress=False)
+    shards = sorted(out.glob("latents-*.safetensors"))
+    assert shards and all(p.stat().st_mode & 0o444 == 0o444 for p in shards)
+
+
+def _vae(place, **kw) -> VAEConfig:
+    return VAEConfig(kind="diffusers", model_id=str(place), latent_channels=4, downsample=2, **kw)
+
+
+def test_a_moved_vae_folder_is_the_same_vae_and_another_at_the_same_path_is_refused(tmp_path, folder, caplog):
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    data, out = _data(folder), tmp_path / "cache"
+    cache_latents(data, _vae(tmp_path / "vae"), out, 4, 5, "cpu", progress=False)
+    latents = _data(folder, source="latents", latents_dir=str(out))
+    (tmp_path / "vae").rename(tmp_path / "moved")
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        check_latents(latents, _vae(tmp_path / "moved"))
+    assert any("holds the same kind and shapes" in r.getMessage() for r in caplog.records)
+    # A rerun of cache-latents with the moved VAE finds the cache finished.
+    assert cache_latents(data, _vae(tmp_path / "moved"), out, 4, 5, "cpu", progress=False)["samples"] == 7
+
+    # Another VAE of the same vae.* settings (4 channels, 2x) in the folder the cache names.
+    tiny_vae(scaling_factor=0.5).save_pretrained(tmp_path / "moved")
+    message = (
+        "a VAE whose config.json has scaling_factor=0.18215, but vae.model_id="
+        f"{str(tmp_path / 'moved')!r} holds another, whose config.json has scaling_factor=0.5"
+    )
+    with pytest.raises(ConfigError) as error:
+        check_latents(latents, _vae(tmp_path / "moved"))
+    assert str(error.value) == f"data.latents_dir={str(out)!r} was encoded with {message}"
+    with pytest.raises(
+        ConfigError, match=re.escape(f"holds latents made with {message}: use another folder")
+    ):
+        cache_latents(data, _vae(tmp_path / "moved"), out, 4, 5, "cpu", progress=False)
+
+    # A cache written before the VAE's identity was recorded compares vae.model_id as written.
+    index = json.loads((out / "index.json").read_text())
+    del index["meta"]["vae_identity"]
+    (out / "index.json").write_text(json.dumps(index))
+    check_latents(latents, _vae(tmp_path / "moved"))
+    with pytest.raises(ConfigError, match=r"was encoded with vae.model_id='.*moved', but the config has vae"):
+        check_latents(latents, _vae(tmp_path / "vae2"))
+
+
+def test_a_hub_vae_cache_accepts_the_downloaded_folder_of_that_vae(tmp_path, folder, monkeypatch):
+    import huggingface_hub.constants
+
+    import fusedit.vae
+
+    # A Hugging Face cache that the VAE's first load fills, as a download would.
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    tiny_vae().save_pretrained(tmp_path / "download")
+    load = fusedit.vae.load_autoencoder
+
+    def download_and_load(cfg, device):
+        repo = hub / "models--org--tiny-vae"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("abc")
+        (repo / "snapshots" / "abc").mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / "abc" / "config.json").write_bytes(
+            (tmp_path / "download/config.json").read_bytes()
+        )
+        return load(_vae(tmp_path / "download"), device)
+
+    monkeypatch.setattr(fusedit.vae, "load_autoencoder", download_and_load)
+    data, out = _data(folder), tmp_path / "cache"
+    cache_latents(data, _vae("org/tiny-vae"), out, 4, 5, "cpu", progress=False)
+    latents = _data(folder, source="latents", latents_dir=str(out))
+    check_latents(latents, _vae("org/tiny-vae"))
+    check_latents(latents, _vae(tmp_path / "download"))
+    tiny_vae(block_out_channels=(8, 16)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"config.json has block_out_channels=\[8, 8\], but vae.model_id="):
+        check_latents(latents, _vae(tmp_path / "other"))
+
+
+def test_training_on_latents_warns_that_data_crop_has_no_effect(tmp_path, folder, caplog):
+    out = tmp_path / "cache"
+    cache_latents(_data(folder), VAEConfig(), out, 2, 4, "cpu", progress=False)
+    for crop, warned in (("random", True), ("center", False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fusedit"):
+            step_loader(_data(folder, source="latents", latents_dir=str(out), crop=crop), 0, 2, 0, 1)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == (
+            [
+                f"data.crop='random' has no effect with data.source=latents: the images in {str(out)!r} were "
+                "cropped when they were cached (with data.crop='center')"
+            ]
+            if warned
+            else []
+        )
+        assert f"data: 7 samples in {str(out)!r}" in [r.getMessage() for r in caplog.records]

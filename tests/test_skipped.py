@@ -265,3 +265,26 @@ def test_each_rank_lists_the_samples_it_skipped(tmp_path):
         skipped_list_name(1) == "skipped.rank1.jsonl"
         and skipped_list_name(0, stage=2) == "skipped.stage2.jsonl"
     )
+
+
+def test_a_malformed_json_caption_sidecar_is_named_in_its_skip(tmp_path):
+    root = _folder(tmp_path / "data", good=4, corrupt=0)
+    _noise(32, 32, 18).save(root / "0018.png")
+    (root / "0018.json").write_text('{"caption": ')
+    # Beside a .txt caption the broken sidecar costs nothing: the caption comes from the .txt.
+    _noise(32, 32, 19).save(root / "0019.png")
+    (root / "0019.json").write_text('{"caption": ')
+    (root / "0019.txt").write_text("a txt caption")
+    for extra in ({}, {"buckets": [[16, 16], [16, 24]]}):
+        loader = step_loader(_cfg(root, caption_fields=["txt", "json.caption"], **extra), 0, 4, 0, 3)
+        captions = {c for batch in loader for c in batch["caption"]}
+        assert "a txt caption" in captions
+        assert loader.skips.ids == {
+            "no-caption": {
+                "0018.png": "0018.json is not valid JSON (Expecting value: line 1 column 13 (char 12))"
+            }
+        }
+    # A run that does not read .json sidecars says what it does read.
+    loader = step_loader(_cfg(root, caption_fields=["txt"]), 0, 4, 0, 3)
+    list(loader)
+    assert loader.skips.ids == {"no-caption": {"0018.png": "none of the fields ['txt'] holds text"}}

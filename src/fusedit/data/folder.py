@@ -7,11 +7,13 @@ Two layouts:
   Captions come from ``<stem>.txt`` (field ``txt``) and/or ``<stem>.json`` (field ``json``, so a caption
   field ``json.caption`` reads its "caption" key) next to the image; the extension may be in any case
   (``a.TXT``). Directory symlinks are followed, but no folder is listed twice (a link loop adds nothing).
-* **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line) or ``.csv`` file with one row
-  per image, in file order. ``data.image_field`` names the path column (default: the first of ``path``,
-  ``file_name``, ``image``, ``filepath``, ``file`` that the file has); relative paths are resolved against
-  ``data.root`` or, without it, the index file's folder. Captions come from the row's columns. Rows with
-  integer ``width`` and ``height`` columns let aspect-ratio bucketing skip reading image headers.
+* **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line; ``.json`` and ``.ndjson`` are
+  read alike, and a JSON array or an object over many lines is refused) or ``.csv`` (``.tsv``:
+  tab-separated) file with one row per image, in file order. ``data.image_field`` names the path column
+  (default: the first of ``path``, ``file_name``, ``image``, ``filepath``, ``file`` that the file has);
+  relative paths are resolved against ``data.root`` or, without it, the index file's folder. Captions come
+  from the row's columns. Rows with integer ``width`` and ``height`` columns let aspect-ratio bucketing
+  skip reading image headers.
 
 Index files and sidecars are UTF-8, with or without a byte-order mark.
 
@@ -29,13 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.data.transforms import IMAGE_EXTS
+from fusedit.data.transforms import IMAGE_EXTS, SkipSample, caption_candidates
 
 # Tried in this order when data.image_field is unset; "file" is last so that an index that also has one of
 # the others keeps the column it was read by before "file" was accepted.
 _PATH_COLUMNS = ("path", "file_name", "image", "filepath", "file")
+
+# Index file suffixes (lower case): JSON Lines, and comma- or tab-separated values with a header row.
+_JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_TABLE_SUFFIXES = (".csv", ".tsv")
+_ALLOWED_INDEX = (
+    f"{', '.join(_JSON_LINES_SUFFIXES)} with one JSON object per line, or {', '.join(_TABLE_SUFFIXES)} "
+    "with a header row"
+)
 
 # Caption sidecar extensions (lower case), each the name of the caption field it fills.
 _SIDECAR_KINDS = ("txt", "json")
@@ -45,12 +56,12 @@ _SIDECAR_KINDS = ("txt", "json")
 _TEXT_ENCODING = "utf-8-sig"
 
 
-def scan_images(root: Path) -> list[str]:
+def scan_images(root: Path, progress: bool = False) -> list[str]:
     """Relative POSIX paths of every image under ``root``, sorted (a stable order across machines)."""
-    return _scan(root)[0]
+    return _scan(root, progress)[0]
 
 
-def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict[str, str]]]:
     """The sorted image paths under ``root``, and for the images whose caption sidecar is spelled with an
     extension in another case than ``.txt``/``.json`` (``a.TXT`` next to ``a.JPG``, as cameras and Windows
     tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``).
@@ -59,12 +70,14 @@ def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     those into ``root`` itself (its folders are walked under their own names anyway), and a folder reached
     a second time is not listed again: a link back up the tree (``a/up -> ..``) would otherwise list the
     same images again on every turn of the loop. Sub-folders are walked in sorted order, so which of two
-    links to one folder is kept is the same on every machine.
+    links to one folder is kept is the same on every machine. ``progress`` shows a bar counting the images
+    found: listing millions of files on a network file system takes minutes.
     """
     found: list[str] = []
     sidecars: dict[str, dict[str, str]] = {}
     real_root = os.path.realpath(root)
     visited: set[str] = set()
+    bar = tqdm(desc="scan images", unit="img", disable=not progress, leave=False)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in visited:  # reached again through another link: its images are listed already
@@ -90,6 +103,7 @@ def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
             kind = ext.lower()
             if dot and kind in _SIDECAR_KINDS and (name == f"{stem}.{kind}" or (stem, kind) not in by_stem):
                 by_stem[(stem, kind)] = name
+        before = len(found)
         for name in files:
             stem, dot, ext = name.rpartition(".")
             if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:
@@ -100,6 +114,8 @@ def _scan(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
                 other = by_stem.get((stem, kind))
                 if other is not None and other != f"{stem}.{kind}":
                     sidecars.setdefault(path, {})[kind] = other
+        bar.update(len(found) - before)
+    bar.close()
     return sorted(found), sidecars
 
 
@@ -120,9 +136,17 @@ def check_folder_paths(root: str, index_file: str) -> None:
 class FolderCatalog:
     """Images on disk (sidecar captions or an index file); see the module docstring."""
 
-    def __init__(self, root: str = "", index_file: str = "", image_field: str = "", keep_fields=()):
+    def __init__(
+        self,
+        root: str = "",
+        index_file: str = "",
+        image_field: str = "",
+        keep_fields=(),
+        progress: bool = False,
+    ):
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
         self._sidecars: dict[str, dict[str, str]] = {}
+        self.caption_fields = tuple(keep_fields)
         self.sizes_known: np.ndarray | None = None
         check_folder_paths(root, index_file)
         if index_file:
@@ -133,34 +157,45 @@ class FolderCatalog:
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
-            self.paths, self._sidecars = _scan(self.root_dir)
+            self.paths, self._sidecars = _scan(self.root_dir, progress)
             self.rows = None
+        if not self.paths and index_file:
+            example = f", e.g. {self.skipped[0][1]}: {self.skipped[0][2]}" if self.skipped else ""
+            raise ConfigError(
+                f"data.index_file={index_file!r} lists no images ({len(self.skipped)} unusable rows{example})"
+            )
         if not self.paths:
-            where = index_file or root
-            raise ConfigError(f"no images found in {where!r} (looked for: {', '.join(IMAGE_EXTS)})")
+            raise ConfigError(f"no images found in {root!r} (looked for: {', '.join(IMAGE_EXTS)})")
 
     # ----------------------------------------------------------------------------------------------
 
     def _read_rows(self, path: Path):
-        """(line number, row dict or None) for each data row of a .jsonl or .csv file."""
+        """(line number, row dict or None) for each data row of a JSON Lines or .csv/.tsv file."""
         suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if suffix in _JSON_LINES_SUFFIXES:
             with path.open(encoding=_TEXT_ENCODING) as f:
+                first = True
                 for number, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    # A JSON Lines row is an object: a file opening with "[" is a JSON array (an export's
+                    # list of rows), whose rows, one per line with a comma after, would all but the last be
+                    # counted as bad rows.
+                    if first and line.lstrip().startswith("["):
+                        raise _not_json_lines(path, "array")
+                    first = False
                     try:
                         row = json.loads(line)
                     except ValueError:
                         row = None
                     yield number, row if isinstance(row, dict) else None
-        elif suffix in (".csv", ".tsv"):
+        elif suffix in _TABLE_SUFFIXES:
             with path.open(encoding=_TEXT_ENCODING, newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 for number, row in enumerate(reader, 2):
                     yield number, dict(row)
         else:
-            raise ConfigError(f"data.index_file={str(path)!r} must end in .jsonl or .csv (got {suffix!r})")
+            raise ConfigError(f"data.index_file={str(path)!r} ends in {suffix!r} (allowed: {_ALLOWED_INDEX})")
 
     def _load_index(self, path: Path, image_field: str, keep_fields) -> None:
         rows, paths = [], []
@@ -186,6 +221,14 @@ class FolderCatalog:
                 continue
             paths.append(value)
             rows.append({k: v for k, v in row.items() if k in keep})
+        if not paths and path.suffix.lower() in _JSON_LINES_SUFFIXES:
+            # No usable line: perhaps one JSON object (or array) written over many lines.
+            try:
+                document = json.loads(path.read_text(encoding=_TEXT_ENCODING))
+            except ValueError:
+                document = None
+            if isinstance(document, (dict, list)):
+                raise _not_json_lines(path, "object" if isinstance(document, dict) else "array")
         self.paths, self.rows = paths, rows
         if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
             self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
@@ -202,7 +245,8 @@ class FolderCatalog:
         return self.root_dir / self.paths[i]
 
     def record(self, i: int) -> tuple[dict, Any]:
-        """(caption fields, image path) of sample ``i``; the image itself is not opened here."""
+        """(caption fields, image path) of sample ``i``; the image itself is not opened here. Raises
+        SkipSample when the only caption source the caption fields read is a sidecar that is not JSON."""
         if self.rows is not None:
             return self.rows[i], self.image_value(i)
         image = self.image_value(i)
@@ -212,8 +256,18 @@ class FolderCatalog:
         # the sample as "no-caption" instead of the run failing on one file.
         with contextlib.suppress(OSError):
             fields["txt"] = _sidecar(image, names.get("txt"), "txt")
-        with contextlib.suppress(OSError, ValueError):
+        try:
             fields["json"] = json.loads(_sidecar(image, names.get("json"), "json"))
+        except OSError:
+            pass
+        except ValueError as e:
+            # When the caption was to come from it, the skip names the broken file and where it breaks,
+            # rather than "none of the fields holds text" as for a sample without captions.
+            if any(f.split(".", 1)[0] == "json" for f in self.caption_fields) and not caption_candidates(
+                fields, self.caption_fields
+            ):
+                name = names.get("json") or image.with_suffix(".json").name
+                raise SkipSample("no-caption", f"{name} is not valid JSON ({e})") from None
         return fields, image
 
 
@@ -221,6 +275,13 @@ def _sidecar(image: Path, name: str | None, kind: str) -> str:
     """The text of ``image``'s sidecar of ``kind``: the file ``name`` found by the scan, else ``<stem>.kind``."""
     path = image.with_name(name) if name else image.with_suffix(f".{kind}")
     return path.read_text(encoding=_TEXT_ENCODING, errors="replace")
+
+
+def _not_json_lines(path: Path, kind: str) -> ConfigError:
+    return ConfigError(
+        f"data.index_file={str(path)!r} holds one JSON {kind}, not JSON Lines (one JSON object per line; "
+        f"allowed: {_ALLOWED_INDEX})"
+    )
 
 
 def _is_size(value: Any) -> bool:

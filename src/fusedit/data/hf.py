@@ -82,6 +82,13 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
             )
         if isinstance(features[column], datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
+        # Every row would otherwise be skipped as "no-caption", and the error after them could not say
+        # which columns there are.
+        if not any(str(f).split(".", 1)[0] in features for f in cfg.caption_fields):
+            raise ConfigError(
+                f"data.caption_fields={list(cfg.caption_fields)!r} names no column of {path!r} "
+                f"(columns: {', '.join(features)})"
+            )
     return ds
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -40,10 +41,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, DataConfig, VAEConfig
+from fusedit.config import (
+    IDENTITY_FIELDS,
+    ConfigError,
+    DataConfig,
+    VAEConfig,
+    model_identity,
+    written_as_path,
+)
 from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
-from fusedit.files import check_output_folder, write_text_atomic
+from fusedit.files import check_output_folder, readable_by_all, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the VAE noise seeded per sample (1: per encoding batch)
 INDEX, META = "index.json", "meta.json"
@@ -172,7 +182,7 @@ class _StreamItems(_Items):
             yield position, record.id, result
 
 
-def _items(cfg: DataConfig, seed: int, batch_size: int) -> _Items:
+def _items(cfg: DataConfig, seed: int, batch_size: int, progress: bool) -> _Items:
     if cfg.source == "latents":
         raise ConfigError(
             "data.source=latents is already a latent cache (allowed: shapes, folder, webdataset, hf)"
@@ -183,7 +193,8 @@ def _items(cfg: DataConfig, seed: int, batch_size: int) -> _Items:
     if is_stream(cfg) and cfg.source == "hf":
         return _StreamItems(cfg, decoder)
     # webdataset is cached through its index-addressable view (all shards, listed order, no mixing).
-    return _CatalogItems(build_catalog(cfg), decoder, cfg.num_workers, chunk=max(4 * batch_size, 64))
+    catalog = build_catalog(cfg, progress=progress)
+    return _CatalogItems(catalog, decoder, cfg.num_workers, chunk=max(4 * batch_size, 64))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +207,7 @@ def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, 
         "format": FORMAT,
         "data": {k: data[k] for k in _DATA_KEYS},
         "vae": dataclasses.asdict(vae_cfg),
+        "vae_identity": _vae_identity(vae_cfg),
         "seed": seed,
         "shard_size": shard_size,
         "dtype": str(dtype).removeprefix("torch."),
@@ -211,16 +223,77 @@ def _is_cache(out: Path) -> bool:
     return isinstance(meta, dict) and "format" in meta
 
 
-def _check_meta(out: Path, meta: dict) -> None:
+def _vae_identity(vae_cfg: VAEConfig) -> dict | None:
+    """The kind and shapes (``model_identity``) of the VAE ``vae_cfg`` names: from its folder's config.json,
+    or a hub id's copy of it in the Hugging Face cache (there once the VAE has been loaded); None for the
+    identity autoencoder and a hub id not in the cache."""
+    place, subfolder = vae_cfg.model_id, vae_cfg.subfolder
+    if vae_cfg.kind == "identity" or not place:
+        return None
+    if written_as_path(place):
+        return model_identity(place, subfolder) or None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        file = try_to_load_from_cache(place, f"{subfolder}/config.json" if subfolder else "config.json")
+    except ValueError:  # not a hub id either (HFValidationError): a folder that does not exist
+        return None
+    return (model_identity(str(Path(file).parent)) or None) if isinstance(file, str) else None
+
+
+def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] | None:
+    """How the VAE of ``vae_cfg`` differs from the one the cache ``where`` was made with (``meta``, its
+    meta.json), as (what the cache was made with, what the config has now); None when it is the same.
+
+    A VAE folder moves, or a hub id is replaced by its downloaded folder: with the VAE's kind and shapes
+    recorded at caching time (``vae_identity``), vae.model_id may name another place holding the same ones,
+    and a place holding others is refused even under the same name. Caches written before the record, and
+    VAEs whose identity is unknown now (a hub id not in the cache), compare vae.model_id as written."""
+    cached = meta.get("vae", {})
+    for key, value in dataclasses.asdict(vae_cfg).items():
+        if key != "model_id" and cached.get(key) != value:
+            return f"vae.{key}={cached.get(key)!r}", f"the config has vae.{key}={value!r}"
+    recorded = meta.get("vae_identity")
+    now = _vae_identity(vae_cfg) if recorded else None
+    if now is None:
+        if cached.get("model_id") != vae_cfg.model_id:
+            return (
+                f"vae.model_id={cached.get('model_id')!r}",
+                f"the config has vae.model_id={vae_cfg.model_id!r}",
+            )
+        return None
+    # As checkpoint.py compares model folders: the fields both config.json files have.
+    differ = [f for f in IDENTITY_FIELDS if f in recorded and f in now and recorded[f] != now[f]]
+    if differ:
+        field = differ[0]
+        return (
+            f"a VAE whose config.json has {field}={recorded[field]!r}",
+            f"vae.model_id={vae_cfg.model_id!r} holds another, whose config.json has {field}={now[field]!r}",
+        )
+    if cached.get("model_id") != vae_cfg.model_id:
+        log.info(
+            "%s was encoded with the VAE at %r; vae.model_id=%r holds the same kind and shapes "
+            "(config.json): taken as that VAE, moved",
+            where,
+            cached.get("model_id"),
+            vae_cfg.model_id,
+        )
+    return None
+
+
+def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> None:
     path = out / META
     if not path.is_file():
         return
     old = json.loads(path.read_text())
+    change = _vae_change(old, vae_cfg, repr(str(out)))
+    if change:
+        raise ConfigError(
+            f"{str(out)!r} holds latents made with {change[0]}, but {change[1]}: use another folder "
+            "(or delete this one)"
+        )
     differences = [
-        (f"{section}.{key}", old.get(section, {}).get(key), value)
-        for section in ("data", "vae")
-        for key, value in meta[section].items()
-        if old.get(section, {}).get(key) != value
+        (f"data.{key}", old.get("data", {}).get(key), value) for key, value in meta["data"].items()
     ]
     differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
     for key, before, now in differences:
@@ -322,8 +395,8 @@ def cache_latents(
     if not _is_cache(out):
         check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
-    _check_meta(out, meta)
-    items = _items(data_cfg, seed, batch_size)
+    _check_meta(out, meta, vae_cfg)
+    items = _items(data_cfg, seed, batch_size, progress)
     _check_disk(out, items.total, data_cfg, vae_cfg, dtype)
     _write_json(out / META, meta)
     device = torch.device(device)
@@ -353,11 +426,8 @@ def cache_latents(
             autoencoder = load_autoencoder(vae_cfg, device)
         encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
         samples, skipped, seen = {}, [], 0
-        first_id = last_id = None
         for position, sample_id, result in items.iterate(start, end):
             seen += 1
-            first_id = sample_id if first_id is None else first_id
-            last_id = sample_id
             bar.update(1)
             if isinstance(result, SkipSample):
                 skipped.append([result.reason, sample_id, result.detail])
@@ -371,13 +441,12 @@ def cache_latents(
         tensors = {str(p): latents[p] for p in sorted(latents)}
         tmp = out / f"{_shard_name(j)}.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "shard": str(j)})
+        readable_by_all(tmp)  # save_file leaves it readable by its owner only: a cache is shared data
         os.replace(tmp, out / f"{_shard_name(j)}.safetensors")
         shard = {
             "shard": j,
             "start": start,
             "end": start + seen,
-            "first_id": first_id,
-            "last_id": last_id,
             "samples": [
                 {**samples[p], "key": str(p), "position": p, "shape": list(latents[p].shape)}
                 for p in sorted(samples)
@@ -390,21 +459,51 @@ def cache_latents(
         if total is None and seen < shard_size:
             break
     bar.close()
+    if autoencoder is not None and meta["vae_identity"] is None:
+        # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
+        meta["vae_identity"] = _vae_identity(vae_cfg)
+        _write_json(out / META, meta)
     return _write_index(out, meta, shards)
 
 
 def _check_shard(items: _Items, shard: dict, out: Path) -> None:
-    """A finished shard must still describe the same samples (a folder may have gained files since)."""
+    """A finished shard must still describe the same samples at the same positions: every id is compared
+    (a folder may have gained, lost or renamed files anywhere, keeping its first and last ones)."""
     if items.total is None:
         return
     start, end = shard["start"], shard["end"]
-    now = (items.sample_id(start), items.sample_id(end - 1)) if end <= items.total else None
-    if now != (shard["first_id"], shard["last_id"]):
-        was = f"{shard['first_id']!r}..{shard['last_id']!r}"
+    now = [items.sample_id(p) for p in range(start, min(end, items.total))]
+    change = _id_change(shard, now)
+    if change:
         raise ConfigError(
-            f"{str(out)!r}: shard {shard['shard']} was made from samples {was} at positions "
-            f"{start}..{end - 1}, which now hold {now}: the dataset changed; use another folder"
+            f"{str(out)!r}: the dataset changed since shard {shard['shard']} (positions {start}..{end - 1}) "
+            f"was cached: {change}; use another folder (allowed: only samples added after the last cached "
+            "one)"
         )
+
+
+def _id_change(shard: dict, now: list[str]) -> str | None:
+    """How the ids at a shard's positions now (``now``) differ from those it was made from (its samples',
+    each at its position, and its skipped ones'), or None."""
+    was = [s["id"] for s in shard["samples"]] + [s[1] for s in shard["skipped"]]
+    was_set, now_set = set(was), set(now)
+    removed = [i for i in was if i not in now_set]
+    added = [i for i in now if i not in was_set]
+    if removed or added:
+        parts = [f"{_some(removed)} {'is' if len(removed) == 1 else 'are'} gone"] if removed else []
+        parts += [f"{_some(added)} {'is' if len(added) == 1 else 'are'} new"] if added else []
+        return " and ".join(parts)
+    start = shard["start"]
+    if len(now) < shard["end"] - start:  # the same ids, fewer positions: ids that were not unique
+        return f"the dataset now ends at position {start + len(now) - 1}"
+    for s in shard["samples"]:
+        if now[s["position"] - start] != s["id"]:
+            return f"{s['id']!r}, at position {s['position']} then, is now at {start + now.index(s['id'])}"
+    return None
+
+
+def _some(ids: list[str]) -> str:
+    return repr(ids[0]) + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else "")
 
 
 def _write_index(out: Path, meta: dict, shards: list[dict]) -> dict:
@@ -462,15 +561,13 @@ def read_index(latents_dir: str | Path) -> dict:
 
 
 def check_latents(data_cfg: DataConfig, vae_cfg: VAEConfig) -> None:
-    """Raise ConfigError when the cache in data.latents_dir was made with another VAE or image size."""
+    """Raise ConfigError when the cache in data.latents_dir was made with another VAE (_vae_change: the
+    same one moved is accepted) or image size."""
     meta = read_index(data_cfg.latents_dir)["meta"]
-    for key in ("kind", "model_id", "subfolder", "latent_channels", "downsample"):
-        cached, now = meta["vae"].get(key), getattr(vae_cfg, key)
-        if cached != now:
-            raise ConfigError(
-                f"data.latents_dir={data_cfg.latents_dir!r} was encoded with vae.{key}={cached!r}, "
-                f"but the config has vae.{key}={now!r}"
-            )
+    where = f"data.latents_dir={data_cfg.latents_dir!r}"
+    change = _vae_change(meta, vae_cfg, where)
+    if change:
+        raise ConfigError(f"{where} was encoded with {change[0]}, but {change[1]}")
     cached_size = meta["data"]["image_size"]
     if not meta["data"].get("buckets") and cached_size != data_cfg.image_size:
         raise ConfigError(

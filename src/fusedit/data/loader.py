@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, make_rng
@@ -489,12 +490,15 @@ def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
         shard_lists(cfg.shards, cfg.weights)  # every shard a pattern names must exist
 
 
-def build_catalog(cfg: DataConfig) -> Any:
-    """The index-addressable catalog of a folder, hf (map-style) or webdataset (all shards) source."""
+def build_catalog(cfg: DataConfig, progress: bool = False) -> Any:
+    """The index-addressable catalog of a folder, hf (map-style) or webdataset (all shards) source;
+    ``progress`` shows a bar while a folder is scanned."""
     if cfg.source == "folder":
         from fusedit.data.folder import FolderCatalog
 
-        return FolderCatalog(cfg.root, cfg.index_file, cfg.image_field, keep_fields=cfg.caption_fields)
+        return FolderCatalog(
+            cfg.root, cfg.index_file, cfg.image_field, keep_fields=cfg.caption_fields, progress=progress
+        )
     if cfg.source == "hf":
         from fusedit.data.hf import HFCatalog
 
@@ -507,12 +511,13 @@ def build_catalog(cfg: DataConfig) -> Any:
     raise ConfigError(f"data.source={cfg.source!r} has no image catalog (allowed: folder, hf, webdataset)")
 
 
-def bucket_groups(catalog: Any, decoder: SampleDecoder) -> tuple[np.ndarray, list]:
+def bucket_groups(catalog: Any, decoder: SampleDecoder, progress: bool = False) -> tuple[np.ndarray, list]:
     """Each sample's bucket from its size (-1 when unusable), and the skips found on the way.
 
     Planning needs every sample's size before the first batch; the captions are checked in the same pass
     so that unusable samples are left out of the plan rather than replaced batch by batch. Sizes come from
-    the catalog when it knows them (index columns), otherwise from the image headers (pixels not decoded).
+    the catalog when it knows them (index columns), otherwise from the image headers (pixels not decoded):
+    ``progress`` shows a bar, as millions of headers on a network file system take a while.
     """
     n = len(catalog)
     groups = np.full(n, -1, dtype=np.int64)
@@ -532,8 +537,12 @@ def bucket_groups(catalog: Any, decoder: SampleDecoder) -> tuple[np.ndarray, lis
             return e
 
     log.info("checking %d samples to assign aspect-ratio buckets", n)
-    with ThreadPoolExecutor(_HEADER_THREADS) as pool:
+    with (
+        ThreadPoolExecutor(_HEADER_THREADS) as pool,
+        tqdm(total=n, desc="bucket images", unit="img", disable=not progress, leave=False) as bar,
+    ):
         for i, result in enumerate(pool.map(size_of, range(n))):
+            bar.update(1)
             if isinstance(result, SkipSample):
                 events.append((result.reason, catalog.sample_id(i), result.detail))
             else:
@@ -560,10 +569,11 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def planned_dataset(
-    cfg: DataConfig, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+    cfg: DataConfig, seed: int, batch_size: int, rank: int = 0, world_size: int = 1, progress: bool = False
 ) -> tuple[PlannedDataset, list, int]:
     """(dataset over plan slots, skips found while building, the number of samples those are out of: the
-    dataset's and those the catalog refused) for an index-addressable source."""
+    dataset's and those the catalog refused) for an index-addressable source; ``progress`` shows bars over
+    the folder scan and the bucket planning."""
     if cfg.source == "shapes":
         shapes = build_dataset(cfg, seed)
         # Unpermuted: shapes examples are random already, and this keeps old runs' batches unchanged.
@@ -576,13 +586,13 @@ def planned_dataset(
         groups, names = latents.groups()
         latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=groups, names=names)
         return latents, [], len(latents)
-    catalog = build_catalog(cfg)
+    catalog = build_catalog(cfg, progress)
     decoder = SampleDecoder.from_config(cfg, seed)
     events = list(getattr(catalog, "skipped", []))
     total = len(catalog) + len(events)
     groups = None
     if len(decoder.targets) > 1:
-        groups, found = bucket_groups(catalog, decoder)
+        groups, found = bucket_groups(catalog, decoder, progress)
         events += found
         if (groups < 0).all():
             raise _no_usable_samples(SkipCounter.of(events))
@@ -859,6 +869,22 @@ def _stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: in
     )
 
 
+def _epoch_summary(cfg: DataConfig, dataset: PlannedDataset) -> str:
+    """How many samples an epoch of an index-addressable source holds, where, and in how many buckets. With
+    buckets the unusable samples are known already (planning read every header); without, they are found
+    (and replaced) as batches meet them."""
+    place = {"folder": cfg.index_file or cfg.root, "hf": cfg.hf_path, "latents": cfg.latents_dir}.get(
+        cfg.source
+    )
+    where = f"in {place!r}" if place else "of the procedural shapes world"
+    plan = dataset.plan
+    if plan.groups is None:
+        return f"{len(dataset):,} samples {where}"
+    buckets = len(plan.group_sizes)
+    usable = f"{len(plan.members):,} usable samples of {len(dataset):,}"
+    return f"{usable} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
+
+
 def step_loader(
     cfg: DataConfig,
     seed: int,
@@ -870,12 +896,14 @@ def step_loader(
     world_size: int = 1,
     state: dict | None = None,
     skip_list: str = "",
+    progress: bool = False,
 ) -> IndexedStepLoader | StreamStepLoader:
     """Batches for steps [start_step, end_step) of this rank (see the module docstring).
 
     ``state`` is a previous loader's ``state_dict()`` at ``start_step``: required for an exact and fast
     stream resume, optional for index-addressable sources (it carries the skip counts). ``skip_list`` names
     the file the caller writes the skipped samples to (``skipped_jsonl``), for the early warning.
+    ``progress`` shows bars over what is read before the first batch (rank 0's only).
     """
     _check_rank(rank, world_size)
     if state is not None and int(state.get("step", -1)) != start_step:
@@ -895,7 +923,17 @@ def step_loader(
         return StreamStepLoader(
             factory, decoder, batch_size, start_step, end_step, cfg.num_workers, state, skips, watch
         )
-    dataset, events, total = planned_dataset(cfg, seed, batch_size, rank, world_size)
+    dataset, events, total = planned_dataset(cfg, seed, batch_size, rank, world_size, progress and rank == 0)
+    if rank == 0:  # every rank plans the same dataset
+        log.info("data: %s", _epoch_summary(cfg, dataset))
+        if cfg.source == "latents" and cfg.crop != dataset.meta["data"].get("crop"):
+            log.warning(
+                "data.crop=%r has no effect with data.source=latents: the images in %r were cropped when "
+                "they were cached (with data.crop=%r)",
+                cfg.crop,
+                cfg.latents_dir,
+                dataset.meta["data"].get("crop"),
+            )
     if state is not None:
         saved = state.get("samples")  # absent from states saved before it was recorded: nothing to check
         # Every rank sees the same dataset; the first says so for all.
