@@ -108,3 +108,17 @@ def test_the_shapes_bench_samples_with_the_runs_sample_section(run, tmp_path, ca
 def test_a_missing_prompts_flag_fails_before_the_model_loads(run, capsys, no_model_load, bench):
     assert main(["eval", str(run), "--bench", bench, "--quiet"]) == 2
     assert f"--bench {bench} needs --prompts PATH" in one_line_error(capsys)
+
+
+def test_a_clip_path_to_nothing_is_named_with_its_flag(tmp_path, capsys):
+    """Not taken for a malformed hub id (transformers: "Repo id must be in the form ...")."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "00000.png")
+    (tmp_path / "00000.json").write_text('{"prompt": "a red circle"}')
+    missing = str(tmp_path / "noclip")
+    assert main(["clip-score", str(tmp_path), "--clip", missing]) == 2
+    assert one_line_error(capsys) == (
+        f"fusedit: error: --clip {missing!r} is a path to nothing (allowed: a CLIP folder written by "
+        "save_pretrained, or a hub id written org/name)\n"
+    )

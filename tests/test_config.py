@@ -1,3 +1,4 @@
+import json
 import shlex
 
 import pytest
@@ -299,3 +300,39 @@ def test_a_relative_init_from_that_exists_is_saved_absolute(tmp_path, monkeypatc
     cfg = load_config("debug", ["train.init_from=runs/base"])
     assert cfg.train.init_from == str(tmp_path / "runs" / "base")
     assert load_config("debug", ["train.init_from=runs/elsewhere"]).train.init_from == "runs/elsewhere"
+
+
+@pytest.mark.parametrize(
+    "override, items",
+    [
+        # YAML reads the braces inside the brackets as a mapping: the text arrives whole, brackets included.
+        ("data.shards=[/tmp/wds/{00000..00001}.tar]", ["/tmp/wds/{00000..00001}.tar"]),
+        ("data.shards=[a/{0..9}.tar, b/{x,y}.tar]", ["a/{0..9}.tar", "b/{x,y}.tar"]),
+    ],
+)
+def test_a_list_yaml_cannot_read_is_shown_as_its_items(override, items):
+    """The hint is the override of the items typed (brackets dropped, split at the commas outside
+    braces), not the whole text as one item."""
+    key = override.split("=")[0]
+    message = one_line_error("recipe-shapes-3stage", [override, "data.source=webdataset"])
+    assert message.endswith(f"must be a list, e.g. {key}={shlex.quote(json.dumps(items))}")
+    (example,) = shlex.split(message.split("e.g. ")[1])
+    assert parse_overrides([example])["data"][key.split(".")[1]] == items
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_null_for_a_string_key_names_the_key_and_the_empty_string(tmp_path, where):
+    """A YAML null and an override's null are refused alike (the override is not kept as the text
+    'null'), saying what a string key takes for "none"."""
+    if where == "yaml":
+        (tmp_path / "n.yaml").write_text("base: debug\nvae:\n  subfolder: null\ndata:\n  hf_split: null\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(tmp_path / "n.yaml")
+        message = str(e.value)
+    else:
+        message = one_line_error("debug", ["vae.subfolder=null"])
+    assert message == 'vae.subfolder=null is not allowed (allowed: a string, "" for none)'
+    assert one_line_error("debug", ["data.hf_split=null"]) == (
+        "data.hf_split=null is not allowed (allowed: a string, e.g. 'train', the default)"
+    )
+    assert load_config("debug", ["vae.subfolder="]).vae.subfolder == ""

@@ -183,3 +183,33 @@ def test_adapters_on_a_bf16_llm_are_float32_and_reached_by_the_gradient():
     text = model.encode_prompts(PROMPTS)
     model(torch.randn(3, 3, 16, 16), torch.rand(3), text).pow(2).mean().backward()
     assert any(p.grad is not None for p in adapters)
+
+
+@pytest.mark.parametrize(
+    "train, key, of",
+    [
+        ({"dit_lora": {"rank": 2, "targets": ["q_proj", "foo"]}}, "dit_lora", "the denoiser"),
+        (
+            {"trainable": ["dit", "llm"], "llm_lora": {"rank": 2, "targets": ["q_proj", "foo"]}},
+            "llm_lora",
+            "what the design reads of llm",
+        ),
+    ],
+)
+def test_a_lora_target_that_matches_nothing_is_refused_next_to_one_that_matches(train, key, of):
+    """peft adapts the targets that match and ignores the rest: each one must match, or the run is refused
+    before its first step, naming it and the names that would."""
+    from fusedit.config import resolved_stages
+    from fusedit.train.stages import check_stages
+
+    cfg = tiny_config(train=train)
+    with pytest.raises(ConfigError) as e:
+        check_stages(build_model(cfg), resolved_stages(cfg))
+    assert str(e.value).startswith(
+        f"stages[0] (tiny): train.{key}.targets=['q_proj', 'foo']: 'foo' matches no linear layer of {of} "
+        "(allowed: "
+    )
+    assert "down_proj, gate_proj, k_proj, " in str(e.value) and "foo, " not in str(e.value)
+    # Of the default targets one match is enough: deep fusion reads only K/V of the top layer it trains.
+    top = tiny_config(train={"trainable": ["dit", "llm"], "llm_lora": {"rank": 2}, "llm_top_layers": 1})
+    check_stages(build_model(top), resolved_stages(top))

@@ -19,7 +19,14 @@ from fusedit.system import build_model
 from fusedit.train import loop, lora
 from fusedit.train.checkpoint import find_checkpoint, load_model, load_tensors
 from fusedit.train.loop import train
-from fusedit.train.stages import Parts, apply_parts, describe_stages, idle_settings, training_flops_per_image
+from fusedit.train.stages import (
+    Parts,
+    apply_parts,
+    describe_stages,
+    idle_settings,
+    stage_of_checkpoint,
+    training_flops_per_image,
+)
 
 PROMPTS = ["a red circle", "a blue square to the left of a green triangle", ""]
 JOINT = {"trainable": ["dit", "llm"], "llm_lr": 3e-4}
@@ -334,6 +341,16 @@ def test_resume_in_the_middle_of_a_later_stage_equals_an_uninterrupted_run(tmp_p
     # resumed exactly at a stage boundary (the checkpoint written at the end of stage "low-res")
     _keep_until(tmp_path / "b", 3)
     assert train(cfg, tmp_path / "b", resume=True, progress=False)["losses"] == full["losses"][3:]
+    # an earlier stage made longer moves the checkpoint's stage under its data position: refused by key
+    # before anything trains (before, the data loader's "data state is for step 1" after the model built)
+    _keep_until(tmp_path / "b", 4)
+    longer = tiny_config(
+        stages=[{**THREE[0], "steps": 4}, *THREE[1:]],
+        model={"ape_base_size": 8},
+        train={"checkpoint_every": 2, "keep_checkpoints": 20},
+    )
+    with pytest.raises(ConfigError, match=r"^stages.0.steps=4 moves the start of stage 1 'joint'"):
+        train(longer, tmp_path / "b", resume=True, progress=False)
     # the last checkpoint holds the LoRA stage: adapters apart, plain weights, merged EMA, both optimizers
     ckpt = find_checkpoint(tmp_path / "a")
     names = {p.name for p in ckpt.iterdir()}
@@ -582,3 +599,74 @@ def test_duplicate_stage_names_are_refused_before_training(tmp_path):
     ):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_after_an_earlier_stage_changed_length_names_the_key():
+    """A checkpoint's data position counts the steps since its stage began: a config that moves that start
+    (an earlier stage's steps changed) is refused against the checkpoint's own stages, naming the key, the
+    old and new boundary and what may change, rather than failing inside the data loader."""
+    saved = resolved_stages(three_stage())
+
+    def stages(*steps):
+        resized = [{**st, "steps": n} for st, n in zip(THREE, steps)]
+        return resolved_stages(tiny_config(stages=resized, model={"ape_base_size": 8}))
+
+    for moved, now in (((4, 3, 3), 4), ((2, 3, 3), 2)):
+        with pytest.raises(ConfigError) as e:
+            stage_of_checkpoint(stages(*moved), 4, 1, saved)
+        assert str(e.value) == (
+            f"stages.0.steps={moved[0]} moves the start of stage 1 'joint', where the checkpoint at step 4 was "
+            f"written, from step 3 to {now} (allowed: stages.0.steps=3 as the run was trained: only the "
+            "current and later stages' steps may change)"
+        )
+    # a checkpoint without a record is placed by its own stages
+    with pytest.raises(ConfigError, match=r"^stages.0.steps=4 moves the start of stage 1 'joint'"):
+        stage_of_checkpoint(stages(4, 3, 3), 4, None, saved)
+    # the checkpoint's stage and the ones after it may change length
+    assert stage_of_checkpoint(stages(3, 5, 1), 4, 1, saved).name == "joint"
+    assert stage_of_checkpoint(stages(3, 5, 1), 4, 1, None).name == "joint"
+
+
+def test_describe_counts_a_recipes_global_batch_as_kept_on_any_number_of_processes():
+    """With train.global_batch set, N processes keep the batch (each taking global / N); without it, they
+    multiply it. The last line says which, and the totals count the batch that trains."""
+    paper = load_config("recipe-fusedit-paper")
+    model = build_model(paper, "meta")
+    (stage, total) = describe_stages(paper, model)
+    assert "batch 512x1 (global batch 512)" in stage
+    assert total.endswith(
+        "at each stage's global batch (N processes: the same batch and FLOPs, batch_size x grad_accum = "
+        "global batch / N per process)"
+    )
+    # batch_size 64 on 8 GPUs: the same global batch, so the same FLOPs
+    (_, on_eight) = describe_stages(
+        load_config("recipe-fusedit-paper", ["stages.0.train.batch_size=64"]), model
+    )
+    assert on_eight == total
+    opted_out = load_config("recipe-fusedit-paper", ["stages.0.train.global_batch=null"])
+    (stage, total) = describe_stages(opted_out, model)
+    assert "batch 512x1," in stage
+    assert total.endswith(
+        "at batch_size x grad_accum images per step (N processes: N times the batch and the FLOPs)"
+    )
+    lidit = load_config("recipe-lidit-3stage", ["stages.0.train.global_batch=null"])
+    assert "where it is set" in describe_stages(lidit, build_model(lidit, "meta"))[-1]
+
+
+def test_the_multi_node_docs_global_batch_opt_out_opts_a_recipe_out():
+    """The override docs/multi-node.md gives to opt out of a recipe's global batch is one that does."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "multi-node.md").read_text()
+    (row,) = [line for line in doc.splitlines() if line.startswith("| `train.global_batch`")]
+    overrides = re.findall(r"`([\w.]*global_batch=null)`", row)
+    assert overrides
+    for override in overrides:
+        key = override.replace(".N.", ".0.")
+        for recipe in ("recipe-fusedit-paper", "recipe-lidit-3stage"):
+            stages = resolved_stages(load_config(recipe, [key]))
+            if key.startswith("stages."):
+                assert stages[0].config.train.global_batch is None
+            else:  # named as what does not opt a recipe's stage out
+                assert stages[0].config.train.global_batch is not None
+                assert "does not" in row or "wins over" in row

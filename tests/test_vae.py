@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from conftest import tiny_vae
-from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
+from fusedit.config import ConfigError, VAEConfig
+from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder, load_autoencoder
 
 
 def test_identity_autoencoder_is_pixel_space():
@@ -23,3 +25,14 @@ def test_diffusers_vae_applies_its_shift_and_scale():
     torch.testing.assert_close(z, (raw - 0.25) * 1.5)
     torch.testing.assert_close(ae.decode(z), vae.decode(raw).sample.clamp(-1, 1))
     assert z.shape == (1, 4, 8, 8) and not any(p.requires_grad for p in vae.parameters())
+
+
+def test_a_vae_path_to_nothing_is_named_as_one(tmp_path):
+    """Not taken for a hub id (whose error would be about the hub being unreachable)."""
+    cfg = VAEConfig(kind="diffusers", model_id=str(tmp_path / "novae"), latent_channels=4, downsample=8)
+    with pytest.raises(ConfigError) as e:
+        load_autoencoder(cfg)
+    assert str(e.value) == (
+        f"vae.model_id={str(tmp_path / 'novae')!r} is a path to nothing (allowed: a folder written by "
+        "save_pretrained, or a hub id written org/name)"
+    )

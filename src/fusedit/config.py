@@ -21,6 +21,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -605,8 +606,8 @@ def _field_type(parts: list[str]) -> Any:
 
 def parse_overrides(overrides: list[str]) -> dict:
     """``["train.steps=10", "model.pos_embed=2d-rope"]`` -> nested mapping. Values are parsed as YAML,
-    except for string keys, which take the text as typed: YAML would turn ``text.instruction=Imagine: ``
-    into a mapping and ``name=yes`` into true."""
+    except for string keys, which take the text as typed (``null`` aside, refused as in a YAML file): YAML
+    would turn ``text.instruction=Imagine: `` into a mapping and ``name=yes`` into true."""
     out: dict = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -617,7 +618,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         if _field_type(parts) is str:
-            node[parts[-1]] = value
+            # Kept as the text 'null', it would name a folder or a prompt nobody meant.
+            node[parts[-1]] = None if value.strip() in ("null", "Null", "NULL") else value
             continue
         try:
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
@@ -635,17 +637,43 @@ def _scalar(value: Any) -> bool:
 
 
 def _list_override(path: str, value: Any) -> str:
-    """The override giving ``value`` as a one-item list: ``data.shards=[a.tar]``, or the quoted JSON form
-    where YAML or the shell would not read the plain one as that list (``data.shards='["a/{0..9}.tar"]'``)."""
+    """The override giving ``value`` as a list: ``data.shards=[a.tar]``, or the quoted JSON form where YAML
+    or the shell would not read the plain one as that list (``data.shards='["a/{0..9}.tar"]'``). A string
+    that YAML could not read as a list (``[a/{0..9}.tar]``: the braces open a mapping) gives its items."""
     key = re.sub(r"\[(\d+)\]", r".\1", path)  # stages[0].data.shards is overridden as stages.0.data.shards
-    plain = f"[{value}]"
+    items = _list_items(value) if isinstance(value, str) else [value]
+    plain = f"[{','.join(map(str, items))}]"
     with contextlib.suppress(yaml.YAMLError):
-        if re.fullmatch(r"[\w./-]+", str(value)) and yaml.safe_load(plain) == [value]:
+        if all(re.fullmatch(r"[\w./-]+", str(v)) for v in items) and yaml.safe_load(plain) == items:
             return f"{key}={plain}"
-    return f"{key}='{json.dumps([value])}'"
+    return f"{key}={shlex.quote(json.dumps(items))}"
 
 
-def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
+def _list_items(text: str) -> list:
+    """The items of a list typed as ``text`` without YAML's quoting: one pair of surrounding brackets
+    dropped, split at the commas outside brackets and braces (``{a,b}`` is one shard pattern). An item that
+    YAML reads as a list (an aspect bucket ``[256, 384]``) stays one, any other is the text as typed."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(inner):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth <= 0:
+            items.append(inner[start:i].strip())
+            start = i + 1
+    items.append(inner[start:].strip())
+    out = []
+    for item in filter(None, items):
+        try:
+            loaded = yaml.safe_load(item)
+        except yaml.YAMLError:
+            loaded = None
+        out.append(loaded if isinstance(loaded, list) else item)
+    return out
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -673,6 +701,10 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ConfigError(f"{path}={value!r} must be a number")
         value = float(value)
     elif tp is str:
+        if value is None:
+            # A string key's "none" is the empty string (no string key takes null).
+            allowed = '"" for none' if default == "" else f"e.g. {default!r}, the default"
+            raise ConfigError(f"{path}=null is not allowed (allowed: a string, {allowed})")
         if not isinstance(value, str):
             raise ConfigError(f"{path}={value!r} must be a string")
     elif tp in (dict, list) or origin in (dict, list):
@@ -726,7 +758,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             item = fields[name].metadata["item"]
             kwargs[name] = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
-            kwargs[name] = _check_value(path, value, tp, dict(fields[name].metadata))
+            spec = fields[name]
+            kwargs[name] = _check_value(path, value, tp, dict(spec.metadata), spec.default)
     return cls(**kwargs)
 
 

@@ -7,10 +7,12 @@ and nowhere else.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, VAEConfig
+from fusedit.config import ConfigError, VAEConfig, written_as_path
 
 
 class IdentityAutoencoder(nn.Module):
@@ -59,6 +61,12 @@ def load_autoencoder(cfg: VAEConfig, device: torch.device | str = "cpu") -> nn.M
         return IdentityAutoencoder()
     from diffusers import AutoencoderKL
 
+    # Refused here: diffusers would take the path for a hub id and report the hub unreachable.
+    if written_as_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
+        raise ConfigError(
+            f"vae.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
+            "save_pretrained, or a hub id written org/name)"
+        )
     try:
         vae = AutoencoderKL.from_pretrained(cfg.model_id, subfolder=cfg.subfolder or None)
     except OSError as e:

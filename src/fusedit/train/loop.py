@@ -48,6 +48,7 @@ from fusedit.train.checkpoint import (
     data_state_name,
     find_checkpoint,
     init_weights,
+    load_checkpoint_config,
     load_state,
     load_training_state,
     save_checkpoint,
@@ -378,7 +379,13 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             )
         if tc.init_from:
             log.info("weights initialised from %s", init_weights(model, tc.init_from))
-    first = stage_of_checkpoint(stages, start, saved.get("stage")) if saved else stages[0]
+    # Placed against the stages the checkpoint was written under too: an earlier stage made longer or
+    # shorter would move the stage's start under its data position.
+    first = (
+        stage_of_checkpoint(stages, start, saved.get("stage"), resolved_stages(load_checkpoint_config(ckpt)))
+        if saved
+        else stages[0]
+    )
     if saved and main:  # before the file is opened for appending: the rewind replaces it
         _rewind_metrics(metrics_path, start)
 
@@ -565,6 +572,7 @@ class _Run:
             world_size=env.world_size,
             state=data_state,
             skip_list=str(skip_path),
+            progress=not self.bar.disable,
         )
         listed = False  # whether the skipped list was written at the last checkpoint
         autocast = autocast_for(tc.precision, device)

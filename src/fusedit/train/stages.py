@@ -151,29 +151,49 @@ def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> li
     ]
 
 
-def _module_targets(module: nn.Module, targets: tuple) -> list[str]:
-    """Full names of the linear ``targets`` projections anywhere in ``module``."""
-    return _llm_targets(module, [module], targets)
+def _check_targets(
+    key: str, named: list, targets: tuple, module: nn.Module, inside: list[nn.Module], of: str
+) -> None:
+    """LoRA ``targets`` (the ``named`` ones, or the defaults when none are named) match linear layers of
+    ``inside`` (within ``module``). Each named one must: peft adapts the targets that match and ignores the
+    rest, so a misspelled one next to a right one would go unnoticed. Of the defaults, one is enough (a
+    stage that trains only the top layer a deep-fusion design reads of the LLM has no q_proj to adapt)."""
+    within = {id(sub) for m in inside for sub in m.modules()}
+    linear = [n for n, m in module.named_modules() if id(m) in within and isinstance(m, nn.Linear)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear}))
+    allowed = f"allowed: {names}, or a dotted name ending in one"
+    if named and unmatched:
+        raise ConfigError(f"{key}={named}: {unmatched[0]!r} matches no linear layer of {of} ({allowed})")
+    if len(unmatched) == len(targets):
+        raise ConfigError(
+            f"{key} is not set and its defaults {list(targets)} match no linear layer of {of} ({allowed})"
+        )
 
 
 def check_stages(model, stages: list[Stage]) -> None:
     """What every stage will ask of the built model, checked before the first step, so a recipe never
     fails in its third stage after training two: peft installed, llm_top_layers within the layers the
-    design reads, LoRA targets that match a linear layer. Errors name the stage."""
+    design reads, LoRA targets that match a linear layer (each one named). Errors name the stage."""
     for stage in stages:
-        parts, where = Parts.of(stage.config.train), f"stages[{stage.index}] ({stage.name})"
+        tc = stage.config.train
+        parts, where = Parts.of(tc), f"stages[{stage.index}] ({stage.name})"
         try:
             if parts.dit_adapters or parts.llm_adapters:
                 lora.require_peft(where)
-            if parts.dit_adapters and not _module_targets(model.denoiser, parts.dit_adapters[2]):
-                raise ConfigError(
-                    f"train.dit_lora.targets={list(parts.dit_adapters[2])} match no linear layer of the denoiser"
+            if parts.dit_adapters:
+                den, targets = model.denoiser, parts.dit_adapters[2]
+                _check_targets(
+                    "train.dit_lora.targets", tc.dit_lora.targets, targets, den, [den], "the denoiser"
                 )
-            for key, encoder, request in _text_parts(model) if parts.llm else ():
+            for name, encoder, request in _text_parts(model) if parts.llm else ():
+                trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, name)
                 if parts.llm_adapters:
-                    _llm_lora_targets(encoder, request, parts, key)
-                else:
-                    _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
+                    of = f"what the design reads of {name}"
+                    targets = parts.llm_adapters[2]
+                    _check_targets(
+                        "train.llm_lora.targets", tc.llm_lora.targets, targets, encoder.llm, trained, of
+                    )
         except ConfigError as e:
             message = str(e)
             raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -365,13 +385,15 @@ PFLOP_DAY = 1e15 * 86400  # one PFLOP/s sustained for a day
 
 def describe_stages(cfg: Config, model) -> list[str]:
     """One line per stage (of a meta-device ``model``): steps, resolution, batch, what trains, and the
-    training compute from fusedit.models.flops (per image, and in total for batch_size x grad_accum images
-    per step: the global batch of one process; N processes multiply it)."""
+    training compute from fusedit.models.flops (per image, and in total for the images of a step: the
+    stage's train.global_batch, which any number of processes keeps, else batch_size x grad_accum, which
+    N processes multiply by N)."""
     from fusedit.models.flops import image_tokens, model_flops
 
     encoders = model.encoders
     lines, run_total = [], 0
-    for stage in resolved_stages(cfg):
+    stages = resolved_stages(cfg)
+    for stage in stages:
         sc, tc = stage.config, stage.config.train
         parts = Parts.of(tc)
         size = sc.data.image_size
@@ -379,28 +401,57 @@ def describe_stages(cfg: Config, model) -> list[str]:
         dit, lm, _ = model_flops(model, n)
         layers = min(len(e.llm.layers) for e in encoders)
         per_image = training_flops_per_image(parts, dit, lm, layers)
-        total = per_image * stage.steps * tc.batch_size * tc.grad_accum
+        total = per_image * stage.steps * (tc.global_batch or tc.batch_size * tc.grad_accum)
         run_total += total
         res = f"{size} px" + (
             f" ({len(sc.data.buckets)} aspect buckets, counted square)" if sc.data.buckets else ""
         )
+        batch = f"{tc.batch_size}x{tc.grad_accum}" + (
+            f" (global batch {tc.global_batch})" if tc.global_batch else ""
+        )
         lines.append(
             f"stage {stage.index} {stage.name!r}: steps {stage.start}..{stage.end}, {res}, batch "
-            f"{tc.batch_size}x{tc.grad_accum}, lr {tc.lr:g}, trains {parts.describe()}: "
+            f"{batch}, lr {tc.lr:g}, trains {parts.describe()}: "
             f"{_flop(per_image)} per image, {total:.3e} FLOP ({total / PFLOP_DAY:.3g} PFLOP/s-days)"
         )
-    lines.append(
-        f"whole run: {run_total:.3e} FLOP ({run_total / PFLOP_DAY:.3g} PFLOP/s-days) at batch_size x "
-        "grad_accum images per step (N processes: N times the batch and the FLOPs)"
-    )
+    fixed = [s.config.train.global_batch is not None for s in stages]
+    if all(fixed):
+        scale = (
+            "at each stage's global batch (N processes: the same batch and FLOPs, batch_size x grad_accum = "
+            "global batch / N per process)"
+        )
+    elif any(fixed):
+        scale = (
+            "at each stage's global batch where it is set (N processes: the same, batch_size x grad_accum = "
+            "global batch / N per process), else at batch_size x grad_accum images per step (N processes: N "
+            "times the batch and the FLOPs)"
+        )
+    else:
+        scale = "at batch_size x grad_accum images per step (N processes: N times the batch and the FLOPs)"
+    lines.append(f"whole run: {run_total:.3e} FLOP ({run_total / PFLOP_DAY:.3g} PFLOP/s-days) {scale}")
     return lines
 
 
-def stage_of_checkpoint(stages: list[Stage], step: int, recorded: int | None) -> Stage:
+def stage_of_checkpoint(
+    stages: list[Stage], step: int, recorded: int | None, saved: list[Stage] | None = None
+) -> Stage:
     """The stage a checkpoint written after ``step`` steps belongs to: the one it recorded (checked against
-    this config's step ranges), or for a checkpoint without a record, the stage whose range holds it."""
+    this config's step ranges), or for a checkpoint without a record, the stage whose range holds it.
+    ``saved`` (the stages of the checkpoint's own config) also refuses a config that moves the start of
+    that stage: the data position the checkpoint saved counts the steps since the stage began."""
     if recorded is None:
-        recorded = next((s.index for s in stages if s.start < step <= s.end), 0)
+        recorded = next((s.index for s in saved or stages if s.start < step <= s.end), 0)
+    if saved and 0 <= recorded < min(len(saved), len(stages)):
+        was, now = saved[recorded].start, stages[recorded].start
+        if was != now:
+            # Only the earlier stages' lengths place the start: name the first one that changed.
+            moved = next(i for i in range(recorded) if saved[i].steps != stages[i].steps)
+            raise ConfigError(
+                f"stages.{moved}.steps={stages[moved].steps} moves the start of stage {recorded} "
+                f"{stages[recorded].name!r}, where the checkpoint at step {step} was written, from step {was} "
+                f"to {now} (allowed: stages.{moved}.steps={saved[moved].steps} as the run was trained: only "
+                "the current and later stages' steps may change)"
+            )
     if not 0 <= recorded < len(stages) or not stages[recorded].start <= step <= stages[recorded].end:
         ranges = ", ".join(f"{s.index} {s.name!r} {s.start}..{s.end}" for s in stages)
         raise ConfigError(
