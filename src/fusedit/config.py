@@ -849,6 +849,26 @@ def written_as_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
 
 
+def refuse_path_to_nothing(named: str, place: str, folder: str = "a folder") -> None:
+    """A model location written as a path that does not exist, refused before a loader (transformers,
+    diffusers) takes it for a malformed or unreachable hub id; ``named`` is the setting as the error shows
+    it (``text.model_id='/x'``, ``--clip '/x'``), ``folder`` what belongs there."""
+    if written_as_path(place) and not Path(place).expanduser().exists():
+        raise ConfigError(
+            f"{named} is a path to nothing (allowed: {folder} written by save_pretrained, or a hub id "
+            "written org/name)"
+        )
+
+
+def gone_model_paths(cfg: Config) -> dict[str, str]:
+    """The model locations ``cfg`` saved as absolute paths that no longer exist (a folder that moved)."""
+    return {
+        key: place
+        for key, place in model_paths(cfg).items()
+        if os.path.isabs(place) and not os.path.exists(place)
+    }
+
+
 # The config.json fields that make a model folder the model a run trained with: its kind and shapes. Other
 # fields (versions, dtype, _name_or_path) change when the same weights are saved again elsewhere.
 IDENTITY_FIELDS = (
@@ -882,6 +902,11 @@ def model_identity(place: str, subfolder: str = "") -> dict | None:
     return {key: config[key] for key in IDENTITY_FIELDS if key in config}
 
 
+def identity_difference(old: dict, new: dict) -> str | None:
+    """The first IDENTITY_FIELDS field two model_identity records both have and disagree on, or None."""
+    return next((f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]), None)
+
+
 def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Config:
     """A saved run's ``cfg`` with model folders that moved read from their new place: ``moves`` maps
     model_paths keys to the new location (a folder, or a hub id). A saved absolute path that no longer
@@ -903,11 +928,10 @@ def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Co
             )
         setattr(*fields[key], place)
     absolute_paths(cfg)
-    for key, place in model_paths(cfg).items():
-        if os.path.isabs(place) and not os.path.exists(place):
-            raise ConfigError(
-                f"{key}={place!r} of the saved config is a path to nothing (if it moved: {flag} {key}=NEW_PLACE)"
-            )
+    for key, place in gone_model_paths(cfg).items():
+        raise ConfigError(
+            f"{key}={place!r} of the saved config is a path to nothing (if it moved: {flag} {key}=NEW_PLACE)"
+        )
     return cfg
 
 

@@ -405,8 +405,9 @@ def export_run(
     readable_by_all(partial)
     if earlier:
         # What is not the pipeline's (`fusedit eval`'s results in eval/, a model card) stays with it.
+        pipeline = _pipeline_entries(folder)
         for entry in folder.iterdir():
-            if not (partial / entry.name).exists() and entry.name not in _pipeline_entries(folder):
+            if not (partial / entry.name).exists() and entry.name not in pipeline:
                 os.replace(entry, partial / entry.name)
         shutil.rmtree(folder)
     elif folder.exists():

@@ -7,12 +7,10 @@ and nowhere else.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, VAEConfig, written_as_path
+from fusedit.config import ConfigError, VAEConfig, refuse_path_to_nothing
 
 
 class IdentityAutoencoder(nn.Module):
@@ -62,11 +60,7 @@ def load_autoencoder(cfg: VAEConfig, device: torch.device | str = "cpu") -> nn.M
     from diffusers import AutoencoderKL
 
     # Refused here: diffusers would take the path for a hub id and report the hub unreachable.
-    if written_as_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
-        raise ConfigError(
-            f"vae.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
-            "save_pretrained, or a hub id written org/name)"
-        )
+    refuse_path_to_nothing(f"vae.model_id={cfg.model_id!r}", cfg.model_id)
     try:
         vae = AutoencoderKL.from_pretrained(cfg.model_id, subfolder=cfg.subfolder or None)
     except OSError as e:

@@ -42,10 +42,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fusedit.config import (
-    IDENTITY_FIELDS,
     ConfigError,
     DataConfig,
     VAEConfig,
+    identity_difference,
     model_identity,
     written_as_path,
 )
@@ -262,10 +262,8 @@ def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] |
                 f"the config has vae.model_id={vae_cfg.model_id!r}",
             )
         return None
-    # As checkpoint.py compares model folders: the fields both config.json files have.
-    differ = [f for f in IDENTITY_FIELDS if f in recorded and f in now and recorded[f] != now[f]]
-    if differ:
-        field = differ[0]
+    field = identity_difference(recorded, now)
+    if field:
         return (
             f"a VAE whose config.json has {field}={recorded[field]!r}",
             f"vae.model_id={vae_cfg.model_id!r} holds another, whose config.json has {field}={now[field]!r}",

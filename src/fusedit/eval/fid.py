@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, written_as_path
+from fusedit.config import refuse_path_to_nothing
 from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
@@ -385,11 +385,7 @@ class ClipEmbedder:
         from transformers import CLIPModel, CLIPProcessor
 
         # Refused here: transformers would take the path for a malformed hub id.
-        if written_as_path(str(model_id)) and not Path(model_id).expanduser().exists():
-            raise ConfigError(
-                f"--clip {str(model_id)!r} is a path to nothing (allowed: a CLIP folder written by "
-                "save_pretrained, or a hub id written org/name)"
-            )
+        refuse_path_to_nothing(f"--clip {str(model_id)!r}", str(model_id), "a CLIP folder")
         self.model_id = str(model_id)
         self.device, self.dtype = resolve_device(device), dtype
         self.processor = CLIPProcessor.from_pretrained(model_id)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from fusedit.config import ConfigError, TextConfig, written_as_path
+from fusedit.config import ConfigError, TextConfig, refuse_path_to_nothing, written_as_path
 from fusedit.text.spec import SUPPORTED_LLMS
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
     cannot be reached, so a preset can be described offline.
     """
     if cfg.model_id:
+        refuse_path_to_nothing(f"text.model_id={cfg.model_id!r}", cfg.model_id)
         try:
             # Shape-only builds never wait on the network: the local cache or the preset's arch will do.
             config = AutoConfig.from_pretrained(cfg.model_id, local_files_only=shape_only)
@@ -48,11 +48,6 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
                     config.hidden_size,
                 )
                 return config
-            if written_as_path(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
-                raise ConfigError(
-                    f"text.model_id={cfg.model_id!r} is a path to nothing (allowed: a folder written by "
-                    "save_pretrained, or a hub id written org/name)"
-                ) from None
             raise ConfigError(
                 f"text.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
                 f"unreachable or has no such model): {str(e).splitlines()[0]}"

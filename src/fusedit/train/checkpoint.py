@@ -47,11 +47,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fusedit.config import (
-    IDENTITY_FIELDS,
     Config,
     ConfigError,
     Stage,
     flatten,
+    gone_model_paths,
+    identity_difference,
     load_config,
     model_identity,
     model_paths,
@@ -200,8 +201,8 @@ def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
     new = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "") if old and place else None
     if new is None:
         return None
-    differ = [f for f in IDENTITY_FIELDS if f in old and f in new and old[f] != new[f]]
-    return f"{differ[0]}={new[differ[0]]!r} there, {old[differ[0]]!r} in the run" if differ else None
+    field = identity_difference(old, new)
+    return f"{field}={new[field]!r} there, {old[field]!r} in the run" if field else None
 
 
 def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
@@ -539,7 +540,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     """Load a checkpoint written in ``stage`` into a freshly built ``model``: the denoiser's EMA (or raw
     weights and adapters), each saved LLM and its adapters; then merge every adapter, leaving a model
     without adapters whose requires_grad flags are as ``build_model`` sets them. Returns whether the EMA
-    was loaded: ``use_ema`` asks for it, and a checkpoint without one (`fusedit convert`'s) has the raw
+    was loaded: ``use_ema`` asks for it, and a checkpoint saved without one (``ema=None``) has the raw
     weights only."""
     from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
 
@@ -688,13 +689,12 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
                 "or start one from these weights with train.init_from)"
             )
         changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    for key, place in model_paths(cfg).items():
+    for key, place in gone_model_paths(cfg).items():
         # Named here, before the model builds, with the way out: the loader would only say "path to nothing".
-        if os.path.isabs(place) and not os.path.exists(place):
-            raise ConfigError(
-                f"{key}={place!r} is a path to nothing (if the folder moved, resume with the override "
-                f"{key}=NEW_PLACE; allowed: a folder holding the model checkpoint {str(ckpt)!r} was trained with)"
-            )
+        raise ConfigError(
+            f"{key}={place!r} is a path to nothing (if the folder moved, resume with the override "
+            f"{key}=NEW_PLACE; allowed: a folder holding the model checkpoint {str(ckpt)!r} was trained with)"
+        )
     return changed
 
 
