@@ -353,6 +353,20 @@ def test_fusedit_fid_does_not_reuse_another_folders_reference_stats(tiny_vit, tm
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_features_path_to_nothing_is_named_with_its_flag(tmp_path, capsys):
+    """Not taken for a malformed hub id (transformers: "Repo id must be in the form ...")."""
+    from fusedit.cli import main
+
+    samples = save_images(tmp_path / "samples", random_images(2, size=32, seed=5))
+    missing = str(tmp_path / "nofeatures")
+    argv = ["fid", str(samples), "--reference", str(samples), "--reference-name", "mine"]
+    assert main([*argv, "--features", missing]) == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: --features {missing!r} is a path to nothing (allowed: a feature model folder "
+        "written by save_pretrained, or a hub id written org/name)\n"
+    )
+
+
 def _exif_rotated_jpeg(path):
     """A JPEG stored 40 wide x 24 high (left half red) whose EXIF orientation 6 says: display it rotated
     90 degrees clockwise, i.e. 24 wide x 40 high with the red half on top."""

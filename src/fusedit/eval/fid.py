@@ -510,6 +510,8 @@ class TransformersImageFeatures:
     ):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
 
+        # Refused here: transformers would take the path for a malformed hub id.
+        refuse_path_to_nothing(f"--features {str(model_id)!r}", str(model_id), "a feature model folder")
         self.model_id = str(model_id)
         self.id = f"transformers:{self.model_id}"
         self.device, self.dtype = resolve_device(device), dtype
