@@ -429,3 +429,18 @@ def test_resuming_on_a_folder_that_changed_size_warns_once_and_trains_on(tmp_pat
         "before the resume"
     ]
     assert result["step"] == 4 and len(result["losses"]) == 2
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_training_shows_the_data_scan_bar_only_with_progress(tmp_path, capsys, progress):
+    from test_data_sources import _noise
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        _noise(16, 16, i).save(root / f"a{i}.png")
+        (root / f"a{i}.txt").write_text("a red circle")
+    cfg = tiny_config(data={"source": "folder", "root": str(root)}, train={"steps": 1})
+    train(cfg, tmp_path / "run", progress=progress)
+    bars = capsys.readouterr().err
+    assert ("scan images" in bars, "train " in bars) == (progress, progress)
