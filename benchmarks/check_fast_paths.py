@@ -49,7 +49,7 @@ def main() -> None:
     side = args.resolution // cfg.vae.downsample
     x = torch.randn(4, cfg.vae.latent_channels, side, side, device=device)
     t = torch.rand(4, device=device)
-    text = synthetic_text(model, 4, 256, torch.Generator(device).manual_seed(0))
+    text = synthetic_text(model, torch.full((4,), 256), 256, torch.Generator(device).manual_seed(0))
     outs, grads = [], []
     for m in (slow, fast):
         with torch.autocast(device.type, dtype=torch.bfloat16):

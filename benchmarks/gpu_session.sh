@@ -13,6 +13,8 @@ part=${1:?usage: gpu_session.sh 1|2|3}
 out=${OUT:-benchmarks/raw/$(date +%F)-gpu}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Every JSON record names the commit (fusedit.bench.source_commit reads it where there is no .git).
+[ -n "${COMMIT:-}" ] && export FUSEDIT_COMMIT=$COMMIT
 log="$out/part$part.log"
 { date -u; echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } >>"$log" 2>&1

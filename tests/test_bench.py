@@ -50,6 +50,47 @@ def test_bench_on_cpu_writes_one_json_object_per_measurement(tmp_path, capsys):
     ]
 
 
+def test_bench_records_how_each_figure_was_made(tmp_path, monkeypatch, capsys):
+    """Command, date, commit, warm-up and repeat counts, the timer, and the attention kernel that ran,
+    which follows model.attention_backend (auto picks per call: here the CPU's flash kernel)."""
+    import datetime
+
+    monkeypatch.setenv("FUSEDIT_COMMIT", "abc123")
+    out = tmp_path / "bench.jsonl"
+    args = bench_args(out, "--batch", "2", "--steps", "1", "--prompts", "1", "--cached-only")
+    assert main([*args, "model.attention_backend=math"]) == 0
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["attention_kernels"] for r in rows] == [["math"], ["math"], ["flash"], ["flash"]]
+    assert "attention math" in capsys.readouterr().out
+    for r in rows:
+        assert (r["warmup"], r["repeats"], r["timer"], r["commit"]) == (0, 1, "perf_counter", "abc123")
+        assert datetime.datetime.fromisoformat(r["date"]).tzinfo is not None
+    assert rows[0]["command"] == "fusedit " + " ".join([*args, "model.attention_backend=math"])
+    assert rows[0]["peak_memory_bytes"] is None and rows[0]["peak_memory_gib"] is None  # the CPU
+
+
+def test_source_commit_is_the_checkouts_and_says_when_it_differs(tmp_path, monkeypatch):
+    import subprocess
+
+    from fusedit.bench import source_commit
+
+    monkeypatch.delenv("FUSEDIT_COMMIT", raising=False)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    source = tmp_path / "bench.py"
+    source.write_text("x = 1\n")
+    assert source_commit(source) is None  # a repository that does not track the file
+    subprocess.run([*git, "add", "bench.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert source_commit(source) == head
+    source.write_text("x = 2\n")
+    assert source_commit(source) == head + "-dirty"
+    monkeypatch.setenv("FUSEDIT_COMMIT", "given")
+    assert source_commit(source) == "given"
+
+
 def test_bench_counts_every_llm_of_a_multi_llm_model(tmp_path):
     """LI-DiT's two LLMs: each has its own text width, and the FLOP count has both LLMs and both branches."""
     out = tmp_path / "bench.jsonl"

@@ -5,15 +5,21 @@ Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT fo
 image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. Sampling:
 images/s and seconds per image for N steps with guidance, with and without the text cache. Warm-up runs are
 excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU).
+Each record also says how it was made: warm-up and repeat counts, the timer, the levers, and the attention
+kernels that ran (read from the profiler, as "auto" picks one per call).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -24,8 +30,19 @@ from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
 
+log = logging.getLogger(__name__)
+
 # At most this many text lengths get an untimed priming step each (bench_train).
 MAX_PRIMED_WIDTHS = 16
+
+# The aten operator of each scaled-dot-product-attention kernel as the profiler names it; its backward and
+# the CPU's flash variant (``..._flash_attention_for_cpu``) start with the same name.
+SDPA_KERNELS = {
+    "cudnn": "aten::_scaled_dot_product_cudnn_attention",
+    "flash": "aten::_scaled_dot_product_flash_attention",
+    "efficient": "aten::_scaled_dot_product_efficient_attention",
+    "math": "aten::_scaled_dot_product_attention_math",
+}
 
 
 def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -46,6 +63,48 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timer(device: torch.device) -> str:
+    """How ``time_it`` times on ``device``."""
+    return "cuda-events" if device.type == "cuda" else "perf_counter"
+
+
+def attention_kernels(fn: Callable[[], object]) -> list[str] | None:
+    """The SDPA kernels (SDPA_KERNELS' names) one untimed call of ``fn`` dispatched to, read from the
+    profiler's operator names: model.attention_backend=auto picks per call (cuDNN first on a GPU, a kernel
+    that cannot take the call passes it on), so a figure records what made it. Empty when a compiler lowered
+    attention to plain matmuls; None when the profiler could not run (the reason is logged)."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    except RuntimeError as e:  # e.g. another profiler already running in this process
+        log.warning("the attention kernels were not recorded: the profiler failed (%s)", e)
+        return None
+    names = {e.name for e in prof.events()}
+    return [k for k, op in SDPA_KERNELS.items() if any(n.startswith(op) for n in names)]
+
+
+def source_commit(source: Path = Path(__file__)) -> str | None:
+    """The commit of the fusedit code that runs (``source``: this file): $FUSEDIT_COMMIT (a copy without
+    .git, such as the GPU machine's), else that of the git checkout fusedit is imported from, "-dirty" when
+    tracked files differ from it; None for an installed package."""
+    if os.environ.get("FUSEDIT_COMMIT"):
+        return os.environ["FUSEDIT_COMMIT"]
+    here = str(source.resolve().parent)
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        # Only a checkout that tracks this very file: not a repository that merely holds a virtualenv.
+        if git("ls-files", "--error-unmatch", source.name).returncode != 0:
+            return None
+        head = git("rev-parse", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
@@ -214,6 +273,15 @@ def bench_train(
         step()
     widths.clear()
     seconds = time_it(step, device, 0, repeats)
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # The denoiser's kernels: its forward alone, autograd on as in a step (the LLM's attention runs first).
+    text = synthetic_text(s.model, prompt_lengths(batch, tokens, min_tokens, lgen), tokens, tgen)
+
+    def forward():
+        with s.autocast():
+            denoiser(interpolate(x0, noise, t), t, text)
+
+    kernels = attention_kernels(forward)
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
     # FLOPs of the text lengths the timed steps computed over (padding included: the kernels compute it).
     flops = statistics.mean(
@@ -232,16 +300,21 @@ def bench_train(
         "min_text_tokens": min_tokens,
         "text_width_mean": statistics.mean(w[0] for w in widths),
         "primed_widths": len(widths_to_prime) if primed else 0,
+        "warmup": warmup,
+        "repeats": repeats,
+        "timer": timer(device),
         "step_s": seconds,
         "images_per_s": batch / seconds,
         "tflops": achieved / 1e12,
         "mfu": achieved / s.peak,
         "peak_tflops": s.peak / 1e12,
         "flops_per_image": flops,
-        "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30)
-        if device.type == "cuda"
-        else None,
+        # Allocated by tensors (what torch.cuda.max_memory_allocated counts), not the allocator's reserve
+        # or nvidia-smi's figure; bytes, and GiB (2**30) for reading.
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_gib": peak_bytes / 2**30 if peak_bytes is not None else None,
         "trainable_params": count_parameters(denoiser, trainable=True),
+        "attention_kernels": kernels,
         **levers(s),
     }
 
@@ -286,6 +359,13 @@ def bench_sample(
         return sample(velocity, noise, steps, shift=cfg.sample.shift, schedule=cfg.sample.schedule)
 
     seconds = time_it(run, device, warmup, repeats)
+
+    # The denoiser's kernels: one step over the cached text (the LLM's attention runs before), eager, as a
+    # CUDA graph's replay dispatches no operator.
+    with torch.no_grad():
+        context = synthetic_text(s.model, lengths, tokens, torch.Generator(device).manual_seed(1))
+        velocity = text_velocity(s.model.denoiser, context, guidance, dtype)
+        kernels = attention_kernels(lambda: velocity(noise, torch.ones(prompts, device=device)))
     return {
         "kind": "sample",
         "preset": cfg.name,
@@ -299,9 +379,13 @@ def bench_sample(
         "guidance": guidance,
         "text_cache": cached,
         "cuda_graphs": graphed[-1],
+        "warmup": warmup,
+        "repeats": repeats,
+        "timer": timer(device),
         "batch_s": seconds,
         "images_per_s": prompts / seconds,
         "s_per_image": seconds / prompts,
+        "attention_kernels": kernels,
         **levers(s),
     }
 
@@ -309,16 +393,19 @@ def bench_sample(
 def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
+        kernels = r["attention_kernels"]
+        attn = "attention " + ("+".join(kernels) or "compiled") if kernels is not None else ""
         if r["kind"] == "train":
-            mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "-"
+            gib = r["peak_memory_gib"]
+            mem = f"{gib:.1f} GiB ({r['peak_memory_bytes'] / 1e9:.1f} GB)" if gib is not None else "-"
             lines.append(
                 f"train  {r['preset']:<22} {r['resolution']:>5}px b{r['batch']:<4} {r['images_per_s']:9.2f} img/s "
-                f"{r['tflops']:8.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak mem {mem}"
+                f"{r['tflops']:8.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak mem {mem}  {attn}"
             )
         else:
             lines.append(
                 f"sample {r['preset']:<22} {r['resolution']:>5}px n{r['prompts']:<4} {r['images_per_s']:9.2f} img/s "
                 f"{r['s_per_image']:8.3f} s/img  {r['steps']} steps cfg {r['guidance']}  "
-                f"{'cached' if r['text_cache'] else 'uncached'}"
+                f"{'cached' if r['text_cache'] else 'uncached'}  {attn}"
             )
     return "\n".join(lines)

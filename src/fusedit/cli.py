@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -662,7 +664,7 @@ def _size_by_batch(text: str) -> tuple[int, int]:
 def cmd_bench(args) -> int:
     import torch
 
-    from fusedit.bench import bench_sample, bench_train, format_table, levers, setup
+    from fusedit.bench import bench_sample, bench_train, format_table, levers, setup, source_commit
     from fusedit.sample import check_steps_guidance
     from fusedit.system import resolve_device
 
@@ -703,6 +705,10 @@ def cmd_bench(args) -> int:
             raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
         _check_size(size, cfg, "--train-points")
     device = resolve_device(args.device, "--device")
+    # The profiler that records each point's attention kernels (bench.attention_kernels) starts kineto, which
+    # writes start/stop lines between the table's rows at any level below 6; read at its first use. A
+    # level the user set wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
     # Every training point first: sampling turns the model into its sampling form.
     points = []
@@ -743,17 +749,23 @@ def cmd_bench(args) -> int:
             args.min_text_tokens,
         )
 
+    # What every record says of the run that made it (RESULTS.md names each figure's command, date, commit).
+    made = {
+        "command": shlex.join(["fusedit", *args.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
+    }
     rows = []
     with contextlib.ExitStack() as stack:
         # Appended: the measurements of earlier runs into the same file (a session's sweep) are kept.
         sink = stack.enter_context(open(args.json, "a")) if args.json else None
         for point in points:
             try:
-                rows.append(measure(point))
+                rows.append(measure(point) | made)
                 print(format_table(rows[-1:]), flush=True)
             except torch.OutOfMemoryError:
                 # "does batch 64 fit?" is a result too: record it and go on with the next point
-                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s)})
+                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s), **made})
                 print(f"{point}: out of memory", flush=True)
             if sink is not None:  # written as it goes, so a run cut short keeps what it measured
                 sink.write(json.dumps(rows[-1]) + "\n")
@@ -1104,14 +1116,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="padded prompts: real lengths uniform in this..--text-tokens, empty negative prompts "
         "(default: every prompt --text-tokens long, no padding)",
     )
-    sp.add_argument("--prompts", type=int, nargs="+", default=[4], help="sampling batch(es)")
-    sp.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling step count(s)")
+    sp.add_argument("--prompts", type=int, nargs="+", default=[4], help="sampling batch(es) (default 4)")
+    sp.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling step count(s) (default 25)")
     sp.add_argument("--cached-only", action="store_true", help="skip the uncached sampling runs")
-    sp.add_argument("--guidance", type=float, default=6.0)
-    sp.add_argument("--warmup", type=int, default=2)
-    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--guidance", type=float, default=6.0, help="guidance scale when sampling (default 6)")
+    sp.add_argument(
+        "--warmup", type=int, default=2, help="untimed runs before the timed ones, per point (default 2)"
+    )
+    sp.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per point; the median counts (default 5)"
+    )
     sp.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     sp.add_argument("--json", help="append one JSON object per measurement to this file (JSON lines)")
     sp.set_defaults(func=cmd_bench)
 
@@ -1231,6 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     progress = not getattr(args, "quiet", False)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
     try:
         with _library_bars(progress), _logs_above_bars(progress):
             return args.func(args)
