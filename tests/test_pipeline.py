@@ -159,6 +159,20 @@ def test_diffusers_schedule_is_the_schedulers_own_and_matches_generate():
         run_pipe(pipe)
 
 
+@pytest.mark.parametrize("schedule", ["uniform", "diffusers"])
+def test_a_heun_model_samples_with_heun_as_generate_does(schedule):
+    """sample.sampler=heun: diffusers' Euler scheduler cannot take Heun's step, so the pipeline integrates
+    the scheduler's times with fusedit's Heun, equal to generate bit for bit (not Euler's images)."""
+    cfg = tiny_config(sample={**SAMPLE, "sampler": "heun", "schedule": schedule})
+    model = built(cfg)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    calls = llm_calls(pipe)
+    latents = run_pipe(pipe, output_type="latent")
+    assert calls == ["text_encoder"]
+    assert torch.equal(latents.clamp(-1, 1), images(model, sampler="heun", schedule=schedule))
+    assert not torch.equal(latents.clamp(-1, 1), images(model, sampler="euler", schedule=schedule))
+
+
 @pytest.mark.parametrize("name", ["fusedit", "lidit", "clip-mod", "diffusers-vae"])
 def test_saved_then_loaded_model_gives_identical_velocities_and_images(name, tmp_path):
     cfg = variant(name, tmp_path)

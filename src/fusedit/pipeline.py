@@ -8,9 +8,11 @@ It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary di
 ``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sample.generate`` does: the LLMs run
 once per call for the whole [negative ; prompt] batch and that text context serves every step and both
 guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, or the
-scheduler's own spacing, then the SD3 shift of the scheduler's config) with Euler steps. Same seed, steps,
-guidance, shift and schedule give the same images as
-``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast: ``sample.precision``).
+scheduler's own spacing, then the SD3 shift of the scheduler's config) with its Euler steps, or, for a model
+whose ``sample.sampler`` is heun, with fusedit's Heun over the scheduler's times (diffusers' Euler scheduler
+cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the same
+images as ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast:
+``sample.precision``).
 
 ``save_pretrained(model, cfg, folder)`` writes a fusedit model as a pipeline folder, ``from_pretrained(folder,
 device)`` reads one back as ``(TextToImage, Config)`` and ``export_run(run, folder)`` exports a training run.
@@ -34,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fusedit.config import Config, allowed_sides, side_fits
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
-from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
+from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS, SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
 from fusedit.sample import latent_shape, text_velocity
@@ -337,11 +339,14 @@ class FuseDiTPipeline(DiffusionPipeline):
         self._set_schedule(steps, device)
         sigmas = self.scheduler.sigmas
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
-            for i, timestep in enumerate(self.scheduler.timesteps):
-                # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
-                v = velocity(latents, sigmas[i].expand(latents.shape[0]))
-                latents = self.scheduler.step(v, timestep, latents, return_dict=False)[0]
-                bar.update()
+            if cfg.sample.sampler == "euler":
+                for i, timestep in enumerate(self.scheduler.timesteps):
+                    # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
+                    v = velocity(latents, sigmas[i].expand(latents.shape[0]))
+                    latents = self.scheduler.step(v, timestep, latents, return_dict=False)[0]
+                    bar.update()
+            else:  # a step the Euler scheduler cannot take: fusedit's, over its (steps + 1,) sigmas from 1 to 0
+                latents = SAMPLERS[cfg.sample.sampler](velocity, latents, sigmas.to(device), bar.update)
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
