@@ -4,8 +4,8 @@ Image queries attend to [text K/V ; image K/V]. Text rows are never computed her
 are the frozen LLM's own causal forward, computed once per prompt batch (design-space.md s.1), so the
 only mask left is a key-padding mask over the text part, (B, 1, 1, T + N), and none at all when the batch
 has no padding. No dense (T + N) x (T + N) mask is ever built. The other callers pass masks of the same
-kind: cross-attention's key padding (B, 1, 1, T) and LI-DiT's refiner's (B, 1, T, T), causal in its
-ablation.
+kind: cross-attention's key padding (B, 1, 1, T) and LI-DiT's refiner's, (B, 1, 1, T), or (B, 1, T, T) in
+its causal ablation.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def key_padding_mask(text_mask: torch.Tensor | None, num_image: int) -> torch.Te
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """q (B, H, N, d); k, v (B, KVH, S, d) with H a multiple of KVH (MQA/GQA); mask (B, 1, 1, S) bool.
+    """q (B, H, N, d); k, v (B, KVH, S, d) with H a multiple of KVH (MQA/GQA); mask a bool keep-mask
+    broadcastable to (B, 1, N, S): (B, 1, 1, S) key padding, or (B, 1, N, S) for the causal refiner.
 
     Returns (B, N, H * d).
     """

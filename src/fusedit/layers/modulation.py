@@ -117,6 +117,8 @@ class AdaLNFinal(nn.Module, ZeroInit):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # Scale before shift, unlike the blocks' modulation: the order of diffusers' AdaLayerNormContinuous,
+        # the public FuseDiT code's final norm, whose weights then copy over unchanged (fusedit_official.py).
         scale, shift = self.linear(nn.functional.silu(c))[:, None].chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 

@@ -46,7 +46,8 @@ class Rotary:
 
 
 class NoRotary:
-    """The APE scheme: image tokens get no rotation (their position is added after patchify)."""
+    """No rotation: APE (the position is added after patchify), no positions at all, and text keys that
+    are not rotated."""
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x

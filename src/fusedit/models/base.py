@@ -4,7 +4,9 @@
     patchify (+ APE) -> timestep embedding -> blocks, each reading its text input -> final norm -> unpatchify
 
 A design (subclass) says which blocks it stacks, what it asks of the LLM (``text_request``) and what each
-block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialisation live here, once.
+block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialisation live here, once
+(``initialize_weights``); a design inits only what it adds beyond them (the shallow baselines' context
+projection, N(0, 0.02) as in the public code).
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class LinguisticRefiner(nn.Module):
         self.causal = causal
 
     def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) key padding -> (B, 1, T, T) bool; with ``causal``, also no looking ahead."""
+        """(B, T) key padding -> (B, 1, 1, T) bool keep-mask; with ``causal``, (B, 1, T, T), also no
+        looking ahead."""
         keep = mask[:, None, None, :]
         if self.causal:
             t = mask.shape[1]
