@@ -117,6 +117,14 @@ class RefinedPooledText(nn.Module):
         return temb + self.embed(masked_mean(state.context, state.mask))
 
 
+# model.pooled_text: what joins the timestep embedding, built from (pooled_dim, dim, eps).
+POOLED_TEXT = {
+    "none": lambda pooled_dim, dim, eps: NoPooledText(),
+    "clip": ClipPooledText,
+    "refined": lambda pooled_dim, dim, eps: RefinedPooledText(dim),
+}
+
+
 def _run_block(block: nn.Module, *args) -> torch.Tensor:
     return block(*args)
 
@@ -145,11 +153,7 @@ class DiT(nn.Module):
         self.patch_embed = PatchEmbed(in_channels, dim, cfg.patch_size)
         self.conv_pos = ConvPosition(dim) if cfg.conv_pos else NoConvPosition()
         self.time = timestep_conditioning(cfg, dim)
-        self.pooled = {
-            "none": lambda: NoPooledText(),
-            "clip": lambda: ClipPooledText(pooled_dim, dim, llm.rms_norm_eps),
-            "refined": lambda: RefinedPooledText(dim),
-        }[cfg.pooled_text]()
+        self.pooled = POOLED_TEXT[cfg.pooled_text](pooled_dim, dim, llm.rms_norm_eps)
         self.blocks = nn.ModuleList(self.make_block(dim, llm, cfg) for _ in range(self.depth(cfg, llm)))
         self.final_norm = self.time.final_layer(dim, llm.rms_norm_eps)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * in_channels)

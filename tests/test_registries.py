@@ -1,0 +1,31 @@
+"""Every build-time registry (a variant is chosen when the model is built) names exactly the values its
+config key allows: a value the config accepts always builds, and every registered variant is reachable."""
+
+import pytest
+
+from fusedit.config import ModelConfig, SampleConfig, choices_of
+from fusedit.flow.samplers import SAMPLERS, SCHEDULES
+from fusedit.layers.attention import BACKENDS
+from fusedit.layers.modulation import MODULATED_NORMS, TIMESTEP_CONDITIONING
+from fusedit.layers.position import POSITION_SCHEMES
+from fusedit.models import DESIGNS
+from fusedit.models.base import POOLED_TEXT
+from fusedit.text.refiner import CONCATS
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "registry"),
+    [
+        (ModelConfig, "design", DESIGNS),
+        (ModelConfig, "pos_embed", POSITION_SCHEMES),
+        (ModelConfig, "timestep_conditioning", TIMESTEP_CONDITIONING),
+        (ModelConfig, "adaln_norm", MODULATED_NORMS),
+        (ModelConfig, "refiner_concat", CONCATS),
+        (ModelConfig, "attention_backend", {"auto": None, **BACKENDS}),  # auto: the AUTO_ORDER priority list
+        (ModelConfig, "pooled_text", POOLED_TEXT),
+        (SampleConfig, "sampler", SAMPLERS),
+        (SampleConfig, "schedule", SCHEDULES),
+    ],
+)
+def test_a_registry_names_what_its_config_key_allows(section, key, registry):
+    assert sorted(choices_of(section, key)) == sorted(registry)
