@@ -11,6 +11,7 @@ from fusedit.config import load_config, preset_names
 from fusedit.layers.rope import NoRotary
 from fusedit.sample import sample_settings
 from fusedit.system import build_model, count_parameters
+from test_lidit import lidit
 
 PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
 
@@ -163,29 +164,9 @@ def test_adaln_single_final_layer_is_table_plus_temb():
 
 # ------------------------------------------------------------------ F7: LI-DiT refiner gates (s.2)
 
-QWEN = {
-    "family": "qwen2",
-    "arch": {**TINY_ARCH, "hidden_size": 48, "head_dim": 12, "num_hidden_layers": 4},
-    "template": "lidit",
-    "hidden_layer": -2,
-    "max_length": 40,
-}
-
 
 def _lidit(two_llms: bool):
-    cfg = tiny_config(
-        model={
-            "design": "dit-cross",
-            "pos_embed": "none",
-            "conv_pos": True,
-            "refiner_depth": 2,
-            "refiner_heads": 4,
-            "pooled_text": "refined",
-        },
-        text={"template": "lidit", "hidden_layer": -3, "max_length": 40},
-        extra_text=[QWEN] if two_llms else [],
-    )
-    model = build_model(cfg)
+    model = build_model(lidit(extra=two_llms))
     randomize(model.denoiser)
     return model
 
