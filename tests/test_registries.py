@@ -29,3 +29,10 @@ from fusedit.text.refiner import CONCATS
 )
 def test_a_registry_names_what_its_config_key_allows(section, key, registry):
     assert sorted(choices_of(section, key)) == sorted(registry)
+
+
+def test_bench_names_the_kernels_that_ran_as_model_attention_backend_does():
+    """A bench record's attention_kernels (read from the profiler) use the backend names a user sets."""
+    from fusedit.bench import SDPA_KERNELS
+
+    assert sorted(SDPA_KERNELS) == sorted(BACKENDS)
