@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 6 still needs, in three parts that each fit one 10-minute device command
-# (no install: the repo's src/ on PYTHONPATH; the GPU image has torch, transformers, peft and pytest):
-#   bash benchmarks/gpu_session.sh 1  # GPU tests; fusedit-gemma2b at this commit; CUDA graphs for 1 and 4 prompts
-#   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against batch, sampling against steps/batch
-#   bash benchmarks/gpu_session.sh 3  # padded prompts (trimmed to multiples of 128, untrimmed); a staged LoRA run
+# The GPU measurements of issue 6, in parts that each fit one 10-minute device command (no install: the
+# repo's src/ on PYTHONPATH; the GPU image has torch, transformers, peft and pytest):
+#   bash benchmarks/gpu_session.sh 1  # the targets at this commit: fusedit-gemma2b, fusedit-large, the variants
+#   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against resolution and batch, sampling
+#   bash benchmarks/gpu_session.sh 3  # GPU tests, fast paths against slow, CUDA graphs, padded prompts
+#   bash benchmarks/gpu_session.sh 4  # a staged LoRA run under inductor
 # JSON lines (one object per measurement, written as it lands) and logs go to $OUT, or
-# benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part; the
-# three parts take up to about 28 minutes with the machine's start, so they may need two sessions' device
-# time. COMMIT=$(git rev-parse HEAD) names the commit where the device copy has no .git.
+# benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part;
+# parts 1-3 take about 30 minutes with the machine's start. COMMIT=$(git rev-parse HEAD) names the commit
+# where the device copy has no .git.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh 1|2|3}
+part=${1:?usage: gpu_session.sh 1|2|3|4}
 out=${OUT:-benchmarks/raw/$(date +%F)-gpu}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,21 +29,30 @@ bench() {  # bench NAME SECONDS ARGS...: one `fusedit bench` process, its JSON i
 
 case $part in
 1)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >>"$log" 2>&1 || echo "!! tests exited $?" >>"$log"
-  bench gemma2b 240 fusedit-gemma2b --train-points 512x16 256x32 --prompts 4 1 --steps 25 --cached-only
-  bench graphs 150 fusedit-gemma2b sample.cuda_graphs=true --what sample --prompts 1 4 --steps 25 --cached-only
+  # The issue's target configurations: training 512x16, 256x32, 256x64; sampling 4 prompts x 25 steps,
+  # cached and uncached; the large model; the 2d-rope and no-timestep variants' MFU.
+  bench gemma2b 230 fusedit-gemma2b --train-points 512x16 256x32 256x64 --prompts 4 1 --steps 25
+  bench large 140 fusedit-large --train-points 512x16 --prompts 4 --steps 25
+  bench rope2d 95 fusedit-2d-rope --what train --train-points 512x16
+  bench notime 95 fusedit-no-timestep --what train --train-points 512x16
   ;;
 2)
+  # The shallow baselines, the target point first so a time limit cuts the sweep's tail, not the target.
   for preset in dit-self-gemma2b dit-cross-gemma2b; do
-    bench "${preset%%-gemma2b}-sweep" 270 "$preset" --train-points 256x64 512x8 512x32 1024x8 \
-      --prompts 1 4 --steps 10 25 50 --cached-only --repeats 3
+    bench "${preset%%-gemma2b}" 270 "$preset" --train-points 512x16 256x32 1024x4 256x64 512x8 512x32 1024x8 \
+      --prompts 4 1 --steps 25 10 50 --cached-only --repeats 3
   done
   ;;
 3)
-  # Prompts of 32..256 real tokens, empty negative prompts: the masked attention path. Trimmed to multiples
-  # of 128 (the default on a GPU), then kept at 256 with a mask (trim_padding=false); part 1's gemma2b run
-  # is the same shape without padding.
-  bench padded 200 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
+  timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >>"$log" 2>&1 || echo "!! tests exited $?" >>"$log"
+  echo "== check_fast_paths fusedit-gemma2b" >>"$log"
+  timeout 90 python3 benchmarks/check_fast_paths.py fusedit-gemma2b >>"$log" 2>&1 || echo "!! fast paths exited $?" >>"$log"
+  bench graphs 130 fusedit-gemma2b sample.cuda_graphs=true --what sample --prompts 1 4 --steps 25 --cached-only
+  # Prompts of 32..256 real tokens, empty negative prompts: the masked attention path, trimmed to multiples
+  # of 128 (the default on a GPU); part 1's gemma2b run is the same shape without padding.
+  bench padded 170 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
+  ;;
+4)
   bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
     --cached-only --min-text-tokens 32
   echo "== staged training with LoRA under inductor (recipe-shapes-3stage)" >>"$log"
@@ -53,7 +63,7 @@ case $part in
   tail -n 2 /tmp/stages-run/metrics.jsonl >>"$log" 2>/dev/null
   ;;
 *)
-  echo "unknown part $part (allowed: 1, 2, 3)" >&2
+  echo "unknown part $part (allowed: 1, 2, 3, 4)" >&2
   exit 2
   ;;
 esac
