@@ -25,8 +25,8 @@ def _model(**sections):
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_cuda_graph_sampling_replays_the_same_kernels(precision, sampler):
     """A replayed step runs exactly the kernels of an eager one: the images are bit-identical."""
-    model, cfg = _model(sample={"compile": ""})
-    settings = sample_settings(cfg, precision=precision, sampler=sampler, steps=6)
+    model, cfg = _model(sample={"compile": "", "precision": precision})  # fp32: fp32 weights
+    settings = sample_settings(cfg, sampler=sampler, steps=6)
     eager = generate(model, PROMPTS, **{**settings, "cuda_graphs": False})
     graphed = generate(model, PROMPTS, **{**settings, "cuda_graphs": True})
     assert torch.equal(eager, graphed)

@@ -178,6 +178,14 @@ def generate(
     replays each step as one CUDA graph (with the text cache on a GPU; elsewhere it changes nothing)."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
+    dtype = sampling_dtype(precision, device)
+    if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):
+        # Plain fp32 matmuls cannot take bf16 weights: torch would fail deep inside with a dtype mismatch.
+        raise ValueError(
+            f"precision {precision!r} samples in fp32, but the model holds bf16 weights (its sampling form "
+            "under sample.bf16_weights); prepare it with sample.precision=fp32 or sample.bf16_weights=false, "
+            "or sample with precision 'bf16'"
+        )
     rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
     if cache_text:
         text = model.encode_prompts(rows)
@@ -193,7 +201,7 @@ def generate(
             with model.uncounted():
                 return model.encode_prompts(rows)
 
-    velocity = text_velocity(denoiser, text, guidance, sampling_dtype(precision, device), cuda_graphs)
+    velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
     if noise is None:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(prompts), *latent_shape(model, image_size), generator=gen)

@@ -125,6 +125,17 @@ POOLED_TEXT = {
 }
 
 
+def inductor_options() -> dict[str, bool]:
+    """Inductor settings for the compiled blocks, passed per compile rather than set process-wide.
+    Mix-order reduction (fusing a norm's per-row and per-column reductions in backward) is off: in torch
+    2.11 its scheduler fails an assertion ("AssertionError: 2048 v.s. 8192") compiling the backward of a
+    fusedit-gemma2b block at batch 4 on an H200 (benchmarks/RESULTS.md), so a training run would crash at
+    its first step for some batch sizes. Where torch has no such setting there is nothing to turn off."""
+    import torch._inductor.config as inductor
+
+    return {"triton.mix_order_reduction": False} if hasattr(inductor.triton, "mix_order_reduction") else {}
+
+
 def _run_block(block: nn.Module, *args) -> torch.Tensor:
     return block(*args)
 
@@ -167,9 +178,10 @@ class DiT(nn.Module):
         """torch.compile each repeated block with ``backend`` (same shapes every step, so one graph serves
         them all); "" runs them eagerly again (nn.Module.compile keeps its compiled call in
         ``_compiled_call_impl`` and has no public way back)."""
+        options = inductor_options() if backend == "inductor" else None
         for block in self.blocks:
             if backend:
-                block.compile(backend=backend, dynamic=False)
+                block.compile(backend=backend, dynamic=False, options=options)
             else:
                 block._compiled_call_impl = None
 
