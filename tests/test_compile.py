@@ -116,3 +116,21 @@ def test_sample_compile_gives_the_same_images(fresh_dynamo):
         assert (model.denoiser.blocks[0]._compiled_call_impl is not None) == bool(backend)
         images.append(generate(model, ["a red circle", "two blue squares"], image_size=16, steps=3))
     assert torch.equal(images[0], images[1])
+
+
+def test_inductor_blocks_compile_without_mix_order_reduction(fresh_dynamo, monkeypatch):
+    """torch 2.11's mix-order reduction fails an assertion compiling a gemma2b block's backward at batch 4
+    on an H200 (benchmarks/RESULTS.md): inductor blocks turn it off per compile, other backends get no
+    inductor options, and the process-wide inductor config is left alone."""
+    import torch._inductor.config as inductor
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    model = build_model(tiny_config())
+    before = inductor.triton.mix_order_reduction
+    model.denoiser.compile_blocks("inductor")
+    assert calls and all(kw["options"] == {"triton.mix_order_reduction": False} for kw in calls)
+    assert inductor.triton.mix_order_reduction == before
+    calls.clear()
+    model.denoiser.compile_blocks("eager")
+    assert calls and all(kw["options"] is None for kw in calls)

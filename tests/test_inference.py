@@ -79,3 +79,15 @@ def test_a_bf16_llm_feeds_an_fp32_denoiser(design):
     randomize(m.denoiser)
     images = generate(m, ["a red circle"], image_size=16, steps=2, guidance=3.0, precision="fp32")
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_generate_names_bf16_weights_sampled_in_fp32():
+    """A model in its bf16-weight sampling form cannot run plain fp32 matmuls: generate says so in one line
+    instead of torch's dtype mismatch deep in a Linear."""
+    m, _ = _model_and_inputs("fusedit")
+    prepare_for_sampling(m.denoiser, weights_dtype=torch.bfloat16, fuse=True)
+    with pytest.raises(
+        ValueError, match=r"precision 'fp32' samples in fp32, but the model holds bf16 weights"
+    ):
+        generate(m, ["a red circle"], image_size=16, steps=2, precision="fp32")
+    assert generate(m, ["a red circle"], image_size=16, steps=2, precision="bf16").shape == (1, 3, 16, 16)
