@@ -32,7 +32,7 @@ case $part in
   # The issue's target configurations: training 512x16, 256x32, 256x64; sampling 4 prompts x 25 steps,
   # cached and uncached; the large model; the 2d-rope and no-timestep variants' MFU.
   bench gemma2b 230 fusedit-gemma2b --train-points 512x16 256x32 256x64 --prompts 4 1 --steps 25
-  bench large 140 fusedit-large --train-points 512x16 --prompts 4 --steps 25
+  bench large 200 fusedit-large --train-points 512x16 --prompts 4 --steps 25
   bench rope2d 95 fusedit-2d-rope --what train --train-points 512x16
   bench notime 95 fusedit-no-timestep --what train --train-points 512x16
   ;;
@@ -47,10 +47,10 @@ case $part in
   timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >>"$log" 2>&1 || echo "!! tests exited $?" >>"$log"
   echo "== check_fast_paths fusedit-gemma2b" >>"$log"
   timeout 90 python3 benchmarks/check_fast_paths.py fusedit-gemma2b >>"$log" 2>&1 || echo "!! fast paths exited $?" >>"$log"
-  bench graphs 130 fusedit-gemma2b sample.cuda_graphs=true --what sample --prompts 1 4 --steps 25 --cached-only
+  bench graphs 110 fusedit-gemma2b sample.cuda_graphs=true --what sample --prompts 1 4 --steps 25 --cached-only
   # Prompts of 32..256 real tokens, empty negative prompts: the masked attention path, trimmed to multiples
   # of 128 (the default on a GPU); part 1's gemma2b run is the same shape without padding.
-  bench padded 170 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
+  bench padded 200 fusedit-gemma2b --train-points 512x16 --prompts 4 --steps 25 --cached-only --min-text-tokens 32
   ;;
 4)
   bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
