@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_config
+from fusedit.checkpoints import find_checkpoint
 from fusedit.train.checkpoint import (
     consolidate_checkpoint,
-    find_checkpoint,
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,

@@ -194,9 +194,9 @@ def test_cache_latents_then_train_on_them(tmp_path):
 def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     from pathlib import Path
 
+    from fusedit.checkpoints import find_checkpoint, load_checkpoint_config
     from fusedit.data.shapes import vocabulary
     from fusedit.text.tokenizer import word_tokenizer
-    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
 
     fixture = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
     tiny_vae().save_pretrained(tmp_path / "vae")
@@ -260,9 +260,9 @@ def test_convert_takes_the_tokenizer_of_the_llm_the_checkpoint_names(tmp_path, c
     """Without --tokenizer and a pipeline's tokenizer/, a conversion reads the tokenizer of the LLM the
     public config's base_config names; where it names none, the conversion is refused. Before, the run
     was saved without one and sampled silently with the built-in word tokenizer (another vocabulary)."""
+    from fusedit.checkpoints import find_checkpoint, load_checkpoint_config
     from fusedit.data.shapes import vocabulary
     from fusedit.text.tokenizer import word_tokenizer
-    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
 
     fixture = Path(__file__).parent / "fixtures" / "fusedit-official-tiny" / "transformer"
     tiny_vae().save_pretrained(tmp_path / "vae")
@@ -373,7 +373,7 @@ def test_bad_devices_fail_with_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, capsys):
-    from fusedit.train.checkpoint import find_checkpoint
+    from fusedit.checkpoints import find_checkpoint
 
     config, run = _tiny_yaml(tmp_path), tmp_path / "run"
 
@@ -476,9 +476,9 @@ def test_convert_reads_a_pickled_file_only_with_trust_pickle(tmp_path, capsys):
 
 def test_a_converted_run_samples_from_another_working_directory(tmp_path, monkeypatch):
     """The folders convert reads (--vae, --tokenizer, the download's own) are saved as absolute paths."""
+    from fusedit.checkpoints import find_checkpoint, load_checkpoint_config
     from fusedit.data.shapes import vocabulary
     from fusedit.text.tokenizer import word_tokenizer
-    from fusedit.train.checkpoint import find_checkpoint, load_checkpoint_config
 
     monkeypatch.chdir(tmp_path)
     tiny_vae().save_pretrained("vae")

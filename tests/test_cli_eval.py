@@ -22,12 +22,12 @@ def run(tmp_path_factory):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if `fusedit eval` loads the model."""
-    import fusedit.train.checkpoint
+    import fusedit.checkpoints
 
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", load_model)
+    monkeypatch.setattr(fusedit.checkpoints, "load_model", load_model)
 
 
 @pytest.fixture

@@ -26,14 +26,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_config
+from fusedit.checkpoints import find_checkpoint, is_distributed_checkpoint, load_model, load_state
 from fusedit.cli import main
 from fusedit.config import ConfigError, save_config
-from fusedit.train.checkpoint import (
-    find_checkpoint,
-    is_distributed_checkpoint,
-    load_model,
-    load_state,
-)
 from fusedit.train.distributed import DistEnv, resolve_parallel
 from fusedit.train.loop import train
 

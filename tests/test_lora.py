@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fusedit.checkpoints import find_checkpoint, load_model, load_tensors
 from fusedit.config import ConfigError
 from fusedit.pipeline import export_run, from_pretrained
 from fusedit.system import build_model
 from fusedit.train import lora
-from fusedit.train.checkpoint import find_checkpoint, load_model, load_tensors
 from fusedit.train.loop import train
 from fusedit.train.stages import Parts, apply_parts
 

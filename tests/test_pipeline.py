@@ -15,12 +15,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config, tiny_vae
 from fusedit import hub
+from fusedit.checkpoints import load_model
 from fusedit.flow import sampling_times
 from fusedit.imaging import to_uint8
 from fusedit.pipeline import FuseDiTPipeline, export_run, from_pretrained, save_pretrained
 from fusedit.sample import generate, seeded_noise
 from fusedit.system import build_model
-from fusedit.train.checkpoint import load_model, save_checkpoint
+from fusedit.train.checkpoint import save_checkpoint
 
 PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
 NEGATIVE = "a yellow square"

@@ -384,10 +384,10 @@ def test_unknown_compile_flag_is_a_one_line_error(folders, tmp_path, capsys):
 def test_a_bad_size_or_out_fails_before_the_model_loads(folders, tmp_path, capsys, monkeypatch, kind):
     """--size is checked against the saved config, read without the weights, as `fusedit eval` does; an
     --out that is a file is refused at once too."""
+    import fusedit.checkpoints
     import fusedit.pipeline
-    import fusedit.train.checkpoint
 
-    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(fusedit.checkpoints, "load_model", lambda *a, **k: pytest.fail("loaded"))
     monkeypatch.setattr(fusedit.pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     (tmp_path / "afile").write_text("")
     cases = [
@@ -406,13 +406,13 @@ def test_a_bad_size_or_out_fails_before_the_model_loads(folders, tmp_path, capsy
 def test_a_size_past_the_ape_table_fails_before_the_model_loads(folders, tmp_path, capsys, monkeypatch):
     """A converted FuseDiT model has the public code's fixed APE table (model.ape_max_size): larger images
     would fail only in the first sampling step."""
-    import fusedit.train.checkpoint
+    import fusedit.checkpoints
+    from fusedit.checkpoints import checkpoint_stage, find_checkpoint
     from fusedit.config import side_limits
-    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
 
     saved = checkpoint_stage(find_checkpoint(folders["converted"])).config
     unit, largest = side_limits(saved)
-    monkeypatch.setattr(fusedit.train.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(fusedit.checkpoints, "load_model", lambda *a, **k: pytest.fail("loaded"))
     assert sample(folders["converted"], tmp_path, "--prompt", "x", "--size", str(largest + unit)) == 2
     err = capsys.readouterr().err.strip()
     assert f"--size {largest + unit} is not allowed (allowed: a positive multiple of {unit}" in err

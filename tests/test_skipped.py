@@ -14,10 +14,10 @@ import torch
 
 import fusedit.data.transforms as transforms
 from conftest import tiny_config
+from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
 from fusedit.data.loader import SkipCounter, skipped_jsonl, step_loader
 from fusedit.data.transforms import make_rng
-from fusedit.train.checkpoint import find_checkpoint
 from fusedit.train.loop import train
 from test_data_sources import _noise, _write_shards
 

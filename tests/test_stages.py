@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import POSITIONS, randomize, tiny_config, watch_llm_forwards
+from fusedit.checkpoints import find_checkpoint, load_model, load_tensors
 from fusedit.config import ConfigError, load_config, resolved_stages, save_config
 from fusedit.sample import generate
 from fusedit.system import build_model
 from fusedit.train import loop, lora
-from fusedit.train.checkpoint import find_checkpoint, load_model, load_tensors
 from fusedit.train.loop import train
 from fusedit.train.stages import (
     Parts,

@@ -8,10 +8,10 @@ from PIL import Image
 
 import fusedit.eval.study as study_mod
 from conftest import TINY
+from fusedit.checkpoints import find_checkpoint, load_state
 from fusedit.config import ConfigError, load_config
 from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
 from fusedit.eval.study import describe_study, load_study, run_study, varying_keys
-from fusedit.train.checkpoint import find_checkpoint, load_state
 from fusedit.train.loop import train as real_train
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))

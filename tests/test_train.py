@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_vae, watch_llm_forwards
+from fusedit.checkpoints import find_checkpoint, load_model
 from fusedit.config import ConfigError
-from fusedit.train.checkpoint import find_checkpoint, load_model, save_checkpoint
+from fusedit.train.checkpoint import save_checkpoint
 from fusedit.train.loop import train
 
 
@@ -324,7 +325,7 @@ def test_weights_mismatch_reads_the_shapes_of_both_checkpoint_formats(tmp_path):
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from fusedit.train.checkpoint import weights_mismatch
+    from fusedit.checkpoints import weights_mismatch
 
     plain, dist = tmp_path / "plain", tmp_path / "dist"
     plain.mkdir()

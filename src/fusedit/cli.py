@@ -55,7 +55,7 @@ def _out_folder(out: str | Path) -> Path:
 
 
 def cmd_train(args) -> int:
-    from fusedit.train.checkpoint import find_checkpoint, load_state
+    from fusedit.checkpoints import find_checkpoint, load_state
     from fusedit.train.loop import train
 
     if args.stop_at is not None and args.stop_at < 1:
@@ -153,8 +153,8 @@ def load_sampling_model(
     `FuseDiTPipeline.save_pretrained`). ``relocate`` (--relocate) reads a run's model folders that moved
     from their new place. ``sample_overrides`` replace keys of the saved config's sample section (None
     keeps the saved value). Returns (model in eval mode, Config, the folder it was read from)."""
+    from fusedit.checkpoints import find_checkpoint, load_model
     from fusedit.sample import to_sampling_form
-    from fusedit.train.checkpoint import find_checkpoint, load_model
 
     def sampling(model, cfg):
         overrides = {k: v for k, v in sample_overrides.items() if v is not None}
@@ -291,7 +291,7 @@ def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
     """The config MODEL samples with and the folder its weights are read from (as load_sampling_model
     reads and returns them), without any weights; None where the folder holds none, which
     load_sampling_model then reports."""
-    from fusedit.train.checkpoint import checkpoint_stage, find_checkpoint
+    from fusedit.checkpoints import checkpoint_stage, find_checkpoint
 
     folder = Path(path)
     if (folder / "model_index.json").is_file():

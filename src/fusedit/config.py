@@ -912,7 +912,7 @@ def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Co
     model_paths keys to the new location (a folder, or a hub id). A saved absolute path that no longer
     exists and is not moved is refused here, naming ``flag``, rather than by the loader's "path to nothing"
     after the slow parts have loaded. That the new place holds the same model is checked by
-    checkpoint.load_model against what the checkpoint recorded."""
+    checkpoints.load_model against what the checkpoint recorded."""
     cfg = copy.deepcopy(cfg)
     fields = _model_path_fields(cfg)
     for key, place in moves.items():

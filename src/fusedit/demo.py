@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from fusedit.checkpoints import load_model
 from fusedit.config import Config
 from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
 from fusedit.system import resolve_device
-from fusedit.train.checkpoint import load_model
 from fusedit.train.loop import train
 
 

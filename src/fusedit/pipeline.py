@@ -148,8 +148,8 @@ class FuseDiTPipeline(DiffusionPipeline):
         relocate: dict[str, str] | None = None,
     ) -> "FuseDiTPipeline":
         """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder; ``relocate``
-        names the new place of model folders that moved (checkpoint.load_model)."""
-        from fusedit.train.checkpoint import load_model
+        names the new place of model folders that moved (checkpoints.load_model)."""
+        from fusedit.checkpoints import load_model
 
         model, cfg, _ = load_model(run_or_checkpoint, device, use_ema=use_ema, relocate=relocate)
         return cls.from_model(model, cfg)
@@ -387,7 +387,7 @@ def export_run(
     ``folder`` is new, empty, or an earlier export (replaced); anything else is refused before the model
     loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
     as it was (and a partial ``.NAME.partial`` that the next export replaces). ``relocate``: model folders
-    that moved since the run saved their paths (checkpoint.load_model)."""
+    that moved since the run saved their paths (checkpoints.load_model)."""
     source = Path(run_or_checkpoint)
     if _exported(source):
         raise ValueError(

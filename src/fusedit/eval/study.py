@@ -44,6 +44,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from fusedit.checkpoints import find_checkpoint, load_model, load_state
 from fusedit.config import (
     Config,
     ConfigError,
@@ -67,7 +68,6 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
-from fusedit.train.checkpoint import find_checkpoint, load_model, load_state
 from fusedit.train.loop import train
 
 log = logging.getLogger(__name__)

@@ -28,71 +28,64 @@ stage built it (its adapters), whatever stage the run goes on to.
 
 Both formats resume either way (``load_training_state``); ``load_model`` samples from both, and
 ``consolidate_checkpoint`` turns a DCP checkpoint into the plain format.
+
+This module writes checkpoints, resumes training from them and starts a run from one (train.init_from).
+Reading one for sampling, export and evaluation (``find_checkpoint``, ``load_model``, ...) and the names of
+the format's files and sections live in :mod:`fusedit.checkpoints`, outside the training package.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from fusedit.checkpoints import (
+    DCP_DIR,
+    DENOISER,
+    MODELS_FILE,
+    WEIGHT_FILES,
+    _checkpoint_folders,
+    _dcp_keys,
+    _dcp_load,
+    _dcp_section,
+    _file_stem,
+    _has_section,
+    _identity_change,
+    _optim_key,
+    _optim_section,
+    _split_sections,
+    _weight_files,
+    checkpoint_stage,
+    find_checkpoint,
+    is_distributed_checkpoint,
+    load_checkpoint_config,
+    load_state,
+    load_tensors,
+    load_weights,
+    optimizer_file,
+    shapes_mismatch,
+    weights_mismatch,
+)
 from fusedit.config import (
     Config,
     ConfigError,
-    Stage,
     flatten,
     gone_model_paths,
-    identity_difference,
-    load_config,
     model_identity,
     model_paths,
-    resolved_stages,
     save_config,
     to_dict,
 )
-from fusedit.config import relocate as relocate_paths
 from fusedit.files import readable_by_all, sync_folder, sync_tree, write_text_atomic
 from fusedit.train import lora
-
-DCP_DIR = "dcp"
-DENOISER = (
-    "denoiser"  # the denoiser's file stem; its DCP sections keep their historical names "model", "optim"
-)
-
-
-def optimizer_file(key: str) -> str:
-    return "optimizer.pt" if key == DENOISER else f"optimizer_{key}.pt"
-
-
-def _dcp_section(key: str) -> str:
-    return "model" if key == DENOISER else key
-
-
-def _optim_section(key: str) -> str:
-    return "optim" if key == DENOISER else f"optim_{key}"
-
-
-def _optim_key(section: str) -> str | None:
-    """The module key of a DCP optimizer section (the inverse of _optim_section), None for weights."""
-    if section == "optim":
-        return DENOISER
-    return section[len("optim_") :] if section.startswith("optim_") else None
-
-
-def _file_stem(section: str) -> str:
-    """A DCP section's plain-format file stem: "model" (the denoiser) -> "denoiser", "model_lora" ->
-    "denoiser_lora"; the others keep their names."""
-    return DENOISER + section[len("model") :] if section.startswith("model") else section
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,30 +145,6 @@ def save_checkpoint(
     return final
 
 
-# state.json's list of the weight files a plain checkpoint was written with: a copy that lost one (cut
-# short, or pruned by hand) is refused by name when it loads, rather than sampled with random weights.
-WEIGHT_FILES = "weight_files"
-
-
-def _weight_files(folder: Path) -> list[str]:
-    return sorted(f.name for f in folder.glob("*.safetensors"))
-
-
-def _check_weight_files(ckpt: Path) -> None:
-    """Every weight file state.json lists is there (checkpoints written before the list: the denoiser's,
-    which every plain checkpoint has)."""
-    listed = load_state(ckpt).get(WEIGHT_FILES, [f"{DENOISER}.safetensors"])
-    missing = [name for name in listed if not (ckpt / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"checkpoint {str(ckpt)!r} lacks {missing[0]}, which it was saved with (a partial copy? copy "
-            "the whole checkpoint folder again)"
-        )
-
-
-MODELS_FILE = "models.json"
-
-
 def _save_config_files(cfg: Config, folder: Path) -> None:
     """config.yaml, and models.json: what each local model folder the config names held (model_identity),
     so that a run read after one moved (load_model's ``relocate``) can tell the new place holds the same
@@ -187,33 +156,6 @@ def _save_config_files(cfg: Config, folder: Path) -> None:
         if identity:
             identities[key] = identity
     (folder / MODELS_FILE).write_text(json.dumps(identities, indent=1))
-
-
-def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
-    """How the model folder ``cfg`` names at ``key`` differs from the one ``ckpt``'s run read there
-    (models.json): "field=new there, old in the run", or None when it does not, or when either side is not
-    known (a checkpoint written before the record, a hub id)."""
-    try:
-        old = json.loads((ckpt / MODELS_FILE).read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    place = model_paths(cfg).get(key)
-    new = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "") if old and place else None
-    if new is None:
-        return None
-    field = identity_difference(old, new)
-    return f"{field}={new[field]!r} there, {old[field]!r} in the run" if field else None
-
-
-def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
-    """Each relocated model folder holds the model the checkpoint's run read there."""
-    for key in relocate:
-        change = _identity_change(ckpt, cfg, key)
-        if change:
-            raise ConfigError(
-                f"--relocate {key}={relocate[key]}: that folder holds another model than the run trained with "
-                f"({change}; allowed: the moved folder itself)"
-            )
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
@@ -231,28 +173,9 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _checkpoint_folders(root: Path) -> list[Path]:
-    """The ``step_<n>`` folders of a checkpoints folder, oldest first. Ordered by the step number: the
-    names are zero-padded to 8 digits only, so past step 99,999,999 they no longer sort by step."""
-    steps = {}
-    for folder in root.glob("step_*"):
-        digits = folder.name[len("step_") :]
-        if folder.is_dir() and digits.isascii() and digits.isdigit():
-            steps[folder] = int(digits)
-    return sorted(steps, key=steps.__getitem__)
-
-
 def data_state_name(rank: int) -> str:
     """Rank 0's data position keeps the single-process name, so 1-rank and plain runs read each other's."""
     return "data_state.json" if rank == 0 else f"data_state.rank{rank}.json"
-
-
-def _split_sections(key: str, state: dict) -> dict[str, dict]:
-    """A module's (structured) state dict -> its DCP sections: plain weights, and adapters when it has any."""
-    plain = {lora.plain_key(k): v for k, v in state.items() if not lora.is_adapter_key(k)}
-    adapters = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
-    section = _dcp_section(key)
-    return {section: plain, **({f"{section}_lora": adapters} if adapters else {})}
 
 
 def save_distributed_checkpoint(
@@ -370,228 +293,6 @@ def _names_with_state(keys: set[str], section: str) -> set[str]:
     "<section>.state.<parameter>.<state name>" (Adam's "step", "exp_avg", ...: no dots)."""
     prefix = f"{section}.state."
     return {key[len(prefix) :].rpartition(".")[0] for key in keys if key.startswith(prefix)}
-
-
-def is_distributed_checkpoint(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
-
-
-def _dcp_keys(ckpt: Path) -> set[str]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata)
-
-
-def _has_section(ckpt: Path, section: str) -> bool:
-    return any(k.startswith(section + ".") for k in _dcp_keys(ckpt))
-
-
-def _dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
-    """dcp.load in place; ``no_dist``: in this process alone (DCP warns each time; here it is meant)."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the latest one of a run folder; a clear error when there is none."""
-    path = Path(path)
-    if (path / "state.json").is_file():
-        return path
-    root = path / "checkpoints"
-    latest = root / "latest"
-    if latest.is_file() and (root / latest.read_text().strip() / "state.json").is_file():
-        return root / latest.read_text().strip()
-    done = [p for p in _checkpoint_folders(root) if (p / "state.json").is_file()]
-    if not done:
-        raise FileNotFoundError(
-            f"no checkpoint in {str(path)!r} (expected a run folder or a checkpoint folder)"
-        )
-    return done[-1]
-
-
-def load_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def load_checkpoint_config(ckpt: Path) -> Config:
-    return load_config(ckpt / "config.yaml")
-
-
-def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
-    f = ckpt / f"{name}.safetensors"
-    if not f.is_file():
-        return None
-    with _readable(f):
-        return load_file(f)
-
-
-@contextlib.contextmanager
-def _readable(f: Path):
-    """A damaged weight file (cut short, overwritten) named in one line, not safetensors' bare "header too
-    large" traceback."""
-    try:
-        yield
-    except SafetensorError as e:
-        raise ValueError(
-            f"{str(f)!r} is not a readable safetensors file ({e}; a damaged copy? copy the checkpoint again)"
-        ) from None
-
-
-def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The shape of every saved weight by file stem ("denoiser", "denoiser_lora", "ema", "llm", ...), in
-    either format, from the safetensors headers or the DCP metadata: no tensor is read."""
-    out: dict[str, dict[str, tuple[int, ...]]] = {}
-    if is_distributed_checkpoint(ckpt):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata
-        for key, meta in metadata.items():
-            section, _, name = key.partition(".")
-            # Optimizer states are keyed by parameter too, but their shapes are not the weights'.
-            if _optim_key(section) is not None or not hasattr(meta, "size"):
-                continue
-            out.setdefault(_file_stem(section), {})[name] = tuple(meta.size)
-        return out
-    for f in ckpt.glob("*.safetensors"):
-        with _readable(f), safe_open(f, framework="pt") as tensors:
-            names = tensors.keys()  # a safe_open handle is not iterable itself
-            out[f.stem] = {k: tuple(tensors.get_slice(k).get_shape()) for k in names}
-    return out
-
-
-def weights_mismatch(ckpt: Path, expected: dict[str, dict[str, torch.Tensor]]) -> str | None:
-    """The first way the weights saved in ``ckpt`` do not fit ``expected`` (file stem -> the state the
-    module will load, as :func:`saved_shapes` names them), or None when they fit. A plain section the
-    checkpoint lacks is not compared (a hub LLM's weights are not saved); adapters the module has must be
-    saved, since a checkpoint saves the adapters of every module that has them."""
-    return shapes_mismatch(saved_shapes(ckpt), expected)
-
-
-def shapes_mismatch(
-    saved: dict[str, dict[str, tuple[int, ...]]],
-    expected: dict[str, dict[str, torch.Tensor]],
-    where: str = "the checkpoint",
-) -> str | None:
-    """:func:`weights_mismatch` over the shapes of saved weights by file stem (:func:`saved_shapes`), saved
-    in ``where``."""
-    for stem, state in expected.items():
-        have = saved.get(stem)
-        if have is None:
-            if stem.endswith("_lora") and state:
-                return f"adapter {next(iter(state))!r} of the configured model is not in {where}"
-            continue
-        for name, tensor in state.items():
-            if name not in have:
-                return f"{stem} weight {name!r} of the configured model is not in {where}"
-            if have[name] != tuple(tensor.shape):
-                return (
-                    f"{stem} weight {name!r} has shape {list(have[name])} in {where} but "
-                    f"{list(tensor.shape)} in the configured model"
-                )
-        extra = [name for name in have if name not in state]
-        if extra:
-            return f"{stem} weight {extra[0]!r} of {where} has no place in the configured model"
-    return None
-
-
-def checkpoint_stage(ckpt: Path, cfg: Config | None = None) -> Stage:
-    """The stage that wrote ``ckpt`` (its state.json), resolved from ``cfg`` (default: the checkpoint's own
-    config)."""
-    from fusedit.train.stages import stage_of_checkpoint
-
-    state = load_state(ckpt)
-    cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
-    return stage_of_checkpoint(resolved_stages(cfg), int(state["step"]), state.get("stage"))
-
-
-def load_model(
-    path: str | Path,
-    device: torch.device | str = "cpu",
-    use_ema: bool = True,
-    relocate: dict[str, str] | None = None,
-):
-    """A trained model from a run folder or checkpoint folder, EMA weights by default, LoRA adapters merged,
-    in eval mode. ``relocate`` ({"text.model_id": NEW_PLACE, ...}, config.relocate) reads model folders
-    that moved since the run saved their paths from their new place; given (even empty), a saved path to
-    nothing is refused before anything loads, naming the key to relocate.
-
-    Returns (model, config, checkpoint folder). The config is the one the checkpoint's stage trained under
-    (the stage's image size and sampling settings; for a run without stages, the run's config), its
-    sample.use_ema saying whether the EMA was loaded.
-    """
-    from fusedit.system import build_model
-
-    ckpt = find_checkpoint(path)
-    cfg = load_checkpoint_config(ckpt)
-    if relocate is not None:
-        cfg = relocate_paths(cfg, relocate)
-        _check_relocated(ckpt, cfg, relocate)
-    stage = checkpoint_stage(ckpt, cfg)
-    model = build_model(stage.config, device)
-    ema = load_weights(model, ckpt, stage, use_ema)
-    # sample.use_ema says which weights this model holds (a sample's metadata, an export's record).
-    return model.eval(), replace(stage.config, sample=replace(stage.config.sample, use_ema=ema)), ckpt
-
-
-def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
-    """Load a checkpoint written in ``stage`` into a freshly built ``model``: the denoiser's EMA (or raw
-    weights and adapters), each saved LLM and its adapters; then merge every adapter, leaving a model
-    without adapters whose requires_grad flags are as ``build_model`` sets them. Returns whether the EMA
-    was loaded: ``use_ema`` asks for it, and a checkpoint saved without one (``ema=None``) has the raw
-    weights only."""
-    from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
-
-    dcp_format = is_distributed_checkpoint(ckpt)
-    ema = use_ema and (_has_section(ckpt, "ema") if dcp_format else (ckpt / "ema.safetensors").is_file())
-    parts = Parts.of(stage.config.train)
-    # The adapters the checkpoint holds (their values are loaded below; the EMA has them merged already).
-    add_stage_adapters(model, None, replace(parts, dit_adapters=None) if ema else parts, seed=0, stage=0)
-    if dcp_format:
-        _load_dcp_weights(ckpt, model, ema)
-    else:
-        _check_weight_files(ckpt)
-        if ema:
-            model.denoiser.load_state_dict(load_tensors(ckpt, "ema"))
-        else:
-            lora.load_plain_and_adapters(
-                model.denoiser, load_tensors(ckpt, DENOISER), load_tensors(ckpt, f"{DENOISER}_lora")
-            )
-        for key, module in text_modules(model).items():
-            plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
-            if plain is not None or adapters is not None:
-                lora.load_plain_and_adapters(module, plain, adapters)
-    for module in trained_modules(model).values():
-        lora.merge_adapters(module)
-    model.denoiser.requires_grad_(True)
-    for module in text_modules(model).values():
-        module.requires_grad_(False)
-    return ema
-
-
-def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
-    """Full (unsharded) weights from a DCP checkpoint written by any number of ranks, in this process alone
-    (no process group needed: DCP reassembles each tensor from the shards that cover it)."""
-    from fusedit.train.stages import text_modules
-
-    den = (
-        {"ema": model.denoiser.state_dict()}
-        if ema
-        else _split_sections(DENOISER, model.denoiser.state_dict())
-    )
-    text = {key: _split_sections(key, m.state_dict()) for key, m in text_modules(model).items()}
-    state = {**den, **{name: d for sections in text.values() for name, d in sections.items()}}
-    state = {name: d for name, d in state.items() if _has_section(ckpt, name)}
-    _dcp_load(state, ckpt, no_dist=True)
-    if ema:
-        model.denoiser.load_state_dict(den["ema"])
-    else:
-        lora.load_plain_and_adapters(model.denoiser, den["model"], den.get("model_lora"))
-    for key, module in text_modules(model).items():
-        if any(name in state for name in text[key]):
-            lora.load_plain_and_adapters(module, text[key][key], text[key].get(f"{key}_lora"))
 
 
 def init_weights(model, path: str | Path) -> Path:

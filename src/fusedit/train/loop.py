@@ -37,6 +37,7 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
+from fusedit.checkpoints import find_checkpoint, load_checkpoint_config, load_state, saved_shapes
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import write_text_atomic
@@ -46,14 +47,10 @@ from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     check_same_model,
     data_state_name,
-    find_checkpoint,
     init_weights,
-    load_checkpoint_config,
-    load_state,
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
-    saved_shapes,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA

@@ -1,0 +1,61 @@
+"""Imports point one way (CLI -> train/sample/eval -> models -> layers): outside the training package and
+the CLI, no module imports ``fusedit.train``, at the top or inside a function, but for the exceptions
+below. Reading a checkpoint (sampling, export, evaluation, the diffusers pipeline) goes through
+``fusedit.checkpoints``."""
+
+import ast
+from pathlib import Path
+
+import fusedit
+
+SRC = Path(fusedit.__file__).parent
+SKIPPED = {"train", "cli.py", "__main__.py"}  # the training package itself, and the CLI above it all
+
+# (file under src/fusedit, module of fusedit.train) pairs that are allowed, each with its reason.
+EXCEPTIONS = {
+    # Loading a checkpoint's weights rebuilds the LoRA adapters of the stage that wrote it and merges them
+    # (fusedit.train.lora, and fusedit.train.stages for the stage's parts and which modules hold weights).
+    ("checkpoints.py", "fusedit.train.lora"),
+    ("checkpoints.py", "fusedit.train.stages"),
+    # These train: the demo trains a tiny run before it samples, and a study trains each design it compares.
+    ("demo.py", "fusedit.train.loop"),
+    ("eval/study.py", "fusedit.train.loop"),
+}
+
+
+def _imported_modules(tree: ast.Module, package: str):
+    """(line, module) for every import in ``tree``, top-level or nested; ``from A import b`` gives A.b
+    when A is a package that b may be a module of (``from fusedit.train import lora``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the importing module's package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}" if base in ("fusedit", "fusedit.train") else base
+
+
+def _is_train(module: str) -> bool:
+    return module == "fusedit.train" or module.startswith("fusedit.train.")
+
+
+def test_only_the_cli_and_the_training_package_import_fusedit_train():
+    offending, used = [], set()
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] in SKIPPED:
+            continue
+        package = ".".join(["fusedit", *rel.parts[:-1]])
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), package):
+            if not _is_train(module):
+                continue
+            if (rel.as_posix(), module) in EXCEPTIONS:
+                used.add((rel.as_posix(), module))
+            else:
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
+    assert not offending, "imports of fusedit.train outside train/ and the CLI:\n" + "\n".join(offending)
+    assert used == EXCEPTIONS, f"exceptions no longer needed (remove them): {sorted(EXCEPTIONS - used)}"
