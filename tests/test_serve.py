@@ -738,7 +738,11 @@ def test_the_page_cancels_a_job_and_sends_the_sampler_settings(page, server, tin
         page.fill("#shift", "2")
         page.click("#generate")
         wait_until(page, "() => document.querySelector('#progress-text').textContent === 'step 1 of 3'")
-        page.click(".card .cancel")
+        # The click only starts the page's POST: the gate opens once the server has answered it (the job is
+        # marked), or the worker could finish step 2 before the cancel lands.
+        with page.expect_response(lambda r: r.url.endswith("/cancel")) as answer:
+            page.click(".card .cancel")
+        assert answer.value.status == 200
     finally:
         gate.release()
     page.locator(".card[data-status=cancelled]").wait_for()
