@@ -42,22 +42,22 @@ def optimizer_file(key: str) -> str:
     return "optimizer.pt" if key == DENOISER else f"optimizer_{key}.pt"
 
 
-def _dcp_section(key: str) -> str:
+def dcp_section(key: str) -> str:
     return "model" if key == DENOISER else key
 
 
-def _optim_section(key: str) -> str:
+def optim_section(key: str) -> str:
     return "optim" if key == DENOISER else f"optim_{key}"
 
 
-def _optim_key(section: str) -> str | None:
-    """The module key of a DCP optimizer section (the inverse of _optim_section), None for weights."""
+def optim_key(section: str) -> str | None:
+    """The module key of a DCP optimizer section (the inverse of optim_section), None for weights."""
     if section == "optim":
         return DENOISER
     return section[len("optim_") :] if section.startswith("optim_") else None
 
 
-def _file_stem(section: str) -> str:
+def file_stem(section: str) -> str:
     """A DCP section's plain-format file stem: "model" (the denoiser) -> "denoiser", "model_lora" ->
     "denoiser_lora"; the others keep their names."""
     return DENOISER + section[len("model") :] if section.startswith("model") else section
@@ -68,7 +68,7 @@ def _file_stem(section: str) -> str:
 WEIGHT_FILES = "weight_files"
 
 
-def _weight_files(folder: Path) -> list[str]:
+def weight_files(folder: Path) -> list[str]:
     return sorted(f.name for f in folder.glob("*.safetensors"))
 
 
@@ -87,7 +87,7 @@ def _check_weight_files(ckpt: Path) -> None:
 MODELS_FILE = "models.json"
 
 
-def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
+def identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
     """How the model folder ``cfg`` names at ``key`` differs from the one ``ckpt``'s run read there
     (models.json): "field=new there, old in the run", or None when it does not, or when either side is not
     known (a checkpoint written before the record, a hub id)."""
@@ -106,7 +106,7 @@ def _identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
 def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
     """Each relocated model folder holds the model the checkpoint's run read there."""
     for key in relocate:
-        change = _identity_change(ckpt, cfg, key)
+        change = identity_change(ckpt, cfg, key)
         if change:
             raise ConfigError(
                 f"--relocate {key}={relocate[key]}: that folder holds another model than the run trained with "
@@ -114,7 +114,7 @@ def _check_relocated(ckpt: Path, cfg: Config, relocate: dict[str, str]) -> None:
             )
 
 
-def _checkpoint_folders(root: Path) -> list[Path]:
+def checkpoint_folders(root: Path) -> list[Path]:
     """The ``step_<n>`` folders of a checkpoints folder, oldest first. Ordered by the step number: the
     names are zero-padded to 8 digits only, so past step 99,999,999 they no longer sort by step."""
     steps = {}
@@ -125,13 +125,13 @@ def _checkpoint_folders(root: Path) -> list[Path]:
     return sorted(steps, key=steps.__getitem__)
 
 
-def _split_sections(key: str, state: dict) -> dict[str, dict]:
+def split_sections(key: str, state: dict) -> dict[str, dict]:
     """A module's (structured) state dict -> its DCP sections: plain weights, and adapters when it has any."""
     from fusedit.train import lora
 
     plain = {lora.plain_key(k): v for k, v in state.items() if not lora.is_adapter_key(k)}
     adapters = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
-    section = _dcp_section(key)
+    section = dcp_section(key)
     return {section: plain, **({f"{section}_lora": adapters} if adapters else {})}
 
 
@@ -139,17 +139,19 @@ def is_distributed_checkpoint(ckpt: Path) -> bool:
     return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
 
 
-def _dcp_keys(ckpt: Path) -> set[str]:
+def dcp_keys(ckpt: Path) -> set[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     return set(FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata)
 
 
-def _has_section(ckpt: Path, section: str) -> bool:
-    return any(k.startswith(section + ".") for k in _dcp_keys(ckpt))
+def dcp_sections(ckpt: Path) -> set[str]:
+    """The sections ("model", "ema", "llm_lora", ...) a DCP checkpoint holds, from one metadata read: its
+    keys are "section.name", and no section name has a dot."""
+    return {key.partition(".")[0] for key in dcp_keys(ckpt)}
 
 
-def _dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
+def dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
     """dcp.load in place; ``no_dist``: in this process alone (DCP warns each time; here it is meant)."""
     import torch.distributed.checkpoint as dcp
 
@@ -167,7 +169,7 @@ def find_checkpoint(path: str | Path) -> Path:
     latest = root / "latest"
     if latest.is_file() and (root / latest.read_text().strip() / "state.json").is_file():
         return root / latest.read_text().strip()
-    done = [p for p in _checkpoint_folders(root) if (p / "state.json").is_file()]
+    done = [p for p in checkpoint_folders(root) if (p / "state.json").is_file()]
     if not done:
         raise FileNotFoundError(
             f"no checkpoint in {str(path)!r} (expected a run folder or a checkpoint folder)"
@@ -214,9 +216,9 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
         for key, meta in metadata.items():
             section, _, name = key.partition(".")
             # Optimizer states are keyed by parameter too, but their shapes are not the weights'.
-            if _optim_key(section) is not None or not hasattr(meta, "size"):
+            if optim_key(section) is not None or not hasattr(meta, "size"):
                 continue
-            out.setdefault(_file_stem(section), {})[name] = tuple(meta.size)
+            out.setdefault(file_stem(section), {})[name] = tuple(meta.size)
         return out
     for f in ckpt.glob("*.safetensors"):
         with _readable(f), safe_open(f, framework="pt") as tensors:
@@ -309,7 +311,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
 
     dcp_format = is_distributed_checkpoint(ckpt)
-    ema = use_ema and (_has_section(ckpt, "ema") if dcp_format else (ckpt / "ema.safetensors").is_file())
+    ema = use_ema and ("ema" in dcp_sections(ckpt) if dcp_format else (ckpt / "ema.safetensors").is_file())
     parts = Parts.of(stage.config.train)
     # The adapters the checkpoint holds (their values are loaded below; the EMA has them merged already).
     add_stage_adapters(model, None, replace(parts, dit_adapters=None) if ema else parts, seed=0, stage=0)
@@ -342,14 +344,13 @@ def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
     from fusedit.train.stages import text_modules
 
     den = (
-        {"ema": model.denoiser.state_dict()}
-        if ema
-        else _split_sections(DENOISER, model.denoiser.state_dict())
+        {"ema": model.denoiser.state_dict()} if ema else split_sections(DENOISER, model.denoiser.state_dict())
     )
-    text = {key: _split_sections(key, m.state_dict()) for key, m in text_modules(model).items()}
+    text = {key: split_sections(key, m.state_dict()) for key, m in text_modules(model).items()}
     state = {**den, **{name: d for sections in text.values() for name, d in sections.items()}}
-    state = {name: d for name, d in state.items() if _has_section(ckpt, name)}
-    _dcp_load(state, ckpt, no_dist=True)
+    saved = dcp_sections(ckpt)
+    state = {name: d for name, d in state.items() if name in saved}
+    dcp_load(state, ckpt, no_dist=True)
     if ema:
         model.denoiser.load_state_dict(den["ema"])
     else:

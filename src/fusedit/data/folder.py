@@ -222,13 +222,14 @@ class FolderCatalog:
             paths.append(value)
             rows.append({k: v for k, v in row.items() if k in keep})
         if not paths and path.suffix.lower() in _JSON_LINES_SUFFIXES:
-            # No usable line: perhaps one JSON object (or array) written over many lines.
+            # No usable line: perhaps one JSON object written over many lines (an array is refused by
+            # _read_rows at its opening bracket).
             try:
                 document = json.loads(path.read_text(encoding=_TEXT_ENCODING))
             except ValueError:
                 document = None
-            if isinstance(document, (dict, list)):
-                raise _not_json_lines(path, "object" if isinstance(document, dict) else "array")
+            if isinstance(document, dict):
+                raise _not_json_lines(path, "object")
         self.paths, self.rows = paths, rows
         if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
             self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)

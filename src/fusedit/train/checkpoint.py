@@ -52,26 +52,26 @@ from fusedit.checkpoints import (
     DENOISER,
     MODELS_FILE,
     WEIGHT_FILES,
-    _checkpoint_folders,
-    _dcp_keys,
-    _dcp_load,
-    _dcp_section,
-    _file_stem,
-    _has_section,
-    _identity_change,
-    _optim_key,
-    _optim_section,
-    _split_sections,
-    _weight_files,
+    checkpoint_folders,
     checkpoint_stage,
+    dcp_keys,
+    dcp_load,
+    dcp_section,
+    dcp_sections,
+    file_stem,
     find_checkpoint,
+    identity_change,
     is_distributed_checkpoint,
     load_checkpoint_config,
     load_state,
     load_tensors,
     load_weights,
+    optim_key,
+    optim_section,
     optimizer_file,
     shapes_mismatch,
+    split_sections,
+    weight_files,
     weights_mismatch,
 )
 from fusedit.config import (
@@ -139,7 +139,7 @@ def save_checkpoint(
     _save_config_files(cfg, tmp)
     for name, content in (files or {}).items():
         (tmp / name).write_text(content)
-    state = {"step": step, **(extra or {}), WEIGHT_FILES: _weight_files(tmp)}
+    state = {"step": step, **(extra or {}), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _publish(root, tmp, final, keep)
     return final
@@ -169,7 +169,7 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     os.replace(tmp, final)
     sync_folder(root)
     write_text_atomic(root / "latest", final.name, durable=True)
-    for old in _checkpoint_folders(root)[:-keep]:
+    for old in checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -213,12 +213,12 @@ def save_distributed_checkpoint(
     state = {"ema": ema}
     for key, (module, whole) in {DENOISER: (denoiser, True), **text}.items():
         module_state, optim_state = _state_to_save(module, optimizers.get(key))
-        sections = _split_sections(key, module_state)
+        sections = split_sections(key, module_state)
         if not whole:  # a hub LLM trained through adapters: its own weights reload from text.model_id
-            sections.pop(_dcp_section(key))
+            sections.pop(dcp_section(key))
         state.update(sections)
         if optim_state is not None:
-            state[_optim_section(key)] = optim_state
+            state[optim_section(key)] = optim_state
     dcp.save(state, checkpoint_id=tmp / DCP_DIR)
     for name, content in (rank_files or {}).items():
         (tmp / name).write_text(content)
@@ -377,7 +377,7 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
         section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
         moved = name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key))
         allowed = section not in MODEL_SECTIONS or name in RESUMABLE_CHANGES or moved
-        change = _identity_change(ckpt, cfg, key) if moved else None
+        change = identity_change(ckpt, cfg, key) if moved else None
         if change:
             raise ConfigError(
                 f"{key}={new.get(key)!r} holds another model than checkpoint {str(ckpt)!r} was trained with "
@@ -489,22 +489,22 @@ def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool)
     # only) keeps the module's current values.
     modules = {DENOISER: denoiser, **text}
     state, sections, fresh = {"ema": ema.state_dict()}, {}, {}
-    keys = _dcp_keys(ckpt)
+    keys, present = dcp_keys(ckpt), dcp_sections(ckpt)
     for key, module in modules.items():
         module_state, optim_state = _module_and_optim_state(module, optimizers.get(key))
-        sections[key] = _split_sections(key, module_state)
-        state.update({n: d for n, d in sections[key].items() if key == DENOISER or _has_section(ckpt, n)})
+        sections[key] = split_sections(key, module_state)
+        state.update({n: d for n, d in sections[key].items() if key == DENOISER or n in present})
         if optim_state is not None:
             # Only the states the checkpoint holds: DCP fails on a key it lacks, and a parameter without
             # a gradient before the save has none. The fresh optimizer's fill the gaps while loading.
-            section = _optim_section(key)
+            section = optim_section(key)
             saved = _names_with_state(keys, section)
             fresh[key] = optim_state["state"]
             kept = {name: s for name, s in optim_state["state"].items() if name in saved}
             state[section] = {**optim_state, "state": kept}
-    _dcp_load(state, ckpt, no_dist=not distributed)
+    dcp_load(state, ckpt, no_dist=not distributed)
     for key, module in modules.items():
-        section = _dcp_section(key)
+        section = dcp_section(key)
         if not any(name in state for name in sections[key]):
             continue
         joined = lora.structured_state(
@@ -512,7 +512,7 @@ def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool)
         )
         set_model_state_dict(module, joined)
         if key in optimizers:
-            named = state[_optim_section(key)]
+            named = state[optim_section(key)]
             _set_optimizer_state(module, optimizers[key], named, lambda key=key: fresh[key])
     ema.load_state_dict(state["ema"])
 
@@ -574,17 +574,17 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             dcp_to_torch_save(ckpt / DCP_DIR, whole)
         state = torch.load(whole, map_location="cpu", weights_only=True)
     for section, content in state.items():
-        key = _optim_key(section)
+        key = optim_key(section)
         if key is not None:
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
         else:
-            save_file(_contiguous(content), tmp / f"{_file_stem(section)}.safetensors")
+            save_file(_contiguous(content), tmp / f"{file_stem(section)}.safetensors")
     for name in ("config.yaml", MODELS_FILE, "data_state.json"):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)
     meta.pop("format", None)
-    meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: _weight_files(tmp)}
+    meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
     if out.exists():
