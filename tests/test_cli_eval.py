@@ -77,10 +77,13 @@ def test_bad_sampling_flags_fail_before_the_model_loads(run, capsys, no_model_lo
         ("shapes", ["--detector", "det"], "--bench geneval"),
         ("shapes", ["--clip", "clip"], "--bench geneval"),
         ("shapes", ["--vqa", "vqa"], "--bench dpg"),
-        ("shapes", ["--prompts", "p.jsonl"], "--bench geneval or --bench dpg"),
-        ("shapes", ["--size", "16"], "--bench geneval or --bench dpg"),
-        ("geneval", ["--per-category", "5"], "--bench shapes"),
-        ("dpg", ["--per-category", "5"], "--bench shapes"),
+        ("shapes", ["--prompts", "p.jsonl"], "--bench geneval or --bench dpg or --bench mjhq"),
+        ("shapes", ["--size", "16"], "--bench geneval or --bench dpg or --bench mjhq"),
+        ("geneval", ["--per-category", "5"], "--bench shapes or --bench mjhq"),
+        ("dpg", ["--per-category", "5"], "--bench shapes or --bench mjhq"),
+        ("geneval", ["--reference", "refs"], "--bench mjhq"),
+        ("dpg", ["--features", "inception.pt"], "--bench mjhq"),
+        ("mjhq", ["--vqa", "vqa"], "--bench dpg"),
         ("dpg", ["--detector", "det"], "--bench geneval"),
         ("geneval", ["--vqa", "vqa"], "--bench dpg"),
     ],
@@ -104,7 +107,7 @@ def test_the_shapes_bench_samples_with_the_runs_sample_section(run, tmp_path, ca
     assert given == {**saved, "steps": 1, "guidance": 0.0, "seed": 5, "per_category": 2}
 
 
-@pytest.mark.parametrize("bench", ["geneval", "dpg"])
+@pytest.mark.parametrize("bench", ["geneval", "dpg", "mjhq"])
 def test_a_missing_prompts_flag_fails_before_the_model_loads(run, capsys, no_model_load, bench):
     assert main(["eval", str(run), "--bench", bench, "--quiet"]) == 2
     assert f"--bench {bench} needs --prompts PATH" in one_line_error(capsys)

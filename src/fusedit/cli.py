@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 # `fusedit fid` warns below this many images in a folder.
 FEW_FOR_FID = 1000
+FID_CACHE = ".cache/fusedit-fid"
+FEATURES_HELP = (
+    "clean-fid's Inception TorchScript inception-2015-12-05.pt (a .pt file, or a folder holding it) for the "
+    "standard FID, or a transformers vision model hub id or folder (CLIP, DINOv2, ...)"
+)
 
 
 def _config(args) -> object:
@@ -416,13 +421,18 @@ def cmd_serve(args) -> int:
 
 # The `fusedit eval` flags that only some benches read: given with another bench, they would be ignored.
 _BENCH_FLAGS = {
-    "per_category": ("shapes",),
-    "prompts": ("geneval", "dpg"),
+    "per_category": ("shapes", "mjhq"),
+    "prompts": ("geneval", "dpg", "mjhq"),
     "detector": ("geneval",),
     "clip": ("geneval",),
     "vqa": ("dpg",),
-    "size": ("geneval", "dpg"),
+    "size": ("geneval", "dpg", "mjhq"),
+    "reference": ("mjhq",),
+    "features": ("mjhq",),
+    "cache_dir": ("mjhq",),
 }
+# The benchmarks with an official layout and prompt data (eval.run); shapes is fusedit's own.
+_PROTOCOLS = ("geneval", "dpg", "mjhq")
 
 
 def cmd_eval(args) -> int:
@@ -438,7 +448,7 @@ def cmd_eval(args) -> int:
                 f"{flag} does not apply to --bench {args.bench} (allowed with: "
                 f"{' or '.join(f'--bench {b}' for b in benches)})"
             )
-    if args.bench in ("geneval", "dpg") and not args.prompts:
+    if args.bench in _PROTOCOLS and not args.prompts:
         raise ConfigError(
             f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
         )
@@ -447,18 +457,21 @@ def cmd_eval(args) -> int:
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
-    if args.bench in ("geneval", "dpg"):
+    extractor = None
+    if args.bench in _PROTOCOLS:
         from fusedit.eval.run import check_protocol_folder
 
         saved = _saved_model(args.model)
         if saved is not None:  # a folder of another generation's images is refused before the load
             check_protocol_folder(out, args.bench, _eval_record(args, *saved, device)[1], _eval_seed(args))
+        if args.bench == "mjhq":
+            extractor = _mjhq_scorer(args, device)
     model, cfg, where = load_sampling_model(
         args.model, device, use_ema=not args.no_ema, relocate=_relocations(args)
     )
     s = cfg.sample
-    if args.bench in ("geneval", "dpg"):
-        return _eval_protocol(args, model, cfg, where, out, device)
+    if args.bench in _PROTOCOLS:
+        return _eval_protocol(args, model, cfg, where, out, device, extractor)
     settings = bench_settings(
         cfg,
         per_category=PER_CATEGORY if args.per_category is None else args.per_category,
@@ -480,7 +493,22 @@ def cmd_eval(args) -> int:
 
 
 def _eval_seed(args) -> int:
-    return 42 if args.seed is None else args.seed  # both protocols fix seed 42
+    return 42 if args.seed is None else args.seed  # GenEval and DPG-Bench fix seed 42
+
+
+def _mjhq_scorer(args, device):
+    """The FID feature extractor of `--bench mjhq`, with its reference folder listed: both before the
+    model loads, so that a wrong path fails at once rather than after the samples."""
+    from fusedit.eval.benchmarks import load_mjhq
+    from fusedit.eval.inception import feature_extractor
+    from fusedit.eval.mjhq import check_scoring, reference_files, select
+
+    check_scoring(args.reference, args.features)
+    if args.reference is None:
+        return None
+    rows = select(load_mjhq(args.prompts), args.per_category)
+    reference_files(args.reference, sorted({r["category"] for r in rows}))
+    return feature_extractor(args.features, device=device)
 
 
 def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
@@ -504,8 +532,8 @@ def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
     return settings, record
 
 
-def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
-    from fusedit.eval.run import generator, run_dpg, run_geneval
+def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=None) -> int:
+    from fusedit.eval.run import generator, run_dpg, run_geneval, run_mjhq
 
     settings, record = _eval_record(args, cfg, where, device)
     gen = generator(model, settings)
@@ -522,7 +550,7 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
             progress=not args.quiet,
             record=record,
         )
-    else:
+    elif args.bench == "dpg":
         r = run_dpg(
             gen,
             args.prompts,
@@ -533,8 +561,29 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
             progress=not args.quiet,
             record=record,
         )
+    else:
+        r = run_mjhq(
+            gen,
+            args.prompts,
+            out,
+            reference=args.reference,
+            features=extractor,
+            cache_dir=Path(args.cache_dir or FID_CACHE),
+            per_category=args.per_category,
+            seed=seed,
+            device=device,
+            progress=not args.quiet,
+            record=record,
+        )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
-    if "scores" in r:
+    if args.bench == "mjhq" and "scores" in r:
+        scores = r["scores"]
+        worst = max(scores["categories"], key=scores["categories"].get)
+        print(
+            f"FID {scores['overall']:.3f} over {scores['samples']} samples ({scores['features']}); per "
+            f"category {worst} is highest at {scores['categories'][worst]:.3f}; details in {out / 'scores.json'}"
+        )
+    elif "scores" in r:
         print(f"overall {r['scores']['overall']:.4f}; details in {out / 'scores.json'}")
     return 0
 
@@ -542,13 +591,20 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device) -> int:
 def cmd_benchmarks(args) -> int:
     from fusedit.eval.benchmarks import download
 
+    if args.images and args.name != "mjhq":
+        raise ConfigError(f"--images applies to mjhq only (its FID reference images), not {args.name}")
     path = download(
         args.name,
         Path(args.dest or f"benchmarks-data/{args.name}"),
         force=args.force,
         progress=not args.quiet,
+        images=args.images,
     )
     print(f"{args.name} prompts in {path}")
+    if args.name == "mjhq" and args.images:
+        print(
+            f"reference images in {path / 'mjhq30k_imgs'} (give it to `fusedit eval --bench mjhq --reference`)"
+        )
     return 0
 
 
@@ -579,13 +635,8 @@ def cmd_cache_latents(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    from fusedit.eval.fid import (
-        ReferenceStats,
-        TransformersImageFeatures,
-        fid_score,
-        folder_source,
-        list_images,
-    )
+    from fusedit.eval.fid import ReferenceStats, fid_score, folder_source, list_images
+    from fusedit.eval.inception import INCEPTION_ID, feature_extractor
 
     def images(folder: str, what: str) -> list[Path]:
         found = list_images(folder)
@@ -611,7 +662,7 @@ def cmd_fid(args) -> int:
     # decoding) is what tells whether the cache still describes this folder.
     samples = images(args.samples, "samples")
     reference_files = images(args.reference, "reference")
-    extractor = TransformersImageFeatures(args.features)
+    extractor = feature_extractor(args.features)
     reference = ReferenceStats.cached(
         args.reference_name,
         reference_files,
@@ -619,7 +670,9 @@ def cmd_fid(args) -> int:
         Path(args.cache_dir),
         reference=folder_source(args.reference, reference_files),
     )
-    print(f"FD ({args.features} features): {fid_score(samples, reference, extractor):.4f}")
+    value = fid_score(samples, reference, extractor)
+    label = "FID (clean-fid Inception)" if extractor.id == INCEPTION_ID else f"FD ({args.features} features)"
+    print(f"{label}: {value:.4f}")
     return 0
 
 
@@ -1023,19 +1076,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="score a run, checkpoint or pipeline folder on a benchmark")
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
-    sp.add_argument("--bench", choices=["shapes", "geneval", "dpg"], default="shapes")
-    sp.add_argument("--per-category", type=int, help="shapes: held-out prompts per category (default 20)")
-    sp.add_argument("--prompts", help="geneval/dpg: the prompt data (see `fusedit benchmarks download`)")
+    sp.add_argument("--bench", choices=["shapes", *_PROTOCOLS], default="shapes")
+    sp.add_argument(
+        "--per-category",
+        type=int,
+        help="shapes: held-out prompts per category (default 20); mjhq: prompts per category (default all 3000)",
+    )
+    sp.add_argument("--prompts", help="geneval/dpg/mjhq: the prompt data (see `fusedit benchmarks download`)")
     sp.add_argument("--detector", help="geneval: detector hub id or folder (e.g. a Mask2Former COCO model)")
     sp.add_argument("--clip", help="geneval: CLIP hub id or folder for colour classification")
     sp.add_argument("--vqa", help="dpg: VQA model hub id or folder (BLIP/ViLT)")
     sp.add_argument(
-        "--size", type=int, help="geneval/dpg: image side in pixels, square (default the model's)"
+        "--reference", help="mjhq: the reference images (unzipped mjhq30k_imgs, one folder per category)"
+    )
+    sp.add_argument("--features", help=f"mjhq: FID features, as for `fusedit fid` ({FEATURES_HELP})")
+    sp.add_argument("--cache-dir", help=f"mjhq: reference statistics cache (default {FID_CACHE})")
+    sp.add_argument(
+        "--size", type=int, help="geneval/dpg/mjhq: image side in pixels, square (default the model's)"
     )
     sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
-    sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval and dpg")
+    sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval, dpg and mjhq")
     sp.add_argument("--no-ema", action="store_true")
     relocate_flag(sp)
     sp.add_argument("--device", default="auto")
@@ -1133,8 +1195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")
     bsub = sp.add_subparsers(dest="action", required=True)
-    dp = bsub.add_parser("download", help="download GenEval or DPG-Bench prompts")
-    dp.add_argument("name", choices=["geneval", "dpg"])
+    dp = bsub.add_parser("download", help="download GenEval, DPG-Bench or MJHQ-30K prompts")
+    dp.add_argument("name", choices=["geneval", "dpg", "mjhq"])
+    dp.add_argument(
+        "--images", action="store_true", help="mjhq: also the 30,000 reference images for FID (large)"
+    )
     dp.add_argument("--dest", help="folder (default benchmarks-data/NAME)")
     dp.add_argument("--force", action="store_true")
     dp.add_argument("--quiet", action="store_true")
@@ -1154,8 +1219,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("samples")
     sp.add_argument("--reference", required=True)
     sp.add_argument("--reference-name", required=True, help="name of the cached reference statistics")
-    sp.add_argument("--features", required=True, help="feature model hub id or folder (CLIP, DINOv2, ...)")
-    sp.add_argument("--cache-dir", default=".cache/fusedit-fid")
+    sp.add_argument("--features", required=True, help=FEATURES_HELP)
+    sp.add_argument("--cache-dir", default=FID_CACHE)
     sp.set_defaults(func=cmd_fid)
 
     sp = sub.add_parser("clip-score", help="CLIP score of a `fusedit sample` output folder")

@@ -9,6 +9,9 @@ fusedit ships no third-party prompt files. ``download`` fetches them from where 
   ``dpg_bench/dpg_bench.csv`` (the questions) of github.com/TencentQQGYLab/ELLA. The prompts folder holds
   more files than GitHub's contents API lists (1000), so the repository archive is streamed instead and
   only those files are kept.
+* MJHQ-30K: ``meta_data.json`` of the Hub dataset playgroundai/MJHQ-30K (30,000 prompts with their
+  category) and, with ``images=True``, the reference images of ``mjhq30k_imgs.zip`` unpacked as
+  ``mjhq30k_imgs/<category>/<id>.jpg``.
 
 Offline, ``download`` fails with one line that says to pass ``--prompts PATH`` to a local copy; the
 loaders accept such a copy (a file or the folder ``download`` writes).
@@ -22,13 +25,14 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 
-BENCHMARKS = ("geneval", "dpg")
+BENCHMARKS = ("geneval", "dpg", "mjhq")
 
 # Upstream locations; ``{ref}`` is a branch, tag or commit. Module constants so that tests can point them at
 # local ``file://`` copies instead of the network.
@@ -39,10 +43,15 @@ GENEVAL_URLS = {
     "LICENSE": "https://raw.githubusercontent.com/djghosh13/geneval/{ref}/LICENSE",
 }
 DPG_ARCHIVE_URL = "https://github.com/TencentQQGYLab/ELLA/archive/{ref}.tar.gz"
+# MJHQ-30K on the Hugging Face Hub; {ref} a revision, {name} a file of the dataset repository.
+MJHQ_URL = "https://huggingface.co/datasets/playgroundai/MJHQ-30K/resolve/{ref}/{name}"
 
 GENEVAL_METADATA = "evaluation_metadata.jsonl"
 DPG_CSV = "dpg_bench.csv"
 DPG_PROMPTS = "prompts"
+MJHQ_METADATA = "meta_data.json"
+MJHQ_IMAGES_ZIP = "mjhq30k_imgs.zip"
+MJHQ_IMAGES = "mjhq30k_imgs"
 
 
 class BenchmarkError(ConfigError):
@@ -69,9 +78,14 @@ def _fetch(url: str, name: str, timeout: float):
         ) from None
 
 
-def _is_complete(name: str, dest: Path) -> bool:
+def _is_complete(name: str, dest: Path, images: bool = False) -> bool:
     if name == "geneval":
         return (dest / GENEVAL_METADATA).is_file()
+    if name == "mjhq":
+        unpacked = dest / MJHQ_IMAGES
+        return (dest / MJHQ_METADATA).is_file() and (
+            not images or unpacked.is_dir() and any(unpacked.iterdir())
+        )
     return (dest / DPG_CSV).is_file() and any((dest / DPG_PROMPTS).glob("*.txt"))
 
 
@@ -83,24 +97,30 @@ def download(
     force: bool = False,
     timeout: float = 60.0,
     progress: bool = True,
+    images: bool = False,
 ) -> Path:
     """Download benchmark ``name`` ("geneval" or "dpg") into the folder ``dest`` and return ``dest``.
 
     GenEval gives ``dest/evaluation_metadata.jsonl`` (+ LICENSE); DPG-Bench gives ``dest/prompts/*.txt``,
-    ``dest/dpg_bench.csv`` (+ LICENSE). A complete existing copy is kept unless ``force``. Files are
+    ``dest/dpg_bench.csv`` (+ LICENSE); MJHQ-30K gives ``dest/meta_data.json`` and, with ``images``, the
+    reference images in ``dest/mjhq30k_imgs/<category>/``. A complete existing copy is kept unless ``force``. Files are
     gathered in a temporary folder and moved into place at the end, so an interrupted download never
     leaves a half-written copy that would later pass for a complete one.
     """
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
+    if images and name != "mjhq":
+        raise BenchmarkError(f"images=True applies to mjhq only (its FID reference images), not {name!r}")
     dest = Path(dest)
-    if not force and _is_complete(name, dest):
+    if not force and _is_complete(name, dest, images):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp_name:
         tmp = Path(tmp_name)
         if name == "geneval":
             _download_geneval(tmp, ref, timeout)
+        elif name == "mjhq":
+            _download_mjhq(tmp, ref, timeout, progress, images)
         else:
             _download_dpg(tmp, ref, timeout, progress)
         for item in tmp.iterdir():
@@ -160,6 +180,52 @@ def _download_dpg(tmp: Path, ref: str, timeout: float, progress: bool) -> None:
             f"the archive {url} has no dpg_bench/prompts/*.txt and dpg_bench/{DPG_CSV}; check the ref, "
             f"or pass --prompts PATH to a local copy"
         )
+
+
+def _download_to(url: str, name: str, target: Path, timeout: float, progress: bool) -> None:
+    """Stream ``url`` into the file ``target`` with a progress bar; a dropped connection is one line."""
+    with _fetch(url, name, timeout) as response:
+        size = response.headers.get("Content-Length") if response.headers else None
+        with (
+            tqdm.wrapattr(
+                response, "read", total=int(size) if size else None, desc=name, disable=not progress
+            ) as stream,
+            target.open("wb") as handle,
+        ):
+            try:
+                shutil.copyfileobj(stream, handle, 1 << 20)
+            except (TimeoutError, ConnectionError) as e:
+                raise BenchmarkError(f"downloading {name} from {url} broke off ({e}); retry") from None
+
+
+def _download_mjhq(tmp: Path, ref: str, timeout: float, progress: bool, images: bool) -> None:
+    _download_to(
+        MJHQ_URL.format(ref=ref, name=MJHQ_METADATA), "MJHQ-30K metadata", tmp / MJHQ_METADATA, timeout, False
+    )
+    load_mjhq(tmp / MJHQ_METADATA)  # parsed before accepting, as for GenEval
+    if not images:
+        return
+    url = MJHQ_URL.format(ref=ref, name=MJHQ_IMAGES_ZIP)
+    archive = tmp / MJHQ_IMAGES_ZIP
+    _download_to(url, "MJHQ-30K images", archive, timeout, progress)
+    unpacked = tmp / MJHQ_IMAGES
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            for member in bundle.infolist():
+                parts = PurePosixPath(member.filename).parts
+                # <category>/<id>.jpg, under whatever top folder the archive has; built from the last two
+                # names only, so no member can write outside the folder.
+                if member.is_dir() or len(parts) < 2 or not parts[-1].lower().endswith(".jpg"):
+                    continue
+                target = unpacked / parts[-2] / parts[-1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with bundle.open(member) as source, target.open("wb") as handle:
+                    shutil.copyfileobj(source, handle, 1 << 20)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise BenchmarkError(f"the MJHQ-30K images from {url} are unreadable ({e}); retry") from None
+    archive.unlink()
+    if not unpacked.is_dir():
+        raise BenchmarkError(f"the archive {url} holds no <category>/<id>.jpg images; check the ref")
 
 
 def _dpg_member_target(member: tarfile.TarInfo, prompts: Path, tmp: Path) -> Path | None:
@@ -253,3 +319,39 @@ def dpg_csv_path(path: str | Path) -> Path:
         f"no {DPG_CSV} in {str(path)!r} or its parent; get DPG-Bench with `fusedit benchmarks download dpg` "
         f"(it ships the CSV) or copy ELLA's dpg_bench/{DPG_CSV} into {str(path)!r}"
     )
+
+
+def load_mjhq(path: str | Path) -> list[dict]:
+    """MJHQ-30K's prompts as dicts {id, prompt, category} sorted by id; ``path`` is ``meta_data.json`` or
+    a folder holding it."""
+    path = _existing(path, "MJHQ-30K metadata", "mjhq")
+    if path.is_dir():
+        path = _existing(path / MJHQ_METADATA, "MJHQ-30K metadata", "mjhq")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"{path} is not JSON ({e}); expected MJHQ-30K's {MJHQ_METADATA}") from None
+    if not isinstance(data, dict) or not data:
+        raise BenchmarkError(
+            f"{path} holds no prompts; expected MJHQ-30K's {MJHQ_METADATA}, an object of "
+            '{id: {"prompt": ..., "category": ...}}'
+        )
+    rows = []
+    for key in sorted(data):
+        entry = data[key]
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("prompt"), str)
+            and isinstance(entry.get("category"), str)
+            and entry["category"].strip()
+        ):
+            raise BenchmarkError(
+                f"{path}: entry {key!r} is {json.dumps(entry)[:80]}; expected an object with a string "
+                '"prompt" and a non-empty "category"'
+            )
+        # Ids and categories become file and folder names: a separator would write outside the folder.
+        for label, name in (("id", key), ("category", entry["category"])):
+            if "/" in name or "\\" in name or name in (".", ".."):
+                raise BenchmarkError(f"{path}: {label} {name!r} is not a file name; expected MJHQ-30K's ids")
+        rows.append({"id": key, "prompt": entry["prompt"], "category": entry["category"]})
+    return rows

@@ -5,9 +5,8 @@
   eigenvalues as S1 S2, by eigen-decomposition: no complex parts to discard and no ill-conditioned
   iteration (feature covariances of a few thousand images are rank-deficient).
 * Features come from any callable ``images -> (B, D) tensor``; ``TransformersImageFeatures`` wraps a
-  transformers vision model (CLIP, DINOv2, ViT, ...) loaded by hub id or folder. The standard FID number
-  (Inception-v3, as clean-fid computes on MJHQ-30K) needs Inception weights that transformers does not
-  provide; use the ``clean-fid`` package for it, and these extractors for FD_CLIP / FD_DINOv2 comparisons.
+  transformers vision model (CLIP, DINOv2, ViT, ...) loaded by hub id or folder, for FD_CLIP / FD_DINOv2.
+  The standard FID's features (clean-fid's Inception-v3, as on MJHQ-30K) are ``eval.inception``'s.
 * ``ReferenceStats.cached``: a reference set's (mu, sigma) computed once and kept in an ``.npz`` whose name
   is derived from the set's name and the extractor's id, so a later run never decodes the reference
   images again. The ``.npz`` also records what it was computed from (``folder_source``: the resolved
@@ -129,7 +128,7 @@ def load_image(item) -> Image.Image:
             image.close()
 
 
-def _decoded(item) -> Image.Image:
+def decoded_image(item) -> Image.Image:
     """``load_image`` for the model wrappers, whose callers pass images one by one: an unreadable one is
     an error there (the batch functions skip and count them before they reach a model)."""
     try:
@@ -397,7 +396,7 @@ class ClipEmbedder:
     # between transformers 4 (a tensor) and 5 (a model output).
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=[_decoded(i) for i in images], return_tensors="pt")
+        inputs = self.processor(images=[decoded_image(i) for i in images], return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1).cpu()
@@ -531,7 +530,9 @@ class TransformersImageFeatures:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=[_decoded(i) for i in images], return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=[decoded_image(i) for i in images], return_tensors="pt")[
+            "pixel_values"
+        ]
         pixels = pixels.to(self.device, self.dtype)
         if self.is_clip:
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output

@@ -3,7 +3,8 @@ benchmark's official layout, then score with the built-in scorers when their mod
 
 GenEval: 4 images per prompt, seed 42, ``<index>/metadata.jsonl`` + ``<index>/samples/NNNNN.png`` (the
 official scorer, github.com/djghosh13/geneval ``evaluation/evaluate_images.py``, runs on that folder for
-the published numbers). DPG-Bench: one 2x2 grid per prompt, ``<name>.png``.
+the published numbers). DPG-Bench: one 2x2 grid per prompt, ``<name>.png``. MJHQ-30K: one image per
+prompt, ``samples/<category>/<id>.png``, FID with clean-fid's Inception (``eval.mjhq``).
 
 Generation resumes: images already in the output folder are kept. So that a rerun after more training (or
 with other settings) never scores the old images, the folder records what made them (``generation.json``:
@@ -49,7 +50,7 @@ def weights_fingerprint(folder: Path) -> str:
 
 
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.
-IMAGES = {"geneval": "samples", "dpg": "grids"}
+IMAGES = {"geneval": "samples", "dpg": "grids", "mjhq": "samples"}
 GENEVAL_PER_PROMPT = 4
 
 
@@ -60,8 +61,8 @@ def protocol_record(record: dict, bench: str, seed: int, n_per_prompt: int | Non
 
 
 def check_protocol_folder(out_dir: Path, bench: str, record: dict, seed: int) -> None:
-    """``claim_folder``'s refusal alone, for ``run_geneval``/``run_dpg`` with their default layout: the CLI
-    checks it before the model loads."""
+    """``claim_folder``'s refusal alone, for ``run_geneval``/``run_dpg``/``run_mjhq`` with their default
+    layout: the CLI checks it before the model loads."""
     n = GENEVAL_PER_PROMPT if bench == "geneval" else None
     _check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
 
@@ -176,6 +177,54 @@ def run_dpg(
     result = {"grids": str(grids), **counts}
     if vqa:
         scores = score_dpg_folder(grids, questions, TransformersVQA(vqa, device=device), progress=progress)
+        result["scores"] = scores
+        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
+    return result
+
+
+def run_mjhq(
+    gen,
+    prompts_path,
+    out_dir: Path,
+    *,
+    reference=None,
+    features=None,
+    cache_dir: Path = Path(".cache/fusedit-fid"),
+    per_category: int | None = None,
+    seed: int = 42,
+    batch_size: int = 32,
+    device=None,
+    progress: bool = True,
+    record: dict | None = None,
+) -> dict:
+    """MJHQ-30K samples into ``out_dir/samples/<category>/<id>.png`` (``per_category`` of each category, or
+    all 30,000), then, with a ``reference`` folder (the unzipped ``mjhq30k_imgs``) and ``features`` (an
+    extractor, e.g. ``eval.inception.CleanInceptionFeatures``), FID overall and per category into
+    ``scores.json``. ``record`` as in ``run_geneval``."""
+    from fusedit.eval.benchmarks import load_mjhq
+    from fusedit.eval.mjhq import check_scoring, reference_files, score_mjhq, select, write_mjhq_samples
+
+    rows = select(load_mjhq(prompts_path), per_category)
+    check_scoring(reference, features)
+    # Listed before generating: a wrong reference folder must not surface after hours of sampling.
+    references = reference_files(reference, sorted({r["category"] for r in rows})) if reference else None
+    samples = out_dir / IMAGES["mjhq"]
+    if record is not None:
+        record = protocol_record(record, "mjhq", seed)
+    claim_folder(out_dir, samples, record)
+    counts = write_mjhq_samples(rows, gen, samples, seed=seed, progress=progress)
+    result = {"samples": str(samples), **counts}
+    if references is not None:
+        scores = score_mjhq(
+            rows,
+            samples,
+            references,
+            features,
+            cache_dir,
+            reference_root=reference,
+            batch_size=batch_size,
+            progress=progress,
+        )
         result["scores"] = scores
         write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
     return result
