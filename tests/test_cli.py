@@ -496,16 +496,16 @@ def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch, caplog):
     import numpy as np
     from PIL import Image
 
-    import fusedit.eval.fid
+    import fusedit.eval.inception
 
     class MeanColour:  # a stand-in feature model: each image's mean colour
-        def __init__(self, model_id):
+        def __init__(self, model_id, device=None):
             self.id = f"mean-colour:{model_id}"
 
         def __call__(self, images):
             return torch.tensor(np.stack([np.asarray(im, dtype=np.float64).mean((0, 1)) for im in images]))
 
-    monkeypatch.setattr(fusedit.eval.fid, "TransformersImageFeatures", MeanColour)
+    monkeypatch.setattr(fusedit.eval.inception, "TransformersImageFeatures", MeanColour)
     for folder, count in (("one", 1), ("three", 3), ("four", 4)):
         (tmp_path / folder).mkdir()
         for i in range(count):

@@ -978,41 +978,41 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_relocate_flag(sp):
+    sp.add_argument(
+        "--relocate",
+        action="append",
+        metavar="KEY=PLACE",
+        help="read a model folder the run's saved config names from its new place, e.g. "
+        "text.model_id=/data/gemma-2b (repeatable; keys: text.model_id, text.tokenizer, "
+        "extra_text.N.model_id, pooled_text.model_id, vae.model_id, ...)",
+    )
 
-    def relocate_flag(sp):
-        sp.add_argument(
-            "--relocate",
-            action="append",
-            metavar="KEY=PLACE",
-            help="read a model folder the run's saved config names from its new place, e.g. "
-            "text.model_id=/data/gemma-2b (repeatable; keys: text.model_id, text.tokenizer, "
-            "extra_text.N.model_id, pooled_text.model_id, vae.model_id, ...)",
-        )
 
-    def sampling_flags(sp, compile_default="the saved sample.compile: auto = on a GPU"):
-        relocate_flag(sp)
-        sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-        sp.add_argument("--device", default="auto")
-        sp.add_argument(
-            "--compile",
-            choices=["auto", "off", "inductor"],
-            help=f"torch.compile the DiT blocks (default {compile_default})",
-        )
-        sp.add_argument(
-            "--cuda-graphs",
-            action=argparse.BooleanOptionalAction,
-            help="replay each step as one CUDA graph (default the saved sample.cuda_graphs)",
-        )
+def _add_sampling_flags(sp, compile_default="the saved sample.compile: auto = on a GPU"):
+    _add_relocate_flag(sp)
+    sp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument(
+        "--compile",
+        choices=["auto", "off", "inductor"],
+        help=f"torch.compile the DiT blocks (default {compile_default})",
+    )
+    sp.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="replay each step as one CUDA graph (default the saved sample.cuda_graphs)",
+    )
 
-    def with_config(sp):
-        sp.add_argument("config", help="preset name (see `fusedit presets`), YAML file, or model folder")
-        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+def _add_config_args(sp):
+    sp.add_argument("config", help="preset name (see `fusedit presets`), YAML file, or model folder")
+    sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_train_parser(sub) -> None:
     sp = sub.add_parser("train", help="train a config")
-    with_config(sp)
+    _add_config_args(sp)
     sp.add_argument("--out", help="run folder (default runs/<name>)")
     fresh = sp.add_mutually_exclusive_group()
     fresh.add_argument(
@@ -1027,12 +1027,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_train)
 
+
+def _add_demo_parser(sub) -> None:
     sp = sub.add_parser("demo", help="train the debug preset on the shapes world and sample a grid")
     sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the debug preset")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
+
+def _add_sample_parser(sub) -> None:
     sp = sub.add_parser("sample", help="generate images from a run, checkpoint or pipeline folder")
     sp.add_argument("model", help="run folder (also `fusedit convert`'s), checkpoint or pipeline folder")
     sp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -1058,10 +1062,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--no-cache", action="store_true", help="recompute the text K/V at every step")
-    sampling_flags(sp)
+    _add_sampling_flags(sp)
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_sample)
 
+
+def _add_serve_parser(sub) -> None:
     sp = sub.add_parser("serve", help="a local web demo: prompt, settings, live progress, gallery")
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -1071,9 +1077,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="largest image side a request may ask for, in pixels (default: twice the trained data.image_size)",
     )
-    sampling_flags(sp, compile_default="off: every new request shape would compile")
+    _add_sampling_flags(sp, compile_default="off: every new request shape would compile")
     sp.set_defaults(func=cmd_serve)
 
+
+def _add_eval_parser(sub) -> None:
     sp = sub.add_parser("eval", help="score a run, checkpoint or pipeline folder on a benchmark")
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--bench", choices=["shapes", *_PROTOCOLS], default="shapes")
@@ -1099,11 +1107,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float)
     sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval, dpg and mjhq")
     sp.add_argument("--no-ema", action="store_true")
-    relocate_flag(sp)
+    _add_relocate_flag(sp)
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)
 
+
+def _add_study_parser(sub) -> None:
     sp = sub.add_parser("study", help="train, score and compare several designs under one recipe")
     sp.add_argument("study", help="study YAML file (see studies/)")
     sp.add_argument("--out", help="output folder (default runs/studies/<name>); running it again resumes")
@@ -1120,11 +1130,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_study)
 
+
+def _add_export_parser(sub) -> None:
     sp = sub.add_parser("export", help="write a run or checkpoint as a diffusers pipeline folder")
     sp.add_argument("model", help="run folder or checkpoint folder")
     sp.add_argument("--out", required=True)
     sp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    relocate_flag(sp)
+    _add_relocate_flag(sp)
     sp.add_argument(
         "--device",
         default="cpu",
@@ -1133,6 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_export)
 
+
+def _add_consolidate_parser(sub) -> None:
     sp = sub.add_parser(
         "consolidate", help="turn a distributed (DCP) checkpoint into the plain one-process format"
     )
@@ -1140,6 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the checkpoint folder to write")
     sp.set_defaults(func=cmd_consolidate)
 
+
+def _add_convert_parser(sub) -> None:
     sp = sub.add_parser("convert", help="import a public FuseDiT checkpoint (folder, pipeline or raw file)")
     sp.add_argument(
         "path", help="transformer folder, pipeline folder, model.pt.zst/ema.pt.zst or DeepSpeed file"
@@ -1160,8 +1176,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=cmd_convert)
 
+
+def _add_bench_parser(sub) -> None:
     sp = sub.add_parser("bench", help="training and sampling throughput on synthetic inputs (random weights)")
-    with_config(sp)
+    _add_config_args(sp)
     sp.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
     sp.add_argument("--resolution", type=int, nargs="+", help="image sizes in pixels (default the config's)")
     sp.add_argument("--batch", type=int, nargs="+", help="training batch sizes (default train.batch_size)")
@@ -1193,6 +1211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="append one JSON object per measurement to this file (JSON lines)")
     sp.set_defaults(func=cmd_bench)
 
+
+def _add_benchmarks_parser(sub) -> None:
     sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")
     bsub = sp.add_subparsers(dest="action", required=True)
     dp = bsub.add_parser("download", help="download GenEval, DPG-Bench or MJHQ-30K prompts")
@@ -1205,8 +1225,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--quiet", action="store_true")
     dp.set_defaults(func=cmd_benchmarks)
 
+
+def _add_cache_latents_parser(sub) -> None:
     sp = sub.add_parser("cache-latents", help="pre-encode a dataset with the config's VAE into latent shards")
-    with_config(sp)
+    _add_config_args(sp)
     sp.add_argument("--out", required=True)
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--shard-size", type=int, default=1000)
@@ -1215,6 +1237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_cache_latents)
 
+
+def _add_fid_parser(sub) -> None:
     sp = sub.add_parser("fid", help="Frechet distance of a sample folder to a reference folder")
     sp.add_argument("samples")
     sp.add_argument("--reference", required=True)
@@ -1223,27 +1247,64 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache-dir", default=FID_CACHE)
     sp.set_defaults(func=cmd_fid)
 
+
+def _add_clip_score_parser(sub) -> None:
     sp = sub.add_parser("clip-score", help="CLIP score of a `fusedit sample` output folder")
     sp.add_argument("samples")
     sp.add_argument("--clip", required=True, help="CLIP hub id or folder")
     sp.set_defaults(func=cmd_clip_score)
 
+
+def _add_describe_parser(sub) -> None:
     sp = sub.add_parser(
         "describe", help="architecture summary and parameter counts (built on the meta device)"
     )
-    with_config(sp)
+    _add_config_args(sp)
     sp.set_defaults(func=cmd_describe)
 
+
+def _add_config_parser(sub) -> None:
     sp = sub.add_parser(
         "config",
         help="print the resolved config, checked key by key (`fusedit describe` also checks it against the "
         "LLM's shape, e.g. model.initial_layers)",
     )
-    with_config(sp)
+    _add_config_args(sp)
     sp.set_defaults(func=cmd_config)
 
+
+def _add_presets_parser(sub) -> None:
     sp = sub.add_parser("presets", help="list the named presets")
     sp.set_defaults(func=cmd_presets)
+
+
+# One function per subcommand, in the order `fusedit --help` lists them.
+_SUBCOMMANDS = (
+    _add_train_parser,
+    _add_demo_parser,
+    _add_sample_parser,
+    _add_serve_parser,
+    _add_eval_parser,
+    _add_study_parser,
+    _add_export_parser,
+    _add_consolidate_parser,
+    _add_convert_parser,
+    _add_bench_parser,
+    _add_benchmarks_parser,
+    _add_cache_latents_parser,
+    _add_fid_parser,
+    _add_clip_score_parser,
+    _add_describe_parser,
+    _add_config_parser,
+    _add_presets_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return p
 
 
