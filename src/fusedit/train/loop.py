@@ -313,69 +313,20 @@ def train(
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
-    device, main = env.device, env.is_main
+    main = env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
     stages = resolved_stages(cfg)
-    names = [stage.name for stage in stages]
-    for stage in stages:
-        # Refused here rather than at config load, so that a saved run with such names still samples.
-        if names.index(stage.name) != stage.index:
-            raise ConfigError(
-                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
-                "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
-            )
-    _check_stages_fit(stages, parallel, tc.shard_llm)
-    _check_global_batch(stages, env.world_size, bool(cfg.stages))
+    _check_stages_run(cfg, stages, parallel, env.world_size)
     metrics_path = run_dir / "metrics.jsonl"
-    ckpt = None
-    if resume:
-        try:
-            ckpt = find_checkpoint(run_dir)
-        except FileNotFoundError:
-            if main:
-                log.warning("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
-        found = distributed.broadcast_object(None if ckpt is None else str(ckpt), env)
-        ckpt = None if found is None else Path(found)
-    saved = load_state(ckpt) if ckpt is not None else None
-    start = int(saved["step"]) if saved else 0
-    if saved:  # before the (slow) model build
-        changed = check_same_model(ckpt, cfg)
-        if changed and main:
-            log.warning(
-                "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
-            )
-        if start > tc.steps:
-            raise ConfigError(
-                f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
-                "to resume it)"
-            )
-
+    ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
     for stage in stages:
         check_data_paths(stage.config.data, stage.config.vae)
 
     torch.manual_seed(tc.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg, env.device)
     check_stages(model, stages)
-    denoiser = model.denoiser
     if ckpt is None:
-        if main:
-            metrics_path.unlink(missing_ok=True)
-            # An earlier run's lists of skipped samples, which this run's would not all replace.
-            for stale in [*run_dir.glob("skipped.jsonl"), *run_dir.glob("skipped.*.jsonl")]:
-                stale.unlink(missing_ok=True)
-            # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
-            # train.keep_checkpoints are kept) and be what sampling and --resume find.
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        if cfg.text.pretrain_steps and not cfg.text.model_id:
-            from fusedit.data.shapes import caption_corpus
-            from fusedit.text.pretrain import pretrain_llm
-
-            corpus = caption_corpus(4096, seed=tc.seed)
-            pretrain_llm(
-                model.text, corpus, cfg.text.pretrain_steps, seed=tc.seed, progress=progress and main
-            )
-        if tc.init_from:
-            log.info("weights initialised from %s", init_weights(model, tc.init_from))
+        _start_fresh(cfg, model, run_dir, metrics_path, main, progress)
     # Placed against the stages the checkpoint was written under too: an earlier stage made longer or
     # shorter would move the stage's start under its data position.
     first = (
@@ -385,23 +336,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     )
     if saved and main:  # before the file is opened for appending: the rewind replaces it
         _rewind_metrics(metrics_path, start)
-
-    sharded_llms = []
-    if env.distributed:
-        # Built at random or pretrained by every rank: rank 0's copies are the ones that are saved.
-        for tcfg, llm in zip([cfg.text, *cfg.extra_text], text_modules(model).values()):
-            if not tcfg.model_id:
-                distributed.broadcast_module(llm)
-        if tc.shard_llm:  # validated: no stage trains the LLM
-            for encoder in model.encoders:
-                distributed.shard_frozen(encoder.llm)
-                sharded_llms.append(encoder.llm)
+    sharded_llms = _distribute_llms(cfg, model, env)
     if tc.compile:  # once for the whole run: a later stage's new shapes or adapters recompile the graphs
         model.compile_parts(tc.compile, tc.activation_memory_budget)  # DiT blocks and each LLM
 
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    parts = opts = ema = forward = None
-    denoiser.train()
+    model.denoiser.train()
     with contextlib.ExitStack() as stack:
         loggers = open_loggers(cfg, run_dir, start if ckpt is not None else None) if main else []
         for logger in loggers:
@@ -417,42 +357,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             run.truncated = int(saved.get("truncated_prompts", 0))
         if main:
             run.metrics = stack.enter_context(metrics_path.open("a"))
-        for stage in stages[first.index :]:
-            if stage.index > first.index and stage.start >= end:
-                break
-            sc, stc = stage.config, stage.config.train
-            # The stage's trainable parts, then the wrapper (DDP needs the parts set; FSDP2 shards once,
-            # before any optimizer exists), then the optimizers over this stage's parameters.
-            new_parts = Parts.of(stc)
-            apply_parts(model, new_parts, parts, seed=tc.seed, stage=stage.index)
-            denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
-            if forward is None or (new_parts != parts and parallel == "ddp"):
-                # DDP refuses a module without trainable weights: a stage that trains only the LLM runs the
-                # denoiser unwrapped (the LLM's gradients are averaged by _Run.stage).
-                stage_parallel = parallel if any(p.requires_grad for p in denoiser.parameters()) else "none"
-                forward = distributed.wrap_denoiser(
-                    denoiser, stage_parallel, env, uses_bf16(stc.precision, device)
-                )
-            new_opts = Optimizers.build(model, stc, device)
-            data_state = None
-            if opts is None:
-                ema = EMA(denoiser, stc.ema_decay)
-                if ckpt is not None:
-                    text = text_modules(model)
-                    saved = load_training_state(
-                        ckpt, denoiser, new_opts.by_module, ema, text, distributed=env.distributed
-                    )
-                    log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
-                    data_state = _saved_data_state(ckpt, saved, env, sc)
-                if main:  # once the checkpoint is known to fit: a refused resume leaves the config as it was
-                    save_config(cfg, run_dir / "config.yaml")
-            else:
-                log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
-                ema.decay = stc.ema_decay
-            parts, opts = new_parts, new_opts
-            steps = range(max(start, stage.start), min(stage.end, end))
-            if steps:  # empty when resumed at this stage's last step
-                run.stage(stage, steps, forward, stage_parallel, opts, ema, data_state)
+        ema = _train_stages(run, stages[first.index :], start, end, ckpt)
     if main and run.truncated:  # the text encoder warns at the first truncation only
         log.info(
             "text: %d prompts longer than %s tokens were truncated in this run (to step %d)",
@@ -476,6 +381,188 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     }
 
 
+def _check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_size: int) -> None:
+    """What the run's stages must satisfy before anything is built: distinct names, what the launch
+    allows (_check_stages_fit) and the global batches they ask for (_check_global_batch)."""
+    names = [stage.name for stage in stages]
+    for stage in stages:
+        # Refused here rather than at config load, so that a saved run with such names still samples.
+        if names.index(stage.name) != stage.index:
+            raise ConfigError(
+                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
+                "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
+            )
+    _check_stages_fit(stages, parallel, cfg.train.shard_llm)
+    _check_global_batch(stages, world_size, bool(cfg.stages))
+
+
+def _resume_point(
+    cfg: Config, run_dir: Path, env: DistEnv, resume: bool
+) -> tuple[Path | None, dict | None, int]:
+    """(checkpoint, its saved state, its step) that the run continues from; (None, None, 0) for a fresh run,
+    or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model build."""
+    tc = cfg.train
+    ckpt = None
+    if resume:
+        try:
+            ckpt = find_checkpoint(run_dir)
+        except FileNotFoundError:
+            if env.is_main:
+                log.warning("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
+        found = distributed.broadcast_object(None if ckpt is None else str(ckpt), env)
+        ckpt = None if found is None else Path(found)
+    saved = load_state(ckpt) if ckpt is not None else None
+    start = int(saved["step"]) if saved else 0
+    if saved:
+        changed = check_same_model(ckpt, cfg)
+        if changed and env.is_main:
+            log.warning(
+                "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
+            )
+        if start > tc.steps:
+            raise ConfigError(
+                f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
+                "to resume it)"
+            )
+    return ckpt, saved, start
+
+
+def _start_fresh(
+    cfg: Config, model: TextToImage, run_dir: Path, metrics_path: Path, main: bool, progress: bool
+) -> None:
+    """A run from step 0: an earlier run's outputs in ``run_dir`` go, an LLM without a hub id is pretrained
+    (text.pretrain_steps) and train.init_from's weights are loaded."""
+    tc = cfg.train
+    if main:
+        metrics_path.unlink(missing_ok=True)
+        # An earlier run's lists of skipped samples, which this run's would not all replace.
+        for stale in [*run_dir.glob("skipped.jsonl"), *run_dir.glob("skipped.*.jsonl")]:
+            stale.unlink(missing_ok=True)
+        # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
+        # train.keep_checkpoints are kept) and be what sampling and --resume find.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if cfg.text.pretrain_steps and not cfg.text.model_id:
+        from fusedit.data.shapes import caption_corpus
+        from fusedit.text.pretrain import pretrain_llm
+
+        corpus = caption_corpus(4096, seed=tc.seed)
+        pretrain_llm(model.text, corpus, cfg.text.pretrain_steps, seed=tc.seed, progress=progress and main)
+    if tc.init_from:
+        log.info("weights initialised from %s", init_weights(model, tc.init_from))
+
+
+def _distribute_llms(cfg: Config, model: TextToImage, env: DistEnv) -> list:
+    """Under torchrun, the LLMs no hub id loads made rank 0's on every rank, and with train.shard_llm every
+    (frozen) LLM sharded; returns the sharded ones, which the step reshards after each text forward."""
+    sharded_llms = []
+    if env.distributed:
+        # Built at random or pretrained by every rank: rank 0's copies are the ones that are saved.
+        for tcfg, llm in zip([cfg.text, *cfg.extra_text], text_modules(model).values()):
+            if not tcfg.model_id:
+                distributed.broadcast_module(llm)
+        if cfg.train.shard_llm:  # validated: no stage trains the LLM
+            for encoder in model.encoders:
+                distributed.shard_frozen(encoder.llm)
+                sharded_llms.append(encoder.llm)
+    return sharded_llms
+
+
+def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Path | None) -> EMA:
+    """Train ``stages`` (the first is the one the run is at) up to global step ``end``; the first resumes
+    from ``ckpt``, each later one carries weights, EMA and Adam state from the one before. Returns the EMA."""
+    model, env, denoiser = run.model, run.env, run.model.denoiser
+    parts = opts = ema = forward = stage_parallel = None
+    for stage in stages:
+        if stage.index > stages[0].index and stage.start >= end:
+            break
+        stc = stage.config.train
+        # The stage's trainable parts, then the wrapper (DDP needs the parts set; FSDP2 shards once,
+        # before any optimizer exists), then the optimizers over this stage's parameters.
+        new_parts = Parts.of(stc)
+        apply_parts(model, new_parts, parts, seed=run.cfg.train.seed, stage=stage.index)
+        denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
+        if forward is None or (new_parts != parts and run.parallel == "ddp"):
+            # DDP refuses a module without trainable weights: a stage that trains only the LLM runs the
+            # denoiser unwrapped (the LLM's gradients are averaged by _Step).
+            stage_parallel = run.parallel if any(p.requires_grad for p in denoiser.parameters()) else "none"
+            forward = distributed.wrap_denoiser(
+                denoiser, stage_parallel, env, uses_bf16(stc.precision, env.device)
+            )
+        new_opts = Optimizers.build(model, stc, env.device)
+        if opts is None:
+            ema, data_state = _start_state(run, stage, new_opts, ckpt, start)
+        else:
+            log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
+            ema.decay = stc.ema_decay
+            data_state = None
+        parts, opts = new_parts, new_opts
+        steps = range(max(start, stage.start), min(stage.end, end))
+        if steps:  # empty when resumed at this stage's last step
+            run.stage(stage, steps, forward, stage_parallel, opts, ema, data_state)
+    return ema
+
+
+def _start_state(
+    run: _Run, stage: Stage, opts: Optimizers, ckpt: Path | None, start: int
+) -> tuple[EMA, dict | None]:
+    """The EMA of this call's first stage and this rank's data position (None: from the step alone), both
+    loaded with the weights and ``opts``' state from ``ckpt`` when the run resumes; then the config is saved."""
+    env, denoiser = run.env, run.model.denoiser
+    ema = EMA(denoiser, stage.config.train.ema_decay)
+    data_state = None
+    if ckpt is not None:
+        text = text_modules(run.model)
+        saved = load_training_state(ckpt, denoiser, opts.by_module, ema, text, distributed=env.distributed)
+        log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
+        data_state = _saved_data_state(ckpt, saved, env, stage.config)
+    if env.is_main:  # once the checkpoint is known to fit: a refused resume leaves the config as it was
+        save_config(run.cfg, run.run_dir / "config.yaml")
+    return ema, data_state
+
+
+def _announce_stage(cfg: Config, stage: Stage, main: bool) -> None:
+    """Log what a stage trains (in a run of stages), and warn of its settings that do nothing: those for
+    parts it does not train, and a warmup longer than the stage."""
+    tc = stage.config.train
+    parts = Parts.of(tc)
+    span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
+    if cfg.stages:
+        log.info(
+            "stage %d %r: steps %d..%d, %d px, batch %d x %d, lr %g, trains %s",
+            stage.index,
+            stage.name,
+            stage.start,
+            stage.end,
+            stage.config.data.image_size,
+            tc.batch_size,
+            tc.grad_accum,
+            tc.lr,
+            parts.describe(),
+        )
+    idle = idle_settings(tc)
+    if idle and main:
+        log.warning(
+            "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
+            span,
+            parts.describe(),
+            tc.trainable,
+            ", ".join(idle),
+        )
+    if tc.warmup_steps > stage.steps and main:
+        # The schedule counts from the stage's first step, so its warmup has to fit the stage.
+        peak = learning_rate(stage.steps - 1, tc.lr, tc.warmup_steps, tc.schedule, stage.steps)
+        log.warning(
+            "train.warmup_steps=%d exceeds the %d steps of %s: the learning rate peaks at %.3g instead "
+            "of train.lr=%g (allowed: warmup_steps <= %d to reach it)",
+            tc.warmup_steps,
+            stage.steps,
+            span,
+            peak,
+            tc.lr,
+            stage.steps,
+        )
+
+
 @dataclass
 class _Run:
     """What the stages of one train() call share: the model, where outputs go, and the counters."""
@@ -496,73 +583,49 @@ class _Run:
     # extra_text's or pooled_text's; once however many cut it), over all ranks; previews do not count.
     truncated: int = 0
 
-    def stage(self, stage: Stage, steps: range, forward, stage_parallel: str, opts, ema, data_state) -> None:
+    def stage(self, stage: Stage, steps: range, forward, stage_parallel, opts, ema, data_state) -> None:
         """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
         step -> EMA -> log -> atomic checkpoint (at checkpoint_every, the stage's end and the run's end)."""
-        cfg, model, env = self.cfg, self.model, self.env
-        sc, tc, seed = stage.config, stage.config.train, cfg.train.seed
-        device, main, denoiser = env.device, env.is_main, model.denoiser
-        parts = Parts.of(tc)
-        if cfg.stages:
-            log.info(
-                "stage %d %r: steps %d..%d, %d px, batch %d x %d, lr %g, trains %s",
-                stage.index,
-                stage.name,
-                stage.start,
-                stage.end,
-                sc.data.image_size,
-                tc.batch_size,
-                tc.grad_accum,
-                tc.lr,
-                parts.describe(),
-            )
-        idle = idle_settings(tc)
-        if idle and main:
-            log.warning(
-                "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
-                f"stage {stage.index} ({stage.name})" if cfg.stages else "the run",
-                parts.describe(),
-                tc.trainable,
-                ", ".join(idle),
-            )
-        if tc.warmup_steps > stage.steps and main:
-            # The schedule counts from the stage's first step, so its warmup has to fit the stage.
-            span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
-            peak = learning_rate(stage.steps - 1, tc.lr, tc.warmup_steps, tc.schedule, stage.steps)
-            log.warning(
-                "train.warmup_steps=%d exceeds the %d steps of %s: the learning rate peaks at %.3g instead "
-                "of train.lr=%g (allowed: warmup_steps <= %d to reach it)",
-                tc.warmup_steps,
-                stage.steps,
-                span,
-                peak,
-                tc.lr,
-                stage.steps,
-            )
-        if sc.data.source == "latents":  # the cache was checked against the VAE before the build
+        tc = stage.config.train
+        _announce_stage(self.cfg, stage, self.env.is_main)
+        skip_path = self.run_dir / skipped_list_name(self.env.rank, stage.index if self.cfg.stages else None)
+        loader = self._loader(stage, steps, data_state, skip_path)
+        train_step = _Step(self, stage, forward, stage_parallel, opts)
+        save_text = saved_llms(self.cfg, self.model, stage.index)
+        listed = False  # whether the skipped list was written at the last checkpoint
+        for step, batch in zip(steps, loader):
+            t0 = time.perf_counter()
+            loss, norm, truncated, lr, lrs = train_step(step, batch)
+            self.truncated += truncated
+            # Every rank sees the same global loss and gradient norm, so all skip or all step together.
+            if math.isfinite(loss) and math.isfinite(norm):
+                opts.step()
+                self.bad_in_row = 0
+            else:  # skip the update: the weights stay as they were
+                self._count_bad_step(step, loss, norm, tc.max_bad_steps)
+            opts.zero_grad()
+            if (step + 1) % tc.ema_every == 0:
+                ema.update(self.model.denoiser)
+            self.losses.append(loss)
+            if self.metrics is not None:
+                self._log_step(stage, step, loss, norm, lr, lrs, t0)
+            self.bar.update(1)
+            if self.env.is_main and tc.preview_every and (step + 1) % tc.preview_every == 0:
+                path = self.run_dir / "previews" / f"step_{step + 1:08d}.png"
+                _preview(self.model, stage.config, batch["caption"][:8], path)
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == steps.stop:
+                listed = self._checkpoint(stage, step, loader, opts, ema, save_text, skip_path)
+        self._report_skipped(stage, loader, listed, skip_path)
 
-            def to_latents(batch, local: slice, step: int, rows: range):  # pre-encoded by cache-latents
-                return batch["latent"][local].to(device)
-        else:
-
-            def to_latents(batch, local: slice, step: int, rows: range):
-                # A real VAE's posterior draw, like the flow's noise, from (seed, step, position): a resumed
-                # run, or one split over other ranks, draws what an uninterrupted one would.
-                generators = sample_generators(seed, step, rows, stream="vae/")
-                return model.autoencoder.encode(batch["image"][local].to(device), generators)
-
-        # Each rank reads its batch_size * grad_accum samples of every step (the loader's rank/world_size
-        # addressing); micro-step m takes rows [m * batch_size, (m + 1) * batch_size) of them. A stage's
-        # data is addressed by its own step count, in an order seeded by (train.seed + stage index).
-        micro, accum = tc.batch_size, tc.grad_accum
-        per_rank = micro * accum
-        global_batch = per_rank * env.world_size
-        first_row = env.rank * per_rank  # this rank's rows in the step's global batch
-        skip_path = self.run_dir / skipped_list_name(env.rank, stage.index if cfg.stages else None)
-        loader = step_loader(
-            sc.data,
-            seed + stage.index,
-            per_rank,
+    def _loader(self, stage: Stage, steps: range, data_state: dict | None, skip_path: Path):
+        """This rank's batches of ``steps``: its batch_size * grad_accum samples of every step (the loader's
+        rank/world_size addressing). A stage's data is addressed by its own step count, in an order seeded
+        by (train.seed + stage index)."""
+        tc, env = stage.config.train, self.env
+        return step_loader(
+            stage.config.data,
+            self.cfg.train.seed + stage.index,
+            tc.batch_size * tc.grad_accum,
             steps.start - stage.start,
             steps.stop - stage.start,
             rank=env.rank,
@@ -571,166 +634,203 @@ class _Run:
             skip_list=str(skip_path),
             progress=not self.bar.disable,
         )
-        listed = False  # whether the skipped list was written at the last checkpoint
-        autocast = autocast_for(tc.precision, device)
-        # A trained LLM runs under the same autocast as the denoiser; a frozen one in its own dtype.
-        text_autocast = autocast_for(tc.precision, device) if parts.llm else contextlib.nullcontext()
-        params = opts.parameters()
-        llm_params = [
-            p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
-        ]
-        save_text = saved_llms(cfg, model, stage.index)
-        extra = {
-            "batch_size": micro,
-            "grad_accum": accum,
-            "world_size": env.world_size,
-            "parallel": self.parallel,
-            "stage": stage.index,
-            "stage_name": stage.name,
+
+    def _count_bad_step(self, step: int, loss: float, norm: float, max_bad_steps: int) -> None:
+        """Count a step whose update was skipped for a NaN/inf loss or gradient norm; too many in a row end
+        the run."""
+        self.bad_in_row, self.bad_total = self.bad_in_row + 1, self.bad_total + 1
+        if self.env.is_main:
+            log.warning("step %d: loss %s, grad norm %s: update skipped", step + 1, loss, norm)
+        if self.bad_in_row >= max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_in_row} steps in a row had a NaN/inf loss or gradient (train.max_bad_steps="
+                f"{max_bad_steps}) at step {step + 1}; lower train.lr or check the data"
+            )
+
+    def _log_step(self, stage: Stage, step: int, loss: float, norm: float, lr: float, lrs: dict, t0: float):
+        """One line of metrics.jsonl and of every logger for ``step``; the bar shows the mean loss of the
+        last train.log_every steps, when the metrics file is flushed too."""
+        log_every = stage.config.train.log_every
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "grad_norm": norm,
+            "lr": lr,
+            "sec": round(time.perf_counter() - t0, 4),
         }
-        for step, batch in zip(steps, loader):
-            t0 = time.perf_counter()
-            # The global batch's dropout and times from (seed, step), then this rank's rows: the losses are
-            # the same however the global batch is split over ranks and micro-steps.
-            gen = step_generator(seed, step)
-            keep = caption_keep(global_batch, sc.data.caption_dropout, gen)
-            times = sample_training_times(
-                global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
+        if self.cfg.stages:
+            record["stage"] = stage.index
+        if "llm" in lrs:
+            record["llm_lr"] = lrs["llm"]
+        if self.truncated:  # the run's count so far, from the first truncation on
+            record["truncated"] = self.truncated
+        self.metrics.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.log(record, step + 1)
+        if (step + 1) % log_every == 0:
+            self.metrics.flush()
+            recent = self.losses[-log_every:]
+            self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+
+    def _checkpoint(self, stage: Stage, step: int, loader, opts: Optimizers, ema: EMA, save_text, skip_path):
+        """The atomic checkpoint after ``step``, with this rank's data position (Distributed Checkpoint under
+        torchrun); returns whether the list of skipped samples was written beside it."""
+        cfg, env, denoiser, tc = self.cfg, self.env, self.model.denoiser, stage.config.train
+        if self.metrics is not None:
+            self.metrics.flush()
+        position = loader.state_dict()
+        data = json.dumps(position)
+        common = dict(
+            keep=cfg.train.keep_checkpoints,
+            extra={
+                "skipped_steps": self.bad_total,
+                "bad_steps_in_row": self.bad_in_row,
+                "truncated_prompts": self.truncated,
+                "batch_size": tc.batch_size,
+                "grad_accum": tc.grad_accum,
+                "world_size": env.world_size,
+                "parallel": self.parallel,
+                "stage": stage.index,
+                "stage_name": stage.name,
+            },
+        )
+        ema_state = ema.state_dict()
+        if env.distributed:
+            save_distributed_checkpoint(
+                self.run_dir,
+                step + 1,
+                cfg,
+                denoiser,
+                ema_state,
+                opts.by_module,
+                save_text,
+                rank=env.rank,
+                rank_files={data_state_name(env.rank): data},
+                **common,
             )
-            loss_sum = torch.zeros((), device=device)
-            truncated_before = model.truncated
-            for m in range(accum):
-                local = slice(m * micro, (m + 1) * micro)
-                rows = range(first_row + local.start, first_row + local.stop)
-                captions = [
-                    c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])
-                ]
-                x0 = to_latents(batch, local, step, rows)
-                noise = sample_noise(seed, step, rows, x0.shape[1:]).to(device)
-                t = times[rows.start : rows.stop].to(device)
-                with distributed.gradient_sync(forward, stage_parallel, sync=m == accum - 1):
-                    # One LLM forward per micro-batch: without autograd when frozen; when it trains, its
-                    # graph runs from its lowest trainable layer to the text K/V the image queries read.
-                    with text_autocast:
-                        text = model.encode_prompts(captions)
-                    for llm in self.sharded_llms:
-                        distributed.reshard(llm)
-                    with autocast:
-                        v = forward(interpolate(x0, noise, t), t, text)
-                    loss = flow_loss(v, x0, noise)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            distributed.average_gradients(llm_params, env)
-            # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
-            # full_like fills on the device, where a copy from the host would wait for the step's kernels.
-            truncated = model.truncated - truncated_before
-            step_sums = torch.stack([loss_sum / accum, torch.full_like(loss_sum, truncated)])
-            loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, env)
-            grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
-            local_step = step - stage.start
-            # Each stage's schedule counts from its own first step; every module scales its own base lr.
-            rate = functools.partial(
-                learning_rate, local_step, warmup=tc.warmup_steps, schedule=tc.schedule, total=stage.steps
+        else:
+            others = {k: o for k, o in opts.by_module.items() if k != DENOISER}
+            save_checkpoint(
+                self.run_dir,
+                step + 1,
+                cfg,
+                denoiser,
+                ema_state,
+                opts.by_module.get(DENOISER),
+                None,
+                files={"data_state.json": data},
+                text=save_text,
+                optimizers=others,
+                **common,
             )
-            lr, lrs = rate(tc.lr), opts.set_lr(rate)
-            # The one host sync of a step (logging needs these anyway).
-            loss_value, norm_value, truncated_value = torch.stack(
-                [loss_mean.float(), grad_norm.float(), truncated_mean.float()]
-            ).tolist()
-            self.truncated += round(truncated_value * env.world_size)
-            # Every rank sees the same global loss and gradient norm, so all skip or all step together.
-            if math.isfinite(loss_value) and math.isfinite(norm_value):
-                opts.step()
-                self.bad_in_row = 0
-            else:  # skip the update: the weights stay as they were
-                self.bad_in_row, self.bad_total = self.bad_in_row + 1, self.bad_total + 1
-                if main:
-                    log.warning(
-                        "step %d: loss %s, grad norm %s: update skipped", step + 1, loss_value, norm_value
-                    )
-                if self.bad_in_row >= tc.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{self.bad_in_row} steps in a row had a NaN/inf loss or gradient (train.max_bad_steps="
-                        f"{tc.max_bad_steps}) at step {step + 1}; lower train.lr or check the data"
-                    )
-            opts.zero_grad()
-            if (step + 1) % tc.ema_every == 0:
-                ema.update(denoiser)
-            self.losses.append(loss_value)
-            if self.metrics is not None:
-                record = {
-                    "step": step + 1,
-                    "loss": loss_value,
-                    "grad_norm": norm_value,
-                    "lr": lr,
-                    "sec": round(time.perf_counter() - t0, 4),
-                }
-                if cfg.stages:
-                    record["stage"] = stage.index
-                if "llm" in lrs:
-                    record["llm_lr"] = lrs["llm"]
-                if self.truncated:  # the run's count so far, from the first truncation on
-                    record["truncated"] = self.truncated
-                self.metrics.write(json.dumps(record) + "\n")
-                for logger in self.loggers:
-                    logger.log(record, step + 1)
-                if (step + 1) % tc.log_every == 0:
-                    self.metrics.flush()
-                    recent = self.losses[-tc.log_every :]
-                    self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-            self.bar.update(1)
-            if main and tc.preview_every and (step + 1) % tc.preview_every == 0:
-                path = self.run_dir / "previews" / f"step_{step + 1:08d}.png"
-                _preview(model, sc, batch["caption"][:8], path)
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == steps.stop:
-                if self.metrics is not None:
-                    self.metrics.flush()
-                position = loader.state_dict()
-                data = json.dumps(position)
-                common = dict(
-                    keep=cfg.train.keep_checkpoints,
-                    extra={
-                        "skipped_steps": self.bad_total,
-                        "bad_steps_in_row": self.bad_in_row,
-                        "truncated_prompts": self.truncated,
-                        **extra,
-                    },
-                )
-                ema_state = ema.state_dict()
-                if env.distributed:
-                    save_distributed_checkpoint(
-                        self.run_dir,
-                        step + 1,
-                        cfg,
-                        denoiser,
-                        ema_state,
-                        opts.by_module,
-                        save_text,
-                        rank=env.rank,
-                        rank_files={data_state_name(env.rank): data},
-                        **common,
-                    )
-                else:
-                    others = {k: o for k, o in opts.by_module.items() if k != DENOISER}
-                    save_checkpoint(
-                        self.run_dir,
-                        step + 1,
-                        cfg,
-                        denoiser,
-                        ema_state,
-                        opts.by_module.get(DENOISER),
-                        None,
-                        files={"data_state.json": data},
-                        text=save_text,
-                        optimizers=others,
-                        **common,
-                    )
-                # Beside the checkpoint, not in it: a list for people to read (the checkpoint's data state
-                # holds the same ids). The last step always checkpoints, so the end of training writes it.
-                listed = _write_skipped(skip_path, position)
+        # Beside the checkpoint, not in it: a list for people to read (the checkpoint's data state holds the
+        # same ids). The last step always checkpoints, so the end of training writes it.
+        return _write_skipped(skip_path, position)
+
+    def _report_skipped(self, stage: Stage, loader, listed: bool, skip_path: Path) -> None:
+        """Log the samples the loader skipped over the stage, and where they are listed."""
         report = loader.skipped_report()
         if listed:
             report += f"; every skipped id is listed in {skip_path}"
-            if env.world_size > 1:
-                report += f" (rank 1's in {skipped_list_name(1, stage.index if cfg.stages else None)}, ...)"
-        log.info("data: %s", report if env.world_size == 1 else f"rank 0: {report}")
+            if self.env.world_size > 1:
+                rank1 = skipped_list_name(1, stage.index if self.cfg.stages else None)
+                report += f" (rank 1's in {rank1}, ...)"
+        log.info("data: %s", report if self.env.world_size == 1 else f"rank 0: {report}")
+
+
+class _Step:
+    """One stage's training step: this rank's rows of the step's global batch -> text context -> x_t ->
+    flow-matching loss -> gradients averaged over ranks and clipped, learning rates set. The caller steps
+    AdamW (or skips a NaN step) and the EMA."""
+
+    def __init__(self, run: _Run, stage: Stage, forward, stage_parallel: str, opts: Optimizers) -> None:
+        tc, env = stage.config.train, run.env
+        self.model, self.env, self.stage, self.seed = run.model, env, stage, run.cfg.train.seed
+        self.forward, self.stage_parallel, self.opts = forward, stage_parallel, opts
+        self.sharded_llms = run.sharded_llms
+        # Each rank reads its batch_size * grad_accum samples of every step; micro-step m takes rows
+        # [m * batch_size, (m + 1) * batch_size) of them.
+        self.micro, self.accum = tc.batch_size, tc.grad_accum
+        self.global_batch = self.micro * self.accum * env.world_size
+        self.first_row = env.rank * self.micro * self.accum  # this rank's rows in the step's global batch
+        self.autocast = autocast_for(tc.precision, env.device)
+        # A trained LLM runs under the same autocast as the denoiser; a frozen one in its own dtype.
+        self.text_autocast = (
+            autocast_for(tc.precision, env.device) if Parts.of(tc).llm else contextlib.nullcontext()
+        )
+        self.params = opts.parameters()  # every trained weight: clipped together
+        # The LLMs' weights, whose gradients DDP (wrapping the denoiser alone) does not average.
+        self.llm_params = [
+            p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
+        ]
+
+    def __call__(self, step: int, batch: dict) -> tuple[float, float, int, float, dict[str, float]]:
+        """The gradients of ``step`` and its learning rates; returns (global mean loss, gradient norm,
+        prompts truncated over all ranks, lr, lr by module) as host values."""
+        sc, tc = self.stage.config, self.stage.config.train
+        # The global batch's dropout and times from (seed, step), then this rank's rows: the losses are
+        # the same however the global batch is split over ranks and micro-steps.
+        gen = step_generator(self.seed, step)
+        keep = caption_keep(self.global_batch, sc.data.caption_dropout, gen)  # global_batch bools
+        times = sample_training_times(  # (global_batch,)
+            self.global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
+        )
+        loss_sum = torch.zeros((), device=self.env.device)
+        truncated_before = self.model.truncated
+        for m in range(self.accum):
+            loss_sum += self.micro_step(step, m, batch, keep, times)
+        distributed.average_gradients(self.llm_params, self.env)
+        # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
+        # full_like fills on the device, where a copy from the host would wait for the step's kernels.
+        truncated = self.model.truncated - truncated_before
+        step_sums = torch.stack([loss_sum / self.accum, torch.full_like(loss_sum, truncated)])
+        loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, self.env)
+        grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip))
+        # Each stage's schedule counts from its own first step; every module scales its own base lr.
+        rate = functools.partial(
+            learning_rate,
+            step - self.stage.start,
+            warmup=tc.warmup_steps,
+            schedule=tc.schedule,
+            total=self.stage.steps,
+        )
+        lr, lrs = rate(tc.lr), self.opts.set_lr(rate)
+        # The one host sync of a step (logging needs these anyway).
+        loss_value, norm_value, truncated_value = torch.stack(
+            [loss_mean.float(), grad_norm.float(), truncated_mean.float()]
+        ).tolist()
+        return loss_value, norm_value, round(truncated_value * self.env.world_size), lr, lrs
+
+    def micro_step(
+        self, step: int, m: int, batch: dict, keep: list[bool], times: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward and backward of micro-batch ``m`` (gradients scaled by 1 / grad_accum, synced over ranks
+        at the last micro-step); returns its loss, detached."""
+        device = self.env.device
+        local = slice(m * self.micro, (m + 1) * self.micro)
+        rows = range(self.first_row + local.start, self.first_row + local.stop)
+        captions = [c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])]
+        x0 = self.latents(batch, local, step, rows)  # (micro, C, h, w)
+        noise = sample_noise(self.seed, step, rows, x0.shape[1:]).to(device)
+        t = times[rows.start : rows.stop].to(device)  # (micro,)
+        with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
+            # One LLM forward per micro-batch: without autograd when frozen; when it trains, its
+            # graph runs from its lowest trainable layer to the text K/V the image queries read.
+            with self.text_autocast:
+                text = self.model.encode_prompts(captions)
+            for llm in self.sharded_llms:
+                distributed.reshard(llm)
+            with self.autocast:
+                v = self.forward(interpolate(x0, noise, t), t, text)
+            loss = flow_loss(v, x0, noise)
+            (loss / self.accum).backward()
+        return loss.detach()
+
+    def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
+        """The micro-batch's latents: pre-encoded by cache-latents (checked against the VAE before the
+        build), or the VAE's posterior draw from (seed, step, position), like the flow's noise: a resumed
+        run, or one split over other ranks, draws what an uninterrupted one would."""
+        if self.stage.config.data.source == "latents":
+            return batch["latent"][local].to(self.env.device)
+        generators = sample_generators(self.seed, step, rows, stream="vae/")
+        return self.model.autoencoder.encode(batch["image"][local].to(self.env.device), generators)
