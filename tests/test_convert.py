@@ -34,8 +34,9 @@ from fusedit.convert.fusedit_official import (
 from fusedit.flow import guided, sample
 from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.layers.norm import RMSNorm
-from fusedit.layers.position import ImageOnlyRotary, position_scheme
+from fusedit.layers.position import ImageOnlyRotary
 from fusedit.layers.rope import inv_freq, rotate_half
+from fusedit.models.base import position_scheme
 from fusedit.pipeline import save_pretrained
 from fusedit.sample import generate
 from fusedit.system import build_model

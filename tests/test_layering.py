@@ -1,9 +1,11 @@
 """Imports point one way (CLI -> train/sample/eval -> models -> layers): outside the training package and
 the CLI, no module imports ``fusedit.train``, at the top or inside a function, but for the exceptions
 below. Reading a checkpoint (sampling, export, evaluation, the diffusers pipeline) goes through
-``fusedit.checkpoints``."""
+``fusedit.checkpoints``. At the bottom, ``fusedit.layers`` imports only torch, ``transformers.activations``,
+the standard library and itself."""
 
 import ast
+import sys
 from pathlib import Path
 
 import fusedit
@@ -59,3 +61,21 @@ def test_only_the_cli_and_the_training_package_import_fusedit_train():
                 offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
     assert not offending, "imports of fusedit.train outside train/ and the CLI:\n" + "\n".join(offending)
     assert used == EXCEPTIONS, f"exceptions no longer needed (remove them): {sorted(EXCEPTIONS - used)}"
+
+
+# What fusedit.layers may import besides the standard library (each with its submodules).
+LAYERS_MAY_IMPORT = ("torch", "transformers.activations", "fusedit.layers")
+
+
+def test_layers_import_only_torch_and_each_other():
+    """Layers are building blocks with explicit arguments: they never read the config schema (the models
+    package picks their variants from it, ``fusedit.models.base``) nor any other fusedit package."""
+    offending = []
+    for path in sorted((SRC / "layers").rglob("*.py")):
+        rel = path.relative_to(SRC)
+        package = ".".join(["fusedit", *rel.parts[:-1]])
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), package):
+            allowed = any(module == m or module.startswith(m + ".") for m in LAYERS_MAY_IMPORT)
+            if not allowed and module.split(".")[0] not in sys.stdlib_module_names:
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
+    assert not offending, "fusedit.layers imports beyond torch and itself:\n" + "\n".join(offending)

@@ -151,7 +151,7 @@ def test_channel_concatenation_lines_up_each_llms_kept_tokens():
 
 def refiner_condition(refiner, refined, text, temb):
     """The collaborative refiner's conditioning: the branches' mean pooled tokens plus the timestep."""
-    from fusedit.text.refiner import masked_mean
+    from fusedit.layers.pool import masked_mean
 
     pooled = torch.stack([masked_mean(x, t.mask) for x, t in zip(refined, text.all)]).mean(0)
     return pooled + temb

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fusedit.config import Config, allowed_sides, side_fits
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
-from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS, SAMPLERS
+from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
 from fusedit.sample import latent_shape, text_velocity
@@ -51,6 +51,17 @@ from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 # its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
 LLM_SLOTS = [("tokenizer", "text_encoder")] + [(f"tokenizer_{i}", f"text_encoder_{i}") for i in (2, 3, 4)]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# FlowMatchEulerDiscreteScheduler options that change its sigmas beyond the plain shift: a scheduler config
+# that sets one is not the spacing sample.schedule=diffusers computes (fusedit.flow.samplers).
+DIFFUSERS_SCHEDULE_VARIANTS = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+)
 
 
 class FuseDiTPipeline(DiffusionPipeline):

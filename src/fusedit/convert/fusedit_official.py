@@ -80,8 +80,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusedit.config import ROTARY_SCHEMES, Config, ConfigError, VAEConfig, absolute_paths, config_from_dict
-from fusedit.flow.samplers import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.layers.embed import scaled_sincos_2d
+from fusedit.pipeline import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.system import TextToImage, build_model
 from fusedit.text.spec import LLMSpec
 

@@ -37,17 +37,6 @@ def _diffusers(steps: int, shift: float) -> torch.Tensor:
 # sample.schedule: how the unshifted times are spaced before the SD3 shift (shift_time(0) = 0 keeps the end).
 SCHEDULES = {"uniform": _uniform, "diffusers": _diffusers}
 
-# FlowMatchEulerDiscreteScheduler options that change its sigmas beyond the plain shift: a scheduler config
-# that sets one is not the spacing ``_diffusers`` computes.
-DIFFUSERS_SCHEDULE_VARIANTS = (
-    "use_dynamic_shifting",
-    "shift_terminal",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "invert_sigmas",
-)
-
 
 def sampling_times(
     steps: int, shift: float = 1.0, device: torch.device | str = "cpu", schedule: str = "uniform"

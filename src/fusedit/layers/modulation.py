@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedit.config import ModelConfig
 from fusedit.layers.embed import TimestepEmbedder
 from fusedit.layers.norm import RMSNorm, layer_norm
 
@@ -36,6 +35,21 @@ class ZeroInit:
 
     def zero_(self) -> None:
         raise NotImplementedError
+
+
+class OwnInit:
+    """Marks modules that initialise their own weights; the model's init calls init_weights() after its
+    generic pass (xavier Linears, zero biases) and before zero_(), in module order."""
+
+    def init_weights(self) -> None:
+        raise NotImplementedError
+
+
+def normal_linears_(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) weights for every Linear inside ``module`` (biases kept), in module order."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
 
 
 @dataclass
@@ -150,17 +164,32 @@ class NormFinal(nn.Module):
 # ------------------------------------------------------------------ the variants
 
 
-class TimestepConditioning(nn.Module):
+class NoTimestepEmbedder(nn.Module):
+    """No timestep input: no parameters, and no conditioning vector."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+
+    def forward(self, t: torch.Tensor) -> None:
+        return None
+
+
+class TimestepConditioning(nn.Module, OwnInit):
     """Base: owns the global timestep path; builds per-block modulators, block norms and the final layer."""
 
+    embedder_cls: type[nn.Module] = TimestepEmbedder
     block_modulation: type[nn.Module] = NoBlockModulation
     final_cls: type[nn.Module] = NormFinal
     modulated = False
 
     def __init__(self, dim: int, adaln_norm: str = "layernorm"):
         super().__init__()
-        self.embedder = TimestepEmbedder(dim)
+        self.embedder = self.embedder_cls(dim)
         self.modulated_norm = MODULATED_NORMS[adaln_norm]
+
+    def init_weights(self) -> None:
+        """DiT's N(0, 0.02) for the timestep MLP (and adaLN-single's global t_block)."""
+        normal_linears_(self)
 
     def embed(self, t: torch.Tensor) -> torch.Tensor | None:
         """(B,) t in [0, 1] -> (B, d) conditioning vector (None: no timestep input)."""
@@ -209,13 +238,7 @@ class Addition(TimestepConditioning):
 
 
 class NoTimestep(TimestepConditioning):
-    def __init__(self, dim: int, adaln_norm: str = "layernorm"):
-        # Skip the base class's embedder: this variant has no timestep parameters at all.
-        nn.Module.__init__(self)
-        self.modulated_norm = MODULATED_NORMS[adaln_norm]
-
-    def embed(self, t: torch.Tensor) -> None:
-        return None
+    embedder_cls = NoTimestepEmbedder  # no timestep parameters at all
 
 
 TIMESTEP_CONDITIONING: dict[str, type[TimestepConditioning]] = {
@@ -224,8 +247,3 @@ TIMESTEP_CONDITIONING: dict[str, type[TimestepConditioning]] = {
     "addition": Addition,
     "none": NoTimestep,
 }
-
-
-def timestep_conditioning(cfg: ModelConfig, dim: int) -> TimestepConditioning:
-    """The timestep conditioning ``cfg`` asks for, with its options (``adaln_norm``)."""
-    return TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim, adaln_norm=cfg.adaln_norm)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from fusedit.config import ROTARY_SCHEMES, ModelConfig
 from fusedit.layers.embed import scaled_sincos_2d, sincos_2d
 from fusedit.layers.rope import NoRotary, Rotary, inv_freq, rope_1d, rope_2d, rope_m, rope_text
 
@@ -146,21 +145,3 @@ class LeftPaddedRotary(_Wrapped):
         cos, sin = shift.cos(), shift.sin()
         # Rotations compose by adding angles: cos(a + b), sin(a + b).
         return Rotary(rot.cos * cos - rot.sin * sin, rot.sin * cos + rot.cos * sin)
-
-
-def position_scheme(
-    cfg: ModelConfig, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None
-) -> PositionScheme:
-    """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
-    ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
-    if cfg.pos_embed == "ape" and ape_options:
-        return ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size)
-    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
-    if cfg.pos_embed not in ROTARY_SCHEMES:
-        return scheme
-    if cfg.rope_layout == "image-only":
-        # Text keys are not rotated in this layout, so how the text was padded cannot matter.
-        return ImageOnlyRotary(scheme)
-    if cfg.rope_left_pad is not None:
-        return LeftPaddedRotary(scheme, cfg.rope_left_pad)
-    return scheme

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from fusedit.config import ModelConfig
+from fusedit.models.base import DiT
 from fusedit.models.fusedit import DeepFusionCrossDiT, DeepFusionDiT
 from fusedit.models.shallow import CrossAttentionDiT, SelfAttentionDiT
 from fusedit.text.spec import LLMSpec
 
-DESIGNS: dict[str, type[nn.Module]] = {
+DESIGNS: dict[str, type[DiT]] = {
     "fusedit": DeepFusionDiT,
     "fusedit-cross": DeepFusionCrossDiT,
     "dit-self": SelfAttentionDiT,
@@ -17,6 +16,9 @@ DESIGNS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs) -> nn.Module:
-    """``text_inputs``: extra_llms (further LLMs' specs), hidden_layers (per LLM), pooled_dim."""
-    return DESIGNS[cfg.design](cfg, llm, in_channels, **text_inputs)
+def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs) -> DiT:
+    """The design ``cfg`` asks for, initialised (``DiT.initialize_weights``, once, after every module of the
+    design exists). ``text_inputs``: extra_llms (further LLMs' specs), hidden_layers (per LLM), pooled_dim."""
+    denoiser = DESIGNS[cfg.design](cfg, llm, in_channels, **text_inputs)
+    denoiser.initialize_weights()
+    return denoiser

@@ -5,8 +5,12 @@
 
 A design (subclass) says which blocks it stacks, what it asks of the LLM (``text_request``) and what each
 block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialisation live here, once
-(``initialize_weights``); a design inits only what it adds beyond them (the shallow baselines' context
-projection, N(0, 0.02) as in the public code).
+(``initialize_weights``, run on every built design by ``fusedit.models.build_denoiser``); a module whose init
+differs declares it itself (``OwnInit``: the timestep MLP, clip-mod's pooled-text MLP, the shallow baselines'
+context projection, N(0, 0.02) as in the public code; ``ZeroInit``: adaLN-Zero, the refiners' gates).
+
+The position scheme and the timestep conditioning are picked here from the config (``position_scheme``,
+``timestep_conditioning``), so ``fusedit.layers`` holds the variants without knowing the config schema.
 """
 
 from __future__ import annotations
@@ -19,14 +23,26 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fusedit.config import ConfigError, ModelConfig
+from fusedit.config import ROTARY_SCHEMES, ConfigError, ModelConfig
 from fusedit.layers.attention import backend_context
 from fusedit.layers.embed import PatchEmbed, unpatchify
-from fusedit.layers.modulation import ZeroInit, timestep_conditioning
+from fusedit.layers.modulation import (
+    TIMESTEP_CONDITIONING,
+    OwnInit,
+    TimestepConditioning,
+    ZeroInit,
+    normal_linears_,
+)
 from fusedit.layers.norm import RMSNorm
-from fusedit.layers.position import position_scheme
+from fusedit.layers.pool import masked_mean
+from fusedit.layers.position import (
+    POSITION_SCHEMES,
+    ImageOnlyRotary,
+    LeftPaddedRotary,
+    PositionScheme,
+    ScaledAPE,
+)
 from fusedit.text.context import TextContext, TextRequest
-from fusedit.text.refiner import masked_mean
 from fusedit.text.spec import LLMSpec
 
 
@@ -52,6 +68,29 @@ def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
             f"layer with one LLM layer (allowed: initial_layers + num_layers <= {llm.num_layers})"
         )
     return tuple(range(cfg.initial_layers, cfg.initial_layers + n))
+
+
+def position_scheme(
+    cfg: ModelConfig, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None
+) -> PositionScheme:
+    """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
+    ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
+    if cfg.pos_embed == "ape" and ape_options:
+        return ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size)
+    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
+    if cfg.pos_embed not in ROTARY_SCHEMES:
+        return scheme
+    if cfg.rope_layout == "image-only":
+        # Text keys are not rotated in this layout, so how the text was padded cannot matter.
+        return ImageOnlyRotary(scheme)
+    if cfg.rope_left_pad is not None:
+        return LeftPaddedRotary(scheme, cfg.rope_left_pad)
+    return scheme
+
+
+def timestep_conditioning(cfg: ModelConfig, dim: int) -> TimestepConditioning:
+    """The timestep conditioning ``cfg`` asks for, with its options (``adaln_norm``)."""
+    return TIMESTEP_CONDITIONING[cfg.timestep_conditioning](dim, adaln_norm=cfg.adaln_norm)
 
 
 class ConvPosition(nn.Module):
@@ -85,7 +124,7 @@ class NoPooledText(nn.Module):
         return temb
 
 
-class ClipPooledText(nn.Module):
+class ClipPooledText(nn.Module, OwnInit):
     """FuseDiT clip-mod: a second encoder's pooled embedding, embedded and added to the timestep's."""
 
     def __init__(self, pooled_dim: int, dim: int, eps: float):
@@ -93,6 +132,10 @@ class ClipPooledText(nn.Module):
         self.embed = nn.Sequential(
             RMSNorm(pooled_dim, eps), nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
         )
+
+    def init_weights(self) -> None:
+        """N(0, 0.02), as the public FuseDiT code inits its condition embedder (like the timestep MLP)."""
+        normal_linears_(self)
 
     def forward(self, temb, text: TextContext, state):
         return temb + self.embed(text.pooled.to(temb.dtype))
@@ -211,18 +254,19 @@ class DiT(nn.Module):
 
     # ---- shared
     def initialize_weights(self) -> None:
-        """DiT's init: xavier Linear with zero bias, N(0, 0.02) timestep MLP (and clip-mod's pooled-text MLP,
-        as the public FuseDiT code inits its condition embedder), adaLN-Zero and output at 0.
+        """DiT's init: xavier Linear with zero bias; then every ``OwnInit`` module's own init (the timestep
+        MLP's and clip-mod's N(0, 0.02), ...); then adaLN-Zero (``ZeroInit``) and the output at 0.
 
-        Designs call this at the end of their __init__, after adding their own modules."""
+        ``fusedit.models.build_denoiser`` calls this once, on the whole built design. The passes walk the
+        modules in registration order, so the random draws come in one fixed order for a given design."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        embedders = [self.time, *([self.pooled] if isinstance(self.pooled, ClipPooledText) else [])]
-        for lin in (m for e in embedders for m in e.modules() if isinstance(m, nn.Linear)):
-            nn.init.normal_(lin.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, OwnInit):
+                m.init_weights()
         for m in self.modules():
             if isinstance(m, ZeroInit):
                 m.zero_()

@@ -20,22 +20,18 @@ def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return x.unflatten(-1, (n, d)).transpose(1, 2)
 
 
-class ImageAttention(nn.Module):
-    """Image queries over [context K/V ; image K/V] (context optional: plain image self-attention)."""
+class ImageAttentionBase(nn.Module):
+    """Image queries over [context K/V ; image K/V] (context optional: plain image self-attention). What the
+    training form (``ImageAttention``) and the inference form (``FusedImageAttention``) share: a subclass sets
+    heads, kv_heads, head_dim, o_proj, q_norm, k_norm and says how x is projected (``project``)."""
 
-    def __init__(self, dim: int, llm: LLMSpec, qk_norm: bool):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, llm.head_dim
-        self.q_proj = nn.Linear(dim, llm.num_heads * llm.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
-        self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+    heads: int
+    kv_heads: int
+    head_dim: int
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, d) -> q (B, N, H * hd), k and v (B, N, KVH * hd)."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        raise NotImplementedError
 
     def forward(
         self,
@@ -55,12 +51,30 @@ class ImageAttention(nn.Module):
         return self.o_proj(attention(q, k, v, mask))
 
 
-class FusedImageAttention(ImageAttention):
+class ImageAttention(ImageAttentionBase):
+    """The training form: separate q/k/v projections, each shaped like the LLM's."""
+
+    def __init__(self, dim: int, llm: LLMSpec, qk_norm: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, llm.head_dim
+        self.q_proj = nn.Linear(dim, llm.num_heads * llm.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
+        self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+class FusedImageAttention(ImageAttentionBase):
     """An ImageAttention whose q/k/v projections run as one matmul of the concatenated weights: the same
-    function with one larger GEMM instead of three (an inference-time form, ``fusedit.models.inference``)."""
+    function with one larger GEMM instead of three (an inference-time form, ``fusedit.models.inference``).
+    Built from a trained ImageAttention, whose o_proj and q/k norms it shares."""
 
     def __init__(self, attn: ImageAttention):
-        nn.Module.__init__(self)
+        super().__init__()
         self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
         weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -69,6 +83,7 @@ class FusedImageAttention(ImageAttention):
         self.o_proj, self.q_norm, self.k_norm = attn.o_proj, attn.q_norm, attn.k_norm
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, d) -> q (B, N, H * hd), k and v (B, N, KVH * hd), split from one (B, N, (H + 2 KVH) hd)."""
         return self.qkv_proj(x).split(self.split, dim=-1)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fusedit.models.blocks import CrossAttention, ImageAttention, JointBlock
+from fusedit.models.blocks import CrossAttention, ImageAttentionBase, JointBlock
 from fusedit.text.refiner import TokenAttention
 from fusedit.text.spec import head_dim
 
@@ -63,7 +63,7 @@ def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int | list[int
             total += 2 * num_image * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, TokenAttention):  # a refiner's attention: over its own tokens, or the others'
             total += 4 * own * others * m.q.out_features
-        elif isinstance(m, ImageAttention):
+        elif isinstance(m, ImageAttentionBase):  # training or fused form
             block = denoiser.get_submodule(".".join(parts[:-1]))
             keys = num_image + (read if isinstance(block, JointBlock) else 0)
             total += 4 * num_image * keys * m.heads * m.head_dim

@@ -26,7 +26,6 @@ class DeepFusionDiT(DiT):
     def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs):
         self.llm_layers = paired_layers(cfg, llm)
         super().__init__(cfg, llm, in_channels, **text_inputs)
-        self.initialize_weights()
 
     def make_block(self, dim, llm, cfg):
         return JointBlock(dim, llm, cfg, self.time)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fusedit.config import ConfigError, ModelConfig
 from fusedit.layers.attention import key_padding_mask
+from fusedit.layers.modulation import OwnInit
 from fusedit.layers.norm import RMSNorm
 from fusedit.layers.rope import NoRotary, Rotary
 from fusedit.models.base import DiT, TextTokens
@@ -28,13 +29,17 @@ from fusedit.text.refiner import PromptRefiner
 from fusedit.text.spec import LLMSpec
 
 
-class ContextEmbedder(nn.Module):
+class ContextEmbedder(nn.Module, OwnInit):
     """One LLM's hidden state -> RMSNorm + Linear to the DiT width (the FuseDiT shallow baselines)."""
 
     def __init__(self, llm_dim: int, dim: int, eps: float):
         super().__init__()
         self.norm = RMSNorm(llm_dim, eps)
         self.proj = nn.Linear(llm_dim, dim)
+
+    def init_weights(self) -> None:
+        """N(0, 0.02) weight, as the public code inits its context embedder; the bias stays 0."""
+        nn.init.normal_(self.proj.weight, std=0.02)
 
     def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> context (B, T, d), keep-mask (B, T), positions (B, T): 0..L-1 as in the LLM itself."""
@@ -86,9 +91,6 @@ class ShallowDiT(DiT):
         else:
             self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
         self.text_kv = nn.ModuleList(TextKV(self.dim, own_shape(cfg, llm), cfg.qk_norm) for _ in self.blocks)
-        self.initialize_weights()
-        if isinstance(self.context, ContextEmbedder):
-            nn.init.normal_(self.context.proj.weight, std=0.02)
 
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
         return cfg.num_layers if cfg.num_layers is not None else llm.num_layers

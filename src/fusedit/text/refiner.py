@@ -23,12 +23,7 @@ from torch import nn
 
 from fusedit.layers.attention import attention
 from fusedit.layers.modulation import ZeroInit
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, d), (B, T) bool -> (B, d) mean over the True positions."""
-    w = mask.to(x.dtype)[..., None]
-    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+from fusedit.layers.pool import masked_mean
 
 
 class Gates(nn.Module, ZeroInit):
