@@ -122,3 +122,16 @@ def tiny_vae(**config):
         norm_num_groups=4,
     )
     return AutoencoderKL(**{**kw, **config})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder of an untrained tiny model that samples in 2 fp32 steps: for the benchmark commands."""
+    from fusedit.system import build_model
+    from fusedit.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = tiny_config(sample={"steps": 2, "precision": "fp32"})
+    model = build_model(cfg)
+    save_checkpoint(root / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+    return root / "run"

@@ -74,18 +74,26 @@ def test_bad_sampling_flags_fail_before_the_model_loads(run, capsys, no_model_lo
 @pytest.mark.parametrize(
     "bench, args, allowed",
     [
-        ("shapes", ["--detector", "det"], "--bench geneval"),
-        ("shapes", ["--clip", "clip"], "--bench geneval"),
-        ("shapes", ["--vqa", "vqa"], "--bench dpg"),
-        ("shapes", ["--prompts", "p.jsonl"], "--bench geneval or --bench dpg or --bench mjhq"),
-        ("shapes", ["--size", "16"], "--bench geneval or --bench dpg or --bench mjhq"),
+        ("shapes", ["--detector", "det"], "--bench geneval or --bench t2i-compbench"),
+        ("shapes", ["--clip", "clip"], "--bench geneval or --bench t2i-compbench"),
+        ("shapes", ["--vqa", "vqa"], "--bench dpg or --bench t2i-compbench"),
+        (
+            "shapes",
+            ["--prompts", "p.jsonl"],
+            "--bench geneval or --bench dpg or --bench mjhq or --bench t2i-compbench",
+        ),
+        (
+            "shapes",
+            ["--size", "16"],
+            "--bench geneval or --bench dpg or --bench mjhq or --bench t2i-compbench",
+        ),
         ("geneval", ["--per-category", "5"], "--bench shapes or --bench mjhq"),
         ("dpg", ["--per-category", "5"], "--bench shapes or --bench mjhq"),
         ("geneval", ["--reference", "refs"], "--bench mjhq"),
         ("dpg", ["--features", "inception.pt"], "--bench mjhq"),
-        ("mjhq", ["--vqa", "vqa"], "--bench dpg"),
-        ("dpg", ["--detector", "det"], "--bench geneval"),
-        ("geneval", ["--vqa", "vqa"], "--bench dpg"),
+        ("mjhq", ["--vqa", "vqa"], "--bench dpg or --bench t2i-compbench"),
+        ("dpg", ["--detector", "det"], "--bench geneval or --bench t2i-compbench"),
+        ("geneval", ["--vqa", "vqa"], "--bench dpg or --bench t2i-compbench"),
     ],
 )
 def test_flags_of_another_bench_are_refused(run, capsys, no_model_load, bench, args, allowed):

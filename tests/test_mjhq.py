@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
 from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.eval import benchmarks
@@ -286,22 +285,10 @@ def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, in
 # ------------------------------------------------------------------ commands
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from fusedit.system import build_model
-    from fusedit.train.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("mjhq-run")
-    cfg = tiny_config(sample={"steps": 2, "precision": "fp32"})
-    model = build_model(cfg)
-    save_checkpoint(root / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
-    return root / "run"
-
-
-def test_fusedit_eval_mjhq_samples_and_scores_a_run(run, tmp_path, inception, capsys):
+def test_fusedit_eval_mjhq_samples_and_scores_a_run(tiny_run, tmp_path, inception, capsys):
     meta, refs = mjhq_folder(tmp_path)
     out = tmp_path / "eval"
-    args = ["eval", str(run), "--bench", "mjhq", "--prompts", str(meta), "--per-category", "2"]
+    args = ["eval", str(tiny_run), "--bench", "mjhq", "--prompts", str(meta), "--per-category", "2"]
     scoring = ["--reference", str(refs), "--features", str(inception), "--cache-dir", str(tmp_path / "c")]
     assert main([*args, *scoring, "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -332,7 +319,7 @@ def test_fusedit_eval_mjhq_samples_and_scores_a_run(run, tmp_path, inception, ca
     ],
 )
 def test_fusedit_eval_mjhq_checks_scoring_before_the_model_loads(
-    run, tmp_path, inception, monkeypatch, capsys, extra, message
+    tiny_run, tmp_path, inception, monkeypatch, capsys, extra, message
 ):
     import fusedit.checkpoints
 
@@ -342,7 +329,7 @@ def test_fusedit_eval_mjhq_checks_scoring_before_the_model_loads(
     monkeypatch.setattr(fusedit.checkpoints, "load_model", load_model)
     meta, refs = mjhq_folder(tmp_path)
     extra = [{"REFS": str(refs), "INCEPTION": str(inception)}.get(a, a) for a in extra]
-    assert main(["eval", str(run), "--bench", "mjhq", "--prompts", str(meta), *extra, "--quiet"]) == 2
+    assert main(["eval", str(tiny_run), "--bench", "mjhq", "--prompts", str(meta), *extra, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fusedit: error: ") and err.count("\n") == 1 and message in err, err
 

@@ -422,17 +422,20 @@ def cmd_serve(args) -> int:
 # The `fusedit eval` flags that only some benches read: given with another bench, they would be ignored.
 _BENCH_FLAGS = {
     "per_category": ("shapes", "mjhq"),
-    "prompts": ("geneval", "dpg", "mjhq"),
-    "detector": ("geneval",),
-    "clip": ("geneval",),
-    "vqa": ("dpg",),
-    "size": ("geneval", "dpg", "mjhq"),
+    "prompts": ("geneval", "dpg", "mjhq", "t2i-compbench"),
+    "detector": ("geneval", "t2i-compbench"),
+    "clip": ("geneval", "t2i-compbench"),
+    "vqa": ("dpg", "t2i-compbench"),
+    "size": ("geneval", "dpg", "mjhq", "t2i-compbench"),
+    "categories": ("t2i-compbench",),
+    "per_prompt": ("t2i-compbench",),
+    "noun_phrases": ("t2i-compbench",),
     "reference": ("mjhq",),
     "features": ("mjhq",),
     "cache_dir": ("mjhq",),
 }
 # The benchmarks with an official layout and prompt data (eval.run); shapes is fusedit's own.
-_PROTOCOLS = ("geneval", "dpg", "mjhq")
+_PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 
 def cmd_eval(args) -> int:
@@ -452,8 +455,9 @@ def cmd_eval(args) -> int:
         raise ConfigError(
             f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
         )
-    if args.per_category is not None and args.per_category < 1:
-        raise ConfigError(f"--per-category {args.per_category} is not allowed (allowed: 1 or more)")
+    for flag, value in (("--per-category", args.per_category), ("--per-prompt", args.per_prompt)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
@@ -463,7 +467,14 @@ def cmd_eval(args) -> int:
 
         saved = _saved_model(args.model)
         if saved is not None:  # a folder of another generation's images is refused before the load
-            check_protocol_folder(out, args.bench, _eval_record(args, *saved, device)[1], _eval_seed(args))
+            record = _eval_record(args, *saved, device)[1]
+            if args.bench == "t2i-compbench":
+                from fusedit.eval.compbench import N_PER_PROMPT, check_compbench_folder
+
+                n = N_PER_PROMPT if args.per_prompt is None else args.per_prompt
+                check_compbench_folder(out, record, _eval_seed(args), n, args.categories)
+            else:
+                check_protocol_folder(out, args.bench, record, _eval_seed(args))
         if args.bench == "mjhq":
             extractor = _mjhq_scorer(args, device)
     model, cfg, where = load_sampling_model(
@@ -560,6 +571,24 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
             device=device,
             progress=not args.quiet,
             record=record,
+        )
+    elif args.bench == "t2i-compbench":
+        from fusedit.eval.compbench import N_PER_PROMPT, run_compbench
+
+        r = run_compbench(
+            gen,
+            args.prompts,
+            out,
+            vqa=args.vqa,
+            clip=args.clip,
+            detector=args.detector,
+            n_per_prompt=N_PER_PROMPT if args.per_prompt is None else args.per_prompt,
+            seed=seed,
+            categories=args.categories,
+            device=device,
+            progress=not args.quiet,
+            record=record,
+            text=args.noun_phrases or "rules",
         )
     else:
         r = run_mjhq(
@@ -1090,22 +1119,52 @@ def _add_eval_parser(sub) -> None:
         type=int,
         help="shapes: held-out prompts per category (default 20); mjhq: prompts per category (default all 3000)",
     )
-    sp.add_argument("--prompts", help="geneval/dpg/mjhq: the prompt data (see `fusedit benchmarks download`)")
-    sp.add_argument("--detector", help="geneval: detector hub id or folder (e.g. a Mask2Former COCO model)")
-    sp.add_argument("--clip", help="geneval: CLIP hub id or folder for colour classification")
-    sp.add_argument("--vqa", help="dpg: VQA model hub id or folder (BLIP/ViLT)")
+    sp.add_argument(
+        "--prompts",
+        help="geneval/dpg/mjhq/t2i-compbench: the prompt data (see `fusedit benchmarks download`)",
+    )
+    sp.add_argument(
+        "--detector",
+        help="geneval, t2i-compbench (spatial, complex): detector hub id or folder (e.g. a Mask2Former COCO model)",
+    )
+    sp.add_argument(
+        "--clip",
+        help="geneval: CLIP hub id or folder for colour classification; t2i-compbench (non_spatial, complex): "
+        "the CLIP it scores with (openai/clip-vit-base-patch32)",
+    )
+    sp.add_argument(
+        "--vqa",
+        help="dpg: VQA model hub id or folder (BLIP/ViLT); t2i-compbench (color, shape, texture, complex): "
+        "BLIP-VQA (Salesforce/blip-vqa-capfilt-large)",
+    )
+    sp.add_argument(
+        "--categories",
+        nargs="+",
+        metavar="CATEGORY",
+        help="t2i-compbench: color shape texture spatial non_spatial complex (default all)",
+    )
+    sp.add_argument(
+        "--per-prompt", type=int, help="t2i-compbench: images per prompt (default 10, as published)"
+    )
+    sp.add_argument(
+        "--noun-phrases",
+        choices=["rules", "spacy"],
+        help="t2i-compbench: noun phrases from built-in word lists (default) or spaCy (if installed, as published)",
+    )
     sp.add_argument(
         "--reference", help="mjhq: the reference images (unzipped mjhq30k_imgs, one folder per category)"
     )
     sp.add_argument("--features", help=f"mjhq: FID features, as for `fusedit fid` ({FEATURES_HELP})")
     sp.add_argument("--cache-dir", help=f"mjhq: reference statistics cache (default {FID_CACHE})")
     sp.add_argument(
-        "--size", type=int, help="geneval/dpg/mjhq: image side in pixels, square (default the model's)"
+        "--size",
+        type=int,
+        help="geneval/dpg/mjhq/t2i-compbench: image side in pixels, square (default the model's)",
     )
     sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
-    sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for geneval, dpg and mjhq")
+    sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for the published benchmarks")
     sp.add_argument("--no-ema", action="store_true")
     _add_relocate_flag(sp)
     sp.add_argument("--device", default="auto")
@@ -1215,8 +1274,8 @@ def _add_bench_parser(sub) -> None:
 def _add_benchmarks_parser(sub) -> None:
     sp = sub.add_parser("benchmarks", help="obtain benchmark prompt data from the official sources")
     bsub = sp.add_subparsers(dest="action", required=True)
-    dp = bsub.add_parser("download", help="download GenEval, DPG-Bench or MJHQ-30K prompts")
-    dp.add_argument("name", choices=["geneval", "dpg", "mjhq"])
+    dp = bsub.add_parser("download", help="download GenEval, DPG-Bench, MJHQ-30K or T2I-CompBench prompts")
+    dp.add_argument("name", choices=["geneval", "dpg", "mjhq", "t2i-compbench"])
     dp.add_argument(
         "--images", action="store_true", help="mjhq: also the 30,000 reference images for FID (large)"
     )

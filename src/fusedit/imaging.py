@@ -390,3 +390,16 @@ def stack_images(images: Sequence[Image.Image], titles: Sequence[str], margin: i
         out.paste(im.convert("RGB"), (margin, y))
         y += im.height + margin
     return out
+
+
+def generated_image(sample) -> Image.Image:
+    """What a benchmark's ``generate`` returned (a PIL image or a uint8 (H, W, 3) array) as a PIL image."""
+    if isinstance(sample, Image.Image):
+        return sample
+    array = np.asarray(sample)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(
+            f"generate returned an array of shape {array.shape} and dtype {array.dtype}; expected PIL "
+            f"images or uint8 (H, W, 3) arrays"
+        )
+    return Image.fromarray(array)

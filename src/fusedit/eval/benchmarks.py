@@ -9,6 +9,8 @@ fusedit ships no third-party prompt files. ``download`` fetches them from where 
   ``dpg_bench/dpg_bench.csv`` (the questions) of github.com/TencentQQGYLab/ELLA. The prompts folder holds
   more files than GitHub's contents API lists (1000), so the repository archive is streamed instead and
   only those files are kept.
+* T2I-CompBench (MIT): ``examples/dataset/<category>_val.txt`` of github.com/Karine-Huang/T2I-CompBench
+  (about 300 prompts per category) and the complex category's spatial/action groups.
 * MJHQ-30K: ``meta_data.json`` of the Hub dataset playgroundai/MJHQ-30K (30,000 prompts with their
   category) and, with ``images=True``, the reference images of ``mjhq30k_imgs.zip`` unpacked as
   ``mjhq30k_imgs/<category>/<id>.jpg``.
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 
-BENCHMARKS = ("geneval", "dpg", "mjhq")
+BENCHMARKS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 # Upstream locations; ``{ref}`` is a branch, tag or commit. Module constants so that tests can point them at
 # local ``file://`` copies instead of the network.
@@ -81,6 +83,10 @@ def _fetch(url: str, name: str, timeout: float):
 def _is_complete(name: str, dest: Path, images: bool = False) -> bool:
     if name == "geneval":
         return (dest / GENEVAL_METADATA).is_file()
+    if name == "t2i-compbench":
+        from fusedit.eval.compbench import DATASET_FILES
+
+        return all((dest / f).is_file() for f in DATASET_FILES)
     if name == "mjhq":
         unpacked = dest / MJHQ_IMAGES
         return (dest / MJHQ_METADATA).is_file() and (
@@ -121,6 +127,8 @@ def download(
             _download_geneval(tmp, ref, timeout)
         elif name == "mjhq":
             _download_mjhq(tmp, ref, timeout, progress, images)
+        elif name == "t2i-compbench":
+            _download_compbench(tmp, ref, timeout)
         else:
             _download_dpg(tmp, ref, timeout, progress)
         for item in tmp.iterdir():
@@ -198,6 +206,22 @@ def _download_to(url: str, name: str, target: Path, timeout: float, progress: bo
                 raise BenchmarkError(f"downloading {name} from {url} broke off ({e}); retry") from None
 
 
+def _download_compbench(tmp: Path, ref: str, timeout: float) -> None:
+    from fusedit.eval.compbench import (
+        DATASET_FILES,
+        DATASET_URL,
+        LICENSE_URL,
+        load_compbench,
+        load_complex_groups,
+    )
+
+    for name in DATASET_FILES:
+        _download_to(DATASET_URL.format(ref=ref, name=name), "T2I-CompBench", tmp / name, timeout, False)
+    _download_to(LICENSE_URL.format(ref=ref), "T2I-CompBench", tmp / "LICENSE", timeout, False)
+    load_compbench(tmp)  # parsed before accepting, as for GenEval
+    load_complex_groups(tmp)
+
+
 def _download_mjhq(tmp: Path, ref: str, timeout: float, progress: bool, images: bool) -> None:
     _download_to(
         MJHQ_URL.format(ref=ref, name=MJHQ_METADATA), "MJHQ-30K metadata", tmp / MJHQ_METADATA, timeout, False
@@ -243,7 +267,7 @@ def _dpg_member_target(member: tarfile.TarInfo, prompts: Path, tmp: Path) -> Pat
     return None
 
 
-def _existing(path: str | Path, what: str, bench: str) -> Path:
+def existing_path(path: str | Path, what: str, bench: str) -> Path:
     """``path`` when it exists; otherwise a one-line error with the command that fetches ``bench``."""
     path = Path(path)
     if not path.exists():
@@ -257,9 +281,9 @@ def _existing(path: str | Path, what: str, bench: str) -> Path:
 def load_geneval(path: str | Path) -> list[dict]:
     """GenEval's prompt metadata, one dict per prompt in file order (the order that numbers the output
     folders). ``path`` is ``evaluation_metadata.jsonl`` or a folder containing it."""
-    path = _existing(path, "GenEval metadata", "geneval")
+    path = existing_path(path, "GenEval metadata", "geneval")
     if path.is_dir():
-        path = _existing(path / GENEVAL_METADATA, "GenEval metadata", "geneval")
+        path = existing_path(path / GENEVAL_METADATA, "GenEval metadata", "geneval")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -295,7 +319,7 @@ def name_order(stem: str) -> tuple:
 def load_dpg(path: str | Path) -> list[tuple[str, str]]:
     """DPG-Bench prompts as (name, prompt) pairs, name = the file stem (the key of the question CSV and
     of the grid image). ``path`` is a folder of ``*.txt`` files or a folder with a ``prompts/`` one."""
-    path = _existing(path, "DPG-Bench prompts folder", "dpg")
+    path = existing_path(path, "DPG-Bench prompts folder", "dpg")
     if not path.is_dir():
         raise BenchmarkError(f"DPG-Bench prompts {str(path)!r} is a file; expected a folder of *.txt files")
     if not any(path.glob("*.txt")) and (path / DPG_PROMPTS).is_dir():
@@ -309,7 +333,7 @@ def load_dpg(path: str | Path) -> list[tuple[str, str]]:
 def dpg_csv_path(path: str | Path) -> Path:
     """The DPG-Bench question file: ``path`` itself, or ``dpg_bench.csv`` in the folder ``path`` or in its
     parent (so the prompts folder of a downloaded copy also finds its CSV)."""
-    path = _existing(path, "DPG-Bench question file", "dpg")
+    path = existing_path(path, "DPG-Bench question file", "dpg")
     if path.is_file():
         return path
     for candidate in (path / DPG_CSV, path.parent / DPG_CSV):
@@ -324,9 +348,9 @@ def dpg_csv_path(path: str | Path) -> Path:
 def load_mjhq(path: str | Path) -> list[dict]:
     """MJHQ-30K's prompts as dicts {id, prompt, category} sorted by id; ``path`` is ``meta_data.json`` or
     a folder holding it."""
-    path = _existing(path, "MJHQ-30K metadata", "mjhq")
+    path = existing_path(path, "MJHQ-30K metadata", "mjhq")
     if path.is_dir():
-        path = _existing(path / MJHQ_METADATA, "MJHQ-30K metadata", "mjhq")
+        path = existing_path(path / MJHQ_METADATA, "MJHQ-30K metadata", "mjhq")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from fusedit.config import ConfigError
 from fusedit.eval.fid import ClipEmbedder, model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import save_png
+from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -288,18 +288,6 @@ def evaluate_image(
     return {"correct": correct, "reason": reason, "details": details}
 
 
-def _as_image(sample) -> Image.Image:
-    if isinstance(sample, Image.Image):
-        return sample
-    array = np.asarray(sample)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(
-            f"generate returned an array of shape {array.shape} and dtype {array.dtype}; expected PIL "
-            f"images or uint8 (H, W, 3) arrays"
-        )
-    return Image.fromarray(array)
-
-
 def _prompt_done(folder: Path, metadata: dict, n: int) -> bool:
     meta_file = folder / "metadata.jsonl"
     if not meta_file.is_file():
@@ -345,7 +333,7 @@ def write_geneval_samples(
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / "metadata.jsonl", json.dumps(meta) + "\n")
         for k, image in enumerate(images):
-            save_png(_as_image(image), folder / "samples" / f"{k:05d}.png")
+            save_png(generated_image(image), folder / "samples" / f"{k:05d}.png")
         generated += 1
     return {"generated": generated, "skipped": skipped}
 

@@ -32,7 +32,7 @@ from fusedit.eval.fid import (
     frechet_distance,
     list_images,
 )
-from fusedit.imaging import save_png
+from fusedit.imaging import generated_image, save_png
 
 SAMPLES = "samples"
 
@@ -83,8 +83,7 @@ def write_mjhq_samples(
         if len(images) != 1:
             raise ValueError(f"generate returned {len(images)} images for {row['prompt']!r}; expected 1")
         target.parent.mkdir(parents=True, exist_ok=True)
-        image = images[0]
-        save_png(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)), target)
+        save_png(generated_image(images[0]), target)
         generated += 1
     return {"generated": generated, "skipped": skipped}
 

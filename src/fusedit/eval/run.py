@@ -64,10 +64,10 @@ def check_protocol_folder(out_dir: Path, bench: str, record: dict, seed: int) ->
     """``claim_folder``'s refusal alone, for ``run_geneval``/``run_dpg``/``run_mjhq`` with their default
     layout: the CLI checks it before the model loads."""
     n = GENEVAL_PER_PROMPT if bench == "geneval" else None
-    _check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
+    check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
 
 
-def _check_claim(out_dir: Path, images: Path, record: dict) -> bool:
+def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes;
     True when they were made by this one (its record is there)."""
     record = json.loads(json.dumps(record))  # tuples -> lists: compared as read back from JSON
@@ -95,7 +95,7 @@ def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
     """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
     otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
     checks nothing. A record without images (a run that stopped before its first) is replaced."""
-    if record is not None and not _check_claim(out_dir, images, record):
+    if record is not None and not check_claim(out_dir, images, record):
         write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
 
 
