@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fusedit.eval.compbench as cb
+import fusedit.eval.geneval
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError
 from fusedit.eval.compbench import (
@@ -23,7 +24,6 @@ from fusedit.eval.compbench import (
     TransformersYesNoVQA,
     attribute_questions,
     attribute_score,
-    check_compbench_folder,
     complex_kind,
     complex_score,
     detector_label,
@@ -33,7 +33,6 @@ from fusedit.eval.compbench import (
     locality_of,
     position_score,
     pre_question,
-    run_compbench,
     sample_name,
     score_category,
     spatial_score,
@@ -42,6 +41,7 @@ from fusedit.eval.compbench import (
 )
 from fusedit.eval.fid import ClipEmbedder
 from fusedit.eval.geneval import Detection
+from fusedit.eval.run import check_compbench_folder, run_compbench
 from test_dpg import save_tiny_blip, save_tiny_vilt
 from test_fid import save_tiny_clip
 
@@ -568,7 +568,7 @@ def test_run_compbench_scores_every_category_into_scores_json(dataset, tmp_path,
 
     monkeypatch.setattr(cb, "TransformersYesNoVQA", StubVQA)
     monkeypatch.setattr(cb, "ClipSimilarity", make_clip)
-    monkeypatch.setattr(cb, "TransformersDetector", StubDetector)
+    monkeypatch.setattr(fusedit.eval.geneval, "TransformersDetector", StubDetector)
     out = tmp_path / "out"
     r = run_compbench(
         colour_generate([], colour=BLUE), dataset, out, vqa="blip", clip="clip", detector="det",

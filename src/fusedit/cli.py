@@ -468,13 +468,7 @@ def cmd_eval(args) -> int:
         saved = _saved_model(args.model)
         if saved is not None:  # a folder of another generation's images is refused before the load
             record = _eval_record(args, *saved, device)[1]
-            if args.bench == "t2i-compbench":
-                from fusedit.eval.compbench import N_PER_PROMPT, check_compbench_folder
-
-                n = N_PER_PROMPT if args.per_prompt is None else args.per_prompt
-                check_compbench_folder(out, record, _eval_seed(args), n, args.categories)
-            else:
-                check_protocol_folder(out, args.bench, record, _eval_seed(args))
+            check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)
         if args.bench == "mjhq":
             extractor = _mjhq_scorer(args, device)
     model, cfg, where = load_sampling_model(
@@ -544,66 +538,45 @@ def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
 
 
 def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=None) -> int:
-    from fusedit.eval.run import generator, run_dpg, run_geneval, run_mjhq
+    from fusedit.eval import run
 
     settings, record = _eval_record(args, cfg, where, device)
-    gen = generator(model, settings)
-    seed = _eval_seed(args)
-    if args.bench == "geneval":
-        r = run_geneval(
-            gen,
-            args.prompts,
-            out,
-            detector=args.detector,
-            clip=args.clip,
-            seed=seed,
-            device=device,
-            progress=not args.quiet,
-            record=record,
-        )
-    elif args.bench == "dpg":
-        r = run_dpg(
-            gen,
-            args.prompts,
-            out,
-            vqa=args.vqa,
-            seed=seed,
-            device=device,
-            progress=not args.quiet,
-            record=record,
-        )
-    elif args.bench == "t2i-compbench":
-        from fusedit.eval.compbench import N_PER_PROMPT, run_compbench
-
-        r = run_compbench(
-            gen,
-            args.prompts,
-            out,
-            vqa=args.vqa,
-            clip=args.clip,
-            detector=args.detector,
-            n_per_prompt=N_PER_PROMPT if args.per_prompt is None else args.per_prompt,
-            seed=seed,
-            categories=args.categories,
-            device=device,
-            progress=not args.quiet,
-            record=record,
-            text=args.noun_phrases or "rules",
-        )
-    else:
-        r = run_mjhq(
-            gen,
-            args.prompts,
-            out,
-            reference=args.reference,
-            features=extractor,
-            cache_dir=Path(args.cache_dir or FID_CACHE),
-            per_category=args.per_category,
-            seed=seed,
-            device=device,
-            progress=not args.quiet,
-            record=record,
-        )
+    # What each protocol takes beyond what they all take (below).
+    protocols = {
+        "geneval": (run.run_geneval, {"detector": args.detector, "clip": args.clip}),
+        "dpg": (run.run_dpg, {"vqa": args.vqa}),
+        "mjhq": (
+            run.run_mjhq,
+            {
+                "reference": args.reference,
+                "features": extractor,
+                "cache_dir": Path(args.cache_dir or FID_CACHE),
+                "per_category": args.per_category,
+            },
+        ),
+        "t2i-compbench": (
+            run.run_compbench,
+            {
+                "vqa": args.vqa,
+                "clip": args.clip,
+                "detector": args.detector,
+                "n_per_prompt": args.per_prompt,
+                "categories": args.categories,
+                "text": args.noun_phrases or "rules",
+            },
+        ),
+    }
+    protocol, own = protocols[args.bench]
+    r = protocol(
+        run.generator(model, settings),
+        args.prompts,
+        out,
+        seed=_eval_seed(args),
+        device=device,
+        progress=not args.quiet,
+        record=record,
+        **own,
+    )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]

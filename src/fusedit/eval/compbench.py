@@ -67,7 +67,6 @@ Where fusedit differs from the official scorer (numbers are close to, not identi
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -79,16 +78,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, refuse_path_to_nothing
+from fusedit.config import ConfigError
 from fusedit.data.transforms import SkipSample
 from fusedit.eval.benchmarks import BenchmarkError, existing_path
 from fusedit.eval.dpg import TransformersVQA
-from fusedit.eval.fid import ClipEmbedder, load_image, model_inputs
-from fusedit.eval.geneval import Detection, TransformersDetector, geneval_class
+from fusedit.eval.fid import ClipEmbedder, SkippedImages, load_image, model_inputs
+from fusedit.eval.geneval import Detection, geneval_class
 from fusedit.files import write_text_atomic
 from fusedit.imaging import generated_image, save_png
-
-log = logging.getLogger(__name__)
 
 BENCH = "t2i-compbench"
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
@@ -831,7 +828,8 @@ def missing_scorers(categories: Sequence[str], given: dict[str, object]) -> dict
     return missing
 
 
-def _check_scorers(categories: Sequence[str], given: dict[str, object], flags: bool) -> None:
+def check_scorers(categories: Sequence[str], given: dict[str, object], flags: bool) -> None:
+    """Refuse scoring ``categories`` without a model they need; ``flags`` names it as the command line's."""
     missing = missing_scorers(categories, given)
     if missing:
         scorer, needing = next(iter(missing.items()))
@@ -849,9 +847,8 @@ def _chunks(items: list, size: int):
 
 def _yes_probabilities(vqa, images: list, questions: list[str], batch_size: int) -> list[float]:
     out: list[float] = []
-    for start in range(0, len(images), batch_size):
-        asked = questions[start : start + batch_size]
-        answers = list(vqa.yes_probabilities(images[start : start + batch_size], asked))
+    for batch, asked in zip(_chunks(images, batch_size), _chunks(questions, batch_size)):
+        answers = list(vqa.yes_probabilities(batch, asked))
         if len(answers) != len(asked):
             raise ValueError(f"yes_probabilities returned {len(answers)} answers for {len(asked)} questions")
         out += [float(a) for a in answers]
@@ -889,7 +886,7 @@ def score_category(
     result (the complex category needs it)."""
     if category not in CATEGORIES:
         raise ConfigError(f"T2I-CompBench category {category!r}; allowed: {', '.join(CATEGORIES)}")
-    _check_scorers([category], {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
+    check_scorers([category], {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     if category == "complex" and complex_groups is None:
         raise ConfigError("the complex category needs complex_groups (load_complex_groups of the dataset)")
     text = text or RuleText()
@@ -906,7 +903,7 @@ def score_category(
         )
     vocabulary = _vocabulary(detector)
     rows: list[dict] = []
-    unreadable, example, outside = 0, "", 0
+    skipped, outside = SkippedImages(f"{category} images"), 0
     chunk = max(1, batch_size // MAX_PHRASES) if vqa is not None else batch_size
     with tqdm(
         total=len(present), desc=f"T2I-CompBench {category}", unit="image", disable=not progress
@@ -917,8 +914,7 @@ def score_category(
                 try:
                     loaded.append((path, prompt, load_image(path)))
                 except SkipSample as e:
-                    unreadable += 1
-                    example = example or f"{path}: {e.reason}: {e.detail}"
+                    skipped.add(path, e)
             part_rows = [{"file": path.name, "prompt": prompt} for path, prompt, _ in loaded]
             kinds = [
                 complex_kind(prompt, complex_groups) if category == "complex" else category
@@ -974,17 +970,11 @@ def score_category(
                     ]
             rows += part_rows
             bar.update(len(part))
-    if unreadable:
-        log.warning(
-            "skipped %d of %d %s images that could not be read (e.g. %s)",
-            unreadable,
-            len(present),
-            category,
-            example,
-        )
+    skipped.warn(len(present))
     if not rows:
         raise ValueError(
-            f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. {example})"
+            f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. "
+            f"{skipped.example})"
         )
     out_path = Path(out_file) if out_file is not None else samples.parent / "results.jsonl"
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -992,7 +982,7 @@ def score_category(
         "score": float(np.mean([r["score"] for r in rows])),
         "images": len(rows),
         "missing": len(jobs) - len(present),
-        "unreadable": unreadable,
+        "unreadable": skipped.count,
         "results_file": str(out_path),
     }
     if category in ("spatial", "complex") and vocabulary is not None:
@@ -1018,7 +1008,7 @@ def score_compbench(
     returns what ``run_compbench`` writes to ``scores.json``: ``overall`` (the mean of the category
     scores), ``per_category``, per-category ``counts`` and results files, and the scoring setup."""
     text = text or RuleText()
-    _check_scorers(list(prompts), {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
+    check_scorers(list(prompts), {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     per_category, counts, files = {}, {}, {}
     for category, category_prompts in prompts.items():
         summary = score_category(
@@ -1064,105 +1054,3 @@ def score_compbench(
 def protocol_images(out_dir: str | Path, category: str) -> Path:
     """Where the protocol writes a category's images: ``<out_dir>/<category>/samples``."""
     return Path(out_dir) / category / "samples"
-
-
-def check_compbench_folder(
-    out_dir: str | Path,
-    record: dict,
-    seed: int = 42,
-    n_per_prompt: int = N_PER_PROMPT,
-    categories: Sequence[str] | None = None,
-) -> None:
-    """``run_compbench``'s refusal of images made by another generation, alone: the command line checks
-    it before the model loads."""
-    from fusedit.eval.run import check_claim, protocol_record
-
-    for category in select_categories(categories):
-        check_claim(
-            Path(out_dir) / category,
-            protocol_images(out_dir, category),
-            protocol_record(record, BENCH, seed, n_per_prompt),
-        )
-
-
-def run_compbench(
-    gen,
-    dataset_path,
-    out_dir: Path,
-    *,
-    vqa: str | None,
-    clip: str | None,
-    detector: str | None,
-    n_per_prompt: int = N_PER_PROMPT,
-    seed: int = 42,
-    categories: Sequence[str] | None = None,
-    device=None,
-    progress: bool = True,
-    record: dict | None = None,
-    text: str = "rules",
-    batch_size: int = 32,
-) -> dict:
-    """T2I-CompBench images into ``out_dir/<category>/samples`` (scored when scoring models are given:
-    ``vqa``, ``clip``, ``detector`` are hub ids or folders). ``record`` describes ``gen`` (model and
-    settings; see ``eval.run.claim_folder``); each category folder keeps its own. Scoring needs every
-    model the chosen categories use (``SCORERS``), checked before anything is generated; with none given
-    the images are only written (for the official scripts, or a later run)."""
-    from fusedit.eval.run import claim_folder, protocol_record
-
-    chosen = select_categories(categories)
-    prompts = load_compbench(dataset_path, chosen)
-    given = {"vqa": vqa, "clip": clip, "detector": detector}
-    scoring = any(given.values())
-    # Checked before generating: a missing scoring model must not surface only after hours of sampling.
-    groups = None
-    if scoring:
-        _check_scorers(chosen, given, flags=True)
-        for name, place in given.items():
-            if place:
-                refuse_path_to_nothing(f"--{name} {str(place)!r}", str(place), f"a {name} model folder")
-        if "complex" in chosen:
-            groups = load_complex_groups(dataset_path)
-        rules_text = text_rules(text)
-    if record is not None:
-        record = protocol_record(record, BENCH, seed, n_per_prompt)
-    out_dir = Path(out_dir)
-    for category in chosen:
-        claim_folder(out_dir / category, protocol_images(out_dir, category), record)
-    generated = skipped = 0
-    for category in chosen:
-        counts = write_compbench_samples(
-            prompts[category],
-            gen,
-            protocol_images(out_dir, category),
-            n_per_prompt,
-            seed,
-            progress,
-            desc=f"T2I-CompBench {category}",
-        )
-        generated, skipped = generated + counts["generated"], skipped + counts["skipped"]
-    result = {
-        "samples": {c: str(protocol_images(out_dir, c)) for c in chosen},
-        "generated": generated,
-        "skipped": skipped,
-    }
-    if scoring:
-        need = {s for c in chosen for s in SCORERS[c]}
-        scores = score_compbench(
-            out_dir,
-            prompts,
-            n_per_prompt=n_per_prompt,
-            vqa=TransformersYesNoVQA(vqa, device=device) if "vqa" in need else None,
-            clip=ClipSimilarity(clip, device=device) if "clip" in need else None,
-            detector=(
-                TransformersDetector(detector, device=device, min_score=SpatialRules().min_score)
-                if "detector" in need
-                else None
-            ),
-            complex_groups=groups,
-            text=rules_text,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        result["scores"] = scores
-        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
-    return result

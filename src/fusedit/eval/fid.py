@@ -137,7 +137,7 @@ def decoded_image(item) -> Image.Image:
         raise ValueError(f"{item}: {e.reason} image ({e.detail}); allowed: a readable image file") from None
 
 
-class _Skipped:
+class SkippedImages:
     """Unreadable images met while reading a set: counted, with the first as the example to report."""
 
     def __init__(self, what: str):
@@ -174,7 +174,7 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
     total = len(images) if hasattr(images, "__len__") else None
-    chunks, batch, seen, skipped = [], [], 0, _Skipped(what)
+    chunks, batch, seen, skipped = [], [], 0, SkippedImages(what)
     with tqdm(total=total, desc="features", unit="img", disable=not progress) as bar:
         for item in images:
             seen += 1
@@ -456,7 +456,7 @@ def clip_scores(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
     scores = torch.full((len(images),), float("nan"), dtype=torch.float64)
-    skipped = _Skipped("images")
+    skipped = SkippedImages("images")
     for start in tqdm(
         range(0, len(images), batch_size), desc="CLIP score", unit="batch", disable=not progress
     ):

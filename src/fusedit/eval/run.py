@@ -14,11 +14,12 @@ the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.files import files_digest, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate
@@ -60,9 +61,20 @@ def protocol_record(record: dict, bench: str, seed: int, n_per_prompt: int | Non
     return {**record, "bench": bench, "seed": seed, **extra}
 
 
-def check_protocol_folder(out_dir: Path, bench: str, record: dict, seed: int) -> None:
-    """``claim_folder``'s refusal alone, for ``run_geneval``/``run_dpg``/``run_mjhq`` with their default
-    layout: the CLI checks it before the model loads."""
+def check_protocol_folder(
+    out_dir: Path,
+    bench: str,
+    record: dict,
+    seed: int,
+    n_per_prompt: int | None = None,
+    categories: Sequence[str] | None = None,
+) -> None:
+    """``claim_folder``'s refusal alone, for the ``run_*`` protocols with their default layout: the CLI
+    checks it before the model loads. ``n_per_prompt`` (default the protocol's) and ``categories`` are
+    T2I-CompBench's, whose categories each keep their own record."""
+    if bench == "t2i-compbench":
+        check_compbench_folder(out_dir, record, seed, n_per_prompt, categories)
+        return
     n = GENEVAL_PER_PROMPT if bench == "geneval" else None
     check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
 
@@ -97,6 +109,12 @@ def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
     checks nothing. A record without images (a run that stopped before its first) is replaced."""
     if record is not None and not check_claim(out_dir, images, record):
         write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
+
+
+def with_scores(result: dict, out_dir: Path, scores: dict) -> None:
+    """A protocol run's ``scores`` into its ``result`` and, atomically, into ``out_dir/scores.json``."""
+    result["scores"] = scores
+    write_text_atomic(Path(out_dir) / "scores.json", json.dumps(scores, indent=1))
 
 
 def run_geneval(
@@ -145,8 +163,7 @@ def run_geneval(
             ClipColorClassifier(clip, device=device) if clip else None,
             progress=progress,
         )
-        result["scores"] = scores
-        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
+        with_scores(result, out_dir, scores)
     return result
 
 
@@ -177,8 +194,7 @@ def run_dpg(
     result = {"grids": str(grids), **counts}
     if vqa:
         scores = score_dpg_folder(grids, questions, TransformersVQA(vqa, device=device), progress=progress)
-        result["scores"] = scores
-        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
+        with_scores(result, out_dir, scores)
     return result
 
 
@@ -225,6 +241,125 @@ def run_mjhq(
             batch_size=batch_size,
             progress=progress,
         )
-        result["scores"] = scores
-        write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1))
+        with_scores(result, out_dir, scores)
+    return result
+
+
+def check_compbench_folder(
+    out_dir: str | Path,
+    record: dict,
+    seed: int = 42,
+    n_per_prompt: int | None = None,
+    categories: Sequence[str] | None = None,
+) -> None:
+    """``run_compbench``'s refusal of images made by another generation, alone: the command line checks
+    it before the model loads (through ``check_protocol_folder``)."""
+    from fusedit.eval.compbench import BENCH, N_PER_PROMPT, protocol_images, select_categories
+
+    n_per_prompt = N_PER_PROMPT if n_per_prompt is None else n_per_prompt
+    for category in select_categories(categories):
+        check_claim(
+            Path(out_dir) / category,
+            protocol_images(out_dir, category),
+            protocol_record(record, BENCH, seed, n_per_prompt),
+        )
+
+
+def run_compbench(
+    gen,
+    dataset_path,
+    out_dir: Path,
+    *,
+    vqa: str | None,
+    clip: str | None,
+    detector: str | None,
+    n_per_prompt: int | None = None,
+    seed: int = 42,
+    categories: Sequence[str] | None = None,
+    device=None,
+    progress: bool = True,
+    record: dict | None = None,
+    text: str = "rules",
+    batch_size: int = 32,
+) -> dict:
+    """T2I-CompBench images into ``out_dir/<category>/samples`` (scored when scoring models are given:
+    ``vqa``, ``clip``, ``detector`` are hub ids or folders). ``record`` describes ``gen`` (model and
+    settings; see ``eval.run.claim_folder``); each category folder keeps its own. Scoring needs every
+    model the chosen categories use (``SCORERS``), checked before anything is generated; with none given
+    the images are only written (for the official scripts, or a later run). ``n_per_prompt`` None is the
+    official 10."""
+    from fusedit.eval.compbench import (
+        BENCH,
+        N_PER_PROMPT,
+        SCORERS,
+        ClipSimilarity,
+        SpatialRules,
+        TransformersYesNoVQA,
+        check_scorers,
+        load_compbench,
+        load_complex_groups,
+        protocol_images,
+        score_compbench,
+        select_categories,
+        text_rules,
+        write_compbench_samples,
+    )
+    from fusedit.eval.geneval import TransformersDetector
+
+    n_per_prompt = N_PER_PROMPT if n_per_prompt is None else n_per_prompt
+    chosen = select_categories(categories)
+    prompts = load_compbench(dataset_path, chosen)
+    given = {"vqa": vqa, "clip": clip, "detector": detector}
+    scoring = any(given.values())
+    # Checked before generating: a missing scoring model must not surface only after hours of sampling.
+    groups = None
+    if scoring:
+        check_scorers(chosen, given, flags=True)
+        for name, place in given.items():
+            if place:
+                refuse_path_to_nothing(f"--{name} {str(place)!r}", str(place), f"a {name} model folder")
+        if "complex" in chosen:
+            groups = load_complex_groups(dataset_path)
+        rules_text = text_rules(text)
+    if record is not None:
+        record = protocol_record(record, BENCH, seed, n_per_prompt)
+    out_dir = Path(out_dir)
+    for category in chosen:
+        claim_folder(out_dir / category, protocol_images(out_dir, category), record)
+    generated = skipped = 0
+    for category in chosen:
+        counts = write_compbench_samples(
+            prompts[category],
+            gen,
+            protocol_images(out_dir, category),
+            n_per_prompt,
+            seed,
+            progress,
+            desc=f"T2I-CompBench {category}",
+        )
+        generated, skipped = generated + counts["generated"], skipped + counts["skipped"]
+    result = {
+        "samples": {c: str(protocol_images(out_dir, c)) for c in chosen},
+        "generated": generated,
+        "skipped": skipped,
+    }
+    if scoring:
+        need = {s for c in chosen for s in SCORERS[c]}
+        scores = score_compbench(
+            out_dir,
+            prompts,
+            n_per_prompt=n_per_prompt,
+            vqa=TransformersYesNoVQA(vqa, device=device) if "vqa" in need else None,
+            clip=ClipSimilarity(clip, device=device) if "clip" in need else None,
+            detector=(
+                TransformersDetector(detector, device=device, min_score=SpatialRules().min_score)
+                if "detector" in need
+                else None
+            ),
+            complex_groups=groups,
+            text=rules_text,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        with_scores(result, out_dir, scores)
     return result
