@@ -860,6 +860,72 @@ def _vocabulary(detector) -> set[str] | None:
     return set(label_map.values()) if isinstance(label_map, dict) else None
 
 
+# The row field that is the score of a category (the attribute categories' is "attribute"; complex
+# combines them, complex_score).
+CATEGORY_SCORE = {"non_spatial": "clip", "spatial": "spatial"}
+
+
+def _ask_attributes(loaded: list, rows: list[dict], vqa, text: TextRules, batch_size: int) -> None:
+    """BLIP-VQA's answers to each image's noun-phrase questions, and their product, into its row."""
+    asked = [attribute_questions(prompt, text) for _, prompt, _ in loaded]
+    p_yes = _yes_probabilities(
+        vqa,
+        [image for (_, _, image), qs in zip(loaded, asked) for _ in qs],
+        [q for qs in asked for q in qs],
+        batch_size,
+    )
+    for row, qs in zip(rows, asked):
+        answers, p_yes = p_yes[: len(qs)], p_yes[len(qs) :]
+        row["questions"], row["p_yes"] = qs, answers
+        row["attribute"] = attribute_score(answers)
+
+
+def _clip_cosines(
+    loaded: list, rows: list[dict], kinds: list[str], category: str, clip, text: TextRules
+) -> None:
+    """The CLIP cosine of the images whose kind is scored by CLIP (non-spatial, and complex prompts of the
+    action or all group, against the prompt without adjectives), into their rows."""
+    picked = [i for i, kind in enumerate(kinds) if kind in ("non_spatial", "action", "all")]
+    if not picked:
+        return
+    texts = [
+        loaded[i][1] if category == "non_spatial" else text.without_adjectives(loaded[i][1]) for i in picked
+    ]
+    cosines = clip([loaded[i][2] for i in picked], texts)
+    for i, t, c in zip(picked, texts, torch.as_tensor(cosines).tolist()):
+        rows[i]["clip_text"], rows[i]["clip"] = t, float(c)
+
+
+def _spatial_scores(
+    loaded: list,
+    rows: list[dict],
+    kinds: list[str],
+    category: str,
+    detector,
+    text: TextRules,
+    rules: SpatialRules,
+    vocabulary: set[str] | None,
+) -> int:
+    """The spatial score of the images whose kind has one, into their rows; returns how many named an
+    object the detector cannot find (outside its vocabulary)."""
+    outside = 0
+    for i, kind in enumerate(kinds):
+        if kind not in ("spatial", "all"):
+            continue
+        _, prompt, image = loaded[i]
+        result = spatial_score(
+            prompt, detector(image), image.size, complex=category == "complex", text=text, rules=rules
+        )
+        if vocabulary is not None and any(
+            label is not None and label not in vocabulary for label in result["labels"]
+        ):
+            result["outside_vocabulary"] = True
+            outside += 1
+        rows[i]["spatial"] = result["score"]
+        rows[i]["spatial_details"] = result
+    return outside
+
+
 def score_category(
     category: str,
     samples: str | Path,
@@ -921,53 +987,15 @@ def score_category(
                 for _, prompt, _ in loaded
             ]
             if category in ATTRIBUTE_CATEGORIES or category == "complex":
-                asked = [attribute_questions(prompt, text) for _, prompt, _ in loaded]
-                p_yes = _yes_probabilities(
-                    vqa,
-                    [image for (_, _, image), qs in zip(loaded, asked) for _ in qs],
-                    [q for qs in asked for q in qs],
-                    batch_size,
-                )
-                for row, qs in zip(part_rows, asked):
-                    answers, p_yes = p_yes[: len(qs)], p_yes[len(qs) :]
-                    row["questions"], row["p_yes"] = qs, answers
-                    row["attribute"] = attribute_score(answers)
-            use_clip = [k == "non_spatial" or k in ("action", "all") for k in kinds]
-            if any(use_clip):
-                picked = [i for i, use in enumerate(use_clip) if use]
-                texts = [
-                    loaded[i][1] if category == "non_spatial" else text.without_adjectives(loaded[i][1])
-                    for i in picked
-                ]
-                cosines = clip([loaded[i][2] for i in picked], texts)
-                for i, t, c in zip(picked, texts, torch.as_tensor(cosines).tolist()):
-                    part_rows[i]["clip_text"], part_rows[i]["clip"] = t, float(c)
-            for i, kind in enumerate(kinds):
-                if kind in ("spatial", "all"):
-                    image = loaded[i][2]
-                    result = spatial_score(
-                        loaded[i][1],
-                        detector(image),
-                        image.size,
-                        complex=category == "complex",
-                        text=text,
-                        rules=rules,
-                    )
-                    if vocabulary is not None and any(
-                        label is not None and label not in vocabulary for label in result["labels"]
-                    ):
-                        result["outside_vocabulary"] = True
-                        outside += 1
-                    part_rows[i]["spatial"] = result["score"]
-                    part_rows[i]["spatial_details"] = result
+                _ask_attributes(loaded, part_rows, vqa, text, batch_size)
+            _clip_cosines(loaded, part_rows, kinds, category, clip, text)
+            outside += _spatial_scores(loaded, part_rows, kinds, category, detector, text, rules, vocabulary)
             for row, kind in zip(part_rows, kinds):
                 if category == "complex":
                     row["kind"] = kind
                     row["score"] = complex_score(kind, row["attribute"], row.get("spatial"), row.get("clip"))
                 else:
-                    row["score"] = row[
-                        {"non_spatial": "clip", "spatial": "spatial"}.get(category, "attribute")
-                    ]
+                    row["score"] = row[CATEGORY_SCORE.get(category, "attribute")]
             rows += part_rows
             bar.update(len(part))
     skipped.warn(len(present))
