@@ -88,8 +88,8 @@ def watch_llm_forwards(monkeypatch) -> list[bool]:
     calls = []
     build = loop.build_model
 
-    def watching_build(cfg, device):
-        model = build(cfg, device)
+    def watching_build(cfg, device, **kwargs):
+        model = build(cfg, device, **kwargs)
         model.text.llm.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
         return model
 

@@ -85,6 +85,23 @@ def _check_weight_files(ckpt: Path) -> None:
 
 
 MODELS_FILE = "models.json"
+# The built-in word tokenizer's vocabulary (a JSON list; token id = 4 specials + position): saved so that a
+# checkpoint keeps its ids when the shapes world's words change. Absent when every tokenizer is a saved one.
+VOCABULARY_FILE = "vocabulary.json"
+
+
+def saved_vocabulary(ckpt: Path) -> list[str] | None:
+    """The built-in tokenizer's word list ``ckpt`` was trained with, or None (a hub or local tokenizer, or a
+    checkpoint written before the list was saved: the words of the current code then)."""
+    path = ckpt / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    words = json.loads(path.read_text())
+    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        raise ValueError(
+            f"{str(path)!r} is not a JSON list of words (a corrupt copy? copy the checkpoint again)"
+        )
+    return words
 
 
 def identity_change(ckpt: Path, cfg: Config, key: str) -> str | None:
@@ -295,7 +312,7 @@ def load_model(
         cfg = relocate_paths(cfg, relocate)
         _check_relocated(ckpt, cfg, relocate)
     stage = checkpoint_stage(ckpt, cfg)
-    model = build_model(stage.config, device)
+    model = build_model(stage.config, device, vocabulary=saved_vocabulary(ckpt))
     ema = load_weights(model, ckpt, stage, use_ema)
     # sample.use_ema says which weights this model holds (a sample's metadata, an export's record).
     return model.eval(), replace(stage.config, sample=replace(stage.config.sample, use_ema=ema)), ckpt

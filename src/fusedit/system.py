@@ -39,9 +39,13 @@ class TextToImage(nn.Module):
         autoencoder: nn.Module | None,
         extra_text: list[TextEncoder] | None = None,
         pooled_text: PooledTextEncoder | None = None,
+        vocabulary: list[str] | None = None,
     ):
         super().__init__()
         self.text = text
+        # The built-in tokenizer's word list when any part uses it (else None): token ids are positions in
+        # it, so checkpoints save it and load_model rebuilds from the saved list.
+        self.vocabulary = vocabulary
         self.extra_text = nn.ModuleList(extra_text or [])
         self.pooled_text = pooled_text
         self.denoiser = denoiser
@@ -182,6 +186,13 @@ def precision_name(precision: str, device: torch.device) -> str:
     return "bf16" if uses_bf16(precision, device) else "fp32"
 
 
+def uses_builtin_tokenizer(cfg: Config) -> bool:
+    """Whether any text encoder (an LLM without text.tokenizer / model_id, or the clip-mod CLIP without
+    pooled_text.tokenizer) tokenizes with the built-in word tokenizer."""
+    llms = any(not (t.tokenizer or t.model_id) for t in (cfg.text, *cfg.extra_text))
+    return llms or (cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer)
+
+
 def builtin_words(cfg: Config) -> list[str]:
     """The word list of the built-in tokenizer (used when no text.tokenizer / model_id is set): the shapes
     caption vocabulary plus the words of the configured templates (so LI-DiT's instruction is not <unk>)."""
@@ -231,16 +242,22 @@ def _text_encoder(
 
 
 def build_model(
-    cfg: Config, device: torch.device | str = "cpu", with_autoencoder: bool = True
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    with_autoencoder: bool = True,
+    vocabulary: list[str] | None = None,
 ) -> TextToImage:
     """Build every part on ``device`` ("meta" builds shapes only, for counting parameters).
 
-    ``with_autoencoder=False`` skips the VAE (benchmarks on synthetic latents)."""
+    ``with_autoencoder=False`` skips the VAE (benchmarks on synthetic latents). ``vocabulary``: the built-in
+    tokenizer's word list a checkpoint saved (default: :func:`builtin_words` of ``cfg``, as a new run has)."""
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
     configs = [llm_config(t, shape_only=meta) for t in text_cfgs]
     specs = [LLMSpec.from_hf(c) for c in configs]
-    words = builtin_words(cfg)
+    words = None
+    if uses_builtin_tokenizer(cfg):
+        words = vocabulary if vocabulary is not None else builtin_words(cfg)
     pooled = None
     if cfg.model.pooled_text == "clip":
         with torch.device(device) if meta else contextlib.nullcontext():
@@ -260,7 +277,7 @@ def build_model(
         for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
     ]
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
-    model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled)
+    model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled, vocabulary=words)
     _check_positions(model)
     return model
 

@@ -12,6 +12,7 @@ A single-process run writes plain files:
   state.json            step, stage and bookkeeping
   config.yaml           the resolved config      data_state.json   the data position
   models.json           the kind and shapes of each local model folder the config names (load_model's relocate)
+  vocabulary.json       the built-in word tokenizer's words, when a part uses it (token id = position + 4)
 
 Weights are always saved under their plain names (without adapters: fusedit.train.lora), adapters apart,
 and the EMA holds the merged weights; so every file but the adapters loads into a model without adapters.
@@ -51,6 +52,7 @@ from fusedit.checkpoints import (
     DCP_DIR,
     DENOISER,
     MODELS_FILE,
+    VOCABULARY_FILE,
     WEIGHT_FILES,
     checkpoint_folders,
     checkpoint_stage,
@@ -69,6 +71,7 @@ from fusedit.checkpoints import (
     optim_key,
     optim_section,
     optimizer_file,
+    saved_vocabulary,
     shapes_mismatch,
     split_sections,
     weight_files,
@@ -106,12 +109,14 @@ def save_checkpoint(
     *,
     text: dict[str, tuple[torch.nn.Module, bool]] | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    vocabulary: list[str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position).
 
     ``llm`` is saved whole as llm.safetensors. ``text`` maps further LLM names (``llm``, ``llm_extra0``) to
     (module, whole): whole saves its weights, and its adapters are saved either way. ``optimizers`` are the
-    LLMs' optimizers by the same names (``optimizer`` is the denoiser's)."""
+    LLMs' optimizers by the same names (``optimizer`` is the denoiser's). ``vocabulary``: the built-in
+    tokenizer's words (``TextToImage.vocabulary``), saved as vocabulary.json."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -136,7 +141,7 @@ def save_checkpoint(
         **(optimizers or {}),
     }.items():
         torch.save(opt.state_dict(), tmp / optimizer_file(key))
-    _save_config_files(cfg, tmp)
+    _save_config_files(cfg, tmp, vocabulary)
     for name, content in (files or {}).items():
         (tmp / name).write_text(content)
     state = {"step": step, **(extra or {}), WEIGHT_FILES: weight_files(tmp)}
@@ -145,11 +150,13 @@ def save_checkpoint(
     return final
 
 
-def _save_config_files(cfg: Config, folder: Path) -> None:
-    """config.yaml, and models.json: what each local model folder the config names held (model_identity),
+def _save_config_files(cfg: Config, folder: Path, vocabulary: list[str] | None) -> None:
+    """config.yaml; models.json: what each local model folder the config names held (model_identity),
     so that a run read after one moved (load_model's ``relocate``) can tell the new place holds the same
-    model."""
+    model; and the built-in tokenizer's ``vocabulary`` when there is one (vocabulary.json)."""
     save_config(cfg, folder / "config.yaml")
+    if vocabulary is not None:
+        (folder / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     identities = {}
     for key, place in model_paths(cfg).items():
         identity = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "")
@@ -191,14 +198,16 @@ def save_distributed_checkpoint(
     extra: dict | None = None,
     keep: int = 2,
     rank_files: dict[str, str] | None = None,
+    vocabulary: list[str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` through DCP; every rank calls this (it is a collective).
 
     ``denoiser`` is the unwrapped module (plain, or sharded in place by FSDP2); ``optimizers`` hold its
     parameters (key "denoiser") and each trained LLM's; ``text`` is as for :func:`save_checkpoint`;
     ``rank_files`` are this rank's own text files (its data position). Every rank writes its shards and
-    files into the temporary folder; then rank 0 alone writes config and state.json and renames the folder
-    into place, while the others go on training."""
+    files into the temporary folder; then rank 0 alone writes config (with ``vocabulary``, as for
+    :func:`save_checkpoint`) and state.json and renames the folder into place, while the others go on
+    training."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -235,7 +244,7 @@ def save_distributed_checkpoint(
             "...): the run folder must be on a filesystem that every node shares"
         )
     if rank == 0:
-        _save_config_files(cfg, tmp)
+        _save_config_files(cfg, tmp, vocabulary)
         state_json = {"step": step, "format": "dcp", "world_size": dist.get_world_size(), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
         _publish(root, tmp, final, keep)
@@ -310,7 +319,9 @@ def init_weights(model, path: str | Path) -> Path:
             "ema": model.denoiser.state_dict(),
             **{k: m.state_dict() for k, m in text_modules(model).items()},
         }
-        problem = weights_mismatch(source, expected)
+        problem = _vocabulary_change(saved_vocabulary(source), model.vocabulary) or weights_mismatch(
+            source, expected
+        )
         if problem is None:
             try:
                 load_weights(model, source, checkpoint_stage(source))
@@ -319,6 +330,20 @@ def init_weights(model, path: str | Path) -> Path:
     if problem:
         raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}")
     return source
+
+
+def _vocabulary_change(saved: list[str] | None, current: list[str] | None) -> str | None:
+    """How the built-in tokenizer a checkpoint saved differs from the model's (same-size lists with other
+    words would pass every shape check and silently remap the LLM's token ids), or None."""
+    if saved is None or current is None or saved == current:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+    theirs = saved[at] if at < len(saved) else "(end)"
+    ours = current[at] if at < len(current) else "(end)"
+    return (
+        f"its built-in tokenizer's words ({VOCABULARY_FILE}) differ from this model's at position {at} "
+        f"({theirs!r} there, {ours!r} here), so its token ids mean other words"
+    )
 
 
 def _init_from_pipeline(model, folder: Path) -> str | None:
@@ -579,7 +604,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
         else:
             save_file(_contiguous(content), tmp / f"{file_stem(section)}.safetensors")
-    for name in ("config.yaml", MODELS_FILE, "data_state.json"):
+    for name in ("config.yaml", MODELS_FILE, VOCABULARY_FILE, "data_state.json"):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)

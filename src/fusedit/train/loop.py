@@ -37,7 +37,13 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
-from fusedit.checkpoints import find_checkpoint, load_checkpoint_config, load_state, saved_shapes
+from fusedit.checkpoints import (
+    find_checkpoint,
+    load_checkpoint_config,
+    load_state,
+    saved_shapes,
+    saved_vocabulary,
+)
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import write_text_atomic
@@ -323,7 +329,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         check_data_paths(stage.config.data, stage.config.vae)
 
     torch.manual_seed(tc.seed)
-    model = build_model(cfg, env.device)
+    # A resumed run keeps the built-in tokenizer's ids it was trained with, whatever the current code's words.
+    model = build_model(cfg, env.device, vocabulary=saved_vocabulary(ckpt) if ckpt is not None else None)
     check_stages(model, stages)
     if ckpt is None:
         _start_fresh(cfg, model, run_dir, metrics_path, main, progress)
@@ -693,6 +700,7 @@ class _Run:
                 "stage": stage.index,
                 "stage_name": stage.name,
             },
+            vocabulary=self.model.vocabulary,
         )
         ema_state = ema.state_dict()
         if env.distributed:
