@@ -282,7 +282,7 @@ def test_missing_model_folder_is_a_one_line_config_error(tmp_path, monkeypatch):
 
 def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing():
     from fusedit.data.shapes import caption_corpus
-    from fusedit.text.pretrain import pretrain_llm
+    from fusedit.train.pretrain_llm import pretrain_llm
 
     model = build_model(tiny_config())
     losses = pretrain_llm(model.text, caption_corpus(256, seed=0), steps=30, batch_size=16, progress=False)

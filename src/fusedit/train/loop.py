@@ -450,7 +450,7 @@ def _start_fresh(
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if cfg.text.pretrain_steps and not cfg.text.model_id:
         from fusedit.data.shapes import caption_corpus
-        from fusedit.text.pretrain import pretrain_llm
+        from fusedit.train.pretrain_llm import pretrain_llm
 
         corpus = caption_corpus(4096, seed=tc.seed)
         pretrain_llm(model.text, corpus, cfg.text.pretrain_steps, seed=tc.seed, progress=progress and main)
