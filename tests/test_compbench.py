@@ -513,7 +513,13 @@ def test_run_compbench_generates_without_scorers_and_refuses_another_generation(
     )  # fmt: skip
     assert (r["generated"], r["skipped"], len(calls)) == (6, 0, 3) and "scores" not in r
     saved = json.loads((out / "color" / "generation.json").read_text())
-    assert saved == {**record, "bench": "t2i-compbench", "seed": 42, "n_per_prompt": 2}
+    assert saved == {
+        **record,
+        "bench": "t2i-compbench",
+        "seed": 42,
+        "noise": "seed+k per image",
+        "n_per_prompt": 2,
+    }
     assert (out / "spatial" / "samples" / "a dog on the left of a cat_000001.png").is_file()
     check_compbench_folder(out, record, n_per_prompt=2, categories=["color", "spatial"])
     with pytest.raises(

@@ -127,7 +127,14 @@ def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
     run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert calls == [COW["prompt"]]
     saved = json.loads((out / run_mod.RECORD).read_text())
-    assert saved == {**record, "image_size": [16, 16], "bench": "geneval", "seed": 42, "n_per_prompt": 4}
+    assert saved == {
+        **record,
+        "image_size": [16, 16],
+        "bench": "geneval",
+        "seed": 42,
+        "noise": "seed+k per image",
+        "n_per_prompt": 4,
+    }
     r = run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert (r["generated"], r["skipped"], len(calls)) == (0, 1, 1)
     later = {**record, "checkpoint": "step_00000200"}
@@ -137,6 +144,10 @@ def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
         run_geneval(
             generate(calls), path, out, detector=None, clip=None, seed=7, progress=False, record=record
         )
+    # A folder of the earlier noise draw (one stream for a prompt's images; its record has no "noise").
+    (out / run_mod.RECORD).write_text(json.dumps({k: v for k, v in saved.items() if k != "noise"}))
+    with pytest.raises(ConfigError, match="made with noise=None, not noise='seed\\+k per image'"):
+        run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert len(calls) == 1
 
 
@@ -179,3 +190,19 @@ def test_the_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
     assert run_mod.weights_fingerprint(tmp_path / "a") == run_mod.weights_fingerprint(tmp_path / "copy")
     (tmp_path / "copy" / "transformer" / "model.safetensors").write_bytes(b"header" + bytes(range(1, 201)))
     assert run_mod.weights_fingerprint(tmp_path / "a") != run_mod.weights_fingerprint(tmp_path / "copy")
+
+
+def test_the_protocol_generator_draws_image_k_of_a_batch_from_seed_plus_k(tiny_run):
+    """What the per-image resumes (T2I-CompBench's missing images, GenEval's) rely on: image k of
+    ``gen(prompt, s, n)`` is the image ``gen(prompt, s + k, 1)`` makes (up to the rounding of batch sizes)."""
+    import numpy as np
+
+    from fusedit.checkpoints import load_model
+
+    model, _, _ = load_model(tiny_run)
+    gen = run_mod.generator(model, dict(image_size=16, steps=2, guidance=3.0, precision="fp32"))
+    batch = [np.asarray(im, dtype=int) for im in gen("a red circle", 42, 3)]
+    for k in range(3):
+        alone = np.asarray(gen("a red circle", 42 + k, 1)[0], dtype=int)
+        assert np.abs(batch[k] - alone).max() <= 1, k
+    assert np.abs(batch[2] - np.asarray(gen("a red circle", 43, 1)[0], dtype=int)).max() > 1

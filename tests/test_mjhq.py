@@ -259,7 +259,7 @@ def test_run_mjhq_scores_fid_overall_and_per_category(tmp_path, inception):
     assert scores["overall"] == pytest.approx(overall, rel=1e-9) and scores["overall"] > 0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # one per category: the overall is pooled
     record = json.loads((tmp_path / "out" / "generation.json").read_text())
-    assert record == {"checkpoint": "step-1", "bench": "mjhq", "seed": 42}
+    assert record == {"checkpoint": "step-1", "bench": "mjhq", "seed": 42, "noise": "seed+k per image"}
 
 
 def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, inception):
@@ -270,6 +270,10 @@ def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, in
         run_mjhq(gen, meta, tmp_path / "out", reference=refs, progress=False)
     with pytest.raises(ConfigError, match="--features scores MJHQ-30K only together with --reference"):
         run_mjhq(gen, meta, tmp_path / "out", features=extractor, progress=False)
+    with pytest.raises(ConfigError, match=r"--per-category 1 cannot be scored: FID needs at least 2 samples"):
+        run_mjhq(
+            gen, meta, tmp_path / "out", reference=refs, features=extractor, per_category=1, progress=False
+        )
     (refs / "people").rename(refs / "humans")
     with pytest.raises(
         FileNotFoundError, match=r"has no folder 'people'; allowed: the unzipped mjhq30k_imgs"

@@ -37,11 +37,17 @@ from fusedit.imaging import generated_image, save_png
 SAMPLES = "samples"
 
 
-def check_scoring(reference, features) -> None:
-    """Scoring needs both the reference images and the feature model; one alone is a mistake."""
+def check_scoring(reference, features, per_category: int | None = None) -> None:
+    """Scoring needs both the reference images and the feature model; one alone is a mistake. FID per
+    category needs at least 2 samples of each (a covariance), so ``per_category=1`` cannot be scored."""
     if (reference is None) != (features is None):
         given, missing = ("--reference", "--features") if features is None else ("--features", "--reference")
         raise ConfigError(f"{given} scores MJHQ-30K only together with {missing}; add it or leave out both")
+    if reference is not None and per_category == 1:
+        raise ConfigError(
+            "--per-category 1 cannot be scored: FID needs at least 2 samples per category (allowed: "
+            "--per-category 2 or more, or no --reference/--features to only sample)"
+        )
 
 
 def select(rows: Sequence[dict], per_category: int | None) -> list[dict]:

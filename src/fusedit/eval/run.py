@@ -22,15 +22,20 @@ from PIL import Image
 from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.files import files_digest, write_text_atomic
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate
+from fusedit.sample import generate, latent_shape, seeded_noise
 
 
 def generator(model, settings: dict):
     """A ``generate(prompt, seed, n) -> [PIL images]`` callable over ``model`` for the protocol writers;
-    ``settings`` are ``generate`` keyword arguments (``fusedit.sample.sample_settings``)."""
+    ``settings`` are ``generate`` keyword arguments (``fusedit.sample.sample_settings``). Image k starts
+    from the noise of ``seed + k`` alone, as in ``fusedit sample``: any benchmark image is made again by
+    sampling its prompt with its seed, and a protocol that resumes per image (T2I-CompBench) makes the
+    missing ones exactly as an uninterrupted run would."""
+    shape = latent_shape(model, settings["image_size"])
 
     def run(prompt: str, seed: int, n: int) -> list[Image.Image]:
-        x = generate(model, [prompt] * n, seed=seed, **settings)
+        noise = seeded_noise([seed + k for k in range(n)], shape)
+        x = generate(model, [prompt] * n, noise=noise, **settings)
         return [Image.fromarray(a) for a in to_uint8(x)]
 
     return run
@@ -55,10 +60,15 @@ IMAGES = {"geneval": "samples", "dpg": "grids", "mjhq": "samples"}
 GENEVAL_PER_PROMPT = 4
 
 
+NOISE = "seed+k per image"
+
+
 def protocol_record(record: dict, bench: str, seed: int, n_per_prompt: int | None = None) -> dict:
     """``record`` (the model and its sampling settings) with what the protocol run adds to it."""
     extra = {} if n_per_prompt is None else {"n_per_prompt": n_per_prompt}
-    return {**record, "bench": bench, "seed": seed, **extra}
+    # "noise": how image k's starting noise follows from the seed (before 2026-11: one stream for a prompt's
+    # n images), so that a folder of the earlier draw is not completed with images of this one.
+    return {**record, "bench": bench, "seed": seed, "noise": NOISE, **extra}
 
 
 def check_protocol_folder(
@@ -221,7 +231,7 @@ def run_mjhq(
     from fusedit.eval.mjhq import check_scoring, reference_files, score_mjhq, select, write_mjhq_samples
 
     rows = select(load_mjhq(prompts_path), per_category)
-    check_scoring(reference, features)
+    check_scoring(reference, features, per_category)
     # Listed before generating: a wrong reference folder must not surface after hours of sampling.
     references = reference_files(reference, sorted({r["category"] for r in rows})) if reference else None
     samples = out_dir / IMAGES["mjhq"]
