@@ -23,6 +23,7 @@ from fusedit.data.folder import FolderCatalog
 from fusedit.data.latents import LatentDataset, cache_latents, check_latents
 from fusedit.data.loader import step_loader
 from fusedit.data.transforms import SampleDecoder
+from fusedit.files import tensors_fingerprint
 
 SIZES = [(32, 32), (48, 32), (32, 48), (40, 40), (64, 40), (36, 54), (30, 30)]
 
@@ -297,6 +298,18 @@ def test_a_moved_vae_folder_is_the_same_vae_and_another_at_the_same_path_is_refu
     assert any("holds the same kind and shapes" in r.getMessage() for r in caplog.records)
     # A rerun of cache-latents with the moved VAE finds the cache finished.
     assert cache_latents(data, _vae(tmp_path / "moved"), out, 4, 5, "cpu", progress=False)["samples"] == 7
+    assert any("same kind and shapes (config.json) and weights" in r.getMessage() for r in caplog.records)
+
+    # Other weights of the same config (a fine-tuned VAE, an fp16 fix) in the folder the cache names.
+    recorded = json.loads((out / "index.json").read_text())["meta"]["vae_identity"]["weights"]
+    tiny_vae().save_pretrained(tmp_path / "moved")
+    with pytest.raises(ConfigError) as error:
+        check_latents(latents, _vae(tmp_path / "moved"))
+    assert str(error.value) == (
+        f"data.latents_dir={str(out)!r} was encoded with a VAE whose weights have the fingerprint {recorded}, "
+        f"but vae.model_id={str(tmp_path / 'moved')!r} holds other weights of the same config "
+        f"({tensors_fingerprint(tmp_path / 'moved')})"
+    )
 
     # Another VAE of the same vae.* settings (4 channels, 2x) in the folder the cache names.
     tiny_vae(scaling_factor=0.5).save_pretrained(tmp_path / "moved")

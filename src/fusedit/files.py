@@ -95,6 +95,38 @@ def files_digest(root: str | os.PathLike[str], files: Iterable, head_bytes: int 
     return digest.hexdigest()
 
 
+# Elements of each tensor that go into tensors_fingerprint: enough to tell trained weights apart.
+FINGERPRINT_ELEMENTS = 1024
+
+
+def tensors_fingerprint(folder: str | os.PathLike[str]) -> str | None:
+    """A short hash of the weights in the safetensors files directly in ``folder`` (a diffusers model
+    folder): each tensor's name, dtype, shape and first FINGERPRINT_ELEMENTS values, in name order. It
+    follows the weights, not the files: a copy, a move, or a re-save with another header order, metadata or
+    sharding keeps it; other weights of the same shapes (a fine-tuned or fp16-fixed VAE) change it. None
+    when the folder holds no safetensors file."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    tensors = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            tensors.update(dict.fromkeys(f.keys(), path))
+    for name in sorted(tensors):
+        with safe_open(tensors[name], framework="pt") as f:
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            rows = part[:1] if shape else f.get_tensor(name)  # the first row: a slice reads no more
+        values = rows.reshape(-1)[:FINGERPRINT_ELEMENTS].contiguous()
+        digest.update(f"{name}:{part.get_dtype()}:{shape}:".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "") -> Path:
     """``out`` as a folder to write ``what`` into: new or empty, or (when ``earlier`` names one and the
     caller has recognised it) an earlier output of the same command. Any other folder is refused in one

@@ -51,7 +51,7 @@ from fusedit.config import (
 )
 from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
-from fusedit.files import check_output_folder, readable_by_all, write_text_atomic
+from fusedit.files import check_output_folder, readable_by_all, tensors_fingerprint, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -224,21 +224,31 @@ def _is_cache(out: Path) -> bool:
 
 
 def _vae_identity(vae_cfg: VAEConfig) -> dict | None:
-    """The kind and shapes (``model_identity``) of the VAE ``vae_cfg`` names: from its folder's config.json,
-    or a hub id's copy of it in the Hugging Face cache (there once the VAE has been loaded); None for the
-    identity autoencoder and a hub id not in the cache."""
+    """The kind and shapes (``model_identity``) of the VAE ``vae_cfg`` names, from its folder's config.json
+    or a hub id's copy of it in the Hugging Face cache (there once the VAE has been loaded), with a
+    fingerprint of its weights under "weights" where the folder holds them (``tensors_fingerprint``: VAEs of
+    one config, such as SDXL's and its fp16 fix, differ there); None for the identity autoencoder and a hub
+    id not in the cache."""
     place, subfolder = vae_cfg.model_id, vae_cfg.subfolder
     if vae_cfg.kind == "identity" or not place:
         return None
     if written_as_path(place):
-        return model_identity(place, subfolder) or None
-    from huggingface_hub import try_to_load_from_cache
+        folder = Path(place) / subfolder
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    try:
-        file = try_to_load_from_cache(place, f"{subfolder}/config.json" if subfolder else "config.json")
-    except ValueError:  # not a hub id either (HFValidationError): a folder that does not exist
+        try:
+            file = try_to_load_from_cache(place, f"{subfolder}/config.json" if subfolder else "config.json")
+        except ValueError:  # not a hub id either (HFValidationError): a folder that does not exist
+            return None
+        if not isinstance(file, str):
+            return None
+        folder = Path(file).parent
+    identity = model_identity(str(folder))
+    if not identity:
         return None
-    return (model_identity(str(Path(file).parent)) or None) if isinstance(file, str) else None
+    weights = tensors_fingerprint(folder) if folder.is_dir() else None
+    return {**identity, **({"weights": weights} if weights else {})}
 
 
 def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] | None:
@@ -268,13 +278,21 @@ def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] |
             f"a VAE whose config.json has {field}={recorded[field]!r}",
             f"vae.model_id={vae_cfg.model_id!r} holds another, whose config.json has {field}={now[field]!r}",
         )
+    # Caches written before the fingerprint, and hub snapshots without weight files, compare shapes only.
+    weighed = "weights" in recorded and "weights" in now
+    if weighed and recorded["weights"] != now["weights"]:
+        return (
+            f"a VAE whose weights have the fingerprint {recorded['weights']}",
+            f"vae.model_id={vae_cfg.model_id!r} holds other weights of the same config ({now['weights']})",
+        )
     if cached.get("model_id") != vae_cfg.model_id:
         log.info(
             "%s was encoded with the VAE at %r; vae.model_id=%r holds the same kind and shapes "
-            "(config.json): taken as that VAE, moved",
+            "(config.json)%s: taken as that VAE, moved",
             where,
             cached.get("model_id"),
             vae_cfg.model_id,
+            " and weights" if weighed else "",
         )
     return None
 
