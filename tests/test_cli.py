@@ -114,7 +114,7 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monke
     )
     # Refused before the model loads (a large LLM takes minutes to load).
     with monkeypatch.context() as m:
-        m.setattr("fusedit.cli.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        m.setattr("fusedit.sample.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded"))
         assert main([*args, "--guidance", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{out} holds images made with guidance=3.0, not guidance=2.0" in err and "\n" not in err

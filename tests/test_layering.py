@@ -79,3 +79,39 @@ def test_layers_import_only_torch_and_each_other():
             if not allowed and module.split(".")[0] not in sys.stdlib_module_names:
                 offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
     assert not offending, "fusedit.layers imports beyond torch and itself:\n" + "\n".join(offending)
+
+
+def _is_cli(module: str) -> bool:
+    return module == "fusedit.cli" or module.startswith("fusedit.cli.")
+
+
+def test_nothing_in_the_package_imports_the_cli():
+    """The CLI is the top of the package: its subcommands unpack flags and call the library, so nothing below
+    may import it (what `fusedit sample`, `serve` and `eval` share, such as loading a model to sample with,
+    lives in ``fusedit.sample``). Only ``python -m fusedit`` (__main__.py) runs it."""
+    offending, main_imports_it = [], False
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.as_posix() == "cli.py":
+            continue
+        package = ".".join(["fusedit", *rel.parts[:-1]])
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), package):
+            if not _is_cli(module):
+                continue
+            if rel.as_posix() == "__main__.py":
+                main_imports_it = True
+            else:
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
+    assert not offending, "imports of fusedit.cli inside the package (only __main__.py may):\n" + "\n".join(
+        offending
+    )
+    assert main_imports_it, "__main__.py no longer imports fusedit.cli: update this test"
+
+
+def test_sample_does_not_import_the_cli():
+    """``fusedit.sample`` holds the library side of `fusedit sample` (load_sampling_model,
+    write_sample_folder): usable from Python without the CLI."""
+    path = SRC / "sample.py"
+    imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
+    assert "fusedit.checkpoints" in imported  # the walk sees the imports inside functions too
+    assert not [m for m in imported if _is_cli(m)], "fusedit.sample imports fusedit.cli"

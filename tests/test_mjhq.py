@@ -320,6 +320,10 @@ def test_fusedit_eval_mjhq_samples_and_scores_a_run(tiny_run, tmp_path, inceptio
         (["--features", "INCEPTION"], "--features scores MJHQ-30K only together with --reference"),
         (["--reference", "nowhere", "--features", "INCEPTION"], "MJHQ-30K reference folder"),
         (["--reference", "REFS", "--features", "gone.pt"], "no Inception network at"),
+        (
+            ["--reference", "REFS", "--features", "INCEPTION", "--per-category", "1"],
+            "--per-category 1 cannot",
+        ),
     ],
 )
 def test_fusedit_eval_mjhq_checks_scoring_before_the_model_loads(

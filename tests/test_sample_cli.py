@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import randomize, tiny_config, tiny_vae
-from fusedit.cli import load_sampling_model, main
+from fusedit.cli import main
 from fusedit.convert.fusedit_official import export_official, load_official
 from fusedit.data.shapes import vocabulary
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate
+from fusedit.sample import generate, load_sampling_model, sample_settings, write_sample_folder
 from fusedit.system import build_model
 from fusedit.text.tokenizer import word_tokenizer
 from fusedit.train.checkpoint import save_checkpoint
@@ -190,6 +190,31 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
     assert not np.array_equal(pixels(out / "00000.png"), pixels(tmp_path / "other" / "00000.png"))
 
 
+def test_the_library_writes_the_folder_the_cli_writes(folders, tmp_path):
+    """From Python, without the CLI: fusedit.sample.load_sampling_model and write_sample_folder give the
+    images, metadata and grid of `fusedit sample` with the same settings."""
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    flags = [word for prompt in prompts for word in ("--prompt", prompt)]
+    cli, lib = tmp_path / "cli", tmp_path / "lib"
+    assert sample(folders["run"], cli, *flags, "--steps", "2", "--seed", "3", "--batch-size", "2") == 0
+    model, cfg, source = load_sampling_model(folders["run"], "cpu")
+    assert source == folders["checkpoint"]
+    settings = sample_settings(cfg, steps=2)
+    written = write_sample_folder(
+        model, cfg, prompts, lib, settings=settings, seed=3, batch_size=2, source=source, progress=False
+    )
+    assert written == [lib / f"{i:05d}.png" for i in range(3)]
+    assert sorted(p.name for p in lib.iterdir()) == sorted(p.name for p in cli.iterdir())
+    for i in range(3):
+        assert metadata(lib, i) == metadata(cli, i)
+        assert np.array_equal(pixels(lib / f"{i:05d}.png"), pixels(cli / f"{i:05d}.png"))
+    assert np.array_equal(pixels(lib / "grid.png"), pixels(cli / "grid.png"))
+    with pytest.raises(ValueError, match="batch_size=0 is not allowed"):
+        write_sample_folder(model, cfg, prompts, lib, batch_size=0)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_sampling_model(tmp_path / "nothing", "cpu")
+
+
 def test_width_by_height_samples_a_wide_image(folders, tmp_path):
     """--size WIDTHxHEIGHT: a 12 px wide, 8 px tall image, the one generate makes at (8, 12), recorded as
     width and height (no "size": that one is a square's side)."""
@@ -233,7 +258,7 @@ def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog
     out = tmp_path / "out"
     assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0
     (out / "notes.txt").write_text("mine")
-    with caplog.at_level("INFO", logger="fusedit.cli"):
+    with caplog.at_level("INFO", logger="fusedit.sample"):
         assert sample(folders["run"], out, "--prompt", "d", "--steps", "1") == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png", "notes.txt"]
     assert metadata(out, 0)["prompt"] == "d"

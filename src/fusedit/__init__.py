@@ -2,6 +2,23 @@
 
 Covers the design space of FuseDiT (deep layer-by-layer fusion of a frozen decoder-only LLM with a DiT)
 and LI-DiT. Start from ``fusedit.config.load_config`` and ``fusedit.system.build_model``, or the CLI.
+
+The modules form four tiers; a module imports only from its own tier and the tiers listed before it:
+
+1. Utilities: ``files`` (atomic file writes), ``imaging`` (PNGs, image grids, plots).
+2. Model assembly: ``config`` (the schema and presets), ``layers``, ``text``, ``models``, ``flow`` (flow
+   matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a text-to-image
+   model from a config) and ``checkpoints`` (saving and loading them). The one exception: loading a
+   checkpoint rebuilds the LoRA adapters of the training stage that wrote it (``fusedit.train.lora`` and
+   ``fusedit.train.stages``).
+3. Inference: ``sample`` (prompt -> image; ``load_sampling_model`` reads a run, checkpoint or pipeline
+   folder, ``write_sample_folder`` writes the folder of `fusedit sample`), ``pipeline`` (the diffusers
+   pipeline), ``hub`` (Hugging Face folder formats) and ``convert`` (checkpoints of other code bases).
+4. Apps: ``serve`` (the web demo), ``bench``, ``demo``, ``eval``, ``train`` and ``cli`` (the `fusedit`
+   command: thin subcommands that parse flags and call the library; nothing but ``__main__`` imports it).
+
+``layers`` imports nothing else of fusedit. ``tests/test_layering.py`` checks the rules on ``cli``, ``train``
+and ``layers``.
 """
 
 __version__ = "0.1.0"

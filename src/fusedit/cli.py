@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import logging
@@ -138,71 +137,9 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _saved_by_public_fusedit(folder: Path) -> bool:
-    """Whether ``folder`` is a pipeline or transformer folder of the public FuseDiT code: its pipeline is also
-    called FuseDiTPipeline, but its weights and config need `fusedit convert` first."""
-    for config in (folder / "transformer" / "config.json", folder / "config.json"):
-        try:
-            if json.loads(config.read_text()).get("model_type") in ("FuseDiT", "DiT"):
-                return True
-        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
-            continue
-    return False
-
-
-def load_sampling_model(
-    path: str | Path, device, use_ema: bool = True, relocate: dict[str, str] | None = None, **sample_overrides
-):
-    """MODEL of `fusedit sample` and `fusedit serve`: a run folder (its latest checkpoint; `fusedit convert`
-    writes one), a checkpoint folder, or a diffusers pipeline folder (`fusedit export`,
-    `FuseDiTPipeline.save_pretrained`). ``relocate`` (--relocate) reads a run's model folders that moved
-    from their new place. ``sample_overrides`` replace keys of the saved config's sample section (None
-    keeps the saved value). Returns (model in eval mode, Config, the folder it was read from)."""
-    from fusedit.checkpoints import find_checkpoint, load_model
-    from fusedit.sample import to_sampling_form
-
-    def sampling(model, cfg):
-        overrides = {k: v for k, v in sample_overrides.items() if v is not None}
-        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
-        return to_sampling_form(model, cfg), cfg
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
-        )
-    if _saved_by_public_fusedit(folder):
-        raise ConfigError(
-            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
-            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
-        )
-    if (folder / "model_index.json").is_file():
-        if not use_ema:
-            raise ConfigError(
-                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
-                "the weights it was exported with"
-            )
-        if relocate:
-            raise ConfigError(
-                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
-                "models itself"
-            )
-        from fusedit.pipeline import from_pretrained
-
-        return *sampling(*from_pretrained(folder, device)), folder
-    try:
-        ckpt = find_checkpoint(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
-            "folder with model_index.json)"
-        ) from None
-    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
-    return *sampling(model, cfg), ckpt
-
-
 def _sampling_flags(args) -> dict:
-    """load_sampling_model's arguments from the flags `fusedit sample` and `fusedit serve` share."""
+    """fusedit.sample.load_sampling_model's arguments from the flags `fusedit sample` and `fusedit serve`
+    share."""
     return {
         "use_ema": not args.no_ema,
         "relocate": _relocations(args),
@@ -228,17 +165,6 @@ def _relocations(args) -> dict[str, str]:
             )
         moves[key] = place
     return moves
-
-
-def _remove_earlier_samples(out: Path) -> None:
-    """An --out folder reused for fewer prompts would keep the earlier sample's higher-numbered images
-    next to the new ones; only the files `fusedit sample` writes are removed. Called once the first new
-    image is ready: a sample that fails or is stopped before it leaves the earlier one whole."""
-    earlier = [p for p in out.iterdir() if re.fullmatch(r"\d{5}\.(png|json)|grid\.png", p.name)]
-    for path in earlier:
-        path.unlink()
-    if earlier:
-        log.info("removed %d files of an earlier sample in %s", len(earlier), out)
 
 
 def _check_sampling_flags(args) -> None:
@@ -293,9 +219,9 @@ def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") 
 
 
 def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
-    """The config MODEL samples with and the folder its weights are read from (as load_sampling_model
-    reads and returns them), without any weights; None where the folder holds none, which
-    load_sampling_model then reports."""
+    """The config MODEL samples with and the folder its weights are read from (as
+    fusedit.sample.load_sampling_model reads and returns them), without any weights; None where the folder
+    holds none, which load_sampling_model then reports."""
     from fusedit.checkpoints import checkpoint_stage, find_checkpoint
 
     folder = Path(path)
@@ -316,13 +242,8 @@ def _saved_config(path: str | Path) -> Config | None:
 
 
 def cmd_sample(args) -> int:
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from fusedit.files import write_text_atomic
-    from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, image_shape, latent_shape, sample_settings, seeded_noise
-    from fusedit.system import precision_name, resolve_device
+    from fusedit.sample import load_sampling_model, sample_settings, write_sample_folder
+    from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
     # Checked before the (possibly slow) model load, so a typo fails at once.
@@ -343,51 +264,25 @@ def cmd_sample(args) -> int:
         negative_prompt=args.negative_prompt,
         cache_text=False if args.no_cache else None,
     )
-    steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
     # Checked again against the model as loaded: the early check needs a config readable without it.
-    _check_size(size, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    images = []
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=args.quiet)
-    height, width = image_shape(size)
-    for batch in batches:
-        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
-        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
-        seeds = [args.seed + len(images) + j for j in range(len(batch))]
-        noise = seeded_noise(seeds, latent_shape(model, size))
-        x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
-        if not images:
-            _remove_earlier_samples(out)
-        for img, prompt, seed in zip(to_uint8(x), batch, seeds):
-            name = f"{len(images):05d}"
-            save_png(Image.fromarray(img), out / f"{name}.png")
-            meta = {
-                "prompt": prompt,
-                "seed": seed,
-                "negative_prompt": settings["negative_prompt"],
-                "steps": steps,
-                "guidance": guidance,
-                "width": width,
-                "height": height,
-                **({"size": height} if height == width else {}),
-                "sampler": settings["sampler"],
-                "shift": settings["shift"],
-                "schedule": settings["schedule"],
-                "precision": precision_name(settings["precision"], device),
-                "cache_text": settings["cache_text"],
-                "use_ema": cfg.sample.use_ema,
-                "model": str(source),
-            }
-            write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
-            images.append(img)
-    bar.close()
-    save_png(image_grid(images, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
+    _check_size(settings["image_size"], cfg)
+    images = write_sample_folder(
+        model,
+        cfg,
+        prompts,
+        out,
+        settings=settings,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        source=source,
+        progress=not args.quiet,
+    )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     return 0
 
 
 def cmd_serve(args) -> int:
+    from fusedit.sample import load_sampling_model
     from fusedit.serve import DemoServer, check_port_free, max_side
     from fusedit.system import resolve_device
 
@@ -440,6 +335,7 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
+    from fusedit.sample import load_sampling_model
     from fusedit.system import resolve_device
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
@@ -508,7 +404,7 @@ def _mjhq_scorer(args, device):
     from fusedit.eval.inception import feature_extractor
     from fusedit.eval.mjhq import check_scoring, reference_files, select
 
-    check_scoring(args.reference, args.features)
+    check_scoring(args.reference, args.features, args.per_category)
     if args.reference is None:
         return None
     rows = select(load_mjhq(args.prompts), args.per_category)

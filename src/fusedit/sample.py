@@ -1,5 +1,9 @@
 """Prompt -> image. Used by `fusedit sample`, the demo, evaluation and training previews.
 
+``load_sampling_model`` reads a model to sample with from a run, checkpoint or diffusers pipeline folder
+(what `fusedit sample`, `serve` and `eval` take as MODEL), and ``write_sample_folder`` writes the images
+and per-image metadata of `fusedit sample`.
+
 With ``cache_text`` (the default) the LLM runs once per prompt batch, negative prompts included (they are
 just more rows of the batch), and its per-layer K/V serve every step and both guidance branches. Without
 it the LLM runs again at every step, which gives the same images at several times the cost: the test suite
@@ -8,18 +12,30 @@ checks that equality for every position scheme.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from fusedit.config import Config, ConfigError
+from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity
+from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.models.inference import prepare_for_sampling
-from fusedit.system import TextToImage, uses_bf16
+from fusedit.system import TextToImage, precision_name, uses_bf16
 from fusedit.text.context import TextContext
+
+log = logging.getLogger(__name__)
 
 
 def sampling_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -209,3 +225,172 @@ def generate(
         velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress, schedule=schedule
     )
     return ae.decode(latents)
+
+
+def _saved_by_public_fusedit(folder: Path) -> bool:
+    """Whether ``folder`` is a pipeline or transformer folder of the public FuseDiT code: its pipeline is also
+    called FuseDiTPipeline, but its weights and config need `fusedit convert` first."""
+    for config in (folder / "transformer" / "config.json", folder / "config.json"):
+        try:
+            if json.loads(config.read_text()).get("model_type") in ("FuseDiT", "DiT"):
+                return True
+        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
+            continue
+    return False
+
+
+def load_sampling_model(
+    path: str | Path,
+    device: torch.device | str,
+    use_ema: bool = True,
+    relocate: dict[str, str] | None = None,
+    **sample_overrides: Any,
+) -> tuple[TextToImage, Config, Path]:
+    """A model to sample with, read from ``path`` (the MODEL of `fusedit sample`, `serve` and `eval`):
+
+    - a run folder (its latest checkpoint; `fusedit convert` writes one) or a checkpoint folder, read with
+      ``fusedit.checkpoints.load_model``: its EMA weights unless ``use_ema`` is False, and with
+      ``relocate`` ({config key: new place}, e.g. ``{"text.model_id": "/data/models/gemma-2b"}``; the
+      command line's --relocate) for the run's model folders that moved;
+    - a diffusers pipeline folder (with model_index.json: `fusedit export`,
+      ``FuseDiTPipeline.save_pretrained``), read with ``fusedit.pipeline.from_pretrained``; it holds only
+      the weights it was exported with and its models itself, so ``use_ema=False`` and ``relocate`` are
+      refused.
+
+    ``sample_overrides`` replace keys of the saved config's ``sample`` section (``compile=""`` for off,
+    ``cuda_graphs=True``, ...; None keeps the saved value) before the model is turned into its sampling
+    form (``to_sampling_form``). ``device`` is where the model is loaded (a torch device or its name).
+
+    Returns (the model in eval mode and sampling form, its Config with the overrides, the folder its weights
+    were read from: the checkpoint folder, or the pipeline folder). Raises FileNotFoundError for a path that
+    is not a folder or holds no model, and ConfigError for a folder saved by the public FuseDiT code (import
+    it with `fusedit convert` first) or a pipeline folder with ``use_ema=False`` or ``relocate``; the
+    messages name the command-line flags (--no-ema, --relocate), as `fusedit` prints them."""
+    from fusedit.checkpoints import find_checkpoint, load_model
+
+    def sampling(model, cfg):
+        overrides = {k: v for k, v in sample_overrides.items() if v is not None}
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
+        return to_sampling_form(model, cfg), cfg
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
+        )
+    if _saved_by_public_fusedit(folder):
+        raise ConfigError(
+            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
+            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
+        )
+    if (folder / "model_index.json").is_file():
+        if not use_ema:
+            raise ConfigError(
+                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
+                "the weights it was exported with"
+            )
+        if relocate:
+            raise ConfigError(
+                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
+                "models itself"
+            )
+        from fusedit.pipeline import from_pretrained  # imports this module
+
+        return *sampling(*from_pretrained(folder, device)), folder
+    try:
+        ckpt = find_checkpoint(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
+            "folder with model_index.json)"
+        ) from None
+    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
+    return *sampling(model, cfg), ckpt
+
+
+# The files write_sample_folder writes (and removes from an earlier sample in the same folder).
+_SAMPLE_FILES = re.compile(r"\d{5}\.(png|json)|grid\.png")
+
+
+def _remove_earlier_samples(out: Path) -> None:
+    """An ``out`` folder reused for fewer prompts would keep the earlier sample's higher-numbered images
+    next to the new ones; only the files `fusedit sample` writes are removed. Called once the first new
+    image is ready: a sample that fails or is stopped before it leaves the earlier one whole."""
+    earlier = [p for p in out.iterdir() if _SAMPLE_FILES.fullmatch(p.name)]
+    for path in earlier:
+        path.unlink()
+    if earlier:
+        log.info("removed %d files of an earlier sample in %s", len(earlier), out)
+
+
+def write_sample_folder(
+    model: TextToImage,
+    cfg: Config,
+    prompts: list[str],
+    out: str | Path,
+    *,
+    settings: dict[str, Any] | None = None,
+    seed: int = 42,
+    batch_size: int = 8,
+    source: str | Path | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
+    its metadata (prompt, seed, settings, precision, use_ema, model) as 0000i.json, and grid.png of them
+    all with their prompts.
+
+    ``model`` and ``cfg`` are as ``load_sampling_model`` returns them, and ``source`` is the folder it
+    returned (recorded as each image's "model"). ``settings`` are ``generate``'s keyword arguments as
+    ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should fit the
+    model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone, so any
+    image can be made again by itself; prompts are sampled ``batch_size`` at a time, with a progress bar
+    unless ``progress`` is False. ``out`` is created where missing; once the first images are ready, the
+    files an earlier sample wrote there (numbered images, their metadata, grid.png) are removed, and no
+    other file. Returns the paths of the images written, in prompt order."""
+    if not prompts:
+        raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
+    settings = sample_settings(cfg) if settings is None else settings
+    out = Path(out)
+    device = next(model.denoiser.parameters()).device
+    steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    images, written = [], []
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=not progress)
+    height, width = image_shape(size)
+    for batch in batches:
+        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
+        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
+        seeds = [seed + len(images) + j for j in range(len(batch))]
+        noise = seeded_noise(seeds, latent_shape(model, size))
+        x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
+        if not images:
+            _remove_earlier_samples(out)
+        for img, prompt, image_seed in zip(to_uint8(x), batch, seeds):
+            name = f"{len(images):05d}"
+            save_png(Image.fromarray(img), out / f"{name}.png")
+            meta = {
+                "prompt": prompt,
+                "seed": image_seed,
+                "negative_prompt": settings["negative_prompt"],
+                "steps": steps,
+                "guidance": guidance,
+                "width": width,
+                "height": height,
+                **({"size": height} if height == width else {}),
+                "sampler": settings["sampler"],
+                "shift": settings["shift"],
+                "schedule": settings["schedule"],
+                "precision": precision_name(settings["precision"], device),
+                "cache_text": settings["cache_text"],
+                "use_ema": cfg.sample.use_ema,
+                "model": None if source is None else str(source),
+            }
+            write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
+            images.append(img)
+            written.append(out / f"{name}.png")
+    bar.close()
+    save_png(image_grid(images, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
+    return written
