@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -67,7 +67,8 @@ class ModelConfig:
 
     # fusedit: deep fusion; fusedit-cross: its cross-attention variant; dit-self / dit-cross: the shallow
     # baselines reading one LLM hidden state (text.hidden_layer) per LLM (design-space.md s.1). LI-DiT is
-    # dit-cross with the refiner, pooled-text modulation and the conv position embedding (s.2).
+    # dit-cross with the refiner, pooled-text modulation and the conv position embedding (s.2). Their
+    # traits (deep or shallow, self- or cross-attention): DESIGN_TRAITS.
     design: str = choice("fusedit", "fusedit", "fusedit-cross", "dit-self", "dit-cross")
     # Residual width of the DiT; None = the LLM's hidden size.
     dit_hidden_size: int | None = positive(None)
@@ -962,6 +963,47 @@ def allowed_sides(cfg: Config) -> str:
 ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")
 
 
+@dataclass(frozen=True)
+class DesignTraits:
+    """What a model.design is: ``deep`` fusion (each DiT layer reads its own LLM layer's keys and values)
+    or shallow (one hidden state, text.hidden_layer, projected by the DiT: the baselines and LI-DiT), and
+    whether image tokens meet the text in joint ``self``-attention or in a separate ``cross``-attention."""
+
+    deep: bool
+    attention: Literal["self", "cross"]
+
+
+# Every model.design (ModelConfig.design's choices) and its traits; code asks these, not the names.
+DESIGN_TRAITS = {
+    "fusedit": DesignTraits(deep=True, attention="self"),
+    "fusedit-cross": DesignTraits(deep=True, attention="cross"),
+    "dit-self": DesignTraits(deep=False, attention="self"),
+    "dit-cross": DesignTraits(deep=False, attention="cross"),
+}
+
+
+def design_traits(design: str) -> DesignTraits:
+    """``DESIGN_TRAITS[design]``; a one-line ConfigError for a name that is not a design."""
+    if design not in DESIGN_TRAITS:
+        raise ConfigError(f"model.design={design!r} is not allowed (allowed: {', '.join(DESIGN_TRAITS)})")
+    return DESIGN_TRAITS[design]
+
+
+def is_deep(design: str) -> bool:
+    """Deep fusion (fusedit, fusedit-cross): DiT layers paired with LLM layers."""
+    return design_traits(design).deep
+
+
+def is_shallow(design: str) -> bool:
+    """The shallow designs (dit-self, dit-cross): one LLM hidden state, projected by the DiT."""
+    return not design_traits(design).deep
+
+
+def attention_kind(design: str) -> Literal["self", "cross"]:
+    """How the design's image tokens attend to the text: joint self-attention or cross-attention."""
+    return design_traits(design).attention
+
+
 def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
     """A nested config dict (``to_dict``) as dotted keys (an LLM's ``arch`` stays one value); ``lists``
     also numbers the entries of lists of mappings (extra_text.0.family)."""
@@ -1041,7 +1083,7 @@ def validate(cfg: Config) -> None:
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
             )
     m = cfg.model
-    shallow = m.design in ("dit-self", "dit-cross")
+    shallow = is_shallow(m.design)
     if cfg.extra_text and not (shallow and m.refiner_depth):
         raise ConfigError(
             f"extra_text has {len(cfg.extra_text)} more LLM(s) but model.design={m.design!r} with "
@@ -1075,7 +1117,10 @@ def validate(cfg: Config) -> None:
             "whose text keys the LLM rotates (allowed: joint)"
         )
     if m.rope_left_pad is not None and not (
-        m.design == "fusedit" and m.pos_embed in ROTARY_SCHEMES and m.rope_layout == "joint"
+        is_deep(m.design)
+        and attention_kind(m.design) == "self"
+        and m.pos_embed in ROTARY_SCHEMES
+        and m.rope_layout == "joint"
     ):
         raise ConfigError(
             f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "
@@ -1108,7 +1153,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_training(cfg: Config) -> None:
     """What train.trainable and the LoRA settings need from the rest of the config."""
-    tc, shallow = cfg.train, cfg.model.design in ("dit-self", "dit-cross")
+    tc, shallow = cfg.train, is_shallow(cfg.model.design)
     if "refiner" in tc.trainable and not shallow:
         raise ConfigError(
             f"train.trainable={tc.trainable} names 'refiner' but model.design={cfg.model.design!r} has none "

@@ -79,7 +79,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusedit.config import ROTARY_SCHEMES, Config, ConfigError, VAEConfig, absolute_paths, config_from_dict
+from fusedit.config import (
+    DESIGN_TRAITS,
+    ROTARY_SCHEMES,
+    Config,
+    ConfigError,
+    VAEConfig,
+    absolute_paths,
+    attention_kind,
+    config_from_dict,
+    is_deep,
+    is_shallow,
+)
 from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.pipeline import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.system import TextToImage, build_model
@@ -176,7 +187,9 @@ GENERIC_FIELDS = frozenset(
         "use_cache",
     ]
 )
-ATTENTION = {"self": ("fusedit", "dit-self"), "cross": ("fusedit-cross", "dit-cross")}
+# The public config's attention values, and fusedit's design for each (attention, FuseDiT or not).
+ATTENTION = ("self", "cross")
+DESIGN_OF = {(t.attention, t.deep): design for design, t in DESIGN_TRAITS.items()}
 POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 TIMESTEP_CONDITIONINGS = {
     None: "none",
@@ -316,7 +329,7 @@ def official_config(
     sample_size = get("sample_size", 32)
     rope = pos in ROTARY_SCHEMES
     model = {
-        "design": ATTENTION[attention][0 if fused else 1],
+        "design": DESIGN_OF[attention, fused],
         "dit_hidden_size": dit_hidden,
         "num_layers": layers,
         "initial_layers": initial,
@@ -405,7 +418,8 @@ def _rules(cfg: Config) -> list[tuple[re.Pattern, str, str]]:
     """(fusedit parameter name pattern, public name template, transform) for this config's layout."""
     m = cfg.model
     zero = m.timestep_conditioning == "adaln-zero"
-    text_attn = "self_attn" if m.design == "dit-self" else "cross_attn"
+    # Read by the text_kv rules below: the shallow designs' own text projections.
+    text_attn = "self_attn" if attention_kind(m.design) == "self" else "cross_attn"
     block = r"blocks\.(\d+)\."
     rules = [
         (r"patch_embed\.proj\.weight", "patch_embed.proj.weight", PATCH),
@@ -741,7 +755,7 @@ def _load_exact(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
 
 def load_weights(model: TextToImage, cfg: Config, sd: dict[str, torch.Tensor]) -> None:
     """Put a public state dict (FuseDiT: ``llm.*`` + ``dit.*``; DiT: its own keys) into ``model``."""
-    fused = cfg.model.design in ("fusedit", "fusedit-cross")
+    fused = is_deep(cfg.model.design)
     if fused:
         stray = [k for k in sd if not k.startswith(("llm.", "dit."))]
         if stray:
@@ -839,7 +853,7 @@ LAYOUTS = ("transformer", "pipeline", "model.pt.zst", "ema.pt.zst", "deepspeed")
 
 def _exportable(cfg: Config, model: TextToImage) -> None:
     m, llm = cfg.model, model.text.llm.config
-    fused = m.design in ("fusedit", "fusedit-cross")
+    fused = is_deep(m.design)
     checks: list[tuple[str, object, bool, str]] = [
         ("text.family", cfg.text.family, cfg.text.family in FAMILIES, "gemma, gemma2"),
         (
@@ -911,7 +925,7 @@ def public_config(cfg: Config, model: TextToImage) -> dict:
     _exportable(cfg, model)
     m, llm = cfg.model, model.text.llm.config
     spec = LLMSpec.from_hf(llm)
-    fused = m.design in ("fusedit", "fusedit-cross")
+    fused = is_deep(m.design)
     base = {"model_type": cfg.text.family}
     base.update({k: getattr(llm, k) for k in ARCH_FIELDS if getattr(llm, k, None) is not None})
     base.update(head_dim=spec.head_dim, rope_theta=spec.rope_theta, attention_bias=False)
@@ -925,7 +939,7 @@ def public_config(cfg: Config, model: TextToImage) -> dict:
     out = {
         "architectures": ["FuseDiT" if fused else "DiT"],
         "model_type": "FuseDiT" if fused else "DiT",
-        "attention": "self" if m.design in ("fusedit", "dit-self") else "cross",
+        "attention": attention_kind(m.design),
         "base_config": base,
         "dit_hidden_size": model.denoiser.dim,
         "dit_num_hidden_layers": len(model.denoiser.blocks),
@@ -964,7 +978,7 @@ def public_state_dict(cfg: Config, model: TextToImage) -> dict[str, torch.Tensor
         dit[public] = value
     if cfg.model.pos_embed == "ape" and cfg.model.ape_max_size:
         dit["patch_embed.pos_embed"] = _ape_table(cfg, model.denoiser.dim)
-    if cfg.model.design in ("fusedit", "fusedit-cross"):
+    if is_deep(cfg.model.design):
         llm = {f"llm.{k}": v.detach().cpu() for k, v in model.text.llm.state_dict().items()}
         return {**llm, **{f"dit.{k}": v for k, v in dit.items()}}
     return dit
@@ -1010,7 +1024,7 @@ def export_official(cfg: Config, model: TextToImage, path: str | Path, layout: s
         saves.append(("tokenizer", model.text.tokenizer.save_pretrained))
     if hasattr(model.autoencoder, "vae"):
         saves.append(("vae", model.autoencoder.vae.save_pretrained))
-    if cfg.model.design in ("dit-self", "dit-cross"):
+    if is_shallow(cfg.model.design):
         saves.append(("llm", model.text.llm.save_pretrained))
     for folder, save in saves:
         save(str(path / folder))
