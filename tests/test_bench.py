@@ -62,6 +62,7 @@ def test_bench_records_how_each_figure_was_made(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["attention_kernels"] for r in rows] == [["math"], ["math"], ["flash"], ["flash"]]
+    assert {r["llm_attention"] for r in rows} == {"sdpa"}  # text.attn_implementation=auto, resolved
     assert "attention math" in capsys.readouterr().out
     for r in rows:
         assert (r["warmup"], r["repeats"], r["timer"], r["commit"]) == (0, 1, "perf_counter", "abc123")

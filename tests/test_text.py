@@ -395,3 +395,26 @@ def test_the_dit_mirrors_the_activation_the_llms_mlp_runs(family, keys, expected
     assert LLMSpec.from_hf(config).activation == expected
     mlp_act = AutoModel.from_config(config).layers[0].mlp.act_fn
     assert type(mlp_act) is type(ACT2FN[expected])
+
+
+def test_the_llms_attention_kernel_is_a_config_value():
+    """text.attn_implementation: auto is transformers' pick per family (sdpa for Gemma, eager for Gemma-2,
+    whose logit soft-capping sdpa cannot do); a named kernel computes the same context; a kernel the family
+    cannot run is refused in one line when the LLM loads."""
+
+    def context(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg, with_autoencoder=False)
+        return model.text.llm.config._attn_implementation, model.encode_prompts(["a red circle", "two blue"])
+
+    auto, sdpa = context(tiny_config()), context(tiny_config(text={"attn_implementation": "sdpa"}))
+    eager = context(tiny_config(text={"attn_implementation": "eager"}))
+    assert (auto[0], sdpa[0], eager[0]) == ("sdpa", "sdpa", "eager") and sdpa[1].kv
+    for (k, v), (k_eager, v_eager) in zip(sdpa[1].kv, eager[1].kv, strict=True):
+        torch.testing.assert_close(k_eager, k)
+        torch.testing.assert_close(v_eager, v)
+    assert context(tiny_config(text={"family": "gemma2"}))[0] == "eager"
+    with pytest.raises(
+        ConfigError, match=r"^text.attn_implementation='sdpa' cannot run the gemma2 LLM: [^\n]*$"
+    ):
+        build_model(tiny_config(text={"family": "gemma2", "attn_implementation": "sdpa"}))

@@ -262,7 +262,7 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch, 
     # How the model is run may change: the attention kernel, the text padding, the recipe.
     changed = {
         "model": {"attention_backend": "math"},
-        "text": {"trim_padding": False},
+        "text": {"trim_padding": False, "attn_implementation": "eager"},
         "flow": {"shift": 2.0},
     }
     with caplog.at_level(logging.WARNING):
@@ -270,8 +270,9 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch, 
     assert resumed["step"] == 2
     # ... and is named: a resumed run goes on under the new settings (a longer run is no news).
     assert [r.getMessage() for r in caplog.records if "changed setting" in r.getMessage()] == [
-        "resuming step_00000001 with 3 changed setting(s): flow.shift: 1.0 -> 2.0; "
-        "model.attention_backend: 'auto' -> 'math'; text.trim_padding: True -> False"
+        "resuming step_00000001 with 4 changed setting(s): flow.shift: 1.0 -> 2.0; "
+        "model.attention_backend: 'auto' -> 'math'; text.attn_implementation: 'auto' -> 'eager'; "
+        "text.trim_padding: True -> False"
     ]
     with pytest.raises(
         ConfigError, match=r"the run is at step 2, past train.steps=1 \(allowed: train.steps >= 2"

@@ -213,6 +213,7 @@ def levers(s: BenchSetup) -> dict:
     cfg = s.cfg
     return {
         "attention_backend": cfg.model.attention_backend,
+        "llm_attention": s.model.text.llm.config._attn_implementation,  # text.attn_implementation resolved
         "compile": cfg.train.compile,
         "sample_compile": cfg.sample.compile,
         "trim_padding": cfg.text.trim_padding,

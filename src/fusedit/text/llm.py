@@ -81,17 +81,26 @@ def load_llm(
     if getattr(config, "layer_types", None):  # Gemma-2, Qwen2/3: one attention type per layer
         config.layer_types = config.layer_types[:num_layers]
     dtype = DTYPES[cfg.dtype]
-    if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
-        # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix, so
-        # load the whole model and keep its language decoder, cut after the layers the design reads.
-        full = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype})
-        llm = full.language_model
-        llm.layers = llm.layers[:num_layers]
-        llm.config.num_hidden_layers = num_layers
-    elif cfg.model_id and not shape_only:
-        llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype})
-    else:
-        llm = AutoModel.from_config(config).to(dtype)
+    kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    try:
+        if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
+            # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix,
+            # so load the whole model and keep its language decoder, cut after the layers the design reads.
+            full = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype}, **kernel)
+            llm = full.language_model
+            llm.layers = llm.layers[:num_layers]
+            llm.config.num_hidden_layers = num_layers
+        elif cfg.model_id and not shape_only:
+            llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype}, **kernel)
+        else:
+            llm = AutoModel.from_config(config, **kernel).to(dtype)
+    except (ValueError, ImportError) as e:  # a kernel the family (or this machine) cannot run
+        if not kernel:
+            raise
+        raise ConfigError(
+            f"text.attn_implementation={cfg.attn_implementation!r} cannot run the {config.model_type} LLM: "
+            f"{str(e).splitlines()[0]} (allowed: auto, or a kernel the family supports)"
+        ) from None
     attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
     if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         raise ConfigError(

@@ -381,7 +381,15 @@ def _init_from_pipeline(model, folder: Path) -> str | None:
 # Settings a resumed run may change: how the text is batched and which kernels compute, not what the
 # weights are or mean.
 RESUMABLE_CHANGES = frozenset(
-    {"attention_backend", "dtype", "trim_padding", "trim_multiple", "pretrain_steps", "max_length"}
+    {
+        "attention_backend",
+        "attn_implementation",
+        "dtype",
+        "trim_padding",
+        "trim_multiple",
+        "pretrain_steps",
+        "max_length",
+    }
 )
 MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
 
