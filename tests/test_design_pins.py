@@ -11,6 +11,7 @@ from fusedit.config import load_config, preset_names
 from fusedit.layers.rope import NoRotary
 from fusedit.sample import sample_settings
 from fusedit.system import build_model, count_parameters
+from fusedit.text.refiner import CollaborativeRefiner
 from test_lidit import lidit
 
 PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
@@ -197,7 +198,7 @@ def test_refiner_gates_read_pooled_text_plus_timestep_embedding():
     model = _lidit(two_llms=True)
     d = model.denoiser
     refiner = d.context
-    assert refiner.collaborative is not None
+    assert isinstance(refiner.collaborative, CollaborativeRefiner)
     seen, refined = [], []
     for r in refiner.linguistic:
         r.register_forward_hook(lambda mod, args, out: refined.append(out))

@@ -8,7 +8,7 @@ from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError
 from fusedit.sample import generate
 from fusedit.system import build_model
-from fusedit.text.refiner import LinguisticRefiner
+from fusedit.text.refiner import CollaborativeRefiner, LinguisticRefiner
 from fusedit.train.loop import train
 
 QWEN = {
@@ -174,7 +174,7 @@ def test_two_llm_families_with_their_own_tokenizers_are_fused(tmp_path):
     )
     a, b = (enc.tokenize(["a red circle"])[0] for enc in model.encoders)
     assert not torch.equal(a, b)
-    assert model.denoiser.context.collaborative is not None
+    assert isinstance(model.denoiser.context.collaborative, CollaborativeRefiner)
     randomize(model.denoiser)
     text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
     assert len(text.all) == 2 and text.others[0].hidden.shape[-1] == 48

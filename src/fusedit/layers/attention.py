@@ -11,7 +11,9 @@ its causal ablation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +32,31 @@ BACKENDS = {
 # backend that cannot take a call (a mask, a head_dim, a dtype, the CPU) passes it to the next.
 AUTO_ORDER = ("cudnn", "flash", "efficient", "math")
 
+# Whether sdpa_kernel takes a priority order (torch >= 2.6): a property of the installed torch, read once.
+SDPA_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def _auto_order_context() -> contextlib.AbstractContextManager:
+    return sdpa_kernel([BACKENDS[b] for b in AUTO_ORDER], set_priority=True)
+
+
+def _one_backend_context(name: str) -> contextlib.AbstractContextManager:
+    return sdpa_kernel(BACKENDS[name])
+
+
+def resolve_backend(name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """``backend_context(name)`` resolved once (a model does it when it is built): a callable giving a
+    fresh context per use. Module-level functions only, so a model holding it still copies and pickles."""
+    if name == "auto":  # torch < 2.6 takes no priority order: then its own order
+        return _auto_order_context if SDPA_SET_PRIORITY else contextlib.nullcontext
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (allowed: auto, {', '.join(BACKENDS)})")
+    return functools.partial(_one_backend_context, name)
+
 
 def backend_context(name: str) -> contextlib.AbstractContextManager:
     """``sdpa_kernel`` for an explicit backend name; "auto" gives the AUTO_ORDER priority list."""
-    if name == "auto":
-        if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6: its own order
-            return contextlib.nullcontext()
-        return sdpa_kernel([BACKENDS[b] for b in AUTO_ORDER], set_priority=True)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r} (allowed: auto, {', '.join(BACKENDS)})")
-    return sdpa_kernel(BACKENDS[name])
+    return resolve_backend(name)()
 
 
 def key_padding_mask(text_mask: torch.Tensor | None, num_image: int) -> torch.Tensor | None:

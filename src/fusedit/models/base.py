@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fusedit.config import ROTARY_SCHEMES, ConfigError, ModelConfig
-from fusedit.layers.attention import backend_context
+from fusedit.layers.attention import resolve_backend
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import (
     TIMESTEP_CONDITIONING,
@@ -179,6 +179,13 @@ def inductor_options() -> dict[str, bool]:
     return {"triton.mix_order_reduction": False} if hasattr(inductor.triton, "mix_order_reduction") else {}
 
 
+def _uncompile(module: nn.Module) -> None:
+    """Undo ``module.compile(...)``: nn.Module.compile keeps its compiled call in the private
+    ``_compiled_call_impl`` and, in every torch this project supports (>= 2.5; still so in 2.13), has no
+    public way back; None, that attribute's class default, makes ``__call__`` run the eager forward again."""
+    module._compiled_call_impl = None
+
+
 def _run_block(block: nn.Module, *args) -> torch.Tensor:
     return block(*args)
 
@@ -213,20 +220,30 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * in_channels)
         self.run_block = _run_block
 
+    @property
+    def attention_backend(self) -> str:
+        """model.attention_backend. Setting it (at build, or a benchmark's switch) resolves it then, into
+        ``attention_kernels``, which gives a fresh sdpa_kernel context per forward."""
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        self.attention_kernels = resolve_backend(name)
+        self._attention_backend = name
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Training-time choice, made once: every block call is checkpointed, or none is."""
         self.run_block = _run_block_checkpointed if enabled else _run_block
 
     def compile_blocks(self, backend: str) -> None:
         """torch.compile each repeated block with ``backend`` (same shapes every step, so one graph serves
-        them all); "" runs them eagerly again (nn.Module.compile keeps its compiled call in
-        ``_compiled_call_impl`` and has no public way back)."""
+        them all); "" runs them eagerly again."""
         options = inductor_options() if backend == "inductor" else None
         for block in self.blocks:
             if backend:
                 block.compile(backend=backend, dynamic=False, options=options)
             else:
-                block._compiled_call_impl = None
+                _uncompile(block)
 
     # ---- what a design defines
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
@@ -249,7 +266,7 @@ class DiT(nn.Module):
         return text
 
     def block_texts(self, state, num_image: int) -> Iterator[tuple]:
-        """(text K/V, attention mask) for each block, in order."""
+        """(txt_kv, txt_mask) for each block, in order: what ``JointBlock.forward`` reads of the text."""
         raise NotImplementedError
 
     # ---- shared
@@ -275,18 +292,18 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         """x (B, C, H, W) latents at time t (B,) in [0, 1] -> velocity (B, C, H, W)."""
-        _, c, height, width = x.shape
+        _, channels, height, width = x.shape
         h, w = height // self.patch_size, width // self.patch_size
         img = self.conv_pos(self.position.add_absolute(self.patch_embed(x), h, w), h, w)  # (B, N, d)
         temb = self.time.embed(t)  # (B, d) or None
-        with backend_context(self.attention_backend):  # the refiners' attention (prepare_text) included
+        with self.attention_kernels():  # the refiners' attention (prepare_text) included
             state = self.prepare_text(text, temb)
             temb = self.pooled(temb, text, state)
             img = self.time.into_tokens(img, temb)
-            cond = self.time.block_input(temb)
-            rope = self.position.rotary(h, w, text.real_tokens)  # image positions continue after the text
+            cond = self.time.block_input(temb)  # (B, d), (B, 6, d) or None: see JointBlock.forward
+            img_rope = self.position.rotary(h, w, text.real_tokens)  # positions continue after the text
             texts = self.block_texts(state, img.shape[1])
-            for block, (kv, mask) in zip(self.blocks, texts, strict=True):
-                img = self.run_block(block, img, cond, kv, mask, rope)
+            for block, (txt_kv, txt_mask) in zip(self.blocks, texts, strict=True):
+                img = self.run_block(block, img, cond, txt_kv, txt_mask, img_rope)
         img = self.proj_out(self.final_norm(img, temb))
-        return unpatchify(img, self.patch_size, height, width, c)
+        return unpatchify(img, self.patch_size, height, width, channels)

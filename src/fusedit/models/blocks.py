@@ -21,34 +21,35 @@ def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
 
 
 class ImageAttentionBase(nn.Module):
-    """Image queries over [context K/V ; image K/V] (context optional: plain image self-attention). What the
+    """Image queries over [text K/V ; image K/V] (text optional: plain image self-attention). What the
     training form (``ImageAttention``) and the inference form (``FusedImageAttention``) share: a subclass sets
-    heads, kv_heads, head_dim, o_proj, q_norm, k_norm and says how x is projected (``project``)."""
+    heads, kv_heads, head_dim, o_proj, q_norm, k_norm and says how img is projected (``project``)."""
 
     heads: int
     kv_heads: int
     head_dim: int
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, d) -> q (B, N, H * hd), k and v (B, N, KVH * hd)."""
         raise NotImplementedError
 
     def forward(
         self,
-        x: torch.Tensor,
-        rope: Rotary | NoRotary,
-        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        img: torch.Tensor,
+        img_rope: Rotary | NoRotary,
+        txt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        txt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x (B, N, d); context K/V (B, KVH, T, hd), keys already rotated; mask (B, 1, 1, T + N) or None
-        q, k, v = self.project(x)
-        q = rope.apply(self.q_norm(_heads(q, self.heads, self.head_dim)))
-        k = rope.apply(self.k_norm(_heads(k, self.kv_heads, self.head_dim)))
+        """img (B, N, d); txt_kv (B, KVH, T, hd) each, keys already rotated, or None; txt_mask
+        (B, 1, 1, T + N) keep-mask over [text ; image] keys, or None -> (B, N, d)."""
+        q, k, v = self.project(img)
+        q = img_rope.apply(self.q_norm(_heads(q, self.heads, self.head_dim)))
+        k = img_rope.apply(self.k_norm(_heads(k, self.kv_heads, self.head_dim)))
         v = _heads(v, self.kv_heads, self.head_dim)
-        if context_kv is not None:
-            k = torch.cat([context_kv[0].to(k.dtype), k], dim=2)
-            v = torch.cat([context_kv[1].to(v.dtype), v], dim=2)
-        return self.o_proj(attention(q, k, v, mask))
+        if txt_kv is not None:
+            k = torch.cat([txt_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([txt_kv[1].to(v.dtype), v], dim=2)
+        return self.o_proj(attention(q, k, v, txt_mask))
 
 
 class ImageAttention(ImageAttentionBase):
@@ -64,8 +65,8 @@ class ImageAttention(ImageAttentionBase):
         self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def project(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(img), self.k_proj(img), self.v_proj(img)
 
 
 class FusedImageAttention(ImageAttentionBase):
@@ -82,9 +83,9 @@ class FusedImageAttention(ImageAttentionBase):
         self.split = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
         self.o_proj, self.q_norm, self.k_norm = attn.o_proj, attn.q_norm, attn.k_norm
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, d) -> q (B, N, H * hd), k and v (B, N, KVH * hd), split from one (B, N, (H + 2 KVH) hd)."""
-        return self.qkv_proj(x).split(self.split, dim=-1)
+        return self.qkv_proj(img).split(self.split, dim=-1)
 
 
 class TextKV(nn.Module):
@@ -98,9 +99,10 @@ class TextKV(nn.Module):
         self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
         self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
 
-    def forward(self, context: torch.Tensor, rope: Rotary | NoRotary) -> tuple[torch.Tensor, torch.Tensor]:
-        k = rope.apply(self.k_norm(_heads(self.k_proj(context), self.kv_heads, self.head_dim)))
-        return k, _heads(self.v_proj(context), self.kv_heads, self.head_dim)
+    def forward(self, txt: torch.Tensor, txt_rope: Rotary | NoRotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """txt (B, T, d) -> the block's txt_kv: K, V (B, KVH, T, hd), keys rotated by ``txt_rope``."""
+        k = txt_rope.apply(self.k_norm(_heads(self.k_proj(txt), self.kv_heads, self.head_dim)))
+        return k, _heads(self.v_proj(txt), self.kv_heads, self.head_dim)
 
 
 class CrossAttention(nn.Module):
@@ -114,11 +116,13 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
         self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
 
-    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        # x (B, N, d); kv (B, KVH, T, hd) each; mask (B, 1, 1, T) or None
-        q = self.q_norm(_heads(self.q_proj(x), self.heads, self.head_dim))
-        k, v = kv
-        return self.o_proj(attention(q, k.to(q.dtype), v.to(q.dtype), mask))
+    def forward(
+        self, img: torch.Tensor, txt_kv: tuple[torch.Tensor, torch.Tensor], txt_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """img (B, N, d); txt_kv (B, KVH, T, hd) each; txt_mask (B, 1, 1, T) or None -> (B, N, d)."""
+        q = self.q_norm(_heads(self.q_proj(img), self.heads, self.head_dim))
+        k, v = txt_kv
+        return self.o_proj(attention(q, k.to(q.dtype), v.to(q.dtype), txt_mask))
 
 
 def post_norm(dim: int, eps: float, enabled: bool) -> nn.Module:
@@ -141,18 +145,28 @@ class _Block(nn.Module):
         self.img_mlp = GatedMLP(dim, llm.intermediate_size, llm.activation)
         self.mlp_post_norm = post_norm(dim, eps, cfg.sandwich_norm)
 
-    def mlp(self, x: torch.Tensor, mod) -> torch.Tensor:
-        return x + mod.post(self.mlp_post_norm(self.img_mlp(mod.pre(self.mlp_norm(x)))))
+    def mlp(self, img: torch.Tensor, mod) -> torch.Tensor:
+        return img + mod.post(self.mlp_post_norm(self.img_mlp(mod.pre(self.mlp_norm(img)))))
 
 
 class JointBlock(_Block):
     """Image attention over [text ; image] K/V, then the MLP (deep fusion, shallow self-attention DiT)."""
 
-    def forward(self, x, cond, txt_kv, mask, rope):
+    def forward(
+        self,
+        img: torch.Tensor,
+        cond: torch.Tensor | None,
+        txt_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        txt_mask: torch.Tensor | None,
+        img_rope: Rotary | NoRotary,
+    ) -> torch.Tensor:
+        """img (B, N, d) -> (B, N, d). cond: SiLU(temb) (B, d) for adaLN-Zero, (B, 6, d) for adaLN-single,
+        None otherwise (``TimestepConditioning.block_input``, design-space.md s.1); txt_kv (B, KVH, T, hd)
+        each, keys already rotated; txt_mask (B, 1, 1, T + N) keep-mask over [text ; image] keys, or None."""
         attn_mod, mlp_mod = self.modulation(cond)
-        a = self.img_attn(attn_mod.pre(self.attn_norm(x)), rope, txt_kv, mask)
-        x = x + attn_mod.post(self.attn_post_norm(a))
-        return self.mlp(x, mlp_mod)
+        a = self.img_attn(attn_mod.pre(self.attn_norm(img)), img_rope, txt_kv, txt_mask)
+        img = img + attn_mod.post(self.attn_post_norm(a))
+        return self.mlp(img, mlp_mod)
 
 
 class CrossBlock(_Block):
@@ -164,8 +178,17 @@ class CrossBlock(_Block):
         self.txt_attn = CrossAttention(dim, llm, cfg.qk_norm)
         self.txt_attn_post_norm = post_norm(dim, llm.rms_norm_eps, cfg.sandwich_norm)
 
-    def forward(self, x, cond, txt_kv, mask, rope):
+    def forward(
+        self,
+        img: torch.Tensor,
+        cond: torch.Tensor | None,
+        txt_kv: tuple[torch.Tensor, torch.Tensor],
+        txt_mask: torch.Tensor | None,
+        img_rope: Rotary | NoRotary,
+    ) -> torch.Tensor:
+        """As ``JointBlock.forward``, but txt_kv's keys are unrotated and txt_mask is (B, 1, 1, T) or None."""
         attn_mod, mlp_mod = self.modulation(cond)
-        x = x + attn_mod.post(self.attn_post_norm(self.img_attn(attn_mod.pre(self.attn_norm(x)), rope)))
-        x = x + self.txt_attn_post_norm(self.txt_attn(x, txt_kv, mask))
-        return self.mlp(x, mlp_mod)
+        a = self.img_attn(attn_mod.pre(self.attn_norm(img)), img_rope)
+        img = img + attn_mod.post(self.attn_post_norm(a))
+        img = img + self.txt_attn_post_norm(self.txt_attn(img, txt_kv, txt_mask))
+        return self.mlp(img, mlp_mod)

@@ -35,8 +35,8 @@ class DeepFusionDiT(DiT):
         return [TextRequest(kv_layers=self.llm_layers)]
 
     def block_texts(self, text: TextContext, num_image: int):
-        mask = key_padding_mask(text.key_mask, num_image)  # (B, 1, 1, T + N) or None, built once
-        return ((kv, mask) for kv in text.kv)
+        txt_mask = key_padding_mask(text.key_mask, num_image)  # (B, 1, 1, T + N) or None, built once
+        return ((txt_kv, txt_mask) for txt_kv in text.kv)
 
 
 class DeepFusionCrossDiT(DeepFusionDiT):
@@ -48,5 +48,5 @@ class DeepFusionCrossDiT(DeepFusionDiT):
         return [TextRequest(raw_kv_layers=self.llm_layers)]
 
     def block_texts(self, text: TextContext, num_image: int):
-        mask = None if text.key_mask is None else text.key_mask[:, None, None, :]
-        return ((kv, mask) for kv in text.raw_kv)
+        txt_mask = None if text.key_mask is None else text.key_mask[:, None, None, :]  # (B, 1, 1, T) or None
+        return ((txt_kv, txt_mask) for txt_kv in text.raw_kv)

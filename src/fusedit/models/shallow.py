@@ -90,6 +90,8 @@ class ShallowDiT(DiT):
             )
         else:
             self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
+        # Each block's txt_kv projections. "text_kv" is a state_dict key (checkpoints, the public code's key
+        # map in fusedit.convert), so the name stays.
         self.text_kv = nn.ModuleList(TextKV(self.dim, own_shape(cfg, llm), cfg.qk_norm) for _ in self.blocks)
 
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
@@ -108,9 +110,9 @@ class ShallowDiT(DiT):
         return TextTokens(*self.context(text.all, temb))
 
     def block_texts(self, state: TextTokens, num_image: int):
-        rope = self.text_rotary(state.positions)
-        attn_mask = self.text_mask(state.mask, num_image)
-        return ((proj(state.context, rope), attn_mask) for proj in self.text_kv)
+        txt_rope = self.text_rotary(state.positions)
+        txt_mask = self.text_mask(state.mask, num_image)
+        return ((txt_kv_proj(state.context, txt_rope), txt_mask) for txt_kv_proj in self.text_kv)
 
 
 class SelfAttentionDiT(ShallowDiT):

@@ -38,15 +38,29 @@ log = logging.getLogger(__name__)
 KV_MODULES = ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
 
 
-def _layer_kv(layer: nn.Module, h: torch.Tensor, head_dim: int):
-    """(B, T, d) input of an HF decoder layer -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
+def _keys(attn: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, d) normed layer input -> pre-RoPE keys (B, T, KVH, head_dim)."""
+    return attn.k_proj(x).unflatten(-1, (-1, head_dim))
+
+
+def _normed_keys(attn: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Qwen3's keys: normalised per head (``k_norm``) before RoPE."""
+    return attn.k_norm(_keys(attn, x, head_dim))
+
+
+def layer_keys(layer: nn.Module):
+    """How an HF decoder layer makes its keys (``_keys`` or ``_normed_keys``): read off its modules once,
+    when the TextEncoder is built, not on every forward."""
+    return _keys if getattr(layer.self_attn, "k_norm", None) is None else _normed_keys
+
+
+def _layer_kv(layer: nn.Module, keys, h: torch.Tensor, head_dim: int):
+    """(B, T, d) input of an HF decoder layer -> its pre-RoPE keys and its values, (B, KVH, T, head_dim).
+    ``keys``: the layer's ``layer_keys``."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
-    k = attn.k_proj(x).unflatten(-1, (-1, head_dim))
+    k = keys(attn, x, head_dim)
     v = attn.v_proj(x).unflatten(-1, (-1, head_dim)).transpose(1, 2)
-    k_norm = getattr(attn, "k_norm", None)  # Qwen3 normalises keys per head before RoPE
-    if k_norm is not None:
-        k = k_norm(k)
     return k.transpose(1, 2), v
 
 
@@ -95,6 +109,7 @@ class TextEncoder(nn.Module):
         self.trim_padding = trim_padding
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         self.head_dim = head_dim(llm.config)
+        self.layer_keys = tuple(layer_keys(layer) for layer in llm.layers)  # _layer_kv's, per layer
         # Prompts truncated so far. Training meets the same over-long captions batch after batch, so only
         # the first truncation is logged; the rest are counted here, and ``cut`` holds the positions cut
         # in the last batch (TextToImage counts a prompt once, however many of its encoders cut it).
@@ -232,6 +247,10 @@ class TextEncoder(nn.Module):
         """How many text lengths a tokenized batch (padded to max_length) can be cut to on ``device``."""
         return len({self.trimmed_length(n, self.max_length, device) for n in range(1, self.max_length + 1)})
 
+    def layer_kv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) input of LLM layer ``i`` -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
+        return _layer_kv(self.llm.layers[i], self.layer_keys[i], h, self.head_dim)
+
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
         lengths = mask.sum(1)
@@ -249,9 +268,9 @@ class TextEncoder(nn.Module):
             cos, sin = self.llm.rotary_emb(hidden[0], positions)
             kv = []
             for i in request.kv_layers:
-                k, v = _layer_kv(self.llm.layers[i], hidden[i], self.head_dim)
+                k, v = self.layer_kv(i, hidden[i])
                 kv.append((_rope(k, cos, sin), v))
-            raw_kv = [_layer_kv(self.llm.layers[i], hidden[i], self.head_dim) for i in request.raw_kv_layers]
+            raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,

@@ -104,21 +104,24 @@ class CrossRefinerBlock(RefinerBlock):
         return self.context_norm(context)
 
 
+def padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) key padding -> (B, 1, 1, T) bool keep-mask: bidirectional attention over the real tokens."""
+    return mask[:, None, None, :]
+
+
+def causal_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The ``causal`` ablation's (design-space.md s.2): (B, T) key padding -> (B, 1, T, T) bool keep-mask,
+    also no looking ahead, as in the LLM itself."""
+    t = mask.shape[1]
+    return padding_mask(mask) & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+
+
 class LinguisticRefiner(nn.Module):
     def __init__(self, llm_dim: int, dim: int, heads: int, depth: int, causal: bool, gated: bool):
         super().__init__()
         self.in_proj = nn.Linear(llm_dim, dim)
         self.blocks = nn.ModuleList(RefinerBlock(dim, heads, gated) for _ in range(depth))
-        self.causal = causal
-
-    def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) key padding -> (B, 1, 1, T) bool keep-mask; with ``causal``, (B, 1, T, T), also no
-        looking ahead."""
-        keep = mask[:, None, None, :]
-        if self.causal:
-            t = mask.shape[1]
-            keep = keep & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
-        return keep
+        self.attention_mask = causal_mask if causal else padding_mask
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """features (B, T, d_llm), mask (B, T), temb (B, d) -> refined (B, T, d)."""
@@ -139,6 +142,13 @@ class CollaborativeRefiner(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList(CrossRefinerBlock(dim, heads, gated) for _ in range(branches))
 
+    def refine(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor], temb: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """The block, gated by the branches' mean masked-mean-pooled tokens (B, d) plus the timestep's."""
+        c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks)]).mean(0)
+        return self(xs, masks, c if temb is None else c + temb)
+
     def forward(
         self, xs: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor
     ) -> list[torch.Tensor]:
@@ -148,6 +158,26 @@ class CollaborativeRefiner(nn.Module):
             keep = torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1)[:, None, None, :]
             out.append(branch(x, c, keep, context))
         return out
+
+
+class NoCollaboration(nn.Module):
+    """One LLM, or model.collaborative_refiner off: the linguistic refiners' tokens go on unchanged."""
+
+    def refine(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor], temb: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        return xs
+
+
+def drop_instruction_tokens(masks: list[torch.Tensor], texts) -> list[torch.Tensor]:
+    """Each LLM's (B, T_i) keep-mask without its instruction (template) tokens: the refiners read them, the
+    DiT does not (design-space.md s.2)."""
+    return [m & ~t.instruction for m, t in zip(masks, texts)]
+
+
+def keep_all_tokens(masks: list[torch.Tensor], texts) -> list[torch.Tensor]:
+    """The drop_instruction=False ablation: the DiT reads every real token, the template's included."""
+    return masks
 
 
 class TokenConcat(nn.Module):
@@ -221,9 +251,9 @@ class PromptRefiner(nn.Module):
         self.collaborative = (
             CollaborativeRefiner(dim, heads, len(llm_dims), gated)
             if collaborative and len(llm_dims) > 1
-            else None
+            else NoCollaboration()
         )
-        self.drop_instruction = drop_instruction
+        self.kept_tokens = drop_instruction_tokens if drop_instruction else keep_all_tokens
         self.concat = CONCATS[concat](dim, len(llm_dims))
 
     def forward(self, texts, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,9 +263,5 @@ class PromptRefiner(nn.Module):
         sum T_i for the token concatenation, max T_i for the channel one."""
         xs = [ref(t.hidden, t.mask, temb) for ref, t in zip(self.linguistic, texts, strict=True)]
         masks = [t.mask for t in texts]
-        if self.collaborative is not None:
-            c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks)]).mean(0)
-            c = c if temb is None else c + temb
-            xs = self.collaborative(xs, masks, c)
-        keeps = [m & ~t.instruction for m, t in zip(masks, texts)] if self.drop_instruction else masks
-        return self.concat(xs, masks, keeps)
+        xs = self.collaborative.refine(xs, masks, temb)
+        return self.concat(xs, masks, self.kept_tokens(masks, texts))
