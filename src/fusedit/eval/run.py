@@ -113,11 +113,22 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     return False
 
 
-def claim_folder(out_dir: Path, images: Path, record: dict | None) -> None:
-    """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes;
-    otherwise write ``record`` there. ``record`` None (a caller-made generator whose settings are unknown)
-    checks nothing. A record without images (a run that stopped before its first) is replaced."""
-    if record is not None and not check_claim(out_dir, images, record):
+def claim_folder(
+    out_dir: Path,
+    images: Path,
+    record: dict | None,
+    bench: str,
+    seed: int,
+    n_per_prompt: int | None = None,
+) -> None:
+    """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes
+    (with what the protocol run adds: ``protocol_record``); otherwise write that record there. ``record``
+    None (a caller-made generator whose settings are unknown) checks nothing. A record without images (a
+    run that stopped before its first) is replaced."""
+    if record is None:
+        return
+    record = protocol_record(record, bench, seed, n_per_prompt)
+    if not check_claim(out_dir, images, record):
         write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
 
 
@@ -161,9 +172,7 @@ def run_geneval(
             f"colours, which GenEval classifies with CLIP (e.g. openai/clip-vit-large-patch14)"
         )
     samples = out_dir / IMAGES["geneval"]
-    if record is not None:
-        record = protocol_record(record, "geneval", seed, n_per_prompt)
-    claim_folder(out_dir, samples, record)
+    claim_folder(out_dir, samples, record, "geneval", seed, n_per_prompt)
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts}
     if detector:
@@ -197,9 +206,7 @@ def run_dpg(
     # Found before generating: without the question file the grids could not be scored.
     questions = dpg_csv_path(prompts_path) if vqa else None
     grids = out_dir / IMAGES["dpg"]
-    if record is not None:
-        record = protocol_record(record, "dpg", seed)
-    claim_folder(out_dir, grids, record)
+    claim_folder(out_dir, grids, record, "dpg", seed)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts}
     if vqa:
@@ -235,9 +242,7 @@ def run_mjhq(
     # Listed before generating: a wrong reference folder must not surface after hours of sampling.
     references = reference_files(reference, sorted({r["category"] for r in rows})) if reference else None
     samples = out_dir / IMAGES["mjhq"]
-    if record is not None:
-        record = protocol_record(record, "mjhq", seed)
-    claim_folder(out_dir, samples, record)
+    claim_folder(out_dir, samples, record, "mjhq", seed)
     counts = write_mjhq_samples(rows, gen, samples, seed=seed, progress=progress)
     result = {"samples": str(samples), **counts}
     if references is not None:
@@ -331,11 +336,11 @@ def run_compbench(
         if "complex" in chosen:
             groups = load_complex_groups(dataset_path)
         rules_text = text_rules(text)
-    if record is not None:
-        record = protocol_record(record, BENCH, seed, n_per_prompt)
     out_dir = Path(out_dir)
     for category in chosen:
-        claim_folder(out_dir / category, protocol_images(out_dir, category), record)
+        claim_folder(
+            out_dir / category, protocol_images(out_dir, category), record, BENCH, seed, n_per_prompt
+        )
     generated = skipped = 0
     for category in chosen:
         counts = write_compbench_samples(
