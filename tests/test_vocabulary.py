@@ -113,3 +113,22 @@ def test_only_models_with_a_built_in_tokenizer_have_a_vocabulary(tmp_path):
     assert uses_builtin_tokenizer(tiny_config(**clip, pooled_text={"arch": TINY_CLIP_ARCH}))
     own = {"arch": TINY_CLIP_ARCH, "tokenizer": str(tmp_path)}
     assert not uses_builtin_tokenizer(tiny_config(**clip, pooled_text=own))
+
+
+def test_init_from_a_pipeline_whose_tokenizer_has_other_words_of_the_same_count_is_refused(run, tmp_path):
+    from fusedit.pipeline import save_pretrained
+
+    cfg, root, _ = run
+    source, saved_cfg, _ = load_model(root)
+    pipe = save_pretrained(source, saved_cfg, tmp_path / "pipe")
+    words = list(source.vocabulary)
+    words[5], words[6] = words[6], words[5]  # same size: every weight shape still fits
+    model = build_model(cfg, vocabulary=words)
+    weights = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    # Position 9 = the 4 specials + word 5: a pipeline's tokenizer is compared id by id.
+    with pytest.raises(
+        ConfigError, match=r"its tokenizer/ tokens \(in id order\) differ from this model's at position 9"
+    ):
+        init_weights(model, pipe)
+    assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in weights.items())
+    assert init_weights(build_model(cfg), pipe) == pipe  # the same words load

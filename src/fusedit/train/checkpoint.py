@@ -332,8 +332,12 @@ def init_weights(model, path: str | Path) -> Path:
     return source
 
 
-def _vocabulary_change(saved: list[str] | None, current: list[str] | None) -> str | None:
-    """How the built-in tokenizer a checkpoint saved differs from the model's (same-size lists with other
+def _vocabulary_change(
+    saved: list[str] | None,
+    current: list[str] | None,
+    what: str = f"built-in tokenizer's words ({VOCABULARY_FILE})",
+) -> str | None:
+    """How the tokens a checkpoint saved (``what``) differ from the model's (same-size lists with other
     words would pass every shape check and silently remap the LLM's token ids), or None."""
     if saved is None or current is None or saved == current:
         return None
@@ -341,9 +345,34 @@ def _vocabulary_change(saved: list[str] | None, current: list[str] | None) -> st
     theirs = saved[at] if at < len(saved) else "(end)"
     ours = current[at] if at < len(current) else "(end)"
     return (
-        f"its built-in tokenizer's words ({VOCABULARY_FILE}) differ from this model's at position {at} "
+        f"its {what} differ from this model's at position {at} "
         f"({theirs!r} there, {ours!r} here), so its token ids mean other words"
     )
+
+
+def _tokenizer_change(source, model) -> str | None:
+    """How the tokenizers of a pipeline's LLMs differ from ``model``'s, slot by slot, as
+    :func:`_vocabulary_change` words it (a pipeline saves whole tokenizers, not vocabulary.json), or None.
+    The LLMs' weights come from the pipeline, so their token ids must mean the same words here; the pooled
+    CLIP keeps its own weights and tokenizer. A tokenizer the model lacks (a shape-only build) is skipped."""
+    from fusedit.pipeline import LLM_SLOTS
+
+    slots = [tok for tok, _ in LLM_SLOTS]
+    pairs = [(slot, a.tokenizer, b.tokenizer) for slot, a, b in zip(slots, source.encoders, model.encoders)]
+    for slot, theirs, ours in pairs:
+        if theirs is not None and ours is not None:
+            change = _vocabulary_change(
+                _in_id_order(theirs), _in_id_order(ours), f"{slot}/ tokens (in id order)"
+            )
+            if change:
+                return change
+    return None
+
+
+def _in_id_order(tokenizer) -> list[str]:
+    """A tokenizer's tokens, the one of id i at position i."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab, key=vocab.__getitem__)
 
 
 def _init_from_pipeline(model, folder: Path) -> str | None:
@@ -367,7 +396,7 @@ def _init_from_pipeline(model, folder: Path) -> str | None:
     if set(have) != set(want):
         return f"it holds {len(have) - 1} LLM(s), the configured model reads {len(want) - 1}"
     states = {key: module.state_dict() for key, module in have.items()}
-    problem = shapes_mismatch(
+    problem = _tokenizer_change(source, model) or shapes_mismatch(
         {folders[k]: {n: tuple(t.shape) for n, t in s.items()} for k, s in states.items()},
         {folders[k]: m.state_dict() for k, m in want.items()},
         where="the pipeline",
