@@ -73,7 +73,7 @@ def test_sample_reads_a_moved_llm_from_its_new_place(moved_run, tmp_path, capsys
     run, old, new = moved_run
     assert sample(run, tmp_path / "lost") == 2
     assert error(capsys) == (
-        f"text.model_id={str(old)!r} of the saved config is a path to nothing (if it moved: --relocate "
+        f"the saved config's text.model_id={str(old)!r} is a path to nothing (if it moved: --relocate "
         "text.model_id=NEW_PLACE)"
     )
     assert not (tmp_path / "lost").exists()  # refused before the folder is made or anything loads
@@ -212,3 +212,35 @@ def test_a_resume_refuses_another_model_in_place_of_a_moved_one(tmp_path):
     ):
         train(config(other, 2), run, resume=True, progress=False)
     assert train(config(str(tmp_path / "moved"), 2), run, resume=True, progress=False)["step"] == 2
+
+
+def test_every_gone_folder_is_named_at_once(tmp_path, capsys):
+    """A run whose LLM and tokenizer folders both moved: sampling and resuming name both in one error, so
+    one retry with both places works."""
+    from fusedit.config import ConfigError
+    from fusedit.train.loop import train
+
+    llm, tok = tmp_path / "a" / "llm", tmp_path / "a" / "tok"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY_ARCH)).save_pretrained(llm)
+    word_tokenizer(vocabulary()).save_pretrained(tok)
+    text = {"model_id": str(llm), "tokenizer": str(tok), "family": "qwen2"}
+    cfg = tiny_config(text=text, model={"num_layers": 2}, train={"steps": 1, "checkpoint_every": 1})
+    train(cfg, tmp_path / "run", progress=False)
+    (tmp_path / "a").rename(tmp_path / "b")
+    capsys.readouterr()  # the saving and loading progress bars
+    assert sample(tmp_path / "run", tmp_path / "lost") == 2
+    assert error(capsys) == (
+        f"the saved config's text.model_id={str(llm)!r}, text.tokenizer={str(tok)!r} are paths to nothing "
+        "(if they moved: --relocate text.model_id=NEW_PLACE --relocate text.tokenizer=NEW_PLACE)"
+    )
+    moves = ["--relocate", f"text.model_id={tmp_path / 'b' / 'llm'}"]
+    moves += ["--relocate", f"text.tokenizer={tmp_path / 'b' / 'tok'}"]
+    assert sample(tmp_path / "run", tmp_path / "found", *moves) == 0
+    later = tiny_config(text=text, model={"num_layers": 2}, train={"steps": 2, "checkpoint_every": 1})
+    with pytest.raises(ConfigError) as e:
+        train(later, tmp_path / "run", resume=True, progress=False)
+    assert str(e.value).startswith(
+        f"text.model_id={str(llm)!r}, text.tokenizer={str(tok)!r} are paths to nothing (if the folders moved, "
+        "resume with the overrides text.model_id=NEW_PLACE text.tokenizer=NEW_PLACE; allowed: folders holding "
+        "the models checkpoint"
+    )

@@ -866,6 +866,13 @@ def refuse_path_to_nothing(named: str, place: str, folder: str = "a folder") -> 
         )
 
 
+def paths_to_nothing(gone: dict[str, str]) -> str:
+    """Model locations that are gone (``gone_model_paths``) as an error names them, all at once: a run whose
+    folders all moved to another disk is then fixed in one try, not one folder per try."""
+    named = ", ".join(f"{key}={place!r}" for key, place in gone.items())
+    return f"{named} {'is a path' if len(gone) == 1 else 'are paths'} to nothing"
+
+
 def gone_model_paths(cfg: Config) -> dict[str, str]:
     """The model locations ``cfg`` saved as absolute paths that no longer exist (a folder that moved)."""
     return {
@@ -934,9 +941,11 @@ def relocate(cfg: Config, moves: dict[str, str], flag: str = "--relocate") -> Co
             )
         setattr(*fields[key], place)
     absolute_paths(cfg)
-    for key, place in gone_model_paths(cfg).items():
+    if gone := gone_model_paths(cfg):
+        flags = " ".join(f"{flag} {key}=NEW_PLACE" for key in gone)
         raise ConfigError(
-            f"{key}={place!r} of the saved config is a path to nothing (if it moved: {flag} {key}=NEW_PLACE)"
+            f"the saved config's {paths_to_nothing(gone)} (if {'it' if len(gone) == 1 else 'they'} moved: "
+            f"{flags})"
         )
     return cfg
 

@@ -84,6 +84,7 @@ from fusedit.config import (
     gone_model_paths,
     model_identity,
     model_paths,
+    paths_to_nothing,
     save_config,
     to_dict,
 )
@@ -452,11 +453,15 @@ def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
                 "or start one from these weights with train.init_from)"
             )
         changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    for key, place in gone_model_paths(cfg).items():
+    if gone := gone_model_paths(cfg):
         # Named here, before the model builds, with the way out: the loader would only say "path to nothing".
+        one = len(gone) == 1
+        overrides = " ".join(f"{key}=NEW_PLACE" for key in gone)
         raise ConfigError(
-            f"{key}={place!r} is a path to nothing (if the folder moved, resume with the override "
-            f"{key}=NEW_PLACE; allowed: a folder holding the model checkpoint {str(ckpt)!r} was trained with)"
+            f"{paths_to_nothing(gone)} (if the {'folder' if one else 'folders'} moved, resume with the "
+            f"{'override' if one else 'overrides'} {overrides}; allowed: "
+            f"{'a folder holding the model' if one else 'folders holding the models'} checkpoint "
+            f"{str(ckpt)!r} was trained with)"
         )
     return changed
 
