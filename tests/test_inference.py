@@ -91,3 +91,21 @@ def test_generate_names_bf16_weights_sampled_in_fp32():
     ):
         generate(m, ["a red circle"], image_size=16, steps=2, precision="fp32")
     assert generate(m, ["a red circle"], image_size=16, steps=2, precision="bf16").shape == (1, 3, 16, 16)
+
+
+def test_generate_defaults_to_the_sample_sections_defaults():
+    """A library caller who passes no settings samples as a config with a default ``sample`` section does
+    (shift 3.0 included), not by a second set of defaults."""
+    from dataclasses import replace
+
+    from fusedit.config import SampleConfig
+    from fusedit.sample import sample_settings
+
+    cfg = tiny_config()
+    cfg = replace(cfg, sample=SampleConfig())
+    m = build_model(cfg)
+    randomize(m.denoiser)
+    settings = {**sample_settings(cfg), "image_size": 16, "steps": 2}
+    assert torch.equal(
+        generate(m, ["a red circle"], image_size=16, steps=2), generate(m, ["a red circle"], **settings)
+    )

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusedit.config import Config, ConfigError
+from fusedit.config import Config, ConfigError, SampleConfig
 from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity
@@ -176,21 +176,22 @@ def generate(
     prompts: list[str],
     *,
     image_size: int | tuple[int, int],
-    steps: int = 25,
-    guidance: float = 6.0,
-    sampler: str = "euler",
-    shift: float = 1.0,
-    schedule: str = "uniform",
-    negative_prompt: str = "",
-    seed: int = 42,
-    cache_text: bool = True,
-    precision: str = "auto",
-    cuda_graphs: bool = False,
+    steps: int = SampleConfig.steps,
+    guidance: float = SampleConfig.guidance,
+    sampler: str = SampleConfig.sampler,
+    shift: float = SampleConfig.shift,
+    schedule: str = SampleConfig.schedule,
+    negative_prompt: str = SampleConfig.negative_prompt,
+    seed: int = SampleConfig.seed,
+    cache_text: bool = SampleConfig.cache_text,
+    precision: str = SampleConfig.precision,
+    cuda_graphs: bool = SampleConfig.cuda_graphs,
     noise: torch.Tensor | None = None,
     progress=None,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts`` at ``image_size``: one side (a square) or (H, W).
-    CFG is used when guidance != 1. ``cuda_graphs``
+    The defaults are the ``sample`` section's; ``sample_settings(cfg)`` gives a saved model's own. CFG is
+    used when guidance != 1. ``cuda_graphs``
     replays each step as one CUDA graph (with the text cache on a GPU; elsewhere it changes nothing)."""
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
