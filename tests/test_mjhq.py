@@ -109,7 +109,8 @@ def test_clean_resize_resizes_each_channel_as_float_without_rounding():
         alone = Image.fromarray(image[:, :, c].astype(np.float32)).resize(
             (299, 299), Image.Resampling.BICUBIC
         )
-        np.testing.assert_array_equal(out[:, :, c], np.asarray(alone))
+        # clean-fid clips the bicubic overshoot to [0, 255]
+        np.testing.assert_array_equal(out[:, :, c], np.clip(np.asarray(alone), 0, 255))
     assert not np.allclose(out, np.round(out))  # not quantised back to 8 bits
     # Bicubic on a constant image is that constant (up to float rounding).
     flat = clean_resize(np.full((20, 30, 3), (10, 128, 255), dtype=np.uint8))
@@ -135,7 +136,7 @@ def test_inception_features_are_its_layers_on_resized_normalised_images(inceptio
     x = torch.from_numpy(np.stack([clean_resize(np.asarray(i)) for i in images])).permute(0, 3, 1, 2)
     expected = torch.jit.load(str(inception)).layers((x - 128) / 128)
     torch.testing.assert_close(extractor(images), expected, rtol=0, atol=0)
-    assert extractor.id == INCEPTION_ID and str(inception.resolve()) in extractor.fingerprint
+    assert extractor.id == INCEPTION_ID and extractor.fingerprint.startswith(f"{INCEPTION_FILE}#")
 
 
 def test_feature_extractor_picks_inception_for_its_file_or_folder(inception, tmp_path):

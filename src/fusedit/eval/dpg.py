@@ -38,7 +38,7 @@ from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order
 from fusedit.eval.fid import model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import save_png
+from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,9 @@ def write_dpg_grids(
     """Generate 4 images per (name, prompt) and save them as the 2x2 grid ``<out_dir>/<name>.png``;
     returns counts of grids generated and skipped.
 
-    ``generate(prompt, seed, n)`` returns n images (PIL); every prompt gets the same ``seed``. ``size``
-    resizes the tiles (the scorer reads the tile size from the grid). Resumable: existing grids are kept
-    (each is written atomically, so an existing one is complete).
+    ``generate(prompt, seed, n)`` returns n images (PIL, or uint8 HxWx3 arrays); every prompt gets the
+    same ``seed``. ``size`` resizes the tiles (the scorer reads the tile size from the grid). Resumable:
+    existing grids are kept (each is written atomically, so an existing one is complete).
     """
     if size is not None and size < 1:
         raise ConfigError(f"size={size!r}; allowed: a positive tile side in pixels, or None")
@@ -196,8 +196,7 @@ def write_dpg_grids(
         images = list(generate(prompt, seed, 4))
         if len(images) != 4:
             raise ValueError(f"generate returned {len(images)} images for prompt {name!r}; expected 4")
-        images = [img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)) for img in images]
-        save_png(make_grid(images, size), path)
+        save_png(make_grid([generated_image(img) for img in images], size), path)
         generated += 1
     return {"generated": generated, "skipped": skipped}
 
@@ -236,6 +235,8 @@ def score_dpg_folder(
     """
     if not 1 <= tiles <= 4:
         raise ConfigError(f"tiles={tiles!r}; allowed: 1, 2, 3 or 4")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
     if not isinstance(questions, dict):
         questions = load_dpg_questions(questions)
     folder = Path(folder)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,16 @@ def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (non-negative; 0 for equal inputs)."""
     mu1, mu2, s1, s2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
-    d = mu1.shape[0]
+    d = mu1.shape[0] if mu1.ndim else 0  # a scalar mu1 then fails the shape check below
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(
             f"shapes mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(mu2.shape)}, sigma2 "
             f"{tuple(s2.shape)}; expected (D,), (D, D), (D,), (D, D) with one D"
         )
+    # NaN would come out as a NaN distance (or an eigensolver failure) instead of an error.
+    for label, value in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{label} contains NaN or infinite values; allowed: finite statistics")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric; remove rounding asymmetry
     root1 = _sqrtm_psd(s1)
     middle = root1 @ s2 @ root1
@@ -274,18 +279,26 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
-        with np.load(Path(path)) as data:
-            # Caches written before sources were recorded have no "source": an empty one never matches a
-            # described reference, so they are recomputed once.
-            source = json.loads(str(data["source"])) if "source" in data.files else {}
-            return cls(
-                data["mu"],
-                data["sigma"],
-                int(data["count"]),
-                str(data["name"]),
-                str(data["extractor_id"]),
-                source,
-            )
+        """The stats ``save`` wrote to ``path``; a ValueError naming the file when it holds something else
+        (an empty or truncated copy, another .npz)."""
+        try:
+            with np.load(Path(path)) as data:
+                # Caches written before sources were recorded have no "source": an empty one never matches
+                # a described reference, so they are recomputed once.
+                source = json.loads(str(data["source"])) if "source" in data.files else {}
+                return cls(
+                    data["mu"],
+                    data["sigma"],
+                    int(data["count"]),
+                    str(data["name"]),
+                    str(data["extractor_id"]),
+                    source,
+                )
+        except (EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{str(path)!r} holds no readable feature statistics ({type(e).__name__}: {e}); allowed: an "
+                ".npz written by ReferenceStats.save"
+            ) from None
 
     @staticmethod
     def cache_path(cache_dir: str | Path, name: str, extractor_id: str) -> Path:
@@ -320,14 +333,19 @@ class ReferenceStats:
         source = {"reference": reference, "features": getattr(extractor, "fingerprint", None)}
         source = {k: v for k, v in source.items() if v is not None}
         path = cls.cache_path(cache_dir, name, extractor_id)
+        stats = None
         if path.is_file():
-            stats = cls.load(path)
-            if (stats.name, stats.extractor_id) == (name, extractor_id):
-                change = _source_change(stats.source, source)
-                if not change:
-                    log.info("reference %r: cached statistics of %d images (%s)", name, stats.count, path)
-                    return stats
-                log.warning("reference %r: recomputing the cached statistics in %s: %s", name, path, change)
+            try:
+                stats = cls.load(path)
+            except ValueError as e:
+                # The cache only saves time: an unreadable one (a truncated copy) is recomputed, not fatal.
+                log.warning("reference %r: recomputing the cached statistics: %s", name, e)
+        if stats is not None and (stats.name, stats.extractor_id) == (name, extractor_id):
+            change = _source_change(stats.source, source)
+            if not change:
+                log.info("reference %r: cached statistics of %d images (%s)", name, stats.count, path)
+                return stats
+            log.warning("reference %r: recomputing the cached statistics in %s: %s", name, path, change)
         features = extract_features(
             images() if callable(images) else images,
             extractor,

@@ -7,7 +7,7 @@ What clean-fid computes in its default ``mode="clean"`` (github.com/GaParmar/cle
 
 1. each image is decoded to 8-bit RGB (H, W, 3);
 2. each channel is resized on its own to 299x299 as a float32 image with PIL's bicubic filter, so no
-   aliasing and no rounding back to 8 bits (the point of "clean" resizing);
+   aliasing and no rounding back to 8 bits (the point of "clean" resizing), then clipped to [0, 255];
 3. the (B, 3, 299, 299) batch in [0, 255] is normalised to (x - 128) / 128;
 4. the ``layers`` module of the TorchScript network StyleGAN2-ADA publishes
    (``inception-2015-12-05.pt``, a port of TensorFlow's FID Inception) gives (B, 2048) pool features.
@@ -40,8 +40,10 @@ INCEPTION_ID = "clean-fid:inception-2015-12-05"
 
 
 def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """clean-fid's resize of an (H, W, 3) uint8 image: (size, size, 3) float32 in [0, 255]-ish (bicubic
-    overshoot is kept, as clean-fid keeps it), each channel resized alone as a 32-bit float image."""
+    """clean-fid's resize of an (H, W, 3) uint8 image: (size, size, 3) float32 in [0, 255], each channel
+    resized alone as a 32-bit float image. Bicubic overshoot (values below 0 or above 255 next to sharp
+    edges) is clipped, as clean-fid's ``make_resizer`` clips it: kept, it would shift the features of
+    every high-contrast image away from clean-fid's and the reference statistics computed with it."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image of shape {image.shape}; expected (H, W, 3) RGB")
     channels = [
@@ -49,7 +51,7 @@ def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
             Image.fromarray(image[:, :, c].astype(np.float32)).resize(
                 (size, size), resample=Image.Resampling.BICUBIC
             )
-        )
+        ).clip(0, 255)
         for c in range(3)
     ]
     return np.stack(channels, axis=2)
@@ -91,7 +93,9 @@ class CleanInceptionFeatures:
             )
         self.layers = layers.eval()
         self.id = INCEPTION_ID
-        self.fingerprint = f"{path.resolve()}#{files_digest(path.parent, [path], 1 << 20)[:16]}"
+        # The weights, not their place (the file's name, size and first MiB): with the place-free ``id``, a
+        # copy of the network elsewhere reuses the cached reference statistics instead of recomputing them.
+        self.fingerprint = f"{path.name}#{files_digest(path.parent, [path], 1 << 20)[:16]}"
 
     @torch.no_grad()
     def __call__(self, images: list) -> torch.Tensor:
