@@ -88,3 +88,13 @@ def test_unknown_schedule_is_named():
         ValueError, match=r"unknown sampling schedule 'karras' \(allowed: uniform, diffusers\)"
     ):
         sampling_times(4, schedule="karras")
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_shift_that_is_not_positive_is_named(shift):
+    """shift_time(1, 0) is 0/0 and a negative shift divides by zero inside (0, 1): the sampler returned NaN
+    or garbage without a word."""
+    with pytest.raises(
+        ValueError, match=rf"sampling shift must be a finite number > 0 \(1 = none\), got {shift}"
+    ):
+        sample(lambda x, t: x, torch.ones(1, 2), steps=3, shift=shift)

@@ -109,3 +109,13 @@ def test_generate_defaults_to_the_sample_sections_defaults():
     assert torch.equal(
         generate(m, ["a red circle"], image_size=16, steps=2), generate(m, ["a red circle"], **settings)
     )
+
+
+def test_generate_names_noise_of_the_wrong_shape():
+    m = build_model(tiny_config())
+    with pytest.raises(
+        ValueError, match=r"noise of shape \(1, 3, 16, 16\) for 2 prompt\(s\) at image_size=16; "
+    ):
+        generate(
+            m, ["a red circle", "a blue square"], image_size=16, steps=1, noise=torch.randn(1, 3, 16, 16)
+        )

@@ -409,7 +409,8 @@ def test_malformed_requests_and_unknown_paths(server):
 
 
 def raw_exchange(server, request: bytes) -> tuple[str, dict, dict]:
-    """(status line, headers, JSON body) of a hand-written request that urllib would not send."""
+    """(status line, headers, JSON body) of a hand-written request that urllib would not send; an answer
+    without a body (HEAD) gives {}."""
     with socket.create_connection(server.server_address[:2], timeout=30) as sock:
         sock.sendall(request)
         answer = b""
@@ -418,7 +419,7 @@ def raw_exchange(server, request: bytes) -> tuple[str, dict, dict]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status, *lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines)
-    return status, headers, json.loads(body)
+    return status, headers, json.loads(body) if body else {}
 
 
 def test_http_servers_own_refusals_are_json_too(server):
@@ -439,6 +440,152 @@ def test_http_servers_own_refusals_are_json_too(server):
         "error": "Invalid HTTP version (9.9)"
     }
     assert call(server, "/api/jobs")[1] == {"jobs": []}  # nothing was queued
+
+
+def request(server, line: str, body: bytes | None = None, host: str | None = None) -> bytes:
+    host = host or f"127.0.0.1:{server.server_address[1]}"
+    head = f"{line} HTTP/1.1\r\nHost: {host}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+@pytest.mark.parametrize(
+    "line, body",
+    [
+        ("GET /api/jobs/" + "9" * 5000, None),
+        ("HEAD /api/jobs/" + "9" * 5000, None),
+        ("GET /images/1/" + "9" * 5000 + ".png", None),
+        ("GET /images/" + "9" * 5000 + "/0.png", None),
+        ("POST /api/jobs/" + "9" * 5000 + "/cancel", b"{}"),
+    ],
+)
+def test_a_job_id_too_long_for_int_is_a_404(server, line, body):
+    """int() refuses strings of more than 4300 digits: such an id crashed the handler (no answer at all)."""
+    status, _, answer = raw_exchange(server, request(server, line, body))
+    assert status.split()[1:2] == ["404"]
+    if not line.startswith("HEAD"):
+        assert "\n" not in answer["error"]
+
+
+@pytest.mark.parametrize("opening", [b"[", b'{"a":'])
+def test_deeply_nested_json_is_a_400(server, opening):
+    """json's decoder recurses per level and raises RecursionError, not ValueError: a body of nested
+    brackets within the size limit crashed the handler."""
+    body = opening * (MAX_BODY_BYTES // len(opening))
+    status, _, answer = raw_exchange(server, request(server, "POST /api/generate", body))
+    assert status.split()[1:2] == ["400"]
+    assert answer == {
+        "error": "the request body nests JSON arrays or objects too deeply (allowed: a flat object)"
+    }
+    assert server.jobs.jobs() == []
+
+
+@pytest.mark.parametrize(
+    "bind, host, code",
+    [
+        (
+            "127.0.0.1",
+            "LocalHost:{port}",
+            "200",
+        ),  # host names are case-insensitive (curl sends them as typed)
+        ("127.0.0.1", "LOCALHOST", "200"),
+        ("::1", "[::1]", "200"),  # no port: the address must not lose its end as one
+        ("::1", "[::1]:{port}", "200"),
+        ("127.0.0.1", "localhost.evil.example:{port}", "403"),
+        ("127.0.0.1", "127.0.0.1:{port}, evil.example", "403"),
+        ("::1", "[::1]evil.example", "403"),
+    ],
+)
+def test_the_host_header_names_this_machine_in_any_valid_spelling(tiny, bind, host, code):
+    if ":" in bind:
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind((bind, 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    s = DemoServer(*tiny, host=bind, port=0).start()
+    try:
+        status, _, answer = raw_exchange(
+            s, request(s, "GET /api/jobs", host=host.format(port=s.server_address[1]))
+        )
+        assert status.split()[1:2] == [code]
+        assert answer == {"jobs": []} if code == "200" else "is not this machine" in answer["error"]
+    finally:
+        s.close()
+
+
+def test_the_models_own_defaults_are_always_allowed(tiny):
+    """The page fills its form with the model's sampling defaults and sends them as they are: a model whose
+    defaults lie outside the server's usual limits (many steps, strong guidance, a small shift) must not
+    have its own settings refused, as the image side and a large shift already were not."""
+    model, _ = tiny
+    cfg = tiny_config(sample={"steps": 250, "guidance": 60.0, "shift": 0.005})
+    queue = serve.JobQueue(model, cfg)
+    try:
+        info = queue.info()
+        limits = info["limits"]
+        assert (limits["steps"], limits["guidance"], limits["shift"]) == (
+            [1, 250],
+            [0.0, 60.0],
+            [0.005, 20.0],
+        )
+        # What the page sends: every field, as the text of its inputs.
+        sent = {k: str(v) for k, v in info["defaults"].items() if k != "size"}
+        r = queue.parse({**sent, "prompt": "a red circle", "seed": "1"})
+        assert (r.steps, r.guidance, r.shift) == (250, 60.0, 0.005)
+        # Past the widened limits is still refused.
+        with pytest.raises(serve.RequestError, match=r"steps=251 is out of range \(allowed: 1..250\)"):
+            queue.parse({"prompt": "x", "steps": 251})
+        with pytest.raises(serve.RequestError, match=r"shift=0.001 is not allowed"):
+            queue.parse({"prompt": "x", "shift": 0.001})
+    finally:
+        queue.close()
+    # A model inside the usual limits keeps them.
+    queue = serve.JobQueue(model, tiny_config())
+    try:
+        limits = queue.info()["limits"]
+        assert (limits["steps"], limits["guidance"], limits["shift"]) == ([1, 200], [0.0, 50.0], [0.01, 20.0])
+    finally:
+        queue.close()
+
+
+def test_jobs_run_in_the_order_they_were_accepted(tiny):
+    """Requests are answered on threads: a job must enter the worker's queue as it gets its id, or a second
+    request between the two overtakes the first (which its "ahead" count and the FIFO promise deny)."""
+    queue = serve.JobQueue(*tiny)
+    order, done = [], threading.Semaphore(0)
+
+    def record(job):
+        order.append(job.id)
+        done.release()
+        return []
+
+    queue._generate = record
+    put, second_answered = queue._waiting.put, threading.Event()
+
+    def slow_put(job):
+        if job is not None and job.id == 1:  # the first request's thread is paused here...
+            second_answered.wait(1.0)  # ...until the second is answered, or for 1 s when that must wait
+        put(job)
+
+    queue._waiting.put = slow_put
+    try:
+        first = threading.Thread(target=queue.submit, args=({"prompt": "a red circle"},))
+        first.start()
+        while 1 not in queue._jobs:
+            time.sleep(0.001)
+
+        def second():
+            queue.submit({"prompt": "a blue square"})
+            second_answered.set()
+
+        threading.Thread(target=second).start()
+        first.join()
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+        assert order == [1, 2]
+    finally:
+        queue.close()
 
 
 def test_jobs_run_one_at_a_time_with_live_progress(server, tiny):

@@ -203,6 +203,15 @@ def generate(
             "under sample.bf16_weights); prepare it with sample.precision=fp32 or sample.bf16_weights=false, "
             "or sample with precision 'bf16'"
         )
+    shape = (len(prompts), *latent_shape(model, image_size))
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != shape:
+        # Checked before any LLM forward: a mismatch would otherwise fail deep inside the denoiser.
+        raise ValueError(
+            f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
+            f"expected {shape} (one row of latents per prompt)"
+        )
     rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
     if cache_text:
         text = model.encode_prompts(rows)
@@ -219,9 +228,6 @@ def generate(
                 return model.encode_prompts(rows)
 
     velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
-    if noise is None:
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(prompts), *latent_shape(model, image_size), generator=gen)
     latents = sample(
         velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress, schedule=schedule
     )

@@ -59,12 +59,13 @@ from fusedit.system import TextToImage
 log = logging.getLogger(__name__)
 
 # Limits on one request: a demo server must not let one click occupy the machine for hours or run it out of
-# memory, and a mistyped value should come back as an error rather than as a very long wait.
+# memory, and a mistyped value should come back as an error rather than as a very long wait. A model whose own
+# sampling defaults lie outside them widens them (JobQueue): the page sends those defaults as they are.
 MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_GUIDANCE = 50.0
-# The sampling time shift a request may ask for: 1 = none, SD3 uses 3; above the model's default when that
-# is higher. Any positive value is well defined; far outside this range the steps bunch at one end.
+# The sampling time shift a request may ask for: 1 = none, SD3 uses 3. Any positive value is well defined;
+# far outside this range the steps bunch at one end.
 SHIFT_RANGE = (0.01, 20.0)
 MAX_PROMPT_CHARS = 4000
 SEED_MAX = 2**32 - 1
@@ -74,6 +75,9 @@ MAX_WAITING = 16
 # Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
 KEEP_JOBS = 64
 ALLOWED_METHODS = "GET, HEAD, POST"
+# A job id or image index in a path. Bounded: int() refuses more than 4300 digits (a ValueError that would
+# drop the connection), and longer numbers never name a job or image anyway, so such paths are 404s.
+ID = r"\d{1,18}"
 FIELDS = (
     "prompt",
     "negative_prompt",
@@ -226,7 +230,9 @@ class JobQueue:
         # The page's default side is the trained one, unless the server caps sides below it.
         defaults = sample_settings(cfg)
         self.defaults = {**defaults, "image_size": min(defaults["image_size"], self.max_size)}
-        self.shift_range = (SHIFT_RANGE[0], max(SHIFT_RANGE[1], defaults["shift"]))
+        self.max_steps = max(MAX_STEPS, defaults["steps"])
+        self.max_guidance = max(MAX_GUIDANCE, defaults["guidance"])
+        self.shift_range = (min(SHIFT_RANGE[0], defaults["shift"]), max(SHIFT_RANGE[1], defaults["shift"]))
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._next_id = 1
@@ -255,8 +261,8 @@ class JobQueue:
                 "schedule": d["schedule"],
             },
             "limits": {
-                "steps": [1, MAX_STEPS],
-                "guidance": [0.0, MAX_GUIDANCE],
+                "steps": [1, self.max_steps],
+                "guidance": [0.0, self.max_guidance],
                 "seed": [0, SEED_MAX],
                 "size": [self.size_unit, self.max_size],
                 "size_multiple_of": self.size_unit,
@@ -287,8 +293,8 @@ class JobQueue:
         return Request(
             prompt=prompt,
             negative_prompt=_text(body, "negative_prompt", d["negative_prompt"]),
-            steps=_integer(body, "steps", d["steps"], 1, MAX_STEPS),
-            guidance=_number(body, "guidance", d["guidance"], 0.0, MAX_GUIDANCE),
+            steps=_integer(body, "steps", d["steps"], 1, self.max_steps),
+            guidance=_number(body, "guidance", d["guidance"], 0.0, self.max_guidance),
             seed=seed,
             height=height,
             width=width,
@@ -341,9 +347,9 @@ class JobQueue:
             job = Job(self._next_id, request)
             self._next_id += 1
             self._jobs[job.id] = job
-            snapshot = self._snapshot(job)
-        self._waiting.put(job)
-        return snapshot
+            # Queued under the lock: another request's job, numbered after this one, must not get in first.
+            self._waiting.put(job)
+            return self._snapshot(job)
 
     def job(self, job_id: int) -> dict | None:
         with self._lock:
@@ -546,19 +552,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(200, jobs.info())
         elif path == "/api/jobs":
             self._json(200, {"jobs": jobs.jobs()})
-        elif m := re.fullmatch(r"/api/jobs/(\d+)", path):
+        elif m := re.fullmatch(rf"/api/jobs/({ID})", path):
             job = jobs.job(int(m[1]))
             if job is None:
                 self._error(404, f"no job {m[1]} (it never existed or was dropped from the gallery)")
             else:
                 self._json(200, job)
-        elif m := re.fullmatch(r"/images/(\d+)/(\d+)\.png", path):
+        elif m := re.fullmatch(rf"/images/({ID})/({ID})\.png", path):
             png = jobs.image(int(m[1]), int(m[2]))
             if png is None:
                 self._error(404, f"no image {m[2]} of job {m[1]}")
             else:
                 self._send(200, png, "image/png")
-        elif path == "/api/generate" or re.fullmatch(r"/api/jobs/\d+/cancel", path):
+        elif path == "/api/generate" or re.fullmatch(rf"/api/jobs/{ID}/cancel", path):
             self._error(405, f"{self.command} {path} is not allowed (allowed: POST)", {"Allow": "POST"})
         elif path == "/favicon.ico":
             self._send(204, b"", "image/x-icon")
@@ -573,8 +579,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name at 127.0.0.1 (DNS rebinding) must not read the gallery or queue work."""
         if not ipaddress.ip_address(self.server.server_address[0]).is_loopback:
             return True
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        if host == "localhost":
+        # NAME[:PORT] or [IPV6]:PORT, the port optional: "[::1]" alone must not lose its end as a port.
+        m = re.fullmatch(
+            r"\[(?P<v6>[^\]]*)\](?::\d*)?|(?P<name>[^:]*)(?::\d*)?", self.headers.get("Host") or ""
+        )
+        host = "" if m is None else m["name"] if m["v6"] is None else m["v6"]
+        if host.lower() == "localhost":  # host names are case-insensitive
             return True
         try:
             return ipaddress.ip_address(host).is_loopback
@@ -609,7 +619,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
-        cancel = re.fullmatch(r"/api/jobs/(\d+)/cancel", path)
+        cancel = re.fullmatch(rf"/api/jobs/({ID})/cancel", path)
         if path != "/api/generate" and cancel is None:
             self._error(
                 404, f"no such path: POST {path} (allowed: POST /api/generate, POST /api/jobs/<id>/cancel)"
@@ -638,6 +648,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = json.loads(raw.decode("utf-8"))
         except ValueError as e:  # bad UTF-8, bad JSON, or a number too long for Python to read
             self._error(400, f"the request body is not JSON ({e})")
+            return
+        except RecursionError:  # json's decoder recurses once per nested array or object
+            self._error(
+                400, "the request body nests JSON arrays or objects too deeply (allowed: a flat object)"
+            )
             return
         try:
             job = self.server.jobs.submit(body)

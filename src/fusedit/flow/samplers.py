@@ -7,6 +7,7 @@ text context computed once, see ``fusedit.sample``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,9 @@ def sampling_times(
     the SD3 shift, computed in float64 and rounded once."""
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    # shift_time(1, 0) is 0/0, and a negative shift divides by zero inside (0, 1): NaN images, no error.
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"sampling shift must be a finite number > 0 (1 = none), got {shift}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown sampling schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
     return shift_time(SCHEDULES[schedule](steps, shift), shift).float().to(device)
