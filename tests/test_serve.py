@@ -468,6 +468,44 @@ def test_a_job_id_too_long_for_int_is_a_404(server, line, body):
         assert "\n" not in answer["error"]
 
 
+def test_a_silent_connection_is_closed_after_the_timeout(tiny, monkeypatch):
+    """A client that declares a body and never sends it (or opens a connection and says nothing) must not
+    hold a handler thread for ever."""
+    assert serve._Handler.timeout == serve.REQUEST_TIMEOUT_S  # socketserver's default is None: no timeout
+    monkeypatch.setattr(serve._Handler, "timeout", 0.5)
+    s = DemoServer(*tiny, host="127.0.0.1", port=0).start()
+    try:
+        # Content-Length says 100 bytes; 1 comes.
+        short = request(s, "POST /api/generate", b"{").replace(
+            b"Content-Length: 1\r\n", b"Content-Length: 100\r\n"
+        )
+        with socket.create_connection(s.server_address[:2], timeout=30) as sock:
+            sock.sendall(short)
+            assert sock.recv(65536) == b""  # the server closed it (a client timeout would raise instead)
+        assert call(s, "/api/jobs")[1] == {"jobs": []}
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("error, traceback", [(ConnectionResetError, False), (RuntimeError, True)])
+def test_a_client_gone_mid_request_prints_no_traceback(tiny, monkeypatch, capfd, error, traceback):
+    """A closed tab resets its connection (routine: no traceback on the server's stderr); a bug in a
+    handler still prints one."""
+
+    def fail(handler):
+        raise error("from the handler")
+
+    monkeypatch.setattr(serve._Handler, "do_GET", fail)
+    s = DemoServer(*tiny, host="127.0.0.1", port=0).start()
+    try:
+        with socket.create_connection(s.server_address[:2], timeout=30) as sock:
+            sock.sendall(request(s, "GET /api/jobs"))
+            assert sock.recv(65536) == b""
+    finally:
+        s.close()
+    assert ("Traceback" in capfd.readouterr().err) == traceback
+
+
 @pytest.mark.parametrize("opening", [b"[", b'{"a":'])
 def test_deeply_nested_json_is_a_400(server, opening):
     """json's decoder recurses per level and raises RecursionError, not ValueError: a body of nested

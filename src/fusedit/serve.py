@@ -43,6 +43,7 @@ import queue
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ MAX_WAITING = 16
 # Jobs (with their PNGs) kept for the gallery; the oldest finished ones are dropped beyond this.
 KEEP_JOBS = 64
 ALLOWED_METHODS = "GET, HEAD, POST"
+REQUEST_TIMEOUT_S = 60
 # A job id or image index in a path. Bounded: int() refuses more than 4300 digits (a ValueError that would
 # drop the connection), and longer numbers never name a job or image anyway, so such paths are 404s.
 ID = r"\d{1,18}"
@@ -499,6 +501,10 @@ def page() -> bytes:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: DemoServer
     server_version = "fusedit-serve"
+    # Seconds a connection may sit without sending (a client that opens one and goes silent, or sends less
+    # body than its Content-Length): the socket times out and the thread is freed. The page's requests are
+    # small and answered at once (it polls; nothing streams), so no real request comes near it.
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args) -> None:
         # The page polls several times a second: per-request lines would bury the server's own messages.
@@ -710,6 +716,14 @@ class DemoServer(http.server.ThreadingHTTPServer):
             self.server_close()  # do not keep the port for a server that will never run
             raise
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request, client_address) -> None:
+        """A browser that closes a tab or reloads mid-request resets its connection: routine, so a debug
+        line rather than socketserver's traceback on stderr; anything else keeps the traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):  # reset, aborted, broken pipe
+            log.debug("%s closed the connection mid-request", client_address[0])
+        else:
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
