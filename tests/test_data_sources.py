@@ -650,7 +650,7 @@ def test_webdataset_config_errors_are_one_line(tmp_path):
     paths = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=2)
     with pytest.raises(ConfigError, match=r"1 of 3 shards do not exist \(first: '.*a-0002.tar'\)"):
         shard_lists([str(tmp_path / "wds/a-{0000..0002}.tar")], [])
-    with pytest.raises(ConfigError, match=r"data.weights=\[1, 2\] must list one non-negative number"):
+    with pytest.raises(ConfigError, match=r"data.weights=\[1, 2\] must list one finite non-negative number"):
         shard_lists([paths], [1, 2])
     with pytest.raises(ConfigError, match="data.shards='x.tar' must be a non-empty list"):
         shard_lists("x.tar", [])

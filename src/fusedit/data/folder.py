@@ -15,7 +15,7 @@ Two layouts:
   from the row's columns. Rows with integer ``width`` and ``height`` columns let aspect-ratio bucketing
   skip reading image headers.
 
-Index files and sidecars are UTF-8, with or without a byte-order mark.
+Index files and sidecars are UTF-8, with or without a byte-order mark (other bytes read as U+FFFD).
 
 Rows that cannot be used (unparsable line, no path) are counted as "bad-row" skips, not errors: an index
 of millions of rows written by a crawler should not stop a run over one bad line.
@@ -54,6 +54,9 @@ _SIDECAR_KINDS = ("txt", "json")
 # "utf-8-sig" reads plain UTF-8 and also drops the byte-order mark that Excel ("CSV UTF-8") and Windows
 # Notepad put first: with "utf-8" it would become part of the first column name, JSON line or caption.
 _TEXT_ENCODING = "utf-8-sig"
+# Bytes that are not UTF-8 (a line of another encoding in a crawler's index) become U+FFFD, as in caption
+# sidecars: one such row must not stop a run (a path so spoilt is then a "missing" skip that names it).
+_TEXT_ERRORS = "replace"
 
 
 def scan_images(root: Path, progress: bool = False) -> list[str]:
@@ -173,7 +176,7 @@ class FolderCatalog:
         """(line number, row dict or None) for each data row of a JSON Lines or .csv/.tsv file."""
         suffix = path.suffix.lower()
         if suffix in _JSON_LINES_SUFFIXES:
-            with path.open(encoding=_TEXT_ENCODING) as f:
+            with path.open(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS) as f:
                 first = True
                 for number, line in enumerate(f, 1):
                     if not line.strip():
@@ -190,10 +193,19 @@ class FolderCatalog:
                         row = None
                     yield number, row if isinstance(row, dict) else None
         elif suffix in _TABLE_SUFFIXES:
-            with path.open(encoding=_TEXT_ENCODING, newline="") as f:
+            with path.open(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS, newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                for number, row in enumerate(reader, 2):
-                    yield number, dict(row)
+                try:
+                    for number, row in enumerate(reader, 2):
+                        yield number, dict(row)
+                except csv.Error as e:
+                    # A quote left open takes in every line after it as one field, until the csv module's
+                    # field size limit stops it: the file is broken, not one row. The line named is the
+                    # end of the last row read (DictReader's count, not yet moved on by the failed row).
+                    raise ConfigError(
+                        f"data.index_file={str(path)!r} cannot be read after line {reader.line_num}: {e} "
+                        "(a quote left open after it?)"
+                    ) from None
         else:
             raise ConfigError(f"data.index_file={str(path)!r} ends in {suffix!r} (allowed: {_ALLOWED_INDEX})")
 
@@ -225,7 +237,7 @@ class FolderCatalog:
             # No usable line: perhaps one JSON object written over many lines (an array is refused by
             # _read_rows at its opening bracket).
             try:
-                document = json.loads(path.read_text(encoding=_TEXT_ENCODING))
+                document = json.loads(path.read_text(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS))
             except ValueError:
                 document = None
             if isinstance(document, dict):

@@ -26,7 +26,9 @@ order), for passes that visit each sample once, such as pre-encoding latents.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -73,7 +75,10 @@ def expand_braces(pattern: str) -> list[str]:
     match = _RANGE.match(body)
     if match:
         lo, hi = match.group(1), match.group(2)
-        width = max(len(lo), len(hi)) if lo.lstrip("-").startswith("0") or hi.startswith("0") else 0
+        # Padded when an endpoint is written with a leading zero, as in bash and the braceexpand package
+        # that webdataset uses; a plain "0" is no padding: {0..10} is 0, 1, ..., 10.
+        padded = any(len(d) > 1 and d.startswith("0") for d in (lo.lstrip("-"), hi.lstrip("-")))
+        width = max(len(lo), len(hi)) if padded else 0
         a, b = int(lo), int(hi)
         step = 1 if b >= a else -1
         options = [str(n).zfill(width) for n in range(a, b + step, step)]
@@ -118,11 +123,11 @@ def shard_lists(spec: Any, weights: Any) -> tuple[list[list[str]], list[float]]:
     if weights in (None, []):
         weights = [1.0] * len(datasets)
     ok = isinstance(weights, list) and all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
+        isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weights
     )
     if not ok or len(weights) != len(datasets) or sum(weights) <= 0:
         raise ConfigError(
-            f"data.weights={weights!r} must list one non-negative number per data.shards entry "
+            f"data.weights={weights!r} must list one finite non-negative number per data.shards entry "
             f"({len(datasets)}), not all zero"
         )
     total = float(sum(weights))
@@ -183,7 +188,9 @@ class TarShard:
             block = fileobj.read(tarfile.BLOCKSIZE)
         except _TAR_ERRORS:
             return None
-        if self.tar.offset > size and not self.path.endswith(("gz", "bz2", "xz")):
+        # "r:*" recognises a compressed shard by its content, whatever its name (a gzipped "x.tar", or a
+        # ".tar.zst" on Python 3.14): only a plain file's offsets compare with its size on disk.
+        if self.tar.offset > size and isinstance(fileobj, io.BufferedReader):
             # The last header announced more data than the file holds: the shard was cut short.
             return f"truncated: {size} bytes, the last member needs {self.tar.offset}"
         if block and block.strip(b"\0"):
@@ -222,7 +229,8 @@ class TarShard:
                 except ValueError:
                     del fields[name]  # an unparsable sidecar is an absent caption source
             elif name == "txt" or name.endswith(".txt"):
-                fields[name] = value.decode("utf-8", errors="replace")
+                # -sig: a byte-order mark (Windows tools) is not caption text, as for folder sidecars.
+                fields[name] = value.decode("utf-8-sig", errors="replace")
         return key, fields, image
 
     def _bytes(self, member: tarfile.TarInfo) -> bytes:
