@@ -86,6 +86,16 @@ def test_a_txt_member_with_a_byte_order_mark_is_read_without_it(tmp_path):
     assert skips == {}
 
 
+def test_an_upper_case_image_field_finds_its_member(tmp_path):
+    # Windows tools write "s0.PNG"; member extensions are lower-cased when a shard is indexed.
+    shard = tmp_path / "a.tar"
+    samples = {f"s{i}": {"PNG": _png(seed=i), "txt": f"sample {i}".encode()} for i in range(2)}
+    shard.write_bytes(_tar_bytes(samples))
+    cfg = _cfg(source="webdataset", shards=[str(shard)], image_field="PNG")
+    captions, skips = _captions(cfg, steps=1)
+    assert sorted(captions.values()) == ["sample 0", "sample 1"] and skips == {}
+
+
 def test_a_gzipped_shard_named_tar_is_read_whole_and_not_reported_truncated(tmp_path):
     samples = {f"s{i}": {"png": _png(seed=i), "txt": f"sample {i}".encode()} for i in range(4)}
     shard = tmp_path / "a.tar"  # tarfile recognises gzip by its content, whatever the name

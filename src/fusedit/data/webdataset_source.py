@@ -210,7 +210,8 @@ class TarShard:
         if self.tar is None:
             raise SkipSample("corrupt", f"shard unreadable: {self.error}")
         key, members = self.samples[index]
-        ext = image_field or next((e for e in IMAGE_EXTENSIONS if e in members), "")
+        # Member extensions are lower-cased when the shard is indexed, so the setting is too (image_field=JPG).
+        ext = image_field.lower() or next((e for e in IMAGE_EXTENSIONS if e in members), "")
         if ext not in members:
             raise SkipSample("missing", f"no {image_field or '/'.join(IMAGE_EXTENSIONS)} member")
         fields: dict[str, Any] = {"__key__": key}
