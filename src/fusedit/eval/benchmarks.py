@@ -21,6 +21,7 @@ loaders accept such a copy (a file or the folder ``download`` writes).
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import tarfile
@@ -145,7 +146,8 @@ def _download_geneval(tmp: Path, ref: str, timeout: float) -> None:
         with _fetch(url, "GenEval", timeout) as response:
             try:
                 data = response.read()
-            except (TimeoutError, ConnectionError) as e:  # the connection can also drop mid-file
+            # The connection can also drop mid-file; an unbounded read then raises IncompleteRead.
+            except (TimeoutError, ConnectionError, http.client.IncompleteRead) as e:
                 raise BenchmarkError(
                     f"downloading GenEval from {url} broke off ({e}); retry, or pass --prompts PATH to a "
                     f"local copy"
@@ -202,8 +204,14 @@ def _download_to(url: str, name: str, target: Path, timeout: float, progress: bo
         ):
             try:
                 shutil.copyfileobj(stream, handle, 1 << 20)
-            except (TimeoutError, ConnectionError) as e:
+            except (TimeoutError, ConnectionError, http.client.IncompleteRead) as e:
                 raise BenchmarkError(f"downloading {name} from {url} broke off ({e}); retry") from None
+            # A connection closed early ends a sized read quietly, as if the file ended there: a cut-short
+            # prompt file would still parse, and be kept as a complete copy.
+            if size and handle.tell() != int(size):
+                raise BenchmarkError(
+                    f"downloading {name} from {url} broke off ({handle.tell()} of {size} bytes); retry"
+                )
 
 
 def _download_compbench(tmp: Path, ref: str, timeout: float) -> None:
@@ -278,6 +286,15 @@ def existing_path(path: str | Path, what: str, bench: str) -> Path:
     return path
 
 
+def _read_utf8(path: Path, expected: str) -> str:
+    """``path``'s text; a file in another encoding is a one-line error naming it (UnicodeDecodeError's own
+    message names only a byte position)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(f"{path} is not UTF-8 text ({e.reason}); expected {expected}") from None
+
+
 def load_geneval(path: str | Path) -> list[dict]:
     """GenEval's prompt metadata, one dict per prompt in file order (the order that numbers the output
     folders). ``path`` is ``evaluation_metadata.jsonl`` or a folder containing it."""
@@ -285,7 +302,7 @@ def load_geneval(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = existing_path(path / GENEVAL_METADATA, "GenEval metadata", "geneval")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_utf8(path, "one JSON object per line").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -327,7 +344,7 @@ def load_dpg(path: str | Path) -> list[tuple[str, str]]:
     files = sorted(path.glob("*.txt"), key=lambda p: name_order(p.stem))
     if not files:
         raise BenchmarkError(f"no *.txt prompt files in {str(path)!r}; expected DPG-Bench's prompts folder")
-    return [(f.stem, f.read_text(encoding="utf-8").strip()) for f in files]
+    return [(f.stem, _read_utf8(f, "one DPG-Bench prompt").strip()) for f in files]
 
 
 def dpg_csv_path(path: str | Path) -> Path:

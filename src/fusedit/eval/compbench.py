@@ -684,7 +684,9 @@ def frame_scale(width: int, height: int, frame: tuple[int, int] | None) -> tuple
     short, long = min(width, height), max(width, height)
     new_short, new_long = frame[0], int(frame[0] * long / short)
     if new_long > frame[1]:
-        new_short, new_long = int(frame[1] * short / long), frame[1]
+        # From the truncated uncapped sides, as torchvision computes it (frame[1] x short / long is at times
+        # 1 px off).
+        new_short, new_long = int(frame[1] * new_short / new_long), frame[1]
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     return new_w / width, new_h / height
 

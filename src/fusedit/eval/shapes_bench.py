@@ -137,4 +137,6 @@ def run_shapes_bench(
         labels = [f"{scores['verdicts'][i]['text']}: {scores['verdicts'][i]['reason']}" for i in failed]
         grid = image_grid([images[i] for i in failed], labels, ncols=min(6, len(failed)), scale=4)
         save_png(grid, out / "failures.png")
+    else:  # an earlier run's grid would show failures these scores do not have (a study links it)
+        (out / "failures.png").unlink(missing_ok=True)
     return scores

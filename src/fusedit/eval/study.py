@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -366,10 +367,12 @@ def _read_losses(run_dir: Path) -> tuple[list[float], float]:
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 record = json.loads(line)
-                losses.append(float(record["loss"]))
-                seconds += float(record.get("sec", 0.0))
+            except json.JSONDecodeError:  # blank, or cut short by a kill (as the training's rewind drops it)
+                continue
+            losses.append(float(record["loss"]))
+            seconds += float(record.get("sec", 0.0))
     return losses, seconds
 
 
@@ -484,7 +487,8 @@ def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
     """One design's row of results.json."""
     label, cfg = design.label, design.config
     losses, seconds = _read_losses(run_dir)
-    tail = losses[-max(1, len(losses) // 10) :]
+    # A step skipped for a NaN/inf loss (train.max_bad_steps) logs that loss: it would make the mean NaN.
+    tail = [loss for loss in losses[-max(1, len(losses) // 10) :] if math.isfinite(loss)]
     return {
         "label": label,
         "preset": design.preset,
