@@ -60,7 +60,7 @@ from fusedit.train.checkpoint import (
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
-from fusedit.train.loggers import open_loggers
+from fusedit.train.loggers import WandbLogger, open_loggers
 from fusedit.train.stages import (
     DENOISER,
     Optimizers,
@@ -437,8 +437,8 @@ def _resume_point(
 def _start_fresh(
     cfg: Config, model: TextToImage, run_dir: Path, metrics_path: Path, main: bool, progress: bool
 ) -> None:
-    """A run from step 0: an earlier run's outputs in ``run_dir`` go, an LLM without a hub id is pretrained
-    (text.pretrain_steps) and train.init_from's weights are loaded."""
+    """A run from step 0: an earlier run's outputs in ``run_dir`` go, each LLM without a hub id is pretrained
+    (its text.pretrain_steps or extra_text.N.pretrain_steps) and train.init_from's weights are loaded."""
     tc = cfg.train
     if main:
         metrics_path.unlink(missing_ok=True)
@@ -448,12 +448,22 @@ def _start_fresh(
         # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
         # train.keep_checkpoints are kept) and be what sampling and --resume find.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    if cfg.text.pretrain_steps and not cfg.text.model_id:
+        # An earlier run's TensorBoard events would show next to this run's at the same steps (TensorBoard
+        # reads every event file of the folder), and a later --resume would continue its wandb run.
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        (run_dir / WandbLogger.ID_FILE).unlink(missing_ok=True)
+    pretrain = [
+        (encoder, tcfg.pretrain_steps)
+        for encoder, tcfg in zip(model.encoders, [cfg.text, *cfg.extra_text], strict=True)
+        if tcfg.pretrain_steps and not tcfg.model_id
+    ]
+    if pretrain:
         from fusedit.data.shapes import caption_corpus
         from fusedit.train.pretrain_llm import pretrain_llm
 
         corpus = caption_corpus(4096, seed=tc.seed)
-        pretrain_llm(model.text, corpus, cfg.text.pretrain_steps, seed=tc.seed, progress=progress and main)
+        for encoder, steps in pretrain:
+            pretrain_llm(encoder, corpus, steps, seed=tc.seed, progress=progress and main)
     if tc.init_from:
         log.info("weights initialised from %s", init_weights(model, tc.init_from))
 
