@@ -406,6 +406,7 @@ RUN_WIDE_TRAIN_KEYS = (
     "loggers",
 )
 STAGE_SECTIONS = ("data", "train", "flow", "sample")
+STAGE_SECTION_CLASSES = {"data": DataConfig, "train": TrainConfig, "flow": FlowConfig, "sample": SampleConfig}
 
 
 @dataclass
@@ -564,7 +565,8 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
     if base is None:
         return data
     base_ref = base
-    if folder is not None and (folder / str(base)).is_file():
+    # A file or a run/checkpoint/pipeline folder beside the config, as _read_yaml takes either.
+    if folder is not None and (folder / str(base)).exists():
         base_ref = folder / str(base)
     return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path))), data)
 
@@ -589,8 +591,10 @@ def _deep_merge(a: dict, b: dict) -> dict:
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             # text.arch is merged key by key (an override may change one number) unless the same override
-            # changes the LLM family: another family's keys (Gemma's hidden_activation) must not leak in.
-            same_family = b.get("family", a.get("family")) == a.get("family")
+            # changes the LLM family: another family's keys (Gemma's hidden_activation) must not leak in. A
+            # section that names no family has the default one.
+            family = a.get("family", TextConfig.family)
+            same_family = b.get("family", family) == family
             out[k] = {**out[k], **v} if same_family else dict(v)
         else:
             out[k] = v
@@ -598,14 +602,25 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 def _field_type(parts: list[str]) -> Any:
-    """The declared type of the Config field at ``parts`` (e.g. ["text", "instruction"]), or None."""
+    """The declared type of the Config field at ``parts`` (e.g. ["text", "instruction"]), or None. An item
+    of a list of sections is addressed by its position (extra_text.0.instruction, stages.1.name) and a
+    stage's override mappings by their section's fields (stages.0.data.root)."""
     cls: Any = Config
-    for i, name in enumerate(parts):
+    parts = list(parts)
+    while parts:
+        name = parts.pop(0)
         if not dataclasses.is_dataclass(cls):
             return None
         tp = typing.get_type_hints(cls).get(name)
-        if i == len(parts) - 1 or tp is None:
+        if not parts or tp is None:
             return tp
+        item = cls.__dataclass_fields__[name].metadata.get("item")
+        if item is not None:
+            if not parts.pop(0).isdigit():
+                return None
+            tp = item
+        elif cls is StageConfig and name in STAGE_SECTIONS:
+            tp = STAGE_SECTION_CLASSES[name]
         cls = tp
     return None
 
@@ -1091,6 +1106,17 @@ def validate(cfg: Config) -> None:
                 f"procedural world) never reads it (allowed: data.source={DATA_LOCATIONS[key]} to read it, or "
                 f"no data.{key})"
             )
+    if cfg.data.source == "shapes":
+        # The world's own check of its prompt kinds, here at load: it would otherwise run only when the data
+        # is built, after the model, and for a later stage only when that stage starts.
+        from fusedit.data.shapes import check_options
+
+        try:
+            check_options(cfg.data.kinds, cfg.data.max_objects)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"data.kinds={cfg.data.kinds!r} with data.max_objects={cfg.data.max_objects}: {e}"
+            ) from None
     for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
         if text.model_id == "" and not text.arch:
             raise ConfigError(
@@ -1197,7 +1223,6 @@ def resolved_stages(cfg: Config) -> list[Stage]:
     a stage states only what changes. Each is validated like a whole config; errors name the stage."""
     if not cfg.stages:
         return [Stage(0, cfg.name, 0, cfg.train.steps, cfg)]
-    classes = {"data": DataConfig, "train": TrainConfig, "flow": FlowConfig, "sample": SampleConfig}
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS}
     stages, start = [], 0
     for i, st in enumerate(cfg.stages):
@@ -1209,7 +1234,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
         built = {}
         for name in STAGE_SECTIONS:
             sections[name] = _deep_merge(sections[name], getattr(st, name))
-            built[name] = _build(classes[name], sections[name], f"{where}.{name}")
+            built[name] = _build(STAGE_SECTION_CLASSES[name], sections[name], f"{where}.{name}")
         built["train"].steps = st.steps
         stage_cfg = dataclasses.replace(cfg, stages=[], **built)
         try:

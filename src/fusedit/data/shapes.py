@@ -216,7 +216,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
 
 
-def _check_options(kinds: Iterable[str] | str, max_objects: int) -> tuple[str, ...]:
+def check_options(kinds: Iterable[str] | str, max_objects: int) -> tuple[str, ...]:
     """Validate ``kinds`` and ``max_objects`` and return ``kinds`` as a tuple without duplicates."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
     if not kinds:
@@ -249,7 +249,7 @@ def all_prompts(
 
     A text of kind ``color_attr`` is also a text of kind ``two``, so the texts of those kinds overlap.
     """
-    kinds = _check_options(kinds, max_objects)
+    kinds = check_options(kinds, max_objects)
     if split is None:
         return [p for kind in kinds for p in _enumerate_kind(kind, max_objects)]
     _check_split(split)
@@ -266,7 +266,7 @@ def sample_prompt(
 
     ``max_objects`` bounds the number of objects (counting prompts use 2..max_objects copies).
     """
-    kinds = _check_options(kinds, max_objects)
+    kinds = check_options(kinds, max_objects)
     _check_split(split)
     # A tiny kind (e.g. the 18 single-object prompts) may have no held-out prompt at all; skip such kinds
     # rather than loop forever looking for one.
@@ -481,7 +481,7 @@ class ShapesDataset(Dataset):
         _check_image_size(size)
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
-        self.kinds = _check_options(kinds, max_objects)
+        self.kinds = check_options(kinds, max_objects)
         _check_split(split)
         self.size = size
         self.length = length

@@ -177,7 +177,10 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     os.replace(tmp, final)
     sync_folder(root)
     write_text_atomic(root / "latest", final.name, durable=True)
-    for old in checkpoint_folders(root)[:-keep]:
+    # The newest ``keep`` up to ``final``: a folder past it (a crash kept ``latest`` from naming it, and the
+    # run resumed from the one before) must not push ``final`` out.
+    folders = checkpoint_folders(root)
+    for old in folders[: max(folders.index(final) + 1 - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

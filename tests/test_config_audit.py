@@ -1,0 +1,101 @@
+"""Config loading corners (dotted overrides into list items, ``base:`` chains, the arch merge, shapes
+kinds) and checkpoint pruning."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from fusedit.checkpoints import find_checkpoint
+from fusedit.config import ConfigError, load_config, parse_overrides, save_config
+from fusedit.train.checkpoint import save_checkpoint
+
+
+def test_string_keys_of_list_items_take_the_override_as_typed():
+    """extra_text.N.* and stages.N.* string keys keep the text as typed, as text.* ones do: YAML would read
+    "Imagine: " as a mapping and "yes" as true."""
+    parsed = parse_overrides(
+        [
+            "extra_text.0.instruction=Imagine: ",
+            "stages.1.name=yes",
+            "stages.0.data.hf_name=on",
+            "stages.0.steps=5",
+        ]
+    )
+    assert parsed == {
+        "extra_text": {"0": {"instruction": "Imagine: "}},
+        "stages": {"1": {"name": "yes"}, "0": {"data": {"hf_name": "on"}, "steps": 5}},
+    }
+    cfg = load_config("debug-lidit", ["extra_text.0.instruction=Imagine: "])
+    assert cfg.extra_text[0].instruction == "Imagine: "
+    assert load_config("recipe-shapes-3stage", ["stages.1.name=yes"]).stages[1].name == "yes"
+
+
+def test_a_relative_base_folder_is_looked_up_beside_the_config(tmp_path, monkeypatch):
+    """``base: ../run`` (a run folder) is read from the config file's folder, as a base file is, not from
+    the working directory."""
+    for folder in ("run", "exp", "elsewhere/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+    save_config(load_config("debug", ["name=saved-run", "train.steps=11"]), tmp_path / "run" / "config.yaml")
+    (tmp_path / "exp" / "a.yaml").write_text("base: ../run\nname: child\n")
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")  # where ../run is no folder
+    cfg = load_config(tmp_path / "exp" / "a.yaml")
+    assert (cfg.name, cfg.train.steps) == ("child", 11)
+
+
+def test_an_arch_override_naming_the_default_family_keeps_the_base_arch(tmp_path):
+    """A base that leaves text.family at its default (gemma) and an override that names it: the same
+    family, so the override changes one number and keeps the rest of the arch."""
+    arch = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "head_dim": 8,
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"name": "b", "text": {"arch": arch}}))
+    (tmp_path / "c.yaml").write_text("base: b.yaml\ntext:\n  family: gemma\n  arch: {num_hidden_layers: 2}\n")
+    assert load_config(tmp_path / "c.yaml").text.arch == {**arch, "num_hidden_layers": 2}
+    cfg = load_config(tmp_path / "b.yaml", ["text.family=gemma", "text.arch.num_hidden_layers=2"])
+    assert cfg.text.arch == {**arch, "num_hidden_layers": 2}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.kinds=[single, spiral]"],
+            "data.kinds=['single', 'spiral'] with data.max_objects=2: unknown prompt kind 'spiral'",
+        ),
+        (["data.max_objects=9"], "with data.max_objects=9: max_objects must be between 1 and 4, got 9"),
+        (["data.kinds=[counting]", "data.max_objects=1"], "prompt kind 'counting' needs at least 2 objects"),
+    ],
+)
+def test_shapes_kinds_the_world_cannot_draw_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("debug", overrides)
+
+
+def test_a_later_stages_shapes_kinds_are_checked_at_load():
+    """A stage's data is built only when the stage starts: its bad kinds must fail at load, not hours in."""
+    with pytest.raises(ConfigError, match=re.escape("stages[2] (lora-position): data.kinds=['spiral']")):
+        load_config("recipe-shapes-3stage", ["stages.2.data.kinds=[spiral]"])
+
+
+def test_pruning_keeps_the_checkpoint_just_written_when_a_later_step_is_on_disk(tmp_path):
+    """A crash between a checkpoint's rename and `latest` naming it leaves a folder past `latest`; the run
+    resumed from `latest` writes lower steps next. keep_checkpoints must not prune the one just written
+    (it would then resume from the abandoned folder past it)."""
+    cfg, net = tiny_config(), torch.nn.Linear(2, 2)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, 10, cfg, net, None, None, None, keep=1)
+    save_checkpoint(tmp_path, 20, cfg, net, None, None, None, keep=2)
+    (root / "latest").write_text("step_00000010")  # as the crash left it
+    assert find_checkpoint(tmp_path).name == "step_00000010"
+    final = save_checkpoint(tmp_path, 15, cfg, net, None, None, None, keep=1)
+    assert final.is_dir() and find_checkpoint(tmp_path) == final
+    assert {p.name for p in root.iterdir()} == {"latest", "step_00000015", "step_00000020"}
