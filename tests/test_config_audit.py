@@ -80,6 +80,21 @@ def test_shapes_kinds_the_world_cannot_draw_are_refused_at_load(overrides, messa
         load_config("debug", overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.seed=-1"], "train.seed=-1"),
+        (
+            ["text.model_id=org/llm", "text.pretrain_steps=5"],
+            "text.pretrain_steps=5 pretrains a random-init LLM, but text.model_id='org/llm' loads a trained one",
+        ),
+    ],
+)
+def test_settings_the_run_would_crash_on_or_ignore_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("debug", overrides)
+
+
 def test_a_later_stages_shapes_kinds_are_checked_at_load():
     """A stage's data is built only when the stage starts: its bad kinds must fail at load, not hours in."""
     with pytest.raises(ConfigError, match=re.escape("stages[2] (lora-position): data.kinds=['spiral']")):

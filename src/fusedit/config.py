@@ -323,7 +323,8 @@ class TrainConfig:
     checkpoint_every: int = positive(500)
     keep_checkpoints: int = positive(2)
     log_every: int = positive(10)
-    seed: int = 0
+    # Non-negative: numpy's generators (the shapes world, data order) refuse negative seeds.
+    seed: int = nonneg(0)
     # "auto": CUDA when present (under torchrun, each process the GPU of its LOCAL_RANK), else the CPU.
     device: str = "auto"
     # How the denoiser is spread over torchrun's processes: "ddp" (replicated, gradients all-reduced),
@@ -1121,6 +1122,12 @@ def validate(cfg: Config) -> None:
         if text.model_id == "" and not text.arch:
             raise ConfigError(
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
+            )
+        if text.pretrain_steps and text.model_id:
+            # Pretraining fits a random-init LLM to the caption corpus; a trained one is never overwritten.
+            raise ConfigError(
+                f"{key}.pretrain_steps={text.pretrain_steps} pretrains a random-init LLM, but "
+                f"{key}.model_id={text.model_id!r} loads a trained one (allowed: pretrain_steps=0 with a model_id)"
             )
     m = cfg.model
     shallow = is_shallow(m.design)
