@@ -142,7 +142,8 @@ class IdentityVAE(ModelMixin, ConfigMixin):
     def downsample(self) -> int:
         return 1
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        # fusedit's autoencoder interface (fusedit.vae): training passes generators, pixels draw nothing.
         return images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
 from fusedit.sample import latent_shape, text_velocity
 from fusedit.system import TextToImage
+from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import DTYPES
 from fusedit.text.pooled import PooledTextEncoder
@@ -344,9 +345,15 @@ class FuseDiTPipeline(DiffusionPipeline):
         # fusedit.flow.guided expects), read by every step and both guidance branches.
         context = model.encode_prompts(negatives + prompts if guidance != 1.0 else prompts)
         # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
-        # to bf16), plain float32 otherwise, guided whenever guidance != 1.
-        dtype = self.transformer.dtype
-        velocity = text_velocity(model.denoiser, context, guidance, None if dtype == torch.float32 else dtype)
+        # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
+        # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the
+        # device there), with autocast on the device it runs on, not the one its weights wait on.
+        dtype = None if self.transformer.dtype == torch.float32 else self.transformer.dtype
+
+        def transformer(x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
+            return self.transformer(x, t, text, return_dict=False)[0]
+
+        velocity = text_velocity(transformer, context, guidance, dtype, device_type=device.type)
         self._set_schedule(steps, device)
         sigmas = self.scheduler.sigmas
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:

@@ -55,18 +55,21 @@ def to_sampling_form(model: TextToImage, cfg: Config) -> TextToImage:
 
 
 def text_velocity(
-    denoiser: nn.Module,
+    denoiser: nn.Module | Callable[[torch.Tensor, torch.Tensor, TextContext], torch.Tensor],
     text: TextContext | Callable[[], TextContext],
     guidance: float,
     dtype: torch.dtype | None,
     cuda_graphs: bool = False,
+    device_type: str | None = None,
 ) -> Velocity:
     """The velocity the sampler integrates: the denoiser under autocast ``dtype`` (None = plain fp32; the
     sampler's own arithmetic stays fp32) over a text context computed once (the text cache) or by a
     function called at every step, with classifier-free guidance when guidance != 1 (the context's rows are
     then [negative ; prompt]). ``cuda_graphs`` replays it as a CUDA graph (CUDAGraphVelocity) where one
-    can be captured: with the text cache, on a GPU."""
-    device_type = next(denoiser.parameters()).device.type
+    can be captured: with the text cache, on a GPU. ``device_type``: where the denoiser computes (default:
+    where its weights are; a pipeline under diffusers' model offload keeps them elsewhere until its forward
+    moves them, so it names the device and passes a function)."""
+    device_type = device_type or next(denoiser.parameters()).device.type
     cached = isinstance(text, TextContext)
     context_now = (lambda: text) if cached else text
 

@@ -234,10 +234,13 @@ def _arch(base: dict, fused: bool) -> tuple[str, dict]:
     for field, ok in (("attention_bias", False), ("rope_scaling", None)):
         if base.get(field, ok) != ok:
             raise _fail(f"base_config.{field}", base[field], f"allowed: {ok}")
+    # transformers 5 writes RoPE scaling into rope_parameters (its rope_scaling is then null).
+    rope = base.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise _fail("base_config.rope_parameters", rope, "allowed: rope_type 'default'")
     arch = {k: base[k] for k in ARCH_FIELDS if base.get(k) is not None}
     heads = base["num_attention_heads"]
     arch["head_dim"] = base.get("head_dim") or base["hidden_size"] // heads
-    rope = base.get("rope_parameters") or {}
     arch["rope_theta"] = float(base.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     # The public Gemma MLP (transformers 4.4x) used hidden_activation, falling back to the tanh GELU.
     act = base.get("hidden_activation") or "gelu_pytorch_tanh"
