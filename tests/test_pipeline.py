@@ -390,3 +390,19 @@ def test_a_loading_dtype_applies_to_every_component(key, tmp_path):
     pipe = FuseDiTPipeline.from_pretrained(tmp_path / "export", **{key: torch.bfloat16})
     assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
     assert len(run_pipe(pipe)) == 2
+
+
+def test_a_swapped_schedulers_shift_is_the_one_fusedit_samples_with(tmp_path):
+    """docs/diffusers.md changes the shift by swapping the scheduler: the pipeline, its saved and reloaded
+    copy and fusedit's own sampling of it (from_pretrained -> generate) must then agree."""
+    cfg = tiny_config(sample=SAMPLE)
+    pipe = FuseDiTPipeline.from_model(built(cfg), cfg)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=4.0)
+    out = run_pipe(pipe, output_type="latent")
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    model, loaded = from_pretrained(tmp_path / "pipe")
+    assert loaded.sample.shift == 4.0
+    assert torch.equal(out.clamp(-1, 1), images(model, shift=loaded.sample.shift))
+    assert torch.equal(
+        run_pipe(FuseDiTPipeline.from_pretrained(str(tmp_path / "pipe")), output_type="latent"), out
+    )

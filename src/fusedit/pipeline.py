@@ -20,6 +20,7 @@ They live here, not in ``fusedit.hub``, so that imports point one way: this modu
 (whose component classes model_index.json names), never the reverse.
 """
 
+import dataclasses
 import json
 import math
 import numbers
@@ -203,7 +204,14 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     @property
     def fusedit_config(self) -> Config:
-        return self.transformer.fusedit_config()
+        """The transformer's recorded config with the scheduler's shift as sample.shift: swapping in a
+        scheduler of another shift (docs/diffusers.md) changes how this pipeline samples, so fusedit's own
+        sampling of it (to_fusedit, `fusedit sample`, a saved and reloaded copy) follows, not the old value."""
+        cfg = self.transformer.fusedit_config()
+        shift = getattr(self.scheduler, "config", {}).get("shift")
+        if shift is None:
+            return cfg
+        return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, shift=float(shift)))
 
     def to_fusedit(self) -> tuple[TextToImage, Config]:
         """``(TextToImage, Config)`` over this pipeline's components (shared, not copied): what
