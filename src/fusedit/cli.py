@@ -47,36 +47,43 @@ def _config(args) -> object:
     return load_config(args.config, args.overrides)
 
 
-def _out_folder(out: str | Path) -> Path:
-    """--out as a folder to write into, refused at once when it or a folder above it is a file: creating
-    it would fail only after the slow work, with a bare [Errno 17] or [Errno 20]."""
+def _out_folder(out: str | Path, flag: str = "--out") -> Path:
+    """--out (or ``flag``) as a folder to write into, refused at once when it or a folder above it is a
+    file: creating it would fail only after the slow work, with a bare [Errno 17] or [Errno 20]."""
     out = Path(out)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         where = "is a file" if existing == out else f"is inside the file {str(existing)!r}"
-        raise ConfigError(f"--out {str(out)!r} {where} (allowed: a folder, new or existing)")
+        raise ConfigError(f"{flag} {str(out)!r} {where} (allowed: a folder, new or existing)")
     return out
 
 
+def _refuse_a_run(out: Path, advice: str, replaceable: str | None = None) -> None:
+    """Training afresh into ``out`` deletes the run it holds (metrics and checkpoints): refused, with
+    ``advice`` on what to pass instead, unless that run's config is named ``replaceable``."""
+    from fusedit.checkpoints import find_checkpoint, load_checkpoint_config, load_state
+
+    try:
+        ckpt = find_checkpoint(out)
+    except FileNotFoundError:
+        return
+    if replaceable is not None and load_checkpoint_config(ckpt).name == replaceable:
+        return
+    step = load_state(ckpt)["step"]
+    raise ConfigError(f"{str(out)!r} already holds a run (checkpoint at step {step}): {advice}")
+
+
 def cmd_train(args) -> int:
-    from fusedit.checkpoints import find_checkpoint, load_state
     from fusedit.train.loop import train
 
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     cfg = _config(args)
     out = _out_folder(args.out or f"runs/{cfg.name}")
-    if not (args.resume or args.overwrite):
-        # Training afresh deletes the run's metrics and checkpoints: a forgotten --resume would lose it.
-        try:
-            step = load_state(find_checkpoint(out))["step"]
-        except FileNotFoundError:
-            pass
-        else:
-            raise ConfigError(
-                f"{str(out)!r} already holds a run (checkpoint at step {step}): pass --resume to continue "
-                "it, --overwrite to delete it and start over, or another --out"
-            )
+    if not (args.resume or args.overwrite):  # a forgotten --resume would lose the run
+        _refuse_a_run(
+            out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
+        )
     result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
     if result.get("rank", 0) != 0:
         return 0
@@ -99,6 +106,14 @@ def cmd_demo(args) -> int:
 
     cfg = load_config("debug", args.overrides)
     out = _out_folder(args.out)
+    if not args.overwrite:
+        # The demo trains afresh: an --out of a run trained for days would be lost. An earlier demo's run
+        # (its own preset's) is replaced, so that the README's demo command can be run again as it is.
+        _refuse_a_run(
+            out,
+            "pass --overwrite to delete it and run the demo again, or another --out",
+            replaceable=cfg.name,
+        )
     t0 = time.time()
     r = run_demo(cfg, out, progress=not args.quiet)
     print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
@@ -250,6 +265,8 @@ def cmd_sample(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
+    if args.guidance is not None:
+        _check_negative_prompt(args.negative_prompt, args.guidance)
     out = _out_folder(args.out)
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
@@ -266,6 +283,7 @@ def cmd_sample(args) -> int:
     )
     # Checked again against the model as loaded: the early check needs a config readable without it.
     _check_size(settings["image_size"], cfg)
+    _check_negative_prompt(args.negative_prompt, settings["guidance"])  # the saved guidance, when not given
     images = write_sample_folder(
         model,
         cfg,
@@ -279,6 +297,16 @@ def cmd_sample(args) -> int:
     )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     return 0
+
+
+def _check_negative_prompt(negative_prompt: str | None, guidance: float) -> None:
+    """Guidance 1 samples the prompt alone: a negative prompt would change nothing, yet be recorded beside
+    each image as if it had."""
+    if negative_prompt and guidance == 1.0:
+        raise ConfigError(
+            f"--negative-prompt {negative_prompt!r} does nothing at guidance 1 (no unconditional branch; "
+            "allowed with a --guidance other than 1)"
+        )
 
 
 def cmd_serve(args) -> int:
@@ -493,7 +521,7 @@ def cmd_benchmarks(args) -> int:
         raise ConfigError(f"--images applies to mjhq only (its FID reference images), not {args.name}")
     path = download(
         args.name,
-        Path(args.dest or f"benchmarks-data/{args.name}"),
+        _out_folder(args.dest or f"benchmarks-data/{args.name}", "--dest"),
         force=args.force,
         progress=not args.quiet,
         images=args.images,
@@ -612,6 +640,17 @@ def _size_by_batch(text: str) -> tuple[int, int]:
     return resolution, batch
 
 
+def _appendable(path: str, flag: str) -> None:
+    """A file to append to, refused at once when open() would fail only after the slow work, with a bare
+    [Errno 2] or [Errno 21]."""
+    path = Path(path)
+    allowed = "allowed: a file, new or existing, in an existing folder"
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a folder ({allowed})")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r} ({allowed})")
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -621,14 +660,34 @@ def cmd_bench(args) -> int:
 
     cfg = _config(args)
     # Every flag checked before the (slow) model build, so that a typo fails at once, not after minutes.
-    for n in args.steps:
-        check_steps_guidance(n, args.guidance, flags=True)
+    # The parser's default of each flag of one part is None (False for --cached-only), so that one given
+    # for a part --what leaves out is refused rather than ignored.
+    parts = {
+        "sample": {
+            "--prompts": args.prompts,
+            "--steps": args.steps,
+            "--guidance": args.guidance,
+            "--cached-only": args.cached_only or None,
+        },
+        "train": {"--batch": args.batch, "--train-points": args.train_points},
+    }
+    for part, flags in parts.items():
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and part not in args.what:
+            raise ConfigError(
+                f"{given[0]} does not apply with --what {' '.join(args.what)} (it sets the {part} points; "
+                f"allowed with --what {part})"
+            )
+    prompts, steps = args.prompts or [4], args.steps or [25]
+    guidance = 6.0 if args.guidance is None else args.guidance
+    for n in steps:
+        check_steps_guidance(n, guidance, flags=True)
     counts = [
         ("--repeats", args.repeats, 1),
         ("--warmup", args.warmup, 0),
         ("--text-tokens", args.text_tokens, 1),
     ]
-    counts += [("--prompts", n, 1) for n in args.prompts] + [("--batch", n, 1) for n in args.batch or []]
+    counts += [("--prompts", n, 1) for n in prompts] + [("--batch", n, 1) for n in args.batch or []]
     for flag, value, low in counts:
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value} is not allowed (allowed: {low} or more)")
@@ -655,6 +714,8 @@ def cmd_bench(args) -> int:
         if batch < 1:
             raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
         _check_size(size, cfg, "--train-points")
+    if args.json:
+        _appendable(args.json, "--json")
     device = resolve_device(args.device, "--device")
     # The profiler that records each point's attention kernels (bench.attention_kernels) starts kineto, which
     # writes start/stop lines between the table's rows at any level below 6; read at its first use. A
@@ -671,8 +732,8 @@ def cmd_bench(args) -> int:
         points += [
             {"kind": "sample", "resolution": r, "prompts": p, "steps": n, "text_cache": c}
             for r in resolutions
-            for p in args.prompts
-            for n in args.steps
+            for p in prompts
+            for n in steps
             for c in caches
         ]
 
@@ -693,7 +754,7 @@ def cmd_bench(args) -> int:
             point["resolution"],
             tokens,
             point["steps"],
-            args.guidance,
+            guidance,
             point["text_cache"],
             args.warmup,
             args.repeats,
@@ -785,11 +846,21 @@ def _converted(out: Path) -> bool:
 
 def cmd_study(args) -> int:
     from fusedit.eval.study import describe_study, load_study, run_study
+    from fusedit.system import resolve_device
 
     study = load_study(args.study, device=args.device)
     if args.check:
+        # run_study checks the names itself; --check, which runs nothing, must check them too.
+        labels = [d.label for d in study.designs]
+        unknown = [label for label in args.only or () if label not in labels]
+        if unknown:
+            raise ConfigError(
+                f"design {unknown[0]!r} is not in study {study.name} (allowed: {', '.join(labels)})"
+            )
         print(describe_study(study))
         return 0
+    if args.device:  # else the first design's training refuses it, after the output folder is made
+        resolve_device(args.device, "--device")
     out = _out_folder(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
     r = run_study(study, out, progress=not args.quiet, only=args.only)
@@ -930,6 +1001,11 @@ def _add_demo_parser(sub) -> None:
     sp = sub.add_parser("demo", help="train the debug preset on the shapes world and sample a grid")
     sp.add_argument("overrides", nargs="*", help="section.key=value overrides of the debug preset")
     sp.add_argument("--out", default="runs/demo")
+    sp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run again in a folder that holds a run (an earlier demo's), deleting its checkpoints and metrics",
+    )
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
@@ -1124,10 +1200,10 @@ def _add_bench_parser(sub) -> None:
         help="padded prompts: real lengths uniform in this..--text-tokens, empty negative prompts "
         "(default: every prompt --text-tokens long, no padding)",
     )
-    sp.add_argument("--prompts", type=int, nargs="+", default=[4], help="sampling batch(es) (default 4)")
-    sp.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling step count(s) (default 25)")
+    sp.add_argument("--prompts", type=int, nargs="+", help="sampling batch(es) (default 4)")
+    sp.add_argument("--steps", type=int, nargs="+", help="sampling step count(s) (default 25)")
     sp.add_argument("--cached-only", action="store_true", help="skip the uncached sampling runs")
-    sp.add_argument("--guidance", type=float, default=6.0, help="guidance scale when sampling (default 6)")
+    sp.add_argument("--guidance", type=float, help="guidance scale when sampling (default 6)")
     sp.add_argument(
         "--warmup", type=int, default=2, help="untimed runs before the timed ones, per point (default 2)"
     )

@@ -1,0 +1,158 @@
+"""The command line under wrong and edge-case arguments: each is refused at once with one line naming the
+bad value and what is allowed, before any slow work or any output is written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from fusedit.cli import main
+
+TINY_STUDY = Path(__file__).resolve().parents[1] / "studies" / "timestep-tiny.yaml"
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-step run that samples at guidance 1 (its saved sample.guidance)."""
+    folder = tmp_path_factory.mktemp("audit")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    run = folder / "run"
+    argv = ["train", str(folder / "tiny.yaml"), "train.steps=1", "sample.guidance=1", "--out", str(run)]
+    assert main([*argv, "--quiet"]) == 0
+    return run
+
+
+def test_demo_refuses_a_folder_holding_a_run_unless_overwrite(tiny_run, capsys, monkeypatch):
+    """The demo trains afresh, which deletes the checkpoints and metrics of the run in --out: a run
+    trained for days, given as --out by mistake, was silently lost."""
+    import fusedit.demo
+
+    monkeypatch.setattr(fusedit.demo, "run_demo", lambda *a, **k: pytest.fail("trained"))
+    assert main(["demo", "--out", str(tiny_run), "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert f"{str(tiny_run)!r} already holds a run (checkpoint at step 1): pass --overwrite" in err
+    ran = []
+    result = {"final_loss": 1.0, "samples": "s", "loss_curve": "l", "checkpoint": "c"}
+    monkeypatch.setattr(fusedit.demo, "run_demo", lambda cfg, out, **k: ran.append(out) or result)
+    assert main(["demo", "--out", str(tiny_run), "--overwrite", "--quiet"]) == 0
+    assert ran == [tiny_run]
+
+
+def test_demo_replaces_an_earlier_demo_run(tmp_path, monkeypatch):
+    """The README's demo command run twice: the run in --out is the demo's own preset's, so it is replaced."""
+    import fusedit.demo
+    from fusedit.config import load_config
+    from fusedit.system import build_model
+    from fusedit.train.checkpoint import save_checkpoint
+
+    cfg = load_config("debug")
+    model = build_model(cfg)
+    save_checkpoint(tmp_path / "demo", 3, cfg, model.denoiser, None, None, model.text.llm)
+    ran = []
+    result = {"final_loss": 1.0, "samples": "s", "loss_curve": "l", "checkpoint": "c"}
+    monkeypatch.setattr(fusedit.demo, "run_demo", lambda cfg, out, **k: ran.append(out) or result)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    assert ran == [tmp_path / "demo"]
+
+
+def test_demo_final_loss_is_the_mean_of_the_last_steps_even_below_50(tmp_path, monkeypatch):
+    """`fusedit demo train.steps=2` printed the sum of its 2 losses divided by 50."""
+    import fusedit.demo
+    from fusedit.config import load_config
+
+    def train(cfg, run_dir, **kwargs):
+        lines = [json.dumps({"step": i + 1, "loss": loss}) for i, loss in enumerate((1.0, 2.0))]
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return {"losses": [1.0, 2.0]}
+
+    monkeypatch.setattr(fusedit.demo, "train", train)
+    monkeypatch.setattr(fusedit.demo, "plot_curve", lambda *a, **k: None)
+    monkeypatch.setattr(fusedit.demo, "sample_sheet", lambda run_dir, *a, **k: run_dir / "samples.png")
+    r = fusedit.demo.run_demo(load_config("debug", ["train.steps=2"]), tmp_path, progress=False)
+    assert r["final_loss"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--what", "train", "--steps", "5"], "--steps does not apply with --what train"),
+        (["--what", "train", "--prompts", "2"], "--prompts does not apply with --what train"),
+        (["--what", "train", "--guidance", "2"], "--guidance does not apply with --what train"),
+        (["--what", "train", "--cached-only"], "--cached-only does not apply with --what train"),
+        (["--what", "sample", "--batch", "2"], "--batch does not apply with --what sample"),
+        (["--what", "sample", "--train-points", "32x2"], "--train-points does not apply with --what sample"),
+    ],
+)
+def test_bench_refuses_the_flags_of_the_part_it_does_not_run(flags, message, tmp_path, capsys, monkeypatch):
+    """They were accepted and silently ignored: `--what train --steps 5` measured what it always does."""
+    monkeypatch.setattr("fusedit.bench.setup", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["bench", "debug", *flags]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_bench_refuses_a_json_file_it_cannot_append_to_before_building_the_model(
+    tmp_path, capsys, monkeypatch
+):
+    """open() failed after the model build (minutes for a large preset), with a bare [Errno 2] or [Errno
+    21] naming no flag."""
+    monkeypatch.setattr("fusedit.bench.setup", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["bench", "debug", "--json", str(tmp_path)]) == 2
+    assert f"--json {str(tmp_path)!r} is a folder (allowed: a file" in _one_line_error(capsys)
+    missing = tmp_path / "nope" / "b.jsonl"
+    assert main(["bench", "debug", "--json", str(missing)]) == 2
+    err = _one_line_error(capsys)
+    assert f"--json {str(missing)!r}: there is no folder {str(missing.parent)!r}" in err
+
+
+def test_benchmarks_download_refuses_a_dest_that_is_a_file(tmp_path, capsys, monkeypatch):
+    """Was a bare "[Errno 17] File exists"."""
+    monkeypatch.setattr("fusedit.eval.benchmarks.download", lambda *a, **k: pytest.fail("downloaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["benchmarks", "download", "geneval", "--dest", str(afile)]) == 2
+    assert f"--dest {str(afile)!r} is a file (allowed: a folder" in _one_line_error(capsys)
+
+
+def test_study_check_refuses_a_design_it_does_not_have(capsys):
+    """--check ("validate") passed an --only naming no design, which the real run then refused."""
+    assert main(["study", str(TINY_STUDY), "--check", "--only", "adaln-zero", "bogus"]) == 2
+    err = _one_line_error(capsys)
+    assert "design 'bogus' is not in study timestep-tiny (allowed: adaln-zero," in err
+    assert main(["study", str(TINY_STUDY), "--check", "--only", "adaln-zero"]) == 0
+
+
+def test_study_refuses_a_bad_device_before_making_its_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fusedit.eval.study.run_study", lambda *a, **k: pytest.fail("ran"))
+    out = tmp_path / "study"
+    assert main(["study", str(TINY_STUDY), "--device", "bogus", "--out", str(out)]) == 2
+    assert "--device 'bogus' is not allowed" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_sample_refuses_a_negative_prompt_that_guidance_1_ignores(tiny_run, tmp_path, capsys, monkeypatch):
+    """Guidance 1 runs no unconditional branch: the negative prompt changed nothing, yet was recorded in
+    each image's JSON as if it had."""
+    import fusedit.sample
+
+    out = tmp_path / "samples"
+    argv = ["sample", str(tiny_run), "--prompt", "a red circle", "--negative-prompt", "blurry"]
+    argv += ["--steps", "1", "--out", str(out), "--quiet"]
+    load = fusedit.sample.load_sampling_model
+    monkeypatch.setattr(fusedit.sample, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    assert main([*argv, "--guidance", "1"]) == 2  # given: refused before the model loads
+    err = _one_line_error(capsys)
+    assert "--negative-prompt 'blurry' does nothing at guidance 1" in err
+    monkeypatch.setattr(fusedit.sample, "load_sampling_model", load)
+    assert main(argv) == 2  # the run's saved sample.guidance is 1
+    assert "--negative-prompt 'blurry' does nothing at guidance 1" in _one_line_error(capsys)
+    assert not list(out.glob("*.png"))
+    assert main([*argv, "--guidance", "2"]) == 0
+    assert json.loads((out / "00000.json").read_text())["negative_prompt"] == "blurry"
