@@ -156,3 +156,30 @@ def test_sample_refuses_a_negative_prompt_that_guidance_1_ignores(tiny_run, tmp_
     assert not list(out.glob("*.png"))
     assert main([*argv, "--guidance", "2"]) == 0
     assert json.loads((out / "00000.json").read_text())["negative_prompt"] == "blurry"
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes."), True),
+        (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 9 GiB"), True),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidden(
+    capsys, monkeypatch, error, message
+):
+    """`fusedit sample run --size 100000` ran out of memory with a traceback."""
+    import fusedit.cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(fusedit.cli, "cmd_presets", fail)
+    if not message:
+        with pytest.raises(RuntimeError, match="a bug"):
+            main(["presets"])
+        return
+    assert main(["presets"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"fusedit: error: out of memory: {error}") and "(allowed: less at once" in err

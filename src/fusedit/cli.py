@@ -1384,10 +1384,25 @@ def main(argv: list[str] | None = None) -> int:
     # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
     # what to change), an outcome to report in one line like bad input.
     except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError) as e:
-        world = os.environ.get("WORLD_SIZE", "")
-        # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
-        # write, so that the ranks' lines do not run together.
-        who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
-        sys.stderr.write(f"fusedit: error{who}: {e}\n")
-        sys.stderr.flush()
-        return 2
+        return _error(str(e))
+    except RuntimeError as e:
+        # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the
+        # size of what was asked for, not a bug: one line, not a traceback. Any other RuntimeError is a bug.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first:
+            raise
+        return _error(
+            f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or model, "
+            "or a device with more memory)"
+        )
+
+
+def _error(message: str) -> int:
+    """The one line a refused command prints (exit status 2)."""
+    world = os.environ.get("WORLD_SIZE", "")
+    # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
+    # write, so that the ranks' lines do not run together.
+    who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+    sys.stderr.write(f"fusedit: error{who}: {message}\n")
+    sys.stderr.flush()
+    return 2
