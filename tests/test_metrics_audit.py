@@ -139,3 +139,13 @@ def test_frechet_distance_names_non_finite_or_scalar_statistics():
         frechet_distance(mu, sigma, mu, np.full((3, 3), np.inf))
     with pytest.raises(ValueError, match=r"shapes mu1 \(\), sigma1 \(3, 3\).*expected \(D,\)"):
         frechet_distance(np.float64(1.0), sigma, mu, sigma)
+
+
+def test_an_image_folder_that_is_a_file_is_named_as_one(tmp_path):
+    from fusedit.eval.fid import list_images
+
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"image folder '.*a.png' is a file, not a folder"):
+        list_images(tmp_path / "a.png")
+    with pytest.raises(FileNotFoundError, match=r"image folder '.*nothing' does not exist"):
+        list_images(tmp_path / "nothing")

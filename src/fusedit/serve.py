@@ -217,7 +217,7 @@ def max_side(cfg: Config, wanted: int | None = None) -> tuple[int, int]:
         return unit, min(side, largest) if largest else side
     if not side_fits(wanted, cfg):
         upto = f" up to {largest} (the APE table's model.ape_max_size)" if largest else ""
-        raise ConfigError(f"--max-size {wanted} is not allowed (allowed: a multiple of {unit}{upto})")
+        raise ConfigError(f"--max-size {wanted} is not allowed (allowed: a positive multiple of {unit}{upto})")
     return unit, wanted
 
 

@@ -110,7 +110,8 @@ def list_images(folder: str | Path) -> list[Path]:
     (``CONTACT_SHEET``) that sample folders hold beside their samples."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"image folder {str(folder)!r} {problem}")
     files = sorted(
         p
         for p in folder.rglob("*")
