@@ -154,10 +154,13 @@ def test_max_size_is_the_servers_choice_within_the_model_limits(tiny):
     queue = serve.JobQueue(model, cfg, max_size=8)
     assert queue.info()["defaults"]["size"] == 8 and queue.parse({"prompt": "x"}).height == 8
     queue.close()
-    with pytest.raises(ConfigError, match=r"--max-size 15 is not allowed \(allowed: a multiple of 2\)"):
+    with pytest.raises(
+        ConfigError, match=r"--max-size 15 is not allowed \(allowed: a positive multiple of 2\)"
+    ):
         serve.JobQueue(model, cfg, max_size=15)
     with pytest.raises(
-        ConfigError, match=r"--max-size 32 is not allowed \(allowed: a multiple of 2 up to 16 \(the APE"
+        ConfigError,
+        match=r"--max-size 32 is not allowed \(allowed: a positive multiple of 2 up to 16 \(the APE",
     ):
         serve.JobQueue(model, tiny_config(model={"ape_max_size": 8}), max_size=32)
 
