@@ -151,9 +151,19 @@ def resolve_device(name: str | torch.device | None = "auto", setting: str = "dev
             f"{setting} {str(name)!r} is not allowed (allowed: auto, cpu, cuda, cuda:N, mps, or another "
             "torch device type such as xpu)"
         ) from None
-    # torch.cuda, torch.mps, torch.xpu, ... say whether the device is there; "meta" and others have none.
+    # torch.cuda, torch.mps, torch.xpu, ... say whether the device is there; for the types without such a
+    # module (hpu, xla, vulkan, ...; cpu and meta always work) a tensor placed there tells, rather than the
+    # first model or batch moved there failing with a traceback.
     backend = getattr(torch, device.type, None)
-    if callable(getattr(backend, "is_available", None)) and not backend.is_available():
+    if not callable(getattr(backend, "is_available", None)):
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:
+            raise ConfigError(
+                f"{setting} {str(name)!r} is not available: torch {torch.__version__} cannot place tensors "
+                f"on it ({type(e).__name__}) (allowed here: auto or cpu)"
+            ) from None
+    elif not backend.is_available():
         why = (
             "is built without CUDA"
             if device.type == "cuda" and not torch.backends.cuda.is_built()
@@ -207,7 +217,9 @@ def builtin_words(cfg: Config) -> list[str]:
     extra = " ".join(
         [LIDIT_INSTRUCTION] + [f"{t.instruction} {t.system_prompt}" for t in (cfg.text, *cfg.extra_text)]
     )
-    return vocabulary() + sorted(set(re.findall(r"\w+|[^\w\s]", extra)) - set(vocabulary()))
+    # Split as the word tokenizer's Whitespace pre-tokenizer splits: a run of punctuation ("...", ").") is
+    # one token there, which would be <unk> were its characters listed one by one.
+    return vocabulary() + sorted(set(re.findall(r"\w+|[^\w\s]+", extra)) - set(vocabulary()))
 
 
 def _text_encoder(

@@ -93,9 +93,11 @@ def _write_json(path: Path, data: Any) -> None:
 class _Items:
     """The samples of a source in natural order: ``total`` (None for a stream, known only at its end),
     ``sample_id(position)`` where random access exists, and ``iterate(start, end)`` yielding (position,
-    id, result) with result = (image tensor, bucket, captions) or SkipSample."""
+    id, result) with result = (image tensor, bucket, captions) or SkipSample. ``refused``: the (reason,
+    id, detail) of entries the source dropped before giving them a position (an index's bad rows)."""
 
     total: int | None = None
+    refused: tuple = ()
 
     def sample_id(self, position: int) -> str | None:
         return None
@@ -108,6 +110,7 @@ class _CatalogItems(_Items):
     def __init__(self, catalog: Any, decoder: SampleDecoder, workers: int, chunk: int):
         self.catalog, self.decoder, self.workers, self.chunk = catalog, decoder, workers, chunk
         self.total = len(catalog)
+        self.refused = tuple(getattr(catalog, "skipped", ()))  # counted by training's report too
 
     def sample_id(self, position: int) -> str:
         return self.catalog.sample_id(position)
@@ -479,7 +482,7 @@ def cache_latents(
         # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
         meta["vae_identity"] = _vae_identity(vae_cfg)
         _write_json(out / META, meta)
-    return _write_index(out, meta, shards)
+    return _write_index(out, meta, shards, items.refused)
 
 
 def _check_shard(items: _Items, shard: dict, out: Path) -> None:
@@ -522,8 +525,8 @@ def _some(ids: list[str]) -> str:
     return repr(ids[0]) + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else "")
 
 
-def _write_index(out: Path, meta: dict, shards: list[dict]) -> dict:
-    skips = SkipCounter()
+def _write_index(out: Path, meta: dict, shards: list[dict], refused=()) -> dict:
+    skips = SkipCounter.of(refused)
     samples: dict[str, dict] = {}
     for shard in shards:
         skips.add_all(tuple(s) for s in shard["skipped"])
