@@ -95,6 +95,19 @@ def test_sampling_compile_keeps_the_training_memory_budget(fresh_dynamo):
         assert functorch_config.activation_memory_budget == 0.7
 
 
+def test_a_sampling_compile_runs_llms_compiled_for_training_eagerly_again(fresh_dynamo):
+    """fusedit bench compiles for training (DiT blocks and LLMs), then for sampling: its sampling figures
+    must run the LLMs as `fusedit sample` does (eagerly), not compiled for training."""
+    model = build_model(tiny_config())
+    model.compile_parts("eager")
+    assert model.text.llm._compiled_call_impl is not None
+    model.compile_parts("eager", llm=False)
+    assert model.text.llm._compiled_call_impl is None
+    model.compile_parts("eager")
+    model.compile_parts("")
+    assert model.text.llm._compiled_call_impl is None
+
+
 def test_trim_multiple_of_the_config_is_kept_on_any_device(fresh_dynamo):
     model = build_model(tiny_config(text={"trim_multiple": 4}))
     model.compile_parts("eager", llm=False)

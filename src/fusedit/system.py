@@ -17,6 +17,7 @@ from torch import nn
 
 from fusedit.config import Config, ConfigError, TextConfig
 from fusedit.models import build_denoiser
+from fusedit.models.base import uncompile
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import llm_config, load_llm, load_tokenizer
@@ -120,8 +121,10 @@ class TextToImage(nn.Module):
         device = next(self.denoiser.parameters()).device
         if backend == "auto":
             backend = "inductor" if device.type == "cuda" else ""
-        if not backend:  # off: blocks compiled for training (fusedit bench) run eagerly again
+        if not backend:  # off: blocks and LLMs compiled for training (fusedit bench) run eagerly again
             self.denoiser.compile_blocks("")
+            for enc in self.encoders:
+                uncompile(enc.llm)
             return
         if memory_budget is not None:
             torch._functorch.config.activation_memory_budget = memory_budget
@@ -133,9 +136,11 @@ class TextToImage(nn.Module):
         name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), needed))
         self.denoiser.compile_blocks(backend)
-        if llm:
-            for enc in self.encoders:
+        for enc in self.encoders:
+            if llm:
                 enc.llm.compile(backend=backend)
+            else:  # sampling's LLMs run eagerly, also after a training compile in this process (fusedit bench)
+                uncompile(enc.llm)
 
 
 def resolve_device(name: str | torch.device | None = "auto", setting: str = "device") -> torch.device:

@@ -179,7 +179,7 @@ def inductor_options() -> dict[str, bool]:
     return {"triton.mix_order_reduction": False} if hasattr(inductor.triton, "mix_order_reduction") else {}
 
 
-def _uncompile(module: nn.Module) -> None:
+def uncompile(module: nn.Module) -> None:
     """Undo ``module.compile(...)``: nn.Module.compile keeps its compiled call in the private
     ``_compiled_call_impl`` and, in every torch this project supports (>= 2.5; still so in 2.13), has no
     public way back; None, that attribute's class default, makes ``__call__`` run the eager forward again."""
@@ -243,7 +243,7 @@ class DiT(nn.Module):
             if backend:
                 block.compile(backend=backend, dynamic=False, options=options)
             else:
-                _uncompile(block)
+                uncompile(block)
 
     # ---- what a design defines
     def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
