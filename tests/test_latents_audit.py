@@ -53,3 +53,36 @@ def test_a_device_type_torch_cannot_place_tensors_on_is_a_config_error(name):
     with pytest.raises(ConfigError) as error:
         resolve_device(name, "--device")
     assert str(error.value).startswith(f"--device {name!r} is not available: ")
+
+
+def test_a_rerun_is_refused_only_over_settings_its_source_reads(tmp_path):
+    """data.kinds or data.num_samples mean nothing to a folder (and data.crop nothing to the shapes world):
+    a rerun with them changed continues the cache; one with a setting the source reads is refused."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"c{i}")
+    folder = {"source": "folder", "root": str(root), "image_size": 16, "min_image_size": 16}
+    out = tmp_path / "cache"
+    cache_latents(DataConfig(**folder), VAEConfig(), out, 2, 2, "cpu", progress=False)
+    unread = DataConfig(**folder, kinds=["single"], max_objects=1, num_samples=5)
+    assert cache_latents(unread, VAEConfig(), out, 2, 2, "cpu", progress=False)["samples"] == 3
+    with pytest.raises(ConfigError, match="holds latents made with data.crop='center', not 'random'"):
+        cache_latents(DataConfig(**folder, crop="random"), VAEConfig(), out, 2, 2, "cpu", progress=False)
+    shapes = {"source": "shapes", "image_size": 16, "num_samples": 4}
+    cache_latents(DataConfig(**shapes), VAEConfig(), tmp_path / "shapes", 2, 2, "cpu", progress=False)
+    again = cache_latents(
+        DataConfig(**shapes, crop="random"), VAEConfig(), tmp_path / "shapes", 2, 2, "cpu", progress=False
+    )
+    assert again["samples"] == 4
+    with pytest.raises(ConfigError, match="holds latents made with data.num_samples=4, not 5"):
+        cache_latents(
+            DataConfig(**{**shapes, "num_samples": 5}),
+            VAEConfig(),
+            tmp_path / "shapes",
+            2,
+            2,
+            "cpu",
+            progress=False,
+        )

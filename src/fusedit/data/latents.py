@@ -76,6 +76,15 @@ _DATA_KEYS = (
     "num_samples",
     "kinds",
 )
+# Of those, the ones each source reads (the others are recorded but never compared: a rerun must not be
+# refused over a setting that changes nothing, such as data.kinds for a folder or data.crop for shapes).
+_IMAGE_KEYS = ("image_field", "caption_fields", "image_size", "min_image_size", "crop", "buckets")
+_READ_KEYS = {
+    "shapes": ("image_size", "max_objects", "num_samples", "kinds"),
+    "folder": ("root", "index_file", *_IMAGE_KEYS),
+    "webdataset": ("shards", *_IMAGE_KEYS),
+    "hf": ("hf_path", "hf_name", "hf_split", *_IMAGE_KEYS),
+}
 
 
 def _shard_name(j: int) -> str:
@@ -311,9 +320,9 @@ def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> None:
             f"{str(out)!r} holds latents made with {change[0]}, but {change[1]}: use another folder "
             "(or delete this one)"
         )
-    differences = [
-        (f"data.{key}", old.get("data", {}).get(key), value) for key, value in meta["data"].items()
-    ]
+    data = meta["data"]
+    read = ("source", *_READ_KEYS.get(data["source"], _DATA_KEYS))
+    differences = [(f"data.{key}", old.get("data", {}).get(key), data[key]) for key in read]
     differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
     for key, before, now in differences:
         if before != now:
