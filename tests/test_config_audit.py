@@ -114,3 +114,13 @@ def test_pruning_keeps_the_checkpoint_just_written_when_a_later_step_is_on_disk(
     final = save_checkpoint(tmp_path, 15, cfg, net, None, None, None, keep=1)
     assert final.is_dir() and find_checkpoint(tmp_path) == final
     assert {p.name for p in root.iterdir()} == {"latest", "step_00000015", "step_00000020"}
+
+
+@pytest.mark.parametrize("key", ["extra_text.0.family=qwen2", "stages.0.steps=3"])
+def test_a_position_in_a_list_the_config_leaves_empty_is_named(key):
+    """It said "extra_text={'0': {...}} must be a list of mappings", which the override never wrote."""
+    name = key.split(".")[0]
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{name}.0: no such item ({name} is empty: write its items")
+    ):
+        load_config("debug", [key])

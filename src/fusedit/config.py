@@ -578,7 +578,10 @@ def _merge_into_list(items: list, patch: dict, key: str) -> list:
     for index, value in patch.items():
         i = index if isinstance(index, int) else int(index) if str(index).isdigit() else None
         if i is None or not 0 <= i < len(out):
-            raise ConfigError(f"{key}.{index}: no such item (allowed: 0..{len(out) - 1})")
+            allowed = (
+                f"allowed: 0..{len(out) - 1}" if out else f"{key} is empty: write its items in a YAML file"
+            )
+            raise ConfigError(f"{key}.{index}: no such item ({allowed})")
         out[i] = _deep_merge(out[i], value) if isinstance(value, dict) and isinstance(out[i], dict) else value
     return out
 
@@ -588,6 +591,9 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), list):
             out[k] = _merge_into_list(out[k], v, k)
+        elif isinstance(v, dict) and k not in out and v and all(str(i).isdigit() for i in v):
+            # A position (extra_text.0.family=...) in a list the config leaves at its empty default.
+            out[k] = _merge_into_list([], v, k)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
