@@ -25,8 +25,6 @@ from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
 
-_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -51,14 +49,41 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
+def _env_int(name: str, default: int | None = None) -> int:
+    """A rank variable as torchrun writes it: ASCII digits. ``default`` stands in only for an absent one;
+    int() would also take "", "1_0", "+1", " 1" or other scripts' digits, and a rank or world size made of
+    those is a launcher's mistake, not a number to train with."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    if not (value and value.isascii() and value.isdigit()):
         raise ConfigError(
-            f"environment variable {name}={value!r} is not an integer (torchrun sets it)"
-        ) from None
+            f"environment variable {name}={value!r} is not allowed (allowed: a whole number, 0 or more, "
+            "as torchrun sets it)"
+        )
+    return int(value)
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) of a torchrun launch, refused in one line unless they make sense.
+    torch checks none of this before it waits for peers: a rank outside 0..WORLD_SIZE-1 would wait for a
+    rendezvous that never completes, for the whole train.dist_timeout_s, and WORLD_SIZE=0 fails in the
+    store with a message that names no variable."""
+    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", 0)
+    if world < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={world} is not allowed (allowed: 1 or more)")
+    if rank >= world:
+        raise ConfigError(
+            f"environment variable RANK={rank} is not allowed with WORLD_SIZE={world} "
+            f"(allowed: 0..{world - 1})"
+        )
+    # The processes of one machine are a part of the job's.
+    if local_rank >= world:
+        raise ConfigError(
+            f"environment variable LOCAL_RANK={local_rank} is not allowed with WORLD_SIZE={world} "
+            f"(allowed: 0..{world - 1})"
+        )
+    return rank, world, local_rank
 
 
 def local_device(name: str, local_rank: int) -> torch.device:
@@ -86,7 +111,7 @@ def setup(device_name: str, timeout_s: float = 1800) -> DistEnv:
         return DistEnv(device=local_device(device_name, 0))
     if not dist.is_available():
         raise RuntimeError("launched by torchrun, but this torch build has no torch.distributed")
-    rank, world, local_rank = (_env_int(n, 0) for n in _ENV)
+    rank, world, local_rank = torchrun_ranks()
     device = local_device(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
