@@ -155,14 +155,16 @@ def test_max_size_is_the_servers_choice_within_the_model_limits(tiny):
     assert queue.info()["defaults"]["size"] == 8 and queue.parse({"prompt": "x"}).height == 8
     queue.close()
     with pytest.raises(
-        ConfigError, match=r"--max-size 15 is not allowed \(allowed: a positive multiple of 2\)"
+        ConfigError, match=r"--max-size 15 is not allowed \(allowed: a positive multiple of 2, the VAE's"
     ):
         serve.JobQueue(model, cfg, max_size=15)
     with pytest.raises(
         ConfigError,
-        match=r"--max-size 32 is not allowed \(allowed: a positive multiple of 2 up to 16 \(the APE",
+        match=r"--max-size 32 is not allowed \(allowed: a positive multiple of 2, .*, up to 16 \(the APE",
     ):
         serve.JobQueue(model, tiny_config(model={"ape_max_size": 8}), max_size=32)
+    with pytest.raises(ConfigError, match=r"--max-size 0 is not allowed \(allowed: a positive multiple of 2"):
+        serve.JobQueue(model, cfg, max_size=0)
 
 
 def test_sizes_stop_where_a_fixed_ape_table_ends(tiny):
@@ -793,7 +795,7 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, tiny, capsys, 
     monkeypatch.setattr("fusedit.sample.load_sampling_model", no_load)
     assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu", "--max-size", "7"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--max-size 7 is not allowed (allowed: a positive multiple of 2)" in err
+    assert "--max-size 7 is not allowed (allowed: a positive multiple of 2, the VAE's downsampling" in err
     assert "\n" not in err
 
 

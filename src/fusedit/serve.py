@@ -52,7 +52,15 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fusedit.config import Config, ConfigError, SampleConfig, choices_of, side_fits, side_limits
+from fusedit.config import (
+    Config,
+    ConfigError,
+    SampleConfig,
+    allowed_sides,
+    choices_of,
+    side_fits,
+    side_limits,
+)
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
@@ -216,8 +224,7 @@ def max_side(cfg: Config, wanted: int | None = None) -> tuple[int, int]:
         side = 2 * cfg.data.image_size // unit * unit
         return unit, min(side, largest) if largest else side
     if not side_fits(wanted, cfg):
-        upto = f" up to {largest} (the APE table's model.ape_max_size)" if largest else ""
-        raise ConfigError(f"--max-size {wanted} is not allowed (allowed: a positive multiple of {unit}{upto})")
+        raise ConfigError(f"--max-size {wanted} is not allowed (allowed: {allowed_sides(cfg)})")
     return unit, wanted
 
 
