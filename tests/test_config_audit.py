@@ -45,6 +45,19 @@ def test_a_relative_base_folder_is_looked_up_beside_the_config(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")  # where ../run is no folder
     cfg = load_config(tmp_path / "exp" / "a.yaml")
     assert (cfg.name, cfg.train.steps) == ("child", 11)
+    # A bare preset name beside a folder of that name (an output folder) is still the preset.
+    (tmp_path / "exp" / "debug").mkdir()
+    (tmp_path / "exp" / "b.yaml").write_text("base: debug\nname: child\n")
+    assert load_config(tmp_path / "exp" / "b.yaml").train.steps == load_config("debug").train.steps
+
+
+def test_a_position_in_a_stages_inherited_list_still_patches_it():
+    """A stage's data mapping holds only what it changes; its lists come from the top-level section."""
+    cfg = load_config("recipe-shapes-3stage", ["stages.0.data.kinds.0=position"])
+    top = load_config("recipe-shapes-3stage").data.kinds
+    from fusedit.config import resolved_stages
+
+    assert resolved_stages(cfg)[0].config.data.kinds == ["position", *top[1:]]
 
 
 def test_an_arch_override_naming_the_default_family_keeps_the_base_arch(tmp_path):

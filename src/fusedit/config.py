@@ -407,6 +407,8 @@ RUN_WIDE_TRAIN_KEYS = (
     "loggers",
 )
 STAGE_SECTIONS = ("data", "train", "flow", "sample")
+# Config's lists of sections, empty unless a config writes them.
+EMPTY_LIST_SECTIONS = ("extra_text", "stages")
 STAGE_SECTION_CLASSES = {"data": DataConfig, "train": TrainConfig, "flow": FlowConfig, "sample": SampleConfig}
 
 
@@ -566,9 +568,13 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
     if base is None:
         return data
     base_ref = base
-    # A file or a run/checkpoint/pipeline folder beside the config, as _read_yaml takes either.
-    if folder is not None and (folder / str(base)).exists():
-        base_ref = folder / str(base)
+    # A file beside the config, or a run/checkpoint/pipeline folder beside it written as a path (../run,
+    # ./runs/a): a bare name that is also a folder there (an output folder named like a preset) stays the
+    # preset.
+    sibling = folder / str(base) if folder is not None else None
+    as_path = "/" in str(base) or str(base).startswith(".")
+    if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
+        base_ref = sibling
     return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path))), data)
 
 
@@ -591,8 +597,15 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), list):
             out[k] = _merge_into_list(out[k], v, k)
-        elif isinstance(v, dict) and k not in out and v and all(str(i).isdigit() for i in v):
-            # A position (extra_text.0.family=...) in a list the config leaves at its empty default.
+        elif (
+            k in EMPTY_LIST_SECTIONS
+            and isinstance(v, dict)
+            and k not in out
+            and all(map(str.isdigit, map(str, v)))
+        ):
+            # A position (extra_text.0.family=...) in a list of sections the config leaves at its empty
+            # default. Other lists absent here keep the pass-through: a stage's data/train mapping holds only
+            # what it changes, and resolved_stages merges it into the inherited list.
             out[k] = _merge_into_list([], v, k)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = _deep_merge(out[k], v)
