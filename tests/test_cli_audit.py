@@ -78,6 +78,10 @@ def test_demo_final_loss_is_the_mean_of_the_last_steps_even_below_50(tmp_path, m
     monkeypatch.setattr(fusedit.demo, "sample_sheet", lambda run_dir, *a, **k: run_dir / "samples.png")
     r = fusedit.demo.run_demo(load_config("debug", ["train.steps=2"]), tmp_path, progress=False)
     assert r["final_loss"] == pytest.approx(1.5)
+    # A step skipped for a NaN loss (train.max_bad_steps) logs it: left out of the mean.
+    monkeypatch.setattr(fusedit.demo, "train", lambda *a, **k: {"losses": [1.0, float("nan"), 2.0]})
+    r = fusedit.demo.run_demo(load_config("debug", ["train.steps=3"]), tmp_path, progress=False)
+    assert r["final_loss"] == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize(

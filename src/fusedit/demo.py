@@ -6,6 +6,7 @@ Writes into the run folder: the checkpoint, metrics.jsonl, loss.png and samples.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -42,11 +43,12 @@ def run_demo(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     plot_curve(losses, run_dir / "loss.png", title=f"{cfg.name}: flow-matching loss", smooth=25)
     torch.manual_seed(0)
     grid = sample_sheet(run_dir, cfg, progress=progress)
-    recent = result["losses"][-50:]  # fewer with train.steps below 50
+    # The last 50 (fewer below 50 steps), without steps skipped for a NaN/inf loss (train.max_bad_steps).
+    recent = [loss for loss in result["losses"][-50:] if math.isfinite(loss)]
     return {
         "run_dir": run_dir,
         "samples": grid,
         "loss_curve": run_dir / "loss.png",
         "checkpoint": run_dir / "checkpoints",
-        "final_loss": sum(recent) / len(recent),
+        "final_loss": sum(recent) / len(recent) if recent else math.nan,
     }

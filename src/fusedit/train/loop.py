@@ -686,8 +686,10 @@ class _Run:
             logger.log(record, step + 1)
         if (step + 1) % log_every == 0:
             self.metrics.flush()
-            recent = self.losses[-log_every:]
-            self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            # A step skipped for a NaN/inf loss (train.max_bad_steps) records that loss: not averaged in.
+            recent = [loss for loss in self.losses[-log_every:] if math.isfinite(loss)]
+            if recent:
+                self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
 
     def _checkpoint(self, stage: Stage, step: int, loader, opts: Optimizers, ema: EMA, save_text, skip_path):
         """The atomic checkpoint after ``step``, with this rank's data position (Distributed Checkpoint under
