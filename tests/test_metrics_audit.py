@@ -79,6 +79,19 @@ def test_a_copy_of_the_inception_network_elsewhere_reuses_cached_reference_stats
         ReferenceStats.cached("ref", must_not_decode, CleanInceptionFeatures(other), cache, progress=False)
 
 
+def test_a_cache_recorded_with_the_networks_old_place_in_its_fingerprint_is_reused(tmp_path):
+    """Caches written before the fingerprint dropped the folder recorded "/abs/folder/file#digest": the
+    same file and digest anywhere reuse them instead of decoding every reference image again."""
+    network = save_network(tmp_path / "a" / INCEPTION_FILE, seed=0)
+    extractor = CleanInceptionFeatures(network)
+    old_style = type("Old", (), {"id": extractor.id, "__call__": lambda self, batch: extractor(batch)})()
+    old_style.fingerprint = f"{tmp_path / 'gone' / extractor.fingerprint}"
+    cache = tmp_path / "cache"
+    stats = ReferenceStats.cached("ref", images(4), old_style, cache, progress=False)
+    again = ReferenceStats.cached("ref", must_not_decode, extractor, cache, progress=False)
+    np.testing.assert_array_equal(again.mu, stats.mu)
+
+
 class ChannelMeans:
     id = "channel-means"
 

@@ -224,13 +224,23 @@ def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> di
     }
 
 
+def _place_free(fingerprint) -> object:
+    """A feature model's fingerprint without the folder that fusedit before session 19 wrote into it
+    ("/x/inception-2015-12-05.pt#d" -> "inception-2015-12-05.pt#d"): the weights' digest still tells
+    models apart, and caches written then are not recomputed (30,000 images for MJHQ) over the place."""
+    if not isinstance(fingerprint, str) or "#" not in fingerprint:
+        return fingerprint
+    place, _, digest = fingerprint.rpartition("#")
+    return f"{Path(place).name}#{digest}"
+
+
 def _source_change(recorded: dict, current: dict) -> str:
     """Why stats recorded from ``recorded`` do not describe ``current`` ("" when they do). Only what
     ``current`` knows is compared: a caller that cannot describe its images leaves them unchecked."""
     changes = []
     for key, label in (("reference", "reference images"), ("features", "feature model")):
         old, new = recorded.get(key), current.get(key)
-        if new is None or old == new:
+        if new is None or old == new or (key == "features" and _place_free(old) == _place_free(new)):
             continue
         if old is None:
             changes.append(f"the cache does not record its {label} (now {new!r})")
@@ -542,7 +552,8 @@ class TransformersImageFeatures:
         folder = Path(model_id)
         if folder.is_dir():
             weights = [p for p in folder.rglob("*") if p.is_file()]
-            self.fingerprint = f"{folder.resolve()}#{files_digest(folder, weights)[:16]}"
+            # The folder's name, not its place: a copy elsewhere reuses the cached stats (as for Inception).
+            self.fingerprint = f"{folder.resolve().name}#{files_digest(folder, weights)[:16]}"
         else:
             commit = getattr(self.model.config, "_commit_hash", None)
             self.fingerprint = f"{self.model_id}@{commit}" if commit else self.model_id
