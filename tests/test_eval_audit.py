@@ -122,6 +122,12 @@ def test_prompt_files_that_are_not_utf8_name_the_file(tmp_path):
     (prompts / "1.txt").write_bytes(b"caf\xe9")
     with pytest.raises(BenchmarkError, match=rf"{prompts / '1.txt'} is not UTF-8 text"):
         load_dpg(prompts)
+    from fusedit.eval.dpg import CSV_COLUMNS, load_dpg_questions
+
+    questions = tmp_path / "dpg_bench.csv"
+    questions.write_bytes((",".join(CSV_COLUMNS) + "\n").encode() + b"caf\xe9\n")
+    with pytest.raises(BenchmarkError, match=rf"{questions} is not UTF-8 text"):
+        load_dpg_questions(questions)
 
 
 def test_a_study_final_loss_leaves_out_skipped_steps_and_cut_lines(tmp_path):

@@ -286,7 +286,7 @@ def existing_path(path: str | Path, what: str, bench: str) -> Path:
     return path
 
 
-def _read_utf8(path: Path, expected: str) -> str:
+def read_utf8(path: Path, expected: str) -> str:
     """``path``'s text; a file in another encoding is a one-line error naming it (UnicodeDecodeError's own
     message names only a byte position)."""
     try:
@@ -302,7 +302,7 @@ def load_geneval(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = existing_path(path / GENEVAL_METADATA, "GenEval metadata", "geneval")
     rows = []
-    for number, line in enumerate(_read_utf8(path, "one JSON object per line").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, "one JSON object per line").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -344,7 +344,7 @@ def load_dpg(path: str | Path) -> list[tuple[str, str]]:
     files = sorted(path.glob("*.txt"), key=lambda p: name_order(p.stem))
     if not files:
         raise BenchmarkError(f"no *.txt prompt files in {str(path)!r}; expected DPG-Bench's prompts folder")
-    return [(f.stem, _read_utf8(f, "one DPG-Bench prompt").strip()) for f in files]
+    return [(f.stem, read_utf8(f, "one DPG-Bench prompt").strip()) for f in files]
 
 
 def dpg_csv_path(path: str | Path) -> Path:

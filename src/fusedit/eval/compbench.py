@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.data.transforms import SkipSample
-from fusedit.eval.benchmarks import BenchmarkError, existing_path
+from fusedit.eval.benchmarks import BenchmarkError, existing_path, read_utf8
 from fusedit.eval.dpg import TransformersVQA
 from fusedit.eval.fid import ClipEmbedder, SkippedImages, load_image, model_inputs
 from fusedit.eval.geneval import Detection, geneval_class
@@ -151,10 +151,7 @@ def _read_prompts(path: Path) -> list[str]:
             f"no {path.name} in {str(path.parent)!r}; expected T2I-CompBench's examples/dataset folder (get "
             f"it with `fusedit benchmarks download {BENCH}`)"
         )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise BenchmarkError(f"{path} is not UTF-8 text ({e.reason}); expected one prompt per line") from None
+    lines = read_utf8(path, "one prompt per line").splitlines()
     prompts = []
     for number, line in enumerate(lines, start=1):
         prompt = line.split("\t")[0].strip()

@@ -23,6 +23,7 @@ ViLT), so its numbers are comparable with each other, not with published DPG-Ben
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order
+from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import model_inputs
 from fusedit.files import write_text_atomic
 from fusedit.imaging import generated_image, save_png
@@ -80,7 +81,8 @@ def load_dpg_questions(path: str | Path) -> dict[str, list[DpgQuestion]]:
     """The questions of ``dpg_bench.csv`` (a file, or a folder holding it), per item_id, in file order."""
     path = dpg_csv_path(path)
     items: dict[str, dict[int, DpgQuestion]] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
+    # Read whole first: a file in another encoding is then a one-line error naming it.
+    with io.StringIO(read_utf8(path, "DPG-Bench's dpg_bench.csv"), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
