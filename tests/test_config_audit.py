@@ -137,3 +137,14 @@ def test_a_position_in_a_list_the_config_leaves_empty_is_named(key):
         ConfigError, match=re.escape(f"{name}.0: no such item ({name} is empty: write its items")
     ):
         load_config("debug", [key])
+
+
+def test_the_shapes_worlds_kinds_and_object_count_are_the_configs():
+    """config checks data.kinds and data.max_objects at load from its own table (config imports nothing of
+    fusedit's): the world must draw exactly those kinds, with the counts its number words cover."""
+    from fusedit.config import SHAPES_KINDS, SHAPES_MAX_OBJECTS
+    from fusedit.data import shapes
+
+    assert tuple(SHAPES_KINDS) == shapes.ALL_KINDS and shapes.MAX_OBJECTS == SHAPES_MAX_OBJECTS
+    for kind, fewest in SHAPES_KINDS.items():
+        assert min(len(p.objects) for p in shapes.all_prompts(kind, SHAPES_MAX_OBJECTS)) == fewest

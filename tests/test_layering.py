@@ -115,3 +115,12 @@ def test_sample_does_not_import_the_cli():
     imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
     assert "fusedit.checkpoints" in imported  # the walk sees the imports inside functions too
     assert not [m for m in imported if _is_cli(m)], "fusedit.sample imports fusedit.cli"
+
+
+def test_the_config_schema_imports_nothing_of_fusedit():
+    """The config is the bottom layer every package reads: it checks what it can itself (the shapes
+    world's kinds are its table, ``config.SHAPES_KINDS``), so no import of it points upward."""
+    path = SRC / "config.py"
+    imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
+    assert "yaml" in imported  # the walk sees its imports
+    assert [m for m in imported if m.split(".")[0] == "fusedit"] == []

@@ -24,6 +24,7 @@ import re
 import shlex
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -200,6 +201,33 @@ class VAEConfig:
     downsample: int = positive(1)
 
 
+# The procedural shapes world's prompt kinds (data/shapes.py draws them), each with the fewest objects it
+# shows, and the most objects a scene holds: here, below data/, so that data.kinds and data.max_objects are
+# checked when a config loads rather than when the world is built (for a later stage, hours into a run).
+SHAPES_KINDS: dict[str, int] = {"single": 1, "two": 2, "counting": 2, "position": 2, "color_attr": 2}
+SHAPES_MAX_OBJECTS = 4
+
+
+def check_shapes_options(kinds: Iterable[str] | str, max_objects: int) -> tuple[str, ...]:
+    """Validate the shapes world's ``kinds`` and ``max_objects``; returns ``kinds`` as a tuple without
+    duplicates. Raises ValueError."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
+    allowed = ", ".join(SHAPES_KINDS)
+    if not kinds:
+        raise ValueError(f"kinds must not be empty; allowed kinds: {allowed}")
+    for kind in kinds:
+        if kind not in SHAPES_KINDS:
+            raise ValueError(f"unknown prompt kind {kind!r}; allowed kinds: {allowed}")
+    if not 1 <= max_objects <= SHAPES_MAX_OBJECTS:
+        raise ValueError(f"max_objects must be between 1 and {SHAPES_MAX_OBJECTS}, got {max_objects}")
+    for kind in kinds:
+        if SHAPES_KINDS[kind] > max_objects:
+            raise ValueError(
+                f"prompt kind {kind!r} needs at least {SHAPES_KINDS[kind]} objects but max_objects={max_objects}"
+            )
+    return kinds
+
+
 @dataclass
 class DataConfig:
     # shapes: the procedural world; folder: images on disk; webdataset: tar shards; hf: Hugging Face
@@ -209,7 +237,7 @@ class DataConfig:
     max_objects: int = positive(4)
     # Distinct samples of the procedural dataset; training steps cycle over them (small = overfit).
     num_samples: int = positive(10_000_000)
-    kinds: list = field(default_factory=lambda: ["single", "two", "counting", "position", "color_attr"])
+    kinds: list = field(default_factory=lambda: list(SHAPES_KINDS))
     # Probability that a caption is replaced by "" so the model learns the unconditional velocity (CFG).
     caption_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})
     # DataLoader worker processes (index-addressable sources) or decode threads (streams).
@@ -1129,10 +1157,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "shapes":
         # The world's own check of its prompt kinds, here at load: it would otherwise run only when the data
         # is built, after the model, and for a later stage only when that stage starts.
-        from fusedit.data.shapes import check_options
-
         try:
-            check_options(cfg.data.kinds, cfg.data.max_objects)
+            check_shapes_options(cfg.data.kinds, cfg.data.max_objects)
         except (ValueError, TypeError) as e:
             raise ConfigError(
                 f"data.kinds={cfg.data.kinds!r} with data.max_objects={cfg.data.max_objects}: {e}"

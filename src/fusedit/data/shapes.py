@@ -47,6 +47,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from fusedit.config import SHAPES_KINDS
+from fusedit.config import check_shapes_options as check_options
+
 # Saturated colours chosen to be far apart in RGB (the closest pair, red/orange, is ~100 apart) and far
 # from the background, so nearest-colour classification of a generated image is unambiguous.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +63,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 
-ALL_KINDS: tuple[str, ...] = ("single", "two", "counting", "position", "color_attr")
+# The prompt kinds and the fewest objects each shows are config.SHAPES_KINDS (checked at config load).
+ALL_KINDS: tuple[str, ...] = tuple(SHAPES_KINDS)
 
 # The demo's prompt sheet (and a study's default): colours and shapes alone, two objects, relative positions.
 DEMO_PROMPTS = (
@@ -207,31 +211,9 @@ def is_heldout(prompt: Prompt) -> bool:
     return int.from_bytes(digest[:8], "big") < HELDOUT_FRACTION * 2**64
 
 
-def _min_objects(kind: str) -> int:
-    return 1 if kind == "single" else 2
-
-
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
-
-
-def check_options(kinds: Iterable[str] | str, max_objects: int) -> tuple[str, ...]:
-    """Validate ``kinds`` and ``max_objects`` and return ``kinds`` as a tuple without duplicates."""
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
-    if not kinds:
-        raise ValueError(f"kinds must not be empty; allowed kinds: {', '.join(ALL_KINDS)}")
-    for kind in kinds:
-        if kind not in ALL_KINDS:
-            raise ValueError(f"unknown prompt kind {kind!r}; allowed kinds: {', '.join(ALL_KINDS)}")
-    if not 1 <= max_objects <= MAX_OBJECTS:
-        raise ValueError(f"max_objects must be between 1 and {MAX_OBJECTS}, got {max_objects}")
-    for kind in kinds:
-        if _min_objects(kind) > max_objects:
-            raise ValueError(
-                f"prompt kind {kind!r} needs at least {_min_objects(kind)} objects but max_objects={max_objects}"
-            )
-    return kinds
 
 
 @functools.cache
