@@ -59,6 +59,10 @@ def test_demo_replaces_an_earlier_demo_run(tmp_path, monkeypatch):
     ran = []
     result = {"final_loss": 1.0, "samples": "s", "loss_curve": "l", "checkpoint": "c"}
     monkeypatch.setattr(fusedit.demo, "run_demo", lambda cfg, out, **k: ran.append(out) or result)
+    # A run of the demo's own preset that `fusedit train` made (no loss curve, no prompt sheet) is kept.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
+    for name in ("loss.png", "samples.png"):  # what only the demo writes
+        (tmp_path / "demo" / name).write_bytes(b"png")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     assert ran == [tmp_path / "demo"]
 

@@ -58,18 +58,15 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
-def _refuse_a_run(out: Path, advice: str, replaceable: str | None = None) -> None:
+def _refuse_a_run(out: Path, advice: str) -> None:
     """Training afresh into ``out`` deletes the run it holds (metrics and checkpoints): refused, with
-    ``advice`` on what to pass instead, unless that run's config is named ``replaceable``."""
-    from fusedit.checkpoints import find_checkpoint, load_checkpoint_config, load_state
+    ``advice`` on what to pass instead."""
+    from fusedit.checkpoints import find_checkpoint, load_state
 
     try:
-        ckpt = find_checkpoint(out)
+        step = load_state(find_checkpoint(out))["step"]
     except FileNotFoundError:
         return
-    if replaceable is not None and load_checkpoint_config(ckpt).name == replaceable:
-        return
-    step = load_state(ckpt)["step"]
     raise ConfigError(f"{str(out)!r} already holds a run (checkpoint at step {step}): {advice}")
 
 
@@ -106,14 +103,12 @@ def cmd_demo(args) -> int:
 
     cfg = load_config("debug", args.overrides)
     out = _out_folder(args.out)
-    if not args.overwrite:
-        # The demo trains afresh: an --out of a run trained for days would be lost. An earlier demo's run
-        # (its own preset's) is replaced, so that the README's demo command can be run again as it is.
-        _refuse_a_run(
-            out,
-            "pass --overwrite to delete it and run the demo again, or another --out",
-            replaceable=cfg.name,
-        )
+    # The demo trains afresh: an --out of a run trained for days would be lost. An earlier demo's run (the
+    # loss curve and prompt sheet only the demo writes are there) is replaced, so that the README's demo
+    # command can be run again as it is.
+    earlier_demo = (out / "loss.png").is_file() and (out / "samples.png").is_file()
+    if not (args.overwrite or earlier_demo):
+        _refuse_a_run(out, "pass --overwrite to delete it and run the demo again, or another --out")
     t0 = time.time()
     r = run_demo(cfg, out, progress=not args.quiet)
     print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
