@@ -86,3 +86,15 @@ def test_a_rerun_is_refused_only_over_settings_its_source_reads(tmp_path):
             "cpu",
             progress=False,
         )
+
+
+def test_a_missing_device_names_the_ones_this_machine_has(monkeypatch):
+    """On a machine with a GPU, "auto or cpu" would leave out the device a user most likely meant."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "mps"):
+        monkeypatch.setattr(torch.mps, "is_available", lambda: False, raising=False)
+    with pytest.raises(ConfigError, match=r"\(allowed here: auto, cpu or cuda\)$"):
+        resolve_device("vulkan", "--device")

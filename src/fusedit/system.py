@@ -143,6 +143,17 @@ class TextToImage(nn.Module):
                 uncompile(enc.llm)
 
 
+def _usable_devices() -> str:
+    """The device settings this machine takes, as errors list them: "auto or cpu", "auto, cpu or cuda"."""
+    found = [
+        kind
+        for kind in ("cuda", "mps", "xpu")
+        if callable(available := getattr(getattr(torch, kind, None), "is_available", None)) and available()
+    ]
+    *first, last = ["auto", "cpu", *found]
+    return f"{', '.join(first)} or {last}"
+
+
 def resolve_device(name: str | torch.device | None = "auto", setting: str = "device") -> torch.device:
     """A device setting (train.device, --device, an evaluator's device): "auto" or None = CUDA when
     available, else the CPU. A name torch does not know, or a device this machine lacks, is a one-line
@@ -166,7 +177,7 @@ def resolve_device(name: str | torch.device | None = "auto", setting: str = "dev
         except Exception as e:
             raise ConfigError(
                 f"{setting} {str(name)!r} is not available: torch {torch.__version__} cannot place tensors "
-                f"on it ({type(e).__name__}) (allowed here: auto or cpu)"
+                f"on it ({type(e).__name__}) (allowed here: {_usable_devices()})"
             ) from None
     elif not backend.is_available():
         why = (
@@ -176,7 +187,7 @@ def resolve_device(name: str | torch.device | None = "auto", setting: str = "dev
         )
         raise ConfigError(
             f"{setting} {str(name)!r} is not available: torch {torch.__version__} {why} (allowed here: "
-            "auto or cpu)"
+            f"{_usable_devices()})"
         )
     count = getattr(backend, "device_count", None)
     # torch accepts any index of "cpu" and ignores it, so only accelerators' indexes are checked.
