@@ -127,7 +127,8 @@ def test_init_from_a_pipeline_whose_tokenizer_has_other_words_of_the_same_count_
     weights = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     # Position 9 = the 4 specials + word 5: a pipeline's tokenizer is compared id by id.
     with pytest.raises(
-        ConfigError, match=r"its tokenizer/ tokens \(in id order\) differ from this model's at position 9"
+        ConfigError,
+        match=r"its tokenizer/ folder's tokens \(in id order\) differ from this model's at position 9",
     ):
         init_weights(model, pipe)
     assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in weights.items())

@@ -354,19 +354,17 @@ def _vocabulary_change(
     )
 
 
-def _tokenizer_change(source, model) -> str | None:
+def _tokenizer_change(source, model, slots: list[str]) -> str | None:
     """How the tokenizers of a pipeline's LLMs differ from ``model``'s, slot by slot, as
     :func:`_vocabulary_change` words it (a pipeline saves whole tokenizers, not vocabulary.json), or None.
     The LLMs' weights come from the pipeline, so their token ids must mean the same words here; the pooled
-    CLIP keeps its own weights and tokenizer. A tokenizer the model lacks (a shape-only build) is skipped."""
-    from fusedit.pipeline import LLM_SLOTS
-
-    slots = [tok for tok, _ in LLM_SLOTS]
+    CLIP keeps its own weights and tokenizer. A tokenizer the model lacks (a shape-only build) is skipped.
+    ``slots``: the pipeline's tokenizer folders, in LLM order."""
     pairs = [(slot, a.tokenizer, b.tokenizer) for slot, a, b in zip(slots, source.encoders, model.encoders)]
     for slot, theirs, ours in pairs:
         if theirs is not None and ours is not None:
             change = _vocabulary_change(
-                _in_id_order(theirs), _in_id_order(ours), f"{slot}/ tokens (in id order)"
+                _in_id_order(theirs), _in_id_order(ours), f"{slot}/ folder's tokens (in id order)"
             )
             if change:
                 return change
@@ -400,7 +398,7 @@ def _init_from_pipeline(model, folder: Path) -> str | None:
     if set(have) != set(want):
         return f"it holds {len(have) - 1} LLM(s), the configured model reads {len(want) - 1}"
     states = {key: module.state_dict() for key, module in have.items()}
-    problem = _tokenizer_change(source, model) or shapes_mismatch(
+    problem = _tokenizer_change(source, model, [tok for tok, _ in LLM_SLOTS]) or shapes_mismatch(
         {folders[k]: {n: tuple(t.shape) for n, t in s.items()} for k, s in states.items()},
         {folders[k]: m.state_dict() for k, m in want.items()},
         where="the pipeline",

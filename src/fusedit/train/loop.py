@@ -455,7 +455,7 @@ def _start_fresh(
     pretrain = [
         (encoder, tcfg.pretrain_steps)
         for encoder, tcfg in zip(model.encoders, [cfg.text, *cfg.extra_text], strict=True)
-        if tcfg.pretrain_steps and not tcfg.model_id
+        if tcfg.pretrain_steps  # a random-init LLM's: validate refuses it with a model_id
     ]
     if pretrain:
         from fusedit.data.shapes import caption_corpus
