@@ -202,6 +202,9 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, capsys)
     assert {"denoiser.safetensors", "ema.safetensors", "llm.safetensors", "optimizer.pt"} <= {
         p.name for p in plain.iterdir()
     }
+    # Each rank's data position, as the run's state keeps its world size of 2.
+    for name in ("data_state.json", "data_state.rank1.json"):
+        assert (plain / name).read_bytes() == (find_checkpoint(runs("ddp")) / name).read_bytes()
     from_plain, _, _ = load_model(plain)
     for k, v in from_dcp.denoiser.state_dict().items():
         assert torch.equal(v, from_plain.denoiser.state_dict()[k]), k

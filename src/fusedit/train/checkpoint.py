@@ -615,7 +615,7 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
 
 def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Write a DCP checkpoint (a run folder or checkpoint folder) as a single-process checkpoint folder
-    ``out`` (safetensors, optimizer.pt with numbered parameters, config, state, rank 0's data position),
+    ``out`` (safetensors, optimizer.pt with numbered parameters, config, state, each rank's data position),
     e.g. to publish weights or to read them without torch.distributed. No model is built."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -647,7 +647,11 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             torch.save(optimizer_by_index(content), tmp / optimizer_file(key))
         else:
             save_file(_contiguous(content), tmp / f"{file_stem(section)}.safetensors")
-    for name in ("config.yaml", MODELS_FILE, VOCABULARY_FILE, "data_state.json"):
+    # Every rank's data position: state.json keeps the run's world size, so a resume of the consolidated
+    # checkpoint on as many processes continues each rank's stream where it was (rank 0 alone would send
+    # the others back to their shard's start).
+    ranks = sorted(p.name for p in ckpt.glob("data_state.rank*.json"))
+    for name in ("config.yaml", MODELS_FILE, VOCABULARY_FILE, "data_state.json", *ranks):
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)
