@@ -840,18 +840,14 @@ def _converted(out: Path) -> bool:
 
 
 def cmd_study(args) -> int:
-    from fusedit.eval.study import describe_study, load_study, run_study
+    from fusedit.eval.study import chosen_designs, describe_study, load_study, run_study
     from fusedit.system import resolve_device
 
     study = load_study(args.study, device=args.device)
     if args.check:
-        # run_study checks the names itself; --check, which runs nothing, must check them too.
-        labels = [d.label for d in study.designs]
-        unknown = [label for label in args.only or () if label not in labels]
-        if unknown:
-            raise ConfigError(
-                f"design {unknown[0]!r} is not in study {study.name} (allowed: {', '.join(labels)})"
-            )
+        chosen_designs(
+            study, args.only
+        )  # --check runs nothing, but its --only names are checked all the same
         print(describe_study(study))
         return 0
     if args.device:  # else the first design's training refuses it, after the output folder is made

@@ -435,8 +435,6 @@ RUN_WIDE_TRAIN_KEYS = (
     "loggers",
 )
 STAGE_SECTIONS = ("data", "train", "flow", "sample")
-# Config's lists of sections, empty unless a config writes them.
-EMPTY_LIST_SECTIONS = ("extra_text", "stages")
 STAGE_SECTION_CLASSES = {"data": DataConfig, "train": TrainConfig, "flow": FlowConfig, "sample": SampleConfig}
 
 
@@ -470,6 +468,10 @@ class Config:
     name: str = "run"
     # A staged run (see StageConfig and resolved_stages); empty = one stage, this config.
     stages: list = field(default_factory=list, metadata={"item": StageConfig})
+
+
+# Config's lists of sections (extra_text, stages), empty unless a config writes them.
+EMPTY_LIST_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if "item" in f.metadata)
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,13 @@ class TextToImage(nn.Module):
         device = next(self.denoiser.parameters()).device
         if backend == "auto":
             backend = "inductor" if device.type == "cuda" else ""
-        if not backend:  # off: blocks and LLMs compiled for training (fusedit bench) run eagerly again
-            self.denoiser.compile_blocks("")
-            for enc in self.encoders:
+        for enc in self.encoders:
+            if backend and llm:
+                enc.llm.compile(backend=backend)
+            else:  # off, or sampling: LLMs compiled for training in this process (fusedit bench) run eagerly
                 uncompile(enc.llm)
+        if not backend:  # off: blocks compiled for training run eagerly again
+            self.denoiser.compile_blocks("")
             return
         if memory_budget is not None:
             torch._functorch.config.activation_memory_budget = memory_budget
@@ -136,11 +139,6 @@ class TextToImage(nn.Module):
         name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), needed))
         self.denoiser.compile_blocks(backend)
-        for enc in self.encoders:
-            if llm:
-                enc.llm.compile(backend=backend)
-            else:  # sampling's LLMs run eagerly, also after a training compile in this process (fusedit bench)
-                uncompile(enc.llm)
 
 
 def _usable_devices() -> str:

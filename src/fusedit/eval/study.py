@@ -659,6 +659,22 @@ def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
 # The study
 
 
+def chosen_designs(study: Study, only: list[str] | None) -> list[Design]:
+    """The designs ``only`` names (None: all), in the study's order; a label the study lacks, or an empty
+    list, is a one-line error (`fusedit study --only`, also under --check, which runs nothing)."""
+    labels = [d.label for d in study.designs]
+    if only is not None and not only:
+        raise ConfigError(
+            f"only=[] names no design of study {study.name} (allowed: None, or some of {labels})"
+        )
+    unknown = [label for label in only or () if label not in labels]
+    if unknown:
+        raise ConfigError(
+            f"design {unknown[0]!r} is not in study {study.name} (allowed: {', '.join(labels)})"
+        )
+    return [d for d in study.designs if only is None or d.label in only]
+
+
 def run_study(
     study: str | Path | dict | Study,
     out_dir: str | Path,
@@ -672,17 +688,7 @@ def run_study(
     scores just those; the report also shows the other designs an earlier call finished and lists the
     rest as pending. Returns what results.json holds."""
     study = load_study(study, device=device)
-    labels = [d.label for d in study.designs]
-    unknown = [label for label in only or () if label not in labels]
-    if only is not None and not only:
-        raise ConfigError(
-            f"only=[] names no design of study {study.name} (allowed: None, or some of {labels})"
-        )
-    if unknown:
-        raise ConfigError(
-            f"design {unknown[0]!r} is not in study {study.name} (allowed: {', '.join(labels)})"
-        )
-    chosen = [d for d in study.designs if only is None or d.label in only]
+    chosen = chosen_designs(study, only)
     left_out = [d for d in study.designs if d not in chosen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
