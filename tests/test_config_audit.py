@@ -148,3 +148,13 @@ def test_the_shapes_worlds_kinds_and_object_count_are_the_configs():
     assert tuple(SHAPES_KINDS) == shapes.ALL_KINDS and shapes.MAX_OBJECTS == SHAPES_MAX_OBJECTS
     for kind, fewest in SHAPES_KINDS.items():
         assert min(len(p.objects) for p in shapes.all_prompts(kind, SHAPES_MAX_OBJECTS)) == fewest
+
+
+def test_a_position_in_a_list_left_at_its_default_patches_the_default():
+    """train.trainable is absent from the debug preset's YAML: a position in it patches the field's default
+    (["dit"]), and a position past its end names the positions there are, as for a list the YAML holds."""
+    assert load_config("debug", ["train.trainable.0=llm"]).train.trainable == ["llm"]
+    with pytest.raises(ConfigError, match=re.escape("train.trainable.3: no such item (allowed: 0..0)")):
+        load_config("debug", ["train.trainable.3=llm"])
+    with pytest.raises(ConfigError, match=re.escape("'bogus' is not allowed (allowed: a list of dit")):
+        load_config("debug", ["train.trainable.0=bogus"])

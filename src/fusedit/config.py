@@ -830,6 +830,15 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             kwargs[name] = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             spec = fields[name]
+            positions = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
+            if (
+                positions
+                and (typing.get_origin(tp) or tp) is list
+                and spec.default_factory is not dataclasses.MISSING
+            ):
+                # train.trainable.1=llm on a config that leaves the list at its default: the raw YAML holds no
+                # list for the positions to patch, so they patch the field's default.
+                value = _merge_into_list(spec.default_factory(), value, path)
             kwargs[name] = _check_value(path, value, tp, dict(spec.metadata), spec.default)
     return cls(**kwargs)
 
