@@ -412,9 +412,12 @@ def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
     assert not run.exists()
     assert train(3, "--stop-at", "2") == 0
     assert capsys.readouterr().out == f"trained to step 2; checkpoints in {run / 'checkpoints'}\n"
-    assert train(3, "--resume", "--stop-at", "1") == 0
+    saved = (run / "config.yaml").read_text()
+    assert train(5, "--resume", "--stop-at", "1") == 0
     out = capsys.readouterr().out
     assert out.startswith("nothing to train: the run is already at step 2, at or past --stop-at 1; ")
+    # Nothing was trained with train.steps=5: a later plain --resume must not take it from config.yaml.
+    assert (run / "config.yaml").read_text() == saved
     assert train(2, "--resume") == 0
     out = capsys.readouterr().out
     assert out.startswith("nothing to train: the run already finished (step 2 of train.steps=2); ")

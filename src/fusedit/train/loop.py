@@ -507,7 +507,7 @@ def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Pa
             )
         new_opts = Optimizers.build(model, stc, env.device)
         if opts is None:
-            ema, data_state = _start_state(run, stage, new_opts, ckpt, start)
+            ema, data_state = _start_state(run, stage, new_opts, ckpt, start, end)
         else:
             log.info("stage %d %r: %s", stage.index, stage.name, new_opts.carry_from(opts))
             ema.decay = stc.ema_decay
@@ -520,10 +520,11 @@ def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Pa
 
 
 def _start_state(
-    run: _Run, stage: Stage, opts: Optimizers, ckpt: Path | None, start: int
+    run: _Run, stage: Stage, opts: Optimizers, ckpt: Path | None, start: int, end: int
 ) -> tuple[EMA, dict | None]:
     """The EMA of this call's first stage and this rank's data position (None: from the step alone), both
-    loaded with the weights and ``opts``' state from ``ckpt`` when the run resumes; then the config is saved."""
+    loaded with the weights and ``opts``' state from ``ckpt`` when the run resumes; then the config is saved,
+    unless this call trains nothing (``start >= end``)."""
     env, denoiser = run.env, run.model.denoiser
     ema = EMA(denoiser, stage.config.train.ema_decay)
     data_state = None
@@ -532,7 +533,10 @@ def _start_state(
         saved = load_training_state(ckpt, denoiser, opts.by_module, ema, text, distributed=env.distributed)
         log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
         data_state = _saved_data_state(ckpt, saved, env, stage.config)
-    if env.is_main:  # once the checkpoint is known to fit: a refused resume leaves the config as it was
+    # Once the checkpoint is known to fit: a refused resume leaves the config as it was. So does a resume
+    # that trains nothing (--stop-at at or below the run's step): overrides given with it (train.steps=...)
+    # were never trained with, and a later plain --resume would take them from config.yaml.
+    if env.is_main and start < end:
         save_config(run.cfg, run.run_dir / "config.yaml")
     return ema, data_state
 
