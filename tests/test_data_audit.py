@@ -1,6 +1,7 @@
 """Data-pipeline corner cases: brace patterns as bash and webdataset expand them, caption members with a
-byte-order mark, compressed shards whatever their name, mixing weights, index files that are not clean
-UTF-8 or not clean CSV. Every test builds its own tiny data in a temporary folder."""
+byte-order mark or an upper-case name, compressed shards whatever their name, mixing weights, index files
+that are not clean UTF-8 or not clean CSV, and image decoding in threads. Every test builds its own tiny
+data in a temporary folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import io
 import json
 import math
 import tarfile
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from PIL import Image
 
 from fusedit.config import ConfigError, DataConfig
 from fusedit.data.loader import step_loader
+from fusedit.data.transforms import SkipSample, decode_rgb, open_image
 from fusedit.data.webdataset_source import TarShard, expand_braces, shard_lists
 
 BOM = b"\xef\xbb\xbf"
@@ -96,6 +100,46 @@ def test_an_upper_case_image_field_finds_its_member(tmp_path):
     assert sorted(captions.values()) == ["sample 0", "sample 1"] and skips == {}
 
 
+def test_upper_case_caption_fields_find_their_members_as_image_field_does(tmp_path):
+    # Member extensions are lower-cased when a shard is indexed, so the member part of a caption field is
+    # too (TXT, JSON.Caption); the keys inside a JSON member keep their case, as index columns do.
+    shard = tmp_path / "a.tar"
+    sidecar = {"Caption": "from json", "caption": "another key"}
+    samples = {
+        "s0": {"png": _png(seed=0), "TXT": b"from txt"},
+        "s1": {"png": _png(seed=1), "json": json.dumps(sidecar).encode()},
+    }
+    shard.write_bytes(_tar_bytes(samples))
+    cfg = _cfg(source="webdataset", shards=[str(shard)], caption_fields=["TXT", "JSON.Caption"])
+    captions, skips = _captions(cfg, steps=1)
+    assert captions == {f"{shard}/s0": "from txt", f"{shard}/s1": "from json"} and skips == {}
+    index = _index_folder(tmp_path / "data") / "index.jsonl"
+    index.write_text("".join(json.dumps({"file": f, "caption": "x"}) + "\n" for f in ("a.png", "b.png")))
+    with pytest.raises(ConfigError, match="no usable sample"):  # an index column is named exactly
+        list(
+            step_loader(_cfg(source="folder", index_file=str(index), caption_fields=["CAPTION"]), 0, 2, 0, 1)
+        )
+
+
+def test_hidden_files_in_a_shard_are_not_samples(tmp_path):
+    # A macOS tar adds "._<name>" resource forks and .DS_Store; their stem is empty, so they grouped into
+    # one image-less sample per folder, counted as a "missing" skip every epoch.
+    shard = tmp_path / "a.tar"
+    samples = {
+        "d/s0": {"png": _png(), "txt": b"a caption"},
+        "d/._s0": {"png": b"\0" * 8},
+        "d/": {"DS_Store": b"x"},
+    }
+    shard.write_bytes(_tar_bytes(samples))
+    opened = TarShard(str(shard))
+    try:
+        assert [key for key, _ in opened.samples] == ["d/s0"]
+    finally:
+        opened.close()
+    captions, skips = _captions(_cfg(source="webdataset", shards=[str(shard)]), steps=1, batch_size=1)
+    assert captions == {f"{shard}/d/s0": "a caption"} and skips == {}
+
+
 def test_a_gzipped_shard_named_tar_is_read_whole_and_not_reported_truncated(tmp_path):
     samples = {f"s{i}": {"png": _png(seed=i), "txt": f"sample {i}".encode()} for i in range(4)}
     shard = tmp_path / "a.tar"  # tarfile recognises gzip by its content, whatever the name
@@ -168,3 +212,44 @@ def test_a_csv_index_with_a_quote_left_open_is_a_one_line_error_naming_where(tmp
         f"data.index_file={str(index)!r} cannot be read after line 2: field larger than field limit "
         "(131072) (a quote left open after it?)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Image decoding
+
+
+def test_decoding_in_a_thread_leaves_the_process_warnings_filters_alone():
+    # catch_warnings() around the decode swapped the process-wide filter list while a worker decoded, so
+    # another thread saw it changed, and threads entering and leaving it out of step leaked or dropped
+    # filters (before Python 3.14). Here the main thread looks at the filters while a worker is mid-decode.
+    image = Image.open(io.BytesIO(_png()))
+    inside, looked = threading.Event(), threading.Event()
+    load = image.load
+
+    def paused_load():
+        inside.set()
+        looked.wait(5)
+        return load()
+
+    image.load = paused_load
+    before, decoded = list(warnings.filters), []
+    worker = threading.Thread(target=lambda: decoded.append(decode_rgb(image)))
+    worker.start()
+    assert inside.wait(5)
+    during = list(warnings.filters)
+    looked.set()
+    worker.join(5)
+    assert during == before and list(warnings.filters) == before
+    assert decoded[0].size == (32, 32)
+
+
+def test_pils_pixel_limit_warns_through_the_callers_filters_and_twice_it_skips(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)
+    with pytest.warns(Image.DecompressionBombWarning):  # 32x32 is over the limit but under twice it: used
+        assert decode_rgb(open_image(_png(32, 32))).size == (32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # the caller's choice is respected
+        with pytest.raises(SkipSample, match="corrupt: Image size \\(1024 pixels\\) exceeds limit of 700"):
+            open_image(_png(32, 32))
+    with pytest.raises(SkipSample, match="corrupt: Image size \\(1600 pixels\\) exceeds limit of 1400"):
+        open_image(_png(40, 40))

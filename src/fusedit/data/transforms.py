@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,21 +117,22 @@ def open_image(value: Any) -> Image.Image:
         value = value.get("bytes") or value.get("path")
     if value is None or (isinstance(value, (bytes, str)) and len(value) == 0):
         raise SkipSample("missing", "no image data")
+    # PIL's decompression-bomb check stays as PIL does it: an image over Image.MAX_IMAGE_PIXELS warns through
+    # the process's own warnings filters and is used, one over twice that raises and is skipped below. No
+    # catch_warnings() here: before Python 3.14 it swaps the process-wide filter list, so decoder threads
+    # entering and leaving it concurrently (with each other or with the main thread) leak or drop filters.
     try:
-        with warnings.catch_warnings():
-            # Oversized images warn before they raise; the error path below counts them.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(value, (bytes, bytearray, memoryview)):
-                return Image.open(io.BytesIO(bytes(value)))
-            return Image.open(Path(value))
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(value)))
+        return Image.open(Path(value))
     except FileNotFoundError:
         raise SkipSample("missing", f"{value} does not exist") from None
     except (IsADirectoryError, NotADirectoryError):
         raise SkipSample("missing", f"{value} is not a file") from None
     except Exception as e:  # any failure to parse the header is the data's (see SampleDecoder.__call__)
-        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(
-            e, Image.DecompressionBombError
-        ):
+        # (A DecompressionBombWarning arrives here when the process's filters turn warnings into errors.)
+        bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+        if isinstance(value, (bytes, bytearray, memoryview)) and not isinstance(e, bomb):
             # PIL's message would name a BytesIO object by its memory address: useless and different per run.
             raise SkipSample("corrupt", f"{len(value)} bytes that are not a readable image") from None
         raise SkipSample("corrupt", _short(e)) from None
@@ -158,9 +158,7 @@ def decode_rgb(image: Image.Image) -> Image.Image:
     scaled to 8 bits, transparency composited on white (training's decoding, and evaluation's). Raises
     SkipSample("corrupt") for data that fails to decode; closing ``image`` is the caller's."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
+        image.load()  # no catch_warnings() around it: it is not thread-safe (see open_image)
         return _to_rgb(ImageOps.exif_transpose(image))
     except Exception as e:
         # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise

@@ -174,7 +174,10 @@ class TarShard:
             if not member.isfile():
                 continue
             key, ext = split_key(member.name)
-            if ext and not key.rpartition("/")[2].startswith("__"):  # __index__ and similar are not samples
+            stem = key.rpartition("/")[2]
+            # Not samples, as in the webdataset package: __index__ and similar, and hidden files, whose stem
+            # is empty (.DS_Store, the "._00001.jpg" resource forks a macOS tar adds beside each file).
+            if ext and stem and not stem.startswith("__"):
                 groups.setdefault(key, {})[ext] = member
         self.samples = list(groups.items())
 
@@ -204,9 +207,10 @@ class TarShard:
         if self.tar is not None:
             self.tar.close()
 
-    def read(self, index: int, wanted: Sequence[str], image_field: str) -> tuple[str, dict, Any]:
-        """(key, caption fields, image bytes) of sample ``index``. Only members that something reads are
-        loaded (an img2dataset sample may also carry large unused members). Raises SkipSample."""
+    def read(self, index: int, wanted: dict[str, str], image_field: str) -> tuple[str, dict, Any]:
+        """(key, caption fields, image bytes) of sample ``index``; ``wanted`` is :func:`wanted_fields`.
+        Only members that something reads are loaded (an img2dataset sample may also carry large unused
+        members). Raises SkipSample."""
         if self.tar is None:
             raise SkipSample("corrupt", f"shard unreadable: {self.error}")
         key, members = self.samples[index]
@@ -214,25 +218,27 @@ class TarShard:
         ext = image_field.lower() or next((e for e in IMAGE_EXTENSIONS if e in members), "")
         if ext not in members:
             raise SkipSample("missing", f"no {image_field or '/'.join(IMAGE_EXTENSIONS)} member")
-        fields: dict[str, Any] = {"__key__": key}
+        loaded: dict[str, Any] = {}
         try:
             with self._lock:
                 image = self._bytes(members[ext])
-                for name in wanted:
+                for name in dict.fromkeys(wanted.values()):
                     if name in members and name != ext:
-                        fields[name] = self._bytes(members[name])
+                        loaded[name] = self._bytes(members[name])
         except _TAR_ERRORS as e:
             raise SkipSample("corrupt", f"tar member unreadable: {_short(e)}") from None
-        for name, value in list(fields.items()):
+        for name, value in list(loaded.items()):
             if name == "json" or name.endswith(".json"):
                 try:
-                    fields[name] = json.loads(value)
+                    loaded[name] = json.loads(value)
                 except ValueError:
-                    del fields[name]  # an unparsable sidecar is an absent caption source
+                    del loaded[name]  # an unparsable sidecar is an absent caption source
             elif name == "txt" or name.endswith(".txt"):
                 # -sig: a byte-order mark (Windows tools) is not caption text, as for folder sidecars.
-                fields[name] = value.decode("utf-8-sig", errors="replace")
-        return key, fields, image
+                loaded[name] = value.decode("utf-8-sig", errors="replace")
+        # Keyed as data.caption_fields spells them, which is how the decoder looks them up (TXT reads txt).
+        fields = {field: loaded[name] for field, name in wanted.items() if name in loaded}
+        return key, {"__key__": key, **fields}, image
 
     def _bytes(self, member: tarfile.TarInfo) -> bytes:
         f = self.tar.extractfile(member)
@@ -242,9 +248,13 @@ class TarShard:
         return data
 
 
-def wanted_fields(caption_fields: Sequence[str]) -> tuple[str, ...]:
-    """Tar member extensions the caption fields read (``json.caption`` reads the ``json`` member)."""
-    return tuple(dict.fromkeys(f.split(".", 1)[0] if f.startswith("json.") else f for f in caption_fields))
+def wanted_fields(caption_fields: Sequence[str]) -> dict[str, str]:
+    """Caption field (as configured, up to the key path of a ``json.`` field) -> the tar member extension
+    it reads: ``json.caption`` reads the ``json`` member. Extensions are lower-cased when a shard is
+    indexed, so the member part of a field is too (``TXT``, ``JSON.caption``), as for data.image_field;
+    keys inside a JSON member keep their case, as a JSON document's keys do."""
+    heads = (f.split(".", 1)[0] if f.lower().startswith("json.") else f for f in caption_fields)
+    return {head: head.lower() for head in heads}
 
 
 # --------------------------------------------------------------------------------------------------
