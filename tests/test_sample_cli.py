@@ -3,6 +3,7 @@ pipeline), prompts from the command line and a file, batches and their seeds, th
 written next to each image, the progress bar, and one-line errors for bad arguments."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from fusedit.cli import main
 from fusedit.convert.fusedit_official import export_official, load_official
 from fusedit.data.shapes import vocabulary
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate, load_sampling_model, sample_settings, write_sample_folder
+from fusedit.sample import SEED_MAX, generate, load_sampling_model, sample_settings, write_sample_folder
 from fusedit.system import build_model
 from fusedit.text.tokenizer import word_tokenizer
 from fusedit.train.checkpoint import save_checkpoint
@@ -213,6 +214,41 @@ def test_the_library_writes_the_folder_the_cli_writes(folders, tmp_path):
         write_sample_folder(model, cfg, prompts, lib, batch_size=0)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_sampling_model(tmp_path / "nothing", "cpu")
+
+
+def test_the_library_refuses_an_ignored_negative_prompt_and_seeds_past_seed_max(folders, tmp_path):
+    """As `fusedit sample` does: a negative prompt at guidance 1 would change nothing yet be recorded, and
+    image i takes seed + i, which must stay a seed that `fusedit serve` (and `sample`) take back. Refused
+    before anything is written."""
+    model, cfg, _ = load_sampling_model(folders["run"], "cpu")
+    out = tmp_path / "out"
+    ignored = sample_settings(cfg, guidance=1.0, negative_prompt="blurry")
+    message = "negative_prompt='blurry' does nothing at guidance=1.0 (no unconditional branch; allowed: "
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_sample_folder(model, cfg, ["a red circle"], out, settings=ignored, progress=False)
+    message = (
+        f"seed={SEED_MAX} is out of range (allowed: 0..{SEED_MAX - 1} for 2 images: image i takes seed + i)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_sample_folder(model, cfg, ["a red circle", "a blue square"], out, seed=SEED_MAX, progress=False)
+    with pytest.raises(ValueError, match=re.escape(f"seed=-1 is out of range (allowed: 0..{SEED_MAX})")):
+        write_sample_folder(model, cfg, ["a red circle"], out, seed=-1, progress=False)
+    assert not out.exists()
+    settings = sample_settings(cfg, guidance=1.0, steps=1, image_size=8)
+    prompts = ["a red circle", "a blue square"]
+    write_sample_folder(model, cfg, prompts, out, settings=settings, seed=SEED_MAX - 1, progress=False)
+    assert [metadata(out, i)["seed"] for i in range(2)] == [SEED_MAX - 1, SEED_MAX]  # the last one may be it
+
+
+def test_a_seed_whose_images_pass_seed_max_is_one_line(folders, tmp_path, capsys):
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--seed", str(SEED_MAX), "--steps", "1"]
+    assert sample(folders["run"], tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and "\n" not in err
+    assert (
+        f"{SEED_MAX} is out of range (allowed: 0..{SEED_MAX - 1} for 2 images: image i takes seed + i)" in err
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_width_by_height_samples_a_wide_image(folders, tmp_path):
@@ -454,3 +490,20 @@ def test_an_export_of_a_public_pipeline_points_to_convert(folders, tmp_path, cap
         f"export; one of the public FuseDiT code is imported with `fusedit convert {folders['public']} --out "
         "DIR`, see docs/run-released-fusedit.md)\n"
     )
+
+
+def test_a_saved_negative_prompt_is_dropped_at_guidance_1_unless_given(folders, tmp_path):
+    """A model saved with a negative prompt, sampled at guidance 1 (saved or given): the saved prompt would
+    change nothing, so the settings hold none and the images record none, rather than refusing a prompt the
+    user never typed. One given at guidance 1 is kept, for write_sample_folder to refuse."""
+    model, cfg, _ = load_sampling_model(folders["run"], "cpu")
+    cfg.sample.negative_prompt, cfg.sample.guidance = "blurry", 1.0
+    assert sample_settings(cfg)["negative_prompt"] == ""
+    assert sample_settings(cfg, guidance=2.0)["negative_prompt"] == "blurry"
+    assert sample_settings(cfg, negative_prompt="dark")["negative_prompt"] == "dark"
+    cfg.sample.guidance = 3.0
+    assert sample_settings(cfg)["negative_prompt"] == "blurry"
+    assert sample_settings(cfg, guidance=1.0)["negative_prompt"] == ""
+    settings = sample_settings(cfg, guidance=1.0, steps=1, image_size=8)
+    write_sample_folder(model, cfg, ["a red circle"], tmp_path / "out", settings=settings, progress=False)
+    assert metadata(tmp_path / "out", 0)["negative_prompt"] == ""

@@ -293,6 +293,49 @@ def test_no_seed_draws_one_and_reports_it(server):
     assert [job["images"][0]["seed"] for job in jobs] == seeds
 
 
+def test_every_images_seed_is_one_a_request_may_ask_for(tiny, monkeypatch):
+    """Image i takes seed + i: a seed whose last image would pass SEED_MAX is refused (that image could not
+    be asked for again, here or from `fusedit sample`), and a drawn seed leaves room for every image."""
+    queue = serve.JobQueue(*tiny)
+    try:
+        top = serve.SEED_MAX - 7
+        assert queue.parse({"prompt": "x", "seed": top, "num_images": 8}).seed == top
+        refused = rf"seed={top + 1} is out of range \(allowed: 0..{top} for 8 images"
+        with pytest.raises(serve.RequestError, match=refused) as e:
+            queue.parse({"prompt": "x", "seed": top + 1, "num_images": "8"})
+        assert e.value.status == 400
+        monkeypatch.setattr(serve.secrets, "randbelow", lambda n: n - 1)  # the largest seed it can draw
+        assert queue.parse({"prompt": "x", "num_images": 8}).seed == top
+        assert queue.parse({"prompt": "x"}).seed == serve.SEED_MAX
+    finally:
+        queue.close()
+
+
+def test_jobs_still_waiting_at_close_are_cancelled_saying_why(tiny):
+    """close() lets the running generation finish; a job still queued never starts, and says so, so that
+    a client following it is answered rather than left polling a job queued for ever."""
+    queue = serve.JobQueue(*tiny)
+    gate = Gate(tiny[0], at=0)  # hold the first job before its first step
+    try:
+        running = queue.submit({"prompt": "a red circle", "steps": 1})["id"]
+        deadline = time.monotonic() + 30
+        while queue.job(running)["status"] != "running":
+            assert time.monotonic() < deadline, "the first job never started"
+            time.sleep(0.005)
+        waiting = queue.submit({"prompt": "a blue square", "steps": 1})["id"]
+        queue.close(wait=False)
+        job = queue.job(waiting)
+        assert (job["status"], job["error"]) == ("cancelled", "the server shut down before this job started")
+        with pytest.raises(serve.RequestError, match="the server is shutting down") as e:
+            queue.submit({"prompt": "a green triangle", "steps": 1})
+        assert e.value.status == 503
+    finally:
+        gate.release()
+    queue._worker.join(30)
+    assert not queue._worker.is_alive()
+    assert [queue.job(i)["status"] for i in (running, waiting)] == ["done", "cancelled"]
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -308,6 +351,10 @@ def test_no_seed_draws_one_and_reports_it(server):
         ({"prompt": "x", "seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
         ({"prompt": "x", "seed": "1.5"}, "seed='1.5' is not an integer"),
         ({"prompt": "x", "seed": -1}, "seed=-1 is out of range"),
+        (
+            {"prompt": "x", "seed": 2**32 - 1, "num_images": 2},
+            "seed=4294967295 is out of range (allowed: 0..4294967294 for 2 images: image i takes seed + i)",
+        ),
         ({"prompt": "x", "size": 15}, "size=15 is not allowed (allowed: multiples of 2 from 2 to 32"),
         ({"prompt": "x", "size": 0}, "size=0 is out of range (allowed: 2..32)"),
         ({"prompt": "x", "size": "48x32"}, "size width=48 is out of range (allowed: 2..32)"),

@@ -252,7 +252,13 @@ def _saved_config(path: str | Path) -> Config | None:
 
 
 def cmd_sample(args) -> int:
-    from fusedit.sample import load_sampling_model, sample_settings, write_sample_folder
+    from fusedit.sample import (
+        check_negative_prompt,
+        check_seed,
+        load_sampling_model,
+        sample_settings,
+        write_sample_folder,
+    )
     from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
@@ -260,8 +266,9 @@ def cmd_sample(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
+    check_seed(args.seed, len(prompts), flags=True)
     if args.guidance is not None:
-        _check_negative_prompt(args.negative_prompt, args.guidance)
+        check_negative_prompt(args.negative_prompt, args.guidance, flags=True)
     out = _out_folder(args.out)
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
@@ -278,7 +285,7 @@ def cmd_sample(args) -> int:
     )
     # Checked again against the model as loaded: the early check needs a config readable without it.
     _check_size(settings["image_size"], cfg)
-    _check_negative_prompt(args.negative_prompt, settings["guidance"])  # the saved guidance, when not given
+    check_negative_prompt(args.negative_prompt, settings["guidance"], flags=True)  # the saved guidance
     images = write_sample_folder(
         model,
         cfg,
@@ -292,16 +299,6 @@ def cmd_sample(args) -> int:
     )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     return 0
-
-
-def _check_negative_prompt(negative_prompt: str | None, guidance: float) -> None:
-    """Guidance 1 samples the prompt alone: a negative prompt would change nothing, yet be recorded beside
-    each image as if it had."""
-    if negative_prompt and guidance == 1.0:
-        raise ConfigError(
-            f"--negative-prompt {negative_prompt!r} does nothing at guidance 1 (no unconditional branch; "
-            "allowed with a --guidance other than 1)"
-        )
 
 
 def cmd_serve(args) -> int:

@@ -151,9 +151,43 @@ def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bo
         raise ConfigError(f"{named('guidance', guidance)} is not allowed (allowed: a finite number >= 0)")
 
 
+# The largest seed, as `fusedit serve` takes seeds (torch would take up to 2**64 - 1): image i of `fusedit
+# sample` and of `serve` alike starts from the noise of seed + i, and an image's recorded seed should make
+# it again in either.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, images: int = 1, *, flags: bool = False) -> None:
+    """A one-line error for a seed outside 0..SEED_MAX, or one whose images' seeds (seed + i for image i
+    of ``images``) would pass SEED_MAX. ``flags`` names it as a command-line flag (``--seed -1``)."""
+    top = SEED_MAX - (images - 1)
+    if not 0 <= seed <= top:
+        named = f"--seed {seed}" if flags else f"seed={seed!r}"
+        why = f" for {images} images: image i takes seed + i" if images > 1 else ""
+        raise ConfigError(f"{named} is out of range (allowed: 0..{top}{why})")
+
+
+def check_negative_prompt(negative_prompt: str | None, guidance: float, *, flags: bool = False) -> None:
+    """Guidance 1 samples the prompt alone (no unconditional branch): a negative prompt would change
+    nothing, yet be recorded beside each image as if it had. None or "": none given. ``flags`` names them
+    as command-line flags (``--negative-prompt``) rather than keywords (``negative_prompt=``)."""
+    if not negative_prompt or guidance != 1.0:
+        return
+    if flags:
+        raise ConfigError(
+            f"--negative-prompt {negative_prompt!r} does nothing at guidance 1 (no unconditional branch; "
+            "allowed with a --guidance other than 1)"
+        )
+    raise ConfigError(
+        f"negative_prompt={negative_prompt!r} does nothing at guidance={guidance!r} (no unconditional "
+        "branch; allowed: negative_prompt='', or a guidance other than 1)"
+    )
+
+
 def sample_settings(cfg: Config, **overrides) -> dict:
     """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
-    None keeps the config's value (so CLI flags can be passed straight through)."""
+    None keeps the config's value (so CLI flags can be passed straight through). At guidance 1 the saved
+    negative prompt is dropped unless one is given: it would change nothing (check_negative_prompt)."""
     s = cfg.sample
     settings = {
         "image_size": cfg.data.image_size,
@@ -170,7 +204,10 @@ def sample_settings(cfg: Config, **overrides) -> dict:
     unknown = set(overrides) - set(settings)
     if unknown:
         raise TypeError(f"unknown sample setting(s) {sorted(unknown)} (allowed: {', '.join(settings)})")
-    return {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings["guidance"] == 1.0 and overrides.get("negative_prompt") is None:
+        settings["negative_prompt"] = ""
+    return settings
 
 
 @torch.no_grad()
@@ -353,15 +390,19 @@ def write_sample_folder(
     returned (recorded as each image's "model"). ``settings`` are ``generate``'s keyword arguments as
     ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should fit the
     model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone, so any
-    image can be made again by itself; prompts are sampled ``batch_size`` at a time, with a progress bar
-    unless ``progress`` is False. ``out`` is created where missing; once the first images are ready, the
-    files an earlier sample wrote there (numbered images, their metadata, grid.png) are removed, and no
-    other file. Returns the paths of the images written, in prompt order."""
+    image can be made again by itself (each seed + i must lie in 0..SEED_MAX, as `fusedit serve` takes
+    seeds: ConfigError otherwise); a negative prompt at guidance 1, which would change nothing, is refused
+    too. Prompts are sampled ``batch_size`` at a time, with a progress bar unless ``progress`` is False.
+    ``out`` is created where missing; once the first images are ready, the files an earlier sample wrote
+    there (numbered images, their metadata, grid.png) are removed, and no other file. Returns
+    the paths of the images written, in prompt order."""
     if not prompts:
         raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
     settings = sample_settings(cfg) if settings is None else settings
+    check_seed(seed, len(prompts))
+    check_negative_prompt(settings["negative_prompt"], settings["guidance"])
     out = Path(out)
     device = next(model.denoiser.parameters()).device
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]

@@ -27,7 +27,8 @@ two threads, and two generations at once would not finish sooner). The worker sa
 job for "step k of N".
 
 Image i of a job starts from the noise of seed + i alone, so each image is the one ``fusedit sample MODEL
---prompt ... --seed <its seed>`` makes with the same settings (up to float rounding between batch sizes).
+--prompt ... --seed <its seed>`` makes with the same settings (up to float rounding between batch sizes);
+a request whose seed + i would pass SEED_MAX is refused, as `fusedit sample` refuses it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from fusedit.config import (
     side_limits,
 )
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
+from fusedit.sample import SEED_MAX, check_seed, generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ MAX_GUIDANCE = 50.0
 # far outside this range the steps bunch at one end.
 SHIFT_RANGE = (0.01, 20.0)
 MAX_PROMPT_CHARS = 4000
-SEED_MAX = 2**32 - 1
 MAX_BODY_BYTES = 64 * 1024
 # Jobs waiting at once; more are refused (503) instead of piling up behind a slow model.
 MAX_WAITING = 16
@@ -295,10 +295,16 @@ class JobQueue:
             raise RequestError("prompt is empty: describe the image to generate")
         d = self.defaults
         height, width = self._sides(body)
-        # No seed: a fresh random one, reported with the images so that they can be made again.
-        seed = secrets.randbelow(SEED_MAX + 1)
+        num_images = _integer(body, "num_images", 1, 1, MAX_IMAGES)
+        # No seed: a fresh random one, reported with the images so that they can be made again. Image i
+        # takes seed + i, which must stay within SEED_MAX for it to be asked for again.
+        seed = secrets.randbelow(SEED_MAX + 2 - num_images)
         if not _blank(body.get("seed")):
             seed = _integer(body, "seed", seed, 0, SEED_MAX)
+            try:
+                check_seed(seed, num_images)
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
         return Request(
             prompt=prompt,
             negative_prompt=_text(body, "negative_prompt", d["negative_prompt"]),
@@ -307,7 +313,7 @@ class JobQueue:
             seed=seed,
             height=height,
             width=width,
-            num_images=_integer(body, "num_images", 1, 1, MAX_IMAGES),
+            num_images=num_images,
             sampler=_choice(body, "sampler", d["sampler"]),
             shift=_number(body, "shift", d["shift"], *self.shift_range),
             schedule=_choice(body, "schedule", d["schedule"]),
@@ -494,8 +500,14 @@ class JobQueue:
             del self._jobs[job_id]
 
     def close(self, wait: bool = True) -> None:
-        """Stop the worker after the generation it is running (jobs still waiting are not started)."""
-        self._stop.set()
+        """Stop the worker after the generation it is running. Jobs still waiting never start: they are
+        cancelled, saying why, so that a client following one is answered rather than left waiting."""
+        # Under the lock, as submit checks it: a job is either accepted before and cancelled here, or refused.
+        with self._lock:
+            self._stop.set()
+            for job in self._jobs.values():
+                if job.status == "queued":
+                    job.status, job.error = "cancelled", "the server shut down before this job started"
         self._waiting.put(None)
         if wait:
             self._worker.join()
