@@ -63,6 +63,8 @@ def one_line_error(capsys) -> str:
         ("geneval", ["--size", "0"], "--size 0 is not allowed (allowed: a positive multiple"),
         ("dpg", ["--size", "15"], "--size 15 is not allowed (allowed: a positive multiple of 2, the VAE's"),
         ("shapes", ["--per-category", "0"], "--per-category 0 is not allowed (allowed: 1 or more)"),
+        ("shapes", ["--seed", "-1"], "--seed -1 is out of range (allowed: 0..4294967295)"),
+        ("geneval", ["--seed", str(2**64)], f"--seed {2**64} is out of range (allowed: 0..4294967295)"),
     ],
 )
 def test_bad_sampling_flags_fail_before_the_model_loads(run, capsys, no_model_load, bench, args, message):

@@ -158,3 +158,12 @@ def test_a_position_in_a_list_left_at_its_default_patches_the_default():
         load_config("debug", ["train.trainable.3=llm"])
     with pytest.raises(ConfigError, match=re.escape("'bogus' is not allowed (allowed: a list of dit")):
         load_config("debug", ["train.trainable.0=bogus"])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_the_preview_seed_is_one_fusedit_sample_takes(seed):
+    """sample.seed seeds training's preview images as --seed does `fusedit sample`'s, so it is refused at
+    load outside the range `fusedit sample --seed` takes (past 2**64 - 1, torch failed at the first preview,
+    hours into a run)."""
+    with pytest.raises(ConfigError, match=re.escape(f"sample.seed={seed} must be")):
+        load_config("debug", [f"sample.seed={seed}"])

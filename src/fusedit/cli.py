@@ -355,7 +355,7 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
-    from fusedit.sample import load_sampling_model
+    from fusedit.sample import check_seed, load_sampling_model
     from fusedit.system import resolve_device
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
@@ -375,6 +375,8 @@ def cmd_eval(args) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
+    if args.seed is not None:
+        check_seed(args.seed, flags=True)
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
     extractor = None

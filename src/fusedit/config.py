@@ -37,6 +37,11 @@ class ConfigError(ValueError):
     """A config key or value is not allowed; the message is one line that says what is."""
 
 
+# The largest sampling seed, as `fusedit sample` and `serve` take seeds (torch would take up to 2**64 - 1):
+# image i starts from the noise of seed + i, and an image's recorded seed should make it again in either.
+SEED_MAX = 2**32 - 1
+
+
 def choice(default: str, *allowed: str) -> Any:
     """A string field restricted to ``allowed`` (validated at load)."""
     return field(default=default, metadata={"choices": allowed})
@@ -398,7 +403,8 @@ class SampleConfig:
     # pipeline samples with (converted checkpoints use it, to reproduce published images and scores).
     schedule: str = choice("uniform", "uniform", "diffusers")
     negative_prompt: str = ""
-    seed: int = 42
+    # Training previews' seed: image i takes seed + i, within SEED_MAX as `fusedit sample --seed` is.
+    seed: int = field(default=42, metadata={"min": 0, "max": SEED_MAX})
     # Compute the LLM's per-layer text K/V once per prompt batch and reuse it for every step.
     cache_text: bool = True
     use_ema: bool = True

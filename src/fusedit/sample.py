@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusedit.config import Config, ConfigError, SampleConfig
+from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig
 from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity
@@ -149,12 +149,6 @@ def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bo
         raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"{named('guidance', guidance)} is not allowed (allowed: a finite number >= 0)")
-
-
-# The largest seed, as `fusedit serve` takes seeds (torch would take up to 2**64 - 1): image i of `fusedit
-# sample` and of `serve` alike starts from the noise of seed + i, and an image's recorded seed should make
-# it again in either.
-SEED_MAX = 2**32 - 1
 
 
 def check_seed(seed: int, images: int = 1, *, flags: bool = False) -> None:
