@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_vae
 from fusedit.config import ConfigError, DataConfig, VAEConfig
-from fusedit.data.latents import LatentDataset, cache_latents
+from fusedit.data.latents import LatentDataset, cache_latents, check_latents
 from fusedit.data.loader import SkipCounter, planned_dataset
 from fusedit.system import builtin_words, resolve_device
 from fusedit.text.tokenizer import word_tokenizer
@@ -98,3 +100,110 @@ def test_a_missing_device_names_the_ones_this_machine_has(monkeypatch):
         monkeypatch.setattr(torch.mps, "is_available", lambda: False, raising=False)
     with pytest.raises(ConfigError, match=r"\(allowed here: auto, cpu or cuda\)$"):
         resolve_device("vulkan", "--device")
+
+
+def _hf_table(tmp_path, monkeypatch, rows: int = 5):
+    """A parquet table of ``rows`` 16 px images without an id column: its rows are named by number."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    images = []
+    for i in range(rows):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(buffer, "PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    path = tmp_path / "train.parquet"
+    table = {"image": images, "text": [f"c{i}" for i in range(rows)]}
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+    return {"source": "hf", "hf_path": str(path), "caption_fields": ["text"], "image_size": 16}
+
+
+def test_a_rerun_with_the_other_hf_streaming_setting_is_refused(tmp_path, monkeypatch):
+    """The table names its rows "3" and seeds their crops by position, the stream names them "#3" and seeds
+    by that name: an interrupted cache resumed with the other setting would hold both kinds of samples."""
+    hf = _hf_table(tmp_path, monkeypatch)
+    out = tmp_path / "cache"
+    cache_latents(DataConfig(**hf), VAEConfig(), out, 2, 2, "cpu", progress=False)
+    for name in ("latents-000001", "latents-000002"):  # interrupted after its first shard
+        (out / f"{name}.json").unlink()
+    with pytest.raises(ConfigError) as error:
+        cache_latents(DataConfig(**hf, hf_streaming=True), VAEConfig(), out, 2, 2, "cpu", progress=False)
+    assert str(error.value) == (
+        f"{str(out)!r} holds latents made with data.hf_streaming=False, not True: use another folder (or "
+        "delete this one)"
+    )
+    # A cache recorded before data.hf_streaming was resumes with the setting as it is.
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["data"]["hf_streaming"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert cache_latents(DataConfig(**hf), VAEConfig(), out, 2, 2, "cpu", progress=False)["samples"] == 5
+    assert set(LatentDataset(out).ids) == {"0", "1", "2", "3", "4"}
+
+
+def test_a_vae_is_named_by_its_folder_and_subfolder_together(tmp_path):
+    """A pipeline folder with vae.subfolder=vae and that subfolder named alone are one VAE; the pipeline
+    folder without the subfolder, or another VAE's folder, is not."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"c{i}")
+    data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
+    tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
+
+    def vae(place, subfolder=""):
+        return VAEConfig("diffusers", str(place), subfolder, latent_channels=4, downsample=2)
+
+    out = tmp_path / "cache"
+    cache_latents(data, vae(tmp_path / "pipe", "vae"), out, 2, 2, "cpu", progress=False)
+    latents = DataConfig(source="latents", latents_dir=str(out), image_size=16)
+    check_latents(latents, vae(tmp_path / "pipe" / "vae"))
+    with pytest.raises(ConfigError) as error:
+        check_latents(latents, vae(tmp_path / "pipe"))
+    assert str(error.value) == (
+        f"data.latents_dir={str(out)!r} was encoded with vae.model_id={str(tmp_path / 'pipe')!r} with "
+        f"vae.subfolder='vae', but the config has vae.model_id={str(tmp_path / 'pipe')!r}"
+    )
+    tiny_vae().save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"vae.model_id='.*other' holds other weights of the same config"):
+        check_latents(latents, vae(tmp_path / "other"))
+    rerun = cache_latents(data, vae(tmp_path / "pipe" / "vae"), out, 2, 2, "cpu", progress=False)
+    assert rerun["samples"] == 3
+
+
+def test_a_rerun_that_cannot_see_the_vae_keeps_its_recorded_identity(tmp_path):
+    """A finished cache rerun while its VAE's folder is away (taken as that VAE by its name) must not forget
+    the VAE's identity: another VAE put at that name later is refused."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 40, dtype=np.uint8)).save(root / "img.png")
+    (root / "img.txt").write_text("c")
+    data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
+    cfg = VAEConfig("diffusers", str(tmp_path / "vae"), latent_channels=4, downsample=2)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    out = tmp_path / "cache"
+    cache_latents(data, cfg, out, 2, 2, "cpu", progress=False)
+    (tmp_path / "vae").rename(tmp_path / "away")
+    assert cache_latents(data, cfg, out, 2, 2, "cpu", progress=False)["samples"] == 1
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    latents = DataConfig(source="latents", latents_dir=str(out), image_size=16)
+    with pytest.raises(ConfigError, match="holds other weights of the same config"):
+        check_latents(latents, cfg)
+    # Nor when its config.json is seen without its weights (a hub snapshot not downloaded in full).
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_bytes((tmp_path / "away" / "config.json").read_bytes())
+    moved = dataclasses.replace(cfg, model_id=str(tmp_path / "config-only"))
+    assert cache_latents(data, moved, out, 2, 2, "cpu", progress=False)["samples"] == 1
+    with pytest.raises(ConfigError, match="holds other weights of the same config"):
+        check_latents(latents, cfg)
+    check_latents(latents, dataclasses.replace(cfg, model_id=str(tmp_path / "away")))
+
+
+def test_settings_given_as_tuples_from_code_compare_equal_to_the_recorded_lists(tmp_path):
+    shapes = {"source": "shapes", "image_size": 16, "num_samples": 4}
+    out = tmp_path / "cache"
+    cache_latents(
+        DataConfig(**shapes, kinds=["single", "two"]), VAEConfig(), out, 2, 2, "cpu", progress=False
+    )
+    again = DataConfig(**shapes, kinds=("single", "two"))
+    assert cache_latents(again, VAEConfig(), out, 2, 2, "cpu", progress=False)["samples"] == 4

@@ -68,6 +68,7 @@ _DATA_KEYS = (
     "hf_path",
     "hf_name",
     "hf_split",
+    "hf_streaming",
     "image_size",
     "min_image_size",
     "crop",
@@ -83,8 +84,12 @@ _READ_KEYS = {
     "shapes": ("image_size", "max_objects", "num_samples", "kinds"),
     "folder": ("root", "index_file", *_IMAGE_KEYS),
     "webdataset": ("shards", *_IMAGE_KEYS),
-    "hf": ("hf_path", "hf_name", "hf_split", *_IMAGE_KEYS),
+    # A stream names rows "#N" where the table names them N, and seeds each one's random crop by that name
+    # where the table seeds it by N: the two must not share a cache.
+    "hf": ("hf_path", "hf_name", "hf_split", "hf_streaming", *_IMAGE_KEYS),
 }
+# vae.model_id and vae.subfolder together name the folder the VAE loads from: compared as one place.
+_VAE_PLACE = ("model_id", "subfolder")
 
 
 def _shard_name(j: int) -> str:
@@ -93,6 +98,12 @@ def _shard_name(j: int) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))  # a killed run never leaves half a file
+
+
+def _plain(settings: dict) -> dict:
+    """``settings`` as meta.json holds them: a tuple given from code (data.kinds=("a", "b")) is the list
+    the record read back has, so equal settings compare equal."""
+    return json.loads(json.dumps(settings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,8 +228,8 @@ def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, 
     data = dataclasses.asdict(data_cfg)
     return {
         "format": FORMAT,
-        "data": {k: data[k] for k in _DATA_KEYS},
-        "vae": dataclasses.asdict(vae_cfg),
+        "data": _plain({k: data[k] for k in _DATA_KEYS}),
+        "vae": _plain(dataclasses.asdict(vae_cfg)),
         "vae_identity": _vae_identity(vae_cfg),
         "seed": seed,
         "shard_size": shard_size,
@@ -263,56 +274,65 @@ def _vae_identity(vae_cfg: VAEConfig) -> dict | None:
     return {**identity, **({"weights": weights} if weights else {})}
 
 
+def _vae_place(settings: dict) -> str:
+    """The folder the VAE loads from, as the vae.* settings naming it."""
+    subfolder = settings.get("subfolder")
+    return f"vae.model_id={settings.get('model_id')!r}" + (
+        f" with vae.subfolder={subfolder!r}" if subfolder else ""
+    )
+
+
 def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] | None:
     """How the VAE of ``vae_cfg`` differs from the one the cache ``where`` was made with (``meta``, its
     meta.json), as (what the cache was made with, what the config has now); None when it is the same.
 
-    A VAE folder moves, or a hub id is replaced by its downloaded folder: with the VAE's kind and shapes
-    recorded at caching time (``vae_identity``), vae.model_id may name another place holding the same ones,
+    A VAE folder moves, or a hub id is replaced by its downloaded folder, or a pipeline folder with
+    vae.subfolder=vae by that subfolder itself: with the VAE's kind, shapes and weights recorded at caching
+    time (``vae_identity``), vae.model_id and vae.subfolder may name another place holding the same ones,
     and a place holding others is refused even under the same name. Caches written before the record, and
-    VAEs whose identity is unknown now (a hub id not in the cache), compare vae.model_id as written."""
-    cached = meta.get("vae", {})
-    for key, value in dataclasses.asdict(vae_cfg).items():
-        if key != "model_id" and cached.get(key) != value:
+    VAEs whose identity is unknown now (a hub id not in the cache), compare both settings as written."""
+    cached, settings = meta.get("vae", {}), _plain(dataclasses.asdict(vae_cfg))
+    for key, value in settings.items():
+        if key not in _VAE_PLACE and cached.get(key) != value:
             return f"vae.{key}={cached.get(key)!r}", f"the config has vae.{key}={value!r}"
     recorded = meta.get("vae_identity")
     now = _vae_identity(vae_cfg) if recorded else None
+    place = _vae_place(settings)
     if now is None:
-        if cached.get("model_id") != vae_cfg.model_id:
-            return (
-                f"vae.model_id={cached.get('model_id')!r}",
-                f"the config has vae.model_id={vae_cfg.model_id!r}",
-            )
+        if any(cached.get(key) != settings[key] for key in _VAE_PLACE):
+            return _vae_place(cached), f"the config has {place}"
         return None
     field = identity_difference(recorded, now)
     if field:
         return (
             f"a VAE whose config.json has {field}={recorded[field]!r}",
-            f"vae.model_id={vae_cfg.model_id!r} holds another, whose config.json has {field}={now[field]!r}",
+            f"{place} holds another, whose config.json has {field}={now[field]!r}",
         )
     # Caches written before the fingerprint, and hub snapshots without weight files, compare shapes only.
     weighed = "weights" in recorded and "weights" in now
     if weighed and recorded["weights"] != now["weights"]:
         return (
             f"a VAE whose weights have the fingerprint {recorded['weights']}",
-            f"vae.model_id={vae_cfg.model_id!r} holds other weights of the same config ({now['weights']})",
+            f"{place} holds other weights of the same config ({now['weights']})",
         )
-    if cached.get("model_id") != vae_cfg.model_id:
+    if any(cached.get(key) != settings[key] for key in _VAE_PLACE):
         log.info(
-            "%s was encoded with the VAE at %r; vae.model_id=%r holds the same kind and shapes "
-            "(config.json)%s: taken as that VAE, moved",
+            "%s was encoded with the VAE at %s; %s holds the same kind and shapes (config.json)%s: taken as "
+            "that VAE, moved",
             where,
-            cached.get("model_id"),
-            vae_cfg.model_id,
+            _vae_place(cached),
+            place,
             " and weights" if weighed else "",
         )
     return None
 
 
-def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> None:
+def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> dict | None:
+    """Refuse a rerun into ``out`` with settings other than its meta.json's; returns that record (None for
+    a new cache)."""
     path = out / META
     if not path.is_file():
-        return
+        return None
     old = json.loads(path.read_text())
     change = _vae_change(old, vae_cfg, repr(str(out)))
     if change:
@@ -320,9 +340,10 @@ def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> None:
             f"{str(out)!r} holds latents made with {change[0]}, but {change[1]}: use another folder "
             "(or delete this one)"
         )
-    data = meta["data"]
+    data, recorded = meta["data"], old.get("data", {})
     read = ("source", *_READ_KEYS.get(data["source"], _DATA_KEYS))
-    differences = [(f"data.{key}", old.get("data", {}).get(key), data[key]) for key in read]
+    # A setting recorded only since a later version (data.hf_streaming) is unknown for an older cache.
+    differences = [(f"data.{key}", recorded.get(key), data[key]) for key in read if key in recorded]
     differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
     for key, before, now in differences:
         if before != now:
@@ -330,6 +351,7 @@ def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> None:
                 f"{str(out)!r} holds latents made with {key}={before!r}, not {now!r}: "
                 "use another folder (or delete this one)"
             )
+    return old
 
 
 def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAEConfig, dtype) -> None:
@@ -423,7 +445,12 @@ def cache_latents(
     if not _is_cache(out):
         check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
-    _check_meta(out, meta, vae_cfg)
+    old = _check_meta(out, meta, vae_cfg)
+    if old and old.get("vae_identity"):
+        # The VAE was taken as the recorded one on what can be seen of it here: by its settings where its
+        # identity is unknown (its folder unmounted, a hub id not in this machine's cache), by its config.json
+        # where its weights are. The record keeps what it knew, so later checks still compare it.
+        meta["vae_identity"] = {**old["vae_identity"], **(meta["vae_identity"] or {})}
     items = _items(data_cfg, seed, batch_size, progress)
     _check_disk(out, items.total, data_cfg, vae_cfg, dtype)
     _write_json(out / META, meta)
