@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fusedit.eval.fid as fid_module
 from fusedit.eval.fid import (
     ClipScore,
     ReferenceStats,
@@ -187,23 +188,45 @@ def test_list_images_reads_every_format_training_reads(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.gif", "b.TIF", "c.tiff", "d.JPG", "e.webp"]
 
 
-def test_clip_score_matches_the_model_and_clips_at_zero(tiny_clip):
+def test_clip_score_matches_the_model(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
 
     images, prompts = random_images(3, size=40), ["a red dog", "two blue cats", "a green-colored clock"]
     scorer = ClipScore(tiny_clip, device="cpu")
     scores = scorer(images, prompts)
-    assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 100)).all())
+    assert scores.shape == (3,) and bool(((scores >= -100) & (scores <= 100)).all())
     model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
     with torch.no_grad():
         out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
-    expected = (100 * (out.image_embeds * out.text_embeds).sum(-1)).clamp(min=0)
+    expected = 100 * (out.image_embeds * out.text_embeds).sum(-1)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
     assert clip_score(images, prompts, scorer, batch_size=2, progress=False) == pytest.approx(
-        float(expected.mean()), abs=1e-4
+        max(float(expected.mean()), 0.0), abs=1e-4
     )
     with pytest.raises(ValueError, match="expected equal"):
         clip_score(images, prompts[:2], scorer, progress=False)
+
+
+def test_clip_score_clips_the_mean_not_each_pair(monkeypatch):
+    # Unit embeddings with cosines 0.3 ("near") and -0.1 ("far") to the image's [1, 0].
+    texts = {"near": [0.3, 0.91**0.5], "far": [-0.1, 0.99**0.5]}
+
+    class StubEmbedder:
+        def __init__(self, model_id, **kwargs):
+            self.model_id = model_id
+
+        def image_embeds(self, images):
+            return torch.tensor([[1.0, 0.0]] * len(images))
+
+        def text_embeds(self, prompts):
+            return torch.tensor([texts[p] for p in prompts])
+
+    monkeypatch.setattr(fid_module, "ClipEmbedder", StubEmbedder)
+    scorer, images = ClipScore("stub"), random_images(2)
+    # torchmetrics' CLIPScore code: 100 x cosine per pair, the mean clipped at 0 (not each pair: 15).
+    torch.testing.assert_close(scorer(images, ["near", "far"]), torch.tensor([30.0, -10.0]))
+    assert clip_score(images, ["near", "far"], scorer, progress=False) == pytest.approx(10.0)
+    assert clip_score(images, ["far", "far"], scorer, progress=False) == 0.0
 
 
 def test_transformers_feature_extractors(tiny_clip, tiny_vit):
@@ -476,7 +499,7 @@ def test_clip_score_skips_unreadable_images(tiny_clip, tmp_path, capsys, caplog)
     assert torch.isnan(scores[1]) and torch.allclose(scores[[0, 2]], whole[[0, 2]], atol=1e-5)
     assert f"skipped 1 of 3 images that could not be read (e.g. {paths[1]}: corrupt: " in caplog.text
     assert clip_score(paths, prompts, scorer, progress=False) == pytest.approx(
-        float(whole[[0, 2]].mean()), abs=1e-5
+        max(float(whole[[0, 2]].mean()), 0.0), abs=1e-5
     )
     assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 0
     assert "CLIP score over 2 images: " in capsys.readouterr().out

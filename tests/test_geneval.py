@@ -77,6 +77,16 @@ def test_select_objects_thresholds_order_cap_and_overlap():
     assert len(select_objects(twin, "single_object", GenEvalRules(max_overlap=0.5))["cup"]) == 2
 
 
+def test_select_objects_breaks_confidence_ties_as_upstream_argsort():
+    # Upstream orders a class's boxes by np.argsort(scores)[::-1]: equal scores come out last first.
+    first, second, third = det("cup", 0.8, (0, 0, 10, 10)), det("cup", 0.8, (20, 0, 30, 10)), det("cup", 0.9)
+    assert select_objects([first, second, third], "single_object", RULES)["cup"] == [third, second, first]
+    # So the cap keeps the later of tied boxes, and a colour or position check judges them.
+    tied = [det("cup", 0.5, (k * 20, 0, k * 20 + 10, 10)) for k in range(17)]
+    kept = select_objects(tied, "single_object", RULES)["cup"]
+    assert kept == tied[:0:-1]  # boxes 16, 15, ..., 1
+
+
 def test_counting_needs_exactly_the_count_of_confident_objects():
     two = [det("clock", 0.95, (0, 0, 10, 10)), det("clock", 0.93, (30, 0, 40, 10))]
     assert judge(COUNTING, two) == (True, "")

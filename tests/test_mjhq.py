@@ -280,6 +280,10 @@ def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, in
         FileNotFoundError, match=r"has no folder 'people'; allowed: the unzipped mjhq30k_imgs"
     ):
         run_mjhq(gen, meta, tmp_path / "out", reference=refs, features=extractor, progress=False)
+    with pytest.raises(ConfigError, match=r"^batch_size=0; allowed: an integer >= 1$"):
+        run_mjhq(
+            gen, meta, tmp_path / "out", reference=refs, features=extractor, batch_size=0, progress=False
+        )
     assert gen.calls == []
     # Without a scorer it only generates.
     result = run_mjhq(gen, meta, tmp_path / "out", per_category=1, progress=False)

@@ -193,12 +193,23 @@ GOOD = {"preset": "debug"}
         ({"designs": {}}, "designs must be a non-empty mapping"),
         ({"designs": {"a/b": GOOD}}, "designs.a/b: a label must be"),
         ({"designs": {"a": GOOD}, "prompts": []}, "prompts must be a non-empty list"),
+        ({"designs": {"a": GOOD}, "seeds": [0, -1]}, "seeds[1]=-1 is out of range (allowed: 0..4294967295)"),
+        ({"designs": {"a": GOOD}, "seeds": [2**64]}, f"seeds[0]={2**64} is out of range"),
+        ({"designs": {"a": GOOD}, "eval": {"seed": 2**64}}, f"eval.seed={2**64} is out of range"),
     ],
 )
 def test_study_errors_are_one_line(spec, message):
     with pytest.raises(ConfigError) as e:
         load_study(spec)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_object_with_a_bad_seed_is_refused_before_training(tmp_path, monkeypatch):
+    study = load_study({"designs": {"a": GOOD}})
+    study.seeds = [-1]
+    monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match=r"^study 'study': seeds\[0\]=-1 is out of range"):
+        run_study(study, tmp_path / "out", progress=False)
 
 
 def test_study_file_errors(tmp_path):

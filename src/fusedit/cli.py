@@ -622,7 +622,8 @@ def cmd_clip_score(args) -> int:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
     scores = clip_scores([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
     scored = int(scores.isfinite().sum())  # unreadable images are NaN, skipped with a warning
-    print(f"CLIP score over {scored} images: {float(scores.nanmean()):.3f}")
+    # The mean clipped at 0, as clip_score and torchmetrics' CLIPScore report it.
+    print(f"CLIP score over {scored} images: {max(float(scores.nanmean()), 0.0):.3f}")
     return 0
 
 

@@ -951,6 +951,10 @@ def score_category(
     result (the complex category needs it)."""
     if category not in CATEGORIES:
         raise ConfigError(f"T2I-CompBench category {category!r}; allowed: {', '.join(CATEGORIES)}")
+    # 0 fails in range() mid-scoring; a negative size asks no question (each attribute score an empty
+    # product, 1) or scores no image.
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
     check_scorers([category], {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     if category == "complex" and complex_groups is None:
         raise ConfigError("the complex category needs complex_groups (load_complex_groups of the dataset)")

@@ -15,7 +15,8 @@
 * Images are decoded as training decodes them (``load_image``): EXIF orientation applied, transparency
   composited on white, 16-bit greyscale scaled rather than clipped. An unreadable file is skipped and
   counted, as in training.
-* ``ClipScore``: 100 x cosine(image, text) of CLIP embeddings, clipped at 0, as torchmetrics computes it.
+* ``ClipScore``: 100 x cosine(image, text) of CLIP embeddings per pair; ``clip_score``, their mean clipped at
+  0, as torchmetrics' code computes it.
 """
 
 from __future__ import annotations
@@ -447,8 +448,8 @@ class ClipEmbedder:
 
 
 class ClipScore:
-    """CLIP score of (image, prompt) pairs: max(100 x cosine similarity, 0). torchmetrics' default model
-    is ``openai/clip-vit-large-patch14``."""
+    """CLIP score of (image, prompt) pairs: 100 x cosine similarity, unclipped (``clip_score`` clips their
+    mean at 0). torchmetrics' default model is ``openai/clip-vit-large-patch14``."""
 
     def __init__(
         self,
@@ -466,7 +467,10 @@ class ClipScore:
                 f"{len(images)} images but {len(prompts)} prompts; expected one prompt per image"
             )
         cosine = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
-        return (100 * cosine).clamp(min=0)
+        # Not clipped per pair: the CLIP score papers report is torchmetrics' CLIPScore, whose code
+        # (functional/multimodal/clip_score.py, _clip_score_update; CLIPScore.compute) keeps 100 x cosine
+        # per pair and clips only the mean at 0; its docstring's per-pair max(100 cos, 0) is not what runs.
+        return 100 * cosine
 
 
 def clip_scores(
@@ -477,9 +481,9 @@ def clip_scores(
     batch_size: int = 32,
     progress: bool = True,
 ) -> torch.Tensor:
-    """CLIP score of each (image, prompt) pair (images as PIL images or paths), float64 (N,), with NaN
-    for an image that could not be read: those are skipped and counted (one warning names how many and an
-    example), as training skips them."""
+    """CLIP score of each (image, prompt) pair (images as PIL images or paths), float64 (N,), unclipped
+    (see ``ClipScore``), with NaN for an image that could not be read: those are skipped and counted (one
+    warning names how many and an example), as training skips them."""
     if len(images) != len(prompts) or not images:
         raise ValueError(f"{len(images)} images and {len(prompts)} prompts; expected equal, non-zero counts")
     if batch_size < 1:
@@ -516,9 +520,10 @@ def clip_score(
     batch_size: int = 32,
     progress: bool = True,
 ) -> float:
-    """Mean CLIP score over the pairs whose image could be read (see ``clip_scores``)."""
+    """Mean CLIP score over the pairs whose image could be read (see ``clip_scores``), clipped at 0 as
+    torchmetrics' CLIPScore clips it."""
     scores = clip_scores(images, prompts, scorer, batch_size=batch_size, progress=progress)
-    return float(scores.nanmean())
+    return max(float(scores.nanmean()), 0.0)
 
 
 class TransformersImageFeatures:

@@ -10,7 +10,8 @@ rules of GenEval's ``evaluation/evaluate_images.py`` over plain detections, so t
 hand-made ones and the detector and colour classifier are pluggable:
 
 * per class, detections above a confidence threshold (0.3; 0.9 for the ``counting`` task) in decreasing
-  confidence, at most 16, optionally thinned by IoU (off by default, as upstream);
+  confidence (ties: the later detection first, as upstream), at most 16, optionally thinned by IoU (off
+  by default, as upstream);
 * ``include`` clauses must all hold: at least ``count`` objects of the class; with ``color``, that many of
   the ``count`` most confident ones classified as that colour (CLIP zero-shot on the object cropped to its
   box, with the pixels outside its mask set to grey); with ``position``, each of them in that relation to
@@ -152,8 +153,11 @@ def select_objects(
             by_class.setdefault(det.label, []).append(det)
     kept = {}
     for label, dets in by_class.items():
-        # Upstream caps the candidates before the overlap filter, so the cap counts dropped boxes too.
-        order = sorted(dets, key=lambda d: d.score, reverse=True)[: rules.max_objects]
+        # Upstream caps the candidates before the overlap filter, so the cap counts dropped boxes too. Its
+        # order is np.argsort(scores)[::-1]: equal confidences come out last-detected first, which decides
+        # which tied boxes the cap keeps and which are judged for colour and position; a stable descending
+        # sort of the reversed list gives that order.
+        order = sorted(reversed(dets), key=lambda d: d.score, reverse=True)[: rules.max_objects]
         chosen: list[Detection] = []
         while order:
             best = order.pop(0)

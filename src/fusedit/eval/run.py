@@ -237,6 +237,7 @@ def run_mjhq(
     from fusedit.eval.benchmarks import load_mjhq
     from fusedit.eval.mjhq import check_scoring, reference_files, score_mjhq, select, write_mjhq_samples
 
+    _check_batch_size(batch_size)
     rows = select(load_mjhq(prompts_path), per_category)
     check_scoring(reference, features, per_category)
     # Listed before generating: a wrong reference folder must not surface after hours of sampling.
@@ -280,6 +281,12 @@ def check_compbench_folder(
         )
 
 
+def _check_batch_size(batch_size: int) -> None:
+    """The scoring batch, checked before generating: a bad one would surface only after hours of sampling."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+
+
 def run_compbench(
     gen,
     dataset_path,
@@ -321,6 +328,7 @@ def run_compbench(
     )
     from fusedit.eval.geneval import TransformersDetector
 
+    _check_batch_size(batch_size)
     n_per_prompt = N_PER_PROMPT if n_per_prompt is None else n_per_prompt
     chosen = select_categories(categories)
     prompts = load_compbench(dataset_path, chosen)
