@@ -75,6 +75,18 @@ def test_a_brace_range_from_0_is_not_zero_padded_as_in_bash(tmp_path):
     assert datasets == [[str(shards / f"x-{i}.tar") for i in range(11)]]
 
 
+def test_brace_steps_and_single_items_follow_bash():
+    """bash (and the braceexpand package webdataset uses): a range's third number is its step, whose sign
+    the endpoints override; a brace without a range or a comma is no expansion and stays as written."""
+    assert expand_braces("x-{0..10..5}.tar") == ["x-0.tar", "x-5.tar", "x-10.tar"]
+    assert expand_braces("{1..10..3}") == ["1", "4", "7", "10"]
+    assert expand_braces("{10..1..-3}") == ["10", "7", "4", "1"]
+    assert expand_braces("{000..010..4}") == ["000", "004", "008"]
+    assert expand_braces("{1..3..0}") == ["1", "2", "3"]
+    assert expand_braces("a{x}b") == ["a{x}b"]
+    assert expand_braces("{{a,b}}-{}") == ["{a}-{}", "{b}-{}"]
+
+
 def test_a_txt_member_with_a_byte_order_mark_is_read_without_it(tmp_path):
     shard = tmp_path / "a.tar"
     shard.write_bytes(

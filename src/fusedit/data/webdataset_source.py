@@ -44,7 +44,7 @@ from fusedit.config import ConfigError
 from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 # Draws of the dataset mixture are generated in blocks: one generator per block, not per draw.
 _DRAW_BLOCK = 1024
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -57,8 +57,10 @@ _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 def expand_braces(pattern: str) -> list[str]:
     """Shell-style brace expansion: ``a-{00..02}.tar`` -> a-00.tar, a-01.tar, a-02.tar; ``{x,y}`` -> x, y.
 
-    Numeric ranges keep zero padding (to the wider endpoint when either starts with 0), several braces
-    expand as a product, nested braces work, and a pattern without braces is returned as is.
+    As in bash: numeric ranges keep zero padding (to the wider endpoint when either starts with 0) and take
+    a step (``{0..10..5}``: 0, 5, 10; its sign is ignored, the endpoints give the direction), several braces
+    expand as a product, nested braces work, a brace with neither a range nor a comma (``{x}``) is kept as
+    written, and a pattern without braces is returned as is.
     """
     start = pattern.find("{")
     if start < 0:
@@ -80,8 +82,9 @@ def expand_braces(pattern: str) -> list[str]:
         padded = any(len(d) > 1 and d.startswith("0") for d in (lo.lstrip("-"), hi.lstrip("-")))
         width = max(len(lo), len(hi)) if padded else 0
         a, b = int(lo), int(hi)
-        step = 1 if b >= a else -1
-        options = [str(n).zfill(width) for n in range(a, b + step, step)]
+        size = abs(int(match.group(3) or 1)) or 1  # bash takes a step of 0 as 1
+        step = size if b >= a else -size
+        options = [str(n).zfill(width) for n in range(a, b + (1 if step > 0 else -1), step)]
     else:
         options, depth, current = [], 0, ""
         for ch in body:  # split on top-level commas only, so nested braces stay whole
@@ -92,7 +95,10 @@ def expand_braces(pattern: str) -> list[str]:
             depth += {"{": 1, "}": -1}.get(ch, 0)
             current += ch
         options.append(current)
-        options = [o for option in options for o in expand_braces(option)]
+        if len(options) == 1:  # no comma: bash keeps the braces ({x}), expanding any inside them
+            options = ["{" + o + "}" for o in expand_braces(body)]
+        else:
+            options = [o for option in options for o in expand_braces(option)]
     return [head + option + rest for option in options for rest in expand_braces(tail)]
 
 
