@@ -418,3 +418,51 @@ def test_the_llms_attention_kernel_is_a_config_value():
         ConfigError, match=r"^text.attn_implementation='sdpa' cannot run the gemma2 LLM: [^\n]*$"
     ):
         build_model(tiny_config(text={"family": "gemma2", "attn_implementation": "sdpa"}))
+
+
+def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp_path):
+    """Cohere loads like a LLaMA-style LLM (q/k/v/o projections, input_layernorm) but rotates its keys
+    pairwise, not by halves: deep fusion would read other keys than its attention uses. The first K/V read
+    compares them with the LLM's own cache and refuses it in one line; the shallow designs, which read only
+    transformers' hidden states, still take it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("cohere", **TINY_ARCH, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "cohere")
+    word_tokenizer(vocabulary()).save_pretrained(tmp_path / "cohere")
+    text = {"model_id": str(tmp_path / "cohere")}
+    model = build_model(tiny_config(text=text, model={"num_layers": 2}), with_autoencoder=False)
+    with pytest.raises(ConfigError) as e:
+        model.encode_prompts(["a red circle"])
+    assert str(e.value).startswith(
+        "an LLM of model_type 'cohere' is not supported by deep fusion: layer 0's keys/values differ from "
+        "those its attention uses (the shallow designs dit-self/dit-cross read only its hidden states; allowed:"
+    )
+    assert "\n" not in str(e.value)
+    shallow = build_model(tiny_config(text=text, model={"design": "dit-cross"}), with_autoencoder=False)
+    assert shallow.encode_prompts(["a red circle"]).hidden.shape == (1, 4, 32)
+    # LLaMA-style families pass, once: later reads do not probe again
+    model = build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False)
+    model.encode_prompts(["a red circle"])
+    assert model.text.kv_checked
+
+
+@pytest.mark.parametrize("instruction", ["", "a green square "])
+def test_a_tokenizer_that_appends_eos_puts_no_eos_before_the_prompt(instruction):
+    """Only what a tokenizer puts before any text (BOS) opens the sequence; one whose post-processor also
+    appends <eos> must not place it between the template and the prompt, nor in an empty prompt's row."""
+    from tokenizers import processors
+
+    from fusedit.text.encoder import TextEncoder
+    from fusedit.text.templates import build_template
+
+    tok = word_tokenizer(vocabulary())
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)]
+    )
+    model = build_model(tiny_config(), with_autoencoder=False)
+    enc = TextEncoder(model.text.llm, tok, 8, build_template("plain", tok, instruction))
+    ids, mask = enc.tokenize(["a red circle", ""])
+    words = [tok.convert_ids_to_tokens(ids[i][mask[i]].tolist()) for i in range(2)]
+    assert words == [["<bos>", *instruction.split(), "a", "red", "circle"], ["<bos>"]]
+    assert enc.budget == 7  # only <bos> counts in text.max_length

@@ -27,7 +27,7 @@ from torch import nn
 from fusedit.config import ConfigError
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
-from fusedit.text.spec import head_dim
+from fusedit.text.spec import SUPPORTED_LLMS, head_dim
 from fusedit.text.templates import Template
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class TextEncoder(nn.Module):
         self.truncated = 0
         self.cut: frozenset[int] = frozenset()
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
+        self.kv_checked = False  # whether check_kv_reading has passed (at the first K/V read of 2+ tokens)
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
@@ -125,14 +126,21 @@ class TextEncoder(nn.Module):
         # has "▁a" / "Ġa" there. Cut at the space, the two pieces tokenise as the whole string does.
         prefix = t.prefix.rstrip(" ")
         self.prompt_lead = t.prefix[len(prefix) :]
-        self.prefix_ids = tokenizer(prefix, add_special_tokens=not t.rendered)["input_ids"]
+        # Only the special tokens a tokenizer puts before any text (BOS) open the sequence: one that also
+        # appends an EOS would put it between the template and the prompt (or in an empty prompt's row).
+        probe = "a"
+        plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe)["input_ids"]
+        lead = next((full[:j] for j in range(len(full)) if full[j : j + len(plain)] == plain), [])
+        body = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        self.prefix_ids = ([] if t.rendered else lead) + body
         self.suffix_ids = tokenizer(t.suffix, add_special_tokens=False)["input_ids"] if t.suffix else []
         # Template tokens the refiners may read but the DiT should not. The DiT keeps only what the tokenizer
         # itself puts before any text (BOS; nothing for Qwen's), the tokens an empty prompt is made of.
         # Everything else is instruction, like the suffix: chat markers a tokenizer registers as special
         # (Qwen's <|im_start|>, Gemma-it's <start_of_turn>), which the DiT would otherwise see before the
         # prompt but not after it, and an <unk> standing for an instruction word the vocabulary lacks.
-        lead, keep = tokenizer("")["input_ids"], 0
+        keep = 0
         while keep < min(len(lead), len(self.prefix_ids)) and self.prefix_ids[keep] == lead[keep]:
             keep += 1
         instruction = [j >= keep for j in range(len(self.prefix_ids))]
@@ -251,6 +259,33 @@ class TextEncoder(nn.Module):
         """(B, T, d) input of LLM layer ``i`` -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
         return _layer_kv(self.llm.layers[i], self.layer_keys[i], h, self.head_dim)
 
+    def check_kv_reading(self, cache, layers: tuple[int, ...], kv: list, length: int) -> None:
+        """Refuse an LLM whose attention makes its keys/values otherwise than ``_layer_kv`` and ``_rope`` do.
+
+        load_llm accepts any decoder with q/k/v/o projections, and the shallow designs read only its hidden
+        states, which transformers computes. Deep fusion reads K/V off the layers itself, assuming the LLaMA
+        layout; families that load fine but differ (Cohere's and Helium's interleaved RoPE, HunYuan's key
+        norm after RoPE) would otherwise give the DiT other keys than the LLM's attention uses, silently. So
+        the first K/V read compares ``kv`` (post-RoPE, of ``layers``) with the LLM's own ``cache`` of the
+        same forward; it counts once it had positions past 0, where RoPE layouts differ."""
+        for i, ours in zip(layers, kv, strict=True):
+            layer = cache.layers[i] if hasattr(cache, "layers") else None
+            theirs = (layer.keys, layer.values) if layer else (cache.key_cache[i], cache.value_cache[i])
+            n = theirs[0].shape[2]  # a sliding-window layer caches only its window
+            # Same modules in the same dtype: equal up to rounding (1% of the largest entry).
+            if not all(
+                a.shape[:2] == b.shape[:2] and (a[:, :, -n:] - b).abs().max() <= 1e-2 * b.abs().max()
+                for a, b in zip(ours, theirs, strict=True)
+            ):
+                self._refuse(f"layer {i}'s keys/values differ from those its attention uses")
+        self.kv_checked = length > 1
+
+    def _refuse(self, reason: str):
+        raise ConfigError(
+            f"an LLM of model_type {self.llm.config.model_type!r} is not supported by deep fusion: {reason} "
+            f"(the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS})"
+        )
+
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
         """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
         lengths = mask.sum(1)
@@ -258,19 +293,32 @@ class TextEncoder(nn.Module):
         shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
         keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
         input_ids, mask = input_ids[:, :keep], mask[:, :keep]
+        # The first K/V read also asks the LLM for its cache, to check that fusedit reads what it uses.
+        check = bool(request.kv_layers or request.raw_kv_layers) and not self.kv_checked
         # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.llm(
-                input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
+                input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=check
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cos, sin = self.llm.rotary_emb(hidden[0], positions)
-            kv = []
-            for i in request.kv_layers:
-                k, v = self.layer_kv(i, hidden[i])
-                kv.append((_rope(k, cos, sin), v))
-            raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
+            try:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+                cos, sin = self.llm.rotary_emb(hidden[0], positions)
+                kv = []
+                for i in request.kv_layers:
+                    k, v = self.layer_kv(i, hidden[i])
+                    kv.append((_rope(k, cos, sin), v))
+                raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
+            except (AttributeError, RuntimeError, ValueError) as e:
+                if not check:
+                    raise
+                # OLMo-2's post-norms (no input_layernorm), StableLM's partial rotary, ...
+                self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
+            if check:
+                with torch.no_grad():
+                    rotated = [(_rope(k, cos, sin), v) for k, v in raw_kv]
+                    layers = (*request.kv_layers, *request.raw_kv_layers)
+                    self.check_kv_reading(out.past_key_values, layers, kv + rotated, input_ids.shape[1])
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,
