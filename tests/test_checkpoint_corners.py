@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,154 @@ def test_a_dcp_checkpoint_with_missing_adam_states_consolidates_and_resumes_exac
         _train(net, opt, ema, range(4), save)
     plain = consolidate_checkpoint(run, tmp_path / "plain")
     _resume_and_check(plain, ref, saved_at, shard=False, distributed=False)
+
+
+class _Crash(BaseException):
+    """A kill, as far as the code under test can tell: nothing catches it."""
+
+
+def _net_and_optimizer():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    return net, opt
+
+
+def _assert_complete(folder: Path) -> None:
+    import json
+
+    listed = json.loads((folder / "state.json").read_text())["weight_files"]
+    assert listed and [name for name in listed if not (folder / name).is_file()] == [], folder
+
+
+def _crash_at(monkeypatch, point: str) -> None:
+    """Make the next save_checkpoint die at ``point``."""
+    import shutil
+
+    import fusedit.train.checkpoint as writer
+
+    def die(*args, **kwargs):
+        raise _Crash(point)
+
+    if point == "weights":  # the temporary folder is made, its first file not written
+        monkeypatch.setattr(writer, "save_file", die)
+    elif point == "rename":  # every file written and synced, the folder not renamed into place
+        monkeypatch.setattr(writer, "sync_tree", die)
+    elif point == "latest":  # renamed into place, `latest` not yet naming it
+        monkeypatch.setattr(writer, "write_text_atomic", die)
+    else:  # "delete": killed while deleting a checkpoint folder, one file gone (deletion has no set order)
+        real = shutil.rmtree
+
+        def rmtree(path, ignore_errors=False):
+            weights = Path(path) / "denoiser.safetensors"
+            if not weights.is_file():
+                return real(path, ignore_errors=ignore_errors)
+            weights.unlink()
+            raise _Crash(point)
+
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+@pytest.mark.parametrize("point", ["weights", "rename", "latest", "delete"])
+def test_a_save_killed_at_any_point_leaves_a_complete_checkpoint_to_resume(tmp_path, monkeypatch, point):
+    """state.json marks a folder complete: after a kill at any point of a save (pruning the oldest folder
+    included), every step_<n> folder holding one holds all its files, the run resumes from a complete
+    checkpoint, and its next save leaves no temporary folder behind (a whole checkpoint's worth of disk)."""
+    from fusedit.checkpoints import checkpoint_folders
+
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, cfg, net, net.state_dict(), opt, None, keep=2)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, point)
+        with pytest.raises(_Crash):
+            save_checkpoint(tmp_path, 3, cfg, net, net.state_dict(), opt, None, keep=2)
+    root = tmp_path / "checkpoints"
+    for folder in checkpoint_folders(root):
+        if (folder / "state.json").is_file():
+            _assert_complete(folder)
+    found = find_checkpoint(tmp_path)
+    assert found.name == ("step_00000003" if point == "delete" else "step_00000002")
+    fresh = torch.nn.Linear(2, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    load_training_state(found, fresh, {"denoiser": fresh_opt}, EMA(fresh, 0.9), {}, distributed=False)
+    assert torch.equal(fresh.weight, net.weight)
+    # The resumed run's next save (of another step: the interval may have changed) clears what the kill left.
+    save_checkpoint(tmp_path, 4, cfg, net, net.state_dict(), opt, None, keep=2)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    assert find_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_a_save_killed_while_replacing_an_unnamed_save_of_its_step_keeps_the_named_one(tmp_path, monkeypatch):
+    """A save renamed into place but killed before `latest` named it is saved again by the resumed run: a
+    kill while that earlier copy is deleted must not leave it half deleted under its step_<n> name."""
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    save_checkpoint(tmp_path, 1, cfg, net, net.state_dict(), opt, None)
+    for point in ("latest", "delete"):
+        with monkeypatch.context() as patch:
+            _crash_at(patch, point)
+            with pytest.raises(_Crash):
+                save_checkpoint(tmp_path, 2, cfg, net, net.state_dict(), opt, None)
+    assert find_checkpoint(tmp_path).name == "step_00000001"
+    step2 = tmp_path / "checkpoints" / "step_00000002"
+    if (step2 / "state.json").is_file():
+        _assert_complete(step2)
+    # Unlinked from `latest` by hand (a lost pointer): the highest complete step is found, never a torn one.
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000009")
+    _assert_complete(find_checkpoint(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "named"),
+    [
+        ("missing denoiser.safetensors", FileNotFoundError, "lacks denoiser.safetensors"),
+        ("missing ema.safetensors", FileNotFoundError, "lacks ema.safetensors"),
+        ("truncated optimizer.pt", ValueError, "optimizer.pt' is not a readable optimizer state"),
+        ("truncated state.json", ValueError, "state.json' is not readable JSON"),
+    ],
+)
+def test_resuming_a_damaged_checkpoint_names_the_file(tmp_path, damage, error, named):
+    """A checkpoint copy that lost or cut a file is refused naming it when a run resumes from it: a lost
+    weight file must not leave its module at the fresh model's random weights."""
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    ckpt = save_checkpoint(tmp_path, 1, cfg, net, net.state_dict(), opt, None)
+    how, name = damage.split()
+    if how == "missing":
+        (ckpt / name).unlink()
+    else:
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(error, match=named) as caught:
+        _resume_a_fresh_net(ckpt)
+    assert "\n" not in str(caught.value)
+
+
+@needs_gloo
+@pytest.mark.parametrize("damage", ["missing shard", "truncated shard", "truncated metadata"])
+def test_resuming_a_damaged_dcp_checkpoint_names_it_in_one_line(tmp_path, damage):
+    """DCP's own error is every rank's traceback, and pickle's says only "truncated": a copy of a
+    distributed checkpoint that lost or cut a file is named in one line."""
+    net, opt = _net_and_optimizer()
+    with _process_group(tmp_path):
+        ckpt = save_distributed_checkpoint(
+            tmp_path / "run", 1, tiny_config(), net, net.state_dict(), {"denoiser": opt}, {}, rank=0
+        )
+    how, what = damage.split()
+    path = ckpt / "dcp" / ".metadata" if what == "metadata" else next((ckpt / "dcp").glob("*.distcp"))
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:100])
+    named = re.escape(str(path if what == "metadata" else ckpt / "dcp"))
+    with pytest.raises(ValueError, match=named) as caught:
+        _resume_a_fresh_net(ckpt)
+    assert "\n" not in str(caught.value)
+
+
+def _resume_a_fresh_net(ckpt):
+    """load_training_state of ``ckpt`` (saved from _net_and_optimizer) into a fresh net, optimizer and EMA."""
+    fresh = torch.nn.Linear(2, 2)
+    opts = {"denoiser": torch.optim.AdamW(fresh.parameters())}
+    return load_training_state(ckpt, fresh, opts, EMA(fresh, 0.9), {}, distributed=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -72,9 +73,9 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(f.name for f in folder.glob("*.safetensors"))
 
 
-def _check_weight_files(ckpt: Path) -> None:
+def check_weight_files(ckpt: Path) -> None:
     """Every weight file state.json lists is there (checkpoints written before the list: the denoiser's,
-    which every plain checkpoint has)."""
+    which every plain checkpoint has): a missing one is refused by name, not left at its random init."""
     listed = load_state(ckpt).get(WEIGHT_FILES, [f"{DENOISER}.safetensors"])
     missing = [name for name in listed if not (ckpt / name).is_file()]
     if missing:
@@ -157,9 +158,21 @@ def is_distributed_checkpoint(ckpt: Path) -> bool:
 
 
 def dcp_keys(ckpt: Path) -> set[str]:
+    return set(_dcp_metadata(ckpt).state_dict_metadata)
+
+
+def _dcp_metadata(ckpt: Path):
+    """A DCP checkpoint's metadata; a damaged .metadata named in one line, not pickle's bare "truncated"."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return set(FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata)
+    path = ckpt / DCP_DIR / ".metadata"
+    try:
+        return FileSystemReader(str(ckpt / DCP_DIR)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
+        raise ValueError(
+            f"{str(path)!r} is not a readable DCP metadata file ({type(e).__name__}: {e}; a damaged copy? "
+            "copy the whole checkpoint folder again)"
+        ) from None
 
 
 def dcp_sections(ckpt: Path) -> set[str]:
@@ -171,10 +184,20 @@ def dcp_sections(ckpt: Path) -> set[str]:
 def dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
     """dcp.load in place; ``no_dist``: in this process alone (DCP warns each time; here it is meant)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
+        try:
+            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
+        except CheckpointException as e:
+            # Its message is every failing rank's traceback; each failure is (exception, frames).
+            first = next(iter(e.failures.values()))[0]
+            cause = f"{type(first).__name__}: {(str(first).splitlines() or [''])[0]}"
+            raise ValueError(
+                f"{str(ckpt / DCP_DIR)!r} could not be read ({cause}; a damaged or partial copy? copy the whole "
+                "checkpoint folder again)"
+            ) from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -195,7 +218,14 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
+    """state.json; a damaged one named in one line, not json's bare "Expecting value" traceback."""
+    path = ckpt / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise ValueError(
+            f"{str(path)!r} is not readable JSON ({e}; a damaged copy? copy the checkpoint again)"
+        ) from None
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:
@@ -227,9 +257,7 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     either format, from the safetensors headers or the DCP metadata: no tensor is read."""
     out: dict[str, dict[str, tuple[int, ...]]] = {}
     if is_distributed_checkpoint(ckpt):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata
+        metadata = _dcp_metadata(ckpt).state_dict_metadata
         for key, meta in metadata.items():
             section, _, name = key.partition(".")
             # Optimizer states are keyed by parameter too, but their shapes are not the weights'.
@@ -335,7 +363,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     if dcp_format:
         _load_dcp_weights(ckpt, model, ema)
     else:
-        _check_weight_files(ckpt)
+        check_weight_files(ckpt)
         if ema:
             model.denoiser.load_state_dict(load_tensors(ckpt, "ema"))
         else:

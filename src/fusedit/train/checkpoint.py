@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -54,6 +55,7 @@ from fusedit.checkpoints import (
     MODELS_FILE,
     VOCABULARY_FILE,
     WEIGHT_FILES,
+    check_weight_files,
     checkpoint_folders,
     checkpoint_stage,
     dcp_keys,
@@ -172,8 +174,8 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     were lost with the page cache."""
     readable_by_all(tmp)
     sync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # an earlier save of this step that ``latest`` never named (see below)
+        _discard(final)
     os.replace(tmp, final)
     sync_folder(root)
     write_text_atomic(root / "latest", final.name, durable=True)
@@ -181,7 +183,21 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     # run resumed from the one before) must not push ``final`` out.
     folders = checkpoint_folders(root)
     for old in folders[: max(folders.index(final) + 1 - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    # Left by a run killed while saving or deleting a step it may never save again: a whole checkpoint's
+    # worth of disk each. Every rank is past its writes into this step's folder, and none has begun the next.
+    for stale in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder, renamed out of the way first: a kill while deleting it then leaves a
+    hidden ``.step_<n>.deleting``, not a ``step_<n>`` that lost some files but still holds the state.json
+    that marks it complete (a deletion goes in no set order), which ``find_checkpoint`` would take."""
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def data_state_name(rank: int) -> str:
@@ -526,6 +542,8 @@ def load_training_state(
         expected[key] = lora.base_state_dict(module)
         expected[f"{key}_lora"] = lora.adapter_state_dict(module)
     expected["ema"] = ema.state_dict()
+    if not is_distributed_checkpoint(ckpt):
+        check_weight_files(ckpt)  # a missing file would leave its module as built, not fail below
     problem = weights_mismatch(ckpt, expected)
     if problem:
         raise ConfigError(
@@ -543,10 +561,23 @@ def load_training_state(
                 lora.load_plain_and_adapters(module, plain, adapters)
         ema.load_state_dict(load_tensors(ckpt, "ema"))
         for key, opt in optimizers.items():
-            # On the CPU first: a GPU run's Adam moments load on a machine without one, and
-            # load_state_dict moves them to each parameter's device.
-            opt.load_state_dict(torch.load(ckpt / optimizer_file(key), map_location="cpu", weights_only=True))
+            opt.load_state_dict(_load_optimizer(ckpt, key))
     return load_state(ckpt)
+
+
+def _load_optimizer(ckpt: Path, key: str) -> dict:
+    """A saved optimizer state (plain format), on the CPU first: a GPU run's Adam moments load on a machine
+    without one, and load_state_dict moves them to each parameter's device. A damaged file (cut short,
+    overwritten) is named in one line, not torch's bare "failed finding central directory"."""
+    path = ckpt / optimizer_file(key)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a readable optimizer state ({first}; a damaged copy? copy the checkpoint "
+            "again)"
+        ) from None
 
 
 def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool) -> None:
@@ -602,7 +633,7 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
         plain = lora.base_state_dict(module) if plain is None else plain
         set_model_state_dict(module, lora.structured_state(module, plain, adapters or {}), options=full)
         if key in optimizers:
-            saved = torch.load(ckpt / optimizer_file(key), map_location="cpu", weights_only=True)
+            saved = _load_optimizer(ckpt, key)
             named = optimizer_by_name(saved, trainable_names(module))
             opt = optimizers[key]
 
