@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -666,3 +667,40 @@ def test_transformers_log_lines_are_written_above_progress_bars(monkeypatch):
     assert hf.handlers == [handler]
     with _logs_above_bars(False):  # --quiet: no bars, nothing moved
         assert hf.handlers == [handler]
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_an_export_killed_while_replacing_an_earlier_one_loses_nothing(tmp_path, monkeypatch, kill_at):
+    """Replacing an earlier export moves it aside, moves the user's entries (eval/) into the new pipeline,
+    renames that into place and deletes the old one. Killed at any of those steps (the kill_at-th rename of
+    the pair's folders; 4: while deleting), the next export finishes with the user's results kept."""
+    import fusedit.pipeline
+
+    run, pipe = _tiny_run(tmp_path), tmp_path / "pipe"
+    assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0
+    (pipe / "eval").mkdir()
+    (pipe / "eval" / "scores.md").write_text("| overall | 0.5 |")
+    renames, replace, rmtree = [], os.replace, shutil.rmtree
+
+    def killed_replace(src, dst):
+        if Path(src).parent in (tmp_path, tmp_path / ".pipe.old"):
+            renames.append(src)
+            if len(renames) == kill_at:
+                raise KeyboardInterrupt
+        replace(src, dst)
+
+    def killed_rmtree(path, *args, **kwargs):
+        if Path(path) == tmp_path / ".pipe.old" and kill_at == 4:
+            (Path(path) / "model_index.json").unlink()  # a deletion cut short
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(fusedit.pipeline.os, "replace", killed_replace)
+        m.setattr(fusedit.pipeline.shutil, "rmtree", killed_rmtree)
+        with pytest.raises(KeyboardInterrupt):
+            main(["export", str(run), "--out", str(pipe), "--quiet"])
+    assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0
+    assert (pipe / "eval" / "scores.md").read_text() == "| overall | 0.5 |"
+    assert (pipe / "model_index.json").is_file() and (pipe / "transformer").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pipe")) == []

@@ -426,25 +426,44 @@ def export_run(
             f"FuseDiT code is imported with `fusedit convert {source} --out DIR`, see docs/run-released-fusedit.md)"
         )
     folder = Path(folder)
+    partial, old = (folder.with_name(f".{folder.name}.{end}") for end in ("partial", "old"))
+    _finish_killed_export(folder, partial, old)
     earlier = _exported(folder)
     if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
     pipe = FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema, relocate=relocate)
-    partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial))
     readable_by_all(partial)
     if earlier:
-        # What is not the pipeline's (`fusedit eval`'s results in eval/, a model card) stays with it.
-        pipeline = _pipeline_entries(folder)
-        for entry in folder.iterdir():
+        # The earlier export goes aside whole (one rename), then what is not its pipeline (`fusedit eval`'s
+        # results in eval/, a model card) moves into the new one: a kill at any point leaves every file in
+        # ``folder``, ``old`` or ``partial``, which _finish_killed_export puts back together.
+        os.replace(folder, old)
+        pipeline = _pipeline_entries(old)
+        for entry in old.iterdir():
             if not (partial / entry.name).exists() and entry.name not in pipeline:
                 os.replace(entry, partial / entry.name)
-        shutil.rmtree(folder)
     elif folder.exists():
         folder.rmdir()  # empty, as checked
     os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _finish_killed_export(folder: Path, partial: Path, old: Path) -> None:
+    """Undo or finish an export killed while replacing an earlier one (see export_run). Killed before the
+    new pipeline took ``folder``'s name: the earlier export comes back from ``old``, with the entries of
+    its own that had moved into ``partial``. Killed after: ``old`` holds only the earlier pipeline."""
+    if not old.exists():
+        return
+    if not folder.exists():
+        pipeline = _pipeline_entries(partial) if (partial / "model_index.json").is_file() else set()
+        for entry in partial.iterdir() if partial.exists() else ():
+            if entry.name not in pipeline and not (old / entry.name).exists():
+                os.replace(entry, old / entry.name)
+        os.replace(old, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pipeline_entries(folder: Path) -> set[str]:
