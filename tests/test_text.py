@@ -254,16 +254,21 @@ def test_chat_markers_registered_as_special_are_instruction_before_the_prompt_as
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_llm_and_tokenizer_load_from_a_local_folder(tmp_path, family):
-    """text.model_id may be a folder written by save_pretrained (the same code path as a hub id)."""
+    """text.model_id may be a folder written by save_pretrained (the same code path as a hub id), and its
+    tokenizer the folder's own or another (text.tokenizer). transformers loads the tokenizer of a qwen2
+    folder as its Qwen2Tokenizer whatever class was saved, which reads the test's word list wrongly: the
+    words go in a folder of their own there."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = tmp_path / family
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY_ARCH))
     hf.save_pretrained(folder)
-    word_tokenizer(vocabulary()).save_pretrained(folder)
-    model = build_model(
-        tiny_config(text={"model_id": str(folder), "family": family}, model={"num_layers": 2})
-    )
+    words = folder if family == "llama" else tmp_path / "words"
+    word_tokenizer(vocabulary()).save_pretrained(words)
+    text = {"model_id": str(folder), "family": family, "tokenizer": "" if words == folder else str(words)}
+    model = build_model(tiny_config(text=text, model={"num_layers": 2}))
+    tokens = model.text.tokenizer.convert_ids_to_tokens(model.text.tokenizer("a red circle")["input_ids"])
+    assert tokens[-3:] == ["a", "red", "circle"]
     assert len(model.text.llm.layers) == 2  # truncated after the deepest fused layer
     assert all(not p.requires_grad for p in model.text.llm.parameters())
     ref = hf.model.layers[1].self_attn.k_proj.weight
