@@ -48,7 +48,15 @@ def test_a_relative_base_folder_is_looked_up_beside_the_config(tmp_path, monkeyp
     # A bare preset name beside a folder of that name (an output folder) is still the preset.
     (tmp_path / "exp" / "debug").mkdir()
     (tmp_path / "exp" / "b.yaml").write_text("base: debug\nname: child\n")
-    assert load_config(tmp_path / "exp" / "b.yaml").train.steps == load_config("debug").train.steps
+    preset_steps, other = load_config("debug").train.steps, load_config("debug", ["train.steps=77"])
+    assert load_config(tmp_path / "exp" / "b.yaml").train.steps == preset_steps
+    # So is one beside a folder of that name in the working directory: a run trained with `--out debug`
+    # there, or an empty folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "debug").mkdir()
+    assert load_config(tmp_path / "exp" / "b.yaml").train.steps == preset_steps
+    save_config(other, tmp_path / "debug" / "config.yaml")
+    assert load_config(tmp_path / "exp" / "b.yaml").train.steps == preset_steps != 77
 
 
 def test_a_position_in_a_stages_inherited_list_still_patches_it():

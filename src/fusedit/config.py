@@ -506,13 +506,13 @@ def preset_names() -> list[str]:
     )
 
 
-def _read_yaml(name_or_path: str | Path) -> tuple[dict, Path | None]:
+def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Path | None]:
     """A preset name, a YAML path, or a model folder -> (mapping, folder it came from for relative
-    ``base:``)."""
+    ``base:``). ``preset``: the name is a preset's, whatever the working directory holds."""
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() and not preset:
         return _saved_mapping(path), None
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if not preset and (path.suffix in (".yaml", ".yml") or path.exists()):
         if not path.is_file():
             raise ConfigError(f"config file not found: {str(path)!r}")
         text, folder = path.read_text(), path.parent
@@ -596,10 +596,10 @@ def yaml_problem(e: yaml.MarkedYAMLError) -> str:
     return text
 
 
-def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
+def _resolve_raw(name_or_path: str | Path, seen: tuple = (), preset: bool = False) -> dict:
     if str(name_or_path) in seen:
         raise ConfigError(f"config 'base' cycle: {' -> '.join(map(str, (*seen, name_or_path)))}")
-    data, folder = _read_yaml(name_or_path)
+    data, folder = _read_yaml(name_or_path, preset)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -607,11 +607,13 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
     # A file beside the config, or a run/checkpoint/pipeline folder beside it written as a path (../run,
     # ./runs/a): a bare name that is also a folder there (an output folder named like a preset) stays the
     # preset.
+    # preset: nor is it a folder or file of that name in the working directory.
     sibling = folder / str(base) if folder is not None else None
     as_path = "/" in str(base) or str(base).startswith(".")
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
         base_ref = sibling
-    return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path))), data)
+    bare = base_ref is base and not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
+    return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path)), preset=bare), data)
 
 
 def _merge_into_list(items: list, patch: dict, key: str) -> list:

@@ -13,7 +13,8 @@ module's state dict changes names (``q_proj.weight`` -> ``q_proj.base_layer.weig
 so the EMA is always a plain model. ``merge_adapters`` does it in place and removes the wrappers, at the end
 of a LoRA stage and when a checkpoint is loaded for sampling or export.
 
-peft is an optional dependency (``pip install 'fusedit[lora]'``), imported only when adapters are added.
+peft is an optional dependency (``pip install -e ".[lora]"`` in the repository), imported only when adapters
+are added.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def require_peft(what: str):
     except ImportError:
         raise ConfigError(
             f"{what} trains LoRA adapters through peft, which is not installed: pip install peft "
-            "(or pip install 'fusedit[lora]')"
+            "(or pip install -e '.[lora]' in the fusedit repository)"
         ) from None
     return peft
 
