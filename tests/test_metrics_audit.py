@@ -92,6 +92,20 @@ def test_a_cache_recorded_with_the_networks_old_place_in_its_fingerprint_is_reus
     np.testing.assert_array_equal(again.mu, stats.mu)
 
 
+def test_inception_stats_cached_before_the_clipped_resize_are_recomputed(tmp_path):
+    """Caches written before clean_resize clipped its overshoot hold the statistics of other features; their
+    fingerprint ("/abs/folder/file#digest", no "+clip") must not pass for the current one, folder or not."""
+    network = save_network(tmp_path / "a" / INCEPTION_FILE, seed=0)
+    extractor = CleanInceptionFeatures(network)
+    assert extractor.fingerprint.endswith("+clip")
+    unclipped = type("Old", (), {"id": extractor.id, "__call__": lambda self, batch: extractor(batch)})()
+    unclipped.fingerprint = f"{tmp_path / 'a' / extractor.fingerprint.removesuffix('+clip')}"
+    cache = tmp_path / "cache"
+    ReferenceStats.cached("ref", images(4), unclipped, cache, progress=False)
+    with pytest.raises(AssertionError, match="must not decode"):
+        ReferenceStats.cached("ref", must_not_decode, extractor, cache, progress=False)
+
+
 class ChannelMeans:
     id = "channel-means"
 

@@ -603,17 +603,15 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = (), preset: bool = Fals
     base = data.pop("base", None)
     if base is None:
         return data
-    base_ref = base
     # A file beside the config, or a run/checkpoint/pipeline folder beside it written as a path (../run,
-    # ./runs/a): a bare name that is also a folder there (an output folder named like a preset) stays the
-    # preset.
-    # preset: nor is it a folder or file of that name in the working directory.
+    # ./runs/a). A bare name (debug) is the preset, even where a folder of that name lies beside the config
+    # (an output folder named like a preset) or in the working directory.
     sibling = folder / str(base) if folder is not None else None
     as_path = "/" in str(base) or str(base).startswith(".")
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
-        base_ref = sibling
-    bare = base_ref is base and not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
-    return _deep_merge(_resolve_raw(base_ref, (*seen, str(name_or_path)), preset=bare), data)
+        return _deep_merge(_resolve_raw(sibling, (*seen, str(name_or_path))), data)
+    bare = not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
+    return _deep_merge(_resolve_raw(base, (*seen, str(name_or_path)), preset=bare), data)
 
 
 def _merge_into_list(items: list, patch: dict, key: str) -> list:

@@ -95,7 +95,9 @@ class CleanInceptionFeatures:
         self.id = INCEPTION_ID
         # The weights, not their place (the file's name, size and first MiB): with the place-free ``id``, a
         # copy of the network elsewhere reuses the cached reference statistics instead of recomputing them.
-        self.fingerprint = f"{path.name}#{files_digest(path.parent, [path], 1 << 20)[:16]}"
+        # "+clip": the features of clean_resize's clipped resize; caches written before it (unclipped, no
+        # suffix) describe other features and are recomputed.
+        self.fingerprint = f"{path.name}#{files_digest(path.parent, [path], 1 << 20)[:16]}+clip"
 
     @torch.no_grad()
     def __call__(self, images: list) -> torch.Tensor:
