@@ -165,14 +165,9 @@ def _dcp_metadata(ckpt: Path):
     """A DCP checkpoint's metadata; a damaged .metadata named in one line, not pickle's bare "truncated"."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    path = ckpt / DCP_DIR / ".metadata"
-    try:
+    damaged = (pickle.UnpicklingError, EOFError, ValueError, AttributeError)
+    with readable(ckpt / DCP_DIR / ".metadata", "a readable DCP metadata file", damaged):
         return FileSystemReader(str(ckpt / DCP_DIR)).read_metadata()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
-        raise ValueError(
-            f"{str(path)!r} is not a readable DCP metadata file ({type(e).__name__}: {e}; a damaged copy? "
-            "copy the whole checkpoint folder again)"
-        ) from None
 
 
 def dcp_sections(ckpt: Path) -> set[str]:
@@ -220,12 +215,8 @@ def find_checkpoint(path: str | Path) -> Path:
 def load_state(ckpt: Path) -> dict:
     """state.json; a damaged one named in one line, not json's bare "Expecting value" traceback."""
     path = ckpt / "state.json"
-    try:
+    with readable(path, "readable JSON", (ValueError,)):  # bad JSON, or bytes that are not UTF-8
         return json.loads(path.read_text())
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-        raise ValueError(
-            f"{str(path)!r} is not readable JSON ({e}; a damaged copy? copy the checkpoint again)"
-        ) from None
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:
@@ -236,19 +227,23 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
     f = ckpt / f"{name}.safetensors"
     if not f.is_file():
         return None
-    with _readable(f):
+    with readable(f):
         return load_file(f)
 
 
 @contextlib.contextmanager
-def _readable(f: Path):
-    """A damaged weight file (cut short, overwritten) named in one line, not safetensors' bare "header too
-    large" traceback."""
+def readable(
+    path: Path, what: str = "a readable safetensors file", damaged: tuple[type, ...] = (SafetensorError,)
+):
+    """A damaged checkpoint file (cut short, overwritten) named in one line, not its reader's bare traceback
+    (safetensors' "header too large", pickle's "truncated", torch's "failed finding central directory"):
+    ``what`` it is not, and the ``damaged`` exceptions its reader raises for that."""
     try:
         yield
-    except SafetensorError as e:
+    except damaged as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(
-            f"{str(f)!r} is not a readable safetensors file ({e}; a damaged copy? copy the checkpoint again)"
+            f"{str(path)!r} is not {what} ({first}; a damaged copy? copy the checkpoint again)"
         ) from None
 
 
@@ -266,7 +261,7 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
             out.setdefault(file_stem(section), {})[name] = tuple(meta.size)
         return out
     for f in ckpt.glob("*.safetensors"):
-        with _readable(f), safe_open(f, framework="pt") as tensors:
+        with readable(f), safe_open(f, framework="pt") as tensors:
             names = tensors.keys()  # a safe_open handle is not iterable itself
             out[f.stem] = {k: tuple(tensors.get_slice(k).get_shape()) for k in names}
     return out

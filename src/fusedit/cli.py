@@ -266,7 +266,7 @@ def cmd_sample(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
-    check_seed(args.seed, len(prompts), flags=True)
+    check_seed(args.seed, len(prompts), name="--seed")
     if args.guidance is not None:
         check_negative_prompt(args.negative_prompt, args.guidance, flags=True)
     out = _out_folder(args.out)
@@ -376,7 +376,7 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"{flag} {value} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
     if args.seed is not None:
-        check_seed(args.seed, flags=True)
+        check_seed(args.seed, name="--seed")
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
     extractor = None
@@ -597,7 +597,7 @@ def cmd_fid(args) -> int:
 
 
 def cmd_clip_score(args) -> int:
-    from fusedit.eval.fid import ClipScore, clip_scores
+    from fusedit.eval.fid import ClipScore, clip_scores, mean_clip_score
 
     def prompt_of(meta: Path) -> str:
         try:
@@ -622,8 +622,7 @@ def cmd_clip_score(args) -> int:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
     scores = clip_scores([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
     scored = int(scores.isfinite().sum())  # unreadable images are NaN, skipped with a warning
-    # The mean clipped at 0, as clip_score and torchmetrics' CLIPScore report it.
-    print(f"CLIP score over {scored} images: {max(float(scores.nanmean()), 0.0):.3f}")
+    print(f"CLIP score over {scored} images: {mean_clip_score(scores):.3f}")
     return 0
 
 

@@ -476,10 +476,6 @@ class Config:
     stages: list = field(default_factory=list, metadata={"item": StageConfig})
 
 
-# Config's lists of sections (extra_text, stages), empty unless a config writes them.
-EMPTY_LIST_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if "item" in f.metadata)
-
-
 @dataclass(frozen=True)
 class Stage:
     """A stage resolved: global steps [start, end) and the full config it trains under (its train.steps is
@@ -633,16 +629,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), list):
             out[k] = _merge_into_list(out[k], v, k)
-        elif (
-            k in EMPTY_LIST_SECTIONS
-            and isinstance(v, dict)
-            and k not in out
-            and all(map(str.isdigit, map(str, v)))
-        ):
-            # A position (extra_text.0.family=...) in a list of sections the config leaves at its empty
-            # default. Other lists absent here keep the pass-through: a stage's data/train mapping holds only
-            # what it changes, and resolved_stages merges it into the inherited list.
-            out[k] = _merge_into_list([], v, k)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -826,25 +812,24 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         )
     kwargs = {}
     for name, value in data.items():
-        tp, path = hints[name], f"{prefix}.{name}" if prefix else name
+        tp, path, spec = hints[name], f"{prefix}.{name}" if prefix else name, fields[name]
+        positions = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
+        if (
+            positions
+            and (typing.get_origin(tp) or tp) is list
+            and spec.default_factory is not dataclasses.MISSING
+        ):
+            # train.trainable.1=llm, extra_text.0.family=qwen2 on a config that leaves the list at its default:
+            # the raw YAML holds no list for the positions to patch, so they patch the field's default. (A
+            # stage's data/train mapping keeps such a patch: resolved_stages merges it into the inherited list.)
+            value = _merge_into_list(spec.default_factory(), value, path)
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, path)
-        elif "item" in fields[name].metadata:
+        elif "item" in spec.metadata:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}={value!r} must be a list of mappings")
-            item = fields[name].metadata["item"]
-            kwargs[name] = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            kwargs[name] = [_build(spec.metadata["item"], v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
-            spec = fields[name]
-            positions = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
-            if (
-                positions
-                and (typing.get_origin(tp) or tp) is list
-                and spec.default_factory is not dataclasses.MISSING
-            ):
-                # train.trainable.1=llm on a config that leaves the list at its default: the raw YAML holds no
-                # list for the positions to patch, so they patch the field's default.
-                value = _merge_into_list(spec.default_factory(), value, path)
             kwargs[name] = _check_value(path, value, tp, dict(spec.metadata), spec.default)
     return cls(**kwargs)
 

@@ -151,12 +151,13 @@ def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bo
         raise ConfigError(f"{named('guidance', guidance)} is not allowed (allowed: a finite number >= 0)")
 
 
-def check_seed(seed: int, images: int = 1, *, flags: bool = False) -> None:
+def check_seed(seed: int, images: int = 1, *, name: str = "seed") -> None:
     """A one-line error for a seed outside 0..SEED_MAX, or one whose images' seeds (seed + i for image i
-    of ``images``) would pass SEED_MAX. ``flags`` names it as a command-line flag (``--seed -1``)."""
+    of ``images``) would pass SEED_MAX. ``name`` is the setting as the error shows it: a keyword (``seed``,
+    ``study 'x': seeds[1]``) or a command-line flag (``--seed``)."""
     top = SEED_MAX - (images - 1)
     if not 0 <= seed <= top:
-        named = f"--seed {seed}" if flags else f"seed={seed!r}"
+        named = f"{name} {seed}" if name.startswith("--") else f"{name}={seed!r}"
         why = f" for {images} images: image i takes seed + i" if images > 1 else ""
         raise ConfigError(f"{named} is out of range (allowed: 0..{top}{why})")
 

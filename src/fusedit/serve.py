@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from fusedit.config import (
+    SEED_MAX,
     Config,
     ConfigError,
     SampleConfig,
@@ -63,7 +64,7 @@ from fusedit.config import (
     side_limits,
 )
 from fusedit.imaging import to_uint8
-from fusedit.sample import SEED_MAX, check_seed, generate, latent_shape, sample_settings, seeded_noise
+from fusedit.sample import check_seed, generate, latent_shape, sample_settings, seeded_noise
 from fusedit.system import TextToImage
 
 log = logging.getLogger(__name__)

@@ -302,6 +302,10 @@ def build_model(
         _text_encoder(t, req, spec, config, device, meta, words)
         for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
     ]
+    for enc, request in zip(encoders, denoiser.text_requests, strict=True):
+        enc.check_kv(
+            request
+        )  # deep fusion reads K/V off the LLM's layers: are they those its attention uses?
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
     model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled, vocabulary=words)
     _check_positions(model)

@@ -287,7 +287,7 @@ class FolderCatalog:
 def _sidecar(image: Path, name: str | None, kind: str) -> str:
     """The text of ``image``'s sidecar of ``kind``: the file ``name`` found by the scan, else ``<stem>.kind``."""
     path = image.with_name(name) if name else image.with_suffix(f".{kind}")
-    return path.read_text(encoding=_TEXT_ENCODING, errors="replace")
+    return path.read_text(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS)
 
 
 def _not_json_lines(path: Path, kind: str) -> ConfigError:

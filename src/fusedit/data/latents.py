@@ -57,28 +57,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the VAE noise seeded per sample (1: per encoding batch)
 INDEX, META = "index.json", "meta.json"
-# DataConfig fields that change what a cache holds; a rerun with other values must not mix into it.
-_DATA_KEYS = (
-    "source",
-    "root",
-    "index_file",
-    "image_field",
-    "caption_fields",
-    "shards",
-    "hf_path",
-    "hf_name",
-    "hf_split",
-    "hf_streaming",
-    "image_size",
-    "min_image_size",
-    "crop",
-    "buckets",
-    "max_objects",
-    "num_samples",
-    "kinds",
-)
-# Of those, the ones each source reads (the others are recorded but never compared: a rerun must not be
-# refused over a setting that changes nothing, such as data.kinds for a folder or data.crop for shapes).
+# The DataConfig fields each source reads, which change what a cache holds: a rerun with other values must
+# not mix into it. The others are recorded but never compared: a rerun must not be refused over a setting
+# that changes nothing, such as data.kinds for a folder or data.crop for shapes.
 _IMAGE_KEYS = ("image_field", "caption_fields", "image_size", "min_image_size", "crop", "buckets")
 _READ_KEYS = {
     "shapes": ("image_size", "max_objects", "num_samples", "kinds"),
@@ -88,6 +69,8 @@ _READ_KEYS = {
     # where the table seeds it by N: the two must not share a cache.
     "hf": ("hf_path", "hf_name", "hf_split", "hf_streaming", *_IMAGE_KEYS),
 }
+# What meta.json records: the source and every field some source reads.
+_DATA_KEYS = ("source", *dict.fromkeys(key for keys in _READ_KEYS.values() for key in keys))
 # vae.model_id and vae.subfolder together name the folder the VAE loads from: compared as one place.
 _VAE_PLACE = ("model_id", "subfolder")
 

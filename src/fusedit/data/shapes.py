@@ -47,7 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from fusedit.config import SHAPES_KINDS
+from fusedit.config import SHAPES_KINDS, SHAPES_MAX_OBJECTS
 from fusedit.config import check_shapes_options as check_options
 
 # Saturated colours chosen to be far apart in RGB (the closest pair, red/orange, is ~100 apart) and far
@@ -90,7 +90,7 @@ _RELATION_PHRASES: dict[str, str] = {
 RELATIONS: tuple[str, ...] = tuple(_RELATION_PHRASES)
 _INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBER_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
-MAX_OBJECTS = max(NUMBER_WORDS)
+MAX_OBJECTS = SHAPES_MAX_OBJECTS  # the bound config checks data.max_objects against; NUMBER_WORDS names each
 SPLITS: tuple[str, ...] = ("train", "heldout")
 HELDOUT_FRACTION = 0.1
 # Part of the hashed key: changing it reshuffles which prompts are held out, so it is versioned.

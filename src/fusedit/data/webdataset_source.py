@@ -27,7 +27,6 @@ order), for passes that visit each sample once, such as pre-encoding latents.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
@@ -216,7 +215,8 @@ class TarShard:
     def read(self, index: int, wanted: dict[str, str], image_field: str) -> tuple[str, dict, Any]:
         """(key, caption fields, image bytes) of sample ``index``; ``wanted`` is :func:`wanted_fields`.
         Only members that something reads are loaded (an img2dataset sample may also carry large unused
-        members). Raises SkipSample."""
+        members), as bytes: the caption decoder parses JSON and decodes text (transforms.caption_candidates).
+        Raises SkipSample."""
         if self.tar is None:
             raise SkipSample("corrupt", f"shard unreadable: {self.error}")
         key, members = self.samples[index]
@@ -233,15 +233,6 @@ class TarShard:
                         loaded[name] = self._bytes(members[name])
         except _TAR_ERRORS as e:
             raise SkipSample("corrupt", f"tar member unreadable: {_short(e)}") from None
-        for name, value in list(loaded.items()):
-            if name == "json" or name.endswith(".json"):
-                try:
-                    loaded[name] = json.loads(value)
-                except ValueError:
-                    del loaded[name]  # an unparsable sidecar is an absent caption source
-            elif name == "txt" or name.endswith(".txt"):
-                # -sig: a byte-order mark (Windows tools) is not caption text, as for folder sidecars.
-                loaded[name] = value.decode("utf-8-sig", errors="replace")
         # Keyed as data.caption_fields spells them, which is how the decoder looks them up (TXT reads txt).
         fields = {field: loaded[name] for field, name in wanted.items() if name in loaded}
         return key, {"__key__": key, **fields}, image

@@ -142,17 +142,7 @@ def download(
 
 def _download_geneval(tmp: Path, ref: str, timeout: float) -> None:
     for filename, template in GENEVAL_URLS.items():
-        url = template.format(ref=ref)
-        with _fetch(url, "GenEval", timeout) as response:
-            try:
-                data = response.read()
-            # The connection can also drop mid-file; an unbounded read then raises IncompleteRead.
-            except (TimeoutError, ConnectionError, http.client.IncompleteRead) as e:
-                raise BenchmarkError(
-                    f"downloading GenEval from {url} broke off ({e}); retry, or pass --prompts PATH to a "
-                    f"local copy"
-                ) from None
-        (tmp / filename).write_bytes(data)
+        _download_to(template.format(ref=ref), "GenEval", tmp / filename, timeout, False, _LOCAL_COPY)
     # Parse before accepting: a proxy's HTML error page must not be stored as the prompt file.
     load_geneval(tmp / GENEVAL_METADATA)
 
@@ -192,8 +182,12 @@ def _download_dpg(tmp: Path, ref: str, timeout: float, progress: bool) -> None:
         )
 
 
-def _download_to(url: str, name: str, target: Path, timeout: float, progress: bool) -> None:
-    """Stream ``url`` into the file ``target`` with a progress bar; a dropped connection is one line."""
+_LOCAL_COPY = ", or pass --prompts PATH to a local copy"
+
+
+def _download_to(url: str, name: str, target: Path, timeout: float, progress: bool, hint: str = "") -> None:
+    """Stream ``url`` into the file ``target`` with a progress bar; a dropped connection is one line, ending
+    with ``hint`` (what else to do than retry)."""
     with _fetch(url, name, timeout) as response:
         size = response.headers.get("Content-Length") if response.headers else None
         with (
@@ -204,13 +198,14 @@ def _download_to(url: str, name: str, target: Path, timeout: float, progress: bo
         ):
             try:
                 shutil.copyfileobj(stream, handle, 1 << 20)
+            # The connection can also drop mid-file; an unbounded read then raises IncompleteRead.
             except (TimeoutError, ConnectionError, http.client.IncompleteRead) as e:
-                raise BenchmarkError(f"downloading {name} from {url} broke off ({e}); retry") from None
+                raise BenchmarkError(f"downloading {name} from {url} broke off ({e}); retry{hint}") from None
             # A connection closed early ends a sized read quietly, as if the file ended there: a cut-short
             # prompt file would still parse, and be kept as a complete copy.
             if size and handle.tell() != int(size):
                 raise BenchmarkError(
-                    f"downloading {name} from {url} broke off ({handle.tell()} of {size} bytes); retry"
+                    f"downloading {name} from {url} broke off ({handle.tell()} of {size} bytes); retry{hint}"
                 )
 
 

@@ -82,7 +82,7 @@ from fusedit.config import ConfigError
 from fusedit.data.transforms import SkipSample
 from fusedit.eval.benchmarks import BenchmarkError, existing_path, read_utf8
 from fusedit.eval.dpg import TransformersVQA
-from fusedit.eval.fid import ClipEmbedder, SkippedImages, load_image, model_inputs
+from fusedit.eval.fid import ClipEmbedder, SkippedImages, check_batch_size, load_image, model_inputs
 from fusedit.eval.geneval import Detection, geneval_class
 from fusedit.files import write_text_atomic
 from fusedit.imaging import generated_image, save_png
@@ -951,10 +951,7 @@ def score_category(
     result (the complex category needs it)."""
     if category not in CATEGORIES:
         raise ConfigError(f"T2I-CompBench category {category!r}; allowed: {', '.join(CATEGORIES)}")
-    # 0 fails in range() mid-scoring; a negative size asks no question (each attribute score an empty
-    # product, 1) or scores no image.
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    check_batch_size(batch_size)  # a negative one would ask no question: each attribute score 1
     check_scorers([category], {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     if category == "complex" and complex_groups is None:
         raise ConfigError("the complex category needs complex_groups (load_complex_groups of the dataset)")

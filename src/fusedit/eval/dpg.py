@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
-from fusedit.eval.fid import model_inputs
+from fusedit.eval.fid import check_batch_size, model_inputs
 from fusedit.files import write_text_atomic
 from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
@@ -237,8 +237,7 @@ def score_dpg_folder(
     """
     if not 1 <= tiles <= 4:
         raise ConfigError(f"tiles={tiles!r}; allowed: 1, 2, 3 or 4")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    check_batch_size(batch_size)
     if not isinstance(questions, dict):
         questions = load_dpg_questions(questions)
     folder = Path(folder)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import refuse_path_to_nothing
+from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
@@ -178,8 +178,7 @@ def extract_features(
     """Features (N, D) float64 of images (PIL images or paths), ``batch_size`` at a time. Unreadable
     files are skipped and counted (one warning names how many and an example); fewer than ``min_count``
     readable images is an error. ``what`` names the images in those messages."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    check_batch_size(batch_size)
     total = len(images) if hasattr(images, "__len__") else None
     chunks, batch, seen, skipped = [], [], 0, SkippedImages(what)
     with tqdm(total=total, desc="features", unit="img", disable=not progress) as bar:
@@ -211,6 +210,13 @@ def extract_features(
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+def check_batch_size(batch_size: int) -> None:
+    """The batch of a scoring model (Inception, CLIP, a VQA model or detector), checked before any work:
+    0 would fail in range() midway, a negative size would score nothing."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
 
 
 def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> dict:
@@ -486,8 +492,7 @@ def clip_scores(
     warning names how many and an example), as training skips them."""
     if len(images) != len(prompts) or not images:
         raise ValueError(f"{len(images)} images and {len(prompts)} prompts; expected equal, non-zero counts")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    check_batch_size(batch_size)
     scores = torch.full((len(images),), float("nan"), dtype=torch.float64)
     skipped = SkippedImages("images")
     for start in tqdm(
@@ -522,7 +527,12 @@ def clip_score(
 ) -> float:
     """Mean CLIP score over the pairs whose image could be read (see ``clip_scores``), clipped at 0 as
     torchmetrics' CLIPScore clips it."""
-    scores = clip_scores(images, prompts, scorer, batch_size=batch_size, progress=progress)
+    return mean_clip_score(clip_scores(images, prompts, scorer, batch_size=batch_size, progress=progress))
+
+
+def mean_clip_score(scores: torch.Tensor) -> float:
+    """The CLIP score of pairs scored by ``clip_scores``: the mean over the readable ones (NaN: skipped),
+    clipped at 0 as torchmetrics' CLIPScore clips it."""
     return max(float(scores.nanmean()), 0.0)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from fusedit.config import ConfigError, refuse_path_to_nothing
+from fusedit.eval.fid import check_batch_size
 from fusedit.files import files_digest, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
@@ -237,7 +238,7 @@ def run_mjhq(
     from fusedit.eval.benchmarks import load_mjhq
     from fusedit.eval.mjhq import check_scoring, reference_files, score_mjhq, select, write_mjhq_samples
 
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)  # before generating: not found out hours later
     rows = select(load_mjhq(prompts_path), per_category)
     check_scoring(reference, features, per_category)
     # Listed before generating: a wrong reference folder must not surface after hours of sampling.
@@ -281,12 +282,6 @@ def check_compbench_folder(
         )
 
 
-def _check_batch_size(batch_size: int) -> None:
-    """The scoring batch, checked before generating: a bad one would surface only after hours of sampling."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
-
-
 def run_compbench(
     gen,
     dataset_path,
@@ -328,7 +323,7 @@ def run_compbench(
     )
     from fusedit.eval.geneval import TransformersDetector
 
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)  # before generating: not found out hours later
     n_per_prompt = N_PER_PROMPT if n_per_prompt is None else n_per_prompt
     chosen = select_categories(categories)
     prompts = load_compbench(dataset_path, chosen)

@@ -67,7 +67,7 @@ from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.models.flops import image_tokens, model_flops
-from fusedit.sample import SEED_MAX, generate, sample_settings
+from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.loop import train
 
@@ -262,11 +262,10 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
 def _check_seeds(where: str, seeds: list[int], eval_seed: int) -> None:
     """Refuse, before anything trains, a seed that would fail only once a design is sampled (past 2**64 - 1
     torch.Generator overflows; a negative eval seed numpy refuses) or that torch would wrap (a negative grid
-    seed). The bound is fusedit's seed range, as `fusedit sample` and `serve` take seeds."""
-    named = [(f"seeds[{i}]", s) for i, s in enumerate(seeds)] + [("eval.seed", eval_seed)]
-    for key, seed in named:
-        if not 0 <= seed <= SEED_MAX:
-            raise ConfigError(f"{where}: {key}={seed!r} is out of range (allowed: 0..{SEED_MAX})")
+    seed): fusedit's seed range, as `fusedit sample` and `serve` take seeds."""
+    for i, seed in enumerate(seeds):
+        check_seed(seed, name=f"{where}: seeds[{i}]")
+    check_seed(eval_seed, name=f"{where}: eval.seed")
 
 
 # --------------------------------------------------------------------------------------------------

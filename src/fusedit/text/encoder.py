@@ -116,7 +116,6 @@ class TextEncoder(nn.Module):
         self.truncated = 0
         self.cut: frozenset[int] = frozenset()
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
-        self.kv_checked = False  # whether check_kv_reading has passed (at the first K/V read of 2+ tokens)
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
@@ -259,26 +258,48 @@ class TextEncoder(nn.Module):
         """(B, T, d) input of LLM layer ``i`` -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
         return _layer_kv(self.llm.layers[i], self.layer_keys[i], h, self.head_dim)
 
-    def check_kv_reading(self, cache, layers: tuple[int, ...], kv: list, length: int) -> None:
+    @torch.no_grad()
+    def check_kv(self, request: TextRequest) -> None:
         """Refuse an LLM whose attention makes its keys/values otherwise than ``_layer_kv`` and ``_rope`` do.
 
         load_llm accepts any decoder with q/k/v/o projections, and the shallow designs read only its hidden
         states, which transformers computes. Deep fusion reads K/V off the layers itself, assuming the LLaMA
         layout; families that load fine but differ (Cohere's and Helium's interleaved RoPE, HunYuan's key
-        norm after RoPE) would otherwise give the DiT other keys than the LLM's attention uses, silently. So
-        the first K/V read compares ``kv`` (post-RoPE, of ``layers``) with the LLM's own ``cache`` of the
-        same forward; it counts once it had positions past 0, where RoPE layouts differ."""
-        for i, ours in zip(layers, kv, strict=True):
-            layer = cache.layers[i] if hasattr(cache, "layers") else None
-            theirs = (layer.keys, layer.values) if layer else (cache.key_cache[i], cache.value_cache[i])
+        norm after RoPE) would otherwise give the DiT other keys than the LLM's attention uses, silently. One
+        eager forward of 8 tokens (positions past 0, where RoPE layouts differ) compares the K/V of
+        ``request``'s layers with the LLM's own cache. Called once, when build_model builds the model, so that
+        ``forward`` stays one plain LLM call that compiles to one graph. (A diffusers pipeline assembled by
+        hand around another LLM is not checked: FuseDiTPipeline wraps its components anew at each call.)"""
+        layers = (*request.kv_layers, *request.raw_kv_layers)
+        device = next(self.llm.parameters()).device
+        if not layers or device.type == "meta":
+            return
+        rows = self.llm.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 9, device=device) % rows)[None]  # (1, 8)
+        mask, positions = torch.ones_like(ids), torch.arange(8, device=device)[None]
+        out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=True)
+        # OLMo-2's post-norms (no input_layernorm) or StableLM's partial rotary fail to be read at all.
+        try:
+            cos, sin = self.llm.rotary_emb(out.hidden_states[0], positions)
+            ours = [self.layer_kv(i, out.hidden_states[i]) for i in layers]
+            ours = [(_rope(k, cos, sin), v) for k, v in ours]
+        except (AttributeError, RuntimeError, ValueError) as e:
+            self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
+        cache = out.past_key_values
+        for i, kv in zip(layers, ours, strict=True):
+            layer = cache.layers[i] if hasattr(cache, "layers") else None  # transformers < 4.56: key_cache
+            theirs = (
+                (layer.keys, layer.values)
+                if layer is not None
+                else (cache.key_cache[i], cache.value_cache[i])
+            )
             n = theirs[0].shape[2]  # a sliding-window layer caches only its window
             # Same modules in the same dtype: equal up to rounding (1% of the largest entry).
             if not all(
                 a.shape[:2] == b.shape[:2] and (a[:, :, -n:] - b).abs().max() <= 1e-2 * b.abs().max()
-                for a, b in zip(ours, theirs, strict=True)
+                for a, b in zip(kv, theirs, strict=True)
             ):
                 self._refuse(f"layer {i}'s keys/values differ from those its attention uses")
-        self.kv_checked = length > 1
 
     def _refuse(self, reason: str):
         raise ConfigError(
@@ -293,32 +314,19 @@ class TextEncoder(nn.Module):
         shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
         keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
         input_ids, mask = input_ids[:, :keep], mask[:, :keep]
-        # The first K/V read also asks the LLM for its cache, to check that fusedit reads what it uses.
-        check = bool(request.kv_layers or request.raw_kv_layers) and not self.kv_checked
         # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             out = self.llm(
-                input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=check
+                input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            try:
-                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-                cos, sin = self.llm.rotary_emb(hidden[0], positions)
-                kv = []
-                for i in request.kv_layers:
-                    k, v = self.layer_kv(i, hidden[i])
-                    kv.append((_rope(k, cos, sin), v))
-                raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
-            except (AttributeError, RuntimeError, ValueError) as e:
-                if not check:
-                    raise
-                # OLMo-2's post-norms (no input_layernorm), StableLM's partial rotary, ...
-                self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
-            if check:
-                with torch.no_grad():
-                    rotated = [(_rope(k, cos, sin), v) for k, v in raw_kv]
-                    layers = (*request.kv_layers, *request.raw_kv_layers)
-                    self.check_kv_reading(out.past_key_values, layers, kv + rotated, input_ids.shape[1])
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            cos, sin = self.llm.rotary_emb(hidden[0], positions)
+            kv = []
+            for i in request.kv_layers:
+                k, v = self.layer_kv(i, hidden[i])
+                kv.append((_rope(k, cos, sin), v))
+            raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,

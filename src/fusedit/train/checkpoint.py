@@ -73,6 +73,7 @@ from fusedit.checkpoints import (
     optim_key,
     optim_section,
     optimizer_file,
+    readable,
     saved_vocabulary,
     shapes_mismatch,
     split_sections,
@@ -192,10 +193,11 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
 
 def _discard(folder: Path) -> None:
     """Delete a checkpoint folder, renamed out of the way first: a kill while deleting it then leaves a
-    hidden ``.step_<n>.deleting``, not a ``step_<n>`` that lost some files but still holds the state.json
-    that marks it complete (a deletion goes in no set order), which ``find_checkpoint`` would take."""
+    hidden ``.step_<n>.deleting`` (which the next publish sweeps), not a ``step_<n>`` that lost some files
+    but still holds the state.json that marks it complete (a deletion goes in no set order), which
+    ``find_checkpoint`` would take."""
     trash = folder.with_name(f".{folder.name}.deleting")
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)  # a leftover of that name: os.replace cannot replace a folder
     os.replace(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -570,14 +572,8 @@ def _load_optimizer(ckpt: Path, key: str) -> dict:
     without one, and load_state_dict moves them to each parameter's device. A damaged file (cut short,
     overwritten) is named in one line, not torch's bare "failed finding central directory"."""
     path = ckpt / optimizer_file(key)
-    try:
+    with readable(path, "a readable optimizer state", (RuntimeError, EOFError, pickle.UnpicklingError)):
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a readable optimizer state ({first}; a damaged copy? copy the checkpoint "
-            "again)"
-        ) from None
 
 
 def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool) -> None:
