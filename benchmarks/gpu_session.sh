@@ -5,12 +5,13 @@
 #   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against resolution and batch, sampling
 #   bash benchmarks/gpu_session.sh 3  # GPU tests, fast paths against slow, CUDA graphs, padded prompts
 #   bash benchmarks/gpu_session.sh 4  # a staged LoRA run under inductor
+#   bash benchmarks/gpu_session.sh 5  # a lever for the targets: inductor's max-autotune, against part 1
 # JSON lines (one object per measurement, written as it lands) and logs go to $OUT, or
 # benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part;
 # parts 1-3 take about 30 minutes with the machine's start. COMMIT=$(git rev-parse HEAD) names the commit
 # where the device copy has no .git.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh 1|2|3|4}
+part=${1:?usage: gpu_session.sh 1|2|3|4|5}
 out=${OUT:-benchmarks/raw/$(date +%F)-gpu}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -62,8 +63,15 @@ case $part in
   echo "staged run: $((SECONDS - start)) s wall; last metrics:" >>"$log"
   tail -n 2 /tmp/stages-run/metrics.jsonl >>"$log" 2>/dev/null
   ;;
+5)
+  # compile "max-autotune" (kernel choice by timing) at the two target points part 1 measures with
+  # "inductor"; its compile takes minutes, inside the warm-up. Compare with part 1 of the same session.
+  bench autotune-train 330 fusedit-gemma2b train.compile=max-autotune --what train --train-points 512x16
+  bench autotune-sample 230 fusedit-gemma2b sample.compile=max-autotune --what sample --prompts 4 --steps 25 \
+    --cached-only
+  ;;
 *)
-  echo "unknown part $part (allowed: 1, 2, 3, 4)" >&2
+  echo "unknown part $part (allowed: 1, 2, 3, 4, 5)" >&2
   exit 2
   ;;
 esac

@@ -6,6 +6,7 @@ import torch
 import torch._dynamo
 
 from conftest import TINY_ARCH, counting_backend, randomize, tiny_config
+from fusedit.config import ConfigError
 from fusedit.sample import generate, to_sampling_form
 from fusedit.system import RECOMPILE_SLACK, build_model
 from fusedit.text.encoder import CUDA_TRIM_MULTIPLE
@@ -147,3 +148,32 @@ def test_inductor_blocks_compile_without_mix_order_reduction(fresh_dynamo, monke
     calls.clear()
     model.denoiser.compile_blocks("eager")
     assert calls and all(kw["options"] is None for kw in calls)
+
+
+def test_max_autotune_compiles_the_blocks_and_the_llm_as_inductor_with_tuning(fresh_dynamo, monkeypatch):
+    """train.compile / sample.compile "max-autotune": inductor with its kernel tuning on (the options of
+    torch's max-autotune-no-cudagraphs mode) and mix-order reduction still off, for every block (static
+    shapes) and each LLM (automatic dynamic shapes: trimmed batches change length)."""
+    import torch._inductor as inductor
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((self, kw)))
+    cfg = tiny_config(train={"compile": "max-autotune"})
+    model = build_model(cfg)
+    model.compile_parts(cfg.train.compile)
+    tuned = {**inductor.list_mode_options("max-autotune-no-cudagraphs"), "triton.mix_order_reduction": False}
+    blocks = [kw for module, kw in calls if module in set(model.denoiser.blocks)]
+    llms = [kw for module, kw in calls if module is model.encoders[0].llm]
+    assert len(blocks) == len(model.denoiser.blocks) and len(llms) == 1
+    assert all(kw == {"backend": "inductor", "options": tuned, "dynamic": False} for kw in blocks)
+    assert llms[0] == {"backend": "inductor", "options": tuned}
+
+
+def test_max_autotune_is_a_compile_choice_of_sample_and_serve(tmp_path):
+    """`--compile max-autotune` reaches sample.compile; a misspelt choice is refused, naming the allowed."""
+    from fusedit.cli import _sampling_flags, build_parser
+
+    args = build_parser().parse_args(["sample", "run", "--prompt", "x", "--compile", "max-autotune"])
+    assert _sampling_flags(args)["compile"] == "max-autotune"
+    with pytest.raises(ConfigError, match="'max_autotune'.*max-autotune"):
+        tiny_config(sample={"compile": "max_autotune"})

@@ -954,7 +954,7 @@ def _add_sampling_flags(sp, compile_default="the saved sample.compile: auto = on
     sp.add_argument("--device", default="auto")
     sp.add_argument(
         "--compile",
-        choices=["auto", "off", "inductor"],
+        choices=["auto", "off", "inductor", "max-autotune"],
         help=f"torch.compile the DiT blocks (default {compile_default})",
     )
     sp.add_argument(

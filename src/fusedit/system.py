@@ -17,7 +17,7 @@ from torch import nn
 
 from fusedit.config import Config, ConfigError, TextConfig
 from fusedit.models import build_denoiser
-from fusedit.models.base import uncompile
+from fusedit.models.base import compile_settings, uncompile
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import llm_config, load_llm, load_tokenizer
@@ -123,7 +123,7 @@ class TextToImage(nn.Module):
             backend = "inductor" if device.type == "cuda" else ""
         for enc in self.encoders:
             if backend and llm:
-                enc.llm.compile(backend=backend)
+                enc.llm.compile(**compile_settings(backend))
             else:  # off, or sampling: LLMs compiled for training in this process (fusedit bench) run eagerly
                 uncompile(enc.llm)
         if not backend:  # off: blocks compiled for training run eagerly again

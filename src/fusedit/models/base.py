@@ -169,7 +169,7 @@ POOLED_TEXT = {
 
 
 def inductor_options() -> dict[str, bool]:
-    """Inductor settings for the compiled blocks, passed per compile rather than set process-wide.
+    """Inductor settings for compiled parts, passed per compile rather than set process-wide.
     Mix-order reduction (fusing a norm's per-row and per-column reductions in backward) is off: in torch
     2.11 its scheduler fails an assertion ("AssertionError: 2048 v.s. 8192") compiling the backward of a
     fusedit-gemma2b block at batch 4 on an H200 (benchmarks/RESULTS.md), so a training run would crash at
@@ -177,6 +177,20 @@ def inductor_options() -> dict[str, bool]:
     import torch._inductor.config as inductor
 
     return {"triton.mix_order_reduction": False} if hasattr(inductor.triton, "mix_order_reduction") else {}
+
+
+def compile_settings(name: str) -> dict:
+    """``torch.compile`` arguments for a compile setting (train.compile, sample.compile) other than off.
+    "max-autotune" is inductor that times several matmul and attention-epilogue kernel choices per shape
+    at compile time and keeps the fastest (minutes more compiling; the options of torch's
+    "max-autotune-no-cudagraphs" mode: CUDA graphs stay sample.cuda_graphs' choice). torch.compile takes a
+    mode or options, not both, hence the options."""
+    if name == "max-autotune":
+        return {
+            "backend": "inductor",
+            "options": {**inductor_options(), "max_autotune": True, "coordinate_descent_tuning": True},
+        }
+    return {"backend": name, "options": inductor_options() if name == "inductor" else None}
 
 
 def uncompile(module: nn.Module) -> None:
@@ -236,12 +250,12 @@ class DiT(nn.Module):
         self.run_block = _run_block_checkpointed if enabled else _run_block
 
     def compile_blocks(self, backend: str) -> None:
-        """torch.compile each repeated block with ``backend`` (same shapes every step, so one graph serves
-        them all); "" runs them eagerly again."""
-        options = inductor_options() if backend == "inductor" else None
+        """torch.compile each repeated block as ``backend`` (a compile setting: compile_settings) asks,
+        with static shapes (the same every step, so one graph serves them all); "" runs them eagerly
+        again."""
         for block in self.blocks:
             if backend:
-                block.compile(backend=backend, dynamic=False, options=options)
+                block.compile(dynamic=False, **compile_settings(backend))
             else:
                 uncompile(block)
 
