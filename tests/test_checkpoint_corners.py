@@ -35,7 +35,8 @@ needs_gloo = pytest.mark.skipif(
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced descriptor through /proc")
 def test_a_checkpoint_is_on_the_disk_before_latest_names_it(tmp_path, monkeypatch):
     """A rename is atomic against a kill, not against a crash: every file of a checkpoint is fsynced before
-    its folder is renamed into place, and the rename before `latest` names it."""
+    its folder is renamed into place, and the rename before `latest` names it; so is `checkpoints/` itself,
+    new in the run folder at the first save."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -64,6 +65,7 @@ def test_a_checkpoint_is_on_the_disk_before_latest_names_it(tmp_path, monkeypatc
     assert {str(p) for p in files} | {str(partial)} <= synced
     pointed = events.index(("replace", str(root / "latest")))
     assert ("fsync", str(root)) in events[moved:pointed]  # the rename is on the disk before `latest`
+    assert ("fsync", str(tmp_path)) in events[moved:pointed]
     assert events[pointed + 1 :] == [("fsync", str(root))]  # and `latest` itself before the return
     assert find_checkpoint(tmp_path) == final
 
@@ -208,6 +210,31 @@ def test_a_dcp_checkpoint_with_missing_adam_states_consolidates_and_resumes_exac
     _resume_and_check(plain, ref, saved_at, shard=False, distributed=False)
 
 
+@needs_gloo
+def test_a_consolidation_killed_while_deleting_the_one_it_replaces_leaves_no_torn_folder(
+    tmp_path, monkeypatch
+):
+    """consolidate replaces an earlier consolidation whole: a kill while the old one is deleted (a
+    deletion goes in no set order) leaves a complete folder under the output's name, never one holding a
+    state.json but missing weights, and the next consolidation clears what the kill left."""
+    run, out = tmp_path / "run", tmp_path / "plain"
+    with _process_group(tmp_path):
+        net, opt, ema = _build()
+        _train(net, opt, ema, range(1))
+        save_distributed_checkpoint(
+            run, 1, tiny_config(), net, ema.state_dict(), {"denoiser": opt}, {}, rank=0
+        )
+    consolidate_checkpoint(run, out)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, "delete")
+        with pytest.raises(_Crash):
+            consolidate_checkpoint(run, out)
+    _assert_complete(out)
+    consolidate_checkpoint(run, out)
+    _assert_complete(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 class _Crash(BaseException):
     """A kill, as far as the code under test can tell: nothing catches it."""
 
@@ -246,10 +273,10 @@ def _crash_at(monkeypatch, point: str) -> None:
     else:  # "delete": killed while deleting a checkpoint folder, one file gone (deletion has no set order)
         real = shutil.rmtree
 
-        def rmtree(path, ignore_errors=False):
+        def rmtree(path, *args, **kwargs):
             weights = Path(path) / "denoiser.safetensors"
             if not weights.is_file():
-                return real(path, ignore_errors=ignore_errors)
+                return real(path, *args, **kwargs)
             weights.unlink()
             raise _Crash(point)
 

@@ -399,6 +399,40 @@ def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, cap
     assert "not allowed with argument --resume" in capsys.readouterr().err
 
 
+def test_an_overwrite_killed_while_deleting_the_old_checkpoints_leaves_none_torn(tmp_path, monkeypatch):
+    """--overwrite deletes the earlier run's checkpoints; a kill midway (a deletion goes in no set order)
+    must not leave a step folder holding state.json but missing weights, which --resume would find."""
+    from fusedit.checkpoints import find_checkpoint
+
+    class Kill(BaseException):
+        pass
+
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+
+    def train(*flags: str) -> int:
+        return main(["train", config, "train.steps=2", "--out", str(run), "--quiet", *flags])
+
+    assert train() == 0
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # dies after deleting one weight file under ``path``
+        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
+        if weights is None:
+            return real(path, *args, **kwargs)
+        weights.unlink()
+        raise Kill
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", rmtree)
+        with pytest.raises(Kill):
+            train("--overwrite")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(run)
+    assert train("--overwrite") == 0
+    assert find_checkpoint(run).name == "step_00000002"
+    assert [p.name for p in run.iterdir() if p.name.endswith(".deleting")] == []
+
+
 def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
     config, run = _tiny_yaml(tmp_path), tmp_path / "run"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +55,35 @@ def readable_by_all(path: str | os.PathLike[str]) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = False) -> None:
     """``write_atomic`` of UTF-8 text."""
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), durable)
+
+
+def remove_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete ``folder``, renamed out of the way first: a kill while deleting it then leaves a hidden
+    ``.<name>.deleting`` (which the next removal or replacement of that name clears), not a folder that
+    lost some files (a deletion goes in no set order) but still holds the ones that mark it complete.
+    Nothing to do where there is no such folder."""
+    folder = Path(folder)
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)  # a leftover of that name: os.replace cannot replace a folder
+    if folder.exists():
+        os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def replace_folder(new: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+    """Put the complete folder ``new`` in ``folder``'s place (``new`` synced already: sync_tree). An
+    existing ``folder`` first goes aside to a hidden ``.<name>.deleting`` and is deleted once ``new`` is
+    in place, so a kill at any point never leaves a folder of that name that lost some of its files (a
+    deletion goes in no set order): it leaves the old folder or the new one, or, between the two renames,
+    neither and both whole beside it. A ``.deleting`` left by a kill goes at the next replacement."""
+    new, folder = Path(new), Path(folder)
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)  # os.replace cannot replace a folder
+    if folder.exists():
+        os.replace(folder, trash)
+    os.replace(new, folder)
+    sync_folder(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def sync_tree(folder: str | os.PathLike[str]) -> None:

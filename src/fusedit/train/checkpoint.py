@@ -91,7 +91,14 @@ from fusedit.config import (
     save_config,
     to_dict,
 )
-from fusedit.files import readable_by_all, sync_folder, sync_tree, write_text_atomic
+from fusedit.files import (
+    readable_by_all,
+    remove_folder,
+    replace_folder,
+    sync_folder,
+    sync_tree,
+    write_text_atomic,
+)
 from fusedit.train import lora
 
 
@@ -172,34 +179,24 @@ def _save_config_files(cfg: Config, folder: Path, vocabulary: list[str] | None) 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``.
     Each on the disk before the next (fsync): after a crash ``latest`` never names a folder whose files
-    were lost with the page cache."""
+    were lost with the page cache, nor is ``checkpoints/`` itself (new at a run's first save) lost."""
     readable_by_all(tmp)
     sync_tree(tmp)
-    if final.exists():  # an earlier save of this step that ``latest`` never named (see below)
-        _discard(final)
-    os.replace(tmp, final)
-    sync_folder(root)
+    # ``final`` may exist: an earlier save of this step that ``latest`` never named (see below).
+    replace_folder(tmp, final)
+    sync_folder(root.parent)
     write_text_atomic(root / "latest", final.name, durable=True)
     # The newest ``keep`` up to ``final``: a folder past it (a crash kept ``latest`` from naming it, and the
     # run resumed from the one before) must not push ``final`` out.
     folders = checkpoint_folders(root)
+    # Each renamed to .step_<n>.deleting before it goes: never a step_<n> holding state.json (the mark of
+    # a complete folder, which find_checkpoint takes) but missing weights.
     for old in folders[: max(folders.index(final) + 1 - keep, 0)]:
-        _discard(old)
+        remove_folder(old)
     # Left by a run killed while saving or deleting a step it may never save again: a whole checkpoint's
     # worth of disk each. Every rank is past its writes into this step's folder, and none has begun the next.
     for stale in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _discard(folder: Path) -> None:
-    """Delete a checkpoint folder, renamed out of the way first: a kill while deleting it then leaves a
-    hidden ``.step_<n>.deleting`` (which the next publish sweeps), not a ``step_<n>`` that lost some files
-    but still holds the state.json that marks it complete (a deletion goes in no set order), which
-    ``find_checkpoint`` would take."""
-    trash = folder.with_name(f".{folder.name}.deleting")
-    shutil.rmtree(trash, ignore_errors=True)  # a leftover of that name: os.replace cannot replace a folder
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def data_state_name(rank: int) -> str:
@@ -686,9 +683,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    sync_tree(tmp)
+    replace_folder(tmp, out)  # a kill while an earlier consolidation is deleted leaves no torn ``out``
     return out
 
 

@@ -46,7 +46,7 @@ from fusedit.checkpoints import (
 )
 from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
 from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
-from fusedit.files import write_text_atomic
+from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed, lora
@@ -446,8 +446,9 @@ def _start_fresh(
         for stale in [*run_dir.glob("skipped.jsonl"), *run_dir.glob("skipped.*.jsonl")]:
             stale.unlink(missing_ok=True)
         # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
-        # train.keep_checkpoints are kept) and be what sampling and --resume find.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        # train.keep_checkpoints are kept) and be what sampling and --resume find. Renamed aside first: a
+        # kill while deleting them must not leave torn checkpoints that --resume would find.
+        remove_folder(run_dir / "checkpoints")
         # An earlier run's TensorBoard events would show next to this run's at the same steps (TensorBoard
         # reads every event file of the folder), and a later --resume would continue its wandb run.
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
