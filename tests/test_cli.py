@@ -192,7 +192,24 @@ def test_cache_latents_then_train_on_them(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
-def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
+class _Kill(BaseException):
+    """A kill, as far as the code under test can tell: nothing catches it."""
+
+
+def _rmtree_killed_after_one_weight_file(real):
+    """shutil.rmtree that dies after deleting one denoiser.safetensors under the folder it is given."""
+
+    def rmtree(path, *args, **kwargs):
+        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
+        if weights is None:
+            return real(path, *args, **kwargs)
+        weights.unlink()
+        raise _Kill
+
+    return rmtree
+
+
+def test_convert_the_public_fixture_then_sample(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
     from fusedit.checkpoints import find_checkpoint, load_checkpoint_config
@@ -223,6 +240,16 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys):
     again = ["convert", str(fixture), "--vae", str(tmp_path / "vae"), "--tokenizer", str(tmp_path / "tok")]
     assert main([*again, "--out", str(tmp_path / "run"), "--max-length", "12"]) == 0  # redone: replaced
     assert load_checkpoint_config(find_checkpoint(tmp_path / "run")).text.max_length == 12
+    # A redo killed while deleting the earlier conversion (a deletion goes in no set order) leaves a
+    # whole one, and the next redo clears what the kill left.
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", _rmtree_killed_after_one_weight_file(shutil.rmtree))
+        with pytest.raises(_Kill):
+            main([*again, "--out", str(tmp_path / "run"), "--max-length", "14"])
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert (ckpt / "denoiser.safetensors").is_file() and load_checkpoint_config(ckpt).text.max_length == 14
+    assert main([*again, "--out", str(tmp_path / "run"), "--max-length", "12"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     from fusedit.config import load_config
 
     assert load_config(str(tmp_path / "run")).text.max_length == 12  # a converted run is a config base
@@ -404,27 +431,15 @@ def test_an_overwrite_killed_while_deleting_the_old_checkpoints_leaves_none_torn
     must not leave a step folder holding state.json but missing weights, which --resume would find."""
     from fusedit.checkpoints import find_checkpoint
 
-    class Kill(BaseException):
-        pass
-
     config, run = _tiny_yaml(tmp_path), tmp_path / "run"
 
     def train(*flags: str) -> int:
         return main(["train", config, "train.steps=2", "--out", str(run), "--quiet", *flags])
 
     assert train() == 0
-    real = shutil.rmtree
-
-    def rmtree(path, *args, **kwargs):  # dies after deleting one weight file under ``path``
-        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
-        if weights is None:
-            return real(path, *args, **kwargs)
-        weights.unlink()
-        raise Kill
-
     with monkeypatch.context() as patch:
-        patch.setattr(shutil, "rmtree", rmtree)
-        with pytest.raises(Kill):
+        patch.setattr(shutil, "rmtree", _rmtree_killed_after_one_weight_file(shutil.rmtree))
+        with pytest.raises(_Kill):
             train("--overwrite")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_checkpoint(run)

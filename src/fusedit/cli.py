@@ -30,7 +30,7 @@ from fusedit.config import (
     side_fits,
     to_yaml,
 )
-from fusedit.files import check_output_folder
+from fusedit.files import check_output_folder, replace_folder, sync_tree
 
 log = logging.getLogger(__name__)
 
@@ -816,12 +816,15 @@ def cmd_convert(args) -> int:
         weights_only=not args.trust_pickle,
     )
     weights = model.denoiser.state_dict()
-    if earlier:  # redone, e.g. with another --vae or --max-length: the new conversion replaces it
-        shutil.rmtree(out)
-    ckpt = save_checkpoint(
-        out, 0, cfg, model.denoiser, weights, None, None if cfg.text.model_id else model.text.llm
-    )
-    save_config(cfg, out / "config.yaml")  # as a trained run has: the folder is a config base too
+    # Written beside ``out`` and swapped in whole: a redo (e.g. another --vae or --max-length) killed at
+    # any point leaves the earlier conversion or the new one, never a run folder missing weights.
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm = None if cfg.text.model_id else model.text.llm
+    ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
+    save_config(cfg, tmp / "config.yaml")  # as a trained run has: the folder is a config base too
+    sync_tree(tmp)
+    replace_folder(tmp, out)
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
 
