@@ -133,6 +133,19 @@ def test_upper_case_caption_fields_find_their_members_as_image_field_does(tmp_pa
         )
 
 
+def test_caption_fields_given_as_a_tuple_from_code_read_as_the_list(tmp_path):
+    shard = tmp_path / "a.tar"
+    samples = {f"s{i}": {"png": _png(seed=i), "caption": f"sample {i}".encode()} for i in range(2)}
+    shard.write_bytes(_tar_bytes(samples))
+    as_list, as_tuple = (
+        _captions(_cfg(source="webdataset", shards=[str(shard)], caption_fields=fields), steps=1)
+        for fields in (["txt", "caption"], ("txt", "caption"))
+    )
+    assert as_tuple == as_list and sorted(as_list[0].values()) == ["sample 0", "sample 1"]
+    with pytest.raises(ConfigError, match="data.caption_fields='caption' must be a non-empty list"):
+        _captions(_cfg(source="webdataset", shards=[str(shard)], caption_fields="caption"), steps=1)
+
+
 def test_hidden_files_in_a_shard_are_not_samples(tmp_path):
     # A macOS tar adds "._<name>" resource forks and .DS_Store; their stem is empty, so they grouped into
     # one image-less sample per folder, counted as a "missing" skip every epoch.

@@ -302,7 +302,8 @@ class SampleDecoder:
     @classmethod
     def from_config(cls, cfg: Any, seed: int) -> SampleDecoder:
         buckets = parse_buckets(cfg.buckets) if cfg.buckets else ((cfg.image_size, cfg.image_size),)
-        if not isinstance(cfg.caption_fields, list) or not all(
+        # A list from YAML; a tuple from code is the same fields (a bare string is not: it is no list).
+        if not isinstance(cfg.caption_fields, (list, tuple)) or not all(
             isinstance(f, str) and f for f in cfg.caption_fields
         ):
             raise ConfigError(f"data.caption_fields={cfg.caption_fields!r} must be a non-empty list of names")
