@@ -9,7 +9,7 @@ from PIL import Image
 import fusedit.eval.study as study_mod
 from conftest import TINY
 from fusedit.checkpoints import find_checkpoint, load_state
-from fusedit.config import ConfigError, load_config
+from fusedit.config import ConfigError, load_config, resolved_stages
 from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
 from fusedit.eval.study import describe_study, load_study, run_study, varying_keys
 from fusedit.train.loop import train as real_train
@@ -128,12 +128,93 @@ def test_study_end_to_end_resumes_and_redoes_nothing(tmp_path, monkeypatch):
     assert (out / "report.md").read_text() == report
     assert {d["status"] for d in again["designs"].values()} == {"reused"}
 
+    # Sampling settings and bookkeeping do not change the trained weights: the runs are reused and only
+    # what samples (scores, grids) is redone.
+    resampled = copy.deepcopy(spec)
+    resampled["base"].update({"sample.negative_prompt": "blurry", "train.log_every": 3})
+    run_study(resampled, out, progress=False)
+    assert trains == [] and benches == ["fusion", "dit-cross"]
+
     # A changed recipe does not silently reuse runs trained with the old one.
     changed = copy.deepcopy(spec)
     changed["base"]["train.lr"] = 5e-4
     with pytest.raises(ConfigError, match=r"different config .*train\.lr"):
         run_study(changed, out, progress=False)
     assert trains == []
+
+
+def test_a_study_refuses_to_run_in_several_torchrun_processes(tmp_path, monkeypatch):
+    """Each process would train, score and write every design (and re-joining a process group per
+    design fails in gloo): one line says what to do instead, before anything is made."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match=r"a study runs in one process \(torchrun started WORLD_SIZE=2"):
+        run_study(_tiny_study(tmp_path), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _staged_study(**base) -> dict:
+    """The single-stage debug design beside the shipped three-stage recipe, shortened."""
+    short = ["stages.0.steps=1", "stages.1.steps=1", "stages.2.steps=1"]
+    return {
+        "base": {"train.checkpoint_every": 1, **base},
+        "designs": {
+            "single": {"preset": "debug", "overrides": ["train.steps=3"]},
+            "staged": {"preset": "recipe-shapes-3stage", "overrides": short},
+        },
+        "eval": {"bench": "shapes", "per_category": 1, "steps": 2, "guidance": 2.0},
+        "prompts": ["a red circle"],
+        "seeds": [0],
+    }
+
+
+def test_a_stage_that_overrides_the_study_base_is_refused():
+    """A stage's value wins over the study's base, so the staged design would silently train at its own
+    batch while the report said the base's: refused, naming the stage, the key and the way out."""
+    with pytest.raises(ConfigError) as e:
+        load_study(_staged_study(**{"train.batch_size": 4}))
+    assert str(e.value) == (
+        "study 'study': designs.staged: stages[0] (low-res) sets train.batch_size=32 over the study's base "
+        "train.batch_size=4, so this design would not train under the shared recipe (allowed: the base's "
+        "value, e.g. the design override stages.0.train.batch_size=4, or train.batch_size left out of the base)"
+    )
+    spec = _staged_study(**{"train.batch_size": 4})
+    spec["designs"]["staged"]["overrides"].append("stages.0.train.batch_size=4")
+    staged = load_study(spec).designs[1].config
+    assert [s.config.train.batch_size for s in resolved_stages(staged)] == [4, 4, 4]
+
+
+def test_a_staged_design_is_described_costed_and_scored_by_its_stages(tmp_path, monkeypatch):
+    """describe, results.json and the report show each stage's steps, batch and size; the FLOPs per image
+    average the stages' own (the LLM trains in two of them) over the images each trains on; the design is
+    scored where its last checkpoint samples (its last stage's size and sampling settings), as
+    `fusedit eval` of the run is."""
+    spec = _staged_study()
+    spec["designs"]["staged"]["overrides"] += ["stages.0.train.batch_size=2", "stages.2.sample.shift=3.0"]
+    study = load_study(spec)
+    staged = study.designs[1].config
+    stages = resolved_stages(staged)
+    plan = describe_study(study)
+    assert (
+        "1 steps x batch 2 at 16 px then 1 steps x batch 2 at 32 px then 1 steps x batch 2 at 32 px" in plan
+    )
+    assert "warning: the recipe differs between designs in data.image_size" in plan
+    per_stage = [study_mod.design_cost(s.config)["train_flops_per_image"] for s in stages]
+    assert per_stage[0] < per_stage[2] < per_stage[1]  # 16 px; LoRA on both; the LLM's top layers trained
+    assert study_mod.design_cost(staged)["train_flops_per_image"] == round(sum(per_stage) / 3)
+    one = study_mod.design_cost(stages[0].config)
+    assert one["train_flops_per_image"] == 3 * one["dit_forward_flops"] + one["llm_forward_flops"]
+
+    scored = []
+    monkeypatch.setattr(
+        study_mod, "run_shapes_bench", lambda *a, **kw: scored.append(kw) or real_bench(*a, **kw)
+    )
+    result = run_study(spec, tmp_path / "out", progress=False, only=["staged"])
+    assert (scored[0]["image_size"], scored[0]["shift"]) == (32, 3.0)
+    row = result["designs"]["staged"]
+    assert row["batch_size"] == 2 and row["schedule"] == plan.split("FLOP/image; ")[-1]
+    assert load_state(find_checkpoint(tmp_path / "out" / "runs" / "staged"))["step"] == 3
 
 
 def test_study_only_some_designs_keeps_the_others_finished_results(tmp_path, monkeypatch):

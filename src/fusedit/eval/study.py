@@ -35,6 +35,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 
 from fusedit.checkpoints import find_checkpoint, load_model, load_state
 from fusedit.config import (
+    STAGE_SECTIONS,
     Config,
     ConfigError,
     _build,
@@ -59,6 +61,7 @@ from fusedit.config import (
     nonneg,
     parse_overrides,
     positive,
+    resolved_stages,
     to_dict,
     yaml_problem,
 )
@@ -69,7 +72,9 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
+from fusedit.train.distributed import launched_by_torchrun
 from fusedit.train.loop import train
+from fusedit.train.stages import Parts, training_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,17 @@ DESIGN_KEYS = ("preset", "overrides", "description")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # Keys that may differ between a finished run and the study without making its results stale.
 _IGNORED_KEYS = ("name", "train.device")
+# Keys a finished design's run may differ in and still be reused: none changes its trained weights (sampling
+# settings reach the scores, which are redone when they change; the rest is bookkeeping).
+_UNTRAINED_KEYS = (
+    "sample.",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.loggers",
+    "train.preview_every",
+    "data.num_workers",
+)
 # Sections that make up the training recipe: a design that changes them is no longer a fair comparison.
 _RECIPE_SECTIONS = ("data", "flow", "train", "sample")
 
@@ -241,6 +257,7 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
             cfg = resolve_design_config(preset, base, overrides, label, folder, device)
         except ConfigError as e:
             raise ConfigError(f"{dwhere}: {e}") from None
+        _check_stages_keep_base(cfg, base, dwhere)
         designs.append(Design(label, preset, overrides, cfg, str(spec.get("description") or "")))
 
     eval_raw = data.get("eval") or {}
@@ -257,6 +274,24 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
     _check_seeds(where, seeds, settings.seed)
     return Study(name, designs, settings, prompts, seeds, description, source)
+
+
+def _check_stages_keep_base(cfg: Config, base: dict, where: str) -> None:
+    """A stage's own value wins over the study's base (stages apply on top of the run's sections), so a
+    staged design would silently train outside the recipe the base shares (e.g. its first stage's batch
+    instead of the base's): refused, naming the key."""
+    shared = flatten(base)
+    for i, stage in enumerate(cfg.stages):
+        for section in STAGE_SECTIONS:
+            for key, value in flatten(getattr(stage, section)).items():
+                dotted = f"{section}.{key}"
+                if dotted in shared and shared[dotted] != value:
+                    raise ConfigError(
+                        f"{where}: stages[{i}] ({stage.name}) sets {dotted}={value!r} over the study's base "
+                        f"{dotted}={shared[dotted]!r}, so this design would not train under the shared recipe "
+                        f"(allowed: the base's value, e.g. the design override stages.{i}.{dotted}="
+                        f"{shared[dotted]!r}, or {dotted} left out of the base)"
+                    )
 
 
 def _check_seeds(where: str, seeds: list[int], eval_seed: int) -> None:
@@ -283,15 +318,38 @@ def varying_keys(configs: list[Config]) -> list[str]:
     ]
 
 
+def recipe_differences(designs: list[Design]) -> list[str]:
+    """The recipe keys (_RECIPE_SECTIONS) whose value is not the same for every image the designs train
+    on: each design's stages are compared as the configs they train under, so a staged design among
+    single-stage ones shows where its stages part from theirs."""
+    configs = [stage.config for d in designs for stage in resolved_stages(d.config)]
+    return [k for k in varying_keys(configs) if k.split(".")[0] in _RECIPE_SECTIONS]
+
+
+def final_config(cfg: Config) -> Config:
+    """What a design's last checkpoint samples with (its last stage's config): the study scores it there,
+    as `fusedit eval` of the run does."""
+    return resolved_stages(cfg)[-1].config
+
+
 def design_cost(cfg: Config) -> dict:
-    """Parameter counts and FLOPs per image, counted on the meta device as `fusedit describe` does (the
-    denoiser is what trains; the LLMs and a pooled text encoder are frozen)."""
+    """Parameter counts and FLOPs per image, counted on the meta device as `fusedit describe` does: the
+    training FLOPs of one image are fusedit.train.stages.training_flops_per_image's (3x the DiT forward
+    plus one frozen LLM forward, more where the LLM trains), averaged over the images of every stage (its
+    global batch, else batch_size x grad_accum, times its steps); tokens are the last stage's."""
     model = build_model(cfg, "meta")
     frozen = [enc.llm for enc in model.encoders]
     if model.pooled_text is not None:
         frozen.append(model.pooled_text)
-    n = image_tokens(cfg.data.image_size, cfg.vae.downsample, cfg.model.patch_size)
-    dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
+    layers = min(len(enc.llm.layers) for enc in model.encoders)
+    flops = images = 0
+    for stage in resolved_stages(cfg):
+        sc, tc = stage.config, stage.config.train
+        n = image_tokens(sc.data.image_size, sc.vae.downsample, sc.model.patch_size)
+        dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
+        count = stage.steps * (tc.global_batch or tc.batch_size * tc.grad_accum)
+        flops += training_flops_per_image(Parts.of(tc), dit, lm, layers) * count
+        images += count
     return {
         "trainable_params": count_parameters(model.denoiser),
         "frozen_params": sum(count_parameters(m) for m in frozen),
@@ -299,9 +357,16 @@ def design_cost(cfg: Config) -> dict:
         "text_tokens": text,
         "dit_forward_flops": dit,
         "llm_forward_flops": lm,
-        # Forward + backward of the DiT (3x its forward) + one frozen LLM forward (design-space.md).
-        "train_flops_per_image": 3 * dit + lm,
+        "train_flops_per_image": round(flops / images),
     }
+
+
+def _schedule(cfg: Config) -> str:
+    """Steps, batch and resolution of each stage: "12 steps x batch 4 at 32 px"."""
+    return " then ".join(
+        f"{s.steps} steps x batch {s.config.train.batch_size} at {s.config.data.image_size} px"
+        for s in resolved_stages(cfg)
+    )
 
 
 def describe_study(study: str | Path | dict | Study) -> str:
@@ -311,7 +376,7 @@ def describe_study(study: str | Path | dict | Study) -> str:
     lines = [f"study {study.name}: {len(study.designs)} designs"]
     varying = varying_keys(cfgs)
     lines.append(f"  varies: {', '.join(varying) or 'nothing'}")
-    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    unfair = recipe_differences(study.designs)
     if unfair:
         lines.append(f"  warning: the recipe differs between designs in {', '.join(unfair)}")
     for d in study.designs:
@@ -320,7 +385,7 @@ def describe_study(study: str | Path | dict | Study) -> str:
             f"  {d.label}: {d.preset} design={c.model.design} pos_embed={c.model.pos_embed} "
             f"timestep={c.model.timestep_conditioning} trainable {_si(cost['trainable_params'])} "
             f"frozen {_si(cost['frozen_params'])} training {_si(cost['train_flops_per_image'])}FLOP/image; "
-            f"{c.train.steps} steps x batch {c.train.batch_size} at {c.data.image_size} px"
+            f"{_schedule(c)}"
         )
     return "\n".join(lines)
 
@@ -345,7 +410,7 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
         old = load_config(saved)
     except ConfigError as e:
         raise ConfigError(f"{saved}: {e}; delete {run_dir} to retrain design {label!r}") from None
-    diff = varying_keys([old, cfg])
+    diff = [k for k in varying_keys([old, cfg]) if not k.startswith(_UNTRAINED_KEYS)]
     if diff:
         a, b = flatten(to_dict(old)), flatten(to_dict(cfg))
         raise ConfigError(
@@ -408,9 +473,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     step = _finished_step(run_dir)
     trained = False
     if step is None:
-        log.info(
-            "%s %s: training %d steps (batch %d) into %s", index, label, total, cfg.train.batch_size, run_dir
-        )
+        log.info("%s %s: training %s into %s", index, label, _schedule(cfg), run_dir)
         status = "trained"
     elif step < total:
         log.info("%s %s: resuming from step %d of %d", index, label, step, total)
@@ -424,6 +487,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
         train(cfg, run_dir, resume=step is not None, progress=progress)
         trained = True
 
+    cfg = final_config(cfg)  # a staged design is scored at its last stage's size and sampling settings
     settings = _eval_settings(study.eval, cfg)
     scores_path = run_dir / "eval" / "scores.json"
     scores = None if trained else _read_json(scores_path)
@@ -482,7 +546,7 @@ def _earlier_result(design: Design, study: Study, out_dir: Path) -> dict | None:
     step = _finished_step(run_dir)
     if step is None or step < cfg.train.steps:
         return None
-    settings = _eval_settings(study.eval, cfg)
+    settings = _eval_settings(study.eval, final_config(cfg))
     scores = _read_json(run_dir / "eval" / "scores.json")
     grid = out_dir / "grids" / f"{design.label}.png"
     if (
@@ -511,7 +575,8 @@ def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
         "grid": f"grids/{label}.png",
         "failures": (run_dir / "eval" / "failures.png").is_file(),
         "steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
+        "batch_size": resolved_stages(cfg)[0].config.train.batch_size,  # the first stage's
+        "schedule": _schedule(cfg),
         # The mean loss over the last tenth of training: one step's loss is too noisy to rank designs.
         "final_loss": sum(tail) / len(tail) if tail else None,
         "train_seconds": round(seconds, 1),
@@ -540,13 +605,13 @@ def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
     """The comparison table (rows = designs, columns = shapes categories + overall, cost, loss, samples)."""
     kinds = _categories(results)
     first = next(iter(results.values()), None)
-    settings = _eval_settings(study.eval, study.designs[0].config)
+    settings = _eval_settings(study.eval, final_config(study.designs[0].config))
     lines = [f"# Study: {study.name}", ""]
     if study.description:
         lines += [study.description.strip(), ""]
     cfg0 = study.designs[0].config
     lines += [
-        f"Recipe: {cfg0.train.steps} steps, batch {cfg0.train.batch_size}, seed {cfg0.train.seed}, "
+        f"Recipe: {_schedule(cfg0)}, seed {cfg0.train.seed}, "
         f"{cfg0.data.image_size} px {cfg0.data.source} data. What varies between the designs: "
         f"{', '.join(f'`{k}`' for k in varying) or 'nothing'}.",
         "",
@@ -554,11 +619,12 @@ def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
         f"{settings['steps']} {settings['sampler']} steps, guidance {settings['guidance']}, seed {settings['seed']}; "
         "accuracy per category, overall = their mean (GenEval's rule). Best of each column in bold. "
         "Params: the trainable denoiser; FLOPs: one training image (3x the DiT forward + the frozen LLM "
-        "forward), as `fusedit describe` counts them; final loss: the mean flow-matching loss over the last "
+        "forward; more where the LLM trains; a staged design's averaged over its stages' images), as "
+        "`fusedit describe` counts them; final loss: the mean flow-matching loss over the last "
         "tenth of training; train time: the training steps alone (metrics.jsonl).",
         "",
     ]
-    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    unfair = recipe_differences(study.designs)
     if unfair:
         lines += [f"**Warning: not a fair comparison**: the recipe differs in {', '.join(unfair)}.", ""]
     if first is None:
@@ -698,14 +764,19 @@ def run_study(
     ``out_dir``; ``device`` overrides every design's train.device. ``only`` (design labels) trains and
     scores just those; the report also shows the other designs an earlier call finished and lists the
     rest as pending. Returns what results.json holds."""
+    if launched_by_torchrun() and os.environ["WORLD_SIZE"] != "1":
+        raise ConfigError(
+            f"a study runs in one process (torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: each "
+            "process would train, score and write every design): run `fusedit study` without torchrun, or "
+            "train each design with `torchrun ... -m fusedit train` and score it with `fusedit eval`"
+        )
     study = load_study(study, device=device)
     chosen = chosen_designs(study, only)
     left_out = [d for d in study.designs if d not in chosen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info("study %s: %d of %d designs into %s", study.name, len(chosen), len(study.designs), out)
-    varying = varying_keys([d.config for d in study.designs])
-    unfair = [k for k in varying if k.split(".")[0] in _RECIPE_SECTIONS]
+    unfair = recipe_differences(study.designs)
     if unfair:
         log.warning(
             "study %s: the training recipe differs between designs in %s", study.name, ", ".join(unfair)
