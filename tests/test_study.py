@@ -322,7 +322,7 @@ def test_overrides_forms_agree_and_presets_resolve_next_to_the_study(tmp_path):
         )
 
 
-def test_shipped_studies_load_resolve_and_are_fair():
+def test_shipped_studies_load_resolve_and_are_fair(caplog):
     assert {p.stem for p in STUDIES} >= {
         "fusedit-designs-tiny",
         "position-encodings-tiny",
@@ -343,8 +343,11 @@ def test_shipped_studies_load_resolve_and_are_fair():
             assert all(c.train.steps <= 400 and c.data.image_size <= 32 for c in cfgs), path.name
             assert study.eval.per_category <= 6
         # Builds every design on the meta device (parameter and FLOP counts), so a shape error shows here.
+        caplog.clear()
         plan = describe_study(study)
         assert all(f"  {d.label}: " in plan for d in study.designs)
+        # No build warning (e.g. prompts longer than the LLM's learned positions).
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [], path.name
 
 
 def test_unfair_recipes_are_flagged_and_device_overrides_apply():
