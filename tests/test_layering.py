@@ -22,6 +22,10 @@ EXCEPTIONS = {
     # These train: the demo trains a tiny run before it samples, and a study trains each design it compares.
     ("demo.py", "fusedit.train.loop"),
     ("eval/study.py", "fusedit.train.loop"),
+    # A study costs a design's training as `fusedit describe` does (each stage's parts and FLOPs), and
+    # refuses to run as several torchrun processes (which train() would join).
+    ("eval/study.py", "fusedit.train.stages"),
+    ("eval/study.py", "fusedit.train.distributed"),
 }
 
 
