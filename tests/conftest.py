@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,20 @@ def counting_backend(graphs: list):
         return gm.forward
 
     return backend
+
+
+def rmtree_dying_after_one_weight_file(real, kill: BaseException):
+    """shutil.rmtree that, given a folder holding a denoiser.safetensors anywhere beneath, deletes that file
+    and raises ``kill``: a kill in the middle of a deletion, which goes in no set order."""
+
+    def rmtree(path, *args, **kwargs):
+        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
+        if weights is None:
+            return real(path, *args, **kwargs)
+        weights.unlink()
+        raise kill
+
+    return rmtree
 
 
 def tiny_vae(**config):

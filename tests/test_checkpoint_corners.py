@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import tiny_config
+from conftest import rmtree_dying_after_one_weight_file, tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.train.checkpoint import (
     consolidate_checkpoint,
@@ -271,16 +271,9 @@ def _crash_at(monkeypatch, point: str) -> None:
     elif point == "latest":  # renamed into place, `latest` not yet naming it
         monkeypatch.setattr(writer, "write_text_atomic", die)
     else:  # "delete": killed while deleting a checkpoint folder, one file gone (deletion has no set order)
-        real = shutil.rmtree
-
-        def rmtree(path, *args, **kwargs):
-            weights = Path(path) / "denoiser.safetensors"
-            if not weights.is_file():
-                return real(path, *args, **kwargs)
-            weights.unlink()
-            raise _Crash(point)
-
-        monkeypatch.setattr(shutil, "rmtree", rmtree)
+        monkeypatch.setattr(
+            shutil, "rmtree", rmtree_dying_after_one_weight_file(shutil.rmtree, _Crash(point))
+        )
 
 
 @pytest.mark.parametrize("point", ["weights", "rename", "latest", "delete"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, tiny_vae
+from conftest import TINY, rmtree_dying_after_one_weight_file, tiny_vae
 from fusedit.cli import main
 
 
@@ -196,19 +196,6 @@ class _Kill(BaseException):
     """A kill, as far as the code under test can tell: nothing catches it."""
 
 
-def _rmtree_killed_after_one_weight_file(real):
-    """shutil.rmtree that dies after deleting one denoiser.safetensors under the folder it is given."""
-
-    def rmtree(path, *args, **kwargs):
-        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
-        if weights is None:
-            return real(path, *args, **kwargs)
-        weights.unlink()
-        raise _Kill
-
-    return rmtree
-
-
 def test_convert_the_public_fixture_then_sample(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
@@ -243,7 +230,7 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys, monkeypatch):
     # A redo killed while deleting the earlier conversion (a deletion goes in no set order) leaves a
     # whole one, and the next redo clears what the kill left.
     with monkeypatch.context() as patch:
-        patch.setattr(shutil, "rmtree", _rmtree_killed_after_one_weight_file(shutil.rmtree))
+        patch.setattr(shutil, "rmtree", rmtree_dying_after_one_weight_file(shutil.rmtree, _Kill()))
         with pytest.raises(_Kill):
             main([*again, "--out", str(tmp_path / "run"), "--max-length", "14"])
     ckpt = find_checkpoint(tmp_path / "run")
@@ -438,7 +425,7 @@ def test_an_overwrite_killed_while_deleting_the_old_checkpoints_leaves_none_torn
 
     assert train() == 0
     with monkeypatch.context() as patch:
-        patch.setattr(shutil, "rmtree", _rmtree_killed_after_one_weight_file(shutil.rmtree))
+        patch.setattr(shutil, "rmtree", rmtree_dying_after_one_weight_file(shutil.rmtree, _Kill()))
         with pytest.raises(_Kill):
             train("--overwrite")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -199,7 +199,20 @@ def test_a_staged_design_is_described_costed_and_scored_by_its_stages(tmp_path, 
     assert (
         "1 steps x batch 2 at 16 px then 1 steps x batch 2 at 32 px then 1 steps x batch 2 at 32 px" in plan
     )
-    assert "warning: the recipe differs between designs in data.image_size" in plan
+    assert study_mod.recipe_differences(study.designs) == [
+        "data.image_size",  # 16 px in the first stage
+        "data.kinds",  # spatial relations only in the last
+        "sample.shift",
+        "train.batch_size",
+        "train.dit_lora.rank",
+        "train.llm_lora.rank",
+        "train.llm_lr",
+        "train.llm_top_layers",
+        "train.lr",
+        "train.trainable",
+        "train.warmup_steps",
+    ]
+    assert "warning: the recipe differs between designs in data.image_size, data.kinds," in plan
     per_stage = [study_mod.design_cost(s.config)["train_flops_per_image"] for s in stages]
     assert per_stage[0] < per_stage[2] < per_stage[1]  # 16 px; LoRA on both; the LLM's top layers trained
     assert study_mod.design_cost(staged)["train_flops_per_image"] == round(sum(per_stage) / 3)
@@ -215,6 +228,31 @@ def test_a_staged_design_is_described_costed_and_scored_by_its_stages(tmp_path, 
     row = result["designs"]["staged"]
     assert row["batch_size"] == 2 and row["schedule"] == plan.split("FLOP/image; ")[-1]
     assert load_state(find_checkpoint(tmp_path / "out" / "runs" / "staged"))["step"] == 3
+    # A stage's sampling settings changed: re-scored at them, not retrained.
+    spec["designs"]["staged"]["overrides"][-1] = "stages.2.sample.shift=2.0"
+    monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained again"))
+    run_study(spec, tmp_path / "out", progress=False, only=["staged"])
+    assert scored[-1]["shift"] == 2.0
+    # A stage's training settings changed: refused, naming the stage's values.
+    spec["designs"]["staged"]["overrides"].append("stages.1.train.lr=5e-4")
+    with pytest.raises(
+        ConfigError, match=r"different config for design 'staged' \(train\.lr: 0\.001 there, 0\.0005"
+    ):
+        run_study(spec, tmp_path / "out", progress=False, only=["staged"])
+
+
+def test_designs_on_one_staged_recipe_compare_equal_and_the_base_is_compared_typed():
+    """Two designs on the same staged recipe train alike however its stages differ among themselves; a
+    base value written as YAML reads it ('2e-3' is a string to PyYAML) equals a stage's 2.0e-3."""
+    spec = _staged_study(**{"train.lr": "2e-3"})
+    spec["designs"]["staged"]["overrides"] += ["stages.1.train.lr=2.0e-3", "stages.2.train.lr=0.002"]
+    spec["designs"]["single"] = {
+        "preset": "recipe-shapes-3stage",
+        "overrides": [*spec["designs"]["staged"]["overrides"], "model.pos_embed=2d-rope"],
+    }
+    study = load_study(spec)
+    assert study_mod.recipe_differences(study.designs) == []
+    assert "warning" not in describe_study(study)
 
 
 def test_study_only_some_designs_keeps_the_others_finished_results(tmp_path, monkeypatch):

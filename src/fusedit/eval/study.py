@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -72,9 +71,9 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
-from fusedit.train.distributed import launched_by_torchrun
+from fusedit.train.distributed import launched_by_torchrun, torchrun_ranks
 from fusedit.train.loop import train
-from fusedit.train.stages import Parts, training_flops_per_image
+from fusedit.train.stages import stage_costs
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seed
 DESIGN_KEYS = ("preset", "overrides", "description")
 # Labels name folders and files (runs/<label>, grids/<label>.png) and markdown links.
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-# Keys that may differ between a finished run and the study without making its results stale.
+# Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
 # Keys a finished design's run may differ in and still be reused: none changes its trained weights (sampling
 # settings reach the scores, which are redone when they change; the rest is bookkeeping).
@@ -279,19 +278,23 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
 def _check_stages_keep_base(cfg: Config, base: dict, where: str) -> None:
     """A stage's own value wins over the study's base (stages apply on top of the run's sections), so a
     staged design would silently train outside the recipe the base shares (e.g. its first stage's batch
-    instead of the base's): refused, naming the key."""
-    shared = flatten(base)
-    for i, stage in enumerate(cfg.stages):
-        for section in STAGE_SECTIONS:
-            for key, value in flatten(getattr(stage, section)).items():
-                dotted = f"{section}.{key}"
-                if dotted in shared and shared[dotted] != value:
-                    raise ConfigError(
-                        f"{where}: stages[{i}] ({stage.name}) sets {dotted}={value!r} over the study's base "
-                        f"{dotted}={shared[dotted]!r}, so this design would not train under the shared recipe "
-                        f"(allowed: the base's value, e.g. the design override stages.{i}.{dotted}="
-                        f"{shared[dotted]!r}, or {dotted} left out of the base)"
-                    )
+    instead of the base's): refused, naming the key. Compared as each stage resolves (typed, list positions
+    patched) against the run's own sections, which hold the base's values; a staged run's length is its
+    stages' (config refuses train.steps there)."""
+    keys = [k for k in flatten(base) if k.split(".")[0] in STAGE_SECTIONS and k != "train.steps"]
+    if not cfg.stages or not keys:
+        return
+    shared = flatten(to_dict(cfg))
+    for stage in resolved_stages(cfg):
+        own = flatten(to_dict(stage.config))
+        for key in keys:
+            if key in shared and own.get(key) != shared[key]:
+                raise ConfigError(
+                    f"{where}: stages[{stage.index}] ({stage.name}) sets {key}={own.get(key)!r} over the study's "
+                    f"base {key}={shared[key]!r}, so this design would not train under the shared recipe "
+                    f"(allowed: the base's value, e.g. the design override stages.{stage.index}.{key}="
+                    f"{shared[key]!r}, or {key} left out of the base)"
+                )
 
 
 def _check_seeds(where: str, seeds: list[int], eval_seed: int) -> None:
@@ -319,11 +322,26 @@ def varying_keys(configs: list[Config]) -> list[str]:
 
 
 def recipe_differences(designs: list[Design]) -> list[str]:
-    """The recipe keys (_RECIPE_SECTIONS) whose value is not the same for every image the designs train
-    on: each design's stages are compared as the configs they train under, so a staged design among
-    single-stage ones shows where its stages part from theirs."""
-    configs = [stage.config for d in designs for stage in resolved_stages(d.config)]
-    return [k for k in varying_keys(configs) if k.split(".")[0] in _RECIPE_SECTIONS]
+    """The recipe keys (_RECIPE_SECTIONS) in which the designs train differently: at some step that every
+    design trains, one uses another value than the first (each stage's config holds from its first step
+    on, so designs on one staged recipe compare equal, and a staged design differs from single-stage ones
+    where its stages part from theirs); and train.steps, the run's length."""
+    runs = [[(s.start, flatten(to_dict(s.config))) for s in resolved_stages(d.config)] for d in designs]
+    horizon = min(d.config.train.steps for d in designs)
+    starts = sorted({start for run in runs for start, _ in run if start < horizon})
+
+    def at(run: list, step: int, key: str) -> Any:  # the value ``key`` has at ``step`` of ``run``
+        return next(flat for start, flat in reversed(run) if start <= step).get(key, "<unset>")
+
+    keys = {k for run in runs for _, flat in run for k in flat if k.split(".")[0] in _RECIPE_SECTIONS}
+    differ = {
+        k
+        for k in keys - {*_IGNORED_KEYS, "train.steps"}
+        if any(at(run, step, k) != at(runs[0], step, k) for run in runs[1:] for step in starts)
+    }
+    if len({d.config.train.steps for d in designs}) > 1:
+        differ.add("train.steps")
+    return sorted(differ)
 
 
 def final_config(cfg: Config) -> Config:
@@ -334,22 +352,19 @@ def final_config(cfg: Config) -> Config:
 
 def design_cost(cfg: Config) -> dict:
     """Parameter counts and FLOPs per image, counted on the meta device as `fusedit describe` does: the
-    training FLOPs of one image are fusedit.train.stages.training_flops_per_image's (3x the DiT forward
-    plus one frozen LLM forward, more where the LLM trains), averaged over the images of every stage (its
-    global batch, else batch_size x grad_accum, times its steps); tokens are the last stage's."""
+    training FLOPs of one image are fusedit.train.stages.stage_costs's (3x the DiT forward plus one frozen
+    LLM forward, more where the LLM trains), averaged over the images of every stage; the forward counts
+    and tokens are the last stage's (what the study scores at)."""
     model = build_model(cfg, "meta")
     frozen = [enc.llm for enc in model.encoders]
     if model.pooled_text is not None:
         frozen.append(model.pooled_text)
-    layers = min(len(enc.llm.layers) for enc in model.encoders)
-    flops = images = 0
-    for stage in resolved_stages(cfg):
-        sc, tc = stage.config, stage.config.train
-        n = image_tokens(sc.data.image_size, sc.vae.downsample, sc.model.patch_size)
-        dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
-        count = stage.steps * (tc.global_batch or tc.batch_size * tc.grad_accum)
-        flops += training_flops_per_image(Parts.of(tc), dit, lm, layers) * count
-        images += count
+    costs = stage_costs(cfg, model)
+    flops = sum(per_image * stage.steps * images for stage, per_image, images in costs)
+    images = sum(stage.steps * images for stage, _, images in costs)
+    last = costs[-1][0].config
+    n = image_tokens(last.data.image_size, last.vae.downsample, last.model.patch_size)
+    dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
     return {
         "trainable_params": count_parameters(model.denoiser),
         "frozen_params": sum(count_parameters(m) for m in frozen),
@@ -410,13 +425,28 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
         old = load_config(saved)
     except ConfigError as e:
         raise ConfigError(f"{saved}: {e}; delete {run_dir} to retrain design {label!r}") from None
-    diff = [k for k in varying_keys([old, cfg]) if not k.startswith(_UNTRAINED_KEYS)]
-    if diff:
-        a, b = flatten(to_dict(old)), flatten(to_dict(cfg))
+    found = _trained_difference(old, cfg)
+    if found:
+        key, there, now = found
         raise ConfigError(
-            f"{run_dir} was trained with a different config for design {label!r} ({diff[0]}: "
-            f"{a.get(diff[0])!r} there, {b.get(diff[0])!r} now); delete it or use another output folder"
+            f"{run_dir} was trained with a different config for design {label!r} ({key}: "
+            f"{there!r} there, {now!r} now); delete it or use another output folder"
         )
+
+
+def _trained_difference(old: Config, new: Config) -> tuple[str, Any, Any] | None:
+    """The first key, with its two values, in which ``new`` would train other weights than ``old``:
+    stage by stage (a staged run's sampling settings live in its stages too), _UNTRAINED_KEYS aside."""
+    a, b = resolved_stages(old), resolved_stages(new)
+    if [s.steps for s in a] != [s.steps for s in b]:
+        key = "train.steps" if old.train.steps != new.train.steps else "stages"
+        return key, flatten(to_dict(old))[key], flatten(to_dict(new))[key]
+    for x, y in zip(a, b, strict=True):
+        for key in varying_keys([x.config, y.config]):
+            if not key.startswith(_UNTRAINED_KEYS):
+                there, now = flatten(to_dict(x.config)), flatten(to_dict(y.config))
+                return key, there.get(key), now.get(key)
+    return None
 
 
 def _eval_settings(settings: EvalSettings, cfg: Config) -> dict:
@@ -611,8 +641,7 @@ def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
         lines += [study.description.strip(), ""]
     cfg0 = study.designs[0].config
     lines += [
-        f"Recipe: {_schedule(cfg0)}, seed {cfg0.train.seed}, "
-        f"{cfg0.data.image_size} px {cfg0.data.source} data. What varies between the designs: "
+        f"Recipe: {_schedule(cfg0)}, seed {cfg0.train.seed}, {cfg0.data.source} data. What varies between the designs: "
         f"{', '.join(f'`{k}`' for k in varying) or 'nothing'}.",
         "",
         f"Shapes benchmark: {settings['per_category']} held-out prompts per category (never seen in training), "
@@ -764,9 +793,9 @@ def run_study(
     ``out_dir``; ``device`` overrides every design's train.device. ``only`` (design labels) trains and
     scores just those; the report also shows the other designs an earlier call finished and lists the
     rest as pending. Returns what results.json holds."""
-    if launched_by_torchrun() and os.environ["WORLD_SIZE"] != "1":
+    if launched_by_torchrun() and (world := torchrun_ranks()[1]) > 1:
         raise ConfigError(
-            f"a study runs in one process (torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']}: each "
+            f"a study runs in one process (torchrun started WORLD_SIZE={world}: each "
             "process would train, score and write every design): run `fusedit study` without torchrun, or "
             "train each design with `torchrun ... -m fusedit train` and score it with `fusedit eval`"
         )

@@ -383,25 +383,34 @@ def _flop(x: float) -> str:
 PFLOP_DAY = 1e15 * 86400  # one PFLOP/s sustained for a day
 
 
-def describe_stages(cfg: Config, model) -> list[str]:
-    """One line per stage (of a meta-device ``model``): steps, resolution, batch, what trains, and the
-    training compute from fusedit.models.flops (per image, and in total for the images of a step: the
-    stage's train.global_batch, which any number of processes keeps, else batch_size x grad_accum, which
-    N processes multiply by N)."""
+def stage_costs(cfg: Config, model) -> list[tuple[Stage, int, int]]:
+    """(stage, training FLOPs per image, images per step) of each stage, for a meta-device ``model``: the
+    FLOPs from fusedit.models.flops at the stage's image size and training_flops_per_image for what it
+    trains; the images are its train.global_batch, which any number of processes keeps, else
+    batch_size x grad_accum, which N processes multiply by N."""
     from fusedit.models.flops import image_tokens, model_flops
 
-    encoders = model.encoders
+    layers = min(len(e.llm.layers) for e in model.encoders)
+    costs = []
+    for stage in resolved_stages(cfg):
+        sc, tc = stage.config, stage.config.train
+        n = image_tokens(sc.data.image_size, sc.vae.downsample, sc.model.patch_size)
+        dit, lm, _ = model_flops(model, n)
+        per_image = training_flops_per_image(Parts.of(tc), dit, lm, layers)
+        costs.append((stage, per_image, tc.global_batch or tc.batch_size * tc.grad_accum))
+    return costs
+
+
+def describe_stages(cfg: Config, model) -> list[str]:
+    """One line per stage (of a meta-device ``model``): steps, resolution, batch, what trains, and the
+    training compute of stage_costs (per image, and in total for its images)."""
     lines, run_total = [], 0
-    stages = resolved_stages(cfg)
-    for stage in stages:
+    costs = stage_costs(cfg, model)
+    for stage, per_image, images in costs:
         sc, tc = stage.config, stage.config.train
         parts = Parts.of(tc)
         size = sc.data.image_size
-        n = image_tokens(size, sc.vae.downsample, sc.model.patch_size)
-        dit, lm, _ = model_flops(model, n)
-        layers = min(len(e.llm.layers) for e in encoders)
-        per_image = training_flops_per_image(parts, dit, lm, layers)
-        total = per_image * stage.steps * (tc.global_batch or tc.batch_size * tc.grad_accum)
+        total = per_image * stage.steps * images
         run_total += total
         res = f"{size} px" + (
             f" ({len(sc.data.buckets)} aspect buckets, counted square)" if sc.data.buckets else ""
@@ -414,7 +423,7 @@ def describe_stages(cfg: Config, model) -> list[str]:
             f"{batch}, lr {tc.lr:g}, trains {parts.describe()}: "
             f"{_flop(per_image)} per image, {total:.3e} FLOP ({total / PFLOP_DAY:.3g} PFLOP/s-days)"
         )
-    fixed = [s.config.train.global_batch is not None for s in stages]
+    fixed = [s.config.train.global_batch is not None for s, _, _ in costs]
     if all(fixed):
         scale = (
             "at each stage's global batch (N processes: the same batch and FLOPs, batch_size x grad_accum = "
