@@ -153,7 +153,7 @@ def test_the_shapes_worlds_kinds_and_object_count_are_the_configs():
     from fusedit.config import SHAPES_KINDS, SHAPES_MAX_OBJECTS
     from fusedit.data import shapes
 
-    assert tuple(SHAPES_KINDS) == shapes.ALL_KINDS and shapes.MAX_OBJECTS == SHAPES_MAX_OBJECTS
+    assert tuple(SHAPES_KINDS) == shapes.ALL_KINDS and max(shapes.NUMBER_WORDS) == SHAPES_MAX_OBJECTS
     for kind, fewest in SHAPES_KINDS.items():
         assert min(len(p.objects) for p in shapes.all_prompts(kind, SHAPES_MAX_OBJECTS)) == fewest
 

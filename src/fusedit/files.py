@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,12 @@ def write_atomic(
         raise
     if durable:
         sync_folder(path.parent)
+
+
+def as_json_reads_back(record: dict) -> dict:
+    """``record`` as it reads back from a JSON file (tuples given from code become lists), so that a record
+    computed now compares equal to the same one saved earlier."""
+    return json.loads(json.dumps(record))
 
 
 def readable_by_all(path: str | os.PathLike[str]) -> None:

@@ -257,7 +257,7 @@ def _text_encoder(
     # the template's tokens: what FLOP counts of templated designs read.
     tokenizer = load_tokenizer(tcfg, words)
     template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
-    return TextEncoder(
+    encoder = TextEncoder(
         llm,
         tokenizer,
         tcfg.max_length,
@@ -265,6 +265,10 @@ def _text_encoder(
         trim_padding=tcfg.trim_padding,
         trim_multiple=tcfg.trim_multiple,
     )
+    encoder.check_kv(
+        request
+    )  # deep fusion reads K/V off the LLM's layers: are they those its attention uses?
+    return encoder
 
 
 def build_model(
@@ -302,10 +306,6 @@ def build_model(
         _text_encoder(t, req, spec, config, device, meta, words)
         for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
     ]
-    for enc, request in zip(encoders, denoiser.text_requests, strict=True):
-        enc.check_kv(
-            request
-        )  # deep fusion reads K/V off the LLM's layers: are they those its attention uses?
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
     model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled, vocabulary=words)
     _check_positions(model)

@@ -51,7 +51,13 @@ from fusedit.config import (
 )
 from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
-from fusedit.files import check_output_folder, readable_by_all, tensors_fingerprint, write_text_atomic
+from fusedit.files import (
+    as_json_reads_back,
+    check_output_folder,
+    readable_by_all,
+    tensors_fingerprint,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +87,6 @@ def _shard_name(j: int) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))  # a killed run never leaves half a file
-
-
-def _plain(settings: dict) -> dict:
-    """``settings`` as meta.json holds them: a tuple given from code (data.kinds=("a", "b")) is the list
-    the record read back has, so equal settings compare equal."""
-    return json.loads(json.dumps(settings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, 
     data = dataclasses.asdict(data_cfg)
     return {
         "format": FORMAT,
-        "data": _plain({k: data[k] for k in _DATA_KEYS}),
-        "vae": _plain(dataclasses.asdict(vae_cfg)),
+        "data": as_json_reads_back({k: data[k] for k in _DATA_KEYS}),
+        "vae": as_json_reads_back(dataclasses.asdict(vae_cfg)),
         "vae_identity": _vae_identity(vae_cfg),
         "seed": seed,
         "shard_size": shard_size,
@@ -265,8 +265,9 @@ def _vae_place(settings: dict) -> str:
     )
 
 
-def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] | None:
-    """How the VAE of ``vae_cfg`` differs from the one the cache ``where`` was made with (``meta``, its
+def _vae_change(meta: dict, settings: dict, now: dict | None, where: str) -> tuple[str, str] | None:
+    """How the VAE the config names now (``settings``: its vae.* settings as meta.json records them; ``now``:
+    its identity, _vae_identity) differs from the one the cache ``where`` was made with (``meta``, its
     meta.json), as (what the cache was made with, what the config has now); None when it is the same.
 
     A VAE folder moves, or a hub id is replaced by its downloaded folder, or a pipeline folder with
@@ -274,17 +275,15 @@ def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] |
     time (``vae_identity``), vae.model_id and vae.subfolder may name another place holding the same ones,
     and a place holding others is refused even under the same name. Caches written before the record, and
     VAEs whose identity is unknown now (a hub id not in the cache), compare both settings as written."""
-    cached, settings = meta.get("vae", {}), _plain(dataclasses.asdict(vae_cfg))
+    cached = meta.get("vae", {})
     for key, value in settings.items():
         if key not in _VAE_PLACE and cached.get(key) != value:
             return f"vae.{key}={cached.get(key)!r}", f"the config has vae.{key}={value!r}"
     recorded = meta.get("vae_identity")
-    now = _vae_identity(vae_cfg) if recorded else None
     place = _vae_place(settings)
-    if now is None:
-        if any(cached.get(key) != settings[key] for key in _VAE_PLACE):
-            return _vae_place(cached), f"the config has {place}"
-        return None
+    moved = any(cached.get(key) != settings[key] for key in _VAE_PLACE)
+    if recorded is None or now is None:
+        return (_vae_place(cached), f"the config has {place}") if moved else None
     field = identity_difference(recorded, now)
     if field:
         return (
@@ -298,7 +297,7 @@ def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] |
             f"a VAE whose weights have the fingerprint {recorded['weights']}",
             f"{place} holds other weights of the same config ({now['weights']})",
         )
-    if any(cached.get(key) != settings[key] for key in _VAE_PLACE):
+    if moved:
         log.info(
             "%s was encoded with the VAE at %s; %s holds the same kind and shapes (config.json)%s: taken as "
             "that VAE, moved",
@@ -310,14 +309,14 @@ def _vae_change(meta: dict, vae_cfg: VAEConfig, where: str) -> tuple[str, str] |
     return None
 
 
-def _check_meta(out: Path, meta: dict, vae_cfg: VAEConfig) -> dict | None:
+def _check_meta(out: Path, meta: dict) -> dict | None:
     """Refuse a rerun into ``out`` with settings other than its meta.json's; returns that record (None for
     a new cache)."""
     path = out / META
     if not path.is_file():
         return None
     old = json.loads(path.read_text())
-    change = _vae_change(old, vae_cfg, repr(str(out)))
+    change = _vae_change(old, meta["vae"], meta["vae_identity"], repr(str(out)))
     if change:
         raise ConfigError(
             f"{str(out)!r} holds latents made with {change[0]}, but {change[1]}: use another folder "
@@ -428,7 +427,7 @@ def cache_latents(
     if not _is_cache(out):
         check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")
     meta = _meta(data_cfg, vae_cfg, seed, shard_size, dtype)
-    old = _check_meta(out, meta, vae_cfg)
+    old = _check_meta(out, meta)
     if old and old.get("vae_identity"):
         # The VAE was taken as the recorded one on what can be seen of it here: by its settings where its
         # identity is unknown (its folder unmounted, a hub id not in this machine's cache), by its config.json
@@ -603,7 +602,9 @@ def check_latents(data_cfg: DataConfig, vae_cfg: VAEConfig) -> None:
     same one moved is accepted) or image size."""
     meta = read_index(data_cfg.latents_dir)["meta"]
     where = f"data.latents_dir={data_cfg.latents_dir!r}"
-    change = _vae_change(meta, vae_cfg, where)
+    # The VAE's identity (a fingerprint of its weights) only where the cache recorded one to compare.
+    now = _vae_identity(vae_cfg) if meta.get("vae_identity") else None
+    change = _vae_change(meta, as_json_reads_back(dataclasses.asdict(vae_cfg)), now, where)
     if change:
         raise ConfigError(f"{where} was encoded with {change[0]}, but {change[1]}")
     cached_size = meta["data"]["image_size"]

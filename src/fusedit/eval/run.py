@@ -21,7 +21,7 @@ from PIL import Image
 
 from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
-from fusedit.files import files_digest, write_text_atomic
+from fusedit.files import as_json_reads_back, files_digest, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
 
@@ -93,7 +93,7 @@ def check_protocol_folder(
 def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes;
     True when they were made by this one (its record is there)."""
-    record = json.loads(json.dumps(record))  # tuples -> lists: compared as read back from JSON
+    record = as_json_reads_back(record)
     path = out_dir / RECORD
     has_images = images.is_dir() and any(images.iterdir())
     if path.is_file() and has_images:

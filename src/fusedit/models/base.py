@@ -169,7 +169,8 @@ POOLED_TEXT = {
 
 
 def inductor_options() -> dict[str, bool]:
-    """Inductor settings for compiled parts, passed per compile rather than set process-wide.
+    """Inductor settings for compiled parts (the DiT blocks and, since the LLM may train and so run the
+    same kind of backward, the LLM too), passed per compile rather than set process-wide.
     Mix-order reduction (fusing a norm's per-row and per-column reductions in backward) is off: in torch
     2.11 its scheduler fails an assertion ("AssertionError: 2048 v.s. 8192") compiling the backward of a
     fusedit-gemma2b block at batch 4 on an H200 (benchmarks/RESULTS.md), so a training run would crash at
@@ -186,10 +187,10 @@ def compile_settings(name: str) -> dict:
     "max-autotune-no-cudagraphs" mode: CUDA graphs stay sample.cuda_graphs' choice). torch.compile takes a
     mode or options, not both, hence the options."""
     if name == "max-autotune":
-        return {
-            "backend": "inductor",
-            "options": {**inductor_options(), "max_autotune": True, "coordinate_descent_tuning": True},
-        }
+        from torch._inductor import list_mode_options
+
+        tuned = {**list_mode_options("max-autotune-no-cudagraphs"), **inductor_options()}
+        return {"backend": "inductor", "options": tuned}
     return {"backend": name, "options": inductor_options() if name == "inductor" else None}
 
 

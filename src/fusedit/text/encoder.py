@@ -27,7 +27,7 @@ from torch import nn
 from fusedit.config import ConfigError
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
-from fusedit.text.spec import SUPPORTED_LLMS, head_dim
+from fusedit.text.spec import SUPPORTED_LLMS, head_dim, unsupported_llm
 from fusedit.text.templates import Template
 
 log = logging.getLogger(__name__)
@@ -302,9 +302,11 @@ class TextEncoder(nn.Module):
                 self._refuse(f"layer {i}'s keys/values differ from those its attention uses")
 
     def _refuse(self, reason: str):
-        raise ConfigError(
-            f"an LLM of model_type {self.llm.config.model_type!r} is not supported by deep fusion: {reason} "
-            f"(the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS})"
+        raise unsupported_llm(
+            self.llm.config.model_type,
+            reason,
+            " by deep fusion",
+            f"the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS}",
         )
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:

@@ -15,7 +15,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fusedit.config import ConfigError, TextConfig, refuse_path_to_nothing, written_as_path
-from fusedit.text.spec import SUPPORTED_LLMS
+from fusedit.text.spec import unsupported_llm
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,7 @@ def load_llm(
         ) from None
     attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
     if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise ConfigError(
-            f"an LLM of model_type {config.model_type!r} is not supported: its layers have no separate "
-            f"q/k/v projections ({SUPPORTED_LLMS})"
-        )
+        raise unsupported_llm(config.model_type, "its layers have no separate q/k/v projections")
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()

@@ -15,6 +15,11 @@ SUPPORTED_LLMS = (
 )
 
 
+def unsupported_llm(model_type: str, reason: str, by: str = "", allowed: str = SUPPORTED_LLMS) -> ConfigError:
+    """The one-line refusal of an LLM family: ``reason`` says what it lacks, ``by`` which part refuses it."""
+    return ConfigError(f"an LLM of model_type {model_type!r} is not supported{by}: {reason} ({allowed})")
+
+
 @dataclass(frozen=True)
 class LLMSpec:
     hidden_size: int
@@ -42,10 +47,7 @@ class LLMSpec:
             if not hasattr(config, k)
         ]
         if missing or not (hasattr(config, "hidden_act") or hasattr(config, "hidden_activation")):
-            raise ConfigError(
-                f"an LLM of model_type {config.model_type!r} is not supported: its config has no "
-                f"{(missing or ['hidden_act'])[0]} ({SUPPORTED_LLMS})"
-            )
+            raise unsupported_llm(config.model_type, f"its config has no {(missing or ['hidden_act'])[0]}")
         rope = _rope_settings(config)
         theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
