@@ -108,12 +108,12 @@ def counting_backend(graphs: list):
     return backend
 
 
-def rmtree_dying_after_one_weight_file(real, kill: BaseException):
-    """shutil.rmtree that, given a folder holding a denoiser.safetensors anywhere beneath, deletes that file
-    and raises ``kill``: a kill in the middle of a deletion, which goes in no set order."""
+def rmtree_dying_after_one_weight_file(real, kill: BaseException, name: str = "denoiser.safetensors"):
+    """shutil.rmtree that, given a folder holding a file ``name`` (a glob pattern) anywhere beneath,
+    deletes that file and raises ``kill``: a kill in the middle of a deletion, which goes in no set order."""
 
     def rmtree(path, *args, **kwargs):
-        weights = next(Path(path).rglob("denoiser.safetensors"), None) if Path(path).is_dir() else None
+        weights = next(Path(path).rglob(name), None) if Path(path).is_dir() else None
         if weights is None:
             return real(path, *args, **kwargs)
         weights.unlink()

@@ -259,6 +259,7 @@ def _crash_at(monkeypatch, point: str) -> None:
     """Make the next save_checkpoint die at ``point``."""
     import shutil
 
+    import fusedit.files
     import fusedit.train.checkpoint as writer
 
     def die(*args, **kwargs):
@@ -266,8 +267,8 @@ def _crash_at(monkeypatch, point: str) -> None:
 
     if point == "weights":  # the temporary folder is made, its first file not written
         monkeypatch.setattr(writer, "save_file", die)
-    elif point == "rename":  # every file written and synced, the folder not renamed into place
-        monkeypatch.setattr(writer, "sync_tree", die)
+    elif point == "rename":  # every file written, the folder not synced and renamed into place
+        monkeypatch.setattr(fusedit.files, "sync_tree", die)
     elif point == "latest":  # renamed into place, `latest` not yet naming it
         monkeypatch.setattr(writer, "write_text_atomic", die)
     else:  # "delete": killed while deleting a checkpoint folder, one file gone (deletion has no set order)

@@ -5,6 +5,7 @@ commands. The Inception network here is a tiny TorchScript module with the publi
 ``layers`` module): the real one cannot be downloaded on this machine."""
 
 import json
+import shutil
 import zipfile
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import rmtree_dying_after_one_weight_file
 from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.eval import benchmarks
@@ -379,6 +381,16 @@ def test_download_mjhq_metadata_and_images_from_the_hub_layout(tmp_path, monkeyp
         [c for c in CATEGORIES] + [p.relative_to(refs).as_posix() for p in refs.rglob("*.jpg")]
     )
     assert not (dest / "mjhq30k_imgs.zip").exists()
+    # A forced download killed while deleting the earlier copy leaves a whole one, not a folder of images
+    # that lost some (which would pass as complete).
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            shutil, "rmtree", rmtree_dying_after_one_weight_file(shutil.rmtree, KeyboardInterrupt(), "*.jpg")
+        )
+        with pytest.raises(KeyboardInterrupt):
+            download("mjhq", dest, images=True, force=True, progress=False)
+    kept = sorted(p.relative_to(dest / "mjhq30k_imgs").as_posix() for p in (dest / "mjhq30k_imgs").rglob("*"))
+    assert kept == got
     assert main(["benchmarks", "download", "geneval", "--images", "--quiet"]) == 2
     assert "--images applies to mjhq only" in capsys.readouterr().err
     (source / "meta_data.json").write_text("<html>proxy error</html>")

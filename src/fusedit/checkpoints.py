@@ -181,18 +181,12 @@ def dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    with warnings.catch_warnings():
+    with (
+        warnings.catch_warnings(),
+        readable(ckpt / DCP_DIR, "a readable DCP checkpoint", (CheckpointException,)),
+    ):
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        try:
-            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
-        except CheckpointException as e:
-            # Its message is every failing rank's traceback; each failure is (exception, frames).
-            first = next(iter(e.failures.values()))[0]
-            cause = f"{type(first).__name__}: {(str(first).splitlines() or [''])[0]}"
-            raise ValueError(
-                f"{str(ckpt / DCP_DIR)!r} could not be read ({cause}; a damaged or partial copy? copy the whole "
-                "checkpoint folder again)"
-            ) from None
+        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -242,6 +236,9 @@ def readable(
         yield
     except damaged as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
+        if hasattr(e, "failures"):  # DCP's CheckpointException: every failing rank's (exception, frames)
+            failure = next(iter(e.failures.values()))[0]
+            first = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0]}"
         raise ValueError(
             f"{str(path)!r} is not {what} ({first}; a damaged copy? copy the checkpoint again)"
         ) from None

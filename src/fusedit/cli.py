@@ -30,7 +30,7 @@ from fusedit.config import (
     side_fits,
     to_yaml,
 )
-from fusedit.files import check_output_folder, replace_folder, sync_tree
+from fusedit.files import check_output_folder, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -823,7 +823,6 @@ def cmd_convert(args) -> int:
     llm = None if cfg.text.model_id else model.text.llm
     ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
     save_config(cfg, tmp / "config.yaml")  # as a trained run has: the folder is a config base too
-    sync_tree(tmp)
     replace_folder(tmp, out)
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0

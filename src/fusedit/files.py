@@ -64,30 +64,34 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = F
     write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), durable)
 
 
+def _set_aside(folder: Path) -> Path:
+    """Rename ``folder`` (where it exists) to a hidden ``.<name>.deleting`` beside it, for deletion; a
+    leftover of that name, from a kill while deleting, goes first (os.replace cannot replace a folder)."""
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, trash)
+    return trash
+
+
 def remove_folder(folder: str | os.PathLike[str]) -> None:
     """Delete ``folder``, renamed out of the way first: a kill while deleting it then leaves a hidden
     ``.<name>.deleting`` (which the next removal or replacement of that name clears), not a folder that
     lost some files (a deletion goes in no set order) but still holds the ones that mark it complete.
     Nothing to do where there is no such folder."""
-    folder = Path(folder)
-    trash = folder.with_name(f".{folder.name}.deleting")
-    shutil.rmtree(trash, ignore_errors=True)  # a leftover of that name: os.replace cannot replace a folder
-    if folder.exists():
-        os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(_set_aside(Path(folder)), ignore_errors=True)
 
 
 def replace_folder(new: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
-    """Put the complete folder ``new`` in ``folder``'s place (``new`` synced already: sync_tree). An
-    existing ``folder`` first goes aside to a hidden ``.<name>.deleting`` and is deleted once ``new`` is
-    in place, so a kill at any point never leaves a folder of that name that lost some of its files (a
-    deletion goes in no set order): it leaves the old folder or the new one, or, between the two renames,
-    neither and both whole beside it. A ``.deleting`` left by a kill goes at the next replacement."""
+    """Put the complete folder ``new`` in ``folder``'s place, its files on the disk first (sync_tree). An
+    existing ``folder`` first goes aside (_set_aside) and is deleted once ``new`` is in place, so a kill at
+    any point never leaves a folder of that name that lost some of its files (a deletion goes in no set
+    order): it leaves the old folder or the new one, or, between the two renames, neither and both whole
+    beside it. For folders whose content can be made again: a ``.deleting`` left by a kill goes at the
+    next replacement, not back into place."""
     new, folder = Path(new), Path(folder)
-    trash = folder.with_name(f".{folder.name}.deleting")
-    shutil.rmtree(trash, ignore_errors=True)  # os.replace cannot replace a folder
-    if folder.exists():
-        os.replace(folder, trash)
+    sync_tree(new)
+    trash = _set_aside(folder)
     os.replace(new, folder)
     sync_folder(folder.parent)
     shutil.rmtree(trash, ignore_errors=True)

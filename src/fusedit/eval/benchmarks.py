@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
+from fusedit.files import replace_folder
 
 BENCHMARKS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
@@ -134,9 +135,10 @@ def download(
             _download_dpg(tmp, ref, timeout, progress)
         for item in tmp.iterdir():
             target = dest / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
+            if item.is_dir():  # a kill while an earlier copy is deleted must not leave it half there
+                replace_folder(item, target)
+            else:
+                item.replace(target)
     return dest
 
 

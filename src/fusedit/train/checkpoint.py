@@ -96,7 +96,6 @@ from fusedit.files import (
     remove_folder,
     replace_folder,
     sync_folder,
-    sync_tree,
     write_text_atomic,
 )
 from fusedit.train import lora
@@ -181,7 +180,6 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     Each on the disk before the next (fsync): after a crash ``latest`` never names a folder whose files
     were lost with the page cache, nor is ``checkpoints/`` itself (new at a run's first save) lost."""
     readable_by_all(tmp)
-    sync_tree(tmp)
     # ``final`` may exist: an earlier save of this step that ``latest`` never named (see below).
     replace_folder(tmp, final)
     sync_folder(root.parent)
@@ -683,7 +681,6 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
-    sync_tree(tmp)
     replace_folder(tmp, out)  # a kill while an earlier consolidation is deleted leaves no torn ``out``
     return out
 
