@@ -383,3 +383,36 @@ def test_training_on_latents_warns_that_data_crop_has_no_effect(tmp_path, folder
             else []
         )
         assert f"data: 7 samples in {str(out)!r}" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_cache_of_no_usable_sample_is_refused_and_a_corrected_rerun_starts_over(tmp_path, folder):
+    out = tmp_path / "cache"
+    wrong = _data(folder, caption_fields=["text"])  # the captions are in .txt sidecars
+    with pytest.raises(
+        ConfigError, match=r"^no usable sample to cache into .*no-caption 9.*data\.caption_fields"
+    ):
+        cache_latents(wrong, VAEConfig(), out, batch_size=2, shard_size=4, device="cpu", progress=False)
+    assert not (out / "index.json").exists()  # training names the missing index, not an empty cache
+    # Nothing was encoded, so the corrected settings are not refused over the first try's meta.json.
+    summary = cache_latents(
+        _data(folder), VAEConfig(), out, batch_size=2, shard_size=4, device="cpu", progress=False
+    )
+    assert summary["samples"] == 7 and summary["skipped"] == {"corrupt": 1, "tiny": 1}
+    reference = tmp_path / "reference"
+    cache_latents(
+        _data(folder), VAEConfig(), reference, batch_size=2, shard_size=4, device="cpu", progress=False
+    )
+    assert json.loads((out / "index.json").read_text()) == json.loads((reference / "index.json").read_text())
+    # A cache holding latents is still refused.
+    with pytest.raises(ConfigError, match="holds latents made with data.caption_fields="):
+        cache_latents(wrong, VAEConfig(), out, batch_size=2, shard_size=4, device="cpu", progress=False)
+
+
+def test_a_cache_killed_before_its_first_shard_reruns_with_other_settings(tmp_path, folder):
+    out = tmp_path / "cache"
+    cache_latents(_data(folder, crop="random"), VAEConfig(), out, 2, 4, "cpu", progress=False)
+    for p in out.glob("latents-*"):  # as if killed in shard 0: only meta.json was written
+        p.unlink()
+    (out / "index.json").unlink()
+    assert cache_latents(_data(folder), VAEConfig(), out, 2, 4, "cpu", progress=False)["samples"] == 7
+    assert json.loads((out / "meta.json").read_text())["data"]["crop"] == "center"

@@ -49,7 +49,7 @@ from fusedit.config import (
     model_identity,
     written_as_path,
 )
-from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream
+from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream, no_usable_samples
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
 from fusedit.files import (
     as_json_reads_back,
@@ -311,29 +311,44 @@ def _vae_change(meta: dict, settings: dict, now: dict | None, where: str) -> tup
 
 def _check_meta(out: Path, meta: dict) -> dict | None:
     """Refuse a rerun into ``out`` with settings other than its meta.json's; returns that record (None for
-    a new cache)."""
+    a new cache). A cache without one encoded sample (killed before its first shard, or every sample
+    skipped, as with a wrong data.caption_fields) has nothing to lose: a rerun with other settings starts it
+    over."""
     path = out / META
     if not path.is_file():
         return None
     old = json.loads(path.read_text())
     change = _vae_change(old, meta["vae"], meta["vae_identity"], repr(str(out)))
     if change:
-        raise ConfigError(
-            f"{str(out)!r} holds latents made with {change[0]}, but {change[1]}: use another folder "
-            "(or delete this one)"
+        change = f"{change[0]}, but {change[1]}"
+    else:
+        data, recorded = meta["data"], old.get("data", {})
+        read = ("source", *_READ_KEYS.get(data["source"], _DATA_KEYS))
+        # A setting recorded only since a later version (data.hf_streaming) is unknown for an older cache.
+        differences = [(f"data.{key}", recorded.get(key), data[key]) for key in read if key in recorded]
+        differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
+        change = next(
+            (f"{key}={before!r}, not {now!r}" for key, before, now in differences if before != now), None
         )
-    data, recorded = meta["data"], old.get("data", {})
-    read = ("source", *_READ_KEYS.get(data["source"], _DATA_KEYS))
-    # A setting recorded only since a later version (data.hf_streaming) is unknown for an older cache.
-    differences = [(f"data.{key}", recorded.get(key), data[key]) for key in read if key in recorded]
-    differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
-    for key, before, now in differences:
-        if before != now:
-            raise ConfigError(
-                f"{str(out)!r} holds latents made with {key}={before!r}, not {now!r}: "
-                "use another folder (or delete this one)"
-            )
-    return old
+    if change is None:
+        return old
+    if not any(shard["samples"] for shard in _finished_shards(out)):
+        log.info("%r holds no encoded sample yet: started over with the new settings", str(out))
+        for stale in [path, out / INDEX, *out.glob("latents-*")]:
+            stale.unlink(missing_ok=True)
+        return None
+    raise ConfigError(
+        f"{str(out)!r} holds latents made with {change}: use another folder (or delete this one)"
+    )
+
+
+def _finished_shards(out: Path) -> list[dict]:
+    """The records of the shards of ``out`` whose tensors were written (module docstring)."""
+    return [
+        json.loads(p.read_text())
+        for p in sorted(out.glob("latents-*.json"))
+        if p.with_suffix(".safetensors").is_file()
+    ]
 
 
 def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAEConfig, dtype) -> None:
@@ -496,6 +511,10 @@ def cache_latents(
         if total is None and seen < shard_size:
             break
     bar.close()
+    if not any(shard["samples"] for shard in shards):
+        # An index of nothing would only fail later, in training; a corrected rerun into ``out`` starts over
+        # (_check_meta).
+        raise no_usable_samples(_skips(shards, items.refused), task=f"to cache into {str(out)!r}")
     if autoencoder is not None and meta["vae_identity"] is None:
         # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
         meta["vae_identity"] = _vae_identity(vae_cfg)
@@ -543,11 +562,18 @@ def _some(ids: list[str]) -> str:
     return repr(ids[0]) + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else "")
 
 
-def _write_index(out: Path, meta: dict, shards: list[dict], refused=()) -> dict:
+def _skips(shards: list[dict], refused=()) -> SkipCounter:
+    """The skips of the source (``refused``) and of every shard, counted."""
     skips = SkipCounter.of(refused)
-    samples: dict[str, dict] = {}
     for shard in shards:
         skips.add_all(tuple(s) for s in shard["skipped"])
+    return skips
+
+
+def _write_index(out: Path, meta: dict, shards: list[dict], refused=()) -> dict:
+    skips = _skips(shards, refused)
+    samples: dict[str, dict] = {}
+    for shard in shards:
         for s in shard["samples"]:
             # Ids are unique in every source here; an id column of a streamed table might not be, and a
             # duplicate must not silently replace the earlier sample.

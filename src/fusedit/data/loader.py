@@ -247,9 +247,12 @@ def _warn(watch: SkipWatch | None, used=(), skipped=()) -> None:
         log.warning("%s", message)
 
 
-def _no_usable_samples(counter: SkipCounter, where: str = "") -> ConfigError:
-    """The error for data whose every sample was skipped (``where``: which of several mixed sources): the
-    skip counts, and which setting to change for the reasons a setting can cause (no-caption, tiny)."""
+def no_usable_samples(
+    counter: SkipCounter, where: str = "", task: str = "left to fill a batch"
+) -> ConfigError:
+    """The error for data whose every sample was skipped (``where``: which of several mixed sources; ``task``:
+    what the samples were for): the skip counts, and which setting to change for the reasons a setting can
+    cause (no-caption, tiny)."""
     counts = counter.counts()
     hints = []
     if "no-caption" in counts:
@@ -261,7 +264,7 @@ def _no_usable_samples(counter: SkipCounter, where: str = "") -> ConfigError:
         hints.append("lower data.min_image_size to keep smaller images")
     hint = f"; {'; '.join(hints)}" if hints else ""
     where = f" ({where} has none)" if where else ""
-    return ConfigError(f"no usable sample left to fill a batch{where}; {counter.report()}{hint}")
+    return ConfigError(f"no usable sample {task}{where}; {counter.report()}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,7 +598,7 @@ def planned_dataset(
         groups, found = bucket_groups(catalog, decoder, progress)
         events += found
         if (groups < 0).all():
-            raise _no_usable_samples(SkipCounter.of(events))
+            raise no_usable_samples(SkipCounter.of(events))
     names = [f"{w}x{h} px" for h, w in decoder.targets]
     plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups, names=names)
     return CatalogItems(catalog, decoder, plan), events, total
@@ -630,7 +633,7 @@ class IndexedStepLoader:
         _warn(self.watch)  # what building the plan found may be enough
         for step, batch in zip(range(self.start_step, self.end_step), loader):
             if "unusable" in batch:
-                raise _no_usable_samples(SkipCounter.of(batch["unusable"]))
+                raise no_usable_samples(SkipCounter.of(batch["unusable"]))
             skipped = batch.pop("skipped")
             self.skips.add_all(skipped)
             self.step, self._mark = step + 1, self.skips.mark()
@@ -737,7 +740,7 @@ class _StreamBatcher:
             seen = self.usable[record.source] = [record.epoch, 0, False]
         elif record.epoch != seen[0]:
             if seen[2] and seen[1] == 0:
-                raise _no_usable_samples(self.skips, record.source)
+                raise no_usable_samples(self.skips, record.source)
             seen[:] = [record.epoch, 0, True]
         seen[1] += usable
 
