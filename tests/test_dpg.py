@@ -143,6 +143,32 @@ def test_write_dpg_grids_layout_and_resume(tmp_path):
         write_dpg_grids([("../x", "p")], colour_generate(calls), tmp_path, progress=False)
 
 
+def test_a_kept_grid_must_have_been_made_for_its_prompts_current_text(tmp_path, caplog):
+    calls = []
+    prompts = [("0", "A red ball."), ("1", "Un café près de la mer, 東京.")]  # non-Latin-1 text round-trips
+    write_dpg_grids(prompts, colour_generate(calls), tmp_path, progress=False)
+    assert Image.open(tmp_path / "1.png").info["fusedit:prompt"] == prompts[1][1]
+    (tmp_path / "0.png").unlink()
+    changed = [prompts[0], ("1", "Three green dogs.")]
+    # Refused before any grid is generated (0.png, missing and first in order, is not made either).
+    with pytest.raises(
+        ConfigError, match=r"1\.png was made for the prompt 'Un café.*', not 'Three green dogs.'"
+    ):
+        write_dpg_grids(changed, colour_generate(calls), tmp_path, progress=False)
+    assert len(calls) == 2 and not (tmp_path / "0.png").exists()
+    # A grid that records no prompt (an older fusedit, or copied in by hand) is not taken on trust.
+    Image.new("RGB", (24, 24)).save(tmp_path / "0.png")
+    with pytest.raises(ConfigError, match=r"0\.png records no prompt .* give a new --out"):
+        write_dpg_grids(prompts, colour_generate(calls), tmp_path, progress=False)
+    # A damaged grid is made again, with a warning naming it.
+    (tmp_path / "0.png").write_bytes(b"\x89PNG garbage")
+    with caplog.at_level("WARNING"):
+        counts = write_dpg_grids(prompts, colour_generate(calls), tmp_path, progress=False)
+    assert counts == {"generated": 1, "skipped": 1} and calls[-1][0] == "A red ball."
+    assert "0.png cannot be read" in caplog.text
+    assert Image.open(tmp_path / "0.png").info["fusedit:prompt"] == "A red ball."
+
+
 def fake_vqa(image, question):
     """Black tiles show nothing; any other tile shows a ball on a table, red only on red tiles. The answer
     about the table's ball is always yes, so on a black tile only the dependency rule zeroes it."""

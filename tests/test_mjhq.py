@@ -214,6 +214,11 @@ def test_samples_are_written_by_category_with_seeds_from_their_position_and_resu
     assert counts == {"generated": 3, "skipped": 3}
     assert [seed for _, seed, _ in gen.calls[3:]] == [10, 11, 12]
     assert sorted(p.name for p in (tmp_path / "samples" / "food").iterdir()) == ["71ab.png", "81ab.png"]
+    # An id whose prompt changed in the metadata: its kept image is refused, before anything is generated.
+    edited = [{**r, "prompt": "a changed prompt"} if r["index"] == 4 else r for r in select(rows, 3)]
+    with pytest.raises(ConfigError, match=r"81ab\.png was made for the prompt .*, not 'a changed prompt'"):
+        write_mjhq_samples(edited, gen, tmp_path / "samples", seed=7, progress=False)
+    assert len(gen.calls) == 6
 
 
 def test_pooled_stats_are_the_stats_of_the_union():

@@ -6,15 +6,20 @@ plotting library.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from fusedit.config import ConfigError
 from fusedit.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
@@ -191,9 +196,44 @@ def plot_curve(
     save_png(image, path)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
-    """Save ``image`` as a PNG atomically (``write_atomic``): readers see the old file or the whole new one."""
-    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
+def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | None = None) -> None:
+    """Save ``image`` as a PNG atomically (``write_atomic``): readers see the old file or the whole new one.
+    ``prompt``, the text the image was made for, goes into a text chunk before the pixels (``made_for``
+    reads it back without decoding them)."""
+    info = None
+    if prompt is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(PROMPT_CHUNK, prompt)  # iTXt: UTF-8, where tEXt is Latin-1 only
+    write_atomic(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+
+
+PROMPT_CHUNK = "fusedit:prompt"
+
+
+def made_for(path: Path, prompt: str) -> bool:
+    """Whether the benchmark image ``path`` exists and was made for ``prompt`` (its ``save_png`` record), so
+    that a resumed run may keep it. Raises ConfigError when it was made for another prompt or records none:
+    a prompt file edited between two runs into one folder must not have its old image scored for its new
+    text. An unreadable file (damaged after it was written) is made again, with a warning."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            recorded = image.info.get(PROMPT_CHUNK)
+    except (OSError, SyntaxError, ValueError) as e:
+        log.warning("%s cannot be read (%s): it is made again", path, e)
+        return False
+    if recorded == prompt:
+        return True
+    if recorded is None:
+        raise ConfigError(
+            f"{path} records no prompt (made by an older fusedit or by hand), so it may not be the image of "
+            f"{prompt!r}; give a new --out, or delete the folder to regenerate"
+        )
+    raise ConfigError(
+        f"{path} was made for the prompt {recorded!r}, not {prompt!r} (the prompt file changed); give a new "
+        "--out, or delete the folder to regenerate"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import check_batch_size, model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import generated_image, save_png
+from fusedit.imaging import generated_image, made_for, save_png
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,21 @@ def write_dpg_grids(
 
     ``generate(prompt, seed, n)`` returns n images (PIL, or uint8 HxWx3 arrays); every prompt gets the
     same ``seed``. ``size`` resizes the tiles (the scorer reads the tile size from the grid). Resumable:
-    existing grids are kept (each is written atomically, so an existing one is complete).
+    existing grids are kept (each is written atomically, so an existing one is complete), each checked to
+    have been made for its prompt's current text (``imaging.made_for``).
     """
     if size is not None and size < 1:
         raise ConfigError(f"size={size!r}; allowed: a positive tile side in pixels, or None")
     out = Path(out_dir)
-    generated = skipped = 0
-    for name, prompt in tqdm(prompts, desc="DPG-Bench grids", unit="prompt", disable=not progress):
-        path = out / f"{_check_name(name)}.png"
-        if path.is_file():
-            skipped += 1
-            continue
+    # Every kept grid is checked before the first is generated: a changed prompt is found at once.
+    todo = [(n, p) for n, p in prompts if not made_for(out / f"{_check_name(n)}.png", p)]
+    generated, skipped = 0, len(prompts) - len(todo)
+    for name, prompt in tqdm(todo, desc="DPG-Bench grids", unit="prompt", disable=not progress):
+        path = out / f"{name}.png"
         images = list(generate(prompt, seed, 4))
         if len(images) != 4:
             raise ValueError(f"generate returned {len(images)} images for prompt {name!r}; expected 4")
-        save_png(make_grid([generated_image(img) for img in images], size), path)
+        save_png(make_grid([generated_image(img) for img in images], size), path, prompt)
         generated += 1
     return {"generated": generated, "skipped": skipped}
 

@@ -32,7 +32,7 @@ from fusedit.eval.fid import (
     frechet_distance,
     list_images,
 )
-from fusedit.imaging import generated_image, save_png
+from fusedit.imaging import generated_image, made_for, save_png
 
 SAMPLES = "samples"
 
@@ -77,19 +77,19 @@ def write_mjhq_samples(
     progress: bool = True,
 ) -> dict:
     """One image per row into ``samples/<category>/<id>.png`` (rows from ``select``); resumable: an image
-    already written is kept. ``generate(prompt, seed, n)`` as for GenEval. Returns counts."""
+    already written for the row's prompt is kept (``imaging.made_for``). ``generate(prompt, seed, n)`` as
+    for GenEval. Returns counts."""
     samples = Path(samples)
-    generated = skipped = 0
-    for row in tqdm(rows, desc="MJHQ-30K samples", unit="img", disable=not progress):
+    # Every kept image is checked before the first is generated: a changed prompt is found at once.
+    todo = [row for row in rows if not made_for(sample_path(samples, row), row["prompt"])]
+    generated, skipped = 0, len(rows) - len(todo)
+    for row in tqdm(todo, desc="MJHQ-30K samples", unit="img", disable=not progress):
         target = sample_path(samples, row)
-        if target.is_file():
-            skipped += 1
-            continue
         images = list(generate(row["prompt"], seed + row["index"], 1))
         if len(images) != 1:
             raise ValueError(f"generate returned {len(images)} images for {row['prompt']!r}; expected 1")
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_png(generated_image(images[0]), target)
+        save_png(generated_image(images[0]), target, row["prompt"])
         generated += 1
     return {"generated": generated, "skipped": skipped}
 
