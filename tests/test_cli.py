@@ -387,6 +387,55 @@ def test_bad_devices_fail_with_one_line(tmp_path, capsys, monkeypatch):
     assert "finds no cuda device (allowed here: auto or cpu)" in _one_line_error(capsys)
 
 
+def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go_on(
+    tmp_path, capsys, monkeypatch
+):
+    from fusedit.train import loop
+
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+    argv = ["train", config, "train.steps=4", "train.checkpoint_every=2", "--out", str(run), "--quiet"]
+    real, calls = loop.flow_loss, []
+
+    def ctrl_c_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"fusedit: interrupted: the last checkpoint is {run / 'checkpoints' / 'step_00000002'}; rerun the same "
+        "command with --resume to continue from it"
+    )
+    assert not any("Traceback" in line for line in err)
+    monkeypatch.setattr(loop, "flow_loss", real)
+    assert main([*argv, "--resume"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+    calls.clear()
+    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
+    assert main([*argv[:2], "train.steps=4", "train.checkpoint_every=5", *argv[4:], "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: no checkpoint was saved yet in {run}; rerun the same command with --resume to "
+        "start again at step 0"
+    )
+
+
+def test_ctrl_c_in_cache_latents_says_the_finished_shards_are_kept(tmp_path, capsys, monkeypatch):
+    import fusedit.data.latents
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusedit.data.latents, "cache_latents", interrupted)
+    assert main(["cache-latents", "debug", "--out", str(tmp_path / "cache"), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: the finished shards in {tmp_path / 'cache'} are kept; rerun the same command to go on"
+    )
+
+
 def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, capsys):
     from fusedit.checkpoints import find_checkpoint
 

@@ -58,6 +58,31 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C in a long command, carrying what it kept and how to go on (``main`` prints it in one line)."""
+
+
+@contextlib.contextmanager
+def _kept_on_interrupt(kept):
+    """Turn Ctrl+C inside the block into ``Interrupted(kept())``: ``kept`` says, when it happens, what the
+    command has written that a rerun continues from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept()) from None
+
+
+def _train_kept(out: Path, resumed: bool) -> str:
+    """What an interrupted training run kept: its last checkpoint, and the command that continues it."""
+    from fusedit.checkpoints import checkpoint_folders
+
+    go_on = "rerun the same command" + ("" if resumed else " with --resume")
+    saved = checkpoint_folders(out / "checkpoints")
+    if not saved:
+        return f"no checkpoint was saved yet in {out}; {go_on} to start again at step 0"
+    return f"the last checkpoint is {saved[-1]}; {go_on} to continue from it"
+
+
 def _refuse_a_run(out: Path, advice: str) -> None:
     """Training afresh into ``out`` deletes the run it holds (metrics and checkpoints): refused, with
     ``advice`` on what to pass instead."""
@@ -81,7 +106,8 @@ def cmd_train(args) -> int:
         _refuse_a_run(
             out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
         )
-    result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    with _kept_on_interrupt(lambda: _train_kept(out, args.resume)):
+        result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
     if result.get("rank", 0) != 0:
         return 0
     step, where = result["step"], f"checkpoints in {out / 'checkpoints'}"
@@ -394,7 +420,10 @@ def cmd_eval(args) -> int:
     )
     s = cfg.sample
     if args.bench in _PROTOCOLS:
-        return _eval_protocol(args, model, cfg, where, out, device, extractor)
+        with _kept_on_interrupt(
+            lambda: f"the images written in {out} are kept; rerun the same command to go on"
+        ):
+            return _eval_protocol(args, model, cfg, where, out, device, extractor)
     settings = bench_settings(
         cfg,
         per_category=PER_CATEGORY if args.per_category is None else args.per_category,
@@ -535,17 +564,21 @@ def cmd_cache_latents(args) -> int:
     from fusedit.system import resolve_device
 
     cfg = _config(args)
-    summary = cache_latents(
-        cfg.data,
-        cfg.vae,
-        _out_folder(args.out),
-        args.batch_size,
-        args.shard_size,
-        resolve_device(args.device, "--device"),
-        progress=not args.quiet,
-        seed=cfg.train.seed,
-        dtype=getattr(torch, args.dtype),
-    )
+    out = _out_folder(args.out)
+    with _kept_on_interrupt(
+        lambda: f"the finished shards in {out} are kept; rerun the same command to go on"
+    ):
+        summary = cache_latents(
+            cfg.data,
+            cfg.vae,
+            out,
+            args.batch_size,
+            args.shard_size,
+            resolve_device(args.device, "--device"),
+            progress=not args.quiet,
+            seed=cfg.train.seed,
+            dtype=getattr(torch, args.dtype),
+        )
     print(summary["report"])
     # The cache holds the VAE's latents: training must name the same VAE (check_latents refuses another).
     print(
@@ -855,7 +888,9 @@ def cmd_study(args) -> int:
         resolve_device(args.device, "--device")
     out = _out_folder(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
-    r = run_study(study, out, progress=not args.quiet, only=args.only)
+    kept = f"what is done in {out} is kept (each design's checkpoints and scores); rerun the same command to go on"
+    with _kept_on_interrupt(lambda: kept):
+        r = run_study(study, out, progress=not args.quiet, only=args.only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
     print(f"study {r['name']}: {len(r['designs'])} designs in {time.time() - t0:.0f}s{pending}")
@@ -1377,6 +1412,11 @@ def main(argv: list[str] | None = None) -> int:
     # what to change), an outcome to report in one line like bad input.
     except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError) as e:
         return _error(str(e))
+    except KeyboardInterrupt as e:
+        # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is
+        # the shell's status for a command stopped by SIGINT.
+        _error(str(e) or "stopped before the end", "interrupted")
+        return 130
     except RuntimeError as e:
         # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the
         # size of what was asked for, not a bug: one line, not a traceback. Any other RuntimeError is a bug.
@@ -1389,12 +1429,12 @@ def main(argv: list[str] | None = None) -> int:
         )
 
 
-def _error(message: str) -> int:
-    """The one line a refused command prints (exit status 2)."""
+def _error(message: str, what: str = "error") -> int:
+    """The one line a refused command prints (exit status 2); ``what`` heads it."""
     world = os.environ.get("WORLD_SIZE", "")
     # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
     # write, so that the ranks' lines do not run together.
     who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
-    sys.stderr.write(f"fusedit: error{who}: {message}\n")
+    sys.stderr.write(f"fusedit: {what}{who}: {message}\n")
     sys.stderr.flush()
     return 2
