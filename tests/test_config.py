@@ -85,6 +85,17 @@ def test_bad_values_fail_with_one_line_errors(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        # The docs' folder example with shards or a dataset added: the folder would be read, not them.
+        (
+            ["data.source=folder", "data.root=/data/photos", 'data.shards=["a/{0..3}.tar"]'],
+            "data.shards=['a/{0..3}.tar'] is set but data.source='folder' (it reads data.root / data.index_file) "
+            "never reads it (allowed: data.source=webdataset to read it, or no data.shards)",
+        ),
+        (
+            ["data.source=webdataset", 'data.shards=["a/{0..3}.tar"]', "data.hf_path=user/set"],
+            "data.hf_path='user/set' is set but data.source='webdataset' (it reads data.shards) never reads it "
+            "(allowed: data.source=hf to read it, or no data.hf_path)",
+        ),
         (
             ["model.design=dit-self", "model.initial_layers=1"],
             "model.initial_layers=1 pairs DiT layers with deeper LLM layers, but model.design='dit-self' reads",
@@ -336,3 +347,11 @@ def test_null_for_a_string_key_names_the_key_and_the_empty_string(tmp_path, wher
         "data.hf_split=null is not allowed (allowed: a string, e.g. 'train', the default)"
     )
     assert load_config("debug", ["vae.subfolder="]).vae.subfolder == ""
+
+
+def test_a_latent_cache_config_may_keep_where_its_images_were_read_from():
+    # `fusedit cache-latents` says to train with the config that made the cache plus data.source=latents.
+    cfg = load_config(
+        "debug", ["data.root=/data/photos", "data.source=latents", "data.latents_dir=/data/cache"]
+    )
+    assert cfg.data.root == "/data/photos" and cfg.data.source == "latents"

@@ -1146,17 +1146,20 @@ def validate(cfg: Config) -> None:
             f"model.ape_max_size={cfg.model.ape_max_size} (allowed: sides up to {largest} px = "
             "model.ape_max_size x vae.downsample x model.patch_size)"
         )
-    # Where real data is, set while data.source is left at its default: the run would train on the
-    # procedural shapes world without ever reading it.
-    if cfg.data.source == "shapes":
-        given = [key for key in DATA_LOCATIONS if getattr(cfg.data, key)]
-        if given:
-            key = given[0]
-            raise ConfigError(
-                f"data.{key}={getattr(cfg.data, key)!r} is set but data.source='shapes' (the built-in "
-                f"procedural world) never reads it (allowed: data.source={DATA_LOCATIONS[key]} to read it, or "
-                f"no data.{key})"
-            )
+    # Where data is, set for a source other than data.source's (say data.shards with data.source left at
+    # shapes, or at folder from an example): the run would train on other data without ever reading it. A
+    # latent cache's config keeps where its images were read from (cache-latents says to add
+    # data.source=latents to the config that made it).
+    source = cfg.data.source
+    given = [k for k, reader in DATA_LOCATIONS.items() if reader != source and getattr(cfg.data, k)]
+    if given and source != "latents":
+        key = given[0]
+        reads = " / ".join(f"data.{k}" for k, reader in DATA_LOCATIONS.items() if reader == source)
+        raise ConfigError(
+            f"data.{key}={getattr(cfg.data, key)!r} is set but data.source={source!r} "
+            f"({f'it reads {reads}' if reads else 'the built-in procedural world'}) never reads it (allowed: "
+            f"data.source={DATA_LOCATIONS[key]} to read it, or no data.{key})"
+        )
     if cfg.data.source == "shapes":
         # The world's own check of its prompt kinds, here at load: it would otherwise run only when the data
         # is built, after the model, and for a later stage only when that stage starts.
