@@ -304,6 +304,35 @@ def test_clip_pooled_text_pads_on_the_right_whatever_its_tokenizer_says(tmp_path
     torch.testing.assert_close(encoder(["a red circle", "a blue square"]), pooled)
 
 
+def test_pooled_text_loads_a_whole_clips_text_tower_and_refuses_other_models(tmp_path):
+    from transformers import AutoConfig, CLIPModel
+
+    from fusedit.config import ConfigError, PooledTextConfig
+    from fusedit.text.pooled import load_pooled_encoder
+    from test_fid import save_tiny_clip
+
+    # A whole CLIP whose text_config kept its default projection_dim (512): the text tower is projected to
+    # the model's shared width (8), with the saved weights.
+    path = save_tiny_clip(tmp_path / "clip")
+    clip = CLIPModel.from_pretrained(path)
+    encoder = load_pooled_encoder(PooledTextConfig(model_id=str(path), max_length=16), "cpu")
+    assert torch.equal(encoder.model.text_projection.weight, clip.text_projection.weight)
+    tok = encoder.tokenizer(["a red circle"], return_tensors="pt", padding="max_length", max_length=16)
+    expected = clip.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    expected = getattr(expected, "pooler_output", expected)  # a tensor before transformers 5
+    torch.testing.assert_close(encoder(["a red circle"]), expected)
+    # Another kind of model would load with every weight random: refused, naming the key.
+    llm = tmp_path / "llm"
+    AutoConfig.for_model("gemma", **TINY_ARCH).save_pretrained(llm)  # what is read before the weights
+    with pytest.raises(
+        ConfigError, match=r"^pooled_text.model_id='.*llm' is a model of model_type 'gemma', not a CLIP"
+    ):
+        load_pooled_encoder(PooledTextConfig(model_id=str(llm)), "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^pooled_text.model_id='.*empty' cannot be loaded: "):
+        load_pooled_encoder(PooledTextConfig(model_id=str(tmp_path / "empty")), "cpu")
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [

@@ -285,6 +285,25 @@ def test_missing_model_folder_is_a_one_line_config_error(tmp_path, monkeypatch):
         assert "\n" not in str(e.value)
 
 
+def test_a_model_id_that_is_no_transformers_model_is_refused_naming_its_key(tmp_path):
+    from conftest import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")  # a diffusers folder: its config.json has no model_type
+    (tmp_path / "pipe" / "text_encoder").mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FuseDiTPipeline"}')
+    vae, pipe = str(tmp_path / "vae"), str(tmp_path / "pipe")
+    with pytest.raises(
+        ConfigError, match=rf"^text.model_id='{vae}' is not a transformers model \(allowed: an LLM"
+    ):
+        build_model(tiny_config(text={"model_id": vae}), "meta")
+    extra = {"design": "dit-cross", "refiner_depth": 1, "pos_embed": "none", "conv_pos": True}
+    cfg = tiny_config(model=extra, extra_text=[{"model_id": pipe}])
+    with pytest.raises(
+        ConfigError, match=r"^extra_text\[0\].model_id=.* it is a pipeline folder: its LLM is .*text_encoder'"
+    ):
+        build_model(cfg, "meta")
+
+
 def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing():
     from fusedit.data.shapes import caption_corpus
     from fusedit.train.pretrain_llm import pretrain_llm

@@ -265,9 +265,8 @@ def _text_encoder(
         trim_padding=tcfg.trim_padding,
         trim_multiple=tcfg.trim_multiple,
     )
-    encoder.check_kv(
-        request
-    )  # deep fusion reads K/V off the LLM's layers: are they those its attention uses?
+    # Deep fusion reads K/V off the LLM's layers: are they those its attention uses?
+    encoder.check_kv(request)
     return encoder
 
 
@@ -283,7 +282,8 @@ def build_model(
     tokenizer's word list a checkpoint saved (default: :func:`builtin_words` of ``cfg``, as a new run has)."""
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
-    configs = [llm_config(t, shape_only=meta) for t in text_cfgs]
+    keys = ["text", *(f"extra_text[{i}]" for i in range(len(cfg.extra_text)))]
+    configs = [llm_config(t, shape_only=meta, key=key) for t, key in zip(text_cfgs, keys)]
     specs = [LLMSpec.from_hf(c) for c in configs]
     words = None
     if uses_builtin_tokenizer(cfg):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 import transformers
@@ -23,14 +24,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
+def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> PretrainedConfig:
     """The LLM's transformers config: from the hub id / folder, or ``family`` + ``arch`` for random init.
 
     ``shape_only`` (meta-device builds that only count parameters) falls back to ``arch`` when the hub id
-    cannot be reached, so a preset can be described offline.
+    cannot be reached, so a preset can be described offline. ``key``: the config section, as errors name it
+    (``text``, ``extra_text[0]``).
     """
     if cfg.model_id:
-        refuse_path_to_nothing(f"text.model_id={cfg.model_id!r}", cfg.model_id)
+        refuse_path_to_nothing(f"{key}.model_id={cfg.model_id!r}", cfg.model_id)
         try:
             # Shape-only builds never wait on the network: the local cache or the preset's arch will do.
             config = AutoConfig.from_pretrained(cfg.model_id, local_files_only=shape_only)
@@ -40,24 +42,42 @@ def llm_config(cfg: TextConfig, shape_only: bool = False) -> PretrainedConfig:
                 config = AutoConfig.for_model(cfg.family, **cfg.arch)
                 # The arch may be a preset's, inherited past a changed model_id: say what was counted.
                 log.warning(
-                    "text.model_id=%r is not in the local cache: counting text.arch instead (%s, %d layers, "
-                    "width %d); set text.arch to the model's shape if it differs",
+                    "%s.model_id=%r is not in the local cache: counting %s.arch instead (%s, %d layers, "
+                    "width %d); set %s.arch to the model's shape if it differs",
+                    key,
                     cfg.model_id,
+                    key,
                     cfg.family,
                     config.num_hidden_layers,
                     config.hidden_size,
+                    key,
                 )
                 return config
             raise ConfigError(
-                f"text.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
+                f"{key}.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
                 f"unreachable or has no such model): {str(e).splitlines()[0]}"
+            ) from None
+        except ValueError as e:  # transformers' "Unrecognized model": a folder of something else
+            raise ConfigError(
+                f"{key}.model_id={cfg.model_id!r} is not a transformers model (allowed: an LLM's folder written "
+                f"by save_pretrained, or its hub id){_pipeline_hint(cfg.model_id)}: {str(e).splitlines()[0]}"
             ) from None
         # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
         return getattr(config, "text_config", None) or config
     try:
         return AutoConfig.for_model(cfg.family, **cfg.arch)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"text.arch={cfg.arch!r} is not a valid {cfg.family} config: {e}") from None
+        raise ConfigError(f"{key}.arch={cfg.arch!r} is not a valid {cfg.family} config: {e}") from None
+
+
+def _pipeline_hint(place: str) -> str:
+    """For a pipeline folder given as an LLM: where its LLM is, and how to start from the whole of it."""
+    if not (Path(place).expanduser() / "model_index.json").is_file():
+        return ""
+    return (
+        f"; it is a pipeline folder: its LLM is {str(Path(place) / 'text_encoder')!r}, and to train on from the "
+        "whole pipeline give it as the config's base or train.init_from"
+    )
 
 
 def load_llm(

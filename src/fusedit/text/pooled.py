@@ -8,7 +8,7 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import AutoConfig, AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
 from fusedit.config import ConfigError, PooledTextConfig
 
@@ -71,16 +71,39 @@ class PooledTextEncoder(nn.Module):
         return self.model.text_projection(hidden[torch.arange(hidden.shape[0], device=device), last])
 
 
+def _clip_text_config(place: str, named: str) -> CLIPTextConfig:
+    """The text tower's config of the CLIP model at ``place`` (a folder or hub id; ``named`` as errors name
+    it). Another kind of model is refused: transformers would load it with every weight random."""
+    try:
+        config = AutoConfig.from_pretrained(place)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{named} cannot be loaded: {str(e).strip().splitlines()[0]}") from None
+    if config.model_type == "clip_text_model":
+        return config
+    if config.model_type != "clip":
+        raise ConfigError(
+            f"{named} is a model of model_type {config.model_type!r}, not a CLIP text model (allowed: a CLIP "
+            "or CLIP text model, e.g. openai/clip-vit-large-patch14)"
+        )
+    # A whole CLIP's text projection (text_projection.weight) maps to its shared width, projection_dim;
+    # text_config keeps its own default where the saved model did not set it.
+    text = config.text_config
+    text.projection_dim = config.projection_dim
+    return text
+
+
 def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False):
     """The CLIP text model of ``cfg.model_id``, or a random-init one from ``cfg.arch``."""
     if cfg.model_id and not shape_only:
+        named = f"pooled_text.model_id={cfg.model_id!r}"
+        # transformers loads another kind of model into a CLIP text model with a warning, every weight
+        # random: the run would train on noise for a pooled embedding.
+        config = _clip_text_config(cfg.model_id, named)
         try:
-            model = CLIPTextModelWithProjection.from_pretrained(cfg.model_id)
+            model = CLIPTextModelWithProjection.from_pretrained(cfg.model_id, config=config)
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model_id)
-        except OSError as e:
-            raise ConfigError(
-                f"pooled_text.model_id={cfg.model_id!r} cannot be loaded: {str(e).splitlines()[0]}"
-            ) from None
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes
+            raise ConfigError(f"{named} cannot be loaded: {str(e).strip().splitlines()[0]}") from None
     else:
         model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg.arch))
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else builtin_tokenizer
