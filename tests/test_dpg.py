@@ -215,6 +215,11 @@ def test_score_dpg_folder_with_a_fake_vqa(tmp_path, questions_csv):
         score_dpg_folder(grids, questions_csv, batched, batch_size=5, progress=False)
     with pytest.raises(ConfigError, match="tiles=5; allowed: 1, 2, 3 or 4"):
         score_dpg_folder(grids, questions_csv, fake_vqa, tiles=5)
+    (grids / "0.png").write_bytes((grids / "0.png").read_bytes()[:60])  # damaged since it was written
+    with pytest.raises(
+        ConfigError, match=r"0\.png cannot be read \(.*\); delete it and rerun the same `fusedit eval`"
+    ):
+        score_dpg_folder(grids, questions_csv, fake_vqa, progress=False)
 
 
 def test_real_dpg_prompts_feed_the_grid_writer(tmp_path):

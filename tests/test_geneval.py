@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,21 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
         score_geneval_folder(tmp_path, detector, None, progress=False)
     with pytest.raises(FileNotFoundError, match="no GenEval samples"):
         score_geneval_folder(tmp_path / "tmp", detector, None, progress=False)
+    # A file damaged since it was written is named, with the way to make it again (not PIL's bare message).
+    damaged = tmp_path / "00001" / "samples" / "00002.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    remake = (
+        rf"delete {tmp_path / '00001'} and rerun the same `fusedit eval`: it makes that prompt's images again"
+    )
+    with pytest.raises(ConfigError, match=rf"^{damaged} cannot be read \(.*\); {re.escape(remake)}$"):
+        score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
+    (tmp_path / "00001" / "metadata.jsonl").write_text("garbage")
+    with pytest.raises(
+        ValueError, match=rf"metadata.jsonl is damaged \(not JSON: .*\); {re.escape(remake)}$"
+    ):
+        score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
+    with pytest.raises(ValueError, match="metadata.jsonl is damaged"):  # and when resuming the generation
+        write_geneval_samples(METADATA, generate_marked(0), tmp_path, progress=False)
 
 
 def test_rule_values_are_validated_and_labels_mapped():

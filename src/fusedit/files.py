@@ -47,6 +47,15 @@ def as_json_reads_back(record: dict) -> dict:
     return json.loads(json.dumps(record))
 
 
+def read_json(path: str | os.PathLike[str], remedy: str):
+    """The JSON in ``path``. One that does not parse (damaged since it was written: a disk error, an edit)
+    is a ValueError naming the file and ``remedy`` (what to do), not the parser's bare position."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not JSON: {e}); {remedy}") from None
+
+
 def readable_by_all(path: str | os.PathLike[str]) -> None:
     """The file ``path``, or every file in the folder ``path``, made readable by every user as the files
     ``write_atomic`` writes are (0o644): safetensors' ``save_file`` (and so diffusers' ``save_pretrained``)

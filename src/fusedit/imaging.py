@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from fusedit.config import ConfigError
 from fusedit.files import write_atomic
@@ -208,6 +208,16 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | Non
 
 
 PROMPT_CHUNK = "fusedit:prompt"
+
+
+def open_generated(path: Path, remedy: str) -> Image.Image:
+    """A generated benchmark image, decoded as RGB (EXIF orientation applied, as GenEval's scorer does). A
+    damaged one is refused naming it and ``remedy``: scoring without it would change the benchmark."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); {remedy}") from None
 
 
 def made_for(path: Path, prompt: str) -> bool:

@@ -39,7 +39,7 @@ from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import check_batch_size, model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import generated_image, made_for, save_png
+from fusedit.imaging import generated_image, made_for, open_generated, save_png
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,8 @@ def score_dpg_folder(
     results, by_category, top = [], {}, {}
     for path in tqdm(grids, desc="DPG-Bench scoring", unit="prompt", disable=not progress):
         qs = questions[path.stem]
-        with Image.open(path) as grid:
-            views = split_grid(grid.convert("RGB"))[:tiles]
+        remedy = "delete it and rerun the same `fusedit eval`: it makes the grid again"
+        views = split_grid(open_generated(path, remedy))[:tiles]
         answers = _ask(
             vqa, [v for v in views for _ in qs], [q.question for _ in views for q in qs], batch_size
         )

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.eval.fid import ClipEmbedder, model_inputs
-from fusedit.files import write_text_atomic
-from fusedit.imaging import generated_image, save_png
+from fusedit.files import read_json, write_text_atomic
+from fusedit.imaging import generated_image, open_generated, save_png
 from fusedit.system import resolve_device
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -292,11 +292,15 @@ def evaluate_image(
     return {"correct": correct, "reason": reason, "details": details}
 
 
+# A prompt folder's files are made again by the same `fusedit eval` command once the folder is gone.
+_REMAKE = "delete {folder} and rerun the same `fusedit eval`: it makes that prompt's images again"
+
+
 def _prompt_done(folder: Path, metadata: dict, n: int) -> bool:
     meta_file = folder / "metadata.jsonl"
     if not meta_file.is_file():
         return False
-    existing = json.loads(meta_file.read_text(encoding="utf-8"))
+    existing = read_json(meta_file, _REMAKE.format(folder=folder))
     if existing != metadata:
         raise ConfigError(
             f"{folder} holds samples of prompt {existing.get('prompt')!r}, not {metadata['prompt']!r}; "
@@ -393,7 +397,7 @@ def score_geneval_folder(
     jobs = []
     for prompt_dir in _prompt_folders(folder):
         # Upstream reads the file with json.load: one object, whatever the extension says.
-        metadata = json.loads((prompt_dir / "metadata.jsonl").read_text(encoding="utf-8"))
+        metadata = read_json(prompt_dir / "metadata.jsonl", _REMAKE.format(folder=prompt_dir))
         samples = prompt_dir / "samples"
         names = (
             sorted(p.name for p in samples.iterdir() if _SAMPLE_NAME.match(p.name))
@@ -411,7 +415,7 @@ def score_geneval_folder(
         )
     results = []
     for path, metadata in tqdm(jobs, desc="GenEval scoring", unit="image", disable=not progress):
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        image = open_generated(path, _REMAKE.format(folder=path.parent.parent))
         verdict = evaluate_image(image, metadata, detector(image), color_classifier, rules)
         results.append(
             {

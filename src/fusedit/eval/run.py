@@ -21,7 +21,7 @@ from PIL import Image
 
 from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
-from fusedit.files import as_json_reads_back, files_digest, write_text_atomic
+from fusedit.files import as_json_reads_back, files_digest, read_json, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
 
@@ -97,7 +97,7 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     path = out_dir / RECORD
     has_images = images.is_dir() and any(images.iterdir())
     if path.is_file() and has_images:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path, "give a new --out, or delete the folder to regenerate")
         changed = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
         if changed:
             k = changed[0]
