@@ -203,9 +203,12 @@ def test_the_protocol_generator_draws_image_k_of_a_batch_from_seed_plus_k(tiny_r
     from fusedit.checkpoints import load_model
 
     model, _, _ = load_model(tiny_run)
-    gen = run_mod.generator(model, dict(image_size=16, steps=2, guidance=3.0, precision="fp32"))
+    gen = run_mod.ProtocolGenerator(model, dict(image_size=16, steps=2, guidance=3.0, precision="fp32"))
     batch = [np.asarray(im, dtype=int) for im in gen("a red circle", 42, 3)]
     for k in range(3):
         alone = np.asarray(gen("a red circle", 42 + k, 1)[0], dtype=int)
         assert np.abs(batch[k] - alone).max() <= 1, k
     assert np.abs(batch[2] - np.asarray(gen("a red circle", 43, 1)[0], dtype=int)).max() > 1
+    assert (gen.prompts, gen.truncated) == (5, 0)
+    gen(" ".join(["a red circle"] * 100), 42, 3)  # cut: counted once, not once per image
+    assert (gen.prompts, gen.truncated) == (6, 1)

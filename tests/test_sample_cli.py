@@ -290,6 +290,28 @@ def test_one_image_is_reported_in_the_singular(folders, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote 1 image to {tmp_path}\n"
 
 
+def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp_path, caplog):
+    long = " ".join(["a red circle"] * 100)
+    with caplog.at_level("WARNING"):
+        assert (
+            sample(
+                folders["run"],
+                tmp_path,
+                "--prompt",
+                long,
+                "--prompt",
+                "a",
+                "--prompt",
+                long + " b",
+                "--steps",
+                "1",
+            )
+            == 0
+        )
+    cut = [r.getMessage() for r in caplog.records if "their ends were cut" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("2 of the 3 prompts were longer than text.max_length=")
+
+
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
     out = tmp_path / "out"
     assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0

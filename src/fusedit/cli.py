@@ -324,6 +324,13 @@ def cmd_sample(args) -> int:
         progress=not args.quiet,
     )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
+    if model.truncated > 1:  # the text encoder warned at the first cut only
+        log.warning(
+            "%d of the %d prompts were longer than %s tokens: their ends were cut",
+            model.truncated,
+            len(prompts),
+            model.limits,
+        )
     return 0
 
 
@@ -514,8 +521,9 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
         ),
     }
     protocol, own = protocols[args.bench]
+    gen = run.ProtocolGenerator(model, settings)
     r = protocol(
-        run.generator(model, settings),
+        gen,
         args.prompts,
         out,
         seed=_eval_seed(args),
@@ -525,6 +533,14 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
         **own,
     )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
+    if gen.truncated:  # the text encoder warned at the first cut only
+        log.warning(
+            "%d of the %d prompts sampled were longer than %s tokens: their ends were cut, and their images "
+            "made from the rest",
+            gen.truncated,
+            gen.prompts,
+            model.limits,
+        )
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
         worst = max(scores["categories"], key=scores["categories"].get)

@@ -234,7 +234,7 @@ def write_compbench_samples(
     index x n_per_prompt + k); returns counts of images generated and skipped.
 
     ``generate(prompt, seed, n)`` returns n images whose image k is the image of seed ``seed + k`` (as
-    ``eval.run.generator`` does), so image k of every prompt has seed ``seed + k``, as the official script
+    ``eval.run.ProtocolGenerator`` does), so image k of every prompt has seed ``seed + k``, as the official script
     seeds it. Resumable per image: existing images are kept and only the missing ones are generated (each
     run of consecutive missing images in one call); each is written atomically, so an existing one is
     complete.

@@ -26,20 +26,28 @@ from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
 
 
-def generator(model, settings: dict):
+class ProtocolGenerator:
     """A ``generate(prompt, seed, n) -> [PIL images]`` callable over ``model`` for the protocol writers;
     ``settings`` are ``generate`` keyword arguments (``fusedit.sample.sample_settings``). Image k starts
     from the noise of ``seed + k`` alone, as in ``fusedit sample``: any benchmark image is made again by
     sampling its prompt with its seed, and a protocol that resumes per image (T2I-CompBench) makes the
-    missing ones exactly as an uninterrupted run would."""
-    shape = latent_shape(model, settings["image_size"])
+    missing ones exactly as an uninterrupted run would.
 
-    def run(prompt: str, seed: int, n: int) -> list[Image.Image]:
-        noise = seeded_noise([seed + k for k in range(n)], shape)
-        x = generate(model, [prompt] * n, noise=noise, **settings)
+    ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (the
+    model warns at its first cut only, and counts each of the n images' rows)."""
+
+    def __init__(self, model, settings: dict):
+        self.model, self.settings = model, settings
+        self.shape = latent_shape(model, settings["image_size"])
+        self.prompts = self.truncated = 0
+
+    def __call__(self, prompt: str, seed: int, n: int) -> list[Image.Image]:
+        noise = seeded_noise([seed + k for k in range(n)], self.shape)
+        cut_before = self.model.truncated
+        x = generate(self.model, [prompt] * n, noise=noise, **self.settings)
+        self.prompts += 1
+        self.truncated += self.model.truncated > cut_before
         return [Image.fromarray(a) for a in to_uint8(x)]
-
-    return run
 
 
 RECORD = "generation.json"

@@ -204,7 +204,7 @@ class TextEncoder(nn.Module):
             log.warning(
                 "%d prompt(s) longer than %s=%d tokens were truncated, e.g. %r (%d tokens); "
                 "later truncations are only counted (TextEncoder.truncated)",
-                len(too_long),
+                len({prompts[i] for i in too_long}),  # a prompt sampled n times is one prompt
                 self.setting,
                 self.prompt_limit,
                 first[:80],
