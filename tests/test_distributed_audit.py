@@ -106,3 +106,23 @@ def test_fusedit_train_refuses_a_rank_outside_the_world_in_one_line(tmp_path):
     ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["cache-latents", "debug", "--out", "OUT"], ["sample", "RUN", "--prompt", "a"]]
+)
+def test_a_one_process_command_under_a_several_process_torchrun_is_refused(
+    torchrun_env, tmp_path, capsys, command
+):
+    from fusedit.cli import main
+
+    torchrun_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    argv = [{"OUT": str(tmp_path / "out"), "RUN": str(tmp_path / "run")}.get(w, w) for w in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fusedit: error (rank 1): `fusedit {command[0]}` runs in one process (torchrun started WORLD_SIZE=2: "
+        "each process would do the whole job, into the same files): run it without torchrun (only train uses "
+        "several processes)\n"
+    )
+    assert not (tmp_path / "out").exists()

@@ -1408,6 +1408,11 @@ def _logs_above_bars(enabled: bool):
         yield
 
 
+# The commands that share their work among torchrun's processes; any other, under torchrun with several,
+# would run whole in each.
+_SEVERAL_PROCESSES = ("train",)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1422,6 +1427,14 @@ def main(argv: list[str] | None = None) -> int:
     progress = not getattr(args, "quiet", False)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
     try:
+        if "WORLD_SIZE" in os.environ and args.command not in _SEVERAL_PROCESSES:
+            from fusedit.train.distributed import refuse_several_processes
+
+            refuse_several_processes(
+                f"`fusedit {args.command}`",
+                "do the whole job, into the same files",
+                f"run it without torchrun (only {', '.join(_SEVERAL_PROCESSES)} uses several processes)",
+            )
         with _library_bars(progress), _logs_above_bars(progress):
             return args.func(args)
     # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says

@@ -71,7 +71,7 @@ from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png
 from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
-from fusedit.train.distributed import launched_by_torchrun, torchrun_ranks
+from fusedit.train.distributed import refuse_several_processes
 from fusedit.train.loop import train
 from fusedit.train.stages import stage_costs
 
@@ -793,12 +793,12 @@ def run_study(
     ``out_dir``; ``device`` overrides every design's train.device. ``only`` (design labels) trains and
     scores just those; the report also shows the other designs an earlier call finished and lists the
     rest as pending. Returns what results.json holds."""
-    if launched_by_torchrun() and (world := torchrun_ranks()[1]) > 1:
-        raise ConfigError(
-            f"a study runs in one process (torchrun started WORLD_SIZE={world}: each "
-            "process would train, score and write every design): run `fusedit study` without torchrun, or "
-            "train each design with `torchrun ... -m fusedit train` and score it with `fusedit eval`"
-        )
+    refuse_several_processes(
+        "a study",
+        "train, score and write every design",
+        "run `fusedit study` without torchrun, or train each design with `torchrun ... -m fusedit train` and "
+        "score it with `fusedit eval`",
+    )
     study = load_study(study, device=device)
     chosen = chosen_designs(study, only)
     left_out = [d for d in study.designs if d not in chosen]

@@ -49,6 +49,16 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
 
 
+def refuse_several_processes(what: str, each: str, instead: str) -> None:
+    """Refuse a one-process job that torchrun started in several processes, where each would do all of it
+    (``each``: what each would do; ``instead``: what to run)."""
+    if launched_by_torchrun() and (world := torchrun_ranks()[1]) > 1:
+        raise ConfigError(
+            f"{what} runs in one process (torchrun started WORLD_SIZE={world}: each process would {each}): "
+            f"{instead}"
+        )
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     """A rank variable as torchrun writes it: ASCII digits. ``default`` stands in only for an absent one;
     int() would also take "", "1_0", "+1", " 1" or other scripts' digits, and a rank or world size made of
