@@ -372,6 +372,22 @@ def test_a_warmup_longer_than_its_run_or_stage_is_warned_about_once(tmp_path, ca
     assert len(messages) == 1 and "exceeds the 1 steps of stage 0 (short)" in messages[0]
 
 
+def test_a_hidden_layer_that_deep_fusion_never_reads_is_warned_about(tmp_path, caplog):
+    def hidden_layer_warnings(cfg, run_dir) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusedit"):
+            train(cfg, run_dir, progress=False)
+        return [r.getMessage() for r in caplog.records if "hidden_layer" in r.getMessage()]
+
+    cfg = tiny_config(text={"hidden_layer": -2}, train={"steps": 1})
+    assert hidden_layer_warnings(cfg, tmp_path / "deep") == [
+        "text.hidden_layer=-2 does nothing for model.design='fusedit', which fuses the LLM layer by layer "
+        "(model.num_layers, model.initial_layers); the shallow designs read it"
+    ]
+    shallow = tiny_config(model={"design": "dit-cross"}, text={"hidden_layer": -2}, train={"steps": 1})
+    assert hidden_layer_warnings(shallow, tmp_path / "shallow") == []
+
+
 def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tmp_path, caplog):
     from fusedit.data.loader import step_loader
 

@@ -44,7 +44,7 @@ from fusedit.checkpoints import (
     saved_shapes,
     saved_vocabulary,
 )
-from fusedit.config import Config, ConfigError, Stage, resolved_stages, save_config
+from fusedit.config import Config, ConfigError, Stage, is_shallow, resolved_stages, save_config
 from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
@@ -327,6 +327,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
     for stage in stages:
         check_data_paths(stage.config.data, stage.config.vae)
+    if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
+        # Not refused: a study's base may set it for its shallow designs, beside a deep one.
+        log.warning(
+            "text.hidden_layer=%d does nothing for model.design=%r, which fuses the LLM layer by layer "
+            "(model.num_layers, model.initial_layers); the shallow designs read it",
+            cfg.text.hidden_layer,
+            cfg.model.design,
+        )
 
     torch.manual_seed(tc.seed)
     # A resumed run keeps the built-in tokenizer's ids it was trained with, whatever the current code's words.
