@@ -350,12 +350,17 @@ def test_weights_mismatch_reads_the_shapes_of_both_checkpoint_formats(tmp_path):
         assert adapters == "adapter 'a.lora_A' of the configured model is not in the checkpoint"
 
 
+def _training_warnings(caplog, cfg, run_dir, about: str) -> list[str]:
+    """The warnings that training ``cfg`` into ``run_dir`` logs about ``about``."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(cfg, run_dir, progress=False)
+    return [r.getMessage() for r in caplog.records if about in r.getMessage()]
+
+
 def test_a_warmup_longer_than_its_run_or_stage_is_warned_about_once(tmp_path, caplog):
     def warmup_warnings(cfg, run_dir) -> list[str]:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fusedit"):
-            train(cfg, run_dir, progress=False)
-        return [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+        return _training_warnings(caplog, cfg, run_dir, "warmup_steps")
 
     cfg = tiny_config(train={"steps": 2, "warmup_steps": 5, "checkpoint_every": 2})
     assert warmup_warnings(cfg, tmp_path / "a") == [
@@ -374,10 +379,7 @@ def test_a_warmup_longer_than_its_run_or_stage_is_warned_about_once(tmp_path, ca
 
 def test_a_hidden_layer_that_deep_fusion_never_reads_is_warned_about(tmp_path, caplog):
     def hidden_layer_warnings(cfg, run_dir) -> list[str]:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fusedit"):
-            train(cfg, run_dir, progress=False)
-        return [r.getMessage() for r in caplog.records if "hidden_layer" in r.getMessage()]
+        return _training_warnings(caplog, cfg, run_dir, "hidden_layer")
 
     cfg = tiny_config(text={"hidden_layer": -2}, train={"steps": 1})
     assert hidden_layer_warnings(cfg, tmp_path / "deep") == [
