@@ -525,6 +525,20 @@ def test_describe_prints_each_stage_compute_budget(capsys):
     assert "13.785 TFLOP per image" in line  # design-space.md s.3: about 13.8 TFLOP per 512 px image
 
 
+def test_describe_counts_the_training_cost_of_what_a_single_stage_run_trains(capsys):
+    from fusedit.cli import main
+
+    def training_line(*overrides) -> str:
+        assert main(["describe", "fusedit-gemma2b", *overrides]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("512 px"))
+
+    # DiT 4.253 and LLM 1.024 TFLOP forward: 3 x DiT + LLM, and the LLM's backward (2 x) once it trains.
+    assert training_line().endswith("training 13.785 TFLOP per image")
+    assert training_line("train.trainable=[dit,llm]", "text.dtype=float32").endswith(
+        "training 15.834 TFLOP per image"
+    )
+
+
 def test_a_recipes_global_batch_is_kept_on_any_number_of_processes(tmp_path):
     """The recipes name their global batch (train.global_batch): batch_size x grad_accum x processes must
     make it, else training is refused at start with a per-process batch that does; null opts out."""

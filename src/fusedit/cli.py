@@ -942,6 +942,7 @@ def cmd_consolidate(args) -> int:
 def cmd_describe(args) -> int:
     from fusedit.models.flops import image_tokens, model_flops
     from fusedit.system import build_model, count_parameters
+    from fusedit.train.stages import Parts, training_flops_per_image
 
     cfg = _config(args)
     model = build_model(cfg, "meta")
@@ -965,12 +966,16 @@ def cmd_describe(args) -> int:
         frozen.append(("pooled text encoder", model.pooled_text))
     for what, module in frozen:
         print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
+    # What a step costs follows what it trains (train.trainable, LoRA): 3x the DiT forward plus the frozen
+    # LLM's forward for the default.
+    parts, layers = Parts.of(cfg.train), min(len(enc.llm.layers) for enc in model.encoders)
     for size in sorted({256, 512, cfg.data.image_size}):
         n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
         dit, lm, text = model_flops(model, n)
+        training = training_flops_per_image(parts, dit, lm, layers)
         print(
             f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
-            f"LLM forward {lm / 1e12:.3f} TFLOP, training {(3 * dit + lm) / 1e12:.3f} TFLOP per image"
+            f"LLM forward {lm / 1e12:.3f} TFLOP, training {training / 1e12:.3f} TFLOP per image"
         )
     if cfg.stages:
         from fusedit.train.stages import describe_stages
