@@ -634,7 +634,7 @@ def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch, caplog):
 
 
 def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch):
-    bad = ["config", "debug", "model.pos_embed=nope"]
+    bad = ["train", "debug", "model.pos_embed=nope"]  # train: the one command torchrun runs in several
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the line of a plain run
     assert main(bad) == 2
