@@ -415,12 +415,27 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
     assert main([*argv, "--resume"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
-    calls.clear()
     monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
-    assert main([*argv[:2], "train.steps=4", "train.checkpoint_every=5", *argv[4:], "--overwrite"]) == 130
+    calls.clear()  # --overwrite, stopped after a checkpoint of the new run: --resume, not --overwrite again
+    assert main([*argv, "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"fusedit: interrupted: no checkpoint was saved yet in {run}; rerun the same command with --resume to "
-        "start again at step 0"
+        f"fusedit: interrupted: the last checkpoint is {run / 'checkpoints' / 'step_00000002'}; rerun the same "
+        "command with --resume in place of --overwrite to continue from it"
+    )
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stopped before the earlier run was deleted: --resume would continue it
+        m.setattr(loop, "_start_fresh", ctrl_c)
+        assert main([*argv, "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: the earlier run in {run} was not deleted yet; rerun the same command to start over"
+    )
+    calls.clear()  # stopped before the first checkpoint: nothing is lost by the same command again
+    assert main([*argv[:3], "train.checkpoint_every=5", *argv[4:], "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: no checkpoint was saved yet in {run}; rerun the same command to start again"
     )
 
 

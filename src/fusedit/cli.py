@@ -58,29 +58,31 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl+C in a long command, carrying what it kept and how to go on (``main`` prints it in one line)."""
-
-
 @contextlib.contextmanager
-def _kept_on_interrupt(kept):
-    """Turn Ctrl+C inside the block into ``Interrupted(kept())``: ``kept`` says, when it happens, what the
-    command has written that a rerun continues from."""
+def _kept_on_interrupt(what: str, kept=None):
+    """Ctrl+C inside the block becomes a KeyboardInterrupt whose message (``main`` prints it in one line)
+    says what the command kept: ``what`` in ``out``, or ``kept()``, worked out when it happens."""
     try:
         yield
     except KeyboardInterrupt:
-        raise Interrupted(kept()) from None
+        raise KeyboardInterrupt(kept() if kept else f"{what}; rerun the same command to go on") from None
 
 
-def _train_kept(out: Path, resumed: bool) -> str:
-    """What an interrupted training run kept: its last checkpoint, and the command that continues it."""
-    from fusedit.checkpoints import checkpoint_folders
+def _train_kept(out: Path, args, started: float) -> str:
+    """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
+    from fusedit.checkpoints import find_checkpoint
 
-    go_on = "rerun the same command" + ("" if resumed else " with --resume")
-    saved = checkpoint_folders(out / "checkpoints")
-    if not saved:
-        return f"no checkpoint was saved yet in {out}; {go_on} to start again at step 0"
-    return f"the last checkpoint is {saved[-1]}; {go_on} to continue from it"
+    try:
+        ckpt = find_checkpoint(out)
+    except FileNotFoundError:
+        ckpt = None
+    if args.overwrite and ckpt is not None and (ckpt / "state.json").stat().st_mtime < started:
+        return f"the earlier run in {out} was not deleted yet; rerun the same command to start over"
+    if ckpt is None:  # the same command is not refused: nothing would be lost
+        return f"no checkpoint was saved yet in {out}; rerun the same command to start again"
+    go_on = "rerun the same command" + (" with --resume in place of --overwrite" if args.overwrite else "")
+    go_on += "" if args.resume or args.overwrite else " with --resume"
+    return f"the last checkpoint is {ckpt}; {go_on} to continue from it"
 
 
 def _refuse_a_run(out: Path, advice: str) -> None:
@@ -106,7 +108,8 @@ def cmd_train(args) -> int:
         _refuse_a_run(
             out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
         )
-    with _kept_on_interrupt(lambda: _train_kept(out, args.resume)):
+    started = time.time()
+    with _kept_on_interrupt("", lambda: _train_kept(out, args, started)):
         result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
     if result.get("rank", 0) != 0:
         return 0
@@ -427,9 +430,7 @@ def cmd_eval(args) -> int:
     )
     s = cfg.sample
     if args.bench in _PROTOCOLS:
-        with _kept_on_interrupt(
-            lambda: f"the images written in {out} are kept; rerun the same command to go on"
-        ):
+        with _kept_on_interrupt(f"the images written in {out} are kept"):
             return _eval_protocol(args, model, cfg, where, out, device, extractor)
     settings = bench_settings(
         cfg,
@@ -581,9 +582,7 @@ def cmd_cache_latents(args) -> int:
 
     cfg = _config(args)
     out = _out_folder(args.out)
-    with _kept_on_interrupt(
-        lambda: f"the finished shards in {out} are kept; rerun the same command to go on"
-    ):
+    with _kept_on_interrupt(f"the finished shards in {out} are kept"):
         summary = cache_latents(
             cfg.data,
             cfg.vae,
@@ -904,8 +903,7 @@ def cmd_study(args) -> int:
         resolve_device(args.device, "--device")
     out = _out_folder(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
-    kept = f"what is done in {out} is kept (each design's checkpoints and scores); rerun the same command to go on"
-    with _kept_on_interrupt(lambda: kept):
+    with _kept_on_interrupt(f"what is done in {out} is kept (each design's checkpoints and scores)"):
         r = run_study(study, out, progress=not args.quiet, only=args.only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
