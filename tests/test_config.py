@@ -69,13 +69,6 @@ def test_override_file_on_a_preset(tmp_path):
         ("vae.latent_channels=4", "vae.kind=identity needs"),
         ("text.arch=null", "text.arch=None must be a dict"),
         ("train.steps", "must look like section.key=value"),
-        # Real data named while data.source is left at shapes: it would never be read.
-        (
-            "data.root=/data/photos",
-            "data.root='/data/photos' is set but data.source='shapes' (the built-in procedural world) never "
-            "reads it (allowed: data.source=folder to read it, or no data.root)",
-        ),
-        ('data.shards=["a/{0..3}.tar"]', "(allowed: data.source=webdataset to read it, or no data.shards)"),
     ],
 )
 def test_bad_values_fail_with_one_line_errors(override, message):
@@ -85,17 +78,6 @@ def test_bad_values_fail_with_one_line_errors(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        # The docs' folder example with shards or a dataset added: the folder would be read, not them.
-        (
-            ["data.source=folder", "data.root=/data/photos", 'data.shards=["a/{0..3}.tar"]'],
-            "data.shards=['a/{0..3}.tar'] is set but data.source='folder' (it reads data.root / data.index_file) "
-            "never reads it (allowed: data.source=webdataset to read it, or no data.shards)",
-        ),
-        (
-            ["data.source=webdataset", 'data.shards=["a/{0..3}.tar"]', "data.hf_path=user/set"],
-            "data.hf_path='user/set' is set but data.source='webdataset' (it reads data.shards) never reads it "
-            "(allowed: data.source=hf to read it, or no data.hf_path)",
-        ),
         (
             ["model.design=dit-self", "model.initial_layers=1"],
             "model.initial_layers=1 pairs DiT layers with deeper LLM layers, but model.design='dit-self' reads",
@@ -349,9 +331,68 @@ def test_null_for_a_string_key_names_the_key_and_the_empty_string(tmp_path, wher
     assert load_config("debug", ["vae.subfolder="]).vae.subfolder == ""
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # Real data named while data.source is left at shapes: it would never be read.
+        (
+            ["data.root=/data/photos"],
+            "data.root='/data/photos' is set but data.source='shapes' (the built-in procedural world) never "
+            "reads it (allowed: data.source=folder to read it, or no data.root)",
+        ),
+        # The docs' folder example with shards or a dataset added: the folder would be read, not them.
+        (
+            ["data.source=folder", "data.root=/data/photos", 'data.shards=["a/{0..3}.tar"]'],
+            "data.shards=['a/{0..3}.tar'] is set but data.source='folder' (it reads data.root / data.index_file) "
+            "never reads it (allowed: data.source=webdataset to read it, or no data.shards)",
+        ),
+        (
+            ["data.source=webdataset", 'data.shards=["a/{0..3}.tar"]', "data.hf_path=user/set"],
+            "data.hf_path='user/set' is set but data.source='webdataset' (it reads data.shards) never reads it "
+            "(allowed: data.source=hf to read it, or no data.hf_path)",
+        ),
+    ],
+)
+def test_a_data_location_its_source_never_reads_is_refused_where_data_is_read(tmp_path, overrides, message):
+    from fusedit.data.latents import cache_latents
+    from fusedit.data.loader import check_data_paths
+
+    # It loads (a run saved with such a leftover must still be sampled, or resumed with it removed) ...
+    cfg = load_config("debug", overrides)
+    # ... but training (check_data_paths, before the model is built) and cache-latents refuse it.
+    with pytest.raises(ConfigError) as e:
+        check_data_paths(cfg.data, cfg.vae)
+    assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:
+        cache_latents(cfg.data, cfg.vae, tmp_path / "cache", 1, 1, progress=False)
+    assert str(e.value) == message and not (tmp_path / "cache").exists()
+
+
 def test_a_latent_cache_config_may_keep_where_its_images_were_read_from():
+    from fusedit.config import check_data_locations
+
     # `fusedit cache-latents` says to train with the config that made the cache plus data.source=latents.
     cfg = load_config(
         "debug", ["data.root=/data/photos", "data.source=latents", "data.latents_dir=/data/cache"]
     )
+    check_data_locations(cfg.data)
     assert cfg.data.root == "/data/photos" and cfg.data.source == "latents"
+
+
+def test_a_stage_that_reads_another_source_does_not_inherit_the_earlier_location():
+    from conftest import tiny_config
+    from fusedit.config import check_data_locations, resolved_stages
+
+    stages = [
+        {"name": "folder", "steps": 1, "data": {"source": "folder", "root": "/data/photos"}},
+        {"name": "shards", "steps": 1, "data": {"source": "webdataset", "shards": ["/data/{0..3}.tar"]}},
+        {"name": "same", "steps": 1, "data": {"caption_dropout": 0.0}},
+    ]
+    resolved = resolved_stages(tiny_config(stages=stages))
+    assert [(s.config.data.root, s.config.data.shards) for s in resolved] == [
+        ("/data/photos", []),
+        ("", ["/data/{0..3}.tar"]),
+        ("", ["/data/{0..3}.tar"]),  # a stage keeping the source keeps its location
+    ]
+    for stage in resolved:
+        check_data_locations(stage.config.data)

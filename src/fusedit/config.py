@@ -1100,6 +1100,7 @@ def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
 
 
 # The data keys that say where real data is, and the source that reads each.
+_DATA_DEFAULTS = dataclasses.asdict(DataConfig())
 DATA_LOCATIONS = {
     "root": "folder",
     "index_file": "folder",
@@ -1107,6 +1108,25 @@ DATA_LOCATIONS = {
     "hf_path": "hf",
     "latents_dir": "latents",
 }
+
+
+def check_data_locations(data: DataConfig) -> None:
+    """Refuse a data location of a source other than data.source's (say data.shards with data.source left
+    at shapes, or at folder from an example): the run would train on other data without ever reading it.
+    Checked where data is about to be read (training, cache-latents), not at every load: a run saved
+    before this check with such a leftover must still load to be sampled or resumed with it removed. A
+    latent cache's config keeps where its images were read from (cache-latents says to add
+    data.source=latents to the config that made it)."""
+    source = data.source
+    given = [k for k, reader in DATA_LOCATIONS.items() if reader != source and getattr(data, k)]
+    if given and source != "latents":
+        key = given[0]
+        reads = " / ".join(f"data.{k}" for k, reader in DATA_LOCATIONS.items() if reader == source)
+        raise ConfigError(
+            f"data.{key}={getattr(data, key)!r} is set but data.source={source!r} "
+            f"({f'it reads {reads}' if reads else 'the built-in procedural world'}) never reads it (allowed: "
+            f"data.source={DATA_LOCATIONS[key]} to read it, or no data.{key})"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -1145,20 +1165,6 @@ def validate(cfg: Config) -> None:
             f"{what} makes a latent grid side of {side // unit} patches, more than the APE table's "
             f"model.ape_max_size={cfg.model.ape_max_size} (allowed: sides up to {largest} px = "
             "model.ape_max_size x vae.downsample x model.patch_size)"
-        )
-    # Where data is, set for a source other than data.source's (say data.shards with data.source left at
-    # shapes, or at folder from an example): the run would train on other data without ever reading it. A
-    # latent cache's config keeps where its images were read from (cache-latents says to add
-    # data.source=latents to the config that made it).
-    source = cfg.data.source
-    given = [k for k, reader in DATA_LOCATIONS.items() if reader != source and getattr(cfg.data, k)]
-    if given and source != "latents":
-        key = given[0]
-        reads = " / ".join(f"data.{k}" for k, reader in DATA_LOCATIONS.items() if reader == source)
-        raise ConfigError(
-            f"data.{key}={getattr(cfg.data, key)!r} is set but data.source={source!r} "
-            f"({f'it reads {reads}' if reads else 'the built-in procedural world'}) never reads it (allowed: "
-            f"data.source={DATA_LOCATIONS[key]} to read it, or no data.{key})"
         )
     if cfg.data.source == "shapes":
         # The world's own check of its prompt kinds, here at load: it would otherwise run only when the data
@@ -1289,6 +1295,10 @@ def resolved_stages(cfg: Config) -> list[Stage]:
         if fixed:
             hint = f"{where}.steps is the stage's length" if fixed[0] == "steps" else f"set train.{fixed[0]}"
             raise ConfigError(f"{where}.train.{fixed[0]} cannot differ between stages ({hint})")
+        if st.data.get("source", sections["data"]["source"]) != sections["data"]["source"]:
+            # A stage that reads another source does not inherit where the earlier one read from.
+            for key in DATA_LOCATIONS:
+                sections["data"][key] = copy.deepcopy(_DATA_DEFAULTS[key])
         built = {}
         for name in STAGE_SECTIONS:
             sections[name] = _deep_merge(sections[name], getattr(st, name))

@@ -45,6 +45,7 @@ from fusedit.config import (
     ConfigError,
     DataConfig,
     VAEConfig,
+    check_data_locations,
     identity_difference,
     model_identity,
     written_as_path,
@@ -438,6 +439,7 @@ def cache_latents(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise ConfigError(f"{name}={value!r} is not allowed (allowed: an integer >= 1)")
+    check_data_locations(data_cfg)
     out = Path(out_dir)
     if not _is_cache(out):
         check_output_folder(out, "a latent cache", "an earlier cache's folder (resumed)")

@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, DataConfig, VAEConfig
+from fusedit.config import ConfigError, DataConfig, VAEConfig, check_data_locations
 from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, make_rng
 
 log = logging.getLogger(__name__)
@@ -479,6 +479,7 @@ def collate(items: list[dict]) -> dict:
 def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
     """The checks of a data source that read nothing big (its paths, a latent cache's index): made before a
     run builds its model, so that a mistyped folder fails at once rather than after an LLM has loaded."""
+    check_data_locations(cfg)
     if cfg.source == "folder":
         from fusedit.data.folder import check_folder_paths
 

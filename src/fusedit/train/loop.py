@@ -326,7 +326,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     metrics_path = run_dir / "metrics.jsonl"
     ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
     for stage in stages:
-        check_data_paths(stage.config.data, stage.config.vae)
+        try:
+            check_data_paths(stage.config.data, stage.config.vae)
+        except ConfigError as e:
+            raise ConfigError(
+                f"stages[{stage.index}] ({stage.name}): {e}" if cfg.stages else str(e)
+            ) from None
     if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(
