@@ -408,6 +408,18 @@ def test_a_cache_of_no_usable_sample_is_refused_and_a_corrected_rerun_starts_ove
         cache_latents(wrong, VAEConfig(), out, batch_size=2, shard_size=4, device="cpu", progress=False)
 
 
+def test_a_cache_of_no_usable_sample_reruns_on_the_data_once_fixed(tmp_path, folder):
+    out, data = tmp_path / "cache", _data(folder)
+    captions = {p: p.read_text() for p in folder.glob("*.txt")}
+    for p in captions:
+        p.unlink()
+    with pytest.raises(ConfigError, match="no-caption 9"):
+        cache_latents(data, VAEConfig(), out, 2, 4, "cpu", progress=False)
+    for p, text in captions.items():  # the captions written, the same command again
+        p.write_text(text)
+    assert cache_latents(data, VAEConfig(), out, 2, 4, "cpu", progress=False)["samples"] == 7
+
+
 def test_a_cache_killed_before_its_first_shard_reruns_with_other_settings(tmp_path, folder):
     out = tmp_path / "cache"
     cache_latents(_data(folder, crop="random"), VAEConfig(), out, 2, 4, "cpu", progress=False)

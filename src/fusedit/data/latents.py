@@ -313,10 +313,15 @@ def _vae_change(meta: dict, settings: dict, now: dict | None, where: str) -> tup
 def _check_meta(out: Path, meta: dict) -> dict | None:
     """Refuse a rerun into ``out`` with settings other than its meta.json's; returns that record (None for
     a new cache). A cache without one encoded sample (killed before its first shard, or every sample
-    skipped, as with a wrong data.caption_fields) has nothing to lose: a rerun with other settings starts it
-    over."""
+    skipped, as with a wrong data.caption_fields or missing caption files) has nothing to lose: a rerun
+    starts it over, with the settings and data as they are now."""
     path = out / META
     if not path.is_file():
+        return None
+    if not any(shard["samples"] for shard in _finished_shards(out)):
+        log.info("%r holds no encoded sample yet: started over", str(out))
+        for stale in [path, out / INDEX, *out.glob("latents-*")]:
+            stale.unlink(missing_ok=True)
         return None
     old = json.loads(path.read_text())
     change = _vae_change(old, meta["vae"], meta["vae_identity"], repr(str(out)))
@@ -333,23 +338,22 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
         )
     if change is None:
         return old
-    if not any(shard["samples"] for shard in _finished_shards(out)):
-        log.info("%r holds no encoded sample yet: started over with the new settings", str(out))
-        for stale in [path, out / INDEX, *out.glob("latents-*")]:
-            stale.unlink(missing_ok=True)
-        return None
     raise ConfigError(
         f"{str(out)!r} holds latents made with {change}: use another folder (or delete this one)"
     )
 
 
 def _finished_shards(out: Path) -> list[dict]:
-    """The records of the shards of ``out`` whose tensors were written (module docstring)."""
-    return [
-        json.loads(p.read_text())
-        for p in sorted(out.glob("latents-*.json"))
-        if p.with_suffix(".safetensors").is_file()
-    ]
+    """The records of the finished shards of ``out``."""
+    return [shard for p in sorted(out.glob("latents-*.json")) if (shard := _finished_shard(p))]
+
+
+def _finished_shard(record: Path) -> dict | None:
+    """The shard record ``record`` (a ``latents-NNNNNN.json``) if its shard is finished: the record is
+    written after the tensors, so the two together mark it (module docstring)."""
+    if record.is_file() and record.with_suffix(".safetensors").is_file():
+        return json.loads(record.read_text())
+    return None
 
 
 def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAEConfig, dtype) -> None:
@@ -464,8 +468,8 @@ def cache_latents(
         if total is not None:
             end = min(end, total)
         done = out / f"{_shard_name(j)}.json"
-        shard = json.loads(done.read_text()) if done.is_file() else None
-        if shard is not None and (out / f"{_shard_name(j)}.safetensors").is_file():
+        shard = _finished_shard(done)
+        if shard is not None:
             _check_shard(items, shard, out)
             # A short last shard of a dataset that has grown since (images added after it in the order) is
             # encoded again, up to the new end.
