@@ -149,7 +149,7 @@ def test_a_rerun_reuses_images_only_of_the_same_generation(tmp_path):
     with pytest.raises(ConfigError, match="made with noise=None, not noise='seed\\+k per image'"):
         run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     (out / run_mod.RECORD).write_text("{")  # damaged: named, not the parser's bare position
-    with pytest.raises(ValueError, match=r"generation.json is damaged \(not JSON: .*\); give a new --out"):
+    with pytest.raises(ValueError, match=r"generation.json' is not readable JSON \(.*; give a new --out"):
         run_geneval(generate(calls), path, out, detector=None, clip=None, progress=False, record=record)
     assert len(calls) == 1
 

@@ -344,14 +344,18 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
     remake = (
         rf"delete {tmp_path / '00001'} and rerun the same `fusedit eval`: it makes that prompt's images again"
     )
-    with pytest.raises(ConfigError, match=rf"^{damaged} cannot be read \(.*\); {re.escape(remake)}$"):
+    with pytest.raises(
+        ValueError, match=rf"^'{damaged}' is not a readable image \(.*; {re.escape(remake)}\)$"
+    ):
         score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
     (tmp_path / "00001" / "metadata.jsonl").write_text("garbage")
     with pytest.raises(
-        ValueError, match=rf"metadata.jsonl is damaged \(not JSON: .*\); {re.escape(remake)}$"
+        ValueError, match=rf"metadata.jsonl' is not readable JSON \(.*; {re.escape(remake)}\)$"
     ):
         score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
-    with pytest.raises(ValueError, match="metadata.jsonl is damaged"):  # and when resuming the generation
+    with pytest.raises(
+        ValueError, match="metadata.jsonl' is not readable JSON"
+    ):  # and when resuming the generation
         write_geneval_samples(METADATA, generate_marked(0), tmp_path, progress=False)
 
 

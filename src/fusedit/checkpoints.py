@@ -10,7 +10,6 @@ that rebuild a stage's adapters are imported from it, when weights load.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import warnings
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from fusedit import files
 from fusedit.config import (
     Config,
     ConfigError,
@@ -208,9 +208,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_state(ckpt: Path) -> dict:
     """state.json; a damaged one named in one line, not json's bare "Expecting value" traceback."""
-    path = ckpt / "state.json"
-    with readable(path, "readable JSON", (ValueError,)):  # bad JSON, or bytes that are not UTF-8
-        return json.loads(path.read_text())
+    return files.read_json(ckpt / "state.json", COPY_AGAIN)
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:
@@ -225,23 +223,15 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
         return load_file(f)
 
 
-@contextlib.contextmanager
+COPY_AGAIN = "a damaged copy? copy the checkpoint again"
+
+
 def readable(
     path: Path, what: str = "a readable safetensors file", damaged: tuple[type, ...] = (SafetensorError,)
 ):
-    """A damaged checkpoint file (cut short, overwritten) named in one line, not its reader's bare traceback
-    (safetensors' "header too large", pickle's "truncated", torch's "failed finding central directory"):
-    ``what`` it is not, and the ``damaged`` exceptions its reader raises for that."""
-    try:
-        yield
-    except damaged as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        if hasattr(e, "failures"):  # DCP's CheckpointException: every failing rank's (exception, frames)
-            failure = next(iter(e.failures.values()))[0]
-            first = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0]}"
-        raise ValueError(
-            f"{str(path)!r} is not {what} ({first}; a damaged copy? copy the checkpoint again)"
-        ) from None
+    """``files.readable`` for a checkpoint's files (safetensors by default; pickle's "truncated", torch's
+    "failed finding central directory" for the optimizer state), whose remedy is a fresh copy."""
+    return files.readable(path, what, damaged, COPY_AGAIN)
 
 
 def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:

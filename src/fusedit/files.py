@@ -47,13 +47,25 @@ def as_json_reads_back(record: dict) -> dict:
     return json.loads(json.dumps(record))
 
 
-def read_json(path: str | os.PathLike[str], remedy: str):
-    """The JSON in ``path``. One that does not parse (damaged since it was written: a disk error, an edit)
-    is a ValueError naming the file and ``remedy`` (what to do), not the parser's bare position."""
+@contextlib.contextmanager
+def readable(path: str | os.PathLike[str], what: str, damaged: tuple[type, ...], remedy: str):
+    """A damaged file (cut short, overwritten, edited) named in one line, not its reader's bare traceback
+    (json's "Expecting value", PIL's "image file is truncated", safetensors' "header too large"): ``what``
+    it is not, the ``damaged`` exceptions its reader raises for that, and ``remedy``, what to do."""
     try:
+        yield
+    except damaged as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if hasattr(e, "failures"):  # DCP's CheckpointException: every failing rank's (exception, frames)
+            failure = next(iter(e.failures.values()))[0]
+            first = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0]}"
+        raise ValueError(f"{str(path)!r} is not {what} ({first}; {remedy})") from None
+
+
+def read_json(path: str | os.PathLike[str], remedy: str):
+    """The JSON in ``path``; a damaged one is a ValueError naming it and ``remedy`` (``readable``)."""
+    with readable(path, "readable JSON", (ValueError,), remedy):  # bad JSON, or bytes that are not UTF-8
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not JSON: {e}); {remedy}") from None
 
 
 def readable_by_all(path: str | os.PathLike[str]) -> None:

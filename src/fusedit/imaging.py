@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from fusedit.config import ConfigError
-from fusedit.files import write_atomic
+from fusedit.files import readable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def plot_curve(
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | None = None) -> None:
     """Save ``image`` as a PNG atomically (``write_atomic``): readers see the old file or the whole new one.
-    ``prompt``, the text the image was made for, goes into a text chunk before the pixels (``made_for``
+    ``prompt``, the text the image was made for, goes into a text chunk before the pixels (``kept_for_prompts``
     reads it back without decoding them)."""
     info = None
     if prompt is not None:
@@ -210,40 +210,47 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | Non
 PROMPT_CHUNK = "fusedit:prompt"
 
 
+# What PIL raises for a file that is no (whole) image: cut short, overwritten, not an image at all.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
 def open_generated(path: Path, remedy: str) -> Image.Image:
     """A generated benchmark image, decoded as RGB (EXIF orientation applied, as GenEval's scorer does). A
     damaged one is refused naming it and ``remedy``: scoring without it would change the benchmark."""
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); {remedy}") from None
+    with readable(path, "a readable image", IMAGE_ERRORS, remedy), Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def made_for(path: Path, prompt: str) -> bool:
-    """Whether the benchmark image ``path`` exists and was made for ``prompt`` (its ``save_png`` record), so
-    that a resumed run may keep it. Raises ConfigError when it was made for another prompt or records none:
-    a prompt file edited between two runs into one folder must not have its old image scored for its new
-    text. An unreadable file (damaged after it was written) is made again, with a warning."""
-    if not path.is_file():
-        return False
-    try:
-        with Image.open(path) as image:
-            recorded = image.info.get(PROMPT_CHUNK)
-    except (OSError, SyntaxError, ValueError) as e:
-        log.warning("%s cannot be read (%s): it is made again", path, e)
-        return False
-    if recorded == prompt:
-        return True
-    if recorded is None:
-        raise ConfigError(
-            f"{path} records no prompt (made by an older fusedit or by hand), so it may not be the image of "
-            f"{prompt!r}; give a new --out, or delete the folder to regenerate"
-        )
-    raise ConfigError(
-        f"{path} was made for the prompt {recorded!r}, not {prompt!r} (the prompt file changed); give a new "
-        "--out, or delete the folder to regenerate"
-    )
+def kept_for_prompts(images: Sequence[tuple[Path, str]]) -> list[bool]:
+    """For each (benchmark image, its prompt), whether a resumed run may keep the image: it exists and was
+    made for that prompt (its ``save_png`` record). Checked for all before any is made. An image made for
+    another prompt is refused (ConfigError): a prompt file edited between two runs into one folder must not
+    have its old image scored for the new text. One that cannot be read (damaged since it was written) or
+    records no prompt (an older fusedit's) is made again, counted in one warning."""
+    kept, remade = [], {"cannot be read": [], "record no prompt": []}
+    for path, prompt in images:
+        if not path.is_file():
+            kept.append(False)
+            continue
+        try:
+            with Image.open(path) as image:
+                recorded = image.info.get(PROMPT_CHUNK)
+        except IMAGE_ERRORS:
+            remade["cannot be read"].append(path)
+            kept.append(False)
+            continue
+        if recorded is None:
+            remade["record no prompt"].append(path)
+        elif recorded != prompt:
+            raise ConfigError(
+                f"{path} was made for the prompt {recorded!r}, not {prompt!r} (the prompt file changed); give "
+                "a new --out, or delete the folder to regenerate"
+            )
+        kept.append(recorded == prompt)
+    for why, paths in remade.items():
+        if paths:
+            log.warning("%d images %s (e.g. %s): they are made again", len(paths), why, paths[0])
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------

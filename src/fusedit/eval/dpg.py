@@ -39,7 +39,7 @@ from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import check_batch_size, model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import generated_image, made_for, open_generated, save_png
+from fusedit.imaging import generated_image, kept_for_prompts, open_generated, save_png
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,14 @@ def write_dpg_grids(
     ``generate(prompt, seed, n)`` returns n images (PIL, or uint8 HxWx3 arrays); every prompt gets the
     same ``seed``. ``size`` resizes the tiles (the scorer reads the tile size from the grid). Resumable:
     existing grids are kept (each is written atomically, so an existing one is complete), each checked to
-    have been made for its prompt's current text (``imaging.made_for``).
+    have been made for its prompt's current text (``imaging.kept_for_prompts``).
     """
     if size is not None and size < 1:
         raise ConfigError(f"size={size!r}; allowed: a positive tile side in pixels, or None")
     out = Path(out_dir)
     # Every kept grid is checked before the first is generated: a changed prompt is found at once.
-    todo = [(n, p) for n, p in prompts if not made_for(out / f"{_check_name(n)}.png", p)]
+    kept = kept_for_prompts([(out / f"{_check_name(n)}.png", p) for n, p in prompts])
+    todo = [item for item, keep in zip(prompts, kept) if not keep]
     generated, skipped = 0, len(prompts) - len(todo)
     for name, prompt in tqdm(todo, desc="DPG-Bench grids", unit="prompt", disable=not progress):
         path = out / f"{name}.png"

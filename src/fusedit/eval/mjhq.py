@@ -32,7 +32,7 @@ from fusedit.eval.fid import (
     frechet_distance,
     list_images,
 )
-from fusedit.imaging import generated_image, made_for, save_png
+from fusedit.imaging import generated_image, kept_for_prompts, save_png
 
 SAMPLES = "samples"
 
@@ -77,11 +77,12 @@ def write_mjhq_samples(
     progress: bool = True,
 ) -> dict:
     """One image per row into ``samples/<category>/<id>.png`` (rows from ``select``); resumable: an image
-    already written for the row's prompt is kept (``imaging.made_for``). ``generate(prompt, seed, n)`` as
+    already written for the row's prompt is kept (``imaging.kept_for_prompts``). ``generate(prompt, seed, n)`` as
     for GenEval. Returns counts."""
     samples = Path(samples)
     # Every kept image is checked before the first is generated: a changed prompt is found at once.
-    todo = [row for row in rows if not made_for(sample_path(samples, row), row["prompt"])]
+    kept = kept_for_prompts([(sample_path(samples, row), row["prompt"]) for row in rows])
+    todo = [row for row, keep in zip(rows, kept) if not keep]
     generated, skipped = 0, len(rows) - len(todo)
     for row in tqdm(todo, desc="MJHQ-30K samples", unit="img", disable=not progress):
         target = sample_path(samples, row)
