@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -290,18 +291,26 @@ def test_a_model_id_that_is_no_transformers_model_is_refused_naming_its_key(tmp_
 
     tiny_vae().save_pretrained(tmp_path / "vae")  # a diffusers folder: its config.json has no model_type
     (tmp_path / "pipe" / "text_encoder").mkdir(parents=True)
-    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FuseDiTPipeline"}')
+    index = {
+        "_class_name": "FuseDiTPipeline",
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "vae": ["diffusers", "x"],
+    }
+    index |= {"text_encoder_2": ["transformers", "LlamaModel"], "text_encoder_3": [None, None]}
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
     vae, pipe = str(tmp_path / "vae"), str(tmp_path / "pipe")
     with pytest.raises(
-        ConfigError, match=rf"^text.model_id='{vae}' is not a transformers model \(allowed: an LLM"
+        ConfigError, match=rf"^text.model_id='{vae}' cannot be read as a transformers model \(allowed: an LLM"
     ):
         build_model(tiny_config(text={"model_id": vae}), "meta")
     extra = {"design": "dit-cross", "refiner_depth": 1, "pos_embed": "none", "conv_pos": True}
     cfg = tiny_config(model=extra, extra_text=[{"model_id": pipe}])
     with pytest.raises(
-        ConfigError, match=r"^extra_text\[0\].model_id=.* it is a pipeline folder: its LLM is .*text_encoder'"
-    ):
+        ConfigError,
+        match=r"^extra_text\[0\].model_id=.* it is a pipeline folder: its LLMs are in .*text_encoder'",
+    ) as e:
         build_model(cfg, "meta")
+    assert f"its LLMs are in '{pipe}/text_encoder', '{pipe}/text_encoder_2', and to train on" in str(e.value)
 
 
 def test_pretraining_a_random_llm_lowers_its_caption_loss_and_restores_freezing():

@@ -8,6 +8,7 @@ It is truncated after the deepest layer a design reads: deeper layers would neve
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -57,10 +58,11 @@ def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> 
                 f"{key}.model_id={cfg.model_id!r} cannot be loaded (not a local folder, and the hub is "
                 f"unreachable or has no such model): {str(e).splitlines()[0]}"
             ) from None
-        except ValueError as e:  # transformers' "Unrecognized model": a folder of something else
+        except ValueError as e:  # a folder of something else, or a model_type this transformers lacks
             raise ConfigError(
-                f"{key}.model_id={cfg.model_id!r} is not a transformers model (allowed: an LLM's folder written "
-                f"by save_pretrained, or its hub id){_pipeline_hint(cfg.model_id)}: {str(e).splitlines()[0]}"
+                f"{key}.model_id={cfg.model_id!r} cannot be read as a transformers model (allowed: an LLM's "
+                f"folder written by save_pretrained, or its hub id){_pipeline_hint(cfg.model_id)}: "
+                f"{str(e).splitlines()[0]}"
             ) from None
         # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
         return getattr(config, "text_config", None) or config
@@ -71,13 +73,20 @@ def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> 
 
 
 def _pipeline_hint(place: str) -> str:
-    """For a pipeline folder given as an LLM: where its LLM is, and how to start from the whole of it."""
-    if not (Path(place).expanduser() / "model_index.json").is_file():
+    """For a pipeline folder given as an LLM: where its LLMs are (its transformers text encoders, as
+    model_index.json lists them), and how to start from the whole of it."""
+    index = Path(place).expanduser() / "model_index.json"
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError):
         return ""
-    return (
-        f"; it is a pipeline folder: its LLM is {str(Path(place) / 'text_encoder')!r}, and to train on from the "
-        "whole pipeline give it as the config's base or train.init_from"
-    )
+    llms = [
+        repr(str(Path(place) / name))
+        for name, kind in components.items()
+        if name.startswith("text_encoder") and isinstance(kind, list) and kind[0] == "transformers"
+    ]
+    where = f"its LLMs are in {', '.join(llms)}, and " if llms else ""
+    return f"; it is a pipeline folder: {where}to train on from the whole pipeline give it as the config's base or train.init_from"
 
 
 def load_llm(
