@@ -327,7 +327,7 @@ def cmd_sample(args) -> int:
         progress=not args.quiet,
     )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
-    if model.truncated > 1:  # the text encoder warned at the first cut only
+    if model.truncated:  # the text encoders warn at their first cut only: the total, last, as eval does
         log.warning(
             "%d of the %d prompts were longer than %s tokens: their ends were cut",
             model.truncated,

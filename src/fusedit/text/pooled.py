@@ -50,7 +50,7 @@ class PooledTextEncoder(nn.Module):
             log.warning(
                 "%d prompt(s) longer than %s=%d tokens were cut for the pooled text embedding, e.g. %r "
                 "(%d tokens); later ones are only counted",
-                len(self.cut),
+                len({prompts[i] for i in self.cut}),  # a prompt sampled n times is one prompt
                 self.setting,
                 self.max_length,
                 prompts[first][:80],
