@@ -310,6 +310,13 @@ def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp
         )
     cut = [r.getMessage() for r in caplog.records if "their ends were cut" in r.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("2 of the 3 prompts were longer than text.max_length=")
+    # A long negative prompt (one row per image under guidance) is not counted as prompts of their own.
+    caplog.clear()
+    flags = ["--guidance", "3", "--negative-prompt", long, "--steps", "1"]
+    with caplog.at_level("WARNING"):
+        assert sample(folders["run"], tmp_path / "neg", "--prompt", long, "--prompt", "a", *flags) == 0
+    cut = [r.getMessage() for r in caplog.records if "their ends were cut" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("1 of the 2 prompts were longer than text.max_length=")
 
 
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):

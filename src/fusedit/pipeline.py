@@ -351,7 +351,8 @@ class FuseDiTPipeline(DiffusionPipeline):
 
         # The text cache: one forward of each LLM for the whole batch (negative rows first, as
         # fusedit.flow.guided expects), read by every step and both guidance branches.
-        context = model.encode_prompts(negatives + prompts if guidance != 1.0 else prompts)
+        rows = negatives + prompts if guidance != 1.0 else prompts
+        context = model.encode_prompts(rows, len(rows) - len(prompts))
         # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
         # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
         # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the

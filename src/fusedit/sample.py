@@ -248,8 +248,9 @@ def generate(
             f"expected {shape} (one row of latents per prompt)"
         )
     rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
+    negatives = len(rows) - len(prompts)
     if cache_text:
-        text = model.encode_prompts(rows)
+        text = model.encode_prompts(rows, negatives)
     else:
         first = True
 
@@ -258,9 +259,9 @@ def generate(
             nonlocal first
             if first:
                 first = False
-                return model.encode_prompts(rows)
+                return model.encode_prompts(rows, negatives)
             with model.uncounted():
-                return model.encode_prompts(rows)
+                return model.encode_prompts(rows, negatives)
 
     velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
     latents = sample(

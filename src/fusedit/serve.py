@@ -477,11 +477,10 @@ class JobQueue:
                     raise Cancelled
                 job.step += 1
 
-        truncated = self.model.truncated
         x = generate(
             self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
         )
-        if self.model.truncated > truncated:
+        if self.model.cut:  # the job's rows (its negative prompt's too), as the last encoding cut them
             with self._lock:
                 job.notice = (
                     f"the prompt (or negative prompt) is longer than {self.model.limits} tokens: its end was "

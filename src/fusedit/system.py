@@ -53,8 +53,10 @@ class TextToImage(nn.Module):
         self.autoencoder = autoencoder
         for i, enc in enumerate(self.extra_text):
             enc.setting = f"extra_text.{i}.max_length"
-        # Prompts cut by the limit of any text encoder so far (each counted once per encode_prompts call).
+        # Prompts cut by the limit of any text encoder so far (each counted once per encode_prompts call), and
+        # the rows of the last call that were cut (guidance's negative rows too).
         self.truncated = 0
+        self.cut: frozenset[int] = frozenset()
 
     @property
     def encoders(self) -> list[TextEncoder]:
@@ -72,8 +74,10 @@ class TextToImage(nn.Module):
         named = [f"{enc.setting}={enc.prompt_limit}" for enc in self.limited]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
-    def encode_prompts(self, prompts: list[str]) -> TextContext:
-        """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch."""
+    def encode_prompts(self, prompts: list[str], counted_from: int = 0) -> TextContext:
+        """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch.
+        Cut rows are counted in ``truncated`` from row ``counted_from`` on: the rows before it (guidance's
+        negative prompt, once per image) are not prompts of their own."""
         requests = self.denoiser.text_requests
         context = self.text.encode(prompts, requests[0])
         context.others = [
@@ -81,7 +85,8 @@ class TextToImage(nn.Module):
         ]
         if self.pooled_text is not None:
             context.pooled = self.pooled_text(prompts)
-        self.truncated += len(frozenset().union(*(enc.cut for enc in self.limited)))
+        self.cut = frozenset().union(*(enc.cut for enc in self.limited))
+        self.truncated += sum(row >= counted_from for row in self.cut)
         return context
 
     @contextlib.contextmanager
