@@ -218,7 +218,7 @@ def test_score_dpg_folder_with_a_fake_vqa(tmp_path, questions_csv):
         score_dpg_folder(grids, questions_csv, fake_vqa, tiles=5)
     (grids / "0.png").write_bytes((grids / "0.png").read_bytes()[:60])  # damaged since it was written
     with pytest.raises(
-        ValueError, match=r"0\.png' is not a readable image \(.*; delete it and rerun the same `fusedit eval`"
+        ValueError, match=r"0\.png: corrupt image \(.*\); delete it and rerun the same `fusedit eval`"
     ):
         score_dpg_folder(grids, questions_csv, fake_vqa, progress=False)
 

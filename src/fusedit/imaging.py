@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from fusedit.config import ConfigError
-from fusedit.files import readable, write_atomic
+from fusedit.data.transforms import SkipSample, open_image
+from fusedit.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def plot_curve(
     save_png(image, path)
 
 
+# The PNG text chunk a benchmark image records its prompt in (save_png, kept_for_prompts).
+PROMPT_CHUNK = "fusedit:prompt"
+
+
 def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | None = None) -> None:
     """Save ``image`` as a PNG atomically (``write_atomic``): readers see the old file or the whole new one.
     ``prompt``, the text the image was made for, goes into a text chunk before the pixels (``kept_for_prompts``
@@ -205,20 +210,6 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], prompt: str | Non
         info = PngImagePlugin.PngInfo()
         info.add_itxt(PROMPT_CHUNK, prompt)  # iTXt: UTF-8, where tEXt is Latin-1 only
     write_atomic(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
-
-
-PROMPT_CHUNK = "fusedit:prompt"
-
-
-# What PIL raises for a file that is no (whole) image: cut short, overwritten, not an image at all.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
-
-
-def open_generated(path: Path, remedy: str) -> Image.Image:
-    """A generated benchmark image, decoded as RGB (EXIF orientation applied, as GenEval's scorer does). A
-    damaged one is refused naming it and ``remedy``: scoring without it would change the benchmark."""
-    with readable(path, "a readable image", IMAGE_ERRORS, remedy), Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def kept_for_prompts(images: Sequence[tuple[Path, str]]) -> list[bool]:
@@ -233,9 +224,9 @@ def kept_for_prompts(images: Sequence[tuple[Path, str]]) -> list[bool]:
             kept.append(False)
             continue
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:  # the header only: the record comes before the pixels
                 recorded = image.info.get(PROMPT_CHUNK)
-        except IMAGE_ERRORS:
+        except SkipSample:
             remade["cannot be read"].append(path)
             kept.append(False)
             continue

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
-from fusedit.eval.fid import check_batch_size, model_inputs
+from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs
 from fusedit.files import write_text_atomic
-from fusedit.imaging import generated_image, kept_for_prompts, open_generated, save_png
+from fusedit.imaging import generated_image, kept_for_prompts, save_png
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def score_dpg_folder(
     for path in tqdm(grids, desc="DPG-Bench scoring", unit="prompt", disable=not progress):
         qs = questions[path.stem]
         remedy = "delete it and rerun the same `fusedit eval`: it makes the grid again"
-        views = split_grid(open_generated(path, remedy))[:tiles]
+        views = split_grid(decoded_image(path, remedy))[:tiles]
         answers = _ask(
             vqa, [v for v in views for _ in qs], [q.question for _ in views for q in qs], batch_size
         )

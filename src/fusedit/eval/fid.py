@@ -135,13 +135,14 @@ def load_image(item) -> Image.Image:
             image.close()
 
 
-def decoded_image(item) -> Image.Image:
-    """``load_image`` for the model wrappers, whose callers pass images one by one: an unreadable one is
-    an error there (the batch functions skip and count them before they reach a model)."""
+def decoded_image(item, remedy: str = "allowed: a readable image file") -> Image.Image:
+    """``load_image`` for the model wrappers, whose callers pass images one by one, and for the scorers of
+    generated benchmark images (a missing one would change the benchmark): an unreadable one is an error
+    there, naming it and ``remedy`` (the batch functions skip and count them before they reach a model)."""
     try:
         return load_image(item)
     except SkipSample as e:
-        raise ValueError(f"{item}: {e.reason} image ({e.detail}); allowed: a readable image file") from None
+        raise ValueError(f"{item}: {e.reason} image ({e.detail}); {remedy}") from None
 
 
 class SkippedImages:

@@ -39,9 +39,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.eval.fid import ClipEmbedder, model_inputs
+from fusedit.eval.fid import ClipEmbedder, decoded_image, model_inputs
 from fusedit.files import read_json, write_text_atomic
-from fusedit.imaging import generated_image, open_generated, save_png
+from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -415,7 +415,7 @@ def score_geneval_folder(
         )
     results = []
     for path, metadata in tqdm(jobs, desc="GenEval scoring", unit="image", disable=not progress):
-        image = open_generated(path, _REMAKE.format(folder=path.parent.parent))
+        image = decoded_image(path, _REMAKE.format(folder=path.parent.parent))
         verdict = evaluate_image(image, metadata, detector(image), color_classifier, rules)
         results.append(
             {
