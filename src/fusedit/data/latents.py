@@ -318,7 +318,10 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
     path = out / META
     if not path.is_file():
         return None
-    if not any(shard["samples"] for shard in _finished_shards(out)):
+    # Read only up to the first shard holding a sample (a large cache's records are read again by the loop).
+    if not any(
+        shard and shard["samples"] for shard in map(_finished_shard, sorted(out.glob("latents-*.json")))
+    ):
         log.info("%r holds no encoded sample yet: started over", str(out))
         for stale in [path, out / INDEX, *out.glob("latents-*")]:
             stale.unlink(missing_ok=True)
@@ -341,11 +344,6 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
     raise ConfigError(
         f"{str(out)!r} holds latents made with {change}: use another folder (or delete this one)"
     )
-
-
-def _finished_shards(out: Path) -> list[dict]:
-    """The records of the finished shards of ``out``."""
-    return [shard for p in sorted(out.glob("latents-*.json")) if (shard := _finished_shard(p))]
 
 
 def _finished_shard(record: Path) -> dict | None:
