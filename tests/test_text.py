@@ -307,7 +307,7 @@ def test_a_model_id_that_is_no_transformers_model_is_refused_naming_its_key(tmp_
     cfg = tiny_config(model=extra, extra_text=[{"model_id": pipe}])
     with pytest.raises(
         ConfigError,
-        match=r"^extra_text\[0\].model_id=.* it is a pipeline folder: its LLMs are in .*text_encoder'",
+        match=r"^extra_text\.0\.model_id=.* it is a pipeline folder: its LLMs are in .*text_encoder'",
     ) as e:
         build_model(cfg, "meta")
     assert f"its LLMs are in '{pipe}/text_encoder', '{pipe}/text_encoder_2', and to train on" in str(e.value)

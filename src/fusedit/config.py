@@ -898,11 +898,16 @@ def absolute_paths(cfg: Config) -> None:
 MODEL_PATH_SECTIONS = ("text", "pooled_text", "vae")
 
 
+def text_sections(cfg: Config) -> list[tuple[str, TextConfig]]:
+    """Each LLM's section under the key errors and overrides name it by: text, extra_text.0, ..."""
+    return [("text", cfg.text), *((f"extra_text.{i}", text) for i, text in enumerate(cfg.extra_text))]
+
+
 def _model_path_fields(cfg: Config) -> dict[str, tuple[Any, str]]:
     """(section, field) of each model location ``cfg`` sets, by dotted key (text.model_id,
     extra_text.0.tokenizer, ...)."""
     sections = [(name, name, getattr(cfg, name)) for name in MODEL_PATH_SECTIONS]
-    sections += [(f"extra_text.{i}", "text", text) for i, text in enumerate(cfg.extra_text)]
+    sections += [(key, "text", text) for key, text in text_sections(cfg)[1:]]
     return {
         f"{name}.{key}": (section, key)
         for name, kind, section in sections
@@ -1175,7 +1180,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"data.kinds={cfg.data.kinds!r} with data.max_objects={cfg.data.max_objects}: {e}"
             ) from None
-    for key, text in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]:
+    for key, text in text_sections(cfg):
         if text.model_id == "" and not text.arch:
             raise ConfigError(
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
@@ -1268,11 +1273,7 @@ def _validate_training(cfg: Config) -> None:
     if tc.shard_llm:
         raise ConfigError("train.shard_llm=true needs a frozen LLM, but train.trainable names 'llm'")
     if not tc.llm_lora.rank:
-        low = [
-            (k, t.dtype)
-            for k, t in [("text", cfg.text)] + [(f"extra_text[{i}]", t) for i, t in enumerate(cfg.extra_text)]
-            if t.dtype != "float32"
-        ]
+        low = [(k, t.dtype) for k, t in text_sections(cfg) if t.dtype != "float32"]
         if low:
             raise ConfigError(
                 f"train.trainable names 'llm' (full fine-tuning) but {low[0][0]}.dtype={low[0][1]!r}: AdamW "

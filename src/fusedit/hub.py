@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoConfig, PretrainedConfig
 
-from fusedit.config import Config, config_from_dict, to_dict
+from fusedit.config import Config, config_from_dict, text_sections, to_dict
 from fusedit.models import build_denoiser
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
@@ -54,8 +54,11 @@ def llm_records(cfg: Config) -> list[dict]:
     The full config, not the truncated one the text encoder is saved with: the denoiser resolves negative
     hidden-layer indices and its default depth against the LLM's real layer count."""
     return [
-        {"model_id": t.model_id or None, "config": json.loads(llm_config(t).to_json_string(use_diff=False))}
-        for t in (cfg.text, *cfg.extra_text)
+        {
+            "model_id": t.model_id or None,
+            "config": json.loads(llm_config(t, key=key).to_json_string(use_diff=False)),
+        }
+        for key, t in text_sections(cfg)
     ]
 
 

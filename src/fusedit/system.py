@@ -15,7 +15,7 @@ import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
-from fusedit.config import Config, ConfigError, TextConfig
+from fusedit.config import Config, ConfigError, TextConfig, text_sections
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
 from fusedit.text.context import TextContext, TextRequest
@@ -287,8 +287,7 @@ def build_model(
     tokenizer's word list a checkpoint saved (default: :func:`builtin_words` of ``cfg``, as a new run has)."""
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
-    keys = ["text", *(f"extra_text[{i}]" for i in range(len(cfg.extra_text)))]
-    configs = [llm_config(t, shape_only=meta, key=key) for t, key in zip(text_cfgs, keys)]
+    configs = [llm_config(t, shape_only=meta, key=key) for key, t in text_sections(cfg)]
     specs = [LLMSpec.from_hf(c) for c in configs]
     words = None
     if uses_builtin_tokenizer(cfg):

@@ -30,7 +30,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> 
 
     ``shape_only`` (meta-device builds that only count parameters) falls back to ``arch`` when the hub id
     cannot be reached, so a preset can be described offline. ``key``: the config section, as errors name it
-    (``text``, ``extra_text[0]``).
+    (``config.text_sections``: ``text``, ``extra_text.0``).
     """
     if cfg.model_id:
         refuse_path_to_nothing(f"{key}.model_id={cfg.model_id!r}", cfg.model_id)
