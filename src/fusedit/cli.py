@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from fusedit.config import (
     side_fits,
     to_yaml,
 )
-from fusedit.files import check_output_folder, replace_folder
+from fusedit.files import check_output_folder, replacing
 
 log = logging.getLogger(__name__)
 
@@ -866,12 +865,10 @@ def cmd_convert(args) -> int:
     weights = model.denoiser.state_dict()
     # Written beside ``out`` and swapped in whole: a redo (e.g. another --vae or --max-length) killed at
     # any point leaves the earlier conversion or the new one, never a run folder missing weights.
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     llm = None if cfg.text.model_id else model.text.llm
-    ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
-    save_config(cfg, tmp / "config.yaml")  # as a trained run has: the folder is a config base too
-    replace_folder(tmp, out)
+    with replacing(out) as tmp:
+        ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
+        save_config(cfg, tmp / "config.yaml")  # as a trained run has: the folder is a config base too
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
 

@@ -118,6 +118,19 @@ def replace_folder(new: str | os.PathLike[str], folder: str | os.PathLike[str]) 
     shutil.rmtree(trash, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing(folder: str | os.PathLike[str]):
+    """Yield a fresh hidden ``.<name>.partial`` folder beside ``folder`` to write its new content in; when
+    the block ends without error, that content replaces ``folder`` whole (``replace_folder``). A kill or an
+    error leaves only the partial folder, which the next call clears."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    replace_folder(tmp, folder)
+
+
 def sync_tree(folder: str | os.PathLike[str]) -> None:
     """fsync every file under ``folder``, then each folder, deepest first. A rename is atomic against a
     kill, but after a power loss or node crash the renamed folder may hold empty or partial files whose

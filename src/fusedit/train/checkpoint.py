@@ -95,6 +95,7 @@ from fusedit.files import (
     readable_by_all,
     remove_folder,
     replace_folder,
+    replacing,
     sync_folder,
     write_text_atomic,
 )
@@ -639,8 +640,6 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Write a DCP checkpoint (a run folder or checkpoint folder) as a single-process checkpoint folder
     ``out`` (safetensors, optimizer.pt with numbered parameters, config, state, each rank's data position),
     e.g. to publish weights or to read them without torch.distributed. No model is built."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     ckpt = find_checkpoint(src)
     if not is_distributed_checkpoint(ckpt):
         raise ValueError(
@@ -654,9 +653,16 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             f"the output folder {str(out)!r} already exists and is not a checkpoint that consolidate wrote, "
             "so replacing it would delete it (allowed: a new folder, or an earlier consolidation's)"
         )
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # A kill while an earlier consolidation is deleted leaves no torn ``out`` (files.replacing).
+    with replacing(out) as tmp:
+        _consolidate_into(tmp, ckpt)
+    return out
+
+
+def _consolidate_into(tmp: Path, ckpt: Path) -> None:
+    """consolidate_checkpoint's files, of the DCP checkpoint ``ckpt``, written into the empty ``tmp``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     with tempfile.TemporaryDirectory(dir=tmp) as scratch:
         whole = Path(scratch) / "whole.pt"
         with warnings.catch_warnings():
@@ -681,8 +687,6 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
-    replace_folder(tmp, out)  # a kill while an earlier consolidation is deleted leaves no torn ``out``
-    return out
 
 
 def _written_by_consolidate(folder: Path) -> bool:
