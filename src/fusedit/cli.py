@@ -935,9 +935,8 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    from fusedit.models.flops import image_tokens, model_flops
     from fusedit.system import build_model, count_parameters
-    from fusedit.train.stages import Parts, training_flops_per_image
+    from fusedit.train.stages import image_costs
 
     cfg = _config(args)
     model = build_model(cfg, "meta")
@@ -963,14 +962,11 @@ def cmd_describe(args) -> int:
         print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
     # What a step costs follows what it trains (train.trainable, LoRA): 3x the DiT forward plus the frozen
     # LLM's forward for the default.
-    parts, layers = Parts.of(cfg.train), min(len(enc.llm.layers) for enc in model.encoders)
     for size in sorted({256, 512, cfg.data.image_size}):
-        n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
-        dit, lm, text = model_flops(model, n)
-        training = training_flops_per_image(parts, dit, lm, layers)
+        c = image_costs(model, cfg, size)
         print(
-            f"{size} px ({n} image + {text} text tokens): DiT forward {dit / 1e12:.3f} TFLOP, "
-            f"LLM forward {lm / 1e12:.3f} TFLOP, training {training / 1e12:.3f} TFLOP per image"
+            f"{size} px ({c['image']} image + {c['text']} text tokens): DiT forward {c['dit'] / 1e12:.3f} "
+            f"TFLOP, LLM forward {c['llm'] / 1e12:.3f} TFLOP, training {c['training'] / 1e12:.3f} TFLOP per image"
         )
     if cfg.stages:
         from fusedit.train.stages import describe_stages

@@ -388,17 +388,24 @@ def stage_costs(cfg: Config, model) -> list[tuple[Stage, int, int]]:
     FLOPs from fusedit.models.flops at the stage's image size and training_flops_per_image for what it
     trains; the images are its train.global_batch, which any number of processes keeps, else
     batch_size x grad_accum, which N processes multiply by N."""
-    from fusedit.models.flops import image_tokens, model_flops
-
-    layers = min(len(e.llm.layers) for e in model.encoders)
     costs = []
     for stage in resolved_stages(cfg):
         sc, tc = stage.config, stage.config.train
-        n = image_tokens(sc.data.image_size, sc.vae.downsample, sc.model.patch_size)
-        dit, lm, _ = model_flops(model, n)
-        per_image = training_flops_per_image(Parts.of(tc), dit, lm, layers)
+        per_image = image_costs(model, sc, sc.data.image_size)["training"]
         costs.append((stage, per_image, tc.global_batch or tc.batch_size * tc.grad_accum))
     return costs
+
+
+def image_costs(model, cfg: Config, size: int) -> dict[str, int]:
+    """One ``size`` px image's token counts ("image", "text") and FLOPs ("dit" and "llm" forward,
+    "training": training_flops_per_image for what cfg.train trains), for a meta-device ``model``."""
+    from fusedit.models.flops import image_tokens, model_flops
+
+    n = image_tokens(size, cfg.vae.downsample, cfg.model.patch_size)
+    dit, lm, text = model_flops(model, n)
+    layers = min(len(e.llm.layers) for e in model.encoders)
+    training = training_flops_per_image(Parts.of(cfg.train), dit, lm, layers)
+    return {"image": n, "text": text, "dit": dit, "llm": lm, "training": training}
 
 
 def describe_stages(cfg: Config, model) -> list[str]:
