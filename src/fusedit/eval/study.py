@@ -68,12 +68,11 @@ from fusedit.data.shapes import ALL_KINDS, DEMO_PROMPTS
 from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
-from fusedit.models.flops import image_tokens, model_flops
 from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.distributed import refuse_several_processes
 from fusedit.train.loop import train
-from fusedit.train.stages import stage_costs
+from fusedit.train.stages import image_costs, stage_costs
 
 log = logging.getLogger(__name__)
 
@@ -363,15 +362,16 @@ def design_cost(cfg: Config) -> dict:
     flops = sum(per_image * stage.steps * images for stage, per_image, images in costs)
     images = sum(stage.steps * images for stage, _, images in costs)
     last = costs[-1][0].config
-    n = image_tokens(last.data.image_size, last.vae.downsample, last.model.patch_size)
-    dit, lm, text = model_flops(model, n)  # text: the padded width, the template's tokens included
+    c = image_costs(
+        model, last, last.data.image_size
+    )  # text: the padded width, the template's tokens included
     return {
         "trainable_params": count_parameters(model.denoiser),
         "frozen_params": sum(count_parameters(m) for m in frozen),
-        "image_tokens": n,
-        "text_tokens": text,
-        "dit_forward_flops": dit,
-        "llm_forward_flops": lm,
+        "image_tokens": c["image"],
+        "text_tokens": c["text"],
+        "dit_forward_flops": c["dit"],
+        "llm_forward_flops": c["llm"],
         "train_flops_per_image": round(flops / images),
     }
 
