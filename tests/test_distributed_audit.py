@@ -109,15 +109,17 @@ def test_fusedit_train_refuses_a_rank_outside_the_world_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", [["cache-latents", "debug", "--out", "OUT"], ["sample", "RUN", "--prompt", "a"]]
+    "command",
+    [["cache-latents", "debug", "--out", "OUT"], ["sample", "RUN", "--prompt", "a", "--out", "OUT"]],
 )
 def test_a_one_process_command_under_a_several_process_torchrun_is_refused(
-    torchrun_env, tmp_path, capsys, command
+    torchrun_env, tmp_path, capsys, command, tiny_run
 ):
     from fusedit.cli import main
 
     torchrun_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
-    argv = [{"OUT": str(tmp_path / "out"), "RUN": str(tmp_path / "run")}.get(w, w) for w in command]
+    # RUN: a model that would sample, refused all the same before it loads.
+    argv = [{"OUT": str(tmp_path / "out"), "RUN": str(tiny_run)}.get(w, w) for w in command]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == (

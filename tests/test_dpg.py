@@ -158,16 +158,20 @@ def test_a_kept_grid_must_have_been_made_for_its_prompts_current_text(tmp_path, 
     assert len(calls) == 2 and not (tmp_path / "0.png").exists()
     # A grid that records no prompt (an older fusedit's, or copied in by hand) is not taken on trust, nor
     # is a damaged one: both are made again, counted in one warning each.
-    for damage in (lambda p: Image.new("RGB", (24, 24)).save(p), lambda p: p.write_bytes(b"\x89PNG garbage")):
+    damages = {
+        "record no prompt": lambda p: Image.new("RGB", (24, 24)).save(p),
+        "cannot be read": lambda p: p.write_bytes(b"\x89PNG garbage"),
+    }
+    for why, damage in damages.items():
         damage(tmp_path / "0.png")
         caplog.clear()
         with caplog.at_level("WARNING"):
             counts = write_dpg_grids(prompts, colour_generate(calls), tmp_path, progress=False)
         assert counts == {"generated": 1, "skipped": 1} and calls[-1][0] == "A red ball."
         assert Image.open(tmp_path / "0.png").info["fusedit:prompt"] == "A red ball."
-    assert [r.getMessage() for r in caplog.records] == [
-        f"1 images cannot be read (e.g. {tmp_path / '0.png'}): they are made again"
-    ]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"1 images {why} (e.g. {tmp_path / '0.png'}): they are made again"
+        ]
 
 
 def fake_vqa(image, question):

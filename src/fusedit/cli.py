@@ -57,14 +57,17 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+GO_ON = "rerun the same command to go on"
+
+
 @contextlib.contextmanager
-def _kept_on_interrupt(what: str, kept=None):
+def _kept_on_interrupt(kept):
     """Ctrl+C inside the block becomes a KeyboardInterrupt whose message (``main`` prints it in one line)
-    says what the command kept: ``what`` in ``out``, or ``kept()``, worked out when it happens."""
+    says what the command kept: ``kept``, a line or a function that works it out when it happens."""
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(kept() if kept else f"{what}; rerun the same command to go on") from None
+        raise KeyboardInterrupt(kept() if callable(kept) else kept) from None
 
 
 def _train_kept(out: Path, args, started: float) -> str:
@@ -108,7 +111,7 @@ def cmd_train(args) -> int:
             out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
         )
     started = time.time()
-    with _kept_on_interrupt("", lambda: _train_kept(out, args, started)):
+    with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
         result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
     if result.get("rank", 0) != 0:
         return 0
@@ -429,7 +432,7 @@ def cmd_eval(args) -> int:
     )
     s = cfg.sample
     if args.bench in _PROTOCOLS:
-        with _kept_on_interrupt(f"the images written in {out} are kept"):
+        with _kept_on_interrupt(f"the images written in {out} are kept; {GO_ON}"):
             return _eval_protocol(args, model, cfg, where, out, device, extractor)
     settings = bench_settings(
         cfg,
@@ -581,7 +584,7 @@ def cmd_cache_latents(args) -> int:
 
     cfg = _config(args)
     out = _out_folder(args.out)
-    with _kept_on_interrupt(f"the finished shards in {out} are kept"):
+    with _kept_on_interrupt(f"the finished shards in {out} are kept; {GO_ON}"):
         summary = cache_latents(
             cfg.data,
             cfg.vae,
@@ -900,7 +903,7 @@ def cmd_study(args) -> int:
         resolve_device(args.device, "--device")
     out = _out_folder(args.out or f"runs/studies/{study.name}")
     t0 = time.time()
-    with _kept_on_interrupt(f"what is done in {out} is kept (each design's checkpoints and scores)"):
+    with _kept_on_interrupt(f"what is done in {out} is kept (each design's checkpoints and scores); {GO_ON}"):
         r = run_study(study, out, progress=not args.quiet, only=args.only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
@@ -1405,8 +1408,9 @@ def _logs_above_bars(enabled: bool):
 
 
 # The commands that share their work among torchrun's processes; any other, under torchrun with several,
-# would run whole in each.
+# would run whole in each. A study refuses itself (run_study), saying how to train its designs under torchrun.
 _SEVERAL_PROCESSES = ("train",)
+_REFUSE_THEMSELVES = ("study",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1423,7 +1427,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not getattr(args, "quiet", False)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
     try:
-        if "WORLD_SIZE" in os.environ and args.command not in _SEVERAL_PROCESSES:
+        if "WORLD_SIZE" in os.environ and args.command not in _SEVERAL_PROCESSES + _REFUSE_THEMSELVES:
             from fusedit.train.distributed import refuse_several_processes
 
             refuse_several_processes(
