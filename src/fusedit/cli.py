@@ -329,14 +329,16 @@ def cmd_sample(args) -> int:
         progress=not args.quiet,
     )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
-    if model.truncated:  # the text encoders warn at their first cut only: the total, last, as eval does
-        log.warning(
-            "%d of the %d prompts were longer than %s tokens: their ends were cut",
-            model.truncated,
-            len(prompts),
-            model.limits,
-        )
+    _warn_cut(model.truncated, len(prompts), model.limits)
     return 0
+
+
+def _warn_cut(cut: int, prompts: int, limits: str) -> None:
+    """The total of prompts cut to the text encoders' limits, last: each encoder warns at its first cut only."""
+    if cut:
+        log.warning(
+            "%d of the %d prompts were longer than %s tokens: their ends were cut", cut, prompts, limits
+        )
 
 
 def cmd_serve(args) -> int:
@@ -536,14 +538,7 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
         **own,
     )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
-    if gen.truncated:  # the text encoder warned at the first cut only
-        log.warning(
-            "%d of the %d prompts sampled were longer than %s tokens: their ends were cut, and their images "
-            "made from the rest",
-            gen.truncated,
-            gen.prompts,
-            model.limits,
-        )
+    _warn_cut(gen.truncated, gen.prompts, model.limits)  # of the prompts sampled in this run
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
         worst = max(scores["categories"], key=scores["categories"].get)
