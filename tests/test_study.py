@@ -135,6 +135,12 @@ def test_study_end_to_end_resumes_and_redoes_nothing(tmp_path, monkeypatch):
     run_study(resampled, out, progress=False)
     assert trains == [] and benches == ["fusion", "dit-cross"]
 
+    # The EMA or the raw weights: other weights than the scores were made from, refused as a recipe change.
+    raw = copy.deepcopy(spec)
+    raw["base"]["sample.use_ema"] = False
+    with pytest.raises(ConfigError, match=r"different config .*sample\.use_ema"):
+        run_study(raw, out, progress=False)
+
     # A changed recipe does not silently reuse runs trained with the old one.
     changed = copy.deepcopy(spec)
     changed["base"]["train.lr"] = 5e-4

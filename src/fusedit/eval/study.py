@@ -82,10 +82,14 @@ DESIGN_KEYS = ("preset", "overrides", "description")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
-# Keys a finished design's run may differ in and still be reused: none changes its trained weights (sampling
-# settings reach the scores, which are redone when they change; the rest is bookkeeping).
+# Keys a finished design's run may differ in and still be reused: none changes its trained weights (the
+# sampling settings the bench records in scores.json, or that change images only by rounding: the scores
+# are redone when they change; the rest is bookkeeping). Not sample.use_ema: it picks other weights, which
+# the scores do not record. A sample key not listed counts as trained (refused, not silently reused).
 _UNTRAINED_KEYS = (
-    "sample.",
+    *(f"sample.{key}" for key in ("steps", "guidance", "sampler", "shift", "schedule", "negative_prompt")),
+    *(f"sample.{key}" for key in ("precision", "seed", "cache_text", "fuse_projections", "bf16_weights")),
+    *(f"sample.{key}" for key in ("compile", "cuda_graphs")),
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.log_every",
