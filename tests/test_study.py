@@ -247,6 +247,16 @@ def test_a_staged_design_is_described_costed_and_scored_by_its_stages(tmp_path, 
         run_study(spec, tmp_path / "out", progress=False, only=["staged"])
 
 
+def test_a_data_location_a_design_never_reads_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    spec = _staged_study()
+    spec["designs"]["staged"]["overrides"].append("data.root=/data/photos")  # on the shapes world
+    monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained"))
+    with pytest.raises(
+        ConfigError, match=r"^study 'study': designs\.staged: stages\[0\] \(.*\): data\.root='/data/photos' is set"
+    ):
+        run_study(spec, tmp_path / "out", progress=False)
+
+
 def test_designs_on_one_staged_recipe_compare_equal_and_the_base_is_compared_typed():
     """Two designs on the same staged recipe train alike however its stages differ among themselves; a
     base value written as YAML reads it ('2e-3' is a string to PyYAML) equals a stage's 2.0e-3."""

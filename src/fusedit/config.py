@@ -492,6 +492,11 @@ class Stage:
     def steps(self) -> int:
         return self.end - self.start
 
+    @property
+    def where(self) -> str:
+        """The stage as messages name it: "stages[1] (finetune)"."""
+        return f"stages[{self.index}] ({self.name})"
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading, merging and validation

@@ -53,6 +53,7 @@ from fusedit.config import (
     _build,
     _deep_merge,
     _resolve_raw,
+    check_data_locations,
     choice,
     config_from_dict,
     flatten,
@@ -259,7 +260,13 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
             cfg = resolve_design_config(preset, base, overrides, label, folder, device)
         except ConfigError as e:
             raise ConfigError(f"{dwhere}: {e}") from None
-        _check_stages_keep_base(cfg, base, dwhere)
+        stages = resolved_stages(cfg)
+        _check_stages_keep_base(cfg, stages, base, dwhere)
+        for stage in stages:  # as training will, before any design trains
+            try:
+                check_data_locations(stage.config.data)
+            except ConfigError as e:
+                raise ConfigError(f"{dwhere}: {stage.where + ': ' if cfg.stages else ''}{e}") from None
         designs.append(Design(label, preset, overrides, cfg, str(spec.get("description") or "")))
 
     eval_raw = data.get("eval") or {}
@@ -278,22 +285,22 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
     return Study(name, designs, settings, prompts, seeds, description, source)
 
 
-def _check_stages_keep_base(cfg: Config, base: dict, where: str) -> None:
+def _check_stages_keep_base(cfg: Config, stages: list, base: dict, where: str) -> None:
     """A stage's own value wins over the study's base (stages apply on top of the run's sections), so a
     staged design would silently train outside the recipe the base shares (e.g. its first stage's batch
     instead of the base's): refused, naming the key. Compared as each stage resolves (typed, list positions
     patched) against the run's own sections, which hold the base's values; a staged run's length is its
-    stages' (config refuses train.steps there)."""
+    stages' (config refuses train.steps there). ``stages``: resolved_stages(cfg)."""
     keys = [k for k in flatten(base) if k.split(".")[0] in STAGE_SECTIONS and k != "train.steps"]
     if not cfg.stages or not keys:
         return
     shared = flatten(to_dict(cfg))
-    for stage in resolved_stages(cfg):
+    for stage in stages:
         own = flatten(to_dict(stage.config))
         for key in keys:
             if key in shared and own.get(key) != shared[key]:
                 raise ConfigError(
-                    f"{where}: stages[{stage.index}] ({stage.name}) sets {key}={own.get(key)!r} over the study's "
+                    f"{where}: {stage.where} sets {key}={own.get(key)!r} over the study's "
                     f"base {key}={shared[key]!r}, so this design would not train under the shared recipe "
                     f"(allowed: the base's value, e.g. the design override stages.{stage.index}.{key}="
                     f"{shared[key]!r}, or {key} left out of the base)"

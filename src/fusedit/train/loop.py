@@ -329,9 +329,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         try:
             check_data_paths(stage.config.data, stage.config.vae)
         except ConfigError as e:
-            raise ConfigError(
-                f"stages[{stage.index}] ({stage.name}): {e}" if cfg.stages else str(e)
-            ) from None
+            raise ConfigError(f"{stage.where}: {e}" if cfg.stages else str(e)) from None
     if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(

@@ -177,7 +177,7 @@ def check_stages(model, stages: list[Stage]) -> None:
     design reads, LoRA targets that match a linear layer (each one named). Errors name the stage."""
     for stage in stages:
         tc = stage.config.train
-        parts, where = Parts.of(tc), f"stages[{stage.index}] ({stage.name})"
+        parts, where = Parts.of(tc), stage.where
         try:
             if parts.dit_adapters or parts.llm_adapters:
                 lora.require_peft(where)
