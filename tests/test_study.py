@@ -252,7 +252,8 @@ def test_a_data_location_a_design_never_reads_is_refused_before_anything_trains(
     spec["designs"]["staged"]["overrides"].append("data.root=/data/photos")  # on the shapes world
     monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained"))
     with pytest.raises(
-        ConfigError, match=r"^study 'study': designs\.staged: stages\[0\] \(.*\): data\.root='/data/photos' is set"
+        ConfigError,
+        match=r"^study 'study': designs\.staged: stages\[0\] \(.*\): data\.root='/data/photos' is set",
     ):
         run_study(spec, tmp_path / "out", progress=False)
 
