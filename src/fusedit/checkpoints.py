@@ -181,12 +181,15 @@ def dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    with (
-        warnings.catch_warnings(),
-        readable(ckpt / DCP_DIR, "a readable DCP checkpoint", (CheckpointException,)),
-    ):
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=no_dist)
+    except CheckpointException as e:
+        # DCP gathers every failing rank's (exception, frames): the first one says what is damaged.
+        failure = next(iter(e.failures.values()))[0]
+        with readable(ckpt / DCP_DIR, "a readable DCP checkpoint", (type(failure),)):
+            raise failure from None
 
 
 def find_checkpoint(path: str | Path) -> Path:

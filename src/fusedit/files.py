@@ -56,9 +56,6 @@ def readable(path: str | os.PathLike[str], what: str, damaged: tuple[type, ...],
         yield
     except damaged as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        if hasattr(e, "failures"):  # DCP's CheckpointException: every failing rank's (exception, frames)
-            failure = next(iter(e.failures.values()))[0]
-            first = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0]}"
         raise ValueError(f"{str(path)!r} is not {what} ({first}; {remedy})") from None
 
 
