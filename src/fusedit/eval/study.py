@@ -73,7 +73,7 @@ from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.distributed import refuse_several_processes
 from fusedit.train.loop import train
-from fusedit.train.stages import image_costs, stage_costs
+from fusedit.train.stages import stage_costs
 
 log = logging.getLogger(__name__)
 
@@ -370,12 +370,9 @@ def design_cost(cfg: Config) -> dict:
     if model.pooled_text is not None:
         frozen.append(model.pooled_text)
     costs = stage_costs(cfg, model)
-    flops = sum(per_image * stage.steps * images for stage, per_image, images in costs)
+    flops = sum(image["training"] * stage.steps * images for stage, image, images in costs)
     images = sum(stage.steps * images for stage, _, images in costs)
-    last = costs[-1][0].config
-    c = image_costs(
-        model, last, last.data.image_size
-    )  # text: the padded width, the template's tokens included
+    c = costs[-1][1]  # the last stage's (text: the padded width, the template's tokens included)
     return {
         "trainable_params": count_parameters(model.denoiser),
         "frozen_params": sum(count_parameters(m) for m in frozen),

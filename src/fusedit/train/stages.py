@@ -383,16 +383,20 @@ def _flop(x: float) -> str:
 PFLOP_DAY = 1e15 * 86400  # one PFLOP/s sustained for a day
 
 
-def stage_costs(cfg: Config, model) -> list[tuple[Stage, int, int]]:
-    """(stage, training FLOPs per image, images per step) of each stage, for a meta-device ``model``: the
-    FLOPs from fusedit.models.flops at the stage's image size and training_flops_per_image for what it
-    trains; the images are its train.global_batch, which any number of processes keeps, else
-    batch_size x grad_accum, which N processes multiply by N."""
+def stage_costs(cfg: Config, model) -> list[tuple[Stage, dict[str, int], int]]:
+    """(stage, image_costs at its image size, images per step) of each stage, for a meta-device ``model``;
+    the images are its train.global_batch, which any number of processes keeps, else batch_size x
+    grad_accum, which N processes multiply by N."""
     costs = []
     for stage in resolved_stages(cfg):
         sc, tc = stage.config, stage.config.train
-        per_image = image_costs(model, sc, sc.data.image_size)["training"]
-        costs.append((stage, per_image, tc.global_batch or tc.batch_size * tc.grad_accum))
+        costs.append(
+            (
+                stage,
+                image_costs(model, sc, sc.data.image_size),
+                tc.global_batch or tc.batch_size * tc.grad_accum,
+            )
+        )
     return costs
 
 
@@ -413,8 +417,8 @@ def describe_stages(cfg: Config, model) -> list[str]:
     training compute of stage_costs (per image, and in total for its images)."""
     lines, run_total = [], 0
     costs = stage_costs(cfg, model)
-    for stage, per_image, images in costs:
-        sc, tc = stage.config, stage.config.train
+    for stage, image, images in costs:
+        sc, tc, per_image = stage.config, stage.config.train, image["training"]
         parts = Parts.of(tc)
         size = sc.data.image_size
         total = per_image * stage.steps * images
