@@ -173,7 +173,8 @@ def test_max_autotune_is_a_compile_choice_of_sample_and_serve(tmp_path):
     """`--compile max-autotune` reaches sample.compile; a misspelt choice is refused, naming the allowed."""
     from fusedit.cli import _sampling_flags, build_parser
 
-    args = build_parser().parse_args(["sample", "run", "--prompt", "x", "--compile", "max-autotune"])
-    assert _sampling_flags(args)["compile"] == "max-autotune"
+    for command in (["sample", "run", "--prompt", "x"], ["serve", "run"]):
+        args = build_parser().parse_args([*command, "--compile", "max-autotune"])
+        assert _sampling_flags(args)["compile"] == "max-autotune"
     with pytest.raises(ConfigError, match="'max_autotune'.*max-autotune"):
         tiny_config(sample={"compile": "max_autotune"})

@@ -1110,7 +1110,6 @@ def flatten(data: dict, prefix: str = "", lists: bool = False) -> dict:
 
 
 # The data keys that say where real data is, and the source that reads each.
-_DATA_DEFAULTS = dataclasses.asdict(DataConfig())
 DATA_LOCATIONS = {
     "root": "folder",
     "index_file": "folder",
@@ -1118,6 +1117,7 @@ DATA_LOCATIONS = {
     "hf_path": "hf",
     "latents_dir": "latents",
 }
+_DATA_DEFAULTS = dataclasses.asdict(DataConfig())
 
 
 def check_data_locations(data: DataConfig) -> None:
@@ -1128,8 +1128,10 @@ def check_data_locations(data: DataConfig) -> None:
     latent cache's config keeps where its images were read from (cache-latents says to add
     data.source=latents to the config that made it)."""
     source = data.source
+    if source == "latents":
+        return
     given = [k for k, reader in DATA_LOCATIONS.items() if reader != source and getattr(data, k)]
-    if given and source != "latents":
+    if given:
         key = given[0]
         reads = " / ".join(f"data.{k}" for k, reader in DATA_LOCATIONS.items() if reader == source)
         raise ConfigError(
