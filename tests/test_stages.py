@@ -83,6 +83,29 @@ def test_stage_overrides_on_the_command_line_and_round_trip(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
+def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
+    """`fusedit train recipe-shapes-3stage train.batch_size=4` trained every stage at the recipe's 32 in
+    silence: a stage's value wins over the top-level one. The warning names the stages it misses and the
+    stage overrides (only stages setting the key; later ones inherit) that would set it."""
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        cfg = load_config("recipe-shapes-3stage", ["train.batch_size=4", "train.lr=0.001", "sample.steps=5"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.batch_size=4 does not reach stages[0] (low-res) at 32, stages[1] (joint-32px) at 32, stages[2] "
+        "(lora-position) at 32: a stage's value (its own or an earlier stage's) wins over the top-level one; "
+        "to set it there, override stages.0.train.batch_size=4",
+        "train.lr=0.001 does not reach stages[0] (low-res) at 0.002: a stage's value (its own or an earlier "
+        "stage's) wins over the top-level one; to set it there, override stages.0.train.lr=0.001",
+    ]
+    assert [s.config.train.batch_size for s in resolved_stages(cfg)] == [32, 32, 32]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        cfg = load_config("recipe-shapes-3stage", ["train.batch_size=4", "stages.0.train.batch_size=4"])
+        load_config("recipe-fusedit-paper", ["train.global_batch=null", "stages.0.train.global_batch=null"])
+        load_config("recipe-shapes-3stage")
+    assert caplog.records == []
+    assert [s.config.train.batch_size for s in resolved_stages(cfg)] == [4, 4, 4]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 import shlex
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -863,7 +866,49 @@ def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None 
         )
     cfg = config_from_dict(data)
     absolute_paths(cfg)
+    for message in unreached_overrides(cfg, extra):
+        log.warning(message)
     return cfg
+
+
+def unreached_overrides(cfg: Config, extra: dict) -> list[str]:
+    """One message per top-level override of a staged run's data/train/flow/sample key that some stage
+    does not train under, because that stage (or one before it) sets its own value: a stage's value wins
+    (stages apply on top of the run's sections), so ``train.batch_size=4`` on a recipe whose stages set their
+    batch would otherwise change nothing, silently. It names the stage overrides that would carry the value
+    (the stages setting the key themselves; later ones inherit). Stages the overrides name themselves
+    (stages.N...) are the user's choice and not reported. ``extra``: the parsed overrides (parse_overrides)."""
+    given = [(s, k) for s in STAGE_SECTIONS for k in extra.get(s) or {} if not isinstance(extra[s][k], dict)]
+    if not cfg.stages or not given:
+        return []
+    named = {str(i): patch for i, patch in (extra.get("stages") or {}).items() if isinstance(patch, dict)}
+    stages = resolved_stages(cfg)
+    messages = []
+    for section, key in given:
+        value = getattr(getattr(cfg, section), key)
+        missed = [
+            st
+            for st in stages
+            if getattr(getattr(st.config, section), key) != value
+            and key not in (named.get(str(st.index), {}).get(section) or {})
+        ]
+        if missed:
+            text = _yaml_text(value)
+            theirs = ", ".join(
+                f"{st.where} at {_yaml_text(getattr(getattr(st.config, section), key))}" for st in missed
+            )
+            setting = [st for st in missed if key in getattr(cfg.stages[st.index], section)] or missed[:1]
+            fix = " ".join(f"stages.{st.index}.{section}.{key}={text}" for st in setting)
+            messages.append(
+                f"{section}.{key}={text} does not reach {theirs}: a stage's value (its own or an earlier "
+                f"stage's) wins over the top-level one; to set it there, override {fix}"
+            )
+    return messages
+
+
+def _yaml_text(value: Any) -> str:
+    """A value as an override would spell it (null, true, 0.0001, [a, b])."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
 # Keys that may name a local file or folder (or else a hub id).
