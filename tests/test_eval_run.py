@@ -96,6 +96,45 @@ def test_dpg_question_file_is_found_before_generating(tmp_path):
     assert run_dpg(generate(calls), prompts, tmp_path / "out", vqa=None, progress=False)["generated"] == 1
 
 
+QUESTIONS = (
+    "item_id,proposition_id,dependency,tuple,question_natural_language\n"
+    "0,1,0,entity - whole (ball),Is there a ball?\n"
+    "1,1,0,entity - whole (cube),Is there a cube?\n"
+)
+
+
+def test_dpg_prompt_files_without_questions_are_found_before_generating(tmp_path, caplog):
+    """Only grids named after an item id of the question file are scored: another benchmark's folder of
+    *.txt files was generated in full and scored on nothing. Refused when none matches, warned when some
+    do not, before anything is generated."""
+    (tmp_path / "dpg_bench.csv").write_text(QUESTIONS)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "object_names.txt").write_text("cow")
+    (prompts / "colors.txt").write_text("red")
+    calls = []
+    with pytest.raises(
+        ConfigError,
+        match=r"^none of the 2 prompt files \(colors.txt, object_names.txt\) is named after an item id of "
+        r".*dpg_bench.csv \(e.g. 0.txt\); expected DPG-Bench's prompts folder$",
+    ):
+        run_dpg(generate(calls), prompts, tmp_path / "out", vqa="vqa", progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+    (prompts / "colors.txt").unlink()
+    (prompts / "0.txt").write_text("A red ball.")
+    with pytest.raises(RuntimeError, match="stop at the first generation"):
+        run_dpg(lambda *a: _stop(), prompts, tmp_path / "out", vqa="vqa", progress=False)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"1 of the 2 prompt files have no questions in {tmp_path / 'dpg_bench.csv'}, so their grids are made "
+        "but not scored: object_names.txt"
+    ]
+
+
+def _stop():
+    raise RuntimeError("stop at the first generation")
+
+
 def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
     prompts = tmp_path / "dpg" / "prompts"
     prompts.mkdir(parents=True)

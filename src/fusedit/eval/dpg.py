@@ -119,6 +119,29 @@ def load_dpg_questions(path: str | Path) -> dict[str, list[DpgQuestion]]:
     return out
 
 
+def check_prompt_names(names: Sequence[str], questions: dict[str, list[DpgQuestion]], where: str) -> None:
+    """Before anything is generated: a grid is scored only when its prompt file's name is an item id of the
+    question file, so a folder of other prompt files (another benchmark's, renamed ones) would be generated
+    in full and then scored on nothing. None named so: refused; some: warned about, naming them.
+    ``where``: the question file, for the messages."""
+    unknown = [n for n in names if n not in questions]
+    if len(unknown) == len(names):
+        raise BenchmarkError(
+            f"none of the {len(names)} prompt files ({', '.join(f'{n}.txt' for n in unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}) is named after an item id of {where} "
+            f"(e.g. {next(iter(questions))}.txt); expected DPG-Bench's prompts folder"
+        )
+    if unknown:
+        log.warning(
+            "%d of the %d prompt files have no questions in %s, so their grids are made but not scored: %s%s",
+            len(unknown),
+            len(names),
+            where,
+            ", ".join(f"{n}.txt" for n in unknown[:5]),
+            ", ..." if len(unknown) > 5 else "",
+        )
+
+
 def is_yes(answer: str) -> bool:
     """Whether a VQA answer is "yes" (case, spaces and a final full stop ignored)."""
     return str(answer).strip().lower().rstrip(".!").strip() == "yes"

@@ -209,11 +209,19 @@ def run_dpg(
     """DPG-Bench grids into ``out_dir/grids`` (scored with ``vqa`` when given); ``record`` as in
     ``run_geneval``."""
     from fusedit.eval.benchmarks import dpg_csv_path, load_dpg
-    from fusedit.eval.dpg import TransformersVQA, score_dpg_folder, write_dpg_grids
+    from fusedit.eval.dpg import (
+        TransformersVQA,
+        check_prompt_names,
+        load_dpg_questions,
+        score_dpg_folder,
+        write_dpg_grids,
+    )
 
     prompts = load_dpg(prompts_path)
-    # Found before generating: without the question file the grids could not be scored.
-    questions = dpg_csv_path(prompts_path) if vqa else None
+    # Read and matched to the prompts before generating: without them the grids could not be scored.
+    questions = load_dpg_questions(prompts_path) if vqa else None
+    if questions is not None:
+        check_prompt_names([name for name, _ in prompts], questions, str(dpg_csv_path(prompts_path)))
     grids = out_dir / IMAGES["dpg"]
     claim_folder(out_dir, grids, record, "dpg", seed)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
