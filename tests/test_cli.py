@@ -143,6 +143,19 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monke
     from PIL import Image
 
     assert Image.open(tmp_path / "dpgout" / "grids" / "7.png").size == (32, 32)  # 2 x 2 tiles of 16 px
+    # With every image there (scoring again) no model is loaded; a prompt file changed since is refused
+    # before any load (a large LLM takes minutes to load).
+    dpg_args = ["eval", str(run), "--bench", "dpg", "--prompts", str(tmp_path / "dpg"), "--steps", "1"]
+    dpg_args += ["--out", str(tmp_path / "dpgout"), "--quiet"]
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr("fusedit.sample.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main(dpg_args) == 0 and "0 generated, 1 already there" in capsys.readouterr().out
+        (tmp_path / "dpg" / "7.txt").write_text("a blue circle")
+        assert main(dpg_args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "7.png was made for the prompt 'a red circle above a blue square', not 'a blue circle'" in err
+    assert "\n" not in err
     assert main(["eval", str(run), "--bench", "geneval"]) == 2
     assert "needs --prompts PATH" in capsys.readouterr().err
     # A missing copy names the command that fetches one.

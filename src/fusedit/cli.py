@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
@@ -419,7 +420,10 @@ def cmd_eval(args) -> int:
         check_seed(args.seed, name="--seed")
     out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
     device = resolve_device(args.device, "--device")
-    extractor = None
+
+    def load():
+        return load_sampling_model(args.model, device, use_ema=not args.no_ema, relocate=_relocations(args))
+
     if args.bench in _PROTOCOLS:
         from fusedit.eval.run import check_protocol_folder
 
@@ -427,15 +431,11 @@ def cmd_eval(args) -> int:
         if saved is not None:  # a folder of another generation's images is refused before the load
             record = _eval_record(args, *saved, device)[1]
             check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)
-        if args.bench == "mjhq":
-            extractor = _mjhq_scorer(args, device)
-    model, cfg, where = load_sampling_model(
-        args.model, device, use_ema=not args.no_ema, relocate=_relocations(args)
-    )
-    s = cfg.sample
-    if args.bench in _PROTOCOLS:
+        extractor = _mjhq_scorer(args, device) if args.bench == "mjhq" else None
         with _kept_on_interrupt(f"the images written in {out} are kept; {GO_ON}"):
-            return _eval_protocol(args, model, cfg, where, out, device, extractor)
+            return _eval_protocol(args, saved, load, out, device, extractor)
+    model, cfg, _ = load()
+    s = cfg.sample
     settings = bench_settings(
         cfg,
         per_category=PER_CATEGORY if args.per_category is None else args.per_category,
@@ -496,9 +496,18 @@ def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
     return settings, record
 
 
-def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=None) -> int:
+def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, device, extractor=None) -> int:
+    """A protocol run. With the model's ``saved`` (config, weights folder) known, ``load()`` runs at the first
+    image to make (the protocol's checks of prompts and kept images come first; scoring again loads no
+    model); else the model loads first, its loading reporting what the folder lacks."""
     from fusedit.eval import run
 
+    if saved is None:
+        model, cfg, where = load()
+        gen_of = functools.partial(run.ProtocolGenerator, model)
+    else:
+        (cfg, where) = saved
+        gen_of = functools.partial(run.ProtocolGenerator.lazy, lambda: load()[0])
     settings, record = _eval_record(args, cfg, where, device)
     # What each protocol takes beyond what they all take (below).
     protocols = {
@@ -526,7 +535,7 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
         ),
     }
     protocol, own = protocols[args.bench]
-    gen = run.ProtocolGenerator(model, settings)
+    gen = gen_of(settings)
     r = protocol(
         gen,
         args.prompts,
@@ -538,7 +547,8 @@ def _eval_protocol(args, model, cfg, where: Path, out: Path, device, extractor=N
         **own,
     )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
-    _warn_cut(gen.truncated, gen.prompts, model.limits)  # of the prompts sampled in this run
+    if gen.truncated:  # of the prompts sampled in this run
+        _warn_cut(gen.truncated, gen.prompts, gen.model.limits)
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
         worst = max(scores["categories"], key=scores["categories"].get)

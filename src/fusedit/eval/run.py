@@ -14,7 +14,7 @@ the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -34,15 +34,33 @@ class ProtocolGenerator:
     missing ones exactly as an uninterrupted run would.
 
     ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (the
-    model warns at its first cut only, and counts each of the n images' rows)."""
+    model warns at its first cut only, and counts each of the n images' rows).
+
+    ``lazy`` builds one whose model is loaded at the first image: the protocols check their prompts and
+    kept images before generating, so those refusals come before a slow load, and a run whose images are
+    all there (scoring again) loads no model at all."""
 
     def __init__(self, model, settings: dict):
-        self.model, self.settings = model, settings
-        self.shape = latent_shape(model, settings["image_size"])
+        self._model, self._load, self.settings = model, None, settings
         self.prompts = self.truncated = 0
 
+    @classmethod
+    def lazy(cls, load: Callable[[], object], settings: dict) -> ProtocolGenerator:
+        """``load()`` returns the sampling model; it is called at the first image, once."""
+        gen = cls(None, settings)
+        gen._load = load
+        return gen
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
     def __call__(self, prompt: str, seed: int, n: int) -> list[Image.Image]:
-        noise = seeded_noise([seed + k for k in range(n)], self.shape)
+        noise = seeded_noise(
+            [seed + k for k in range(n)], latent_shape(self.model, self.settings["image_size"])
+        )
         cut_before = self.model.truncated
         x = generate(self.model, [prompt] * n, noise=noise, **self.settings)
         self.prompts += 1
