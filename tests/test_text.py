@@ -477,6 +477,17 @@ def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp
     build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False).encode_prompts(["a red circle"])
 
 
+def test_the_kv_probe_reads_the_llms_cache_without_a_deprecation_warning(monkeypatch):
+    """transformers 5.24 renamed the outputs' past_key_values to cache and warns (once, in every user's log)
+    on the old name: the deep designs' K/V probe, run at every build, reads the name the version has."""
+    from transformers.utils import generic
+
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: said.append(message))
+    model = build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False)
+    assert model.encode_prompts(["a red circle"]).kv and said == []
+
+
 @pytest.mark.parametrize("instruction", ["", "a green square "])
 def test_a_tokenizer_that_appends_eos_puts_no_eos_before_the_prompt(instruction):
     """Only what a tokenizer puts before any text (BOS) opens the sequence; one whose post-processor also

@@ -285,7 +285,8 @@ class TextEncoder(nn.Module):
             ours = [(_rope(k, cos, sin), v) for k, v in ours]
         except (AttributeError, RuntimeError, ValueError) as e:
             self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
-        cache = out.past_key_values
+        # transformers 5.24 names it `cache` (and warns on `past_key_values`); earlier ones `past_key_values`.
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
         for i, kv in zip(layers, ours, strict=True):
             layer = cache.layers[i] if hasattr(cache, "layers") else None  # transformers < 4.56: key_cache
             theirs = (
