@@ -1,0 +1,129 @@
+"""One training job per run folder, and a folder every process of the job sees.
+
+Two jobs writing one run folder (the same job submitted twice, or a relaunch while the ranks of a killed
+torchrun still train: torchrun starts its ranks in their own process group, so they outlive a SIGKILLed
+launcher) delete each other's half-written checkpoints and rewind each other's metrics. Rank 0 therefore
+holds an exclusive advisory lock (``flock``) on ``<run>/train.lock`` for the whole run; the kernel releases it
+when the process ends, however it ends, so a killed run never leaves a stale lock behind. The file names its
+holder, for the refusal a second job gets.
+
+Under torchrun the run folder must also be on a filesystem that every node shares: each rank writes its own
+checkpoint shards into it. Every rank reads back the token rank 0 wrote into the lock file at start-up, so a
+folder that some node does not share fails every rank at once, in one line, before any training (rather than
+at the first checkpoint, ``train.checkpoint_every`` steps later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from fusedit.config import ConfigError
+from fusedit.train import distributed
+from fusedit.train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "train.lock"
+# How long a rank waits for rank 0's token to show before calling the folder unshared: a shared filesystem's
+# attribute cache (NFS: a few seconds) may serve an earlier run's copy of the file for a moment.
+SEEN_WITHIN_S = 10.0
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, env: DistEnv) -> Iterator[None]:
+    """While the block runs, this job alone trains into ``run_dir`` (created), and every rank sees the
+    folder rank 0 writes into; otherwise every rank raises the same one-line ConfigError before anything is
+    built or deleted (module docstring). A collective under torchrun."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = holder = token = None
+    if env.is_main:
+        handle, holder, token = _take(path)
+    holder, token = distributed.broadcast_object((holder, token), env)
+    try:
+        if holder is not None:
+            raise ConfigError(
+                f"{run_dir} is being trained by another job ({holder}; see {LOCK_FILE}): stop it, or wait for "
+                "it to end, before training into this folder (a torchrun killed with SIGKILL can leave its "
+                "ranks training), or give another --out"
+            )
+        _check_every_rank_sees(path, token, env)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock; the file stays, naming the last holder
+
+
+def _take(path: Path) -> tuple[TextIO | None, str | None, str]:
+    """(the open locked file, None, token) when this process took the lock; (None, the holder's note, "")
+    when another holds it. On a system or filesystem without flock (Lustre mounted without ``flock``) the
+    run goes on unlocked, with a warning, and the token is still written for the shared-folder check."""
+    token = secrets.token_hex(8)
+    note = (
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}, token {token}\n"
+    )
+    handle = path.open("a+")  # not truncated before the lock is ours: the holder's note is read from it
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip().rsplit(", token ", 1)[0] or "a process that wrote no note yet"
+        handle.close()
+        return None, holder, ""
+    except (ImportError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        log.warning(
+            "%s cannot be locked (%s): nothing stops a second job from training into this folder",
+            path,
+            reason,
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(note)
+    handle.flush()
+    os.fsync(handle.fileno())  # on the server before the other ranks look for it
+    return handle, None, token
+
+
+def _check_every_rank_sees(path: Path, token: str, env: DistEnv) -> None:
+    """Every rank reads rank 0's token from ``path``; all raise the same error, naming the ranks that do not."""
+    if not env.distributed or env.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    sees = env.is_main or _shows(path, token)
+    seen: list = [None] * env.world_size
+    dist.all_gather_object(seen, (sees, socket.gethostname()))
+    blind = [(rank, host) for rank, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        ranks = ", ".join(f"{rank} (on {host})" for rank, host in blind[:4]) + (
+            ", ..." if len(blind) > 4 else ""
+        )
+        raise ConfigError(
+            f"the run folder {path.parent} is not shared by every process: rank(s) {ranks} do not see the "
+            f"{LOCK_FILE} rank 0 wrote there; it must be on a filesystem that every node mounts at the same "
+            "path (NFS, Lustre, GPFS, ...), since each rank writes its checkpoint shards into it"
+        )
+
+
+def _shows(path: Path, token: str) -> bool:
+    deadline = time.monotonic() + SEEN_WITHIN_S
+    while True:
+        with contextlib.suppress(OSError):
+            if path.read_text().rstrip().endswith(f"token {token}"):
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)

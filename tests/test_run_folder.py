@@ -1,0 +1,168 @@
+"""One training job per run folder (a second one is refused while the first holds it, and a killed holder
+leaves no stale lock), a run folder that some rank does not see is refused at start-up, and a job stopped
+from outside (another rank failed, the launcher is gone) ends in one line that says how to go on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch.distributed as dist
+
+from conftest import tiny_config
+from fusedit.cli import main
+from fusedit.config import save_config
+from fusedit.train import distributed
+from fusedit.train.run_folder import LOCK_FILE, hold_run_folder
+
+
+def test_a_second_job_is_refused_while_the_first_trains_into_the_folder(tmp_path, capsys):
+    """Two jobs in one folder delete each other's half-written checkpoints; the second is refused in one line
+    naming the first, before it reads or deletes anything. The kernel drops the lock when its holder ends,
+    even by SIGKILL, so a killed run leaves nothing to clean up."""
+    save_config(tiny_config(train={"steps": 1}), tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    train = ["train", str(tmp_path / "tiny.yaml"), "--out", str(run), "--quiet"]
+    with hold_run_folder(run, distributed.setup("cpu")):
+        for flag in ("--resume", "--overwrite"):
+            assert main([*train, flag]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(
+                f"fusedit: error: {run} is being trained by another job (pid {os.getpid()} on "
+            )
+            assert err.endswith("or give another --out\n") and err.count("\n") == 1
+    assert main(train) == 0 and (run / "checkpoints" / "latest").is_file()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main([*train, "--resume"]) == 2
+        assert f"(pid {holder.pid} on " in capsys.readouterr().err
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert main([*train, "--resume"]) == 0
+    assert f"pid {os.getpid()} on " in (run / LOCK_FILE).read_text()
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from fusedit.train import distributed
+    from fusedit.train.run_folder import hold_run_folder
+    with hold_run_folder(Path(sys.argv[1]), distributed.setup("cpu")):
+        print("held", flush=True)
+        time.sleep(600)
+    """
+)
+
+# Both ranks of a 2-process gloo job, started as torchrun starts them (RANK, WORLD_SIZE, MASTER_*); each
+# prints one JSON line per case: the exception's type and message, or "ok".
+RANKS = textwrap.dedent(
+    """
+    import fcntl, json, os, sys
+    from pathlib import Path
+    from fusedit.config import load_config
+    from fusedit.train import distributed, loop, run_folder
+
+    root, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    env = distributed.setup("cpu", timeout_s=60)
+    run_folder.SEEN_WITHIN_S = 0.2
+
+    def case(name, fn):
+        try:
+            fn()
+            outcome = "ok"
+        except Exception as e:
+            outcome = f"{type(e).__name__}: {e}"
+        print(json.dumps({"case": name, "rank": rank, "outcome": outcome}), flush=True)
+
+    def hold(folder):
+        with run_folder.hold_run_folder(folder, env):
+            pass
+
+    case("shared", lambda: hold(root / "shared"))
+    # Each rank given its own folder at the same path: nodes that do not share the run folder.
+    case("unshared", lambda: hold(root / f"node{rank}"))
+    busy = root / "busy"
+    busy.mkdir(exist_ok=True)
+    if rank == 0:  # held by another job
+        other = open(busy / run_folder.LOCK_FILE, "a+")
+        other.write("pid 4242 on elsewhere since then, token abc")
+        other.flush()
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    case("busy", lambda: hold(busy))
+
+    cfg = load_config("debug", ["train.device=cpu", "train.steps=2", "train.dist_timeout_s=60"])
+
+    def peer_died(*args, **kwargs):
+        raise RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset")
+
+    train = loop._train
+    loop._train = peer_died
+    case("peer", lambda: loop.train(cfg, root / "peer"))
+    loop._train = train
+    distributed.launcher_gone = lambda parent: True
+    case("launcher", lambda: loop.train(cfg, root / "launcher", progress=False))
+    """
+)
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+)
+def test_two_ranks_refuse_an_unshared_or_busy_folder_and_stop_in_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "RANK", "LOCAL_RANK"))}
+    base |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANKS, str(tmp_path)],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    rows = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith('{"case"')]
+    got = {(row["case"], row["rank"]): row["outcome"] for row in rows}
+    assert len(got) == 10, outs
+    for rank in (0, 1):
+        assert got["shared", rank] == "ok"
+        assert got["unshared", rank].startswith(
+            f"ConfigError: the run folder {tmp_path / f'node{rank}'} is not shared by every process: rank(s) 1 (on "
+        )
+        assert "it must be on a filesystem that every node mounts at the same path" in got["unshared", rank]
+        assert got["busy", rank].startswith(
+            f"ConfigError: {tmp_path / 'busy'} is being trained by another job (pid 4242 on elsewhere since then; "
+        )
+        assert got["peer", rank] == (
+            "RunStopped: another process of the job failed or stopped answering (RuntimeError: Read error: "
+            "Connection reset); the checkpoints in "
+            f"{tmp_path / 'peer' / 'checkpoints'} are kept: relaunch the same command with --resume (a process "
+            "waits train.dist_timeout_s=60 s for the others)"
+        )
+        assert got["launcher", rank].startswith("RunStopped: the launcher that started this process (pid ")
+        assert got["launcher", rank].endswith(
+            f"is gone, so the job stops at step 0; the checkpoints in {tmp_path / 'launcher' / 'checkpoints'} "
+            "are kept: relaunch the same command with --resume"
+        )
