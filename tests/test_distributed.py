@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -180,12 +181,15 @@ def test_fsdp_mixed_precision_matches_bf16_autocast_in_one_process(runs):
     assert logged_losses(runs("fsdp-bf16")) == pytest.approx(logged_losses(runs("ref-bf16")), rel=1e-4)
 
 
-def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, capsys):
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, capsys, caplog):
     ref = runs("ref")
     run = tmp_path / "run"
     shutil.copytree(runs("ddp"), run)
     _keep_until(run, 3)
-    rest = train(tiny_config(train={"batch_size": 8}), run, resume=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        rest = train(tiny_config(train={"batch_size": 8}), run, resume=True, progress=False)
+    assert not [r for r in caplog.records if "global batch" in r.getMessage()]  # the same one: nothing to say
+    caplog.clear()
     assert rest["losses"] == pytest.approx(logged_losses(ref)[3:], **TOL)
     assert logged_losses(run) == pytest.approx(logged_losses(ref), **TOL)
     _weights_close(load_model(run)[0].denoiser, load_model(ref)[0].denoiser)
@@ -208,6 +212,19 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, capsys)
     from_plain, _, _ = load_model(plain)
     for k, v in from_dcp.denoiser.state_dict().items():
         assert torch.equal(v, from_plain.denoiser.state_dict()[k]), k
+
+    # Relaunched on fewer processes with the per-process batch unchanged (after a lost node, say): the
+    # global batch halves, which only an INFO line said.
+    halved = tmp_path / "halved"
+    shutil.copytree(runs("ddp"), halved)
+    _keep_until(halved, 3)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(tiny_config(train={"batch_size": 4}), halved, resume=True, stop_at=4, progress=False)
+    assert [r.getMessage() for r in caplog.records if "global batch" in r.getMessage()] == [
+        "resuming at a global batch of 4 (1 process(es) x batch_size 4 x grad_accum 1), not the 8 the "
+        "checkpoint trained at (2 x 4 samples): the rest of the run trains at another batch (to keep 8: "
+        "train.batch_size=8)"
+    ]
 
 
 def test_a_one_process_checkpoint_resumes_sharded_on_two(runs, tmp_path):

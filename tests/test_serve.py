@@ -336,6 +336,27 @@ def test_jobs_still_waiting_at_close_are_cancelled_saying_why(tiny):
     assert [queue.job(i)["status"] for i in (running, waiting)] == ["done", "cancelled"]
 
 
+def test_close_can_cancel_the_running_generation_and_waits_for_the_worker(tiny):
+    """What Ctrl+C on `fusedit serve` does: the running job stops after its current step and the worker has
+    left torch when close returns (an interpreter exiting with it inside torch aborted the process)."""
+    queue = serve.JobQueue(*tiny)
+    gate = Gate(tiny[0], at=1)  # hold the job before its second step
+    running = queue.submit({"prompt": "a red circle", "steps": 3})["id"]
+    deadline = time.monotonic() + 30
+    while gate.calls < 2:
+        assert time.monotonic() < deadline, "the job never reached its second step"
+        time.sleep(0.005)
+    closing = threading.Thread(target=queue.close, kwargs={"wait": True, "cancel_running": True})
+    closing.start()
+    time.sleep(0.05)
+    assert closing.is_alive()  # waiting for the worker, which the gate holds inside the step
+    gate.release()
+    closing.join(30)
+    assert not closing.is_alive() and not queue._worker.is_alive()
+    job = queue.job(running)
+    assert (job["status"], job["step"]) == ("cancelled", 1)
+
+
 @pytest.mark.parametrize(
     "body, message",
     [

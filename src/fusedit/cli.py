@@ -19,6 +19,7 @@ from pathlib import Path
 from fusedit.config import (
     Config,
     ConfigError,
+    RunStopped,
     SampleConfig,
     allowed_sides,
     choices_of,
@@ -369,9 +370,11 @@ def cmd_serve(args) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        print("stopping: a running generation ends after its current step", file=sys.stderr, flush=True)
     finally:
-        server.close(wait=False)  # do not sit out a running generation after Ctrl+C
+        # Not sitting out a running generation, but waiting for the worker to leave torch: an interpreter
+        # that exits with a thread inside torch aborts ("terminate called without an active exception").
+        server.close(wait=True, cancel_running=True)
     return 0
 
 
@@ -1444,7 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
     # what to change), an outcome to report in one line like bad input.
-    except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError, RunStopped) as e:
         return _error(str(e))
     except KeyboardInterrupt as e:
         # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is

@@ -40,6 +40,12 @@ class ConfigError(ValueError):
     """A config key or value is not allowed; the message is one line that says what is."""
 
 
+class RunStopped(RuntimeError):
+    """A training job stopped by something outside this process (its launcher gone, another process of the
+    job failed or stopped answering): not a bug; the message is one line that says what is kept and how to go
+    on."""
+
+
 # The largest sampling seed, as `fusedit sample` and `serve` take seeds (torch would take up to 2**64 - 1):
 # image i starts from the noise of seed + i, and an image's recorded seed should make it again in either.
 SEED_MAX = 2**32 - 1
@@ -1323,7 +1329,10 @@ def _validate_training(cfg: Config) -> None:
     if "llm" not in tc.trainable:
         return
     if tc.shard_llm:
-        raise ConfigError("train.shard_llm=true needs a frozen LLM, but train.trainable names 'llm'")
+        raise ConfigError(
+            "train.shard_llm=true needs a frozen LLM, but train.trainable names 'llm' (allowed: "
+            "train.shard_llm=false, or train.trainable without llm)"
+        )
     if not tc.llm_lora.rank:
         low = [(k, t.dtype) for k, t in text_sections(cfg) if t.dtype != "float32"]
         if low:

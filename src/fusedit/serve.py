@@ -499,15 +499,18 @@ class JobQueue:
         for job_id in finished[: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[job_id]
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the worker after the generation it is running. Jobs still waiting never start: they are
-        cancelled, saying why, so that a client following one is answered rather than left waiting."""
+    def close(self, wait: bool = True, cancel_running: bool = False) -> None:
+        """Stop the worker after the generation it is running (``cancel_running``: after that generation's
+        current step). Jobs still waiting never start: they are cancelled, saying why, so that a client
+        following one is answered rather than left waiting. ``wait``: until the worker has stopped."""
         # Under the lock, as submit checks it: a job is either accepted before and cancelled here, or refused.
         with self._lock:
             self._stop.set()
             for job in self._jobs.values():
                 if job.status == "queued":
                     job.status, job.error = "cancelled", "the server shut down before this job started"
+                elif job.status == "running" and cancel_running:
+                    job.cancel = True
         self._waiting.put(None)
         if wait:
             self._worker.join()
@@ -759,11 +762,11 @@ class DemoServer(http.server.ThreadingHTTPServer):
         self._thread.start()
         return self
 
-    def close(self, wait: bool = True) -> None:
-        """Stop serving and stop the worker; ``wait``: until the generation it is running has finished."""
+    def close(self, wait: bool = True, cancel_running: bool = False) -> None:
+        """Stop serving and stop the worker (JobQueue.close: ``wait`` for it, ``cancel_running`` its job)."""
         if self._thread is not None:
             self.shutdown()  # returns once serve_forever has stopped, so it is only called when that runs
             self._thread.join()
             self._thread = None
         self.server_close()
-        self.jobs.close(wait)
+        self.jobs.close(wait, cancel_running)

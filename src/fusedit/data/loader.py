@@ -816,9 +816,10 @@ class StreamStepLoader:
         batches = batcher.batches()
         try:
             if self.initial_state is None and self.start_step > 0:
-                log.warning(
-                    "data stream has no saved position for step %d: re-reading the samples of %d steps to "
-                    "reach it (exact but slow; pass the loader's state_dict() from the checkpoint)",
+                # A resume without the checkpoint's stream position (another split of the batch: the
+                # training loop has said so; a library caller without ``state``). Info: not a problem itself.
+                log.info(
+                    "data stream: reading through the samples of the first %d steps to reach step %d",
                     self.start_step,
                     self.start_step,
                 )

@@ -256,8 +256,8 @@ def save_distributed_checkpoint(
     dist.all_gather_object(names, sorted(rank_files or {}))
     verdict = [[n for per_rank in names for n in per_rank if not (tmp / n).is_file()] if rank == 0 else None]
     dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise RuntimeError(
+    if verdict[0]:  # a folder shared at start-up (train.run_folder) but not since: one line on every rank
+        raise ConfigError(
             f"checkpoint {str(tmp)!r}: rank 0 does not see files the other ranks wrote ({verdict[0][0]}, "
             "...): the run folder must be on a filesystem that every node shares"
         )

@@ -304,6 +304,19 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process of the job did (died, hung past
+    the timeout, lost its connection): torch's distributed errors, and gloo's, which come as plain
+    RuntimeErrors naming its transport."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error) or "Gloo " in str(error)
+
+
+def launcher_gone(parent: int) -> bool:
+    """Whether the process that started this one (torchrun's agent, pid ``parent``) has ended: its ranks run
+    in their own process group, so a SIGKILLed torchrun leaves them training on their own."""
+    return os.getppid() != parent
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed and env.world_size > 1:
         dist.barrier()

@@ -28,6 +28,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from fusedit.checkpoints import (
     saved_shapes,
     saved_vocabulary,
 )
-from fusedit.config import Config, ConfigError, Stage, is_shallow, resolved_stages, save_config
+from fusedit.config import Config, ConfigError, RunStopped, Stage, is_shallow, resolved_stages, save_config
 from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
@@ -61,6 +63,7 @@ from fusedit.train.checkpoint import (
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
 from fusedit.train.loggers import WandbLogger, open_loggers
+from fusedit.train.run_folder import hold_run_folder
 from fusedit.train.stages import (
     DENOISER,
     Optimizers,
@@ -255,10 +258,36 @@ def _write_skipped(path: Path, loader_state: dict) -> bool:
     return bool(text)
 
 
-def _saved_data_state(ckpt: Path, saved: dict, env: DistEnv, cfg: Config) -> dict | None:
+def _warn_global_batch_changed(
+    saved_world: int, saved_per_rank: int, world: int, tc, stage: int, staged: bool
+) -> None:
+    """A resume on another number of processes with the same per-process batch trains the rest of the stage
+    at another global batch (e.g. after a lost node): allowed (train.global_batch, when set, refuses it at
+    start), but said, with the batch_size that keeps the checkpoint's."""
+    before, now = saved_world * saved_per_rank, world * tc.batch_size * tc.grad_accum
+    key = f"stages.{stage}.train.batch_size" if staged else "train.batch_size"
+    keep = before // (world * tc.grad_accum) if before % (world * tc.grad_accum) == 0 else None
+    log.warning(
+        "resuming at a global batch of %d (%d process(es) x batch_size %d x grad_accum %d), not the %d the "
+        "checkpoint trained at (%d x %d samples): the rest of the run trains at another batch%s",
+        now,
+        world,
+        tc.batch_size,
+        tc.grad_accum,
+        before,
+        saved_world,
+        saved_per_rank,
+        f" (to keep {before}: {key}={keep})" if keep else "",
+    )
+
+
+def _saved_data_state(
+    ckpt: Path, saved: dict, env: DistEnv, cfg: Config, stage: int = 0, staged: bool = False
+) -> dict | None:
     """This rank's data position from the checkpoint, when the run that wrote it split the data the same way
     (same world size and per-rank batch). Otherwise None: index-addressable sources derive the position from
-    the step alone; a stream's saved positions cannot be mapped onto another split (a warning says so)."""
+    the step alone; a stream's saved positions cannot be mapped onto another split (a warning says so). A
+    global batch that changed within the checkpoint's ``stage`` is warned about."""
     tc = cfg.train
     per_rank = tc.batch_size * tc.grad_accum
     saved_per_rank = int(saved.get("batch_size", tc.batch_size)) * int(saved.get("grad_accum", 1))
@@ -268,6 +297,8 @@ def _saved_data_state(ckpt: Path, saved: dict, env: DistEnv, cfg: Config) -> dic
         return json.loads(path.read_text()) if path.is_file() else None
     if not env.is_main:
         return None
+    if saved_world * saved_per_rank != env.world_size * per_rank and saved.get("stage", stage) == stage:
+        _warn_global_batch_changed(saved_world, saved_per_rank, env.world_size, tc, stage, staged)
     if is_stream(cfg.data):
         log.warning(
             "data: the checkpoint's stream positions are for %d processes x %d samples, this run has "
@@ -310,14 +341,30 @@ def train(
         raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
-        with distributed.quiet_unless_main(env):
+        # One job per run folder, seen by every rank: checked before anything is read, built or deleted.
+        with distributed.quiet_unless_main(env), hold_run_folder(Path(run_dir), env):
             return _train(cfg, Path(run_dir), env, resume=resume, stop_at=stop_at, progress=progress)
+    except RuntimeError as e:
+        if env.world_size > 1 and distributed.peer_failure(e):
+            # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..."
+            first = (str(e).strip().splitlines() or [""])[0]
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:300]
+            raise RunStopped(
+                f"another process of the job failed or stopped answering ({type(e).__name__}: {first}); "
+                f"{_kept_checkpoints(Path(run_dir))} (a process waits train.dist_timeout_s="
+                f"{cfg.train.dist_timeout_s:g} s for the others)"
+            ) from e
+        raise
     finally:
         distributed.teardown(env)
 
 
+def _kept_checkpoints(run_dir: Path) -> str:
+    """What a stopped job keeps and how it goes on, for RunStopped's messages."""
+    return f"the checkpoints in {run_dir / 'checkpoints'} are kept: relaunch the same command with --resume"
+
+
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     main = env.is_main
     parallel = distributed.resolve_parallel(tc.parallel, env)
@@ -369,6 +416,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         )
         stack.callback(bar.close)
         run = _Run(cfg, model, env, run_dir, parallel, sharded_llms, loggers, bar)
+        if env.world_size > 1:
+            run.launcher = os.getppid()
         if saved:  # the counts of skipped steps and truncated prompts go on across a resume, as the run does
             run.bad_total = int(saved.get("skipped_steps", 0))
             run.bad_in_row = int(saved.get("bad_steps_in_row", 0))
@@ -544,7 +593,7 @@ def _start_state(
         text = text_modules(run.model)
         saved = load_training_state(ckpt, denoiser, opts.by_module, ema, text, distributed=env.distributed)
         log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
-        data_state = _saved_data_state(ckpt, saved, env, stage.config)
+        data_state = _saved_data_state(ckpt, saved, env, stage.config, stage.index, bool(run.cfg.stages))
     # Once the checkpoint is known to fit: a refused resume leaves the config as it was. So does a resume
     # that trains nothing (--stop-at at or below the run's step): overrides given with it (train.steps=...)
     # were never trained with, and a later plain --resume would take them from config.yaml.
@@ -615,6 +664,8 @@ class _Run:
     # Prompts of the training batches cut to a text encoder's limit so far (text.max_length, an
     # extra_text's or pooled_text's; once however many cut it), over all ranks; previews do not count.
     truncated: int = 0
+    # Under torchrun, the pid of the process that started this one: checked every step (launcher_gone).
+    launcher: int | None = None
 
     def stage(self, stage: Stage, steps: range, forward, stage_parallel, opts, ema, data_state) -> None:
         """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
@@ -627,6 +678,11 @@ class _Run:
         save_text = saved_llms(self.cfg, self.model, stage.index)
         listed = False  # whether the skipped list was written at the last checkpoint
         for step, batch in zip(steps, loader):
+            if self.launcher is not None and distributed.launcher_gone(self.launcher):
+                raise RunStopped(
+                    f"the launcher that started this process (pid {self.launcher}, torchrun's agent) is gone, "
+                    f"so the job stops at step {step}; {_kept_checkpoints(self.run_dir)}"
+                )
             t0 = time.perf_counter()
             loss, norm, truncated, lr, lrs = train_step(step, batch)
             self.truncated += truncated
