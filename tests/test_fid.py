@@ -238,7 +238,7 @@ def test_transformers_feature_extractors(tiny_clip, tiny_vit):
     assert features.shape == (5, 16) and features.dtype == np.float64 and np.isfinite(features).all()
 
 
-def test_fusedit_clip_score_over_a_sample_folder(tiny_clip, tmp_path, capsys):
+def test_fusedit_clip_score_over_a_sample_folder(tiny_clip, tmp_path, capsys, caplog):
     from fusedit.cli import main
 
     for k, (image, prompt) in enumerate(zip(random_images(2, size=40), ["a red dog", "two blue cats"])):
@@ -246,6 +246,20 @@ def test_fusedit_clip_score_over_a_sample_folder(tiny_clip, tmp_path, capsys):
         (tmp_path / f"{k:05d}.json").write_text(json.dumps({"prompt": prompt, "seed": k}))
     assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 0
     assert "CLIP score over 2 images: " in capsys.readouterr().out
+    # Images without a prompt file (any image type) are left out, and said to be: the score is of a part.
+    random_images(1, size=40)[0].save(tmp_path / "00002.jpg")
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 0
+    assert "CLIP score over 2 images: " in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of the 3 images have no prompt file beside them (e.g. 00002.jpg: no 00002.json) and are left out"
+    ]
+    one = tmp_path / "one"
+    one.mkdir()
+    (tmp_path / "00002.jpg").rename(one / "00002.jpg")
+    (one / "00002.json").write_text(json.dumps({"prompt": "a green bird"}))
+    assert main(["clip-score", str(one), "--clip", str(tiny_clip)]) == 0
+    assert "CLIP score over 1 image: " in capsys.readouterr().out
     (tmp_path / "00001.json").write_text(json.dumps({"seed": 1}))  # no prompt: one line naming the file
     assert main(["clip-score", str(tmp_path), "--clip", str(tiny_clip)]) == 2
     err = capsys.readouterr().err.strip()

@@ -655,7 +655,7 @@ def cmd_fid(args) -> int:
 
 
 def cmd_clip_score(args) -> int:
-    from fusedit.eval.fid import ClipScore, clip_scores, mean_clip_score
+    from fusedit.eval.fid import CONTACT_SHEET, IMAGE_SUFFIXES, ClipScore, clip_scores, mean_clip_score
 
     def prompt_of(meta: Path) -> str:
         try:
@@ -673,14 +673,26 @@ def cmd_clip_score(args) -> int:
         raise FileNotFoundError(
             f"no such folder: {args.samples!r} (expected a `fusedit sample` output folder)"
         )
-    paths = sorted(Path(args.samples).glob("*.png"))
-    meta = [Path(p).with_suffix(".json") for p in paths]
-    pairs = [(p, prompt_of(m)) for p, m in zip(paths, meta) if m.is_file()]
+    paths = sorted(
+        p
+        for p in Path(args.samples).iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET and p.is_file()
+    )
+    pairs = [(p, prompt_of(p.with_suffix(".json"))) for p in paths if p.with_suffix(".json").is_file()]
     if not pairs:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")
+    if len(pairs) < len(paths):  # a score over part of the folder must not read as the folder's
+        lone = [p for p in paths if not p.with_suffix(".json").is_file()]
+        log.warning(
+            "%d of the %d images have no prompt file beside them (e.g. %s: no %s) and are left out",
+            len(lone),
+            len(paths),
+            lone[0].name,
+            lone[0].with_suffix(".json").name,
+        )
     scores = clip_scores([p for p, _ in pairs], [q for _, q in pairs], ClipScore(args.clip))
     scored = int(scores.isfinite().sum())  # unreadable images are NaN, skipped with a warning
-    print(f"CLIP score over {scored} images: {mean_clip_score(scores):.3f}")
+    print(f"CLIP score over {scored} image{'' if scored == 1 else 's'}: {mean_clip_score(scores):.3f}")
     return 0
 
 
