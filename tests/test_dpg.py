@@ -311,5 +311,7 @@ def test_transformers_vqa_rejects_other_models(tmp_path):
     from transformers import CLIPConfig
 
     CLIPConfig().save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="is a 'clip' model; supported: blip, vilt"):
+    with pytest.raises(
+        ConfigError, match=r"is a model of model_type 'clip' \(allowed: a VQA model of model_type blip, vilt"
+    ):
         TransformersVQA(tmp_path, device="cpu")

@@ -404,6 +404,36 @@ def test_a_features_path_to_nothing_is_named_with_its_flag(tmp_path, capsys):
     )
 
 
+def test_scoring_models_of_the_wrong_kind_are_named_with_their_flag(tiny_vit, tiny_clip, tmp_path, capsys):
+    """A ViT as --clip failed in the tokenizer ("You need to have sentencepiece or tiktoken installed"), an
+    image as --clip or --features with "'utf-8' codec can't decode byte 0x89", a JSON file as --features
+    with a torch.load paragraph: one line each, naming the flag and what it takes."""
+    from fusedit.cli import main
+
+    samples = save_images(tmp_path / "samples", random_images(2, size=32, seed=5))
+    for k in range(2):
+        (samples / f"{k:03d}.json").write_text(json.dumps({"prompt": "a red dog"}))
+    image = samples / "000.png"
+    fid = ["fid", str(samples), "--reference", str(samples), "--reference-name", "mine", "--features"]
+    for argv, message in [
+        (
+            ["clip-score", str(samples), "--clip", str(tiny_vit)],
+            f"--clip {str(tiny_vit)!r} is a model of model_type 'vit' (allowed: a CLIP model hub id or folder, "
+            "e.g. openai/clip-vit-large-patch14)",
+        ),
+        (
+            ["clip-score", str(samples), "--clip", str(image)],
+            f"--clip {str(image)!r} is a file (allowed: a CLIP model hub id or folder",
+        ),
+        ([*fid, str(image)], f"--features {str(image)!r} is a file but not a .pt (allowed: clean-fid's "),
+        ([*fid, str(tiny_clip / "config.json")], "config.json' is a file but not a .pt (allowed: "),
+        ([*fid, str(tmp_path)], f"--features {str(tmp_path)!r} is not a model transformers can read: "),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fusedit: error: --") and message in err and err.count("\n") == 1, err
+
+
 def _exif_rotated_jpeg(path):
     """A JPEG stored 40 wide x 24 high (left half red) whose EXIF orientation 6 says: display it rotated
     90 degrees clockwise, i.e. 24 wide x 40 high with the red half on top."""

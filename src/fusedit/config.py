@@ -993,6 +993,31 @@ def refuse_path_to_nothing(named: str, place: str, folder: str = "a folder") -> 
         )
 
 
+def model_config(
+    place: str | Path, named: str, allowed: str, kinds: tuple[str, ...] = (), folder: str = "a model folder"
+):
+    """The transformers config of the model at ``place`` (a folder or hub id), refused in one line naming the
+    setting (``named``, e.g. ``--clip 'x'``) when it is not a model transformers reads (a file, an image, a
+    VAE folder: transformers' own message then names a missing tokenizer backend or a codec), or not of one
+    of ``kinds`` (model_type values; empty: any). ``allowed`` says what belongs there; ``folder`` names it
+    for a path to nothing (refuse_path_to_nothing)."""
+    from transformers import AutoConfig
+
+    refuse_path_to_nothing(named, str(place), folder)
+    if Path(place).expanduser().is_file():
+        raise ConfigError(f"{named} is a file (allowed: {allowed}, a folder written by save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(place)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(
+            f"{named} is not a model transformers can read: {first} (allowed: {allowed})"
+        ) from None
+    if kinds and config.model_type not in kinds:
+        raise ConfigError(f"{named} is a model of model_type {config.model_type!r} (allowed: {allowed})")
+    return config
+
+
 def paths_to_nothing(gone: dict[str, str]) -> str:
     """Model locations that are gone (``gone_model_paths``) as an error names them, all at once: a run whose
     folders all moved to another disk is then fixed in one try, not one folder per try."""

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, model_config
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs
 from fusedit.files import write_text_atomic
@@ -325,16 +325,15 @@ class TransformersVQA:
         dtype: torch.dtype = torch.float32,
         max_new_tokens: int = 8,
     ):
-        from transformers import AutoConfig, AutoModelForVisualQuestionAnswering, AutoProcessor
+        from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
 
         self.model_id = str(model_id)
-        model_type = AutoConfig.from_pretrained(model_id).model_type
-        if model_type not in self.SUPPORTED:
-            raise ConfigError(
-                f"VQA model {self.model_id!r} is a {model_type!r} model; "
-                f"supported: {', '.join(self.SUPPORTED)} "
-                f"(e.g. Salesforce/blip-vqa-capfilt-large)"
-            )
+        allowed = (
+            f"a VQA model of model_type {', '.join(self.SUPPORTED)}, e.g. Salesforce/blip-vqa-capfilt-large"
+        )
+        model_type = model_config(
+            model_id, f"--vqa {self.model_id!r}", allowed, kinds=self.SUPPORTED
+        ).model_type
         self.device, self.dtype = resolve_device(device), dtype
         self.max_new_tokens = max_new_tokens
         self.processor = AutoProcessor.from_pretrained(model_id)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, refuse_path_to_nothing
+from fusedit.config import ConfigError, model_config
 from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
@@ -408,6 +408,9 @@ def model_inputs(inputs, device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+CLIP_ALLOWED = "a CLIP model hub id or folder, e.g. openai/clip-vit-large-patch14"
+
+
 class ClipEmbedder:
     """Unit CLIP image and text embeddings from a ``CLIPModel`` hub id or folder (with its processor)."""
 
@@ -420,8 +423,9 @@ class ClipEmbedder:
     ):
         from transformers import CLIPModel, CLIPProcessor
 
-        # Refused here: transformers would take the path for a malformed hub id.
-        refuse_path_to_nothing(f"--clip {str(model_id)!r}", str(model_id), "a CLIP folder")
+        # Refused here, in one line: transformers would take a path for a malformed hub id, and another kind
+        # of model would fail in its tokenizer or load with random CLIP weights.
+        model_config(model_id, f"--clip {str(model_id)!r}", CLIP_ALLOWED, ("clip",), "a CLIP folder")
         self.model_id = str(model_id)
         self.device, self.dtype = resolve_device(device), dtype
         self.processor = CLIPProcessor.from_pretrained(model_id)
@@ -552,15 +556,22 @@ class TransformersImageFeatures:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel
 
-        # Refused here: transformers would take the path for a malformed hub id.
-        refuse_path_to_nothing(f"--features {str(model_id)!r}", str(model_id), "a feature model folder")
+        named = f"--features {str(model_id)!r}"
+        vision = "a transformers vision model (CLIP, DINOv2, ViT, ...)"
+        config = model_config(model_id, named, vision, folder="a feature model folder")
         self.model_id = str(model_id)
         self.id = f"transformers:{self.model_id}"
         self.device, self.dtype = resolve_device(device), dtype
-        self.processor = AutoImageProcessor.from_pretrained(model_id)
-        self.is_clip = AutoConfig.from_pretrained(model_id).model_type == "clip"
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(model_id)
+        except (OSError, ValueError) as e:  # a text-only model: no image processor
+            raise ConfigError(
+                f"{named} has no image processor, so it is no vision model ({config.model_type!r}; allowed: a "
+                "transformers vision model (CLIP, DINOv2, ViT, ...))"
+            ) from e
+        self.is_clip = config.model_type == "clip"
         loader = CLIPModel if self.is_clip else AutoModel
         self.model = loader.from_pretrained(model_id).to(self.device, dtype).eval()
         # The id is the name the user gave; the fingerprint is what that name loaded, so that cached

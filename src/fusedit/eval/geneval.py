@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, model_config
 from fusedit.eval.fid import ClipEmbedder, decoded_image, model_inputs
 from fusedit.files import read_json, write_text_atomic
 from fusedit.imaging import generated_image, save_png
@@ -457,7 +457,6 @@ class TransformersDetector:
         max_per_image: int = 100,
     ):
         from transformers import (
-            AutoConfig,
             AutoImageProcessor,
             AutoModelForObjectDetection,
             AutoModelForUniversalSegmentation,
@@ -466,7 +465,11 @@ class TransformersDetector:
         self.model_id = str(model_id)
         self.device, self.dtype = resolve_device(device), dtype
         self.min_score, self.max_per_image = min_score, max_per_image
-        config = AutoConfig.from_pretrained(model_id)
+        config = model_config(
+            model_id,
+            f"--detector {self.model_id!r}",
+            "an object detection or segmentation model hub id or folder",
+        )
         self.with_masks = config.model_type in _MASK_MODELS
         loader = AutoModelForUniversalSegmentation if self.with_masks else AutoModelForObjectDetection
         self.processor = AutoImageProcessor.from_pretrained(model_id)

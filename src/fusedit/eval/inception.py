@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fusedit.config import ConfigError
 from fusedit.eval.fid import TransformersImageFeatures, decoded_image
 from fusedit.files import files_digest
 from fusedit.system import resolve_device
@@ -114,4 +115,9 @@ def feature_extractor(features: str, *, device=None):
     place = Path(features).expanduser()
     if place.suffix == ".pt" or (place / INCEPTION_FILE).is_file():
         return CleanInceptionFeatures(place, device=device)
+    if place.is_file():
+        raise ConfigError(
+            f"--features {features!r} is a file but not a .pt (allowed: clean-fid's Inception "
+            f"{INCEPTION_FILE}, or a transformers vision model hub id or folder)"
+        )
     return TransformersImageFeatures(features, device=device)

@@ -8,9 +8,9 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
-from fusedit.config import ConfigError, PooledTextConfig
+from fusedit.config import ConfigError, PooledTextConfig, model_config
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,10 @@ class PooledTextEncoder(nn.Module):
 def _clip_text_config(place: str, named: str) -> CLIPTextConfig:
     """The text tower's config of the CLIP model at ``place`` (a folder or hub id; ``named`` as errors name
     it). Another kind of model is refused: transformers would load it with every weight random."""
-    try:
-        config = AutoConfig.from_pretrained(place)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{named} cannot be loaded: {str(e).strip().splitlines()[0]}") from None
+    allowed = "a CLIP or CLIP text model, e.g. openai/clip-vit-large-patch14"
+    config = model_config(place, named, allowed, kinds=("clip", "clip_text_model"))
     if config.model_type == "clip_text_model":
         return config
-    if config.model_type != "clip":
-        raise ConfigError(
-            f"{named} is a model of model_type {config.model_type!r}, not a CLIP text model (allowed: a CLIP "
-            "or CLIP text model, e.g. openai/clip-vit-large-patch14)"
-        )
     # A whole CLIP's text projection (text_projection.weight) maps to its shared width, projection_dim;
     # text_config keeps its own default where the saved model did not set it.
     text = config.text_config
