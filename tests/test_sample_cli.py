@@ -3,6 +3,7 @@ pipeline), prompts from the command line and a file, batches and their seeds, th
 written next to each image, the progress bar, and one-line errors for bad arguments."""
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -265,6 +266,27 @@ def test_width_by_height_samples_a_wide_image(folders, tmp_path):
     assert np.array_equal(pixels(out / "00000.png"), alone)
 
 
+def test_a_size_far_past_the_trained_one_is_warned_about_before_the_load(
+    folders, tmp_path, caplog, monkeypatch
+):
+    """2048 px on a 32 px model sat at step 0 for over 10 minutes without a word: allowed, but said first."""
+    monkeypatch.setattr("fusedit.sample.load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    for size, warned in (("64", False), ("80", True), ("16x80", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusedit"), pytest.raises(pytest.fail.Exception):
+            sample(folders["run"], tmp_path / "o", "--prompt", "a", "--size", size)
+        expected = (
+            [
+                f"--size {size} has 25x the pixels of the 16 px the model trained at: each step processes "
+                "that many times the image tokens (attention grows with their square), and the model never "
+                "saw such sizes"
+            ]
+            if warned
+            else []
+        )
+        assert [r.getMessage() for r in caplog.records] == expected
+
+
 def test_a_square_written_width_by_height_is_recorded_as_one_side(folders, tmp_path):
     assert sample(folders["run"], tmp_path, "--prompt", "a red circle", "--steps", "1", "--size", "8x8") == 0
     assert metadata(tmp_path, 0)["size"] == 8
@@ -330,7 +352,9 @@ def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog
     assert f"removed 7 files of an earlier sample in {out}" in caplog.text
 
 
-def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(folders, tmp_path, monkeypatch):
+def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(
+    folders, tmp_path, monkeypatch, capsys
+):
     """The earlier images go once the first new one is ready: a failed or interrupted sample (a bad
     model, Ctrl+C during the first batch) leaves them whole. Before, they were removed up front."""
     out = tmp_path / "out"
@@ -343,6 +367,28 @@ def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(folder
     monkeypatch.setattr("fusedit.sample.generate", interrupted)
     assert sample(folders["run"], out, "--prompt", "c", "--steps", "1") == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert capsys.readouterr().err == (
+        f"fusedit: interrupted: no image was written to {out} yet; rerun the same command\n"
+    )
+    # Ctrl+C in the second batch: the line counts the first batch's images, and says grid.png is missing.
+    from fusedit import sample as sample_module
+
+    monkeypatch.undo()
+    original, calls = sample_module.generate, []
+
+    def first_batch_only(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("fusedit.sample.generate", first_batch_only)
+    prompts = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "2", "--steps", "1"]
+    assert sample(folders["run"], out, *prompts) == 130
+    assert capsys.readouterr().err == (
+        f"fusedit: interrupted: 2 of the 3 images are in {out}, without grid.png (made at the end); rerun the "
+        "same command to make them all\n"
+    )
 
 
 def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, monkeypatch, capsys):

@@ -60,6 +60,8 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
 
 
 GO_ON = "rerun the same command to go on"
+# `fusedit sample` / `eval` warn about a --size of more than this many times the trained image's pixels.
+FAR_PAST_TRAINED = 16
 
 
 @contextlib.contextmanager
@@ -227,6 +229,19 @@ def _check_sampling_flags(args) -> None:
     saved = _saved_config(args.model)
     if saved is not None:
         _check_size(args.size, saved)
+        height, width = image_shape(args.size)
+        trained = saved.data.image_size
+        if height * width > FAR_PAST_TRAINED * trained * trained:
+            # Allowed (a model may be tried past its size), but each step then costs that many times the
+            # tokens, and attention their square: a mistyped size would look like a hang.
+            log.warning(
+                "--size %s has %.0fx the pixels of the %d px the model trained at: each step processes that "
+                "many times the image tokens (attention grows with their square), and the model never saw "
+                "such sizes",
+                _size_text(args.size),
+                height * width / trained**2,
+                trained,
+            )
     elif min(image_shape(args.size)) < 1:  # no config to say more: load_sampling_model reports the folder
         raise ConfigError(
             f"--size {_size_text(args.size)} is not allowed (allowed: a positive multiple of the VAE's "
@@ -319,20 +334,34 @@ def cmd_sample(args) -> int:
     # Checked again against the model as loaded: the early check needs a config readable without it.
     _check_size(settings["image_size"], cfg)
     check_negative_prompt(args.negative_prompt, settings["guidance"], flags=True)  # the saved guidance
-    images = write_sample_folder(
-        model,
-        cfg,
-        prompts,
-        out,
-        settings=settings,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        source=source,
-        progress=not args.quiet,
-    )
+    written: list[Path] = []
+    with _kept_on_interrupt(lambda: _sample_kept(out, written, len(prompts))):
+        images = write_sample_folder(
+            model,
+            cfg,
+            prompts,
+            out,
+            settings=settings,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            source=source,
+            progress=not args.quiet,
+            written=written,
+        )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
     _warn_cut(model.truncated, len(prompts), model.limits)
     return 0
+
+
+def _sample_kept(out: Path, written: list[Path], total: int) -> str:
+    """What an interrupted `fusedit sample` leaves in ``out``: the images it ``written`` (an earlier sample's
+    are removed once its first batch is ready), without grid.png, which is made at the end."""
+    if not written:
+        return f"no image was written to {out} yet; rerun the same command"
+    return (
+        f"{len(written)} of the {total} images are in {out}, without grid.png (made at the end); rerun the "
+        "same command to make them all"
+    )
 
 
 def _warn_cut(cut: int, prompts: int, limits: str) -> None:

@@ -377,6 +377,7 @@ def write_sample_folder(
     batch_size: int = 8,
     source: str | Path | None = None,
     progress: bool = True,
+    written: list[Path] | None = None,
 ) -> list[Path]:
     """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
     its metadata (prompt, seed, settings, precision, use_ema, model) as 0000i.json, and grid.png of them
@@ -391,7 +392,8 @@ def write_sample_folder(
     too. Prompts are sampled ``batch_size`` at a time, with a progress bar unless ``progress`` is False.
     ``out`` is created where missing; once the first images are ready, the files an earlier sample wrote
     there (numbered images, their metadata, grid.png) are removed, and no other file. Returns
-    the paths of the images written, in prompt order."""
+    the paths of the images written, in prompt order; ``written``, when given, receives each as it is
+    written (what an interrupted call left)."""
     if not prompts:
         raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
     if batch_size < 1:
@@ -403,7 +405,7 @@ def write_sample_folder(
     device = next(model.denoiser.parameters()).device
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
     out.mkdir(parents=True, exist_ok=True)
-    images, written = [], []
+    images, written = [], ([] if written is None else written)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=not progress)
     height, width = image_shape(size)
