@@ -128,3 +128,34 @@ def test_a_one_process_command_under_a_several_process_torchrun_is_refused(
         "several processes)\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_other_than_0_log_only_errors_and_their_own_data_warnings(caplog):
+    """Config-derived warnings were printed by every rank (32 copies on 4 nodes x 8 GPUs); a rank's own
+    data warnings (unreadable samples in its share) and its errors still show, and levels come back."""
+    import logging
+
+    import torch
+
+    from fusedit.train.distributed import DistEnv, quiet_unless_main
+
+    said = [
+        ("fusedit.system", logging.WARNING, "a config warning"),
+        ("fusedit.data.loader", logging.WARNING, "a data warning"),
+        ("fusedit.data.loader", logging.INFO, "a data info"),
+        ("fusedit.train.loop", logging.ERROR, "an error"),
+    ]
+    before = [logging.getLogger(name).level for name in ("fusedit", "fusedit.data")]
+    for rank, shown in (
+        (1, ["a data warning", "an error"]),
+        (0, [m for *_, m in said if m != "a data info"]),
+    ):
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING),
+            quiet_unless_main(DistEnv(rank, 2, rank, torch.device("cpu"), True)),
+        ):
+            for name, level, message in said:
+                logging.getLogger(name).log(level, message)
+        assert [r.getMessage() for r in caplog.records] == shown
+    assert [logging.getLogger(name).level for name in ("fusedit", "fusedit.data")] == before
