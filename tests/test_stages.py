@@ -300,6 +300,7 @@ def test_transitions_carry_weights_ema_and_optimizer_state_or_rebuild_it(tmp_pat
     with caplog.at_level(logging.INFO, logger="fusedit"):
         train(cfg, tmp_path / "run", progress=False)
     log = caplog.text
+    assert "stage 1 'b': steps 2..4, 24 px, batch 4 (4 x 1), lr 0.0005, trains DiT" in log
     assert "stage 1 'b': optimizer: the same" in log and "Adam state carried" in log
     assert "stage 2 'c': optimizer rebuilt for a changed parameter set" in log
     for index, boundary in ((1, 2), (2, 4)):
@@ -315,6 +316,14 @@ def test_transitions_carry_weights_ema_and_optimizer_state_or_rebuild_it(tmp_pat
         for i, p in enumerate(params):  # the denoiser's Adam moments continue where they were
             assert torch.equal(state["denoiser"][p]["exp_avg"], saved_opt[i]["exp_avg"])
     assert seen[2][2]["llm"] == {}  # the LLM's optimizer starts fresh
+
+
+def test_a_stage_announces_its_global_batch_and_its_split(caplog):
+    """Under torchrun the stage line showed the per-process batch only; recipes reason in global batches."""
+    cfg = load_config("recipe-shapes-3stage", ["stages.0.train.grad_accum=2"])
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        loop._announce_stage(cfg, resolved_stages(cfg)[0], True, 2)
+    assert "stage 0 'low-res': steps 0..800, 16 px, batch 128 (32 x 2 x 2 processes), lr 0.002" in caplog.text
 
 
 def test_re_created_adapters_start_with_fresh_adam_state(tmp_path, caplog):

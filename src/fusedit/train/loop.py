@@ -602,22 +602,26 @@ def _start_state(
     return ema, data_state
 
 
-def _announce_stage(cfg: Config, stage: Stage, main: bool) -> None:
+def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) -> None:
     """Log what a stage trains (in a run of stages), and warn of its settings that do nothing: those for
-    parts it does not train, and a warmup longer than the stage."""
+    parts it does not train, and a warmup longer than the stage. The batch is the global one (what recipes
+    reason about) with its split: batch_size x grad_accum x processes."""
     tc = stage.config.train
     parts = Parts.of(tc)
     span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
     if cfg.stages:
+        split = f"{tc.batch_size} x {tc.grad_accum}" + (
+            f" x {world_size} processes" if world_size > 1 else ""
+        )
         log.info(
-            "stage %d %r: steps %d..%d, %d px, batch %d x %d, lr %g, trains %s",
+            "stage %d %r: steps %d..%d, %d px, batch %d (%s), lr %g, trains %s",
             stage.index,
             stage.name,
             stage.start,
             stage.end,
             stage.config.data.image_size,
-            tc.batch_size,
-            tc.grad_accum,
+            tc.batch_size * tc.grad_accum * world_size,
+            split,
             tc.lr,
             parts.describe(),
         )
@@ -671,7 +675,7 @@ class _Run:
         """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
         step -> EMA -> log -> atomic checkpoint (at checkpoint_every, the stage's end and the run's end)."""
         tc = stage.config.train
-        _announce_stage(self.cfg, stage, self.env.is_main)
+        _announce_stage(self.cfg, stage, self.env.is_main, self.env.world_size)
         skip_path = self.run_dir / skipped_list_name(self.env.rank, stage.index if self.cfg.stages else None)
         loader = self._loader(stage, steps, data_state, skip_path)
         train_step = _Step(self, stage, forward, stage_parallel, opts)
