@@ -311,6 +311,15 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def gather_object(obj, env: DistEnv) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (a collective); ``[obj]`` in one process."""
+    if not env.distributed or env.world_size == 1:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because another process of the job did (died, hung past
     the timeout, lost its connection): torch's distributed errors, and gloo's, which come as plain

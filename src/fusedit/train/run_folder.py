@@ -101,11 +101,8 @@ def _check_every_rank_sees(path: Path, token: str, env: DistEnv) -> None:
     """Every rank reads rank 0's token from ``path``; all raise the same error, naming the ranks that do not."""
     if not env.distributed or env.world_size == 1:
         return
-    import torch.distributed as dist
-
     sees = env.is_main or _shows(path, token)
-    seen: list = [None] * env.world_size
-    dist.all_gather_object(seen, (sees, socket.gethostname()))
+    seen = distributed.gather_object((sees, socket.gethostname()), env)
     blind = [(rank, host) for rank, (ok, host) in enumerate(seen) if not ok]
     if blind:
         ranks = ", ".join(f"{rank} (on {host})" for rank, host in blind[:4]) + (
