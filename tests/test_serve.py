@@ -283,6 +283,10 @@ def test_a_prompt_cut_to_the_length_limit_is_told_on_every_job(server):
     assert [job["notice"] for job in jobs] == [notice, notice]
     short = wait(server, call(server, "/api/generate", {"prompt": "a red circle", "steps": 1})[1]["id"])
     assert short["status"] == "done" and short["notice"] is None
+    # A negative prompt at guidance 1 (the page sends its field with every request) is said to be unused.
+    unused = {"prompt": "a red circle", "steps": 1, "guidance": 1, "negative_prompt": "blue"}
+    job = wait(server, call(server, "/api/generate", unused)[1]["id"])
+    assert job["notice"] == "guidance 1 samples the prompt alone: the negative prompt was not used"
 
 
 def test_no_seed_draws_one_and_reports_it(server):

@@ -480,12 +480,18 @@ class JobQueue:
         x = generate(
             self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
         )
+        notices = []
         if self.model.cut:  # the job's rows (its negative prompt's too), as the last encoding cut them
+            notices.append(
+                f"the prompt (or negative prompt) is longer than {self.model.limits} tokens: its end was cut"
+            )
+        if settings["negative_prompt"] and settings["guidance"] == 1.0:
+            # Not refused as `fusedit sample` refuses it: the page sends its negative prompt field with every
+            # request, and a user trying guidance 1 should not have to empty it first; but it is said.
+            notices.append("guidance 1 samples the prompt alone: the negative prompt was not used")
+        if notices:
             with self._lock:
-                job.notice = (
-                    f"the prompt (or negative prompt) is longer than {self.model.limits} tokens: its end was "
-                    "cut"
-                )
+                job.notice = "; ".join(notices)
         pngs = []
         for array in to_uint8(x):
             buffer = io.BytesIO()
