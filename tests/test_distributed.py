@@ -248,7 +248,11 @@ def test_consolidate_refuses_to_replace_a_folder_it_did_not_write(runs, tmp_path
     (other / "notes.txt").write_text("keep")
     assert main(["consolidate", str(run), "--out", str(other)]) == 2
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    inside = run / "checkpoints" / "plain"  # beside the step folders, which pruning and --overwrite delete
+    assert main(["consolidate", str(run), "--out", str(inside)]) == 2
+    assert "is inside the run's checkpoints folder" in capsys.readouterr().err and not inside.exists()
     plain = tmp_path / "plain"
+    plain.mkdir()  # an empty folder holds nothing to lose
     assert main(["consolidate", str(run), "--out", str(plain)]) == 0
     assert main(["consolidate", str(run), "--out", str(plain)]) == 0  # an earlier consolidation is replaced
     assert load_state(plain)["step"] == 6

@@ -646,12 +646,18 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             f"{str(ckpt)!r} is not a distributed (DCP) checkpoint: it is in the plain format already"
         )
     out = Path(out)
-    # ``out`` is replaced whole at the end: anything but an earlier consolidation (the run folder itself, a
-    # folder of other files) would be deleted.
-    if out.exists() and not _written_by_consolidate(out):
+    if out.resolve().is_relative_to(ckpt.parent.resolve()):
+        # Beside the step folders it would go with them: pruning, or `fusedit train --overwrite`.
+        raise ValueError(
+            f"the output folder {str(out)!r} is inside the run's checkpoints folder {str(ckpt.parent)!r}, "
+            "whose content the run prunes and --overwrite deletes (allowed: a folder outside it)"
+        )
+    # ``out`` is replaced whole at the end: anything but an earlier consolidation or an empty folder (the
+    # run folder itself, a folder of other files) would be deleted.
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not _written_by_consolidate(out):
         raise ValueError(
             f"the output folder {str(out)!r} already exists and is not a checkpoint that consolidate wrote, "
-            "so replacing it would delete it (allowed: a new folder, or an earlier consolidation's)"
+            "so replacing it would delete it (allowed: a new or empty folder, or an earlier consolidation's)"
         )
     # A kill while an earlier consolidation is deleted leaves no torn ``out`` (files.replacing).
     with replacing(out) as tmp:
