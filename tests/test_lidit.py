@@ -325,11 +325,14 @@ def test_pooled_text_loads_a_whole_clips_text_tower_and_refuses_other_models(tmp
     llm = tmp_path / "llm"
     AutoConfig.for_model("gemma", **TINY_ARCH).save_pretrained(llm)  # what is read before the weights
     with pytest.raises(
-        ConfigError, match=r"^pooled_text.model_id='.*llm' is a model of model_type 'gemma', not a CLIP"
+        ConfigError,
+        match=r"^pooled_text.model_id='.*llm' is a model of model_type 'gemma' \(allowed: a CLIP or CLIP text",
     ):
         load_pooled_encoder(PooledTextConfig(model_id=str(llm)), "cpu")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"^pooled_text.model_id='.*empty' cannot be loaded: "):
+    with pytest.raises(
+        ConfigError, match=r"^pooled_text.model_id='.*empty' is not a model transformers can read: "
+    ):
         load_pooled_encoder(PooledTextConfig(model_id=str(tmp_path / "empty")), "cpu")
 
 

@@ -406,3 +406,8 @@ def test_a_swapped_schedulers_shift_is_the_one_fusedit_samples_with(tmp_path):
     assert torch.equal(
         run_pipe(FuseDiTPipeline.from_pretrained(str(tmp_path / "pipe")), output_type="latent"), out
     )
+    # What the CLI reads of the folder without loading it (`fusedit eval` generates from it before any
+    # load, `train.init_from` builds on it) says the same.
+    from fusedit.cli import _saved_model
+
+    assert _saved_model(tmp_path / "pipe")[0].sample == loaded.sample

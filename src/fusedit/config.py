@@ -550,12 +550,22 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
 
 def pipeline_record(folder: Path) -> dict | None:
     """The Config sections a diffusers pipeline folder's transformer recorded (``fusedit.hub.export_config``),
-    or None where it records none (no such file, or the public FuseDiT code's pipeline)."""
+    or None where it records none (no such file, or the public FuseDiT code's pipeline). Its scheduler's
+    shift is the folder's sample.shift, as FuseDiTPipeline.fusedit_config reads it when the folder loads:
+    swapping the scheduler is how docs/diffusers.md changes it."""
     try:
         recorded = json.loads((folder / "transformer" / "config.json").read_text()).get("fusedit")
     except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
         return None
-    return recorded if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        shift = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("shift")
+    except (OSError, ValueError, AttributeError):
+        shift = None
+    if isinstance(shift, (int, float)) and not isinstance(shift, bool):
+        recorded = {**recorded, "sample": {**(recorded.get("sample") or {}), "shift": float(shift)}}
+    return recorded
 
 
 def _saved_mapping(folder: Path) -> dict:
@@ -1010,6 +1020,8 @@ def model_config(
         config = AutoConfig.from_pretrained(place)
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if not Path(place).expanduser().is_dir():  # a hub id: offline, gated or mistyped, not a bad model
+            raise ConfigError(f"{named} cannot be loaded: {first}") from None
         raise ConfigError(
             f"{named} is not a model transformers can read: {first} (allowed: {allowed})"
         ) from None
