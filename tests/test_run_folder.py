@@ -29,6 +29,14 @@ def test_a_second_job_is_refused_while_the_first_trains_into_the_folder(tmp_path
     save_config(tiny_config(train={"steps": 1}), tmp_path / "tiny.yaml")
     run = tmp_path / "run"
     train = ["train", str(tmp_path / "tiny.yaml"), "--out", str(run), "--quiet"]
+    assert main(train) == 0 and (run / "checkpoints" / "latest").is_file()
+
+    def files() -> dict:
+        return {
+            p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK_FILE
+        }
+
+    before = files()
     with hold_run_folder(run, distributed.setup("cpu")):
         for flag in ("--resume", "--overwrite"):
             assert main([*train, flag]) == 2
@@ -36,8 +44,9 @@ def test_a_second_job_is_refused_while_the_first_trains_into_the_folder(tmp_path
             assert err.startswith(
                 f"fusedit: error: {run} is being trained by another job (pid {os.getpid()} on "
             )
+            assert "if that host is down, a network filesystem may hold its lock a while: once no job " in err
             assert err.endswith("or give another --out\n") and err.count("\n") == 1
-    assert main(train) == 0 and (run / "checkpoints" / "latest").is_file()
+    assert files() == before  # refused before anything was read or deleted
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -157,12 +166,42 @@ def test_two_ranks_refuse_an_unshared_or_busy_folder_and_stop_in_one_line(tmp_pa
         )
         assert got["peer", rank] == (
             "RunStopped: another process of the job failed or stopped answering (RuntimeError: Read error: "
-            "Connection reset); the checkpoints in "
-            f"{tmp_path / 'peer' / 'checkpoints'} are kept: relaunch the same command with --resume (a process "
-            "waits train.dist_timeout_s=60 s for the others)"
+            "Connection reset; a process waits train.dist_timeout_s=60 s for the others); no checkpoint was "
+            f"saved yet in {tmp_path / 'peer'}: train again to start over"
         )
         assert got["launcher", rank].startswith("RunStopped: the launcher that started this process (pid ")
         assert got["launcher", rank].endswith(
-            f"is gone, so the job stops at step 0; the checkpoints in {tmp_path / 'launcher' / 'checkpoints'} "
-            "are kept: relaunch the same command with --resume"
+            f"is gone, so the job stops at step 0; no checkpoint was saved yet in {tmp_path / 'launcher'}: train "
+            "again to start over"
         )
+
+
+def test_a_stopped_job_is_told_the_command_that_goes_on_for_its_flags(tmp_path, capsys, monkeypatch):
+    """`--resume` cannot be added to a command given `--overwrite` (argparse refuses the two): the advice
+    of a stopped job is worded for the flags given, as Ctrl+C's is."""
+    from fusedit.config import RunStopped
+    from fusedit.train import loop
+
+    def stopped(*args, **kwargs):
+        raise RunStopped("another process of the job failed", "the library's own advice")
+
+    monkeypatch.setattr(loop, "train", stopped)
+    save_config(tiny_config(), tmp_path / "tiny.yaml")
+    train = ["train", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"), "--quiet", "--overwrite"]
+    assert main(train) == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: another process of the job failed; no checkpoint was saved yet in {tmp_path / 'run'}; "
+        "rerun the same command to start again\n"
+    )
+
+
+def test_only_failures_of_other_processes_are_reported_as_theirs():
+    """This rank's own backend fault (an NCCL or CUDA error) keeps its traceback; a lost peer, a closed
+    connection or a timeout is another process's failure, reported in one line."""
+    peer = distributed.peer_failure
+    assert peer(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [1.2.3.4]:5"))
+    assert peer(RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 10000ms"))
+    assert peer(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    assert peer(dist.DistNetworkError("failed to recv, got 0 bytes"))
+    assert not peer(dist.DistBackendError("NCCL error: unhandled cuda error (run with NCCL_DEBUG=INFO)"))
+    assert not peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (connection of layers)"))

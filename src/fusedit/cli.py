@@ -115,8 +115,11 @@ def cmd_train(args) -> int:
             out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
         )
     started = time.time()
-    with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
-        result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    try:
+        with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
+            result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+    except RunStopped as e:  # what is kept, and the command that goes on, for the flags given
+        raise RunStopped(e.reason, _train_kept(out, args, started)) from e
     if result.get("rank", 0) != 0:
         return 0
     step, where = result["step"], f"checkpoints in {out / 'checkpoints'}"

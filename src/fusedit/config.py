@@ -42,8 +42,12 @@ class ConfigError(ValueError):
 
 class RunStopped(RuntimeError):
     """A training job stopped by something outside this process (its launcher gone, another process of the
-    job failed or stopped answering): not a bug; the message is one line that says what is kept and how to go
-    on."""
+    job failed or stopped answering): not a bug. ``reason`` says what happened, ``kept`` what is kept and how
+    to go on (the command line words it for the flags given); the message is both, in one line."""
+
+    def __init__(self, reason: str, kept: str):
+        super().__init__(f"{reason}; {kept}")
+        self.reason, self.kept = reason, kept
 
 
 # The largest sampling seed, as `fusedit sample` and `serve` take seeds (torch would take up to 2**64 - 1):

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -322,9 +323,14 @@ def gather_object(obj, env: DistEnv) -> list:
 
 def peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because another process of the job did (died, hung past
-    the timeout, lost its connection): torch's distributed errors, and gloo's, which come as plain
-    RuntimeErrors naming its transport."""
-    return isinstance(error, dist.DistError) or "gloo/transport" in str(error) or "Gloo " in str(error)
+    the timeout, lost its connection): torch's network and store errors, and backend errors (gloo's come as
+    plain RuntimeErrors naming its transport; NCCL's as DistBackendError) that say a peer, a connection, an
+    abort or a timeout. Any other backend error (this rank's own NCCL or CUDA fault) is not: it keeps its
+    traceback."""
+    if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    backend = isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+    return backend and re.search(r"(?i)peer|connection|timed out|timeout|abort", str(error)) is not None
 
 
 def launcher_gone(parent: int) -> bool:

@@ -350,9 +350,9 @@ def train(
             first = (str(e).strip().splitlines() or [""])[0]
             first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:300]
             raise RunStopped(
-                f"another process of the job failed or stopped answering ({type(e).__name__}: {first}); "
-                f"{_kept_checkpoints(Path(run_dir))} (a process waits train.dist_timeout_s="
-                f"{cfg.train.dist_timeout_s:g} s for the others)"
+                f"another process of the job failed or stopped answering ({type(e).__name__}: {first}; a "
+                f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others)",
+                _kept_checkpoints(Path(run_dir)),
             ) from e
         raise
     finally:
@@ -360,8 +360,14 @@ def train(
 
 
 def _kept_checkpoints(run_dir: Path) -> str:
-    """What a stopped job keeps and how it goes on, for RunStopped's messages."""
-    return f"the checkpoints in {run_dir / 'checkpoints'} are kept: relaunch the same command with --resume"
+    """What a stopped job keeps and how it goes on, for RunStopped (`fusedit train` words it for its flags)."""
+    try:
+        ckpt = find_checkpoint(run_dir)
+    except FileNotFoundError:
+        return f"no checkpoint was saved yet in {run_dir}: train again to start over"
+    return (
+        f"the last checkpoint is {ckpt}: resume from it (train(..., resume=True); `fusedit train --resume`)"
+    )
 
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
@@ -685,7 +691,8 @@ class _Run:
             if self.launcher is not None and distributed.launcher_gone(self.launcher):
                 raise RunStopped(
                     f"the launcher that started this process (pid {self.launcher}, torchrun's agent) is gone, "
-                    f"so the job stops at step {step}; {_kept_checkpoints(self.run_dir)}"
+                    f"so the job stops at step {step}",
+                    _kept_checkpoints(self.run_dir),
                 )
             t0 = time.perf_counter()
             loss, norm, truncated, lr, lrs = train_step(step, batch)

@@ -54,7 +54,8 @@ def hold_run_folder(run_dir: Path, env: DistEnv) -> Iterator[None]:
             raise ConfigError(
                 f"{run_dir} is being trained by another job ({holder}; see {LOCK_FILE}): stop it, or wait for "
                 "it to end, before training into this folder (a torchrun killed with SIGKILL can leave its "
-                "ranks training), or give another --out"
+                "ranks training; if that host is down, a network filesystem may hold its lock a while: once "
+                f"no job trains here, delete {path}), or give another --out"
             )
         _check_every_rank_sees(path, token, env)
         yield
