@@ -26,10 +26,12 @@ import math
 import numbers
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -79,6 +81,10 @@ class FuseDiTPipeline(DiffusionPipeline):
         "pooled_tokenizer",
         "pooled_text_encoder",
     ]
+    # What callback_on_step_end may read and replace (diffusers' name for the list). The text context is a
+    # TextContext (per-LLM hidden states and masks, shared by both guidance branches), not one prompt_embeds
+    # tensor a callback could swap, so only the latents are offered.
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -248,6 +254,18 @@ class FuseDiTPipeline(DiffusionPipeline):
         return TextToImage(encoders[0], self.transformer.denoiser, ae, encoders[1:], pooled), cfg
 
     # ---- sampling
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' early stop: a step-end callback sets ``pipe._interrupt = True`` and the remaining steps
+        are skipped; the latents reached so far are what the call returns (decoded unless "latent")."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps of the running (or last) call, as diffusers' pipelines offer it to
+        callbacks (a step-end callback's ``step_index`` runs from 0 to ``num_timesteps - 1``)."""
+        return self._num_timesteps
+
     def _set_schedule(self, steps: int, device: torch.device) -> None:
         """Put the model's ``sample.schedule`` on the scheduler: "uniform" (t uniform from 1 to 0 over
         ``steps``, then the shift) or "diffusers" (the scheduler's own spacing, which is what that means)."""
@@ -292,15 +310,29 @@ class FuseDiTPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
     ):
         """Images for ``prompt``. None means the model's own default (``sample.steps``, ``sample.guidance``,
         ``sample.negative_prompt``, the training resolution). Guidance is classifier-free whenever it is not
         1. ``output_type``: "pil" (fusedit's uint8 rounding, as ``fusedit sample`` writes), "np" / "pt"
-        (floats in [0, 1]), "latent". Returns ImagePipelineOutput(images=...) or a 1-tuple."""
+        (floats in [0, 1]), "latent". Returns ImagePipelineOutput(images=...) or a 1-tuple.
+
+        ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict`` runs after every step
+        (Euler's or Heun's) as in diffusers: ``callback_kwargs`` holds the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (only "latents" is offered), the ``"latents"`` of the dict it
+        returns replace the pipeline's, and setting ``pipe._interrupt = True`` skips the remaining steps. A
+        diffusers ``PipelineCallback`` or ``MultiPipelineCallbacks`` names its own tensor inputs."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type={output_type!r} is not allowed (allowed: {', '.join(OUTPUT_TYPES)})"
             )
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            # diffusers' callback objects name the tensors they read; the argument is ignored then, as there.
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        _check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
         model, cfg = self.to_fusedit()
         prompts = _strings("prompt", prompt)
         if not prompts:
@@ -364,16 +396,36 @@ class FuseDiTPipeline(DiffusionPipeline):
 
         velocity = text_velocity(transformer, context, guidance, dtype, device_type=device.type)
         self._set_schedule(steps, device)
-        sigmas = self.scheduler.sigmas
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
-            if cfg.sample.sampler == "euler":
-                for i, timestep in enumerate(self.scheduler.timesteps):
-                    # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
-                    v = velocity(latents, sigmas[i].expand(latents.shape[0]))
-                    latents = self.scheduler.step(v, timestep, latents, return_dict=False)[0]
-                    bar.update()
-            else:  # a step the Euler scheduler cannot take: fusedit's, over its (steps + 1,) sigmas from 1 to 0
-                latents = SAMPLERS[cfg.sample.sampler](velocity, latents, sigmas.to(device), bar.update)
+        timesteps, sigmas = self.scheduler.timesteps, self.scheduler.sigmas
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        if cfg.sample.sampler == "euler":
+
+            def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
+                v = velocity(x, sigmas[i].expand(x.shape[0]))
+                return self.scheduler.step(v, timestep, x, return_dict=False)[0]
+
+        else:
+            # A step the Euler scheduler cannot take: fusedit's sampler, a pure function, over this step's two
+            # scheduler sigmas. SAMPLERS' methods are one-step (a step reads only x and its own two times), so
+            # step i over sigmas[i : i + 2] is step i of the whole (steps + 1,) run bit for bit, with room for
+            # the callback between steps.
+            times, sampler = sigmas.to(device), SAMPLERS[cfg.sample.sampler]
+
+            def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                return sampler(velocity, x, times[i : i + 2])
+
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, timestep in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                latents = step(i, timestep, latents)
+                if callback_on_step_end is not None:
+                    latents = self._step_end(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, latents
+                    )
+                bar.update()
         self.maybe_free_model_hooks()
 
         if output_type == "latent":
@@ -386,6 +438,27 @@ class FuseDiTPipeline(DiffusionPipeline):
                 unit_range = ((decoded.float() + 1) / 2).clamp(0, 1)
                 images = unit_range.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else unit_range
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _step_end(
+        self, callback: Callable, names: list[str], i: int, timestep: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """Call the step-end callback with the tensors it asked for; the latents it returns (if any) go on."""
+        tensors = {"latents": latents}
+        outputs = callback(self, i, timestep, {name: tensors[name] for name in names})
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                f"callback_on_step_end returned {type(outputs).__name__} at step {i} (allowed: a dict, such as "
+                "the callback_kwargs it was given)"
+            )
+        new = outputs.get("latents", latents)
+        if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+            found = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(
+                f"callback_on_step_end returned latents of shape {found} at step {i}, expected "
+                f"{tuple(latents.shape)}"
+            )
+        # The sampler integrates in float32 on the pipeline's device, as it does the initial latents.
+        return new.to(latents.device, torch.float32)
 
 
 def save_pretrained(model: TextToImage, cfg: Config, folder: str | os.PathLike) -> Path:
@@ -515,6 +588,27 @@ def _side(name: str, value, cfg: Config) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not side_fits(int(value), cfg):
         raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed_sides(cfg)})")
     return int(value)
+
+
+def _check_callback(callback, names, allowed: list[str]) -> None:
+    """callback_on_step_end and its tensor inputs, refused in one line before anything runs (diffusers'
+    check_inputs does the same)."""
+    if callback is not None and not callable(callback):
+        raise ValueError(
+            f"callback_on_step_end={callback!r} is not allowed (allowed: a function (pipe, step_index, timestep, "
+            "callback_kwargs) -> dict, or a diffusers PipelineCallback / MultiPipelineCallbacks)"
+        )
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs={names!r} is not allowed (allowed: a list of names from: "
+            f"{', '.join(allowed)})"
+        )
+    for name in names:
+        if name not in allowed:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs names {name!r}, which FuseDiTPipeline does not offer "
+                f"(allowed: {', '.join(allowed)})"
+            )
 
 
 def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
