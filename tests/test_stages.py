@@ -98,6 +98,13 @@ def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
     ]
     assert [s.config.train.batch_size for s in resolved_stages(cfg)] == [32, 32, 32]
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):  # a nested key, which stage 2 sets itself
+        load_config("recipe-shapes-3stage", ["train.dit_lora.rank=16"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.dit_lora.rank=16 does not reach stages[2] (lora-position) at 8: a stage's value (its own or an "
+        "earlier stage's) wins over the top-level one; to set it there, override stages.2.train.dit_lora.rank=16"
+    ]
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fusedit"):
         cfg = load_config("recipe-shapes-3stage", ["train.batch_size=4", "stages.0.train.batch_size=4"])
         load_config("recipe-fusedit-paper", ["train.global_batch=null", "stages.0.train.global_batch=null"])

@@ -898,32 +898,48 @@ def unreached_overrides(cfg: Config, extra: dict) -> list[str]:
     batch would otherwise change nothing, silently. It names the stage overrides that would carry the value
     (the stages setting the key themselves; later ones inherit). Stages the overrides name themselves
     (stages.N...) are the user's choice and not reported. ``extra``: the parsed overrides (parse_overrides)."""
-    given = [(s, k) for s in STAGE_SECTIONS for k in extra.get(s) or {} if not isinstance(extra[s][k], dict)]
+    # Leaf keys, nested ones dotted (train.dit_lora.rank=16 as "dit_lora.rank").
+    given = [(s, k) for s in STAGE_SECTIONS for k in flatten(extra.get(s) or {})]
     if not cfg.stages or not given:
         return []
     named = {str(i): patch for i, patch in (extra.get("stages") or {}).items() if isinstance(patch, dict)}
     stages = resolved_stages(cfg)
     messages = []
     for section, key in given:
-        value = getattr(getattr(cfg, section), key)
+        value = _at(getattr(cfg, section), key)
         missed = [
             st
             for st in stages
-            if getattr(getattr(st.config, section), key) != value
-            and key not in (named.get(str(st.index), {}).get(section) or {})
+            if _at(getattr(st.config, section), key) != value
+            and _at(named.get(str(st.index), {}).get(section) or {}, key, _UNSET) is _UNSET
         ]
         if missed:
             text = _yaml_text(value)
             theirs = ", ".join(
-                f"{st.where} at {_yaml_text(getattr(getattr(st.config, section), key))}" for st in missed
+                f"{st.where} at {_yaml_text(_at(getattr(st.config, section), key))}" for st in missed
             )
-            setting = [st for st in missed if key in getattr(cfg.stages[st.index], section)] or missed[:1]
+            setting = [
+                st for st in missed if _at(getattr(cfg.stages[st.index], section), key, _UNSET) is not _UNSET
+            ] or missed[:1]
             fix = " ".join(f"stages.{st.index}.{section}.{key}={text}" for st in setting)
             messages.append(
                 f"{section}.{key}={text} does not reach {theirs}: a stage's value (its own or an earlier "
                 f"stage's) wins over the top-level one; to set it there, override {fix}"
             )
     return messages
+
+
+_UNSET = object()
+
+
+def _at(node: Any, dotted: str, default: Any = None) -> Any:
+    """The value at a dotted key of a config section or an override mapping (``dit_lora.rank``); ``default``
+    where a mapping lacks it."""
+    for part in dotted.split("."):
+        node = node.get(part, default) if isinstance(node, dict) else getattr(node, part, default)
+        if node is default:
+            return default
+    return node
 
 
 def _yaml_text(value: Any) -> str:
