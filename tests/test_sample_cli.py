@@ -287,6 +287,20 @@ def test_a_size_far_past_the_trained_one_is_warned_about_before_the_load(
         assert [r.getMessage() for r in caplog.records] == expected
 
 
+@pytest.mark.parametrize("flag", [["--no-ema"], ["--relocate", "vae.model_id=/elsewhere"]])
+def test_eval_refuses_a_pipeline_folders_flags_before_claiming_its_folder(folders, tmp_path, capsys, flag):
+    """eval loads the model only at the first image to make: the flags a pipeline folder cannot take are
+    refused before its out folder is claimed (generation.json), and also when every image is there."""
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "7.txt").write_text("a red circle")
+    out = tmp_path / "ev"
+    argv = ["eval", str(folders["pipeline"]), "--bench", "dpg", "--prompts", str(tmp_path / "dpg")]
+    assert main([*argv, "--out", str(out), "--quiet", *flag]) == 2
+    err = capsys.readouterr().err
+    assert f"needs a run or checkpoint folder: the pipeline folder {str(folders['pipeline'])!r}" in err
+    assert not out.exists()
+
+
 def test_a_square_written_width_by_height_is_recorded_as_one_side(folders, tmp_path):
     assert sample(folders["run"], tmp_path, "--prompt", "a red circle", "--steps", "1", "--size", "8x8") == 0
     assert metadata(tmp_path, 0)["size"] == 8

@@ -461,7 +461,10 @@ def cmd_eval(args) -> int:
 
     if args.bench in _PROTOCOLS:
         from fusedit.eval.run import check_protocol_folder
+        from fusedit.sample import check_sampling_source
 
+        # Before the folder's record is compared or written: the load comes only at the first image.
+        check_sampling_source(args.model, not args.no_ema, _relocations(args))
         saved = _saved_model(args.model)
         if saved is not None:  # a folder of another generation's images is refused before the load
             record = _eval_record(args, *saved, device)[1]
@@ -687,7 +690,7 @@ def cmd_fid(args) -> int:
 
 
 def cmd_clip_score(args) -> int:
-    from fusedit.eval.fid import CONTACT_SHEET, IMAGE_SUFFIXES, ClipScore, clip_scores, mean_clip_score
+    from fusedit.eval.fid import ClipScore, clip_scores, is_sample_image, mean_clip_score
 
     def prompt_of(meta: Path) -> str:
         try:
@@ -705,11 +708,7 @@ def cmd_clip_score(args) -> int:
         raise FileNotFoundError(
             f"no such folder: {args.samples!r} (expected a `fusedit sample` output folder)"
         )
-    paths = sorted(
-        p
-        for p in Path(args.samples).iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET and p.is_file()
-    )
+    paths = sorted(p for p in Path(args.samples).iterdir() if is_sample_image(p))  # this folder's, not below
     pairs = [(p, prompt_of(p.with_suffix(".json"))) for p in paths if p.with_suffix(".json").is_file()]
     if not pairs:
         raise ConfigError(f"no images with a prompt file (NNNNN.png + NNNNN.json) in {args.samples!r}")

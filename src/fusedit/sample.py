@@ -282,6 +282,34 @@ def _saved_by_public_fusedit(folder: Path) -> bool:
     return False
 
 
+def check_sampling_source(path: str | Path, use_ema: bool = True, relocate: dict | None = None) -> Path:
+    """What load_sampling_model refuses about ``path`` before reading any weights (a missing folder, one of
+    the public FuseDiT code, a pipeline folder with --no-ema or --relocate): callers that write anything
+    before the load (`fusedit eval` records its generation first) check it first. Returns the folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
+        )
+    if _saved_by_public_fusedit(folder):
+        raise ConfigError(
+            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
+            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
+        )
+    if (folder / "model_index.json").is_file():
+        if not use_ema:
+            raise ConfigError(
+                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
+                "the weights it was exported with"
+            )
+        if relocate:
+            raise ConfigError(
+                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
+                "models itself"
+            )
+    return folder
+
+
 def load_sampling_model(
     path: str | Path,
     device: torch.device | str,
@@ -316,27 +344,8 @@ def load_sampling_model(
         cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
         return to_sampling_form(model, cfg), cfg
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
-        )
-    if _saved_by_public_fusedit(folder):
-        raise ConfigError(
-            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
-            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
-        )
+    folder = check_sampling_source(path, use_ema, relocate)
     if (folder / "model_index.json").is_file():
-        if not use_ema:
-            raise ConfigError(
-                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
-                "the weights it was exported with"
-            )
-        if relocate:
-            raise ConfigError(
-                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
-                "models itself"
-            )
         from fusedit.pipeline import from_pretrained  # imports this module
 
         return *sampling(*from_pretrained(folder, device)), folder

@@ -106,18 +106,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(float(value), 0.0)  # a squared distance: tiny negative values are rounding
 
 
+def is_sample_image(path: Path) -> bool:
+    """Whether ``path`` is an image file of a sample folder: an image type, and not the contact sheet
+    (``CONTACT_SHEET``) sample folders hold beside their samples."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.name != CONTACT_SHEET and path.is_file()
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), in a fixed (sorted) order, without the contact sheets
-    (``CONTACT_SHEET``) that sample folders hold beside their samples."""
+    """Image files under ``folder`` (recursively, ``is_sample_image``), in a fixed (sorted) order."""
     folder = Path(folder)
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(f"image folder {str(folder)!r} {problem}")
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.name != CONTACT_SHEET and p.is_file()
-    )
+    files = sorted(p for p in folder.rglob("*") if is_sample_image(p))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
     return files
