@@ -6,6 +6,7 @@ Every check that matters here is exact: a saved and reloaded model, the pipeline
 
 import importlib
 import json
+import logging
 import re
 
 import numpy as np
@@ -411,3 +412,16 @@ def test_a_swapped_schedulers_shift_is_the_one_fusedit_samples_with(tmp_path):
     from fusedit.cli import _saved_model
 
     assert _saved_model(tmp_path / "pipe")[0].sample == loaded.sample
+
+
+def test_a_size_far_past_the_trained_one_is_warned_about(caplog):
+    """As `fusedit sample --size`: allowed, but said (each step then costs that many times the tokens)."""
+    cfg = tiny_config(sample=SAMPLE)
+    pipe = FuseDiTPipeline.from_model(built(cfg), cfg)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1, height=16, width=64)
+        run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1, height=80, width=80)
+    assert [r.getMessage() for r in caplog.records] == [
+        "height=80, width=80 has 25x the pixels of the 16 px the model trained at: each step processes that many "
+        "times the image tokens (attention grows with their square), and the model never saw such sizes"
+    ]

@@ -60,8 +60,6 @@ def _out_folder(out: str | Path, flag: str = "--out") -> Path:
 
 
 GO_ON = "rerun the same command to go on"
-# `fusedit sample` / `eval` warn about a --size of more than this many times the trained image's pixels.
-FAR_PAST_TRAINED = 16
 
 
 @contextlib.contextmanager
@@ -227,24 +225,12 @@ def _check_sampling_flags(args) -> None:
         raise ConfigError(f"--shift {shift} is not allowed (allowed: a finite number > 0; 1 = no shift)")
     if args.size is None:
         return
-    from fusedit.sample import image_shape
+    from fusedit.sample import image_shape, warn_far_past_trained
 
     saved = _saved_config(args.model)
     if saved is not None:
         _check_size(args.size, saved)
-        height, width = image_shape(args.size)
-        trained = saved.data.image_size
-        if height * width > FAR_PAST_TRAINED * trained * trained:
-            # Allowed (a model may be tried past its size), but each step then costs that many times the
-            # tokens, and attention their square: a mistyped size would look like a hang.
-            log.warning(
-                "--size %s has %.0fx the pixels of the %d px the model trained at: each step processes that "
-                "many times the image tokens (attention grows with their square), and the model never saw "
-                "such sizes",
-                _size_text(args.size),
-                height * width / trained**2,
-                trained,
-            )
+        warn_far_past_trained(image_shape(args.size), saved, f"--size {_size_text(args.size)}")
     elif min(image_shape(args.size)) < 1:  # no config to say more: load_sampling_model reports the folder
         raise ConfigError(
             f"--size {_size_text(args.size)} is not allowed (allowed: a positive multiple of the VAE's "

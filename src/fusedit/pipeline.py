@@ -42,7 +42,7 @@ from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
-from fusedit.sample import latent_shape, text_velocity
+from fusedit.sample import latent_shape, text_velocity, warn_far_past_trained
 from fusedit.system import TextToImage
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder
@@ -364,6 +364,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             cfg.data.image_size if size is None else _side(name, size, cfg)
             for name, size in (("height", height), ("width", width))
         )
+        warn_far_past_trained((height, width), cfg, f"height={height}, width={width}")
         shape = (len(prompts), *latent_shape(model, (height, width)))
         if isinstance(generator, list) and len(generator) != len(prompts):
             # randn_tensor would silently reuse one generator for a list of one, or ignore the extras.

@@ -137,6 +137,27 @@ def latent_shape(model: TextToImage, image_size: int | tuple[int, int]) -> tuple
     return ae.channels, height // ae.downsample, width // ae.downsample
 
 
+# A size of more than this many times the trained image's pixels is warned about (`fusedit sample`, `eval`,
+# the pipeline): allowed, since a model may be tried past its size.
+FAR_PAST_TRAINED = 16
+
+
+def warn_far_past_trained(shape: tuple[int, int], cfg: Config, named: str) -> None:
+    """Warn when (height, width) ``shape`` is far past the size ``cfg`` trained at: each step then processes
+    that many times the image tokens, and attention their square, so a mistyped size looks like a hang.
+    ``named`` says where the size came from (``--size 2048``, ``height=1024, width=1024``)."""
+    trained = cfg.data.image_size
+    ratio = shape[0] * shape[1] / trained**2
+    if ratio > FAR_PAST_TRAINED:
+        log.warning(
+            "%s has %.0fx the pixels of the %d px the model trained at: each step processes that many times "
+            "the image tokens (attention grows with their square), and the model never saw such sizes",
+            named,
+            ratio,
+            trained,
+        )
+
+
 def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bool = False) -> None:
     """One-line errors for a step count below 1 or a guidance scale that is negative or not finite (None:
     not given). Called before any slow work; ``flags`` names them as command-line flags (``--steps 0``)
