@@ -58,20 +58,30 @@ def fixture_model():
 
 @pytest.fixture(scope="module")
 def words_dir(tmp_path_factory) -> str:
-    """The fixture tokenizer saved as a tokenizer folder."""
+    """The fixture tokenizer saved as a tokenizer folder (the fixture LLM's 512 ids)."""
     folder = tmp_path_factory.mktemp("tokenizer")
     fixture_tokenizer().save_pretrained(str(folder))
     return str(folder)
 
 
-def fixture_tokenizer() -> PreTrainedTokenizerFast:
-    """Word "t<i>" -> id i, no special tokens added: strings that tokenize to the fixture's ids. (The
-    special tokens are not words "t<i>": transformers matches them inside words first.)"""
-    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, 512)}, "<unk>": 512}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+@pytest.fixture(scope="module")
+def small_words_dir(tmp_path_factory) -> str:
+    """The same for the round-trip tests' LLMs of TINY_BASE's 64 ids (a tokenizer of more ids than its LLM
+    has embeddings is refused at build)."""
+    folder = tmp_path_factory.mktemp("tokenizer64")
+    fixture_tokenizer(TINY_BASE["vocab_size"]).save_pretrained(str(folder))
+    return str(folder)
+
+
+def fixture_tokenizer(size: int = 512) -> PreTrainedTokenizerFast:
+    """Word "t<i>" -> id i for i < ``size``, no special tokens added: strings that tokenize to the fixture's
+    ids. (The special tokens are not words "t<i>": transformers matches them inside words first.) An unknown
+    word is the pad id, so that the ids stay within the LLM's ``size`` embeddings."""
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side="right"
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<pad>", padding_side="right"
     )
 
 
@@ -465,7 +475,7 @@ def public_llm(folder: Path, base: dict) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_round_trip_through_the_public_layout(tmp_path, words_dir, case):
+def test_round_trip_through_the_public_layout(tmp_path, small_words_dir, case):
     change, layout = CASES[case]
     if layout.endswith(".zst"):
         pytest.importorskip("zstandard", reason="raw .pt.zst checkpoints need zstandard")
@@ -473,7 +483,7 @@ def test_round_trip_through_the_public_layout(tmp_path, words_dir, case):
     dit = public["model_type"] == "DiT"
     llm = public_llm(tmp_path / "llm0", public["base_config"]) if dit else ""
     opts = {"max_length": 24, "padding_side": "left"}
-    cfg = official_config(public, llm=llm, tokenizer=words_dir, **opts)
+    cfg = official_config(public, llm=llm, tokenizer=small_words_dir, **opts)
     model = build(cfg)
     scramble(model.denoiser)
     if cfg.model.design == "dit-self":  # the public self-attention baseline has one k_norm for both
@@ -486,7 +496,7 @@ def test_round_trip_through_the_public_layout(tmp_path, words_dir, case):
 
     path = export_official(cfg, model, tmp_path / "exported", layout=layout)
     # A pipeline carries its tokenizer (and a DiT baseline's LLM); the other layouts are given them.
-    extra = {} if layout == "pipeline" else {"tokenizer": words_dir, "llm": llm}
+    extra = {} if layout == "pipeline" else {"tokenizer": small_words_dir, "llm": llm}
     cfg2, model2 = load_official(path, **opts, **extra)
 
     assert cfg2.model == cfg.model
@@ -518,9 +528,9 @@ def test_export_refuses_what_the_public_code_cannot_express(tmp_path):
         export_official(cfg, model, tmp_path / "x", layout="zip")
 
 
-def test_dit_self_exports_only_a_shared_k_norm(tmp_path, words_dir):
+def test_dit_self_exports_only_a_shared_k_norm(tmp_path, small_words_dir):
     public = {**TINY_PUBLIC, "model_type": "DiT", "pos_embed": "1d-rope"}
-    cfg = official_config(public, llm=public_llm(tmp_path / "llm0", TINY_BASE), tokenizer=words_dir)
+    cfg = official_config(public, llm=public_llm(tmp_path / "llm0", TINY_BASE), tokenizer=small_words_dir)
     model = build(cfg)
     with torch.no_grad():
         model.denoiser.text_kv[0].k_norm.weight.add_(0.5)

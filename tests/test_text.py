@@ -380,11 +380,16 @@ def test_a_tokenizer_that_does_not_fit_the_llm_is_a_one_line_config_error(tmp_pa
     # a folder with the LLM's weights but no tokenizer files: transformers builds an empty tokenizer
     with pytest.raises(ConfigError, match="into no tokens .*no tokenizer files"):
         build_model(_local_llm(tmp_path / "no-tokenizer", None))
-    # a tokenizer whose ids run past the LLM's 64 embeddings
+    # a tokenizer whose ids run past the LLM's 64 embeddings: refused at build (see below); an encoder put
+    # together by hand (a pipeline's components) is refused at the first prompt past them
     big = word_tokenizer([f"w{i}" for i in range(100)] + vocabulary())
-    model = build_model(_local_llm(tmp_path / "big", big))
+    with pytest.raises(ConfigError, match="has 129 token ids but its LLM has 64 embeddings"):
+        build_model(_local_llm(tmp_path / "big", big))
+    from fusedit.text.encoder import TextEncoder
+
+    by_hand = TextEncoder(build_model(tiny_config()).text.llm, big, 16)
     with pytest.raises(ConfigError, match="token ids up to 1.. .*64 embeddings: it is not this LLM's"):
-        model.encode_prompts(["a red circle"])
+        by_hand.tokenize(["a red circle"])
 
 
 def test_loading_reports_missing_llm_weights_but_not_the_unread_lm_head(tmp_path, caplog, capfd):
@@ -475,6 +480,23 @@ def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp
     assert shallow.encode_prompts(["a red circle"]).hidden.shape == (1, 4, 32)
     # LLaMA-style families pass.
     build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False).encode_prompts(["a red circle"])
+
+
+def test_a_tokenizer_with_more_ids_than_the_llm_has_embeddings_is_refused_at_build(tmp_path):
+    """Accepted before, it failed at the first caption using a high id: step 3 of a run, hours into a real
+    one. Refused when the model is built (describe too, as it loads a local tokenizer), naming the section."""
+    words = vocabulary()
+    word_tokenizer([*words, *(f"w{i}" for i in range(80 - len(words)))]).save_pretrained(tmp_path / "tok")
+    cfg = tiny_config(text={"tokenizer": str(tmp_path / "tok")})
+    for device in ("cpu", "meta"):
+        with pytest.raises(ConfigError) as e:
+            build_model(cfg, device, with_autoencoder=False)
+        rows = build_model(tiny_config(), "meta", with_autoencoder=False).text.llm.get_input_embeddings()
+        assert str(e.value) == (
+            f"text's tokenizer ({tmp_path / 'tok'}) has 84 token ids but its LLM has {rows.num_embeddings} "
+            f"embeddings, so a prompt using an id past {rows.num_embeddings - 1} would fail (allowed: the LLM's "
+            "own tokenizer as text.tokenizer, or none to use text.model_id's)"
+        )
 
 
 def test_the_kv_probe_reads_the_llms_cache_without_a_deprecation_warning(monkeypatch):

@@ -242,6 +242,7 @@ def builtin_words(cfg: Config) -> list[str]:
 
 
 def _text_encoder(
+    key: str,
     tcfg: TextConfig,
     request: TextRequest,
     spec: LLMSpec,
@@ -250,7 +251,8 @@ def _text_encoder(
     meta: bool,
     words: list[str] | None,
 ) -> TextEncoder:
-    """``config``: the LLM's transformers config (llm_config), read once per build; ``spec`` its summary."""
+    """``config``: the LLM's transformers config (llm_config), read once per build; ``spec`` its summary;
+    ``key`` the section as errors name it (text, extra_text.0)."""
     needed = request.layers_needed(spec.num_layers)
     # On "meta" the LLM is built under the device context too, so no real weights are allocated.
     with torch.device(device) if meta else contextlib.nullcontext():
@@ -261,6 +263,14 @@ def _text_encoder(
     # Meta builds load a local tokenizer too (cheap), so that the padded width (encoder.max_length) counts
     # the template's tokens: what FLOP counts of templated designs read.
     tokenizer = load_tokenizer(tcfg, words)
+    rows = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        # Refused at build: otherwise the first caption or prompt that uses a high id fails, mid-run.
+        raise ConfigError(
+            f"{key}'s tokenizer ({name or 'built-in'}) has {len(tokenizer)} token ids but its LLM has {rows} "
+            f"embeddings, so a prompt using an id past {rows - 1} would fail (allowed: the LLM's own tokenizer "
+            f"as {key}.tokenizer, or none to use {key}.model_id's)"
+        )
     template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
     encoder = TextEncoder(
         llm,
@@ -306,9 +316,10 @@ def build_model(
             hidden_layers=tuple(t.hidden_layer for t in text_cfgs),
             pooled_dim=pooled.dim if pooled is not None else None,
         )
+    sections = text_sections(cfg)
     encoders = [
-        _text_encoder(t, req, spec, config, device, meta, words)
-        for t, req, spec, config in zip(text_cfgs, denoiser.text_requests, specs, configs, strict=True)
+        _text_encoder(key, t, req, spec, config, device, meta, words)
+        for (key, t), req, spec, config in zip(sections, denoiser.text_requests, specs, configs, strict=True)
     ]
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None
     model = TextToImage(encoders[0], denoiser, autoencoder, encoders[1:], pooled, vocabulary=words)
