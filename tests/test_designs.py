@@ -203,13 +203,46 @@ def test_shallow_designs_of_their_own_head_width_take_their_own_rope_ladder(desi
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
 
 
-def test_an_llm_with_a_rope_per_layer_type_is_refused_in_one_line():
+def _saved_llm(folder, family: str, **extra) -> dict:
+    """A tiny random-init LLM of ``family`` with the built-in words as its tokenizer: a text section."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+
+    config = AutoConfig.for_model(
+        family, **TINY_ARCH, pad_token_id=0, bos_token_id=2, eos_token_id=1, **extra
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    word_tokenizer(vocabulary()).save_pretrained(folder)
+    return {"model_id": str(folder)}
+
+
+def test_an_llm_with_a_rope_per_layer_type_is_refused_by_deep_fusion_only(tmp_path):
+    """Gemma-3 rotates its local and global layers' keys differently: deep fusion's image queries cannot
+    mirror that, but the shallow designs read hidden states only, and take the global layers' RoPE for
+    their own positions."""
     from transformers import AutoConfig
 
-    with pytest.raises(
-        ConfigError, match="gemma3_text LLM has a RoPE per layer type.*allowed: LLMs with one"
-    ):
-        LLMSpec.from_hf(AutoConfig.for_model("gemma3_text"))
+    gemma3 = AutoConfig.for_model("gemma3_text")
+    with pytest.raises(ConfigError) as e:
+        LLMSpec.from_hf(gemma3)
+    assert str(e.value).startswith(
+        "an LLM of model_type 'gemma3_text' is not supported by deep fusion: its layers rotate keys with a "
+        "RoPE per layer type, which the DiT's image queries cannot mirror (the shallow designs read only its "
+        "hidden states) (allowed: "
+    )
+    assert (
+        LLMSpec.from_hf(gemma3, deep=False).rope_theta
+        == gemma3.rope_parameters["full_attention"]["rope_theta"]
+    )
+    text = _saved_llm(tmp_path / "gemma3", "gemma3_text")
+    with pytest.raises(ConfigError, match="not supported by deep fusion"):
+        build_model(tiny_config(text=text), with_autoencoder=False)
+    for design in ("dit-cross", "dit-self"):
+        model = build_model(tiny_config(text=text, model={"design": design}), with_autoencoder=False)
+        x = model(torch.randn(1, 3, 16, 16), torch.rand(1), model.encode_prompts(["a red circle"]))
+        assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
 
 
 def test_llms_the_text_stream_cannot_read_are_refused_in_one_line(tmp_path):
@@ -230,8 +263,15 @@ def test_llms_the_text_stream_cannot_read_are_refused_in_one_line(tmp_path):
     AutoModel.from_config(config).save_pretrained(tmp_path / "phi3")
     with pytest.raises(ConfigError) as e:
         load_llm(TextConfig(model_id=str(tmp_path / "phi3")), 1)
-    assert "model_type 'phi3' is not supported: its layers have no separate q/k/v projections" in str(e.value)
+    assert (
+        "model_type 'phi3' is not supported by deep fusion: its layers have no separate q/k/v projections to "
+        "read K/V from (the shallow designs read only its hidden states)" in str(e.value)
+    )
     assert "Gemma, Gemma-2, Qwen2/2.5/3, Llama, Mistral" in str(e.value) and "\n" not in str(e.value)
+    # The shallow designs read its hidden states only.
+    text = _saved_llm(tmp_path / "phi3-causal", "phi3")
+    model = build_model(tiny_config(text=text, model={"design": "dit-cross"}), with_autoencoder=False)
+    assert model.encode_prompts(["a red circle"]).hidden.shape[-1] == TINY_ARCH["hidden_size"]
 
 
 @pytest.mark.parametrize(("concat", "llms"), [("tokens", 2), ("channels", 2), ("tokens", 3)])

@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoConfig, PretrainedConfig
 
-from fusedit.config import Config, config_from_dict, text_sections, to_dict
+from fusedit.config import Config, config_from_dict, is_shallow, text_sections, to_dict
 from fusedit.models import build_denoiser
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
@@ -86,7 +86,7 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"transformer config lists {len(llms)} LLM config(s) for {len(texts)} text encoder(s)"
             )
-        specs = [LLMSpec.from_hf(hf_config(r)) for r in llms]
+        specs = [LLMSpec.from_hf(hf_config(r), deep=not is_shallow(cfg.model.design)) for r in llms]
         self.denoiser = build_denoiser(
             cfg.model,
             specs[0],

@@ -15,7 +15,7 @@ import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
-from fusedit.config import Config, ConfigError, TextConfig, text_sections
+from fusedit.config import Config, ConfigError, TextConfig, is_shallow, text_sections
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
 from fusedit.text.context import TextContext, TextRequest
@@ -256,7 +256,8 @@ def _text_encoder(
     needed = request.layers_needed(spec.num_layers)
     # On "meta" the LLM is built under the device context too, so no real weights are allocated.
     with torch.device(device) if meta else contextlib.nullcontext():
-        llm = load_llm(tcfg, needed, device, shape_only=meta, config=config)
+        reads_kv = bool(request.kv_layers or request.raw_kv_layers)
+        llm = load_llm(tcfg, needed, device, shape_only=meta, config=config, reads_kv=reads_kv)
     name = tcfg.tokenizer or tcfg.model_id
     if meta and name and not Path(name).is_dir():
         return TextEncoder(llm, None, tcfg.max_length)  # a hub tokenizer: shapes only, no download
@@ -298,7 +299,7 @@ def build_model(
     meta = str(device) == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
     configs = [llm_config(t, shape_only=meta, key=key) for key, t in text_sections(cfg)]
-    specs = [LLMSpec.from_hf(c) for c in configs]
+    specs = [LLMSpec.from_hf(c, deep=not is_shallow(cfg.model.design)) for c in configs]
     words = None
     if uses_builtin_tokenizer(cfg):
         words = vocabulary if vocabulary is not None else builtin_words(cfg)

@@ -323,12 +323,13 @@ class TextEncoder(nn.Module):
                 input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cos, sin = self.llm.rotary_emb(hidden[0], positions)
             kv = []
-            for i in request.kv_layers:
-                k, v = self.layer_kv(i, hidden[i])
-                kv.append((_rope(k, cos, sin), v))
+            if request.kv_layers:  # the shallow designs read hidden states only (any RoPE scheme)
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+                cos, sin = self.llm.rotary_emb(hidden[0], positions)
+                for i in request.kv_layers:
+                    k, v = self.layer_kv(i, hidden[i])
+                    kv.append((_rope(k, cos, sin), v))
             raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(

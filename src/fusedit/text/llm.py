@@ -95,11 +95,14 @@ def load_llm(
     device: torch.device | str = "cpu",
     shape_only: bool = False,
     config: PretrainedConfig | None = None,
+    reads_kv: bool = True,
 ) -> PreTrainedModel:
     """The frozen base LLM with only its first ``num_layers`` layers, in eval mode, on ``device``.
 
     ``shape_only`` builds random weights from the config (meta-device parameter counts); ``config`` is
-    ``llm_config(cfg, shape_only)`` when the caller has it already (it is not modified).
+    ``llm_config(cfg, shape_only)`` when the caller has it already (it is not modified). ``reads_kv``: the
+    design reads each layer's K/V (deep fusion), which needs separate q/k/v projections; the shallow
+    designs read hidden states only and take any decoder.
     """
     config = llm_config(cfg, shape_only) if config is None else copy.deepcopy(config)
     if num_layers > config.num_hidden_layers:
@@ -131,8 +134,13 @@ def load_llm(
             f"{str(e).splitlines()[0]} (allowed: auto, or a kernel the family supports)"
         ) from None
     attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
-    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise unsupported_llm(config.model_type, "its layers have no separate q/k/v projections")
+    if reads_kv and not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise unsupported_llm(
+            config.model_type,
+            "its layers have no separate q/k/v projections to read K/V from (the shallow designs read only "
+            "its hidden states)",
+            by=" by deep fusion",
+        )
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()

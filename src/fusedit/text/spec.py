@@ -39,8 +39,11 @@ class LLMSpec:
     rope_freqs: tuple[float, ...] | None = None
 
     @classmethod
-    def from_hf(cls, config) -> LLMSpec:
-        """From a transformers PretrainedConfig (4.x and 5.x spellings of RoPE settings and activation)."""
+    def from_hf(cls, config, deep: bool = True) -> LLMSpec:
+        """From a transformers PretrainedConfig (4.x and 5.x spellings of RoPE settings and activation).
+        ``deep``: the design reads the LLM's K/V, so its image queries must rotate as the LLM's keys do (a
+        RoPE per layer type is refused); a shallow design reads hidden states only and takes the
+        full-attention layers' RoPE for its own positions."""
         missing = [
             k
             for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -48,7 +51,7 @@ class LLMSpec:
         ]
         if missing or not (hasattr(config, "hidden_act") or hasattr(config, "hidden_activation")):
             raise unsupported_llm(config.model_type, f"its config has no {(missing or ['hidden_act'])[0]}")
-        rope = _rope_settings(config)
+        rope = _rope_settings(config, deep)
         theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         freqs = None
@@ -88,14 +91,21 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _rope_settings(config) -> dict:
+def _rope_settings(config, deep: bool = True) -> dict:
     """The LLM's RoPE settings as one dict: transformers 5's ``rope_parameters``, or 4.x's ``rope_scaling``
-    (its ``rope_theta`` is an attribute of its own)."""
+    (its ``rope_theta`` is an attribute of its own). A RoPE per layer type (Gemma-3's local and global
+    layers) is refused for a ``deep`` design; otherwise its full-attention layers' settings are the LLM's."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     # transformers 5 nests one dict per layer type; 4.x's Gemma-3 has a second base frequency instead.
-    if any(isinstance(v, dict) for v in params.values()) or hasattr(config, "rope_local_base_freq"):
-        raise ConfigError(
-            f"the {config.model_type} LLM has a RoPE per layer type, which fusedit "
-            "does not mirror (allowed: LLMs with one RoPE for every layer: Gemma, Gemma-2, Qwen2/2.5/3, Llama)"
-        )
+    per_type = any(isinstance(v, dict) for v in params.values())
+    if per_type or hasattr(config, "rope_local_base_freq"):
+        if deep:
+            raise unsupported_llm(
+                config.model_type,
+                "its layers rotate keys with a RoPE per layer type, which the DiT's image queries cannot "
+                "mirror (the shallow designs read only its hidden states)",
+                by=" by deep fusion",
+            )
+        if per_type:
+            return params.get("full_attention") or next(v for v in params.values() if isinstance(v, dict))
     return params
