@@ -10,7 +10,7 @@ import torch
 
 from fusedit.config import config_from_dict
 
-FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama")
+FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama", "mistral")
 POSITIONS = ("ape", "1d-rope", "2d-rope", "m-rope")
 
 TINY_ARCH = {

@@ -18,6 +18,15 @@ def test_describe_and_config_and_presets(capsys):
     assert main(["describe", "fusedit-gemma2b"]) == 0
     out = capsys.readouterr().out
     assert "trainable (DiT): 2448.5M" in out and "frozen (LLM, incl. embeddings): 2506.2M" in out
+    # A deep design over a real LLM: the K/V probe needs its weights, which describe does not load.
+    assert "(whether deep fusion can read this LLM's K/V is checked when its weights load" in out
+    assert main(["describe", "lidit-1b-collab"]) == 0  # two LLMs: each line names its section
+    out = capsys.readouterr().out
+    assert (
+        "reads LLM hidden state 30 of 31 LLM layers run (text); LLM hidden state 26 of 27 LLM layers " in out
+    )
+    assert "frozen (LLM text, incl. embeddings): " in out and "frozen (LLM extra_text.0, incl. " in out
+    assert "deep fusion can read" not in out
     assert main(["config", "debug", "train.steps=3"]) == 0
     assert "steps: 3" in capsys.readouterr().out
     assert main(["presets"]) == 0

@@ -482,6 +482,24 @@ def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp
     build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False).encode_prompts(["a red circle"])
 
 
+def test_a_tokenizer_with_nothing_to_pad_with_says_what_is_allowed(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fusedit.config import TextConfig
+    from fusedit.text.llm import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "bare")
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer(TextConfig(tokenizer=str(tmp_path / "bare")))
+    assert str(e.value) == (
+        f"tokenizer {str(tmp_path / 'bare')!r} has neither a pad nor an end-of-text token to pad prompts with "
+        "(allowed: a tokenizer naming one, e.g. pad_token or eos_token in its tokenizer_config.json)"
+    )
+
+
 def test_a_tokenizer_with_more_ids_than_the_llm_has_embeddings_is_refused_at_build(tmp_path):
     """Accepted before, it failed at the first caption using a high id: step 3 of a run, hours into a real
     one. Refused when the model is built (describe too, as it loads a local tokenizer), naming the section."""

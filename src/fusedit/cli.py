@@ -29,6 +29,7 @@ from fusedit.config import (
     preset_names,
     save_config,
     side_fits,
+    text_sections,
     to_yaml,
 )
 from fusedit.files import check_output_folder, replacing
@@ -980,26 +981,38 @@ def cmd_describe(args) -> int:
 
     cfg = _config(args)
     model = build_model(cfg, "meta")
-    d, llm = model.denoiser, model.text.llm
-    req = d.text_request
-    reads = (
-        f"K/V of LLM layers {req.kv_layers[0]}..{req.kv_layers[-1]}"
-        if req.kv_layers
-        else f"pre-RoPE K/V of LLM layers {req.raw_kv_layers[0]}..{req.raw_kv_layers[-1]}"
-        if req.raw_kv_layers
-        else f"LLM hidden state {req.hidden_layer}"
-    )
+    d = model.denoiser
+    keys = [key for key, _ in text_sections(cfg)]
+
+    def reads(req, llm) -> str:
+        what = (
+            f"K/V of LLM layers {req.kv_layers[0]}..{req.kv_layers[-1]}"
+            if req.kv_layers
+            else f"pre-RoPE K/V of LLM layers {req.raw_kv_layers[0]}..{req.raw_kv_layers[-1]}"
+            if req.raw_kv_layers
+            else f"LLM hidden state {req.hidden_layer}"
+        )
+        return f"{what} of {len(llm.layers)} LLM layers run"
+
+    read = [reads(req, enc.llm) for req, enc in zip(d.text_requests, model.encoders, strict=True)]
+    if len(read) > 1:  # several LLMs (LI-DiT): each named by its section
+        read = [f"{r} ({key})" for r, key in zip(read, keys, strict=True)]
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
-        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads {reads} "
-        f"of {len(llm.layers)} LLM layers run"
+        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
+        f"{'; '.join(read)}"
     )
     print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
-    frozen = [("LLM", enc.llm) for enc in model.encoders]
+    frozen = [("LLM" if len(keys) == 1 else f"LLM {key}", enc.llm) for key, enc in zip(keys, model.encoders)]
     if model.pooled_text is not None:
         frozen.append(("pooled text encoder", model.pooled_text))
     for what, module in frozen:
         print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
+    if any(req.kv_layers or req.raw_kv_layers for req in d.text_requests) and any(
+        t.model_id for _, t in text_sections(cfg)
+    ):
+        # The K/V probe runs a forward of the real weights (TextEncoder.check_kv); describe reads shapes.
+        print("(whether deep fusion can read this LLM's K/V is checked when its weights load: train, sample)")
     # What a step costs follows what it trains (train.trainable, LoRA): 3x the DiT forward plus the frozen
     # LLM's forward for the default.
     for size in sorted({256, 512, cfg.data.image_size}):

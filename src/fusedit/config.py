@@ -160,7 +160,7 @@ class TextConfig:
 
     # Hugging Face hub id or local folder; empty = build `family` from `arch` with random weights.
     model_id: str = ""
-    family: str = choice("gemma", "gemma", "gemma2", "qwen2", "qwen3", "llama")
+    family: str = choice("gemma", "gemma", "gemma2", "qwen2", "qwen3", "llama", "mistral")
     # transformers config fields for a random-init LLM (ignored when model_id is set).
     arch: dict = field(default_factory=dict)
     # Tokenizer hub id or folder; empty = model_id's, or the built-in shapes-world word tokenizer.

@@ -1,7 +1,7 @@
 """Loading the LLM and its tokenizer: any Hugging Face decoder-only model, or a random-init one.
 
 The LLM is kept as transformers' own *base* model (no LM head): its layers, norms and rotary embedding are
-what the text stream runs, so every supported family (Gemma, Gemma-2, Qwen2/2.5/3, Llama) works unchanged.
+what the text stream runs, so every supported family (Gemma, Gemma-2, Qwen2/2.5/3, Llama, Mistral) works unchanged.
 It is truncated after the deepest layer a design reads: deeper layers would never be used.
 """
 
@@ -199,6 +199,7 @@ def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
         tok.pad_token = tok.eos_token
     if tok.pad_token is None:
         raise ConfigError(
-            f"tokenizer {name!r} has neither a pad nor an end-of-text token to pad prompts with"
+            f"tokenizer {name!r} has neither a pad nor an end-of-text token to pad prompts with (allowed: a "
+            "tokenizer naming one, e.g. pad_token or eos_token in its tokenizer_config.json)"
         )
     return tok
