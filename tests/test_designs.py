@@ -243,6 +243,23 @@ def test_an_llm_with_a_rope_per_layer_type_is_refused_by_deep_fusion_only(tmp_pa
         model = build_model(tiny_config(text=text, model={"design": design}), with_autoencoder=False)
         x = model(torch.randn(1, 3, 16, 16), torch.rand(1), model.encode_prompts(["a red circle"]))
         assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+    # The public code has no Gemma-3: an export says that, not the deep-fusion refusal.
+    from fusedit.convert.fusedit_official import export_official
+
+    shallow = tiny_config(text=text, model={"design": "dit-cross"})
+    with pytest.raises(ConfigError) as e:
+        export_official(
+            shallow, build_model(shallow, with_autoencoder=False), tmp_path / "x", layout="transformer"
+        )
+    assert "deep fusion" not in str(e.value) and "has no counterpart in the public FuseDiT code" in str(
+        e.value
+    )
+    # Gemma-3 4B/12B/27B scale their global layers' RoPE (linear, factor 8): read per layer type.
+    scaled = {"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6}
+    text = _saved_llm(tmp_path / "gemma3-scaled", "gemma3_text", **scaled)
+    model = build_model(tiny_config(text=text, model={"design": "dit-cross"}), with_autoencoder=False)
+    spec = LLMSpec.from_hf(model.text.llm.config, deep=False)
+    assert spec.rope_freqs is not None and spec.rope_freqs[0] == pytest.approx(1 / 8)
 
 
 def test_llms_the_text_stream_cannot_read_are_refused_in_one_line(tmp_path):

@@ -251,6 +251,9 @@ def test_consolidate_refuses_to_replace_a_folder_it_did_not_write(runs, tmp_path
     inside = run / "checkpoints" / "plain"  # beside the step folders, which pruning and --overwrite delete
     assert main(["consolidate", str(run), "--out", str(inside)]) == 2
     assert "is inside the run's checkpoints folder" in capsys.readouterr().err and not inside.exists()
+    # A step folder copied out of its run (downloaded, say) consolidates beside itself.
+    shutil.copytree(find_checkpoint(run), tmp_path / "dl" / "step")
+    assert main(["consolidate", str(tmp_path / "dl" / "step"), "--out", str(tmp_path / "dl" / "plain")]) == 0
     plain = tmp_path / "plain"
     plain.mkdir()  # an empty folder holds nothing to lose
     assert main(["consolidate", str(run), "--out", str(plain)]) == 0

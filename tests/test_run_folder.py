@@ -195,6 +195,20 @@ def test_a_stopped_job_is_told_the_command_that_goes_on_for_its_flags(tmp_path, 
     )
 
 
+def test_a_stopped_run_pickles_with_its_message():
+    """A train() in a process pool hands its exception back pickled."""
+    import pickle
+
+    from fusedit.config import RunStopped
+
+    again = pickle.loads(pickle.dumps(RunStopped("a peer failed", "the last checkpoint is x")))
+    assert (str(again), again.reason, again.kept) == (
+        "a peer failed; the last checkpoint is x",
+        "a peer failed",
+        "the last checkpoint is x",
+    )
+
+
 def test_only_failures_of_other_processes_are_reported_as_theirs():
     """This rank's own backend fault (an NCCL or CUDA error) keeps its traceback; a lost peer, a closed
     connection or a timeout is another process's failure, reported in one line."""

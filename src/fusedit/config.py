@@ -46,8 +46,11 @@ class RunStopped(RuntimeError):
     to go on (the command line words it for the flags given); the message is both, in one line."""
 
     def __init__(self, reason: str, kept: str):
-        super().__init__(f"{reason}; {kept}")
+        super().__init__(reason, kept)  # both in args: it pickles (a train() in a process pool)
         self.reason, self.kept = reason, kept
+
+    def __str__(self) -> str:
+        return f"{self.reason}; {self.kept}"
 
 
 # The largest sampling seed, as `fusedit sample` and `serve` take seeds (torch would take up to 2**64 - 1):

@@ -886,7 +886,7 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
         ("model.pooled_text", m.pooled_text, m.pooled_text == "none", "none"),
         ("extra_text", cfg.extra_text, not cfg.extra_text, "no further LLMs"),
     ]
-    spec, block = LLMSpec.from_hf(llm), model.denoiser.blocks[0]
+    spec, block = LLMSpec.from_hf(llm, deep=is_deep(m.design)), model.denoiser.blocks[0]
     mirrored = (
         block.img_attn.q_proj.out_features == spec.num_heads * spec.head_dim
         and block.img_attn.k_proj.out_features == spec.num_kv_heads * spec.head_dim
@@ -927,8 +927,8 @@ def public_config(cfg: Config, model: TextToImage) -> dict:
     """fusedit's Config -> the public config.json (the inverse of ``official_config``)."""
     _exportable(cfg, model)
     m, llm = cfg.model, model.text.llm.config
-    spec = LLMSpec.from_hf(llm)
     fused = is_deep(m.design)
+    spec = LLMSpec.from_hf(llm, deep=fused)
     base = {"model_type": cfg.text.family}
     base.update({k: getattr(llm, k) for k in ARCH_FIELDS if getattr(llm, k, None) is not None})
     base.update(head_dim=spec.head_dim, rope_theta=spec.rope_theta, attention_bias=False)

@@ -58,7 +58,13 @@ class LLMSpec:
         if rope_type != "default":
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            freqs = tuple(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].tolist())
+            # A per-layer-type config (a shallow design over Gemma-3) keeps its settings per layer type: the
+            # full-attention layers' are read as _rope_settings chose them.
+            per_type = any(
+                isinstance(v, dict) for v in (getattr(config, "rope_parameters", None) or {}).values()
+            )
+            where = {"layer_type": "full_attention"} if per_type else {}
+            freqs = tuple(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **where)[0].tolist())
         activation = _activation(config)
         return cls(
             hidden_size=config.hidden_size,

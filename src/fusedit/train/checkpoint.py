@@ -646,7 +646,8 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
             f"{str(ckpt)!r} is not a distributed (DCP) checkpoint: it is in the plain format already"
         )
     out = Path(out)
-    if out.resolve().is_relative_to(ckpt.parent.resolve()):
+    run_checkpoints = ckpt.parent.name == "checkpoints" and (ckpt.parent / "latest").is_file()
+    if run_checkpoints and out.resolve().is_relative_to(ckpt.parent.resolve()):
         # Beside the step folders it would go with them: pruning, or `fusedit train --overwrite`.
         raise ValueError(
             f"the output folder {str(out)!r} is inside the run's checkpoints folder {str(ckpt.parent)!r}, "
