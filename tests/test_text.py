@@ -383,7 +383,7 @@ def test_a_tokenizer_that_does_not_fit_the_llm_is_a_one_line_config_error(tmp_pa
     # a tokenizer whose ids run past the LLM's 64 embeddings: refused at build (see below); an encoder put
     # together by hand (a pipeline's components) is refused at the first prompt past them
     big = word_tokenizer([f"w{i}" for i in range(100)] + vocabulary())
-    with pytest.raises(ConfigError, match="has 129 token ids but its LLM has 64 embeddings"):
+    with pytest.raises(ConfigError, match="gives text token ids up to 128 but its LLM has 64 embeddings"):
         build_model(_local_llm(tmp_path / "big", big))
     from fusedit.text.encoder import TextEncoder
 
@@ -511,10 +511,23 @@ def test_a_tokenizer_with_more_ids_than_the_llm_has_embeddings_is_refused_at_bui
             build_model(cfg, device, with_autoencoder=False)
         rows = build_model(tiny_config(), "meta", with_autoencoder=False).text.llm.get_input_embeddings()
         assert str(e.value) == (
-            f"text's tokenizer ({tmp_path / 'tok'}) has 84 token ids but its LLM has {rows.num_embeddings} "
-            f"embeddings, so a prompt using an id past {rows.num_embeddings - 1} would fail (allowed: the LLM's "
-            "own tokenizer as text.tokenizer, or none to use text.model_id's)"
+            f"text's tokenizer ({tmp_path / 'tok'}) gives text token ids up to 83 but its LLM has "
+            f"{rows.num_embeddings} embeddings, so a prompt using an id past {rows.num_embeddings - 1} would fail "
+            "(allowed: the LLM's own tokenizer as text.tokenizer, or none to use text.model_id's)"
         )
+    # A special token past the embeddings that no prompt produces (Gemma-3's <image_soft_token> on its
+    # text-only sizes) is the LLM's own tokenizer all the same: built.
+    own = word_tokenizer(vocabulary())
+    own.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    own.save_pretrained(tmp_path / "own")
+    # The LLM has exactly the rows of the text ids: the special token's id is one past them.
+    cfg = tiny_config(text={"tokenizer": str(tmp_path / "own"), "arch": {"vocab_size": len(own) - 1}})
+    model = build_model(cfg, with_autoencoder=False)
+    assert (
+        own.convert_tokens_to_ids("<image_soft_token>")
+        == model.text.llm.get_input_embeddings().num_embeddings
+    )
+    assert model.encode_prompts(["a red circle"]).kv
 
 
 def test_the_kv_probe_reads_the_llms_cache_without_a_deprecation_warning(monkeypatch):

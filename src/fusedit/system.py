@@ -241,6 +241,16 @@ def builtin_words(cfg: Config) -> list[str]:
     return vocabulary() + sorted(set(re.findall(r"\w+|[^\w\s]+", extra)) - set(vocabulary()))
 
 
+def _text_ids_top(tokenizer) -> int:
+    """The highest id text can reach through ``tokenizer``: its base vocabulary, its added tokens that are
+    not special (words matched in the text), and the special tokens fusedit feeds (pad, BOS, EOS). Special
+    added tokens past the LLM's embeddings (Gemma-3's <image_soft_token> on its text-only sizes) never come
+    from a prompt: the per-prompt check (TextEncoder.tokenize) stays for those."""
+    added = [i for i, token in tokenizer.added_tokens_decoder.items() if not token.special]
+    fed = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return max([tokenizer.vocab_size - 1, *added, *(i for i in fed if i is not None)])
+
+
 def _text_encoder(
     key: str,
     tcfg: TextConfig,
@@ -265,10 +275,11 @@ def _text_encoder(
     # the template's tokens: what FLOP counts of templated designs read.
     tokenizer = load_tokenizer(tcfg, words)
     rows = llm.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    top = _text_ids_top(tokenizer)
+    if top >= rows:
         # Refused at build: otherwise the first caption or prompt that uses a high id fails, mid-run.
         raise ConfigError(
-            f"{key}'s tokenizer ({name or 'built-in'}) has {len(tokenizer)} token ids but its LLM has {rows} "
+            f"{key}'s tokenizer ({name or 'built-in'}) gives text token ids up to {top} but its LLM has {rows} "
             f"embeddings, so a prompt using an id past {rows - 1} would fail (allowed: the LLM's own tokenizer "
             f"as {key}.tokenizer, or none to use {key}.model_id's)"
         )
