@@ -127,17 +127,6 @@ def test_a_mostly_unusable_stream_warns(tmp_path, caplog):
     assert _skip_warnings(caplog) == []
 
 
-def test_the_processes_skips_merge_into_one_count():
-    """Under torchrun the stage's summary counted rank 0's share only: the ranks' counters are merged, a
-    sample met by two ranks counting once and its occurrences adding up."""
-    rank0 = SkipCounter.of([("corrupt", "a", "bad"), ("corrupt", "b", "bad"), ("corrupt", "a", "bad")])
-    rank1 = SkipCounter.of([("corrupt", "b", "bad"), ("tiny", "t", "6x6")])
-    every = SkipCounter.from_state(json.loads(json.dumps(rank0.state_dict())))
-    every.merge(SkipCounter.from_state(rank1.state_dict()))
-    assert every.counts() == {"corrupt": 2, "tiny": 1} and every.times == {"corrupt": 4, "tiny": 1}
-    assert every.report().startswith("skipped 3 samples (5 times): corrupt 2 (e.g. a: bad; b: bad), tiny 1")
-
-
 def test_skip_state_keeps_every_detail_and_reads_older_states():
     counter = SkipCounter.of(
         [("corrupt", f"b{i}", f"broken {i}") for i in range(5)]

@@ -137,21 +137,6 @@ class SkipCounter:
         times = sum(self.times.values())
         return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
 
-    @classmethod
-    def from_state(cls, state: dict) -> SkipCounter:
-        counter = cls()
-        counter.load_state_dict(state)
-        return counter
-
-    def merge(self, other: SkipCounter) -> None:
-        """Count ``other``'s skips too (another process's share of the data): a sample met by both counts
-        once, its occurrences add up."""
-        for reason, ids in other.ids.items():
-            mine = self.ids.setdefault(reason, {})
-            for sample_id, detail in ids.items():
-                mine.setdefault(sample_id, detail)
-            self.times[reason] = self.times.get(reason, 0) + other.times.get(reason, 0)
-
     def mark(self) -> dict[str, tuple[int, int]]:
         return {reason: (len(ids), self.times[reason]) for reason, ids in self.ids.items()}
 

@@ -146,21 +146,16 @@ def teardown(env: DistEnv) -> None:
 @contextlib.contextmanager
 def quiet_unless_main(env: DistEnv) -> Iterator[None]:
     """Logging from rank 0 only: every rank would print the same lines (32 copies of each config warning on
-    4 nodes x 8 GPUs). The other ranks keep their errors, and the warnings of their own share of the data
-    (``fusedit.data``: unreadable or skipped samples), which rank 0 cannot see."""
-    loggers = {"fusedit": logging.ERROR, "fusedit.data": logging.WARNING}
-    levels = {name: logging.getLogger(name).level for name in loggers}
-    if not env.is_main:  # each floor against the level in force before any is raised
-        targets = {
-            name: max(floor, logging.getLogger(name).getEffectiveLevel()) for name, floor in loggers.items()
-        }
-        for name, level in targets.items():
-            logging.getLogger(name).setLevel(level)
+    4 nodes x 8 GPUs). The other ranks keep their errors. (The data loaders warn from rank 0 too, and each
+    rank lists its own skipped samples, train.loop.skipped_list_name.)"""
+    logger = logging.getLogger("fusedit")
+    level = logger.level
+    if not env.is_main:
+        logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
     try:
         yield
     finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+        logger.setLevel(level)
 
 
 def resolve_parallel(parallel: str, env: DistEnv) -> str:

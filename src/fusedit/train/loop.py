@@ -47,7 +47,7 @@ from fusedit.checkpoints import (
     saved_vocabulary,
 )
 from fusedit.config import Config, ConfigError, RunStopped, Stage, is_shallow, resolved_stages, save_config
-from fusedit.data.loader import SkipCounter, check_data_paths, is_stream, skipped_jsonl, step_loader
+from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
@@ -831,24 +831,17 @@ class _Run:
         return _write_skipped(skip_path, position)
 
     def _report_skipped(self, stage: Stage, loader, listed: bool, skip_path: Path) -> None:
-        """Log the samples the loader skipped over the stage, over every process's share (a collective
-        under torchrun), and where they are listed. A latent cache's report is of the cache, the same on
-        every rank."""
+        """Log the samples the loader skipped over the stage, and where they are listed. Under torchrun this
+        is rank 0's share (the samples every rank skips while planning the data, and those of its own reads),
+        each rank listing its own: a merged count would repeat the planning skips once per rank, and
+        gathering every rank's ids to merge them would cost each GPU memory for a log line."""
         report = loader.skipped_report()
-        skips = getattr(loader, "skips", None)
-        if self.env.world_size > 1 and skips is not None:
-            shares = distributed.gather_object((skips.state_dict(), listed), self.env)
-            every = SkipCounter()
-            for state, _ in shares:
-                every.merge(SkipCounter.from_state(state))
-            report = every.report() + f" over the {self.env.world_size} processes"
-            listed = any(each for _, each in shares)  # each rank lists its own share's
         if listed:
             report += f"; every skipped id is listed in {skip_path}"
             if self.env.world_size > 1:
                 rank1 = skipped_list_name(1, stage.index if self.cfg.stages else None)
                 report += f" (rank 1's in {rank1}, ...)"
-        log.info("data: %s", report)
+        log.info("data: %s", report if self.env.world_size == 1 else f"rank 0: {report}")
 
 
 class _Step:
