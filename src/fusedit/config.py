@@ -901,48 +901,49 @@ def unreached_overrides(cfg: Config, extra: dict) -> list[str]:
     batch would otherwise change nothing, silently. It names the stage overrides that would carry the value
     (the stages setting the key themselves; later ones inherit). Stages the overrides name themselves
     (stages.N...) are the user's choice and not reported. ``extra``: the parsed overrides (parse_overrides)."""
-    # Leaf keys, nested ones dotted (train.dit_lora.rank=16 as "dit_lora.rank").
-    given = [(s, k) for s in STAGE_SECTIONS for k in flatten(extra.get(s) or {})]
-    if not cfg.stages or not given:
+    # Leaf keys, dotted (train.dit_lora.rank=16 as "train.dit_lora.rank").
+    keys = [f"{s}.{k}" for s in STAGE_SECTIONS for k in flatten(extra.get(s) or {})]
+    if not cfg.stages or not keys:
         return []
-    named = {str(i): patch for i, patch in (extra.get("stages") or {}).items() if isinstance(patch, dict)}
-    stages = resolved_stages(cfg)
+    named = {
+        str(i): flatten(patch) for i, patch in (extra.get("stages") or {}).items() if isinstance(patch, dict)
+    }
+    shared = flatten(to_dict(cfg))
+    overriding = stages_overriding(cfg, keys, resolved_stages(cfg))
     messages = []
-    for section, key in given:
-        value = _at(getattr(cfg, section), key)
-        missed = [
-            st
-            for st in stages
-            if _at(getattr(st.config, section), key) != value
-            and _at(named.get(str(st.index), {}).get(section) or {}, key, _UNSET) is _UNSET
-        ]
+    for key in keys:
+        missed = [(st, v) for st, v in overriding.get(key, []) if key not in named.get(str(st.index), {})]
         if missed:
-            text = _yaml_text(value)
-            theirs = ", ".join(
-                f"{st.where} at {_yaml_text(_at(getattr(st.config, section), key))}" for st in missed
-            )
+            text = _yaml_text(shared[key])
+            theirs = ", ".join(f"{st.where} at {_yaml_text(value)}" for st, value in missed)
+            section, field_key = key.split(".", 1)
             setting = [
-                st for st in missed if _at(getattr(cfg.stages[st.index], section), key, _UNSET) is not _UNSET
-            ] or missed[:1]
-            fix = " ".join(f"stages.{st.index}.{section}.{key}={text}" for st in setting)
+                st for st, _ in missed if field_key in flatten(getattr(cfg.stages[st.index], section))
+            ] or [missed[0][0]]
+            fix = " ".join(f"stages.{st.index}.{key}={text}" for st in setting)
             messages.append(
-                f"{section}.{key}={text} does not reach {theirs}: a stage's value (its own or an earlier "
-                f"stage's) wins over the top-level one; to set it there, override {fix}"
+                f"{key}={text} does not reach {theirs}: a stage's value (its own or an earlier stage's) wins "
+                f"over the top-level one; to set it there, override {fix}"
             )
     return messages
 
 
-_UNSET = object()
-
-
-def _at(node: Any, dotted: str, default: Any = None) -> Any:
-    """The value at a dotted key of a config section or an override mapping (``dit_lora.rank``); ``default``
-    where a mapping lacks it."""
-    for part in dotted.split("."):
-        node = node.get(part, default) if isinstance(node, dict) else getattr(node, part, default)
-        if node is default:
-            return default
-    return node
+def stages_overriding(
+    cfg: Config, keys: list[str], stages: list[Stage]
+) -> dict[str, list[tuple[Stage, Any]]]:
+    """For each dotted data/train/flow/sample key of ``keys`` (train.batch_size), the ``stages``
+    (resolved_stages(cfg)) that train under another value than the run's top-level one, because they or an
+    earlier stage set their own (a stage's value wins), each with that value; keys every stage keeps are left
+    out. What `fusedit train` warns about for a top-level override (unreached_overrides) and a study refuses
+    for its base (eval.study)."""
+    shared = flatten(to_dict(cfg))
+    out: dict[str, list[tuple[Stage, Any]]] = {}
+    for stage in stages:
+        own = flatten(to_dict(stage.config))
+        for key in keys:
+            if key in shared and own.get(key) != shared[key]:
+                out.setdefault(key, []).append((stage, own.get(key)))
+    return out
 
 
 def _yaml_text(value: Any) -> str:

@@ -62,6 +62,7 @@ from fusedit.config import (
     parse_overrides,
     positive,
     resolved_stages,
+    stages_overriding,
     to_dict,
     yaml_problem,
 )
@@ -294,17 +295,16 @@ def _check_stages_keep_base(cfg: Config, stages: list, base: dict, where: str) -
     keys = [k for k in flatten(base) if k.split(".")[0] in STAGE_SECTIONS and k != "train.steps"]
     if not cfg.stages or not keys:
         return
-    shared = flatten(to_dict(cfg))
-    for stage in stages:
-        own = flatten(to_dict(stage.config))
-        for key in keys:
-            if key in shared and own.get(key) != shared[key]:
-                raise ConfigError(
-                    f"{where}: {stage.where} sets {key}={own.get(key)!r} over the study's "
-                    f"base {key}={shared[key]!r}, so this design would not train under the shared recipe "
-                    f"(allowed: the base's value, e.g. the design override stages.{stage.index}.{key}="
-                    f"{shared[key]!r}, or {key} left out of the base)"
-                )
+    overriding = stages_overriding(cfg, keys, stages)
+    if overriding:  # named: the first stage that differs, and its first key in the base's order
+        key = min(overriding, key=lambda k: (overriding[k][0][0].index, keys.index(k)))
+        stage, value = overriding[key][0]
+        shared = flatten(to_dict(cfg))[key]
+        raise ConfigError(
+            f"{where}: {stage.where} sets {key}={value!r} over the study's base {key}={shared!r}, so this "
+            f"design would not train under the shared recipe (allowed: the base's value, e.g. the design "
+            f"override stages.{stage.index}.{key}={shared!r}, or {key} left out of the base)"
+        )
 
 
 def _check_seeds(where: str, seeds: list[int], eval_seed: int) -> None:
