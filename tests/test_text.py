@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from conftest import TINY_ARCH, TINY_CLIP_ARCH, tiny_config
-from fusedit.config import ConfigError
+from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
+from fusedit.config import ConfigError, TextConfig
 from fusedit.data.shapes import vocabulary
 from fusedit.sample import generate
 from fusedit.system import build_model
@@ -482,21 +482,46 @@ def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp
     build_model(tiny_config(model={"num_layers": 2}), with_autoencoder=False).encode_prompts(["a red circle"])
 
 
-def test_a_tokenizer_with_nothing_to_pad_with_says_what_is_allowed(tmp_path):
+def _word_level_tokenizer(folder, vocab: dict[str, int], **specials):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from fusedit.config import TextConfig
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials.get("unk_token")))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_tokenizer_with_only_an_unknown_token_pads_with_it_and_padding_changes_no_prompt(tmp_path):
+    """Padding is masked, so a tokenizer naming neither a pad nor an end-of-text token pads with its
+    unknown token: a prompt's velocity is the same alone and beside a longer prompt."""
     from fusedit.text.llm import load_tokenizer
 
-    tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "bare")
+    words = ["a", "red", "circle", "blue", "square", "left", "of"]
+    folder = _word_level_tokenizer(
+        tmp_path / "unk", {"<unk>": 0, **{w: k + 1 for k, w in enumerate(words)}}, unk_token="<unk>"
+    )
+    tok = load_tokenizer(TextConfig(tokenizer=folder))
+    assert (tok.pad_token, tok.pad_token_id, tok.eos_token) == ("<unk>", 0, None)
+    model = build_model(tiny_config(text={"tokenizer": folder}), with_autoencoder=False)
+    randomize(model.denoiser)
+    alone = model.encode_prompts(["a red circle"])
+    batch = model.encode_prompts(["a red circle", "a blue square left of a red circle"])
+    assert batch.mask.tolist()[0] == [True] * 3 + [False] * 5
+    x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
+    together = model(torch.cat([x, x]), torch.cat([t, t]), batch)[:1]
+    torch.testing.assert_close(model(x, t, alone), together, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_says_what_is_allowed(tmp_path):
+    from fusedit.text.llm import load_tokenizer
+
+    folder = _word_level_tokenizer(tmp_path / "bare", {"a": 0, "photo": 1, "of": 2, "cat": 3})
     with pytest.raises(ConfigError) as e:
-        load_tokenizer(TextConfig(tokenizer=str(tmp_path / "bare")))
+        load_tokenizer(TextConfig(tokenizer=folder))
     assert str(e.value) == (
-        f"tokenizer {str(tmp_path / 'bare')!r} has neither a pad nor an end-of-text token to pad prompts with "
-        "(allowed: a tokenizer naming one, e.g. pad_token or eos_token in its tokenizer_config.json)"
+        f"tokenizer {folder!r} has neither a pad, an end-of-text nor an unknown token to pad prompts with "
+        "(allowed: a tokenizer naming one, e.g. pad_token, eos_token or unk_token in its tokenizer_config.json)"
     )
 
 

@@ -195,11 +195,13 @@ def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
             "has no tokenizer files? (set text.tokenizer to the LLM's tokenizer)"
         )
     tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    # Padding is masked out of every design's attention and pooling, so any id the LLM embeds will do:
+    # its own pad token, else its end-of-text token (as transformers' generate does), else its unknown one.
+    tok.pad_token = tok.pad_token or tok.eos_token or tok.unk_token
     if tok.pad_token is None:
         raise ConfigError(
-            f"tokenizer {name!r} has neither a pad nor an end-of-text token to pad prompts with (allowed: a "
-            "tokenizer naming one, e.g. pad_token or eos_token in its tokenizer_config.json)"
+            f"tokenizer {name!r} has neither a pad, an end-of-text nor an unknown token to pad prompts with "
+            "(allowed: a tokenizer naming one, e.g. pad_token, eos_token or unk_token in its "
+            "tokenizer_config.json)"
         )
     return tok
