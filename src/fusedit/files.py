@@ -120,12 +120,21 @@ def replacing(folder: str | os.PathLike[str]):
     """Yield a fresh hidden ``.<name>.partial`` folder beside ``folder`` to write its new content in; when
     the block ends without error, that content replaces ``folder`` whole (``replace_folder``). A kill or an
     error leaves only the partial folder, which the next call clears."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_folder(folder)
     yield tmp
     replace_folder(tmp, folder)
+
+
+def partial_folder(folder: str | os.PathLike[str], fresh: bool = True) -> Path:
+    """The hidden ``.<name>.partial`` folder beside ``folder``, for its new content before it goes into
+    place (``replace_folder``). ``fresh``: made empty, one left by a kill or an error cleared first;
+    otherwise only named (another process of the job makes it)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
 
 
 def sync_tree(folder: str | os.PathLike[str]) -> None:

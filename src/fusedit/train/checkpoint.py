@@ -92,6 +92,7 @@ from fusedit.config import (
     to_dict,
 )
 from fusedit.files import (
+    partial_folder,
     readable_by_all,
     remove_folder,
     replace_folder,
@@ -129,11 +130,8 @@ def save_checkpoint(
     LLMs' optimizers by the same names (``optimizer`` is the denoiser's). ``vocabulary``: the built-in
     tokenizer's words (``TextToImage.vocabulary``), saved as vocabulary.json."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_folder(final)
     modules = {
         DENOISER: (denoiser, True),
         **({"llm": (llm, True)} if llm is not None else {}),
@@ -231,11 +229,8 @@ def save_distributed_checkpoint(
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.partial"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
-        tmp.mkdir()
+    # Rank 0 clears one left by a run killed while saving this step and makes it afresh.
+    tmp = partial_folder(final, fresh=rank == 0)
     dist.barrier()  # the folder is fresh before anyone writes into it
     state = {"ema": ema}
     for key, (module, whole) in {DENOISER: (denoiser, True), **text}.items():
