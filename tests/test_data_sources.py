@@ -234,6 +234,22 @@ def test_index_files_and_sidecars_with_a_utf8_bom_read_like_plain_utf8(tmp_path)
     assert caption_candidates({"txt": BOM + b"a red circle"}, ["txt"]) == ["a red circle"]
 
 
+def test_several_caption_fields_of_one_json_member_parse_it_once(monkeypatch):
+    """A webdataset .json member holding a long record is parsed once per sample, not once per field."""
+    import fusedit.data.transforms as transforms
+
+    calls = []
+    loads = json.loads
+    monkeypatch.setattr(transforms.json, "loads", lambda text: calls.append(text) or loads(text))
+    member = json.dumps({"caption": "a red circle", "meta": {"alt": "a circle"}, "tags": ["red"]}).encode()
+    fields = ["json.caption", "json.meta.alt", "json.missing", "txt"]
+    assert caption_candidates({"json": member, "txt": b"red"}, fields) == ["a red circle", "a circle", "red"]
+    assert calls == [member]
+    calls.clear()
+    assert caption_candidates({"json": b"not json", "txt": b"red"}, fields) == ["red"]
+    assert calls == [b"not json"]
+
+
 def test_caption_sidecars_match_the_image_whatever_the_case_of_their_extension(tmp_path):
     root = tmp_path / "data"
     root.mkdir()

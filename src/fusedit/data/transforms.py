@@ -235,18 +235,24 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 # Captions
 
 
-def field_value(record: dict, name: str) -> Any:
+def field_value(record: dict, name: str, parsed: dict | None = None) -> Any:
     """``record[name]``, where a dotted name walks into nested mappings (``json.caption``). A JSON text or
-    bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes)."""
+    bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes); ``parsed`` keeps
+    those parses by the path walked (``("json",)``), so several fields of one member parse it once."""
     if name in record:
         return record[name]
+    parsed = {} if parsed is None else parsed
     node: Any = record
-    for part in name.split("."):
+    parts = name.split(".")
+    for k, part in enumerate(parts):
         if isinstance(node, (bytes, str)):
-            try:
-                node = json.loads(node)
-            except ValueError:
-                return None
+            walked = tuple(parts[:k])
+            if walked not in parsed:
+                try:
+                    parsed[walked] = json.loads(node)
+                except ValueError:
+                    parsed[walked] = None
+            node = parsed[walked]
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
@@ -257,8 +263,9 @@ def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
     """The non-empty captions found under ``fields``, in field order, without duplicates. A field holding
     a list of strings (several captions per image) contributes each of them."""
     out: list[str] = []
+    parsed: dict = {}
     for name in fields:
-        value = field_value(record, name)
+        value = field_value(record, name, parsed)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, bytes):
