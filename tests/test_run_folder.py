@@ -218,4 +218,23 @@ def test_only_failures_of_other_processes_are_reported_as_theirs():
     assert peer(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
     assert peer(dist.DistNetworkError("failed to recv, got 0 bytes"))
     assert not peer(dist.DistBackendError("NCCL error: unhandled cuda error (run with NCCL_DEBUG=INFO)"))
+    # NCCL's errors as torch's ProcessGroupNCCL words them (getNcclErrorDetailStr): a remote error says
+    # neither peer nor connection unless NCCL's last error line does; torch built against an NCCL without
+    # ncclRemoteError hedges every system error with "a remote peer" (torch 1.x: and "connection closure").
+    nccl = "NCCL error in: ProcessGroupNCCL.cpp:2103, "
+    remote = (
+        "remote process exited or there was a network error, NCCL version 2.27.3\nncclRemoteError: A call "
+    )
+    system = (
+        "unhandled system error, NCCL version 2.10.3\nncclSystemError: System call (e.g. socket, malloc) "
+    )
+    hedge = "It can be also caused by unexpected exit of a remote peer"
+    old = ", you can check NCCL warnings for failure reason and see if there is connection closure by a peer."
+    for text, theirs in (
+        (remote + "failed possibly due to a network error or a remote process exiting prematurely.", True),
+        (system + "or external library call failed or device error. " + hedge + ".", False),
+        (system + "or external library call failed or device error. " + hedge + old, False),
+        (system + "failed.\nLast error:\nsocketProgress: Connection closed by remote peer", True),
+    ):
+        assert peer(dist.DistBackendError(nccl + text)) is theirs, text
     assert not peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (connection of layers)"))

@@ -320,12 +320,23 @@ def peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because another process of the job did (died, hung past
     the timeout, lost its connection): torch's network and store errors, and backend errors (gloo's come as
     plain RuntimeErrors naming its transport; NCCL's as DistBackendError) that say a peer, a connection, an
-    abort or a timeout. Any other backend error (this rank's own NCCL or CUDA fault) is not: it keeps its
-    traceback."""
+    abort or a timeout, or are NCCL's ncclRemoteError ("remote process exited or there was a network
+    error", which need not say more). Any other backend error (this rank's own NCCL or CUDA fault) is not:
+    it keeps its traceback. Torch built against an NCCL older than ncclRemoteError appends "It can be also
+    caused by unexpected exit of a remote peer" to every ncclSystemError, a malloc failure too: that hedge
+    alone does not make a peer's failure."""
     if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
         return True
-    backend = isinstance(error, dist.DistError) or "gloo" in str(error).lower()
-    return backend and re.search(r"(?i)peer|connection|timed out|timeout|abort", str(error)) is not None
+    text = re.sub(_NCCL_SYSTEM_ERROR_HEDGE, "", str(error))
+    backend = isinstance(error, dist.DistError) or "gloo" in text.lower()
+    return (
+        backend and re.search(r"(?i)peer|connection|timed out|timeout|abort|remote process", text) is not None
+    )
+
+
+# torch's ProcessGroupNCCL hedge on an ncclSystemError, when built against an NCCL without ncclRemoteError (the
+# sentence; torch 1.x went on ", you can check NCCL warnings ... connection closure by a peer.").
+_NCCL_SYSTEM_ERROR_HEDGE = r"It can be also caused by unexpected exit of a remote peer[^.]*\.?"
 
 
 def launcher_gone(parent: int) -> bool:
