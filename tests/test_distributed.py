@@ -71,8 +71,8 @@ def _config(path: Path, **train) -> Path:
     return path
 
 
-def _run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> None:
-    """Run to completion in its own session (so a timeout ends every process it started)."""
+def _run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> str:
+    """Run to completion in its own session (so a timeout ends every process it started); its output."""
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -83,9 +83,16 @@ def _run(cmd: list[str], env: dict, timeout: float = LAUNCH_TIMEOUT) -> None:
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
     assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-4000:]}"
+    return out
 
 
 def torchrun(nproc: int, config: Path, out: Path, *args: str) -> Path:
+    train_log(nproc, config, out, *args)
+    return out
+
+
+def train_log(nproc: int, config: Path, out: Path, *args: str) -> str:
+    """``fusedit train`` under torchrun on ``nproc`` CPU processes; what it printed (stdout and stderr)."""
     for attempt in range(3):
         # A port found free can be taken by another process before torchrun binds it: only that failure
         # is retried, with a new port; any other failure fails the test at once.
@@ -93,12 +100,13 @@ def torchrun(nproc: int, config: Path, out: Path, *args: str) -> Path:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         cmd += ["--master_addr", "127.0.0.1", "--master_port", port, "-m", "fusedit", "train", str(config)]
         try:
-            _run([*cmd, "--out", str(out), "--quiet", *args], _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-            return out
+            return _run(
+                [*cmd, "--out", str(out), "--quiet", *args], _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            )
         except AssertionError as e:
             if attempt == 2 or "address already in use" not in str(e).lower():
                 raise
-    return out  # not reached: the last attempt returns or raises
+    raise AssertionError("not reached: the last attempt returns or raises")
 
 
 def logged_losses(run_dir: Path) -> list[float]:

@@ -16,7 +16,7 @@ import fusedit.data.transforms as transforms
 from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
-from fusedit.data.loader import SkipCounter, skipped_jsonl, step_loader
+from fusedit.data.loader import SkipCounter, merged_skip_report, skipped_jsonl, step_loader
 from fusedit.data.transforms import make_rng
 from fusedit.train.loop import train
 from test_data_sources import _noise, _write_shards
@@ -264,6 +264,93 @@ def test_each_rank_lists_the_samples_it_skipped(tmp_path):
     assert (
         skipped_list_name(1) == "skipped.rank1.jsonl"
         and skipped_list_name(0, stage=2) == "skipped.stage2.jsonl"
+    )
+
+
+def _indexed_folder(root: Path, good: int, corrupt: int) -> Path:
+    """A folder of ``good`` and ``corrupt`` images (``_folder``) read through an index file whose last row
+    names no file: a skip found while planning the data (the catalog refuses the row), on every rank alike."""
+    _folder(root, good=good, corrupt=corrupt)
+    rows = [{"file": p.name, "caption": "a red square"} for p in sorted(root.glob("*.png"))]
+    index = root / "index.jsonl"
+    index.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"caption": "no file"}]))
+    return index
+
+
+def _unreadable(root: Path, name: str) -> str:
+    return f"{name}: cannot identify image file {str(root / name)!r}"
+
+
+def test_the_ranks_skips_merge_counting_the_planned_ones_once(tmp_path):
+    """The summary over the processes: the row every rank refuses while planning counts once, each rank's
+    reads add up (a sample two ranks met counts for each, as the line says), and a rank resumed from its
+    data state tells its planned skips from its reads as the uninterrupted one does."""
+    index = _indexed_folder(tmp_path / "data", good=8, corrupt=4)
+    cfg = DataConfig(source="folder", index_file=str(index), image_size=16)
+    loaders = [step_loader(cfg, 0, 4, 0, 2, rank=rank, world_size=2) for rank in (0, 1)]
+    for loader in loaders:
+        list(loader)
+    # bad01.png is met by both ranks: 5 counted of the 4 distinct corrupt images met.
+    assert [list(loader.skips.ids["corrupt"]) for loader in loaders] == [
+        ["bad02.png", "bad01.png"],
+        ["bad00.png", "bad03.png", "bad01.png"],
+    ]
+    assert [loader.skips.times for loader in loaders] == [
+        {"bad-row": 1, "corrupt": 2},
+        {"bad-row": 1, "corrupt": 4},
+    ]
+    tallies = [loader.skipped_tally() for loader in loaders]
+    root = tmp_path / "data"
+    assert merged_skip_report(tallies) == (
+        "skipped 6 samples (7 times) over the 2 processes (1 found while planning the data, counted once; "
+        "5 met while reading, counted in each process that met them): bad-row 1 (e.g. index.jsonl:13: no "
+        f"'file' path), corrupt 5 (e.g. {_unreadable(root, 'bad02.png')}; {_unreadable(root, 'bad01.png')}; "
+        f"{_unreadable(root, 'bad00.png')})"
+    )
+    first = step_loader(cfg, 0, 4, 0, 1, rank=1, world_size=2)
+    list(first)
+    resumed = step_loader(
+        cfg, 0, 4, 1, 2, rank=1, world_size=2, state=json.loads(json.dumps(first.state_dict()))
+    )
+    list(resumed)
+    assert resumed.skipped_tally() == tallies[1]
+    assert merged_skip_report([SkipCounter().tally()] * 2) == "skipped samples: none over the 2 processes"
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+def test_the_skipped_summary_under_torchrun_covers_every_rank(tmp_path):
+    """It was rank 0's share: the corrupt images rank 1 met were left out of the count."""
+    from fusedit.config import save_config
+    from test_distributed import train_log
+
+    index = _indexed_folder(tmp_path / "data", good=6, corrupt=4)
+    cfg = tiny_config(
+        data={"source": "folder", "index_file": str(index)},
+        train={"device": "cpu", "steps": 2, "checkpoint_every": 2},
+    )
+    save_config(cfg, tmp_path / "run.yaml")
+    printed = train_log(2, tmp_path / "run.yaml", tmp_path / "run")
+    # Each rank met other corrupt images (each lists its own), both the row the index refuses.
+    listed = [_listed(tmp_path / "run" / name) for name in ("skipped.jsonl", "skipped.rank1.jsonl")]
+    assert [[r["id"] for r in rank if r["reason"] == "corrupt"] for rank in listed] == [
+        ["bad02.png", "bad01.png"],
+        ["bad03.png", "bad00.png"],
+    ]
+    assert all([r["id"] for r in rank if r["reason"] == "bad-row"] == ["index.jsonl:11"] for rank in listed)
+    ckpt = find_checkpoint(tmp_path / "run")
+    states = [json.loads((ckpt / name).read_text()) for name in ("data_state.json", "data_state.rank1.json")]
+    assert [state["skips"]["times"] for state in states] == [{"bad-row": 1, "corrupt": 3}] * 2  # 1 + 3 + 3
+    (line,) = [line for line in printed.splitlines() if "fusedit.train.loop: data: " in line]
+    root = tmp_path / "data"
+    assert line == (
+        "INFO fusedit.train.loop: data: skipped 5 samples (7 times) over the 2 processes (1 found while planning "
+        "the data, counted once; 4 met while reading, counted in each process that met them): bad-row 1 (e.g. "
+        f"index.jsonl:11: no 'file' path), corrupt 4 (e.g. {_unreadable(root, 'bad02.png')}; "
+        f"{_unreadable(root, 'bad01.png')}; {_unreadable(root, 'bad03.png')}); every skipped id is listed in "
+        f"{tmp_path / 'run' / 'skipped.jsonl'} (rank 1's in skipped.rank1.jsonl, ...)"
     )
 
 

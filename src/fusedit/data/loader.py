@@ -25,7 +25,9 @@ is fast-forwarded by reading and decoding every sample before ``start_step`` (ex
 A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by the next one in the same
 order (the same bucket's order with buckets), so batches are always full and the replacement is
 deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason (the
-state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists). Rank 0 warns
+state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun,
+``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning
+the data, which every rank finds alike, once). Rank 0 warns
 once, early, when more than a fifth of the data looks unusable (``SkipWatch``). When no usable sample
 is left (every one skipped), reading raises a ConfigError with the counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
@@ -91,6 +93,11 @@ def _check_rank(rank: int, world_size: int) -> None:
 # Skip accounting
 
 
+def _shown(examples) -> str:
+    """The first ``_EXAMPLES`` of (sample id, detail) pairs, for a report."""
+    return "; ".join(f"{i}: {d}" if d else i for i, d in itertools.islice(examples, _EXAMPLES))
+
+
 class SkipCounter:
     """Skipped samples by reason: distinct sample ids with the detail of why (kept for the run's list of
     skipped samples), and occurrences (a bad sample is met again every epoch, and by every batch slot
@@ -129,13 +136,36 @@ class SkipCounter:
     def report(self) -> str:
         if not self.ids:
             return "skipped samples: none"
-        parts = []
-        for reason, n in self.counts().items():
-            examples = itertools.islice(self.ids[reason].items(), _EXAMPLES)
-            shown = "; ".join(f"{i}: {d}" if d else i for i, d in examples)
-            parts.append(f"{reason} {n} (e.g. {shown})")
+        parts = [
+            f"{reason} {n} (e.g. {_shown(self.ids[reason].items())})" for reason, n in self.counts().items()
+        ]
         times = sum(self.times.values())
         return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
+
+    def tally(self, shared: SkipCounter | None = None) -> dict:
+        """The counts to merge with other processes' (``merged_skip_report``), apart for the skips of
+        ``shared`` (those found while planning the data, which every process finds alike) and the others
+        (this process's own reads): ``{"shared": share, "own": share}``, a share being ``{reason: {"ids":
+        distinct ids, "times": occurrences, "examples": [[id, detail], ...]}}`` with the first
+        ``_EXAMPLES`` ids. A planned skip counts among the shared ones where this counter holds it (a run
+        resumed onto changed data holds the planning skips of its start): planning looks at each sample once
+        (one occurrence), and the samples it leaves out are never read."""
+        planned = {} if shared is None else shared.ids
+        out: dict[str, dict] = {"shared": {}, "own": {}}
+        for reason, ids in self.ids.items():
+            common = [i for i in planned.get(reason, ()) if i in ids]
+            if common:
+                examples = [[i, ids[i]] for i in common[:_EXAMPLES]]
+                out["shared"][reason] = {"ids": len(common), "times": len(common), "examples": examples}
+            if len(ids) > len(common):
+                known = set(common)
+                own = ((i, d) for i, d in ids.items() if i not in known)
+                out["own"][reason] = {
+                    "ids": len(ids) - len(common),
+                    "times": self.times[reason] - len(common),
+                    "examples": [list(e) for e in itertools.islice(own, _EXAMPLES)],
+                }
+        return out
 
     def mark(self) -> dict[str, tuple[int, int]]:
         return {reason: (len(ids), self.times[reason]) for reason, ids in self.ids.items()}
@@ -157,6 +187,36 @@ class SkipCounter:
             for r, ids in state.get("ids", {}).items()
         }
         self.times = {r: int(n) for r, n in state.get("times", {}).items()}
+
+
+def merged_skip_report(tallies: list[dict]) -> str:
+    """The skips of several processes (each one's ``SkipCounter.tally``, in rank order) in one line: those
+    found while planning the data, the same in every process, once; those each process met while reading its
+    share, summed over the processes. Distinct ids are counted per process (no process holds the others'
+    ids), so a sample two processes met (in different epochs) counts once in each: the line says so. The
+    examples are the planned ones first, then each process's in rank order."""
+    shared = tallies[0]["shared"]  # the same in every process
+    own = [tally["own"] for tally in tallies]
+    where = f"over the {len(tallies)} processes"
+    reasons = sorted({*shared, *(reason for share in own for reason in share)})
+    if not reasons:
+        return f"skipped samples: none {where}"
+    parts, planned, read, times = [], 0, 0, 0
+    for reason in reasons:
+        first = [shared[reason]] if reason in shared else []
+        reads = [share[reason] for share in own if reason in share]
+        planned += sum(share["ids"] for share in first)
+        read += sum(share["ids"] for share in reads)
+        times += sum(share["times"] for share in first + reads)
+        examples: dict[str, str] = {}
+        for share in first + reads:
+            for sample_id, detail in share["examples"]:
+                examples.setdefault(sample_id, detail)
+        count = sum(share["ids"] for share in first + reads)
+        parts.append(f"{reason} {count} (e.g. {_shown(examples.items())})")
+    how = [f"{planned} found while planning the data, counted once"] if planned else []
+    how += [f"{read} met while reading, counted in each process that met them"] if read else []
+    return f"skipped {planned + read} samples ({times} times) {where} ({'; '.join(how)}): " + ", ".join(parts)
 
 
 def skipped_jsonl(skips: dict) -> str:
@@ -613,10 +673,20 @@ class IndexedStepLoader:
     """Step-addressed batches of an index-addressable source (a DataLoader over plan slots)."""
 
     def __init__(
-        self, dataset, start_step, end_step, num_workers, skips: SkipCounter, watch: SkipWatch | None
+        self,
+        dataset,
+        start_step,
+        end_step,
+        num_workers,
+        skips: SkipCounter,
+        watch: SkipWatch | None,
+        planned: SkipCounter | None = None,
     ):
         self.dataset, self.start_step, self.end_step = dataset, start_step, end_step
         self.num_workers, self.skips, self.watch = num_workers, skips, watch
+        # The skips found while planning the data (``skips`` counts them too): the same in every process,
+        # so a summary over the processes counts them once (``skipped_tally``).
+        self.planned = planned
         self.step = start_step
 
     def __len__(self) -> int:
@@ -655,6 +725,10 @@ class IndexedStepLoader:
 
     def skipped_report(self) -> str:
         return self.skips.report()
+
+    def skipped_tally(self) -> dict:
+        """The skip counts to merge with the other processes' (``merged_skip_report``)."""
+        return self.skips.tally(self.planned)
 
 
 class _StreamBatcher:
@@ -847,6 +921,11 @@ class StreamStepLoader:
     def skipped_report(self) -> str:
         return self.skips.report()
 
+    def skipped_tally(self) -> dict:
+        """The skip counts to merge with the other processes' (``merged_skip_report``): a stream plans
+        nothing, every skip is of this process's reads."""
+        return self.skips.tally()
+
 
 def _stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: int) -> Callable[[], Any]:
     if cfg.source == "webdataset":
@@ -957,4 +1036,5 @@ def step_loader(
     # Bucket planning read every sample's header: all are checked; otherwise the rows a catalog refused.
     checked = total if dataset.plan.groups is not None else len(events)
     watch = SkipWatch(total, events, checked, skip_list) if rank == 0 else None
-    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch)
+    planned = SkipCounter.of(events)
+    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch, planned)

@@ -47,7 +47,7 @@ from fusedit.checkpoints import (
     saved_vocabulary,
 )
 from fusedit.config import Config, ConfigError, RunStopped, Stage, is_shallow, resolved_stages, save_config
-from fusedit.data.loader import check_data_paths, is_stream, skipped_jsonl, step_loader
+from fusedit.data.loader import check_data_paths, is_stream, merged_skip_report, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
@@ -831,17 +831,24 @@ class _Run:
         return _write_skipped(skip_path, position)
 
     def _report_skipped(self, stage: Stage, loader, listed: bool, skip_path: Path) -> None:
-        """Log the samples the loader skipped over the stage, and where they are listed. Under torchrun this
-        is rank 0's share (the samples every rank skips while planning the data, and those of its own reads),
-        each rank listing its own: a merged count would repeat the planning skips once per rank, and
-        gathering every rank's ids to merge them would cost each GPU memory for a log line."""
-        report = loader.skipped_report()
+        """Log the samples skipped over the stage, and where they are listed. Under torchrun the line covers
+        the job (rank 0 logs it): the ranks gather one another's counts by reason (distinct ids, occurrences
+        and a few examples; never every id, which each rank lists in its own file), and ``merged_skip_report``
+        counts the samples found while planning the data, the same on every rank, once, and sums those of
+        each rank's own reads over the ranks: a sample two ranks met (in different epochs) counts once per
+        rank that met it, as the line says."""
+        if self.env.world_size == 1:
+            report = loader.skipped_report()
+        else:
+            shares = distributed.gather_object((loader.skipped_tally(), listed), self.env)
+            report = merged_skip_report([tally for tally, _ in shares])
+            listed = any(each for _, each in shares)  # a rank that skipped nothing writes no list
         if listed:
             report += f"; every skipped id is listed in {skip_path}"
             if self.env.world_size > 1:
                 rank1 = skipped_list_name(1, stage.index if self.cfg.stages else None)
                 report += f" (rank 1's in {rank1}, ...)"
-        log.info("data: %s", report if self.env.world_size == 1 else f"rank 0: {report}")
+        log.info("data: %s", report)
 
 
 class _Step:
