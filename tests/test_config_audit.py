@@ -4,6 +4,7 @@ kinds) and checkpoint pruning."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,15 @@ import yaml
 
 from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
-from fusedit.config import ConfigError, load_config, parse_overrides, save_config
+from fusedit.config import (
+    ConfigError,
+    checked,
+    load_config,
+    parse_overrides,
+    preset_names,
+    save_config,
+    to_dict,
+)
 from fusedit.train.checkpoint import save_checkpoint
 
 
@@ -175,3 +184,75 @@ def test_the_preview_seed_is_one_fusedit_sample_takes(seed):
     hours into a run)."""
     with pytest.raises(ConfigError, match=re.escape(f"sample.seed={seed} must be")):
         load_config("debug", [f"sample.seed={seed}"])
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_checked_gives_back_every_preset_as_loaded(preset):
+    cfg = load_config(preset)
+    again = checked(cfg)
+    assert again == cfg and again is not cfg
+
+
+def test_a_config_edited_in_python_is_checked_field_by_field_as_a_file_is(tmp_path, monkeypatch):
+    """A dataclass edit skipped every check load_config makes: lr=5, an unknown precision, a misspelt
+    trainable part or a negative shift trained silently, and other values failed deep inside (KeyError)."""
+    for path, value, error in (
+        ("train.lr", 5.0, "train.lr=5.0 must be <= 1"),
+        ("train.precision", "fp16", "train.precision='fp16' is not allowed (allowed: auto, fp32, bf16)"),
+        ("model.pos_embed", "2d_rope", "model.pos_embed='2d_rope' is not allowed (allowed: ape, 1d-rope"),
+        ("data.num_workers", "2", "data.num_workers='2' must be an integer"),
+        ("train.trainable", ["dit", "refinerr"], "train.trainable=['dit', 'refinerr']: 'refinerr' is not"),
+        ("flow.shift", -1.0, "flow.shift=-1.0 must be > 0"),
+    ):
+        cfg = load_config("debug")
+        section, key = path.split(".")
+        setattr(getattr(cfg, section), key, value)
+        with pytest.raises(ConfigError) as e:
+            checked(cfg)
+        assert str(e.value).startswith(error), str(e.value)
+    cfg = load_config("debug")
+    cfg.train.stesp = 5
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown config key 'train.stesp': did you mean 'train.steps'?")
+    ):
+        checked(cfg)
+    with pytest.raises(ConfigError, match=r"^expected a fusedit Config, got dict \{'train'"):
+        checked({"train": {"steps": 5}})
+
+
+def test_checked_sums_stages_set_in_python_makes_paths_absolute_and_keeps_the_callers_config(
+    tmp_path, monkeypatch
+):
+    from fusedit.config import StageConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    cfg = load_config("debug")
+    cfg.stages = [StageConfig(name="a", steps=2), StageConfig(name="b", steps=3)]
+    cfg.data.root = Path("imgs")  # a Path, relative: saved as written, a resume elsewhere found nothing
+    cfg.data.buckets = ((32, 32),)
+    again = checked(cfg)
+    assert again.train.steps == 5 and cfg.train.steps != 5
+    assert again.data.root == str(tmp_path / "imgs") and cfg.data.root == Path("imgs")
+    assert again.data.buckets == [[32, 32]]
+    yaml.safe_load(yaml.safe_dump(to_dict(again)))  # a Path would not dump
+
+
+def test_a_presets_bare_name_is_the_preset_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """A run trained into ./debug made every later load_config("debug") read that run's config (and an
+    empty ./debug was 'a folder without a saved config'), while base: debug read the preset."""
+    monkeypatch.chdir(tmp_path)
+    preset = load_config("debug")
+    run = tmp_path / "debug"
+    run.mkdir()
+    save_config(load_config("debug", ["train.steps=1"]), run / "config.yaml")
+    assert load_config("debug") == preset
+    assert load_config("./debug").train.steps == 1 and load_config(run).train.steps == 1
+    assert load_config(Path("debug")).train.steps == 1
+
+
+@pytest.mark.parametrize("overrides", ["train.steps=5", {"train": {"steps": 5}}])
+def test_overrides_of_another_type_than_a_list_say_what_is_allowed(overrides):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", overrides)
+    assert str(e.value).endswith("(allowed: a list of 'section.key=value' strings, e.g. ['train.steps=5'])")

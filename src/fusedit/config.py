@@ -526,8 +526,11 @@ def preset_names() -> list[str]:
 
 def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Path | None]:
     """A preset name, a YAML path, or a model folder -> (mapping, folder it came from for relative
-    ``base:``). ``preset``: the name is a preset's, whatever the working directory holds."""
+    ``base:``). ``preset``: the name is a preset's, whatever the working directory holds. A preset's bare
+    name (``debug``) is the preset even beside a folder of that name (a run named after its preset, as
+    ``base:`` reads it): the folder is ``./debug`` (or a ``Path``)."""
     path = Path(name_or_path)
+    preset = preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
     if path.is_dir() and not preset:
         return _saved_mapping(path), None
     if not preset and (path.suffix in (".yaml", ".yml") or path.exists()):
@@ -877,8 +880,57 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def checked(cfg: Config) -> Config:
+    """``cfg`` checked as ``load_config`` checks a file, for a config built or edited in Python: a copy in
+    which every field is checked (type, choices, range: one line naming the key, as at load), the
+    cross-field rules hold, a staged config's ``train.steps`` is its stages' sum again, and paths that
+    exist are absolute. An attribute that is no config key (``cfg.train.stesp = 5``) is refused, not
+    dropped; a ``Path`` stands for its text. ``cfg`` itself is left as it is."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(
+            f"expected a fusedit Config, got {type(cfg).__name__} {cfg!r:.60} (allowed: "
+            "fusedit.config.load_config(name_or_path, overrides) or config_from_dict(mapping))"
+        )
+    _refuse_stray_attributes(cfg, "")
+    copy_ = config_from_dict(_plain(to_dict(cfg)))
+    absolute_paths(copy_)
+    return copy_
+
+
+def _refuse_stray_attributes(section: Any, prefix: str) -> None:
+    """An attribute set on a config section that is none of its fields: a misspelt key, which asdict (and
+    so every use) would drop without a word."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    stray = [name for name in vars(section) if name not in fields]
+    if stray:
+        _build(type(section), {stray[0]: None}, prefix)  # the unknown-key error, with its suggestion
+    for name, spec in fields.items():
+        value, path = getattr(section, name), f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(value):
+            _refuse_stray_attributes(value, path)
+        elif "item" in spec.metadata and isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _refuse_stray_attributes(item, f"{path}[{i}]")
+
+
+def _plain(value: Any) -> Any:
+    """A config mapping as YAML gives one: ``os.PathLike`` values as their text (a path set in Python as a
+    Path), tuples as lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):  # a tuple, as YAML would give it: a list
+        return [_plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:
     """Load a preset name or YAML file, apply dotted overrides, validate, and return the typed config."""
+    if isinstance(overrides, (str, dict)):
+        raise ConfigError(
+            f"overrides={overrides!r:.80} is not allowed (allowed: a list of 'section.key=value' strings, "
+            "e.g. ['train.steps=5'])"
+        )
     data = _resolve_raw(name_or_path)
     extra = parse_overrides(overrides or [])
     data = _deep_merge(data, extra)
