@@ -256,3 +256,36 @@ def test_overrides_of_another_type_than_a_list_say_what_is_allowed(overrides):
     with pytest.raises(ConfigError) as e:
         load_config("debug", overrides)
     assert str(e.value).endswith("(allowed: a list of 'section.key=value' strings, e.g. ['train.steps=5'])")
+
+
+def test_a_key_written_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `model:` silently dropped the first's pos_embed."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "base: debug\nmodel:\n  pos_embed: 2d-rope\ntrain:\n  steps: 3\nmodel:\n  qk_norm: false\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"cannot parse {path}: line 6, column 1: key 'model' appears twice (first on line 2; allowed: each key once)"
+    )
+    # A YAML merge key overrides on purpose: still read.
+    path.write_text("base: debug\ntrain: &t\n  steps: 3\nsample:\n  <<: {steps: 4}\n  steps: 5\n")
+    assert load_config(path).sample.steps == 5
+
+
+def test_a_choice_that_turns_a_feature_off_takes_yaml_false_and_names_its_empty_value():
+    """sample.compile's off is the empty string: `compile: false` (or YAML's off) was refused, and the
+    allowed list printed the empty choice bare ('auto, , inductor')."""
+    from fusedit.config import config_from_dict
+
+    data = to_dict(load_config("debug"))
+    data["sample"]["compile"] = False
+    assert config_from_dict(data).sample.compile == ""
+    data["sample"]["compile"] = True
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert str(e.value) == (
+        'sample.compile=True is not allowed (allowed: auto, "" (off; false in YAML), inductor, max-autotune, '
+        "aot_eager, eager)"
+    )

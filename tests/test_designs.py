@@ -323,3 +323,20 @@ def test_flop_formula_matches_a_counted_forward_with_several_llms_and_the_refine
     with FlopCounterMode(display=False) as counter:
         model(x, t, text)
     assert denoiser_flops(model.denoiser, 64, widths) == counter.get_total_flops()
+
+
+def test_designs_of_one_seed_hold_the_same_random_llm_whatever_their_dit():
+    """The random-init LLM was drawn from the global generator after the denoiser's init, so every design
+    whose DiT drew another number of values got another text encoder: a study compared each design over
+    another LLM. It is now a function of train.seed and its section alone."""
+    designs = ["debug", "debug-dit-self", "debug-dit-cross", "debug-fusedit-cross", "debug-clip-mod"]
+    llms = []
+    for name in designs:
+        torch.manual_seed(0)
+        llms.append(build_model(load_config(name), with_autoencoder=False).encoders[0].llm.state_dict())
+    first = llms[0]
+    for name, llm in zip(designs[1:], llms[1:], strict=True):
+        shared = [k for k in first if k in llm]  # a shallow design may build fewer of its layers
+        assert shared and all(torch.equal(first[k], llm[k]) for k in shared), name
+    other = build_model(load_config("debug", ["train.seed=1"]), with_autoencoder=False).encoders[0].llm
+    assert not torch.equal(other.state_dict()["embed_tokens.weight"], first["embed_tokens.weight"])

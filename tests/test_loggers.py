@@ -76,7 +76,7 @@ def test_wandb_gets_every_record_and_a_resumed_run_continues_the_same_wandb_run(
     truncated = [json.loads(line).get("truncated") for line in lines]
     assert truncated[-1] > 0 and [values.get("train/truncated") for _, values in fake.logged] == truncated
     # a fresh (not resumed) run in the same folder is a new wandb run
-    train(cfg, tmp_path / "run", stop_at=1, progress=False)
+    train(cfg, tmp_path / "run", overwrite=True, stop_at=1, progress=False)
     assert fake.inits[2]["id"] != first["id"]
 
 
@@ -87,3 +87,5 @@ def test_a_missing_logger_package_is_a_one_line_error_naming_it(tmp_path, monkey
     with pytest.raises(ConfigError) as e:
         train(cfg, tmp_path / "run", progress=False)
     assert str(e.value) == f"train.loggers names {logger}, which is not installed: pip install {logger}"
+    # Refused before the run folder is made: it held train.lock (and tensorboard's events beside wandb).
+    assert not (tmp_path / "run").exists()

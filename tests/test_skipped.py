@@ -186,7 +186,9 @@ def test_training_lists_the_skipped_samples_in_the_run_folder_exactly_across_a_r
     assert (tmp_path / "b" / "skipped.jsonl").read_bytes() == (tmp_path / "a" / "skipped.jsonl").read_bytes()
 
     # A fresh run without skips in the same folder leaves no earlier run's list behind.
-    train(tiny_config(train={"steps": 2, "checkpoint_every": 2}), tmp_path / "a", progress=False)
+    train(
+        tiny_config(train={"steps": 2, "checkpoint_every": 2}), tmp_path / "a", overwrite=True, progress=False
+    )
     assert not (tmp_path / "a" / "skipped.jsonl").exists()
 
 

@@ -116,8 +116,14 @@ def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("stages.0.train.steps=4", "stages[0].train.steps cannot differ between stages (stages[0].steps is"),
-        ("stages.1.train.seed=3", "stages[1].train.seed cannot differ between stages (set train.seed)"),
+        (
+            "stages.0.train.steps=4",
+            "stages[0].train.steps is set, but train.steps is the run's, not a stage's (allowed: stages[0].steps",
+        ),
+        (
+            "stages.1.train.seed=0",  # the run's own value
+            "stages[1].train.seed is set, but train.seed is the run's, not a stage's (allowed: set train.seed)",
+        ),
         ("stages.0.model.dit_hidden_size=64", "unknown config key 'stages[0].model'"),
         ("stages.1.data.image_size=30", "stages[1] (joint-32px): data.image_size=30 must be divisible by"),
         (

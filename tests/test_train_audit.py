@@ -37,7 +37,7 @@ def test_a_fresh_run_drops_an_earlier_runs_tensorboard_events(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     # The same folder afresh (--overwrite, or --resume before any checkpoint): a shorter run at another lr.
     again = tiny_config(train={"steps": 2, "lr": 1e-4, "checkpoint_every": 2, "loggers": ["tensorboard"]})
-    losses = train(again, tmp_path / "run", progress=False)["losses"]
+    losses = train(again, tmp_path / "run", overwrite=True, progress=False)["losses"]
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     loss = events.Scalars("train/loss")

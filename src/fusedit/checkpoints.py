@@ -309,16 +309,19 @@ def load_model(
     relocate: dict[str, str] | None = None,
 ):
     """A trained model from a run folder or checkpoint folder, EMA weights by default, LoRA adapters merged,
-    in eval mode. ``relocate`` ({"text.model_id": NEW_PLACE, ...}, config.relocate) reads model folders
-    that moved since the run saved their paths from their new place; given (even empty), a saved path to
-    nothing is refused before anything loads, naming the key to relocate.
+    in eval mode, on ``device``: a torch device or its name, "auto" for CUDA when available (a bad or
+    missing device is a one-line ConfigError, before anything is read). ``relocate`` ({"text.model_id":
+    NEW_PLACE, ...}, config.relocate) reads model folders that moved since the run saved their paths from
+    their new place; given (even empty), a saved path to nothing is refused before anything loads, naming
+    the key to relocate.
 
     Returns (model, config, checkpoint folder). The config is the one the checkpoint's stage trained under
     (the stage's image size and sampling settings; for a run without stages, the run's config), its
     sample.use_ema saying whether the EMA was loaded.
     """
-    from fusedit.system import build_model
+    from fusedit.system import build_model, resolve_device
 
+    device = resolve_device(device, "device")
     ckpt = find_checkpoint(path)
     cfg = load_checkpoint_config(ckpt)
     if relocate is not None:

@@ -90,33 +90,27 @@ def _train_kept(out: Path, args, started: float) -> str:
     return f"the last checkpoint is {ckpt}; {go_on} to continue from it"
 
 
-def _refuse_a_run(out: Path, advice: str) -> None:
-    """Training afresh into ``out`` deletes the run it holds (metrics and checkpoints): refused, with
-    ``advice`` on what to pass instead."""
-    from fusedit.checkpoints import find_checkpoint, load_state
-
-    try:
-        step = load_state(find_checkpoint(out))["step"]
-    except FileNotFoundError:
-        return
-    raise ConfigError(f"{str(out)!r} already holds a run (checkpoint at step {step}): {advice}")
-
-
 def cmd_train(args) -> int:
-    from fusedit.train.loop import train
+    from fusedit.train.loop import RunExists, train
 
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     cfg = _config(args)
     out = _out_folder(args.out or f"runs/{cfg.name}")
-    if not (args.resume or args.overwrite):  # a forgotten --resume would lose the run
-        _refuse_a_run(
-            out, "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
-        )
     started = time.time()
     try:
         with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
-            result = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.quiet)
+            result = train(
+                cfg,
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                stop_at=args.stop_at,
+                progress=not args.quiet,
+            )
+    except RunExists as e:  # a forgotten --resume would lose the run: train() refuses, worded for the flags
+        advice = "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
+        raise RunExists(e.run_dir, e.step, advice) from None
     except RunStopped as e:  # what is kept, and the command that goes on, for the flags given
         raise RunStopped(e.reason, _train_kept(out, args, started)) from e
     if result.get("rank", 0) != 0:
@@ -136,18 +130,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from fusedit.demo import run_demo
+    from fusedit.demo import check_demo_folder, run_demo
 
     cfg = load_config("debug", args.overrides)
     out = _out_folder(args.out)
-    # The demo trains afresh: an --out of a run trained for days would be lost. An earlier demo's run (the
-    # loss curve and prompt sheet only the demo writes are there) is replaced, so that the README's demo
-    # command can be run again as it is.
-    earlier_demo = (out / "loss.png").is_file() and (out / "samples.png").is_file()
-    if not (args.overwrite or earlier_demo):
-        _refuse_a_run(out, "pass --overwrite to delete it and run the demo again, or another --out")
+    # Before the demo starts, worded for the flag (run_demo checks the same, worded for its argument).
+    check_demo_folder(
+        out, args.overwrite, "pass --overwrite to delete it and run the demo again, or another --out"
+    )
     t0 = time.time()
-    r = run_demo(cfg, out, progress=not args.quiet)
+    r = run_demo(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
     print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
     print(f"  samples:     {r['samples']}")
     print(f"  loss curve:  {r['loss_curve']}")
@@ -295,6 +287,7 @@ def cmd_sample(args) -> int:
         check_seed,
         load_sampling_model,
         sample_settings,
+        warn_cut_prompts,
         write_sample_folder,
     )
     from fusedit.system import resolve_device
@@ -339,7 +332,7 @@ def cmd_sample(args) -> int:
             written=written,
         )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
-    _warn_cut(model.truncated, len(prompts), model.limits)
+    warn_cut_prompts(model.truncated, len(prompts), model.limits)
     return 0
 
 
@@ -352,14 +345,6 @@ def _sample_kept(out: Path, written: list[Path], total: int) -> str:
         f"{len(written)} of the {total} images are in {out}, without grid.png (made at the end); rerun the "
         "same command to make them all"
     )
-
-
-def _warn_cut(cut: int, prompts: int, limits: str) -> None:
-    """The total of prompts cut to the text encoders' limits, last: each encoder warns at its first cut only."""
-    if cut:
-        log.warning(
-            "%d of the %d prompts were longer than %s tokens: their ends were cut", cut, prompts, limits
-        )
 
 
 def cmd_serve(args) -> int:
@@ -468,14 +453,20 @@ def cmd_eval(args) -> int:
         guidance=s.guidance if args.guidance is None else args.guidance,
         seed=0 if args.seed is None else args.seed,
     )
-    scores = run_shapes_bench(
-        model,
-        out_dir=out,
-        name=cfg.name,
-        max_objects=cfg.data.max_objects,
-        progress=not args.quiet,
-        **settings,
+    # The bench writes its files at the end: an interruption keeps what an earlier bench wrote there.
+    earlier = (
+        "an earlier bench's scores there are kept" if (out / "scores.json").is_file() else "nothing is kept"
     )
+    with _kept_on_interrupt(
+        f"{earlier} (the bench writes {out} at its end); rerun the same command to start again"
+    ):
+        scores = run_shapes_bench(
+            model,
+            out_dir=out,
+            name=cfg.name,
+            progress=not args.quiet,
+            **settings,
+        )
     print((out / "scores.md").read_text(), end="")
     print(f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts; details in {out}")
     return 0
@@ -526,6 +517,7 @@ def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, dev
     image to make (the protocol's checks of prompts and kept images come first; scoring again loads no
     model); else the model loads first, its loading reporting what the folder lacks."""
     from fusedit.eval import run
+    from fusedit.sample import warn_cut_prompts
 
     if saved is None:
         model, cfg, where = load()
@@ -573,7 +565,7 @@ def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, dev
     )
     print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
     if gen.truncated:  # of the prompts sampled in this run
-        _warn_cut(gen.truncated, gen.prompts, gen.model.limits)
+        warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits)
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
         worst = max(scores["categories"], key=scores["categories"].get)
@@ -927,25 +919,31 @@ def _converted(out: Path) -> bool:
 
 
 def cmd_study(args) -> int:
-    from fusedit.eval.study import chosen_designs, describe_study, load_study, run_study
+    from fusedit.eval.study import chosen_designs, describe_study, load_study, run_study, statuses_text
     from fusedit.system import resolve_device
 
-    study = load_study(args.study, device=args.device)
-    if args.check:
-        chosen_designs(
-            study, args.only
-        )  # --check runs nothing, but its --only names are checked all the same
-        print(describe_study(study))
-        return 0
+    # A design label is a word without '=': overrides typed after --only's labels (`--only a b
+    # train.steps=5`) land in its list, and are overrides all the same.
+    only = None if args.only is None else [word for word in args.only if "=" not in word]
+    overrides = [*args.overrides, *(word for word in args.only or () if "=" in word)]
+    study = load_study(args.study, device=args.device, overrides=overrides)
+    chosen = [d.label for d in chosen_designs(study, only)]
     if args.device:  # else the first design's training refuses it, after the output folder is made
         resolve_device(args.device, "--device")
     out = _out_folder(args.out or f"runs/studies/{study.name}")
+    if args.check:  # what the run would do, from the run's own checks and decisions; nothing is made
+        print(describe_study(study, only=only, out_dir=out))
+        return 0
     t0 = time.time()
     with _kept_on_interrupt(f"what is done in {out} is kept (each design's checkpoints and scores); {GO_ON}"):
-        r = run_study(study, out, progress=not args.quiet, only=args.only)
+        r = run_study(study, out, progress=not args.quiet, only=only)
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
-    print(f"study {r['name']}: {len(r['designs'])} designs in {time.time() - t0:.0f}s{pending}")
+    count = f"{len(chosen)} of {len(study.designs)}" if len(chosen) < len(study.designs) else len(chosen)
+    print(
+        f"study {r['name']}: {count} designs in {time.time() - t0:.0f}s: "
+        f"{statuses_text(r['designs'], chosen)}{pending}"
+    )
     print(f"  report:  {out / 'report.md'}")
     print(f"  plots:   {out / 'loss_curves.png'}, {out / 'scores.png'}")
     print(f"  samples: {out / 'samples.png'} (per design: {out / 'grids'})")
@@ -977,7 +975,7 @@ def cmd_consolidate(args) -> int:
 
 def cmd_describe(args) -> int:
     from fusedit.system import build_model, count_parameters
-    from fusedit.train.stages import image_costs
+    from fusedit.train.stages import _flop, image_costs
 
     cfg = _config(args)
     model = build_model(cfg, "meta")
@@ -1002,12 +1000,15 @@ def cmd_describe(args) -> int:
         f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
         f"{'; '.join(read)}"
     )
-    print(f"trainable (DiT): {count_parameters(d) / 1e6:.1f}M")
+    # The exact counts too: a debug design's 1.5M would not confirm the 1.53M `fusedit study` reports.
+    trainable = count_parameters(d)
+    print(f"trainable (DiT): {trainable / 1e6:.1f}M ({trainable:,})")
     frozen = [("LLM" if len(keys) == 1 else f"LLM {key}", enc.llm) for key, enc in zip(keys, model.encoders)]
     if model.pooled_text is not None:
         frozen.append(("pooled text encoder", model.pooled_text))
     for what, module in frozen:
-        print(f"frozen ({what}, incl. embeddings): {count_parameters(module) / 1e6:.1f}M")
+        count = count_parameters(module)
+        print(f"frozen ({what}, incl. embeddings): {count / 1e6:.1f}M ({count:,})")
     if any(req.kv_layers or req.raw_kv_layers for req in d.text_requests) and any(
         t.model_id for _, t in text_sections(cfg)
     ):
@@ -1018,8 +1019,8 @@ def cmd_describe(args) -> int:
     for size in sorted({256, 512, cfg.data.image_size}):
         c = image_costs(model, cfg, size)
         print(
-            f"{size} px ({c['image']} image + {c['text']} text tokens): DiT forward {c['dit'] / 1e12:.3f} "
-            f"TFLOP, LLM forward {c['llm'] / 1e12:.3f} TFLOP, training {c['training'] / 1e12:.3f} TFLOP per image"
+            f"{size} px ({c['image']} image + {c['text']} text tokens): DiT forward {_flop(c['dit'])}, "
+            f"LLM forward {_flop(c['llm'])}, training {_flop(c['training'])} per image"
         )
     if cfg.stages:
         from fusedit.train.stages import describe_stages
@@ -1212,6 +1213,11 @@ def _add_eval_parser(sub) -> None:
 def _add_study_parser(sub) -> None:
     sp = sub.add_parser("study", help="train, score and compare several designs under one recipe")
     sp.add_argument("study", help="study YAML file (see studies/)")
+    sp.add_argument(
+        "overrides",
+        nargs="*",
+        help="section.key=value overrides of the study's base, for every design (e.g. train.steps=5)",
+    )
     sp.add_argument("--out", help="output folder (default runs/studies/<name>); running it again resumes")
     sp.add_argument("--device", help="train.device for every design (default: each config's, auto)")
     sp.add_argument(
@@ -1221,7 +1227,10 @@ def _add_study_parser(sub) -> None:
         help="train and score only these designs; the report keeps the others an earlier call finished",
     )
     sp.add_argument(
-        "--check", action="store_true", help="validate, print each design's size and cost, train nothing"
+        "--check",
+        action="store_true",
+        help="validate, print each design's size and cost and what the run into --out would do with it; "
+        "train nothing",
     )
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_study)

@@ -546,7 +546,7 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
             )
         text, folder = res.read_text(), None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.MarkedYAMLError as e:
         raise ConfigError(f"cannot parse {name_or_path}: {yaml_problem(e)}") from None
     except yaml.YAMLError as e:
@@ -556,6 +556,37 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
             f"{name_or_path}: a config must be a YAML mapping of sections, got {type(data).__name__}"
         )
     return data, folder
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key: the safe loader keeps the last one, so
+    a section written twice (``model:`` twice) or a study's design label given twice silently lost the
+    first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, typing.Hashable):  # the safe loader's own error names it
+                    continue
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} appears twice (first on line {first[key]}; allowed: each key once)",
+                        key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as ``yaml.safe_load`` reads it, but a mapping that repeats a key is a
+    ``yaml.MarkedYAMLError`` naming the key and both lines (``yaml_problem`` words it in one line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def pipeline_record(folder: Path) -> dict | None:
@@ -780,8 +811,11 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
     if "choices" in meta:
-        if value not in meta["choices"]:
-            raise ConfigError(f"{path}={value!r} is not allowed (allowed: {', '.join(meta['choices'])})")
+        if value is False and "" in meta["choices"]:
+            return ""  # the choice that turns it off, as YAML reads `false` and `off`
+        if value not in meta["choices"] or isinstance(value, bool):
+            allowed = ", ".join(c if c != "" else '"" (off; false in YAML)' for c in meta["choices"])
+            raise ConfigError(f"{path}={value!r} is not allowed (allowed: {allowed})")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -886,15 +920,23 @@ def checked(cfg: Config) -> Config:
     cross-field rules hold, a staged config's ``train.steps`` is its stages' sum again, and paths that
     exist are absolute. An attribute that is no config key (``cfg.train.stesp = 5``) is refused, not
     dropped; a ``Path`` stands for its text. ``cfg`` itself is left as it is."""
+    check_fields(cfg)
+    copy_ = config_from_dict(_plain(to_dict(cfg)))
+    absolute_paths(copy_)
+    return copy_
+
+
+def check_fields(cfg: Config) -> None:
+    """``checked``'s checks of each field on its own (type, choices, range; stray attributes), without
+    the rules across fields (``validate``): what a build needs of a config code may assemble on purpose
+    outside those rules (the public-checkpoint converter's VAE stand-in)."""
     if not isinstance(cfg, Config):
         raise ConfigError(
             f"expected a fusedit Config, got {type(cfg).__name__} {cfg!r:.60} (allowed: "
             "fusedit.config.load_config(name_or_path, overrides) or config_from_dict(mapping))"
         )
     _refuse_stray_attributes(cfg, "")
-    copy_ = config_from_dict(_plain(to_dict(cfg)))
-    absolute_paths(copy_)
-    return copy_
+    _build(Config, _plain(to_dict(cfg)), "")
 
 
 def _refuse_stray_attributes(section: Any, prefix: str) -> None:
@@ -1468,8 +1510,12 @@ def resolved_stages(cfg: Config) -> list[Stage]:
         where = f"stages[{i}]"
         fixed = [k for k in st.train if k in RUN_WIDE_TRAIN_KEYS]
         if fixed:
-            hint = f"{where}.steps is the stage's length" if fixed[0] == "steps" else f"set train.{fixed[0]}"
-            raise ConfigError(f"{where}.train.{fixed[0]} cannot differ between stages ({hint})")
+            # Refused even at the run's own value: a stage setting it reads as if stages could differ in it.
+            hint = f"{where}.steps, the stage's length" if fixed[0] == "steps" else f"set train.{fixed[0]}"
+            raise ConfigError(
+                f"{where}.train.{fixed[0]} is set, but train.{fixed[0]} is the run's, not a stage's (allowed: "
+                f"{hint})"
+            )
         if st.data.get("source", sections["data"]["source"]) != sections["data"]["source"]:
             # A stage that reads another source does not inherit where the earlier one read from.
             for key in DATA_LOCATIONS:

@@ -29,7 +29,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoConfig, PretrainedConfig
 
 from fusedit.config import Config, config_from_dict, is_shallow, text_sections, to_dict
+from fusedit.layers.mlp import FusedGatedMLP
 from fusedit.models import build_denoiser
+from fusedit.models.blocks import FusedImageAttention
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
 from fusedit.text.spec import LLMSpec
@@ -100,7 +102,15 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
     def from_denoiser(cls, denoiser: torch.nn.Module, cfg: Config, pooled_dim: int | None = None):
         """Wrap a built denoiser, sharing its weights. The recorded config is first rebuilt on the meta device
         (no memory, no init cost) and must give the same parameter names and shapes, so what is saved
-        always reloads into this architecture."""
+        always reloads into this architecture. A denoiser in its sampling form (fused projections:
+        ``fusedit.sample.load_sampling_model``, ``to_sampling_form``) is refused in one line: it only samples,
+        and its parameter names are not the architecture's."""
+        if any(isinstance(m, (FusedImageAttention, FusedGatedMLP)) for m in denoiser.modules()):
+            raise ValueError(
+                "this denoiser is in its sampling form (fused projections, as fusedit.sample.load_sampling_model "
+                "and to_sampling_form leave it), which only fusedit.sample.generate takes: a pipeline or an "
+                "export needs the model fusedit.checkpoints.load_model returns"
+            )
         with torch.device("meta"):
             wrapper = cls(export_config(cfg), llm_records(cfg), pooled_dim)
         want = {k: tuple(v.shape) for k, v in wrapper.denoiser.state_dict().items()}

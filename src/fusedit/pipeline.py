@@ -22,7 +22,6 @@ They live here, not in ``fusedit.hub``, so that imports point one way: this modu
 
 import dataclasses
 import json
-import math
 import numbers
 import os
 import shutil
@@ -42,8 +41,8 @@ from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
-from fusedit.sample import latent_shape, text_velocity, warn_far_past_trained
-from fusedit.system import TextToImage
+from fusedit.sample import check_steps_guidance, latent_shape, text_velocity, warn_far_past_trained
+from fusedit.system import TextToImage, resolve_device
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import DTYPES
@@ -166,8 +165,9 @@ class FuseDiTPipeline(DiffusionPipeline):
         use_ema: bool = True,
         relocate: dict[str, str] | None = None,
     ) -> "FuseDiTPipeline":
-        """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder; ``relocate``
-        names the new place of model folders that moved (checkpoints.load_model)."""
+        """A pipeline from a fusedit run folder (its latest checkpoint) or a checkpoint folder on ``device``
+        (a torch device or its name, "auto" for CUDA when available); ``relocate`` names the new place of
+        model folders that moved (checkpoints.load_model, which checks the device first)."""
         from fusedit.checkpoints import load_model
 
         model, cfg, _ = load_model(run_or_checkpoint, device, use_ema=use_ema, relocate=relocate)
@@ -352,14 +352,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             else _whole("num_inference_steps", num_inference_steps)
         )
         guidance = cfg.sample.guidance if guidance_scale is None else guidance_scale
-        if (
-            isinstance(guidance, bool)
-            or not isinstance(guidance, numbers.Real)
-            or not math.isfinite(guidance)
-            or guidance < 0
-        ):
-            # As sample.guidance and `fusedit sample --guidance`: 0 and 1 turn CFG off, less is no setting.
-            raise ValueError(f"guidance_scale={guidance!r} is not allowed (allowed: a finite number >= 0)")
+        check_steps_guidance(None, guidance, guidance_key="guidance_scale")  # as generate checks guidance
         height, width = (
             cfg.data.image_size if size is None else _side(name, size, cfg)
             for name, size in (("height", height), ("width", width))
@@ -471,8 +464,10 @@ def save_pretrained(model: TextToImage, cfg: Config, folder: str | os.PathLike) 
 def from_pretrained(
     folder: str | os.PathLike, device: torch.device | str = "cpu"
 ) -> tuple[TextToImage, Config]:
-    """A saved pipeline folder (or hub id) -> ``(TextToImage, Config)`` on ``device``, in eval mode; the
-    same model ``fusedit.sample.generate`` and the training loop take."""
+    """A saved pipeline folder (or hub id) -> ``(TextToImage, Config)`` on ``device`` (a torch device or its
+    name, "auto" for CUDA when available: system.resolve_device), in eval mode; the same model
+    ``fusedit.sample.generate`` and the training loop take."""
+    device = resolve_device(device, "device")  # a bad or missing device fails in one line, before the load
     model, cfg = FuseDiTPipeline.from_pretrained(str(folder)).to(device).to_fusedit()
     return model.eval(), cfg
 

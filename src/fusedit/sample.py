@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +27,13 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig
+from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig, check_fields
 from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity
 from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.models.inference import prepare_for_sampling
-from fusedit.system import TextToImage, precision_name, uses_bf16
+from fusedit.system import TextToImage, precision_name, resolve_device, uses_bf16
 from fusedit.text.context import TextContext
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,39 @@ class CUDAGraphVelocity:
 
 def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) in pixels of an image size: one side (a square) or (height, width)."""
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
+    return (size, size) if isinstance(size, numbers.Integral) else (size[0], size[1])
+
+
+def _whole(value) -> bool:
+    """An integer of any kind (numpy's too), and not a bool (True would pass for 1)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def check_image_size(image_size) -> None:
+    """A one-line error for an image size that is neither a whole number of pixels >= 1 (a square) nor a
+    (height, width) pair of them; whether the model takes that size is its own check (latent_shape's
+    patch grid, side_fits)."""
+    pair = isinstance(image_size, (tuple, list))
+    sides = tuple(image_size) if pair else (image_size,)
+    if (pair and len(sides) != 2) or not all(_whole(side) and side >= 1 for side in sides):
+        raise ConfigError(
+            f"image_size={image_size!r} is not allowed (allowed: a whole number of pixels >= 1, or a "
+            "(height, width) pair of them)"
+        )
+
+
+def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list, refused in one line unless it is a non-empty list (or tuple) of strings: a
+    bare string would be sampled one character at a time (TextEncoder.tokenize refuses it the same way)."""
+    if isinstance(prompts, str):
+        raise TypeError(
+            f"prompts={prompts[:60]!r} is a single string (allowed: a list of prompts: [{prompts[:60]!r}])"
+        )
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts={prompts!r:.80} is not allowed (allowed: a list of prompt strings)")
+    if not prompts:
+        raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
+    return list(prompts)
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -158,29 +191,39 @@ def warn_far_past_trained(shape: tuple[int, int], cfg: Config, named: str) -> No
         )
 
 
-def check_steps_guidance(steps: int | None, guidance: float | None, *, flags: bool = False) -> None:
-    """One-line errors for a step count below 1 or a guidance scale that is negative or not finite (None:
-    not given). Called before any slow work; ``flags`` names them as command-line flags (``--steps 0``)
-    rather than keywords (``steps=0``)."""
+def check_steps_guidance(
+    steps: int | None, guidance: float | None, *, flags: bool = False, guidance_key: str = "guidance"
+) -> None:
+    """One-line errors for a step count that is not an integer >= 1 or a guidance scale that is not a
+    finite number >= 0 (None: not given). Called before any slow work; ``flags`` names them as
+    command-line flags (``--steps 0``) rather than keywords (``steps=0``), and ``guidance_key`` is the
+    guidance's keyword (the pipeline's ``guidance_scale``)."""
 
     def named(key: str, value) -> str:
         return f"--{key} {value}" if flags else f"{key}={value!r}"
 
-    if steps is not None and steps < 1:
+    if steps is not None and not (_whole(steps) and steps >= 1):
         raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise ConfigError(f"{named('guidance', guidance)} is not allowed (allowed: a finite number >= 0)")
+    # 0 and 1 both turn CFG off (no unconditional branch at 1); below 0 is no setting, NaN gives NaN images.
+    if guidance is not None and (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, numbers.Real)
+        or not (math.isfinite(guidance) and guidance >= 0)
+    ):
+        raise ConfigError(f"{named(guidance_key, guidance)} is not allowed (allowed: a finite number >= 0)")
 
 
 def check_seed(seed: int, images: int = 1, *, name: str = "seed") -> None:
-    """A one-line error for a seed outside 0..SEED_MAX, or one whose images' seeds (seed + i for image i
-    of ``images``) would pass SEED_MAX. ``name`` is the setting as the error shows it: a keyword (``seed``,
-    ``study 'x': seeds[1]``) or a command-line flag (``--seed``)."""
+    """A one-line error for a seed that is not an integer in 0..SEED_MAX, or one whose images' seeds (seed
+    + i for image i of ``images``) would pass SEED_MAX. ``name`` is the setting as the error shows it: a
+    keyword (``seed``, ``study 'x': seeds[1]``) or a command-line flag (``--seed``)."""
     top = SEED_MAX - (images - 1)
-    if not 0 <= seed <= top:
+    whole = _whole(seed)
+    if not (whole and 0 <= seed <= top):
         named = f"{name} {seed}" if name.startswith("--") else f"{name}={seed!r}"
         why = f" for {images} images: image i takes seed + i" if images > 1 else ""
-        raise ConfigError(f"{named} is out of range (allowed: 0..{top}{why})")
+        problem = "is out of range" if whole else "is not an integer"
+        raise ConfigError(f"{named} {problem} (allowed: 0..{top}{why})")
 
 
 def check_negative_prompt(negative_prompt: str | None, guidance: float, *, flags: bool = False) -> None:
@@ -200,10 +243,23 @@ def check_negative_prompt(negative_prompt: str | None, guidance: float, *, flags
     )
 
 
+def _with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with ``overrides`` of its ``sample`` section, each checked as a config file's value is (one
+    line naming sample.KEY, the value and what is allowed): dataclasses.replace checks nothing, and a
+    steps=0 or guidance=nan would otherwise sample nothing or NaN images without a word."""
+    if not overrides:
+        return cfg
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
+    check_fields(cfg)  # raises on the first bad field
+    return cfg
+
+
 def sample_settings(cfg: Config, **overrides) -> dict:
     """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
-    None keeps the config's value (so CLI flags can be passed straight through). At guidance 1 the saved
-    negative prompt is dropped unless one is given: it would change nothing (check_negative_prompt)."""
+    None keeps the config's value (so CLI flags can be passed straight through). Overrides are checked as
+    the config's own values are (ConfigError: one line naming the key, the value and what is allowed). At
+    guidance 1 the saved negative prompt is dropped unless one is given: it would change nothing
+    (check_negative_prompt)."""
     s = cfg.sample
     settings = {
         "image_size": cfg.data.image_size,
@@ -220,7 +276,12 @@ def sample_settings(cfg: Config, **overrides) -> dict:
     unknown = set(overrides) - set(settings)
     if unknown:
         raise TypeError(f"unknown sample setting(s) {sorted(unknown)} (allowed: {', '.join(settings)})")
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "image_size" in given:
+        check_image_size(given["image_size"])
+    # Every other setting is the sample section's key of the same name.
+    _with_sample(cfg, {k: v for k, v in given.items() if k != "image_size"})
+    settings.update(given)
     if settings["guidance"] == 1.0 and overrides.get("negative_prompt") is None:
         settings["negative_prompt"] = ""
     return settings
@@ -243,12 +304,33 @@ def generate(
     precision: str = SampleConfig.precision,
     cuda_graphs: bool = SampleConfig.cuda_graphs,
     noise: torch.Tensor | None = None,
-    progress=None,
+    progress: bool | Callable[[], None] | None = None,
+    warn_cut: bool = True,
 ) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``prompts`` at ``image_size``: one side (a square) or (H, W).
-    The defaults are the ``sample`` section's; ``sample_settings(cfg)`` gives a saved model's own. CFG is
-    used when guidance != 1. ``cuda_graphs``
-    replays each step as one CUDA graph (with the text cache on a GPU; elsewhere it changes nothing)."""
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts`` (a list of strings) at ``image_size``: one side (a
+    square) or (H, W). The defaults are the ``sample`` section's; ``sample_settings(cfg)`` gives a saved
+    model's own. CFG is used when guidance != 1. ``cuda_graphs`` replays each step as one CUDA graph (with
+    the text cache on a GPU; elsewhere it changes nothing).
+
+    ``noise``: the starting latents, (B, C, h, w) for B prompts (default: drawn from ``seed``).
+    ``progress``: True shows a tqdm bar over the steps, as every other ``progress`` of fusedit does; or a
+    function taking no arguments, called once after each sampler step (a Heun step included; what
+    ``write_sample_folder`` and ``fusedit serve`` count steps with); None or False: nothing.
+    ``warn_cut``: log a warning for the prompts this call cut to the text encoders' limits (each encoder
+    warns at its first cut only, as training wants); False for a caller that reports a total itself (as
+    ``fusedit sample`` does from ``model.truncated``).
+
+    Arguments are checked before any slow work, one line each (ConfigError for a value out of range or
+    an unknown precision, TypeError for prompts that are not a list of strings)."""
+    prompts = check_prompts(prompts)
+    check_image_size(image_size)
+    check_steps_guidance(steps, guidance)
+    check_seed(seed)
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(
+            f"progress={progress!r} is not allowed (allowed: True for a progress bar, False or None for none, "
+            "or a function called once per step)"
+        )
     denoiser, ae = model.denoiser, model.autoencoder
     device = next(denoiser.parameters()).device
     dtype = sampling_dtype(precision, device)
@@ -268,8 +350,10 @@ def generate(
             f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
             f"expected {shape} (one row of latents per prompt)"
         )
-    rows = [negative_prompt] * len(prompts) + list(prompts) if guidance != 1.0 else list(prompts)
+    rows = [negative_prompt] * len(prompts) + prompts if guidance != 1.0 else list(prompts)
     negatives = len(rows) - len(prompts)
+    # The encoders that have cut nothing yet warn at their first cut themselves (text/encoder.py).
+    fresh = [enc.truncated == 0 for enc in model.limited]
     if cache_text:
         text = model.encode_prompts(rows, negatives)
     else:
@@ -285,10 +369,51 @@ def generate(
                 return model.encode_prompts(rows, negatives)
 
     velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
-    latents = sample(
-        velocity, noise.to(device), steps, sampler=sampler, shift=shift, progress=progress, schedule=schedule
-    )
+    bar = tqdm(total=steps, desc="sample", unit="step") if progress is True else None
+    try:
+        latents = sample(
+            velocity,
+            noise.to(device),
+            steps,
+            sampler=sampler,
+            shift=shift,
+            progress=bar.update if bar is not None else progress or None,
+            schedule=schedule,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if warn_cut:
+        _warn_call_cut(model, fresh, negatives, len(prompts))
     return ae.decode(latents)
+
+
+def _warn_call_cut(model: TextToImage, fresh: list[bool], negatives: int, prompts: int) -> None:
+    """generate's warning for the rows its call cut (``model.cut``; the first ``negatives`` rows are the
+    negative prompt's), worded as `fusedit sample`'s total. Each text encoder warns at its first cut only,
+    so a later call's cuts would go unsaid; a call whose every cutting encoder was ``fresh`` (gave its own
+    first warning just now) is not warned about twice."""
+    if all(was_fresh for enc, was_fresh in zip(model.limited, fresh, strict=True) if enc.cut):
+        return
+    cut = sum(row >= negatives for row in model.cut)
+    negative = any(row < negatives for row in model.cut)
+    if cut:
+        warn_cut_prompts(cut, prompts, model.limits, " (the negative prompt's too)" if negative else "")
+    else:
+        log.warning("the negative prompt is longer than %s tokens: its end was cut", model.limits)
+
+
+def warn_cut_prompts(cut: int, prompts: int, limits: str, also: str = "") -> None:
+    """The warning for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits`` (TextToImage.limits):
+    a call's, or a command's total at its end (each encoder warns at its first cut only)."""
+    if cut:
+        log.warning(
+            "%d of the %d prompts were longer than %s tokens: their ends were cut%s",
+            cut,
+            prompts,
+            limits,
+            also,
+        )
 
 
 def _saved_by_public_fusedit(folder: Path) -> bool:
@@ -309,8 +434,13 @@ def check_sampling_source(path: str | Path, use_ema: bool = True, relocate: dict
     before the load (`fusedit eval` records its generation first) check it first. Returns the folder."""
     folder = Path(path)
     if not folder.is_dir():
+        # These commands read local folders only; a hub repository is downloaded first (docs/diffusers.md).
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not folder.exists()
+        hint = (
+            f"; a hub id? download it first: hf download {path} --local-dir DIR, and use DIR" if hub else ""
+        )
         raise FileNotFoundError(
-            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder)"
+            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder{hint})"
         )
     if _saved_by_public_fusedit(folder):
         raise ConfigError(
@@ -350,19 +480,32 @@ def load_sampling_model(
       refused.
 
     ``sample_overrides`` replace keys of the saved config's ``sample`` section (``compile=""`` for off,
-    ``cuda_graphs=True``, ...; None keeps the saved value) before the model is turned into its sampling
-    form (``to_sampling_form``). ``device`` is where the model is loaded (a torch device or its name).
+    ``cuda_graphs=True``, ...; None keeps the saved value), checked as a config file's values are, before
+    the model is turned into its sampling form (``to_sampling_form``). ``device`` is where the model is
+    loaded: a torch device or its name, "auto" for CUDA when available (``system.resolve_device``).
+
+    The model returned only samples: its sampling form (no gradients; fused q/k/v and gate/up projections
+    under sample.fuse_projections; bf16 matmul weights under sample.bf16_weights with bf16 autocast) cannot
+    be trained, and ``save_pretrained`` / ``FuseDiTPipeline`` refuse its fused projections. To fine-tune,
+    export or inspect the weights, load the training form with ``fusedit.checkpoints.load_model`` (what
+    this reads a run or checkpoint with).
 
     Returns (the model in eval mode and sampling form, its Config with the overrides, the folder its weights
     were read from: the checkpoint folder, or the pipeline folder). Raises FileNotFoundError for a path that
-    is not a folder or holds no model, and ConfigError for a folder saved by the public FuseDiT code (import
-    it with `fusedit convert` first) or a pipeline folder with ``use_ema=False`` or ``relocate``; the
-    messages name the command-line flags (--no-ema, --relocate), as `fusedit` prints them."""
+    is not a folder or holds no model, and ConfigError for a bad device or override, a folder saved by the
+    public FuseDiT code (import it with `fusedit convert` first) or a pipeline folder with
+    ``use_ema=False`` or ``relocate``; the messages name the command-line flags (--no-ema, --relocate), as
+    `fusedit` prints them."""
     from fusedit.checkpoints import find_checkpoint, load_model
 
+    known = [f.name for f in dataclasses.fields(SampleConfig)]
+    unknown = sorted(set(sample_overrides) - set(known))
+    if unknown:  # before the load; the values are checked against the loaded config below
+        raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(known)})")
+    device = resolve_device(device, "device")
+
     def sampling(model, cfg):
-        overrides = {k: v for k, v in sample_overrides.items() if v is not None}
-        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **overrides))
+        cfg = _with_sample(cfg, {k: v for k, v in sample_overrides.items() if v is not None})
         return to_sampling_form(model, cfg), cfg
 
     folder = check_sampling_source(path, use_ema, relocate)
@@ -424,8 +567,7 @@ def write_sample_folder(
     there (numbered images, their metadata, grid.png) are removed, and no other file. Returns
     the paths of the images written, in prompt order; ``written``, when given, receives each as it is
     written (what an interrupted call left)."""
-    if not prompts:
-        raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
+    prompts = check_prompts(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
     settings = sample_settings(cfg) if settings is None else settings
@@ -434,6 +576,10 @@ def write_sample_folder(
     out = Path(out)
     device = next(model.denoiser.parameters()).device
     steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
+    if settings.get("cuda_graphs") and (device.type != "cuda" or not settings.get("cache_text", True)):
+        # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
+        why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
+        log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
     out.mkdir(parents=True, exist_ok=True)
     images, written = [], ([] if written is None else written)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -444,7 +590,8 @@ def write_sample_folder(
         # sampling its prompt on its own with that seed draws: any image can be made again by itself.
         seeds = [seed + len(images) + j for j in range(len(batch))]
         noise = seeded_noise(seeds, latent_shape(model, size))
-        x = generate(model, batch, noise=noise, progress=lambda: bar.update(1), **settings)
+        # Cuts are counted in model.truncated, whose total `fusedit sample` warns about once at the end.
+        x = generate(model, batch, noise=noise, progress=bar.update, warn_cut=False, **settings)
         if not images:
             _remove_earlier_samples(out)
         for img, prompt, image_seed in zip(to_uint8(x), batch, seeds):

@@ -5,6 +5,7 @@ from ``build_model``."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import re
@@ -15,7 +16,16 @@ import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
-from fusedit.config import Config, ConfigError, TextConfig, is_shallow, text_sections
+from fusedit.config import (
+    Config,
+    ConfigError,
+    SampleConfig,
+    TextConfig,
+    check_fields,
+    choices_of,
+    is_shallow,
+    text_sections,
+)
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
 from fusedit.text.context import TextContext, TextRequest
@@ -202,9 +212,16 @@ def resolve_device(name: str | torch.device | None = "auto", setting: str = "dev
     return device
 
 
+# The precision settings (train.precision and sample.precision allow the same).
+PRECISIONS = choices_of(SampleConfig, "precision")
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether a precision setting (train.precision, sample.precision) resolves to bf16 autocast here:
-    "bf16" always, "auto" on a CUDA device with bf16 support, "fp32" never."""
+    "bf16" always, "auto" on a CUDA device with bf16 support, "fp32" never. Anything else is a one-line
+    ConfigError: it would otherwise run (and be recorded as) fp32 without a word."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not allowed (allowed: {', '.join(PRECISIONS)})")
     return precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -251,6 +268,15 @@ def _text_ids_top(tokenizer) -> int:
     return max([tokenizer.vocab_size - 1, *added, *(i for i in fed if i is not None)])
 
 
+def llm_seed(seed: int, key: str) -> int:
+    """The seed of the LLM of section ``key`` (text, extra_text.0) in a run of ``train.seed`` ``seed``, for
+    its random init (a random-init LLM; weights a checkpoint lacks). Its own, not the global generator's
+    state after the denoiser's init: that differs between designs, and a design study then compared each
+    design over another random text encoder, where the papers hold the LLM fixed (design-space.md)."""
+    digest = hashlib.blake2b(f"llm/{seed}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def _text_encoder(
     key: str,
     tcfg: TextConfig,
@@ -260,14 +286,19 @@ def _text_encoder(
     device,
     meta: bool,
     words: list[str] | None,
+    seed: int,
 ) -> TextEncoder:
     """``config``: the LLM's transformers config (llm_config), read once per build; ``spec`` its summary;
-    ``key`` the section as errors name it (text, extra_text.0)."""
+    ``key`` the section as errors name it (text, extra_text.0); ``seed`` the random init's (llm_seed)."""
     needed = request.layers_needed(spec.num_layers)
-    # On "meta" the LLM is built under the device context too, so no real weights are allocated.
-    with torch.device(device) if meta else contextlib.nullcontext():
-        reads_kv = bool(request.kv_layers or request.raw_kv_layers)
-        llm = load_llm(tcfg, needed, device, shape_only=meta, config=config, reads_kv=reads_kv)
+    reads_kv = bool(request.kv_layers or request.raw_kv_layers)
+    if meta:  # built under the device context too, so no real weights are allocated
+        with torch.device(device):
+            llm = load_llm(tcfg, needed, device, shape_only=True, config=config, reads_kv=reads_kv)
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            llm = load_llm(tcfg, needed, device, config=config, reads_kv=reads_kv)
     name = tcfg.tokenizer or tcfg.model_id
     if meta and name and not Path(name).is_dir():
         return TextEncoder(llm, None, tcfg.max_length)  # a hub tokenizer: shapes only, no download
@@ -303,11 +334,15 @@ def build_model(
     with_autoencoder: bool = True,
     vocabulary: list[str] | None = None,
 ) -> TextToImage:
-    """Build every part on ``device`` ("meta" builds shapes only, for counting parameters).
+    """Build every part on ``device``: a torch device or its name, "auto" for CUDA when available
+    (``resolve_device``: a bad or missing device is a one-line ConfigError); "meta" builds shapes only,
+    for counting parameters.
 
     ``with_autoencoder=False`` skips the VAE (benchmarks on synthetic latents). ``vocabulary``: the built-in
     tokenizer's word list a checkpoint saved (default: :func:`builtin_words` of ``cfg``, as a new run has)."""
-    meta = str(device) == "meta"
+    check_fields(cfg)  # a config edited in Python: one line naming a bad key, not a KeyError deep in a build
+    device = resolve_device(device, "device")
+    meta = device.type == "meta"
     text_cfgs = [cfg.text, *cfg.extra_text]
     configs = [llm_config(t, shape_only=meta, key=key) for key, t in text_sections(cfg)]
     specs = [LLMSpec.from_hf(c, deep=not is_shallow(cfg.model.design)) for c in configs]
@@ -330,7 +365,7 @@ def build_model(
         )
     sections = text_sections(cfg)
     encoders = [
-        _text_encoder(key, t, req, spec, config, device, meta, words)
+        _text_encoder(key, t, req, spec, config, device, meta, words, llm_seed(cfg.train.seed, key))
         for (key, t), req, spec, config in zip(sections, denoiser.text_requests, specs, configs, strict=True)
     ]
     autoencoder = load_autoencoder(cfg.vae, device) if with_autoencoder and not meta else None

@@ -700,6 +700,10 @@ class IndexedStepLoader:
             collate_fn=collate,
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
+            # The workers' base seed, which the data never reads (it draws from its own generators of the
+            # seed): from a generator of its own, not torch's global one, which a caller (or another
+            # thread's training) owns.
+            generator=torch.Generator().manual_seed(0),
         )
         _warn(self.watch)  # what building the plan found may be enough
         for step, batch in zip(range(self.start_step, self.end_step), loader):

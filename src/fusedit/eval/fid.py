@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -179,7 +180,13 @@ def extract_features(
 ) -> np.ndarray:
     """Features (N, D) float64 of images (PIL images or paths), ``batch_size`` at a time. Unreadable
     files are skipped and counted (one warning names how many and an example); fewer than ``min_count``
-    readable images is an error. ``what`` names the images in those messages."""
+    readable images is an error. ``what`` names the images in those messages. A single path (a folder's
+    name is iterable, character by character) is refused: pass ``list_images(folder)``."""
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(
+            f"images={str(images)!r} is one path (allowed: a list of PIL images or paths, e.g. "
+            f"fusedit.eval.fid.list_images({str(images)!r}) for a folder's images)"
+        )
     check_batch_size(batch_size)
     total = len(images) if hasattr(images, "__len__") else None
     chunks, batch, seen, skipped = [], [], 0, SkippedImages(what)

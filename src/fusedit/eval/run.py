@@ -62,7 +62,8 @@ class ProtocolGenerator:
             [seed + k for k in range(n)], latent_shape(self.model, self.settings["image_size"])
         )
         cut_before = self.model.truncated
-        x = generate(self.model, [prompt] * n, noise=noise, **self.settings)
+        # Cuts are counted here; `fusedit eval` warns about their total once, at the end.
+        x = generate(self.model, [prompt] * n, noise=noise, warn_cut=False, **self.settings)
         self.prompts += 1
         self.truncated += self.model.truncated > cut_before
         return [Image.fromarray(a) for a in to_uint8(x)]

@@ -49,11 +49,13 @@ PER_CATEGORY = 20
 
 
 def bench_settings(cfg, *, per_category: int, steps: int, guidance: float, seed: int) -> dict:
-    """``run_shapes_bench`` keyword arguments for a model's config: its image size and ``sample`` section,
-    with the bench's own choices. They are exactly the settings the bench records in scores.json."""
+    """``run_shapes_bench`` keyword arguments for a model's config: its image size, the shapes world it
+    learnt (data.max_objects, which decides the held-out prompts drawn) and ``sample`` section, with the
+    bench's own choices. They are exactly the settings the bench records in scores.json."""
     s = cfg.sample
     return {
         "image_size": cfg.data.image_size,
+        "max_objects": cfg.data.max_objects,
         "per_category": per_category,
         "steps": steps,
         "guidance": guidance,
@@ -90,7 +92,8 @@ def run_shapes_bench(
 
     The sampling arguments are ``fusedit.sample.generate``'s; ``bench_settings(cfg, ...)`` gives the model's
     ``sample`` section (negative prompt and precision included), so that the bench samples as ``fusedit
-    sample`` does."""
+    sample`` does, and its ``data.max_objects``, so that it scores the prompts `fusedit eval --bench shapes`
+    scores (the default 4 draws other prompts for a model trained on fewer objects)."""
     # Checked before sampling anything, one line each, as config values are.
     if per_category < 1:
         raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
@@ -119,6 +122,7 @@ def run_shapes_bench(
     scores = evaluate(prompts, images)
     scores["settings"] = {
         "per_category": per_category,
+        "max_objects": max_objects,
         "steps": steps,
         "guidance": guidance,
         "seed": seed,

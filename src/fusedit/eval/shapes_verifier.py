@@ -120,8 +120,15 @@ class Verdict:
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """``image`` as a float (H, W, 3) array (uint8 expected; other dtypes are read as 0-255 values too)."""
+    """``image``, a uint8 (H, W, 3) array (or PIL RGB image), as a float array of its 0-255 values."""
     array = np.asarray(image)
+    if array.dtype != np.uint8:
+        # generate's floats in [-1, 1] (or [0, 1]) read as 0-255 values are all near black: every image
+        # would score as empty, with no error.
+        raise ValueError(
+            f"expected a uint8 (H, W, 3) image, got dtype {array.dtype} (convert generate's (B, 3, H, W) "
+            "images in [-1, 1] with fusedit.imaging.to_uint8, which gives (B, H, W, 3) uint8)"
+        )
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
@@ -389,7 +396,8 @@ def evaluate(
     min_area_fraction: float = MIN_AREA_FRACTION,
     max_color_distance: float = MAX_COLOR_DISTANCE,
 ) -> dict:
-    """Score one image per prompt and aggregate.
+    """Score one ``uint8`` (H, W, 3) image per prompt (``fusedit.imaging.to_uint8`` of generated images)
+    and aggregate.
 
     Returns ``{"overall", "per_category", "counts", "num_images", "verdicts"}``: ``per_category`` maps each
     kind present to its accuracy, ``overall`` is the mean of those accuracies (GenEval's rule, so a

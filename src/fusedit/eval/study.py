@@ -14,9 +14,12 @@ A study file::
     prompts: [a red circle, a blue square and a green triangle]     # the sample grids (optional)
     seeds: [0, 1]                                                   # one grid row per seed (optional)
 
-Each design's config is its preset, then the study ``base``, then ``name: <label>``, then the design's own
-overrides, validated like any config (so errors read the same one-line way). Everything is resolved before
-anything trains, so a typo in the last design fails in seconds rather than after the others trained.
+Each design's config is its preset, then the study ``base`` (with `fusedit study STUDY.yaml key=value`
+overrides merged in), then ``name: <label>``, then the design's own overrides, validated like any config (so
+errors read the same one-line way). The base is what the designs share: a design overriding a key it sets is
+refused (bookkeeping aside), as is a stage doing so, or a base ``train.steps`` on a staged design. Everything
+is resolved before anything trains, so a typo in the last design fails in seconds rather than after the
+others trained.
 
 Output folder::
 
@@ -26,7 +29,8 @@ Output folder::
 
 Re-running a study is cheap and safe: a design whose run holds a checkpoint at its final step and whose
 ``eval/scores.json`` matches the eval settings is not redone; a partially trained one resumes exactly; a
-run folder trained with a different config is refused rather than silently mixed into the table.
+run folder trained with a different config is refused rather than silently mixed into the table. What a
+run does with each design is its status in results.json (see _status); `--check` plans it the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,7 @@ from fusedit.config import (
     config_from_dict,
     flatten,
     load_config,
+    load_yaml,
     nonneg,
     parse_overrides,
     positive,
@@ -84,20 +90,27 @@ DESIGN_KEYS = ("preset", "overrides", "description")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
-# Keys a finished design's run may differ in and still be reused: none changes its trained weights (the
-# sampling settings the bench records in scores.json, or that change images only by rounding: the scores
-# are redone when they change; the rest is bookkeeping). Not sample.use_ema: it picks other weights, which
-# the scores do not record. A sample key not listed counts as trained (refused, not silently reused).
-_UNTRAINED_KEYS = (
-    *(f"sample.{key}" for key in ("steps", "guidance", "sampler", "shift", "schedule", "negative_prompt")),
-    *(f"sample.{key}" for key in ("precision", "seed", "cache_text", "fuse_projections", "bf16_weights")),
-    *(f"sample.{key}" for key in ("compile", "cuda_graphs")),
+# Bookkeeping: keys that change neither the trained weights nor the scores (the bench does not record
+# sample.compile / cuda_graphs, which change images by rounding only), so designs may differ in them and
+# still compare fairly (recipe_differences, the base check of load_study, identical_designs).
+_BOOKKEEPING_KEYS = (
+    "sample.compile",
+    "sample.cuda_graphs",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.log_every",
     "train.loggers",
     "train.preview_every",
     "data.num_workers",
+)
+# Keys a finished design's run may differ in and still be reused: none changes its trained weights (the
+# sampling settings the bench records in scores.json, or that change images only by rounding: the scores
+# are redone when they change; and the bookkeeping). Not sample.use_ema: it picks other weights, which
+# the scores do not record. A sample key not listed counts as trained (refused, not silently reused).
+_UNTRAINED_KEYS = (
+    *(f"sample.{key}" for key in ("steps", "guidance", "sampler", "shift", "schedule", "negative_prompt")),
+    *(f"sample.{key}" for key in ("precision", "seed", "cache_text", "fuse_projections", "bf16_weights")),
+    *_BOOKKEEPING_KEYS,
 )
 # Sections that make up the training recipe: a design that changes them is no longer a fair comparison.
 _RECIPE_SECTIONS = ("data", "flow", "train", "sample")
@@ -175,6 +188,19 @@ def _overrides_mapping(value: Any, where: str) -> dict:
     raise ConfigError(f"{where} must be a list of 'section.key=value' or a mapping, got {value!r}")
 
 
+def _design_raw(preset: str, base: dict, label: str, folder: Path | None) -> dict:
+    """The raw mapping of preset (name, or YAML file relative to ``folder``) <- study base <- name."""
+    ref: str | Path = preset
+    if folder is not None and (folder / preset).is_file():
+        ref = folder / preset
+    # fusedit.config's own reader and merge, so that presets, files and their `base:` chains behave exactly
+    # as in `fusedit train PRESET key=value ...`.
+    raw = _resolve_raw(ref)
+    for layer in (base, {"name": label}):
+        raw = _deep_merge(raw, layer)
+    return raw
+
+
 def resolve_design_config(
     preset: str,
     base: dict,
@@ -184,23 +210,28 @@ def resolve_design_config(
     device: str | None = None,
 ) -> Config:
     """preset (name, or YAML file relative to ``folder``) <- study base <- name <- design overrides."""
-    ref: str | Path = preset
-    if folder is not None and (folder / preset).is_file():
-        ref = folder / preset
-    # fusedit.config's own reader and merge, so that presets, files and their `base:` chains behave exactly
-    # as in `fusedit train PRESET key=value ...`.
-    raw = _resolve_raw(ref)
-    for layer in (base, {"name": label}, overrides):
-        raw = _deep_merge(raw, layer)
+    raw = _deep_merge(_design_raw(preset, base, label, folder), overrides)
     if device:
         raw = _deep_merge(raw, {"train": {"device": device}})
     return config_from_dict(raw)
 
 
-def load_study(study: str | Path | dict | Study, *, device: str | None = None) -> Study:
+def load_study(
+    study: str | Path | dict | Study,
+    *,
+    device: str | None = None,
+    overrides: list[str] | None = None,
+) -> Study:
     """Read and validate a study (a YAML path, or the same content as a dict) and resolve every design's
-    config. Every problem is a one-line :class:`ConfigError`."""
+    config. ``overrides`` (``section.key=value`` strings, `fusedit study STUDY.yaml key=value ...`) apply to
+    the study's base, so they hold for every design and pass the same checks (e.g. ``train.steps=5`` to
+    shorten a study). Every problem is a one-line :class:`ConfigError`."""
     if isinstance(study, Study):
+        if overrides:
+            raise ConfigError(
+                f"overrides={overrides!r:.80} cannot apply to a loaded Study, whose designs are resolved "
+                "(allowed: the study's YAML path or mapping)"
+            )
         _check_seeds(f"study {study.name!r}", study.seeds, study.eval.seed)
         if device:
             study = copy.deepcopy(study)
@@ -216,7 +247,8 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
         if not path.is_file():
             raise ConfigError(f"study file not found: {str(path)!r}")
         try:
-            data = yaml.safe_load(path.read_text())
+            # load_yaml, not yaml.safe_load: a label or key written twice would silently drop the first.
+            data = load_yaml(path.read_text())
         except yaml.MarkedYAMLError as e:
             raise ConfigError(f"cannot parse study {str(path)!r}: {yaml_problem(e)}") from None
         except yaml.YAMLError as e:  # its message spans lines; the first one says what
@@ -236,7 +268,15 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError(f"{where}: description must be a string, got {description!r}")
-    base = _overrides_mapping(data.get("base"), f"{where}: base")
+    given = _overrides_mapping(overrides, f"{where}: overrides")
+    base = _deep_merge(_overrides_mapping(data.get("base"), f"{where}: base"), given)
+    shared = _Base(base, given)
+
+    eval_raw = data.get("eval") or {}
+    try:
+        settings = _build(EvalSettings, eval_raw, "eval")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
     designs_raw = data.get("designs")
     if not isinstance(designs_raw, dict) or not designs_raw:
@@ -256,11 +296,15 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
             raise ConfigError(
                 f"{dwhere}: preset is required (a preset name, see `fusedit presets`, or a file)"
             )
-        overrides = _overrides_mapping(spec.get("overrides"), f"{dwhere}.overrides")
+        changes = _overrides_mapping(spec.get("overrides"), f"{dwhere}.overrides")
         try:
-            cfg = resolve_design_config(preset, base, overrides, label, folder, device)
+            cfg = resolve_design_config(preset, base, changes, label, folder, device)
         except ConfigError as e:
-            raise ConfigError(f"{dwhere}: {e}") from None
+            raise ConfigError(f"{shared.blame(e, where, dwhere)}: {e}") from None
+        _check_staged_steps(cfg, preset, shared, changes, dwhere)
+        _check_design_keeps_base(
+            cfg, partial(_design_raw, preset, base, label, folder), shared, changes, settings, where, dwhere
+        )
         stages = resolved_stages(cfg)
         _check_stages_keep_base(cfg, stages, base, dwhere)
         for stage in stages:  # as training will, before any design trains
@@ -268,13 +312,7 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
                 check_data_locations(stage.config.data)
             except ConfigError as e:
                 raise ConfigError(f"{dwhere}: {stage.where + ': ' if cfg.stages else ''}{e}") from None
-        designs.append(Design(label, preset, overrides, cfg, str(spec.get("description") or "")))
-
-    eval_raw = data.get("eval") or {}
-    try:
-        settings = _build(EvalSettings, eval_raw, "eval")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        designs.append(Design(label, preset, changes, cfg, str(spec.get("description") or "")))
 
     prompts = data.get("prompts", list(DEMO_PROMPTS))
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
@@ -284,6 +322,32 @@ def load_study(study: str | Path | dict | Study, *, device: str | None = None) -
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers")
     _check_seeds(where, seeds, settings.seed)
     return Study(name, designs, settings, prompts, seeds, description, source)
+
+
+@dataclass
+class _Base:
+    """The study's base with the ``overrides`` of load_study merged in (``values``), and those overrides
+    alone, to say where a base value or a typo came from."""
+
+    values: dict
+    overrides: dict
+
+    def origin(self, key: str) -> str:
+        return "the override" if key in flatten(self.overrides) else "the study base's"
+
+    def blame(self, e: ConfigError, where: str, dwhere: str) -> str:
+        """Where an error resolving a design lies: in the overrides or the base when they alone raise it (a
+        typo there, reported against them rather than against the first design), else in the design (its
+        preset, its overrides, or how the base sits on its preset)."""
+        for place, layer in ((f"{where}: overrides", self.overrides), (f"{where}: base", self.values)):
+            if not layer:
+                continue
+            try:
+                _build(Config, layer, "")  # each key and value on its own, without the cross-field rules
+            except ConfigError as own:
+                if str(own) == str(e):
+                    return place
+        return dwhere
 
 
 def _check_stages_keep_base(cfg: Config, stages: list, base: dict, where: str) -> None:
@@ -305,6 +369,92 @@ def _check_stages_keep_base(cfg: Config, stages: list, base: dict, where: str) -
             f"design would not train under the shared recipe (allowed: the base's value, e.g. the design "
             f"override stages.{stage.index}.{key}={shared!r}, or {key} left out of the base)"
         )
+
+
+def _check_staged_steps(cfg: Config, preset: str, base: _Base, changes: dict, where: str) -> None:
+    """A staged run's length is the sum of its stages' steps, which config_from_dict sets train.steps to
+    over any value given: a train.steps in the base (set to shorten the study) would leave a staged design
+    at its full length, silently. Refused as load_config refuses `fusedit train RECIPE train.steps=N`,
+    naming the stage overrides that shorten it. ``changes``: the design's overrides."""
+    if not cfg.stages:
+        return
+    stage_steps = ", ".join(f"stages.{i}.steps=..." for i in range(len(cfg.stages)))
+    staged = (
+        f"cannot be set on a staged config ({preset}): its length is the sum of stages[i].steps "
+        f"({'+'.join(str(st.steps) for st in cfg.stages)})"
+    )
+    own, shared = flatten(changes), flatten(base.values)
+    if "train.steps" in own:
+        raise ConfigError(
+            f"{where}.overrides sets train.steps={own['train.steps']!r}, which {staged} (allowed: the design "
+            f"overrides {stage_steps})"
+        )
+    if "train.steps" in shared:
+        raise ConfigError(
+            f"{where}: {base.origin('train.steps')} train.steps={shared['train.steps']!r} {staged} (allowed: "
+            f"the design overrides {stage_steps}, with train.steps set in the single-stage designs' overrides "
+            "rather than in the base)"
+        )
+
+
+def _check_design_keeps_base(
+    cfg: Config, held_raw, base: _Base, changes: dict, settings: EvalSettings, where: str, dwhere: str
+) -> None:
+    """The base is what the study holds equal across designs: a design's override of a key it sets would
+    train or score that design under another recipe than the report states, so it is refused, as a stage
+    that overrides the base is (_check_stages_keep_base). Keys that leave the comparison fair
+    (_neutral_keys) aside; keys the base leaves out may differ (recipe_differences warns of them).
+    Compared typed (the base's '2e-3' is 2.0e-3) at the key the two share, the shorter where one lies
+    inside the other (extra_text and extra_text.0.max_length). ``held_raw()``: preset <- base <- name."""
+    neutral = _neutral_keys(settings)
+    held_keys = [k for k in flatten(base.values) if k not in neutral]
+    pairs = [
+        (key, held)
+        for key in flatten(changes)
+        if key not in neutral
+        for held in held_keys
+        if key == held or key.startswith(f"{held}.") or held.startswith(f"{key}.")
+    ]
+    if not pairs:
+        return
+    try:
+        kept = _typed_flat(_build(Config, held_raw(), ""))  # the design without its overrides
+    except ConfigError as e:  # a base value its override hid from the resolution
+        raise ConfigError(f"{base.blame(e, where, dwhere)}: {e}") from None
+    mine, own = _typed_flat(cfg), flatten(changes)
+    for key, held in pairs:
+        shared = min(key, held, key=len)
+        if mine.get(shared) != kept.get(shared):
+            origin = base.origin(held)
+            allowed = (
+                f"the base's value, or leave {held} out of the base"
+                if origin == "the study base's"
+                else f"the override's value, or no {held} override"
+            )
+            value = mine.get(key, own[key])  # a list of strings has no typed entries: as written
+            raise ConfigError(
+                f"{dwhere}.overrides sets {key}={value!r} over {origin} {held}={kept.get(held)!r} (allowed: "
+                f"{allowed} to vary it)"
+            )
+
+
+def _typed_flat(cfg: Config) -> dict:
+    """Every dotted key of ``cfg``, list entries numbered too (extra_text and extra_text.0.family)."""
+    data = to_dict(cfg)
+    return {**flatten(data, lists=True), **flatten(data)}
+
+
+def _neutral_keys(settings: EvalSettings | None) -> tuple[str, ...]:
+    """Keys in which designs may differ and still compare fairly: names and devices, bookkeeping, and the
+    sampling steps and guidance where the study's eval fixes them (the bench and the grids sample at
+    eval's for every design)."""
+    fixed = ()
+    if settings is not None:
+        fixed = (
+            *(("sample.steps",) if settings.steps else ()),
+            *(("sample.guidance",) if settings.guidance is not None else ()),
+        )
+    return (*_IGNORED_KEYS, *_BOOKKEEPING_KEYS, *fixed)
 
 
 def _check_seeds(where: str, seeds: list[int], eval_seed: int) -> None:
@@ -331,11 +481,13 @@ def varying_keys(configs: list[Config]) -> list[str]:
     ]
 
 
-def recipe_differences(designs: list[Design]) -> list[str]:
+def recipe_differences(designs: list[Design], settings: EvalSettings | None = None) -> list[str]:
     """The recipe keys (_RECIPE_SECTIONS) in which the designs train differently: at some step that every
     design trains, one uses another value than the first (each stage's config holds from its first step
     on, so designs on one staged recipe compare equal, and a staged design differs from single-stage ones
-    where its stages part from theirs); and train.steps, the run's length."""
+    where its stages part from theirs); and train.steps, the run's length. Keys that leave the comparison
+    fair are not counted (_neutral_keys: bookkeeping, and sample.steps / guidance where the study's eval
+    ``settings`` fix them)."""
     runs = [[(s.start, flatten(to_dict(s.config))) for s in resolved_stages(d.config)] for d in designs]
     horizon = min(d.config.train.steps for d in designs)
     starts = sorted({start for run in runs for start, _ in run if start < horizon})
@@ -346,7 +498,7 @@ def recipe_differences(designs: list[Design]) -> list[str]:
     keys = {k for run in runs for _, flat in run for k in flat if k.split(".")[0] in _RECIPE_SECTIONS}
     differ = {
         k
-        for k in keys - {*_IGNORED_KEYS, "train.steps"}
+        for k in keys - {*_neutral_keys(settings), "train.steps"}
         if any(at(run, step, k) != at(runs[0], step, k) for run in runs[1:] for step in starts)
     }
     if len({d.config.train.steps for d in designs}) > 1:
@@ -392,17 +544,50 @@ def _schedule(cfg: Config) -> str:
     )
 
 
-def describe_study(study: str | Path | dict | Study) -> str:
-    """A plain-text plan of a study (what each design is and costs), without training anything."""
+def identical_designs(study: Study) -> list[list[str]]:
+    """The groups of designs whose configs are the same (keys that leave a comparison fair aside): a
+    forgotten override, which would train and score one design twice."""
+    neutral = _neutral_keys(study.eval)
+    groups: dict[str, list[str]] = {}
+    for d in study.designs:
+        flat = {k: v for k, v in flatten(to_dict(d.config)).items() if k not in neutral}
+        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(d.label)
+    return [labels for labels in groups.values() if len(labels) > 1]
+
+
+def study_warnings(study: Study) -> list[str]:
+    """What makes a study's comparison doubtful, one line each: a recipe that differs between designs,
+    designs that are the same."""
+    lines = []
+    unfair = recipe_differences(study.designs, study.eval)
+    if unfair:
+        lines.append(f"the recipe differs between designs in {', '.join(unfair)}")
+    for labels in identical_designs(study):
+        names = f"{', '.join(labels[:-1])} and {labels[-1]}"
+        lines.append(
+            f"designs {names} train and score the same (their configs differ in no key that changes either: "
+            "a forgotten override?)"
+        )
+    return lines
+
+
+def describe_study(
+    study: str | Path | dict | Study, *, only: list[str] | None = None, out_dir: str | Path | None = None
+) -> str:
+    """A plain-text plan of a study (what each design is and costs), without training anything: of the
+    designs ``only`` names (None: all; see chosen_designs), and, given ``out_dir``, what running the study
+    into it would do with each (planned_statuses: refused, as the run is, where a design's run there was
+    trained with another config)."""
     study = load_study(study)
+    chosen = chosen_designs(study, only)
     cfgs = [d.config for d in study.designs]
     lines = [f"study {study.name}: {len(study.designs)} designs"]
+    if len(chosen) < len(study.designs):
+        lines[0] += f", {len(chosen)} chosen"
     varying = varying_keys(cfgs)
     lines.append(f"  varies: {', '.join(varying) or 'nothing'}")
-    unfair = recipe_differences(study.designs)
-    if unfair:
-        lines.append(f"  warning: the recipe differs between designs in {', '.join(unfair)}")
-    for d in study.designs:
+    lines += [f"  warning: {line}" for line in study_warnings(study)]
+    for d in chosen:
         c, cost = d.config, design_cost(d.config)
         lines.append(
             f"  {d.label}: {d.preset} design={c.model.design} pos_embed={c.model.pos_embed} "
@@ -410,6 +595,10 @@ def describe_study(study: str | Path | dict | Study) -> str:
             f"frozen {_si(cost['frozen_params'])} training {_si(cost['train_flops_per_image'])}FLOP/image; "
             f"{_schedule(c)}"
         )
+    if out_dir is not None:
+        statuses = planned_statuses(study, out_dir, only)
+        lines.append(f"  running it into {out_dir} (each design's status as results.json would record it):")
+        lines += [f"    {label}: {status}" for label, status in statuses.items()]
     return "\n".join(lines)
 
 
@@ -500,43 +689,90 @@ def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps
     return image_grid(images, labels, ncols=len(prompts), scale=max(1, 96 // cfg.data.image_size))
 
 
+@dataclass
+class _Found:
+    """What an output folder holds of one design: its run's last checkpoint step (None: none), the eval
+    settings it is scored under now, its scores when made under those (else None), and whether its sample
+    grid is current."""
+
+    step: int | None
+    settings: dict
+    scores: dict | None
+    grid_current: bool
+
+
+def _found(design: Design, study: Study, out_dir: Path) -> _Found:
+    run_dir = out_dir / "runs" / design.label
+    # A staged design is scored at its last stage's size and sampling settings.
+    settings = _eval_settings(study.eval, final_config(design.config))
+    scores = _read_json(run_dir / "eval" / "scores.json")
+    grid = out_dir / "grids" / f"{design.label}.png"
+    return _Found(
+        _finished_step(run_dir),
+        settings,
+        scores if scores is not None and scores.get("settings") == settings else None,
+        _grid_current(grid, _grid_meta(study, settings)),
+    )
+
+
+def _status(found: _Found, steps: int) -> str:
+    """What running a design of ``steps`` steps does with what it ``found``, as results.json records it:
+    "trained" (from scratch), "resumed at step N", "re-scored" (trained before; scored again, as its
+    scores are missing or were made under other eval settings), "grid redrawn" (only the sample grid is
+    stale), or "reused" (nothing to do). The one decision both the run and `--check`'s plan make."""
+    if found.step is None:
+        return "trained"
+    if found.step < steps:
+        return f"resumed at step {found.step}"
+    if found.scores is None:
+        return "re-scored"
+    return "reused" if found.grid_current else "grid redrawn"
+
+
+def _check_same_configs(study: Study, out_dir: Path) -> None:
+    """Before anything trains: a finished run of another recipe must not wait until its turn to fail (every
+    design, chosen or not: a left-out design's stale row would stay in the report)."""
+    for design in study.designs:
+        _check_same_config(out_dir / "runs" / design.label, design.config, design.label)
+
+
+def planned_statuses(study: Study, out_dir: str | Path, only: list[str] | None = None) -> dict[str, str]:
+    """What run_study(study, out_dir, only=only) would do with each chosen design (label -> status, see
+    _status), without doing it; a run folder there trained with another config is refused as the run
+    refuses it."""
+    out = Path(out_dir)
+    _check_same_configs(study, out)
+    return {
+        d.label: _status(_found(d, study, out), d.config.train.steps) for d in chosen_designs(study, only)
+    }
+
+
 def _run_design(design: Design, study: Study, out_dir: Path, index: str, progress: bool) -> dict:
     label, cfg = design.label, design.config
-    done = _earlier_result(design, study, out_dir)
-    if done is not None:
-        log.info("%s %s: trained, scores and grid present, nothing to do", index, label)
-        return done
     run_dir = out_dir / "runs" / label
-    total = cfg.train.steps
-    step = _finished_step(run_dir)
-    trained = False
-    if step is None:
-        log.info("%s %s: training %s into %s", index, label, _schedule(cfg), run_dir)
-        status = "trained"
-    elif step < total:
-        log.info("%s %s: resuming from step %d of %d", index, label, step, total)
-        status = f"resumed at step {step}"
-    else:
-        log.info("%s %s: already trained (step %d)", index, label, step)
-        status = "reused"
-    if step is None or step < total:
+    found = _found(design, study, out_dir)
+    status = _status(found, cfg.train.steps)
+    if status == "reused":
+        log.info("%s %s: trained, scores and grid present, nothing to do", index, label)
+        return _result(design, run_dir, status, found.scores)
+    scores, need_grid = found.scores, not found.grid_current
+    if found.step is None or found.step < cfg.train.steps:
+        if found.step is None:
+            log.info("%s %s: training %s into %s", index, label, _schedule(cfg), run_dir)
+        else:
+            log.info("%s %s: resuming from step %d of %d", index, label, found.step, cfg.train.steps)
         # The returned model is dropped: scoring reloads the checkpoint's EMA weights (what sampling
         # uses), the same way for a design trained now and one trained by an earlier call.
-        train(cfg, run_dir, resume=step is not None, progress=progress)
-        trained = True
+        train(cfg, run_dir, resume=found.step is not None, progress=progress)
+        scores, need_grid = None, True
+    elif scores is None:
+        log.info(
+            "%s %s: trained (step %d), no scores under these eval settings: scoring", index, label, found.step
+        )
 
     cfg = final_config(cfg)  # a staged design is scored at its last stage's size and sampling settings
-    settings = _eval_settings(study.eval, cfg)
-    scores_path = run_dir / "eval" / "scores.json"
-    scores = None if trained else _read_json(scores_path)
-    if scores is not None and scores.get("settings") != settings:
-        log.info("%s %s: eval settings changed, re-scoring", index, label)
-        scores = None
+    settings = found.settings
     grid_path = out_dir / "grids" / f"{label}.png"
-    grid_meta_path = grid_path.with_suffix(".json")
-    grid_meta = _grid_meta(study, settings)
-    need_grid = trained or not _grid_current(grid_path, grid_meta)
-
     # Past the early return, the scores or the grid (or both) need the model.
     device = resolve_device(cfg.train.device)
     model, _, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
@@ -546,7 +782,6 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
             model,
             out_dir=run_dir / "eval",
             name=label,
-            max_objects=cfg.data.max_objects,
             progress=progress,
             **settings,
         )
@@ -555,12 +790,12 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     if need_grid:
         grid = _sample_grid(model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"])
         save_png(grid, grid_path)
-        write_text_atomic(grid_meta_path, json.dumps(grid_meta, indent=1))
+        write_text_atomic(grid_path.with_suffix(".json"), json.dumps(_grid_meta(study, settings), indent=1))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    log.info("%s %s: overall %.3f", index, label, scores["overall"])
+    log.info("%s %s: %s, overall %.3f", index, label, status, scores["overall"])
     return _result(design, run_dir, status, scores)
 
 
@@ -580,20 +815,10 @@ def _grid_current(grid_path: Path, grid_meta: dict) -> bool:
 def _earlier_result(design: Design, study: Study, out_dir: Path) -> dict | None:
     """The result of a design that an earlier call finished and scored under the current settings (with
     its grid), without training or sampling anything; None when some of it is missing or stale."""
-    cfg, run_dir = design.config, out_dir / "runs" / design.label
-    step = _finished_step(run_dir)
-    if step is None or step < cfg.train.steps:
+    found = _found(design, study, out_dir)
+    if _status(found, design.config.train.steps) != "reused":
         return None
-    settings = _eval_settings(study.eval, final_config(cfg))
-    scores = _read_json(run_dir / "eval" / "scores.json")
-    grid = out_dir / "grids" / f"{design.label}.png"
-    if (
-        scores is None
-        or scores.get("settings") != settings
-        or not _grid_current(grid, _grid_meta(study, settings))
-    ):
-        return None
-    return _result(design, run_dir, "reused", scores)
+    return _result(design, out_dir / "runs" / design.label, "reused", found.scores)
 
 
 def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
@@ -661,7 +886,7 @@ def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
         "tenth of training; train time: the training steps alone (metrics.jsonl).",
         "",
     ]
-    unfair = recipe_differences(study.designs)
+    unfair = recipe_differences(study.designs, study.eval)
     if unfair:
         lines += [f"**Warning: not a fair comparison**: the recipe differs in {', '.join(unfair)}.", ""]
     if first is None:
@@ -813,14 +1038,9 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info("study %s: %d of %d designs into %s", study.name, len(chosen), len(study.designs), out)
-    unfair = recipe_differences(study.designs)
-    if unfair:
-        log.warning(
-            "study %s: the training recipe differs between designs in %s", study.name, ", ".join(unfair)
-        )
-    # Before anything trains: a finished run of another recipe must not wait until its turn to fail.
-    for design in study.designs:
-        _check_same_config(out / "runs" / design.label, design.config, design.label)
+    for line in study_warnings(study):
+        log.warning("study %s: %s", study.name, line)
+    _check_same_configs(study, out)
     # The designs left out this time keep their place in the report when an earlier call finished them.
     results = {d.label: r for d in left_out if (r := _earlier_result(d, study, out))}
     summary: dict = {}
@@ -833,8 +1053,20 @@ def run_study(
         # Written after every design, so a long study's partial table can be read while it runs.
         summary = write_outputs(study, _in_study_order(study, results), out)
     bar.close()
-    log.info("study %s: done in %.0fs; report in %s", study.name, time.time() - t0, out / "report.md")
+    log.info(
+        "study %s: done in %.0fs (%s); report in %s",
+        study.name,
+        time.time() - t0,
+        statuses_text(results, [d.label for d in chosen]),
+        out / "report.md",
+    )
     return summary
+
+
+def statuses_text(results: dict, labels: list[str]) -> str:
+    """What a run did with each of ``labels`` (results.json's designs), for its closing line:
+    "a reused, b resumed at step 30, c trained"."""
+    return ", ".join(f"{label} {results[label]['status']}" for label in labels)
 
 
 def _in_study_order(study: Study, results: dict) -> dict:

@@ -103,7 +103,12 @@ def sample(
     progress: Callable | None = None,
     schedule: str = "uniform",
 ) -> torch.Tensor:
-    """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) on ``sampling_times``."""
+    """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) on ``sampling_times``.
+
+    ``shift`` defaults to 1.0, no shift: the plain integrator. ``fusedit.sample.generate`` and the
+    ``sample`` section (SampleConfig.shift) default to 3.0, so a call that gives only ``steps`` samples
+    other times than ``generate`` does; pass the model's ``sample.shift`` (and ``sample.schedule``) to
+    sample as it does. ``progress`` is called once after each step."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
     times = sampling_times(steps, shift, noise.device, schedule)

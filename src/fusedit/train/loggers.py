@@ -11,6 +11,7 @@ and wandb continues the same run (its id is kept in the run folder; wandb itself
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from pathlib import Path
@@ -20,6 +21,20 @@ from fusedit.config import Config, ConfigError, to_dict
 
 def _missing(name: str, package: str) -> ConfigError:
     return ConfigError(f"train.loggers names {name}, which is not installed: pip install {package}")
+
+
+# The module each logger imports, by its train.loggers name (the pip package has the name).
+_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+def check_loggers(cfg: Config) -> None:
+    """That each logger ``train.loggers`` names can be imported, before the run folder is made: a missing
+    package otherwise failed after the folder, its lock and the earlier loggers' files were there."""
+    for name in cfg.train.loggers:
+        try:
+            importlib.import_module(_MODULES[name])
+        except ImportError:
+            raise _missing(name, name) from None
 
 
 def _scalars(record: dict) -> dict[str, float]:

@@ -31,7 +31,9 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -46,7 +48,16 @@ from fusedit.checkpoints import (
     saved_shapes,
     saved_vocabulary,
 )
-from fusedit.config import Config, ConfigError, RunStopped, Stage, is_shallow, resolved_stages, save_config
+from fusedit.config import (
+    Config,
+    ConfigError,
+    RunStopped,
+    Stage,
+    checked,
+    is_shallow,
+    resolved_stages,
+    save_config,
+)
 from fusedit.data.loader import check_data_paths, is_stream, merged_skip_report, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
@@ -62,7 +73,7 @@ from fusedit.train.checkpoint import (
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
-from fusedit.train.loggers import WandbLogger, open_loggers
+from fusedit.train.loggers import WandbLogger, check_loggers, open_loggers
 from fusedit.train.run_folder import hold_run_folder
 from fusedit.train.stages import (
     DENOISER,
@@ -77,6 +88,21 @@ from fusedit.train.stages import (
 )
 
 log = logging.getLogger(__name__)
+
+# torch has one global generator per process (per device), which train() calls in threads share: a call
+# draws from it only with this lock held and inside a fork of it (_global_generator), so that one call's
+# draws never land in another's seeded build and the caller's generator is left as it was.
+_GLOBAL_GENERATOR = threading.Lock()
+
+
+@contextlib.contextmanager
+def _global_generator(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """The block has torch's global generator (CPU, and ``device``'s when it is a GPU) to itself, seeded
+    with ``seed`` when given; afterwards it is back to the state the block found."""
+    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -157,8 +183,10 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 
     was_training = model.denoiser.training
     model.denoiser.eval()
-    # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing.
-    images = generate(model, captions, seed=cfg.sample.seed, **sample_settings(cfg, cuda_graphs=False))
+    # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing. Captions cut
+    # to the limit are training's (its encoder warned at the first), not one warning per preview.
+    settings = sample_settings(cfg, cuda_graphs=False)
+    images = generate(model, captions, seed=cfg.sample.seed, warn_cut=False, **settings)
     model.denoiser.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
@@ -317,33 +345,91 @@ def _saved_data_state(
     return None
 
 
+class RunExists(ConfigError):
+    """Training afresh into a folder that holds a run, which deletes its checkpoints and metrics (a forgotten
+    resume would lose the run): refused, naming the run's step, with ``advice`` on what to pass instead,
+    worded for the caller's options (`fusedit train` and `fusedit demo` word it for their flags, as they
+    word RunStopped's)."""
+
+    def __init__(self, run_dir: str, step: int, advice: str):
+        super().__init__(run_dir, step, advice)  # all in args: it pickles (a train() in a process pool)
+        self.run_dir, self.step, self.advice = run_dir, step, advice
+
+    def __str__(self) -> str:
+        return f"{self.run_dir!r} already holds a run (checkpoint at step {self.step}): {self.advice}"
+
+
+START_OVER = "pass resume=True to continue it, overwrite=True to delete it and start over, or another run_dir"
+
+
+def refuse_a_run(run_dir: str | Path, advice: str = START_OVER) -> None:
+    """RunExists when ``run_dir`` holds a checkpoint (one that sampling or a resume would find)."""
+    try:
+        step = int(load_state(find_checkpoint(run_dir))["step"])
+    except FileNotFoundError:
+        return
+    raise RunExists(str(run_dir), step, advice)
+
+
 def train(
     cfg: Config,
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Train ``cfg`` into ``run_dir``. ``stop_at`` ends early (as an interruption would) after that step.
 
+    ``resume`` continues the run in ``run_dir`` from its last checkpoint (from step 0 when it has none).
+    Without it the run starts afresh, which deletes the checkpoints, metrics and logs of a run already in
+    ``run_dir``: refused (RunExists, a ConfigError) unless ``overwrite`` is given. ``cfg`` is checked as
+    a config file is (``fusedit.config.checked``: a config edited in Python) and not modified; the run saves
+    the checked copy, whose existing paths are absolute, so a resume from another working directory finds
+    its data and models.
+
     Under torchrun this process joins the process group (NCCL on CUDA, gloo on the CPU), trains its share
     and leaves the group at the end; a group the caller initialised is used and left up.
 
+    The initial weights are drawn from torch's global generator seeded with train.seed, inside a fork of
+    it: the caller's generator is as it was when train() returns, and calls in threads build the weights a
+    call alone would. Ctrl+C raises KeyboardInterrupt with a note of what is kept and how to go on.
+
     Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
     now, "start_step": the step this call started from (both the same when it trained nothing: a run
-    already at ``stop_at`` or at train.steps), "run_dir", "model", "ema", "skipped_steps",
-    "truncated_prompts" (the run's prompts cut to a text encoder's limit, across resumes), "rank", "world_size"}.
+    already at ``stop_at`` or at train.steps), "run_dir" (a Path), "model", "ema", "skipped_steps" (the
+    run's updates skipped for a NaN/inf loss, across resumes), "truncated_prompts" (the run's prompts cut to
+    a text encoder's limit, across resumes), "rank", "world_size"}.
+
+    "model" is the TextToImage as trained: the raw weights, not their EMA, in train mode (LoRA adapters
+    live). The model `fusedit sample` uses holds the EMA weights (sample.use_ema) with adapters merged, in
+    eval mode: ``fusedit.checkpoints.load_model(run_dir)`` loads it from the last checkpoint. "ema" is the
+    fusedit.train.ema.EMA, whose ``state_dict()`` holds those weights by the denoiser's parameter names.
     """
     # Before anything is set up or deleted: a fresh run with stop_at <= 0 would wipe the run folder's
     # checkpoints and train nothing.
     if stop_at is not None and stop_at < 1:
         raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
+    if not (resume or overwrite):  # a re-run notebook cell, a forgotten resume=True: the run would be lost
+        refuse_a_run(run_dir)
+    # A config edited in Python is checked as a file is, on a copy whose existing paths are absolute (the
+    # config a run saves must find them from another working directory: cfg.data.root = "imgs").
+    cfg = checked(cfg)
+    _check_before_start(cfg)
+    # When a Ctrl+C or a stop names the checkpoint to resume from, an older one is the earlier run that
+    # ``overwrite`` was to delete (its deletion comes after the build).
+    replaced_before = None if resume else time.time()
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         # One job per run folder, seen by every rank: checked before anything is read, built or deleted.
         with distributed.quiet_unless_main(env), hold_run_folder(Path(run_dir), env):
             return _train(cfg, Path(run_dir), env, resume=resume, stop_at=stop_at, progress=progress)
+    except KeyboardInterrupt as e:
+        # A notebook shows the notes under the exception (`fusedit train` prints its own line, for its flags).
+        if hasattr(e, "add_note"):  # Python 3.11 and later
+            e.add_note(_kept_checkpoints(Path(run_dir), replaced_before))
+        raise
     except RuntimeError as e:
         if env.world_size > 1 and distributed.peer_failure(e):
             # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..."
@@ -352,22 +438,40 @@ def train(
             raise RunStopped(
                 f"another process of the job failed or stopped answering ({type(e).__name__}: {first}; a "
                 f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others)",
-                _kept_checkpoints(Path(run_dir)),
+                _kept_checkpoints(Path(run_dir), replaced_before),
             ) from e
         raise
     finally:
         distributed.teardown(env)
 
 
-def _kept_checkpoints(run_dir: Path) -> str:
-    """What a stopped job keeps and how it goes on, for RunStopped (`fusedit train` words it for its flags)."""
+def _kept_checkpoints(run_dir: Path, replaced_before: float | None = None) -> str:
+    """What a stopped job keeps and how it goes on, for RunStopped and a Ctrl+C's note (`fusedit train`
+    words it for its flags). ``replaced_before``: a fresh run's start, before which a checkpoint is the
+    earlier run's."""
     try:
         ckpt = find_checkpoint(run_dir)
     except FileNotFoundError:
         return f"no checkpoint was saved yet in {run_dir}: train again to start over"
+    if replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before:
+        return (
+            f"the earlier run in {run_dir} was not deleted yet: train again with overwrite=True to start over"
+        )
     return (
         f"the last checkpoint is {ckpt}: resume from it (train(..., resume=True); `fusedit train --resume`)"
     )
+
+
+def _check_before_start(cfg: Config) -> None:
+    """What a config alone decides, refused before the run folder is made and locked (a refused run left
+    one behind, holding train.lock and the loggers opened before the failing one): each stage's data
+    locations, and the loggers' packages."""
+    for stage in resolved_stages(cfg):
+        try:
+            check_data_paths(stage.config.data, stage.config.vae)
+        except ConfigError as e:
+            raise ConfigError(f"{stage.where}: {e}" if cfg.stages else str(e)) from None
+    check_loggers(cfg)
 
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
@@ -378,11 +482,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     _check_stages_run(cfg, stages, parallel, env.world_size)
     metrics_path = run_dir / "metrics.jsonl"
     ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
-    for stage in stages:
-        try:
-            check_data_paths(stage.config.data, stage.config.vae)
-        except ConfigError as e:
-            raise ConfigError(f"{stage.where}: {e}" if cfg.stages else str(e)) from None
     if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(
@@ -392,9 +491,10 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             cfg.model.design,
         )
 
-    torch.manual_seed(tc.seed)
     # A resumed run keeps the built-in tokenizer's ids it was trained with, whatever the current code's words.
-    model = build_model(cfg, env.device, vocabulary=saved_vocabulary(ckpt) if ckpt is not None else None)
+    vocabulary = saved_vocabulary(ckpt) if ckpt is not None else None
+    with _global_generator(env.device, tc.seed):  # the weights train.seed has always given
+        model = build_model(cfg, env.device, vocabulary=vocabulary)
     check_stages(model, stages)
     if ckpt is None:
         _start_fresh(cfg, model, run_dir, metrics_path, main, progress)
@@ -563,7 +663,8 @@ def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Pa
         # The stage's trainable parts, then the wrapper (DDP needs the parts set; FSDP2 shards once,
         # before any optimizer exists), then the optimizers over this stage's parameters.
         new_parts = Parts.of(stc)
-        apply_parts(model, new_parts, parts, seed=run.cfg.train.seed, stage=stage.index)
+        with _global_generator(env.device):  # LoRA seeds its adapters' init in a fork of the global generator
+            apply_parts(model, new_parts, parts, seed=run.cfg.train.seed, stage=stage.index)
         denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
         if forward is None or (new_parts != parts and run.parallel == "ddp"):
             # DDP refuses a module without trainable weights: a stage that trains only the LLM runs the

@@ -1,0 +1,388 @@
+"""fusedit as a Python library, sampling side (helper-96's notebook audit): generate and the sample folder
+check their arguments as the CLI and the pipeline do, the loaders take device names as train() does, a model
+in its sampling form says it cannot be exported, the shapes verifier refuses float images, truncation is
+warned per generate call, and the shapes bench scores the same prompts from the library as from the CLI."""
+
+import inspect
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from fusedit.checkpoints import load_model
+from fusedit.cli import main
+from fusedit.config import SEED_MAX, ConfigError, SampleConfig
+from fusedit.data.shapes import all_prompts, render, scene_for_prompt
+from fusedit.eval import shapes_bench
+from fusedit.eval.fid import extract_features
+from fusedit.eval.shapes_verifier import score
+from fusedit.flow import sample as flow_sample
+from fusedit.hub import FuseDiTTransformer2DModel
+from fusedit.imaging import to_uint8
+from fusedit.pipeline import FuseDiTPipeline, from_pretrained, save_pretrained
+from fusedit.sample import (
+    generate,
+    load_sampling_model,
+    sample_settings,
+    to_sampling_form,
+    write_sample_folder,
+)
+from fusedit.system import build_model, count_parameters, precision_name, resolve_device, uses_bf16
+from fusedit.train.checkpoint import save_checkpoint
+
+LONG = " ".join(["a red circle"] * 10)  # past the tiny text.max_length=16
+LONGER = " ".join(["two blue squares"] * 10)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    randomize(m.denoiser)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cfg, model):
+    root = tmp_path_factory.mktemp("run")
+    save_checkpoint(root / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+    return root / "run"
+
+
+def one_image(model, **kwargs):
+    return generate(model, ["a red circle"], **{"image_size": 16, "steps": 1, **kwargs})
+
+
+# ---- B3: prompts are a list
+
+
+def test_a_bare_string_or_no_prompts_are_refused_not_sampled_per_character(model, cfg, tmp_path):
+    allowed = r"prompts='a red circle' is a single string \(allowed: a list of prompts: \['a red circle'\]\)"
+    with pytest.raises(TypeError, match=allowed):
+        generate(model, "a red circle", image_size=16, steps=1)
+    with pytest.raises(TypeError, match=allowed):
+        write_sample_folder(model, cfg, "a red circle", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(
+        ValueError, match=r"^no prompts to sample \(allowed: a list of one or more prompts\)$"
+    ):
+        generate(model, [], image_size=16, steps=1)
+    # A tuple is a list of prompts as before.
+    assert generate(model, ("a red circle", "a blue square"), image_size=16, steps=1).shape == (2, 3, 16, 16)
+
+
+def test_extract_features_refuses_a_folder_name(tmp_path):
+    def extractor(batch):
+        raise AssertionError("nothing should be read")
+
+    with pytest.raises(TypeError, match=r"is one path \(allowed: a list of PIL images or paths, e\.g\. "):
+        extract_features(str(tmp_path), extractor, progress=False)
+    with pytest.raises(TypeError, match=r"fusedit\.eval\.fid\.list_images\("):
+        extract_features(tmp_path, extractor, progress=False)
+
+
+# ---- B4: generate checks its arguments as sample.*, the CLI and the pipeline do
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"guidance": math.nan}, ConfigError, "guidance=nan is not allowed (allowed: a finite number >= 0)"),
+        ({"guidance": -3.0}, ConfigError, "guidance=-3.0 is not allowed (allowed: a finite number >= 0)"),
+        ({"guidance": True}, ConfigError, "guidance=True is not allowed (allowed: a finite number >= 0)"),
+        ({"steps": 0}, ConfigError, "steps=0 is not allowed (allowed: an integer >= 1)"),
+        ({"steps": 2.5}, ConfigError, "steps=2.5 is not allowed (allowed: an integer >= 1)"),
+        ({"seed": -1}, ConfigError, f"seed=-1 is out of range (allowed: 0..{SEED_MAX})"),
+        ({"seed": 2**70}, ConfigError, f"seed={2**70} is out of range (allowed: 0..{SEED_MAX})"),
+        ({"seed": 1.5}, ConfigError, f"seed=1.5 is not an integer (allowed: 0..{SEED_MAX})"),
+        (
+            {"image_size": "16"},
+            ConfigError,
+            "image_size='16' is not allowed (allowed: a whole number of pixels >= 1, or a (height, width) pair "
+            "of them)",
+        ),
+        ({"image_size": (16,)}, ConfigError, "image_size=(16,) is not allowed (allowed: a whole number"),
+        ({"image_size": (16, 0)}, ConfigError, "image_size=(16, 0) is not allowed (allowed: a whole number"),
+        ({"precision": "fp16"}, ConfigError, "precision='fp16' is not allowed (allowed: auto, fp32, bf16)"),
+        (
+            {"progress": 1},
+            TypeError,
+            "progress=1 is not allowed (allowed: True for a progress bar, False or None for none, or a function "
+            "called once per step)",
+        ),
+    ],
+)
+def test_generate_refuses_bad_arguments_in_one_line(model, kwargs, error, message):
+    with pytest.raises(error) as e:
+        one_image(model, **kwargs)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_an_unknown_precision_is_refused_where_it_is_resolved():
+    """It used to run, and be recorded, as fp32: uses_bf16 had no else-branch."""
+    cpu = torch.device("cpu")
+    for resolve in (uses_bf16, precision_name):
+        with pytest.raises(
+            ConfigError, match=r"^precision='fp16' is not allowed \(allowed: auto, fp32, bf16\)$"
+        ):
+            resolve("fp16", cpu)
+    assert [precision_name(p, cpu) for p in ("auto", "fp32", "bf16")] == ["fp32", "fp32", "bf16"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"steps": 0}, "sample.steps=0 must be > 0"),
+        ({"guidance": math.nan}, "sample.guidance=nan must be a number (NaN is not)"),
+        ({"guidance": -1.0}, "sample.guidance=-1.0 must be >= 0"),
+        ({"precision": "fp16"}, "sample.precision='fp16' is not allowed (allowed: auto, fp32, bf16)"),
+        ({"sampler": "Euler"}, "sample.sampler='Euler' is not allowed (allowed: euler, heun)"),
+        ({"cache_text": "no"}, "sample.cache_text='no' must be true or false"),
+        ({"image_size": "16"}, "image_size='16' is not allowed (allowed: a whole number of pixels >= 1"),
+    ],
+)
+def test_sample_settings_checks_its_overrides(cfg, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        sample_settings(cfg, **overrides)
+    assert str(e.value).startswith(message)
+
+
+def test_sample_settings_keeps_good_overrides(cfg):
+    settings = sample_settings(cfg, steps=2, guidance=0.0, precision="fp32", image_size=(16, 24), shift=None)
+    assert settings == {
+        **sample_settings(cfg),
+        "steps": 2,
+        "guidance": 0.0,
+        "precision": "fp32",
+        "image_size": (16, 24),
+    }
+
+
+def test_load_sampling_model_checks_its_overrides(run):
+    with pytest.raises(
+        TypeError, match=r"^unknown sample setting\(s\) \['stepz'\] \(allowed: steps, guidance, "
+    ):
+        load_sampling_model(run, "cpu", stepz=1)
+    with pytest.raises(
+        ConfigError, match=r"^sample\.precision='fp16' is not allowed \(allowed: auto, fp32, bf16\)$"
+    ):
+        load_sampling_model(run, "cpu", precision="fp16")
+    with pytest.raises(ConfigError, match=r"^sample\.steps=0 must be > 0$"):
+        load_sampling_model(run, "cpu", steps=0)
+    _, loaded, _ = load_sampling_model(run, "cpu", steps=2, compile="", precision=None)
+    assert (loaded.sample.steps, loaded.sample.compile, loaded.sample.precision) == (2, "", "auto")
+
+
+# ---- M2: the loaders take device names as train() does
+
+
+def test_the_loaders_take_auto_and_refuse_bad_devices_in_one_line(cfg, run, tmp_path):
+    here = resolve_device("auto")
+    assert next(build_model(cfg, "auto").denoiser.parameters()).device.type == here.type
+    model, _ = FuseDiTPipeline.from_fusedit(run, "auto").to_fusedit()
+    assert next(model.denoiser.parameters()).device.type == here.type
+    missing = tmp_path / "missing"  # the device is checked before the folder is looked at
+    loaders = [
+        lambda device: build_model(cfg, device),
+        lambda device: load_model(missing, device),
+        lambda device: load_sampling_model(missing, device),
+        lambda device: FuseDiTPipeline.from_fusedit(missing, device),
+        lambda device: from_pretrained(missing, device),
+    ]
+    for load in loaders:
+        with pytest.raises(ConfigError, match=r"^device 'gpu' is not allowed \(allowed: auto, cpu, cuda, "):
+            load("gpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match=r"^device 'cuda' is not available: torch "):
+                load("cuda")
+
+
+def test_build_model_on_meta_still_counts_parameters(cfg, model):
+    shapes = build_model(cfg, "meta")
+    assert next(shapes.denoiser.parameters()).device.type == "meta"
+    assert count_parameters(shapes.denoiser) == count_parameters(model.denoiser)
+
+
+def test_load_model_takes_auto(run):
+    model, _, _ = load_model(run, "auto")
+    assert next(model.denoiser.parameters()).device.type == resolve_device("auto").type
+
+
+# ---- M3: the sampling form says it cannot be exported
+
+
+def test_a_model_in_its_sampling_form_is_not_exported_and_the_error_says_why(cfg, tmp_path):
+    m = build_model(cfg)
+    to_sampling_form(m, cfg)
+    message = (
+        r"^this denoiser is in its sampling form \(fused projections, as fusedit\.sample\.load_sampling_model "
+        r"and to_sampling_form leave it\), which only fusedit\.sample\.generate takes: a pipeline or an export "
+        r"needs the model fusedit\.checkpoints\.load_model returns$"
+    )
+    with pytest.raises(ValueError, match=message):
+        FuseDiTTransformer2DModel.from_denoiser(m.denoiser, cfg)
+    with pytest.raises(ValueError, match=message):
+        save_pretrained(m, cfg, tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    assert (
+        "only samples" in load_sampling_model.__doc__
+        and "checkpoints.load_model" in load_sampling_model.__doc__
+    )
+
+
+# ---- M4: the shapes verifier scores uint8 images only
+
+
+def test_the_verifier_refuses_float_images_and_names_the_converter():
+    prompt = all_prompts(kinds=["single"], max_objects=2)[0]
+    image = render(scene_for_prompt(prompt, np.random.default_rng(0), 64))
+    assert image.dtype == np.uint8 and score(prompt, image).correct
+    for floats in (image / 255.0, image / 127.5 - 1, image.astype(np.float32)):
+        with pytest.raises(ValueError) as e:
+            score(prompt, floats)
+        assert str(e.value) == (
+            f"expected a uint8 (H, W, 3) image, got dtype {floats.dtype} (convert generate's (B, 3, H, W) "
+            "images in [-1, 1] with fusedit.imaging.to_uint8, which gives (B, H, W, 3) uint8)"
+        )
+    # The named route: generate's layout and range through to_uint8 scores as the image itself.
+    generated = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert score(prompt, to_uint8(generated)[0]).correct
+
+
+# ---- M6: progress
+
+
+def test_progress_true_shows_a_bar_and_a_function_is_called_per_step(model, capsys):
+    one_image(model, steps=3, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "sample" in bar and "3/3" in bar
+    one_image(model, steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+    calls = []
+    one_image(model, steps=3, sampler="heun", progress=lambda: calls.append(1))
+    assert len(calls) == 3  # once per Heun step, not per velocity call
+    assert "``progress``: True shows a tqdm bar" in " ".join(generate.__doc__.split())
+
+
+# ---- R2: truncation is warned per generate call
+
+
+def cut_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+
+
+def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
+    m = build_model(cfg).eval()  # fresh encoders: none has warned yet
+    with caplog.at_level(logging.WARNING):
+        one_image(m)
+        generate(m, [LONG, "a red circle"], image_size=16, steps=1)
+    # The first cut is the encoder's own warning (not doubled); the later one is generate's.
+    encoder = [r for r in caplog.records if r.name == "fusedit.text.encoder"]
+    assert len(encoder) == 1 and cut_warnings(caplog) == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(m, [LONGER, "a red circle", LONG], image_size=16, steps=1)
+        generate(m, ["a red circle"], image_size=16, steps=1)  # nothing cut: nothing said
+        generate(m, ["a red circle"], image_size=16, steps=1, guidance=3.0, negative_prompt=LONG)
+        generate(m, [LONG], image_size=16, steps=1, guidance=3.0, negative_prompt=LONGER)
+    assert cut_warnings(caplog) == [
+        "2 of the 3 prompts were longer than text.max_length=16 tokens: their ends were cut",
+        "the negative prompt is longer than text.max_length=16 tokens: its end was cut",
+        "1 of the 1 prompts were longer than text.max_length=16 tokens: their ends were cut (the negative "
+        "prompt's too)",
+    ]
+    assert not [r for r in caplog.records if r.name == "fusedit.text.encoder"]  # training's rule: once
+    # A caller that reports a total itself (`fusedit sample`, from model.truncated) turns it off.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(m, [LONGER], image_size=16, steps=1, warn_cut=False)
+    assert not caplog.records and m.truncated == 5
+
+
+# ---- R5: the pure sampler's shift
+
+
+def test_the_pure_samplers_default_shift_is_documented_against_generates():
+    assert inspect.signature(flow_sample).parameters["shift"].default == 1.0
+    assert inspect.signature(generate).parameters["shift"].default == SampleConfig.shift == 3.0
+    doc = " ".join(flow_sample.__doc__.split())
+    assert "``shift`` defaults to 1.0" in doc and "default to 3.0" in doc and "SampleConfig.shift" in doc
+
+
+# ---- B6: the shapes bench scores the same prompts from the library as from the CLI
+
+
+def test_bench_settings_carry_max_objects_and_scores_record_it(cfg, model, tmp_path):
+    settings = shapes_bench.bench_settings(cfg, per_category=1, steps=1, guidance=3.0, seed=0)
+    assert settings["max_objects"] == cfg.data.max_objects == 2
+    scores = shapes_bench.run_shapes_bench(model, out_dir=tmp_path, progress=False, **settings)
+    drawn = shapes_bench.benchmark_prompts(1, cfg.data.max_objects, seed=0)
+    assert [v["text"] for v in scores["verdicts"]] == [p.text for p in drawn]
+    assert drawn != shapes_bench.benchmark_prompts(1, 4, seed=0)  # what the default max_objects draws
+    assert scores["settings"] == {k: v for k, v in settings.items() if k != "image_size"} | {"image_size": 16}
+
+
+def test_the_cli_runs_the_bench_with_bench_settings_alone(run, cfg, tmp_path, monkeypatch):
+    """`fusedit eval --bench shapes` passes what bench_settings gives and nothing of its own, so that the
+    library call ``run_shapes_bench(model, **bench_settings(cfg, ...))`` scores the same prompts."""
+    calls = []
+
+    def run_shapes_bench(model, out_dir, **kwargs):
+        calls.append(kwargs)
+        (out_dir / "scores.md").write_text("| scores |\n")
+        return {"overall": 0.5, "num_images": 3}
+
+    monkeypatch.setattr(shapes_bench, "run_shapes_bench", run_shapes_bench)
+    args = ["eval", str(run), "--out", str(tmp_path), "--device", "cpu", "--quiet", "--per-category", "1"]
+    assert main([*args, "--steps", "1"]) == 0
+    library = shapes_bench.bench_settings(cfg, per_category=1, steps=1, guidance=cfg.sample.guidance, seed=0)
+    assert calls == [{**library, "name": cfg.name, "progress": False}]
+
+
+def test_cuda_graphs_asked_for_where_they_do_nothing_says_why(model, cfg, tmp_path, caplog):
+    """--cuda-graphs on the CPU (or with --no-cache) sampled as without it and said nothing."""
+    settings = {**sample_settings(cfg, steps=1, cuda_graphs=True), "image_size": 16}
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        write_sample_folder(model, cfg, ["a red circle"], tmp_path / "o", settings=settings, progress=False)
+    assert [r.getMessage() for r in caplog.records if "cuda_graphs" in r.getMessage()] == [
+        "sample.cuda_graphs does nothing here: the model is not on a CUDA device (it replays cached-text steps "
+        "on a GPU)"
+    ]
+
+
+def test_a_hub_id_given_as_the_model_says_to_download_it_first(tmp_path, monkeypatch):
+    from fusedit.sample import check_sampling_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        check_sampling_source("you/your-model", True, None)
+    assert str(e.value) == (
+        "no such folder: 'you/your-model' (expected a run, checkpoint or diffusers pipeline folder; a hub id? "
+        "download it first: hf download you/your-model --local-dir DIR, and use DIR)"
+    )
+    with pytest.raises(FileNotFoundError, match=r"pipeline folder\)$"):
+        check_sampling_source(str(tmp_path / "gone"), True, None)
+
+
+def test_ctrl_c_in_the_shapes_bench_says_what_is_kept(run, tmp_path, capsys, monkeypatch):
+    """It printed 'stopped before the end' alone, where every other eval says what is kept and what to run."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes_bench, "run_shapes_bench", interrupted)
+    out = tmp_path / "bench"
+    args = ["eval", str(run), "--bench", "shapes", "--per-category", "1", "--steps", "1", "--out", str(out)]
+    assert main([*args, "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: nothing is kept (the bench writes {out} at its end); rerun the same command to "
+        "start again"
+    )

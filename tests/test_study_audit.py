@@ -1,0 +1,322 @@
+"""Fairness and planning of `fusedit study` (helper-98's audit): repeated keys, a base the designs may not
+override, bookkeeping that is no recipe difference, --check that plans what the run does, overrides of the
+base on the command line, and describe's counts matching the study's."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fusedit.eval.study as study_mod
+from conftest import TINY
+from fusedit.cli import main
+from fusedit.config import ConfigError
+from fusedit.eval.study import describe_study, load_study, markdown_report, run_study
+from fusedit.train.loop import train as real_train
+
+BASE = {
+    "train.steps": 6,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.seed": 0,
+    "train.checkpoint_every": 3,
+    "train.ema_decay": 0.5,
+}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusedit: error: ") and "\n" not in err, err
+    return err.removeprefix("fusedit: error: ")
+
+
+def test_a_label_or_key_written_twice_in_a_study_file_is_refused(tmp_path):
+    """PyYAML keeps the last of a repeated key: the first design of a label given twice was silently
+    dropped, and so was the first value of a base key written twice."""
+    study = tmp_path / "s.yaml"
+    study.write_text("designs:\n  a: {preset: debug}\n  a: {preset: debug-dit-self}\n")
+    with pytest.raises(ConfigError) as e:
+        load_study(study)
+    assert str(e.value) == (
+        f"cannot parse study {str(study)!r}: line 3, column 3: key 'a' appears twice (first on line 2; "
+        "allowed: each key once)"
+    )
+    study.write_text("base:\n  train.steps: 6\n  train.steps: 8\ndesigns:\n  a: {preset: debug}\n")
+    with pytest.raises(
+        ConfigError, match=r"line 3, column 3: key 'train.steps' appears twice \(first on line 2"
+    ):
+        load_study(study)
+
+
+def test_a_staged_design_refuses_a_train_steps_it_would_ignore():
+    """A staged run's length is its stages' sum: the base's train.steps (set to shorten a study) left the
+    staged design at its full 1600 steps, silently, where `fusedit train` refuses it."""
+    spec = {
+        "base": {"train.steps": 4},
+        "designs": {"a": {"preset": "debug"}, "b": {"preset": "recipe-shapes-3stage"}},
+    }
+    with pytest.raises(ConfigError) as e:
+        load_study(spec)
+    assert str(e.value) == (
+        "study 'study': designs.b: the study base's train.steps=4 cannot be set on a staged config "
+        "(recipe-shapes-3stage): its length is the sum of stages[i].steps (800+500+300) (allowed: the design "
+        "overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=..., with train.steps set in the "
+        "single-stage designs' overrides rather than in the base)"
+    )
+    own = {"designs": {"b": {"preset": "recipe-shapes-3stage", "overrides": ["train.steps=4"]}}}
+    with pytest.raises(ConfigError) as e:
+        load_study(own)
+    assert str(e.value) == (
+        "study 'study': designs.b.overrides sets train.steps=4, which cannot be set on a staged config "
+        "(recipe-shapes-3stage): its length is the sum of stages[i].steps (800+500+300) (allowed: the design "
+        "overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=...)"
+    )
+    # The way the message gives: each design's own length.
+    spec = {
+        "designs": {
+            "a": {"preset": "debug", "overrides": ["train.steps=3"]},
+            "b": {
+                "preset": "recipe-shapes-3stage",
+                "overrides": ["stages.0.steps=1", "stages.1.steps=1", "stages.2.steps=1"],
+            },
+        }
+    }
+    assert [d.config.train.steps for d in load_study(spec).designs] == [3, 3]
+
+
+def test_a_design_may_not_override_a_key_the_base_holds_equal():
+    """The base is what the study holds fixed: a design that trained at another batch was only warned of
+    (and the report's recipe line then named the first design's), where a stage doing so is refused."""
+    spec = {"base": BASE, "designs": {"a": {"preset": "debug"}, "b": {"preset": "debug", "overrides": {}}}}
+    refused = [
+        ({"train.batch_size": 4}, "train.batch_size=4 over the study base's train.batch_size=8"),
+        ({"train.lr": 1e-4, "train.seed": 3}, "train.seed=3 over the study base's train.seed=0"),
+        (["train.steps=10"], "train.steps=10 over the study base's train.steps=6"),
+    ]
+    for overrides, what in refused:
+        spec["designs"]["b"]["overrides"] = overrides
+        with pytest.raises(ConfigError) as e:
+            load_study(spec)
+        key = what.split("=")[0]
+        assert str(e.value) == (
+            f"study 'study': designs.b.overrides sets {what} (allowed: the base's value, or leave {key} out of "
+            "the base to vary it)"
+        )
+    # A list the base sets, patched by position in a design: refused at the list.
+    listed = {"base": {"data.kinds": ["single", "two"]}, "designs": {"a": {"preset": "debug"}}}
+    listed["designs"]["a"]["overrides"] = {"data.kinds.1": "position"}
+    with pytest.raises(
+        ConfigError, match=r"sets data\.kinds\.1='position' over the study base's data\.kinds="
+    ):
+        load_study(listed)
+
+    allowed = [
+        {"train.lr": 1e-4},  # the base leaves it out: a difference the recipe warning names
+        {"train.batch_size": 8},  # the base's own value
+        {"train": {"ema_decay": "5e-1"}},  # typed as the config reads it (PyYAML reads a string)
+        {"train.checkpoint_every": 2, "train.log_every": 1, "data.num_workers": 1},  # bookkeeping
+    ]
+    for overrides in allowed:
+        spec["designs"]["b"]["overrides"] = overrides
+        load_study(spec)
+
+
+def test_bookkeeping_and_sampling_the_eval_fixes_are_no_recipe_difference():
+    """The "not a fair comparison" warning fired for keys that change neither the training nor the scores:
+    bookkeeping, and sample.steps / guidance where the study's eval sets them for every design."""
+    bookkeeping = {"train.checkpoint_every": 2, "train.log_every": 1, "data.num_workers": 1}
+    sampling = {"sample.steps": 50, "sample.guidance": 7.0}
+    for overrides in (bookkeeping, sampling):
+        spec = {
+            "base": BASE,
+            "designs": {"a": {"preset": "debug"}, "b": {"preset": "debug-dit-self", "overrides": overrides}},
+            "eval": {"steps": 10, "guidance": 3.0},
+        }
+        study = load_study(spec)
+        assert "recipe differs" not in describe_study(study)
+        assert "not a fair comparison" not in markdown_report(study, {}, [])
+    # Where each design samples at its own steps and guidance, they are part of the comparison.
+    del spec["eval"]
+    assert "warning: the recipe differs between designs in sample.guidance, sample.steps" in describe_study(
+        spec
+    )
+
+
+def test_a_typo_in_the_base_is_reported_against_the_base():
+    spec = {"base": {"train.stpes": 4}, "designs": {"a": {"preset": "debug"}}}
+    with pytest.raises(
+        ConfigError, match=r"^study 'study': base: unknown config key 'train\.stpes': did you "
+    ):
+        load_study(spec)
+    # A design's own typo, or a value its preset cannot take, stays the design's.
+    spec = {"designs": {"a": {"preset": "debug", "overrides": ["train.stpes=4"]}}}
+    with pytest.raises(ConfigError, match=r"^study 'study': designs\.a: unknown config key 'train\.stpes'"):
+        load_study(spec)
+
+
+def test_designs_that_train_and_score_the_same_are_named():
+    spec = {
+        "base": BASE,
+        "designs": {
+            "a": {"preset": "debug"},
+            "b": {"preset": "debug-dit-self"},
+            "c": {"preset": "debug", "overrides": {"train.log_every": 1}},  # bookkeeping only
+            "d": {"preset": "debug"},
+        },
+    }
+    warnings = [line for line in describe_study(spec).splitlines() if "warning" in line]
+    assert warnings == [
+        "  warning: designs a, c and d train and score the same (their configs differ in no key that changes "
+        "either: a forgotten override?)"
+    ]
+
+
+def test_describe_counts_confirm_the_studys(capsys):
+    """describe printed 1.5M and 0.000 TFLOP for the debug designs, which could not confirm the study's
+    1.53M and 391M FLOP per image."""
+    assert main(["describe", "debug"]) == 0
+    out = capsys.readouterr().out
+    cost = study_mod.design_cost(load_study({"designs": {"a": {"preset": "debug"}}}).designs[0].config)
+    assert f"trainable (DiT): 1.5M ({cost['trainable_params']:,})\n" in out
+    assert f"frozen (LLM, incl. embeddings): 0.4M ({cost['frozen_params']:,})\n" in out
+    assert cost["train_flops_per_image"] == 390_955_008 and cost["dit_forward_flops"] == 125_599_744
+    assert (
+        "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP, LLM forward 14.156 MFLOP, training "
+        "390.955 MFLOP per image\n" in out
+    )
+
+
+def _study_file(tmp_path: Path) -> tuple[Path, dict]:
+    """Four tiny designs of 2 steps (a checkpoint at each), scored on 1 prompt per category."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    spec = {
+        "name": "plan",
+        "base": {"train.steps": 2, "train.checkpoint_every": 1, "train.batch_size": 2},
+        "designs": {
+            "a": {"preset": "tiny.yaml"},
+            "b": {"preset": "tiny.yaml", "overrides": ["model.pos_embed=2d-rope"]},
+            "c": {"preset": "tiny.yaml", "overrides": ["model.pos_embed=1d-rope"]},
+            "d": {"preset": "tiny.yaml", "overrides": ["model.timestep_conditioning=addition"]},
+        },
+        "eval": {"per_category": 1, "steps": 2, "guidance": 2.0},
+        "prompts": ["a red circle"],
+        "seeds": [0],
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, spec
+
+
+def _plan(out: str) -> dict[str, str]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  running it into "))
+    return dict(line.strip().split(": ", 1) for line in lines[start + 1 :])
+
+
+def _half_done(tmp_path: Path) -> tuple[Path, dict, Path]:
+    """An output folder where a and b are trained and scored, c was stopped at step 1 and d never ran;
+    then b's sampling changes in the study file (its scores are stale, its weights not)."""
+    path, spec = _study_file(tmp_path)
+    out = tmp_path / "out"
+    study = load_study(path)
+    run_study(study, out, progress=False, only=["a", "b"])
+    real_train(study.designs[2].config, out / "runs" / "c", stop_at=1, progress=False)
+    spec["designs"]["b"]["overrides"].append("sample.negative_prompt=blurry")
+    path.write_text(yaml.safe_dump(spec))
+    return path, spec, out
+
+
+HALF_DONE = {"a": "reused", "b": "re-scored", "c": "resumed at step 1", "d": "trained"}
+
+
+def test_check_describes_the_chosen_designs_and_plans_what_the_run_does(tmp_path, capsys):
+    """--check listed every design under --only, passed --device tpu, and never looked into --out (the
+    run then failed at once on a design trained with another config, and did what no one had previewed)."""
+    path, spec, out = _half_done(tmp_path)
+    assert (
+        main(["study", str(path), "--out", str(out), "--check", "--only", "d", "c", "--device", "cpu"]) == 0
+    )
+    described = capsys.readouterr().out
+    assert described.startswith("study plan: 4 designs, 2 chosen\n")
+    designs = [line.split(":")[0] for line in described.splitlines() if " design=" in line]
+    assert designs == ["  c", "  d"]
+    assert _plan(described) == {"c": "resumed at step 1", "d": "trained"}
+    assert main(["study", str(path), "--out", str(out), "--check", "--device", "tpu"]) == 2
+    assert "--device 'tpu' is not allowed" in _one_line_error(capsys)
+
+    assert main(["study", str(path), "--out", str(out), "--check"]) == 0
+    assert _plan(capsys.readouterr().out) == HALF_DONE
+    # The plan is what the run does: the same decision (results.json records it).
+    assert main(["study", str(path), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {label: r["status"] for label, r in results["designs"].items()} == HALF_DONE
+
+    # A trained design's recipe changed: --check refuses it as the run would, before anything runs.
+    changed = copy.deepcopy(spec)
+    changed["base"]["train.lr"] = 5e-4
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert main(["study", str(tmp_path / "changed.yaml"), "--out", str(out), "--check"]) == 2
+    assert _one_line_error(capsys) == (
+        f"{out}/runs/a was trained with a different config for design 'a' (train.lr: 0.001 there, 0.0005 now); "
+        "delete it or use another output folder"
+    )
+
+
+def test_a_study_ends_saying_what_it_did_with_each_design(tmp_path, capsys):
+    """The closing line said only "4 designs in 7s", and results.json called a design whose scores were
+    redone "reused", as one left alone."""
+    path, _, out = _half_done(tmp_path)
+    assert main(["study", str(path), "--out", str(out), "--quiet"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("study plan: ")]
+    assert len(last) == 1
+    assert last[0].endswith("s: a reused, b re-scored, c resumed at step 1, d trained")
+    results = json.loads((out / "results.json").read_text())
+    assert results["designs"]["b"]["status"] == "re-scored"
+    # Under --only, the designs it ran (the others keep their place in the report).
+    assert main(["study", str(path), "--out", str(out), "--quiet", "--only", "c"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("study plan: ")]
+    assert len(last) == 1 and last[0].startswith("study plan: 1 of 4 designs in ")
+    assert last[0].endswith("s: c reused")
+    # Other grid prompts: the scores stand, the grid is drawn again (the others' grids are stale: pending).
+    spec = yaml.safe_load(path.read_text()) | {"prompts": ["a blue square"]}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(path), "--out", str(out), "--quiet", "--only", "a"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("study plan: ")]
+    assert len(last) == 1 and last[0].endswith("s: a grid redrawn; pending: b, c, d")
+    assert json.loads((out / "results.json").read_text())["designs"]["a"]["status"] == "grid redrawn"
+
+
+def test_command_line_overrides_apply_to_the_base(tmp_path, capsys):
+    """`fusedit study STUDY.yaml train.steps=5` was an unrecognised argument: shortening a shipped study
+    meant copying it (and breaking any preset given as a relative file)."""
+    path, _ = _study_file(tmp_path)
+    none = str(tmp_path / "none")
+    assert main(["study", str(path), "train.steps=3", "--check", "--out", none]) == 0
+    plan = [line for line in capsys.readouterr().out.splitlines() if " design=" in line]
+    assert len(plan) == 4 and all(line.endswith("; 3 steps x batch 2 at 16 px") for line in plan)
+    # After --only's labels, as after any option.
+    assert main(["study", str(path), "--check", "--out", none, "--only", "a", "train.steps=4"]) == 0
+    plan = [line for line in capsys.readouterr().out.splitlines() if " design=" in line]
+    assert len(plan) == 1 and plan[0].startswith("  a: ") and plan[0].endswith("; 4 steps x batch 2 at 16 px")
+
+    # They pass the base's checks: a design overriding one, a typo (named as the overrides'), a staged design.
+    spec = {"designs": {"a": {"preset": "debug", "overrides": ["train.batch_size=4"]}}}
+    with pytest.raises(ConfigError) as e:
+        load_study(spec, overrides=["train.batch_size=8"])
+    assert str(e.value) == (
+        "study 'study': designs.a.overrides sets train.batch_size=4 over the override train.batch_size=8 "
+        "(allowed: the override's value, or no train.batch_size override to vary it)"
+    )
+    with pytest.raises(ConfigError, match=r"^study 'study': overrides: unknown config key 'train\.stpes'"):
+        load_study(spec, overrides=["train.stpes=8"])
+    staged = {"designs": {"b": {"preset": "recipe-shapes-3stage"}}}
+    with pytest.raises(
+        ConfigError, match=r"^study 'study': designs\.b: the override train\.steps=5 cannot be set "
+    ):
+        load_study(staged, overrides=["train.steps=5"])
+    assert main(["study", str(path), "train.steps", "--check"]) == 2
+    assert _one_line_error(capsys) == (
+        "study 'plan': overrides: override 'train.steps' must look like section.key=value"
+    )
