@@ -16,6 +16,7 @@ from fusedit.config import (
     ConfigError,
     checked,
     load_config,
+    load_yaml,
     parse_overrides,
     preset_names,
     save_config,
@@ -272,6 +273,10 @@ def test_a_key_written_twice_in_a_config_file_is_refused_naming_both_lines(tmp_p
     # A YAML merge key overrides on purpose: still read.
     path.write_text("base: debug\ntrain: &t\n  steps: 3\nsample:\n  <<: {steps: 4}\n  steps: 5\n")
     assert load_config(path).sample.steps == 5
+    # An anchored mapping that merges and overrides, merged again later: PyYAML splices merged pairs into
+    # the anchored node before its own check would run, which saw its override as a second key.
+    text = "base: &b {x: 1, y: 1}\nouter:\n  inner: &i\n    <<: *b\n    x: 2\nother:\n  <<: *i\n"
+    assert load_yaml(text) == yaml.safe_load(text)
 
 
 def test_a_choice_that_turns_a_feature_off_takes_yaml_false_and_names_its_empty_value():
@@ -289,3 +294,27 @@ def test_a_choice_that_turns_a_feature_off_takes_yaml_false_and_names_its_empty_
         'sample.compile=True is not allowed (allowed: auto, "" (off; false in YAML), inductor, max-autotune, '
         "aot_eager, eager)"
     )
+
+
+def test_checked_names_a_section_replaced_by_a_mapping_and_takes_numpy_numbers(caplog):
+    import logging
+
+    import numpy as np
+
+    cfg = load_config("debug")
+    cfg.model = {"design": "fusedit"}  # built fine, then every use read attributes of a dict
+    with pytest.raises(ConfigError, match=r"^model is a dict \(allowed: a ModelConfig; config_from_dict"):
+        checked(cfg)
+    cfg = load_config("debug")
+    cfg.train.lr, cfg.train.batch_size = np.float32(0.5), np.int64(4)
+    again = checked(cfg)
+    assert (type(again.train.lr), type(again.train.batch_size)) == (float, int)
+    # A staged run's length is its stages' sum: an edited train.steps is said to be ignored, not dropped.
+    cfg = load_config("recipe-shapes-3stage")
+    cfg.train.steps = 10
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        assert checked(cfg).train.steps == 1600
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.steps=10 is not the stages' sum (800+500+300): a staged run trains its stages' length (set "
+        "stages[i].steps to change it)"
+    ]

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import numbers
 import os
 import re
 import shlex
@@ -558,35 +559,45 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
     return data, folder
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a mapping that repeats a key: the safe loader keeps the last one, so
-    a section written twice (``model:`` twice) or a study's design label given twice silently lost the
-    first."""
+def load_yaml(text: str) -> Any:
+    """YAML text as ``yaml.safe_load`` reads it, but a mapping that repeats a key is a
+    ``yaml.MarkedYAMLError`` naming the key and both lines (``yaml_problem`` words it in one line): the safe
+    loader keeps the last one, so a section written twice (``model:`` twice) or a study's design label given
+    twice silently lost the first. Checked on the composed document, before PyYAML splices merged pairs
+    (``<<: *base``, which overrides on purpose) into the mappings."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeated_keys(node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                if not isinstance(key, typing.Hashable):  # the safe loader's own error names it
-                    continue
+
+def _refuse_repeated_keys(node: yaml.Node, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: the anchored node was checked where it stands
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)  # the resolved tag: 1 and "1" are other keys
                 if key in first:
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
-                        f"key {key!r} appears twice (first on line {first[key]}; allowed: each key once)",
+                        f"key {key_node.value!r} appears twice (first on line {first[key]}; allowed: each key once)",
                         key_node.start_mark,
                     )
                 first[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text as ``yaml.safe_load`` reads it, but a mapping that repeats a key is a
-    ``yaml.MarkedYAMLError`` naming the key and both lines (``yaml_problem`` words it in one line)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+            _refuse_repeated_keys(key_node, seen)
+            _refuse_repeated_keys(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, seen)
 
 
 def pipeline_record(folder: Path) -> dict | None:
@@ -822,14 +833,16 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
             raise ConfigError(f"{path}={value!r} must be true or false")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral: numpy's integers too (a config edited in Python), kept as Python's
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}={value!r} must be an integer")
+        value = int(value)
     elif tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
             with contextlib.suppress(ValueError):
                 value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{path}={value!r} must be a number")
         value = float(value)
     elif tp is str:
@@ -922,6 +935,13 @@ def checked(cfg: Config) -> Config:
     dropped; a ``Path`` stands for its text. ``cfg`` itself is left as it is."""
     check_fields(cfg)
     copy_ = config_from_dict(_plain(to_dict(cfg)))
+    if copy_.train.steps != cfg.train.steps:  # stages set, or train.steps edited, in Python
+        log.warning(
+            "train.steps=%s is not the stages' sum (%s): a staged run trains its stages' length (set "
+            "stages[i].steps to change it)",
+            cfg.train.steps,
+            "+".join(str(st.steps) for st in copy_.stages),
+        )
     absolute_paths(copy_)
     return copy_
 
@@ -946,14 +966,19 @@ def _refuse_stray_attributes(section: Any, prefix: str) -> None:
     stray = [name for name in vars(section) if name not in fields]
     if stray:
         _build(type(section), {stray[0]: None}, prefix)  # the unknown-key error, with its suggestion
+    hints = typing.get_type_hints(type(section))
     for name, spec in fields.items():
         value, path = getattr(section, name), f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(value):
-            _refuse_stray_attributes(value, path)
-        elif "item" in spec.metadata and isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    _refuse_stray_attributes(item, f"{path}[{i}]")
+        want = hints[name] if dataclasses.is_dataclass(hints[name]) else spec.metadata.get("item")
+        items = value if "item" in spec.metadata and isinstance(value, list) else [value] if want else []
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]" if "item" in spec.metadata else path
+            if not isinstance(item, want):  # a section replaced by a mapping: every use reads attributes
+                raise ConfigError(
+                    f"{where} is a {type(item).__name__} (allowed: a {want.__name__}; config_from_dict "
+                    "builds a whole config from mappings)"
+                )
+            _refuse_stray_attributes(item, where)
 
 
 def _plain(value: Any) -> Any:

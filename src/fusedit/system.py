@@ -268,6 +268,21 @@ def _text_ids_top(tokenizer) -> int:
     return max([tokenizer.vocab_size - 1, *added, *(i for i in fed if i is not None)])
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """torch's global generators of the CPU and of ``device`` (a GPU's) for the block, seeded with ``seed``
+    (None: as they are), and put back as they were after it. Other GPUs' generators are left alone, which
+    torch.manual_seed would reseed; the CPU's draws equal torch.manual_seed's."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for gpu in devices:
+                with torch.cuda.device(gpu):
+                    torch.cuda.manual_seed(seed)
+        yield
+
+
 def llm_seed(seed: int, key: str) -> int:
     """The seed of the LLM of section ``key`` (text, extra_text.0) in a run of ``train.seed`` ``seed``, for
     its random init (a random-init LLM; weights a checkpoint lacks). Its own, not the global generator's
@@ -296,8 +311,7 @@ def _text_encoder(
         with torch.device(device):
             llm = load_llm(tcfg, needed, device, shape_only=True, config=config, reads_kv=reads_kv)
     else:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             llm = load_llm(tcfg, needed, device, config=config, reads_kv=reads_kv)
     name = tcfg.tokenizer or tcfg.model_id
     if meta and name and not Path(name).is_dir():

@@ -61,7 +61,7 @@ from fusedit.config import (
 from fusedit.data.loader import check_data_paths, is_stream, merged_skip_report, skipped_jsonl, step_loader
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
-from fusedit.system import TextToImage, build_model, uses_bf16
+from fusedit.system import TextToImage, build_model, seeded, uses_bf16
 from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     check_same_model,
@@ -91,17 +91,16 @@ log = logging.getLogger(__name__)
 
 # torch has one global generator per process (per device), which train() calls in threads share: a call
 # draws from it only with this lock held and inside a fork of it (_global_generator), so that one call's
-# draws never land in another's seeded build and the caller's generator is left as it was.
+# draws never land in another's seeded build and the caller's generator is left as it was. (Only train()
+# calls take the lock: a build_model in another thread meanwhile still draws from the same generator.)
 _GLOBAL_GENERATOR = threading.Lock()
 
 
 @contextlib.contextmanager
 def _global_generator(device: torch.device, seed: int | None = None) -> Iterator[None]:
-    """The block has torch's global generator (CPU, and ``device``'s when it is a GPU) to itself, seeded
-    with ``seed`` when given; afterwards it is back to the state the block found."""
-    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
+    """The block has torch's global generator (CPU, and ``device``'s when it is a GPU) to itself among
+    train() calls, seeded with ``seed`` when given; afterwards it is back to the state the block found."""
+    with _GLOBAL_GENERATOR, seeded(seed, device):
         yield
 
 
@@ -393,8 +392,8 @@ def train(
     and leaves the group at the end; a group the caller initialised is used and left up.
 
     The initial weights are drawn from torch's global generator seeded with train.seed, inside a fork of
-    it: the caller's generator is as it was when train() returns, and calls in threads build the weights a
-    call alone would. Ctrl+C raises KeyboardInterrupt with a note of what is kept and how to go on.
+    it: the caller's generator is as it was when train() returns, and train() calls in threads build the
+    weights a call alone would (a build_model elsewhere at the same time draws from the same generator). Ctrl+C raises KeyboardInterrupt with a note of what is kept and how to go on.
 
     Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
     now, "start_step": the step this call started from (both the same when it trained nothing: a run
@@ -411,8 +410,6 @@ def train(
     # checkpoints and train nothing.
     if stop_at is not None and stop_at < 1:
         raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
-    if not (resume or overwrite):  # a re-run notebook cell, a forgotten resume=True: the run would be lost
-        refuse_a_run(run_dir)
     # A config edited in Python is checked as a file is, on a copy whose existing paths are absolute (the
     # config a run saves must find them from another working directory: cfg.data.root = "imgs").
     cfg = checked(cfg)
@@ -424,6 +421,8 @@ def train(
     try:
         # One job per run folder, seen by every rank: checked before anything is read, built or deleted.
         with distributed.quiet_unless_main(env), hold_run_folder(Path(run_dir), env):
+            if not (resume or overwrite):  # a re-run notebook cell, a forgotten resume=True: the run is lost
+                refuse_a_run(run_dir)  # under the lock: no other job adds a checkpoint in between
             return _train(cfg, Path(run_dir), env, resume=resume, stop_at=stop_at, progress=progress)
     except KeyboardInterrupt as e:
         # A notebook shows the notes under the exception (`fusedit train` prints its own line, for its flags).
