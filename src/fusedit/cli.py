@@ -75,13 +75,10 @@ def _kept_on_interrupt(kept):
 
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
-    from fusedit.checkpoints import find_checkpoint
+    from fusedit.train.loop import kept_checkpoint
 
-    try:
-        ckpt = find_checkpoint(out)
-    except FileNotFoundError:
-        ckpt = None
-    if args.overwrite and ckpt is not None and (ckpt / "state.json").stat().st_mtime < started:
+    ckpt, earlier = kept_checkpoint(out, started if args.overwrite else None)
+    if earlier:
         return f"the earlier run in {out} was not deleted yet; rerun the same command to start over"
     if ckpt is None:  # the same command is not refused: nothing would be lost
         return f"no checkpoint was saved yet in {out}; rerun the same command to start again"

@@ -444,15 +444,23 @@ def train(
         distributed.teardown(env)
 
 
-def _kept_checkpoints(run_dir: Path, replaced_before: float | None = None) -> str:
-    """What a stopped job keeps and how it goes on, for RunStopped and a Ctrl+C's note (`fusedit train`
-    words it for its flags). ``replaced_before``: a fresh run's start, before which a checkpoint is the
-    earlier run's."""
+def kept_checkpoint(run_dir: Path, replaced_before: float | None = None) -> tuple[Path | None, bool]:
+    """The checkpoint a stopped run left in ``run_dir`` (None: none yet) and whether it is the earlier run's
+    that a fresh run starting at ``replaced_before`` (a time.time()) was to replace: saved before it."""
     try:
         ckpt = find_checkpoint(run_dir)
     except FileNotFoundError:
+        return None, False
+    return ckpt, replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before
+
+
+def _kept_checkpoints(run_dir: Path, replaced_before: float | None = None) -> str:
+    """What a stopped job keeps and how it goes on, for RunStopped and a Ctrl+C's note (`fusedit train`
+    words it for its flags, from kept_checkpoint too)."""
+    ckpt, earlier = kept_checkpoint(run_dir, replaced_before)
+    if ckpt is None:
         return f"no checkpoint was saved yet in {run_dir}: train again to start over"
-    if replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before:
+    if earlier:
         return (
             f"the earlier run in {run_dir} was not deleted yet: train again with overwrite=True to start over"
         )
