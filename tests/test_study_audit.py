@@ -300,6 +300,9 @@ def test_command_line_overrides_apply_to_the_base(tmp_path, capsys):
     assert main(["study", str(path), "--check", "--out", none, "--only", "a", "train.steps=4"]) == 0
     plan = [line for line in capsys.readouterr().out.splitlines() if " design=" in line]
     assert len(plan) == 1 and plan[0].startswith("  a: ") and plan[0].endswith("; 4 steps x batch 2 at 16 px")
+    # --only given overrides alone: its labels are missing, said for the command line, not as only=[].
+    assert main(["study", str(path), "--check", "--out", none, "--only", "train.steps=4"]) == 2
+    assert _one_line_error(capsys).startswith("--only names no design (allowed: one or more of a, ")
 
     # They pass the base's checks: a design overriding one, a typo (named as the overrides'), a staged design.
     spec = {"designs": {"a": {"preset": "debug", "overrides": ["train.batch_size=4"]}}}

@@ -924,6 +924,9 @@ def cmd_study(args) -> int:
     only = None if args.only is None else [word for word in args.only if "=" not in word]
     overrides = [*args.overrides, *(word for word in args.only or () if "=" in word)]
     study = load_study(args.study, device=args.device, overrides=overrides)
+    if only == []:  # `--only key=value`: argparse gave --only the overrides alone
+        labels = ", ".join(d.label for d in study.designs)
+        raise ConfigError(f"--only names no design (allowed: one or more of {labels}, before any key=value)")
     chosen = [d.label for d in chosen_designs(study, only)]
     if args.device:  # else the first design's training refuses it, after the output folder is made
         resolve_device(args.device, "--device")
