@@ -318,3 +318,25 @@ def test_checked_names_a_section_replaced_by_a_mapping_and_takes_numpy_numbers(c
         "train.steps=10 is not the stages' sum (800+500+300): a staged run trains its stages' length (set "
         "stages[i].steps to change it)"
     ]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.refiner_causal=true"],
+            "model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1",
+        ),
+        (
+            ["model.collaborative_refiner=false"],
+            "model.collaborative_refiner=false is an ablation of the refiners of 2+ LLMs: it needs "
+            "model.refiner_depth >= 1 and extra_text",
+        ),
+    ],
+)
+def test_refiner_ablations_without_a_refiner_are_refused_as_they_change_nothing(overrides, message):
+    """Accepted on a design without refiners, they changed nothing (as refiner_gating=false, refused)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", overrides)
+    assert str(e.value) == message
+    assert load_config("debug-lidit", overrides).model.refiner_depth >= 1

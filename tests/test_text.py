@@ -140,6 +140,22 @@ def test_instruction_prefix_and_chat_template():
     assert build_template("chat", tok, "", "").prefix == ""
 
 
+def test_a_chat_template_that_prints_todays_date_renders_one_fixed_date():
+    """Llama-3.2/3.3-Instruct's templates write today's date into the system turn: rendered at every build,
+    a run's conditioning (and its images) changed from one day to the next."""
+    from fusedit.system import builtin_words, load_tokenizer
+    from fusedit.text.templates import CHAT_DATE, build_template
+
+    cfg = tiny_config(text={"template": "chat"})
+    tok = load_tokenizer(cfg.text, builtin_words(cfg))
+    tok.chat_template = (  # Llama-3.2's logic: the clock unless the caller gives date_string
+        "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+        "Today Date: {{ date_string }} {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    first, second = (build_template("chat", tok, "a", "").prefix for _ in range(2))
+    assert first == second == f"Today Date: {CHAT_DATE} a"
+
+
 def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt(caplog):
     from fusedit.text.templates import LIDIT_INSTRUCTION
 

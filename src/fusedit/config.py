@@ -1482,6 +1482,13 @@ def validate(cfg: Config) -> None:
         )
     if not m.refiner_gating and not m.refiner_depth:
         raise ConfigError("model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1")
+    if m.refiner_causal and not m.refiner_depth:  # accepted, it changed nothing
+        raise ConfigError("model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1")
+    if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
+        raise ConfigError(
+            "model.collaborative_refiner=false is an ablation of the refiners of 2+ LLMs: it needs "
+            "model.refiner_depth >= 1 and extra_text"
+        )
     if m.pooled_text == "refined" and not m.refiner_depth:
         raise ConfigError("model.pooled_text='refined' pools the refined text: set model.refiner_depth >= 1")
     if m.pooled_text == "clip" and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):

@@ -597,7 +597,7 @@ def describe_study(
         )
     if out_dir is not None:
         statuses = planned_statuses(study, out_dir, only)
-        lines.append(f"  running it into {out_dir} (each design's status as results.json would record it):")
+        lines.append(f"  running it into {out_dir} would leave each design (as results.json records it):")
         lines += [f"    {label}: {status}" for label, status in statuses.items()]
     return "\n".join(lines)
 

@@ -25,6 +25,11 @@ LIDIT_INSTRUCTION = (
     "relationships of the objects: "
 )
 _PLACEHOLDER = "<<fusedit-prompt>>"
+# The date a chat template is rendered with. Llama-3.2/3.3-Instruct's templates write "Today Date: <today>"
+# into the system turn unless given date_string: rendered afresh at every build, the text the refiners read
+# (and so the images) would change from day to day. A fixed date keeps a run's conditioning what it trained
+# on; templates that print no date ignore it. (The date those templates use when no clock is available.)
+CHAT_DATE = "26 Jul 2024"
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,9 @@ def _chat(tokenizer, user: str, system_prompt: str) -> Template:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user + _PLACEHOLDER})
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, date_string=CHAT_DATE
+        )
     except TemplateError as e:
         # Gemma's template refuses a system turn ("System role not supported"): a setting to change.
         given = f" with text.system_prompt={system_prompt!r}" if system_prompt else ""
