@@ -340,3 +340,11 @@ def test_refiner_ablations_without_a_refiner_are_refused_as_they_change_nothing(
         load_config("debug", overrides)
     assert str(e.value) == message
     assert load_config("debug-lidit", overrides).model.refiner_depth >= 1
+
+
+def test_lora_targets_are_names():
+    """train.dit_lora.targets=[0] (what a 'no such target' list of positions invited) was a TypeError deep
+    in the adapter setup."""
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["train.dit_lora.rank=4", "train.dit_lora.targets=[0]"])
+    assert str(e.value) == "train.dit_lora.targets=[0] must be a list of strings (names)"

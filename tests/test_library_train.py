@@ -218,3 +218,24 @@ def test_a_run_refused_for_its_data_makes_no_run_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.root=.* is set but data\.source='shapes'"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fine_tune_into_its_own_source_is_refused_before_anything_is_deleted(tmp_path, caplog):
+    """`--out DIR --overwrite` with train.init_from=DIR deleted DIR's checkpoints, then failed to load them."""
+    import logging
+
+    run = tmp_path / "run"
+    train(tiny_config(train={"steps": 1}), run, progress=False)
+    kept = _checkpoints(run)
+    tune = tiny_config(train={"steps": 2, "init_from": str(run)})
+    with pytest.raises(ConfigError, match=r"lies in the run folder .*whose checkpoints a fresh run deletes"):
+        train(tune, run, overwrite=True, progress=False)
+    assert _checkpoints(run) == kept
+    # Elsewhere it trains; a 2-step fine-tune leaves the EMA (decay 0.99) at the start: said.
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(tune, tmp_path / "tuned", progress=False)
+    assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == [
+        "the EMA weights, which sampling and export use (sample.use_ema), will still hold 98% of "
+        "train.init_from's at step 2 (train.ema_decay=0.99 every train.ema_every=1 steps): lower them, or "
+        "sample with --no-ema"
+    ]

@@ -327,7 +327,7 @@ class LoRAConfig:
     # Module names to adapt, matched against the end of each module's dotted name (peft's rule); empty =
     # the part's attention projections q/k/v/o_proj, and for the DiT also its MLP's gate/up/down_proj (the
     # DiT's blocks use the LLMs' module names).
-    targets: list = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -857,6 +857,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
         if not isinstance(value, want):
             example = f", e.g. {_list_override(path, value)}" if want is list and _scalar(value) else ""
             raise ConfigError(f"{path}={value!r} must be a {_describe_type(want)}{example}")
+        if want is list and typing.get_args(tp) == (str,) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}={value!r} must be a list of strings (names)")
         if "item_choices" in meta:
             allowed = meta["item_choices"]
             bad = [v for v in value if v not in allowed]

@@ -414,6 +414,8 @@ def train(
     # config a run saves must find them from another working directory: cfg.data.root = "imgs").
     cfg = checked(cfg)
     _check_before_start(cfg)
+    if not resume:
+        _refuse_init_from_in(Path(run_dir), cfg)
     # When a Ctrl+C or a stop names the checkpoint to resume from, an older one is the earlier run that
     # ``overwrite`` was to delete (its deletion comes after the build).
     replaced_before = None if resume else time.time()
@@ -640,6 +642,38 @@ def _start_fresh(
             pretrain_llm(encoder, corpus, steps, seed=tc.seed, progress=progress and main)
     if tc.init_from:
         log.info("weights initialised from %s", init_weights(model, tc.init_from))
+        _warn_ema_holds_the_start(cfg)
+
+
+def _warn_ema_holds_the_start(cfg: Config) -> None:
+    """A fine-tune whose EMA (what sample, export, serve and eval load: sample.use_ema) would still hold
+    most of the weights it started from at its end: a short run at the defaults (0.99 every 100 steps)
+    barely moves it, or never updates it, and the fine-tune looked like it did nothing."""
+    kept = 1.0
+    for stage in resolved_stages(cfg):
+        t = stage.config.train
+        kept *= t.ema_decay ** (stage.end // t.ema_every - stage.start // t.ema_every)  # updates in it
+    if cfg.sample.use_ema and kept > 0.5:
+        log.warning(
+            "the EMA weights, which sampling and export use (sample.use_ema), will still hold %.0f%% of "
+            "train.init_from's at step %d (train.ema_decay=%g every train.ema_every=%d steps): lower them, "
+            "or sample with --no-ema",
+            100 * kept,
+            cfg.train.steps,
+            cfg.train.ema_decay,
+            cfg.train.ema_every,
+        )
+
+
+def _refuse_init_from_in(run_dir: Path, cfg: Config) -> None:
+    """A fresh run deletes its folder's checkpoints before it loads train.init_from: weights there (the run
+    being fine-tuned, given as its own --out with --overwrite) would be lost, and the load fail."""
+    source = cfg.train.init_from
+    if source and Path(source).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(
+            f"train.init_from={source!r} lies in the run folder {str(run_dir)!r}, whose checkpoints a fresh run "
+            "deletes before it loads them (allowed: another run folder for the fine-tune)"
+        )
 
 
 def _distribute_llms(cfg: Config, model: TextToImage, env: DistEnv) -> list:
