@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
-from fusedit.config import ConfigError, TextConfig
+from fusedit.config import ConfigError, TextConfig, load_config
 from fusedit.data.shapes import vocabulary
 from fusedit.sample import generate
 from fusedit.system import build_model
@@ -601,3 +601,17 @@ def test_a_tokenizer_that_appends_eos_puts_no_eos_before_the_prompt(instruction)
     words = [tok.convert_ids_to_tokens(ids[i][mask[i]].tolist()) for i in range(2)]
     assert words == [["<bos>", *instruction.split(), "a", "red", "circle"], ["<bos>"]]
     assert enc.budget == 7  # only <bos> counts in text.max_length
+
+
+def test_errors_about_a_second_llm_name_its_section():
+    """They named text.hidden_layer / text.template and showed the built-in tokenizer as ''."""
+    cfg = load_config("debug-lidit", ["extra_text.0.hidden_layer=9"])
+    with pytest.raises(ConfigError, match=r"^extra_text\.0\.hidden_layer=9 is out of range for an LLM with"):
+        build_model(cfg, with_autoencoder=False)
+    cfg = load_config("debug-lidit", ["extra_text.0.template=lidit-chat"])
+    with pytest.raises(ValueError) as e:
+        build_model(cfg, with_autoencoder=False)
+    assert str(e.value) == (
+        "extra_text.0.template needs a chat template but tokenizer (the built-in word tokenizer) has none "
+        "(allowed without one: plain, lidit)"
+    )

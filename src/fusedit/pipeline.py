@@ -35,7 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusedit.config import Config, allowed_sides, side_fits
+from fusedit.config import Config, allowed_sides, side_fits, text_sections
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
@@ -235,11 +235,11 @@ class FuseDiTPipeline(DiffusionPipeline):
                 llm,
                 tok,
                 t.max_length,
-                build_template(t.template, tok, t.instruction, t.system_prompt),
+                build_template(t.template, tok, t.instruction, t.system_prompt, key),
                 trim_padding=t.trim_padding,
                 trim_multiple=t.trim_multiple,
             )
-            for t, (tok, llm) in zip(texts, pairs)
+            for (key, t), (tok, llm) in zip(text_sections(cfg), pairs)
         ]
         pooled = None
         if cfg.model.pooled_text == "clip":

@@ -328,7 +328,7 @@ def _text_encoder(
             f"embeddings, so a prompt using an id past {rows - 1} would fail (allowed: the LLM's own tokenizer "
             f"as {key}.tokenizer, or none to use {key}.model_id's)"
         )
-    template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt)
+    template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt, key)
     encoder = TextEncoder(
         llm,
         tokenizer,

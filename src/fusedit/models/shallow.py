@@ -73,8 +73,11 @@ class ShallowDiT(DiT):
         wanted = text_inputs.get("hidden_layers", (-1,) * len(llms))
         if len(wanted) != len(llms):
             raise ConfigError(f"got {len(wanted)} hidden layers for {len(llms)} LLMs")
+        # Named as the config names each LLM's section: text, extra_text.0, ...
+        keys = ["text", *(f"extra_text.{i}" for i in range(len(llms) - 1))]
         self.hidden_layers = tuple(
-            resolve_hidden_layer(h, spec.num_layers, "text.hidden_layer") for h, spec in zip(wanted, llms)
+            resolve_hidden_layer(h, spec.num_layers, f"{key}.hidden_layer")
+            for h, spec, key in zip(wanted, llms, keys, strict=True)
         )
         if cfg.refiner_depth:
             self.context = PromptRefiner(

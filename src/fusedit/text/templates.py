@@ -40,11 +40,12 @@ class Template:
     rendered: bool = False
 
 
-def _chat(tokenizer, user: str, system_prompt: str) -> Template:
+def _chat(tokenizer, user: str, system_prompt: str, key: str) -> Template:
     if not getattr(tokenizer, "chat_template", None):
+        name = repr(tokenizer.name_or_path) if tokenizer.name_or_path else "(the built-in word tokenizer)"
         raise ValueError(
-            f"text.template needs a chat template but tokenizer {tokenizer.name_or_path!r} has none "
-            "(allowed without one: plain, lidit)"
+            f"{key}.template needs a chat template but tokenizer {name} has none (allowed without one: plain, "
+            "lidit)"
         )
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
@@ -66,14 +67,17 @@ def _chat(tokenizer, user: str, system_prompt: str) -> Template:
     return Template(prefix, suffix, rendered=True)
 
 
-def build_template(name: str, tokenizer, instruction: str = "", system_prompt: str = "") -> Template:
+def build_template(
+    name: str, tokenizer, instruction: str = "", system_prompt: str = "", key: str = "text"
+) -> Template:
+    """The template ``name`` of an LLM's section ``key`` (text, extra_text.0: what errors name)."""
     if name == "plain":
         return Template(instruction, "")
     if name == "lidit":
         system = f"{system_prompt} " if system_prompt else ""
         return Template(system + LIDIT_INSTRUCTION + instruction, "")
     if name == "chat":
-        return _chat(tokenizer, instruction, system_prompt)
+        return _chat(tokenizer, instruction, system_prompt, key)
     if name == "lidit-chat":
-        return _chat(tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt)
-    raise ValueError(f"unknown text.template {name!r} (allowed: plain, chat, lidit, lidit-chat)")
+        return _chat(tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt, key)
+    raise ValueError(f"unknown {key}.template {name!r} (allowed: plain, chat, lidit, lidit-chat)")
