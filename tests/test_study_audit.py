@@ -53,26 +53,26 @@ def test_a_label_or_key_written_twice_in_a_study_file_is_refused(tmp_path):
 def test_a_staged_design_refuses_a_train_steps_it_would_ignore():
     """A staged run's length is its stages' sum: the base's train.steps (set to shorten a study) left the
     staged design at its full 1600 steps, silently, where `fusedit train` refuses it."""
-    spec = {
+    staged = (
+        "cannot be set on a staged config (recipe-shapes-3stage): its length is the sum of stages[i].steps "
+        "(800+500+300) (allowed: the design overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=..."
+    )
+    in_base = {
         "base": {"train.steps": 4},
         "designs": {"a": {"preset": "debug"}, "b": {"preset": "recipe-shapes-3stage"}},
     }
-    with pytest.raises(ConfigError) as e:
-        load_study(spec)
-    assert str(e.value) == (
-        "study 'study': designs.b: the study base's train.steps=4 cannot be set on a staged config "
-        "(recipe-shapes-3stage): its length is the sum of stages[i].steps (800+500+300) (allowed: the design "
-        "overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=..., with train.steps set in the "
-        "single-stage designs' overrides rather than in the base)"
-    )
     own = {"designs": {"b": {"preset": "recipe-shapes-3stage", "overrides": ["train.steps=4"]}}}
-    with pytest.raises(ConfigError) as e:
-        load_study(own)
-    assert str(e.value) == (
-        "study 'study': designs.b.overrides sets train.steps=4, which cannot be set on a staged config "
-        "(recipe-shapes-3stage): its length is the sum of stages[i].steps (800+500+300) (allowed: the design "
-        "overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=...)"
-    )
+    for spec, message in (
+        (
+            in_base,
+            f"study 'study': designs.b: the study base's train.steps=4 {staged}, with train.steps set in the "
+            "single-stage designs' overrides rather than in the base)",
+        ),
+        (own, f"study 'study': designs.b.overrides sets train.steps=4, which {staged})"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_study(spec)
+        assert str(e.value) == message
     # The way the message gives: each design's own length.
     spec = {
         "designs": {

@@ -919,7 +919,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    return _completed(_build(Config, data, ""))
+
+
+def _completed(cfg: Config) -> Config:
+    """A config built field by field, with what lies across fields: a staged run's train.steps is its
+    stages' sum; the cross-field rules (validate)."""
     if cfg.stages:
         missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
         if missing:
@@ -935,8 +940,7 @@ def checked(cfg: Config) -> Config:
     cross-field rules hold, a staged config's ``train.steps`` is its stages' sum again, and paths that
     exist are absolute. An attribute that is no config key (``cfg.train.stesp = 5``) is refused, not
     dropped; a ``Path`` stands for its text. ``cfg`` itself is left as it is."""
-    check_fields(cfg)
-    copy_ = config_from_dict(_plain(to_dict(cfg)))
+    copy_ = _completed(check_fields(cfg))
     if copy_.train.steps != cfg.train.steps:  # stages set, or train.steps edited, in Python
         log.warning(
             "train.steps=%s is not the stages' sum (%s): a staged run trains its stages' length (set "
@@ -948,17 +952,18 @@ def checked(cfg: Config) -> Config:
     return copy_
 
 
-def check_fields(cfg: Config) -> None:
+def check_fields(cfg: Config) -> Config:
     """``checked``'s checks of each field on its own (type, choices, range; stray attributes), without
     the rules across fields (``validate``): what a build needs of a config code may assemble on purpose
-    outside those rules (the public-checkpoint converter's VAE stand-in)."""
+    outside those rules (the public-checkpoint converter's VAE stand-in). Returns the copy built from
+    ``cfg``'s fields."""
     if not isinstance(cfg, Config):
         raise ConfigError(
             f"expected a fusedit Config, got {type(cfg).__name__} {cfg!r:.60} (allowed: "
             "fusedit.config.load_config(name_or_path, overrides) or config_from_dict(mapping))"
         )
     _refuse_stray_attributes(cfg, "")
-    _build(Config, _plain(to_dict(cfg)), "")
+    return _build(Config, _plain(to_dict(cfg)), "")
 
 
 def _refuse_stray_attributes(section: Any, prefix: str) -> None:

@@ -22,7 +22,6 @@ They live here, not in ``fusedit.hub``, so that imports point one way: this modu
 
 import dataclasses
 import json
-import numbers
 import os
 import shutil
 from collections.abc import Callable
@@ -41,7 +40,13 @@ from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
-from fusedit.sample import check_steps_guidance, latent_shape, text_velocity, warn_far_past_trained
+from fusedit.sample import (
+    check_steps_guidance,
+    is_whole,
+    latent_shape,
+    text_velocity,
+    warn_far_past_trained,
+)
 from fusedit.system import TextToImage, resolve_device
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder
@@ -574,14 +579,14 @@ def _strings(name: str, value) -> list[str]:
 
 def _whole(name: str, value) -> int:
     """A call argument that must be a positive whole number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_whole(value) or value < 1:
         raise ValueError(f"{name}={value!r} is not allowed (allowed: a positive whole number)")
     return int(value)
 
 
 def _side(name: str, value, cfg: Config) -> int:
     """height / width: a whole number of pixels that keeps to the model's side limits."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not side_fits(int(value), cfg):
+    if not is_whole(value) or not side_fits(int(value), cfg):
         raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed_sides(cfg)})")
     return int(value)
 

@@ -123,7 +123,7 @@ def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, numbers.Integral) else (size[0], size[1])
 
 
-def _whole(value) -> bool:
+def is_whole(value) -> bool:
     """An integer of any kind (numpy's too), and not a bool (True would pass for 1)."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
@@ -134,7 +134,7 @@ def check_image_size(image_size) -> None:
     patch grid, side_fits)."""
     pair = isinstance(image_size, (tuple, list))
     sides = tuple(image_size) if pair else (image_size,)
-    if (pair and len(sides) != 2) or not all(_whole(side) and side >= 1 for side in sides):
+    if (pair and len(sides) != 2) or not all(is_whole(side) and side >= 1 for side in sides):
         raise ConfigError(
             f"image_size={image_size!r} is not allowed (allowed: a whole number of pixels >= 1, or a "
             "(height, width) pair of them)"
@@ -202,7 +202,7 @@ def check_steps_guidance(
     def named(key: str, value) -> str:
         return f"--{key} {value}" if flags else f"{key}={value!r}"
 
-    if steps is not None and not (_whole(steps) and steps >= 1):
+    if steps is not None and not (is_whole(steps) and steps >= 1):
         raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
     # 0 and 1 both turn CFG off (no unconditional branch at 1); below 0 is no setting, NaN gives NaN images.
     if guidance is not None and (
@@ -218,7 +218,7 @@ def check_seed(seed: int, images: int = 1, *, name: str = "seed") -> None:
     + i for image i of ``images``) would pass SEED_MAX. ``name`` is the setting as the error shows it: a
     keyword (``seed``, ``study 'x': seeds[1]``) or a command-line flag (``--seed``)."""
     top = SEED_MAX - (images - 1)
-    whole = _whole(seed)
+    whole = is_whole(seed)
     if not (whole and 0 <= seed <= top):
         named = f"{name} {seed}" if name.startswith("--") else f"{name}={seed!r}"
         why = f" for {images} images: image i takes seed + i" if images > 1 else ""
@@ -254,6 +254,12 @@ def _with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
+def _refuse_unknown_settings(given, allowed: list[str]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(allowed)})")
+
+
 def sample_settings(cfg: Config, **overrides) -> dict:
     """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
     None keeps the config's value (so CLI flags can be passed straight through). Overrides are checked as
@@ -273,9 +279,7 @@ def sample_settings(cfg: Config, **overrides) -> dict:
         "precision": s.precision,
         "cuda_graphs": s.cuda_graphs,
     }
-    unknown = set(overrides) - set(settings)
-    if unknown:
-        raise TypeError(f"unknown sample setting(s) {sorted(unknown)} (allowed: {', '.join(settings)})")
+    _refuse_unknown_settings(overrides, list(settings))
     given = {k: v for k, v in overrides.items() if v is not None}
     if "image_size" in given:
         check_image_size(given["image_size"])
@@ -498,10 +502,8 @@ def load_sampling_model(
     `fusedit` prints them."""
     from fusedit.checkpoints import find_checkpoint, load_model
 
-    known = [f.name for f in dataclasses.fields(SampleConfig)]
-    unknown = sorted(set(sample_overrides) - set(known))
-    if unknown:  # before the load; the values are checked against the loaded config below
-        raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(known)})")
+    # Before the load; the values are checked against the loaded config (_with_sample).
+    _refuse_unknown_settings(sample_overrides, [f.name for f in dataclasses.fields(SampleConfig)])
     device = resolve_device(device, "device")
 
     def sampling(model, cfg):

@@ -18,11 +18,6 @@ from pathlib import Path
 
 from fusedit.config import Config, ConfigError, to_dict
 
-
-def _missing(name: str, package: str) -> ConfigError:
-    return ConfigError(f"train.loggers names {name}, which is not installed: pip install {package}")
-
-
 # The module each logger imports, by its train.loggers name (the pip package has the name).
 _MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
 
@@ -34,7 +29,9 @@ def check_loggers(cfg: Config) -> None:
         try:
             importlib.import_module(_MODULES[name])
         except ImportError:
-            raise _missing(name, name) from None
+            raise ConfigError(
+                f"train.loggers names {name}, which is not installed: pip install {name}"
+            ) from None
 
 
 def _scalars(record: dict) -> dict[str, float]:
@@ -49,10 +46,8 @@ class TensorBoardLogger:
     """Event files in ``run_dir/tensorboard`` (``tensorboard --logdir RUN/tensorboard``)."""
 
     def __init__(self, run_dir: Path, resumed_at: int | None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise _missing("tensorboard", "tensorboard") from None
+        from torch.utils.tensorboard import SummaryWriter  # installed: check_loggers
+
         purge = None if resumed_at is None else resumed_at + 1  # the first step this run logs
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
@@ -71,10 +66,8 @@ class WandbLogger:
     ID_FILE = "wandb_run_id"
 
     def __init__(self, run_dir: Path, cfg: Config, resumed_at: int | None):
-        try:
-            import wandb
-        except ImportError:
-            raise _missing("wandb", "wandb") from None
+        import wandb  # installed: check_loggers
+
         id_file = run_dir / self.ID_FILE
         resumed = resumed_at is not None and id_file.is_file()
         run_id = id_file.read_text().strip() if resumed else uuid.uuid4().hex[:16]
@@ -97,6 +90,7 @@ class WandbLogger:
 
 def open_loggers(cfg: Config, run_dir: Path, resumed_at: int | None) -> list:
     """The loggers ``train.loggers`` names; ``resumed_at`` is the step a resumed run continues from."""
+    check_loggers(cfg)  # every package before any logger opens
     out = []
     try:
         for name in cfg.train.loggers:
