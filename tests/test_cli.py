@@ -33,6 +33,120 @@ def test_describe_and_config_and_presets(capsys):
     assert "debug" in capsys.readouterr().out.split()
 
 
+def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(capsys):
+    """With LoRA the adapters train and the DiT's base weights are frozen; a jointly trained LLM trains what
+    the DiT reads of it. The counts are those training's optimizers get on a real build, and the FLOP lines
+    leave the adapters' own products out (training_flops_per_image)."""
+    pytest.importorskip("peft")
+    from torch import nn
+
+    from fusedit.config import load_config
+    from fusedit.system import build_model
+    from fusedit.train.stages import DEFAULT_TARGETS, Optimizers, Parts, apply_parts
+
+    cases = {
+        "train.dit_lora.rank=8": (
+            [
+                "trainable (DiT: rank-8 LoRA adapters): 0.1M (95,232)",
+                "frozen (DiT: base weights): 1.5M (1,525,296)",
+                "frozen (LLM, incl. embeddings): 0.4M (422,720)",
+                "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP, LLM forward 14.156 MFLOP, "
+                "training 265.355 MFLOP per image",
+            ],
+            {"denoiser": 95_232},
+        ),
+        "train.trainable=[dit,llm]": (
+            [
+                "trainable (DiT): 1.5M (1,525,296)",
+                "trainable (LLM: the layers the DiT reads, incl. embeddings): 0.4M (357,056)",
+                "frozen (LLM: the rest): 0.1M (65,664)",
+            ],
+            {"denoiser": 1_525_296, "llm": 357_056},
+        ),
+        "train.trainable=[llm] train.llm_lora.rank=4 train.llm_top_layers=2": (
+            [
+                "frozen (DiT): 1.5M (1,525,296)",
+                "trainable (LLM: rank-4 LoRA adapters on the top 2 layers the DiT reads): 0.0M (3,072)",
+                "frozen (LLM: base weights, incl. embeddings): 0.4M (422,720)",
+            ],
+            {"llm": 3_072},
+        ),
+    }
+    for overrides, (lines, optimized) in cases.items():
+        assert main(["describe", "debug", *overrides.split()]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1 : 1 + len(lines)] == lines, overrides
+        cfg = load_config("debug", overrides.split())
+        model = build_model(cfg)
+        apply_parts(model, Parts.of(cfg.train), None, seed=cfg.train.seed, stage=0)
+        opts = Optimizers.build(model, cfg.train, torch.device("cpu"))
+        assert {k: sum(p.numel() for p in v.values()) for k, v in opts.named().items()} == optimized
+    # rank x (in + out) of every projection LoRA adapts by default
+    den = build_model(load_config("debug", []), "meta").denoiser
+    targets = [
+        m
+        for n, m in den.named_modules()
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in DEFAULT_TARGETS["dit"]
+    ]
+    assert sum(8 * (m.in_features + m.out_features) for m in targets) == 95_232
+
+
+def test_describe_of_a_staged_run_gives_the_first_stages_parameters_and_costs(capsys):
+    """The top lines describe stage 0, where training starts, not the top-level train section it overrides:
+    its trainable parts and its image size, as its own stage line says."""
+    pytest.importorskip("peft")
+    assert main(["describe", "recipe-shapes-3stage", "stages.0.train.dit_lora.rank=8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:6] == [
+        "stage 0 'low-res', where training starts (every stage's own line at the end):",
+        "trainable (DiT: rank-8 LoRA adapters): 0.1M (95,232)",
+        "frozen (DiT: base weights): 1.5M (1,525,296)",
+        "frozen (LLM, incl. embeddings): 0.4M (422,720)",
+        "16 px (16 image + 16 text tokens): DiT forward 30.048 MFLOP, LLM forward 14.156 MFLOP, "
+        "training 74.252 MFLOP per image",
+    ]
+    assert out[8].startswith(
+        "stage 0 'low-res': steps 0..800, 16 px, batch 32x1, lr 0.002, trains DiT (LoRA "
+    )
+    assert ": 74.252 MFLOP per image, " in out[8]
+
+
+def test_describe_counts_a_local_tokenizers_template_and_says_when_a_hub_ones_is_left_out(tmp_path, capsys):
+    """The text width is the one the run pads to (TextEncoder.max_length: text.max_length plus the template's
+    tokens): a local folder's tokenizer is loaded and its chat template counted; a hub tokenizer is not
+    downloaded, and describe says its template's tokens are missing from the count."""
+    from transformers import AutoTokenizer
+
+    from fusedit.config import load_config
+    from fusedit.system import build_model
+    from test_designs import _saved_llm
+
+    folder = tmp_path / "llm"
+    _saved_llm(folder, "gemma")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} below {% endfor %}"
+        "{% if add_generation_prompt %}two{% endif %}"
+    )
+    tok.save_pretrained(folder)
+    overrides = [f"text.model_id={folder}", "text.template=chat"]
+    assert build_model(load_config("debug", overrides)).text.max_length == 19  # 16 + 3 template tokens
+    assert main(["describe", "debug", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "32 px (64 image + 19 text tokens): " in out and "leave out" not in out
+    assert main(["describe", "debug", "text.model_id=fusedit-tests/no-such-llm", "text.template=chat"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4:6] == [
+        "(the text tokens below leave out the template's tokens of text: describe does not download hub "
+        "tokenizers; a local folder as the section's tokenizer or model_id counts them)",
+        "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP, LLM forward 14.156 MFLOP, "
+        "training 390.955 MFLOP per image",
+    ]
+    # A plain template without an instruction adds no tokens: nothing is left out.
+    assert main(["describe", "debug", "text.model_id=fusedit-tests/no-such-llm"]) == 0
+    assert "leave out" not in capsys.readouterr().out
+
+
 def test_bad_config_exits_2_with_one_line(capsys):
     assert main(["config", "debug", "model.pos_embed=nope"]) == 2
     err = capsys.readouterr().err.strip()

@@ -106,6 +106,55 @@ def test_designs_refuse_knobs_they_would_misuse(overrides, message):
     load_config("debug", ["model.pos_embed=2d-rope", "model.rope_left_pad=16"])
 
 
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        (
+            "debug",
+            ["text.system_prompt=Be brief."],
+            "text.system_prompt='Be brief.' does nothing with text.template='plain', which has no system turn "
+            "(allowed: text.template chat, lidit or lidit-chat, or an empty system_prompt)",
+        ),
+        (
+            "debug-lidit",
+            ["extra_text.0.template=plain", "extra_text.0.system_prompt=Be brief."],
+            "extra_text.0.system_prompt='Be brief.' does nothing with extra_text.0.template='plain', which has "
+            "no system turn (allowed: extra_text.0.template chat, lidit or lidit-chat, or an empty "
+            "system_prompt)",
+        ),
+        (
+            "debug",
+            ["model.design=dit-cross", "text.template=lidit", "model.drop_instruction=false"],
+            "model.drop_instruction=false is a refiner ablation: set model.refiner_depth >= 1",
+        ),
+        (
+            "debug",
+            ["model.design=dit-cross", "model.refiner_depth=1", "model.drop_instruction=false"],
+            "model.drop_instruction=false keeps the instruction tokens for the DiT, but text.template='plain' "
+            "with text.instruction='' gives none (allowed: a text.instruction, or text.template chat, lidit or "
+            "lidit-chat)",
+        ),
+        (
+            "debug-lidit",
+            ["text.template=plain", "extra_text.0.template=plain", "model.drop_instruction=false"],
+            "model.drop_instruction=false keeps the instruction tokens for the DiT, but text.template='plain' "
+            "with text.instruction='' gives none, nor does any extra_text (allowed: a text.instruction, or "
+            "text.template chat, lidit or lidit-chat)",
+        ),
+    ],
+)
+def test_settings_that_change_nothing_with_a_plain_template_are_refused(preset, overrides, message):
+    """A plain template has no system turn, and without an instruction no instruction tokens to keep."""
+    assert one_line_error(preset, overrides) == message
+    # Where they take effect they are accepted: a template with a system turn, an instruction to keep, an
+    # LLM whose template has one.
+    load_config("debug", ["text.template=lidit", "text.system_prompt=Be brief."])
+    load_config("debug-lidit", ["extra_text.0.template=lidit", "extra_text.0.system_prompt=Be brief."])
+    refined = ["model.design=dit-cross", "model.refiner_depth=1", "model.drop_instruction=false"]
+    load_config("debug", [*refined, "text.instruction=Imagine: "])
+    load_config("debug-lidit", ["text.template=plain", "model.drop_instruction=false"])
+
+
 def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
@@ -138,7 +187,13 @@ def test_string_keys_take_the_override_as_typed():
     """YAML would read these as a mapping, booleans and a comment; a string key keeps the text."""
     cfg = load_config(
         "debug",
-        ["text.instruction=Imagine: ", "name=yes", "text.system_prompt=no", "sample.negative_prompt=#blurry"],
+        [
+            "text.instruction=Imagine: ",
+            "name=yes",
+            "text.template=lidit",  # a template with a system prompt: plain has none and refuses one
+            "text.system_prompt=no",
+            "sample.negative_prompt=#blurry",
+        ],
     )
     assert cfg.text.instruction == "Imagine: " and cfg.name == "yes" and cfg.text.system_prompt == "no"
     assert cfg.sample.negative_prompt == "#blurry"

@@ -86,3 +86,57 @@ def test_eval_scores_a_pipeline_folder_as_it_scores_its_run(exported, tmp_path, 
     capsys.readouterr()
     assert main(["eval", str(pipe), *flags, "--no-ema"]) == 2
     assert "--no-ema needs a run or checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_model_folder_as_base_without_init_from_warns_that_its_weights_are_not_taken(
+    exported, tmp_path, caplog
+):
+    """`base: runs/x` (or `fusedit train runs/x`) without train.init_from took the folder's config and
+    trained from random weights, silently; a base whose saved config carries its own init_from trained from
+    that one. Said on a fresh run, not when the init_from names the folder, nor on --resume."""
+    ckpt, pipe, _, _ = exported
+    (tmp_path / "tune.yaml").write_text(f"base: {pipe}\ntrain: {{steps: 1, batch_size: 2}}\n")
+    common = ["train.checkpoint_every=1", "--quiet"]
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert main(["train", str(tmp_path / "tune.yaml"), *common, "--out", str(tmp_path / "a")]) == 0
+    expected = (
+        f"{str(pipe)!r} is a model folder: this run takes its config, not its weights, and trains from random "
+        f"weights (to start from its weights: train.init_from={pipe})"
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"] == [expected]
+    # A fine-tuned run as the config: its own init_from (the pipeline) comes along with its config.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert (
+            main(
+                [
+                    "train",
+                    str(tmp_path / "a"),
+                    "train.init_from=" + str(pipe),
+                    *common,
+                    "--out",
+                    str(tmp_path / "b"),
+                ]
+            )
+            == 0
+        )
+        assert main(["train", str(tmp_path / "b"), *common, "--out", str(tmp_path / "c")]) == 0
+    run_b = tmp_path / "b"
+    assert [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"] == [
+        f"{str(tmp_path / 'a')!r} is a model folder: this run takes its config, not its weights, and trains "
+        f"from train.init_from={str(pipe)!r} (to start from its weights: train.init_from={tmp_path / 'a'})",
+        f"{str(run_b)!r} is a model folder: this run takes its config, not its weights, and trains from "
+        f"train.init_from={str(pipe)!r} (to start from its weights: train.init_from={run_b})",
+    ]
+    # Not when train.init_from names the folder or a checkpoint in it, nor on --resume.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        checkpoint = find_checkpoint(run_b)
+        assert (
+            main(
+                ["train", str(run_b), f"train.init_from={checkpoint}", *common, "--out", str(tmp_path / "d")]
+            )
+            == 0
+        )
+        assert main(["train", str(run_b), "train.steps=2", *common, "--out", str(run_b), "--resume"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"] == []

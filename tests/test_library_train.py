@@ -239,3 +239,47 @@ def test_a_fine_tune_into_its_own_source_is_refused_before_anything_is_deleted(t
         "train.init_from's at step 2 (train.ema_decay=0.99 every train.ema_every=1 steps): lower them, or "
         "sample with --no-ema"
     ]
+
+
+def test_a_resume_with_another_init_from_keeps_the_one_the_run_started_from(tmp_path, caplog):
+    """A resume with a changed train.init_from saved the new path into the run's config, though the weights
+    came from the first one at step 0 (init_from is read only when a run starts)."""
+    import logging
+
+    first, other, run = tmp_path / "first", tmp_path / "other", tmp_path / "tuned"
+    for source in (first, other):
+        train(tiny_config(train={"steps": 1}), source, progress=False)
+    train(tiny_config(train={"steps": 2, "init_from": str(first)}), run, stop_at=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(tiny_config(train={"steps": 2, "init_from": str(other)}), run, resume=True, progress=False)
+    assert [r.getMessage() for r in caplog.records if "changed setting" in r.getMessage()] == [
+        f"resuming step_00000001 with 1 changed setting(s): train.init_from: {str(first)!r} -> "
+        f"{str(other)!r} ignored (read only when a run starts: the run and its saved config keep "
+        f"{str(first)!r}; to start from {str(other)!r}, train afresh into another folder)"
+    ]
+    for config in (run / "config.yaml", find_checkpoint(run) / "config.yaml"):
+        assert yaml.safe_load(config.read_text())["train"]["init_from"] == str(first)
+    assert find_checkpoint(run).name == "step_00000002"
+
+
+@pytest.mark.parametrize("kind", ["nothing", "empty folder", "resumed"])
+def test_an_init_from_with_nothing_to_start_from_names_every_kind_allowed(tmp_path, kind):
+    """train.init_from=nope said "no checkpoint in 'nope' (expected a run folder or a checkpoint folder)": not
+    that the path is to nothing, nor that a pipeline folder would do; and a fresh run with overwrite=True
+    had deleted the earlier run in its folder before it failed."""
+    run, source = tmp_path / "run", tmp_path / "nope"
+    train(tiny_config(train={"steps": 1}), run, progress=False)
+    if kind == "empty folder":
+        source.mkdir()
+    what = "holds no checkpoint" if kind == "empty folder" else "is a path to nothing"
+    tune = tiny_config(train={"steps": 1, "init_from": str(source)})
+    with pytest.raises(ConfigError) as refused:
+        if kind == "resumed":  # a resume with no checkpoint yet starts at step 0 and loads it then
+            train(tune, tmp_path / "new", resume=True, progress=False)
+        else:
+            train(tune, run, overwrite=True, progress=False)
+    assert str(refused.value) == (
+        f"train.init_from={str(source)!r} {what} (allowed: a run folder holding a checkpoint, a checkpoint "
+        "folder, or a diffusers pipeline folder that fusedit export wrote)"
+    )
+    assert _checkpoints(run) == ["step_00000001"]

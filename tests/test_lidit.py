@@ -149,6 +149,136 @@ def test_channel_concatenation_lines_up_each_llms_kept_tokens():
         torch.testing.assert_close(context[row, :n], expected[:n])
 
 
+def concat_inputs(refiner, text, temb):
+    """What the refiner hands its concatenation: (refined branches, masks, keep-masks, leading counts)."""
+    seen = []
+    hook = refiner.concat.register_forward_pre_hook(lambda mod, args: seen.append(args))
+    out = refiner(text.all, temb)
+    hook.remove()
+    return out, seen[0]
+
+
+def old_channel_concat(concat, xs, keeps):
+    """ChannelConcat before it aligned the LLMs on the first prompt token: token j is the j-th kept token of
+    every branch."""
+    width = max(x.shape[1] for x in xs)
+    packed, packed_keeps = [], []
+    for x, keep in zip(xs, keeps):
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+        x = torch.gather(torch.where(keep[..., None], x, 0.0), 1, order[..., None].expand_as(x))
+        packed.append(torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])))
+        packed_keeps.append(torch.nn.functional.pad(torch.gather(keep, 1, order), (0, width - x.shape[1])))
+    keep = torch.stack(packed_keeps).any(0)
+    return concat.proj(torch.cat(packed, dim=-1)), keep, keep.cumsum(1) - 1
+
+
+@pytest.mark.parametrize("drop_instruction", [True, False])
+def test_channel_concatenation_of_llms_with_as_many_bos_tokens_is_unchanged(drop_instruction):
+    """Both tiny LLMs' tokenizers put one <bos> first (the debug presets'): aligning on the first prompt
+    token leaves the channel concatenation bit for bit what it was."""
+    model = build_model(lidit(refiner_concat="channels", drop_instruction=drop_instruction))
+    randomize(model.denoiser)
+    refiner = model.denoiser.context
+    text = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle", ""])
+    assert [t.leading for t in text.all] == [1, 1]
+    out, (xs, _, keeps, leads) = concat_inputs(refiner, text, torch.randn(3, model.denoiser.dim))
+    assert leads == [1, 1]
+    for got, want in zip(out, old_channel_concat(refiner.concat, xs, keeps), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_channel_concatenation_aligns_a_bos_llm_and_a_no_bos_llm_on_the_first_prompt_token(tmp_path):
+    """Gemma's tokenizer puts <bos> first, Qwen2's nothing: the first prompt words sit side by side, and
+    <bos> beside zeros, not beside Qwen's first word."""
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.templates import LIDIT_INSTRUCTION
+    from fusedit.text.tokenizer import word_tokenizer
+
+    words = sorted(set(vocabulary()) | set(LIDIT_INSTRUCTION.replace(":", " :").replace(",", " ,").split()))
+    tok = word_tokenizer(words)
+    tok._tokenizer.post_processor = None  # adds no <bos>, as Qwen's
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = lidit(refiner_concat="channels")
+    cfg.extra_text[0].tokenizer = str(tmp_path / "tok")
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    refiner, dim = model.denoiser.context, model.denoiser.dim
+    prompts = ["a red circle", "a blue square to the left of a green triangle", ""]
+    text = model.encode_prompts(prompts)
+    assert [t.leading for t in text.all] == [1, 0]
+    # The tokens themselves, as the features: channel 0 of each branch holds its token ids.
+    ids = [enc.tokenize(prompts)[0][:, : t.mask.shape[1]] for enc, t in zip(model.encoders, text.all)]
+    xs = [torch.nn.functional.pad(i[..., None].float(), (0, dim - 1)) for i in ids]
+    keeps = [t.mask & ~t.instruction for t in text.all]
+    packed = []
+    hook = refiner.concat.proj.register_forward_pre_hook(lambda mod, args: packed.append(args[0]))
+    _, keep, positions = refiner.concat(xs, [t.mask for t in text.all], keeps, [1, 0])
+    hook.remove()
+
+    def slots(branch: int, row: int, n: int) -> list[str | None]:
+        """A branch's first n slots in a row: its tokens, None where it is zeros."""
+        ids = packed[0][row, :n, branch * dim].long().tolist()
+        return [model.encoders[branch].tokenizer.convert_ids_to_tokens(i) if i else None for i in ids]
+
+    assert slots(0, 0, 5) == ["<bos>", "a", "red", "circle", None]
+    assert slots(1, 0, 5) == [None, "a", "red", "circle", None]
+    assert slots(0, 1, 2) == ["<bos>", "a"] and slots(1, 1, 2) == [None, "a"]
+    # An empty prompt: Gemma's <bos>, then Qwen's end-of-text (its stand-in for no prompt) past the region.
+    assert slots(0, 2, 3) == ["<bos>", None, None] and slots(1, 2, 3) == [None, "<eos>", None]
+    assert keep[0].tolist()[:5] == [True] * 4 + [False] and positions[0, :4].tolist() == [0, 1, 2, 3]
+    assert keep[2].tolist()[:3] == [True, True, False]
+    # The refined tokens go the same way: the model's own refiner against them laid out by hand.
+    temb = torch.randn(3, dim)
+    (context, _, _), (refined, _, kept, leads) = concat_inputs(refiner, text, temb)
+    assert leads == [1, 0]
+    width = 1 + max(text.mask.shape[1] - 1, text.others[0].mask.shape[1])
+    assert context.shape == (3, width, dim)
+    # The FLOP count reads as many text tokens as the DiT does at the padded widths (one more than max T_i).
+    from fusedit.models.flops import model_flops
+
+    padded = 1 + max(enc.max_length - enc.leading for enc in model.encoders)
+    assert model_flops(model, 4)[2] == padded == max(enc.max_length for enc in model.encoders) + 1
+    for row in range(3):
+        columns = []
+        for x, k, n in zip(refined, kept, leads):
+            mine = x[row][k[row]]
+            rest = torch.cat([mine[n:], mine.new_zeros(width - 1 - len(mine[n:]), dim)])
+            columns.append(torch.cat([mine[:n], mine.new_zeros(1 - n, dim), rest]))
+        torch.testing.assert_close(context[row], refiner.concat.proj(torch.cat(columns, dim=-1)))
+    # and a prompt's output still does not depend on its batch
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    alone = model(x, t, model.encode_prompts(prompts[:1]))
+    torch.testing.assert_close(
+        alone, model(torch.cat([x] * 3), torch.cat([t] * 3), text)[:1], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_debug_lidit_reads_every_llm_at_its_third_to_last_block():
+    """LI-DiT's features (design-space.md s.2): the third-to-last block's output of each LLM."""
+    from fusedit.config import load_config, text_sections
+
+    cfg = load_config("debug-lidit")
+    assert [t.hidden_layer for _, t in text_sections(cfg)] == [-3, -3]
+    model = build_model(cfg, "meta")
+    layers = [t.arch["num_hidden_layers"] for _, t in text_sections(cfg)]
+    assert model.denoiser.hidden_layers == tuple(n - 2 for n in layers)  # hidden_states[n - 2]: block n - 3's
+
+
+def test_drop_instruction_false_is_refused_only_where_it_changes_nothing():
+    """A plain template's instruction ("Imagine: ") is instruction tokens the ablation keeps; with none, it
+    would change nothing and is refused."""
+    plain = {"design": "dit-cross", "refiner_depth": 1, "refiner_heads": 4}
+    with pytest.raises(ConfigError, match=r"^model\.drop_instruction=false keeps the instruction tokens"):
+        tiny_config(model={**plain, "drop_instruction": False})
+    kept = []
+    for drop in (True, False):
+        cfg = tiny_config(model={**plain, "drop_instruction": drop}, text={"instruction": "Imagine: "})
+        model = build_model(cfg)
+        text = model.encode_prompts(["a red circle"])
+        kept.append(model.denoiser.context(text.all, torch.randn(1, model.denoiser.dim))[1])
+    assert kept[1].sum() == kept[0].sum() + 2  # "Imagine" and ":", read by the DiT only without the drop
+
+
 def refiner_condition(refiner, refined, text, temb):
     """The collaborative refiner's conditioning: the branches' mean pooled tokens plus the timestep."""
     from fusedit.layers.pool import masked_mean

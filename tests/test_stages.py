@@ -236,8 +236,8 @@ def test_shallow_and_lidit_designs_train_exactly_the_parts_named():
     }
     model, grads = _grads_after_one_loss(cfg, ["dit", "refiner", "llm"])
     # both LLMs of LI-DiT train jointly, through the refiners: the blocks up to the hidden state each one
-    # reads (-3 of 6 and -2 of 4); the block past it and the final norm stay frozen
-    for key, enc, read in (("llm0", model.text.llm, 4), ("llm1", model.extra_text[0].llm, 3)):
+    # reads (-3 of 6 and of 4); the block past it and the final norm stay frozen
+    for key, enc, read in (("llm0", model.text.llm, 4), ("llm1", model.extra_text[0].llm, 2)):
         layers = {int(n.split(".")[1]) for k, n in grads if k == key and n.startswith("layers.")}
         assert layers == set(range(read)) and len(enc.layers) == read + 1
         assert {n for n, p in enc.named_parameters() if p.requires_grad} == {n for k, n in grads if k == key}
@@ -329,6 +329,34 @@ def test_transitions_carry_weights_ema_and_optimizer_state_or_rebuild_it(tmp_pat
         for i, p in enumerate(params):  # the denoiser's Adam moments continue where they were
             assert torch.equal(state["denoiser"][p]["exp_avg"], saved_opt[i]["exp_avg"])
     assert seen[2][2]["llm"] == {}  # the LLM's optimizer starts fresh
+
+
+def test_each_finished_stages_last_checkpoint_outlives_keep_checkpoints(tmp_path):
+    """train.keep_checkpoints=1 pruned a stage's last checkpoint (its 16 px model) at the next stage's first
+    save. The newest stays the one --resume takes, and a fresh run still deletes them all."""
+    stages = [
+        {"name": "low", "steps": 2},
+        {"name": "high", "steps": 2, "data": {"image_size": 24}},
+        {"name": "more", "steps": 2},
+    ]
+    cfg = tiny_config(
+        stages=stages, model={"ape_base_size": 8}, train={"checkpoint_every": 1, "keep_checkpoints": 1}
+    )
+    run = tmp_path / "run"
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+
+    train(cfg, run, stop_at=5, progress=False)
+    assert kept() == ["step_00000002", "step_00000004", "step_00000005"]
+    assert find_checkpoint(run).name == "step_00000005"
+    assert train(cfg, run, resume=True, progress=False)["start_step"] == 5
+    assert kept() == ["step_00000002", "step_00000004", "step_00000006"]
+    assert find_checkpoint(run).name == "step_00000006"
+    _, first, _ = load_model(run / "checkpoints" / "step_00000002")
+    assert first.data.image_size == 16  # the first stage's result, as it trained
+    train(cfg, run, overwrite=True, stop_at=1, progress=False)
+    assert kept() == ["step_00000001"]
 
 
 def test_a_stage_announces_its_global_batch_and_its_split(caplog):

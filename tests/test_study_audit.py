@@ -323,3 +323,17 @@ def test_command_line_overrides_apply_to_the_base(tmp_path, capsys):
     assert _one_line_error(capsys) == (
         "study 'plan': overrides: override 'train.steps' must look like section.key=value"
     )
+
+
+def test_a_lora_designs_cost_counts_its_adapters_as_describe_does(capsys):
+    """A LoRA design's study row counted the whole DiT as trainable (1.5M) where training updates only its
+    adapters (95k): the study's counts are now training's own (train.stages.start_as), like describe's."""
+    pytest.importorskip("peft")
+    study = load_study({"designs": {"a": {"preset": "debug", "overrides": ["train.dit_lora.rank=8"]}}})
+    cost = study_mod.design_cost(study.designs[0].config)
+    assert main(["describe", "debug", "train.dit_lora.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"trainable (DiT: rank-8 LoRA adapters): 0.1M ({cost['trainable_params']:,})\n" in out
+    assert cost["trainable_params"] == 95_232 and cost["frozen_params"] == 1_525_296 + 422_720
+    # The FLOPs are counted before the adapters are added, as before.
+    assert cost["train_flops_per_image"] == 265_355_264

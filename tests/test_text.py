@@ -267,6 +267,13 @@ def test_chat_markers_registered_as_special_are_instruction_before_the_prompt_as
     instruction = enc.instruction_mask(mask.sum(1), ids.shape[1])[0][mask[0]].tolist()
     assert [w for w, drop in zip(words, instruction, strict=True) if not drop] == kept
     assert enc.budget == 8 - bos  # only <bos> counts in text.max_length
+    # The context counts <bos> as the tokens every row opens with (LI-DiT's channel concatenation aligns
+    # the LLMs past them), an empty prompt's row included.
+    from fusedit.text.context import TextRequest
+
+    ids, mask = enc.tokenize(["a red circle", ""])
+    assert enc(ids, mask, TextRequest(hidden_layer=1)).leading == bos
+    assert ids[:, :bos].eq(tok.bos_token_id).all()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

@@ -25,6 +25,7 @@ from fusedit.config import (
     choices_of,
     config_from_dict,
     load_config,
+    model_folder_bases,
     pipeline_record,
     preset_names,
     save_config,
@@ -94,6 +95,8 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     cfg = _config(args)
     out = _out_folder(args.out or f"runs/{cfg.name}")
+    if not args.resume:
+        _warn_weights_not_taken(args.config, cfg.train.init_from)
     started = time.time()
     try:
         with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
@@ -124,6 +127,25 @@ def cmd_train(args) -> int:
             f"nothing to train: the run is already at step {step}, at or past --stop-at {args.stop_at}; {where}"
         )
     return 0
+
+
+def _warn_weights_not_taken(config: str, init_from: str) -> None:
+    """A fresh run whose config (or its ``base:``) is a model folder takes that folder's config, not its
+    weights: a user expecting a fine-tune would train from scratch, or from the folder's own
+    train.init_from, which its saved config carries along. Not in load_config: `--resume` reads a run's
+    saved config the same way."""
+    for folder in model_folder_bases(config):
+        start = Path(init_from).resolve() if init_from else None
+        if start is not None and start.is_relative_to(folder.resolve()):
+            continue  # train.init_from names the folder (or a checkpoint in it): its weights load
+        now = f"from train.init_from={init_from!r}" if init_from else "from random weights"
+        log.warning(
+            "%r is a model folder: this run takes its config, not its weights, and trains %s (to start from "
+            "its weights: train.init_from=%s)",
+            str(folder),
+            now,
+            folder,
+        )
 
 
 def cmd_demo(args) -> int:
@@ -973,14 +995,81 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def _count(state: str, what: str, count: int) -> str:
+    return f"{state} ({what}): {count / 1e6:.1f}M ({count:,})"
+
+
+def _parameter_lines(model, keys: list[str], stage) -> list[str]:
+    """Trainable and frozen parameters of each part of a meta ``model`` once it trains as ``stage`` does:
+    training's own apply_parts (start_as) adds the LoRA adapters and sets requires_grad, so the counts cannot drift
+    from what the optimizers get. The model keeps the adapters (describe counts FLOPs before this)."""
+    from fusedit.system import count_parameters
+    from fusedit.train.stages import start_as
+
+    parts = start_as(model, stage)
+    d = model.denoiser
+    lines, trained, frozen = [], count_parameters(d, True), count_parameters(d, False)
+    if trained:
+        what = [f"rank-{parts.dit_adapters[0]} LoRA adapters"] if parts.dit_adapters else []
+        what += ["refiner"] if parts.refiner else []
+        lines.append(_count("trainable", f"DiT: {' and '.join(what)}" if frozen else "DiT", trained))
+    if frozen:
+        if not parts.dit_adapters:
+            rest = "all but the refiner"
+        else:
+            rest = "base weights but the refiner" if parts.refiner else "base weights"
+        lines.append(_count("frozen", f"DiT: {rest}" if trained else "DiT", frozen))
+    for key, enc in zip(keys, model.encoders, strict=True):
+        llm, name = enc.llm, "LLM" if len(keys) == 1 else f"LLM {key}"
+        trained, frozen = count_parameters(llm, True), count_parameters(llm, False)
+        if not trained or not frozen:
+            state = "trainable" if trained else "frozen"
+            lines.append(_count(state, f"{name}, incl. embeddings", trained + frozen))
+            continue
+        # Joint fine-tuning trains only what reaches the DiT's reads (TextEncoder.read_modules): the
+        # embeddings too, unless train.llm_top_layers keeps it to the top layers.
+        top = f"the top {parts.llm_top_layers} layers the DiT reads" if parts.llm_top_layers else ""
+        if parts.llm_adapters:
+            what = f"rank-{parts.llm_adapters[0]} LoRA adapters" + (f" on {top}" if top else "")
+            rest = "base weights, incl. embeddings"
+        elif llm.get_input_embeddings().weight.requires_grad:
+            what, rest = f"{top or 'the layers the DiT reads'}, incl. embeddings", "the rest"
+        else:
+            what, rest = top, "the rest, incl. embeddings"
+        lines += [
+            _count("trainable", f"{name}: {what}", trained),
+            _count("frozen", f"{name}: {rest}", frozen),
+        ]
+    if model.pooled_text is not None:
+        lines.append(
+            _count("frozen", "pooled text encoder, incl. embeddings", count_parameters(model.pooled_text))
+        )
+    return lines
+
+
+def _unloaded_templates(cfg: Config, model) -> list[str]:
+    """The text sections whose template's tokens a meta build leaves out of the text width: a hub
+    tokenizer is not downloaded there (system._text_encoder), so its encoder has no tokenizer to count a
+    template, an instruction or a system prompt with."""
+    return [
+        key
+        for (key, t), enc in zip(text_sections(cfg), model.encoders, strict=True)
+        if enc.tokenizer is None and (t.template != "plain" or t.instruction)
+    ]
+
+
 def cmd_describe(args) -> int:
-    from fusedit.system import build_model, count_parameters
-    from fusedit.train.stages import _flop, image_costs
+    from fusedit.config import resolved_stages
+    from fusedit.system import build_model
+    from fusedit.train.stages import _flop, describe_stages, image_costs
 
     cfg = _config(args)
     model = build_model(cfg, "meta")
     d = model.denoiser
     keys = [key for key, _ in text_sections(cfg)]
+    # The parameter and per-image lines describe what training starts with: the run, or its first stage
+    # (the model is the run's; stages change what trains, the image size and the batch).
+    first = resolved_stages(cfg)[0]
 
     def reads(req, llm) -> str:
         what = (
@@ -995,37 +1084,40 @@ def cmd_describe(args) -> int:
     read = [reads(req, enc.llm) for req, enc in zip(d.text_requests, model.encoders, strict=True)]
     if len(read) > 1:  # several LLMs (LI-DiT): each named by its section
         read = [f"{r} ({key})" for r, key in zip(read, keys, strict=True)]
+    # What a step costs follows what it trains (train.trainable, LoRA): 3x the DiT forward plus the frozen
+    # LLM's forward for the default. Counted before _parameter_lines adds the adapters, whose own products
+    # the FLOP counts leave out (training_flops_per_image).
+    sizes = sorted({256, 512, first.config.data.image_size})
+    costs = [(size, image_costs(model, first.config, size)) for size in sizes]
+    stage_lines = describe_stages(cfg, model) if cfg.stages else []
+    # The exact counts too: a debug design's 1.5M would not confirm the 1.53M `fusedit study` reports.
+    parameters = _parameter_lines(model, keys, first)
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
         f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
         f"{'; '.join(read)}"
     )
-    # The exact counts too: a debug design's 1.5M would not confirm the 1.53M `fusedit study` reports.
-    trainable = count_parameters(d)
-    print(f"trainable (DiT): {trainable / 1e6:.1f}M ({trainable:,})")
-    frozen = [("LLM" if len(keys) == 1 else f"LLM {key}", enc.llm) for key, enc in zip(keys, model.encoders)]
-    if model.pooled_text is not None:
-        frozen.append(("pooled text encoder", model.pooled_text))
-    for what, module in frozen:
-        count = count_parameters(module)
-        print(f"frozen ({what}, incl. embeddings): {count / 1e6:.1f}M ({count:,})")
+    if cfg.stages:
+        print(f"stage 0 {first.name!r}, where training starts (every stage's own line at the end):")
+    print("\n".join(parameters))
     if any(req.kv_layers or req.raw_kv_layers for req in d.text_requests) and any(
         t.model_id for _, t in text_sections(cfg)
     ):
         # The K/V probe runs a forward of the real weights (TextEncoder.check_kv); describe reads shapes.
         print("(whether deep fusion can read this LLM's K/V is checked when its weights load: train, sample)")
-    # What a step costs follows what it trains (train.trainable, LoRA): 3x the DiT forward plus the frozen
-    # LLM's forward for the default.
-    for size in sorted({256, 512, cfg.data.image_size}):
-        c = image_costs(model, cfg, size)
+    unloaded = _unloaded_templates(cfg, model)
+    if unloaded:
+        print(
+            f"(the text tokens below leave out the template's tokens of {', '.join(unloaded)}: describe does "
+            "not download hub tokenizers; a local folder as the section's tokenizer or model_id counts them)"
+        )
+    for size, c in costs:
         print(
             f"{size} px ({c['image']} image + {c['text']} text tokens): DiT forward {_flop(c['dit'])}, "
             f"LLM forward {_flop(c['llm'])}, training {_flop(c['training'])} per image"
         )
-    if cfg.stages:
-        from fusedit.train.stages import describe_stages
-
-        print("\n".join(describe_stages(cfg, model)))
+    if stage_lines:
+        print("\n".join(stage_lines))
     return 0
 
 

@@ -372,6 +372,7 @@ class TrainConfig:
     ema_every: int = positive(100)
     precision: str = choice("auto", "auto", "fp32", "bf16")
     checkpoint_every: int = positive(500)
+    # The newest this many checkpoints are kept, and each finished stage's last one besides.
     keep_checkpoints: int = positive(2)
     log_every: int = positive(10)
     # Non-negative: numpy's generators (the shapes world, data order) refuse negative seeds.
@@ -532,7 +533,7 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
     ``base:`` reads it): the folder is ``./debug`` (or a ``Path``)."""
     path = Path(name_or_path)
     preset = preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
-    if path.is_dir() and not preset:
+    if _model_folder(name_or_path, preset):
         return _saved_mapping(path), None
     if not preset and (path.suffix in (".yaml", ".yml") or path.exists()):
         if not path.is_file():
@@ -669,9 +670,30 @@ def yaml_problem(e: yaml.MarkedYAMLError) -> str:
     return text
 
 
-def _resolve_raw(name_or_path: str | Path, seen: tuple = (), preset: bool = False) -> dict:
+def _model_folder(name_or_path: str | Path, preset: bool) -> bool:
+    """Whether a config reference reads a model folder's saved config (a preset's bare name never does)."""
+    preset = preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
+    return Path(name_or_path).is_dir() and not preset
+
+
+def model_folder_bases(name_or_path: str | Path) -> list[Path]:
+    """The model folders (run, checkpoint or pipeline folders) a config reference takes its saved config
+    from, itself or along its ``base:`` chain: their config, never their weights (train.init_from loads
+    those)."""
+    folders: list[Path] = []
+    _resolve_raw(name_or_path, folders=folders)
+    return folders
+
+
+def _resolve_raw(
+    name_or_path: str | Path, seen: tuple = (), preset: bool = False, folders: list | None = None
+) -> dict:
+    """The merged mapping of a config reference and its ``base:`` chain; ``folders`` collects the model
+    folders read along it (model_folder_bases)."""
     if str(name_or_path) in seen:
         raise ConfigError(f"config 'base' cycle: {' -> '.join(map(str, (*seen, name_or_path)))}")
+    if folders is not None and _model_folder(name_or_path, preset):
+        folders.append(Path(name_or_path))
     data, folder = _read_yaml(name_or_path, preset)
     base = data.pop("base", None)
     if base is None:
@@ -682,9 +704,9 @@ def _resolve_raw(name_or_path: str | Path, seen: tuple = (), preset: bool = Fals
     sibling = folder / str(base) if folder is not None else None
     as_path = "/" in str(base) or str(base).startswith(".")
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
-        return _deep_merge(_resolve_raw(sibling, (*seen, str(name_or_path))), data)
+        return _deep_merge(_resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders), data)
     bare = not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
-    return _deep_merge(_resolve_raw(base, (*seen, str(name_or_path)), preset=bare), data)
+    return _deep_merge(_resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders), data)
 
 
 def _merge_into_list(items: list, patch: dict, key: str) -> list:
@@ -1430,6 +1452,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
             )
+        if text.system_prompt and text.template == "plain":  # accepted, it changed nothing
+            raise ConfigError(
+                f"{key}.system_prompt={text.system_prompt!r} does nothing with {key}.template='plain', which "
+                f"has no system turn (allowed: {key}.template chat, lidit or lidit-chat, or an empty "
+                "system_prompt)"
+            )
         if text.pretrain_steps and text.model_id:
             # Pretraining fits a random-init LLM to the caption corpus; a trained one is never overwritten.
             raise ConfigError(
@@ -1491,6 +1519,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1")
     if m.refiner_causal and not m.refiner_depth:  # accepted, it changed nothing
         raise ConfigError("model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1")
+    if not m.drop_instruction and not m.refiner_depth:  # accepted, it changed nothing
+        raise ConfigError("model.drop_instruction=false is a refiner ablation: set model.refiner_depth >= 1")
+    # A plain template's only instruction tokens are text.instruction's (a prefix of spaces opens the prompt
+    # instead, TextEncoder): with none on any LLM, the DiT reads the same tokens whether they are dropped.
+    if not m.drop_instruction and all(
+        t.template == "plain" and not t.instruction.strip(" ") for _, t in text_sections(cfg)
+    ):
+        others = ", nor does any extra_text" if cfg.extra_text else ""
+        raise ConfigError(
+            "model.drop_instruction=false keeps the instruction tokens for the DiT, but "
+            f"text.template='plain' with text.instruction={cfg.text.instruction!r} gives none{others} "
+            "(allowed: a text.instruction, or text.template chat, lidit or lidit-chat)"
+        )
     if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
         raise ConfigError(
             "model.collaborative_refiner=false is an ablation of the refiners of 2+ LLMs: it needs "

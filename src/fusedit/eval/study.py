@@ -80,7 +80,7 @@ from fusedit.sample import check_seed, generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.distributed import refuse_several_processes
 from fusedit.train.loop import train
-from fusedit.train.stages import stage_costs
+from fusedit.train.stages import stage_costs, start_as
 
 log = logging.getLogger(__name__)
 
@@ -516,18 +516,20 @@ def design_cost(cfg: Config) -> dict:
     """Parameter counts and FLOPs per image, counted on the meta device as `fusedit describe` does: the
     training FLOPs of one image are fusedit.train.stages.stage_costs's (3x the DiT forward plus one frozen
     LLM forward, more where the LLM trains), averaged over the images of every stage; the forward counts
-    and tokens are the last stage's (what the study scores at)."""
+    and tokens are the last stage's (what the study scores at). The parameters are counted as the first
+    stage trains them (LoRA: its adapters trainable, the DiT's base weights frozen), as describe does."""
     model = build_model(cfg, "meta")
-    frozen = [enc.llm for enc in model.encoders]
-    if model.pooled_text is not None:
-        frozen.append(model.pooled_text)
-    costs = stage_costs(cfg, model)
+    costs = stage_costs(cfg, model)  # before start_as adds adapters, whose products the counts leave out
     flops = sum(image["training"] * stage.steps * images for stage, image, images in costs)
     images = sum(stage.steps * images for stage, _, images in costs)
     c = costs[-1][1]  # the last stage's (text: the padded width, the template's tokens included)
+    start_as(model, costs[0][0])
+    parts = [model.denoiser, *(enc.llm for enc in model.encoders)]
+    if model.pooled_text is not None:
+        parts.append(model.pooled_text)
     return {
-        "trainable_params": count_parameters(model.denoiser),
-        "frozen_params": sum(count_parameters(m) for m in frozen),
+        "trainable_params": sum(count_parameters(m, True) for m in parts),
+        "frozen_params": sum(count_parameters(m, False) for m in parts),
         "image_tokens": c["image"],
         "text_tokens": c["text"],
         "dit_forward_flops": c["dit"],

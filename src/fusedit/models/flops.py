@@ -23,11 +23,12 @@ def _linear(m: nn.Linear, tokens: int) -> int:
     return 2 * tokens * m.in_features * m.out_features
 
 
-def _text_width(denoiser: nn.Module, widths: list[int]) -> int:
+def _text_width(denoiser: nn.Module, widths: list[int], leads: list[int] | None) -> int:
     """How many text tokens the DiT's layers read: as LI-DiT's concatenation of the LLMs leaves them (the
-    refiner's ``concat.width``), else the one LLM's."""
+    refiner's ``concat.width``; ``leads``: each LLM's leading specials, TextEncoder.leading, which the
+    channel concatenation aligns), else the one LLM's."""
     concat = getattr(getattr(denoiser, "context", None), "concat", None)
-    return concat.width(widths) if concat is not None else sum(widths)
+    return concat.width(widths, leads) if concat is not None else sum(widths)
 
 
 def _branch(parts: list[str]) -> int | None:
@@ -38,11 +39,14 @@ def _branch(parts: list[str]) -> int | None:
     return None
 
 
-def denoiser_flops(denoiser: nn.Module, num_image: int, num_text: int | list[int]) -> int:
-    """``num_text``: each LLM's text width (one int for one LLM). The context embedder and each LLM's refiner
-    run on their own LLM's tokens; the text K/V and the attention over text on what the DiT reads."""
+def denoiser_flops(
+    denoiser: nn.Module, num_image: int, num_text: int | list[int], leads: list[int] | None = None
+) -> int:
+    """``num_text``: each LLM's text width (one int for one LLM); ``leads``: each LLM's leading special
+    tokens (TextEncoder.leading; None: none). The context embedder and each LLM's refiner run on their own
+    LLM's tokens; the text K/V and the attention over text on what the DiT reads."""
     widths = [num_text] if isinstance(num_text, int) else list(num_text)
-    read = _text_width(denoiser, widths)
+    read = _text_width(denoiser, widths, leads)
     total = 0
     for name, m in denoiser.named_modules():
         parts = name.split(".")
@@ -85,8 +89,13 @@ def model_flops(model, num_image: int) -> tuple[int, int, int]:
     builds too). Each LLM runs at its padded width, ``encoder.max_length``: text.max_length plus the
     template's tokens where the tokenizer is local (a hub tokenizer on a meta build: text.max_length)."""
     widths = [enc.max_length for enc in model.encoders]
+    leads = [enc.leading for enc in model.encoders]
     lm = sum(llm_flops(enc.llm, w) for enc, w in zip(model.encoders, widths))
-    return denoiser_flops(model.denoiser, num_image, widths), lm, _text_width(model.denoiser, widths)
+    return (
+        denoiser_flops(model.denoiser, num_image, widths, leads),
+        lm,
+        _text_width(model.denoiser, widths, leads),
+    )
 
 
 def image_tokens(image_size: int, downsample: int, patch_size: int) -> int:

@@ -53,6 +53,9 @@ class TextContext:
     raw_kv:  the same without RoPE on the keys (``raw_kv_layers``).
     hidden:  (B, T, d_llm), the requested hidden state, or None.
     instruction: (B, T) bool, True on template tokens (dropped after LI-DiT's refiners), or None.
+    leading: how many of every row's first tokens the tokenizer itself puts before any text (BOS: 1 for
+             Gemma's, 0 for Qwen2's), never instruction. A count fixed by the tokenizer and template rather
+             than a mask: LI-DiT's channel concatenation sizes its output by it without a host sync.
     pooled:  (B, P) pooled embedding of a second encoder (FuseDiT clip-mod), or None.
     others:  contexts of the further LLMs of a multi-LLM model (LI-DiT), same prompts, in config order.
     padded:  whether any row has padding; when False the denoiser needs no attention mask at all.
@@ -64,6 +67,7 @@ class TextContext:
     raw_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     hidden: torch.Tensor | None = None
     instruction: torch.Tensor | None = None
+    leading: int = 0
     pooled: torch.Tensor | None = None
     others: list[TextContext] = field(default_factory=list)
     padded: bool = True

@@ -116,6 +116,9 @@ class TextEncoder(nn.Module):
         self.truncated = 0
         self.cut: frozenset[int] = frozenset()
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
+        # The tokenizer's own leading specials (BOS) every row opens with, set below; a shape-only build
+        # counts none (its FLOP counts then leave a BOS out, as its widths leave the template out).
+        self.leading = 0
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return
         t = self.template
@@ -142,6 +145,10 @@ class TextEncoder(nn.Module):
         keep = 0
         while keep < min(len(lead), len(self.prefix_ids)) and self.prefix_ids[keep] == lead[keep]:
             keep += 1
+        # Every row opens with these: a templated one's prefix, and an empty prompt's ``empty_ids`` (the
+        # tokenizer's leading specials), so the count is the encoder's, fixed for every batch
+        # (TextContext.leading).
+        self.leading = keep
         instruction = [j >= keep for j in range(len(self.prefix_ids))]
         self.register_buffer(
             "prefix_instruction", torch.tensor(instruction, dtype=torch.bool), persistent=False
@@ -339,6 +346,7 @@ class TextEncoder(nn.Module):
             raw_kv=raw_kv,
             hidden=chosen,
             instruction=self.instruction_mask(lengths, mask.shape[1]),
+            leading=self.leading,
             padded=shortest < mask.shape[1],
         )
 

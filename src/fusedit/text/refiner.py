@@ -10,7 +10,8 @@ LLM features that were computed once per prompt batch.
   to the other branches' tokens (LayerNormed, as its own queries are), then an MLP, gated the same way.
 - Then the instruction (template) tokens are dropped and the branches concatenated (``CONCATS``; the paper
   leaves the axis unknown): along the token axis (any lengths and tokenizers), or along the channel axis,
-  token j of every branch's kept tokens side by side, projected back to the DiT width.
+  the branches' kept tokens side by side aligned on the first prompt token, projected back to the DiT
+  width.
 
 Widths, heads, LayerNorm, MLP ratio 4 and masked mean pooling follow a public re-implementation where
 the paper is silent.
@@ -187,41 +188,59 @@ class TokenConcat(nn.Module):
         super().__init__()
 
     @staticmethod
-    def width(widths: list[int]) -> int:
-        """Tokens the DiT reads from branches of these widths."""
+    def width(widths: list[int], leads: list[int] | None = None) -> int:
+        """Tokens the DiT reads from branches of these widths (their leading counts change nothing here)."""
         return sum(widths)
 
-    def forward(self, xs, masks, keeps):
+    def forward(self, xs, masks, keeps, leads):
+        # One branch after another needs no alignment (``leads``: ChannelConcat's).
         # A token's position counts the real tokens before it over the LLMs in config order (instruction
         # tokens included: the refiners read them), so no position depends on the batch's padding.
         return torch.cat(xs, dim=1), torch.cat(keeps, dim=1), torch.cat(masks, dim=1).cumsum(1) - 1
 
 
 class ChannelConcat(nn.Module):
-    """The branches side by side along the channel axis, projected back to the DiT width: (B, max T_i, d).
+    """The branches side by side along the channel axis, projected back to the DiT width: (B, T', d).
 
-    Token j is the j-th kept token of every branch (zeros where a branch has fewer), so padding never
-    shifts one branch against another, nor, with drop_instruction, templates of other lengths."""
+    Aligned on the first prompt token: each branch's leading special tokens (BOS, TextContext.leading) fill
+    a leading region as wide as the most any branch has, then every branch's other kept tokens follow in
+    order from its end, zeros where a branch has fewer (T' = that width + max (T_i - leading_i)). So an
+    LLM whose tokenizer adds a BOS (Gemma's) and one whose tokenizer adds none (Qwen2's) put their first
+    prompt words side by side rather than one's BOS beside the other's first word; padding never shifts
+    one branch against another, nor, with drop_instruction, templates of other lengths."""
 
     def __init__(self, dim: int, branches: int):
         super().__init__()
         self.proj = nn.Linear(branches * dim, dim)
 
     @staticmethod
-    def width(widths: list[int]) -> int:
-        return max(widths)
+    def width(widths: list[int], leads: list[int] | None = None) -> int:
+        """Tokens the DiT reads from branches of these widths and leading counts (none by default)."""
+        leads = leads or [0] * len(widths)
+        return max(leads) + max(w - n for w, n in zip(widths, leads, strict=True))
 
-    def forward(self, xs, masks, keeps):
-        width = self.width([x.shape[1] for x in xs])  # static: no host sync to count the kept tokens
+    def forward(self, xs, masks, keeps, leads):
+        lead = max(leads)
+        width = self.width([x.shape[1] for x in xs], leads)  # static: no host sync to count the kept tokens
         packed, packed_keeps = [], []
-        for x, keep in zip(xs, keeps):
-            # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed.
+        for x, keep, n in zip(xs, keeps, leads):
+            # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed. A row's first
+            # n tokens are its leading specials, which no keep-mask drops: they stay the first n.
             order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
             x = torch.gather(torch.where(keep[..., None], x, 0.0), 1, order[..., None].expand_as(x))
-            packed.append(nn.functional.pad(x, (0, 0, 0, width - x.shape[1])))
-            packed_keeps.append(nn.functional.pad(torch.gather(keep, 1, order), (0, width - x.shape[1])))
+            packed.append(_aligned(x, n, lead, width))
+            packed_keeps.append(_aligned(torch.gather(keep, 1, order), n, lead, width))
         keep = torch.stack(packed_keeps).any(0)
         return self.proj(torch.cat(packed, dim=-1)), keep, keep.cumsum(1) - 1
+
+
+def _aligned(packed: torch.Tensor, n: int, lead: int, width: int) -> torch.Tensor:
+    """(B, T, ...) packed tokens -> (B, width, ...): the first ``n`` at 0.., the rest from ``lead`` on,
+    zeros (False) between and after."""
+    rest = packed[:, n:]
+    inner = [0, 0] * (packed.dim() - 2)  # no padding along the trailing (channel) dims
+    shift = [*inner, lead - n, width - lead - rest.shape[1]]
+    return torch.cat([packed[:, :n], nn.functional.pad(rest, shift)], dim=1)
 
 
 # model.refiner_concat: how the branches become the one sequence the DiT reads.
@@ -257,11 +276,12 @@ class PromptRefiner(nn.Module):
         self.concat = CONCATS[concat](dim, len(llm_dims))
 
     def forward(self, texts, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """texts: one TextContext per LLM (hidden, mask, instruction); temb (B, d).
+        """texts: one TextContext per LLM (hidden, mask, instruction, leading); temb (B, d).
 
         Returns the refined context (B, T', d), its keep-mask (B, T') and token positions (B, T'); T' is
-        sum T_i for the token concatenation, max T_i for the channel one."""
+        sum T_i for the token concatenation, ``ChannelConcat.width`` (max T_i when the LLMs' tokenizers
+        put as many special tokens first) for the channel one."""
         xs = [ref(t.hidden, t.mask, temb) for ref, t in zip(self.linguistic, texts, strict=True)]
         masks = [t.mask for t in texts]
         xs = self.collaborative.refine(xs, masks, temb)
-        return self.concat(xs, masks, self.kept_tokens(masks, texts))
+        return self.concat(xs, masks, self.kept_tokens(masks, texts), [t.leading for t in texts])

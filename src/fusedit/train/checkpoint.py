@@ -25,7 +25,8 @@ A distributed run (torchrun) writes one Distributed Checkpoint (DCP) instead of 
   data_state.json, data_state.rank<r>.json   each rank's data position (rank 0's under the plain name)
 
 A staged run's checkpoint records its stage (state.json "stage"): it is loaded into the model as that
-stage built it (its adapters), whatever stage the run goes on to.
+stage built it (its adapters), whatever stage the run goes on to. Pruning keeps the newest
+train.keep_checkpoints, as in a run without stages, and each finished stage's last checkpoint besides.
 
 Both formats resume either way (``load_training_state``); ``load_model`` samples from both, and
 ``consolidate_checkpoint`` turns a DCP checkpoint into the plain format.
@@ -123,7 +124,8 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     vocabulary: list[str] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position).
+    """Write checkpoint ``step`` atomically; ``files`` are extra text files (e.g. the data position). The
+    newest ``keep`` checkpoints stay, and each finished stage's last one (:func:`_publish`).
 
     ``llm`` is saved whole as llm.safetensors. ``text`` maps further LLM names (``llm``, ``llm_extra0``) to
     (module, whole): whole saves its weights, and its adapters are saved either way. ``optimizers`` are the
@@ -175,9 +177,10 @@ def _save_config_files(cfg: Config, folder: Path, vocabulary: list[str] | None) 
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``.
-    Each on the disk before the next (fsync): after a crash ``latest`` never names a folder whose files
-    were lost with the page cache, nor is ``checkpoints/`` itself (new at a run's first save) lost."""
+    """Rename a complete temporary folder into place, point ``latest`` at it, keep only the last ``keep``
+    (train.keep_checkpoints) and the last checkpoint of each finished stage (:func:`_stage_ends`). Each on
+    the disk before the next (fsync): after a crash ``latest`` never names a folder whose files were lost
+    with the page cache, nor is ``checkpoints/`` itself (new at a run's first save) lost."""
     readable_by_all(tmp)
     # ``final`` may exist: an earlier save of this step that ``latest`` never named (see below).
     replace_folder(tmp, final)
@@ -186,14 +189,38 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     # The newest ``keep`` up to ``final``: a folder past it (a crash kept ``latest`` from naming it, and the
     # run resumed from the one before) must not push ``final`` out.
     folders = checkpoint_folders(root)
+    stage_ends = _stage_ends(folders)
     # Each renamed to .step_<n>.deleting before it goes: never a step_<n> holding state.json (the mark of
     # a complete folder, which find_checkpoint takes) but missing weights.
     for old in folders[: max(folders.index(final) + 1 - keep, 0)]:
-        remove_folder(old)
+        if old not in stage_ends:
+            remove_folder(old)
     # Left by a run killed while saving or deleting a step it may never save again: a whole checkpoint's
     # worth of disk each. Every rank is past its writes into this step's folder, and none has begun the next.
     for stale in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _stage_ends(folders: list[Path]) -> set[Path]:
+    """The checkpoints of ``folders`` (oldest first) that end a stage: each stage's last before a later
+    stage's (state.json "stage"), which the stage wrote at its last step. Out of train.keep_checkpoints'
+    rotation: a staged run's first result (its 256 px model, say) is one to sample or start another run
+    from, and the stages after it would otherwise push it out. A fresh run still deletes them all."""
+    stages = [_saved_stage(folder) for folder in folders]
+    return {
+        folder
+        for folder, stage, after in zip(folders, stages, stages[1:])
+        if stage is not None and after is not None and after > stage
+    }
+
+
+def _saved_stage(folder: Path) -> int | None:
+    """The stage a checkpoint folder records, or None (one written without stages, by fusedit convert, or
+    an unreadable state.json: pruning goes on without it)."""
+    try:
+        return int(json.loads((folder / "state.json").read_text())["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def data_state_name(rank: int) -> str:
@@ -323,10 +350,10 @@ def init_weights(model, path: str | Path) -> Path:
     diffusers pipeline folder (its transformer and every LLM)."""
     from fusedit.train.stages import text_modules
 
-    if (Path(path) / "model_index.json").is_file():
-        source, problem = Path(path), _init_from_pipeline(model, Path(path))
+    source = init_source(path)
+    if (source / "model_index.json").is_file():
+        problem = _init_from_pipeline(model, source)
     else:
-        source = find_checkpoint(path)
         # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
         expected = {
             "ema": model.denoiser.state_dict(),
@@ -343,6 +370,23 @@ def init_weights(model, path: str | Path) -> Path:
     if problem:
         raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}")
     return source
+
+
+def init_source(path: str | Path) -> Path:
+    """What train.init_from names: a pipeline folder (model_index.json) itself, else the checkpoint
+    (:func:`find_checkpoint`: the latest of a run folder); a one-line ConfigError naming every kind allowed
+    when it is none of them."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    try:
+        return find_checkpoint(path)
+    except FileNotFoundError:
+        what = "holds no checkpoint" if path.exists() else "is a path to nothing"
+        raise ConfigError(
+            f"train.init_from={str(path)!r} {what} (allowed: a run folder holding a checkpoint, a checkpoint "
+            "folder, or a diffusers pipeline folder that fusedit export wrote)"
+        ) from None
 
 
 def _vocabulary_change(

@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -66,6 +66,7 @@ from fusedit.train import distributed, lora
 from fusedit.train.checkpoint import (
     check_same_model,
     data_state_name,
+    init_source,
     init_weights,
     load_training_state,
     save_checkpoint,
@@ -415,7 +416,7 @@ def train(
     cfg = checked(cfg)
     _check_before_start(cfg)
     if not resume:
-        _refuse_init_from_in(Path(run_dir), cfg)
+        _check_init_from(Path(run_dir), cfg)
     # When a Ctrl+C or a stop names the checkpoint to resume from, an older one is the earlier run that
     # ``overwrite`` was to delete (its deletion comes after the build).
     replaced_before = None if resume else time.time()
@@ -484,13 +485,13 @@ def _check_before_start(cfg: Config) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
-    tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     main = env.is_main
-    parallel = distributed.resolve_parallel(tc.parallel, env)
+    parallel = distributed.resolve_parallel(cfg.train.parallel, env)
+    metrics_path = run_dir / "metrics.jsonl"
+    cfg, ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
+    tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     stages = resolved_stages(cfg)
     _check_stages_run(cfg, stages, parallel, env.world_size)
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
     if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(
@@ -580,9 +581,10 @@ def _check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_siz
 
 def _resume_point(
     cfg: Config, run_dir: Path, env: DistEnv, resume: bool
-) -> tuple[Path | None, dict | None, int]:
-    """(checkpoint, its saved state, its step) that the run continues from; (None, None, 0) for a fresh run,
-    or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model build."""
+) -> tuple[Config, Path | None, dict | None, int]:
+    """(config, checkpoint, its saved state, its step) that the run continues from; (cfg, None, None, 0) for
+    a fresh run, or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model
+    build. A resumed run's config keeps the train.init_from it started from (_kept_init_from)."""
     tc = cfg.train
     ckpt = None
     if resume:
@@ -596,7 +598,8 @@ def _resume_point(
     saved = load_state(ckpt) if ckpt is not None else None
     start = int(saved["step"]) if saved else 0
     if saved:
-        changed = check_same_model(ckpt, cfg)
+        cfg, ignored = _kept_init_from(cfg, ckpt)
+        changed = check_same_model(ckpt, cfg) + ignored
         if changed and env.is_main:
             log.warning(
                 "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
@@ -606,7 +609,23 @@ def _resume_point(
                 f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
                 "to resume it)"
             )
-    return ckpt, saved, start
+    return cfg, ckpt, saved, start
+
+
+def _kept_init_from(cfg: Config, ckpt: Path) -> tuple[Config, list[str]]:
+    """``cfg`` with the train.init_from of the run ``ckpt`` belongs to, and the change it undoes in the
+    words of the resume's changed settings (none when the same). train.init_from is read only at step 0
+    (_start_fresh): a resumed run goes on from its checkpoint, and the config it saves must name where its
+    weights came from, not a path they never came from."""
+    started_from = load_checkpoint_config(ckpt).train.init_from
+    given = cfg.train.init_from
+    if given == started_from:
+        return cfg, []
+    kept = replace(cfg, train=replace(cfg.train, init_from=started_from))
+    return kept, [
+        f"train.init_from: {started_from!r} -> {given!r} ignored (read only when a run starts: the run and "
+        f"its saved config keep {started_from!r}; to start from {given!r}, train afresh into another folder)"
+    ]
 
 
 def _start_fresh(
@@ -620,9 +639,10 @@ def _start_fresh(
         # An earlier run's lists of skipped samples, which this run's would not all replace.
         for stale in [*run_dir.glob("skipped.jsonl"), *run_dir.glob("skipped.*.jsonl")]:
             stale.unlink(missing_ok=True)
-        # An earlier run's checkpoints past this run's steps would outlive its own (only the newest
-        # train.keep_checkpoints are kept) and be what sampling and --resume find. Renamed aside first: a
-        # kill while deleting them must not leave torn checkpoints that --resume would find.
+        # An earlier run's checkpoints past this run's steps would outlive its own (pruning keeps the newest
+        # train.keep_checkpoints, and each finished stage's last) and be what sampling and --resume find.
+        # Renamed aside first: a kill while deleting them must not leave torn checkpoints that --resume
+        # would find.
         remove_folder(run_dir / "checkpoints")
         # An earlier run's TensorBoard events would show next to this run's at the same steps (TensorBoard
         # reads every event file of the folder), and a later --resume would continue its wandb run.
@@ -665,15 +685,20 @@ def _warn_ema_holds_the_start(cfg: Config) -> None:
         )
 
 
-def _refuse_init_from_in(run_dir: Path, cfg: Config) -> None:
-    """A fresh run deletes its folder's checkpoints before it loads train.init_from: weights there (the run
-    being fine-tuned, given as its own --out with --overwrite) would be lost, and the load fail."""
+def _check_init_from(run_dir: Path, cfg: Config) -> None:
+    """A fresh run deletes its folder's checkpoints before it loads train.init_from, so that is checked
+    first: weights in the run folder itself (the run being fine-tuned, given as its own --out with
+    --overwrite) would be lost, and the load fail; and a path that holds nothing to start from (a typo)
+    would fail only after an earlier run there was deleted."""
     source = cfg.train.init_from
-    if source and Path(source).resolve().is_relative_to(run_dir.resolve()):
+    if not source:
+        return
+    if Path(source).resolve().is_relative_to(run_dir.resolve()):
         raise ConfigError(
             f"train.init_from={source!r} lies in the run folder {str(run_dir)!r}, whose checkpoints a fresh run "
             "deletes before it loads them (allowed: another run folder for the fine-tune)"
         )
+    init_source(source)
 
 
 def _distribute_llms(cfg: Config, model: TextToImage, env: DistEnv) -> list:
@@ -925,7 +950,7 @@ class _Run:
         position = loader.state_dict()
         data = json.dumps(position)
         common = dict(
-            keep=cfg.train.keep_checkpoints,
+            keep=cfg.train.keep_checkpoints,  # the newest; each finished stage's last stays too (_publish)
             extra={
                 "skipped_steps": self.bad_total,
                 "bad_steps_in_row": self.bad_in_row,

@@ -237,6 +237,15 @@ def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: 
                 module.requires_grad_(True)
 
 
+def start_as(model, stage: Stage) -> Parts:
+    """A freshly built ``model`` made to train as ``stage`` does (its LoRA adapters added, requires_grad
+    set): what `fusedit describe` and `fusedit study` count trainable parameters on, so their counts are
+    what the optimizers get. Returns the stage's parts."""
+    parts = Parts.of(stage.config.train)
+    apply_parts(model, parts, None, seed=stage.config.train.seed, stage=stage.index)
+    return parts
+
+
 def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, stage: int) -> None:
     """The LoRA adapters ``parts`` train through: adapters whose settings differ from ``before``'s are
     merged into their weights, and new ones are added with an init seeded by (seed, stage)."""
