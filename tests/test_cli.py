@@ -940,3 +940,18 @@ def test_an_export_killed_while_replacing_an_earlier_one_loses_nothing(tmp_path,
     assert (pipe / "eval" / "scores.md").read_text() == "| overall | 0.5 |"
     assert (pipe / "model_index.json").is_file() and (pipe / "transformer").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pipe")) == []
+
+
+def test_describe_of_a_lora_config_without_peft_gives_the_rest(capsys, monkeypatch):
+    """describe counted the adapters through peft and so refused a LoRA config where peft is missing: a
+    read-only planning command now says what it cannot count and prints the rest."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    assert main(["describe", "debug", "train.dit_lora.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "(parameters: the LoRA adapters are counted through peft, which is not installed: pip install peft)\n"
+        in out
+    )
+    assert "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP" in out

@@ -534,7 +534,7 @@ def test_run_compbench_generates_without_scorers_and_refuses_another_generation(
         colour_generate(calls), dataset, out, vqa=None, clip=None, detector=None, n_per_prompt=2,
         categories=["color", "spatial"], progress=False, record=record,
     )  # fmt: skip
-    assert (r["generated"], r["skipped"], len(calls)) == (6, 0, 3) and "scores" not in r
+    assert (r["generated"], r["skipped"], r["unit"], len(calls)) == (6, 0, "images", 3) and "scores" not in r
     saved = json.loads((out / "color" / "generation.json").read_text())
     assert saved == {
         **record,

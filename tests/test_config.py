@@ -155,6 +155,40 @@ def test_settings_that_change_nothing_with_a_plain_template_are_refused(preset, 
     load_config("debug-lidit", ["text.template=plain", "model.drop_instruction=false"])
 
 
+def test_a_saved_config_with_a_setting_that_changes_nothing_still_loads(tmp_path, caplog):
+    """A run saved before these refusals came holds such settings: its folder still samples, resumes and
+    serves as a base (they are left out: nothing changes), while a config being written is refused."""
+    import yaml
+
+    from fusedit.checkpoints import load_checkpoint_config
+    from fusedit.config import to_dict
+
+    data = to_dict(load_config("debug"))
+    data["model"].update(refiner_causal=True, drop_instruction=False)
+    data["text"].update(system_prompt="Be brief.", template="plain")
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="text.system_prompt='Be brief.' does nothing"):
+        load_config(folder / "config.yaml")
+    with caplog.at_level("INFO", logger="fusedit.config"):
+        cfg = load_checkpoint_config(folder)
+    assert (cfg.model.refiner_causal, cfg.model.drop_instruction, cfg.text.system_prompt) == (
+        False,
+        True,
+        "",
+    )
+    assert (
+        f"{folder}: leaving out text.system_prompt, model.refiner_causal, model.drop_instruction"
+        in caplog.text
+    )
+    (tmp_path / "tune.yaml").write_text(f"base: {folder}\ntrain: {{steps: 3}}\n")
+    assert load_config(tmp_path / "tune.yaml").model.refiner_causal is False
+    # Set again on top of the base, it is refused as anywhere else.
+    with pytest.raises(ConfigError, match="model.refiner_causal=true is a refiner ablation"):
+        load_config(tmp_path / "tune.yaml", ["model.refiner_causal=true"])
+
+
 def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

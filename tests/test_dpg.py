@@ -210,6 +210,12 @@ def test_score_dpg_folder_with_a_fake_vqa(tmp_path, questions_csv):
     rows = [json.loads(line) for line in Path(result["results_file"]).read_text().splitlines()]
     assert rows[0]["name"] == "0" and rows[0]["tile_scores"] == [1.0, 1.0, 0.75, 0.0]
     assert rows[0]["answers"][0]["2"] == "Yes."
+    # Given the prompt names, only their grids are scored: 1.png (another run's prompt) is left out.
+    write_dpg_grids([("1", "A sunny sky.")], colour_generate([]), grids, progress=False)
+    assert score_dpg_folder(grids, questions_csv, fake_vqa, progress=False)["num_prompts"] == 2
+    only = score_dpg_folder(grids, questions_csv, fake_vqa, names=["0"], progress=False)
+    assert (only["num_prompts"], only["missing"], only["overall"]) == (1, ["1"], result["overall"])
+    (grids / "1.png").unlink()
     batched = BatchedFakeVQA()
     again = score_dpg_folder(
         grids, load_dpg_questions(questions_csv), batched, batch_size=5, tiles=2, progress=False

@@ -1,5 +1,5 @@
-"""Evaluation orchestration audit: downloads cut short, UniDet's input frame, stale failure grids, prompt
-files that are not UTF-8, and a study's final loss over skipped steps."""
+"""Evaluation orchestration audit: downloads cut short or failed, UniDet's input frame, stale failure grids,
+prompt files that are not UTF-8, and a study's final loss over skipped steps."""
 
 from __future__ import annotations
 
@@ -71,6 +71,26 @@ def test_a_geneval_file_cut_short_is_a_one_line_error(tmp_path, monkeypatch, sho
     ):
         download("geneval", tmp_path / "geneval", progress=False)
     assert not (tmp_path / "geneval" / "evaluation_metadata.jsonl").exists()
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """An offline `fusedit benchmarks download t2i-compbench --dest bdl/tc` left an empty bdl/tc."""
+    import urllib.error
+    import urllib.request
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(BenchmarkError, match="this machine looks offline"):
+        download("t2i-compbench", tmp_path / "bdl" / "tc", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # A folder that was there keeps what it held, and only that.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(BenchmarkError, match="this machine looks offline"):
+        download("geneval", tmp_path / "mine", progress=False)
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]
 
 
 def _torchvision_resize(width: int, height: int, size: int, max_size: int) -> tuple[int, int]:

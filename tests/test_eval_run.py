@@ -4,16 +4,23 @@ checked before any image is generated, and scores.json is written atomically."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import warnings
 
 import pytest
+import torch
 from PIL import Image
 
 import fusedit.eval.dpg as dpg_mod
 import fusedit.eval.geneval as geneval_mod
 import fusedit.eval.run as run_mod
 from fusedit.config import ConfigError
+from fusedit.eval.benchmarks import BenchmarkError, load_dpg
 from fusedit.eval.geneval import Detection
 from fusedit.eval.run import run_dpg, run_geneval
+from test_dpg import save_tiny_vilt, shared_data
+from test_geneval import save_tiny_detr
 
 COW = {"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}
 RED_CAR = {
@@ -34,6 +41,13 @@ def generate(calls):
         return [Image.new("RGB", (8, 8), (200, 20, 20)) for _ in range(n)]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory) -> dict[str, str]:
+    """Folders of tiny random scoring models: the protocols read their configs before generating."""
+    root = tmp_path_factory.mktemp("scorers")
+    return {"detector": str(save_tiny_detr(root / "detr")), "vqa": str(save_tiny_vilt(root / "vilt"))}
 
 
 def spy_atomic(monkeypatch) -> list[str]:
@@ -67,7 +81,7 @@ def test_geneval_scoring_models_are_checked_before_generating(tmp_path, prompts,
     assert calls == [] and not (tmp_path / "out").exists()
 
 
-def test_geneval_without_colour_prompts_scores_with_a_detector_alone(tmp_path, monkeypatch):
+def test_geneval_without_colour_prompts_scores_with_a_detector_alone(tmp_path, monkeypatch, scorers):
     monkeypatch.setattr(
         geneval_mod,
         "TransformersDetector",
@@ -75,7 +89,9 @@ def test_geneval_without_colour_prompts_scores_with_a_detector_alone(tmp_path, m
     )
     written = spy_atomic(monkeypatch)
     path = write_jsonl(tmp_path / "meta.jsonl", [COW])
-    r = run_geneval(generate([]), path, tmp_path / "out", detector="det", clip=None, progress=False)
+    r = run_geneval(
+        generate([]), path, tmp_path / "out", detector=scorers["detector"], clip=None, progress=False
+    )
     assert r["scores"]["overall"] == 1.0 and r["generated"] == 1
     assert written == ["scores.json"]
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["per_task"] == {"single_object": 1.0}
@@ -103,7 +119,7 @@ QUESTIONS = (
 )
 
 
-def test_dpg_prompt_files_without_questions_are_found_before_generating(tmp_path, caplog):
+def test_dpg_prompt_files_without_questions_are_found_before_generating(tmp_path, caplog, scorers):
     """Only grids named after an item id of the question file are scored: another benchmark's folder of
     *.txt files was generated in full and scored on nothing. Refused when none matches, warned when some
     do not, before anything is generated."""
@@ -118,13 +134,13 @@ def test_dpg_prompt_files_without_questions_are_found_before_generating(tmp_path
         match=r"^none of the 2 prompt files \(colors.txt, object_names.txt\) is named after an item id of "
         r".*dpg_bench.csv \(e.g. 0.txt\); expected DPG-Bench's prompts folder$",
     ):
-        run_dpg(generate(calls), prompts, tmp_path / "out", vqa="vqa", progress=False)
+        run_dpg(generate(calls), prompts, tmp_path / "out", vqa=scorers["vqa"], progress=False)
     assert calls == [] and not (tmp_path / "out").exists()
 
     (prompts / "colors.txt").unlink()
     (prompts / "0.txt").write_text("A red ball.")
     with pytest.raises(RuntimeError, match="stop at the first generation"):
-        run_dpg(lambda *a: _stop(), prompts, tmp_path / "out", vqa="vqa", progress=False)
+        run_dpg(lambda *a: _stop(), prompts, tmp_path / "out", vqa=scorers["vqa"], progress=False)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"1 of the 2 prompt files have no questions in {tmp_path / 'dpg_bench.csv'}, so their grids are made "
         "but not scored: object_names.txt"
@@ -135,7 +151,7 @@ def _stop():
     raise RuntimeError("stop at the first generation")
 
 
-def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
+def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch, scorers):
     prompts = tmp_path / "dpg" / "prompts"
     prompts.mkdir(parents=True)
     (prompts / "0.txt").write_text("A red ball.")
@@ -153,7 +169,7 @@ def test_dpg_scores_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dpg_mod, "TransformersVQA", YesVQA)
     written = spy_atomic(monkeypatch)
-    r = run_dpg(generate([]), prompts, tmp_path / "out", vqa="vqa", progress=False)
+    r = run_dpg(generate([]), prompts, tmp_path / "out", vqa=scorers["vqa"], progress=False)
     assert r["scores"]["overall"] == 1.0 and written == ["scores.json"]
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["per_category"] == {"entity": 1.0}
 
@@ -223,15 +239,217 @@ def test_a_record_without_images_is_replaced(tmp_path):
     assert calls == [COW["prompt"]] and json.loads((out / run_mod.RECORD).read_text())["image_size"] == 512
 
 
-def test_the_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
-    import shutil
+def save_weights(folder, tensors: dict, form: str = "safetensors") -> None:
+    """``tensors`` as a checkpoint's denoiser file, or as its Distributed Checkpoint (section "model")."""
+    if form == "safetensors":
+        from safetensors.torch import save_file
 
-    (tmp_path / "a" / "transformer").mkdir(parents=True)
-    (tmp_path / "a" / "transformer" / "model.safetensors").write_bytes(b"header" + bytes(range(200)))
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "denoiser.safetensors")
+        return
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group: meant here
+        dcp.save({"model": tensors}, checkpoint_id=folder / "dcp", no_dist=True)
+
+
+def first_difference(a, b) -> int:
+    x, y = a.read_bytes(), b.read_bytes()
+    return next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
+
+
+@pytest.mark.parametrize("form", ["safetensors", "dcp"])
+def test_the_weights_fingerprint_follows_a_retrained_tensor_past_the_first_mib(tmp_path, form):
+    """Only the last blocks retrained (top LLM layers, late DiT blocks, refiners): their bytes lie past the
+    first MiB of the file, which is all the fingerprint read, so a retrain kept the name and fingerprint
+    of the model before it and its stale images were scored as the new model's."""
+    torch.manual_seed(0)
+    weights = {
+        "blocks.0.weight": torch.randn(1024, 512),
+        "blocks.9.weight": torch.randn(64, 64),
+    }  # 2 MiB first
+    save_weights(tmp_path / "a", weights, form)
+    save_weights(tmp_path / "same", {k: v.clone() for k, v in weights.items()}, form)
+    retrained = {**weights, "blocks.9.weight": weights["blocks.9.weight"] + 0.01}
+    save_weights(tmp_path / "retrained", retrained, form)
+    file = "denoiser.safetensors" if form == "safetensors" else "dcp/__0_0.distcp"
+    assert first_difference(tmp_path / "a" / file, tmp_path / "retrained" / file) > 1 << 20
+
+    fingerprint = run_mod.weights_fingerprint
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "same")
+    assert fingerprint(tmp_path / "retrained") != fingerprint(tmp_path / "a")
+
+
+def test_the_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    weights = {"proj.weight": torch.arange(12.0).reshape(3, 4)}
+    save_weights(tmp_path / "a" / "transformer", weights)
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
     assert run_mod.weights_fingerprint(tmp_path / "a") == run_mod.weights_fingerprint(tmp_path / "copy")
-    (tmp_path / "copy" / "transformer" / "model.safetensors").write_bytes(b"header" + bytes(range(1, 201)))
+    shutil.rmtree(tmp_path / "copy" / "transformer")
+    save_weights(tmp_path / "copy" / "transformer", {"proj.weight": weights["proj.weight"] + 1})
     assert run_mod.weights_fingerprint(tmp_path / "a") != run_mod.weights_fingerprint(tmp_path / "copy")
+    # A damaged weight file is named in one line, as when the model loads.
+    (tmp_path / "copy" / "transformer" / "denoiser.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        ValueError, match=r"denoiser.safetensors' is not a readable safetensors file \(header"
+    ):
+        run_mod.weights_fingerprint(tmp_path / "copy")
+
+
+def single_objects(*names) -> list[dict]:
+    return [
+        {"tag": "single_object", "include": [{"class": n, "count": 1}], "prompt": f"a photo of a {n}"}
+        for n in names
+    ]
+
+
+FIVE = single_objects("cow", "dog", "cat", "horse", "sheep")
+
+
+def sees_a_cow(monkeypatch) -> None:
+    monkeypatch.setattr(
+        geneval_mod,
+        "TransformersDetector",
+        lambda model_id, device: lambda image: [Detection("cow", 0.9, (0, 0, 4, 4))],
+    )
+
+
+def test_geneval_scores_only_the_prompts_given(tmp_path, monkeypatch, scorers):
+    """The out folder holds the images of 5 prompts (an earlier run of a longer list); scoring the first 2
+    scores those 2, not every prompt folder there."""
+    sees_a_cow(monkeypatch)
+    out = tmp_path / "out"
+    run_geneval(
+        generate([]), write_jsonl(tmp_path / "5.jsonl", FIVE), out, detector=None, clip=None, progress=False
+    )
+    calls = []
+    two = write_jsonl(tmp_path / "2.jsonl", FIVE[:2])
+    r = run_geneval(generate(calls), two, out, detector=scorers["detector"], clip=None, progress=False)
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["num_prompts"], scores["num_images"], scores["overall"]) == (2, 8, 0.5)  # the cow's 4
+    assert (r["generated"], r["skipped"], r["unit"], calls) == (0, 2, "prompts", [])
+
+
+def test_geneval_limit_takes_the_first_prompts_and_scores_those(tmp_path, monkeypatch, scorers):
+    sees_a_cow(monkeypatch)
+    path, out = write_jsonl(tmp_path / "5.jsonl", FIVE), tmp_path / "out"
+    calls = []
+    r = run_geneval(
+        generate(calls), path, out, detector=scorers["detector"], clip=None, limit=2, progress=False
+    )
+    assert calls == ["a photo of a cow", "a photo of a dog"] and (r["generated"], r["unit"]) == (2, "prompts")
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["num_prompts"], scores["limit"], scores["overall"]) == (2, 2, 0.5)
+    # The rest later, into the same folder: the first prompts' images are kept, all five scored.
+    r = run_geneval(generate(calls), path, out, detector=scorers["detector"], clip=None, progress=False)
+    assert (r["generated"], r["skipped"], len(calls)) == (3, 2, 5)
+    assert (r["scores"]["num_prompts"], r["scores"]["limit"]) == (5, None)
+    for limit in (0, 2.0):
+        with pytest.raises(
+            ConfigError, match=rf"^limit={limit!r} is not allowed \(allowed: an integer >= 1, or None"
+        ):
+            run_geneval(
+                generate(calls), path, tmp_path / "new", detector=None, clip=None, limit=limit, progress=False
+            )
+    assert len(calls) == 5 and not (tmp_path / "new").exists()
+
+
+def dpg_folder(root, names, questions=None):
+    """DPG-Bench prompt files ``names`` under ``root/prompts`` and a question file for the items
+    ``questions`` (default: the same names; empty: no question file)."""
+    prompts = root / "prompts"
+    prompts.mkdir(parents=True)
+    for n in names:
+        (prompts / f"{n}.txt").write_text(f"prompt {n}")
+    items = names if questions is None else questions
+    if items:
+        rows = "".join(f"{n},1,0,entity - whole (ball),Is there a ball?\n" for n in items)
+        (root / "dpg_bench.csv").write_text(QUESTIONS.splitlines(keepends=True)[0] + rows)
+    return prompts
+
+
+def test_dpg_scores_only_the_prompts_given_and_limit_takes_the_first(tmp_path, monkeypatch, scorers):
+    monkeypatch.setattr(dpg_mod, "TransformersVQA", lambda model_id, device: lambda image, q: "yes")
+    five, out = dpg_folder(tmp_path / "five", range(5)), tmp_path / "out"
+    run_dpg(generate([]), five, out, vqa=None, progress=False)
+    calls = []
+    two = dpg_folder(tmp_path / "two", range(2), questions=range(5))  # DPG-Bench's whole question file
+    r = run_dpg(generate(calls), two, out, vqa=scorers["vqa"], progress=False)
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["num_prompts"], scores["missing"]) == (2, ["2", "3", "4"])
+    assert (r["generated"], r["skipped"], r["unit"], calls, scores["limit"]) == (0, 2, "prompts", [], None)
+
+    r = run_dpg(generate(calls), five, tmp_path / "new", vqa=scorers["vqa"], limit=3, progress=False)
+    assert calls == ["prompt 0", "prompt 1", "prompt 2"] and r["generated"] == 3
+    assert (r["scores"]["num_prompts"], r["scores"]["missing"], r["scores"]["limit"]) == (3, ["3", "4"], 3)
+
+
+def test_dpg_without_questions_refuses_prompt_files_that_are_not_dpg_benchs(tmp_path):
+    """Without a question file naming them, any folder of *.txt files was taken for DPG-Bench's prompts:
+    GenEval's object-name lists (80 lines each) were generated as two prompts."""
+    geneval = tmp_path / "geneval"
+    geneval.mkdir()
+    (geneval / "object_names.txt").write_text("person\nbicycle\ncar\n")
+    allowed = (
+        r"\(allowed: DPG-Bench's prompts/\*\.txt, named like 0\.txt or partiprompts12\.txt, one prompt on "
+        r"one line each; other prompt files with --vqa and a dpg_bench\.csv that names them\)$"
+    )
+    calls = []
+    with pytest.raises(
+        BenchmarkError,
+        match=rf"^{re.escape(str(geneval / 'object_names.txt'))} is not a DPG-Bench prompt file: its name is "
+        rf"not a source name and a number {allowed}",
+    ):
+        run_dpg(generate(calls), geneval, tmp_path / "out", vqa=None, progress=False)
+    lines = dpg_folder(tmp_path / "lines", ["0", "partiprompts7"], questions=[])
+    (lines / "partiprompts7.txt").write_text("a red ball\na blue box\n")
+    with pytest.raises(
+        BenchmarkError,
+        match=rf"^{re.escape(str(lines / 'partiprompts7.txt'))} holds 2 lines, not a DPG-Bench prompt of one "
+        rf"line {allowed}",
+    ):
+        run_dpg(generate(calls), lines, tmp_path / "out", vqa=None, progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
+    data = shared_data()
+    if data is not None and (data / "dpg_bench" / "prompts").is_dir():  # the real copies, when there
+        from fusedit.eval.benchmarks import check_dpg_files
+
+        check_dpg_files(data / "dpg_bench", load_dpg(data / "dpg_bench"))
+        with pytest.raises(BenchmarkError, match="detector_object_names.txt is not a DPG-Bench prompt file"):
+            check_dpg_files(data / "geneval", load_dpg(data / "geneval"))
+
+
+@pytest.mark.parametrize(
+    ("bench", "flags", "message"),
+    [
+        (
+            "geneval",
+            {"detector": "missing"},
+            r"^--detector '.*missing' is a path to nothing \(allowed: a model",
+        ),
+        ("geneval", {"detector": "detector", "clip": "missing"}, r"^--clip '.*missing' is a path to nothing"),
+        ("geneval", {"detector": "vqa"}, r"^detector '.*vilt' predicts none of GenEval's 80 COCO classes"),
+        ("dpg", {"vqa": "missing"}, r"^--vqa '.*missing' is a path to nothing"),
+        (
+            "dpg",
+            {"vqa": "detector"},
+            r"^--vqa '.*detr' is a model of model_type 'detr' \(allowed: a VQA model",
+        ),
+    ],
+)
+def test_scoring_models_are_read_before_any_image(tmp_path, scorers, bench, flags, message):
+    """A missing or wrong scoring model failed only after every image was generated (hours at 512 px)."""
+    places = {**scorers, "missing": str(tmp_path / "missing")}
+    given = {k: places[v] for k, v in flags.items()}
+    calls = []
+    with pytest.raises(ConfigError, match=message):
+        if bench == "geneval":
+            path = write_jsonl(tmp_path / "p.jsonl", [COW])
+            run_geneval(generate(calls), path, tmp_path / "out", **{"clip": None, **given}, progress=False)
+        else:
+            run_dpg(generate(calls), dpg_folder(tmp_path, ["0"]), tmp_path / "out", **given, progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
 
 
 def test_the_protocol_generator_draws_image_k_of_a_batch_from_seed_plus_k(tiny_run):

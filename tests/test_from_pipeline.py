@@ -82,6 +82,12 @@ def test_eval_scores_a_pipeline_folder_as_it_scores_its_run(exported, tmp_path, 
     assert main(["eval", str(ckpt), *flags, "--out", str(tmp_path / "a")]) == 0
     assert main(["eval", str(pipe), *flags, "--out", str(tmp_path / "b")]) == 0
     scores = [json.loads((tmp_path / x / "scores.json").read_text()) for x in "ab"]
+    # What each scored is recorded (the checkpoint, its weights, the folder; what the run trained on),
+    # and the scores are the same.
+    for s in scores:
+        s.pop("untrained", None)
+        for key in ("checkpoint", "weights", "model"):
+            s["settings"].pop(key)
     assert scores[0]["num_images"] > 0 and scores[0] == scores[1]
     capsys.readouterr()
     assert main(["eval", str(pipe), *flags, "--no-ema"]) == 2
@@ -140,3 +146,39 @@ def test_a_model_folder_as_base_without_init_from_warns_that_its_weights_are_not
         )
         assert main(["train", str(run_b), "train.steps=2", *common, "--out", str(run_b), "--resume"]) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"] == []
+
+
+def test_the_base_folder_warning_knows_a_run_and_its_checkpoint_start_alike(exported, tmp_path, caplog):
+    """A checkpoint folder as the config and its run folder as train.init_from load the same weights: no
+    warning; nor on a torchrun rank other than 0 (said once)."""
+    ckpt, _, _, _ = exported
+    common = ["train.steps=1", "train.batch_size=2", "--quiet"]
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert (
+            main(
+                [
+                    "train",
+                    str(ckpt),
+                    f"train.init_from={ckpt.parent.parent}",
+                    *common,
+                    "--out",
+                    str(tmp_path / "a"),
+                ]
+            )
+            == 0
+        )
+    assert [r for r in caplog.records if r.name == "fusedit.cli"] == []
+    from fusedit.cli import _warn_weights_not_taken
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        _warn_weights_not_taken(str(ckpt), "")
+        assert len(caplog.records) == 1
+        import os
+
+        os.environ["RANK"] = "1"
+        try:
+            _warn_weights_not_taken(str(ckpt), "")
+        finally:
+            del os.environ["RANK"]
+    assert len([r for r in caplog.records if r.name == "fusedit.cli"]) == 1

@@ -334,6 +334,15 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
         "details",
     }
     assert json.loads(rows[4]["metadata"]) == COUNTING and rows[4]["reason"] == "expected clock<3, found 3"
+    # Given the prompts, only theirs are scored (the first two here); a folder of another prompt is refused.
+    first = score_geneval_folder(tmp_path, detector, None, metadata=METADATA[:2], progress=False)
+    assert (first["num_prompts"], first["num_images"], first["overall"]) == (2, 8, 0.75)
+    with pytest.raises(
+        ConfigError, match="00001 holds samples of prompt 'a photo of two clocks', not 'a dog'"
+    ):
+        score_geneval_folder(
+            tmp_path, detector, None, metadata=[METADATA[0], {**COUNTING, "prompt": "a dog"}], progress=False
+        )
     with pytest.raises(ConfigError, match="ask for colours; pass a color_classifier"):
         score_geneval_folder(tmp_path, detector, None, progress=False)
     with pytest.raises(FileNotFoundError, match="no GenEval samples"):

@@ -260,6 +260,14 @@ def test_a_resume_with_another_init_from_keeps_the_one_the_run_started_from(tmp_
     for config in (run / "config.yaml", find_checkpoint(run) / "config.yaml"):
         assert yaml.safe_load(config.read_text())["train"]["init_from"] == str(first)
     assert find_checkpoint(run).name == "step_00000002"
+    # Resumed without the override it was started with: nothing to start from instead.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(tiny_config(train={"steps": 3}), run, resume=True, progress=False)
+    assert [r.getMessage() for r in caplog.records if "changed setting" in r.getMessage()] == [
+        f"resuming step_00000002 with 1 changed setting(s): train.init_from: {str(first)!r} -> '' ignored "
+        f"(read only when a run starts: the run and its saved config keep {str(first)!r})"
+    ]
 
 
 @pytest.mark.parametrize("kind", ["nothing", "empty folder", "resumed"])
@@ -282,4 +290,5 @@ def test_an_init_from_with_nothing_to_start_from_names_every_kind_allowed(tmp_pa
         f"train.init_from={str(source)!r} {what} (allowed: a run folder holding a checkpoint, a checkpoint "
         "folder, or a diffusers pipeline folder that fusedit export wrote)"
     )
-    assert _checkpoints(run) == ["step_00000001"]
+    if kind != "resumed":  # the fresh run into the earlier one's folder checked before deleting it
+        assert _checkpoints(run) == ["step_00000001"]

@@ -251,6 +251,7 @@ def test_run_mjhq_scores_fid_overall_and_per_category(tmp_path, inception):
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores == json.loads(json.dumps(result["scores"]))
     assert scores["samples"] == 6 and scores["reference_images"] == 15 and scores["features"] == INCEPTION_ID
+    assert (result["generated"], result["skipped"], result["unit"]) == (6, 0, "images")
 
     def features(files):
         return extract_features(sorted(files), extractor, progress=False)
@@ -296,7 +297,8 @@ def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, in
     assert gen.calls == []
     # Without a scorer it only generates.
     result = run_mjhq(gen, meta, tmp_path / "out", per_category=1, progress=False)
-    assert result == {"samples": str(tmp_path / "out" / "samples"), "generated": 3, "skipped": 0}
+    samples = str(tmp_path / "out" / "samples")
+    assert result == {"samples": samples, "generated": 3, "skipped": 0, "unit": "images"}
     assert not (tmp_path / "out" / "scores.json").exists()
 
 

@@ -81,3 +81,69 @@ def test_bench_rejects_bad_settings_in_one_line_before_sampling(tmp_path, settin
     with pytest.raises(ConfigError, match=f"^{message}$"):
         shapes_bench.run_shapes_bench(None, 16, tmp_path, progress=False, **setting)
     assert not (tmp_path / "scores.json").exists()
+
+
+def test_bench_records_the_model_and_marks_the_kinds_it_never_trained(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        shapes_bench, "generate", lambda model, prompts, **kw: torch.ones(len(prompts), 3, 16, 16)
+    )
+    source = {"checkpoint": "step_00000300", "weights": "0123456789abcdef", "ema": False, "model": "runA/x"}
+    scores = shapes_bench.run_shapes_bench(
+        None,
+        16,
+        tmp_path,
+        name="runA@300 raw",
+        per_category=1,
+        max_objects=2,
+        progress=False,
+        source=source,
+        trained_kinds=["single", "two", "position"],
+    )
+    assert scores["settings"] == {**scores["settings"], **source}
+    assert scores["untrained"] == ["counting", "color_attr"]
+    assert len(scores["per_category"]) == 5  # the overall stays over every category
+    assert (tmp_path / "scores.md").read_text() == (
+        "| model | overall | single | two | counting (untrained) | position | color_attr (untrained) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| runA@300 raw | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |\n"
+        "\n"
+        "counting, color_attr untrained: not in the run's data.kinds; the overall is over all 5 categories, "
+        "comparable across runs\n"
+    )
+
+
+def test_eval_cli_names_and_records_what_it_scored_and_a_fresh_run_drops_the_old_scores(tmp_path, capsys):
+    """EMA and raw weights are scored into folders of their own, each recording its checkpoint, weights and
+    EMA flag, and named by run and step in scores.md; `train --overwrite` deletes those of the old model."""
+    from fusedit.eval.run import weights_fingerprint
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "runA"
+    train = ["train", str(tmp_path / "tiny.yaml"), "train.steps=1", "--out", str(run), "--quiet"]
+    assert main(train) == 0
+    ckpt = run / "checkpoints" / "step_00000001"
+    for flags, folder, ema, row in [
+        ([], "step_00000001", True, "runA@1"),
+        (["--no-ema"], "step_00000001-raw", False, "runA@1 raw"),
+    ]:
+        capsys.readouterr()
+        assert main(["eval", str(run), "--per-category", "1", "--steps", "1", "--quiet", *flags]) == 0
+        out = run / "eval" / folder / "shapes"
+        scores = json.loads((out / "scores.json").read_text())
+        expected = {
+            "checkpoint": "step_00000001",
+            "weights": weights_fingerprint(ckpt),
+            "ema": ema,
+            "model": str(ckpt),
+        }
+        assert scores["settings"] == {**scores["settings"], **expected}
+        assert (out / "scores.md").read_text().splitlines()[2].startswith(f"| {row} | ")
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0] == f"scoring {ckpt} ({'EMA' if ema else 'raw'} weights)"
+        assert printed[-1] == (
+            f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts (counting, color_attr "
+            "untrained: not in the run's data.kinds; the overall is over all 5 categories, comparable across "
+            f"runs); details in {out}"
+        )
+    assert main([*train, "--overwrite"]) == 0
+    assert not (run / "eval").exists()

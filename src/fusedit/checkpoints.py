@@ -89,6 +89,9 @@ MODELS_FILE = "models.json"
 # The built-in word tokenizer's vocabulary (a JSON list; token id = 4 specials + position): saved so that a
 # checkpoint keeps its ids when the shapes world's words change. Absent when every tokenizer is a saved one.
 VOCABULARY_FILE = "vocabulary.json"
+# The file a training job holds locked in its run folder (train.run_folder): a run with it and no checkpoint
+# yet is one before its first save, to sampling and eval too.
+LOCK_FILE = "train.lock"
 
 
 def saved_vocabulary(ckpt: Path) -> list[str] | None:
@@ -215,7 +218,8 @@ def load_state(ckpt: Path) -> dict:
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:
-    return load_config(ckpt / "config.yaml")
+    """The config a checkpoint folder was saved with (as a model folder: config._saved_mapping)."""
+    return load_config(Path(ckpt))
 
 
 def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor] | None:
@@ -334,6 +338,15 @@ def load_model(
     return model.eval(), replace(stage.config, sample=replace(stage.config.sample, use_ema=ema)), ckpt
 
 
+def holds_ema(ckpt: Path) -> bool:
+    """Whether a checkpoint folder (either format) holds EMA weights: a converted run has none."""
+    return (
+        "ema" in dcp_sections(ckpt)
+        if is_distributed_checkpoint(ckpt)
+        else (ckpt / "ema.safetensors").is_file()
+    )
+
+
 def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     """Load a checkpoint written in ``stage`` into a freshly built ``model``: the denoiser's EMA (or raw
     weights and adapters), each saved LLM and its adapters; then merge every adapter, leaving a model
@@ -344,7 +357,7 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
 
     dcp_format = is_distributed_checkpoint(ckpt)
-    ema = use_ema and ("ema" in dcp_sections(ckpt) if dcp_format else (ckpt / "ema.safetensors").is_file())
+    ema = use_ema and holds_ema(ckpt)
     parts = Parts.of(stage.config.train)
     # The adapters the checkpoint holds (their values are loaded below; the EMA has them merged already).
     add_stage_adapters(model, None, replace(parts, dit_adapters=None) if ema else parts, seed=0, stage=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from fusedit.config import (
     ConfigError,
     RunStopped,
     SampleConfig,
+    adds_template_tokens,
     allowed_sides,
     choices_of,
     config_from_dict,
@@ -134,10 +134,13 @@ def _warn_weights_not_taken(config: str, init_from: str) -> None:
     weights: a user expecting a fine-tune would train from scratch, or from the folder's own
     train.init_from, which its saved config carries along. Not in load_config: `--resume` reads a run's
     saved config the same way."""
-    for folder in model_folder_bases(config):
-        start = Path(init_from).resolve() if init_from else None
-        if start is not None and start.is_relative_to(folder.resolve()):
-            continue  # train.init_from names the folder (or a checkpoint in it): its weights load
+    from fusedit.train.checkpoint import init_source
+
+    if os.environ.get("RANK", "0") != "0":  # said once under torchrun
+        return
+    for folder in map(Path, map(os.path.normpath, model_folder_bases(config))):
+        if init_from and _same_start(init_from, folder, init_source):
+            continue  # train.init_from names the folder, a checkpoint in it, or the one it holds: its weights load
         now = f"from train.init_from={init_from!r}" if init_from else "from random weights"
         log.warning(
             "%r is a model folder: this run takes its config, not its weights, and trains %s (to start from "
@@ -146,6 +149,17 @@ def _warn_weights_not_taken(config: str, init_from: str) -> None:
             now,
             folder,
         )
+
+
+def _same_start(init_from: str, folder: Path, init_source) -> bool:
+    """Whether train.init_from loads the weights of ``folder``: it lies in it, or both name one checkpoint
+    (a checkpoint folder as the config, its run folder as init_from)."""
+    if Path(init_from).resolve().is_relative_to(folder.resolve()):
+        return True
+    try:
+        return init_source(init_from).resolve() == init_source(folder).resolve()
+    except ConfigError:  # train() refuses an init_from with nothing to start from
+        return False
 
 
 def cmd_demo(args) -> int:
@@ -411,6 +425,7 @@ _BENCH_FLAGS = {
     "size": ("geneval", "dpg", "mjhq", "t2i-compbench"),
     "categories": ("t2i-compbench",),
     "per_prompt": ("t2i-compbench",),
+    "limit": ("geneval", "dpg"),
     "noun_phrases": ("t2i-compbench",),
     "reference": ("mjhq",),
     "features": ("mjhq",),
@@ -421,8 +436,8 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 
 def cmd_eval(args) -> int:
-    from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench
-    from fusedit.sample import check_seed, load_sampling_model
+    from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench, untrained_note
+    from fusedit.sample import check_sampling_source, check_seed, load_sampling_model
     from fusedit.system import resolve_device
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
@@ -438,32 +453,55 @@ def cmd_eval(args) -> int:
         raise ConfigError(
             f"--bench {args.bench} needs --prompts PATH (get a copy with `fusedit benchmarks download {args.bench}`)"
         )
-    for flag, value in (("--per-category", args.per_category), ("--per-prompt", args.per_prompt)):
+    for flag, value in (
+        ("--per-category", args.per_category),
+        ("--per-prompt", args.per_prompt),
+        ("--limit", args.limit),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
     if args.seed is not None:
         check_seed(args.seed, name="--seed")
-    out = _out_folder(args.out or Path(args.model) / "eval" / args.bench)
+    given_out = _out_folder(args.out) if args.out else None
     device = resolve_device(args.device, "--device")
+    relocate = _relocations(args)
+    check_sampling_source(args.model, not args.no_ema, relocate)
 
-    def load():
-        return load_sampling_model(args.model, device, use_ema=not args.no_ema, relocate=_relocations(args))
+    def load(where):
+        log.info("loading %s ...", where)  # a 2B model takes a minute, under a progress bar that waits
+        return load_sampling_model(where, device, use_ema=not args.no_ema, relocate=relocate)
+
+    # MODEL is resolved once: the record, the scores and the load all name this folder, however the run's
+    # latest checkpoint moves (or rotation deletes the one before) while it is evaluated during training.
+    saved, model = _saved_model(args.model), None
+    if saved is None:  # no config readable without the weights: the load says what the folder lacks
+        model, cfg, where = load(args.model)
+        ema = cfg.sample.use_ema
+    else:
+        cfg, where = saved
+        ema = _loads_ema(cfg, where, not args.no_ema)
+    out = given_out or _out_folder(_eval_folder(args.model, where, ema) / args.bench)
+    scoring = _scoring_line(where, ema, not args.no_ema)
 
     if args.bench in _PROTOCOLS:
-        from fusedit.eval.run import check_protocol_folder
-        from fusedit.sample import check_sampling_source
+        from fusedit.eval.run import ProtocolGenerator
 
-        # Before the folder's record is compared or written: the load comes only at the first image.
-        check_sampling_source(args.model, not args.no_ema, _relocations(args))
-        saved = _saved_model(args.model)
-        if saved is not None:  # a folder of another generation's images is refused before the load
-            record = _eval_record(args, *saved, device)[1]
-            check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)
+        # Before the folder's record is compared or written: the load comes only at the first image (the
+        # protocol's checks of prompts and kept images come first; scoring again loads no model).
+        settings, record = _eval_record(args, cfg, where, ema, device)
+        _check_eval_folder(args, out, record, where)  # another generation's images: refused before the load
         extractor = _mjhq_scorer(args, device) if args.bench == "mjhq" else None
-        with _kept_on_interrupt(f"the images written in {out} are kept; {GO_ON}"):
-            return _eval_protocol(args, saved, load, out, device, extractor)
-    model, cfg, _ = load()
+        if model is None:
+            gen = ProtocolGenerator.lazy(lambda: load(where)[0], settings)
+        else:
+            gen = ProtocolGenerator(model, settings)
+        print(scoring, flush=True)
+        with _kept_on_interrupt(lambda: _protocol_kept(args.bench, out)):
+            return _eval_protocol(args, gen, record, out, device, extractor)
+    print(scoring, flush=True)
+    if model is None:
+        model, cfg, where = load(where)
     s = cfg.sample
     settings = bench_settings(
         cfg,
@@ -482,13 +520,163 @@ def cmd_eval(args) -> int:
         scores = run_shapes_bench(
             model,
             out_dir=out,
-            name=cfg.name,
+            name=_row_name(where, cfg.sample.use_ema),
             progress=not args.quiet,
+            source=_eval_source(where, cfg.sample.use_ema),
+            trained_kinds=_trained_kinds(where),
             **settings,
         )
     print((out / "scores.md").read_text(), end="")
-    print(f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts; details in {out}")
+    untrained = scores.get("untrained")
+    note = f" ({untrained_note(untrained, len(scores['per_category']))})" if untrained else ""
+    print(
+        f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts{note}; details in {out}"
+    )
     return 0
+
+
+def _loads_ema(cfg: Config, where: Path, asked: bool) -> bool:
+    """Whether the model read from ``where`` samples with EMA weights, known before its load: a pipeline
+    folder holds the weights it was exported with (its recorded sample.use_ema); a checkpoint its EMA when
+    ``asked`` and saved (a converted run has none, and its raw weights load: checkpoints.load_weights)."""
+    from fusedit.checkpoints import holds_ema
+
+    if (where / "model_index.json").is_file():
+        return cfg.sample.use_ema
+    return asked and holds_ema(where)
+
+
+def _run_of(where: Path) -> Path | None:
+    """The run folder of the checkpoint folder ``where`` (RUN/checkpoints/step_N); None for a pipeline
+    folder or a checkpoint outside a run."""
+    run = where.parent.parent
+    return run if where.parent.name == "checkpoints" and (where / "state.json").is_file() else None
+
+
+def _eval_folder(model: str, where: Path, ema: bool) -> Path:
+    """The folder `fusedit eval` writes each bench's results under by default: a run's or checkpoint's go to
+    RUN/eval/<checkpoint>[-raw], one per checkpoint and weights, so that evals of successive checkpoints and
+    of the EMA and raw weights never meet in one folder, and none lies inside a checkpoint folder, which
+    train.keep_checkpoints deletes. A pipeline folder holds one model: MODEL/eval."""
+    if (where / "model_index.json").is_file():
+        return Path(model) / "eval"
+    return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
+
+
+def _training(run: Path) -> bool:
+    """Whether a training job holds ``run``'s train.lock (train.run_folder keeps an exclusive flock on it
+    while it trains): a shared lock is then refused. Unknown (False) where the system has no flock."""
+    from fusedit.checkpoints import LOCK_FILE
+
+    try:
+        import fcntl
+
+        handle = (run / LOCK_FILE).open()
+    except (ImportError, OSError):
+        return False
+    with handle:  # closing it releases the shared lock taken below
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _scoring_line(where: Path, ema: bool, asked: bool) -> str:
+    """What `fusedit eval` scores: the folder its weights are read from, EMA or raw, and whether its run is
+    still training (its latest checkpoint then moves on while this one is scored)."""
+    weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
+    run = _run_of(where)
+    training = "; the run is still training (train.lock held)" if run is not None and _training(run) else ""
+    return f"scoring {where} ({weights}){training}"
+
+
+def _row_name(where: Path, ema: bool) -> str:
+    """The shapes bench's row name of the model read from ``where``: its run and step (runA@300), " raw"
+    for raw weights, so that two runs' or checkpoints' tables are told apart."""
+    from fusedit.checkpoints import load_state
+
+    name = (_run_of(where) or where).resolve().name  # `fusedit eval .` names the folder, not ""
+    if (where / "state.json").is_file():
+        name += f"@{load_state(where)['step']}"
+    return name + ("" if ema else " raw")
+
+
+def _eval_source(where: Path, ema: bool) -> dict:
+    """What the shapes bench records of the model it scores (as generation.json does for the protocols)."""
+    from fusedit.eval.run import weights_fingerprint
+
+    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema, "model": str(where)}
+
+
+def _trained_kinds(where: Path) -> list[str] | None:
+    """The shapes-world kinds the checkpoint at ``where`` trained on (data.kinds of each stage begun by its
+    step); None where unknown (a pipeline folder records no data section) or trained on other data."""
+    from fusedit.checkpoints import load_checkpoint_config, load_state
+    from fusedit.config import resolved_stages
+
+    if not (where / "state.json").is_file():
+        return None
+    step = int(load_state(where)["step"])
+    begun = [s for s in resolved_stages(load_checkpoint_config(where)) if s.start < step or s.index == 0]
+    kinds = [k for s in begun if s.config.data.source == "shapes" for k in s.config.data.kinds]
+    return list(dict.fromkeys(kinds)) or None
+
+
+def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
+    """eval.run.check_protocol_folder, whose refusal of images made with another checkpoint names that
+    checkpoint's folder, when it is still there with the same weights, as the way to finish them."""
+    from fusedit.eval.run import check_protocol_folder
+
+    try:
+        check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)
+    except ConfigError as e:
+        other = _recorded_checkpoint(out, record, where)
+        if other is None:
+            raise
+        raise ConfigError(f"{e}; to finish it, evaluate {other} with --out {out}") from None
+
+
+def _recorded_checkpoint(out: Path, record: dict, where: Path) -> Path | None:
+    """The checkpoint folder beside ``where`` that made the images of ``out`` (its generation.json, or a
+    T2I-CompBench category's), where it differs from ``record`` only in the checkpoint."""
+    from fusedit.eval.run import RECORD, weights_fingerprint
+    from fusedit.files import as_json_reads_back
+
+    record = as_json_reads_back(record)  # compared with the JSON one (a tuple reads back as a list)
+    same = [k for k in record if k not in ("checkpoint", "weights")]
+    for path in [out / RECORD, *sorted(out.glob(f"*/{RECORD}"))]:
+        try:
+            saved = json.loads(path.read_text())
+            folder = where.parent / saved["checkpoint"]
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if (
+            saved["checkpoint"] != record["checkpoint"]
+            and all(saved.get(k) == record[k] for k in same)
+            and (folder / "state.json").is_file()
+            and weights_fingerprint(folder) == saved.get("weights")
+        ):
+            return folder
+    return None
+
+
+def _protocol_kept(bench: str, out: Path) -> str:
+    """What an interrupted protocol run leaves in ``out``: its images (DPG-Bench's grids), counted."""
+    from fusedit.eval.run import IMAGES
+
+    unit = "grid" if bench == "dpg" else "image"
+    folders = list(out.glob("*/samples")) if bench == "t2i-compbench" else [out / IMAGES[bench]]
+    n = sum(1 for folder in folders if folder.is_dir() for _ in folder.rglob("*.png"))
+    if not n:
+        return f"no {unit} was written to {out}; rerun the same command to start"
+    return f"{_plural(n, unit)} in {out} {'is' if n == 1 else 'are'} kept; {GO_ON}"
+
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}{'' if n == 1 else 's'}"
 
 
 def _eval_seed(args) -> int:
@@ -510,11 +698,12 @@ def _mjhq_scorer(args, device):
     return feature_extractor(args.features, device=device)
 
 
-def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
-    """The sampling settings of `fusedit eval --bench geneval|dpg` for a model of ``cfg`` read from
-    ``where``, and the record of what makes its images (eval.run.claim_folder), so that a rerun after more
-    training does not keep (and score) the old ones. The text cache and CUDA graphs change no image beyond
-    rounding, so they may differ between runs."""
+def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dict, dict]:
+    """The sampling settings of `fusedit eval --bench geneval|dpg|...` for a model of ``cfg`` read from
+    ``where`` with its EMA weights or not (``ema``: as it loads, _loads_ema), and the record of what makes
+    its images (eval.run.claim_folder), so that a rerun after more training does not keep (and score) the
+    old ones. The text cache and CUDA graphs change no image beyond rounding, so they may differ between
+    runs."""
     from fusedit.eval.run import weights_fingerprint
     from fusedit.sample import sample_settings
     from fusedit.system import precision_name
@@ -524,31 +713,23 @@ def _eval_record(args, cfg: Config, where: Path, device) -> tuple[dict, dict]:
     record = {
         "checkpoint": Path(where).name,
         "weights": weights_fingerprint(Path(where)),
-        "ema": not args.no_ema,
+        "ema": ema,
         **kept,
         "precision": precision_name(settings["precision"], device),
     }
     return settings, record
 
 
-def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, device, extractor=None) -> int:
-    """A protocol run. With the model's ``saved`` (config, weights folder) known, ``load()`` runs at the first
-    image to make (the protocol's checks of prompts and kept images come first; scoring again loads no
-    model); else the model loads first, its loading reporting what the folder lacks."""
+def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -> int:
+    """A protocol run with the generator ``gen`` (eval.run.ProtocolGenerator) whose model and settings
+    ``record`` describes, and the lines that report it."""
     from fusedit.eval import run
     from fusedit.sample import warn_cut_prompts
 
-    if saved is None:
-        model, cfg, where = load()
-        gen_of = functools.partial(run.ProtocolGenerator, model)
-    else:
-        (cfg, where) = saved
-        gen_of = functools.partial(run.ProtocolGenerator.lazy, lambda: load()[0])
-    settings, record = _eval_record(args, cfg, where, device)
     # What each protocol takes beyond what they all take (below).
     protocols = {
-        "geneval": (run.run_geneval, {"detector": args.detector, "clip": args.clip}),
-        "dpg": (run.run_dpg, {"vqa": args.vqa}),
+        "geneval": (run.run_geneval, {"detector": args.detector, "clip": args.clip, "limit": args.limit}),
+        "dpg": (run.run_dpg, {"vqa": args.vqa, "limit": args.limit}),
         "mjhq": (
             run.run_mjhq,
             {
@@ -571,7 +752,6 @@ def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, dev
         ),
     }
     protocol, own = protocols[args.bench]
-    gen = gen_of(settings)
     r = protocol(
         gen,
         args.prompts,
@@ -582,7 +762,9 @@ def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, dev
         record=record,
         **own,
     )
-    print(f"{args.bench}: wrote {out} ({r['generated']} generated, {r['skipped']} already there)")
+    # GenEval's and DPG-Bench's counts are of prompts (4 images each), the others' of images.
+    total = _plural(r["generated"] + r["skipped"], r["unit"].removesuffix("s"))
+    print(f"{args.bench}: wrote {out} ({total}: {r['generated']} generated, {r['skipped']} already there)")
     if gen.truncated:  # of the prompts sampled in this run
         warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits)
     if args.bench == "mjhq" and "scores" in r:
@@ -593,8 +775,30 @@ def _eval_protocol(args, saved: tuple[Config, Path] | None, load, out: Path, dev
             f"category {worst} is highest at {scores['categories'][worst]:.3f}; details in {out / 'scores.json'}"
         )
     elif "scores" in r:
-        print(f"overall {r['scores']['overall']:.4f}; details in {out / 'scores.json'}")
+        part = _scored_part(args, r["scores"])
+        print(f"overall {r['scores']['overall']:.4f}{part}; details in {out / 'scores.json'}")
     return 0
+
+
+def _scored_part(args, scores: dict) -> str:
+    """What a protocol's overall is taken over, with the part of the benchmark it leaves out, if any: its
+    mean over a few tasks or categories is not the benchmark's overall."""
+    from fusedit.eval.compbench import CATEGORIES
+    from fusedit.eval.geneval import TASKS
+
+    parts = [f"the first {args.limit}: --limit {args.limit}"] if args.limit is not None else []
+    if args.bench == "geneval" and scores.get("missing_tasks"):
+        tasks = [t for t in TASKS if t not in scores["missing_tasks"]]
+        parts.append(f"{len(tasks)} of {len(TASKS)} tasks: {', '.join(tasks)}")
+    if args.bench == "dpg" and scores.get("missing"):
+        total = scores["num_prompts"] + len(scores["missing"])
+        parts.append(f"{scores['num_prompts']} of the question file's {total}")
+    if args.bench == "t2i-compbench" and len(scores["per_category"]) < len(CATEGORIES):
+        parts.append(
+            f"{len(scores['per_category'])} of {len(CATEGORIES)} categories: {', '.join(scores['per_category'])}"
+        )
+    over = f" over {_plural(scores['num_prompts'], 'prompt')}" if "num_prompts" in scores else ""
+    return over + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def cmd_benchmarks(args) -> int:
@@ -1054,8 +1258,28 @@ def _unloaded_templates(cfg: Config, model) -> list[str]:
     return [
         key
         for (key, t), enc in zip(text_sections(cfg), model.encoders, strict=True)
-        if enc.tokenizer is None and (t.template != "plain" or t.instruction)
+        if enc.tokenizer is None and adds_template_tokens(t)
     ]
+
+
+_NO_PEFT = (
+    "(parameters: the LoRA adapters are counted through peft, which is not installed: pip install peft)"
+)
+
+
+def _can_count(stage) -> bool:
+    """Whether the parameters ``stage`` trains can be counted here: LoRA adapters are added through peft,
+    an optional package; describe still gives the rest without it."""
+    from fusedit.train.stages import Parts
+
+    parts = Parts.of(stage.config.train)
+    if not (parts.dit_adapters or parts.llm_adapters):
+        return True
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_describe(args) -> int:
@@ -1091,7 +1315,7 @@ def cmd_describe(args) -> int:
     costs = [(size, image_costs(model, first.config, size)) for size in sizes]
     stage_lines = describe_stages(cfg, model) if cfg.stages else []
     # The exact counts too: a debug design's 1.5M would not confirm the 1.53M `fusedit study` reports.
-    parameters = _parameter_lines(model, keys, first)
+    parameters = _parameter_lines(model, keys, first) if _can_count(first) else [_NO_PEFT]
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
         f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
@@ -1277,6 +1501,13 @@ def _add_eval_parser(sub) -> None:
         "--per-prompt", type=int, help="t2i-compbench: images per prompt (default 10, as published)"
     )
     sp.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="geneval/dpg: the first N prompts only, generated and scored (a quick subset; a later full run "
+        "into the same --out keeps their images)",
+    )
+    sp.add_argument(
         "--noun-phrases",
         choices=["rules", "spacy"],
         help="t2i-compbench: noun phrases from built-in word lists (default) or spaCy (if installed, as published)",
@@ -1291,7 +1522,11 @@ def _add_eval_parser(sub) -> None:
         type=int,
         help="geneval/dpg/mjhq/t2i-compbench: image side in pixels, square (default the model's)",
     )
-    sp.add_argument("--out", help="output folder (default MODEL/eval/BENCH)")
+    sp.add_argument(
+        "--out",
+        help="output folder (default RUN/eval/CHECKPOINT/BENCH for a run or checkpoint folder, "
+        "RUN/eval/CHECKPOINT-raw/BENCH with --no-ema; MODEL/eval/BENCH for a pipeline folder)",
+    )
     sp.add_argument("--steps", type=int)
     sp.add_argument("--guidance", type=float)
     sp.add_argument("--seed", type=int, help="default 0 for shapes, 42 for the published benchmarks")

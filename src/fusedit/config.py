@@ -627,7 +627,7 @@ def _saved_mapping(folder: Path) -> dict:
     folder recorded (the data and train sections then start from their defaults, but for data.image_size
     and data.max_objects)."""
     if (folder / "config.yaml").is_file():
-        return _read_yaml(folder / "config.yaml")[0]
+        return _without_noops(_read_yaml(folder / "config.yaml")[0], folder)
     if (folder / "model_index.json").is_file():
         recorded = pipeline_record(folder)
         if recorded is None:
@@ -635,7 +635,7 @@ def _saved_mapping(folder: Path) -> dict:
                 f"{str(folder)!r} is not a fusedit pipeline folder ({folder / 'transformer' / 'config.json'} "
                 "records no fusedit config; a public FuseDiT pipeline needs `fusedit convert` first)"
             )
-        return recorded
+        return _without_noops(recorded, folder)
     raise ConfigError(
         f"{str(folder)!r} is a folder without a saved config (allowed: a preset name, a YAML file, or a run, "
         "checkpoint or diffusers pipeline folder)"
@@ -1401,6 +1401,91 @@ def check_data_locations(data: DataConfig) -> None:
         )
 
 
+def adds_template_tokens(text: TextConfig) -> bool:
+    """Whether a text section's template puts tokens around the prompt: any but ``plain``, or a plain one
+    with an instruction (a prefix of spaces only opens the prompt instead, TextEncoder)."""
+    return text.template != "plain" or bool(text.instruction.strip(" "))
+
+
+def noop_settings(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, one-line refusal) of each setting that changes nothing in ``cfg``: an ablation of a part
+    the model lacks, a system prompt a template has no turn for. Refused in a config being written
+    (validate); dropped from the config a model folder was saved with (_saved_mapping), which a run saved
+    before a refusal was added may hold, as dropping it changes nothing."""
+    m, found = cfg.model, []
+    for key, text in text_sections(cfg):
+        if text.system_prompt and text.template == "plain":
+            found.append(
+                (
+                    f"{key}.system_prompt",
+                    f"{key}.system_prompt={text.system_prompt!r} does nothing with {key}.template='plain', "
+                    f"which has no system turn (allowed: {key}.template chat, lidit or lidit-chat, or an "
+                    "empty system_prompt)",
+                )
+            )
+    if not m.refiner_gating and not m.refiner_depth:
+        found.append(
+            (
+                "model.refiner_gating",
+                "model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1",
+            )
+        )
+    if m.refiner_causal and not m.refiner_depth:
+        found.append(
+            (
+                "model.refiner_causal",
+                "model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1",
+            )
+        )
+    if not m.drop_instruction and not m.refiner_depth:
+        found.append(
+            (
+                "model.drop_instruction",
+                "model.drop_instruction=false is a refiner ablation: set model.refiner_depth >= 1",
+            )
+        )
+    elif not m.drop_instruction and not any(adds_template_tokens(t) for _, t in text_sections(cfg)):
+        # With no template tokens on any LLM, the DiT reads the same tokens whether they are dropped.
+        others = ", nor does any extra_text" if cfg.extra_text else ""
+        found.append(
+            (
+                "model.drop_instruction",
+                "model.drop_instruction=false keeps the instruction tokens for the DiT, but "
+                f"text.template='plain' with text.instruction={cfg.text.instruction!r} gives none{others} "
+                "(allowed: a text.instruction, or text.template chat, lidit or lidit-chat)",
+            )
+        )
+    if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
+        found.append(
+            (
+                "model.collaborative_refiner",
+                "model.collaborative_refiner=false is an ablation of the refiners of 2+ LLMs: it needs "
+                "model.refiner_depth >= 1 and extra_text",
+            )
+        )
+    return found
+
+
+def _without_noops(data: dict, folder: Path) -> dict:
+    """A saved config mapping without the settings that change nothing in it (noop_settings): a run saved
+    before their refusal still samples, resumes and serves as a base, as it trained."""
+    try:
+        keys = [key for key, _ in noop_settings(_build(Config, copy.deepcopy(data), ""))]
+    except ConfigError:
+        return data  # the load names the problem
+    if not keys:
+        return data
+    log.info("%s: leaving out %s, which change(s) nothing in its saved config", folder, ", ".join(keys))
+    out = copy.deepcopy(data)
+    for key in keys:
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node.pop(leaf, None)
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-field types cannot express."""
     if cfg.vae.kind == "identity" and (cfg.vae.downsample != 1 or cfg.vae.latent_channels != 3):
@@ -1451,12 +1536,6 @@ def validate(cfg: Config) -> None:
         if text.model_id == "" and not text.arch:
             raise ConfigError(
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
-            )
-        if text.system_prompt and text.template == "plain":  # accepted, it changed nothing
-            raise ConfigError(
-                f"{key}.system_prompt={text.system_prompt!r} does nothing with {key}.template='plain', which "
-                f"has no system turn (allowed: {key}.template chat, lidit or lidit-chat, or an empty "
-                "system_prompt)"
             )
         if text.pretrain_steps and text.model_id:
             # Pretraining fits a random-init LLM to the caption corpus; a trained one is never overwritten.
@@ -1515,28 +1594,8 @@ def validate(cfg: Config) -> None:
             f"model.refiner_depth >= 1 and extra_text (got refiner_depth={m.refiner_depth}, "
             f"{1 + len(cfg.extra_text)} LLM)"
         )
-    if not m.refiner_gating and not m.refiner_depth:
-        raise ConfigError("model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1")
-    if m.refiner_causal and not m.refiner_depth:  # accepted, it changed nothing
-        raise ConfigError("model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1")
-    if not m.drop_instruction and not m.refiner_depth:  # accepted, it changed nothing
-        raise ConfigError("model.drop_instruction=false is a refiner ablation: set model.refiner_depth >= 1")
-    # A plain template's only instruction tokens are text.instruction's (a prefix of spaces opens the prompt
-    # instead, TextEncoder): with none on any LLM, the DiT reads the same tokens whether they are dropped.
-    if not m.drop_instruction and all(
-        t.template == "plain" and not t.instruction.strip(" ") for _, t in text_sections(cfg)
-    ):
-        others = ", nor does any extra_text" if cfg.extra_text else ""
-        raise ConfigError(
-            "model.drop_instruction=false keeps the instruction tokens for the DiT, but "
-            f"text.template='plain' with text.instruction={cfg.text.instruction!r} gives none{others} "
-            "(allowed: a text.instruction, or text.template chat, lidit or lidit-chat)"
-        )
-    if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
-        raise ConfigError(
-            "model.collaborative_refiner=false is an ablation of the refiners of 2+ LLMs: it needs "
-            "model.refiner_depth >= 1 and extra_text"
-        )
+    for _, problem in noop_settings(cfg):
+        raise ConfigError(problem)
     if m.pooled_text == "refined" and not m.refiner_depth:
         raise ConfigError("model.pooled_text='refined' pools the refined text: set model.refiner_depth >= 1")
     if m.pooled_text == "clip" and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):

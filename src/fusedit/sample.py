@@ -518,12 +518,34 @@ def load_sampling_model(
     try:
         ckpt = find_checkpoint(folder)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
-            "folder with model_index.json)"
-        ) from None
+        raise FileNotFoundError(_no_model(folder, path)) from None
     model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
     return *sampling(model, cfg), ckpt
+
+
+def _no_model(folder: Path, path: str | Path) -> str:
+    """Why ``folder`` (``path`` as given) holds no model: a run that has not saved its first checkpoint yet
+    (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder."""
+    from fusedit.checkpoints import LOCK_FILE
+    from fusedit.config import load_config, resolved_stages
+
+    if not ((folder / "config.yaml").is_file() or (folder / LOCK_FILE).is_file()):
+        return (
+            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
+            "folder with model_index.json)"
+        )
+    run = f"run {str(path)!r} has no finished checkpoint yet"
+    try:
+        cfg = load_config(folder / "config.yaml")
+        first = resolved_stages(cfg)[0]
+    except (OSError, ValueError):  # a run whose config.yaml is not written yet (or unreadable)
+        return run
+    # The training saves at every multiple of train.checkpoint_every and at each stage's and the run's end.
+    every = first.config.train.checkpoint_every
+    if every <= first.end:
+        return f"{run} (the first is saved at step {every}: train.checkpoint_every)"
+    end = "its first stage" if cfg.stages else "the run"
+    return f"{run} (the first is saved at step {first.end}, the end of {end})"
 
 
 # The files write_sample_folder writes (and removes from an earlier sample in the same folder).

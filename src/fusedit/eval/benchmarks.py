@@ -21,14 +21,17 @@ loaders accept such a copy (a file or the folder ``download`` writes).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import re
 import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
@@ -111,9 +114,10 @@ def download(
 
     GenEval gives ``dest/evaluation_metadata.jsonl`` (+ LICENSE); DPG-Bench gives ``dest/prompts/*.txt``,
     ``dest/dpg_bench.csv`` (+ LICENSE); MJHQ-30K gives ``dest/meta_data.json`` and, with ``images``, the
-    reference images in ``dest/mjhq30k_imgs/<category>/``. A complete existing copy is kept unless ``force``. Files are
-    gathered in a temporary folder and moved into place at the end, so an interrupted download never
-    leaves a half-written copy that would later pass for a complete one.
+    reference images in ``dest/mjhq30k_imgs/<category>/``. A complete existing copy is kept unless
+    ``force``. Files are gathered in a temporary folder and moved into place at the end, so an interrupted
+    download never leaves a half-written copy that would later pass for a complete one, and a failed one
+    leaves no folder it made.
     """
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
@@ -122,23 +126,32 @@ def download(
     dest = Path(dest)
     if not force and _is_complete(name, dest, images):
         return dest
+    # The folders made here, deepest first: a failed download (offline, say) takes them away again, so that
+    # it leaves no empty folder behind.
+    made = [p for p in (dest, *dest.parents) if not p.exists()]
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp_name:
-        tmp = Path(tmp_name)
-        if name == "geneval":
-            _download_geneval(tmp, ref, timeout)
-        elif name == "mjhq":
-            _download_mjhq(tmp, ref, timeout, progress, images)
-        elif name == "t2i-compbench":
-            _download_compbench(tmp, ref, timeout)
-        else:
-            _download_dpg(tmp, ref, timeout, progress)
-        for item in tmp.iterdir():
-            target = dest / item.name
-            if item.is_dir():  # a kill while an earlier copy is deleted must not leave it half there
-                replace_folder(item, target)
+    try:
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp_name:
+            tmp = Path(tmp_name)
+            if name == "geneval":
+                _download_geneval(tmp, ref, timeout)
+            elif name == "mjhq":
+                _download_mjhq(tmp, ref, timeout, progress, images)
+            elif name == "t2i-compbench":
+                _download_compbench(tmp, ref, timeout)
             else:
-                item.replace(target)
+                _download_dpg(tmp, ref, timeout, progress)
+            for item in tmp.iterdir():
+                target = dest / item.name
+                if item.is_dir():  # a kill while an earlier copy is deleted must not leave it half there
+                    replace_folder(item, target)
+                else:
+                    item.replace(target)
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # one that holds something now is kept, with what it holds
+                folder.rmdir()
+        raise
     return dest
 
 
@@ -326,22 +339,57 @@ def load_geneval(path: str | Path) -> list[dict]:
 
 
 def name_order(stem: str) -> tuple:
-    # DPG-Bench names its prompts 0..1064: sort those numerically, anything else after them by name.
+    # DPG-Bench names 299 of its prompts by a number alone: sort those numerically, the others
+    # (partiprompts12, ...) after them by name.
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 
-def load_dpg(path: str | Path) -> list[tuple[str, str]]:
-    """DPG-Bench prompts as (name, prompt) pairs, name = the file stem (the key of the question CSV and
-    of the grid image). ``path`` is a folder of ``*.txt`` files or a folder with a ``prompts/`` one."""
+def _dpg_folder(path: str | Path) -> Path:
+    """The folder of DPG-Bench prompt files ``path`` names: itself, or its ``prompts/`` folder."""
     path = existing_path(path, "DPG-Bench prompts folder", "dpg")
     if not path.is_dir():
         raise BenchmarkError(f"DPG-Bench prompts {str(path)!r} is a file; expected a folder of *.txt files")
     if not any(path.glob("*.txt")) and (path / DPG_PROMPTS).is_dir():
         path = path / DPG_PROMPTS
+    return path
+
+
+def load_dpg(path: str | Path) -> list[tuple[str, str]]:
+    """DPG-Bench prompts as (name, prompt) pairs, name = the file stem (the key of the question CSV and
+    of the grid image). ``path`` is a folder of ``*.txt`` files or a folder with a ``prompts/`` one."""
+    path = _dpg_folder(path)
     files = sorted(path.glob("*.txt"), key=lambda p: name_order(p.stem))
     if not files:
         raise BenchmarkError(f"no *.txt prompt files in {str(path)!r}; expected DPG-Bench's prompts folder")
     return [(f.stem, read_utf8(f, "one DPG-Bench prompt").strip()) for f in files]
+
+
+# DPG-Bench's prompt files are named by their source and a number (0.txt, partiprompts12.txt,
+# COCOval2014000000010363.txt, ...), and each holds one prompt on one line.
+DPG_NAME = re.compile(r"[A-Za-z]*\d+")
+_DPG_FILES = (
+    "allowed: DPG-Bench's prompts/*.txt, named like 0.txt or partiprompts12.txt, one prompt on one line "
+    "each; other prompt files with --vqa and a dpg_bench.csv that names them"
+)
+
+
+def check_dpg_files(path: str | Path, prompts: Sequence[tuple[str, str]]) -> None:
+    """Refuse ``prompts`` (``load_dpg(path)``) when a file is not laid out as DPG-Bench's (``DPG_NAME``, one
+    line), for a run without the question file that names the prompts: any other folder of *.txt files
+    (GenEval's 80-line object-name lists) would be generated as prompts, and its grids mixed with DPG's."""
+    folder = _dpg_folder(path)
+    for name, prompt in prompts:
+        file = folder / f"{name}.txt"
+        if not DPG_NAME.fullmatch(name):
+            raise BenchmarkError(
+                f"{file} is not a DPG-Bench prompt file: its name is not a source name and a number "
+                f"({_DPG_FILES})"
+            )
+        lines = len(prompt.splitlines())
+        if lines > 1:
+            raise BenchmarkError(
+                f"{file} holds {lines} lines, not a DPG-Bench prompt of one line ({_DPG_FILES})"
+            )
 
 
 def dpg_csv_path(path: str | Path) -> Path:

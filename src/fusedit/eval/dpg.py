@@ -247,14 +247,17 @@ def score_dpg_folder(
     questions: dict[str, list[DpgQuestion]] | str | Path,
     vqa: VQA,
     *,
+    names: Sequence[str] | None = None,
     out_file: str | Path | None = None,
     tiles: int = 4,
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict:
-    """Score the grids ``<folder>/<name>.png`` whose names have questions; writes one JSON line per prompt
-    (``out_file``, default ``<folder>/dpg_results.jsonl``: tile scores, score, answers) and returns the
-    overall score (in [0, 1]), the per-category scores and the names of prompts without a grid.
+    """Score the grids ``<folder>/<name>.png`` whose names have questions, of the prompts ``names`` only
+    (None: every grid there); writes one JSON line per prompt (``out_file``, default
+    ``<folder>/dpg_results.jsonl``: tile scores, score, answers) and returns the overall score (in
+    [0, 1]), the per-category scores and, as ``missing``, the question file's items not scored (without a
+    grid, or not among ``names``).
 
     ``questions`` is ``load_dpg_questions``' result or the CSV's path; ``tiles`` scores only the first k
     tiles of each grid (ELLA's ``--pic-num``, 4 in its published runs).
@@ -267,7 +270,9 @@ def score_dpg_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"DPG-Bench grid folder {str(folder)!r} does not exist")
-    grids = sorted((p for p in folder.glob("*.png") if p.stem in questions), key=lambda p: name_order(p.stem))
+    # Another run's grids in the folder beyond ``names`` (a longer prompt list, no limit) are not scored.
+    wanted = questions.keys() if names is None else set(names) & questions.keys()
+    grids = sorted((p for p in folder.glob("*.png") if p.stem in wanted), key=lambda p: name_order(p.stem))
     if not grids:
         raise FileNotFoundError(f"no grids named after DPG-Bench item ids (e.g. 0.png) in {str(folder)!r}")
     results, by_category, top = [], {}, {}
@@ -310,12 +315,20 @@ def score_dpg_folder(
     }
 
 
+VQA_TYPES = ("blip", "vilt")
+
+
+def vqa_model_type(model_id: str | Path) -> str:
+    """The model_type of the VQA model ``model_id`` from its config alone (no weights load), refused in one
+    line when it is missing, unreachable or not one ``TransformersVQA`` runs: checked before generating."""
+    allowed = f"a VQA model of model_type {', '.join(VQA_TYPES)}, e.g. Salesforce/blip-vqa-capfilt-large"
+    return model_config(model_id, f"--vqa {str(model_id)!r}", allowed, kinds=VQA_TYPES).model_type
+
+
 class TransformersVQA:
     """A transformers VQA model as the scorer's ``vqa``: BLIP (generative, e.g.
     ``Salesforce/blip-vqa-capfilt-large``) or ViLT (answer classification, e.g.
     ``dandelin/vilt-b32-finetuned-vqa``), loaded by hub id or folder."""
-
-    SUPPORTED = ("blip", "vilt")
 
     def __init__(
         self,
@@ -328,12 +341,7 @@ class TransformersVQA:
         from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
 
         self.model_id = str(model_id)
-        allowed = (
-            f"a VQA model of model_type {', '.join(self.SUPPORTED)}, e.g. Salesforce/blip-vqa-capfilt-large"
-        )
-        model_type = model_config(
-            model_id, f"--vqa {self.model_id!r}", allowed, kinds=self.SUPPORTED
-        ).model_type
+        model_type = vqa_model_type(model_id)
         self.device, self.dtype = resolve_device(device), dtype
         self.max_new_tokens = max_new_tokens
         self.processor = AutoProcessor.from_pretrained(model_id)

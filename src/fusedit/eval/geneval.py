@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, model_config
-from fusedit.eval.fid import ClipEmbedder, decoded_image, model_inputs
+from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs
 from fusedit.files import read_json, write_text_atomic
 from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
@@ -384,27 +384,37 @@ def score_geneval_folder(
     detector: Detector,
     color_classifier: ColorClassifier | None,
     *,
+    metadata: Sequence[dict] | None = None,
     out_file: str | Path | None = None,
     rules: GenEvalRules = GenEvalRules(),
     progress: bool = True,
 ) -> dict:
-    """Score every ``<index>/samples/<k>.png`` of a GenEval folder; writes the per-image results as JSON
-    lines (``out_file``, default ``<folder>/results.jsonl``, the fields of GenEval's results file) and
-    returns ``summarize`` of them plus the results file's path."""
+    """Score the ``<index>/samples/<k>.png`` of a GenEval folder: of the prompts ``metadata`` (the folders
+    ``write_geneval_samples`` wrote them to, each checked to hold its prompt), or of every prompt folder
+    there when None. Writes the per-image results as JSON lines (``out_file``, default
+    ``<folder>/results.jsonl``, the fields of GenEval's results file) and returns ``summarize`` of them
+    plus the results file's path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"GenEval sample folder {str(folder)!r} does not exist")
-    jobs = []
-    for prompt_dir in _prompt_folders(folder):
+    if metadata is None:
         # Upstream reads the file with json.load: one object, whatever the extension says.
-        metadata = read_json(prompt_dir / "metadata.jsonl", _REMAKE.format(folder=prompt_dir))
+        prompts = [
+            (d, read_json(d / "metadata.jsonl", _REMAKE.format(folder=d))) for d in _prompt_folders(folder)
+        ]
+    else:  # another run's prompts in the folder beyond these (a longer list, no limit) are not scored
+        prompts = [(folder / f"{i:05d}", meta) for i, meta in enumerate(metadata)]
+        # Those whose folder is there; _prompt_done with no image asked for refuses one of another prompt.
+        prompts = [(d, meta) for d, meta in prompts if _prompt_done(d, meta, 0)]
+    jobs = []
+    for prompt_dir, meta in prompts:
         samples = prompt_dir / "samples"
         names = (
             sorted(p.name for p in samples.iterdir() if _SAMPLE_NAME.match(p.name))
             if samples.is_dir()
             else []
         )
-        jobs += [(samples / name, metadata) for name in names]
+        jobs += [(samples / name, meta) for name in names]
     if not jobs:
         raise FileNotFoundError(
             f"no GenEval samples (<index>/samples/<k>.png with metadata.jsonl) in {str(folder)!r}"
@@ -414,17 +424,17 @@ def score_geneval_folder(
             "the GenEval prompts ask for colours; pass a color_classifier (e.g. ClipColorClassifier)"
         )
     results = []
-    for path, metadata in tqdm(jobs, desc="GenEval scoring", unit="image", disable=not progress):
+    for path, meta in tqdm(jobs, desc="GenEval scoring", unit="image", disable=not progress):
         image = decoded_image(path, _REMAKE.format(folder=path.parent.parent))
-        verdict = evaluate_image(image, metadata, detector(image), color_classifier, rules)
+        verdict = evaluate_image(image, meta, detector(image), color_classifier, rules)
         results.append(
             {
                 "filename": str(path),
-                "tag": metadata["tag"],
-                "prompt": metadata["prompt"],
+                "tag": meta["tag"],
+                "prompt": meta["prompt"],
                 "correct": verdict["correct"],
                 "reason": verdict["reason"],
-                "metadata": json.dumps(metadata),
+                "metadata": json.dumps(meta),
                 "details": json.dumps(verdict["details"]),
             }
         )
@@ -434,7 +444,40 @@ def score_geneval_folder(
     return {**summarize(results), "results_file": str(out_path)}
 
 
+def check_scoring_models(detector: str | Path | None, clip: str | Path | None) -> None:
+    """The GenEval scoring models given, checked from their configs alone (no weights load) before
+    anything is generated: a missing folder, an unreachable hub id or another kind of model fails in one
+    line at once, not after hours of sampling."""
+    if detector:
+        detector_config(detector)
+    if clip:
+        model_config(clip, f"--clip {str(clip)!r}", CLIP_ALLOWED, ("clip",), "a CLIP folder")
+
+
 _MASK_MODELS = ("mask2former", "maskformer")
+_DETECTOR_ALLOWED = "an object detection or segmentation model hub id or folder"
+
+
+def _geneval_labels(config) -> dict[int, str]:
+    """A detector config's label ids that name GenEval classes, with those names."""
+    return {
+        int(i): name
+        for i, label in config.id2label.items()
+        if (name := geneval_class(str(label))) is not None
+    }
+
+
+def detector_config(model_id: str | Path):
+    """The transformers config of the detector ``model_id``, refused in one line when it is not a model
+    transformers reads or predicts none of GenEval's classes."""
+    config = model_config(model_id, f"--detector {str(model_id)!r}", _DETECTOR_ALLOWED)
+    if not _geneval_labels(config):
+        labels = list(config.id2label.values())[:5]
+        raise ConfigError(
+            f"detector {str(model_id)!r} predicts none of GenEval's 80 COCO classes (labels like {labels}); "
+            f"use a COCO detector such as facebook/mask2former-swin-small-coco-instance"
+        )
+    return config
 
 
 class TransformersDetector:
@@ -465,28 +508,13 @@ class TransformersDetector:
         self.model_id = str(model_id)
         self.device, self.dtype = resolve_device(device), dtype
         self.min_score, self.max_per_image = min_score, max_per_image
-        config = model_config(
-            model_id,
-            f"--detector {self.model_id!r}",
-            "an object detection or segmentation model hub id or folder",
-        )
+        config = detector_config(model_id)
         self.with_masks = config.model_type in _MASK_MODELS
         loader = AutoModelForUniversalSegmentation if self.with_masks else AutoModelForObjectDetection
         self.processor = AutoImageProcessor.from_pretrained(model_id)
         # Cast after loading: the keyword for the load dtype differs across transformers versions.
         self.model = loader.from_pretrained(model_id).to(self.device, dtype).eval()
-        self.label_map = {
-            int(i): name
-            for i, label in config.id2label.items()
-            if (name := geneval_class(str(label))) is not None
-        }
-        if not self.label_map:
-            labels = list(config.id2label.values())[:5]
-            raise ConfigError(
-                f"detector {self.model_id!r} predicts none of GenEval's 80 COCO classes "
-                f"(labels like {labels}); "
-                f"use a COCO detector such as facebook/mask2former-swin-small-coco-instance"
-            )
+        self.label_map = _geneval_labels(config)
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> list[Detection]:

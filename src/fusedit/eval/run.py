@@ -8,11 +8,16 @@ prompt, ``samples/<category>/<id>.png``, FID with clean-fid's Inception (``eval.
 
 Generation resumes: images already in the output folder are kept. So that a rerun after more training (or
 with other settings) never scores the old images, the folder records what made them (``generation.json``:
-the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling settings, seed) and a rerun with a different record is refused.
+the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling settings, seed) and a
+rerun with a different record is refused. A folder recorded before 2026-11-25, when the fingerprint read
+each weight file's first MiB only (blind to a retrain of the tensors past it), has another fingerprint and
+is refused the same way. GenEval and DPG-Bench score exactly the prompts given (``limit``: the first N),
+not every prompt folder or grid an earlier run left there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +26,7 @@ from PIL import Image
 
 from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
-from fusedit.files import as_json_reads_back, files_digest, read_json, write_text_atomic
+from fusedit.files import as_json_reads_back, read_json, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
 
@@ -70,17 +75,76 @@ class ProtocolGenerator:
 
 
 RECORD = "generation.json"
-# Bytes of each weight file that go into its fingerprint (with its size): past the safetensors header they
-# are weights, which differ between any two checkpoints, and reading them is instant even for 19 GB.
-FINGERPRINT_BYTES = 1 << 20
+# Bytes read at each end of every tensor (and of every DCP item) for the weights fingerprint.
+FINGERPRINT_BYTES = 4096
 
 
 def weights_fingerprint(folder: Path) -> str:
-    """A short hash of the weight files under ``folder`` (a checkpoint or pipeline folder): their names,
-    sizes and first bytes. It follows the weights, not the path: a moved or copied model keeps it, a later
-    checkpoint or a re-export into the same folder changes it."""
-    files = [p for pattern in ("*.safetensors", "*.distcp") for p in folder.rglob(pattern)]
-    return files_digest(folder, files, FINGERPRINT_BYTES)[:16]
+    """A short hash of the weights under ``folder`` (a checkpoint or pipeline folder): every tensor of its
+    safetensors files and every item of a Distributed Checkpoint, by name, shape and the bytes at both
+    ends of its data. So a retrained tensor changes it wherever it lies in its file (the first bytes of a
+    file hold its first tensors only), while a few KiB per tensor keep it instant for a 19 GB checkpoint.
+    It follows the weights, not the path: a moved or copied model keeps it, a later checkpoint or a
+    re-export into the same folder changes it."""
+    from fusedit.checkpoints import is_distributed_checkpoint
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
+        _safetensors_digest(path, digest)
+    if is_distributed_checkpoint(folder):
+        _dcp_digest(folder, digest)
+    return digest.hexdigest()[:16]
+
+
+def _ends(handle, start: int, length: int) -> bytes:
+    """``FINGERPRINT_BYTES`` at each end of the ``length`` bytes at ``start`` of the open file ``handle``.
+    Training moves every row of a trained matrix, so the first bytes follow it; the last ones follow rows
+    added at the end (new tokens), and hold a torch.save archive's directory, whose CRC-32 of each record
+    follows all of a DCP item's values."""
+    n = min(length, FINGERPRINT_BYTES)
+    handle.seek(start)
+    head = handle.read(n)
+    handle.seek(start + length - n)
+    return head + handle.read(n)
+
+
+def _safetensors_digest(path: Path, digest) -> None:
+    """Each tensor of the safetensors file ``path`` into ``digest``: name, dtype, shape and its data's
+    ends, read from the header and with plain reads (a memory map, as safe_open uses, reads megabytes
+    ahead around each slice: the whole file, over all its tensors)."""
+    from fusedit.checkpoints import readable
+
+    with path.open("rb") as handle, readable(path, damaged=(ValueError, KeyError, TypeError)):
+        size = int.from_bytes(handle.read(8), "little")
+        if size > path.stat().st_size:
+            raise ValueError(f"header of {size} bytes in a file of {path.stat().st_size}")
+        header = json.loads(handle.read(size))
+        for name in sorted(k for k in header if k != "__metadata__"):
+            tensor = header[name]
+            begin, end = tensor["data_offsets"]
+            digest.update(f"{name}:{tensor['dtype']}:{tensor['shape']}\n".encode())
+            digest.update(_ends(handle, 8 + size + begin, end - begin))
+
+
+def _dcp_digest(folder: Path, digest) -> None:
+    """Each item of the Distributed Checkpoint in ``folder`` into ``digest``: its name, chunk, length and
+    ends."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fusedit.checkpoints import DCP_DIR, readable
+
+    root = folder / DCP_DIR
+    damaged = (pickle.UnpicklingError, EOFError, ValueError, AttributeError)
+    with readable(root / ".metadata", "a readable DCP metadata file", damaged):
+        items = FileSystemReader(str(root)).read_metadata().storage_data
+    for index in sorted(items, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0)):
+        info = items[index]
+        digest.update(f"{index.fqn}:{tuple(index.offset or ())}:{info.length}\n".encode())
+        with (root / info.relative_path).open("rb") as handle:
+            digest.update(_ends(handle, info.offset, info.length))
 
 
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.
@@ -166,6 +230,18 @@ def with_scores(result: dict, out_dir: Path, scores: dict) -> None:
     write_text_atomic(Path(out_dir) / "scores.json", json.dumps(scores, indent=1))
 
 
+def first_prompts(prompts: list, limit: int | None) -> list:
+    """The first ``limit`` of ``prompts`` (all of them for None): GenEval's and DPG-Bench's quick subset,
+    the same prompts, seeds and folder names as in a full run, so that a later full run keeps their images."""
+    if limit is None:
+        return prompts
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(
+            f"limit={limit!r} is not allowed (allowed: an integer >= 1, or None for all prompts)"
+        )
+    return prompts[:limit]
+
+
 def run_geneval(
     gen,
     prompts_path,
@@ -175,21 +251,25 @@ def run_geneval(
     clip: str | None,
     n_per_prompt: int = GENEVAL_PER_PROMPT,
     seed: int = 42,
+    limit: int | None = None,
     device=None,
     progress: bool = True,
     record: dict | None = None,
 ) -> dict:
-    """GenEval images into ``out_dir/samples`` (scored with ``detector``/``clip`` when given). ``record``
-    describes ``gen`` (model and settings; see ``claim_folder``)."""
+    """GenEval images into ``out_dir/samples`` (scored with ``detector``/``clip`` when given) for the
+    first ``limit`` prompts (None: all), which alone are scored. ``record`` describes ``gen`` (model and
+    settings; see ``claim_folder``). The result's ``generated`` and ``skipped`` count prompts (``unit``),
+    each of ``n_per_prompt`` images; its ``scores`` (and scores.json) record the ``limit``."""
     from fusedit.eval.benchmarks import load_geneval
     from fusedit.eval.geneval import (
         ClipColorClassifier,
         TransformersDetector,
+        check_scoring_models,
         score_geneval_folder,
         write_geneval_samples,
     )
 
-    metadata = load_geneval(prompts_path)
+    metadata = first_prompts(load_geneval(prompts_path), limit)
     # Checked before generating: a missing scoring model must not surface only after hours of sampling.
     if clip and not detector:
         raise ConfigError(f"--clip {clip} scores GenEval colours only together with --detector ID; add one")
@@ -199,18 +279,20 @@ def run_geneval(
             f"--detector needs --clip ID: {colour_prompts} of the {len(metadata)} GenEval prompts ask for "
             f"colours, which GenEval classifies with CLIP (e.g. openai/clip-vit-large-patch14)"
         )
+    check_scoring_models(detector, clip)
     samples = out_dir / IMAGES["geneval"]
     claim_folder(out_dir, samples, record, "geneval", seed, n_per_prompt)
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
-    result = {"samples": str(samples), **counts}
+    result = {"samples": str(samples), **counts, "unit": "prompts"}
     if detector:
         scores = score_geneval_folder(
             samples,
             TransformersDetector(detector, device=device),
             ClipColorClassifier(clip, device=device) if clip else None,
+            metadata=metadata,
             progress=progress,
         )
-        with_scores(result, out_dir, scores)
+        with_scores(result, out_dir, {**scores, "limit": limit})
     return result
 
 
@@ -221,33 +303,47 @@ def run_dpg(
     *,
     vqa: str | None,
     seed: int = 42,
+    limit: int | None = None,
     device=None,
     progress: bool = True,
     record: dict | None = None,
 ) -> dict:
-    """DPG-Bench grids into ``out_dir/grids`` (scored with ``vqa`` when given); ``record`` as in
-    ``run_geneval``."""
-    from fusedit.eval.benchmarks import dpg_csv_path, load_dpg
+    """DPG-Bench grids into ``out_dir/grids`` (scored with ``vqa`` when given) for the first ``limit``
+    prompts (None: all; in DPG-Bench's order, ``benchmarks.name_order``), which alone are scored;
+    ``record`` as in ``run_geneval``. The result's ``generated`` and ``skipped`` count prompts (``unit``),
+    each a grid of 4 images; its ``scores`` (and scores.json) record the ``limit``."""
+    from fusedit.eval.benchmarks import check_dpg_files, dpg_csv_path, load_dpg
     from fusedit.eval.dpg import (
         TransformersVQA,
         check_prompt_names,
         load_dpg_questions,
         score_dpg_folder,
+        vqa_model_type,
         write_dpg_grids,
     )
 
-    prompts = load_dpg(prompts_path)
+    every = load_dpg(prompts_path)
+    prompts = first_prompts(every, limit)
     # Read and matched to the prompts before generating: without them the grids could not be scored.
     questions = load_dpg_questions(prompts_path) if vqa else None
     if questions is not None:
         check_prompt_names([name for name, _ in prompts], questions, str(dpg_csv_path(prompts_path)))
+        vqa_model_type(vqa)
+    else:  # no question file names the prompts: the folder must at least be laid out as DPG-Bench's
+        check_dpg_files(prompts_path, every)
     grids = out_dir / IMAGES["dpg"]
     claim_folder(out_dir, grids, record, "dpg", seed)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
-    result = {"grids": str(grids), **counts}
+    result = {"grids": str(grids), **counts, "unit": "prompts"}
     if vqa:
-        scores = score_dpg_folder(grids, questions, TransformersVQA(vqa, device=device), progress=progress)
-        with_scores(result, out_dir, scores)
+        scores = score_dpg_folder(
+            grids,
+            questions,
+            TransformersVQA(vqa, device=device),
+            names=[name for name, _ in prompts],
+            progress=progress,
+        )
+        with_scores(result, out_dir, {**scores, "limit": limit})
     return result
 
 
@@ -269,7 +365,8 @@ def run_mjhq(
     """MJHQ-30K samples into ``out_dir/samples/<category>/<id>.png`` (``per_category`` of each category, or
     all 30,000), then, with a ``reference`` folder (the unzipped ``mjhq30k_imgs``) and ``features`` (an
     extractor, e.g. ``eval.inception.CleanInceptionFeatures``), FID overall and per category into
-    ``scores.json``. ``record`` as in ``run_geneval``."""
+    ``scores.json``. ``record`` as in ``run_geneval``. The result's ``generated`` and ``skipped`` count
+    images, one per prompt (``unit``)."""
     from fusedit.eval.benchmarks import load_mjhq
     from fusedit.eval.mjhq import check_scoring, reference_files, score_mjhq, select, write_mjhq_samples
 
@@ -281,7 +378,7 @@ def run_mjhq(
     samples = out_dir / IMAGES["mjhq"]
     claim_folder(out_dir, samples, record, "mjhq", seed)
     counts = write_mjhq_samples(rows, gen, samples, seed=seed, progress=progress)
-    result = {"samples": str(samples), **counts}
+    result = {"samples": str(samples), **counts, "unit": "images"}
     if references is not None:
         scores = score_mjhq(
             rows,
@@ -339,7 +436,7 @@ def run_compbench(
     settings; see ``eval.run.claim_folder``); each category folder keeps its own. Scoring needs every
     model the chosen categories use (``SCORERS``), checked before anything is generated; with none given
     the images are only written (for the official scripts, or a later run). ``n_per_prompt`` None is the
-    official 10."""
+    official 10. The result's ``generated`` and ``skipped`` count images (``unit``) over all categories."""
     from fusedit.eval.compbench import (
         BENCH,
         N_PER_PROMPT,
@@ -395,6 +492,7 @@ def run_compbench(
         "samples": {c: str(protocol_images(out_dir, c)) for c in chosen},
         "generated": generated,
         "skipped": skipped,
+        "unit": "images",
     }
     if scoring:
         need = {s for c in chosen for s in SCORERS[c]}

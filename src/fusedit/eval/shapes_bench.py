@@ -8,6 +8,7 @@ per category, in a fixed order for a given seed, so two models are compared on t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,25 @@ def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed
 
 
 def markdown_table(name: str, scores: dict) -> str:
+    """One row: ``name``, the overall and each category; the categories in ``scores["untrained"]`` are
+    marked in the header and named below the table."""
     kinds = list(scores["per_category"])
-    head = "| model | overall | " + " | ".join(kinds) + " |\n"
+    untrained = [k for k in kinds if k in scores.get("untrained", ())]
+    head = "| model | overall | " + " | ".join(k + " (untrained)" * (k in untrained) for k in kinds) + " |\n"
     rule = "|---" * (len(kinds) + 2) + "|\n"
     row = f"| {name} | {scores['overall']:.3f} | " + " | ".join(
         f"{scores['per_category'][k]:.3f}" for k in kinds
     )
-    return head + rule + row + " |\n"
+    table = head + rule + row + " |\n"
+    return table + (f"\n{untrained_note(untrained, len(kinds))}\n" if untrained else "")
+
+
+def untrained_note(untrained: Sequence[str], categories: int) -> str:
+    """What the scores of categories the model never trained on mean for the overall."""
+    return (
+        f"{', '.join(untrained)} untrained: not in the run's data.kinds; the overall is over all {categories} "
+        "categories, comparable across runs"
+    )
 
 
 # Held-out prompts per category when none is asked for (`fusedit eval --per-category`).
@@ -87,13 +100,21 @@ def run_shapes_bench(
     batch_size: int = 32,
     worst: int = 24,
     progress: bool = True,
+    source: dict | None = None,
+    trained_kinds: Sequence[str] | None = None,
 ) -> dict:
     """Generate one image per benchmark prompt, score it, write scores.json, scores.md, failures.png.
 
     The sampling arguments are ``fusedit.sample.generate``'s; ``bench_settings(cfg, ...)`` gives the model's
     ``sample`` section (negative prompt and precision included), so that the bench samples as ``fusedit
     sample`` does, and its ``data.max_objects``, so that it scores the prompts `fusedit eval --bench shapes`
-    scores (the default 4 draws other prompts for a model trained on fewer objects)."""
+    scores (the default 4 draws other prompts for a model trained on fewer objects).
+
+    ``source`` (`fusedit eval`: the checkpoint's name, its weights' fingerprint, EMA or raw, the folder)
+    is recorded with the settings, so that scores of another model or of its raw weights are told apart.
+    ``trained_kinds`` (the run's data.kinds) marks the categories outside them as untrained
+    (``scores["untrained"]`` and scores.md); the overall stays the mean over every category, so that runs
+    trained on different kinds compare on the same prompts."""
     # Checked before sampling anything, one line each, as config values are.
     if per_category < 1:
         raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
@@ -132,7 +153,10 @@ def run_shapes_bench(
         "schedule": schedule,
         "negative_prompt": negative_prompt,
         "precision": precision,
+        **(source or {}),
     }
+    if trained_kinds is not None:
+        scores["untrained"] = [k for k in scores["per_category"] if k not in trained_kinds]
     # Atomic: a study decides from scores.json whether a design is done, so it must never be half written.
     write_text_atomic(out / "scores.json", json.dumps(scores, indent=1))
     write_text_atomic(out / "scores.md", markdown_table(name, scores))

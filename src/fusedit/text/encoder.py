@@ -84,7 +84,8 @@ def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 # must occur (prompts of up to 256 tokens give 2); and with the image tokens (256, 1024, 4096: multiples of
 # 128) the keys stay a multiple of 128, the lengths cuDNN's attention kernels are tiled for, away from
 # lengths where masked cuDNN attention has failed (pytorch/pytorch#196678: NaN dq at S % 128 == 64 on
-# H100/H200 in torch 2.11).
+# H100/H200 in torch 2.11). (LI-DiT's channel concatenation of an LLM with a BOS and one without reads one
+# token more, 129 or 257: its leading slot; the multiple is kept for each LLM's own attention.)
 CUDA_TRIM_MULTIPLE = 128
 
 
@@ -117,7 +118,8 @@ class TextEncoder(nn.Module):
         self.cut: frozenset[int] = frozenset()
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
         # The tokenizer's own leading specials (BOS) every row opens with, set below; a shape-only build
-        # counts none (its FLOP counts then leave a BOS out, as its widths leave the template out).
+        # counts none (so its FLOP counts leave out the slot a channel concatenation of LLMs with and
+        # without a BOS adds, as its widths leave the template out).
         self.leading = 0
         if tokenizer is None:  # shape-only (meta) builds never tokenise
             return

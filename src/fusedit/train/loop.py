@@ -58,7 +58,14 @@ from fusedit.config import (
     resolved_stages,
     save_config,
 )
-from fusedit.data.loader import check_data_paths, is_stream, merged_skip_report, skipped_jsonl, step_loader
+from fusedit.data.loader import (
+    check_data_paths,
+    is_stream,
+    merged_skip_report,
+    resplit_state,
+    skipped_jsonl,
+    step_loader,
+)
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, seeded, uses_bf16
@@ -275,14 +282,22 @@ def skipped_list_name(rank: int, stage: int | None = None) -> str:
     return f"skipped{stage_part}{rank_part}.jsonl"
 
 
-def _write_skipped(path: Path, loader_state: dict) -> bool:
+def _write_skipped(path: Path, loader_state: dict, world_size: int | None = None) -> bool:
     """The skipped samples of a loader's state into ``path`` (whether there were any; with none, an earlier
-    list there goes: the file always matches the last checkpoint)."""
+    list there goes: the file always matches the last checkpoint). Rank 0 (``world_size`` given) also
+    removes the lists of ranks this run does not have: after a resume on fewer processes their skips are in
+    rank 0's state and list (``resplit_state``)."""
     text = skipped_jsonl(loader_state.get("skips", {}))
     if text:
         write_text_atomic(path, text)
     else:
         path.unlink(missing_ok=True)
+    if world_size is not None:
+        stem = path.name.removesuffix(".jsonl")
+        for other in path.parent.glob(f"{stem}.rank*.jsonl"):
+            rank = other.name.removeprefix(f"{stem}.rank").removesuffix(".jsonl")
+            if rank.isdigit() and int(rank) >= world_size:
+                other.unlink(missing_ok=True)
     return bool(text)
 
 
@@ -313,9 +328,11 @@ def _saved_data_state(
     ckpt: Path, saved: dict, env: DistEnv, cfg: Config, stage: int = 0, staged: bool = False
 ) -> dict | None:
     """This rank's data position from the checkpoint, when the run that wrote it split the data the same way
-    (same world size and per-rank batch). Otherwise None: index-addressable sources derive the position from
-    the step alone; a stream's saved positions cannot be mapped onto another split (a warning says so). A
-    global batch that changed within the checkpoint's ``stage`` is warned about."""
+    (same world size and per-rank batch). Otherwise the old ranks' states as one (``resplit_state``): every
+    old rank's skipped samples go to rank 0 (the others read rank 0's state alone), an index-addressable
+    source without buckets goes on after the samples read, and a stream's saved positions, which cannot be
+    mapped onto another split, are read through again (a warning says so). None where the checkpoint holds
+    no data state. A global batch that changed within the checkpoint's ``stage`` is warned about."""
     tc = cfg.train
     per_rank = tc.batch_size * tc.grad_accum
     saved_per_rank = int(saved.get("batch_size", tc.batch_size)) * int(saved.get("grad_accum", 1))
@@ -323,8 +340,12 @@ def _saved_data_state(
     if saved_world == env.world_size and saved_per_rank == per_rank:
         path = ckpt / data_state_name(env.rank)
         return json.loads(path.read_text()) if path.is_file() else None
+    paths = [ckpt / data_state_name(r) for r in range(saved_world if env.is_main else 1)]
+    state = None
+    if all(path.is_file() for path in paths):
+        state = resplit_state([json.loads(path.read_text()) for path in paths], saved_world * saved_per_rank)
     if not env.is_main:
-        return None
+        return state
     if saved_world * saved_per_rank != env.world_size * per_rank and saved.get("stage", stage) == stage:
         _warn_global_batch_changed(saved_world, saved_per_rank, env.world_size, tc, stage, staged)
     if is_stream(cfg.data):
@@ -338,11 +359,7 @@ def _saved_data_state(
             per_rank,
             int(saved["step"]),
         )
-    else:
-        log.info(
-            "data: the checkpoint was written by another split of the batch; position derived from the step"
-        )
-    return None
+    return state
 
 
 class RunExists(ConfigError):
@@ -622,9 +639,10 @@ def _kept_init_from(cfg: Config, ckpt: Path) -> tuple[Config, list[str]]:
     if given == started_from:
         return cfg, []
     kept = replace(cfg, train=replace(cfg.train, init_from=started_from))
+    afresh = f"; to start from {given!r}, train afresh into another folder" if given else ""
     return kept, [
         f"train.init_from: {started_from!r} -> {given!r} ignored (read only when a run starts: the run and "
-        f"its saved config keep {started_from!r}; to start from {given!r}, train afresh into another folder)"
+        f"its saved config keep {started_from!r}{afresh})"
     ]
 
 
@@ -648,6 +666,9 @@ def _start_fresh(
         # reads every event file of the folder), and a later --resume would continue its wandb run.
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         (run_dir / WandbLogger.ID_FILE).unlink(missing_ok=True)
+        # `fusedit eval`'s results (its default --out, RUN/eval/) scored the deleted model: kept, they would
+        # pass for this run's, and a shapes bench's scores.json would stand until the same bench is rerun.
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
     pretrain = [
         (encoder, tcfg.pretrain_steps)
         for encoder, tcfg in zip(model.encoders, [cfg.text, *cfg.extra_text], strict=True)
@@ -995,7 +1016,7 @@ class _Run:
             )
         # Beside the checkpoint, not in it: a list for people to read (the checkpoint's data state holds the
         # same ids). The last step always checkpoints, so the end of training writes it.
-        return _write_skipped(skip_path, position)
+        return _write_skipped(skip_path, position, env.world_size if env.is_main else None)
 
     def _report_skipped(self, stage: Stage, loader, listed: bool, skip_path: Path) -> None:
         """Log the samples skipped over the stage, and where they are listed. Under torchrun the line covers

@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from fusedit.checkpoints import LOCK_FILE
 from fusedit.config import ConfigError
 from fusedit.train import distributed
 from fusedit.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "train.lock"
 # How long a rank waits for rank 0's token to show before calling the folder unshared: a shared filesystem's
 # attribute cache (NFS: a few seconds) may serve an earlier run's copy of the file for a moment.
 SEEN_WITHIN_S = 10.0
