@@ -351,8 +351,12 @@ def test_an_interrupted_protocol_says_what_it_kept(trained, tmp_path, capsys, mo
 
     monkeypatch.setattr(fusedit.eval.run, "run_geneval", run_geneval)
     assert main([*command, "--quiet"]) == 130
+    # MODEL is a run folder, whose latest checkpoint may move on: the one scored is named.
+    from fusedit.checkpoints import find_checkpoint
+
     assert capsys.readouterr().err == (
-        f"fusedit: interrupted: 4 images in {out} are kept; rerun the same command to go on\n"
+        f"fusedit: interrupted: 4 images in {out} are kept; to go on, evaluate {find_checkpoint(trained)} with "
+        f"--out {out}\n"
     )
 
 

@@ -106,18 +106,23 @@ def test_designs_refuse_knobs_they_would_misuse(overrides, message):
     load_config("debug", ["model.pos_embed=2d-rope", "model.rope_left_pad=16"])
 
 
+# Tokenizers of their own (never read at load): with the built-in one, a system prompt's words enter its
+# vocabulary, which a plain template then changes.
+HUB_TOKENIZERS = ["text.tokenizer=google/gemma-2b", "extra_text.0.tokenizer=Qwen/Qwen2-7B"]
+
+
 @pytest.mark.parametrize(
     "preset, overrides, message",
     [
         (
             "debug",
-            ["text.system_prompt=Be brief."],
+            ["text.tokenizer=google/gemma-2b", "text.system_prompt=Be brief."],
             "text.system_prompt='Be brief.' does nothing with text.template='plain', which has no system turn "
             "(allowed: text.template chat, lidit or lidit-chat, or an empty system_prompt)",
         ),
         (
             "debug-lidit",
-            ["extra_text.0.template=plain", "extra_text.0.system_prompt=Be brief."],
+            [*HUB_TOKENIZERS, "extra_text.0.template=plain", "extra_text.0.system_prompt=Be brief."],
             "extra_text.0.system_prompt='Be brief.' does nothing with extra_text.0.template='plain', which has "
             "no system turn (allowed: extra_text.0.template chat, lidit or lidit-chat, or an empty "
             "system_prompt)",
@@ -149,6 +154,8 @@ def test_settings_that_change_nothing_with_a_plain_template_are_refused(preset, 
     # Where they take effect they are accepted: a template with a system turn, an instruction to keep, an
     # LLM whose template has one.
     load_config("debug", ["text.template=lidit", "text.system_prompt=Be brief."])
+    # With the built-in tokenizer a system prompt's words enter its vocabulary: not a no-op.
+    assert load_config("debug", ["text.system_prompt=Be brief."]).text.system_prompt == "Be brief."
     load_config("debug-lidit", ["extra_text.0.template=lidit", "extra_text.0.system_prompt=Be brief."])
     refined = ["model.design=dit-cross", "model.refiner_depth=1", "model.drop_instruction=false"]
     load_config("debug", [*refined, "text.instruction=Imagine: "])
@@ -165,7 +172,7 @@ def test_a_saved_config_with_a_setting_that_changes_nothing_still_loads(tmp_path
 
     data = to_dict(load_config("debug"))
     data["model"].update(refiner_causal=True, drop_instruction=False)
-    data["text"].update(system_prompt="Be brief.", template="plain")
+    data["text"].update(system_prompt="Be brief.", template="plain", tokenizer="google/gemma-2b")
     folder = tmp_path / "run" / "checkpoints" / "step_00000001"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(data))

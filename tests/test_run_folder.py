@@ -238,3 +238,17 @@ def test_only_failures_of_other_processes_are_reported_as_theirs():
     ):
         assert peer(dist.DistBackendError(nccl + text)) is theirs, text
     assert not peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (connection of layers)"))
+
+
+def test_a_starting_job_waits_out_an_evals_brief_probe_of_the_lock(tmp_path):
+    """`fusedit eval` asks whether a run is training with a brief shared lock on train.lock: a job starting
+    at that moment was turned away as "being trained by another job"; it now tries again for a second."""
+    import fcntl
+    import threading
+
+    (tmp_path / LOCK_FILE).write_text("")
+    probe = (tmp_path / LOCK_FILE).open()
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.3, probe.close).start()  # released as the probe releases it
+    with hold_run_folder(tmp_path, distributed.setup("cpu")):
+        assert LOCK_FILE in os.listdir(tmp_path)

@@ -497,7 +497,7 @@ def cmd_eval(args) -> int:
         else:
             gen = ProtocolGenerator(model, settings)
         print(scoring, flush=True)
-        with _kept_on_interrupt(lambda: _protocol_kept(args.bench, out)):
+        with _kept_on_interrupt(lambda: _protocol_kept(args.bench, out, where, args.model)):
             return _eval_protocol(args, gen, record, out, device, extractor)
     print(scoring, flush=True)
     if model is None:
@@ -557,7 +557,8 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     """The folder `fusedit eval` writes each bench's results under by default: a run's or checkpoint's go to
     RUN/eval/<checkpoint>[-raw], one per checkpoint and weights, so that evals of successive checkpoints and
     of the EMA and raw weights never meet in one folder, and none lies inside a checkpoint folder, which
-    train.keep_checkpoints deletes. A pipeline folder holds one model: MODEL/eval."""
+    train.keep_checkpoints deletes (a checkpoint folder outside a run, never rotated, holds its own
+    CKPT/eval/<name>). A pipeline folder holds one model: MODEL/eval."""
     if (where / "model_index.json").is_file():
         return Path(model) / "eval"
     return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
@@ -663,8 +664,10 @@ def _recorded_checkpoint(out: Path, record: dict, where: Path) -> Path | None:
     return None
 
 
-def _protocol_kept(bench: str, out: Path) -> str:
-    """What an interrupted protocol run leaves in ``out``: its images (DPG-Bench's grids), counted."""
+def _protocol_kept(bench: str, out: Path, where: Path, model: str) -> str:
+    """What an interrupted protocol run leaves in ``out``: its images (DPG-Bench's grids), counted, and how
+    to go on: the same command, unless MODEL is a run folder, whose latest checkpoint may move on (rerun,
+    it would score that one into another folder): then the checkpoint ``where`` it scored."""
     from fusedit.eval.run import IMAGES
 
     unit = "grid" if bench == "dpg" else "image"
@@ -672,7 +675,9 @@ def _protocol_kept(bench: str, out: Path) -> str:
     n = sum(1 for folder in folders if folder.is_dir() for _ in folder.rglob("*.png"))
     if not n:
         return f"no {unit} was written to {out}; rerun the same command to start"
-    return f"{_plural(n, unit)} in {out} {'is' if n == 1 else 'are'} kept; {GO_ON}"
+    same = Path(model).resolve() == where.resolve() or (where / "model_index.json").is_file()
+    go_on = GO_ON if same else f"to go on, evaluate {where} with --out {out}"
+    return f"{_plural(n, unit)} in {out} {'is' if n == 1 else 'are'} kept; {go_on}"
 
 
 def _plural(n: int, unit: str) -> str:

@@ -1413,8 +1413,11 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     (validate); dropped from the config a model folder was saved with (_saved_mapping), which a run saved
     before a refusal was added may hold, as dropping it changes nothing."""
     m, found = cfg.model, []
+    # The built-in word tokenizer's vocabulary takes in every section's system prompt (system.builtin_words),
+    # so where any section uses it the words change its ids even with a plain template.
+    builtin = any(not (t.tokenizer or t.model_id) for _, t in text_sections(cfg))
     for key, text in text_sections(cfg):
-        if text.system_prompt and text.template == "plain":
+        if text.system_prompt and text.template == "plain" and not builtin:
             found.append(
                 (
                     f"{key}.system_prompt",

@@ -77,7 +77,16 @@ def _take(path: Path) -> tuple[TextIO | None, str | None, str]:
     try:
         import fcntl
 
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A few tries over a second: `fusedit eval` probes the lock with a brief shared one (is the run
+        # training?), which must not turn a starting job away.
+        for attempt in range(10):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.1)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip().rsplit(", token ", 1)[0] or "a process that wrote no note yet"
