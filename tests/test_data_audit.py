@@ -278,3 +278,252 @@ def test_pils_pixel_limit_warns_through_the_callers_filters_and_twice_it_skips(m
             open_image(_png(32, 32))
     with pytest.raises(SkipSample, match="corrupt: Image size \\(1600 pixels\\) exceeds limit of 1400"):
         open_image(_png(40, 40))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumes on another split of the batch
+
+
+def _ids(loader) -> list[str]:
+    return [i for batch in loader for i in batch["id"]]
+
+
+def _states(cfg: DataConfig, batch_size: int, world_size: int, steps: int) -> list[dict]:
+    """Each rank's loader state after ``steps`` steps, as the checkpoint's data_state files hold them."""
+    states = []
+    for rank in range(world_size):
+        loader = step_loader(cfg, 0, batch_size, 0, steps, rank=rank, world_size=world_size)
+        list(loader)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    return states
+
+
+def test_a_resume_at_another_global_batch_goes_on_after_the_samples_read(tmp_path):
+    """Step s read positions [s x G, (s + 1) x G) at the new global batch G: resumed at half the batch the
+    run read the epoch's last samples again, at twice it jumped past samples never read."""
+    from fusedit.data.loader import resplit_state
+    from test_skipped import _cfg as folder_cfg
+    from test_skipped import _folder
+
+    # Without skips: a skipped sample's replacement depends on the global batch (StepPlan.candidates).
+    cfg = folder_cfg(_folder(tmp_path / "data", good=10, corrupt=0))
+    one_by_2 = _ids(step_loader(cfg, 0, 2, 0, 15))  # 30 draws of an endless order of epochs
+    # 3 steps of 4 (12 samples), then 1 process x 2: positions 12.. (the old step x new batch: 6..)
+    halved = step_loader(cfg, 0, 2, 3, 9, state=resplit_state(_states(cfg, 4, 1, 3), 4))
+    assert _ids(step_loader(cfg, 0, 4, 0, 3)) + _ids(halved) == one_by_2[:24]
+    assert halved.state_dict()["position"] == 24
+    # 3 steps of 2 (6 samples), then 2 processes x 4: positions 6.. (not 24..), each rank its rows
+    doubled = [
+        step_loader(cfg, 0, 4, 3, 6, rank=r, world_size=2, state=resplit_state(_states(cfg, 2, 1, 3), 2))
+        for r in (0, 1)
+    ]
+    rows = [[b["id"] for b in loader] for loader in doubled]
+    assert [i for step in zip(*rows) for row in step for i in row] == one_by_2[6:30]
+    assert [loader.state_dict()["position"] for loader in doubled] == [30, 30]
+    # Where a state predates the position, the step at the old global batch gives it.
+    old = [{k: v for k, v in state.items() if k != "position"} for state in _states(cfg, 4, 1, 3)]
+    assert resplit_state(old, 4)["position"] == 12
+
+
+def test_with_buckets_a_resume_at_another_global_batch_says_what_the_epoch_loses(tmp_path, caplog):
+    import logging
+
+    from fusedit.data.loader import resplit_state
+    from test_skipped import _cfg as folder_cfg
+    from test_skipped import _folder
+
+    cfg = folder_cfg(_folder(tmp_path / "data", good=12, corrupt=0), buckets=[[16, 16], [16, 24]])
+    assert "position" not in _states(cfg, 4, 1, 3)[0]  # an epoch is cut into batches of the global batch
+    with caplog.at_level(logging.INFO, logger="fusedit.data.loader"):
+        step_loader(cfg, 0, 2, 3, 4, state=resplit_state(_states(cfg, 4, 1, 3), 4))
+        step_loader(cfg, 0, 8, 3, 4, state=resplit_state(_states(cfg, 4, 1, 3), 4))
+        step_loader(cfg, 0, 4, 3, 4, state=resplit_state(_states(cfg, 2, 2, 3), 4))  # the same global batch
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("data: with", "data: res"))]
+    assert said == [
+        "data: with aspect-ratio buckets a resume at another global batch (2, not 4) goes on from the step: 12 "
+        "samples were read before it, step 3 stands for 6 at the new batch, so the current epoch may read some "
+        "samples again",
+        "data: with aspect-ratio buckets a resume at another global batch (8, not 4) goes on from the step: 12 "
+        "samples were read before it, step 3 stands for 24 at the new batch, so the current epoch may leave "
+        "some samples unread",
+        "data: resumed on another split of the batch; reading goes on after the 12 samples read before",
+    ]
+
+
+def test_a_resume_on_another_split_warns_when_the_sample_count_changed(tmp_path, caplog):
+    import logging
+
+    from fusedit.data.loader import resplit_state
+    from test_skipped import _cfg as folder_cfg
+    from test_skipped import _folder
+
+    root = _folder(tmp_path / "data", good=6, corrupt=0)
+    cfg = folder_cfg(root)
+    states = _states(cfg, 2, 2, 2)
+    (root / "good05.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="fusedit.data.loader"):
+        step_loader(cfg, 0, 4, 2, 3, state=resplit_state(states, 4))
+    assert [r.getMessage() for r in caplog.records] == [
+        "data: the dataset has 5 samples, not the 6 it had when the data position was saved; the run goes on "
+        "at the same step in a new order of the 5, so the current epoch may repeat or miss samples read "
+        "before the resume"
+    ]
+
+
+def test_a_stream_resumed_on_another_split_carries_the_old_ranks_skips_not_the_read_through(tmp_path):
+    """Rank 0 takes every old rank's skips on; the samples read again to reach the step (the new ranks'
+    shares of the stream, not the old ones') add none: the old ranks' are what the run skipped."""
+    from fusedit.data.loader import merged_skips, resplit_state
+    from test_data_sources import _write_shards
+
+    shards = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=8, corrupt={(0, 1), (1, 2), (1, 5)})
+    cfg = _cfg(source="webdataset", shards=[shards])
+    states = _states(cfg, 2, 2, 3)
+    assert all(state["skips"]["ids"] for state in states)  # both old ranks skipped some
+    resumed = [
+        step_loader(cfg, 0, 4, 3, 3, state=resplit_state(states, 4)),
+        step_loader(cfg, 0, 2, 3, 3, rank=1, world_size=2, state=resplit_state(states[:1], 4)),
+    ]
+    for loader in resumed:
+        list(loader)  # reads the stream through to step 3, nothing more
+    expected = merged_skips([state["skips"] for state in states])
+    assert resumed[0].skips.state_dict() == expected.state_dict() and expected.total() == 3
+    assert resumed[1].skips.total() == 0
+    # A caller without a state still counts what the steps before its first met (they are its run's).
+    plain = step_loader(cfg, 0, 4, 3, 3)
+    list(plain)
+    assert plain.skips.total() > 0
+
+
+def test_merged_skips_count_the_planned_ones_once():
+    from fusedit.data.loader import SkipCounter, merged_skips
+
+    ranks = [
+        SkipCounter.of([("bad-row", "i:3", "x"), ("corrupt", "a", "d"), ("corrupt", "b", "d")]),
+        SkipCounter.of([("bad-row", "i:3", "x"), ("corrupt", "b", "d"), ("corrupt", "c", "d")]),
+    ]
+    merged = merged_skips([r.state_dict() for r in ranks], planned=[("bad-row", "i:3", "x")])
+    assert {r: list(ids) for r, ids in merged.ids.items()} == {"bad-row": ["i:3"], "corrupt": ["a", "b", "c"]}
+    assert merged.times == {"bad-row": 1, "corrupt": 4}
+
+
+def test_training_resumed_at_another_batch_reads_on_from_the_samples_read(tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from fusedit.train import loop
+
+    read: list[str] = []
+    make = loop.step_loader
+
+    class Recording:
+        """The training loop's loader, noting the ids of the samples it yields."""
+
+        def __init__(self, *args, **kwargs):
+            self.loader = make(*args, **kwargs)
+
+        def __iter__(self):
+            for batch in self.loader:
+                read.extend(batch["id"])
+                yield batch
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    monkeypatch.setattr(loop, "step_loader", Recording)
+    cfg = {"steps": 4, "checkpoint_every": 2}
+    loop.train(tiny_config(train={**cfg, "batch_size": 4}), tmp_path / "run", stop_at=2, progress=False)
+    assert read == [str(i) for i in range(8)]  # the shapes world in order
+    read.clear()
+    loop.train(tiny_config(train={**cfg, "batch_size": 2}), tmp_path / "run", resume=True, progress=False)
+    assert read == ["8", "9", "10", "11"]  # not 4..7, read at steps 2 and 3 of batch 2
+    position = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step_00000004" / "data_state.json").read_text()
+    )
+    assert position["position"] == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# data.shards globs, and bars over the long silent reads
+
+
+def test_a_glob_in_data_shards_is_expanded_sorted_and_an_empty_one_refused(tmp_path):
+    """It failed with "1 of 1 shards do not exist (first: '.../*.tar')" while the files existed."""
+    for name in ("b-0001.tar", "b-0000.tar", "a-0000.tar"):
+        (tmp_path / name).write_bytes(_tar_bytes({"s0": {"png": _png(), "txt": b"x"}}))
+    datasets, _ = shard_lists([str(tmp_path / "b-*.tar"), [str(tmp_path / "a-000?.tar")]], None)
+    assert datasets == [
+        [str(tmp_path / "b-0000.tar"), str(tmp_path / "b-0001.tar")],
+        [str(tmp_path / "a-0000.tar")],
+    ]
+    pattern = str(tmp_path / "c-*.tar")
+    with pytest.raises(ConfigError) as error:
+        shard_lists([pattern], None)
+    assert str(error.value) == f"data.shards entry {pattern!r}: the glob {pattern!r} matches no file"
+
+
+def _bars(monkeypatch, module) -> list[dict]:
+    """The tqdm bars ``module`` opens (their settings), shown nowhere."""
+    from tqdm.auto import tqdm
+
+    opened: list[dict] = []
+
+    def recording(*args, **kwargs):
+        sized = args and hasattr(args[0], "__len__")
+        opened.append({"total": len(args[0]) if sized else None, **kwargs})
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(module, "tqdm", recording)
+    return opened
+
+
+def test_reading_shard_headers_and_reading_a_stream_through_show_bars(tmp_path, monkeypatch):
+    import fusedit.data.loader as loader_module
+    import fusedit.data.webdataset_source as wds
+    from fusedit.data.loader import build_catalog
+    from test_data_sources import _write_shards
+
+    cfg = _cfg(source="webdataset", shards=[_write_shards(tmp_path / "wds", "a", shards=3, per_shard=4)])
+    headers = _bars(monkeypatch, wds)
+    build_catalog(cfg, progress=True)
+    build_catalog(cfg)
+    assert [(b["desc"], b["total"], b["disable"]) for b in headers] == [
+        ("read shard headers", 3, False),
+        ("read shard headers", 3, True),
+    ]
+    through = _bars(monkeypatch, loader_module)
+    list(step_loader(cfg, 0, 2, 3, 4, progress=True))  # no state: steps 0..2 are read through
+    list(step_loader(cfg, 0, 2, 3, 4, rank=1, world_size=2, progress=True))  # rank 0's bars only
+    assert [(b["desc"], b["total"], b["disable"]) for b in through] == [
+        ("read stream to step", 3, False),
+        ("read stream to step", 3, True),
+    ]
+
+
+def test_a_resume_that_splits_the_same_global_batch_another_way_is_not_warned_as_a_change(tmp_path, caplog):
+    """multi-node.md recommends keeping the global batch when the number of processes changes; doing so
+    was warned as "1 changed setting(s): train.batch_size: 2 -> 4"."""
+    import logging
+
+    from conftest import tiny_config
+    from fusedit.train.loop import train
+
+    cfg = {"steps": 3, "checkpoint_every": 1}
+    train(tiny_config(train={**cfg, "batch_size": 4}), tmp_path / "run", stop_at=1, progress=False)
+    with caplog.at_level(logging.INFO, logger="fusedit.train.loop"):
+        split = tiny_config(train={**cfg, "batch_size": 2, "grad_accum": 2})
+        train(split, tmp_path / "run", resume=True, stop_at=2, progress=False)
+        train(tiny_config(train={**cfg, "batch_size": 2}), tmp_path / "run", resume=True, progress=False)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert said == [
+        (
+            "INFO",
+            "resuming on another split of the same global batch of 4: 1 process(es) x batch_size 2 x "
+            "grad_accum 2 (the checkpoint's: 1 x 4 x 1)",
+        ),
+        ("WARNING", "resuming step_00000002 with 1 changed setting(s): train.grad_accum: 2 -> 1"),
+        (
+            "WARNING",
+            "resuming at a global batch of 2 (1 process(es) x batch_size 2 x grad_accum 1), not the 4 the "
+            "checkpoint trained at (1 x 4 samples): the rest of the run trains at another batch (to keep 4: "
+            "train.batch_size=4)",
+        ),
+    ]

@@ -378,7 +378,7 @@ def test_plan_with_buckets_reads_one_bucket_per_step_whatever_the_split(caplog):
             StepPlan(len(groups), batch, seed=7, rank=r, world_size=world, groups=groups)
             for r in range(world)
         ]
-        return [[p.candidate(s, 0)[0] for p in plans for s in p.slots(step)] for step in range(steps)]
+        return [[next(p.candidates(s))[0] for p in plans for s in p.slots(step)] for step in range(steps)]
 
     per_epoch = StepPlan(len(groups), 2, seed=7, rank=1, world_size=3, groups=groups).batches_per_epoch
     assert per_epoch == 3 + 2 + 1  # ceil(13/6) + ceil(7/6) + ceil(1/6)

@@ -159,3 +159,21 @@ def test_ranks_other_than_0_log_only_errors(caplog):
                 logging.getLogger(name).log(level, message)
         assert [r.getMessage() for r in caplog.records] == shown
     assert logging.getLogger("fusedit").level == before
+
+
+def test_consolidate_records_the_absolute_path_of_its_source(torchrun_env, tmp_path, monkeypatch):
+    """It recorded the path as given ("runs/ddp/checkpoints/step_00000006"), which names nothing from
+    another working directory."""
+    import json
+
+    from fusedit.checkpoints import is_distributed_checkpoint
+    from fusedit.train.checkpoint import consolidate_checkpoint
+    from fusedit.train.loop import train
+
+    torchrun_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a 1-process job: a DCP checkpoint
+    run = train(tiny_config(train={"device": "cpu", "steps": 1}), tmp_path / "run", progress=False)["run_dir"]
+    ckpt = run / "checkpoints" / "step_00000001"
+    assert is_distributed_checkpoint(ckpt)
+    monkeypatch.chdir(tmp_path)
+    consolidate_checkpoint("run", "plain")
+    assert json.loads((tmp_path / "plain" / "state.json").read_text())["consolidated_from"] == str(ckpt)

@@ -265,6 +265,31 @@ def test_a_rerun_refuses_files_changed_inside_a_shard_naming_them(tmp_path, fold
         cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
 
 
+def test_a_rerun_after_an_insertion_or_a_removal_says_which_samples_moved(tmp_path, folder):
+    """An image inserted before the last cached one moves the later ones along: the refusal said that one
+    of them "is gone" when it was still there, one position on."""
+    data, out = _data(folder), tmp_path / "cache"
+    # 9 files in shards of 3: img0 img1 img2 | img3 img3b img4 | img5 img5b img6
+    cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    (folder / "img2a.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "img2a.txt").write_text("inserted")
+    with pytest.raises(ConfigError) as error:
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert str(error.value) == (
+        f"{str(out)!r}: the dataset changed since shard 1 (positions 3..5) was cached: 'img2a.png' was added "
+        "at position 3, before the last cached sample: the samples after it moved ('img4.png' is now at "
+        "position 6); use another folder (allowed: only samples added after the last cached one)"
+    )
+    (folder / "img2a.png").unlink()
+    (folder / "img1.png").unlink()
+    with pytest.raises(ConfigError) as error:
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert (
+        "was cached: 'img1.png' is gone: the samples after it moved ('img3.png' is now at position 2); use"
+        in (str(error.value))
+    )
+
+
 def test_a_rerun_refuses_an_index_whose_rows_changed_order(tmp_path, folder):
     index = tmp_path / "index.jsonl"
     rows = [{"file": f"img{i}.png", "caption": f"c{i}"} for i in range(3)]

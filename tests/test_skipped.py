@@ -55,7 +55,7 @@ def _skip_warnings(caplog) -> list[str]:
     "extra, head",
     [
         # met batch by batch: as if all 16 had been met, so once more than 3 are known skipped
-        ({}, "9 of the 10 samples tried so far cannot be used (corrupt 8, tiny 1): about 90%"),
+        ({}, "12 of the 13 samples tried so far cannot be used (corrupt 11, tiny 1): about 92%"),
         # bucket planning checks every sample before the first batch
         (
             {"buckets": [[16, 16], [16, 24]]},
@@ -292,21 +292,21 @@ def test_the_ranks_skips_merge_counting_the_planned_ones_once(tmp_path):
     loaders = [step_loader(cfg, 0, 4, 0, 2, rank=rank, world_size=2) for rank in (0, 1)]
     for loader in loaders:
         list(loader)
-    # bad01.png is met by both ranks: 5 counted of the 4 distinct corrupt images met.
+    # Each rank meets all four corrupt images: 8 counted of the 4 distinct ones.
     assert [list(loader.skips.ids["corrupt"]) for loader in loaders] == [
-        ["bad02.png", "bad01.png"],
-        ["bad00.png", "bad03.png", "bad01.png"],
+        ["bad02.png", "bad01.png", "bad00.png", "bad03.png"],
+        ["bad00.png", "bad03.png", "bad01.png", "bad02.png"],
     ]
     assert [loader.skips.times for loader in loaders] == [
-        {"bad-row": 1, "corrupt": 2},
+        {"bad-row": 1, "corrupt": 5},
         {"bad-row": 1, "corrupt": 4},
     ]
     tallies = [loader.skipped_tally() for loader in loaders]
     root = tmp_path / "data"
     assert merged_skip_report(tallies) == (
-        "skipped 6 samples (7 times) over the 2 processes (1 found while planning the data, counted once; "
-        "5 met while reading, counted in each process that met them): bad-row 1 (e.g. index.jsonl:13: no "
-        f"'file' path), corrupt 5 (e.g. {_unreadable(root, 'bad02.png')}; {_unreadable(root, 'bad01.png')}; "
+        "skipped 9 samples (10 times) over the 2 processes (1 found while planning the data, counted once; "
+        "8 met while reading, counted in each process that met them): bad-row 1 (e.g. index.jsonl:13: no "
+        f"'file' path), corrupt 8 (e.g. {_unreadable(root, 'bad02.png')}; {_unreadable(root, 'bad01.png')}; "
         f"{_unreadable(root, 'bad00.png')})"
     )
     first = step_loader(cfg, 0, 4, 0, 1, rank=1, world_size=2)
@@ -335,24 +335,43 @@ def test_the_skipped_summary_under_torchrun_covers_every_rank(tmp_path):
     )
     save_config(cfg, tmp_path / "run.yaml")
     printed = train_log(2, tmp_path / "run.yaml", tmp_path / "run")
-    # Each rank met other corrupt images (each lists its own), both the row the index refuses.
+    # Each rank lists the corrupt images it met (bad03.png only rank 1 did), both the row the index refuses.
     listed = [_listed(tmp_path / "run" / name) for name in ("skipped.jsonl", "skipped.rank1.jsonl")]
     assert [[r["id"] for r in rank if r["reason"] == "corrupt"] for rank in listed] == [
-        ["bad02.png", "bad01.png"],
-        ["bad03.png", "bad00.png"],
+        ["bad02.png", "bad01.png", "bad00.png"],
+        ["bad03.png", "bad00.png", "bad01.png", "bad02.png"],
     ]
     assert all([r["id"] for r in rank if r["reason"] == "bad-row"] == ["index.jsonl:11"] for rank in listed)
     ckpt = find_checkpoint(tmp_path / "run")
     states = [json.loads((ckpt / name).read_text()) for name in ("data_state.json", "data_state.rank1.json")]
-    assert [state["skips"]["times"] for state in states] == [{"bad-row": 1, "corrupt": 3}] * 2  # 1 + 3 + 3
+    assert [state["skips"]["times"] for state in states] == [
+        {"bad-row": 1, "corrupt": 4},
+        {"bad-row": 1, "corrupt": 6},
+    ]  # 1 + 4 + 6 times
     (line,) = [line for line in printed.splitlines() if "fusedit.train.loop: data: " in line]
     root = tmp_path / "data"
     assert line == (
-        "INFO fusedit.train.loop: data: skipped 5 samples (7 times) over the 2 processes (1 found while planning "
-        "the data, counted once; 4 met while reading, counted in each process that met them): bad-row 1 (e.g. "
-        f"index.jsonl:11: no 'file' path), corrupt 4 (e.g. {_unreadable(root, 'bad02.png')}; "
-        f"{_unreadable(root, 'bad01.png')}; {_unreadable(root, 'bad03.png')}); every skipped id is listed in "
-        f"{tmp_path / 'run' / 'skipped.jsonl'} (rank 1's in skipped.rank1.jsonl, ...)"
+        "INFO fusedit.train.loop: data: skipped 8 samples (11 times) over the 2 processes (1 found while "
+        "planning the data, counted once; 7 met while reading, counted in each process that met them): bad-row "
+        f"1 (e.g. index.jsonl:11: no 'file' path), corrupt 7 (e.g. {_unreadable(root, 'bad02.png')}; "
+        f"{_unreadable(root, 'bad01.png')}; {_unreadable(root, 'bad00.png')}); every skipped id is listed in "
+        f"{tmp_path / 'run' / 'skipped.jsonl'} (rank 1's in skipped.rank1.jsonl)"
+    )
+
+
+def test_the_skip_line_names_the_lists_the_ranks_wrote():
+    """It sent readers to "rank 1's in skipped.rank1.jsonl, ..." where rank 1 had skipped nothing and so
+    written no list."""
+    from fusedit.train.loop import _where_listed
+
+    run = Path("run")
+    assert _where_listed([0], run, None) == f"every skipped id is listed in {run / 'skipped.jsonl'}"
+    assert _where_listed([1, 3], run, None) == (
+        f"every skipped id is listed in {run / 'skipped.rank1.jsonl'} (rank 3's in skipped.rank3.jsonl)"
+    )
+    assert _where_listed([0, 2, 5, 6, 7], run, 1) == (
+        f"every skipped id is listed in {run / 'skipped.stage1.jsonl'} (ranks 2, 5, 6 and 1 more in "
+        "skipped.stage1.rank<r>.jsonl)"
     )
 
 
@@ -377,3 +396,106 @@ def test_a_malformed_json_caption_sidecar_is_named_in_its_skip(tmp_path):
     loader = step_loader(_cfg(root, caption_fields=["txt"]), 0, 4, 0, 3)
     list(loader)
     assert loader.skips.ids == {"no-caption": {"0018.png": "none of the fields ['txt'] holds text"}}
+
+
+def _skip_line(caplog) -> str:
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped")]
+    return line
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+def test_a_resume_on_another_number_of_processes_keeps_every_skip(tmp_path, caplog):
+    """Resumed on one process, a two-process run's skips were dropped: the end line said "none" (or counted
+    the resumed steps alone), skipped.jsonl went and the old rank 1's list stayed. Now the old ranks' skips
+    carry on in rank 0's: the line and the list are the uninterrupted one-process run's (the row the index
+    refuses counted once), and the ranks the run no longer has leave no list."""
+    from fusedit.config import save_config
+    from test_distributed import logged_losses, torchrun, train_log
+
+    index = _indexed_folder(tmp_path / "data", good=6, corrupt=4)
+    data = {"source": "folder", "index_file": str(index)}
+    train_cfg = {"device": "cpu", "steps": 4, "checkpoint_every": 2}
+    one = tiny_config(data=data, train={**train_cfg, "batch_size": 4})
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        train(one, tmp_path / "ref", progress=False)
+    ref_line = _skip_line(caplog)
+    save_config(tiny_config(data=data, train={**train_cfg, "batch_size": 2}), tmp_path / "two.yaml")
+    run = torchrun(2, tmp_path / "two.yaml", tmp_path / "run", "--stop-at", "2")
+    assert [
+        r["id"] for r in _listed(run / "skipped.rank1.jsonl") if r["reason"] == "corrupt"
+    ]  # rank 1 met some
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        train(one, run, resume=True, progress=False)
+    assert logged_losses(run) == pytest.approx(logged_losses(tmp_path / "ref"), rel=1e-5, abs=1e-6)
+    assert sorted(map(str, _listed(run / "skipped.jsonl"))) == sorted(
+        map(str, _listed(tmp_path / "ref" / "skipped.jsonl"))
+    )
+    assert not (run / "skipped.rank1.jsonl").exists()
+    # The same counts and examples; a reason's examples in the old ranks' order, not the order met.
+    line, examples = _skip_line(caplog).replace(str(run), "RUN"), re.compile(r"\(e\.g\. ([^)]*)\)")
+    ref_line = ref_line.replace(str(tmp_path / "ref"), "RUN")
+    assert (
+        examples.sub("", line)
+        == examples.sub("", ref_line)
+        == (
+            "data: skipped 5 samples (10 times): bad-row 1 , corrupt 4 ; every skipped id is listed in "
+            "RUN/skipped.jsonl"
+        )
+    )
+    assert [sorted(e.split("; ")) for e in examples.findall(line)] == [
+        sorted(e.split("; ")) for e in examples.findall(ref_line)
+    ]
+
+    # And from one process to two: rank 0 carries the first steps' skips on, rank 1 lists its own.
+    train(one, tmp_path / "up", stop_at=2, progress=False)
+    printed = train_log(2, tmp_path / "two.yaml", tmp_path / "up", "--resume")
+    listed = _listed(tmp_path / "up" / "skipped.jsonl") + _listed(tmp_path / "up" / "skipped.rank1.jsonl")
+    assert {(r["id"], r["reason"]) for r in listed} == {
+        (r["id"], r["reason"]) for r in _listed(tmp_path / "ref" / "skipped.jsonl")
+    }
+    # Counted as a two-process run counts (an image both ranks met, once for each): the same 10 times.
+    assert (
+        "data: skipped 6 samples (10 times) over the 2 processes (1 found while planning the data, counted "
+        "once; 5 met while reading, counted in each process that met them)"
+    ) in printed
+
+
+def test_an_empty_caption_file_is_named_in_its_skip(tmp_path):
+    """It read "none of the fields ['txt', 'json.caption'] holds text", which points at the setting while the
+    caption file is there, empty."""
+    root = _folder(tmp_path / "data", good=4, corrupt=0)
+    _noise(32, 32, 18).save(root / "0018.png")
+    (root / "0018.txt").write_text(" \n")
+    _noise(32, 32, 19).save(root / "0019.png")  # an empty .txt beside a .json caption costs nothing
+    (root / "0019.txt").write_text("")
+    (root / "0019.json").write_text('{"caption": "a json caption"}')
+    loader = step_loader(_cfg(root, caption_fields=["txt", "json.caption"]), 0, 4, 0, 3)
+    assert "a json caption" in {c for batch in loader for c in batch["caption"]}
+    assert loader.skips.ids == {"no-caption": {"0018.png": "0018.txt is empty"}}
+    # Where the .txt sidecars are not read, the fields read are named as before.
+    loader = step_loader(_cfg(root, caption_fields=["json.caption"]), 0, 4, 0, 3)
+    list(loader)
+    assert loader.skips.ids["no-caption"]["0018.png"] == "none of the fields ['json.caption'] holds text"
+
+
+@pytest.mark.parametrize("extra", [{}, {"buckets": [[16, 16], [16, 24]]}], ids=["plain", "buckets"])
+def test_a_skipped_images_replacement_is_no_other_image_of_its_batch(tmp_path, extra):
+    """The next image of the order took a skipped one's place, and that image was the next slot's: one image
+    twice in the batch, at every skip. Replacements now come from the next epoch's order, the same however
+    the batch is split over ranks."""
+    root = _folder(tmp_path / "data", good=60, corrupt=4)
+    if extra:  # truncated: their headers pass bucket planning, their pixels fail in the batches
+        for name in ("good03.png", "good17.png", "good40.png"):
+            data = (root / name).read_bytes()
+            (root / name).write_bytes(data[: len(data) // 2])
+    cfg = _cfg(root, **extra)
+    one = step_loader(cfg, 0, 4, 0, 30)
+    batches = [batch["id"] for batch in one]
+    assert sum(one.skips.times.values()) >= 8  # replacements were drawn
+    assert all(len(set(ids)) == len(ids) for ids in batches)
+    ranks = [[batch["id"] for batch in step_loader(cfg, 0, 2, 0, 30, rank=r, world_size=2)] for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == batches

@@ -259,7 +259,8 @@ class FolderCatalog:
 
     def record(self, i: int) -> tuple[dict, Any]:
         """(caption fields, image path) of sample ``i``; the image itself is not opened here. Raises
-        SkipSample when the only caption source the caption fields read is a sidecar that is not JSON."""
+        SkipSample when the only caption source the caption fields read is a sidecar that is not JSON, or
+        a ``.txt`` sidecar that is empty."""
         if self.rows is not None:
             return self.rows[i], self.image_value(i)
         image = self.image_value(i)
@@ -281,6 +282,16 @@ class FolderCatalog:
             ):
                 name = names.get("json") or image.with_suffix(".json").name
                 raise SkipSample("no-caption", f"{name} is not valid JSON ({e})") from None
+        # Likewise an empty caption file (a captioning pass that failed on the image), which is a fix to the
+        # data, not to data.caption_fields as "none of the fields holds text" suggests.
+        text = fields.get("txt")
+        if (
+            text is not None
+            and not text.strip()
+            and "txt" in self.caption_fields
+            and not caption_candidates(fields, self.caption_fields)
+        ):
+            raise SkipSample("no-caption", f"{names.get('txt') or image.with_suffix('.txt').name} is empty")
         return fields, image
 
 

@@ -533,7 +533,7 @@ def _check_shard(items: _Items, shard: dict, out: Path) -> None:
         return
     start, end = shard["start"], shard["end"]
     now = [items.sample_id(p) for p in range(start, min(end, items.total))]
-    change = _id_change(shard, now)
+    change = _id_change(shard, now, lambda: _whereabouts(items, out))
     if change:
         raise ConfigError(
             f"{str(out)!r}: the dataset changed since shard {shard['shard']} (positions {start}..{end - 1}) "
@@ -542,17 +542,50 @@ def _check_shard(items: _Items, shard: dict, out: Path) -> None:
         )
 
 
-def _id_change(shard: dict, now: list[str]) -> str | None:
+def _whereabouts(items: _Items, out: Path) -> tuple[dict[str, int], set[str]]:
+    """Where each id of the dataset is now ({id: its first position}) and the ids every finished shard in
+    ``out`` was made from: what tells an id gone from one shard's positions from one that moved."""
+    positions: dict[str, int] = {}
+    for p in range(items.total or 0):
+        positions.setdefault(items.sample_id(p), p)
+    cached: set[str] = set()
+    for record in sorted(out.glob("latents-*.json")):
+        shard = _finished_shard(record)
+        if shard is not None:
+            cached.update(s["id"] for s in shard["samples"])
+            cached.update(s[1] for s in shard["skipped"])
+    return positions, cached
+
+
+def _id_change(shard: dict, now: list[str], whereabouts) -> str | None:
     """How the ids at a shard's positions now (``now``) differ from those it was made from (its samples',
-    each at its position, and its skipped ones'), or None."""
+    each at its position, and its skipped ones'), or None. ``whereabouts()`` (``_whereabouts``) tells an id
+    missing from the positions but still in the dataset (moved along by an insertion or a removal before
+    it) from one that is gone, and an id new to the positions from one cached in another shard."""
     was = [s["id"] for s in shard["samples"]] + [s[1] for s in shard["skipped"]]
     was_set, now_set = set(was), set(now)
     removed = [i for i in was if i not in now_set]
     added = [i for i in now if i not in was_set]
     if removed or added:
-        parts = [f"{_some(removed)} {'is' if len(removed) == 1 else 'are'} gone"] if removed else []
-        parts += [f"{_some(added)} {'is' if len(added) == 1 else 'are'} new"] if added else []
-        return " and ".join(parts)
+        positions, cached = whereabouts()
+        gone = [i for i in removed if i not in positions]
+        new = [i for i in added if i not in cached]
+        moved = [i for i in removed + added if i in positions and i in cached]
+        parts = [f"{_some(gone)} {'is' if len(gone) == 1 else 'are'} gone"] if gone else []
+        if new and moved:
+            verb = "was" if len(new) == 1 else "were"
+            parts.append(
+                f"{_some(new)} {verb} added at position {positions[new[0]]}, before the last cached sample"
+            )
+        elif new:
+            parts.append(f"{_some(new)} {'is' if len(new) == 1 else 'are'} new")
+        if not moved:
+            return " and ".join(parts)
+        where = f"{moved[0]!r} is now at position {positions[moved[0]]}"
+        if not parts:  # reordered: the same samples, some in other shards' positions
+            return f"the samples moved ({where})"
+        them = "it" if len(gone) + len(new) == 1 else "them"
+        return f"{' and '.join(parts)}: the samples after {them} moved ({where})"
     start = shard["start"]
     if len(now) < shard["end"] - start:  # the same ids, fewer positions: ids that were not unique
         return f"the dataset now ends at position {start + len(now) - 1}"

@@ -16,20 +16,22 @@ epoch); step s reads batch s mod K of epoch s // K (K is the same every epoch). 
 batch is split over processes does not change which samples it holds. Their ``loader.state_dict()``
 carries the skip counts and the dataset's size: resumed onto a dataset of another size (images added or
 removed), the epochs are permutations of the new size, so the resume warns that the current epoch's order
-is a new one.
+is a new one. Without buckets it carries the position too (the samples read): a run resumed at another
+global batch (``resplit_state``) reads on from there, step s at position + (s - start) * G.
 
 Streams (webdataset, hf with streaming) have a position instead: ``loader.state_dict()`` after a step is
 what ``step_loader(..., start_step=that step, state=...)`` continues from exactly. Without a state a stream
 is fast-forwarded by reading and decoding every sample before ``start_step`` (exact, but slow).
 
-A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by the next one in the same
-order (the same bucket's order with buckets), so batches are always full and the replacement is
-deterministic; the skip is counted, and ``loader.skipped_report()`` summarises the counts by reason (the
-state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun,
-``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning
-the data, which every rank finds alike, once). Rank 0 warns
-once, early, when more than a fifth of the data looks unusable (``SkipWatch``). When no usable sample
-is left (every one skipped), reading raises a ConfigError with the counts.
+A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by one of the next epoch's
+order (the same bucket's with buckets) that is not in the same global batch (``StepPlan.candidates``), so
+batches are always full, without one image twice, and the replacement is deterministic; the skip is
+counted, and ``loader.skipped_report()`` summarises the counts by reason (the state's ``"skips"`` keep
+every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun, ``merged_skip_report``
+sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning the data, which every
+rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the data looks unusable
+(``SkipWatch``). When no usable sample is left (every one skipped), reading raises a ConfigError with the
+counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
@@ -334,10 +336,10 @@ def no_usable_samples(
 class StepPlan:
     """Which dataset positions fill each slot of the batch a rank reads at a step (module docstring).
 
-    A slot is a tuple ``(epoch, group, position)``; ``candidate(slot, k)`` is the k-th sample to try for
-    it (k > 0 only when the earlier ones had to be skipped). ``groups`` gives each sample's bucket
-    (-1: unusable, never planned); None means one group of every sample, addressed as one endless stream.
-    ``names`` names each bucket for messages.
+    A slot is a tuple ``(epoch, group, position)``; ``candidates(slot)`` are the samples to try for it, in
+    order (the later ones only when the earlier ones had to be skipped). ``groups`` gives each sample's
+    bucket (-1: unusable, never planned); None means one group of every sample, addressed as one endless
+    stream. ``names`` names each bucket for messages.
     """
 
     def __init__(
@@ -350,12 +352,16 @@ class StepPlan:
         groups: np.ndarray | None = None,
         shuffle: bool = True,
         names: list[str] | None = None,
+        offset: int = 0,
     ):
         _check_rank(rank, world_size)
         if n < 1:
             raise ValueError("cannot plan batches over an empty dataset")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        # Without buckets, step s reads from position offset + s * G: a run resumed at another global batch
+        # goes on after the samples it has read (``position``), not at s times the new batch.
+        self.offset = offset
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self._cache: dict[int, Any] = {}
         if self.groups is not None:
@@ -382,7 +388,9 @@ class StepPlan:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
-            if len(self._cache) >= 2:  # neighbouring epochs only: a slot's candidates may cross into the next
+            # Neighbouring epochs only: a slot's replacements come from the next. (A batch across an epoch's
+            # end that needs one touches three: one order is built again, at most once an epoch.)
+            if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[epoch] = self._build(epoch)
         return self._cache[epoch]
@@ -398,32 +406,70 @@ class StepPlan:
         batches = [batches[i] for i in make_rng(self.seed, 6, epoch).permutation(len(batches))]
         return lists, batches
 
+    def position(self, step: int) -> int | None:
+        """The position of the endless sequence that ``step`` reads from (the samples read before it), or
+        None with buckets, whose epochs are cut into batches of the global batch: addressed by step alone."""
+        if self.groups is not None:
+            return None
+        return self.offset + step * self.batch_size * self.world_size
+
     def slots(self, step: int) -> list[tuple[int, int, int]]:
         b = self.batch_size
         if self.groups is None:
-            g = step * self.world_size + self.rank
-            return [(-1, -1, g * b + j) for j in range(b)]
+            first = self.position(step) + self.rank * b
+            return [(-1, -1, first + j) for j in range(b)]
         epoch, t = divmod(step, self.batches_per_epoch)
         group, chunk = self._perm(epoch)[1][t]
         first = chunk * self.global_batch + self.rank * b
         return [(epoch, group, first + j) for j in range(b)]
 
-    def tries(self, slot: tuple[int, int, int]) -> int:
+    def _sample(self, epoch: int, group: int, position: int) -> int:
+        """The dataset index at ``position`` of ``epoch``'s order (of ``group``'s, with buckets; wrapping)."""
         if self.groups is None:
-            # The rest of the slot's epoch, then the whole next one (every sample): a usable sample is found
-            # whenever one exists. Only n tries could end before the one usable sample of mostly bad data,
-            # it lying early in this epoch's order and late in the next's.
-            return 2 * self.n - slot[2] % self.n
-        return self.group_sizes[slot[1]]
-
-    def candidate(self, slot: tuple[int, int, int], k: int) -> tuple[int, int]:
-        """(dataset index, epoch) of the k-th sample to try for ``slot``."""
-        epoch, group, position = slot
-        if self.groups is None:
-            epoch, position = divmod(position + k, self.n)
-            return (int(self._perm(epoch)[position]) if self.shuffle else position), epoch
+            return int(self._perm(epoch)[position]) if self.shuffle else position
         members = self._perm(epoch)[0][group]
-        return int(members[(position + k) % len(members)]), epoch
+        return int(members[position % len(members)])
+
+    def candidates(self, slot: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
+        """(dataset index, epoch) of the samples to try for ``slot``, in order: its own, then replacements
+        from the next epoch's order (its bucket's, with buckets), never the next samples of this epoch's,
+        which are the neighbour slots' (one image twice in a batch). Of the next epoch's places, first those
+        congruent to the slot's column of the global batch modulo its size, from the slot's row on: the
+        slots of one batch are in different columns, so they never draw the same replacement; then every
+        other place from the slot's on; samples of the slot's own global batch are tried last. So a usable
+        sample is found whenever one exists, and the order depends on the plan alone (not on which samples
+        were found unusable): the batches are the same however they are split over ranks and resumes."""
+        epoch, group, position = slot
+        g = self.batch_size * self.world_size
+        if self.groups is None:
+            epoch, place = divmod(position, self.n)
+            size, column = self.n, (position - self.offset) % g
+        else:
+            size = self.group_sizes[group]
+            place, column = position % size, position % g
+        yield self._sample(epoch, group, place), epoch
+        mine = range(column, size, g)
+        first = max(0, -(-(place - column) // g))  # the slot's row: its column's first place from its own on
+        others = (q % size for q in range(place, place + size) if q % size % g != column)
+        own, later = self._own_batch(slot), []
+        for q in itertools.chain(mine[first:], mine[:first], others):
+            i = self._sample(epoch + 1, group, q)
+            if i in own:
+                later.append(i)
+            else:
+                yield i, epoch + 1
+        for i in later:
+            yield i, epoch + 1
+
+    def _own_batch(self, slot: tuple[int, int, int]) -> set[int]:
+        """The dataset indices of the global batch ``slot`` belongs to (every rank's rows of its step)."""
+        epoch, group, position = slot
+        g = self.batch_size * self.world_size
+        if self.groups is not None:
+            first = position - position % g  # a bucket's batch: a chunk of g of its order
+            return {self._sample(epoch, group, first + t) for t in range(g)}
+        first = position - (position - self.offset) % g
+        return {self._sample(p // self.n, group, p % self.n) for p in range(first, first + g)}
 
 
 class PlanBatches(Sampler[list]):
@@ -461,8 +507,7 @@ class PlannedDataset(Dataset):
         # were fixed reads them again.
         bad = self.__dict__.setdefault("_bad", {})
         skipped = []
-        for k in range(self.plan.tries(slot)):
-            i, epoch = self.plan.candidate(slot, k)
+        for i, epoch in self.plan.candidates(slot):
             if i in bad:
                 skipped.append((bad[i][0], self.sample_id(i), bad[i][1]))
                 continue
@@ -556,7 +601,7 @@ def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
 
 def build_catalog(cfg: DataConfig, progress: bool = False) -> Any:
     """The index-addressable catalog of a folder, hf (map-style) or webdataset (all shards) source;
-    ``progress`` shows a bar while a folder is scanned."""
+    ``progress`` shows a bar while a folder is scanned or the shards' headers are read."""
     if cfg.source == "folder":
         from fusedit.data.folder import FolderCatalog
 
@@ -571,7 +616,7 @@ def build_catalog(cfg: DataConfig, progress: bool = False) -> Any:
         from fusedit.data.webdataset_source import WebDatasetCatalog, shard_lists
 
         datasets, _ = shard_lists(cfg.shards, cfg.weights)
-        return WebDatasetCatalog(datasets, cfg.caption_fields, cfg.image_field)
+        return WebDatasetCatalog(datasets, cfg.caption_fields, cfg.image_field, progress=progress)
     raise ConfigError(f"data.source={cfg.source!r} has no image catalog (allowed: folder, hf, webdataset)")
 
 
@@ -633,22 +678,30 @@ def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def planned_dataset(
-    cfg: DataConfig, seed: int, batch_size: int, rank: int = 0, world_size: int = 1, progress: bool = False
+    cfg: DataConfig,
+    seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    offset: int = 0,
 ) -> tuple[PlannedDataset, list, int]:
     """(dataset over plan slots, skips found while building, the number of samples those are out of: the
     dataset's and those the catalog refused) for an index-addressable source; ``progress`` shows bars over
-    the folder scan and the bucket planning."""
+    the folder scan and the bucket planning; ``offset`` is StepPlan's."""
     if cfg.source == "shapes":
         shapes = build_dataset(cfg, seed)
         # Unpermuted: shapes examples are random already, and this keeps old runs' batches unchanged.
-        plan = StepPlan(len(shapes), batch_size, seed, rank, world_size, shuffle=False)
+        plan = StepPlan(len(shapes), batch_size, seed, rank, world_size, shuffle=False, offset=offset)
         return ShapesItems(shapes, plan), [], len(shapes)
     if cfg.source == "latents":
         from fusedit.data.latents import LatentDataset
 
         latents = LatentDataset(cfg.latents_dir, seed=seed, caption_pick=cfg.caption_pick)
         groups, names = latents.groups()
-        latents.plan = StepPlan(len(latents), batch_size, seed, rank, world_size, groups=groups, names=names)
+        latents.plan = StepPlan(
+            len(latents), batch_size, seed, rank, world_size, groups=groups, names=names, offset=offset
+        )
         return latents, [], len(latents)
     catalog = build_catalog(cfg, progress)
     decoder = SampleDecoder.from_config(cfg, seed)
@@ -661,7 +714,9 @@ def planned_dataset(
         if (groups < 0).all():
             raise no_usable_samples(SkipCounter.of(events))
     names = [f"{w}x{h} px" for h, w in decoder.targets]
-    plan = StepPlan(len(catalog), batch_size, seed, rank, world_size, groups=groups, names=names)
+    plan = StepPlan(
+        len(catalog), batch_size, seed, rank, world_size, groups=groups, names=names, offset=offset
+    )
     return CatalogItems(catalog, decoder, plan), events, total
 
 
@@ -718,12 +773,15 @@ class IndexedStepLoader:
     def state_dict(self) -> dict:
         """Position after the last yielded batch (index sources only need the step; the skip counts
         travel along so a resumed run's report covers the whole run, the size so a resume can tell that
-        the dataset changed)."""
+        the dataset changed; without buckets the position, the samples read, so a resume at another global
+        batch goes on after them)."""
         mark = getattr(self, "_mark", None)
+        position = self.dataset.plan.position(self.step)
         return {
             "kind": "index",
             "step": self.step,
             "samples": len(self.dataset),
+            **({} if position is None else {"position": position}),
             "skips": self.skips.state_dict(mark),
         }
 
@@ -876,10 +934,16 @@ class StreamStepLoader:
         state,
         skips,
         watch: SkipWatch | None,
+        count_skipped: bool = True,
+        progress: bool = False,
     ):
         self.make_reader, self.decoder, self.batch_size = make_reader, decoder, batch_size
         self.start_step, self.end_step, self.workers = start_step, end_step, workers
         self.initial_state, self.skips, self.watch = state, skips, watch
+        # Whether the skips met reading through the steps before start_step (without a state) count: for a
+        # caller without a state they are those of the run; for a run resumed on another split of the
+        # batch they are not (the old ranks' skips, in ``skips``, are).
+        self.count_skipped, self.progress = count_skipped, progress
         self._state = state
 
     def __len__(self) -> int:
@@ -901,8 +965,19 @@ class StreamStepLoader:
                     self.start_step,
                     self.start_step,
                 )
-                for _ in range(self.start_step):
+                if not self.count_skipped:
+                    batcher.skips = SkipCounter()
+                # Every sample is decoded (which ones are usable decides where a step's batch ends): steps x
+                # batch decodes, long at scale.
+                for _ in tqdm(
+                    range(self.start_step),
+                    desc="read stream to step",
+                    unit="step",
+                    disable=not self.progress,
+                    leave=False,
+                ):
                     next(batches)
+                batcher.skips = self.skips
             for step in range(self.start_step, self.end_step):
                 batch = next(batches)
                 skipped = batch.pop("skipped")
@@ -973,6 +1048,73 @@ def _epoch_summary(cfg: DataConfig, dataset: PlannedDataset) -> str:
     return f"{usable} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
 
 
+def resplit_state(states: list[dict], global_batch: int) -> dict:
+    """The data state a run resumes from on another split of the batch (another number of processes or
+    per-process batch), from the loader states of the old run's ranks (``states``, in rank order: rank 0's
+    alone will do for the new ranks other than 0) and the global batch it read at. The old ranks' positions
+    cannot be mapped onto the new split; what carries over is the step, the dataset's size (to warn when it
+    changed), the position of an index-addressable source without buckets (the samples read: from the step
+    and ``global_batch`` where a state predates it) and every old rank's skipped samples, which the new
+    rank 0 takes on (``step_loader``), so the run's skip report and list still cover the whole run."""
+    first = states[0]
+    step = int(first["step"])
+    position = first.get("position", step * global_batch) if first.get("kind") == "index" else None
+    return {
+        "kind": "resplit",
+        "step": step,
+        **({"samples": first["samples"]} if "samples" in first else {}),
+        **({} if position is None else {"position": int(position)}),
+        "skips": [state.get("skips", {}) for state in states],
+    }
+
+
+def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:
+    """The skip records of several ranks (their loader states' ``"skips"``, in rank order) as one: each
+    reason's ids in rank order, each once, and their occurrences summed, but for the ``planned`` skips
+    (found while planning the data, which every rank counted once): those count once, as in a run on one
+    process. The ids a run on one process would hold, but listed rank by rank, not in the order met."""
+    counters = []
+    for state in skip_states:
+        counter = SkipCounter()
+        counter.load_state_dict(state)
+        counters.append(counter)
+    merged = SkipCounter()
+    for counter in counters:
+        for reason, ids in counter.ids.items():
+            for sample_id, detail in ids.items():
+                merged.ids.setdefault(reason, {}).setdefault(sample_id, detail)
+            merged.times[reason] = merged.times.get(reason, 0) + counter.times.get(reason, 0)
+    for reason, sample_id, *_ in planned:
+        holders = sum(sample_id in counter.ids.get(reason, {}) for counter in counters)
+        if holders > 1:
+            merged.times[reason] -= holders - 1
+    return merged
+
+
+def _say_resplit_position(plan: StepPlan, start_step: int, position: int | None) -> None:
+    """Where a run resumed on another split of the batch goes on reading (rank 0 says it for all)."""
+    at_step = start_step * plan.batch_size * plan.world_size
+    if position is None or position == at_step or plan.groups is None:
+        log.info(
+            "data: resumed on another split of the batch; reading goes on after the %d samples read before",
+            plan.position(start_step) if plan.groups is None else at_step,
+        )
+        return
+    # Buckets cut each epoch into batches of the global batch: another batch is another cut, which no
+    # saved position maps onto.
+    log.warning(
+        "data: with aspect-ratio buckets a resume at another global batch (%d, not %d) goes on from the "
+        "step: %d samples were read before it, step %d stands for %d at the new batch, so the current epoch "
+        "%s",
+        plan.batch_size * plan.world_size,
+        position // start_step,
+        position,
+        start_step,
+        at_step,
+        "may read some samples again" if at_step < position else "may leave some samples unread",
+    )
+
+
 def step_loader(
     cfg: DataConfig,
     seed: int,
@@ -989,29 +1131,51 @@ def step_loader(
     """Batches for steps [start_step, end_step) of this rank (see the module docstring).
 
     ``state`` is a previous loader's ``state_dict()`` at ``start_step``: required for an exact and fast
-    stream resume, optional for index-addressable sources (it carries the skip counts). ``skip_list`` names
-    the file the caller writes the skipped samples to (``skipped_jsonl``), for the early warning.
-    ``progress`` shows bars over what is read before the first batch (rank 0's only).
+    stream resume, optional for index-addressable sources (it carries the skip counts and the position).
+    A ``resplit_state`` (a run resumed on another split of the batch) carries the old ranks' skips, which
+    rank 0 takes on (the other ranks start without), and the position of an index-addressable source
+    without buckets, which goes on after the samples read; a stream is read through from its start
+    (the skips met doing so are not counted: the old ranks' are the run's). ``skip_list`` names the file
+    the caller writes the skipped samples to (``skipped_jsonl``), for the early warning. ``progress``
+    shows bars over what is read before the first batch (rank 0's only).
     """
     _check_rank(rank, world_size)
     if state is not None and int(state.get("step", -1)) != start_step:
         raise ValueError(
             f"data state is for step {state.get('step')!r}, but the loader starts at step {start_step}"
         )
+    resplit = state is not None and state.get("kind") == "resplit"
     skips = SkipCounter()
     if is_stream(cfg):
-        if state is not None and state.get("kind") != "stream":
+        if state is not None and not resplit and state.get("kind") != "stream":
             raise ValueError(
                 f"data state of kind {state.get('kind')!r} cannot resume data.source={cfg.source!r}"
             )
+        if resplit and rank == 0:
+            skips = merged_skips(state["skips"])
         decoder = SampleDecoder.from_config(cfg, seed)
         factory = _stream_reader_factory(cfg, seed, rank, world_size)
         # Rank 0 warns for all: every rank reads its share of the same data.
         watch = SkipWatch(where=skip_list) if rank == 0 else None
         return StreamStepLoader(
-            factory, decoder, batch_size, start_step, end_step, cfg.num_workers, state, skips, watch
+            factory,
+            decoder,
+            batch_size,
+            start_step,
+            end_step,
+            cfg.num_workers,
+            None if resplit else state,
+            skips,
+            watch,
+            count_skipped=not resplit,
+            progress=progress and rank == 0,
         )
-    dataset, events, total = planned_dataset(cfg, seed, batch_size, rank, world_size, progress and rank == 0)
+    position = None if state is None else state.get("position")
+    # 0 at the global batch the position was saved at (the step gives it); another after a change of it.
+    offset = 0 if position is None else int(position) - start_step * batch_size * world_size
+    dataset, events, total = planned_dataset(
+        cfg, seed, batch_size, rank, world_size, progress and rank == 0, offset
+    )
     if rank == 0:  # every rank plans the same dataset
         log.info("data: %s", _epoch_summary(cfg, dataset))
         if cfg.source == "latents" and cfg.crop != dataset.meta["data"].get("crop"):
@@ -1034,6 +1198,10 @@ def step_loader(
                 int(saved),
                 len(dataset),
             )
+    if resplit and rank == 0:
+        skips = merged_skips(state["skips"], events)
+        _say_resplit_position(dataset.plan, start_step, position)
+    elif state is not None and not resplit:
         skips.load_state_dict(state.get("skips", {}))
     else:
         skips.add_all(events)

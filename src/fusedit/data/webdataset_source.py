@@ -9,7 +9,8 @@ in-shard shuffle and the exact restore cheap.
 
 :class:`WebDatasetReader` is the training stream of one rank:
 
-* ``data.shards`` lists datasets; each is a brace pattern (``data-{0000..0009}.tar``) or a list of them.
+* ``data.shards`` lists datasets; each is a brace pattern (``data-{0000..0009}.tar``) or glob
+  (``data-*.tar``, sorted), or a list of them.
   Each draw picks a dataset with probability proportional to ``data.weights``, from a generator seeded by
   (seed, rank, draw number), so the mixture is reproducible.
 * Per dataset and epoch, the shard list is permuted by (seed, dataset, epoch); rank r of w takes shards
@@ -26,6 +27,7 @@ order), for passes that visit each sample once, such as pre-encoding latents.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import os
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
 from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
@@ -101,11 +104,27 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + option + rest for option in options for rest in expand_braces(tail)]
 
 
+def _expand(pattern: str, entry: Any) -> list[str]:
+    """The shard paths of one pattern of the data.shards ``entry``: its braces expanded, then any glob
+    (``*``, ``?``, ``[...]``) that names no file as it stands matched, in sorted order (as HF paths take
+    globs, people write them here too); a glob that matches no file is refused, naming it."""
+    paths = []
+    for path in expand_braces(pattern):
+        if not any(c in path for c in "*?[") or Path(path).is_file():
+            paths.append(path)
+            continue
+        matched = sorted(p for p in glob.glob(path) if Path(p).is_file())
+        if not matched:
+            raise ConfigError(f"data.shards entry {entry!r}: the glob {path!r} matches no file")
+        paths += matched
+    return paths
+
+
 def shard_lists(spec: Any, weights: Any) -> tuple[list[list[str]], list[float]]:
     """``data.shards`` and ``data.weights`` -> (one shard list per dataset, normalised weights).
 
     Every expanded shard must exist: a missing shard is a configuration mistake (a typo in a range), not
-    a data defect to skip.
+    a data defect to skip. Globs are expanded (``_expand``).
     """
     if not isinstance(spec, list) or not spec:
         raise ConfigError(
@@ -117,7 +136,7 @@ def shard_lists(spec: Any, weights: Any) -> tuple[list[list[str]], list[float]]:
         patterns = entry if isinstance(entry, list) else [entry]
         if not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise ConfigError(f"data.shards entry {entry!r} must be a pattern string or a list of them")
-        paths = [path for pattern in patterns for path in expand_braces(pattern)]
+        paths = [path for pattern in patterns for path in _expand(pattern, entry)]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise ConfigError(
@@ -382,16 +401,33 @@ class WebDatasetReader:
 
 class WebDatasetCatalog:
     """Every sample of every shard once, in listed order (shards in data.shards order, samples in tar
-    order): sample i is a fixed sample. Opening a catalog reads every shard's tar headers (not the data).
-    Safe to read from several threads: each thread opens its own file handles."""
+    order): sample i is a fixed sample. Opening a catalog reads every shard's tar headers (not the data):
+    ``progress`` shows a bar, as a shard of 20,000 samples takes about a second on a local disk, more on a
+    network file system. Safe to read from several threads: each thread opens its own file handles."""
 
-    def __init__(self, datasets: list[list[str]], caption_fields: Sequence[str] = ("txt",), image_field=""):
+    def __init__(
+        self,
+        datasets: list[list[str]],
+        caption_fields: Sequence[str] = ("txt",),
+        image_field="",
+        progress: bool = False,
+    ):
         self.paths = list(dict.fromkeys(p for paths in datasets for p in paths))
         self.wanted, self.image_field = wanted_fields(caption_fields), image_field
         self.skipped: list[tuple[str, str, str]] = []
         self.sizes_known = None
         with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
-            scanned = list(pool.map(TarShard, self.paths))
+            opened = pool.map(TarShard, self.paths)
+            scanned = list(
+                tqdm(
+                    opened,
+                    total=len(self.paths),
+                    desc="read shard headers",
+                    unit="shard",
+                    disable=not progress,
+                    leave=False,
+                )
+            )
         self.samples: list[list] = []
         for shard in scanned:
             if shard.error:

@@ -730,7 +730,8 @@ def _consolidate_into(tmp: Path, ckpt: Path) -> None:
             shutil.copyfile(ckpt / name, tmp / name)
     meta = load_state(ckpt)
     meta.pop("format", None)
-    meta = {**meta, "consolidated_from": str(ckpt), WEIGHT_FILES: weight_files(tmp)}
+    # Absolute: a path relative to where consolidate ran would name nothing from anywhere else.
+    meta = {**meta, "consolidated_from": os.path.abspath(ckpt), WEIGHT_FILES: weight_files(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     readable_by_all(tmp)
 

@@ -301,6 +301,20 @@ def _write_skipped(path: Path, loader_state: dict, world_size: int | None = None
     return bool(text)
 
 
+def _where_listed(ranks: list[int], run_dir: Path, stage: int | None) -> str:
+    """Where the skip line sends its reader: the lists of the ``ranks`` that wrote one (a rank that skipped
+    nothing writes none), the first by its path, a few others by name, more by their pattern."""
+    first = f"every skipped id is listed in {run_dir / skipped_list_name(ranks[0], stage)}"
+    others = ranks[1:]
+    if not others:
+        return first
+    if len(others) <= 3:
+        named = [f"rank {r}'s in {skipped_list_name(r, stage)}" for r in others]
+        return f"{first} ({', '.join(named)})"
+    pattern = skipped_list_name(1, stage).replace(".rank1.", ".rank<r>.")
+    return f"{first} (ranks {', '.join(map(str, others[:3]))} and {len(others) - 3} more in {pattern})"
+
+
 def _warn_global_batch_changed(
     saved_world: int, saved_per_rank: int, world: int, tc, stage: int, staged: bool
 ) -> None:
@@ -616,7 +630,7 @@ def _resume_point(
     start = int(saved["step"]) if saved else 0
     if saved:
         cfg, ignored = _kept_init_from(cfg, ckpt)
-        changed = check_same_model(ckpt, cfg) + ignored
+        changed = _said_reshard(check_same_model(ckpt, cfg), saved, cfg, env) + ignored
         if changed and env.is_main:
             log.warning(
                 "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
@@ -627,6 +641,31 @@ def _resume_point(
                 "to resume it)"
             )
     return cfg, ckpt, saved, start
+
+
+def _said_reshard(changed: list[str], saved: dict, cfg: Config, env: DistEnv) -> list[str]:
+    """``changed`` (the resume's changed settings) less train.batch_size and train.grad_accum where they
+    only split the checkpoint's global batch another way, as multi-node.md recommends when the number of
+    processes changes: said at INFO, not warned as a change."""
+    tc = cfg.train
+    split = [c for c in changed if c.startswith(("train.batch_size:", "train.grad_accum:"))]
+    if not split or cfg.stages or "batch_size" not in saved:
+        return changed
+    old = [int(saved.get("world_size", 1)), int(saved["batch_size"]), int(saved.get("grad_accum", 1))]
+    now = env.world_size * tc.batch_size * tc.grad_accum
+    if math.prod(old) != now:
+        return changed
+    if env.is_main:
+        log.info(
+            "resuming on another split of the same global batch of %d: %d process(es) x batch_size %d x "
+            "grad_accum %d (the checkpoint's: %d x %d x %d)",
+            now,
+            env.world_size,
+            tc.batch_size,
+            tc.grad_accum,
+            *old,
+        )
+    return [c for c in changed if c not in split]
 
 
 def _kept_init_from(cfg: Config, ckpt: Path) -> tuple[Config, list[str]]:
@@ -1027,15 +1066,14 @@ class _Run:
         rank that met it, as the line says."""
         if self.env.world_size == 1:
             report = loader.skipped_report()
+            ranks = [0] if listed else []
         else:
             shares = distributed.gather_object((loader.skipped_tally(), listed), self.env)
             report = merged_skip_report([tally for tally, _ in shares])
-            listed = any(each for _, each in shares)  # a rank that skipped nothing writes no list
-        if listed:
-            report += f"; every skipped id is listed in {skip_path}"
-            if self.env.world_size > 1:
-                rank1 = skipped_list_name(1, stage.index if self.cfg.stages else None)
-                report += f" (rank 1's in {rank1}, ...)"
+            # A rank that skipped nothing writes no list.
+            ranks = [rank for rank, (_, each) in enumerate(shares) if each]
+        if ranks:
+            report += "; " + _where_listed(ranks, skip_path.parent, stage.index if self.cfg.stages else None)
         log.info("data: %s", report)
 
 
