@@ -205,18 +205,8 @@ def test_a_checkpoint_without_ema_weights_is_scored_recorded_and_filed_as_raw(ru
     shutil.copytree(run, tmp_path / "run")
     run = tmp_path / "run"
     prompts = write_geneval(tmp_path / "geneval.jsonl")
-    args = [
-        "eval",
-        str(run),
-        "--bench",
-        "geneval",
-        "--prompts",
-        str(prompts),
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    args = ["eval", str(run), "--bench", "geneval", "--prompts", str(prompts), "--steps", "1"]
+    args += ["--device", "cpu"]
     assert main([*args, "--quiet"]) == 0
     out = run / "eval" / "step_00000000-raw" / "geneval"
     assert json.loads((out / "generation.json").read_text())["ema"] is False

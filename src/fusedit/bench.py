@@ -285,8 +285,9 @@ def bench_train(
     kernels = attention_kernels(forward)
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
     # FLOPs of the text lengths the timed steps computed over (padding included: the kernels compute it).
+    leads = [e.leading for e in s.model.encoders]
     flops = statistics.mean(
-        3 * denoiser_flops(denoiser, n_img, w, [e.leading for e in s.model.encoders])
+        3 * denoiser_flops(denoiser, n_img, w, leads)
         + sum(llm_flops(e.llm, n) for e, n in zip(s.model.encoders, w, strict=True))
         for w in widths
     )

@@ -1401,6 +1401,13 @@ def check_data_locations(data: DataConfig) -> None:
         )
 
 
+def uses_builtin_tokenizer(cfg: Config) -> bool:
+    """Whether any text encoder (an LLM without text.tokenizer / model_id, or the clip-mod CLIP without
+    pooled_text.tokenizer) tokenizes with the built-in word tokenizer."""
+    llms = any(not (t.tokenizer or t.model_id) for t in (cfg.text, *cfg.extra_text))
+    return llms or (cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer)
+
+
 def adds_template_tokens(text: TextConfig) -> bool:
     """Whether a text section's template puts tokens around the prompt: any but ``plain``, or a plain one
     with an instruction (a prefix of spaces only opens the prompt instead, TextEncoder)."""
@@ -1414,8 +1421,8 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     before a refusal was added may hold, as dropping it changes nothing."""
     m, found = cfg.model, []
     # The built-in word tokenizer's vocabulary takes in every section's system prompt (system.builtin_words),
-    # so where any section uses it the words change its ids even with a plain template.
-    builtin = any(not (t.tokenizer or t.model_id) for _, t in text_sections(cfg))
+    # so where any encoder uses it the words change its ids even with a plain template.
+    builtin = uses_builtin_tokenizer(cfg)
     for key, text in text_sections(cfg):
         if text.system_prompt and text.template == "plain" and not builtin:
             found.append(
@@ -1426,28 +1433,18 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
                     "empty system_prompt)",
                 )
             )
-    if not m.refiner_gating and not m.refiner_depth:
-        found.append(
-            (
-                "model.refiner_gating",
-                "model.refiner_gating=false is a refiner ablation: set model.refiner_depth >= 1",
+    # The refiner's ablations (their non-default values), which a model without a refiner has nothing for.
+    for knob, ablated in (("refiner_gating", False), ("refiner_causal", True), ("drop_instruction", False)):
+        if getattr(m, knob) == ablated and not m.refiner_depth:
+            key = f"model.{knob}"
+            found.append(
+                (key, f"{key}={str(ablated).lower()} is a refiner ablation: set model.refiner_depth >= 1")
             )
-        )
-    if m.refiner_causal and not m.refiner_depth:
-        found.append(
-            (
-                "model.refiner_causal",
-                "model.refiner_causal=true is a refiner ablation: set model.refiner_depth >= 1",
-            )
-        )
-    if not m.drop_instruction and not m.refiner_depth:
-        found.append(
-            (
-                "model.drop_instruction",
-                "model.drop_instruction=false is a refiner ablation: set model.refiner_depth >= 1",
-            )
-        )
-    elif not m.drop_instruction and not any(adds_template_tokens(t) for _, t in text_sections(cfg)):
+    if (
+        not m.drop_instruction
+        and m.refiner_depth
+        and not any(adds_template_tokens(t) for _, t in text_sections(cfg))
+    ):
         # With no template tokens on any LLM, the DiT reads the same tokens whether they are dropped.
         others = ", nor does any extra_text" if cfg.extra_text else ""
         found.append(

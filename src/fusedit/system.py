@@ -25,6 +25,7 @@ from fusedit.config import (
     choices_of,
     is_shallow,
     text_sections,
+    uses_builtin_tokenizer,
 )
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
@@ -230,13 +231,6 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 def precision_name(precision: str, device: torch.device) -> str:
     """What a precision setting ran as here, for records: "bf16" or "fp32" ("auto" resolved)."""
     return "bf16" if uses_bf16(precision, device) else "fp32"
-
-
-def uses_builtin_tokenizer(cfg: Config) -> bool:
-    """Whether any text encoder (an LLM without text.tokenizer / model_id, or the clip-mod CLIP without
-    pooled_text.tokenizer) tokenizes with the built-in word tokenizer."""
-    llms = any(not (t.tokenizer or t.model_id) for t in (cfg.text, *cfg.extra_text))
-    return llms or (cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer)
 
 
 def builtin_words(cfg: Config) -> list[str]:

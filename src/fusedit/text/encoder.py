@@ -158,7 +158,7 @@ class TextEncoder(nn.Module):
         # text.max_length counts the prompt and the tokenizer's own special tokens (BOS); the template's
         # tokens come on top, as in the public code (max prompt length + instruction length), so a long
         # template does not eat into the prompt.
-        self.budget = max_length - (len(instruction) - sum(instruction))
+        self.budget = max_length - self.leading
         if self.budget < 1:
             raise ValueError(
                 f"text.max_length={max_length} leaves no room for the prompt after the tokenizer's "

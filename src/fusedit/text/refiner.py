@@ -237,8 +237,10 @@ class ChannelConcat(nn.Module):
 def _aligned(packed: torch.Tensor, n: int, lead: int, width: int) -> torch.Tensor:
     """(B, T, ...) packed tokens -> (B, width, ...): the first ``n`` at 0.., the rest from ``lead`` on,
     zeros (False) between and after."""
-    rest = packed[:, n:]
     inner = [0, 0] * (packed.dim() - 2)  # no padding along the trailing (channel) dims
+    if n == lead:  # the common case, LLMs with as many leading specials: one pad, no copy of the head
+        return nn.functional.pad(packed, [*inner, 0, width - packed.shape[1]])
+    rest = packed[:, n:]
     shift = [*inner, lead - n, width - lead - rest.shape[1]]
     return torch.cat([packed[:, :n], nn.functional.pad(rest, shift)], dim=1)
 
