@@ -363,7 +363,12 @@ class StepPlan:
         # goes on after the samples it has read (``position``), not at s times the new batch.
         self.offset = offset
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.global_batch = batch_size * world_size  # every rank's rows of one step
         self._cache: dict[int, Any] = {}
+        # The last global batch whose samples a replacement search needed (_own_batch): the slots of one
+        # batch are searched one after another, and each would otherwise rebuild it (and, across an epoch's
+        # end, evict and rebuild an epoch's order for it).
+        self._own: tuple[tuple[int, int, int], set[int]] | None = None
         if self.groups is not None:
             self.members = np.flatnonzero(self.groups >= 0)
             if len(self.members) == 0:
@@ -375,7 +380,6 @@ class StepPlan:
             # reading its rows of it: so any split of the same global batch reads the same samples (1 x 8
             # and 2 x 4 alike, and a resume on another split goes on exactly), and no rank waits at a step
             # on another's larger images.
-            self.global_batch = batch_size * world_size
             self.batches_per_epoch = sum(math.ceil(s / self.global_batch) for s in self.group_sizes.values())
             small = [g for g, size in self.group_sizes.items() if size < self.global_batch]
             if small and rank == 0:
@@ -389,7 +393,8 @@ class StepPlan:
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
             # Neighbouring epochs only: a slot's replacements come from the next. (A batch across an epoch's
-            # end that needs one touches three: one order is built again, at most once an epoch.)
+            # end that needs one touches three: its own samples are found once per batch, _own_batch, so an
+            # order is built again a few times an epoch, not once per skipped slot.)
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[epoch] = self._build(epoch)
@@ -411,7 +416,7 @@ class StepPlan:
         None with buckets, whose epochs are cut into batches of the global batch: addressed by step alone."""
         if self.groups is not None:
             return None
-        return self.offset + step * self.batch_size * self.world_size
+        return self.offset + step * self.global_batch
 
     def slots(self, step: int) -> list[tuple[int, int, int]]:
         b = self.batch_size
@@ -440,7 +445,7 @@ class StepPlan:
         sample is found whenever one exists, and the order depends on the plan alone (not on which samples
         were found unusable): the batches are the same however they are split over ranks and resumes."""
         epoch, group, position = slot
-        g = self.batch_size * self.world_size
+        g = self.global_batch
         if self.groups is None:
             epoch, place = divmod(position, self.n)
             size, column = self.n, (position - self.offset) % g
@@ -464,12 +469,18 @@ class StepPlan:
     def _own_batch(self, slot: tuple[int, int, int]) -> set[int]:
         """The dataset indices of the global batch ``slot`` belongs to (every rank's rows of its step)."""
         epoch, group, position = slot
-        g = self.batch_size * self.world_size
+        g = self.global_batch
         if self.groups is not None:
             first = position - position % g  # a bucket's batch: a chunk of g of its order
-            return {self._sample(epoch, group, first + t) for t in range(g)}
+            key = (epoch, group, first)
+            if self._own is None or self._own[0] != key:
+                self._own = key, {self._sample(epoch, group, first + t) for t in range(g)}
+            return self._own[1]
         first = position - (position - self.offset) % g
-        return {self._sample(p // self.n, group, p % self.n) for p in range(first, first + g)}
+        key = (-1, group, first)
+        if self._own is None or self._own[0] != key:
+            self._own = key, {self._sample(p // self.n, group, p % self.n) for p in range(first, first + g)}
+        return self._own[1]
 
 
 class PlanBatches(Sampler[list]):
@@ -1093,7 +1104,7 @@ def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:
 
 def _say_resplit_position(plan: StepPlan, start_step: int, position: int | None) -> None:
     """Where a run resumed on another split of the batch goes on reading (rank 0 says it for all)."""
-    at_step = start_step * plan.batch_size * plan.world_size
+    at_step = start_step * plan.global_batch
     if position is None or position == at_step or plan.groups is None:
         log.info(
             "data: resumed on another split of the batch; reading goes on after the %d samples read before",
@@ -1106,7 +1117,7 @@ def _say_resplit_position(plan: StepPlan, start_step: int, position: int | None)
         "data: with aspect-ratio buckets a resume at another global batch (%d, not %d) goes on from the "
         "step: %d samples were read before it, step %d stands for %d at the new batch, so the current epoch "
         "%s",
-        plan.batch_size * plan.world_size,
+        plan.global_batch,
         position // start_step,
         position,
         start_step,

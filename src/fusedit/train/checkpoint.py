@@ -478,18 +478,22 @@ RESUMABLE_CHANGES = frozenset(
 MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
 
 
-def check_same_model(ckpt: Path, cfg: Config) -> list[str]:
+def check_same_model(
+    ckpt: Path, cfg: Config, saved: Config | None = None, unchanged: tuple[str, ...] = ()
+) -> list[str]:
     """Resuming keeps a run's model: a changed design, LLM, VAE or pooled-text encoder is refused, naming
     the first differing key, rather than trained on under the old run's name (a change that leaves every
     weight shape alone, such as another LLM of the same shape, would otherwise go unnoticed).
 
     Returns what ``cfg`` changes all the same, as "key: old -> new": the settings a resumed run may change
     (data, schedule, sampling, the kernels, a moved model folder), which may be meant but should not be
-    silent. train.steps, the run's length, is left out."""
-    old, new = (flatten(to_dict(c), lists=True) for c in (load_checkpoint_config(ckpt), cfg))
+    silent. train.steps, the run's length, is left out, and the keys ``unchanged`` names (a resume's
+    own decision). ``saved``: the checkpoint's config, when the caller has it already."""
+    saved = saved if saved is not None else load_checkpoint_config(ckpt)
+    old, new = (flatten(to_dict(c), lists=True) for c in (saved, cfg))
     changed = []
     for key in sorted(set(old) | set(new)):
-        if key == "train.steps" or old.get(key) == new.get(key):
+        if key in ("train.steps", *unchanged) or old.get(key) == new.get(key):
             continue
         section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
         moved = name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key))

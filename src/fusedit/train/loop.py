@@ -338,6 +338,16 @@ def _warn_global_batch_changed(
     )
 
 
+def _saved_split(saved: dict, tc) -> tuple[int, int, int]:
+    """(processes, batch_size, grad_accum) a checkpoint's state recorded (a state from before they were
+    recorded: one process, this run's batch_size, no accumulation)."""
+    return (
+        int(saved.get("world_size", 1)),
+        int(saved.get("batch_size", tc.batch_size)),
+        int(saved.get("grad_accum", 1)),
+    )
+
+
 def _saved_data_state(
     ckpt: Path, saved: dict, env: DistEnv, cfg: Config, stage: int = 0, staged: bool = False
 ) -> dict | None:
@@ -349,8 +359,8 @@ def _saved_data_state(
     no data state. A global batch that changed within the checkpoint's ``stage`` is warned about."""
     tc = cfg.train
     per_rank = tc.batch_size * tc.grad_accum
-    saved_per_rank = int(saved.get("batch_size", tc.batch_size)) * int(saved.get("grad_accum", 1))
-    saved_world = int(saved.get("world_size", 1))
+    saved_world, saved_batch, saved_accum = _saved_split(saved, tc)
+    saved_per_rank = saved_batch * saved_accum
     if saved_world == env.world_size and saved_per_rank == per_rank:
         path = ckpt / data_state_name(env.rank)
         return json.loads(path.read_text()) if path.is_file() else None
@@ -519,7 +529,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     main = env.is_main
     parallel = distributed.resolve_parallel(cfg.train.parallel, env)
     metrics_path = run_dir / "metrics.jsonl"
-    cfg, ckpt, saved, start = _resume_point(cfg, run_dir, env, resume)
+    cfg, ckpt, saved, saved_cfg, start = _resume_point(cfg, run_dir, env, resume)
     tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     stages = resolved_stages(cfg)
     _check_stages_run(cfg, stages, parallel, env.world_size)
@@ -542,7 +552,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     # Placed against the stages the checkpoint was written under too: an earlier stage made longer or
     # shorter would move the stage's start under its data position.
     first = (
-        stage_of_checkpoint(stages, start, saved.get("stage"), resolved_stages(load_checkpoint_config(ckpt)))
+        stage_of_checkpoint(stages, start, saved.get("stage"), resolved_stages(saved_cfg))
         if saved
         else stages[0]
     )
@@ -612,9 +622,9 @@ def _check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_siz
 
 def _resume_point(
     cfg: Config, run_dir: Path, env: DistEnv, resume: bool
-) -> tuple[Config, Path | None, dict | None, int]:
-    """(config, checkpoint, its saved state, its step) that the run continues from; (cfg, None, None, 0) for
-    a fresh run, or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model
+) -> tuple[Config, Path | None, dict | None, Config | None, int]:
+    """(config, checkpoint, its saved state, its saved config, its step) that the run continues from; (cfg,
+    None, None, None, 0) for a fresh run, or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model
     build. A resumed run's config keeps the train.init_from it started from (_kept_init_from)."""
     tc = cfg.train
     ckpt = None
@@ -627,10 +637,12 @@ def _resume_point(
         found = distributed.broadcast_object(None if ckpt is None else str(ckpt), env)
         ckpt = None if found is None else Path(found)
     saved = load_state(ckpt) if ckpt is not None else None
+    saved_cfg = load_checkpoint_config(ckpt) if saved else None
     start = int(saved["step"]) if saved else 0
     if saved:
-        cfg, ignored = _kept_init_from(cfg, ckpt)
-        changed = _said_reshard(check_same_model(ckpt, cfg), saved, cfg, env) + ignored
+        cfg, ignored = _kept_init_from(cfg, saved_cfg)
+        resplit = _resplit_keys(saved, saved_cfg, cfg, env)
+        changed = check_same_model(ckpt, cfg, saved_cfg, unchanged=resplit) + ignored
         if changed and env.is_main:
             log.warning(
                 "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
@@ -640,21 +652,21 @@ def _resume_point(
                 f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
                 "to resume it)"
             )
-    return cfg, ckpt, saved, start
+    return cfg, ckpt, saved, saved_cfg, start
 
 
-def _said_reshard(changed: list[str], saved: dict, cfg: Config, env: DistEnv) -> list[str]:
-    """``changed`` (the resume's changed settings) less train.batch_size and train.grad_accum where they
-    only split the checkpoint's global batch another way, as multi-node.md recommends when the number of
-    processes changes: said at INFO, not warned as a change."""
-    tc = cfg.train
-    split = [c for c in changed if c.startswith(("train.batch_size:", "train.grad_accum:"))]
+def _resplit_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tuple[str, ...]:
+    """train.batch_size and train.grad_accum when they only split the checkpoint's global batch another way,
+    as multi-node.md recommends when the number of processes changes: said at INFO, not warned as a
+    resume's changed settings (check_same_model leaves them out)."""
+    tc, was = cfg.train, saved_cfg.train
+    split = (was.batch_size, was.grad_accum) != (tc.batch_size, tc.grad_accum)
     if not split or cfg.stages or "batch_size" not in saved:
-        return changed
-    old = [int(saved.get("world_size", 1)), int(saved["batch_size"]), int(saved.get("grad_accum", 1))]
+        return ()
+    old = _saved_split(saved, tc)
     now = env.world_size * tc.batch_size * tc.grad_accum
     if math.prod(old) != now:
-        return changed
+        return ()
     if env.is_main:
         log.info(
             "resuming on another split of the same global batch of %d: %d process(es) x batch_size %d x "
@@ -665,15 +677,15 @@ def _said_reshard(changed: list[str], saved: dict, cfg: Config, env: DistEnv) ->
             tc.grad_accum,
             *old,
         )
-    return [c for c in changed if c not in split]
+    return ("train.batch_size", "train.grad_accum")
 
 
-def _kept_init_from(cfg: Config, ckpt: Path) -> tuple[Config, list[str]]:
-    """``cfg`` with the train.init_from of the run ``ckpt`` belongs to, and the change it undoes in the
+def _kept_init_from(cfg: Config, saved_cfg: Config) -> tuple[Config, list[str]]:
+    """``cfg`` with the train.init_from of the run the checkpoint belongs to, and the change it undoes in the
     words of the resume's changed settings (none when the same). train.init_from is read only at step 0
     (_start_fresh): a resumed run goes on from its checkpoint, and the config it saves must name where its
-    weights came from, not a path they never came from."""
-    started_from = load_checkpoint_config(ckpt).train.init_from
+    weights came from, not a path they never came from. ``saved_cfg``: the checkpoint's config."""
+    started_from = saved_cfg.train.init_from
     given = cfg.train.init_from
     if given == started_from:
         return cfg, []
