@@ -310,6 +310,9 @@ def test_a_folder_of_another_checkpoints_images_names_that_checkpoint_to_finish_
         "give a new --out, or delete the folder to regenerate; to finish it, evaluate "
         f"{earlier} with --out {out}\n"
     )
+    # With another seed too, that command would be refused again: not named.
+    assert main(["eval", str(run), *flags, "--seed", "7"]) == 2
+    assert one_line_error(capsys).endswith("give a new --out, or delete the folder to regenerate\n")
     shutil.rmtree(earlier)  # rotated away: nothing can finish them
     assert main(["eval", str(run), *flags]) == 2
     assert one_line_error(capsys).endswith("give a new --out, or delete the folder to regenerate\n")

@@ -629,39 +629,22 @@ def _trained_kinds(where: Path) -> list[str] | None:
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
     """eval.run.check_protocol_folder, whose refusal of images made with another checkpoint names that
     checkpoint's folder, when it is still there with the same weights, as the way to finish them."""
-    from fusedit.eval.run import check_protocol_folder
+    from fusedit.eval.run import RecordMismatch, check_protocol_folder, weights_fingerprint
 
     try:
         check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)
-    except ConfigError as e:
-        other = _recorded_checkpoint(out, record, where)
-        if other is None:
+    except RecordMismatch as e:
+        # Named only where the checkpoint is all that differs (another seed or bench would be refused
+        # again) and its folder is still there with the weights that made the images.
+        other = where.parent / str(e.saved.get("checkpoint"))
+        if not (
+            "checkpoint" in e.changed
+            and set(e.changed) <= {"checkpoint", "weights"}
+            and (other / "state.json").is_file()
+            and weights_fingerprint(other) == e.saved.get("weights")
+        ):
             raise
         raise ConfigError(f"{e}; to finish it, evaluate {other} with --out {out}") from None
-
-
-def _recorded_checkpoint(out: Path, record: dict, where: Path) -> Path | None:
-    """The checkpoint folder beside ``where`` that made the images of ``out`` (its generation.json, or a
-    T2I-CompBench category's), where it differs from ``record`` only in the checkpoint."""
-    from fusedit.eval.run import RECORD, weights_fingerprint
-    from fusedit.files import as_json_reads_back
-
-    record = as_json_reads_back(record)  # compared with the JSON one (a tuple reads back as a list)
-    same = [k for k in record if k not in ("checkpoint", "weights")]
-    for path in [out / RECORD, *sorted(out.glob(f"*/{RECORD}"))]:
-        try:
-            saved = json.loads(path.read_text())
-            folder = where.parent / saved["checkpoint"]
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-        if (
-            saved["checkpoint"] != record["checkpoint"]
-            and all(saved.get(k) == record[k] for k in same)
-            and (folder / "state.json").is_file()
-            and weights_fingerprint(folder) == saved.get("weights")
-        ):
-            return folder
-    return None
 
 
 def _protocol_kept(bench: str, out: Path, where: Path, model: str) -> str:

@@ -181,6 +181,15 @@ def check_protocol_folder(
     check_claim(out_dir, out_dir / IMAGES[bench], protocol_record(record, bench, seed, n))
 
 
+class RecordMismatch(ConfigError):
+    """A folder's images were made by another generation: ``saved`` is its record, ``changed`` the keys in
+    which it differs from the one asked for (sorted)."""
+
+    def __init__(self, message: str, saved: dict, changed: list[str]):
+        super().__init__(message)
+        self.saved, self.changed = saved, changed
+
+
 def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes;
     True when they were made by this one (its record is there)."""
@@ -192,9 +201,11 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
         changed = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
         if changed:
             k = changed[0]
-            raise ConfigError(
+            raise RecordMismatch(
                 f"{out_dir} holds images made with {k}={saved.get(k)!r}, not {k}={record.get(k)!r} (see "
-                f"{path}); give a new --out, or delete the folder to regenerate"
+                f"{path}); give a new --out, or delete the folder to regenerate",
+                saved,
+                changed,
             )
         return True
     if has_images:
