@@ -189,6 +189,10 @@ def test_a_saved_config_with_a_setting_that_changes_nothing_still_loads(tmp_path
         f"{folder}: leaving out text.system_prompt, model.refiner_causal, model.drop_instruction"
         in caplog.text
     )
+    # A pipeline's record (sample, eval, diffusers' from_pretrained) is read the same way.
+    from fusedit.config import saved_config
+
+    assert saved_config(data, "a record").model.refiner_causal is False
     (tmp_path / "tune.yaml").write_text(f"base: {folder}\ntrain: {{steps: 3}}\n")
     assert load_config(tmp_path / "tune.yaml").model.refiner_causal is False
     # Set again on top of the base, it is refused as anywhere else.

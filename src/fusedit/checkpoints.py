@@ -161,10 +161,10 @@ def is_distributed_checkpoint(ckpt: Path) -> bool:
 
 
 def dcp_keys(ckpt: Path) -> set[str]:
-    return set(_dcp_metadata(ckpt).state_dict_metadata)
+    return set(dcp_metadata(ckpt).state_dict_metadata)
 
 
-def _dcp_metadata(ckpt: Path):
+def dcp_metadata(ckpt: Path):
     """A DCP checkpoint's metadata; a damaged .metadata named in one line, not pickle's bare "truncated"."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -246,7 +246,7 @@ def saved_shapes(ckpt: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     either format, from the safetensors headers or the DCP metadata: no tensor is read."""
     out: dict[str, dict[str, tuple[int, ...]]] = {}
     if is_distributed_checkpoint(ckpt):
-        metadata = _dcp_metadata(ckpt).state_dict_metadata
+        metadata = dcp_metadata(ckpt).state_dict_metadata
         for key, meta in metadata.items():
             section, _, name = key.partition(".")
             # Optimizer states are keyed by parameter too, but their shapes are not the weights'.

@@ -23,12 +23,12 @@ from fusedit.config import (
     adds_template_tokens,
     allowed_sides,
     choices_of,
-    config_from_dict,
     load_config,
     model_folder_bases,
     pipeline_record,
     preset_names,
     save_config,
+    saved_config,
     side_fits,
     text_sections,
     to_yaml,
@@ -300,7 +300,7 @@ def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
     folder = Path(path)
     if (folder / "model_index.json").is_file():
         recorded = pipeline_record(folder)
-        return None if recorded is None else (config_from_dict(recorded), folder)
+        return None if recorded is None else (saved_config(recorded, folder), folder)
     try:
         ckpt = find_checkpoint(folder)
     except FileNotFoundError:

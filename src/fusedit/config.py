@@ -1466,7 +1466,13 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     return found
 
 
-def _without_noops(data: dict, folder: Path) -> dict:
+def saved_config(data: dict, where: str | Path) -> Config:
+    """The Config of a mapping a model was saved with (a pipeline's record, a run's config.yaml), without
+    its settings that change nothing (_without_noops); ``where`` names it in the note."""
+    return config_from_dict(_without_noops(data, where))
+
+
+def _without_noops(data: dict, folder: str | Path) -> dict:
     """A saved config mapping without the settings that change nothing in it (noop_settings): a run saved
     before their refusal still samples, resumes and serves as a base, as it trained."""
     try:

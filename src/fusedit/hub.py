@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoConfig, PretrainedConfig
 
-from fusedit.config import Config, config_from_dict, is_shallow, text_sections, to_dict
+from fusedit.config import Config, is_shallow, saved_config, text_sections, to_dict
 from fusedit.layers.mlp import FusedGatedMLP
 from fusedit.models import build_denoiser
 from fusedit.models.blocks import FusedImageAttention
@@ -82,7 +82,7 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, fusedit: dict, llms: list, pooled_dim: int | None = None):
         super().__init__()
-        cfg = config_from_dict(copy.deepcopy(dict(fusedit)))
+        cfg = saved_config(copy.deepcopy(dict(fusedit)), "the transformer's recorded config")
         texts = [cfg.text, *cfg.extra_text]
         if len(llms) != len(texts):
             raise ValueError(
@@ -126,7 +126,7 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     def fusedit_config(self) -> Config:
         """The recorded sections as a validated fusedit Config (train/data at their defaults)."""
-        return config_from_dict(copy.deepcopy(dict(self.config.fusedit)))
+        return saved_config(copy.deepcopy(dict(self.config.fusedit)), "the transformer's recorded config")
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor | float, text: TextContext, return_dict=True

@@ -536,7 +536,7 @@ def _no_model(folder: Path, path: str | Path) -> str:
         )
     run = f"run {str(path)!r} has no finished checkpoint yet"
     try:
-        cfg = load_config(folder / "config.yaml")
+        cfg = load_config(folder)
         first = resolved_stages(cfg)[0]
     except (OSError, ValueError):  # a run whose config.yaml is not written yet (or unreadable)
         return run

@@ -17,10 +17,12 @@ not every prompt folder or grid an earlier run left there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -89,7 +91,14 @@ def weights_fingerprint(folder: Path) -> str:
     from fusedit.checkpoints import is_distributed_checkpoint
 
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
+    # eval/ is not walked: results written into a pipeline folder (thousands of images) hold no weights.
+    tops = [p for p in folder.iterdir() if p.name != "eval"]
+    files = [
+        f
+        for p in tops
+        for f in (p.rglob("*.safetensors") if p.is_dir() else [p] if p.suffix == ".safetensors" else [])
+    ]
+    for path in sorted(files):
         digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
         _safetensors_digest(path, digest)
     if is_distributed_checkpoint(folder):
@@ -130,21 +139,21 @@ def _safetensors_digest(path: Path, digest) -> None:
 def _dcp_digest(folder: Path, digest) -> None:
     """Each item of the Distributed Checkpoint in ``folder`` into ``digest``: its name, chunk, length and
     ends."""
-    import pickle
+    from fusedit.checkpoints import DCP_DIR, dcp_metadata
 
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from fusedit.checkpoints import DCP_DIR, readable
-
-    root = folder / DCP_DIR
-    damaged = (pickle.UnpicklingError, EOFError, ValueError, AttributeError)
-    with readable(root / ".metadata", "a readable DCP metadata file", damaged):
-        items = FileSystemReader(str(root)).read_metadata().storage_data
-    for index in sorted(items, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0)):
-        info = items[index]
-        digest.update(f"{index.fqn}:{tuple(index.offset or ())}:{info.length}\n".encode())
-        with (root / info.relative_path).open("rb") as handle:
-            digest.update(_ends(handle, info.offset, info.length))
+    items = dcp_metadata(folder).storage_data
+    with contextlib.ExitStack() as stack:
+        # One handle per file: an FSDP checkpoint's items (every parameter, EMA and optimizer moment, by
+        # rank) lie in a few files, and an open per item would be tens of thousands on a network filesystem.
+        handles: dict[str, Any] = {}
+        for index in sorted(items, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0)):
+            info = items[index]
+            digest.update(f"{index.fqn}:{tuple(index.offset or ())}:{info.length}\n".encode())
+            if info.relative_path not in handles:
+                handles[info.relative_path] = stack.enter_context(
+                    (folder / DCP_DIR / info.relative_path).open("rb")
+                )
+            digest.update(_ends(handles[info.relative_path], info.offset, info.length))
 
 
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.

@@ -621,7 +621,7 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
     if not saved.is_file():
         return
     try:
-        old = load_config(saved)
+        old = load_config(run_dir)  # as a model folder: settings that change nothing are left out
     except ConfigError as e:
         raise ConfigError(f"{saved}: {e}; delete {run_dir} to retrain design {label!r}") from None
     found = _trained_difference(old, cfg)
