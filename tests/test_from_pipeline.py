@@ -170,15 +170,18 @@ def test_the_base_folder_warning_knows_a_run_and_its_checkpoint_start_alike(expo
     assert [r for r in caplog.records if r.name == "fusedit.cli"] == []
     from fusedit.cli import _warn_weights_not_taken
 
+    bases = []  # the model folders the config comes from
+    load_config(str(ckpt), folders=bases)
+
     caplog.clear()
     with caplog.at_level("WARNING", logger="fusedit.cli"):
-        _warn_weights_not_taken(str(ckpt), "")
+        _warn_weights_not_taken(bases, "")
         assert len(caplog.records) == 1
         import os
 
         os.environ["RANK"] = "1"
         try:
-            _warn_weights_not_taken(str(ckpt), "")
+            _warn_weights_not_taken(bases, "")
         finally:
             del os.environ["RANK"]
     assert len([r for r in caplog.records if r.name == "fusedit.cli"]) == 1

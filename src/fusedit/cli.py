@@ -24,7 +24,6 @@ from fusedit.config import (
     allowed_sides,
     choices_of,
     load_config,
-    model_folder_bases,
     pipeline_record,
     preset_names,
     save_config,
@@ -93,10 +92,11 @@ def cmd_train(args) -> int:
 
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
-    cfg = _config(args)
+    folders: list[Path] = []  # the model folders the config came from
+    cfg = load_config(args.config, args.overrides, folders=folders)
     out = _out_folder(args.out or f"runs/{cfg.name}")
     if not args.resume:
-        _warn_weights_not_taken(args.config, cfg.train.init_from)
+        _warn_weights_not_taken(folders, cfg.train.init_from)
     started = time.time()
     try:
         with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
@@ -129,8 +129,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _warn_weights_not_taken(config: str, init_from: str) -> None:
-    """A fresh run whose config (or its ``base:``) is a model folder takes that folder's config, not its
+def _warn_weights_not_taken(folders: list[Path], init_from: str) -> None:
+    """A fresh run whose config (or its ``base:``), one of ``folders``, is a model folder takes its config, not its
     weights: a user expecting a fine-tune would train from scratch, or from the folder's own
     train.init_from, which its saved config carries along. Not in load_config: `--resume` reads a run's
     saved config the same way."""
@@ -138,7 +138,7 @@ def _warn_weights_not_taken(config: str, init_from: str) -> None:
 
     if os.environ.get("RANK", "0") != "0":  # said once under torchrun
         return
-    for folder in map(Path, map(os.path.normpath, model_folder_bases(config))):
+    for folder in map(Path, map(os.path.normpath, folders)):
         if init_from and _same_start(init_from, folder, init_source):
             continue  # train.init_from names the folder, a checkpoint in it, or the one it holds: its weights load
         now = f"from train.init_from={init_from!r}" if init_from else "from random weights"

@@ -532,8 +532,8 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
     name (``debug``) is the preset even beside a folder of that name (a run named after its preset, as
     ``base:`` reads it): the folder is ``./debug`` (or a ``Path``)."""
     path = Path(name_or_path)
-    preset = preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
-    if _model_folder(name_or_path, preset):
+    preset = _as_preset(name_or_path, preset)
+    if path.is_dir() and not preset:
         return _saved_mapping(path), None
     if not preset and (path.suffix in (".yaml", ".yml") or path.exists()):
         if not path.is_file():
@@ -670,19 +670,15 @@ def yaml_problem(e: yaml.MarkedYAMLError) -> str:
     return text
 
 
+def _as_preset(name_or_path: str | Path, preset: bool) -> bool:
+    """Whether a config reference is read as a preset: asked to be (``base: debug``), or a preset's bare
+    name given as a str."""
+    return preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
+
+
 def _model_folder(name_or_path: str | Path, preset: bool) -> bool:
     """Whether a config reference reads a model folder's saved config (a preset's bare name never does)."""
-    preset = preset or (isinstance(name_or_path, str) and name_or_path in preset_names())
-    return Path(name_or_path).is_dir() and not preset
-
-
-def model_folder_bases(name_or_path: str | Path) -> list[Path]:
-    """The model folders (run, checkpoint or pipeline folders) a config reference takes its saved config
-    from, itself or along its ``base:`` chain: their config, never their weights (train.init_from loads
-    those)."""
-    folders: list[Path] = []
-    _resolve_raw(name_or_path, folders=folders)
-    return folders
+    return Path(name_or_path).is_dir() and not _as_preset(name_or_path, preset)
 
 
 def _resolve_raw(
@@ -1020,14 +1016,19 @@ def _plain(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:
-    """Load a preset name or YAML file, apply dotted overrides, validate, and return the typed config."""
+def load_config(
+    name_or_path: str | Path = "debug", overrides: list[str] | None = None, folders: list | None = None
+) -> Config:
+    """Load a preset name or YAML file, apply dotted overrides, validate, and return the typed config.
+    ``folders`` collects the model folders (run, checkpoint or pipeline folders) the config takes its saved
+    config from, itself or along its ``base:`` chain: their config, never their weights (train.init_from
+    loads those)."""
     if isinstance(overrides, (str, dict)):
         raise ConfigError(
             f"overrides={overrides!r:.80} is not allowed (allowed: a list of 'section.key=value' strings, "
             "e.g. ['train.steps=5'])"
         )
-    data = _resolve_raw(name_or_path)
+    data = _resolve_raw(name_or_path, folders=folders)
     extra = parse_overrides(overrides or [])
     data = _deep_merge(data, extra)
     if data.get("stages") and "steps" in (extra.get("train") or {}):
