@@ -76,8 +76,7 @@ def shapes_bench(monkeypatch):
     def run_shapes_bench(model, image_size, out_dir, **kwargs):
         calls.append({**kwargs, "out_dir": out_dir})
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "scores.md").write_text("| scores |\n")
-        return {"overall": 0.5, "num_images": 3}
+        return {"overall": 0.5, "num_images": 3, "per_category": {"single": 0.5}}
 
     monkeypatch.setattr(fusedit.eval.shapes_bench, "run_shapes_bench", run_shapes_bench)
     return calls

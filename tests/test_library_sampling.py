@@ -337,8 +337,7 @@ def test_the_cli_runs_the_bench_with_bench_settings_alone(run, cfg, tmp_path, mo
 
     def run_shapes_bench(model, out_dir, **kwargs):
         calls.append(kwargs)
-        (out_dir / "scores.md").write_text("| scores |\n")
-        return {"overall": 0.5, "num_images": 3}
+        return {"overall": 0.5, "num_images": 3, "per_category": {"single": 0.5}}
 
     monkeypatch.setattr(shapes_bench, "run_shapes_bench", run_shapes_bench)
     args = ["eval", str(run), "--out", str(tmp_path), "--device", "cpu", "--quiet", "--per-category", "1"]

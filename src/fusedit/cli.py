@@ -436,7 +436,13 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 
 def cmd_eval(args) -> int:
-    from fusedit.eval.shapes_bench import PER_CATEGORY, bench_settings, run_shapes_bench, untrained_note
+    from fusedit.eval.shapes_bench import (
+        PER_CATEGORY,
+        bench_settings,
+        markdown_table,
+        run_shapes_bench,
+        untrained_note,
+    )
     from fusedit.sample import check_sampling_source, check_seed, load_sampling_model
     from fusedit.system import resolve_device
 
@@ -517,16 +523,18 @@ def cmd_eval(args) -> int:
     with _kept_on_interrupt(
         f"{earlier} (the bench writes {out} at its end); rerun the same command to start again"
     ):
+        name = _row_name(where, cfg.sample.use_ema)
         scores = run_shapes_bench(
             model,
             out_dir=out,
-            name=_row_name(where, cfg.sample.use_ema),
+            name=name,
             progress=not args.quiet,
             source=_eval_source(where, cfg.sample.use_ema),
             trained_kinds=_trained_kinds(where),
             **settings,
         )
-    print((out / "scores.md").read_text(), end="")
+    # The table as scores.md has it, its note on untrained categories said once, in the line below.
+    print(markdown_table(name, scores, note=False), end="")
     untrained = scores.get("untrained")
     note = f" ({untrained_note(untrained, len(scores['per_category']))})" if untrained else ""
     print(
@@ -605,11 +613,16 @@ def _row_name(where: Path, ema: bool) -> str:
     return name + ("" if ema else " raw")
 
 
-def _eval_source(where: Path, ema: bool) -> dict:
-    """What the shapes bench records of the model it scores (as generation.json does for the protocols)."""
+def _weights_record(where: Path, ema: bool) -> dict:
+    """Which weights an eval scores: the checkpoint's name, their fingerprint, EMA or raw."""
     from fusedit.eval.run import weights_fingerprint
 
-    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema, "model": str(where)}
+    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema}
+
+
+def _eval_source(where: Path, ema: bool) -> dict:
+    """What the shapes bench records of the model it scores (as generation.json does for the protocols)."""
+    return {**_weights_record(where, ema), "model": str(where)}
 
 
 def _trained_kinds(where: Path) -> list[str] | None:
@@ -692,16 +705,13 @@ def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dic
     its images (eval.run.claim_folder), so that a rerun after more training does not keep (and score) the
     old ones. The text cache and CUDA graphs change no image beyond rounding, so they may differ between
     runs."""
-    from fusedit.eval.run import weights_fingerprint
     from fusedit.sample import sample_settings
     from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
     record = {
-        "checkpoint": Path(where).name,
-        "weights": weights_fingerprint(Path(where)),
-        "ema": ema,
+        **_weights_record(Path(where), ema),
         **kept,
         "precision": precision_name(settings["precision"], device),
     }
@@ -1258,14 +1268,15 @@ _NO_PEFT = (
 def _can_count(stage) -> bool:
     """Whether the parameters ``stage`` trains can be counted here: LoRA adapters are added through peft,
     an optional package; describe still gives the rest without it."""
+    from fusedit.train.lora import require_peft
     from fusedit.train.stages import Parts
 
     parts = Parts.of(stage.config.train)
     if not (parts.dit_adapters or parts.llm_adapters):
         return True
     try:
-        import peft  # noqa: F401
-    except ImportError:
+        require_peft("describe")
+    except ConfigError:
         return False
     return True
 

@@ -270,28 +270,22 @@ class FolderCatalog:
         # the sample as "no-caption" instead of the run failing on one file.
         with contextlib.suppress(OSError):
             fields["txt"] = _sidecar(image, names.get("txt"), "txt")
+        # When the caption was to come from a broken JSON sidecar or an empty caption file (a captioning pass
+        # that failed on the image), a sample without a caption names that file (the JSON's problem first):
+        # a fix to the data, not to data.caption_fields as "none of the fields holds text" suggests.
+        problem = None
         try:
             fields["json"] = json.loads(_sidecar(image, names.get("json"), "json"))
         except OSError:
             pass
         except ValueError as e:
-            # When the caption was to come from it, the skip names the broken file and where it breaks,
-            # rather than "none of the fields holds text" as for a sample without captions.
-            if any(f.split(".", 1)[0] == "json" for f in self.caption_fields) and not caption_candidates(
-                fields, self.caption_fields
-            ):
-                name = names.get("json") or image.with_suffix(".json").name
-                raise SkipSample("no-caption", f"{name} is not valid JSON ({e})") from None
-        # Likewise an empty caption file (a captioning pass that failed on the image), which is a fix to the
-        # data, not to data.caption_fields as "none of the fields holds text" suggests.
+            if any(f.split(".", 1)[0] == "json" for f in self.caption_fields):
+                problem = f"{names.get('json') or image.with_suffix('.json').name} is not valid JSON ({e})"
         text = fields.get("txt")
-        if (
-            text is not None
-            and not text.strip()
-            and "txt" in self.caption_fields
-            and not caption_candidates(fields, self.caption_fields)
-        ):
-            raise SkipSample("no-caption", f"{names.get('txt') or image.with_suffix('.txt').name} is empty")
+        if problem is None and text is not None and not text.strip() and "txt" in self.caption_fields:
+            problem = f"{names.get('txt') or image.with_suffix('.txt').name} is empty"
+        if problem and not caption_candidates(fields, self.caption_fields):
+            raise SkipSample("no-caption", problem)
         return fields, image
 
 

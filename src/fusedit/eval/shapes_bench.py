@@ -35,9 +35,9 @@ def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed
     return out
 
 
-def markdown_table(name: str, scores: dict) -> str:
+def markdown_table(name: str, scores: dict, note: bool = True) -> str:
     """One row: ``name``, the overall and each category; the categories in ``scores["untrained"]`` are
-    marked in the header and named below the table."""
+    marked in the header and, with ``note``, named below the table."""
     kinds = list(scores["per_category"])
     untrained = [k for k in kinds if k in scores.get("untrained", ())]
     head = "| model | overall | " + " | ".join(k + " (untrained)" * (k in untrained) for k in kinds) + " |\n"
@@ -46,7 +46,7 @@ def markdown_table(name: str, scores: dict) -> str:
         f"{scores['per_category'][k]:.3f}" for k in kinds
     )
     table = head + rule + row + " |\n"
-    return table + (f"\n{untrained_note(untrained, len(kinds))}\n" if untrained else "")
+    return table + (f"\n{untrained_note(untrained, len(kinds))}\n" if untrained and note else "")
 
 
 def untrained_note(untrained: Sequence[str], categories: int) -> str:

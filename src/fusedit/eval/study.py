@@ -524,12 +524,9 @@ def design_cost(cfg: Config) -> dict:
     images = sum(stage.steps * images for stage, _, images in costs)
     c = costs[-1][1]  # the last stage's (text: the padded width, the template's tokens included)
     start_as(model, costs[0][0])
-    parts = [model.denoiser, *(enc.llm for enc in model.encoders)]
-    if model.pooled_text is not None:
-        parts.append(model.pooled_text)
-    return {
-        "trainable_params": sum(count_parameters(m, True) for m in parts),
-        "frozen_params": sum(count_parameters(m, False) for m in parts),
+    return {  # the model of a meta build: the DiT, its LLMs and pooled-text encoder (no VAE)
+        "trainable_params": count_parameters(model, True),
+        "frozen_params": count_parameters(model, False),
         "image_tokens": c["image"],
         "text_tokens": c["text"],
         "dit_forward_flops": c["dit"],
