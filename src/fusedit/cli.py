@@ -572,33 +572,16 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
 
 
-def _training(run: Path) -> bool:
-    """Whether a training job holds ``run``'s train.lock (train.run_folder keeps an exclusive flock on it
-    while it trains): a shared lock is then refused. Unknown (False) where the system has no flock."""
-    from fusedit.checkpoints import LOCK_FILE
-
-    try:
-        import fcntl
-
-        handle = (run / LOCK_FILE).open()
-    except (ImportError, OSError):
-        return False
-    with handle:  # closing it releases the shared lock taken below
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-    return False
-
-
 def _scoring_line(where: Path, ema: bool, asked: bool) -> str:
     """What `fusedit eval` scores: the folder its weights are read from, EMA or raw, and whether its run is
     still training (its latest checkpoint then moves on while this one is scored)."""
     weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
     run = _run_of(where)
-    training = "; the run is still training (train.lock held)" if run is not None and _training(run) else ""
+    from fusedit.train.run_folder import held_by_a_job
+
+    training = (
+        "; the run is still training (train.lock held)" if run is not None and held_by_a_job(run) else ""
+    )
     return f"scoring {where} ({weights}){training}"
 
 

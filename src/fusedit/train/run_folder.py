@@ -64,6 +64,26 @@ def hold_run_folder(run_dir: Path, env: DistEnv) -> Iterator[None]:
             handle.close()  # releases the lock; the file stays, naming the last holder
 
 
+def held_by_a_job(run_dir: Path) -> bool:
+    """Whether a training job holds ``run_dir``'s lock (for `fusedit eval`'s "still training"): probed with a
+    brief shared lock, which the holder's exclusive one refuses (_take retries past such a probe). Unknown
+    (False) where the system has no flock."""
+    try:
+        import fcntl
+
+        handle = (run_dir / LOCK_FILE).open()
+    except (ImportError, OSError):
+        return False
+    with handle:  # closing it releases the shared lock taken below
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
 def _take(path: Path) -> tuple[TextIO | None, str | None, str]:
     """(the open locked file, None, token) when this process took the lock; (None, the holder's note, "")
     when another holds it. On a system or filesystem without flock (Lustre mounted without ``flock``) the
