@@ -575,17 +575,32 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
     )
 
 
-def test_ctrl_c_in_cache_latents_says_the_finished_shards_are_kept(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_cache_latents_counts_the_finished_shards_kept(tmp_path, capsys, monkeypatch):
     import fusedit.data.latents
 
+    cache, finished = tmp_path / "cache", []
+
     def interrupted(*args, **kwargs):
+        cache.mkdir(exist_ok=True)
+        for j, samples in enumerate(finished):  # the record is written after the tensors: both mark a shard
+            (cache / f"latents-{j:06d}.safetensors").write_bytes(b"")
+            (cache / f"latents-{j:06d}.json").write_text(json.dumps({"samples": samples, "skipped": []}))
+        (cache / f"latents-{len(finished):06d}.safetensors").write_bytes(b"")  # one being written
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fusedit.data.latents, "cache_latents", interrupted)
-    assert main(["cache-latents", "debug", "--out", str(tmp_path / "cache"), "--quiet"]) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"fusedit: interrupted: the finished shards in {tmp_path / 'cache'} are kept; rerun the same command to go on"
-    )
+    argv = ["cache-latents", "debug", "--out", str(cache), "--quiet"]
+    for finished[:], kept in (
+        ([], f"no shard was finished yet in {cache}; rerun the same command to start again"),
+        ([[]], f"no shard was finished yet in {cache}; rerun the same command to start again"),  # all skipped
+        ([[{"id": "a"}]], f"1 finished shard in {cache} is kept; rerun the same command to go on"),
+        (
+            [[{"id": "a"}], [{"id": "b"}]],
+            f"2 finished shards in {cache} are kept; rerun the same command to go on",
+        ),
+    ):
+        assert main(argv) == 130
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"fusedit: interrupted: {kept}"
 
 
 def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, capsys):

@@ -529,7 +529,11 @@ def test_cli_prints_no_usable_sample_in_one_line(tmp_path, capsys):
 # WebDataset
 
 
-def _write_shards(folder: Path, prefix: str, shards: int, per_shard: int, corrupt: tuple = ()) -> list[str]:
+def _write_shards(
+    folder: Path, prefix: str, shards: int, per_shard: int, corrupt: tuple = (), blank: tuple = ()
+) -> list[str]:
+    """Tar shards of JPEGs with .txt and .json captions; ``corrupt``/``blank`` (shard, index) pairs get noise
+    bytes for an image / an empty .txt member."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(shards):
@@ -541,7 +545,7 @@ def _write_shards(folder: Path, prefix: str, shards: int, per_shard: int, corrup
                 image = os.urandom(300) if (s, i) in corrupt else _encode(_noise(w, h, s * 100 + i), "JPEG")
                 members = {
                     "jpg": image,
-                    "txt": f"{prefix} {s} {i}".encode(),
+                    "txt": b" \n" if (s, i) in blank else f"{prefix} {s} {i}".encode(),
                     "json": json.dumps({"caption": f"json {prefix} {s} {i}", "width": w}).encode(),
                 }
                 for ext, data in members.items():

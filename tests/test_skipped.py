@@ -482,6 +482,23 @@ def test_an_empty_caption_file_is_named_in_its_skip(tmp_path):
     assert loader.skips.ids["no-caption"]["0018.png"] == "none of the fields ['json.caption'] holds text"
 
 
+def test_an_empty_caption_member_of_a_shard_is_named_in_its_skip(tmp_path):
+    """A shard's empty .txt member read "none of the fields ['txt'] holds text", as if the setting were wrong."""
+    shards = _write_shards(tmp_path / "wds", "a", shards=1, per_shard=6, blank={(0, 2)})
+    cfg = DataConfig(
+        source="webdataset", shards=[shards], image_size=16, min_image_size=16, caption_fields=["txt"]
+    )
+    loader = step_loader(cfg, 0, 2, 0, 3)
+    list(loader)
+    assert loader.skips.ids == {"no-caption": {f"{shards[0]}/00000/000000002": "its txt field is empty"}}
+    # A caption in another field read takes its place.
+    loader = step_loader(
+        DataConfig(**{**cfg.__dict__, "caption_fields": ["txt", "json.caption"]}), 0, 2, 0, 3
+    )
+    list(loader)
+    assert loader.skips.ids == {}
+
+
 @pytest.mark.parametrize("extra", [{}, {"buckets": [[16, 16], [16, 24]]}], ids=["plain", "buckets"])
 def test_a_skipped_images_replacement_is_no_other_image_of_its_batch(tmp_path, extra):
     """The next image of the order took a skipped one's place, and that image was the next slot's: one image

@@ -802,6 +802,17 @@ def cmd_benchmarks(args) -> int:
     return 0
 
 
+def _latents_kept(out: Path) -> str:
+    """What an interrupted cache-latents kept: its finished shards that hold samples (a cache with none
+    starts over on a rerun, data.latents._check_meta)."""
+    from fusedit.data.latents import finished_shards
+
+    kept = sum(bool(shard["samples"]) for shard in finished_shards(out)) if out.is_dir() else 0
+    if not kept:
+        return f"no shard was finished yet in {out}; rerun the same command to start again"
+    return f"{_plural(kept, 'finished shard')} in {out} {'is' if kept == 1 else 'are'} kept; {GO_ON}"
+
+
 def cmd_cache_latents(args) -> int:
     import torch
 
@@ -810,7 +821,7 @@ def cmd_cache_latents(args) -> int:
 
     cfg = _config(args)
     out = _out_folder(args.out)
-    with _kept_on_interrupt(f"the finished shards in {out} are kept; {GO_ON}"):
+    with _kept_on_interrupt(lambda: _latents_kept(out)):
         summary = cache_latents(
             cfg.data,
             cfg.vae,

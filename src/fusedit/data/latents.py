@@ -319,9 +319,7 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
     if not path.is_file():
         return None
     # Read only up to the first shard holding a sample (a large cache's records are read again by the loop).
-    if not any(
-        shard and shard["samples"] for shard in map(_finished_shard, sorted(out.glob("latents-*.json")))
-    ):
+    if not any(shard["samples"] for shard in finished_shards(out)):
         log.info("%r holds no encoded sample yet: started over", str(out))
         for stale in [path, out / INDEX, *out.glob("latents-*")]:
             stale.unlink(missing_ok=True)
@@ -344,6 +342,15 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
     raise ConfigError(
         f"{str(out)!r} holds latents made with {change}: use another folder (or delete this one)"
     )
+
+
+def finished_shards(out: Path) -> Iterator[dict]:
+    """The records of the finished shards in ``out``, in shard order (read one at a time: a caller may stop
+    at the first it needs)."""
+    for record in sorted(out.glob("latents-*.json")):
+        shard = _finished_shard(record)
+        if shard is not None:
+            yield shard
 
 
 def _finished_shard(record: Path) -> dict | None:
@@ -549,11 +556,9 @@ def _whereabouts(items: _Items, out: Path) -> tuple[dict[str, int], set[str]]:
     for p in range(items.total or 0):
         positions.setdefault(items.sample_id(p), p)
     cached: set[str] = set()
-    for record in sorted(out.glob("latents-*.json")):
-        shard = _finished_shard(record)
-        if shard is not None:
-            cached.update(s["id"] for s in shard["samples"])
-            cached.update(s[1] for s in shard["skipped"])
+    for shard in finished_shards(out):
+        cached.update(s["id"] for s in shard["samples"])
+        cached.update(s[1] for s in shard["skipped"])
     return positions, cached
 
 

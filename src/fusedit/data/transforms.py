@@ -268,11 +268,17 @@ def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
         value = field_value(record, name, parsed)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
-            if isinstance(v, bytes):
-                v = v.decode("utf-8-sig", errors="replace")  # -sig: a BOM (Windows tools) is not caption text
-            if isinstance(v, str) and v.strip() and v.strip() not in out:
-                out.append(v.strip())
+            text = _caption_text(v)
+            if text and text not in out:
+                out.append(text)
     return out
+
+
+def _caption_text(value: Any) -> str | None:
+    """A caption field's value as stripped text (bytes decoded), None when it is not text."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8-sig", errors="replace")  # -sig: a BOM (Windows tools) is not caption text
+    return value.strip() if isinstance(value, str) else None
 
 
 def pick_caption(candidates: Sequence[str], mode: str, seed: int, epoch: int, key: int) -> str:
@@ -336,7 +342,15 @@ class SampleDecoder:
     def captions(self, record: dict) -> tuple[str, ...]:
         found = caption_candidates(record, self.caption_fields)
         if not found:
-            raise SkipSample("no-caption", f"none of the fields {list(self.caption_fields)} holds text")
+            # A field that is there but blank (an empty .txt member: a captioning pass that failed on the
+            # image) is a fix to the data, not to data.caption_fields: say which.
+            empty = [name for name in self.caption_fields if _caption_text(field_value(record, name)) == ""]
+            raise SkipSample(
+                "no-caption",
+                f"its {' and '.join(empty)} field{'s are' if len(empty) > 1 else ' is'} empty"
+                if empty
+                else f"none of the fields {list(self.caption_fields)} holds text",
+            )
         return tuple(found)
 
     def __call__(
