@@ -386,16 +386,17 @@ def test_an_overall_over_part_of_a_benchmark_says_which_part(
     import fusedit.eval.run
 
     def protocol(gen, prompts_path, out_dir, **kwargs):
-        return {"generated": 0, "skipped": 2, "unit": "prompts", "scores": scores}
+        result = {"generated": 0, "skipped": 2, "unit": "prompts"}
+        fusedit.eval.run.with_scores(result, out_dir, {**scores, "limit": kwargs.get("limit")})
+        return result
 
     runs = {"geneval": "run_geneval", "dpg": "run_dpg", "t2i-compbench": "run_compbench"}
     monkeypatch.setattr(fusedit.eval.run, runs[bench], protocol)
     out = tmp_path / "out"
     command = ["eval", str(trained), "--bench", bench, "--prompts", "p", "--out", str(out), *flags, "--quiet"]
     assert main(command) == 0
-    assert (
-        capsys.readouterr().out.splitlines()[-1] == f"overall 0.2500{part}; details in {out / 'scores.json'}"
-    )
+    scored = out / ("scores-first2.json" if flags else "scores.json")  # a subset keeps a full run's score
+    assert capsys.readouterr().out.splitlines()[-1] == f"overall 0.2500{part}; details in {scored}"
 
 
 def test_the_limit_is_passed_on_and_counts_say_what_they_count(trained, tmp_path, capsys):

@@ -339,12 +339,17 @@ def test_geneval_limit_takes_the_first_prompts_and_scores_those(tmp_path, monkey
         generate(calls), path, out, detector=scorers["detector"], clip=None, limit=2, progress=False
     )
     assert calls == ["a photo of a cow", "a photo of a dog"] and (r["generated"], r["unit"]) == (2, "prompts")
-    scores = json.loads((out / "scores.json").read_text())
+    scores = json.loads((out / "scores-first2.json").read_text())
     assert (scores["num_prompts"], scores["limit"], scores["overall"]) == (2, 2, 0.5)
+    assert r["scores_file"] == str(out / "scores-first2.json") and not (out / "scores.json").exists()
     # The rest later, into the same folder: the first prompts' images are kept, all five scored.
     r = run_geneval(generate(calls), path, out, detector=scorers["detector"], clip=None, progress=False)
     assert (r["generated"], r["skipped"], len(calls)) == (3, 2, 5)
     assert (r["scores"]["num_prompts"], r["scores"]["limit"]) == (5, None)
+    # A quick subset again does not replace the whole benchmark's scores.
+    run_geneval(generate(calls), path, out, detector=scorers["detector"], clip=None, limit=1, progress=False)
+    assert json.loads((out / "scores.json").read_text())["num_prompts"] == 5
+    assert json.loads((out / "scores-first1.json").read_text())["num_prompts"] == 1
     for limit in (0, 2.0):
         with pytest.raises(
             ConfigError, match=rf"^limit={limit!r} is not allowed \(allowed: an integer >= 1, or None"

@@ -753,11 +753,11 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
         worst = max(scores["categories"], key=scores["categories"].get)
         print(
             f"FID {scores['overall']:.3f} over {scores['samples']} samples ({scores['features']}); per "
-            f"category {worst} is highest at {scores['categories'][worst]:.3f}; details in {out / 'scores.json'}"
+            f"category {worst} is highest at {scores['categories'][worst]:.3f}; details in {r['scores_file']}"
         )
     elif "scores" in r:
         part = _scored_part(args, r["scores"])
-        print(f"overall {r['scores']['overall']:.4f}{part}; details in {out / 'scores.json'}")
+        print(f"overall {r['scores']['overall']:.4f}{part}; details in {r['scores_file']}")
     return 0
 
 
@@ -1497,8 +1497,8 @@ def _add_eval_parser(sub) -> None:
         "--limit",
         type=int,
         metavar="N",
-        help="geneval/dpg: the first N prompts only, generated and scored (a quick subset; a later full run "
-        "into the same --out keeps their images)",
+        help="geneval/dpg: the first N prompts only, generated and scored into OUT/scores-firstN.json (a "
+        "quick subset: a full run's scores.json stays; a later full run into the same --out keeps the images)",
     )
     sp.add_argument(
         "--noun-phrases",

@@ -12,7 +12,8 @@ the checkpoint's name and a fingerprint of its weights, EMA or not, the sampling
 rerun with a different record is refused. A folder recorded before 2026-11-25, when the fingerprint read
 each weight file's first MiB only (blind to a retrain of the tensors past it), has another fingerprint and
 is refused the same way. GenEval and DPG-Bench score exactly the prompts given (``limit``: the first N),
-not every prompt folder or grid an earlier run left there.
+not every prompt folder or grid an earlier run left there; the scores of the first N go to
+``scores-first<N>.json``, so a quick subset never replaces the whole benchmark's ``scores.json``.
 """
 
 from __future__ import annotations
@@ -245,9 +246,13 @@ def claim_folder(
 
 
 def with_scores(result: dict, out_dir: Path, scores: dict) -> None:
-    """A protocol run's ``scores`` into its ``result`` and, atomically, into ``out_dir/scores.json``."""
-    result["scores"] = scores
-    write_text_atomic(Path(out_dir) / "scores.json", json.dumps(scores, indent=1))
+    """A protocol run's ``scores`` into its ``result`` and, atomically, into ``out_dir/scores.json``
+    (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``); ``result["scores_file"]`` names
+    the file."""
+    limit = scores.get("limit")
+    path = Path(out_dir) / ("scores.json" if limit is None else f"scores-first{limit}.json")
+    result["scores"], result["scores_file"] = scores, str(path)
+    write_text_atomic(path, json.dumps(scores, indent=1))
 
 
 def first_prompts(prompts: list, limit: int | None) -> list:
