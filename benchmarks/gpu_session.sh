@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh 1  # the targets at this commit: fusedit-gemma2b, fusedit-large, the variants
 #   bash benchmarks/gpu_session.sh 2  # the shallow baselines: training against resolution and batch, sampling
 #   bash benchmarks/gpu_session.sh 3  # GPU tests, fast paths against slow, CUDA graphs, padded prompts
-#   bash benchmarks/gpu_session.sh 4  # a staged LoRA run under inductor
+#   bash benchmarks/gpu_session.sh 4  # untrimmed padding, the EMA held on the host, a staged LoRA run under inductor
 #   bash benchmarks/gpu_session.sh 5  # a lever for the targets: inductor's max-autotune, against part 1
 # JSON lines (one object per measurement, written as it lands) and logs go to $OUT, or
 # benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part;
@@ -56,6 +56,8 @@ case $part in
 4)
   bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
     --cached-only --min-text-tokens 32
+  # The EMA's float32 DiT copy in pinned host memory: the peak memory it saves, the update it slows.
+  bench ema-offload 130 fusedit-gemma2b train.ema_offload=true --what train --train-points 512x16
   echo "== staged training with LoRA under inductor (recipe-shapes-3stage)" >>"$log"
   start=$SECONDS
   timeout 200 python3 -m fusedit train recipe-shapes-3stage train.compile=inductor --out /tmp/stages-run --quiet \

@@ -243,7 +243,40 @@ def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
     row = bench.bench_train(s, 2, 32, 16, 0, 4, min_tokens=2)
     torch._dynamo.reset()
     assert row["primed_widths"] == 4  # 4, 8, 12, 16
-    assert compiled_before_timing == [len(graphs)] and len(graphs) > 4
+    # Timed twice (the steps, then the EMA update), with every graph compiled before either.
+    assert compiled_before_timing == [len(graphs)] * 2 and len(graphs) > 4
+
+
+def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeypatch):
+    """It timed uniform times, its own AdamW (lr 1e-4, clip 1.0) and no EMA: the EMA's float32 copy, held
+    all run long, was missing from the peak memory, and its update from the step time."""
+    import dataclasses
+
+    import torch
+
+    from fusedit import bench
+    from fusedit.train.stages import Optimizers
+
+    cfg = load_config("debug", ["train.ema_every=4", "train.beta2=0.9"])
+    cpu = torch.device("cpu")
+    s = bench.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), cpu, False)
+    built, updates, timed = [], [], iter([2.0, 0.5])  # the steps' median, then the EMA update's
+    real_build, real_update = Optimizers.build, bench.EMA.update
+    monkeypatch.setattr(Optimizers, "build", lambda *a: built.append((a, real_build(*a))) or built[-1][1])
+    monkeypatch.setattr(bench.EMA, "update", lambda self, m: updates.append(m) or real_update(self, m))
+
+    def time_it(fn, device, warmup, repeats):
+        fn()
+        return next(timed)
+
+    monkeypatch.setattr(bench, "time_it", time_it)
+    row = bench.bench_train(s, 2, 32, 8, 0, 1)
+    ((args, opts),) = built
+    assert args[1] is s.cfg.train and list(opts.by_module) == ["denoiser"]
+    betas = {g["betas"] for o in opts.by_module.values() for g in o.param_groups}
+    assert betas == {(s.cfg.train.beta1, 0.9)} and all(o.state for o in opts.by_module.values())  # stepped
+    assert (row["step_s"], row["ema_update_s"], row["ema_every"]) == (2.0 + 0.5 / 4, 0.5, 4)
+    assert row["images_per_s"] == 2 / 2.125 and updates == [s.model.denoiser]
 
 
 def test_priming_covers_every_text_length_with_and_without_a_mask():

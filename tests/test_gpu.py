@@ -46,3 +46,21 @@ def test_cuda_graphs_over_inductor_blocks_match_inductor_alone():
     plain = generate(model, PROMPTS, **{**settings, "cuda_graphs": False})
     graphed = generate(model, PROMPTS, **{**settings, "cuda_graphs": True})
     torch.testing.assert_close(graphed, plain, atol=1e-3, rtol=0)
+
+
+def test_an_offloaded_ema_matches_one_on_the_gpu():
+    """train.ema_offload: the weights' copies into pinned host memory are waited for before the lerp."""
+    from fusedit.train.ema import EMA
+
+    denoiser = build_model(tiny_config(), "cuda").denoiser
+    beside, held = EMA(denoiser, 0.9), EMA(denoiser, 0.9, offload=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in denoiser.parameters():
+                p.mul_(1.1)
+        beside.update(denoiser)
+        held.update(denoiser)
+    for k, v in beside.state_dict().items():
+        assert held.state_dict()[k].device.type == "cpu", k
+        # The same lerp on two devices: equal up to how each compiles a * b + c (fused or not).
+        torch.testing.assert_close(held.state_dict()[k], v.cpu(), rtol=1e-6, atol=1e-7)

@@ -443,3 +443,45 @@ def test_training_shows_the_data_scan_bar_only_with_progress(tmp_path, capsys, p
     train(cfg, tmp_path / "run", progress=progress)
     bars = capsys.readouterr().err
     assert ("scan images" in bars, "train " in bars) == (progress, progress)
+
+
+def test_the_ema_update_lerps_every_float_tensor_and_copies_the_rest():
+    """One multi-tensor lerp for all float weights (bf16 ones averaged in float32), integer buffers copied
+    (the average holds every tensor in float32)."""
+    from fusedit.train.ema import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net[0].to(torch.bfloat16)
+    ema, held = EMA(net, 0.9), EMA(net, 0.9, offload=True)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net[1].num_batches_tracked.fill_(7)
+    ema.update(net)
+    held.update(net)
+    for k, v in net.state_dict().items():
+        expected = before[k].lerp(v.float(), 0.1) if v.is_floating_point() else v.float()
+        assert ema.state_dict()[k].dtype == torch.float32 and torch.equal(ema.state_dict()[k], expected), k
+        assert held.state_dict()[k].device.type == "cpu" and torch.equal(held.state_dict()[k], expected), k
+
+
+def test_an_offloaded_ema_trains_and_resumes_like_one_beside_the_weights(tmp_path):
+    """train.ema_offload moves where the average is held, not what it holds; FSDP refuses it (its shards
+    are already spread over the GPUs)."""
+    from fusedit.config import resolved_stages
+    from fusedit.train.loop import _check_stages_fit
+
+    emas = []
+    for offload in (False, True):
+        cfg = tiny_config(train={"steps": 4, "checkpoint_every": 2, "ema_every": 1, "ema_offload": offload})
+        run = tmp_path / f"run{offload}"
+        train(cfg, run, stop_at=2, progress=False)
+        emas.append(train(cfg, run, resume=True, progress=False)["ema"].state_dict())
+    assert emas[0].keys() == emas[1].keys()
+    assert all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])
+    with pytest.raises(
+        ConfigError, match=r"^train.ema_offload=true keeps a whole EMA on the host, while train"
+    ):
+        _check_stages_fit(resolved_stages(cfg), "fsdp", False)

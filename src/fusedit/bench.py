@@ -2,7 +2,10 @@
 inputs (latents and token ids), so it needs no data and no downloads.
 
 Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT forward + 1 x LLM forward per
-image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. Sampling:
+image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. A step is what
+``fusedit train`` runs: one LLM forward, the DiT's forward and backward at logit-normal times, clipping,
+the run's AdamW (``train.stages.Optimizers``) and its EMA (held in memory; its update, every
+``train.ema_every`` steps, timed apart and added per step). Sampling:
 images/s and seconds per image for N steps with guidance, with and without the text cache. Warm-up runs are
 excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU).
 Each record also says how it was made: warm-up and repeat counts, the timer, the levers, and the attention
@@ -24,11 +27,13 @@ from pathlib import Path
 import torch
 
 from fusedit.config import Config
-from fusedit.flow import flow_loss, interpolate, sample
+from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
+from fusedit.train.ema import EMA
+from fusedit.train.stages import Optimizers
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +247,12 @@ def bench_train(
     lgen = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, cfg.vae.latent_channels, side, side, generator=gen).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    t = torch.rand(batch, generator=gen).to(device)
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    tc, fc = cfg.train, cfg.flow
+    t = sample_training_times(batch, gen, fc.logit_mean, fc.logit_std, fc.shift).to(device)  # (batch,)
+    opts = Optimizers.build(s.model, tc, device)
+    params = opts.parameters()
+    # Before the peak is reset: its float32 copy is held all run long (on the GPU unless train.ema_offload).
+    ema = EMA(denoiser, tc.ema_decay, offload=tc.ema_offload)
     denoiser.train()
     widths = []  # the trimmed text length of each LLM at every timed step
 
@@ -256,9 +264,9 @@ def bench_train(
         with s.autocast():
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opts.step()
+        opts.zero_grad()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -275,6 +283,8 @@ def bench_train(
     widths.clear()
     seconds = time_it(step, device, 0, repeats)
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    ema_seconds = time_it(lambda: ema.update(denoiser), device, 1, repeats)
+    seconds += ema_seconds / tc.ema_every
     # The denoiser's kernels: its forward alone, autograd on as in a step (the LLM's attention runs first).
     text = synthetic_text(s.model, prompt_lengths(batch, tokens, min_tokens, lgen), tokens, tgen)
 
@@ -305,7 +315,10 @@ def bench_train(
         "warmup": warmup,
         "repeats": repeats,
         "timer": timer(device),
-        "step_s": seconds,
+        "step_s": seconds,  # the EMA update's share included
+        "ema_update_s": ema_seconds,
+        "ema_every": tc.ema_every,
+        "ema_offload": tc.ema_offload,
         "images_per_s": batch / seconds,
         "tflops": achieved / 1e12,
         "mfu": achieved / s.peak,

@@ -228,6 +228,11 @@ def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> No
         )
     if parallel != "fsdp":
         return
+    if stages[0].config.train.ema_offload:
+        raise ConfigError(
+            "train.ema_offload=true keeps a whole EMA on the host, while train.parallel=fsdp shards it over "
+            "the GPUs already (allowed: ema_offload=false with fsdp, or parallel=ddp)"
+        )
     if any(s.config.train.preview_every for s in stages):
         raise ConfigError(
             "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
@@ -832,7 +837,7 @@ def _start_state(
     loaded with the weights and ``opts``' state from ``ckpt`` when the run resumes; then the config is saved,
     unless this call trains nothing (``start >= end``)."""
     env, denoiser = run.env, run.model.denoiser
-    ema = EMA(denoiser, stage.config.train.ema_decay)
+    ema = EMA(denoiser, stage.config.train.ema_decay, offload=stage.config.train.ema_offload)
     data_state = None
     if ckpt is not None:
         text = text_modules(run.model)
