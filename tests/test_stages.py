@@ -568,6 +568,20 @@ def test_paper_recipes_match_design_space_section_3():
             8,
             2,
         )
+    # The LI-DiT recipe takes the same optimizer, EMA, caption dropout and precision (from lidit-1b).
+    lidit = resolved_stages(load_config("recipe-lidit-3stage"))
+    for stage in lidit:
+        tc = stage.config.train
+        assert (tc.weight_decay, tc.schedule, tc.grad_clip, tc.ema_decay, tc.ema_every, tc.precision) == (
+            1e-4,
+            "constant",
+            1.0,
+            0.99,
+            100,
+            "bf16",
+        )
+        assert stage.config.data.caption_dropout == 0.1
+    assert [s.config.train.lr for s in lidit] == [1e-4, 1e-4, 2e-5]
     large = load_config("recipe-fusedit-large")
     assert (large.model.pos_embed, large.model.timestep_conditioning, large.model.sandwich_norm) == (
         "2d-rope",

@@ -485,3 +485,20 @@ def test_an_offloaded_ema_trains_and_resumes_like_one_beside_the_weights(tmp_pat
         ConfigError, match=r"^train.ema_offload=true keeps a whole EMA on the host, while train"
     ):
         _check_stages_fit(resolved_stages(cfg), "fsdp", False)
+
+
+def test_the_ema_updates_after_every_ema_every_th_step(tmp_path, monkeypatch):
+    """design-space.md s.3: EMA 0.99 every 100 steps; here every 3rd of 7 steps: after steps 3 and 6."""
+    from fusedit.train.ema import EMA
+    from fusedit.train.stages import Optimizers
+
+    stepped, updated = [], []
+    real_step, real_update = Optimizers.step, EMA.update
+    monkeypatch.setattr(Optimizers, "step", lambda self: stepped.append(1) or real_step(self))
+    monkeypatch.setattr(EMA, "update", lambda self, m: updated.append(len(stepped)) or real_update(self, m))
+    train(
+        tiny_config(train={"steps": 7, "checkpoint_every": 7, "ema_every": 3}),
+        tmp_path / "run",
+        progress=False,
+    )
+    assert (len(stepped), updated) == (7, [3, 6])
