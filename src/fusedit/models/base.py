@@ -3,7 +3,7 @@
 
     patchify (+ APE) -> timestep embedding -> blocks, each reading its text input -> final norm -> unpatchify
 
-A design (subclass) says which blocks it stacks, what it asks of the LLM (``text_request``) and what each
+A design (subclass) says which blocks it stacks, what it asks of the LLM (``text_requests``) and what each
 block reads from the TextContext (``block_texts``). adaLN-Zero and DiT initialisation live here, once
 (``initialize_weights``, run on every built design by ``fusedit.models.build_denoiser``); a module whose init
 differs declares it itself (``OwnInit``: the timestep MLP, clip-mod's pooled-text MLP, the shallow baselines'
@@ -281,7 +281,8 @@ class DiT(nn.Module):
         return text
 
     def block_texts(self, state, num_image: int) -> Iterator[tuple]:
-        """(txt_kv, txt_mask) for each block, in order: what ``JointBlock.forward`` reads of the text."""
+        """(txt_kv, txt_mask) for each block, in order: what each block (``JointBlock``, ``CrossBlock``)
+        reads of the text."""
         raise NotImplementedError
 
     # ---- shared
