@@ -35,6 +35,7 @@ from fusedit.models.blocks import FusedImageAttention
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
 from fusedit.text.spec import LLMSpec
+from fusedit.vae import IdentityAutoencoder
 
 # The Config sections a saved model needs: the architecture, the text side (templates, lengths, hub ids),
 # the latent space, and the defaults sampling uses. `train` and the data pipeline stay with the run.
@@ -136,9 +137,10 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=v) if return_dict else (v,)
 
 
-class IdentityVAE(ModelMixin, ConfigMixin):
-    """The pixel-space "VAE" (fusedit's IdentityAutoencoder) as a diffusers component: latents are the
-    images in [-1, 1]; decode clamps. It has no weights, so its folder is just config.json."""
+class IdentityVAE(IdentityAutoencoder, ModelMixin, ConfigMixin):
+    """The pixel-space "VAE" (fusedit's IdentityAutoencoder, whose encode and decode it takes) as a
+    diffusers component: latents are the images in [-1, 1]; decode clamps. It has no weights, so its folder
+    is just config.json."""
 
     @register_to_config
     def __init__(self, latent_channels: int = 3):
@@ -150,17 +152,6 @@ class IdentityVAE(ModelMixin, ConfigMixin):
     @property
     def channels(self) -> int:
         return self.config.latent_channels
-
-    @property
-    def downsample(self) -> int:
-        return 1
-
-    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        # fusedit's autoencoder interface (fusedit.vae): training passes generators, pixels draw nothing.
-        return images
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.clamp(-1, 1)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
