@@ -40,9 +40,10 @@ def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(c
     pytest.importorskip("peft")
     from torch import nn
 
+    from fusedit.adapters import DEFAULT_TARGETS, Parts
     from fusedit.config import load_config
     from fusedit.system import build_model
-    from fusedit.train.stages import DEFAULT_TARGETS, Optimizers, Parts, apply_parts
+    from fusedit.train.stages import Optimizers, apply_parts
 
     cases = {
         "train.dit_lora.rank=8": (

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_config
+from fusedit.adapters import text_modules
 from fusedit.checkpoints import find_checkpoint
 from fusedit.cli import main
 from fusedit.config import ConfigError, load_config, to_dict
 from fusedit.pipeline import export_run
 from fusedit.system import build_model
 from fusedit.train.checkpoint import init_weights, save_checkpoint
-from fusedit.train.stages import text_modules
 
 
 @pytest.fixture

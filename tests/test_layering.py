@@ -5,20 +5,20 @@ below. Reading a checkpoint (sampling, export, evaluation, the diffusers pipelin
 the standard library and itself."""
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fusedit
+from conftest import tiny_config
 
 SRC = Path(fusedit.__file__).parent
 SKIPPED = {"train", "cli.py", "__main__.py"}  # the training package itself, and the CLI above it all
 
 # (file under src/fusedit, module of fusedit.train) pairs that are allowed, each with its reason.
 EXCEPTIONS = {
-    # Loading a checkpoint's weights rebuilds the LoRA adapters of the stage that wrote it and merges them
-    # (fusedit.train.lora, and fusedit.train.stages for the stage's parts and which modules hold weights).
-    ("checkpoints.py", "fusedit.train.lora"),
-    ("checkpoints.py", "fusedit.train.stages"),
     # These train: the demo trains a tiny run before it samples, and a study trains each design it compares.
     ("demo.py", "fusedit.train.loop"),
     ("eval/study.py", "fusedit.train.loop"),
@@ -34,7 +34,7 @@ EXCEPTIONS = {
 
 def _imported_modules(tree: ast.Module, package: str):
     """(line, module) for every import in ``tree``, top-level or nested; ``from A import b`` gives A.b
-    when A is a package that b may be a module of (``from fusedit.train import lora``)."""
+    when A is a package that b may be a module of (``from fusedit.train import loop``)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -68,6 +68,37 @@ def test_only_the_cli_and_the_training_package_import_fusedit_train():
                 offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
     assert not offending, "imports of fusedit.train outside train/ and the CLI:\n" + "\n".join(offending)
     assert used == EXCEPTIONS, f"exceptions no longer needed (remove them): {sorted(EXCEPTIONS - used)}"
+
+
+# Loads a run's model both ways (EMA; raw weights with the stage's LoRA adapters rebuilt and merged) and
+# prints the fusedit.train modules that got imported on the way.
+_LOAD_AND_LIST = """
+import sys
+from fusedit.checkpoints import load_model
+for use_ema in (True, False):
+    model, cfg, ckpt = load_model(sys.argv[1], use_ema=use_ema)
+    assert cfg.sample.use_ema is use_ema, (use_ema, cfg.sample.use_ema)
+print(sorted(m for m in sys.modules if m == "fusedit.train" or m.startswith("fusedit.train.")))
+"""
+
+
+@pytest.mark.parametrize("train_cfg", [{}, {"dit_lora": {"rank": 2}}], ids=["plain", "dit-lora"])
+def test_loading_a_trained_model_imports_nothing_of_fusedit_train(tmp_path, train_cfg):
+    """What the import walk above checks statically, at run time: reading a checkpoint (sampling, export,
+    evaluation, the diffusers pipeline) never reaches the training package, not even to rebuild and merge
+    the LoRA adapters of the stage that wrote it (fusedit.adapters does that). A fresh interpreter, so
+    that nothing this test process imported counts."""
+    if train_cfg:
+        pytest.importorskip("peft")
+    from fusedit.train.loop import train
+
+    run = tmp_path / "run"
+    train(tiny_config(train={"steps": 2, "checkpoint_every": 2, **train_cfg}), run, progress=False)
+    r = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_LIST, str(run)], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "[]", f"loading a model imported {r.stdout.splitlines()[-1]}"
 
 
 # What fusedit.layers may import besides the standard library (each with its submodules).

@@ -232,6 +232,7 @@ def test_a_fine_tune_into_its_own_source_is_refused_before_anything_is_deleted(t
         train(tune, run, overwrite=True, progress=False)
     assert _checkpoints(run) == kept
     # Elsewhere it trains; a 2-step fine-tune leaves the EMA (decay 0.99) at the start: said.
+    caplog.clear()  # the 1-step run's own warning (its EMA is the random init)
     with caplog.at_level(logging.WARNING, logger="fusedit"):
         train(tune, tmp_path / "tuned", progress=False)
     assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == [
@@ -239,6 +240,27 @@ def test_a_fine_tune_into_its_own_source_is_refused_before_anything_is_deleted(t
         "train.init_from's at step 2 (train.ema_decay=0.99 every train.ema_every=1 steps): lower them, or "
         "sample with --no-ema"
     ]
+
+
+def test_a_short_run_from_scratch_says_its_ema_is_mostly_the_random_init(tmp_path, caplog):
+    """60 steps of decay 0.998 leave 89% of the random init in the EMA that sample and serve load: they gave
+    noise, whatever the guidance, without a word. Said; a run whose EMA has moved on, or sampling the raw
+    weights, is not warned."""
+    import logging
+
+    def warned(**train_cfg):
+        caplog.clear()
+        cfg = tiny_config(train={"ema_every": 1, "ema_decay": 0.998, **train_cfg})
+        with caplog.at_level(logging.WARNING, logger="fusedit"):
+            train(cfg, tmp_path / "run", overwrite=True, stop_at=1, progress=False)
+        return [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+
+    assert warned(steps=60) == [
+        "the EMA weights, which sampling and export use (sample.use_ema), will still hold 89% of the random "
+        "initial weights at step 60 (train.ema_decay=0.998 every train.ema_every=1 steps): lower them, or "
+        "sample with --no-ema"
+    ]
+    assert warned(steps=600) == [] and warned(steps=60, ema_decay=0.9) == []
 
 
 def test_a_resume_with_another_init_from_keeps_the_one_the_run_started_from(tmp_path, caplog):

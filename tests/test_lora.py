@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (fusedit.train.lora): on a tiny LLM (joint fine-tuning) and on a trained model's
+"""LoRA adapters through peft (fusedit.adapters): on a tiny LLM (joint fine-tuning) and on a trained model's
 DiT (fine-tuning from train.init_from); saved apart from the plain weights, resumed, merged for sampling
 and export."""
 
@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fusedit import adapters as lora
+from fusedit.adapters import Parts
 from fusedit.checkpoints import find_checkpoint, load_model, load_tensors
 from fusedit.config import ConfigError
 from fusedit.pipeline import export_run, from_pretrained
 from fusedit.system import build_model
-from fusedit.train import lora
 from fusedit.train.loop import train
-from fusedit.train.stages import Parts, apply_parts
+from fusedit.train.stages import apply_parts
 
 pytest.importorskip("peft")
 

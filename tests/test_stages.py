@@ -13,20 +13,15 @@ import torch
 import torch.distributed as dist
 
 from conftest import POSITIONS, randomize, tiny_config, watch_llm_forwards
-from fusedit.checkpoints import find_checkpoint, load_model, load_tensors
+from fusedit import adapters as lora
+from fusedit.adapters import Parts
+from fusedit.checkpoints import find_checkpoint, load_model, load_tensors, stage_of_checkpoint
 from fusedit.config import ConfigError, load_config, resolved_stages, save_config
 from fusedit.sample import generate
 from fusedit.system import build_model
-from fusedit.train import loop, lora
+from fusedit.train import loop
 from fusedit.train.loop import train
-from fusedit.train.stages import (
-    Parts,
-    apply_parts,
-    describe_stages,
-    idle_settings,
-    stage_of_checkpoint,
-    training_flops_per_image,
-)
+from fusedit.train.stages import apply_parts, describe_stages, idle_settings, training_flops_per_image
 
 PROMPTS = ["a red circle", "a blue square to the left of a green triangle", ""]
 JOINT = {"trainable": ["dit", "llm"], "llm_lr": 3e-4}

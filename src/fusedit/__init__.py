@@ -8,9 +8,8 @@ The modules form four tiers; a module imports only from its own tier and the tie
 1. Utilities: ``files`` (atomic file writes), ``imaging`` (PNGs, image grids, plots).
 2. Model assembly: ``config`` (the schema and presets), ``layers``, ``text``, ``models``, ``flow`` (flow
    matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a text-to-image
-   model from a config) and ``checkpoints`` (reading them; ``train.checkpoint`` writes them). The one exception: loading a
-   checkpoint rebuilds the LoRA adapters of the training stage that wrote it (``fusedit.train.lora`` and
-   ``fusedit.train.stages``).
+   model from a config), ``adapters`` (LoRA adapters through peft, and which of them a training stage adds)
+   and ``checkpoints`` (reading them; ``train.checkpoint`` writes them).
 3. Inference: ``sample`` (prompt -> image; ``load_sampling_model`` reads a run, checkpoint or pipeline
    folder, ``write_sample_folder`` writes the folder of `fusedit sample`), ``pipeline`` (the diffusers
    pipeline), ``hub`` (Hugging Face folder formats) and ``convert`` (checkpoints of other code bases).

@@ -4,8 +4,8 @@ export and evaluation (:func:`load_model`). The names of the format's files and 
 here, for the writer (fusedit.train.checkpoint, which also describes the format) and the readers alike.
 
 It sits outside ``fusedit.train`` so that sampling, export, evaluation and the diffusers pipeline read
-checkpoints without importing the training package's checkpoint writer; only the LoRA and stage helpers
-that rebuild a stage's adapters are imported from it, when weights load.
+checkpoints without importing the training package: the adapters of the stage that wrote a checkpoint are
+rebuilt through fusedit.adapters, at the model tier.
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from fusedit import files
+from fusedit.adapters import (
+    Parts,
+    add_stage_adapters,
+    is_adapter_key,
+    load_plain_and_adapters,
+    merge_adapters,
+    plain_key,
+    text_modules,
+    trained_modules,
+)
 from fusedit.config import (
     Config,
     ConfigError,
@@ -148,10 +158,8 @@ def checkpoint_folders(root: Path) -> list[Path]:
 
 def split_sections(key: str, state: dict) -> dict[str, dict]:
     """A module's (structured) state dict -> its DCP sections: plain weights, and adapters when it has any."""
-    from fusedit.train import lora
-
-    plain = {lora.plain_key(k): v for k, v in state.items() if not lora.is_adapter_key(k)}
-    adapters = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
+    plain = {plain_key(k): v for k, v in state.items() if not is_adapter_key(k)}
+    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
     section = dcp_section(key)
     return {section: plain, **({f"{section}_lora": adapters} if adapters else {})}
 
@@ -299,11 +307,38 @@ def shapes_mismatch(
 def checkpoint_stage(ckpt: Path, cfg: Config | None = None) -> Stage:
     """The stage that wrote ``ckpt`` (its state.json), resolved from ``cfg`` (default: the checkpoint's own
     config)."""
-    from fusedit.train.stages import stage_of_checkpoint
-
     state = load_state(ckpt)
     cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
     return stage_of_checkpoint(resolved_stages(cfg), int(state["step"]), state.get("stage"))
+
+
+def stage_of_checkpoint(
+    stages: list[Stage], step: int, recorded: int | None, saved: list[Stage] | None = None
+) -> Stage:
+    """The stage a checkpoint written after ``step`` steps belongs to: the one it recorded (checked against
+    this config's step ranges), or for a checkpoint without a record, the stage whose range holds it.
+    ``saved`` (the stages of the checkpoint's own config) also refuses a config that moves the start of
+    that stage: the data position the checkpoint saved counts the steps since the stage began."""
+    if recorded is None:
+        recorded = next((s.index for s in saved or stages if s.start < step <= s.end), 0)
+    if saved and 0 <= recorded < min(len(saved), len(stages)):
+        was, now = saved[recorded].start, stages[recorded].start
+        if was != now:
+            # Only the earlier stages' lengths place the start: name the first one that changed.
+            moved = next(i for i in range(recorded) if saved[i].steps != stages[i].steps)
+            raise ConfigError(
+                f"stages.{moved}.steps={stages[moved].steps} moves the start of stage {recorded} "
+                f"{stages[recorded].name!r}, where the checkpoint at step {step} was written, from step {was} "
+                f"to {now} (allowed: stages.{moved}.steps={saved[moved].steps} as the run was trained: only "
+                "the current and later stages' steps may change)"
+            )
+    if not 0 <= recorded < len(stages) or not stages[recorded].start <= step <= stages[recorded].end:
+        ranges = ", ".join(f"{s.index} {s.name!r} {s.start}..{s.end}" for s in stages)
+        raise ConfigError(
+            f"the checkpoint at step {step} was written in stage {recorded}, which this config's stages do "
+            f"not place there (stages: {ranges}): resume with the config the run was started with"
+        )
+    return stages[recorded]
 
 
 def load_model(
@@ -353,9 +388,6 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
     without adapters whose requires_grad flags are as ``build_model`` sets them. Returns whether the EMA
     was loaded: ``use_ema`` asks for it, and a checkpoint saved without one (``ema=None``) has the raw
     weights only."""
-    from fusedit.train import lora
-    from fusedit.train.stages import Parts, add_stage_adapters, text_modules, trained_modules
-
     dcp_format = is_distributed_checkpoint(ckpt)
     ema = use_ema and holds_ema(ckpt)
     parts = Parts.of(stage.config.train)
@@ -368,15 +400,15 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
         if ema:
             model.denoiser.load_state_dict(load_tensors(ckpt, "ema"))
         else:
-            lora.load_plain_and_adapters(
+            load_plain_and_adapters(
                 model.denoiser, load_tensors(ckpt, DENOISER), load_tensors(ckpt, f"{DENOISER}_lora")
             )
         for key, module in text_modules(model).items():
             plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
             if plain is not None or adapters is not None:
-                lora.load_plain_and_adapters(module, plain, adapters)
+                load_plain_and_adapters(module, plain, adapters)
     for module in trained_modules(model).values():
-        lora.merge_adapters(module)
+        merge_adapters(module)
     model.denoiser.requires_grad_(True)
     for module in text_modules(model).values():
         module.requires_grad_(False)
@@ -386,9 +418,6 @@ def load_weights(model, ckpt: Path, stage: Stage, use_ema: bool = True) -> bool:
 def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
     """Full (unsharded) weights from a DCP checkpoint written by any number of ranks, in this process alone
     (no process group needed: DCP reassembles each tensor from the shards that cover it)."""
-    from fusedit.train import lora
-    from fusedit.train.stages import text_modules
-
     den = (
         {"ema": model.denoiser.state_dict()} if ema else split_sections(DENOISER, model.denoiser.state_dict())
     )
@@ -400,7 +429,7 @@ def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
     if ema:
         model.denoiser.load_state_dict(den["ema"])
     else:
-        lora.load_plain_and_adapters(model.denoiser, den["model"], den.get("model_lora"))
+        load_plain_and_adapters(model.denoiser, den["model"], den.get("model_lora"))
     for key, module in text_modules(model).items():
         if any(name in state for name in text[key]):
-            lora.load_plain_and_adapters(module, text[key][key], text[key].get(f"{key}_lora"))
+            load_plain_and_adapters(module, text[key][key], text[key].get(f"{key}_lora"))

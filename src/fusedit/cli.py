@@ -1262,8 +1262,7 @@ _NO_PEFT = (
 def _can_count(stage) -> bool:
     """Whether the parameters ``stage`` trains can be counted here: LoRA adapters are added through peft,
     an optional package; describe still gives the rest without it."""
-    from fusedit.train.lora import require_peft
-    from fusedit.train.stages import Parts
+    from fusedit.adapters import Parts, require_peft
 
     parts = Parts.of(stage.config.train)
     if not (parts.dit_adapters or parts.llm_adapters):

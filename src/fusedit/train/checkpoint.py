@@ -14,7 +14,7 @@ A single-process run writes plain files:
   models.json           the kind and shapes of each local model folder the config names (load_model's relocate)
   vocabulary.json       the built-in word tokenizer's words, when a part uses it (token id = position + 4)
 
-Weights are always saved under their plain names (without adapters: fusedit.train.lora), adapters apart,
+Weights are always saved under their plain names (without adapters: fusedit.adapters), adapters apart,
 and the EMA holds the merged weights; so every file but the adapters loads into a model without adapters.
 
 A distributed run (torchrun) writes one Distributed Checkpoint (DCP) instead of the tensor files:
@@ -50,6 +50,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fusedit.adapters import (
+    adapter_state_dict,
+    base_state_dict,
+    load_plain_and_adapters,
+    structured_state,
+    text_modules,
+)
 from fusedit.checkpoints import (
     DCP_DIR,
     DENOISER,
@@ -101,7 +108,6 @@ from fusedit.files import (
     sync_folder,
     write_text_atomic,
 )
-from fusedit.train import lora
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,8 +147,8 @@ def save_checkpoint(
     }
     for key, (module, whole) in modules.items():
         if whole:
-            save_file(_contiguous(lora.base_state_dict(module)), tmp / f"{key}.safetensors")
-        adapters = lora.adapter_state_dict(module)
+            save_file(_contiguous(base_state_dict(module)), tmp / f"{key}.safetensors")
+        adapters = adapter_state_dict(module)
         if adapters:
             save_file(_contiguous(adapters), tmp / f"{key}_lora.safetensors")
     if ema is not None:
@@ -348,8 +354,6 @@ def init_weights(model, path: str | Path) -> Path:
     """train.init_from: start ``model`` (freshly built, before any stage applies) from the weights of a run
     or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved), or of a
     diffusers pipeline folder (its transformer and every LLM)."""
-    from fusedit.train.stages import text_modules
-
     source = init_source(path)
     if (source / "model_index.json").is_file():
         problem = _init_from_pipeline(model, source)
@@ -436,7 +440,6 @@ def _init_from_pipeline(model, folder: Path) -> str | None:
     names), or None once its denoiser and LLM weights are loaded. The pooled CLIP and the VAE stay what the
     config loads, as they do for a run folder."""
     from fusedit.pipeline import LLM_SLOTS, from_pretrained
-    from fusedit.train.stages import text_modules
 
     try:
         source, _ = from_pretrained(folder)
@@ -580,8 +583,8 @@ def load_training_state(
     the first weight that does not fit, before anything is loaded."""
     expected = {}
     for key, module in {DENOISER: denoiser, **text}.items():
-        expected[key] = lora.base_state_dict(module)
-        expected[f"{key}_lora"] = lora.adapter_state_dict(module)
+        expected[key] = base_state_dict(module)
+        expected[f"{key}_lora"] = adapter_state_dict(module)
     expected["ema"] = ema.state_dict()
     if not is_distributed_checkpoint(ckpt):
         check_weight_files(ckpt)  # a missing file would leave its module as built, not fail below
@@ -599,7 +602,7 @@ def load_training_state(
         for key, module in {DENOISER: denoiser, **text}.items():
             plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
             if plain is not None or adapters is not None:
-                lora.load_plain_and_adapters(module, plain, adapters)
+                load_plain_and_adapters(module, plain, adapters)
         ema.load_state_dict(load_tensors(ckpt, "ema"))
         for key, opt in optimizers.items():
             opt.load_state_dict(_load_optimizer(ckpt, key))
@@ -641,9 +644,7 @@ def _load_dcp_training(ckpt, denoiser, optimizers, ema, text, distributed: bool)
         section = dcp_section(key)
         if not any(name in state for name in sections[key]):
             continue
-        joined = lora.structured_state(
-            module, sections[key][section], sections[key].get(f"{section}_lora", {})
-        )
+        joined = structured_state(module, sections[key][section], sections[key].get(f"{section}_lora", {}))
         set_model_state_dict(module, joined)
         if key in optimizers:
             named = state[optim_section(key)]
@@ -665,8 +666,8 @@ def _load_files_distributed(ckpt, denoiser, optimizers, ema, text) -> None:
         plain, adapters = load_tensors(ckpt, key), load_tensors(ckpt, f"{key}_lora")
         if plain is None and adapters is None:
             continue
-        plain = lora.base_state_dict(module) if plain is None else plain
-        set_model_state_dict(module, lora.structured_state(module, plain, adapters or {}), options=full)
+        plain = base_state_dict(module) if plain is None else plain
+        set_model_state_dict(module, structured_state(module, plain, adapters or {}), options=full)
         if key in optimizers:
             saved = _load_optimizer(ckpt, key)
             named = optimizer_by_name(saved, trainable_names(module))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedit.train.lora import merged_state_dict
+from fusedit.adapters import merged_state_dict
 
 
 class EMA:
-    """The average of what the model computes: with LoRA adapters (fusedit.train.lora) it averages the
+    """The average of what the model computes: with LoRA adapters (fusedit.adapters) it averages the
     merged weights under their plain names, so the EMA is always a model without adapters, and it carries
     over unchanged when a stage adds or merges adapters."""
 

@@ -41,12 +41,14 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
+from fusedit.adapters import DENOISER, Parts, has_adapters, text_modules
 from fusedit.checkpoints import (
     find_checkpoint,
     load_checkpoint_config,
     load_state,
     saved_shapes,
     saved_vocabulary,
+    stage_of_checkpoint,
 )
 from fusedit.config import (
     Config,
@@ -69,7 +71,7 @@ from fusedit.data.loader import (
 from fusedit.files import remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, seeded, uses_bf16
-from fusedit.train import distributed, lora
+from fusedit.train import distributed
 from fusedit.train.checkpoint import (
     check_same_model,
     data_state_name,
@@ -83,17 +85,7 @@ from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
 from fusedit.train.loggers import WandbLogger, check_loggers, open_loggers
 from fusedit.train.run_folder import hold_run_folder
-from fusedit.train.stages import (
-    DENOISER,
-    Optimizers,
-    Parts,
-    apply_parts,
-    check_stages,
-    idle_settings,
-    llm_base_changed,
-    stage_of_checkpoint,
-    text_modules,
-)
+from fusedit.train.stages import Optimizers, apply_parts, check_stages, idle_settings, llm_base_changed
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +153,7 @@ def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[t
     initialised = initialised_llms(cfg, text_modules(model))
     for (key, module), tcfg in zip(text_modules(model).items(), texts, strict=True):
         whole = not tcfg.model_id or key in initialised or llm_base_changed(cfg, stage)
-        if whole or lora.has_adapters(module):
+        if whole or has_adapters(module):
             out[key] = (module, whole)
     return out
 
@@ -739,13 +731,14 @@ def _start_fresh(
             pretrain_llm(encoder, corpus, steps, seed=tc.seed, progress=progress and main)
     if tc.init_from:
         log.info("weights initialised from %s", init_weights(model, tc.init_from))
-        _warn_ema_holds_the_start(cfg)
+    _warn_ema_holds_the_start(cfg)
 
 
 def _warn_ema_holds_the_start(cfg: Config) -> None:
-    """A fine-tune whose EMA (what sample, export, serve and eval load: sample.use_ema) would still hold
-    most of the weights it started from at its end: a short run at the defaults (0.99 every 100 steps)
-    barely moves it, or never updates it, and the fine-tune looked like it did nothing."""
+    """A run whose EMA (what sample, export, serve and eval load: sample.use_ema) would still hold most of
+    the weights it started from at its end: a short run at the defaults (0.99 every 100 steps) barely moves
+    it, or never updates it; a fine-tune then looks like it did nothing, and a run from scratch samples
+    noise from its random initial weights."""
     kept = 1.0
     for stage in resolved_stages(cfg):
         t = stage.config.train
@@ -753,9 +746,10 @@ def _warn_ema_holds_the_start(cfg: Config) -> None:
     if cfg.sample.use_ema and kept > 0.5:
         log.warning(
             "the EMA weights, which sampling and export use (sample.use_ema), will still hold %.0f%% of "
-            "train.init_from's at step %d (train.ema_decay=%g every train.ema_every=%d steps): lower them, "
-            "or sample with --no-ema",
+            "%s at step %d (train.ema_decay=%g every train.ema_every=%d steps): lower them, or sample with "
+            "--no-ema",
             100 * kept,
+            "train.init_from's" if cfg.train.init_from else "the random initial weights",
             cfg.train.steps,
             cfg.train.ema_decay,
             cfg.train.ema_every,

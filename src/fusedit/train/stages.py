@@ -2,7 +2,9 @@
 
 A stage's ``train.trainable`` names parts (``dit``, ``refiner``, ``llm``) and its LoRA settings say how they
 train. :func:`apply_parts` turns that into the model's state once, when the stage is built: it sets
-``requires_grad`` and adds or merges LoRA adapters, so no forward pass ever asks which parts train.
+``requires_grad`` and adds or merges LoRA adapters, so no forward pass ever asks which parts train. The
+parts (:class:`fusedit.adapters.Parts`) and the adapters they train through live in fusedit.adapters, at the
+model tier, because loading a checkpoint rebuilds the adapters of the stage that wrote it.
 
 - ``dit``: the denoiser, fully (the shallow designs' text adapter included: LI-DiT's refiners and the
   baselines' context embedder train with the DiT, design-space.md s.1, s.2), or through LoRA adapters on
@@ -34,59 +36,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fusedit.config import Config, ConfigError, LoRAConfig, Stage, TrainConfig, resolved_stages
-from fusedit.train import lora
+from fusedit.adapters import (
+    DENOISER,
+    Parts,
+    adapter_parameters,
+    add_stage_adapters,
+    require_peft,
+    text_parts,
+    trained_llm_modules,
+    trained_modules,
+)
+from fusedit.config import Config, ConfigError, Stage, TrainConfig, resolved_stages
 
 log = logging.getLogger(__name__)
-
-DENOISER = "denoiser"
-# The projections LoRA adapts when train.*_lora.targets is empty. The DiT's blocks use the LLMs' module names.
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = {"dit": ATTENTION_PROJECTIONS + MLP_PROJECTIONS, "llm": ATTENTION_PROJECTIONS}
-
-
-@dataclass(frozen=True)
-class Parts:
-    """What a stage trains. ``*_adapters`` identify the LoRA adapters a part carries while it trains
-    through them (None: none); a part keeps its adapters into the next stage only if they are equal."""
-
-    dit: bool
-    refiner: bool
-    llm: bool
-    llm_top_layers: int | None
-    dit_adapters: tuple | None
-    llm_adapters: tuple | None
-
-    @classmethod
-    def of(cls, tc: TrainConfig) -> Parts:
-        def adapters(part: str, cfg: LoRAConfig, *extra) -> tuple | None:
-            if part not in tc.trainable or not cfg.rank:
-                return None
-            # alpha None means alpha = rank: the same adapters, so spelled the same here
-            return (cfg.rank, cfg.alpha or cfg.rank, tuple(cfg.targets) or DEFAULT_TARGETS[part], *extra)
-
-        llm = "llm" in tc.trainable
-        return cls(
-            dit="dit" in tc.trainable,
-            refiner="refiner" in tc.trainable,
-            llm=llm,
-            llm_top_layers=tc.llm_top_layers if llm else None,
-            dit_adapters=adapters("dit", tc.dit_lora),
-            llm_adapters=adapters("llm", tc.llm_lora, tc.llm_top_layers),
-        )
-
-    def describe(self) -> str:
-        out = []
-        if self.dit:
-            out.append(f"DiT (LoRA rank {self.dit_adapters[0]})" if self.dit_adapters else "DiT")
-        if self.refiner:
-            out.append("refiner")
-        if self.llm:
-            top = f"top {self.llm_top_layers} layers" if self.llm_top_layers else "all layers"
-            how = f"LoRA rank {self.llm_adapters[0]}" if self.llm_adapters else "fully"
-            out.append(f"LLM ({how}, {top})")
-        return ", ".join(out)
 
 
 def idle_settings(tc: TrainConfig) -> list[str]:
@@ -105,50 +67,6 @@ def idle_settings(tc: TrainConfig) -> list[str]:
     if "dit" not in tc.trainable and tc.dit_lora.rank:
         idle.append(f"train.dit_lora.rank={tc.dit_lora.rank!r} (DiT)")
     return idle
-
-
-def text_modules(model) -> dict[str, nn.Module]:
-    """Each LLM under its checkpoint name: ``llm`` (text), ``llm_extra0``, ... (extra_text, in order)."""
-    return {"llm": model.text.llm, **{f"llm_extra{i}": enc.llm for i, enc in enumerate(model.extra_text)}}
-
-
-def trained_modules(model) -> dict[str, nn.Module]:
-    """Every module that can hold trainable weights, under its checkpoint name (the denoiser first)."""
-    return {DENOISER: model.denoiser, **text_modules(model)}
-
-
-def _text_parts(model):
-    """(checkpoint name, text encoder, what the denoiser asks of it) for each LLM."""
-    return zip(text_modules(model), model.encoders, model.denoiser.text_requests, strict=True)
-
-
-def _trained_llm_modules(encoder, request, top: int | None, key: str) -> list[nn.Module]:
-    """The modules of one LLM a stage trains: what the denoiser reads of it (TextEncoder.read_modules:
-    nothing else can get a gradient), with ``top`` only its top ``top`` read layers and the final norm."""
-    read = encoder.read_modules(request)
-    if not top:
-        return [m for _, m in read]
-    n = len(encoder.llm.layers)
-    layers = sorted({i for i, _ in read if 0 <= i < n})
-    if top > len(layers):
-        raise ConfigError(
-            f"train.llm_top_layers={top} but the design reads {len(layers)} layers of {key} "
-            f"(allowed: 1..{len(layers)})"
-        )
-    keep = {*layers[-top:], n}
-    return [m for i, m in read if i in keep]
-
-
-def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> list[str]:
-    """Full names of the linear ``targets`` projections inside ``modules`` (the LLM's trained part)."""
-    inside = {id(sub) for m in modules for sub in m.modules()}
-    return [
-        name
-        for name, m in llm.named_modules()
-        if id(m) in inside
-        and isinstance(m, nn.Linear)
-        and any(name == t or name.endswith("." + t) for t in targets)
-    ]
 
 
 def _check_targets(
@@ -180,14 +98,14 @@ def check_stages(model, stages: list[Stage]) -> None:
         parts, where = Parts.of(tc), stage.where
         try:
             if parts.dit_adapters or parts.llm_adapters:
-                lora.require_peft(where)
+                require_peft(where)
             if parts.dit_adapters:
                 den, targets = model.denoiser, parts.dit_adapters[2]
                 _check_targets(
                     "train.dit_lora.targets", tc.dit_lora.targets, targets, den, [den], "the denoiser"
                 )
-            for name, encoder, request in _text_parts(model) if parts.llm else ():
-                trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, name)
+            for name, encoder, request in text_parts(model) if parts.llm else ():
+                trained = trained_llm_modules(encoder, request, parts.llm_top_layers, name)
                 if parts.llm_adapters:
                     of = f"what the design reads of {name}"
                     targets = parts.llm_adapters[2]
@@ -199,41 +117,25 @@ def check_stages(model, stages: list[Stage]) -> None:
             raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
-def _llm_lora_targets(encoder, request, parts: Parts, key: str) -> list[str]:
-    """Full names of the projections the LLM's adapters wrap: ``train.llm_lora.targets`` inside the part of
-    the LLM the stage trains; a one-line error when they match none."""
-    trained = _trained_llm_modules(encoder, request, parts.llm_top_layers, key)
-    targets = _llm_targets(encoder.llm, trained, parts.llm_adapters[2])
-    if not targets:
-        raise ConfigError(
-            f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
-            f"design reads of {key}"
-        )
-    return targets
-
-
-def _lora_cfg(adapters: tuple) -> LoRAConfig:
-    return LoRAConfig(rank=adapters[0], alpha=adapters[1], targets=list(adapters[2]))
-
-
 def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: int) -> None:
     """Make ``model`` train ``parts``; ``before`` is what it trained until now (None: a freshly built model):
-    :func:`add_stage_adapters`, then every parameter frozen except those of the parts that train."""
+    :func:`fusedit.adapters.add_stage_adapters`, then every parameter frozen except those of the parts that
+    train."""
     add_stage_adapters(model, before, parts, seed=seed, stage=stage)
     den = model.denoiser
     den.requires_grad_(False)
     if parts.dit:
-        for p in lora.adapter_parameters(den) if parts.dit_adapters else den.parameters():
+        for p in adapter_parameters(den) if parts.dit_adapters else den.parameters():
             p.requires_grad_(True)
     if parts.refiner:
         den.context.requires_grad_(True)
-    for key, encoder, request in _text_parts(model):
+    for key, encoder, request in text_parts(model):
         encoder.llm.requires_grad_(False)
         if parts.llm_adapters:
-            for p in lora.adapter_parameters(encoder.llm):
+            for p in adapter_parameters(encoder.llm):
                 p.requires_grad_(True)
         elif parts.llm:
-            for module in _trained_llm_modules(encoder, request, parts.llm_top_layers, key):
+            for module in trained_llm_modules(encoder, request, parts.llm_top_layers, key):
                 module.requires_grad_(True)
 
 
@@ -244,28 +146,6 @@ def start_as(model, stage: Stage) -> Parts:
     parts = Parts.of(stage.config.train)
     apply_parts(model, parts, None, seed=stage.config.train.seed, stage=stage.index)
     return parts
-
-
-def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, stage: int) -> None:
-    """The LoRA adapters ``parts`` train through: adapters whose settings differ from ``before``'s are
-    merged into their weights, and new ones are added with an init seeded by (seed, stage)."""
-    den = model.denoiser
-    if (before.dit_adapters if before else None) != parts.dit_adapters:
-        lora.merge_adapters(den)
-        if parts.dit_adapters:
-            cfg = _lora_cfg(parts.dit_adapters)
-            lora.add_adapters(
-                den, cfg, cfg.targets, lora.adapter_seed(seed, stage, DENOISER), "train.dit_lora"
-            )
-    for key, encoder, request in _text_parts(model):
-        if (before.llm_adapters if before else None) == parts.llm_adapters:
-            continue
-        lora.merge_adapters(encoder.llm)
-        if parts.llm_adapters:
-            cfg = _lora_cfg(parts.llm_adapters)
-            targets = _llm_lora_targets(encoder, request, parts, key)
-            seed_here = lora.adapter_seed(seed, stage, key)
-            lora.add_adapters(encoder.llm, cfg, targets, seed_here, "train.llm_lora")
 
 
 def llm_base_changed(cfg: Config, stage: int) -> bool:
@@ -459,32 +339,3 @@ def describe_stages(cfg: Config, model) -> list[str]:
         scale = "at batch_size x grad_accum images per step (N processes: N times the batch and the FLOPs)"
     lines.append(f"whole run: {run_total:.3e} FLOP ({run_total / PFLOP_DAY:.3g} PFLOP/s-days) {scale}")
     return lines
-
-
-def stage_of_checkpoint(
-    stages: list[Stage], step: int, recorded: int | None, saved: list[Stage] | None = None
-) -> Stage:
-    """The stage a checkpoint written after ``step`` steps belongs to: the one it recorded (checked against
-    this config's step ranges), or for a checkpoint without a record, the stage whose range holds it.
-    ``saved`` (the stages of the checkpoint's own config) also refuses a config that moves the start of
-    that stage: the data position the checkpoint saved counts the steps since the stage began."""
-    if recorded is None:
-        recorded = next((s.index for s in saved or stages if s.start < step <= s.end), 0)
-    if saved and 0 <= recorded < min(len(saved), len(stages)):
-        was, now = saved[recorded].start, stages[recorded].start
-        if was != now:
-            # Only the earlier stages' lengths place the start: name the first one that changed.
-            moved = next(i for i in range(recorded) if saved[i].steps != stages[i].steps)
-            raise ConfigError(
-                f"stages.{moved}.steps={stages[moved].steps} moves the start of stage {recorded} "
-                f"{stages[recorded].name!r}, where the checkpoint at step {step} was written, from step {was} "
-                f"to {now} (allowed: stages.{moved}.steps={saved[moved].steps} as the run was trained: only "
-                "the current and later stages' steps may change)"
-            )
-    if not 0 <= recorded < len(stages) or not stages[recorded].start <= step <= stages[recorded].end:
-        ranges = ", ".join(f"{s.index} {s.name!r} {s.start}..{s.end}" for s in stages)
-        raise ConfigError(
-            f"the checkpoint at step {step} was written in stage {recorded}, which this config's stages do "
-            f"not place there (stages: {ranges}): resume with the config the run was started with"
-        )
-    return stages[recorded]

@@ -15,16 +15,22 @@ of a LoRA stage and when a checkpoint is loaded for sampling or export.
 
 peft is an optional dependency (``pip install -e ".[lora]"`` in the repository), imported only when adapters
 are added.
+
+:class:`Parts` says what a stage trains and through which adapters, and :func:`add_stage_adapters` gives a
+model those adapters. Training adds them when a stage is built (fusedit.train.stages.apply_parts), and
+loading a checkpoint (fusedit.checkpoints.load_weights) adds the adapters of the stage that wrote it before
+their weights load and merge; so reading a checkpoint needs nothing of the training package.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, LoRAConfig
+from fusedit.config import ConfigError, LoRAConfig, TrainConfig
 
 ADAPTER = "default"  # peft's adapter name; one adapter per module
 _ADAPTER_MARK = ".lora_"  # in every LoRA parameter's name (lora_A, lora_B), never in a plain one
@@ -154,3 +160,138 @@ def load_plain_and_adapters(module: nn.Module, plain: dict | None, adapters: dic
     if unexpected:
         raise KeyError(f"saved adapter {unexpected[0]!r} has no place in the module (adapted differently)")
     module.load_state_dict(structured_state(module, plain, adapters or {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# What a stage trains, and its adapters
+
+
+DENOISER = "denoiser"
+# The projections LoRA adapts when train.*_lora.targets is empty. The DiT's blocks use the LLMs' module names.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = {"dit": ATTENTION_PROJECTIONS + MLP_PROJECTIONS, "llm": ATTENTION_PROJECTIONS}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a stage trains. ``*_adapters`` identify the LoRA adapters a part carries while it trains
+    through them (None: none); a part keeps its adapters into the next stage only if they are equal."""
+
+    dit: bool
+    refiner: bool
+    llm: bool
+    llm_top_layers: int | None
+    dit_adapters: tuple | None
+    llm_adapters: tuple | None
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> Parts:
+        def adapters(part: str, cfg: LoRAConfig, *extra) -> tuple | None:
+            if part not in tc.trainable or not cfg.rank:
+                return None
+            # alpha None means alpha = rank: the same adapters, so spelled the same here
+            return (cfg.rank, cfg.alpha or cfg.rank, tuple(cfg.targets) or DEFAULT_TARGETS[part], *extra)
+
+        llm = "llm" in tc.trainable
+        return cls(
+            dit="dit" in tc.trainable,
+            refiner="refiner" in tc.trainable,
+            llm=llm,
+            llm_top_layers=tc.llm_top_layers if llm else None,
+            dit_adapters=adapters("dit", tc.dit_lora),
+            llm_adapters=adapters("llm", tc.llm_lora, tc.llm_top_layers),
+        )
+
+    def describe(self) -> str:
+        out = []
+        if self.dit:
+            out.append(f"DiT (LoRA rank {self.dit_adapters[0]})" if self.dit_adapters else "DiT")
+        if self.refiner:
+            out.append("refiner")
+        if self.llm:
+            top = f"top {self.llm_top_layers} layers" if self.llm_top_layers else "all layers"
+            how = f"LoRA rank {self.llm_adapters[0]}" if self.llm_adapters else "fully"
+            out.append(f"LLM ({how}, {top})")
+        return ", ".join(out)
+
+
+def text_modules(model) -> dict[str, nn.Module]:
+    """Each LLM under its checkpoint name: ``llm`` (text), ``llm_extra0``, ... (extra_text, in order)."""
+    return {"llm": model.text.llm, **{f"llm_extra{i}": enc.llm for i, enc in enumerate(model.extra_text)}}
+
+
+def trained_modules(model) -> dict[str, nn.Module]:
+    """Every module that can hold trainable weights, under its checkpoint name (the denoiser first)."""
+    return {DENOISER: model.denoiser, **text_modules(model)}
+
+
+def text_parts(model):
+    """(checkpoint name, text encoder, what the denoiser asks of it) for each LLM."""
+    return zip(text_modules(model), model.encoders, model.denoiser.text_requests, strict=True)
+
+
+def trained_llm_modules(encoder, request, top: int | None, key: str) -> list[nn.Module]:
+    """The modules of one LLM a stage trains: what the denoiser reads of it (TextEncoder.read_modules:
+    nothing else can get a gradient), with ``top`` only its top ``top`` read layers and the final norm."""
+    read = encoder.read_modules(request)
+    if not top:
+        return [m for _, m in read]
+    n = len(encoder.llm.layers)
+    layers = sorted({i for i, _ in read if 0 <= i < n})
+    if top > len(layers):
+        raise ConfigError(
+            f"train.llm_top_layers={top} but the design reads {len(layers)} layers of {key} "
+            f"(allowed: 1..{len(layers)})"
+        )
+    keep = {*layers[-top:], n}
+    return [m for i, m in read if i in keep]
+
+
+def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> list[str]:
+    """Full names of the linear ``targets`` projections inside ``modules`` (the LLM's trained part)."""
+    inside = {id(sub) for m in modules for sub in m.modules()}
+    return [
+        name
+        for name, m in llm.named_modules()
+        if id(m) in inside
+        and isinstance(m, nn.Linear)
+        and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+
+
+def _llm_lora_targets(encoder, request, parts: Parts, key: str) -> list[str]:
+    """Full names of the projections the LLM's adapters wrap: ``train.llm_lora.targets`` inside the part of
+    the LLM the stage trains; a one-line error when they match none."""
+    trained = trained_llm_modules(encoder, request, parts.llm_top_layers, key)
+    targets = _llm_targets(encoder.llm, trained, parts.llm_adapters[2])
+    if not targets:
+        raise ConfigError(
+            f"train.llm_lora.targets={list(parts.llm_adapters[2])} match no linear layer that the "
+            f"design reads of {key}"
+        )
+    return targets
+
+
+def _lora_cfg(adapters: tuple) -> LoRAConfig:
+    return LoRAConfig(rank=adapters[0], alpha=adapters[1], targets=list(adapters[2]))
+
+
+def add_stage_adapters(model, before: Parts | None, parts: Parts, *, seed: int, stage: int) -> None:
+    """The LoRA adapters ``parts`` train through: adapters whose settings differ from ``before``'s are
+    merged into their weights, and new ones are added with an init seeded by (seed, stage)."""
+    den = model.denoiser
+    if (before.dit_adapters if before else None) != parts.dit_adapters:
+        merge_adapters(den)
+        if parts.dit_adapters:
+            cfg = _lora_cfg(parts.dit_adapters)
+            add_adapters(den, cfg, cfg.targets, adapter_seed(seed, stage, DENOISER), "train.dit_lora")
+    for key, encoder, request in text_parts(model):
+        if (before.llm_adapters if before else None) == parts.llm_adapters:
+            continue
+        merge_adapters(encoder.llm)
+        if parts.llm_adapters:
+            cfg = _lora_cfg(parts.llm_adapters)
+            targets = _llm_lora_targets(encoder, request, parts, key)
+            seed_here = adapter_seed(seed, stage, key)
+            add_adapters(encoder.llm, cfg, targets, seed_here, "train.llm_lora")
