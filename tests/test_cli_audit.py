@@ -191,3 +191,38 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidd
     assert main(["presets"]) == 2
     err = _one_line_error(capsys)
     assert err.startswith(f"fusedit: error: out of memory: {error}") and "(allowed: less at once" in err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.num_layers=7"],
+            "model.initial_layers=0 + model.num_layers=7 needs 7 LLM layers but the LLM has 6: deep fusion "
+            "pairs every DiT layer with one LLM layer (allowed: initial_layers + num_layers <= 6)",
+        ),
+        (
+            ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
+            "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
+            "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
+            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+        ),
+        (
+            ["model.design=dit-self", "model.num_heads=5", "model.pos_embed=1d-rope"],
+            "model.num_heads=5 does not divide the DiT width (model.dit_hidden_size=128) into whole heads "
+            "(allowed: a divisor of 128, or model.head_dim set too)",
+        ),
+    ],
+)
+def test_config_describe_and_train_refuse_a_model_the_llm_cannot_carry_before_writing(
+    overrides, message, tmp_path, capsys
+):
+    """`fusedit config` ("validated") printed these and exited 0; `fusedit train` wrote its run folder, then
+    failed with a traceback at the first step (or at the build)."""
+    for command in (["config", "debug"], ["describe", "debug"]):
+        assert main([*command, *overrides]) == 2
+        assert _one_line_error(capsys) == f"fusedit: error: {message}"
+    out = tmp_path / "run"
+    assert main(["train", "debug", *overrides, "train.steps=1", "--out", str(out), "--quiet"]) == 2
+    assert _one_line_error(capsys) == f"fusedit: error: {message}"
+    assert not out.exists()

@@ -91,7 +91,10 @@ def test_bad_values_fail_with_one_line_errors(override, message):
             ["model.design=fusedit-cross", "model.rope_layout=image-only"],
             "not model.design='fusedit-cross', whose text keys the LLM rotates (allowed: joint)",
         ),
-        (["model.rope_left_pad=16"], "got design='fusedit', pos_embed='ape', rope_layout='joint'"),
+        (
+            ["model.pos_embed=none", "model.conv_pos=true", "model.rope_left_pad=16"],
+            "got design='fusedit', pos_embed='none', rope_layout='joint'",
+        ),
         (
             ["model.design=dit-self", "model.pos_embed=2d-rope", "model.rope_left_pad=16"],
             "model.rope_left_pad=16 reproduces the public code's joint text-image rotations: it needs",

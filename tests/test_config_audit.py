@@ -348,3 +348,150 @@ def test_lora_targets_are_names():
     with pytest.raises(ConfigError) as e:
         load_config("debug", ["train.dit_lora.rank=4", "train.dit_lora.targets=[0]"])
     assert str(e.value) == "train.dit_lora.targets=[0] must be a list of strings (names)"
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        (
+            "debug-dit-self",
+            ["model.num_heads=5", "model.pos_embed=1d-rope"],
+            "model.num_heads=5 does not divide the DiT width (model.dit_hidden_size=128) into whole heads "
+            "(allowed: a divisor of 128, or model.head_dim set too)",
+        ),
+        (
+            "debug",
+            ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
+            "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
+            "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
+            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+        ),
+        (
+            "debug-dit-self",
+            ["model.dit_hidden_size=120", "model.num_heads=4", "model.pos_embed=2d-rope"],
+            "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
+            "row and half for the column), but the DiT's heads are 30 wide (the width 120 over "
+            "model.num_heads=4) (allowed: a head width divisible by 4, or model.pos_embed ape, 1d-rope or "
+            "m-rope)",
+        ),
+        (
+            "debug-dit-cross",
+            ["model.num_heads=2", "model.head_dim=5", "model.pos_embed=m-rope"],
+            "model.pos_embed='m-rope' needs a head width divisible by 2 (rotated channel pairs), but the DiT's "
+            "heads are 5 wide (model.head_dim=5) (allowed: a head width divisible by 2, or model.pos_embed ape)",
+        ),
+        (
+            "debug",
+            ["model.dit_hidden_size=130"],
+            "model.pos_embed='ape' needs a DiT width divisible by 4 (its 2D sin-cos table), but it is "
+            "model.dit_hidden_size=130 (allowed: a width divisible by 4, or model.pos_embed 1d-rope, 2d-rope "
+            "or m-rope)",
+        ),
+        (  # a hub LLM's shape is not known at load, but the width the DiT sets itself is
+            "debug",
+            ["text.model_id=fusedit-tests/not-in-the-cache", "model.dit_hidden_size=130"],
+            "model.pos_embed='ape' needs a DiT width divisible by 4 (its 2D sin-cos table), but it is "
+            "model.dit_hidden_size=130 (allowed: a width divisible by 4, or model.pos_embed 1d-rope, 2d-rope "
+            "or m-rope)",
+        ),
+    ],
+)
+def test_head_and_width_sizes_the_position_scheme_cannot_take_are_refused_at_load(preset, overrides, message):
+    """`fusedit config` and `describe` took them; training then failed at its first step with a tensor-size
+    traceback, after the run folder was written. A num_heads that did not divide the width floored the
+    heads' width without a word."""
+    with pytest.raises(ConfigError) as e:
+        load_config(preset, overrides)
+    assert str(e.value) == message
+
+
+def test_m_rope_takes_any_even_head_width_and_2d_rope_a_multiple_of_4():
+    """M-RoPE splits the LLM's ladder of head_dim / 2 frequencies between row and column however it falls
+    (layers/rope.py: rope_m), so 6-wide heads run; 2D RoPE's per-axis ladders need head_dim / 4 each."""
+    from fusedit.system import build_model
+
+    shape = {"design": "dit-self", "num_heads": 2, "head_dim": 6}
+    model = build_model(tiny_config(model={**shape, "pos_embed": "m-rope"}))
+    x = model(torch.randn(2, 3, 16, 16), torch.rand(2), model.encode_prompts(["a red circle", "two squares"]))
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    with pytest.raises(ConfigError, match=re.escape("but the DiT's heads are 6 wide (model.head_dim=6)")):
+        tiny_config(model={**shape, "pos_embed": "2d-rope"})
+
+
+def test_a_fusion_layout_the_llm_cannot_hold_is_refused_at_load_as_the_build_refuses_it(tmp_path, caplog):
+    """`fusedit config debug model.num_layers=7` printed the config of a 6-layer LLM's impossible layout:
+    only the build refused it. Its layer count is known at load from text.arch or a local folder's config;
+    a hub id's is not fetched at load, and the build gives the same line."""
+    from transformers import AutoConfig
+
+    from conftest import TINY_ARCH
+    from fusedit.system import build_model
+
+    message = (
+        "model.initial_layers=0 + model.num_layers=7 needs 7 LLM layers but the LLM has 6: deep fusion pairs "
+        "every DiT layer with one LLM layer (allowed: initial_layers + num_layers <= 6)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["model.num_layers=7"])
+    assert str(e.value) == message
+    with pytest.raises(
+        ConfigError, match=re.escape("model.initial_layers=6 leaves no LLM layer for the DiT")
+    ):
+        load_config("debug-fusedit-cross", ["model.initial_layers=6"])
+    folder = tmp_path / "llm"
+    AutoConfig.for_model("gemma", **TINY_ARCH).save_pretrained(folder)  # a 3-layer LLM's config.json
+    with pytest.raises(ConfigError, match=re.escape("needs 4 LLM layers but the LLM has 3")):
+        load_config("debug", [f"text.model_id={folder}", "model.initial_layers=2", "model.num_layers=2"])
+    hub = load_config("debug", ["text.model_id=fusedit-tests/not-in-the-cache", "model.num_layers=7"])
+    with pytest.raises(ConfigError) as e:
+        build_model(hub, "meta")  # shapes from text.arch, as for `fusedit describe` offline
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "design, overrides, message",
+    [
+        (
+            "dit-self",
+            ["model.dit_hidden_size=null", "model.num_heads=5"],
+            "model.num_heads=5 does not divide the DiT width (the LLM's hidden size 64) into whole heads "
+            "(allowed: a divisor of 64, or model.head_dim set too)",
+        ),
+        (
+            "fusedit",
+            ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
+            "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
+            "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
+            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+        ),
+        (
+            "fusedit",
+            ["model.dit_hidden_size=null", "text.arch.hidden_size=66"],
+            "model.pos_embed='ape' needs a DiT width divisible by 4 (its 2D sin-cos table), but it is the "
+            "LLM's hidden size 66 (allowed: a width divisible by 4, or model.pos_embed 1d-rope, 2d-rope or "
+            "m-rope)",
+        ),
+    ],
+)
+def test_the_build_refuses_head_sizes_of_an_llm_known_only_then_in_one_line(design, overrides, message):
+    """A hub id's config is not fetched at load, so the build (here offline on the meta device, from
+    text.arch) is where these sizes are first known: one line, not a tensor-size traceback at the first
+    step."""
+    from fusedit.system import build_model
+
+    cfg = load_config(
+        "debug", ["text.model_id=fusedit-tests/not-in-the-cache", f"model.design={design}", *overrides]
+    )
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg, "meta")
+    assert str(e.value) == message
+
+
+def test_an_arch_transformers_refuses_is_a_one_line_error_at_load():
+    """transformers 5 validates its config dataclasses through huggingface_hub (an odd head_dim under RoPE):
+    that error type passed the arch check and `fusedit describe` ended in a traceback."""
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["text.arch.head_dim=5"])
+    message = str(e.value)
+    assert message.startswith("text.arch={") and "is not a valid gemma config: " in message
+    assert "head_dim" in message.split("config: ", 1)[1] and "\n" not in message

@@ -1,9 +1,10 @@
 """Importing the public FuseDiT code's checkpoints (fusedit.convert.fusedit_official).
 
 The fixture (tests/fixtures/fusedit-official-tiny, made by the public code with random weights) is the
-ground truth for the forward and sampling numerics of its case (APE, adaLN-Zero, Gemma, QK norm). Every
-other option of the public code is covered by round trips: build a fusedit model, export it to the public
-layout, re-import it and check identical weights and outputs.
+ground truth for the forward and sampling numerics of its case (APE, adaLN-Zero, Gemma, QK norm, right
+padding); the RoPE tables are checked against the public code's assembly of them. Every other option of the
+public code is covered by round trips: build a fusedit model, export it to the public layout, re-import it
+and check identical weights and outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, GemmaConfig, PreTrainedTokenizerFast
+from transformers.models.gemma.modeling_gemma import GemmaRotaryEmbedding
 
 from conftest import tiny_config
 from fusedit.cli import main
@@ -53,7 +55,8 @@ def reference() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fixture_model():
-    return load_official(FIXTURE / "transformer")
+    # The reference's prompts are right-padded (attention_mask 1 ... 1 0 0 0), so no left-pad emulation.
+    return load_official(FIXTURE / "transformer", padding_side="right")
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +254,9 @@ def test_every_checkpoint_format_loads_the_fixture(tmp_path, fixture_model, refe
         path = raw_checkpoint(
             tmp_path / "step", "mp_rank_00_model_states.pt", lambda sd: {"module": sd}
         ).parent
-    cfg, model = load_official(path)
+    # A pipeline's tokenizer says it pads on the right; the other layouts are told.
+    cfg, model = load_official(path) if kind == "pipeline" else load_official(path, padding_side="right")
+    assert cfg.model.rope_left_pad is None
     out = forward(model, r["hidden_states"], r["timestep"] / 1000, r["input_ids"], r["attention_mask"])
     assert torch.equal(
         out,
@@ -353,12 +358,14 @@ def test_dit_baseline_without_an_llm_says_what_to_pass():
         official_config({**PUBLIC_CONFIG, "model_type": "DiT"})
 
 
-def test_padding_side_sets_the_left_pad_emulation_for_deep_fusion_rope_only():
-    rope = {**PUBLIC_CONFIG, "pos_embed": "2d-rope"}
-    assert official_config(rope, max_length=300).model.rope_left_pad == 300
-    assert official_config(rope, padding_side="right").model.rope_left_pad is None
-    assert official_config({**rope, "attention": "cross"}).model.rope_left_pad is None
-    assert official_config(PUBLIC_CONFIG).model.rope_left_pad is None  # APE: padding cannot matter
+@pytest.mark.parametrize("pos", ["ape", "1d-rope", "2d-rope", "m-rope"])
+def test_padding_side_sets_the_left_pad_emulation_for_joint_deep_fusion(pos):
+    """APE included: its image queries are unrotated, but the LLM rotated the text keys at their
+    left-padded positions (test_model's test_left_pad_emulation_gives_ape_...)."""
+    public = {**PUBLIC_CONFIG, "pos_embed": pos}
+    assert official_config(public, max_length=300).model.rope_left_pad == 300
+    assert official_config(public, padding_side="right").model.rope_left_pad is None
+    assert official_config({**public, "attention": "cross"}).model.rope_left_pad is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -568,6 +575,45 @@ def test_left_pad_emulation_equals_text_keys_at_the_left_padded_positions(pos):
     torch.testing.assert_close(emulated, expected, rtol=1e-5, atol=1e-5)
     # ... and the emulation is no no-op: it moves the output far more than the tolerance.
     assert (emulated - plain).abs().max() > 100 * (emulated - expected).abs().max()
+
+
+def public_rotary(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of transformers' GemmaRotaryEmbedding at ``positions`` (B, S): what the public code builds
+    its tables from (``rotary_emb``, and ``rotary_emb_half`` of head_dim / 2 for 2D RoPE)."""
+    return GemmaRotaryEmbedding(GemmaConfig(head_dim=head_dim, rope_theta=theta))(torch.zeros(1), positions)
+
+
+@pytest.mark.parametrize("pos", ["1d-rope", "2d-rope", "m-rope"])
+def test_image_rope_tables_equal_the_public_codes_bit_for_bit(pos):
+    """The image rows of the public code's joint tables (FuseDiT.prepare_hidden_states, self-attention,
+    uncached), assembled here as it assembles them, equal the imported scheme's rotation exactly."""
+    head_dim, theta, h, w = 16, 10000.0, 3, 4
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # prompts of 7 and 5 tokens, padded to T = 7
+    batch, text = mask.shape
+    padding = (1 - mask).sum(-1, keepdim=True)
+    rows = torch.arange(h).repeat_interleave(w).expand(batch, -1) + text - padding
+    cols = torch.arange(w).repeat(h).expand(batch, -1) + text - padding
+    if pos == "1d-rope":
+        ids = torch.arange(text + h * w).expand(batch, -1).clone()
+        ids[:, text:] -= padding
+        table = [c[:, text:] for c in public_rotary(head_dim, theta, ids)]
+    elif pos == "2d-rope":
+        # cat([rearrange(m, "b s n d -> b s (n d)") for m in stack([h_cos, w_cos], dim=2).chunk(2, dim=-1)])
+        row, col = public_rotary(head_dim // 2, theta, rows), public_rotary(head_dim // 2, theta, cols)
+        table = [
+            torch.cat([m.flatten(2) for m in torch.stack([r, c], dim=2).chunk(2, dim=-1)], dim=-1)
+            for r, c in zip(row, col)
+        ]
+    else:
+        # cat([m[i % 2] for i, m in enumerate(stack([h_cos, w_cos], dim=0).chunk(4, dim=-1))])
+        row, col = public_rotary(head_dim, theta, rows), public_rotary(head_dim, theta, cols)
+        table = [
+            torch.cat([m[i % 2] for i, m in enumerate(torch.stack([r, c]).chunk(4, dim=-1))], dim=-1)
+            for r, c in zip(row, col)
+        ]
+    cfg = official_config({**PUBLIC_CONFIG, "pos_embed": pos}, padding_side="right")
+    ours = position_scheme(cfg.model, head_dim, theta).rotary(h, w, mask.sum(-1))
+    assert torch.equal(ours.cos[:, 0], table[0]) and torch.equal(ours.sin[:, 0], table[1])
 
 
 def test_image_only_layout_rotates_images_from_zero_and_never_text():

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import pytest
@@ -56,9 +57,9 @@ def test_families_build_and_dit_mirrors_the_llm(family):
     assert v.shape == (3, 3, 8, 8)
 
 
-@pytest.mark.parametrize("pos", POSITIONS)
-def test_cached_sampling_equals_uncached(pos):
-    cfg = tiny_config(model={"pos_embed": pos})
+@pytest.mark.parametrize("pos, left_pad", [(pos, None) for pos in POSITIONS] + [("ape", 16), ("2d-rope", 16)])
+def test_cached_sampling_equals_uncached(pos, left_pad):
+    cfg = tiny_config(model={"pos_embed": pos, "rope_left_pad": left_pad})
     model = build_model(cfg)
     randomize(model.denoiser)
     prompts = ["a red circle", "a blue square to the left of a green triangle"]  # different lengths: padding
@@ -67,6 +68,65 @@ def test_cached_sampling_equals_uncached(pos):
     uncached = generate(model, prompts, cache_text=False, **kw)
     torch.testing.assert_close(cached, uncached, atol=1e-6, rtol=1e-6)
     assert cached.std() > 0.1
+
+
+@pytest.mark.parametrize("ape", [{}, {"ape_base_size": 4, "ape_max_size": 8}], ids=["ape", "diffusers-ape"])
+def test_left_pad_emulation_gives_ape_the_public_codes_left_padded_text_keys(ape):
+    """The public FuseDiT code (tang-bd/fuse-dit) ran APE deep fusion on prompts Gemma's tokenizer padded
+    on the left to P tokens: its LLM rotated the text keys at their padded positions P - L .. P - 1, and its
+    APE image queries were not rotated, so image -> text scores were q . R(P - L + j) k. The reference here
+    is exactly that computation: the model without emulation fed the prompts left-padded to P (the LLM at
+    positions 0 .. P - 1, the pads masked). With rope_left_pad=P the same weights on right-padded prompts,
+    as fusedit tokenizes them, must give its output."""
+    pad_to, lengths = 12, torch.tensor([5, 9])
+    cfg = tiny_config(model={"pos_embed": "ape", **ape}, text={"trim_padding": False, "max_length": pad_to})
+    public = build_model(cfg).eval()
+    randomize(public.denoiser, std=0.2)
+    left_pad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_left_pad=pad_to))
+    emulated = build_model(left_pad).eval()
+    emulated.load_state_dict(public.state_dict())
+    tokens = torch.randint(3, 64, (2, pad_to))
+    right = torch.arange(pad_to)[None] < lengths[:, None]
+    left = right.flip(1)
+    ids_right, ids_left = torch.zeros_like(tokens), torch.zeros_like(tokens)
+    ids_right[right], ids_left[left] = tokens[right], tokens[right]
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        expected = public.denoiser(x, t, public.text(ids_left, left, public.denoiser.text_request))
+        plain = public.denoiser(x, t, public.text(ids_right, right, public.denoiser.text_request))
+        out = emulated.denoiser(x, t, emulated.text(ids_right, right, emulated.denoiser.text_request))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # ... and the padding matters: without the emulation the output is far outside that tolerance.
+    assert (plain - expected).abs().max() > 1000 * (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("ape", [{}, {"ape_base_size": 4, "ape_max_size": 8}], ids=["ape", "diffusers-ape"])
+def test_the_left_pad_emulation_of_ape_turns_by_the_llms_own_frequency_ladder(ape):
+    """A rescaled-RoPE LLM (Llama-3's ladder) rotates its text keys by its own frequencies: the emulation's
+    angles must be those, for diffusers' scaled APE too (it dropped the ladder for the default one)."""
+    from fusedit.models.base import position_scheme
+
+    cfg = tiny_config(model={"pos_embed": "ape", "rope_left_pad": 12, **ape}).model
+    ladder = tuple(float(f) for f in torch.linspace(1.0, 0.01, 4))
+    scheme = position_scheme(cfg, 8, 10000.0, ladder)
+    assert torch.equal(scheme.freqs(torch.device("cpu")), torch.tensor(ladder))
+
+
+def test_rope_left_pad_takes_ape_in_joint_deep_fusion_only():
+    assert load_config("debug", ["model.rope_left_pad=16"]).model.rope_left_pad == 16  # debug: fusedit, APE
+    needs = (
+        "model.rope_left_pad=16 reproduces the public code's joint text-image rotations: it needs "
+        "model.design='fusedit' with pos_embed ape or a RoPE scheme and rope_layout='joint'"
+    )
+    for overrides, got in (
+        (["model.design=fusedit-cross"], "design='fusedit-cross', pos_embed='ape'"),
+        (["model.design=dit-self"], "design='dit-self', pos_embed='ape'"),
+        (["model.design=dit-cross"], "design='dit-cross', pos_embed='ape'"),
+        (["model.pos_embed=none", "model.conv_pos=true"], "design='fusedit', pos_embed='none'"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config("debug", [*overrides, "model.rope_left_pad=16"])
+        assert f"{needs} (got {got}, rope_layout='joint')" in str(e.value)
 
 
 def test_llm_runs_once_per_prompt_batch_when_cached():

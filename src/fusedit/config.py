@@ -152,9 +152,9 @@ class ModelConfig:
     # rotated, from position 0 (the public code's shallow baselines; shallow designs only, as deep fusion's
     # text keys come rotated by the LLM).
     rope_layout: str = choice("joint", "joint", "image-only")
-    # Deep fusion with RoPE: image rotations as the public code computed them for prompts left-padded to this
-    # many tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
-    # design=fusedit with a RoPE pos_embed and rope_layout=joint only.
+    # Deep fusion: image rotations as the public code computed them for prompts left-padded to this many
+    # tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
+    # design=fusedit with pos_embed ape or a RoPE scheme and rope_layout=joint only.
     rope_left_pad: int | None = positive(None)
 
 
@@ -946,13 +946,15 @@ def config_from_dict(data: dict) -> Config:
 
 def _completed(cfg: Config) -> Config:
     """A config built field by field, with what lies across fields: a staged run's train.steps is its
-    stages' sum; the cross-field rules (validate)."""
+    stages' sum; the cross-field rules (validate); the DiT's shape against its LLM's, where the LLM's
+    config is known without the network (check_llm_shape)."""
     if cfg.stages:
         missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
         if missing:
             raise ConfigError(f"stages[{missing[0]}].steps is required (the stage's optimizer steps)")
         cfg.train.steps = sum(st.steps for st in cfg.stages)
     validate(cfg)
+    check_llm_shape(cfg)
     return cfg
 
 
@@ -1588,16 +1590,17 @@ def validate(cfg: Config) -> None:
             f"model.rope_layout='image-only' is for the shallow designs, not model.design={m.design!r}, "
             "whose text keys the LLM rotates (allowed: joint)"
         )
+    # APE included: its image tokens are unrotated, but the LLM rotates deep fusion's text keys either way.
     if m.rope_left_pad is not None and not (
         is_deep(m.design)
         and attention_kind(m.design) == "self"
-        and m.pos_embed in ROTARY_SCHEMES
+        and (m.pos_embed in ROTARY_SCHEMES or m.pos_embed == "ape")
         and m.rope_layout == "joint"
     ):
         raise ConfigError(
             f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "
-            f"it needs model.design='fusedit' with a RoPE pos_embed and rope_layout='joint' (got "
-            f"design={m.design!r}, pos_embed={m.pos_embed!r}, rope_layout={m.rope_layout!r})"
+            f"it needs model.design='fusedit' with pos_embed ape or a RoPE scheme and rope_layout='joint' "
+            f"(got design={m.design!r}, pos_embed={m.pos_embed!r}, rope_layout={m.rope_layout!r})"
         )
     if m.refiner_concat == "channels" and not (m.refiner_depth and cfg.extra_text):
         raise ConfigError(
@@ -1645,6 +1648,132 @@ def _validate_training(cfg: Config) -> None:
                 f"train.trainable names 'llm' (full fine-tuning) but {low[0][0]}.dtype={low[0][1]!r}: AdamW "
                 "needs float32 master weights (allowed: dtype float32, or train.llm_lora.rank >= 1)"
             )
+
+
+def fused_layers(m: ModelConfig, llm_layers: int) -> range:
+    """The LLM layer each DiT layer reads in deep fusion: initial_layers, initial_layers + 1, ... (one
+    contiguous run: DiT layer i pairs with LLM layer initial_layers + i), for an LLM of ``llm_layers``
+    layers; refused in one line where it has too few."""
+    n = m.num_layers if m.num_layers is not None else llm_layers - m.initial_layers
+    if m.num_layers is None and n < 1:
+        # num_layers unset means "every LLM layer after initial_layers": none are left.
+        raise ConfigError(
+            f"model.initial_layers={m.initial_layers} leaves no LLM layer for the DiT: the LLM has "
+            f"{llm_layers} and deep fusion pairs every DiT layer with one after the initial ones "
+            f"(allowed: initial_layers < {llm_layers})"
+        )
+    if n < 1 or m.initial_layers + n > llm_layers:
+        raise ConfigError(
+            f"model.initial_layers={m.initial_layers} + model.num_layers={n} needs "
+            f"{m.initial_layers + n} LLM layers but the LLM has {llm_layers}: deep fusion pairs every DiT "
+            f"layer with one LLM layer (allowed: initial_layers + num_layers <= {llm_layers})"
+        )
+    return range(m.initial_layers, m.initial_layers + n)
+
+
+def dit_head_dim(m: ModelConfig, llm_width: int | None, llm_head_dim: int | None) -> int | None:
+    """The width of the DiT's attention heads: the LLM's (deep fusion mirrors it), or on the shallow designs
+    model.head_dim, or the DiT width split over model.num_heads, which must divide it. None where it rests
+    on an LLM size not known yet (None: a hub LLM's at load)."""
+    if m.head_dim or not m.num_heads:
+        return m.head_dim or llm_head_dim
+    width = m.dit_hidden_size or llm_width
+    if width is not None and width % m.num_heads:
+        given = f"model.dit_hidden_size={width}" if m.dit_hidden_size else f"the LLM's hidden size {width}"
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide the DiT width ({given}) into whole heads "
+            f"(allowed: a divisor of {width}, or model.head_dim set too)"
+        )
+    return width // m.num_heads if width is not None else None
+
+
+def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> None:
+    """What model.pos_embed needs of the DiT's ``width`` and ``head_dim`` (its heads' width; None: not known
+    yet), refused in one line: every RoPE rotates pairs of channels (an even head width), 2D RoPE gives half
+    the pairs to the row and half to the column (a multiple of 4, design-space.md s.1), and APE's 2D sin-cos
+    table gives a quarter of the width to each of the row's and the column's sines and cosines (a multiple
+    of 4)."""
+    fits = {
+        "ape": width is None or width % 4 == 0,
+        "1d-rope": head_dim is None or head_dim % 2 == 0,
+        "2d-rope": head_dim is None or head_dim % 4 == 0,
+        "m-rope": head_dim is None or head_dim % 2 == 0,
+    }
+    if fits.get(m.pos_embed, True):  # "none": no position table to fit
+        return
+    others = [name for name, ok in fits.items() if ok]
+    listed = " or ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
+    instead = f"model.pos_embed {listed}" if others else "model.pos_embed='none' with conv_pos=true"
+    if m.pos_embed == "ape":
+        given = f"model.dit_hidden_size={width}" if m.dit_hidden_size else f"the LLM's hidden size {width}"
+        raise ConfigError(
+            f"model.pos_embed='ape' needs a DiT width divisible by 4 (its 2D sin-cos table), but it is "
+            f"{given} (allowed: a width divisible by 4, or {instead})"
+        )
+    step = 4 if m.pos_embed == "2d-rope" else 2
+    if m.head_dim:
+        given = f"model.head_dim={head_dim}"
+    elif m.num_heads:
+        given = f"the width {width} over model.num_heads={m.num_heads}"
+    else:
+        given = "the LLM's head_dim"
+    raise ConfigError(
+        f"model.pos_embed={m.pos_embed!r} needs a head width divisible by {step} (rotated channel pairs"
+        f"{', half for the row and half for the column' if step == 4 else ''}), but the DiT's heads are "
+        f"{head_dim} wide ({given}) (allowed: a head width divisible by {step}, or {instead})"
+    )
+
+
+def llm_head_dim(config) -> int:
+    """An HF LLM config's attention head width (set explicitly by Gemma, else hidden_size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def arch_config(text: TextConfig, key: str = "text"):
+    """The transformers config of a random-init LLM (``family`` + ``arch``); a one-line ConfigError naming
+    the key where transformers refuses the arch (TypeError, ValueError, or huggingface_hub's validation of
+    transformers 5's config dataclasses, e.g. an odd head_dim under RoPE)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(text.family, **text.arch)
+    except Exception as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"{key}.arch={text.arch!r} is not a valid {text.family} config: {reason}") from None
+
+
+def known_llm_config(text: TextConfig):
+    """The transformers config of ``text``'s LLM where it is known without the network: ``family`` +
+    ``arch`` for a random-init LLM (an arch transformers refuses is a ConfigError), a local folder's, or a
+    hub id's in the local cache; None where it is not, or cannot be read (the build names why:
+    text.llm.llm_config)."""
+    from transformers import AutoConfig
+
+    if not text.model_id:
+        return arch_config(text)
+    try:
+        config = AutoConfig.from_pretrained(text.model_id, local_files_only=True)
+    except Exception:  # transformers refuses an arch or folder with many exception types: the build's to name
+        return None
+    # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
+    return getattr(config, "text_config", None) or config
+
+
+def check_llm_shape(cfg: Config) -> None:
+    """The DiT's shape against its LLM's, at load where the LLM's config is known (known_llm_config), as the
+    build checks it where it is not (then only the sizes the DiT sets itself are checked here): deep
+    fusion's layer pairing (fused_layers), the heads (dit_head_dim) and what the position scheme needs of
+    them (check_positions). Otherwise a config `fusedit config` calls valid fails at the build, or at
+    training's first step, after the run folder is written."""
+    m, config = cfg.model, known_llm_config(cfg.text)
+    shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+    if config is None or not all(isinstance(getattr(config, k, None), int) for k in shape):
+        llm_width = llm_head = None  # the sizes the DiT sets itself are still checked
+    else:
+        llm_width, llm_head = config.hidden_size, llm_head_dim(config)
+        if is_deep(m.design):
+            fused_layers(m, config.num_hidden_layers)
+    check_positions(m, m.dit_hidden_size or llm_width, dit_head_dim(m, llm_width, llm_head))
 
 
 def resolved_stages(cfg: Config) -> list[Stage]:

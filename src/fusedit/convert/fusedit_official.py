@@ -21,8 +21,11 @@ carry over; ``timestep_conditioning`` null -> "none"; ``in_channels`` -> ``vae.l
 ``sample_size`` x the VAE's downsampling -> ``data.image_size``; ``text_hidden_states_index`` -> the shallow
 designs' hidden layer. Unknown or unsupported fields fail with one line naming the field and value.
 
-Numerics: an import reproduces the public code's *uncached* forward (checked against a fixture the public
-code made: ``tests/fixtures/fusedit-official-tiny``). Where that code departs from a textbook choice:
+Numerics: an import is built to reproduce the public code's *uncached* forward. Checked against that code's
+own outputs is one configuration, the fixture it made (``tests/fixtures/fusedit-official-tiny``: APE,
+adaLN-Zero, Gemma, QK norm, right-padded prompts), plus the RoPE tables, assembled as it assembles them;
+every other option only round-trips through ``export_official``. Where that code departs from a textbook
+choice:
 
 * Its RMSNorms are Gemma's, ``x * (1 + w)``; fusedit's compute ``x * w``, so every DiT norm weight is
   stored as ``1 + w`` (the LLM keeps its own Gemma norms and its weights unchanged).
@@ -42,10 +45,11 @@ code made: ``tests/fixtures/fusedit-official-tiny``). Where that code departs fr
   initial_layers > 0 fusedit keeps the fused-attention numerics there too.)
 * Prompt padding: the public code tokenized with Gemma's tokenizers, which pad on the *left* (to P = 256
   tokens by default): its real text tokens sat at positions P - L .. P - 1, yet its image RoPE positions
-  start at the unpadded length L. fusedit pads on the right; for deep fusion with a RoPE scheme,
-  ``model.rope_left_pad=P`` reproduces the public rotations (P: ``max_length=``; whether it applies:
-  ``padding_side=``, else the pipeline tokenizer's side, else left). APE, the cross variant and the
-  shallow baselines do not depend on padding.
+  start at the unpadded length L, and with APE its image queries are not rotated at all, so an
+  image-to-text score was q . R(P - L + j) k: it depended on each prompt's padding. fusedit pads on the
+  right; for deep fusion (every pos_embed, APE included), ``model.rope_left_pad=P`` reproduces the public
+  rotations (P: ``max_length=``; whether it applies: ``padding_side=``, else the pipeline tokenizer's
+  side, else left). The cross variant and the shallow baselines do not depend on padding.
 * The shallow DiT baselines rotate image tokens only, from position 0, and leave their projected text keys
   unrotated: ``model.rope_layout=image-only``. Their self-attention variant shares one k_norm between image
   and text keys (fusedit gets two copies of it).
@@ -330,7 +334,6 @@ def official_config(
         raise _fail("text_hidden_size", text_hidden, f"the cross baseline needs dit_hidden_size={dit_hidden}")
 
     sample_size = get("sample_size", 32)
-    rope = pos in ROTARY_SCHEMES
     model = {
         "design": DESIGN_OF[attention, fused],
         "dit_hidden_size": dit_hidden,
@@ -346,10 +349,9 @@ def official_config(
         "ape_base_size": sample_size // patch if pos == "ape" else None,
         "ape_max_size": get("pos_embed_max_size", 64) if pos == "ape" else None,
         "rope_layout": "joint" if fused else "image-only",
-        # Only deep fusion's joint attention sees text and image rotations side by side.
-        "rope_left_pad": max_length
-        if fused and attention == "self" and rope and padding_side == "left"
-        else None,
+        # Only deep fusion's joint attention sees the LLM's text rotations beside the image tokens (every
+        # pos_embed: with APE the image side is unrotated, the text keys are not).
+        "rope_left_pad": max_length if fused and attention == "self" and padding_side == "left" else None,
     }
     text = {"family": family, "arch": arch, "max_length": max_length, "tokenizer": tokenizer}
     if not fused:

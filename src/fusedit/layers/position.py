@@ -51,8 +51,16 @@ class ScaledAPE(APE):
     ``base_size / G`` over a G-position grid (G = ``max_size`` or the latent grid), centre-cropped to the
     latent grid. See ``scaled_sincos_2d``."""
 
-    def __init__(self, head_dim: int, theta: float, base_size: int | None, max_size: int | None):
-        super().__init__(head_dim, theta)
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        base_size: int | None,
+        max_size: int | None,
+        ladder: tuple[float, ...] | None = None,
+    ):
+        # The ladder is the LLM's: a left-pad emulation (LeftPaddedRotary) rotates by its angles.
+        super().__init__(head_dim, theta, ladder)
         self.base_size, self.max_size = base_size, max_size
 
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:

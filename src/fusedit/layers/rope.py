@@ -47,7 +47,12 @@ class Rotary:
 
 class NoRotary:
     """No rotation: APE (the position is added after patchify), no positions at all, and text keys that
-    are not rotated."""
+    are not rotated.
+
+    As the identity rotation its cos is 1 and its sin 0, so a rotation composed onto it is that rotation
+    alone, exactly (``LeftPaddedRotary`` over APE)."""
+
+    cos, sin = 1.0, 0.0
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fusedit.config import ROTARY_SCHEMES, ConfigError, ModelConfig
+from fusedit.config import ROTARY_SCHEMES, ModelConfig, check_positions, fused_layers
 from fusedit.layers.attention import resolve_backend
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import (
@@ -52,22 +52,9 @@ def dit_depth(cfg: ModelConfig, llm: LLMSpec) -> int:
 
 
 def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
-    """LLM layer index of each DiT layer in deep fusion: initial_layers, initial_layers + 1, ..."""
-    n = dit_depth(cfg, llm)
-    if cfg.num_layers is None and n < 1:
-        # num_layers unset means "every LLM layer after initial_layers": none are left.
-        raise ConfigError(
-            f"model.initial_layers={cfg.initial_layers} leaves no LLM layer for the DiT: the LLM has "
-            f"{llm.num_layers} and deep fusion pairs every DiT layer with one after the initial ones "
-            f"(allowed: initial_layers < {llm.num_layers})"
-        )
-    if n < 1 or cfg.initial_layers + n > llm.num_layers:
-        raise ConfigError(
-            f"model.initial_layers={cfg.initial_layers} + model.num_layers={n} needs "
-            f"{cfg.initial_layers + n} LLM layers but the LLM has {llm.num_layers}: deep fusion pairs every DiT "
-            f"layer with one LLM layer (allowed: initial_layers + num_layers <= {llm.num_layers})"
-        )
-    return tuple(range(cfg.initial_layers, cfg.initial_layers + n))
+    """LLM layer index of each DiT layer in deep fusion: initial_layers, initial_layers + 1, ... (the load
+    checks the same rule where the LLM's config is known there: config.check_llm_shape)."""
+    return tuple(fused_layers(cfg, llm.num_layers))
 
 
 def position_scheme(
@@ -76,14 +63,15 @@ def position_scheme(
     """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
     ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
     if cfg.pos_embed == "ape" and ape_options:
-        return ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size)
-    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
-    if cfg.pos_embed not in ROTARY_SCHEMES:
-        return scheme
-    if cfg.rope_layout == "image-only":
+        scheme = ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size, ladder)
+    else:
+        scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
+    if cfg.rope_layout == "image-only" and cfg.pos_embed in ROTARY_SCHEMES:
         # Text keys are not rotated in this layout, so how the text was padded cannot matter.
         return ImageOnlyRotary(scheme)
     if cfg.rope_left_pad is not None:
+        # APE too: deep fusion's text keys come rotated by the LLM whatever the image scheme, so left
+        # padding moved them against the (unrotated) APE image queries as well.
         return LeftPaddedRotary(scheme, cfg.rope_left_pad)
     return scheme
 
@@ -223,6 +211,8 @@ class DiT(nn.Module):
     ):
         super().__init__()
         dim = cfg.dit_hidden_size or llm.hidden_size
+        # A hub LLM's shape may be known only now: the load checks it where it can (config.check_llm_shape).
+        check_positions(cfg, dim, llm.head_dim)
         self.dim, self.patch_size, self.in_channels = dim, cfg.patch_size, in_channels
         self.attention_backend = cfg.attention_backend
         self.position = position_scheme(cfg, llm.head_dim, llm.rope_theta, llm.rope_freqs)

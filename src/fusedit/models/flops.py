@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from fusedit.config import llm_head_dim
 from fusedit.models.blocks import CrossAttention, ImageAttentionBase, JointBlock
 from fusedit.text.refiner import TokenAttention
-from fusedit.text.spec import head_dim
 
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
 
@@ -80,7 +80,7 @@ def llm_flops(llm: nn.Module, num_text: int) -> int:
     """The LLM's forward on one prompt of ``num_text`` tokens (all its Linears; full attention products)."""
     cfg = llm.config
     linears = sum(_linear(m, num_text) for m in llm.modules() if isinstance(m, nn.Linear))
-    attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * head_dim(cfg)
+    attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * llm_head_dim(cfg)
     return linears + attention
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, ModelConfig
+from fusedit.config import ConfigError, ModelConfig, dit_head_dim
 from fusedit.layers.attention import key_padding_mask
 from fusedit.layers.modulation import OwnInit
 from fusedit.layers.norm import RMSNorm
@@ -51,9 +51,7 @@ class ContextEmbedder(nn.Module, OwnInit):
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
     """The attention/MLP shape the DiT's blocks take: the LLM's, with the model.* overrides applied."""
     heads = cfg.num_heads or llm.num_heads
-    head_dim = cfg.head_dim or (
-        llm.head_dim if not cfg.num_heads else (cfg.dit_hidden_size or llm.hidden_size) // heads
-    )
+    head_dim = dit_head_dim(cfg, llm.hidden_size, llm.head_dim)
     return dataclasses.replace(
         llm,
         num_heads=heads,

@@ -24,10 +24,10 @@ import logging
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, llm_head_dim
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import TextContext, TextRequest
-from fusedit.text.spec import SUPPORTED_LLMS, head_dim, unsupported_llm
+from fusedit.text.spec import SUPPORTED_LLMS, unsupported_llm
 from fusedit.text.templates import Template
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class TextEncoder(nn.Module):
         self.template = template or Template("", "")
         self.trim_padding = trim_padding
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
-        self.head_dim = head_dim(llm.config)
+        self.head_dim = llm_head_dim(llm.config)
         self.layer_keys = tuple(layer_keys(layer) for layer in llm.layers)  # _layer_kv's, per layer
         # Prompts truncated so far. Training meets the same over-long captions batch after batch, so only
         # the first truncation is logged; the rest are counted here, and ``cut`` holds the positions cut

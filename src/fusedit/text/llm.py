@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from fusedit.config import ConfigError, TextConfig, refuse_path_to_nothing, written_as_path
+from fusedit.config import ConfigError, TextConfig, arch_config, refuse_path_to_nothing, written_as_path
 from fusedit.text.spec import unsupported_llm
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> 
             ) from None
         # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
         return getattr(config, "text_config", None) or config
-    try:
-        return AutoConfig.for_model(cfg.family, **cfg.arch)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}.arch={cfg.arch!r} is not a valid {cfg.family} config: {e}") from None
+    return arch_config(cfg, key)
 
 
 def _pipeline_hint(place: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, llm_head_dim
 
 # What the text stream needs of an LLM: a LLaMA-style decoder config, and layers with separate q/k/v/o
 # projections (fusedit reads each layer's K/V itself, text/encoder.py).
@@ -71,7 +71,7 @@ class LLMSpec:
             num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim(config),
+            head_dim=llm_head_dim(config),
             intermediate_size=config.intermediate_size,
             activation=activation,
             rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
@@ -90,11 +90,6 @@ def _activation(config) -> str:
     declared = declared or "hidden_activation" in inspect.signature(cls.__init__).parameters
     chosen = getattr(config, "hidden_activation", None) if declared else None
     return chosen or config.hidden_act
-
-
-def head_dim(config) -> int:
-    """An HF LLM config's attention head width (set explicitly by Gemma, else hidden_size / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rope_settings(config, deep: bool = True) -> dict:
