@@ -340,3 +340,31 @@ def test_designs_of_one_seed_hold_the_same_random_llm_whatever_their_dit():
         assert shared and all(torch.equal(first[k], llm[k]) for k in shared), name
     other = build_model(load_config("debug", ["train.seed=1"]), with_autoencoder=False).encoders[0].llm
     assert not torch.equal(other.state_dict()["embed_tokens.weight"], first["embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("design", ["dit-self", "dit-cross"])
+def test_a_shallow_design_attends_without_a_mask_when_no_prompt_is_padded(design, monkeypatch):
+    """Deep fusion passed no mask to attention for an unpadded batch, the shallow baselines an all-True one,
+    which rules out the flash and cuDNN kernels that take none. Now neither does; the output is unchanged."""
+    import dataclasses
+
+    import fusedit.models.blocks as blocks
+
+    model = build_model(tiny_config(model={"design": design}))
+    randomize(model.denoiser)
+    ids = torch.randint(3, 64, (2, 6))
+    text = model.text(ids, torch.ones(2, 6, dtype=torch.bool), model.denoiser.text_requests[0])
+    assert not text.padded
+    masks, real = [], blocks.attention
+    monkeypatch.setattr(
+        blocks, "attention", lambda q, k, v, mask=None: masks.append(mask) or real(q, k, v, mask)
+    )
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        plain = model.denoiser(x, t, text)
+        unmasked = masks[:]
+        masks.clear()
+        masked = model.denoiser(x, t, dataclasses.replace(text, padded=True))
+    assert unmasked and all(m is None for m in unmasked)
+    assert any(m is not None for m in masks)
+    torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-5)

@@ -135,6 +135,9 @@ class TextTokens(NamedTuple):
     context: torch.Tensor  # (B, T', d): the LLMs' tokens embedded or refined, concatenated
     mask: torch.Tensor  # (B, T') bool: the tokens the image may attend to
     positions: torch.Tensor  # (B, T') long: RoPE position of each token
+    # Whether any token is masked (static, from TextContext.padded): attention takes no mask otherwise,
+    # which keeps the flash and cuDNN kernels that refuse one (layers/attention.py).
+    masked: bool = True
 
 
 class RefinedPooledText(nn.Module):

@@ -41,11 +41,14 @@ class ContextEmbedder(nn.Module, OwnInit):
         """N(0, 0.02) weight, as the public code inits its context embedder; the bias stays 0."""
         nn.init.normal_(self.proj.weight, std=0.02)
 
-    def forward(self, texts: list[TextContext], temb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> context (B, T, d), keep-mask (B, T), positions (B, T): 0..L-1 as in the LLM itself."""
+    def forward(
+        self, texts: list[TextContext], temb
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """-> context (B, T, d), keep-mask (B, T), positions (B, T): 0..L-1 as in the LLM itself, and
+        whether the batch has padding to mask."""
         # The LLM's weights may be bf16 (text.dtype) while this runs in fp32 (no autocast).
         hidden, mask = texts[0].hidden.to(self.norm.weight.dtype), texts[0].mask
-        return self.proj(self.norm(hidden)), mask, mask.cumsum(1) - 1
+        return self.proj(self.norm(hidden)), mask, mask.cumsum(1) - 1, texts[0].padded
 
 
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
@@ -112,7 +115,7 @@ class ShallowDiT(DiT):
 
     def block_texts(self, state: TextTokens, num_image: int):
         txt_rope = self.text_rotary(state.positions)
-        txt_mask = self.text_mask(state.mask, num_image)
+        txt_mask = self.text_mask(state.mask, num_image) if state.masked else None
         return ((txt_kv_proj(state.context, txt_rope), txt_mask) for txt_kv_proj in self.text_kv)
 
 
