@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCH, randomize, tiny_config
-from fusedit.layers.attention import backend_context, resolve_backend
+from fusedit.layers.attention import backend_context, keep_keys, resolve_backend
 from fusedit.system import build_model
 from fusedit.text import refiner
 from fusedit.text.encoder import _keys, _normed_keys
@@ -85,7 +85,7 @@ def test_text_encoder_reads_each_layers_key_norm_once(family, keys):
 @pytest.mark.parametrize(
     ("options", "mask", "kept", "collaborative"),
     [
-        ({}, refiner.padding_mask, refiner.drop_instruction_tokens, refiner.CollaborativeRefiner),
+        ({}, keep_keys, refiner.drop_instruction_tokens, refiner.CollaborativeRefiner),
         (
             {"refiner_causal": True, "drop_instruction": False, "collaborative_refiner": False},
             refiner.causal_mask,

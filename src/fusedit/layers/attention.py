@@ -59,12 +59,17 @@ def backend_context(name: str) -> contextlib.AbstractContextManager:
     return resolve_backend(name)()
 
 
+def keep_keys(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool key mask -> (B, 1, 1, T) bool keep-mask, the same for every head and query; None stays
+    None (nothing masked)."""
+    return None if mask is None else mask[:, None, None, :]
+
+
 def key_padding_mask(text_mask: torch.Tensor | None, num_image: int) -> torch.Tensor | None:
     """(B, T) bool text mask -> (B, 1, 1, T + N) bool keep-mask over [text ; image] keys, or None."""
     if text_mask is None:
         return None
-    ones = text_mask.new_ones(text_mask.shape[0], num_image)
-    return torch.cat([text_mask, ones], dim=1)[:, None, None, :]
+    return keep_keys(torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], num_image)], dim=1))
 
 
 def attention(

@@ -31,10 +31,12 @@ MODULATED_NORMS: dict[str, Callable[[int, float], nn.Module]] = {"layernorm": la
 
 
 class ZeroInit:
-    """Marks modules whose output projection starts at zero (adaLN-Zero); the model's init calls zero_()."""
+    """Marks modules whose output projection starts at zero (adaLN-Zero); the model's init calls zero_(),
+    which zeroes ``self.linear``, the output projection of each such module."""
 
     def zero_(self) -> None:
-        raise NotImplementedError
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
 
 class OwnInit:
@@ -92,10 +94,6 @@ class AdaLNZeroBlock(nn.Module, ZeroInit):
         super().__init__()
         self.linear = nn.Linear(dim, 6 * dim)
 
-    def zero_(self) -> None:
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
     def forward(self, cond: torch.Tensor) -> tuple[Mod, Mod]:
         return _six(self.linear(cond).unflatten(-1, (6, -1)))
 
@@ -125,10 +123,6 @@ class AdaLNFinal(nn.Module, ZeroInit):
         super().__init__()
         self.norm = norm(dim, eps)
         self.linear = nn.Linear(dim, 2 * dim)
-
-    def zero_(self) -> None:
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # Scale before shift, unlike the blocks' modulation: the order of diffusers' AdaLayerNormContinuous,

@@ -62,8 +62,8 @@ class ImageAttention(ImageAttentionBase):
         self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
         self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+        self.q_norm = head_norm(llm, qk_norm)
+        self.k_norm = head_norm(llm, qk_norm)
 
     def project(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj(img), self.k_proj(img), self.v_proj(img)
@@ -97,7 +97,7 @@ class TextKV(nn.Module):
         self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_dim
         self.k_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, llm.num_kv_heads * llm.head_dim, bias=False)
-        self.k_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = head_norm(llm, qk_norm)
 
     def forward(self, txt: torch.Tensor, txt_rope: Rotary | NoRotary) -> tuple[torch.Tensor, torch.Tensor]:
         """txt (B, T, d) -> the block's txt_kv: K, V (B, KVH, T, hd), keys rotated by ``txt_rope``."""
@@ -114,7 +114,7 @@ class CrossAttention(nn.Module):
         self.heads, self.head_dim = llm.num_heads, llm.head_dim
         self.q_proj = nn.Linear(dim, llm.num_heads * llm.head_dim, bias=False)
         self.o_proj = nn.Linear(llm.num_heads * llm.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(llm.head_dim, llm.rms_norm_eps) if qk_norm else nn.Identity()
+        self.q_norm = head_norm(llm, qk_norm)
 
     def forward(
         self, img: torch.Tensor, txt_kv: tuple[torch.Tensor, torch.Tensor], txt_mask: torch.Tensor | None
@@ -123,6 +123,11 @@ class CrossAttention(nn.Module):
         q = self.q_norm(_heads(self.q_proj(img), self.heads, self.head_dim))
         k, v = txt_kv
         return self.o_proj(attention(q, k.to(q.dtype), v.to(q.dtype), txt_mask))
+
+
+def head_norm(llm: LLMSpec, enabled: bool) -> nn.Module:
+    """QK norm (model.qk_norm): RMSNorm over each query or key head, or nothing."""
+    return RMSNorm(llm.head_dim, llm.rms_norm_eps) if enabled else nn.Identity()
 
 
 def post_norm(dim: int, eps: float, enabled: bool) -> nn.Module:

@@ -15,7 +15,7 @@ config; only the residual width ``dit_hidden_size`` may differ.
 from __future__ import annotations
 
 from fusedit.config import ModelConfig
-from fusedit.layers.attention import key_padding_mask
+from fusedit.layers.attention import keep_keys, key_padding_mask
 from fusedit.models.base import DiT, paired_layers
 from fusedit.models.blocks import CrossBlock, JointBlock
 from fusedit.text.context import TextContext, TextRequest
@@ -48,5 +48,5 @@ class DeepFusionCrossDiT(DeepFusionDiT):
         return [TextRequest(raw_kv_layers=self.llm_layers)]
 
     def block_texts(self, text: TextContext, num_image: int):
-        txt_mask = None if text.key_mask is None else text.key_mask[:, None, None, :]  # (B, 1, 1, T) or None
+        txt_mask = keep_keys(text.key_mask)  # (B, 1, 1, T) or None
         return ((txt_kv, txt_mask) for txt_kv in text.raw_kv)

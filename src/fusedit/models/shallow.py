@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fusedit.config import ConfigError, ModelConfig, dit_head_dim
-from fusedit.layers.attention import key_padding_mask
+from fusedit.layers.attention import keep_keys, key_padding_mask
 from fusedit.layers.modulation import OwnInit
 from fusedit.layers.norm import RMSNorm
 from fusedit.layers.rope import NoRotary, Rotary
@@ -140,4 +140,4 @@ class CrossAttentionDiT(ShallowDiT):
         return NoRotary()
 
     def text_mask(self, mask: torch.Tensor, num_image: int):
-        return mask[:, None, None, :]
+        return keep_keys(mask)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedit.layers.attention import attention
+from fusedit.layers.attention import attention, keep_keys
 from fusedit.layers.modulation import ZeroInit
 from fusedit.layers.pool import masked_mean
 
@@ -33,10 +33,6 @@ class Gates(nn.Module, ZeroInit):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
-
-    def zero_(self) -> None:
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.linear(nn.functional.silu(c))[:, None]
@@ -105,16 +101,11 @@ class CrossRefinerBlock(RefinerBlock):
         return self.context_norm(context)
 
 
-def padding_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) key padding -> (B, 1, 1, T) bool keep-mask: bidirectional attention over the real tokens."""
-    return mask[:, None, None, :]
-
-
 def causal_mask(mask: torch.Tensor) -> torch.Tensor:
     """The ``causal`` ablation's (design-space.md s.2): (B, T) key padding -> (B, 1, T, T) bool keep-mask,
     also no looking ahead, as in the LLM itself."""
     t = mask.shape[1]
-    return padding_mask(mask) & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    return keep_keys(mask) & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
 
 
 class LinguisticRefiner(nn.Module):
@@ -122,7 +113,7 @@ class LinguisticRefiner(nn.Module):
         super().__init__()
         self.in_proj = nn.Linear(llm_dim, dim)
         self.blocks = nn.ModuleList(RefinerBlock(dim, heads, gated) for _ in range(depth))
-        self.attention_mask = causal_mask if causal else padding_mask
+        self.attention_mask = causal_mask if causal else keep_keys  # bidirectional over the real tokens
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """features (B, T, d_llm), mask (B, T), temb (B, d) -> refined (B, T, d)."""
@@ -156,7 +147,7 @@ class CollaborativeRefiner(nn.Module):
         out = []
         for i, (branch, x) in enumerate(zip(self.branches, xs)):
             context = torch.cat([xs[j] for j in range(len(xs)) if j != i], dim=1)
-            keep = torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1)[:, None, None, :]
+            keep = keep_keys(torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1))
             out.append(branch(x, c, keep, context))
         return out
 
