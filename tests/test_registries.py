@@ -3,7 +3,7 @@ config key allows: a value the config accepts always builds, and every registere
 
 import pytest
 
-from fusedit.config import ModelConfig, SampleConfig, choices_of
+from fusedit.config import ModelConfig, SampleConfig, TextConfig, choices_of
 from fusedit.flow.samplers import SAMPLERS, SCHEDULES
 from fusedit.layers.attention import BACKENDS
 from fusedit.layers.modulation import MODULATED_NORMS, TIMESTEP_CONDITIONING
@@ -11,6 +11,7 @@ from fusedit.layers.position import POSITION_SCHEMES
 from fusedit.models import DESIGNS
 from fusedit.models.base import POOLED_TEXT
 from fusedit.text.refiner import CONCATS
+from fusedit.text.templates import TEMPLATES
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,7 @@ from fusedit.text.refiner import CONCATS
         (ModelConfig, "pooled_text", POOLED_TEXT),
         (SampleConfig, "sampler", SAMPLERS),
         (SampleConfig, "schedule", SCHEDULES),
+        (TextConfig, "template", TEMPLATES),
     ],
 )
 def test_a_registry_names_what_its_config_key_allows(section, key, registry):

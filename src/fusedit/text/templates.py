@@ -70,14 +70,23 @@ def _chat(tokenizer, user: str, system_prompt: str, key: str) -> Template:
 def build_template(
     name: str, tokenizer, instruction: str = "", system_prompt: str = "", key: str = "text"
 ) -> Template:
-    """The template ``name`` of an LLM's section ``key`` (text, extra_text.0: what errors name)."""
-    if name == "plain":
-        return Template(instruction, "")
-    if name == "lidit":
-        system = f"{system_prompt} " if system_prompt else ""
-        return Template(system + LIDIT_INSTRUCTION + instruction, "")
-    if name == "chat":
-        return _chat(tokenizer, instruction, system_prompt, key)
-    if name == "lidit-chat":
-        return _chat(tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt, key)
-    raise ValueError(f"unknown {key}.template {name!r} (allowed: plain, chat, lidit, lidit-chat)")
+    """The template ``name`` (TEMPLATES) of an LLM's section ``key`` (text, extra_text.0: what errors name)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown {key}.template {name!r} (allowed: {', '.join(TEMPLATES)})")
+    return TEMPLATES[name](tokenizer, instruction, system_prompt, key)
+
+
+def _lidit(tokenizer, instruction: str, system_prompt: str, key: str) -> Template:
+    system = f"{system_prompt} " if system_prompt else ""
+    return Template(system + LIDIT_INSTRUCTION + instruction, "")
+
+
+# text.template -> (tokenizer, instruction, system_prompt, key) -> Template.
+TEMPLATES = {
+    "plain": lambda tokenizer, instruction, system_prompt, key: Template(instruction, ""),
+    "chat": _chat,
+    "lidit": _lidit,
+    "lidit-chat": lambda tokenizer, instruction, system_prompt, key: _chat(
+        tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt, key
+    ),
+}
