@@ -98,3 +98,10 @@ def test_a_shift_that_is_not_positive_is_named(shift):
         ValueError, match=rf"sampling shift must be a finite number > 0 \(1 = none\), got {shift}"
     ):
         sample(lambda x, t: x, torch.ones(1, 2), steps=3, shift=shift)
+
+
+@pytest.mark.parametrize("steps", [2.5, 0, True, "4"])
+def test_a_step_count_that_is_not_a_whole_number_is_one_line(steps):
+    """torch.linspace failed on 2.5 with its own multi-line TypeError (helper-115 R6)."""
+    with pytest.raises(ValueError, match=rf"^sampling steps must be an integer >= 1, got {steps!r}$"):
+        sample(lambda x, t: x, torch.ones(1, 2), steps=steps)

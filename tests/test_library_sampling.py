@@ -387,3 +387,83 @@ def test_ctrl_c_in_the_shapes_bench_says_what_is_kept(run, tmp_path, capsys, mon
         f"fusedit: interrupted: nothing is kept (the bench writes {out} at its end); rerun the same command to "
         "start again"
     )
+
+
+# ---- helper-115's sampling journey: generate checks and says what the CLI checks and says
+
+
+def test_sampler_schedule_shift_and_size_are_checked_before_the_llm_runs(model, monkeypatch):
+    """They failed only after the LLM's forward (its docstring says "before any slow work"), the size with the
+    patchify's "latent size 15x15 is not divisible by patch size 2" (helper-115 R6)."""
+
+    def slow(*args, **kwargs):
+        raise AssertionError("the LLM ran")
+
+    monkeypatch.setattr(model, "encode_prompts", slow)
+    cases = [
+        ({"sampler": "ddim"}, ValueError, r"^unknown sampler 'ddim' \(allowed: euler, heun\)$"),
+        (
+            {"schedule": "karras"},
+            ValueError,
+            r"^unknown sampling schedule 'karras' \(allowed: uniform, diffusers\)$",
+        ),
+        ({"shift": 0.0}, ValueError, r"^sampling shift must be a finite number > 0 \(1 = none\), got 0.0$"),
+        (
+            {"image_size": 15},
+            ConfigError,
+            r"^image_size=15 is not allowed \(allowed: sides that are multiples of 2, the VAE's "
+            r"downsampling x the patch size\)$",
+        ),
+        ({"image_size": (16, 9)}, ConfigError, r"^image_size=\(16, 9\) is not allowed"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            one_image(model, **kwargs)
+
+
+def test_settings_that_leave_a_prompt_unused_are_warned_about_once(model, caplog):
+    """generate sampled the negative prompt alone at guidance 0, and accepted a negative prompt at guidance 1
+    (which the CLI refuses), without a word (helper-115 M1, R5); an evaluation or training's previews call it
+    again and again, so each is said once."""
+    from fusedit.sample import warn_once
+
+    warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        for _ in range(2):
+            one_image(model, guidance=0.0)
+            one_image(model, guidance=1.0, negative_prompt="a blue square")
+        one_image(model, guidance=1.0)
+        one_image(model, guidance=3.0, negative_prompt="a blue square")
+    assert [r.getMessage() for r in caplog.records] == [
+        "guidance 0 samples the negative prompt alone: the prompt is not used",
+        "guidance 1 samples the prompt alone: the negative prompt is not used",
+    ]
+
+
+def test_nan_images_are_counted_at_every_call(model, caplog):
+    """Absurd guidance gives NaN images, which became black PNGs without a word (helper-115 R1)."""
+    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+        x = generate(model, ["a red circle", "a blue square"], image_size=16, steps=2, guidance=1e38)
+        generate(model, ["a red circle"], image_size=16, steps=2, guidance=3.0)
+    assert not torch.isfinite(x).all()
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 of the 2 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large?"
+    ]
+
+
+def test_the_docstring_says_how_to_remake_the_clis_image_i(model):
+    """generate(seed=s) draws one batch tensor, while the CLI, serve and eval draw image i from seed s + i
+    alone (helper-115 M5): the recipe the docstring gives makes the CLI's images."""
+    from fusedit.sample import latent_shape, seeded_noise
+
+    doc = " ".join(generate.__doc__.split())
+    assert "noise=seeded_noise([s + i for i in range(B)], latent_shape(model, image_size))" in doc
+    prompts = ["a red circle", "a blue square"]
+    batch = generate(
+        model, prompts, image_size=16, steps=2, noise=seeded_noise([7, 8], latent_shape(model, 16))
+    )
+    second = generate(model, prompts[1:], image_size=16, steps=2, seed=8)
+    assert np.abs(to_uint8(batch)[1].astype(int) - to_uint8(second)[0].astype(int)).max() <= 1
+    assert not np.array_equal(
+        to_uint8(generate(model, prompts, image_size=16, steps=2, seed=7))[1], to_uint8(batch)[1]
+    )

@@ -425,3 +425,50 @@ def test_a_size_far_past_the_trained_one_is_warned_about(caplog):
         "height=80, width=80 has 25x the pixels of the 16 px the model trained at: each step processes that many "
         "times the image tokens (attention grows with their square), and the model never saw such sizes"
     ]
+
+
+@pytest.mark.parametrize("name", ["fusedit", "clip-mod"])
+def test_a_folder_exported_before_the_word_normalizer_reads_prompts_as_its_run(name, tmp_path):
+    """An export's tokenizer.json keeps the normalizer it was saved with: a folder saved before the built-in
+    tokenizer had one gets today's at load, so "A Red Circle." reads "a red circle" there too (helper-115
+    B2), for the LLM's tokenizer and the clip-mod CLIP's."""
+    cfg = variant(name, tmp_path)
+    folder = save_pretrained(built(cfg), cfg, tmp_path / "pipe")
+    slots = ["tokenizer", "pooled_tokenizer"] if name == "clip-mod" else ["tokenizer"]
+    for slot in slots:  # as an older fusedit wrote it
+        saved = json.loads((folder / slot / "tokenizer.json").read_text())
+        assert saved["normalizer"] is not None
+        saved["normalizer"] = None
+        (folder / slot / "tokenizer.json").write_text(json.dumps(saved))
+    pipe = FuseDiTPipeline.from_pretrained(folder)
+    for slot in slots:
+        tok = getattr(pipe, slot)
+        assert tok("A Red Circle.")["input_ids"] == tok("a red circle")["input_ids"]
+        assert tok.unk_token_id not in tok("A Red Circle.")["input_ids"]
+    images = run_pipe(pipe, prompts=["A Red Circle."], num_inference_steps=1)
+    plain = run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(plain[0]))
+
+
+def test_an_unused_negative_prompt_or_prompt_is_warned_about(caplog):
+    """The CLI refuses a negative prompt at guidance 1 (it changes nothing); the pipeline accepted it without
+    a word (helper-115 R5). It still accepts it, but says so, as for guidance 0, which leaves the prompt
+    unused; the saved negative prompt (negative_prompt=None) is no reason to warn."""
+    from fusedit.sample import warn_once
+
+    warn_once.cache_clear()
+    cfg = tiny_config(sample={**SAMPLE, "negative_prompt": "a blue square"})
+    pipe = FuseDiTPipeline.from_model(built(cfg), cfg)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        run_pipe(
+            pipe, prompts=["a red circle"], num_inference_steps=1, guidance_scale=1, negative_prompt=None
+        )
+        assert caplog.records == []
+        run_pipe(
+            pipe, prompts=["a red circle"], num_inference_steps=1, guidance_scale=1, negative_prompt="blue"
+        )
+        run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1, guidance_scale=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "guidance 1 samples the prompt alone: the negative prompt is not used",
+        "guidance 0 samples the negative prompt alone: the prompt is not used",
+    ]

@@ -323,7 +323,7 @@ def test_progress_bar_counts_every_step(folders, tmp_path, capsys):
 
 def test_one_image_is_reported_in_the_singular(folders, tmp_path, capsys):
     assert sample(folders["run"], tmp_path, "--prompt", "a", "--steps", "1") == 0
-    assert capsys.readouterr().out == f"wrote 1 image to {tmp_path}\n"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 1 image to {tmp_path}"
 
 
 def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp_path, caplog):
@@ -595,3 +595,163 @@ def test_a_saved_negative_prompt_is_dropped_at_guidance_1_unless_given(folders, 
     settings = sample_settings(cfg, guidance=1.0, steps=1, image_size=8)
     write_sample_folder(model, cfg, ["a red circle"], tmp_path / "out", settings=settings, progress=False)
     assert metadata(tmp_path / "out", 0)["negative_prompt"] == ""
+
+
+# ---- helper-115's sampling journey: what `fusedit sample` says and records
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_sample_says_which_checkpoint_and_weights_it_loaded(folders, tmp_path, capsys):
+    """As `fusedit eval` does (helper-115 M3): before, successive samples of a training run silently moved
+    from checkpoint to checkpoint, and nothing said EMA or raw."""
+    assert sample(folders["run"], tmp_path / "a", "--prompt", "a red circle", "--steps", "1") == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"sampling {folders['checkpoint']} (EMA weights)"
+    assert sample(folders["run"], tmp_path / "b", "--prompt", "a red circle", "--steps", "1", "--no-ema") == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"sampling {folders['checkpoint']} (raw weights)"
+
+
+def test_case_and_punctuation_give_the_image_of_the_plain_words(folders, tmp_path, caplog):
+    """ "A Red Circle." was sampled as "<unk> <unk> <unk>"-ish without a word (helper-115 B2); words the
+    built-in tokenizer still does not know are named once."""
+    with caplog.at_level(logging.WARNING):
+        assert sample(folders["run"], tmp_path / "a", "--prompt", "A Red Circle.", "--steps", "2") == 0
+        assert sample(folders["run"], tmp_path / "b", "--prompt", "a red circle", "--steps", "2") == 0
+    assert np.array_equal(pixels(tmp_path / "a" / "00000.png"), pixels(tmp_path / "b" / "00000.png"))
+    assert warnings_of(caplog) == []
+    prompts = [
+        "--prompt",
+        "an astronaut riding a horse",
+        "--prompt",
+        "a red Horse",
+        "--prompt",
+        "a red circle",
+    ]
+    with caplog.at_level(logging.WARNING):
+        assert sample(folders["run"], tmp_path / "c", *prompts, "--steps", "1", "--batch-size", "1") == 0
+    unknown = [w for w in warnings_of(caplog) if "<unk>" in w]
+    assert len(unknown) == 1 and unknown[0].startswith(
+        "the built-in word tokenizer reads 'astronaut', 'riding', 'horse', 'Horse' of the prompts as <unk>: "
+        "it knows only the words of the shapes world's captions and the templates (a, above, an, and, below,"
+    )
+
+
+def test_guidance_0_is_said_to_leave_the_prompt_unused(folders, tmp_path, caplog):
+    """v = u + 0 (c - u) = u: the negative prompt alone; the CLI said nothing and the code called it "CFG off"
+    (helper-115 M1)."""
+    from fusedit.sample import warn_once
+
+    warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        assert (
+            sample(folders["run"], tmp_path, "--prompt", "a red circle", "--guidance", "0", "--steps", "1")
+            == 0
+        )
+    assert warnings_of(caplog) == ["guidance 0 samples the negative prompt alone: the prompt is not used"]
+
+
+def test_a_cut_prompt_is_recorded_as_cut(folders, tmp_path):
+    """Each image's JSON says whether its prompt was cut to text.max_length (helper-115 M2), in every
+    batch."""
+    long = " ".join(["a red circle"] * 10)
+    prompts = ["--prompt", "a red circle", "--prompt", long, "--prompt", long, "--prompt", "a blue square"]
+    assert sample(folders["run"], tmp_path, *prompts, "--steps", "1", "--batch-size", "3") == 0
+    assert [metadata(tmp_path, i)["truncated"] for i in range(4)] == [False, True, True, False]
+
+
+def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, caplog):
+    """The only message was the encoder's "1 prompt(s) ... truncated", and the total left the negative prompt
+    out (helper-115 M4)."""
+    long = " ".join(["a red circle"] * 10)
+    args = [
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--negative-prompt",
+        long,
+        "--steps",
+        "1",
+    ]
+    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+        assert sample(folders["run"], tmp_path / "a", *args, "--batch-size", "1") == 0
+    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+    assert cut == ["the negative prompt is longer than text.max_length=16 tokens: its end was cut"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+        assert sample(folders["run"], tmp_path / "b", *args, "--prompt", long) == 0
+    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+    assert cut == [
+        "1 of the 3 prompts were longer than text.max_length=16 tokens: their ends were cut (the negative "
+        "prompt's too)"
+    ]
+    assert [metadata(tmp_path / "b", i)["truncated"] for i in range(3)] == [False, False, True]
+
+
+def test_the_model_is_recorded_absolute(folders, tmp_path, monkeypatch):
+    """A relative MODEL was recorded as given, meaningless once the folder is copied elsewhere (R7)."""
+    monkeypatch.chdir(folders["run"].parent)
+    assert sample("run", tmp_path, "--prompt", "a red circle", "--steps", "1") == 0
+    assert metadata(tmp_path, 0)["model"] == str(folders["checkpoint"].resolve())
+
+
+def test_nan_images_are_warned_about(folders, tmp_path, caplog):
+    """An absurd guidance wrote black NaN images without a word (helper-115 R1)."""
+    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+        assert (
+            sample(folders["run"], tmp_path, "--prompt", "a red circle", "--guidance", "1e38", "--steps", "2")
+            == 0
+        )
+    assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
+        "1 of the 1 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large?"
+    ]
+
+
+def test_help_gives_every_default(capsys):
+    """--out, --seed and --batch-size had defaults the help did not show, and --steps, --guidance, --sampler
+    and --negative-prompt did not say they default to the run's saved sample section (helper-115 R2)."""
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for said in (
+        "(default samples;",
+        "(default 42)",
+        "(default 8)",
+        "(default the saved sample.steps)",
+        "(default the saved sample.guidance)",
+        "(default the saved sample.sampler)",
+        "(default the saved sample.negative_prompt)",
+    ):
+        assert said in text, said
+
+
+def test_a_deleted_checkpoint_or_the_checkpoints_folder_points_to_what_exists(folders, tmp_path, capsys):
+    """A checkpoint that train.keep_checkpoints deleted got "no such folder", and a run's checkpoints/ folder
+    "no model in" (helper-115 R3): both name the checkpoints there are and the run folder."""
+    checkpoints = folders["run"] / "checkpoints"
+    assert sample(checkpoints / "step_00000030", tmp_path, "--prompt", "x") == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: no such folder: {str(checkpoints / 'step_00000030')!r} (its run "
+        f"{str(folders['run'])!r} holds the checkpoints step_00000000, older ones deleted as "
+        "train.keep_checkpoints says: give one of them, or the run folder for its latest)\n"
+    )
+    assert sample(checkpoints, tmp_path, "--prompt", "x") == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: no model in {str(checkpoints)!r}: it is the checkpoints folder of the run "
+        f"{str(folders['run'])!r} (allowed: the run folder, for its latest checkpoint, or one of its "
+        "checkpoints: step_00000000)\n"
+    )
+
+
+def test_an_empty_prompt_samples_unconditionally(folders, tmp_path, caplog):
+    """The empty prompt is the model's unconditional input, as `fusedit serve` now takes it too (R4)."""
+    with caplog.at_level(logging.INFO, logger="fusedit.sample"):
+        assert (
+            sample(folders["run"], tmp_path, "--prompt", "", "--prompt", "a red circle", "--steps", "2") == 0
+        )
+    assert "1 of the 2 prompts are empty: sampled unconditionally" in [r.getMessage() for r in caplog.records]
+    model, cfg, _ = load_sampling_model(folders["run"], "cpu")
+    alone = to_uint8(generate(model, [""], seed=42, **sample_settings(cfg, steps=2)))[0]
+    assert np.array_equal(pixels(tmp_path / "00000.png"), alone)

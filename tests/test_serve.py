@@ -2,6 +2,7 @@
 browser (Debian's chromium driven by playwright, as a new user would use it; skipped, saying how to install
 them, where either is missing). Every server runs a tiny random model built here."""
 
+import dataclasses
 import io
 import json
 import re
@@ -11,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,7 +124,8 @@ class Gate:
 
 def test_info_gives_the_model_defaults_and_limits(server):
     status, info = call(server, "/api/info")
-    assert status == 200 and info["model"] == "tiny-test" and info["design"] == "fusedit"
+    assert status == 200 and info["model"] == str(Path("tiny-test").resolve()) and info["design"] == "fusedit"
+    assert info["use_ema"] is True
     assert info["defaults"] == {
         "negative_prompt": "",
         "steps": 3,
@@ -279,14 +282,99 @@ def test_a_prompt_cut_to_the_length_limit_is_told_on_every_job(server):
     jobs = [
         wait(server, call(server, "/api/generate", {"prompt": p, "steps": 1})[1]["id"]) for p in (long, long)
     ]
-    notice = "the prompt (or negative prompt) is longer than text.max_length=16 tokens: its end was cut"
+    notice = "the prompt is longer than text.max_length=16 tokens: its end was cut"
     assert [job["notice"] for job in jobs] == [notice, notice]
     short = wait(server, call(server, "/api/generate", {"prompt": "a red circle", "steps": 1})[1]["id"])
     assert short["status"] == "done" and short["notice"] is None
     # A negative prompt at guidance 1 (the page sends its field with every request) is said to be unused.
     unused = {"prompt": "a red circle", "steps": 1, "guidance": 1, "negative_prompt": "blue"}
     job = wait(server, call(server, "/api/generate", unused)[1]["id"])
-    assert job["notice"] == "guidance 1 samples the prompt alone: the negative prompt was not used"
+    assert job["notice"] == "guidance 1 samples the prompt alone: the negative prompt is not used"
+
+
+def image_of(server, job) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(fetch(server, job["images"][0]["url"]))))
+
+
+def test_an_empty_prompt_samples_unconditionally_as_fusedit_sample_does(server, tiny):
+    """serve refused an empty prompt that `fusedit sample --prompt ""` samples (helper-115 R4): both take it
+    as the unconditional input now, and the job says so."""
+    for body in (
+        {"prompt": "", "steps": 2, "seed": 5},
+        {"prompt": "   ", "steps": 2, "seed": 5},
+        {"seed": 5, "steps": 2},
+    ):
+        status, job = call(server, "/api/generate", body)
+        assert status == 202
+        job = wait(server, job["id"])
+        assert job["status"] == "done" and job["prompt"] == ""
+        assert job["notice"] == "the prompt is empty: sampled unconditionally"
+        assert np.array_equal(image_of(server, job), reference(tiny, "", 5, steps=2))
+
+
+def test_what_the_images_do_not_show_is_told_on_the_job(server, tiny):
+    """Guidance 0 (the prompt unused), a cut negative prompt (said as such, not as a cut "prompt") and words
+    the built-in tokenizer reads as <unk> (helper-115 M1, M4, B2)."""
+    long = "a red circle above a blue square " * 4  # 28 words, text.max_length = 16
+
+    def notice(**body):
+        job = wait(server, call(server, "/api/generate", {"steps": 1, **body})[1]["id"])
+        assert job["status"] == "done"
+        return job["notice"]
+
+    assert notice(prompt="a red circle", guidance=0) == (
+        "guidance 0 samples the negative prompt alone: the prompt is not used"
+    )
+    cut = "longer than text.max_length=16 tokens"
+    assert (
+        notice(prompt="a red circle", negative_prompt=long)
+        == f"the negative prompt is {cut}: its end was cut"
+    )
+    assert notice(prompt=long, negative_prompt=long, num_images=2) == (
+        f"the prompt and the negative prompt are {cut}: their ends were cut"
+    )
+    # At guidance 1 the negative prompt is not encoded: only that it is unused is said.
+    assert notice(prompt="a red circle", negative_prompt=long, guidance=1) == (
+        "guidance 1 samples the prompt alone: the negative prompt is not used"
+    )
+    unknown = notice(prompt="An astronaut riding a Red horse.", negative_prompt="blurry")
+    assert unknown.startswith(
+        "the built-in word tokenizer reads 'astronaut', 'riding', 'horse' of the prompt and 'blurry' of the "
+        "negative prompt as <unk>: it knows only the words of the shapes world's captions and the templates "
+        "(a, above, an, and, below, blue, circle,"
+    )
+    # Case and punctuation alone say nothing, and make the image of the plain words.
+    status, job = call(server, "/api/generate", {"prompt": "A Red Circle.", "steps": 2, "seed": 3})
+    job = wait(server, job["id"])
+    assert job["notice"] is None
+    assert np.array_equal(image_of(server, job), reference(tiny, "a red circle", 3, steps=2))
+
+
+def test_the_weights_are_named_in_the_info_and_on_every_job(tiny):
+    """EMA or raw weights (helper-115 M3) and the model's folder, absolute (R7)."""
+    model, cfg = tiny
+    raw = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, use_ema=False))
+    s = DemoServer(model, raw, host="127.0.0.1", port=0, source="runs/x/checkpoints/step_9").start()
+    try:
+        info = call(s, "/api/info")[1]
+        assert info["use_ema"] is False and info["model"] == str(Path("runs/x/checkpoints/step_9").resolve())
+        job = wait(s, call(s, "/api/generate", {"prompt": "a red circle", "steps": 1})[1]["id"])
+        assert job["use_ema"] is False
+    finally:
+        s.close()
+
+
+def test_each_finished_job_is_one_line_on_the_terminal(server, caplog):
+    """serve logged nothing per job, so its terminal gave no sign of the page's work (helper-115 R8)."""
+    with caplog.at_level("INFO", logger="fusedit.serve"):
+        job = wait(
+            server, call(server, "/api/generate", {"prompt": "a red circle", "num_images": 2})[1]["id"]
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "fusedit.serve"]
+    assert lines == [
+        f"job {job['id']} done in {job['seconds']:.1f} s: 2 images of 'a red circle', 16x16 px, under "
+        f"/images/{job['id']}/"
+    ]
 
 
 def test_no_seed_draws_one_and_reports_it(server):
@@ -364,9 +452,6 @@ def test_close_can_cancel_the_running_generation_and_waits_for_the_worker(tiny):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"prompt": ""}, "prompt is empty"),
-        ({"prompt": "   "}, "prompt is empty"),
-        ({"steps": 2}, "prompt is empty"),
         ({"prompt": 3}, "prompt=3 is not a string"),
         ({"prompt": "x", "steps": 0}, "steps=0 is out of range (allowed: 1..200)"),
         ({"prompt": "x", "steps": 201}, "steps=201 is out of range (allowed: 1..200)"),
@@ -925,7 +1010,9 @@ def test_a_user_generates_images_in_the_browser(page, server, tiny):
         "16",
         "1",
     ]
-    assert "tiny (fusedit) \u00b7 tiny-test" in page.inner_text("#model")
+    assert f"tiny (fusedit) \u00b7 {Path('tiny-test').resolve()} \u00b7 EMA weights" in page.inner_text(
+        "#model"
+    )
     page.fill("#prompt", "a red circle above a blue square")
     page.fill("#negative", "a green triangle")
     page.fill("#steps", "2")
@@ -1015,7 +1102,6 @@ def test_the_page_cancels_a_job_and_sends_the_sampler_settings(page, server, tin
 
 def test_the_page_shows_what_is_wrong_with_the_input(page):
     cases = [
-        ("", {}, "prompt is empty: describe the image to generate"),
         ("a red circle", {"#seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
         ("a red circle", {"#seed": "", "#steps": "0"}, "steps=0 is out of range (allowed: 1..200)"),
         ("a red circle", {"#steps": "2", "#width": "15"}, "width=15 is not allowed"),

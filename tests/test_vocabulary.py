@@ -133,3 +133,76 @@ def test_init_from_a_pipeline_whose_tokenizer_has_other_words_of_the_same_count_
         init_weights(model, pipe)
     assert all(torch.equal(v, model.denoiser.state_dict()[k]) for k, v in weights.items())
     assert init_weights(build_model(cfg), pipe) == pipe  # the same words load
+
+
+# ---- Case and punctuation (helper-115 B2): known words stay known, every id they had is kept
+
+
+def _plain(tokenizer):
+    """The same word tokenizer without its normalizer: what every run tokenized with before it had one."""
+    import copy
+
+    old = copy.deepcopy(tokenizer)
+    old.backend_tokenizer.normalizer = None
+    return old
+
+
+def test_case_and_punctuation_leave_known_words_known():
+    from fusedit.config import load_config
+    from fusedit.text.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(builtin_words(load_config("debug")))
+
+    def tokens(text):
+        return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert tokens("A Red Circle.") == tokens("a red circle") == ["a", "red", "circle"]
+    assert tokens("Two BLUE squares!! above a red circle...") == tokens("two blue squares above a red circle")
+    assert tokens("red.blue") == ["red", "blue"]  # a dropped mark still separates words
+    # A token as written keeps its id: the LI-DiT instruction's capitalised word and its punctuation.
+    assert tokens("Describe the color, shape:") == ["Describe", "the", "color", ",", "shape", ":"]
+    assert tokens("describe") == ["<unk>"]  # a lowercase prompt's ids are never changed
+    assert tokens("an Astronaut") == ["an", "<unk>"]
+
+
+def test_every_shapes_caption_and_template_keeps_the_ids_it_had(run):
+    """The captions training reads and the templates' words tokenize exactly as without the normalizer, so
+    a run's loss and a saved run's images do not change."""
+    from fusedit.data.shapes import all_prompts
+    from fusedit.text.templates import LIDIT_INSTRUCTION
+    from fusedit.text.tokenizer import word_tokenizer
+
+    cfg = tiny_config(text={"instruction": "Imagine, then draw: "})
+    tok = word_tokenizer(builtin_words(cfg))
+    old = _plain(tok)
+    texts = [p.text for p in all_prompts()] + [LIDIT_INSTRUCTION, "Imagine, then draw: ", "a , : b"]
+    assert tok(texts)["input_ids"] == old(texts)["input_ids"]
+    assert tok("Imagine, THEN Draw.")["input_ids"] == old("Imagine, then draw")["input_ids"]
+    # A saved run rebuilds its tokenizer in code: it reads capitals and a full stop as its words too.
+    model, _, _ = load_model(run[1])
+    assert _ids(model, "A Red Circle.") == _ids(model, "a red circle")
+
+
+def test_the_training_loss_is_the_one_without_the_normalizer(run, tmp_path, monkeypatch):
+    from tokenizers import normalizers
+
+    from fusedit.text import tokenizer
+
+    cfg, _, losses = run
+    monkeypatch.setattr(tokenizer, "word_normalizer", lambda vocabulary: normalizers.Sequence([]))
+    assert train(cfg, tmp_path / "plain", progress=False)["losses"] == losses
+
+
+def test_unknown_words_are_named_as_written():
+    from fusedit.text.tokenizer import unknown_words, word_tokenizer
+
+    tok = word_tokenizer(["a", "red", "circle"])
+    assert unknown_words(tok, ["An Astronaut, riding a red HORSE.", "a red horse", "红色的圆"]) == [
+        "An",
+        "Astronaut",
+        "riding",
+        "HORSE",
+        "horse",
+        "红色的圆",
+    ]
+    assert unknown_words(tok, ["A Red Circle!", ""]) == []

@@ -320,7 +320,6 @@ def cmd_sample(args) -> int:
         check_seed,
         load_sampling_model,
         sample_settings,
-        warn_cut_prompts,
         write_sample_folder,
     )
     from fusedit.system import resolve_device
@@ -336,6 +335,7 @@ def cmd_sample(args) -> int:
     out = _out_folder(args.out)
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
+    print(_scoring_line(source, cfg.sample.use_ema, not args.no_ema, "sampling"), flush=True)
     settings = sample_settings(
         cfg,
         steps=args.steps,
@@ -365,7 +365,6 @@ def cmd_sample(args) -> int:
             written=written,
         )
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
-    warn_cut_prompts(model.truncated, len(prompts), model.limits)
     return 0
 
 
@@ -403,7 +402,8 @@ def cmd_serve(args) -> int:
     server = DemoServer(model, cfg, args.host, args.port, source=str(source), max_size=args.max_size)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone reaching it can run the model", file=sys.stderr)
-    print(f"serving {source} at {server.url} (Ctrl+C stops)", flush=True)
+    at = f" at {server.url} (Ctrl+C stops)"
+    print(_scoring_line(source, cfg.sample.use_ema, not args.no_ema, "serving", at), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -572,9 +572,10 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
 
 
-def _scoring_line(where: Path, ema: bool, asked: bool) -> str:
-    """What `fusedit eval` scores: the folder its weights are read from, EMA or raw, and whether its run is
-    still training (its latest checkpoint then moves on while this one is scored)."""
+def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", at: str = "") -> str:
+    """What `fusedit eval` scores (`sample` samples, `serve` serves ``at`` its address: ``doing``): the
+    folder its weights are read from, EMA or raw, and whether its run is still training (its latest
+    checkpoint then moves on while this one is used)."""
     weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
     run = _run_of(where)
     from fusedit.train.run_folder import held_by_a_job
@@ -582,7 +583,7 @@ def _scoring_line(where: Path, ema: bool, asked: bool) -> str:
     training = (
         "; the run is still training (train.lock held)" if run is not None and held_by_a_job(run) else ""
     )
-    return f"scoring {where} ({weights}){training}"
+    return f"{doing} {where} ({weights}){at}{training}"
 
 
 def _row_name(where: Path, ema: bool) -> str:
@@ -1414,12 +1415,27 @@ def _add_demo_parser(sub) -> None:
 def _add_sample_parser(sub) -> None:
     sp = sub.add_parser("sample", help="generate images from a run, checkpoint or pipeline folder")
     sp.add_argument("model", help="run folder (also `fusedit convert`'s), checkpoint or pipeline folder")
-    sp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    sp.add_argument(
+        "--prompt", action="append", help='a prompt (repeatable; "" samples unconditionally, as serve does)'
+    )
     sp.add_argument("--prompts-file", help="a text file with one prompt per line")
-    sp.add_argument("--out", default="samples")
-    sp.add_argument("--steps", type=int)
-    sp.add_argument("--guidance", type=float)
-    sp.add_argument("--sampler", choices=choices_of(SampleConfig, "sampler"))
+    sp.add_argument(
+        "--out",
+        default="samples",
+        help="folder for the images (default samples; an earlier sample's images there are removed)",
+    )
+    sp.add_argument("--steps", type=int, help="sampling steps (default the saved sample.steps)")
+    sp.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale: 1 = the prompt alone, 0 = the negative prompt alone "
+        "(default the saved sample.guidance)",
+    )
+    sp.add_argument(
+        "--sampler",
+        choices=choices_of(SampleConfig, "sampler"),
+        help="the ODE sampler (default the saved sample.sampler)",
+    )
     sp.add_argument(
         "--schedule",
         choices=choices_of(SampleConfig, "schedule"),
@@ -1428,14 +1444,19 @@ def _add_sample_parser(sub) -> None:
     sp.add_argument(
         "--shift", type=float, help="time shift of the schedule, 1 = none (default the saved sample.shift)"
     )
-    sp.add_argument("--negative-prompt")
-    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument(
+        "--negative-prompt",
+        help="the prompt guidance steers away from (default the saved sample.negative_prompt)",
+    )
+    sp.add_argument(
+        "--seed", type=int, default=42, help="image i starts from the noise of seed + i (default 42)"
+    )
     sp.add_argument(
         "--size",
         type=_image_size,
         help="image size in pixels: one side (512) or WIDTHxHEIGHT (768x512); default the model's",
     )
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once (default 8)")
     sp.add_argument("--no-cache", action="store_true", help="recompute the text K/V at every step")
     _add_sampling_flags(sp)
     sp.add_argument("--quiet", action="store_true")

@@ -45,7 +45,9 @@ from fusedit.sample import (
     is_whole,
     latent_shape,
     text_velocity,
+    unused_prompt_note,
     warn_far_past_trained,
+    warn_once,
 )
 from fusedit.system import TextToImage, resolve_device
 from fusedit.text.context import TextContext
@@ -53,6 +55,7 @@ from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import DTYPES
 from fusedit.text.pooled import PooledTextEncoder
 from fusedit.text.templates import build_template
+from fusedit.text.tokenizer import add_word_normalizer
 from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 
 # Component names of the LLMs, in config order (text, extra_text[0], ...): diffusers builds a pipeline from
@@ -181,13 +184,25 @@ class FuseDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FuseDiTPipeline":
         """diffusers' loader, after checking (one-line errors) that the folder or hub repo is a fusedit
-        pipeline. Without ``dtype`` (or ``torch_dtype``) each LLM gets the dtype its ``text.dtype`` recorded."""
+        pipeline. Without ``dtype`` (or ``torch_dtype``) each LLM gets the dtype its ``text.dtype`` recorded.
+        A built-in word tokenizer gets the normalizer ``word_tokenizer`` gives it now (case and punctuation
+        leave known words known), which a folder exported before it had one lacks: such a folder reads
+        prompts as its run and a newer export do."""
         _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        cfg = pipe.fusedit_config
+        for (tok_name, _), text in zip(LLM_SLOTS, [cfg.text, *cfg.extra_text]):
+            if not (text.tokenizer or text.model_id):
+                add_word_normalizer(getattr(pipe, tok_name))
+        if (
+            cfg.model.pooled_text == "clip"
+            and not cfg.pooled_text.tokenizer
+            and pipe.pooled_tokenizer is not None
+        ):
+            add_word_normalizer(pipe.pooled_tokenizer)
         # diffusers takes the dtype as `dtype` (newer) or `torch_dtype` (older, still accepted).
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             # transformers 4.x loads float32 whatever the checkpoint holds; fusedit ran the LLM in text.dtype.
-            cfg = pipe.fusedit_config
             for text, llm in zip([cfg.text, *cfg.extra_text], pipe._llms()):
                 llm.to(DTYPES[text.dtype])
         return pipe
@@ -358,6 +373,11 @@ class FuseDiTPipeline(DiffusionPipeline):
         )
         guidance = cfg.sample.guidance if guidance_scale is None else guidance_scale
         check_steps_guidance(None, guidance, guidance_key="guidance_scale")  # as generate checks guidance
+        # As generate warns: guidance 0 leaves the prompt unused, 1 a negative prompt given (not the saved
+        # one, which a call at guidance 1 need not clear).
+        note = unused_prompt_note(guidance, negative_prompt is not None and any(negatives))
+        if note:
+            warn_once(note)
         height, width = (
             cfg.data.image_size if size is None else _side(name, size, cfg)
             for name, size in (("height", height), ("width", width))

@@ -13,6 +13,7 @@ checks that equality for every position scheme.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -27,14 +28,15 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig, check_fields
+from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig, check_fields, text_sections
 from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
-from fusedit.flow.samplers import Velocity
+from fusedit.flow.samplers import Velocity, check_sampling
 from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage, precision_name, resolve_device, uses_bf16
 from fusedit.text.context import TextContext
+from fusedit.text.tokenizer import unknown_words
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,8 @@ def check_steps_guidance(
 
     if steps is not None and not (is_whole(steps) and steps >= 1):
         raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
-    # 0 and 1 both turn CFG off (no unconditional branch at 1); below 0 is no setting, NaN gives NaN images.
+    # 1 samples the prompt alone (no unconditional branch) and 0 the negative prompt alone (v = u + 0 (c - u)
+    # = u: unused_prompt_note); below 0 is no setting, NaN gives NaN images.
     if guidance is not None and (
         isinstance(guidance, bool)
         or not isinstance(guidance, numbers.Real)
@@ -240,6 +243,64 @@ def check_negative_prompt(negative_prompt: str | None, guidance: float, *, flags
     raise ConfigError(
         f"negative_prompt={negative_prompt!r} does nothing at guidance={guidance!r} (no unconditional "
         "branch; allowed: negative_prompt='', or a guidance other than 1)"
+    )
+
+
+def unused_prompt_note(guidance: float, negative: bool) -> str | None:
+    """What a guidance setting leaves out of the images, where it leaves something out (else None);
+    ``negative``: whether a negative prompt is given. CFG's v = u + guidance (c - u) is u at guidance 0:
+    the negative prompt's velocity alone (the empty prompt's, by default: unconditional), so the prompt is
+    not used; at guidance 1 no unconditional branch is computed, so a negative prompt is not used."""
+    if guidance == 0:
+        return "guidance 0 samples the negative prompt alone: the prompt is not used"
+    if guidance == 1.0 and negative:
+        return "guidance 1 samples the prompt alone: the negative prompt is not used"
+    return None
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """Log ``message`` the first time only: an evaluation or a training run's previews call generate with
+    the same settings again and again."""
+    log.warning("%s", message)
+
+
+def _builtin_tokenizer(model: TextToImage, cfg: Config):
+    """The built-in word tokenizer of ``model``'s text encoders, or None where none uses it (every encoder
+    that does holds the same word list: TextToImage.vocabulary)."""
+    for (_, text), enc in zip(text_sections(cfg), model.encoders):
+        if not (text.tokenizer or text.model_id):
+            return enc.tokenizer
+    if cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer:
+        return model.pooled_text.tokenizer
+    return None
+
+
+def unknown_words_note(
+    model: TextToImage, cfg: Config, prompts: list[str], negative_prompt: str = ""
+) -> str | None:
+    """The words of ``prompts`` and of ``negative_prompt`` (give it where it is used: guidance != 1) that
+    ``model``'s built-in word tokenizer reads as <unk>, as a warning says them; None where there are none
+    or no encoder uses that tokenizer. It knows only the shapes world's words (and its templates'): an
+    unknown word reaches the model as <unk>, whatever it was."""
+    tokenizer = _builtin_tokenizer(model, cfg)
+    if tokenizer is None:
+        return None
+    named = []
+    what = "the prompt" if len(set(prompts)) == 1 else "the prompts"
+    for texts, of in ((prompts, what), ([negative_prompt], "the negative prompt")):
+        words = unknown_words(tokenizer, texts)
+        if words:
+            more = f" and {len(words) - 10} more" if len(words) > 10 else ""
+            named.append(f"{', '.join(map(repr, words[:10]))}{more} of {of}")
+    if not named:
+        return None
+    vocab = tokenizer.get_vocab()
+    known = [w for w in sorted(vocab, key=vocab.__getitem__) if re.fullmatch(r"\w+", w)]
+    listed = ", ".join(known[:60]) + (", ..." if len(known) > 60 else "")
+    return (
+        f"the built-in word tokenizer reads {' and '.join(named)} as <unk>: it knows only the words of the "
+        f"shapes world's captions and the templates ({listed})"
     )
 
 
@@ -314,21 +375,29 @@ def generate(
     """Images (B, 3, H, W) in [-1, 1] for ``prompts`` (a list of strings) at ``image_size``: one side (a
     square) or (H, W). The defaults are the ``sample`` section's; ``sample_settings(cfg)`` gives a saved
     model's own. CFG is used when guidance != 1. ``cuda_graphs`` replays each step as one CUDA graph (with
-    the text cache on a GPU; elsewhere it changes nothing).
+    the text cache on a GPU; elsewhere it changes nothing). A setting that leaves the prompt or the
+    negative prompt unused (guidance 0, a negative prompt at guidance 1: ``unused_prompt_note``) is
+    warned about once per process; images that come out NaN or inf are counted in a warning at each call.
 
-    ``noise``: the starting latents, (B, C, h, w) for B prompts (default: drawn from ``seed``).
+    ``noise``: the starting latents, (B, C, h, w) for B prompts (default: drawn from ``seed`` as one
+    (B, C, h, w) tensor, so only image 0 is the image ``seed`` gives its prompt alone). `fusedit sample
+    --seed s`, `fusedit serve` and `fusedit eval` start image i from the noise of seed s + i alone instead:
+    ``noise=seeded_noise([s + i for i in range(B)], latent_shape(model, image_size))`` makes their images
+    (and ``seeded_noise([s + i], ...)`` with the one prompt makes image i alone).
     ``progress``: True shows a tqdm bar over the steps, as every other ``progress`` of fusedit does; or a
     function taking no arguments, called once after each sampler step (a Heun step included; what
     ``write_sample_folder`` and ``fusedit serve`` count steps with); None or False: nothing.
     ``warn_cut``: log a warning for the prompts this call cut to the text encoders' limits (each encoder
     warns at its first cut only, as training wants); False for a caller that reports a total itself (as
-    ``fusedit sample`` does from ``model.truncated``).
+    ``write_sample_folder`` does from each call's ``cut_rows``).
 
-    Arguments are checked before any slow work, one line each (ConfigError for a value out of range or
-    an unknown precision, TypeError for prompts that are not a list of strings)."""
+    Arguments are checked before any slow work, one line each (ConfigError for a value out of range, an
+    image side the model cannot take or an unknown precision, ValueError for an unknown sampler or
+    schedule, TypeError for prompts that are not a list of strings)."""
     prompts = check_prompts(prompts)
     check_image_size(image_size)
     check_steps_guidance(steps, guidance)
+    check_sampling(steps, shift, sampler, schedule)
     check_seed(seed)
     if progress is not None and not isinstance(progress, bool) and not callable(progress):
         raise TypeError(
@@ -336,6 +405,13 @@ def generate(
             "or a function called once per step)"
         )
     denoiser, ae = model.denoiser, model.autoencoder
+    # Whole patches of whole latent pixels: the denoiser would refuse any other side only after the LLM ran.
+    unit = ae.downsample * denoiser.patch_size
+    if any(side % unit for side in image_shape(image_size)):
+        raise ConfigError(
+            f"image_size={image_size!r} is not allowed (allowed: sides that are multiples of {unit}, the "
+            "VAE's downsampling x the patch size)"
+        )
     device = next(denoiser.parameters()).device
     dtype = sampling_dtype(precision, device)
     if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):
@@ -354,6 +430,9 @@ def generate(
             f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
             f"expected {shape} (one row of latents per prompt)"
         )
+    note = unused_prompt_note(guidance, bool(negative_prompt))
+    if note:
+        warn_once(note)
     rows = [negative_prompt] * len(prompts) + prompts if guidance != 1.0 else list(prompts)
     negatives = len(rows) - len(prompts)
     # The encoders that have cut nothing yet warn at their first cut themselves (text/encoder.py).
@@ -389,7 +468,17 @@ def generate(
             bar.close()
     if warn_cut:
         _warn_call_cut(model, fresh, negatives, len(prompts))
-    return ae.decode(latents)
+    images = ae.decode(latents)
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if bad:
+        # Converted to pixels they would be black (NaN) or saturated (inf) images, without a word.
+        log.warning(
+            "%d of the %d images are NaN or inf (black or saturated pixels): is guidance=%g too large?",
+            bad,
+            len(prompts),
+            guidance,
+        )
+    return images
 
 
 def _warn_call_cut(model: TextToImage, fresh: list[bool], negatives: int, prompts: int) -> None:
@@ -399,25 +488,32 @@ def _warn_call_cut(model: TextToImage, fresh: list[bool], negatives: int, prompt
     first warning just now) is not warned about twice."""
     if all(was_fresh for enc, was_fresh in zip(model.limited, fresh, strict=True) if enc.cut):
         return
-    cut = sum(row >= negatives for row in model.cut)
-    negative = any(row < negatives for row in model.cut)
-    if cut:
-        warn_cut_prompts(cut, prompts, model.limits, " (the negative prompt's too)" if negative else "")
-    else:
-        log.warning("the negative prompt is longer than %s tokens: its end was cut", model.limits)
+    cut, negative = cut_rows(model, negatives)
+    warn_cut_prompts(len(cut), prompts, model.limits, negative)
 
 
-def warn_cut_prompts(cut: int, prompts: int, limits: str, also: str = "") -> None:
-    """The warning for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits`` (TextToImage.limits):
-    a call's, or a command's total at its end (each encoder warns at its first cut only)."""
+def cut_rows(model: TextToImage, negatives: int) -> tuple[set[int], bool]:
+    """The prompts ``model``'s last encoding cut (their indices among the prompts) and whether it cut the
+    negative prompt: its rows (``model.cut``) are the ``negatives`` negative prompt rows, then the prompts."""
+    prompts = {row - negatives for row in model.cut if row >= negatives}
+    return prompts, any(row < negatives for row in model.cut)
+
+
+def warn_cut_prompts(cut: int, prompts: int, limits: str, negative: bool = False) -> None:
+    """The warning for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits``
+    (TextToImage.limits) and, with ``negative``, for the negative prompt cut too: a call's, or a command's
+    total at its end (each encoder warns at its first cut only, and does not know a negative prompt's row
+    from a prompt's)."""
     if cut:
         log.warning(
             "%d of the %d prompts were longer than %s tokens: their ends were cut%s",
             cut,
             prompts,
             limits,
-            also,
+            " (the negative prompt's too)" if negative else "",
         )
+    elif negative:
+        log.warning("the negative prompt is longer than %s tokens: its end was cut", limits)
 
 
 def _saved_by_public_fusedit(folder: Path) -> bool:
@@ -438,6 +534,8 @@ def check_sampling_source(path: str | Path, use_ema: bool = True, relocate: dict
     before the load (`fusedit eval` records its generation first) check it first. Returns the folder."""
     folder = Path(path)
     if not folder.is_dir():
+        if folder.parent.name == "checkpoints" and folder.parent.is_dir() and not folder.exists():
+            raise FileNotFoundError(_gone_checkpoint(folder, path))
         # These commands read local folders only; a hub repository is downloaded first (docs/diffusers.md).
         hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not folder.exists()
         hint = (
@@ -523,12 +621,38 @@ def load_sampling_model(
     return *sampling(model, cfg), ckpt
 
 
+def _finished_checkpoints(checkpoints: Path) -> str:
+    """The names of the finished checkpoints in a run's checkpoints folder, oldest first, for messages."""
+    from fusedit.checkpoints import checkpoint_folders
+
+    names = [p.name for p in checkpoint_folders(checkpoints) if (p / "state.json").is_file()]
+    return ", ".join(names) if names else "none yet"
+
+
+def _gone_checkpoint(folder: Path, path: str | Path) -> str:
+    """Why the checkpoint folder ``folder`` (``path`` as given) of a run is not there: a run keeps only its
+    latest train.keep_checkpoints checkpoints, so an older one named in a note may be gone."""
+    run = folder.parent.parent
+    return (
+        f"no such folder: {str(path)!r} (its run {str(run)!r} holds the checkpoints "
+        f"{_finished_checkpoints(folder.parent)}, older ones deleted as train.keep_checkpoints says: give "
+        "one of them, or the run folder for its latest)"
+    )
+
+
 def _no_model(folder: Path, path: str | Path) -> str:
     """Why ``folder`` (``path`` as given) holds no model: a run that has not saved its first checkpoint yet
-    (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder."""
-    from fusedit.checkpoints import LOCK_FILE
+    (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder,
+    and a run's checkpoints folder points to the run and its checkpoints."""
+    from fusedit.checkpoints import LOCK_FILE, checkpoint_folders
     from fusedit.config import load_config, resolved_stages
 
+    if folder.name == "checkpoints" and checkpoint_folders(folder):
+        return (
+            f"no model in {str(path)!r}: it is the checkpoints folder of the run {str(folder.parent)!r} "
+            f"(allowed: the run folder, for its latest checkpoint, or one of its checkpoints: "
+            f"{_finished_checkpoints(folder)})"
+        )
     if not ((folder / "config.yaml").is_file() or (folder / LOCK_FILE).is_file()):
         return (
             f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
@@ -577,14 +701,17 @@ def write_sample_folder(
     written: list[Path] | None = None,
 ) -> list[Path]:
     """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
-    its metadata (prompt, seed, settings, precision, use_ema, model) as 0000i.json, and grid.png of them
-    all with their prompts.
+    its metadata (prompt, whether it was "truncated" to the text encoders' limits, seed, settings,
+    precision, use_ema, model) as 0000i.json, and grid.png of them all with their prompts. An empty prompt
+    samples unconditionally (the input a dropped caption trained), as `fusedit serve` does; the words the
+    built-in word tokenizer reads as <unk> are warned about before sampling, and the prompts cut (the
+    negative prompt too) once at the end.
 
     ``model`` and ``cfg`` are as ``load_sampling_model`` returns them, and ``source`` is the folder it
-    returned (recorded as each image's "model"). ``settings`` are ``generate``'s keyword arguments as
-    ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should fit the
-    model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone, so any
-    image can be made again by itself (each seed + i must lie in 0..SEED_MAX, as `fusedit serve` takes
+    returned (recorded, absolute, as each image's "model"). ``settings`` are ``generate``'s keyword
+    arguments as ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should
+    fit the model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone,
+    so any image can be made again by itself (each seed + i must lie in 0..SEED_MAX, as `fusedit serve` takes
     seeds: ConfigError otherwise); a negative prompt at guidance 1, which would change nothing, is refused
     too. Prompts are sampled ``batch_size`` at a time, with a progress bar unless ``progress`` is False.
     ``out`` is created where missing; once the first images are ready, the files an earlier sample wrote
@@ -604,8 +731,17 @@ def write_sample_folder(
         # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
         why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
         log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
+    negative = settings["negative_prompt"] if guidance != 1.0 else ""
+    unknown = unknown_words_note(model, cfg, prompts, negative)
+    if unknown:
+        log.warning("%s", unknown)
+    empty = sum(not p.strip() for p in prompts)
+    if empty:
+        log.info("%d of the %d prompts are empty: sampled unconditionally", empty, len(prompts))
+    model_path = None if source is None else str(Path(source).resolve())
     out.mkdir(parents=True, exist_ok=True)
     images, written = [], ([] if written is None else written)
+    cut_prompts, negative_cut = 0, False
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     bar = tqdm(total=len(batches) * steps, desc="sample", unit="step", disable=not progress)
     height, width = image_shape(size)
@@ -614,15 +750,18 @@ def write_sample_folder(
         # sampling its prompt on its own with that seed draws: any image can be made again by itself.
         seeds = [seed + len(images) + j for j in range(len(batch))]
         noise = seeded_noise(seeds, latent_shape(model, size))
-        # Cuts are counted in model.truncated, whose total `fusedit sample` warns about once at the end.
+        # The cuts are warned about once, at the end: the batch's rows are its negative prompts, then its own.
         x = generate(model, batch, noise=noise, progress=bar.update, warn_cut=False, **settings)
+        cut, negative_was_cut = cut_rows(model, len(batch) if guidance != 1.0 else 0)
+        cut_prompts, negative_cut = cut_prompts + len(cut), negative_cut or negative_was_cut
         if not images:
             _remove_earlier_samples(out)
-        for img, prompt, image_seed in zip(to_uint8(x), batch, seeds):
+        for j, (img, prompt, image_seed) in enumerate(zip(to_uint8(x), batch, seeds)):
             name = f"{len(images):05d}"
             save_png(Image.fromarray(img), out / f"{name}.png")
             meta = {
                 "prompt": prompt,
+                "truncated": j in cut,
                 "seed": image_seed,
                 "negative_prompt": settings["negative_prompt"],
                 "steps": steps,
@@ -636,11 +775,12 @@ def write_sample_folder(
                 "precision": precision_name(settings["precision"], device),
                 "cache_text": settings["cache_text"],
                 "use_ema": cfg.sample.use_ema,
-                "model": None if source is None else str(source),
+                "model": model_path,
             }
             write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1))
             images.append(img)
             written.append(out / f"{name}.png")
     bar.close()
     save_png(image_grid(images, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
+    warn_cut_prompts(cut_prompts, len(prompts), model.limits, negative_cut)
     return written

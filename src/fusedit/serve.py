@@ -4,17 +4,22 @@ One page (``serve_page.html``: inline CSS and JavaScript, nothing loaded from an
 box, the sampling settings, live progress and a gallery, over a small JSON API:
 
     GET  /                     the page
-    GET  /api/info             the model, its sampling defaults and the allowed ranges
+    GET  /api/info             the model (its folder, absolute; EMA or raw weights: "use_ema"), its
+                               sampling defaults and the allowed ranges
     POST /api/generate         {"prompt", "negative_prompt", "steps", "guidance", "seed", "size",
                                "width", "height", "num_images", "sampler", "shift", "schedule"} (all
-                               but the prompt optional; "size" sets both sides, as one number or
-                               "WIDTHxHEIGHT", "width"/"height" one) -> 202 the new job,
+                               but the prompt optional, and an empty prompt samples unconditionally, as
+                               `fusedit sample --prompt ""` does; "size" sets both sides, as one number
+                               or "WIDTHxHEIGHT", "width"/"height" one) -> 202 the new job,
                                or 400 {"error": "<one line naming the bad value and what is allowed>"}
     POST /api/jobs/<id>/cancel a queued job never starts; a running one stops after its current step
                                (409 when finished, or finishing: past its last step)
     GET  /api/jobs             the kept jobs, newest first (the gallery)
     GET  /api/jobs/<id>        one job: status (queued, running, done, error, cancelled), step of total,
-                               images, a notice (a prompt cut to text.max_length) or null
+                               images, use_ema, a notice (what the images do not show: a prompt or
+                               negative prompt cut to text.max_length, a prompt or negative prompt the
+                               guidance leaves unused, words the built-in tokenizer reads as <unk>, an
+                               empty prompt) or null
     GET  /images/<id>/<n>.png  image n of a job
 
 Both POSTs need ``Content-Type: application/json`` (the cancel's body is ignored): a page of another site
@@ -24,7 +29,7 @@ Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only 
 the model: jobs wait in a queue, so generations never run concurrently (a model is not safe to call from
 two threads, and two generations at once would not finish sooner). The worker samples through
 ``fusedit.sample.generate``, counting the sampler's steps with its progress callback; the page polls the
-job for "step k of N".
+job for "step k of N". Each finished job is logged in one line on the server's terminal.
 
 Image i of a job starts from the noise of seed + i alone, so each image is the one ``fusedit sample MODEL
 --prompt ... --seed <its seed>`` makes with the same settings (up to float rounding between batch sizes);
@@ -49,6 +54,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -64,7 +70,16 @@ from fusedit.config import (
     side_limits,
 )
 from fusedit.imaging import to_uint8
-from fusedit.sample import check_seed, generate, latent_shape, sample_settings, seeded_noise
+from fusedit.sample import (
+    check_seed,
+    cut_rows,
+    generate,
+    latent_shape,
+    sample_settings,
+    seeded_noise,
+    unknown_words_note,
+    unused_prompt_note,
+)
 from fusedit.system import TextToImage
 
 log = logging.getLogger(__name__)
@@ -144,7 +159,8 @@ class Job:
     cancel: bool = False
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
-    # What the images do not show: a prompt cut to text.max_length (the log warns only once per process).
+    # What the images do not show (a prompt cut to text.max_length, ...: the module docstring lists them),
+    # said on every job it concerns, where the log says it once per process.
     notice: str | None = None
     seconds: float | None = None
 
@@ -233,9 +249,12 @@ class JobQueue:
     """The model, the one worker thread that runs it, and the jobs (all methods are thread-safe)."""
 
     def __init__(self, model: TextToImage, cfg: Config, source: str = "", max_size: int | None = None):
-        """``max_size``: the largest image side a request may ask for; None = twice the side the model was
-        trained at (``data.image_size``), so that one click cannot occupy the machine for hours."""
-        self.model, self.cfg, self.source = model, cfg, source
+        """``source``: the folder the model was read from ("" for none), recorded absolute so that it still
+        names the folder once copied elsewhere. ``max_size``: the largest image side a request may ask for;
+        None = twice the side the model was trained at (``data.image_size``), so that one click cannot
+        occupy the machine for hours."""
+        self.model, self.cfg = model, cfg
+        self.source = str(Path(source).resolve()) if source else ""
         self.size_unit, self.max_size = max_side(cfg, max_size)
         # The page's default side is the trained one, unless the server caps sides below it.
         defaults = sample_settings(cfg)
@@ -256,6 +275,7 @@ class JobQueue:
         d = self.defaults
         return {
             "model": self.source,
+            "use_ema": self.cfg.sample.use_ema,
             "name": self.cfg.name,
             "design": self.cfg.model.design,
             "defaults": {
@@ -291,9 +311,8 @@ class JobQueue:
         unknown = [k for k in body if k not in FIELDS]
         if unknown:
             raise RequestError(f"unknown field {unknown[0]!r} (allowed: {', '.join(FIELDS)})")
+        # An empty prompt is the model's unconditional input, as for `fusedit sample` (the job says so).
         prompt = _text(body, "prompt", "").strip()
-        if not prompt:
-            raise RequestError("prompt is empty: describe the image to generate")
         d = self.defaults
         height, width = self._sides(body)
         num_images = _integer(body, "num_images", 1, 1, MAX_IMAGES)
@@ -404,6 +423,7 @@ class JobQueue:
             "sampler": r.sampler,
             "shift": r.shift,
             "schedule": r.schedule,
+            "use_ema": self.cfg.sample.use_ema,
             "images": [
                 {"url": f"/images/{job.id}/{i}.png", "seed": r.seed + i} for i in range(len(job.images))
             ],
@@ -455,6 +475,27 @@ class JobQueue:
                 job.images, job.error, job.status = images, error, status
                 job.seconds = round(time.perf_counter() - start, 3)
                 self._prune()
+            self._log_finished(job)
+
+    @staticmethod
+    def _log_finished(job: Job) -> None:
+        """The terminal's sign of the page's work: one line per finished job (a failed one's traceback is
+        logged as it fails)."""
+        r = job.request
+        if job.status == "done":
+            count = f"{len(job.images)} image{'s' * (len(job.images) != 1)}"
+            log.info(
+                "job %d done in %.1f s: %s of %r, %dx%d px, under /images/%d/",
+                job.id,
+                job.seconds,
+                count,
+                r.prompt[:80],
+                r.width,
+                r.height,
+                job.id,
+            )
+        elif job.status == "cancelled":
+            log.info("job %d cancelled after step %d of %d (%.1f s)", job.id, job.step, r.steps, job.seconds)
 
     def _generate(self, job: Job) -> list[bytes]:
         r = job.request
@@ -481,14 +522,29 @@ class JobQueue:
             self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
         )
         notices = []
-        if self.model.cut:  # the job's rows (its negative prompt's too), as the last encoding cut them
+        if not r.prompt:
+            notices.append("the prompt is empty: sampled unconditionally")
+        guided = settings["guidance"] != 1.0
+        unknown = unknown_words_note(
+            self.model, self.cfg, [r.prompt], settings["negative_prompt"] if guided else ""
+        )
+        if unknown:
+            notices.append(unknown)
+        # The job's rows, as the last encoding cut them: its negative prompt's (one per image), then its own.
+        cut, negative = cut_rows(self.model, r.num_images if guided else 0)
+        if cut and negative:
             notices.append(
-                f"the prompt (or negative prompt) is longer than {self.model.limits} tokens: its end was cut"
+                f"the prompt and the negative prompt are longer than {self.model.limits} tokens: their ends "
+                "were cut"
             )
-        if settings["negative_prompt"] and settings["guidance"] == 1.0:
-            # Not refused as `fusedit sample` refuses it: the page sends its negative prompt field with every
-            # request, and a user trying guidance 1 should not have to empty it first; but it is said.
-            notices.append("guidance 1 samples the prompt alone: the negative prompt was not used")
+        elif cut or negative:
+            which = "prompt" if cut else "negative prompt"
+            notices.append(f"the {which} is longer than {self.model.limits} tokens: its end was cut")
+        # Not refused as `fusedit sample` refuses a negative prompt at guidance 1: the page sends its negative
+        # prompt field with every request, and a user trying guidance 1 should not have to empty it first.
+        unused = unused_prompt_note(settings["guidance"], bool(settings["negative_prompt"]))
+        if unused:
+            notices.append(unused)
         if notices:
             with self._lock:
                 job.notice = "; ".join(notices)

@@ -8,6 +8,7 @@ text context computed once, see ``fusedit.sample``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -44,14 +45,27 @@ def sampling_times(
 ) -> torch.Tensor:
     """(steps + 1,) float32 times from 1 (noise) down to 0 (data): spaced by ``schedule`` (SCHEDULES), then
     the SD3 shift, computed in float64 and rounded once."""
-    if steps < 1:
-        raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    _check_times(steps, shift, schedule)
+    return shift_time(SCHEDULES[schedule](steps, shift), shift).float().to(device)
+
+
+def _check_times(steps: int, shift: float, schedule: str) -> None:
+    # Not an integer, torch.linspace would fail with its own multi-line TypeError.
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"sampling steps must be an integer >= 1, got {steps!r}")
     # shift_time(1, 0) is 0/0, and a negative shift divides by zero inside (0, 1): NaN images, no error.
     if not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"sampling shift must be a finite number > 0 (1 = none), got {shift}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown sampling schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
-    return shift_time(SCHEDULES[schedule](steps, shift), shift).float().to(device)
+
+
+def check_sampling(steps: int, shift: float = 1.0, sampler: str = "euler", schedule: str = "uniform") -> None:
+    """The one-line ValueError ``sample`` would raise for these settings, for a caller that checks them
+    before any slow work (``fusedit.sample.generate``, before the LLM's forward)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    _check_times(steps, shift, schedule)
 
 
 def guided(velocity: Velocity, scale: float) -> Velocity:
@@ -109,7 +123,6 @@ def sample(
     ``sample`` section (SampleConfig.shift) default to 3.0, so a call that gives only ``steps`` samples
     other times than ``generate`` does; pass the model's ``sample.shift`` (and ``sample.schedule``) to
     sample as it does. ``progress`` is called once after each step."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    check_sampling(steps, shift, sampler, schedule)
     times = sampling_times(steps, shift, noise.device, schedule)
     return SAMPLERS[sampler](velocity, noise, times, progress)
