@@ -378,3 +378,18 @@ def _resume_a_fresh_net(ckpt):
     fresh = torch.nn.Linear(2, 2)
     opts = {"denoiser": torch.optim.AdamW(fresh.parameters())}
     return load_training_state(ckpt, fresh, opts, EMA(fresh, 0.9), {}, distributed=False)
+
+
+def test_a_damaged_vocabulary_file_is_named_in_one_line(tmp_path):
+    """A copy that cut vocabulary.json short is refused naming the file, as a damaged state.json is, not
+    with json's bare "Expecting ..." (the words fix the built-in tokenizer's ids)."""
+    from fusedit.checkpoints import VOCABULARY_FILE, saved_vocabulary
+
+    path = tmp_path / VOCABULARY_FILE
+    path.write_text('["a", "red"')
+    with pytest.raises(ValueError) as caught:
+        saved_vocabulary(tmp_path)
+    assert str(caught.value) == (
+        f"{str(path)!r} is not readable JSON (Expecting ',' delimiter: line 1 column 12 (char 11); "
+        "a damaged copy? copy the checkpoint again)"
+    )

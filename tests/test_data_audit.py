@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import math
 import tarfile
 import threading
@@ -239,8 +240,45 @@ def test_a_csv_index_with_a_quote_left_open_is_a_one_line_error_naming_where(tmp
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Image decoding
+def test_an_index_file_that_is_a_folder_is_named_as_one_with_what_is_allowed(tmp_path):
+    root = _index_folder(tmp_path / "data")
+    with pytest.raises(ConfigError) as error:
+        step_loader(_cfg(source="folder", index_file=str(root)), 0, 2, 0, 1)
+    assert str(error.value) == (
+        f"data.index_file={str(root)!r} is a folder (allowed: an index file, .jsonl, .json, .ndjson with one "
+        "JSON object per line, or .csv, .tsv with a header row; for a folder of images use data.root)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "first", "head"),
+    [
+        (
+            {},
+            "4 rows in {index!r}, 2 of them unusable",
+            "2 of the 2 rows tried so far cannot be used (bad-row 2): about 50%",
+        ),
+        # bucket planning reads every image: the missing one is known before the first batch too
+        (
+            {"buckets": [[16, 16], [16, 24]]},
+            "1 usable samples of the 4 rows in {index!r} (1 bucket)",
+            "3 of the 4 rows tried so far cannot be used (bad-row 2, missing 1): about 75%",
+        ),
+    ],
+    ids=["plain", "buckets"],
+)
+def test_an_index_files_summary_and_skip_warning_count_the_same_rows(tmp_path, caplog, extra, first, head):
+    # The rows json cannot read are refused before any batch: the opening line counted only the others
+    # ("2 samples"), the warning all four ("2 of the 2 samples tried ... of the 4 in the data").
+    root = _index_folder(tmp_path / "data")
+    index = root / "index.jsonl"
+    rows = ['{"file": "a.png", "caption": "a"}', "not json", '{"file": "gone.png", "caption": "b"}', "{}"]
+    index.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.INFO, logger="fusedit.data.loader"):
+        next(iter(step_loader(_cfg(source="folder", index_file=str(index), **extra), 0, 1, 0, 1)))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert said[0] == "data: " + first.format(index=str(index))
+    assert said[1].startswith(f"data: {head} of the 4 in the data (warned above 20%)")
 
 
 def test_decoding_in_a_thread_leaves_the_process_warnings_filters_alone():

@@ -676,6 +676,21 @@ def test_webdataset_config_errors_are_one_line(tmp_path):
         shard_lists("x.tar", [])
 
 
+def test_webdataset_shards_without_samples_are_named_with_the_first_read_error(tmp_path):
+    bad = tmp_path / "x.tar"
+    bad.write_bytes(b"not a tar at all\n" * 200)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()  # a tar, but with no sample in it
+    for shards, why in [
+        ([bad], f"1 shards; {str(bad)!r}: not a tar file, plain or compressed"),
+        ([empty, bad], f"2 shards; {str(bad)!r}: not a tar file, plain or compressed"),
+        ([empty], f"1 shards; e.g. {str(empty)!r} has none"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            _run(_cfg(source="webdataset", shards=[[str(s) for s in shards]]), steps=1)
+        assert str(error.value) == f"data.shards entry 0 has no readable samples for rank 0 of 1 ({why})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Config, errors, shapes
 

@@ -207,3 +207,27 @@ def test_settings_given_as_tuples_from_code_compare_equal_to_the_recorded_lists(
     )
     again = DataConfig(**shapes, kinds=("single", "two"))
     assert cache_latents(again, VAEConfig(), out, 2, 2, "cpu", progress=False)["samples"] == 4
+
+
+def test_a_damaged_cache_index_is_named_and_a_rerun_writes_it_anew(tmp_path):
+    """A cut index.json is refused naming it (json's bare "Expecting ..." named no file), with the remedy
+    that works: cache-latents writes the index last, so a rerun to the end writes it again."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"c{i}")
+    data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
+    out = tmp_path / "cache"
+    cache_latents(data, VAEConfig(), out, 2, 2, "cpu", progress=False)
+    index = out / "index.json"
+    index.write_text(index.read_text()[:1])
+    with pytest.raises(ValueError) as error:
+        LatentDataset(out)
+    assert str(error.value) == (
+        f"{str(index)!r} is not readable JSON (Expecting property name enclosed in double quotes: line 1 "
+        f"column 2 (char 1); a damaged copy? copy the cache again, or rerun `fusedit cache-latents CONFIG "
+        f"--out {out}`)"
+    )
+    cache_latents(data, VAEConfig(), out, 2, 2, "cpu", progress=False)
+    assert len(LatentDataset(out)) == 3

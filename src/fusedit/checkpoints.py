@@ -110,11 +110,9 @@ def saved_vocabulary(ckpt: Path) -> list[str] | None:
     path = ckpt / VOCABULARY_FILE
     if not path.is_file():
         return None
-    words = json.loads(path.read_text())
+    words = files.read_json(path, COPY_AGAIN)
     if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
-        raise ValueError(
-            f"{str(path)!r} is not a JSON list of words (a corrupt copy? copy the checkpoint again)"
-        )
+        raise ValueError(f"{str(path)!r} is not a JSON list of words ({COPY_AGAIN})")
     return words
 
 

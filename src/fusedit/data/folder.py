@@ -128,6 +128,11 @@ def _is_within(path: str, folder: str) -> bool:
 
 def check_folder_paths(root: str, index_file: str) -> None:
     """That data.root / data.index_file name what a folder source needs; nothing is read."""
+    if index_file and Path(index_file).is_dir():
+        raise ConfigError(
+            f"data.index_file={index_file!r} is a folder (allowed: an index file, {_ALLOWED_INDEX}; "
+            "for a folder of images use data.root)"
+        )
     if index_file and not Path(index_file).is_file():
         raise ConfigError(f"data.index_file={index_file!r} does not exist")
     if not (root or index_file):

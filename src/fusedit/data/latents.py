@@ -55,6 +55,7 @@ from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
 from fusedit.files import (
     as_json_reads_back,
     check_output_folder,
+    read_json,
     readable_by_all,
     tensors_fingerprint,
     write_text_atomic,
@@ -662,7 +663,11 @@ def read_index(latents_dir: str | Path) -> dict:
             f"CONFIG --out {latents_dir}` first (an interrupted cache-latents writes it when rerun to "
             "the end)"
         )
-    return json.loads(path.read_text())
+    # cache-latents writes the index last, from the shard records, so a rerun to the end writes it anew.
+    return read_json(
+        path,
+        f"a damaged copy? copy the cache again, or rerun `fusedit cache-latents CONFIG --out {latents_dir}`",
+    )
 
 
 def check_latents(data_cfg: DataConfig, vae_cfg: VAEConfig) -> None:

@@ -244,11 +244,14 @@ class SkipWatch:
     ones among them ``known`` exactly; the fate of the others is estimated from the distinct samples met in
     batches, the share of them skipped. A stream's size is unknown (``total`` None): its share is that of
     the distinct samples read so far. The samples met are tracked over the first ``_WARN_WINDOW``.
-    ``see()`` returns the warning's text once, then None.
+    ``see()`` returns the warning's text once, then None. ``unit`` names what is counted: "rows" for an
+    index file, whose unreadable rows count among the unusable (as _epoch_summary counts them).
     """
 
-    def __init__(self, total: int | None = None, known=(), checked: int = 0, where: str = ""):
-        self.total, self.checked, self.where = total, checked, where
+    def __init__(
+        self, total: int | None = None, known=(), checked: int = 0, where: str = "", unit: str = "samples"
+    ):
+        self.total, self.checked, self.where, self.unit = total, checked, where, unit
         self.known = {sample_id: reason for reason, sample_id, *_ in known}
         unknown = None if total is None else total - len(self.known)
         self.min_tried = _WARN_MIN_TRIED if unknown is None else max(1, min(_WARN_MIN_TRIED, unknown))
@@ -289,11 +292,11 @@ class SkipWatch:
         counts = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
         share = self._share(len(self.skipped) / tried if tried else 0.0)
         if self.total is None:
-            head = f"{skipped} of the {tried} samples read so far cannot be used ({counts}): {share:.0%}"
+            head = f"{skipped} of the {tried} {self.unit} read so far cannot be used ({counts}): {share:.0%}"
         else:
             tried = min(self.total, self.checked + tried)
             head = (
-                f"{skipped} of the {tried} samples tried so far cannot be used ({counts}): about {share:.0%} "
+                f"{skipped} of the {tried} {self.unit} tried so far cannot be used ({counts}): about {share:.0%} "
                 f"of the {self.total} in the data"
             )
         where = f"; every skipped id is listed in {self.where}" if self.where else ""
@@ -1043,20 +1046,31 @@ def _stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: in
     )
 
 
-def _epoch_summary(cfg: DataConfig, dataset: PlannedDataset) -> str:
-    """How many samples an epoch of an index-addressable source holds, where, and in how many buckets. With
-    buckets the unusable samples are known already (planning read every header); without, they are found
-    (and replaced) as batches meet them."""
+def _epoch_summary(cfg: DataConfig, dataset: PlannedDataset, total: int) -> str:
+    """How many samples an epoch of an index-addressable source holds (of the ``total`` planned_dataset
+    counts), where, and in how many buckets. With buckets the unusable samples are known already (planning
+    read every header); without, they are found (and replaced) as batches meet them. An index file's count
+    is of its rows, the unreadable ones (refused before any batch) included, as its skip warning counts."""
     place = {"folder": cfg.index_file or cfg.root, "hf": cfg.hf_path, "latents": cfg.latents_dir}.get(
         cfg.source
     )
     where = f"in {place!r}" if place else "of the procedural shapes world"
     plan = dataset.plan
+    unit = _unit(cfg)
     if plan.groups is None:
-        return f"{len(dataset):,} samples {where}"
+        refused = total - len(dataset)
+        return f"{total:,} {unit} {where}" + (f", {refused:,} of them unusable" if refused else "")
     buckets = len(plan.group_sizes)
-    usable = f"{len(plan.members):,} usable samples of {len(dataset):,}"
-    return f"{usable} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
+    of = f"the {total:,} rows" if unit == "rows" else f"{total:,}"
+    return (
+        f"{len(plan.members):,} usable samples of {of} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
+    )
+
+
+def _unit(cfg: DataConfig) -> str:
+    """What the data's counts count: an index file's rows (a row that cannot be read is no sample, but
+    counts among the unusable), or else samples."""
+    return "rows" if cfg.source == "folder" and cfg.index_file else "samples"
 
 
 def resplit_state(states: list[dict], global_batch: int) -> dict:
@@ -1188,7 +1202,7 @@ def step_loader(
         cfg, seed, batch_size, rank, world_size, progress and rank == 0, offset
     )
     if rank == 0:  # every rank plans the same dataset
-        log.info("data: %s", _epoch_summary(cfg, dataset))
+        log.info("data: %s", _epoch_summary(cfg, dataset, total))
         if cfg.source == "latents" and cfg.crop != dataset.meta["data"].get("crop"):
             log.warning(
                 "data.crop=%r has no effect with data.source=latents: the images in %r were cropped when "
@@ -1218,6 +1232,6 @@ def step_loader(
         skips.add_all(events)
     # Bucket planning read every sample's header: all are checked; otherwise the rows a catalog refused.
     checked = total if dataset.plan.groups is not None else len(events)
-    watch = SkipWatch(total, events, checked, skip_list) if rank == 0 else None
+    watch = SkipWatch(total, events, checked, skip_list, _unit(cfg)) if rank == 0 else None
     planned = SkipCounter.of(events)
     return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch, planned)

@@ -182,7 +182,9 @@ class TarShard:
             # Kept open across reads (random access into the shard); close() releases it.
             self.tar = tarfile.open(path, "r:*")  # noqa: SIM115
         except _TAR_ERRORS as e:
-            self.tar, self.error = None, _short(e)
+            # "r:*" tried every format it knows, and its "file could not be opened successfully:" names none.
+            not_tar = isinstance(e, tarfile.ReadError) and str(e).startswith("file could not be opened")
+            self.tar, self.error = None, "not a tar file, plain or compressed" if not_tar else _short(e)
             return
         if samples is not None:
             self.samples = samples
@@ -370,9 +372,14 @@ class WebDatasetReader:
             shards, _, _ = self._my_shards(d, epoch)
             if position >= len(shards):
                 if self._fresh[d] and self._found[d] == 0:
+                    # This epoch's shards were all opened in this call (none gave a sample): name the first
+                    # that could not be read, or else the first, which holds no sample for this rank.
+                    mine = [self.datasets[d][i] for i in shards]
+                    bad = next(((path, error) for _, path, error in events if path in mine), None)
+                    why = f"{bad[0]!r}: {bad[1]}" if bad else f"e.g. {mine[0]!r} has none"
                     raise ConfigError(
                         f"data.shards entry {d} has no readable samples for rank {self.rank} of "
-                        f"{self.world_size} ({len(self.datasets[d])} shards)"
+                        f"{self.world_size} ({len(self.datasets[d])} shards; {why})"
                     )
                 self.cursors[d] = [epoch + 1, 0, 0]
                 self._fresh[d], self._found[d] = True, 0

@@ -2,7 +2,9 @@
 
 Under FSDP2 the model's state dict holds DTensor shards, and so does the EMA: each rank averages only its
 own shard (no communication), and checkpoints save it sharded like the weights. With ``offload`` (a whole
-model, train.ema_offload) the average lives in host memory, pinned, and each update copies the weights there.
+model, train.ema_offload) the average lives in host memory and each update copies the weights there: CUDA
+weights through pinned buffers that torch's host allocator keeps cached (about one more copy of the weights
+in host memory), so the copies run without waiting and one synchronize per device waits for them all.
 """
 
 from __future__ import annotations
@@ -28,27 +30,37 @@ class EMA:
             return value.detach().float().clone()
         if getattr(value, "device_mesh", None) is not None:
             raise ValueError("an offloaded EMA holds whole tensors, not FSDP shards (train.ema_offload)")
-        # Pinned: the updates' device-to-host copies then run at full PCIe speed.
-        held = torch.empty(value.shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-        return held.copy_(value.detach())
+        return value.detach().to(self.device, torch.float32, copy=True)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         state = merged_state_dict(model)
         if self.device is not None:
-            # Queued without waiting, into pinned host memory; one synchronize waits for them all.
-            state = {k: v.detach().to(self.device, non_blocking=True) for k, v in state.items()}
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        floats = [k for k, v in state.items() if v.is_floating_point()]
+            state = self._copied_here(state)
         for k, v in state.items():
             if not v.is_floating_point():
                 self.shadow[k].copy_(v)
-        # One multi-tensor kernel on a GPU (the same lerp per element): a loop launched one per tensor, a
-        # few hundred per update of an 18-layer DiT.
-        if floats:
-            shadows, values = [self.shadow[k] for k in floats], [state[k].float() for k in floats]
+        # One multi-tensor kernel per kind of tensor on a GPU (the same lerp per element): a loop launched one
+        # per tensor, a few hundred per update of an 18-layer DiT. DTensor shards and plain tensors (an FSDP
+        # model's unsharded buffers) cannot share one multi-tensor call.
+        groups: dict[type, list[str]] = {}
+        for k, v in state.items():
+            if v.is_floating_point():
+                groups.setdefault(type(v), []).append(k)
+        for keys in groups.values():
+            shadows, values = [self.shadow[k] for k in keys], [state[k].float() for k in keys]
             torch._foreach_lerp_(shadows, values, 1 - self.decay)
+
+    def _copied_here(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` copied to the host: CUDA tensors queued without waiting (into pinned memory), then each
+        CUDA device they came from synchronized, not only the current one (train.device=cuda:1 in one
+        process never makes it current); other devices' copies wait by themselves."""
+        copied = {
+            k: v.detach().to(self.device, non_blocking=v.device.type == "cuda") for k, v in state.items()
+        }
+        for device in {v.device for v in state.values() if v.device.type == "cuda"}:
+            torch.cuda.synchronize(device)
+        return copied
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
