@@ -971,3 +971,28 @@ def test_describe_of_a_lora_config_without_peft_gives_the_rest(capsys, monkeypat
         in out
     )
     assert "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP" in out
+
+
+def test_stop_at_beyond_train_steps_is_warned_of(tmp_path, capsys, caplog):
+    """`--stop-at 5` with train.steps=1 trained 1 step and said nothing of the stop it never reached."""
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        argv = ["train", config, "train.steps=1", "--out", str(run), "--quiet", "--stop-at", "5"]
+        assert main(argv) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"] == [
+        "--stop-at 5 is beyond train.steps=1: the run ends at step 1 first"
+    ]
+    assert capsys.readouterr().out == f"trained to step 1; checkpoints in {run / 'checkpoints'}\n"
+
+
+def test_huggingface_hub_warnings_are_printed_once():
+    """Offline, each of huggingface_hub's retry warnings came twice: its own handler's line and the root's."""
+    script = (  # the hub's HTTP helpers load its logging module, which adds its handler
+        "import logging, huggingface_hub.utils._http\n"
+        "from fusedit.cli import main\n"
+        "assert main(['presets']) == 0\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("Retrying in 1s [Retry 1/5].") == 1, r.stderr

@@ -226,3 +226,59 @@ def test_config_describe_and_train_refuse_a_model_the_llm_cannot_carry_before_wr
     assert main(["train", "debug", *overrides, "train.steps=1", "--out", str(out), "--quiet"]) == 2
     assert _one_line_error(capsys) == f"fusedit: error: {message}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "tokens, warning",
+    [
+        (
+            "65",
+            "--text-tokens 65 is more than the LLM's max_position_embeddings=64: the prompts read positions it "
+            "never learned; set --text-tokens <= 64",
+        ),
+        (
+            "20",
+            "--text-tokens 20 is more than text.max_length=16: training and sampling cut prompts to 16 tokens, "
+            "so no run of this config reads prompts this long",
+        ),
+        ("16", None),
+    ],
+)
+def test_bench_warns_of_text_tokens_past_what_the_model_reads(tokens, warning, monkeypatch, caplog):
+    """`--text-tokens 100000` on the debug preset (64 positions) ran for minutes without a word."""
+
+    class Measured(Exception):
+        pass
+
+    def measured(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr("fusedit.bench.bench_sample", measured)
+    argv = ["bench", "debug", "--what", "sample", "--prompts", "1", "--steps", "1", "--text-tokens", tokens]
+    with caplog.at_level("WARNING", logger="fusedit.bench"), pytest.raises(Measured):
+        main(argv)
+    warned = [r.getMessage() for r in caplog.records if r.name == "fusedit.bench"]
+    assert warned == ([warning] if warning else [])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "debug", "text.arch.hidden_size=-4"], "text.arch.hidden_size=-4 is not allowed (allowed: an integer >= 1)"),
+        (["describe", "debug", "text.arch.head_dim=0"], "text.arch.head_dim=0 is not allowed (allowed: an integer >= 1)"),
+        (["config", "debug", "text.arch.vocab_sizee=3"], "unknown config key 'text.arch.vocab_sizee': did you mean 'text.arch.vocab_size'?"),
+        (["config", "debug", "data.weights=[abc]"], "data.weights=['abc'] is not allowed (allowed: finite numbers >= 0"),
+        (["train", "debug", "name=../escaped", "train.steps=1"], "name='../escaped' cannot name the run folder runs/<name> (allowed: a word of letters"),
+        (["config", "{tmp}/b.yaml"], "{tmp}/b.yaml: base=5 is not allowed (allowed: a preset name, a YAML path, or a run folder)"),
+        (["train", "{tmp}/empty.yaml"], "{tmp}/empty.yaml: the file is empty (allowed: a YAML mapping of sections"),
+    ],
+)  # fmt: skip
+def test_bad_config_values_are_one_line_errors_not_tracebacks(tmp_path, capsys, monkeypatch, argv, message):
+    """Arch sizes of 0 or less ended in torch tracebacks at the build; the rest passed `fusedit config` or
+    trained (an arch typo, data.weights=[abc], a run name leaving runs/) or misled (an empty file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text("base: 5\n")
+    (tmp_path / "empty.yaml").write_text("")
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert _one_line_error(capsys).startswith("fusedit: error: " + message.format(tmp=tmp_path))
+    assert not (tmp_path / "runs").exists()

@@ -161,6 +161,15 @@ def test_a_missing_prompts_flag_fails_before_the_model_loads(run, capsys, no_mod
     assert f"--bench {bench} needs --prompts PATH" in one_line_error(capsys)
 
 
+def test_an_mjhq_cache_dir_that_is_a_file_fails_before_the_model_loads(run, tmp_path, capsys, no_model_load):
+    (tmp_path / "afile").write_text("")
+    command = ["eval", str(run), "--bench", "mjhq", "--prompts", "p", "--cache-dir", str(tmp_path / "afile")]
+    assert main([*command, "--quiet"]) == 2
+    assert one_line_error(capsys) == (
+        f"fusedit: error: --cache-dir {str(tmp_path / 'afile')!r} is a file (allowed: a folder, new or existing)\n"
+    )
+
+
 def test_a_clip_path_to_nothing_is_named_with_its_flag(tmp_path, capsys):
     """Not taken for a malformed hub id (transformers: "Repo id must be in the form ...")."""
     from PIL import Image

@@ -86,6 +86,7 @@ def test_an_arch_override_naming_the_default_family_keeps_the_base_arch(tmp_path
         "hidden_size": 32,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
+        "num_key_value_heads": 4,  # Gemma's default 16 would not divide the 4 heads (the LLM fails at its first step)
         "head_dim": 8,
     }
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"name": "b", "text": {"arch": arch}}))
@@ -493,5 +494,182 @@ def test_an_arch_transformers_refuses_is_a_one_line_error_at_load():
     with pytest.raises(ConfigError) as e:
         load_config("debug", ["text.arch.head_dim=5"])
     message = str(e.value)
-    assert message.startswith("text.arch={") and "is not a valid gemma config: " in message
-    assert "head_dim" in message.split("config: ", 1)[1] and "\n" not in message
+    # The failing field first, not the whole arch.
+    assert message.startswith("text.arch.head_dim=5 is not valid for gemma: ") and "\n" not in message
+    assert "RoPE requires an even rotary dimension" in message
+    with pytest.raises(ConfigError, match=r"^text\.arch\.rms_norm_eps='x' is not valid for gemma: .*float"):
+        load_config("debug", ["text.arch.rms_norm_eps=x"])
+
+
+@pytest.mark.parametrize(
+    "preset, override",
+    [
+        ("debug", "text.arch.hidden_size=-4"),
+        ("debug", "text.arch.head_dim=0"),
+        ("debug", "text.arch.num_attention_heads=0"),
+        ("debug", "text.arch.num_key_value_heads=0"),
+        ("debug", "text.arch.vocab_size=0"),
+        ("debug", "text.arch.intermediate_size=-1"),
+        ("debug", "text.arch.num_hidden_layers=0"),
+        ("debug", "text.arch.num_hidden_layers=-1"),
+        ("debug", "text.arch.max_position_embeddings=0"),
+        ("debug", "text.arch.hidden_size=2.5"),
+        ("debug", "text.arch.hidden_size=true"),
+        ("debug", "text.arch.hidden_size=abc"),
+        ("debug-lidit", "extra_text.0.arch.hidden_size=0"),
+        ("debug-clip-mod", "pooled_text.arch.num_hidden_layers=0"),
+        # The arch stands in for a hub id out of reach: checked with a model_id too.
+        ("fusedit-gemma2b", "text.arch.hidden_size=0"),
+    ],
+)
+def test_arch_sizes_that_are_not_positive_integers_are_refused_at_load(preset, override):
+    """transformers takes any int: zero or a negative size crashed the build (a negative dimension, a
+    division by zero, an index out of range), and 0 layers read as `initial_layers < 0` allowed."""
+    key, value = override.split("=")
+    shown = {"2.5": "2.5", "true": "True", "abc": "'abc'"}.get(value, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(preset, [override])
+    assert str(e.value) == f"{key}={shown} is not allowed (allowed: an integer >= 1)"
+
+
+def test_kv_heads_that_do_not_divide_the_query_heads_are_refused_at_load():
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["text.arch.num_key_value_heads=3"])
+    assert str(e.value) == (
+        "text.arch.num_key_value_heads=3 does not divide num_attention_heads=4 (allowed: a divisor of "
+        "num_attention_heads: each key/value head serves a group of query heads)"
+    )
+    assert load_config("debug", ["text.arch.num_key_value_heads=2"]).text.arch["num_key_value_heads"] == 2
+
+
+@pytest.mark.parametrize(
+    "preset, override, message",
+    [
+        ("debug", "text.arch.vocab_sizee=3", "unknown config key 'text.arch.vocab_sizee': did you mean 'text.arch.vocab_size'? (allowed: the keys of transformers' gemma config, e.g. hidden_size, "),
+        ("debug-lidit", "extra_text.0.arch.hiden_size=3", "unknown config key 'extra_text.0.arch.hiden_size': did you mean 'extra_text.0.arch.hidden_size'? (allowed: the keys of transformers' qwen2 config, e.g. "),
+        ("debug", "pooled_text.arch.foo=1", "unknown config key 'pooled_text.arch.foo' (allowed: the keys of transformers' clip_text_model config, e.g. hidden_size, "),
+    ],
+)  # fmt: skip
+def test_an_unknown_arch_key_is_refused_with_a_close_one(preset, override, message):
+    """transformers keeps an unknown key as an attribute nothing reads: the typo trained silently."""
+    with pytest.raises(ConfigError) as e:
+        load_config(preset, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_presets_arch_keys_and_name_pass_the_checks(preset):
+    from fusedit.config import CLIP_TEXT_FAMILY, NAME_WORD, check_arch, text_sections
+
+    cfg = load_config(preset)
+    for key, text in text_sections(cfg):
+        check_arch(text.family, text.arch, key)
+    check_arch(CLIP_TEXT_FAMILY, cfg.pooled_text.arch, "pooled_text")
+    assert NAME_WORD.match(cfg.name)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_the_arch_a_public_checkpoint_converts_to_passes_the_arch_check(family, fused):
+    """The converter writes keys transformers reads without declaring them (rope_theta, Gemma's
+    hidden_activation): they are arch keys, not typos."""
+    from fusedit.config import check_arch
+    from fusedit.convert.fusedit_official import _arch
+
+    base = {"model_type": family, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64}
+    base |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8}
+    if family == "gemma2":
+        base |= {"query_pre_attn_scalar": 8, "sliding_window": 16, "attn_logit_softcapping": 50.0}
+    name, arch = _arch(base, fused)
+    check_arch(name, arch, "text")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: 5\n", "{path}: base=5 is not allowed (allowed: a preset name, a YAML path, or a run folder)"),
+        ("base: [debug]\n", "{path}: base=['debug'] is not allowed (allowed: a preset name, a YAML path, or a run folder)"),
+        ("", "{path}: the file is empty (allowed: a YAML mapping of sections, e.g. base: debug)"),
+        ("# only a comment\n", "{path}: the file is empty (allowed: a YAML mapping of sections, e.g. base: debug)"),
+        ("base: nonexist.yaml\n", "base 'nonexist.yaml' of {path}: not found beside it ({dir}/nonexist.yaml) nor from the working directory ({cwd}/nonexist.yaml) (allowed: a preset name, a YAML path, or a run folder)"),
+        ("base: debugg\n", "base 'debugg' of {path}: unknown preset: did you mean 'debug'? (allowed: debug, "),
+    ],
+)  # fmt: skip
+def test_a_config_files_base_and_content_problems_name_the_file(tmp_path, monkeypatch, text, message):
+    """A base that is not a string was a TypeError traceback; an empty file read as the all-default config
+    ("text.arch is empty"); a base not found named neither the file referring to it nor where it looked."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp").mkdir()
+    path = tmp_path / "exp" / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(message.format(path=path, dir=path.parent, cwd=tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"a\xff: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert (
+        str(e.value)
+        == f"{str(path)!r} is not UTF-8 text (byte 1: invalid start byte) (allowed: a UTF-8 YAML file)"
+    )
+
+
+@pytest.mark.parametrize("name", ["", "../../escaped", "/tmp/abs", "a b", ".hidden", "run\n", "a/b"])
+def test_a_run_name_that_is_not_one_word_is_refused_as_it_names_the_run_folder(name):
+    """runs/<name>: an empty name trained into runs/ itself (and --overwrite would clear it), ../.. left it.
+    Refused where it becomes the folder; a config (a saved run, a converted checkpoint) so named still loads."""
+    from fusedit.config import default_run_folder
+
+    with pytest.raises(ConfigError) as e:
+        default_run_folder(load_config("debug", [f"name={name}"]).name)
+    assert str(e.value) == (
+        f"name={name!r} cannot name the run folder runs/<name> (allowed: a word of letters, digits, '.', '_', "
+        "'+', '-', starting with a letter or digit; or give --out)"
+    )
+    assert default_run_folder("my-run_2.b+c") == "runs/my-run_2.b+c"
+
+
+def test_the_study_name_rule_is_the_run_names():
+    from fusedit.config import NAME_WORD
+    from fusedit.eval import study
+
+    assert study.NAME_WORD is NAME_WORD
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.weights=[abc]"], "data.weights=['abc'] is not allowed (allowed: finite numbers >= 0, not all 0, one per data.shards entry; [] for equal weights)"),
+        (["data.weights=[-1]"], "data.weights=[-1] is not allowed ("),
+        (["data.weights=[0, 0]"], "data.weights=[0, 0] is not allowed ("),
+        (["data.weights=[.nan]"], "data.weights=[nan] is not allowed ("),
+        (["data.weights=[.inf]"], "data.weights=[inf] is not allowed ("),
+        (["data.weights=[true]"], "data.weights=[True] is not allowed ("),
+        (["data.source=webdataset", "data.shards=[a.tar,b.tar]", "data.weights=[1]"], "data.weights=[1] is not allowed (allowed: finite numbers >= 0, not all 0, one per data.shards entry (2); [] for equal weights)"),
+    ],
+)  # fmt: skip
+def test_data_weights_are_checked_at_load(overrides, message):
+    """`fusedit config` passed data.weights=[abc]: only a webdataset run's first read refused it."""
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", overrides)
+    assert str(e.value).startswith(message)
+    cfg = load_config("debug", ["data.source=webdataset", "data.shards=[a.tar,b.tar]", "data.weights=[1, 0]"])
+    assert cfg.data.weights == [1, 0]
+
+
+def test_data_weights_beside_a_source_that_never_reads_them_are_refused():
+    """data.weights weighs webdataset shards: beside another source the run ignored them silently."""
+    from fusedit.config import check_data_locations
+
+    cfg = load_config("debug", ["data.source=folder", "data.root=/tmp", "data.weights=[1, 2]"])
+    with pytest.raises(ConfigError) as e:
+        check_data_locations(cfg.data)
+    assert str(e.value) == (
+        "data.weights=[1, 2] is set but data.source='folder' (it reads data.root / data.index_file) never reads "
+        "it (allowed: data.source=webdataset to read it, or no data.weights)"
+    )

@@ -625,3 +625,19 @@ def test_image_only_layout_rotates_images_from_zero_and_never_text():
     assert torch.equal(rot.cos, zero.cos) and torch.equal(rot.sin, zero.sin)
     k = torch.randn(2, 2, 5, 8)
     assert torch.equal(scheme.text_rotary(torch.arange(5)[None]).apply(k), k)
+
+
+def test_fusedit_run_and_checkpoint_folders_are_refused_as_needing_no_conversion(tmp_path, capsys):
+    """They were searched for the public code's weight files: "no checkpoint weights in ... (looked for
+    model.safetensors, ...)", as if the folder were a damaged public checkpoint."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "state.json").write_text('{"step": 1}')
+    for folder, what in ((run, "run"), (run / "checkpoints" / "step_00000001", "checkpoint")):
+        assert main(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == (
+            f"fusedit: error: {str(folder)!r} is already a fusedit {what} folder (written by `fusedit train`): "
+            "nothing to convert, `fusedit sample` and `fusedit serve` read it directly (allowed here: the "
+            "public FuseDiT code's transformer or pipeline folder, or a raw training file)\n"
+        )
+    assert not (tmp_path / "out").exists()

@@ -556,3 +556,24 @@ def test_clip_score_skips_unreadable_images(tiny_clip, tmp_path, capsys, caplog)
     upright = load_image(photo)
     assert upright.size == (24, 40)
     torch.testing.assert_close(scorer([photo], ["a red dog"]), scorer([upright], ["a red dog"]))
+
+
+def test_fid_cache_dir_and_clip_score_samples_of_the_wrong_kind_say_so(tmp_path, capsys, monkeypatch):
+    """`fusedit fid --cache-dir FILE` failed after the feature model loaded with a bare [Errno 17];
+    `fusedit clip-score FILE` said "no such folder" of a file that is there."""
+    from fusedit.cli import main
+
+    monkeypatch.setattr(fid_module, "ReferenceStats", None)  # nothing past the flags' checks may run
+    monkeypatch.setattr("fusedit.eval.inception.feature_extractor", lambda *a: pytest.fail("features loaded"))
+    samples = save_images(tmp_path / "samples", random_images(2, size=32, seed=5))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["fid", str(samples), "--reference", str(samples), "--reference-name", "mine", "--features", "o/n"]
+    assert main([*argv, "--cache-dir", str(afile)]) == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: --cache-dir {str(afile)!r} is a file (allowed: a folder, new or existing)\n"
+    )
+    assert main(["clip-score", str(afile), "--clip", "o/n"]) == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: {str(afile)!r} is a file (allowed: a `fusedit sample` output folder)\n"
+    )

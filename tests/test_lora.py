@@ -206,11 +206,17 @@ def test_a_lora_target_that_matches_nothing_is_refused_next_to_one_that_matches(
     cfg = tiny_config(train=train)
     with pytest.raises(ConfigError) as e:
         check_stages(build_model(cfg), resolved_stages(cfg))
+    # A run without stages is named by no stage; a Sequential's positions (0, 2) are no target names.
+    allowed = str(e.value).split("(allowed: ", 1)[1].rstrip(")").split(", ")
     assert str(e.value).startswith(
-        f"stages[0] (tiny): train.{key}.targets=['q_proj', 'foo']: 'foo' matches no linear layer of {of} "
-        "(allowed: "
+        f"train.{key}.targets=['q_proj', 'foo']: 'foo' matches no linear layer of {of} (allowed: "
     )
-    assert "down_proj, gate_proj, k_proj, " in str(e.value) and "foo, " not in str(e.value)
+    assert {"down_proj", "gate_proj", "k_proj"} <= set(allowed) and "foo" not in allowed
+    assert not [name for name in allowed if name.isdigit()]
+    # A staged run's message names the stage.
+    staged = tiny_config(train=train, stages=[{"name": "tune", "steps": 1}])
+    with pytest.raises(ConfigError, match=rf"^stages\[0\] \(tune\): train\.{key}\.targets="):
+        check_stages(build_model(staged), resolved_stages(staged))
     # Of the default targets one match is enough: deep fusion reads only K/V of the top layer it trains.
     top = tiny_config(train={"trainable": ["dit", "llm"], "llm_lora": {"rank": 2}, "llm_top_layers": 1})
     check_stages(build_model(top), resolved_stages(top))

@@ -1119,3 +1119,12 @@ def test_the_page_shows_what_is_wrong_with_the_input(page):
     page.click("#generate")
     page.locator(".card[data-status=done]").wait_for()
     assert not page.is_visible("#error")
+
+
+def test_a_host_that_cannot_be_listened_on_names_the_host_not_the_port(tmp_path, capsys):
+    """`--host nonexistent.invalid` was told to choose another --port."""
+    assert main(["serve", str(tmp_path), "--host", "nonexistent.invalid", "--port", "8000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusedit: error: cannot listen on nonexistent.invalid:8000: ")
+    assert err.endswith(" (allowed: --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0)\n")
+    assert "--port" not in err

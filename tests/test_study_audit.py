@@ -337,3 +337,48 @@ def test_a_lora_designs_cost_counts_its_adapters_as_describe_does(capsys):
     assert cost["trainable_params"] == 95_232 and cost["frozen_params"] == 1_525_296 + 422_720
     # The FLOPs are counted before the adapters are added, as before.
     assert cost["train_flops_per_image"] == 265_355_264
+
+
+def test_a_study_refuses_a_folder_holding_another_study_or_a_training_run(tmp_path, capsys, monkeypatch):
+    """Run into another study's folder, a study replaced its report and left its runs unlisted; into a
+    training run's, it wrote its report beside the checkpoints; --check planned both without a word."""
+    monkeypatch.setattr(study_mod, "train", lambda *a, **k: pytest.fail("a design was trained"))
+    path, _ = _study_file(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"name": "s-other", "designs": {}}))
+    for check in (["--check"], []):
+        assert main(["study", str(path), "--out", str(other), *check, "--quiet"]) == 2
+        assert _one_line_error(capsys) == (
+            f"{other} holds study 's-other' (its results.json), not 'plan': running into it would replace its "
+            "report (allowed: this study's own folder, or a new or empty one)"
+        )
+    assert json.loads((other / "results.json").read_text())["name"] == "s-other"
+    for held in ("checkpoints", "train.lock"):
+        run = tmp_path / f"run-{held}"
+        run.mkdir()
+        if held == "checkpoints":
+            (run / held).mkdir()
+        else:
+            (run / held).touch()
+        for check in (["--check"], []):
+            assert main(["study", str(path), "--out", str(run), *check, "--quiet"]) == 2
+            assert _one_line_error(capsys) == (
+                f"{run} holds a training run ({held}), not a study: a study writes its report there and each "
+                "design's run under runs/ (allowed: this study's own folder, or a new or empty one)"
+            )
+        assert not (run / "report.md").exists()
+    # Its own folder (results.json names this study) is planned as before.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "results.json").write_text(json.dumps({"name": "plan", "designs": {}}))
+    assert main(["study", str(path), "--out", str(own), "--check"]) == 0
+    assert _plan(capsys.readouterr().out) == dict.fromkeys("abcd", "trained")
+
+
+def test_a_study_given_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    """`fusedit study studies` said "study file not found" of a folder that is there."""
+    assert main(["study", str(tmp_path), "--check"]) == 2
+    assert _one_line_error(capsys) == (
+        f"study {str(tmp_path)!r} is a folder (allowed: a study YAML file, e.g. studies/*.yaml)"
+    )

@@ -205,6 +205,31 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     return BenchSetup(model, cfg, device, bf16, matmul_peak(device, dtype))
 
 
+def warn_text_tokens(s: BenchSetup, tokens: int) -> None:
+    """``tokens`` (--text-tokens) past what an encoder reads, a warning per encoder, as `fusedit describe`
+    warns of text.max_length (system._check_positions): past the LLM's max_position_embeddings the numbers
+    time positions it never learned; past its max_length, prompts no training or sampling run feeds it."""
+    for enc in s.model.encoders:
+        positions = getattr(enc.llm.config, "max_position_embeddings", None)
+        if positions is not None and tokens > positions:
+            log.warning(
+                "--text-tokens %d is more than the LLM's max_position_embeddings=%d: the prompts read positions "
+                "it never learned; set --text-tokens <= %d",
+                tokens,
+                positions,
+                positions,
+            )
+        elif tokens > enc.prompt_limit:
+            log.warning(
+                "--text-tokens %d is more than %s=%d: training and sampling cut prompts to %d tokens, so no "
+                "run of this config reads prompts this long",
+                tokens,
+                enc.setting,
+                enc.prompt_limit,
+                enc.prompt_limit,
+            )
+
+
 def use_sampling_form(s: BenchSetup) -> None:
     """What `fusedit sample` does to a loaded model (sample.fuse_projections, sample.bf16_weights); one-way,
     so every training measurement comes first."""

@@ -23,6 +23,7 @@ from fusedit.config import (
     adds_template_tokens,
     allowed_sides,
     choices_of,
+    default_run_folder,
     load_config,
     pipeline_record,
     preset_names,
@@ -94,7 +95,14 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     folders: list[Path] = []  # the model folders the config came from
     cfg = load_config(args.config, args.overrides, folders=folders)
-    out = _out_folder(args.out or f"runs/{cfg.name}")
+    if args.stop_at is not None and args.stop_at > cfg.train.steps:
+        log.warning(
+            "--stop-at %d is beyond train.steps=%d: the run ends at step %d first",
+            args.stop_at,
+            cfg.train.steps,
+            cfg.train.steps,
+        )
+    out = _out_folder(args.out or default_run_folder(cfg.name))
     if not args.resume:
         _warn_weights_not_taken(folders, cfg.train.init_from)
     started = time.time()
@@ -470,6 +478,8 @@ def cmd_eval(args) -> int:
     if args.seed is not None:
         check_seed(args.seed, name="--seed")
     given_out = _out_folder(args.out) if args.out else None
+    if args.cache_dir:  # written after all the sampling: a file there would fail only then
+        _out_folder(args.cache_dir, "--cache-dir")
     device = resolve_device(args.device, "--device")
     relocate = _relocations(args)
     check_sampling_source(args.model, not args.no_ema, relocate)
@@ -870,12 +880,13 @@ def cmd_fid(args) -> int:
     # decoding) is what tells whether the cache still describes this folder.
     samples = images(args.samples, "samples")
     reference_files = images(args.reference, "reference")
+    cache_dir = _out_folder(args.cache_dir, "--cache-dir")
     extractor = feature_extractor(args.features)
     reference = ReferenceStats.cached(
         args.reference_name,
         reference_files,
         extractor,
-        Path(args.cache_dir),
+        cache_dir,
         reference=folder_source(args.reference, reference_files),
     )
     value = fid_score(samples, reference, extractor)
@@ -899,6 +910,8 @@ def cmd_clip_score(args) -> int:
             )
         return prompt
 
+    if Path(args.samples).is_file():
+        raise ConfigError(f"{args.samples!r} is a file (allowed: a `fusedit sample` output folder)")
     if not Path(args.samples).is_dir():
         raise FileNotFoundError(
             f"no such folder: {args.samples!r} (expected a `fusedit sample` output folder)"
@@ -944,7 +957,15 @@ def _appendable(path: str, flag: str) -> None:
 def cmd_bench(args) -> int:
     import torch
 
-    from fusedit.bench import bench_sample, bench_train, format_table, levers, setup, source_commit
+    from fusedit.bench import (
+        bench_sample,
+        bench_train,
+        format_table,
+        levers,
+        setup,
+        source_commit,
+        warn_text_tokens,
+    )
     from fusedit.sample import check_steps_guidance
     from fusedit.system import resolve_device
 
@@ -1012,6 +1033,7 @@ def cmd_bench(args) -> int:
     # level the user set wins.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
+    warn_text_tokens(s, tokens)
     # Every training point first: sampling turns the model into its sampling form.
     points = []
     if "train" in args.what:
@@ -1785,9 +1807,9 @@ def _library_bars(enabled: bool):
 def _logs_above_bars(enabled: bool):
     """Log lines (the warmup warning, stage changes) written while a progress bar is drawn would land on
     the bar's line: tqdm writes them instead, above the bar. That of every logger that writes to the
-    console itself: the root logger, and transformers', which has a handler of its own and does not
-    propagate. A logger without a console handler is left alone: tqdm would add one (under pytest, which
-    captures logs, a second copy of each line)."""
+    console itself: the root logger, and transformers' and huggingface_hub's, which have handlers of their
+    own and do not propagate (main). A logger without a console handler is left alone: tqdm would add one
+    (under pytest, which captures logs, a second copy of each line)."""
 
     def console(logger: logging.Logger) -> bool:
         return any(
@@ -1795,7 +1817,7 @@ def _logs_above_bars(enabled: bool):
             for h in logger.handlers
         )
 
-    loggers = [logging.root, logging.getLogger("transformers")]
+    loggers = [logging.root, logging.getLogger("transformers"), logging.getLogger("huggingface_hub")]
     loggers = [logger for logger in loggers if console(logger)]
     if not (enabled and loggers):
         yield
@@ -1823,6 +1845,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # huggingface_hub writes with a handler of its own, as transformers does, but unlike transformers also
+    # passes each record on to the root's: every warning (a hub request's retries offline) printed twice.
+    logging.getLogger("huggingface_hub").propagate = False
     progress = not getattr(args, "quiet", False)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
     try:

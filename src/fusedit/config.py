@@ -18,6 +18,8 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
 import logging
 import numbers
@@ -509,6 +511,8 @@ class Stage:
     start: int
     end: int
     config: Config
+    # False for the one implicit stage of a run without stages, which messages do not name.
+    staged: bool = True
 
     @property
     def steps(self) -> int:
@@ -522,6 +526,24 @@ class Stage:
 
 # --------------------------------------------------------------------------------------------------
 # Loading, merging and validation
+
+
+# A name that becomes a folder or file name (a run's runs/<name>, a study's and its designs' folders,
+# grids/<label>.png) and a markdown link: one word, so it is never empty and never leaves its folder
+# (../x, /abs).
+NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
+NAME_RULE = "a word of letters, digits, '.', '_', '+', '-', starting with a letter or digit"
+
+
+def default_run_folder(name: str) -> str:
+    """runs/<name>, where `fusedit train` writes a run given no --out. Checked here, where the name becomes
+    a path, not at load: an empty name trained into runs/ itself (which --overwrite clears), ../.. left it;
+    a saved run or a converted checkpoint named otherwise still loads."""
+    if not isinstance(name, str) or not NAME_WORD.match(name):
+        raise ConfigError(
+            f"name={name!r} cannot name the run folder runs/<name> (allowed: {NAME_RULE}; or give --out)"
+        )
+    return f"runs/{name}"
 
 
 def preset_names() -> list[str]:
@@ -542,7 +564,12 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
     if not preset and (path.suffix in (".yaml", ".yml") or path.exists()):
         if not path.is_file():
             raise ConfigError(f"config file not found: {str(path)!r}")
-        text, folder = path.read_text(), path.parent
+        try:
+            text, folder = path.read_text(encoding="utf-8"), path.parent
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}) (allowed: a UTF-8 YAML file)"
+            ) from None
     else:
         res = resources.files("fusedit.presets") / f"{name_or_path}.yaml"
         if not res.is_file():
@@ -552,11 +579,16 @@ def _read_yaml(name_or_path: str | Path, preset: bool = False) -> tuple[dict, Pa
             )
         text, folder = res.read_text(), None
     try:
-        data = load_yaml(text) or {}
+        data = load_yaml(text)
     except yaml.MarkedYAMLError as e:
         raise ConfigError(f"cannot parse {name_or_path}: {yaml_problem(e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {name_or_path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        # Read as {}, an empty file was the all-default config, refused for a missing text.arch.
+        raise ConfigError(
+            f"{name_or_path}: the file is empty (allowed: a YAML mapping of sections, e.g. base: debug)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{name_or_path}: a config must be a YAML mapping of sections, got {type(data).__name__}"
@@ -698,6 +730,11 @@ def _resolve_raw(
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"{name_or_path}: base={base!r} is not allowed (allowed: a preset name, a YAML path, or a run "
+            "folder)"
+        )
     # A file beside the config, or a run/checkpoint/pipeline folder beside it written as a path (../run,
     # ./runs/a). A bare name (debug) is the preset, even where a folder of that name lies beside the config
     # (an output folder named like a preset) or in the working directory.
@@ -706,6 +743,17 @@ def _resolve_raw(
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
         return _deep_merge(_resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders), data)
     bare = not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
+    if bare and base not in preset_names():
+        raise ConfigError(
+            f"base {base!r} of {name_or_path}: unknown preset{_preset_hint(base)} (allowed: "
+            f"{', '.join(preset_names())}; or a YAML path or a run folder)"
+        )
+    if not bare and not Path(base).exists():
+        beside = f"beside it ({sibling}) nor " if sibling is not None else ""
+        raise ConfigError(
+            f"base {base!r} of {name_or_path}: not found {beside}from the working directory "
+            f"({Path(base).absolute()}) (allowed: a preset name, a YAML path, or a run folder)"
+        )
     return _deep_merge(_resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders), data)
 
 
@@ -1384,6 +1432,8 @@ DATA_LOCATIONS = {
     "hf_path": "hf",
     "latents_dir": "latents",
 }
+# The keys only one source reads: its data's locations, and how webdataset mixes its shards.
+SOURCE_KEYS = {**DATA_LOCATIONS, "weights": "webdataset"}
 _DATA_DEFAULTS = dataclasses.asdict(DataConfig())
 
 
@@ -1397,15 +1447,32 @@ def check_data_locations(data: DataConfig) -> None:
     source = data.source
     if source == "latents":
         return
-    given = [k for k, reader in DATA_LOCATIONS.items() if reader != source and getattr(data, k)]
+    given = [k for k, reader in SOURCE_KEYS.items() if reader != source and getattr(data, k)]
     if given:
         key = given[0]
         reads = " / ".join(f"data.{k}" for k, reader in DATA_LOCATIONS.items() if reader == source)
         raise ConfigError(
             f"data.{key}={getattr(data, key)!r} is set but data.source={source!r} "
             f"({f'it reads {reads}' if reads else 'the built-in procedural world'}) never reads it (allowed: "
-            f"data.source={DATA_LOCATIONS[key]} to read it, or no data.{key})"
+            f"data.source={SOURCE_KEYS[key]} to read it, or no data.{key})"
         )
+
+
+def check_weights(data: DataConfig) -> None:
+    """data.weights as the webdataset mixer needs them (data/webdataset_source.py shard_lists), at load:
+    otherwise `fusedit config` passed data.weights=[abc] and only training refused it."""
+    weights, inf = data.weights, float("inf")
+    # 0 <= w < inf refuses NaN too.
+    ok = all(isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < inf for w in weights)
+    counted = len(data.shards) if data.source == "webdataset" else 0
+    fits = not counted or len(weights) == counted  # the shards' count is known for webdataset only
+    if ok and (not weights or (sum(weights) > 0 and fits)):
+        return
+    per = f" ({counted})" if counted else ""
+    raise ConfigError(
+        f"data.weights={weights!r} is not allowed (allowed: finite numbers >= 0, not all 0, one per "
+        f"data.shards entry{per}; [] for equal weights)"
+    )
 
 
 def uses_builtin_tokenizer(cfg: Config) -> bool:
@@ -1550,12 +1617,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{key}.arch is empty: give {key}.model_id (hub id or folder) or a random-init arch"
             )
+        # Checked with a model_id too: the arch stands in for a hub id out of reach (llm_config).
+        check_arch(text.family, text.arch, key)
         if text.pretrain_steps and text.model_id:
             # Pretraining fits a random-init LLM to the caption corpus; a trained one is never overwritten.
             raise ConfigError(
                 f"{key}.pretrain_steps={text.pretrain_steps} pretrains a random-init LLM, but "
                 f"{key}.model_id={text.model_id!r} loads a trained one (allowed: pretrain_steps=0 with a model_id)"
             )
+    check_arch(CLIP_TEXT_FAMILY, cfg.pooled_text.arch, "pooled_text")
+    check_weights(cfg.data)
     m = cfg.model
     shallow = is_shallow(m.design)
     if cfg.extra_text and not (shallow and m.refiner_depth):
@@ -1650,11 +1721,16 @@ def _validate_training(cfg: Config) -> None:
             )
 
 
+def dit_layer_count(m: ModelConfig, llm_layers: int) -> int:
+    """DiT layers: ``model.num_layers``, or every LLM layer after ``initial_layers``."""
+    return m.num_layers if m.num_layers is not None else llm_layers - m.initial_layers
+
+
 def fused_layers(m: ModelConfig, llm_layers: int) -> range:
     """The LLM layer each DiT layer reads in deep fusion: initial_layers, initial_layers + 1, ... (one
     contiguous run: DiT layer i pairs with LLM layer initial_layers + i), for an LLM of ``llm_layers``
     layers; refused in one line where it has too few."""
-    n = m.num_layers if m.num_layers is not None else llm_layers - m.initial_layers
+    n = dit_layer_count(m, llm_layers)
     if m.num_layers is None and n < 1:
         # num_layers unset means "every LLM layer after initial_layers": none are left.
         raise ConfigError(
@@ -1729,17 +1805,90 @@ def llm_head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+# The arch keys that size tensors: transformers takes any int, and zero or a negative one failed only when
+# the model was built (a negative dimension, a division by zero) or built a zero-width LLM.
+ARCH_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+# Arch keys transformers reads of an LLM that its config classes do not declare: rope_theta and rope_scaling
+# (transformers 5 folds them into rope_parameters), head_dim (Qwen2 reads it where set), and the activation
+# under either name (Gemma's MLP reads hidden_act in transformers 5, hidden_activation in 4; Gemma-2's reads
+# hidden_activation; the public-checkpoint converter writes both).
+ARCH_READ_KEYS = ("rope_theta", "rope_scaling", "head_dim", "hidden_act", "hidden_activation")
+CLIP_TEXT_FAMILY = "clip_text_model"  # pooled_text.arch: transformers' CLIPTextConfig
+
+
+@functools.cache
+def _arch_keys(family: str) -> tuple[tuple[str, ...], dict]:
+    """The keys a ``family`` config takes (its constructor's and its saved fields, its attribute_map's
+    aliases, ARCH_READ_KEYS), and its defaults."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[family]
+    defaults = cls().to_dict()
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+    read = ARCH_READ_KEYS if family != CLIP_TEXT_FAMILY else ()
+    keys = dict.fromkeys([*params, *defaults, *getattr(cls, "attribute_map", {}), *read])
+    return tuple(keys), defaults
+
+
+def check_arch(family: str, arch: dict, key: str) -> None:
+    """A random-init arch's keys and sizes, before transformers reads it: transformers keeps an unknown key
+    (vocab_sizee) as an attribute nothing reads, and takes any int as a size."""
+    if not arch:
+        return
+    keys, defaults = _arch_keys(family)
+    unknown = [k for k in arch if k not in keys]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
+        hint = f": did you mean {f'{key}.arch.{close[0]}'!r}?" if close else ""
+        raise ConfigError(
+            f"unknown config key {f'{key}.arch.{unknown[0]}'!r}{hint} (allowed: the keys of transformers' "
+            f"{family} config, e.g. {', '.join(k for k in ARCH_SIZES if k in keys)})"
+        )
+    for name in ARCH_SIZES:
+        value = arch.get(name)
+        if name in arch and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}.arch.{name}={value!r} is not allowed (allowed: an integer >= 1)")
+    shape = {**defaults, **arch}
+    heads, kv = shape.get("num_attention_heads"), shape.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+
+        def given(k: str) -> str:
+            return f"{shape[k]}" if k in arch else f"{shape[k]} ({family}'s default)"
+
+        raise ConfigError(
+            f"{key}.arch.num_key_value_heads={given('num_key_value_heads')} does not divide "
+            f"num_attention_heads={given('num_attention_heads')} (allowed: a divisor of num_attention_heads: "
+            "each key/value head serves a group of query heads)"
+        )
+
+
 def arch_config(text: TextConfig, key: str = "text"):
-    """The transformers config of a random-init LLM (``family`` + ``arch``); a one-line ConfigError naming
-    the key where transformers refuses the arch (TypeError, ValueError, or huggingface_hub's validation of
-    transformers 5's config dataclasses, e.g. an odd head_dim under RoPE)."""
+    """The transformers config of a random-init LLM (``family`` + ``arch``, checked first: check_arch); a
+    one-line ConfigError naming the key where transformers refuses the arch (TypeError, ValueError, or
+    huggingface_hub's validation of transformers 5's config dataclasses, e.g. an odd head_dim under
+    RoPE), the failing field first where transformers names one."""
     from transformers import AutoConfig
 
+    check_arch(text.family, text.arch, key)
     try:
         return AutoConfig.for_model(text.family, **text.arch)
     except Exception as e:
         reason = " ".join(str(e).split())
-        raise ConfigError(f"{key}.arch={text.arch!r} is not a valid {text.family} config: {reason}") from None
+        named = re.search(r"field '(\w+)'", reason)
+        fields = [named.group(1)] if named else []
+        fields += [k for k in text.arch if re.search(rf"\b{re.escape(str(k))}\b", reason)]
+        field_ = next((k for k in fields if k in text.arch), None)
+        what = f"{key}.arch.{field_}={text.arch[field_]!r}" if field_ is not None else f"{key}.arch"
+        raise ConfigError(f"{what} is not valid for {text.family}: {reason}") from None
 
 
 def known_llm_config(text: TextConfig):
@@ -1782,7 +1931,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
     A stage's data/train/flow/sample overrides apply on top of the previous stage's resolved sections, so
     a stage states only what changes. Each is validated like a whole config; errors name the stage."""
     if not cfg.stages:
-        return [Stage(0, cfg.name, 0, cfg.train.steps, cfg)]
+        return [Stage(0, cfg.name, 0, cfg.train.steps, cfg, staged=False)]
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS}
     stages, start = [], 0
     for i, st in enumerate(cfg.stages):
@@ -1797,7 +1946,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
             )
         if st.data.get("source", sections["data"]["source"]) != sections["data"]["source"]:
             # A stage that reads another source does not inherit where the earlier one read from.
-            for key in DATA_LOCATIONS:
+            for key in SOURCE_KEYS:
                 sections["data"][key] = copy.deepcopy(_DATA_DEFAULTS[key])
         built = {}
         for name in STAGE_SECTIONS:

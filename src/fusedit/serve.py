@@ -38,6 +38,7 @@ a request whose seed + i would pass SEED_MAX is refused, as `fusedit sample` ref
 
 from __future__ import annotations
 
+import errno
 import http
 import http.server
 import io
@@ -757,9 +758,15 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def _listen_error(host: str, port: int, e: OSError) -> OSError:
-    return OSError(
-        f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port, or 0 for any free one)"
-    )
+    """Why ``host:port`` cannot be listened on, with the flag to change: the port for one in use or
+    reserved, the host for a name that does not resolve or an address this machine does not have."""
+    if e.errno in (errno.EADDRINUSE, errno.EACCES):
+        hint = " (choose another --port, or 0 for any free one)"
+    elif isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+        hint = " (allowed: --host an address of this machine, e.g. 127.0.0.1 or 0.0.0.0)"
+    else:
+        hint = ""
+    return OSError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}")
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -701,6 +701,14 @@ def _locate(path: Path, config) -> _Source:
             llm=str(path / "llm") if (path / "llm").is_dir() else "",
             shift=_scheduler_shift(scheduler),
         )
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "state.json").is_file()):
+        # fusedit's own training output: _weights_in would list the public file names it lacks.
+        what = "run" if (path / "checkpoints").is_dir() else "checkpoint"
+        raise ConfigError(
+            f"{str(path)!r} is already a fusedit {what} folder (written by `fusedit train`): nothing to convert, "
+            "`fusedit sample` and `fusedit serve` read it directly (allowed here: the public FuseDiT code's "
+            "transformer or pipeline folder, or a raw training file)"
+        )
     if path.is_dir() and (path / "config.json").is_file():  # before the weights: any shard layout
         _refuse_own_export(_config_for(path / "config.json", config), path, pipeline=False)
     weights = _weights_in(path) if path.is_dir() else path

@@ -39,7 +39,6 @@ import copy
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +51,7 @@ from tqdm.auto import tqdm
 
 from fusedit.checkpoints import find_checkpoint, load_model, load_state
 from fusedit.config import (
+    NAME_WORD,
     STAGE_SECTIONS,
     Config,
     ConfigError,
@@ -86,8 +86,6 @@ log = logging.getLogger(__name__)
 
 STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
 DESIGN_KEYS = ("preset", "overrides", "description")
-# Labels name folders and files (runs/<label>, grids/<label>.png) and markdown links.
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
 # Bookkeeping: keys that change neither the trained weights nor the scores (the bench does not record
@@ -244,6 +242,10 @@ def load_study(
         data, default_name = study, "study"
     else:
         path = Path(study)
+        if path.is_dir():
+            raise ConfigError(
+                f"study {str(path)!r} is a folder (allowed: a study YAML file, e.g. studies/*.yaml)"
+            )
         if not path.is_file():
             raise ConfigError(f"study file not found: {str(path)!r}")
         try:
@@ -263,7 +265,7 @@ def load_study(
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(STUDY_KEYS)})")
-    if not isinstance(name, str) or not _LABEL.match(name):
+    if not isinstance(name, str) or not NAME_WORD.match(name):
         raise ConfigError(f"{where}: name must be a word of letters, digits, '.', '_', '+', '-'")
     description = data.get("description") or ""
     if not isinstance(description, str):
@@ -284,7 +286,7 @@ def load_study(
     designs = []
     for label, spec in designs_raw.items():
         dwhere = f"{where}: designs.{label}"
-        if not isinstance(label, str) or not _LABEL.match(label):
+        if not isinstance(label, str) or not NAME_WORD.match(label):
             raise ConfigError(f"{dwhere}: a label must be a word of letters, digits, '.', '_', '+', '-'")
         if not isinstance(spec, dict):
             raise ConfigError(f"{dwhere} must be a mapping with {', '.join(DESIGN_KEYS)}, got {spec!r}")
@@ -728,9 +730,33 @@ def _status(found: _Found, steps: int) -> str:
     return "reused" if found.grid_current else "grid redrawn"
 
 
+def _check_out_folder(study: Study, out_dir: Path) -> None:
+    """Refuse an output folder that holds another study (its results.json names it) or a training run: the
+    report would be replaced with this study's, and the other study's runs left behind unlisted."""
+    from fusedit.checkpoints import LOCK_FILE
+
+    if not out_dir.is_dir():  # a new folder
+        return
+    results = _read_json(out_dir / "results.json")
+    other = results.get("name") if isinstance(results, dict) else None
+    if other is not None and other != study.name:
+        raise ConfigError(
+            f"{out_dir} holds study {other!r} (its results.json), not {study.name!r}: running into it would "
+            "replace its report (allowed: this study's own folder, or a new or empty one)"
+        )
+    held = [name for name in ("checkpoints", LOCK_FILE) if (out_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"{out_dir} holds a training run ({', '.join(held)}), not a study: a study writes its report "
+            "there and each design's run under runs/ (allowed: this study's own folder, or a new or empty one)"
+        )
+
+
 def _check_same_configs(study: Study, out_dir: Path) -> None:
     """Before anything trains: a finished run of another recipe must not wait until its turn to fail (every
-    design, chosen or not: a left-out design's stale row would stay in the report)."""
+    design, chosen or not: a left-out design's stale row would stay in the report); nor may another study's
+    folder or a training run's (_check_out_folder)."""
+    _check_out_folder(study, out_dir)
     for design in study.designs:
         _check_same_config(out_dir / "runs" / design.label, design.config, design.label)
 

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fusedit.config import ROTARY_SCHEMES, ModelConfig, check_positions, fused_layers
+from fusedit.config import ROTARY_SCHEMES, ModelConfig, check_positions, dit_layer_count, fused_layers
 from fusedit.layers.attention import resolve_backend
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import (
@@ -48,7 +48,7 @@ from fusedit.text.spec import LLMSpec
 
 def dit_depth(cfg: ModelConfig, llm: LLMSpec) -> int:
     """DiT layers: ``num_layers``, or every LLM layer after ``initial_layers``."""
-    return cfg.num_layers if cfg.num_layers is not None else llm.num_layers - cfg.initial_layers
+    return dit_layer_count(cfg, llm.num_layers)
 
 
 def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:

@@ -79,7 +79,9 @@ def _check_targets(
     within = {id(sub) for m in inside for sub in m.modules()}
     linear = [n for n, m in module.named_modules() if id(m) in within and isinstance(m, nn.Linear)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
-    names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear}))
+    # A Sequential's positions (the 0 of mlp.0) are no names to offer: they match a layer of every block.
+    ends = {n.rsplit(".", 1)[-1] for n in linear}
+    names = ", ".join(sorted(e for e in ends if not e.isdigit()))
     allowed = f"allowed: {names}, or a dotted name ending in one"
     if named and unmatched:
         raise ConfigError(f"{key}={named}: {unmatched[0]!r} matches no linear layer of {of} ({allowed})")
@@ -114,7 +116,9 @@ def check_stages(model, stages: list[Stage]) -> None:
                     )
         except ConfigError as e:
             message = str(e)
-            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+            if not stage.staged or message.startswith(where):
+                raise
+            raise ConfigError(f"{where}: {message}") from None
 
 
 def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: int) -> None:
