@@ -155,10 +155,28 @@ def test_sample_does_not_import_the_cli():
     assert not [m for m in imported if _is_cli(m)], "fusedit.sample imports fusedit.cli"
 
 
+# The config package's modules, bottom first: each may import only those before it (imports point one way).
+CONFIG_ORDER = ("schema", "paths", "validate", "load")
+
+
 def test_the_config_schema_imports_nothing_of_fusedit():
     """The config is the bottom layer every package reads: it checks what it can itself (the shapes
-    world's kinds are its table, ``config.SHAPES_KINDS``), so no import of it points upward."""
-    path = SRC / "config.py"
-    imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
-    assert "yaml" in imported  # the walk sees its imports
-    assert [m for m in imported if m.split(".")[0] == "fusedit"] == []
+    world's kinds are its table, ``config.SHAPES_KINDS``), so no import of it points upward. Each file of
+    the config package may import the package itself, never another fusedit package; inside it, a module
+    imports only those below it in CONFIG_ORDER."""
+    paths = sorted((SRC / "config").rglob("*.py"))
+    assert {p.stem for p in paths} == {"__init__", *CONFIG_ORDER}
+    offending = []
+    for path in paths:
+        rel = path.relative_to(SRC)
+        imported = list(_imported_modules(ast.parse(path.read_text(), str(path)), "fusedit.config"))
+        if path.stem in ("schema", "load"):
+            assert "yaml" in [m for _, m in imported]  # the walk sees their imports
+        below = CONFIG_ORDER[: CONFIG_ORDER.index(path.stem)] if path.stem in CONFIG_ORDER else CONFIG_ORDER
+        allowed = {f"fusedit.config.{m}" for m in below}
+        offending += [
+            f"src/fusedit/{rel.as_posix()}:{line} imports {m}"
+            for line, m in imported
+            if m.split(".")[0] == "fusedit" and m not in allowed
+        ]
+    assert not offending, "imports of the config package that point up or out:\n" + "\n".join(offending)
