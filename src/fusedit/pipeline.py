@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusedit.config import Config, allowed_sides, side_fits, text_sections
+from fusedit.config import Config, allowed_sides, side_fits, text_sections, tokenizes_builtin
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
@@ -192,7 +192,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         cfg = pipe.fusedit_config
         for (tok_name, _), text in zip(LLM_SLOTS, [cfg.text, *cfg.extra_text]):
-            if not (text.tokenizer or text.model_id):
+            if tokenizes_builtin(text):
                 add_word_normalizer(getattr(pipe, tok_name))
         if (
             cfg.model.pooled_text == "clip"

@@ -28,7 +28,15 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusedit.config import SEED_MAX, Config, ConfigError, SampleConfig, check_fields, text_sections
+from fusedit.config import (
+    SEED_MAX,
+    Config,
+    ConfigError,
+    SampleConfig,
+    check_fields,
+    text_sections,
+    tokenizes_builtin,
+)
 from fusedit.files import write_text_atomic
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity, check_sampling
@@ -269,7 +277,7 @@ def _builtin_tokenizer(model: TextToImage, cfg: Config):
     """The built-in word tokenizer of ``model``'s text encoders, or None where none uses it (every encoder
     that does holds the same word list: TextToImage.vocabulary)."""
     for (_, text), enc in zip(text_sections(cfg), model.encoders):
-        if not (text.tokenizer or text.model_id):
+        if tokenizes_builtin(text):
             return enc.tokenizer
     if cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer:
         return model.pooled_text.tokenizer

@@ -25,6 +25,7 @@ from fusedit.config import (
     choices_of,
     is_shallow,
     text_sections,
+    tokenizes_builtin,
     uses_builtin_tokenizer,
 )
 from fusedit.models import build_denoiser
@@ -238,7 +239,7 @@ def builtin_words(cfg: Config) -> list[str]:
     caption vocabulary plus the words of the configured templates (so LI-DiT's instruction is not <unk>)."""
     from fusedit.data.shapes import vocabulary
 
-    if cfg.data.source not in ("shapes", "latents") and not (cfg.text.tokenizer or cfg.text.model_id):
+    if cfg.data.source not in ("shapes", "latents") and tokenizes_builtin(cfg.text):
         log.warning(
             "data.source=%s with the built-in shapes-world tokenizer: other words become <unk>; set "
             "text.tokenizer (or text.model_id)",

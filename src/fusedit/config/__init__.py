@@ -127,6 +127,7 @@ from fusedit.config.validate import (
     resolved_stages,
     side_fits,
     side_limits,
+    tokenizes_builtin,
     uses_builtin_tokenizer,
     validate,
 )
@@ -219,6 +220,7 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "unreached_overrides",
+    "tokenizes_builtin",
     "uses_builtin_tokenizer",
     "validate",
     "written_as_path",

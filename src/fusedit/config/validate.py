@@ -150,10 +150,16 @@ def check_weights(data: DataConfig) -> None:
     )
 
 
+def tokenizes_builtin(text: TextConfig) -> bool:
+    """Whether an LLM section (text, extra_text.N) tokenizes with the built-in word tokenizer: it names
+    neither a tokenizer nor a model (a random-init LLM)."""
+    return not (text.tokenizer or text.model_id)
+
+
 def uses_builtin_tokenizer(cfg: Config) -> bool:
     """Whether any text encoder (an LLM without text.tokenizer / model_id, or the clip-mod CLIP without
     pooled_text.tokenizer) tokenizes with the built-in word tokenizer."""
-    llms = any(not (t.tokenizer or t.model_id) for t in (cfg.text, *cfg.extra_text))
+    llms = any(tokenizes_builtin(t) for t in (cfg.text, *cfg.extra_text))
     return llms or (cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer)
 
 
