@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ from fusedit.data.latents import LatentDataset, cache_latents, check_latents
 from fusedit.data.loader import SkipCounter, planned_dataset
 from fusedit.system import builtin_words, resolve_device
 from fusedit.text.tokenizer import word_tokenizer
+
+
+def _captioned_images(root: Path) -> Path:
+    """Three 16 px images of different greys, each with a .txt caption."""
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"c{i}")
+    return root
 
 
 def test_a_cache_reports_the_index_rows_the_catalog_refused_like_training_does(tmp_path):
@@ -60,11 +70,7 @@ def test_a_device_type_torch_cannot_place_tensors_on_is_a_config_error(name):
 def test_a_rerun_is_refused_only_over_settings_its_source_reads(tmp_path):
     """data.kinds or data.num_samples mean nothing to a folder (and data.crop nothing to the shapes world):
     a rerun with them changed continues the cache; one with a setting the source reads is refused."""
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"c{i}")
+    root = _captioned_images(tmp_path / "images")
     folder = {"source": "folder", "root": str(root), "image_size": 16, "min_image_size": 16}
     out = tmp_path / "cache"
     cache_latents(DataConfig(**folder), VAEConfig(), out, 2, 2, "cpu", progress=False)
@@ -143,11 +149,7 @@ def test_a_rerun_with_the_other_hf_streaming_setting_is_refused(tmp_path, monkey
 def test_a_vae_is_named_by_its_folder_and_subfolder_together(tmp_path):
     """A pipeline folder with vae.subfolder=vae and that subfolder named alone are one VAE; the pipeline
     folder without the subfolder, or another VAE's folder, is not."""
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"c{i}")
+    root = _captioned_images(tmp_path / "images")
     data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
     tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
 
@@ -212,11 +214,7 @@ def test_settings_given_as_tuples_from_code_compare_equal_to_the_recorded_lists(
 def test_a_damaged_cache_index_is_named_and_a_rerun_writes_it_anew(tmp_path):
     """A cut index.json is refused naming it (json's bare "Expecting ..." named no file), with the remedy
     that works: cache-latents writes the index last, so a rerun to the end writes it again."""
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"c{i}")
+    root = _captioned_images(tmp_path / "images")
     data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
     out = tmp_path / "cache"
     cache_latents(data, VAEConfig(), out, 2, 2, "cpu", progress=False)

@@ -248,16 +248,20 @@ def trained_llm_modules(encoder, request, top: int | None, key: str) -> list[nn.
     return [m for i, m in read if i in keep]
 
 
+def linear_names(module: nn.Module, inside: list[nn.Module]) -> list[str]:
+    """Full names (within ``module``) of the linear layers inside the submodules ``inside``."""
+    within = {id(sub) for m in inside for sub in m.modules()}
+    return [n for n, m in module.named_modules() if id(m) in within and isinstance(m, nn.Linear)]
+
+
+def targets_name(target: str, name: str) -> bool:
+    """Whether the LoRA target ``target`` names the layer ``name``: itself, or a dotted name ending in it."""
+    return name == target or name.endswith("." + target)
+
+
 def _llm_targets(llm: nn.Module, modules: list[nn.Module], targets: tuple) -> list[str]:
     """Full names of the linear ``targets`` projections inside ``modules`` (the LLM's trained part)."""
-    inside = {id(sub) for m in modules for sub in m.modules()}
-    return [
-        name
-        for name, m in llm.named_modules()
-        if id(m) in inside
-        and isinstance(m, nn.Linear)
-        and any(name == t or name.endswith("." + t) for t in targets)
-    ]
+    return [n for n in linear_names(llm, modules) if any(targets_name(t, n) for t in targets)]
 
 
 def _llm_lora_targets(encoder, request, parts: Parts, key: str) -> list[str]:

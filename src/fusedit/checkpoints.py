@@ -201,6 +201,11 @@ def dcp_load(state: dict, ckpt: Path, no_dist: bool) -> None:
             raise failure from None
 
 
+def finished_checkpoints(root: Path) -> list[Path]:
+    """The finished checkpoints (state.json is written last) in a run's checkpoints folder, oldest first."""
+    return [p for p in checkpoint_folders(root) if (p / "state.json").is_file()]
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the latest one of a run folder; a clear error when there is none."""
     path = Path(path)
@@ -210,7 +215,7 @@ def find_checkpoint(path: str | Path) -> Path:
     latest = root / "latest"
     if latest.is_file() and (root / latest.read_text().strip() / "state.json").is_file():
         return root / latest.read_text().strip()
-    done = [p for p in checkpoint_folders(root) if (p / "state.json").is_file()]
+    done = finished_checkpoints(root)
     if not done:
         raise FileNotFoundError(
             f"no checkpoint in {str(path)!r} (expected a run folder or a checkpoint folder)"

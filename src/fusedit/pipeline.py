@@ -34,7 +34,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fusedit.config import Config, allowed_sides, side_fits, text_sections, tokenizes_builtin
+from fusedit.config import (
+    Config,
+    allowed_sides,
+    pooled_tokenizes_builtin,
+    side_fits,
+    text_sections,
+    tokenizes_builtin,
+)
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
@@ -194,11 +201,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         for (tok_name, _), text in zip(LLM_SLOTS, [cfg.text, *cfg.extra_text]):
             if tokenizes_builtin(text):
                 add_word_normalizer(getattr(pipe, tok_name))
-        if (
-            cfg.model.pooled_text == "clip"
-            and not cfg.pooled_text.tokenizer
-            and pipe.pooled_tokenizer is not None
-        ):
+        if pooled_tokenizes_builtin(cfg) and pipe.pooled_tokenizer is not None:
             add_word_normalizer(pipe.pooled_tokenizer)
         # diffusers takes the dtype as `dtype` (newer) or `torch_dtype` (older, still accepted).
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:

@@ -34,6 +34,7 @@ from fusedit.config import (
     ConfigError,
     SampleConfig,
     check_fields,
+    pooled_tokenizes_builtin,
     text_sections,
     tokenizes_builtin,
 )
@@ -279,7 +280,7 @@ def _builtin_tokenizer(model: TextToImage, cfg: Config):
     for (_, text), enc in zip(text_sections(cfg), model.encoders):
         if tokenizes_builtin(text):
             return enc.tokenizer
-    if cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer:
+    if pooled_tokenizes_builtin(cfg):
         return model.pooled_text.tokenizer
     return None
 
@@ -631,9 +632,9 @@ def load_sampling_model(
 
 def _finished_checkpoints(checkpoints: Path) -> str:
     """The names of the finished checkpoints in a run's checkpoints folder, oldest first, for messages."""
-    from fusedit.checkpoints import checkpoint_folders
+    from fusedit.checkpoints import finished_checkpoints
 
-    names = [p.name for p in checkpoint_folders(checkpoints) if (p / "state.json").is_file()]
+    names = [p.name for p in finished_checkpoints(checkpoints)]
     return ", ".join(names) if names else "none yet"
 
 

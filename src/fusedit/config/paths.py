@@ -26,11 +26,16 @@ NAME_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
 NAME_RULE = "a word of letters, digits, '.', '_', '+', '-', starting with a letter or digit"
 
 
+def is_name_word(name) -> bool:
+    """Whether ``name`` keeps to NAME_RULE (a run's or a study's name, a study's design label)."""
+    return isinstance(name, str) and NAME_WORD.match(name) is not None
+
+
 def default_run_folder(name: str) -> str:
     """runs/<name>, where `fusedit train` writes a run given no --out. Checked here, where the name becomes
     a path, not at load: an empty name trained into runs/ itself (which --overwrite clears), ../.. left it;
     a saved run or a converted checkpoint named otherwise still loads."""
-    if not isinstance(name, str) or not NAME_WORD.match(name):
+    if not is_name_word(name):
         raise ConfigError(
             f"name={name!r} cannot name the run folder runs/<name> (allowed: {NAME_RULE}; or give --out)"
         )

@@ -133,15 +133,25 @@ def check_data_locations(data: DataConfig) -> None:
         )
 
 
-def check_weights(data: DataConfig) -> None:
-    """data.weights as the webdataset mixer needs them (data/webdataset_source.py shard_lists), at load:
-    otherwise `fusedit config` passed data.weights=[abc] and only training refused it."""
-    weights, inf = data.weights, float("inf")
+def weights_fit(weights, count: int | None) -> bool:
+    """Whether ``weights`` are mixing weights for ``count`` datasets (None: a count not known yet): finite
+    numbers >= 0, not all 0, one per dataset; [] is equal weights. The webdataset mixer (shard_lists) and
+    the load (check_weights) both ask."""
+    if not isinstance(weights, list):
+        return False
     # 0 <= w < inf refuses NaN too.
-    ok = all(isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < inf for w in weights)
+    ok = all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights
+    )
+    return ok and (not weights or (sum(weights) > 0 and count in (None, len(weights))))
+
+
+def check_weights(data: DataConfig) -> None:
+    """data.weights at load: otherwise `fusedit config` passed data.weights=[abc] and only training refused
+    it. The shards' count is known for webdataset only."""
+    weights = data.weights
     counted = len(data.shards) if data.source == "webdataset" else 0
-    fits = not counted or len(weights) == counted  # the shards' count is known for webdataset only
-    if ok and (not weights or (sum(weights) > 0 and fits)):
+    if weights_fit(weights, counted or None):
         return
     per = f" ({counted})" if counted else ""
     raise ConfigError(
@@ -156,11 +166,16 @@ def tokenizes_builtin(text: TextConfig) -> bool:
     return not (text.tokenizer or text.model_id)
 
 
+def pooled_tokenizes_builtin(cfg: Config) -> bool:
+    """Whether clip-mod's pooled CLIP tokenizes with the built-in word tokenizer (no pooled_text.tokenizer)."""
+    return cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer
+
+
 def uses_builtin_tokenizer(cfg: Config) -> bool:
     """Whether any text encoder (an LLM without text.tokenizer / model_id, or the clip-mod CLIP without
     pooled_text.tokenizer) tokenizes with the built-in word tokenizer."""
     llms = any(tokenizes_builtin(t) for t in (cfg.text, *cfg.extra_text))
-    return llms or (cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer)
+    return llms or pooled_tokenizes_builtin(cfg)
 
 
 def adds_template_tokens(text: TextConfig) -> bool:
@@ -316,11 +331,12 @@ def validate(cfg: Config) -> None:
             f"model.rope_layout='image-only' is for the shallow designs, not model.design={m.design!r}, "
             "whose text keys the LLM rotates (allowed: joint)"
         )
-    # APE included: its image tokens are unrotated, but the LLM rotates deep fusion's text keys either way.
+    # Any scheme but none (APE included: its image tokens are unrotated, but the LLM rotates deep fusion's
+    # text keys either way, and the emulation turns the image rows against them).
     if m.rope_left_pad is not None and not (
         is_deep(m.design)
         and attention_kind(m.design) == "self"
-        and (m.pos_embed in ROTARY_SCHEMES or m.pos_embed == "ape")
+        and m.pos_embed != "none"
         and m.rope_layout == "joint"
     ):
         raise ConfigError(

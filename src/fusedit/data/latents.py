@@ -325,7 +325,7 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
         for stale in [path, out / INDEX, *out.glob("latents-*")]:
             stale.unlink(missing_ok=True)
         return None
-    old = json.loads(path.read_text())
+    old = read_json(path, COPY_CACHE_AGAIN)
     change = _vae_change(old, meta["vae"], meta["vae_identity"], repr(str(out)))
     if change:
         change = f"{change[0]}, but {change[1]}"
@@ -358,7 +358,7 @@ def _finished_shard(record: Path) -> dict | None:
     """The shard record ``record`` (a ``latents-NNNNNN.json``) if its shard is finished: the record is
     written after the tensors, so the two together mark it (module docstring)."""
     if record.is_file() and record.with_suffix(".safetensors").is_file():
-        return json.loads(record.read_text())
+        return read_json(record, COPY_CACHE_AGAIN)
     return None
 
 
@@ -664,10 +664,17 @@ def read_index(latents_dir: str | Path) -> dict:
             "the end)"
         )
     # cache-latents writes the index last, from the shard records, so a rerun to the end writes it anew.
-    return read_json(
-        path,
-        f"a damaged copy? copy the cache again, or rerun `fusedit cache-latents CONFIG --out {latents_dir}`",
-    )
+    return read_json(path, _rerun(latents_dir))
+
+
+# What mends a damaged file of a cache: the meta and shard records are read by a rerun too.
+COPY_CACHE_AGAIN = "a damaged copy? copy the cache again"
+
+
+def _rerun(out) -> str:
+    """What mends a damaged index of the cache in ``out``: written last, from the shard records, a rerun to
+    the end writes it anew."""
+    return f"{COPY_CACHE_AGAIN}, or rerun `fusedit cache-latents CONFIG --out {out}`"
 
 
 def check_latents(data_cfg: DataConfig, vae_cfg: VAEConfig) -> None:

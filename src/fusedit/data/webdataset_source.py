@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import io
-import math
 import os
 import re
 import tarfile
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, weights_fit
 from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -146,10 +145,7 @@ def shard_lists(spec: Any, weights: Any) -> tuple[list[list[str]], list[float]]:
         datasets.append(list(dict.fromkeys(paths)))
     if weights in (None, []):
         weights = [1.0] * len(datasets)
-    ok = isinstance(weights, list) and all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf for w in weights
-    )
-    if not ok or len(weights) != len(datasets) or sum(weights) <= 0:
+    if not weights_fit(weights, len(datasets)):
         raise ConfigError(
             f"data.weights={weights!r} must list one finite non-negative number per data.shards entry "
             f"({len(datasets)}), not all zero"

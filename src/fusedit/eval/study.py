@@ -51,7 +51,6 @@ from tqdm.auto import tqdm
 
 from fusedit.checkpoints import find_checkpoint, load_model, load_state
 from fusedit.config import (
-    NAME_WORD,
     STAGE_SECTIONS,
     Config,
     ConfigError,
@@ -62,6 +61,7 @@ from fusedit.config import (
     choice,
     config_from_dict,
     flatten,
+    is_name_word,
     load_config,
     load_yaml,
     nonneg,
@@ -265,7 +265,7 @@ def load_study(
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(STUDY_KEYS)})")
-    if not isinstance(name, str) or not NAME_WORD.match(name):
+    if not is_name_word(name):
         raise ConfigError(f"{where}: name must be a word of letters, digits, '.', '_', '+', '-'")
     description = data.get("description") or ""
     if not isinstance(description, str):
@@ -286,7 +286,7 @@ def load_study(
     designs = []
     for label, spec in designs_raw.items():
         dwhere = f"{where}: designs.{label}"
-        if not isinstance(label, str) or not NAME_WORD.match(label):
+        if not is_name_word(label):
             raise ConfigError(f"{dwhere}: a label must be a word of letters, digits, '.', '_', '+', '-'")
         if not isinstance(spec, dict):
             raise ConfigError(f"{dwhere} must be a mapping with {', '.join(DESIGN_KEYS)}, got {spec!r}")

@@ -46,11 +46,6 @@ from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.spec import LLMSpec
 
 
-def dit_depth(cfg: ModelConfig, llm: LLMSpec) -> int:
-    """DiT layers: ``num_layers``, or every LLM layer after ``initial_layers``."""
-    return dit_layer_count(cfg, llm.num_layers)
-
-
 def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
     """LLM layer index of each DiT layer in deep fusion: initial_layers, initial_layers + 1, ... (the load
     checks the same rule where the LLM's config is known there: config.check_llm_shape)."""
@@ -223,7 +218,9 @@ class DiT(nn.Module):
         self.conv_pos = ConvPosition(dim) if cfg.conv_pos else NoConvPosition()
         self.time = timestep_conditioning(cfg, dim)
         self.pooled = POOLED_TEXT[cfg.pooled_text](pooled_dim, dim, llm.rms_norm_eps)
-        self.blocks = nn.ModuleList(self.make_block(dim, llm, cfg) for _ in range(self.depth(cfg, llm)))
+        # num_layers, or every LLM layer after initial_layers (0 on the shallow designs).
+        depth = dit_layer_count(cfg, llm.num_layers)
+        self.blocks = nn.ModuleList(self.make_block(dim, llm, cfg) for _ in range(depth))
         self.final_norm = self.time.final_layer(dim, llm.rms_norm_eps)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * in_channels)
         self.run_block = _run_block
@@ -254,9 +251,6 @@ class DiT(nn.Module):
                 uncompile(block)
 
     # ---- what a design defines
-    def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
-        return dit_depth(cfg, llm)
-
     def make_block(self, dim: int, llm: LLMSpec, cfg: ModelConfig) -> nn.Module:
         raise NotImplementedError
 

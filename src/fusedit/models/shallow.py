@@ -98,9 +98,6 @@ class ShallowDiT(DiT):
         # map in fusedit.convert), so the name stays.
         self.text_kv = nn.ModuleList(TextKV(self.dim, own_shape(cfg, llm), cfg.qk_norm) for _ in self.blocks)
 
-    def depth(self, cfg: ModelConfig, llm: LLMSpec) -> int:
-        return cfg.num_layers if cfg.num_layers is not None else llm.num_layers
-
     @property
     def text_requests(self) -> list[TextRequest]:
         return [TextRequest(hidden_layer=h) for h in self.hidden_layers]

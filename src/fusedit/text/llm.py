@@ -40,7 +40,7 @@ def llm_config(cfg: TextConfig, shape_only: bool = False, key: str = "text") -> 
         except OSError as e:
             # The preset's arch stands in for an unreachable hub id, never for a folder that is not there.
             if shape_only and cfg.arch and not written_as_path(cfg.model_id):
-                config = AutoConfig.for_model(cfg.family, **cfg.arch)
+                config = arch_config(cfg, key)
                 # The arch may be a preset's, inherited past a changed model_id: say what was counted.
                 log.warning(
                     "%s.model_id=%r is not in the local cache: counting %s.arch instead (%s, %d layers, "

@@ -37,18 +37,18 @@ class EMA:
         state = merged_state_dict(model)
         if self.device is not None:
             state = self._copied_here(state)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
         # One multi-tensor kernel per kind of tensor on a GPU (the same lerp per element): a loop launched one
         # per tensor, a few hundred per update of an 18-layer DiT. DTensor shards and plain tensors (an FSDP
         # model's unsharded buffers) cannot share one multi-tensor call.
-        groups: dict[type, list[str]] = {}
+        groups: dict[type, tuple[list, list]] = {}
         for k, v in state.items():
             if v.is_floating_point():
-                groups.setdefault(type(v), []).append(k)
-        for keys in groups.values():
-            shadows, values = [self.shadow[k] for k in keys], [state[k].float() for k in keys]
+                shadows, values = groups.setdefault(type(v), ([], []))
+                shadows.append(self.shadow[k])
+                values.append(v.float())
+            else:
+                self.shadow[k].copy_(v)
+        for shadows, values in groups.values():
             torch._foreach_lerp_(shadows, values, 1 - self.decay)
 
     def _copied_here(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

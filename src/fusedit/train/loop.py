@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from fusedit.adapters import DENOISER, Parts, has_adapters, text_modules
 from fusedit.checkpoints import (
+    COPY_AGAIN,
     find_checkpoint,
     load_checkpoint_config,
     load_state,
@@ -68,7 +69,7 @@ from fusedit.data.loader import (
     skipped_jsonl,
     step_loader,
 )
-from fusedit.files import remove_folder, write_text_atomic
+from fusedit.files import read_json, remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, seeded, uses_bf16
 from fusedit.train import distributed
@@ -360,11 +361,11 @@ def _saved_data_state(
     saved_per_rank = saved_batch * saved_accum
     if saved_world == env.world_size and saved_per_rank == per_rank:
         path = ckpt / data_state_name(env.rank)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(path, COPY_AGAIN) if path.is_file() else None
     paths = [ckpt / data_state_name(r) for r in range(saved_world if env.is_main else 1)]
     state = None
     if all(path.is_file() for path in paths):
-        state = resplit_state([json.loads(path.read_text()) for path in paths], saved_world * saved_per_rank)
+        state = resplit_state([read_json(path, COPY_AGAIN) for path in paths], saved_world * saved_per_rank)
     if not env.is_main:
         return state
     if saved_world * saved_per_rank != env.world_size * per_rank and saved.get("stage", stage) == stage:

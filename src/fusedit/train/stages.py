@@ -41,7 +41,9 @@ from fusedit.adapters import (
     Parts,
     adapter_parameters,
     add_stage_adapters,
+    linear_names,
     require_peft,
+    targets_name,
     text_parts,
     trained_llm_modules,
     trained_modules,
@@ -76,9 +78,8 @@ def _check_targets(
     ``inside`` (within ``module``). Each named one must: peft adapts the targets that match and ignores the
     rest, so a misspelled one next to a right one would go unnoticed. Of the defaults, one is enough (a
     stage that trains only the top layer a deep-fusion design reads of the LLM has no q_proj to adapt)."""
-    within = {id(sub) for m in inside for sub in m.modules()}
-    linear = [n for n, m in module.named_modules() if id(m) in within and isinstance(m, nn.Linear)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    linear = linear_names(module, inside)
+    unmatched = [t for t in targets if not any(targets_name(t, n) for n in linear)]
     # A Sequential's positions (the 0 of mlp.0) are no names to offer: they match a layer of every block.
     ends = {n.rsplit(".", 1)[-1] for n in linear}
     names = ", ".join(sorted(e for e in ends if not e.isdigit()))
