@@ -56,7 +56,8 @@ case $part in
 4)
   bench padded-notrim 150 fusedit-gemma2b text.trim_padding=false --train-points 512x16 --prompts 4 --steps 25 \
     --cached-only --min-text-tokens 32
-  # The EMA's float32 DiT copy in pinned host memory: the peak memory it saves, the update it slows.
+  # The EMA's float32 DiT copy in host memory, averaged by a host thread beside the next steps: the peak
+  # memory it saves, what its update adds to the steps it overlaps (ema_update_s).
   bench ema-offload 130 fusedit-gemma2b train.ema_offload=true --what train --train-points 512x16
   echo "== staged training with LoRA under inductor (recipe-shapes-3stage)" >>"$log"
   start=$SECONDS

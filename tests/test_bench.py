@@ -233,17 +233,22 @@ def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), torch.device("cpu"), False
     )
     s.model.compile_parts(counting_backend(graphs), llm=False)
-    real_time_it, compiled_before_timing = bench.time_it, []
+    real_time_it, real_cost, compiled_before_timing = bench.time_it, bench.overlapped_cost, []
 
     def time_it(fn, device, warmup, repeats):
         compiled_before_timing.append(len(graphs))
         return real_time_it(fn, device, warmup, repeats)
 
+    def overlapped_cost(*args):
+        compiled_before_timing.append(len(graphs))
+        return real_cost(*args)
+
     monkeypatch.setattr(bench, "time_it", time_it)
+    monkeypatch.setattr(bench, "overlapped_cost", overlapped_cost)
     row = bench.bench_train(s, 2, 32, 16, 0, 4, min_tokens=2)
     torch._dynamo.reset()
     assert row["primed_widths"] == 4  # 4, 8, 12, 16
-    # Timed twice (the steps, then the EMA update), with every graph compiled before either.
+    # Timed twice (the steps, then the EMA update beside its steps), with every graph compiled before either.
     assert compiled_before_timing == [len(graphs)] * 2 and len(graphs) > 4
 
 
@@ -260,7 +265,7 @@ def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeyp
     cfg = load_config("debug", ["train.ema_every=4", "train.beta2=0.9"])
     cpu = torch.device("cpu")
     s = bench.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), cpu, False)
-    built, updates, timed = [], [], iter([2.0, 0.5])  # the steps' median, then the EMA update's
+    built, updates, timed = [], [], iter([2.0])  # the steps' median
     real_build, real_update = Optimizers.build, bench.EMA.update
     monkeypatch.setattr(Optimizers, "build", lambda *a: built.append((a, real_build(*a))) or built[-1][1])
     monkeypatch.setattr(bench.EMA, "update", lambda self, m: updates.append(m) or real_update(self, m))
@@ -269,7 +274,13 @@ def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeyp
         fn()
         return next(timed)
 
+    def overlapped_cost(start, busy, step, step_seconds, device, repeats):
+        start()
+        assert step_seconds == 2.0 and not busy()  # an EMA on the device is done when update returns
+        return 0.5
+
     monkeypatch.setattr(bench, "time_it", time_it)
+    monkeypatch.setattr(bench, "overlapped_cost", overlapped_cost)
     row = bench.bench_train(s, 2, 32, 8, 0, 1)
     ((args, opts),) = built
     assert args[1] is s.cfg.train and list(opts.by_module) == ["denoiser"]
@@ -277,6 +288,29 @@ def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeyp
     assert betas == {(s.cfg.train.beta1, 0.9)} and all(o.state for o in opts.by_module.values())  # stepped
     assert (row["step_s"], row["ema_update_s"], row["ema_every"]) == (2.0 + 0.5 / 4, 0.5, 4)
     assert row["images_per_s"] == 2 / 2.125 and updates == [s.model.denoiser]
+
+
+def test_overlapped_work_costs_what_it_adds_to_the_steps_it_runs_beside(monkeypatch):
+    """The host-held EMA's update runs beside the next steps: its cost is the whole span less those steps."""
+    import torch
+
+    from fusedit import bench
+
+    clock, left, starts = [0.0], [0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def start():
+        starts.append(clock[0])
+        clock[0] += 0.25  # queuing the copies
+        left[0] = 3  # still running after two steps, done after the third
+
+    def step():
+        clock[0] += 1.0 + (0.1 if left[0] else 0.0)  # slowed by 0.1 s while it runs
+        left[0] = max(0, left[0] - 1)
+
+    cost = bench.overlapped_cost(start, lambda: left[0] > 0, step, 1.0, torch.device("cpu"), 3)
+    assert cost == pytest.approx(0.25 + 3 * 0.1) and len(starts) == 4  # one untimed run first
+    assert bench.overlapped_cost(lambda: None, lambda: False, step, 1.5, torch.device("cpu"), 1) == 0.0
 
 
 def test_priming_covers_every_text_length_with_and_without_a_mask():

@@ -49,7 +49,8 @@ def test_cuda_graphs_over_inductor_blocks_match_inductor_alone():
 
 
 def test_an_offloaded_ema_matches_one_on_the_gpu():
-    """train.ema_offload: the weights' copies into pinned host memory are waited for before the lerp."""
+    """train.ema_offload: the weights' copies into pinned host memory are waited for before the host
+    thread's lerp, and are queued before the next in-place change of the weights (the mul_ below)."""
     from fusedit.train.ema import EMA
 
     denoiser = build_model(tiny_config(), "cuda").denoiser

@@ -467,6 +467,43 @@ def test_the_ema_update_lerps_every_float_tensor_and_copies_the_rest():
         assert held.state_dict()[k].device.type == "cpu" and torch.equal(held.state_dict()[k], expected), k
 
 
+def test_an_offloaded_ema_update_runs_beside_training_on_a_snapshot_of_the_weights(monkeypatch):
+    """train.ema_offload: update() returns once the copies are queued and a host thread lerps; the weights
+    may change meanwhile (the next optimizer step), the average takes them as they were; reading it waits,
+    and a failed update is raised there, naming the setting."""
+    import threading
+
+    from fusedit.train import ema as ema_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 4)
+    held = ema_module.EMA(net, 0.9, offload=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gate, real_lerp = threading.Event(), ema_module._lerp
+    monkeypatch.setattr(ema_module, "_lerp", lambda *a: gate.wait(10) and real_lerp(*a))
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    taken = {k: v.clone() for k, v in net.state_dict().items()}
+    held.update(net)
+    assert held.busy  # still waiting at the gate
+    with torch.no_grad():
+        net.weight.mul_(100.0)  # the next step's update, while the host thread works
+    gate.set()
+    for k, v in held.state_dict().items():
+        assert not held.busy and torch.equal(v, before[k].lerp(taken[k], 0.1)), k
+
+    def fail(*a):
+        raise MemoryError("host out of memory")
+
+    monkeypatch.setattr(ema_module, "_lerp", fail)
+    held.update(net)
+    with pytest.raises(
+        RuntimeError, match=r"^the host-held EMA's update failed \(train.ema_offload\): host out"
+    ):
+        held.state_dict()
+    assert held.state_dict().keys() == before.keys()  # raised once
+
+
 def test_an_offloaded_ema_trains_and_resumes_like_one_beside_the_weights(tmp_path):
     """train.ema_offload moves where the average is held, not what it holds; FSDP refuses it (its shards
     are already spread over the GPUs)."""

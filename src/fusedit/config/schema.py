@@ -358,7 +358,8 @@ class TrainConfig:
     ema_decay: float = field(default=0.99, metadata={"min": 0, "max": 1})
     ema_every: int = positive(100)
     # Keep the EMA's float32 copy of the DiT in host memory (fusedit.train.ema): 4 bytes per DiT weight
-    # off the GPU (9.1 GiB for fusedit-gemma2b) for a copy over PCIe at each update (every ema_every steps).
+    # off the GPU (9.1 GiB for fusedit-gemma2b) for a copy over PCIe at each update (every ema_every steps),
+    # averaged by a host thread while the GPU trains on.
     ema_offload: bool = False
     precision: str = choice("auto", "auto", "fp32", "bf16")
     checkpoint_every: int = positive(500)

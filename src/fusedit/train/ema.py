@@ -2,12 +2,16 @@
 
 Under FSDP2 the model's state dict holds DTensor shards, and so does the EMA: each rank averages only its
 own shard (no communication), and checkpoints save it sharded like the weights. With ``offload`` (a whole
-model, train.ema_offload) the average lives in host memory and each update copies the weights there: CUDA
-weights through pinned buffers that torch's host allocator keeps cached (about one more copy of the weights
-in host memory), so the copies run without waiting and one synchronize per device waits for them all.
+model, train.ema_offload) the average lives in host memory and each update runs beside training: the
+weights are copied to the host on the stream that computes them (CUDA weights into pinned buffers that
+torch's host allocator keeps cached: about one more copy of the weights in host memory; the next optimizer
+step, later on that stream, cannot change them before they are read), and a host thread waits for those
+copies and does the lerp while the GPU goes on with the next steps. Reading the average waits for it.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -23,7 +27,10 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, offload: bool = False):
         self.decay = decay
         self.device = torch.device("cpu") if offload else None  # None: each tensor where its weight is
-        self.shadow = {k: self._held(v) for k, v in merged_state_dict(model).items()}
+        self._shadow = {k: self._held(v) for k, v in merged_state_dict(model).items()}
+        # The host thread of an offloaded update still running, and what it raised.
+        self._updating: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     def _held(self, value: torch.Tensor) -> torch.Tensor:
         if self.device is None:
@@ -34,42 +41,88 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s weights by 1 - decay; offloaded, this returns once the
+        copies are queued and the lerp runs on a host thread."""
         state = merged_state_dict(model)
-        if self.device is not None:
-            state = self._copied_here(state)
-        # One multi-tensor kernel per kind of tensor on a GPU (the same lerp per element): a loop launched one
-        # per tensor, a few hundred per update of an 18-layer DiT. DTensor shards and plain tensors (an FSDP
-        # model's unsharded buffers) cannot share one multi-tensor call.
-        groups: dict[type, tuple[list, list]] = {}
-        for k, v in state.items():
-            if v.is_floating_point():
-                shadows, values = groups.setdefault(type(v), ([], []))
-                shadows.append(self.shadow[k])
-                values.append(v.float())
-            else:
-                self.shadow[k].copy_(v)
-        for shadows, values in groups.values():
-            torch._foreach_lerp_(shadows, values, 1 - self.decay)
+        if self.device is None:
+            _lerp(self._shadow, state, 1 - self.decay)
+            return
+        self.wait()  # one host update at a time: each writes the whole average
+        copied, events = self._copied_here(state)
+        self._updating = threading.Thread(
+            target=self._host_update, args=(copied, events, 1 - self.decay), name="fusedit-ema"
+        )
+        self._updating.start()
 
-    def _copied_here(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` copied to the host: CUDA tensors queued without waiting (into pinned memory), then each
-        CUDA device they came from synchronized, not only the current one (train.device=cuda:1 in one
-        process never makes it current); other devices' copies wait by themselves."""
+    def _host_update(self, copied: dict[str, torch.Tensor], events: list, weight: float) -> None:
+        try:
+            for event in events:
+                event.synchronize()  # waits without the GIL: training goes on meanwhile
+            with torch.no_grad():  # grad mode is per thread
+                _lerp(self._shadow, copied, weight)
+        except BaseException as error:  # handed to the training thread at its next wait()
+            self._failed = error
+
+    def _copied_here(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
+        """``state`` copied to the host and an event per CUDA device to wait for: CUDA tensors are queued on
+        their device's current stream without waiting (into pinned memory; each device, not only the current
+        one: train.device=cuda:1 in one process never makes it current); host tensors are copied now, a
+        snapshot the optimizer's next step cannot change under the host thread."""
         copied = {
-            k: v.detach().to(self.device, non_blocking=v.device.type == "cuda") for k, v in state.items()
+            k: v.detach().to(self.device, non_blocking=True)
+            if v.device.type == "cuda"
+            else v.detach().to(self.device, copy=True)
+            for k, v in state.items()
         }
+        events = []
         for device in {v.device for v in state.values() if v.device.type == "cuda"}:
-            torch.cuda.synchronize(device)
-        return copied
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        return copied, events
+
+    @property
+    def busy(self) -> bool:
+        """Whether an offloaded update is still running."""
+        return self._updating is not None and self._updating.is_alive()
+
+    def wait(self) -> None:
+        """Finish an offloaded update still running (nothing to do otherwise); raises what it raised."""
+        if self._updating is not None:
+            self._updating.join()
+            self._updating = None
+        if self._failed is not None:
+            error, self._failed = self._failed, None
+            raise RuntimeError(f"the host-held EMA's update failed (train.ema_offload): {error}") from error
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+        self.wait()
+        return self._shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) ^ set(state)
+        self.wait()
+        missing = set(self._shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)[:3]}")
-        self.shadow = {k: _like(self.shadow[k], v) for k, v in state.items()}
+        self._shadow = {k: _like(self._shadow[k], v) for k, v in state.items()}
+
+
+def _lerp(shadow: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weight: float) -> None:
+    """``shadow`` += weight * (``state`` - ``shadow``) for float tensors; other tensors are copied.
+
+    One multi-tensor kernel per kind of tensor on a GPU (the same lerp per element): a loop launched one per
+    tensor, a few hundred per update of an 18-layer DiT. DTensor shards and plain tensors (an FSDP model's
+    unsharded buffers) cannot share one multi-tensor call."""
+    groups: dict[type, tuple[list, list]] = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            shadows, values = groups.setdefault(type(v), ([], []))
+            shadows.append(shadow[k])
+            values.append(v.float())
+        else:
+            shadow[k].copy_(v)
+    for shadows, values in groups.values():
+        torch._foreach_lerp_(shadows, values, weight)
 
 
 def _like(current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
