@@ -82,3 +82,27 @@ def test_sincos_2d_shape_and_distinct_positions():
     assert torch.cdist(e, e).fill_diagonal_(1.0).min() > 0.1
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(30, 2, 2)
+
+
+def test_an_ape_table_is_built_once_per_grid_and_dtype_and_serves_training_after_sampling(monkeypatch):
+    """The table is a constant of (width, h, w, device, dtype): built at the first forward that meets it, not
+    at every step; one first built under inference_mode (sampling) still takes part in a backward."""
+    from fusedit.layers import position
+    from fusedit.layers.embed import scaled_sincos_2d
+
+    built = []
+    real_plain, real_scaled = position.sincos_2d, position.scaled_sincos_2d
+    monkeypatch.setattr(position, "sincos_2d", lambda *a: built.append(a[1:3]) or real_plain(*a))
+    monkeypatch.setattr(position, "scaled_sincos_2d", lambda *a: built.append(a[1:3]) or real_scaled(*a))
+    plain, scaled = position.APE(8, 1e4), position.ScaledAPE(8, 1e4, 4, 6)
+    x = torch.randn(2, 12, 8)
+    with torch.inference_mode():
+        first = plain.add_absolute(x, 3, 4)
+    for _ in range(2):
+        assert torch.equal(plain.add_absolute(x, 3, 4), first) and torch.equal(first, x + sincos_2d(8, 3, 4))
+        assert torch.equal(scaled.add_absolute(x, 4, 3), x + scaled_sincos_2d(8, 4, 3, 4, 6))
+    assert plain.add_absolute(x.double(), 3, 4).dtype == torch.float64
+    assert built == [(3, 4), (4, 3), (3, 4)]  # once per grid, and once for the float64 call
+    y = x.clone().requires_grad_()
+    plain.add_absolute(y, 3, 4).square().sum().backward()
+    assert torch.equal(y.grad, 2 * (x + sincos_2d(8, 3, 4)))

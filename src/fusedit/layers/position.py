@@ -39,8 +39,23 @@ class PositionScheme:
 class APE(PositionScheme):
     """Fixed 2D sin-cos added after patchify; the text keeps the LLM's own 1D RoPE."""
 
+    def __init__(self, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None):
+        super().__init__(head_dim, theta, ladder)
+        # The table of each (width, h, w, device, dtype) met: a constant that would otherwise be rebuilt at
+        # every forward (~15 small kernels per training or sampling step, float64 sin/cos included).
+        self._tables: dict[tuple, torch.Tensor] = {}
+
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return x + sincos_2d(x.shape[-1], h, w, x.device).to(x.dtype)
+        key = (x.shape[-1], h, w, x.device, x.dtype)
+        if key not in self._tables:
+            # A plain tensor even when first met while sampling under inference_mode: training uses it next.
+            with torch.inference_mode(False), torch.no_grad():
+                self._tables[key] = self.table(x.shape[-1], h, w, x.device).to(x.dtype)
+        return x + self._tables[key]
+
+    def table(self, dim: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(h * w, dim) float32."""
+        return sincos_2d(dim, h, w, device)
 
     def text_rotary(self, positions: torch.Tensor) -> NoRotary:
         return NoRotary()
@@ -63,9 +78,8 @@ class ScaledAPE(APE):
         super().__init__(head_dim, theta, ladder)
         self.base_size, self.max_size = base_size, max_size
 
-    def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        table = scaled_sincos_2d(x.shape[-1], h, w, self.base_size, self.max_size, x.device)
-        return x + table.to(x.dtype)
+    def table(self, dim: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        return scaled_sincos_2d(dim, h, w, self.base_size, self.max_size, device)
 
 
 class Rope1D(PositionScheme):
