@@ -237,7 +237,17 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that single-field types cannot express."""
+    """Cross-field checks that single-field types cannot express, a section at a time."""
+    _validate_vae(cfg)
+    _validate_data(cfg)
+    _validate_text(cfg)
+    _validate_model(cfg)
+    _validate_training(cfg)
+    if cfg.stages:
+        resolved_stages(cfg)  # builds and validates every stage's config
+
+
+def _validate_vae(cfg: Config) -> None:
     if cfg.vae.kind == "identity" and (cfg.vae.downsample != 1 or cfg.vae.latent_channels != 3):
         raise ConfigError(
             f"vae.kind=identity needs vae.downsample=1 and vae.latent_channels=3 "
@@ -245,6 +255,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.vae.kind == "diffusers" and not cfg.vae.model_id:
         raise ConfigError("vae.kind=diffusers needs vae.model_id (a hub id or a local folder)")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Image sizes and buckets against the patch grid and the APE table; the shapes world's options; the
+    webdataset mix's weights."""
     unit, largest = side_limits(cfg)  # pixels per DiT token side; the APE table's largest side
     if cfg.data.image_size % unit:
         raise ConfigError(
@@ -282,6 +297,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"data.kinds={cfg.data.kinds!r} with data.max_objects={cfg.data.max_objects}: {e}"
             ) from None
+    check_weights(cfg.data)
+
+
+def _validate_text(cfg: Config) -> None:
     for key, text in text_sections(cfg):
         if text.model_id == "" and not text.arch:
             raise ConfigError(
@@ -296,7 +315,10 @@ def validate(cfg: Config) -> None:
                 f"{key}.model_id={text.model_id!r} loads a trained one (allowed: pretrain_steps=0 with a model_id)"
             )
     check_arch(CLIP_TEXT_FAMILY, cfg.pooled_text.arch, "pooled_text")
-    check_weights(cfg.data)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The design's options against each other and against the text side (extra LLMs, the pooled CLIP)."""
     m = cfg.model
     shallow = is_shallow(m.design)
     if cfg.extra_text and not (shallow and m.refiner_depth):
@@ -363,9 +385,6 @@ def validate(cfg: Config) -> None:
             f"model.pooled_text={m.pooled_text!r} is added to the timestep embedding, but "
             "model.timestep_conditioning='none' has none (allowed: adaln-zero, adaln-single, addition)"
         )
-    _validate_training(cfg)
-    if cfg.stages:
-        resolved_stages(cfg)  # builds and validates every stage's config
 
 
 def _validate_training(cfg: Config) -> None:
