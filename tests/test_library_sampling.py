@@ -280,13 +280,14 @@ def cut_warnings(caplog) -> list[str]:
 
 
 def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
-    m = build_model(cfg).eval()  # fresh encoders: none has warned yet
+    m = build_model(cfg).eval()
     with caplog.at_level(logging.WARNING):
         one_image(m)
         generate(m, [LONG, "a red circle"], image_size=16, steps=1)
-    # The first cut is the encoder's own warning (not doubled); the later one is generate's.
-    encoder = [r for r in caplog.records if r.name == "fusedit.text.encoder"]
-    assert len(encoder) == 1 and cut_warnings(caplog) == []
+    # The first cut is said once, as every later one is: by generate (the encoders say nothing).
+    assert cut_warnings(caplog) == [
+        "1 of the 2 prompts were longer than text.max_length=16 tokens: their ends were cut"
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         generate(m, [LONGER, "a red circle", LONG], image_size=16, steps=1)
@@ -299,12 +300,14 @@ def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
         "1 of the 1 prompts were longer than text.max_length=16 tokens: their ends were cut (the negative "
         "prompt's too)",
     ]
-    assert not [r for r in caplog.records if r.name == "fusedit.text.encoder"]  # training's rule: once
-    # A caller that reports a total itself (`fusedit sample`, from model.truncated) turns it off.
+    assert not [r for r in caplog.records if r.name == "fusedit.text.encoder"]
+    # A caller that reports a total itself (`fusedit sample`, from each call's returned cut) turns it off.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        generate(m, [LONGER], image_size=16, steps=1, warn_cut=False)
-    assert not caplog.records and m.truncated == 5
+        _, cut = generate(
+            m, [LONGER, "a red circle"], image_size=16, steps=1, warn_cut=False, return_cut=True
+        )
+    assert not caplog.records and (cut.prompts, cut.negative) == ({0}, False)
 
 
 # ---- R5: the pure sampler's shift

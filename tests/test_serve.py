@@ -277,7 +277,7 @@ def test_a_queued_or_running_job_can_be_cancelled(server, tiny, monkeypatch):
 
 
 def test_a_prompt_cut_to_the_length_limit_is_told_on_every_job(server):
-    """The log warns about truncation once per process; each job whose prompt was cut says so itself."""
+    """The log warns about each job's cut prompt; each job whose prompt was cut says so itself too."""
     long = "a red circle above a blue square " * 4  # 28 words, text.max_length = 16
     jobs = [
         wait(server, call(server, "/api/generate", {"prompt": p, "steps": 1})[1]["id"]) for p in (long, long)

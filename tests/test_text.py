@@ -9,6 +9,7 @@ from fusedit.config import ConfigError, TextConfig, load_config
 from fusedit.data.shapes import vocabulary
 from fusedit.sample import generate
 from fusedit.system import build_model
+from fusedit.text.context import PromptCut
 from fusedit.text.tokenizer import word_tokenizer
 
 
@@ -38,11 +39,11 @@ def test_a_limit_past_the_models_positions_is_named_at_build(caplog):
     assert not caplog.records
 
 
-def test_prompts_are_right_padded_and_truncated_with_a_warning(caplog):
+def test_prompts_are_right_padded_and_truncated_and_the_cut_rows_returned():
     model = build_model(tiny_config(text={"max_length": 5}))
     tok = model.text.tokenizer
-    with caplog.at_level(logging.WARNING):
-        ids, mask = model.text.tokenize(["a red circle", "a blue square to the left of a green triangle"])
+    prompts = ["a red circle", "a blue square to the left of a green triangle"]
+    ids, mask = model.text.tokenize(prompts)
     assert ids.shape == mask.shape == (2, 5)
     assert ids[0].tolist() == [
         tok.bos_token_id,
@@ -50,27 +51,27 @@ def test_prompts_are_right_padded_and_truncated_with_a_warning(caplog):
         tok.pad_token_id,
     ]
     assert mask[0].tolist() == [True, True, True, True, False] and mask[1].all()
-    assert "1 prompt(s) longer than text.max_length=5 tokens were truncated" in caplog.text
+    assert model.text.encode(prompts, model.denoiser.text_requests[0]).cut == PromptCut(frozenset({1}))
     with pytest.raises(TypeError, match="list of prompts"):
         model.text.tokenize("a red circle")
 
 
-def test_truncation_warns_once_per_encoder_and_counts_the_rest(caplog):
-    """Training tokenises the same over-long captions every epoch: one warning, then only a count."""
+def test_each_encoding_returns_the_rows_it_cut_and_says_nothing(caplog):
+    """Training meets the same over-long captions batch after batch: the run says the first and counts the
+    rest (test_train), from the rows each encoding returns; the encoders keep no count and log nothing."""
     model = build_model(tiny_config(text={"max_length": 5}))
     long = "a blue square to the left of a green triangle"
     with caplog.at_level(logging.WARNING):
-        model.text.tokenize([long, "a red circle"])
-        model.text.tokenize([long, long])
-        model.text.tokenize(["a red circle"])
-    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert len(warnings) == 1 and f"e.g. {long!r} (11 tokens)" in warnings[0], warnings
-    assert model.text.truncated == 3
+        cuts = [model.encode_prompts(p).cut for p in ([long, "a red circle"], [long, long], ["a red circle"])]
+    assert [cut.prompts for cut in cuts] == [{0}, {0, 1}, set()] and not caplog.records
+    # Guidance's negative prompt rows come first: told apart from the prompts'.
+    cut = model.encode_prompts([long, "", "a red circle", long], negatives=2).cut
+    assert (cut.rows, cut.prompts, cut.negative) == ({0, 3}, {1}, True)
 
 
 def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(caplog):
     """Two LLMs (LI-DiT) and a pooled CLIP (clip-mod) each cut a long prompt to their own limit: the model
-    counts the prompt once, and the warnings and the model's limits name each encoder's setting."""
+    counts the prompt once, and its limits (what the warnings say) name each encoder's setting."""
     qwen = {"family": "qwen2", "arch": TINY_ARCH, "max_length": 8}
     cfg = tiny_config(
         model={"design": "dit-cross", "pooled_text": "clip", "refiner_depth": 1, "refiner_heads": 4},
@@ -82,22 +83,29 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
     assert model.limits == "one of text.max_length=5, extra_text.0.max_length=8, pooled_text.max_length=7"
     long = "a blue square to the left of a green triangle"  # 10 words: every encoder cuts it
     middle = "a blue square to the left"  # 6 words: only the first LLM (5 with <bos>) cuts it
-    with caplog.at_level(logging.WARNING):
-        model.encode_prompts([long, middle, "a red circle"])
-    warnings = [r.getMessage() for r in caplog.records]
-    assert any(w.startswith("1 prompt(s) longer than extra_text.0.max_length=8 tokens") for w in warnings)
-    assert any(
-        w.startswith("1 prompt(s) longer than pooled_text.max_length=7 tokens were cut") for w in warnings
-    )
-    assert [e.truncated for e in model.encoders] == [2, 1] and model.pooled_text.truncated == 1
-    assert model.truncated == 2
-    model.encode_prompts(["a red circle"])
-    assert model.truncated == 2
+    prompts = [long, middle, "a red circle"]
+    context = model.encode_prompts(prompts)
+    assert [text.cut.rows for text in context.all] == [{0, 1}, {0}]
+    assert model.pooled_text.cut_rows(prompts) == {0}
+    assert context.cut.prompts == {0, 1}
+    assert model.encode_prompts(["a red circle"]).cut.prompts == set()
     # Sampling counts each prompt once, with the text cache or without it (which encodes at every step).
     for cache_text in (True, False):
-        generate(model, [long], image_size=16, steps=3, guidance=2.0, cache_text=cache_text)
-    assert model.truncated == 4
-    assert [e.truncated for e in model.encoders] == [4, 3] and model.pooled_text.truncated == 3
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _, cut = generate(
+                model,
+                [long],
+                image_size=16,
+                steps=3,
+                guidance=2.0,
+                cache_text=cache_text,
+                return_cut=True,
+            )
+        assert cut == PromptCut(frozenset({1}), 1) and cut.prompts == {0} and not cut.negative
+        assert [r.getMessage() for r in caplog.records] == [
+            f"1 of the 1 prompts were longer than {model.limits} tokens: their ends were cut"
+        ]
 
 
 def test_instruction_prefix_and_chat_template():
@@ -156,16 +164,15 @@ def test_a_chat_template_that_prints_todays_date_renders_one_fixed_date():
     assert first == second == f"Today Date: {CHAT_DATE} a"
 
 
-def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt(caplog):
+def test_lidit_template_marks_its_instruction_and_truncates_only_the_prompt():
     from fusedit.text.templates import LIDIT_INSTRUCTION
 
     n_instr = len(LIDIT_INSTRUCTION.replace(":", " :").replace(",", " ,").split())
     # text.max_length counts the prompt and BOS; the template's tokens come on top
     model = build_model(tiny_config(text={"template": "lidit", "max_length": 5}))
     tok = model.text.tokenizer
-    with caplog.at_level(logging.WARNING):
-        context = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
-    assert "truncated" in caplog.text
+    context = model.encode_prompts(["a red circle", "a blue square to the left of a green triangle"])
+    assert context.cut.prompts == {1}
     ids, mask = model.text.tokenize(["a red circle"])
     words = tok.convert_ids_to_tokens(ids[0][mask[0]].tolist())
     assert words[:3] == ["<bos>", "Describe", "the"] and words[-3:] == ["a", "red", "circle"]

@@ -394,12 +394,27 @@ def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tm
 
     logged = counts(tmp_path / "a")
     assert logged[-1] == expected and logged == sorted(logged, key=lambda n: n or 0)
-    # The count is the run's: it goes on across a resume, exactly as in the uninterrupted run.
-    train(cfg, tmp_path / "b", stop_at=2, progress=False)
-    state = json.loads((find_checkpoint(tmp_path / "b") / "state.json").read_text())
-    assert state["truncated_prompts"] == (logged[1] or 0)
-    assert train(cfg, tmp_path / "b", resume=True, progress=False)["truncated_prompts"] == expected
+
+    def first_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "later truncations are only" in r.getMessage()]
+
+    # The run says its first truncation, at its step, and only counts the later ones.
+    step = next(i for i, n in enumerate(logged) if n) + 1
+    first = first_warnings()
+    assert first == [
+        f"step {step}: {logged[step - 1]} prompts longer than text.max_length=4 tokens were truncated; later "
+        'truncations are only counted (metrics.jsonl\'s "truncated", and a total at the end)'
+    ]
+    # The count is the run's: it goes on across a resume, exactly as in the uninterrupted run, which says
+    # its first truncation once.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        train(cfg, tmp_path / "b", stop_at=2, progress=False)
+        state = json.loads((find_checkpoint(tmp_path / "b") / "state.json").read_text())
+        assert state["truncated_prompts"] == (logged[1] or 0)
+        assert train(cfg, tmp_path / "b", resume=True, progress=False)["truncated_prompts"] == expected
     assert counts(tmp_path / "b") == logged
+    assert first_warnings() == first
 
 
 def test_resuming_on_a_folder_that_changed_size_warns_once_and_trains_on(tmp_path, caplog):

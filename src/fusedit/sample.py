@@ -44,7 +44,7 @@ from fusedit.flow.samplers import Velocity, check_sampling
 from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.models.inference import prepare_for_sampling
 from fusedit.system import TextToImage, precision_name, resolve_device, uses_bf16
-from fusedit.text.context import TextContext
+from fusedit.text.context import PromptCut, TextContext
 from fusedit.text.tokenizer import unknown_words
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,8 @@ def generate(
     noise: torch.Tensor | None = None,
     progress: bool | Callable[[], None] | None = None,
     warn_cut: bool = True,
-) -> torch.Tensor:
+    return_cut: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, PromptCut]:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts`` (a list of strings) at ``image_size``: one side (a
     square) or (H, W). The defaults are the ``sample`` section's; ``sample_settings(cfg)`` gives a saved
     model's own. CFG is used when guidance != 1. ``cuda_graphs`` replays each step as one CUDA graph (with
@@ -396,9 +397,10 @@ def generate(
     ``progress``: True shows a tqdm bar over the steps, as every other ``progress`` of fusedit does; or a
     function taking no arguments, called once after each sampler step (a Heun step included; what
     ``write_sample_folder`` and ``fusedit serve`` count steps with); None or False: nothing.
-    ``warn_cut``: log a warning for the prompts this call cut to the text encoders' limits (each encoder
-    warns at its first cut only, as training wants); False for a caller that reports a total itself (as
-    ``write_sample_folder`` does from each call's ``cut_rows``).
+    ``warn_cut``: log a warning for the prompts this call cut to the text encoders' limits (the negative
+    prompt too); False for a caller that reports a total itself (as ``write_sample_folder`` does).
+    ``return_cut``: return (images, the call's PromptCut: which prompts were cut, and whether the negative
+    prompt was) rather than the images alone, for a caller that counts or records the cuts.
 
     Arguments are checked before any slow work, one line each (ConfigError for a value out of range, an
     image side the model cannot take or an unknown precision, ValueError for an unknown sampler or
@@ -443,22 +445,16 @@ def generate(
     if note:
         warn_once(note)
     rows = [negative_prompt] * len(prompts) + prompts if guidance != 1.0 else list(prompts)
-    negatives = len(rows) - len(prompts)
-    # The encoders that have cut nothing yet warn at their first cut themselves (text/encoder.py).
-    fresh = [enc.truncated == 0 for enc in model.limited]
-    if cache_text:
-        text = model.encode_prompts(rows, negatives)
-    else:
-        first = True
+    context = model.encode_prompts(rows, len(rows) - len(prompts))
+    cut = context.cut  # the call's, whether or not its context serves the steps
+    text = context
+    if not cache_text:
+        # The LLM runs again at every step (the baseline the cache is checked against); the first step
+        # takes the encoding above.
+        first = [context]
 
-        def text():
-            # The uncached baseline encodes at every step; its prompts are cut (and counted) once, as cached.
-            nonlocal first
-            if first:
-                first = False
-                return model.encode_prompts(rows, negatives)
-            with model.uncounted():
-                return model.encode_prompts(rows, negatives)
+        def text() -> TextContext:
+            return first.pop() if first else model.encode_prompts(rows, cut.negatives)
 
     velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
     bar = tqdm(total=steps, desc="sample", unit="step") if progress is True else None
@@ -476,7 +472,7 @@ def generate(
         if bar is not None:
             bar.close()
     if warn_cut:
-        _warn_call_cut(model, fresh, negatives, len(prompts))
+        warn_cut_prompts(len(cut.prompts), len(prompts), model.limits, cut.negative)
     images = ae.decode(latents)
     bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
     if bad:
@@ -487,42 +483,32 @@ def generate(
             len(prompts),
             guidance,
         )
-    return images
+    return (images, cut) if return_cut else images
 
 
-def _warn_call_cut(model: TextToImage, fresh: list[bool], negatives: int, prompts: int) -> None:
-    """generate's warning for the rows its call cut (``model.cut``; the first ``negatives`` rows are the
-    negative prompt's), worded as `fusedit sample`'s total. Each text encoder warns at its first cut only,
-    so a later call's cuts would go unsaid; a call whose every cutting encoder was ``fresh`` (gave its own
-    first warning just now) is not warned about twice."""
-    if all(was_fresh for enc, was_fresh in zip(model.limited, fresh, strict=True) if enc.cut):
-        return
-    cut, negative = cut_rows(model, negatives)
-    warn_cut_prompts(len(cut), prompts, model.limits, negative)
-
-
-def cut_rows(model: TextToImage, negatives: int) -> tuple[set[int], bool]:
-    """The prompts ``model``'s last encoding cut (their indices among the prompts) and whether it cut the
-    negative prompt: its rows (``model.cut``) are the ``negatives`` negative prompt rows, then the prompts."""
-    prompts = {row - negatives for row in model.cut if row >= negatives}
-    return prompts, any(row < negatives for row in model.cut)
+def cut_note(cut: int, prompts: int | None, limits: str, negative: bool = False) -> str | None:
+    """What a sampling call cut to the text encoders' ``limits`` (TextToImage.limits), as `fusedit sample`'s
+    log and a `fusedit serve` job's notice both say it: ``cut`` of ``prompts`` prompts (None: the call's one
+    prompt, sampled for each image as a serve job's is), and with ``negative`` the negative prompt; None
+    when nothing was cut."""
+    if cut and prompts is None:
+        if negative:
+            return f"the prompt and the negative prompt are longer than {limits} tokens: their ends were cut"
+        return f"the prompt is longer than {limits} tokens: its end was cut"
+    if cut:
+        too = " (the negative prompt's too)" if negative else ""
+        return f"{cut} of the {prompts} prompts were longer than {limits} tokens: their ends were cut{too}"
+    if negative:
+        return f"the negative prompt is longer than {limits} tokens: its end was cut"
+    return None
 
 
 def warn_cut_prompts(cut: int, prompts: int, limits: str, negative: bool = False) -> None:
-    """The warning for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits``
-    (TextToImage.limits) and, with ``negative``, for the negative prompt cut too: a call's, or a command's
-    total at its end (each encoder warns at its first cut only, and does not know a negative prompt's row
-    from a prompt's)."""
-    if cut:
-        log.warning(
-            "%d of the %d prompts were longer than %s tokens: their ends were cut%s",
-            cut,
-            prompts,
-            limits,
-            " (the negative prompt's too)" if negative else "",
-        )
-    elif negative:
-        log.warning("the negative prompt is longer than %s tokens: its end was cut", limits)
+    """The warning (``cut_note``) for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits``
+    and, with ``negative``, for the negative prompt cut too: a call's, or a command's total at its end."""
+    note = cut_note(cut, prompts, limits, negative)
+    if note:
+        log.warning("%s", note)
 
 
 def _saved_by_public_fusedit(folder: Path) -> bool:
@@ -759,10 +745,11 @@ def write_sample_folder(
         # sampling its prompt on its own with that seed draws: any image can be made again by itself.
         seeds = [seed + len(images) + j for j in range(len(batch))]
         noise = seeded_noise(seeds, latent_shape(model, size))
-        # The cuts are warned about once, at the end: the batch's rows are its negative prompts, then its own.
-        x = generate(model, batch, noise=noise, progress=bar.update, warn_cut=False, **settings)
-        cut, negative_was_cut = cut_rows(model, len(batch) if guidance != 1.0 else 0)
-        cut_prompts, negative_cut = cut_prompts + len(cut), negative_cut or negative_was_cut
+        # The cuts are warned about once, at the end, and each image records whether its prompt was cut.
+        x, cut = generate(
+            model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
+        )
+        cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
         if not images:
             _remove_earlier_samples(out)
         for j, (img, prompt, image_seed) in enumerate(zip(to_uint8(x), batch, seeds)):
@@ -770,7 +757,7 @@ def write_sample_folder(
             save_png(Image.fromarray(img), out / f"{name}.png")
             meta = {
                 "prompt": prompt,
-                "truncated": j in cut,
+                "truncated": j in cut.prompts,
                 "seed": image_seed,
                 "negative_prompt": settings["negative_prompt"],
                 "steps": steps,

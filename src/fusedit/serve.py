@@ -73,7 +73,7 @@ from fusedit.config import (
 from fusedit.imaging import to_uint8
 from fusedit.sample import (
     check_seed,
-    cut_rows,
+    cut_note,
     generate,
     latent_shape,
     sample_settings,
@@ -519,8 +519,14 @@ class JobQueue:
                     raise Cancelled
                 job.step += 1
 
-        x = generate(
-            self.model, [r.prompt] * r.num_images, seed=r.seed, noise=noise, progress=advance, **settings
+        x, cut = generate(
+            self.model,
+            [r.prompt] * r.num_images,
+            seed=r.seed,
+            noise=noise,
+            progress=advance,
+            return_cut=True,
+            **settings,
         )
         notices = []
         if not r.prompt:
@@ -531,16 +537,10 @@ class JobQueue:
         )
         if unknown:
             notices.append(unknown)
-        # The job's rows, as the last encoding cut them: its negative prompt's (one per image), then its own.
-        cut, negative = cut_rows(self.model, r.num_images if guided else 0)
-        if cut and negative:
-            notices.append(
-                f"the prompt and the negative prompt are longer than {self.model.limits} tokens: their ends "
-                "were cut"
-            )
-        elif cut or negative:
-            which = "prompt" if cut else "negative prompt"
-            notices.append(f"the {which} is longer than {self.model.limits} tokens: its end was cut")
+        # The job's one prompt, sampled for each image: all its rows are cut, or none.
+        cut_prompt = cut_note(len(cut.prompts), None, self.model.limits, cut.negative)
+        if cut_prompt:
+            notices.append(cut_prompt)
         # Not refused as `fusedit sample` refuses a negative prompt at guidance 1: the page sends its negative
         # prompt field with every request, and a user trying guidance 1 should not have to empty it first.
         unused = unused_prompt_note(settings["guidance"], bool(settings["negative_prompt"]))

@@ -30,7 +30,7 @@ from fusedit.config import (
 )
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
-from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.context import PromptCut, TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import llm_config, load_llm, load_tokenizer
 from fusedit.text.pooled import PooledTextEncoder, load_pooled_encoder
@@ -65,10 +65,6 @@ class TextToImage(nn.Module):
         self.autoencoder = autoencoder
         for i, enc in enumerate(self.extra_text):
             enc.setting = f"extra_text.{i}.max_length"
-        # Prompts cut by the limit of any text encoder so far (each counted once per encode_prompts call), and
-        # the rows of the last call that were cut (guidance's negative rows too).
-        self.truncated = 0
-        self.cut: frozenset[int] = frozenset()
 
     @property
     def encoders(self) -> list[TextEncoder]:
@@ -86,32 +82,22 @@ class TextToImage(nn.Module):
         named = [f"{enc.setting}={enc.prompt_limit}" for enc in self.limited]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
-    def encode_prompts(self, prompts: list[str], counted_from: int = 0) -> TextContext:
+    def encode_prompts(self, prompts: list[str], negatives: int = 0) -> TextContext:
         """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch.
-        Cut rows are counted in ``truncated`` from row ``counted_from`` on: the rows before it (guidance's
-        negative prompt, once per image) are not prompts of their own."""
+        The first ``negatives`` rows are guidance's negative prompt (one per image), the prompts follow: the
+        context's ``cut`` tells them apart among the rows any text encoder cut to its limit."""
         requests = self.denoiser.text_requests
         context = self.text.encode(prompts, requests[0])
         context.others = [
             enc.encode(prompts, req) for enc, req in zip(self.extra_text, requests[1:], strict=True)
         ]
+        cut = [text.cut.rows for text in context.all]
         if self.pooled_text is not None:
             context.pooled = self.pooled_text(prompts)
-        self.cut = frozenset().union(*(enc.cut for enc in self.limited))
-        self.truncated += sum(row >= counted_from for row in self.cut)
+            cut.append(self.pooled_text.cut_rows(prompts))
+        # A row cut by several encoders is one prompt cut.
+        context.cut = PromptCut(frozenset().union(*cut), negatives)
         return context
-
-    @contextlib.contextmanager
-    def uncounted(self):
-        """Encode prompts again without counting their truncations a second time (the model's count and
-        each encoder's): the uncached sampler re-encodes the same prompts at every step."""
-        counts = [self.truncated, *(enc.truncated for enc in self.limited)]
-        try:
-            yield
-        finally:
-            self.truncated = counts[0]
-            for enc, n in zip(self.limited, counts[1:], strict=True):
-                enc.truncated = n
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
         return self.denoiser(x, t, text)

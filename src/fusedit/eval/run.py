@@ -41,8 +41,8 @@ class ProtocolGenerator:
     sampling its prompt with its seed, and a protocol that resumes per image (T2I-CompBench) makes the
     missing ones exactly as an uninterrupted run would.
 
-    ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (the
-    model warns at its first cut only, and counts each of the n images' rows).
+    ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (once
+    per call, however many of its n images' rows were cut).
 
     ``lazy`` builds one whose model is loaded at the first image: the protocols check their prompts and
     kept images before generating, so those refusals come before a slow load, and a run whose images are
@@ -69,11 +69,12 @@ class ProtocolGenerator:
         noise = seeded_noise(
             [seed + k for k in range(n)], latent_shape(self.model, self.settings["image_size"])
         )
-        cut_before = self.model.truncated
         # Cuts are counted here; `fusedit eval` warns about their total once, at the end.
-        x = generate(self.model, [prompt] * n, noise=noise, warn_cut=False, **self.settings)
+        x, cut = generate(
+            self.model, [prompt] * n, noise=noise, warn_cut=False, return_cut=True, **self.settings
+        )
         self.prompts += 1
-        self.truncated += self.model.truncated > cut_before
+        self.truncated += bool(cut.prompts)
         return [Image.fromarray(a) for a in to_uint8(x)]
 
 

@@ -43,6 +43,27 @@ def resolve_hidden_layer(index: int, num_layers: int, key: str = "model.hidden_l
     return absolute
 
 
+@dataclass(frozen=True)
+class PromptCut:
+    """The rows of an encoded prompt batch that a text encoder cut to its limit (text.max_length, an
+    extra_text's or pooled_text's), each once however many encoders cut it. The first ``negatives`` rows are
+    guidance's negative prompt (one per image: TextToImage.encode_prompts), the prompts follow. Whoever
+    counts cut prompts (a training run, a sampling call) counts these: the encoders keep no count."""
+
+    rows: frozenset[int] = frozenset()
+    negatives: int = 0
+
+    @property
+    def prompts(self) -> frozenset[int]:
+        """The prompts cut, as indices among the prompts (the rows after the negative prompt's)."""
+        return frozenset(row - self.negatives for row in self.rows if row >= self.negatives)
+
+    @property
+    def negative(self) -> bool:
+        """Whether the negative prompt was cut."""
+        return any(row < self.negatives for row in self.rows)
+
+
 @dataclass
 class TextContext:
     """A prompt batch as the denoiser sees it. T is the (possibly trimmed) padded text length.
@@ -59,6 +80,8 @@ class TextContext:
     pooled:  (B, P) pooled embedding of a second encoder (FuseDiT clip-mod), or None.
     others:  contexts of the further LLMs of a multi-LLM model (LI-DiT), same prompts, in config order.
     padded:  whether any row has padding; when False the denoiser needs no attention mask at all.
+    cut:     the rows cut to the encoder's limit (TextEncoder.encode); TextToImage.encode_prompts puts
+             those of all its encoders on the first context, with the negative prompt's rows told apart.
     """
 
     mask: torch.Tensor
@@ -71,6 +94,7 @@ class TextContext:
     pooled: torch.Tensor | None = None
     others: list[TextContext] = field(default_factory=list)
     padded: bool = True
+    cut: PromptCut = PromptCut()
 
     @property
     def all(self) -> list[TextContext]:

@@ -19,19 +19,14 @@ computed once and cached there as for a frozen LLM.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from fusedit.config import ConfigError, llm_head_dim
 from fusedit.layers.rope import rotate_half
-from fusedit.text.context import TextContext, TextRequest
+from fusedit.text.context import PromptCut, TextContext, TextRequest
 from fusedit.text.spec import SUPPORTED_LLMS, unsupported_llm
 from fusedit.text.templates import Template
-
-log = logging.getLogger(__name__)
-
 
 # What _layer_kv reads of a decoder layer: the rest of the deepest K/V layer (its queries, attention output
 # and MLP) computes nothing the denoiser reads.
@@ -111,11 +106,6 @@ class TextEncoder(nn.Module):
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         self.head_dim = llm_head_dim(llm.config)
         self.layer_keys = tuple(layer_keys(layer) for layer in llm.layers)  # _layer_kv's, per layer
-        # Prompts truncated so far. Training meets the same over-long captions batch after batch, so only
-        # the first truncation is logged; the rest are counted here, and ``cut`` holds the positions cut
-        # in the last batch (TextToImage counts a prompt once, however many of its encoders cut it).
-        self.truncated = 0
-        self.cut: frozenset[int] = frozenset()
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
         # The tokenizer's own leading specials (BOS) every row opens with, set below; a shape-only build
         # counts none (so its FLOP counts leave out the slot a channel concatenation of LLMs with and
@@ -201,26 +191,18 @@ class TextEncoder(nn.Module):
         """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
 
         Prompts longer than text.max_length (with the tokenizer's special tokens; the template's come on top)
-        are truncated, with a warning the first time and counted in ``truncated``. An empty prompt is
-        ``empty_ids``, without the template."""
+        are cut to it (``encode`` says which). An empty prompt is ``empty_ids``, without the template."""
+        return self._pad(self._bodies(prompts), device)
+
+    def _bodies(self, prompts: list[str]) -> list[list[int]]:
+        """Each prompt's own token ids, uncut (an empty prompt's: none)."""
         if isinstance(prompts, str):
             raise TypeError("tokenize takes a list of prompts, not a single string")
         texts = [self.prompt_lead + p if p else p for p in prompts]
-        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        too_long = [i for i, seq in enumerate(bodies) if len(seq) > self.budget]
-        if too_long and not self.truncated:
-            first = prompts[too_long[0]]
-            log.warning(
-                "%d prompt(s) longer than %s=%d tokens were truncated, e.g. %r (%d tokens); "
-                "later truncations are only counted (TextEncoder.truncated)",
-                len({prompts[i] for i in too_long}),  # a prompt sampled n times is one prompt
-                self.setting,
-                self.prompt_limit,
-                first[:80],
-                len(bodies[too_long[0]]) + self.prompt_limit - self.budget,
-            )
-        self.truncated += len(too_long)
-        self.cut = frozenset(too_long)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _pad(self, bodies: list[list[int]], device: torch.device | str):
+        """``tokenize``'s ids and mask of the prompts' token ids ``bodies``."""
         pad = self.tokenizer.pad_token_id
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)
@@ -353,5 +335,9 @@ class TextEncoder(nn.Module):
         )
 
     def encode(self, prompts: list[str], request: TextRequest, device=None) -> TextContext:
+        """The TextContext of ``prompts`` for ``request``; its ``cut`` holds the rows cut to the limit (``setting``)."""
         device = device or next(self.llm.parameters()).device
-        return self(*self.tokenize(prompts, device), request)
+        bodies = self._bodies(prompts)
+        context = self(*self._pad(bodies, device), request)
+        context.cut = PromptCut(frozenset(i for i, body in enumerate(bodies) if len(body) > self.budget))
+        return context

@@ -4,15 +4,11 @@ DiT's timestep embedding."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
 from fusedit.config import ConfigError, PooledTextConfig, model_config
-
-log = logging.getLogger(__name__)
 
 
 class PooledTextEncoder(nn.Module):
@@ -21,10 +17,7 @@ class PooledTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        # As TextEncoder's: prompts cut to max_length so far (the first batch with one is logged), the
-        # positions cut in the last batch, and the config key of the limit.
-        self.truncated = 0
-        self.cut: frozenset[int] = frozenset()
+        # The config key of the limit, for messages (as TextEncoder's).
         self.setting = "pooled_text.max_length"
 
     @property
@@ -35,6 +28,11 @@ class PooledTextEncoder(nn.Module):
     def dim(self) -> int:
         return self.model.config.projection_dim
 
+    def cut_rows(self, prompts: list[str]) -> frozenset[int]:
+        """The rows of ``prompts`` longer than max_length tokens, which ``forward`` cuts to it."""
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        return frozenset(i for i, n in enumerate(lengths) if n > self.max_length)
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """(B,) prompts -> (B, projection_dim): the final (layer-normed) state of each prompt's last real
@@ -43,20 +41,6 @@ class PooledTextEncoder(nn.Module):
         For CLIP's own tokenizer that token is end-of-text, so this is exactly CLIP's ``text_embeds``; unlike
         CLIP's pooler it needs no particular end-of-text id, so any tokenizer works."""
         device = next(self.model.parameters()).device
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
-        self.cut = frozenset(i for i, n in enumerate(lengths) if n > self.max_length)
-        if self.cut and not self.truncated:
-            first = min(self.cut)
-            log.warning(
-                "%d prompt(s) longer than %s=%d tokens were cut for the pooled text embedding, e.g. %r "
-                "(%d tokens); later ones are only counted",
-                len({prompts[i] for i in self.cut}),  # a prompt sampled n times is one prompt
-                self.setting,
-                self.max_length,
-                prompts[first][:80],
-                lengths[first],
-            )
-        self.truncated += len(self.cut)
         tok = self.tokenizer(
             list(prompts),
             padding="max_length",

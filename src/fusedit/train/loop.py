@@ -184,7 +184,7 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
     was_training = model.denoiser.training
     model.denoiser.eval()
     # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing. Captions cut
-    # to the limit are training's (its encoder warned at the first), not one warning per preview.
+    # to the limit are training's (the run warned at the first), not one warning per preview.
     settings = sample_settings(cfg, cuda_graphs=False)
     images = generate(model, captions, seed=cfg.sample.seed, warn_cut=False, **settings)
     model.denoiser.train(was_training)
@@ -580,7 +580,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         if main:
             run.metrics = stack.enter_context(metrics_path.open("a"))
         ema = _train_stages(run, stages[first.index :], start, end, ckpt)
-    if main and run.truncated:  # the text encoder warns at the first truncation only
+    if main and run.truncated:  # the run warned at its first truncation only
         log.info(
             "text: %d prompts longer than %s tokens were truncated in this run (to step %d)",
             run.truncated,
@@ -935,6 +935,16 @@ class _Run:
                 )
             t0 = time.perf_counter()
             loss, norm, truncated, lr, lrs = train_step(step, batch)
+            if truncated and not self.truncated and self.env.is_main:
+                # The same over-long captions come back batch after batch: the run's first are said, the
+                # rest only counted.
+                log.warning(
+                    "step %d: %d prompts longer than %s tokens were truncated; later truncations are only "
+                    'counted (metrics.jsonl\'s "truncated", and a total at the end)',
+                    step + 1,
+                    truncated,
+                    self.model.limits,
+                )
             self.truncated += truncated
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
             if math.isfinite(loss) and math.isfinite(norm):
@@ -1127,13 +1137,14 @@ class _Step:
             self.global_batch, gen, sc.flow.logit_mean, sc.flow.logit_std, sc.flow.shift
         )
         loss_sum = torch.zeros((), device=self.env.device)
-        truncated_before = self.model.truncated
+        truncated = 0
         for m in range(self.accum):
-            loss_sum += self.micro_step(step, m, batch, keep, times)
+            loss, cut = self.micro_step(step, m, batch, keep, times)
+            loss_sum += loss
+            truncated += cut
         distributed.average_gradients(self.llm_params, self.env)
         # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
         # full_like fills on the device, where a copy from the host would wait for the step's kernels.
-        truncated = self.model.truncated - truncated_before
         step_sums = torch.stack([loss_sum / self.accum, torch.full_like(loss_sum, truncated)])
         loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, self.env)
         grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip))
@@ -1154,9 +1165,10 @@ class _Step:
 
     def micro_step(
         self, step: int, m: int, batch: dict, keep: list[bool], times: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, int]:
         """Forward and backward of micro-batch ``m`` (gradients scaled by 1 / grad_accum, synced over ranks
-        at the last micro-step); returns its loss, detached."""
+        at the last micro-step); returns its loss, detached, and how many of its captions a text encoder cut
+        to its limit."""
         device = self.env.device
         local = slice(m * self.micro, (m + 1) * self.micro)
         rows = range(self.first_row + local.start, self.first_row + local.stop)
@@ -1175,7 +1187,7 @@ class _Step:
                 v = self.forward(interpolate(x0, noise, t), t, text)
             loss = flow_loss(v, x0, noise)
             (loss / self.accum).backward()
-        return loss.detach()
+        return loss.detach(), len(text.cut.prompts)
 
     def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
         """The micro-batch's latents: pre-encoded by cache-latents (checked against the VAE before the
