@@ -825,7 +825,7 @@ def test_log_lines_go_above_the_progress_bar(capsys, monkeypatch):
             bar.update(1)
         return 0
 
-    monkeypatch.setattr("fusedit.cli.cmd_train", train)
+    monkeypatch.setattr("fusedit.cli.train.cmd_train", train)
     console = logging.StreamHandler(sys.stderr)  # what `fusedit` has outside pytest (logging.basicConfig)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     monkeypatch.setattr(logging.root, "handlers", [*logging.root.handlers, console])
@@ -884,7 +884,7 @@ def test_a_diverging_run_stops_with_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_prompts_file_is_read_as_utf8_whatever_the_locale_and_a_bom_is_dropped(tmp_path):
-    from fusedit.cli import _read_prompts
+    from fusedit.cli.sample import _read_prompts
     from fusedit.config import ConfigError
 
     path = tmp_path / "prompts.txt"

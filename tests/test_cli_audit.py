@@ -178,12 +178,12 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidd
     capsys, monkeypatch, error, message
 ):
     """`fusedit sample run --size 100000` ran out of memory with a traceback."""
-    import fusedit.cli
+    import fusedit.cli.describe
 
     def fail(args):
         raise error
 
-    monkeypatch.setattr(fusedit.cli, "cmd_presets", fail)
+    monkeypatch.setattr(fusedit.cli.describe, "cmd_presets", fail)
     if not message:
         with pytest.raises(RuntimeError, match="a bug"):
             main(["presets"])

@@ -168,7 +168,7 @@ def test_the_base_folder_warning_knows_a_run_and_its_checkpoint_start_alike(expo
             == 0
         )
     assert [r for r in caplog.records if r.name == "fusedit.cli"] == []
-    from fusedit.cli import _warn_weights_not_taken
+    from fusedit.cli.train import _warn_weights_not_taken
 
     bases = []  # the model folders the config comes from
     load_config(str(ckpt), folders=bases)

@@ -48,6 +48,22 @@ def test_cuda_graphs_over_inductor_blocks_match_inductor_alone():
     torch.testing.assert_close(graphed, plain, atol=1e-3, rtol=0)
 
 
+def test_host_tensors_reach_the_gpu_without_the_host_waiting():
+    """fusedit.devices.host_to_device, which a training step's latents, noise, times and token ids take: a
+    copy from pageable memory would wait for the kernels queued before it (the last step's AdamW)."""
+    from fusedit.devices import host_to_device
+
+    x = torch.randn(16, 4, 64, 64)
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy @ busy  # queued work the copy must not wait for
+        moved = host_to_device(x, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(moved.cpu(), x)
+
+
 def test_an_offloaded_ema_matches_one_on_the_gpu():
     """train.ema_offload: the weights' copies into pinned host memory are waited for before the host
     thread's lerp, and are queued before the next in-place change of the weights (the mul_ below)."""

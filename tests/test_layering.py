@@ -15,7 +15,7 @@ import fusedit
 from conftest import tiny_config
 
 SRC = Path(fusedit.__file__).parent
-SKIPPED = {"train", "cli.py", "__main__.py"}  # the training package itself, and the CLI above it all
+SKIPPED = {"train", "cli", "__main__.py"}  # the training package itself, and the CLI package above it all
 
 # (file under src/fusedit, module of fusedit.train) pairs that are allowed, each with its reason.
 EXCEPTIONS = {
@@ -130,7 +130,7 @@ def test_nothing_in_the_package_imports_the_cli():
     offending, main_imports_it = [], False
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC)
-        if rel.as_posix() == "cli.py":
+        if rel.parts[0] == "cli":  # the CLI's own modules: test_the_cli_modules_import_one_way
             continue
         package = ".".join(["fusedit", *rel.parts[:-1]])
         for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), package):
@@ -144,6 +144,34 @@ def test_nothing_in_the_package_imports_the_cli():
         offending
     )
     assert main_imports_it, "__main__.py no longer imports fusedit.cli: update this test"
+
+
+# The CLI's subcommand modules, each with its subcommands' parsers; cli/common.py holds what they share.
+CLI_SUBCOMMAND_MODULES = ("train", "sample", "eval", "bench", "runs", "describe")
+
+
+def test_the_cli_modules_import_one_way():
+    """Inside the CLI package too: ``fusedit.cli`` (main, the parser) imports the subcommand modules, each
+    of which imports only ``fusedit.cli.common``, which imports none of them: no module of it imports
+    one above it, so there is no cycle."""
+    paths = sorted((SRC / "cli").glob("*.py"))
+    assert {p.stem for p in paths} == {"__init__", "common", *CLI_SUBCOMMAND_MODULES}
+    modules = {f"fusedit.cli.{p.stem}" for p in paths if p.stem != "__init__"}
+    allowed = {"__init__": modules, "common": set()}
+    offending, from_init = [], set()
+    for path in paths:
+        rel = path.relative_to(SRC)
+        may = allowed.get(path.stem, {"fusedit.cli.common"})
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit.cli"):
+            if not _is_cli(module):
+                continue
+            if module not in may:
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
+            elif path.stem == "__init__":
+                from_init.add(module)
+    assert not offending, "imports inside the CLI package that point up or sideways:\n" + "\n".join(offending)
+    # The walk sees them: the parser is built from every subcommand module (common holds no subcommand).
+    assert from_init == modules - {"fusedit.cli.common"}
 
 
 def test_sample_does_not_import_the_cli():

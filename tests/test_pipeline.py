@@ -409,7 +409,7 @@ def test_a_swapped_schedulers_shift_is_the_one_fusedit_samples_with(tmp_path):
     )
     # What the CLI reads of the folder without loading it (`fusedit eval` generates from it before any
     # load, `train.init_from` builds on it) says the same.
-    from fusedit.cli import _saved_model
+    from fusedit.cli.common import _saved_model
 
     assert _saved_model(tmp_path / "pipe")[0].sample == loaded.sample
 

@@ -410,7 +410,7 @@ def test_quiet_hushes_the_libraries_bars_and_restores_them(folders, tmp_path, mo
 
     seen = []
     monkeypatch.setattr(
-        "fusedit.cli.cmd_sample", lambda args: seen.append(hf_logging.is_progress_bar_enabled())
+        "fusedit.cli.sample.cmd_sample", lambda args: seen.append(hf_logging.is_progress_bar_enabled())
     )
     assert hf_logging.is_progress_bar_enabled()
     sample(folders["run"], tmp_path, "--prompt", "a")
@@ -424,7 +424,7 @@ def test_quiet_hushes_diffusers_bars_too(folders, tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(
-        "fusedit.cli.cmd_sample", lambda args: seen.append(diffusers_logging.is_progress_bar_enabled())
+        "fusedit.cli.sample.cmd_sample", lambda args: seen.append(diffusers_logging.is_progress_bar_enabled())
     )
     sample(folders["pipeline"], tmp_path, "--prompt", "a")
     assert seen == [False] and diffusers_logging.is_progress_bar_enabled()

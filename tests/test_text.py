@@ -56,6 +56,29 @@ def test_prompts_are_right_padded_and_truncated_and_the_cut_rows_returned():
         model.text.tokenize("a red circle")
 
 
+def test_encoding_reads_the_batchs_lengths_on_the_host_and_gives_what_the_device_would():
+    """A training step's encoding must not wait for the device (the last step's AdamW) to learn the longest
+    prompt: encode hands forward the lengths it made the batch with; forward uses them as given."""
+    model = build_model(tiny_config(text={"max_length": 12, "trim_multiple": 1}))
+    request = model.denoiser.text_requests[0]
+    prompts = ["a red circle", "a blue square to the left of a green triangle", ""]
+    ids, mask = model.text.tokenize(prompts)
+    read, told = model.text(ids, mask, request), model.text.encode(prompts, request)
+    assert (
+        (told.mask.shape, told.padded) == (read.mask.shape, read.padded) == ((3, 11), True)
+    )  # the longest prompt: 10 words and BOS
+    assert torch.equal(told.lengths, read.lengths) and torch.equal(told.instruction, read.instruction)
+    assert all(torch.equal(a, b) for kv, other in zip(told.kv, read.kv) for a, b in zip(kv, other))
+    assert model.text(ids, mask, request, (2, 3)).mask.shape == (3, 3)  # trimmed to the given longest
+
+
+def test_host_tensors_reach_the_device_unchanged():
+    from fusedit.devices import host_to_device
+
+    x = torch.arange(6).view(2, 3)
+    assert torch.equal(host_to_device(x, "cpu"), x) and host_to_device(x, "meta").device.type == "meta"
+
+
 def test_each_encoding_returns_the_rows_it_cut_and_says_nothing(caplog):
     """Training meets the same over-long captions batch after batch: the run says the first and counts the
     rest (test_train), from the rows each encoding returns; the encoders keep no count and log nothing."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fusedit.config import ConfigError, llm_head_dim
+from fusedit.devices import host_to_device
 from fusedit.layers.rope import rotate_half
 from fusedit.text.context import PromptCut, TextContext, TextRequest
 from fusedit.text.spec import SUPPORTED_LLMS, unsupported_llm
@@ -192,7 +193,8 @@ class TextEncoder(nn.Module):
 
         Prompts longer than text.max_length (with the tokenizer's special tokens; the template's come on top)
         are cut to it (``encode`` says which). An empty prompt is ``empty_ids``, without the template."""
-        return self._pad(self._bodies(prompts), device)
+        ids, mask = self._pad(self._bodies(prompts))
+        return host_to_device(ids, device), host_to_device(mask, device)
 
     def _bodies(self, prompts: list[str]) -> list[list[int]]:
         """Each prompt's own token ids, uncut (an empty prompt's: none)."""
@@ -201,8 +203,8 @@ class TextEncoder(nn.Module):
         texts = [self.prompt_lead + p if p else p for p in prompts]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _pad(self, bodies: list[list[int]], device: torch.device | str):
-        """``tokenize``'s ids and mask of the prompts' token ids ``bodies``."""
+    def _pad(self, bodies: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize``'s ids and mask, on the host, of the prompts' token ids ``bodies``."""
         pad = self.tokenizer.pad_token_id
         out = torch.full((len(bodies), self.max_length), pad, dtype=torch.long)
         mask = torch.zeros((len(bodies), self.max_length), dtype=torch.bool)
@@ -215,7 +217,7 @@ class TextEncoder(nn.Module):
                 f"the tokenizer gives token ids up to {int(out.max())} (padding: {pad}) but the LLM has "
                 f"{self.vocab_rows} embeddings: it is not this LLM's tokenizer (check text.tokenizer)"
             )
-        return out.to(device), mask.to(device)
+        return out, mask
 
     def instruction_mask(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
         """(B, T) bool: True on template tokens (prefix after any special tokens, and the suffix) of the rows
@@ -301,11 +303,19 @@ class TextEncoder(nn.Module):
             f"the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS}",
         )
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, request: TextRequest) -> TextContext:
-        """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        request: TextRequest,
+        extent: tuple[int, int] | None = None,
+    ) -> TextContext:
+        """input_ids, mask (B, T) -> TextContext with ``request``'s layers. One LLM forward. ``extent``: the
+        shortest and longest row's length, when the caller has them on the host (``encode``); else they are
+        read from the device, one host sync (per prompt batch, not per sampling step)."""
         lengths = mask.sum(1)
-        # One host sync per prompt batch (not per step), for both the trim and the padding flag.
-        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
+        # For both the trim and the padding flag.
+        shortest, longest = extent or torch.stack([lengths.min(), lengths.max()]).tolist()
         keep = self.trimmed_length(longest, input_ids.shape[1], input_ids.device)
         input_ids, mask = input_ids[:, :keep], mask[:, :keep]
         # The grad path: autograd only for a trainable LLM in a grad-enabled caller (a training step).
@@ -338,6 +348,9 @@ class TextEncoder(nn.Module):
         """The TextContext of ``prompts`` for ``request``; its ``cut`` holds the rows cut to the limit (``setting``)."""
         device = device or next(self.llm.parameters()).device
         bodies = self._bodies(prompts)
-        context = self(*self._pad(bodies, device), request)
+        ids, mask = self._pad(bodies)
+        lengths = mask.sum(1).tolist()  # on the host, where the batch is made: no wait for the device
+        extent = (min(lengths), max(lengths))
+        context = self(host_to_device(ids, device), host_to_device(mask, device), request, extent)
         context.cut = PromptCut(frozenset(i for i, body in enumerate(bodies) if len(body) > self.budget))
         return context

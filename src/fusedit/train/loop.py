@@ -69,6 +69,7 @@ from fusedit.data.loader import (
     skipped_jsonl,
     step_loader,
 )
+from fusedit.devices import host_to_device
 from fusedit.files import read_json, remove_folder, write_text_atomic
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, seeded, uses_bf16
@@ -1173,9 +1174,11 @@ class _Step:
         local = slice(m * self.micro, (m + 1) * self.micro)
         rows = range(self.first_row + local.start, self.first_row + local.stop)
         captions = [c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])]
+        # Host tensors reach the GPU without the host waiting (host_to_device): it draws the noise and
+        # tokenises the captions while the last step's AdamW runs.
         x0 = self.latents(batch, local, step, rows)  # (micro, C, h, w)
-        noise = sample_noise(self.seed, step, rows, x0.shape[1:]).to(device)
-        t = times[rows.start : rows.stop].to(device)  # (micro,)
+        noise = host_to_device(sample_noise(self.seed, step, rows, x0.shape[1:]), device)
+        t = host_to_device(times[rows.start : rows.stop], device)  # (micro,)
         with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
             # One LLM forward per micro-batch: without autograd when frozen; when it trains, its
             # graph runs from its lowest trainable layer to the text K/V the image queries read.
@@ -1194,6 +1197,6 @@ class _Step:
         build), or the VAE's posterior draw from (seed, step, position), like the flow's noise: a resumed
         run, or one split over other ranks, draws what an uninterrupted one would."""
         if self.stage.config.data.source == "latents":
-            return batch["latent"][local].to(self.env.device)
+            return host_to_device(batch["latent"][local], self.env.device)
         generators = sample_generators(self.seed, step, rows, stream="vae/")
         return self.model.autoencoder.encode(batch["image"][local].to(self.env.device), generators)

@@ -1,0 +1,172 @@
+"""The `fusedit` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+from fusedit.cli.bench import _add_bench_parser
+from fusedit.cli.describe import _add_config_parser, _add_describe_parser, _add_presets_parser
+from fusedit.cli.eval import _add_benchmarks_parser, _add_clip_score_parser, _add_eval_parser, _add_fid_parser
+from fusedit.cli.runs import (
+    _add_cache_latents_parser,
+    _add_consolidate_parser,
+    _add_convert_parser,
+    _add_export_parser,
+    _add_study_parser,
+)
+from fusedit.cli.sample import _add_sample_parser, _add_serve_parser
+from fusedit.cli.train import _add_demo_parser, _add_train_parser
+from fusedit.config import ConfigError, RunStopped
+
+# One function per subcommand, in the order `fusedit --help` lists them.
+_SUBCOMMANDS = (
+    _add_train_parser,
+    _add_demo_parser,
+    _add_sample_parser,
+    _add_serve_parser,
+    _add_eval_parser,
+    _add_study_parser,
+    _add_export_parser,
+    _add_consolidate_parser,
+    _add_convert_parser,
+    _add_bench_parser,
+    _add_benchmarks_parser,
+    _add_cache_latents_parser,
+    _add_fid_parser,
+    _add_clip_score_parser,
+    _add_describe_parser,
+    _add_config_parser,
+    _add_presets_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusedit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return p
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """--quiet also hushes transformers' and diffusers' own bars ("Loading weights", "Loading pipeline
+    components"); the settings are process-wide, so they are restored afterwards for a caller of main()
+    that goes on."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    libraries = [hf_logging]
+    try:  # an optional dependency (the GPU image has none)
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        pass
+    else:
+        libraries.append(diffusers_logging)
+    were = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was in zip(libraries, were):
+            if was:
+                library.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _logs_above_bars(enabled: bool):
+    """Log lines (the warmup warning, stage changes) written while a progress bar is drawn would land on
+    the bar's line: tqdm writes them instead, above the bar. That of every logger that writes to the
+    console itself: the root logger, and transformers' and huggingface_hub's, which have handlers of their
+    own and do not propagate (main). A logger without a console handler is left alone: tqdm would add one
+    (under pytest, which captures logs, a second copy of each line)."""
+
+    def console(logger: logging.Logger) -> bool:
+        return any(
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+            for h in logger.handlers
+        )
+
+    loggers = [logging.root, logging.getLogger("transformers"), logging.getLogger("huggingface_hub")]
+    loggers = [logger for logger in loggers if console(logger)]
+    if not (enabled and loggers):
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers):
+        yield
+
+
+# The commands that share their work among torchrun's processes; any other, under torchrun with several,
+# would run whole in each. A study refuses itself (run_study), saying how to train its designs under torchrun.
+_SEVERAL_PROCESSES = ("train",)
+
+
+_REFUSE_THEMSELVES = ("study",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # A positional list ends at the first option, so overrides written after one (`train debug --out r
+    # train.steps=2`) come back unrecognised: they are overrides all the same.
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # huggingface_hub writes with a handler of its own, as transformers does, but unlike transformers also
+    # passes each record on to the root's: every warning (a hub request's retries offline) printed twice.
+    logging.getLogger("huggingface_hub").propagate = False
+    progress = not getattr(args, "quiet", False)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
+    try:
+        if "WORLD_SIZE" in os.environ and args.command not in _SEVERAL_PROCESSES + _REFUSE_THEMSELVES:
+            from fusedit.train.distributed import refuse_several_processes
+
+            refuse_several_processes(
+                f"`fusedit {args.command}`",
+                "do the whole job, into the same files",
+                f"run it without torchrun (only {', '.join(_SEVERAL_PROCESSES)} uses several processes)",
+            )
+        with _library_bars(progress), _logs_above_bars(progress):
+            return args.func(args)
+    # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
+    # what to change), an outcome to report in one line like bad input.
+    except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError, RunStopped) as e:
+        return _error(str(e))
+    except KeyboardInterrupt as e:
+        # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is
+        # the shell's status for a command stopped by SIGINT.
+        _error(str(e) or "stopped before the end", "interrupted")
+        return 130
+    except RuntimeError as e:
+        # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the
+        # size of what was asked for, not a bug: one line, not a traceback. Any other RuntimeError is a bug.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first:
+            raise
+        return _error(
+            f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or model, "
+            "or a device with more memory)"
+        )
+
+
+def _error(message: str, what: str = "error") -> int:
+    """The one line a refused command prints (exit status 2); ``what`` heads it."""
+    world = os.environ.get("WORLD_SIZE", "")
+    # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
+    # write, so that the ranks' lines do not run together.
+    who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+    sys.stderr.write(f"fusedit: {what}{who}: {message}\n")
+    sys.stderr.flush()
+    return 2
