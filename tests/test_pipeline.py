@@ -472,3 +472,19 @@ def test_an_unused_negative_prompt_or_prompt_is_warned_about(caplog):
         "guidance 1 samples the prompt alone: the negative prompt is not used",
         "guidance 0 samples the negative prompt alone: the prompt is not used",
     ]
+
+
+def test_prompts_cut_to_the_limit_are_warned_about_at_every_call(caplog):
+    """As generate says it: the encoders keep no count, so the pipeline names each call's cut prompts
+    (and a cut negative prompt) itself."""
+    cfg = tiny_config(sample=SAMPLE, text={"max_length": 5})
+    pipe = FuseDiTPipeline.from_model(built(cfg), cfg)
+    long = "a blue square to the left of a green triangle"
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        for _ in range(2):
+            run_pipe(pipe, prompts=[long, "a red circle"], num_inference_steps=1)
+        run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1, negative_prompt=long)
+        run_pipe(pipe, prompts=["a red circle"], num_inference_steps=1)
+    cut = "1 of the 2 prompts were longer than text.max_length=5 tokens: their ends were cut"
+    negative = "the negative prompt is longer than text.max_length=5 tokens: its end was cut"
+    assert [r.getMessage() for r in caplog.records] == [cut, cut, negative]

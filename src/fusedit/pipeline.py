@@ -53,6 +53,7 @@ from fusedit.sample import (
     latent_shape,
     text_velocity,
     unused_prompt_note,
+    warn_cut_prompts,
     warn_far_past_trained,
     warn_once,
 )
@@ -407,6 +408,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         # fusedit.flow.guided expects), read by every step and both guidance branches.
         rows = negatives + prompts if guidance != 1.0 else prompts
         context = model.encode_prompts(rows, len(rows) - len(prompts))
+        warn_cut_prompts(len(context.cut.prompts), len(prompts), model.limits, context.cut.negative)
         # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
         # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
         # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the
