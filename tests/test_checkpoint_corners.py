@@ -393,3 +393,144 @@ def test_a_damaged_vocabulary_file_is_named_in_one_line(tmp_path):
         f"{str(path)!r} is not readable JSON (Expecting ',' delimiter: line 1 column 12 (char 11); "
         "a damaged copy? copy the checkpoint again)"
     )
+
+
+def _refuse_writing(monkeypatch, writer: str, name: str, error: BaseException) -> None:
+    """Make the next save's writer ``writer`` raise ``error`` when it writes the file ``name``: what a
+    full disk does to it (safetensors' save_file, torch.save, or a plain file write)."""
+    import fusedit.train.checkpoint as checkpoint
+
+    real = {"save_file": checkpoint.save_file, "torch.save": torch.save, "write_text": Path.write_text}[
+        writer
+    ]
+
+    def refuse(*args, **kwargs):
+        target = args[0] if writer == "write_text" else args[1]
+        if Path(target).name == name:
+            raise error
+        return real(*args, **kwargs)
+
+    where = {
+        "save_file": (checkpoint, "save_file"),
+        "torch.save": (torch, "save"),
+        "write_text": (Path, "write_text"),
+    }
+    monkeypatch.setattr(*where[writer], refuse)
+
+
+@pytest.mark.parametrize(
+    ("writer", "name", "error", "detail"),
+    [
+        (
+            "save_file",
+            "ema.safetensors",
+            "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)",
+            "I/O error: No space left on device (os error 28)",
+        ),
+        (
+            "torch.save",
+            "optimizer.pt",
+            "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 1720448 vs 1720336",
+            "torch's writer stopped short, as on a full disk: unexpected pos 1720448 vs 1720336",
+        ),
+        ("write_text", "data_state.json", "OSError: 28", "No space left on device"),
+    ],
+    ids=["safetensors", "torch.save", "text-file"],
+)
+def test_a_save_the_disk_refuses_frees_its_folder_and_says_so_in_one_line(
+    tmp_path, monkeypatch, writer, name, error, detail
+):
+    """A full disk mid-save (each writer words it its own way): the half-written .step_N.partial goes, so
+    the space is back and the last complete checkpoint stays the latest, and the error is one line naming
+    the file, the folder, what a checkpoint takes there and what to do."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from fusedit.data.latents import readable_size
+    from fusedit.train.checkpoint import CheckpointNotSaved
+
+    kind, _, text = error.partition(": ")
+    raised = {
+        "SafetensorError": SafetensorError(text),
+        "RuntimeError": RuntimeError(text),
+        "OSError": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    }[kind]
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    for step in (1, 2):
+        save_checkpoint(
+            tmp_path, step, cfg, net, net.state_dict(), opt, None, files={"data_state.json": "{}"}
+        )
+    root = tmp_path / "checkpoints"
+    size = sum(f.stat().st_size for f in (root / "step_00000002").iterdir())
+    with monkeypatch.context() as patch:
+        _refuse_writing(patch, writer, name, raised)
+        with pytest.raises(CheckpointNotSaved) as e:
+            save_checkpoint(
+                tmp_path, 3, cfg, net, net.state_dict(), opt, None, files={"data_state.json": "{}"}
+            )
+    assert str(e.value) == (
+        f"checkpoint step 3 was not saved: writing {name} in {str(root)!r} failed ({detail}); its partial "
+        f"folder is deleted (a checkpoint takes about {readable_size(size)} here, and train.keep_checkpoints=2 "
+        "of them stay beside the one being saved): free disk space there"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert find_checkpoint(tmp_path).name == "step_00000002"
+    _assert_complete(root / "step_00000002")
+
+
+def test_a_first_save_the_disk_refuses_and_a_bug_in_a_save_keep_their_own_words(tmp_path, monkeypatch):
+    """With no checkpoint before it there is no size to tell; an error that is not the file system's (a
+    bug) keeps its own type and traceback, and its partial folder goes all the same."""
+    from safetensors import SafetensorError
+
+    from fusedit.train.checkpoint import CheckpointNotSaved
+
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    root = tmp_path / "checkpoints"
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patch:
+        _refuse_writing(patch, "save_file", "denoiser.safetensors", full)
+        with pytest.raises(CheckpointNotSaved) as e:
+            save_checkpoint(tmp_path, 1, cfg, net, net.state_dict(), opt, None)
+    assert str(e.value) == (
+        f"checkpoint step 1 was not saved: writing denoiser.safetensors in {str(root)!r} failed (I/O error: "
+        "No space left on device (os error 28)); its partial folder is deleted: free disk space there"
+    )
+    for bug in (RuntimeError("boom"), SafetensorError("Error while serializing: tensor is not contiguous")):
+        with monkeypatch.context() as patch:
+            _refuse_writing(patch, "save_file", "ema.safetensors", bug)
+            with pytest.raises(type(bug)) as e:
+                save_checkpoint(tmp_path, 1, cfg, net, net.state_dict(), opt, None)
+        assert e.value is bug
+        assert list(root.iterdir()) == []
+
+
+@needs_gloo
+def test_a_distributed_save_the_disk_refuses_frees_its_folder_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """DCP gathers each rank's failed write into a CheckpointException (not an OSError, nor a
+    RuntimeError): a refused write in it is the same one line, and the partial folder goes."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fusedit.train.checkpoint import CheckpointNotSaved
+
+    def full(*args, **kwargs):
+        raise CheckpointException(
+            "save failed", {0: (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), None)}
+        )
+
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    monkeypatch.setattr(dcp, "save", full)
+    with _process_group(tmp_path), pytest.raises(CheckpointNotSaved) as e:
+        save_distributed_checkpoint(
+            tmp_path / "run", 1, cfg, net, net.state_dict(), {"denoiser": opt}, {}, rank=0
+        )
+    root = tmp_path / "run" / "checkpoints"
+    assert str(e.value) == (
+        f"checkpoint step 1 was not saved: writing dcp in {str(root)!r} failed (No space left on device); its "
+        "partial folder is deleted: free disk space there"
+    )
+    assert list(root.iterdir()) == []

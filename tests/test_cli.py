@@ -576,6 +576,81 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
     )
 
 
+def test_ctrl_c_before_the_work_starts_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    """A Ctrl+C while the libraries or the config load comes before any command that says what it kept has
+    written anything: the line says so, and what to do. A command that may have written part of its output
+    (demo) does not claim it."""
+    import fusedit.cli.train
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusedit.cli.train, "load_config", ctrl_c)
+    assert main(["train", _tiny_yaml(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == (
+        "fusedit: interrupted: stopped before anything was written; rerun the same command\n"
+    )
+    assert not (tmp_path / "run").exists()
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 130
+    assert capsys.readouterr().err == "fusedit: interrupted: stopped before the end\n"
+
+
+def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
+    tmp_path, capsys, monkeypatch
+):
+    """torch.save on a full disk raises a RuntimeError of its zip writer: one line naming the file, the
+    folder, the checkpoint kept and what to do; the half-written checkpoint is gone. A save killed outright
+    leaves its .partial folder: the resume deletes it before it writes anything (its metrics first)."""
+    from fusedit.train import loop
+
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    argv = [
+        "train",
+        _tiny_yaml(tmp_path),
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+    ]
+    argv += ["--out", str(run), "--quiet"]
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if Path(path).parent.name == ".step_00000004.partial":
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1720448 vs 1720336"
+            )
+        return real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        assert main(argv) == 2
+    from fusedit.data.latents import readable_size
+
+    size = readable_size(sum(f.stat().st_size for f in (root / "step_00000002").iterdir()))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: error: checkpoint step 4 was not saved: writing optimizer.pt in {str(root)!r} failed (torch's "
+        "writer stopped short, as on a full disk: unexpected pos 1720448 vs 1720336); its partial folder is "
+        f"deleted (a checkpoint takes about {size} here, and train.keep_checkpoints=2 of them stay beside the "
+        f"one being saved): free disk space there; the last checkpoint is {root / 'step_00000002'}; rerun the "
+        "same command with --resume to continue from it"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    leftover = root / ".step_00000004.partial"
+    leftover.mkdir()
+    (leftover / "denoiser.safetensors").write_bytes(bytes(1000))
+    seen, rewind = [], loop._rewind_metrics
+
+    def first_write(*args):
+        seen.append(leftover.exists())
+        rewind(*args)
+
+    monkeypatch.setattr(loop, "_rewind_metrics", first_write)
+    assert main([*argv, "--resume"]) == 0
+    assert seen == [False]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
 def test_ctrl_c_in_cache_latents_counts_the_finished_shards_kept(tmp_path, capsys, monkeypatch):
     import fusedit.data.latents
 

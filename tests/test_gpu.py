@@ -54,19 +54,16 @@ def test_host_tensors_reach_the_gpu_without_the_host_waiting():
     from fusedit.devices import host_to_device
 
     x = torch.randn(16, 4, 64, 64)
-    busy = torch.randn(4096, 4096, device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        busy @ busy  # queued work the copy must not wait for
-        moved = host_to_device(x, "cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda._sleep(int(5e8))  # a few hundred ms of queued work the copy must not wait for
+    moved = host_to_device(x, "cuda")
+    assert not torch.cuda.current_stream().query()  # the host is back before the sleep ended
     assert torch.equal(moved.cpu(), x)
 
 
 def test_an_offloaded_ema_matches_one_on_the_gpu():
     """train.ema_offload: the weights' copies into pinned host memory are waited for before the host
-    thread's lerp, and are queued before the next in-place change of the weights (the mul_ below)."""
+    thread's lerp (they are queued behind a sleeping kernel: a lerp that did not wait would read buffers not
+    yet written), and are queued before the next in-place change of the weights (the next pass's mul_)."""
     from fusedit.train.ema import EMA
 
     denoiser = build_model(tiny_config(), "cuda").denoiser
@@ -76,6 +73,7 @@ def test_an_offloaded_ema_matches_one_on_the_gpu():
             for p in denoiser.parameters():
                 p.mul_(1.1)
         beside.update(denoiser)
+        torch.cuda._sleep(int(5e8))
         held.update(denoiser)
     for k, v in beside.state_dict().items():
         assert held.state_dict()[k].device.type == "cpu", k

@@ -227,7 +227,7 @@ def test_a_folder_of_other_files_or_a_cache_too_big_for_the_disk_is_refused_befo
     huge = DataConfig(source="shapes", image_size=32, num_samples=10**13)
     out = tmp_path / "cache"
     with pytest.raises(
-        ConfigError, match=r"caching 10,000,000,000,000 samples needs about .* GB more \(12,288 bytes"
+        ConfigError, match=r"caching 10,000,000,000,000 samples needs about 122.9 PB more \(12,288 bytes"
     ):
         cache_latents(huge, VAEConfig(), out, 2, 3, "cpu", progress=False)
     assert not out.exists()
@@ -240,6 +240,40 @@ def test_a_folder_of_other_files_or_a_cache_too_big_for_the_disk_is_refused_befo
     (tmp_path / "other" / "meta.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"already holds other files \(e.g. 'meta.json'\)"):
         cache_latents(_data(folder), VAEConfig(), tmp_path / "other", 2, 3, "cpu", progress=False)
+
+
+def test_the_disk_check_gives_readable_sizes_and_names_a_read_only_disk(tmp_path, monkeypatch):
+    """Megabytes below 1 GB (not "0.0 GB more ... 0.0 GB free"), and a read-only mount, which reports its
+    free space all the same, is called read-only rather than short of space."""
+    import shutil
+    from types import SimpleNamespace
+
+    from fusedit.data.latents import readable_size
+
+    assert [readable_size(n) for n in (512, 1000, 29_491_200, 1.5e9, 2e12)] == [
+        "512 bytes",
+        "1.0 kB",
+        "29.5 MB",
+        "1.5 GB",
+        "2.0 TB",
+    ]
+    data, out = DataConfig(source="shapes", image_size=32, num_samples=2400), tmp_path / "cache"
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: SimpleNamespace(free=10_500_000))
+    with pytest.raises(ConfigError) as e:
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert str(e.value) == (
+        f"caching 2,400 samples needs about 29.5 MB more (12,288 bytes of float32 latents each) but "
+        f"{str(tmp_path)!r} has 10.5 MB free (allowed: a cache that fits: data.num_samples=854, --dtype "
+        "bfloat16 (half the bytes), more free disk space, another disk)"
+    )
+    monkeypatch.setattr(os, "statvfs", lambda where: SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(ConfigError) as e:
+        cache_latents(data, VAEConfig(), out, 2, 3, "cpu", progress=False)
+    assert str(e.value) == (
+        f"{str(tmp_path)!r} is on a read-only file system, so the cache cannot be written into {str(out)!r} "
+        "(allowed: an --out on a writable disk)"
+    )
+    assert not out.exists()
 
 
 def test_a_rerun_refuses_files_changed_inside_a_shard_naming_them(tmp_path, folder):

@@ -449,6 +449,19 @@ def test_close_can_cancel_the_running_generation_and_waits_for_the_worker(tiny):
     assert (job["status"], job["step"]) == ("cancelled", 1)
 
 
+def test_what_stopping_loses_is_the_finished_images_held_in_memory(server):
+    """The gallery is not written anywhere: the stop line counts the finished images that go with the
+    process, and says how to keep one (the page's image links download it)."""
+    assert server.jobs.lost_on_exit() == "no finished image is lost"
+    for images in (1, 2):
+        job = call(server, "/api/generate", {"prompt": "a red circle", "steps": 1, "num_images": images})[1]
+        wait(server, job["id"])
+    assert server.jobs.lost_on_exit() == (
+        "the 3 finished images of its jobs lived in memory only and are gone (to keep one, click it on the "
+        "page before stopping: that downloads it)"
+    )
+
+
 @pytest.mark.parametrize(
     "body, message",
     [

@@ -57,8 +57,9 @@ def test_prompts_are_right_padded_and_truncated_and_the_cut_rows_returned():
 
 
 def test_encoding_reads_the_batchs_lengths_on_the_host_and_gives_what_the_device_would():
-    """A training step's encoding must not wait for the device (the last step's AdamW) to learn the longest
-    prompt: encode hands forward the lengths it made the batch with; forward uses them as given."""
+    """A training step's encoding (its LLM compiled: an eager transformers LLM checks its mask on the device
+    itself) need not wait for the device, the last step's AdamW, to learn the longest prompt: encode hands
+    forward the lengths it made the batch with; forward uses them as given."""
     model = build_model(tiny_config(text={"max_length": 12, "trim_multiple": 1}))
     request = model.denoiser.text_requests[0]
     prompts = ["a red circle", "a blue square to the left of a green triangle", ""]

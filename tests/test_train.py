@@ -400,10 +400,12 @@ def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tm
 
     # The run says its first truncation, at its step, and only counts the later ones.
     step = next(i for i, n in enumerate(logged) if n) + 1
+    rows = range(4 * (step - 1), 4 * step)  # that step's captions (batch 4, no dropout)
+    example = next(captions[i] for i in rows if lengths[i] > encoder.budget)
     first = first_warnings()
     assert first == [
-        f"step {step}: {logged[step - 1]} prompts longer than text.max_length=4 tokens were truncated; later "
-        'truncations are only counted (metrics.jsonl\'s "truncated", and a total at the end)'
+        f"step {step}: {logged[step - 1]} prompts longer than text.max_length=4 tokens were truncated, e.g. "
+        f'{example!r}; later truncations are only counted (metrics.jsonl\'s "truncated", and a total at the end)'
     ]
     # The count is the run's: it goes on across a resume, exactly as in the uninterrupted run, which says
     # its first truncation once.
@@ -554,3 +556,35 @@ def test_the_ema_updates_after_every_ema_every_th_step(tmp_path, monkeypatch):
         progress=False,
     )
     assert (len(stepped), updated) == (7, [3, 6])
+
+
+def test_a_full_disk_at_a_checkpoint_stops_training_saying_what_is_kept(tmp_path, monkeypatch):
+    """train() called from Python: a save the disk refuses stops the run with RunStopped (not a bug's
+    traceback): what failed, then the checkpoint to resume from; the half-written folder is gone."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+
+    import fusedit.train.checkpoint as checkpoint
+    from fusedit.config import RunStopped
+
+    real = checkpoint.save_file
+
+    def full_disk(tensors, path, *args, **kwargs):
+        if Path(path).parent.name == ".step_00000004.partial":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(RunStopped) as e:
+        train(tiny_config(train={"steps": 4, "checkpoint_every": 2}), tmp_path / "run", progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert e.value.reason.startswith(
+        f"checkpoint step 4 was not saved: writing denoiser.safetensors in {str(root)!r} failed (I/O error: No "
+        "space left on device (os error 28)); its partial folder is deleted (a checkpoint takes about "
+    )
+    assert e.value.kept == (
+        f"the last checkpoint is {root / 'step_00000002'}: resume from it (train(..., resume=True); "
+        "`fusedit train --resume`)"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]

@@ -334,6 +334,7 @@ def bench_train(
         step()
     widths.clear()
     seconds = time_it(step, device, 0, repeats)
+    timed_widths = list(widths)  # the EMA update's steps below are not the timed ones
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     ema_seconds = overlapped_cost(
         lambda: ema.update(denoiser), lambda: ema.busy, step, seconds, device, repeats
@@ -354,7 +355,7 @@ def bench_train(
     flops = statistics.mean(
         3 * denoiser_flops(denoiser, n_img, w, leads)
         + sum(llm_flops(e.llm, n) for e, n in zip(s.model.encoders, w, strict=True))
-        for w in widths
+        for w in timed_widths
     )
     achieved = flops * batch / seconds
     return {
@@ -365,7 +366,7 @@ def bench_train(
         "resolution": resolution,
         "text_tokens": tokens,
         "min_text_tokens": min_tokens,
-        "text_width_mean": statistics.mean(w[0] for w in widths),
+        "text_width_mean": statistics.mean(w[0] for w in timed_widths),
         "primed_widths": len(widths_to_prime) if primed else 0,
         "warmup": warmup,
         "repeats": repeats,

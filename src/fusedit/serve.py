@@ -401,6 +401,19 @@ class JobQueue:
             job = self._jobs.get(job_id)
             return job.images[index] if job is not None and 0 <= index < len(job.images) else None
 
+    def lost_on_exit(self) -> str:
+        """What stopping the server loses, for its Ctrl+C line: the finished images of its jobs, which live in
+        this process's memory only (the gallery is not written anywhere)."""
+        with self._lock:
+            images = sum(len(job.images) for job in self._jobs.values())
+        if not images:
+            return "no finished image is lost"
+        return (
+            f"the {images} finished image{'s' if images > 1 else ''} of its jobs lived in memory only and "
+            f"{'are' if images > 1 else 'is'} gone (to keep one, click it on the page before stopping: that "
+            "downloads it)"
+        )
+
     def _snapshot(self, job: Job) -> dict:
         """The JSON view of a job (called under the lock)."""
         r = job.request

@@ -112,6 +112,21 @@ _SEVERAL_PROCESSES = ("train",)
 
 _REFUSE_THEMSELVES = ("study",)
 
+# The commands that write only inside _kept_on_interrupt, whose Ctrl+C line says what they kept, and those that
+# write nothing (serve's images live in memory): a Ctrl+C without such a line came before anything was written
+# (while the libraries load, say, or the config). Any other may have written part of its output.
+_WRITE_WHEN_KEPT = (
+    "train",
+    "sample",
+    "serve",
+    "eval",
+    "study",
+    "cache-latents",
+    "describe",
+    "config",
+    "presets",
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -147,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is
         # the shell's status for a command stopped by SIGINT.
-        _error(str(e) or "stopped before the end", "interrupted")
+        early = "stopped before anything was written; rerun the same command"
+        _error(
+            str(e) or (early if args.command in _WRITE_WHEN_KEPT else "stopped before the end"), "interrupted"
+        )
         return 130
     except RuntimeError as e:
         # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the

@@ -373,6 +373,12 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
     written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else 0
     need = total * per_sample - written
     where = next(p for p in (out, *out.parents) if p.exists())
+    # A read-only mount reports its free space all the same: it is the mount that refuses the cache.
+    if hasattr(os, "statvfs") and os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise ConfigError(
+            f"{str(where)!r} is on a read-only file system, so the cache cannot be written into {str(out)!r} "
+            "(allowed: an --out on a writable disk)"
+        )
     free = shutil.disk_usage(where).free
     if need > free:
         ways = [f"data.num_samples={(free + written) // per_sample}"] if data_cfg.source == "shapes" else []
@@ -380,10 +386,19 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
             ways.append("--dtype bfloat16 (half the bytes)")
         ways += ["more free disk space", "another disk"]
         raise ConfigError(
-            f"caching {total:,} samples needs about {need / 1e9:.1f} GB more ({per_sample:,} bytes of "
-            f"{str(dtype).removeprefix('torch.')} latents each) but {str(where)!r} has {free / 1e9:.1f} GB "
+            f"caching {total:,} samples needs about {readable_size(need)} more ({per_sample:,} bytes of "
+            f"{str(dtype).removeprefix('torch.')} latents each) but {str(where)!r} has {readable_size(free)} "
             f"free (allowed: a cache that fits: {', '.join(ways)})"
         )
+
+
+def readable_size(size: float) -> str:
+    """A number of bytes as people read a disk's sizes: in the largest decimal unit (kB, MB, GB, TB, PB; as
+    ``df -H`` and disk makers count) it is at least one of, with one decimal; plain bytes below 1 kB."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size):,} bytes"
 
 
 def _noise_seed(seed: int, shard: int, position: int) -> int:

@@ -38,9 +38,11 @@ the format's files and sections live in :mod:`fusedit.checkpoints`, outside the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import warnings
@@ -99,6 +101,7 @@ from fusedit.config import (
     save_config,
     to_dict,
 )
+from fusedit.data.latents import readable_size
 from fusedit.files import (
     partial_folder,
     readable_by_all,
@@ -136,7 +139,8 @@ def save_checkpoint(
     ``llm`` is saved whole as llm.safetensors. ``text`` maps further LLM names (``llm``, ``llm_extra0``) to
     (module, whole): whole saves its weights, and its adapters are saved either way. ``optimizers`` are the
     LLMs' optimizers by the same names (``optimizer`` is the denoiser's). ``vocabulary``: the built-in
-    tokenizer's words (``TextToImage.vocabulary``), saved as vocabulary.json."""
+    tokenizer's words (``TextToImage.vocabulary``), saved as vocabulary.json. A save the file system refuses
+    (a full disk) deletes what it wrote and raises CheckpointNotSaved (:func:`_writing`)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = partial_folder(final)
@@ -145,41 +149,122 @@ def save_checkpoint(
         **({"llm": (llm, True)} if llm is not None else {}),
         **(text or {}),
     }
-    for key, (module, whole) in modules.items():
-        if whole:
-            save_file(_contiguous(base_state_dict(module)), tmp / f"{key}.safetensors")
-        adapters = adapter_state_dict(module)
-        if adapters:
-            save_file(_contiguous(adapters), tmp / f"{key}_lora.safetensors")
-    if ema is not None:
-        save_file(_contiguous(ema), tmp / "ema.safetensors")
-    for key, opt in {
-        **({DENOISER: optimizer} if optimizer is not None else {}),
-        **(optimizers or {}),
-    }.items():
-        torch.save(opt.state_dict(), tmp / optimizer_file(key))
-    _save_config_files(cfg, tmp, vocabulary)
-    for name, content in (files or {}).items():
-        (tmp / name).write_text(content)
-    state = {"step": step, **(extra or {}), WEIGHT_FILES: weight_files(tmp)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _publish(root, tmp, final, keep)
+    with _writing(root, tmp, step, keep) as into:
+        for key, (module, whole) in modules.items():
+            if whole:
+                save_file(_contiguous(base_state_dict(module)), into(f"{key}.safetensors"))
+            adapters = adapter_state_dict(module)
+            if adapters:
+                save_file(_contiguous(adapters), into(f"{key}_lora.safetensors"))
+        if ema is not None:
+            save_file(_contiguous(ema), into("ema.safetensors"))
+        for key, opt in {
+            **({DENOISER: optimizer} if optimizer is not None else {}),
+            **(optimizers or {}),
+        }.items():
+            torch.save(opt.state_dict(), into(optimizer_file(key)))
+        _save_config_files(cfg, into, vocabulary)
+        for name, content in (files or {}).items():
+            into(name).write_text(content)
+        state = {"step": step, **(extra or {}), WEIGHT_FILES: weight_files(tmp)}
+        into("state.json").write_text(json.dumps(state, indent=1))
+        into.file = None
+        _publish(root, tmp, final, keep)
     return final
 
 
-def _save_config_files(cfg: Config, folder: Path, vocabulary: list[str] | None) -> None:
+class CheckpointNotSaved(OSError):
+    """A checkpoint save that the file system refused or cut short (a full disk or quota, a read-only or
+    failing file system): its partial folder is deleted, and the message says in one line what failed,
+    where, and what one checkpoint takes. An OSError, as the write's own error was: `fusedit` prints it in
+    one line, and training adds the checkpoint a resume would take (RunStopped)."""
+
+
+class _Files:
+    """``into(name)``: the path of file ``name`` in a checkpoint's temporary folder, noted as the one being
+    written (``file``; None once all are written), so that a failed save names it."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.file = tmp, None
+
+    def __call__(self, name: str) -> Path:
+        self.file = name
+        return self.tmp / name
+
+
+@contextlib.contextmanager
+def _writing(root: Path, tmp: Path, step: int, keep: int):
+    """Write checkpoint ``step``'s files into ``tmp`` (through the yielded ``into``) and publish it. A save
+    that fails, however, deletes ``tmp``: it holds up to a whole checkpoint's worth of disk, and on a full
+    disk no later save (whose _publish sweeps such folders) could succeed to free it. A write the file
+    system refused becomes CheckpointNotSaved; any other error (a bug) keeps its traceback."""
+    into = _Files(tmp)
+    try:
+        yield into
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = _write_failure(e)
+        if detail is None:
+            raise
+        where = f"writing {into.file}" if into.file else "putting it in place"
+        size = _folder_bytes(_last_checkpoint(root.parent))
+        room = (
+            f" (a checkpoint takes about {readable_size(size)} here, and train.keep_checkpoints={keep} of "
+            "them stay beside the one being saved)"
+            if size
+            else ""
+        )
+        raise CheckpointNotSaved(
+            f"checkpoint step {step} was not saved: {where} in {str(root)!r} failed ({detail}); its partial "
+            f"folder is deleted{room}: free disk space there"
+        ) from e
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The file system's refusal that ``error`` reports, in a few words, or None when it is not one. The
+    writers word a full disk each their own way: an OSError (``No space left on device``), safetensors'
+    SafetensorError ("I/O error: ..."), torch.save's RuntimeError from its zip writer, which sees only a
+    write cut short ("[enforce fail at inline_container.cc:672] . unexpected pos 1720448 vs 1720336"), and
+    DCP's CheckpointException, holding each failed rank's error."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    first = (str(error).strip().splitlines() or [""])[0]
+    if type(error).__name__ == "SafetensorError" and "I/O error" in first:
+        return first.removeprefix("Error while serializing: ")
+    if isinstance(error, RuntimeError) and ("inline_container.cc" in first or "PytorchStreamWriter" in first):
+        cause = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", first)  # the C++ source line: not the user's
+        return f"torch's writer stopped short, as on a full disk: {cause[:200]}"
+    if type(error).__name__ == "CheckpointException":
+        failures = (_write_failure(failed) for failed, _ in getattr(error, "failures", {}).values())
+        return next((detail for detail in failures if detail), None)
+    return None
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    try:
+        return find_checkpoint(run_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    """The size of the files under ``folder`` (0 for None)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder else 0
+
+
+def _save_config_files(cfg: Config, into: _Files, vocabulary: list[str] | None) -> None:
     """config.yaml; models.json: what each local model folder the config names held (model_identity),
     so that a run read after one moved (load_model's ``relocate``) can tell the new place holds the same
     model; and the built-in tokenizer's ``vocabulary`` when there is one (vocabulary.json)."""
-    save_config(cfg, folder / "config.yaml")
+    save_config(cfg, into("config.yaml"))
     if vocabulary is not None:
-        (folder / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
+        into(VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     identities = {}
     for key, place in model_paths(cfg).items():
         identity = model_identity(place, cfg.vae.subfolder if key == "vae.model_id" else "")
         if identity:
             identities[key] = identity
-    (folder / MODELS_FILE).write_text(json.dumps(identities, indent=1))
+    into(MODELS_FILE).write_text(json.dumps(identities, indent=1))
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
@@ -201,8 +286,14 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     for old in folders[: max(folders.index(final) + 1 - keep, 0)]:
         if old not in stage_ends:
             remove_folder(old)
-    # Left by a run killed while saving or deleting a step it may never save again: a whole checkpoint's
-    # worth of disk each. Every rank is past its writes into this step's folder, and none has begun the next.
+    # Every rank is past its writes into this step's folder, and none has begun the next.
+    sweep_leftovers(root)
+
+
+def sweep_leftovers(root: Path) -> None:
+    """Delete the ``.step_*.partial`` and ``.step_*.deleting`` folders in the checkpoints folder ``root``:
+    left by a run killed while saving or deleting a step it may never save again, a whole checkpoint's
+    worth of disk each. Only while no process of the job writes into ``root``."""
     for stale in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -274,26 +365,33 @@ def save_distributed_checkpoint(
         state.update(sections)
         if optim_state is not None:
             state[optim_section(key)] = optim_state
-    dcp.save(state, checkpoint_id=tmp / DCP_DIR)
-    for name, content in (rank_files or {}).items():
-        (tmp / name).write_text(content)
-    # Every rank's shards and files are written once all ranks get here. Rank 0 checks it sees the other
-    # ranks' files and all ranks learn the verdict, so a run folder that the nodes do not share fails every
-    # rank at once, instead of publishing a checkpoint with missing shards.
-    names: list = [None] * dist.get_world_size()
-    dist.all_gather_object(names, sorted(rank_files or {}))
-    verdict = [[n for per_rank in names for n in per_rank if not (tmp / n).is_file()] if rank == 0 else None]
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:  # a folder shared at start-up (train.run_folder) but not since: one line on every rank
-        raise ConfigError(
-            f"checkpoint {str(tmp)!r}: rank 0 does not see files the other ranks wrote ({verdict[0][0]}, "
-            "...): the run folder must be on a filesystem that every node shares"
-        )
-    if rank == 0:
-        _save_config_files(cfg, tmp, vocabulary)
-        state_json = {"step": step, "format": "dcp", "world_size": dist.get_world_size(), **(extra or {})}
-        (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
-        _publish(root, tmp, final, keep)
+    # A rank whose save fails deletes the folder (every rank's shards: the checkpoint is lost either way);
+    # the others stop at the next collective (a peer's failure), or with it when it is DCP's own.
+    with _writing(root, tmp, step, keep) as into:
+        dcp.save(state, checkpoint_id=into(DCP_DIR))
+        for name, content in (rank_files or {}).items():
+            into(name).write_text(content)
+        into.file = None
+        # Every rank's shards and files are written once all ranks get here. Rank 0 checks it sees the other
+        # ranks' files and all ranks learn the verdict, so a run folder that the nodes do not share fails
+        # every rank at once, instead of publishing a checkpoint with missing shards.
+        names: list = [None] * dist.get_world_size()
+        dist.all_gather_object(names, sorted(rank_files or {}))
+        verdict = [
+            [n for per_rank in names for n in per_rank if not (tmp / n).is_file()] if rank == 0 else None
+        ]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:  # a folder shared at start-up (train.run_folder) but not since: one line on every rank
+            raise ConfigError(
+                f"checkpoint {str(tmp)!r}: rank 0 does not see files the other ranks wrote ({verdict[0][0]}, "
+                "...): the run folder must be on a filesystem that every node shares"
+            )
+        if rank == 0:
+            _save_config_files(cfg, into, vocabulary)
+            state_json = {"step": step, "format": "dcp", "world_size": dist.get_world_size(), **(extra or {})}
+            into("state.json").write_text(json.dumps(state_json, indent=1))
+            into.file = None
+            _publish(root, tmp, final, keep)
     return final
 
 

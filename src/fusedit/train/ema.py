@@ -57,7 +57,8 @@ class EMA:
     def _host_update(self, copied: dict[str, torch.Tensor], events: list, weight: float) -> None:
         try:
             for event in events:
-                event.synchronize()  # waits without the GIL: training goes on meanwhile
+                with torch.cuda.device(event.device):  # not the thread's default device (cuda:0)
+                    event.synchronize()  # without the GIL, yielding the core: training goes on
             with torch.no_grad():  # grad mode is per thread
                 _lerp(self._shadow, copied, weight)
         except BaseException as error:  # handed to the training thread at its next wait()
@@ -76,7 +77,7 @@ class EMA:
         }
         events = []
         for device in {v.device for v in state.values() if v.device.type == "cuda"}:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)
             event.record(torch.cuda.current_stream(device))
             events.append(event)
         return copied, events

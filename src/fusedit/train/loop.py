@@ -75,6 +75,7 @@ from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_t
 from fusedit.system import TextToImage, build_model, seeded, uses_bf16
 from fusedit.train import distributed
 from fusedit.train.checkpoint import (
+    CheckpointNotSaved,
     check_same_model,
     data_state_name,
     init_source,
@@ -82,6 +83,7 @@ from fusedit.train.checkpoint import (
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
+    sweep_leftovers,
 )
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
@@ -472,6 +474,8 @@ def train(
         if hasattr(e, "add_note"):  # Python 3.11 and later
             e.add_note(_kept_checkpoints(Path(run_dir), replaced_before))
         raise
+    except CheckpointNotSaved as e:  # a full disk, say: what failed, then the checkpoint a resume takes
+        raise RunStopped(str(e), _kept_checkpoints(Path(run_dir), replaced_before)) from e
     except RuntimeError as e:
         if env.world_size > 1 and distributed.peer_failure(e):
             # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..."
@@ -526,6 +530,8 @@ def _check_before_start(cfg: Config) -> None:
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
     main = env.is_main
+    if main:  # before anything is written: a resume onto a disk that a killed save filled gets the space back
+        sweep_leftovers(run_dir / "checkpoints")
     parallel = distributed.resolve_parallel(cfg.train.parallel, env)
     metrics_path = run_dir / "metrics.jsonl"
     cfg, ckpt, saved, saved_cfg, start = _resume_point(cfg, run_dir, env, resume)
@@ -937,14 +943,16 @@ class _Run:
             t0 = time.perf_counter()
             loss, norm, truncated, lr, lrs = train_step(step, batch)
             if truncated and not self.truncated and self.env.is_main:
-                # The same over-long captions come back batch after batch: the run's first are said, the
-                # rest only counted.
+                # The same over-long captions come back batch after batch: the run's first are said (with
+                # one of them, when this rank cut it), the rest only counted.
+                example = f", e.g. {train_step.cut_example[:80]!r}" if train_step.cut_example else ""
                 log.warning(
-                    "step %d: %d prompts longer than %s tokens were truncated; later truncations are only "
+                    "step %d: %d prompts longer than %s tokens were truncated%s; later truncations are only "
                     'counted (metrics.jsonl\'s "truncated", and a total at the end)',
                     step + 1,
                     truncated,
                     self.model.limits,
+                    example,
                 )
             self.truncated += truncated
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
@@ -1121,6 +1129,8 @@ class _Step:
             autocast_for(tc.precision, env.device) if Parts.of(tc).llm else contextlib.nullcontext()
         )
         self.params = opts.parameters()  # every trained weight: clipped together
+        # The first caption this rank's encoders cut, for the run's warning.
+        self.cut_example: str | None = None
         # The LLMs' weights, whose gradients DDP (wrapping the denoiser alone) does not average.
         self.llm_params = [
             p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
@@ -1142,7 +1152,8 @@ class _Step:
         for m in range(self.accum):
             loss, cut = self.micro_step(step, m, batch, keep, times)
             loss_sum += loss
-            truncated += cut
+            truncated += len(cut)
+            self.cut_example = self.cut_example or next(iter(cut), None)
         distributed.average_gradients(self.llm_params, self.env)
         # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
         # full_like fills on the device, where a copy from the host would wait for the step's kernels.
@@ -1166,16 +1177,17 @@ class _Step:
 
     def micro_step(
         self, step: int, m: int, batch: dict, keep: list[bool], times: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, list[str]]:
         """Forward and backward of micro-batch ``m`` (gradients scaled by 1 / grad_accum, synced over ranks
-        at the last micro-step); returns its loss, detached, and how many of its captions a text encoder cut
-        to its limit."""
+        at the last micro-step); returns its loss, detached, and the captions a text encoder cut to its
+        limit."""
         device = self.env.device
         local = slice(m * self.micro, (m + 1) * self.micro)
         rows = range(self.first_row + local.start, self.first_row + local.stop)
         captions = [c if k else "" for c, k in zip(batch["caption"][local], keep[rows.start : rows.stop])]
         # Host tensors reach the GPU without the host waiting (host_to_device): it draws the noise and
-        # tokenises the captions while the last step's AdamW runs.
+        # tokenises the captions while the last step's AdamW runs. (A VAE's posterior draw, without cached
+        # latents, still copies its CPU-drawn noise with a wait: diffusers' randn_tensor.)
         x0 = self.latents(batch, local, step, rows)  # (micro, C, h, w)
         noise = host_to_device(sample_noise(self.seed, step, rows, x0.shape[1:]), device)
         t = host_to_device(times[rows.start : rows.stop], device)  # (micro,)
@@ -1190,7 +1202,7 @@ class _Step:
                 v = self.forward(interpolate(x0, noise, t), t, text)
             loss = flow_loss(v, x0, noise)
             (loss / self.accum).backward()
-        return loss.detach(), len(text.cut.prompts)
+        return loss.detach(), [captions[i] for i in sorted(text.cut.prompts)]
 
     def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
         """The micro-batch's latents: pre-encoded by cache-latents (checked against the VAE before the
@@ -1199,4 +1211,5 @@ class _Step:
         if self.stage.config.data.source == "latents":
             return host_to_device(batch["latent"][local], self.env.device)
         generators = sample_generators(self.seed, step, rows, stream="vae/")
-        return self.model.autoencoder.encode(batch["image"][local].to(self.env.device), generators)
+        images = host_to_device(batch["image"][local], self.env.device)
+        return self.model.autoencoder.encode(images, generators)
