@@ -161,7 +161,7 @@ class Job:
     images: list[bytes] = field(default_factory=list)
     error: str | None = None
     # What the images do not show (a prompt cut to text.max_length, ...: the module docstring lists them),
-    # said on every job it concerns, where the log says it once per process.
+    # said on the job it concerns, which the page shows beside its images.
     notice: str | None = None
     seconds: float | None = None
 
