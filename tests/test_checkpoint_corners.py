@@ -447,7 +447,7 @@ def test_a_save_the_disk_refuses_frees_its_folder_and_says_so_in_one_line(
 
     from safetensors import SafetensorError
 
-    from fusedit.data.latents import readable_size
+    from fusedit.files import readable_size
     from fusedit.train.checkpoint import CheckpointNotSaved
 
     kind, _, text = error.partition(": ")

@@ -625,7 +625,7 @@ def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
     with monkeypatch.context() as m:
         m.setattr(torch, "save", full_disk)
         assert main(argv) == 2
-    from fusedit.data.latents import readable_size
+    from fusedit.files import readable_size
 
     size = readable_size(sum(f.stat().st_size for f in (root / "step_00000002").iterdir()))
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

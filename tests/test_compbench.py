@@ -173,6 +173,17 @@ def test_samples_use_the_official_names_seeds_and_resume_per_image(tmp_path):
         write_compbench_samples(prompts, seeded_generate(calls), tmp_path, 0)
 
 
+def test_the_temporary_file_of_a_killed_image_write_is_swept_at_the_next_start(tmp_path):
+    from test_files import killed_mid_write
+
+    prompts = ["a green bench and a blue bowl"]
+    killed_mid_write(tmp_path / sample_name(prompts[0], 1))
+    assert len(list(tmp_path.glob(".*.tmp"))) == 1
+    counts = write_compbench_samples(prompts, seeded_generate([]), tmp_path, n_per_prompt=2, progress=False)
+    assert counts == {"generated": 2, "skipped": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sample_name(prompts[0], k) for k in range(2)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Text
 

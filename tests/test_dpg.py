@@ -143,6 +143,19 @@ def test_write_dpg_grids_layout_and_resume(tmp_path):
         write_dpg_grids([("../x", "p")], colour_generate(calls), tmp_path, progress=False)
 
 
+def test_the_temporary_file_of_a_killed_grid_write_is_swept_at_the_next_start(tmp_path):
+    from test_files import killed_mid_write
+
+    calls = []
+    prompts = [("0", "A red ball, on a table."), ("7", "A sunny sky.")]
+    write_dpg_grids(prompts[:1], colour_generate(calls), tmp_path, progress=False)
+    killed_mid_write(tmp_path / "7.png")
+    assert len(list(tmp_path.glob(".7.png.*.tmp"))) == 1
+    counts = write_dpg_grids(prompts, colour_generate(calls), tmp_path, progress=False)
+    assert counts == {"generated": 1, "skipped": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "7.png"]
+
+
 def test_a_kept_grid_must_have_been_made_for_its_prompts_current_text(tmp_path, caplog):
     calls = []
     prompts = [("0", "A red ball."), ("1", "Un café près de la mer, 東京.")]  # non-Latin-1 text round-trips

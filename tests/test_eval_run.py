@@ -15,6 +15,7 @@ from PIL import Image
 import fusedit.eval.dpg as dpg_mod
 import fusedit.eval.geneval as geneval_mod
 import fusedit.eval.run as run_mod
+from fusedit.checkpoints import weights_fingerprint
 from fusedit.config import ConfigError
 from fusedit.eval.benchmarks import BenchmarkError, load_dpg
 from fusedit.eval.geneval import Detection
@@ -276,7 +277,7 @@ def test_the_weights_fingerprint_follows_a_retrained_tensor_past_the_first_mib(t
     file = "denoiser.safetensors" if form == "safetensors" else "dcp/__0_0.distcp"
     assert first_difference(tmp_path / "a" / file, tmp_path / "retrained" / file) > 1 << 20
 
-    fingerprint = run_mod.weights_fingerprint
+    fingerprint = weights_fingerprint
     assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "same")
     assert fingerprint(tmp_path / "retrained") != fingerprint(tmp_path / "a")
 
@@ -285,16 +286,16 @@ def test_the_weights_fingerprint_follows_the_weights_not_the_path(tmp_path):
     weights = {"proj.weight": torch.arange(12.0).reshape(3, 4)}
     save_weights(tmp_path / "a" / "transformer", weights)
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
-    assert run_mod.weights_fingerprint(tmp_path / "a") == run_mod.weights_fingerprint(tmp_path / "copy")
+    assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "copy")
     shutil.rmtree(tmp_path / "copy" / "transformer")
     save_weights(tmp_path / "copy" / "transformer", {"proj.weight": weights["proj.weight"] + 1})
-    assert run_mod.weights_fingerprint(tmp_path / "a") != run_mod.weights_fingerprint(tmp_path / "copy")
+    assert weights_fingerprint(tmp_path / "a") != weights_fingerprint(tmp_path / "copy")
     # A damaged weight file is named in one line, as when the model loads.
     (tmp_path / "copy" / "transformer" / "denoiser.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(
         ValueError, match=r"denoiser.safetensors' is not a readable safetensors file \(header"
     ):
-        run_mod.weights_fingerprint(tmp_path / "copy")
+        weights_fingerprint(tmp_path / "copy")
 
 
 def single_objects(*names) -> list[dict]:

@@ -290,6 +290,44 @@ def test_write_geneval_samples_official_layout_and_resume(tmp_path):
         )
 
 
+def test_an_interrupted_prompt_folder_never_looks_complete_and_is_redone(tmp_path, monkeypatch):
+    """metadata.jsonl is written after the images: GenEval's own scorer reads every folder that has one, and
+    before, a stop mid-prompt left it beside only some of the images. The temporary files of a kill -9
+    (beside the images, the metadata, and the run's record) are swept at the next start."""
+    import fusedit.eval.geneval as geneval
+    from fusedit.eval.run import claim_folder
+    from test_files import killed_mid_write
+
+    saved, original = [], geneval.save_png
+
+    def stopped_at_the_sixth(*args, **kwargs):
+        saved.append(1)
+        if len(saved) == 6:  # prompt 1's second image
+            raise KeyboardInterrupt
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(geneval, "save_png", stopped_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        write_geneval_samples(METADATA, fake_generate([]), tmp_path / "samples", progress=False)
+    folder = tmp_path / "samples" / "00001"
+    assert sorted(p.name for p in folder.iterdir()) == ["samples"]
+    assert [p.name for p in (folder / "samples").iterdir()] == ["00000.png"]
+    monkeypatch.undo()
+    killed_mid_write(folder / "samples" / "00001.png")
+    killed_mid_write(folder / "metadata.jsonl")
+    killed_mid_write(tmp_path / "generation.json")
+    assert len(list(tmp_path.rglob(".*.tmp"))) == 3
+    claim_folder(tmp_path, tmp_path / "samples", None, "geneval", 42)
+    calls = []
+    counts = write_geneval_samples(METADATA, fake_generate(calls), tmp_path / "samples", progress=False)
+    assert counts == {"generated": 2, "skipped": 1} and [c[0] for c in calls] == [
+        m["prompt"] for m in METADATA[1:]
+    ]
+    assert list(tmp_path.rglob(".*.tmp")) == []
+    assert json.loads((folder / "metadata.jsonl").read_text()) == METADATA[1]
+    assert sorted(p.name for p in (folder / "samples").iterdir()) == [f"{k:05d}.png" for k in range(4)]
+
+
 def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
     # Every sample is red on the left, blue on the right, and carries (prompt index, sample index) in its
     # top-left pixel, which the fake detector reads back to decide what it "sees".

@@ -248,7 +248,7 @@ def test_the_disk_check_gives_readable_sizes_and_names_a_read_only_disk(tmp_path
     import shutil
     from types import SimpleNamespace
 
-    from fusedit.data.latents import readable_size
+    from fusedit.files import readable_size
 
     assert [readable_size(n) for n in (512, 1000, 29_491_200, 1.5e9, 2e12)] == [
         "512 bytes",

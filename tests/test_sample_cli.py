@@ -358,12 +358,188 @@ def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
     out = tmp_path / "out"
     assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0
-    (out / "notes.txt").write_text("mine")
     with caplog.at_level("INFO", logger="fusedit.sample"):
         assert sample(folders["run"], out, "--prompt", "d", "--steps", "1") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png"]
     assert metadata(out, 0)["prompt"] == "d"
-    assert f"removed 7 files of an earlier sample in {out}" in caplog.text
+    assert (
+        f"an image of an earlier sample in {out} was made with other prompts or settings and will be replaced "
+        "(image 0: prompt='a', not 'd')" in caplog.text
+    )
+    assert f"removed 5 files of an earlier sample in {out}" in caplog.text
+
+
+def user_folder(folder: Path) -> dict[str, bytes]:
+    """A folder of a user's own images named as a sample's are, with JSON that is not a sample's record."""
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.json").write_text(json.dumps({"label": i, "prompt": "mine", "seed": i}))
+    (folder / "notes.txt").write_text("mine")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(
+    folders, tmp_path, capsys, monkeypatch
+):
+    """Before, every NNNNN.png, NNNNN.json and grid.png in --out was deleted by its name: a user's own
+    images were lost, and a run folder took the images beside its checkpoints. Only a folder that an
+    earlier `fusedit sample` filled is written into."""
+    import fusedit.sample
+
+    mine = tmp_path / "mine"
+    before = user_folder(mine)
+    earlier = tmp_path / "earlier"
+    assert sample(folders["run"], earlier, "--prompt", "a", "--steps", "1") == 0
+    (earlier / "notes.txt").write_text("mine")
+    monkeypatch.setattr(fusedit.sample, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    for out, first in [(mine, "00000.json"), (folders["run"], "checkpoints"), (earlier, "notes.txt")]:
+        capsys.readouterr()
+        assert sample(folders["run"], out, "--prompt", "a", "--steps", "1") == 2
+        assert capsys.readouterr().err == (
+            f"fusedit: error: the output folder {str(out)!r} already holds other files (e.g. {first!r}); "
+            "writing images into it would mix them (allowed: a new or empty folder, or an earlier fusedit "
+            "sample's folder)\n"
+        )
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    monkeypatch.undo()
+    # From Python too, before any sampling.
+    model, cfg, source = load_sampling_model(folders["run"], "cpu")
+    monkeypatch.setattr(fusedit.sample, "generate", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ValueError, match="already holds other files"):
+        write_sample_folder(model, cfg, ["a"], mine, source=source, progress=False)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_the_model_loads(
+    folders, tmp_path, capsys, monkeypatch
+):
+    """Before, a read-only --out failed only at the first image, after the load and the first batch. As
+    root every permission is granted, so the refusal of a read-only file system is imitated."""
+    import errno
+    import tempfile
+
+    import fusedit.sample
+
+    monkeypatch.setattr(fusedit.sample, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+
+    def read_only(dir, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert sample(folders["run"], tmp_path, "--prompt", "a") == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: --out {str(tmp_path)!r} cannot be written: Read-only file system (allowed: a "
+        "folder you may write to, on a writable disk)\n"
+    )
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_sample_resumes_with_the_images_of_an_uninterrupted_one(
+    folders, tmp_path, monkeypatch, capsys, caplog
+):
+    """Rerunning the command after a Ctrl+C keeps the finished batches and makes only the others, whole:
+    every file is byte for byte what one uninterrupted run writes. Before, every image was made again."""
+    from fusedit import sample as sample_module
+    from test_files import killed_mid_write
+
+    prompts = [w for p in ["a red circle", "a blue square", "a", "two", "red"] for w in ("--prompt", p)]
+    flags = [*prompts, "--batch-size", "2", "--steps", "2", "--seed", "7"]
+    whole = tmp_path / "whole"
+    assert sample(folders["run"], whole, *flags) == 0
+    original, batches = sample_module.generate, []
+
+    def counted(model, batch, *args, stop_at=None, **kwargs):
+        batches.append(batch)
+        if len(batches) == stop_at:
+            raise KeyboardInterrupt
+        return original(model, batch, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **k: counted(*a, stop_at=2, **k))
+    capsys.readouterr()
+    assert sample(folders["run"], out, *flags) == 130  # Ctrl+C in the second batch
+    assert capsys.readouterr().err == (
+        f"fusedit: interrupted: 2 of the 5 images are in {out}, without grid.png (made at the end); rerun the "
+        "same command to make the rest (it keeps every finished batch)\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "00001.json", "00001.png"]
+    killed_mid_write(out / "00002.png")  # and a kill -9 leaves a temporary file
+    assert len(list(out.glob(".00002.png.*.tmp"))) == 1
+
+    batches.clear()
+    monkeypatch.setattr(sample_module, "generate", counted)
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        assert sample(folders["run"], out, *flags) == 0
+    assert batches == [["a", "two"], ["red"]]  # the first batch is not made again
+    assert "2 of the 5 images are kept from an earlier run of this sample" in caplog.text
+    assert folder_bytes(out) == folder_bytes(whole)
+
+    # Run again as it is: nothing is sampled, and grid.png is the same. A changed setting replaces them all.
+    batches.clear()
+    assert sample(folders["run"], out, *flags) == 0
+    assert batches == [] and folder_bytes(out) == folder_bytes(whole)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        assert sample(folders["run"], out, *prompts, "--batch-size", "2", "--steps", "1", "--seed", "7") == 0
+    assert len(batches) == 3
+    assert (
+        f"5 images of an earlier sample in {out} were made with other prompts or settings and will be "
+        "replaced (image 0: steps=2, not 1)" in caplog.text
+    )
+    assert [metadata(out, i)["steps"] for i in range(5)] == [1] * 5
+
+
+def test_an_image_whose_record_was_written_but_not_its_png_is_made_with_its_batch(
+    folders, tmp_path, monkeypatch
+):
+    """The record comes first: a stop between the two leaves a record without its image, which the rerun
+    makes, with the rest of its batch (never an image that no record marks as the sample's)."""
+    from fusedit import sample as sample_module
+
+    flags = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "2", "--steps", "1"]
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert sample(folders["run"], whole, *flags) == 0
+    assert sample(folders["run"], out, *flags) == 0
+    (out / "00001.png").unlink()
+    (out / "grid.png").unlink()
+    original, batches = sample_module.generate, []
+    monkeypatch.setattr(
+        sample_module,
+        "generate",
+        lambda model, batch, *a, **k: batches.append(batch) or original(model, batch, *a, **k),
+    )
+    assert sample(folders["run"], out, *flags) == 0
+    assert batches == [["a", "b"]]
+    assert folder_bytes(out) == folder_bytes(whole)
+
+
+def test_images_of_a_model_retrained_in_its_folder_are_not_kept(folders, tmp_path, caplog):
+    """A folder whose weights change in place (a re-export, a retrained run's checkpoint) keeps its path: the
+    weights' fingerprint in each record tells its earlier images from the new model's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    pipe, out = tmp_path / "pipe", tmp_path / "out"
+    shutil.copytree(folders["pipeline"], pipe)
+    assert sample(pipe, out, "--prompt", "a red circle", "--steps", "1") == 0
+    before = metadata(out, 0)["weights"]
+    weights = pipe / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors = {name: t + 0.01 if t.is_floating_point() else t for name, t in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        assert sample(pipe, out, "--prompt", "a red circle", "--steps", "1") == 0
+    after = metadata(out, 0)["weights"]
+    assert after != before and metadata(out, 0)["model"] == str(pipe.resolve())
+    assert (
+        f"an image of an earlier sample in {out} was made with other prompts or settings and will be replaced "
+        f"(image 0: weights={before!r}, not {after!r})" in caplog.text
+    )
 
 
 def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(
@@ -383,25 +559,6 @@ def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert capsys.readouterr().err == (
         f"fusedit: interrupted: no image was written to {out} yet; rerun the same command\n"
-    )
-    # Ctrl+C in the second batch: the line counts the first batch's images, and says grid.png is missing.
-    from fusedit import sample as sample_module
-
-    monkeypatch.undo()
-    original, calls = sample_module.generate, []
-
-    def first_batch_only(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr("fusedit.sample.generate", first_batch_only)
-    prompts = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "2", "--steps", "1"]
-    assert sample(folders["run"], out, *prompts) == 130
-    assert capsys.readouterr().err == (
-        f"fusedit: interrupted: 2 of the 3 images are in {out}, without grid.png (made at the end); rerun the "
-        "same command to make them all\n"
     )
 
 

@@ -911,6 +911,20 @@ def test_the_page_is_self_contained(server):
 # `fusedit serve`
 
 
+def test_ctrl_c_says_what_stopping_the_server_loses(tmp_path, tiny, monkeypatch, capsys):
+    model, cfg = tiny
+    save_checkpoint(tmp_path / "run", 0, cfg, model.denoiser, None, None, model.text.llm)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DemoServer, "serve_forever", interrupted)
+    assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.endswith(
+        "stopping: a running generation ends after its current step; no finished image is lost\n"
+    )
+
+
 def test_fusedit_serve_loads_a_run_folder_and_serves_it(tmp_path, tiny, monkeypatch, capsys):
     model, cfg = tiny
     save_checkpoint(tmp_path / "run", 0, cfg, model.denoiser, None, None, model.text.llm)

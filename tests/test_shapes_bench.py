@@ -115,7 +115,7 @@ def test_bench_records_the_model_and_marks_the_kinds_it_never_trained(tmp_path, 
 def test_eval_cli_names_and_records_what_it_scored_and_a_fresh_run_drops_the_old_scores(tmp_path, capsys):
     """EMA and raw weights are scored into folders of their own, each recording its checkpoint, weights and
     EMA flag, and named by run and step in scores.md; `train --overwrite` deletes those of the old model."""
-    from fusedit.eval.run import weights_fingerprint
+    from fusedit.checkpoints import weights_fingerprint
 
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     run = tmp_path / "runA"

@@ -10,11 +10,14 @@ rebuilt through fusedit.adapters, at the model tier.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import pickle
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -436,3 +439,76 @@ def _load_dcp_weights(ckpt: Path, model, ema: bool) -> None:
     for key, module in text_modules(model).items():
         if any(name in state for name in text[key]):
             load_plain_and_adapters(module, text[key][key], text[key].get(f"{key}_lora"))
+
+
+# Bytes read at each end of every tensor (and of every DCP item) for the weights fingerprint.
+FINGERPRINT_BYTES = 4096
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A short hash of the weights under ``folder`` (a checkpoint or pipeline folder): every tensor of its
+    safetensors files and every item of a Distributed Checkpoint, by name, shape and the bytes at both
+    ends of its data. So a retrained tensor changes it wherever it lies in its file (the first bytes of a
+    file hold its first tensors only), while a few KiB per tensor keep it instant for a 19 GB checkpoint.
+    It follows the weights, not the path: a moved or copied model keeps it, a later checkpoint or a
+    re-export into the same folder changes it."""
+    digest = hashlib.sha256()
+    # eval/ is not walked: results written into a pipeline folder (thousands of images) hold no weights.
+    tops = [p for p in folder.iterdir() if p.name != "eval"]
+    files = [
+        f
+        for p in tops
+        for f in (p.rglob("*.safetensors") if p.is_dir() else [p] if p.suffix == ".safetensors" else [])
+    ]
+    for path in sorted(files):
+        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
+        _safetensors_digest(path, digest)
+    if is_distributed_checkpoint(folder):
+        _dcp_digest(folder, digest)
+    return digest.hexdigest()[:16]
+
+
+def _ends(handle, start: int, length: int) -> bytes:
+    """``FINGERPRINT_BYTES`` at each end of the ``length`` bytes at ``start`` of the open file ``handle``.
+    Training moves every row of a trained matrix, so the first bytes follow it; the last ones follow rows
+    added at the end (new tokens), and hold a torch.save archive's directory, whose CRC-32 of each record
+    follows all of a DCP item's values."""
+    n = min(length, FINGERPRINT_BYTES)
+    handle.seek(start)
+    head = handle.read(n)
+    handle.seek(start + length - n)
+    return head + handle.read(n)
+
+
+def _safetensors_digest(path: Path, digest) -> None:
+    """Each tensor of the safetensors file ``path`` into ``digest``: name, dtype, shape and its data's
+    ends, read from the header and with plain reads (a memory map, as safe_open uses, reads megabytes
+    ahead around each slice: the whole file, over all its tensors)."""
+    with path.open("rb") as handle, readable(path, damaged=(ValueError, KeyError, TypeError)):
+        size = int.from_bytes(handle.read(8), "little")
+        if size > path.stat().st_size:
+            raise ValueError(f"header of {size} bytes in a file of {path.stat().st_size}")
+        header = json.loads(handle.read(size))
+        for name in sorted(k for k in header if k != "__metadata__"):
+            tensor = header[name]
+            begin, end = tensor["data_offsets"]
+            digest.update(f"{name}:{tensor['dtype']}:{tensor['shape']}\n".encode())
+            digest.update(_ends(handle, 8 + size + begin, end - begin))
+
+
+def _dcp_digest(folder: Path, digest) -> None:
+    """Each item of the Distributed Checkpoint in ``folder`` into ``digest``: its name, chunk, length and
+    ends."""
+    items = dcp_metadata(folder).storage_data
+    with contextlib.ExitStack() as stack:
+        # One handle per file: an FSDP checkpoint's items (every parameter, EMA and optimizer moment, by
+        # rank) lie in a few files, and an open per item would be tens of thousands on a network filesystem.
+        handles: dict[str, Any] = {}
+        for index in sorted(items, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0)):
+            info = items[index]
+            digest.update(f"{index.fqn}:{tuple(index.offset or ())}:{info.length}\n".encode())
+            if info.relative_path not in handles:
+                handles[info.relative_path] = stack.enter_context(
+                    (folder / DCP_DIR / info.relative_path).open("rb")
+                )
+            digest.update(_ends(handles[info.relative_path], info.offset, info.length))

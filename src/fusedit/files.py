@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ def write_atomic(
     the rename before the return."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # as _TEMPORARY names
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -39,6 +40,56 @@ def write_atomic(
         raise
     if durable:
         sync_folder(path.parent)
+
+
+# The names of write_atomic's temporary files: ".<name>.<mkstemp's 8 random characters>.tmp".
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def temporary_of(name: str) -> str | None:
+    """The name of the file whose ``write_atomic`` temporary file ``name`` is; None when it is not one."""
+    match = _TEMPORARY.fullmatch(name)
+    return match[1] if match else None
+
+
+def sweep_temporaries(
+    folder: str | os.PathLike[str], names: re.Pattern | None = None, recursive: bool = False
+) -> int:
+    """Delete the temporary files that ``write_atomic`` left in ``folder`` (and its sub-folders with
+    ``recursive``) when a kill -9 stopped it mid-write (any other stop deletes its own): those of files
+    whose names fully match ``names`` (None: of any file). For a command's own output folders when it
+    starts, while nothing else writes there; each kill would otherwise leave one more for good. Returns
+    how many were deleted; nothing to do where there is no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    swept = 0
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        target = temporary_of(path.name)
+        if target is not None and (names is None or names.fullmatch(target)) and path.is_file():
+            path.unlink(missing_ok=True)
+            swept += 1
+    return swept
+
+
+def check_writable(folder: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Refuse in one line a ``folder`` (given as ``flag``) that cannot be written into: a read-only file
+    system, or a folder (or, where it does not exist yet, the nearest one above it) without write
+    permission. Checked before the slow work, which would otherwise fail only at its first write. A file
+    is made and deleted there, as permission bits and ``os.access`` do not tell what a network file
+    system, ACLs or a read-only mount allow."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.is_dir())
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".fusedit-probe.", suffix=".tmp")
+    except OSError as e:
+        where = "" if existing == folder else f" (in {str(existing)!r}, where it would be made)"
+        raise ValueError(
+            f"{flag} {str(folder)!r} cannot be written{where}: {e.strerror} (allowed: a folder you may "
+            "write to, on a writable disk)"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def as_json_reads_back(record: dict) -> dict:
@@ -208,14 +259,18 @@ def tensors_fingerprint(folder: str | os.PathLike[str]) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "") -> Path:
+def check_output_folder(
+    out: str | os.PathLike[str], what: str, earlier: str = "", ours: Callable[[Path], bool] | None = None
+) -> Path:
     """``out`` as a folder to write ``what`` into: new or empty, or (when ``earlier`` names one and the
-    caller has recognised it) an earlier output of the same command. Any other folder is refused in one
-    line, since writing into it would mix files into a run, a dataset or another export (a run folder that
-    gains a ``model_index.json`` samples the export from then on)."""
+    caller has recognised it) an earlier output of the same command; ``ours``, where given, tells each of
+    that output's entries (files the command may replace or delete) from any other. A folder holding any
+    other entry is refused in one line, since writing into it would mix files into a run, a dataset or
+    another export (a run folder that gains a ``model_index.json`` samples the export from then on)."""
     out = Path(out)
     if out.is_dir():
-        first = min(out.iterdir(), default=None)  # the first name, without sorting a huge listing
+        others = (p for p in out.iterdir() if ours is None or not ours(p))
+        first = min(others, default=None)  # the first name, without sorting a huge listing
         if first is not None:
             also = f", or {earlier}" if earlier else ""
             raise ValueError(
@@ -223,3 +278,12 @@ def check_output_folder(out: str | os.PathLike[str], what: str, earlier: str = "
                 f"{what} into it would mix them (allowed: a new or empty folder{also})"
             )
     return out
+
+
+def readable_size(size: float) -> str:
+    """A number of bytes as people read a disk's sizes: in the largest decimal unit (kB, MB, GB, TB, PB; as
+    ``df -H`` and disk makers count) it is at least one of, with one decimal; plain bytes below 1 kB."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size):,} bytes"

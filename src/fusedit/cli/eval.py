@@ -201,7 +201,7 @@ def _row_name(where: Path, ema: bool) -> str:
 
 def _weights_record(where: Path, ema: bool) -> dict:
     """Which weights an eval scores: the checkpoint's name, their fingerprint, EMA or raw."""
-    from fusedit.eval.run import weights_fingerprint
+    from fusedit.checkpoints import weights_fingerprint
 
     return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema}
 
@@ -228,7 +228,8 @@ def _trained_kinds(where: Path) -> list[str] | None:
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
     """eval.run.check_protocol_folder, whose refusal of images made with another checkpoint names that
     checkpoint's folder, when it is still there with the same weights, as the way to finish them."""
-    from fusedit.eval.run import RecordMismatch, check_protocol_folder, weights_fingerprint
+    from fusedit.checkpoints import weights_fingerprint
+    from fusedit.eval.run import RecordMismatch, check_protocol_folder
 
     try:
         check_protocol_folder(out, args.bench, record, _eval_seed(args), args.per_prompt, args.categories)

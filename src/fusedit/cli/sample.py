@@ -73,9 +73,11 @@ def _image_size(text: str) -> int | tuple[int, int]:
 
 
 def cmd_sample(args) -> int:
+    from fusedit.files import check_writable
     from fusedit.sample import (
         check_negative_prompt,
         check_seed,
+        earlier_sample,
         load_sampling_model,
         sample_settings,
         write_sample_folder,
@@ -91,6 +93,10 @@ def cmd_sample(args) -> int:
     if args.guidance is not None:
         check_negative_prompt(args.negative_prompt, args.guidance, flags=True)
     out = _out_folder(args.out)
+    # A folder of other files (a user's images, a run, a dataset), or one that cannot be written, is refused
+    # now: not after the model load and all the sampling.
+    earlier_sample(out)
+    check_writable(out)
     device = resolve_device(args.device, "--device")
     model, cfg, source = load_sampling_model(args.model, device, **_sampling_flags(args))
     print(_scoring_line(source, cfg.sample.use_ema, not args.no_ema, "sampling"), flush=True)
@@ -127,13 +133,14 @@ def cmd_sample(args) -> int:
 
 
 def _sample_kept(out: Path, written: list[Path], total: int) -> str:
-    """What an interrupted `fusedit sample` leaves in ``out``: the images it ``written`` (an earlier sample's
-    are removed once its first batch is ready), without grid.png, which is made at the end."""
+    """What an interrupted `fusedit sample` leaves in ``out``: the images it kept or ``written`` (an earlier
+    sample's others are removed once its first batch is ready), without grid.png, which is made at the end.
+    The same command resumes: it keeps every whole batch and makes the rest (write_sample_folder)."""
     if not written:
         return f"no image was written to {out} yet; rerun the same command"
     return (
         f"{len(written)} of the {total} images are in {out}, without grid.png (made at the end); rerun the "
-        "same command to make them all"
+        "same command to make the rest (it keeps every finished batch)"
     )
 
 
@@ -165,7 +172,10 @@ def cmd_serve(args) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopping: a running generation ends after its current step", file=sys.stderr, flush=True)
+        lost = server.jobs.lost_on_exit()
+        print(
+            f"stopping: a running generation ends after its current step; {lost}", file=sys.stderr, flush=True
+        )
     finally:
         # Not sitting out a running generation, but waiting for the worker to leave torch: an interpreter
         # that exits with a thread inside torch aborts ("terminate called without an active exception").
@@ -199,7 +209,8 @@ def _add_sample_parser(sub) -> None:
     sp.add_argument(
         "--out",
         default="samples",
-        help="folder for the images (default samples; an earlier sample's images there are removed)",
+        help="folder for the images (default samples; new or empty, or an earlier sample's: its images "
+        "made as now are kept, the others replaced)",
     )
     sp.add_argument("--steps", type=int, help="sampling steps (default the saved sample.steps)")
     sp.add_argument(

@@ -57,6 +57,7 @@ from fusedit.files import (
     check_output_folder,
     read_json,
     readable_by_all,
+    readable_size,
     tensors_fingerprint,
     write_text_atomic,
 )
@@ -390,15 +391,6 @@ def _check_disk(out: Path, total: int | None, data_cfg: DataConfig, vae_cfg: VAE
             f"{str(dtype).removeprefix('torch.')} latents each) but {str(where)!r} has {readable_size(free)} "
             f"free (allowed: a cache that fits: {', '.join(ways)})"
         )
-
-
-def readable_size(size: float) -> str:
-    """A number of bytes as people read a disk's sizes: in the largest decimal unit (kB, MB, GB, TB, PB; as
-    ``df -H`` and disk makers count) it is at least one of, with one decimal; plain bytes below 1 kB."""
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{int(size):,} bytes"
 
 
 def _noise_seed(seed: int, shard: int, position: int) -> int:

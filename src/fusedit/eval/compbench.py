@@ -84,7 +84,7 @@ from fusedit.eval.benchmarks import BenchmarkError, existing_path, read_utf8
 from fusedit.eval.dpg import TransformersVQA
 from fusedit.eval.fid import ClipEmbedder, SkippedImages, check_batch_size, load_image, model_inputs
 from fusedit.eval.geneval import Detection, geneval_class
-from fusedit.files import write_text_atomic
+from fusedit.files import sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
 
 BENCH = "t2i-compbench"
@@ -242,6 +242,7 @@ def write_compbench_samples(
     if n_per_prompt < 1:
         raise ConfigError(f"n_per_prompt={n_per_prompt!r}; allowed: an integer >= 1")
     out = Path(out_dir)
+    sweep_temporaries(out)  # a kill -9 mid-write leaves one; each image is written whole
     generated = skipped = 0
     for p, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=not progress)):
         names = [sample_name(prompt, p * n_per_prompt + k) for k in range(n_per_prompt)]

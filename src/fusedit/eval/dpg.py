@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from fusedit.config import ConfigError, model_config
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
 from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs
-from fusedit.files import write_text_atomic
+from fusedit.files import sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, kept_for_prompts, save_png
 from fusedit.system import resolve_device
 
@@ -213,6 +213,7 @@ def write_dpg_grids(
     if size is not None and size < 1:
         raise ConfigError(f"size={size!r}; allowed: a positive tile side in pixels, or None")
     out = Path(out_dir)
+    sweep_temporaries(out)  # a kill -9 mid-write leaves one; each grid is written whole
     # Every kept grid is checked before the first is generated: a changed prompt is found at once.
     kept = kept_for_prompts([(out / f"{_check_name(n)}.png", p) for n, p in prompts])
     todo = [item for item, keep in zip(prompts, kept) if not keep]

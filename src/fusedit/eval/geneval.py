@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, model_config
 from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs
-from fusedit.files import read_json, write_text_atomic
+from fusedit.files import read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
 
@@ -327,6 +327,7 @@ def write_geneval_samples(
     if n_per_prompt < 1:
         raise ConfigError(f"n_per_prompt={n_per_prompt!r}; allowed: an integer >= 1")
     out = Path(out_dir)
+    sweep_temporaries(out, recursive=True)  # a kill -9 mid-write leaves one; each file is written whole
     generated = skipped = 0
     for index, meta in enumerate(tqdm(metadata, desc="GenEval samples", unit="prompt", disable=not progress)):
         folder = out / f"{index:05d}"
@@ -339,9 +340,11 @@ def write_geneval_samples(
                 f"generate returned {len(images)} images for {meta['prompt']!r}; expected {n_per_prompt}"
             )
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / "metadata.jsonl", json.dumps(meta) + "\n")
         for k, image in enumerate(images):
             save_png(generated_image(image), folder / "samples" / f"{k:05d}.png")
+        # Last: a prompt folder with its metadata.jsonl is complete, to GenEval's own scorer too (it scores
+        # every folder that has one), so a stop mid-prompt never leaves one with only some of its images.
+        write_text_atomic(folder / "metadata.jsonl", json.dumps(meta) + "\n")
         generated += 1
     return {"generated": generated, "skipped": skipped}
 

@@ -18,18 +18,15 @@ not every prompt folder or grid an earlier run left there; the scores of the fir
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
-from fusedit.files import as_json_reads_back, read_json, write_text_atomic
+from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sample import generate, latent_shape, seeded_noise
 
@@ -79,85 +76,6 @@ class ProtocolGenerator:
 
 
 RECORD = "generation.json"
-# Bytes read at each end of every tensor (and of every DCP item) for the weights fingerprint.
-FINGERPRINT_BYTES = 4096
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """A short hash of the weights under ``folder`` (a checkpoint or pipeline folder): every tensor of its
-    safetensors files and every item of a Distributed Checkpoint, by name, shape and the bytes at both
-    ends of its data. So a retrained tensor changes it wherever it lies in its file (the first bytes of a
-    file hold its first tensors only), while a few KiB per tensor keep it instant for a 19 GB checkpoint.
-    It follows the weights, not the path: a moved or copied model keeps it, a later checkpoint or a
-    re-export into the same folder changes it."""
-    from fusedit.checkpoints import is_distributed_checkpoint
-
-    digest = hashlib.sha256()
-    # eval/ is not walked: results written into a pipeline folder (thousands of images) hold no weights.
-    tops = [p for p in folder.iterdir() if p.name != "eval"]
-    files = [
-        f
-        for p in tops
-        for f in (p.rglob("*.safetensors") if p.is_dir() else [p] if p.suffix == ".safetensors" else [])
-    ]
-    for path in sorted(files):
-        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
-        _safetensors_digest(path, digest)
-    if is_distributed_checkpoint(folder):
-        _dcp_digest(folder, digest)
-    return digest.hexdigest()[:16]
-
-
-def _ends(handle, start: int, length: int) -> bytes:
-    """``FINGERPRINT_BYTES`` at each end of the ``length`` bytes at ``start`` of the open file ``handle``.
-    Training moves every row of a trained matrix, so the first bytes follow it; the last ones follow rows
-    added at the end (new tokens), and hold a torch.save archive's directory, whose CRC-32 of each record
-    follows all of a DCP item's values."""
-    n = min(length, FINGERPRINT_BYTES)
-    handle.seek(start)
-    head = handle.read(n)
-    handle.seek(start + length - n)
-    return head + handle.read(n)
-
-
-def _safetensors_digest(path: Path, digest) -> None:
-    """Each tensor of the safetensors file ``path`` into ``digest``: name, dtype, shape and its data's
-    ends, read from the header and with plain reads (a memory map, as safe_open uses, reads megabytes
-    ahead around each slice: the whole file, over all its tensors)."""
-    from fusedit.checkpoints import readable
-
-    with path.open("rb") as handle, readable(path, damaged=(ValueError, KeyError, TypeError)):
-        size = int.from_bytes(handle.read(8), "little")
-        if size > path.stat().st_size:
-            raise ValueError(f"header of {size} bytes in a file of {path.stat().st_size}")
-        header = json.loads(handle.read(size))
-        for name in sorted(k for k in header if k != "__metadata__"):
-            tensor = header[name]
-            begin, end = tensor["data_offsets"]
-            digest.update(f"{name}:{tensor['dtype']}:{tensor['shape']}\n".encode())
-            digest.update(_ends(handle, 8 + size + begin, end - begin))
-
-
-def _dcp_digest(folder: Path, digest) -> None:
-    """Each item of the Distributed Checkpoint in ``folder`` into ``digest``: its name, chunk, length and
-    ends."""
-    from fusedit.checkpoints import DCP_DIR, dcp_metadata
-
-    items = dcp_metadata(folder).storage_data
-    with contextlib.ExitStack() as stack:
-        # One handle per file: an FSDP checkpoint's items (every parameter, EMA and optimizer moment, by
-        # rank) lie in a few files, and an open per item would be tens of thousands on a network filesystem.
-        handles: dict[str, Any] = {}
-        for index in sorted(items, key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0)):
-            info = items[index]
-            digest.update(f"{index.fqn}:{tuple(index.offset or ())}:{info.length}\n".encode())
-            if info.relative_path not in handles:
-                handles[info.relative_path] = stack.enter_context(
-                    (folder / DCP_DIR / info.relative_path).open("rb")
-                )
-            digest.update(_ends(handles[info.relative_path], info.offset, info.length))
-
-
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.
 IMAGES = {"geneval": "samples", "dpg": "grids", "mjhq": "samples"}
 GENEVAL_PER_PROMPT = 4
@@ -238,7 +156,9 @@ def claim_folder(
     """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes
     (with what the protocol run adds: ``protocol_record``); otherwise write that record there. ``record``
     None (a caller-made generator whose settings are unknown) checks nothing. A record without images (a
-    run that stopped before its first) is replaced."""
+    run that stopped before its first) is replaced. The temporary files a kill -9 left beside the record
+    and the scores go first."""
+    sweep_temporaries(out_dir)
     if record is None:
         return
     record = protocol_record(record, bench, seed, n_per_prompt)
@@ -403,6 +323,7 @@ def run_mjhq(
     references = reference_files(reference, sorted({r["category"] for r in rows})) if reference else None
     samples = out_dir / IMAGES["mjhq"]
     claim_folder(out_dir, samples, record, "mjhq", seed)
+    sweep_temporaries(samples, recursive=True)  # a kill -9 mid-write leaves one; each image is written whole
     counts = write_mjhq_samples(rows, gen, samples, seed=seed, progress=progress)
     result = {"samples": str(samples), **counts, "unit": "images"}
     if references is not None:

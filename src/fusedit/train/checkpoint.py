@@ -101,10 +101,10 @@ from fusedit.config import (
     save_config,
     to_dict,
 )
-from fusedit.data.latents import readable_size
 from fusedit.files import (
     partial_folder,
     readable_by_all,
+    readable_size,
     remove_folder,
     replace_folder,
     replacing,
