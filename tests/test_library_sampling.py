@@ -395,6 +395,20 @@ def test_ctrl_c_in_the_shapes_bench_says_what_is_kept(run, tmp_path, capsys, mon
 # ---- helper-115's sampling journey: generate checks and says what the CLI checks and says
 
 
+def test_a_size_past_a_fixed_ape_table_is_refused_before_the_llm_runs(monkeypatch):
+    """generate has no config: the side limits come from the model, the APE table's grid included (it failed
+    inside the denoiser, after the LLM, naming no allowed size)."""
+    cfg = tiny_config(model={"ape_max_size": 4, "ape_base_size": 4}, data={"image_size": 8})
+    model = build_model(cfg)
+    monkeypatch.setattr(model, "encode_prompts", lambda *a, **k: pytest.fail("the LLM ran"))
+    with pytest.raises(ConfigError) as e:
+        one_image(model, image_size=(8, 10))
+    assert str(e.value) == (
+        "image_size=(8, 10) is not allowed (allowed: a positive multiple of 2, the VAE's downsampling x the "
+        "patch size, up to 8 (the APE table's model.ape_max_size))"
+    )
+
+
 def test_sampler_schedule_shift_and_size_are_checked_before_the_llm_runs(model, monkeypatch):
     """They failed only after the LLM's forward (its docstring says "before any slow work"), the size with the
     patchify's "latent size 15x15 is not divisible by patch size 2" (helper-115 R6)."""
@@ -414,7 +428,7 @@ def test_sampler_schedule_shift_and_size_are_checked_before_the_llm_runs(model, 
         (
             {"image_size": 15},
             ConfigError,
-            r"^image_size=15 is not allowed \(allowed: sides that are multiples of 2, the VAE's "
+            r"^image_size=15 is not allowed \(allowed: a positive multiple of 2, the VAE's "
             r"downsampling x the patch size\)$",
         ),
         ({"image_size": (16, 9)}, ConfigError, r"^image_size=\(16, 9\) is not allowed"),

@@ -35,9 +35,11 @@ from fusedit.config import (
     ConfigError,
     SampleConfig,
     check_fields,
+    limits_text,
     pooled_tokenizes_builtin,
     text_sections,
     tokenizes_builtin,
+    within_limits,
 )
 from fusedit.files import (
     as_json_reads_back,
@@ -423,13 +425,12 @@ def generate(
             "or a function called once per step)"
         )
     denoiser, ae = model.denoiser, model.autoencoder
-    # Whole patches of whole latent pixels: the denoiser would refuse any other side only after the LLM ran.
-    unit = ae.downsample * denoiser.patch_size
-    if any(side % unit for side in image_shape(image_size)):
-        raise ConfigError(
-            f"image_size={image_size!r} is not allowed (allowed: sides that are multiples of {unit}, the "
-            "VAE's downsampling x the patch size)"
-        )
+    # Whole patches of whole latent pixels, within a fixed APE table: the denoiser would refuse any other
+    # side only after the LLM ran. The model's own limits: config.side_limits without a config.
+    unit, grid = ae.downsample * denoiser.patch_size, denoiser.position.max_grid
+    limits = (unit, grid * unit if grid is not None else None)
+    if not all(within_limits(side, limits) for side in image_shape(image_size)):
+        raise ConfigError(f"image_size={image_size!r} is not allowed (allowed: {limits_text(limits)})")
     device = next(denoiser.parameters()).device
     dtype = sampling_dtype(precision, device)
     if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):

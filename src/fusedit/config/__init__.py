@@ -124,6 +124,7 @@ from fusedit.config.validate import (
     fused_layers,
     is_deep,
     is_shallow,
+    limits_text,
     noop_settings,
     pooled_tokenizes_builtin,
     resolved_stages,
@@ -133,6 +134,7 @@ from fusedit.config.validate import (
     uses_builtin_tokenizer,
     validate,
     weights_fit,
+    within_limits,
 )
 
 __all__ = [
@@ -174,6 +176,7 @@ __all__ = [
     "absolute_paths",
     "adds_template_tokens",
     "allowed_sides",
+    "limits_text",
     "arch_config",
     "attention_kind",
     "check_arch",
@@ -219,6 +222,7 @@ __all__ = [
     "saved_config",
     "side_fits",
     "side_limits",
+    "within_limits",
     "stages_overriding",
     "subset",
     "text_sections",

@@ -38,13 +38,24 @@ def side_limits(cfg: Config) -> tuple[int, int | None]:
 
 def side_fits(side: int, cfg: Config) -> bool:
     """Whether an image side in pixels keeps to ``side_limits``."""
-    unit, largest = side_limits(cfg)
+    return within_limits(side, side_limits(cfg))
+
+
+def within_limits(side: int, limits: tuple[int, int | None]) -> bool:
+    """Whether an image side in pixels keeps to ``limits`` (``side_limits``' (unit, largest), or a built
+    model's: fusedit.sample.generate has no config)."""
+    unit, largest = limits
     return side >= unit and side % unit == 0 and (largest is None or side <= largest)
 
 
 def allowed_sides(cfg: Config) -> str:
     """``side_limits`` as the errors for a bad image side say it."""
-    unit, largest = side_limits(cfg)
+    return limits_text(side_limits(cfg))
+
+
+def limits_text(limits: tuple[int, int | None]) -> str:
+    """(unit, largest) side limits as the errors for a bad image side say it."""
+    unit, largest = limits
     limit = f", up to {largest} (the APE table's model.ape_max_size)" if largest is not None else ""
     return f"a positive multiple of {unit}, the VAE's downsampling x the patch size{limit}"
 

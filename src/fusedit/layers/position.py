@@ -26,6 +26,11 @@ class PositionScheme:
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return x
 
+    @property
+    def max_grid(self) -> int | None:
+        """The most patches along a side this scheme can place (None: any number)."""
+        return None
+
     def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
         """Rotation for the (h * w) image tokens of each sample, offset by its unpadded text length (B,)."""
         return NoRotary()
@@ -81,6 +86,10 @@ class ScaledAPE(APE):
     def table(self, dim: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         return scaled_sincos_2d(dim, h, w, self.base_size, self.max_size, device)
 
+    @property
+    def max_grid(self) -> int | None:
+        return self.max_size  # the table's fixed grid (model.ape_max_size), when it has one
+
 
 class Rope1D(PositionScheme):
     def rotary(self, h, w, text_lengths):
@@ -125,6 +134,10 @@ class _Wrapped(PositionScheme):
 
     def add_absolute(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return self.inner.add_absolute(x, h, w)
+
+    @property
+    def max_grid(self) -> int | None:
+        return self.inner.max_grid
 
     def rotary(self, h: int, w: int, text_lengths: torch.Tensor) -> Rotary | NoRotary:
         return self.inner.rotary(h, w, text_lengths)
