@@ -63,12 +63,14 @@ def test_host_tensors_reach_the_gpu_without_the_host_waiting():
 def test_an_offloaded_ema_matches_one_on_the_gpu():
     """train.ema_offload: the weights' copies into pinned host memory are waited for before the host
     thread's lerp (they are queued behind a sleeping kernel: a lerp that did not wait would read buffers not
-    yet written), and are queued before the next in-place change of the weights (the next pass's mul_)."""
+    yet written), and ``settle`` makes the next in-place change of the weights (the next pass's mul_, as the
+    optimizer's step in training) wait for them on the GPU."""
     from fusedit.train.ema import EMA
 
     denoiser = build_model(tiny_config(), "cuda").denoiser
     beside, held = EMA(denoiser, 0.9), EMA(denoiser, 0.9, offload=True)
     for _ in range(3):
+        held.settle()
         with torch.no_grad():
             for p in denoiser.parameters():
                 p.mul_(1.1)

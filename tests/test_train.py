@@ -558,6 +558,29 @@ def test_the_ema_updates_after_every_ema_every_th_step(tmp_path, monkeypatch):
     assert (len(stepped), updated) == (7, [3, 6])
 
 
+def test_the_weights_change_only_after_the_ema_settles(tmp_path, monkeypatch):
+    """train.ema_offload copies the weights on a stream of its own beside the next step: every optimizer
+    step, and a later stage's change of the trainable parts (merging adapters), comes after EMA.settle,
+    which makes the training stream wait for those copies."""
+    from fusedit.train import loop
+    from fusedit.train.ema import EMA
+    from fusedit.train.stages import Optimizers
+
+    events = []
+    real_settle, real_step, real_parts = EMA.settle, Optimizers.step, loop.apply_parts
+    monkeypatch.setattr(EMA, "settle", lambda self: events.append("settle") or real_settle(self))
+    monkeypatch.setattr(Optimizers, "step", lambda self: events.append("step") or real_step(self))
+    monkeypatch.setattr(loop, "apply_parts", lambda *a, **k: events.append("parts") or real_parts(*a, **k))
+    stages = [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "train": {"dit_lora": {"rank": 2}}}]
+    train(
+        tiny_config(stages=stages, train={"ema_every": 1, "ema_offload": True}),
+        tmp_path / "run",
+        progress=False,
+    )
+    steps = ["settle", "step"] * 2
+    assert events == ["parts", *steps, "settle", "parts", *steps]
+
+
 def test_a_full_disk_at_a_checkpoint_stops_training_saying_what_is_kept(tmp_path, monkeypatch):
     """train() called from Python: a save the disk refuses stops the run with RunStopped (not a bug's
     traceback): what failed, then the checkpoint to resume from; the half-written folder is gone."""

@@ -317,6 +317,7 @@ def bench_train(
             v = denoiser(interpolate(x0, noise, t), t, text)
         flow_loss(v, x0, noise).backward()
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        ema.settle()  # as the run does: a host-held EMA's pending copies before the weights change
         opts.step()
         opts.zero_grad()
 

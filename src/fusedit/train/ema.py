@@ -3,10 +3,11 @@
 Under FSDP2 the model's state dict holds DTensor shards, and so does the EMA: each rank averages only its
 own shard (no communication), and checkpoints save it sharded like the weights. With ``offload`` (a whole
 model, train.ema_offload) the average lives in host memory and each update runs beside training: the
-weights are copied to the host on the stream that computes them (CUDA weights into pinned buffers that
-torch's host allocator keeps cached: about one more copy of the weights in host memory; the next optimizer
-step, later on that stream, cannot change them before they are read), and a host thread waits for those
-copies and does the lerp while the GPU goes on with the next steps. Reading the average waits for it.
+weights are copied to the host on a stream of the EMA's own (CUDA weights into pinned buffers that torch's
+host allocator keeps cached: about one more copy of the weights in host memory), beside the next step's
+forward and backward, and a host thread waits for those copies and does the lerp. The weights must not
+change until they are copied: the training loop calls ``settle`` before each optimizer step (the training
+stream then waits for the copies on the GPU; the host goes on). Reading the average waits for it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class EMA:
         # The host thread of an offloaded update still running, and what it raised.
         self._updating: threading.Thread | None = None
         self._failed: BaseException | None = None
+        # Per CUDA device: the EMA's copy stream, and the event that ends the copies still pending on it.
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._copies: list = []
 
     def _held(self, value: torch.Tensor) -> torch.Tensor:
         if self.device is None:
@@ -65,22 +69,37 @@ class EMA:
             self._failed = error
 
     def _copied_here(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
-        """``state`` copied to the host and an event per CUDA device to wait for: CUDA tensors are queued on
-        their device's current stream without waiting (into pinned memory; each device, not only the current
-        one: train.device=cuda:1 in one process never makes it current); host tensors are copied now, a
+        """``state`` copied to the host and an event per CUDA device to wait for. CUDA tensors are queued
+        without waiting (into pinned memory) on the EMA's stream of their device (each device, not only the
+        current one: train.device=cuda:1 in one process never makes it current), after what that device's
+        training stream has queued (the optimizer step that made them); host tensors are copied now, a
         snapshot the optimizer's next step cannot change under the host thread."""
         copied = {
-            k: v.detach().to(self.device, non_blocking=True)
-            if v.device.type == "cuda"
-            else v.detach().to(self.device, copy=True)
-            for k, v in state.items()
+            k: v.detach().to(self.device, copy=True) for k, v in state.items() if v.device.type != "cuda"
         }
-        events = []
+        self._copies = []
         for device in {v.device for v in state.values() if v.device.type == "cuda"}:
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for k, v in state.items():
+                    if v.device == device:
+                        copied[k] = v.detach().to(self.device, non_blocking=True)
+                        # Read on this stream: the allocator must not hand a merged LoRA weight's memory
+                        # (a temporary) to the training stream before the copy is done.
+                        v.record_stream(stream)
             event = torch.cuda.Event(blocking=True)
-            event.record(torch.cuda.current_stream(device))
-            events.append(event)
-        return copied, events
+            event.record(stream)
+            self._copies.append(event)
+        return copied, list(self._copies)
+
+    def settle(self) -> None:
+        """Before the weights change in place (the optimizer's step, a stage merging adapters): each training
+        stream waits, on the GPU, for the copies an offloaded update still has pending (nothing to do
+        otherwise; the host does not wait)."""
+        for event in self._copies:
+            torch.cuda.current_stream(event.device).wait_event(event)
+        self._copies = []
 
     @property
     def busy(self) -> bool:

@@ -808,6 +808,8 @@ def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Pa
         # The stage's trainable parts, then the wrapper (DDP needs the parts set; FSDP2 shards once,
         # before any optimizer exists), then the optimizers over this stage's parameters.
         new_parts = Parts.of(stc)
+        if ema is not None:  # merging adapters changes weights the host-held EMA may still be copying
+            ema.settle()
         with _global_generator(env.device):  # LoRA seeds its adapters' init in a fork of the global generator
             apply_parts(model, new_parts, parts, seed=run.cfg.train.seed, stage=stage.index)
         denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
@@ -957,6 +959,7 @@ class _Run:
             self.truncated += truncated
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
             if math.isfinite(loss) and math.isfinite(norm):
+                ema.settle()  # the host-held EMA's copies of the weights are done before they change
                 opts.step()
                 self.bad_in_row = 0
             else:  # skip the update: the weights stay as they were
