@@ -479,6 +479,48 @@ def test_a_save_the_disk_refuses_frees_its_folder_and_says_so_in_one_line(
     _assert_complete(root / "step_00000002")
 
 
+def test_a_save_that_fails_once_in_place_says_it_is_saved_and_a_refusal_names_its_own_remedy(
+    tmp_path, monkeypatch
+):
+    """A failure after the folder is renamed into place (pointing `latest` at it) leaves a complete
+    checkpoint: not "not saved", nor its folder deleted. A permission or read-only refusal is no full disk."""
+    import errno
+
+    import fusedit.train.checkpoint as checkpoint
+    from fusedit.train.checkpoint import CheckpointNotSaved
+
+    cfg, (net, opt) = tiny_config(), _net_and_optimizer()
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, 1, cfg, net, net.state_dict(), opt, None)
+    real = checkpoint.write_text_atomic
+
+    def full_at_latest(path, *args, **kwargs):
+        if Path(path).name == "latest":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_text_atomic", full_at_latest)
+    with pytest.raises(CheckpointNotSaved) as e:
+        save_checkpoint(tmp_path, 2, cfg, net, net.state_dict(), opt, None)
+    assert str(e.value) == (
+        f"checkpoint step 2 is saved in {str(root)!r}, but finishing the save failed (No space left on "
+        "device): 'latest' may still name the one before, which a --resume then takes; free disk space there"
+    )
+    _assert_complete(root / "step_00000002")
+    assert find_checkpoint(tmp_path).name == "step_00000001"
+    monkeypatch.setattr(checkpoint, "write_text_atomic", real)
+    for code, remedy in (
+        (errno.EACCES, "this user may not write there: check the folder's permissions"),
+        (errno.EROFS, "the file system is read-only: train into a writable folder"),
+        (errno.EIO, "check the file system there"),
+    ):
+        with monkeypatch.context() as patch:
+            _refuse_writing(patch, "save_file", "ema.safetensors", OSError(code, os.strerror(code)))
+            with pytest.raises(CheckpointNotSaved) as e:
+                save_checkpoint(tmp_path, 3, cfg, net, net.state_dict(), opt, None)
+        assert str(e.value).endswith(f"stay beside the one being saved): {remedy}"), code
+
+
 def test_a_first_save_the_disk_refuses_and_a_bug_in_a_save_keep_their_own_words(tmp_path, monkeypatch):
     """With no checkpoint before it there is no size to tell; an error that is not the file system's (a
     bug) keeps its own type and traceback, and its partial folder goes all the same."""

@@ -69,13 +69,17 @@ def test_an_offloaded_ema_matches_one_on_the_gpu():
 
     denoiser = build_model(tiny_config(), "cuda").denoiser
     beside, held = EMA(denoiser, 0.9), EMA(denoiser, 0.9, offload=True)
+    beside.update(denoiser)
+    held.update(denoiser)  # makes the EMA's copy stream
+    (copies,) = held._streams.values()
     for _ in range(3):
         held.settle()
         with torch.no_grad():
             for p in denoiser.parameters():
                 p.mul_(1.1)
         beside.update(denoiser)
-        torch.cuda._sleep(int(5e8))
+        with torch.cuda.stream(copies):
+            torch.cuda._sleep(int(5e8))  # the copies queue behind it: without settle the next mul_ runs first
         held.update(denoiser)
     for k, v in beside.state_dict().items():
         assert held.state_dict()[k].device.type == "cpu", k

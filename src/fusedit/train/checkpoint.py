@@ -39,6 +39,7 @@ the format's files and sections live in :mod:`fusedit.checkpoints`, outside the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -202,10 +203,17 @@ def _writing(root: Path, tmp: Path, step: int, keep: int):
     try:
         yield into
     except BaseException as e:
+        placed = not tmp.exists()  # renamed into place by _publish, which failed after that
         shutil.rmtree(tmp, ignore_errors=True)
         detail = _write_failure(e)
         if detail is None:
             raise
+        remedy = _remedy(e)
+        if placed:
+            raise CheckpointNotSaved(
+                f"checkpoint step {step} is saved in {str(root)!r}, but finishing the save failed ({detail}): "
+                f"'latest' may still name the one before, which a --resume then takes; {remedy}"
+            ) from e
         where = f"writing {into.file}" if into.file else "putting it in place"
         size = _folder_bytes(_last_checkpoint(root.parent))
         room = (
@@ -216,8 +224,21 @@ def _writing(root: Path, tmp: Path, step: int, keep: int):
         )
         raise CheckpointNotSaved(
             f"checkpoint step {step} was not saved: {where} in {str(root)!r} failed ({detail}); its partial "
-            f"folder is deleted{room}: free disk space there"
+            f"folder is deleted{room}: {remedy}"
         ) from e
+
+
+def _remedy(error: BaseException) -> str:
+    """What to do about a write the file system refused: ``error``'s own reason where it gives one (an
+    OSError's errno), else what a cut-short write almost always means."""
+    code = getattr(error, "errno", None)
+    if code == errno.EROFS:
+        return "the file system is read-only: train into a writable folder"
+    if code in (errno.EACCES, errno.EPERM):
+        return "this user may not write there: check the folder's permissions"
+    if isinstance(error, OSError) and code not in (errno.ENOSPC, errno.EDQUOT, None):
+        return "check the file system there"
+    return "free disk space there"
 
 
 def _write_failure(error: BaseException) -> str | None:

@@ -79,7 +79,9 @@ class EMA:
         }
         self._copies = []
         for device in {v.device for v in state.values() if v.device.type == "cuda"}:
-            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            stream = self._streams[device]
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for k, v in state.items():
