@@ -384,7 +384,7 @@ def test_convert_the_public_fixture_then_sample(tmp_path, capsys, monkeypatch):
         main([*again, "--out", str(trained)]) == 2
     )  # a trained run: refused, it would gain a step-0 checkpoint
     err = capsys.readouterr().err
-    assert "already holds other files (e.g. 'checkpoints'); writing a converted run into it" in err
+    assert "already holds other files (e.g. the folder 'checkpoints'); writing a converted run into it" in err
     assert "(allowed: a new or empty folder, or an earlier conversion's folder)" in err
     out = tmp_path / "samples"
     assert (
@@ -449,7 +449,7 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(run)]) == 2
     err = _one_line_error(capsys)
-    assert f"the output folder {str(run)!r} already holds other files (e.g. 'checkpoints')" in err
+    assert f"the output folder {str(run)!r} already holds other files (e.g. the folder 'checkpoints')" in err
     assert "(allowed: a new or empty folder, or an earlier export's folder)" in err
     assert not (run / "model_index.json").exists()
     assert main(["export", str(tmp_path / "pipe"), "--out", str(tmp_path / "again")]) == 2
@@ -740,7 +740,11 @@ def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
         )
     assert not run.exists()
     assert train(3, "--stop-at", "2") == 0
-    assert capsys.readouterr().out == f"trained to step 2; checkpoints in {run / 'checkpoints'}\n"
+    # The run stopped before train.steps says how to go on (h-docs R6).
+    assert capsys.readouterr().out == (
+        f"trained to step 2; checkpoints in {run / 'checkpoints'}; continue with the same command with "
+        "--resume, without --stop-at or with a later one\n"
+    )
     saved = (run / "config.yaml").read_text()
     assert train(5, "--resume", "--stop-at", "1") == 0
     out = capsys.readouterr().out
@@ -750,6 +754,17 @@ def test_stop_at_is_checked_and_the_step_reached_is_reported(tmp_path, capsys):
     assert train(2, "--resume") == 0
     out = capsys.readouterr().out
     assert out.startswith("nothing to train: the run already finished (step 2 of train.steps=2); ")
+    assert train(4, "--resume", "--stop-at", "3") == 0
+    assert capsys.readouterr().out.endswith(
+        "; continue with the same command, without --stop-at or with a later one\n"
+    )
+    assert train(4, "--overwrite", "--stop-at", "1") == 0
+    assert capsys.readouterr().out.endswith(
+        "; continue with the same command with --resume in place of --overwrite, without --stop-at or with a "
+        "later one\n"
+    )
+    assert train(4, "--resume") == 0
+    assert capsys.readouterr().out == f"trained to step 4; checkpoints in {run / 'checkpoints'}\n"
 
 
 def test_overrides_may_follow_options_and_unknown_words_still_fail(tmp_path, capsys):
@@ -1071,3 +1086,39 @@ def test_huggingface_hub_warnings_are_printed_once():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("Retrying in 1s [Retry 1/5].") == 1, r.stderr
+
+
+def test_a_new_run_into_a_folder_of_other_files_is_warned_of_in_one_line(tmp_path, capsys, caplog):
+    """`fusedit train`/`demo` into an earlier sample's folder added a run beside its images without a word,
+    after which `fusedit sample` refused the folder (h-docs R5). Trained into all the same: nothing is
+    deleted, and a run's own folder (resumed or started over) is not warned of."""
+    config, run = _tiny_yaml(tmp_path), tmp_path / "run"
+    run.mkdir()
+    (run / "00000.png").write_bytes(b"mine")
+    (run / "sub").mkdir()
+    argv = ["train", config, "train.steps=1", "--out", str(run), "--quiet"]
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "fusedit.cli"]
+
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert main(argv) == 0
+    assert warnings() == [
+        f"{str(run)!r} already holds files that are not a run's (e.g. '00000.png'): the run's files go beside them"
+    ]
+    assert (run / "00000.png").read_bytes() == b"mine"
+    (run / "00000.png").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert main([*argv, "--overwrite"]) == 0
+    assert warnings() == [
+        f"{str(run)!r} already holds files that are not a run's (e.g. the folder 'sub'): the run's files go "
+        "beside them"
+    ]
+    (run / "sub").rmdir()
+    (run / "eval").mkdir()  # `fusedit eval`'s results
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit.cli"):
+        assert main([*argv, "--overwrite"]) == 0
+        assert main(["train", config, "train.steps=2", "--out", str(run), "--quiet", "--resume"]) == 0
+    assert warnings() == []

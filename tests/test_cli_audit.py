@@ -282,3 +282,45 @@ def test_bad_config_values_are_one_line_errors_not_tracebacks(tmp_path, capsys, 
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert _one_line_error(capsys).startswith("fusedit: error: " + message.format(tmp=tmp_path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_in_the_demo_says_what_is_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl+C in the demo said only "stopped before the end" (h-docs R1)."""
+    import shlex
+
+    import fusedit.demo
+    from fusedit.train import loop
+
+    out = tmp_path / "demo"
+    small = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=2"]
+    argv = ["demo", *small, "--out", str(out), "--quiet"]
+    real, calls = loop.flow_loss, []
+
+    def ctrl_c_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
+    assert main(argv) == 130
+    resume = f"fusedit train debug {' '.join(small)} --out {out} --resume"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: the demo's run in {out} stopped; its last checkpoint is "
+        f"{out / 'checkpoints' / 'step_00000002'} (step 2 of 4); rerun the same command with --overwrite to run "
+        f"the demo over, or `{resume}` to finish its training (without the demo's plots)"
+    )
+    monkeypatch.setattr(loop, "flow_loss", real)
+    assert main([*shlex.split(resume)[1:], "--quiet"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusedit.demo, "sample_sheet", ctrl_c)  # stopped after the training
+    assert main([*argv, "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusedit: interrupted: the demo's run in {out} finished training (checkpoint "
+        f"{out / 'checkpoints' / 'step_00000004'}) but not its sample sheet; rerun the same command to run the "
+        f"demo over, or sample the run with `fusedit sample {out} --prompt ...`"
+    )

@@ -125,3 +125,7 @@ def test_an_output_folder_may_hold_the_commands_own_earlier_files(tmp_path):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).unlink()
     assert check_output_folder(tmp_path, "images", "an earlier sample", ours) == tmp_path
+    # A folder is named as one: "(e.g. 'sub')" read as a file (h-docs R9).
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"already holds other files \(e\.g\. the folder 'sub'\);"):
+        check_output_folder(tmp_path, "images", "an earlier sample", ours)

@@ -85,9 +85,11 @@ def test_identity_cache_round_trip_and_latent_batches(tmp_path, folder):
         check_latents(_data(folder, source="latents", latents_dir=str(out), image_size=32), VAEConfig())
 
 
-def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
+def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, caplog):
     data, out = _data(folder), tmp_path / "cache"
-    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    with caplog.at_level("INFO", logger="fusedit.data.latents"):
+        cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert "already cached" not in caplog.text
     before = _tensors(out)
     # Stamped at the epoch: a coarse filesystem clock could give a shard rewritten milliseconds later the
     # same modification time as the first write.
@@ -96,7 +98,10 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
     # an interruption while shard 1 was being written: its marker json never appeared
     (out / "latents-000001.json").unlink()
     (out / "index.json").unlink()
-    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    with caplog.at_level("INFO", logger="fusedit.data.latents"):
+        cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    # Shard 1 (img3, img3b, img4) holds 2 usable samples (img3b is corrupt); shards 0 and 2, the other 5.
+    assert f"5 samples already cached in {str(out)!r}, 2 encoded now" in caplog.text
     assert _tensors(out).keys() == before.keys()
     for name, tensors in _tensors(out).items():
         assert tensors.keys() == before[name].keys()
@@ -108,8 +113,14 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch):
     import fusedit.vae
 
     monkeypatch.setattr(fusedit.vae, "load_autoencoder", lambda *a, **k: pytest.fail("encoded again"))
-    summary = cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedit.data.latents"):
+        summary = cache_latents(
+            data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False
+        )
     assert summary["samples"] == 7
+    # The rerun said what the first run said, as if it had encoded everything again (h-docs R7).
+    assert f"7 samples already cached in {str(out)!r}, 0 encoded now" in caplog.text
 
     with pytest.raises(ConfigError, match="holds latents made with data.crop='center', not 'random'"):
         cache_latents(_data(folder, crop="random"), VAEConfig(), out, 2, 3, "cpu", progress=False)

@@ -286,7 +286,7 @@ def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
         generate(m, [LONG, "a red circle"], image_size=16, steps=1)
     # The first cut is said once, as every later one is: by generate (the encoders say nothing).
     assert cut_warnings(caplog) == [
-        "1 of the 2 prompts were longer than text.max_length=16 tokens: their ends were cut"
+        "1 of the 2 prompts was longer than text.max_length=16 tokens: its end was cut"
     ]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -297,8 +297,7 @@ def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
     assert cut_warnings(caplog) == [
         "2 of the 3 prompts were longer than text.max_length=16 tokens: their ends were cut",
         "the negative prompt is longer than text.max_length=16 tokens: its end was cut",
-        "1 of the 1 prompts were longer than text.max_length=16 tokens: their ends were cut (the negative "
-        "prompt's too)",
+        "the prompt and the negative prompt are longer than text.max_length=16 tokens: their ends were cut",
     ]
     assert not [r for r in caplog.records if r.name == "fusedit.text.encoder"]
     # A caller that reports a total itself (`fusedit sample`, from each call's returned cut) turns it off.

@@ -351,8 +351,8 @@ def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp
     flags = ["--guidance", "3", "--negative-prompt", long, "--steps", "1"]
     with caplog.at_level("WARNING"):
         assert sample(folders["run"], tmp_path / "neg", "--prompt", long, "--prompt", "a", *flags) == 0
-    cut = [r.getMessage() for r in caplog.records if "their ends were cut" in r.getMessage()]
-    assert len(cut) == 1 and cut[0].startswith("1 of the 2 prompts were longer than text.max_length=")
+    cut = [r.getMessage() for r in caplog.records if "end was cut" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("1 of the 2 prompts was longer than text.max_length=")
 
 
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
@@ -366,7 +366,29 @@ def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog
         f"an image of an earlier sample in {out} was made with other prompts or settings and will be replaced "
         "(image 0: prompt='a', not 'd')" in caplog.text
     )
-    assert f"removed 5 files of an earlier sample in {out}" in caplog.text
+    assert f"removed 2 images of an earlier sample in {out}" in caplog.text
+
+
+def test_a_rerun_that_keeps_every_image_removes_nothing_and_counts_what_it_wrote(
+    folders, tmp_path, caplog, capsys
+):
+    """A rerun logged "removed 1 files" (grid.png, redrawn the same) and counted kept images as written
+    (h-docs M1)."""
+    out = tmp_path / "out"
+    args = ("--prompt", "a", "--prompt", "b", "--steps", "1", "--batch-size", "1")
+    assert sample(folders["run"], out, *args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 2 images to {out}"
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        assert sample(folders["run"], out, *args) == 0
+    assert "removed" not in caplog.text
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 0 images to {out} (2 kept from an earlier run)"
+    (out / "00001.png").unlink()  # as a stop before the second batch's image leaves it
+    assert sample(folders["run"], out, *args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 1 image to {out} (1 kept from an earlier run)"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        assert sample(folders["run"], out, "--prompt", "a", "--steps", "1", "--batch-size", "1") == 0
+    assert f"removed an image of an earlier sample in {out}" in caplog.text
 
 
 def user_folder(folder: Path) -> dict[str, bytes]:
@@ -393,11 +415,15 @@ def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(
     assert sample(folders["run"], earlier, "--prompt", "a", "--steps", "1") == 0
     (earlier / "notes.txt").write_text("mine")
     monkeypatch.setattr(fusedit.sample, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
-    for out, first in [(mine, "00000.json"), (folders["run"], "checkpoints"), (earlier, "notes.txt")]:
+    for out, first in [
+        (mine, "'00000.json'"),
+        (folders["run"], "the folder 'checkpoints'"),
+        (earlier, "'notes.txt'"),
+    ]:
         capsys.readouterr()
         assert sample(folders["run"], out, "--prompt", "a", "--steps", "1") == 2
         assert capsys.readouterr().err == (
-            f"fusedit: error: the output folder {str(out)!r} already holds other files (e.g. {first!r}); "
+            f"fusedit: error: the output folder {str(out)!r} already holds other files (e.g. {first}); "
             "writing images into it would mix them (allowed: a new or empty folder, or an earlier fusedit "
             "sample's folder)\n"
         )
@@ -841,7 +867,7 @@ def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, c
         assert sample(folders["run"], tmp_path / "b", *args, "--prompt", long) == 0
     cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
     assert cut == [
-        "1 of the 3 prompts were longer than text.max_length=16 tokens: their ends were cut (the negative "
+        "1 of the 3 prompts was longer than text.max_length=16 tokens: its end was cut (the negative "
         "prompt's too)"
     ]
     assert [metadata(tmp_path / "b", i)["truncated"] for i in range(3)] == [False, False, True]
@@ -912,3 +938,61 @@ def test_an_empty_prompt_samples_unconditionally(folders, tmp_path, caplog):
     model, cfg, _ = load_sampling_model(folders["run"], "cpu")
     alone = to_uint8(generate(model, [""], seed=42, **sample_settings(cfg, steps=2)))[0]
     assert np.array_equal(pixels(tmp_path / "00000.png"), alone)
+
+
+def test_a_stop_between_a_new_record_and_its_image_never_keeps_the_earlier_image(
+    folders, tmp_path, monkeypatch
+):
+    """Replacing an earlier sample's image: its PNG goes before the new record is written, so a stop while
+    the new PNG is encoded leaves a record without an image (made again), never the new record beside the
+    earlier picture (which a rerun would keep as the new prompt's)."""
+    from fusedit import sample as sample_module
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert sample(folders["run"], whole, "--prompt", "b", "--steps", "1") == 0
+    assert sample(folders["run"], out, "--prompt", "a", "--steps", "1") == 0
+    real_save = sample_module.save_png
+
+    def stopped(image, path):
+        if path.name == "00000.png":
+            raise KeyboardInterrupt
+        return real_save(image, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sample_module, "save_png", stopped)
+        assert sample(folders["run"], out, "--prompt", "b", "--steps", "1") == 130
+    assert metadata(out, 0)["prompt"] == "b" and not (out / "00000.png").exists()
+    assert sample(folders["run"], out, "--prompt", "b", "--steps", "1") == 0
+    assert folder_bytes(out) == folder_bytes(whole)
+
+
+def test_only_a_sample_that_can_name_its_model_and_batch_resumes(folders, tmp_path, caplog):
+    """Without ``source`` the records hold no model, so images of another in-memory model would match:
+    they are made again. Another batch size makes other batches (other pixels on a GPU): made again too."""
+    model, cfg, source = load_sampling_model(folders["run"], "cpu")
+    settings = sample_settings(cfg, steps=1)
+    out, prompts = tmp_path / "lib", ["a red circle", "a blue square"]
+    kept: list = []
+    write_sample_folder(model, cfg, prompts, out, settings=settings, progress=False)
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        write_sample_folder(model, cfg, prompts, out, settings=settings, progress=False, kept=kept)
+    assert kept == []
+    assert "cannot be told to be this model's" in caplog.text
+    write_sample_folder(model, cfg, prompts, out, settings=settings, source=source, progress=False)
+    write_sample_folder(model, cfg, prompts, out, settings=settings, source=source, progress=False, kept=kept)
+    assert kept == [out / "00000.png", out / "00001.png"]
+    kept.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedit.sample"):
+        write_sample_folder(
+            model,
+            cfg,
+            prompts,
+            out,
+            settings=settings,
+            source=source,
+            batch_size=1,
+            progress=False,
+            kept=kept,
+        )
+    assert kept == [] and "(image 0: batch_size=8, not 1)" in caplog.text

@@ -128,7 +128,7 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
             )
         assert cut == PromptCut(frozenset({1}), 1) and cut.prompts == {0} and not cut.negative
         assert [r.getMessage() for r in caplog.records] == [
-            f"1 of the 1 prompts were longer than {model.limits} tokens: their ends were cut"
+            f"the prompt is longer than {model.limits} tokens: its end was cut"
         ]
 
 

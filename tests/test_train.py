@@ -403,8 +403,9 @@ def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tm
     rows = range(4 * (step - 1), 4 * step)  # that step's captions (batch 4, no dropout)
     example = next(captions[i] for i in rows if lengths[i] > encoder.budget)
     first = first_warnings()
+    some = "a prompt" if logged[step - 1] == 1 else f"{logged[step - 1]} prompts"
     assert first == [
-        f"step {step}: {logged[step - 1]} prompts longer than text.max_length=4 tokens were truncated, e.g. "
+        f"step {step}: {some} longer than text.max_length=4 tokens {'was' if logged[step - 1] == 1 else 'were'} truncated, e.g. "
         f'{example!r}; later truncations are only counted (metrics.jsonl\'s "truncated", and a total at the end)'
     ]
     # The count is the run's: it goes on across a resume, exactly as in the uninterrupted run, which says

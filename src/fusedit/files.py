@@ -273,8 +273,9 @@ def check_output_folder(
         first = min(others, default=None)  # the first name, without sorting a huge listing
         if first is not None:
             also = f", or {earlier}" if earlier else ""
+            example = f"the folder {first.name!r}" if first.is_dir() else repr(first.name)
             raise ValueError(
-                f"the output folder {str(out)!r} already holds other files (e.g. {first.name!r}); writing "
+                f"the output folder {str(out)!r} already holds other files (e.g. {example}); writing "
                 f"{what} into it would mix them (allowed: a new or empty folder{also})"
             )
     return out

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -197,6 +198,10 @@ class FuseDiTPipeline(DiffusionPipeline):
         leave known words known), which a folder exported before it had one lacks: such a folder reads
         prompts as its run and a newer export do."""
         _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
+        if not is_accelerate_available() and kwargs.get("device_map") is None:
+            # What diffusers falls back to without accelerate anyway, asked for: it would otherwise say so in
+            # a five-line warning that reads as a failed install.
+            kwargs.setdefault("low_cpu_mem_usage", False)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         cfg = pipe.fusedit_config
         for (tok_name, _), text in zip(LLM_SLOTS, [cfg.text, *cfg.extra_text]):

@@ -497,15 +497,17 @@ def generate(
 
 def cut_note(cut: int, prompts: int | None, limits: str, negative: bool = False) -> str | None:
     """What a sampling call cut to the text encoders' ``limits`` (TextToImage.limits), as `fusedit sample`'s
-    log and a `fusedit serve` job's notice both say it: ``cut`` of ``prompts`` prompts (None: the call's one
-    prompt, sampled for each image as a serve job's is), and with ``negative`` the negative prompt; None
-    when nothing was cut."""
-    if cut and prompts is None:
+    log and a `fusedit serve` job's notice both say it: ``cut`` of ``prompts`` prompts (1 or None: the call's
+    one prompt, None where it is sampled for each image, as a serve job's is), and with ``negative`` the
+    negative prompt; None when nothing was cut."""
+    if cut and prompts in (None, 1):
         if negative:
             return f"the prompt and the negative prompt are longer than {limits} tokens: their ends were cut"
         return f"the prompt is longer than {limits} tokens: its end was cut"
+    too = " (the negative prompt's too)" if negative else ""
+    if cut == 1:
+        return f"1 of the {prompts} prompts was longer than {limits} tokens: its end was cut{too}"
     if cut:
-        too = " (the negative prompt's too)" if negative else ""
         return f"{cut} of the {prompts} prompts were longer than {limits} tokens: their ends were cut{too}"
     if negative:
         return f"the negative prompt is longer than {limits} tokens: its end was cut"
@@ -737,13 +739,18 @@ def _remove_earlier_samples(out: Path, records: dict[int, dict], images: int) ->
     """An ``out`` folder reused for fewer prompts would keep the earlier sample's higher-numbered images
     (past ``images``) next to the new ones, and its grid.png would show the earlier prompts. Called once
     the first new image is ready: a sample that fails or is stopped before it leaves the earlier one
-    whole. Only files of ``records`` (``earlier_sample``) go."""
-    earlier = [out / f"{i:05d}.{ext}" for i in sorted(records) if i >= images for ext in ("png", "json")]
-    earlier = [p for p in [*earlier, out / "grid.png"] if p.is_file()]
-    for path in earlier:
-        path.unlink()
-    if earlier:
-        log.info("removed %d files of an earlier sample in %s", len(earlier), out)
+    whole. Only files of ``records`` (``earlier_sample``) go. The log counts the images removed, not
+    grid.png: a sample of the same prompts redraws it the same, and no image of it was lost."""
+    removed = 0
+    for i in sorted(i for i in records if i >= images):
+        earlier = [path for path in (out / f"{i:05d}.png", out / f"{i:05d}.json") if path.is_file()]
+        for path in earlier:
+            path.unlink()
+        removed += bool(earlier)
+    (out / "grid.png").unlink(missing_ok=True)
+    if removed:
+        some = "an image" if removed == 1 else f"{removed} images"
+        log.info("removed %s of an earlier sample in %s", some, out)
 
 
 def write_sample_folder(
@@ -758,11 +765,12 @@ def write_sample_folder(
     source: str | Path | None = None,
     progress: bool = True,
     written: list[Path] | None = None,
+    kept: list[Path] | None = None,
 ) -> list[Path]:
     """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
     its metadata (prompt, whether it was "truncated" to the text encoders' limits, seed, settings,
-    precision, use_ema, model and its weights' fingerprint) as 0000i.json, and grid.png of them all with their prompts. An empty prompt
-    samples unconditionally (the input a dropped caption trained), as `fusedit serve` does; the words the
+    precision, use_ema, model and its weights' fingerprint, batch size, compile, CUDA graphs) as 0000i.json,
+    and grid.png of them all with their prompts. An empty prompt samples unconditionally (the input a dropped caption trained), as `fusedit serve` does; the words the
     built-in word tokenizer reads as <unk> are warned about before sampling, and the prompts cut (the
     negative prompt too) once at the end.
 
@@ -775,13 +783,14 @@ def write_sample_folder(
     too. Prompts are sampled ``batch_size`` at a time, with a progress bar unless ``progress`` is False.
 
     ``out`` is created where missing. A folder holding anything but an earlier sample's files is refused
-    before any sampling (``earlier_sample``). An earlier sample's folder resumes: a batch whose images are
-    all there, each recorded as this call would record it (prompt, seed, settings, model), is kept, and only
-    the other batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is
-    made whole, as in that call). Earlier images of other prompts or settings are replaced, and once the
-    first new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no
-    other file). Returns the paths of the images, in prompt order; ``written``, when given, receives each
-    as it is kept or written (what an interrupted call left)."""
+    before any sampling (``earlier_sample``). An earlier sample's folder resumes when ``source`` names the
+    model (whose weights' fingerprint each record holds): a batch whose images are all there, each recorded
+    as this call would record it (prompt, seed, settings, model, batch size), is kept, and only the other
+    batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is made
+    whole, as in that call). Earlier images of other prompts or settings are replaced, and once the first
+    new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
+    file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
+    is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
     from fusedit.checkpoints import weights_fingerprint
 
     prompts = check_prompts(prompts)
@@ -829,6 +838,10 @@ def write_sample_folder(
             "use_ema": cfg.sample.use_ema,
             "model": model_path,
             "weights": weights,
+            # What else decides the pixels: the batch an image is made in, and the kernels that make it.
+            "batch_size": batch_size,
+            "compile": cfg.sample.compile,
+            "cuda_graphs": bool(settings.get("cuda_graphs")),
         }
         for i, prompt in enumerate(prompts)
     ]
@@ -837,23 +850,33 @@ def write_sample_folder(
     def saved(i: int) -> dict:  # image i's earlier record but "truncated"
         return {k: v for k, v in records.get(i, {}).items() if k != "truncated"}
 
-    def made(i: int) -> bool:  # image i is there, as this call would make it
-        return saved(i) == as_json_reads_back(metas[i]) and paths[i].is_file()
+    def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
+        return weights is not None and saved(i) == as_json_reads_back(metas[i]) and paths[i].is_file()
 
     # A batch is made whole unless all its images are there: each image then comes out of the batch it
     # would be in without the interruption, bit for bit as that call would make it.
     batches = [range(b, min(b + batch_size, len(prompts))) for b in range(0, len(prompts), batch_size)]
     todo = [batch for batch in batches if not all(map(made, batch))]
-    kept = [i for batch in batches if batch not in todo for i in batch]
+    kept_images = [i for batch in batches if batch not in todo for i in batch]
     out.mkdir(parents=True, exist_ok=True)
     # What a kill -9 mid-write left (each file is written whole, so the files themselves are complete).
     sweep_temporaries(out, _SAMPLE_FILES)
     written = [] if written is None else written
-    written += [paths[i] for i in kept]
-    if kept:
-        log.info("%d of the %d images are kept from an earlier run of this sample", len(kept), len(prompts))
+    written += [paths[i] for i in kept_images]
+    if kept is not None:
+        kept += [paths[i] for i in kept_images]
+    if kept_images:
+        log.info(
+            "%d of the %d images are kept from an earlier run of this sample", len(kept_images), len(prompts)
+        )
     stale = [i for i in sorted(records) if i < len(prompts) and saved(i) != as_json_reads_back(metas[i])]
-    if stale:
+    if records and weights is None:
+        log.info(
+            "the images of an earlier sample in %s are made again: without the model's folder (source) "
+            "they cannot be told to be this model's",
+            out,
+        )
+    elif stale:
         change = _first_change(saved(stale[0]), as_json_reads_back(metas[stale[0]]))
         some = f"{len(stale)} images of an earlier sample in {out} were"
         if len(stale) == 1:
@@ -865,7 +888,7 @@ def write_sample_folder(
             change,
         )
     images: dict[int, Any] = {}
-    cut_prompts = sum(bool(records[i].get("truncated")) for i in kept)
+    cut_prompts = sum(bool(records[i].get("truncated")) for i in kept_images)
     negative_cut = False
     bar = tqdm(total=len(todo) * steps, desc="sample", unit="step", disable=not progress)
     for indices in todo:
@@ -883,8 +906,10 @@ def write_sample_folder(
         for j, (i, img) in enumerate(zip(indices, to_uint8(x))):
             # "truncated" after the prompt (the prompt keeps its first place as **metas[i] repeats it).
             meta = {"prompt": prompts[i], "truncated": j in cut.prompts, **metas[i]}
-            # The record first: a stop between the two leaves a record without its image, which a rerun
-            # makes, never an image that no record marks as this command's.
+            # The record first, an earlier image of that number gone before it: a stop between the two
+            # leaves a record without its image, which a rerun makes, never an image that no record marks
+            # as this command's, nor an earlier image under this call's record.
+            paths[i].unlink(missing_ok=True)
             write_text_atomic(out / f"{i:05d}.json", json.dumps(meta, indent=1))
             save_png(Image.fromarray(img), paths[i])
             images[i] = img
@@ -892,7 +917,7 @@ def write_sample_folder(
     bar.close()
     if not todo:  # a finished sample run again: only its grid is made again
         _remove_earlier_samples(out, records, len(prompts))
-    for i in kept:
+    for i in kept_images:
         with Image.open(paths[i]) as image:
             images[i] = np.asarray(image.convert("RGB"))
     grid = [images[i] for i in range(len(prompts))]

@@ -58,11 +58,15 @@ def load_autoencoder(cfg: VAEConfig, device: torch.device | str = "cpu") -> nn.M
     if cfg.kind == "identity":
         return IdentityAutoencoder()
     from diffusers import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
 
     # Refused here: diffusers would take the path for a hub id and report the hub unreachable.
     refuse_path_to_nothing(f"vae.model_id={cfg.model_id!r}", cfg.model_id)
+    # Without accelerate diffusers loads this way anyway, but says so first in a five-line warning that reads
+    # as a failed install.
+    low_memory = {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
     try:
-        vae = AutoencoderKL.from_pretrained(cfg.model_id, subfolder=cfg.subfolder or None)
+        vae = AutoencoderKL.from_pretrained(cfg.model_id, subfolder=cfg.subfolder or None, **low_memory)
     except OSError as e:
         raise ConfigError(
             f"vae.model_id={cfg.model_id!r} cannot be loaded: {str(e).splitlines()[0]}"

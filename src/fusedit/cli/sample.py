@@ -115,6 +115,7 @@ def cmd_sample(args) -> int:
     _check_size(settings["image_size"], cfg)
     check_negative_prompt(args.negative_prompt, settings["guidance"], flags=True)  # the saved guidance
     written: list[Path] = []
+    kept: list[Path] = []  # the images kept from an earlier run of this sample
     with _kept_on_interrupt(lambda: _sample_kept(out, written, len(prompts))):
         images = write_sample_folder(
             model,
@@ -127,8 +128,11 @@ def cmd_sample(args) -> int:
             source=source,
             progress=not args.quiet,
             written=written,
+            kept=kept,
         )
-    print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} to {out}")
+    made = len(images) - len(kept)
+    also = f" ({len(kept)} kept from an earlier run)" if kept else ""
+    print(f"wrote {made} image{'' if made == 1 else 's'} to {out}{also}")
     return 0
 
 

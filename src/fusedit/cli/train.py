@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import time
 from pathlib import Path
 
 from fusedit.cli.common import _add_config_args, _kept_on_interrupt, _out_folder, log
-from fusedit.config import ConfigError, RunStopped, default_run_folder, load_config
+from fusedit.config import ConfigError, RunStopped, default_run_folder, load_config, resolved_stages
+
+# What a run writes into its folder: train (skipped_list_name's lists, the loggers' folders, previews), the
+# demo's plots, `fusedit eval`'s default --out RUN/eval, and hidden temporaries (a ".NAME.deleting").
+_RUN_ENTRIES = re.compile(
+    r"config\.yaml|checkpoints|metrics\.jsonl|train\.lock|skipped(\.\w+)*\.jsonl|tensorboard|wandb|wandb_run_id|"
+    r"previews|eval|loss\.png|samples\.png|\..*"
+)
+
+
+def _warn_other_files(out: Path) -> None:
+    """A new run's ``out`` that holds what no run writes (an earlier sample's images, a user's files) is
+    trained into all the same, since an earlier run's folder must keep working and nothing there is deleted,
+    but said in one line: the run's files land beside them, and `fusedit sample` then refuses the folder."""
+    if os.environ.get("RANK", "0") != "0" or not out.is_dir():  # said once under torchrun
+        return
+    other = min((p for p in out.iterdir() if not _RUN_ENTRIES.fullmatch(p.name)), default=None)
+    if other is not None:
+        example = f"the folder {other.name!r}" if other.is_dir() else repr(other.name)
+        log.warning(
+            "%r already holds files that are not a run's (e.g. %s): the run's files go beside them",
+            str(out),
+            example,
+        )
 
 
 def _train_kept(out: Path, args, started: float) -> str:
@@ -41,6 +66,7 @@ def cmd_train(args) -> int:
     out = _out_folder(args.out or default_run_folder(cfg.name))
     if not args.resume:
         _warn_weights_not_taken(folders, cfg.train.init_from)
+        _warn_other_files(out)
     started = time.time()
     try:
         with _kept_on_interrupt(lambda: _train_kept(out, args, started)):
@@ -61,7 +87,12 @@ def cmd_train(args) -> int:
         return 0
     step, where = result["step"], f"checkpoints in {out / 'checkpoints'}"
     if step > result["start_step"]:
-        print(f"trained to step {step}; {where}")
+        on = ""
+        if step < resolved_stages(cfg)[-1].end:  # --stop-at stopped it before its last stage's end
+            flag = " with --resume in place of --overwrite" if args.overwrite else " with --resume"
+            flag = "" if args.resume else flag
+            on = f"; continue with the same command{flag}, without --stop-at or with a later one"
+        print(f"trained to step {step}; {where}{on}")
     elif step >= cfg.train.steps:
         print(
             f"nothing to train: the run already finished (step {step} of train.steps={cfg.train.steps}); {where}"
@@ -115,13 +146,47 @@ def cmd_demo(args) -> int:
     check_demo_folder(
         out, args.overwrite, "pass --overwrite to delete it and run the demo again, or another --out"
     )
+    _warn_other_files(out)
     t0 = time.time()
-    r = run_demo(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+    with _kept_on_interrupt(lambda: _demo_kept(out, args, cfg.train.steps, t0)):
+        r = run_demo(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
     print(f"demo finished in {time.time() - t0:.0f}s (final loss {r['final_loss']:.4f})")
     print(f"  samples:     {r['samples']}")
     print(f"  loss curve:  {r['loss_curve']}")
     print(f"  checkpoints: {r['checkpoint']}")
     return 0
+
+
+def _demo_kept(out: Path, args, steps: int, started: float) -> str:
+    """What an interrupted `fusedit demo` kept in ``out``, and the commands that go on: the demo trains
+    afresh, and a folder whose run it stopped (no loss curve and sample sheet yet) is refused without
+    --overwrite (check_demo_folder), while `fusedit train --resume` finishes the run's training (the demo's
+    preset and overrides, ``steps`` long)."""
+    from fusedit.checkpoints import load_state
+    from fusedit.demo import check_demo_folder
+    from fusedit.train.loop import RunExists, kept_checkpoint
+
+    ckpt, earlier = kept_checkpoint(out, started)
+    if earlier:
+        return f"the earlier run in {out} was not deleted yet; rerun the same command to start over"
+    if ckpt is None:
+        return f"no checkpoint was saved yet in {out}; rerun the same command to start again"
+    try:  # an earlier demo's plots, still there, let the same command start over
+        check_demo_folder(out, args.overwrite)
+        again = "rerun the same command"
+    except RunExists:
+        again = "rerun the same command with --overwrite"
+    step = int(load_state(ckpt)["step"])
+    if step >= steps:  # stopped in the loss curve or the sample sheet
+        return (
+            f"the demo's run in {out} finished training (checkpoint {ckpt}) but not its sample sheet; "
+            f"{again} to run the demo over, or sample the run with `fusedit sample {out} --prompt ...`"
+        )
+    resume = shlex.join(["fusedit", "train", "debug", *args.overrides, "--out", str(out), "--resume"])
+    return (
+        f"the demo's run in {out} stopped; its last checkpoint is {ckpt} (step {step} of {steps}); {again} to "
+        f"run the demo over, or `{resume}` to finish its training (without the demo's plots)"
+    )
 
 
 def _add_train_parser(sub) -> None:

@@ -343,8 +343,8 @@ class TrainConfig:
     grad_clip: float = positive(1.0)
     # Recompute each DiT block's activations in backward instead of keeping them (memory for time).
     grad_checkpointing: bool = False
-    # torch.compile every DiT block (and the LLM): "auto" = inductor on a GPU and off on the CPU; "" = off;
-    # "max-autotune" = inductor choosing each matmul's kernel by timing it (longer compile;
+    # torch.compile every DiT block, the final norm (and the LLM): "auto" = inductor on a GPU and off on the
+    # CPU; "" = off; "max-autotune" = inductor choosing each matmul's kernel by timing it (longer compile;
     # fusedit.models.base.compile_settings); "eager" and "aot_eager" only check tracing.
     compile: str = choice("auto", "auto", "", "inductor", "max-autotune", "aot_eager", "eager")
     # Below 1, the compiled blocks recompute their cheapest activations in backward so that the kept ones
@@ -425,9 +425,10 @@ class SampleConfig:
     # and, under bf16 autocast, matmul weights stored in bf16 (bit-identical outputs, less memory traffic).
     fuse_projections: bool = True
     bf16_weights: bool = True
-    # torch.compile each DiT block for sampling, as train.compile does for training: "auto" = inductor on a
-    # GPU, off on the CPU; "" = off. The first batch of each new shape pays the compile (inductor caches it
-    # on disk for later runs); every later step runs the compiled blocks. "max-autotune" as in train.compile.
+    # torch.compile each DiT block and the final norm for sampling, as train.compile does for training:
+    # "auto" = inductor on a GPU, off on the CPU; "" = off. The first batch of each new shape pays the compile
+    # (inductor caches it on disk for later runs); every later step runs the compiled blocks. "max-autotune" as
+    # in train.compile.
     compile: str = choice("auto", "auto", "", "inductor", "max-autotune", "aot_eager", "eager")
     # Replay each sampling step as one CUDA graph (with the text cache, on a GPU; ignored elsewhere): one
     # launch instead of hundreds, for small batches that leave the GPU waiting. Off until it is measured

@@ -475,6 +475,7 @@ def cache_latents(
     total = items.total
     bar = tqdm(total=total, desc="cache latents", unit="img", disable=not progress)
     shards: list[dict] = []
+    kept = 0  # the samples of the shards an earlier run finished
     j = 0
     while total is None or j * shard_size < total:
         start, end = j * shard_size, (j + 1) * shard_size
@@ -488,6 +489,7 @@ def cache_latents(
             # encoded again, up to the new end.
             if total is None or shard["end"] >= end:
                 shards.append(shard)
+                kept += len(shard["samples"])
                 bar.update(shard["end"] - shard["start"])
                 j += 1
                 if shard["end"] - shard["start"] < shard_size:
@@ -538,6 +540,10 @@ def cache_latents(
         # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
         meta["vae_identity"] = _vae_identity(vae_cfg)
         _write_json(out / META, meta)
+    if kept:  # a rerun would otherwise print what the first run printed, as if it had encoded it all again
+        encoded = sum(len(shard["samples"]) for shard in shards) - kept
+        some = "1 sample" if kept == 1 else f"{kept} samples"
+        log.info("%s already cached in %r, %d encoded now", some, str(out), encoded)
     return _write_index(out, meta, shards, items.refused)
 
 

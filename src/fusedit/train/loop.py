@@ -588,10 +588,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
             run.metrics = stack.enter_context(metrics_path.open("a"))
         ema = _train_stages(run, stages[first.index :], start, end, ckpt)
     if main and run.truncated:  # the run warned at its first truncation only
+        some = "a prompt" if run.truncated == 1 else f"{run.truncated} prompts"
         log.info(
-            "text: %d prompts longer than %s tokens were truncated in this run (to step %d)",
-            run.truncated,
+            "text: %s longer than %s tokens %s truncated in this run (to step %d)",
+            some,
             model.limits,
+            "was" if run.truncated == 1 else "were",
             max(start, end),
         )
     # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
@@ -948,12 +950,14 @@ class _Run:
                 # The same over-long captions come back batch after batch: the run's first are said (with
                 # one of them, when this rank cut it), the rest only counted.
                 example = f", e.g. {train_step.cut_example[:80]!r}" if train_step.cut_example else ""
+                some = "a prompt" if truncated == 1 else f"{truncated} prompts"
                 log.warning(
-                    "step %d: %d prompts longer than %s tokens were truncated%s; later truncations are only "
-                    'counted (metrics.jsonl\'s "truncated", and a total at the end)',
+                    "step %d: %s longer than %s tokens %s truncated%s; later truncations are only counted "
+                    '(metrics.jsonl\'s "truncated", and a total at the end)',
                     step + 1,
-                    truncated,
+                    some,
                     self.model.limits,
+                    "was" if truncated == 1 else "were",
                     example,
                 )
             self.truncated += truncated
