@@ -86,7 +86,7 @@ def test_the_temporaries_a_kill_left_are_swept_and_nothing_else(tmp_path):
 
 def test_a_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch):
     """As root every permission is granted, so the refusal of a read-only file system is imitated: what
-    mkstemp raises there."""
+    TemporaryFile raises there."""
     import errno
     import tempfile
 
@@ -95,10 +95,10 @@ def test_a_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypa
     check_writable(tmp_path / "new" / "out")  # a writable place: nothing made there, nothing left
     assert list(tmp_path.iterdir()) == []
 
-    def read_only(dir, **kwargs):
+    def read_only(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(dir))
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError) as e:
         check_writable(tmp_path)
     assert str(e.value) == (

@@ -449,10 +449,10 @@ def test_an_out_folder_that_cannot_be_written_fails_before_the_model_loads(
 
     monkeypatch.setattr(fusedit.sample, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
 
-    def read_only(dir, **kwargs):
+    def read_only(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(dir))
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     assert sample(folders["run"], tmp_path, "--prompt", "a") == 2
     assert capsys.readouterr().err == (
         f"fusedit: error: --out {str(tmp_path)!r} cannot be written: Read-only file system (allowed: a "

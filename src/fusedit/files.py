@@ -76,20 +76,19 @@ def check_writable(folder: str | os.PathLike[str], flag: str = "--out") -> None:
     """Refuse in one line a ``folder`` (given as ``flag``) that cannot be written into: a read-only file
     system, or a folder (or, where it does not exist yet, the nearest one above it) without write
     permission. Checked before the slow work, which would otherwise fail only at its first write. A file
-    is made and deleted there, as permission bits and ``os.access`` do not tell what a network file
-    system, ACLs or a read-only mount allow."""
+    is made there, as permission bits and ``os.access`` do not tell what a network file system, ACLs or a
+    read-only mount allow: an unnamed one where the file system can (O_TMPFILE), so that a kill leaves no
+    name behind (a named one is deleted at once)."""
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.is_dir())
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".fusedit-probe.", suffix=".tmp")
+        tempfile.TemporaryFile(dir=existing, prefix=".fusedit-probe.", suffix=".tmp").close()
     except OSError as e:
         where = "" if existing == folder else f" (in {str(existing)!r}, where it would be made)"
         raise ValueError(
             f"{flag} {str(folder)!r} cannot be written{where}: {e.strerror} (allowed: a folder you may "
             "write to, on a writable disk)"
         ) from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def as_json_reads_back(record: dict) -> dict:
