@@ -290,6 +290,17 @@ def test_write_geneval_samples_official_layout_and_resume(tmp_path):
         )
 
 
+def test_a_prompt_folder_holds_only_this_runs_images(tmp_path):
+    """From Python a folder may be written again with fewer images per prompt: GenEval's scorer scores every
+    PNG under a metadata.jsonl, so an earlier run's extra images go (and the folder is made again)."""
+    out = tmp_path / "samples"
+    write_geneval_samples(METADATA[:1], fake_generate([]), out, n_per_prompt=6, progress=False)
+    calls = []
+    counts = write_geneval_samples(METADATA[:1], fake_generate(calls), out, n_per_prompt=4, progress=False)
+    assert counts == {"generated": 1, "skipped": 0} and len(calls) == 1
+    assert sorted(p.name for p in (out / "00000" / "samples").iterdir()) == [f"{k:05d}.png" for k in range(4)]
+
+
 def test_an_interrupted_prompt_folder_never_looks_complete_and_is_redone(tmp_path, monkeypatch):
     """metadata.jsonl is written after the images: GenEval's own scorer reads every folder that has one, and
     before, a stop mid-prompt left it beside only some of the images. The temporary files of a kill -9

@@ -309,6 +309,13 @@ def _prompt_done(folder: Path, metadata: dict, n: int) -> bool:
     return all((folder / "samples" / f"{k:05d}.png").is_file() for k in range(n))
 
 
+def _extra_images(folder: Path, n: int) -> list[Path]:
+    """The PNGs in ``folder``'s samples/ that are not this run's n images (an earlier run's with a larger
+    n_per_prompt): GenEval's scorer would score every one of them under the folder's metadata."""
+    wanted = {f"{k:05d}.png" for k in range(n)}
+    return [p for p in (folder / "samples").glob("*.png") if p.name not in wanted]
+
+
 def write_geneval_samples(
     metadata: Sequence[dict],
     generate: Callable[[str, int, int], Sequence[Image.Image]],
@@ -331,7 +338,7 @@ def write_geneval_samples(
     generated = skipped = 0
     for index, meta in enumerate(tqdm(metadata, desc="GenEval samples", unit="prompt", disable=not progress)):
         folder = out / f"{index:05d}"
-        if _prompt_done(folder, meta, n_per_prompt):
+        if _prompt_done(folder, meta, n_per_prompt) and not _extra_images(folder, n_per_prompt):
             skipped += 1
             continue
         images = list(generate(meta["prompt"], seed, n_per_prompt))
@@ -339,7 +346,12 @@ def write_geneval_samples(
             raise ValueError(
                 f"generate returned {len(images)} images for {meta['prompt']!r}; expected {n_per_prompt}"
             )
+        # Incomplete until its images are all there: an earlier metadata.jsonl goes first, and images of
+        # an earlier run that this one does not make.
+        (folder / "metadata.jsonl").unlink(missing_ok=True)
         (folder / "samples").mkdir(parents=True, exist_ok=True)
+        for extra in _extra_images(folder, n_per_prompt):
+            extra.unlink()
         for k, image in enumerate(images):
             save_png(generated_image(image), folder / "samples" / f"{k:05d}.png")
         # Last: a prompt folder with its metadata.jsonl is complete, to GenEval's own scorer too (it scores
