@@ -98,6 +98,31 @@ def watch_llm_forwards(monkeypatch) -> list[bool]:
     return calls
 
 
+class CtrlCAtStep:
+    """While armed, training's loss raises KeyboardInterrupt at its ``step``-th call (1-based) since arming,
+    as a Ctrl+C at that step would."""
+
+    def __init__(self, monkeypatch, step: int):
+        from fusedit.train import loop
+
+        self.monkeypatch, self.loop, self.step = monkeypatch, loop, step
+        self.real, self.calls = loop.flow_loss, 0
+        self.arm()
+
+    def arm(self) -> None:
+        self.calls = 0
+        self.monkeypatch.setattr(self.loop, "flow_loss", self._loss)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(self.loop, "flow_loss", self.real)
+
+    def _loss(self, *args):
+        self.calls += 1
+        if self.calls == self.step:
+            raise KeyboardInterrupt
+        return self.real(*args)
+
+
 def counting_backend(graphs: list):
     """A torch.compile backend that records each graph it is handed and runs it as is."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, rmtree_dying_after_one_weight_file, tiny_vae
+from conftest import TINY, CtrlCAtStep, rmtree_dying_after_one_weight_file, tiny_vae
 from fusedit.cli import main
 
 
@@ -532,15 +532,7 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
 
     config, run = _tiny_yaml(tmp_path), tmp_path / "run"
     argv = ["train", config, "train.steps=4", "train.checkpoint_every=2", "--out", str(run), "--quiet"]
-    real, calls = loop.flow_loss, []
-
-    def ctrl_c_at_step_3(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
+    ctrl_c_at_step_3 = CtrlCAtStep(monkeypatch, 3)
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
@@ -548,12 +540,11 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
         "command with --resume to continue from it"
     )
     assert not any("Traceback" in line for line in err)
-    monkeypatch.setattr(loop, "flow_loss", real)
+    ctrl_c_at_step_3.disarm()
     assert main([*argv, "--resume"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
-    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
-    calls.clear()  # --overwrite, stopped after a checkpoint of the new run: --resume, not --overwrite again
+    ctrl_c_at_step_3.arm()  # --overwrite, stopped after a checkpoint of the new run: --resume, not --overwrite again
     assert main([*argv, "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"fusedit: interrupted: the last checkpoint is {run / 'checkpoints' / 'step_00000002'}; rerun the same "
@@ -569,7 +560,7 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"fusedit: interrupted: the earlier run in {run} was not deleted yet; rerun the same command to start over"
     )
-    calls.clear()  # stopped before the first checkpoint: nothing is lost by the same command again
+    ctrl_c_at_step_3.arm()  # stopped before the first checkpoint: nothing is lost by the same command again
     assert main([*argv[:3], "train.checkpoint_every=5", *argv[4:], "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"fusedit: interrupted: no checkpoint was saved yet in {run}; rerun the same command to start again"

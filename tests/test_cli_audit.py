@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, CtrlCAtStep
 from fusedit.cli import main
 
 TINY_STUDY = Path(__file__).resolve().parents[1] / "studies" / "timestep-tiny.yaml"
@@ -289,20 +289,11 @@ def test_ctrl_c_in_the_demo_says_what_is_kept_and_how_to_go_on(tmp_path, capsys,
     import shlex
 
     import fusedit.demo
-    from fusedit.train import loop
 
     out = tmp_path / "demo"
     small = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=2"]
     argv = ["demo", *small, "--out", str(out), "--quiet"]
-    real, calls = loop.flow_loss, []
-
-    def ctrl_c_at_step_3(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(loop, "flow_loss", ctrl_c_at_step_3)
+    ctrl_c_at_step_3 = CtrlCAtStep(monkeypatch, 3)
     assert main(argv) == 130
     resume = f"fusedit train debug {' '.join(small)} --out {out} --resume"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -310,7 +301,7 @@ def test_ctrl_c_in_the_demo_says_what_is_kept_and_how_to_go_on(tmp_path, capsys,
         f"{out / 'checkpoints' / 'step_00000002'} (step 2 of 4); rerun the same command with --overwrite to run "
         f"the demo over, or `{resume}` to finish its training (without the demo's plots)"
     )
-    monkeypatch.setattr(loop, "flow_loss", real)
+    ctrl_c_at_step_3.disarm()
     assert main([*shlex.split(resume)[1:], "--quiet"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
