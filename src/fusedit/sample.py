@@ -850,8 +850,12 @@ def write_sample_folder(
     def saved(i: int) -> dict:  # image i's earlier record but "truncated"
         return {k: v for k, v in records.get(i, {}).items() if k != "truncated"}
 
+    # The earlier images recorded as this call would record them, and the others of its numbers (stale).
+    same = {i for i in records if i < len(prompts) and saved(i) == as_json_reads_back(metas[i])}
+    stale = sorted(i for i in records if i < len(prompts) and i not in same)
+
     def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
-        return weights is not None and saved(i) == as_json_reads_back(metas[i]) and paths[i].is_file()
+        return weights is not None and i in same and paths[i].is_file()
 
     # A batch is made whole unless all its images are there: each image then comes out of the batch it
     # would be in without the interruption, bit for bit as that call would make it.
@@ -869,7 +873,6 @@ def write_sample_folder(
         log.info(
             "%d of the %d images are kept from an earlier run of this sample", len(kept_images), len(prompts)
         )
-    stale = [i for i in sorted(records) if i < len(prompts) and saved(i) != as_json_reads_back(metas[i])]
     if records and weights is None:
         log.info(
             "the images of an earlier sample in %s are made again: without the model's folder (source) "

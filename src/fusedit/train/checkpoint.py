@@ -215,7 +215,7 @@ def _writing(root: Path, tmp: Path, step: int, keep: int):
                 f"'latest' may still name the one before, which a --resume then takes; {remedy}"
             ) from e
         where = f"writing {into.file}" if into.file else "putting it in place"
-        size = _folder_bytes(_last_checkpoint(root.parent))
+        size = _folder_bytes(last_checkpoint(root.parent))
         room = (
             f" (a checkpoint takes about {readable_size(size)} here, and train.keep_checkpoints={keep} of "
             "them stay beside the one being saved)"
@@ -261,7 +261,8 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-def _last_checkpoint(run_dir: Path) -> Path | None:
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """``run_dir``'s latest finished checkpoint (find_checkpoint), or None when it has none yet."""
     try:
         return find_checkpoint(run_dir)
     except FileNotFoundError:

@@ -80,6 +80,7 @@ from fusedit.train.checkpoint import (
     data_state_name,
     init_source,
     init_weights,
+    last_checkpoint,
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
@@ -494,9 +495,8 @@ def train(
 def kept_checkpoint(run_dir: Path, replaced_before: float | None = None) -> tuple[Path | None, bool]:
     """The checkpoint a stopped run left in ``run_dir`` (None: none yet) and whether it is the earlier run's
     that a fresh run starting at ``replaced_before`` (a time.time()) was to replace: saved before it."""
-    try:
-        ckpt = find_checkpoint(run_dir)
-    except FileNotFoundError:
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
         return None, False
     return ckpt, replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before
 
