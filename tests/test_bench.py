@@ -235,9 +235,9 @@ def test_padded_bench_compiles_every_graph_before_the_timed_steps(monkeypatch):
     s.model.compile_parts(counting_backend(graphs), llm=False)
     real_time_it, real_cost, compiled_before_timing = bench.time_it, bench.overlapped_cost, []
 
-    def time_it(fn, device, warmup, repeats):
+    def time_it(fn, device, warmup, repeats, runs=1):
         compiled_before_timing.append(len(graphs))
-        return real_time_it(fn, device, warmup, repeats)
+        return real_time_it(fn, device, warmup, repeats, runs)
 
     def overlapped_cost(*args):
         compiled_before_timing.append(len(graphs))
@@ -270,7 +270,8 @@ def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeyp
     monkeypatch.setattr(Optimizers, "build", lambda *a: built.append((a, real_build(*a))) or built[-1][1])
     monkeypatch.setattr(bench.EMA, "update", lambda self, m: updates.append(m) or real_update(self, m))
 
-    def time_it(fn, device, warmup, repeats):
+    def time_it(fn, device, warmup, repeats, runs=1):
+        assert runs == bench.STEPS_PER_TIMING  # steps back to back, as a run takes them
         fn()
         return next(timed)
 
@@ -288,6 +289,44 @@ def test_a_timed_step_is_a_training_step_with_the_runs_optimizer_and_ema(monkeyp
     assert betas == {(s.cfg.train.beta1, 0.9)} and all(o.state for o in opts.by_module.values())  # stepped
     assert (row["step_s"], row["ema_update_s"], row["ema_every"]) == (2.0 + 0.5 / 4, 0.5, 4)
     assert row["images_per_s"] == 2 / 2.125 and updates == [s.model.denoiser]
+
+
+def test_a_timing_spans_runs_back_to_back_and_gives_one_calls_median(monkeypatch):
+    """Training steps are timed several back to back (the host's work before a step overlaps the GPU's on
+    the last one, as in a run), the figure per step: the median over repeats of each span / runs."""
+    import torch
+
+    from fusedit import bench
+
+    calls, readings = [], iter([1.0, 3.0, 3.0, 15.0, 15.0, 21.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(readings))
+    seconds = bench.time_it(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3, runs=4)
+    assert len(calls) == 2 + 3 * 4  # warm-up calls, then each timing's 4 calls
+    assert seconds == 1.5  # spans 2, 12, 6 over 4 calls: 0.5, 3, 1.5
+
+
+def test_the_synthetic_batch_hands_the_encoder_its_extent_from_the_host(monkeypatch):
+    """As TextEncoder.encode does, so that the bench's step reads no lengths back from the GPU: the
+    encoder gets the rows' shortest and longest length from the host."""
+    import dataclasses
+
+    import torch
+
+    from fusedit import bench
+    from fusedit.text.encoder import TextEncoder
+
+    cfg = load_config("debug")
+    s = bench.setup(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), torch.device("cpu"), False
+    )
+    real, extents = TextEncoder.forward, []
+    monkeypatch.setattr(
+        TextEncoder,
+        "forward",
+        lambda self, *a: extents.append(a[3] if len(a) > 3 else None) or real(self, *a),
+    )
+    context = bench.synthetic_text(s.model, torch.tensor([5, 2, 7]), 8, torch.Generator().manual_seed(0))
+    assert extents == [(2, 7)] and context.mask.sum(1).tolist() == [5, 2, 7]
 
 
 def test_overlapped_work_costs_what_it_adds_to_the_steps_it_runs_beside(monkeypatch):

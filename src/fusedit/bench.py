@@ -7,7 +7,9 @@ image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot
 the run's AdamW (``train.stages.Optimizers``) and its EMA (held in memory; what its update, every
 ``train.ema_every`` steps, adds to the steps it overlaps is timed apart and added per step). Sampling:
 images/s and seconds per image for N steps with guidance, with and without the text cache. Warm-up runs are
-excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU).
+excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU); a
+training repeat times STEPS_PER_TIMING steps back to back, as a run takes them, a sampling repeat one
+batch.
 Each record also says how it was made: warm-up and repeat counts, the timer, the levers, and the attention
 kernels that ran (read from the profiler, as "auto" picks one per call).
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fusedit.config import Config
+from fusedit.devices import host_to_device
 from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
@@ -40,6 +43,10 @@ log = logging.getLogger(__name__)
 # At most this many text lengths get an untimed priming step each (bench_train).
 MAX_PRIMED_WIDTHS = 16
 
+# Training steps per timing (bench_train: time_it's ``runs``): a run's steps follow one another, its host
+# preparing each step's inputs while the GPU finishes the last one's AdamW.
+STEPS_PER_TIMING = 4
+
 # The aten operator of each scaled-dot-product-attention kernel as the profiler names it; its backward and
 # the CPU's flash variant (``..._flash_attention_for_cpu``) start with the same name.
 SDPA_KERNELS = {
@@ -50,8 +57,13 @@ SDPA_KERNELS = {
 }
 
 
-def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones."""
+def time_it(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, runs: int = 1
+) -> float:
+    """Median seconds of one ``fn`` call over ``repeats`` timings after ``warmup`` untimed calls; each
+    timing spans ``runs`` calls back to back (divided by ``runs``), as a loop calls it: then the host's
+    work before a call overlaps the GPU's on the last one, which a timing of one call after a synchronize
+    would count as idle GPU time."""
     for _ in range(warmup):
         fn()
     times = []
@@ -59,14 +71,16 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(runs):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000)
+            times.append(start.elapsed_time(end) / 1000 / runs)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(runs):
+                fn()
+            times.append((time.perf_counter() - t0) / runs)
     return statistics.median(times)
 
 
@@ -187,12 +201,15 @@ def synthetic_text(
     encoders trim the padding as in training and sampling."""
     device = next(model.denoiser.parameters()).device
     batch = len(lengths)
-    mask = (torch.arange(tokens)[None] < lengths[:, None]).to(device)
+    # As TextEncoder.encode hands a batch over: the mask through pinned memory and the rows' extent read on
+    # the host, so that neither makes the host wait for the GPU.
+    mask = host_to_device(torch.arange(tokens)[None] < lengths[:, None], device)
+    extent = (int(lengths.min()), int(lengths.max()))
     contexts = []
     for enc, request in zip(model.encoders, model.denoiser.text_requests, strict=True):
         vocab = enc.llm.config.vocab_size
         ids = torch.randint(vocab, (batch, tokens), generator=generator, device=generator.device).to(device)
-        contexts.append(enc(ids, mask, request))
+        contexts.append(enc(ids, mask, request, extent))
     context = contexts[0]
     context.others = contexts[1:]
     if model.pooled_text is not None:
@@ -315,8 +332,11 @@ def bench_train(
         widths.append([c.mask.shape[1] for c in text.all])
         with s.autocast():
             v = denoiser(interpolate(x0, noise, t), t, text)
-        flow_loss(v, x0, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        loss = flow_loss(v, x0, noise)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        # The run's one host sync of a step: it reads the logged values before the optimizer step.
+        torch.stack([loss.detach().float(), norm.float()]).tolist()
         ema.settle()  # as the run does: a host-held EMA's pending copies before the weights change
         opts.step()
         opts.zero_grad()
@@ -334,7 +354,7 @@ def bench_train(
     for _ in range(warmup):
         step()
     widths.clear()
-    seconds = time_it(step, device, 0, repeats)
+    seconds = time_it(step, device, 0, repeats, STEPS_PER_TIMING)
     timed_widths = list(widths)  # the EMA update's steps below are not the timed ones
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     ema_seconds = overlapped_cost(
@@ -371,6 +391,7 @@ def bench_train(
         "primed_widths": len(widths_to_prime) if primed else 0,
         "warmup": warmup,
         "repeats": repeats,
+        "steps_per_timing": STEPS_PER_TIMING,
         "timer": timer(device),
         "step_s": seconds,  # the EMA update's share included
         "ema_update_s": ema_seconds,  # what one update adds to the steps it overlaps
