@@ -6,9 +6,10 @@ import torch
 import torch._dynamo
 
 from conftest import TINY_ARCH, counting_backend, randomize, tiny_config
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, load_config
 from fusedit.sample import generate, to_sampling_form
 from fusedit.system import RECOMPILE_SLACK, build_model
+from fusedit.text import encoder
 from fusedit.text.encoder import CUDA_TRIM_MULTIPLE
 
 WORDS = [
@@ -46,7 +47,8 @@ def prompt_of(n: int) -> str:
 def test_compiled_blocks_get_one_graph_per_trimmed_text_length(fresh_dynamo):
     """Prompts of 1 to 69 words give 9 text lengths once rounded up to multiples of 8 (max_length 72):
     9 graphs of the blocks, one more than torch's default recompile limit, all compiled (none left to run
-    eagerly), and one of the final norm, which never sees the text."""
+    eagerly), one of the final norm, which never sees the text, and two of the K/V read (dynamic shapes:
+    the first length's, then one with the length symbolic that serves the other 8)."""
     arch = {**TINY_ARCH, "max_position_embeddings": 256}
     cfg = tiny_config(text={"max_length": 72, "trim_multiple": 8, "arch": arch})
     model = build_model(cfg)
@@ -61,7 +63,7 @@ def test_compiled_blocks_get_one_graph_per_trimmed_text_length(fresh_dynamo):
         lengths.add(text.mask.shape[1])
         model(x, t, text)
     assert len(lengths) == 9
-    assert len(graphs) == 9 + 1
+    assert len(graphs) == 9 + 1 + 2
 
 
 def test_auto_trim_multiple_is_the_longest_prompt_on_the_cpu_and_128_on_a_gpu(fresh_dynamo):
@@ -108,6 +110,88 @@ def test_a_sampling_compile_runs_llms_compiled_for_training_eagerly_again(fresh_
     model.compile_parts("eager")
     model.compile_parts("")
     assert model.text.llm._compiled_call_impl is None
+
+
+def recording_aot_eager(graphs: list):
+    """torch's aot_eager backend (AOT autograd over the traced aten ops, run as they are: the eager math,
+    forward and backward), recording each graph it is handed."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return aot_eager(gm, inputs)
+
+    return backend
+
+
+# (config, how many post-RoPE and pre-RoPE K/V pairs its context holds)
+KV_READS = {
+    "debug": (lambda: load_config("debug"), (6, 0)),  # deep fusion over a Gemma (MQA)
+    "debug-fusedit-cross": (lambda: load_config("debug-fusedit-cross"), (0, 6)),  # raw_kv
+    "qwen3": (lambda: tiny_config(text={"family": "qwen3"}), (3, 0)),  # keys normed per head (k_norm)
+}
+# Three batches of other sizes and widths: (2, 4), (3, 10), (4, 7) tokens with the BOS.
+KV_BATCHES = [
+    ["a red circle", ""],
+    ["two small green triangles left of a blue square", "a", "red"],
+    ["blue square above a red circle", "two", "a", "green"],
+]
+
+
+@pytest.mark.parametrize("name", KV_READS)
+def test_the_compiled_kv_read_equals_the_eager_one(fresh_dynamo, name):
+    """compile_parts compiles each LLM's K/V read, in sampling too (llm=False, the LLM eager): the
+    context's K/V equal the eager ones exactly (aot_eager keeps the math). Dynamic shapes: the first batch
+    gets a graph of its own, every later size and width shares a second one."""
+    config, pairs = KV_READS[name]
+    model = build_model(config())
+    assert name != "qwen3" or model.text.layer_keys == (encoder._normed_keys,) * 3
+    eager = [model.encode_prompts(prompts) for prompts in KV_BATCHES]
+    graphs = []
+    model.compile_parts(recording_aot_eager(graphs), llm=False)
+    compiled = [model.encode_prompts(prompts) for prompts in KV_BATCHES]
+    assert [c.mask.shape for c in compiled] == [(2, 4), (3, 10), (4, 7)]
+    assert len(graphs) == 2
+    for want, got in zip(eager, compiled, strict=True):
+        assert (len(got.kv), len(got.raw_kv)) == pairs
+        for a, b in zip(want.kv + want.raw_kv, got.kv + got.raw_kv, strict=True):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_an_off_compile_runs_the_kv_read_eagerly_again(fresh_dynamo):
+    model = build_model(tiny_config())
+    graphs = []
+    model.compile_parts(recording_aot_eager(graphs), llm=False)
+    model.encode_prompts(["a red circle", "two blue squares"])
+    assert len(graphs) == 1 and model.text.read_kv is not encoder._read_kv
+    model.compile_parts("")
+    model.encode_prompts(["a", "red", "circle"])  # a new shape, which the compiled read would trace
+    assert len(graphs) == 1 and model.text.read_kv is encoder._read_kv
+
+
+def test_a_trainable_llms_gradient_through_the_compiled_kv_read_equals_the_eager_one(fresh_dynamo):
+    """Joint fine-tuning (the LLM's read modules train): a training compile compiles the LLM and its K/V
+    read, and backward through both gives the LLM's weights exactly the eager gradients."""
+    model = build_model(load_config("debug"))
+    for _, module in model.text.read_modules(model.denoiser.text_request):
+        module.requires_grad_(True)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.text.llm.zero_grad(set_to_none=True)
+        context = model.encode_prompts(["a red circle", "two small green triangles"])
+        weights = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=weights)).sum() for kv in context.kv for t in kv)
+        loss.backward()
+        return {n: p.grad for n, p in model.text.llm.named_parameters() if p.grad is not None}
+
+    eager = gradients()
+    graphs = []
+    model.compile_parts(recording_aot_eager(graphs))
+    compiled = gradients()
+    assert len(graphs) == 2  # the LLM's forward and the K/V read
+    assert eager.keys() == compiled.keys()
+    assert len(eager) == sum(p.requires_grad for p in model.text.llm.parameters())  # 49
+    assert all(torch.equal(eager[n], compiled[n]) for n in eager)
 
 
 def test_trim_multiple_of_the_config_is_kept_on_any_device(fresh_dynamo):

@@ -409,10 +409,10 @@ class FuseDiTPipeline(DiffusionPipeline):
         # The scheduler integrates in float32 whatever the weights' dtype, as generate does.
         latents = latents.to(device, torch.float32)
 
-        # The text cache: one forward of each LLM for the whole batch (negative rows first, as
+        # The text cache: one forward of each LLM for the batch's distinct texts (negative rows first, as
         # fusedit.flow.guided expects), read by every step and both guidance branches.
         rows = negatives + prompts if guidance != 1.0 else prompts
-        context = model.encode_prompts(rows, len(rows) - len(prompts))
+        context = model.encode_prompts(rows, len(rows) - len(prompts), distinct=True)
         warn_cut_prompts(len(context.cut.prompts), len(prompts), model.limits, context.cut.negative)
         # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
         # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the

@@ -4,8 +4,9 @@
 (what `fusedit sample`, `serve` and `eval` take as MODEL), and ``write_sample_folder`` writes the images
 and per-image metadata of `fusedit sample`.
 
-With ``cache_text`` (the default) the LLM runs once per prompt batch, negative prompts included (they are
-just more rows of the batch), and its per-layer K/V serve every step and both guidance branches. Without
+With ``cache_text`` (the default) the LLM runs once per prompt batch, on each distinct text of it once
+(the negative prompt's rows are one text; an eval call's 4 images of one prompt another), and its
+per-layer K/V serve every step and both guidance branches. Without
 it the LLM runs again at every step, which gives the same images at several times the cost: the test suite
 checks that equality for every position scheme.
 """
@@ -453,7 +454,8 @@ def generate(
     if note:
         warn_once(note)
     rows = [negative_prompt] * len(prompts) + prompts if guidance != 1.0 else list(prompts)
-    context = model.encode_prompts(rows, len(rows) - len(prompts))
+    # Each distinct text once (the negative prompt's rows are one): TextToImage.encode_prompts.
+    context = model.encode_prompts(rows, len(rows) - len(prompts), distinct=True)
     cut = context.cut  # the call's, whether or not its context serves the steps
     text = context
     if not cache_text:
@@ -463,7 +465,7 @@ def generate(
         del context  # held by ``first`` until the first step takes it, not for the whole call
 
         def text() -> TextContext:
-            return first.pop() if first else model.encode_prompts(rows, cut.negatives)
+            return first.pop() if first else model.encode_prompts(rows, cut.negatives, distinct=True)
 
     velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
     bar = tqdm(total=steps, desc="sample", unit="step") if progress is True else None

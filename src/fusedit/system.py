@@ -82,10 +82,27 @@ class TextToImage(nn.Module):
         named = [f"{enc.setting}={enc.prompt_limit}" for enc in self.limited]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
-    def encode_prompts(self, prompts: list[str], negatives: int = 0) -> TextContext:
+    def encode_prompts(
+        self, prompts: list[str], negatives: int = 0, *, distinct: bool = False
+    ) -> TextContext:
         """One forward of each LLM for the whole prompt batch; the result serves every step and CFG branch.
         The first ``negatives`` rows are guidance's negative prompt (one per image), the prompts follow: the
-        context's ``cut`` tells them apart among the rows any text encoder cut to its limit."""
+        context's ``cut`` tells them apart among the rows any text encoder cut to its limit.
+
+        ``distinct``: run the LLMs (and a pooled CLIP) on each distinct prompt once and take the rows back
+        (TextContext.take). The text stream never sees the image (design-space.md s.1), so a row's context
+        depends on its own text alone and this is the batch's own context (bit for bit on the CPU; a GPU may
+        round a smaller batch's matmuls otherwise). Sampling passes it, its uncached baseline at every step
+        too: guidance's negative rows are one text, and an eval call samples 4 images of one prompt (8 rows,
+        2 texts). Training does not: its captions repeat little (dropped ones, ""), and a trainable LLM's
+        gradient would sum a repeated row's uses through the take, not the arithmetic of its own rows."""
+        if distinct:
+            texts = list(dict.fromkeys(prompts))
+            if len(texts) < len(prompts):
+                where = {text: i for i, text in enumerate(texts)}
+                context = self.encode_prompts(texts).take([where[text] for text in prompts])
+                context.cut = PromptCut(context.cut.rows, negatives)
+                return context
         requests = self.denoiser.text_requests
         context = self.text.encode(prompts, requests[0])
         context.others = [
@@ -108,13 +125,18 @@ class TextToImage(nn.Module):
         """torch.compile the denoiser's blocks and, with ``llm``, each LLM's forward (train.compile,
         sample.compile; named apart from nn.Module.compile): "auto" = inductor on a GPU and nothing on the
         CPU. The LLM compiles with automatic dynamic shapes, since trimmed prompt batches change length; on
-        an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms.
+        an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms. Each encoder's K/V read after the LLM
+        (TextEncoder.compile_kv: every read layer's norm, key/value projections and RoPE, ~290 small kernels
+        eagerly for Gemma-2B) compiles the same way, also without ``llm`` (sampling, where the LLM runs once
+        per prompt batch and stays eager); off runs it eagerly again.
 
         The blocks compile with static shapes: all blocks share their graphs, one per batch size, text
         length, padding mask or none, and autograd state (a training step's first block may get an input
         without grad and the others one with it; previews run without grad). Past torch's per-function
         recompile limit (8) new shapes would run eagerly, so it is raised to cover those graphs for every
         text length a batch can be trimmed to (text.trim_multiple, CUDA_TRIM_MULTIPLE by default on a GPU).
+        That covers the K/V read too, whose dynamic graphs serve every length (at most a few per LLM and
+        autograd state: TextEncoder.compile_kv).
 
         ``memory_budget`` < 1 (train.activation_memory_budget) lets the compiler recompute the cheapest
         activations in backward until the kept ones fit that fraction of what it would keep otherwise;
@@ -129,6 +151,7 @@ class TextToImage(nn.Module):
                 enc.llm.compile(**compile_settings(backend))
             else:  # off, or sampling: LLMs compiled for training in this process (fusedit bench) run eagerly
                 uncompile(enc.llm)
+            enc.compile_kv(compile_settings(backend) if backend else None)  # sampling too; off: eager
         if not backend:  # off: blocks compiled for training run eagerly again
             self.denoiser.compile_blocks("")
             return

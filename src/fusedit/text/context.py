@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from fusedit.devices import host_to_device
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,43 @@ class TextContext:
     @property
     def key_mask(self) -> torch.Tensor | None:
         return self.mask if self.padded else None
+
+    def take(self, index: Sequence[int]) -> TextContext:
+        """The context whose row i is row ``index[i]`` of this one (B rows; indexes 0..B-1 in any order,
+        repeats allowed), every LLM's alike. TextToImage.encode_prompts(distinct=True) encodes each distinct
+        prompt once and takes its rows back to the batch's: since the text stream never sees the image
+        (design-space.md s.1), a row's context depends on its own text alone, so that is the batch's own.
+
+        With B' = len(index): mask and instruction (B', T), lengths (B',), each kv and raw_kv pair's keys and
+        values (B', KVH, T, head_dim), hidden (B', T, d_llm), pooled (B', P); T and ``leading`` stay. ``padded``
+        is the taken rows' own (read from the device only when rows are left out of a padded context); ``cut``
+        holds the new rows taken from cut ones, and as negatives the new rows taken from negatives, which
+        must lead as they do here."""
+        index, rows = list(index), len(self.lengths)
+        bad = next((j for j in index if not 0 <= j < rows), None)
+        if bad is not None:
+            raise IndexError(f"take index {bad} is out of range for {rows} rows (allowed: 0..{rows - 1})")
+        negatives = sum(j < self.cut.negatives for j in index)
+        if any(j >= self.cut.negatives for j in index[:negatives]):
+            raise ValueError(
+                f"take index {index} puts a prompt's row before a negative prompt's (allowed: the rows taken "
+                f"from the first {self.cut.negatives}, the negative prompt's, before any other)"
+            )
+        at = host_to_device(torch.tensor(index, dtype=torch.long), self.mask.device)
+        lengths = self.lengths[at]
+        padded = self.padded
+        if padded and set(index) != set(range(rows)):
+            padded = bool((lengths < self.mask.shape[1]).any())
+        return TextContext(
+            mask=self.mask[at],
+            lengths=lengths,
+            kv=[(k[at], v[at]) for k, v in self.kv],
+            raw_kv=[(k[at], v[at]) for k, v in self.raw_kv],
+            hidden=self.hidden[at] if self.hidden is not None else None,
+            instruction=self.instruction[at] if self.instruction is not None else None,
+            leading=self.leading,
+            pooled=self.pooled[at] if self.pooled is not None else None,
+            others=[other.take(index) for other in self.others],
+            padded=padded,
+            cut=PromptCut(frozenset(i for i, j in enumerate(index) if j in self.cut.rows), negatives),
+        )

@@ -76,6 +76,22 @@ def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(k.dtype)
 
 
+def _read_kv(encoder: TextEncoder, hidden: tuple[torch.Tensor, ...], request: TextRequest):
+    """``request``'s K/V read off the LLM's ``hidden`` states (h_i the input of layer i): the post-RoPE
+    (kv_layers) and the pre-RoPE (raw_kv_layers) pairs, each (B, KVH, T, head_dim).
+
+    One function, so that it compiles as one graph (TextEncoder.compile_kv): run eagerly, each layer's norm,
+    projections and rotation are about 16 small kernels after the LLM's forward, ~290 for Gemma-2B's 18."""
+    kv = []
+    if request.kv_layers:  # the shallow designs read hidden states only (any RoPE scheme)
+        positions = torch.arange(hidden[0].shape[1], device=hidden[0].device)[None]
+        cos, sin = encoder.llm.rotary_emb(hidden[0], positions)
+        pairs = (encoder.layer_kv(i, hidden[i]) for i in request.kv_layers)
+        kv = [(_rope(k, cos, sin), v) for k, v in pairs]
+    raw_kv = [encoder.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
+    return kv, raw_kv
+
+
 # text.trim_multiple's "auto" on a GPU. Compiled DiT blocks get one graph per text length, so few lengths
 # must occur (prompts of up to 256 tokens give 2); and with the image tokens (256, 1024, 4096: multiples of
 # 128) the keys stay a multiple of 128, the lengths cuDNN's attention kernels are tiled for, away from
@@ -107,6 +123,7 @@ class TextEncoder(nn.Module):
         self.trim_multiple = trim_multiple  # None = auto, see trim_multiple_on
         self.head_dim = llm_head_dim(llm.config)
         self.layer_keys = tuple(layer_keys(layer) for layer in llm.layers)  # _layer_kv's, per layer
+        self.read_kv = _read_kv  # or its compiled form: compile_kv
         self.setting = "text.max_length"  # the config key of the limit, for messages (TextToImage names it)
         # The tokenizer's own leading specials (BOS) every row opens with, set below; a shape-only build
         # counts none (so its FLOP counts leave out the slot a channel concatenation of LLMs with and
@@ -251,6 +268,19 @@ class TextEncoder(nn.Module):
         """(B, T, d) input of LLM layer ``i`` -> its pre-RoPE keys and its values, (B, KVH, T, head_dim)."""
         return _layer_kv(self.llm.layers[i], self.layer_keys[i], h, self.head_dim)
 
+    def compile_kv(self, settings: dict | None) -> None:
+        """torch.compile the K/V read (``_read_kv``) with ``settings`` (models.base.compile_settings of a
+        compile setting); None runs it eagerly again. TextToImage.compile_parts calls it, in sampling too,
+        where the LLM runs eagerly.
+
+        Automatic dynamic shapes (dynamic=None), as the LLM: the batch and the trimmed text width change
+        between prompt batches, and the read runs once per batch, so a graph that serves every shape (the
+        first shape's static graph, then one with the changed sizes symbolic) beats one compile per shape,
+        which a sampling server with any prompt count would pay again and again until the recompile limit
+        sent it back to eager. Its few graphs (per autograd state and LLM, plus torch's own for sizes 0 and
+        1) fit under compile_parts' limit."""
+        self.read_kv = _read_kv if settings is None else torch.compile(_read_kv, dynamic=None, **settings)
+
     @torch.no_grad()
     def check_kv(self, request: TextRequest) -> None:
         """Refuse an LLM whose attention makes its keys/values otherwise than ``_layer_kv`` and ``_rope`` do.
@@ -324,14 +354,7 @@ class TextEncoder(nn.Module):
                 input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            kv = []
-            if request.kv_layers:  # the shallow designs read hidden states only (any RoPE scheme)
-                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-                cos, sin = self.llm.rotary_emb(hidden[0], positions)
-                for i in request.kv_layers:
-                    k, v = self.layer_kv(i, hidden[i])
-                    kv.append((_rope(k, cos, sin), v))
-            raw_kv = [self.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
+            kv, raw_kv = self.read_kv(self, hidden, request)
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,
