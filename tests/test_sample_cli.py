@@ -192,6 +192,34 @@ def test_prompts_batches_seeds_settings_and_metadata(folders, tmp_path):
     assert not np.array_equal(pixels(out / "00000.png"), pixels(tmp_path / "other" / "00000.png"))
 
 
+def test_without_seed_the_models_own_sample_seed_is_taken(tmp_path):
+    """sample.seed was read by training previews alone: `fusedit sample` and write_sample_folder started
+    from 42 whatever the config said."""
+    import dataclasses
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, seed=9))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_checkpoint(
+        tmp_path / "run", 0, cfg, model.denoiser, model.denoiser.state_dict(), None, model.text.llm
+    )
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--steps", "1", "--size", "8"]
+    assert sample(tmp_path / "run", tmp_path / "out", *args) == 0
+    assert [metadata(tmp_path / "out", i)["seed"] for i in range(2)] == [9, 10]
+    assert sample(tmp_path / "run", tmp_path / "given", *args, "--seed", "3") == 0
+    assert metadata(tmp_path / "given", 1)["seed"] == 4
+    loaded, saved, _ = load_sampling_model(tmp_path / "run", "cpu")
+    paths = write_sample_folder(
+        loaded,
+        saved,
+        ["a red circle"],
+        tmp_path / "lib",
+        settings=sample_settings(saved, steps=1, image_size=8),
+    )
+    assert json.loads(paths[0].with_suffix(".json").read_text())["seed"] == 9
+
+
 def test_the_library_writes_the_folder_the_cli_writes(folders, tmp_path):
     """From Python, without the CLI: fusedit.sample.load_sampling_model and write_sample_folder give the
     images, metadata and grid of `fusedit sample` with the same settings."""

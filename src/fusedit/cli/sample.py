@@ -89,7 +89,8 @@ def cmd_sample(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is not allowed (allowed: 1 or more)")
     _check_sampling_flags(args)
-    check_seed(args.seed, len(prompts), name="--seed")
+    if args.seed is not None:
+        check_seed(args.seed, len(prompts), name="--seed")
     if args.guidance is not None:
         check_negative_prompt(args.negative_prompt, args.guidance, flags=True)
     out = _out_folder(args.out)
@@ -241,7 +242,9 @@ def _add_sample_parser(sub) -> None:
         help="the prompt guidance steers away from (default the saved sample.negative_prompt)",
     )
     sp.add_argument(
-        "--seed", type=int, default=42, help="image i starts from the noise of seed + i (default 42)"
+        "--seed",
+        type=int,
+        help="image i starts from the noise of seed + i (default the saved sample.seed, 42 unless set)",
     )
     sp.add_argument(
         "--size",

@@ -413,7 +413,8 @@ class SampleConfig:
     # pipeline samples with (converted checkpoints use it, to reproduce published images and scores).
     schedule: str = choice("uniform", "uniform", "diffusers")
     negative_prompt: str = ""
-    # Training previews' seed: image i takes seed + i, within SEED_MAX as `fusedit sample --seed` is.
+    # `fusedit sample`'s seed (its --seed overrides it) and training previews': image i starts from the
+    # noise of seed + i alone, within SEED_MAX.
     seed: int = field(default=42, metadata={"min": 0, "max": SEED_MAX})
     # Compute the LLM's per-layer text K/V once per prompt batch and reuse it for every step.
     cache_text: bool = True
