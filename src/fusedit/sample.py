@@ -770,30 +770,30 @@ def write_sample_folder(
     kept: list[Path] | None = None,
 ) -> list[Path]:
     """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
-        its metadata (prompt, whether it was "truncated" to the text encoders' limits, seed, settings,
-        precision, use_ema, model and its weights' fingerprint, batch size, compile, CUDA graphs) as 0000i.json,
-        and grid.png of them all with their prompts. An empty prompt samples unconditionally (the input a dropped caption trained), as `fusedit serve` does; the words the
-        built-in word tokenizer reads as <unk> are warned about before sampling, and the prompts cut (the
-        negative prompt too) once at the end.
+    its metadata (prompt, whether it was "truncated" to the text encoders' limits, seed, settings,
+    precision, use_ema, model and its weights' fingerprint, batch size, compile, CUDA graphs) as 0000i.json,
+    and grid.png of them all with their prompts. An empty prompt samples unconditionally (the input a
+    dropped caption trained), as `fusedit serve` does; the words the built-in word tokenizer reads as <unk>
+    are warned about before sampling, and the prompts cut (the negative prompt too) once at the end.
 
-        ``model`` and ``cfg`` are as ``load_sampling_model`` returns them, and ``source`` is the folder it
-        returned (recorded, absolute, as each image's "model"). ``settings`` are ``generate``'s keyword
-        arguments as ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should
-        fit the model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` (None: the
-    config's sample.seed) + i alone,
-        so any image can be made again by itself (each seed + i must lie in 0..SEED_MAX, as `fusedit serve` takes
-        seeds: ConfigError otherwise); a negative prompt at guidance 1, which would change nothing, is refused
-        too. Prompts are sampled ``batch_size`` at a time, with a progress bar unless ``progress`` is False.
+    ``model`` and ``cfg`` are as ``load_sampling_model`` returns them, and ``source`` is the folder it
+    returned (recorded, absolute, as each image's "model"). ``settings`` are ``generate``'s keyword
+    arguments as ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should
+    fit the model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone
+    (None: the config's sample.seed), so any image can be made again by itself (each seed + i must lie in
+    0..SEED_MAX, as `fusedit serve` takes seeds: ConfigError otherwise); a negative prompt at guidance 1,
+    which would change nothing, is refused too. Prompts are sampled ``batch_size`` at a time, with a
+    progress bar unless ``progress`` is False.
 
-        ``out`` is created where missing. A folder holding anything but an earlier sample's files is refused
-        before any sampling (``earlier_sample``). An earlier sample's folder resumes when ``source`` names the
-        model (whose weights' fingerprint each record holds): a batch whose images are all there, each recorded
-        as this call would record it (prompt, seed, settings, model, batch size), is kept, and only the other
-        batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is made
-        whole, as in that call). Earlier images of other prompts or settings are replaced, and once the first
-        new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
-        file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
-        is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
+    ``out`` is created where missing. A folder holding anything but an earlier sample's files is refused
+    before any sampling (``earlier_sample``). An earlier sample's folder resumes when ``source`` names the
+    model (whose weights' fingerprint each record holds): a batch whose images are all there, each recorded
+    as this call would record it (prompt, seed, settings, model, batch size), is kept, and only the other
+    batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is made
+    whole, as in that call). Earlier images of other prompts or settings are replaced, and once the first
+    new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
+    file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
+    is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
     from fusedit.checkpoints import weights_fingerprint
 
     prompts = check_prompts(prompts)
