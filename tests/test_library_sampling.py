@@ -344,7 +344,7 @@ def test_the_cli_runs_the_bench_with_bench_settings_alone(run, cfg, tmp_path, mo
     monkeypatch.setattr(shapes_bench, "run_shapes_bench", run_shapes_bench)
     args = ["eval", str(run), "--out", str(tmp_path), "--device", "cpu", "--quiet", "--per-category", "1"]
     assert main([*args, "--steps", "1"]) == 0
-    library = shapes_bench.bench_settings(cfg, per_category=1, steps=1, guidance=cfg.sample.guidance, seed=0)
+    library = shapes_bench.bench_settings(cfg, per_category=1, steps=1)  # the model's guidance, seed 0
     # The rest says what is scored (the row's name, the checkpoint, the kinds the run trained), not how.
     assert len(calls) == 1 and {k: calls[0][k] for k in library} == library
     assert set(calls[0]) - set(library) == {"name", "progress", "source", "trained_kinds"}

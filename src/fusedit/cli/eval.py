@@ -58,7 +58,6 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import (
-        PER_CATEGORY,
         bench_settings,
         markdown_table,
         run_shapes_bench,
@@ -131,13 +130,8 @@ def cmd_eval(args) -> int:
     print(scoring, flush=True)
     if model is None:
         model, cfg, where = load(where)
-    s = cfg.sample
     settings = bench_settings(
-        cfg,
-        per_category=PER_CATEGORY if args.per_category is None else args.per_category,
-        steps=s.steps if args.steps is None else args.steps,
-        guidance=s.guidance if args.guidance is None else args.guidance,
-        seed=0 if args.seed is None else args.seed,
+        cfg, per_category=args.per_category, steps=args.steps, guidance=args.guidance, seed=args.seed
     )
     # The bench writes its files at the end: an interruption keeps what an earlier bench wrote there.
     earlier = (

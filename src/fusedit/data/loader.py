@@ -577,6 +577,9 @@ class CatalogItems(PlannedDataset):
 
 
 def collate(items: list[dict]) -> dict:
+    """A batch of dataset items: "image" (B, 3, H, W) and/or "latent" (B, C, h, w) stacked, "caption" and
+    "id" lists, "index" (B,) long, "skipped" the samples skipped on the way; or {"unusable": skips} when an
+    item found no usable candidate (PlannedDataset)."""
     unusable = next((it["unusable"] for it in items if "unusable" in it), None)
     if unusable is not None:
         return {"unusable": unusable}

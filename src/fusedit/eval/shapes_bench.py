@@ -61,18 +61,27 @@ def untrained_note(untrained: Sequence[str], categories: int) -> str:
 PER_CATEGORY = 20
 
 
-def bench_settings(cfg, *, per_category: int, steps: int, guidance: float, seed: int) -> dict:
+def bench_settings(
+    cfg,
+    *,
+    per_category: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+) -> dict:
     """``run_shapes_bench`` keyword arguments for a model's config: its image size, the shapes world it
     learnt (data.max_objects, which decides the held-out prompts drawn) and ``sample`` section, with the
-    bench's own choices. They are exactly the settings the bench records in scores.json."""
+    bench's own choices, each None for its default (as `fusedit eval`'s flags): PER_CATEGORY prompts per
+    category, the ``sample`` section's steps and guidance, seed 0. They are exactly the settings the bench
+    records in scores.json."""
     s = cfg.sample
     return {
         "image_size": cfg.data.image_size,
         "max_objects": cfg.data.max_objects,
-        "per_category": per_category,
-        "steps": steps,
-        "guidance": guidance,
-        "seed": seed,
+        "per_category": PER_CATEGORY if per_category is None else per_category,
+        "steps": s.steps if steps is None else steps,
+        "guidance": s.guidance if guidance is None else guidance,
+        "seed": 0 if seed is None else seed,
         "sampler": s.sampler,
         "shift": s.shift,
         "schedule": s.schedule,

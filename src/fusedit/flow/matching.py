@@ -20,7 +20,9 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 def sample_training_times(
     n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
 ) -> torch.Tensor:
-    """Logit-normal(mean, std) times, then the SD3 shift. Returns (n,) float32 in (0, 1) on the CPU."""
+    """Logit-normal(mean, std) times, then the SD3 shift. Returns (n,) float32 in (0, 1) on the CPU. The
+    defaults are the plain logit-normal without a shift; a run draws with its ``flow`` section's values
+    (a shift of 3 unless set), which a loop of one's own should pass too."""
     u = torch.randn(n, generator=generator) * std + mean
     return shift_time(torch.sigmoid(u), shift)
 
