@@ -573,7 +573,7 @@ def check_sampling_source(path: str | Path, use_ema: bool = True, relocate: dict
 
 def load_sampling_model(
     path: str | Path,
-    device: torch.device | str,
+    device: torch.device | str = "cpu",
     use_ema: bool = True,
     relocate: dict[str, str] | None = None,
     **sample_overrides: Any,

@@ -45,6 +45,17 @@ RECOMPILE_SLACK = 8
 
 
 class TextToImage(nn.Module):
+    """A text-to-image model as built from a config (``build_model``): the parts a design combines.
+
+    - ``text``: the first LLM's TextEncoder (the frozen LLM as ``text.llm``, its tokenizer and template);
+    - ``extra_text``: the further LLMs' TextEncoders (LI-DiT's multi-LLM fusion), in config order;
+    - ``pooled_text``: clip-mod's pooled CLIP text encoder, or None;
+    - ``denoiser``: the DiT that trains (fusedit.models), velocity = denoiser(x_t, t, text context);
+    - ``autoencoder``: the latent space (``encode``/``decode``), or None in a build without one (the bench);
+    - ``vocabulary``: the built-in word tokenizer's words when a part uses it, else None.
+
+    ``encode_prompts`` gives the text context of a prompt batch, which ``forward`` (the denoiser's) reads."""
+
     def __init__(
         self,
         text: TextEncoder,
