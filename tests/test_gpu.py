@@ -54,6 +54,10 @@ def test_host_tensors_reach_the_gpu_without_the_host_waiting():
     from fusedit.devices import host_to_device
 
     x = torch.randn(16, 4, 64, 64)
+    # A first copy fills the pinned host and the device caches: a fresh cudaHostAlloc or cudaMalloc may
+    # itself wait for the device, which is not what this checks.
+    host_to_device(x, "cuda")
+    torch.cuda.synchronize()
     torch.cuda._sleep(int(5e8))  # a few hundred ms of queued work the copy must not wait for
     moved = host_to_device(x, "cuda")
     assert not torch.cuda.current_stream().query()  # the host is back before the sleep ended
