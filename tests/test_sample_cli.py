@@ -928,7 +928,7 @@ def test_help_gives_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for said in (
         "(default samples;",
-        "(default 42)",
+        "(default the saved sample.seed, 42 unless set)",
         "(default 8)",
         "(default the saved sample.steps)",
         "(default the saved sample.guidance)",
