@@ -630,13 +630,13 @@ def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
     leftover = root / ".step_00000004.partial"
     leftover.mkdir()
     (leftover / "denoiser.safetensors").write_bytes(bytes(1000))
-    seen, rewind = [], loop._rewind_metrics
+    seen, rewind = [], loop.rewind_metrics
 
     def first_write(*args):
         seen.append(leftover.exists())
         rewind(*args)
 
-    monkeypatch.setattr(loop, "_rewind_metrics", first_write)
+    monkeypatch.setattr(loop, "rewind_metrics", first_write)
     assert main([*argv, "--resume"]) == 0
     assert seen == [False]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]

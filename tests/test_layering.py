@@ -21,6 +21,8 @@ SKIPPED = {"train", "cli", "__main__.py"}  # the training package itself, and th
 EXCEPTIONS = {
     # These train: the demo trains a tiny run before it samples, and a study trains each design it compares.
     ("demo.py", "fusedit.train.loop"),
+    # The demo refuses to train over a run (fusedit.train.run_folder.refuse_a_run), worded for its options.
+    ("demo.py", "fusedit.train.run_folder"),
     ("eval/study.py", "fusedit.train.loop"),
     # A study costs a design's training as `fusedit describe` does (each stage's parts and FLOPs), and
     # refuses to run as several torchrun processes (which train() would join).

@@ -18,6 +18,7 @@ from fusedit.config import ConfigError, load_config
 from fusedit.system import build_model, resolve_device
 from fusedit.train import loop
 from fusedit.train.loop import train
+from fusedit.train.run_folder import RunExists
 
 
 def _checkpoints(run) -> list[str]:
@@ -31,7 +32,7 @@ def test_a_fresh_train_into_a_run_folder_is_refused_unless_resume_or_overwrite(t
     metrics = (run / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError) as refused:  # what every bad value raises: one line
         train(tiny_config(train={"steps": 1}), run, progress=False)
-    assert isinstance(refused.value, loop.RunExists)  # whose callers word the advice for their options
+    assert isinstance(refused.value, RunExists)  # whose callers word the advice for their options
     assert str(refused.value) == (
         f"{str(run)!r} already holds a run (checkpoint at step 2): pass resume=True to continue it, "
         "overwrite=True to delete it and start over, or another run_dir"

@@ -250,7 +250,7 @@ def test_known_bad_samples_are_opened_once_and_the_batches_do_not_change(tmp_pat
 )
 def test_each_rank_lists_the_samples_it_skipped(tmp_path):
     from fusedit.config import save_config
-    from fusedit.train.loop import skipped_list_name
+    from fusedit.train.data_state import skipped_list_name
     from test_distributed import torchrun
 
     root = _folder(tmp_path / "data", good=2, corrupt=9)
@@ -362,14 +362,14 @@ def test_the_skipped_summary_under_torchrun_covers_every_rank(tmp_path):
 def test_the_skip_line_names_the_lists_the_ranks_wrote():
     """It sent readers to "rank 1's in skipped.rank1.jsonl, ..." where rank 1 had skipped nothing and so
     written no list."""
-    from fusedit.train.loop import _where_listed
+    from fusedit.train.data_state import where_listed
 
     run = Path("run")
-    assert _where_listed([0], run, None) == f"every skipped id is listed in {run / 'skipped.jsonl'}"
-    assert _where_listed([1, 3], run, None) == (
+    assert where_listed([0], run, None) == f"every skipped id is listed in {run / 'skipped.jsonl'}"
+    assert where_listed([1, 3], run, None) == (
         f"every skipped id is listed in {run / 'skipped.rank1.jsonl'} (rank 3's in skipped.rank3.jsonl)"
     )
-    assert _where_listed([0, 2, 5, 6, 7], run, 1) == (
+    assert where_listed([0, 2, 5, 6, 7], run, 1) == (
         f"every skipped id is listed in {run / 'skipped.stage1.jsonl'} (ranks 2, 5, 6 and 1 more in "
         "skipped.stage1.rank<r>.jsonl)"
     )

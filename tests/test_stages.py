@@ -21,7 +21,13 @@ from fusedit.sample import generate
 from fusedit.system import build_model
 from fusedit.train import loop
 from fusedit.train.loop import train
-from fusedit.train.stages import apply_parts, describe_stages, idle_settings, training_flops_per_image
+from fusedit.train.stages import (
+    _check_global_batch,
+    apply_parts,
+    describe_stages,
+    idle_settings,
+    training_flops_per_image,
+)
 
 PROMPTS = ["a red circle", "a blue square to the left of a green triangle", ""]
 JOINT = {"trainable": ["dit", "llm"], "llm_lr": 3e-4}
@@ -625,28 +631,28 @@ def test_a_recipes_global_batch_is_kept_on_any_number_of_processes(tmp_path):
     """The recipes name their global batch (train.global_batch): batch_size x grad_accum x processes must
     make it, else training is refused at start with a per-process batch that does; null opts out."""
     paper = resolved_stages(load_config("recipe-fusedit-paper"))
-    loop._check_global_batch(paper, 1, staged=True)  # 512 x 1 x 1
+    _check_global_batch(paper, 1, staged=True)  # 512 x 1 x 1
     with pytest.raises(ConfigError) as e:
-        loop._check_global_batch(paper, 8, staged=True)
+        _check_global_batch(paper, 8, staged=True)
     assert str(e.value) == (
         "stages.0.train.global_batch=512, but stages.0.train.batch_size=512 x grad_accum=1 x 8 process(es) = "
         "4096 (allowed: stages.0.train.batch_size=64 on 8 process(es), or stages.0.train.global_batch=null "
         "to train at 4096)"
     )
-    loop._check_global_batch(
+    _check_global_batch(
         resolved_stages(load_config("recipe-fusedit-paper", ["stages.0.train.batch_size=64"])), 8, staged=True
     )
     accum = ["stages.0.train.batch_size=16", "stages.0.train.grad_accum=3"]
     with pytest.raises(ConfigError, match=r"batch_size=64 stages.0.train.grad_accum=1 on 8 process"):
-        loop._check_global_batch(resolved_stages(load_config("recipe-fusedit-paper", accum)), 8, staged=True)
+        _check_global_batch(resolved_stages(load_config("recipe-fusedit-paper", accum)), 8, staged=True)
     with pytest.raises(ConfigError, match=r"allowed: a number of processes that divides 512, or"):
-        loop._check_global_batch(paper, 3, staged=True)
+        _check_global_batch(paper, 3, staged=True)
     opted_out = load_config("recipe-fusedit-paper", ["stages.0.train.global_batch=null"])
-    loop._check_global_batch(resolved_stages(opted_out), 8, staged=True)
+    _check_global_batch(resolved_stages(opted_out), 8, staged=True)
     # Each stage of a recipe is checked with its own batch; a run without stages names train.*.
     lidit = resolved_stages(load_config("recipe-lidit-3stage", ["stages.1.train.batch_size=64"]))
     with pytest.raises(ConfigError, match=r"^stages.1.train.global_batch=512, but"):
-        loop._check_global_batch(lidit, 1, staged=True)
+        _check_global_batch(lidit, 1, staged=True)
     # train() refuses it before building anything.
     cfg = tiny_config(train={"global_batch": 8})
     with pytest.raises(

@@ -526,7 +526,7 @@ def test_an_offloaded_ema_trains_and_resumes_like_one_beside_the_weights(tmp_pat
     """train.ema_offload moves where the average is held, not what it holds; FSDP refuses it (its shards
     are already spread over the GPUs)."""
     from fusedit.config import resolved_stages
-    from fusedit.train.loop import _check_stages_fit
+    from fusedit.train.stages import _check_stages_fit
 
     emas = []
     for offload in (False, True):

@@ -17,7 +17,8 @@ from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
 from fusedit.system import resolve_device
-from fusedit.train.loop import refuse_a_run, train
+from fusedit.train.loop import train
+from fusedit.train.run_folder import refuse_a_run
 
 
 def sample_sheet(run_dir: Path, cfg: Config, prompts=DEMO_PROMPTS, seeds=(0, 1), progress=True) -> Path:
@@ -40,9 +41,9 @@ def check_demo_folder(
     advice: str = "pass overwrite=True to delete it and run the demo again, or another run_dir",
 ) -> None:
     """The demo trains afresh: a run in ``run_dir`` trained for days would be lost, so it is refused
-    (fusedit.train.loop.RunExists, with ``advice``) unless ``overwrite``. An earlier demo's run (the loss
-    curve and prompt sheet only the demo writes are there) is replaced, so that the README's demo command
-    can be run again as it is."""
+    (fusedit.train.run_folder.RunExists, with ``advice``) unless ``overwrite``. An earlier demo's run
+    (the loss curve and prompt sheet only the demo writes are there) is replaced, so that the README's demo
+    command can be run again as it is."""
     earlier_demo = (run_dir / "loss.png").is_file() and (run_dir / "samples.png").is_file()
     if not (overwrite or earlier_demo):
         refuse_a_run(run_dir, advice)

@@ -37,7 +37,7 @@ def _warn_other_files(out: Path) -> None:
 
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
-    from fusedit.train.loop import kept_checkpoint
+    from fusedit.train.run_folder import kept_checkpoint
 
     ckpt, earlier = kept_checkpoint(out, started if args.overwrite else None)
     if earlier:
@@ -50,7 +50,8 @@ def _train_kept(out: Path, args, started: float) -> str:
 
 
 def cmd_train(args) -> int:
-    from fusedit.train.loop import RunExists, train
+    from fusedit.train.loop import train
+    from fusedit.train.run_folder import RunExists
 
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
@@ -164,7 +165,7 @@ def _demo_kept(out: Path, args, steps: int, started: float) -> str:
     preset and overrides, ``steps`` long)."""
     from fusedit.checkpoints import load_state
     from fusedit.demo import check_demo_folder
-    from fusedit.train.loop import RunExists, kept_checkpoint
+    from fusedit.train.run_folder import RunExists, kept_checkpoint
 
     ckpt, earlier = kept_checkpoint(out, started)
     if earlier:

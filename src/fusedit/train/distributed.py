@@ -147,7 +147,7 @@ def teardown(env: DistEnv) -> None:
 def quiet_unless_main(env: DistEnv) -> Iterator[None]:
     """Logging from rank 0 only: every rank would print the same lines (32 copies of each config warning on
     4 nodes x 8 GPUs). The other ranks keep their errors. (The data loaders warn from rank 0 too, and each
-    rank lists its own skipped samples, train.loop.skipped_list_name.)"""
+    rank lists its own skipped samples, train.data_state.skipped_list_name.)"""
     logger = logging.getLogger("fusedit")
     level = logger.level
     if not env.is_main:

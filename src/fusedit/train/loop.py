@@ -2,10 +2,8 @@
 flow-matching loss -> AdamW step -> EMA -> log -> atomic checkpoint.
 
 Everything random in a step is a function of (seed, step) and the sample's position in the step's global
-batch: caption dropout and timesteps are drawn for the whole global batch from a generator seeded by
-(seed, step), each sample's noise from one seeded by (seed, step, position), and the data is addressed by
-step. So a run resumed from a checkpoint continues with exactly the losses of an uninterrupted run, and
-how the global batch is split over processes and micro-steps changes the losses only by float rounding.
+batch (:mod:`fusedit.train.seeding`), so a run resumed from a checkpoint continues with exactly the
+losses of an uninterrupted run.
 
 A run is a list of stages (config ``stages``; one implicit stage without them): each stage trains its own
 parts at its own resolution, batch, data and learning rates, starting from the previous stage's weights,
@@ -24,16 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -43,7 +38,6 @@ from tqdm.auto import tqdm
 
 from fusedit.adapters import DENOISER, Parts, has_adapters, text_modules
 from fusedit.checkpoints import (
-    COPY_AGAIN,
     find_checkpoint,
     load_checkpoint_config,
     load_state,
@@ -61,18 +55,11 @@ from fusedit.config import (
     resolved_stages,
     save_config,
 )
-from fusedit.data.loader import (
-    check_data_paths,
-    is_stream,
-    merged_skip_report,
-    resplit_state,
-    skipped_jsonl,
-    step_loader,
-)
+from fusedit.data.loader import check_data_paths, merged_skip_report, step_loader
 from fusedit.devices import host_to_device
-from fusedit.files import read_json, remove_folder, write_text_atomic
+from fusedit.files import remove_folder
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
-from fusedit.system import TextToImage, build_model, seeded, uses_bf16
+from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.train import distributed
 from fusedit.train.checkpoint import (
     CheckpointNotSaved,
@@ -80,338 +67,33 @@ from fusedit.train.checkpoint import (
     data_state_name,
     init_source,
     init_weights,
-    last_checkpoint,
     load_training_state,
     save_checkpoint,
     save_distributed_checkpoint,
     sweep_leftovers,
 )
+from fusedit.train.data_state import (
+    resplit_keys,
+    saved_data_state,
+    skipped_list_name,
+    where_listed,
+    write_skipped,
+)
 from fusedit.train.distributed import DistEnv
 from fusedit.train.ema import EMA
 from fusedit.train.loggers import WandbLogger, check_loggers, open_loggers
-from fusedit.train.run_folder import hold_run_folder
-from fusedit.train.stages import Optimizers, apply_parts, check_stages, idle_settings, llm_base_changed
+from fusedit.train.run_folder import hold_run_folder, how_to_go_on, refuse_a_run, rewind_metrics
+from fusedit.train.seeding import global_generator, sample_generators, sample_noise, step_generator
+from fusedit.train.stages import (
+    Optimizers,
+    apply_parts,
+    check_stages,
+    check_stages_run,
+    idle_settings,
+    llm_base_changed,
+)
 
 log = logging.getLogger(__name__)
-
-# torch has one global generator per process (per device), which train() calls in threads share: a call
-# draws from it only with this lock held and inside a fork of it (_global_generator), so that one call's
-# draws never land in another's seeded build and the caller's generator is left as it was. (Only train()
-# calls take the lock: a build_model in another thread meanwhile still draws from the same generator.)
-_GLOBAL_GENERATOR = threading.Lock()
-
-
-@contextlib.contextmanager
-def _global_generator(device: torch.device, seed: int | None = None) -> Iterator[None]:
-    """The block has torch's global generator (CPU, and ``device``'s when it is a GPU) to itself among
-    train() calls, seeded with ``seed`` when given; afterwards it is back to the state the block found."""
-    with _GLOBAL_GENERATOR, seeded(seed, device):
-        yield
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast over fp32 master weights where the device supports it ("auto": CUDA with bf16)."""
-    if uses_bf16(precision, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def sample_seed(seed: int, step: int, position: int, stream: str = "") -> int:
-    """Seed of one sample's noise: a hash, so neighbouring (step, position) pairs get unrelated streams;
-    ``stream`` names another draw of the same sample (the VAE posterior's: "vae/")."""
-    digest = hashlib.blake2b(f"{stream}{seed}/{step}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def sample_generators(seed: int, step: int, positions: range, stream: str = "") -> list[torch.Generator]:
-    """One CPU generator per sample at ``positions`` of the step's global batch: each rank draws only its
-    own rows (drawing the whole global batch and slicing would cost every rank the global batch's)."""
-    return [torch.Generator().manual_seed(sample_seed(seed, step, p, stream)) for p in positions]
-
-
-def sample_noise(seed: int, step: int, positions: range, shape: torch.Size) -> torch.Tensor:
-    """Noise for the samples at ``positions`` of the step's global batch, (len(positions), *shape) on the
-    CPU."""
-    return torch.stack([torch.randn(shape, generator=g) for g in sample_generators(seed, step, positions)])
-
-
-def learning_rate(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
-    """Linear warmup, then constant (the FuseDiT recipe) or cosine decay to 0 at ``total`` steps."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return base
-
-
-def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[torch.nn.Module, bool]]:
-    """The LLMs a checkpoint of ``stage`` holds, by checkpoint name: (module, whole). Whole when the LLM's
-    weights are not what its hub id loads (random init, pretrained here, loaded by train.init_from, or
-    trained fully or with merged adapters by this stage); otherwise only live LoRA adapters are saved."""
-    texts = [cfg.text, *cfg.extra_text]
-    out = {}
-    initialised = initialised_llms(cfg, text_modules(model))
-    for (key, module), tcfg in zip(text_modules(model).items(), texts, strict=True):
-        whole = not tcfg.model_id or key in initialised or llm_base_changed(cfg, stage)
-        if whole or has_adapters(module):
-            out[key] = (module, whole)
-    return out
-
-
-def initialised_llms(cfg: Config, llms: dict) -> set[str]:
-    """The LLMs (checkpoint names) whose weights train.init_from loaded: those its checkpoint saved, whole
-    or as adapters. The others are what their model_id loads, so a checkpoint need not hold them. All of
-    them from a pipeline folder (it holds every LLM), or when that checkpoint is gone (say, on a resume
-    elsewhere): saving too much loses nothing."""
-    if not cfg.train.init_from:
-        return set()
-    try:
-        saved = saved_shapes(find_checkpoint(cfg.train.init_from))
-    except FileNotFoundError:
-        return set(llms)
-    return {key for key in llms if key in saved or f"{key}_lora" in saved}
-
-
-@torch.no_grad()
-def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -> None:
-    """A labelled grid of this step's captions sampled with the current (not EMA) weights, fixed seed.
-
-    Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
-    from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, sample_settings
-
-    was_training = model.denoiser.training
-    model.denoiser.eval()
-    # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing. Captions cut
-    # to the limit are training's (the run warned at the first), not one warning per preview.
-    settings = sample_settings(cfg, cuda_graphs=False)
-    images = generate(model, captions, seed=cfg.sample.seed, warn_cut=False, **settings)
-    model.denoiser.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
-
-
-def _rewind_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step so the metrics file reads like one uninterrupted run (and a
-    line cut short by a kill). Atomic: a kill during the rewind leaves the old file whole."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] <= step:
-            keep.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
-
-
-def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> None:
-    """What train.parallel and train.shard_llm allow a run's stages to do (the checks that need the launch)."""
-    if parallel == "none":  # one plain process: nothing is sharded
-        return
-    # A preview encodes its captions on rank 0 alone: a sharded LLM would wait there for the other ranks'
-    # shards until train.dist_timeout_s.
-    if shard_llm and any(s.config.train.preview_every for s in stages):
-        raise ConfigError(
-            "train.preview_every needs the whole LLM on rank 0, which train.shard_llm=true shards "
-            "(allowed: preview_every=0 with shard_llm, or shard_llm=false)"
-        )
-    if parallel != "fsdp":
-        return
-    if stages[0].config.train.ema_offload:
-        raise ConfigError(
-            "train.ema_offload=true keeps a whole EMA on the host, while train.parallel=fsdp shards it over "
-            "the GPUs already (allowed: ema_offload=false with fsdp, or parallel=ddp)"
-        )
-    if any(s.config.train.preview_every for s in stages):
-        raise ConfigError(
-            "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
-            "(allowed: preview_every=0 with fsdp, or parallel=ddp)"
-        )
-    first = Parts.of(stages[0].config.train)
-    for s in stages:
-        parts = Parts.of(s.config.train)
-        if parts.llm or parts.dit_adapters:
-            raise ConfigError(
-                f"stage {s.index} ({s.name}) trains {parts.describe()}: train.parallel=fsdp shards the DiT "
-                "alone and without adapters (allowed: trainable [dit] or [dit, refiner] with fsdp, or parallel=ddp)"
-            )
-        if parts != first or s.config.train.precision != stages[0].config.train.precision:
-            raise ConfigError(
-                f"stage {s.index} ({s.name}) changes the trainable parts or train.precision, which "
-                "train.parallel=fsdp fixes when it shards the model (allowed: the same in every stage, or ddp)"
-            )
-
-
-def _check_global_batch(stages: list[Stage], world_size: int, staged: bool) -> None:
-    """A stage's train.global_batch (a recipe's batch) is what its batch_size x grad_accum x processes
-    make; refused at start, naming a per-process batch that makes it, rather than trained at another."""
-    for s in stages:
-        tc = s.config.train
-        if tc.global_batch is None:
-            continue
-        made = tc.batch_size * tc.grad_accum * world_size
-        if made == tc.global_batch:
-            continue
-        key = f"stages.{s.index}.train" if staged else "train"
-        per_process, rest = divmod(tc.global_batch, world_size)
-        if rest:
-            fix = f"a number of processes that divides {tc.global_batch}, "
-        elif per_process % tc.grad_accum == 0:
-            fix = f"{key}.batch_size={per_process // tc.grad_accum} on {world_size} process(es), "
-        else:
-            fix = f"{key}.batch_size={per_process} {key}.grad_accum=1 on {world_size} process(es), "
-        raise ConfigError(
-            f"{key}.global_batch={tc.global_batch}, but {key}.batch_size={tc.batch_size} x grad_accum="
-            f"{tc.grad_accum} x {world_size} process(es) = {made} (allowed: {fix}or {key}.global_batch=null "
-            f"to train at {made})"
-        )
-
-
-def skipped_list_name(rank: int, stage: int | None = None) -> str:
-    """The run folder's list of the samples a rank skipped (``stage``: in a run of stages, whose data may
-    differ). Ranks read different samples, so each writes its own; rank 0 keeps the plain name, as its
-    data_state.json does."""
-    stage_part = "" if stage is None else f".stage{stage}"
-    rank_part = "" if rank == 0 else f".rank{rank}"
-    return f"skipped{stage_part}{rank_part}.jsonl"
-
-
-def _write_skipped(path: Path, loader_state: dict, world_size: int | None = None) -> bool:
-    """The skipped samples of a loader's state into ``path`` (whether there were any; with none, an earlier
-    list there goes: the file always matches the last checkpoint). Rank 0 (``world_size`` given) also
-    removes the lists of ranks this run does not have: after a resume on fewer processes their skips are in
-    rank 0's state and list (``resplit_state``)."""
-    text = skipped_jsonl(loader_state.get("skips", {}))
-    if text:
-        write_text_atomic(path, text)
-    else:
-        path.unlink(missing_ok=True)
-    if world_size is not None:
-        stem = path.name.removesuffix(".jsonl")
-        for other in path.parent.glob(f"{stem}.rank*.jsonl"):
-            rank = other.name.removeprefix(f"{stem}.rank").removesuffix(".jsonl")
-            if rank.isdigit() and int(rank) >= world_size:
-                other.unlink(missing_ok=True)
-    return bool(text)
-
-
-def _where_listed(ranks: list[int], run_dir: Path, stage: int | None) -> str:
-    """Where the skip line sends its reader: the lists of the ``ranks`` that wrote one (a rank that skipped
-    nothing writes none), the first by its path, a few others by name, more by their pattern."""
-    first = f"every skipped id is listed in {run_dir / skipped_list_name(ranks[0], stage)}"
-    others = ranks[1:]
-    if not others:
-        return first
-    if len(others) <= 3:
-        named = [f"rank {r}'s in {skipped_list_name(r, stage)}" for r in others]
-        return f"{first} ({', '.join(named)})"
-    pattern = skipped_list_name(1, stage).replace(".rank1.", ".rank<r>.")
-    return f"{first} (ranks {', '.join(map(str, others[:3]))} and {len(others) - 3} more in {pattern})"
-
-
-def _warn_global_batch_changed(
-    saved_world: int, saved_per_rank: int, world: int, tc, stage: int, staged: bool
-) -> None:
-    """A resume on another number of processes with the same per-process batch trains the rest of the stage
-    at another global batch (e.g. after a lost node): allowed (train.global_batch, when set, refuses it at
-    start), but said, with the batch_size that keeps the checkpoint's."""
-    before, now = saved_world * saved_per_rank, world * tc.batch_size * tc.grad_accum
-    key = f"stages.{stage}.train.batch_size" if staged else "train.batch_size"
-    keep = before // (world * tc.grad_accum) if before % (world * tc.grad_accum) == 0 else None
-    log.warning(
-        "resuming at a global batch of %d (%d process(es) x batch_size %d x grad_accum %d), not the %d the "
-        "checkpoint trained at (%d x %d samples): the rest of the run trains at another batch%s",
-        now,
-        world,
-        tc.batch_size,
-        tc.grad_accum,
-        before,
-        saved_world,
-        saved_per_rank,
-        f" (to keep {before}: {key}={keep})" if keep else "",
-    )
-
-
-def _saved_split(saved: dict, tc) -> tuple[int, int, int]:
-    """(processes, batch_size, grad_accum) a checkpoint's state recorded (a state from before they were
-    recorded: one process, this run's batch_size, no accumulation)."""
-    return (
-        int(saved.get("world_size", 1)),
-        int(saved.get("batch_size", tc.batch_size)),
-        int(saved.get("grad_accum", 1)),
-    )
-
-
-def _saved_data_state(
-    ckpt: Path, saved: dict, env: DistEnv, cfg: Config, stage: int = 0, staged: bool = False
-) -> dict | None:
-    """This rank's data position from the checkpoint, when the run that wrote it split the data the same way
-    (same world size and per-rank batch). Otherwise the old ranks' states as one (``resplit_state``): every
-    old rank's skipped samples go to rank 0 (the others read rank 0's state alone), an index-addressable
-    source without buckets goes on after the samples read, and a stream's saved positions, which cannot be
-    mapped onto another split, are read through again (a warning says so). None where the checkpoint holds
-    no data state. A global batch that changed within the checkpoint's ``stage`` is warned about."""
-    tc = cfg.train
-    per_rank = tc.batch_size * tc.grad_accum
-    saved_world, saved_batch, saved_accum = _saved_split(saved, tc)
-    saved_per_rank = saved_batch * saved_accum
-    if saved_world == env.world_size and saved_per_rank == per_rank:
-        path = ckpt / data_state_name(env.rank)
-        return read_json(path, COPY_AGAIN) if path.is_file() else None
-    paths = [ckpt / data_state_name(r) for r in range(saved_world if env.is_main else 1)]
-    state = None
-    if all(path.is_file() for path in paths):
-        state = resplit_state([read_json(path, COPY_AGAIN) for path in paths], saved_world * saved_per_rank)
-    if not env.is_main:
-        return state
-    if saved_world * saved_per_rank != env.world_size * per_rank and saved.get("stage", stage) == stage:
-        _warn_global_batch_changed(saved_world, saved_per_rank, env.world_size, tc, stage, staged)
-    if is_stream(cfg.data):
-        log.warning(
-            "data: the checkpoint's stream positions are for %d processes x %d samples, this run has "
-            "%d x %d; each rank re-reads its new shard of the stream from the start up to step %d (slow, "
-            "and not the samples the old run would have read next)",
-            saved_world,
-            saved_per_rank,
-            env.world_size,
-            per_rank,
-            int(saved["step"]),
-        )
-    return state
-
-
-class RunExists(ConfigError):
-    """Training afresh into a folder that holds a run, which deletes its checkpoints and metrics (a forgotten
-    resume would lose the run): refused, naming the run's step, with ``advice`` on what to pass instead,
-    worded for the caller's options (`fusedit train` and `fusedit demo` word it for their flags, as they
-    word RunStopped's)."""
-
-    def __init__(self, run_dir: str, step: int, advice: str):
-        super().__init__(run_dir, step, advice)  # all in args: it pickles (a train() in a process pool)
-        self.run_dir, self.step, self.advice = run_dir, step, advice
-
-    def __str__(self) -> str:
-        return f"{self.run_dir!r} already holds a run (checkpoint at step {self.step}): {self.advice}"
-
-
-START_OVER = "pass resume=True to continue it, overwrite=True to delete it and start over, or another run_dir"
-
-
-def refuse_a_run(run_dir: str | Path, advice: str = START_OVER) -> None:
-    """RunExists when ``run_dir`` holds a checkpoint (one that sampling or a resume would find)."""
-    try:
-        step = int(load_state(find_checkpoint(run_dir))["step"])
-    except FileNotFoundError:
-        return
-    raise RunExists(str(run_dir), step, advice)
 
 
 def train(
@@ -473,10 +155,10 @@ def train(
     except KeyboardInterrupt as e:
         # A notebook shows the notes under the exception (`fusedit train` prints its own line, for its flags).
         if hasattr(e, "add_note"):  # Python 3.11 and later
-            e.add_note(_kept_checkpoints(Path(run_dir), replaced_before))
+            e.add_note(how_to_go_on(Path(run_dir), replaced_before))
         raise
     except CheckpointNotSaved as e:  # a full disk, say: what failed, then the checkpoint a resume takes
-        raise RunStopped(str(e), _kept_checkpoints(Path(run_dir), replaced_before)) from e
+        raise RunStopped(str(e), how_to_go_on(Path(run_dir), replaced_before)) from e
     except RuntimeError as e:
         if env.world_size > 1 and distributed.peer_failure(e):
             # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..."
@@ -485,35 +167,11 @@ def train(
             raise RunStopped(
                 f"another process of the job failed or stopped answering ({type(e).__name__}: {first}; a "
                 f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others)",
-                _kept_checkpoints(Path(run_dir), replaced_before),
+                how_to_go_on(Path(run_dir), replaced_before),
             ) from e
         raise
     finally:
         distributed.teardown(env)
-
-
-def kept_checkpoint(run_dir: Path, replaced_before: float | None = None) -> tuple[Path | None, bool]:
-    """The checkpoint a stopped run left in ``run_dir`` (None: none yet) and whether it is the earlier run's
-    that a fresh run starting at ``replaced_before`` (a time.time()) was to replace: saved before it."""
-    ckpt = last_checkpoint(run_dir)
-    if ckpt is None:
-        return None, False
-    return ckpt, replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before
-
-
-def _kept_checkpoints(run_dir: Path, replaced_before: float | None = None) -> str:
-    """What a stopped job keeps and how it goes on, for RunStopped and a Ctrl+C's note (`fusedit train`
-    words it for its flags, from kept_checkpoint too)."""
-    ckpt, earlier = kept_checkpoint(run_dir, replaced_before)
-    if ckpt is None:
-        return f"no checkpoint was saved yet in {run_dir}: train again to start over"
-    if earlier:
-        return (
-            f"the earlier run in {run_dir} was not deleted yet: train again with overwrite=True to start over"
-        )
-    return (
-        f"the last checkpoint is {ckpt}: resume from it (train(..., resume=True); `fusedit train --resume`)"
-    )
 
 
 def _check_before_start(cfg: Config) -> None:
@@ -528,6 +186,22 @@ def _check_before_start(cfg: Config) -> None:
     check_loggers(cfg)
 
 
+def _check_init_from(run_dir: Path, cfg: Config) -> None:
+    """A fresh run deletes its folder's checkpoints before it loads train.init_from, so that is checked
+    first: weights in the run folder itself (the run being fine-tuned, given as its own --out with
+    --overwrite) would be lost, and the load fail; and a path that holds nothing to start from (a typo)
+    would fail only after an earlier run there was deleted."""
+    source = cfg.train.init_from
+    if not source:
+        return
+    if Path(source).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(
+            f"train.init_from={source!r} lies in the run folder {str(run_dir)!r}, whose checkpoints a fresh run "
+            "deletes before it loads them (allowed: another run folder for the fine-tune)"
+        )
+    init_source(source)
+
+
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
     main = env.is_main
     if main:  # before anything is written: a resume onto a disk that a killed save filled gets the space back
@@ -537,7 +211,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     cfg, ckpt, saved, saved_cfg, start = _resume_point(cfg, run_dir, env, resume)
     tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     stages = resolved_stages(cfg)
-    _check_stages_run(cfg, stages, parallel, env.world_size)
+    check_stages_run(cfg, stages, parallel, env.world_size)
     if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(
@@ -549,7 +223,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
 
     # A resumed run keeps the built-in tokenizer's ids it was trained with, whatever the current code's words.
     vocabulary = saved_vocabulary(ckpt) if ckpt is not None else None
-    with _global_generator(env.device, tc.seed):  # the weights train.seed has always given
+    with global_generator(env.device, tc.seed):  # the weights train.seed has always given
         model = build_model(cfg, env.device, vocabulary=vocabulary)
     check_stages(model, stages)
     if ckpt is None:
@@ -562,7 +236,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         else stages[0]
     )
     if saved and main:  # before the file is opened for appending: the rewind replaces it
-        _rewind_metrics(metrics_path, start)
+        rewind_metrics(metrics_path, start)
     sharded_llms = _distribute_llms(cfg, model, env)
     if tc.compile:  # once for the whole run: a later stage's new shapes or adapters recompile the graphs
         model.compile_parts(tc.compile, tc.activation_memory_budget)  # DiT blocks and each LLM
@@ -612,21 +286,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     }
 
 
-def _check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_size: int) -> None:
-    """What the run's stages must satisfy before anything is built: distinct names, what the launch
-    allows (_check_stages_fit) and the global batches they ask for (_check_global_batch)."""
-    names = [stage.name for stage in stages]
-    for stage in stages:
-        # Refused here rather than at config load, so that a saved run with such names still samples.
-        if names.index(stage.name) != stage.index:
-            raise ConfigError(
-                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
-                "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
-            )
-    _check_stages_fit(stages, parallel, cfg.train.shard_llm)
-    _check_global_batch(stages, world_size, bool(cfg.stages))
-
-
 def _resume_point(
     cfg: Config, run_dir: Path, env: DistEnv, resume: bool
 ) -> tuple[Config, Path | None, dict | None, Config | None, int]:
@@ -648,7 +307,7 @@ def _resume_point(
     start = int(saved["step"]) if saved else 0
     if saved:
         cfg, ignored = _kept_init_from(cfg, saved_cfg)
-        resplit = _resplit_keys(saved, saved_cfg, cfg, env)
+        resplit = resplit_keys(saved, saved_cfg, cfg, env)
         changed = check_same_model(ckpt, cfg, saved_cfg, unchanged=resplit) + ignored
         if changed and env.is_main:
             log.warning(
@@ -660,31 +319,6 @@ def _resume_point(
                 "to resume it)"
             )
     return cfg, ckpt, saved, saved_cfg, start
-
-
-def _resplit_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tuple[str, ...]:
-    """train.batch_size and train.grad_accum when they only split the checkpoint's global batch another way,
-    as multi-node.md recommends when the number of processes changes: said at INFO, not warned as a
-    resume's changed settings (check_same_model leaves them out)."""
-    tc, was = cfg.train, saved_cfg.train
-    split = (was.batch_size, was.grad_accum) != (tc.batch_size, tc.grad_accum)
-    if not split or cfg.stages or "batch_size" not in saved:
-        return ()
-    old = _saved_split(saved, tc)
-    now = env.world_size * tc.batch_size * tc.grad_accum
-    if math.prod(old) != now:
-        return ()
-    if env.is_main:
-        log.info(
-            "resuming on another split of the same global batch of %d: %d process(es) x batch_size %d x "
-            "grad_accum %d (the checkpoint's: %d x %d x %d)",
-            now,
-            env.world_size,
-            tc.batch_size,
-            tc.grad_accum,
-            *old,
-        )
-    return ("train.batch_size", "train.grad_accum")
 
 
 def _kept_init_from(cfg: Config, saved_cfg: Config) -> tuple[Config, list[str]]:
@@ -766,22 +400,6 @@ def _warn_ema_holds_the_start(cfg: Config) -> None:
         )
 
 
-def _check_init_from(run_dir: Path, cfg: Config) -> None:
-    """A fresh run deletes its folder's checkpoints before it loads train.init_from, so that is checked
-    first: weights in the run folder itself (the run being fine-tuned, given as its own --out with
-    --overwrite) would be lost, and the load fail; and a path that holds nothing to start from (a typo)
-    would fail only after an earlier run there was deleted."""
-    source = cfg.train.init_from
-    if not source:
-        return
-    if Path(source).resolve().is_relative_to(run_dir.resolve()):
-        raise ConfigError(
-            f"train.init_from={source!r} lies in the run folder {str(run_dir)!r}, whose checkpoints a fresh run "
-            "deletes before it loads them (allowed: another run folder for the fine-tune)"
-        )
-    init_source(source)
-
-
 def _distribute_llms(cfg: Config, model: TextToImage, env: DistEnv) -> list:
     """Under torchrun, the LLMs no hub id loads made rank 0's on every rank, and with train.shard_llm every
     (frozen) LLM sharded; returns the sharded ones, which the step reshards after each text forward."""
@@ -812,7 +430,7 @@ def _train_stages(run: _Run, stages: list[Stage], start: int, end: int, ckpt: Pa
         new_parts = Parts.of(stc)
         if ema is not None:  # merging adapters changes weights the host-held EMA may still be copying
             ema.settle()
-        with _global_generator(env.device):  # LoRA seeds its adapters' init in a fork of the global generator
+        with global_generator(env.device):  # LoRA seeds its adapters' init in a fork of the global generator
             apply_parts(model, new_parts, parts, seed=run.cfg.train.seed, stage=stage.index)
         denoiser.set_gradient_checkpointing(stc.grad_checkpointing)
         if forward is None or (new_parts != parts and run.parallel == "ddp"):
@@ -849,60 +467,13 @@ def _start_state(
         text = text_modules(run.model)
         saved = load_training_state(ckpt, denoiser, opts.by_module, ema, text, distributed=env.distributed)
         log.info("resumed from %s (step %d, stage %d %r)", ckpt, start, stage.index, stage.name)
-        data_state = _saved_data_state(ckpt, saved, env, stage.config, stage.index, bool(run.cfg.stages))
+        data_state = saved_data_state(ckpt, saved, env, stage.config, stage.index, bool(run.cfg.stages))
     # Once the checkpoint is known to fit: a refused resume leaves the config as it was. So does a resume
     # that trains nothing (--stop-at at or below the run's step): overrides given with it (train.steps=...)
     # were never trained with, and a later plain --resume would take them from config.yaml.
     if env.is_main and start < end:
         save_config(run.cfg, run.run_dir / "config.yaml")
     return ema, data_state
-
-
-def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) -> None:
-    """Log what a stage trains (in a run of stages), and warn of its settings that do nothing: those for
-    parts it does not train, and a warmup longer than the stage. The batch is the global one (what recipes
-    reason about) with its split: batch_size x grad_accum x processes."""
-    tc = stage.config.train
-    parts = Parts.of(tc)
-    span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
-    if cfg.stages:
-        split = f"{tc.batch_size} x {tc.grad_accum}" + (
-            f" x {world_size} processes" if world_size > 1 else ""
-        )
-        log.info(
-            "stage %d %r: steps %d..%d, %d px, batch %d (%s), lr %g, trains %s",
-            stage.index,
-            stage.name,
-            stage.start,
-            stage.end,
-            stage.config.data.image_size,
-            tc.batch_size * tc.grad_accum * world_size,
-            split,
-            tc.lr,
-            parts.describe(),
-        )
-    idle = idle_settings(tc)
-    if idle and main:
-        log.warning(
-            "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
-            span,
-            parts.describe(),
-            tc.trainable,
-            ", ".join(idle),
-        )
-    if tc.warmup_steps > stage.steps and main:
-        # The schedule counts from the stage's first step, so its warmup has to fit the stage.
-        peak = learning_rate(stage.steps - 1, tc.lr, tc.warmup_steps, tc.schedule, stage.steps)
-        log.warning(
-            "train.warmup_steps=%d exceeds the %d steps of %s: the learning rate peaks at %.3g instead "
-            "of train.lr=%g (allowed: warmup_steps <= %d to reach it)",
-            tc.warmup_steps,
-            stage.steps,
-            span,
-            peak,
-            tc.lr,
-            stage.steps,
-        )
 
 
 @dataclass
@@ -942,7 +513,7 @@ class _Run:
                 raise RunStopped(
                     f"the launcher that started this process (pid {self.launcher}, torchrun's agent) is gone, "
                     f"so the job stops at step {step}",
-                    _kept_checkpoints(self.run_dir),
+                    how_to_go_on(self.run_dir),
                 )
             t0 = time.perf_counter()
             loss, norm, truncated, lr, lrs = train_step(step, batch)
@@ -1093,7 +664,7 @@ class _Run:
             )
         # Beside the checkpoint, not in it: a list for people to read (the checkpoint's data state holds the
         # same ids). The last step always checkpoints, so the end of training writes it.
-        return _write_skipped(skip_path, position, env.world_size if env.is_main else None)
+        return write_skipped(skip_path, position, env.world_size if env.is_main else None)
 
     def _report_skipped(self, stage: Stage, loader, listed: bool, skip_path: Path) -> None:
         """Log the samples skipped over the stage, and where they are listed. Under torchrun the line covers
@@ -1111,8 +682,102 @@ class _Run:
             # A rank that skipped nothing writes no list.
             ranks = [rank for rank, (_, each) in enumerate(shares) if each]
         if ranks:
-            report += "; " + _where_listed(ranks, skip_path.parent, stage.index if self.cfg.stages else None)
+            report += "; " + where_listed(ranks, skip_path.parent, stage.index if self.cfg.stages else None)
         log.info("data: %s", report)
+
+
+def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) -> None:
+    """Log what a stage trains (in a run of stages), and warn of its settings that do nothing: those for
+    parts it does not train, and a warmup longer than the stage. The batch is the global one (what recipes
+    reason about) with its split: batch_size x grad_accum x processes."""
+    tc = stage.config.train
+    parts = Parts.of(tc)
+    span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
+    if cfg.stages:
+        split = f"{tc.batch_size} x {tc.grad_accum}" + (
+            f" x {world_size} processes" if world_size > 1 else ""
+        )
+        log.info(
+            "stage %d %r: steps %d..%d, %d px, batch %d (%s), lr %g, trains %s",
+            stage.index,
+            stage.name,
+            stage.start,
+            stage.end,
+            stage.config.data.image_size,
+            tc.batch_size * tc.grad_accum * world_size,
+            split,
+            tc.lr,
+            parts.describe(),
+        )
+    idle = idle_settings(tc)
+    if idle and main:
+        log.warning(
+            "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
+            span,
+            parts.describe(),
+            tc.trainable,
+            ", ".join(idle),
+        )
+    if tc.warmup_steps > stage.steps and main:
+        # The schedule counts from the stage's first step, so its warmup has to fit the stage.
+        peak = learning_rate(stage.steps - 1, tc.lr, tc.warmup_steps, tc.schedule, stage.steps)
+        log.warning(
+            "train.warmup_steps=%d exceeds the %d steps of %s: the learning rate peaks at %.3g instead "
+            "of train.lr=%g (allowed: warmup_steps <= %d to reach it)",
+            tc.warmup_steps,
+            stage.steps,
+            span,
+            peak,
+            tc.lr,
+            stage.steps,
+        )
+
+
+def saved_llms(cfg: Config, model: TextToImage, stage: int) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """The LLMs a checkpoint of ``stage`` holds, by checkpoint name: (module, whole). Whole when the LLM's
+    weights are not what its hub id loads (random init, pretrained here, loaded by train.init_from, or
+    trained fully or with merged adapters by this stage); otherwise only live LoRA adapters are saved."""
+    texts = [cfg.text, *cfg.extra_text]
+    out = {}
+    initialised = initialised_llms(cfg, text_modules(model))
+    for (key, module), tcfg in zip(text_modules(model).items(), texts, strict=True):
+        whole = not tcfg.model_id or key in initialised or llm_base_changed(cfg, stage)
+        if whole or has_adapters(module):
+            out[key] = (module, whole)
+    return out
+
+
+def initialised_llms(cfg: Config, llms: dict) -> set[str]:
+    """The LLMs (checkpoint names) whose weights train.init_from loaded: those its checkpoint saved, whole
+    or as adapters. The others are what their model_id loads, so a checkpoint need not hold them. All of
+    them from a pipeline folder (it holds every LLM), or when that checkpoint is gone (say, on a resume
+    elsewhere): saving too much loses nothing."""
+    if not cfg.train.init_from:
+        return set()
+    try:
+        saved = saved_shapes(find_checkpoint(cfg.train.init_from))
+    except FileNotFoundError:
+        return set(llms)
+    return {key for key in llms if key in saved or f"{key}_lora" in saved}
+
+
+@torch.no_grad()
+def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -> None:
+    """A labelled grid of this step's captions sampled with the current (not EMA) weights, fixed seed.
+
+    Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
+    from fusedit.imaging import image_grid, save_png, to_uint8
+    from fusedit.sample import generate, sample_settings
+
+    was_training = model.denoiser.training
+    model.denoiser.eval()
+    # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing. Captions cut
+    # to the limit are training's (the run warned at the first), not one warning per preview.
+    settings = sample_settings(cfg, cuda_graphs=False)
+    images = generate(model, captions, seed=cfg.sample.seed, warn_cut=False, **settings)
+    model.denoiser.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
 
 
 class _Step:
@@ -1220,3 +885,20 @@ class _Step:
         generators = sample_generators(self.seed, step, rows, stream="vae/")
         images = host_to_device(batch["image"][local], self.env.device)
         return self.model.autoencoder.encode(images, generators)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast over fp32 master weights where the device supports it ("auto": CUDA with bf16)."""
+    if uses_bf16(precision, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def learning_rate(step: int, base: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
+    """Linear warmup, then constant (the FuseDiT recipe) or cosine decay to 0 at ``total`` steps."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return base

@@ -11,12 +11,17 @@ Under torchrun the run folder must also be on a filesystem that every node share
 checkpoint shards into it. Every rank reads back the token rank 0 wrote into the lock file at start-up, so a
 folder that some node does not share fails every rank at once, in one line, before any training (rather than
 at the first checkpoint, ``train.checkpoint_every`` steps later).
+
+What the folder holds decides the rest here: a fresh run into a folder that holds a run is refused
+(``RunExists``) unless told to overwrite it, a stopped run names the checkpoint it kept (``kept_checkpoint``),
+and a resume rewinds ``metrics.jsonl`` to its step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import secrets
@@ -26,9 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from fusedit.checkpoints import LOCK_FILE
+from fusedit.checkpoints import LOCK_FILE, find_checkpoint, load_state
 from fusedit.config import ConfigError
+from fusedit.files import write_text_atomic
 from fusedit.train import distributed
+from fusedit.train.checkpoint import last_checkpoint
 from fusedit.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -154,3 +161,69 @@ def _shows(path: Path, token: str) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
+
+
+class RunExists(ConfigError):
+    """Training afresh into a folder that holds a run, which deletes its checkpoints and metrics (a forgotten
+    resume would lose the run): refused, naming the run's step, with ``advice`` on what to pass instead,
+    worded for the caller's options (`fusedit train` and `fusedit demo` word it for their flags, as they
+    word RunStopped's)."""
+
+    def __init__(self, run_dir: str, step: int, advice: str):
+        super().__init__(run_dir, step, advice)  # all in args: it pickles (a train() in a process pool)
+        self.run_dir, self.step, self.advice = run_dir, step, advice
+
+    def __str__(self) -> str:
+        return f"{self.run_dir!r} already holds a run (checkpoint at step {self.step}): {self.advice}"
+
+
+START_OVER = "pass resume=True to continue it, overwrite=True to delete it and start over, or another run_dir"
+
+
+def refuse_a_run(run_dir: str | Path, advice: str = START_OVER) -> None:
+    """RunExists when ``run_dir`` holds a checkpoint (one that sampling or a resume would find)."""
+    try:
+        step = int(load_state(find_checkpoint(run_dir))["step"])
+    except FileNotFoundError:
+        return
+    raise RunExists(str(run_dir), step, advice)
+
+
+def kept_checkpoint(run_dir: Path, replaced_before: float | None = None) -> tuple[Path | None, bool]:
+    """The checkpoint a stopped run left in ``run_dir`` (None: none yet) and whether it is the earlier run's
+    that a fresh run starting at ``replaced_before`` (a time.time()) was to replace: saved before it."""
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        return None, False
+    return ckpt, replaced_before is not None and (ckpt / "state.json").stat().st_mtime < replaced_before
+
+
+def how_to_go_on(run_dir: Path, replaced_before: float | None = None) -> str:
+    """What a stopped job keeps and how it goes on, for RunStopped and a Ctrl+C's note (`fusedit train`
+    words it for its flags, from kept_checkpoint too)."""
+    ckpt, earlier = kept_checkpoint(run_dir, replaced_before)
+    if ckpt is None:
+        return f"no checkpoint was saved yet in {run_dir}: train again to start over"
+    if earlier:
+        return (
+            f"the earlier run in {run_dir} was not deleted yet: train again with overwrite=True to start over"
+        )
+    return (
+        f"the last checkpoint is {ckpt}: resume from it (train(..., resume=True); `fusedit train --resume`)"
+    )
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step so the metrics file reads like one uninterrupted run (and a
+    line cut short by a kill). Atomic: a kill during the rewind leaves the old file whole."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            keep.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

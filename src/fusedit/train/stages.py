@@ -26,6 +26,10 @@ merged into their weights first). Each part has its own AdamW (its own learning 
 Checkpoint keys each one by its module); at a stage boundary the optimizers are rebuilt over the new
 stage's parameters, and the Adam state of every parameter present in both stages is carried, with a log line
 saying which.
+
+Before anything is built, :func:`check_stages_run` refuses stages that the launch cannot train (names,
+``train.parallel``, the global batch on this many processes); :func:`check_stages` then checks what they
+ask of the built model.
 """
 
 from __future__ import annotations
@@ -120,6 +124,84 @@ def check_stages(model, stages: list[Stage]) -> None:
             if not stage.staged or message.startswith(where):
                 raise
             raise ConfigError(f"{where}: {message}") from None
+
+
+def check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_size: int) -> None:
+    """What the run's stages must satisfy before anything is built: distinct names, what the launch
+    allows (_check_stages_fit) and the global batches they ask for (_check_global_batch)."""
+    names = [stage.name for stage in stages]
+    for stage in stages:
+        # Refused here rather than at config load, so that a saved run with such names still samples.
+        if names.index(stage.name) != stage.index:
+            raise ConfigError(
+                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
+                "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
+            )
+    _check_stages_fit(stages, parallel, cfg.train.shard_llm)
+    _check_global_batch(stages, world_size, bool(cfg.stages))
+
+
+def _check_stages_fit(stages: list[Stage], parallel: str, shard_llm: bool) -> None:
+    """What train.parallel and train.shard_llm allow a run's stages to do (the checks that need the launch)."""
+    if parallel == "none":  # one plain process: nothing is sharded
+        return
+    # A preview encodes its captions on rank 0 alone: a sharded LLM would wait there for the other ranks'
+    # shards until train.dist_timeout_s.
+    if shard_llm and any(s.config.train.preview_every for s in stages):
+        raise ConfigError(
+            "train.preview_every needs the whole LLM on rank 0, which train.shard_llm=true shards "
+            "(allowed: preview_every=0 with shard_llm, or shard_llm=false)"
+        )
+    if parallel != "fsdp":
+        return
+    if stages[0].config.train.ema_offload:
+        raise ConfigError(
+            "train.ema_offload=true keeps a whole EMA on the host, while train.parallel=fsdp shards it over "
+            "the GPUs already (allowed: ema_offload=false with fsdp, or parallel=ddp)"
+        )
+    if any(s.config.train.preview_every for s in stages):
+        raise ConfigError(
+            "train.preview_every needs the whole model on rank 0, which train.parallel=fsdp shards "
+            "(allowed: preview_every=0 with fsdp, or parallel=ddp)"
+        )
+    first = Parts.of(stages[0].config.train)
+    for s in stages:
+        parts = Parts.of(s.config.train)
+        if parts.llm or parts.dit_adapters:
+            raise ConfigError(
+                f"stage {s.index} ({s.name}) trains {parts.describe()}: train.parallel=fsdp shards the DiT "
+                "alone and without adapters (allowed: trainable [dit] or [dit, refiner] with fsdp, or parallel=ddp)"
+            )
+        if parts != first or s.config.train.precision != stages[0].config.train.precision:
+            raise ConfigError(
+                f"stage {s.index} ({s.name}) changes the trainable parts or train.precision, which "
+                "train.parallel=fsdp fixes when it shards the model (allowed: the same in every stage, or ddp)"
+            )
+
+
+def _check_global_batch(stages: list[Stage], world_size: int, staged: bool) -> None:
+    """A stage's train.global_batch (a recipe's batch) is what its batch_size x grad_accum x processes
+    make; refused at start, naming a per-process batch that makes it, rather than trained at another."""
+    for s in stages:
+        tc = s.config.train
+        if tc.global_batch is None:
+            continue
+        made = tc.batch_size * tc.grad_accum * world_size
+        if made == tc.global_batch:
+            continue
+        key = f"stages.{s.index}.train" if staged else "train"
+        per_process, rest = divmod(tc.global_batch, world_size)
+        if rest:
+            fix = f"a number of processes that divides {tc.global_batch}, "
+        elif per_process % tc.grad_accum == 0:
+            fix = f"{key}.batch_size={per_process // tc.grad_accum} on {world_size} process(es), "
+        else:
+            fix = f"{key}.batch_size={per_process} {key}.grad_accum=1 on {world_size} process(es), "
+        raise ConfigError(
+            f"{key}.global_batch={tc.global_batch}, but {key}.batch_size={tc.batch_size} x grad_accum="
+            f"{tc.grad_accum} x {world_size} process(es) = {made} (allowed: {fix}or {key}.global_batch=null "
+            f"to train at {made})"
+        )
 
 
 def apply_parts(model, parts: Parts, before: Parts | None, *, seed: int, stage: int) -> None:
