@@ -208,6 +208,26 @@ def test_preview_grids_are_written_during_training(tmp_path):
     assert Image.open(previews[0]).size[0] > 0
 
 
+def test_preview_image_i_starts_from_the_noise_of_sample_seed_plus_i(tmp_path, monkeypatch):
+    """As `fusedit sample` draws it, so a preview image is one `fusedit sample --seed` makes again; they
+    were drawn as one batch from sample.seed, whatever the schema's note said."""
+    import fusedit.sample as sampling
+
+    calls, real = [], sampling.generate
+    monkeypatch.setattr(
+        sampling,
+        "generate",
+        lambda model, prompts, **kw: calls.append((prompts, kw)) or real(model, prompts, **kw),
+    )
+    cfg = tiny_config(train={"steps": 2, "checkpoint_every": 2, "preview_every": 2}, sample={"seed": 7})
+    train(cfg, tmp_path / "run", progress=False)
+    ((captions, kw),) = calls
+    shape = (cfg.vae.latent_channels, cfg.data.image_size, cfg.data.image_size)
+    assert len(captions) > 1 and torch.equal(
+        kw["noise"], sampling.seeded_noise([7 + i for i in range(len(captions))], shape)
+    )
+
+
 def test_resuming_with_another_model_is_a_one_line_error(tmp_path, monkeypatch, caplog):
     import fusedit.train.loop as loop
     from conftest import TINY_ARCH

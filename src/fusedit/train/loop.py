@@ -763,18 +763,22 @@ def initialised_llms(cfg: Config, llms: dict) -> set[str]:
 
 @torch.no_grad()
 def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -> None:
-    """A labelled grid of this step's captions sampled with the current (not EMA) weights, fixed seed.
+    """A labelled grid of this step's captions sampled with the current (not EMA) weights: image i from
+    the noise of sample.seed + i alone, as `fusedit sample` draws it, so that a checkpoint's preview image
+    is the one `fusedit sample --no-ema --seed <sample.seed + i>` makes of its caption.
 
     Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, sample_settings
+    from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
 
     was_training = model.denoiser.training
     model.denoiser.eval()
     # No CUDA graph: a capture on the training thread would outlive a one-off grid for nothing. Captions cut
     # to the limit are training's (the run warned at the first), not one warning per preview.
     settings = sample_settings(cfg, cuda_graphs=False)
-    images = generate(model, captions, seed=cfg.sample.seed, warn_cut=False, **settings)
+    seeds = [cfg.sample.seed + i for i in range(len(captions))]
+    noise = seeded_noise(seeds, latent_shape(model, settings["image_size"]))
+    images = generate(model, captions, noise=noise, warn_cut=False, **settings)
     model.denoiser.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(list(to_uint8(images)), captions, scale=max(1, 96 // cfg.data.image_size)), path)
