@@ -274,7 +274,8 @@ def test_an_index_files_summary_and_skip_warning_count_the_same_rows(tmp_path, c
     index = root / "index.jsonl"
     rows = ['{"file": "a.png", "caption": "a"}', "not json", '{"file": "gone.png", "caption": "b"}', "{}"]
     index.write_text("\n".join(rows) + "\n")
-    with caplog.at_level(logging.INFO, logger="fusedit.data.loader"):
+    # The summary is fusedit.data.loader's, the warning fusedit.data.skips'.
+    with caplog.at_level(logging.INFO, logger="fusedit.data"):
         next(iter(step_loader(_cfg(source="folder", index_file=str(index), **extra), 0, 1, 0, 1)))
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
     assert said[0] == "data: " + first.format(index=str(index))
@@ -411,7 +412,8 @@ def test_a_resume_on_another_split_warns_when_the_sample_count_changed(tmp_path,
 def test_a_stream_resumed_on_another_split_carries_the_old_ranks_skips_not_the_read_through(tmp_path):
     """Rank 0 takes every old rank's skips on; the samples read again to reach the step (the new ranks'
     shares of the stream, not the old ones') add none: the old ranks' are what the run skipped."""
-    from fusedit.data.loader import merged_skips, resplit_state
+    from fusedit.data.loader import resplit_state
+    from fusedit.data.skips import merged_skips
     from test_data_sources import _write_shards
 
     shards = _write_shards(tmp_path / "wds", "a", shards=2, per_shard=8, corrupt={(0, 1), (1, 2), (1, 5)})
@@ -434,7 +436,7 @@ def test_a_stream_resumed_on_another_split_carries_the_old_ranks_skips_not_the_r
 
 
 def test_merged_skips_count_the_planned_ones_once():
-    from fusedit.data.loader import SkipCounter, merged_skips
+    from fusedit.data.skips import SkipCounter, merged_skips
 
     ranks = [
         SkipCounter.of([("bad-row", "i:3", "x"), ("corrupt", "a", "d"), ("corrupt", "b", "d")]),

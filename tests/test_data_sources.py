@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from fusedit.config import ConfigError, DataConfig, config_from_dict
-from fusedit.data.loader import StepPlan, step_loader
+from fusedit.data.loader import step_loader
+from fusedit.data.plan import StepPlan
 from fusedit.data.transforms import (
     SampleDecoder,
     SkipSample,

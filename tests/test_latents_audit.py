@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import tiny_config, tiny_vae
 from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.latents import LatentDataset, cache_latents, check_latents
-from fusedit.data.loader import SkipCounter, planned_dataset
+from fusedit.data.loader import planned_dataset
+from fusedit.data.skips import SkipCounter
 from fusedit.system import builtin_words, resolve_device
 from fusedit.text.tokenizer import word_tokenizer
 

@@ -16,7 +16,8 @@ import fusedit.data.transforms as transforms
 from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
-from fusedit.data.loader import SkipCounter, merged_skip_report, skipped_jsonl, step_loader
+from fusedit.data.loader import step_loader
+from fusedit.data.skips import SkipCounter, merged_skip_report, skipped_jsonl
 from fusedit.data.transforms import make_rng
 from fusedit.train.loop import train
 from test_data_sources import _noise, _write_shards

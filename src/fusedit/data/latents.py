@@ -50,7 +50,9 @@ from fusedit.config import (
     model_identity,
     written_as_path,
 )
-from fusedit.data.loader import PlannedDataset, SkipCounter, build_catalog, is_stream, no_usable_samples
+from fusedit.data.loader import build_catalog, is_stream
+from fusedit.data.plan import PlannedDataset
+from fusedit.data.skips import SkipCounter, no_usable_samples
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
 from fusedit.files import (
     as_json_reads_back,
@@ -164,9 +166,9 @@ class _StreamItems(_Items):
     """A streaming hf dataset: one pass (epoch 0) as rank 0 of 1; finished positions are read, not decoded."""
 
     def __init__(self, cfg: DataConfig, decoder: SampleDecoder):
-        from fusedit.data.loader import _stream_reader_factory
+        from fusedit.data.loader import stream_reader_factory
 
-        self.make_reader, self.decoder = _stream_reader_factory(cfg, decoder.seed, 0, 1), decoder
+        self.make_reader, self.decoder = stream_reader_factory(cfg, decoder.seed, 0, 1), decoder
         self.reader, self.position = None, 0
 
     def iterate(self, start: int, end: int | None) -> Iterator[tuple[int, str, Any]]:

@@ -24,23 +24,20 @@ what ``step_loader(..., start_step=that step, state=...)`` continues from exactl
 is fast-forwarded by reading and decoding every sample before ``start_step`` (exact, but slow).
 
 A sample that cannot be used (missing, corrupt, tiny, no caption) is replaced by one of the next epoch's
-order (the same bucket's with buckets) that is not in the same global batch (``StepPlan.candidates``), so
+order (the same bucket's with buckets) that is not in the same global batch (``fusedit.data.plan``), so
 batches are always full, without one image twice, and the replacement is deterministic; the skip is
-counted, and ``loader.skipped_report()`` summarises the counts by reason (the state's ``"skips"`` keep
-every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun, ``merged_skip_report``
-sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning the data, which every
-rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the data looks unusable
-(``SkipWatch``). When no usable sample is left (every one skipped), reading raises a ConfigError with the
+counted, and ``loader.skipped_report()`` summarises the counts by reason (``fusedit.data.skips``: the
+state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun,
+``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning
+the data, which every rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the
+data looks unusable (``SkipWatch``). When no usable sample is left (every one skipped), reading raises a ConfigError with the
 counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,550 +45,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, DataConfig, VAEConfig, check_data_locations
-from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord, make_rng
+from fusedit.data.plan import CatalogItems, PlanBatches, PlannedDataset, ShapesItems, StepPlan, check_rank
+from fusedit.data.skips import SkipCounter, SkipWatch, merged_skips, no_usable_samples, warn
+from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord
 
 log = logging.getLogger(__name__)
 
 STREAM_SOURCES = ("webdataset",)
-# Skipped samples the report shows per reason (every id is counted, and kept for the list of them).
-_EXAMPLES = 3
 # Image headers read in parallel when planning buckets (I/O bound: threads, not processes).
 _HEADER_THREADS = 16
-# The early warning about skipped samples (SkipWatch): above this share of the data. Scraped or exported
-# image sets commonly lose a few percent to broken files, odd formats or thumbnails, which the report at the
-# end of training covers; past a fifth the run learns from markedly less (and repeats it more often) than
-# the data suggests, which is usually a setting (data.caption_fields, data.min_image_size) or a broken copy:
-# worth saying at once rather than after the run.
-_WARN_SHARE = 0.2
-# The share of the distinct samples met in batches is judged as if at least this many (or all, when the data
-# has fewer) had been met, the missing ones usable: one bad sample among the first three is then 1 in 50,
-# not a third, and only more than 10 bad ones warn before 50 are met. Data that is 10% bad then warns by
-# chance in about 2% of runs, 5% bad practically never (simulated); mostly bad data still warns within the
-# first steps.
-_WARN_MIN_TRIED = 50
-# The share is judged over the first this many distinct samples met, then no longer tracked: the data's
-# order is shuffled (but for an hf stream's), so they estimate it to about 1%, and tracking every id met
-# would cost memory in proportion to the data. The end-of-training report and skipped list cover the run.
-_WARN_WINDOW = 10_000
 
 
 def is_stream(cfg: DataConfig) -> bool:
     """Whether ``cfg`` reads a stream (position in a state dict) rather than an index-addressable set."""
     return cfg.source in STREAM_SOURCES or (cfg.source == "hf" and cfg.hf_streaming)
-
-
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Skip accounting
-
-
-def _shown(examples) -> str:
-    """The first ``_EXAMPLES`` of (sample id, detail) pairs, for a report."""
-    return "; ".join(f"{i}: {d}" if d else i for i, d in itertools.islice(examples, _EXAMPLES))
-
-
-class SkipCounter:
-    """Skipped samples by reason: distinct sample ids with the detail of why (kept for the run's list of
-    skipped samples), and occurrences (a bad sample is met again every epoch, and by every batch slot
-    whose candidates pass it).
-
-    Everything only grows, in order (ids are kept in insertion-ordered dicts), so ``mark()`` is an O(1)
-    snapshot that ``state_dict(mark)`` later expands into the exact state at that moment: loaders take a
-    mark every step without copying every id each time.
-    """
-
-    def __init__(self) -> None:
-        self.ids: dict[str, dict[str, str]] = {}  # reason -> {sample id: detail}, in the order first met
-        self.times: dict[str, int] = {}
-
-    def add(self, reason: str, sample_id: str, detail: str = "") -> None:
-        self.times[reason] = self.times.get(reason, 0) + 1
-        self.ids.setdefault(reason, {}).setdefault(sample_id, detail)
-
-    def add_all(self, events) -> None:
-        for event in events:
-            self.add(*event)
-
-    @classmethod
-    def of(cls, events) -> SkipCounter:
-        counter = cls()
-        counter.add_all(events)
-        return counter
-
-    def counts(self) -> dict[str, int]:
-        """Distinct skipped samples per reason."""
-        return {reason: len(ids) for reason, ids in sorted(self.ids.items())}
-
-    def total(self) -> int:
-        return sum(len(ids) for ids in self.ids.values())
-
-    def report(self) -> str:
-        if not self.ids:
-            return "skipped samples: none"
-        parts = [
-            f"{reason} {n} (e.g. {_shown(self.ids[reason].items())})" for reason, n in self.counts().items()
-        ]
-        times = sum(self.times.values())
-        return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
-
-    def tally(self, shared: SkipCounter | None = None) -> dict:
-        """The counts to merge with other processes' (``merged_skip_report``), apart for the skips of
-        ``shared`` (those found while planning the data, which every process finds alike) and the others
-        (this process's own reads): ``{"shared": share, "own": share}``, a share being ``{reason: {"ids":
-        distinct ids, "times": occurrences, "examples": [[id, detail], ...]}}`` with the first
-        ``_EXAMPLES`` ids. A planned skip counts among the shared ones where this counter holds it (a run
-        resumed onto changed data holds the planning skips of its start): planning looks at each sample once
-        (one occurrence), and the samples it leaves out are never read."""
-        planned = {} if shared is None else shared.ids
-        out: dict[str, dict] = {"shared": {}, "own": {}}
-        for reason, ids in self.ids.items():
-            common = [i for i in planned.get(reason, ()) if i in ids]
-            if common:
-                examples = [[i, ids[i]] for i in common[:_EXAMPLES]]
-                out["shared"][reason] = {"ids": len(common), "times": len(common), "examples": examples}
-            if len(ids) > len(common):
-                known = set(common)
-                own = ((i, d) for i, d in ids.items() if i not in known)
-                out["own"][reason] = {
-                    "ids": len(ids) - len(common),
-                    "times": self.times[reason] - len(common),
-                    "examples": [list(e) for e in itertools.islice(own, _EXAMPLES)],
-                }
-        return out
-
-    def mark(self) -> dict[str, tuple[int, int]]:
-        return {reason: (len(ids), self.times[reason]) for reason, ids in self.ids.items()}
-
-    def state_dict(self, mark: dict[str, tuple[int, int]] | None = None) -> dict:
-        mark = self.mark() if mark is None else mark
-        return {
-            "ids": {r: list(itertools.islice(self.ids[r], n)) for r, (n, _) in mark.items()},
-            "details": {r: list(itertools.islice(self.ids[r].values(), n)) for r, (n, _) in mark.items()},
-            "times": {r: t for r, (_, t) in mark.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        details = state.get("details")
-        if details is None:  # saved before every detail was kept: those of the first few ids (the examples)
-            details = {r: [d for _, d in ex] for r, ex in state.get("examples", {}).items()}
-        self.ids = {
-            r: dict(itertools.zip_longest(ids, details.get(r, [])[: len(ids)], fillvalue=""))
-            for r, ids in state.get("ids", {}).items()
-        }
-        self.times = {r: int(n) for r, n in state.get("times", {}).items()}
-
-
-def merged_skip_report(tallies: list[dict]) -> str:
-    """The skips of several processes (each one's ``SkipCounter.tally``, in rank order) in one line: those
-    found while planning the data, the same in every process, once; those each process met while reading its
-    share, summed over the processes. Distinct ids are counted per process (no process holds the others'
-    ids), so a sample two processes met (in different epochs) counts once in each: the line says so. The
-    examples are the planned ones first, then each process's in rank order."""
-    shared = tallies[0]["shared"]  # the same in every process
-    own = [tally["own"] for tally in tallies]
-    where = f"over the {len(tallies)} processes"
-    reasons = sorted({*shared, *(reason for share in own for reason in share)})
-    if not reasons:
-        return f"skipped samples: none {where}"
-    parts, planned, read, times = [], 0, 0, 0
-    for reason in reasons:
-        first = [shared[reason]] if reason in shared else []
-        reads = [share[reason] for share in own if reason in share]
-        planned += sum(share["ids"] for share in first)
-        read += sum(share["ids"] for share in reads)
-        times += sum(share["times"] for share in first + reads)
-        examples: dict[str, str] = {}
-        for share in first + reads:
-            for sample_id, detail in share["examples"]:
-                examples.setdefault(sample_id, detail)
-        count = sum(share["ids"] for share in first + reads)
-        parts.append(f"{reason} {count} (e.g. {_shown(examples.items())})")
-    how = [f"{planned} found while planning the data, counted once"] if planned else []
-    how += [f"{read} met while reading, counted in each process that met them"] if read else []
-    return f"skipped {planned + read} samples ({times} times) {where} ({'; '.join(how)}): " + ", ".join(parts)
-
-
-def skipped_jsonl(skips: dict) -> str:
-    """The skipped samples of a loader state's ``"skips"``, one JSON object per line ({"id", "reason",
-    "detail"}, the detail left out where none is known), by reason, each reason's in the order first met;
-    "" when none was skipped."""
-    lines = []
-    for reason, ids in sorted(skips.get("ids", {}).items()):
-        details = skips.get("details", {}).get(reason, [])
-        for k, sample_id in enumerate(ids):
-            detail = details[k] if k < len(details) else ""
-            record = {"id": sample_id, "reason": reason, **({"detail": detail} if detail else {})}
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    return "".join(lines)
-
-
-class SkipWatch:
-    """One early warning when a large share of the data cannot be used (the counts alone come at the end of
-    training, by when every step has trained on the remainder).
-
-    The share is this process's estimate. Of ``total`` samples, ``checked`` were judged before the first
-    batch (rows a catalog read, and with buckets every sample, whose header planning read), the unusable
-    ones among them ``known`` exactly; the fate of the others is estimated from the distinct samples met in
-    batches, the share of them skipped. A stream's size is unknown (``total`` None): its share is that of
-    the distinct samples read so far. The samples met are tracked over the first ``_WARN_WINDOW``.
-    ``see()`` returns the warning's text once, then None. ``unit`` names what is counted: "rows" for an
-    index file, whose unreadable rows count among the unusable (as _epoch_summary counts them).
-    """
-
-    def __init__(
-        self, total: int | None = None, known=(), checked: int = 0, where: str = "", unit: str = "samples"
-    ):
-        self.total, self.checked, self.where, self.unit = total, checked, where, unit
-        self.known = {sample_id: reason for reason, sample_id, *_ in known}
-        unknown = None if total is None else total - len(self.known)
-        self.min_tried = _WARN_MIN_TRIED if unknown is None else max(1, min(_WARN_MIN_TRIED, unknown))
-        self.used: set[str] = set()
-        self.skipped: dict[str, str] = {}  # sample id -> reason, met in batches
-        self.done = False
-
-    def see(self, used=(), skipped=()) -> str | None:
-        """Take one batch's used sample ids and skip events; the warning's text when the share is first
-        found above ``_WARN_SHARE``."""
-        if self.done:
-            return None
-        self.used.update(used)
-        for reason, sample_id, *_ in skipped:
-            if sample_id not in self.known:
-                self.skipped.setdefault(sample_id, reason)
-        tried = len(self.used) + len(self.skipped)
-        # As if the samples still missing to the minimum were usable (see _WARN_MIN_TRIED).
-        if self._share(len(self.skipped) / max(tried, self.min_tried)) > _WARN_SHARE:
-            self.done = True
-            return self._message(tried)
-        if tried >= _WARN_WINDOW:
-            self.done = True  # judged: the sets are dropped (see _WARN_WINDOW)
-            self.used, self.skipped = set(), {}
-        return None
-
-    def _share(self, met: float) -> float:
-        """The data's share that cannot be used, given the share ``met`` of the samples met in batches."""
-        if self.total is None:
-            return met
-        return (len(self.known) + (self.total - len(self.known)) * met) / max(1, self.total)
-
-    def _message(self, tried: int) -> str:
-        reasons: dict[str, int] = {}
-        for reason in itertools.chain(self.known.values(), self.skipped.values()):
-            reasons[reason] = reasons.get(reason, 0) + 1
-        skipped = len(self.known) + len(self.skipped)
-        counts = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
-        share = self._share(len(self.skipped) / tried if tried else 0.0)
-        if self.total is None:
-            head = f"{skipped} of the {tried} {self.unit} read so far cannot be used ({counts}): {share:.0%}"
-        else:
-            tried = min(self.total, self.checked + tried)
-            head = (
-                f"{skipped} of the {tried} {self.unit} tried so far cannot be used ({counts}): about {share:.0%} "
-                f"of the {self.total} in the data"
-            )
-        where = f"; every skipped id is listed in {self.where}" if self.where else ""
-        return (
-            f"data: {head} (warned above {_WARN_SHARE:.0%}); training goes on with the rest, repeating it "
-            f"more often{where}"
-        )
-
-
-def _warn(watch: SkipWatch | None, used=(), skipped=()) -> None:
-    message = None if watch is None else watch.see(used, skipped)
-    if message:
-        log.warning("%s", message)
-
-
-def no_usable_samples(
-    counter: SkipCounter, where: str = "", task: str = "left to fill a batch"
-) -> ConfigError:
-    """The error for data whose every sample was skipped (``where``: which of several mixed sources; ``task``:
-    what the samples were for): the skip counts, and which setting to change for the reasons a setting can
-    cause (no-caption, tiny)."""
-    counts = counter.counts()
-    hints = []
-    if "no-caption" in counts:
-        hints.append(
-            "if the captions are under other fields, list them in data.caption_fields "
-            '(e.g. [txt, json.caption] for a "caption" key in .json sidecars, or a column name)'
-        )
-    if "tiny" in counts:
-        hints.append("lower data.min_image_size to keep smaller images")
-    hint = f"; {'; '.join(hints)}" if hints else ""
-    where = f" ({where} has none)" if where else ""
-    return ConfigError(f"no usable sample {task}{where}; {counter.report()}{hint}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Step plans for index-addressable sources
-
-
-class StepPlan:
-    """Which dataset positions fill each slot of the batch a rank reads at a step (module docstring).
-
-    A slot is a tuple ``(epoch, group, position)``; ``candidates(slot)`` are the samples to try for it, in
-    order (the later ones only when the earlier ones had to be skipped). ``groups`` gives each sample's
-    bucket (-1: unusable, never planned); None means one group of every sample, addressed as one endless
-    stream. ``names`` names each bucket for messages.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        groups: np.ndarray | None = None,
-        shuffle: bool = True,
-        names: list[str] | None = None,
-        offset: int = 0,
-    ):
-        _check_rank(rank, world_size)
-        if n < 1:
-            raise ValueError("cannot plan batches over an empty dataset")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        # Without buckets, step s reads from position offset + s * G: a run resumed at another global batch
-        # goes on after the samples it has read (``position``), not at s times the new batch.
-        self.offset = offset
-        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
-        self.global_batch = batch_size * world_size  # every rank's rows of one step
-        self._cache: dict[int, Any] = {}
-        # The last global batch whose samples a replacement search needed (_own_batch): the slots of one
-        # batch are searched one after another, and each would otherwise rebuild it (and, across an epoch's
-        # end, evict and rebuild an epoch's order for it).
-        self._own: tuple[tuple[int, int, int], set[int]] | None = None
-        if self.groups is not None:
-            self.members = np.flatnonzero(self.groups >= 0)
-            if len(self.members) == 0:
-                raise RuntimeError("no usable samples to plan batches over (every sample was skipped)")
-            ids, sizes = np.unique(self.groups[self.members], return_counts=True)
-            self.group_sizes = dict(zip(ids.tolist(), sizes.tolist()))
-            # Global batches per epoch: every bucket's samples cut into batches of batch_size x world_size,
-            # the last batch of a bucket wrapping around. A step's global batch is one bucket, each rank
-            # reading its rows of it: so any split of the same global batch reads the same samples (1 x 8
-            # and 2 x 4 alike, and a resume on another split goes on exactly), and no rank waits at a step
-            # on another's larger images.
-            self.batches_per_epoch = sum(math.ceil(s / self.global_batch) for s in self.group_sizes.values())
-            small = [g for g, size in self.group_sizes.items() if size < self.global_batch]
-            if small and rank == 0:
-                log.warning(
-                    "data: bucket(s) %s hold fewer usable samples than the global batch of %d: each of their "
-                    "batches repeats samples (fewer buckets, or more data in them, avoid it)",
-                    ", ".join(f"{names[g] if names else g} ({self.group_sizes[g]})" for g in small),
-                    self.global_batch,
-                )
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            # Neighbouring epochs only: a slot's replacements come from the next. (A batch across an epoch's
-            # end that needs one touches three: its own samples are found once per batch, _own_batch, so an
-            # order is built again a few times an epoch, not once per skipped slot.)
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[epoch] = self._build(epoch)
-        return self._cache[epoch]
-
-    def _build(self, epoch: int) -> Any:
-        if self.groups is None:
-            return make_rng(self.seed, 0, epoch).permutation(self.n)
-        order = self.members[make_rng(self.seed, 0, epoch).permutation(len(self.members))]
-        lists = {g: order[self.groups[order] == g] for g in self.group_sizes}
-        batches = [
-            (g, c) for g, size in self.group_sizes.items() for c in range(math.ceil(size / self.global_batch))
-        ]
-        batches = [batches[i] for i in make_rng(self.seed, 6, epoch).permutation(len(batches))]
-        return lists, batches
-
-    def position(self, step: int) -> int | None:
-        """The position of the endless sequence that ``step`` reads from (the samples read before it), or
-        None with buckets, whose epochs are cut into batches of the global batch: addressed by step alone."""
-        if self.groups is not None:
-            return None
-        return self.offset + step * self.global_batch
-
-    def slots(self, step: int) -> list[tuple[int, int, int]]:
-        b = self.batch_size
-        if self.groups is None:
-            first = self.position(step) + self.rank * b
-            return [(-1, -1, first + j) for j in range(b)]
-        epoch, t = divmod(step, self.batches_per_epoch)
-        group, chunk = self._perm(epoch)[1][t]
-        first = chunk * self.global_batch + self.rank * b
-        return [(epoch, group, first + j) for j in range(b)]
-
-    def _sample(self, epoch: int, group: int, position: int) -> int:
-        """The dataset index at ``position`` of ``epoch``'s order (of ``group``'s, with buckets; wrapping)."""
-        if self.groups is None:
-            return int(self._perm(epoch)[position]) if self.shuffle else position
-        members = self._perm(epoch)[0][group]
-        return int(members[position % len(members)])
-
-    def candidates(self, slot: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
-        """(dataset index, epoch) of the samples to try for ``slot``, in order: its own, then replacements
-        from the next epoch's order (its bucket's, with buckets), never the next samples of this epoch's,
-        which are the neighbour slots' (one image twice in a batch). Of the next epoch's places, first those
-        congruent to the slot's column of the global batch modulo its size, from the slot's row on: the
-        slots of one batch are in different columns, so they never draw the same replacement; then every
-        other place from the slot's on; samples of the slot's own global batch are tried last. So a usable
-        sample is found whenever one exists, and the order depends on the plan alone (not on which samples
-        were found unusable): the batches are the same however they are split over ranks and resumes."""
-        epoch, group, position = slot
-        g = self.global_batch
-        if self.groups is None:
-            epoch, place = divmod(position, self.n)
-            size, column = self.n, (position - self.offset) % g
-        else:
-            size = self.group_sizes[group]
-            place, column = position % size, position % g
-        yield self._sample(epoch, group, place), epoch
-        mine = range(column, size, g)
-        first = max(0, -(-(place - column) // g))  # the slot's row: its column's first place from its own on
-        others = (q % size for q in range(place, place + size) if q % size % g != column)
-        own, later = self._own_batch(slot), []
-        for q in itertools.chain(mine[first:], mine[:first], others):
-            i = self._sample(epoch + 1, group, q)
-            if i in own:
-                later.append(i)
-            else:
-                yield i, epoch + 1
-        for i in later:
-            yield i, epoch + 1
-
-    def _own_batch(self, slot: tuple[int, int, int]) -> set[int]:
-        """The dataset indices of the global batch ``slot`` belongs to (every rank's rows of its step)."""
-        epoch, group, position = slot
-        g = self.global_batch
-        if self.groups is not None:
-            first = position - position % g  # a bucket's batch: a chunk of g of its order
-            key = (epoch, group, first)
-            if self._own is None or self._own[0] != key:
-                self._own = key, {self._sample(epoch, group, first + t) for t in range(g)}
-            return self._own[1]
-        first = position - (position - self.offset) % g
-        key = (-1, group, first)
-        if self._own is None or self._own[0] != key:
-            self._own = key, {self._sample(p // self.n, group, p % self.n) for p in range(first, first + g)}
-        return self._own[1]
-
-
-class PlanBatches(Sampler[list]):
-    """The batch sampler: the slots of each step in [start_step, end_step)."""
-
-    def __init__(self, plan: StepPlan, start_step: int, end_step: int):
-        self.plan, self.start_step, self.end_step = plan, start_step, end_step
-
-    def __iter__(self) -> Iterator[list]:
-        for step in range(self.start_step, self.end_step):
-            yield self.plan.slots(step)
-
-    def __len__(self) -> int:
-        return self.end_step - self.start_step
-
-
-class PlannedDataset(Dataset):
-    """A map-style dataset indexed by plan slots: item = the first usable candidate of the slot, with the
-    skips met on the way (so skips counted in worker processes reach the main process's counter), or
-    ``{"unusable": skips}`` when no candidate is usable."""
-
-    plan: StepPlan
-
-    def sample_id(self, i: int) -> str:
-        raise NotImplementedError
-
-    def load(self, i: int, epoch: int, group: int) -> dict:
-        """Item of sample ``i``; raises SkipSample when it cannot be used."""
-        raise NotImplementedError
-
-    def __getitem__(self, slot: tuple[int, int, int]) -> dict:
-        # Per process (each DataLoader worker has its own): a sample found unusable is not opened again.
-        # Its outcome cannot change within a run (the same file, caption fields and sizes), so the batches
-        # are those without this shortcut. It starts empty in every loader: a run resumed after the files
-        # were fixed reads them again.
-        bad = self.__dict__.setdefault("_bad", {})
-        skipped = []
-        for i, epoch in self.plan.candidates(slot):
-            if i in bad:
-                skipped.append((bad[i][0], self.sample_id(i), bad[i][1]))
-                continue
-            try:
-                item = self.load(i, epoch, slot[1])
-            except SkipSample as e:
-                bad[i] = (e.reason, e.detail)
-                skipped.append((e.reason, self.sample_id(i), e.detail))
-                continue
-            item["skipped"] = skipped
-            return item
-        # Reported, not raised: this may run in a DataLoader worker, whose exceptions reach the main process
-        # with the worker's whole traceback as their message. collate passes the report on and
-        # IndexedStepLoader raises the one-line error.
-        return {"unusable": skipped}
-
-
-class ShapesItems(PlannedDataset):
-    """The procedural shapes world behind a plan (it never skips)."""
-
-    def __init__(self, dataset: Dataset, plan: StepPlan):
-        self.dataset, self.plan = dataset, plan
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def sample_id(self, i: int) -> str:
-        return str(i)
-
-    def load(self, i: int, epoch: int, group: int) -> dict:
-        item = dict(self.dataset[i])
-        item["id"] = str(i)
-        return item
-
-
-class CatalogItems(PlannedDataset):
-    """Decoded images of a catalog (folder, hf, webdataset index) behind a plan."""
-
-    def __init__(self, catalog: Any, decoder: SampleDecoder, plan: StepPlan):
-        self.catalog, self.decoder, self.plan = catalog, decoder, plan
-
-    def __len__(self) -> int:
-        return len(self.catalog)
-
-    def sample_id(self, i: int) -> str:
-        return self.catalog.sample_id(i)
-
-    def load(self, i: int, epoch: int, group: int) -> dict:
-        fields, image = self.catalog.record(i)
-        bucket = group if len(self.decoder.targets) > 1 else None
-        out = self.decoder(fields, image, key=i, epoch=epoch, bucket=bucket)
-        return {"image": out.image, "caption": out.caption, "index": i, "id": self.catalog.sample_id(i)}
-
-
-def collate(items: list[dict]) -> dict:
-    """A batch of dataset items: "image" (B, 3, H, W) and/or "latent" (B, C, h, w) stacked, "caption" and
-    "id" lists, "index" (B,) long, "skipped" the samples skipped on the way; or {"unusable": skips} when an
-    item found no usable candidate (PlannedDataset)."""
-    unusable = next((it["unusable"] for it in items if "unusable" in it), None)
-    if unusable is not None:
-        return {"unusable": unusable}
-    out: dict[str, Any] = {}
-    for name in ("image", "latent"):
-        if name in items[0]:
-            out[name] = torch.stack([it[name] for it in items])
-    out["caption"] = [it["caption"] for it in items]
-    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
-    out["id"] = [it.get("id", str(it["index"])) for it in items]
-    out["skipped"] = [event for it in items for event in it.get("skipped", ())]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -741,6 +212,24 @@ def planned_dataset(
 # Loaders
 
 
+def collate(items: list[dict]) -> dict:
+    """A batch of dataset items: "image" (B, 3, H, W) and/or "latent" (B, C, h, w) stacked, "caption" and
+    "id" lists, "index" (B,) long, "skipped" the samples skipped on the way; or {"unusable": skips} when an
+    item found no usable candidate (PlannedDataset)."""
+    unusable = next((it["unusable"] for it in items if "unusable" in it), None)
+    if unusable is not None:
+        return {"unusable": unusable}
+    out: dict[str, Any] = {}
+    for name in ("image", "latent"):
+        if name in items[0]:
+            out[name] = torch.stack([it[name] for it in items])
+    out["caption"] = [it["caption"] for it in items]
+    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    out["id"] = [it.get("id", str(it["index"])) for it in items]
+    out["skipped"] = [event for it in items for event in it.get("skipped", ())]
+    return out
+
+
 class IndexedStepLoader:
     """Step-addressed batches of an index-addressable source (a DataLoader over plan slots)."""
 
@@ -777,14 +266,14 @@ class IndexedStepLoader:
             # thread's training) owns.
             generator=torch.Generator().manual_seed(0),
         )
-        _warn(self.watch)  # what building the plan found may be enough
+        warn(self.watch)  # what building the plan found may be enough
         for step, batch in zip(range(self.start_step, self.end_step), loader):
             if "unusable" in batch:
                 raise no_usable_samples(SkipCounter.of(batch["unusable"]))
             skipped = batch.pop("skipped")
             self.skips.add_all(skipped)
             self.step, self._mark = step + 1, self.skips.mark()
-            _warn(self.watch, batch["id"], skipped)
+            warn(self.watch, batch["id"], skipped)
             yield batch
 
     def state_dict(self) -> dict:
@@ -1000,7 +489,7 @@ class StreamStepLoader:
                 skipped = batch.pop("skipped")
                 self._state = {"kind": "stream", "step": step + 1, "stream": batcher.state_dict()}
                 self._mark = self.skips.mark()
-                _warn(self.watch, batch["id"], skipped)
+                warn(self.watch, batch["id"], skipped)
                 yield batch
         finally:
             batches.close()
@@ -1023,7 +512,7 @@ class StreamStepLoader:
         return self.skips.tally()
 
 
-def _stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: int) -> Callable[[], Any]:
+def stream_reader_factory(cfg: DataConfig, seed: int, rank: int, world_size: int) -> Callable[[], Any]:
     if cfg.source == "webdataset":
         from fusedit.data.webdataset_source import WebDatasetReader, shard_lists
 
@@ -1096,29 +585,6 @@ def resplit_state(states: list[dict], global_batch: int) -> dict:
     }
 
 
-def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:
-    """The skip records of several ranks (their loader states' ``"skips"``, in rank order) as one: each
-    reason's ids in rank order, each once, and their occurrences summed, but for the ``planned`` skips
-    (found while planning the data, which every rank counted once): those count once, as in a run on one
-    process. The ids a run on one process would hold, but listed rank by rank, not in the order met."""
-    counters = []
-    for state in skip_states:
-        counter = SkipCounter()
-        counter.load_state_dict(state)
-        counters.append(counter)
-    merged = SkipCounter()
-    for counter in counters:
-        for reason, ids in counter.ids.items():
-            for sample_id, detail in ids.items():
-                merged.ids.setdefault(reason, {}).setdefault(sample_id, detail)
-            merged.times[reason] = merged.times.get(reason, 0) + counter.times.get(reason, 0)
-    for reason, sample_id, *_ in planned:
-        holders = sum(sample_id in counter.ids.get(reason, {}) for counter in counters)
-        if holders > 1:
-            merged.times[reason] -= holders - 1
-    return merged
-
-
 def _say_resplit_position(plan: StepPlan, start_step: int, position: int | None) -> None:
     """Where a run resumed on another split of the batch goes on reading (rank 0 says it for all)."""
     at_step = start_step * plan.global_batch
@@ -1167,7 +633,7 @@ def step_loader(
     the caller writes the skipped samples to (``skipped_jsonl``), for the early warning. ``progress``
     shows bars over what is read before the first batch (rank 0's only).
     """
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     if state is not None and int(state.get("step", -1)) != start_step:
         raise ValueError(
             f"data state is for step {state.get('step')!r}, but the loader starts at step {start_step}"
@@ -1182,7 +648,7 @@ def step_loader(
         if resplit and rank == 0:
             skips = merged_skips(state["skips"])
         decoder = SampleDecoder.from_config(cfg, seed)
-        factory = _stream_reader_factory(cfg, seed, rank, world_size)
+        factory = stream_reader_factory(cfg, seed, rank, world_size)
         # Rank 0 warns for all: every rank reads its share of the same data.
         watch = SkipWatch(where=skip_list) if rank == 0 else None
         return StreamStepLoader(

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from fusedit.checkpoints import COPY_AGAIN
 from fusedit.config import Config
-from fusedit.data.loader import is_stream, resplit_state, skipped_jsonl
+from fusedit.data.loader import is_stream, resplit_state
+from fusedit.data.skips import skipped_jsonl
 from fusedit.files import read_json, write_text_atomic
 from fusedit.train.checkpoint import data_state_name
 from fusedit.train.distributed import DistEnv

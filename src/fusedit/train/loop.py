@@ -55,7 +55,8 @@ from fusedit.config import (
     resolved_stages,
     save_config,
 )
-from fusedit.data.loader import check_data_paths, merged_skip_report, step_loader
+from fusedit.data.loader import check_data_paths, step_loader
+from fusedit.data.skips import merged_skip_report
 from fusedit.devices import host_to_device
 from fusedit.files import remove_folder
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
