@@ -329,6 +329,29 @@ def test_the_synthetic_batch_hands_the_encoder_its_extent_from_the_host(monkeypa
     assert extents == [(2, 7)] and context.mask.sum(1).tolist() == [5, 2, 7]
 
 
+@pytest.mark.parametrize("min_tokens", [None, 2])
+def test_sampling_encodes_the_negative_prompt_once_as_generate_does(monkeypatch, min_tokens):
+    """generate encodes each distinct text once: with guidance the negative prompt is one LLM row taken for
+    every image's. The bench ran the LLM on all 2 x prompts rows, more than a sampling call runs."""
+    import dataclasses
+
+    import torch
+
+    from fusedit import bench
+
+    cfg = load_config("debug")
+    s = bench.setup(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="")), torch.device("cpu"), False
+    )
+    llm_rows, denoiser_rows = [], []
+    s.model.text.llm.register_forward_pre_hook(
+        lambda m, a, kw: llm_rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    s.model.denoiser.register_forward_pre_hook(lambda m, a: denoiser_rows.append(a[0].shape[0]))
+    row = bench.bench_sample(s, 3, 32, 8, 2, 6.0, True, 0, 1, min_tokens=min_tokens)
+    assert row["llm_rows"] == 4 and set(llm_rows) == {4} and set(denoiser_rows) == {6}
+
+
 def test_overlapped_work_costs_what_it_adds_to_the_steps_it_runs_beside(monkeypatch):
     """The host-held EMA's update runs beside the next steps: its cost is the whole span less those steps."""
     import torch

@@ -158,6 +158,22 @@ def test_the_compiled_kv_read_equals_the_eager_one(fresh_dynamo, name):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_a_shallow_design_before_a_deep_one_leaves_its_kv_read_two_graphs(fresh_dynamo):
+    """A shallow design reads no K/V: its compiled read was an empty graph, after which dynamo skipped the
+    read's code for the whole process, so a deep model compiled afterwards (`fusedit study` trains both in
+    one) traced each layer's read apart, shape by shape, past the recompile limit."""
+    shallow = build_model(load_config("debug-dit-self"))
+    graphs = []
+    shallow.compile_parts(recording_aot_eager(graphs), llm=False)
+    shallow.encode_prompts(["a red circle", "two blue squares"])
+    assert graphs == []  # nothing read, nothing compiled
+    deep = build_model(load_config("debug"))
+    deep.compile_parts(recording_aot_eager(graphs), llm=False)
+    for prompts in KV_BATCHES:
+        deep.encode_prompts(prompts)
+    assert len(graphs) == 2
+
+
 def test_an_off_compile_runs_the_kv_read_eagerly_again(fresh_dynamo):
     model = build_model(tiny_config())
     graphs = []

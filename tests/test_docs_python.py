@@ -31,7 +31,9 @@ def _resolves(name: str) -> bool:
     for cut in range(len(parts), 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as e:
+            if e.name is not None and not e.name.startswith("fusedit"):
+                raise  # a dependency this machine lacks (diffusers, ...), not a name the guide got wrong
             continue
         for attr in parts[cut:]:
             if not hasattr(obj, attr):

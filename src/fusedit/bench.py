@@ -63,13 +63,16 @@ def time_it(
     """Median seconds of one ``fn`` call over ``repeats`` timings after ``warmup`` untimed calls; each
     timing spans ``runs`` calls back to back (divided by ``runs``), as a loop calls it: then the host's
     work before a call overlaps the GPU's on the last one, which a timing of one call after a synchronize
-    would count as idle GPU time."""
+    would count as idle GPU time. On a GPU, with ``runs`` > 1, an untimed call leads each timing in, so
+    that the first timed call's host work overlaps GPU work too."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if runs > 1:
+                fn()  # queued: the start event below fires when its GPU work is done
             start.record()
             for _ in range(runs):
                 fn()
@@ -432,16 +435,22 @@ def bench_sample(
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(prompts, cfg.vae.latent_channels, side, side, generator=gen).to(device)
     use_cfg = guidance != 1.0
-    rows = 2 * prompts if use_cfg else prompts
-    # Negative prompts are empty (1 token) when prompts are padded; without padding every row is full.
-    lengths = prompt_lengths(rows, tokens, min_tokens, gen, empty_rows=prompts if use_cfg else 0)
+    # As generate encodes each distinct text once: with guidance, the negative prompt is one LLM row taken
+    # for every image's (TextContext.take), then the prompts. It is empty (1 token) when prompts are padded;
+    # without padding every row is full.
+    lengths = prompt_lengths(prompts + int(use_cfg), tokens, min_tokens, gen, empty_rows=int(use_cfg))
+    rows = [0] * prompts + list(range(1, prompts + 1)) if use_cfg else None
     dtype = sampling_dtype(cfg.sample.precision, device)  # set from bf16 by setup
     widths, graphed = [], []
+
+    def guided_text() -> TextContext:
+        context = synthetic_text(s.model, lengths, tokens, torch.Generator(device).manual_seed(1))
+        return context.take(rows) if rows is not None else context
 
     @torch.no_grad()
     def run():
         def text():
-            context = synthetic_text(s.model, lengths, tokens, torch.Generator(device).manual_seed(1))
+            context = guided_text()
             widths.append(context.mask.shape[1])
             return context
 
@@ -456,8 +465,7 @@ def bench_sample(
     # The denoiser's kernels: one step over the cached text (the LLM's attention runs before), eager, as a
     # CUDA graph's replay dispatches no operator.
     with torch.no_grad():
-        context = synthetic_text(s.model, lengths, tokens, torch.Generator(device).manual_seed(1))
-        velocity = text_velocity(s.model.denoiser, context, guidance, dtype)
+        velocity = text_velocity(s.model.denoiser, guided_text(), guidance, dtype)
         kernels = attention_kernels(lambda: velocity(noise, torch.ones(prompts, device=device)))
     return {
         "kind": "sample",
@@ -468,6 +476,7 @@ def bench_sample(
         "text_tokens": tokens,
         "min_text_tokens": min_tokens,
         "text_width_mean": statistics.mean(widths),
+        "llm_rows": len(lengths),  # each distinct text once, as generate encodes them
         "steps": steps,
         "guidance": guidance,
         "text_cache": cached,

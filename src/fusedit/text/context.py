@@ -22,6 +22,11 @@ class TextRequest:
     # of block i, num_layers = the last block's output after the final norm); None when unused.
     hidden_layer: int | None = None
 
+    @property
+    def reads_kv(self) -> bool:
+        """Whether any layer's keys/values are read (deep fusion), not only a hidden state."""
+        return bool(self.kv_layers or self.raw_kv_layers)
+
     def layers_needed(self, num_layers: int) -> int:
         """How many leading LLM layers must run: the LLM is truncated after that.
 

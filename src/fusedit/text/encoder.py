@@ -83,11 +83,12 @@ def _read_kv(encoder: TextEncoder, hidden: tuple[torch.Tensor, ...], request: Te
     One function, so that it compiles as one graph (TextEncoder.compile_kv): run eagerly, each layer's norm,
     projections and rotation are about 16 small kernels after the LLM's forward, ~290 for Gemma-2B's 18."""
     kv = []
-    if request.kv_layers:  # the shallow designs read hidden states only (any RoPE scheme)
+    if request.kv_layers:
         positions = torch.arange(hidden[0].shape[1], device=hidden[0].device)[None]
         cos, sin = encoder.llm.rotary_emb(hidden[0], positions)
-        pairs = (encoder.layer_kv(i, hidden[i]) for i in request.kv_layers)
-        kv = [(_rope(k, cos, sin), v) for k, v in pairs]
+        for i in request.kv_layers:
+            k, v = encoder.layer_kv(i, hidden[i])
+            kv.append((_rope(k, cos, sin), v))
     raw_kv = [encoder.layer_kv(i, hidden[i]) for i in request.raw_kv_layers]
     return kv, raw_kv
 
@@ -354,7 +355,9 @@ class TextEncoder(nn.Module):
                 input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            kv, raw_kv = self.read_kv(self, hidden, request)
+            # The shallow designs read hidden states only (any RoPE scheme): no read, whose compiled form
+            # would otherwise be an empty graph, which dynamo then skips for every later model too.
+            kv, raw_kv = self.read_kv(self, hidden, request) if request.reads_kv else ([], [])
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
 from fusedit.config import ConfigError, PooledTextConfig, model_config
+from fusedit.devices import host_to_device
 
 
 class PooledTextEncoder(nn.Module):
@@ -48,8 +49,8 @@ class PooledTextEncoder(nn.Module):
             max_length=self.max_length,
             return_tensors="pt",
         )
-        mask = tok["attention_mask"].to(device)
-        ids = tok["input_ids"].to(device)
+        mask = host_to_device(tok["attention_mask"], device)
+        ids = host_to_device(tok["input_ids"], device)
         hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(1) - 1
         return self.model.text_projection(hidden[torch.arange(hidden.shape[0], device=device), last])
