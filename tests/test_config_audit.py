@@ -636,9 +636,9 @@ def test_a_run_name_that_is_not_one_word_is_refused_as_it_names_the_run_folder(n
 
 def test_the_study_name_rule_is_the_run_names():
     from fusedit.config import is_name_word
-    from fusedit.eval import study
+    from fusedit.eval import study_file
 
-    assert study.is_name_word is is_name_word
+    assert study_file.is_name_word is is_name_word
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from conftest import TINY
 from fusedit.eval import benchmarks
 from fusedit.eval.benchmarks import BenchmarkError, download, load_dpg, load_geneval
 from fusedit.eval.compbench import DATASET_FILES, frame_scale
+from fusedit.eval.study_file import load_study
 
 
 class _ShortBodies(http.server.BaseHTTPRequestHandler):
@@ -152,7 +153,7 @@ def test_prompt_files_that_are_not_utf8_name_the_file(tmp_path):
 
 def test_a_study_final_loss_leaves_out_skipped_steps_and_cut_lines(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    study = study_mod.load_study({"designs": {"a": {"preset": str(tmp_path / "tiny.yaml")}}})
+    study = load_study({"designs": {"a": {"preset": str(tmp_path / "tiny.yaml")}}})
     run_dir = tmp_path / "runs" / "a"
     run_dir.mkdir(parents=True)
     # 20 steps; the last tenth is steps 19 and 20, and step 20's update was skipped for a NaN loss (as

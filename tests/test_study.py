@@ -11,7 +11,8 @@ from conftest import TINY
 from fusedit.checkpoints import find_checkpoint, load_state
 from fusedit.config import ConfigError, load_config, resolved_stages
 from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
-from fusedit.eval.study import describe_study, load_study, run_study, varying_keys
+from fusedit.eval.study import describe_study, run_study
+from fusedit.eval.study_file import load_study, recipe_differences, varying_keys
 from fusedit.train.loop import train as real_train
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
@@ -205,7 +206,7 @@ def test_a_staged_design_is_described_costed_and_scored_by_its_stages(tmp_path, 
     assert (
         "1 steps x batch 2 at 16 px then 1 steps x batch 2 at 32 px then 1 steps x batch 2 at 32 px" in plan
     )
-    assert study_mod.recipe_differences(study.designs) == [
+    assert recipe_differences(study.designs) == [
         "data.image_size",  # 16 px in the first stage
         "data.kinds",  # spatial relations only in the last
         "sample.shift",
@@ -268,7 +269,7 @@ def test_designs_on_one_staged_recipe_compare_equal_and_the_base_is_compared_typ
         "overrides": [*spec["designs"]["staged"]["overrides"], "model.pos_embed=2d-rope"],
     }
     study = load_study(spec)
-    assert study_mod.recipe_differences(study.designs) == []
+    assert recipe_differences(study.designs) == []
     assert "warning" not in describe_study(study)
 
 

@@ -13,7 +13,8 @@ import fusedit.eval.study as study_mod
 from conftest import TINY
 from fusedit.cli import main
 from fusedit.config import ConfigError
-from fusedit.eval.study import describe_study, load_study, markdown_report, run_study
+from fusedit.eval.study import describe_study, markdown_report, run_study
+from fusedit.eval.study_file import load_study
 from fusedit.train.loop import train as real_train
 
 BASE = {

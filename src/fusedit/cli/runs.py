@@ -115,7 +115,8 @@ def _converted(out: Path) -> bool:
 
 
 def cmd_study(args) -> int:
-    from fusedit.eval.study import chosen_designs, describe_study, load_study, run_study, statuses_text
+    from fusedit.eval.study import chosen_designs, describe_study, run_study, statuses_text
+    from fusedit.eval.study_file import load_study
     from fusedit.system import resolve_device
 
     # A design label is a word without '=': overrides typed after --only's labels (`--only a b

@@ -16,7 +16,7 @@ package, and transformers only inside the functions that read an LLM's config):
 
 - ``schema``: the dataclasses (:class:`Config`, its sections, :class:`StageConfig`, :class:`Stage`), the
   field helpers (``choice``, ``positive``, ``nonneg``, ``subset``), :class:`ConfigError` and
-  :class:`RunStopped`, and building a section from a mapping field by field (``_build``, ``_deep_merge``).
+  :class:`RunStopped`, and building a section from a mapping field by field (``build_section``, ``deep_merge``).
 - ``paths``: run-folder names, paths made absolute, model locations, their relocation and identity, and the
   LLM-config side (``check_arch``, ``arch_config``, ``known_llm_config``, ``model_config``).
 - ``validate``: design traits, image sides, the cross-field checks (``validate``, ``noop_settings``,
@@ -24,11 +24,9 @@ package, and transformers only inside the functions that read an LLM's config):
 - ``load``: YAML, presets, ``base:`` chains, overrides, ``load_config``, ``config_from_dict``, ``checked``,
   ``saved_config`` and ``save_config``.
 
-Everything is re-exported here: import from ``fusedit.config``. The private helpers other modules and tests
-use (``_build``, ``_deep_merge``, ``_resolve_raw``) are re-exported too, outside ``__all__``.
+Everything is re-exported here: import from ``fusedit.config``.
 """
 
-from fusedit.config.load import _resolve_raw as _resolve_raw
 from fusedit.config.load import (
     check_fields,
     checked,
@@ -39,6 +37,7 @@ from fusedit.config.load import (
     parse_overrides,
     pipeline_record,
     preset_names,
+    resolve_raw,
     save_config,
     saved_config,
     stages_overriding,
@@ -96,15 +95,15 @@ from fusedit.config.schema import (
     TextConfig,
     TrainConfig,
     VAEConfig,
+    build_section,
     check_shapes_options,
     choice,
     choices_of,
+    deep_merge,
     nonneg,
     positive,
     subset,
 )
-from fusedit.config.schema import _build as _build
-from fusedit.config.schema import _deep_merge as _deep_merge
 from fusedit.config.validate import (
     DATA_LOCATIONS,
     DESIGN_TRAITS,
@@ -179,6 +178,7 @@ __all__ = [
     "limits_text",
     "arch_config",
     "attention_kind",
+    "build_section",
     "check_arch",
     "check_data_locations",
     "check_fields",
@@ -191,6 +191,7 @@ __all__ = [
     "choice",
     "choices_of",
     "config_from_dict",
+    "deep_merge",
     "default_run_folder",
     "design_traits",
     "dit_head_dim",
@@ -217,6 +218,7 @@ __all__ = [
     "preset_names",
     "refuse_path_to_nothing",
     "relocate",
+    "resolve_raw",
     "resolved_stages",
     "save_config",
     "saved_config",

@@ -25,8 +25,8 @@ from fusedit.config.schema import (
     ConfigError,
     Stage,
     StageConfig,
-    _build,
-    _deep_merge,
+    build_section,
+    deep_merge,
 )
 from fusedit.config.validate import check_llm_shape, noop_settings, resolved_stages, validate
 
@@ -205,7 +205,7 @@ def _model_folder(name_or_path: str | Path, preset: bool) -> bool:
     return Path(name_or_path).is_dir() and not _as_preset(name_or_path, preset)
 
 
-def _resolve_raw(
+def resolve_raw(
     name_or_path: str | Path, seen: tuple = (), preset: bool = False, folders: list | None = None
 ) -> dict:
     """The merged mapping of a config reference and its ``base:`` chain; ``folders`` collects the model
@@ -229,7 +229,7 @@ def _resolve_raw(
     sibling = folder / str(base) if folder is not None else None
     as_path = "/" in str(base) or str(base).startswith(".")
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
-        return _deep_merge(_resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders), data)
+        return deep_merge(resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders), data)
     bare = not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
     if bare and base not in preset_names():
         raise ConfigError(
@@ -242,7 +242,7 @@ def _resolve_raw(
             f"base {base!r} of {name_or_path}: not found {beside}from the working directory "
             f"({Path(base).absolute()}) (allowed: a preset name, a YAML path, or a run folder)"
         )
-    return _deep_merge(_resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders), data)
+    return deep_merge(resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders), data)
 
 
 def _field_type(parts: list[str]) -> Any:
@@ -294,7 +294,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    return _completed(_build(Config, data, ""))
+    return _completed(build_section(Config, data, ""))
 
 
 def _completed(cfg: Config) -> Config:
@@ -340,7 +340,7 @@ def check_fields(cfg: Config) -> Config:
             "fusedit.config.load_config(name_or_path, overrides) or config_from_dict(mapping))"
         )
     _refuse_stray_attributes(cfg, "")
-    return _build(Config, _plain(to_dict(cfg)), "")
+    return build_section(Config, _plain(to_dict(cfg)), "")
 
 
 def _refuse_stray_attributes(section: Any, prefix: str) -> None:
@@ -349,7 +349,7 @@ def _refuse_stray_attributes(section: Any, prefix: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     stray = [name for name in vars(section) if name not in fields]
     if stray:
-        _build(type(section), {stray[0]: None}, prefix)  # the unknown-key error, with its suggestion
+        build_section(type(section), {stray[0]: None}, prefix)  # the unknown-key error, with its suggestion
     hints = typing.get_type_hints(type(section))
     for name, spec in fields.items():
         value, path = getattr(section, name), f"{prefix}.{name}" if prefix else name
@@ -387,9 +387,9 @@ def load_config(
             f"overrides={overrides!r:.80} is not allowed (allowed: a list of 'section.key=value' strings, "
             "e.g. ['train.steps=5'])"
         )
-    data = _resolve_raw(name_or_path, folders=folders)
+    data = resolve_raw(name_or_path, folders=folders)
     extra = parse_overrides(overrides or [])
-    data = _deep_merge(data, extra)
+    data = deep_merge(data, extra)
     if data.get("stages") and "steps" in (extra.get("train") or {}):
         raise ConfigError(
             f"train.steps={extra['train']['steps']!r} cannot be set on a staged config: its length is the sum "
@@ -443,7 +443,7 @@ def stages_overriding(
     (resolved_stages(cfg)) that train under another value than the run's top-level one, because they or an
     earlier stage set their own (a stage's value wins), each with that value; keys every stage keeps are left
     out. What `fusedit train` warns about for a top-level override (unreached_overrides) and a study refuses
-    for its base (eval.study)."""
+    for its base (eval.study_file)."""
     shared = flatten(to_dict(cfg))
     out: dict[str, list[tuple[Stage, Any]]] = {}
     for stage in stages:
@@ -484,7 +484,7 @@ def _without_noops(data: dict, folder: str | Path) -> dict:
     """A saved config mapping without the settings that change nothing in it (noop_settings): a run saved
     before their refusal still samples, resumes and serves as a base, as it trained."""
     try:
-        keys = [key for key, _ in noop_settings(_build(Config, copy.deepcopy(data), ""))]
+        keys = [key for key, _ in noop_settings(build_section(Config, copy.deepcopy(data), ""))]
     except ConfigError:
         return data  # the load names the problem
     if not keys:

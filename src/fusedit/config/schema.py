@@ -1,7 +1,7 @@
 """The config schema: the dataclasses of every section (:class:`Config` and its parts, a staged run's
 :class:`StageConfig` and resolved :class:`Stage`), the field helpers whose metadata says what a key allows
 (``choice``, ``positive``, ``nonneg``, ``subset``), the config's exceptions, and building a section from a
-mapping with each field checked on its own (``_build``) and merging mappings (``_deep_merge``), which both
+mapping with each field checked on its own (``build_section``) and merging mappings (``deep_merge``), which both
 loading and stage resolution use. Imports nothing of fusedit: every other part of the package reads it."""
 
 from __future__ import annotations
@@ -526,17 +526,17 @@ def _merge_into_list(items: list, patch: dict, key: str) -> list:
                 f"allowed: 0..{len(out) - 1}" if out else f"{key} is empty: write its items in a YAML file"
             )
             raise ConfigError(f"{key}.{index}: no such item ({allowed})")
-        out[i] = _deep_merge(out[i], value) if isinstance(value, dict) and isinstance(out[i], dict) else value
+        out[i] = deep_merge(out[i], value) if isinstance(value, dict) and isinstance(out[i], dict) else value
     return out
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), list):
             out[k] = _merge_into_list(out[k], v, k)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             # text.arch is merged key by key (an override may change one number) unless the same override
             # changes the LLM family: another family's keys (Gemma's hidden_activation) must not leak in. A
@@ -662,7 +662,7 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
     return value
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def build_section(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -689,11 +689,13 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             # stage's data/train mapping keeps such a patch: resolved_stages merges it into the inherited list.)
             value = _merge_into_list(spec.default_factory(), value, path)
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, path)
+            kwargs[name] = build_section(tp, value, path)
         elif "item" in spec.metadata:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}={value!r} must be a list of mappings")
-            kwargs[name] = [_build(spec.metadata["item"], v, f"{path}[{i}]") for i, v in enumerate(value)]
+            kwargs[name] = [
+                build_section(spec.metadata["item"], v, f"{path}[{i}]") for i, v in enumerate(value)
+            ]
         else:
             kwargs[name] = _check_value(path, value, tp, dict(spec.metadata), spec.default)
     return cls(**kwargs)

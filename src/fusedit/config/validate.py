@@ -21,9 +21,9 @@ from fusedit.config.schema import (
     ModelConfig,
     Stage,
     TextConfig,
-    _build,
-    _deep_merge,
+    build_section,
     check_shapes_options,
+    deep_merge,
 )
 
 
@@ -543,8 +543,8 @@ def resolved_stages(cfg: Config) -> list[Stage]:
                 sections["data"][key] = copy.deepcopy(_DATA_DEFAULTS[key])
         built = {}
         for name in STAGE_SECTIONS:
-            sections[name] = _deep_merge(sections[name], getattr(st, name))
-            built[name] = _build(STAGE_SECTION_CLASSES[name], sections[name], f"{where}.{name}")
+            sections[name] = deep_merge(sections[name], getattr(st, name))
+            built[name] = build_section(STAGE_SECTION_CLASSES[name], sections[name], f"{where}.{name}")
         built["train"].steps = st.steps
         stage_cfg = dataclasses.replace(cfg, stages=[], **built)
         try:
