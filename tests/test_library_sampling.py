@@ -23,13 +23,9 @@ from fusedit.flow import sample as flow_sample
 from fusedit.hub import FuseDiTTransformer2DModel
 from fusedit.imaging import to_uint8
 from fusedit.pipeline import FuseDiTPipeline, from_pretrained, save_pretrained
-from fusedit.sample import (
-    generate,
-    load_sampling_model,
-    sample_settings,
-    to_sampling_form,
-    write_sample_folder,
-)
+from fusedit.sample import generate, sample_settings, to_sampling_form
+from fusedit.sample_folder import write_sample_folder
+from fusedit.sampling_source import load_sampling_model
 from fusedit.system import build_model, count_parameters, precision_name, resolve_device, uses_bf16
 from fusedit.train.checkpoint import save_checkpoint
 
@@ -223,9 +219,10 @@ def test_a_model_in_its_sampling_form_is_not_exported_and_the_error_says_why(cfg
     m = build_model(cfg)
     to_sampling_form(m, cfg)
     message = (
-        r"^this denoiser is in its sampling form \(fused projections, as fusedit\.sample\.load_sampling_model "
-        r"and to_sampling_form leave it\), which only fusedit\.sample\.generate takes: a pipeline or an export "
-        r"needs the model fusedit\.checkpoints\.load_model returns$"
+        r"^this denoiser is in its sampling form \(fused projections, as "
+        r"fusedit\.sampling_source\.load_sampling_model and fusedit\.sample\.to_sampling_form leave it\), "
+        r"which only fusedit\.sample\.generate takes: a pipeline or an export needs the model "
+        r"fusedit\.checkpoints\.load_model returns$"
     )
     with pytest.raises(ValueError, match=message):
         FuseDiTTransformer2DModel.from_denoiser(m.denoiser, cfg)
@@ -362,7 +359,7 @@ def test_cuda_graphs_asked_for_where_they_do_nothing_says_why(model, cfg, tmp_pa
 
 
 def test_a_hub_id_given_as_the_model_says_to_download_it_first(tmp_path, monkeypatch):
-    from fusedit.sample import check_sampling_source
+    from fusedit.sampling_source import check_sampling_source
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:

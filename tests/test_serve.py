@@ -976,7 +976,7 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, tiny, capsys, 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --max-size was checked")
 
-    monkeypatch.setattr("fusedit.sample.load_sampling_model", no_load)
+    monkeypatch.setattr("fusedit.sampling_source.load_sampling_model", no_load)
     assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu", "--max-size", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--max-size 7 is not allowed (allowed: a positive multiple of 2, the VAE's downsampling" in err

@@ -10,9 +10,10 @@ The modules form four tiers; a module imports only from its own tier and the tie
    matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a text-to-image
    model from a config), ``adapters`` (LoRA adapters through peft, and which of them a training stage adds)
    and ``checkpoints`` (reading them; ``train.checkpoint`` writes them).
-3. Inference: ``sample`` (prompt -> image; ``load_sampling_model`` reads a run, checkpoint or pipeline
-   folder, ``write_sample_folder`` writes the folder of `fusedit sample`), ``pipeline`` (the diffusers
-   pipeline), ``hub`` (Hugging Face folder formats) and ``convert`` (checkpoints of other code bases).
+3. Inference: ``sample`` (prompt -> image), ``sampling_source`` (``load_sampling_model`` reads a run,
+   checkpoint or pipeline folder to sample with), ``sample_folder`` (``write_sample_folder`` writes the folder
+   of `fusedit sample`), ``pipeline`` (the diffusers pipeline), ``hub`` (Hugging Face folder formats) and
+   ``convert`` (checkpoints of other code bases).
 4. Apps: ``serve`` (the web demo), ``bench``, ``demo``, ``eval``, ``train`` and ``cli`` (the `fusedit`
    command: thin subcommands that parse flags and call the library; nothing but ``__main__`` imports it).
 

@@ -1,8 +1,8 @@
 """Prompt -> image. Used by `fusedit sample`, the demo, evaluation and training previews.
 
-``load_sampling_model`` reads a model to sample with from a run, checkpoint or diffusers pipeline folder
-(what `fusedit sample`, `serve` and `eval` take as MODEL), and ``write_sample_folder`` writes the images
-and per-image metadata of `fusedit sample`.
+``fusedit.sampling_source.load_sampling_model`` reads a model to sample with from a run, checkpoint or
+diffusers pipeline folder (what `fusedit sample`, `serve` and `eval` take as MODEL), and
+``fusedit.sample_folder.write_sample_folder`` writes the images and per-image metadata of `fusedit sample`.
 
 With ``cache_text`` (the default) the LLM runs once per prompt batch, on each distinct text of it once
 (the negative prompt's rows are one text; an eval call's 4 images of one prompt another), and its
@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import numbers
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,18 +38,10 @@ from fusedit.config import (
     tokenizes_builtin,
     within_limits,
 )
-from fusedit.files import (
-    as_json_reads_back,
-    check_output_folder,
-    sweep_temporaries,
-    temporary_of,
-    write_text_atomic,
-)
 from fusedit.flow import guided, sample
 from fusedit.flow.samplers import Velocity, check_sampling
-from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.models.inference import prepare_for_sampling
-from fusedit.system import TextToImage, precision_name, resolve_device, uses_bf16
+from fusedit.system import TextToImage, uses_bf16
 from fusedit.text.context import PromptCut, TextContext
 from fusedit.text.tokenizer import unknown_words
 
@@ -323,7 +311,7 @@ def unknown_words_note(
     )
 
 
-def _with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
+def with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
     """``cfg`` with ``overrides`` of its ``sample`` section, each checked as a config file's value is (one
     line naming sample.KEY, the value and what is allowed): dataclasses.replace checks nothing, and a
     steps=0 or guidance=nan would otherwise sample nothing or NaN images without a word."""
@@ -334,7 +322,7 @@ def _with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
-def _refuse_unknown_settings(given, allowed: list[str]) -> None:
+def refuse_unknown_settings(given, allowed: list[str]) -> None:
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(allowed)})")
@@ -359,12 +347,12 @@ def sample_settings(cfg: Config, **overrides) -> dict:
         "precision": s.precision,
         "cuda_graphs": s.cuda_graphs,
     }
-    _refuse_unknown_settings(overrides, list(settings))
+    refuse_unknown_settings(overrides, list(settings))
     given = {k: v for k, v in overrides.items() if v is not None}
     if "image_size" in given:
         check_image_size(given["image_size"])
     # Every other setting is the sample section's key of the same name.
-    _with_sample(cfg, {k: v for k, v in given.items() if k != "image_size"})
+    with_sample(cfg, {k: v for k, v in given.items() if k != "image_size"})
     settings.update(given)
     if settings["guidance"] == 1.0 and overrides.get("negative_prompt") is None:
         settings["negative_prompt"] = ""
@@ -522,412 +510,3 @@ def warn_cut_prompts(cut: int, prompts: int, limits: str, negative: bool = False
     note = cut_note(cut, prompts, limits, negative)
     if note:
         log.warning("%s", note)
-
-
-def _saved_by_public_fusedit(folder: Path) -> bool:
-    """Whether ``folder`` is a pipeline or transformer folder of the public FuseDiT code: its pipeline is also
-    called FuseDiTPipeline, but its weights and config need `fusedit convert` first."""
-    for config in (folder / "transformer" / "config.json", folder / "config.json"):
-        try:
-            if json.loads(config.read_text()).get("model_type") in ("FuseDiT", "DiT"):
-                return True
-        except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
-            continue
-    return False
-
-
-def check_sampling_source(path: str | Path, use_ema: bool = True, relocate: dict | None = None) -> Path:
-    """What load_sampling_model refuses about ``path`` before reading any weights (a missing folder, one of
-    the public FuseDiT code, a pipeline folder with --no-ema or --relocate): callers that write anything
-    before the load (`fusedit eval` records its generation first) check it first. Returns the folder."""
-    folder = Path(path)
-    if not folder.is_dir():
-        if folder.parent.name == "checkpoints" and folder.parent.is_dir() and not folder.exists():
-            raise FileNotFoundError(_gone_checkpoint(folder, path))
-        # These commands read local folders only; a hub repository is downloaded first (docs/diffusers.md).
-        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not folder.exists()
-        hint = (
-            f"; a hub id? download it first: hf download {path} --local-dir DIR, and use DIR" if hub else ""
-        )
-        raise FileNotFoundError(
-            f"no such folder: {str(path)!r} (expected a run, checkpoint or diffusers pipeline folder{hint})"
-        )
-    if _saved_by_public_fusedit(folder):
-        raise ConfigError(
-            f"{str(path)!r} was saved by the public FuseDiT code: import it first with `fusedit convert "
-            f"{path} --out DIR` and use DIR (see docs/run-released-fusedit.md)"
-        )
-    if (folder / "model_index.json").is_file():
-        if not use_ema:
-            raise ConfigError(
-                f"--no-ema needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds only "
-                "the weights it was exported with"
-            )
-        if relocate:
-            raise ConfigError(
-                f"--relocate needs a run or checkpoint folder: the pipeline folder {str(path)!r} holds its "
-                "models itself"
-            )
-    return folder
-
-
-def load_sampling_model(
-    path: str | Path,
-    device: torch.device | str = "cpu",
-    use_ema: bool = True,
-    relocate: dict[str, str] | None = None,
-    **sample_overrides: Any,
-) -> tuple[TextToImage, Config, Path]:
-    """A model to sample with, read from ``path`` (the MODEL of `fusedit sample`, `serve` and `eval`):
-
-    - a run folder (its latest checkpoint; `fusedit convert` writes one) or a checkpoint folder, read with
-      ``fusedit.checkpoints.load_model``: its EMA weights unless ``use_ema`` is False, and with
-      ``relocate`` ({config key: new place}, e.g. ``{"text.model_id": "/data/models/gemma-2b"}``; the
-      command line's --relocate) for the run's model folders that moved;
-    - a diffusers pipeline folder (with model_index.json: `fusedit export`,
-      ``FuseDiTPipeline.save_pretrained``), read with ``fusedit.pipeline.from_pretrained``; it holds only
-      the weights it was exported with and its models itself, so ``use_ema=False`` and ``relocate`` are
-      refused.
-
-    ``sample_overrides`` replace keys of the saved config's ``sample`` section (``compile=""`` for off,
-    ``cuda_graphs=True``, ...; None keeps the saved value), checked as a config file's values are, before
-    the model is turned into its sampling form (``to_sampling_form``). ``device`` is where the model is
-    loaded: a torch device or its name, "auto" for CUDA when available (``system.resolve_device``).
-
-    The model returned only samples: its sampling form (no gradients; fused q/k/v and gate/up projections
-    under sample.fuse_projections; bf16 matmul weights under sample.bf16_weights with bf16 autocast) cannot
-    be trained, and ``save_pretrained`` / ``FuseDiTPipeline`` refuse its fused projections. To fine-tune,
-    export or inspect the weights, load the training form with ``fusedit.checkpoints.load_model`` (what
-    this reads a run or checkpoint with).
-
-    Returns (the model in eval mode and sampling form, its Config with the overrides, the folder its weights
-    were read from: the checkpoint folder, or the pipeline folder). Raises FileNotFoundError for a path that
-    is not a folder or holds no model, and ConfigError for a bad device or override, a folder saved by the
-    public FuseDiT code (import it with `fusedit convert` first) or a pipeline folder with
-    ``use_ema=False`` or ``relocate``; the messages name the command-line flags (--no-ema, --relocate), as
-    `fusedit` prints them."""
-    from fusedit.checkpoints import find_checkpoint, load_model
-
-    # Before the load; the values are checked against the loaded config (_with_sample).
-    _refuse_unknown_settings(sample_overrides, [f.name for f in dataclasses.fields(SampleConfig)])
-    device = resolve_device(device, "device")
-
-    def sampling(model, cfg):
-        cfg = _with_sample(cfg, {k: v for k, v in sample_overrides.items() if v is not None})
-        return to_sampling_form(model, cfg), cfg
-
-    folder = check_sampling_source(path, use_ema, relocate)
-    if (folder / "model_index.json").is_file():
-        from fusedit.pipeline import from_pretrained  # imports this module
-
-        return *sampling(*from_pretrained(folder, device)), folder
-    try:
-        ckpt = find_checkpoint(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(_no_model(folder, path)) from None
-    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
-    return *sampling(model, cfg), ckpt
-
-
-def _finished_checkpoints(checkpoints: Path) -> str:
-    """The names of the finished checkpoints in a run's checkpoints folder, oldest first, for messages."""
-    from fusedit.checkpoints import finished_checkpoints
-
-    names = [p.name for p in finished_checkpoints(checkpoints)]
-    return ", ".join(names) if names else "none yet"
-
-
-def _gone_checkpoint(folder: Path, path: str | Path) -> str:
-    """Why the checkpoint folder ``folder`` (``path`` as given) of a run is not there: a run keeps only its
-    latest train.keep_checkpoints checkpoints, so an older one named in a note may be gone."""
-    run = folder.parent.parent
-    return (
-        f"no such folder: {str(path)!r} (its run {str(run)!r} holds the checkpoints "
-        f"{_finished_checkpoints(folder.parent)}, older ones deleted as train.keep_checkpoints says: give "
-        "one of them, or the run folder for its latest)"
-    )
-
-
-def _no_model(folder: Path, path: str | Path) -> str:
-    """Why ``folder`` (``path`` as given) holds no model: a run that has not saved its first checkpoint yet
-    (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder,
-    and a run's checkpoints folder points to the run and its checkpoints."""
-    from fusedit.checkpoints import LOCK_FILE, checkpoint_folders
-    from fusedit.config import load_config, resolved_stages
-
-    if folder.name == "checkpoints" and checkpoint_folders(folder):
-        return (
-            f"no model in {str(path)!r}: it is the checkpoints folder of the run {str(folder.parent)!r} "
-            f"(allowed: the run folder, for its latest checkpoint, or one of its checkpoints: "
-            f"{_finished_checkpoints(folder)})"
-        )
-    if not ((folder / "config.yaml").is_file() or (folder / LOCK_FILE).is_file()):
-        return (
-            f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
-            "folder with model_index.json)"
-        )
-    run = f"run {str(path)!r} has no finished checkpoint yet"
-    try:
-        cfg = load_config(folder)
-        first = resolved_stages(cfg)[0]
-    except (OSError, ValueError):  # a run whose config.yaml is not written yet (or unreadable)
-        return run
-    # The training saves at every multiple of train.checkpoint_every and at each stage's and the run's end.
-    every = first.config.train.checkpoint_every
-    if every <= first.end:
-        return f"{run} (the first is saved at step {every}: train.checkpoint_every)"
-    end = "its first stage" if cfg.stages else "the run"
-    return f"{run} (the first is saved at step {first.end}, the end of {end})"
-
-
-# The files write_sample_folder writes: the numbered images, their records and grid.png.
-_SAMPLE_FILES = re.compile(r"\d{5}\.(png|json)|grid\.png")
-_NUMBERED = re.compile(r"(\d{5})\.(png|json)")
-# The keys every image record of `fusedit sample` has held ("truncated" came later): a NNNNN.json holding
-# them all is a record it wrote, and only files it wrote are ever replaced or deleted.
-_RECORD_KEYS = frozenset(
-    {"prompt", "seed", "negative_prompt", "steps", "guidance", "width", "height", "sampler", "shift"}
-    | {"schedule", "precision", "cache_text", "use_ema", "model"}
-)
-
-
-def _image_record(path: Path) -> dict | None:
-    """The image record in ``path`` (a NNNNN.json) when `fusedit sample` wrote it, otherwise None."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a folder of that name, not JSON, or bytes that are not UTF-8
-        return None
-    return record if isinstance(record, dict) and record.keys() >= _RECORD_KEYS else None
-
-
-def earlier_sample(out: str | Path) -> dict[int, dict]:
-    """The image records an earlier `fusedit sample` left in ``out``, by image number; {} for a new or
-    empty folder. Any other file or folder there (a user's images, a run, a dataset) is refused in one line
-    (ValueError) before anything is sampled, since the sample replaces and deletes the files an earlier one
-    wrote: NNNNN.json holding an image record (``_RECORD_KEYS``), NNNNN.png beside one, grid.png beside any,
-    and write_atomic's temporary files of those names (left by a kill)."""
-    out = Path(out)
-    if not out.is_dir():
-        return {}
-    records = {}
-    for path in out.glob("[0-9][0-9][0-9][0-9][0-9].json"):
-        record = _image_record(path)
-        if record is not None:
-            records[int(path.stem)] = record
-
-    def ours(path: Path) -> bool:
-        if not path.is_file():
-            return False
-        target = temporary_of(path.name)
-        if target is not None:
-            return bool(_SAMPLE_FILES.fullmatch(target))
-        numbered = _NUMBERED.fullmatch(path.name)
-        if numbered:
-            return int(numbered[1]) in records
-        return path.name == "grid.png" and bool(records)
-
-    check_output_folder(out, "images", "an earlier fusedit sample's folder", ours)
-    return records
-
-
-def _first_change(saved: dict, record: dict) -> str:
-    """The first key in which an earlier image's ``saved`` record differs from the ``record`` of the image
-    that replaces it, as "key=old, not new"."""
-    key = next(k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k))
-    return f"{key}={saved.get(key)!r}, not {record.get(key)!r}"
-
-
-def _remove_earlier_samples(out: Path, records: dict[int, dict], images: int) -> None:
-    """An ``out`` folder reused for fewer prompts would keep the earlier sample's higher-numbered images
-    (past ``images``) next to the new ones, and its grid.png would show the earlier prompts. Called once
-    the first new image is ready: a sample that fails or is stopped before it leaves the earlier one
-    whole. Only files of ``records`` (``earlier_sample``) go. The log counts the images removed, not
-    grid.png: a sample of the same prompts redraws it the same, and no image of it was lost."""
-    removed = 0
-    for i in sorted(i for i in records if i >= images):
-        earlier = [path for path in (out / f"{i:05d}.png", out / f"{i:05d}.json") if path.is_file()]
-        for path in earlier:
-            path.unlink()
-        removed += bool(earlier)
-    (out / "grid.png").unlink(missing_ok=True)
-    if removed:
-        some = "an image" if removed == 1 else f"{removed} images"
-        log.info("removed %s of an earlier sample in %s", some, out)
-
-
-def write_sample_folder(
-    model: TextToImage,
-    cfg: Config,
-    prompts: list[str],
-    out: str | Path,
-    *,
-    settings: dict[str, Any] | None = None,
-    seed: int | None = None,
-    batch_size: int = 8,
-    source: str | Path | None = None,
-    progress: bool = True,
-    written: list[Path] | None = None,
-    kept: list[Path] | None = None,
-) -> list[Path]:
-    """The sample folder of `fusedit sample`: image i of ``prompts`` as ``out``/0000i.png (five digits),
-    its metadata (prompt, whether it was "truncated" to the text encoders' limits, seed, settings,
-    precision, use_ema, model and its weights' fingerprint, batch size, compile, CUDA graphs) as 0000i.json,
-    and grid.png of them all with their prompts. An empty prompt samples unconditionally (the input a
-    dropped caption trained), as `fusedit serve` does; the words the built-in word tokenizer reads as <unk>
-    are warned about before sampling, and the prompts cut (the negative prompt too) once at the end.
-
-    ``model`` and ``cfg`` are as ``load_sampling_model`` returns them, and ``source`` is the folder it
-    returned (recorded, absolute, as each image's "model"). ``settings`` are ``generate``'s keyword
-    arguments as ``sample_settings(cfg, ...)`` makes them (None: the config's own); their image size should
-    fit the model (`fusedit sample` checks it first). Image i starts from the noise of ``seed`` + i alone
-    (None: the config's sample.seed), so any image can be made again by itself (each seed + i must lie in
-    0..SEED_MAX, as `fusedit serve` takes seeds: ConfigError otherwise); a negative prompt at guidance 1,
-    which would change nothing, is refused too. Prompts are sampled ``batch_size`` at a time, with a
-    progress bar unless ``progress`` is False.
-
-    ``out`` is created where missing. A folder holding anything but an earlier sample's files is refused
-    before any sampling (``earlier_sample``). An earlier sample's folder resumes when ``source`` names the
-    model (whose weights' fingerprint each record holds): a batch whose images are all there, each recorded
-    as this call would record it (prompt, seed, settings, model, batch size), is kept, and only the other
-    batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is made
-    whole, as in that call). Earlier images of other prompts or settings are replaced, and once the first
-    new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
-    file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
-    is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
-    from fusedit.checkpoints import weights_fingerprint
-
-    prompts = check_prompts(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
-    settings = sample_settings(cfg) if settings is None else settings
-    seed = cfg.sample.seed if seed is None else seed
-    check_seed(seed, len(prompts))
-    check_negative_prompt(settings["negative_prompt"], settings["guidance"])
-    out = Path(out)
-    records = earlier_sample(out)
-    device = next(model.denoiser.parameters()).device
-    steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
-    if settings.get("cuda_graphs") and (device.type != "cuda" or not settings.get("cache_text", True)):
-        # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
-        why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
-        log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
-    negative = settings["negative_prompt"] if guidance != 1.0 else ""
-    unknown = unknown_words_note(model, cfg, prompts, negative)
-    if unknown:
-        log.warning("%s", unknown)
-    empty = sum(not p.strip() for p in prompts)
-    if empty:
-        log.info("%d of the %d prompts are empty: sampled unconditionally", empty, len(prompts))
-    model_path = None if source is None else str(Path(source).resolve())
-    # The weights' own fingerprint, as `fusedit eval` records it: a folder re-exported or retrained in
-    # place keeps its path, and its earlier images must not be kept as this model's.
-    weights = None if source is None else weights_fingerprint(Path(source))
-    height, width = image_shape(size)
-    # Image i's record but "truncated", which only its sampling tells (and which follows from the rest).
-    metas = [
-        {
-            "prompt": prompt,
-            "seed": seed + i,
-            "negative_prompt": settings["negative_prompt"],
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            **({"size": height} if height == width else {}),
-            "sampler": settings["sampler"],
-            "shift": settings["shift"],
-            "schedule": settings["schedule"],
-            "precision": precision_name(settings["precision"], device),
-            "cache_text": settings["cache_text"],
-            "use_ema": cfg.sample.use_ema,
-            "model": model_path,
-            "weights": weights,
-            # What else decides the pixels: the batch an image is made in, and the kernels that make it.
-            "batch_size": batch_size,
-            "compile": cfg.sample.compile,
-            "cuda_graphs": bool(settings.get("cuda_graphs")),
-        }
-        for i, prompt in enumerate(prompts)
-    ]
-    paths = [out / f"{i:05d}.png" for i in range(len(prompts))]
-
-    def saved(i: int) -> dict:  # image i's earlier record but "truncated"
-        return {k: v for k, v in records.get(i, {}).items() if k != "truncated"}
-
-    # The earlier images recorded as this call would record them, and the others of its numbers (stale).
-    same = {i for i in records if i < len(prompts) and saved(i) == as_json_reads_back(metas[i])}
-    stale = sorted(i for i in records if i < len(prompts) and i not in same)
-
-    def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
-        return weights is not None and i in same and paths[i].is_file()
-
-    # A batch is made whole unless all its images are there: each image then comes out of the batch it
-    # would be in without the interruption, bit for bit as that call would make it.
-    batches = [range(b, min(b + batch_size, len(prompts))) for b in range(0, len(prompts), batch_size)]
-    todo = [batch for batch in batches if not all(map(made, batch))]
-    kept_images = [i for batch in batches if batch not in todo for i in batch]
-    out.mkdir(parents=True, exist_ok=True)
-    # What a kill -9 mid-write left (each file is written whole, so the files themselves are complete).
-    sweep_temporaries(out, _SAMPLE_FILES)
-    written = [] if written is None else written
-    written += [paths[i] for i in kept_images]
-    if kept is not None:
-        kept += [paths[i] for i in kept_images]
-    if kept_images:
-        log.info(
-            "%d of the %d images are kept from an earlier run of this sample", len(kept_images), len(prompts)
-        )
-    if records and weights is None:
-        log.info(
-            "the images of an earlier sample in %s are made again: without the model's folder (source) "
-            "they cannot be told to be this model's",
-            out,
-        )
-    elif stale:
-        change = _first_change(saved(stale[0]), as_json_reads_back(metas[stale[0]]))
-        some = f"{len(stale)} images of an earlier sample in {out} were"
-        if len(stale) == 1:
-            some = f"an image of an earlier sample in {out} was"
-        log.info(
-            "%s made with other prompts or settings and will be replaced (image %d: %s)",
-            some,
-            stale[0],
-            change,
-        )
-    images: dict[int, Any] = {}
-    cut_prompts = sum(bool(records[i].get("truncated")) for i in kept_images)
-    negative_cut = False
-    bar = tqdm(total=len(todo) * steps, desc="sample", unit="step", disable=not progress)
-    for indices in todo:
-        batch = [prompts[i] for i in indices]
-        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
-        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
-        noise = seeded_noise([seed + i for i in indices], latent_shape(model, size))
-        # The cuts are warned about once, at the end, and each image records whether its prompt was cut.
-        x, cut = generate(
-            model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
-        )
-        cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
-        if not images:
-            _remove_earlier_samples(out, records, len(prompts))
-        for j, (i, img) in enumerate(zip(indices, to_uint8(x))):
-            # "truncated" after the prompt (the prompt keeps its first place as **metas[i] repeats it).
-            meta = {"prompt": prompts[i], "truncated": j in cut.prompts, **metas[i]}
-            # The record first, an earlier image of that number gone before it: a stop between the two
-            # leaves a record without its image, which a rerun makes, never an image that no record marks
-            # as this command's, nor an earlier image under this call's record.
-            paths[i].unlink(missing_ok=True)
-            write_text_atomic(out / f"{i:05d}.json", json.dumps(meta, indent=1))
-            save_png(Image.fromarray(img), paths[i])
-            images[i] = img
-            written.append(paths[i])
-    bar.close()
-    if not todo:  # a finished sample run again: only its grid is made again
-        _remove_earlier_samples(out, records, len(prompts))
-    for i in kept_images:
-        with Image.open(paths[i]) as image:
-            images[i] = np.asarray(image.convert("RGB"))
-    grid = [images[i] for i in range(len(prompts))]
-    save_png(image_grid(grid, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
-    warn_cut_prompts(cut_prompts, len(prompts), model.limits, negative_cut)
-    return paths

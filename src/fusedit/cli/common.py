@@ -111,8 +111,8 @@ def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") 
 
 def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
     """The config MODEL samples with and the folder its weights are read from (as
-    fusedit.sample.load_sampling_model reads and returns them), without any weights; None where the folder
-    holds none, which load_sampling_model then reports."""
+    fusedit.sampling_source.load_sampling_model reads and returns them), without any weights; None where the
+    folder holds none, which load_sampling_model then reports."""
     from fusedit.checkpoints import checkpoint_stage, find_checkpoint
 
     folder = Path(path)

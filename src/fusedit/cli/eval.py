@@ -63,7 +63,8 @@ def cmd_eval(args) -> int:
         run_shapes_bench,
         untrained_note,
     )
-    from fusedit.sample import check_sampling_source, check_seed, load_sampling_model
+    from fusedit.sample import check_seed
+    from fusedit.sampling_source import check_sampling_source, load_sampling_model
     from fusedit.system import resolve_device
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
