@@ -213,3 +213,45 @@ def test_the_config_schema_imports_nothing_of_fusedit():
             if m.split(".")[0] == "fusedit" and m not in allowed
         ]
     assert not offending, "imports of the config package that point up or out:\n" + "\n".join(offending)
+
+
+def _tiers() -> dict[str, int]:
+    """Each top-level module or package of fusedit -> its tier, as fusedit's docstring lists them (the
+    ``name`` of every module named on a numbered line or its continuation)."""
+    import re
+
+    tiers, tier = {}, None
+    for line in fusedit.__doc__.splitlines():
+        numbered = re.match(r"(\d)\. ", line)
+        if numbered:
+            tier = int(numbered.group(1))
+        elif not line.startswith("   "):
+            tier = None
+        for name in re.findall(r"``(\w+)``", line) if tier else ():
+            if (SRC / f"{name}.py").is_file() or (SRC / name).is_dir():
+                tiers[name] = tier
+    return tiers
+
+
+def test_every_module_imports_only_from_its_tier_and_those_before_it():
+    """fusedit's docstring sorts the modules into four tiers; an import, top-level or inside a function,
+    from a later tier (a model module reaching for sampling, sampling for an app) would be a cycle waiting
+    to happen, and every module is in a tier."""
+    tiers = _tiers()
+    modules = {p.stem for p in SRC.glob("*.py") if not p.name.startswith("_")}
+    modules |= {p.parent.name for p in SRC.glob("*/__init__.py")}
+    assert modules - tiers.keys() == set(), "modules in no tier of fusedit's docstring"
+    offending = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        own = rel.parts[0].removesuffix(".py")
+        if own in ("__init__", "__main__"):
+            continue
+        package = ".".join(["fusedit", *rel.parts[:-1]])
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), package):
+            parts = module.split(".")
+            if parts[0] != "fusedit" or len(parts) < 2 or parts[1] == own:
+                continue
+            if tiers.get(parts[1], 0) > tiers[own]:
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} (tier {tiers[own]}) imports {module}")
+    assert not offending, "imports from a later tier:\n" + "\n".join(offending)

@@ -5,11 +5,12 @@ and LI-DiT. Start from ``fusedit.config.load_config`` and ``fusedit.system.build
 
 The modules form four tiers; a module imports only from its own tier and the tiers listed before it:
 
-1. Utilities: ``files`` (atomic file writes), ``imaging`` (PNGs, image grids, plots).
-2. Model assembly: ``config`` (the schema and presets), ``layers``, ``text``, ``models``, ``flow`` (flow
-   matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a text-to-image
-   model from a config), ``adapters`` (LoRA adapters through peft, and which of them a training stage adds)
-   and ``checkpoints`` (reading them; ``train.checkpoint`` writes them).
+1. Utilities: ``files`` (atomic file writes), ``devices`` (host-to-device copies).
+2. Model assembly: ``config`` (the schema), ``presets`` (the named configs, YAML), ``imaging`` (PNGs,
+   image grids, plots; it reads images as ``data`` does), ``layers``, ``text``, ``models``, ``flow`` (flow
+   matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a
+   text-to-image model from a config), ``adapters`` (LoRA adapters through peft, and which of them a
+   training stage adds) and ``checkpoints`` (reading them; ``train.checkpoint`` writes them).
 3. Inference: ``sample`` (prompt -> image), ``sampling_source`` (``load_sampling_model`` reads a run,
    checkpoint or pipeline folder to sample with), ``sample_folder`` (``write_sample_folder`` writes the folder
    of `fusedit sample`), ``pipeline`` (the diffusers pipeline), ``hub`` (Hugging Face folder formats) and
@@ -17,8 +18,8 @@ The modules form four tiers; a module imports only from its own tier and the tie
 4. Apps: ``serve`` (the web demo), ``bench``, ``demo``, ``eval``, ``train`` and ``cli`` (the `fusedit`
    command: thin subcommands that parse flags and call the library; nothing but ``__main__`` imports it).
 
-``layers`` imports nothing else of fusedit. ``tests/test_layering.py`` checks the rules on ``cli``, ``train``
-and ``layers``.
+``layers`` imports nothing else of fusedit. ``tests/test_layering.py`` checks the tiers (read off this
+list) for every module, and the finer rules on ``cli``, ``train`` and ``layers``.
 """
 
 __version__ = "0.1.0"
