@@ -7,6 +7,7 @@ import torch._dynamo
 
 from conftest import TINY_ARCH, counting_backend, randomize, tiny_config
 from fusedit.config import ConfigError, load_config
+from fusedit.models.base import compile_settings
 from fusedit.sample import generate, to_sampling_form
 from fusedit.system import RECOMPILE_SLACK, build_model
 from fusedit.text import encoder
@@ -47,8 +48,8 @@ def prompt_of(n: int) -> str:
 def test_compiled_blocks_get_one_graph_per_trimmed_text_length(fresh_dynamo):
     """Prompts of 1 to 69 words give 9 text lengths once rounded up to multiples of 8 (max_length 72):
     9 graphs of the blocks, one more than torch's default recompile limit, all compiled (none left to run
-    eagerly), one of the final norm, which never sees the text, and two of the K/V read (dynamic shapes:
-    the first length's, then one with the length symbolic that serves the other 8)."""
+    eagerly) and one of the final norm, which never sees the text; sampling's compile leaves the text side
+    (the LLM and its K/V read) eager."""
     arch = {**TINY_ARCH, "max_position_embeddings": 256}
     cfg = tiny_config(text={"max_length": 72, "trim_multiple": 8, "arch": arch})
     model = build_model(cfg)
@@ -63,7 +64,7 @@ def test_compiled_blocks_get_one_graph_per_trimmed_text_length(fresh_dynamo):
         lengths.add(text.mask.shape[1])
         model(x, t, text)
     assert len(lengths) == 9
-    assert len(graphs) == 9 + 1 + 2
+    assert len(graphs) == 9 + 1
 
 
 def test_auto_trim_multiple_is_the_longest_prompt_on_the_cpu_and_128_on_a_gpu(fresh_dynamo):
@@ -140,15 +141,15 @@ KV_BATCHES = [
 
 @pytest.mark.parametrize("name", KV_READS)
 def test_the_compiled_kv_read_equals_the_eager_one(fresh_dynamo, name):
-    """compile_parts compiles each LLM's K/V read, in sampling too (llm=False, the LLM eager): the
-    context's K/V equal the eager ones exactly (aot_eager keeps the math). Dynamic shapes: the first batch
-    gets a graph of its own, every later size and width shares a second one."""
+    """The compiled K/V read (TextEncoder.compile_kv) gives the eager K/V exactly (aot_eager keeps the
+    math). Dynamic shapes: the first batch gets a graph of its own, every later size and width shares a
+    second one."""
     config, pairs = KV_READS[name]
     model = build_model(config())
     assert name != "qwen3" or model.text.layer_keys == (encoder._normed_keys,) * 3
     eager = [model.encode_prompts(prompts) for prompts in KV_BATCHES]
     graphs = []
-    model.compile_parts(recording_aot_eager(graphs), llm=False)
+    model.text.compile_kv(compile_settings(recording_aot_eager(graphs)))
     compiled = [model.encode_prompts(prompts) for prompts in KV_BATCHES]
     assert [c.mask.shape for c in compiled] == [(2, 4), (3, 10), (4, 7)]
     assert len(graphs) == 2
@@ -164,25 +165,26 @@ def test_a_shallow_design_before_a_deep_one_leaves_its_kv_read_two_graphs(fresh_
     one) traced each layer's read apart, shape by shape, past the recompile limit."""
     shallow = build_model(load_config("debug-dit-self"))
     graphs = []
-    shallow.compile_parts(recording_aot_eager(graphs), llm=False)
+    shallow.text.compile_kv(compile_settings(recording_aot_eager(graphs)))
     shallow.encode_prompts(["a red circle", "two blue squares"])
     assert graphs == []  # nothing read, nothing compiled
     deep = build_model(load_config("debug"))
-    deep.compile_parts(recording_aot_eager(graphs), llm=False)
+    deep.text.compile_kv(compile_settings(recording_aot_eager(graphs)))
     for prompts in KV_BATCHES:
         deep.encode_prompts(prompts)
     assert len(graphs) == 2
 
 
-def test_an_off_compile_runs_the_kv_read_eagerly_again(fresh_dynamo):
+def test_the_kv_read_compiles_with_the_llm_and_runs_eagerly_in_sampling_and_off(fresh_dynamo):
+    """Training's compile (the LLM's) compiles the read; sampling's (llm=False) and off run it eagerly:
+    once per prompt batch, its compile would cost a sampling call more than it saves."""
     model = build_model(tiny_config())
-    graphs = []
-    model.compile_parts(recording_aot_eager(graphs), llm=False)
-    model.encode_prompts(["a red circle", "two blue squares"])
-    assert len(graphs) == 1 and model.text.read_kv is not encoder._read_kv
-    model.compile_parts("")
-    model.encode_prompts(["a", "red", "circle"])  # a new shape, which the compiled read would trace
-    assert len(graphs) == 1 and model.text.read_kv is encoder._read_kv
+    model.compile_parts(recording_aot_eager([]))
+    assert model.text.read_kv is not encoder._read_kv
+    for backend, llm in ((recording_aot_eager([]), False), ("", True)):
+        model.compile_parts(recording_aot_eager([]))
+        model.compile_parts(backend, llm=llm)
+        assert model.text.read_kv is encoder._read_kv
 
 
 def test_a_trainable_llms_gradient_through_the_compiled_kv_read_equals_the_eager_one(fresh_dynamo):

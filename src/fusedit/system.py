@@ -136,10 +136,11 @@ class TextToImage(nn.Module):
         """torch.compile the denoiser's blocks and, with ``llm``, each LLM's forward (train.compile,
         sample.compile; named apart from nn.Module.compile): "auto" = inductor on a GPU and nothing on the
         CPU. The LLM compiles with automatic dynamic shapes, since trimmed prompt batches change length; on
-        an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms. Each encoder's K/V read after the LLM
+        an H200 it takes Gemma-2B's batch-16 forward from 40 to 33 ms; each encoder's K/V read after the LLM
         (TextEncoder.compile_kv: every read layer's norm, key/value projections and RoPE, ~290 small kernels
-        eagerly for Gemma-2B) compiles the same way, also without ``llm`` (sampling, where the LLM runs once
-        per prompt batch and stays eager); off runs it eagerly again.
+        eagerly for Gemma-2B) compiles with it. Sampling (``llm`` False) keeps both eager: they run once per
+        prompt batch, so their compile (tens of seconds on a GPU, again for a new batch size) would cost a
+        sampling call more than the milliseconds it saves per batch.
 
         The blocks compile with static shapes: all blocks share their graphs, one per batch size, text
         length, padding mask or none, and autograd state (a training step's first block may get an input
@@ -160,9 +161,10 @@ class TextToImage(nn.Module):
         for enc in self.encoders:
             if backend and llm:
                 enc.llm.compile(**compile_settings(backend))
+                enc.compile_kv(compile_settings(backend))
             else:  # off, or sampling: LLMs compiled for training in this process (fusedit bench) run eagerly
                 uncompile(enc.llm)
-            enc.compile_kv(compile_settings(backend) if backend else None)  # sampling too; off: eager
+                enc.compile_kv(None)
         if not backend:  # off: blocks compiled for training run eagerly again
             self.denoiser.compile_blocks("")
             return

@@ -271,8 +271,8 @@ class TextEncoder(nn.Module):
 
     def compile_kv(self, settings: dict | None) -> None:
         """torch.compile the K/V read (``_read_kv``) with ``settings`` (models.base.compile_settings of a
-        compile setting); None runs it eagerly again. TextToImage.compile_parts calls it, in sampling too,
-        where the LLM runs eagerly.
+        compile setting); None runs it eagerly again. TextToImage.compile_parts calls it with the LLM's own
+        compile (training).
 
         Automatic dynamic shapes (dynamic=None), as the LLM: the batch and the trimmed text width change
         between prompt batches, and the read runs once per batch, so a graph that serves every shape (the
