@@ -9,15 +9,16 @@ A record counts for a target when it measures the target's configuration: its pr
 issue's 256 full-length text tokens (no ``--min-text-tokens``), and no exploratory ``tag``. Records of the
 same configuration with other settings (``train.ema_offload``, ``activation_memory_budget``, compile mode,
 CUDA graphs) are rows of their own, their settings named: the issue asks that each target be met by one
-configuration, and the table shows which. The variants' MFU target is judged against fusedit-gemma2b's
-512 px batch 16 records of the same folder (the same session, machine and commit range).
+configuration, and the table shows which. A variant's MFU is judged against the fusedit-gemma2b 512 px
+batch 16 record of the same folder, commit and settings nearest to it in time (most likely the same card:
+cards of one model, and each process's measured matmul peak, differ by a few percent), named in its row.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,29 +181,45 @@ def rows(records: list[Record]) -> list[dict]:
         out += [_row(target.name, r, *_measured(target, r.data)) for r in found] or [_row(target.name, None)]
     for preset in VARIANTS:
         name = f"{preset}: MFU within 5 points of fusedit-gemma2b's (512 px b16)"
-        found = [
-            r for r in records if _counts(r.data, {**GEMMA_512, "preset": preset}) and "error" not in r.data
-        ]
+        found = [r for r in records if _counts(r.data, {**GEMMA_512, "preset": preset})]
         for r in found:
-            # fusedit-gemma2b's records of the same session and settings, the variant's reference.
-            same = [
-                g.data["mfu"]
-                for g in records
-                if g.folder == r.folder
-                and _counts(g.data, GEMMA_512)
-                and "error" not in g.data
-                and _settings(g.data) == _settings(r.data)
-            ]
+            if "error" in r.data:
+                out.append(_row(name, r, r.data["error"], False))
+                continue
+            reference = _reference(r, records)
             mfu = r.data["mfu"]
-            if not same:
+            if reference is None:
                 out.append(_row(name, r, f"{100 * mfu:.1f}% (no fusedit-gemma2b record beside it)"))
                 continue
-            reference = statistics.median(same)
-            text = f"{100 * mfu:.1f}% against {100 * reference:.1f}%"
-            out.append(_row(name, r, text, abs(mfu - reference) <= MFU_POINTS))
+            gemma = reference.data["mfu"]
+            text = f"{100 * mfu:.1f}% against {100 * gemma:.1f}% ({reference.where})"
+            out.append(_row(name, r, text, abs(mfu - gemma) <= MFU_POINTS))
         if not found:
             out.append(_row(name, None))
     return out
+
+
+def _reference(variant: Record, records: list[Record]) -> Record | None:
+    """The fusedit-gemma2b 512 px batch 16 record a variant's MFU is judged against: of the same folder,
+    commit and settings, the nearest in time (records without a date: the first)."""
+    same = [
+        g
+        for g in records
+        if g.folder == variant.folder
+        and _counts(g.data, GEMMA_512)
+        and "error" not in g.data
+        and g.data.get("commit") == variant.data.get("commit")
+        and _settings(g.data) == _settings(variant.data)
+    ]
+
+    def distance(g: Record) -> float:
+        when = [r.data.get("date") for r in (g, variant)]
+        if None in when:
+            return 0.0
+        a, b = (datetime.datetime.fromisoformat(w) for w in when)
+        return abs((a - b).total_seconds())
+
+    return min(same, key=distance, default=None)
 
 
 def markdown(table: list[dict]) -> str:

@@ -15,7 +15,7 @@
 # benchmarks/raw/DATE-gpu. Every process has its own time limit, so one slow point cannot sink a part; the
 # log stamps each line with the time, so the limits can be tuned. COMMIT names the commit where the device
 # copy has no .git: COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty). Afterwards,
-# `python benchmarks/check_targets.py $OUT` gives the targets' table from the JSON, record by record.
+# `python benchmarks/check_targets.py <the output folder>` gives the targets' table from its JSON.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh 1|2|3|4|5|6|7}
 out=${OUT:-benchmarks/raw/$(date +%F)-gpu}

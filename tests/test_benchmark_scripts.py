@@ -156,3 +156,36 @@ def test_check_targets_says_what_was_not_measured_did_not_fit_or_moved_apart(tmp
 def test_check_targets_names_a_missing_folder(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no such folder or file: '.*nowhere'"):
         run_script("check_targets.py", [str(tmp_path / "nowhere")], monkeypatch)
+
+
+def test_a_variant_is_judged_against_the_nearest_gemma_record_of_its_commit_and_settings(
+    tmp_path, monkeypatch, capsys
+):
+    """Not a median over cards, commits and settings that matches no record: the nearest in time of the
+    same commit and settings, named; a variant that ran out of memory fails."""
+
+    def gemma(mfu, date, **extra):
+        return train_row(
+            "fusedit-gemma2b", 512, 16, 36.0, mfu=mfu, date=date, **{"commit": "aaaaaaa1", **extra}
+        )
+
+    def rope(mfu, date, **extra):
+        return train_row(
+            "fusedit-2d-rope", 512, 16, 35.0, mfu=mfu, date=date, **{"commit": "aaaaaaa1", **extra}
+        )
+
+    lines = [
+        gemma(0.60, "2026-11-24T06:00:00+00:00"),
+        gemma(0.70, "2026-11-24T07:00:00+00:00"),
+        gemma(0.61, "2026-11-24T06:50:00+00:00", commit="bbbbbbb2"),  # another commit
+        gemma(0.62, "2026-11-24T06:55:00+00:00", ema_offload=True),  # other settings
+        rope(0.66, "2026-11-24T06:45:00+00:00"),
+        rope(0.0, "2026-11-24T06:46:00+00:00", error="out of memory"),
+    ]
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = target_rows([str(tmp_path)], monkeypatch, capsys)
+    variant = [r for r in rows if r["target"].startswith("fusedit-2d-rope")]
+    assert [(r["measured"], r["met"]) for r in variant] == [
+        (f"66.0% against 70.0% ({tmp_path / 'x.jsonl'}:2 @aaaaaaa)", True),
+        ("out of memory", False),
+    ]

@@ -312,10 +312,8 @@ class _Base:
         for place, layer in ((f"{where}: overrides", self.overrides), (f"{where}: base", self.values)):
             if not layer:
                 continue
-            try:
-                build_section(
-                    Config, layer, ""
-                )  # each key and value on its own, without the cross-field rules
+            try:  # each key and value on its own, without the cross-field rules
+                build_section(Config, layer, "")
             except ConfigError as own:
                 if str(own) == str(e):
                     return place
