@@ -153,6 +153,14 @@ def runs(tmp_path_factory):
     return get
 
 
+def test_a_sharded_llm_under_compile_trains_as_one_process_does(runs, tmp_path):
+    """train.shard_llm with train.compile: the compiled LLM and its compiled K/V read (TextEncoder.compile_kv)
+    read the FSDP units' gathered weights, which are resharded after every prompt batch."""
+    cfg = _config(tmp_path / "c.yaml", batch_size=4, shard_llm=True, compile="aot_eager")
+    two = torchrun(2, cfg, tmp_path / "run")
+    assert logged_losses(two) == pytest.approx(logged_losses(runs("ref")), **TOL)
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(runs, tmp_path):
     ref = logged_losses(runs("ref"))
     two = runs("ddp")
