@@ -33,6 +33,31 @@ def test_describe_and_config_and_presets(capsys):
     assert "debug" in capsys.readouterr().out.split()
 
 
+def test_describe_says_what_training_holds_before_activations(capsys):
+    """The 64 GB budget of issue 6 at a glance: weights, gradients and AdamW's moments of what trains, the
+    EMA's float32 DiT (on the GPU, or in host memory with train.ema_offload), the frozen bf16 LLM."""
+    assert main(["describe", "fusedit-gemma2b"]) == 0
+    assert (
+        "training holds 50.3 GiB per GPU before activations (trainable weights 9.1 GiB, their gradients 9.1 "
+        "GiB, AdamW's moments 18.2 GiB, the EMA 9.1 GiB, frozen weights 4.7 GiB; train.parallel=fsdp shards "
+        "it over the GPUs; `fusedit bench` measures the peak)"
+    ) in capsys.readouterr().out
+    assert main(["describe", "fusedit-gemma2b", "train.ema_offload=true"]) == 0
+    out = capsys.readouterr().out
+    assert "training holds 41.2 GiB per GPU" in out and "the EMA's 9.1 GiB in host memory" in out
+
+
+def held(total: str, trained: str, ema: str, frozen: str) -> str:
+    """describe's line of what training holds, trainable weights taking ``trained`` (gradients alike,
+    AdamW's moments twice that)."""
+    value, unit = trained.split()
+    parts = f"trainable weights {trained}, their gradients {trained}, AdamW's moments {2 * float(value):.1f} {unit}"
+    return (
+        f"training holds {total} per GPU before activations ({parts}, the EMA {ema}, frozen weights {frozen}; "
+        "train.parallel=fsdp shards it over the GPUs; `fusedit bench` measures the peak)"
+    )
+
+
 def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(capsys):
     """With LoRA the adapters train and the DiT's base weights are frozen; a jointly trained LLM trains what
     the DiT reads of it. The counts are those training's optimizers get on a real build, and the FLOP lines
@@ -51,6 +76,7 @@ def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(c
                 "trainable (DiT: rank-8 LoRA adapters): 0.1M (95,232)",
                 "frozen (DiT: base weights): 1.5M (1,525,296)",
                 "frozen (LLM, incl. embeddings): 0.4M (422,720)",
+                held("14.7 MiB", "372.0 KiB", "5.8 MiB", "7.4 MiB"),  # the EMA: the merged DiT
                 "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP, LLM forward 14.156 MFLOP, "
                 "training 265.355 MFLOP per image",
             ],
@@ -61,6 +87,7 @@ def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(c
                 "trainable (DiT): 1.5M (1,525,296)",
                 "trainable (LLM: the layers the DiT reads, incl. embeddings): 0.4M (357,056)",
                 "frozen (LLM: the rest): 0.1M (65,664)",
+                held("34.8 MiB", "7.2 MiB", "5.8 MiB", "256.5 KiB"),
             ],
             {"denoiser": 1_525_296, "llm": 357_056},
         ),
@@ -69,6 +96,7 @@ def test_describe_counts_what_the_run_trains_through_trainings_own_apply_parts(c
                 "frozen (DiT): 1.5M (1,525,296)",
                 "trainable (LLM: rank-4 LoRA adapters on the top 2 layers the DiT reads): 0.0M (3,072)",
                 "frozen (LLM: base weights, incl. embeddings): 0.4M (422,720)",
+                held("13.3 MiB", "12.0 KiB", "5.8 MiB", "7.4 MiB"),  # the frozen DiT's EMA is held too
             ],
             {"llm": 3_072},
         ),
@@ -98,18 +126,19 @@ def test_describe_of_a_staged_run_gives_the_first_stages_parameters_and_costs(ca
     pytest.importorskip("peft")
     assert main(["describe", "recipe-shapes-3stage", "stages.0.train.dit_lora.rank=8"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1:6] == [
+    assert out[1:7] == [
         "stage 0 'low-res', where training starts (every stage's own line at the end):",
         "trainable (DiT: rank-8 LoRA adapters): 0.1M (95,232)",
         "frozen (DiT: base weights): 1.5M (1,525,296)",
         "frozen (LLM, incl. embeddings): 0.4M (422,720)",
+        held("14.7 MiB", "372.0 KiB", "5.8 MiB", "7.4 MiB"),
         "16 px (16 image + 16 text tokens): DiT forward 30.048 MFLOP, LLM forward 14.156 MFLOP, "
         "training 74.252 MFLOP per image",
     ]
-    assert out[8].startswith(
+    assert out[9].startswith(
         "stage 0 'low-res': steps 0..800, 16 px, batch 32x1, lr 0.002, trains DiT (LoRA "
     )
-    assert ": 74.252 MFLOP per image, " in out[8]
+    assert ": 74.252 MFLOP per image, " in out[9]
 
 
 def test_describe_counts_a_local_tokenizers_template_and_says_when_a_hub_ones_is_left_out(tmp_path, capsys):
@@ -137,7 +166,7 @@ def test_describe_counts_a_local_tokenizers_template_and_says_when_a_hub_ones_is
     assert "32 px (64 image + 19 text tokens): " in out and "leave out" not in out
     assert main(["describe", "debug", "text.model_id=fusedit-tests/no-such-llm", "text.template=chat"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[4:6] == [
+    assert out[5:7] == [
         "(the text tokens below leave out the template's tokens of text: describe does not download hub "
         "tokenizers; a local folder as the section's tokenizer or model_id counts them)",
         "32 px (64 image + 16 text tokens): DiT forward 125.600 MFLOP, LLM forward 14.156 MFLOP, "

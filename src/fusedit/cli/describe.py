@@ -60,6 +60,41 @@ def _parameter_lines(model, keys: list[str], stage) -> list[str]:
     return lines
 
 
+def _size(count: int) -> str:
+    """Bytes in the largest binary unit (GiB, MiB, KiB) they make one of, as torch's memory figures."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
+
+
+def _memory_line(model, cfg: Config) -> str:
+    """What training holds on each GPU before activations, once ``_parameter_lines`` set what trains: the
+    trainable weights, their gradients and AdamW's two moments (in the weights' dtype, as torch's AdamW
+    keeps them), the EMA's float32 copy of the DiT (adapters merged: the EMA's own form; in host memory
+    with train.ema_offload) and the frozen weights. Activations depend on the batch, the resolution and
+    train.activation_memory_budget: `fusedit bench` measures the peak."""
+    from fusedit.adapters import merged_state_dict
+
+    params = list(model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    ema = 4 * sum(v.numel() for v in merged_state_dict(model.denoiser).values())
+    parts = [
+        ("trainable weights", trained),
+        ("their gradients", trained),
+        ("AdamW's moments", 2 * trained),
+        ("the EMA", 0 if cfg.train.ema_offload else ema),
+        ("frozen weights", frozen),
+    ]
+    held = ", ".join(f"{what} {_size(n)}" for what, n in parts if n)
+    host = f"; the EMA's {_size(ema)} in host memory (train.ema_offload)" if cfg.train.ema_offload else ""
+    return (
+        f"training holds {_size(sum(n for _, n in parts))} per GPU before activations ({held}{host}; "
+        "train.parallel=fsdp shards it over the GPUs; `fusedit bench` measures the peak)"
+    )
+
+
 def _unloaded_templates(cfg: Config, model) -> list[str]:
     """The text sections whose template's tokens a meta build leaves out of the text width: a hub
     tokenizer is not downloaded there (system._text_encoder), so its encoder has no tokenizer to count a
@@ -125,6 +160,8 @@ def cmd_describe(args) -> int:
     stage_lines = describe_stages(cfg, model) if cfg.stages else []
     # The exact counts too: a debug design's 1.5M would not confirm the 1.53M `fusedit study` reports.
     parameters = _parameter_lines(model, keys, first) if _can_count(first) else [_NO_PEFT]
+    if parameters != [_NO_PEFT]:
+        parameters.append(_memory_line(model, first.config))
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
         f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
