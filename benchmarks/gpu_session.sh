@@ -41,9 +41,9 @@ case $part in
   # The target configurations at this commit: training 512x16, 256x32, 256x64 and cached sampling
   # of 4 prompts x 25 steps; the 512x16 point again with the EMA's float32 copy in host memory (the bench
   # holds it on the GPU by default: about 9.1 GiB more than runs A-C, over the 64 GB target); the large model.
-  bench gemma2b 230 fusedit-gemma2b --train-points 512x16 256x32 256x64 --prompts 4 --steps 25 --cached-only
-  bench ema-offload 130 fusedit-gemma2b train.ema_offload=true --what train --train-points 512x16
-  bench large 190 fusedit-large --train-points 512x16 --prompts 4 --steps 25 --cached-only
+  bench gemma2b 250 fusedit-gemma2b --train-points 512x16 256x32 256x64 --prompts 4 --steps 25 --cached-only
+  bench ema-offload 120 fusedit-gemma2b train.ema_offload=true --what train --train-points 512x16
+  bench large 180 fusedit-large --train-points 512x16 --prompts 4 --steps 25 --cached-only
   ;;
 2)
   stamp "tests/test_gpu.py"
