@@ -32,6 +32,9 @@ class Target:
     value: str  # the record key measured: images_per_s, mfu, peak_memory_bytes, or "fits"
     at_least: float | None = None
     at_most: float | None = None
+    # The public FuseDiT code's images/s at this configuration on an H200, as the issue gives it: each
+    # measured figure is also given as a multiple of it.
+    public: float | None = None
 
 
 def _train(preset: str, resolution: int, batch: int) -> dict:
@@ -44,11 +47,15 @@ def _sample(preset: str) -> dict:
 
 GEMMA_512 = _train("fusedit-gemma2b", 512, 16)
 TARGETS = [
-    Target("train 512 px b16: >= 38 img/s", GEMMA_512, "images_per_s", at_least=38),
+    Target("train 512 px b16: >= 38 img/s", GEMMA_512, "images_per_s", at_least=38, public=22.5),
     Target("train 512 px b16: MFU >= 60%", GEMMA_512, "mfu", at_least=0.60),
     Target("train 512 px b16: memory <= 64 GB", GEMMA_512, "peak_memory_bytes", at_most=64 * GB),
     Target(
-        "train 256 px b32: >= 110 img/s", _train("fusedit-gemma2b", 256, 32), "images_per_s", at_least=110
+        "train 256 px b32: >= 110 img/s",
+        _train("fusedit-gemma2b", 256, 32),
+        "images_per_s",
+        at_least=110,
+        public=64,
     ),
     Target("train 256 px b64 fits", _train("fusedit-gemma2b", 256, 64), "fits"),
     Target(
@@ -62,6 +69,7 @@ TARGETS = [
         {**_sample("fusedit-gemma2b"), "text_cache": True},
         "images_per_s",
         at_least=2.8,
+        public=1.77,  # with its text cache (1.35 without)
     ),
     Target(
         "large model samples >= 1.9 img/s",
@@ -160,6 +168,8 @@ def _measured(target: Target, record: dict) -> tuple[str, bool | None]:
     else:
         value = record[target.value]
         text = f"{100 * value:.1f}%" if target.value == "mfu" else f"{value:.2f}"
+        if target.public:
+            text += f" ({value / target.public:.2f}x the public code's {target.public})"
     met = (target.at_least is None or value >= target.at_least) and (
         target.at_most is None or value <= target.at_most
     )

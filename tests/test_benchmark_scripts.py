@@ -108,11 +108,14 @@ def test_check_targets_reads_run_c_as_results_md_states_it(monkeypatch, capsys):
         for r in rows
         if r["record"].startswith(str(BENCHMARKS / "raw" / "2026-11-24-h200" / "gemma2b.jsonl:1"))
     )
-    assert (first["measured"], first["settings"]) == ("36.04", "defaults") and first["record"].endswith(
-        "@1ccf3db"
-    )
+    assert (first["measured"], first["settings"]) == (
+        "36.04 (1.60x the public code's 22.5)",
+        "defaults",
+    ) and first["record"].endswith("@1ccf3db")
     graphs = [r for r in rows if "graphs.jsonl" in (r["record"] or "")]
-    assert [(g["measured"], g["settings"]) for g in graphs] == [("2.67", "cuda_graphs=True")]
+    assert [(g["measured"], g["settings"]) for g in graphs] == [
+        ("2.67 (1.51x the public code's 1.77)", "cuda_graphs=True")
+    ]
     memory = [r["measured"] for r in rows if r["target"] == "train 512 px b16: memory <= 64 GB"]
     assert set(memory) == {"58.4 GiB (62.7 GB)"}
     assert all(r["met"] is not None for r in rows)  # every target measured, each variant beside gemma2b
@@ -138,7 +141,9 @@ def test_check_targets_says_what_was_not_measured_did_not_fit_or_moved_apart(tmp
     fits = by_target["train 256 px b64 fits"]
     assert [(r["measured"], r["met"]) for r in fits] == [("does not fit (out of memory)", False)]
     speed = by_target["train 512 px b16: >= 38 img/s"]
-    assert [(r["measured"], r["met"], r["settings"]) for r in speed] == [("39.00", True, "ema_offload=True")]
+    assert [(r["measured"], r["met"], r["settings"]) for r in speed] == [
+        ("39.00 (1.73x the public code's 22.5)", True, "ema_offload=True")
+    ]
     assert [r["measured"] for r in by_target["train 512 px b16: memory <= 64 GB"]] == ["57.7 GiB (62.0 GB)"]
     assert by_target["large model samples >= 1.9 img/s"] == [
         {
