@@ -158,10 +158,12 @@ class TextToImage(nn.Module):
         device = next(self.denoiser.parameters()).device
         if backend == "auto":
             backend = "inductor" if device.type == "cuda" else ""
-        for enc in self.encoders:
+        for enc, request in zip(self.encoders, self.denoiser.text_requests, strict=True):
             if backend and llm:
                 enc.llm.compile(**compile_settings(backend))
-                enc.compile_kv(compile_settings(backend))
+                # A shallow design reads no K/V: compiled, its empty read would be a graph dynamo then
+                # skips for the rest of the process, every later model's read with it (`fusedit study`).
+                enc.compile_kv(compile_settings(backend) if request.reads_kv else None)
             else:  # off, or sampling: LLMs compiled for training in this process (fusedit bench) run eagerly
                 uncompile(enc.llm)
                 enc.compile_kv(None)
@@ -323,7 +325,7 @@ def _text_encoder(
     """``config``: the LLM's transformers config (llm_config), read once per build; ``spec`` its summary;
     ``key`` the section as errors name it (text, extra_text.0); ``seed`` the random init's (llm_seed)."""
     needed = request.layers_needed(spec.num_layers)
-    reads_kv = bool(request.kv_layers or request.raw_kv_layers)
+    reads_kv = request.reads_kv
     if meta:  # built under the device context too, so no real weights are allocated
         with torch.device(device):
             llm = load_llm(tcfg, needed, device, shape_only=True, config=config, reads_kv=reads_kv)

@@ -83,7 +83,7 @@ def _read_kv(encoder: TextEncoder, hidden: tuple[torch.Tensor, ...], request: Te
     One function, so that it compiles as one graph (TextEncoder.compile_kv): run eagerly, each layer's norm,
     projections and rotation are about 16 small kernels after the LLM's forward, ~290 for Gemma-2B's 18."""
     kv = []
-    if request.kv_layers:
+    if request.kv_layers:  # not the shallow designs' (hidden states only, from any RoPE scheme)
         positions = torch.arange(hidden[0].shape[1], device=hidden[0].device)[None]
         cos, sin = encoder.llm.rotary_emb(hidden[0], positions)
         for i in request.kv_layers:
@@ -300,13 +300,11 @@ class TextEncoder(nn.Module):
             return
         rows = self.llm.get_input_embeddings().num_embeddings
         ids = (torch.arange(1, 9, device=device) % rows)[None]  # (1, 8)
-        mask, positions = torch.ones_like(ids), torch.arange(8, device=device)[None]
+        mask = torch.ones_like(ids)
         out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=True)
         # OLMo-2's post-norms (no input_layernorm) or StableLM's partial rotary fail to be read at all.
-        try:
-            cos, sin = self.llm.rotary_emb(out.hidden_states[0], positions)
-            ours = [self.layer_kv(i, out.hidden_states[i]) for i in layers]
-            ours = [(_rope(k, cos, sin), v) for k, v in ours]
+        try:  # every read layer's keys with RoPE, as the LLM's cache holds them
+            ours, _ = _read_kv(self, out.hidden_states, TextRequest(kv_layers=layers))
         except (AttributeError, RuntimeError, ValueError) as e:
             self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
         # transformers 5.24 names it `cache` (and warns on `past_key_values`); earlier ones `past_key_values`.
@@ -355,9 +353,7 @@ class TextEncoder(nn.Module):
                 input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False
             )
             hidden = out.hidden_states  # (embeddings, output of layer 0, ...); h_i is the input of layer i
-            # The shallow designs read hidden states only (any RoPE scheme): no read, whose compiled form
-            # would otherwise be an empty graph, which dynamo then skips for every later model too.
-            kv, raw_kv = self.read_kv(self, hidden, request) if request.reads_kv else ([], [])
+            kv, raw_kv = self.read_kv(self, hidden, request)
             chosen = hidden[request.hidden_layer] if request.hidden_layer is not None else None
         return TextContext(
             mask=mask,
