@@ -878,6 +878,23 @@ def test_a_cut_prompt_is_recorded_as_cut(folders, tmp_path):
     assert [metadata(tmp_path, i)["truncated"] for i in range(4)] == [False, True, True, False]
 
 
+def test_a_resumed_sample_counts_the_cut_prompts_of_its_kept_images(folders, tmp_path, caplog):
+    """The last warning counts the whole sample: a kept image's cut prompt is read from its record, since
+    the rerun does not sample it again. Its record keeps "truncated" right after the prompt."""
+    long = " ".join(["a red circle"] * 10)
+    args = ["--prompt", long, "--prompt", "a", "--steps", "1", "--batch-size", "1"]
+    assert sample(folders["run"], tmp_path, *args) == 0
+    (tmp_path / "00001.png").unlink()  # as a stop before the second batch's image leaves it
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        assert sample(folders["run"], tmp_path, *args) == 0
+    assert "1 of the 2 images are kept from an earlier run of this sample" in caplog.text
+    assert warnings_of(caplog) == [
+        "1 of the 2 prompts was longer than text.max_length=16 tokens: its end was cut"
+    ]
+    assert list(metadata(tmp_path, 1))[:3] == ["prompt", "truncated", "seed"]
+
+
 def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, caplog):
     """The only message was the encoder's "1 prompt(s) ... truncated", and the total left the negative prompt
     out (helper-115 M4)."""

@@ -12,9 +12,10 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -119,6 +120,184 @@ def _remove_earlier_samples(out: Path, records: dict[int, dict], images: int) ->
         log.info("removed %s of an earlier sample in %s", some, out)
 
 
+class _Plan(NamedTuple):
+    """Which images a call makes and which it keeps from an earlier sample in its folder."""
+
+    todo: list[range]  # the batches to sample, each whole
+    kept: list[int]  # the images kept as they are
+    stale: list[int]  # the earlier images of this call's numbers, recorded otherwise (replaced)
+
+
+def _checked_inputs(
+    cfg: Config, prompts: list[str], settings: dict[str, Any] | None, seed: int | None, batch_size: int
+) -> tuple[list[str], dict[str, Any], int]:
+    """The prompts, settings and seed of a call, its defaults filled in, refused in one line when wrong:
+    before the folder is read or the model runs, so that a bad call leaves an earlier sample alone."""
+    prompts = check_prompts(prompts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
+    settings = sample_settings(cfg) if settings is None else settings
+    seed = cfg.sample.seed if seed is None else seed
+    check_seed(seed, len(prompts))
+    check_negative_prompt(settings["negative_prompt"], settings["guidance"])
+    return prompts, settings, seed
+
+
+def _note_before_sampling(
+    model: TextToImage, cfg: Config, prompts: list[str], settings: dict[str, Any], device: torch.device
+) -> None:
+    """What the user may not expect of a call (a setting that does nothing here, words the model cannot
+    read, prompts sampled unconditionally), said before the sampling, which can take long, starts."""
+    if settings.get("cuda_graphs") and (device.type != "cuda" or not settings.get("cache_text", True)):
+        # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
+        why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
+        log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
+    negative = settings["negative_prompt"] if settings["guidance"] != 1.0 else ""
+    unknown = unknown_words_note(model, cfg, prompts, negative)
+    if unknown:
+        log.warning("%s", unknown)
+    empty = sum(not p.strip() for p in prompts)
+    if empty:
+        log.info("%d of the %d prompts are empty: sampled unconditionally", empty, len(prompts))
+
+
+def _shared_record(
+    cfg: Config, settings: dict[str, Any], batch_size: int, device: torch.device, source: str | Path | None
+) -> dict[str, Any]:
+    """What every image's record holds after its prompt and seed: all else that decides its pixels, so
+    that a rerun keeps an earlier image only where it would make the same one."""
+    from fusedit.checkpoints import weights_fingerprint
+
+    model_path = None if source is None else str(Path(source).resolve())
+    # The weights' own fingerprint, as `fusedit eval` records it: a folder re-exported or retrained in
+    # place keeps its path, and its earlier images must not be kept as this model's.
+    weights = None if source is None else weights_fingerprint(Path(source))
+    height, width = image_shape(settings["image_size"])
+    return {
+        "negative_prompt": settings["negative_prompt"],
+        "steps": settings["steps"],
+        "guidance": settings["guidance"],
+        "width": width,
+        "height": height,
+        **({"size": height} if height == width else {}),
+        "sampler": settings["sampler"],
+        "shift": settings["shift"],
+        "schedule": settings["schedule"],
+        "precision": precision_name(settings["precision"], device),
+        "cache_text": settings["cache_text"],
+        "use_ema": cfg.sample.use_ema,
+        "model": model_path,
+        "weights": weights,
+        # What else decides the pixels: the batch an image is made in, and the kernels that make it.
+        "batch_size": batch_size,
+        "compile": cfg.sample.compile,
+        "cuda_graphs": bool(settings.get("cuda_graphs")),
+    }
+
+
+def _saved(record: dict) -> dict:
+    """An earlier image's ``record`` as a new call's ``metas`` hold it, to be compared with them: without
+    "truncated", which the call learns only by sampling."""
+    return {k: v for k, v in record.items() if k != "truncated"}
+
+
+def _plan_batches(out: Path, records: dict[int, dict], metas: list[dict], batch_size: int) -> _Plan:
+    """A batch is kept only when all its images are there, each recorded as ``metas`` records it, and
+    made whole otherwise: each image then comes out of the batch it would be in without an interruption,
+    bit for bit as one uninterrupted call would make it."""
+    images = len(metas)
+    # The earlier images recorded as this call would record them, and the others of its numbers (stale).
+    same = {i for i in records if i < images and _saved(records[i]) == as_json_reads_back(metas[i])}
+    stale = sorted(i for i in records if i < images and i not in same)
+
+    def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
+        return metas[i]["weights"] is not None and i in same and (out / f"{i:05d}.png").is_file()
+
+    batches = [range(b, min(b + batch_size, images)) for b in range(0, images, batch_size)]
+    todo = [batch for batch in batches if not all(map(made, batch))]
+    return _Plan(todo, [i for batch in batches if batch not in todo for i in batch], stale)
+
+
+def _note_plan(out: Path, records: dict[int, dict], metas: list[dict], plan: _Plan) -> None:
+    """Why a rerun makes fewer images than it was given, or makes again those an earlier one left."""
+    if plan.kept:
+        log.info(
+            "%d of the %d images are kept from an earlier run of this sample", len(plan.kept), len(metas)
+        )
+    if records and metas[0]["weights"] is None:  # no ``source``: no record names this model
+        log.info(
+            "the images of an earlier sample in %s are made again: without the model's folder (source) "
+            "they cannot be told to be this model's",
+            out,
+        )
+    elif plan.stale:
+        first = plan.stale[0]
+        change = _first_change(_saved(records[first]), as_json_reads_back(metas[first]))
+        some = f"{len(plan.stale)} images of an earlier sample in {out} were"
+        if len(plan.stale) == 1:
+            some = f"an image of an earlier sample in {out} was"
+        log.info(
+            "%s made with other prompts or settings and will be replaced (image %d: %s)", some, first, change
+        )
+
+
+def _sample_batches(
+    model: TextToImage,
+    settings: dict[str, Any],
+    metas: list[dict],
+    out: Path,
+    records: dict[int, dict],
+    todo: list[range],
+    written: list[Path],
+    progress: bool,
+) -> tuple[dict[int, np.ndarray], int, bool]:
+    """The images of the ``todo`` batches, by number, each written with its record as soon as its batch
+    is made, so that an interrupted call leaves every finished batch for a rerun to keep; and how many of
+    their prompts were cut, and whether the negative prompt was, for the one warning at the end."""
+    images: dict[int, np.ndarray] = {}
+    cut_prompts, negative_cut = 0, False
+    bar = tqdm(total=len(todo) * settings["steps"], desc="sample", unit="step", disable=not progress)
+    for indices in todo:
+        batch = [metas[i]["prompt"] for i in indices]
+        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
+        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
+        noise = seeded_noise([metas[i]["seed"] for i in indices], latent_shape(model, settings["image_size"]))
+        # The cuts are warned about once, at the end, and each image records whether its prompt was cut.
+        x, cut = generate(
+            model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
+        )
+        cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
+        if not images:
+            _remove_earlier_samples(out, records, len(metas))
+        for j, (i, img) in enumerate(zip(indices, to_uint8(x))):
+            # "truncated" after the prompt (the prompt keeps its first place as **metas[i] repeats it).
+            meta = {"prompt": metas[i]["prompt"], "truncated": j in cut.prompts, **metas[i]}
+            # The record first, an earlier image of that number gone before it: a stop between the two
+            # leaves a record without its image, which a rerun makes, never an image that no record marks
+            # as this command's, nor an earlier image under this call's record.
+            png = out / f"{i:05d}.png"
+            png.unlink(missing_ok=True)
+            write_text_atomic(out / f"{i:05d}.json", json.dumps(meta, indent=1))
+            save_png(Image.fromarray(img), png)
+            images[i] = img
+            written.append(png)
+    bar.close()
+    return images, cut_prompts, negative_cut
+
+
+def _write_grid(out: Path, metas: list[dict], made: dict[int, np.ndarray], kept: list[int]) -> None:
+    """grid.png of every image with its prompt, kept ones (read back) too: drawn last, so that a sample
+    stopped early has none, and a rerun that keeps it all draws the same grid again."""
+    images = dict(made)
+    for i in kept:
+        with Image.open(out / f"{i:05d}.png") as image:
+            images[i] = np.asarray(image.convert("RGB"))
+    grid = [images[i] for i in range(len(metas))]
+    height, width = metas[0]["height"], metas[0]["width"]
+    prompts = [meta["prompt"] for meta in metas]
+    save_png(image_grid(grid, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
+
+
 def write_sample_folder(
     model: TextToImage,
     cfg: Config,
@@ -158,140 +337,31 @@ def write_sample_folder(
     new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
     file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
     is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
-    from fusedit.checkpoints import weights_fingerprint
-
-    prompts = check_prompts(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
-    settings = sample_settings(cfg) if settings is None else settings
-    seed = cfg.sample.seed if seed is None else seed
-    check_seed(seed, len(prompts))
-    check_negative_prompt(settings["negative_prompt"], settings["guidance"])
+    prompts, settings, seed = _checked_inputs(cfg, prompts, settings, seed, batch_size)
     out = Path(out)
     records = earlier_sample(out)
     device = next(model.denoiser.parameters()).device
-    steps, guidance, size = settings["steps"], settings["guidance"], settings["image_size"]
-    if settings.get("cuda_graphs") and (device.type != "cuda" or not settings.get("cache_text", True)):
-        # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
-        why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
-        log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
-    negative = settings["negative_prompt"] if guidance != 1.0 else ""
-    unknown = unknown_words_note(model, cfg, prompts, negative)
-    if unknown:
-        log.warning("%s", unknown)
-    empty = sum(not p.strip() for p in prompts)
-    if empty:
-        log.info("%d of the %d prompts are empty: sampled unconditionally", empty, len(prompts))
-    model_path = None if source is None else str(Path(source).resolve())
-    # The weights' own fingerprint, as `fusedit eval` records it: a folder re-exported or retrained in
-    # place keeps its path, and its earlier images must not be kept as this model's.
-    weights = None if source is None else weights_fingerprint(Path(source))
-    height, width = image_shape(size)
+    _note_before_sampling(model, cfg, prompts, settings, device)
+    shared = _shared_record(cfg, settings, batch_size, device, source)
     # Image i's record but "truncated", which only its sampling tells (and which follows from the rest).
-    metas = [
-        {
-            "prompt": prompt,
-            "seed": seed + i,
-            "negative_prompt": settings["negative_prompt"],
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            **({"size": height} if height == width else {}),
-            "sampler": settings["sampler"],
-            "shift": settings["shift"],
-            "schedule": settings["schedule"],
-            "precision": precision_name(settings["precision"], device),
-            "cache_text": settings["cache_text"],
-            "use_ema": cfg.sample.use_ema,
-            "model": model_path,
-            "weights": weights,
-            # What else decides the pixels: the batch an image is made in, and the kernels that make it.
-            "batch_size": batch_size,
-            "compile": cfg.sample.compile,
-            "cuda_graphs": bool(settings.get("cuda_graphs")),
-        }
-        for i, prompt in enumerate(prompts)
-    ]
+    metas = [{"prompt": prompt, "seed": seed + i, **shared} for i, prompt in enumerate(prompts)]
+    plan = _plan_batches(out, records, metas, batch_size)
     paths = [out / f"{i:05d}.png" for i in range(len(prompts))]
-
-    def saved(i: int) -> dict:  # image i's earlier record but "truncated"
-        return {k: v for k, v in records.get(i, {}).items() if k != "truncated"}
-
-    # The earlier images recorded as this call would record them, and the others of its numbers (stale).
-    same = {i for i in records if i < len(prompts) and saved(i) == as_json_reads_back(metas[i])}
-    stale = sorted(i for i in records if i < len(prompts) and i not in same)
-
-    def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
-        return weights is not None and i in same and paths[i].is_file()
-
-    # A batch is made whole unless all its images are there: each image then comes out of the batch it
-    # would be in without the interruption, bit for bit as that call would make it.
-    batches = [range(b, min(b + batch_size, len(prompts))) for b in range(0, len(prompts), batch_size)]
-    todo = [batch for batch in batches if not all(map(made, batch))]
-    kept_images = [i for batch in batches if batch not in todo for i in batch]
     out.mkdir(parents=True, exist_ok=True)
     # What a kill -9 mid-write left (each file is written whole, so the files themselves are complete).
     sweep_temporaries(out, _SAMPLE_FILES)
     written = [] if written is None else written
-    written += [paths[i] for i in kept_images]
+    written += [paths[i] for i in plan.kept]
     if kept is not None:
-        kept += [paths[i] for i in kept_images]
-    if kept_images:
-        log.info(
-            "%d of the %d images are kept from an earlier run of this sample", len(kept_images), len(prompts)
-        )
-    if records and weights is None:
-        log.info(
-            "the images of an earlier sample in %s are made again: without the model's folder (source) "
-            "they cannot be told to be this model's",
-            out,
-        )
-    elif stale:
-        change = _first_change(saved(stale[0]), as_json_reads_back(metas[stale[0]]))
-        some = f"{len(stale)} images of an earlier sample in {out} were"
-        if len(stale) == 1:
-            some = f"an image of an earlier sample in {out} was"
-        log.info(
-            "%s made with other prompts or settings and will be replaced (image %d: %s)",
-            some,
-            stale[0],
-            change,
-        )
-    images: dict[int, Any] = {}
-    cut_prompts = sum(bool(records[i].get("truncated")) for i in kept_images)
-    negative_cut = False
-    bar = tqdm(total=len(todo) * steps, desc="sample", unit="step", disable=not progress)
-    for indices in todo:
-        batch = [prompts[i] for i in indices]
-        # Image i starts from the noise of seed + i alone (the rule of `fusedit serve`), which is what
-        # sampling its prompt on its own with that seed draws: any image can be made again by itself.
-        noise = seeded_noise([seed + i for i in indices], latent_shape(model, size))
-        # The cuts are warned about once, at the end, and each image records whether its prompt was cut.
-        x, cut = generate(
-            model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
-        )
-        cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
-        if not images:
-            _remove_earlier_samples(out, records, len(prompts))
-        for j, (i, img) in enumerate(zip(indices, to_uint8(x))):
-            # "truncated" after the prompt (the prompt keeps its first place as **metas[i] repeats it).
-            meta = {"prompt": prompts[i], "truncated": j in cut.prompts, **metas[i]}
-            # The record first, an earlier image of that number gone before it: a stop between the two
-            # leaves a record without its image, which a rerun makes, never an image that no record marks
-            # as this command's, nor an earlier image under this call's record.
-            paths[i].unlink(missing_ok=True)
-            write_text_atomic(out / f"{i:05d}.json", json.dumps(meta, indent=1))
-            save_png(Image.fromarray(img), paths[i])
-            images[i] = img
-            written.append(paths[i])
-    bar.close()
-    if not todo:  # a finished sample run again: only its grid is made again
+        kept += [paths[i] for i in plan.kept]
+    _note_plan(out, records, metas, plan)
+    made, cut_prompts, negative_cut = _sample_batches(
+        model, settings, metas, out, records, plan.todo, written, progress
+    )
+    if not plan.todo:  # a finished sample run again: only its grid is made again
         _remove_earlier_samples(out, records, len(prompts))
-    for i in kept_images:
-        with Image.open(paths[i]) as image:
-            images[i] = np.asarray(image.convert("RGB"))
-    grid = [images[i] for i in range(len(prompts))]
-    save_png(image_grid(grid, prompts, scale=max(1, 128 // max(height, width))), out / "grid.png")
+    _write_grid(out, metas, made, plan.kept)
+    # The kept images' prompts were cut as their records say: the warning counts the whole sample.
+    cut_prompts += sum(bool(records[i].get("truncated")) for i in plan.kept)
     warn_cut_prompts(cut_prompts, len(prompts), model.limits, negative_cut)
     return paths
