@@ -568,3 +568,42 @@ def test_a_resume_that_splits_the_same_global_batch_another_way_is_not_warned_as
             "train.batch_size=4)",
         ),
     ]
+
+
+def test_skip_reports_say_one_sample_and_one_time_in_the_singular():
+    """h-journeyG R5: "skipped 1 samples (1 times)"."""
+    from fusedit.data.skips import SkipCounter, merged_skip_report
+
+    one = SkipCounter.of([("corrupt", "a.png", "cannot identify image file")])
+    assert one.report() == "skipped 1 sample (1 time): corrupt 1 (e.g. a.png: cannot identify image file)"
+    one.add("corrupt", "a.png", "cannot identify image file")  # met again the next epoch
+    assert one.report().startswith("skipped 1 sample (2 times): ")
+    assert merged_skip_report([SkipCounter.of([("tiny", "b.png", "")]).tally(), SkipCounter().tally()]) == (
+        "skipped 1 sample (1 time) over the 2 processes (1 met while reading, counted in each process that "
+        "met them): tiny 1 (e.g. b.png)"
+    )
+
+
+def test_the_early_skip_warning_says_when_the_list_it_names_is_written(tmp_path, caplog):
+    """h-journeyG M2: warned at the first steps, "every skipped id is listed in RUN/skipped.jsonl" sent the
+    reader to a file that is written only at the first checkpoint (and never, after a Ctrl+C before it)."""
+    from conftest import tiny_config
+    from fusedit.train.loop import train
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(2):
+        (root / f"good{i}.png").write_bytes(_png(seed=i))
+        (root / f"good{i}.txt").write_text("a photo")
+    for i in range(8):
+        (root / f"bad{i}.png").write_bytes(b"not a png")
+        (root / f"bad{i}.txt").write_text("a photo")
+    cfg = tiny_config(data={"source": "folder", "root": str(root)}, train={"steps": 4, "checkpoint_every": 4})
+    with caplog.at_level(logging.WARNING, logger="fusedit.data"):
+        train(cfg, tmp_path / "run", progress=False)
+    (warning,) = [m for m in caplog.messages if "cannot be used" in m]
+    listed = tmp_path / "run" / "skipped.jsonl"
+    assert warning.endswith(
+        f"; every skipped id is listed in {listed}, written at each checkpoint and at the end of training"
+    )
+    assert listed.is_file()

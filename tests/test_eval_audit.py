@@ -167,3 +167,49 @@ def test_a_study_final_loss_leaves_out_skipped_steps_and_cut_lines(tmp_path):
     scores = {"overall": 0.5, "per_category": {"single": 0.5}, "counts": {}, "num_images": 2}
     result = study_mod._result(study.designs[0], run_dir, "trained", scores)
     assert result["final_loss"] == 0.25 and result["train_seconds"] == 10.0
+
+
+def _saved_run(folder, **sections):
+    """A run folder holding one checkpoint of an untrained tiny model made from ``tiny_config(**sections)``."""
+    from conftest import tiny_config
+    from fusedit.system import build_model
+    from fusedit.train.checkpoint import save_checkpoint
+
+    cfg = tiny_config(sample={"steps": 2, "precision": "fp32"}, **sections)
+    model = build_model(cfg)
+    save_checkpoint(folder, 0, cfg, model.denoiser, None, None, model.text.llm)
+    return folder
+
+
+def test_the_shapes_bench_of_a_run_never_trained_on_shapes_marks_every_category_untrained(tmp_path, capsys):
+    """h-journeyG M7: a run trained on its own data keeps its preset's data.kinds (never read), and its shapes
+    bench scores printed with no word that it never saw the shapes world."""
+    from fusedit.cli import main
+    from fusedit.cli.eval import _trained_kinds
+
+    def cache(name, data):  # a latent cache records the data it was made from in its meta.json
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"format": 2, "data": data}))
+        return str(tmp_path / name)
+
+    folder = _saved_run(tmp_path / "folder", data={"source": "folder", "root": str(tmp_path / "photos")})
+    ckpt = folder / "checkpoints" / "step_00000000"
+    assert _trained_kinds(ckpt) == []
+    shapes_cache = cache("shapes-latents", {"source": "shapes", "kinds": ["single", "counting"]})
+    on_shapes = _saved_run(tmp_path / "a", data={"source": "latents", "latents_dir": shapes_cache})
+    assert _trained_kinds(on_shapes / "checkpoints" / "step_00000000") == ["single", "counting"]
+    photos_cache = cache("photo-latents", {"source": "folder", "kinds": ["single"]})
+    on_photos = _saved_run(tmp_path / "b", data={"source": "latents", "latents_dir": photos_cache})
+    assert _trained_kinds(on_photos / "checkpoints" / "step_00000000") == []
+    gone = _saved_run(tmp_path / "c", data={"source": "latents", "latents_dir": str(tmp_path / "moved")})
+    assert _trained_kinds(gone / "checkpoints" / "step_00000000") is None  # unknown: nothing marked
+
+    assert main(["eval", str(folder), "--per-category", "1", "--steps", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    out = folder / "eval" / "step_00000000-raw" / "shapes"  # saved without an EMA
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["untrained"] == list(scores["per_category"])
+    assert printed[-1] == (
+        f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts (every category "
+        f"untrained: the run never trained on data.source=shapes, the world scored here); details in {out}"
+    )

@@ -577,3 +577,25 @@ def test_fid_cache_dir_and_clip_score_samples_of_the_wrong_kind_say_so(tmp_path,
     assert capsys.readouterr().err == (
         f"fusedit: error: {str(afile)!r} is a file (allowed: a `fusedit sample` output folder)\n"
     )
+
+
+def test_fid_says_where_it_caches_the_reference_statistics(tmp_path, capsys, caplog):
+    """h-journeyG R6: `fusedit fid` left ./.cache/fusedit-fid/*.npz behind unsaid (only a cache hit named
+    the file), and --cache-dir had no help text."""
+    from fusedit.cli import main
+
+    with caplog.at_level(logging.INFO, logger="fusedit.eval.fid"):
+        ReferenceStats.cached("ref-set", random_images(3), ColourStats(), tmp_path, progress=False)
+        ReferenceStats.cached("ref-set", random_images(3), ColourStats(), tmp_path, progress=False)
+    path = ReferenceStats.cache_path(tmp_path, "ref-set", ColourStats.id)
+    assert caplog.messages == [
+        f"reference 'ref-set': statistics of 3 images cached in {path}",
+        f"reference 'ref-set': cached statistics of 3 images ({path})",
+    ]
+    with pytest.raises(SystemExit):
+        main(["fid", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--cache-dir CACHE_DIR folder of the cached reference statistics, reused while the reference folder "
+        "and features are unchanged (default .cache/fusedit-fid, under the current directory)"
+    ) in help_text

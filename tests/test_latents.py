@@ -89,7 +89,8 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
     data, out = _data(folder), tmp_path / "cache"
     with caplog.at_level("INFO", logger="fusedit.data.latents"):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
-    assert "already cached" not in caplog.text
+    # How many it cached, and where (h-journeyG R8); nothing about a rerun.
+    assert caplog.messages == [f"cached 7 of 9 samples in 3 shards into {str(out)!r}"]
     before = _tensors(out)
     # Stamped at the epoch: a coarse filesystem clock could give a shard rewritten milliseconds later the
     # same modification time as the first write.
@@ -101,7 +102,9 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
     with caplog.at_level("INFO", logger="fusedit.data.latents"):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
     # Shard 1 (img3, img3b, img4) holds 2 usable samples (img3b is corrupt); shards 0 and 2, the other 5.
-    assert f"5 samples already cached in {str(out)!r}, 2 encoded now" in caplog.text
+    assert caplog.messages[-1] == (
+        f"cached 7 of 9 samples in 3 shards into {str(out)!r}: 5 already cached, 2 encoded now"
+    )
     assert _tensors(out).keys() == before.keys()
     for name, tensors in _tensors(out).items():
         assert tensors.keys() == before[name].keys()
@@ -119,14 +122,51 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
             data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False
         )
     assert summary["samples"] == 7
-    # The rerun said what the first run said, as if it had encoded everything again (h-docs R7).
-    assert f"7 samples already cached in {str(out)!r}, 0 encoded now" in caplog.text
+    # The rerun said what the first run said, as if it had encoded everything again (h-docs R7), and not
+    # that a caption edited since is not read again (h-journeyG R7).
+    assert caplog.messages == [
+        f"cached 7 of 9 samples in 3 shards into {str(out)!r}: all already cached, none encoded now (captions "
+        "edited since are not read again: to re-read them, delete the folder or cache into another one)"
+    ]
 
     with pytest.raises(ConfigError, match="holds latents made with data.crop='center', not 'random'"):
         cache_latents(_data(folder, crop="random"), VAEConfig(), out, 2, 3, "cpu", progress=False)
     (folder / "img0a.png").write_bytes((folder / "img0.png").read_bytes())  # the folder gained a file
     with pytest.raises(ConfigError, match="the dataset changed"):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+
+
+def test_a_resumed_cache_starts_its_bar_at_the_kept_samples(tmp_path, folder, monkeypatch):
+    """h-journeyG M5: the kept shards were counted as progress (bar.update), so the rate and time left of a
+    resumed cache were many times too fast; tqdm rates only what passes after its ``initial``."""
+    import fusedit.data.latents as latents
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, **kwargs):
+            self.total, self.initial, self.n = total, initial, initial
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(latents, "tqdm", Bar)
+    data, out = _data(folder), tmp_path / "cache"
+    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert [(b.total, b.initial, b.n) for b in bars] == [(9, 0, 9)]
+    # Interrupted during the last shard (positions 6..8): the first two are kept.
+    (out / "latents-000002.json").unlink()
+    bars.clear()
+    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert [(b.total, b.initial, b.n) for b in bars] == [(9, 6, 9)]
+    # Nothing to encode: no bar (the line after says all was cached).
+    bars.clear()
+    cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
+    assert bars == []
 
 
 def test_a_rerun_encodes_what_the_folder_gained_after_the_cached_samples(tmp_path, folder):

@@ -75,7 +75,8 @@ def test_mostly_unusable_folder_warns_once_early_naming_share_reasons_and_list(t
         list(batches)
     assert _skip_warnings(caplog) == [
         f"data: {head} of the 16 in the data (warned above 20%); training goes on with the rest, repeating it "
-        "more often; every skipped id is listed in run/skipped.jsonl"
+        "more often; every skipped id is listed in run/skipped.jsonl, written at each checkpoint and at the end "
+        "of training"
     ]
     # Rank 0 warns for all ranks: they read shares of the same data.
     caplog.clear()

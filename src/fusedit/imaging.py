@@ -6,6 +6,8 @@ plotting library.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 import os
@@ -27,6 +29,29 @@ _BLACK = (0, 0, 0)
 _GRAY = (150, 150, 150)
 _RAW_COLOR = (160, 190, 230)  # the raw curve is pale so that the smoothed overlay stands out
 _SMOOTH_COLOR = (20, 60, 200)
+# The labels are prompts, in any script, and Pillow's own font (a bitmap before Pillow 10.1, Aileron since)
+# draws a box for every character outside ASCII ("café", "—"). DejaVu Sans covers accented Latin, Greek,
+# Cyrillic, punctuation and many symbols (not CJK): found by name in the system's font folders (Debian's
+# fonts-dejavu-core, on most desktops and many images), else matplotlib's bundled copy when matplotlib is
+# installed. The size of Pillow's default font, so that every layout keeps its room.
+_FONT_NAME = "DejaVuSans.ttf"
+_FONT_SIZE = 10
+
+
+@functools.cache
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font every drawn label uses: DejaVu Sans where present, otherwise Pillow's default."""
+    places = [_FONT_NAME]
+    matplotlib = importlib.util.find_spec("matplotlib")  # found, not imported
+    if matplotlib is not None:
+        for folder in matplotlib.submodule_search_locations or ():
+            places.append(os.path.join(folder, "mpl-data", "fonts", "ttf", _FONT_NAME))
+    for place in places:
+        try:
+            return ImageFont.truetype(place, _FONT_SIZE)
+        except (OSError, ImportError):  # not there, or Pillow built without FreeType
+            continue
+    return ImageFont.load_default()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -102,7 +127,7 @@ def image_grid(
     nrows = math.ceil(len(images) / ncols)
     cell_w, cell_h = width * scale, height * scale
 
-    font = ImageFont.load_default()
+    font = label_font()
     wrapped = [_wrap(label, font, cell_w) for label in labels] if labels is not None else []
     line_h = font.getbbox("Ag")[3] + 1
     # Every row reserves room for the longest label so that the images of a row stay aligned.
@@ -149,7 +174,7 @@ def plot_curve(
     left, right, top, bottom = 70, 20, 30, 40  # plot-area insets, leaving room for tick labels
     image = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = label_font()
 
     x0, y0, x1, y1 = left, top, width - right, height - bottom
     draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=_BLACK)
@@ -300,7 +325,7 @@ def plot_curves(
     left, right, top, bottom = 70, 20, 30, 44
     image = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = label_font()
     x0, y0, x1, y1 = left, top, width - right, height - bottom
     if title:
         draw.text(((width - font.getlength(title)) / 2, 8), title, fill=_BLACK, font=font)
@@ -373,7 +398,7 @@ def plot_grouped_bars(
     for label in labels:
         if len(series[label]) != len(groups):
             raise ValueError(f"series {label!r} has {len(series[label])} values for {len(groups)} groups")
-    font = ImageFont.load_default()
+    font = label_font()
     legend_w = 40 + max((font.getlength(label) for label in labels), default=0)
     bar_w = 16 if len(labels) > 4 else 22
     group_w = max(len(labels), 1) * bar_w + 24
@@ -425,7 +450,7 @@ def stack_images(images: Sequence[Image.Image], titles: Sequence[str], margin: i
         raise ValueError(f"got {len(titles)} titles for {len(images)} images")
     if not images:
         raise ValueError("stack_images needs at least one image")
-    font = ImageFont.load_default()
+    font = label_font()
     title_h = font.getbbox("Ag")[3] + 6
     width = max(max(im.width for im in images), *(int(font.getlength(t)) + 8 for t in titles)) + 2 * margin
     height = sum(im.height + title_h + margin for im in images) + margin

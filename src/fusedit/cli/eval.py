@@ -142,19 +142,24 @@ def cmd_eval(args) -> int:
         f"{earlier} (the bench writes {out} at its end); rerun the same command to start again"
     ):
         name = _row_name(where, cfg.sample.use_ema)
+        trained = _trained_kinds(where)
         scores = run_shapes_bench(
             model,
             out_dir=out,
             name=name,
             progress=not args.quiet,
             source=_eval_source(where, cfg.sample.use_ema),
-            trained_kinds=_trained_kinds(where),
+            trained_kinds=trained,
             **settings,
         )
     # The table as scores.md has it, its note on untrained categories said once, in the line below.
     print(markdown_table(name, scores, note=False), end="")
     untrained = scores.get("untrained")
     note = f" ({untrained_note(untrained, len(scores['per_category']))})" if untrained else ""
+    if trained == []:  # the run's data.kinds were never read: untrained_note's reason would not hold
+        note = (
+            " (every category untrained: the run never trained on data.source=shapes, the world scored here)"
+        )
     print(
         f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts{note}; details in {out}"
     )
@@ -208,16 +213,28 @@ def _eval_source(where: Path, ema: bool) -> dict:
 
 def _trained_kinds(where: Path) -> list[str] | None:
     """The shapes-world kinds the checkpoint at ``where`` trained on (data.kinds of each stage begun by its
-    step); None where unknown (a pipeline folder records no data section) or trained on other data."""
+    step; a latent cache's, those it was made with); [] when no begun stage trained on the shapes world (a
+    run on one's own data keeps its preset's data.kinds, unread: every category is untrained); None where
+    unknown (a pipeline folder records no data section, a latent cache no longer where it was)."""
     from fusedit.checkpoints import load_checkpoint_config, load_state
     from fusedit.config import resolved_stages
+    from fusedit.data.latents import cached_data
 
     if not (where / "state.json").is_file():
         return None
     step = int(load_state(where)["step"])
     begun = [s for s in resolved_stages(load_checkpoint_config(where)) if s.start < step or s.index == 0]
-    kinds = [k for s in begun if s.config.data.source == "shapes" for k in s.config.data.kinds]
-    return list(dict.fromkeys(kinds)) or None
+    kinds = []
+    for stage in begun:
+        source, stage_kinds = stage.config.data.source, stage.config.data.kinds
+        if source == "latents":
+            made = cached_data(stage.config.data.latents_dir)
+            if made is None:
+                return None
+            source, stage_kinds = made.get("source"), made.get("kinds", [])
+        if source == "shapes":
+            kinds += stage_kinds
+    return list(dict.fromkeys(kinds))
 
 
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
@@ -573,7 +590,12 @@ def _add_fid_parser(sub) -> None:
     sp.add_argument("--reference", required=True)
     sp.add_argument("--reference-name", required=True, help="name of the cached reference statistics")
     sp.add_argument("--features", required=True, help=FEATURES_HELP)
-    sp.add_argument("--cache-dir", default=FID_CACHE)
+    sp.add_argument(
+        "--cache-dir",
+        default=FID_CACHE,
+        help=f"folder of the cached reference statistics, reused while the reference folder and features "
+        f"are unchanged (default {FID_CACHE}, under the current directory)",
+    )
     sp.set_defaults(func=cmd_fid)
 
 

@@ -225,13 +225,27 @@ def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, 
     }
 
 
-def _is_cache(out: Path) -> bool:
-    """Whether ``out`` holds a latent cache (whose META records its format), finished or not."""
+def _cache_meta(out: Path) -> dict | None:
+    """The META of the latent cache in ``out`` (which records its format), finished or not; None where
+    ``out`` holds none."""
     try:
         meta = json.loads((out / META).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "format" in meta
+        return None
+    return meta if isinstance(meta, dict) and "format" in meta else None
+
+
+def _is_cache(out: Path) -> bool:
+    return _cache_meta(out) is not None
+
+
+def cached_data(latents_dir: str | Path) -> dict | None:
+    """The data settings the latent cache in ``latents_dir`` was made with (its source, and a shapes
+    cache's data.kinds), for what a run trained on it learnt; None where the folder holds no readable cache
+    (moved or deleted since)."""
+    meta = _cache_meta(Path(latents_dir))
+    data = None if meta is None else meta.get("data")
+    return data if isinstance(data, dict) else None
 
 
 def _vae_identity(vae_cfg: VAEConfig) -> dict | None:
@@ -475,7 +489,7 @@ def cache_latents(
     device = torch.device(device)
     autoencoder = None  # loaded only when a shard needs encoding: a finished cache reruns in no time
     total = items.total
-    bar = tqdm(total=total, desc="cache latents", unit="img", disable=not progress)
+    bar = None  # made at the first shard to encode (_bar)
     shards: list[dict] = []
     kept = 0  # the samples of the shards an earlier run finished
     j = 0
@@ -492,13 +506,18 @@ def cache_latents(
             if total is None or shard["end"] >= end:
                 shards.append(shard)
                 kept += len(shard["samples"])
-                bar.update(shard["end"] - shard["start"])
+                if bar is not None:  # a shard after one encoded again (its files were lost)
+                    bar.update(shard["end"] - shard["start"])
                 j += 1
                 if shard["end"] - shard["start"] < shard_size:
                     break  # a short shard is the last one of a stream
                 continue
         if autoencoder is None:
             autoencoder = load_autoencoder(vae_cfg, device)
+        if bar is None:
+            # The kept shards' samples are where the bar starts, not progress: counted as encoded, they made
+            # the rate and time left of a resumed cache many times too fast (tqdm rates n - initial).
+            bar = tqdm(total=total, initial=start, desc="cache latents", unit="img", disable=not progress)
         encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
         samples, skipped, seen = {}, [], 0
         for position, sample_id, result in items.iterate(start, end):
@@ -533,7 +552,8 @@ def cache_latents(
         j += 1
         if total is None and seen < shard_size:
             break
-    bar.close()
+    if bar is not None:
+        bar.close()
     if not any(shard["samples"] for shard in shards):
         # An index of nothing would only fail later, in training; a corrected rerun into ``out`` starts over
         # (_check_meta).
@@ -542,11 +562,26 @@ def cache_latents(
         # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
         meta["vae_identity"] = _vae_identity(vae_cfg)
         _write_json(out / META, meta)
-    if kept:  # a rerun would otherwise print what the first run printed, as if it had encoded it all again
-        encoded = sum(len(shard["samples"]) for shard in shards) - kept
-        some = "1 sample" if kept == 1 else f"{kept} samples"
-        log.info("%s already cached in %r, %d encoded now", some, str(out), encoded)
-    return _write_index(out, meta, shards, items.refused)
+    summary = _write_index(out, meta, shards, items.refused)
+    log.info("%s", _cached_line(summary, kept, out))
+    return summary
+
+
+def _cached_line(summary: dict, kept: int, out: Path) -> str:
+    """What a cache-latents run leaves in ``out``: the samples cached (of those in the data, the rest
+    skipped) and in how many shards; after a rerun, how many an earlier run had cached, which are not read
+    again: a caption edited since they were cached stays as it was."""
+    cached, tried = summary["samples"], summary["samples"] + sum(summary["skipped"].values())
+    shards = summary["shards"]
+    line = f"cached {cached} of {tried} samples in {shards} shard{'s' * (shards != 1)} into {str(out)!r}"
+    if not kept:
+        return line
+    if kept < cached:  # said apart, or a rerun reads as if it had encoded everything again
+        return f"{line}: {kept} already cached, {cached - kept} encoded now"
+    return (
+        f"{line}: all already cached, none encoded now (captions edited since are not read again: to "
+        "re-read them, delete the folder or cache into another one)"
+    )
 
 
 def _check_shard(items: _Items, shard: dict, out: Path) -> None:

@@ -38,6 +38,11 @@ _WARN_MIN_TRIED = 50
 _WARN_WINDOW = 10_000
 
 
+def _counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 sample", "3 times"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _shown(examples) -> str:
     """The first ``_EXAMPLES`` of (sample id, detail) pairs, for a report."""
     return "; ".join(f"{i}: {d}" if d else i for i, d in itertools.islice(examples, _EXAMPLES))
@@ -85,7 +90,7 @@ class SkipCounter:
             f"{reason} {n} (e.g. {_shown(self.ids[reason].items())})" for reason, n in self.counts().items()
         ]
         times = sum(self.times.values())
-        return f"skipped {self.total()} samples ({times} times): " + ", ".join(parts)
+        return f"skipped {_counted(self.total(), 'sample')} ({_counted(times, 'time')}): " + ", ".join(parts)
 
     def tally(self, shared: SkipCounter | None = None) -> dict:
         """The counts to merge with other processes' (``merged_skip_report``), apart for the skips of
@@ -161,7 +166,8 @@ def merged_skip_report(tallies: list[dict]) -> str:
         parts.append(f"{reason} {count} (e.g. {_shown(examples.items())})")
     how = [f"{planned} found while planning the data, counted once"] if planned else []
     how += [f"{read} met while reading, counted in each process that met them"] if read else []
-    return f"skipped {planned + read} samples ({times} times) {where} ({'; '.join(how)}): " + ", ".join(parts)
+    counted = f"{_counted(planned + read, 'sample')} ({_counted(times, 'time')})"
+    return f"skipped {counted} {where} ({'; '.join(how)}): " + ", ".join(parts)
 
 
 def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:
@@ -265,7 +271,12 @@ class SkipWatch:
                 f"{skipped} of the {tried} {self.unit} tried so far cannot be used ({counts}): about {share:.0%} "
                 f"of the {self.total} in the data"
             )
-        where = f"; every skipped id is listed in {self.where}" if self.where else ""
+        # Said early, when no checkpoint may have been saved yet: the list is written with each one.
+        where = (
+            f"; every skipped id is listed in {self.where}, written at each checkpoint and at the end of training"
+            if self.where
+            else ""
+        )
         return (
             f"data: {head} (warned above {_WARN_SHARE:.0%}); training goes on with the rest, repeating it "
             f"more often{where}"

@@ -383,6 +383,8 @@ class ReferenceStats:
         )
         stats = cls.from_features(features, name, extractor_id, source)
         stats.save(path)
+        # Said as a cache hit is: the file stays behind (by default under the working directory).
+        log.info("reference %r: statistics of %d images cached in %s", name, stats.count, path)
         return stats
 
 
