@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from fusedit.config import config_from_dict
+from fusedit.config import VARIANTS, config_from_dict
+from fusedit.flow import SAMPLERS, SCHEDULES
+from fusedit.layers.modulation import TIMESTEP_CONDITIONING
+from fusedit.layers.position import POSITION_SCHEMES
+from fusedit.models import DESIGNS
+from fusedit.text.refiner import CONCATS
+from fusedit.text.templates import TEMPLATES
 
 FAMILIES = ("gemma", "gemma2", "qwen2", "qwen3", "llama", "mistral")
 POSITIONS = ("ape", "1d-rope", "2d-rope", "m-rope")
@@ -67,6 +74,34 @@ def _merge(a: dict, b: dict) -> dict:
 def tiny_config(**sections):
     """The tiny config with per-section overrides, e.g. tiny_config(model={"pos_embed": "2d-rope"})."""
     return config_from_dict(_merge(TINY, sections))
+
+
+# Each registry-backed setting and the registry its names build from.
+REGISTRIES = {
+    "model.design": DESIGNS,
+    "model.pos_embed": POSITION_SCHEMES,
+    "model.timestep_conditioning": TIMESTEP_CONDITIONING,
+    "model.refiner_concat": CONCATS,
+    "text.template": TEMPLATES,
+    "sample.sampler": SAMPLERS,
+    "sample.schedule": SCHEDULES,
+}
+
+
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Registrations live for the process: each test's are undone, so that other tests see the built-ins."""
+    saved = {key: (dict(VARIANTS[key].traits), dict(REGISTRIES[key])) for key in REGISTRIES}
+    modules = set(sys.modules)
+    yield
+    for key, (names, implementations) in saved.items():
+        VARIANTS[key].traits.clear()
+        VARIANTS[key].traits.update(names)
+        REGISTRIES[key].clear()
+        REGISTRIES[key].update(implementations)
+    for name in set(sys.modules) - modules:
+        if name.startswith("registry_plugin"):
+            del sys.modules[name]
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ from conftest import counting_backend
 from fusedit.cli import main
 from fusedit.config import load_config
 from fusedit.models.flops import denoiser_flops, llm_flops
-from fusedit.system import build_model
+from fusedit.system import build_model, count_parameters
 
 
 def bench_args(out, *points: str) -> list[str]:
@@ -388,3 +388,87 @@ def test_priming_covers_every_text_length_with_and_without_a_mask():
     assert sorted(three) == [(4, False), (8, False), (8, True)]
     assert three[(8, True)].tolist() == [5, 5, 5]  # rounded up from 5: masked
     assert priming_lengths(model, 2, 8, None)[(8, False)].tolist() == [8, 8]
+
+
+def _saved_llama(folder, layers: int, hidden: int) -> str:
+    """A tiny random Llama folder (save_pretrained) with the built-in words as its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.tokenizer import word_tokenizer
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=300,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    word_tokenizer(vocabulary()).save_pretrained(folder)
+    return str(folder)
+
+
+def test_bench_times_the_local_llm_a_config_names_not_the_presets_arch(tmp_path, caplog):
+    """A text.model_id folder: the bench builds random weights of its config's shape (as `fusedit
+    describe` counts it), says which LLM it timed, and does not warn of the built-in tokenizer that stands
+    in for the LLM's (it feeds random ids)."""
+    import logging
+
+    folder = _saved_llama(tmp_path / "my-llm", layers=4, hidden=64)
+    (tmp_path / "photos").mkdir()
+    out = tmp_path / "bench.jsonl"
+    overrides = [f"text.model_id={folder}", "data.source=folder", f"data.root={tmp_path / 'photos'}"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*bench_args(out, "--batch", "2", "--what", "train"), *overrides]) == 0
+    (train,) = (json.loads(line) for line in out.read_text().splitlines())
+    real = build_model(load_config("debug", [f"text.model_id={folder}"]), "meta")
+    assert train["trainable_params"] == 786224 == count_parameters(real.denoiser, trainable=True)
+    assert train["flops_per_image"] == 3 * denoiser_flops(real.denoiser, 64, 8) + llm_flops(real.text.llm, 8)
+    assert [train[k] for k in ("llm_family", "llm_layers", "llm_layers_run", "llm_hidden")] == [
+        ["llama"],
+        [4],
+        [4],
+        [64],
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_bench_gives_each_extra_llm_its_model_ids_shape_and_the_arch_where_none_is_readable(caplog):
+    """extra_text too; a hub id not in the cache keeps its arch, with llm_config's warning; a model type
+    the bench cannot build at random keeps the arch, with a warning naming what is timed."""
+    import dataclasses
+    import logging
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    from fusedit.bench import random_init_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _saved_llama(f"{tmp}/llama", layers=5, hidden=32)
+        cfg = load_config("debug-lidit", [f"extra_text.0.model_id={folder}"])
+        text = random_init_text(cfg.extra_text[0], "extra_text.0")
+        assert (text.model_id, text.tokenizer, text.family) == ("", "", "llama")
+        assert {k: text.arch[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")} == {
+            "num_hidden_layers": 5,
+            "hidden_size": 32,
+            "vocab_size": 300,
+        }
+        phi3 = AutoConfig.for_model("phi3", hidden_size=32, num_hidden_layers=2)
+        AutoModel.from_config(phi3).save_pretrained(f"{tmp}/phi3")
+        with caplog.at_level(logging.WARNING):
+            phi = random_init_text(dataclasses.replace(cfg.text, model_id=f"{tmp}/phi3"), "text")
+    assert (phi.model_id, phi.family, phi.arch) == ("", "gemma", cfg.text.arch)
+    assert caplog.records[-1].getMessage() == (
+        f"text.model_id='{tmp}/phi3' is a phi3 LLM, which the bench cannot build with random weights: timing "
+        "text.arch instead (gemma, 6 layers, width 64)"
+    )
+    hub = random_init_text(dataclasses.replace(cfg.text, model_id="nobody/no-such-llm"), "text")
+    assert (hub.model_id, hub.family, hub.arch["num_hidden_layers"]) == ("", "gemma", 6)
+    assert (
+        "'nobody/no-such-llm' is not in the local cache: counting text.arch"
+        in caplog.records[-1].getMessage()
+    )

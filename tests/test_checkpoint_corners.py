@@ -576,3 +576,26 @@ def test_a_distributed_save_the_disk_refuses_frees_its_folder_and_says_so_in_one
         "partial folder is deleted: free disk space there"
     )
     assert list(root.iterdir()) == []
+
+
+def test_the_share_of_the_start_an_ema_holds_follows_each_stage_up_to_the_step():
+    """The EMA starts as a copy of the run's first weights and keeps ema_decay of them at each update
+    (after every ema_every-th step, at the settings of the stage the step falls in): what an early
+    checkpoint's EMA still holds of its random init, sample and export warn on (cli.common._warn_early_ema),
+    and at the run's end what the training warns on."""
+    from fusedit.checkpoints import ema_start_share
+
+    plain = tiny_config(train={"steps": 2000, "ema_decay": 0.998, "ema_every": 1})
+    assert ema_start_share(plain, 0) == 1.0
+    assert ema_start_share(plain, 120) == pytest.approx(0.998**120)  # 79%: noise, sampled as the model
+    # The updates come after steps 2, 4, ... (0.9) in the first stage, 12, 15, 18 (0.5) in the second.
+    staged = tiny_config(
+        stages=[
+            {"name": "a", "steps": 10, "train": {"ema_decay": 0.9, "ema_every": 2}},
+            {"name": "b", "steps": 10, "train": {"ema_decay": 0.5, "ema_every": 3}},
+        ]
+    )
+    assert ema_start_share(staged, 5) == pytest.approx(0.9**2)
+    assert ema_start_share(staged, 10) == pytest.approx(0.9**5)
+    assert ema_start_share(staged, 15) == pytest.approx(0.9**5 * 0.5**2)
+    assert ema_start_share(staged, 20) == ema_start_share(staged, 99) == pytest.approx(0.9**5 * 0.5**3)

@@ -520,6 +520,111 @@ def test_export_a_run_as_a_diffusers_pipeline(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "fresh" / "model_index.json").is_file() and not (tmp_path / ".fresh.partial").exists()
 
 
+def test_export_and_sample_say_what_they_read_and_an_ema_that_is_mostly_the_start(tmp_path, capsys, caplog):
+    """`fusedit export` named neither the checkpoint nor EMA/raw (sample does), and a run folder without a
+    checkpoint yet was "expected a run folder". An early checkpoint's EMA still holds most of the random
+    init (1 step of decay 0.99: 99%), which export and sample read by default: said in one warning line,
+    not for --no-ema."""
+    run = _tiny_run(tmp_path)
+    ckpt = run / "checkpoints" / "step_00000001"
+    warning = (
+        "the EMA weights at step 1 still hold 99% of the random initial weights (train.ema_decay=0.99 every "
+        "train.ema_every=1 steps): --no-ema uses the trained weights"
+    )
+    capsys.readouterr()
+    for flags, weights in (([], "EMA weights"), (["--no-ema"], "raw weights")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fusedit"):
+            assert main(["export", str(run), "--out", str(tmp_path / "pipe"), "--quiet", *flags]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"exporting {ckpt} ({weights})"
+        assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == (
+            [] if flags else [warning]
+        )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit"):
+        sample = [
+            "sample",
+            str(run),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+        assert main(sample) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"sampling {ckpt} (EMA weights)"
+    assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == [warning]
+    # A pipeline folder records no step: nothing to judge.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusedit"):
+        assert (
+            main(
+                [
+                    "sample",
+                    str(tmp_path / "pipe"),
+                    "--prompt",
+                    "x",
+                    "--steps",
+                    "1",
+                    "--out",
+                    str(tmp_path / "p"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == []
+    # A run before its first checkpoint: the line `fusedit sample` gives.
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(run / "config.yaml", live / "config.yaml")
+    capsys.readouterr()
+    assert main(["export", str(live), "--out", str(tmp_path / "pipe2")]) == 2
+    assert _one_line_error(capsys) == (
+        f"fusedit: error: run {str(live)!r} has no finished checkpoint yet (the first is saved at step 1, "
+        "the end of the run)"
+    )
+    assert not (tmp_path / "pipe2").exists()
+
+
+def test_an_error_or_ctrl_c_line_under_a_progress_bar_starts_a_line_of_its_own(tmp_path, capsys, monkeypatch):
+    """Printed while a bar was drawn, the line was glued to the end of the bar's ("...2.01step/s]fusedit:
+    interrupted: ...") and the bar was redrawn below it when it was collected: the last line on the
+    terminal was a stale bar, not the message. The bars are closed first: the bar keeps its line, the
+    message comes last."""
+    import gc
+
+    from tqdm.auto import tqdm
+
+    import fusedit.cli.train
+    from fusedit.config import ConfigError
+
+    def working(stop):
+        def run(*args, **kwargs):
+            bar = tqdm(total=10, desc="work")
+            bar.update(3)
+            raise stop()  # a new one: the bar goes with its traceback once main is done with it
+
+        return run
+
+    for stop, line in (
+        (
+            KeyboardInterrupt,
+            "fusedit: interrupted: stopped before anything was written; rerun the same command",
+        ),
+        (lambda: ConfigError("train.lr=-1 is not allowed"), "fusedit: error: train.lr=-1 is not allowed"),
+    ):
+        monkeypatch.setattr(fusedit.cli.train, "load_config", working(stop))
+        main(["train", _tiny_yaml(tmp_path), "--out", str(tmp_path / "run")])
+        gc.collect()  # as at the process's exit: a bar still open is closed, and redrawn, when collected
+        err = capsys.readouterr().err
+        bar, _, rest = err.rpartition("\n" + line + "\n")
+        assert rest == "" and re.search(r"work:  30%\S* *\| 3/10 \[[^\n]*\]$", bar), repr(err)
+        assert err.count(line) == 1
+
+
 def _tiny_yaml(tmp_path):
     import yaml
 
@@ -578,10 +683,11 @@ def test_ctrl_c_in_train_says_in_one_line_which_checkpoint_is_kept_and_how_to_go
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
     ctrl_c_at_step_3.arm()  # --overwrite, stopped after a checkpoint of the new run: --resume, not --overwrite again
+    ctrl_c_at_step_3.step = 4  # step 3 trained past the checkpoint: the line says a resume trains it again
     assert main([*argv, "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"fusedit: interrupted: the last checkpoint is {run / 'checkpoints' / 'step_00000002'}; rerun the same "
-        "command with --resume in place of --overwrite to continue from it"
+        f"fusedit: interrupted: the last checkpoint is {run / 'checkpoints' / 'step_00000002'} (step 3 is "
+        "redone); rerun the same command with --resume in place of --overwrite to continue from it"
     )
 
     def ctrl_c(*args):
@@ -656,8 +762,8 @@ def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
         f"fusedit: error: checkpoint step 4 was not saved: writing optimizer.pt in {str(root)!r} failed (torch's "
         "writer stopped short, as on a full disk: unexpected pos 1720448 vs 1720336); its partial folder is "
         f"deleted (a checkpoint takes about {size} here, and train.keep_checkpoints=2 of them stay beside the "
-        f"one being saved): free disk space there; the last checkpoint is {root / 'step_00000002'}; rerun the "
-        "same command with --resume to continue from it"
+        f"one being saved): free disk space there; the last checkpoint is {root / 'step_00000002'} (steps 3-4 "
+        "are redone); rerun the same command with --resume to continue from it"
     )
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     leftover = root / ".step_00000004.partial"

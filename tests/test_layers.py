@@ -94,7 +94,7 @@ def test_an_ape_table_is_built_once_per_grid_and_dtype_and_serves_training_after
     real_plain, real_scaled = position.sincos_2d, position.scaled_sincos_2d
     monkeypatch.setattr(position, "sincos_2d", lambda *a: built.append(a[1:3]) or real_plain(*a))
     monkeypatch.setattr(position, "scaled_sincos_2d", lambda *a: built.append(a[1:3]) or real_scaled(*a))
-    plain, scaled = position.APE(8, 1e4), position.ScaledAPE(8, 1e4, 4, 6)
+    plain, scaled = position.APE(8, 1e4), position.APE(8, 1e4, base_size=4, max_size=6)
     x = torch.randn(2, 12, 8)
     with torch.inference_mode():
         first = plain.add_absolute(x, 3, 4)

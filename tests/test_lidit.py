@@ -479,7 +479,7 @@ def test_pooled_text_loads_a_whole_clips_text_tower_and_refuses_other_models(tmp
         ({"model": {"num_heads": 4}}, "model.num_heads is set but model.design='fusedit' mirrors the LLM"),
         (
             {"model": {"design": "dit-cross", "refiner_depth": 1, "refiner_concat": "channels"}},
-            "model.refiner_concat='channels' sets the LLMs' refined tokens side by side: it needs "
+            "model.refiner_concat='channels' joins the refined tokens of several LLMs: it needs "
             "model.refiner_depth >= 1 and extra_text (got refiner_depth=1, 1 LLM)",
         ),
         (

@@ -440,6 +440,72 @@ def test_truncated_prompts_are_counted_in_metrics_checkpoints_and_the_summary(tm
     assert first_warnings() == first
 
 
+def test_a_resume_that_changes_the_prompt_limit_counts_its_truncations_afresh(tmp_path, caplog):
+    """text.max_length=4 to step 2, then 6: the count at 4 is said at the resume and not carried (prompts
+    cut at 4 need not be cut at 6), the first cut at 6 is said with its example, and the total counts the
+    cuts at 6 since the resume."""
+    from fusedit.data.loader import step_loader
+
+    def config(limit: int):
+        return tiny_config(
+            text={"max_length": limit},
+            data={"caption_dropout": 0.0},
+            train={"steps": 4, "checkpoint_every": 2},
+        )
+
+    run = tmp_path / "run"
+    train(config(4), run, stop_at=2, progress=False)
+    before = json.loads((find_checkpoint(run) / "state.json").read_text())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        result = train(config(6), run, resume=True, progress=False)
+    encoder = result["model"].text
+    captions = [c for batch in step_loader(config(6).data, 0, 4, 2, 4) for c in batch["caption"]]
+    lengths = [len(ids) for ids in encoder.tokenizer(captions, add_special_tokens=False)["input_ids"]]
+    expected = sum(n > encoder.budget for n in lengths)
+    assert before["truncated_prompts"] > 0 and result["truncated_prompts"] == expected > 0
+    messages = [r.getMessage() for r in caplog.records]
+    some = (
+        "a prompt was" if before["truncated_prompts"] == 1 else f"{before['truncated_prompts']} prompts were"
+    )
+    assert (
+        f"text: {some} truncated at text.max_length=4 to step 2; counted again from here at text.max_length=6"
+        in messages
+    )
+    first = [m for m in messages if "later truncations are only counted" in m]
+    assert len(first) == 1 and "longer than text.max_length=6 tokens" in first[0]
+    assert [m for m in messages if m.startswith("text: ") and "(to step" in m] == [
+        f"text: {expected} prompt{'s' if expected > 1 else ''} longer than text.max_length=6 tokens "
+        f"{'were' if expected > 1 else 'was'} truncated since the resume at step 2 that set this limit (to step 4)"
+    ]
+    assert (before["truncated_prompts_at"], before["truncated_prompts_since"]) == ("text.max_length=4", 0)
+    after = json.loads((find_checkpoint(run) / "state.json").read_text())
+    assert [after[k] for k in ("truncated_prompts", "truncated_prompts_at", "truncated_prompts_since")] == [
+        expected,
+        "text.max_length=6",
+        2,
+    ]
+
+
+def test_the_first_truncation_shows_a_long_caption_clipped_and_marked_so(tmp_path, caplog):
+    from test_data_sources import _noise
+
+    root = tmp_path / "images"
+    root.mkdir()
+    caption = "a red circle left of a blue square " * 4  # 140 characters, far past text.max_length=4
+    for i in range(4):
+        _noise(16, 16, i).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(caption)
+    data = {"source": "folder", "root": str(root), "caption_dropout": 0.0}
+    cfg = tiny_config(data=data, text={"max_length": 4}, train={"steps": 1})
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(cfg, tmp_path / "run", progress=False)
+    (first,) = [
+        r.getMessage() for r in caplog.records if "later truncations are only counted" in r.getMessage()
+    ]
+    assert f"e.g. {caption[:79] + '…'!r};" in first
+
+
 def test_resuming_on_a_folder_that_changed_size_warns_once_and_trains_on(tmp_path, caplog):
     from test_data_sources import _noise
 
@@ -628,7 +694,51 @@ def test_a_full_disk_at_a_checkpoint_stops_training_saying_what_is_kept(tmp_path
         "space left on device (os error 28)); its partial folder is deleted (a checkpoint takes about "
     )
     assert e.value.kept == (
-        f"the last checkpoint is {root / 'step_00000002'}: resume from it (train(..., resume=True); "
-        "`fusedit train --resume`)"
+        f"the last checkpoint is {root / 'step_00000002'} (steps 3-4 are redone): resume from it "
+        "(train(..., resume=True); `fusedit train --resume`)"
     )
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+
+
+@pytest.mark.parametrize(("calls", "redone"), [(5, "step 4 is redone"), (6, "steps 4-5 are redone")])
+def test_ctrl_c_says_which_steps_a_resume_trains_again(tmp_path, monkeypatch, calls, redone):
+    """Stopped in step ``calls`` with the checkpoint of step 3: the steps logged past it are lost."""
+    from test_library_train import _interrupted_at
+
+    run = tmp_path / "run"
+    _interrupted_at(monkeypatch, "flow_loss", calls=calls)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(tiny_config(train={"steps": 6, "checkpoint_every": 3}), run, progress=False)
+    assert stopped.value.__notes__ == [
+        f"the last checkpoint is {run / 'checkpoints' / 'step_00000003'} ({redone}): resume from it "
+        "(train(..., resume=True); `fusedit train --resume`)"
+    ]
+
+
+def test_a_resume_that_moves_the_cosine_schedule_says_how_the_learning_rate_jumps(tmp_path, caplog):
+    """A finished cosine run (LR about 0 at its end) extended from 4 to 8 steps: its next step trains at
+    the stretched schedule's LR; not said for a constant schedule, nor for an unchanged train.steps."""
+    import math
+
+    def config(steps: int, schedule: str = "cosine"):
+        return tiny_config(train={"steps": steps, "schedule": schedule, "lr": 1e-3, "checkpoint_every": 4})
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.steps ")]
+
+    train(config(4), tmp_path / "cos", progress=False)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(config(8), tmp_path / "cos", resume=True, stop_at=5, progress=False)
+    new = 1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8))
+    assert warnings() == [
+        f"train.steps 4 -> 8 stretches the cosine schedule: the learning rate of step 5 is {new:.3g}, where "
+        "train.steps=4 gave 0"
+    ]
+    metrics = [json.loads(line) for line in (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 5 and metrics[-1]["lr"] == pytest.approx(new)
+    caplog.clear()
+    train(config(4, "constant"), tmp_path / "flat", progress=False)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(config(8, "constant"), tmp_path / "flat", resume=True, stop_at=5, progress=False)
+        train(config(8, "cosine"), tmp_path / "cos", resume=True, stop_at=6, progress=False)
+    assert warnings() == []

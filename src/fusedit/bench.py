@@ -1,5 +1,6 @@
 """`fusedit bench`: training-step and sampling throughput of any preset with random weights and synthetic
-inputs (latents and token ids), so it needs no data and no downloads.
+inputs (latents and token ids), so it needs no data and no downloads. Each LLM has its model_id's shape
+where its config is on this machine (a local folder, the hub cache), else its ``arch``'s.
 
 Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT forward + 1 x LLM forward per
 image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. A step is what
@@ -27,14 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from fusedit.config import Config
+from fusedit.config import Config, TextConfig, arch_config, choices_of, text_sections
 from fusedit.devices import host_to_device
 from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters
 from fusedit.text.context import TextContext
+from fusedit.text.llm import llm_config
 from fusedit.train.ema import EMA
 from fusedit.train.stages import Optimizers
 
@@ -234,14 +237,55 @@ class BenchSetup:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
+# What a saved LLM config records beside its shape: not part of the arch a random init is built from.
+CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version")
+
+
+def random_init_text(text: TextConfig, key: str) -> TextConfig:
+    """``text`` (the section ``key``) as a random-init LLM of its model's shape: that of a model_id's
+    config where it is readable without the network (a local folder, the hub cache; else llm_config warns
+    and gives ``arch``), as ``family`` + ``arch``; no tokenizer (the bench feeds random ids). A model
+    type no ``family`` allows keeps the section's own arch, with a warning naming what is timed."""
+    if not text.model_id:
+        return dataclasses.replace(text, tokenizer="")
+    config = llm_config(text, shape_only=True, key=key)
+    model = dataclasses.replace(text, model_id="", tokenizer="")
+    if config.model_type not in choices_of(TextConfig, "family"):
+        stand_in = arch_config(text, key)
+        log.warning(
+            "%s.model_id=%r is a %s LLM, which the bench cannot build with random weights: timing %s.arch "
+            "instead (%s, %d layers, width %d)",
+            key,
+            text.model_id,
+            config.model_type,
+            key,
+            text.family,
+            stand_in.num_hidden_layers,
+            stand_in.hidden_size,
+        )
+        return model
+    defaults = AutoConfig.for_model(config.model_type).to_dict()
+    arch = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in defaults and v != defaults[k] and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
+    }
+    return dataclasses.replace(model, family=config.model_type, arch=arch)
+
+
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
-    """Random weights of the preset's shape (a hub model_id is replaced by its ``arch``), no VAE."""
+    """Random weights of the config's shape (each LLM's: random_init_text), no VAE."""
     # Sampling runs under the same precision as the training steps (sample.precision follows --fp32).
     precision = "bf16" if bf16 else "fp32"
+    texts = [random_init_text(t, key) for key, t in text_sections(cfg)]
     cfg = dataclasses.replace(
         cfg,
-        text=dataclasses.replace(cfg.text, model_id="", tokenizer=""),
+        text=texts[0],
+        extra_text=texts[1:],
         sample=dataclasses.replace(cfg.sample, precision=precision),
+        # The built-in tokenizer only stands in for the LLM's (its ids are never read): no warning that
+        # the data's words are not in it (system.builtin_words).
+        data=dataclasses.replace(cfg.data, source="shapes"),
     )
     torch.manual_seed(0)
     model = build_model(cfg, device, with_autoencoder=False)
@@ -286,9 +330,14 @@ def use_sampling_form(s: BenchSetup) -> None:
 
 
 def levers(s: BenchSetup) -> dict:
-    """The speed settings a measurement ran with, recorded next to it."""
+    """The speed settings a measurement ran with, and the shape of each LLM it timed (text, extra_text.0,
+    ...: random_init_text's, of the model_id or of the arch), recorded next to it."""
     cfg = s.cfg
     return {
+        "llm_family": [t.family for _, t in text_sections(cfg)],
+        "llm_layers": [arch_config(t, key).num_hidden_layers for key, t in text_sections(cfg)],
+        "llm_layers_run": [enc.llm.config.num_hidden_layers for enc in s.model.encoders],  # the design's
+        "llm_hidden": [enc.llm.config.hidden_size for enc in s.model.encoders],
         "attention_backend": cfg.model.attention_backend,
         "llm_attention": s.model.text.llm.config._attn_implementation,  # text.attn_implementation resolved
         "compile": cfg.train.compile,

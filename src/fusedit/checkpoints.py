@@ -347,6 +347,20 @@ def stage_of_checkpoint(
     return stages[recorded]
 
 
+def ema_start_share(cfg: Config, step: int) -> float:
+    """The share of the weights a run started from (its random init, or train.init_from's) that its EMA
+    still holds after ``step`` steps of ``cfg`` (a checkpoint's saved config and its state.json step): the
+    EMA starts as a copy of them, and each update (after every ema_every-th step, at the decay of the stage
+    it falls in) keeps ema_decay of it. Early in a run from scratch that is mostly noise, which sample,
+    export, serve and eval load by default (sample.use_ema)."""
+    kept = 1.0
+    for stage in resolved_stages(cfg):
+        t, end = stage.config.train, min(stage.end, step)
+        if end > stage.start:  # the steps start+1..end done in it, an update after each multiple of ema_every
+            kept *= t.ema_decay ** (end // t.ema_every - stage.start // t.ema_every)
+    return kept
+
+
 def load_model(
     path: str | Path,
     device: torch.device | str = "cpu",

@@ -39,7 +39,7 @@ from fusedit.vae import IdentityAutoencoder
 
 # The Config sections a saved model needs: the architecture, the text side (templates, lengths, hub ids),
 # the latent space, and the defaults sampling uses. `train` and the data pipeline stay with the run.
-EXPORTED_SECTIONS = ("name", "model", "text", "extra_text", "pooled_text", "vae", "flow", "sample")
+EXPORTED_SECTIONS = ("name", "model", "text", "extra_text", "pooled_text", "vae", "flow", "sample", "plugins")
 
 
 def export_config(cfg: Config) -> dict:

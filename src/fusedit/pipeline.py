@@ -42,6 +42,8 @@ from fusedit.config import (
     side_fits,
     text_sections,
     tokenizes_builtin,
+    variant_names,
+    variant_traits,
 )
 from fusedit.files import check_output_folder, readable_by_all
 from fusedit.flow import sampling_times
@@ -363,6 +365,14 @@ class FuseDiTPipeline(DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
         model, cfg = self.to_fusedit()
+        if not variant_traits("sample.sampler", cfg.sample.sampler).one_step:
+            # The steps below run one at a time, each over its own two times: a sampler whose step reads an
+            # earlier one's would silently sample as another.
+            raise ValueError(
+                f"sample.sampler={cfg.sample.sampler!r} was registered with one_step=False, but this pipeline "
+                "runs one scheduler step at a time (allowed: "
+                f"{variant_names('sample.sampler', lambda t: t.one_step)}; or `fusedit sample` with this one)"
+            )
         prompts = _strings("prompt", prompt)
         if not prompts:
             raise ValueError("no prompt: give a string or a non-empty list of strings")
@@ -437,9 +447,9 @@ class FuseDiTPipeline(DiffusionPipeline):
 
         else:
             # A step the Euler scheduler cannot take: fusedit's sampler, a pure function, over this step's two
-            # scheduler sigmas. SAMPLERS' methods are one-step (a step reads only x and its own two times), so
-            # step i over sigmas[i : i + 2] is step i of the whole (steps + 1,) run bit for bit, with room for
-            # the callback between steps.
+            # scheduler sigmas. It is one-step (refused above otherwise: a step reads only x and its own two
+            # times), so step i over sigmas[i : i + 2] is step i of the whole (steps + 1,) run bit for bit, with
+            # room for the callback between steps.
             times, sampler = sigmas.to(device), SAMPLERS[cfg.sample.sampler]
 
             def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,6 @@ FIELDS = (
     "shift",
     "schedule",
 )
-CHOICES = {name: choices_of(SampleConfig, name) for name in ("sampler", "schedule")}
 
 
 class RequestError(ValueError):
@@ -208,8 +207,9 @@ def _choice(body: dict, name: str, default: str) -> str:
     value = body.get(name)
     if _blank(value):
         return default
-    if value not in CHOICES[name]:
-        raise RequestError(f"{name}={value!r} is not allowed (allowed: {', '.join(CHOICES[name])})")
+    allowed = choices_of(SampleConfig, name)  # now: the model's plugins may have registered more
+    if value not in allowed:
+        raise RequestError(f"{name}={value!r} is not allowed (allowed: {', '.join(allowed)})")
     return value
 
 
@@ -298,8 +298,8 @@ class JobQueue:
                 "size": [self.size_unit, self.max_size],
                 "size_multiple_of": self.size_unit,
                 "shift": list(self.shift_range),
-                "sampler": list(CHOICES["sampler"]),
-                "schedule": list(CHOICES["schedule"]),
+                "sampler": list(choices_of(SampleConfig, "sampler")),
+                "schedule": list(choices_of(SampleConfig, "schedule")),
                 "num_images": [1, MAX_IMAGES],
                 "prompt_chars": MAX_PROMPT_CHARS,
             },

@@ -185,6 +185,21 @@ def _error(message: str, what: str = "error") -> int:
     # Under torchrun every rank fails alike: say whose line it is, and write it whole, as one flushed
     # write, so that the ranks' lines do not run together.
     who = f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+    _close_bars()
     sys.stderr.write(f"fusedit: {what}{who}: {message}\n")
     sys.stderr.flush()
     return 2
+
+
+def _close_bars() -> None:
+    """Close the progress bars still open (a Ctrl+C or an error leaves the work's bar drawn): the line then
+    starts on a line of its own, not glued to the bar's, and no bar is redrawn below it when the bar is
+    collected later. A bar made with leave=True keeps its last line, a transient one is cleared. tqdm keeps
+    its open bars in a class-wide set, shared by tqdm.auto's and every other subclass; it has no public
+    list of them."""
+    if "tqdm" not in sys.modules:  # no bar was ever made
+        return
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()

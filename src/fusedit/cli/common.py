@@ -11,7 +11,9 @@ from pathlib import Path
 from fusedit.config import (
     Config,
     ConfigError,
+    SampleConfig,
     allowed_sides,
+    choices_of,
     load_config,
     pipeline_record,
     saved_config,
@@ -76,6 +78,14 @@ def _check_sampling_flags(args) -> None:
     from fusedit.sample import check_steps_guidance
 
     check_steps_guidance(args.steps, args.guidance, flags=True)
+    for flag, name in (("--sampler", "sampler"), ("--schedule", "schedule")):
+        value = getattr(args, name, None)
+        if value is not None:
+            # Read for its plugins: the modules its config lists may register the name (config.plugins).
+            _saved_config(args.model)
+            allowed = choices_of(SampleConfig, name)
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r} is not allowed (allowed: {', '.join(allowed)})")
     shift = getattr(args, "shift", None)
     if shift is not None and not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"--shift {shift} is not allowed (allowed: a finite number > 0; 1 = no shift)")
@@ -150,7 +160,35 @@ def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", a
     training = (
         "; the run is still training (train.lock held)" if run is not None and held_by_a_job(run) else ""
     )
+    if ema:
+        _warn_early_ema(where)
     return f"{doing} {where} ({weights}){at}{training}"
+
+
+def _warn_early_ema(where: Path) -> None:
+    """Early in a run, the EMA still holds mostly the weights the run started from (noise for a run from
+    scratch): what is sampled, scored or exported then reads as the model's, so over half of it is said.
+    The training's own warning judges the run's end step only. A pipeline folder records no step: nothing
+    to judge; nor does a checkpoint at step 0, which training never writes (a library save of given
+    weights), and whose raw weights are no more trained."""
+    from fusedit.checkpoints import checkpoint_stage, ema_start_share, load_checkpoint_config, load_state
+
+    step = int(load_state(where)["step"]) if (where / "state.json").is_file() else 0
+    if step == 0:
+        return
+    cfg = load_checkpoint_config(where)
+    kept = ema_start_share(cfg, step)
+    if kept > 0.5:
+        train = checkpoint_stage(where, cfg).config.train  # the settings in force at that step
+        log.warning(
+            "the EMA weights at step %d still hold %.0f%% of %s (train.ema_decay=%g every train.ema_every=%d "
+            "steps): --no-ema uses the trained weights",
+            step,
+            100 * kept,
+            "train.init_from's weights" if cfg.train.init_from else "the random initial weights",
+            train.ema_decay,
+            train.ema_every,
+        )
 
 
 def _plural(n: int, unit: str) -> str:

@@ -15,6 +15,7 @@ from fusedit.cli.common import (
     _out_folder,
     _plural,
     _relocations,
+    _scoring_line,
 )
 from fusedit.config import ConfigError, save_config
 from fusedit.files import check_output_folder, replacing
@@ -151,16 +152,24 @@ def cmd_study(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from fusedit.checkpoints import find_checkpoint, holds_ema
     from fusedit.pipeline import export_run
+    from fusedit.sampling_source import _no_model, check_sampling_source
     from fusedit.system import resolve_device
 
-    out = export_run(
-        args.model,
-        _out_folder(args.out),
-        use_ema=not args.no_ema,
-        device=resolve_device(args.device, "--device"),
-        relocate=_relocations(args),
-    )
+    out, device = _out_folder(args.out), resolve_device(args.device, "--device")
+    use_ema, relocate = not args.no_ema, _relocations(args)
+    source = Path(args.model)
+    if not (source / "model_index.json").is_file():  # a pipeline folder: export_run says why it is refused
+        # Refused as `fusedit sample` refuses it: a run without a finished checkpoint is named as such.
+        check_sampling_source(source, use_ema, relocate)
+        try:
+            source = find_checkpoint(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(_no_model(source, args.model)) from None
+        # Resolved once: a run still training moves its latest checkpoint on while this one is exported.
+        print(_scoring_line(source, use_ema and holds_ema(source), use_ema, "exporting"), flush=True)
+    out = export_run(source, out, use_ema=use_ema, device=device, relocate=relocate)
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")
     return 0
 

@@ -221,13 +221,13 @@ def _add_sample_parser(sub) -> None:
     )
     sp.add_argument(
         "--sampler",
-        choices=choices_of(SampleConfig, "sampler"),
-        help="the ODE sampler (default the saved sample.sampler)",
+        help=f"the ODE sampler: {', '.join(choices_of(SampleConfig, 'sampler'))} or one the model's plugins "
+        "register (default the saved sample.sampler)",
     )
     sp.add_argument(
         "--schedule",
-        choices=choices_of(SampleConfig, "schedule"),
-        help="how the sampling times are spaced before the shift (default the saved sample.schedule)",
+        help=f"how the sampling times are spaced before the shift: {', '.join(choices_of(SampleConfig, 'schedule'))} "
+        "or one the model's plugins register (default the saved sample.schedule)",
     )
     sp.add_argument(
         "--shift", type=float, help="time shift of the schedule, 1 = none (default the saved sample.shift)"

@@ -37,7 +37,7 @@ def _warn_other_files(out: Path) -> None:
 
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
-    from fusedit.train.run_folder import kept_checkpoint
+    from fusedit.train.run_folder import kept_checkpoint, redone_steps
 
     ckpt, earlier = kept_checkpoint(out, started if args.overwrite else None)
     if earlier:
@@ -46,7 +46,7 @@ def _train_kept(out: Path, args, started: float) -> str:
         return f"no checkpoint was saved yet in {out}; rerun the same command to start again"
     go_on = "rerun the same command" + (" with --resume in place of --overwrite" if args.overwrite else "")
     go_on += "" if args.resume or args.overwrite else " with --resume"
-    return f"the last checkpoint is {ckpt}; {go_on} to continue from it"
+    return f"the last checkpoint is {ckpt}{redone_steps(out, ckpt)}; {go_on} to continue from it"
 
 
 def cmd_train(args) -> int:

@@ -15,8 +15,10 @@ What lives where (imports point one way: schema <- paths <- validate <- load; no
 package, and transformers only inside the functions that read an LLM's config):
 
 - ``schema``: the dataclasses (:class:`Config`, its sections, :class:`StageConfig`, :class:`Stage`), the
-  field helpers (``choice``, ``positive``, ``nonneg``, ``subset``), :class:`ConfigError` and
-  :class:`RunStopped`, and building a section from a mapping field by field (``build_section``, ``deep_merge``).
+  field helpers (``choice``, ``variant``, ``positive``, ``nonneg``, ``subset``), the variants each
+  registry-backed setting allows and their traits (``VARIANTS``, ``register_variant``, ``variant_traits``),
+  :class:`ConfigError` and :class:`RunStopped`, and building a section from a mapping field by field
+  (``build_section``, which imports the config's ``plugins`` first; ``deep_merge``).
 - ``paths``: run-folder names, paths made absolute, model locations, their relocation and identity, and the
   LLM-config side (``check_arch``, ``arch_config``, ``known_llm_config``, ``model_config``).
 - ``validate``: design traits, image sides, the cross-field checks (``validate``, ``noop_settings``,
@@ -81,35 +83,46 @@ from fusedit.config.schema import (
     STAGE_SECTION_CLASSES,
     STAGE_SECTIONS,
     TRAINABLE_PARTS,
+    VARIANTS,
     Config,
     ConfigError,
     DataConfig,
+    DesignTraits,
     FlowConfig,
     LoRAConfig,
     ModelConfig,
     PooledTextConfig,
+    PositionTraits,
     RunStopped,
     SampleConfig,
+    SamplerTraits,
     Stage,
     StageConfig,
+    TemplateTraits,
     TextConfig,
+    TimestepTraits,
     TrainConfig,
     VAEConfig,
+    Variants,
     build_section,
     check_shapes_options,
     choice,
     choices_of,
     deep_merge,
+    import_plugins,
     nonneg,
     positive,
+    register_variant,
     subset,
+    variant,
+    variant_names,
+    variant_traits,
 )
 from fusedit.config.validate import (
     DATA_LOCATIONS,
     DESIGN_TRAITS,
     ROTARY_SCHEMES,
     SOURCE_KEYS,
-    DesignTraits,
     adds_template_tokens,
     allowed_sides,
     attention_kind,
@@ -237,4 +250,15 @@ __all__ = [
     "validate",
     "written_as_path",
     "yaml_problem",
+    "VARIANTS",
+    "PositionTraits",
+    "SamplerTraits",
+    "TemplateTraits",
+    "TimestepTraits",
+    "Variants",
+    "import_plugins",
+    "register_variant",
+    "variant",
+    "variant_names",
+    "variant_traits",
 ]

@@ -1,14 +1,17 @@
 """The config schema: the dataclasses of every section (:class:`Config` and its parts, a staged run's
 :class:`StageConfig` and resolved :class:`Stage`), the field helpers whose metadata says what a key allows
-(``choice``, ``positive``, ``nonneg``, ``subset``), the config's exceptions, and building a section from a
-mapping with each field checked on its own (``build_section``) and merging mappings (``deep_merge``), which both
-loading and stage resolution use. Imports nothing of fusedit: every other part of the package reads it."""
+(``choice``, ``variant``, ``positive``, ``nonneg``, ``subset``), the variants each registry-backed setting
+allows with their traits (``VARIANTS``, ``register_variant``), the config's exceptions, and building a section
+from a mapping with each field checked on its own (``build_section``, which imports the config's ``plugins``
+first) and merging mappings (``deep_merge``), which both loading and stage resolution use. Imports nothing of
+fusedit: every other part of the package reads it."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import json
 import numbers
 import re
@@ -17,7 +20,7 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -50,8 +53,196 @@ def choice(default: str, *allowed: str) -> Any:
 
 
 def choices_of(section: type, name: str) -> tuple[str, ...]:
-    """The values a ``choice`` field of a config section allows (command-line flags offer the same)."""
-    return section.__dataclass_fields__[name].metadata["choices"]
+    """The values a ``choice`` or ``variant`` field of a config section allows now (command-line flags offer
+    the same): a variant field's registered ones included."""
+    meta = section.__dataclass_fields__[name].metadata
+    return tuple(VARIANTS[meta["variants"]].traits) if "variants" in meta else meta["choices"]
+
+
+@dataclass(frozen=True)
+class DesignTraits:
+    """What a model.design is: ``deep`` fusion (each DiT layer reads its own LLM layer's keys and values)
+    or shallow (one hidden state, text.hidden_layer, projected by the DiT: the baselines and LI-DiT), and
+    whether image tokens meet the text in joint ``self``-attention or in a separate ``cross``-attention."""
+
+    deep: bool
+    attention: Literal["self", "cross"]
+
+    def __post_init__(self):
+        if self.attention not in ("self", "cross"):
+            raise ValueError(f"attention={self.attention!r} is not allowed (allowed: self, cross)")
+
+
+@dataclass(frozen=True)
+class PositionTraits:
+    """What the config and the build ask of a model.pos_embed scheme instead of its name."""
+
+    # It rotates image queries and keys (RoPE): model.rope_layout applies (image-only wraps it).
+    rotates: bool
+    # It gives image tokens their place; without (none) model.conv_pos must.
+    places: bool = True
+    # The DiT's head width and width it needs as multiples of these (rotated channel pairs, a 2D sin-cos
+    # table's quarters), and why, as a refusal says it.
+    head_dim_multiple: int = 1
+    width_multiple: int = 1
+    fit_reason: str = ""
+    # It takes model.ape_base_size and ape_max_size (as keywords base_size, max_size): a sin-cos table.
+    ape_options: bool = False
+
+
+@dataclass(frozen=True)
+class TimestepTraits:
+    """What the config asks of a model.timestep_conditioning: whether it embeds the timestep (pooled text
+    is added to that embedding)."""
+
+    has_embedding: bool
+
+
+@dataclass(frozen=True)
+class TemplateTraits:
+    """What the config asks of a text.template: whether it has a turn for text.system_prompt, and whether
+    it puts tokens of its own around every prompt (besides text.instruction)."""
+
+    system_turn: bool
+    adds_tokens: bool
+
+
+@dataclass(frozen=True)
+class SamplerTraits:
+    """What a sample.sampler's callers ask of it: ``one_step`` = each step reads only x and its own two times
+    (no earlier step's velocity), so a caller may run it one step at a time (the diffusers pipeline)."""
+
+    one_step: bool
+
+
+@dataclass
+class Variants:
+    """The names a registry-backed setting allows, built-ins first, each with its traits (None: code asks
+    none), and the function that registers another (the error for an unknown name points to it)."""
+
+    register: str
+    traits: dict[str, Any]
+
+
+# Every setting that names a build-time variant, the implementation picked from a registry (fusedit.models.
+# DESIGNS, fusedit.flow.SAMPLERS, ...): the built-in names are listed once, here, as the config is checked
+# before any model code is imported. ``variant`` fields allow what this table holds when checked, so a
+# variant user code registers (``register_variant``, which each registry's register function calls) is a
+# value a config may name. Code asks the traits (``variant_traits``), never the names.
+VARIANTS: dict[str, Variants] = {
+    "model.design": Variants(
+        "fusedit.models.register_design",
+        {
+            "fusedit": DesignTraits(deep=True, attention="self"),
+            "fusedit-cross": DesignTraits(deep=True, attention="cross"),
+            "dit-self": DesignTraits(deep=False, attention="self"),
+            "dit-cross": DesignTraits(deep=False, attention="cross"),
+        },
+    ),
+    "model.pos_embed": Variants(
+        "fusedit.models.register_position_scheme",
+        {
+            "ape": PositionTraits(
+                rotates=False, width_multiple=4, fit_reason="its 2D sin-cos table", ape_options=True
+            ),
+            "1d-rope": PositionTraits(rotates=True, head_dim_multiple=2, fit_reason="rotated channel pairs"),
+            "2d-rope": PositionTraits(
+                rotates=True,
+                head_dim_multiple=4,
+                fit_reason="rotated channel pairs, half for the row and half for the column",
+            ),
+            "m-rope": PositionTraits(rotates=True, head_dim_multiple=2, fit_reason="rotated channel pairs"),
+            "none": PositionTraits(rotates=False, places=False),
+        },
+    ),
+    "model.timestep_conditioning": Variants(
+        "fusedit.models.register_timestep_conditioning",
+        {
+            "adaln-zero": TimestepTraits(has_embedding=True),
+            "adaln-single": TimestepTraits(has_embedding=True),
+            "addition": TimestepTraits(has_embedding=True),
+            "none": TimestepTraits(has_embedding=False),
+        },
+    ),
+    "model.refiner_concat": Variants(
+        "fusedit.text.refiner.register_refiner_concat", {"tokens": None, "channels": None}
+    ),
+    "text.template": Variants(
+        "fusedit.text.templates.register_template",
+        {
+            "plain": TemplateTraits(system_turn=False, adds_tokens=False),
+            "chat": TemplateTraits(system_turn=True, adds_tokens=True),
+            "lidit": TemplateTraits(system_turn=True, adds_tokens=True),
+            "lidit-chat": TemplateTraits(system_turn=True, adds_tokens=True),
+        },
+    ),
+    "sample.sampler": Variants(
+        "fusedit.flow.register_sampler",
+        {"euler": SamplerTraits(one_step=True), "heun": SamplerTraits(one_step=True)},
+    ),
+    "sample.schedule": Variants("fusedit.flow.register_schedule", {"uniform": None, "diffusers": None}),
+}
+
+
+def variant(setting: str, default: str) -> Any:
+    """A string field naming a variant of ``setting`` (a VARIANTS key): one it holds when checked."""
+    return field(default=default, metadata={"variants": setting})
+
+
+def register_variant(setting: str, name: str, traits: Any = None) -> None:
+    """Allow ``name`` for ``setting`` (a VARIANTS key), with ``traits``, for the rest of the process: what
+    each registry's register function (fusedit.models.register_design, ...) calls as it adds the
+    implementation. A name already allowed is refused, so no variant is ever silently replaced."""
+    table = VARIANTS[setting]
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(
+            f"{setting} name {name!r} is not allowed (allowed: a non-empty string, no outer spaces)"
+        )
+    if name in table.traits:
+        raise ValueError(
+            f"{setting}={name!r} is already registered (allowed: a name not yet taken, i.e. none of "
+            f"{', '.join(table.traits)})"
+        )
+    table.traits[name] = traits
+
+
+def unknown_variant(path: str, value: Any, setting: str) -> str:
+    """The one-line refusal of a name ``setting`` does not allow, with how to add one."""
+    table = VARIANTS[setting]
+    return (
+        f"{path}={value!r} is not allowed (allowed: {', '.join(table.traits)}); to add one, register it with "
+        f"{table.register} in a module the config's plugins lists"
+    )
+
+
+def variant_traits(setting: str, name: str) -> Any:
+    """The traits of variant ``name`` of ``setting`` (VARIANTS); a one-line ConfigError for a name not
+    registered."""
+    traits = VARIANTS[setting].traits
+    if not isinstance(name, str) or name not in traits:
+        raise ConfigError(unknown_variant(setting, name, setting))
+    return traits[name]
+
+
+def variant_names(setting: str, keep: Any = None) -> str:
+    """The names of ``setting`` whose traits ``keep`` accepts (all: None), as messages list them: "a, b or c"."""
+    names = [n for n, t in VARIANTS[setting].traits.items() if keep is None or keep(t)]
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def import_plugins(path: str, modules: list[str]) -> None:
+    """Import each module of the config's ``plugins`` (a list of importable names), which registers the
+    variants the rest of the config may name; one line naming a module that cannot be found."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # the plugin was found but imports something missing: its own traceback says what
+            raise ConfigError(
+                f"{path}: cannot import plugin module {name!r} (allowed: a module importable here: install it "
+                "or put its folder on PYTHONPATH, or remove it from plugins)"
+            ) from None
 
 
 def positive(default: float | int | None) -> Any:
@@ -76,8 +267,8 @@ class ModelConfig:
     # fusedit: deep fusion; fusedit-cross: its cross-attention variant; dit-self / dit-cross: the shallow
     # baselines reading one LLM hidden state (text.hidden_layer) per LLM (design-space.md s.1). LI-DiT is
     # dit-cross with the refiner, pooled-text modulation and the conv position embedding (s.2). Their
-    # traits (deep or shallow, self- or cross-attention): DESIGN_TRAITS.
-    design: str = choice("fusedit", "fusedit", "fusedit-cross", "dit-self", "dit-cross")
+    # traits (deep or shallow, self- or cross-attention): VARIANTS; fusedit.models.register_design adds one.
+    design: str = variant("model.design", "fusedit")
     # Residual width of the DiT; None = the LLM's hidden size.
     dit_hidden_size: int | None = positive(None)
     # Number of DiT layers (= fused LLM layers); None = every LLM layer after `initial_layers`.
@@ -86,8 +277,8 @@ class ModelConfig:
     # initial_layers + i). The shallow designs read text.hidden_layer instead.
     initial_layers: int = nonneg(0)
     # "none": no position input besides model.conv_pos, which it requires (LI-DiT).
-    pos_embed: str = choice("ape", "ape", "1d-rope", "2d-rope", "m-rope", "none")
-    timestep_conditioning: str = choice("adaln-zero", "adaln-zero", "adaln-single", "addition", "none")
+    pos_embed: str = variant("model.pos_embed", "ape")
+    timestep_conditioning: str = variant("model.timestep_conditioning", "adaln-zero")
     qk_norm: bool = True
     sandwich_norm: bool = False
     patch_size: int = positive(2)
@@ -115,7 +306,7 @@ class ModelConfig:
     collaborative_refiner: bool = True
     # With 2+ LLMs: how the refined branches become one sequence (the paper leaves the axis unknown):
     # "tokens" one after another; "channels" token j of every branch side by side, Linear back to the width.
-    refiner_concat: str = choice("tokens", "tokens", "channels")
+    refiner_concat: str = variant("model.refiner_concat", "tokens")
     # Drop instruction/template tokens after the refiners (LI-DiT); they stay for the refiners to read.
     drop_instruction: bool = True
     # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
@@ -159,7 +350,7 @@ class TextConfig:
     # How a prompt is presented to the LLM (fusedit.text.templates): "plain" = instruction + prompt;
     # "chat" = the tokenizer's chat template around it; "lidit" = LI-DiT's instruction as plain text;
     # "lidit-chat" = LI-DiT's instruction inside the chat template (instruction-tuned LLMs).
-    template: str = choice("plain", "plain", "chat", "lidit", "lidit-chat")
+    template: str = variant("text.template", "plain")
     # Plain-text prefix before every prompt (FuseDiT's "Imagine: " study).
     instruction: str = ""
     # System prompt for the chat and LI-DiT templates (LI-DiT's wording is unknown; empty by default).
@@ -405,13 +596,13 @@ class TrainConfig:
 class SampleConfig:
     steps: int = positive(25)
     guidance: float = nonneg(6.0)
-    sampler: str = choice("euler", "euler", "heun")
+    sampler: str = variant("sample.sampler", "euler")
     # Time shift of the sampling schedule (SD3 style); 1.0 = no shift.
     shift: float = positive(3.0)
     # How the sampling times are spaced before the shift (fusedit.flow.samplers.SCHEDULES): "uniform" in t
     # from 1 to 0; "diffusers" = FlowMatchEulerDiscreteScheduler's default spacing, which the public FuseDiT
     # pipeline samples with (converted checkpoints use it, to reproduce published images and scores).
-    schedule: str = choice("uniform", "uniform", "diffusers")
+    schedule: str = variant("sample.schedule", "uniform")
     negative_prompt: str = ""
     # `fusedit sample`'s seed (its --seed overrides it) and training previews': image i starts from the
     # noise of seed + i alone, within SEED_MAX.
@@ -491,6 +682,10 @@ class Config:
     name: str = "run"
     # A staged run (see StageConfig and resolved_stages); empty = one stage, this config.
     stages: list = field(default_factory=list, metadata={"item": StageConfig})
+    # Modules imported when the config loads, before its values are checked: code of your own that registers
+    # variants (fusedit.models.register_design, fusedit.flow.register_sampler, ...) the config names. Saved
+    # with the run, so sampling or resuming it imports them again.
+    plugins: list[str] = field(default_factory=list, metadata={"imports": True})
 
 
 @dataclass(frozen=True)
@@ -602,6 +797,10 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
             return None
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
+    if "variants" in meta:
+        if not isinstance(value, str) or value not in VARIANTS[meta["variants"]].traits:
+            raise ConfigError(unknown_variant(path, value, meta["variants"]))
+        return value
     if "choices" in meta:
         if value is False and "" in meta["choices"]:
             return ""  # the choice that turns it off, as YAML reads `false` and `off`
@@ -648,6 +847,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
                     f"{bad[0]!r} is not allowed" if bad else "needs distinct items" if value else "is empty"
                 )
                 raise ConfigError(f"{path}={value!r}: {what} (allowed: a list of {', '.join(allowed)})")
+        if meta.get("imports"):
+            import_plugins(path, value)
         return value
     if isinstance(value, float) and value != value and ("min" in meta or "max" in meta):
         # NaN compares false with any bound, so it would pass them all.
@@ -676,7 +877,9 @@ def build_section(cls: type, data: dict, prefix: str) -> Any:
             f"unknown config key {where + str(unknown[0])!r}{hint} (allowed: {', '.join(fields)})"
         )
     kwargs = {}
-    for name, value in data.items():
+    # The plugins first: the values after them may name the variants they register.
+    for name in sorted(data, key=lambda name: not fields[name].metadata.get("imports")):
+        value = data[name]
         tp, path, spec = hints[name], f"{prefix}.{name}" if prefix else name, fields[name]
         positions = isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
         if (

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
-from dataclasses import dataclass
 from typing import Literal
 
 from fusedit.config.paths import CLIP_TEXT_FAMILY, check_arch, known_llm_config, llm_head_dim, text_sections
@@ -15,15 +14,19 @@ from fusedit.config.schema import (
     RUN_WIDE_TRAIN_KEYS,
     STAGE_SECTION_CLASSES,
     STAGE_SECTIONS,
+    VARIANTS,
     Config,
     ConfigError,
     DataConfig,
+    DesignTraits,
     ModelConfig,
     Stage,
     TextConfig,
     build_section,
     check_shapes_options,
     deep_merge,
+    variant_names,
+    variant_traits,
 )
 
 
@@ -33,7 +36,8 @@ def side_limits(cfg: Config) -> tuple[int, int | None]:
     patches) bounds the grid, at most ``largest`` (None: any size)."""
     m = cfg.model
     unit = cfg.vae.downsample * m.patch_size
-    return unit, m.ape_max_size * unit if m.pos_embed == "ape" and m.ape_max_size is not None else None
+    table = variant_traits("model.pos_embed", m.pos_embed).ape_options and m.ape_max_size is not None
+    return unit, m.ape_max_size * unit if table else None
 
 
 def side_fits(side: int, cfg: Config) -> bool:
@@ -60,35 +64,18 @@ def limits_text(limits: tuple[int, int | None]) -> str:
     return f"a positive multiple of {unit}, the VAE's downsampling x the patch size{limit}"
 
 
-# The position schemes that rotate image tokens (layers/position.py builds them); the RoPE layout
-# options apply to these only.
-ROTARY_SCHEMES = ("1d-rope", "2d-rope", "m-rope")
+# The built-in position schemes that rotate image tokens, as the public code's converter maps them; code
+# that must see registered schemes too asks variant_traits("model.pos_embed", name).rotates.
+ROTARY_SCHEMES = tuple(n for n, t in VARIANTS["model.pos_embed"].traits.items() if t.rotates)
 
 
-@dataclass(frozen=True)
-class DesignTraits:
-    """What a model.design is: ``deep`` fusion (each DiT layer reads its own LLM layer's keys and values)
-    or shallow (one hidden state, text.hidden_layer, projected by the DiT: the baselines and LI-DiT), and
-    whether image tokens meet the text in joint ``self``-attention or in a separate ``cross``-attention."""
-
-    deep: bool
-    attention: Literal["self", "cross"]
-
-
-# Every model.design (ModelConfig.design's choices) and its traits; code asks these, not the names.
-DESIGN_TRAITS = {
-    "fusedit": DesignTraits(deep=True, attention="self"),
-    "fusedit-cross": DesignTraits(deep=True, attention="cross"),
-    "dit-self": DesignTraits(deep=False, attention="self"),
-    "dit-cross": DesignTraits(deep=False, attention="cross"),
-}
+# Every model.design and its traits, registered ones included (VARIANTS); code asks these, not the names.
+DESIGN_TRAITS: dict[str, DesignTraits] = VARIANTS["model.design"].traits
 
 
 def design_traits(design: str) -> DesignTraits:
     """``DESIGN_TRAITS[design]``; a one-line ConfigError for a name that is not a design."""
-    if design not in DESIGN_TRAITS:
-        raise ConfigError(f"model.design={design!r} is not allowed (allowed: {', '.join(DESIGN_TRAITS)})")
-    return DESIGN_TRAITS[design]
+    return variant_traits("model.design", design)
 
 
 def is_deep(design: str) -> bool:
@@ -190,9 +177,9 @@ def uses_builtin_tokenizer(cfg: Config) -> bool:
 
 
 def adds_template_tokens(text: TextConfig) -> bool:
-    """Whether a text section's template puts tokens around the prompt: any but ``plain``, or a plain one
-    with an instruction (a prefix of spaces only opens the prompt instead, TextEncoder)."""
-    return text.template != "plain" or bool(text.instruction.strip(" "))
+    """Whether a text section's template puts tokens around the prompt: one that adds its own (any but
+    ``plain``), or an instruction (a prefix of spaces only opens the prompt instead, TextEncoder)."""
+    return variant_traits("text.template", text.template).adds_tokens or bool(text.instruction.strip(" "))
 
 
 def noop_settings(cfg: Config) -> list[tuple[str, str]]:
@@ -205,13 +192,14 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     # so where any encoder uses it the words change its ids even with a plain template.
     builtin = uses_builtin_tokenizer(cfg)
     for key, text in text_sections(cfg):
-        if text.system_prompt and text.template == "plain" and not builtin:
+        system_turn = variant_traits("text.template", text.template).system_turn
+        if text.system_prompt and not system_turn and not builtin:
             found.append(
                 (
                     f"{key}.system_prompt",
-                    f"{key}.system_prompt={text.system_prompt!r} does nothing with {key}.template='plain', "
-                    f"which has no system turn (allowed: {key}.template chat, lidit or lidit-chat, or an "
-                    "empty system_prompt)",
+                    f"{key}.system_prompt={text.system_prompt!r} does nothing with {key}.template="
+                    f"{text.template!r}, which has no system turn (allowed: {key}.template "
+                    f"{variant_names('text.template', lambda t: t.system_turn)}, or an empty system_prompt)",
                 )
             )
     # The refiner's ablations (their non-default values), which a model without a refiner has nothing for.
@@ -232,8 +220,9 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
             (
                 "model.drop_instruction",
                 "model.drop_instruction=false keeps the instruction tokens for the DiT, but "
-                f"text.template='plain' with text.instruction={cfg.text.instruction!r} gives none{others} "
-                "(allowed: a text.instruction, or text.template chat, lidit or lidit-chat)",
+                f"text.template={cfg.text.template!r} with text.instruction={cfg.text.instruction!r} gives "
+                f"none{others} (allowed: a text.instruction, or text.template "
+                f"{variant_names('text.template', lambda t: t.adds_tokens)})",
             )
         )
     if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
@@ -332,30 +321,31 @@ def _validate_model(cfg: Config) -> None:
     """The design's options against each other and against the text side (extra LLMs, the pooled CLIP)."""
     m = cfg.model
     shallow = is_shallow(m.design)
+    shallow_designs = variant_names("model.design", lambda t: not t.deep)
     if cfg.extra_text and not (shallow and m.refiner_depth):
         raise ConfigError(
             f"extra_text has {len(cfg.extra_text)} more LLM(s) but model.design={m.design!r} with "
-            f"model.refiner_depth={m.refiner_depth} reads one (allowed: dit-self or dit-cross with refiner_depth >= 1)"
+            f"model.refiner_depth={m.refiner_depth} reads one (allowed: {shallow_designs} with refiner_depth >= 1)"
         )
     own_shape = [k for k in ("num_heads", "num_kv_heads", "head_dim", "intermediate_size") if getattr(m, k)]
     if own_shape and not shallow:
         raise ConfigError(
             f"model.{own_shape[0]} is set but model.design={m.design!r} mirrors the LLM's attention and MLP "
-            "(allowed only with dit-self or dit-cross)"
+            f"(allowed only with {shallow_designs})"
         )
     if m.refiner_depth and not shallow:
-        raise ConfigError(
-            f"model.refiner_depth={m.refiner_depth} needs a shallow design (dit-self or dit-cross)"
-        )
+        raise ConfigError(f"model.refiner_depth={m.refiner_depth} needs a shallow design ({shallow_designs})")
     if m.initial_layers and shallow:
         raise ConfigError(
             f"model.initial_layers={m.initial_layers} pairs DiT layers with deeper LLM layers, but "
             f"model.design={m.design!r} reads one hidden state (set text.hidden_layer; allowed: 0)"
         )
-    if m.pos_embed == "none" and not m.conv_pos:
+    position = variant_traits("model.pos_embed", m.pos_embed)
+    if not position.places and not m.conv_pos:
         raise ConfigError(
-            "model.pos_embed='none' without model.conv_pos=true leaves the image tokens no position "
-            "(allowed: ape, 1d-rope, 2d-rope, m-rope, or none with conv_pos=true as LI-DiT)"
+            f"model.pos_embed={m.pos_embed!r} without model.conv_pos=true leaves the image tokens no position "
+            f"(allowed: {', '.join(n for n, t in VARIANTS['model.pos_embed'].traits.items() if t.places)}, or "
+            f"{m.pos_embed} with conv_pos=true as LI-DiT)"
         )
     # Deep fusion's text keys come rotated by the LLM at 0 .. L - 1, so its image positions must continue
     # after them (joint); image-only restarts them at 0, on top of the text's (design-space.md s.1).
@@ -364,22 +354,25 @@ def _validate_model(cfg: Config) -> None:
             f"model.rope_layout='image-only' is for the shallow designs, not model.design={m.design!r}, "
             "whose text keys the LLM rotates (allowed: joint)"
         )
-    # Any scheme but none (APE included: its image tokens are unrotated, but the LLM rotates deep fusion's
-    # text keys either way, and the emulation turns the image rows against them).
+    # Any scheme that places image tokens (APE included: its image tokens are unrotated, but the LLM rotates
+    # deep fusion's text keys either way, and the emulation turns the image rows against them).
     if m.rope_left_pad is not None and not (
         is_deep(m.design)
         and attention_kind(m.design) == "self"
-        and m.pos_embed != "none"
+        and position.places
         and m.rope_layout == "joint"
     ):
+        joint = [n for n, t in DESIGN_TRAITS.items() if t.deep and t.attention == "self"]
         raise ConfigError(
             f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "
-            f"it needs model.design='fusedit' with pos_embed ape or a RoPE scheme and rope_layout='joint' "
-            f"(got design={m.design!r}, pos_embed={m.pos_embed!r}, rope_layout={m.rope_layout!r})"
+            f"it needs model.design={' or '.join(map(repr, joint))} with pos_embed ape or a RoPE scheme and "
+            f"rope_layout='joint' (got design={m.design!r}, pos_embed={m.pos_embed!r}, "
+            f"rope_layout={m.rope_layout!r})"
         )
-    if m.refiner_concat == "channels" and not (m.refiner_depth and cfg.extra_text):
+    # How the refined branches of several LLMs become one sequence: a choice only they make (the default aside).
+    if m.refiner_concat != ModelConfig.refiner_concat and not (m.refiner_depth and cfg.extra_text):
         raise ConfigError(
-            "model.refiner_concat='channels' sets the LLMs' refined tokens side by side: it needs "
+            f"model.refiner_concat={m.refiner_concat!r} joins the refined tokens of several LLMs: it needs "
             f"model.refiner_depth >= 1 and extra_text (got refiner_depth={m.refiner_depth}, "
             f"{1 + len(cfg.extra_text)} LLM)"
         )
@@ -391,10 +384,12 @@ def _validate_model(cfg: Config) -> None:
         raise ConfigError(
             "model.pooled_text='clip' needs pooled_text.model_id (or a random-init pooled_text.arch)"
         )
-    if m.pooled_text != "none" and m.timestep_conditioning == "none":
+    has_embedding = variant_traits("model.timestep_conditioning", m.timestep_conditioning).has_embedding
+    if m.pooled_text != "none" and not has_embedding:
+        embedded = variant_names("model.timestep_conditioning", lambda t: t.has_embedding)
         raise ConfigError(
             f"model.pooled_text={m.pooled_text!r} is added to the timestep embedding, but "
-            "model.timestep_conditioning='none' has none (allowed: adaln-zero, adaln-single, addition)"
+            f"model.timestep_conditioning={m.timestep_conditioning!r} has none (allowed: {embedded})"
         )
 
 
@@ -404,7 +399,8 @@ def _validate_training(cfg: Config) -> None:
     if "refiner" in tc.trainable and not shallow:
         raise ConfigError(
             f"train.trainable={tc.trainable} names 'refiner' but model.design={cfg.model.design!r} has none "
-            "(allowed with dit-self or dit-cross: their context embedder or LI-DiT refiners)"
+            f"(allowed with {variant_names('model.design', lambda t: not t.deep)}: their context embedder or "
+            "LI-DiT refiners)"
         )
     if "llm" not in tc.trainable:
         return
@@ -466,28 +462,36 @@ def dit_head_dim(m: ModelConfig, llm_width: int | None, llm_head_dim: int | None
 
 def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> None:
     """What model.pos_embed needs of the DiT's ``width`` and ``head_dim`` (its heads' width; None: not known
-    yet), refused in one line: every RoPE rotates pairs of channels (an even head width), 2D RoPE gives half
-    the pairs to the row and half to the column (a multiple of 4, design-space.md s.1), and APE's 2D sin-cos
-    table gives a quarter of the width to each of the row's and the column's sines and cosines (a multiple
-    of 4)."""
-    fits = {
-        "ape": width is None or width % 4 == 0,
-        "1d-rope": head_dim is None or head_dim % 2 == 0,
-        "2d-rope": head_dim is None or head_dim % 4 == 0,
-        "m-rope": head_dim is None or head_dim % 2 == 0,
-    }
-    if fits.get(m.pos_embed, True):  # "none": no position table to fit
+    yet), refused in one line: the multiples its traits name (PositionTraits). Every RoPE rotates pairs of
+    channels (an even head width), 2D RoPE gives half the pairs to the row and half to the column (a
+    multiple of 4, design-space.md s.1), and APE's 2D sin-cos table gives a quarter of the width to each of
+    the row's and the column's sines and cosines (a multiple of 4)."""
+
+    def fits(traits) -> tuple[bool, bool]:
+        """(width fits, head width fits) a scheme of these traits, where known."""
+        return (
+            width is None or width % traits.width_multiple == 0,
+            head_dim is None or head_dim % traits.head_dim_multiple == 0,
+        )
+
+    traits = variant_traits("model.pos_embed", m.pos_embed)
+    wide, heads = fits(traits)
+    if wide and heads:
         return
-    others = [name for name, ok in fits.items() if ok]
+    schemes = VARIANTS["model.pos_embed"].traits.items()
+    others = [name for name, t in schemes if t.places and all(fits(t))]
     listed = " or ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
-    instead = f"model.pos_embed {listed}" if others else "model.pos_embed='none' with conv_pos=true"
-    if m.pos_embed == "ape":
+    unplaced = next((name for name, t in schemes if not t.places), None)
+    instead = f"model.pos_embed {listed}" if others else f"model.pos_embed={unplaced!r} with conv_pos=true"
+    why = f" ({traits.fit_reason})" if traits.fit_reason else ""
+    if not wide:
+        step = traits.width_multiple
         given = f"model.dit_hidden_size={width}" if m.dit_hidden_size else f"the LLM's hidden size {width}"
         raise ConfigError(
-            f"model.pos_embed='ape' needs a DiT width divisible by 4 (its 2D sin-cos table), but it is "
-            f"{given} (allowed: a width divisible by 4, or {instead})"
+            f"model.pos_embed={m.pos_embed!r} needs a DiT width divisible by {step}{why}, but it is "
+            f"{given} (allowed: a width divisible by {step}, or {instead})"
         )
-    step = 4 if m.pos_embed == "2d-rope" else 2
+    step = traits.head_dim_multiple
     if m.head_dim:
         given = f"model.head_dim={head_dim}"
     elif m.num_heads:
@@ -495,8 +499,7 @@ def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> 
     else:
         given = "the LLM's head_dim"
     raise ConfigError(
-        f"model.pos_embed={m.pos_embed!r} needs a head width divisible by {step} (rotated channel pairs"
-        f"{', half for the row and half for the column' if step == 4 else ''}), but the DiT's heads are "
+        f"model.pos_embed={m.pos_embed!r} needs a head width divisible by {step}{why}, but the DiT's heads are "
         f"{head_dim} wide ({given}) (allowed: a head width divisible by {step}, or {instead})"
     )
 

@@ -191,9 +191,10 @@ GENERIC_FIELDS = frozenset(
         "use_cache",
     ]
 )
-# The public config's attention values, and fusedit's design for each (attention, FuseDiT or not).
+# The public config's attention values, and fusedit's design for each (attention, FuseDiT or not): the
+# built-in one, listed first (a design a plugin registers with the same traits is not the public code's).
 ATTENTION = ("self", "cross")
-DESIGN_OF = {(t.attention, t.deep): design for design, t in DESIGN_TRAITS.items()}
+DESIGN_OF = dict(reversed([((t.attention, t.deep), design) for design, t in DESIGN_TRAITS.items()]))
 POS_EMBEDS = ("ape", "1d-rope", "2d-rope", "m-rope")
 TIMESTEP_CONDITIONINGS = {
     None: "none",

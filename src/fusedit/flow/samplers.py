@@ -3,6 +3,13 @@
 Nothing here knows about models or text: guidance is a wrapper that turns a two-branch velocity into one,
 and the caller decides how the branches are computed (for fusedit: one batch [negative ; prompt] over a
 text context computed once, see ``fusedit.sample``).
+
+A sampler (``SAMPLERS``, sample.sampler) is ``fn(velocity, x, times, progress=None) -> x``: it integrates
+``x`` from ``times[0]`` down the (steps + 1,) times and calls ``progress()`` once after each step. A one-step
+sampler's step reads only x and its own two times (euler, heun), so running it over ``times[i : i + 2]``
+is step i of the whole run: the diffusers pipeline runs samplers so, one scheduler step at a time. A
+schedule (``SCHEDULES``, sample.schedule) is ``fn(steps, shift) -> (steps + 1,)`` float64 times from 1 to
+0 before the shift. ``register_sampler`` and ``register_schedule`` add one under a new name.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from fusedit.config import SamplerTraits, register_variant
 from fusedit.flow.matching import shift_time
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,6 +114,21 @@ def heun(velocity: Velocity, x: torch.Tensor, times: torch.Tensor, progress: Cal
 
 
 SAMPLERS = {"euler": euler, "heun": heun}
+
+
+def register_sampler(name: str, fn: Callable, *, one_step: bool) -> None:
+    """``sample.sampler=name`` integrates with ``fn`` (the module docstring's signature). ``one_step``: each
+    step reads only x and its own two times, so the diffusers pipeline may run it a step at a time (it
+    refuses the others). A name already taken is a ValueError."""
+    register_variant("sample.sampler", name, SamplerTraits(one_step=one_step))
+    SAMPLERS[name] = fn
+
+
+def register_schedule(name: str, fn: Callable[[int, float], torch.Tensor]) -> None:
+    """``sample.schedule=name`` spaces the sampling times with ``fn(steps, shift)``: (steps + 1,) float64
+    times from 1 to 0, before the SD3 shift. A name already taken is a ValueError."""
+    register_variant("sample.schedule", name)
+    SCHEDULES[name] = fn
 
 
 def sample(

@@ -235,6 +235,8 @@ class NoTimestep(TimestepConditioning):
     embedder_cls = NoTimestepEmbedder  # no timestep parameters at all
 
 
+# model.timestep_conditioning -> the variant, built from (dim, adaln_norm=...); fusedit.models.
+# register_timestep_conditioning adds one.
 TIMESTEP_CONDITIONING: dict[str, type[TimestepConditioning]] = {
     "adaln-zero": AdaLNZero,
     "adaln-single": AdaLNSingle,

@@ -42,10 +42,25 @@ class PositionScheme:
 
 
 class APE(PositionScheme):
-    """Fixed 2D sin-cos added after patchify; the text keeps the LLM's own 1D RoPE."""
+    """Fixed 2D sin-cos added after patchify; the text keeps the LLM's own 1D RoPE.
 
-    def __init__(self, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None):
+    With ``base_size`` or ``max_size`` (model.ape_base_size, ape_max_size), the table as diffusers'
+    ``PatchEmbed`` builds it (the public FuseDiT code): positions scaled by ``base_size / G`` over a
+    G-position grid (G = ``max_size`` or the latent grid), centre-cropped to the latent grid. See
+    ``scaled_sincos_2d``."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        ladder: tuple[float, ...] | None = None,
+        *,
+        base_size: int | None = None,
+        max_size: int | None = None,
+    ):
+        # The ladder is the LLM's: a left-pad emulation (LeftPaddedRotary) rotates by its angles.
         super().__init__(head_dim, theta, ladder)
+        self.base_size, self.max_size = base_size, max_size
         # The table of each (width, h, w, device, dtype) met: a constant that would otherwise be rebuilt at
         # every forward (~15 small kernels per training or sampling step, float64 sin/cos included).
         self._tables: dict[tuple, torch.Tensor] = {}
@@ -60,35 +75,16 @@ class APE(PositionScheme):
 
     def table(self, dim: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         """(h * w, dim) float32."""
-        return sincos_2d(dim, h, w, device)
-
-    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
-        return NoRotary()
-
-
-class ScaledAPE(APE):
-    """APE as diffusers' ``PatchEmbed`` builds it (the public FuseDiT code): positions scaled by
-    ``base_size / G`` over a G-position grid (G = ``max_size`` or the latent grid), centre-cropped to the
-    latent grid. See ``scaled_sincos_2d``."""
-
-    def __init__(
-        self,
-        head_dim: int,
-        theta: float,
-        base_size: int | None,
-        max_size: int | None,
-        ladder: tuple[float, ...] | None = None,
-    ):
-        # The ladder is the LLM's: a left-pad emulation (LeftPaddedRotary) rotates by its angles.
-        super().__init__(head_dim, theta, ladder)
-        self.base_size, self.max_size = base_size, max_size
-
-    def table(self, dim: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        if self.base_size is None and self.max_size is None:
+            return sincos_2d(dim, h, w, device)
         return scaled_sincos_2d(dim, h, w, self.base_size, self.max_size, device)
 
     @property
     def max_grid(self) -> int | None:
         return self.max_size  # the table's fixed grid (model.ape_max_size), when it has one
+
+    def text_rotary(self, positions: torch.Tensor) -> NoRotary:
+        return NoRotary()
 
 
 class Rope1D(PositionScheme):
@@ -113,6 +109,8 @@ class NoPosition(PositionScheme):
         return NoRotary()
 
 
+# model.pos_embed -> the scheme, built from (head_dim, theta, ladder), and base_size, max_size where its
+# traits take the APE options (fusedit.config.VARIANTS; fusedit.models.register_position_scheme adds one).
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {
     "ape": APE,
     "1d-rope": Rope1D,

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from fusedit.config import ROTARY_SCHEMES, ModelConfig, check_positions, dit_layer_count, fused_layers
+from fusedit.config import ModelConfig, check_positions, dit_layer_count, fused_layers, variant_traits
 from fusedit.layers.attention import resolve_backend
 from fusedit.layers.embed import PatchEmbed, unpatchify
 from fusedit.layers.modulation import (
@@ -35,13 +35,7 @@ from fusedit.layers.modulation import (
 )
 from fusedit.layers.norm import RMSNorm
 from fusedit.layers.pool import masked_mean
-from fusedit.layers.position import (
-    POSITION_SCHEMES,
-    ImageOnlyRotary,
-    LeftPaddedRotary,
-    PositionScheme,
-    ScaledAPE,
-)
+from fusedit.layers.position import POSITION_SCHEMES, ImageOnlyRotary, LeftPaddedRotary, PositionScheme
 from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.spec import LLMSpec
 
@@ -55,13 +49,12 @@ def paired_layers(cfg: ModelConfig, llm: LLMSpec) -> tuple[int, ...]:
 def position_scheme(
     cfg: ModelConfig, head_dim: int, theta: float, ladder: tuple[float, ...] | None = None
 ) -> PositionScheme:
-    """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``)."""
-    ape_options = cfg.ape_base_size is not None or cfg.ape_max_size is not None
-    if cfg.pos_embed == "ape" and ape_options:
-        scheme = ScaledAPE(head_dim, theta, cfg.ape_base_size, cfg.ape_max_size, ladder)
-    else:
-        scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder)
-    if cfg.rope_layout == "image-only" and cfg.pos_embed in ROTARY_SCHEMES:
+    """The position scheme ``cfg`` asks for, with its options (``ape_*``, ``rope_layout``, ``rope_left_pad``),
+    as its traits (fusedit.config.PositionTraits) say they apply."""
+    traits = variant_traits("model.pos_embed", cfg.pos_embed)
+    ape = {"base_size": cfg.ape_base_size, "max_size": cfg.ape_max_size} if traits.ape_options else {}
+    scheme = POSITION_SCHEMES[cfg.pos_embed](head_dim, theta, ladder, **ape)
+    if cfg.rope_layout == "image-only" and traits.rotates:
         # Text keys are not rotated in this layout, so how the text was padded cannot matter.
         return ImageOnlyRotary(scheme)
     if cfg.rope_left_pad is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusedit.config import register_variant
 from fusedit.layers.attention import attention, keep_keys
 from fusedit.layers.modulation import ZeroInit
 from fusedit.layers.pool import masked_mean
@@ -237,7 +238,16 @@ def _aligned(packed: torch.Tensor, n: int, lead: int, width: int) -> torch.Tenso
 
 
 # model.refiner_concat: how the branches become the one sequence the DiT reads.
-CONCATS = {"tokens": TokenConcat, "channels": ChannelConcat}
+CONCATS: dict[str, type[nn.Module]] = {"tokens": TokenConcat, "channels": ChannelConcat}
+
+
+def register_refiner_concat(name: str, cls: type[nn.Module]) -> None:
+    """``model.refiner_concat=name`` joins the refined branches with ``cls(dim, branches)``, whose
+    ``forward(xs, masks, keeps, leads)`` returns (context, keep-mask, positions) and whose static
+    ``width(widths, leads)`` says how many tokens the DiT reads (as TokenConcat's and ChannelConcat's). A name
+    already taken is a ValueError."""
+    register_variant("model.refiner_concat", name)
+    CONCATS[name] = cls
 
 
 class PromptRefiner(nn.Module):

@@ -17,7 +17,10 @@ unconditional input, as in the public code).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from fusedit.config import TemplateTraits, register_variant
 
 # LI-DiT's "usage guidance" instruction (Ma et al. 2024, design-space.md s.2).
 LIDIT_INSTRUCTION = (
@@ -90,3 +93,15 @@ TEMPLATES = {
         tokenizer, LIDIT_INSTRUCTION + instruction, system_prompt, key
     ),
 }
+
+
+def register_template(
+    name: str, fn: Callable[..., Template], *, system_turn: bool, adds_tokens: bool
+) -> None:
+    """``text.template=name`` presents prompts with ``fn(tokenizer, instruction, system_prompt, key)`` ->
+    ``Template`` (``_chat`` renders a chat template; ``key`` names the section in errors). ``system_turn``:
+    it places text.system_prompt (else a system prompt is refused as doing nothing); ``adds_tokens``: it
+    puts tokens of its own around every prompt, besides text.instruction. A name already taken is a
+    ValueError."""
+    register_variant("text.template", name, TemplateTraits(system_turn=system_turn, adds_tokens=adds_tokens))
+    TEMPLATES[name] = fn

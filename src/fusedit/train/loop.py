@@ -96,6 +96,9 @@ from fusedit.train.stages import (
 
 log = logging.getLogger(__name__)
 
+# The longest example of a truncated caption the first-truncation warning shows, in characters.
+EXAMPLE_CHARS = 80
+
 
 def train(
     cfg: Config,
@@ -258,17 +261,23 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
         if saved:  # the counts of skipped steps and truncated prompts go on across a resume, as the run does
             run.bad_total = int(saved.get("skipped_steps", 0))
             run.bad_in_row = int(saved.get("bad_steps_in_row", 0))
-            run.truncated = int(saved.get("truncated_prompts", 0))
+            _resume_truncated(run, saved, start)
         if main:
             run.metrics = stack.enter_context(metrics_path.open("a"))
         ema = _train_stages(run, stages[first.index :], start, end, ckpt)
     if main and run.truncated:  # the run warned at its first truncation only
         some = "a prompt" if run.truncated == 1 else f"{run.truncated} prompts"
+        since = (
+            f"since the resume at step {run.truncated_since} that set this limit"
+            if run.truncated_since
+            else "in this run"
+        )
         log.info(
-            "text: %s longer than %s tokens %s truncated in this run (to step %d)",
+            "text: %s longer than %s tokens %s truncated %s (to step %d)",
             some,
             model.limits,
             "was" if run.truncated == 1 else "were",
+            since,
             max(start, end),
         )
     # Rank 0 publishes the last checkpoint before any rank returns (or leaves the process group).
@@ -314,12 +323,64 @@ def _resume_point(
             log.warning(
                 "resuming %s with %d changed setting(s): %s", ckpt.name, len(changed), "; ".join(changed)
             )
+        if env.is_main:
+            _warn_schedule_change(saved_cfg, cfg, start)
         if start > tc.steps:
             raise ConfigError(
                 f"the run is at step {start}, past train.steps={tc.steps} (allowed: train.steps >= {start} "
                 "to resume it)"
             )
     return cfg, ckpt, saved, saved_cfg, start
+
+
+def _warn_schedule_change(saved_cfg: Config, cfg: Config, start: int) -> None:
+    """A resume with another train.steps (left out of the changed settings: extending a run is what a
+    resume is for) that moves the learning rate of its next step: a cosine schedule decays to 0 at
+    train.steps, so a finished run extended from 200 to 400 steps jumps from about 0 back to most of
+    train.lr. A staged run's length is its stages' (stages.N.steps, listed as changed)."""
+    old_steps, tc = saved_cfg.train.steps, cfg.train
+    if old_steps == tc.steps or cfg.stages or saved_cfg.stages:
+        return
+    old, new = (
+        learning_rate(start, tc.lr, tc.warmup_steps, tc.schedule, total) for total in (old_steps, tc.steps)
+    )
+    if math.isclose(old, new, rel_tol=1e-6):
+        return
+    log.warning(
+        "train.steps %d -> %d %s the %s schedule: the learning rate of step %d is %.3g, where train.steps=%d "
+        "gave %.3g",
+        old_steps,
+        tc.steps,
+        "stretches" if tc.steps > old_steps else "shortens",
+        tc.schedule,
+        start + 1,
+        new,
+        old_steps,
+        old,
+    )
+
+
+def _resume_truncated(run: _Run, saved: dict, start: int) -> None:
+    """The run's count of truncated prompts from the checkpoint's state: it goes on when the prompt limits
+    are those it was counted at, and starts again when a resume changed them (text.max_length=32 after
+    16): prompts cut at the old limit are not cut at the new one, and the first cut at the new limit is
+    said with its example. A checkpoint written before the limits were saved counts at the current ones."""
+    count = int(saved.get("truncated_prompts", 0))
+    limits = saved.get("truncated_prompts_at", run.model.limits)
+    if limits == run.model.limits:
+        run.truncated, run.truncated_since = count, int(saved.get("truncated_prompts_since", 0))
+        return
+    run.truncated_since = start
+    if count and run.env.is_main:
+        some = "a prompt" if count == 1 else f"{count} prompts"
+        log.info(
+            "text: %s %s truncated at %s to step %d; counted again from here at %s",
+            some,
+            "was" if count == 1 else "were",
+            limits,
+            start,
+            run.model.limits,
+        )
 
 
 def _kept_init_from(cfg: Config, saved_cfg: Config) -> tuple[Config, list[str]]:
@@ -384,10 +445,9 @@ def _warn_ema_holds_the_start(cfg: Config) -> None:
     the weights it started from at its end: a short run at the defaults (0.99 every 100 steps) barely moves
     it, or never updates it; a fine-tune then looks like it did nothing, and a run from scratch samples
     noise from its random initial weights."""
-    kept = 1.0
-    for stage in resolved_stages(cfg):
-        t = stage.config.train
-        kept *= t.ema_decay ** (stage.end // t.ema_every - stage.start // t.ema_every)  # updates in it
+    from fusedit.checkpoints import ema_start_share
+
+    kept = ema_start_share(cfg, cfg.train.steps)
     if cfg.sample.use_ema and kept > 0.5:
         log.warning(
             "the EMA weights, which sampling and export use (sample.use_ema), will still hold %.0f%% of "
@@ -496,6 +556,8 @@ class _Run:
     # Prompts of the training batches cut to a text encoder's limit so far (text.max_length, an
     # extra_text's or pooled_text's; once however many cut it), over all ranks; previews do not count.
     truncated: int = 0
+    # The step the count began at: 0, or that of the resume that changed the limits (_resume_truncated).
+    truncated_since: int = 0
     # Under torchrun, the pid of the process that started this one: checked every step (launcher_gone).
     launcher: int | None = None
 
@@ -511,6 +573,8 @@ class _Run:
         listed = False  # whether the skipped list was written at the last checkpoint
         for step, batch in zip(steps, loader):
             if self.launcher is not None and distributed.launcher_gone(self.launcher):
+                if self.metrics is not None:  # the steps logged so far: those a resume redoes (how_to_go_on)
+                    self.metrics.flush()
                 raise RunStopped(
                     f"the launcher that started this process (pid {self.launcher}, torchrun's agent) is gone, "
                     f"so the job stops at step {step}",
@@ -521,7 +585,10 @@ class _Run:
             if truncated and not self.truncated and self.env.is_main:
                 # The same over-long captions come back batch after batch: the run's first are said (with
                 # one of them, when this rank cut it), the rest only counted.
-                example = f", e.g. {train_step.cut_example[:80]!r}" if train_step.cut_example else ""
+                cut = train_step.cut_example or ""
+                # Clipped for the log and marked so: the model saw the tokens that fit, not these characters.
+                shown = cut if len(cut) <= EXAMPLE_CHARS else cut[: EXAMPLE_CHARS - 1] + "…"
+                example = f", e.g. {shown!r}" if cut else ""
                 some = "a prompt" if truncated == 1 else f"{truncated} prompts"
                 log.warning(
                     "step %d: %s longer than %s tokens %s truncated%s; later truncations are only counted "
@@ -625,6 +692,8 @@ class _Run:
                 "skipped_steps": self.bad_total,
                 "bad_steps_in_row": self.bad_in_row,
                 "truncated_prompts": self.truncated,
+                "truncated_prompts_at": self.model.limits,  # what the count was counted at
+                "truncated_prompts_since": self.truncated_since,
                 "batch_size": tc.batch_size,
                 "grad_accum": tc.grad_accum,
                 "world_size": env.world_size,

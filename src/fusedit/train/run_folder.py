@@ -209,8 +209,39 @@ def how_to_go_on(run_dir: Path, replaced_before: float | None = None) -> str:
             f"the earlier run in {run_dir} was not deleted yet: train again with overwrite=True to start over"
         )
     return (
-        f"the last checkpoint is {ckpt}: resume from it (train(..., resume=True); `fusedit train --resume`)"
+        f"the last checkpoint is {ckpt}{redone_steps(run_dir, ckpt)}: resume from it (train(..., resume=True); "
+        "`fusedit train --resume`)"
     )
+
+
+def redone_steps(run_dir: Path, ckpt: Path) -> str:
+    """The steps a stopped run trained past its last checkpoint ``ckpt`` (to the last one metrics.jsonl
+    logged), which a resume trains again, as a note: " (steps 101-169 are redone)"; "" when none. What
+    stopping between checkpoints costs, for choosing train.checkpoint_every."""
+    saved = int(load_state(ckpt)["step"])
+    logged = last_logged_step(run_dir / "metrics.jsonl")
+    if logged is None or logged <= saved:
+        return ""
+    return (
+        f" (step {logged} is redone)" if logged == saved + 1 else f" (steps {saved + 1}-{logged} are redone)"
+    )
+
+
+def last_logged_step(path: Path, tail: int = 4096) -> int | None:
+    """The step of the last whole line of a metrics.jsonl (None: no file, or no line yet), read from its
+    last ``tail`` bytes: a long run's file is large."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or the tail's cut first line
+            continue
+    return None
 
 
 def rewind_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,265 @@
+"""Variants of your own: each registry's register function adds the implementation and the name its config
+setting allows (fusedit.config.VARIANTS), with the traits the checks and the build ask instead of names; a
+config's ``plugins`` imports the modules that register them, wherever it is loaded from (a run's saved
+config included, so a fresh `fusedit sample` finds them); names already taken, modules that cannot be
+found and names nobody registered are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REGISTRIES, randomize
+from fusedit.cli import main
+from fusedit.config import (
+    VARIANTS,
+    ConfigError,
+    SampleConfig,
+    choices_of,
+    config_from_dict,
+    load_config,
+    to_dict,
+)
+from fusedit.flow import SAMPLERS, register_sampler
+from fusedit.layers.modulation import TIMESTEP_CONDITIONING
+from fusedit.layers.position import Rope1D
+from fusedit.models import DESIGNS, register_design, register_position_scheme, register_timestep_conditioning
+from fusedit.system import build_model
+
+# A plugin as a user writes one: a midpoint sampler, a timestep conditioning that also adds the timestep
+# to the image tokens, and a deep-fusion design of its own (here the built-in one under another class).
+PLUGIN = """
+from fusedit.flow import register_sampler
+from fusedit.layers.modulation import AdaLNZero
+from fusedit.models import register_design, register_timestep_conditioning
+from fusedit.models.fusedit import DeepFusionDiT
+
+
+def midpoint(velocity, x, times, progress=None):
+    for i in range(len(times) - 1):
+        t, t_next = times[i], times[i + 1]
+        half = x + 0.5 * (t_next - t) * velocity(x, t.expand(x.shape[0]))
+        x = x + (t_next - t) * velocity(half, ((t + t_next) / 2).expand(x.shape[0]))
+        if progress is not None:
+            progress()
+    return x
+
+
+class AdaLNZeroPlusAddition(AdaLNZero):
+    def into_tokens(self, x, c):
+        return x + c[:, None]
+
+
+class MyFusion(DeepFusionDiT):
+    pass
+
+
+register_sampler("{prefix}-midpoint", midpoint, one_step=True)
+register_timestep_conditioning("{prefix}-adaln-plus", AdaLNZeroPlusAddition, has_embedding=True)
+register_design("{prefix}-fusion", MyFusion, deep=True, attention="self")
+"""
+
+
+def write_plugin(folder, module: str, prefix: str) -> None:
+    (folder / f"{module}.py").write_text(PLUGIN.replace("{prefix}", prefix))
+
+
+def test_every_registry_and_its_setting_allow_the_same_names():
+    assert set(REGISTRIES) == set(VARIANTS)
+    for key, registry in REGISTRIES.items():
+        assert list(VARIANTS[key].traits) == list(registry), key
+    register_sampler("reg-same", SAMPLERS["euler"], one_step=True)
+    assert list(VARIANTS["sample.sampler"].traits) == list(SAMPLERS) == ["euler", "heun", "reg-same"]
+    assert choices_of(SampleConfig, "sampler") == ("euler", "heun", "reg-same")
+
+
+def test_a_plugin_named_by_the_config_registers_what_its_values_name(tmp_path, monkeypatch):
+    """Adding a name to a registry was refused at load before (the config kept its own list); plugins is
+    imported before the values after it are checked, in an override, a YAML file or a mapping alike (each
+    its own module here, so that each path imports one)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("a", "b", "c"):
+        write_plugin(tmp_path, f"registry_plugin_{module}", f"reg-{module}")
+    names = ["sample.sampler=reg-a-midpoint", "model.timestep_conditioning=reg-a-adaln-plus"]
+    cfg = load_config("debug", ["plugins=[registry_plugin_a]", "model.design=reg-a-fusion", *names])
+    assert cfg.plugins == ["registry_plugin_a"] and cfg.model.design == "reg-a-fusion"
+    (tmp_path / "mine.yaml").write_text(
+        "base: debug\nmodel:\n  design: reg-b-fusion\nplugins: [registry_plugin_b]\n"
+    )
+    assert load_config(tmp_path / "mine.yaml").model.design == "reg-b-fusion"
+    mapping = {**to_dict(load_config("debug")), "plugins": ["registry_plugin_c"]}
+    mapping["sample"]["sampler"] = "reg-c-midpoint"
+    assert config_from_dict(mapping).sample.sampler == "reg-c-midpoint"
+    model = build_model(cfg)
+    assert type(model.denoiser).__name__ == "MyFusion"
+    assert type(model.denoiser.time).__name__ == "AdaLNZeroPlusAddition"
+
+
+def test_training_with_a_plugin_then_sampling_in_a_fresh_process_imports_it_again(
+    tmp_path, monkeypatch, capsys
+):
+    """The run's saved config lists the plugin: `fusedit sample RUN` in a new interpreter (which has imported
+    nothing) needs no flag, only the module importable; without it, one line naming it."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    monkeypatch.syspath_prepend(str(plugins))
+    write_plugin(plugins, "registry_plugin_cli", "reg-cli")
+    run = tmp_path / "run"
+    overrides = [
+        "plugins=[registry_plugin_cli]",
+        "model.design=reg-cli-fusion",
+        "model.timestep_conditioning=reg-cli-adaln-plus",
+        "sample.sampler=reg-cli-midpoint",
+        "sample.steps=2",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+    ]
+    assert main(["train", "debug", *overrides, "--out", str(run), "--quiet"]) == 0
+    assert "plugins:\n- registry_plugin_cli\n" in (run / "config.yaml").read_text()
+
+    def fusedit_sample(out, pythonpath):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+        argv = [
+            "sample",
+            str(run),
+            "--out",
+            str(out),
+            "--prompt",
+            "a red circle",
+            "--sampler",  # a flag may name the plugin's variant too: checked once the run's plugins load
+            "reg-cli-midpoint",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+        return subprocess.run(
+            [sys.executable, "-m", "fusedit", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+
+    source = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    done = fusedit_sample(tmp_path / "samples", [str(plugins), *source])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "samples" / "00000.json").read_text())["sampler"] == "reg-cli-midpoint"
+    bad = ["sample", str(run), "--out", str(tmp_path / "bad"), "--prompt", "a", "--sampler", "nope"]
+    assert main(bad) == 2  # in this process, the plugin importable: the list names its sampler
+    assert capsys.readouterr().err.strip() == (
+        "fusedit: error: --sampler 'nope' is not allowed (allowed: euler, heun, reg-cli-midpoint)"
+    )
+    missing = fusedit_sample(tmp_path / "none", source)
+    assert missing.returncode != 0
+    assert (
+        "plugins: cannot import plugin module 'registry_plugin_cli' (allowed: a module importable here: "
+        "install it or put its folder on PYTHONPATH, or remove it from plugins)"
+    ) in missing.stderr
+
+
+def denoiser_output(pos_embed: str, layout: str) -> torch.Tensor:
+    cfg = load_config("debug-dit-self", [f"model.pos_embed={pos_embed}", f"model.rope_layout={layout}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    randomize(model.denoiser)  # the output projection starts at 0
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        return model.denoiser(x, torch.tensor([0.3, 0.8]), model.encode_prompts(["a red circle", "a square"]))
+
+
+def test_a_registered_rotary_scheme_honours_the_rope_layout_by_its_traits():
+    """The build asked the name (`in ROTARY_SCHEMES`), so a copy of 1d-rope under another name ignored
+    rope_layout=image-only silently; its traits say it rotates."""
+    register_position_scheme("reg-1d-rope", Rope1D, rotates=True, head_dim_multiple=2)
+    mine = denoiser_output("reg-1d-rope", "image-only")
+    assert not torch.equal(mine, denoiser_output("reg-1d-rope", "joint"))
+    assert torch.equal(mine, denoiser_output("1d-rope", "image-only"))
+
+
+def test_the_config_checks_ask_a_registered_variants_traits():
+    """Head-width rules, the timestep embedding pooled text needs, and the allowed lists of the messages
+    come from the traits of every registered variant, not from lists of built-in names."""
+    register_position_scheme(
+        "reg-3-rope", Rope1D, rotates=True, head_dim_multiple=3, fit_reason="rotated channel triples"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config("debug-dit-self", ["model.pos_embed=reg-3-rope"])
+    assert str(e.value) == (
+        "model.pos_embed='reg-3-rope' needs a head width divisible by 3 (rotated channel triples), but the "
+        "DiT's heads are 32 wide (the LLM's head_dim) (allowed: a head width divisible by 3, or model.pos_embed "
+        "ape, 1d-rope, 2d-rope or m-rope)"
+    )
+    register_timestep_conditioning("reg-none", TIMESTEP_CONDITIONING["none"], has_embedding=False)
+    with pytest.raises(ConfigError) as e:
+        load_config("debug-lidit", ["model.timestep_conditioning=reg-none"])
+    assert str(e.value) == (
+        "model.pooled_text='refined' is added to the timestep embedding, but "
+        "model.timestep_conditioning='reg-none' has none (allowed: adaln-zero, adaln-single or addition)"
+    )
+    register_design("reg-shallow", DESIGNS["dit-cross"], deep=False, attention="cross")
+    with pytest.raises(ConfigError, match=r"needs a shallow design \(dit-self, dit-cross or reg-shallow\)$"):
+        load_config("debug", ["model.refiner_depth=1"])
+
+
+def test_the_pipeline_refuses_a_sampler_that_is_not_one_step():
+    """The pipeline runs a sampler one scheduler step at a time: a multistep one (here Adams-Bashforth 2,
+    which reuses the previous velocity) silently sampled as Euler."""
+    from conftest import tiny_config
+    from fusedit.pipeline import FuseDiTPipeline
+
+    def ab2(velocity, x, times, progress=None):
+        previous = None
+        for i in range(len(times) - 1):
+            v = velocity(x, times[i].expand(x.shape[0]))
+            x = x + (times[i + 1] - times[i]) * (v if previous is None else 1.5 * v - 0.5 * previous)
+            previous = v
+        return x
+
+    register_sampler("reg-ab2", ab2, one_step=False)
+    cfg = tiny_config(sample={"sampler": "reg-ab2"})
+    pipe = FuseDiTPipeline.from_model(build_model(cfg), cfg)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError) as e:
+        pipe("a red circle", num_inference_steps=2)
+    assert str(e.value) == (
+        "sample.sampler='reg-ab2' was registered with one_step=False, but this pipeline runs one scheduler "
+        "step at a time (allowed: euler or heun; or `fusedit sample` with this one)"
+    )
+
+
+def test_a_name_already_taken_is_refused_and_replaces_nothing():
+    with pytest.raises(ValueError) as e:
+        register_sampler("euler", SAMPLERS["heun"], one_step=True)
+    assert str(e.value) == (
+        "sample.sampler='euler' is already registered (allowed: a name not yet taken, i.e. none of euler, heun)"
+    )
+    assert SAMPLERS["euler"].__name__ == "euler"
+    with pytest.raises(ValueError, match=r"^model.design='fusedit' is already registered \(allowed: a name"):
+        register_design("fusedit", DESIGNS["dit-self"], deep=False, attention="self")
+    assert DESIGNS["fusedit"].__name__ == "DeepFusionDiT" and VARIANTS["model.design"].traits["fusedit"].deep
+    with pytest.raises(ValueError, match=r"^attention='joint' is not allowed \(allowed: self, cross\)$"):
+        register_design("reg-joint", DESIGNS["fusedit"], deep=True, attention="joint")
+    assert "reg-joint" not in DESIGNS and "reg-joint" not in VARIANTS["model.design"].traits
+
+
+def test_a_missing_plugin_and_an_unknown_name_are_one_line_that_says_what_to_do():
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["plugins=[registry_plugin_nowhere]", "sample.sampler=reg-midpoint"])
+    assert str(e.value) == (
+        "plugins: cannot import plugin module 'registry_plugin_nowhere' (allowed: a module importable here: "
+        "install it or put its folder on PYTHONPATH, or remove it from plugins)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["sample.sampler=reg-midpoint"])
+    assert str(e.value) == (
+        "sample.sampler='reg-midpoint' is not allowed (allowed: euler, heun); to add one, register it with "
+        "fusedit.flow.register_sampler in a module the config's plugins lists"
+    )
