@@ -122,6 +122,13 @@ def test_training_with_a_plugin_then_sampling_in_a_fresh_process_imports_it_agai
     ]
     assert main(["train", "debug", *overrides, "--out", str(run), "--quiet"]) == 0
     assert "plugins:\n- registry_plugin_cli\n" in (run / "config.yaml").read_text()
+    # An exported pipeline keeps the plugins too: its config names the plugin's variants.
+    from fusedit.pipeline import export_run, from_pretrained
+
+    export_run(run, tmp_path / "pipe")
+    model, cfg = from_pretrained(tmp_path / "pipe")
+    assert cfg.plugins == ["registry_plugin_cli"] and type(model.denoiser).__name__ == "MyFusion"
+    capsys.readouterr()  # the export's and load's progress bars
 
     def fusedit_sample(out, pythonpath):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
