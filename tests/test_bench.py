@@ -63,6 +63,8 @@ def test_bench_records_how_each_figure_was_made(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["attention_kernels"] for r in rows] == [["math"], ["math"], ["flash"], ["flash"]]
     assert {r["llm_attention"] for r in rows} == {"sdpa"}  # text.attn_implementation=auto, resolved
+    # The debug preset's LLM has no model_id: its arch is timed, and the records say so (h-review M3).
+    assert {(*r["llm_model_id"], *r["llm_shape_from"]) for r in rows} == {(None, "arch")}
     assert "attention math" in capsys.readouterr().out
     for r in rows:
         assert (r["warmup"], r["repeats"], r["timer"], r["commit"]) == (0, 1, "perf_counter", "abc123")
@@ -433,6 +435,8 @@ def test_bench_times_the_local_llm_a_config_names_not_the_presets_arch(tmp_path,
         [4],
         [64],
     ]
+    # The record names the LLM timed: its model_id, and that its shape is that model_id's (h-review M3).
+    assert (train["llm_model_id"], train["llm_shape_from"]) == ([folder], ["model_id"])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
@@ -450,7 +454,8 @@ def test_bench_gives_each_extra_llm_its_model_ids_shape_and_the_arch_where_none_
     with tempfile.TemporaryDirectory() as tmp:
         folder = _saved_llama(f"{tmp}/llama", layers=5, hidden=32)
         cfg = load_config("debug-lidit", [f"extra_text.0.model_id={folder}"])
-        text = random_init_text(cfg.extra_text[0], "extra_text.0")
+        text, shape_from = random_init_text(cfg.extra_text[0], "extra_text.0")
+        assert shape_from == "model_id"
         assert (text.model_id, text.tokenizer, text.family) == ("", "", "llama")
         assert {k: text.arch[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size")} == {
             "num_hidden_layers": 5,
@@ -460,14 +465,15 @@ def test_bench_gives_each_extra_llm_its_model_ids_shape_and_the_arch_where_none_
         phi3 = AutoConfig.for_model("phi3", hidden_size=32, num_hidden_layers=2)
         AutoModel.from_config(phi3).save_pretrained(f"{tmp}/phi3")
         with caplog.at_level(logging.WARNING):
-            phi = random_init_text(dataclasses.replace(cfg.text, model_id=f"{tmp}/phi3"), "text")
+            phi, phi_from = random_init_text(dataclasses.replace(cfg.text, model_id=f"{tmp}/phi3"), "text")
+    assert phi_from == "arch"
     assert (phi.model_id, phi.family, phi.arch) == ("", "gemma", cfg.text.arch)
     assert caplog.records[-1].getMessage() == (
         f"text.model_id='{tmp}/phi3' is a phi3 LLM, which the bench cannot build with random weights: timing "
         "text.arch instead (gemma, 6 layers, width 64)"
     )
-    hub = random_init_text(dataclasses.replace(cfg.text, model_id="nobody/no-such-llm"), "text")
-    assert (hub.model_id, hub.family, hub.arch["num_hidden_layers"]) == ("", "gemma", 6)
+    hub, hub_from = random_init_text(dataclasses.replace(cfg.text, model_id="nobody/no-such-llm"), "text")
+    assert (hub.model_id, hub.family, hub.arch["num_hidden_layers"], hub_from) == ("", "gemma", 6, "arch")
     assert (
         "'nobody/no-such-llm' is not in the local cache: counting text.arch"
         in caplog.records[-1].getMessage()

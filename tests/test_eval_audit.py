@@ -213,3 +213,7 @@ def test_the_shapes_bench_of_a_run_never_trained_on_shapes_marks_every_category_
         f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts (every category "
         f"untrained: the run never trained on data.source=shapes, the world scored here); details in {out}"
     )
+    # scores.md says what the terminal says (h-review M1), not that the kinds are outside the run's data.kinds.
+    assert (out / "scores.md").read_text().split("\n\n")[1:] == [
+        "every category untrained: the run never trained on data.source=shapes, the world scored here\n"
+    ]

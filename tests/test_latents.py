@@ -101,9 +101,11 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
     (out / "index.json").unlink()
     with caplog.at_level("INFO", logger="fusedit.data.latents"):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
-    # Shard 1 (img3, img3b, img4) holds 2 usable samples (img3b is corrupt); shards 0 and 2, the other 5.
+    # Shard 1 (img3, img3b, img4) holds 2 usable samples (img3b is corrupt); shards 0 and 2, the other 5,
+    # whose captions are as cached (h-review M4).
     assert caplog.messages[-1] == (
-        f"cached 7 of 9 samples in 3 shards into {str(out)!r}: 5 already cached, 2 encoded now"
+        f"cached 7 of 9 samples in 3 shards into {str(out)!r}: 5 already cached (captions edited since are "
+        "not read again: to re-read them, delete the folder or cache into another one), 2 encoded now"
     )
     assert _tensors(out).keys() == before.keys()
     for name, tensors in _tensors(out).items():

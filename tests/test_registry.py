@@ -270,3 +270,168 @@ def test_a_missing_plugin_and_an_unknown_name_are_one_line_that_says_what_to_do(
         "sample.sampler='reg-midpoint' is not allowed (allowed: euler, heun); to add one, register it with "
         "fusedit.flow.register_sampler in a module the config's plugins lists"
     )
+
+
+def test_the_pipeline_samples_a_registered_schedule_as_generate_does():
+    """The pipeline spaced every schedule but "diffusers" uniformly: a registered one gave other images than
+    `fusedit sample`, with no error."""
+    from conftest import tiny_config
+    from fusedit.flow import register_schedule, sampling_times
+    from fusedit.pipeline import FuseDiTPipeline
+    from fusedit.sample import generate
+
+    register_schedule(
+        "reg-squared", lambda steps, shift: torch.linspace(1, 0, steps + 1, dtype=torch.float64) ** 2
+    )
+    settings = {"steps": 3, "guidance": 3.0, "shift": 3.0}
+    cfg = tiny_config(sample={**settings, "schedule": "reg-squared"})
+    model = build_model(cfg)
+    randomize(model.denoiser)
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a blue square"]
+    latents = pipe(
+        prompts,
+        negative_prompt="a yellow square",
+        output_type="latent",
+        generator=torch.Generator().manual_seed(7),
+    ).images
+    assert torch.equal(pipe.scheduler.sigmas, sampling_times(3, 3.0, schedule="reg-squared"))
+
+    def generated(schedule):
+        return generate(
+            model,
+            prompts,
+            image_size=16,
+            seed=7,
+            negative_prompt="a yellow square",
+            schedule=schedule,
+            **settings,
+        )
+
+    assert torch.equal(latents.clamp(-1, 1), generated("reg-squared"))
+    assert not torch.equal(latents.clamp(-1, 1), generated("uniform"))
+
+
+def test_the_checks_ask_a_registered_templates_traits():
+    """A template that adds no tokens of its own makes drop_instruction=false a no-op, and one that does is
+    listed among those a refusal allows: its traits, not its name, say so."""
+    from fusedit.text.templates import TEMPLATES, register_template
+
+    register_template("reg-plain", TEMPLATES["plain"], system_turn=False, adds_tokens=False)
+    register_template("reg-chat", TEMPLATES["chat"], system_turn=True, adds_tokens=True)
+
+    def refiner_keeping_instructions(template):
+        overrides = [f"text.template={template}", f"extra_text.0.template={template}"]
+        return load_config("debug-lidit", [*overrides, "model.drop_instruction=false"])
+
+    with pytest.raises(ConfigError) as e:
+        refiner_keeping_instructions("reg-plain")
+    assert str(e.value) == (
+        "model.drop_instruction=false keeps the instruction tokens for the DiT, but text.template='reg-plain' "
+        "with text.instruction='' gives none, nor does any extra_text (allowed: a text.instruction, or "
+        "text.template chat, lidit, lidit-chat or reg-chat)"
+    )
+    assert refiner_keeping_instructions("reg-chat").text.template == "reg-chat"
+
+
+def test_a_child_config_adds_its_plugins_to_its_bases(tmp_path, monkeypatch):
+    """plugins merged as any list, replaced: a child with a plugin of its own lost its base's, and the base's
+    values naming that plugin's variants were refused (with a hint to list the plugin, which it did)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("a", "b", "c"):
+        write_plugin(tmp_path, f"registry_plugin_m{module}", f"reg-m{module}")
+    (tmp_path / "base.yaml").write_text(
+        "base: debug\nplugins: [registry_plugin_ma]\nsample:\n  sampler: reg-ma-midpoint\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\nplugins: [registry_plugin_mb]\nmodel:\n  design: reg-mb-fusion\n"
+    )
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.plugins == ["registry_plugin_ma", "registry_plugin_mb"]
+    assert (cfg.sample.sampler, cfg.model.design) == ("reg-ma-midpoint", "reg-mb-fusion")
+    # An override adds too, each module once: a plugin listed below cannot be removed by a child.
+    more = ["plugins=[registry_plugin_mc, registry_plugin_ma]", "sample.sampler=reg-mc-midpoint"]
+    cfg = load_config(tmp_path / "child.yaml", more)
+    assert cfg.plugins == ["registry_plugin_ma", "registry_plugin_mb", "registry_plugin_mc"]
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".registry_plugin_rel", "registry_plugin_file.py", "plugins/registry_plugin_x"]
+)
+def test_a_plugins_item_that_is_no_module_name_is_one_line_before_any_import(tmp_path, monkeypatch, name):
+    """An empty or relative name failed inside importlib (a bare "Empty module name", a TypeError traceback);
+    a file name ran the module, then was refused as not importable. None is imported before the check."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_plugin(tmp_path, "registry_plugin_file", "reg-file")
+    write_plugin(tmp_path, "registry_plugin_first", "reg-first")
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", [f"plugins={json.dumps(['registry_plugin_first', name])}"])
+    assert str(e.value) == (
+        f"plugins={['registry_plugin_first', name]!r}: {name!r} is not allowed (allowed: importable module "
+        "names, e.g. my_variants, not file paths)"
+    )
+    assert "reg-first-midpoint" not in SAMPLERS and "reg-file-midpoint" not in SAMPLERS
+
+
+def test_export_official_refuses_a_registered_design_or_timestep_conditioning(tmp_path):
+    """A registered design was written as the public FuseDiT (its code is not the public code's, whatever
+    its traits) and a registered timestep conditioning failed with a bare KeyError."""
+    import dataclasses
+
+    from fusedit.convert.fusedit_official import build, export_official, official_config
+    from test_convert import TINY_PUBLIC
+
+    register_design("reg-ex-fusion", DESIGNS["fusedit"], deep=True, attention="self")
+    register_timestep_conditioning("reg-ex-adaln", TIMESTEP_CONDITIONING["adaln-zero"], has_embedding=True)
+    cfg = official_config(TINY_PUBLIC)
+    for key, name, allowed in (
+        ("design", "reg-ex-fusion", "fusedit, fusedit-cross, dit-self, dit-cross"),
+        ("timestep_conditioning", "reg-ex-adaln", "none, adaln-zero, adaln-single, addition"),
+    ):
+        mine = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{key: name}))
+        with pytest.raises(ConfigError) as e:
+            export_official(mine, build(mine), tmp_path / "x")
+        assert str(e.value) == (
+            f"model.{key}={name!r} has no counterpart in the public FuseDiT code (allowed: {allowed})"
+        )
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_sampler_flag_on_a_folder_without_a_model_reports_the_folder(tmp_path, capsys):
+    """With no saved config to import plugins from, the flag was checked against the built-ins and blamed;
+    the folder is the problem (generate still refuses a name nobody registered)."""
+    nowhere = tmp_path / "nowhere"
+    argv = [
+        "sample",
+        str(nowhere),
+        "--out",
+        str(tmp_path / "out"),
+        "--prompt",
+        "a",
+        "--sampler",
+        "reg-midpoint",
+    ]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fusedit: error: no such folder: {str(nowhere)!r} (expected a run, checkpoint or diffusers pipeline "
+        "folder)"
+    )
+
+
+def test_register_variant_refuses_traits_the_checks_cannot_read():
+    """register_variant("model.design", "x") allowed x with no traits: the next check failed on None.traits
+    (or the build on a registry never filled). It is for the registries' register functions, not public."""
+    import fusedit.config
+    from fusedit.config import DesignTraits, SamplerTraits, register_variant
+
+    for setting, traits, allowed in (
+        ("model.design", None, "a DesignTraits"),
+        ("sample.sampler", DesignTraits(deep=True, attention="self"), "a SamplerTraits"),
+        ("sample.schedule", SamplerTraits(one_step=True), "None: no code asks this setting's traits"),
+    ):
+        with pytest.raises(ValueError) as e:
+            register_variant(setting, "reg-bare", traits)
+        assert str(e.value) == f"{setting}='reg-bare' traits={traits!r} are not allowed (allowed: {allowed})"
+        assert "reg-bare" not in VARIANTS[setting].traits
+    assert "register_variant" not in fusedit.config.__all__

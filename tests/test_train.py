@@ -742,3 +742,11 @@ def test_a_resume_that_moves_the_cosine_schedule_says_how_the_learning_rate_jump
         train(config(8, "constant"), tmp_path / "flat", resume=True, stop_at=5, progress=False)
         train(config(8, "cosine"), tmp_path / "cos", resume=True, stop_at=6, progress=False)
     assert warnings() == []
+    # The rate before is the checkpoint's, of its own schedule (h-review M2: the cosine one gave 0 here).
+    train(config(4, "constant"), tmp_path / "was-flat", progress=False)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(config(8), tmp_path / "was-flat", resume=True, stop_at=5, progress=False)
+    assert warnings() == [
+        f"train.steps 4 -> 8 with train.schedule constant -> cosine: the learning rate of step 5 is {new:.3g}, "
+        "where train.steps=4, train.schedule=constant gave 0.001"
+    ]

@@ -1,6 +1,7 @@
 """`fusedit bench`: training-step and sampling throughput of any preset with random weights and synthetic
 inputs (latents and token ids), so it needs no data and no downloads. Each LLM has its model_id's shape
-where its config is on this machine (a local folder, the hub cache), else its ``arch``'s.
+where its config is on this machine (a local folder, the hub cache), else its ``arch``'s; each record says
+which (``llm_shape_from``).
 
 Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT forward + 1 x LLM forward per
 image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. A step is what
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from fusedit.config import Config, TextConfig, arch_config, choices_of, text_sections
+from fusedit.config import Config, TextConfig, arch_config, choices_of, known_llm_config, text_sections
 from fusedit.devices import host_to_device
 from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
@@ -230,6 +231,10 @@ class BenchSetup:
     device: torch.device
     bf16: bool
     peak: float
+    # Each LLM's model_id as configured (None for none; cfg's are cleared for the random init) and where
+    # its timed shape came from, "model_id" or "arch" (random_init_text).
+    llm_model_id: list[str | None]
+    llm_shape_from: list[str]
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -241,15 +246,19 @@ class BenchSetup:
 CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version")
 
 
-def random_init_text(text: TextConfig, key: str) -> TextConfig:
-    """``text`` (the section ``key``) as a random-init LLM of its model's shape: that of a model_id's
-    config where it is readable without the network (a local folder, the hub cache; else llm_config warns
-    and gives ``arch``), as ``family`` + ``arch``; no tokenizer (the bench feeds random ids). A model
-    type no ``family`` allows keeps the section's own arch, with a warning naming what is timed."""
+def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
+    """``text`` (the section ``key``) as a random-init LLM of its model's shape, and where that shape came
+    from ("model_id" or "arch"): a model_id's config where it is readable without the network (a local
+    folder, the hub cache; else llm_config warns and the section's ``arch`` stands in), as ``family`` +
+    ``arch``; no tokenizer (the bench feeds random ids). A model type no ``family`` allows keeps the
+    section's own arch, with a warning naming what is timed."""
     if not text.model_id:
-        return dataclasses.replace(text, tokenizer="")
-    config = llm_config(text, shape_only=True, key=key)
+        return dataclasses.replace(text, tokenizer=""), "arch"
     model = dataclasses.replace(text, model_id="", tokenizer="")
+    config = known_llm_config(text)
+    if config is None:  # not on this machine: llm_config says why, or warns that the arch stands in
+        llm_config(text, shape_only=True, key=key)
+        return model, "arch"
     if config.model_type not in choices_of(TextConfig, "family"):
         stand_in = arch_config(text, key)
         log.warning(
@@ -263,25 +272,27 @@ def random_init_text(text: TextConfig, key: str) -> TextConfig:
             stand_in.num_hidden_layers,
             stand_in.hidden_size,
         )
-        return model
+        return model, "arch"
     defaults = AutoConfig.for_model(config.model_type).to_dict()
     arch = {
         k: v
         for k, v in config.to_dict().items()
         if k in defaults and v != defaults[k] and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
     }
-    return dataclasses.replace(model, family=config.model_type, arch=arch)
+    return dataclasses.replace(model, family=config.model_type, arch=arch), "model_id"
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     """Random weights of the config's shape (each LLM's: random_init_text), no VAE."""
     # Sampling runs under the same precision as the training steps (sample.precision follows --fp32).
     precision = "bf16" if bf16 else "fp32"
-    texts = [random_init_text(t, key) for key, t in text_sections(cfg)]
+    sections = text_sections(cfg)
+    texts, shape_from = zip(*(random_init_text(t, key) for key, t in sections), strict=True)
+    model_ids = [t.model_id or None for _, t in sections]
     cfg = dataclasses.replace(
         cfg,
         text=texts[0],
-        extra_text=texts[1:],
+        extra_text=list(texts[1:]),
         sample=dataclasses.replace(cfg.sample, precision=precision),
         # The built-in tokenizer only stands in for the LLM's (its ids are never read): no warning that
         # the data's words are not in it (system.builtin_words).
@@ -293,7 +304,15 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return BenchSetup(model, cfg, device, bf16, matmul_peak(device, dtype))
+    return BenchSetup(
+        model,
+        cfg,
+        device,
+        bf16,
+        matmul_peak(device, dtype),
+        llm_model_id=model_ids,
+        llm_shape_from=list(shape_from),
+    )
 
 
 def warn_text_tokens(s: BenchSetup, tokens: int) -> None:
@@ -330,10 +349,13 @@ def use_sampling_form(s: BenchSetup) -> None:
 
 
 def levers(s: BenchSetup) -> dict:
-    """The speed settings a measurement ran with, and the shape of each LLM it timed (text, extra_text.0,
-    ...: random_init_text's, of the model_id or of the arch), recorded next to it."""
+    """The speed settings a measurement ran with, and each LLM it timed (text, extra_text.0, ...): its
+    config's model_id, whether its shape is that model_id's or the arch's (random_init_text), and the
+    shape, recorded next to it."""
     cfg = s.cfg
     return {
+        "llm_model_id": s.llm_model_id,
+        "llm_shape_from": s.llm_shape_from,
         "llm_family": [t.family for _, t in text_sections(cfg)],
         "llm_layers": [arch_config(t, key).num_hidden_layers for key, t in text_sections(cfg)],
         "llm_layers_run": [enc.llm.config.num_hidden_layers for enc in s.model.encoders],  # the design's

@@ -38,7 +38,8 @@ from fusedit.text.spec import LLMSpec
 from fusedit.vae import IdentityAutoencoder
 
 # The Config sections a saved model needs: the architecture, the text side (templates, lengths, hub ids),
-# the latent space, and the defaults sampling uses. `train` and the data pipeline stay with the run.
+# the latent space, the defaults sampling uses, and the plugins that register its variants (loading the
+# folder imports them, as a run's saved config does). `train` and the data pipeline stay with the run.
 EXPORTED_SECTIONS = ("name", "model", "text", "extra_text", "pooled_text", "vae", "flow", "sample", "plugins")
 
 

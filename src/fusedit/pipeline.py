@@ -7,11 +7,11 @@
 It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary diffusers components (see
 ``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sample.generate`` does: the LLMs run
 once per call for the whole [negative ; prompt] batch and that text context serves every step and both
-guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, or the
-scheduler's own spacing, then the SD3 shift of the scheduler's config) with its Euler steps, or, for a model
-whose ``sample.sampler`` is heun, with fusedit's Heun over the scheduler's times (diffusers' Euler scheduler
-cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the same
-images as ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast:
+guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, the scheduler's
+own spacing or a registered one, then the SD3 shift of the scheduler's config) with its Euler steps, or, for
+a model whose ``sample.sampler`` is heun, with fusedit's Heun over the scheduler's times (diffusers' Euler
+scheduler cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the
+same images as ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast:
 ``sample.precision``).
 
 ``save_pretrained(model, cfg, folder)`` writes a fusedit model as a pipeline folder, ``from_pretrained(folder,
@@ -298,8 +298,9 @@ class FuseDiTPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     def _set_schedule(self, steps: int, device: torch.device) -> None:
-        """Put the model's ``sample.schedule`` on the scheduler: "uniform" (t uniform from 1 to 0 over
-        ``steps``, then the shift) or "diffusers" (the scheduler's own spacing, which is what that means)."""
+        """Put the model's ``sample.schedule`` on the scheduler: "diffusers" (the scheduler's own spacing, which
+        is what that means), or the times ``sampling_times`` spaces by the schedule ("uniform": t uniform from
+        1 to 0 over ``steps``; a registered one: its function), then the shift."""
         scheduler = self.scheduler
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise TypeError(
@@ -310,12 +311,15 @@ class FuseDiTPipeline(DiffusionPipeline):
                 "FuseDiTPipeline: the scheduler's use_dynamic_shifting=True needs a resolution-dependent mu, "
                 "which fusedit models do not define (allowed: use_dynamic_shifting=False; sample.shift shifts)"
             )
-        if self.fusedit_config.sample.schedule == "diffusers":
+        schedule = self.fusedit_config.sample.schedule
+        if schedule == "diffusers":
             scheduler.set_timesteps(steps, device=device)
             return
         if any(scheduler.config.get(key) for key in DIFFUSERS_SCHEDULE_VARIANTS):
             # A schedule variant the user configured: hand it the unshifted times and let it transform them.
-            scheduler.set_timesteps(sigmas=sampling_times(steps)[:-1].tolist(), device=device)
+            scheduler.set_timesteps(
+                sigmas=sampling_times(steps, schedule=schedule)[:-1].tolist(), device=device
+            )
             return
         # The scheduler would apply the shift to float32 sigmas; fusedit shifts in float64 and rounds once.
         # Giving it fusedit's shifted times with its shift at 1 (an exact identity) keeps the images equal
@@ -323,7 +327,9 @@ class FuseDiTPipeline(DiffusionPipeline):
         shift = scheduler.shift
         scheduler.set_shift(1.0)
         try:
-            scheduler.set_timesteps(sigmas=sampling_times(steps, shift)[:-1].tolist(), device=device)
+            scheduler.set_timesteps(
+                sigmas=sampling_times(steps, shift, schedule=schedule)[:-1].tolist(), device=device
+            )
         finally:
             scheduler.set_shift(shift)
 

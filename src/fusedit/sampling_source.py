@@ -1,7 +1,8 @@
 """Reading a model to sample with: ``load_sampling_model`` takes a run, checkpoint or diffusers pipeline
 folder (what `fusedit sample`, `serve` and `eval` take as MODEL) and returns the model in its sampling form
 (``fusedit.sample.to_sampling_form``); ``check_sampling_source`` refuses what it would refuse about the
-folder before any weights are read.
+folder before any weights are read, and ``no_model_message`` says why a folder holds no model (`fusedit
+export` refuses with it too).
 
 A module of its own: what a folder holds, and why one holds no model (a run without a finished checkpoint
 yet, a checkpoint that train.keep_checkpoints deleted, a folder of the public FuseDiT code), is settled here;
@@ -123,7 +124,7 @@ def load_sampling_model(
     try:
         ckpt = find_checkpoint(folder)
     except FileNotFoundError:
-        raise FileNotFoundError(_no_model(folder, path)) from None
+        raise FileNotFoundError(no_model_message(folder, path)) from None
     model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
     return *sampling(model, cfg), ckpt
 
@@ -147,7 +148,7 @@ def _gone_checkpoint(folder: Path, path: str | Path) -> str:
     )
 
 
-def _no_model(folder: Path, path: str | Path) -> str:
+def no_model_message(folder: Path, path: str | Path) -> str:
     """Why ``folder`` (``path`` as given) holds no model: a run that has not saved its first checkpoint yet
     (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder,
     and a run's checkpoints folder points to the run and its checkpoints."""

@@ -82,7 +82,10 @@ def _check_sampling_flags(args) -> None:
         value = getattr(args, name, None)
         if value is not None:
             # Read for its plugins: the modules its config lists may register the name (config.plugins).
-            _saved_config(args.model)
+            # No model there: the load says what the folder lacks, not a list missing the plugins' names
+            # (generate still refuses a name nobody registered).
+            if _saved_config(args.model) is None:
+                continue
             allowed = choices_of(SampleConfig, name)
             if value not in allowed:
                 raise ConfigError(f"{flag} {value!r} is not allowed (allowed: {', '.join(allowed)})")
@@ -150,9 +153,11 @@ def _run_of(where: Path) -> Path | None:
 
 
 def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", at: str = "") -> str:
-    """What `fusedit eval` scores (`sample` samples, `serve` serves ``at`` its address: ``doing``): the
-    folder its weights are read from, EMA or raw, and whether its run is still training (its latest
-    checkpoint then moves on while this one is used)."""
+    """The line saying what `fusedit eval` scores (`sample` samples, `serve` serves ``at`` its address,
+    `export` exports: ``doing``): the folder its weights are read from, EMA or raw, and whether its run is
+    still training (its latest checkpoint then moves on while this one is used). It also logs the warning
+    of EMA weights early in their run (_warn_early_ema): each command builds this line once, before its
+    work, which is when that warning is due."""
     weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
     run = _run_of(where)
     from fusedit.train.run_folder import held_by_a_job

@@ -155,11 +155,9 @@ def cmd_eval(args) -> int:
     # The table as scores.md has it, its note on untrained categories said once, in the line below.
     print(markdown_table(name, scores, note=False), end="")
     untrained = scores.get("untrained")
-    note = f" ({untrained_note(untrained, len(scores['per_category']))})" if untrained else ""
-    if trained == []:  # the run's data.kinds were never read: untrained_note's reason would not hold
-        note = (
-            " (every category untrained: the run never trained on data.source=shapes, the world scored here)"
-        )
+    note = ""
+    if untrained:  # a run never trained on the shapes world ([]) has no data.kinds to blame
+        note = f" ({untrained_note(untrained, len(scores['per_category']), never_on_shapes=trained == [])})"
     print(
         f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts{note}; details in {out}"
     )

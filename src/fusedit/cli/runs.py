@@ -154,19 +154,20 @@ def cmd_study(args) -> int:
 def cmd_export(args) -> int:
     from fusedit.checkpoints import find_checkpoint, holds_ema
     from fusedit.pipeline import export_run
-    from fusedit.sampling_source import _no_model, check_sampling_source
+    from fusedit.sampling_source import check_sampling_source, no_model_message
     from fusedit.system import resolve_device
 
     out, device = _out_folder(args.out), resolve_device(args.device, "--device")
     use_ema, relocate = not args.no_ema, _relocations(args)
     source = Path(args.model)
-    if not (source / "model_index.json").is_file():  # a pipeline folder: export_run says why it is refused
+    # A pipeline folder goes to export_run as it is, which says why it is refused.
+    if not (source / "model_index.json").is_file():
         # Refused as `fusedit sample` refuses it: a run without a finished checkpoint is named as such.
         check_sampling_source(source, use_ema, relocate)
         try:
             source = find_checkpoint(source)
         except FileNotFoundError:
-            raise FileNotFoundError(_no_model(source, args.model)) from None
+            raise FileNotFoundError(no_model_message(source, args.model)) from None
         # Resolved once: a run still training moves its latest checkpoint on while this one is exported.
         print(_scoring_line(source, use_ema and holds_ema(source), use_ema, "exporting"), flush=True)
     out = export_run(source, out, use_ema=use_ema, device=device, relocate=relocate)

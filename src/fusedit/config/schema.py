@@ -117,10 +117,12 @@ class SamplerTraits:
 
 @dataclass
 class Variants:
-    """The names a registry-backed setting allows, built-ins first, each with its traits (None: code asks
-    none), and the function that registers another (the error for an unknown name points to it)."""
+    """The names a registry-backed setting allows, built-ins first, each with its traits, an instance of
+    ``kind`` (None: code asks none, and each name's traits are None), and the function that registers
+    another (the error for an unknown name points to it)."""
 
     register: str
+    kind: type | None
     traits: dict[str, Any]
 
 
@@ -132,6 +134,7 @@ class Variants:
 VARIANTS: dict[str, Variants] = {
     "model.design": Variants(
         "fusedit.models.register_design",
+        DesignTraits,
         {
             "fusedit": DesignTraits(deep=True, attention="self"),
             "fusedit-cross": DesignTraits(deep=True, attention="cross"),
@@ -141,6 +144,7 @@ VARIANTS: dict[str, Variants] = {
     ),
     "model.pos_embed": Variants(
         "fusedit.models.register_position_scheme",
+        PositionTraits,
         {
             "ape": PositionTraits(
                 rotates=False, width_multiple=4, fit_reason="its 2D sin-cos table", ape_options=True
@@ -157,6 +161,7 @@ VARIANTS: dict[str, Variants] = {
     ),
     "model.timestep_conditioning": Variants(
         "fusedit.models.register_timestep_conditioning",
+        TimestepTraits,
         {
             "adaln-zero": TimestepTraits(has_embedding=True),
             "adaln-single": TimestepTraits(has_embedding=True),
@@ -165,10 +170,11 @@ VARIANTS: dict[str, Variants] = {
         },
     ),
     "model.refiner_concat": Variants(
-        "fusedit.text.refiner.register_refiner_concat", {"tokens": None, "channels": None}
+        "fusedit.text.refiner.register_refiner_concat", None, {"tokens": None, "channels": None}
     ),
     "text.template": Variants(
         "fusedit.text.templates.register_template",
+        TemplateTraits,
         {
             "plain": TemplateTraits(system_turn=False, adds_tokens=False),
             "chat": TemplateTraits(system_turn=True, adds_tokens=True),
@@ -178,9 +184,10 @@ VARIANTS: dict[str, Variants] = {
     ),
     "sample.sampler": Variants(
         "fusedit.flow.register_sampler",
+        SamplerTraits,
         {"euler": SamplerTraits(one_step=True), "heun": SamplerTraits(one_step=True)},
     ),
-    "sample.schedule": Variants("fusedit.flow.register_schedule", {"uniform": None, "diffusers": None}),
+    "sample.schedule": Variants("fusedit.flow.register_schedule", None, {"uniform": None, "diffusers": None}),
 }
 
 
@@ -192,12 +199,16 @@ def variant(setting: str, default: str) -> Any:
 def register_variant(setting: str, name: str, traits: Any = None) -> None:
     """Allow ``name`` for ``setting`` (a VARIANTS key), with ``traits``, for the rest of the process: what
     each registry's register function (fusedit.models.register_design, ...) calls as it adds the
-    implementation. A name already allowed is refused, so no variant is ever silently replaced."""
+    implementation. A name already allowed is refused, so no variant is ever silently replaced, and so are
+    traits not of the setting's class (``Variants.kind``): the checks would read attributes they lack."""
     table = VARIANTS[setting]
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(
             f"{setting} name {name!r} is not allowed (allowed: a non-empty string, no outer spaces)"
         )
+    if not (isinstance(traits, table.kind) if table.kind else traits is None):
+        allowed = f"a {table.kind.__name__}" if table.kind else "None: no code asks this setting's traits"
+        raise ValueError(f"{setting}={name!r} traits={traits!r} are not allowed (allowed: {allowed})")
     if name in table.traits:
         raise ValueError(
             f"{setting}={name!r} is already registered (allowed: a name not yet taken, i.e. none of "
@@ -232,7 +243,15 @@ def variant_names(setting: str, keep: Any = None) -> str:
 
 def import_plugins(path: str, modules: list[str]) -> None:
     """Import each module of the config's ``plugins`` (a list of importable names), which registers the
-    variants the rest of the config may name; one line naming a module that cannot be found."""
+    variants the rest of the config may name; one line naming a module that cannot be found, or an item
+    that is no module name, checked before any is imported (a relative or empty name fails inside importlib
+    with its own message; a file name, my_variants.py, would run my_variants and then fail to find .py)."""
+    for name in modules:
+        if not all(part.isidentifier() for part in name.split(".")) or name.endswith(".py"):
+            raise ConfigError(
+                f"{path}={modules!r}: {name!r} is not allowed (allowed: importable module names, e.g. "
+                "my_variants, not file paths)"
+            )
     for name in modules:
         try:
             importlib.import_module(name)
@@ -684,7 +703,9 @@ class Config:
     stages: list = field(default_factory=list, metadata={"item": StageConfig})
     # Modules imported when the config loads, before its values are checked: code of your own that registers
     # variants (fusedit.models.register_design, fusedit.flow.register_sampler, ...) the config names. Saved
-    # with the run, so sampling or resuming it imports them again.
+    # with the run, so sampling or resuming it imports them again. A config's layers (a base: chain, a run it
+    # is based on or resumes, overrides) add to the list rather than replace it, since the values they
+    # inherit may name a base's variants: a plugin listed once cannot be removed by a child.
     plugins: list[str] = field(default_factory=list, metadata={"imports": True})
 
 
@@ -728,7 +749,10 @@ def _merge_into_list(items: list, patch: dict, key: str) -> list:
 def deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), list):
+        if k == "plugins" and isinstance(v, list) and isinstance(out.get(k), list):
+            # Each layer adds its plugins: the values it inherits may name a base's variants (Config.plugins).
+            out[k] = out[k] + [m for m in v if m not in out[k]]
+        elif isinstance(v, dict) and isinstance(out.get(k), list):
             out[k] = _merge_into_list(out[k], v, k)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "arch":
             out[k] = deep_merge(out[k], v)

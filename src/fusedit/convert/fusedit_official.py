@@ -889,21 +889,32 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
             "joint for deep fusion, image-only for the shallow baselines",
         ),
     ]
-    # What the public code has no counterpart for (LI-DiT's parts, the CLIP-pooled modulation, ...).
+    # What the public code has no counterpart for (LI-DiT's parts, the CLIP-pooled modulation, a variant a
+    # plugin registers: its code is not the public code's, whatever its traits, ...).
+    designs = [d for d in DESIGN_TRAITS if d in DESIGN_OF.values()]  # in the order the config lists them
+    conditionings = TIMESTEP_CONDITIONINGS.values()
     checks += [
+        ("model.design", m.design, m.design in designs, ", ".join(designs)),
+        (
+            "model.timestep_conditioning",
+            m.timestep_conditioning,
+            m.timestep_conditioning in conditionings,
+            ", ".join(conditionings),
+        ),
         ("model.pos_embed", m.pos_embed, m.pos_embed in POS_EMBEDS, ", ".join(POS_EMBEDS)),
         ("model.conv_pos", m.conv_pos, not m.conv_pos, "false"),
         ("model.refiner_depth", m.refiner_depth, m.refiner_depth == 0, "0"),
         ("model.pooled_text", m.pooled_text, m.pooled_text == "none", "none"),
         ("extra_text", cfg.extra_text, not cfg.extra_text, "no further LLMs"),
     ]
+    _refuse(checks)  # before the model is read: a registered design's denoiser may have no blocks
     spec, block = LLMSpec.from_hf(llm, deep=is_deep(m.design)), model.denoiser.blocks[0]
     mirrored = (
         block.img_attn.q_proj.out_features == spec.num_heads * spec.head_dim
         and block.img_attn.k_proj.out_features == spec.num_kv_heads * spec.head_dim
         and block.img_mlp.gate_proj.out_features == spec.intermediate_size
     )
-    checks.append(("the DiT's heads and MLP", "not the LLM's", mirrored, "the public DiT mirrors its LLM"))
+    checks = [("the DiT's heads and MLP", "not the LLM's", mirrored, "the public DiT mirrors its LLM")]
     if fused and cfg.text.family == "gemma2":
         head_dim = spec.head_dim
         layer_types = getattr(llm, "layer_types", None) or []
@@ -927,6 +938,12 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
                 f"head_dim={head_dim}",
             ),
         ]
+    _refuse(checks)
+
+
+def _refuse(checks: list[tuple[str, object, bool, str]]) -> None:
+    """The first of ``checks`` (setting, value, whether the public code has it, what it allows) that fails,
+    as one line."""
     for field, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(

@@ -489,7 +489,7 @@ def cache_latents(
     device = torch.device(device)
     autoencoder = None  # loaded only when a shard needs encoding: a finished cache reruns in no time
     total = items.total
-    bar = None  # made at the first shard to encode (_bar)
+    bar = None  # made at the first shard to encode, starting at the samples kept before it
     shards: list[dict] = []
     kept = 0  # the samples of the shards an earlier run finished
     j = 0
@@ -570,18 +570,16 @@ def cache_latents(
 def _cached_line(summary: dict, kept: int, out: Path) -> str:
     """What a cache-latents run leaves in ``out``: the samples cached (of those in the data, the rest
     skipped) and in how many shards; after a rerun, how many an earlier run had cached, which are not read
-    again: a caption edited since they were cached stays as it was."""
+    again: a caption edited since they were cached stays as it was (said for a partial rerun too)."""
     cached, tried = summary["samples"], summary["samples"] + sum(summary["skipped"].values())
     shards = summary["shards"]
     line = f"cached {cached} of {tried} samples in {shards} shard{'s' * (shards != 1)} into {str(out)!r}"
     if not kept:
         return line
+    unread = "captions edited since are not read again: to re-read them, delete the folder or cache into another one"
     if kept < cached:  # said apart, or a rerun reads as if it had encoded everything again
-        return f"{line}: {kept} already cached, {cached - kept} encoded now"
-    return (
-        f"{line}: all already cached, none encoded now (captions edited since are not read again: to "
-        "re-read them, delete the folder or cache into another one)"
-    )
+        return f"{line}: {kept} already cached ({unread}), {cached - kept} encoded now"
+    return f"{line}: all already cached, none encoded now ({unread})"
 
 
 def _check_shard(items: _Items, shard: dict, out: Path) -> None:

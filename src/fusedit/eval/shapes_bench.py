@@ -35,9 +35,10 @@ def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed
     return out
 
 
-def markdown_table(name: str, scores: dict, note: bool = True) -> str:
+def markdown_table(name: str, scores: dict, note: bool = True, never_on_shapes: bool = False) -> str:
     """One row: ``name``, the overall and each category; the categories in ``scores["untrained"]`` are
-    marked in the header and, with ``note``, named below the table."""
+    marked in the header and, with ``note``, named below the table (untrained_note, ``never_on_shapes``
+    its reason)."""
     kinds = list(scores["per_category"])
     untrained = [k for k in kinds if k in scores.get("untrained", ())]
     head = "| model | overall | " + " | ".join(k + " (untrained)" * (k in untrained) for k in kinds) + " |\n"
@@ -46,11 +47,17 @@ def markdown_table(name: str, scores: dict, note: bool = True) -> str:
         f"{scores['per_category'][k]:.3f}" for k in kinds
     )
     table = head + rule + row + " |\n"
-    return table + (f"\n{untrained_note(untrained, len(kinds))}\n" if untrained and note else "")
+    if not (untrained and note):
+        return table
+    return table + f"\n{untrained_note(untrained, len(kinds), never_on_shapes)}\n"
 
 
-def untrained_note(untrained: Sequence[str], categories: int) -> str:
-    """What the scores of categories the model never trained on mean for the overall."""
+def untrained_note(untrained: Sequence[str], categories: int, never_on_shapes: bool = False) -> str:
+    """What the scores of categories the model never trained on mean for the overall. ``never_on_shapes``:
+    the run never trained on the shapes world (a run on its own data keeps its preset's data.kinds, unread),
+    so the reason is not its data.kinds."""
+    if never_on_shapes:
+        return "every category untrained: the run never trained on data.source=shapes, the world scored here"
     return (
         f"{', '.join(untrained)} untrained: not in the run's data.kinds; the overall is over all {categories} "
         "categories, comparable across runs"
@@ -121,9 +128,9 @@ def run_shapes_bench(
 
     ``source`` (`fusedit eval`: the checkpoint's name, its weights' fingerprint, EMA or raw, the folder)
     is recorded with the settings, so that scores of another model or of its raw weights are told apart.
-    ``trained_kinds`` (the run's data.kinds) marks the categories outside them as untrained
-    (``scores["untrained"]`` and scores.md); the overall stays the mean over every category, so that runs
-    trained on different kinds compare on the same prompts."""
+    ``trained_kinds`` (the run's data.kinds; [] for a run never trained on the shapes world) marks the
+    categories outside them as untrained (``scores["untrained"]`` and scores.md, which says why); the overall
+    stays the mean over every category, so that runs trained on different kinds compare on the same prompts."""
     # Checked before sampling anything, one line each, as config values are.
     if per_category < 1:
         raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
@@ -168,7 +175,8 @@ def run_shapes_bench(
         scores["untrained"] = [k for k in scores["per_category"] if k not in trained_kinds]
     # Atomic: a study decides from scores.json whether a design is done, so it must never be half written.
     write_text_atomic(out / "scores.json", json.dumps(scores, indent=1))
-    write_text_atomic(out / "scores.md", markdown_table(name, scores))
+    never_on_shapes = trained_kinds is not None and not trained_kinds
+    write_text_atomic(out / "scores.md", markdown_table(name, scores, never_on_shapes=never_on_shapes))
     failed = [i for i, v in enumerate(scores["verdicts"]) if not v["correct"]][:worst]
     if failed:
         labels = [f"{scores['verdicts'][i]['text']}: {scores['verdicts'][i]['reason']}" for i in failed]

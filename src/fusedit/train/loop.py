@@ -337,26 +337,34 @@ def _warn_schedule_change(saved_cfg: Config, cfg: Config, start: int) -> None:
     """A resume with another train.steps (left out of the changed settings: extending a run is what a
     resume is for) that moves the learning rate of its next step: a cosine schedule decays to 0 at
     train.steps, so a finished run extended from 200 to 400 steps jumps from about 0 back to most of
-    train.lr. A staged run's length is its stages' (stages.N.steps, listed as changed)."""
-    old_steps, tc = saved_cfg.train.steps, cfg.train
-    if old_steps == tc.steps or cfg.stages or saved_cfg.stages:
+    train.lr. The rate it is compared with is the one the checkpoint's config gave (its lr, warmup and
+    schedule, each named where the resume changes it too; a resume that changes only those is told by the
+    list of changed settings). A staged run's length is its stages' (stages.N.steps, listed as changed)."""
+    old, tc = saved_cfg.train, cfg.train
+    if old.steps == tc.steps or cfg.stages or saved_cfg.stages:
         return
-    old, new = (
-        learning_rate(start, tc.lr, tc.warmup_steps, tc.schedule, total) for total in (old_steps, tc.steps)
-    )
-    if math.isclose(old, new, rel_tol=1e-6):
-        return
+    now = learning_rate(start, tc.lr, tc.warmup_steps, tc.schedule, tc.steps)
+    if math.isclose(learning_rate(start, tc.lr, tc.warmup_steps, tc.schedule, old.steps), now, rel_tol=1e-6):
+        return  # the new train.steps alone leaves the step's rate as it was
+    before = learning_rate(start, old.lr, old.warmup_steps, old.schedule, old.steps)
+    if old.schedule == tc.schedule:
+        change = f"{'stretches' if tc.steps > old.steps else 'shortens'} the {tc.schedule} schedule"
+    else:
+        change = f"with train.schedule {old.schedule} -> {tc.schedule}"
+    was = [f"train.steps={old.steps}"] + [
+        f"train.{k}={getattr(old, k)}"
+        for k in ("lr", "warmup_steps", "schedule")
+        if getattr(old, k) != getattr(tc, k)
+    ]
     log.warning(
-        "train.steps %d -> %d %s the %s schedule: the learning rate of step %d is %.3g, where train.steps=%d "
-        "gave %.3g",
-        old_steps,
+        "train.steps %d -> %d %s: the learning rate of step %d is %.3g, where %s gave %.3g",
+        old.steps,
         tc.steps,
-        "stretches" if tc.steps > old_steps else "shortens",
-        tc.schedule,
+        change,
         start + 1,
-        new,
-        old_steps,
-        old,
+        now,
+        ", ".join(was),
+        before,
     )
 
 
