@@ -556,26 +556,26 @@ def test_export_and_sample_say_what_they_read_and_an_ema_that_is_mostly_the_star
         assert main(sample) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"sampling {ckpt} (EMA weights)"
     assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == [warning]
-    # A pipeline folder records no step: nothing to judge.
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="fusedit"):
-        assert (
-            main(
-                [
-                    "sample",
-                    str(tmp_path / "pipe"),
-                    "--prompt",
-                    "x",
-                    "--steps",
-                    "1",
-                    "--out",
-                    str(tmp_path / "p"),
-                    "--quiet",
-                ]
-            )
-            == 0
-        )
-    assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == []
+    # A pipeline folder is judged by what its export recorded: the raw weights (the last export) are not
+    # warned about, an export of the EMA is.
+    from fusedit.pipeline import export_source
+
+    assert export_source(tmp_path / "pipe") == {
+        "checkpoint": str(ckpt.resolve()),
+        "step": 1,
+        "weights": "raw",
+        "ema_holds_start": None,
+    }
+    assert main(["export", str(run), "--out", str(tmp_path / "pipe-ema"), "--quiet"]) == 0
+    assert export_source(tmp_path / "pipe-ema")["ema_holds_start"] == 0.99
+    for pipe, warned in (("pipe", []), ("pipe-ema", [f"step 1 of {ckpt.resolve()}) still hold 99%"])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fusedit"):
+            out = str(tmp_path / f"{pipe}-out")
+            argv = ["sample", str(tmp_path / pipe), "--prompt", "x", "--steps", "1", "--out", out, "--quiet"]
+            assert main(argv) == 0
+        said = [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+        assert [m[m.index("step 1") : m.index("%") + 1] for m in said] == warned
     # A run before its first checkpoint: the line `fusedit sample` gives.
     live = tmp_path / "live"
     live.mkdir()

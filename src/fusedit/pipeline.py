@@ -73,6 +73,8 @@ from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 # its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
 LLM_SLOTS = [("tokenizer", "text_encoder")] + [(f"tokenizer_{i}", f"text_encoder_{i}") for i in (2, 3, 4)]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Beside the pipeline, what export_run made it from (export_source reads it; diffusers ignores it).
+EXPORT_SOURCE = "fusedit_export.json"
 
 # FlowMatchEulerDiscreteScheduler options that change its sigmas beyond the plain shift: a scheduler config
 # that sets one is not the spacing sample.schedule=diffusers computes (fusedit.flow.samplers).
@@ -552,9 +554,12 @@ def export_run(
     earlier = _exported(folder)
     if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
-    pipe = FuseDiTPipeline.from_fusedit(source, device=device, use_ema=use_ema, relocate=relocate)
+    from fusedit.checkpoints import load_model
+
+    model, cfg, ckpt = load_model(source, device, use_ema=use_ema, relocate=relocate)
     shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(str(partial))
+    FuseDiTPipeline.from_model(model, cfg).save_pretrained(str(partial))
+    (partial / EXPORT_SOURCE).write_text(json.dumps(_export_record(ckpt, cfg.sample.use_ema), indent=1))
     readable_by_all(partial)
     if earlier:
         # The earlier export goes aside whole (one rename), then what is not its pipeline (`fusedit eval`'s
@@ -588,10 +593,36 @@ def _finish_killed_export(folder: Path, partial: Path, old: Path) -> None:
 
 
 def _pipeline_entries(folder: Path) -> set[str]:
-    """The files and folders of the pipeline saved in ``folder``: model_index.json and a folder per
-    component it lists."""
+    """The files and folders of the pipeline saved in ``folder``: model_index.json, a folder per component
+    it lists, and the record of what it was exported from."""
     index = json.loads((folder / "model_index.json").read_text())
-    return {"model_index.json", *(key for key in index if not key.startswith("_"))}
+    return {"model_index.json", EXPORT_SOURCE, *(key for key in index if not key.startswith("_"))}
+
+
+def _export_record(ckpt: Path, ema: bool) -> dict:
+    """What an export was made from: the checkpoint, its step, EMA or raw weights and, for EMA weights, the
+    share of the run's starting weights the EMA still held (checkpoints.ema_start_share: over half, an
+    early checkpoint's EMA samples mostly noise, which the folder's users are told)."""
+    from fusedit.checkpoints import ema_start_share, load_checkpoint_config, load_state
+
+    step = int(load_state(ckpt)["step"]) if (ckpt / "state.json").is_file() else None
+    share = ema_start_share(load_checkpoint_config(ckpt), step) if ema and step else None
+    return {
+        "checkpoint": str(ckpt.resolve()),
+        "step": step,
+        "weights": "ema" if ema else "raw",
+        "ema_holds_start": None if share is None else round(share, 4),
+    }
+
+
+def export_source(folder: str | os.PathLike) -> dict | None:
+    """The record ``export_run`` wrote beside the pipeline in ``folder`` (checkpoint, step, weights,
+    ema_holds_start); None for a folder without one (exported before it existed, or not by export_run)."""
+    try:
+        record = json.loads((Path(folder) / EXPORT_SOURCE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _exported(folder: Path) -> bool:

@@ -173,11 +173,25 @@ def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", a
 def _warn_early_ema(where: Path) -> None:
     """Early in a run, the EMA still holds mostly the weights the run started from (noise for a run from
     scratch): what is sampled, scored or exported then reads as the model's, so over half of it is said.
-    The training's own warning judges the run's end step only. A pipeline folder records no step: nothing
-    to judge; nor does a checkpoint at step 0, which training never writes (a library save of given
-    weights), and whose raw weights are no more trained."""
+    The training's own warning judges the run's end step only. A pipeline folder is judged by what
+    export_run recorded (none for one exported before that record, or not by export_run); a checkpoint at
+    step 0, which training never writes (a library save of given weights), has no trained raw weights."""
     from fusedit.checkpoints import checkpoint_stage, ema_start_share, load_checkpoint_config, load_state
 
+    if (where / "model_index.json").is_file():
+        from fusedit.pipeline import export_source
+
+        record = export_source(where) or {}
+        kept = record.get("ema_holds_start")
+        if isinstance(kept, (int, float)) and kept > 0.5:
+            log.warning(
+                "the EMA weights of this export (step %s of %s) still hold %.0f%% of the weights its run "
+                "started from: export a later checkpoint, or this one with --no-ema",
+                record.get("step"),
+                record.get("checkpoint"),
+                100 * kept,
+            )
+        return
     step = int(load_state(where)["step"]) if (where / "state.json").is_file() else 0
     if step == 0:
         return
