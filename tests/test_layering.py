@@ -2,7 +2,9 @@
 the CLI, no module imports ``fusedit.train``, at the top or inside a function, but for the exceptions
 below. Reading a checkpoint (sampling, export, evaluation, the diffusers pipeline) goes through
 ``fusedit.checkpoints``. At the bottom, ``fusedit.layers`` imports only torch, ``transformers.activations``,
-the standard library and itself."""
+the standard library and itself, and the config package nothing of fusedit; nothing but ``__main__.py``
+imports the CLI, whose modules import one way too. Every module imports only from its own tier of fusedit's
+docstring and those before it."""
 
 import ast
 import subprocess
@@ -183,7 +185,7 @@ def test_sample_does_not_import_the_cli(name):
     Python without the CLI."""
     path = SRC / f"{name}.py"
     imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
-    # The walk sees the imports inside functions too: the only ones of fusedit.checkpoints in these two.
+    # The walk sees their imports: the last two import fusedit.checkpoints (a model, its fingerprint).
     assert name == "sample" or "fusedit.checkpoints" in imported
     assert not [m for m in imported if _is_cli(m)], f"fusedit.{name} imports fusedit.cli"
 

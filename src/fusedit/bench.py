@@ -29,9 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
-from fusedit.config import Config, TextConfig, arch_config, choices_of, known_llm_config, text_sections
+from fusedit.config import (
+    Config,
+    TextConfig,
+    arch_config,
+    arch_defaults,
+    choices_of,
+    known_llm_config,
+    text_sections,
+)
 from fusedit.devices import host_to_device
 from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
@@ -231,10 +238,10 @@ class BenchSetup:
     device: torch.device
     bf16: bool
     peak: float
-    # Each LLM's model_id as configured (None for none; cfg's are cleared for the random init) and where
-    # its timed shape came from, "model_id" or "arch" (random_init_text).
-    llm_model_id: list[str | None]
-    llm_shape_from: list[str]
+    # Each LLM timed (text, extra_text.0, ...), recorded with every measurement (levers): its model_id as
+    # configured (None for none; cfg's are cleared for the random init), where its timed shape came from
+    # ("model_id" or "arch": random_init_text), and the shape, each a list over the LLMs.
+    llm: dict
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -273,7 +280,7 @@ def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
             stand_in.hidden_size,
         )
         return model, "arch"
-    defaults = AutoConfig.for_model(config.model_type).to_dict()
+    defaults = arch_defaults(config.model_type)
     arch = {
         k: v
         for k, v in config.to_dict().items()
@@ -304,15 +311,15 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return BenchSetup(
-        model,
-        cfg,
-        device,
-        bf16,
-        matmul_peak(device, dtype),
-        llm_model_id=model_ids,
-        llm_shape_from=list(shape_from),
-    )
+    llm = {
+        "llm_model_id": model_ids,
+        "llm_shape_from": list(shape_from),
+        "llm_family": [t.family for _, t in text_sections(cfg)],
+        "llm_layers": [arch_config(t, key).num_hidden_layers for key, t in text_sections(cfg)],
+        "llm_layers_run": [enc.llm.config.num_hidden_layers for enc in model.encoders],  # the design's
+        "llm_hidden": [enc.llm.config.hidden_size for enc in model.encoders],
+    }
+    return BenchSetup(model, cfg, device, bf16, matmul_peak(device, dtype), llm)
 
 
 def warn_text_tokens(s: BenchSetup, tokens: int) -> None:
@@ -351,15 +358,10 @@ def use_sampling_form(s: BenchSetup) -> None:
 def levers(s: BenchSetup) -> dict:
     """The speed settings a measurement ran with, and each LLM it timed (text, extra_text.0, ...): its
     config's model_id, whether its shape is that model_id's or the arch's (random_init_text), and the
-    shape, recorded next to it."""
+    shape, recorded next to it (BenchSetup.llm, found once)."""
     cfg = s.cfg
     return {
-        "llm_model_id": s.llm_model_id,
-        "llm_shape_from": s.llm_shape_from,
-        "llm_family": [t.family for _, t in text_sections(cfg)],
-        "llm_layers": [arch_config(t, key).num_hidden_layers for key, t in text_sections(cfg)],
-        "llm_layers_run": [enc.llm.config.num_hidden_layers for enc in s.model.encoders],  # the design's
-        "llm_hidden": [enc.llm.config.hidden_size for enc in s.model.encoders],
+        **s.llm,
         "attention_backend": cfg.model.attention_backend,
         "llm_attention": s.model.text.llm.config._attn_implementation,  # text.attn_implementation resolved
         "compile": cfg.train.compile,
@@ -445,7 +447,8 @@ def bench_train(
 
     kernels = attention_kernels(forward)
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
-    # FLOPs of the text lengths the timed steps computed over (padding included: the kernels compute it).
+    # FLOPs at the text lengths of every step time_it ran, its untimed lead-ins on a GPU among them (their
+    # lengths are drawn as the timed steps' are); padding included: the kernels compute it.
     leads = [e.leading for e in s.model.encoders]
     flops = statistics.mean(
         3 * denoiser_flops(denoiser, n_img, w, leads)

@@ -347,6 +347,10 @@ def stage_of_checkpoint(
     return stages[recorded]
 
 
+# Above this share of a run's starting weights, an EMA samples mostly them (noise, from scratch): warned about.
+EMA_MOSTLY_START = 0.5
+
+
 def ema_start_share(cfg: Config, step: int) -> float:
     """The share of the weights a run started from (its random init, or train.init_from's) that its EMA
     still holds after ``step`` steps of ``cfg`` (a checkpoint's saved config and its state.json step): the
@@ -359,6 +363,13 @@ def ema_start_share(cfg: Config, step: int) -> float:
         if end > stage.start:  # the steps start+1..end done in it, an update after each multiple of ema_every
             kept *= t.ema_decay ** (end // t.ema_every - stage.start // t.ema_every)
     return kept
+
+
+def ema_start_at(ckpt: Path) -> tuple[int, float] | None:
+    """(step, ``ema_start_share`` there) of the checkpoint folder ``ckpt`` under its saved config; None
+    without a state.json or at step 0 (a library save of given weights: nothing trained to compare)."""
+    step = int(load_state(ckpt)["step"]) if (ckpt / "state.json").is_file() else 0
+    return (step, ema_start_share(load_checkpoint_config(ckpt), step)) if step else None
 
 
 def load_model(

@@ -1,6 +1,7 @@
 """File writes that a kill cannot leave half done: the checkpoint pointer, the metrics log, latent-cache
 records, images, evaluation results and FID reference statistics all go through ``write_atomic``.
-Checkpoints are also made durable across a power loss or node crash (``sync_tree``, ``durable=True``)."""
+Checkpoints are also made durable across a power loss or node crash (``sync_tree``, ``durable=True``).
+Messages word sizes and counts with ``readable_size`` and ``counted``."""
 
 from __future__ import annotations
 
@@ -278,6 +279,11 @@ def check_output_folder(
                 f"{what} into it would mix them (allowed: a new or empty folder{also})"
             )
     return out
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 sample", "3 times" (nouns that add an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def readable_size(size: float) -> str:

@@ -9,8 +9,8 @@ It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary di
 once per call for the whole [negative ; prompt] batch and that text context serves every step and both
 guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, the scheduler's
 own spacing or a registered one, then the SD3 shift of the scheduler's config) with its Euler steps, or, for
-a model whose ``sample.sampler`` is heun, with fusedit's Heun over the scheduler's times (diffusers' Euler
-scheduler cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the
+any other ``sample.sampler`` (heun, or a registered one-step sampler), with that fusedit sampler over the
+scheduler's times (diffusers' Euler scheduler cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the
 same images as ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast:
 ``sample.precision``).
 
@@ -558,7 +558,7 @@ def export_run(
 
     model, cfg, ckpt = load_model(source, device, use_ema=use_ema, relocate=relocate)
     shutil.rmtree(partial, ignore_errors=True)
-    FuseDiTPipeline.from_model(model, cfg).save_pretrained(str(partial))
+    save_pretrained(model, cfg, partial)
     (partial / EXPORT_SOURCE).write_text(json.dumps(_export_record(ckpt, cfg.sample.use_ema), indent=1))
     readable_by_all(partial)
     if earlier:
@@ -603,13 +603,13 @@ def _export_record(ckpt: Path, ema: bool) -> dict:
     """What an export was made from: the checkpoint, its step, EMA or raw weights and, for EMA weights, the
     share of the run's starting weights the EMA still held (checkpoints.ema_start_share: over half, an
     early checkpoint's EMA samples mostly noise, which the folder's users are told)."""
-    from fusedit.checkpoints import ema_start_share, load_checkpoint_config, load_state
+    from fusedit.checkpoints import ema_start_at
 
-    step = int(load_state(ckpt)["step"]) if (ckpt / "state.json").is_file() else None
-    share = ema_start_share(load_checkpoint_config(ckpt), step) if ema and step else None
+    at = ema_start_at(ckpt)
+    share = at[1] if ema and at is not None else None
     return {
         "checkpoint": str(ckpt.resolve()),
-        "step": step,
+        "step": at[0] if at is not None else None,
         "weights": "ema" if ema else "raw",
         "ema_holds_start": None if share is None else round(share, 4),
     }

@@ -323,6 +323,8 @@ def with_sample(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def refuse_unknown_settings(given, allowed: list[str]) -> None:
+    """Refuse the keys of ``given`` (the keyword overrides of sample_settings or load_sampling_model) not in
+    ``allowed``: a TypeError naming them and the allowed ones, as Python's for an unexpected keyword."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(allowed)})")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fusedit.checkpoints import weights_fingerprint
 from fusedit.config import Config
 from fusedit.files import (
     as_json_reads_back,
@@ -166,8 +167,6 @@ def _shared_record(
 ) -> dict[str, Any]:
     """What every image's record holds after its prompt and seed: all else that decides its pixels, so
     that a rerun keeps an earlier image only where it would make the same one."""
-    from fusedit.checkpoints import weights_fingerprint
-
     model_path = None if source is None else str(Path(source).resolve())
     # The weights' own fingerprint, as `fusedit eval` records it: a folder re-exported or retrained in
     # place keeps its path, and its earlier images must not be kept as this model's.

@@ -1,8 +1,8 @@
 """Reading a model to sample with: ``load_sampling_model`` takes a run, checkpoint or diffusers pipeline
 folder (what `fusedit sample`, `serve` and `eval` take as MODEL) and returns the model in its sampling form
 (``fusedit.sample.to_sampling_form``); ``check_sampling_source`` refuses what it would refuse about the
-folder before any weights are read, and ``no_model_message`` says why a folder holds no model (`fusedit
-export` refuses with it too).
+folder before any weights are read, and ``model_folder`` resolves the folder its weights would be read from
+(`fusedit export` resolves its source with it too).
 
 A module of its own: what a folder holds, and why one holds no model (a run without a finished checkpoint
 yet, a checkpoint that train.keep_checkpoints deleted, a folder of the public FuseDiT code), is settled here;
@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
-from fusedit.config import Config, ConfigError, SampleConfig
+# Called through the module, as fusedit.checkpoints.load_model etc., so that a stand-in set on it (a test's
+# "the model must not load") is the one called.
+from fusedit import checkpoints
+from fusedit.config import Config, ConfigError, SampleConfig, load_config, resolved_stages
 from fusedit.sample import refuse_unknown_settings, to_sampling_form, with_sample
 from fusedit.system import TextToImage, resolve_device
 
@@ -106,8 +109,6 @@ def load_sampling_model(
     public FuseDiT code (import it with `fusedit convert` first) or a pipeline folder with
     ``use_ema=False`` or ``relocate``; the messages name the command-line flags (--no-ema, --relocate), as
     `fusedit` prints them."""
-    from fusedit.checkpoints import find_checkpoint, load_model
-
     # Before the load; the values are checked against the loaded config (with_sample).
     refuse_unknown_settings(sample_overrides, [f.name for f in dataclasses.fields(SampleConfig)])
     device = resolve_device(device, "device")
@@ -116,24 +117,31 @@ def load_sampling_model(
         cfg = with_sample(cfg, {k: v for k, v in sample_overrides.items() if v is not None})
         return to_sampling_form(model, cfg), cfg
 
-    folder = check_sampling_source(path, use_ema, relocate)
+    folder = model_folder(path, use_ema, relocate)
     if (folder / "model_index.json").is_file():
         from fusedit.pipeline import from_pretrained  # imports diffusers, which only a pipeline folder needs
 
         return *sampling(*from_pretrained(folder, device)), folder
-    try:
-        ckpt = find_checkpoint(folder)
-    except FileNotFoundError:
-        raise FileNotFoundError(no_model_message(folder, path)) from None
-    model, cfg, ckpt = load_model(ckpt, device, use_ema=use_ema, relocate=relocate or {})
+    model, cfg, ckpt = checkpoints.load_model(folder, device, use_ema=use_ema, relocate=relocate or {})
     return *sampling(model, cfg), ckpt
 
 
-def _finished_checkpoints(checkpoints: Path) -> str:
-    """The names of the finished checkpoints in a run's checkpoints folder, oldest first, for messages."""
-    from fusedit.checkpoints import finished_checkpoints
+def model_folder(path: str | Path, use_ema: bool = True, relocate: dict | None = None) -> Path:
+    """The folder ``load_sampling_model`` reads ``path``'s weights from: a pipeline folder as it is, or the
+    checkpoint folder of a run or checkpoint (a run's latest), refused as check_sampling_source refuses it,
+    or with why it holds no model (a run without a finished checkpoint yet, say)."""
+    folder = check_sampling_source(path, use_ema, relocate)
+    if (folder / "model_index.json").is_file():
+        return folder
+    try:
+        return checkpoints.find_checkpoint(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(_no_model(folder, path)) from None
 
-    names = [p.name for p in finished_checkpoints(checkpoints)]
+
+def _finished_checkpoints(folder: Path) -> str:
+    """The names of the finished checkpoints in a run's checkpoints folder, oldest first, for messages."""
+    names = [p.name for p in checkpoints.finished_checkpoints(folder)]
     return ", ".join(names) if names else "none yet"
 
 
@@ -148,20 +156,17 @@ def _gone_checkpoint(folder: Path, path: str | Path) -> str:
     )
 
 
-def no_model_message(folder: Path, path: str | Path) -> str:
+def _no_model(folder: Path, path: str | Path) -> str:
     """Why ``folder`` (``path`` as given) holds no model: a run that has not saved its first checkpoint yet
     (its config.yaml or train.lock is there) is named as such, not as a path to the wrong kind of folder,
     and a run's checkpoints folder points to the run and its checkpoints."""
-    from fusedit.checkpoints import LOCK_FILE, checkpoint_folders
-    from fusedit.config import load_config, resolved_stages
-
-    if folder.name == "checkpoints" and checkpoint_folders(folder):
+    if folder.name == "checkpoints" and checkpoints.checkpoint_folders(folder):
         return (
             f"no model in {str(path)!r}: it is the checkpoints folder of the run {str(folder.parent)!r} "
             f"(allowed: the run folder, for its latest checkpoint, or one of its checkpoints: "
             f"{_finished_checkpoints(folder)})"
         )
-    if not ((folder / "config.yaml").is_file() or (folder / LOCK_FILE).is_file()):
+    if not ((folder / "config.yaml").is_file() or (folder / checkpoints.LOCK_FILE).is_file()):
         return (
             f"no model in {str(path)!r} (allowed: a run folder, a checkpoint folder, or a diffusers pipeline "
             "folder with model_index.json)"

@@ -78,13 +78,20 @@ def _check_sampling_flags(args) -> None:
     from fusedit.sample import check_steps_guidance
 
     check_steps_guidance(args.steps, args.guidance, flags=True)
+    read: list[Config | None] = []  # the saved config (a whole config load), read once, when a check needs it
+
+    def saved() -> Config | None:
+        if not read:
+            read.append(_saved_config(args.model))
+        return read[0]
+
     for flag, name in (("--sampler", "sampler"), ("--schedule", "schedule")):
         value = getattr(args, name, None)
         if value is not None:
             # Read for its plugins: the modules its config lists may register the name (config.plugins).
             # No model there: the load says what the folder lacks, not a list missing the plugins' names
             # (generate still refuses a name nobody registered).
-            if _saved_config(args.model) is None:
+            if saved() is None:
                 continue
             allowed = choices_of(SampleConfig, name)
             if value not in allowed:
@@ -96,10 +103,9 @@ def _check_sampling_flags(args) -> None:
         return
     from fusedit.sample import image_shape, warn_far_past_trained
 
-    saved = _saved_config(args.model)
-    if saved is not None:
-        _check_size(args.size, saved)
-        warn_far_past_trained(image_shape(args.size), saved, f"--size {_size_text(args.size)}")
+    if saved() is not None:
+        _check_size(args.size, saved())
+        warn_far_past_trained(image_shape(args.size), saved(), f"--size {_size_text(args.size)}")
     elif min(image_shape(args.size)) < 1:  # no config to say more: load_sampling_model reports the folder
         raise ConfigError(
             f"--size {_size_text(args.size)} is not allowed (allowed: a positive multiple of the VAE's "
@@ -176,14 +182,14 @@ def _warn_early_ema(where: Path) -> None:
     The training's own warning judges the run's end step only. A pipeline folder is judged by what
     export_run recorded (none for one exported before that record, or not by export_run); a checkpoint at
     step 0, which training never writes (a library save of given weights), has no trained raw weights."""
-    from fusedit.checkpoints import checkpoint_stage, ema_start_share, load_checkpoint_config, load_state
+    from fusedit.checkpoints import EMA_MOSTLY_START, checkpoint_stage, ema_start_at, load_checkpoint_config
 
     if (where / "model_index.json").is_file():
         from fusedit.pipeline import export_source
 
         record = export_source(where) or {}
         kept = record.get("ema_holds_start")
-        if isinstance(kept, (int, float)) and kept > 0.5:
+        if isinstance(kept, (int, float)) and kept > EMA_MOSTLY_START:
             log.warning(
                 "the EMA weights of this export (step %s of %s) still hold %.0f%% of the weights its run "
                 "started from: export a later checkpoint, or this one with --no-ema",
@@ -192,26 +198,20 @@ def _warn_early_ema(where: Path) -> None:
                 100 * kept,
             )
         return
-    step = int(load_state(where)["step"]) if (where / "state.json").is_file() else 0
-    if step == 0:
+    at = ema_start_at(where)
+    if at is None or at[1] <= EMA_MOSTLY_START:
         return
-    cfg = load_checkpoint_config(where)
-    kept = ema_start_share(cfg, step)
-    if kept > 0.5:
-        train = checkpoint_stage(where, cfg).config.train  # the settings in force at that step
-        log.warning(
-            "the EMA weights at step %d still hold %.0f%% of %s (train.ema_decay=%g every train.ema_every=%d "
-            "steps): --no-ema uses the trained weights",
-            step,
-            100 * kept,
-            "train.init_from's weights" if cfg.train.init_from else "the random initial weights",
-            train.ema_decay,
-            train.ema_every,
-        )
-
-
-def _plural(n: int, unit: str) -> str:
-    return f"{n} {unit}{'' if n == 1 else 's'}"
+    (step, kept), cfg = at, load_checkpoint_config(where)
+    train = checkpoint_stage(where, cfg).config.train  # the settings in force at that step
+    log.warning(
+        "the EMA weights at step %d still hold %.0f%% of %s (train.ema_decay=%g every train.ema_every=%d "
+        "steps): --no-ema uses the trained weights",
+        step,
+        100 * kept,
+        "train.init_from's weights" if cfg.train.init_from else "the random initial weights",
+        train.ema_decay,
+        train.ema_every,
+    )
 
 
 def _add_relocate_flag(sp):

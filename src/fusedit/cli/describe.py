@@ -170,9 +170,7 @@ def cmd_describe(args) -> int:
     if cfg.stages:
         print(f"stage 0 {first.name!r}, where training starts (every stage's own line at the end):")
     print("\n".join(parameters))
-    if any(req.kv_layers or req.raw_kv_layers for req in d.text_requests) and any(
-        t.model_id for _, t in text_sections(cfg)
-    ):
+    if any(req.reads_kv for req in d.text_requests) and any(t.model_id for _, t in text_sections(cfg)):
         # The K/V probe runs a forward of the real weights (TextEncoder.check_kv); describe reads shapes.
         print("(whether deep fusion can read this LLM's K/V is checked when its weights load: train, sample)")
     unloaded = _unloaded_templates(cfg, model)

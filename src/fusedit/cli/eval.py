@@ -12,7 +12,6 @@ from fusedit.cli.common import (
     _check_sampling_flags,
     _kept_on_interrupt,
     _out_folder,
-    _plural,
     _relocations,
     _run_of,
     _saved_model,
@@ -20,6 +19,7 @@ from fusedit.cli.common import (
     log,
 )
 from fusedit.config import Config, ConfigError
+from fusedit.files import counted
 
 # `fusedit fid` warns below this many images in a folder.
 FEW_FOR_FID = 1000
@@ -156,8 +156,8 @@ def cmd_eval(args) -> int:
     print(markdown_table(name, scores, note=False), end="")
     untrained = scores.get("untrained")
     note = ""
-    if untrained:  # a run never trained on the shapes world ([]) has no data.kinds to blame
-        note = f" ({untrained_note(untrained, len(scores['per_category']), never_on_shapes=trained == [])})"
+    if untrained:  # all of them for a run never trained on the shapes world ([]), which the note says
+        note = f" ({untrained_note(untrained, len(scores['per_category']))})"
     print(
         f"overall {scores['overall']:.3f} on {scores['num_images']} held-out prompts{note}; details in {out}"
     )
@@ -270,7 +270,7 @@ def _protocol_kept(bench: str, out: Path, where: Path, model: str) -> str:
         return f"no {unit} was written to {out}; rerun the same command to start"
     same = Path(model).resolve() == where.resolve() or (where / "model_index.json").is_file()
     go_on = GO_ON if same else f"to go on, evaluate {where} with --out {out}"
-    return f"{_plural(n, unit)} in {out} {'is' if n == 1 else 'are'} kept; {go_on}"
+    return f"{counted(n, unit)} in {out} {'is' if n == 1 else 'are'} kept; {go_on}"
 
 
 def _eval_seed(args) -> int:
@@ -354,7 +354,7 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
         **own,
     )
     # GenEval's and DPG-Bench's counts are of prompts (4 images each), the others' of images.
-    total = _plural(r["generated"] + r["skipped"], r["unit"].removesuffix("s"))
+    total = counted(r["generated"] + r["skipped"], r["unit"].removesuffix("s"))
     print(f"{args.bench}: wrote {out} ({total}: {r['generated']} generated, {r['skipped']} already there)")
     if gen.truncated:  # of the prompts sampled in this run
         warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits)
@@ -388,7 +388,7 @@ def _scored_part(args, scores: dict) -> str:
         parts.append(
             f"{len(scores['per_category'])} of {len(CATEGORIES)} categories: {', '.join(scores['per_category'])}"
         )
-    over = f" over {_plural(scores['num_prompts'], 'prompt')}" if "num_prompts" in scores else ""
+    over = f" over {counted(scores['num_prompts'], 'prompt')}" if "num_prompts" in scores else ""
     return over + (f" ({'; '.join(parts)})" if parts else "")
 
 

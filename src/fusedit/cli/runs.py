@@ -13,12 +13,11 @@ from fusedit.cli.common import (
     _config,
     _kept_on_interrupt,
     _out_folder,
-    _plural,
     _relocations,
     _scoring_line,
 )
 from fusedit.config import ConfigError, save_config
-from fusedit.files import check_output_folder, replacing
+from fusedit.files import check_output_folder, counted, replacing
 
 
 def _latents_kept(out: Path) -> str:
@@ -29,7 +28,7 @@ def _latents_kept(out: Path) -> str:
     kept = sum(bool(shard["samples"]) for shard in finished_shards(out)) if out.is_dir() else 0
     if not kept:
         return f"no shard was finished yet in {out}; rerun the same command to start again"
-    return f"{_plural(kept, 'finished shard')} in {out} {'is' if kept == 1 else 'are'} kept; {GO_ON}"
+    return f"{counted(kept, 'finished shard')} in {out} {'is' if kept == 1 else 'are'} kept; {GO_ON}"
 
 
 def cmd_cache_latents(args) -> int:
@@ -152,9 +151,9 @@ def cmd_study(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fusedit.checkpoints import find_checkpoint, holds_ema
+    from fusedit.checkpoints import holds_ema
     from fusedit.pipeline import export_run
-    from fusedit.sampling_source import check_sampling_source, no_model_message
+    from fusedit.sampling_source import model_folder
     from fusedit.system import resolve_device
 
     out, device = _out_folder(args.out), resolve_device(args.device, "--device")
@@ -163,12 +162,8 @@ def cmd_export(args) -> int:
     # A pipeline folder goes to export_run as it is, which says why it is refused.
     if not (source / "model_index.json").is_file():
         # Refused as `fusedit sample` refuses it: a run without a finished checkpoint is named as such.
-        check_sampling_source(source, use_ema, relocate)
-        try:
-            source = find_checkpoint(source)
-        except FileNotFoundError:
-            raise FileNotFoundError(no_model_message(source, args.model)) from None
         # Resolved once: a run still training moves its latest checkpoint on while this one is exported.
+        source = model_folder(source, use_ema, relocate)
         print(_scoring_line(source, use_ema and holds_ema(source), use_ema, "exporting"), flush=True)
     out = export_run(source, out, use_ema=use_ema, device=device, relocate=relocate)
     print(f"wrote a diffusers pipeline folder to {out} (load it with fusedit.pipeline.FuseDiTPipeline)")

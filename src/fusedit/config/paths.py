@@ -272,6 +272,12 @@ def _arch_keys(family: str) -> tuple[tuple[str, ...], dict]:
     return tuple(keys), defaults
 
 
+def arch_defaults(family: str) -> dict:
+    """The defaults of a ``family`` config (its class's ``to_dict()``), built once per family: read them,
+    never change them (every caller shares the dict)."""
+    return _arch_keys(family)[1]
+
+
 def check_arch(family: str, arch: dict, key: str) -> None:
     """A random-init arch's keys and sizes, before transformers reads it: transformers keeps an unknown key
     (vocab_sizee) as an attribute nothing reads, and takes any int as a size."""

@@ -226,18 +226,23 @@ def unknown_variant(path: str, value: Any, setting: str) -> str:
     )
 
 
-def variant_traits(setting: str, name: str) -> Any:
+def variant_traits(setting: str, name: str, path: str | None = None) -> Any:
     """The traits of variant ``name`` of ``setting`` (VARIANTS); a one-line ConfigError for a name not
-    registered."""
+    registered, naming ``path`` (the key as written, e.g. "stages.1.sample.sampler"; default ``setting``)."""
     traits = VARIANTS[setting].traits
     if not isinstance(name, str) or name not in traits:
-        raise ConfigError(unknown_variant(setting, name, setting))
+        raise ConfigError(unknown_variant(path or setting, name, setting))
     return traits[name]
 
 
+def variants_where(setting: str, keep: Any = None) -> list[str]:
+    """The names of ``setting`` whose traits ``keep`` accepts (all: None), in VARIANTS' order."""
+    return [n for n, t in VARIANTS[setting].traits.items() if keep is None or keep(t)]
+
+
 def variant_names(setting: str, keep: Any = None) -> str:
-    """The names of ``setting`` whose traits ``keep`` accepts (all: None), as messages list them: "a, b or c"."""
-    names = [n for n, t in VARIANTS[setting].traits.items() if keep is None or keep(t)]
+    """``variants_where`` as messages list them: "a, b or c"."""
+    names = variants_where(setting, keep)
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
@@ -822,8 +827,7 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
     if "variants" in meta:
-        if not isinstance(value, str) or value not in VARIANTS[meta["variants"]].traits:
-            raise ConfigError(unknown_variant(path, value, meta["variants"]))
+        variant_traits(meta["variants"], value, path)
         return value
     if "choices" in meta:
         if value is False and "" in meta["choices"]:

@@ -27,6 +27,7 @@ from fusedit.config.schema import (
     deep_merge,
     variant_names,
     variant_traits,
+    variants_where,
 )
 
 
@@ -86,6 +87,11 @@ def is_deep(design: str) -> bool:
 def is_shallow(design: str) -> bool:
     """The shallow designs (dit-self, dit-cross): one LLM hidden state, projected by the DiT."""
     return not design_traits(design).deep
+
+
+def shallow_designs() -> str:
+    """The shallow designs, as messages list them ("dit-self or dit-cross", and any registered one)."""
+    return variant_names("model.design", lambda t: not t.deep)
 
 
 def attention_kind(design: str) -> Literal["self", "cross"]:
@@ -321,20 +327,21 @@ def _validate_model(cfg: Config) -> None:
     """The design's options against each other and against the text side (extra LLMs, the pooled CLIP)."""
     m = cfg.model
     shallow = is_shallow(m.design)
-    shallow_designs = variant_names("model.design", lambda t: not t.deep)
     if cfg.extra_text and not (shallow and m.refiner_depth):
         raise ConfigError(
             f"extra_text has {len(cfg.extra_text)} more LLM(s) but model.design={m.design!r} with "
-            f"model.refiner_depth={m.refiner_depth} reads one (allowed: {shallow_designs} with refiner_depth >= 1)"
+            f"model.refiner_depth={m.refiner_depth} reads one (allowed: {shallow_designs()} with refiner_depth >= 1)"
         )
     own_shape = [k for k in ("num_heads", "num_kv_heads", "head_dim", "intermediate_size") if getattr(m, k)]
     if own_shape and not shallow:
         raise ConfigError(
             f"model.{own_shape[0]} is set but model.design={m.design!r} mirrors the LLM's attention and MLP "
-            f"(allowed only with {shallow_designs})"
+            f"(allowed only with {shallow_designs()})"
         )
     if m.refiner_depth and not shallow:
-        raise ConfigError(f"model.refiner_depth={m.refiner_depth} needs a shallow design ({shallow_designs})")
+        raise ConfigError(
+            f"model.refiner_depth={m.refiner_depth} needs a shallow design ({shallow_designs()})"
+        )
     if m.initial_layers and shallow:
         raise ConfigError(
             f"model.initial_layers={m.initial_layers} pairs DiT layers with deeper LLM layers, but "
@@ -344,7 +351,7 @@ def _validate_model(cfg: Config) -> None:
     if not position.places and not m.conv_pos:
         raise ConfigError(
             f"model.pos_embed={m.pos_embed!r} without model.conv_pos=true leaves the image tokens no position "
-            f"(allowed: {', '.join(n for n, t in VARIANTS['model.pos_embed'].traits.items() if t.places)}, or "
+            f"(allowed: {', '.join(variants_where('model.pos_embed', lambda t: t.places))}, or "
             f"{m.pos_embed} with conv_pos=true as LI-DiT)"
         )
     # Deep fusion's text keys come rotated by the LLM at 0 .. L - 1, so its image positions must continue
@@ -354,18 +361,19 @@ def _validate_model(cfg: Config) -> None:
             f"model.rope_layout='image-only' is for the shallow designs, not model.design={m.design!r}, "
             "whose text keys the LLM rotates (allowed: joint)"
         )
+
     # Any scheme that places image tokens (APE included: its image tokens are unrotated, but the LLM rotates
     # deep fusion's text keys either way, and the emulation turns the image rows against them).
+    def joint(t: DesignTraits) -> bool:  # image and text keys in one attention, the text's rotated by the LLM
+        return t.deep and t.attention == "self"
+
     if m.rope_left_pad is not None and not (
-        is_deep(m.design)
-        and attention_kind(m.design) == "self"
-        and position.places
-        and m.rope_layout == "joint"
+        joint(design_traits(m.design)) and position.places and m.rope_layout == "joint"
     ):
-        joint = [n for n, t in DESIGN_TRAITS.items() if t.deep and t.attention == "self"]
+        designs = variants_where("model.design", joint)
         raise ConfigError(
             f"model.rope_left_pad={m.rope_left_pad} reproduces the public code's joint text-image rotations: "
-            f"it needs model.design={' or '.join(map(repr, joint))} with pos_embed ape or a RoPE scheme and "
+            f"it needs model.design={' or '.join(map(repr, designs))} with pos_embed ape or a RoPE scheme and "
             f"rope_layout='joint' (got design={m.design!r}, pos_embed={m.pos_embed!r}, "
             f"rope_layout={m.rope_layout!r})"
         )
@@ -399,7 +407,7 @@ def _validate_training(cfg: Config) -> None:
     if "refiner" in tc.trainable and not shallow:
         raise ConfigError(
             f"train.trainable={tc.trainable} names 'refiner' but model.design={cfg.model.design!r} has none "
-            f"(allowed with {variant_names('model.design', lambda t: not t.deep)}: their context embedder or "
+            f"(allowed with {shallow_designs()}: their context embedder or "
             "LI-DiT refiners)"
         )
     if "llm" not in tc.trainable:
@@ -478,11 +486,9 @@ def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> 
     wide, heads = fits(traits)
     if wide and heads:
         return
-    schemes = VARIANTS["model.pos_embed"].traits.items()
-    others = [name for name, t in schemes if t.places and all(fits(t))]
-    listed = " or ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
-    unplaced = next((name for name, t in schemes if not t.places), None)
-    instead = f"model.pos_embed {listed}" if others else f"model.pos_embed={unplaced!r} with conv_pos=true"
+    listed = variant_names("model.pos_embed", lambda t: t.places and all(fits(t)))
+    unplaced = next(iter(variants_where("model.pos_embed", lambda t: not t.places)), None)
+    instead = f"model.pos_embed {listed}" if listed else f"model.pos_embed={unplaced!r} with conv_pos=true"
     why = f" ({traits.fit_reason})" if traits.fit_reason else ""
     if not wide:
         step = traits.width_multiple

@@ -50,13 +50,14 @@ from fusedit.config import (
     model_identity,
     written_as_path,
 )
-from fusedit.data.loader import build_catalog, is_stream
+from fusedit.data.loader import build_catalog, build_dataset, is_stream, stream_reader_factory
 from fusedit.data.plan import PlannedDataset
 from fusedit.data.skips import SkipCounter, no_usable_samples
 from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
 from fusedit.files import (
     as_json_reads_back,
     check_output_folder,
+    counted,
     read_json,
     readable_by_all,
     readable_size,
@@ -148,8 +149,6 @@ class _CatalogItems(_Items):
 
 class _ShapesItems(_Items):
     def __init__(self, cfg: DataConfig, seed: int):
-        from fusedit.data.loader import build_dataset
-
         self.dataset = build_dataset(cfg, seed)
         self.total = len(self.dataset)
 
@@ -166,8 +165,6 @@ class _StreamItems(_Items):
     """A streaming hf dataset: one pass (epoch 0) as rank 0 of 1; finished positions are read, not decoded."""
 
     def __init__(self, cfg: DataConfig, decoder: SampleDecoder):
-        from fusedit.data.loader import stream_reader_factory
-
         self.make_reader, self.decoder = stream_reader_factory(cfg, decoder.seed, 0, 1), decoder
         self.reader, self.position = None, 0
 
@@ -573,7 +570,7 @@ def _cached_line(summary: dict, kept: int, out: Path) -> str:
     again: a caption edited since they were cached stays as it was (said for a partial rerun too)."""
     cached, tried = summary["samples"], summary["samples"] + sum(summary["skipped"].values())
     shards = summary["shards"]
-    line = f"cached {cached} of {tried} samples in {shards} shard{'s' * (shards != 1)} into {str(out)!r}"
+    line = f"cached {cached} of {counted(tried, 'sample')} in {counted(shards, 'shard')} into {str(out)!r}"
     if not kept:
         return line
     unread = "captions edited since are not read again: to re-read them, delete the folder or cache into another one"

@@ -30,8 +30,8 @@ counted, and ``loader.skipped_report()`` summarises the counts by reason (``fuse
 state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun,
 ``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning
 the data, which every rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the
-data looks unusable (``SkipWatch``). When no usable sample is left (every one skipped), reading raises a ConfigError with the
-counts.
+data looks unusable (``SkipWatch``). When no usable sample is left (every one skipped), reading raises a
+ConfigError with the counts.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 

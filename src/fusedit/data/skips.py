@@ -15,6 +15,7 @@ import json
 import logging
 
 from fusedit.config import ConfigError
+from fusedit.files import counted
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,6 @@ _WARN_MIN_TRIED = 50
 # order is shuffled (but for an hf stream's), so they estimate it to about 1%, and tracking every id met
 # would cost memory in proportion to the data. The end-of-training report and skipped list cover the run.
 _WARN_WINDOW = 10_000
-
-
-def _counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one: "1 sample", "3 times"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _shown(examples) -> str:
@@ -90,7 +86,7 @@ class SkipCounter:
             f"{reason} {n} (e.g. {_shown(self.ids[reason].items())})" for reason, n in self.counts().items()
         ]
         times = sum(self.times.values())
-        return f"skipped {_counted(self.total(), 'sample')} ({_counted(times, 'time')}): " + ", ".join(parts)
+        return f"skipped {counted(self.total(), 'sample')} ({counted(times, 'time')}): " + ", ".join(parts)
 
     def tally(self, shared: SkipCounter | None = None) -> dict:
         """The counts to merge with other processes' (``merged_skip_report``), apart for the skips of
@@ -166,8 +162,8 @@ def merged_skip_report(tallies: list[dict]) -> str:
         parts.append(f"{reason} {count} (e.g. {_shown(examples.items())})")
     how = [f"{planned} found while planning the data, counted once"] if planned else []
     how += [f"{read} met while reading, counted in each process that met them"] if read else []
-    counted = f"{_counted(planned + read, 'sample')} ({_counted(times, 'time')})"
-    return f"skipped {counted} {where} ({'; '.join(how)}): " + ", ".join(parts)
+    skipped = f"{counted(planned + read, 'sample')} ({counted(times, 'time')})"
+    return f"skipped {skipped} {where} ({'; '.join(how)}): " + ", ".join(parts)
 
 
 def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:

@@ -35,10 +35,9 @@ def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed
     return out
 
 
-def markdown_table(name: str, scores: dict, note: bool = True, never_on_shapes: bool = False) -> str:
+def markdown_table(name: str, scores: dict, note: bool = True) -> str:
     """One row: ``name``, the overall and each category; the categories in ``scores["untrained"]`` are
-    marked in the header and, with ``note``, named below the table (untrained_note, ``never_on_shapes``
-    its reason)."""
+    marked in the header and, with ``note``, named below the table (untrained_note)."""
     kinds = list(scores["per_category"])
     untrained = [k for k in kinds if k in scores.get("untrained", ())]
     head = "| model | overall | " + " | ".join(k + " (untrained)" * (k in untrained) for k in kinds) + " |\n"
@@ -49,14 +48,15 @@ def markdown_table(name: str, scores: dict, note: bool = True, never_on_shapes: 
     table = head + rule + row + " |\n"
     if not (untrained and note):
         return table
-    return table + f"\n{untrained_note(untrained, len(kinds), never_on_shapes)}\n"
+    return table + f"\n{untrained_note(untrained, len(kinds))}\n"
 
 
-def untrained_note(untrained: Sequence[str], categories: int, never_on_shapes: bool = False) -> str:
-    """What the scores of categories the model never trained on mean for the overall. ``never_on_shapes``:
-    the run never trained on the shapes world (a run on its own data keeps its preset's data.kinds, unread),
-    so the reason is not its data.kinds."""
-    if never_on_shapes:
+def untrained_note(untrained: Sequence[str], categories: int) -> str:
+    """What the scores of categories the model never trained on mean for the overall. Every one of the
+    ``categories`` untrained means the run never trained on the shapes world (a run's data.kinds is a
+    non-empty subset of them, and a run on its own data keeps its preset's data.kinds, unread), so the
+    reason is not its data.kinds."""
+    if len(untrained) == categories:
         return "every category untrained: the run never trained on data.source=shapes, the world scored here"
     return (
         f"{', '.join(untrained)} untrained: not in the run's data.kinds; the overall is over all {categories} "
@@ -175,8 +175,7 @@ def run_shapes_bench(
         scores["untrained"] = [k for k in scores["per_category"] if k not in trained_kinds]
     # Atomic: a study decides from scores.json whether a design is done, so it must never be half written.
     write_text_atomic(out / "scores.json", json.dumps(scores, indent=1))
-    never_on_shapes = trained_kinds is not None and not trained_kinds
-    write_text_atomic(out / "scores.md", markdown_table(name, scores, never_on_shapes=never_on_shapes))
+    write_text_atomic(out / "scores.md", markdown_table(name, scores))
     failed = [i for i, v in enumerate(scores["verdicts"]) if not v["correct"]][:worst]
     if failed:
         labels = [f"{scores['verdicts'][i]['text']}: {scores['verdicts'][i]['reason']}" for i in failed]

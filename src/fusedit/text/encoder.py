@@ -292,8 +292,9 @@ class TextEncoder(nn.Module):
         norm after RoPE) would otherwise give the DiT other keys than the LLM's attention uses, silently. One
         eager forward of 8 tokens (positions past 0, where RoPE layouts differ) compares the K/V of
         ``request``'s layers with the LLM's own cache. Called once, when build_model builds the model, so that
-        ``forward`` stays one plain LLM call that compiles to one graph. (A diffusers pipeline assembled by
-        hand around another LLM is not checked: FuseDiTPipeline wraps its components anew at each call.)"""
+        ``forward`` holds no check: the LLM's call and its K/V read (``compile_kv``), each compiled on its
+        own. (A diffusers pipeline assembled by hand around another LLM is not checked: FuseDiTPipeline wraps
+        its components anew at each call.)"""
         layers = (*request.kv_layers, *request.raw_kv_layers)
         device = next(self.llm.parameters()).device
         if not layers or device.type == "meta":

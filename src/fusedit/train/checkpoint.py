@@ -611,7 +611,8 @@ def check_same_model(
     Returns what ``cfg`` changes all the same, as "key: old -> new": the settings a resumed run may change
     (data, schedule, sampling, the kernels, a moved model folder), which may be meant but should not be
     silent. train.steps, the run's length, is left out (a resume says when it moves the learning rate:
-    loop._warn_schedule_change), and the keys ``unchanged`` names (a resume's own decision). ``saved``: the checkpoint's config, when the caller has it already."""
+    loop._warn_schedule_change), and the keys ``unchanged`` names (a resume's own decision). ``saved``:
+    the checkpoint's config, when the caller has it already."""
     saved = saved if saved is not None else load_checkpoint_config(ckpt)
     old, new = (flatten(to_dict(c), lists=True) for c in (saved, cfg))
     changed = []

@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 
 from fusedit.adapters import DENOISER, Parts, has_adapters, text_modules
 from fusedit.checkpoints import (
+    EMA_MOSTLY_START,
+    ema_start_share,
     find_checkpoint,
     load_checkpoint_config,
     load_state,
@@ -123,7 +125,8 @@ def train(
 
     The initial weights are drawn from torch's global generator seeded with train.seed, inside a fork of
     it: the caller's generator is as it was when train() returns, and train() calls in threads build the
-    weights a call alone would (a build_model elsewhere at the same time draws from the same generator). Ctrl+C raises KeyboardInterrupt with a note of what is kept and how to go on.
+    weights a call alone would (a build_model elsewhere at the same time draws from the same generator).
+    Ctrl+C raises KeyboardInterrupt with a note of what is kept and how to go on.
 
     Returns {"losses": [...] global mean loss of the steps run in this call, "step": the step the run is at
     now, "start_step": the step this call started from (both the same when it trained nothing: a run
@@ -300,8 +303,9 @@ def _resume_point(
     cfg: Config, run_dir: Path, env: DistEnv, resume: bool
 ) -> tuple[Config, Path | None, dict | None, Config | None, int]:
     """(config, checkpoint, its saved state, its saved config, its step) that the run continues from; (cfg,
-    None, None, None, 0) for a fresh run, or for --resume with no checkpoint yet. Checked against ``cfg`` before the (slow) model
-    build. A resumed run's config keeps the train.init_from it started from (_kept_init_from)."""
+    None, None, None, 0) for a fresh run, or for --resume with no checkpoint yet. Checked against ``cfg``
+    before the (slow) model build. A resumed run's config keeps the train.init_from it started from
+    (_kept_init_from)."""
     tc = cfg.train
     ckpt = None
     if resume:
@@ -453,10 +457,8 @@ def _warn_ema_holds_the_start(cfg: Config) -> None:
     the weights it started from at its end: a short run at the defaults (0.99 every 100 steps) barely moves
     it, or never updates it; a fine-tune then looks like it did nothing, and a run from scratch samples
     noise from its random initial weights."""
-    from fusedit.checkpoints import ema_start_share
-
     kept = ema_start_share(cfg, cfg.train.steps)
-    if cfg.sample.use_ema and kept > 0.5:
+    if cfg.sample.use_ema and kept > EMA_MOSTLY_START:
         log.warning(
             "the EMA weights, which sampling and export use (sample.use_ema), will still hold %.0f%% of "
             "%s at step %d (train.ema_decay=%g every train.ema_every=%d steps): lower them, or sample with "

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from fusedit.checkpoints import LOCK_FILE, find_checkpoint, load_state
+from fusedit.checkpoints import LOCK_FILE, load_state
 from fusedit.config import ConfigError
 from fusedit.files import write_text_atomic
 from fusedit.train import distributed
@@ -182,11 +182,9 @@ START_OVER = "pass resume=True to continue it, overwrite=True to delete it and s
 
 def refuse_a_run(run_dir: str | Path, advice: str = START_OVER) -> None:
     """RunExists when ``run_dir`` holds a checkpoint (one that sampling or a resume would find)."""
-    try:
-        step = int(load_state(find_checkpoint(run_dir))["step"])
-    except FileNotFoundError:
-        return
-    raise RunExists(str(run_dir), step, advice)
+    ckpt = last_checkpoint(Path(run_dir))
+    if ckpt is not None:
+        raise RunExists(str(run_dir), int(load_state(ckpt)["step"]), advice)
 
 
 def kept_checkpoint(run_dir: Path, replaced_before: float | None = None) -> tuple[Path | None, bool]:
