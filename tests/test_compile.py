@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from conftest import TINY_ARCH, counting_backend, randomize, tiny_config
+from conftest import POSITIONS, TINY_ARCH, counting_backend, randomize, tiny_config
 from fusedit.config import ConfigError, load_config
 from fusedit.models.base import compile_settings
 from fusedit.sample import generate, to_sampling_form
@@ -286,3 +286,46 @@ def test_max_autotune_is_a_compile_choice_of_sample_and_serve(tmp_path):
         assert _sampling_flags(args)["compile"] == "max-autotune"
     with pytest.raises(ConfigError, match="'max_autotune'.*max-autotune"):
         tiny_config(sample={"compile": "max_autotune"})
+
+
+LIDIT = {
+    "pos_embed": "none",
+    "conv_pos": True,
+    "refiner_depth": 1,
+    "refiner_heads": 4,
+    "pooled_text": "refined",
+}
+# Every design with every position scheme, the timestep conditionings, and LI-DiT's text side (refiner,
+# refined pooled text, conv positions) in front of each design: what train.compile compiles on a GPU.
+VARIANTS = [
+    *[
+        {"design": d, "pos_embed": p}
+        for d in ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
+        for p in POSITIONS
+    ],
+    *[{"timestep_conditioning": c} for c in ("adaln-single", "addition", "none")],
+    *[{"design": d, **LIDIT} for d in ("dit-self", "dit-cross")],
+]
+
+
+@pytest.mark.parametrize("model_cfg", VARIANTS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_compiled_parts_trace_without_a_graph_break(fresh_dynamo, model_cfg):
+    """A graph break splits a compiled block into graphs with eager Python between them (on a GPU: lost
+    fusions and launches, the MFU the variants must keep, issue 6): every design and variant's blocks, final
+    norm and K/V read trace whole, with and without grad, with and without a padding mask."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(tiny_config(model=model_cfg))
+    graphs = []
+    model.compile_parts(counting_backend(graphs), llm=False)
+    for enc, request in zip(model.encoders, model.denoiser.text_requests, strict=True):
+        enc.compile_kv(compile_settings(counting_backend(graphs)) if request.reads_kv else None)
+    counters.clear()
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    for prompts in (["a red circle", "two small green triangles above a blue square"], ["a red circle"] * 2):
+        text = model.encode_prompts(prompts)
+        model(x, t, text).pow(2).mean().backward()
+        with torch.no_grad():
+            model(x, t, text)
+    assert graphs, "nothing was compiled"
+    assert dict(counters["graph_break"]) == {}
