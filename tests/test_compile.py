@@ -312,7 +312,8 @@ VARIANTS = [
 def test_compiled_parts_trace_without_a_graph_break(fresh_dynamo, model_cfg):
     """A graph break splits a compiled block into graphs with eager Python between them (on a GPU: lost
     fusions and launches, the MFU the variants must keep, issue 6): every design and variant's blocks, final
-    norm and K/V read trace whole, with and without grad, with and without a padding mask."""
+    norm and K/V read trace whole, with and without grad, with and without a padding mask, and in guided
+    sampling over the cached text K/V."""
     from torch._dynamo.utils import counters
 
     model = build_model(tiny_config(model=model_cfg))
@@ -327,5 +328,6 @@ def test_compiled_parts_trace_without_a_graph_break(fresh_dynamo, model_cfg):
         model(x, t, text).pow(2).mean().backward()
         with torch.no_grad():
             model(x, t, text)
+    generate(model, ["a red circle", ""], image_size=16, steps=2, guidance=3.0, cache_text=True, seed=0)
     assert graphs, "nothing was compiled"
     assert dict(counters["graph_break"]) == {}
