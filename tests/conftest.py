@@ -14,6 +14,7 @@ from fusedit.flow import SAMPLERS, SCHEDULES
 from fusedit.layers.modulation import TIMESTEP_CONDITIONING
 from fusedit.layers.position import POSITION_SCHEMES
 from fusedit.models import DESIGNS
+from fusedit.models.base import POOLED_TEXT
 from fusedit.text.refiner import CONCATS
 from fusedit.text.templates import TEMPLATES
 
@@ -81,6 +82,7 @@ REGISTRIES = {
     "model.design": DESIGNS,
     "model.pos_embed": POSITION_SCHEMES,
     "model.timestep_conditioning": TIMESTEP_CONDITIONING,
+    "model.pooled_text": POOLED_TEXT,
     "model.refiner_concat": CONCATS,
     "text.template": TEMPLATES,
     "sample.sampler": SAMPLERS,

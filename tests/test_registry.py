@@ -19,6 +19,7 @@ from fusedit.cli import main
 from fusedit.config import (
     VARIANTS,
     ConfigError,
+    ModelConfig,
     SampleConfig,
     choices_of,
     config_from_dict,
@@ -29,6 +30,7 @@ from fusedit.flow import SAMPLERS, register_sampler
 from fusedit.layers.modulation import TIMESTEP_CONDITIONING
 from fusedit.layers.position import Rope1D
 from fusedit.models import DESIGNS, register_design, register_position_scheme, register_timestep_conditioning
+from fusedit.models.base import POOLED_TEXT
 from fusedit.system import build_model
 
 # A plugin as a user writes one: a midpoint sampler, a timestep conditioning that also adds the timestep
@@ -76,6 +78,12 @@ def test_every_registry_and_its_setting_allow_the_same_names():
     register_sampler("reg-same", SAMPLERS["euler"], one_step=True)
     assert list(VARIANTS["sample.sampler"].traits) == list(SAMPLERS) == ["euler", "heun", "reg-same"]
     assert choices_of(SampleConfig, "sampler") == ("euler", "heun", "reg-same")
+    from fusedit.models import register_pooled_text
+
+    register_pooled_text("reg-same", POOLED_TEXT["refined"], encoder=False, refined=True)
+    names = ["none", "refined", "clip", "reg-same"]
+    assert list(VARIANTS["model.pooled_text"].traits) == list(POOLED_TEXT) == names
+    assert choices_of(ModelConfig, "pooled_text") == tuple(names)
 
 
 def test_a_plugin_named_by_the_config_registers_what_its_values_name(tmp_path, monkeypatch):
@@ -435,3 +443,144 @@ def test_register_variant_refuses_traits_the_checks_cannot_read():
         assert str(e.value) == f"{setting}='reg-bare' traits={traits!r} are not allowed (allowed: {allowed})"
         assert "reg-bare" not in VARIANTS[setting].traits
     assert "register_variant" not in fusedit.config.__all__
+
+
+# A pooled-text modulation as a user writes one: LI-DiT's pooled refined text behind a learned scalar gate.
+POOLED_PLUGIN = """
+import torch
+from torch import nn
+
+from fusedit.layers.pool import masked_mean
+from fusedit.models import register_pooled_text
+
+
+class GatedRefinedPooledText(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.gate = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, temb, text, state):
+        return temb + self.gate * self.embed(masked_mean(state.context, state.mask))
+
+
+register_pooled_text(
+    "reg-gated", lambda pooled_dim, dim, eps: GatedRefinedPooledText(dim), encoder=False, refined=True
+)
+"""
+
+
+def test_a_registered_pooled_text_without_an_encoder_trains_and_modulates_the_dit(tmp_path, monkeypatch):
+    """model.pooled_text was a closed list (none, refined, clip): a pooled-text modulation of one's own could
+    not be named. A plugin's gated copy of LI-DiT's pooled refined text trains, is saved and loads back, and
+    its term reaches the output: with the gate at 0 it is exactly none."""
+    from fusedit.checkpoints import load_model
+    from fusedit.models.base import NoPooledText
+    from fusedit.train.loop import train
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "registry_plugin_pooled.py").write_text(POOLED_PLUGIN)
+    settings = ["train.steps=2", "train.batch_size=2", "train.checkpoint_every=2"]
+    cfg = load_config(
+        "debug-lidit", ["plugins=[registry_plugin_pooled]", "model.pooled_text=reg-gated", *settings]
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+    model, saved, _ = load_model(tmp_path / "run")
+    assert saved.model.pooled_text == "reg-gated"
+    assert type(model.denoiser.pooled).__name__ == "GatedRefinedPooledText"
+    randomize(model.denoiser)  # the adaLN modulation starts at 0: the timestep embedding would reach nothing
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t, text = torch.tensor([0.3, 0.8]), model.encode_prompts(["a red circle", "a square"])
+
+    def output():
+        with torch.no_grad():
+            return model.denoiser(x, t, text)
+
+    mine = output()
+    with torch.no_grad():
+        model.denoiser.pooled.gate.zero_()
+    closed = output()
+    model.denoiser.pooled = NoPooledText()
+    assert torch.equal(closed, output()) and not torch.allclose(mine, closed)
+
+
+def test_a_registered_pooled_text_with_an_encoder_builds_it_as_clip_does():
+    """The build loaded the second encoder for the name "clip" only: a copy of clip-mod under another name
+    got no pooled embedding (text.pooled None). Its ``encoder`` trait loads it, the pipeline hands it back,
+    and the copy computes exactly what clip does."""
+    from conftest import TINY_CLIP_ARCH, tiny_config
+    from fusedit.config import pooled_tokenizes_builtin
+    from fusedit.models import register_pooled_text
+    from fusedit.models.base import ClipPooledText
+    from fusedit.pipeline import FuseDiTPipeline
+    from fusedit.text.pooled import PooledTextEncoder
+
+    register_pooled_text("reg-clip", ClipPooledText, encoder=True)
+
+    def built(name):
+        cfg = tiny_config(model={"pooled_text": name}, pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 16})
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        randomize(model.denoiser)
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            text = model.encode_prompts(["a red circle", "a blue square"])
+            return model, cfg, model.denoiser(x, torch.tensor([0.3, 0.8]), text)
+
+    model, cfg, mine = built("reg-clip")
+    assert isinstance(model.pooled_text, PooledTextEncoder) and type(model.denoiser.pooled) is ClipPooledText
+    assert pooled_tokenizes_builtin(cfg)
+    assert torch.equal(mine, built("clip")[2])
+    back, _ = FuseDiTPipeline.from_model(model, cfg).to_fusedit()
+    assert back.pooled_text is not None and back.pooled_text.model is model.pooled_text.model
+
+
+def test_the_pooled_text_checks_ask_a_registered_variants_traits():
+    """The checks named "clip" and "refined": a registered variant that reads the second encoder, or the
+    refined text, was let through without it, to fail in the build or the first forward."""
+    from fusedit.models import register_pooled_text
+    from fusedit.models.base import ClipPooledText
+
+    register_pooled_text("reg-clip", ClipPooledText, encoder=True)
+    register_pooled_text("reg-refined", POOLED_TEXT["refined"], encoder=False, refined=True)
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["model.pooled_text=reg-clip"])
+    assert str(e.value) == (
+        "model.pooled_text='reg-clip' needs pooled_text.model_id (or a random-init pooled_text.arch)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["model.pooled_text=reg-refined"])
+    assert str(e.value) == (
+        "model.pooled_text='reg-refined' pools the refined text: set model.refiner_depth >= 1 (or "
+        "model.pooled_text none, clip or reg-clip)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config("debug-clip-mod", ["model.pooled_text=reg-clip", "model.timestep_conditioning=none"])
+    assert str(e.value) == (
+        "model.pooled_text='reg-clip' is added to the timestep embedding, but "
+        "model.timestep_conditioning='none' has none (allowed: adaln-zero, adaln-single or addition)"
+    )
+    assert load_config("debug-clip-mod", ["model.pooled_text=reg-clip"]).model.pooled_text == "reg-clip"
+
+
+def test_a_pooled_text_name_taken_or_unknown_and_traits_not_bools_are_one_line():
+    from fusedit.models import register_pooled_text
+    from fusedit.models.base import ClipPooledText
+
+    with pytest.raises(ValueError) as e:
+        register_pooled_text("clip", POOLED_TEXT["refined"], encoder=False, refined=True)
+    assert str(e.value) == (
+        "model.pooled_text='clip' is already registered (allowed: a name not yet taken, i.e. none of none, "
+        "refined, clip)"
+    )
+    assert POOLED_TEXT["clip"] is ClipPooledText and VARIANTS["model.pooled_text"].traits["clip"].encoder
+    with pytest.raises(ValueError, match=r"^encoder='yes' is not allowed \(allowed: True, False\)$"):
+        register_pooled_text("reg-yes", ClipPooledText, encoder="yes")
+    assert "reg-yes" not in POOLED_TEXT and "reg-yes" not in VARIANTS["model.pooled_text"].traits
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["model.pooled_text=reg-nope"])
+    assert str(e.value) == (
+        "model.pooled_text='reg-nope' is not allowed (allowed: none, refined, clip); to add one, register it "
+        "with fusedit.models.register_pooled_text in a module the config's plugins lists"
+    )

@@ -275,10 +275,11 @@ class FuseDiTPipeline(DiffusionPipeline):
             for (key, t), (tok, llm) in zip(text_sections(cfg), pairs)
         ]
         pooled = None
-        if cfg.model.pooled_text == "clip":
+        if variant_traits("model.pooled_text", cfg.model.pooled_text).encoder:
             if self.pooled_text_encoder is None or self.pooled_tokenizer is None:
                 raise ValueError(
-                    "the transformer reads a pooled CLIP embedding but the pipeline has no pooled_text_encoder"
+                    f"the transformer reads a pooled text embedding (model.pooled_text={cfg.model.pooled_text!r}) "
+                    "but the pipeline has no pooled_text_encoder"
                 )
             pooled = PooledTextEncoder(
                 self.pooled_text_encoder, self.pooled_tokenizer, cfg.pooled_text.max_length

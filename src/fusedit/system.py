@@ -27,6 +27,7 @@ from fusedit.config import (
     text_sections,
     tokenizes_builtin,
     uses_builtin_tokenizer,
+    variant_traits,
 )
 from fusedit.models import build_denoiser
 from fusedit.models.base import compile_settings, uncompile
@@ -383,7 +384,7 @@ def build_model(
     if uses_builtin_tokenizer(cfg):
         words = vocabulary if vocabulary is not None else builtin_words(cfg)
     pooled = None
-    if cfg.model.pooled_text == "clip":
+    if variant_traits("model.pooled_text", cfg.model.pooled_text).encoder:
         with torch.device(device) if meta else contextlib.nullcontext():
             builtin = None if meta or cfg.pooled_text.tokenizer else load_tokenizer(TextConfig(), words)
             pooled = load_pooled_encoder(cfg.pooled_text, device, builtin, shape_only=meta)

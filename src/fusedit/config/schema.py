@@ -99,6 +99,24 @@ class TimestepTraits:
 
 
 @dataclass(frozen=True)
+class PooledTextTraits:
+    """What the config and the build ask of a model.pooled_text: whether it reads the pooled embedding of
+    the second encoder the ``pooled_text`` section configures (``encoder``: it needs pooled_text.model_id or
+    arch, and the build passes that embedding's width as pooled_dim), whether it pools the refiners' output
+    (``refined``: it needs model.refiner_depth >= 1), and whether it adds anything to the timestep embedding
+    at all (``adds``: False only for none; the timestep conditioning must have an embedding otherwise)."""
+
+    encoder: bool
+    refined: bool = False
+    adds: bool = True
+
+    def __post_init__(self):
+        for name in ("encoder", "refined", "adds"):
+            if not isinstance(getattr(self, name), bool):  # "no" would read as True
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed (allowed: True, False)")
+
+
+@dataclass(frozen=True)
 class TemplateTraits:
     """What the config asks of a text.template: whether it has a turn for text.system_prompt, and whether
     it puts tokens of its own around every prompt (besides text.instruction)."""
@@ -167,6 +185,15 @@ VARIANTS: dict[str, Variants] = {
             "adaln-single": TimestepTraits(has_embedding=True),
             "addition": TimestepTraits(has_embedding=True),
             "none": TimestepTraits(has_embedding=False),
+        },
+    ),
+    "model.pooled_text": Variants(
+        "fusedit.models.register_pooled_text",
+        PooledTextTraits,
+        {
+            "none": PooledTextTraits(encoder=False, adds=False),
+            "refined": PooledTextTraits(encoder=False, refined=True),
+            "clip": PooledTextTraits(encoder=True),
         },
     ),
     "model.refiner_concat": Variants(
@@ -335,7 +362,8 @@ class ModelConfig:
     drop_instruction: bool = True
     # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
     # (LI-DiT), "clip" = a second encoder's pooled embedding (FuseDiT clip-mod, configured in pooled_text).
-    pooled_text: str = choice("none", "none", "refined", "clip")
+    # Their traits: VARIANTS; fusedit.models.register_pooled_text adds one.
+    pooled_text: str = variant("model.pooled_text", "none")
     # -- Options that reproduce the public FuseDiT code's numerics (fusedit.convert.fusedit_official); the
     # defaults are fusedit's own choices.
     # APE positions scaled by ape_base_size / grid, as diffusers' PatchEmbed does (its base_size: the training

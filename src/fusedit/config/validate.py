@@ -171,8 +171,10 @@ def tokenizes_builtin(text: TextConfig) -> bool:
 
 
 def pooled_tokenizes_builtin(cfg: Config) -> bool:
-    """Whether clip-mod's pooled CLIP tokenizes with the built-in word tokenizer (no pooled_text.tokenizer)."""
-    return cfg.model.pooled_text == "clip" and not cfg.pooled_text.tokenizer
+    """Whether the pooled-text encoder (clip-mod's CLIP; any model.pooled_text with the ``encoder`` trait)
+    tokenizes with the built-in word tokenizer (no pooled_text.tokenizer)."""
+    encoder = variant_traits("model.pooled_text", cfg.model.pooled_text).encoder
+    return encoder and not cfg.pooled_text.tokenizer
 
 
 def uses_builtin_tokenizer(cfg: Config) -> bool:
@@ -386,14 +388,19 @@ def _validate_model(cfg: Config) -> None:
         )
     for _, problem in noop_settings(cfg):
         raise ConfigError(problem)
-    if m.pooled_text == "refined" and not m.refiner_depth:
-        raise ConfigError("model.pooled_text='refined' pools the refined text: set model.refiner_depth >= 1")
-    if m.pooled_text == "clip" and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):
+    pooled = variant_traits("model.pooled_text", m.pooled_text)
+    if pooled.refined and not m.refiner_depth:
         raise ConfigError(
-            "model.pooled_text='clip' needs pooled_text.model_id (or a random-init pooled_text.arch)"
+            f"model.pooled_text={m.pooled_text!r} pools the refined text: set model.refiner_depth >= 1 "
+            f"(or model.pooled_text {variant_names('model.pooled_text', lambda t: not t.refined)})"
+        )
+    if pooled.encoder and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):
+        raise ConfigError(
+            f"model.pooled_text={m.pooled_text!r} needs pooled_text.model_id (or a random-init "
+            "pooled_text.arch)"
         )
     has_embedding = variant_traits("model.timestep_conditioning", m.timestep_conditioning).has_embedding
-    if m.pooled_text != "none" and not has_embedding:
+    if pooled.adds and not has_embedding:
         embedded = variant_names("model.timestep_conditioning", lambda t: t.has_embedding)
         raise ConfigError(
             f"model.pooled_text={m.pooled_text!r} is added to the timestep embedding, but "

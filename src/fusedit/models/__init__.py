@@ -1,21 +1,26 @@
 """Denoiser designs; a registry picks one when the model is built. The register functions add a variant of
-your own (a design, a position scheme, a timestep conditioning) under a new name that configs may then name,
-with the traits the config checks and the build ask instead of the name (fusedit.config.VARIANTS)."""
+your own (a design, a position scheme, a timestep conditioning, a pooled-text modulation) under a new name
+that configs may then name, with the traits the config checks and the build ask instead of the name
+(fusedit.config.VARIANTS)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
+
+from torch import nn
 
 from fusedit.config import (
     DesignTraits,
     ModelConfig,
+    PooledTextTraits,
     PositionTraits,
     TimestepTraits,
     register_variant,
 )
 from fusedit.layers.modulation import TIMESTEP_CONDITIONING, TimestepConditioning
 from fusedit.layers.position import POSITION_SCHEMES, PositionScheme
-from fusedit.models.base import DiT
+from fusedit.models.base import POOLED_TEXT, DiT
 from fusedit.models.fusedit import DeepFusionCrossDiT, DeepFusionDiT
 from fusedit.models.shallow import CrossAttentionDiT, SelfAttentionDiT
 from fusedit.text.spec import LLMSpec
@@ -74,6 +79,24 @@ def register_timestep_conditioning(
     which is added to it, is refused). A name already taken is a ValueError."""
     register_variant("model.timestep_conditioning", name, TimestepTraits(has_embedding=has_embedding))
     TIMESTEP_CONDITIONING[name] = cls
+
+
+def register_pooled_text(
+    name: str,
+    builder: Callable[[int | None, int, float], nn.Module],
+    *,
+    encoder: bool,
+    refined: bool = False,
+) -> None:
+    """``model.pooled_text=name`` builds ``builder(pooled_dim, dim, eps)`` (a class or function: the DiT's
+    width, its norms' eps), a module whose ``forward(temb, text, state)`` returns the timestep embedding
+    (B, dim) with its own term added; ``text`` is the TextContext, ``state`` what the design's
+    ``prepare_text`` made of it (the shallow designs' ``TextTokens``). ``encoder``: it reads ``text.pooled``,
+    the pooled embedding of the second encoder the ``pooled_text`` section configures (that section then
+    needs a model_id or arch; pooled_dim is the embedding's width, else None). ``refined``: it pools the
+    refiners' output (model.refiner_depth >= 1). A name already taken is a ValueError."""
+    register_variant("model.pooled_text", name, PooledTextTraits(encoder=encoder, refined=refined))
+    POOLED_TEXT[name] = builder
 
 
 def build_denoiser(cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs) -> DiT:

@@ -16,7 +16,7 @@ The position scheme and the timestep conditioning are picked here from the confi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -139,11 +139,13 @@ class RefinedPooledText(nn.Module):
         return temb + self.embed(masked_mean(state.context, state.mask))
 
 
-# model.pooled_text: what joins the timestep embedding, built from (pooled_dim, dim, eps).
-POOLED_TEXT = {
+# model.pooled_text: what joins the timestep embedding, built from (pooled_dim, dim, eps) (pooled_dim: the
+# second encoder's width for a variant with the ``encoder`` trait, else None); fusedit.models.
+# register_pooled_text adds one.
+POOLED_TEXT: dict[str, Callable[[int | None, int, float], nn.Module]] = {
     "none": lambda pooled_dim, dim, eps: NoPooledText(),
-    "clip": ClipPooledText,
     "refined": lambda pooled_dim, dim, eps: RefinedPooledText(dim),
+    "clip": ClipPooledText,
 }
 
 
