@@ -5,9 +5,11 @@ which (``llm_shape_from``).
 
 Training: images/s, achieved TFLOP/s from the model's own FLOP count (3 x DiT forward + 1 x LLM forward per
 image, ``fusedit.models.flops``), MFU against a matmul peak measured on the spot, peak memory. A step is what
-``fusedit train`` runs: one LLM forward, the DiT's forward and backward at logit-normal times, clipping,
-the run's AdamW (``train.stages.Optimizers``) and its EMA (held in memory; what its update, every
-``train.ema_every`` steps, adds to the steps it overlaps is timed apart and added per step). Sampling:
+``fusedit train`` runs, by its own functions (``fusedit.train.loop``: flow_backward, finish_gradients,
+take_update) on the parts train.trainable trains: one LLM forward, the DiT's forward and backward at
+logit-normal times, clipping, the learning rate, the run's AdamW (``train.stages.Optimizers``) and its EMA
+(held in memory; what its update, every ``train.ema_every`` steps, adds to the steps it overlaps is timed
+apart and added per step). Sampling:
 images/s and seconds per image for N steps with guidance, with and without the text cache. Warm-up runs are
 excluded; the figure is the median of the repeats, timed with CUDA events on a GPU (perf_counter on CPU); a
 training repeat times STEPS_PER_TIMING steps back to back, as a run takes them, a sampling repeat one
@@ -18,8 +20,8 @@ kernels that ran (read from the profiler, as "auto" picks one per call).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import statistics
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fusedit.adapters import Parts, merge_adapters, trained_modules
 from fusedit.config import (
     Config,
     TextConfig,
@@ -40,14 +43,15 @@ from fusedit.config import (
     text_sections,
 )
 from fusedit.devices import host_to_device
-from fusedit.flow import flow_loss, interpolate, sample, sample_training_times
+from fusedit.flow import interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
-from fusedit.system import TextToImage, build_model, count_parameters
+from fusedit.system import TextToImage, build_model, count_parameters, seeded
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
 from fusedit.train.ema import EMA
-from fusedit.train.stages import Optimizers
+from fusedit.train.loop import autocast_for, finish_gradients, flow_backward, take_update, text_autocast
+from fusedit.train.stages import Optimizers, apply_parts
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,8 @@ def source_commit(source: Path = Path(__file__)) -> str | None:
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
     """Measured dense matmul rate (FLOP/s) on this device: the MFU denominator."""
     n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device).manual_seed(0)  # not the global generator, which is the caller's
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
     seconds = time_it(lambda: a @ b, device, warmup=2, repeats=repeats)
     return 2 * n**3 / seconds
 
@@ -234,19 +239,15 @@ def synthetic_text(
 @dataclasses.dataclass
 class BenchSetup:
     model: TextToImage
+    # train.precision and sample.precision are the run's ("bf16", or "fp32" under --fp32 or on the CPU).
     cfg: Config
     device: torch.device
-    bf16: bool
     peak: float
     # Each LLM timed (text, extra_text.0, ...), recorded with every measurement (levers): its model_id as
     # configured (None for none; cfg's are cleared for the random init), where its timed shape came from
     # ("model_id" or "arch": random_init_text), and the shape, each a list over the LLMs.
     llm: dict
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when the run is bf16, else nothing."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 # What a saved LLM config records beside its shape: not part of the arch a random init is built from.
@@ -290,8 +291,11 @@ def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
-    """Random weights of the config's shape (each LLM's: random_init_text), no VAE."""
-    # Sampling runs under the same precision as the training steps (sample.precision follows --fp32).
+    """Random weights of the config's shape (each LLM's: random_init_text), no VAE, made ready to train
+    as `fusedit train` makes them: compiled (train.compile), the parts train.trainable trains set to train
+    (LoRA adapters added), gradient checkpointing (train.grad_checkpointing). The weights are drawn in a
+    fork of torch's global generators: the caller's are left as they were."""
+    # Training and sampling run under one precision, bf16 unless --fp32 (train.precision, sample.precision).
     precision = "bf16" if bf16 else "fp32"
     sections = text_sections(cfg)
     texts, shape_from = zip(*(random_init_text(t, key) for key, t in sections), strict=True)
@@ -300,16 +304,18 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
         cfg,
         text=texts[0],
         extra_text=list(texts[1:]),
+        train=dataclasses.replace(cfg.train, precision=precision),
         sample=dataclasses.replace(cfg.sample, precision=precision),
         # The built-in tokenizer only stands in for the LLM's (its ids are never read): no warning that
         # the data's words are not in it (system.builtin_words).
         data=dataclasses.replace(cfg.data, source="shapes"),
     )
-    torch.manual_seed(0)
-    model = build_model(cfg, device, with_autoencoder=False)
-    # The same training-time levers as `fusedit train`, read from the config (train.compile, ...).
-    model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
+    with seeded(0, device):
+        model = build_model(cfg, device, with_autoencoder=False)
+    # In the order of `fusedit train` (train.loop: _train, then _train_stages for the first stage).
     model.compile_parts(cfg.train.compile, cfg.train.activation_memory_budget)
+    apply_parts(model, Parts.of(cfg.train), None, seed=cfg.train.seed, stage=0)
+    model.denoiser.set_gradient_checkpointing(cfg.train.grad_checkpointing)
     dtype = torch.bfloat16 if bf16 else torch.float32
     llm = {
         "llm_model_id": model_ids,
@@ -319,7 +325,7 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
         "llm_layers_run": [enc.llm.config.num_hidden_layers for enc in model.encoders],  # the design's
         "llm_hidden": [enc.llm.config.hidden_size for enc in model.encoders],
     }
-    return BenchSetup(model, cfg, device, bf16, matmul_peak(device, dtype), llm)
+    return BenchSetup(model, cfg, device, matmul_peak(device, dtype), llm)
 
 
 def warn_text_tokens(s: BenchSetup, tokens: int) -> None:
@@ -348,9 +354,11 @@ def warn_text_tokens(s: BenchSetup, tokens: int) -> None:
 
 
 def use_sampling_form(s: BenchSetup) -> None:
-    """What `fusedit sample` does to a loaded model (sample.fuse_projections, sample.bf16_weights); one-way,
-    so every training measurement comes first."""
+    """What `fusedit sample` does to a loaded model: LoRA adapters merged (as load_model merges them), then
+    sample.fuse_projections, sample.bf16_weights; one-way, so every training measurement comes first."""
     if not s.sampling_form:
+        for module in trained_modules(s.model).values():
+            merge_adapters(module)
         to_sampling_form(s.model, s.cfg)
         s.sampling_form = True
 
@@ -386,6 +394,11 @@ def bench_train(
     repeats: int,
     min_tokens: int | None = None,
 ) -> dict:
+    """The training step of `fusedit train` (train.loop's flow_backward, finish_gradients, take_update) on
+    a synthetic batch: ``batch`` random latents at ``resolution``, fixed over the steps, and random token ids
+    of ``tokens`` (with ``min_tokens``, of real lengths drawn in min_tokens..tokens per step:
+    prompt_lengths). One record: its time per step (STEPS_PER_TIMING steps back to back, the median of
+    ``repeats`` after ``warmup`` untimed steps), throughput, FLOPs and MFU, peak memory, and how it was made."""
     cfg, device, denoiser = s.cfg, s.device, s.model.denoiser
     side = resolution // cfg.vae.downsample
     gen, tgen = torch.Generator().manual_seed(0), torch.Generator(device).manual_seed(0)
@@ -400,22 +413,23 @@ def bench_train(
     ema = EMA(denoiser, tc.ema_decay, offload=tc.ema_offload)
     denoiser.train()
     widths = []  # the trimmed text length of each LLM at every timed step
+    schedule_steps = itertools.count()  # each step's learning rate is that of a run's step as many in
 
     def step(lengths=None):
         if lengths is None:
             lengths = prompt_lengths(batch, tokens, min_tokens, lgen)
-        text = synthetic_text(s.model, lengths, tokens, tgen)  # a training step includes one LLM forward
-        widths.append([c.mask.shape[1] for c in text.all])
-        with s.autocast():
-            v = denoiser(interpolate(x0, noise, t), t, text)
-        loss = flow_loss(v, x0, noise)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        # The run's one host sync of a step: it reads the logged values before the optimizer step.
-        torch.stack([loss.detach().float(), norm.float()]).tolist()
-        ema.settle()  # as the run does: a host-held EMA's pending copies before the weights change
-        opts.step()
-        opts.zero_grad()
+
+        def text() -> TextContext:  # a training step includes one LLM forward
+            context = synthetic_text(s.model, lengths, tokens, tgen)
+            widths.append([c.mask.shape[1] for c in context.all])
+            return context
+
+        loss, _ = flow_backward(denoiser, text, x0, noise, t, tc, device)
+        # Random ids of the batch's lengths: no prompt is cut, a count the run's host sync reads all the same.
+        loss_value, norm, *_ = finish_gradients(
+            opts, params, tc, next(schedule_steps), tc.steps, loss, torch.zeros_like(loss)
+        )
+        take_update(opts, ema, loss_value, norm)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -439,10 +453,11 @@ def bench_train(
     ema.wait()  # raises what a host-held update raised
     seconds += ema_seconds / tc.ema_every
     # The denoiser's kernels: its forward alone, autograd on as in a step (the LLM's attention runs first).
-    text = synthetic_text(s.model, prompt_lengths(batch, tokens, min_tokens, lgen), tokens, tgen)
+    with text_autocast(tc, device):
+        text = synthetic_text(s.model, prompt_lengths(batch, tokens, min_tokens, lgen), tokens, tgen)
 
     def forward():
-        with s.autocast():
+        with autocast_for(tc.precision, device):
             denoiser(interpolate(x0, noise, t), t, text)
 
     kernels = attention_kernels(forward)

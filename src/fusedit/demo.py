@@ -9,21 +9,22 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from fusedit.checkpoints import load_model
 from fusedit.config import Config
 from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
-from fusedit.system import resolve_device
+from fusedit.system import resolve_device, seeded
 from fusedit.train.loop import train
 from fusedit.train.run_folder import refuse_a_run
 
 
 def sample_sheet(run_dir: Path, cfg: Config, prompts=DEMO_PROMPTS, seeds=(0, 1), progress=True) -> Path:
     device = resolve_device(cfg.train.device)
-    model, cfg, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+    # The build draws random weights, which the checkpoint's replace, from torch's global generators: in a
+    # fork of them, so that the caller's are left as they were (generate draws from its own generators).
+    with seeded(None, device):
+        model, cfg, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
     images, labels = [], []
     for seed in seeds:
         out = generate(model, list(prompts), seed=seed, **sample_settings(cfg))
@@ -57,7 +58,6 @@ def run_demo(cfg: Config, run_dir: Path, progress: bool = True, overwrite: bool 
         json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
     plot_curve(losses, run_dir / "loss.png", title=f"{cfg.name}: flow-matching loss", smooth=25)
-    torch.manual_seed(0)
     grid = sample_sheet(run_dir, cfg, progress=progress)
     # The last 50 (fewer below 50 steps), without steps skipped for a NaN/inf loss (train.max_bad_steps).
     recent = [loss for loss in result["losses"][-50:] if math.isfinite(loss)]

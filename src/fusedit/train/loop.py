@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -52,6 +53,7 @@ from fusedit.config import (
     ConfigError,
     RunStopped,
     Stage,
+    TrainConfig,
     checked,
     is_shallow,
     resolved_stages,
@@ -63,6 +65,7 @@ from fusedit.devices import host_to_device
 from fusedit.files import remove_folder
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
+from fusedit.text.context import TextContext
 from fusedit.train import distributed
 from fusedit.train.checkpoint import (
     CheckpointNotSaved,
@@ -611,13 +614,10 @@ class _Run:
                 )
             self.truncated += truncated
             # Every rank sees the same global loss and gradient norm, so all skip or all step together.
-            if math.isfinite(loss) and math.isfinite(norm):
-                ema.settle()  # the host-held EMA's copies of the weights are done before they change
-                opts.step()
+            if take_update(opts, ema, loss, norm):
                 self.bad_in_row = 0
-            else:  # skip the update: the weights stay as they were
+            else:
                 self._count_bad_step(step, loss, norm, tc.max_bad_steps)
-            opts.zero_grad()
             if (step + 1) % tc.ema_every == 0:
                 ema.update(self.model.denoiser)
             self.losses.append(loss)
@@ -867,7 +867,8 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 class _Step:
     """One stage's training step: this rank's rows of the step's global batch -> text context -> x_t ->
     flow-matching loss -> gradients averaged over ranks and clipped, learning rates set. The caller steps
-    AdamW (or skips a NaN step) and the EMA."""
+    AdamW (or skips a NaN step: take_update) and the EMA. The numeric core (flow_backward, finish_gradients,
+    take_update) lives in module functions, which `fusedit bench` times as its training step."""
 
     def __init__(self, run: _Run, stage: Stage, forward, stage_parallel: str, opts: Optimizers) -> None:
         tc, env = stage.config.train, run.env
@@ -879,11 +880,6 @@ class _Step:
         self.micro, self.accum = tc.batch_size, tc.grad_accum
         self.global_batch = self.micro * self.accum * env.world_size
         self.first_row = env.rank * self.micro * self.accum  # this rank's rows in the step's global batch
-        self.autocast = autocast_for(tc.precision, env.device)
-        # A trained LLM runs under the same autocast as the denoiser; a frozen one in its own dtype.
-        self.text_autocast = (
-            autocast_for(tc.precision, env.device) if Parts.of(tc).llm else contextlib.nullcontext()
-        )
         self.params = opts.parameters()  # every trained weight: clipped together
         # The first caption this rank's encoders cut, for the run's warning.
         self.cut_example: str | None = None
@@ -915,20 +911,10 @@ class _Step:
         # full_like fills on the device, where a copy from the host would wait for the step's kernels.
         step_sums = torch.stack([loss_sum / self.accum, torch.full_like(loss_sum, truncated)])
         loss_mean, truncated_mean = distributed.mean_over_ranks(step_sums, self.env)
-        grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip))
-        # Each stage's schedule counts from its own first step; every module scales its own base lr.
-        rate = functools.partial(
-            learning_rate,
-            step - self.stage.start,
-            warmup=tc.warmup_steps,
-            schedule=tc.schedule,
-            total=self.stage.steps,
+        # Each stage's schedule counts from its own first step.
+        loss_value, norm_value, truncated_value, lr, lrs = finish_gradients(
+            self.opts, self.params, tc, step - self.stage.start, self.stage.steps, loss_mean, truncated_mean
         )
-        lr, lrs = rate(tc.lr), self.opts.set_lr(rate)
-        # The one host sync of a step (logging needs these anyway).
-        loss_value, norm_value, truncated_value = torch.stack(
-            [loss_mean.float(), grad_norm.float(), truncated_mean.float()]
-        ).tolist()
         return loss_value, norm_value, round(truncated_value * self.env.world_size), lr, lrs
 
     def micro_step(
@@ -947,18 +933,19 @@ class _Step:
         x0 = self.latents(batch, local, step, rows)  # (micro, C, h, w)
         noise = host_to_device(sample_noise(self.seed, step, rows, x0.shape[1:]), device)
         t = host_to_device(times[rows.start : rows.stop], device)  # (micro,)
-        with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
+
+        def text() -> TextContext:
             # One LLM forward per micro-batch: without autograd when frozen; when it trains, its
             # graph runs from its lowest trainable layer to the text K/V the image queries read.
-            with self.text_autocast:
-                text = self.model.encode_prompts(captions)
-            for llm in self.sharded_llms:
+            context = self.model.encode_prompts(captions)
+            for llm in self.sharded_llms:  # frees the gathered weights: no arithmetic
                 distributed.reshard(llm)
-            with self.autocast:
-                v = self.forward(interpolate(x0, noise, t), t, text)
-            loss = flow_loss(v, x0, noise)
-            (loss / self.accum).backward()
-        return loss.detach(), [captions[i] for i in sorted(text.cut.prompts)]
+            return context
+
+        tc = self.stage.config.train
+        with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
+            loss, context = flow_backward(self.forward, text, x0, noise, t, tc, device, self.accum)
+        return loss, [captions[i] for i in sorted(context.cut.prompts)]
 
     def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
         """The micro-batch's latents: pre-encoded by cache-latents (checked against the VAE before the
@@ -969,6 +956,71 @@ class _Step:
         generators = sample_generators(self.seed, step, rows, stream="vae/")
         images = host_to_device(batch["image"][local], self.env.device)
         return self.model.autoencoder.encode(images, generators)
+
+
+def text_autocast(tc: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast of a step's text forward: a trained LLM (LoRA adapters, its top layers) runs under the
+    denoiser's; a frozen one in its own dtype."""
+    return autocast_for(tc.precision, device) if Parts.of(tc).llm else contextlib.nullcontext()
+
+
+def flow_backward(
+    forward,
+    text: Callable[[], TextContext],
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    tc: TrainConfig,
+    device: torch.device,
+    accum: int = 1,
+) -> tuple[torch.Tensor, TextContext]:
+    """Forward and backward of one micro-batch, the numeric core of a training step (`fusedit bench` times
+    it too): its text context from ``text()`` under text_autocast, the velocity ``forward`` (the denoiser,
+    or its DDP/FSDP wrapper) predicts at x_t between the latents ``x0`` and ``noise`` at times ``t``, under
+    train.precision's autocast, and the flow-matching loss, whose gradients are scaled by 1 / ``accum``
+    (grad_accum micro-steps add up to their mean's). Returns the loss, detached, and the text context."""
+    with text_autocast(tc, device):
+        context = text()
+    with autocast_for(tc.precision, device):
+        v = forward(interpolate(x0, noise, t), t, context)
+    loss = flow_loss(v, x0, noise)
+    (loss / accum).backward()
+    return loss.detach(), context
+
+
+def finish_gradients(
+    opts: Optimizers,
+    params: list[torch.nn.Parameter],
+    tc: TrainConfig,
+    step: int,
+    steps: int,
+    loss: torch.Tensor,
+    truncated: torch.Tensor,
+) -> tuple[float, float, float, float, dict[str, float]]:
+    """A step's gradients made ready for AdamW: ``params`` (every trained weight) clipped together to
+    train.grad_clip; every optimizer given its learning rate at ``step`` of a schedule of ``steps`` (each
+    module scales its own base lr); then the step's one host sync (logging needs these anyway) reads the
+    device scalars ``loss`` and ``truncated`` with the gradient norm. Returns (loss, gradient norm before
+    clipping, truncated, lr, lr by module) as host values."""
+    grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+    rate = functools.partial(learning_rate, step, warmup=tc.warmup_steps, schedule=tc.schedule, total=steps)
+    lr, lrs = rate(tc.lr), opts.set_lr(rate)
+    loss_value, norm_value, truncated_value = torch.stack(
+        [loss.float(), grad_norm.float(), truncated.float()]
+    ).tolist()
+    return loss_value, norm_value, truncated_value, lr, lrs
+
+
+def take_update(opts: Optimizers, ema: EMA, loss: float, norm: float) -> bool:
+    """AdamW's step on the finished gradients, unless the loss or gradient norm is NaN/inf: the update is
+    then skipped and the weights stay as they were. The gradients are zeroed either way. Returns whether
+    the weights were updated."""
+    updated = math.isfinite(loss) and math.isfinite(norm)
+    if updated:
+        ema.settle()  # the host-held EMA's copies of the weights are done before they change
+        opts.step()
+    opts.zero_grad()
+    return updated
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
