@@ -725,6 +725,44 @@ def test_ctrl_c_before_the_work_starts_says_nothing_was_written(tmp_path, capsys
     assert capsys.readouterr().err == "fusedit: interrupted: stopped before the end\n"
 
 
+@pytest.mark.parametrize("bug", [ValueError("boom"), TypeError("boom")], ids=["ValueError", "TypeError"])
+def test_a_bug_inside_a_command_keeps_its_traceback_while_bad_input_is_one_line(capsys, monkeypatch, bug):
+    """Bad input (a ConfigError) and what the system refused (an OSError) are one line and exit status 2. A
+    plain ValueError or TypeError (a bad unpacking, numpy's broadcasting, int() of bad data) is a bug: it
+    leaves main with its traceback, where a line without a location would read as a config typo."""
+    import fusedit.cli.describe
+    from fusedit.config import ConfigError
+
+    def raising(error):
+        def run(*args, **kwargs):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(fusedit.cli.describe, "to_yaml", raising(bug))
+    with pytest.raises(type(bug), match="^boom$"):
+        main(["config", "debug"])
+    for error in (ConfigError("train.lr=-1 is not allowed"), PermissionError("cannot write /x")):
+        monkeypatch.setattr(fusedit.cli.describe, "to_yaml", raising(error))
+        assert main(["config", "debug"]) == 2
+        assert _one_line_error(capsys) == f"fusedit: error: {error}"
+
+
+def test_refiner_heads_that_do_not_divide_the_width_are_refused_before_the_run_folder(tmp_path, capsys):
+    """model.refiner_heads is checked at load, against the refiner's width: it failed at the build, after
+    the run folder was made and locked (train.lock left behind)."""
+    run = tmp_path / "run"
+    argv = ["train", "debug-lidit", "model.refiner_heads=7", "--out", str(run), "train.steps=1"]
+    assert main(argv) == 2
+    assert _one_line_error(capsys) == (
+        "fusedit: error: model.refiner_heads=7 does not divide the refiner width (model.dit_hidden_size=128) "
+        "into whole heads (allowed: a divisor of 128)"
+    )
+    assert not run.exists()
+    assert main(["config", "debug-lidit", "model.refiner_heads=7"]) == 2  # no build needed to see it
+    assert "model.refiner_heads=7 does not divide" in _one_line_error(capsys)
+
+
 def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
     tmp_path, capsys, monkeypatch
 ):

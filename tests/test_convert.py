@@ -318,6 +318,37 @@ def test_fusedit_own_pipeline_folder_is_refused_as_needing_no_conversion(tmp_pat
             load_official(part)
 
 
+def test_damaged_weights_an_index_without_weight_map_and_a_config_not_utf8_are_one_line(tmp_path):
+    """safetensors' own error, json's on a damaged index, a KeyError on an index without its map and the
+    UnicodeDecodeError of a config in another encoding: each names the file and what is allowed (a plain
+    ValueError or another exception is a bug's traceback at the CLI)."""
+    save_file({"w": torch.zeros(64)}, tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").write_bytes(
+        (tmp_path / "model.safetensors").read_bytes()[:40]
+    )  # cut short
+    with pytest.raises(ConfigError) as e:
+        read_state_dict(tmp_path / "model.safetensors")
+    assert str(e.value) == (
+        f"{str(tmp_path / 'model.safetensors')!r} is not a readable safetensors file (Error while deserializing "
+        "header: invalid header length; a damaged copy? download it again)"
+    )
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ConfigError) as e:
+        read_state_dict(index)
+    assert str(e.value) == (
+        f'{str(index)!r} has no weight_map (allowed: a safetensors index: {{"weight_map": {{name: shard file}}}})'
+    )
+    index.write_text("{cut sho")
+    with pytest.raises(ConfigError, match=r"^cannot read .*index.json': Expecting property name"):
+        read_state_dict(index)
+    (tmp_path / "config.json").write_bytes(b"\x89PNG")
+    with pytest.raises(
+        ConfigError, match=r"^cannot read .*config.json': 'utf-8' codec can't decode byte 0x89"
+    ):
+        load_official(tmp_path / "model.safetensors", config=tmp_path / "config.json")
+
+
 def test_missing_zstandard_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "ema.pt.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     monkeypatch.setitem(sys.modules, "zstandard", None)

@@ -261,10 +261,17 @@ def test_shapes_can_be_cached_and_missing_cache_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("sizes", "message"), [((0, 3), "batch_size=0 is not allowed"), ((2, -1), "shard_size=-1 is")]
+    ("sizes", "message"),
+    [
+        ((0, 3), "batch_size=0 is not allowed (allowed: an integer >= 1)"),
+        ((2, -1), "shard_size=-1 is not allowed (allowed: an integer >= 1)"),
+        # A string from a caller's own argument parsing: compared with 1, it was a TypeError ("3" < 1).
+        (("3", 3), "batch_size='3' is not allowed (allowed: an integer >= 1)"),
+        ((2, 2.5), "shard_size=2.5 is not allowed (allowed: an integer >= 1)"),
+    ],
 )
 def test_cache_latents_rejects_batch_and_shard_sizes_below_one(tmp_path, sizes, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         cache_latents(
             _data(tmp_path / "images"), VAEConfig(), tmp_path / "out", *sizes, "cpu", progress=False
         )

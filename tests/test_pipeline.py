@@ -319,10 +319,10 @@ def test_what_is_not_a_fusedit_pipeline_fails_in_one_line(tmp_path):
         ({"width": "16"}, f"width='16' is not allowed {multiple}"),
         (
             {"num_inference_steps": 0},
-            "num_inference_steps=0 is not allowed (allowed: a positive whole number)",
+            "num_inference_steps=0 is not allowed (allowed: an integer >= 1)",
         ),
         ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 is not allowed"),
-        ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 is not allowed (allowed: a positive whole"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 is not allowed (allowed: an integer >= 1)"),
         (
             {"guidance_scale": float("nan")},
             "guidance_scale=nan is not allowed (allowed: a finite number >= 0)",

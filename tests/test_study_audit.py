@@ -51,6 +51,18 @@ def test_a_label_or_key_written_twice_in_a_study_file_is_refused(tmp_path):
         load_study(study)
 
 
+def test_a_study_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """Its UnicodeDecodeError is a ValueError, which the CLI no longer reports for a bug's sake: the study is
+    named, and what is allowed."""
+    study = tmp_path / "s.yaml"
+    study.write_bytes(b"\xff\xfename: s\n")
+    assert main(["study", str(study), "--check"]) == 2
+    assert _one_line_error(capsys) == (
+        f"study {str(study)!r} is not UTF-8 text (byte 0: invalid start byte) (allowed: a UTF-8 YAML file, e.g. "
+        "studies/*.yaml)"
+    )
+
+
 def test_a_staged_design_refuses_a_train_steps_it_would_ignore():
     """A staged run's length is its stages' sum: the base's train.steps (set to shorten a study) left the
     staged design at its full 1600 steps, silently, where `fusedit train` refuses it."""

@@ -5,8 +5,9 @@ and LI-DiT. Start from ``fusedit.config.load_config`` and ``fusedit.system.build
 
 The modules form four tiers; a module imports only from its own tier and the tiers listed before it:
 
-1. Utilities: ``files`` (atomic file writes), ``devices`` (host-to-device copies).
-2. Model assembly: ``config`` (the schema), ``presets`` (the named configs, YAML), ``imaging`` (PNGs,
+1. Utilities: ``devices`` (host-to-device copies).
+2. Model assembly: ``config`` (the schema), ``files`` (atomic file writes; its refusals of a file or folder
+   a user gave are config's ConfigError), ``presets`` (the named configs, YAML), ``imaging`` (PNGs,
    image grids, plots; it reads images as ``data`` does), ``layers``, ``text``, ``models``, ``flow`` (flow
    matching and samplers), ``vae``, ``data`` (datasets and latent caches), ``system`` (builds a
    text-to-image model from a config), ``adapters`` (LoRA adapters through peft, and which of them a

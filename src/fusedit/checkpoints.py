@@ -115,7 +115,7 @@ def saved_vocabulary(ckpt: Path) -> list[str] | None:
         return None
     words = files.read_json(path, COPY_AGAIN)
     if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
-        raise ValueError(f"{str(path)!r} is not a JSON list of words ({COPY_AGAIN})")
+        raise ConfigError(f"{str(path)!r} is not a JSON list of words ({COPY_AGAIN})")
     return words
 
 

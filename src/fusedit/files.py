@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from fusedit.config import ConfigError
+
 
 def write_atomic(
     path: str | os.PathLike[str], write: Callable[[BinaryIO], object], durable: bool = False
@@ -86,7 +88,7 @@ def check_writable(folder: str | os.PathLike[str], flag: str = "--out") -> None:
         tempfile.TemporaryFile(dir=existing, prefix=".fusedit-probe.", suffix=".tmp").close()
     except OSError as e:
         where = "" if existing == folder else f" (in {str(existing)!r}, where it would be made)"
-        raise ValueError(
+        raise ConfigError(
             f"{flag} {str(folder)!r} cannot be written{where}: {e.strerror} (allowed: a folder you may "
             "write to, on a writable disk)"
         ) from None
@@ -107,11 +109,11 @@ def readable(path: str | os.PathLike[str], what: str, damaged: tuple[type, ...],
         yield
     except damaged as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{str(path)!r} is not {what} ({first}; {remedy})") from None
+        raise ConfigError(f"{str(path)!r} is not {what} ({first}; {remedy})") from None
 
 
 def read_json(path: str | os.PathLike[str], remedy: str):
-    """The JSON in ``path``; a damaged one is a ValueError naming it and ``remedy`` (``readable``)."""
+    """The JSON in ``path``; a damaged one is a ConfigError naming it and ``remedy`` (``readable``)."""
     with readable(path, "readable JSON", (ValueError,), remedy):  # bad JSON, or bytes that are not UTF-8
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
@@ -274,7 +276,7 @@ def check_output_folder(
         if first is not None:
             also = f", or {earlier}" if earlier else ""
             example = f"the folder {first.name!r}" if first.is_dir() else repr(first.name)
-            raise ValueError(
+            raise ConfigError(
                 f"the output folder {str(out)!r} already holds other files (e.g. {example}); writing "
                 f"{what} into it would mix them (allowed: a new or empty folder{also})"
             )

@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import AutoConfig, PretrainedConfig
 
-from fusedit.config import Config, is_shallow, saved_config, text_sections, to_dict
+from fusedit.config import Config, ConfigError, is_shallow, saved_config, text_sections, to_dict
 from fusedit.layers.mlp import FusedGatedMLP
 from fusedit.models import build_denoiser
 from fusedit.models.blocks import FusedImageAttention
@@ -87,7 +87,7 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
         cfg = saved_config(copy.deepcopy(dict(fusedit)), "the transformer's recorded config")
         texts = [cfg.text, *cfg.extra_text]
         if len(llms) != len(texts):
-            raise ValueError(
+            raise ConfigError(
                 f"transformer config lists {len(llms)} LLM config(s) for {len(texts)} text encoder(s)"
             )
         specs = [LLMSpec.from_hf(hf_config(r), deep=not is_shallow(cfg.model.design)) for r in llms]

@@ -37,7 +37,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import (
     Config,
+    ConfigError,
     allowed_sides,
+    check_whole,
+    is_whole,
     pooled_tokenizes_builtin,
     side_fits,
     text_sections,
@@ -52,7 +55,6 @@ from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
 from fusedit.sample import (
     check_steps_guidance,
-    is_whole,
     latent_shape,
     text_velocity,
     unused_prompt_note,
@@ -151,7 +153,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         modules: nothing is copied."""
         encoders = model.encoders
         if len(encoders) > len(LLM_SLOTS):
-            raise ValueError(
+            raise ConfigError(
                 f"a FuseDiTPipeline holds at most {len(LLM_SLOTS)} LLMs; this model has {len(encoders)}"
             )
         if any(enc.tokenizer is None for enc in encoders):
@@ -170,7 +172,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         elif isinstance(ae, DiffusersAutoencoder):
             vae = ae.vae
         else:
-            raise ValueError(f"cannot export autoencoder {type(ae).__name__} (allowed: identity, diffusers)")
+            raise ConfigError(f"cannot export autoencoder {type(ae).__name__} (allowed: identity, diffusers)")
         return cls(
             transformer=FuseDiTTransformer2DModel.from_denoiser(model.denoiser, cfg, pooled_dim),
             vae=vae,
@@ -260,7 +262,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         pairs = [(getattr(self, tok), getattr(self, llm)) for tok, llm in LLM_SLOTS[: len(texts)]]
         if len(texts) > len(LLM_SLOTS) or any(tok is None or llm is None for tok, llm in pairs):
             have = sum(llm is not None for llm in self._llms())
-            raise ValueError(
+            raise ConfigError(
                 f"the transformer reads {len(texts)} LLM(s) but the pipeline holds {have} text encoder(s)"
             )
         encoders = [
@@ -277,7 +279,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         pooled = None
         if variant_traits("model.pooled_text", cfg.model.pooled_text).encoder:
             if self.pooled_text_encoder is None or self.pooled_tokenizer is None:
-                raise ValueError(
+                raise ConfigError(
                     f"the transformer reads a pooled text embedding (model.pooled_text={cfg.model.pooled_text!r}) "
                     "but the pipeline has no pooled_text_encoder"
                 )
@@ -310,7 +312,7 @@ class FuseDiTPipeline(DiffusionPipeline):
                 f"FuseDiTPipeline samples with FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}"
             )
         if scheduler.config.get("use_dynamic_shifting"):
-            raise ValueError(
+            raise ConfigError(
                 "FuseDiTPipeline: the scheduler's use_dynamic_shifting=True needs a resolution-dependent mu, "
                 "which fusedit models do not define (allowed: use_dynamic_shifting=False; sample.shift shifts)"
             )
@@ -364,7 +366,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         returns replace the pipeline's, and setting ``pipe._interrupt = True`` skips the remaining steps. A
         diffusers ``PipelineCallback`` or ``MultiPipelineCallbacks`` names its own tensor inputs."""
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"output_type={output_type!r} is not allowed (allowed: {', '.join(OUTPUT_TYPES)})"
             )
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
@@ -377,27 +379,27 @@ class FuseDiTPipeline(DiffusionPipeline):
         if not variant_traits("sample.sampler", cfg.sample.sampler).one_step:
             # The steps below run one at a time, each over its own two times: a sampler whose step reads an
             # earlier one's would silently sample as another.
-            raise ValueError(
+            raise ConfigError(
                 f"sample.sampler={cfg.sample.sampler!r} was registered with one_step=False, but this pipeline "
                 "runs one scheduler step at a time (allowed: "
                 f"{variant_names('sample.sampler', lambda t: t.one_step)}; or `fusedit sample` with this one)"
             )
         prompts = _strings("prompt", prompt)
         if not prompts:
-            raise ValueError("no prompt: give a string or a non-empty list of strings")
+            raise ConfigError("no prompt: give a string or a non-empty list of strings")
         negative = cfg.sample.negative_prompt if negative_prompt is None else negative_prompt
         negatives = _strings("negative_prompt", negative)
         if isinstance(negative, str):
             negatives *= len(prompts)
         if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        per_prompt = _whole("num_images_per_prompt", num_images_per_prompt)
+            raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        per_prompt = check_whole("num_images_per_prompt", num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         steps = (
             cfg.sample.steps
             if num_inference_steps is None
-            else _whole("num_inference_steps", num_inference_steps)
+            else check_whole("num_inference_steps", num_inference_steps)
         )
         guidance = cfg.sample.guidance if guidance_scale is None else guidance_scale
         check_steps_guidance(None, guidance, guidance_key="guidance_scale")  # as generate checks guidance
@@ -414,7 +416,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         shape = (len(prompts), *latent_shape(model, (height, width)))
         if isinstance(generator, list) and len(generator) != len(prompts):
             # randn_tensor would silently reuse one generator for a list of one, or ignore the extras.
-            raise ValueError(
+            raise ConfigError(
                 f"got {len(generator)} generators for {len(prompts)} images (allowed: one torch.Generator, "
                 "or one per image: len(prompt) x num_images_per_prompt)"
             )
@@ -424,7 +426,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             # generate draws its noise on the CPU: the same seed gives the same noise on every device.
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            raise ConfigError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         # The scheduler integrates in float32 whatever the weights' dtype, as generate does.
         latents = latents.to(device, torch.float32)
 
@@ -540,12 +542,12 @@ def export_run(
     that moved since the run saved their paths (checkpoints.load_model)."""
     source = Path(run_or_checkpoint)
     if _exported(source):
-        raise ValueError(
+        raise ConfigError(
             f"{str(source)!r} is a diffusers pipeline folder already (nothing to export; load it with "
             "FuseDiTPipeline.from_pretrained or `fusedit sample`)"
         )
     if (source / "model_index.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{str(source)!r} is a pipeline folder fusedit did not write (nothing to export; one of the public "
             f"FuseDiT code is imported with `fusedit convert {source} --out DIR`, see docs/run-released-fusedit.md)"
         )
@@ -620,8 +622,8 @@ def export_source(folder: str | os.PathLike) -> dict | None:
     """The record ``export_run`` wrote beside the pipeline in ``folder`` (checkpoint, step, weights,
     ema_holds_start); None for a folder without one (exported before it existed, or not by export_run)."""
     try:
-        record = json.loads((Path(folder) / EXPORT_SOURCE).read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads((Path(folder) / EXPORT_SOURCE).read_bytes())
+    except (OSError, ValueError):  # absent, not JSON, or bytes that are not UTF-8
         return None
     return record if isinstance(record, dict) else None
 
@@ -631,8 +633,8 @@ def _exported(folder: Path) -> bool:
     model_index.json names fusedit's transformer class. The public FuseDiT code's pipelines share the
     pipeline's class name, not the transformer's, so a downloaded release is never replaced."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        index = json.loads((folder / "model_index.json").read_bytes())
+    except (OSError, ValueError):  # absent, not JSON, or bytes that are not UTF-8
         return False
     return (
         isinstance(index, dict)
@@ -651,21 +653,14 @@ def _strings(name: str, value) -> list[str]:
     """A prompt argument as a list: one string, or a list or tuple of strings."""
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{name}={value!r} is not allowed (allowed: a string or a list of strings)")
+        raise ConfigError(f"{name}={value!r} is not allowed (allowed: a string or a list of strings)")
     return list(values)
-
-
-def _whole(name: str, value) -> int:
-    """A call argument that must be a positive whole number."""
-    if not is_whole(value) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed (allowed: a positive whole number)")
-    return int(value)
 
 
 def _side(name: str, value, cfg: Config) -> int:
     """height / width: a whole number of pixels that keeps to the model's side limits."""
     if not is_whole(value) or not side_fits(int(value), cfg):
-        raise ValueError(f"{name}={value!r} is not allowed (allowed: {allowed_sides(cfg)})")
+        raise ConfigError(f"{name}={value!r} is not allowed (allowed: {allowed_sides(cfg)})")
     return int(value)
 
 
@@ -673,18 +668,18 @@ def _check_callback(callback, names, allowed: list[str]) -> None:
     """callback_on_step_end and its tensor inputs, refused in one line before anything runs (diffusers'
     check_inputs does the same)."""
     if callback is not None and not callable(callback):
-        raise ValueError(
+        raise ConfigError(
             f"callback_on_step_end={callback!r} is not allowed (allowed: a function (pipe, step_index, timestep, "
             "callback_kwargs) -> dict, or a diffusers PipelineCallback / MultiPipelineCallbacks)"
         )
     if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
-        raise ValueError(
+        raise ConfigError(
             f"callback_on_step_end_tensor_inputs={names!r} is not allowed (allowed: a list of names from: "
             f"{', '.join(allowed)})"
         )
     for name in names:
         if name not in allowed:
-            raise ValueError(
+            raise ConfigError(
                 f"callback_on_step_end_tensor_inputs names {name!r}, which FuseDiTPipeline does not offer "
                 f"(allowed: {', '.join(allowed)})"
             )
@@ -697,14 +692,14 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
         index = path / "model_index.json"
         if not index.is_file():
             if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
-                raise ValueError(
+                raise ConfigError(
                     f"{name!r} is a fusedit run or checkpoint folder, not a pipeline folder: use "
                     f"FuseDiTPipeline.from_fusedit({name!r}) or export it first (fusedit.pipeline.export_run)"
                 )
-            raise ValueError(f"{name!r} is not a fusedit pipeline folder (it has no model_index.json)")
-        text = index.read_text()
+            raise ConfigError(f"{name!r} is not a fusedit pipeline folder (it has no model_index.json)")
+        text = index.read_bytes()
     elif path.exists():
-        raise ValueError(f"{name!r} is a file, not a fusedit pipeline folder")
+        raise ConfigError(f"{name!r} is a file, not a fusedit pipeline folder")
     elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:
         # A hub repo id is exactly "owner/name"; anything else was meant as a local folder.
         raise FileNotFoundError(f"no such folder: {name!r}")
@@ -715,7 +710,7 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
         try:
             text = Path(
                 hf_hub_download(name, "model_index.json", **{k: kwargs[k] for k in hub if k in kwargs})
-            ).read_text()
+            ).read_bytes()
         except Exception as e:  # the hub client's many error types all mean: not readable from there
             raise OSError(
                 f"cannot read model_index.json of {name!r} from the Hugging Face hub: {str(e).splitlines()[0]}"
@@ -723,15 +718,15 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
     try:
         index = json.loads(text)
         found = index.get("_class_name")
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{name!r}: model_index.json is not a JSON object") from None
+    except (ValueError, AttributeError):  # not JSON, bytes that are not UTF-8, or not a JSON object
+        raise ConfigError(f"{name!r}: model_index.json is not a JSON object") from None
     if found != class_name:
-        raise ValueError(f"{name!r} holds a {found} pipeline, not a fusedit pipeline ({class_name})")
+        raise ConfigError(f"{name!r} holds a {found} pipeline, not a fusedit pipeline ({class_name})")
     # The public FuseDiT code calls its pipeline FuseDiTPipeline too; its transformer is its own class,
     # which diffusers would fail on with a long message about importing modules.
     transformer = index.get("transformer")
     if not _fusedit_transformer(index):
-        raise ValueError(
+        raise ConfigError(
             f"{name!r} holds a transformer {transformer!r}, not fusedit's {FuseDiTTransformer2DModel.__name__}: "
             f"a pipeline saved by the public FuseDiT code needs `fusedit convert {name} --out DIR` first "
             "(docs/run-released-fusedit.md)"

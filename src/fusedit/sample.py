@@ -32,6 +32,8 @@ from fusedit.config import (
     ConfigError,
     SampleConfig,
     check_fields,
+    check_whole,
+    is_whole,
     limits_text,
     pooled_tokenizes_builtin,
     text_sections,
@@ -132,11 +134,6 @@ def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, numbers.Integral) else (size[0], size[1])
 
 
-def is_whole(value) -> bool:
-    """An integer of any kind (numpy's too), and not a bool (True would pass for 1)."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
-
-
 def check_image_size(image_size) -> None:
     """A one-line error for an image size that is neither a whole number of pixels >= 1 (a square) nor a
     (height, width) pair of them; whether the model takes that size is its own check (latent_shape's
@@ -160,7 +157,7 @@ def check_prompts(prompts) -> list[str]:
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts={prompts!r:.80} is not allowed (allowed: a list of prompt strings)")
     if not prompts:
-        raise ValueError("no prompts to sample (allowed: a list of one or more prompts)")
+        raise ConfigError("no prompts to sample (allowed: a list of one or more prompts)")
     return list(prompts)
 
 
@@ -211,8 +208,8 @@ def check_steps_guidance(
     def named(key: str, value) -> str:
         return f"--{key} {value}" if flags else f"{key}={value!r}"
 
-    if steps is not None and not (is_whole(steps) and steps >= 1):
-        raise ConfigError(f"{named('steps', steps)} is not allowed (allowed: an integer >= 1)")
+    if steps is not None:
+        check_whole("--steps" if flags else "steps", steps)
     # 1 samples the prompt alone (no unconditional branch) and 0 the negative prompt alone (v = u + 0 (c - u)
     # = u: unused_prompt_note); below 0 is no setting, NaN gives NaN images.
     if guidance is not None and (
@@ -403,12 +400,12 @@ def generate(
     prompt was) rather than the images alone, for a caller that counts or records the cuts.
 
     Arguments are checked before any slow work, one line each (ConfigError for a value out of range, an
-    image side the model cannot take or an unknown precision, ValueError for an unknown sampler or
-    schedule, TypeError for prompts that are not a list of strings)."""
+    image side the model cannot take, or an unknown precision, sampler or schedule; TypeError for prompts
+    that are not a list of strings)."""
     prompts = check_prompts(prompts)
     check_image_size(image_size)
-    check_steps_guidance(steps, guidance)
-    check_sampling(steps, shift, sampler, schedule)
+    check_sampling(steps, shift, sampler, schedule)  # steps too
+    check_steps_guidance(None, guidance)
     check_seed(seed)
     if progress is not None and not isinstance(progress, bool) and not callable(progress):
         raise TypeError(
@@ -426,7 +423,7 @@ def generate(
     dtype = sampling_dtype(precision, device)
     if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):
         # Plain fp32 matmuls cannot take bf16 weights: torch would fail deep inside with a dtype mismatch.
-        raise ValueError(
+        raise ConfigError(
             f"precision {precision!r} samples in fp32, but the model holds bf16 weights (its sampling form "
             "under sample.bf16_weights); prepare it with sample.precision=fp32 or sample.bf16_weights=false, "
             "or sample with precision 'bf16'"
@@ -436,7 +433,7 @@ def generate(
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     elif tuple(noise.shape) != shape:
         # Checked before any LLM forward: a mismatch would otherwise fail deep inside the denoiser.
-        raise ValueError(
+        raise ConfigError(
             f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
             f"expected {shape} (one row of latents per prompt)"
         )

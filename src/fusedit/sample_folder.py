@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.checkpoints import weights_fingerprint
-from fusedit.config import Config
+from fusedit.config import Config, check_whole
 from fusedit.files import (
     as_json_reads_back,
     check_output_folder,
@@ -69,7 +69,7 @@ def _image_record(path: Path) -> dict | None:
 def earlier_sample(out: str | Path) -> dict[int, dict]:
     """The image records an earlier `fusedit sample` left in ``out``, by image number; {} for a new or
     empty folder. Any other file or folder there (a user's images, a run, a dataset) is refused in one line
-    (ValueError) before anything is sampled, since the sample replaces and deletes the files an earlier one
+    (ConfigError) before anything is sampled, since the sample replaces and deletes the files an earlier one
     wrote: NNNNN.json holding an image record (``_RECORD_KEYS``), NNNNN.png beside one, grid.png beside any,
     and write_atomic's temporary files of those names (left by a kill)."""
     out = Path(out)
@@ -135,8 +135,7 @@ def _checked_inputs(
     """The prompts, settings and seed of a call, its defaults filled in, refused in one line when wrong:
     before the folder is read or the model runs, so that a bad call leaves an earlier sample alone."""
     prompts = check_prompts(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not allowed (allowed: 1 or more)")
+    check_whole("batch_size", batch_size)
     settings = sample_settings(cfg) if settings is None else settings
     seed = cfg.sample.seed if seed is None else seed
     check_seed(seed, len(prompts))

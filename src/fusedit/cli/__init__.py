@@ -155,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         with _library_bars(progress), _logs_above_bars(progress):
             return args.func(args)
+    # Bad input is a ConfigError (the library raises it for every value, file or argument a user gave) and an
+    # outcome outside the code an OSError (a missing or unwritable file, a full disk, CheckpointNotSaved);
     # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
-    # what to change), an outcome to report in one line like bad input.
-    except (ConfigError, FileNotFoundError, ValueError, OSError, FloatingPointError, RunStopped) as e:
+    # what to change). Each is one line. A plain ValueError or TypeError is a bug: it keeps its traceback.
+    except (ConfigError, OSError, FloatingPointError, RunStopped) as e:
         return _error(str(e))
     except KeyboardInterrupt as e:
         # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is

@@ -29,6 +29,21 @@ class ConfigError(ValueError):
     """A config key or value is not allowed; the message is one line that says what is."""
 
 
+def is_whole(value) -> bool:
+    """An integer of any kind (numpy's too), and not a bool (True would pass for 1)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def check_whole(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or a one-line ConfigError unless it is a whole number >= ``minimum`` (a string
+    "3" or a float is refused, not compared). ``name`` is the setting as the error shows it: a keyword
+    (``steps``) or a command-line flag (``--steps``)."""
+    if not (is_whole(value) and value >= minimum):
+        shown = f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+        raise ConfigError(f"{shown} is not allowed (allowed: an integer >= {minimum})")
+    return int(value)
+
+
 class RunStopped(RuntimeError):
     """A training job stopped by something outside this process (its launcher gone, another process of the
     job failed or stopped answering): not a bug. ``reason`` says what happened, ``kept`` what is kept and how
@@ -70,7 +85,7 @@ class DesignTraits:
 
     def __post_init__(self):
         if self.attention not in ("self", "cross"):
-            raise ValueError(f"attention={self.attention!r} is not allowed (allowed: self, cross)")
+            raise ConfigError(f"attention={self.attention!r} is not allowed (allowed: self, cross)")
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,7 @@ class PooledTextTraits:
     def __post_init__(self):
         for name in ("encoder", "refined", "adds"):
             if not isinstance(getattr(self, name), bool):  # "no" would read as True
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed (allowed: True, False)")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed (allowed: True, False)")
 
 
 @dataclass(frozen=True)
@@ -230,14 +245,14 @@ def register_variant(setting: str, name: str, traits: Any = None) -> None:
     traits not of the setting's class (``Variants.kind``): the checks would read attributes they lack."""
     table = VARIANTS[setting]
     if not isinstance(name, str) or not name or name != name.strip():
-        raise ValueError(
+        raise ConfigError(
             f"{setting} name {name!r} is not allowed (allowed: a non-empty string, no outer spaces)"
         )
     if not (isinstance(traits, table.kind) if table.kind else traits is None):
         allowed = f"a {table.kind.__name__}" if table.kind else "None: no code asks this setting's traits"
-        raise ValueError(f"{setting}={name!r} traits={traits!r} are not allowed (allowed: {allowed})")
+        raise ConfigError(f"{setting}={name!r} traits={traits!r} are not allowed (allowed: {allowed})")
     if name in table.traits:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}={name!r} is already registered (allowed: a name not yet taken, i.e. none of "
             f"{', '.join(table.traits)})"
         )
@@ -462,19 +477,19 @@ SHAPES_MAX_OBJECTS = 4
 
 def check_shapes_options(kinds: Iterable[str] | str, max_objects: int) -> tuple[str, ...]:
     """Validate the shapes world's ``kinds`` and ``max_objects``; returns ``kinds`` as a tuple without
-    duplicates. Raises ValueError."""
+    duplicates. Raises ConfigError."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
     allowed = ", ".join(SHAPES_KINDS)
     if not kinds:
-        raise ValueError(f"kinds must not be empty; allowed kinds: {allowed}")
+        raise ConfigError(f"kinds must not be empty; allowed kinds: {allowed}")
     for kind in kinds:
         if kind not in SHAPES_KINDS:
-            raise ValueError(f"unknown prompt kind {kind!r}; allowed kinds: {allowed}")
+            raise ConfigError(f"unknown prompt kind {kind!r}; allowed kinds: {allowed}")
     if not 1 <= max_objects <= SHAPES_MAX_OBJECTS:
-        raise ValueError(f"max_objects must be between 1 and {SHAPES_MAX_OBJECTS}, got {max_objects}")
+        raise ConfigError(f"max_objects must be between 1 and {SHAPES_MAX_OBJECTS}, got {max_objects}")
     for kind in kinds:
         if SHAPES_KINDS[kind] > max_objects:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt kind {kind!r} needs at least {SHAPES_KINDS[kind]} objects but max_objects={max_objects}"
             )
     return kinds
@@ -869,8 +884,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict, default: Any = None
             raise ConfigError(f"{path}={value!r} must be true or false")
         return value
     if tp is int:
-        # numbers.Integral: numpy's integers too (a config edited in Python), kept as Python's
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        # numpy's integers too (a config edited in Python), kept as Python's
+        if not is_whole(value):
             raise ConfigError(f"{path}={value!r} must be an integer")
         value = int(value)
     elif tp is float:

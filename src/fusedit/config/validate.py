@@ -475,6 +475,18 @@ def dit_head_dim(m: ModelConfig, llm_width: int | None, llm_head_dim: int | None
     return width // m.num_heads if width is not None else None
 
 
+def check_refiner_heads(m: ModelConfig, width: int | None) -> None:
+    """model.refiner_heads against the refiners' width, the DiT's ``width`` (None: not known yet): whole
+    heads. Refused in one line at load, before a run folder is made and locked, as the build refuses it for
+    an LLM whose width only the build knows."""
+    if m.refiner_depth and width is not None and width % m.refiner_heads:
+        given = f"model.dit_hidden_size={width}" if m.dit_hidden_size else f"the LLM's hidden size {width}"
+        raise ConfigError(
+            f"model.refiner_heads={m.refiner_heads} does not divide the refiner width ({given}) into whole "
+            f"heads (allowed: a divisor of {width})"
+        )
+
+
 def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> None:
     """What model.pos_embed needs of the DiT's ``width`` and ``head_dim`` (its heads' width; None: not known
     yet), refused in one line: the multiples its traits name (PositionTraits). Every RoPE rotates pairs of
@@ -520,9 +532,9 @@ def check_positions(m: ModelConfig, width: int | None, head_dim: int | None) -> 
 def check_llm_shape(cfg: Config) -> None:
     """The DiT's shape against its LLM's, at load where the LLM's config is known (known_llm_config), as the
     build checks it where it is not (then only the sizes the DiT sets itself are checked here): deep
-    fusion's layer pairing (fused_layers), the heads (dit_head_dim) and what the position scheme needs of
-    them (check_positions). Otherwise a config `fusedit config` calls valid fails at the build, or at
-    training's first step, after the run folder is written."""
+    fusion's layer pairing (fused_layers), the heads (dit_head_dim), what the position scheme needs of
+    them (check_positions) and the refiners' heads (check_refiner_heads). Otherwise a config `fusedit
+    config` calls valid fails at the build, or at training's first step, after the run folder is written."""
     m, config = cfg.model, known_llm_config(cfg.text)
     shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
     if config is None or not all(isinstance(getattr(config, k, None), int) for k in shape):
@@ -532,6 +544,7 @@ def check_llm_shape(cfg: Config) -> None:
         if is_deep(m.design):
             fused_layers(m, config.num_hidden_layers)
     check_positions(m, m.dit_hidden_size or llm_width, dit_head_dim(m, llm_width, llm_head))
+    check_refiner_heads(m, m.dit_hidden_size or llm_width)
 
 
 def resolved_stages(cfg: Config) -> list[Stage]:

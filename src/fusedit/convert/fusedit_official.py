@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -95,6 +96,7 @@ from fusedit.config import (
     is_deep,
     is_shallow,
 )
+from fusedit.files import readable
 from fusedit.layers.embed import scaled_sincos_2d
 from fusedit.pipeline import DIFFUSERS_SCHEDULE_VARIANTS
 from fusedit.system import TextToImage, build_model
@@ -399,6 +401,12 @@ def _vae_config(vae: tuple[str, str], channels: int) -> dict:
         conf = AutoencoderKL.load_config(model_id, subfolder=subfolder or None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"VAE {model_id!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+    missing = next((k for k in ("latent_channels", "block_out_channels") if k not in conf), None)
+    if missing:
+        raise ConfigError(
+            f"VAE {model_id!r} is not a diffusers AutoencoderKL: its config.json has no {missing} (allowed: an "
+            "AutoencoderKL folder or hub id, with --vae-subfolder where it lies in a subfolder)"
+        )
     if conf["latent_channels"] != channels:
         raise ConfigError(
             f"VAE {model_id!r} has {conf['latent_channels']} latent channels but the checkpoint's in_channels "
@@ -590,10 +598,19 @@ def read_state_dict(file: str | Path, weights_only: bool = True) -> dict[str, to
             raw = zstandard.ZstdDecompressor().stream_reader(fh).read()
         sd = _torch_load(io.BytesIO(raw), file, weights_only)
     elif name.endswith(".safetensors"):
-        sd = load_file(file)
+        sd = _load_safetensors(file)
     elif name.endswith(".index.json"):
-        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-        sd = {k: v for shard in shards for k, v in load_file(file.parent / shard).items()}
+        weight_map = _read_json(file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(
+                f'{str(file)!r} has no weight_map (allowed: a safetensors index: {{"weight_map": {{name: '
+                "shard file}})"
+            )
+        sd = {
+            k: v
+            for shard in sorted(set(weight_map.values()))
+            for k, v in _load_safetensors(file.parent / shard).items()
+        }
     elif name.endswith(".json"):
         # A config.json given as the checkpoint: torch.load would fail on it with a pickle-safety message
         # that suggests trusting the file instead.
@@ -625,10 +642,18 @@ class _Source:
     shift: float | None = None
 
 
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged one (cut short, not safetensors at all) named in one line."""
+    with readable(
+        file, "a readable safetensors file", (SafetensorError,), "a damaged copy? download it again"
+    ):
+        return load_file(file)
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise ConfigError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 

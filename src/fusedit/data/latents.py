@@ -46,6 +46,7 @@ from fusedit.config import (
     DataConfig,
     VAEConfig,
     check_data_locations,
+    check_whole,
     identity_difference,
     model_identity,
     written_as_path,
@@ -466,9 +467,8 @@ def cache_latents(
     """
     from fusedit.vae import load_autoencoder
 
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise ConfigError(f"{name}={value!r} is not allowed (allowed: an integer >= 1)")
+    check_whole("batch_size", batch_size)
+    check_whole("shard_size", shard_size)
     check_data_locations(data_cfg)
     out = Path(out_dir)
     if not _is_cache(out):

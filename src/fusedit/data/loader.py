@@ -642,7 +642,7 @@ def step_loader(
     skips = SkipCounter()
     if is_stream(cfg):
         if state is not None and not resplit and state.get("kind") != "stream":
-            raise ValueError(
+            raise ConfigError(
                 f"data state of kind {state.get('kind')!r} cannot resume data.source={cfg.source!r}"
             )
         if resplit and rank == 0:

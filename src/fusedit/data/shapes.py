@@ -47,7 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from fusedit.config import SHAPES_KINDS, SHAPES_MAX_OBJECTS
+from fusedit.config import SHAPES_KINDS, SHAPES_MAX_OBJECTS, ConfigError
 from fusedit.config import check_shapes_options as check_options
 
 # Saturated colours chosen to be far apart in RGB (the closest pair, red/orange, is ~100 apart) and far
@@ -213,7 +213,7 @@ def is_heldout(prompt: Prompt) -> bool:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
 
 
 @functools.cache
@@ -254,7 +254,7 @@ def sample_prompt(
     # rather than loop forever looking for one.
     available = [kind for kind in kinds if _pool(kind, max_objects, split)]
     if not available:
-        raise ValueError(f"no {split!r} prompts exist for kinds {kinds} with max_objects={max_objects}")
+        raise ConfigError(f"no {split!r} prompts exist for kinds {kinds} with max_objects={max_objects}")
     pool = _pool(available[rng.integers(len(available))], max_objects, split)
     return pool[rng.integers(len(pool))]
 
@@ -290,7 +290,7 @@ _Box = tuple[int, int, int]
 
 def _check_image_size(size: int) -> None:
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {size}"
         )
 
@@ -462,7 +462,7 @@ class ShapesDataset(Dataset):
     ) -> None:
         _check_image_size(size)
         if length < 1:
-            raise ValueError(f"length must be positive, got {length}")
+            raise ConfigError(f"length must be positive, got {length}")
         self.kinds = check_options(kinds, max_objects)
         _check_split(split)
         self.size = size

@@ -309,7 +309,7 @@ class WebDatasetReader:
     def load_state_dict(self, state: dict) -> None:
         cursors = state["cursors"]
         if len(cursors) != len(self.datasets):
-            raise ValueError(
+            raise ConfigError(
                 f"reader state has {len(cursors)} datasets but data.shards lists {len(self.datasets)}"
             )
         self.draws, self.cursors = int(state["draws"]), [list(map(int, c)) for c in cursors]

@@ -1001,7 +1001,7 @@ def score_category(
             bar.update(len(part))
     skipped.warn(len(present))
     if not rows:
-        raise ValueError(
+        raise ConfigError(
             f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. "
             f"{skipped.example})"
         )

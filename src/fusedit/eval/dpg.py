@@ -181,7 +181,7 @@ def split_grid(grid: Image.Image) -> list[Image.Image]:
     """The 4 tiles of a 2x2 grid, in the order ``make_grid`` placed them."""
     width, height = grid.size
     if width != height or width % 2:
-        raise ValueError(f"a DPG-Bench grid is a square of even side; got {width}x{height}")
+        raise ConfigError(f"a DPG-Bench grid is a square of even side; got {width}x{height}")
     r = width // 2
     return [grid.crop(((k % 2) * r, (k // 2) * r, (k % 2 + 1) * r, (k // 2 + 1) * r)) for k in range(4)]
 

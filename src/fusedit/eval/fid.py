@@ -98,7 +98,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     # NaN would come out as a NaN distance (or an eigensolver failure) instead of an error.
     for label, value in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
         if not torch.isfinite(value).all():
-            raise ValueError(f"{label} contains NaN or infinite values; allowed: finite statistics")
+            raise ConfigError(f"{label} contains NaN or infinite values; allowed: finite statistics")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # covariances are symmetric; remove rounding asymmetry
     root1 = _sqrtm_psd(s1)
     middle = root1 @ s2 @ root1
@@ -144,7 +144,7 @@ def decoded_image(item, remedy: str = "allowed: a readable image file") -> Image
     try:
         return load_image(item)
     except SkipSample as e:
-        raise ValueError(f"{item}: {e.reason} image ({e.detail}); {remedy}") from None
+        raise ConfigError(f"{item}: {e.reason} image ({e.detail}); {remedy}") from None
 
 
 class SkippedImages:
@@ -210,7 +210,7 @@ def extract_features(
     readable, needed = sum(len(c) for c in chunks), max(min_count, 1)
     if readable < needed:
         unreadable = f" ({skipped.count} unreadable, e.g. {skipped.example})" if skipped.count else ""
-        raise ValueError(
+        raise ConfigError(
             f"{what}: {readable} of {seen} could be read{unreadable}; allowed: at least {needed} readable "
             "images"
         )
@@ -306,7 +306,7 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
-        """The stats ``save`` wrote to ``path``; a ValueError naming the file when it holds something else
+        """The stats ``save`` wrote to ``path``; a ConfigError naming the file when it holds something else
         (an empty or truncated copy, another .npz)."""
         try:
             with np.load(Path(path)) as data:
@@ -322,7 +322,7 @@ class ReferenceStats:
                     source,
                 )
         except (EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{str(path)!r} holds no readable feature statistics ({type(e).__name__}: {e}); allowed: an "
                 ".npz written by ReferenceStats.save"
             ) from None
@@ -399,7 +399,7 @@ def fid_score(
     """Frechet distance between ``images`` and ``reference`` in ``extractor``'s feature space."""
     extractor_id = getattr(extractor, "id", None)
     if reference.extractor_id and extractor_id and extractor_id != reference.extractor_id:
-        raise ValueError(
+        raise ConfigError(
             f"reference stats were computed with {reference.extractor_id!r}, not {extractor_id!r}; "
             f"compare features of one extractor"
         )
@@ -525,7 +525,7 @@ def clip_scores(
             scores[kept] = _f64(scorer(batch, [prompts[i] for i in kept]))
     skipped.warn(len(images))
     if skipped.count == len(images):
-        raise ValueError(
+        raise ConfigError(
             f"none of the {len(images)} images could be read (e.g. {skipped.example}); allowed: readable "
             "image files"
         )

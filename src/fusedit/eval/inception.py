@@ -82,13 +82,13 @@ class CleanInceptionFeatures:
                 network = torch.jit.load(str(path), map_location=self.device)
         except (RuntimeError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(
+            raise ConfigError(
                 f"{str(path)!r} is not a TorchScript file ({reason}); allowed: clean-fid's {INCEPTION_FILE} "
                 f"from {INCEPTION_URL}"
             ) from None
         layers = getattr(network, "layers", None)
         if not isinstance(layers, torch.nn.Module):
-            raise ValueError(
+            raise ConfigError(
                 f"{str(path)!r} has no `layers` module; allowed: clean-fid's {INCEPTION_FILE} from "
                 f"{INCEPTION_URL}"
             )

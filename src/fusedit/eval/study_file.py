@@ -218,7 +218,12 @@ def load_study(
             raise ConfigError(f"study file not found: {str(path)!r}")
         try:
             # load_yaml, not yaml.safe_load: a label or key written twice would silently drop the first.
-            data = load_yaml(path.read_text())
+            data = load_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"study {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}) (allowed: a UTF-8 YAML "
+                "file, e.g. studies/*.yaml)"
+            ) from None
         except yaml.MarkedYAMLError as e:
             raise ConfigError(f"cannot parse study {str(path)!r}: {yaml_problem(e)}") from None
         except yaml.YAMLError as e:  # its message spans lines; the first one says what

@@ -15,12 +15,11 @@ schedule (``SCHEDULES``, sample.schedule) is ``fn(steps, shift) -> (steps + 1,)`
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
 
-from fusedit.config import SamplerTraits, register_variant
+from fusedit.config import ConfigError, SamplerTraits, check_whole, register_variant
 from fusedit.flow.matching import shift_time
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,20 +58,19 @@ def sampling_times(
 
 def _check_times(steps: int, shift: float, schedule: str) -> None:
     # Not an integer, torch.linspace would fail with its own multi-line TypeError.
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"sampling steps must be an integer >= 1, got {steps!r}")
+    check_whole("steps", steps)
     # shift_time(1, 0) is 0/0, and a negative shift divides by zero inside (0, 1): NaN images, no error.
     if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"sampling shift must be a finite number > 0 (1 = none), got {shift}")
+        raise ConfigError(f"sampling shift must be a finite number > 0 (1 = none), got {shift}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown sampling schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
+        raise ConfigError(f"unknown sampling schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
 
 
 def check_sampling(steps: int, shift: float = 1.0, sampler: str = "euler", schedule: str = "uniform") -> None:
-    """The one-line ValueError ``sample`` would raise for these settings, for a caller that checks them
+    """The one-line ConfigError ``sample`` would raise for these settings, for a caller that checks them
     before any slow work (``fusedit.sample.generate``, before the LLM's forward)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
+        raise ConfigError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
     _check_times(steps, shift, schedule)
 
 
@@ -119,14 +117,14 @@ SAMPLERS = {"euler": euler, "heun": heun}
 def register_sampler(name: str, fn: Callable, *, one_step: bool) -> None:
     """``sample.sampler=name`` integrates with ``fn`` (the module docstring's signature). ``one_step``: each
     step reads only x and its own two times, so the diffusers pipeline may run it a step at a time (it
-    refuses the others). A name already taken is a ValueError."""
+    refuses the others). A name already taken is a ConfigError."""
     register_variant("sample.sampler", name, SamplerTraits(one_step=one_step))
     SAMPLERS[name] = fn
 
 
 def register_schedule(name: str, fn: Callable[[int, float], torch.Tensor]) -> None:
     """``sample.schedule=name`` spaces the sampling times with ``fn(steps, shift)``: (steps + 1,) float64
-    times from 1 to 0, before the SD3 shift. A name already taken is a ValueError."""
+    times from 1 to 0, before the SD3 shift. A name already taken is a ConfigError."""
     register_variant("sample.schedule", name)
     SCHEDULES[name] = fn
 

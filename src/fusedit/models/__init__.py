@@ -37,7 +37,7 @@ def register_design(name: str, cls: type[DiT], *, deep: bool, attention: Literal
     """``model.design=name`` builds ``cls(cfg, llm, in_channels, **text_inputs)``, a ``DiT`` subclass
     (subclass a built-in design to change one part). ``deep``: each DiT layer reads its own LLM layer
     (deep fusion) or one hidden state (shallow); ``attention``: "self" (joint) or "cross". The config's
-    checks of the design's options ask these traits. A name already taken is a ValueError."""
+    checks of the design's options ask these traits. A name already taken is a ConfigError."""
     register_variant("model.design", name, DesignTraits(deep=deep, attention=attention))
     DESIGNS[name] = cls
 
@@ -58,7 +58,7 @@ def register_position_scheme(
     ``rotates``: it rotates image queries and keys (model.rope_layout applies); ``places``: it gives image
     tokens a position (False: model.conv_pos must); the DiT's head width and width must be multiples of
     ``head_dim_multiple`` and ``width_multiple`` (``fit_reason`` says why in the refusal). A name already
-    taken is a ValueError."""
+    taken is a ConfigError."""
     traits = PositionTraits(
         rotates=rotates,
         places=places,
@@ -76,7 +76,7 @@ def register_timestep_conditioning(
 ) -> None:
     """``model.timestep_conditioning=name`` builds ``cls(dim, adaln_norm=...)``, a ``TimestepConditioning``.
     ``has_embedding``: its ``embed`` returns a timestep embedding (False: None, and model.pooled_text,
-    which is added to it, is refused). A name already taken is a ValueError."""
+    which is added to it, is refused). A name already taken is a ConfigError."""
     register_variant("model.timestep_conditioning", name, TimestepTraits(has_embedding=has_embedding))
     TIMESTEP_CONDITIONING[name] = cls
 
@@ -94,7 +94,7 @@ def register_pooled_text(
     ``prepare_text`` made of it (the shallow designs' ``TextTokens``). ``encoder``: it reads ``text.pooled``,
     the pooled embedding of the second encoder the ``pooled_text`` section configures (that section then
     needs a model_id or arch; pooled_dim is the embedding's width, else None). ``refined``: it pools the
-    refiners' output (model.refiner_depth >= 1). A name already taken is a ValueError."""
+    refiners' output (model.refiner_depth >= 1). A name already taken is a ConfigError."""
     register_variant("model.pooled_text", name, PooledTextTraits(encoder=encoder, refined=refined))
     POOLED_TEXT[name] = builder
 

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, ModelConfig, dit_head_dim
+from fusedit.config import ConfigError, ModelConfig, check_refiner_heads, dit_head_dim
 from fusedit.layers.attention import keep_keys, key_padding_mask
 from fusedit.layers.modulation import OwnInit
 from fusedit.layers.norm import RMSNorm
@@ -69,11 +69,15 @@ def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
 
 class ShallowDiT(DiT):
     def __init__(self, cfg: ModelConfig, llm: LLMSpec, in_channels: int, **text_inputs):
-        super().__init__(cfg, own_shape(cfg, llm), in_channels, **text_inputs)
+        shape = own_shape(cfg, llm)
+        super().__init__(cfg, shape, in_channels, **text_inputs)
         llms = (llm, *text_inputs.get("extra_llms", ()))
         wanted = text_inputs.get("hidden_layers", (-1,) * len(llms))
         if len(wanted) != len(llms):
-            raise ConfigError(f"got {len(wanted)} hidden layers for {len(llms)} LLMs")
+            raise ConfigError(
+                f"got {len(wanted)} hidden layers for {len(llms)} LLMs (allowed: one text.hidden_layer per "
+                "LLM: text and each extra_text.N)"
+            )
         # Named as the config names each LLM's section: text, extra_text.0, ...
         keys = ["text", *(f"extra_text.{i}" for i in range(len(llms) - 1))]
         self.hidden_layers = tuple(
@@ -81,6 +85,8 @@ class ShallowDiT(DiT):
             for h, spec, key in zip(wanted, llms, keys, strict=True)
         )
         if cfg.refiner_depth:
+            # A hub LLM's width may be known only now: the load checks it where it can (config.check_llm_shape).
+            check_refiner_heads(cfg, self.dim)
             self.context = PromptRefiner(
                 [spec.hidden_size for spec in llms],
                 self.dim,
@@ -96,7 +102,7 @@ class ShallowDiT(DiT):
             self.context = ContextEmbedder(llm.hidden_size, self.dim, llm.rms_norm_eps)
         # Each block's txt_kv projections. "text_kv" is a state_dict key (checkpoints, the public code's key
         # map in fusedit.convert), so the name stays.
-        self.text_kv = nn.ModuleList(TextKV(self.dim, own_shape(cfg, llm), cfg.qk_norm) for _ in self.blocks)
+        self.text_kv = nn.ModuleList(TextKV(self.dim, shape, cfg.qk_norm) for _ in self.blocks)
 
     @property
     def text_requests(self) -> list[TextRequest]:

@@ -169,7 +169,7 @@ class TextEncoder(nn.Module):
         # template does not eat into the prompt.
         self.budget = max_length - self.leading
         if self.budget < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"text.max_length={max_length} leaves no room for the prompt after the tokenizer's "
                 f"{max_length - self.budget} special token(s) (allowed: more than that)"
             )

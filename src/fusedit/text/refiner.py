@@ -245,7 +245,7 @@ def register_refiner_concat(name: str, cls: type[nn.Module]) -> None:
     """``model.refiner_concat=name`` joins the refined branches with ``cls(dim, branches)``, whose
     ``forward(xs, masks, keeps, leads)`` returns (context, keep-mask, positions) and whose static
     ``width(widths, leads)`` says how many tokens the DiT reads (as TokenConcat's and ChannelConcat's). A name
-    already taken is a ValueError."""
+    already taken is a ConfigError."""
     register_variant("model.refiner_concat", name)
     CONCATS[name] = cls
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fusedit.config import TemplateTraits, register_variant
+from fusedit.config import ConfigError, TemplateTraits, register_variant
 
 # LI-DiT's "usage guidance" instruction (Ma et al. 2024, design-space.md s.2).
 LIDIT_INSTRUCTION = (
@@ -46,7 +46,7 @@ class Template:
 def _chat(tokenizer, user: str, system_prompt: str, key: str) -> Template:
     if not getattr(tokenizer, "chat_template", None):
         name = repr(tokenizer.name_or_path) if tokenizer.name_or_path else "(the built-in word tokenizer)"
-        raise ValueError(
+        raise ConfigError(
             f"{key}.template needs a chat template but tokenizer {name} has none (allowed without one: plain, "
             "lidit)"
         )
@@ -62,7 +62,7 @@ def _chat(tokenizer, user: str, system_prompt: str, key: str) -> Template:
         # Gemma's template refuses a system turn ("System role not supported"): a setting to change.
         given = f" with text.system_prompt={system_prompt!r}" if system_prompt else ""
         allowed = "an empty text.system_prompt, or " if system_prompt else ""
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {tokenizer.name_or_path!r}'s chat template refuses the prompt{given}: {e} (allowed: "
             f"{allowed}text.template plain or lidit, which need no chat template)"
         ) from None
@@ -75,7 +75,7 @@ def build_template(
 ) -> Template:
     """The template ``name`` (TEMPLATES) of an LLM's section ``key`` (text, extra_text.0: what errors name)."""
     if name not in TEMPLATES:
-        raise ValueError(f"unknown {key}.template {name!r} (allowed: {', '.join(TEMPLATES)})")
+        raise ConfigError(f"unknown {key}.template {name!r} (allowed: {', '.join(TEMPLATES)})")
     return TEMPLATES[name](tokenizer, instruction, system_prompt, key)
 
 
@@ -102,6 +102,6 @@ def register_template(
     ``Template`` (``_chat`` renders a chat template; ``key`` names the section in errors). ``system_turn``:
     it places text.system_prompt (else a system prompt is refused as doing nothing); ``adds_tokens``: it
     puts tokens of its own around every prompt, besides text.instruction. A name already taken is a
-    ValueError."""
+    ConfigError."""
     register_variant("text.template", name, TemplateTraits(system_turn=system_turn, adds_tokens=adds_tokens))
     TEMPLATES[name] = fn

@@ -807,21 +807,21 @@ def consolidate_checkpoint(src: str | Path, out: str | Path) -> Path:
     e.g. to publish weights or to read them without torch.distributed. No model is built."""
     ckpt = find_checkpoint(src)
     if not is_distributed_checkpoint(ckpt):
-        raise ValueError(
+        raise ConfigError(
             f"{str(ckpt)!r} is not a distributed (DCP) checkpoint: it is in the plain format already"
         )
     out = Path(out)
     run_checkpoints = ckpt.parent.name == "checkpoints" and (ckpt.parent / "latest").is_file()
     if run_checkpoints and out.resolve().is_relative_to(ckpt.parent.resolve()):
         # Beside the step folders it would go with them: pruning, or `fusedit train --overwrite`.
-        raise ValueError(
+        raise ConfigError(
             f"the output folder {str(out)!r} is inside the run's checkpoints folder {str(ckpt.parent)!r}, "
             "whose content the run prunes and --overwrite deletes (allowed: a folder outside it)"
         )
     # ``out`` is replaced whole at the end: anything but an earlier consolidation or an empty folder (the
     # run folder itself, a folder of other files) would be deleted.
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not _written_by_consolidate(out):
-        raise ValueError(
+        raise ConfigError(
             f"the output folder {str(out)!r} already exists and is not a checkpoint that consolidate wrote, "
             "so replacing it would delete it (allowed: a new or empty folder, or an earlier consolidation's)"
         )
