@@ -1180,6 +1180,32 @@ def test_transformers_log_lines_are_written_above_progress_bars(monkeypatch):
         assert hf.handlers == [handler]
 
 
+def test_a_re_export_of_other_weights_drops_the_earlier_scores_and_save_pretrained_its_record(
+    tmp_path, caplog
+):
+    """An export into an earlier export's folder keeps what the user put there, but the earlier weights'
+    eval/ only where the weights are the same: scores of the replaced weights would read as the new ones'.
+    save_pretrained over an export drops its fusedit_export.json, which would describe the earlier weights."""
+    from fusedit.checkpoints import load_model
+    from fusedit.pipeline import EXPORT_SOURCE, export_source, save_pretrained
+
+    run, pipe = _tiny_run(tmp_path), tmp_path / "pipe"
+    assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0
+    (pipe / "eval").mkdir()
+    (pipe / "eval" / "scores.md").write_text("| overall | 0.5 |")
+    (pipe / "MODEL_CARD.md").write_text("mine")
+    assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0  # the same weights: scores kept
+    assert (pipe / "eval" / "scores.md").is_file() and "dropped" not in caplog.text
+    assert main(["export", str(run), "--no-ema", "--out", str(pipe), "--quiet"]) == 0  # the raw weights
+    assert not (pipe / "eval").exists() and (pipe / "MODEL_CARD.md").read_text() == "mine"
+    assert f"export: {pipe}'s eval/ scored the weights this export replaces; dropped with them" in caplog.text
+    assert export_source(pipe)["weights"] == "raw"
+    model, cfg, _ = load_model(run)
+    save_pretrained(model, cfg, pipe)
+    assert not (pipe / EXPORT_SOURCE).exists() and export_source(pipe) is None
+    assert (pipe / "MODEL_CARD.md").read_text() == "mine"
+
+
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
 def test_an_export_killed_while_replacing_an_earlier_one_loses_nothing(tmp_path, monkeypatch, kill_at):
     """Replacing an earlier export moves it aside, moves the user's entries (eval/) into the new pipeline,

@@ -131,7 +131,9 @@ def test_bench_setup_leaves_the_callers_generator_as_it_was():
 def test_the_demo_leaves_the_callers_generator_as_it_was_and_samples_what_it_did(tmp_path):
     """run_demo reseeded the global generator with 0 before sampling, which draws from its own generators
     (generate's seeds): it changed no image, only the caller's later draws. Loading the model for the sheet
-    draws the build's random weights (replaced by the checkpoint's) in a fork of it."""
+    (load_model, whatever calls it) draws the build's random weights, which the checkpoint's replace, in a
+    fork of it."""
+    from fusedit.checkpoints import load_model
     from fusedit.demo import run_demo
 
     cfg = tiny_config(train={"steps": 2}, sample={"steps": 2})
@@ -143,3 +145,6 @@ def test_the_demo_leaves_the_callers_generator_as_it_was_and_samples_what_it_did
         assert torch.equal(torch.random.get_rng_state(), before)
         sheets.append(result["samples"].read_bytes())
     assert sheets[0] == sheets[1]
+    before = torch.random.get_rng_state()
+    load_model(tmp_path / "demo")
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -389,7 +389,7 @@ def load_model(
     (the stage's image size and sampling settings; for a run without stages, the run's config), its
     sample.use_ema saying whether the EMA was loaded.
     """
-    from fusedit.system import build_model, resolve_device
+    from fusedit.system import build_model, resolve_device, seeded
 
     device = resolve_device(device, "device")
     ckpt = find_checkpoint(path)
@@ -398,7 +398,10 @@ def load_model(
         cfg = relocate_paths(cfg, relocate)
         _check_relocated(ckpt, cfg, relocate)
     stage = checkpoint_stage(ckpt, cfg)
-    model = build_model(stage.config, device, vocabulary=saved_vocabulary(ckpt))
+    # The build's random weights, which the checkpoint's replace, are drawn in a fork of torch's global
+    # generators: loading a model leaves the caller's as they were.
+    with seeded(None, device):
+        model = build_model(stage.config, device, vocabulary=saved_vocabulary(ckpt))
     ema = load_weights(model, ckpt, stage, use_ema)
     # sample.use_ema says which weights this model holds (a sample's metadata, an export's record).
     return model.eval(), replace(stage.config, sample=replace(stage.config.sample, use_ema=ema)), ckpt

@@ -14,17 +14,14 @@ from fusedit.config import Config
 from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
 from fusedit.sample import generate, sample_settings
-from fusedit.system import resolve_device, seeded
+from fusedit.system import resolve_device
 from fusedit.train.loop import train
 from fusedit.train.run_folder import refuse_a_run
 
 
 def sample_sheet(run_dir: Path, cfg: Config, prompts=DEMO_PROMPTS, seeds=(0, 1), progress=True) -> Path:
     device = resolve_device(cfg.train.device)
-    # The build draws random weights, which the checkpoint's replace, from torch's global generators: in a
-    # fork of them, so that the caller's are left as they were (generate draws from its own generators).
-    with seeded(None, device):
-        model, cfg, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+    model, cfg, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
     images, labels = [], []
     for seed in seeds:
         out = generate(model, list(prompts), seed=seed, **sample_settings(cfg))

@@ -22,6 +22,7 @@ They live here, not in ``fusedit.hub``, so that imports point one way: this modu
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -70,6 +71,8 @@ from fusedit.text.pooled import PooledTextEncoder
 from fusedit.text.templates import build_template
 from fusedit.text.tokenizer import add_word_normalizer
 from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
+
+log = logging.getLogger(__name__)
 
 # Component names of the LLMs, in config order (text, extra_text[0], ...): diffusers builds a pipeline from
 # its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
@@ -225,7 +228,9 @@ class FuseDiTPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """diffusers' writer. fusedit cuts an LLM after the deepest layer a design reads, but per-layer config
         lists (``layer_types`` of Gemma-2, Qwen2/3) keep the full length, and transformers refuses to save
-        such a config: they are cut to the saved layers while saving, then restored."""
+        such a config: they are cut to the saved layers while saving, then restored. An earlier export's
+        record of what it was made from (EXPORT_SOURCE) is removed: these weights may come from anywhere
+        (export_run writes its own afterwards)."""
         restore = []
         for llm in self._llms():
             config = llm.config
@@ -238,6 +243,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         finally:
             for config, types in restore:
                 config.layer_types = types
+        (Path(save_directory) / EXPORT_SOURCE).unlink(missing_ok=True)
 
     # ---- the fusedit view
     def _llms(self) -> list:
@@ -536,8 +542,9 @@ def export_run(
     relocate: dict[str, str] | None = None,
 ) -> Path:
     """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder.
-    ``folder`` is new, empty, or an earlier export (replaced); anything else is refused before the model
-    loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
+    ``folder`` is new, empty, or an earlier export (replaced: what it holds besides its pipeline, e.g. a model
+    card, moves into the new one, and its ``fusedit eval`` results too where the weights are the same; the
+    scores of other weights are dropped with it, logged); anything else is refused before the model loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
     as it was (and a partial ``.NAME.partial`` that the next export replaces). ``relocate``: model folders
     that moved since the run saved their paths (checkpoints.load_model)."""
     source = Path(run_or_checkpoint)
@@ -557,7 +564,7 @@ def export_run(
     earlier = _exported(folder)
     if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
-    from fusedit.checkpoints import load_model
+    from fusedit.checkpoints import load_model, weights_fingerprint
 
     model, cfg, ckpt = load_model(source, device, use_ema=use_ema, relocate=relocate)
     shutil.rmtree(partial, ignore_errors=True)
@@ -565,11 +572,18 @@ def export_run(
     (partial / EXPORT_SOURCE).write_text(json.dumps(_export_record(ckpt, cfg.sample.use_ema), indent=1))
     readable_by_all(partial)
     if earlier:
-        # The earlier export goes aside whole (one rename), then what is not its pipeline (`fusedit eval`'s
-        # results in eval/, a model card) moves into the new one: a kill at any point leaves every file in
+        # The earlier export goes aside whole (one rename), then what is not its pipeline (a model card,
+        # `fusedit eval`'s results in eval/ where they scored these weights) moves into the new one: a kill at any point leaves every file in
         # ``folder``, ``old`` or ``partial``, which _finish_killed_export puts back together.
         os.replace(folder, old)
         pipeline = _pipeline_entries(old)
+        if (old / "eval").is_dir() and weights_fingerprint(old) != weights_fingerprint(partial):
+            # Scores of the replaced weights: kept, they would read as the new weights' (a shapes bench's
+            # scores.md) or stand in the way of scoring them (the protocols refuse another model's images).
+            pipeline.add("eval")
+            log.warning(
+                "export: %s's eval/ scored the weights this export replaces; dropped with them", folder
+            )
         for entry in old.iterdir():
             if not (partial / entry.name).exists() and entry.name not in pipeline:
                 os.replace(entry, partial / entry.name)

@@ -183,7 +183,13 @@ def cmd_bench(args) -> int:
 def _add_bench_parser(sub) -> None:
     sp = sub.add_parser("bench", help="training and sampling throughput on synthetic inputs (random weights)")
     _add_config_args(sp)
-    sp.add_argument("--what", nargs="+", choices=["train", "sample"], default=["train", "sample"])
+    sp.add_argument(
+        "--what",
+        nargs="+",
+        choices=["train", "sample"],
+        default=["train", "sample"],
+        help="training steps, sampling, or both (default)",
+    )
     sp.add_argument("--resolution", type=int, nargs="+", help="image sizes in pixels (default the config's)")
     sp.add_argument("--batch", type=int, nargs="+", help="training batch sizes (default train.batch_size)")
     sp.add_argument(

@@ -253,10 +253,17 @@ def _add_convert_parser(sub) -> None:
 def _add_cache_latents_parser(sub) -> None:
     sp = sub.add_parser("cache-latents", help="pre-encode a dataset with the config's VAE into latent shards")
     _add_config_args(sp)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--shard-size", type=int, default=1000)
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    sp.add_argument("--out", required=True, help="the cache folder (train on it with data.source=latents)")
+    sp.add_argument("--batch-size", type=int, default=32, help="images the VAE encodes at once (default 32)")
+    sp.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per latents-NNNNNN.safetensors file"
+    )
+    sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    sp.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="the stored latents' type: float16/bfloat16 halve the disk (default float32)",
+    )
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_cache_latents)

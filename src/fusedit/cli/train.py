@@ -215,7 +215,8 @@ def _add_demo_parser(sub) -> None:
     sp.add_argument(
         "--overwrite",
         action="store_true",
-        help="run again in a folder that holds a run (an earlier demo's), deleting its checkpoints and metrics",
+        help="run in a folder that holds another run, deleting its checkpoints and metrics (an earlier demo's "
+        "run is replaced without it)",
     )
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
