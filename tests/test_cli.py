@@ -269,7 +269,7 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monke
     # Refused before the model loads (a large LLM takes minutes to load).
     with monkeypatch.context() as m:
         m.setattr(
-            "fusedit.sampling_source.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded")
+            "fusedit.sampling.source.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded")
         )
         assert main([*args, "--guidance", "2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -305,7 +305,7 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monke
     capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(
-            "fusedit.sampling_source.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded")
+            "fusedit.sampling.source.load_sampling_model", lambda *a, **k: pytest.fail("the model was loaded")
         )
         assert main(dpg_args) == 0 and "0 generated, 1 already there" in capsys.readouterr().out
         (tmp_path / "dpg" / "7.txt").write_text("a blue circle")

@@ -138,7 +138,7 @@ def test_study_check_refuses_a_design_it_does_not_have(capsys):
 
 
 def test_study_refuses_a_bad_device_before_making_its_output_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("fusedit.eval.study.run_study", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr("fusedit.study.run.run_study", lambda *a, **k: pytest.fail("ran"))
     out = tmp_path / "study"
     assert main(["study", str(TINY_STUDY), "--device", "bogus", "--out", str(out)]) == 2
     assert "--device 'bogus' is not allowed" in _one_line_error(capsys)
@@ -148,17 +148,17 @@ def test_study_refuses_a_bad_device_before_making_its_output_folder(tmp_path, ca
 def test_sample_refuses_a_negative_prompt_that_guidance_1_ignores(tiny_run, tmp_path, capsys, monkeypatch):
     """Guidance 1 runs no unconditional branch: the negative prompt changed nothing, yet was recorded in
     each image's JSON as if it had."""
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
     out = tmp_path / "samples"
     argv = ["sample", str(tiny_run), "--prompt", "a red circle", "--negative-prompt", "blurry"]
     argv += ["--steps", "1", "--out", str(out), "--quiet"]
-    load = fusedit.sampling_source.load_sampling_model
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    load = fusedit.sampling.source.load_sampling_model
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
     assert main([*argv, "--guidance", "1"]) == 2  # given: refused before the model loads
     err = _one_line_error(capsys)
     assert "--negative-prompt 'blurry' does nothing at guidance 1" in err
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", load)
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", load)
     assert main(argv) == 2  # the run's saved sample.guidance is 1
     assert "--negative-prompt 'blurry' does nothing at guidance 1" in _one_line_error(capsys)
     assert not list(out.glob("*.png"))

@@ -257,10 +257,10 @@ def test_the_model_loaded_is_the_checkpoint_recorded_while_training_moves_latest
     """Evaluating a run while it trains: a save (or a rotation) between the record and the model's lazy load
     must not make the images with another checkpoint than generation.json names."""
     import fusedit.eval.benchmarks
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
     run = copy_of(trained, tmp_path)
-    read_prompts, load = fusedit.eval.benchmarks.load_geneval, fusedit.sampling_source.load_sampling_model
+    read_prompts, load = fusedit.eval.benchmarks.load_geneval, fusedit.sampling.source.load_sampling_model
     loaded = []
 
     def load_geneval(path):  # after the record is taken, before the first image: latest moves
@@ -272,7 +272,7 @@ def test_the_model_loaded_is_the_checkpoint_recorded_while_training_moves_latest
         return load(path, *args, **kwargs)
 
     monkeypatch.setattr(fusedit.eval.benchmarks, "load_geneval", load_geneval)
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", load_sampling_model)
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", load_sampling_model)
     prompts = write_geneval(tmp_path / "geneval.jsonl")
     out = tmp_path / "ge"
     args = ["eval", str(run), "--bench", "geneval", "--prompts", str(prompts), "--out", str(out), "--quiet"]
@@ -282,15 +282,15 @@ def test_the_model_loaded_is_the_checkpoint_recorded_while_training_moves_latest
 
 
 def test_the_load_is_logged_before_it_starts(trained, tmp_path, caplog, monkeypatch, shapes_bench):
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
-    load, logged = fusedit.sampling_source.load_sampling_model, []
+    load, logged = fusedit.sampling.source.load_sampling_model, []
 
     def load_sampling_model(*args, **kwargs):  # what was logged when the (slow) load began
         logged.extend(r.getMessage() for r in caplog.records if r.name == "fusedit.cli")
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", load_sampling_model)
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", load_sampling_model)
     with caplog.at_level("INFO", logger="fusedit.cli"):
         assert main(["eval", str(trained), "--out", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
     assert logged == [
@@ -333,7 +333,7 @@ def test_a_folder_of_another_checkpoints_images_names_that_checkpoint_to_finish_
 
 def test_an_interrupted_protocol_says_what_it_kept(trained, tmp_path, capsys, monkeypatch):
     import fusedit.eval.run
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
     prompts = write_geneval(tmp_path / "geneval.jsonl", 2)
     out = tmp_path / "ge"
@@ -343,7 +343,7 @@ def test_an_interrupted_protocol_says_what_it_kept(trained, tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(fusedit.sampling_source, "load_sampling_model", load_sampling_model)
+        m.setattr(fusedit.sampling.source, "load_sampling_model", load_sampling_model)
         assert main([*command, "--quiet"]) == 130
     assert capsys.readouterr().err == (
         f"fusedit: interrupted: no image was written to {out}; rerun the same command to start\n"

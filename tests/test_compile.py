@@ -6,9 +6,9 @@ import torch
 import torch._dynamo
 
 from conftest import POSITIONS, TINY_ARCH, counting_backend, randomize, tiny_config
+from fusedit.compiling import compile_settings
 from fusedit.config import ConfigError, load_config
-from fusedit.models.base import compile_settings
-from fusedit.sample import generate, to_sampling_form
+from fusedit.sampling.generation import generate, to_sampling_form
 from fusedit.system import RECOMPILE_SLACK, build_model
 from fusedit.text import encoder
 from fusedit.text.encoder import CUDA_TRIM_MULTIPLE

@@ -557,6 +557,20 @@ def test_an_unknown_arch_key_is_refused_with_a_close_one(preset, override, messa
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_arch_defaults_are_read_only():
+    """arch_defaults hands every caller the one cached dict of a family's defaults: a change would reach every
+    later caller, so it is refused."""
+    from transformers import GemmaConfig
+
+    from fusedit.config import arch_defaults
+
+    defaults = arch_defaults("gemma")
+    assert defaults["hidden_size"] == GemmaConfig().hidden_size
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        defaults["hidden_size"] = 1
+    assert arch_defaults("gemma")["hidden_size"] == GemmaConfig().hidden_size
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_presets_arch_keys_and_name_pass_the_checks(preset):
     from fusedit.config import CLIP_TEXT_FAMILY, NAME_WORD, check_arch, text_sections
@@ -636,7 +650,7 @@ def test_a_run_name_that_is_not_one_word_is_refused_as_it_names_the_run_folder(n
 
 def test_the_study_name_rule_is_the_run_names():
     from fusedit.config import is_name_word
-    from fusedit.eval import study_file
+    from fusedit.study import file as study_file
 
     assert study_file.is_name_word is is_name_word
 

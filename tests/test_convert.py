@@ -40,7 +40,7 @@ from fusedit.layers.position import ImageOnlyRotary
 from fusedit.layers.rope import inv_freq, rotate_half
 from fusedit.models.base import position_scheme
 from fusedit.pipeline import save_pretrained
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 from fusedit.vae import DiffusersAutoencoder
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_ARCH, randomize, tiny_config
 from fusedit.config import load_config, preset_names
 from fusedit.layers.rope import NoRotary
-from fusedit.sample import sample_settings
+from fusedit.sampling.generation import sample_settings
 from fusedit.system import build_model, count_parameters
 from fusedit.text.refiner import CollaborativeRefiner
 from test_lidit import lidit

@@ -6,7 +6,7 @@ import torch
 
 from conftest import POSITIONS, TINY_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError, load_config, preset_names
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model, count_parameters
 from fusedit.text.spec import LLMSpec
 from fusedit.train.loop import train

@@ -14,7 +14,7 @@ import torch
 from conftest import randomize, tiny_config
 from fusedit.config import load_config
 from fusedit.pipeline import FuseDiTPipeline
-from fusedit.sample import generate, sample_settings
+from fusedit.sampling.generation import generate, sample_settings
 from fusedit.system import build_model
 from fusedit.text.context import PromptCut, TextContext
 from fusedit.train.loop import train

@@ -13,7 +13,8 @@ import pytest
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
-# A dotted name under fusedit: a module, then attributes (fusedit.sample.generate, fusedit.system.TextToImage).
+# A dotted name under fusedit: a module, then attributes (fusedit.sampling.generation.generate,
+# fusedit.system.TextToImage).
 NAME = re.compile(r"\bfusedit(?:\.[A-Za-z_]\w*)+")
 # A bare name in the prose that reads as the library's: a class (`TextConfig`) or a call (`checked(cfg)`).
 BARE = re.compile(r"`([A-Z]\w*[a-z]\w*)`|`([A-Za-z_]\w*)\(")
@@ -82,10 +83,10 @@ def test_every_fusedit_name_the_guide_mentions_exists():
 @pytest.mark.parametrize(
     ("name", "found"),
     [
-        ("fusedit.sample.generate", True),
+        ("fusedit.sampling.generation.generate", True),
         ("fusedit.system.TextToImage.encode_prompts", True),
         ("fusedit.train.loop", True),
-        ("fusedit.sample.generat", False),
+        ("fusedit.sampling.generation.generat", False),
         ("fusedit.nothing.here", False),
         ("fusedit.train.train", False),
     ],

@@ -13,12 +13,12 @@ import yaml
 
 import fusedit.eval.compbench as cb
 import fusedit.eval.shapes_bench as shapes_bench
-import fusedit.eval.study as study_mod
+import fusedit.study.run as study_mod
 from conftest import TINY
 from fusedit.eval import benchmarks
 from fusedit.eval.benchmarks import BenchmarkError, download, load_dpg, load_geneval
 from fusedit.eval.compbench import DATASET_FILES, frame_scale
-from fusedit.eval.study_file import load_study
+from fusedit.study.file import load_study
 
 
 class _ShortBodies(http.server.BaseHTTPRequestHandler):

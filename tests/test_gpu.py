@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_config
-from fusedit.sample import generate, sample_settings, to_sampling_form
+from fusedit.sampling.generation import generate, sample_settings, to_sampling_form
 from fusedit.system import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

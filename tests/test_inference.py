@@ -10,7 +10,7 @@ from conftest import randomize, tiny_config
 from fusedit.layers.mlp import FusedGatedMLP, GatedMLP
 from fusedit.models.blocks import FusedImageAttention, ImageAttention
 from fusedit.models.inference import cast_matmul_weights, fuse_projections, prepare_for_sampling
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 
 DESIGNS = ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
@@ -99,7 +99,7 @@ def test_generate_defaults_to_the_sample_sections_defaults():
     from dataclasses import replace
 
     from fusedit.config import SampleConfig
-    from fusedit.sample import sample_settings
+    from fusedit.sampling.generation import sample_settings
 
     cfg = tiny_config()
     cfg = replace(cfg, sample=SampleConfig())

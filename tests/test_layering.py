@@ -25,11 +25,11 @@ EXCEPTIONS = {
     ("demo.py", "fusedit.train.loop"),
     # The demo refuses to train over a run (fusedit.train.run_folder.refuse_a_run), worded for its options.
     ("demo.py", "fusedit.train.run_folder"),
-    ("eval/study.py", "fusedit.train.loop"),
+    ("study/run.py", "fusedit.train.loop"),
     # A study costs a design's training as `fusedit describe` does (each stage's parts and FLOPs), and
     # refuses to run as several torchrun processes (which train() would join).
-    ("eval/study.py", "fusedit.train.stages"),
-    ("eval/study.py", "fusedit.train.distributed"),
+    ("study/run.py", "fusedit.train.stages"),
+    ("study/run.py", "fusedit.train.distributed"),
     # The benchmark times a training step as `fusedit train` takes it: the loop's step functions, the run's
     # optimizers and trained parts, and its EMA.
     ("bench.py", "fusedit.train.loop"),
@@ -132,7 +132,7 @@ def _is_cli(module: str) -> bool:
 def test_nothing_in_the_package_imports_the_cli():
     """The CLI is the top of the package: its subcommands unpack flags and call the library, so nothing below
     may import it (what `fusedit sample`, `serve` and `eval` share, such as loading a model to sample with,
-    lives in ``fusedit.sampling_source``). Only ``python -m fusedit`` (__main__.py) runs it."""
+    lives in ``fusedit.sampling.source``). Only ``python -m fusedit`` (__main__.py) runs it."""
     offending, main_imports_it = [], False
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC)
@@ -180,16 +180,31 @@ def test_the_cli_modules_import_one_way():
     assert from_init == modules - {"fusedit.cli.common"}
 
 
-@pytest.mark.parametrize("name", ["sample", "sampling_source", "sample_folder"])
+@pytest.mark.parametrize("name", ["generation", "source", "folder"])
 def test_sample_does_not_import_the_cli(name):
-    """``fusedit.sample`` (generate), ``fusedit.sampling_source`` (load_sampling_model) and
-    ``fusedit.sample_folder`` (write_sample_folder) hold the library side of `fusedit sample`: usable from
+    """``fusedit.sampling.generation`` (generate), ``fusedit.sampling.source`` (load_sampling_model) and
+    ``fusedit.sampling.folder`` (write_sample_folder) hold the library side of `fusedit sample`: usable from
     Python without the CLI."""
-    path = SRC / f"{name}.py"
-    imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit")]
+    path = SRC / "sampling" / f"{name}.py"
+    imported = [m for _, m in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit.sampling")]
     # The walk sees their imports: the last two import fusedit.checkpoints (a model, its fingerprint).
-    assert name == "sample" or "fusedit.checkpoints" in imported
-    assert not [m for m in imported if _is_cli(m)], f"fusedit.{name} imports fusedit.cli"
+    assert name == "generation" or "fusedit.checkpoints" in imported
+    assert not [m for m in imported if _is_cli(m)], f"fusedit.sampling.{name} imports fusedit.cli"
+
+
+def test_evaluation_imports_neither_training_nor_studies():
+    """train, sample and eval are peers under the CLI: scoring images never trains. A design study trains
+    and evaluates, so it sits above both (``fusedit.study``) and eval imports neither it nor the training
+    package, at the top or inside a function."""
+    paths = sorted((SRC / "eval").rglob("*.py"))
+    assert "shapes_bench.py" in [p.name for p in paths]
+    offending = []
+    for path in paths:
+        rel = path.relative_to(SRC)
+        for line, module in _imported_modules(ast.parse(path.read_text(), str(path)), "fusedit.eval"):
+            if _is_train(module) or module == "fusedit.study" or module.startswith("fusedit.study."):
+                offending.append(f"src/fusedit/{rel.as_posix()}:{line} imports {module}")
+    assert not offending, "evaluation imports training or a study:\n" + "\n".join(offending)
 
 
 # The config package's modules, bottom first: each may import only those before it (imports point one way).

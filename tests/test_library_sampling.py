@@ -23,9 +23,9 @@ from fusedit.flow import sample as flow_sample
 from fusedit.hub import FuseDiTTransformer2DModel
 from fusedit.imaging import to_uint8
 from fusedit.pipeline import FuseDiTPipeline, from_pretrained, save_pretrained
-from fusedit.sample import generate, sample_settings, to_sampling_form
-from fusedit.sample_folder import write_sample_folder
-from fusedit.sampling_source import load_sampling_model
+from fusedit.sampling.folder import write_sample_folder
+from fusedit.sampling.generation import generate, sample_settings, to_sampling_form
+from fusedit.sampling.source import load_sampling_model
 from fusedit.system import build_model, count_parameters, precision_name, resolve_device, uses_bf16
 from fusedit.train.checkpoint import save_checkpoint
 
@@ -220,8 +220,9 @@ def test_a_model_in_its_sampling_form_is_not_exported_and_the_error_says_why(cfg
     to_sampling_form(m, cfg)
     message = (
         r"^this denoiser is in its sampling form \(fused projections, as "
-        r"fusedit\.sampling_source\.load_sampling_model and fusedit\.sample\.to_sampling_form leave it\), "
-        r"which only fusedit\.sample\.generate takes: a pipeline or an export needs the model "
+        r"fusedit\.sampling\.source\.load_sampling_model and "
+        r"fusedit\.sampling\.generation\.to_sampling_form leave it\), which only "
+        r"fusedit\.sampling\.generation\.generate takes: a pipeline or an export needs the model "
         r"fusedit\.checkpoints\.load_model returns$"
     )
     with pytest.raises(ValueError, match=message):
@@ -273,7 +274,7 @@ def test_progress_true_shows_a_bar_and_a_function_is_called_per_step(model, caps
 
 
 def cut_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+    return [r.getMessage() for r in caplog.records if r.name == "fusedit.sampling.generation"]
 
 
 def test_each_generate_call_warns_about_the_prompts_it_cut(cfg, caplog):
@@ -359,7 +360,7 @@ def test_cuda_graphs_asked_for_where_they_do_nothing_says_why(model, cfg, tmp_pa
 
 
 def test_a_hub_id_given_as_the_model_says_to_download_it_first(tmp_path, monkeypatch):
-    from fusedit.sampling_source import check_sampling_source
+    from fusedit.sampling.source import check_sampling_source
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:
@@ -438,7 +439,7 @@ def test_settings_that_leave_a_prompt_unused_are_warned_about_once(model, caplog
     """generate sampled the negative prompt alone at guidance 0, and accepted a negative prompt at guidance 1
     (which the CLI refuses), without a word (helper-115 M1, R5); an evaluation or training's previews call it
     again and again, so each is said once."""
-    from fusedit.sample import warn_once
+    from fusedit.sampling.generation import warn_once
 
     warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="fusedit"):
@@ -455,7 +456,7 @@ def test_settings_that_leave_a_prompt_unused_are_warned_about_once(model, caplog
 
 def test_nan_images_are_counted_at_every_call(model, caplog):
     """Absurd guidance gives NaN images, which became black PNGs without a word (helper-115 R1)."""
-    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
         x = generate(model, ["a red circle", "a blue square"], image_size=16, steps=2, guidance=1e38)
         generate(model, ["a red circle"], image_size=16, steps=2, guidance=3.0)
     assert not torch.isfinite(x).all()
@@ -467,7 +468,7 @@ def test_nan_images_are_counted_at_every_call(model, caplog):
 def test_the_docstring_says_how_to_remake_the_clis_image_i(model):
     """generate(seed=s) draws one batch tensor, while the CLI, serve and eval draw image i from seed s + i
     alone (helper-115 M5): the recipe the docstring gives makes the CLI's images."""
-    from fusedit.sample import latent_shape, seeded_noise
+    from fusedit.sampling.generation import latent_shape, seeded_noise
 
     doc = " ".join(generate.__doc__.split())
     assert "noise=seeded_noise([s + i for i in range(B)], latent_shape(model, image_size))" in doc

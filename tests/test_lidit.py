@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 from fusedit.text.refiner import CollaborativeRefiner, LinguisticRefiner
 from fusedit.train.loop import train
@@ -119,6 +119,17 @@ def test_collaborative_refiner_layer_norms_the_other_branches_tokens():
     moved = collaborative([xs[0], 3.0 * xs[1] + 2.0], masks, c)
     torch.testing.assert_close(moved[0], out[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(moved[1], out[1])  # a branch's own tokens still count as they are
+
+
+def test_collaborative_refiner_refuses_a_branch_count_other_than_the_llms():
+    """A branch per LLM: a refiner of three branches given two LLMs' tokens (or masks for one of them) is an
+    error, not a silently dropped branch."""
+    refiner = CollaborativeRefiner(32, 4, 3, gated=True)
+    xs, masks = [torch.randn(2, 5, 32)] * 2, [torch.ones(2, 5, dtype=torch.bool)] * 2
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is shorter than argument 1"):
+        refiner(xs, masks, torch.randn(2, 32))
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is shorter than argument 1"):
+        CollaborativeRefiner(32, 4, 2, gated=True).refine(xs, masks[:1], None)
 
 
 def test_channel_concatenation_lines_up_each_llms_kept_tokens():

@@ -6,7 +6,7 @@ import torch
 
 from conftest import FAMILIES, randomize, tiny_config
 from fusedit.config import ConfigError, load_config
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model, count_parameters
 
 POSITIONS = ("ape", "1d-rope", "2d-rope", "m-rope")

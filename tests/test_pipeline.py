@@ -20,7 +20,7 @@ from fusedit.checkpoints import load_model
 from fusedit.flow import sampling_times
 from fusedit.imaging import to_uint8
 from fusedit.pipeline import FuseDiTPipeline, export_run, from_pretrained, save_pretrained
-from fusedit.sample import generate, seeded_noise
+from fusedit.sampling.generation import generate, seeded_noise
 from fusedit.system import build_model
 from fusedit.train.checkpoint import save_checkpoint
 from fusedit.vae import DiffusersAutoencoder, load_autoencoder
@@ -455,7 +455,7 @@ def test_an_unused_negative_prompt_or_prompt_is_warned_about(caplog):
     """The CLI refuses a negative prompt at guidance 1 (it changes nothing); the pipeline accepted it without
     a word (helper-115 R5). It still accepts it, but says so, as for guidance 0, which leaves the prompt
     unused; the saved negative prompt (negative_prompt=None) is no reason to warn."""
-    from fusedit.sample import warn_once
+    from fusedit.sampling.generation import warn_once
 
     warn_once.cache_clear()
     cfg = tiny_config(sample={**SAMPLE, "negative_prompt": "a blue square"})

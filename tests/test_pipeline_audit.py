@@ -12,7 +12,7 @@ from conftest import randomize, tiny_config, tiny_vae
 from fusedit.config import ConfigError
 from fusedit.convert.fusedit_official import official_config
 from fusedit.pipeline import FuseDiTPipeline, from_pretrained, save_pretrained
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 
 PUBLIC_CONFIG = json.loads(

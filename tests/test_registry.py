@@ -286,7 +286,7 @@ def test_the_pipeline_samples_a_registered_schedule_as_generate_does():
     from conftest import tiny_config
     from fusedit.flow import register_schedule, sampling_times
     from fusedit.pipeline import FuseDiTPipeline
-    from fusedit.sample import generate
+    from fusedit.sampling.generation import generate
 
     register_schedule(
         "reg-squared", lambda steps, shift: torch.linspace(1, 0, steps + 1, dtype=torch.float64) ** 2

@@ -17,9 +17,9 @@ from fusedit.cli import main
 from fusedit.convert.fusedit_official import export_official, load_official
 from fusedit.data.shapes import vocabulary
 from fusedit.imaging import to_uint8
-from fusedit.sample import SEED_MAX, generate, sample_settings
-from fusedit.sample_folder import write_sample_folder
-from fusedit.sampling_source import load_sampling_model
+from fusedit.sampling.folder import write_sample_folder
+from fusedit.sampling.generation import SEED_MAX, generate, sample_settings
+from fusedit.sampling.source import load_sampling_model
 from fusedit.system import build_model
 from fusedit.text.tokenizer import word_tokenizer
 from fusedit.train.checkpoint import save_checkpoint
@@ -223,9 +223,9 @@ def test_without_seed_the_models_own_sample_seed_is_taken(tmp_path):
 
 
 def test_the_library_writes_the_folder_the_cli_writes(folders, tmp_path):
-    """From Python, without the CLI: fusedit.sampling_source.load_sampling_model and
-    fusedit.sample_folder.write_sample_folder give the images, metadata and grid of `fusedit sample` with the
-    same settings."""
+    """From Python, without the CLI: fusedit.sampling.source.load_sampling_model and
+    fusedit.sampling.folder.write_sample_folder give the images, metadata and grid of `fusedit sample` with
+    the same settings."""
     prompts = ["a red circle", "a blue square", "a green triangle"]
     flags = [word for prompt in prompts for word in ("--prompt", prompt)]
     cli, lib = tmp_path / "cli", tmp_path / "lib"
@@ -301,7 +301,7 @@ def test_a_size_far_past_the_trained_one_is_warned_about_before_the_load(
     folders, tmp_path, caplog, monkeypatch
 ):
     """2048 px on a 32 px model sat at step 0 for over 10 minutes without a word: allowed, but said first."""
-    monkeypatch.setattr("fusedit.sampling_source.load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("fusedit.sampling.source.load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
     for size, warned in (("64", False), ("80", True), ("16x80", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fusedit"), pytest.raises(pytest.fail.Exception):
@@ -389,7 +389,7 @@ def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
     out = tmp_path / "out"
     assert sample(folders["run"], out, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--steps", "1") == 0
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(folders["run"], out, "--prompt", "d", "--steps", "1") == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png"]
     assert metadata(out, 0)["prompt"] == "d"
@@ -409,7 +409,7 @@ def test_a_rerun_that_keeps_every_image_removes_nothing_and_counts_what_it_wrote
     args = ("--prompt", "a", "--prompt", "b", "--steps", "1", "--batch-size", "1")
     assert sample(folders["run"], out, *args) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote 2 images to {out}"
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(folders["run"], out, *args) == 0
     assert "removed" not in caplog.text
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote 0 images to {out} (2 kept from an earlier run)"
@@ -417,7 +417,7 @@ def test_a_rerun_that_keeps_every_image_removes_nothing_and_counts_what_it_wrote
     assert sample(folders["run"], out, *args) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote 1 image to {out} (1 kept from an earlier run)"
     caplog.clear()
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(folders["run"], out, "--prompt", "a", "--steps", "1", "--batch-size", "1") == 0
     assert f"removed an image of an earlier sample in {out}" in caplog.text
 
@@ -438,15 +438,15 @@ def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(
     """Before, every NNNNN.png, NNNNN.json and grid.png in --out was deleted by its name: a user's own
     images were lost, and a run folder took the images beside its checkpoints. Only a folder that an
     earlier `fusedit sample` filled is written into."""
-    import fusedit.sample_folder
-    import fusedit.sampling_source
+    import fusedit.sampling.folder
+    import fusedit.sampling.source
 
     mine = tmp_path / "mine"
     before = user_folder(mine)
     earlier = tmp_path / "earlier"
     assert sample(folders["run"], earlier, "--prompt", "a", "--steps", "1") == 0
     (earlier / "notes.txt").write_text("mine")
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
     for out, first in [
         (mine, "'00000.json'"),
         (folders["run"], "the folder 'checkpoints'"),
@@ -463,7 +463,7 @@ def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(
     monkeypatch.undo()
     # From Python too, before any sampling.
     model, cfg, source = load_sampling_model(folders["run"], "cpu")
-    monkeypatch.setattr(fusedit.sample_folder, "generate", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(fusedit.sampling.folder, "generate", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(ValueError, match="already holds other files"):
         write_sample_folder(model, cfg, ["a"], mine, source=source, progress=False)
     assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
@@ -477,9 +477,9 @@ def test_an_out_folder_that_cannot_be_written_fails_before_the_model_loads(
     import errno
     import tempfile
 
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
-    monkeypatch.setattr(fusedit.sampling_source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(fusedit.sampling.source, "load_sampling_model", lambda *a, **k: pytest.fail("loaded"))
 
     def read_only(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(dir))
@@ -501,7 +501,7 @@ def test_an_interrupted_sample_resumes_with_the_images_of_an_uninterrupted_one(
 ):
     """Rerunning the command after a Ctrl+C keeps the finished batches and makes only the others, whole:
     every file is byte for byte what one uninterrupted run writes. Before, every image was made again."""
-    from fusedit import sample_folder
+    from fusedit.sampling import folder as sample_folder
     from test_files import killed_mid_write
 
     prompts = [w for p in ["a red circle", "a blue square", "a", "two", "red"] for w in ("--prompt", p)]
@@ -530,7 +530,7 @@ def test_an_interrupted_sample_resumes_with_the_images_of_an_uninterrupted_one(
 
     batches.clear()
     monkeypatch.setattr(sample_folder, "generate", counted)
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(folders["run"], out, *flags) == 0
     assert batches == [["a", "two"], ["red"]]  # the first batch is not made again
     assert "2 of the 5 images are kept from an earlier run of this sample" in caplog.text
@@ -541,7 +541,7 @@ def test_an_interrupted_sample_resumes_with_the_images_of_an_uninterrupted_one(
     assert sample(folders["run"], out, *flags) == 0
     assert batches == [] and folder_bytes(out) == folder_bytes(whole)
     caplog.clear()
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(folders["run"], out, *prompts, "--batch-size", "2", "--steps", "1", "--seed", "7") == 0
     assert len(batches) == 3
     assert (
@@ -556,7 +556,7 @@ def test_an_image_whose_record_was_written_but_not_its_png_is_made_with_its_batc
 ):
     """The record comes first: a stop between the two leaves a record without its image, which the rerun
     makes, with the rest of its batch (never an image that no record marks as the sample's)."""
-    from fusedit import sample_folder
+    from fusedit.sampling import folder as sample_folder
 
     flags = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "2", "--steps", "1"]
     whole, out = tmp_path / "whole", tmp_path / "out"
@@ -590,7 +590,7 @@ def test_images_of_a_model_retrained_in_its_folder_are_not_kept(folders, tmp_pat
     tensors = load_file(weights)
     tensors = {name: t + 0.01 if t.is_floating_point() else t for name, t in tensors.items()}
     save_file(tensors, weights, metadata={"format": "pt"})
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         assert sample(pipe, out, "--prompt", "a red circle", "--steps", "1") == 0
     after = metadata(out, 0)["weights"]
     assert after != before and metadata(out, 0)["model"] == str(pipe.resolve())
@@ -612,7 +612,7 @@ def test_a_sample_that_fails_before_its_first_image_keeps_the_earlier_one(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fusedit.sample_folder.generate", interrupted)
+    monkeypatch.setattr("fusedit.sampling.folder.generate", interrupted)
     assert sample(folders["run"], out, "--prompt", "c", "--steps", "1") == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert capsys.readouterr().err == (
@@ -724,12 +724,12 @@ def test_bad_model_folders_fail_with_one_line(folders, tmp_path, capsys):
 def test_compile_and_cuda_graph_flags_override_the_saved_sample_section(folders, monkeypatch, tmp_path, kind):
     """--compile and --cuda-graphs reach the sampling form and generate; without them the saved values
     (compile auto: nothing on the CPU) hold, and the images are the same either way on the CPU."""
-    import fusedit.sampling_source
+    import fusedit.sampling.source
 
     seen = []
-    real = fusedit.sampling_source.to_sampling_form
+    real = fusedit.sampling.source.to_sampling_form
     monkeypatch.setattr(
-        fusedit.sampling_source, "to_sampling_form", lambda m, c: seen.append(c.sample) or real(m, c)
+        fusedit.sampling.source, "to_sampling_form", lambda m, c: seen.append(c.sample) or real(m, c)
     )
     assert sample(folders[kind], tmp_path / "a", "--prompt", "a red circle") == 0
     assert (
@@ -858,7 +858,7 @@ def test_case_and_punctuation_give_the_image_of_the_plain_words(folders, tmp_pat
 def test_guidance_0_is_said_to_leave_the_prompt_unused(folders, tmp_path, caplog):
     """v = u + 0 (c - u) = u: the negative prompt alone; the CLI said nothing and the code called it "CFG off"
     (helper-115 M1)."""
-    from fusedit.sample import warn_once
+    from fusedit.sampling.generation import warn_once
 
     warn_once.cache_clear()
     with caplog.at_level(logging.WARNING):
@@ -909,14 +909,14 @@ def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, c
         "--steps",
         "1",
     ]
-    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
         assert sample(folders["run"], tmp_path / "a", *args, "--batch-size", "1") == 0
-    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sampling.generation"]
     assert cut == ["the negative prompt is longer than text.max_length=16 tokens: its end was cut"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
         assert sample(folders["run"], tmp_path / "b", *args, "--prompt", long) == 0
-    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sample"]
+    cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sampling.generation"]
     assert cut == [
         "1 of the 3 prompts was longer than text.max_length=16 tokens: its end was cut (the negative "
         "prompt's too)"
@@ -933,7 +933,7 @@ def test_the_model_is_recorded_absolute(folders, tmp_path, monkeypatch):
 
 def test_nan_images_are_warned_about(folders, tmp_path, caplog):
     """An absurd guidance wrote black NaN images without a word (helper-115 R1)."""
-    with caplog.at_level(logging.WARNING, logger="fusedit.sample"):
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
         assert (
             sample(folders["run"], tmp_path, "--prompt", "a red circle", "--guidance", "1e38", "--steps", "2")
             == 0
@@ -981,7 +981,7 @@ def test_a_deleted_checkpoint_or_the_checkpoints_folder_points_to_what_exists(fo
 
 def test_an_empty_prompt_samples_unconditionally(folders, tmp_path, caplog):
     """The empty prompt is the model's unconditional input, as `fusedit serve` now takes it too (R4)."""
-    with caplog.at_level(logging.INFO, logger="fusedit.sample_folder"):
+    with caplog.at_level(logging.INFO, logger="fusedit.sampling.folder"):
         assert (
             sample(folders["run"], tmp_path, "--prompt", "", "--prompt", "a red circle", "--steps", "2") == 0
         )
@@ -997,7 +997,7 @@ def test_a_stop_between_a_new_record_and_its_image_never_keeps_the_earlier_image
     """Replacing an earlier sample's image: its PNG goes before the new record is written, so a stop while
     the new PNG is encoded leaves a record without an image (made again), never the new record beside the
     earlier picture (which a rerun would keep as the new prompt's)."""
-    from fusedit import sample_folder
+    from fusedit.sampling import folder as sample_folder
 
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert sample(folders["run"], whole, "--prompt", "b", "--steps", "1") == 0
@@ -1025,7 +1025,7 @@ def test_only_a_sample_that_can_name_its_model_and_batch_resumes(folders, tmp_pa
     out, prompts = tmp_path / "lib", ["a red circle", "a blue square"]
     kept: list = []
     write_sample_folder(model, cfg, prompts, out, settings=settings, progress=False)
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         write_sample_folder(model, cfg, prompts, out, settings=settings, progress=False, kept=kept)
     assert kept == []
     assert "cannot be told to be this model's" in caplog.text
@@ -1034,7 +1034,7 @@ def test_only_a_sample_that_can_name_its_model_and_batch_resumes(folders, tmp_pa
     assert kept == [out / "00000.png", out / "00001.png"]
     kept.clear()
     caplog.clear()
-    with caplog.at_level("INFO", logger="fusedit.sample_folder"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
         write_sample_folder(
             model,
             cfg,

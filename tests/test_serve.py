@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from conftest import randomize, tiny_config
-from fusedit import serve
 from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate
-from fusedit.serve import MAX_BODY_BYTES, DemoServer
+from fusedit.sampling import serve
+from fusedit.sampling.generation import generate
+from fusedit.sampling.serve import MAX_BODY_BYTES, DemoServer
 from fusedit.system import build_model
 from fusedit.train.checkpoint import save_checkpoint
 
@@ -366,11 +366,11 @@ def test_the_weights_are_named_in_the_info_and_on_every_job(tiny):
 
 def test_each_finished_job_is_one_line_on_the_terminal(server, caplog):
     """serve logged nothing per job, so its terminal gave no sign of the page's work (helper-115 R8)."""
-    with caplog.at_level("INFO", logger="fusedit.serve"):
+    with caplog.at_level("INFO", logger="fusedit.sampling.serve"):
         job = wait(
             server, call(server, "/api/generate", {"prompt": "a red circle", "num_images": 2})[1]["id"]
         )
-    lines = [r.getMessage() for r in caplog.records if r.name == "fusedit.serve"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fusedit.sampling.serve"]
     assert lines == [
         f"job {job['id']} done in {job['seconds']:.1f} s: 2 images of 'a red circle', 16x16 px, under "
         f"/images/{job['id']}/"
@@ -976,7 +976,7 @@ def test_fusedit_serve_bad_arguments_fail_with_one_line(tmp_path, tiny, capsys, 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --max-size was checked")
 
-    monkeypatch.setattr("fusedit.sampling_source.load_sampling_model", no_load)
+    monkeypatch.setattr("fusedit.sampling.source.load_sampling_model", no_load)
     assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu", "--max-size", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--max-size 7 is not allowed (allowed: a positive multiple of 2, the VAE's downsampling" in err

@@ -17,7 +17,7 @@ from fusedit import adapters as lora
 from fusedit.adapters import Parts
 from fusedit.checkpoints import find_checkpoint, load_model, load_tensors, stage_of_checkpoint
 from fusedit.config import ConfigError, load_config, resolved_stages, save_config
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 from fusedit.train import loop
 from fusedit.train.loop import train

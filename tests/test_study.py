@@ -6,13 +6,13 @@ import pytest
 import yaml
 from PIL import Image
 
-import fusedit.eval.study as study_mod
+import fusedit.study.run as study_mod
 from conftest import TINY
 from fusedit.checkpoints import find_checkpoint, load_state
 from fusedit.config import ConfigError, load_config, resolved_stages
 from fusedit.eval.shapes_bench import run_shapes_bench as real_bench
-from fusedit.eval.study import describe_study, run_study
-from fusedit.eval.study_file import load_study, recipe_differences, varying_keys
+from fusedit.study.file import load_study, recipe_differences, varying_keys
+from fusedit.study.run import describe_study, run_study
 from fusedit.train.loop import train as real_train
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fusedit.eval.study as study_mod
+import fusedit.study.run as study_mod
 from conftest import TINY
 from fusedit.cli import main
 from fusedit.config import ConfigError
-from fusedit.eval.study import describe_study, markdown_report, run_study
-from fusedit.eval.study_file import load_study
+from fusedit.study.file import load_study
+from fusedit.study.run import describe_study, markdown_report, run_study
 from fusedit.train.loop import train as real_train
 
 BASE = {

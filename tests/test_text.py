@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_ARCH, TINY_CLIP_ARCH, randomize, tiny_config
 from fusedit.config import ConfigError, TextConfig, load_config
 from fusedit.data.shapes import vocabulary
-from fusedit.sample import generate
+from fusedit.sampling.generation import generate
 from fusedit.system import build_model
 from fusedit.text.context import PromptCut
 from fusedit.text.tokenizer import word_tokenizer
@@ -419,7 +419,7 @@ def test_an_empty_prompt_without_bos_is_the_end_of_text_token(tmp_path):
     tokens, which the LLM cannot run on. It becomes one end-of-text token, in training and in sampling."""
     from tokenizers import processors
 
-    from fusedit.sample import generate
+    from fusedit.sampling.generation import generate
 
     tok = word_tokenizer(vocabulary())
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")

@@ -211,7 +211,7 @@ def test_preview_grids_are_written_during_training(tmp_path):
 def test_preview_image_i_starts_from_the_noise_of_sample_seed_plus_i(tmp_path, monkeypatch):
     """As `fusedit sample` draws it, so a preview image is one `fusedit sample --seed` makes again; they
     were drawn as one batch from sample.seed, whatever the schema's note said."""
-    import fusedit.sample as sampling
+    import fusedit.sampling.generation as sampling
 
     calls, real = [], sampling.generate
     monkeypatch.setattr(

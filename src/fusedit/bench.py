@@ -45,7 +45,7 @@ from fusedit.config import (
 from fusedit.devices import host_to_device
 from fusedit.flow import interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
-from fusedit.sample import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
+from fusedit.sampling.generation import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
 from fusedit.system import TextToImage, build_model, count_parameters, seeded
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
@@ -517,7 +517,8 @@ def bench_sample(
     min_tokens: int | None = None,
 ) -> dict:
     """What `generate` does past tokenizing, on synthetic token ids: the velocity of
-    ``fusedit.sample.text_velocity`` (and its CUDA graph, sample.cuda_graphs) integrated by the sampler."""
+    ``fusedit.sampling.generation.text_velocity`` (and its CUDA graph, sample.cuda_graphs) integrated by the
+    sampler."""
     use_sampling_form(s)
     cfg, device = s.cfg, s.device
     side = resolution // cfg.vae.downsample

@@ -13,7 +13,7 @@ from fusedit.checkpoints import load_model
 from fusedit.config import Config
 from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.imaging import image_grid, plot_curve, save_png, to_uint8
-from fusedit.sample import generate, sample_settings
+from fusedit.sampling.generation import generate, sample_settings
 from fusedit.system import resolve_device
 from fusedit.train.loop import train
 from fusedit.train.run_folder import refuse_a_run

@@ -105,13 +105,14 @@ class FuseDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """Wrap a built denoiser, sharing its weights. The recorded config is first rebuilt on the meta device
         (no memory, no init cost) and must give the same parameter names and shapes, so what is saved
         always reloads into this architecture. A denoiser in its sampling form (fused projections:
-        ``fusedit.sampling_source.load_sampling_model``, ``fusedit.sample.to_sampling_form``) is refused in
-        one line: it only samples, and its parameter names are not the architecture's."""
+        ``fusedit.sampling.source.load_sampling_model``, ``fusedit.sampling.generation.to_sampling_form``) is
+        refused in one line: it only samples, and its parameter names are not the architecture's."""
         if any(isinstance(m, (FusedImageAttention, FusedGatedMLP)) for m in denoiser.modules()):
             raise ValueError(
                 "this denoiser is in its sampling form (fused projections, as "
-                "fusedit.sampling_source.load_sampling_model and fusedit.sample.to_sampling_form leave it), "
-                "which only fusedit.sample.generate takes: a pipeline or an export needs the model "
+                "fusedit.sampling.source.load_sampling_model and "
+                "fusedit.sampling.generation.to_sampling_form leave it), which only "
+                "fusedit.sampling.generation.generate takes: a pipeline or an export needs the model "
                 "fusedit.checkpoints.load_model returns"
             )
         with torch.device("meta"):

@@ -270,7 +270,7 @@ def kept_for_prompts(images: Sequence[tuple[Path, str]]) -> list[bool]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Comparison plots (several series on one figure), for design studies (fusedit.eval.study)
+# Comparison plots (several series on one figure), for design studies (fusedit.study.run)
 
 # Ten well-separated colours (matplotlib's tab10), so that up to ten designs stay distinguishable.
 PALETTE = (

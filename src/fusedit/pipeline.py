@@ -5,14 +5,14 @@
                   generator=torch.Generator().manual_seed(0)).images
 
 It holds the tokenizer(s), LLM(s), transformer, VAE and scheduler as ordinary diffusers components (see
-``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sample.generate`` does: the LLMs run
-once per call for the whole [negative ; prompt] batch and that text context serves every step and both
-guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, the scheduler's
-own spacing or a registered one, then the SD3 shift of the scheduler's config) with its Euler steps, or, for
-any other ``sample.sampler`` (heun, or a registered one-step sampler), with that fusedit sampler over the
-scheduler's times (diffusers' Euler scheduler cannot take a second-order step). Same seed, steps, guidance, shift, schedule and sampler give the
-same images as ``generate`` in fp32, bit for bit (``generate`` on a GPU defaults to bf16 autocast:
-``sample.precision``).
+``fusedit.hub`` for the folder layout) and samples exactly as ``fusedit.sampling.generation.generate`` does:
+the LLMs run once per call for the whole [negative ; prompt] batch and that text context serves every step and
+both guidance branches; the scheduler integrates the model's ``sample.schedule`` (uniform in t, the
+scheduler's own spacing or a registered one, then the SD3 shift of the scheduler's config) with its Euler
+steps, or, for any other ``sample.sampler`` (heun, or a registered one-step sampler), with that fusedit
+sampler over the scheduler's times (diffusers' Euler scheduler cannot take a second-order step). Same seed,
+steps, guidance, shift, schedule and sampler give the same images as ``generate`` in fp32, bit for bit
+(``generate`` on a GPU defaults to bf16 autocast: ``sample.precision``).
 
 ``save_pretrained(model, cfg, folder)`` writes a fusedit model as a pipeline folder, ``from_pretrained(folder,
 device)`` reads one back as ``(TextToImage, Config)`` and ``export_run(run, folder)`` exports a training run.
@@ -54,7 +54,7 @@ from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
 from fusedit.imaging import to_uint8
-from fusedit.sample import (
+from fusedit.sampling.generation import (
     check_steps_guidance,
     latent_shape,
     text_velocity,
@@ -262,7 +262,7 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     def to_fusedit(self) -> tuple[TextToImage, Config]:
         """``(TextToImage, Config)`` over this pipeline's components (shared, not copied): what
-        ``fusedit.sample.generate``, evaluation and training take."""
+        ``fusedit.sampling.generation.generate``, evaluation and training take."""
         cfg = self.fusedit_config
         texts = [cfg.text, *cfg.extra_text]
         pairs = [(getattr(self, tok), getattr(self, llm)) for tok, llm in LLM_SLOTS[: len(texts)]]
@@ -528,7 +528,7 @@ def from_pretrained(
 ) -> tuple[TextToImage, Config]:
     """A saved pipeline folder (or hub id) -> ``(TextToImage, Config)`` on ``device`` (a torch device or its
     name, "auto" for CUDA when available: system.resolve_device), in eval mode; the same model
-    ``fusedit.sample.generate`` and the training loop take."""
+    ``fusedit.sampling.generation.generate`` and the training loop take."""
     device = resolve_device(device, "device")  # a bad or missing device fails in one line, before the load
     model, cfg = FuseDiTPipeline.from_pretrained(str(folder)).to(device).to_fusedit()
     return model.eval(), cfg

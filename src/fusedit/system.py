@@ -16,6 +16,7 @@ import torch._dynamo.config
 import torch._functorch.config
 from torch import nn
 
+from fusedit.compiling import compile_settings, uncompile
 from fusedit.config import (
     Config,
     ConfigError,
@@ -30,7 +31,6 @@ from fusedit.config import (
     variant_traits,
 )
 from fusedit.models import build_denoiser
-from fusedit.models.base import compile_settings, uncompile
 from fusedit.text.context import PromptCut, TextContext, TextRequest
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import llm_config, load_llm, load_tokenizer

@@ -45,7 +45,7 @@ def cmd_bench(args) -> int:
         source_commit,
         warn_text_tokens,
     )
-    from fusedit.sample import check_steps_guidance
+    from fusedit.sampling.generation import check_steps_guidance
     from fusedit.system import resolve_device
 
     cfg = _config(args)

@@ -75,7 +75,7 @@ def _check_sampling_flags(args) -> None:
     """--steps, --guidance, --shift and --size of `fusedit sample` and `fusedit eval`, checked before the
     (possibly slow) model load, so that a typo fails at once: the size against the model's saved config,
     read without its weights."""
-    from fusedit.sample import check_steps_guidance
+    from fusedit.sampling.generation import check_steps_guidance
 
     check_steps_guidance(args.steps, args.guidance, flags=True)
     read: list[Config | None] = []  # the saved config (a whole config load), read once, when a check needs it
@@ -101,7 +101,7 @@ def _check_sampling_flags(args) -> None:
         raise ConfigError(f"--shift {shift} is not allowed (allowed: a finite number > 0; 1 = no shift)")
     if args.size is None:
         return
-    from fusedit.sample import image_shape, warn_far_past_trained
+    from fusedit.sampling.generation import image_shape, warn_far_past_trained
 
     if saved() is not None:
         _check_size(args.size, saved())
@@ -121,7 +121,7 @@ def _size_text(size: int | tuple[int, int]) -> str:
 def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") -> None:
     """Each side must make whole patches of whole latent pixels, and no more of them than a fixed APE table
     covers (config.side_limits)."""
-    from fusedit.sample import image_shape
+    from fusedit.sampling.generation import image_shape
 
     if not all(side_fits(s, cfg) for s in image_shape(size)):
         sides = "" if isinstance(size, int) else " for each side"
@@ -130,7 +130,7 @@ def _check_size(size: int | tuple[int, int], cfg: Config, flag: str = "--size") 
 
 def _saved_model(path: str | Path) -> tuple[Config, Path] | None:
     """The config MODEL samples with and the folder its weights are read from (as
-    fusedit.sampling_source.load_sampling_model reads and returns them), without any weights; None where the
+    fusedit.sampling.source.load_sampling_model reads and returns them), without any weights; None where the
     folder holds none, which load_sampling_model then reports."""
     from fusedit.checkpoints import checkpoint_stage, find_checkpoint
 

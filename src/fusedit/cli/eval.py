@@ -63,8 +63,8 @@ def cmd_eval(args) -> int:
         run_shapes_bench,
         untrained_note,
     )
-    from fusedit.sample import check_seed
-    from fusedit.sampling_source import check_sampling_source, load_sampling_model
+    from fusedit.sampling.generation import check_seed
+    from fusedit.sampling.source import check_sampling_source, load_sampling_model
     from fusedit.system import resolve_device
 
     # Checked before the (possibly slow) model load, so a typo fails at once. The parser's default of each
@@ -298,7 +298,7 @@ def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dic
     its images (eval.run.claim_folder), so that a rerun after more training does not keep (and score) the
     old ones. The text cache and CUDA graphs change no image beyond rounding, so they may differ between
     runs."""
-    from fusedit.sample import sample_settings
+    from fusedit.sampling.generation import sample_settings
     from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
@@ -315,7 +315,7 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
     """A protocol run with the generator ``gen`` (eval.run.ProtocolGenerator) whose model and settings
     ``record`` describes, and the lines that report it."""
     from fusedit.eval import run
-    from fusedit.sample import warn_cut_prompts
+    from fusedit.sampling.generation import warn_cut_prompts
 
     # What each protocol takes beyond what they all take (below).
     protocols = {

@@ -115,8 +115,8 @@ def _converted(out: Path) -> bool:
 
 
 def cmd_study(args) -> int:
-    from fusedit.eval.study import chosen_designs, describe_study, run_study, statuses_text
-    from fusedit.eval.study_file import load_study
+    from fusedit.study.file import load_study
+    from fusedit.study.run import chosen_designs, describe_study, run_study, statuses_text
     from fusedit.system import resolve_device
 
     # A design label is a word without '=': overrides typed after --only's labels (`--only a b
@@ -153,7 +153,7 @@ def cmd_study(args) -> int:
 def cmd_export(args) -> int:
     from fusedit.checkpoints import holds_ema
     from fusedit.pipeline import export_run
-    from fusedit.sampling_source import model_folder
+    from fusedit.sampling.source import model_folder
     from fusedit.system import resolve_device
 
     out, device = _out_folder(args.out), resolve_device(args.device, "--device")

@@ -50,7 +50,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def _sampling_flags(args) -> dict:
-    """fusedit.sampling_source.load_sampling_model's arguments from the flags `fusedit sample` and `fusedit
+    """fusedit.sampling.source.load_sampling_model's arguments from the flags `fusedit sample` and `fusedit
     serve` share."""
     return {
         "use_ema": not args.no_ema,
@@ -74,9 +74,9 @@ def _image_size(text: str) -> int | tuple[int, int]:
 
 def cmd_sample(args) -> int:
     from fusedit.files import check_writable
-    from fusedit.sample import check_negative_prompt, check_seed, sample_settings
-    from fusedit.sample_folder import earlier_sample, write_sample_folder
-    from fusedit.sampling_source import load_sampling_model
+    from fusedit.sampling.folder import earlier_sample, write_sample_folder
+    from fusedit.sampling.generation import check_negative_prompt, check_seed, sample_settings
+    from fusedit.sampling.source import load_sampling_model
     from fusedit.system import resolve_device
 
     prompts = _read_prompts(args)
@@ -145,8 +145,8 @@ def _sample_kept(out: Path, written: list[Path], total: int) -> str:
 
 
 def cmd_serve(args) -> int:
-    from fusedit.sampling_source import load_sampling_model
-    from fusedit.serve import DemoServer, check_port_free, max_side
+    from fusedit.sampling.serve import DemoServer, check_port_free, max_side
+    from fusedit.sampling.source import load_sampling_model
     from fusedit.system import resolve_device
 
     if not 0 <= args.port <= 65535:

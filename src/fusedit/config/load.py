@@ -443,7 +443,7 @@ def stages_overriding(
     (resolved_stages(cfg)) that train under another value than the run's top-level one, because they or an
     earlier stage set their own (a stage's value wins), each with that value; keys every stage keeps are left
     out. What `fusedit train` warns about for a top-level override (unreached_overrides) and a study refuses
-    for its base (eval.study_file)."""
+    for its base (fusedit.study.file)."""
     shared = flatten(to_dict(cfg))
     out: dict[str, list[tuple[Stage, Any]]] = {}
     for stage in stages:

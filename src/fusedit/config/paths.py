@@ -12,6 +12,8 @@ import inspect
 import json
 import os
 import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -272,10 +274,10 @@ def _arch_keys(family: str) -> tuple[tuple[str, ...], dict]:
     return tuple(keys), defaults
 
 
-def arch_defaults(family: str) -> dict:
-    """The defaults of a ``family`` config (its class's ``to_dict()``), built once per family: read them,
-    never change them (every caller shares the dict)."""
-    return _arch_keys(family)[1]
+def arch_defaults(family: str) -> Mapping[str, Any]:
+    """The defaults of a ``family`` config (its class's ``to_dict()``), built once per family. Read-only:
+    every caller shares the cached dict, so a change would reach them all."""
+    return types.MappingProxyType(_arch_keys(family)[1])
 
 
 def check_arch(family: str, arch: dict, key: str) -> None:

@@ -603,7 +603,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # torch.compile every DiT block, the final norm (and the LLM): "auto" = inductor on a GPU and off on the
     # CPU; "" = off; "max-autotune" = inductor choosing each matmul's kernel by timing it (longer compile;
-    # fusedit.models.base.compile_settings); "eager" and "aot_eager" only check tracing.
+    # fusedit.compiling.compile_settings); "eager" and "aot_eager" only check tracing.
     compile: str = choice("auto", "auto", "", "inductor", "max-autotune", "aot_eager", "eager")
     # Below 1, the compiled blocks recompute their cheapest activations in backward so that the kept ones
     # fit this fraction of the default (memory for a little time; fusedit-gemma2b's 512 px batch 16 fits

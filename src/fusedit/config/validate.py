@@ -48,7 +48,7 @@ def side_fits(side: int, cfg: Config) -> bool:
 
 def within_limits(side: int, limits: tuple[int, int | None]) -> bool:
     """Whether an image side in pixels keeps to ``limits`` (``side_limits``' (unit, largest), or a built
-    model's: fusedit.sample.generate has no config)."""
+    model's: fusedit.sampling.generation.generate has no config)."""
     unit, largest = limits
     return side >= unit and side % unit == 0 and (largest is None or side <= largest)
 

@@ -34,8 +34,6 @@ from fusedit.eval.fid import (
 )
 from fusedit.imaging import generated_image, kept_for_prompts, save_png
 
-SAMPLES = "samples"
-
 
 def check_scoring(reference, features, per_category: int | None = None) -> None:
     """Scoring needs both the reference images and the feature model; one alone is a mistake. FID per

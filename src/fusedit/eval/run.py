@@ -28,14 +28,14 @@ from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
 from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
-from fusedit.sample import generate, latent_shape, seeded_noise
+from fusedit.sampling.generation import generate, latent_shape, seeded_noise
 
 
 class ProtocolGenerator:
     """A ``generate(prompt, seed, n) -> [PIL images]`` callable over ``model`` for the protocol writers;
-    ``settings`` are ``generate`` keyword arguments (``fusedit.sample.sample_settings``). Image k starts
-    from the noise of ``seed + k`` alone, as in ``fusedit sample``: any benchmark image is made again by
-    sampling its prompt with its seed, and a protocol that resumes per image (T2I-CompBench) makes the
+    ``settings`` are ``generate`` keyword arguments (``fusedit.sampling.generation.sample_settings``). Image k
+    starts from the noise of ``seed + k`` alone, as in ``fusedit sample``: any benchmark image is made again
+    by sampling its prompt with its seed, and a protocol that resumes per image (T2I-CompBench) makes the
     missing ones exactly as an uninterrupted run would.
 
     ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (once

@@ -19,7 +19,7 @@ from fusedit.data.shapes import ALL_KINDS, Prompt, all_prompts
 from fusedit.eval.shapes_verifier import evaluate
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, save_png, to_uint8
-from fusedit.sample import check_steps_guidance, generate
+from fusedit.sampling.generation import check_steps_guidance, generate
 
 
 def benchmark_prompts(per_category: int, max_objects: int, kinds=ALL_KINDS, seed: int = 0) -> list[Prompt]:
@@ -121,10 +121,11 @@ def run_shapes_bench(
 ) -> dict:
     """Generate one image per benchmark prompt, score it, write scores.json, scores.md, failures.png.
 
-    The sampling arguments are ``fusedit.sample.generate``'s; ``bench_settings(cfg, ...)`` gives the model's
-    ``sample`` section (negative prompt and precision included), so that the bench samples as ``fusedit
-    sample`` does, and its ``data.max_objects``, so that it scores the prompts `fusedit eval --bench shapes`
-    scores (the default 4 draws other prompts for a model trained on fewer objects).
+    The sampling arguments are ``fusedit.sampling.generation.generate``'s; ``bench_settings(cfg, ...)`` gives
+    the model's ``sample`` section (negative prompt and precision included), so that the bench samples as
+    ``fusedit sample`` does, and its ``data.max_objects``, so that it scores the prompts
+    `fusedit eval --bench shapes` scores (the default 4 draws other prompts for a model trained on fewer
+    objects).
 
     ``source`` (`fusedit eval`: the checkpoint's name, its weights' fingerprint, EMA or raw, the folder)
     is recorded with the settings, so that scores of another model or of its raw weights are told apart.

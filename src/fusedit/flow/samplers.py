@@ -2,7 +2,7 @@
 
 Nothing here knows about models or text: guidance is a wrapper that turns a two-branch velocity into one,
 and the caller decides how the branches are computed (for fusedit: one batch [negative ; prompt] over a
-text context computed once, see ``fusedit.sample``).
+text context computed once, see ``fusedit.sampling.generation``).
 
 A sampler (``SAMPLERS``, sample.sampler) is ``fn(velocity, x, times, progress=None) -> x``: it integrates
 ``x`` from ``times[0]`` down the (steps + 1,) times and calls ``progress()`` once after each step. A one-step
@@ -68,7 +68,7 @@ def _check_times(steps: int, shift: float, schedule: str) -> None:
 
 def check_sampling(steps: int, shift: float = 1.0, sampler: str = "euler", schedule: str = "uniform") -> None:
     """The one-line ConfigError ``sample`` would raise for these settings, for a caller that checks them
-    before any slow work (``fusedit.sample.generate``, before the LLM's forward)."""
+    before any slow work (``fusedit.sampling.generation.generate``, before the LLM's forward)."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r} (allowed: {', '.join(SAMPLERS)})")
     _check_times(steps, shift, schedule)
@@ -140,8 +140,8 @@ def sample(
 ) -> torch.Tensor:
     """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0) on ``sampling_times``.
 
-    ``shift`` defaults to 1.0, no shift: the plain integrator. ``fusedit.sample.generate`` and the
-    ``sample`` section (SampleConfig.shift) default to 3.0, so a call that gives only ``steps`` samples
+    ``shift`` defaults to 1.0, no shift: the plain integrator. ``fusedit.sampling.generation.generate`` and
+    the ``sample`` section (SampleConfig.shift) default to 3.0, so a call that gives only ``steps`` samples
     other times than ``generate`` does; pass the model's ``sample.shift`` (and ``sample.schedule``) to
     sample as it does. ``progress`` is called once after each step."""
     check_sampling(steps, shift, sampler, schedule)

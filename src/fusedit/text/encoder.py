@@ -270,8 +270,8 @@ class TextEncoder(nn.Module):
         return _layer_kv(self.llm.layers[i], self.layer_keys[i], h, self.head_dim)
 
     def compile_kv(self, settings: dict | None) -> None:
-        """torch.compile the K/V read (``_read_kv``) with ``settings`` (models.base.compile_settings of a
-        compile setting); None runs it eagerly again. TextToImage.compile_parts calls it with the LLM's own
+        """torch.compile the K/V read (``_read_kv``) with ``settings`` (fusedit.compiling.compile_settings of
+        a compile setting); None runs it eagerly again. TextToImage.compile_parts calls it with the LLM's own
         compile (training).
 
         Automatic dynamic shapes (dynamic=None), as the LLM: the batch and the trimmed text width change

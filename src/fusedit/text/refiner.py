@@ -139,14 +139,14 @@ class CollaborativeRefiner(nn.Module):
         self, xs: list[torch.Tensor], masks: list[torch.Tensor], temb: torch.Tensor | None
     ) -> list[torch.Tensor]:
         """The block, gated by the branches' mean masked-mean-pooled tokens (B, d) plus the timestep's."""
-        c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks)]).mean(0)
+        c = torch.stack([masked_mean(x, m) for x, m in zip(xs, masks, strict=True)]).mean(0)
         return self(xs, masks, c if temb is None else c + temb)
 
     def forward(
         self, xs: list[torch.Tensor], masks: list[torch.Tensor], c: torch.Tensor
     ) -> list[torch.Tensor]:
         out = []
-        for i, (branch, x) in enumerate(zip(self.branches, xs)):
+        for i, (branch, x) in enumerate(zip(self.branches, xs, strict=True)):
             context = torch.cat([xs[j] for j in range(len(xs)) if j != i], dim=1)
             keep = keep_keys(torch.cat([masks[j] for j in range(len(xs)) if j != i], dim=1))
             out.append(branch(x, c, keep, context))
@@ -165,7 +165,7 @@ class NoCollaboration(nn.Module):
 def drop_instruction_tokens(masks: list[torch.Tensor], texts) -> list[torch.Tensor]:
     """Each LLM's (B, T_i) keep-mask without its instruction (template) tokens: the refiners read them, the
     DiT does not (design-space.md s.2)."""
-    return [m & ~t.instruction for m, t in zip(masks, texts)]
+    return [m & ~t.instruction for m, t in zip(masks, texts, strict=True)]
 
 
 def keep_all_tokens(masks: list[torch.Tensor], texts) -> list[torch.Tensor]:
@@ -215,7 +215,7 @@ class ChannelConcat(nn.Module):
         lead = max(leads)
         width = self.width([x.shape[1] for x in xs], leads)  # static: no host sync to count the kept tokens
         packed, packed_keeps = [], []
-        for x, keep, n in zip(xs, keeps, leads):
+        for x, keep, n in zip(xs, keeps, leads, strict=True):
             # Kept tokens first, in order (a stable sort of "dropped" flags); the rest zeroed. A row's first
             # n tokens are its leading specials, which no keep-mask drops: they stay the first n.
             order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices

@@ -849,7 +849,7 @@ def _preview(model: TextToImage, cfg: Config, captions: list[str], path: Path) -
 
     Rank 0 alone runs it: the local module, no collectives (FSDP runs refuse previews, see train())."""
     from fusedit.imaging import image_grid, save_png, to_uint8
-    from fusedit.sample import generate, latent_shape, sample_settings, seeded_noise
+    from fusedit.sampling.generation import generate, latent_shape, sample_settings, seeded_noise
 
     was_training = model.denoiser.training
     model.denoiser.eval()

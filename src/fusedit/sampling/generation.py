@@ -1,8 +1,8 @@
 """Prompt -> image. Used by `fusedit sample`, the demo, evaluation and training previews.
 
-``fusedit.sampling_source.load_sampling_model`` reads a model to sample with from a run, checkpoint or
+``fusedit.sampling.source.load_sampling_model`` reads a model to sample with from a run, checkpoint or
 diffusers pipeline folder (what `fusedit sample`, `serve` and `eval` take as MODEL), and
-``fusedit.sample_folder.write_sample_folder`` writes the images and per-image metadata of `fusedit sample`.
+``fusedit.sampling.folder.write_sample_folder`` writes the images and per-image metadata of `fusedit sample`.
 
 With ``cache_text`` (the default) the LLM runs once per prompt batch, on each distinct text of it once
 (the negative prompt's rows are one text; an eval call's 4 images of one prompt another), and its

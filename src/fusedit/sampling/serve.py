@@ -28,8 +28,8 @@ cannot send that without a CORS preflight, which this server never grants.
 Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
 the model: jobs wait in a queue, so generations never run concurrently (a model is not safe to call from
 two threads, and two generations at once would not finish sooner). The worker samples through
-``fusedit.sample.generate``, counting the sampler's steps with its progress callback; the page polls the
-job for "step k of N". Each finished job is logged in one line on the server's terminal.
+``fusedit.sampling.generation.generate``, counting the sampler's steps with its progress callback; the page
+polls the job for "step k of N". Each finished job is logged in one line on the server's terminal.
 
 Image i of a job starts from the noise of seed + i alone, so each image is the one ``fusedit sample MODEL
 --prompt ... --seed <its seed>`` makes with the same settings (up to float rounding between batch sizes);
@@ -71,7 +71,7 @@ from fusedit.config import (
     side_limits,
 )
 from fusedit.imaging import to_uint8
-from fusedit.sample import (
+from fusedit.sampling.generation import (
     check_seed,
     cut_note,
     generate,
@@ -593,7 +593,7 @@ class JobQueue:
 
 
 def page() -> bytes:
-    return resources.files("fusedit").joinpath("serve_page.html").read_bytes()
+    return resources.files("fusedit.sampling").joinpath("serve_page.html").read_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -3,7 +3,7 @@ beside its record NNNNN.json, and grid.png of them all; ``earlier_sample`` reads
 left there, so that a rerun resumes it and nothing but its files is ever replaced or deleted.
 
 A module of its own: which files of a folder are a sample's, and which of its images a rerun keeps, is settled
-here; the images come from ``fusedit.sample.generate``.
+here; the images come from ``fusedit.sampling.generation.generate``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fusedit.files import (
     write_text_atomic,
 )
 from fusedit.imaging import image_grid, save_png, to_uint8
-from fusedit.sample import (
+from fusedit.sampling.generation import (
     check_negative_prompt,
     check_prompts,
     check_seed,

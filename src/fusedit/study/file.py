@@ -1,5 +1,5 @@
 """Reading and checking a study file: every design's config resolved and validated before anything trains,
-and what differs between the designs; ``fusedit.eval.study`` runs a study and reports it.
+and what differs between the designs; ``fusedit.study.run`` runs a study and reports it.
 
 A study file::
 
@@ -22,7 +22,7 @@ is resolved before anything trains, so a typo in the last design fails in second
 others trained.
 
 A module of its own: what a study file says, and whether its designs compare fairly, is settled here without
-training or sampling anything; the run of fusedit.eval.study and its `--check` plan both start from
+training or sampling anything; the run of fusedit.study.run and its `--check` plan both start from
 :func:`load_study`.
 """
 
@@ -59,7 +59,7 @@ from fusedit.config import (
     yaml_problem,
 )
 from fusedit.data.shapes import DEMO_PROMPTS
-from fusedit.sample import check_seed
+from fusedit.sampling.generation import check_seed
 
 STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
 DESIGN_KEYS = ("preset", "overrides", "description")

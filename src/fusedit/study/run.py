@@ -1,6 +1,6 @@
 """Design studies: train several designs under one recipe, score each on the shapes benchmark, and write a
 paper-style comparison (``fusedit study STUDY.yaml``). The study file, and how each design's config is
-resolved and checked: ``fusedit.eval.study_file``.
+resolved and checked: ``fusedit.study.file``.
 
 Output folder::
 
@@ -31,7 +31,10 @@ from fusedit.checkpoints import find_checkpoint, load_model, load_state
 from fusedit.config import Config, ConfigError, flatten, load_config, resolved_stages, to_dict
 from fusedit.data.shapes import ALL_KINDS
 from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
-from fusedit.eval.study_file import (
+from fusedit.files import write_text_atomic
+from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
+from fusedit.sampling.generation import generate, sample_settings
+from fusedit.study.file import (
     BOOKKEEPING_KEYS,
     Design,
     EvalSettings,
@@ -41,9 +44,6 @@ from fusedit.eval.study_file import (
     study_warnings,
     varying_keys,
 )
-from fusedit.files import write_text_atomic
-from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
-from fusedit.sample import generate, sample_settings
 from fusedit.system import build_model, count_parameters, resolve_device
 from fusedit.train.distributed import refuse_several_processes
 from fusedit.train.loop import train

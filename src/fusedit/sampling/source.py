@@ -1,12 +1,12 @@
 """Reading a model to sample with: ``load_sampling_model`` takes a run, checkpoint or diffusers pipeline
 folder (what `fusedit sample`, `serve` and `eval` take as MODEL) and returns the model in its sampling form
-(``fusedit.sample.to_sampling_form``); ``check_sampling_source`` refuses what it would refuse about the
-folder before any weights are read, and ``model_folder`` resolves the folder its weights would be read from
-(`fusedit export` resolves its source with it too).
+(``fusedit.sampling.generation.to_sampling_form``); ``check_sampling_source`` refuses what it would refuse
+about the folder before any weights are read, and ``model_folder`` resolves the folder its weights would be
+read from (`fusedit export` resolves its source with it too).
 
 A module of its own: what a folder holds, and why one holds no model (a run without a finished checkpoint
 yet, a checkpoint that train.keep_checkpoints deleted, a folder of the public FuseDiT code), is settled here;
-``fusedit.sample`` samples the model it returns.
+``fusedit.sampling.generation`` samples the model it returns.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 # "the model must not load") is the one called.
 from fusedit import checkpoints
 from fusedit.config import Config, ConfigError, SampleConfig, load_config, resolved_stages
-from fusedit.sample import refuse_unknown_settings, to_sampling_form, with_sample
+from fusedit.sampling.generation import refuse_unknown_settings, to_sampling_form, with_sample
 from fusedit.system import TextToImage, resolve_device
 
 
