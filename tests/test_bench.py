@@ -478,3 +478,52 @@ def test_bench_gives_each_extra_llm_its_model_ids_shape_and_the_arch_where_none_
         "'nobody/no-such-llm' is not in the local cache: counting text.arch"
         in caplog.records[-1].getMessage()
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trainable", "dit", "llm_extra"),
+    [
+        ([], "DiT", 3, 0),
+        (["train.dit_lora.rank=4"], "DiT (LoRA rank 4)", 2, 0),
+        (["train.trainable=[dit,llm]"], "DiT, LLM (fully, all layers)", 3, 2),
+        (["train.trainable=[dit,llm]", "train.llm_lora.rank=4"], "DiT, LLM (LoRA rank 4, all layers)", 3, 1),
+    ],
+)
+def test_the_bench_counts_the_flops_of_what_its_step_trains(tmp_path, overrides, trainable, dit, llm_extra):
+    """The bench trains what train.trainable says (LoRA adapters, the LLM), so its FLOPs follow it as
+    `fusedit describe`'s do: a LoRA-trained DiT costs 2x its forward, a trained LLM adds its backward (1x
+    through LoRA, 2x fully). The record says what trained and counts every weight AdamW updates. (With
+    LoRA the forwards include the adapters' own products, a few percent here: hence approx.)"""
+    out = tmp_path / "bench.jsonl"
+    assert main([*bench_args(out, "--batch", "2", "--what", "train"), *overrides]) == 0
+    (train,) = (json.loads(line) for line in out.read_text().splitlines())
+    model = build_model(load_config("debug"), "meta")
+    dit_fwd, llm_fwd = denoiser_flops(model.denoiser, 64, 8), llm_flops(model.text.llm, 8)
+    expected = dit * dit_fwd + llm_fwd + llm_extra * llm_fwd
+    assert train["flops_per_image"] == (
+        pytest.approx(expected, rel=0.06) if "LoRA" in trainable else expected
+    )
+    assert train["trainable"] == trainable
+    frozen = count_parameters(model.denoiser, trainable=True)
+    assert (train["trainable_params"] > frozen) == bool(llm_extra)
+
+
+def test_a_staged_config_is_benchmarked_as_its_first_stage(tmp_path):
+    """`fusedit train` starts a staged recipe with its first stage's sections: the bench times that (its
+    batch and size as the flags' defaults, what it trains), not the top-level sections the stages override."""
+    import yaml
+
+    staged = {
+        "base": "debug",
+        "train": {"trainable": ["dit", "llm"], "batch_size": 4},
+        "stages": [
+            {"steps": 2, "train": {"trainable": ["dit"], "batch_size": 3}, "data": {"image_size": 16}},
+            {"steps": 2},
+        ],
+    }
+    (tmp_path / "staged.yaml").write_text(yaml.safe_dump(staged))
+    out = tmp_path / "bench.jsonl"
+    args = ["bench", str(tmp_path / "staged.yaml"), "--what", "train", "--warmup", "0", "--repeats", "1"]
+    assert main([*args, "--text-tokens", "8", "--json", str(out)]) == 0
+    (train,) = (json.loads(line) for line in out.read_text().splitlines())
+    assert (train["batch"], train["resolution"], train["trainable"]) == (3, 16, "DiT")

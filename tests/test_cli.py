@@ -1180,12 +1180,14 @@ def test_transformers_log_lines_are_written_above_progress_bars(monkeypatch):
         assert hf.handlers == [handler]
 
 
-def test_a_re_export_of_other_weights_drops_the_earlier_scores_and_save_pretrained_its_record(
+def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pretrained_drops_its_record(
     tmp_path, caplog
 ):
-    """An export into an earlier export's folder keeps what the user put there, but the earlier weights'
-    eval/ only where the weights are the same: scores of the replaced weights would read as the new ones'.
-    save_pretrained over an export drops its fusedit_export.json, which would describe the earlier weights."""
+    """An export into an earlier export's folder keeps what the user put there; the earlier weights' eval/
+    stays eval/ only where the weights are the same, else it moves aside, named after the weights it scored
+    (it would read as the new weights' scores), also where the earlier weights cannot be read (decided before
+    anything moves: the folder is never left renamed away). save_pretrained over an export drops its
+    fusedit_export.json, which would describe the earlier weights."""
     from fusedit.checkpoints import load_model
     from fusedit.pipeline import EXPORT_SOURCE, export_source, save_pretrained
 
@@ -1197,9 +1199,26 @@ def test_a_re_export_of_other_weights_drops_the_earlier_scores_and_save_pretrain
     assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0  # the same weights: scores kept
     assert (pipe / "eval" / "scores.md").is_file() and "dropped" not in caplog.text
     assert main(["export", str(run), "--no-ema", "--out", str(pipe), "--quiet"]) == 0  # the raw weights
+    step = export_source(pipe)["step"]
     assert not (pipe / "eval").exists() and (pipe / "MODEL_CARD.md").read_text() == "mine"
-    assert f"export: {pipe}'s eval/ scored the weights this export replaces; dropped with them" in caplog.text
+    aside = pipe / f"eval-replaced-step{step}-ema"
+    assert (aside / "scores.md").read_text() == "| overall | 0.5 |"
+    assert (
+        f"export: {pipe / 'eval'} scored the weights this export replaces: kept beside the new scores as {aside}"
+        in caplog.text
+    )
     assert export_source(pipe)["weights"] == "raw"
+    # A damaged earlier export (what a re-export may be meant to repair): other weights, and nothing moves
+    # before that is decided.
+    (pipe / "eval").mkdir()
+    (pipe / "eval" / "scores.md").write_text("raw")
+    with open(next((pipe / "transformer").glob("*.safetensors")), "r+b") as f:
+        f.write((10**12).to_bytes(8, "little"))
+    assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0
+    assert (pipe / "eval-replaced-step1-raw" / "scores.md").read_text() == "raw" and not (
+        pipe / "eval"
+    ).exists()
+    assert (aside / "scores.md").is_file() and export_source(pipe)["weights"] == "ema"
     model, cfg, _ = load_model(run)
     save_pretrained(model, cfg, pipe)
     assert not (pipe / EXPORT_SOURCE).exists() and export_source(pipe) is None
@@ -1316,3 +1335,35 @@ def test_a_new_run_into_a_folder_of_other_files_is_warned_of_in_one_line(tmp_pat
         assert main([*argv, "--overwrite"]) == 0
         assert main(["train", config, "train.steps=2", "--out", str(run), "--quiet", "--resume"]) == 0
     assert warnings() == []
+
+
+def test_json_of_the_wrong_shape_is_one_line_like_damaged_json(tmp_path, capsys):
+    """A checkpoint's state.json and convert's config.json or index that parse as JSON but are not what they
+    must be (a list, an object without "step", shard names that are not strings) are refused in one line
+    naming the file, not a KeyError/TypeError/AttributeError traceback of the code that reads them."""
+    run = _tiny_run(tmp_path)
+    state = next(run.glob("checkpoints/step_*/state.json"))
+    for bad in ("[1, 2]", '{"x": 1}', '{"step": "x"}'):
+        state.write_text(bad)
+        capsys.readouterr()
+        assert main(["sample", str(run), "--prompt", "a red circle", "--out", str(tmp_path / "s")]) == 2
+        assert f"{str(state)!r} is not a checkpoint's state (allowed: a JSON object" in _one_line_error(
+            capsys
+        )
+    weights = tmp_path / "release"
+    weights.mkdir()
+    (weights / "config.json").write_text("[1]")
+    (weights / "model.safetensors").write_bytes(b"")
+    assert main(["convert", str(weights), "--out", str(tmp_path / "c1")]) == 2
+    assert "holds a JSON list, not an object (allowed: a JSON object" in _one_line_error(capsys)
+    from fusedit.config import ConfigError
+    from fusedit.convert.fusedit_official import read_state_dict
+
+    index = tmp_path / "model.safetensors.index.json"
+    for bad, says in (
+        ("[1]", "holds a JSON list, not an object"),
+        ('{"weight_map": {"a": 1}}', "has no weight_map"),
+    ):
+        index.write_text(bad)
+        with pytest.raises(ConfigError, match=says):
+            read_state_dict(index)

@@ -46,12 +46,12 @@ from fusedit.devices import host_to_device
 from fusedit.flow import interpolate, sample, sample_training_times
 from fusedit.models.flops import denoiser_flops, image_tokens, llm_flops
 from fusedit.sampling.generation import CUDAGraphVelocity, sampling_dtype, text_velocity, to_sampling_form
-from fusedit.system import TextToImage, build_model, count_parameters, seeded
+from fusedit.system import TextToImage, build_model, seeded
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
 from fusedit.train.ema import EMA
 from fusedit.train.loop import autocast_for, finish_gradients, flow_backward, take_update, text_autocast
-from fusedit.train.stages import Optimizers, apply_parts
+from fusedit.train.stages import Optimizers, apply_parts, training_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -463,11 +463,18 @@ def bench_train(
     kernels = attention_kernels(forward)
     n_img = image_tokens(resolution, cfg.vae.downsample, cfg.model.patch_size)
     # FLOPs at the text lengths of every step time_it ran, its untimed lead-ins on a GPU among them (their
-    # lengths are drawn as the timed steps' are); padding included: the kernels compute it.
+    # lengths are drawn as the timed steps' are); padding included: the kernels compute it. What a step
+    # costs follows what it trains (training_flops_per_image: 3x the DiT forward and the frozen LLM's
+    # forward by default; 2x through LoRA; a trained LLM's backward from its lowest trained layer up).
     leads = [e.leading for e in s.model.encoders]
+    parts, layers = Parts.of(tc), min(len(e.llm.layers) for e in s.model.encoders)
     flops = statistics.mean(
-        3 * denoiser_flops(denoiser, n_img, w, leads)
-        + sum(llm_flops(e.llm, n) for e, n in zip(s.model.encoders, w, strict=True))
+        training_flops_per_image(
+            parts,
+            denoiser_flops(denoiser, n_img, w, leads),
+            sum(llm_flops(e.llm, n) for e, n in zip(s.model.encoders, w, strict=True)),
+            layers,
+        )
         for w in timed_widths
     )
     achieved = flops * batch / seconds
@@ -498,7 +505,8 @@ def bench_train(
         # or nvidia-smi's figure; bytes, and GiB (2**30) for reading.
         "peak_memory_bytes": peak_bytes,
         "peak_memory_gib": peak_bytes / 2**30 if peak_bytes is not None else None,
-        "trainable_params": count_parameters(denoiser, trainable=True),
+        "trainable_params": sum(p.numel() for p in params),  # every weight the step's AdamW updates
+        "trainable": parts.describe(),
         "attention_kernels": kernels,
         **levers(s),
     }

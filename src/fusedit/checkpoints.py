@@ -39,6 +39,7 @@ from fusedit.config import (
     ConfigError,
     Stage,
     identity_difference,
+    is_whole,
     load_config,
     model_identity,
     model_paths,
@@ -227,8 +228,16 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_state(ckpt: Path) -> dict:
-    """state.json; a damaged one named in one line, not json's bare "Expecting value" traceback."""
-    return files.read_json(ckpt / "state.json", COPY_AGAIN)
+    """state.json; a damaged one named in one line, not json's bare "Expecting value" traceback, nor
+    a KeyError/TypeError of its callers, who read its "step"."""
+    path = ckpt / "state.json"
+    state = files.read_json(path, COPY_AGAIN)
+    if not (isinstance(state, dict) and is_whole(state.get("step")) and state["step"] >= 0):
+        raise ConfigError(
+            f'{str(path)!r} is not a checkpoint\'s state (allowed: a JSON object with a whole "step" >= 0; '
+            f"{COPY_AGAIN})"
+        )
+    return state
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:

@@ -238,12 +238,13 @@ class FuseDiTPipeline(DiffusionPipeline):
             if types is not None and len(types) > config.num_hidden_layers:
                 restore.append((config, types))
                 config.layer_types = list(types[: config.num_hidden_layers])
+        # Before the save, so that a push_to_hub of the folder does not upload it either.
+        (Path(save_directory) / EXPORT_SOURCE).unlink(missing_ok=True)
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
             for config, types in restore:
                 config.layer_types = types
-        (Path(save_directory) / EXPORT_SOURCE).unlink(missing_ok=True)
 
     # ---- the fusedit view
     def _llms(self) -> list:
@@ -543,8 +544,8 @@ def export_run(
 ) -> Path:
     """A fusedit run or checkpoint folder (EMA weights by default) -> a diffusers pipeline folder.
     ``folder`` is new, empty, or an earlier export (replaced: what it holds besides its pipeline, e.g. a model
-    card, moves into the new one, and its ``fusedit eval`` results too where the weights are the same; the
-    scores of other weights are dropped with it, logged); anything else is refused before the model loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
+    card, moves into the new one, and so do its ``fusedit eval`` results: as eval/ for the same weights,
+    beside it for other weights, _scores_name); anything else is refused before the model loads. The pipeline is written beside it and renamed into place, so a killed export leaves ``folder``
     as it was (and a partial ``.NAME.partial`` that the next export replaces). ``relocate``: model folders
     that moved since the run saved their paths (checkpoints.load_model)."""
     source = Path(run_or_checkpoint)
@@ -564,7 +565,7 @@ def export_run(
     earlier = _exported(folder)
     if not earlier:
         check_output_folder(folder, "a pipeline", "an earlier export's folder")
-    from fusedit.checkpoints import load_model, weights_fingerprint
+    from fusedit.checkpoints import load_model
 
     model, cfg, ckpt = load_model(source, device, use_ema=use_ema, relocate=relocate)
     shutil.rmtree(partial, ignore_errors=True)
@@ -573,25 +574,50 @@ def export_run(
     readable_by_all(partial)
     if earlier:
         # The earlier export goes aside whole (one rename), then what is not its pipeline (a model card,
-        # `fusedit eval`'s results in eval/ where they scored these weights) moves into the new one: a kill at any point leaves every file in
+        # `fusedit eval`'s results) moves into the new one: a kill at any point leaves every file in
         # ``folder``, ``old`` or ``partial``, which _finish_killed_export puts back together.
+        scores = _scores_name(folder, partial)  # decided first: nothing has moved yet if it fails
         os.replace(folder, old)
         pipeline = _pipeline_entries(old)
-        if (old / "eval").is_dir() and weights_fingerprint(old) != weights_fingerprint(partial):
-            # Scores of the replaced weights: kept, they would read as the new weights' (a shapes bench's
-            # scores.md) or stand in the way of scoring them (the protocols refuse another model's images).
-            pipeline.add("eval")
-            log.warning(
-                "export: %s's eval/ scored the weights this export replaces; dropped with them", folder
-            )
         for entry in old.iterdir():
-            if not (partial / entry.name).exists() and entry.name not in pipeline:
-                os.replace(entry, partial / entry.name)
+            name = scores if entry.name == "eval" else entry.name
+            if not (partial / name).exists() and entry.name not in pipeline:
+                os.replace(entry, partial / name)
     elif folder.exists():
         folder.rmdir()  # empty, as checked
     os.replace(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _scores_name(folder: Path, partial: Path) -> str:
+    """The name the earlier export ``folder``'s eval/ (`fusedit eval`'s default output) takes in the new
+    pipeline ``partial``: eval/ where both hold the same weights; else a folder beside it named after the
+    weights it scored, logged, so that those scores neither read as the new weights' (a shapes bench's
+    scores.md) nor stand in the way of scoring them (the protocols refuse another model's images). An earlier
+    export whose weights cannot be read holds other weights than these."""
+    from fusedit.checkpoints import weights_fingerprint
+
+    if not (folder / "eval").is_dir():
+        return "eval"
+    try:
+        if weights_fingerprint(folder) == weights_fingerprint(partial):
+            return "eval"
+    except (ConfigError, OSError):  # a damaged earlier export (what a re-export may be meant to repair)
+        pass
+    record = export_source(folder) or {}
+    step, weights = record.get("step"), record.get("weights")
+    scored = f"-step{step}-{weights}" if isinstance(step, int) and weights in ("ema", "raw") else ""
+    name, n = f"eval-replaced{scored}", 1
+    while (folder / name).exists():
+        n += 1
+        name = f"eval-replaced{scored}-{n}"
+    log.warning(
+        "export: %s scored the weights this export replaces: kept beside the new scores as %s",
+        folder / "eval",
+        folder / name,
+    )
+    return name
 
 
 def _finish_killed_export(folder: Path, partial: Path, old: Path) -> None:

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 
 from fusedit.cli.common import _add_config_args, _check_size, _config
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, resolved_stages
 
 
 def _size_by_batch(text: str) -> tuple[int, int]:
@@ -48,7 +48,9 @@ def cmd_bench(args) -> int:
     from fusedit.sampling.generation import check_steps_guidance
     from fusedit.system import resolve_device
 
-    cfg = _config(args)
+    # A staged recipe is timed as `fusedit train` starts it: its first stage's sections (what trains, the
+    # batch, size and sampling settings that the flags' defaults read).
+    cfg = resolved_stages(_config(args))[0].config
     # Every flag checked before the (slow) model build, so that a typo fails at once, not after minutes.
     # The parser's default of each flag of one part is None (False for --cached-only), so that one given
     # for a part --what leaves out is refused rather than ignored.

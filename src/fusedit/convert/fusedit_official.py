@@ -601,7 +601,7 @@ def read_state_dict(file: str | Path, weights_only: bool = True) -> dict[str, to
         sd = _load_safetensors(file)
     elif name.endswith(".index.json"):
         weight_map = _read_json(file).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise ConfigError(
                 f'{str(file)!r} has no weight_map (allowed: a safetensors index: {{"weight_map": {{name: '
                 "shard file}})"
@@ -651,10 +651,17 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object (a config, an index, a scheduler config): a file that is not one is a ConfigError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise ConfigError(f"cannot read {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{str(path)!r} holds a JSON {type(data).__name__}, not an object (allowed: a JSON object of keys "
+            "and values)"
+        )
+    return data
 
 
 def _weights_in(folder: Path) -> Path:
