@@ -73,6 +73,18 @@ def test_loaders_report_bad_inputs_in_one_line(tmp_path):
     bad.write_text('{"prompt": "a red car"}\n')
     with pytest.raises(BenchmarkError, match=r"bad.jsonl:1 is not a GenEval prompt; expected keys tag"):
         load_geneval(bad)
+    # A clause the scorer could not read is refused on loading, not after every image was generated.
+    for clause in (
+        '{"class": "car", "count": 1.5}',
+        '{"class": "car", "count": 0}',
+        '{"class": 3, "count": 1}',
+    ):
+        bad.write_text(f'{{"tag": "counting", "prompt": "a car", "include": [{clause}]}}\n')
+        with pytest.raises(BenchmarkError, match=r"bad.jsonl:1 is not a GenEval prompt"):
+            load_geneval(bad)
+    bad.write_text('{"tag": "colors", "prompt": "a car", "include": [], "exclude": [{"class": "car"}]}\n')
+    with pytest.raises(BenchmarkError, match=r"lists of \{class: a name, count: a whole number >= 1\}"):
+        load_geneval(bad)
     with pytest.raises(BenchmarkError, match="no \\*.txt prompt files"):
         load_dpg(tmp_path)
     with pytest.raises(BenchmarkError, match="is a file; expected a folder"):

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, is_whole
 from fusedit.files import replace_folder
 
 BENCHMARKS = ("geneval", "dpg", "mjhq", "t2i-compbench")
@@ -326,16 +326,29 @@ def load_geneval(path: str | Path) -> list[dict]:
             and isinstance(row.get("prompt"), str)
             and isinstance(row.get("tag"), str)
             and isinstance(row.get("include"), list)
-            and all(isinstance(c, dict) and "class" in c and "count" in c for c in row["include"])
+            and isinstance(row.get("exclude", []), list)
+            # Checked here, not at scoring: a bad clause would otherwise fail after every image was generated.
+            and all(_geneval_clause(c) for c in [*row["include"], *row.get("exclude", [])])
         ):
             raise BenchmarkError(
-                f"{path}:{number} is not a GenEval prompt; expected keys tag, prompt and include "
-                f"(a list of {{class, count}}), got {line[:80]!r}"
+                f"{path}:{number} is not a GenEval prompt; expected keys tag, prompt and include (and "
+                f"optionally exclude): lists of {{class: a name, count: a whole number >= 1}}, got {line[:80]!r}"
             )
         rows.append(row)
     if not rows:
         raise BenchmarkError(f"{path} holds no prompts; expected GenEval's evaluation_metadata.jsonl")
     return rows
+
+
+def _geneval_clause(clause) -> bool:
+    """An include/exclude clause the scorer reads: {class: str, count: whole >= 1, color: str (optional)}."""
+    return (
+        isinstance(clause, dict)
+        and isinstance(clause.get("class"), str)
+        and is_whole(clause.get("count"))
+        and clause["count"] >= 1
+        and isinstance(clause.get("color", ""), str)
+    )
 
 
 def name_order(stem: str) -> tuple:
