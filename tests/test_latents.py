@@ -171,6 +171,39 @@ def test_a_resumed_cache_starts_its_bar_at_the_kept_samples(tmp_path, folder, mo
     assert bars == []
 
 
+def test_a_shard_that_fails_closes_the_bar_and_raises_its_error(tmp_path, folder, monkeypatch):
+    """h-std F8: the bar was closed only after the last shard, so a shard that raised (here the disk, at the
+    second shard's write) left it open on the terminal; the error itself still reaches the caller."""
+    import fusedit.data.latents as latents
+
+    bars, writes = [], []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, **kwargs):
+            self.n, self.closed = initial, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    def save_file(tensors, path, metadata=None):
+        writes.append(metadata["shard"])
+        if metadata["shard"] == "1":
+            raise OSError("No space left on device")
+        real_save_file(tensors, path, metadata=metadata)
+
+    real_save_file = latents.save_file
+    monkeypatch.setattr(latents, "tqdm", Bar)
+    monkeypatch.setattr(latents, "save_file", save_file)
+    with pytest.raises(OSError, match="^No space left on device$"):
+        cache_latents(_data(folder), VAEConfig(), tmp_path / "cache", 2, 3, device="cpu", progress=False)
+    assert writes == ["0", "1"]
+    assert [(b.n, b.closed) for b in bars] == [(6, True)]
+
+
 def test_a_rerun_encodes_what_the_folder_gained_after_the_cached_samples(tmp_path, folder):
     data, out = _data(folder), tmp_path / "cache"
     # 9 files (7 usable) in shards of 4: the last shard, [8, 9), is short.

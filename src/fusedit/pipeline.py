@@ -372,16 +372,99 @@ class FuseDiTPipeline(DiffusionPipeline):
         ``callback_on_step_end_tensor_inputs`` (only "latents" is offered), the ``"latents"`` of the dict it
         returns replace the pipeline's, and setting ``pipe._interrupt = True`` skips the remaining steps. A
         diffusers ``PipelineCallback`` or ``MultiPipelineCallbacks`` names its own tensor inputs."""
+        model, cfg, prompts, negatives, steps, guidance, latents, device, tensor_inputs = self._call_args(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            num_images_per_prompt,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+        # The text cache: one forward of each LLM for the batch's distinct texts (negative rows first, as
+        # fusedit.flow.guided expects), read by every step and both guidance branches.
+        rows = negatives + prompts if guidance != 1.0 else prompts
+        context = model.encode_prompts(rows, len(rows) - len(prompts), distinct=True)
+        warn_cut_prompts(len(context.cut.prompts), len(prompts), model.limits, context.cut.negative)
+        # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
+        # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
+        # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the
+        # device there), with autocast on the device it runs on, not the one its weights wait on.
+        dtype = None if self.transformer.dtype == torch.float32 else self.transformer.dtype
+
+        def transformer(x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
+            return self.transformer(x, t, text, return_dict=False)[0]
+
+        velocity = text_velocity(transformer, context, guidance, dtype, device_type=device.type)
+        self._set_schedule(steps, device)
+        timesteps, sigmas = self.scheduler.timesteps, self.scheduler.sigmas
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        step = self._step_fn(cfg.sample.sampler, velocity, sigmas, device)
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, timestep in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                latents = step(i, timestep, latents)
+                if callback_on_step_end is not None:
+                    latents = self._step_end(callback_on_step_end, tensor_inputs, i, timestep, latents)
+                bar.update()
+        self.maybe_free_model_hooks()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = model.autoencoder.decode(latents)
+            if output_type == "pil":
+                images = [Image.fromarray(a) for a in to_uint8(decoded)]
+            else:
+                unit_range = ((decoded.float() + 1) / 2).clamp(0, 1)
+                images = unit_range.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else unit_range
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _call_args(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        height: int | None,
+        width: int | None,
+        num_images_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        tensor_inputs: list[str] | tuple[str, ...],
+    ) -> tuple[
+        TextToImage,
+        Config,
+        list[str],
+        list[str],
+        int,
+        float,
+        torch.Tensor,
+        torch.device,
+        list[str] | tuple[str, ...],
+    ]:
+        """__call__'s arguments checked before any LLM runs, one line each (the first wrong one in the order
+        below is the error), and filled in from the model's defaults: (model, cfg, prompts, negatives (one per
+        image each), steps, guidance, the starting latents (float32 on the execution device), that device,
+        the callback's tensor inputs)."""
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(
                 f"output_type={output_type!r} is not allowed (allowed: {', '.join(OUTPUT_TYPES)})"
             )
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             # diffusers' callback objects name the tensors they read; the argument is ignored then, as there.
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        _check_callback(
-            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
-        )
+            tensor_inputs = callback_on_step_end.tensor_inputs
+        _check_callback(callback_on_step_end, tensor_inputs, self._callback_tensor_inputs)
         model, cfg = self.to_fusedit()
         if not variant_traits("sample.sampler", cfg.sample.sampler).one_step:
             # The steps below run one at a time, each over its own two times: a sampler whose step reads an
@@ -436,65 +519,31 @@ class FuseDiTPipeline(DiffusionPipeline):
             raise ConfigError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         # The scheduler integrates in float32 whatever the weights' dtype, as generate does.
         latents = latents.to(device, torch.float32)
+        return model, cfg, prompts, negatives, steps, guidance, latents, device, tensor_inputs
 
-        # The text cache: one forward of each LLM for the batch's distinct texts (negative rows first, as
-        # fusedit.flow.guided expects), read by every step and both guidance branches.
-        rows = negatives + prompts if guidance != 1.0 else prompts
-        context = model.encode_prompts(rows, len(rows) - len(prompts), distinct=True)
-        warn_cut_prompts(len(context.cut.prompts), len(prompts), model.limits, context.cut.negative)
-        # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
-        # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
-        # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the
-        # device there), with autocast on the device it runs on, not the one its weights wait on.
-        dtype = None if self.transformer.dtype == torch.float32 else self.transformer.dtype
-
-        def transformer(x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:
-            return self.transformer(x, t, text, return_dict=False)[0]
-
-        velocity = text_velocity(transformer, context, guidance, dtype, device_type=device.type)
-        self._set_schedule(steps, device)
-        timesteps, sigmas = self.scheduler.timesteps, self.scheduler.sigmas
-        self._num_timesteps = len(timesteps)
-        self._interrupt = False
-        if cfg.sample.sampler == "euler":
+    def _step_fn(
+        self, sampler: str, velocity: Callable, sigmas: torch.Tensor, device: torch.device
+    ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``step(i, timestep, x)``: the call's step i from latents ``x``, by the Euler scheduler for
+        ``sampler`` "euler", else by that fusedit sampler over the scheduler's ``sigmas``."""
+        if sampler == "euler":
 
             def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                 # The denoiser takes t in [0, 1] (the scheduler's sigma), not the 0..1000 timestep.
                 v = velocity(x, sigmas[i].expand(x.shape[0]))
                 return self.scheduler.step(v, timestep, x, return_dict=False)[0]
 
-        else:
-            # A step the Euler scheduler cannot take: fusedit's sampler, a pure function, over this step's two
-            # scheduler sigmas. It is one-step (refused above otherwise: a step reads only x and its own two
-            # times), so step i over sigmas[i : i + 2] is step i of the whole (steps + 1,) run bit for bit, with
-            # room for the callback between steps.
-            times, sampler = sigmas.to(device), SAMPLERS[cfg.sample.sampler]
+            return step
+        # A step the Euler scheduler cannot take: fusedit's sampler, a pure function, over this step's two
+        # scheduler sigmas. It is one-step (_call_args refuses others: a step reads only x and its own two
+        # times), so step i over sigmas[i : i + 2] is step i of the whole (steps + 1,) run bit for bit, with
+        # room for the callback between steps.
+        times, one_step = sigmas.to(device), SAMPLERS[sampler]
 
-            def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-                return sampler(velocity, x, times[i : i + 2])
+        def step(i: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return one_step(velocity, x, times[i : i + 2])
 
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for i, timestep in enumerate(timesteps):
-                if self.interrupt:
-                    break
-                latents = step(i, timestep, latents)
-                if callback_on_step_end is not None:
-                    latents = self._step_end(
-                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, latents
-                    )
-                bar.update()
-        self.maybe_free_model_hooks()
-
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = model.autoencoder.decode(latents)
-            if output_type == "pil":
-                images = [Image.fromarray(a) for a in to_uint8(decoded)]
-            else:
-                unit_range = ((decoded.float() + 1) / 2).clamp(0, 1)
-                images = unit_range.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else unit_range
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return step
 
     def _step_end(
         self, callback: Callable, names: list[str], i: int, timestep: torch.Tensor, latents: torch.Tensor

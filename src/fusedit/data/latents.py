@@ -490,17 +490,13 @@ def cache_latents(
     shards: list[dict] = []
     kept = 0  # the samples of the shards an earlier run finished
     j = 0
-    while total is None or j * shard_size < total:
-        start, end = j * shard_size, (j + 1) * shard_size
-        if total is not None:
-            end = min(end, total)
-        done = out / f"{_shard_name(j)}.json"
-        shard = _finished_shard(done)
-        if shard is not None:
-            _check_shard(items, shard, out)
-            # A short last shard of a dataset that has grown since (images added after it in the order) is
-            # encoded again, up to the new end.
-            if total is None or shard["end"] >= end:
+    try:
+        while total is None or j * shard_size < total:
+            start, end = j * shard_size, (j + 1) * shard_size
+            if total is not None:
+                end = min(end, total)
+            shard = _kept_shard(items, out, j, end, total)
+            if shard is not None:
                 shards.append(shard)
                 kept += len(shard["samples"])
                 if bar is not None:  # a shard after one encoded again (its files were lost)
@@ -509,48 +505,24 @@ def cache_latents(
                 if shard["end"] - shard["start"] < shard_size:
                     break  # a short shard is the last one of a stream
                 continue
-        if autoencoder is None:
-            autoencoder = load_autoencoder(vae_cfg, device)
-        if bar is None:
-            # The kept shards' samples are where the bar starts, not progress: counted as encoded, they made
-            # the rate and time left of a resumed cache many times too fast (tqdm rates n - initial).
-            bar = tqdm(total=total, initial=start, desc="cache latents", unit="img", disable=not progress)
-        encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
-        samples, skipped, seen = {}, [], 0
-        for position, sample_id, result in items.iterate(start, end):
-            seen += 1
-            bar.update(1)
-            if isinstance(result, SkipSample):
-                skipped.append([result.reason, sample_id, result.detail])
-                continue
-            image, bucket, captions = result
-            samples[position] = {"id": sample_id, "captions": list(captions)}
-            encoder.add(position, image, bucket)
-        if seen == 0:
-            break  # a stream that ended exactly at a shard boundary
-        latents = encoder.finish()
-        tensors = {str(p): latents[p] for p in sorted(latents)}
-        tmp = out / f"{_shard_name(j)}.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "shard": str(j)})
-        readable_by_all(tmp)  # save_file leaves it readable by its owner only: a cache is shared data
-        os.replace(tmp, out / f"{_shard_name(j)}.safetensors")
-        shard = {
-            "shard": j,
-            "start": start,
-            "end": start + seen,
-            "samples": [
-                {**samples[p], "key": str(p), "position": p, "shape": list(latents[p].shape)}
-                for p in sorted(samples)
-            ],
-            "skipped": skipped,
-        }
-        _write_json(done, shard)
-        shards.append(shard)
-        j += 1
-        if total is None and seen < shard_size:
-            break
-    if bar is not None:
-        bar.close()
+            if autoencoder is None:
+                autoencoder = load_autoencoder(vae_cfg, device)
+            if bar is None:
+                # The kept shards' samples are where the bar starts, not progress: counted as encoded, they
+                # made the rate and time left of a resumed cache many times too fast (tqdm rates n - initial).
+                bar = tqdm(total=total, initial=start, desc="cache latents", unit="img", disable=not progress)
+            encoder = _ShardEncoder(autoencoder, device, batch_size, seed, j, dtype)
+            shard = _encode_shard(items, encoder, out, j, start, end, bar)
+            if shard is None:
+                break  # a stream that ended exactly at a shard boundary
+            shards.append(shard)
+            j += 1
+            if total is None and shard["end"] - start < shard_size:
+                break
+    finally:
+        # On an error too: a shard that raises (a full disk, a failing VAE) must not leave the bar open.
+        if bar is not None:
+            bar.close()
     if not any(shard["samples"] for shard in shards):
         # An index of nothing would only fail later, in training; a corrected rerun into ``out`` starts over
         # (_check_meta).
@@ -562,6 +534,57 @@ def cache_latents(
     summary = _write_index(out, meta, shards, items.refused)
     log.info("%s", _cached_line(summary, kept, out))
     return summary
+
+
+def _kept_shard(items: _Items, out: Path, j: int, end: int, total: int | None) -> dict | None:
+    """Shard ``j``'s record in ``out`` if an earlier run finished it (checked against the data:
+    _check_shard) and it reaches ``end``, else None: the shard is encoded (again). ``total``: the data's
+    sample count when the cache started (None for a stream, whose items.total is set once it ends)."""
+    shard = _finished_shard(out / f"{_shard_name(j)}.json")
+    if shard is None:
+        return None
+    _check_shard(items, shard, out)
+    # A short last shard of a dataset that has grown since (images added after it in the order) is
+    # encoded again, up to the new end.
+    return shard if total is None or shard["end"] >= end else None
+
+
+def _encode_shard(
+    items: _Items, encoder: _ShardEncoder, out: Path, j: int, start: int, end: int, bar: tqdm
+) -> dict | None:
+    """Encode positions ``start``..``end`` - 1 as shard ``j`` of ``out``: its safetensors written
+    atomically, then its record (which marks it finished: module docstring). Returns the record, or None
+    for a stream that had nothing left at ``start``."""
+    samples, skipped, seen = {}, [], 0
+    for position, sample_id, result in items.iterate(start, end):
+        seen += 1
+        bar.update(1)
+        if isinstance(result, SkipSample):
+            skipped.append([result.reason, sample_id, result.detail])
+            continue
+        image, bucket, captions = result
+        samples[position] = {"id": sample_id, "captions": list(captions)}
+        encoder.add(position, image, bucket)
+    if seen == 0:
+        return None
+    latents = encoder.finish()
+    tensors = {str(p): latents[p] for p in sorted(latents)}
+    tmp = out / f"{_shard_name(j)}.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "shard": str(j)})
+    readable_by_all(tmp)  # save_file leaves it readable by its owner only: a cache is shared data
+    os.replace(tmp, out / f"{_shard_name(j)}.safetensors")
+    shard = {
+        "shard": j,
+        "start": start,
+        "end": start + seen,
+        "samples": [
+            {**samples[p], "key": str(p), "position": p, "shape": list(latents[p].shape)}
+            for p in sorted(samples)
+        ],
+        "skipped": skipped,
+    }
+    _write_json(out / f"{_shard_name(j)}.json", shard)
+    return shard
 
 
 def _cached_line(summary: dict, kept: int, out: Path) -> str:

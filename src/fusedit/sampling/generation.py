@@ -359,6 +359,61 @@ def sample_settings(cfg: Config, **overrides) -> dict:
 
 
 @torch.no_grad()
+def _checked_generate_args(
+    model: TextToImage,
+    prompts: list[str],
+    image_size: int | tuple[int, int],
+    steps: int,
+    guidance: float,
+    sampler: str,
+    shift: float,
+    schedule: str,
+    seed: int,
+    precision: str,
+    noise: torch.Tensor | None,
+    progress: bool | Callable[[], None] | None,
+) -> tuple[list[str], torch.device, torch.dtype | None, torch.Tensor]:
+    """generate's arguments checked before any slow work, one line each (the first wrong one in the order
+    below is the error): (the prompts, the denoiser's device, the sampling dtype, the starting noise:
+    ``noise`` or drawn from ``seed``)."""
+    prompts = check_prompts(prompts)
+    check_image_size(image_size)
+    check_sampling(steps, shift, sampler, schedule)  # steps too
+    check_steps_guidance(None, guidance)
+    check_seed(seed)
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(
+            f"progress={progress!r} is not allowed (allowed: True for a progress bar, False or None for none, "
+            "or a function called once per step)"
+        )
+    denoiser, ae = model.denoiser, model.autoencoder
+    # Whole patches of whole latent pixels, within a fixed APE table: the denoiser would refuse any other
+    # side only after the LLM ran. The model's own limits: config.side_limits without a config.
+    unit, grid = ae.downsample * denoiser.patch_size, denoiser.position.max_grid
+    limits = (unit, grid * unit if grid is not None else None)
+    if not all(within_limits(side, limits) for side in image_shape(image_size)):
+        raise ConfigError(f"image_size={image_size!r} is not allowed (allowed: {limits_text(limits)})")
+    device = next(denoiser.parameters()).device
+    dtype = sampling_dtype(precision, device)
+    if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):
+        # Plain fp32 matmuls cannot take bf16 weights: torch would fail deep inside with a dtype mismatch.
+        raise ConfigError(
+            f"precision {precision!r} samples in fp32, but the model holds bf16 weights (its sampling form "
+            "under sample.bf16_weights); prepare it with sample.precision=fp32 or sample.bf16_weights=false, "
+            "or sample with precision 'bf16'"
+        )
+    shape = (len(prompts), *latent_shape(model, image_size))
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != shape:
+        # Checked before any LLM forward: a mismatch would otherwise fail deep inside the denoiser.
+        raise ConfigError(
+            f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
+            f"expected {shape} (one row of latents per prompt)"
+        )
+    return prompts, device, dtype, noise
+
+
 def generate(
     model: TextToImage,
     prompts: list[str],
@@ -402,41 +457,20 @@ def generate(
     Arguments are checked before any slow work, one line each (ConfigError for a value out of range, an
     image side the model cannot take, or an unknown precision, sampler or schedule; TypeError for prompts
     that are not a list of strings)."""
-    prompts = check_prompts(prompts)
-    check_image_size(image_size)
-    check_sampling(steps, shift, sampler, schedule)  # steps too
-    check_steps_guidance(None, guidance)
-    check_seed(seed)
-    if progress is not None and not isinstance(progress, bool) and not callable(progress):
-        raise TypeError(
-            f"progress={progress!r} is not allowed (allowed: True for a progress bar, False or None for none, "
-            "or a function called once per step)"
-        )
-    denoiser, ae = model.denoiser, model.autoencoder
-    # Whole patches of whole latent pixels, within a fixed APE table: the denoiser would refuse any other
-    # side only after the LLM ran. The model's own limits: config.side_limits without a config.
-    unit, grid = ae.downsample * denoiser.patch_size, denoiser.position.max_grid
-    limits = (unit, grid * unit if grid is not None else None)
-    if not all(within_limits(side, limits) for side in image_shape(image_size)):
-        raise ConfigError(f"image_size={image_size!r} is not allowed (allowed: {limits_text(limits)})")
-    device = next(denoiser.parameters()).device
-    dtype = sampling_dtype(precision, device)
-    if dtype is None and any(p.dtype == torch.bfloat16 for p in denoiser.parameters()):
-        # Plain fp32 matmuls cannot take bf16 weights: torch would fail deep inside with a dtype mismatch.
-        raise ConfigError(
-            f"precision {precision!r} samples in fp32, but the model holds bf16 weights (its sampling form "
-            "under sample.bf16_weights); prepare it with sample.precision=fp32 or sample.bf16_weights=false, "
-            "or sample with precision 'bf16'"
-        )
-    shape = (len(prompts), *latent_shape(model, image_size))
-    if noise is None:
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    elif tuple(noise.shape) != shape:
-        # Checked before any LLM forward: a mismatch would otherwise fail deep inside the denoiser.
-        raise ConfigError(
-            f"noise of shape {tuple(noise.shape)} for {len(prompts)} prompt(s) at image_size={image_size!r}; "
-            f"expected {shape} (one row of latents per prompt)"
-        )
+    prompts, device, dtype, noise = _checked_generate_args(
+        model,
+        prompts,
+        image_size,
+        steps,
+        guidance,
+        sampler,
+        shift,
+        schedule,
+        seed,
+        precision,
+        noise,
+        progress,
+    )
     note = unused_prompt_note(guidance, bool(negative_prompt))
     if note:
         warn_once(note)
@@ -454,7 +488,7 @@ def generate(
         def text() -> TextContext:
             return first.pop() if first else model.encode_prompts(rows, cut.negatives, distinct=True)
 
-    velocity = text_velocity(denoiser, text, guidance, dtype, cuda_graphs)
+    velocity = text_velocity(model.denoiser, text, guidance, dtype, cuda_graphs)
     bar = tqdm(total=steps, desc="sample", unit="step") if progress is True else None
     try:
         latents = sample(
@@ -471,7 +505,7 @@ def generate(
             bar.close()
     if warn_cut:
         warn_cut_prompts(len(cut.prompts), len(prompts), model.limits, cut.negative)
-    images = ae.decode(latents)
+    images = model.autoencoder.decode(latents)
     bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
     if bad:
         # Converted to pixels they would be black (NaN) or saturated (inf) images, without a word.
