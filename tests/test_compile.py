@@ -297,7 +297,7 @@ LIDIT = {
 }
 # Every design with every position scheme, the timestep conditionings, and LI-DiT's text side (refiner,
 # refined pooled text, conv positions) in front of each design: what train.compile compiles on a GPU.
-VARIANTS = [
+COMPILED_VARIANTS = [
     *[
         {"design": d, "pos_embed": p}
         for d in ("fusedit", "fusedit-cross", "dit-self", "dit-cross")
@@ -308,7 +308,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("model_cfg", VARIANTS, ids=lambda m: "-".join(str(v) for v in m.values()))
+@pytest.mark.parametrize("model_cfg", COMPILED_VARIANTS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_compiled_parts_trace_without_a_graph_break(fresh_dynamo, model_cfg):
     """A graph break splits a compiled block into graphs with eager Python between them (on a GPU: lost
     fusions and launches, the MFU the variants must keep, issue 6): every design and variant's blocks, final

@@ -50,7 +50,7 @@ from fusedit.system import TextToImage, build_model, seeded
 from fusedit.text.context import TextContext
 from fusedit.text.llm import llm_config
 from fusedit.train.ema import EMA
-from fusedit.train.loop import autocast_for, finish_gradients, flow_backward, take_update, text_autocast
+from fusedit.train.loop import StepAutocasts, finish_gradients, flow_backward, take_update
 from fusedit.train.stages import Optimizers, apply_parts, training_flops_per_image
 
 log = logging.getLogger(__name__)
@@ -414,6 +414,7 @@ def bench_train(
     denoiser.train()
     widths = []  # the trimmed text length of each LLM at every timed step
     schedule_steps = itertools.count()  # each step's learning rate is that of a run's step as many in
+    autocasts = StepAutocasts.of(tc, device)
 
     def step(lengths=None):
         if lengths is None:
@@ -424,7 +425,7 @@ def bench_train(
             widths.append([c.mask.shape[1] for c in context.all])
             return context
 
-        loss, _ = flow_backward(denoiser, text, x0, noise, t, tc, device)
+        loss, _ = flow_backward(denoiser, text, x0, noise, t, autocasts)
         # Random ids of the batch's lengths: no prompt is cut, a count the run's host sync reads all the same.
         loss_value, norm, *_ = finish_gradients(
             opts, params, tc, next(schedule_steps), tc.steps, loss, torch.zeros_like(loss)
@@ -453,11 +454,11 @@ def bench_train(
     ema.wait()  # raises what a host-held update raised
     seconds += ema_seconds / tc.ema_every
     # The denoiser's kernels: its forward alone, autograd on as in a step (the LLM's attention runs first).
-    with text_autocast(tc, device):
+    with autocasts.text:
         text = synthetic_text(s.model, prompt_lengths(batch, tokens, min_tokens, lgen), tokens, tgen)
 
     def forward():
-        with autocast_for(tc.precision, device):
+        with autocasts.denoiser:
             denoiser(interpolate(x0, noise, t), t, text)
 
     kernels = attention_kernels(forward)

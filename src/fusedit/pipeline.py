@@ -656,7 +656,7 @@ def _scores_name(folder: Path, partial: Path) -> str:
         pass
     record = export_source(folder) or {}
     step, weights = record.get("step"), record.get("weights")
-    scored = f"-step{step}-{weights}" if isinstance(step, int) and weights in ("ema", "raw") else ""
+    scored = f"-step{step}-{weights}" if is_whole(step) and weights in ("ema", "raw") else ""
     name, n = f"eval-replaced{scored}", 1
     while (folder / name).exists():
         n += 1

@@ -880,6 +880,7 @@ class _Step:
         self.micro, self.accum = tc.batch_size, tc.grad_accum
         self.global_batch = self.micro * self.accum * env.world_size
         self.first_row = env.rank * self.micro * self.accum  # this rank's rows in the step's global batch
+        self.autocasts = StepAutocasts.of(tc, env.device)  # resolved once, entered every micro-step
         self.params = opts.parameters()  # every trained weight: clipped together
         # The first caption this rank's encoders cut, for the run's warning.
         self.cut_example: str | None = None
@@ -942,9 +943,8 @@ class _Step:
                 distributed.reshard(llm)
             return context
 
-        tc = self.stage.config.train
         with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
-            loss, context = flow_backward(self.forward, text, x0, noise, t, tc, device, self.accum)
+            loss, context = flow_backward(self.forward, text, x0, noise, t, self.autocasts, self.accum)
         return loss, [captions[i] for i in sorted(context.cut.prompts)]
 
     def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
@@ -958,10 +958,20 @@ class _Step:
         return self.model.autoencoder.encode(images, generators)
 
 
-def text_autocast(tc: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast of a step's text forward: a trained LLM (LoRA adapters, its top layers) runs under the
-    denoiser's; a frozen one in its own dtype."""
-    return autocast_for(tc.precision, device) if Parts.of(tc).llm else contextlib.nullcontext()
+@dataclass(frozen=True)
+class StepAutocasts:
+    """The autocasts of a training step, resolved once per stage (train.precision on the device: "auto"
+    asks CUDA whether it has bf16) and entered at every micro-step: the denoiser's, and the text
+    forward's, which is the same for a trained LLM (LoRA adapters, its top layers) and none for a frozen
+    one (it runs in its own dtype)."""
+
+    denoiser: contextlib.AbstractContextManager
+    text: contextlib.AbstractContextManager
+
+    @classmethod
+    def of(cls, tc: TrainConfig, device: torch.device) -> StepAutocasts:
+        text = autocast_for(tc.precision, device) if Parts.of(tc).llm else contextlib.nullcontext()
+        return cls(autocast_for(tc.precision, device), text)
 
 
 def flow_backward(
@@ -970,18 +980,17 @@ def flow_backward(
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
-    tc: TrainConfig,
-    device: torch.device,
+    autocasts: StepAutocasts,
     accum: int = 1,
 ) -> tuple[torch.Tensor, TextContext]:
     """Forward and backward of one micro-batch, the numeric core of a training step (`fusedit bench` times
-    it too): its text context from ``text()`` under text_autocast, the velocity ``forward`` (the denoiser,
-    or its DDP/FSDP wrapper) predicts at x_t between the latents ``x0`` and ``noise`` at times ``t``, under
-    train.precision's autocast, and the flow-matching loss, whose gradients are scaled by 1 / ``accum``
+    it too): its text context from ``text()`` under the text's autocast, the velocity ``forward`` (the
+    denoiser, or its DDP/FSDP wrapper) predicts at x_t between the latents ``x0`` and ``noise`` at times
+    ``t``, under the denoiser's, and the flow-matching loss, whose gradients are scaled by 1 / ``accum``
     (grad_accum micro-steps add up to their mean's). Returns the loss, detached, and the text context."""
-    with text_autocast(tc, device):
+    with autocasts.text:
         context = text()
-    with autocast_for(tc.precision, device):
+    with autocasts.denoiser:
         v = forward(interpolate(x0, noise, t), t, context)
     loss = flow_loss(v, x0, noise)
     (loss / accum).backward()
