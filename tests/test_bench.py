@@ -527,3 +527,11 @@ def test_a_staged_config_is_benchmarked_as_its_first_stage(tmp_path):
     assert main([*args, "--text-tokens", "8", "--json", str(out)]) == 0
     (train,) = (json.loads(line) for line in out.read_text().splitlines())
     assert (train["batch"], train["resolution"], train["trainable"]) == (3, 16, "DiT")
+    # The same from Python: bench.setup is handed the staged config itself.
+    import torch
+
+    from fusedit import bench
+
+    s = bench.setup(load_config(str(tmp_path / "staged.yaml")), torch.device("cpu"), False)
+    assert (s.cfg.stages, s.cfg.train.batch_size, s.cfg.data.image_size) == ([], 3, 16)
+    assert not any(p.requires_grad for p in s.model.encoders[0].llm.parameters())

@@ -40,6 +40,7 @@ from fusedit.config import (
     arch_defaults,
     choices_of,
     known_llm_config,
+    resolved_stages,
     text_sections,
 )
 from fusedit.devices import host_to_device
@@ -294,7 +295,9 @@ def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:
     """Random weights of the config's shape (each LLM's: random_init_text), no VAE, made ready to train
     as `fusedit train` makes them: compiled (train.compile), the parts train.trainable trains set to train
     (LoRA adapters added), gradient checkpointing (train.grad_checkpointing). The weights are drawn in a
-    fork of torch's global generators: the caller's are left as they were."""
+    fork of torch's global generators: the caller's are left as they were. A staged recipe is set up as its
+    first stage, as `fusedit train` starts it: that stage's sections, not the top-level ones it overrides."""
+    cfg = resolved_stages(cfg)[0].config
     # Training and sampling run under one precision, bf16 unless --fp32 (train.precision, sample.precision).
     precision = "bf16" if bf16 else "fp32"
     sections = text_sections(cfg)

@@ -36,40 +36,58 @@ def _appendable(path: str, flag: str) -> None:
 def cmd_bench(args) -> int:
     import torch
 
-    from fusedit.bench import (
-        bench_sample,
-        bench_train,
-        format_table,
-        levers,
-        setup,
-        source_commit,
-        warn_text_tokens,
-    )
-    from fusedit.sampling.generation import check_steps_guidance
+    from fusedit.bench import format_table, levers, setup, source_commit, warn_text_tokens
     from fusedit.system import resolve_device
 
-    # A staged recipe is timed as `fusedit train` starts it: its first stage's sections (what trains, the
-    # batch, size and sampling settings that the flags' defaults read).
+    # A staged recipe is timed as `fusedit train` starts it (bench.setup): its first stage's sections are
+    # also what the flags' defaults read (the batch, size and sampling settings).
     cfg = resolved_stages(_config(args))[0].config
     # Every flag checked before the (slow) model build, so that a typo fails at once, not after minutes.
-    # The parser's default of each flag of one part is None (False for --cached-only), so that one given
-    # for a part --what leaves out is refused rather than ignored.
-    parts = {
-        "sample": {
-            "--prompts": args.prompts,
-            "--steps": args.steps,
-            "--guidance": args.guidance,
-            "--cached-only": args.cached_only or None,
-        },
-        "train": {"--batch": args.batch, "--train-points": args.train_points},
+    points, tokens, guidance = _bench_points(args, cfg)
+    if args.json:
+        _appendable(args.json, "--json")
+    device = resolve_device(args.device, "--device")
+    # The profiler that records each point's attention kernels (bench.attention_kernels) starts kineto, which
+    # writes start/stop lines between the table's rows at any level below 6; read at its first use. A
+    # level the user set wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
+    warn_text_tokens(s, tokens)
+    # What every record says of the run that made it (RESULTS.md names each figure's command, date, commit).
+    made = {
+        "command": shlex.join(["fusedit", *args.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
     }
-    for part, flags in parts.items():
-        given = [flag for flag, value in flags.items() if value is not None]
-        if given and part not in args.what:
-            raise ConfigError(
-                f"{given[0]} does not apply with --what {' '.join(args.what)} (it sets the {part} points; "
-                f"allowed with --what {part})"
-            )
+    rows = []
+    with contextlib.ExitStack() as stack:
+        # Appended: the measurements of earlier runs into the same file (a session's sweep) are kept.
+        sink = stack.enter_context(open(args.json, "a")) if args.json else None
+        for point in points:
+            try:
+                rows.append(_measure(s, point, tokens, guidance, args) | made)
+                print(format_table(rows[-1:]), flush=True)
+            except torch.OutOfMemoryError:
+                # "does batch 64 fit?" is a result too: record it and go on with the next point
+                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s), **made})
+                print(f"{point}: out of memory", flush=True)
+            if sink is not None:  # written as it goes, so a run cut short keeps what it measured
+                sink.write(json.dumps(rows[-1]) + "\n")
+                sink.flush()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        print(f"appended {len(rows)} measurements to {args.json}")
+    return 0
+
+
+def _bench_points(args, cfg) -> tuple[list[dict], int, float]:
+    """The points `fusedit bench` measures, every training point first (sampling turns the model into its
+    sampling form), with the prompt length and guidance scale they share; each flag checked against the
+    config (its first stage's) without building anything."""
+    from fusedit.sampling.generation import check_steps_guidance
+
+    _check_parts(args)
     prompts, steps = args.prompts or [4], args.steps or [25]
     guidance = 6.0 if args.guidance is None else args.guidance
     for n in steps:
@@ -106,16 +124,6 @@ def cmd_bench(args) -> int:
         if batch < 1:
             raise ConfigError(f"--train-points {size}x{batch} is not allowed (allowed: a batch of 1 or more)")
         _check_size(size, cfg, "--train-points")
-    if args.json:
-        _appendable(args.json, "--json")
-    device = resolve_device(args.device, "--device")
-    # The profiler that records each point's attention kernels (bench.attention_kernels) starts kineto, which
-    # writes start/stop lines between the table's rows at any level below 6; read at its first use. A
-    # level the user set wins.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    s = setup(cfg, device, bf16=device.type == "cuda" and not args.fp32)
-    warn_text_tokens(s, tokens)
-    # Every training point first: sampling turns the model into its sampling form.
     points = []
     if "train" in args.what:
         grid = [(r, b) for r in resolutions for b in args.batch or [cfg.train.batch_size]]
@@ -129,57 +137,50 @@ def cmd_bench(args) -> int:
             for n in steps
             for c in caches
         ]
+    return points, tokens, guidance
 
-    def measure(point: dict) -> dict:
-        if point["kind"] == "train":
-            return bench_train(
-                s,
-                point["batch"],
-                point["resolution"],
-                tokens,
-                args.warmup,
-                args.repeats,
-                args.min_text_tokens,
-            )
-        return bench_sample(
-            s,
-            point["prompts"],
-            point["resolution"],
-            tokens,
-            point["steps"],
-            guidance,
-            point["text_cache"],
-            args.warmup,
-            args.repeats,
-            args.min_text_tokens,
-        )
 
-    # What every record says of the run that made it (RESULTS.md names each figure's command, date, commit).
-    made = {
-        "command": shlex.join(["fusedit", *args.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": source_commit(),
+def _check_parts(args) -> None:
+    """Refuse a flag of the part (training or sampling) that --what leaves out. The parser's default of
+    each is None (False for --cached-only), so that one given is refused rather than ignored."""
+    parts = {
+        "sample": {
+            "--prompts": args.prompts,
+            "--steps": args.steps,
+            "--guidance": args.guidance,
+            "--cached-only": args.cached_only or None,
+        },
+        "train": {"--batch": args.batch, "--train-points": args.train_points},
     }
-    rows = []
-    with contextlib.ExitStack() as stack:
-        # Appended: the measurements of earlier runs into the same file (a session's sweep) are kept.
-        sink = stack.enter_context(open(args.json, "a")) if args.json else None
-        for point in points:
-            try:
-                rows.append(measure(point) | made)
-                print(format_table(rows[-1:]), flush=True)
-            except torch.OutOfMemoryError:
-                # "does batch 64 fit?" is a result too: record it and go on with the next point
-                rows.append(point | {"preset": cfg.name, "error": "out of memory", **levers(s), **made})
-                print(f"{point}: out of memory", flush=True)
-            if sink is not None:  # written as it goes, so a run cut short keeps what it measured
-                sink.write(json.dumps(rows[-1]) + "\n")
-                sink.flush()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if args.json:
-        print(f"appended {len(rows)} measurements to {args.json}")
-    return 0
+    for part, flags in parts.items():
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and part not in args.what:
+            raise ConfigError(
+                f"{given[0]} does not apply with --what {' '.join(args.what)} (it sets the {part} points; "
+                f"allowed with --what {part})"
+            )
+
+
+def _measure(s, point: dict, tokens: int, guidance: float, args) -> dict:
+    """One point's record: bench_train or bench_sample with the run's prompt lengths and repeats."""
+    from fusedit.bench import bench_sample, bench_train
+
+    if point["kind"] == "train":
+        return bench_train(
+            s, point["batch"], point["resolution"], tokens, args.warmup, args.repeats, args.min_text_tokens
+        )
+    return bench_sample(
+        s,
+        point["prompts"],
+        point["resolution"],
+        tokens,
+        point["steps"],
+        guidance,
+        point["text_cache"],
+        args.warmup,
+        args.repeats,
+        args.min_text_tokens,
+    )
 
 
 def _add_bench_parser(sub) -> None:
