@@ -6,6 +6,9 @@ Counted: every matrix multiply (2 FLOPs per multiply-add) and the two attention 
 tokens; the context embedder and each LLM's refiner on that LLM's T_i tokens; the text K/V and the
 attention over text on the T' tokens the DiT reads (sum T_i, or max T_i with LI-DiT's channel concat);
 timestep and modulation ones once per image. A training step costs 3 x the DiT forward (forward + backward) + 1 x the frozen LLM forward.
+LoRA adapters (train.dit_lora, train.llm_lora) are not counted: a model's FLOPs are its architecture's, the
+same with or without them (as `fusedit describe` counts them on a build without adapters), and
+train.stages.training_flops_per_image prices their training as negligible.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from fusedit.models.blocks import CrossAttention, ImageAttentionBase, JointBlock
 from fusedit.text.refiner import TokenAttention
 
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
+_ADAPTERS = (
+    "lora_A",
+    "lora_B",
+)  # peft's LoRA factors: q.lora_A.default, q.lora_B.default beside q.base_layer
+
+
+def _adapter(name: str) -> bool:
+    return any(p in _ADAPTERS for p in name.split("."))
 
 
 def _linear(m: nn.Linear, tokens: int) -> int:
@@ -54,6 +65,8 @@ def denoiser_flops(
         own = widths[branch] if branch is not None else widths[0]
         # The collaborative refiner's branch reads the other LLMs' tokens as keys and values.
         others = sum(widths) - own if "collaborative" in parts else own
+        if _adapter(name):
+            continue
         if isinstance(m, nn.Linear):
             if any(p in _PER_IMAGE for p in parts):
                 total += _linear(m, 1)
@@ -79,7 +92,11 @@ def denoiser_flops(
 def llm_flops(llm: nn.Module, num_text: int) -> int:
     """The LLM's forward on one prompt of ``num_text`` tokens (all its Linears; full attention products)."""
     cfg = llm.config
-    linears = sum(_linear(m, num_text) for m in llm.modules() if isinstance(m, nn.Linear))
+    linears = sum(
+        _linear(m, num_text)
+        for name, m in llm.named_modules()
+        if isinstance(m, nn.Linear) and not _adapter(name)
+    )
     attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * llm_head_dim(cfg)
     return linears + attention
 
