@@ -205,7 +205,7 @@ def test_running_out_of_memory_is_one_line_and_other_runtime_errors_are_not_hidd
             ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
             "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
             "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
-            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+            "head width divisible by 4, or model.pos_embed ape or 1d-rope)",
         ),
         (
             ["model.design=dit-self", "model.num_heads=5", "model.pos_embed=1d-rope"],

@@ -365,21 +365,28 @@ def test_lora_targets_are_names():
             ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
             "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
             "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
-            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+            "head width divisible by 4, or model.pos_embed ape or 1d-rope)",
         ),
         (
             "debug-dit-self",
             ["model.dit_hidden_size=120", "model.num_heads=4", "model.pos_embed=2d-rope"],
             "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
             "row and half for the column), but the DiT's heads are 30 wide (the width 120 over "
-            "model.num_heads=4) (allowed: a head width divisible by 4, or model.pos_embed ape, 1d-rope or "
-            "m-rope)",
+            "model.num_heads=4) (allowed: a head width divisible by 4, or model.pos_embed ape or 1d-rope)",
         ),
         (
             "debug-dit-cross",
             ["model.num_heads=2", "model.head_dim=5", "model.pos_embed=m-rope"],
-            "model.pos_embed='m-rope' needs a head width divisible by 2 (rotated channel pairs), but the DiT's "
-            "heads are 5 wide (model.head_dim=5) (allowed: a head width divisible by 2, or model.pos_embed ape)",
+            "model.pos_embed='m-rope' needs a head width divisible by 4 (rotated channel pairs, half of the "
+            "LLM's frequencies for the row and half for the column), but the DiT's heads are 5 wide "
+            "(model.head_dim=5) (allowed: a head width divisible by 4, or model.pos_embed ape)",
+        ),
+        (  # an odd pair count would give the column one pair more than the row
+            "debug",
+            ["text.arch.head_dim=6", "model.pos_embed=m-rope"],
+            "model.pos_embed='m-rope' needs a head width divisible by 4 (rotated channel pairs, half of the "
+            "LLM's frequencies for the row and half for the column), but the DiT's heads are 6 wide (the LLM's "
+            "head_dim) (allowed: a head width divisible by 4, or model.pos_embed ape or 1d-rope)",
         ),
         (
             "debug",
@@ -406,17 +413,22 @@ def test_head_and_width_sizes_the_position_scheme_cannot_take_are_refused_at_loa
     assert str(e.value) == message
 
 
-def test_m_rope_takes_any_even_head_width_and_2d_rope_a_multiple_of_4():
-    """M-RoPE splits the LLM's ladder of head_dim / 2 frequencies between row and column however it falls
-    (layers/rope.py: rope_m), so 6-wide heads run; 2D RoPE's per-axis ladders need head_dim / 4 each."""
+def test_m_rope_and_2d_rope_take_head_widths_that_split_evenly_between_row_and_column():
+    """M-RoPE gives the row the first half of the LLM's head_dim / 2 frequencies and the column the second
+    (layers/rope.py: rope_m; the public code's chunk(4)), 2D RoPE a ladder of head_dim / 4 to each axis: both
+    need a multiple of 4, or one axis would get a pair more than the other. 8-wide heads run; 6-wide (3
+    pairs) are refused for both at load."""
     from fusedit.system import build_model
 
-    shape = {"design": "dit-self", "num_heads": 2, "head_dim": 6}
-    model = build_model(tiny_config(model={**shape, "pos_embed": "m-rope"}))
-    x = model(torch.randn(2, 3, 16, 16), torch.rand(2), model.encode_prompts(["a red circle", "two squares"]))
-    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
-    with pytest.raises(ConfigError, match=re.escape("but the DiT's heads are 6 wide (model.head_dim=6)")):
-        tiny_config(model={**shape, "pos_embed": "2d-rope"})
+    shape = {"design": "dit-self", "num_heads": 2, "head_dim": 8}
+    for pos in ("m-rope", "2d-rope"):
+        model = build_model(tiny_config(model={**shape, "pos_embed": pos}))
+        x = model(
+            torch.randn(2, 3, 16, 16), torch.rand(2), model.encode_prompts(["a red circle", "two squares"])
+        )
+        assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+        with pytest.raises(ConfigError, match=re.escape("but the DiT's heads are 6 wide (model.head_dim=6)")):
+            tiny_config(model={**shape, "head_dim": 6, "pos_embed": pos})
 
 
 def test_a_fusion_layout_the_llm_cannot_hold_is_refused_at_load_as_the_build_refuses_it(tmp_path, caplog):
@@ -463,7 +475,7 @@ def test_a_fusion_layout_the_llm_cannot_hold_is_refused_at_load_as_the_build_ref
             ["text.arch.head_dim=6", "model.pos_embed=2d-rope"],
             "model.pos_embed='2d-rope' needs a head width divisible by 4 (rotated channel pairs, half for the "
             "row and half for the column), but the DiT's heads are 6 wide (the LLM's head_dim) (allowed: a "
-            "head width divisible by 4, or model.pos_embed ape, 1d-rope or m-rope)",
+            "head width divisible by 4, or model.pos_embed ape or 1d-rope)",
         ),
         (
             "fusedit",

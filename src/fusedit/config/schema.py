@@ -188,7 +188,14 @@ VARIANTS: dict[str, Variants] = {
                 head_dim_multiple=4,
                 fit_reason="rotated channel pairs, half for the row and half for the column",
             ),
-            "m-rope": PositionTraits(rotates=True, head_dim_multiple=2, fit_reason="rotated channel pairs"),
+            # M-RoPE splits the LLM's ladder in two halves, row then column (the public code's chunk(4)):
+            # an odd pair count would give the column one pair more than the row.
+            "m-rope": PositionTraits(
+                rotates=True,
+                head_dim_multiple=4,
+                fit_reason="rotated channel pairs, half of the LLM's frequencies for the row and half for the "
+                "column",
+            ),
             "none": PositionTraits(rotates=False, places=False),
         },
     ),
