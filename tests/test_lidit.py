@@ -424,6 +424,27 @@ def test_clip_pooled_text_modulation():
     )
 
 
+def test_clip_pooled_text_reads_the_instruction_before_each_prompt_as_the_llm_does():
+    """With text.instruction ("Imagine: ") the public FuseDiT code tokenises instruction + caption for CLIP
+    as for the LLM; a dropped caption "" stays "" (the unconditional branch). Its tokens count against
+    pooled_text.max_length: CLIP's positions are fixed."""
+    cfg = tiny_config(
+        text={"instruction": "a blue "},
+        model={"pooled_text": "clip"},
+        pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 4},
+    )
+    pooled = build_model(cfg).pooled_text
+    assert pooled.instruction == "a blue "
+    torch.manual_seed(0)
+    got = pooled(["square", "", "red circle"])
+    pooled.instruction = ""
+    torch.testing.assert_close(got, pooled(["a blue square", "", "a blue red circle"]))
+    assert not torch.allclose(got[0], pooled(["square"])[0])
+    pooled.instruction = "a blue "
+    # BOS + 4 words with the instruction: over the 4 tokens, where "red circle" alone is not
+    assert pooled.cut_rows(["square", "", "red circle"]) == {2}
+
+
 def test_clip_pooled_text_pads_on_the_right_whatever_its_tokenizer_says(tmp_path):
     """The pooled token is the last real one; a tokenizer saved to pad on the left (as Gemma's do) must not
     make every prompt pool a padding position."""

@@ -61,9 +61,10 @@ def variant(name, tmp_path):
             text={"template": "lidit", "hidden_layer": -2, "max_length": 40},
             extra_text=[QWEN],
         )
-    if name == "clip-mod":  # a pooled CLIP encoder
+    if name == "clip-mod":  # a pooled CLIP encoder, which reads the instruction as the LLM does
         return tiny_config(
             sample=SAMPLE,
+            text={"instruction": "draw: "},
             model={"pooled_text": "clip"},
             pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 16},
         )

@@ -291,7 +291,10 @@ class FuseDiTPipeline(DiffusionPipeline):
                     "but the pipeline has no pooled_text_encoder"
                 )
             pooled = PooledTextEncoder(
-                self.pooled_text_encoder, self.pooled_tokenizer, cfg.pooled_text.max_length
+                self.pooled_text_encoder,
+                self.pooled_tokenizer,
+                cfg.pooled_text.max_length,
+                cfg.text.instruction,
             )
         ae = self.vae if isinstance(self.vae, IdentityVAE) else DiffusersAutoencoder(self.vae)
         return TextToImage(encoders[0], self.transformer.denoiser, ae, encoders[1:], pooled), cfg

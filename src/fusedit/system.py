@@ -387,7 +387,9 @@ def build_model(
     if variant_traits("model.pooled_text", cfg.model.pooled_text).encoder:
         with torch.device(device) if meta else contextlib.nullcontext():
             builtin = None if meta or cfg.pooled_text.tokenizer else load_tokenizer(TextConfig(), words)
-            pooled = load_pooled_encoder(cfg.pooled_text, device, builtin, shape_only=meta)
+            pooled = load_pooled_encoder(
+                cfg.pooled_text, device, builtin, shape_only=meta, instruction=cfg.text.instruction
+            )
     with torch.device(device):
         denoiser = build_denoiser(
             cfg.model,

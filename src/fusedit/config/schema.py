@@ -425,7 +425,8 @@ class TextConfig:
     # "chat" = the tokenizer's chat template around it; "lidit" = LI-DiT's instruction as plain text;
     # "lidit-chat" = LI-DiT's instruction inside the chat template (instruction-tuned LLMs).
     template: str = variant("text.template", "plain")
-    # Plain-text prefix before every prompt (FuseDiT's "Imagine: " study).
+    # Plain-text prefix before every prompt (FuseDiT's "Imagine: " study); a pooled CLIP (model.pooled_text
+    # clip) reads it too, as in the public code.
     instruction: str = ""
     # System prompt for the chat and LI-DiT templates (LI-DiT's wording is unknown; empty by default).
     system_prompt: str = ""

@@ -13,11 +13,15 @@ from fusedit.devices import host_to_device
 
 
 class PooledTextEncoder(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, max_length: int):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, instruction: str = ""):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # text.instruction ("Imagine: "), before every non-empty prompt as the LLM reads it: the public
+        # FuseDiT code tokenises instruction + caption for CLIP too, and a dropped caption "" stays "".
+        # Unlike the LLM's template, it counts against max_length (CLIP's positions are fixed).
+        self.instruction = instruction
         # The config key of the limit, for messages (as TextEncoder's).
         self.setting = "pooled_text.max_length"
 
@@ -31,7 +35,7 @@ class PooledTextEncoder(nn.Module):
 
     def cut_rows(self, prompts: list[str]) -> frozenset[int]:
         """The rows of ``prompts`` longer than max_length tokens, which ``forward`` cuts to it."""
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(self._texts(prompts))["input_ids"]]
         return frozenset(i for i, n in enumerate(lengths) if n > self.max_length)
 
     @torch.no_grad()
@@ -43,7 +47,7 @@ class PooledTextEncoder(nn.Module):
         CLIP's pooler it needs no particular end-of-text id, so any tokenizer works."""
         device = next(self.model.parameters()).device
         tok = self.tokenizer(
-            list(prompts),
+            self._texts(prompts),
             padding="max_length",
             truncation=True,
             max_length=self.max_length,
@@ -54,6 +58,9 @@ class PooledTextEncoder(nn.Module):
         hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(1) - 1
         return self.model.text_projection(hidden[torch.arange(hidden.shape[0], device=device), last])
+
+    def _texts(self, prompts: list[str]) -> list[str]:
+        return [self.instruction + p if p else p for p in prompts]
 
 
 def _clip_text_config(place: str, named: str) -> CLIPTextConfig:
@@ -70,8 +77,11 @@ def _clip_text_config(place: str, named: str) -> CLIPTextConfig:
     return text
 
 
-def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False):
-    """The CLIP text model of ``cfg.model_id``, or a random-init one from ``cfg.arch``."""
+def load_pooled_encoder(
+    cfg: PooledTextConfig, device, builtin_tokenizer=None, shape_only: bool = False, instruction: str = ""
+):
+    """The CLIP text model of ``cfg.model_id``, or a random-init one from ``cfg.arch``; ``instruction``:
+    text.instruction, which it reads before every non-empty prompt (PooledTextEncoder)."""
     if cfg.model_id and not shape_only:
         named = f"pooled_text.model_id={cfg.model_id!r}"
         # transformers loads another kind of model into a CLIP text model with a warning, every weight
@@ -90,4 +100,5 @@ def load_pooled_encoder(cfg: PooledTextConfig, device, builtin_tokenizer=None, s
     # without a local tokenizer has none: it only counts parameters.)
     if tokenizer is not None:
         tokenizer.padding_side = "right"
-    return PooledTextEncoder(model.to(device) if str(device) != "meta" else model, tokenizer, cfg.max_length)
+    model = model.to(device) if str(device) != "meta" else model
+    return PooledTextEncoder(model, tokenizer, cfg.max_length, instruction)
