@@ -1,5 +1,6 @@
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -233,7 +234,7 @@ def _tiny_run(tmp_path):
     return run
 
 
-def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monkeypatch):
+def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monkeypatch, caplog):
     run = _tiny_run(tmp_path)
     meta = [
         {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
@@ -254,7 +255,13 @@ def test_eval_geneval_and_dpg_write_the_official_layouts(tmp_path, capsys, monke
         str(out),
         "--quiet",
     ]
-    assert main(args) == 0
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        assert main(args) == 0
+    # The shapes world's built-in tokenizer cannot read a photo of a cat: said, as `fusedit sample` says it.
+    assert caplog.records[-1].getMessage() == (
+        "2 of the 2 prompts sampled had words the built-in word tokenizer reads as <unk>: the model never read "
+        "them, so their scores say little"
+    )
     assert json.loads((out / "samples" / "00001" / "metadata.jsonl").read_text()) == meta[1]
     assert len(list((out / "samples" / "00000" / "samples").glob("*.png"))) == 4
     assert main(args) == 0 and "0 generated, 2 already there" in capsys.readouterr().out  # resumable

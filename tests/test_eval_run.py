@@ -475,3 +475,24 @@ def test_the_protocol_generator_draws_image_k_of_a_batch_from_seed_plus_k(tiny_r
     assert (gen.prompts, gen.truncated) == (5, 0)
     gen(" ".join(["a red circle"] * 100), 42, 3)  # cut: counted once, not once per image
     assert (gen.prompts, gen.truncated) == (6, 1)
+
+
+def test_the_protocol_generator_warns_of_words_the_builtin_tokenizer_reads_as_unk(tiny_run, caplog):
+    """`fusedit eval --bench geneval` fed a shapes-world model "a photo of a bench" without a word, where
+    `fusedit sample` warns of the words read as <unk>: the first such prompt is warned about as it comes,
+    the calls counted for the total `fusedit eval` gives at the end."""
+    import logging
+
+    from fusedit.checkpoints import load_model
+
+    model, cfg, _ = load_model(tiny_run)
+    settings = dict(image_size=16, steps=1, guidance=3.0, precision="fp32", negative_prompt="")
+    gen = run_mod.ProtocolGenerator(model, settings, cfg)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        for prompt in ("a red circle", "a photo of a bench", "a photo of a cat"):
+            gen(prompt, 42, 1)
+    assert (gen.prompts, gen.unknown) == (3, 2)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("the built-in word tokenizer reads 'photo', 'bench' of the prompt as <unk>")
+    assert message.endswith("; the benchmark's other prompts are counted at the end")
+    assert run_mod.ProtocolGenerator(model, settings).unknown == 0  # no config: nothing to check against

@@ -122,9 +122,9 @@ def cmd_eval(args) -> int:
         _check_eval_folder(args, out, record, where)  # another generation's images: refused before the load
         extractor = _mjhq_scorer(args, device) if args.bench == "mjhq" else None
         if model is None:
-            gen = ProtocolGenerator.lazy(lambda: load(where)[0], settings)
+            gen = ProtocolGenerator.lazy(lambda: load(where)[0], settings, cfg)
         else:
-            gen = ProtocolGenerator(model, settings)
+            gen = ProtocolGenerator(model, settings, cfg)
         print(scoring, flush=True)
         with _kept_on_interrupt(lambda: _protocol_kept(args.bench, out, where, args.model)):
             return _eval_protocol(args, gen, record, out, device, extractor)
@@ -358,6 +358,13 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
     print(f"{args.bench}: wrote {out} ({total}: {r['generated']} generated, {r['skipped']} already there)")
     if gen.truncated:  # of the prompts sampled in this run
         warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits)
+    if gen.unknown:
+        log.warning(
+            "%d of the %d prompts sampled had words the built-in word tokenizer reads as <unk>: the model "
+            "never read them, so their scores say little",
+            gen.unknown,
+            gen.prompts,
+        )
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
         worst = max(scores["categories"], key=scores["categories"].get)

@@ -19,6 +19,7 @@ not every prompt folder or grid an earlier run left there; the scores of the fir
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
 from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
-from fusedit.sampling.generation import generate, latent_shape, seeded_noise
+from fusedit.sampling.generation import generate, latent_shape, seeded_noise, unknown_words_note
+
+log = logging.getLogger("fusedit")
 
 
 class ProtocolGenerator:
@@ -39,20 +42,23 @@ class ProtocolGenerator:
     missing ones exactly as an uninterrupted run would.
 
     ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (once
-    per call, however many of its n images' rows were cut).
+    per call, however many of its n images' rows were cut). Given the model's ``cfg``, ``unknown`` counts
+    the calls whose prompt (or negative prompt) has words a built-in word tokenizer reads as <unk>: the
+    first is warned about as it comes (a benchmark's prompts are the real world's, the tokenizer knows the
+    shapes world's), the total at the end (``fusedit eval``), as the cuts.
 
     ``lazy`` builds one whose model is loaded at the first image: the protocols check their prompts and
     kept images before generating, so those refusals come before a slow load, and a run whose images are
     all there (scoring again) loads no model at all."""
 
-    def __init__(self, model, settings: dict):
-        self._model, self._load, self.settings = model, None, settings
-        self.prompts = self.truncated = 0
+    def __init__(self, model, settings: dict, cfg=None):
+        self._model, self._load, self.settings, self.cfg = model, None, settings, cfg
+        self.prompts = self.truncated = self.unknown = 0
 
     @classmethod
-    def lazy(cls, load: Callable[[], object], settings: dict) -> ProtocolGenerator:
+    def lazy(cls, load: Callable[[], object], settings: dict, cfg=None) -> ProtocolGenerator:
         """``load()`` returns the sampling model; it is called at the first image, once."""
-        gen = cls(None, settings)
+        gen = cls(None, settings, cfg)
         gen._load = load
         return gen
 
@@ -72,7 +78,20 @@ class ProtocolGenerator:
         )
         self.prompts += 1
         self.truncated += bool(cut.prompts)
+        self._count_unknown(prompt)
         return [Image.fromarray(a) for a in to_uint8(x)]
+
+    def _count_unknown(self, prompt: str) -> None:
+        if self.cfg is None:
+            return
+        s = self.settings
+        negative = s.get("negative_prompt", "") if s.get("guidance") != 1.0 else ""
+        note = unknown_words_note(self.model, self.cfg, [prompt], negative)
+        if note is None:
+            return
+        if not self.unknown:
+            log.warning("%s; the benchmark's other prompts are counted at the end", note)
+        self.unknown += 1
 
 
 RECORD = "generation.json"
