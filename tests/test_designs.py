@@ -328,16 +328,28 @@ def test_flop_formula_matches_a_counted_forward_with_several_llms_and_the_refine
 def test_designs_of_one_seed_hold_the_same_random_llm_whatever_their_dit():
     """The random-init LLM was drawn from the global generator after the denoiser's init, so every design
     whose DiT drew another number of values got another text encoder: a study compared each design over
-    another LLM. It is now a function of train.seed and its section alone."""
-    designs = ["debug", "debug-dit-self", "debug-dit-cross", "debug-fusedit-cross", "debug-clip-mod"]
+    another LLM. It is now a function of train.seed and its section alone. Nor does it depend on how many
+    of its layers a design reads (a shallower fusion, LI-DiT's hidden_layer -3): it is drawn at its own depth
+    and cut, where a cut config drew the embeddings and the layers kept in another order."""
+    designs = [
+        ("debug", []),
+        ("debug-dit-self", []),
+        ("debug-dit-cross", []),
+        ("debug-fusedit-cross", []),
+        ("debug-clip-mod", []),
+        ("debug", ["model.num_layers=4"]),
+        ("debug-dit-self", ["text.hidden_layer=-3"]),
+    ]
     llms = []
-    for name in designs:
+    for name, overrides in designs:
         torch.manual_seed(0)
-        llms.append(build_model(load_config(name), with_autoencoder=False).encoders[0].llm.state_dict())
+        model = build_model(load_config(name, overrides), with_autoencoder=False)
+        llms.append(model.encoders[0].llm.state_dict())
     first = llms[0]
-    for name, llm in zip(designs[1:], llms[1:], strict=True):
-        shared = [k for k in first if k in llm]  # a shallow design may build fewer of its layers
-        assert shared and all(torch.equal(first[k], llm[k]) for k in shared), name
+    assert all(len(llm) < len(first) for llm in llms[-2:])  # the LLMs cut after fewer layers
+    for design, llm in zip(designs[1:], llms[1:], strict=True):
+        shared = [k for k in first if k in llm]  # a design reading fewer layers builds fewer of them
+        assert len(shared) > len(first) / 2 and all(torch.equal(first[k], llm[k]) for k in shared), design
     other = build_model(load_config("debug", ["train.seed=1"]), with_autoencoder=False).encoders[0].llm
     assert not torch.equal(other.state_dict()["embed_tokens.weight"], first["embed_tokens.weight"])
 

@@ -106,23 +106,25 @@ def load_llm(
         raise ConfigError(
             f"the design needs {num_layers} LLM layers but the LLM has {config.num_hidden_layers}"
         )
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):  # Gemma-2, Qwen2/3: one attention type per layer
-        config.layer_types = config.layer_types[:num_layers]
+    full = copy.deepcopy(config)
+    _cut_config(config, num_layers)
     dtype = DTYPES[cfg.dtype]
     kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
     try:
         if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
             # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix,
             # so load the whole model and keep its language decoder, cut after the layers the design reads.
-            full = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype}, **kernel)
-            llm = full.language_model
-            llm.layers = llm.layers[:num_layers]
-            llm.config.num_hidden_layers = num_layers
+            llm = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype}, **kernel).language_model
+            _keep_first_layers(llm, num_layers)
         elif cfg.model_id and not shape_only:
             llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype}, **kernel)
         else:
-            llm = AutoModel.from_config(config, **kernel).to(dtype)
+            # A random init draws the LLM at its own depth, then keeps the layers the design reads: the
+            # weights of a layer (and the embeddings) do not depend on how many a design reads, so a study
+            # compares deep fusion, LI-DiT's -3 and depth ablations over one text encoder, as the papers
+            # hold the LLM fixed (design-space.md), not over an init drawn in another order.
+            llm = AutoModel.from_config(full, **kernel).to(dtype)
+            _keep_first_layers(llm, num_layers)
     except (ValueError, ImportError) as e:  # a kernel the family (or this machine) cannot run
         if not kernel:
             raise
@@ -141,6 +143,18 @@ def load_llm(
     llm = llm.to(device) if str(device) != "meta" else llm
     llm.requires_grad_(False)
     return llm.eval()
+
+
+def _cut_config(config: PretrainedConfig, num_layers: int) -> None:
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):  # Gemma-2, Qwen2/3: one attention type per layer
+        config.layer_types = config.layer_types[:num_layers]
+
+
+def _keep_first_layers(llm: PreTrainedModel, num_layers: int) -> None:
+    """Cut a built decoder after its first ``num_layers`` layers (its config with it)."""
+    llm.layers = llm.layers[:num_layers]
+    _cut_config(llm.config, num_layers)
 
 
 def _from_pretrained(model_id: str, **kwargs) -> PreTrainedModel:
