@@ -185,7 +185,7 @@ def test_the_shapes_bench_of_a_run_never_trained_on_shapes_marks_every_category_
     """h-journeyG M7: a run trained on its own data keeps its preset's data.kinds (never read), and its shapes
     bench scores printed with no word that it never saw the shapes world."""
     from fusedit.cli import main
-    from fusedit.cli.eval import _trained_kinds
+    from fusedit.eval.shapes_bench import trained_kinds as _trained_kinds
 
     def cache(name, data):  # a latent cache records the data it was made from in its meta.json
         (tmp_path / name).mkdir()

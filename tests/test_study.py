@@ -57,7 +57,7 @@ def _spy(monkeypatch, interrupt: str | None = None) -> tuple[list, list]:
         return real_train(cfg, run_dir, **kw)
 
     def bench(*args, **kw):
-        benches.append(kw["name"])
+        benches.append(kw["name"].partition("@")[0])  # the row's name is label@step
         return real_bench(*args, **kw)
 
     monkeypatch.setattr(study_mod, "train", train)
@@ -99,13 +99,16 @@ def test_study_end_to_end_resumes_and_redoes_nothing(tmp_path, monkeypatch):
     assert kinds and set(kinds) <= {"single", "two", "counting", "position", "color_attr"}
     table = _table((out / "report.md").read_text())
     header, rows = table[0], table[2:]
-    assert header[:2] == ["design", "preset"] and header[2 : 3 + len(kinds)] == [*kinds, "overall"]
+    # The tiny preset trains on single, two and position: the other kinds are marked (as `fusedit eval` does).
+    marked = [k + " (untrained)" * (k not in TINY["data"]["kinds"]) for k in kinds]
+    assert header[:2] == ["design", "preset"] and header[2 : 3 + len(kinds)] == [*marked, "overall"]
     assert {"trainable params", "train FLOPs / image", "final loss", "samples"} <= set(header)
-    assert [row[0] for row in rows] == ["fusion", "dit-cross"]
+    assert [row[0] for row in rows] == ["fusion@4", "dit-cross@4"]
     assert all(len(row) == len(header) for row in rows)
     for row in rows:
-        label = row[0]
+        label = row[0].partition("@")[0]
         d = results["designs"][label]
+        assert d["row"] == row[0]
         overall = row[header.index("overall")].strip("*")
         assert float(overall) == pytest.approx(d["scores"]["overall"], abs=1e-3)
         assert row[header.index("samples")] == f"[grid](grids/{label}.png)"
@@ -294,7 +297,7 @@ def test_study_only_some_designs_keeps_the_others_finished_results(tmp_path, mon
     assert trains == [("fusion", False)] and benches == ["fusion"]
     assert list(second["designs"]) == ["fusion", "dit-cross"] and second["pending"] == []
     assert second["designs"]["dit-cross"] == first["designs"]["dit-cross"] | {"status": "reused"}
-    assert [row[0] for row in _table((out / "report.md").read_text())[2:]] == ["fusion", "dit-cross"]
+    assert [row[0] for row in _table((out / "report.md").read_text())[2:]] == ["fusion@4", "dit-cross@4"]
 
     # Scores of a left-out design made under other eval settings are not shown as current: it is pending.
     rescored = copy.deepcopy(spec)
@@ -468,3 +471,109 @@ def test_design_cost_counts_each_llms_padded_width_template_included():
     # A hub tokenizer is not downloaded for a shapes-only build: its width is text.max_length.
     hub = load_config("lidit-1b")
     assert study_mod.design_cost(hub)["text_tokens"] == hub.text.max_length
+
+
+def test_a_studys_scores_name_their_checkpoint_and_weights_and_mark_untrained_kinds(tmp_path, monkeypatch):
+    """h-study F2: the study's scores.json recorded no checkpoint, fingerprint or EMA (`fusedit eval`'s
+    does), report.md named the row by the bare label, the categories outside data.kinds were plain columns
+    averaged into the overall unsaid, and "reused" was decided on the settings alone: other weights under
+    the same settings kept the old scores."""
+    from safetensors.torch import load_file, save_file
+
+    from fusedit.checkpoints import weights_fingerprint
+
+    spec, out = _tiny_study(tmp_path), tmp_path / "out"
+    run_study(spec, out, progress=False, only=["fusion"])
+    ckpt = find_checkpoint(out / "runs" / "fusion")
+    assert ckpt.name == "step_00000004"
+    weights = {"checkpoint": "step_00000004", "weights": weights_fingerprint(ckpt), "ema": True}
+    scores = json.loads((out / "runs" / "fusion" / "eval" / "scores.json").read_text())
+    assert {k: scores["settings"][k] for k in weights} == weights
+    assert scores["settings"]["model"] == str(ckpt)
+    results = json.loads((out / "results.json").read_text())
+    design = results["designs"]["fusion"]
+    assert design["row"] == "fusion@4" and design["weights"] == weights
+    untrained = [k for k in results["categories"] if k not in TINY["data"]["kinds"]]
+    assert untrained and design["scores"]["untrained"] == scores["untrained"] == untrained
+    scores_md = (out / "runs" / "fusion" / "eval" / "scores.md").read_text()
+    assert "| fusion@4 |" in scores_md and f"| {untrained[0]} (untrained) |" in scores_md
+    report = (out / "report.md").read_text()
+    header, row = _table(report)[0], _table(report)[2]
+    assert row[0] == "fusion@4"
+    assert [h for h in header if h.endswith(" (untrained)")] == [k + " (untrained)" for k in untrained]
+    n = len(results["categories"])
+    assert (
+        f"\n{', '.join(untrained)} untrained: not in the run's data.kinds; the overall is over all {n} "
+        "categories, comparable across runs.\n"
+    ) in report
+
+    # The same config and eval settings, other weights (a checkpoint replaced in place): scored again.
+    ema = ckpt / "ema.safetensors"
+    tensors = load_file(ema)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, ema)
+    study = load_study(spec)
+    assert study_mod.planned_statuses(study, out, ["fusion"]) == {"fusion": "re-scored"}
+    trains, benches = _spy(monkeypatch)
+    again = run_study(spec, out, progress=False, only=["fusion"])
+    assert trains == [] and benches == ["fusion"] and again["designs"]["fusion"]["status"] == "re-scored"
+    assert again["designs"]["fusion"]["weights"]["weights"] == weights_fingerprint(ckpt) != weights["weights"]
+    # Its grid was drawn from the old weights too: redrawn with the scores, then both are current.
+    assert study_mod.planned_statuses(study, out, ["fusion"]) == {"fusion": "reused"}
+
+
+def test_step_time_is_a_median_without_step_one_and_the_wall_clock_is_labelled(tmp_path):
+    """h-study F4: "train time" summed metrics.jsonl's seconds, step 1's one-off setup included, at 0.1-min
+    resolution: 0.2 min against 0.0 min for designs whose steady steps cost about the same."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    study = load_study({"designs": {"a": {"preset": str(tmp_path / "tiny.yaml")}}})
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    seconds = [6.02, 0.05, 0.07, 0.05, 0.06, 0.09]
+    lines = [json.dumps({"step": i + 1, "loss": 1.0, "sec": s}) for i, s in enumerate(seconds)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    scores = {"overall": 0.5, "per_category": {"single": 0.5}, "counts": {}, "num_images": 2}
+    result = study_mod._result(study.designs[0], run_dir, "trained", scores, "a@6")
+    assert result["median_step_seconds"] == 0.06 and result["train_seconds"] == 6.3
+    report = study_mod.markdown_report(study, {"a": result}, [])
+    header, row = _table(report)[0], _table(report)[2]
+    assert "train time" not in header
+    assert row[header.index("step time")] == "0.06 s" and row[header.index("wall clock")] == "6.3 s"
+    assert (
+        "step time: the median seconds of a training step, step 1 (its one-off setup) left out "
+        "(metrics.jsonl); wall clock: every training step summed, setup and whatever else ran on the "
+        "machine included: not a speed comparison (FLOPs / image is the fair cost column)."
+    ) in report
+
+
+def test_a_category_only_some_designs_left_out_is_marked_in_their_cells(tmp_path):
+    """h-study F2: designs on different data.kinds (a recipe difference the report warns of): a category
+    untrained by every design is marked in the header, one untrained by some in their cells."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    study = load_study(
+        {
+            "designs": {
+                "a": {"preset": str(tmp_path / "tiny.yaml")},
+                "b": {
+                    "preset": str(tmp_path / "tiny.yaml"),
+                    "overrides": ["data.kinds=[single,two,counting]"],
+                },
+            }
+        }
+    )
+    per_category = {"single": 0.5, "two": 0.25, "counting": 0.0}
+    results = {}
+    for design, untrained in zip(study.designs, (["two", "counting"], ["two"]), strict=True):
+        scores = {"overall": 0.25, "per_category": per_category, "counts": {}, "num_images": 3}
+        scores["untrained"] = untrained
+        results[design.label] = study_mod._result(design, tmp_path / design.label, "trained", scores)
+    report = study_mod.markdown_report(study, results, ["data.kinds"])
+    header, a, b = _table(report)[0], _table(report)[2], _table(report)[3]
+    assert header[2:6] == ["single", "two (untrained)", "counting", "overall"]
+    assert a[2:6] == ["0.500", "0.250", "0.000 (untrained)", "0.250"] and b[4] == "0.000"
+    assert "\ntwo untrained: not in the run's data.kinds; the overall is over all 3 categories" in report
+    assert (
+        "\n(untrained) in a cell: not in that design's data.kinds; the overall is over all 3 categories"
+        in report
+    )

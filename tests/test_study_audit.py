@@ -4,6 +4,7 @@ base on the command line, and describe's counts matching the study's."""
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -395,3 +396,82 @@ def test_a_study_given_a_folder_says_it_is_a_folder(tmp_path, capsys):
     assert _one_line_error(capsys) == (
         f"study {str(tmp_path)!r} is a folder (allowed: a study YAML file, e.g. studies/*.yaml)"
     )
+
+
+def _stopping_study(tmp_path: Path, monkeypatch) -> tuple[Path, set]:
+    """Designs a, c, d of _study_file, 4 steps with a checkpoint every 2; a Ctrl+C comes at step 3 of each
+    design named in the returned set (after step 3 is logged, before a checkpoint saves it)."""
+    import fusedit.train.loop as loop
+
+    path, spec = _study_file(tmp_path)
+    del spec["designs"]["b"]
+    spec["base"].update({"train.steps": 4, "train.checkpoint_every": 2, "train.preview_every": 3})
+    path.write_text(yaml.safe_dump(spec))
+    stop_in: set = set()
+
+    def preview(model, cfg, captions, where):
+        if where.parents[1].name in stop_in:  # runs/<label>/previews/step_00000003.png
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_preview", preview)
+    return path, stop_in
+
+
+def test_an_interrupted_study_names_the_design_its_checkpoint_and_the_steps_redone(
+    tmp_path, capsys, monkeypatch
+):
+    """h-study F3: the interrupt line named neither the design nor its checkpoint, and did not say that the
+    steps after it are trained again; results.json and report.md listed the half-trained design as "pending"
+    as they listed the one never started."""
+    path, stop_in = _stopping_study(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    stop_in.add("c")
+    assert main(["study", str(path), "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "fusedit: interrupted: design 'c' (2 of 3) interrupted, last checkpoint at step 2 of 4 (step 3 is "
+        f"redone), not scored; what is done in {out} is kept (each design's checkpoints and scores; report.md "
+        "says what each holds); rerun the same command to go on"
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["designs"]) == ["a"] and results["pending"] == ["c", "d"]
+    half = "interrupted, last checkpoint at step 2 of 4 (step 3 is redone), not scored"
+    assert results["pending_status"] == {"c": half, "d": "not started"}
+    assert f"\nPending:\n* c: {half}\n* d: not started\n" in (out / "report.md").read_text()
+
+    # The rerun goes on from step 2, as the line said.
+    stop_in.clear()
+    assert main(["study", str(path), "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-4].endswith("s: a reused, c resumed at step 2, d trained")
+
+
+def test_a_study_interrupted_in_its_first_design_writes_its_report(tmp_path, monkeypatch):
+    """h-study F3: a Ctrl+C in the first design (training or scoring) left no report.md or results.json."""
+    path, stop_in = _stopping_study(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    stop_in.add("a")
+    half = "interrupted, last checkpoint at step 2 of 4 (step 3 is redone), not scored"
+    with pytest.raises(KeyboardInterrupt, match=rf"^design 'a' \(1 of 3\) {re.escape(half)}; what is done"):
+        run_study(path, out, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results["designs"] == {} and results["pending_status"] == {
+        "a": half,
+        "c": "not started",
+        "d": "not started",
+    }
+    report = (out / "report.md").read_text()
+    assert f"No design has finished yet.\n\nPending:\n* a: {half}\n* c: not started\n" in report
+
+    # Interrupted while scored: trained to the end, which the report and the line say.
+    stop_in.clear()
+
+    def bench(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_mod, "run_shapes_bench", bench)
+    scoring = "trained (4 steps), not scored under these eval settings"
+    with pytest.raises(
+        KeyboardInterrupt, match=rf"^design 'a' \(1 of 3\) {re.escape(scoring)}; what is done"
+    ):
+        run_study(path, out, progress=False)
+    assert json.loads((out / "results.json").read_text())["pending_status"]["a"] == scoring

@@ -59,8 +59,11 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 def cmd_eval(args) -> int:
     from fusedit.eval.shapes_bench import (
         bench_settings,
+        bench_source,
         markdown_table,
+        row_name,
         run_shapes_bench,
+        trained_kinds,
         untrained_note,
     )
     from fusedit.sampling.generation import check_seed
@@ -141,14 +144,14 @@ def cmd_eval(args) -> int:
     with _kept_on_interrupt(
         f"{earlier} (the bench writes {out} at its end); rerun the same command to start again"
     ):
-        name = _row_name(where, cfg.sample.use_ema)
-        trained = _trained_kinds(where)
+        name = row_name(where, cfg.sample.use_ema)
+        trained = trained_kinds(where)
         scores = run_shapes_bench(
             model,
             out_dir=out,
             name=name,
             progress=not args.quiet,
-            source=_eval_source(where, cfg.sample.use_ema),
+            source=bench_source(where, cfg.sample.use_ema),
             trained_kinds=trained,
             **settings,
         )
@@ -186,53 +189,11 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
 
 
-def _row_name(where: Path, ema: bool) -> str:
-    """The shapes bench's row name of the model read from ``where``: its run and step (runA@300), " raw"
-    for raw weights, so that two runs' or checkpoints' tables are told apart."""
-    from fusedit.checkpoints import load_state
-
-    name = (_run_of(where) or where).resolve().name  # `fusedit eval .` names the folder, not ""
-    if (where / "state.json").is_file():
-        name += f"@{load_state(where)['step']}"
-    return name + ("" if ema else " raw")
-
-
 def _weights_record(where: Path, ema: bool) -> dict:
     """Which weights an eval scores: the checkpoint's name, their fingerprint, EMA or raw."""
-    from fusedit.checkpoints import weights_fingerprint
+    from fusedit.eval.shapes_bench import bench_source
 
-    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema}
-
-
-def _eval_source(where: Path, ema: bool) -> dict:
-    """What the shapes bench records of the model it scores (as generation.json does for the protocols)."""
-    return {**_weights_record(where, ema), "model": str(where)}
-
-
-def _trained_kinds(where: Path) -> list[str] | None:
-    """The shapes-world kinds the checkpoint at ``where`` trained on (data.kinds of each stage begun by its
-    step; a latent cache's, those it was made with); [] when no begun stage trained on the shapes world (a
-    run on one's own data keeps its preset's data.kinds, unread: every category is untrained); None where
-    unknown (a pipeline folder records no data section, a latent cache no longer where it was)."""
-    from fusedit.checkpoints import load_checkpoint_config, load_state
-    from fusedit.config import resolved_stages
-    from fusedit.data.latents import cached_data
-
-    if not (where / "state.json").is_file():
-        return None
-    step = int(load_state(where)["step"])
-    begun = [s for s in resolved_stages(load_checkpoint_config(where)) if s.start < step or s.index == 0]
-    kinds = []
-    for stage in begun:
-        source, stage_kinds = stage.config.data.source, stage.config.data.kinds
-        if source == "latents":
-            made = cached_data(stage.config.data.latents_dir)
-            if made is None:
-                return None
-            source, stage_kinds = made.get("source"), made.get("kinds", [])
-        if source == "shapes":
-            kinds += stage_kinds
-    return list(dict.fromkeys(kinds))
+    return {k: v for k, v in bench_source(where, ema).items() if k != "model"}
 
 
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:

@@ -135,8 +135,10 @@ def cmd_study(args) -> int:
         print(describe_study(study, only=only, out_dir=out))
         return 0
     t0 = time.time()
-    with _kept_on_interrupt(f"what is done in {out} is kept (each design's checkpoints and scores); {GO_ON}"):
+    try:
         r = run_study(study, out, progress=not args.quiet, only=only)
+    except KeyboardInterrupt as e:  # run_study's line names the design interrupted and what it keeps
+        raise KeyboardInterrupt(f"{e or f'what is done in {out} is kept'}; {GO_ON}") from None
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
     count = f"{len(chosen)} of {len(study.designs)}" if len(chosen) < len(study.designs) else len(chosen)

@@ -64,6 +64,56 @@ def untrained_note(untrained: Sequence[str], categories: int) -> str:
     )
 
 
+def bench_source(where: Path, ema: bool) -> dict:
+    """What the bench records of the model it scores (``run_shapes_bench``'s ``source``), read from ``where``
+    (a checkpoint or pipeline folder) with its EMA weights or not: the folder's name, the weights'
+    fingerprint, EMA or raw, and the folder. Scores of another model, or of its raw weights, are so told
+    apart (`fusedit eval`, and a study deciding whether a design's scores are current)."""
+    from fusedit.checkpoints import weights_fingerprint
+
+    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema, "model": str(where)}
+
+
+def row_name(where: Path, ema: bool) -> str:
+    """The bench's row name of the model read from ``where``: a checkpoint's run and step (runA@300), else
+    the folder's name; " raw" for raw weights, so that two runs' or checkpoints' tables are told apart."""
+    from fusedit.checkpoints import load_state
+
+    checkpoint = (where / "state.json").is_file()
+    run = where.parent.parent if checkpoint and where.parent.name == "checkpoints" else where
+    name = run.resolve().name  # `fusedit eval .` names the folder, not ""
+    if checkpoint:
+        name += f"@{load_state(where)['step']}"
+    return name + ("" if ema else " raw")
+
+
+def trained_kinds(where: Path) -> list[str] | None:
+    """The shapes-world kinds the checkpoint at ``where`` trained on (``run_shapes_bench``'s
+    ``trained_kinds``: data.kinds of each stage begun by its step; a latent cache's, those it was made
+    with); [] when no begun stage trained on the shapes world (a run on one's own data keeps its preset's
+    data.kinds, unread: every category is untrained); None where unknown (a pipeline folder records no
+    data section, a latent cache no longer where it was)."""
+    from fusedit.checkpoints import load_checkpoint_config, load_state
+    from fusedit.config import resolved_stages
+    from fusedit.data.latents import cached_data
+
+    if not (where / "state.json").is_file():
+        return None
+    step = int(load_state(where)["step"])
+    begun = [s for s in resolved_stages(load_checkpoint_config(where)) if s.start < step or s.index == 0]
+    kinds = []
+    for stage in begun:
+        source, stage_kinds = stage.config.data.source, stage.config.data.kinds
+        if source == "latents":
+            made = cached_data(stage.config.data.latents_dir)
+            if made is None:
+                return None
+            source, stage_kinds = made.get("source"), made.get("kinds", [])
+        if source == "shapes":
+            kinds += stage_kinds
+    return list(dict.fromkeys(kinds))
+
+
 # Held-out prompts per category when none is asked for (`fusedit eval --per-category`).
 PER_CATEGORY = 20
 

@@ -9,9 +9,11 @@ Output folder::
     report.md              the comparison table; loss_curves.png, scores.png; results.json
 
 Re-running a study is cheap and safe: a design whose run holds a checkpoint at its final step and whose
-``eval/scores.json`` matches the eval settings is not redone; a partially trained one resumes exactly; a
-run folder trained with a different config is refused rather than silently mixed into the table. What a
-run does with each design is its status in results.json (see _status); `--check` plans it the same way.
+``eval/scores.json`` was made of that checkpoint's weights (their fingerprint) under the eval settings is
+not redone; a partially trained one resumes exactly; a run folder trained with a different config is
+refused rather than silently mixed into the table. What a run does with each design is its status in
+results.json (see _status); `--check` plans it the same way. An interrupted study writes its report too,
+where a design not finished says what its run folder holds (pending_status).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fusedit.checkpoints import find_checkpoint, load_model, load_state
+from fusedit.checkpoints import find_checkpoint, holds_ema, load_model, load_state
 from fusedit.config import Config, ConfigError, flatten, load_config, resolved_stages, to_dict
 from fusedit.data.shapes import ALL_KINDS
-from fusedit.eval.shapes_bench import bench_settings, run_shapes_bench
+from fusedit.eval.shapes_bench import (
+    bench_settings,
+    bench_source,
+    row_name,
+    run_shapes_bench,
+    trained_kinds,
+    untrained_note,
+)
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
 from fusedit.sampling.generation import generate, sample_settings
@@ -138,9 +148,9 @@ def describe_study(
 # Running one design
 
 
-def _finished_step(run_dir: Path) -> int | None:
+def _last_checkpoint(run_dir: Path) -> Path | None:
     try:
-        return int(load_state(find_checkpoint(run_dir))["step"])
+        return find_checkpoint(run_dir)
     except FileNotFoundError:
         return None
 
@@ -196,9 +206,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _read_losses(run_dir: Path) -> tuple[list[float], float]:
-    """Per-step losses of a run and the seconds its steps took (from metrics.jsonl)."""
-    losses, seconds = [], 0.0
+def _read_metrics(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
+    """The steps a run logged, each one's loss and the seconds it took (metrics.jsonl, step order)."""
+    steps, losses, seconds = [], [], []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -206,9 +216,10 @@ def _read_losses(run_dir: Path) -> tuple[list[float], float]:
                 record = json.loads(line)
             except json.JSONDecodeError:  # blank, or cut short by a kill (as the training's rewind drops it)
                 continue
+            steps.append(int(record["step"]))
             losses.append(float(record["loss"]))
-            seconds += float(record.get("sec", 0.0))
-    return losses, seconds
+            seconds.append(float(record.get("sec", 0.0)))
+    return steps, losses, seconds
 
 
 def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps: int, guidance: float):
@@ -223,11 +234,14 @@ def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps
 
 @dataclass
 class _Found:
-    """What an output folder holds of one design: its run's last checkpoint step (None: none), the eval
-    settings it is scored under now, its scores when made under those (else None), and whether its sample
-    grid is current."""
+    """What an output folder holds of one design: its run's last checkpoint (None: none) and its step, the
+    weights the design is scored with there (cli.eval's record: checkpoint, fingerprint, EMA or raw; None
+    without a checkpoint), the eval settings it is scored under now, its scores when made of those weights
+    under those settings (else None), and whether its sample grid is current."""
 
+    ckpt: Path | None
     step: int | None
+    weights: dict | None
     settings: dict
     scores: dict | None
     grid_current: bool
@@ -236,22 +250,42 @@ class _Found:
 def _found(design: Design, study: Study, out_dir: Path) -> _Found:
     run_dir = out_dir / "runs" / design.label
     # A staged design is scored at its last stage's size and sampling settings.
-    settings = _eval_settings(study.eval, final_config(design.config))
+    cfg = final_config(design.config)
+    settings = _eval_settings(study.eval, cfg)
+    ckpt = _last_checkpoint(run_dir)
+    # EMA as load_model loads it: asked for and saved (a converted run has raw weights only).
+    weights = None if ckpt is None else _weights(bench_source(ckpt, cfg.sample.use_ema and holds_ema(ckpt)))
     scores = _read_json(run_dir / "eval" / "scores.json")
+    current = weights is not None and isinstance(scores, dict) and _scored(scores, settings, weights)
     grid = out_dir / "grids" / f"{design.label}.png"
     return _Found(
-        _finished_step(run_dir),
+        ckpt,
+        None if ckpt is None else int(load_state(ckpt)["step"]),
+        weights,
         settings,
-        scores if scores is not None and scores.get("settings") == settings else None,
-        _grid_current(grid, _grid_meta(study, settings)),
+        scores if current else None,
+        weights is not None and _grid_current(grid, _grid_meta(study, settings, weights)),
     )
+
+
+def _weights(source: dict) -> dict:
+    """A bench source (shapes_bench.bench_source) without where the checkpoint lay ("model"): a moved
+    output folder holds the same weights."""
+    return {k: v for k, v in source.items() if k != "model"}
+
+
+def _scored(scores: dict, settings: dict, weights: dict) -> bool:
+    """Whether ``scores`` (a scores.json) were made under ``settings`` of the ``weights``: equal settings
+    alone would pass another run's scores, or the raw weights', as this one's."""
+    saved = scores.get("settings")
+    return isinstance(saved, dict) and _weights(saved) == {**settings, **weights}
 
 
 def _status(found: _Found, steps: int) -> str:
     """What running a design of ``steps`` steps does with what it ``found``, as results.json records it:
     "trained" (from scratch), "resumed at step N", "re-scored" (trained before; scored again, as its
-    scores are missing or were made under other eval settings), "grid redrawn" (only the sample grid is
-    stale), or "reused" (nothing to do). The one decision both the run and `--check`'s plan make."""
+    scores are missing, or were made under other eval settings or of other weights), "grid redrawn" (only
+    the sample grid is stale), or "reused" (nothing to do). The one decision both the run and `--check`'s plan make."""
     if found.step is None:
         return "trained"
     if found.step < steps:
@@ -310,7 +344,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     status = _status(found, cfg.train.steps)
     if status == "reused":
         log.info("%s %s: trained, scores and grid present, nothing to do", index, label)
-        return _result(design, run_dir, status, found.scores)
+        return _result(design, run_dir, status, found.scores, row_name(found.ckpt, found.weights["ema"]))
     scores, need_grid = found.scores, not found.grid_current
     if found.step is None or found.step < cfg.train.steps:
         if found.step is None:
@@ -331,14 +365,21 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     grid_path = out_dir / "grids" / f"{label}.png"
     # Past the early return, the scores or the grid (or both) need the model.
     device = resolve_device(cfg.train.device)
-    model, _, _ = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+    model, loaded, ckpt = load_model(run_dir, device, use_ema=cfg.sample.use_ema)
+    ema = loaded.sample.use_ema  # whether the EMA was loaded: a run saved without one has raw weights only
+    # The scores name their weights as `fusedit eval`'s do (checkpoint, fingerprint, EMA or raw), and its
+    # row (label@step), and mark the categories outside the run's data.kinds as untrained.
+    source = bench_source(ckpt, ema)
+    row = row_name(ckpt, ema)
     if scores is None:
         log.info("%s %s: shapes benchmark, %d prompts per category", index, label, settings["per_category"])
         scores = run_shapes_bench(
             model,
             out_dir=run_dir / "eval",
-            name=label,
+            name=row,
             progress=progress,
+            source=source,
+            trained_kinds=trained_kinds(ckpt),
             **settings,
         )
     else:
@@ -346,21 +387,24 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     if need_grid:
         grid = _sample_grid(model, cfg, study.prompts, study.seeds, settings["steps"], settings["guidance"])
         save_png(grid, grid_path)
-        write_text_atomic(grid_path.with_suffix(".json"), json.dumps(_grid_meta(study, settings), indent=1))
+        meta = _grid_meta(study, settings, _weights(source))
+        write_text_atomic(grid_path.with_suffix(".json"), json.dumps(meta, indent=1))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     log.info("%s %s: %s, overall %.3f", index, label, status, scores["overall"])
-    return _result(design, run_dir, status, scores)
+    return _result(design, run_dir, status, scores, row)
 
 
-def _grid_meta(study: Study, settings: dict) -> dict:
-    """Everything a design's sample grid depends on besides the weights."""
+def _grid_meta(study: Study, settings: dict, weights: dict) -> dict:
+    """Everything a design's sample grid depends on: the prompts, seeds and sampling settings, and the
+    weights (_Found.weights)."""
     return {
         "prompts": study.prompts,
         "seeds": study.seeds,
         **{k: v for k, v in settings.items() if k not in ("per_category", "seed")},
+        **weights,
     }
 
 
@@ -374,17 +418,24 @@ def _earlier_result(design: Design, study: Study, out_dir: Path) -> dict | None:
     found = _found(design, study, out_dir)
     if _status(found, design.config.train.steps) != "reused":
         return None
-    return _result(design, out_dir / "runs" / design.label, "reused", found.scores)
+    row = row_name(found.ckpt, found.weights["ema"])
+    return _result(design, out_dir / "runs" / design.label, "reused", found.scores, row)
 
 
-def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
-    """One design's row of results.json."""
+def _result(design: Design, run_dir: Path, status: str, scores: dict, row: str | None = None) -> dict:
+    """One design's row of results.json; ``row`` names it in report.md (label@step, " raw" for raw
+    weights, as `fusedit eval` names it; default the label)."""
     label, cfg = design.label, design.config
-    losses, seconds = _read_losses(run_dir)
+    _, losses, seconds = _read_metrics(run_dir)
     # A step skipped for a NaN/inf loss (train.max_bad_steps) logs that loss: it would make the mean NaN.
     tail = [loss for loss in losses[-max(1, len(losses) // 10) :] if math.isfinite(loss)]
+    # Step 1 holds the one-off setup (seconds, against hundredths for a tiny step): the median of the
+    # others is what a step costs; the sum is the wall clock, other jobs on the machine included.
+    steady = seconds[1:]
+    scored = scores.get("settings", {})
     return {
         "label": label,
+        "row": row or label,
         "preset": design.preset,
         "description": design.description,
         "overrides": design.overrides,
@@ -398,8 +449,13 @@ def _result(design: Design, run_dir: Path, status: str, scores: dict) -> dict:
         "schedule": _schedule(cfg),
         # The mean loss over the last tenth of training: one step's loss is too noisy to rank designs.
         "final_loss": sum(tail) / len(tail) if tail else None,
-        "train_seconds": round(seconds, 1),
-        "scores": {k: scores[k] for k in ("overall", "per_category", "counts", "num_images")},
+        "train_seconds": round(sum(seconds), 1),
+        "median_step_seconds": round(statistics.median(steady), 4) if steady else None,
+        "weights": {k: scored[k] for k in ("checkpoint", "weights", "ema") if k in scored},
+        "scores": {
+            **{k: scores[k] for k in ("overall", "per_category", "counts", "num_images")},
+            "untrained": scores.get("untrained", []),
+        },
         **design_cost(cfg),
     }
 
@@ -420,8 +476,10 @@ def _categories(results: dict) -> list[str]:
     return [k for k in ALL_KINDS if k in present]
 
 
-def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
-    """The comparison table (rows = designs, columns = shapes categories + overall, cost, loss, samples)."""
+def markdown_report(study: Study, results: dict, varying: list[str], pending: dict | None = None) -> str:
+    """The comparison table (rows = designs, columns = shapes categories + overall, cost, loss, samples),
+    and ``pending`` (label -> what its run folder holds, pending_status; default "not finished" for each
+    design not in ``results``)."""
     kinds = _categories(results)
     first = next(iter(results.values()), None)
     settings = _eval_settings(study.eval, final_config(study.designs[0].config))
@@ -439,40 +497,60 @@ def markdown_report(study: Study, results: dict, varying: list[str]) -> str:
         "Params: the trainable denoiser; FLOPs: one training image (3x the DiT forward + the frozen LLM "
         "forward; more where the LLM trains; a staged design's averaged over its stages' images), as "
         "`fusedit describe` counts them; final loss: the mean flow-matching loss over the last "
-        "tenth of training; train time: the training steps alone (metrics.jsonl).",
+        "tenth of training; step time: the median seconds of a training step, step 1 (its one-off setup) "
+        "left out (metrics.jsonl); wall clock: every training step summed, setup and whatever else ran on "
+        "the machine included: not a speed comparison (FLOPs / image is the fair cost column). "
+        "A design is named by the checkpoint it was scored at (label@step; raw: its raw weights, not "
+        "the EMA); results.json records that checkpoint's weights fingerprint.",
         "",
     ]
     unfair = recipe_differences(study.designs, study.eval)
     if unfair:
         lines += [f"**Warning: not a fair comparison**: the recipe differs in {', '.join(unfair)}.", ""]
+    if pending is None:
+        pending = {d.label: "not finished" for d in study.designs if d.label not in results}
+    waiting = ["Pending:", *(f"* {label}: {what}" for label, what in pending.items())] if pending else []
     if first is None:
-        return "\n".join(lines + ["No design has finished yet."]) + "\n"
+        return "\n".join(lines + ["No design has finished yet.", *([""] + waiting if waiting else [])]) + "\n"
 
     columns = [*kinds, "overall"]
+    # A category outside a design's data.kinds is scored all the same (the overall stays comparable):
+    # marked in the header when every design left it out, else in that design's cell, as scores.md does.
+    untrained = {label: set(r["scores"]["untrained"]) for label, r in results.items()}
+    everywhere = [k for k in kinds if all(k in u for u in untrained.values())]
     # Bold marks the best of a column; a column where every design ties (e.g. all 0 early on) has none.
     values = {c: [_score(r, c) for r in results.values()] for c in columns}
     best = {c: max(v) if len(set(v)) > 1 else None for c, v in values.items()}
     lines.append(
         "| design | preset | "
-        + " | ".join(columns)
-        + " | trainable params | train FLOPs / image | final loss | train time | samples |"
+        + " | ".join(c + " (untrained)" * (c in everywhere) for c in columns)
+        + " | trainable params | train FLOPs / image | final loss | step time | wall clock | samples |"
     )
-    lines.append("|---" * (len(columns) + 7) + "|")
+    lines.append("|---" * (len(columns) + 8) + "|")
     for label, r in results.items():
         cells = []
         for c in columns:
             value = _score(r, c)
-            cells.append(f"**{value:.3f}**" if value == best[c] else f"{value:.3f}")
+            cell = f"**{value:.3f}**" if value == best[c] else f"{value:.3f}"
+            cells.append(cell + " (untrained)" * (c in untrained[label] and c not in everywhere))
         loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        step = "n/a" if r["median_step_seconds"] is None else f"{r['median_step_seconds']:.3g} s"
         lines.append(
-            f"| {label} | {r['preset']} | "
+            f"| {r['row']} | {r['preset']} | "
             + " | ".join(cells)
-            + f" | {_si(r['trainable_params'])} | {_si(r['train_flops_per_image'])} | {loss} | "
-            f"{r['train_seconds'] / 60:.1f} min | [grid]({r['grid']}) |"
+            + f" | {_si(r['trainable_params'])} | {_si(r['train_flops_per_image'])} | {loss} | {step} | "
+            f"{r['train_seconds']:.1f} s | [grid]({r['grid']}) |"
         )
-    pending = [d.label for d in study.designs if d.label not in results]
-    if pending:
-        lines += ["", f"Pending: {', '.join(pending)}."]
+    if everywhere:
+        lines += ["", untrained_note(everywhere, len(kinds)) + "."]
+    if any(untrained[label] - set(everywhere) for label in results):
+        lines += [
+            "",
+            "(untrained) in a cell: not in that design's data.kinds; the overall is over all "
+            f"{len(kinds)} categories, comparable across designs.",
+        ]
+    if waiting:
+        lines += ["", *waiting]
     lines.append("")
     for label, r in results.items():
         what = f": {r['description']}" if r["description"] else ""
@@ -497,12 +575,40 @@ def _score(result: dict, column: str) -> float:
     return float(s["overall"] if column == "overall" else s["per_category"].get(column, 0.0))
 
 
+def pending_status(design: Design, study: Study, out_dir: Path) -> str:
+    """What the run folder of a design without a current result holds, for report.md and results.json:
+    "not started", "interrupted, last checkpoint at step 30 of 60 (steps 31-32 are redone), not scored", ...
+    (a half-trained design is not to be read as one never begun, nor the steps its rerun redoes as kept)."""
+    steps, found = design.config.train.steps, _found(design, study, out_dir)
+    logged = _read_metrics(out_dir / "runs" / design.label)[0]
+    if found.ckpt is None:
+        if not logged:
+            return "not started"
+        return f"interrupted at step {logged[-1]} of {steps} before its first checkpoint, not scored (it starts again)"
+    if found.step < steps:
+        # The steps trained past the checkpoint are lost: the resume trains them again (as `fusedit train`
+        # says of its own interruption).
+        lost = [step for step in logged if step > found.step]
+        redone = ""
+        if lost:
+            redone = (
+                f" (step {lost[-1]} is redone)"
+                if len(lost) == 1
+                else f" (steps {lost[0]}-{lost[-1]} are redone)"
+            )
+        return f"interrupted, last checkpoint at step {found.step} of {steps}{redone}, not scored"
+    if found.scores is None:
+        return f"trained ({found.step} steps), not scored under these eval settings"
+    return "trained and scored, its sample grid not drawn for these prompts and seeds"
+
+
 def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
     """report.md, loss_curves.png, scores.png, samples.png and results.json for the designs done so far."""
     varying = varying_keys([d.config for d in study.designs])
+    pending = {d.label: pending_status(d, study, out_dir) for d in study.designs if d.label not in results}
     # Atomic, as the report is rewritten after every design and may be read while the study runs.
-    write_text_atomic(out_dir / "report.md", markdown_report(study, results, varying))
-    curves = {label: _read_losses(out_dir / r["run_dir"])[0] for label, r in results.items()}
+    write_text_atomic(out_dir / "report.md", markdown_report(study, results, varying, pending))
+    curves = {label: _read_metrics(out_dir / r["run_dir"])[1] for label, r in results.items()}
     longest = max((len(v) for v in curves.values()), default=0)
     plot_curves(
         curves,
@@ -538,7 +644,8 @@ def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
         "seeds": study.seeds,
         "categories": _categories(results),
         "designs": results,
-        "pending": [d.label for d in study.designs if d.label not in results],
+        "pending": list(pending),
+        "pending_status": pending,
         "files": {
             "report": "report.md",
             "loss_curves": "loss_curves.png",
@@ -602,12 +709,24 @@ def run_study(
     summary: dict = {}
     t0 = time.time()
     bar = tqdm(chosen, desc=f"study {study.name}", unit="design", disable=not progress)
-    for i, design in enumerate(bar):
-        bar.set_postfix_str(design.label)
-        index = f"[{i + 1}/{len(chosen)}]"
-        results[design.label] = _run_design(design, study, out, index, progress)
-        # Written after every design, so a long study's partial table can be read while it runs.
-        summary = write_outputs(study, _in_study_order(study, results), out)
+    kept = f"what is done in {out} is kept (each design's checkpoints and scores; report.md says what each holds)"
+    i, design = 0, None
+    try:
+        for i, design in enumerate(bar):
+            bar.set_postfix_str(design.label)
+            index = f"[{i + 1}/{len(chosen)}]"
+            results[design.label] = _run_design(design, study, out, index, progress)
+            # Written after every design, so a long study's partial table can be read while it runs.
+            summary = write_outputs(study, _in_study_order(study, results), out)
+    except KeyboardInterrupt:
+        # The report is written here too (the first design's interruption left none), saying what the
+        # interrupted design keeps: its last checkpoint, and the steps past it that the rerun trains again.
+        bar.close()
+        write_outputs(study, _in_study_order(study, results), out)
+        if design is None or design.label in results:  # before the first design, or between two
+            raise KeyboardInterrupt(kept) from None
+        where = f"design {design.label!r} ({i + 1} of {len(chosen)})"
+        raise KeyboardInterrupt(f"{where} {pending_status(design, study, out)}; {kept}") from None
     bar.close()
     log.info(
         "study %s: done in %.0fs (%s); report in %s",
