@@ -276,6 +276,14 @@ def test_check_describes_the_chosen_designs_and_plans_what_the_run_does(tmp_path
         f"{out}/runs/a was trained with a different config for design 'a' (train.lr: 0.001 there, 0.0005 now); "
         "delete it or use another output folder"
     )
+    longer = copy.deepcopy(spec)
+    longer["base"]["train.steps"] = spec["base"]["train.steps"] + 2
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(longer))
+    assert main(["study", str(tmp_path / "longer.yaml"), "--out", str(out), "--check"]) == 2
+    assert _one_line_error(capsys).endswith(
+        " now) (a run's schedule spans its train.steps: more steps are another run); delete it or use another "
+        "output folder"
+    )
 
 
 def test_a_study_ends_saying_what_it_did_with_each_design(tmp_path, capsys):

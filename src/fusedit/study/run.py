@@ -167,9 +167,15 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
     found = _trained_difference(old, cfg)
     if found:
         key, there, now = found
+        # A longer budget is not the run extended: its learning-rate schedule spans the steps it has.
+        why = (
+            " (a run's schedule spans its train.steps: more steps are another run)"
+            if key == "train.steps"
+            else ""
+        )
         raise ConfigError(
             f"{run_dir} was trained with a different config for design {label!r} ({key}: "
-            f"{there!r} there, {now!r} now); delete it or use another output folder"
+            f"{there!r} there, {now!r} now){why}; delete it or use another output folder"
         )
 
 
