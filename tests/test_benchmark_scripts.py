@@ -194,3 +194,25 @@ def test_a_variant_is_judged_against_the_nearest_gemma_record_of_its_commit_and_
         (f"66.0% against 70.0% ({tmp_path / 'x.jsonl'}:2 @aaaaaaa)", True),
         ("out of memory", False),
     ]
+
+
+def test_profile_demo_step_splits_a_step_and_times_fusedit_trains_own_loop(monkeypatch, capsys):
+    """RESULTS.md's CPU split: each part of a debug step, their sum, and `fusedit train`'s own loop per step
+    (two real runs of the loop that differ in length), with its excess over the parts."""
+    run_script("profile_demo_step.py", ["--steps", "1", "--loop-steps", "1", "--repeats", "1"], monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    names = [line[:28].strip() for line in lines]
+    assert names == [
+        "data",
+        "text",
+        "dit fwd+bwd+adamw",
+        "ema",
+        "step (sum of the parts)",
+        "fusedit train, per step",
+    ]
+    ms = [float(line[28:].split()[0]) for line in lines]
+    assert abs(sum(ms[:4]) - ms[4]) <= 0.25 and all(m > 0 for m in ms)  # printed to 0.1 ms
+    assert lines[-1].endswith(" ms over the parts)")
+    with pytest.raises(SystemExit):
+        run_script("profile_demo_step.py", ["--repeats", "0"], monkeypatch)
+    assert "--repeats 0 is not allowed (allowed: 1 or more)" in capsys.readouterr().err
