@@ -67,3 +67,13 @@ def test_without_dejavu_labels_fall_back_to_pillows_font(monkeypatch):
         assert imaging.image_grid([np.zeros((16, 16, 3), np.uint8)], ["café"]).size[0] == 20
     finally:
         imaging.label_font.cache_clear()
+
+
+def test_plot_axes_tick_at_round_values_that_span_the_data():
+    """A study's loss curves were ticked at 0.6024, 0.8717, 1.141 (the data's range in quarters): ticks
+    are round steps (1, 2, 2.5 or 5 x 10^k) from at or below the lowest value to at or above the highest."""
+    assert imaging._ticks(0.6024, 1.141) == [0.6, 0.8, 1.0, 1.2]
+    assert imaging._ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert imaging._ticks(0, 2600, count=7) == [0, 500, 1000, 1500, 2000, 2500, 3000]
+    assert imaging._ticks(1e-5, 3e-5) == [1e-05, 1.5e-05, 2e-05, 2.5e-05, 3e-05]
+    assert imaging._ticks(-0.5, 0.5) == [-0.5, -0.25, 0.0, 0.25, 0.5]

@@ -289,8 +289,14 @@ _GRID_COLOR = (225, 225, 225)
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """``count`` evenly spaced values from ``low`` to ``high`` (both included)."""
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
+    """About ``count`` round values (a step of 1, 2, 2.5 or 5 x 10^k) from at or below ``low`` to at or
+    above ``high``: an axis then reads 0.6, 0.8, 1.0 rather than 0.6024, 0.8717, 1.141."""
+    raw = (high - low) / (count - 1)
+    unit = 10 ** math.floor(math.log10(raw))
+    step = next(m * unit for m in (1, 2, 2.5, 5, 10) if m * unit >= raw * (1 - 1e-9))
+    first = math.floor(low / step + 1e-9) * step
+    n = math.ceil((high - first) / step - 1e-9)
+    return [round(first + i * step, 12) for i in range(n + 1)]
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, font, labels: Sequence[str], right: float, top: float) -> None:
@@ -350,6 +356,8 @@ def plot_curves(
     high = max(float(v.max()) for _, v in drawn)
     if high == low:
         low, high = low - 0.5, high + 0.5
+    levels = _ticks(low, high)
+    low, high = levels[0], levels[-1]  # the axis spans its round ticks
     last = max(max(int(s[-1]) for s, _ in drawn), 2)
 
     def px(step: np.ndarray) -> np.ndarray:
@@ -358,12 +366,12 @@ def plot_curves(
     def py(value: np.ndarray | float) -> np.ndarray | float:
         return y1 - (value - low) / (high - low) * (y1 - y0)
 
-    for value in _ticks(low, high):
+    for value in levels:
         y = py(value)
         draw.line([(x0, y), (x1, y)], fill=_GRID_COLOR)
         text = f"{value:.4g}"
         draw.text((x0 - 6 - font.getlength(text), y - 5), text, fill=_BLACK, font=font)
-    for step in sorted({1, *(round(v) for v in _ticks(1, last))}):
+    for step in sorted({1, *(round(v) for v in _ticks(0, last, count=7) if 1 <= v <= last)}):
         x = float(px(np.asarray(step)))
         draw.line([(x, y1), (x, y1 + 4)], fill=_BLACK)
         draw.text((x - font.getlength(str(step)) / 2, y1 + 6), str(step), fill=_BLACK, font=font)
@@ -416,6 +424,8 @@ def plot_grouped_bars(
     values = [float(v) for label in labels for v in series[label] if math.isfinite(float(v))]
     top_value = ymax if ymax is not None else max(values, default=1.0)
     top_value = top_value if top_value > 0 else 1.0
+    if ymax is None:  # the axis ends at a round tick
+        top_value = _ticks(0.0, top_value)[-1]
     for value in _ticks(0.0, top_value):
         y = y1 - value / top_value * (y1 - y0)
         draw.line([(x0, y), (x1, y)], fill=_GRID_COLOR)
