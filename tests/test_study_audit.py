@@ -453,6 +453,25 @@ def test_an_interrupted_study_names_the_design_its_checkpoint_and_the_steps_redo
     assert capsys.readouterr().out.splitlines()[-4].endswith("s: a reused, c resumed at step 2, d trained")
 
 
+def test_a_ctrl_c_outside_the_studys_loop_still_says_what_is_kept(tmp_path, capsys, monkeypatch):
+    """The line run_study raises names the design; a Ctrl+C where it raises none (the checks before the
+    loop, the report after it) printed "interrupted: ; rerun ..." (an exception is always truthy)."""
+    import fusedit.study.run as study_run
+
+    path, _ = _stopping_study(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_run, "_check_same_configs", interrupted)
+    assert main(["study", str(path), "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"fusedit: interrupted: what is done in {out} is kept (each design's checkpoints and scores); rerun the "
+        "same command to go on"
+    )
+
+
 def test_a_study_interrupted_in_its_first_design_writes_its_report(tmp_path, monkeypatch):
     """h-study F3: a Ctrl+C in the first design (training or scoring) left no report.md or results.json."""
     path, stop_in = _stopping_study(tmp_path, monkeypatch)

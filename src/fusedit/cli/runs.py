@@ -138,7 +138,9 @@ def cmd_study(args) -> int:
     try:
         r = run_study(study, out, progress=not args.quiet, only=only)
     except KeyboardInterrupt as e:  # run_study's line names the design interrupted and what it keeps
-        raise KeyboardInterrupt(f"{e or f'what is done in {out} is kept'}; {GO_ON}") from None
+        # A Ctrl+C outside its loop (loading, checks, the report) carries no line of its own.
+        kept = str(e) or f"what is done in {out} is kept (each design's checkpoints and scores)"
+        raise KeyboardInterrupt(f"{kept}; {GO_ON}") from None
     print("\n".join(line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")))
     pending = f"; pending: {', '.join(r['pending'])}" if r["pending"] else ""
     count = f"{len(chosen)} of {len(study.designs)}" if len(chosen) < len(study.designs) else len(chosen)

@@ -20,10 +20,8 @@ from fusedit.models.blocks import CrossAttention, ImageAttentionBase, JointBlock
 from fusedit.text.refiner import TokenAttention
 
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
-_ADAPTERS = (
-    "lora_A",
-    "lora_B",
-)  # peft's LoRA factors: q.lora_A.default, q.lora_B.default beside q.base_layer
+# peft's LoRA factors: q.lora_A.default, q.lora_B.default beside q.base_layer
+_ADAPTERS = ("lora_A", "lora_B")
 
 
 def _adapter(name: str) -> bool:
@@ -60,13 +58,13 @@ def denoiser_flops(
     read = _text_width(denoiser, widths, leads)
     total = 0
     for name, m in denoiser.named_modules():
+        if _adapter(name):
+            continue
         parts = name.split(".")
         branch = _branch(parts)
         own = widths[branch] if branch is not None else widths[0]
         # The collaborative refiner's branch reads the other LLMs' tokens as keys and values.
         others = sum(widths) - own if "collaborative" in parts else own
-        if _adapter(name):
-            continue
         if isinstance(m, nn.Linear):
             if any(p in _PER_IMAGE for p in parts):
                 total += _linear(m, 1)

@@ -123,8 +123,9 @@ def load_llm(
             # weights of a layer (and the embeddings) do not depend on how many a design reads, so a study
             # compares deep fusion, LI-DiT's -3 and depth ablations over one text encoder, as the papers
             # hold the LLM fixed (design-space.md), not over an init drawn in another order.
-            llm = AutoModel.from_config(full, **kernel).to(dtype)
+            llm = AutoModel.from_config(full, **kernel)
             _keep_first_layers(llm, num_layers)
+            llm = llm.to(dtype)  # after the cut: the layers dropped are never converted
     except (ValueError, ImportError) as e:  # a kernel the family (or this machine) cannot run
         if not kernel:
             raise
