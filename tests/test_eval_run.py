@@ -496,3 +496,14 @@ def test_the_protocol_generator_warns_of_words_the_builtin_tokenizer_reads_as_un
     assert message.startswith("the built-in word tokenizer reads 'photo', 'bench' of the prompt as <unk>")
     assert message.endswith("; the benchmark's other prompts are counted at the end")
     assert run_mod.ProtocolGenerator(model, settings).unknown == 0  # no config: nothing to check against
+    # A negative prompt the tokenizer cannot read is said once, not counted as every prompt's.
+    caplog.clear()
+    gen = run_mod.ProtocolGenerator(model, {**settings, "negative_prompt": "blurry photo"}, cfg)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        for _ in range(2):
+            gen("a red circle", 42, 1)
+    assert gen.unknown == 0
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(
+        "the built-in word tokenizer reads 'blurry', 'photo' of the negative prompt as <unk>"
+    )

@@ -545,6 +545,8 @@ def test_step_time_is_a_median_without_step_one_and_the_wall_clock_is_labelled(t
         "(metrics.jsonl); wall clock: every training step summed, setup and whatever else ran on the "
         "machine included: not a speed comparison (FLOPs / image is the fair cost column)."
     ) in report
+    # A GPU design's minutes read as minutes.
+    assert [study_mod._duration(s) for s in (6.3, 420.3, 9000.0)] == ["6.3 s", "7.0 min", "2.5 h"]
 
 
 def test_a_category_only_some_designs_left_out_is_marked_in_their_cells(tmp_path):

@@ -43,9 +43,10 @@ class ProtocolGenerator:
 
     ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (once
     per call, however many of its n images' rows were cut). Given the model's ``cfg``, ``unknown`` counts
-    the calls whose prompt (or negative prompt) has words a built-in word tokenizer reads as <unk>: the
-    first is warned about as it comes (a benchmark's prompts are the real world's, the tokenizer knows the
-    shapes world's), the total at the end (``fusedit eval``), as the cuts.
+    the calls whose prompt has words a built-in word tokenizer reads as <unk>: the first is warned about as
+    it comes (a benchmark's prompts are the real world's, the tokenizer knows the shapes world's), the total
+    at the end (``fusedit eval``), as the cuts. The negative prompt, the same in every call, is warned about
+    at the first call, once, and not counted.
 
     ``lazy`` builds one whose model is loaded at the first image: the protocols check their prompts and
     kept images before generating, so those refusals come before a slow load, and a run whose images are
@@ -54,6 +55,7 @@ class ProtocolGenerator:
     def __init__(self, model, settings: dict, cfg=None):
         self._model, self._load, self.settings, self.cfg = model, None, settings, cfg
         self.prompts = self.truncated = self.unknown = 0
+        self._negative_read = False
 
     @classmethod
     def lazy(cls, load: Callable[[], object], settings: dict, cfg=None) -> ProtocolGenerator:
@@ -84,9 +86,14 @@ class ProtocolGenerator:
     def _count_unknown(self, prompt: str) -> None:
         if self.cfg is None:
             return
-        s = self.settings
-        negative = s.get("negative_prompt", "") if s.get("guidance") != 1.0 else ""
-        note = unknown_words_note(self.model, self.cfg, [prompt], negative)
+        if not self._negative_read:
+            self._negative_read = True
+            s = self.settings
+            negative = s.get("negative_prompt", "") if s.get("guidance") != 1.0 else ""
+            note = unknown_words_note(self.model, self.cfg, [], negative) if negative else None
+            if note:
+                log.warning("%s", note)
+        note = unknown_words_note(self.model, self.cfg, [prompt])
         if note is None:
             return
         if not self.unknown:

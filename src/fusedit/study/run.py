@@ -470,6 +470,13 @@ def _result(design: Design, run_dir: Path, status: str, scores: dict, row: str |
 # Report
 
 
+def _duration(seconds: float) -> str:
+    """Seconds as a table cell: "31.3 s", "7.0 min" (a GPU design's minutes), "2.5 h"."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _si(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -545,7 +552,7 @@ def markdown_report(study: Study, results: dict, varying: list[str], pending: di
             f"| {r['row']} | {r['preset']} | "
             + " | ".join(cells)
             + f" | {_si(r['trainable_params'])} | {_si(r['train_flops_per_image'])} | {loss} | {step} | "
-            f"{r['train_seconds']:.1f} s | [grid]({r['grid']}) |"
+            f"{_duration(r['train_seconds'])} | [grid]({r['grid']}) |"
         )
     if everywhere:
         lines += ["", untrained_note(everywhere, len(kinds)) + "."]
