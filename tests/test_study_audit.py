@@ -502,3 +502,19 @@ def test_a_study_interrupted_in_its_first_design_writes_its_report(tmp_path, mon
     ):
         run_study(path, out, progress=False)
     assert json.loads((out / "results.json").read_text())["pending_status"]["a"] == scoring
+
+
+def test_pending_status_says_what_each_design_s_folder_holds(tmp_path):
+    """What report.md and results.json say of a design without a row: one never begun, one stopped (its
+    checkpoint), one trained but scored under other settings, and one done to its grid (a Ctrl+C after its
+    grid, before its row, which "its sample grid not drawn" misreported)."""
+    path, spec, out = _half_done(tmp_path)
+    study = load_study(path)
+    steps = spec["base"]["train.steps"]
+    status = {d.label: study_mod.pending_status(d, study, out) for d in study.designs}
+    assert status == {
+        "a": "trained, scored and drawn (its row comes with the rerun)",
+        "b": f"trained ({steps} steps), not scored under these eval settings",
+        "c": f"interrupted, last checkpoint at step 1 of {steps}, not scored",
+        "d": "not started",
+    }

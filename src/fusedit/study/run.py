@@ -612,6 +612,8 @@ def pending_status(design: Design, study: Study, out_dir: Path) -> str:
         return f"interrupted, last checkpoint at step {found.step} of {steps}{redone}, not scored"
     if found.scores is None:
         return f"trained ({found.step} steps), not scored under these eval settings"
+    if found.grid_current:  # a Ctrl+C after its grid, before its row: a rerun reuses everything
+        return "trained, scored and drawn (its row comes with the rerun)"
     return "trained and scored, its sample grid not drawn for these prompts and seeds"
 
 
