@@ -433,8 +433,11 @@ def test_clip_pooled_text_reads_the_instruction_before_each_prompt_as_the_llm_do
         model={"pooled_text": "clip"},
         pooled_text={"arch": TINY_CLIP_ARCH, "max_length": 4},
     )
-    pooled = build_model(cfg).pooled_text
+    model = build_model(cfg)
+    pooled = model.pooled_text
     assert pooled.instruction == "a blue "
+    # The cut warnings name CLIP's limit with the instruction in it.
+    assert model.limits.endswith(", pooled_text.max_length=4 (text.instruction included)")
     torch.manual_seed(0)
     got = pooled(["square", "", "red circle"])
     pooled.instruction = ""
