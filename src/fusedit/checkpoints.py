@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import pickle
 import warnings
 from dataclasses import replace
@@ -238,6 +239,36 @@ def load_state(ckpt: Path) -> dict:
             f"{COPY_AGAIN})"
         )
     return state
+
+
+def redone_steps(run_dir: Path, ckpt: Path) -> str:
+    """The steps a stopped run trained past its last checkpoint ``ckpt`` (to the last one metrics.jsonl
+    logged), which a resume trains again, as a note: " (steps 101-169 are redone)"; "" when none. What
+    stopping between checkpoints costs, for choosing train.checkpoint_every."""
+    saved = int(load_state(ckpt)["step"])
+    logged = last_logged_step(run_dir / "metrics.jsonl")
+    if logged is None or logged <= saved:
+        return ""
+    return (
+        f" (step {logged} is redone)" if logged == saved + 1 else f" (steps {saved + 1}-{logged} are redone)"
+    )
+
+
+def last_logged_step(path: Path, tail: int = 4096) -> int | None:
+    """The step of the last whole line of a metrics.jsonl (None: no file, or no line yet), read from its
+    last ``tail`` bytes: a long run's file is large."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or the tail's cut first line
+            continue
+    return None
 
 
 def load_checkpoint_config(ckpt: Path) -> Config:

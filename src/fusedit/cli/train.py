@@ -37,7 +37,8 @@ def _warn_other_files(out: Path) -> None:
 
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
-    from fusedit.train.run_folder import kept_checkpoint, redone_steps
+    from fusedit.checkpoints import redone_steps
+    from fusedit.train.run_folder import kept_checkpoint
 
     ckpt, earlier = kept_checkpoint(out, started if args.overwrite else None)
     if earlier:

@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fusedit.checkpoints import find_checkpoint, holds_ema, load_model, load_state
+from fusedit.checkpoints import (
+    find_checkpoint,
+    holds_ema,
+    last_logged_step,
+    load_model,
+    load_state,
+    redone_steps,
+)
 from fusedit.config import Config, ConfigError, flatten, load_config, resolved_stages, to_dict
 from fusedit.data.shapes import ALL_KINDS
 from fusedit.eval.shapes_bench import (
@@ -212,9 +219,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _read_metrics(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
-    """The steps a run logged, each one's loss and the seconds it took (metrics.jsonl, step order)."""
-    steps, losses, seconds = [], [], []
+def _read_metrics(run_dir: Path) -> tuple[list[float], list[float]]:
+    """Each logged step's loss and the seconds it took (metrics.jsonl, step order)."""
+    losses, seconds = [], []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -222,10 +229,9 @@ def _read_metrics(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
                 record = json.loads(line)
             except json.JSONDecodeError:  # blank, or cut short by a kill (as the training's rewind drops it)
                 continue
-            steps.append(int(record["step"]))
             losses.append(float(record["loss"]))
             seconds.append(float(record.get("sec", 0.0)))
-    return steps, losses, seconds
+    return losses, seconds
 
 
 def _sample_grid(model, cfg: Config, prompts: list[str], seeds: list[int], steps: int, guidance: float):
@@ -432,7 +438,7 @@ def _result(design: Design, run_dir: Path, status: str, scores: dict, row: str |
     """One design's row of results.json; ``row`` names it in report.md (label@step, " raw" for raw
     weights, as `fusedit eval` names it; default the label)."""
     label, cfg = design.label, design.config
-    _, losses, seconds = _read_metrics(run_dir)
+    losses, seconds = _read_metrics(run_dir)
     # A step skipped for a NaN/inf loss (train.max_bad_steps) logs that loss: it would make the mean NaN.
     tail = [loss for loss in losses[-max(1, len(losses) // 10) :] if math.isfinite(loss)]
     # Step 1 holds the one-off setup (seconds, against hundredths for a tiny step): the median of the
@@ -593,22 +599,16 @@ def pending_status(design: Design, study: Study, out_dir: Path) -> str:
     "not started", "interrupted, last checkpoint at step 30 of 60 (steps 31-32 are redone), not scored", ...
     (a half-trained design is not to be read as one never begun, nor the steps its rerun redoes as kept)."""
     steps, found = design.config.train.steps, _found(design, study, out_dir)
-    logged = _read_metrics(out_dir / "runs" / design.label)[0]
+    run_dir = out_dir / "runs" / design.label
     if found.ckpt is None:
-        if not logged:
+        logged = last_logged_step(run_dir / "metrics.jsonl")
+        if logged is None:
             return "not started"
-        return f"interrupted at step {logged[-1]} of {steps} before its first checkpoint, not scored (it starts again)"
+        return f"interrupted at step {logged} of {steps} before its first checkpoint, not scored (it starts again)"
     if found.step < steps:
         # The steps trained past the checkpoint are lost: the resume trains them again (as `fusedit train`
         # says of its own interruption).
-        lost = [step for step in logged if step > found.step]
-        redone = ""
-        if lost:
-            redone = (
-                f" (step {lost[-1]} is redone)"
-                if len(lost) == 1
-                else f" (steps {lost[0]}-{lost[-1]} are redone)"
-            )
+        redone = redone_steps(run_dir, found.ckpt)
         return f"interrupted, last checkpoint at step {found.step} of {steps}{redone}, not scored"
     if found.scores is None:
         return f"trained ({found.step} steps), not scored under these eval settings"
@@ -623,7 +623,7 @@ def write_outputs(study: Study, results: dict, out_dir: Path) -> dict:
     pending = {d.label: pending_status(d, study, out_dir) for d in study.designs if d.label not in results}
     # Atomic, as the report is rewritten after every design and may be read while the study runs.
     write_text_atomic(out_dir / "report.md", markdown_report(study, results, varying, pending))
-    curves = {label: _read_metrics(out_dir / r["run_dir"])[1] for label, r in results.items()}
+    curves = {label: _read_metrics(out_dir / r["run_dir"])[0] for label, r in results.items()}
     longest = max((len(v) for v in curves.values()), default=0)
     plot_curves(
         curves,

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from fusedit.checkpoints import LOCK_FILE, load_state
+from fusedit.checkpoints import LOCK_FILE, load_state, redone_steps
 from fusedit.config import ConfigError
 from fusedit.files import write_text_atomic
 from fusedit.train import distributed
@@ -210,36 +210,6 @@ def how_to_go_on(run_dir: Path, replaced_before: float | None = None) -> str:
         f"the last checkpoint is {ckpt}{redone_steps(run_dir, ckpt)}: resume from it (train(..., resume=True); "
         "`fusedit train --resume`)"
     )
-
-
-def redone_steps(run_dir: Path, ckpt: Path) -> str:
-    """The steps a stopped run trained past its last checkpoint ``ckpt`` (to the last one metrics.jsonl
-    logged), which a resume trains again, as a note: " (steps 101-169 are redone)"; "" when none. What
-    stopping between checkpoints costs, for choosing train.checkpoint_every."""
-    saved = int(load_state(ckpt)["step"])
-    logged = last_logged_step(run_dir / "metrics.jsonl")
-    if logged is None or logged <= saved:
-        return ""
-    return (
-        f" (step {logged} is redone)" if logged == saved + 1 else f" (steps {saved + 1}-{logged} are redone)"
-    )
-
-
-def last_logged_step(path: Path, tail: int = 4096) -> int | None:
-    """The step of the last whole line of a metrics.jsonl (None: no file, or no line yet), read from its
-    last ``tail`` bytes: a long run's file is large."""
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or the tail's cut first line
-            continue
-    return None
 
 
 def rewind_metrics(path: Path, step: int) -> None:
