@@ -189,13 +189,6 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
 
 
-def _weights_record(where: Path, ema: bool) -> dict:
-    """Which weights an eval scores: the checkpoint's name, their fingerprint, EMA or raw."""
-    from fusedit.eval.shapes_bench import bench_source
-
-    return {k: v for k, v in bench_source(where, ema).items() if k != "model"}
-
-
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
     """eval.run.check_protocol_folder, whose refusal of images made with another checkpoint names that
     checkpoint's folder, when it is still there with the same weights, as the way to finish them."""
@@ -259,13 +252,14 @@ def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dic
     its images (eval.run.claim_folder), so that a rerun after more training does not keep (and score) the
     old ones. The text cache and CUDA graphs change no image beyond rounding, so they may differ between
     runs."""
+    from fusedit.eval.shapes_bench import weights_record
     from fusedit.sampling.generation import sample_settings
     from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
     kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
     record = {
-        **_weights_record(Path(where), ema),
+        **weights_record(Path(where), ema),
         **kept,
         "precision": precision_name(settings["precision"], device),
     }

@@ -64,14 +64,20 @@ def untrained_note(untrained: Sequence[str], categories: int) -> str:
     )
 
 
-def bench_source(where: Path, ema: bool) -> dict:
-    """What the bench records of the model it scores (``run_shapes_bench``'s ``source``), read from ``where``
-    (a checkpoint or pipeline folder) with its EMA weights or not: the folder's name, the weights'
-    fingerprint, EMA or raw, and the folder. Scores of another model, or of its raw weights, are so told
-    apart (`fusedit eval`, and a study deciding whether a design's scores are current)."""
+def weights_record(where: Path, ema: bool) -> dict:
+    """Which weights an eval scores, read from ``where`` (a checkpoint or pipeline folder) with its EMA
+    weights or not: the folder's name, the weights' fingerprint, EMA or raw. Scores (or images) of another
+    model, or of its raw weights, are so told apart (`fusedit eval`'s records, and a study deciding whether
+    a design's scores are current), wherever the folder was moved."""
     from fusedit.checkpoints import weights_fingerprint
 
-    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema, "model": str(where)}
+    return {"checkpoint": where.name, "weights": weights_fingerprint(where), "ema": ema}
+
+
+def bench_source(where: Path, ema: bool) -> dict:
+    """What the bench records of the model it scores (``run_shapes_bench``'s ``source``): its
+    ``weights_record`` and the folder."""
+    return {**weights_record(where, ema), "model": str(where)}
 
 
 def row_name(where: Path, ema: bool) -> str:

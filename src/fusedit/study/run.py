@@ -47,6 +47,7 @@ from fusedit.eval.shapes_bench import (
     run_shapes_bench,
     trained_kinds,
     untrained_note,
+    weights_record,
 )
 from fusedit.files import write_text_atomic
 from fusedit.imaging import image_grid, plot_curves, plot_grouped_bars, save_png, stack_images, to_uint8
@@ -266,7 +267,7 @@ def _found(design: Design, study: Study, out_dir: Path) -> _Found:
     settings = _eval_settings(study.eval, cfg)
     ckpt = _last_checkpoint(run_dir)
     # EMA as load_model loads it: asked for and saved (a converted run has raw weights only).
-    weights = None if ckpt is None else _weights(bench_source(ckpt, cfg.sample.use_ema and holds_ema(ckpt)))
+    weights = None if ckpt is None else weights_record(ckpt, cfg.sample.use_ema and holds_ema(ckpt))
     scores = _read_json(run_dir / "eval" / "scores.json")
     current = weights is not None and isinstance(scores, dict) and _scored(scores, settings, weights)
     grid = out_dir / "grids" / f"{design.label}.png"
