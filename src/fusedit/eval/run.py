@@ -29,7 +29,13 @@ from fusedit.config import ConfigError, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
 from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
-from fusedit.sampling.generation import generate, latent_shape, seeded_noise, unknown_words_note
+from fusedit.sampling.generation import (
+    generate,
+    latent_shape,
+    negative_read,
+    seeded_noise,
+    unknown_words_note,
+)
 
 log = logging.getLogger("fusedit")
 
@@ -88,8 +94,7 @@ class ProtocolGenerator:
             return
         if not self._negative_read:
             self._negative_read = True
-            s = self.settings
-            negative = s.get("negative_prompt", "") if s.get("guidance") != 1.0 else ""
+            negative = negative_read(self.settings)
             note = unknown_words_note(self.model, self.cfg, [], negative) if negative else None
             if note:
                 log.warning("%s", note)

@@ -36,6 +36,7 @@ from fusedit.sampling.generation import (
     generate,
     image_shape,
     latent_shape,
+    negative_read,
     sample_settings,
     seeded_noise,
     unknown_words_note,
@@ -152,7 +153,7 @@ def _note_before_sampling(
         # Asked for (--cuda-graphs, sample.cuda_graphs), it would otherwise do nothing without a word.
         why = "the model is not on a CUDA device" if device.type != "cuda" else "the text cache is off"
         log.info("sample.cuda_graphs does nothing here: %s (it replays cached-text steps on a GPU)", why)
-    negative = settings["negative_prompt"] if settings["guidance"] != 1.0 else ""
+    negative = negative_read(settings)
     unknown = unknown_words_note(model, cfg, prompts, negative)
     if unknown:
         log.warning("%s", unknown)

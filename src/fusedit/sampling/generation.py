@@ -250,6 +250,12 @@ def check_negative_prompt(negative_prompt: str | None, guidance: float, *, flags
     )
 
 
+def negative_read(settings: dict) -> str:
+    """The negative prompt a sampling with ``settings`` (sample_settings' keywords) reads: none at
+    guidance 1, which runs no unconditional branch."""
+    return settings.get("negative_prompt", "") if settings["guidance"] != 1.0 else ""
+
+
 def unused_prompt_note(guidance: float, negative: bool) -> str | None:
     """What a guidance setting leaves out of the images, where it leaves something out (else None);
     ``negative``: whether a negative prompt is given. CFG's v = u + guidance (c - u) is u at guidance 0:

@@ -76,6 +76,7 @@ from fusedit.sampling.generation import (
     cut_note,
     generate,
     latent_shape,
+    negative_read,
     sample_settings,
     seeded_noise,
     unknown_words_note,
@@ -544,10 +545,7 @@ class JobQueue:
         notices = []
         if not r.prompt:
             notices.append("the prompt is empty: sampled unconditionally")
-        guided = settings["guidance"] != 1.0
-        unknown = unknown_words_note(
-            self.model, self.cfg, [r.prompt], settings["negative_prompt"] if guided else ""
-        )
+        unknown = unknown_words_note(self.model, self.cfg, [r.prompt], negative_read(settings))
         if unknown:
             notices.append(unknown)
         # The job's one prompt, sampled for each image: all its rows are cut, or none.
