@@ -91,9 +91,7 @@ class TextToImage(nn.Module):
     def limits(self) -> str:
         """The prompt limits of the text encoders, for messages: "text.max_length=256", or with several
         encoders "one of text.max_length=256, pooled_text.max_length=77"."""
-        named = [f"{enc.setting}={enc.prompt_limit}" for enc in self.limited]
-        if self.pooled_text is not None and self.pooled_text.instruction:  # CLIP reads it within its limit
-            named[-1] += " (text.instruction included)"
+        named = [enc.limit_named for enc in self.limited]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
     def encode_prompts(

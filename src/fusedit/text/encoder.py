@@ -206,6 +206,11 @@ class TextEncoder(nn.Module):
             out.append((n, llm.norm))
         return out
 
+    @property
+    def limit_named(self) -> str:
+        """The prompt limit as messages name it: "text.max_length=256" (the template's tokens come on top)."""
+        return f"{self.setting}={self.prompt_limit}"
+
     def tokenize(self, prompts: list[str], device: torch.device | str = "cpu"):
         """Right-padded ids and bool mask, (B, max_length): template prefix, prompt, template suffix.
 

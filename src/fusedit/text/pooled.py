@@ -30,6 +30,12 @@ class PooledTextEncoder(nn.Module):
         return self.max_length
 
     @property
+    def limit_named(self) -> str:
+        """The prompt limit as messages name it: the instruction's tokens count in it."""
+        included = " (text.instruction included)" if self.instruction else ""
+        return f"{self.setting}={self.prompt_limit}{included}"
+
+    @property
     def dim(self) -> int:
         return self.model.config.projection_dim
 
