@@ -169,7 +169,7 @@ def test_samples_use_the_official_names_seeds_and_resume_per_image(tmp_path):
         write_compbench_samples(
             ["a cat"], lambda p, s, n: [Image.new("RGB", (4, 4))], tmp_path, 2, progress=False
         )
-    with pytest.raises(ConfigError, match="n_per_prompt=0; allowed: an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"^n_per_prompt=0 is not allowed \(allowed: an integer >= 1\)$"):
         write_compbench_samples(prompts, seeded_generate(calls), tmp_path, 0)
 
 
@@ -493,7 +493,9 @@ def test_score_category_multiplies_the_answers_per_image(tmp_path):
 def test_score_category_refuses_a_batch_size_below_one(tmp_path, batch_size):
     samples = tmp_path / "color" / "samples"
     write_compbench_samples(["a red ball"], colour_generate([]), samples, n_per_prompt=1, progress=False)
-    with pytest.raises(ConfigError, match=rf"^batch_size={batch_size}; allowed: an integer >= 1$"):
+    with pytest.raises(
+        ConfigError, match=rf"^batch_size={batch_size} is not allowed \(allowed: an integer >= 1\)$"
+    ):
         score_category(
             "color", samples, ["a red ball"], n_per_prompt=1, vqa=StubVQA(), batch_size=batch_size,
             progress=False,
@@ -504,7 +506,7 @@ def test_run_compbench_refuses_batch_size_zero(dataset, tmp_path, monkeypatch):
     """Before generating: a bad scoring batch would surface only after every image was sampled."""
     monkeypatch.setattr(cb, "TransformersYesNoVQA", StubVQA)
     calls = []
-    with pytest.raises(ConfigError, match=r"^batch_size=0; allowed: an integer >= 1$"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0 is not allowed \(allowed: an integer >= 1\)$"):
         run_compbench(
             colour_generate(calls), dataset, tmp_path / "out", vqa="blip", clip=None, detector=None,
             n_per_prompt=1, categories=["color"], progress=False, batch_size=0,

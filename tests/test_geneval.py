@@ -418,6 +418,10 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
 def test_rule_values_are_validated_and_labels_mapped():
     with pytest.raises(ConfigError, match=r"threshold=1.5 is out of range; allowed: 0 <= threshold <= 1"):
         GenEvalRules(threshold=1.5)
+    with pytest.raises(
+        ConfigError, match=r"^GenEval rule max_objects=2.5 is not allowed \(allowed: an integer >= 1\)$"
+    ):
+        GenEvalRules(max_objects=2.5)
     assert geneval_class("Mouse") == "computer mouse" and geneval_class("tv-monitor") == "tv"
     assert geneval_class("dining_table") == "dining table" and geneval_class("sky-other-merged") is None
     assert geneval_class("N/A") is None and all(geneval_class(n) == n for n in OBJECT_NAMES)
@@ -558,3 +562,34 @@ def test_clip_color_classifier_plumbing(tmp_path):
     torch.testing.assert_close(weights.norm(dim=-1), torch.ones(len(COLORS)))
     assert classifier.class_embeddings("fire hydrant") is weights  # cached per class
     assert classifier([], "cup") == []
+
+
+@pytest.mark.parametrize("count", [0, 2.5, True, "2"])
+def test_sample_counts_are_whole_numbers_before_any_work(tmp_path, count):
+    """A fractional or textual count used to pass `< 1` and fail midway in range(); each eval entry refuses
+    it at the start, in one line, as config values are refused."""
+    from fusedit.eval.compbench import write_compbench_samples
+    from fusedit.eval.fid import check_batch_size
+    from fusedit.eval.mjhq import select
+    from fusedit.eval.run import first_prompts
+    from fusedit.eval.shapes_bench import run_shapes_bench
+
+    calls = []
+    cases = [
+        (
+            "n_per_prompt",
+            lambda: write_geneval_samples(METADATA, fake_generate(calls), tmp_path, n_per_prompt=count),
+        ),
+        ("n_per_prompt", lambda: write_compbench_samples(["a cat"], fake_generate(calls), tmp_path, count)),
+        ("batch_size", lambda: check_batch_size(count)),
+        ("per_category", lambda: select([{"id": "0", "category": "animals"}], count)),
+        ("limit", lambda: first_prompts(["a cat"], count)),
+        ("per_category", lambda: run_shapes_bench(None, 16, tmp_path, per_category=count)),
+        ("batch_size", lambda: run_shapes_bench(None, 16, tmp_path, batch_size=count)),
+    ]
+    for name, call in cases:
+        with pytest.raises(
+            ConfigError, match=rf"^{name}={re.escape(repr(count))} is not allowed \(allowed: an integer >= 1"
+        ):
+            call()
+    assert calls == [] and not list(tmp_path.iterdir())

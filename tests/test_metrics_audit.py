@@ -154,7 +154,7 @@ def test_score_dpg_folder_names_a_batch_size_below_one(tmp_path):
 
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     questions = {"0": [DpgQuestion(1, (), "Is there a ball?", "entity - whole (ball)")]}
-    with pytest.raises(ConfigError, match=r"batch_size=0; allowed: an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0 is not allowed \(allowed: an integer >= 1\)$"):
         score_dpg_folder(tmp_path, questions, BatchedVQA(), batch_size=0, progress=False)
 
 

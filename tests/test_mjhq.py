@@ -197,7 +197,9 @@ def test_select_takes_the_first_ids_of_each_category_and_keeps_their_positions(t
         ("people", 5),
     ]
     assert [r["index"] for r in select(rows, None)] == list(range(9))
-    with pytest.raises(ConfigError, match=r"per_category=0; allowed: an integer >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"^per_category=0 is not allowed \(allowed: an integer >= 1, or None for all\)$"
+    ):
         select(rows, 0)
 
 
@@ -290,7 +292,7 @@ def test_run_mjhq_checks_its_scorer_and_reference_before_generating(tmp_path, in
         FileNotFoundError, match=r"has no folder 'people'; allowed: the unzipped mjhq30k_imgs"
     ):
         run_mjhq(gen, meta, tmp_path / "out", reference=refs, features=extractor, progress=False)
-    with pytest.raises(ConfigError, match=r"^batch_size=0; allowed: an integer >= 1$"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0 is not allowed \(allowed: an integer >= 1\)$"):
         run_mjhq(
             gen, meta, tmp_path / "out", reference=refs, features=extractor, batch_size=0, progress=False
         )

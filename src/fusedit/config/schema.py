@@ -34,13 +34,17 @@ def is_whole(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
-def check_whole(name: str, value, minimum: int = 1) -> int:
+def check_whole(name: str, value, minimum: int = 1, none_for: str | None = None) -> int | None:
     """``value`` as an int, or a one-line ConfigError unless it is a whole number >= ``minimum`` (a string
     "3" or a float is refused, not compared). ``name`` is the setting as the error shows it: a keyword
-    (``steps``) or a command-line flag (``--steps``)."""
+    (``steps``) or a command-line flag (``--steps``). ``none_for``: what None means where it is allowed
+    ("all prompts"), which the error lists too."""
+    if value is None and none_for is not None:
+        return None
     if not (is_whole(value) and value >= minimum):
         shown = f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
-        raise ConfigError(f"{shown} is not allowed (allowed: an integer >= {minimum})")
+        alternative = f", or None for {none_for}" if none_for is not None else ""
+        raise ConfigError(f"{shown} is not allowed (allowed: an integer >= {minimum}{alternative})")
     return int(value)
 
 

@@ -78,7 +78,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, check_whole
 from fusedit.data.transforms import SkipSample
 from fusedit.eval.benchmarks import BenchmarkError, existing_path, read_utf8
 from fusedit.eval.dpg import TransformersVQA
@@ -239,8 +239,7 @@ def write_compbench_samples(
     run of consecutive missing images in one call); each is written atomically, so an existing one is
     complete.
     """
-    if n_per_prompt < 1:
-        raise ConfigError(f"n_per_prompt={n_per_prompt!r}; allowed: an integer >= 1")
+    check_whole("n_per_prompt", n_per_prompt)
     out = Path(out_dir)
     sweep_temporaries(out)  # a kill -9 mid-write leaves one; each image is written whole
     generated = skipped = 0

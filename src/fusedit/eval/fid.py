@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, model_config
+from fusedit.config import ConfigError, check_whole, model_config
 from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
@@ -224,8 +224,7 @@ def _slug(text: str) -> str:
 def check_batch_size(batch_size: int) -> None:
     """The batch of a scoring model (Inception, CLIP, a VQA model or detector), checked before any work:
     0 would fail in range() midway, a negative size would score nothing."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; allowed: an integer >= 1")
+    check_whole("batch_size", batch_size)
 
 
 def folder_source(folder: str | Path, files: Sequence[Path] | None = None) -> dict:

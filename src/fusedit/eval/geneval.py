@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError, model_config
+from fusedit.config import ConfigError, check_whole, model_config
 from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs
 from fusedit.files import read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
@@ -127,8 +127,7 @@ class GenEvalRules:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"GenEval rule {key}={value!r} is out of range; allowed: 0 <= {key} <= 1")
-        if self.max_objects < 1:
-            raise ConfigError(f"GenEval rule max_objects={self.max_objects!r}; allowed: an integer >= 1")
+        check_whole("GenEval rule max_objects", self.max_objects)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -331,8 +330,7 @@ def write_geneval_samples(
     same ``seed``, as GenEval's script reseeds before each prompt. Resumable: a prompt folder whose
     metadata matches and whose n images exist is skipped; one that holds a different prompt is an error.
     """
-    if n_per_prompt < 1:
-        raise ConfigError(f"n_per_prompt={n_per_prompt!r}; allowed: an integer >= 1")
+    check_whole("n_per_prompt", n_per_prompt)
     out = Path(out_dir)
     sweep_temporaries(out, recursive=True)  # a kill -9 mid-write leaves one; each file is written whole
     generated = skipped = 0

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, check_whole
 from fusedit.eval.benchmarks import MJHQ_IMAGES_ZIP, MJHQ_URL
 from fusedit.eval.fid import (
     ReferenceStats,
@@ -51,8 +51,7 @@ def check_scoring(reference, features, per_category: int | None = None) -> None:
 def select(rows: Sequence[dict], per_category: int | None) -> list[dict]:
     """The first ``per_category`` prompts (in id order) of each category, or all of them when None; each
     row gains ``index``, its position among all ids (its seed offset)."""
-    if per_category is not None and per_category < 1:
-        raise ConfigError(f"per_category={per_category!r}; allowed: an integer >= 1, or None for all")
+    check_whole("per_category", per_category, none_for="all")
     taken: dict[str, int] = {}
     chosen = []
     for index, row in enumerate(rows):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fusedit.config import ConfigError, refuse_path_to_nothing
+from fusedit.config import ConfigError, check_whole, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size
 from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
@@ -210,12 +210,8 @@ def with_scores(result: dict, out_dir: Path, scores: dict) -> None:
 def first_prompts(prompts: list, limit: int | None) -> list:
     """The first ``limit`` of ``prompts`` (all of them for None): GenEval's and DPG-Bench's quick subset,
     the same prompts, seeds and folder names as in a full run, so that a later full run keeps their images."""
-    if limit is None:
+    if check_whole("limit", limit, none_for="all prompts") is None:
         return prompts
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(
-            f"limit={limit!r} is not allowed (allowed: an integer >= 1, or None for all prompts)"
-        )
     return prompts[:limit]
 
 

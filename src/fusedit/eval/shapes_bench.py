@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusedit.config import ConfigError
+from fusedit.config import check_whole
 from fusedit.data.shapes import ALL_KINDS, Prompt, all_prompts
 from fusedit.eval.shapes_verifier import evaluate
 from fusedit.files import write_text_atomic
@@ -189,8 +189,8 @@ def run_shapes_bench(
     categories outside them as untrained (``scores["untrained"]`` and scores.md, which says why); the overall
     stays the mean over every category, so that runs trained on different kinds compare on the same prompts."""
     # Checked before sampling anything, one line each, as config values are.
-    if per_category < 1:
-        raise ConfigError(f"per_category={per_category!r} is not allowed (allowed: an integer >= 1)")
+    check_whole("per_category", per_category)
+    check_whole("batch_size", batch_size)
     check_steps_guidance(steps, guidance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
