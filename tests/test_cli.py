@@ -1194,7 +1194,8 @@ def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pr
     stays eval/ only where the weights are the same, else it moves aside, named after the weights it scored
     (it would read as the new weights' scores), also where the earlier weights cannot be read (decided before
     anything moves: the folder is never left renamed away). save_pretrained over an export drops its
-    fusedit_export.json, which would describe the earlier weights."""
+    fusedit_export.json, which would describe the earlier weights, and moves eval/ aside as an export does
+    where it writes other weights."""
     from fusedit.checkpoints import load_model
     from fusedit.pipeline import EXPORT_SOURCE, export_source, save_pretrained
 
@@ -1226,10 +1227,21 @@ def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pr
         pipe / "eval"
     ).exists()
     assert (aside / "scores.md").is_file() and export_source(pipe)["weights"] == "ema"
+    (pipe / "eval").mkdir()
+    (pipe / "eval" / "scores.md").write_text("ema")
     model, cfg, _ = load_model(run)
-    save_pretrained(model, cfg, pipe)
+    save_pretrained(model, cfg, pipe)  # the same EMA weights: eval/ stays
     assert not (pipe / EXPORT_SOURCE).exists() and export_source(pipe) is None
-    assert (pipe / "MODEL_CARD.md").read_text() == "mine"
+    assert (pipe / "MODEL_CARD.md").read_text() == "mine" and (
+        pipe / "eval" / "scores.md"
+    ).read_text() == "ema"
+    model, cfg, _ = load_model(run, use_ema=False)
+    save_pretrained(model, cfg, pipe)  # the raw weights over them, and no record left to name the EMA's
+    assert not (pipe / "eval").exists() and (pipe / "eval-replaced" / "scores.md").read_text() == "ema"
+    assert (
+        f"save_pretrained: {pipe / 'eval'} scored the weights this save_pretrained replaces: kept beside the new "
+        f"scores as {pipe / 'eval-replaced'}" in caplog.text
+    )
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4])

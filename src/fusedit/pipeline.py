@@ -230,7 +230,12 @@ class FuseDiTPipeline(DiffusionPipeline):
         lists (``layer_types`` of Gemma-2, Qwen2/3) keep the full length, and transformers refuses to save
         such a config: they are cut to the saved layers while saving, then restored. An earlier export's
         record of what it was made from (EXPORT_SOURCE) is removed: these weights may come from anywhere
-        (export_run writes its own afterwards)."""
+        (export_run writes its own afterwards). An eval/ there (`fusedit eval`'s results) stays only where
+        the weights written are those it scored; else it moves aside, as export_run moves it (_scores_name),
+        so that it does not read as these weights' scores."""
+        folder = Path(save_directory)
+        # What eval/ scored, read before the weights it scored are overwritten.
+        scored = (_fingerprint_or_none(folder), export_source(folder)) if (folder / "eval").is_dir() else None
         restore = []
         for llm in self._llms():
             config = llm.config
@@ -239,12 +244,14 @@ class FuseDiTPipeline(DiffusionPipeline):
                 restore.append((config, types))
                 config.layer_types = list(types[: config.num_hidden_layers])
         # Before the save, so that a push_to_hub of the folder does not upload it either.
-        (Path(save_directory) / EXPORT_SOURCE).unlink(missing_ok=True)
+        (folder / EXPORT_SOURCE).unlink(missing_ok=True)
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
             for config, types in restore:
                 config.layer_types = types
+        if scored is not None and (scored[0] is None or scored[0] != _fingerprint_or_none(folder)):
+            os.replace(folder / "eval", folder / _replaced_scores_name(folder, scored[1], "save_pretrained"))
 
     # ---- the fusedit view
     def _llms(self) -> list:
@@ -648,16 +655,30 @@ def _scores_name(folder: Path, partial: Path) -> str:
     weights it scored, logged, so that those scores neither read as the new weights' (a shapes bench's
     scores.md) nor stand in the way of scoring them (the protocols refuse another model's images). An earlier
     export whose weights cannot be read holds other weights than these."""
-    from fusedit.checkpoints import weights_fingerprint
-
     if not (folder / "eval").is_dir():
         return "eval"
+    earlier = _fingerprint_or_none(folder)
+    if earlier is not None and earlier == _fingerprint_or_none(partial):
+        return "eval"
+    return _replaced_scores_name(folder, export_source(folder), "export")
+
+
+def _fingerprint_or_none(folder: Path) -> str | None:
+    """The weights fingerprint of ``folder``, or None where its weights cannot be read (a damaged export,
+    what a re-export may be meant to repair, or a folder without a pipeline yet)."""
+    from fusedit.checkpoints import weights_fingerprint
+
     try:
-        if weights_fingerprint(folder) == weights_fingerprint(partial):
-            return "eval"
-    except (ConfigError, OSError):  # a damaged earlier export (what a re-export may be meant to repair)
-        pass
-    record = export_source(folder) or {}
+        return weights_fingerprint(folder)
+    except (ConfigError, OSError):
+        return None
+
+
+def _replaced_scores_name(folder: Path, record: dict | None, writer: str) -> str:
+    """A free name in ``folder`` for its eval/, which scored other weights than those ``writer`` (export,
+    save_pretrained) puts there: named after the weights it scored where ``record`` (export_source, read
+    before they were replaced) says, and logged."""
+    record = record or {}
     step, weights = record.get("step"), record.get("weights")
     scored = f"-step{step}-{weights}" if is_whole(step) and weights in ("ema", "raw") else ""
     name, n = f"eval-replaced{scored}", 1
@@ -665,8 +686,10 @@ def _scores_name(folder: Path, partial: Path) -> str:
         n += 1
         name = f"eval-replaced{scored}-{n}"
     log.warning(
-        "export: %s scored the weights this export replaces: kept beside the new scores as %s",
+        "%s: %s scored the weights this %s replaces: kept beside the new scores as %s",
+        writer,
         folder / "eval",
+        writer,
         folder / name,
     )
     return name
