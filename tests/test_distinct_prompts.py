@@ -88,8 +88,9 @@ def test_distinct_prompts_encode_once_and_give_the_batchs_own_context(preset, re
         read_here = getattr(full, read)  # the design's own reading is compared, not an empty field
         assert read_here is not None and (not isinstance(read_here, list) or read_here)
         assert_same_context(once, full)
-    # The cut rows: LONG's, at whichever limit cut them, told apart from the negative prompt's row 0.
-    assert once.cut == PromptCut(frozenset({0, 1, 4}), 1)
+    # The cut rows: LONG's, at whichever limit cut them, told apart from the negative prompt's row 0; each
+    # encoder's own rows as the batch's own encoding has them.
+    assert (once.cut.rows, once.cut.negatives) == (frozenset({0, 1, 4}), 1) and once.cut == full.cut
     assert (once.cut.prompts, once.cut.negative) == ({0, 3}, True)
     assert full.padded and not model.encode_prompts([PROMPT] * 3, distinct=True).padded
 
@@ -121,7 +122,7 @@ def context(lengths: list[int], width: int, negatives: int = 0, cut=()) -> TextC
         leading=1,
         pooled=row[:, None].expand(b, 5),
         padded=min(lengths.tolist()) < width,
-        cut=PromptCut(frozenset(cut), negatives),
+        cut=PromptCut.of([("text.max_length=9", cut)], negatives),
     )
 
 
@@ -144,9 +145,12 @@ def test_take_gives_row_i_the_rows_of_index_i_in_every_field():
     ]
     assert taken.leading == 1 and taken.padded
     # The cut rows are the new rows of cut ones; the negative prompt's rows are those taken from row 0.
-    assert taken.cut == PromptCut(frozenset({0, 1, 2, 4}), 2)
+    assert taken.cut == PromptCut(
+        frozenset({0, 1, 2, 4}), 2, (("text.max_length=9", frozenset({0, 1, 2, 4})),)
+    )
     (other,) = taken.others
-    assert other.lengths.tolist() == [4] * 5 and not other.padded and other.cut == PromptCut(frozenset({3}))
+    assert other.lengths.tolist() == [4] * 5 and not other.padded
+    assert other.cut == PromptCut(frozenset({3}), 0, (("text.max_length=9", frozenset({3})),))
 
 
 def test_take_says_padded_for_the_rows_it_keeps():

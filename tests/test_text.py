@@ -51,7 +51,9 @@ def test_prompts_are_right_padded_and_truncated_and_the_cut_rows_returned():
         tok.pad_token_id,
     ]
     assert mask[0].tolist() == [True, True, True, True, False] and mask[1].all()
-    assert model.text.encode(prompts, model.denoiser.text_requests[0]).cut == PromptCut(frozenset({1}))
+    assert model.text.encode(prompts, model.denoiser.text_requests[0]).cut == PromptCut(
+        frozenset({1}), 0, ((model.text.limit_named, frozenset({1})),)
+    )
     with pytest.raises(TypeError, match="list of prompts"):
         model.text.tokenize("a red circle")
 
@@ -95,7 +97,8 @@ def test_each_encoding_returns_the_rows_it_cut_and_says_nothing(caplog):
 
 def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(caplog):
     """Two LLMs (LI-DiT) and a pooled CLIP (clip-mod) each cut a long prompt to their own limit: the model
-    counts the prompt once, and its limits (what the warnings say) name each encoder's setting."""
+    counts the prompt once, and its limits (what the warnings say) name each encoder's setting; a prompt
+    cut by one encoder only names that one's limit, the one to raise."""
     qwen = {"family": "qwen2", "arch": TINY_ARCH, "max_length": 8}
     cfg = tiny_config(
         model={"design": "dit-cross", "pooled_text": "clip", "refiner_depth": 1, "refiner_heads": 4},
@@ -112,7 +115,12 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
     assert [text.cut.rows for text in context.all] == [{0, 1}, {0}]
     assert model.pooled_text.cut_rows(prompts) == {0}
     assert context.cut.prompts == {0, 1}
+    every = ["text.max_length=5", "extra_text.0.max_length=8", "pooled_text.max_length=7"]
+    assert context.cut.by_limit == tuple(zip(every, [{0, 1}, {0}, {0}], strict=True))
     assert model.encode_prompts(["a red circle"]).cut.prompts == set()
+    assert model.limits_of(every) == model.limits and model.limits_of(every[1:]) == "one of " + ", ".join(
+        every[1:]
+    )
     # Sampling counts each prompt once, with the text cache or without it (which encodes at every step).
     for cache_text in (True, False):
         caplog.clear()
@@ -126,10 +134,17 @@ def test_a_prompt_cut_by_several_encoders_counts_once_and_each_limit_is_named(ca
                 cache_text=cache_text,
                 return_cut=True,
             )
-        assert cut == PromptCut(frozenset({1}), 1) and cut.prompts == {0} and not cut.negative
+        assert cut == PromptCut.of([(name, {1}) for name in every], 1)
+        assert cut.prompts == {0} and not cut.negative
         assert [r.getMessage() for r in caplog.records] == [
             f"the prompt is longer than {model.limits} tokens: its end was cut"
         ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(model, [middle, "a red circle"], image_size=16, steps=1, guidance=2.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of the 2 prompts was longer than text.max_length=5 tokens: its end was cut"
+    ]
 
 
 def test_instruction_prefix_and_chat_template():

@@ -401,7 +401,8 @@ class FuseDiTPipeline(DiffusionPipeline):
         # fusedit.flow.guided expects), read by every step and both guidance branches.
         rows = negatives + prompts if guidance != 1.0 else prompts
         context = model.encode_prompts(rows, len(rows) - len(prompts), distinct=True)
-        warn_cut_prompts(len(context.cut.prompts), len(prompts), model.limits, context.cut.negative)
+        cut = context.cut
+        warn_cut_prompts(len(cut.prompts), len(prompts), model.limits_of(cut.limits), cut.negative)
         # generate's velocity: the denoiser under autocast at its weights' dtype (a pipeline loaded or moved
         # to bf16), plain float32 otherwise, guided whenever guidance != 1. It is called through the
         # transformer's forward, where diffusers' hooks act (enable_model_cpu_offload moves the weights to the

@@ -9,6 +9,8 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,7 +93,14 @@ class TextToImage(nn.Module):
     def limits(self) -> str:
         """The prompt limits of the text encoders, for messages: "text.max_length=256", or with several
         encoders "one of text.max_length=256, pooled_text.max_length=77"."""
-        named = [enc.limit_named for enc in self.limited]
+        return self.limits_of()
+
+    def limits_of(self, cut: Iterable[str] = ()) -> str:
+        """``limits`` of only the encoders whose limits (limit_named) are in ``cut`` (PromptCut.limits, or
+        their union over several calls): the ones a user would raise; all of them where ``cut`` is empty
+        (nothing known of who cut)."""
+        cut = set(cut)
+        named = [enc.limit_named for enc in self.limited if not cut or enc.limit_named in cut]
         return named[0] if len(named) == 1 else "one of " + ", ".join(named)
 
     def encode_prompts(
@@ -113,19 +122,19 @@ class TextToImage(nn.Module):
             if len(texts) < len(prompts):
                 where = {text: i for i, text in enumerate(texts)}
                 context = self.encode_prompts(texts).take([where[text] for text in prompts])
-                context.cut = PromptCut(context.cut.rows, negatives)
+                context.cut = replace(context.cut, negatives=negatives)
                 return context
         requests = self.denoiser.text_requests
         context = self.text.encode(prompts, requests[0])
         context.others = [
             enc.encode(prompts, req) for enc, req in zip(self.extra_text, requests[1:], strict=True)
         ]
-        cut = [text.cut.rows for text in context.all]
+        cut = [pair for text in context.all for pair in text.cut.by_limit]
         if self.pooled_text is not None:
             context.pooled = self.pooled_text(prompts)
-            cut.append(self.pooled_text.cut_rows(prompts))
+            cut.append((self.pooled_text.limit_named, self.pooled_text.cut_rows(prompts)))
         # A row cut by several encoders is one prompt cut.
-        context.cut = PromptCut(frozenset().union(*cut), negatives)
+        context.cut = PromptCut.of(cut, negatives)
         return context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext) -> torch.Tensor:

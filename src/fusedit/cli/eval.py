@@ -312,7 +312,7 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
     total = counted(r["generated"] + r["skipped"], r["unit"].removesuffix("s"))
     print(f"{args.bench}: wrote {out} ({total}: {r['generated']} generated, {r['skipped']} already there)")
     if gen.truncated:  # of the prompts sampled in this run
-        warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits)
+        warn_cut_prompts(gen.truncated, gen.prompts, gen.model.limits_of(gen.cut_limits))
     if gen.unknown:
         log.warning(
             "%d of the %d prompts sampled had words the built-in word tokenizer reads as <unk>: the model "

@@ -48,7 +48,8 @@ class ProtocolGenerator:
     missing ones exactly as an uninterrupted run would.
 
     ``prompts`` counts the calls and ``truncated`` those whose prompt a text encoder cut to its limit (once
-    per call, however many of its n images' rows were cut). Given the model's ``cfg``, ``unknown`` counts
+    per call, however many of its n images' rows were cut); ``cut_limits`` holds the limits that cut them
+    (PromptCut.limits), which the warning names. Given the model's ``cfg``, ``unknown`` counts
     the calls whose prompt has words a built-in word tokenizer reads as <unk>: the first is warned about as
     it comes (a benchmark's prompts are the real world's, the tokenizer knows the shapes world's), the total
     at the end (``fusedit eval``), as the cuts. The negative prompt, the same in every call, is warned about
@@ -61,6 +62,7 @@ class ProtocolGenerator:
     def __init__(self, model, settings: dict, cfg=None):
         self._model, self._load, self.settings, self.cfg = model, None, settings, cfg
         self.prompts = self.truncated = self.unknown = 0
+        self.cut_limits: set[str] = set()
         self._negative_read = False
 
     @classmethod
@@ -86,6 +88,7 @@ class ProtocolGenerator:
         )
         self.prompts += 1
         self.truncated += bool(cut.prompts)
+        self.cut_limits.update(cut.limits)
         self._count_unknown(prompt)
         return [Image.fromarray(a) for a in to_uint8(x)]
 

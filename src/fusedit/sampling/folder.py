@@ -249,12 +249,13 @@ def _sample_batches(
     todo: list[range],
     written: list[Path],
     progress: bool,
-) -> tuple[dict[int, np.ndarray], int, bool]:
+) -> tuple[dict[int, np.ndarray], int, bool, set[str]]:
     """The images of the ``todo`` batches, by number, each written with its record as soon as its batch
     is made, so that an interrupted call leaves every finished batch for a rerun to keep; and how many of
-    their prompts were cut, and whether the negative prompt was, for the one warning at the end."""
+    their prompts were cut, whether the negative prompt was, and the limits that cut (PromptCut.limits),
+    for the one warning at the end."""
     images: dict[int, np.ndarray] = {}
-    cut_prompts, negative_cut = 0, False
+    cut_prompts, negative_cut, cut_limits = 0, False, set()
     bar = tqdm(total=len(todo) * settings["steps"], desc="sample", unit="step", disable=not progress)
     for indices in todo:
         batch = [metas[i]["prompt"] for i in indices]
@@ -266,6 +267,7 @@ def _sample_batches(
             model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
         )
         cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
+        cut_limits.update(cut.limits)
         if not images:
             _remove_earlier_samples(out, records, len(metas))
         for j, (i, img) in enumerate(zip(indices, to_uint8(x))):
@@ -281,7 +283,7 @@ def _sample_batches(
             images[i] = img
             written.append(png)
     bar.close()
-    return images, cut_prompts, negative_cut
+    return images, cut_prompts, negative_cut, cut_limits
 
 
 def _write_grid(out: Path, metas: list[dict], made: dict[int, np.ndarray], kept: list[int]) -> None:
@@ -354,13 +356,15 @@ def write_sample_folder(
     if kept is not None:
         kept += [paths[i] for i in plan.kept]
     _note_plan(out, records, metas, plan)
-    made, cut_prompts, negative_cut = _sample_batches(
+    made, cut_prompts, negative_cut, cut_limits = _sample_batches(
         model, settings, metas, out, records, plan.todo, written, progress
     )
     if not plan.todo:  # a finished sample run again: only its grid is made again
         _remove_earlier_samples(out, records, len(prompts))
     _write_grid(out, metas, made, plan.kept)
-    # The kept images' prompts were cut as their records say: the warning counts the whole sample.
-    cut_prompts += sum(bool(records[i].get("truncated")) for i in plan.kept)
-    warn_cut_prompts(cut_prompts, len(prompts), model.limits, negative_cut)
+    # The kept images' prompts were cut as their records say: the warning counts the whole sample. Their
+    # records do not say which limit cut them: then every limit is named.
+    kept_cut = sum(bool(records[i].get("truncated")) for i in plan.kept)
+    limits = model.limits_of(() if kept_cut else cut_limits)
+    warn_cut_prompts(cut_prompts + kept_cut, len(prompts), limits, negative_cut)
     return paths

@@ -510,7 +510,7 @@ def generate(
         if bar is not None:
             bar.close()
     if warn_cut:
-        warn_cut_prompts(len(cut.prompts), len(prompts), model.limits, cut.negative)
+        warn_cut_prompts(len(cut.prompts), len(prompts), model.limits_of(cut.limits), cut.negative)
     images = model.autoencoder.decode(latents)
     bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
     if bad:

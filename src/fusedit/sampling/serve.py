@@ -549,7 +549,7 @@ class JobQueue:
         if unknown:
             notices.append(unknown)
         # The job's one prompt, sampled for each image: all its rows are cut, or none.
-        cut_prompt = cut_note(len(cut.prompts), None, self.model.limits, cut.negative)
+        cut_prompt = cut_note(len(cut.prompts), None, self.model.limits_of(cut.limits), cut.negative)
         if cut_prompt:
             notices.append(cut_prompt)
         # Not refused as `fusedit sample` refuses a negative prompt at guidance 1: the page sends its negative

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +60,26 @@ class PromptCut:
 
     rows: frozenset[int] = frozenset()
     negatives: int = 0
+    # Which encoder cut which of ``rows``: (its limit as messages name it, limit_named, e.g.
+    # "extra_text.0.max_length=8"; the rows it cut), in encoder order, only encoders that cut any. With
+    # several LLMs, the messages then name the limit to raise, not every limit of the model.
+    by_limit: tuple[tuple[str, frozenset[int]], ...] = ()
+
+    @classmethod
+    def of(cls, by_limit: Iterable[tuple[str, Iterable[int]]], negatives: int = 0) -> PromptCut:
+        """The cut of encoders that cut the rows given with each one's limit (limit_named)."""
+        by = tuple((name, frozenset(rows)) for name, rows in by_limit if rows)
+        return cls(frozenset().union(*(rows for _, rows in by)), negatives, by)
+
+    @property
+    def limits(self) -> list[str]:
+        """The limits (limit_named) of the encoders that cut any row, in encoder order."""
+        return [name for name, _ in self.by_limit]
+
+    def taken(self, index: Sequence[int], negatives: int) -> PromptCut:
+        """The cut of the rows where row i is row ``index[i]`` of these (TextContext.take)."""
+        pairs = [(name, [i for i, j in enumerate(index) if j in rows]) for name, rows in self.by_limit]
+        return PromptCut.of(pairs, negatives)
 
     @property
     def prompts(self) -> frozenset[int]:
@@ -158,5 +178,5 @@ class TextContext:
             pooled=self.pooled[at] if self.pooled is not None else None,
             others=[other.take(index) for other in self.others],
             padded=padded,
-            cut=PromptCut(frozenset(i for i, j in enumerate(index) if j in self.cut.rows), negatives),
+            cut=self.cut.taken(index, negatives),
         )

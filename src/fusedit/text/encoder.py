@@ -380,5 +380,6 @@ class TextEncoder(nn.Module):
         lengths = mask.sum(1).tolist()  # on the host, where the batch is made: no wait for the device
         extent = (min(lengths), max(lengths))
         context = self(host_to_device(ids, device), host_to_device(mask, device), request, extent)
-        context.cut = PromptCut(frozenset(i for i, body in enumerate(bodies) if len(body) > self.budget))
+        cut = [i for i, body in enumerate(bodies) if len(body) > self.budget]
+        context.cut = PromptCut.of([(self.limit_named, cut)])
         return context

@@ -608,7 +608,7 @@ class _Run:
                     '(metrics.jsonl\'s "truncated", and a total at the end)',
                     step + 1,
                     some,
-                    self.model.limits,
+                    self.model.limits_of(train_step.cut_limits),
                     "was" if truncated == 1 else "were",
                     example,
                 )
@@ -882,8 +882,10 @@ class _Step:
         self.first_row = env.rank * self.micro * self.accum  # this rank's rows in the step's global batch
         self.autocasts = StepAutocasts.of(tc, env.device)  # resolved once, entered every micro-step
         self.params = opts.parameters()  # every trained weight: clipped together
-        # The first caption this rank's encoders cut, for the run's warning.
+        # The first caption this rank's encoders cut and the limits that cut it (PromptCut.limits), for the
+        # run's warning.
         self.cut_example: str | None = None
+        self.cut_limits: list[str] = []
         # The LLMs' weights, whose gradients DDP (wrapping the denoiser alone) does not average.
         self.llm_params = [
             p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
@@ -903,10 +905,11 @@ class _Step:
         loss_sum = torch.zeros((), device=self.env.device)
         truncated = 0
         for m in range(self.accum):
-            loss, cut = self.micro_step(step, m, batch, keep, times)
+            loss, cut, limits = self.micro_step(step, m, batch, keep, times)
             loss_sum += loss
             truncated += len(cut)
-            self.cut_example = self.cut_example or next(iter(cut), None)
+            if cut and self.cut_example is None:
+                self.cut_example, self.cut_limits = cut[0], limits
         distributed.average_gradients(self.llm_params, self.env)
         # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
         # full_like fills on the device, where a copy from the host would wait for the step's kernels.
@@ -920,10 +923,10 @@ class _Step:
 
     def micro_step(
         self, step: int, m: int, batch: dict, keep: list[bool], times: torch.Tensor
-    ) -> tuple[torch.Tensor, list[str]]:
+    ) -> tuple[torch.Tensor, list[str], list[str]]:
         """Forward and backward of micro-batch ``m`` (gradients scaled by 1 / grad_accum, synced over ranks
-        at the last micro-step); returns its loss, detached, and the captions a text encoder cut to its
-        limit."""
+        at the last micro-step); returns its loss, detached, the captions a text encoder cut to its limit,
+        and those limits (PromptCut.limits)."""
         device = self.env.device
         local = slice(m * self.micro, (m + 1) * self.micro)
         rows = range(self.first_row + local.start, self.first_row + local.stop)
@@ -945,7 +948,7 @@ class _Step:
 
         with distributed.gradient_sync(self.forward, self.stage_parallel, sync=m == self.accum - 1):
             loss, context = flow_backward(self.forward, text, x0, noise, t, self.autocasts, self.accum)
-        return loss, [captions[i] for i in sorted(context.cut.prompts)]
+        return loss, [captions[i] for i in sorted(context.cut.prompts)], context.cut.limits
 
     def latents(self, batch: dict, local: slice, step: int, rows: range) -> torch.Tensor:
         """The micro-batch's latents: pre-encoded by cache-latents (checked against the VAE before the
