@@ -292,7 +292,7 @@ def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
         ("model.foo=1", "unknown config key 'model.foo' (allowed: design,"),
         (
             "stages.0.train.batchsize=3",
-            "unknown config key 'stages[0].train.batchsize': did you mean 'stages[0].train.batch_size'?",
+            "unknown config key 'stages.0.train.batchsize': did you mean 'stages.0.train.batch_size'?",
         ),
     ],
 )
@@ -324,7 +324,7 @@ def test_an_unknown_preset_suggests_the_yaml_file_of_that_name_or_a_close_preset
         ("train.trainable=dit", "train.trainable='dit' must be a list, e.g. train.trainable=[dit]"),
         (
             "stages.0.data.shards=a.tar",
-            "stages[0].data.shards='a.tar' must be a list, e.g. stages.0.data.shards=[a.tar]",
+            "stages.0.data.shards='a.tar' must be a list, e.g. stages.0.data.shards=[a.tar]",
         ),
     ],
 )
@@ -377,7 +377,7 @@ def test_relative_stage_paths_are_saved_absolute(tmp_path, monkeypatch):
         ),
         (
             ["stages=[{steps: 2, data: {image_size: 1088}}]"],
-            "stages[0] (unnamed): data.image_size=1088 makes",
+            "stages.0 (unnamed): data.image_size=1088 makes",
         ),
     ],
 )

@@ -129,7 +129,7 @@ def test_settings_the_run_would_crash_on_or_ignore_are_refused_at_load(overrides
 
 def test_a_later_stages_shapes_kinds_are_checked_at_load():
     """A stage's data is built only when the stage starts: its bad kinds must fail at load, not hours in."""
-    with pytest.raises(ConfigError, match=re.escape("stages[2] (lora-position): data.kinds=['spiral']")):
+    with pytest.raises(ConfigError, match=re.escape("stages.2 (lora-position): data.kinds=['spiral']")):
         load_config("recipe-shapes-3stage", ["stages.2.data.kinds=[spiral]"])
 
 
@@ -317,7 +317,7 @@ def test_checked_names_a_section_replaced_by_a_mapping_and_takes_numpy_numbers(c
         assert checked(cfg).train.steps == 1600
     assert [r.getMessage() for r in caplog.records] == [
         "train.steps=10 is not the stages' sum (800+500+300): a staged run trains its stages' length (set "
-        "stages[i].steps to change it)"
+        "stages.N.steps to change it)"
     ]
 
 

@@ -1,6 +1,8 @@
 """LI-DiT prompt encoding (design-space.md s.2): refiners, instruction tokens, multi-LLM, pooled text,
 and the same mechanisms in front of the shallow baselines."""
 
+import re
+
 import pytest
 import torch
 
@@ -548,3 +550,25 @@ def test_dit_shape_of_its_own_for_shallow_designs():
     assert block.img_mlp.up_proj.out_features == 96
     v = model(torch.randn(1, 3, 16, 16), torch.rand(1), model.encode_prompts(["a red circle"]))
     assert v.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "extra_text.0.family=foo",
+            "extra_text.0.family='foo' is not allowed (allowed: gemma, gemma2, qwen2",
+        ),
+        ("extra_text.0.max_length=0", "extra_text.0.max_length=0 must be > 0"),
+        (
+            "extra_text.0.templat=lidit",
+            "unknown config key 'extra_text.0.templat': did you mean 'extra_text.0.template'?",
+        ),
+    ],
+)
+def test_a_further_llms_errors_name_its_setting_as_an_override_writes_it(override, message):
+    """extra_text.0.family, not extra_text[0].family: the error's name pastes back as the override."""
+    from fusedit.config import load_config
+
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config("debug-lidit", [override])

@@ -215,7 +215,7 @@ def test_a_lora_target_that_matches_nothing_is_refused_next_to_one_that_matches(
     assert not [name for name in allowed if name.isdigit()]
     # A staged run's message names the stage.
     staged = tiny_config(train=train, stages=[{"name": "tune", "steps": 1}])
-    with pytest.raises(ConfigError, match=rf"^stages\[0\] \(tune\): train\.{key}\.targets="):
+    with pytest.raises(ConfigError, match=rf"^stages\.0 \(tune\): train\.{key}\.targets="):
         check_stages(build_model(staged), resolved_stages(staged))
     # Of the default targets one match is enough: deep fusion reads only K/V of the top layer it trains.
     top = tiny_config(train={"trainable": ["dit", "llm"], "llm_lora": {"rank": 2}, "llm_top_layers": 1})

@@ -91,10 +91,10 @@ def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="fusedit"):
         cfg = load_config("recipe-shapes-3stage", ["train.batch_size=4", "train.lr=0.001", "sample.steps=5"])
     assert [r.getMessage() for r in caplog.records] == [
-        "train.batch_size=4 does not reach stages[0] (low-res) at 32, stages[1] (joint-32px) at 32, stages[2] "
+        "train.batch_size=4 does not reach stages.0 (low-res) at 32, stages.1 (joint-32px) at 32, stages.2 "
         "(lora-position) at 32: a stage's value (its own or an earlier stage's) wins over the top-level one; "
         "to set it there, override stages.0.train.batch_size=4",
-        "train.lr=0.001 does not reach stages[0] (low-res) at 0.002: a stage's value (its own or an earlier "
+        "train.lr=0.001 does not reach stages.0 (low-res) at 0.002: a stage's value (its own or an earlier "
         "stage's) wins over the top-level one; to set it there, override stages.0.train.lr=0.001",
     ]
     assert [s.config.train.batch_size for s in resolved_stages(cfg)] == [32, 32, 32]
@@ -102,7 +102,7 @@ def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="fusedit"):  # a nested key, which stage 2 sets itself
         load_config("recipe-shapes-3stage", ["train.dit_lora.rank=16"])
     assert [r.getMessage() for r in caplog.records] == [
-        "train.dit_lora.rank=16 does not reach stages[2] (lora-position) at 8: a stage's value (its own or an "
+        "train.dit_lora.rank=16 does not reach stages.2 (lora-position) at 8: a stage's value (its own or an "
         "earlier stage's) wins over the top-level one; to set it there, override stages.2.train.dit_lora.rank=16"
     ]
     caplog.clear()
@@ -119,22 +119,22 @@ def test_a_top_level_override_a_stage_sets_itself_is_warned_about(caplog):
     [
         (
             "stages.0.train.steps=4",
-            "stages[0].train.steps is set, but train.steps is the run's, not a stage's (allowed: stages[0].steps",
+            "stages.0.train.steps is set, but train.steps is the run's, not a stage's (allowed: stages.0.steps",
         ),
         (
             "stages.1.train.seed=0",  # the run's own value
-            "stages[1].train.seed is set, but train.seed is the run's, not a stage's (allowed: set train.seed)",
+            "stages.1.train.seed is set, but train.seed is the run's, not a stage's (allowed: set train.seed)",
         ),
-        ("stages.0.model.dit_hidden_size=64", "unknown config key 'stages[0].model'"),
-        ("stages.1.data.image_size=30", "stages[1] (joint-32px): data.image_size=30 must be divisible by"),
+        ("stages.0.model.dit_hidden_size=64", "unknown config key 'stages.0.model'"),
+        ("stages.1.data.image_size=30", "stages.1 (joint-32px): data.image_size=30 must be divisible by"),
         (
             "stages.2.train.trainable=[dit, vae]",
             "'vae' is not allowed (allowed: a list of dit, refiner, llm)",
         ),
-        ("stages.2.train.trainable=[]", "stages[2].train.trainable=[]: is empty"),
+        ("stages.2.train.trainable=[]", "stages.2.train.trainable=[]: is empty"),
         ("stages.1.train.trainable=[refiner]", "names 'refiner' but model.design='fusedit' has none"),
         ("stages.5.steps=3", "stages.5: no such item (allowed: 0..2)"),
-        ("stages.0.steps=null", "stages[0].steps is required"),
+        ("stages.0.steps=null", "stages.0.steps is required"),
         ("text.dtype=bfloat16", "(full fine-tuning) but text.dtype='bfloat16': AdamW needs float32"),
         ("train.shard_llm=true", "train.shard_llm=true needs a frozen LLM"),
         ("train.steps=100", "train.steps=100 cannot be set on a staged config"),
@@ -389,10 +389,10 @@ def test_re_created_adapters_start_with_fresh_adam_state(tmp_path, caplog):
 @pytest.mark.parametrize(
     "later, message",
     [
-        ({"trainable": ["dit", "llm"], "llm_top_layers": 50}, "stages[1] (b): train.llm_top_layers=50 but"),
+        ({"trainable": ["dit", "llm"], "llm_top_layers": 50}, "stages.1 (b): train.llm_top_layers=50 but"),
         (
             {"trainable": ["dit"], "dit_lora": {"rank": 2, "targets": ["nope"]}},
-            "stages[1] (b): train.dit_lora",
+            "stages.1 (b): train.dit_lora",
         ),
     ],
 )
@@ -697,7 +697,7 @@ def test_duplicate_stage_names_are_refused_before_training(tmp_path):
     stages = [{"name": "a", "steps": 1}, {"name": "a", "steps": 1}]
     cfg = tiny_config(stages=stages)  # loads: a saved run with such names still samples
     with pytest.raises(
-        ConfigError, match=r"stages\[1\].name='a' is already the name of stages\[0\] \(allowed: distinct"
+        ConfigError, match=r"stages\.1.name='a' is already the name of stages\.0 \(allowed: distinct"
     ):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()

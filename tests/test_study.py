@@ -185,7 +185,7 @@ def test_a_stage_that_overrides_the_study_base_is_refused():
     with pytest.raises(ConfigError) as e:
         load_study(_staged_study(**{"train.batch_size": 4}))
     assert str(e.value) == (
-        "study 'study': designs.staged: stages[0] (low-res) sets train.batch_size=32 over the study's base "
+        "study 'study': designs.staged: stages.0 (low-res) sets train.batch_size=32 over the study's base "
         "train.batch_size=4, so this design would not train under the shared recipe (allowed: the base's "
         "value, e.g. the design override stages.0.train.batch_size=4, or train.batch_size left out of the base)"
     )
@@ -257,7 +257,7 @@ def test_a_data_location_a_design_never_reads_is_refused_before_anything_trains(
     monkeypatch.setattr(study_mod, "train", lambda *a, **kw: pytest.fail("trained"))
     with pytest.raises(
         ConfigError,
-        match=r"^study 'study': designs\.staged: stages\[0\] \(.*\): data\.root='/data/photos' is set",
+        match=r"^study 'study': designs\.staged: stages\.0 \(.*\): data\.root='/data/photos' is set",
     ):
         run_study(spec, tmp_path / "out", progress=False)
 

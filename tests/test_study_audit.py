@@ -68,7 +68,7 @@ def test_a_staged_design_refuses_a_train_steps_it_would_ignore():
     """A staged run's length is its stages' sum: the base's train.steps (set to shorten a study) left the
     staged design at its full 1600 steps, silently, where `fusedit train` refuses it."""
     staged = (
-        "cannot be set on a staged config (recipe-shapes-3stage): its length is the sum of stages[i].steps "
+        "cannot be set on a staged config (recipe-shapes-3stage): its length is the sum of stages.N.steps "
         "(800+500+300) (allowed: the design overrides stages.0.steps=..., stages.1.steps=..., stages.2.steps=..."
     )
     in_base = {

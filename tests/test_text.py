@@ -525,6 +525,13 @@ def test_the_llms_attention_kernel_is_a_config_value():
         ConfigError, match=r"^text.attn_implementation='sdpa' cannot run the gemma2 LLM: [^\n]*$"
     ):
         build_model(tiny_config(text={"family": "gemma2", "attn_implementation": "sdpa"}))
+    # A further LLM's kernel is named by its own section, the setting to change.
+    extra = {"family": "gemma2", "arch": TINY_ARCH, "attn_implementation": "sdpa"}
+    lidit = {"design": "dit-cross", "refiner_depth": 1, "refiner_heads": 4}
+    with pytest.raises(
+        ConfigError, match=r"^extra_text.0.attn_implementation='sdpa' cannot run the gemma2 LLM"
+    ):
+        build_model(tiny_config(model=lidit, extra_text=[extra]))
 
 
 def test_deep_fusion_refuses_an_llm_whose_attention_makes_its_keys_otherwise(tmp_path):

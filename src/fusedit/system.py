@@ -338,10 +338,10 @@ def _text_encoder(
     reads_kv = request.reads_kv
     if meta:  # built under the device context too, so no real weights are allocated
         with torch.device(device):
-            llm = load_llm(tcfg, needed, device, shape_only=True, config=config, reads_kv=reads_kv)
+            llm = load_llm(tcfg, needed, device, shape_only=True, config=config, reads_kv=reads_kv, key=key)
     else:
         with seeded(seed, device):
-            llm = load_llm(tcfg, needed, device, config=config, reads_kv=reads_kv)
+            llm = load_llm(tcfg, needed, device, config=config, reads_kv=reads_kv, key=key)
     name = tcfg.tokenizer or tcfg.model_id
     if meta and name and not Path(name).is_dir():
         return TextEncoder(llm, None, tcfg.max_length)  # a hub tokenizer: shapes only, no download

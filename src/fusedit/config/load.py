@@ -304,7 +304,7 @@ def _completed(cfg: Config) -> Config:
     if cfg.stages:
         missing = [i for i, st in enumerate(cfg.stages) if st.steps is None]
         if missing:
-            raise ConfigError(f"stages[{missing[0]}].steps is required (the stage's optimizer steps)")
+            raise ConfigError(f"stages.{missing[0]}.steps is required (the stage's optimizer steps)")
         cfg.train.steps = sum(st.steps for st in cfg.stages)
     validate(cfg)
     check_llm_shape(cfg)
@@ -321,7 +321,7 @@ def checked(cfg: Config) -> Config:
     if copy_.train.steps != cfg.train.steps:  # stages set, or train.steps edited, in Python
         log.warning(
             "train.steps=%s is not the stages' sum (%s): a staged run trains its stages' length (set "
-            "stages[i].steps to change it)",
+            "stages.N.steps to change it)",
             cfg.train.steps,
             "+".join(str(st.steps) for st in copy_.stages),
         )
@@ -356,7 +356,7 @@ def _refuse_stray_attributes(section: Any, prefix: str) -> None:
         want = hints[name] if dataclasses.is_dataclass(hints[name]) else spec.metadata.get("item")
         items = value if "item" in spec.metadata and isinstance(value, list) else [value] if want else []
         for i, item in enumerate(items):
-            where = f"{path}[{i}]" if "item" in spec.metadata else path
+            where = f"{path}.{i}" if "item" in spec.metadata else path
             if not isinstance(item, want):  # a section replaced by a mapping: every use reads attributes
                 raise ConfigError(
                     f"{where} is a {type(item).__name__} (allowed: a {want.__name__}; config_from_dict "
@@ -393,7 +393,7 @@ def load_config(
     if data.get("stages") and "steps" in (extra.get("train") or {}):
         raise ConfigError(
             f"train.steps={extra['train']['steps']!r} cannot be set on a staged config: its length is the sum "
-            "of stages[i].steps (allowed: stages.N.steps=..., or `fusedit train --stop-at STEP`)"
+            "of stages.N.steps (allowed: stages.N.steps=..., or `fusedit train --stop-at STEP`)"
         )
     cfg = config_from_dict(data)
     absolute_paths(cfg)

@@ -708,7 +708,7 @@ class SampleConfig:
 
 
 # Keys a stage may not change: the run's identity and machinery (seed and placement stay fixed so that
-# noise, data order and checkpoints mean the same in every stage), and its length (stages[i].steps).
+# noise, data order and checkpoints mean the same in every stage), and its length (stages.N.steps).
 RUN_WIDE_TRAIN_KEYS = (
     "steps",
     "seed",
@@ -788,8 +788,8 @@ class Stage:
 
     @property
     def where(self) -> str:
-        """The stage as messages name it: "stages[1] (finetune)"."""
-        return f"stages[{self.index}] ({self.name})"
+        """The stage as messages name it: "stages.1 (finetune)"."""
+        return f"stages.{self.index} ({self.name})"
 
 
 def _merge_into_list(items: list, patch: dict, key: str) -> list:
@@ -840,13 +840,12 @@ def _list_override(path: str, value: Any) -> str:
     """The override giving ``value`` as a list: ``data.shards=[a.tar]``, or the quoted JSON form where YAML
     or the shell would not read the plain one as that list (``data.shards='["a/{0..9}.tar"]'``). A string
     that YAML could not read as a list (``[a/{0..9}.tar]``: the braces open a mapping) gives its items."""
-    key = re.sub(r"\[(\d+)\]", r".\1", path)  # stages[0].data.shards is overridden as stages.0.data.shards
     items = _list_items(value) if isinstance(value, str) else [value]
     plain = f"[{','.join(map(str, items))}]"
     with contextlib.suppress(yaml.YAMLError):
         if all(re.fullmatch(r"[\w./-]+", str(v)) for v in items) and yaml.safe_load(plain) == items:
-            return f"{key}={plain}"
-    return f"{key}={shlex.quote(json.dumps(items))}"
+            return f"{path}={plain}"
+    return f"{path}={shlex.quote(json.dumps(items))}"
 
 
 def _list_items(text: str) -> list:
@@ -980,7 +979,7 @@ def build_section(cls: type, data: dict, prefix: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}={value!r} must be a list of mappings")
             kwargs[name] = [
-                build_section(spec.metadata["item"], v, f"{path}[{i}]") for i, v in enumerate(value)
+                build_section(spec.metadata["item"], v, f"{path}.{i}") for i, v in enumerate(value)
             ]
         else:
             kwargs[name] = _check_value(path, value, tp, dict(spec.metadata), spec.default)

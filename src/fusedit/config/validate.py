@@ -557,7 +557,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS}
     stages, start = [], 0
     for i, st in enumerate(cfg.stages):
-        where = f"stages[{i}]"
+        where = f"stages.{i}"
         fixed = [k for k in st.train if k in RUN_WIDE_TRAIN_KEYS]
         if fixed:
             # Refused even at the run's own value: a stage setting it reads as if stages could differ in it.

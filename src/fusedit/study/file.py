@@ -355,7 +355,7 @@ def _check_staged_steps(cfg: Config, preset: str, base: _Base, changes: dict, wh
         return
     stage_steps = ", ".join(f"stages.{i}.steps=..." for i in range(len(cfg.stages)))
     staged = (
-        f"cannot be set on a staged config ({preset}): its length is the sum of stages[i].steps "
+        f"cannot be set on a staged config ({preset}): its length is the sum of stages.N.steps "
         f"({'+'.join(str(st.steps) for st in cfg.stages)})"
     )
     own, shared = flatten(changes), flatten(base.values)

@@ -93,15 +93,17 @@ def load_llm(
     shape_only: bool = False,
     config: PretrainedConfig | None = None,
     reads_kv: bool = True,
+    key: str = "text",
 ) -> PreTrainedModel:
     """The frozen base LLM with only its first ``num_layers`` layers, in eval mode, on ``device``.
 
     ``shape_only`` builds random weights from the config (meta-device parameter counts); ``config`` is
     ``llm_config(cfg, shape_only)`` when the caller has it already (it is not modified). ``reads_kv``: the
     design reads each layer's K/V (deep fusion), which needs separate q/k/v projections; the shallow
-    designs read hidden states only and take any decoder.
+    designs read hidden states only and take any decoder. ``key``: the config section, as messages name it
+    (``text``, ``extra_text.0``).
     """
-    config = llm_config(cfg, shape_only) if config is None else copy.deepcopy(config)
+    config = llm_config(cfg, shape_only, key) if config is None else copy.deepcopy(config)
     if num_layers > config.num_hidden_layers:
         raise ConfigError(
             f"the design needs {num_layers} LLM layers but the LLM has {config.num_hidden_layers}"
@@ -114,10 +116,10 @@ def load_llm(
         if cfg.model_id and not shape_only and _is_multimodal(cfg.model_id):
             # A multimodal checkpoint (PaliGemma, ...): its weights sit under the language model's prefix,
             # so load the whole model and keep its language decoder, cut after the layers the design reads.
-            llm = _from_pretrained(cfg.model_id, **{_DTYPE_KW: dtype}, **kernel).language_model
+            llm = _from_pretrained(cfg.model_id, key, **{_DTYPE_KW: dtype}, **kernel).language_model
             _keep_first_layers(llm, num_layers)
         elif cfg.model_id and not shape_only:
-            llm = _from_pretrained(cfg.model_id, config=config, **{_DTYPE_KW: dtype}, **kernel)
+            llm = _from_pretrained(cfg.model_id, key, config=config, **{_DTYPE_KW: dtype}, **kernel)
         else:
             # A random init draws the LLM at its own depth, then keeps the layers the design reads: the
             # weights of a layer (and the embeddings) do not depend on how many a design reads, so a study
@@ -130,7 +132,7 @@ def load_llm(
         if not kernel:
             raise
         raise ConfigError(
-            f"text.attn_implementation={cfg.attn_implementation!r} cannot run the {config.model_type} LLM: "
+            f"{key}.attn_implementation={cfg.attn_implementation!r} cannot run the {config.model_type} LLM: "
             f"{str(e).splitlines()[0]} (allowed: auto, or a kernel the family supports)"
         ) from None
     attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
@@ -158,11 +160,11 @@ def _keep_first_layers(llm: PreTrainedModel, num_layers: int) -> None:
     _cut_config(llm.config, num_layers)
 
 
-def _from_pretrained(model_id: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(model_id: str, key: str, **kwargs) -> PreTrainedModel:
     """AutoModel.from_pretrained, reporting only what matters here. The base model of a causal-LM
     checkpoint never reads its LM head (or the layers past the cut), which transformers reports as a table
     of unexpected weights on every load; weights the model needs but the checkpoint lacks are warned
-    about, since they stay random."""
+    about, since they stay random. ``key``: the config section, as the warning names it."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
@@ -173,7 +175,8 @@ def _from_pretrained(model_id: str, **kwargs) -> PreTrainedModel:
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
     if missing or mismatched:
         log.warning(
-            "text.model_id=%r lacks %d weight(s) the LLM needs (random instead), e.g. %s",
+            "%s.model_id=%r lacks %d weight(s) the LLM needs (random instead), e.g. %s",
+            key,
             model_id,
             len(missing) + len(mismatched),
             (missing + mismatched)[0],

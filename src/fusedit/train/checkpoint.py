@@ -6,7 +6,7 @@ and the rename before ``latest`` names it, so a power loss or node crash keeps t
 A single-process run writes plain files:
   denoiser.safetensors  the trained DiT         ema.safetensors   its EMA (what sampling uses)
   llm.safetensors       the LLM, only when it is not reloadable from text.model_id unchanged (random init,
-                        or trained); llm_extra<i>.safetensors the same for extra_text[i]
+                        or trained); llm_extra<i>.safetensors the same for extra_text.<i>
   <part>_lora.safetensors  the LoRA adapters of a part that trains through them (denoiser, llm, ...)
   optimizer.pt          the denoiser's optimizer state; optimizer_<llm>.pt each trained LLM's
   state.json            step, stage and bookkeeping

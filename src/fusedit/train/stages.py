@@ -134,7 +134,7 @@ def check_stages_run(cfg: Config, stages: list[Stage], parallel: str, world_size
         # Refused here rather than at config load, so that a saved run with such names still samples.
         if names.index(stage.name) != stage.index:
             raise ConfigError(
-                f"stages[{stage.index}].name={stage.name!r} is already the name of stages[{names.index(stage.name)}] "
+                f"stages.{stage.index}.name={stage.name!r} is already the name of stages.{names.index(stage.name)} "
                 "(allowed: distinct names, which tell the stages apart in the logs and metrics.jsonl)"
             )
     _check_stages_fit(stages, parallel, cfg.train.shard_llm)
