@@ -417,8 +417,8 @@ def test_language_decoder_of_a_multimodal_checkpoint(tmp_path):
 
 
 def _local_llm(folder, tokenizer, family="qwen2"):
-    """A random LLM saved in ``folder``; ``tokenizer`` saved beside it (its own folder: transformers would
-    load a Qwen2 folder's tokenizer files as Qwen's BPE class), None for none at all."""
+    """A random LLM saved in ``folder``; ``tokenizer`` saved beside it in a folder of its own, which
+    text.tokenizer names (None for none at all)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY_ARCH)).save_pretrained(folder)
@@ -427,6 +427,54 @@ def _local_llm(folder, tokenizer, family="qwen2"):
         tokenizer.save_pretrained(folder.with_name(folder.name + "-tokenizer"))
         text["tokenizer"] = str(folder.with_name(folder.name + "-tokenizer"))
     return tiny_config(text=text)
+
+
+def test_a_qwen2_folders_own_tokenizer_json_is_what_splits_its_text(tmp_path, caplog):
+    """transformers 5 rebuilds a Qwen2 folder's tokenizer.json as Qwen's byte-level BPE: a word-level one
+    there made most words one id. The folder's own file is what splits the text, as it does in a Llama
+    folder; a real Qwen2 tokenizer.json reads alike both ways and keeps its class."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fusedit.text.llm import load_tokenizer
+
+    words = word_tokenizer(vocabulary())
+    prompt = "a red circle to the left of a blue square"
+    for family in ("qwen2", "llama"):
+        folder = tmp_path / family
+        AutoConfig.for_model(family, **TINY_ARCH).save_pretrained(folder)
+        words.save_pretrained(folder)
+        with caplog.at_level(logging.INFO, logger="fusedit.text.llm"):
+            tok = load_tokenizer(TextConfig(model_id=str(folder), family=family))
+        assert tok(prompt)["input_ids"] == words(prompt)["input_ids"]
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+            words.bos_token,
+            words.eos_token,
+            words.pad_token,
+        )
+    raw = AutoTokenizer.from_pretrained(tmp_path / "qwen2")(prompt, add_special_tokens=False)["input_ids"]
+    assert len(set(raw)) < len(set(words(prompt, add_special_tokens=False)["input_ids"]))  # what it was
+    assert caplog.text.count("splits text otherwise than its tokenizer.json") == 1
+
+
+def test_a_tokenizer_given_apart_whose_special_ids_differ_from_the_llms_is_warned_about(tmp_path, caplog):
+    """Another LLM's tokenizer whose ids fit the embeddings builds and trains: where its BOS/EOS ids are
+    not those the LLM's config names, the build says so, naming both settings."""
+    words = word_tokenizer(vocabulary())
+    ids = {"bos_token_id": words.bos_token_id, "eos_token_id": words.eos_token_id}
+    cfg = _local_llm(tmp_path / "llama", words, family="llama")
+    config_file = tmp_path / "llama" / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, **ids}))
+    with caplog.at_level(logging.WARNING):
+        build_model(cfg, with_autoencoder=False)
+    assert "is it this LLM's tokenizer?" not in caplog.text
+    config_file.write_text(json.dumps({**saved, **ids, "bos_token_id": 40}))
+    with caplog.at_level(logging.WARNING):
+        build_model(cfg, with_autoencoder=False)
+    assert caplog.messages == [
+        f"text.tokenizer={cfg.text.tokenizer!r} gives the BOS token id {words.bos_token_id} but "
+        f"text.model_id={cfg.text.model_id!r}'s config says 40: is it this LLM's tokenizer? (none: the model_id's own)"
+    ]
 
 
 def test_an_empty_prompt_without_bos_is_the_end_of_text_token(tmp_path):

@@ -357,6 +357,8 @@ def _text_encoder(
             f"embeddings, so a prompt using an id past {rows - 1} would fail (allowed: the LLM's own tokenizer "
             f"as {key}.tokenizer, or none to use {key}.model_id's)"
         )
+    if tcfg.tokenizer and tcfg.model_id and tcfg.tokenizer != tcfg.model_id:
+        _warn_other_tokenizer(key, tcfg, tokenizer, config)
     template = build_template(tcfg.template, tokenizer, tcfg.instruction, tcfg.system_prompt, key)
     encoder = TextEncoder(
         llm,
@@ -369,6 +371,28 @@ def _text_encoder(
     # Deep fusion reads K/V off the LLM's layers: are they those its attention uses?
     encoder.check_kv(request)
     return encoder
+
+
+def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None:
+    """Warn where ``{key}.tokenizer``, given apart from the LLM, names other begin/end-of-text ids than the
+    LLM's config: another family's tokenizer whose ids fit the embeddings (which is all the build can check)
+    would feed the LLM other tokens than it was trained on, without an error."""
+    for kind in ("bos", "eos"):
+        ours, theirs = getattr(tokenizer, f"{kind}_token_id", None), getattr(config, f"{kind}_token_id", None)
+        allowed = theirs if isinstance(theirs, (list, tuple)) else [theirs]
+        if ours is not None and theirs is not None and ours not in allowed:
+            log.warning(
+                "%s.tokenizer=%r gives the %s token id %d but %s.model_id=%r's config says %s: is it this "
+                "LLM's tokenizer? (none: the model_id's own)",
+                key,
+                tcfg.tokenizer,
+                kind.upper(),
+                ours,
+                key,
+                tcfg.model_id,
+                theirs,
+            )
+            return
 
 
 def build_model(

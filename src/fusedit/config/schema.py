@@ -423,7 +423,8 @@ class TextConfig:
     arch: dict = field(default_factory=dict)
     # Tokenizer hub id or folder; empty = model_id's, or the built-in shapes-world word tokenizer.
     tokenizer: str = ""
-    # Prompt tokens (longer prompts are truncated, with a warning); the template's tokens come on top.
+    # Prompt tokens, the tokenizer's own leading ones (BOS) included (longer prompts are truncated, with a
+    # warning); the template's tokens come on top.
     max_length: int = positive(32)
     # How a prompt is presented to the LLM (fusedit.text.templates): "plain" = instruction + prompt;
     # "chat" = the tokenizer's chat template around it; "lidit" = LI-DiT's instruction as plain text;

@@ -189,6 +189,42 @@ def _is_multimodal(model_id: str) -> bool:
     return getattr(config, "text_config", None) is not None and config.text_config is not config
 
 
+# A caption with words, digits and punctuation: tokenizers that read it alike read captions alike.
+_TOKENIZER_PROBE = "A photo of 3 red cats, a dog & the Eiffel Tower at night."
+
+
+def _as_its_file_says(tok, name: str):
+    """``tok`` (AutoTokenizer's) where it splits text as the folder's own tokenizer.json does; else the
+    tokenizer that file describes. transformers 5 builds a family's tokenizer class from the file's vocabulary
+    (Qwen2Tokenizer rebuilds a byte-level BPE), so a tokenizer.json of another kind in a Qwen2 folder (a
+    word-level one, a custom BPE) would become other ids, most words one id, without a word; the file is
+    what the LLM was trained with."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        name,
+        "tokenizer.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:  # a sentencepiece-only tokenizer: nothing else to compare with
+        return tok
+    try:
+        own = Tokenizer.from_file(path).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
+        if tok(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] == own:
+            return tok
+    except Exception:  # noqa: BLE001  (tokenizers raises plain Exception: a vocabulary without an unknown token)
+        return tok  # it cannot split every caption; the checks after the load say what it lacks
+    log.info(
+        "tokenizer %r: %s splits text otherwise than its tokenizer.json; using the tokenizer.json as it is",
+        name,
+        type(tok).__name__,
+    )
+    return PreTrainedTokenizerFast.from_pretrained(name)
+
+
 def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
     """The tokenizer of ``text.tokenizer`` or ``text.model_id``; else a word tokenizer over ``builtin_words``."""
     from fusedit.text.tokenizer import word_tokenizer
@@ -199,7 +235,7 @@ def load_tokenizer(cfg: TextConfig, builtin_words: list[str] | None = None):
             raise ConfigError("no tokenizer: set text.tokenizer or text.model_id")
         return word_tokenizer(builtin_words)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = _as_its_file_says(AutoTokenizer.from_pretrained(name), name)
     except OSError as e:
         raise ConfigError(f"tokenizer {name!r} cannot be loaded: {str(e).splitlines()[0]}") from None
     # transformers builds an empty tokenizer for a folder that has a config but no tokenizer files.
