@@ -1,5 +1,6 @@
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -474,6 +475,19 @@ def test_a_tokenizer_given_apart_whose_special_ids_differ_from_the_llms_is_warne
     assert caplog.messages == [
         f"text.tokenizer={cfg.text.tokenizer!r} gives the BOS token id {words.bos_token_id} but "
         f"text.model_id={cfg.text.model_id!r}'s config says 40: is it this LLM's tokenizer? (none: the model_id's own)"
+    ]
+    # A tokenizer in another LLM's folder: its config names another model type.
+    from transformers import AutoConfig
+
+    qwen = tmp_path / "qwen2"
+    AutoConfig.for_model("qwen2", **TINY_ARCH).save_pretrained(qwen)
+    words.save_pretrained(qwen)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_model(replace(cfg, text=replace(cfg.text, tokenizer=str(qwen))), with_autoencoder=False)
+    assert caplog.messages == [
+        f"text.tokenizer={str(qwen)!r} is the tokenizer of a qwen2 model but text.model_id={cfg.text.model_id!r} "
+        "is a llama LLM: is it this LLM's tokenizer? (none: the model_id's own)"
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
@@ -376,7 +377,21 @@ def _text_encoder(
 def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None:
     """Warn where ``{key}.tokenizer``, given apart from the LLM, names other begin/end-of-text ids than the
     LLM's config: another family's tokenizer whose ids fit the embeddings (which is all the build can check)
-    would feed the LLM other tokens than it was trained on, without an error."""
+    would feed the LLM other tokens than it was trained on, without an error. A tokenizer in another LLM's
+    folder (its config.json names another model type) is warned about the same way."""
+    other = _model_type_at(tcfg.tokenizer)
+    if other is not None and other != config.model_type:
+        log.warning(
+            "%s.tokenizer=%r is the tokenizer of a %s model but %s.model_id=%r is a %s LLM: is it this LLM's "
+            "tokenizer? (none: the model_id's own)",
+            key,
+            tcfg.tokenizer,
+            other,
+            key,
+            tcfg.model_id,
+            config.model_type,
+        )
+        return
     for kind in ("bos", "eos"):
         ours, theirs = getattr(tokenizer, f"{kind}_token_id", None), getattr(config, f"{kind}_token_id", None)
         allowed = theirs if isinstance(theirs, (list, tuple)) else [theirs]
@@ -393,6 +408,15 @@ def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None
                 theirs,
             )
             return
+
+
+def _model_type_at(folder: str) -> str | None:
+    """The model_type of the config.json in local ``folder``, or None (no folder, no config, not one)."""
+    try:
+        model_type = json.loads((Path(folder).expanduser() / "config.json").read_bytes()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
+        return None
+    return model_type if isinstance(model_type, str) else None
 
 
 def build_model(
