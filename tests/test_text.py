@@ -433,7 +433,7 @@ def _local_llm(folder, tokenizer, family="qwen2"):
 def test_a_qwen2_folders_own_tokenizer_json_is_what_splits_its_text(tmp_path, caplog):
     """transformers 5 rebuilds a Qwen2 folder's tokenizer.json as Qwen's byte-level BPE: a word-level one
     there made most words one id. The folder's own file is what splits the text, as it does in a Llama
-    folder; a real Qwen2 tokenizer.json reads alike both ways and keeps its class."""
+    folder."""
     from transformers import AutoConfig, AutoTokenizer
 
     from fusedit.text.llm import load_tokenizer
@@ -454,7 +454,7 @@ def test_a_qwen2_folders_own_tokenizer_json_is_what_splits_its_text(tmp_path, ca
         )
     raw = AutoTokenizer.from_pretrained(tmp_path / "qwen2")(prompt, add_special_tokens=False)["input_ids"]
     assert len(set(raw)) < len(set(words(prompt, add_special_tokens=False)["input_ids"]))  # what it was
-    assert caplog.text.count("splits text otherwise than its tokenizer.json") == 1
+    assert caplog.text.count("splits text otherwise than the folder's tokenizer.json") == 1
 
 
 def test_a_tokenizer_given_apart_whose_special_ids_differ_from_the_llms_is_warned_about(tmp_path, caplog):
@@ -485,10 +485,66 @@ def test_a_tokenizer_given_apart_whose_special_ids_differ_from_the_llms_is_warne
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         build_model(replace(cfg, text=replace(cfg.text, tokenizer=str(qwen))), with_autoencoder=False)
-    assert caplog.messages == [
+    assert [m for m in caplog.messages if "this LLM's tokenizer" in m] == [
         f"text.tokenizer={str(qwen)!r} is the tokenizer of a qwen2 model but text.model_id={cfg.text.model_id!r} "
         "is a llama LLM: is it this LLM's tokenizer? (none: the model_id's own)"
     ]
+
+
+def _byte_level_bpe(digits: str):
+    """A small byte-level BPE with Qwen2's pre-tokenizer (``digits`` "" : one id per digit) or Llama-3's
+    ("{1,3}": up to three digits a piece), trained here on a few captions."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}" + digits
+        + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["a photo of 3 red cats in 2024, it's 12:30!", "the Eiffel Tower at night\n\nnaïve café"] * 20
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet),
+    )
+    return tok
+
+
+def test_a_qwen2_tokenizer_json_of_qwens_kind_keeps_its_class_and_another_bpe_is_read_as_its_file(
+    tmp_path, caplog
+):
+    """A tokenizer.json of Qwen2's own kind reads alike through transformers' Qwen2Tokenizer: kept, no
+    warning. A Llama-3-style BPE in a Qwen2 folder is a BPE too, but Qwen2's class splits numbers one digit
+    an id, which the probe's "2024" tells."""
+    import json as json_
+
+    from transformers import AutoConfig
+
+    from fusedit.text.llm import load_tokenizer
+
+    for kind, digits in (("qwen", ""), ("llama3", "{1,3}")):
+        folder = tmp_path / kind
+        AutoConfig.for_model("qwen2", **TINY_ARCH).save_pretrained(folder)
+        _byte_level_bpe(digits).save(str(folder / "tokenizer.json"))
+        settings = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "bos_token": None}
+        (folder / "tokenizer_config.json").write_text(json_.dumps(settings))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            tok = load_tokenizer(TextConfig(model_id=str(folder), family="qwen2"))
+        own = _byte_level_bpe(digits).encode("in 2024", add_special_tokens=False).ids
+        assert tok("in 2024", add_special_tokens=False)["input_ids"] == own
+        switched = "splits text otherwise than the folder's tokenizer.json" in caplog.text
+        assert (type(tok).__name__ == "Qwen2Tokenizer", switched) == (
+            (True, False) if kind == "qwen" else (False, True)
+        )
 
 
 def test_an_empty_prompt_without_bos_is_the_end_of_text_token(tmp_path):

@@ -375,10 +375,11 @@ def _text_encoder(
 
 
 def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None:
-    """Warn where ``{key}.tokenizer``, given apart from the LLM, names other begin/end-of-text ids than the
+    """Warn where ``{key}.tokenizer``, given apart from the LLM, names another begin-of-text id than the
     LLM's config: another family's tokenizer whose ids fit the embeddings (which is all the build can check)
     would feed the LLM other tokens than it was trained on, without an error. A tokenizer in another LLM's
-    folder (its config.json names another model type) is warned about the same way."""
+    folder (its config.json names another model type) is warned about the same way. The first warning
+    that applies is the one given."""
     other = _model_type_at(tcfg.tokenizer)
     if other is not None and other != config.model_type:
         log.warning(
@@ -392,22 +393,21 @@ def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None
             config.model_type,
         )
         return
-    for kind in ("bos", "eos"):
-        ours, theirs = getattr(tokenizer, f"{kind}_token_id", None), getattr(config, f"{kind}_token_id", None)
-        allowed = theirs if isinstance(theirs, (list, tuple)) else [theirs]
-        if ours is not None and theirs is not None and ours not in allowed:
-            log.warning(
-                "%s.tokenizer=%r gives the %s token id %d but %s.model_id=%r's config says %s: is it this "
-                "LLM's tokenizer? (none: the model_id's own)",
-                key,
-                tcfg.tokenizer,
-                kind.upper(),
-                ours,
-                key,
-                tcfg.model_id,
-                theirs,
-            )
-            return
+    # BOS only: an instruct model's tokenizer ends text with its own turn token (Qwen2.5-Instruct's EOS is
+    # 151645, its base model's 151643), a pair that is fine together; the text stream feeds EOS only as the
+    # empty prompt of a tokenizer without BOS.
+    ours, theirs = tokenizer.bos_token_id, getattr(config, "bos_token_id", None)
+    if ours is not None and theirs is not None and ours != theirs:
+        log.warning(
+            "%s.tokenizer=%r gives the BOS token id %d but %s.model_id=%r's config says %s: is it this LLM's "
+            "tokenizer? (none: the model_id's own)",
+            key,
+            tcfg.tokenizer,
+            ours,
+            key,
+            tcfg.model_id,
+            theirs,
+        )
 
 
 def _model_type_at(folder: str) -> str | None:
