@@ -20,6 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from fusedit.data.transforms import SampleDecoder, SkipSample, make_rng
+from fusedit.files import counted
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ class StepPlan:
         # batch are searched one after another, and each would otherwise rebuild it (and, across an epoch's
         # end, evict and rebuild an epoch's order for it).
         self._own: tuple[tuple[int, int, int], set[int]] | None = None
+        if self.groups is None and n < self.global_batch and rank == 0:
+            # One endless stream of n: a global batch of more wraps around it, so its slots (the processes'
+            # and micro-steps' shares alike) read samples twice, which multi-node.md says they do not.
+            split = f" ({batch_size} per process x {world_size} processes)" if world_size > 1 else ""
+            log.warning(
+                "data: %s, fewer than the global batch of %d%s: each batch repeats samples%s (more data, or a "
+                "smaller batch, avoid it)",
+                counted(n, "sample"),
+                self.global_batch,
+                split,
+                ", and the processes may read the same ones" if world_size > 1 else "",
+            )
         if self.groups is not None:
             self.members = np.flatnonzero(self.groups >= 0)
             if len(self.members) == 0:

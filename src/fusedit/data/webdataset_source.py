@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, weights_fit
 from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
+from fusedit.files import counted
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
@@ -340,6 +341,19 @@ class WebDatasetReader:
             return [int(i) for i in order[self.rank :: self.world_size]], 1, 0
         return [int(i) for i in order], self.world_size, self.rank
 
+    def _none_for_rank(self, path: str, stride: int) -> str:
+        """Why a readable shard gave this rank no sample: it has none, or (fewer shards than ranks, each
+        rank reading 1 sample in ``stride`` of every shard) it holds fewer samples than the ranks."""
+        shard = TarShard(path)
+        held = len(shard.samples)
+        shard.close()
+        if stride == 1 or held == 0:
+            return f"e.g. {path!r} has none"
+        return (
+            f"e.g. {path!r} holds {counted(held, 'sample')}, fewer than the {stride} ranks: with fewer shards "
+            f"than ranks each rank reads 1 sample in {stride} of every shard"
+        )
+
     def _shard(self, d: int, epoch: int, position: int, events: list) -> tuple[TarShard, np.ndarray]:
         """The open shard at ``position`` of this rank's epoch list and its sample visiting order."""
         opened = self._open.get(d)
@@ -365,14 +379,14 @@ class WebDatasetReader:
         events: list = []
         while True:
             epoch, position, k = self.cursors[d]
-            shards, _, _ = self._my_shards(d, epoch)
+            shards, stride, _ = self._my_shards(d, epoch)
             if position >= len(shards):
                 if self._fresh[d] and self._found[d] == 0:
                     # This epoch's shards were all opened in this call (none gave a sample): name the first
                     # that could not be read, or else the first, which holds no sample for this rank.
                     mine = [self.datasets[d][i] for i in shards]
                     bad = next(((path, error) for _, path, error in events if path in mine), None)
-                    why = f"{bad[0]!r}: {bad[1]}" if bad else f"e.g. {mine[0]!r} has none"
+                    why = f"{bad[0]!r}: {bad[1]}" if bad else self._none_for_rank(mine[0], stride)
                     raise ConfigError(
                         f"data.shards entry {d} has no readable samples for rank {self.rank} of "
                         f"{self.world_size} ({len(self.datasets[d])} shards; {why})"

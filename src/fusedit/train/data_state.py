@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from fusedit.checkpoints import COPY_AGAIN
-from fusedit.config import Config
+from fusedit.config import Config, Stage, resolved_stages
 from fusedit.data.loader import is_stream, resplit_state
 from fusedit.data.skips import skipped_jsonl
 from fusedit.files import read_json, write_text_atomic
@@ -137,26 +137,85 @@ def saved_data_state(
     return state
 
 
+# How a job is spread over processes: with one process (the checkpoint's run or this one) they had no effect
+# there (train.parallel is "ignored without torchrun"; one process has nothing to shard), so a resume that
+# changes them changes nothing that was trained.
+PROCESS_KEYS = ("train.parallel", "train.shard_llm")
+
+
 def resplit_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tuple[str, ...]:
-    """train.batch_size and train.grad_accum when they only split the checkpoint's global batch another way,
-    as multi-node.md recommends when the number of processes changes: said at INFO, not warned as a
-    resume's changed settings (check_same_model leaves them out)."""
-    tc, was = cfg.train, saved_cfg.train
-    split = (was.batch_size, was.grad_accum) != (tc.batch_size, tc.grad_accum)
-    if not split or cfg.stages or "batch_size" not in saved:
+    """The settings a resume changes that only say how the job is spread over its processes, left out of
+    its changed settings (check_same_model's ``unchanged``): train.parallel and train.shard_llm when the
+    checkpoint's run or this one has one process (PROCESS_KEYS), and the batch_size and grad_accum keys
+    that split the checkpoint's global batch another way, as multi-node.md recommends when the number of
+    processes changes (said at INFO: _split_keys)."""
+    idle = PROCESS_KEYS if min(int(saved.get("world_size", 1)), env.world_size) == 1 else ()
+    return idle + _split_keys(saved, saved_cfg, cfg, env)
+
+
+def _split_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tuple[str, ...]:
+    """train.batch_size and train.grad_accum when they only split the checkpoint's global batch another way.
+    In a staged run, the keys that give the checkpoint's stage and each later one their split (their own
+    stages.N.train.*, or the earlier stage's or train.* they inherit), when each of those stages keeps its
+    global batch: the run goes on as it would have on the checkpoint's processes."""
+    if "batch_size" not in saved or bool(cfg.stages) != bool(saved_cfg.stages):
+        return ()
+    if _split_values(cfg) == _split_values(saved_cfg):  # nothing split anew (and no stage to resolve)
+        return ()
+    was_stages, now_stages = resolved_stages(saved_cfg), resolved_stages(cfg)
+    at = int(saved.get("stage", 0)) if cfg.stages else 0
+    later = range(at, min(len(was_stages), len(now_stages)))
+    if not later:
+        return ()
+    tc, was = now_stages[at].config.train, was_stages[at].config.train
+    if (was.batch_size, was.grad_accum) == (tc.batch_size, tc.grad_accum):
         return ()
     old = _saved_split(saved, tc)
     now = env.world_size * tc.batch_size * tc.grad_accum
-    if math.prod(old) != now:
+    if math.prod(old) != now or any(
+        _global_batch(was_stages[j], old[0]) != _global_batch(now_stages[j], env.world_size)
+        for j in later[1:]
+    ):
         return ()
     if env.is_main:
+        where = ""
+        if cfg.stages:
+            where = f" in {now_stages[at].where}" + (
+                ", and of its own in each later stage" if later[1:] else ""
+            )
         log.info(
-            "resuming on another split of the same global batch of %d: %d process(es) x batch_size %d x "
+            "resuming on another split of the same global batch of %d%s: %d process(es) x batch_size %d x "
             "grad_accum %d (the checkpoint's: %d x %d x %d)",
             now,
+            where,
             env.world_size,
             tc.batch_size,
             tc.grad_accum,
             *old,
         )
-    return ("train.batch_size", "train.grad_accum")
+    if not cfg.stages:
+        return ("train.batch_size", "train.grad_accum")
+    # The stages still to train own their keys; an earlier stage's (or train.*) counts where one of them
+    # inherits it now: a change that reaches none of them changes only what was trained already.
+    own = {f"stages.{j}.train.{name}" for j in later for name in ("batch_size", "grad_accum")}
+    return tuple(sorted(own | {key for j in later for key in _split_settings(cfg, j)}))
+
+
+def _split_values(cfg: Config) -> tuple:
+    """What a config says of its batch split, as written (a stage's settings only where it sets them)."""
+    stages = [(st.train.get("batch_size"), st.train.get("grad_accum")) for st in cfg.stages]
+    return cfg.train.batch_size, cfg.train.grad_accum, stages
+
+
+def _global_batch(stage: Stage, processes: int) -> int:
+    return processes * stage.config.train.batch_size * stage.config.train.grad_accum
+
+
+def _split_settings(cfg: Config, index: int) -> list[str]:
+    """The keys that set stage ``index``'s batch_size and grad_accum: the last stage up to it that sets
+    each (a stage states only what changes), or train.* when none does."""
+    keys = []
+    for name in ("batch_size", "grad_accum"):
+        setting = next((i for i in range(index, -1, -1) if name in cfg.stages[i].train), None)
+        keys.append(f"train.{name}" if setting is None else f"stages.{setting}.train.{name}")
+    return keys
