@@ -461,7 +461,26 @@ def test_nan_images_are_counted_at_every_call(model, caplog):
         generate(model, ["a red circle"], image_size=16, steps=2, guidance=3.0)
     assert not torch.isfinite(x).all()
     assert [r.getMessage() for r in caplog.records] == [
-        "2 of the 2 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large?"
+        "2 of the 2 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large, "
+        "or do the model's weights or inputs hold non-finite or huge values?"
+    ]
+
+
+def test_nan_images_at_guidance_1_blame_the_weights_not_guidance(cfg, caplog):
+    """Bad weights gave NaN images with a warning asking whether guidance=1 (its neutral value) was too
+    large (h-sample M1): at guidance <= 1 it names the weights or inputs alone."""
+    bad = build_model(cfg)
+    randomize(bad.denoiser)
+    with torch.no_grad():
+        list(bad.denoiser.parameters())[-1].fill_(math.inf)
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
+        generate(bad, ["a red circle"], image_size=16, steps=2, guidance=1.0)
+        generate(bad, ["a red circle", "a blue square"], image_size=16, steps=2, guidance=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of the 1 images are NaN or inf (black or saturated pixels): do the model's weights or inputs hold "
+        "non-finite or huge values? (guidance=1 cannot cause it)",
+        "2 of the 2 images are NaN or inf (black or saturated pixels): do the model's weights or inputs hold "
+        "non-finite or huge values? (guidance=0.5 cannot cause it)",
     ]
 
 

@@ -429,6 +429,25 @@ def test_a_size_far_past_the_trained_one_is_warned_about(caplog):
     ]
 
 
+def test_nan_images_of_the_pipeline_are_warned_about_as_generates_are(caplog):
+    """The pipeline returned NaN images (black PIL images) without a word, where `fusedit sample` warned
+    (h-sample M1); the warning blames guidance only above 1."""
+    cfg = tiny_config(sample=SAMPLE)
+    model = built(cfg)
+    with torch.no_grad():
+        list(model.denoiser.parameters())[-1].fill_(float("inf"))
+    pipe = FuseDiTPipeline.from_model(model, cfg)
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        run_pipe(pipe, prompts=["a red circle"], guidance_scale=1.0)
+        run_pipe(pipe, output_type="latent")
+    assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
+        "1 of the 1 images are NaN or inf (black or saturated pixels): do the model's weights or inputs hold "
+        "non-finite or huge values? (guidance=1 cannot cause it)",
+        "2 of the 2 images are NaN or inf (black or saturated pixels): is guidance=3 too large, or do the "
+        "model's weights or inputs hold non-finite or huge values?",
+    ]
+
+
 @pytest.mark.parametrize("name", ["fusedit", "clip-mod"])
 def test_a_folder_exported_before_the_word_normalizer_reads_prompts_as_its_run(name, tmp_path):
     """An export's tokenizer.json keeps the normalizer it was saved with: a folder saved before the built-in

@@ -113,6 +113,63 @@ def test_a_checkpoint_that_lost_a_weight_file_is_refused(folders, tmp_path, caps
     )
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _shard(path):
+    """The LLM's weights as the index of two shards, the second lost."""
+    path.rename(path.with_name("model-00001-of-00002.safetensors"))
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    path.with_name("model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "file, damage, message",
+    [
+        ("tokenizer/tokenizer.json", Path.unlink, " lacks tokenizer/tokenizer.json, which its export wrote"),
+        (
+            "transformer/diffusion_pytorch_model.safetensors",
+            Path.unlink,
+            " lacks transformer/diffusion_pytorch_model.safetensors, which its export wrote",
+        ),
+        (
+            "transformer/diffusion_pytorch_model.safetensors",
+            _truncate,
+            ": transformer/diffusion_pytorch_model.safetensors is damaged (incomplete metadata, file not fully "
+            "covered)",
+        ),
+        (
+            "text_encoder/model.safetensors",
+            _shard,
+            " lacks text_encoder/model-00002-of-00002.safetensors, which text_encoder/model.safetensors.index.json "
+            "lists",
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            Path.unlink,
+            " lacks scheduler/scheduler_config.json, which its export wrote",
+        ),
+    ],
+)
+def test_a_pipeline_folder_that_lost_or_damaged_a_file_is_refused_by_name(
+    folders, tmp_path, capsys, file, damage, message
+):
+    """A missing tokenizer.json gave a traceback advising to install sentencepiece, a missing transformer
+    weights file named a .bin the export never wrote, a truncated one said "Unable to load weights" without
+    a reason (h-sample R1): one line naming the file."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["pipeline"], copy)
+    damage(copy / file)
+    capsys.readouterr()
+    assert sample(copy, tmp_path / "out", "--prompt", "x", "--steps", "1") == 2
+    assert capsys.readouterr().err == (
+        f"fusedit: error: {str(copy)!r}{message}: re-export it with `fusedit export`\n"
+    )
+
+
 def test_a_pipeline_folder_gives_the_images_of_its_run(folders, tmp_path):
     args = ["--prompt", "a red circle", "--prompt", "two blue squares", "--steps", "2", "--seed", "3"]
     assert sample(folders["run"], tmp_path / "run", *args) == 0
@@ -376,14 +433,20 @@ def test_every_prompt_cut_to_the_limit_is_counted_in_a_last_warning(folders, tmp
             == 0
         )
     cut = [r.getMessage() for r in caplog.records if "their ends were cut" in r.getMessage()]
-    assert len(cut) == 1 and cut[0].startswith("2 of the 3 prompts were longer than text.max_length=")
+    # Which ones, by image (h-sample R5): the records say it too, but a long sample's warning should.
+    assert cut == [
+        "2 of the 3 prompts (00000.png, 00002.png) were longer than text.max_length=16 tokens: their "
+        "ends were cut"
+    ]
     # A long negative prompt (one row per image under guidance) is not counted as prompts of their own.
     caplog.clear()
     flags = ["--guidance", "3", "--negative-prompt", long, "--steps", "1"]
     with caplog.at_level("WARNING"):
         assert sample(folders["run"], tmp_path / "neg", "--prompt", long, "--prompt", "a", *flags) == 0
     cut = [r.getMessage() for r in caplog.records if "end was cut" in r.getMessage()]
-    assert len(cut) == 1 and cut[0].startswith("1 of the 2 prompts was longer than text.max_length=")
+    assert len(cut) == 1 and cut[0].startswith(
+        "1 of the 2 prompts (00000.png) was longer than text.max_length="
+    )
 
 
 def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog):
@@ -393,11 +456,15 @@ def test_a_reused_out_folder_keeps_only_the_new_sample(folders, tmp_path, caplog
         assert sample(folders["run"], out, "--prompt", "d", "--steps", "1") == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00000.png", "grid.png"]
     assert metadata(out, 0)["prompt"] == "d"
-    assert (
-        f"an image of an earlier sample in {out} was made with other prompts or settings and will be replaced "
-        "(image 0: prompt='a', not 'd')" in caplog.text
-    )
-    assert f"removed 2 images of an earlier sample in {out}" in caplog.text
+    # Warnings: finished images of the user's are replaced and deleted without --overwrite (h-sample R3).
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "earlier sample" in r.getMessage()] == [
+        (
+            "WARNING",
+            f"an image of an earlier sample in {out} was made with other prompts or settings and will be "
+            "replaced (image 0: prompt='a', not 'd')",
+        ),
+        ("WARNING", f"removed 2 images of an earlier sample in {out}"),
+    ]
 
 
 def test_a_rerun_that_keeps_every_image_removes_nothing_and_counts_what_it_wrote(
@@ -549,6 +616,55 @@ def test_an_interrupted_sample_resumes_with_the_images_of_an_uninterrupted_one(
         "replaced (image 0: steps=2, not 1)" in caplog.text
     )
     assert [metadata(out, i)["steps"] for i in range(5)] == [1] * 5
+
+
+def test_a_rerun_with_another_batch_size_or_no_cache_keeps_the_finished_images(
+    folders, tmp_path, monkeypatch, caplog
+):
+    """Settings that change how an image is made, not what it shows, made a resumed sample start over: a
+    rerun with a smaller --batch-size (to fit memory) or --no-cache made every image again (h-sample R2).
+    Now they are kept, each with its own record, and the log names what differs; only images of other
+    settings are made, and a replacement is a warning (R3)."""
+    from fusedit.sampling import folder as sample_folder
+
+    prompts = [w for p in ["a red circle", "a blue square", "a", "two"] for w in ("--prompt", p)]
+    flags = [*prompts, "--steps", "2", "--seed", "7"]
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert sample(folders["run"], whole, *flags, "--batch-size", "4") == 0
+    assert sample(folders["run"], out, *flags, "--batch-size", "2") == 0
+    (out / "00003.png").unlink()  # as a stop in the second batch of 2 leaves it
+    records = [metadata(out, i) for i in range(3)]
+    original, batches = sample_folder.generate, []
+    monkeypatch.setattr(
+        sample_folder,
+        "generate",
+        lambda model, batch, *a, **k: batches.append(batch) or original(model, batch, *a, **k),
+    )
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
+        assert sample(folders["run"], out, *flags, "--batch-size", "1", "--no-cache") == 0
+    assert batches == [["two"]]
+    assert [metadata(out, i) for i in range(3)] == records  # kept with their own records
+    assert [metadata(out, 3)[k] for k in ("batch_size", "cache_text")] == [1, False]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "INFO",
+            "3 of the 4 images are kept from an earlier run of this sample, made with settings that do not "
+            "change an image (image 0: batch_size=2, not 1; cache_text=True, not False)",
+        )
+    ]
+    assert all(np.array_equal(pixels(out / f"{i:05d}.png"), pixels(whole / f"{i:05d}.png")) for i in range(4))
+    # Another step count changes the images: replaced, in a warning naming it (not the batch size).
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusedit.sampling.folder"):
+        assert sample(folders["run"], out, *prompts[:2], "--steps", "1", "--seed", "7") == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"an image of an earlier sample in {out} was made with other prompts or settings and will be "
+            "replaced (image 0: steps=2, not 1)",
+        ),
+        ("WARNING", f"removed 3 images of an earlier sample in {out}"),
+    ]
 
 
 def test_an_image_whose_record_was_written_but_not_its_png_is_made_with_its_batch(
@@ -890,9 +1006,26 @@ def test_a_resumed_sample_counts_the_cut_prompts_of_its_kept_images(folders, tmp
         assert sample(folders["run"], tmp_path, *args) == 0
     assert "1 of the 2 images are kept from an earlier run of this sample" in caplog.text
     assert warnings_of(caplog) == [
-        "1 of the 2 prompts was longer than text.max_length=16 tokens: its end was cut"
+        "1 of the 2 prompts (00000.png) was longer than text.max_length=16 tokens: its end was cut"
     ]
     assert list(metadata(tmp_path, 1))[:3] == ["prompt", "truncated", "seed"]
+
+
+def test_the_last_cut_warning_names_the_first_three_cut_images(folders, tmp_path, caplog):
+    """ "2 of the 50 prompts were longer ..." did not say which (h-sample R5): the first three cut images are
+    named, across batches, kept ones included."""
+    long = " ".join(["a red circle"] * 10)
+    prompts = [w for p in ["a", long, "red", long, long, "two", long] for w in ("--prompt", p)]
+    args = [*prompts, "--steps", "1", "--batch-size", "2"]
+    assert sample(folders["run"], tmp_path, *args) == 0
+    (tmp_path / "00004.png").unlink()  # the third batch is made again, the others kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit.sampling.generation"):
+        assert sample(folders["run"], tmp_path, *args) == 0
+    assert warnings_of(caplog) == [
+        "4 of the 7 prompts (00001.png, 00003.png, 00004.png, ...) were longer than text.max_length=16 tokens: "
+        "their ends were cut"
+    ]
 
 
 def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, caplog):
@@ -918,8 +1051,8 @@ def test_a_cut_negative_prompt_is_named_in_the_last_warning(folders, tmp_path, c
         assert sample(folders["run"], tmp_path / "b", *args, "--prompt", long) == 0
     cut = [r.getMessage() for r in caplog.records if r.name == "fusedit.sampling.generation"]
     assert cut == [
-        "1 of the 3 prompts was longer than text.max_length=16 tokens: its end was cut (the negative "
-        "prompt's too)"
+        "1 of the 3 prompts (00002.png) was longer than text.max_length=16 tokens: its end was cut (the "
+        "negative prompt's too)"
     ]
     assert [metadata(tmp_path / "b", i)["truncated"] for i in range(3)] == [False, False, True]
 
@@ -939,7 +1072,8 @@ def test_nan_images_are_warned_about(folders, tmp_path, caplog):
             == 0
         )
     assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
-        "1 of the 1 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large?"
+        "1 of the 1 images are NaN or inf (black or saturated pixels): is guidance=1e+38 too large, "
+        "or do the model's weights or inputs hold non-finite or huge values?"
     ]
 
 
@@ -1017,9 +1151,9 @@ def test_a_stop_between_a_new_record_and_its_image_never_keeps_the_earlier_image
     assert folder_bytes(out) == folder_bytes(whole)
 
 
-def test_only_a_sample_that_can_name_its_model_and_batch_resumes(folders, tmp_path, caplog):
+def test_only_a_sample_that_can_name_its_model_resumes_whatever_its_batch(folders, tmp_path, caplog):
     """Without ``source`` the records hold no model, so images of another in-memory model would match:
-    they are made again. Another batch size makes other batches (other pixels on a GPU): made again too."""
+    they are made again. Another batch size changes how, not what: kept (h-sample R2), the log says so."""
     model, cfg, source = load_sampling_model(folders["run"], "cpu")
     settings = sample_settings(cfg, steps=1)
     out, prompts = tmp_path / "lib", ["a red circle", "a blue square"]
@@ -1046,4 +1180,8 @@ def test_only_a_sample_that_can_name_its_model_and_batch_resumes(folders, tmp_pa
             progress=False,
             kept=kept,
         )
-    assert kept == [] and "(image 0: batch_size=8, not 1)" in caplog.text
+    assert kept == [out / "00000.png", out / "00001.png"]
+    assert (
+        "2 of the 2 images are kept from an earlier run of this sample, made with settings that do not change "
+        "an image (image 0: batch_size=8, not 1)" in caplog.text
+    )

@@ -449,6 +449,32 @@ def test_close_can_cancel_the_running_generation_and_waits_for_the_worker(tiny):
     assert (job["status"], job["step"]) == ("cancelled", 1)
 
 
+def test_a_bare_cancel_is_taken_from_a_tool_but_not_from_another_site(server, tiny):
+    """`curl -X POST .../cancel` (no body, no Content-Type) got 415 (h-sample R5). A browser adds its Origin
+    to any cross-site POST, which it may send without a preflight when it has no Content-Type: refused."""
+    gate = Gate(tiny[0], at=1)  # hold the job after its first step
+    try:
+        job = call(server, "/api/generate", {"prompt": "a red circle", "steps": 3})[1]
+        url = server.url + f"api/jobs/{job['id']}/cancel"
+        cross_site = urllib.request.Request(url, method="POST", headers={"Origin": "https://evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urlopen(cross_site, timeout=30)
+        assert (e.value.code, json.loads(e.value.read())) == (
+            415,
+            {"error": "Content-Type 'none' is not allowed (allowed: application/json)"},
+        )
+        with urlopen(urllib.request.Request(url, method="POST"), timeout=30) as response:
+            assert response.status == 200 and json.loads(response.read())["id"] == job["id"]
+    finally:
+        gate.release()
+    assert wait(server, job["id"], until=("cancelled",))["images"] == []
+    # A body without a Content-Type is not bare: still refused.
+    sent = urllib.request.Request(server.url + "api/jobs/99/cancel", data=b"{}", headers={"Content-Type": ""})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urlopen(sent, timeout=30)
+    assert e.value.code == 415
+
+
 def test_what_stopping_loses_is_the_finished_images_held_in_memory(server):
     """The gallery is not written anywhere: the stop line counts the finished images that go with the
     process, and says how to keep one (the page's image links download it)."""
@@ -470,7 +496,11 @@ def test_what_stopping_loses_is_the_finished_images_held_in_memory(server):
         ({"prompt": "x", "steps": 201}, "steps=201 is out of range (allowed: 1..200)"),
         ({"prompt": "x", "steps": "many"}, "steps='many' is not an integer (allowed: 1..200)"),
         ({"prompt": "x", "steps": 2.5}, "steps=2.5 is not an integer"),
-        ({"prompt": "x", "steps": True}, "steps=True is not an integer"),
+        # the value as the client sent it: JSON's true, not Python's True (h-sample R5)
+        ({"prompt": "x", "steps": True}, "steps=true is not an integer (allowed: 1..200)"),
+        ({"prompt": "x", "guidance": False}, "guidance=false is not a number"),
+        ({"prompt": "x", "sampler": [1, None]}, "sampler=[1, null] is not allowed (allowed: euler, heun)"),
+        ({"prompt": "x", "negative_prompt": {"a": True}}, 'negative_prompt={"a": true} is not a string'),
         ({"prompt": "x", "seed": "abc"}, "seed='abc' is not an integer (allowed: 0..4294967295)"),
         ({"prompt": "x", "seed": "1.5"}, "seed='1.5' is not an integer"),
         ({"prompt": "x", "seed": -1}, "seed=-1 is out of range"),
@@ -919,6 +949,26 @@ def test_ctrl_c_says_what_stopping_the_server_loses(tmp_path, tiny, monkeypatch,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(DemoServer, "serve_forever", interrupted)
+    assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu"]) == 0
+    # Nothing runs: no "running generation" to speak of (h-sample R5).
+    assert capsys.readouterr().err.endswith("stopping: no finished image is lost\n")
+
+    gates, close = [], DemoServer.close
+
+    def interrupted_mid_job(self, *args, **kwargs):
+        gates.append(Gate(self.jobs.model, at=1))  # held in its second step until the server closes
+        job = self.jobs.submit({"prompt": "a red circle", "steps": 3})["id"]
+        while gates[0].calls < 1:
+            time.sleep(0.005)
+        assert self.jobs.job(job)["status"] == "running"
+        raise KeyboardInterrupt
+
+    def released_then_closed(self, *args, **kwargs):
+        gates[0].release()
+        close(self, *args, **kwargs)
+
+    monkeypatch.setattr(DemoServer, "serve_forever", interrupted_mid_job)
+    monkeypatch.setattr(DemoServer, "close", released_then_closed)
     assert main(["serve", str(tmp_path / "run"), "--port", "0", "--device", "cpu"]) == 0
     assert capsys.readouterr().err.endswith(
         "stopping: a running generation ends after its current step; no finished image is lost\n"

@@ -34,6 +34,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fusedit.config import (
@@ -61,6 +62,7 @@ from fusedit.sampling.generation import (
     unused_prompt_note,
     warn_cut_prompts,
     warn_far_past_trained,
+    warn_nonfinite,
     warn_once,
 )
 from fusedit.system import TextToImage, resolve_device
@@ -207,6 +209,9 @@ class FuseDiTPipeline(DiffusionPipeline):
         leave known words known), which a folder exported before it had one lacks: such a folder reads
         prompts as its run and a newer export do."""
         _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
+        folder = Path(pretrained_model_name_or_path).expanduser()
+        if folder.is_dir():  # a hub repo is diffusers' to download and check
+            _check_pipeline_files(folder, str(pretrained_model_name_or_path), "variant" in kwargs)
         if not is_accelerate_available() and kwargs.get("device_map") is None:
             # What diffusers falls back to without accelerate anyway, asked for: it would otherwise say so in
             # a five-line warning that reads as a failed install.
@@ -430,8 +435,10 @@ class FuseDiTPipeline(DiffusionPipeline):
 
         if output_type == "latent":
             images = latents
+            warn_nonfinite(latents, guidance)
         else:
             decoded = model.autoencoder.decode(latents)
+            warn_nonfinite(decoded, guidance)  # as generate warns: "pil" would turn them to black pixels
             if output_type == "pil":
                 images = [Image.fromarray(a) for a in to_uint8(decoded)]
             else:
@@ -799,6 +806,84 @@ def _check_callback(callback, names, allowed: list[str]) -> None:
                 f"callback_on_step_end_tensor_inputs names {name!r}, which FuseDiTPipeline does not offer "
                 f"(allowed: {', '.join(allowed)})"
             )
+
+
+# The weights file each kind of component is saved as: a single file or the index of its shards, in
+# safetensors (what save_pretrained writes) or the older pickle format (safe_serialization=False).
+WEIGHTS = {
+    "transformers": ("model.safetensors", "pytorch_model.bin"),
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+}
+# A tokenizer needs one of these vocabulary files besides tokenizer_config.json: tokenizer.json is what a
+# fast tokenizer saves (every tokenizer fusedit exports), the others what a SentencePiece or BPE one may.
+VOCABULARIES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _check_pipeline_files(folder: Path, name: str, variant: bool) -> None:
+    """One-line errors for a local pipeline folder missing a file its export wrote, or holding a damaged
+    (truncated, overwritten header) safetensors file, before diffusers' loader: a missing tokenizer.json
+    came back as transformers' advice to install sentencepiece with a traceback, a missing transformer
+    weights file as a missing .bin the export never wrote, a truncated one as "Unable to load weights"
+    without a reason (h-sample R1). With a ``variant`` (weights named model.fp16.safetensors, ...) only the
+    configs are checked."""
+    index = json.loads((folder / "model_index.json").read_text())  # _check_pipeline parsed it
+    for component, entry in sorted(index.items()):
+        if component.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue  # diffusers' own keys, and the optional components this pipeline does not hold
+        library, class_name = entry
+        if component == "scheduler":
+            _need(folder, name, component, ["scheduler_config.json"])
+        elif "tokenizer" in component:
+            _need(folder, name, component, ["tokenizer_config.json"])
+            _need(folder, name, component, VOCABULARIES)
+        else:
+            _need(folder, name, component, ["config.json"])
+            if class_name != IdentityVAE.__name__ and not variant:  # the identity VAE is its config alone
+                single, pickled = WEIGHTS["transformers" if library == "transformers" else "diffusers"]
+                weights = [single, f"{single}.index.json", pickled, f"{pickled}.index.json"]
+                _check_weights(folder, name, component, _need(folder, name, component, weights))
+
+
+def _need(folder: Path, name: str, component: str, files) -> str:
+    """The first of ``files`` that ``folder``/``component`` holds; a ConfigError naming the first if none."""
+    for file in files:
+        if (folder / component / file).is_file():
+            return file
+    raise ConfigError(
+        f"{name!r} lacks {component}/{files[0]}, which its export wrote: re-export it with `fusedit export`"
+    )
+
+
+def _check_weights(folder: Path, name: str, component: str, file: str) -> None:
+    """A ConfigError naming a safetensors file of ``component`` (``file``, or the shards its index lists)
+    that is missing or damaged: safe_open reads the header and checks that it covers the whole file."""
+    if file.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((folder / component / file).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(
+                f"{name!r}: {component}/{file} is damaged (not a JSON index of weight shards): "
+                "re-export it with `fusedit export`"
+            ) from None
+    else:
+        shards = [file]
+    for shard in shards:
+        path = folder / component / shard
+        if not path.is_file():
+            raise ConfigError(
+                f"{name!r} lacks {component}/{shard}, which {component}/{file} lists: re-export it with "
+                "`fusedit export`"
+            )
+        if not shard.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError as e:
+            reason = str(e).splitlines()[0].removeprefix("Error while deserializing header: ")
+            raise ConfigError(
+                f"{name!r}: {component}/{shard} is damaged ({reason}): re-export it with `fusedit export`"
+            ) from None
 
 
 def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:

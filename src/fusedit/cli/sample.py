@@ -172,10 +172,8 @@ def cmd_serve(args) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        lost = server.jobs.lost_on_exit()
-        print(
-            f"stopping: a running generation ends after its current step; {lost}", file=sys.stderr, flush=True
-        )
+        running = "a running generation ends after its current step; " if server.jobs.running() else ""
+        print(f"stopping: {running}{server.jobs.lost_on_exit()}", file=sys.stderr, flush=True)
     finally:
         # Not sitting out a running generation, but waiting for the worker to leave torch: an interpreter
         # that exits with a thread inside torch aborts ("terminate called without an active exception").

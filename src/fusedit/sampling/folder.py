@@ -119,7 +119,7 @@ def _remove_earlier_samples(out: Path, records: dict[int, dict], images: int) ->
     (out / "grid.png").unlink(missing_ok=True)
     if removed:
         some = "an image" if removed == 1 else f"{removed} images"
-        log.info("removed %s of an earlier sample in %s", some, out)
+        log.warning("removed %s of an earlier sample in %s", some, out)  # a user's images gone: h-sample R3
 
 
 class _Plan(NamedTuple):
@@ -166,7 +166,7 @@ def _shared_record(
     cfg: Config, settings: dict[str, Any], batch_size: int, device: torch.device, source: str | Path | None
 ) -> dict[str, Any]:
     """What every image's record holds after its prompt and seed: all else that decides its pixels, so
-    that a rerun keeps an earlier image only where it would make the same one."""
+    that a rerun keeps an earlier image only where it would make the same one, and how it was made."""
     model_path = None if source is None else str(Path(source).resolve())
     # The weights' own fingerprint, as `fusedit eval` records it: a folder re-exported or retrained in
     # place keeps its path, and its earlier images must not be kept as this model's.
@@ -187,17 +187,25 @@ def _shared_record(
         "use_ema": cfg.sample.use_ema,
         "model": model_path,
         "weights": weights,
-        # What else decides the pixels: the batch an image is made in, and the kernels that make it.
+        # How it was made, recorded but not compared (_HOW): the batch it was made in and the kernels.
         "batch_size": batch_size,
         "compile": cfg.sample.compile,
         "cuda_graphs": bool(settings.get("cuda_graphs")),
     }
 
 
+# What a record says of how an image was made, not of what it shows: the batch it was made in, the text
+# cache and the kernels. Image i starts from the noise of seed + i alone whatever its batch, and the cache
+# gives the images of recomputing the text every step (README: `--no-cache`, "same images"), so an earlier
+# image that differs only here is kept, with its own record (h-sample R2: a resume with a smaller
+# --batch-size to fit memory made every image again).
+_HOW = ("batch_size", "cache_text", "compile", "cuda_graphs")
+
+
 def _saved(record: dict) -> dict:
-    """An earlier image's ``record`` as a new call's ``metas`` hold it, to be compared with them: without
-    "truncated", which the call learns only by sampling."""
-    return {k: v for k, v in record.items() if k != "truncated"}
+    """What an earlier image's ``record`` says it shows, as a new call's ``metas`` hold it, to be compared
+    with them: without "truncated", which the call learns only by sampling, nor the ``_HOW`` keys."""
+    return {k: v for k, v in record.items() if k != "truncated" and k not in _HOW}
 
 
 def _plan_batches(out: Path, records: dict[int, dict], metas: list[dict], batch_size: int) -> _Plan:
@@ -206,7 +214,7 @@ def _plan_batches(out: Path, records: dict[int, dict], metas: list[dict], batch_
     bit for bit as one uninterrupted call would make it."""
     images = len(metas)
     # The earlier images recorded as this call would record them, and the others of its numbers (stale).
-    same = {i for i in records if i < images and _saved(records[i]) == as_json_reads_back(metas[i])}
+    same = {i for i in records if i < images and _saved(records[i]) == _saved(as_json_reads_back(metas[i]))}
     stale = sorted(i for i in records if i < images and i not in same)
 
     def made(i: int) -> bool:  # image i is there, as this call would make it (from a model it can tell)
@@ -220,8 +228,19 @@ def _plan_batches(out: Path, records: dict[int, dict], metas: list[dict], batch_
 def _note_plan(out: Path, records: dict[int, dict], metas: list[dict], plan: _Plan) -> None:
     """Why a rerun makes fewer images than it was given, or makes again those an earlier one left."""
     if plan.kept:
+        # The first kept image made otherwise (``_HOW``), to say which differing settings it was kept despite.
+        other = {}
+        for first in plan.kept:
+            now = as_json_reads_back(metas[first])
+            other = {k: (records[first].get(k), now[k]) for k in _HOW if records[first].get(k) != now[k]}
+            if other:
+                break
+        changes = "; ".join(f"{k}={old!r}, not {new!r}" for k, (old, new) in other.items())
         log.info(
-            "%d of the %d images are kept from an earlier run of this sample", len(plan.kept), len(metas)
+            "%d of the %d images are kept from an earlier run of this sample%s",
+            len(plan.kept),
+            len(metas),
+            f", made with settings that do not change an image (image {first}: {changes})" if other else "",
         )
     if records and metas[0]["weights"] is None:  # no ``source``: no record names this model
         log.info(
@@ -231,11 +250,12 @@ def _note_plan(out: Path, records: dict[int, dict], metas: list[dict], plan: _Pl
         )
     elif plan.stale:
         first = plan.stale[0]
-        change = _first_change(_saved(records[first]), as_json_reads_back(metas[first]))
+        change = _first_change(_saved(records[first]), _saved(as_json_reads_back(metas[first])))
         some = f"{len(plan.stale)} images of an earlier sample in {out} were"
         if len(plan.stale) == 1:
             some = f"an image of an earlier sample in {out} was"
-        log.info(
+        # A warning: finished images are replaced without --overwrite (h-sample R3).
+        log.warning(
             "%s made with other prompts or settings and will be replaced (image %d: %s)", some, first, change
         )
 
@@ -249,13 +269,13 @@ def _sample_batches(
     todo: list[range],
     written: list[Path],
     progress: bool,
-) -> tuple[dict[int, np.ndarray], int, bool, set[str]]:
+) -> tuple[dict[int, np.ndarray], list[int], bool, set[str]]:
     """The images of the ``todo`` batches, by number, each written with its record as soon as its batch
-    is made, so that an interrupted call leaves every finished batch for a rerun to keep; and how many of
-    their prompts were cut, whether the negative prompt was, and the limits that cut (PromptCut.limits),
-    for the one warning at the end."""
+    is made, so that an interrupted call leaves every finished batch for a rerun to keep; and the numbers
+    of those whose prompts were cut, whether the negative prompt was, and the limits that cut
+    (PromptCut.limits), for the one warning at the end."""
     images: dict[int, np.ndarray] = {}
-    cut_prompts, negative_cut, cut_limits = 0, False, set()
+    cut_images, negative_cut, cut_limits = [], False, set()
     bar = tqdm(total=len(todo) * settings["steps"], desc="sample", unit="step", disable=not progress)
     for indices in todo:
         batch = [metas[i]["prompt"] for i in indices]
@@ -266,7 +286,8 @@ def _sample_batches(
         x, cut = generate(
             model, batch, noise=noise, progress=bar.update, warn_cut=False, return_cut=True, **settings
         )
-        cut_prompts, negative_cut = cut_prompts + len(cut.prompts), negative_cut or cut.negative
+        cut_images += [indices[j] for j in sorted(cut.prompts)]
+        negative_cut = negative_cut or cut.negative
         cut_limits.update(cut.limits)
         if not images:
             _remove_earlier_samples(out, records, len(metas))
@@ -283,7 +304,7 @@ def _sample_batches(
             images[i] = img
             written.append(png)
     bar.close()
-    return images, cut_prompts, negative_cut, cut_limits
+    return images, cut_images, negative_cut, cut_limits
 
 
 def _write_grid(out: Path, metas: list[dict], made: dict[int, np.ndarray], kept: list[int]) -> None:
@@ -332,11 +353,12 @@ def write_sample_folder(
     ``out`` is created where missing. A folder holding anything but an earlier sample's files is refused
     before any sampling (``earlier_sample``). An earlier sample's folder resumes when ``source`` names the
     model (whose weights' fingerprint each record holds): a batch whose images are all there, each recorded
-    as this call would record it (prompt, seed, settings, model, batch size), is kept, and only the other
-    batches are made, so the images are those of one uninterrupted call, bit for bit (a batch is made
-    whole, as in that call). Earlier images of other prompts or settings are replaced, and once the first
-    new batch is ready, the earlier sample's higher-numbered images and grid.png are removed (no other
-    file). Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
+    as this call would record it (prompt, seed, settings, model), is kept, and only the other batches are
+    made, so the images are those of one uninterrupted call, bit for bit (a batch is made whole, as in that
+    call). What changes how an image is made, not what it shows (batch size, text cache, compile, CUDA
+    graphs) does not count: such an image is kept with its own record, and the log says so. Earlier images
+    of other prompts or settings are replaced, and once the first new batch is ready, the earlier sample's
+    higher-numbered images and grid.png are removed (no other file), each said in a warning. Returns the paths of the images, in prompt order; ``written``, when given, receives each as it
     is kept or written (what an interrupted call left), and ``kept`` the images kept from an earlier run."""
     prompts, settings, seed = _checked_inputs(cfg, prompts, settings, seed, batch_size)
     out = Path(out)
@@ -356,7 +378,7 @@ def write_sample_folder(
     if kept is not None:
         kept += [paths[i] for i in plan.kept]
     _note_plan(out, records, metas, plan)
-    made, cut_prompts, negative_cut, cut_limits = _sample_batches(
+    made, cut_images, negative_cut, cut_limits = _sample_batches(
         model, settings, metas, out, records, plan.todo, written, progress
     )
     if not plan.todo:  # a finished sample run again: only its grid is made again
@@ -364,7 +386,8 @@ def write_sample_folder(
     _write_grid(out, metas, made, plan.kept)
     # The kept images' prompts were cut as their records say: the warning counts the whole sample. Their
     # records do not say which limit cut them: then every limit is named.
-    kept_cut = sum(bool(records[i].get("truncated")) for i in plan.kept)
+    kept_cut = [i for i in plan.kept if records[i].get("truncated")]
     limits = model.limits_of(() if kept_cut else cut_limits)
-    warn_cut_prompts(cut_prompts + kept_cut, len(prompts), limits, negative_cut)
+    cut_images = sorted(cut_images + kept_cut)
+    warn_cut_prompts(len(cut_images), len(prompts), limits, negative_cut, cut_images)
     return paths

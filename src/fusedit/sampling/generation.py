@@ -19,7 +19,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -512,40 +512,58 @@ def generate(
     if warn_cut:
         warn_cut_prompts(len(cut.prompts), len(prompts), model.limits_of(cut.limits), cut.negative)
     images = model.autoencoder.decode(latents)
-    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
-    if bad:
-        # Converted to pixels they would be black (NaN) or saturated (inf) images, without a word.
-        log.warning(
-            "%d of the %d images are NaN or inf (black or saturated pixels): is guidance=%g too large?",
-            bad,
-            len(prompts),
-            guidance,
-        )
+    warn_nonfinite(images, guidance)
     return (images, cut) if return_cut else images
 
 
-def cut_note(cut: int, prompts: int | None, limits: str, negative: bool = False) -> str | None:
+def warn_nonfinite(images: torch.Tensor, guidance: float) -> None:
+    """Count the images (or latents) of a batch that hold NaN or inf in a warning that names what can cause
+    it: guidance above 1 extrapolates past the conditional velocity (it can blow up), guidance in [0, 1]
+    only mixes two finite velocities, so there the weights or the inputs hold non-finite or huge values.
+    Converted to pixels they would be black (NaN) or saturated (inf) images, without a word."""
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if not bad:
+        return
+    weights = "do the model's weights or inputs hold non-finite or huge values?"
+    if guidance > 1:
+        cause = f"is guidance={guidance:g} too large, or {weights}"
+    else:
+        cause = f"{weights} (guidance={guidance:g} cannot cause it)"
+    log.warning("%d of the %d images are NaN or inf (black or saturated pixels): %s", bad, len(images), cause)
+
+
+def cut_note(
+    cut: int, prompts: int | None, limits: str, negative: bool = False, images: Sequence[int] = ()
+) -> str | None:
     """What a sampling call cut to the text encoders' ``limits`` (TextToImage.limits), as `fusedit sample`'s
     log and a `fusedit serve` job's notice both say it: ``cut`` of ``prompts`` prompts (1 or None: the call's
     one prompt, None where it is sampled for each image, as a serve job's is), and with ``negative`` the
-    negative prompt; None when nothing was cut."""
+    negative prompt; None when nothing was cut. ``images``: the numbers of the cut prompts' images in a
+    sample folder, in order, of which the first three are named (NNNNN.png), so that "2 of the 50 prompts"
+    says which (h-sample R5)."""
     if cut and prompts in (None, 1):
         if negative:
             return f"the prompt and the negative prompt are longer than {limits} tokens: their ends were cut"
         return f"the prompt is longer than {limits} tokens: its end was cut"
     too = " (the negative prompt's too)" if negative else ""
+    which = ""
+    if images:
+        which = " (" + ", ".join(f"{i:05d}.png" for i in images[:3]) + (", ...)" if len(images) > 3 else ")")
     if cut == 1:
-        return f"1 of the {prompts} prompts was longer than {limits} tokens: its end was cut{too}"
+        return f"1 of the {prompts} prompts{which} was longer than {limits} tokens: its end was cut{too}"
     if cut:
-        return f"{cut} of the {prompts} prompts were longer than {limits} tokens: their ends were cut{too}"
+        return f"{cut} of the {prompts} prompts{which} were longer than {limits} tokens: their ends were cut{too}"
     if negative:
         return f"the negative prompt is longer than {limits} tokens: its end was cut"
     return None
 
 
-def warn_cut_prompts(cut: int, prompts: int, limits: str, negative: bool = False) -> None:
+def warn_cut_prompts(
+    cut: int, prompts: int, limits: str, negative: bool = False, images: Sequence[int] = ()
+) -> None:
     """The warning (``cut_note``) for ``cut`` of ``prompts`` prompts cut to the text encoders' ``limits``
-    and, with ``negative``, for the negative prompt cut too: a call's, or a command's total at its end."""
-    note = cut_note(cut, prompts, limits, negative)
+    and, with ``negative``, for the negative prompt cut too: a call's, or a command's total at its end
+    (which names the first cut ``images``)."""
+    note = cut_note(cut, prompts, limits, negative, images)
     if note:
         log.warning("%s", note)

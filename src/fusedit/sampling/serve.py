@@ -23,7 +23,8 @@ box, the sampling settings, live progress and a gallery, over a small JSON API:
     GET  /images/<id>/<n>.png  image n of a job
 
 Both POSTs need ``Content-Type: application/json`` (the cancel's body is ignored): a page of another site
-cannot send that without a CORS preflight, which this server never grants.
+cannot send that without a CORS preflight, which this server never grants. A cancel with no body, no
+Content-Type and no Origin header (``curl -X POST``; a browser always sends its Origin) is taken too.
 
 Requests are answered on threads (``http.server.ThreadingHTTPServer``) but only one worker thread ever runs
 the model: jobs wait in a queue, so generations never run concurrently (a model is not safe to call from
@@ -171,6 +172,13 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _sent(value) -> str:
+    """A field's value as the client sent it, for an error: JSON's spelling (`true`, `null`, `[1]`) for
+    what is not a string; a string quoted as fusedit's other messages quote it. Python's repr said
+    "steps=True" to a client that sent `true` (h-sample R5)."""
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name)
     if _blank(value):
@@ -182,7 +190,7 @@ def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
         number = int(value)
     # bool is an int subclass, but `true` is not a step count.
     if not isinstance(number, int) or isinstance(number, bool):
-        raise RequestError(f"{name}={value!r} is not an integer (allowed: {low}..{high})")
+        raise RequestError(f"{name}={_sent(value)} is not an integer (allowed: {low}..{high})")
     if not low <= number <= high:
         raise RequestError(f"{name}={number} is out of range (allowed: {low}..{high})")
     return number
@@ -198,9 +206,9 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
             raise ValueError
         number = float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer beyond float's range
-        raise RequestError(f"{name}={value!r} is not a number ({allowed})") from None
+        raise RequestError(f"{name}={_sent(value)} is not a number ({allowed})") from None
     if not (math.isfinite(number) and low <= number <= high):
-        raise RequestError(f"{name}={value!r} is not allowed ({allowed})")
+        raise RequestError(f"{name}={_sent(value)} is not allowed ({allowed})")
     return number
 
 
@@ -210,7 +218,7 @@ def _choice(body: dict, name: str, default: str) -> str:
         return default
     allowed = choices_of(SampleConfig, name)  # now: the model's plugins may have registered more
     if value not in allowed:
-        raise RequestError(f"{name}={value!r} is not allowed (allowed: {', '.join(allowed)})")
+        raise RequestError(f"{name}={_sent(value)} is not allowed (allowed: {', '.join(allowed)})")
     return value
 
 
@@ -219,7 +227,7 @@ def _text(body: dict, name: str, default: str) -> str:
     if value is None:
         return default
     if not isinstance(value, str):
-        raise RequestError(f"{name}={value!r} is not a string")
+        raise RequestError(f"{name}={_sent(value)} is not a string")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(f"{name} has {len(value)} characters (allowed: at most {MAX_PROMPT_CHARS})")
     # JSON's \ud800-style escapes can spell lone surrogates, which no tokenizer takes: refused here rather
@@ -401,6 +409,11 @@ class JobQueue:
         with self._lock:
             job = self._jobs.get(job_id)
             return job.images[index] if job is not None and 0 <= index < len(job.images) else None
+
+    def running(self) -> bool:
+        """Whether a generation is running now: the Ctrl+C line speaks of one only then."""
+        with self._lock:
+            return any(job.status == "running" for job in self._jobs.values())
 
     def lost_on_exit(self) -> str:
         """What stopping the server loses, for its Ctrl+C line: the finished images of its jobs, which live in
@@ -730,7 +743,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # application/json makes a cross-site request from another page's script need a CORS preflight,
         # which this server never grants: only this page (and local tools) can queue or cancel work.
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        # A bare cancel (no Content-Type, no body: `curl -X POST .../cancel`) is a local tool's. A page of
+        # another site can send one without a preflight too, but a browser always adds its Origin: with
+        # one, the cancel still needs application/json.
+        bare = (
+            cancel is not None
+            and not content_type
+            and self.headers.get("Origin") is None
+            and self.headers.get("Content-Length", "0").strip() == "0"
+        )
+        if content_type != "application/json" and not bare:
             self._error(
                 415, f"Content-Type {content_type or 'none'!r} is not allowed (allowed: application/json)"
             )
