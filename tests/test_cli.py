@@ -1188,7 +1188,7 @@ def test_transformers_log_lines_are_written_above_progress_bars(monkeypatch):
 
 
 def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pretrained_drops_its_record(
-    tmp_path, caplog
+    tmp_path, caplog, monkeypatch
 ):
     """An export into an earlier export's folder keeps what the user put there; the earlier weights' eval/
     stays eval/ only where the weights are the same, else it moves aside, named after the weights it scored
@@ -1196,8 +1196,10 @@ def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pr
     anything moves: the folder is never left renamed away). save_pretrained over an export drops its
     fusedit_export.json, which would describe the earlier weights, and moves eval/ aside as an export does
     where it writes other weights."""
+    from types import SimpleNamespace
+
     from fusedit.checkpoints import load_model
-    from fusedit.pipeline import EXPORT_SOURCE, export_source, save_pretrained
+    from fusedit.pipeline import EXPORT_SOURCE, FuseDiTPipeline, export_source, save_pretrained
 
     run, pipe = _tiny_run(tmp_path), tmp_path / "pipe"
     assert main(["export", str(run), "--out", str(pipe), "--quiet"]) == 0
@@ -1238,6 +1240,22 @@ def test_a_re_export_of_other_weights_moves_the_earlier_scores_aside_and_save_pr
     model, cfg, _ = load_model(run, use_ema=False)
     save_pretrained(model, cfg, pipe)  # the raw weights over them, and no record left to name the EMA's
     assert not (pipe / "eval").exists() and (pipe / "eval-replaced" / "scores.md").read_text() == "ema"
+    # push_to_hub uploads the folder inside diffusers' save: eval/ is not in it then, and is back after.
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    uploaded = []
+    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(
+        pipeline_utils.DiffusionPipeline,
+        "_upload_folder",
+        lambda self, folder, *a, **kw: uploaded.append(sorted(p.name for p in Path(folder).iterdir())),
+        raising=False,
+    )
+    (pipe / "eval").mkdir()
+    save_pretrained(model, cfg, pipe)  # the same raw weights: this eval/ stays
+    FuseDiTPipeline.from_model(model, cfg).save_pretrained(str(pipe), push_to_hub=True, repo_id="me/pipe")
+    assert len(uploaded) == 1 and "eval" not in uploaded[0] and "transformer" in uploaded[0]
+    assert (pipe / "eval").is_dir() and not list(tmp_path.glob(".*eval-held"))
     assert (
         f"save_pretrained: {pipe / 'eval'} scored the weights this save_pretrained replaces: kept beside the new "
         f"scores as {pipe / 'eval-replaced'}" in caplog.text

@@ -76,7 +76,7 @@ from fusedit.vae import DiffusersAutoencoder, IdentityAutoencoder
 
 log = logging.getLogger(__name__)
 
-# Component names of the LLMs, in config order (text, extra_text[0], ...): diffusers builds a pipeline from
+# Component names of the LLMs, in config order (text, extra_text.0, ...): diffusers builds a pipeline from
 # its __init__ signature, so the number of LLMs a pipeline can hold is fixed here (LI-DiT uses two).
 LLM_SLOTS = [("tokenizer", "text_encoder")] + [(f"tokenizer_{i}", f"text_encoder_{i}") for i in (2, 3, 4)]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -237,7 +237,8 @@ class FuseDiTPipeline(DiffusionPipeline):
         record of what it was made from (EXPORT_SOURCE) is removed: these weights may come from anywhere
         (export_run writes its own afterwards). An eval/ there (`fusedit eval`'s results) stays only where
         the weights written are those it scored; else it moves aside, as export_run moves it (_scores_name),
-        so that it does not read as these weights' scores."""
+        so that it does not read as these weights' scores. With ``push_to_hub``, which uploads the folder
+        inside diffusers' save, eval/ is held beside the folder meanwhile: results are not the pipeline."""
         folder = Path(save_directory)
         # What eval/ scored, read before the weights it scored are overwritten.
         scored = (_fingerprint_or_none(folder), export_source(folder)) if (folder / "eval").is_dir() else None
@@ -250,11 +251,18 @@ class FuseDiTPipeline(DiffusionPipeline):
                 config.layer_types = list(types[: config.num_hidden_layers])
         # Before the save, so that a push_to_hub of the folder does not upload it either.
         (folder / EXPORT_SOURCE).unlink(missing_ok=True)
+        held = folder.with_name(f".{folder.name}.eval-held") if scored and kwargs.get("push_to_hub") else None
+        if held is not None:
+            os.replace(
+                folder / "eval", held
+            )  # a kill before it is back leaves it there, named for the folder
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
             for config, types in restore:
                 config.layer_types = types
+            if held is not None:
+                os.replace(held, folder / "eval")
         if scored is not None and (scored[0] is None or scored[0] != _fingerprint_or_none(folder)):
             os.replace(folder / "eval", folder / _replaced_scores_name(folder, scored[1], "save_pretrained"))
 
