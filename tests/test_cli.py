@@ -1076,6 +1076,13 @@ def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("fusedit: error (rank 1): model.pos_embed='nope' is not allowed")
     assert err.endswith("\n") and err.count("\n") == 1
+    # A machine's other processes read the same files: its local rank 0 says it, they say so in short.
+    monkeypatch.setattr("fusedit.cli.RANK_0_FIRST_S", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(bad) == 2
+    assert capsys.readouterr().err == (
+        "fusedit: error (rank 1): stopped at start-up, as this machine's local rank 0 did: its error says why\n"
+    )
 
 
 def test_log_lines_go_above_the_progress_bar(capsys, monkeypatch):

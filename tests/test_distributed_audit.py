@@ -4,6 +4,7 @@ line before any rendezvous, rather than waiting train.dist_timeout_s for peers t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -177,3 +178,237 @@ def test_consolidate_records_the_absolute_path_of_its_source(torchrun_env, tmp_p
     monkeypatch.chdir(tmp_path)
     consolidate_checkpoint("run", "plain")
     assert json.loads((tmp_path / "plain" / "state.json").read_text())["consolidated_from"] == str(ckpt)
+
+
+# --------------------------------------------------------------------------------------------------
+# Failure paths of a job (h-dist audit: B1, R1-R4)
+
+
+def test_half_a_torchrun_environment_is_refused_not_trained_as_one_process(torchrun_env):
+    for given, message in (
+        ({"WORLD_SIZE": "2"}, "environment variable WORLD_SIZE=2 is set without RANK, so this would train"),
+        ({"RANK": "1"}, "environment variable RANK=1 is set without WORLD_SIZE, so this would train"),
+    ):
+        torchrun_env(**given)
+        with pytest.raises(ConfigError, match=f"^{message} as one process \\(allowed: both, as torchrun"):
+            setup("cpu", timeout_s=3)
+    for given in ({"WORLD_SIZE": "1"}, {"RANK": "0"}):  # a one-process job either way
+        torchrun_env(**given)
+        assert setup("cpu", timeout_s=3).distributed is False
+
+
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
+def test_a_missing_store_address_is_refused_in_one_line(torchrun_env, monkeypatch, missing):
+    torchrun_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    monkeypatch.delenv(missing)
+    with pytest.raises(
+        ConfigError, match=f"^environment variable {missing} is not set \\(allowed: launch with"
+    ):
+        setup("cpu", timeout_s=3)
+    assert not dist.is_initialized()
+
+
+def test_a_process_group_that_cannot_be_joined_stops_the_command_in_one_line(torchrun_env, tmp_path, capsys):
+    """Rank 1 of 2 whose rank 0 never comes (no store at MASTER_PORT): torch's DistNetworkError traceback
+    was printed; now one line with what a rerun does."""
+    from fusedit.cli import main
+
+    torchrun_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    config = tmp_path / "cfg.yaml"
+    save_config(tiny_config(train={"device": "cpu", "steps": 1, "dist_timeout_s": 2}), config)
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "fusedit: error (rank 1): could not join the job's process group (DistNetworkError: "
+    )
+    assert err.endswith(
+        f"; a process waits train.dist_timeout_s=2 s for the others); no checkpoint was saved yet in "
+        f"{tmp_path / 'run'}; rerun the same command to start again\n"
+    )
+    assert err.count("\n") == 1
+    assert not dist.is_initialized()
+
+
+def test_only_an_error_rank_0_met_too_is_left_to_rank_0(monkeypatch):
+    """A rank other than 0 stays quiet about a start-up refusal only when rank 0 posted the same one; its
+    own error (a data share of its own) it prints."""
+    import torch
+
+    from fusedit.train import distributed
+
+    store = dist.HashStore()
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    rank = [distributed.DistEnv(r, 2, r, torch.device("cpu"), True) for r in (0, 1)]
+    assert distributed.said_by_rank_0(ConfigError("train.parallel=none with 2 processes"), rank[0]) is False
+    assert distributed.said_by_rank_0(ConfigError("train.parallel=none with 2 processes"), rank[1]) is True
+    assert distributed.said_by_rank_0(ConfigError("rank 1's shard is empty"), rank[1], wait_s=0.2) is False
+    assert distributed.said_by_rank_0(ConfigError("anything"), distributed.DistEnv()) is False
+
+
+# A rank of a job: `fusedit train` whose training (loop._train) fails as argv[1] says. The objects its frame
+# and its error hold stand for the DDP wrapper of B1: freed while the process group is up, they go quietly;
+# freed after it was destroyed, they never return, as gloo's destructor deadlocked (it joined a worker
+# thread that waited for the GIL the freeing thread held). A surviving rank printed its line and hung, with
+# no torchrun left to end it. The frame's is freed before the group is (released_on_failure); the error's
+# only when the error is, which a rank that ends its process never does (end_process).
+_FAILING_RANK = r"""
+import sys
+import threading
+
+import torch.distributed as dist
+
+from fusedit.cli import main
+from fusedit.train import loop
+
+
+class FreedLate:
+    def __del__(self):
+        if not dist.is_initialized():
+            threading.Event().wait()
+
+
+def fail(*args, **kwargs):
+    held = FreedLate()
+    if sys.argv[1] == "peer":
+        error = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    elif sys.argv[1] == "interrupt":
+        error = KeyboardInterrupt()
+    else:
+        error = ValueError(f"a bug, with {held} in its frame")
+    error.held = FreedLate()
+    raise error
+
+
+if sys.argv[1] != "none":
+    loop._train = fail
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+# Seconds a rank may take to start (import torch, read the config) and fail; the hang it guards against is
+# forever.
+_RANK_TIMEOUT = 120
+
+
+def _job(tmp_path, world: int, failure: str, *train_args: str) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each rank of a ``world``-process `fusedit train` job (rank order), started
+    as torchrun starts them, with the job's store served here as torchrun's agent serves it (it outlives
+    rank 0)."""
+    config = tmp_path / "cfg.yaml"
+    if not config.exists():
+        save_config(tiny_config(train={"device": "cpu", "steps": 2, "dist_timeout_s": 60}), config)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("TORCHELASTIC")}
+    env.update(
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(store.port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        OMP_NUM_THREADS="1",
+    )
+    argv = ["train", str(config), "--out", str(tmp_path / "run"), "--quiet", *train_args]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FAILING_RANK, failure, *argv],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in range(world)
+    ]
+    try:
+        errs = [proc.communicate(timeout=_RANK_TIMEOUT)[1] for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank of the job did not end within {_RANK_TIMEOUT} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return [(proc.returncode, err) for proc, err in zip(procs, errs)]
+
+
+def test_a_rank_that_lost_its_peer_prints_one_line_and_ends(tmp_path):
+    ranks = _job(tmp_path, 2, "peer")
+    for rank, (status, err) in enumerate(ranks):
+        assert status == 2, err[-3000:]
+        assert err == (
+            f"fusedit: error (rank {rank}): another process of the job failed or stopped answering (RuntimeError: "
+            "Read error: Connection reset by peer; a process waits train.dist_timeout_s=60 s for the others): "
+            "that process's own error, printed above or in its log, may say why and what to change first; no "
+            f"checkpoint was saved yet in {tmp_path / 'run'}; rerun the same command to start again\n"
+        )
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "said"),
+    [
+        (
+            "interrupt",
+            130,
+            "fusedit: interrupted: no checkpoint was saved yet in {run}; rerun the same command",
+        ),
+        ("bug", 1, "ValueError: a bug, with <__main__.FreedLate object at 0x"),
+    ],
+)
+def test_an_interrupted_or_failed_rank_ends_after_its_message(tmp_path, failure, status, said):
+    """A torchrun job of one process (a group joined, as under torchrun): Ctrl+C keeps its one line and 130,
+    a bug its traceback and Python's 1, and neither waits on what its traceback holds."""
+    ((got, err),) = _job(tmp_path, 1, failure)
+    assert got == status, err[-3000:]
+    assert said.format(run=tmp_path / "run") in err
+    assert ("Traceback (most recent call last):" in err) is (failure == "bug")
+
+
+def test_a_start_up_refusal_is_printed_by_rank_0_alone(tmp_path):
+    """Every rank met the same refusal (after the ranks met: train.parallel=none; before: a misspelt key,
+    which each machine's local rank 0 prints, as a file may be missing on one machine only): rank 0 prints
+    it, the other ranks a short line, with the same status."""
+    short = "fusedit: error (rank 1): stopped at start-up, as rank 0 did: its error says why\n"
+    (zero, one) = _job(tmp_path, 2, "none", "train.parallel=none")
+    assert zero == (
+        2,
+        "fusedit: error (rank 0): train.parallel=none with 2 processes would train unsynchronised copies "
+        "(allowed: ddp, fsdp; or launch one process)\n",
+    )
+    assert one == (2, short)
+    (zero, one) = _job(tmp_path, 2, "none", "train.stpes=3")
+    assert zero[0] == 2 and zero[1].startswith("fusedit: error (rank 0): ") and "stpes" in zero[1]
+    assert one == (2, short.replace("as rank 0 did", "as this machine's local rank 0 did"))
+
+
+def test_a_failing_rank_frees_its_frames_before_it_leaves_the_group(torchrun_env, tmp_path, monkeypatch):
+    """What the failure's frames hold (the DDP wrapper, and through its reducer the process group) is freed
+    while the group is still up, so that torch's destroy_process_group drops the group's last reference,
+    not the error's late freeing (B1's deadlock)."""
+    import weakref
+
+    from fusedit.config import RunStopped
+    from fusedit.train import distributed, loop
+
+    class Wrapper:
+        pass
+
+    refs = []
+
+    def fail(*args, **kwargs):
+        wrapper = Wrapper()
+        refs.append(weakref.ref(wrapper))
+        raise RunStopped("the launcher is gone", "kept")
+
+    at_teardown = []
+    teardown = distributed.teardown
+
+    def record(env):
+        at_teardown.append(refs[0]() is None)
+        teardown(env)
+
+    monkeypatch.setattr(loop, "_train", fail)
+    monkeypatch.setattr(distributed, "teardown", record)
+    torchrun_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a group is joined, as under torchrun
+    with pytest.raises(RunStopped, match="^the launcher is gone; kept$"):
+        loop.train(tiny_config(train={"device": "cpu", "steps": 1}), tmp_path / "run", progress=False)
+    assert at_teardown == [True]
+    assert not dist.is_initialized()

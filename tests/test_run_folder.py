@@ -166,7 +166,8 @@ def test_two_ranks_refuse_an_unshared_or_busy_folder_and_stop_in_one_line(tmp_pa
         )
         assert got["peer", rank] == (
             "RunStopped: another process of the job failed or stopped answering (RuntimeError: Read error: "
-            "Connection reset; a process waits train.dist_timeout_s=60 s for the others); no checkpoint was "
+            "Connection reset; a process waits train.dist_timeout_s=60 s for the others): that process's own "
+            "error, printed above or in its log, may say why and what to change first; no checkpoint was "
             f"saved yet in {tmp_path / 'peer'}: train again to start over"
         )
         assert got["launcher", rank].startswith("RunStopped: the launcher that started this process (pid ")

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+import traceback
 
 from fusedit.cli.bench import _add_bench_parser
 from fusedit.cli.describe import _add_config_parser, _add_describe_parser, _add_presets_parser
@@ -21,6 +23,9 @@ from fusedit.cli.runs import (
 from fusedit.cli.sample import _add_sample_parser, _add_serve_parser
 from fusedit.cli.train import _add_demo_parser, _add_train_parser
 from fusedit.config import ConfigError, RunStopped
+
+# How long a rank other than 0 waits to exit after rank 0's start-up error (_error_said_by).
+RANK_0_FIRST_S = 2.0
 
 # One function per subcommand, in the order `fusedit --help` lists them.
 _SUBCOMMANDS = (
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("huggingface_hub").propagate = False
     progress = not getattr(args, "quiet", False)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for records (fusedit bench)
+    joined = _groups_joined()  # a process group joined by this command ends it with os._exit on an error
     try:
         if "WORLD_SIZE" in os.environ and args.command not in _SEVERAL_PROCESSES + _REFUSE_THEMSELVES:
             from fusedit.train.distributed import refuse_several_processes
@@ -159,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     # outcome outside the code an OSError (a missing or unwritable file, a full disk, CheckpointNotSaved);
     # FloatingPointError: training stopped at train.max_bad_steps NaN/inf steps in a row (its message says
     # what to change). Each is one line. A plain ValueError or TypeError is a bug: it keeps its traceback.
+    # Each handler ends a process that joined a process group inside the handler, before the error (and the
+    # DDP wrapper its traceback holds) is freed: _leave.
     except (ConfigError, OSError, FloatingPointError, RunStopped) as e:
-        return _error(str(e))
+        said_by = getattr(e, "said_by", None)  # another rank prints this same error (cmd_train, train)
+        if said_by:
+            return _leave(_error_said_by(said_by), joined)
+        return _leave(_error(str(e)), joined)
     except KeyboardInterrupt as e:
         # Ctrl+C: one line of what was kept, not a traceback of wherever the work happened to be; 130 is
         # the shell's status for a command stopped by SIGINT.
@@ -168,17 +179,57 @@ def main(argv: list[str] | None = None) -> int:
         _error(
             str(e) or (early if args.command in _WRITE_WHEN_KEPT else "stopped before the end"), "interrupted"
         )
-        return 130
+        return _leave(130, joined)
     except RuntimeError as e:
         # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the
         # size of what was asked for, not a bug: one line, not a traceback. Any other RuntimeError is a bug.
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first:
+            _leave_after_traceback(joined)
             raise
-        return _error(
-            f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or model, "
-            "or a device with more memory)"
+        return _leave(
+            _error(
+                f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or "
+                "model, or a device with more memory)"
+            ),
+            joined,
         )
+    except Exception:  # a bug: its traceback
+        _leave_after_traceback(joined)
+        raise
+
+
+def _groups_joined() -> int:
+    """How many process groups this process has joined (0 where the training code was never imported)."""
+    distributed = sys.modules.get("fusedit.train.distributed")
+    return distributed.groups_joined() if distributed is not None else 0
+
+
+def _leave(status: int, joined: int) -> int:
+    """``status``, returned; or, where the command joined a process group (a `fusedit train` under torchrun),
+    the process ended with it at once: unwinding can deadlock there (distributed.end_process)."""
+    if _groups_joined() > joined:
+        from fusedit.train.distributed import end_process
+
+        end_process(status)
+    return status
+
+
+def _leave_after_traceback(joined: int) -> None:
+    """A bug's traceback, as Python prints an uncaught one, and its status 1, for a command that joined a
+    process group (_leave); any other goes on raising."""
+    if _groups_joined() > joined:
+        traceback.print_exc()
+        _leave(1, joined)
+
+
+def _error_said_by(who: str) -> int:
+    """The short line of a rank that stopped at start-up with the error ``who`` (rank 0, or its machine's
+    local rank 0) prints: not 32 copies of one refusal on 4 nodes x 8 GPUs. It exits a moment later:
+    torchrun stops every rank as soon as one exits with an error, and ``who`` is to print it first."""
+    status = _error(f"stopped at start-up, as {who} did: its error says why")
+    time.sleep(RANK_0_FIRST_S)
+    return status
 
 
 def _error(message: str, what: str = "error") -> int:

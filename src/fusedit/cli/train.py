@@ -35,6 +35,13 @@ def _warn_other_files(out: Path) -> None:
         )
 
 
+def _local_rank_of_several() -> int:
+    """This process's LOCAL_RANK in a torchrun job of several processes; 0 otherwise (train() refuses
+    nonsense)."""
+    local, world = os.environ.get("LOCAL_RANK", ""), os.environ.get("WORLD_SIZE", "")
+    return int(local) if local.isdigit() and world.isdigit() and int(world) > 1 else 0
+
+
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
     from fusedit.checkpoints import redone_steps
@@ -54,10 +61,17 @@ def cmd_train(args) -> int:
     from fusedit.train.loop import train
     from fusedit.train.run_folder import RunExists
 
-    if args.stop_at is not None and args.stop_at < 1:
-        raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
     folders: list[Path] = []  # the model folders the config came from
-    cfg = load_config(args.config, args.overrides, folders=folders)
+    try:
+        if args.stop_at is not None and args.stop_at < 1:
+            raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
+        cfg = load_config(args.config, args.overrides, folders=folders)
+    except ConfigError as e:
+        # The processes of one machine read the same command line and files: its local rank 0 prints the
+        # error. Not left to rank 0 across machines: a file missing on one node only is that node's error.
+        if _local_rank_of_several() > 0:
+            e.said_by = "this machine's local rank 0"
+        raise
     if args.stop_at is not None and args.stop_at > cfg.train.steps:
         log.warning(
             "--stop-at %d is beyond train.steps=%d: the run ends at step %d first",
@@ -82,7 +96,9 @@ def cmd_train(args) -> int:
             )
     except RunExists as e:  # a forgotten --resume would lose the run: train() refuses, worded for the flags
         advice = "pass --resume to continue it, --overwrite to delete it and start over, or another --out"
-        raise RunExists(e.run_dir, e.step, advice) from None
+        worded = RunExists(e.run_dir, e.step, advice)
+        worded.said_by = getattr(e, "said_by", None)  # train(): rank 0 refuses alike
+        raise worded from None
     except RunStopped as e:  # what is kept, and the command that goes on, for the flags given
         raise RunStopped(e.reason, _train_kept(out, args, started)) from e
     if result.get("rank", 0) != 0:

@@ -9,10 +9,14 @@ nothing but the modules' parameters (DTensor shards) and forward hooks.
 from __future__ import annotations
 
 import contextlib
+import gc
+import hashlib
 import inspect
 import logging
 import os
 import re
+import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,10 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusedit.config import ConfigError
+from fusedit.config import ConfigError, RunStopped
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
+
+# How many process groups this process has initialised (setup): from then on its backend's threads may hold
+# work that a late destructor waits for (end_process).
+_joined = 0
+
+# How long a rank other than 0 waits for rank 0 to report the same start-up error (said_by_rank_0).
+SAME_ERROR_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,23 @@ class DistEnv:
 def launched_by_torchrun() -> bool:
     """torchrun (torch.distributed.run) sets RANK/WORLD_SIZE/LOCAL_RANK for every worker it starts."""
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
+
+
+def _refuse_half_a_launch() -> None:
+    """RANK without WORLD_SIZE, or WORLD_SIZE without RANK, naming a job of several processes: a launcher's or
+    a job script's mistake, which would otherwise train silently as one process (a lone RANK=0 or
+    WORLD_SIZE=1 is a one-process job either way)."""
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in os.environ]
+    if len(given) != 1:
+        return
+    name = given[0]
+    value = _env_int(name)
+    if value > (0 if name == "RANK" else 1):
+        missing = "WORLD_SIZE" if name == "RANK" else "RANK"
+        raise ConfigError(
+            f"environment variable {name}={value} is set without {missing}, so this would train as one "
+            f"process (allowed: both, as torchrun sets them, or neither for a one-process run)"
+        )
 
 
 def refuse_several_processes(what: str, each: str, instead: str) -> None:
@@ -118,24 +146,127 @@ def setup(device_name: str, timeout_s: float = 1800) -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, True, False)
+    _refuse_half_a_launch()
     if not launched_by_torchrun():
         return DistEnv(device=local_device(device_name, 0))
     if not dist.is_available():
         raise RuntimeError("launched by torchrun, but this torch build has no torch.distributed")
     rank, world, local_rank = torchrun_ranks()
+    _check_store_address()
     device = local_device(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         # Before init: NCCL binds each process's communicator to its current device.
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    except RuntimeError as e:
+        # The rendezvous timing out, or peers that do not connect (gloo's connectFullMesh after a torchrun
+        # --max-restarts relaunch on torch 2.13, docs/multi-node.md): the job's network, not a bug. This
+        # rank's own backend fault (a bad CUDA device) keeps its traceback.
+        if not (isinstance(e, dist.DistError) or peer_failure(e)):
+            raise
+        raise RunStopped(
+            f"could not join the job's process group ({error_summary(e)}; a process waits "
+            f"train.dist_timeout_s={timeout_s:g} s for the others)",
+            "nothing was trained in this launch: relaunch the command",
+        ) from e
+    global _joined
+    _joined += 1
     return DistEnv(rank, world, local_rank, device, True, True)
+
+
+def _check_store_address() -> None:
+    """MASTER_ADDR and MASTER_PORT, where the processes meet (torchrun sets both): torch's own error for a
+    missing one is a traceback."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ConfigError(
+                f"environment variable {name} is not set (allowed: launch with torchrun, which sets it, or "
+                "set MASTER_ADDR and MASTER_PORT to where rank 0 listens)"
+            )
+    _env_int("MASTER_PORT")
+
+
+def error_summary(error: BaseException) -> str:
+    """The type and first line of a backend's error, without gloo's source location and boilerplate:
+    "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..." says
+    "RuntimeError: Connection closed by peer [...]:3998"."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:300]
+    return f"{type(error).__name__}: {first}"
+
+
+def said_by_rank_0(error: ConfigError, env: DistEnv, wait_s: float = SAME_ERROR_WAIT_S) -> bool:
+    """Whether rank 0 stops with this same error (a refusal every rank meets alike: a config check, the
+    run folder's lock), so that only rank 0 need print it, not every one of 32 ranks. Rank 0 posts each
+    error in the job's store; another rank waits up to ``wait_s`` for its own to show there. An error of
+    this rank alone (its data share, say) never shows, and is printed by the rank that met it."""
+    if not (env.distributed and env.world_size > 1 and dist.is_initialized()):
+        return False
+    key = "fusedit/stopped/" + hashlib.sha256(str(error).encode()).hexdigest()
+    try:
+        # The store the process group was made with (torchrun's, which outlives rank 0): private, as torch
+        # has no public accessor; where it is missing every rank prints its error, as before.
+        store = dist.distributed_c10d._get_default_store()
+        if env.is_main:
+            store.set(key, "1")
+            return False
+        store.wait([key], timedelta(seconds=wait_s))
+    except (AttributeError, RuntimeError, ValueError):
+        # Not posted in time (rank 0 met another error, or none), or the store is gone.
+        return False
+    return True
+
+
+def groups_joined() -> int:
+    """How many process groups this process has initialised so far (a caller compares before and after)."""
+    return _joined
+
+
+def end_process(status: int) -> None:
+    """End this process with ``status`` now, once its error line is out: for a process that joined a process
+    group (groups_joined), where unwinding further can deadlock. The error's traceback holds the DDP wrapper,
+    whose reducer holds the last reference to the process group; freeing it (with the GIL held) joins a gloo
+    worker thread that waits for the GIL to finish a pending collective. Once torchrun is gone nothing would
+    end such a process, and rank 0's would keep the run folder's lock. The lock, like every open file and
+    the GPU's memory, goes with the process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing more to say
+            stream.flush()
+    os._exit(status)
+
+
+@contextlib.contextmanager
+def released_on_failure(env: DistEnv) -> Iterator[None]:
+    """A failure in the block frees what its frames hold (the DDP wrapper, whose reducer holds the process
+    group) before it leaves, and the group is destroyed (teardown): the group's last reference is then
+    dropped by torch's own destroy_process_group, which runs gloo's destructor without the GIL. Dropped
+    instead by the reducer, when the error is freed later, that destructor holds the GIL while it joins a
+    worker thread that waits for it: a deadlock (end_process). The traceback keeps its lines, not the
+    locals of its frames."""
+    try:
+        yield
+    except BaseException as e:
+        if env.owns_group:
+            seen: set[int] = set()
+            pending: list[BaseException | None] = [e]
+            while pending:
+                error = pending.pop()
+                if error is None or id(error) in seen:
+                    continue
+                seen.add(id(error))
+                traceback.clear_frames(error.__traceback__)  # frames still running are skipped
+                pending += [error.__cause__, error.__context__]
+            gc.collect()  # a module's reference cycles
+        raise
 
 
 def teardown(env: DistEnv) -> None:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -158,7 +157,11 @@ def train(
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         # One job per run folder, seen by every rank: checked before anything is read, built or deleted.
-        with distributed.quiet_unless_main(env), hold_run_folder(Path(run_dir), env):
+        with (
+            distributed.released_on_failure(env),
+            distributed.quiet_unless_main(env),
+            hold_run_folder(Path(run_dir), env),
+        ):
             if not (resume or overwrite):  # a re-run notebook cell, a forgotten resume=True: the run is lost
                 refuse_a_run(run_dir)  # under the lock: no other job adds a checkpoint in between
             return _train(cfg, Path(run_dir), env, resume=resume, stop_at=stop_at, progress=progress)
@@ -167,16 +170,22 @@ def train(
         if hasattr(e, "add_note"):  # Python 3.11 and later
             e.add_note(how_to_go_on(Path(run_dir), replaced_before))
         raise
+    except ConfigError as e:
+        # A refusal every rank meets alike (a config check, the lock) is printed by rank 0 alone
+        # (`fusedit train` reads the mark); the library raises it on every rank all the same.
+        if distributed.said_by_rank_0(e, env):
+            e.said_by = "rank 0"
+        raise
     except CheckpointNotSaved as e:  # a full disk, say: what failed, then the checkpoint a resume takes
         raise RunStopped(str(e), how_to_go_on(Path(run_dir), replaced_before)) from e
     except RuntimeError as e:
         if env.world_size > 1 and distributed.peer_failure(e):
-            # gloo's: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [...]:3998. This is ..."
-            first = (str(e).strip().splitlines() or [""])[0]
-            first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:300]
+            # The failed process says why in its own error (a traceback, a data error of its share): this
+            # rank only lost it, and cannot tell whether the same command would fail again.
             raise RunStopped(
-                f"another process of the job failed or stopped answering ({type(e).__name__}: {first}; a "
-                f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others)",
+                f"another process of the job failed or stopped answering ({distributed.error_summary(e)}; a "
+                f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others): that "
+                "process's own error, printed above or in its log, may say why and what to change first",
                 how_to_go_on(Path(run_dir), replaced_before),
             ) from e
         raise
