@@ -572,3 +572,22 @@ def test_a_further_llms_errors_name_its_setting_as_an_override_writes_it(overrid
 
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         load_config("debug-lidit", [override])
+
+
+def test_trainings_first_cut_warning_names_the_llm_that_cut(tmp_path, caplog):
+    """Two LLMs with their own limits: a run whose captions only the second LLM cuts says the limit to
+    raise, extra_text.0.max_length, not every limit of the model (over micro-steps too)."""
+    import logging
+    from dataclasses import replace
+
+    cfg = lidit()
+    cfg = replace(
+        cfg,
+        extra_text=[replace(cfg.extra_text[0], max_length=4)],
+        data=replace(cfg.data, caption_dropout=0.0),
+        train=replace(cfg.train, steps=1, batch_size=2, grad_accum=2),
+    )
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        train(cfg, tmp_path / "run", progress=False)
+    first = [r.getMessage() for r in caplog.records if "later truncations are only" in r.getMessage()]
+    assert len(first) == 1 and " longer than extra_text.0.max_length=4 tokens " in first[0]

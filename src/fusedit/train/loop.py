@@ -617,7 +617,8 @@ class _Run:
                     '(metrics.jsonl\'s "truncated", and a total at the end)',
                     step + 1,
                     some,
-                    self.model.limits_of(train_step.cut_limits),
+                    # Another process may have cut at another limit: then every limit is named.
+                    self.model.limits_of(train_step.cut_limits if self.env.world_size == 1 else ()),
                     "was" if truncated == 1 else "were",
                     example,
                 )
@@ -891,10 +892,10 @@ class _Step:
         self.first_row = env.rank * self.micro * self.accum  # this rank's rows in the step's global batch
         self.autocasts = StepAutocasts.of(tc, env.device)  # resolved once, entered every micro-step
         self.params = opts.parameters()  # every trained weight: clipped together
-        # The first caption this rank's encoders cut and the limits that cut it (PromptCut.limits), for the
-        # run's warning.
+        # The first caption this rank's encoders cut, and the limits that cut its captions (PromptCut.limits),
+        # for the run's warning.
         self.cut_example: str | None = None
-        self.cut_limits: list[str] = []
+        self.cut_limits: set[str] = set()
         # The LLMs' weights, whose gradients DDP (wrapping the denoiser alone) does not average.
         self.llm_params = [
             p for key, o in opts.by_module.items() if key != DENOISER for p in o.param_groups[0]["params"]
@@ -917,8 +918,8 @@ class _Step:
             loss, cut, limits = self.micro_step(step, m, batch, keep, times)
             loss_sum += loss
             truncated += len(cut)
-            if cut and self.cut_example is None:
-                self.cut_example, self.cut_limits = cut[0], limits
+            self.cut_example = self.cut_example or next(iter(cut), None)
+            self.cut_limits.update(limits)
         distributed.average_gradients(self.llm_params, self.env)
         # This rank's truncated prompts ride on the loss's all-reduce (no collective of their own);
         # full_like fills on the device, where a copy from the host would wait for the step's kernels.
