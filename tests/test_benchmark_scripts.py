@@ -211,7 +211,9 @@ def test_profile_demo_step_splits_a_step_and_times_fusedit_trains_own_loop(monke
         "fusedit train, per step",
     ]
     ms = [float(line[28:].split()[0]) for line in lines]
-    assert abs(sum(ms[:4]) - ms[4]) <= 0.25 and all(m > 0 for m in ms)  # printed to 0.1 ms
+    # Printed to 0.1 ms. The loop's figure is a difference of two runs' times, one step apart here: on a
+    # busy machine it may come out at or below 0, so only the parts (timed directly) must be positive.
+    assert abs(sum(ms[:4]) - ms[4]) <= 0.25 and all(m > 0 for m in ms[:5])
     assert lines[-1].endswith(" ms over the parts)")
     with pytest.raises(SystemExit):
         run_script("profile_demo_step.py", ["--repeats", "0"], monkeypatch)
