@@ -57,6 +57,14 @@ def one_image(model, **kwargs):
     return generate(model, ["a red circle"], **{"image_size": 16, "steps": 1, **kwargs})
 
 
+def test_generate_builds_no_autograd_graph(model):
+    """Sampling keeps no graph of its steps (the denoiser's weights require grad after a load): with one,
+    every step's activations would stay in memory until the images are freed."""
+    assert any(p.requires_grad for p in model.denoiser.parameters())
+    images, cut = generate(model, ["a red circle"], image_size=16, steps=2, guidance=2.0, return_cut=True)
+    assert not images.requires_grad and images.grad_fn is None
+
+
 # ---- B3: prompts are a list
 
 

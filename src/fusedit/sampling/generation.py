@@ -364,7 +364,6 @@ def sample_settings(cfg: Config, **overrides) -> dict:
     return settings
 
 
-@torch.no_grad()
 def _checked_generate_args(
     model: TextToImage,
     prompts: list[str],
@@ -420,6 +419,7 @@ def _checked_generate_args(
     return prompts, device, dtype, noise
 
 
+@torch.no_grad()
 def generate(
     model: TextToImage,
     prompts: list[str],
