@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import re
@@ -28,6 +27,7 @@ from fusedit.config import (
     check_fields,
     choices_of,
     is_shallow,
+    model_identity,
     text_sections,
     tokenizes_builtin,
     uses_builtin_tokenizer,
@@ -380,7 +380,7 @@ def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None
     would feed the LLM other tokens than it was trained on, without an error. A tokenizer in another LLM's
     folder (its config.json names another model type) is warned about the same way. The first warning
     that applies is the one given."""
-    other = _model_type_at(tcfg.tokenizer)
+    other = (model_identity(tcfg.tokenizer) or {}).get("model_type")
     if other is not None and other != config.model_type:
         log.warning(
             "%s.tokenizer=%r is the tokenizer of a %s model but %s.model_id=%r is a %s LLM: is it this LLM's "
@@ -408,15 +408,6 @@ def _warn_other_tokenizer(key: str, tcfg: TextConfig, tokenizer, config) -> None
             tcfg.model_id,
             theirs,
         )
-
-
-def _model_type_at(folder: str) -> str | None:
-    """The model_type of the config.json in local ``folder``, or None (no folder, no config, not one)."""
-    try:
-        model_type = json.loads((Path(folder).expanduser() / "config.json").read_bytes()).get("model_type")
-    except (OSError, ValueError, AttributeError):  # absent, not JSON, or not a JSON object
-        return None
-    return model_type if isinstance(model_type, str) else None
 
 
 def build_model(

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from fusedit.adapters import is_adapter_key
 from fusedit.config import llm_head_dim
 from fusedit.models.blocks import CrossAttention, ImageAttentionBase, JointBlock
 from fusedit.text.refiner import TokenAttention
 
 _PER_IMAGE = ("time", "modulation", "final_norm", "pooled", "gates")
-# peft's LoRA factors: q.lora_A.default, q.lora_B.default beside q.base_layer
-_ADAPTERS = ("lora_A", "lora_B")
-
-
-def _adapter(name: str) -> bool:
-    return any(p in _ADAPTERS for p in name.split("."))
 
 
 def _linear(m: nn.Linear, tokens: int) -> int:
@@ -58,7 +53,7 @@ def denoiser_flops(
     read = _text_width(denoiser, widths, leads)
     total = 0
     for name, m in denoiser.named_modules():
-        if _adapter(name):
+        if is_adapter_key(name):  # peft's LoRA factors (q.lora_A.default) beside q.base_layer
             continue
         parts = name.split(".")
         branch = _branch(parts)
@@ -93,7 +88,7 @@ def llm_flops(llm: nn.Module, num_text: int) -> int:
     linears = sum(
         _linear(m, num_text)
         for name, m in llm.named_modules()
-        if isinstance(m, nn.Linear) and not _adapter(name)
+        if isinstance(m, nn.Linear) and not is_adapter_key(name)
     )
     attention = len(llm.layers) * 4 * num_text * num_text * cfg.num_attention_heads * llm_head_dim(cfg)
     return linears + attention

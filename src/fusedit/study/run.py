@@ -357,7 +357,7 @@ def _run_design(design: Design, study: Study, out_dir: Path, index: str, progres
     status = _status(found, cfg.train.steps)
     if status == "reused":
         log.info("%s %s: trained, scores and grid present, nothing to do", index, label)
-        return _result(design, run_dir, status, found.scores, row_name(found.ckpt, found.weights["ema"]))
+        return _reused_result(design, found, out_dir)
     scores, need_grid = found.scores, not found.grid_current
     if found.step is None or found.step < cfg.train.steps:
         if found.step is None:
@@ -431,6 +431,11 @@ def _earlier_result(design: Design, study: Study, out_dir: Path) -> dict | None:
     found = _found(design, study, out_dir)
     if _status(found, design.config.train.steps) != "reused":
         return None
+    return _reused_result(design, found, out_dir)
+
+
+def _reused_result(design: Design, found: _Found, out_dir: Path) -> dict:
+    """The result of a design whose run, scores and grid an earlier call left (``found``: _found's)."""
     row = row_name(found.ckpt, found.weights["ema"])
     return _result(design, out_dir / "runs" / design.label, "reused", found.scores, row)
 
@@ -738,11 +743,11 @@ def run_study(
         # The report is written here too (the first design's interruption left none), saying what the
         # interrupted design keeps: its last checkpoint, and the steps past it that the rerun trains again.
         bar.close()
-        write_outputs(study, _in_study_order(study, results), out)
+        pending = write_outputs(study, _in_study_order(study, results), out)["pending_status"]
         if design is None or design.label in results:  # before the first design, or between two
             raise KeyboardInterrupt(kept) from None
         where = f"design {design.label!r} ({i + 1} of {len(chosen)})"
-        raise KeyboardInterrupt(f"{where} {pending_status(design, study, out)}; {kept}") from None
+        raise KeyboardInterrupt(f"{where} {pending[design.label]}; {kept}") from None
     bar.close()
     log.info(
         "study %s: done in %.0fs (%s); report in %s",
