@@ -241,6 +241,13 @@ def load_state(ckpt: Path) -> dict:
     return state
 
 
+def run_of(where: Path) -> Path | None:
+    """The run folder of the checkpoint folder ``where`` (RUN/checkpoints/step_N); None for a pipeline
+    folder or a checkpoint outside a run."""
+    run = where.parent.parent
+    return run if where.parent.name == "checkpoints" and (where / "state.json").is_file() else None
+
+
 def redone_steps(run_dir: Path, ckpt: Path) -> str:
     """The steps a stopped run trained past its last checkpoint ``ckpt`` (to the last one metrics.jsonl
     logged), which a resume trains again, as a note: " (steps 101-169 are redone)"; "" when none. What

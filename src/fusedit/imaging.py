@@ -424,9 +424,10 @@ def plot_grouped_bars(
     values = [float(v) for label in labels for v in series[label] if math.isfinite(float(v))]
     top_value = ymax if ymax is not None else max(values, default=1.0)
     top_value = top_value if top_value > 0 else 1.0
+    levels = _ticks(0.0, top_value)
     if ymax is None:  # the axis ends at a round tick
-        top_value = _ticks(0.0, top_value)[-1]
-    for value in _ticks(0.0, top_value):
+        top_value = levels[-1]
+    for value in levels:
         y = y1 - value / top_value * (y1 - y0)
         draw.line([(x0, y), (x1, y)], fill=_GRID_COLOR)
         text = f"{value:.3g}"

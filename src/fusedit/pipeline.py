@@ -209,9 +209,6 @@ class FuseDiTPipeline(DiffusionPipeline):
         leave known words known), which a folder exported before it had one lacks: such a folder reads
         prompts as its run and a newer export do."""
         _check_pipeline(str(pretrained_model_name_or_path), cls.__name__, kwargs)
-        folder = Path(pretrained_model_name_or_path).expanduser()
-        if folder.is_dir():  # a hub repo is diffusers' to download and check
-            _check_pipeline_files(folder, str(pretrained_model_name_or_path), "variant" in kwargs)
         if not is_accelerate_available() and kwargs.get("device_map") is None:
             # What diffusers falls back to without accelerate anyway, asked for: it would otherwise say so in
             # a five-line warning that reads as a failed install.
@@ -263,7 +260,7 @@ class FuseDiTPipeline(DiffusionPipeline):
                 config.layer_types = types
             if held is not None:
                 os.replace(held, folder / "eval")
-        if scored is not None and (scored[0] is None or scored[0] != _fingerprint_or_none(folder)):
+        if scored is not None and not _same_weights(scored[0], folder):
             os.replace(folder / "eval", folder / _replaced_scores_name(folder, scored[1], "save_pretrained"))
 
     # ---- the fusedit view
@@ -673,10 +670,15 @@ def _scores_name(folder: Path, partial: Path) -> str:
     export whose weights cannot be read holds other weights than these."""
     if not (folder / "eval").is_dir():
         return "eval"
-    earlier = _fingerprint_or_none(folder)
-    if earlier is not None and earlier == _fingerprint_or_none(partial):
+    if _same_weights(_fingerprint_or_none(folder), partial):
         return "eval"
     return _replaced_scores_name(folder, export_source(folder), "export")
+
+
+def _same_weights(scored: str | None, folder: Path) -> bool:
+    """Whether ``folder`` holds the weights an eval/ scored (``scored``: their fingerprint, None where they
+    could not be read, which then count as other weights)."""
+    return scored is not None and scored == _fingerprint_or_none(folder)
 
 
 def _fingerprint_or_none(folder: Path) -> str | None:
@@ -827,14 +829,13 @@ WEIGHTS = {
 VOCABULARIES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
-def _check_pipeline_files(folder: Path, name: str, variant: bool) -> None:
+def _check_pipeline_files(folder: Path, name: str, index: dict, variant: bool) -> None:
     """One-line errors for a local pipeline folder missing a file its export wrote, or holding a damaged
     (truncated, overwritten header) safetensors file, before diffusers' loader: a missing tokenizer.json
     came back as transformers' advice to install sentencepiece with a traceback, a missing transformer
     weights file as a missing .bin the export never wrote, a truncated one as "Unable to load weights"
     without a reason (h-sample R1). With a ``variant`` (weights named model.fp16.safetensors, ...) only the
-    configs are checked."""
-    index = json.loads((folder / "model_index.json").read_text())  # _check_pipeline parsed it
+    configs are checked. ``index``: its model_index.json, parsed."""
     for component, entry in sorted(index.items()):
         if component.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue  # diffusers' own keys, and the optional components this pipeline does not hold
@@ -895,7 +896,8 @@ def _check_weights(folder: Path, name: str, component: str, file: str) -> None:
 
 
 def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
-    """One-line errors for what is not a fusedit pipeline folder or hub repo, before diffusers' loader."""
+    """One-line errors for what is not a fusedit pipeline folder or hub repo, before diffusers' loader; for a
+    local folder, for a file it lacks or holds damaged too (_check_pipeline_files)."""
     path = Path(name).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
@@ -940,3 +942,5 @@ def _check_pipeline(name: str, class_name: str, kwargs: dict) -> None:
             f"a pipeline saved by the public FuseDiT code needs `fusedit convert {name} --out DIR` first "
             "(docs/run-released-fusedit.md)"
         )
+    if path.is_dir():  # a hub repo is diffusers' to download and check
+        _check_pipeline_files(path, name, index, "variant" in kwargs)

@@ -151,13 +151,6 @@ def _saved_config(path: str | Path) -> Config | None:
     return None if saved is None else saved[0]
 
 
-def _run_of(where: Path) -> Path | None:
-    """The run folder of the checkpoint folder ``where`` (RUN/checkpoints/step_N); None for a pipeline
-    folder or a checkpoint outside a run."""
-    run = where.parent.parent
-    return run if where.parent.name == "checkpoints" and (where / "state.json").is_file() else None
-
-
 def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", at: str = "") -> str:
     """The line saying what `fusedit eval` scores (`sample` samples, `serve` serves ``at`` its address,
     `export` exports: ``doing``): the folder its weights are read from, EMA or raw, and whether its run is
@@ -165,8 +158,10 @@ def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", a
     of EMA weights early in their run (_warn_early_ema): each command builds this line once, before its
     work, which is when that warning is due."""
     weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
-    run = _run_of(where)
+    from fusedit.checkpoints import run_of
     from fusedit.train.run_folder import held_by_a_job
+
+    run = run_of(where)
 
     training = (
         "; the run is still training (train.lock held)" if run is not None and held_by_a_job(run) else ""

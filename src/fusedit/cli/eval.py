@@ -13,7 +13,6 @@ from fusedit.cli.common import (
     _kept_on_interrupt,
     _out_folder,
     _relocations,
-    _run_of,
     _saved_model,
     _scoring_line,
     log,
@@ -186,7 +185,9 @@ def _eval_folder(model: str, where: Path, ema: bool) -> Path:
     CKPT/eval/<name>). A pipeline folder holds one model: MODEL/eval."""
     if (where / "model_index.json").is_file():
         return Path(model) / "eval"
-    return (_run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
+    from fusedit.checkpoints import run_of
+
+    return (run_of(where) or where) / "eval" / (where.name + ("" if ema else "-raw"))
 
 
 def _check_eval_folder(args, out: Path, record: dict, where: Path) -> None:
@@ -253,11 +254,11 @@ def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dic
     old ones. The text cache and CUDA graphs change no image beyond rounding, so they may differ between
     runs."""
     from fusedit.eval.shapes_bench import weights_record
-    from fusedit.sampling.generation import sample_settings
+    from fusedit.sampling.generation import IMAGE_NEUTRAL, sample_settings
     from fusedit.system import precision_name
 
     settings = sample_settings(cfg, steps=args.steps, guidance=args.guidance, image_size=args.size)
-    kept = {k: v for k, v in settings.items() if k not in ("cache_text", "cuda_graphs")}
+    kept = {k: v for k, v in settings.items() if k not in IMAGE_NEUTRAL}
     record = {
         **weights_record(Path(where), ema),
         **kept,

@@ -63,7 +63,6 @@ class ProtocolGenerator:
         self._model, self._load, self.settings, self.cfg = model, None, settings, cfg
         self.prompts = self.truncated = self.unknown = 0
         self.cut_limits: set[str] = set()
-        self._negative_read = False
 
     @classmethod
     def lazy(cls, load: Callable[[], object], settings: dict, cfg=None) -> ProtocolGenerator:
@@ -95,8 +94,7 @@ class ProtocolGenerator:
     def _count_unknown(self, prompt: str) -> None:
         if self.cfg is None:
             return
-        if not self._negative_read:
-            self._negative_read = True
+        if self.prompts == 1:  # the first call (__call__ counts it before this): the negative prompt, once
             negative = negative_read(self.settings)
             note = unknown_words_note(self.model, self.cfg, [], negative) if negative else None
             if note:

@@ -83,11 +83,10 @@ def bench_source(where: Path, ema: bool) -> dict:
 def row_name(where: Path, ema: bool) -> str:
     """The bench's row name of the model read from ``where``: a checkpoint's run and step (runA@300), else
     the folder's name; " raw" for raw weights, so that two runs' or checkpoints' tables are told apart."""
-    from fusedit.checkpoints import load_state
+    from fusedit.checkpoints import load_state, run_of
 
     checkpoint = (where / "state.json").is_file()
-    run = where.parent.parent if checkpoint and where.parent.name == "checkpoints" else where
-    name = run.resolve().name  # `fusedit eval .` names the folder, not ""
+    name = (run_of(where) or where).resolve().name  # `fusedit eval .` names the folder, not ""
     if checkpoint:
         name += f"@{load_state(where)['step']}"
     return name + ("" if ema else " raw")

@@ -30,6 +30,7 @@ from fusedit.files import (
 )
 from fusedit.imaging import image_grid, save_png, to_uint8
 from fusedit.sampling.generation import (
+    IMAGE_NEUTRAL,
     check_negative_prompt,
     check_prompts,
     check_seed,
@@ -194,12 +195,11 @@ def _shared_record(
     }
 
 
-# What a record says of how an image was made, not of what it shows: the batch it was made in, the text
-# cache and the kernels. Image i starts from the noise of seed + i alone whatever its batch, and the cache
-# gives the images of recomputing the text every step (README: `--no-cache`, "same images"), so an earlier
-# image that differs only here is kept, with its own record (h-sample R2: a resume with a smaller
-# --batch-size to fit memory made every image again).
-_HOW = ("batch_size", "cache_text", "compile", "cuda_graphs")
+# What a record says of how an image was made, not of what it shows: the batch it was made in, the
+# compiled kernels and IMAGE_NEUTRAL's. Image i starts from the noise of seed + i alone whatever its batch,
+# so an earlier image that differs only here is kept, with its own record (h-sample R2: a resume with a
+# smaller --batch-size to fit memory made every image again). Sorted: the log names them in this order.
+_HOW = tuple(sorted(("batch_size", "compile", *IMAGE_NEUTRAL)))
 
 
 def _saved(record: dict) -> dict:

@@ -333,6 +333,12 @@ def refuse_unknown_settings(given, allowed: list[str]) -> None:
         raise TypeError(f"unknown sample setting(s) {unknown} (allowed: {', '.join(allowed)})")
 
 
+# The sample_settings that change how an image is computed, not the image: the text cache gives the images
+# of recomputing the text every step (README: `--no-cache`, "same images"), a CUDA graph replays the same
+# kernels. Records of a sampling keep them out of what tells two samplings apart.
+IMAGE_NEUTRAL = ("cache_text", "cuda_graphs")
+
+
 def sample_settings(cfg: Config, **overrides) -> dict:
     """``generate`` keyword arguments from a config's ``sample`` section and image size; an override of
     None keeps the config's value (so CLI flags can be passed straight through). Overrides are checked as
@@ -367,6 +373,7 @@ def sample_settings(cfg: Config, **overrides) -> dict:
 def _checked_generate_args(
     model: TextToImage,
     prompts: list[str],
+    *,
     image_size: int | tuple[int, int],
     steps: int,
     guidance: float,
@@ -466,16 +473,16 @@ def generate(
     prompts, device, dtype, noise = _checked_generate_args(
         model,
         prompts,
-        image_size,
-        steps,
-        guidance,
-        sampler,
-        shift,
-        schedule,
-        seed,
-        precision,
-        noise,
-        progress,
+        image_size=image_size,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        shift=shift,
+        schedule=schedule,
+        seed=seed,
+        precision=precision,
+        noise=noise,
+        progress=progress,
     )
     note = unused_prompt_note(guidance, bool(negative_prompt))
     if note:
