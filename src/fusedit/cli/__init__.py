@@ -180,21 +180,21 @@ def main(argv: list[str] | None = None) -> int:
             str(e) or (early if args.command in _WRITE_WHEN_KEPT else "stopped before the end"), "interrupted"
         )
         return _leave(130, joined)
-    except RuntimeError as e:
+    except Exception as e:
         # Running out of memory (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError) is the
-        # size of what was asked for, not a bug: one line, not a traceback. Any other RuntimeError is a bug.
+        # size of what was asked for, not a bug: one line, not a traceback. Anything else is a bug: its
+        # traceback.
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first:
-            _leave_after_traceback(joined)
-            raise
-        return _leave(
-            _error(
-                f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or "
-                "model, or a device with more memory)"
-            ),
-            joined,
-        )
-    except Exception:  # a bug: its traceback
+        if isinstance(e, RuntimeError) and (
+            type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in first
+        ):
+            return _leave(
+                _error(
+                    f"out of memory: {first[:300]} (allowed: less at once: a smaller image size, batch or "
+                    "model, or a device with more memory)"
+                ),
+                joined,
+            )
         _leave_after_traceback(joined)
         raise
 

@@ -160,8 +160,6 @@ def _split_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tu
     global batch: the run goes on as it would have on the checkpoint's processes."""
     if "batch_size" not in saved or bool(cfg.stages) != bool(saved_cfg.stages):
         return ()
-    if _split_values(cfg) == _split_values(saved_cfg):  # nothing split anew (and no stage to resolve)
-        return ()
     was_stages, now_stages = resolved_stages(saved_cfg), resolved_stages(cfg)
     at = int(saved.get("stage", 0)) if cfg.stages else 0
     later = range(at, min(len(was_stages), len(now_stages)))
@@ -171,7 +169,7 @@ def _split_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tu
     if (was.batch_size, was.grad_accum) == (tc.batch_size, tc.grad_accum):
         return ()
     old = _saved_split(saved, tc)
-    now = env.world_size * tc.batch_size * tc.grad_accum
+    now = _global_batch(now_stages[at], env.world_size)
     if math.prod(old) != now or any(
         _global_batch(was_stages[j], old[0]) != _global_batch(now_stages[j], env.world_size)
         for j in later[1:]
@@ -199,12 +197,6 @@ def _split_keys(saved: dict, saved_cfg: Config, cfg: Config, env: DistEnv) -> tu
     # inherits it now: a change that reaches none of them changes only what was trained already.
     own = {f"stages.{j}.train.{name}" for j in later for name in ("batch_size", "grad_accum")}
     return tuple(sorted(own | {key for j in later for key in _split_settings(cfg, j)}))
-
-
-def _split_values(cfg: Config) -> tuple:
-    """What a config says of its batch split, as written (a stage's settings only where it sets them)."""
-    stages = [(st.train.get("batch_size"), st.train.get("grad_accum")) for st in cfg.stages]
-    return cfg.train.batch_size, cfg.train.grad_accum, stages
 
 
 def _global_batch(stage: Stage, processes: int) -> int:
