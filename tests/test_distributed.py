@@ -22,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint, is_distributed_checkpoint, load_model, load_state
@@ -135,10 +137,11 @@ def runs(tmp_path_factory):
     def get(name: str) -> Path:
         if name in made:
             return made[name]
-        if name == "ref":  # one process, batch 8
-            made[name] = train(tiny_config(train={"batch_size": 8}), root / name, progress=False)["run_dir"]
+        if name == "ref":  # one process, batch 8; a preview grid at the last step
+            cfg = tiny_config(train={"batch_size": 8, "preview_every": 6})
+            made[name] = train(cfg, root / name, progress=False)["run_dir"]
         elif name == "ddp":  # two processes x batch 4 = the same global batch
-            made[name] = torchrun(2, _config(root / "ddp.yaml", batch_size=4), root / name)
+            made[name] = torchrun(2, _config(root / "ddp.yaml", batch_size=4, preview_every=6), root / name)
         elif name == "fsdp":  # two processes x 2 micro-steps x batch 2, the LLM sharded too
             cfg = _config(root / "fsdp.yaml", batch_size=2, grad_accum=2, parallel="fsdp", shard_llm=True)
             made[name] = torchrun(2, cfg, root / name)
@@ -171,6 +174,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs, tmp_pa
         p.name for p in ckpt.iterdir()
     }
     assert load_state(ckpt)["world_size"] == 2
+    # The preview grid shows the global batch's first 8 captions at any world size, not rank 0's 4 alone.
+    grids = [np.asarray(Image.open(run / "previews" / "step_00000006.png")) for run in (runs("ref"), two)]
+    assert grids[0].shape == grids[1].shape
+    assert np.abs(grids[0].astype(int) - grids[1].astype(int)).mean() < 1
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
         "latest",
         "step_00000003",

@@ -622,7 +622,8 @@ class TrainConfig:
     # fit this fraction of the default (memory for a little time; fusedit-gemma2b's 512 px batch 16 fits
     # 64 GB with it, benchmarks/RESULTS.md).
     activation_memory_budget: float = field(default=1.0, metadata={"min": 0, "max": 1})
-    # Every this many steps, rank 0 samples a preview grid of data captions into run_dir/previews (0 = off).
+    # Every this many steps, rank 0 samples a preview grid of the step's first 8 captions (of the global
+    # batch, at any world size) into run_dir/previews (0 = off).
     preview_every: int = nonneg(0)
     # A step whose loss or gradient is NaN/inf is skipped and counted; this many in a row stop the run.
     max_bad_steps: int = positive(10)

@@ -102,6 +102,8 @@ log = logging.getLogger(__name__)
 
 # The longest example of a truncated caption the first-truncation warning shows, in characters.
 EXAMPLE_CHARS = 80
+# How many of a step's captions a preview grid (train.preview_every) samples.
+PREVIEW_IMAGES = 8
 
 
 def train(
@@ -634,12 +636,23 @@ class _Run:
             if self.metrics is not None:
                 self._log_step(stage, step, loss, norm, lr, lrs, t0)
             self.bar.update(1)
-            if self.env.is_main and tc.preview_every and (step + 1) % tc.preview_every == 0:
-                path = self.run_dir / "previews" / f"step_{step + 1:08d}.png"
-                _preview(self.model, stage.config, batch["caption"][:8], path)
+            if tc.preview_every and (step + 1) % tc.preview_every == 0:
+                captions = self._preview_captions(batch["caption"], tc)  # a collective: on every rank
+                if self.env.is_main:
+                    path = self.run_dir / "previews" / f"step_{step + 1:08d}.png"
+                    _preview(self.model, stage.config, captions, path)
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == steps.stop:
                 listed = self._checkpoint(stage, step, loader, opts, ema, save_text, skip_path)
         self._report_skipped(stage, loader, listed, skip_path)
+
+    def _preview_captions(self, local: list[str], tc) -> list[str]:
+        """The first PREVIEW_IMAGES captions of the step's global batch, whose rows are the ranks' local
+        batches in rank order (_Step.first_row), so a preview grid is the same at any world size. Ranks
+        gather them only where rank 0's rows are fewer; the condition reads the config alone, so every rank
+        takes the same branch."""
+        if self.env.world_size == 1 or tc.batch_size * tc.grad_accum >= PREVIEW_IMAGES:
+            return local[:PREVIEW_IMAGES]
+        return [c for rank in distributed.gather_object(list(local), self.env) for c in rank][:PREVIEW_IMAGES]
 
     def _loader(self, stage: Stage, steps: range, data_state: dict | None, skip_path: Path):
         """This rank's batches of ``steps``: its batch_size * grad_accum samples of every step (the loader's
