@@ -203,7 +203,11 @@ def _add_sample_parser(sub) -> None:
     sp.add_argument(
         "--prompt", action="append", help='a prompt (repeatable; "" samples unconditionally, as serve does)'
     )
-    sp.add_argument("--prompts-file", help="a text file with one prompt per line")
+    sp.add_argument(
+        "--prompts-file",
+        help="a UTF-8 text file with one prompt per line: blank lines are skipped, every other line is a prompt "
+        "(one starting with # too: there are no comments)",
+    )
     sp.add_argument(
         "--out",
         default="samples",
