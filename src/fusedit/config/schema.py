@@ -605,6 +605,7 @@ class TrainConfig:
     # At most 1: an AdamW step moves each weight by about lr, so far above it a run only diverges, and from
     # about 1e37 Adam's step size overflows float32.
     lr: float = field(default=1e-4, metadata={"min": 0, "strict": True, "max": 1})
+    # AdamW decays every trained tensor, norms and biases too, as the public FuseDiT trainer; eps is torch's 1e-8.
     weight_decay: float = nonneg(1e-4)
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 1})
     beta2: float = field(default=0.999, metadata={"min": 0, "max": 1})
