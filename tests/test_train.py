@@ -750,3 +750,18 @@ def test_a_resume_that_moves_the_cosine_schedule_says_how_the_learning_rate_jump
         f"train.steps 4 -> 8 with train.schedule constant -> cosine: the learning rate of step 5 is {new:.3g}, "
         "where train.steps=4, train.schedule=constant gave 0.001"
     ]
+
+
+def test_grad_clip_0_trains_unclipped_and_still_logs_the_norm(tmp_path):
+    """train.grad_clip=0 turns clipping off (as a clip no norm reaches does) and the logged grad_norm is
+    still the measured one; a clip below the norms changes the training."""
+
+    def run(clip: float, name: str) -> tuple[list[float], list[float]]:
+        out = train(tiny_config(train={"steps": 3, "grad_clip": clip}), tmp_path / name, progress=False)
+        records = [json.loads(line) for line in (out["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+        return out["losses"], [r["grad_norm"] for r in records]
+
+    off, never = run(0, "off"), run(1e9, "never")
+    assert off == never
+    clipped = run(min(never[1]) / 4, "clipped")
+    assert clipped[0][0] == off[0][0] and clipped[0][1:] != off[0][1:]

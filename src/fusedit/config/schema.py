@@ -612,7 +612,9 @@ class TrainConfig:
     warmup_steps: int = nonneg(0)
     # LR after warmup: "constant" (the FuseDiT recipe) or "cosine" decay to 0 at train.steps.
     schedule: str = choice("constant", "constant", "cosine")
-    grad_clip: float = positive(1.0)
+    # The global gradient norm (every trained weight together) is clipped to this; 0 = no clipping (the norm
+    # is still measured and logged as grad_norm).
+    grad_clip: float = nonneg(1.0)
     # Recompute each DiT block's activations in backward instead of keeping them (memory for time).
     grad_checkpointing: bool = False
     # torch.compile every DiT block, the final norm (and the LLM): "auto" = inductor on a GPU and off on the
