@@ -102,10 +102,11 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
     with caplog.at_level("INFO", logger="fusedit.data.latents"):
         cache_latents(data, VAEConfig(), out, batch_size=2, shard_size=3, device="cpu", progress=False)
     # Shard 1 (img3, img3b, img4) holds 2 usable samples (img3b is corrupt); shards 0 and 2, the other 5,
-    # whose captions are as cached (h-review M4).
+    # whose captions are as cached (h-review M4), and shard 2's tiny img5b, which is not tried again.
     assert caplog.messages[-1] == (
         f"cached 7 of 9 samples in 3 shards into {str(out)!r}: 5 already cached (captions edited since are "
-        "not read again: to re-read them, delete the folder or cache into another one), 2 encoded now"
+        "not read again, nor is the 1 sample skipped then retried: to re-read them, delete the folder or "
+        "cache into another one), 2 encoded now"
     )
     assert _tensors(out).keys() == before.keys()
     for name, tensors in _tensors(out).items():
@@ -128,7 +129,8 @@ def test_cache_resumes_skipping_finished_shards(tmp_path, folder, monkeypatch, c
     # that a caption edited since is not read again (h-journeyG R7).
     assert caplog.messages == [
         f"cached 7 of 9 samples in 3 shards into {str(out)!r}: all already cached, none encoded now (captions "
-        "edited since are not read again: to re-read them, delete the folder or cache into another one)"
+        "edited since are not read again, nor are the 2 samples skipped then retried: to re-read them, delete "
+        "the folder or cache into another one)"
     ]
 
     with pytest.raises(ConfigError, match="holds latents made with data.crop='center', not 'random'"):

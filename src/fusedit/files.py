@@ -284,8 +284,9 @@ def check_output_folder(
 
 
 def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one: "1 sample", "3 times" (nouns that add an s)."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``n`` and ``noun``, plural unless one, with thousands separators (an index of millions of rows):
+    "1 sample", "3 times", "1,000 rows" (nouns that add an s)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def readable_size(size: float) -> str:

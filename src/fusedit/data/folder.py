@@ -15,7 +15,10 @@ Two layouts:
   from the row's columns. Rows with integer ``width`` and ``height`` columns let aspect-ratio bucketing
   skip reading image headers.
 
-Index files and sidecars are UTF-8, with or without a byte-order mark (other bytes read as U+FFFD).
+Index files and sidecars are UTF-8, with or without a byte-order mark (other bytes read as U+FFFD, and are
+warned about: an index's lines counted, a sidecar named at the first). Line breaks in captions read as
+"\n", whether a sidecar or an index row holds them. Caption files with no image beside them are counted
+and named in a warning: the trace of images in a format the scan does not read.
 
 Rows that cannot be used (unparsable line, no path) are counted as "bad-row" skips, not errors: an index
 of millions of rows written by a crawler should not stop a run over one bad line.
@@ -26,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.data.transforms import IMAGE_EXTS, SkipSample, caption_candidates
+from fusedit.data.transforms import IMAGE_EXTS, SkipSample, caption_candidates, decode_text
+from fusedit.files import counted
+
+log = logging.getLogger(__name__)
 
 # Tried in this order when data.image_field is unset; "file" is last so that an index that also has one of
 # the others keeps the column it was read by before "file" was accepted.
@@ -54,9 +62,11 @@ _SIDECAR_KINDS = ("txt", "json")
 # "utf-8-sig" reads plain UTF-8 and also drops the byte-order mark that Excel ("CSV UTF-8") and Windows
 # Notepad put first: with "utf-8" it would become part of the first column name, JSON line or caption.
 _TEXT_ENCODING = "utf-8-sig"
-# Bytes that are not UTF-8 (a line of another encoding in a crawler's index) become U+FFFD, as in caption
-# sidecars: one such row must not stop a run (a path so spoilt is then a "missing" skip that names it).
-_TEXT_ERRORS = "replace"
+# Bytes that are not UTF-8 (a line of another encoding in a crawler's index) are read escaped, counted, and
+# then become U+FFFD, as in caption sidecars: one such row must not stop a run (a path so spoilt is then a
+# "missing" skip that names it).
+_TEXT_ERRORS = "surrogateescape"
+_ESCAPED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape reads it
 
 
 def scan_images(root: Path, progress: bool = False) -> list[str]:
@@ -64,10 +74,11 @@ def scan_images(root: Path, progress: bool = False) -> list[str]:
     return _scan(root, progress)[0]
 
 
-def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """The sorted image paths under ``root``, and for the images whose caption sidecar is spelled with an
+def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict[str, str]], list[str]]:
+    """The sorted image paths under ``root``; for the images whose caption sidecar is spelled with an
     extension in another case than ``.txt``/``.json`` (``a.TXT`` next to ``a.JPG``, as cameras and Windows
-    tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``).
+    tools write), that sidecar's file name by kind (``{"txt": "a.TXT"}``); and the sorted paths of the
+    sidecars with no image of their stem beside them (the trace of an image in a format not read).
 
     Directory symlinks are followed (a data folder is often assembled from links to other disks) except
     those into ``root`` itself (its folders are walked under their own names anyway), and a folder reached
@@ -78,6 +89,7 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
     """
     found: list[str] = []
     sidecars: dict[str, dict[str, str]] = {}
+    orphans: list[str] = []
     real_root = os.path.realpath(root)
     visited: set[str] = set()
     bar = tqdm(desc="scan images", unit="img", disable=not progress, leave=False)
@@ -107,19 +119,28 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
             if dot and kind in _SIDECAR_KINDS and (name == f"{stem}.{kind}" or (stem, kind) not in by_stem):
                 by_stem[(stem, kind)] = name
         before = len(found)
+        stems = set()
         for name in files:
             stem, dot, ext = name.rpartition(".")
             if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:
                 continue
+            stems.add(stem)
             path = (rel / name).as_posix()
             found.append(path)
             for kind in _SIDECAR_KINDS:
                 other = by_stem.get((stem, kind))
                 if other is not None and other != f"{stem}.{kind}":
                     sidecars.setdefault(path, {})[kind] = other
+        orphans += [
+            (rel / name).as_posix()
+            for name in files
+            if not name.startswith(".")
+            and name.rpartition(".")[2].lower() in _SIDECAR_KINDS
+            and name.rpartition(".")[0] not in stems
+        ]
         bar.update(len(found) - before)
     bar.close()
-    return sorted(found), sidecars
+    return sorted(found), sidecars, sorted(orphans)
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -156,6 +177,7 @@ class FolderCatalog:
         self._sidecars: dict[str, dict[str, str]] = {}
         self.caption_fields = tuple(keep_fields)
         self.sizes_known: np.ndarray | None = None
+        self._ids: list[str] | None = None  # an index's sample ids, where a path may repeat
         check_folder_paths(root, index_file)
         if index_file:
             path = Path(index_file)
@@ -165,8 +187,18 @@ class FolderCatalog:
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
-            self.paths, self._sidecars = _scan(self.root_dir, progress)
+            self.paths, self._sidecars, orphans = _scan(self.root_dir, progress)
             self.rows = None
+            if orphans:
+                log.warning(
+                    "data: %s in %r %s no image next to %s (e.g. %s; image extensions read: %s)",
+                    counted(len(orphans), "caption file"),
+                    root,
+                    "has" if len(orphans) == 1 else "have",
+                    "it" if len(orphans) == 1 else "them",
+                    orphans[0],
+                    ", ".join(IMAGE_EXTS),
+                )
         if not self.paths and index_file:
             example = f", e.g. {self.skipped[0][1]}: {self.skipped[0][2]}" if self.skipped else ""
             raise ConfigError(
@@ -183,7 +215,7 @@ class FolderCatalog:
         if suffix in _JSON_LINES_SUFFIXES:
             with path.open(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS) as f:
                 first = True
-                for number, line in enumerate(f, 1):
+                for number, line in enumerate(self._utf8_lines(f), 1):
                     if not line.strip():
                         continue
                     # A JSON Lines row is an object: a file opening with "[" is a JSON array (an export's
@@ -199,7 +231,7 @@ class FolderCatalog:
                     yield number, row if isinstance(row, dict) else None
         elif suffix in _TABLE_SUFFIXES:
             with path.open(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS, newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                reader = csv.DictReader(self._utf8_lines(f), delimiter="\t" if suffix == ".tsv" else ",")
                 try:
                     for number, row in enumerate(reader, 2):
                         yield number, dict(row)
@@ -214,8 +246,18 @@ class FolderCatalog:
         else:
             raise ConfigError(f"data.index_file={str(path)!r} ends in {suffix!r} (allowed: {_ALLOWED_INDEX})")
 
+    def _utf8_lines(self, lines):
+        """The lines of an index file read with bytes that are not UTF-8 escaped (``_TEXT_ERRORS``), those
+        bytes as U+FFFD; the numbers of the lines that held any are kept in ``self.not_utf8``."""
+        for number, line in enumerate(lines, 1):
+            if _ESCAPED.search(line):
+                self.not_utf8.append(number)
+                line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield line
+
     def _load_index(self, path: Path, image_field: str, keep_fields) -> None:
         rows, paths = [], []
+        self.not_utf8: list[int] = []
         column = image_field
         # Keep only the columns something reads: an index of millions of rows with many unused columns
         # would otherwise be copied into every worker process.
@@ -237,7 +279,7 @@ class FolderCatalog:
                 self.skipped.append(("bad-row", where, f"no {column!r} path"))
                 continue
             paths.append(value)
-            rows.append({k: v for k, v in row.items() if k in keep})
+            rows.append({k: _one_newline(v) for k, v in row.items() if k in keep})
         if not paths and path.suffix.lower() in _JSON_LINES_SUFFIXES:
             # No usable line: perhaps one JSON object written over many lines (an array is refused by
             # _read_rows at its opening bracket).
@@ -248,6 +290,24 @@ class FolderCatalog:
             if isinstance(document, dict):
                 raise _not_json_lines(path, "object")
         self.paths, self.rows = paths, rows
+        if self.not_utf8:
+            log.warning(
+                "data: %s of %r %s not UTF-8: %s bad bytes read as U+FFFD (e.g. line %d; save the index as UTF-8 "
+                "to keep every character)",
+                counted(len(self.not_utf8), "line"),
+                str(path),
+                "is" if len(self.not_utf8) == 1 else "are",
+                "its" if len(self.not_utf8) == 1 else "their",
+                self.not_utf8[0],
+            )
+        # A path listed again (the same image under two captions) is a sample of its own: its id is keyed by
+        # its position, as the latent cache keys it, so its skips and its cached twin count once per row.
+        first: set[str] = set()
+        ids = []
+        for i, value in enumerate(paths):
+            ids.append(f"{value}@{i}" if value in first else value)
+            first.add(value)
+        self._ids = ids if len(first) < len(paths) else None  # the paths themselves when none repeats
         if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
             self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
 
@@ -257,7 +317,7 @@ class FolderCatalog:
         return len(self.paths)
 
     def sample_id(self, i: int) -> str:
-        return self.paths[i]
+        return self._ids[i] if self._ids is not None else self.paths[i]
 
     def image_value(self, i: int) -> Path:
         return self.root_dir / self.paths[i]
@@ -297,7 +357,7 @@ class FolderCatalog:
 def _sidecar(image: Path, name: str | None, kind: str) -> str:
     """The text of ``image``'s sidecar of ``kind``: the file ``name`` found by the scan, else ``<stem>.kind``."""
     path = image.with_name(name) if name else image.with_suffix(f".{kind}")
-    return path.read_text(encoding=_TEXT_ENCODING, errors=_TEXT_ERRORS)
+    return _one_newline(decode_text(path.read_bytes(), str(path)))
 
 
 def _not_json_lines(path: Path, kind: str) -> ConfigError:
@@ -305,6 +365,16 @@ def _not_json_lines(path: Path, kind: str) -> ConfigError:
         f"data.index_file={str(path)!r} holds one JSON {kind}, not JSON Lines (one JSON object per line; "
         f"allowed: {_ALLOWED_INDEX})"
     )
+
+
+def _one_newline(value: Any) -> Any:
+    """A row's text (or list of texts) with Windows and old Mac line breaks read as "\n", as a sidecar's are
+    (a quoted multi-line CSV field keeps its "\r\n", which would otherwise reach the text encoder)."""
+    if isinstance(value, str):
+        return value.replace("\r\n", "\n").replace("\r", "\n")
+    if isinstance(value, list):
+        return [_one_newline(v) for v in value]
+    return value
 
 
 def _is_size(value: Any) -> bool:

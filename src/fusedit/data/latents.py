@@ -54,7 +54,7 @@ from fusedit.config import (
 from fusedit.data.loader import build_catalog, build_dataset, is_stream, stream_reader_factory
 from fusedit.data.plan import PlannedDataset
 from fusedit.data.skips import SkipCounter, no_usable_samples
-from fusedit.data.transforms import SampleDecoder, SkipSample, pick_caption
+from fusedit.data.transforms import NOT_UTF8, SampleDecoder, SkipSample, pick_caption
 from fusedit.files import (
     as_json_reads_back,
     check_output_folder,
@@ -489,6 +489,8 @@ def cache_latents(
     bar = None  # made at the first shard to encode, starting at the samples kept before it
     shards: list[dict] = []
     kept = 0  # the samples of the shards an earlier run finished
+    kept_skipped = 0  # and the samples it skipped in them, which are not tried again
+    not_utf8 = NOT_UTF8.count  # captions met so far that are not UTF-8: those after are this cache's
     j = 0
     try:
         while total is None or j * shard_size < total:
@@ -499,6 +501,7 @@ def cache_latents(
             if shard is not None:
                 shards.append(shard)
                 kept += len(shard["samples"])
+                kept_skipped += len(shard["skipped"])
                 if bar is not None:  # a shard after one encoded again (its files were lost)
                     bar.update(shard["end"] - shard["start"])
                 j += 1
@@ -532,7 +535,15 @@ def cache_latents(
         meta["vae_identity"] = _vae_identity(vae_cfg)
         _write_json(out / META, meta)
     summary = _write_index(out, meta, shards, items.refused)
-    log.info("%s", _cached_line(summary, kept, out))
+    log.info("%s", _cached_line(summary, kept, out, kept_skipped))
+    if NOT_UTF8.count > not_utf8:
+        # The first was warned about when met (NotUTF8); the count is known only now.
+        log.warning(
+            "data: %s encoded now %s not UTF-8 (e.g. %s): cached with their bad bytes as U+FFFD",
+            counted(NOT_UTF8.count - not_utf8, "caption"),
+            "was" if NOT_UTF8.count - not_utf8 == 1 else "were",
+            NOT_UTF8.last,
+        )
     return summary
 
 
@@ -587,16 +598,25 @@ def _encode_shard(
     return shard
 
 
-def _cached_line(summary: dict, kept: int, out: Path) -> str:
+def _cached_line(summary: dict, kept: int, out: Path, kept_skipped: int = 0) -> str:
     """What a cache-latents run leaves in ``out``: the samples cached (of those in the data, the rest
     skipped) and in how many shards; after a rerun, how many an earlier run had cached, which are not read
-    again: a caption edited since they were cached stays as it was (said for a partial rerun too)."""
+    again: a caption edited since they were cached stays as it was (said for a partial rerun too), and how
+    many it skipped in its finished shards (``kept_skipped``), which are not tried again either: an image
+    repaired since stays out of the cache. (Retrying them would mean rewriting those shards.)"""
     cached, tried = summary["samples"], summary["samples"] + sum(summary["skipped"].values())
     shards = summary["shards"]
     line = f"cached {cached} of {counted(tried, 'sample')} in {counted(shards, 'shard')} into {str(out)!r}"
-    if not kept:
+    if not (kept or kept_skipped):
         return line
-    unread = "captions edited since are not read again: to re-read them, delete the folder or cache into another one"
+    verb = "is" if kept_skipped == 1 else "are"
+    retried = (
+        f", nor {verb} the {counted(kept_skipped, 'sample')} skipped then retried" if kept_skipped else ""
+    )
+    unread = (
+        f"captions edited since are not read again{retried}: to re-read them, delete the folder or cache into "
+        "another one"
+    )
     if kept < cached:  # said apart, or a rerun reads as if it had encoded everything again
         return f"{line}: {kept} already cached ({unread}), {cached - kept} encoded now"
     return f"{line}: all already cached, none encoded now ({unread})"
@@ -609,6 +629,11 @@ def _check_shard(items: _Items, shard: dict, out: Path) -> None:
         return
     start, end = shard["start"], shard["end"]
     now = [items.sample_id(p) for p in range(start, min(end, items.total))]
+    # A cache made before an index's repeated paths were keyed by position ("a.png@7") recorded the bare path.
+    bare = [i.removesuffix(f"@{p}") for p, i in enumerate(now, start)]
+    was = {s["id"] for s in shard["samples"]} | {s[1] for s in shard["skipped"]}
+    if bare != now and was == set(bare) and _id_change(shard, bare, lambda: _whereabouts(items, out)) is None:
+        return
     change = _id_change(shard, now, lambda: _whereabouts(items, out))
     if change:
         raise ConfigError(

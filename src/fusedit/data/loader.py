@@ -52,6 +52,7 @@ from fusedit.config import ConfigError, DataConfig, VAEConfig, check_data_locati
 from fusedit.data.plan import CatalogItems, PlanBatches, PlannedDataset, ShapesItems, StepPlan, check_rank
 from fusedit.data.skips import SkipCounter, SkipWatch, merged_skips, no_usable_samples, warn
 from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord
+from fusedit.files import counted
 
 log = logging.getLogger(__name__)
 
@@ -551,12 +552,12 @@ def _epoch_summary(cfg: DataConfig, dataset: PlannedDataset, total: int) -> str:
     unit = _unit(cfg)
     if plan.groups is None:
         refused = total - len(dataset)
-        return f"{total:,} {unit} {where}" + (f", {refused:,} of them unusable" if refused else "")
+        noun = unit.removesuffix("s")  # counted adds the plural's s
+        return f"{counted(total, noun)} {where}" + (f", {refused:,} of them unusable" if refused else "")
     buckets = len(plan.group_sizes)
-    of = f"the {total:,} rows" if unit == "rows" else f"{total:,}"
-    return (
-        f"{len(plan.members):,} usable samples of {of} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
-    )
+    of = f"the {counted(total, 'row')}" if unit == "rows" else f"{total:,}"
+    usable = counted(len(plan.members), "usable sample")
+    return f"{usable} of {of} {where} ({buckets} bucket{'s' if buckets > 1 else ''})"
 
 
 def _unit(cfg: DataConfig) -> str:

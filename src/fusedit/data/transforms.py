@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,19 @@ from PIL import Image, ImageOps
 
 from fusedit.config import ConfigError
 
-# Why a sample was skipped. "corrupt-shard" is a tar shard that is unreadable from some point on.
-SKIP_REASONS = ("missing", "corrupt", "tiny", "no-caption", "bad-row", "corrupt-shard")
-# Files a folder scan treats as images (lower-case suffix without the dot).
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+log = logging.getLogger(__name__)
+
+# Why a sample was skipped. "corrupt-shard" is a tar shard that is unreadable from some point on;
+# "duplicate" a later copy of a sample key in a tar shard (the first copy is read).
+SKIP_REASONS = ("missing", "corrupt", "tiny", "no-caption", "bad-row", "corrupt-shard", "duplicate")
+# Files a folder scan treats as images (lower-case suffix without the dot): the formats Pillow reads without
+# a plugin (.jfif and .jpe are JPEG's other names, as cameras and Windows save them), then those a plugin or
+# Pillow's build adds where it registers them (AVIF is built in from Pillow 11.2 on, HEIC comes from the
+# pillow-heif plugin), so a folder never holds images it quietly leaves out on one machine and reads on another
+# with the same Pillow.
+IMAGE_EXTS = ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff") + tuple(
+    ext for ext in ("avif", "heic", "heif") if f".{ext}" in Image.registered_extensions()
+)
 # EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
@@ -53,7 +64,10 @@ def stable_key(text: str) -> int:
 
     (``hash()`` is salted per process, so it cannot key anything that must survive a restart.)
     """
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+    # "surrogateescape": a tar member or file name that is not UTF-8 reaches here with its bytes escaped as
+    # lone surrogates, which strict UTF-8 refuses; every other string encodes as before (its key unchanged).
+    data = text.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
 
 
 @dataclass
@@ -189,10 +203,20 @@ def _deep_grey_to_8bit(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    # A colour key (a PNG's tRNS chunk on an RGB or greyscale image: one colour that is transparent).
+    key = image.info.get("transparency")
+    keyed = isinstance(key, tuple) if image.mode == "RGB" else isinstance(key, int)
+    alpha = None
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        if keyed:  # the key is a 16-bit value: found before scaling, where it still tells pixels apart
+            alpha = Image.fromarray(np.where(np.asarray(image) == key, 0, 255).astype(np.uint8))
         image = _deep_grey_to_8bit(image)
+        if alpha is not None:
+            image = image.convert("LA")
+            image.putalpha(alpha)
     # Transparent pixels carry arbitrary colours; compositing on white is what a viewer shows.
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    palette = image.mode == "P" and "transparency" in image.info
+    if image.mode in ("RGBA", "LA", "PA") or palette or (image.mode in ("RGB", "L") and keyed):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -235,6 +259,41 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 # Captions
 
 
+class NotUTF8:
+    """Caption texts whose bytes are not UTF-8, met in this process: how many, and the latest one's name.
+    Their bad bytes read as U+FFFD (one such file must not stop a run); the first is warned about, once per
+    process (a worker forked after it inherits the count and stays quiet), so the replacement is never silent."""
+
+    def __init__(self) -> None:
+        self.count, self.last = 0, ""
+        self._lock = threading.Lock()  # decoder threads meet captions concurrently
+
+    def met(self, where: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.last = where
+            first = self.count == 1
+        if first:
+            log.warning(
+                "data: the caption in %s is not UTF-8: its bad bytes read as U+FFFD (said for the first such "
+                "caption only; save captions as UTF-8 to keep every character)",
+                where,
+            )
+
+
+NOT_UTF8 = NotUTF8()
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """Caption bytes as text: UTF-8 (a byte-order mark from Windows tools dropped); other bytes read as
+    U+FFFD and counted in ``NOT_UTF8`` under ``where`` (a file or member name)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        NOT_UTF8.met(where)
+        return data.decode("utf-8-sig", errors="replace")
+
+
 def field_value(record: dict, name: str, parsed: dict | None = None) -> Any:
     """``record[name]``, where a dotted name walks into nested mappings (``json.caption``). A JSON text or
     bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes); ``parsed`` keeps
@@ -268,10 +327,22 @@ def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
         value = field_value(record, name, parsed)
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
+            if isinstance(v, bytes):  # a tar member's (decoded here, where its name is known, not silently)
+                v = decode_text(v, _member(record, name))
             text = _caption_text(v)
             if text and text not in out:
                 out.append(text)
     return out
+
+
+def _member(record: dict, name: str) -> str:
+    """Where a caption field's bytes come from: a tar member (``__url__``, the shard, and ``__key__``, the
+    sample's key, as the webdataset package and Hugging Face's webdataset loader name them) or a column."""
+    key = record.get("__key__")
+    if key is None:
+        return f"field {name!r}"
+    url = record.get("__url__")
+    return f"{url}/{key}.{name}" if url else f"{key}.{name}"
 
 
 def _caption_text(value: Any) -> str | None:

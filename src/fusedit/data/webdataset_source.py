@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, weights_fit
-from fusedit.data.transforms import SkipSample, StreamRecord, _short, make_rng, stable_key
+from fusedit.data.transforms import IMAGE_EXTS, SkipSample, StreamRecord, _short, make_rng, stable_key
 from fusedit.files import counted
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -174,6 +174,8 @@ class TarShard:
         self.path = path
         self.error: str | None = None  # set when the shard is unreadable from some point on
         self.samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+        # (reason, id, detail) of the samples left out when the shard was indexed: repeated copies of a key.
+        self.dropped: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()  # one file position per tar: reads from threads take turns
         try:
             # Kept open across reads (random access into the shard); close() releases it.
@@ -193,6 +195,7 @@ class TarShard:
         else:
             self.error = self._check_end()
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        repeats: dict[str, dict[str, list[str]]] = {}  # key -> extension -> the names of its later copies
         for member in members:
             if not member.isfile():
                 continue
@@ -200,9 +203,26 @@ class TarShard:
             stem = key.rpartition("/")[2]
             # Not samples, as in the webdataset package: __index__ and similar, and hidden files, whose stem
             # is empty (.DS_Store, the "._00001.jpg" resource forks a macOS tar adds beside each file).
-            if ext and stem and not stem.startswith("__"):
-                groups.setdefault(key, {})[ext] = member
+            if not (ext and stem and not stem.startswith("__")):
+                continue
+            group = groups.setdefault(key, {})
+            if ext in group:
+                # A key written twice (two samples given one name): the first copy is the sample, each
+                # later one a sample skipped under its own id, so the counts still cover every sample.
+                repeats.setdefault(key, {}).setdefault(ext, []).append(member.name)
+            else:
+                group[ext] = member
         self.samples = list(groups.items())
+        for key, names in repeats.items():
+            for copy in range(max(len(n) for n in names.values())):
+                repeated = ", ".join(n[copy] for n in names.values() if copy < len(n))
+                self.dropped.append(
+                    (
+                        "duplicate",
+                        f"{path}/{key}@{copy + 2}",
+                        f"duplicate member {repeated} in the shard (key {key!r} again); the first copy is used",
+                    )
+                )
 
     def _check_end(self) -> str | None:
         """tarfile stops quietly at a damaged header after the first one; the bytes after the last member
@@ -221,6 +241,11 @@ class TarShard:
             return f"truncated: {size} bytes, the last member needs {self.tar.offset}"
         if block and block.strip(b"\0"):
             return f"unreadable tar header at byte {self.tar.offset}; the members after it are lost"
+        if not block and self.tar.members:
+            # A writer that stopped between two members (an interrupted img2dataset or tar) leaves no zero
+            # blocks; what it would have written next is lost without a trace in the members read.
+            last = self.tar.members[-1].name
+            return f"no end-of-archive marker: the shard may have been cut short after member {last}"
         return None
 
     def __len__(self) -> int:
@@ -241,7 +266,7 @@ class TarShard:
         # Member extensions are lower-cased when the shard is indexed, so the setting is too (image_field=JPG).
         ext = image_field.lower() or next((e for e in IMAGE_EXTENSIONS if e in members), "")
         if ext not in members:
-            raise SkipSample("missing", f"no {image_field or '/'.join(IMAGE_EXTENSIONS)} member")
+            raise SkipSample("missing", _no_image(members, image_field))
         loaded: dict[str, Any] = {}
         try:
             with self._lock:
@@ -253,7 +278,7 @@ class TarShard:
             raise SkipSample("corrupt", f"tar member unreadable: {_short(e)}") from None
         # Keyed as data.caption_fields spells them, which is how the decoder looks them up (TXT reads txt).
         fields = {field: loaded[name] for field, name in wanted.items() if name in loaded}
-        return key, {"__key__": key, **fields}, image
+        return key, {"__key__": key, "__url__": self.path, **fields}, image
 
     def _bytes(self, member: tarfile.TarInfo) -> bytes:
         f = self.tar.extractfile(member)
@@ -261,6 +286,20 @@ class TarShard:
         if len(data) != member.size:
             raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes (truncated)")
         return data
+
+
+def _no_image(members: dict, image_field: str) -> str:
+    """Why a sample has no image member to read: an image in a format the reader does not take (a folder
+    source reads it) names its extension and the setting that reads it."""
+    if image_field:
+        return f"no {image_field} member (data.image_field; its members: {', '.join(members)})"
+    other = next((e for e in members if e in IMAGE_EXTS), None)
+    if other is None:
+        return f"no {'/'.join(IMAGE_EXTENSIONS)} member"
+    return (
+        f"its {other} member is not read (image extensions read: {', '.join(IMAGE_EXTENSIONS)}; set "
+        f"data.image_field={other} to read it)"
+    )
 
 
 def wanted_fields(caption_fields: Sequence[str]) -> dict[str, str]:
@@ -366,6 +405,7 @@ class WebDatasetReader:
         shard = TarShard(self.datasets[d][index])
         if shard.error:
             events.append(("corrupt-shard", shard.path, shard.error))
+        events += shard.dropped
         # The permutation does not depend on the rank, so with sample striding the ranks' shares of one
         # shard are disjoint.
         order = make_rng(self.seed, 4, d, epoch, index).permutation(len(shard))
@@ -449,6 +489,7 @@ class WebDatasetCatalog:
         for shard in scanned:
             if shard.error:
                 self.skipped.append(("corrupt-shard", shard.path, shard.error))
+            self.skipped += shard.dropped
             self.samples.append(shard.samples)
             shard.close()
         self.offsets = np.cumsum([0] + [len(s) for s in self.samples])
