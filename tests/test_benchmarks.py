@@ -94,7 +94,8 @@ def test_loaders_report_bad_inputs_in_one_line(tmp_path):
 
 
 def test_download_geneval_from_the_configured_source(tmp_path, monkeypatch):
-    source = tmp_path / "upstream" / "main"  # the default ref
+    # The default ref: the pinned commit, not a branch that may move.
+    source = tmp_path / "upstream" / "af4902f24d3ca90ebbb446dd9891a59e0f82725f"
     source.mkdir(parents=True)
     (source / "meta.jsonl").write_text(
         '{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}\n'
@@ -111,6 +112,11 @@ def test_download_geneval_from_the_configured_source(tmp_path, monkeypatch):
     dest = download("geneval", tmp_path / "geneval", progress=False)
     assert load_geneval(dest) == [json.loads((source / "meta.jsonl").read_text())]
     assert (dest / "LICENSE").read_text() == "MIT" and not list(dest.glob(".download-*"))
+    assert json.loads((dest / "SOURCE.json").read_text()) == {
+        "benchmark": "geneval",
+        "ref": source.name,
+        "source": "github.com/djghosh13/geneval",
+    }
 
     # A complete copy is reused without any network access.
     def offline(*args, **kwargs):
@@ -158,6 +164,7 @@ def test_download_dpg_extracts_only_the_benchmark_files(tmp_path, monkeypatch):
     dest = download("dpg", tmp_path / "dpg", ref="v1", progress=False)
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
         "LICENSE",
+        "SOURCE.json",
         "dpg_bench.csv",
         "prompts",
         "prompts/0.txt",
@@ -165,6 +172,7 @@ def test_download_dpg_extracts_only_the_benchmark_files(tmp_path, monkeypatch):
         "prompts/2.txt",
     ]
     assert load_dpg(dest) == [("0", "A red ball."), ("2", "Two cats."), ("10", "A sunny sky.")]
+    assert json.loads((dest / "SOURCE.json").read_text())["ref"] == "v1"
     assert dpg_csv_path(dest / "prompts") == dest / "dpg_bench.csv"
     assert not (tmp_path / "escape.txt").exists()
     # force replaces the copy

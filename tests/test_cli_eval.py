@@ -223,7 +223,7 @@ def test_a_checkpoint_without_ema_weights_is_scored_recorded_and_filed_as_raw(ru
         first == f"scoring {run / 'checkpoints' / 'step_00000000'} (raw weights: step_00000000 holds no EMA)"
     )
     assert main([*args, "--no-ema", "--quiet"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
+    assert capsys.readouterr().out.splitlines()[:2] == [
         f"scoring {run / 'checkpoints' / 'step_00000000'} (raw weights)",
         f"geneval: wrote {out} (1 prompt: 0 generated, 1 already there)",
     ]
@@ -410,7 +410,9 @@ def test_an_overall_over_part_of_a_benchmark_says_which_part(
     command = ["eval", str(trained), "--bench", bench, "--prompts", "p", "--out", str(out), *flags, "--quiet"]
     assert main(command) == 0
     scored = out / ("scores-first2.json" if flags else "scores.json")  # a subset keeps a full run's score
-    assert capsys.readouterr().out.splitlines()[-1] == f"overall 0.2500{part}; details in {scored}"
+    # DPG-Bench's score on its published scale (x100).
+    head = "DPG-Bench score 25.00 (x100, as published)" if bench == "dpg" else "overall 0.2500"
+    assert capsys.readouterr().out.splitlines()[-1] == f"{head}{part}; details in {scored}"
 
 
 def test_the_limit_is_passed_on_and_counts_say_what_they_count(trained, tmp_path, capsys):
@@ -428,16 +430,10 @@ def test_the_limit_is_passed_on_and_counts_say_what_they_count(trained, tmp_path
         "--quiet",
     ]
     assert main([*command, "--limit", "1"]) == 0
-    assert (
-        capsys.readouterr().out.splitlines()[-1]
-        == f"geneval: wrote {out} (1 prompt: 1 generated, 0 already there)"
-    )
+    assert f"geneval: wrote {out} (1 prompt: 1 generated, 0 already there)" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000"]
     assert main([*command, "--limit", "2"]) == 0
-    assert (
-        capsys.readouterr().out.splitlines()[-1]
-        == f"geneval: wrote {out} (2 prompts: 1 generated, 1 already there)"
-    )
+    assert f"geneval: wrote {out} (2 prompts: 1 generated, 1 already there)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

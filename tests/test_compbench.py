@@ -721,7 +721,7 @@ def test_download_t2i_compbench_from_the_repository_layout(dataset, tmp_path, mo
     monkeypatch.setattr(cb, "DATASET_URL", base + "/{ref}/examples/dataset/{name}")
     monkeypatch.setattr(cb, "LICENSE_URL", base + "/{ref}/License.txt")
     dest = benchmarks.download("t2i-compbench", tmp_path / "data", progress=False)
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*DATA, "LICENSE"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*DATA, "LICENSE", "SOURCE.json"])
     assert load_compbench(dest) == load_compbench(dataset)
     (source / "examples" / "dataset" / "color_val.txt").write_text("")
     with pytest.raises(BenchmarkError):

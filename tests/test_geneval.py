@@ -78,8 +78,9 @@ def test_select_objects_thresholds_order_cap_and_overlap():
     assert len(select_objects(twin, "single_object", GenEvalRules(max_overlap=0.5))["cup"]) == 2
 
 
-def test_select_objects_breaks_confidence_ties_as_upstream_argsort():
-    # Upstream orders a class's boxes by np.argsort(scores)[::-1]: equal scores come out last first.
+def test_select_objects_puts_the_later_of_exactly_tied_detections_first():
+    """fusedit's own, fixed order of equal confidences: upstream's np.argsort(scores)[::-1] orders them
+    as numpy's (unstable) default sort happens to, so there fusedit need not agree with it."""
     first, second, third = det("cup", 0.8, (0, 0, 10, 10)), det("cup", 0.8, (20, 0, 30, 10)), det("cup", 0.9)
     assert select_objects([first, second, third], "single_object", RULES)["cup"] == [third, second, first]
     # So the cap keeps the later of tied boxes, and a colour or position check judges them.

@@ -315,7 +315,8 @@ def test_fusedit_eval_mjhq_samples_and_scores_a_run(tiny_run, tmp_path, inceptio
     assert main([*args, *scoring, "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
     scores = json.loads((out / "scores.json").read_text())
-    assert f"FID {scores['overall']:.3f} over 6 samples ({INCEPTION_ID})" in printed
+    assert f"FID (clean-fid Inception): {scores['overall']:.3f} over 6 samples; " in printed
+    assert scores["scorers"]["features"]["id"] == INCEPTION_ID
     assert sorted(p.relative_to(out / "samples").as_posix() for p in (out / "samples").rglob("*.png")) == [
         "animals/70ab.png",
         "animals/80ab.png",
@@ -384,7 +385,8 @@ def test_download_mjhq_metadata_and_images_from_the_hub_layout(tmp_path, monkeyp
     monkeypatch.setattr(benchmarks, "MJHQ_URL", (tmp_path / "hub").as_uri() + "/{ref}/{name}")
     dest = tmp_path / "data"
     assert download("mjhq", dest, progress=False) == dest
-    assert sorted(p.name for p in dest.iterdir()) == ["meta_data.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["SOURCE.json", "meta_data.json"]
+    assert json.loads((dest / "SOURCE.json").read_text())["ref"] == "main"  # no pinned revision
     assert main(["benchmarks", "download", "mjhq", "--images", "--dest", str(dest), "--quiet"]) == 0
     assert "reference images in" in capsys.readouterr().out
     got = sorted(p.relative_to(dest / "mjhq30k_imgs").as_posix() for p in (dest / "mjhq30k_imgs").rglob("*"))

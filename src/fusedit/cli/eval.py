@@ -4,6 +4,7 @@ where evaluations write their results."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from fusedit.cli.common import (
@@ -129,7 +130,7 @@ def cmd_eval(args) -> int:
             gen = ProtocolGenerator(model, settings, cfg)
         print(scoring, flush=True)
         with _kept_on_interrupt(lambda: _protocol_kept(args.bench, out, where, args.model)):
-            return _eval_protocol(args, gen, record, out, device, extractor)
+            return _eval_protocol(args, gen, record, out, device, extractor, where)
     print(scoring, flush=True)
     if model is None:
         model, cfg, where = load(where)
@@ -263,13 +264,15 @@ def _eval_record(args, cfg: Config, where: Path, ema: bool, device) -> tuple[dic
         **weights_record(Path(where), ema),
         **kept,
         "precision": precision_name(settings["precision"], device),
+        # Informational (eval.run.INFORMATIONAL, not compared on resume): which folder, wherever --out is.
+        "model": str(Path(where).resolve()),
     }
     return settings, record
 
 
-def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -> int:
-    """A protocol run with the generator ``gen`` (eval.run.ProtocolGenerator) whose model and settings
-    ``record`` describes, and the lines that report it."""
+def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None, where=None) -> int:
+    """A protocol run with the generator ``gen`` (eval.run.ProtocolGenerator) whose model (read from
+    ``where``) and settings ``record`` describes, and the lines that report it."""
     from fusedit.eval import run
     from fusedit.sampling.generation import warn_cut_prompts
 
@@ -323,24 +326,96 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None) -
         )
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
+        _warn_few(f"the MJHQ-30K sample set in {out}", scores["samples"])
         worst = max(scores["categories"], key=scores["categories"].get)
+        label = _distance_label(scores["features"], args.features)
         print(
-            f"FID {scores['overall']:.3f} over {scores['samples']} samples ({scores['features']}); per "
-            f"category {worst} is highest at {scores['categories'][worst]:.3f}; details in {r['scores_file']}"
+            f"{label}: {scores['overall']:.3f} over {scores['samples']} samples; per category {worst} is "
+            f"highest at {scores['categories'][worst]:.3f}; details in {r['scores_file']}"
+        )
+    elif args.bench == "dpg" and "scores" in r:
+        part = _scored_part(args, r["scores"])
+        # DPG-Bench publishes the mean x 100 (ELLA's scorer prints it so); scores.json keeps [0, 1].
+        print(
+            f"DPG-Bench score {100 * r['scores']['overall']:.2f} (x100, as published){part}; details in "
+            f"{r['scores_file']}"
         )
     elif "scores" in r:
         part = _scored_part(args, r["scores"])
         print(f"overall {r['scores']['overall']:.4f}{part}; details in {r['scores_file']}")
+    elif args.bench in _UNSCORED:
+        print(_unscored_line(args, out, where))
     return 0
+
+
+# What scores a GenEval or DPG-Bench run written without scoring models: the flags (with the models the
+# papers' scorers use, or their closest transformers ports) and the official script, on the image folder.
+_UNSCORED = {
+    "geneval": (
+        [
+            "--detector",
+            "facebook/mask2former-swin-small-coco-instance",
+            "--clip",
+            "openai/clip-vit-large-patch14",
+        ],
+        "GenEval's evaluation/evaluate_images.py",
+    ),
+    "dpg": (["--vqa", "Salesforce/blip-vqa-capfilt-large"], "ELLA's dpg_bench/compute_dpg_bench.py"),
+}
+
+
+def _unscored_line(args, out: Path, where) -> str:
+    """The line ending a GenEval or DPG-Bench run without scoring models: nothing was scored, and the
+    command that scores the images kept in ``out`` (the checkpoint ``where`` and the flags that made them,
+    so it reuses them and loads no model) or the official script."""
+    from fusedit.eval.run import IMAGES
+
+    scoring, script = _UNSCORED[args.bench]
+    words = ["fusedit", "eval", str(where or args.model), "--bench", args.bench, "--prompts", args.prompts]
+    words += ["--out", str(out)]
+    for flag in ("steps", "guidance", "size", "seed", "limit"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag}", str(getattr(args, flag))]
+    words += ["--no-ema"] * args.no_ema + scoring
+    flags = " / ".join(w for w in scoring if w.startswith("--"))
+    return (
+        f"{args.bench}: the images were not scored (no {flags}); score them with `{shlex.join(words)}`, or "
+        f"with {script} on {out / IMAGES[args.bench]}"
+    )
+
+
+def _distance_label(extractor_id: str, features) -> str:
+    """`fusedit fid`'s name for a Frechet distance over the features ``extractor_id`` (given as
+    ``features``): FID only over clean-fid's Inception, the published metric; else FD with the feature model
+    named, a number not comparable with published FIDs."""
+    from fusedit.eval.inception import INCEPTION_ID
+
+    return "FID (clean-fid Inception)" if extractor_id == INCEPTION_ID else f"FD ({features} features)"
+
+
+def _warn_few(what: str, n: int) -> None:
+    """Warn when ``what`` holds fewer than FEW_FOR_FID images: the covariance of N images has rank N-1 at
+    most, far below the feature width, so the distance is mostly small-sample bias, comparable only between
+    runs with the same N."""
+    if n < FEW_FOR_FID:
+        log.warning(
+            "%s holds %d images: FD over fewer than %d images is dominated by small-sample bias (published "
+            "FID uses 10k-50k); compare only scores over the same number",
+            what,
+            n,
+            FEW_FOR_FID,
+        )
 
 
 def _scored_part(args, scores: dict) -> str:
     """What a protocol's overall is taken over, with the part of the benchmark it leaves out, if any: its
-    mean over a few tasks or categories is not the benchmark's overall."""
+    mean over a few tasks or categories is not the benchmark's overall. A --limit that takes every prompt
+    is a full run (``scores["limit"]`` None)."""
     from fusedit.eval.compbench import CATEGORIES
     from fusedit.eval.geneval import TASKS
 
-    parts = [f"the first {args.limit}: --limit {args.limit}"] if args.limit is not None else []
+    limit = scores.get("limit")
+    parts = [f"the first {limit}: --limit {limit}"] if limit is not None else []
     if args.bench == "geneval" and scores.get("missing_tasks"):
         tasks = [t for t in TASKS if t not in scores["missing_tasks"]]
         parts.append(f"{len(tasks)} of {len(TASKS)} tasks: {', '.join(tasks)}")
@@ -377,7 +452,7 @@ def cmd_benchmarks(args) -> int:
 
 def cmd_fid(args) -> int:
     from fusedit.eval.fid import ReferenceStats, fid_score, folder_source, list_images
-    from fusedit.eval.inception import INCEPTION_ID, feature_extractor
+    from fusedit.eval.inception import feature_extractor
 
     def images(folder: str, what: str) -> list[Path]:
         found = list_images(folder)
@@ -385,17 +460,7 @@ def cmd_fid(args) -> int:
             raise ConfigError(
                 f"the {what} folder {folder!r} holds 1 image (allowed: a folder of at least 2 images)"
             )
-        if len(found) < FEW_FOR_FID:
-            # The covariance of N images has rank N-1 at most, far below the feature width: the distance is
-            # mostly small-sample bias, comparable only between runs with the same N.
-            log.warning(
-                "the %s folder %r holds %d images: FD over fewer than %d images is dominated by small-sample "
-                "bias (published FID uses 10k-50k); compare only scores over the same number",
-                what,
-                folder,
-                len(found),
-                FEW_FOR_FID,
-            )
+        _warn_few(f"the {what} folder {folder!r}", len(found))
         return found
 
     # Both folders are listed before the feature model loads, so a wrong path fails at once. The reference
@@ -413,8 +478,7 @@ def cmd_fid(args) -> int:
         reference=folder_source(args.reference, reference_files),
     )
     value = fid_score(samples, reference, extractor)
-    label = "FID (clean-fid Inception)" if extractor.id == INCEPTION_ID else f"FD ({args.features} features)"
-    print(f"{label}: {value:.4f}")
+    print(f"{_distance_label(extractor.id, args.features)}: {value:.4f}")
     return 0
 
 

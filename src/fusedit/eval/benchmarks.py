@@ -15,6 +15,10 @@ fusedit ships no third-party prompt files. ``download`` fetches them from where 
   category) and, with ``images=True``, the reference images of ``mjhq30k_imgs.zip`` unpacked as
   ``mjhq30k_imgs/<category>/<id>.jpg``.
 
+GenEval and DPG-Bench come from pinned upstream commits (``PINNED_REFS``), the files fusedit's loaders and
+scorers were checked against, not from a branch that may move; the others from ``main``. Each copy records
+where it came from in ``SOURCE.json`` (benchmark, ref, source).
+
 Offline, ``download`` fails with one line that says to pass ``--prompts PATH`` to a local copy; the
 loaders accept such a copy (a file or the folder ``download`` writes).
 """
@@ -52,6 +56,21 @@ GENEVAL_URLS = {
 DPG_ARCHIVE_URL = "https://github.com/TencentQQGYLab/ELLA/archive/{ref}.tar.gz"
 # MJHQ-30K on the Hugging Face Hub; {ref} a revision, {name} a file of the dataset repository.
 MJHQ_URL = "https://huggingface.co/datasets/playgroundai/MJHQ-30K/resolve/{ref}/{name}"
+
+# The upstream commits downloaded by default: GenEval's prompts and ELLA's DPG-Bench files as fusedit's
+# loaders and scorers were checked against them. MJHQ-30K and T2I-CompBench have no pin: "main".
+PINNED_REFS = {
+    "geneval": "af4902f24d3ca90ebbb446dd9891a59e0f82725f",
+    "dpg": "3c228f1dc6c4d3cad0a47493816151a419f14db3",
+}
+# Where each benchmark's copy comes from, as SOURCE.json records it.
+SOURCES = {
+    "geneval": "github.com/djghosh13/geneval",
+    "dpg": "github.com/TencentQQGYLab/ELLA",
+    "mjhq": "huggingface.co/datasets/playgroundai/MJHQ-30K",
+    "t2i-compbench": "github.com/Karine-Huang/T2I-CompBench",
+}
+SOURCE_RECORD = "SOURCE.json"
 
 GENEVAL_METADATA = "evaluation_metadata.jsonl"
 DPG_CSV = "dpg_bench.csv"
@@ -104,7 +123,7 @@ def download(
     name: str,
     dest: str | Path,
     *,
-    ref: str = "main",
+    ref: str | None = None,
     force: bool = False,
     timeout: float = 60.0,
     progress: bool = True,
@@ -117,10 +136,12 @@ def download(
     reference images in ``dest/mjhq30k_imgs/<category>/``. A complete existing copy is kept unless
     ``force``. Files are gathered in a temporary folder and moved into place at the end, so an interrupted
     download never leaves a half-written copy that would later pass for a complete one, and a failed one
-    leaves no folder it made.
+    leaves no folder it made. ``ref`` (a branch, tag or commit) defaults to the benchmark's pinned commit
+    (``PINNED_REFS``; "main" where none), and ``dest/SOURCE.json`` records it.
     """
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
+    ref = PINNED_REFS.get(name, "main") if ref is None else ref
     if images and name != "mjhq":
         raise BenchmarkError(f"images=True applies to mjhq only (its FID reference images), not {name!r}")
     dest = Path(dest)
@@ -141,6 +162,8 @@ def download(
                 _download_compbench(tmp, ref, timeout)
             else:
                 _download_dpg(tmp, ref, timeout, progress)
+            source = {"benchmark": name, "ref": ref, "source": SOURCES[name]}
+            (tmp / SOURCE_RECORD).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
             for item in tmp.iterdir():
                 target = dest / item.name
                 if item.is_dir():  # a kill while an earlier copy is deleted must not leave it half there

@@ -243,6 +243,10 @@ def _ask(vqa, images: list[Image.Image], questions: list[str], batch_size: int) 
     return answers
 
 
+# What the scores' numbers are: published DPG-Bench scores (ELLA's printout) are the overall x 100.
+SCALE = "fractions in [0, 1]; DPG-Bench publishes the overall x 100"
+
+
 def score_dpg_folder(
     folder: str | Path,
     questions: dict[str, list[DpgQuestion]] | str | Path,
@@ -256,9 +260,10 @@ def score_dpg_folder(
 ) -> dict:
     """Score the grids ``<folder>/<name>.png`` whose names have questions, of the prompts ``names`` only
     (None: every grid there); writes one JSON line per prompt (``out_file``, default
-    ``<folder>/dpg_results.jsonl``: tile scores, score, answers) and returns the overall score (in
-    [0, 1]), the per-category scores and, as ``missing``, the question file's items not scored (without a
-    grid, or not among ``names``).
+    ``<folder>/dpg_results.jsonl``, where ELLA's scorer would take it for a grid: give another place when
+    it will run on the folder; tile scores, score, answers) and returns the overall score (in [0, 1],
+    ``scale``), the per-category scores and, as ``missing``, the question file's items not scored (without
+    a grid, or not among ``names``).
 
     ``questions`` is ``load_dpg_questions``' result or the CSV's path; ``tiles`` scores only the first k
     tiles of each grid (ELLA's ``--pic-num``, 4 in its published runs).
@@ -313,6 +318,7 @@ def score_dpg_folder(
         "num_prompts": len(results),
         "missing": sorted(set(questions) - scored, key=name_order),
         "results_file": str(out_path),
+        "scale": SCALE,
     }
 
 

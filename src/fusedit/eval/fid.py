@@ -550,6 +550,19 @@ def mean_clip_score(scores: torch.Tensor) -> float:
     return max(float(scores.nanmean()), 0.0)
 
 
+def model_fingerprint(model_id: str | Path, model=None) -> str:
+    """What the model named ``model_id`` is beyond its name: for a folder, its name and a digest of its
+    files' names and sizes (the folder's name, not its place: a copy elsewhere keeps it; replaced weights
+    change it); for a hub id, the id at the commit the loaded transformers ``model`` came from, when known.
+    Cheap: no weight is read."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        weights = [p for p in folder.rglob("*") if p.is_file()]
+        return f"{folder.resolve().name}#{files_digest(folder, weights)[:16]}"
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return f"{model_id}@{commit}" if commit else str(model_id)
+
+
 class TransformersImageFeatures:
     """A transformers vision model as a ``FeatureExtractor``: images -> (B, D) float32 features.
 
@@ -585,14 +598,7 @@ class TransformersImageFeatures:
         self.model = loader.from_pretrained(model_id).to(self.device, dtype).eval()
         # The id is the name the user gave; the fingerprint is what that name loaded, so that cached
         # reference stats are not reused after the folder's weights were replaced (or the hub model updated).
-        folder = Path(model_id)
-        if folder.is_dir():
-            weights = [p for p in folder.rglob("*") if p.is_file()]
-            # The folder's name, not its place: a copy elsewhere reuses the cached stats (as for Inception).
-            self.fingerprint = f"{folder.resolve().name}#{files_digest(folder, weights)[:16]}"
-        else:
-            commit = getattr(self.model.config, "_commit_hash", None)
-            self.fingerprint = f"{self.model_id}@{commit}" if commit else self.model_id
+        self.fingerprint = model_fingerprint(model_id, self.model)
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:

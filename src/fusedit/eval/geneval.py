@@ -10,8 +10,8 @@ rules of GenEval's ``evaluation/evaluate_images.py`` over plain detections, so t
 hand-made ones and the detector and colour classifier are pluggable:
 
 * per class, detections above a confidence threshold (0.3; 0.9 for the ``counting`` task) in decreasing
-  confidence (ties: the later detection first, as upstream), at most 16, optionally thinned by IoU (off
-  by default, as upstream);
+  confidence (exact ties: the later detection first; upstream's order there follows numpy's unstable
+  argsort and so its build), at most 16, optionally thinned by IoU (off by default, as upstream);
 * ``include`` clauses must all hold: at least ``count`` objects of the class; with ``color``, that many of
   the ``count`` most confident ones classified as that colour (CLIP zero-shot on the object cropped to its
   box, with the pixels outside its mask set to grey); with ``position``, each of them in that relation to
@@ -153,9 +153,11 @@ def select_objects(
     kept = {}
     for label, dets in by_class.items():
         # Upstream caps the candidates before the overlap filter, so the cap counts dropped boxes too. Its
-        # order is np.argsort(scores)[::-1]: equal confidences come out last-detected first, which decides
-        # which tied boxes the cap keeps and which are judged for colour and position; a stable descending
-        # sort of the reversed list gives that order.
+        # order is np.argsort(scores)[::-1], whose order of equal confidences depends on numpy's sort (the
+        # default argsort is not stable). Here exact ties come out last-detected first (a stable
+        # descending sort of the reversed list), the same on every machine; they decide which tied boxes
+        # the cap keeps and which are judged for colour and position. Real detectors' float scores
+        # rarely tie exactly.
         order = sorted(reversed(dets), key=lambda d: d.score, reverse=True)[: rules.max_objects]
         chosen: list[Detection] = []
         while order:

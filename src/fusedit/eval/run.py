@@ -13,7 +13,11 @@ rerun with a different record is refused. A folder recorded before 2026-11-25, w
 each weight file's first MiB only (blind to a retrain of the tensors past it), has another fingerprint and
 is refused the same way. GenEval and DPG-Bench score exactly the prompts given (``limit``: the first N),
 not every prompt folder or grid an earlier run left there; the scores of the first N go to
-``scores-first<N>.json``, so a quick subset never replaces the whole benchmark's ``scores.json``.
+``scores-first<N>.json`` and their per-image verdicts to ``results-first<N>.jsonl`` (a whole run's:
+``scores.json``, ``results.jsonl``), so a quick subset or a rescore of it never replaces the whole
+benchmark's. Each scores file records what made its images (the ``generation.json`` record) and what scored
+them (``scorers``: the model ids as given, a fingerprint of a model folder). When a record without images is
+replaced, the scores and results that described the images before go aside with it (``replaced-<n>/``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from fusedit.config import ConfigError, check_whole, refuse_path_to_nothing
-from fusedit.eval.fid import check_batch_size
+from fusedit.eval.fid import check_batch_size, model_fingerprint
 from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sampling.generation import (
@@ -108,6 +112,9 @@ class ProtocolGenerator:
 
 
 RECORD = "generation.json"
+# Record keys that inform and are not compared on resume: "model", the absolute path of the checkpoint or
+# pipeline folder, changes when a run is moved, which changes no image.
+INFORMATIONAL = ("model",)
 # Where each protocol writes its images under the out folder, and GenEval's images per prompt.
 IMAGES = {"geneval": "samples", "dpg": "grids", "mjhq": "samples"}
 GENEVAL_PER_PROMPT = 4
@@ -159,7 +166,7 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     has_images = images.is_dir() and any(images.iterdir())
     if path.is_file() and has_images:
         saved = read_json(path, "give a new --out, or delete the folder to regenerate")
-        changed = [k for k in sorted(set(saved) | set(record)) if saved.get(k) != record.get(k)]
+        changed = record_changes(saved, record)
         if changed:
             k = changed[0]
             raise RecordMismatch(
@@ -177,6 +184,12 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
     return False
 
 
+def record_changes(saved: dict, record: dict) -> list[str]:
+    """The keys (sorted) in which two generation records differ, the informational ones left out."""
+    keys = sorted((set(saved) | set(record)) - set(INFORMATIONAL))
+    return [k for k in keys if saved.get(k) != record.get(k)]
+
+
 def claim_folder(
     out_dir: Path,
     images: Path,
@@ -184,36 +197,105 @@ def claim_folder(
     bench: str,
     seed: int,
     n_per_prompt: int | None = None,
-) -> None:
+) -> dict | None:
     """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes
-    (with what the protocol run adds: ``protocol_record``); otherwise write that record there. ``record``
-    None (a caller-made generator whose settings are unknown) checks nothing. A record without images (a
-    run that stopped before its first) is replaced. The temporary files a kill -9 left beside the record
-    and the scores go first."""
+    (with what the protocol run adds: ``protocol_record``); otherwise write that record there and return
+    it. ``record`` None (a caller-made generator whose settings are unknown) checks nothing. A record
+    without images (a run that stopped before its first, or whose images were deleted) is replaced; when it
+    differs, the scores and results files beside it, which described its images, are moved aside with it
+    (``set_aside``). The temporary files a kill -9 left beside the record and the scores go first."""
     sweep_temporaries(out_dir)
     if record is None:
-        return
+        return None
     record = protocol_record(record, bench, seed, n_per_prompt)
     if not check_claim(out_dir, images, record):
+        set_aside(out_dir, record)
         write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
+    return as_json_reads_back(record)
 
 
-def with_scores(result: dict, out_dir: Path, scores: dict) -> None:
+def set_aside(out_dir: Path, record: dict) -> None:
+    """Move ``out_dir``'s record and the scores and results files of the images it described into
+    ``out_dir/replaced-<n>`` (the first free n) when it differs from ``record``, with a line saying so:
+    next to the new record they would read as scores of the new images."""
+    path, record = out_dir / RECORD, as_json_reads_back(record)
+    if not path.is_file():
+        return
+    saved = read_json(path, "give a new --out, or delete the folder to regenerate")
+    changed = record_changes(saved, record)
+    if not changed:
+        return
+    stale = [p for pattern in ("scores*.json", "results*.jsonl") for p in sorted(out_dir.glob(pattern))]
+    n = 1
+    while (out_dir / f"replaced-{n}").exists():
+        n += 1
+    aside = out_dir / f"replaced-{n}"
+    aside.mkdir()
+    for p in [path, *stale]:
+        p.replace(aside / p.name)
+    k = changed[0]
+    log.warning(
+        "%s described other images (%s=%r, now %r), which are gone: moved it and %d scores/results file(s) "
+        "to %s",
+        path,
+        k,
+        saved.get(k),
+        record.get(k),
+        len(stale),
+        aside,
+    )
+
+
+def output_files(out_dir: Path, limit: int | None = None) -> tuple[Path, Path]:
+    """The scores file and the per-image results file of a protocol run over the first ``limit`` prompts
+    (None: all): ``scores.json`` and ``results.jsonl``, or ``scores-first<N>.json`` and
+    ``results-first<N>.jsonl``. Each scores file has its own results, so a subset or a rescore never
+    overwrites the verdicts another scores file names; they lie in ``out_dir``, not among the images, where
+    the official scorers read every file as a sample."""
+    suffix = "" if limit is None else f"-first{limit}"
+    return Path(out_dir) / f"scores{suffix}.json", Path(out_dir) / f"results{suffix}.jsonl"
+
+
+def scorer_record(model_id, loaded=None) -> dict:
+    """A scoring model as a scores file records it: its id as given and, as ``fid.model_fingerprint``,
+    what that id loaded (``loaded``: the scorer built from it, whose ``model`` or ``clip.model`` is the
+    transformers model, for a hub id's commit)."""
+    model = getattr(loaded, "model", None)
+    if model is None:  # ClipColorClassifier: through its ClipEmbedder
+        model = getattr(getattr(loaded, "clip", None), "model", None)
+    return {"id": str(model_id), "fingerprint": model_fingerprint(model_id, model)}
+
+
+def with_scores(
+    result: dict,
+    out_dir: Path,
+    scores: dict,
+    generation: dict | None = None,
+    scorers: dict | None = None,
+) -> None:
     """A protocol run's ``scores`` into its ``result`` and, atomically, into ``out_dir/scores.json``
-    (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``); ``result["scores_file"]`` names
-    the file."""
-    limit = scores.get("limit")
-    path = Path(out_dir) / ("scores.json" if limit is None else f"scores-first{limit}.json")
+    (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``; ``output_files``) with the
+    ``generation`` record that made the images (None: unknown, a caller's generator) and the ``scorers``
+    (``scorer_record``s) that scored them; a ``results_file`` is named relative to ``out_dir``.
+    ``result["scores_file"]`` names the file."""
+    path, _ = output_files(out_dir, scores.get("limit"))
+    if "results_file" in scores:
+        scores = {**scores, "results_file": Path(scores["results_file"]).name}
+    scores = {**scores, "generation": generation}
+    if scorers is not None:
+        scores["scorers"] = scorers
     result["scores"], result["scores_file"] = scores, str(path)
     write_text_atomic(path, json.dumps(scores, indent=1))
 
 
-def first_prompts(prompts: list, limit: int | None) -> list:
+def first_prompts(prompts: list, limit: int | None) -> tuple[list, int | None]:
     """The first ``limit`` of ``prompts`` (all of them for None): GenEval's and DPG-Bench's quick subset,
-    the same prompts, seeds and folder names as in a full run, so that a later full run keeps their images."""
-    if check_whole("limit", limit, none_for="all prompts") is None:
-        return prompts
-    return prompts[:limit]
+    the same prompts, seeds and folder names as in a full run, so that a later full run keeps their images;
+    and the limit that applies: None when ``limit`` takes every prompt, which is then the full run (its
+    files and words)."""
+    if check_whole("limit", limit, none_for="all prompts") is None or limit >= len(prompts):
+        return prompts, None
+    return prompts[:limit], limit
 
 
 def run_geneval(
@@ -243,7 +325,7 @@ def run_geneval(
         write_geneval_samples,
     )
 
-    metadata = first_prompts(load_geneval(prompts_path), limit)
+    metadata, limit = first_prompts(load_geneval(prompts_path), limit)
     # Checked before generating: a missing scoring model must not surface only after hours of sampling.
     if clip and not detector:
         raise ConfigError(f"--clip {clip} scores GenEval colours only together with --detector ID; add one")
@@ -255,18 +337,24 @@ def run_geneval(
         )
     check_scoring_models(detector, clip)
     samples = out_dir / IMAGES["geneval"]
-    claim_folder(out_dir, samples, record, "geneval", seed, n_per_prompt)
+    generation = claim_folder(out_dir, samples, record, "geneval", seed, n_per_prompt)
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts, "unit": "prompts"}
     if detector:
+        boxes = TransformersDetector(detector, device=device)
+        colours = ClipColorClassifier(clip, device=device) if clip else None
         scores = score_geneval_folder(
             samples,
-            TransformersDetector(detector, device=device),
-            ClipColorClassifier(clip, device=device) if clip else None,
+            boxes,
+            colours,
             metadata=metadata,
+            out_file=output_files(out_dir, limit)[1],
             progress=progress,
         )
-        with_scores(result, out_dir, {**scores, "limit": limit})
+        scorers = {"detector": scorer_record(detector, boxes)}
+        if clip:
+            scorers["clip"] = scorer_record(clip, colours)
+        with_scores(result, out_dir, {**scores, "limit": limit}, generation, scorers)
     return result
 
 
@@ -297,7 +385,7 @@ def run_dpg(
     )
 
     every = load_dpg(prompts_path)
-    prompts = first_prompts(every, limit)
+    prompts, limit = first_prompts(every, limit)
     # Read and matched to the prompts before generating: without them the grids could not be scored.
     questions = load_dpg_questions(prompts_path) if vqa else None
     if questions is not None:
@@ -306,18 +394,21 @@ def run_dpg(
     else:  # no question file names the prompts: the folder must at least be laid out as DPG-Bench's
         check_dpg_files(prompts_path, every)
     grids = out_dir / IMAGES["dpg"]
-    claim_folder(out_dir, grids, record, "dpg", seed)
+    generation = claim_folder(out_dir, grids, record, "dpg", seed)
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts, "unit": "prompts"}
     if vqa:
+        answerer = TransformersVQA(vqa, device=device)
         scores = score_dpg_folder(
             grids,
             questions,
-            TransformersVQA(vqa, device=device),
+            answerer,
             names=[name for name, _ in prompts],
+            out_file=output_files(out_dir, limit)[1],
             progress=progress,
         )
-        with_scores(result, out_dir, {**scores, "limit": limit})
+        scorers = {"vqa": scorer_record(vqa, answerer)}
+        with_scores(result, out_dir, {**scores, "limit": limit}, generation, scorers)
     return result
 
 
@@ -350,7 +441,7 @@ def run_mjhq(
     # Listed before generating: a wrong reference folder must not surface after hours of sampling.
     references = reference_files(reference, sorted({r["category"] for r in rows})) if reference else None
     samples = out_dir / IMAGES["mjhq"]
-    claim_folder(out_dir, samples, record, "mjhq", seed)
+    generation = claim_folder(out_dir, samples, record, "mjhq", seed)
     sweep_temporaries(samples, recursive=True)  # a kill -9 mid-write leaves one; each image is written whole
     counts = write_mjhq_samples(rows, gen, samples, seed=seed, progress=progress)
     result = {"samples": str(samples), **counts, "unit": "images"}
@@ -365,7 +456,9 @@ def run_mjhq(
             batch_size=batch_size,
             progress=progress,
         )
-        with_scores(result, out_dir, scores)
+        features_id = getattr(features, "id", type(features).__name__)
+        scorer = {"id": features_id, "fingerprint": getattr(features, "fingerprint", None)}
+        with_scores(result, out_dir, scores, generation, {"features": scorer})
     return result
 
 
@@ -447,8 +540,8 @@ def run_compbench(
             groups = load_complex_groups(dataset_path)
         rules_text = text_rules(text)
     out_dir = Path(out_dir)
-    for category in chosen:
-        claim_folder(
+    for category in chosen:  # each category's record is the same
+        generation = claim_folder(
             out_dir / category, protocol_images(out_dir, category), record, BENCH, seed, n_per_prompt
         )
     generated = skipped = 0
@@ -487,5 +580,5 @@ def run_compbench(
             batch_size=batch_size,
             progress=progress,
         )
-        with_scores(result, out_dir, scores)
+        with_scores(result, out_dir, scores, generation)  # score_compbench records its scorers
     return result
