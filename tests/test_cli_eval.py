@@ -251,6 +251,24 @@ def test_the_eval_names_the_checkpoint_it_scores_and_a_run_still_training(
     assert first_line(str(run)) == f"scoring {latest} (EMA weights)"  # released: the training ended
 
 
+def test_a_second_eval_into_a_folder_another_eval_holds_is_refused(trained, tmp_path, capsys, shapes_bench):
+    """One eval job per output folder (eval.lock, held as train.lock is): the second is refused in one line
+    naming the holder, before it loads or writes anything; once the first ends, the folder is free."""
+    run, out = copy_of(trained, tmp_path), tmp_path / "out"
+    out.mkdir()
+    with (out / "eval.lock").open("a+") as lock:
+        lock.write("pid 1 on elsewhere since 2026-11-25 10:00:00, token 0\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["eval", str(run), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"fusedit: error: {out} is being written by another job evaluating into it (pid 1 on elsewhere since "
+            "2026-11-25 10:00:00; see eval.lock): wait for it to end, or give another --out"
+        )
+        assert sorted(p.name for p in out.iterdir()) == ["eval.lock"]
+    assert main(["eval", str(run), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+
+
 def test_the_model_loaded_is_the_checkpoint_recorded_while_training_moves_latest(
     trained, tmp_path, monkeypatch
 ):

@@ -6,15 +6,20 @@ Messages word sizes and counts with ``readable_size`` and ``counted``."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from fusedit.config import ConfigError
 
@@ -281,6 +286,95 @@ def check_output_folder(
                 f"{what} into it would mix them (allowed: a new or empty folder{also})"
             )
     return out
+
+
+def take_lock(path: Path, doing: str) -> tuple[TextIO | None, str | None, str]:
+    """An exclusive advisory lock (``flock``) on ``path`` for one job ``doing`` something into its folder
+    ("training", "evaluating"): (the open locked file, None, token) when this process took it; (None, the
+    holder's note, "") when another holds it. The kernel releases it when the process ends, however it ends,
+    so a killed job leaves no stale lock; the file names its holder for the refusal a second job gets. On a
+    system or filesystem without flock (Lustre mounted without ``flock``) the job goes on unlocked, with a
+    warning, and the token is still written (training's shared-folder check reads it)."""
+    token = secrets.token_hex(8)
+    note = (
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}, token {token}\n"
+    )
+    handle = path.open("a+")  # not truncated before the lock is ours: the holder's note is read from it
+    try:
+        import fcntl
+
+        # A few tries over a second: `fusedit eval` probes a run's lock with a brief shared one (lock_held),
+        # which must not turn a starting job away.
+        for attempt in range(10):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.1)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip().rsplit(", token ", 1)[0] or "a process that wrote no note yet"
+        handle.close()
+        return None, holder, ""
+    except (ImportError, OSError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        logging.getLogger(__name__).warning(
+            "%s cannot be locked (%s): nothing stops a second job from %s into this folder",
+            path,
+            reason,
+            doing,
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(note)
+    handle.flush()
+    os.fsync(handle.fileno())  # on the server before the other ranks of a training job look for it
+    return handle, None, token
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a job holds the lock on ``path`` (take_lock): probed with a brief shared lock, which the
+    holder's exclusive one refuses (take_lock retries past such a probe). Unknown (False) where the system
+    has no flock."""
+    try:
+        import fcntl
+
+        handle = path.open()
+    except (ImportError, OSError):
+        return False
+    with handle:  # closing it releases the shared lock taken below
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def holding_folder(
+    folder: str | os.PathLike[str], lock_file: str, doing: str, flag: str = "--out"
+) -> Iterator[None]:
+    """While the block runs, this job alone is ``doing`` ("evaluating") into ``folder`` (created): a second
+    job started meanwhile is refused in one line naming the holder (take_lock), rather than both writing one
+    folder, where the later could replace the record of what the earlier is making."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, holder, _ = take_lock(folder / lock_file, doing)
+    if holder is not None:
+        raise ConfigError(
+            f"{folder} is being written by another job {doing} into it ({holder}; see {lock_file}): wait for it "
+            f"to end, or give another {flag}"
+        )
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock; the file stays, naming the last holder
 
 
 def counted(n: int, noun: str) -> str:

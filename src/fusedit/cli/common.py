@@ -158,14 +158,12 @@ def _scoring_line(where: Path, ema: bool, asked: bool, doing: str = "scoring", a
     of EMA weights early in their run (_warn_early_ema): each command builds this line once, before its
     work, which is when that warning is due."""
     weights = "EMA weights" if ema else f"raw weights: {where.name} holds no EMA" if asked else "raw weights"
-    from fusedit.checkpoints import run_of
-    from fusedit.train.run_folder import held_by_a_job
+    from fusedit.checkpoints import LOCK_FILE, run_of
+    from fusedit.files import lock_held
 
     run = run_of(where)
-
-    training = (
-        "; the run is still training (train.lock held)" if run is not None and held_by_a_job(run) else ""
-    )
+    held = run is not None and lock_held(run / LOCK_FILE)
+    training = "; the run is still training (train.lock held)" if held else ""
     if ema:
         _warn_early_ema(where)
     return f"{doing} {where} ({weights}){at}{training}"

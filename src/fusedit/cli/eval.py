@@ -19,7 +19,7 @@ from fusedit.cli.common import (
     log,
 )
 from fusedit.config import Config, ConfigError
-from fusedit.files import counted
+from fusedit.files import counted, holding_folder
 
 # `fusedit fid` warns below this many images in a folder.
 FEW_FOR_FID = 1000
@@ -57,15 +57,7 @@ _PROTOCOLS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
 
 def cmd_eval(args) -> int:
-    from fusedit.eval.shapes_bench import (
-        bench_settings,
-        bench_source,
-        markdown_table,
-        row_name,
-        run_shapes_bench,
-        trained_kinds,
-        untrained_note,
-    )
+    from fusedit.eval.run import EVAL_LOCK
     from fusedit.sampling.generation import check_seed
     from fusedit.sampling.source import check_sampling_source, load_sampling_model
     from fusedit.system import resolve_device
@@ -114,8 +106,25 @@ def cmd_eval(args) -> int:
         cfg, where = saved
         ema = _loads_ema(cfg, where, not args.no_ema)
     out = given_out or _out_folder(_eval_folder(args.model, where, ema) / args.bench)
-    scoring = _scoring_line(where, ema, not args.no_ema)
+    # One eval job per folder: a second one started meanwhile could replace the record of what the first
+    # is making, or score its half-written folder.
+    with holding_folder(out, EVAL_LOCK, "evaluating"):
+        return _eval_into(args, out, model, cfg, where, ema, device, load)
 
+
+def _eval_into(args, out: Path, model, cfg: Config, where: Path, ema: bool, device, load) -> int:
+    """cmd_eval's work into ``out``, which this job holds (holding_folder)."""
+    from fusedit.eval.shapes_bench import (
+        bench_settings,
+        bench_source,
+        markdown_table,
+        row_name,
+        run_shapes_bench,
+        trained_kinds,
+        untrained_note,
+    )
+
+    scoring = _scoring_line(where, ema, not args.no_ema)
     if args.bench in _PROTOCOLS:
         from fusedit.eval.run import ProtocolGenerator
 

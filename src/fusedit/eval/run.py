@@ -112,6 +112,8 @@ class ProtocolGenerator:
 
 
 RECORD = "generation.json"
+# The lock one eval job holds on its output folder (fusedit.files.holding_folder).
+EVAL_LOCK = "eval.lock"
 # Record keys that inform and are not compared on resume: "model", the absolute path of the checkpoint or
 # pipeline folder, changes when a run is moved, which changes no image.
 INFORMATIONAL = ("model",)

@@ -20,20 +20,16 @@ and a resume rewinds ``metrics.jsonl`` to its step.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
-import os
-import secrets
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 from fusedit.checkpoints import LOCK_FILE, load_state, redone_steps
 from fusedit.config import ConfigError
-from fusedit.files import write_text_atomic
+from fusedit.files import take_lock, write_text_atomic
 from fusedit.train import distributed
 from fusedit.train.checkpoint import last_checkpoint
 from fusedit.train.distributed import DistEnv
@@ -54,7 +50,7 @@ def hold_run_folder(run_dir: Path, env: DistEnv) -> Iterator[None]:
     path = run_dir / LOCK_FILE
     handle = holder = token = None
     if env.is_main:
-        handle, holder, token = _take(path)
+        handle, holder, token = take_lock(path, "training")
     holder, token = distributed.broadcast_object((holder, token), env)
     try:
         if holder is not None:
@@ -69,69 +65,6 @@ def hold_run_folder(run_dir: Path, env: DistEnv) -> Iterator[None]:
     finally:
         if handle is not None:
             handle.close()  # releases the lock; the file stays, naming the last holder
-
-
-def held_by_a_job(run_dir: Path) -> bool:
-    """Whether a training job holds ``run_dir``'s lock (for `fusedit eval`'s "still training"): probed with a
-    brief shared lock, which the holder's exclusive one refuses (_take retries past such a probe). Unknown
-    (False) where the system has no flock."""
-    try:
-        import fcntl
-
-        handle = (run_dir / LOCK_FILE).open()
-    except (ImportError, OSError):
-        return False
-    with handle:  # closing it releases the shared lock taken below
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-    return False
-
-
-def _take(path: Path) -> tuple[TextIO | None, str | None, str]:
-    """(the open locked file, None, token) when this process took the lock; (None, the holder's note, "")
-    when another holds it. On a system or filesystem without flock (Lustre mounted without ``flock``) the
-    run goes on unlocked, with a warning, and the token is still written for the shared-folder check."""
-    token = secrets.token_hex(8)
-    note = (
-        f"pid {os.getpid()} on {socket.gethostname()} since "
-        f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}, token {token}\n"
-    )
-    handle = path.open("a+")  # not truncated before the lock is ours: the holder's note is read from it
-    try:
-        import fcntl
-
-        # A few tries over a second: `fusedit eval` probes the lock with a brief shared one (is the run
-        # training?), which must not turn a starting job away.
-        for attempt in range(10):
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 9:
-                    raise
-                time.sleep(0.1)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip().rsplit(", token ", 1)[0] or "a process that wrote no note yet"
-        handle.close()
-        return None, holder, ""
-    except (ImportError, OSError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        log.warning(
-            "%s cannot be locked (%s): nothing stops a second job from training into this folder",
-            path,
-            reason,
-        )
-    handle.seek(0)
-    handle.truncate()
-    handle.write(note)
-    handle.flush()
-    os.fsync(handle.fileno())  # on the server before the other ranks look for it
-    return handle, None, token
 
 
 def _check_every_rank_sees(path: Path, token: str, env: DistEnv) -> None:
