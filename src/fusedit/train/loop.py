@@ -1033,9 +1033,9 @@ def finish_gradients(
     truncated: torch.Tensor,
 ) -> tuple[float, float, float, float, dict[str, float]]:
     """A step's gradients made ready for AdamW: ``params`` (every trained weight) clipped together to
-    train.grad_clip (0: measured, not clipped); every optimizer given its learning rate at ``step`` of a schedule of ``steps`` (each
-    module scales its own base lr); then the step's one host sync (logging needs these anyway) reads the
-    device scalars ``loss`` and ``truncated`` with the gradient norm. Returns (loss, gradient norm before
+    train.grad_clip (0: measured, not clipped); every optimizer given its learning rate at ``step`` of a
+    schedule of ``steps`` (each module scales its own base lr); then the step's one host sync (logging needs
+    these anyway) reads the device scalars ``loss`` and ``truncated`` with the gradient norm. Returns (loss, gradient norm before
     clipping, truncated, lr, lr by module) as host values."""
     grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf))
     rate = functools.partial(learning_rate, step, warmup=tc.warmup_steps, schedule=tc.schedule, total=steps)
