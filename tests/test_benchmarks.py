@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import urllib.error
 import urllib.request
@@ -124,6 +125,32 @@ def test_download_geneval_from_the_configured_source(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert download("geneval", dest) == dest
+
+
+def test_a_kept_copy_of_another_ref_is_said_to_be_kept(tmp_path, monkeypatch, caplog):
+    """A copy downloaded before SOURCE.json (from a moving branch), or of another ref than asked, is kept
+    (nothing is deleted unasked), with one line naming what it is and how to fetch the one asked for."""
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    dest = tmp_path / "geneval"
+    dest.mkdir()
+    (dest / "evaluation_metadata.jsonl").write_text("{}\n")
+    pinned = benchmarks.PINNED_REFS["geneval"]
+    for source, said in (
+        (None, "of unknown ref (no readable SOURCE.json)"),
+        ({"ref": "main"}, "of ref main"),
+        ({"ref": pinned}, None),
+    ):
+        if source is not None:
+            (dest / "SOURCE.json").write_text(json.dumps(source))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusedit"):
+            assert download("geneval", dest) == dest
+        expected = f"kept the existing copy in {dest} {said}, not {pinned}; --force fetches that one"
+        assert caplog.messages == ([expected] if said else [])
 
 
 def test_download_geneval_refuses_a_page_that_is_not_the_prompt_file(tmp_path, monkeypatch):

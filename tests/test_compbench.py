@@ -5,6 +5,8 @@ benchmark's prompt forms, the spatial and 3-in-1 rules on hand-made detections, 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -641,12 +643,14 @@ def test_run_compbench_scores_every_category_into_scores_json(dataset, tmp_path,
         "unreadable": 0,
         "outside_vocabulary": 0,
     }
+    # As the other benches record them: the ids as given, with a fingerprint; the results relative to out.
     assert scores["scorers"] == {
-        "vqa": "stub-vqa",
-        "clip": "stub-clip",
-        "detector": "stub-detector",
+        "vqa": {"id": "blip", "fingerprint": "blip"},
+        "clip": {"id": "clip", "fingerprint": "clip"},
+        "detector": {"id": "det", "fingerprint": "det"},
         "text": "rules",
     }
+    assert scores["results_files"] == {c: f"{c}/results.jsonl" for c in CATEGORIES}
     # the CLIP part of complex prompts reads them without their adjectives
     assert "The phone was resting on the charger ." in clips[0].texts
     rows = [json.loads(line) for line in (out / "complex" / "results.jsonl").read_text().splitlines()]
@@ -657,6 +661,42 @@ def test_run_compbench_scores_every_category_into_scores_json(dataset, tmp_path,
         n_per_prompt=2, categories=["spatial"], progress=False,
     )  # fmt: skip
     assert calls == [] and again["skipped"] == 2 and again["scores"]["per_category"] == {"spatial": 0.9}
+    # ... into its own scores and results files: the full run's stay as they were.
+    assert again["scores_file"] == str(out / "scores-spatial.json")
+    assert again["scores"]["results_files"] == {"spatial": "spatial/results-spatial.jsonl"}
+    assert json.loads((out / "scores.json").read_text()) == scores
+    assert (out / "spatial" / "results.jsonl").read_text() == (
+        out / "spatial" / "results-spatial.jsonl"
+    ).read_text()
+
+
+def test_a_replaced_category_record_takes_the_scores_it_fed_aside(dataset, tmp_path, monkeypatch, caplog):
+    """color's images were deleted and made again with other settings: the top-level scores files holding
+    color's score of the deleted images go aside with its record; those without color stay."""
+    monkeypatch.setattr(cb, "TransformersYesNoVQA", StubVQA)
+    monkeypatch.setattr(fusedit.eval.geneval, "TransformersDetector", StubDetector)
+    out, record = tmp_path / "out", {"checkpoint": "step_100", "steps": 2}
+    for categories in (["color", "spatial"], ["spatial"]):
+        run_compbench(
+            colour_generate([]), dataset, out, vqa="blip", clip=None, detector="det", n_per_prompt=2,
+            categories=categories, progress=False, record=record,
+        )  # fmt: skip
+    (out / "scores.json").write_text("{}")  # as a full run's would be
+    shutil.rmtree(out / "color" / "samples")
+    with caplog.at_level(logging.WARNING, logger="fusedit"):
+        run_compbench(
+            colour_generate([]), dataset, out, vqa=None, clip=None, detector=None, n_per_prompt=2,
+            categories=["color"], progress=False, record={**record, "steps": 3},
+        )  # fmt: skip
+    aside = out / "color" / "replaced-1"
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "generation.json",
+        "results-color-spatial.jsonl",
+        "scores-color-spatial.json",
+        "scores.json",
+    ]
+    assert sorted(p.name for p in out.glob("scores*")) == ["scores-spatial.json"]
+    assert caplog.messages[-1].endswith(f"which are gone: moved it and 3 scores/results file(s) to {aside}")
 
 
 # --------------------------------------------------------------------------------------------------

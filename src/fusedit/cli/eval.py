@@ -21,7 +21,8 @@ from fusedit.cli.common import (
 from fusedit.config import Config, ConfigError
 from fusedit.files import counted, holding_folder
 
-# `fusedit fid` warns below this many images in a folder.
+# `fusedit fid` warns below this many images in a folder, `fusedit eval --bench mjhq` below this many samples
+# (or in a category).
 FEW_FOR_FID = 1000
 
 
@@ -132,7 +133,7 @@ def _eval_into(args, out: Path, model, cfg: Config, where: Path, ema: bool, devi
         # protocol's checks of prompts and kept images come first; scoring again loads no model).
         settings, record = _eval_record(args, cfg, where, ema, device)
         _check_eval_folder(args, out, record, where)  # another generation's images: refused before the load
-        extractor = _mjhq_scorer(args, device) if args.bench == "mjhq" else None
+        extractor = _mjhq_scorer(args, device, out) if args.bench == "mjhq" else None
         if model is None:
             gen = ProtocolGenerator.lazy(lambda: load(where)[0], settings, cfg)
         else:
@@ -242,9 +243,13 @@ def _eval_seed(args) -> int:
     return 42 if args.seed is None else args.seed  # GenEval and DPG-Bench fix seed 42
 
 
-def _mjhq_scorer(args, device):
+def _mjhq_scorer(args, device, out: Path):
     """The FID feature extractor of `--bench mjhq`, with its reference folder listed: both before the
-    model loads, so that a wrong path fails at once rather than after the samples."""
+    model loads, so that a wrong path fails at once rather than after the samples; and the warning that
+    the samples are too few for FID (overall, or in a category the line's per-category FIDs read), before
+    the hours of sampling, as `fusedit fid` warns before reading its folders."""
+    from collections import Counter
+
     from fusedit.eval.benchmarks import load_mjhq
     from fusedit.eval.inception import feature_extractor
     from fusedit.eval.mjhq import check_scoring, reference_files, select
@@ -254,6 +259,12 @@ def _mjhq_scorer(args, device):
         return None
     rows = select(load_mjhq(args.prompts), args.per_category)
     reference_files(args.reference, sorted({r["category"] for r in rows}))
+    what, counts = f"the MJHQ-30K sample set in {out}", Counter(r["category"] for r in rows)
+    if len(rows) < FEW_FOR_FID:  # said of the whole set, it is said of every category
+        _warn_few(what, len(rows))
+    else:
+        smallest = min(counts, key=counts.get)
+        _warn_few(f"the {smallest} category of {what}", counts[smallest])
     return feature_extractor(args.features, device=device)
 
 
@@ -335,7 +346,6 @@ def _eval_protocol(args, gen, record: dict, out: Path, device, extractor=None, w
         )
     if args.bench == "mjhq" and "scores" in r:
         scores = r["scores"]
-        _warn_few(f"the MJHQ-30K sample set in {out}", scores["samples"])
         worst = max(scores["categories"], key=scores["categories"].get)
         label = _distance_label(scores["features"], args.features)
         print(
@@ -373,23 +383,54 @@ _UNSCORED = {
 }
 
 
+# The `fusedit eval` flags a scoring rerun does not repeat as given: the command places MODEL (the checkpoint
+# it scored), --bench, --prompts and --out itself and appends the scoring flags; --quiet is the user's own.
+# Every other flag given (sampling, --seed, --limit, --no-ema, --relocate, --device, ...) is repeated, so a
+# flag the record depends on, added later, is not forgotten.
+_NOT_REPEATED = ("model", "bench", "prompts", "out", "quiet", "detector", "clip", "vqa")
+
+
+def _repeated_flags(args) -> list[str]:
+    """The flags of ``args`` (a `fusedit eval` command) that a rerun scoring its images repeats: each one
+    given (its value not the parser's default), as the parser reads it back."""
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    _add_eval_parser(sub)
+    words: list[str] = []
+    for action in sub.choices["eval"]._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default or action.dest in _NOT_REPEATED:
+            continue  # not given (--help's value is None too), or placed by the caller
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch (--no-ema)
+            words.append(flag)
+        elif isinstance(value, list) and action.nargs in ("+", "*"):
+            words += [flag, *map(str, value)]
+        elif isinstance(value, list):  # repeatable (--relocate): once per value
+            words += [w for v in value for w in (flag, str(v))]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
 def _unscored_line(args, out: Path, where) -> str:
     """The line ending a GenEval or DPG-Bench run without scoring models: nothing was scored, and the
-    command that scores the images kept in ``out`` (the checkpoint ``where`` and the flags that made them,
-    so it reuses them and loads no model) or the official script."""
+    command that scores the images kept in ``out`` (the checkpoint ``where`` and every flag given that made
+    them, so it reuses them and loads no model) or the official script."""
     from fusedit.eval.run import IMAGES
 
     scoring, script = _UNSCORED[args.bench]
     words = ["fusedit", "eval", str(where or args.model), "--bench", args.bench, "--prompts", args.prompts]
-    words += ["--out", str(out)]
-    for flag in ("steps", "guidance", "size", "seed", "limit"):
-        if getattr(args, flag) is not None:
-            words += [f"--{flag}", str(getattr(args, flag))]
-    words += ["--no-ema"] * args.no_ema + scoring
+    words += ["--out", str(out), *_repeated_flags(args), *scoring]
     flags = " / ".join(w for w in scoring if w.startswith("--"))
+    # An unscored DPG-Bench run reads the prompts alone; scoring reads the question file too.
+    needs = (
+        " (it needs DPG-Bench's dpg_bench.csv in or beside the prompts folder)" if args.bench == "dpg" else ""
+    )
     return (
-        f"{args.bench}: the images were not scored (no {flags}); score them with `{shlex.join(words)}`, or "
-        f"with {script} on {out / IMAGES[args.bench]}"
+        f"{args.bench}: the images were not scored (no {flags}); score them with `{shlex.join(words)}`{needs}, "
+        f"or with {script} on {out / IMAGES[args.bench]}"
     )
 
 
@@ -571,8 +612,10 @@ def _add_eval_parser(sub) -> None:
         "--limit",
         type=int,
         metavar="N",
-        help="geneval/dpg: the first N prompts only, generated and scored into OUT/scores-firstN.json (a "
-        "quick subset: a full run's scores.json stays; a later full run into the same --out keeps the images)",
+        help="geneval/dpg: the first N prompts only, generated and scored into OUT/scores-firstN.json with "
+        "their per-image results in OUT/results-firstN.jsonl (a quick subset: a full run's scores.json and "
+        "results.jsonl stay; a later full run into the same --out keeps the images); an N at or above the "
+        "benchmark's size is the full run",
     )
     sp.add_argument(
         "--noun-phrases",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import re
 import shutil
 import tarfile
@@ -42,6 +43,8 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, is_whole
 from fusedit.files import replace_folder
+
+log = logging.getLogger("fusedit")
 
 BENCHMARKS = ("geneval", "dpg", "mjhq", "t2i-compbench")
 
@@ -119,6 +122,18 @@ def _is_complete(name: str, dest: Path, images: bool = False) -> bool:
     return (dest / DPG_CSV).is_file() and any((dest / DPG_PROMPTS).glob("*.txt"))
 
 
+def _warn_other_ref(dest: Path, ref: str) -> None:
+    """Warn when the complete copy in ``dest``, kept, is not of ``ref``: one made before SOURCE.json was
+    written came from a moving branch, and is not deleted unasked."""
+    try:
+        kept = json.loads((dest / SOURCE_RECORD).read_text(encoding="utf-8")).get("ref")
+    except (OSError, ValueError, AttributeError):  # missing, damaged, or not an object
+        kept = None
+    if kept != ref:
+        which = "of unknown ref (no readable SOURCE.json)" if kept is None else f"of ref {kept}"
+        log.warning("kept the existing copy in %s %s, not %s; --force fetches that one", dest, which, ref)
+
+
 def download(
     name: str,
     dest: str | Path,
@@ -134,9 +149,9 @@ def download(
     GenEval gives ``dest/evaluation_metadata.jsonl`` (+ LICENSE); DPG-Bench gives ``dest/prompts/*.txt``,
     ``dest/dpg_bench.csv`` (+ LICENSE); MJHQ-30K gives ``dest/meta_data.json`` and, with ``images``, the
     reference images in ``dest/mjhq30k_imgs/<category>/``. A complete existing copy is kept unless
-    ``force``. Files are gathered in a temporary folder and moved into place at the end, so an interrupted
-    download never leaves a half-written copy that would later pass for a complete one, and a failed one
-    leaves no folder it made. ``ref`` (a branch, tag or commit) defaults to the benchmark's pinned commit
+    ``force``, with a warning when it is not of ``ref``. Files are gathered in a temporary folder and moved
+    into place at the end, so an interrupted download never leaves a half-written copy that would later
+    pass for a complete one, and a failed one leaves no folder it made. ``ref`` (a branch, tag or commit) defaults to the benchmark's pinned commit
     (``PINNED_REFS``; "main" where none), and ``dest/SOURCE.json`` records it.
     """
     if name not in BENCHMARKS:
@@ -146,6 +161,7 @@ def download(
         raise BenchmarkError(f"images=True applies to mjhq only (its FID reference images), not {name!r}")
     dest = Path(dest)
     if not force and _is_complete(name, dest, images):
+        _warn_other_ref(dest, ref)
         return dest
     # The folders made here, deepest first: a failed download (offline, say) takes them away again, so that
     # it leaves no empty folder behind.

@@ -1031,10 +1031,12 @@ def score_compbench(
     rules: SpatialRules = SpatialRules(),
     batch_size: int = 32,
     progress: bool = True,
+    results_name: str = "results.jsonl",
 ) -> dict:
-    """Score every category of ``prompts`` (``load_compbench``'s result) under ``<out_dir>/<category>/``;
-    returns what ``run_compbench`` writes to ``scores.json``: ``overall`` (the mean of the category
-    scores), ``per_category``, per-category ``counts`` and results files, and the scoring setup."""
+    """Score every category of ``prompts`` (``load_compbench``'s result) under ``<out_dir>/<category>/``,
+    each image's verdict into ``<out_dir>/<category>/<results_name>``; returns what ``run_compbench``
+    writes to its scores file: ``overall`` (the mean of the category scores), ``per_category``,
+    per-category ``counts`` and results files, and the scoring setup."""
     text = text or RuleText()
     check_scorers(list(prompts), {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     per_category, counts, files = {}, {}, {}
@@ -1052,6 +1054,7 @@ def score_compbench(
             rules=rules,
             batch_size=batch_size,
             progress=progress,
+            out_file=Path(out_dir) / category / results_name,
         )
         per_category[category] = summary.pop("score")
         files[category] = summary.pop("results_file")

@@ -14,10 +14,11 @@ each weight file's first MiB only (blind to a retrain of the tensors past it), h
 is refused the same way. GenEval and DPG-Bench score exactly the prompts given (``limit``: the first N),
 not every prompt folder or grid an earlier run left there; the scores of the first N go to
 ``scores-first<N>.json`` and their per-image verdicts to ``results-first<N>.jsonl`` (a whole run's:
-``scores.json``, ``results.jsonl``), so a quick subset or a rescore of it never replaces the whole
-benchmark's. Each scores file records what made its images (the ``generation.json`` record) and what scored
-them (``scorers``: the model ids as given, a fingerprint of a model folder). When a record without images is
-replaced, the scores and results that described the images before go aside with it (``replaced-<n>/``).
+``scores.json``, ``results.jsonl``; T2I-CompBench's ``--categories`` subset: ``scores-<categories>.json``),
+so a quick subset or a rescore of it never replaces the whole benchmark's. Each scores file records what
+made its images (the ``generation.json`` record) and what scored them (``scorers``: the model ids as given, a
+fingerprint of a model folder). When a record without images is replaced, the scores and results that
+described the images before go aside with it (``replaced-<n>/``).
 """
 
 from __future__ import annotations
@@ -160,30 +161,28 @@ class RecordMismatch(ConfigError):
         self.saved, self.changed = saved, changed
 
 
-def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
-    """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes;
-    True when they were made by this one (its record is there)."""
+def check_claim(out_dir: Path, images: Path, record: dict) -> None:
+    """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes, or
+    have no record."""
     record = as_json_reads_back(record)
     path = out_dir / RECORD
-    has_images = images.is_dir() and any(images.iterdir())
-    if path.is_file() and has_images:
-        saved = read_json(path, "give a new --out, or delete the folder to regenerate")
-        changed = record_changes(saved, record)
-        if changed:
-            k = changed[0]
-            raise RecordMismatch(
-                f"{out_dir} holds images made with {k}={saved.get(k)!r}, not {k}={record.get(k)!r} (see "
-                f"{path}); give a new --out, or delete the folder to regenerate",
-                saved,
-                changed,
-            )
-        return True
-    if has_images:
+    if not (images.is_dir() and any(images.iterdir())):
+        return
+    if not path.is_file():
         raise ConfigError(
             f"{images} holds images without a record of what made them ({RECORD}); give a new --out, or "
             "delete the folder to regenerate"
         )
-    return False
+    saved = read_json(path, "give a new --out, or delete the folder to regenerate")
+    changed = record_changes(saved, record)
+    if changed:
+        k = changed[0]
+        raise RecordMismatch(
+            f"{out_dir} holds images made with {k}={saved.get(k)!r}, not {k}={record.get(k)!r} (see "
+            f"{path}); give a new --out, or delete the folder to regenerate",
+            saved,
+            changed,
+        )
 
 
 def record_changes(saved: dict, record: dict) -> list[str]:
@@ -199,35 +198,49 @@ def claim_folder(
     bench: str,
     seed: int,
     n_per_prompt: int | None = None,
+    fed: Sequence[Path] = (),
 ) -> dict | None:
     """Refuse ``out_dir`` when its ``images`` were made by another generation than ``record`` describes
     (with what the protocol run adds: ``protocol_record``); otherwise write that record there and return
-    it. ``record`` None (a caller-made generator whose settings are unknown) checks nothing. A record
-    without images (a run that stopped before its first, or whose images were deleted) is replaced; when it
-    differs, the scores and results files beside it, which described its images, are moved aside with it
-    (``set_aside``). The temporary files a kill -9 left beside the record and the scores go first."""
+    it, as written. ``record`` None (a caller-made generator whose settings are unknown) checks nothing.
+    A record without images (a run that stopped before its first, or whose images were deleted) is
+    replaced; when it differs (or cannot be read), the scores and results files beside it, and the ``fed``
+    files elsewhere that its images' scores went into, are moved aside with it (``set_aside``). A record
+    that matches is written again: its informational keys (the model's current path) are then the ones
+    the scores record. The temporary files a kill -9 left beside the record and the scores go first."""
     sweep_temporaries(out_dir)
     if record is None:
         return None
-    record = protocol_record(record, bench, seed, n_per_prompt)
-    if not check_claim(out_dir, images, record):
-        set_aside(out_dir, record)
-        write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
-    return as_json_reads_back(record)
+    record = as_json_reads_back(protocol_record(record, bench, seed, n_per_prompt))
+    check_claim(out_dir, images, record)
+    set_aside(out_dir, record, fed)
+    write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
+    return record
 
 
-def set_aside(out_dir: Path, record: dict) -> None:
-    """Move ``out_dir``'s record and the scores and results files of the images it described into
-    ``out_dir/replaced-<n>`` (the first free n) when it differs from ``record``, with a line saying so:
-    next to the new record they would read as scores of the new images."""
+def set_aside(out_dir: Path, record: dict, fed: Sequence[Path] = ()) -> Path | None:
+    """Move ``out_dir``'s record and the scores and results files of the images it described (those in
+    ``out_dir`` and the ``fed`` ones that exist) into ``out_dir/replaced-<n>`` (the first free n) when it
+    differs from ``record`` or cannot be read, with a line saying so: next to the new record they would
+    read as scores of the new images. Nothing is moved when no such file is there (a run stopped before
+    its first image): the record is then only replaced. Returns the folder, or None."""
     path, record = out_dir / RECORD, as_json_reads_back(record)
     if not path.is_file():
-        return
-    saved = read_json(path, "give a new --out, or delete the folder to regenerate")
-    changed = record_changes(saved, record)
-    if not changed:
-        return
+        return None
+    try:
+        saved = read_json(path, "")
+    except ConfigError:  # damaged: it describes no generation, so none of the files beside it is this one's
+        said = f"{path} is not readable JSON and its images are gone"
+    else:
+        changed = record_changes(saved, record)
+        if not changed:
+            return None
+        k = changed[0]
+        said = f"{path} described other images ({k}={saved.get(k)!r}, now {record.get(k)!r}), which are gone"
     stale = [p for pattern in ("scores*.json", "results*.jsonl") for p in sorted(out_dir.glob(pattern))]
+    stale += [p for p in fed if p.is_file()]
+    if not stale:
+        return None
     n = 1
     while (out_dir / f"replaced-{n}").exists():
         n += 1
@@ -235,37 +248,54 @@ def set_aside(out_dir: Path, record: dict) -> None:
     aside.mkdir()
     for p in [path, *stale]:
         p.replace(aside / p.name)
-    k = changed[0]
-    log.warning(
-        "%s described other images (%s=%r, now %r), which are gone: moved it and %d scores/results file(s) "
-        "to %s",
-        path,
-        k,
-        saved.get(k),
-        record.get(k),
-        len(stale),
-        aside,
-    )
+    log.warning("%s: moved it and %d scores/results file(s) to %s", said, len(stale), aside)
+    return aside
 
 
-def output_files(out_dir: Path, limit: int | None = None) -> tuple[Path, Path]:
+def output_files(
+    out_dir: Path, limit: int | None = None, categories: Sequence[str] | None = None
+) -> tuple[Path, Path]:
     """The scores file and the per-image results file of a protocol run over the first ``limit`` prompts
-    (None: all): ``scores.json`` and ``results.jsonl``, or ``scores-first<N>.json`` and
-    ``results-first<N>.jsonl``. Each scores file has its own results, so a subset or a rescore never
-    overwrites the verdicts another scores file names; they lie in ``out_dir``, not among the images, where
-    the official scorers read every file as a sample."""
+    or T2I-CompBench's ``categories`` (None: all): ``scores.json`` and ``results.jsonl``, or
+    ``scores-first<N>.json`` and ``results-first<N>.jsonl``, ``scores-color-spatial.json`` and (in each
+    category's folder) ``results-color-spatial.jsonl``. Each scores file has its own results, so a subset
+    or a rescore never overwrites the verdicts another scores file names; they lie in ``out_dir``, not
+    among the images, where the official scorers read every file as a sample."""
     suffix = "" if limit is None else f"-first{limit}"
+    if categories is not None:
+        suffix = "-" + "-".join(categories)
     return Path(out_dir) / f"scores{suffix}.json", Path(out_dir) / f"results{suffix}.jsonl"
 
 
-def scorer_record(model_id, loaded=None) -> dict:
+# Where fusedit wrote a protocol's per-image results before they moved beside the scores (2026-11): among
+# the images, which the official scorers read as samples (ELLA's DPG script fails on the file, by name).
+LEGACY_RESULTS = {"geneval": "results.jsonl", "dpg": "dpg_results.jsonl"}
+
+
+def move_legacy_results(out_dir: Path, bench: str) -> None:
+    """Move an earlier fusedit's results file out of ``out_dir``'s images to ``out_dir/results-legacy.jsonl``
+    (a free name), with a line saying so: it describes the images it was scored from, so it is kept."""
+    old = out_dir / IMAGES[bench] / LEGACY_RESULTS[bench]
+    if not old.is_file():
+        return
+    target, n = out_dir / "results-legacy.jsonl", 1
+    while target.exists():
+        n += 1
+        target = out_dir / f"results-legacy{n}.jsonl"
+    old.replace(target)
+    log.warning("moved %s, an earlier run's results file, out of the images to %s", old, target)
+
+
+def scorer_record(model_id, loaded=None, fingerprint: str | None = None) -> dict:
     """A scoring model as a scores file records it: its id as given and, as ``fid.model_fingerprint``,
     what that id loaded (``loaded``: the scorer built from it, whose ``model`` or ``clip.model`` is the
-    transformers model, for a hub id's commit)."""
-    model = getattr(loaded, "model", None)
-    if model is None:  # ClipColorClassifier: through its ClipEmbedder
-        model = getattr(getattr(loaded, "clip", None), "model", None)
-    return {"id": str(model_id), "fingerprint": model_fingerprint(model_id, model)}
+    transformers model, for a hub id's commit), or the ``fingerprint`` a feature extractor made itself."""
+    if fingerprint is None:
+        model = getattr(loaded, "model", None)
+        if model is None:  # ClipColorClassifier: through its ClipEmbedder
+            model = getattr(getattr(loaded, "clip", None), "model", None)
+        fingerprint = model_fingerprint(model_id, model)
+    return {"id": str(model_id), "fingerprint": fingerprint}
 
 
 def with_scores(
@@ -274,15 +304,20 @@ def with_scores(
     scores: dict,
     generation: dict | None = None,
     scorers: dict | None = None,
+    categories: Sequence[str] | None = None,
 ) -> None:
     """A protocol run's ``scores`` into its ``result`` and, atomically, into ``out_dir/scores.json``
-    (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``; ``output_files``) with the
-    ``generation`` record that made the images (None: unknown, a caller's generator) and the ``scorers``
-    (``scorer_record``s) that scored them; a ``results_file`` is named relative to ``out_dir``.
+    (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``; ``scores-<categories>.json``
+    for a subset of T2I-CompBench's ``categories``; ``output_files``) with the ``generation`` record that
+    made the images (None: unknown, a caller's generator) and the ``scorers`` (``scorer_record``s) that
+    scored them; a ``results_file`` (or ``results_files``) is named relative to ``out_dir``.
     ``result["scores_file"]`` names the file."""
-    path, _ = output_files(out_dir, scores.get("limit"))
+    path, _ = output_files(out_dir, scores.get("limit"), categories)
     if "results_file" in scores:
         scores = {**scores, "results_file": Path(scores["results_file"]).name}
+    if "results_files" in scores:  # T2I-CompBench's, one per category: OUT/<category>/results[-...].jsonl
+        files = {c: Path(f).relative_to(out_dir).as_posix() for c, f in scores["results_files"].items()}
+        scores = {**scores, "results_files": files}
     scores = {**scores, "generation": generation}
     if scorers is not None:
         scores["scorers"] = scorers
@@ -340,6 +375,7 @@ def run_geneval(
     check_scoring_models(detector, clip)
     samples = out_dir / IMAGES["geneval"]
     generation = claim_folder(out_dir, samples, record, "geneval", seed, n_per_prompt)
+    move_legacy_results(out_dir, "geneval")
     counts = write_geneval_samples(metadata, gen, samples, n_per_prompt, seed, progress)
     result = {"samples": str(samples), **counts, "unit": "prompts"}
     if detector:
@@ -397,6 +433,7 @@ def run_dpg(
         check_dpg_files(prompts_path, every)
     grids = out_dir / IMAGES["dpg"]
     generation = claim_folder(out_dir, grids, record, "dpg", seed)
+    move_legacy_results(out_dir, "dpg")
     counts = write_dpg_grids(prompts, gen, grids, seed=seed, progress=progress)
     result = {"grids": str(grids), **counts, "unit": "prompts"}
     if vqa:
@@ -459,7 +496,7 @@ def run_mjhq(
             progress=progress,
         )
         features_id = getattr(features, "id", type(features).__name__)
-        scorer = {"id": features_id, "fingerprint": getattr(features, "fingerprint", None)}
+        scorer = scorer_record(features_id, fingerprint=getattr(features, "fingerprint", None))
         with_scores(result, out_dir, scores, generation, {"features": scorer})
     return result
 
@@ -509,6 +546,7 @@ def run_compbench(
     official 10. The result's ``generated`` and ``skipped`` count images (``unit``) over all categories."""
     from fusedit.eval.compbench import (
         BENCH,
+        CATEGORIES,
         N_PER_PROMPT,
         SCORERS,
         ClipSimilarity,
@@ -542,9 +580,16 @@ def run_compbench(
             groups = load_complex_groups(dataset_path)
         rules_text = text_rules(text)
     out_dir = Path(out_dir)
+    subset = None if chosen == CATEGORIES else list(chosen)
     for category in chosen:  # each category's record is the same
         generation = claim_folder(
-            out_dir / category, protocol_images(out_dir, category), record, BENCH, seed, n_per_prompt
+            out_dir / category,
+            protocol_images(out_dir, category),
+            record,
+            BENCH,
+            seed,
+            n_per_prompt,
+            fed=fed_scores(out_dir, category),
         )
     generated = skipped = 0
     for category in chosen:
@@ -566,21 +611,36 @@ def run_compbench(
     }
     if scoring:
         need = {s for c in chosen for s in SCORERS[c]}
-        scores = score_compbench(
-            out_dir,
-            prompts,
-            n_per_prompt=n_per_prompt,
-            vqa=TransformersYesNoVQA(vqa, device=device) if "vqa" in need else None,
-            clip=ClipSimilarity(clip, device=device) if "clip" in need else None,
-            detector=(
+        built = {
+            "vqa": TransformersYesNoVQA(vqa, device=device) if "vqa" in need else None,
+            "clip": ClipSimilarity(clip, device=device) if "clip" in need else None,
+            "detector": (
                 TransformersDetector(detector, device=device, min_score=SpatialRules().min_score)
                 if "detector" in need
                 else None
             ),
+        }
+        scores = score_compbench(
+            out_dir,
+            prompts,
+            n_per_prompt=n_per_prompt,
+            **built,
             complex_groups=groups,
             text=rules_text,
             batch_size=batch_size,
             progress=progress,
+            results_name=output_files(out_dir, categories=subset)[1].name,
         )
-        with_scores(result, out_dir, scores, generation)  # score_compbench records its scorers
+        scorers = {k: scorer_record(given[k], model) for k, model in built.items() if model is not None}
+        scorers["text"] = scores["scorers"]["text"]  # the noun-phrase rules, a name
+        with_scores(result, out_dir, scores, generation, scorers, subset)
     return result
+
+
+def fed_scores(out_dir: Path, category: str) -> list[Path]:
+    """T2I-CompBench's scores files in ``out_dir`` that took ``category``'s scores: ``scores.json`` (every
+    category) and each ``scores-<categories>.json`` naming it (``output_files``)."""
+    named = {
+        p: p.stem.removeprefix("scores").removeprefix("-").split("-") for p in out_dir.glob("scores*.json")
+    }
+    return sorted(p for p, categories in named.items() if categories == [""] or category in categories)
