@@ -9,18 +9,23 @@ import hashlib
 import io
 import json
 import logging
+import struct
+import subprocess
+import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fusedit.config import DataConfig, VAEConfig
+from fusedit.config import ConfigError, DataConfig, VAEConfig
 from fusedit.data.folder import FolderCatalog
 from fusedit.data.latents import cache_latents
 from fusedit.data.loader import step_loader
-from fusedit.data.transforms import IMAGE_EXTS, decode_rgb, open_image, stable_key
+from fusedit.data.skips import skipped_jsonl
+from fusedit.data.transforms import decode_rgb, image_extensions, open_image, stable_key
 from fusedit.data.webdataset_source import TarShard, WebDatasetCatalog
 
 
@@ -67,6 +72,27 @@ def test_a_shard_with_latin1_member_names_trains(tmp_path):
     assert [b["caption"] for b in batches] == [["a cafe"], ["a cafe"]]
     assert batches[0]["id"] == [f"{shard}/caf\udce9"]
     assert loader.skips.counts() == {}
+
+
+def test_a_skipped_sample_with_a_latin1_member_name_is_listed_and_reads_back(tmp_path):
+    # Its id holds the name's byte surrogate-escaped: the checkpoint's list of skips crashed writing it.
+    from fusedit.train.data_state import write_skipped
+
+    shard = tmp_path / "x.tar"
+    members = [("caf\xe9.png", b"not a png"), ("caf\xe9.txt", b"x"), ("ok.png", _png()), ("ok.txt", b"ok")]
+    _tar(shard, members, format=tarfile.GNU_FORMAT, encoding="latin-1")
+    loader = step_loader(_cfg(source="webdataset", shards=[str(shard)]), 0, 1, 0, 2)
+    assert [b["caption"] for b in loader] == [["ok"], ["ok"]]
+    listed = tmp_path / "skipped.jsonl"
+    assert write_skipped(listed, loader.state_dict())
+    rows = [json.loads(line) for line in listed.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["reason"]) for r in rows] == [(f"{shard}/caf\udce9", "corrupt")]
+    # A name that is UTF-8 stays readable in the list.
+    utf8 = {"ids": {"corrupt": [f"{shard}/caf\u00e9"]}}
+    assert (
+        skipped_jsonl(utf8)
+        == json.dumps({"id": f"{shard}/caf\u00e9", "reason": "corrupt"}, ensure_ascii=False) + "\n"
+    )
 
 
 def test_a_shard_cut_at_a_member_boundary_is_reported_as_cut_short(tmp_path):
@@ -129,6 +155,27 @@ def test_a_repeated_key_in_a_shard_keeps_the_first_copy_and_counts_the_other(tmp
     assert (summary["samples"], summary["skipped"]) == (3, {"duplicate": 1})
 
 
+def test_a_repeated_key_is_split_into_copies_by_occurrence_never_mixing_them(tmp_path):
+    # A writer restarted mid-sample: the first copy's image was written, its caption not; then the whole
+    # sample again. The sample read is the first copy whole (no caption: skipped as such), not image A with
+    # caption B, and the copy counted as a duplicate is the one whose members the message names.
+    shard = _tar(
+        tmp_path / "d.tar",
+        [("002.png", b"IMAGE-A"), ("002.png", b"IMAGE-B"), ("002.txt", b"caption of B"), ("003.txt", b"c")],
+    )
+    opened = TarShard(str(shard))
+    assert [(key, sorted(group)) for key, group in opened.samples] == [("002", ["png"]), ("003", ["txt"])]
+    assert opened.dropped == [
+        (
+            "duplicate",
+            f"{shard}/002@2",
+            "duplicate member 002.png, 002.txt in the shard (key '002' again); the first copy is used",
+        )
+    ]
+    fields, image = WebDatasetCatalog([[str(shard)]]).record(0)[:2]
+    assert (fields, image) == ({"__key__": "002", "__url__": str(shard)}, b"IMAGE-A")
+
+
 def test_an_image_member_in_a_format_not_read_names_it_and_the_setting(tmp_path):
     gif = io.BytesIO()
     Image.new("RGB", (32, 32), (9, 9, 9)).save(gif, "GIF")
@@ -158,7 +205,7 @@ def test_a_folder_reads_other_jpeg_names_and_says_which_captions_have_no_image(t
     root.mkdir()
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(jpeg, "JPEG")
-    names = ["a.jpg", "b.jfif", "c.jpe"] + (["d.avif"] if "avif" in IMAGE_EXTS else [])
+    names = ["a.jpg", "b.jfif", "c.jpe"] + (["d.avif"] if "avif" in image_extensions() else [])
     for name in names:
         (root / name).write_bytes(jpeg.getvalue())
         (root / name).with_suffix(".txt").write_text(f"caption of {name}")
@@ -169,12 +216,37 @@ def test_a_folder_reads_other_jpeg_names_and_says_which_captions_have_no_image(t
         catalog = FolderCatalog(root=str(root))
     assert catalog.paths == names
     assert [r.getMessage() for r in caplog.records] == [
-        f"data: 2 caption files in {str(root)!r} have no image next to them (e.g. e.txt; image extensions "
-        f"read: {', '.join(IMAGE_EXTS)})"
+        f"data: 2 text or JSON files in {str(root)!r} have no image of their name beside them (e.g. e.txt; "
+        f"image extensions read: {', '.join(image_extensions())})"
     ]
-    assert IMAGE_EXTS[:10] == ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff")
+    assert image_extensions()[:10] == (
+        "jpg",
+        "jpeg",
+        "jfif",
+        "jpe",
+        "png",
+        "webp",
+        "bmp",
+        "gif",
+        "tif",
+        "tiff",
+    )
     for name in names:
         assert decode_rgb(open_image(root / name)).getpixel((16, 16))[0] > 150
+
+
+def test_the_image_extensions_are_listed_at_first_use_not_at_import():
+    # Listing them imports every Pillow format plugin: no cost to a process that only imports fusedit's
+    # data modules, and a HEIC opener registered after the import (pillow-heif) is still seen.
+    code = (
+        "import fusedit.data.folder, fusedit.data.loader, fusedit.data.webdataset_source, fusedit.eval.fid\n"
+        "from PIL import Image\n"
+        "print(Image._initialized)\n"
+        "from fusedit.data.transforms import image_extensions\n"
+        "print(Image._initialized, 'jpg' in image_extensions(), Image._initialized)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["0", "0 True 2"]
 
 
 def test_index_rows_naming_one_file_are_counted_as_rows(tmp_path, caplog):
@@ -206,11 +278,15 @@ def test_index_rows_naming_one_file_are_counted_as_rows(tmp_path, caplog):
     assert caplog.messages[-1].startswith("cached 3 of 5 samples in 1 shard")
     index_json = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert sorted(index_json["samples"]) == ["a.png", "a.png@2", "b.png"]
-    # A cache made before recorded the repeated rows by their bare path: it still reruns as the same data.
+    # A cache made before recorded the repeated rows by their bare path: it still reruns as the same data,
+    # its rows keyed by position as now, so the counts add up to the 5 rows.
     record = tmp_path / "cache" / "latents-000000.json"
     record.write_text(record.read_text().replace('"a.png@2"', '"a.png"').replace('"l.png@3"', '"l.png"'))
-    again = cache_latents(cfg, VAEConfig(), tmp_path / "cache", 2, 8, progress=False)
-    assert (again["samples"], again["skipped"]) == (3, {"no-caption": 1})
+    with caplog.at_level(logging.INFO, logger="fusedit.data.latents"):
+        again = cache_latents(cfg, VAEConfig(), tmp_path / "cache", 2, 8, progress=False)
+    assert (again["samples"], again["skipped"]) == (3, {"no-caption": 2})
+    assert caplog.messages[-1].startswith("cached 3 of 5 samples in 1 shard")
+    assert again["report"] == summary["report"]
 
 
 def test_an_index_caption_with_windows_line_breaks_reads_as_a_sidecars_does(tmp_path):
@@ -233,6 +309,10 @@ def test_an_index_caption_with_windows_line_breaks_reads_as_a_sidecars_does(tmp_
     ]
     sidecar = FolderCatalog(root=str(root))
     assert sidecar.record(sidecar.paths.index("b.png"))[0]["txt"] == "line one\nline two"
+    # A JSON sidecar's line breaks are escapes, "\r\n" only once parsed: read as an index row's are.
+    (root / "b.json").write_text(json.dumps({"caption": ["x\r\ny", "z\rw"], "meta": {"alt": "p\r\nq"}}))
+    fields = sidecar.record(sidecar.paths.index("b.png"))[0]
+    assert fields["json"] == {"caption": ["x\ny", "z\nw"], "meta": {"alt": "p\nq"}}
 
 
 def test_index_lines_that_are_not_utf8_are_counted_and_warned_about_once(tmp_path, caplog):
@@ -272,7 +352,7 @@ def test_captions_that_are_not_utf8_are_warned_about_once_and_counted_by_the_cac
     first = str(root / "1.txt")
     assert warned == [
         f"data: the caption in {first} is not UTF-8: its bad bytes read as U+FFFD (said for the first such "
-        "caption only; save captions as UTF-8 to keep every character)",
+        "caption each data-loading process meets; save captions as UTF-8 to keep every character)",
         f"data: 2 captions encoded now were not UTF-8 (e.g. {root / '2.txt'}): cached with their bad bytes as U+FFFD",
     ]
     # A shard's .txt member is named by shard and member.
@@ -283,6 +363,22 @@ def test_captions_that_are_not_utf8_are_warned_about_once_and_counted_by_the_cac
         batch = next(iter(step_loader(_cfg(source="webdataset", shards=[str(shard)]), 0, 1, 0, 1)))
     assert batch["caption"] == ["caf\ufffd"]
     assert caplog.messages[0].startswith(f"data: the caption in {shard}/k.txt is not UTF-8")
+
+
+def test_a_json_member_that_is_not_utf8_is_warned_about_and_read(tmp_path, caplog, monkeypatch):
+    # It was skipped as "none of the fields holds text", with no word of its bytes.
+    from fusedit.data.transforms import NOT_UTF8
+
+    monkeypatch.setattr(NOT_UTF8, "count", 0)
+    shard = _tar(tmp_path / "j.tar", [("k.png", _png()), ("k.json", b'{"caption": "caf\xe9"}')])
+    cfg = _cfg(source="webdataset", shards=[str(shard)], caption_fields=["json.caption"])
+    loader = step_loader(cfg, 0, 1, 0, 1)
+    with caplog.at_level(logging.INFO, logger="fusedit.data.transforms"):
+        batch = next(iter(loader))
+    assert batch["caption"] == ["caf\ufffd"]
+    assert loader.skips.counts() == {}
+    assert NOT_UTF8.count == 1
+    assert caplog.messages[0].startswith(f"data: the caption in {shard}/k.json is not UTF-8")
 
 
 def test_the_data_summary_counts_one_sample_in_the_singular(tmp_path, caplog):
@@ -320,8 +416,80 @@ def test_a_colour_key_is_transparent_on_white_as_an_alpha_channel_is(mode, backg
     assert (rgb.getpixel((0, 0)), rgb.getpixel((3, 3))) == ((255, 255, 255), inside)
 
 
+def _png_by_hand(bit_depth: int, colour_type: int, rows: list[bytes], width: int, trns: bytes) -> bytes:
+    # Pillow writes neither 16-bit RGB nor 4-bit grey with a key: the chunks, written out.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, len(rows), bit_depth, colour_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", trns)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_colour_key_of_a_png_not_8_bits_deep_leaves_its_pixels_as_they_are():
+    # 16-bit RGB reads as 8-bit "RGB" with its key still 16-bit: the key (100, 100, 100) is near black, and
+    # Pillow would have made white the mid-grey pixels whose 8-bit value is 100.
+    grey = np.zeros((4, 4, 3), ">u2")
+    grey[:2] = 100
+    grey[2:] = 100 * 257
+    png = _png_by_hand(16, 2, [row.tobytes() for row in grey], 4, struct.pack(">HHH", 100, 100, 100))
+    opened = open_image(png)
+    assert (opened.mode, opened.info["transparency"]) == ("RGB", (100, 100, 100))
+    rgb = decode_rgb(opened)
+    assert (rgb.getpixel((0, 0)), rgb.getpixel((0, 3))) == ((0, 0, 0), (100, 100, 100))
+    # 4-bit grey reads as "L" scaled up (1 as 17, 2 as 34): its key 1 makes the rows of 1 white, not
+    # the pixels whose 8-bit value is 1 (there are none).
+    rows = [bytes([0x11, 0x11])] * 2 + [bytes([0x22, 0x22])] * 2
+    opened = open_image(_png_by_hand(4, 0, rows, 4, struct.pack(">H", 1)))
+    assert (opened.mode, opened.info["transparency"]) == ("L", 1)
+    rgb = decode_rgb(opened)
+    assert (rgb.getpixel((0, 0)), rgb.getpixel((0, 3))) == ((255, 255, 255), (34, 34, 34))
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent cache reruns
+
+
+def test_the_cache_summary_counts_with_thousands_separators(tmp_path):
+    from fusedit.data.latents import _cached_line
+
+    summary = {"samples": 1234567, "skipped": {"corrupt": 33}, "shards": 3}
+    assert _cached_line(summary, 1234000, tmp_path) == (
+        f"cached 1,234,567 of 1,234,600 samples in 3 shards into {str(tmp_path)!r}: 1,234,000 already cached "
+        "(captions edited since are not read again: to re-read them, delete the folder or cache into another "
+        "one), 567 encoded now"
+    )
+
+
+def test_a_cache_rerun_refused_for_a_jfif_file_says_such_files_were_not_read_before(tmp_path):
+    # The folder may not have changed: fusedit's scan has, and the cache was made before it.
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("a.png", "c.png"):
+        (root / name).write_bytes(_png())
+        (root / name).with_suffix(".txt").write_text("x")
+    cfg = _cfg(source="folder", root=str(root))
+    out = tmp_path / "cache"
+    cache_latents(cfg, VAEConfig(), out, 2, 8, progress=False)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(jpeg, "JPEG")
+    (root / "b.jfif").write_bytes(jpeg.getvalue())
+    (root / "b.txt").write_text("y")
+    with pytest.raises(ConfigError) as error:
+        cache_latents(cfg, VAEConfig(), out, 2, 8, progress=False)
+    assert str(error.value) == (
+        f"{str(out)!r}: the dataset changed since shard 0 (positions 0..1) was cached: 'b.jfif' was added at "
+        "position 1, before the last cached sample: the samples after it moved ('c.png' is now at position 2); "
+        ".jfif files are images to fusedit since its data-edge fixes (docs/train-your-own-data.md), so a cache "
+        "made before them left out any that were there already; use another folder (allowed: only samples "
+        "added after the last cached one)"
+    )
 
 
 def test_a_cache_rerun_says_the_samples_it_skipped_are_not_retried(tmp_path, caplog):

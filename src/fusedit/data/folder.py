@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.data.transforms import IMAGE_EXTS, SkipSample, caption_candidates, decode_text
+from fusedit.data.transforms import SkipSample, caption_candidates, decode_text, image_extensions
 from fusedit.files import counted
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
     found: list[str] = []
     sidecars: dict[str, dict[str, str]] = {}
     orphans: list[str] = []
+    extensions = image_extensions()
     real_root = os.path.realpath(root)
     visited: set[str] = set()
     bar = tqdm(desc="scan images", unit="img", disable=not progress, leave=False)
@@ -122,7 +123,7 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
         stems = set()
         for name in files:
             stem, dot, ext = name.rpartition(".")
-            if not dot or name.startswith(".") or ext.lower() not in IMAGE_EXTS:
+            if not dot or name.startswith(".") or ext.lower() not in extensions:
                 continue
             stems.add(stem)
             path = (rel / name).as_posix()
@@ -190,14 +191,17 @@ class FolderCatalog:
             self.paths, self._sidecars, orphans = _scan(self.root_dir, progress)
             self.rows = None
             if orphans:
+                # Said as text or JSON files, not captions: a README.txt or metadata.json is one too.
+                one = len(orphans) == 1
                 log.warning(
-                    "data: %s in %r %s no image next to %s (e.g. %s; image extensions read: %s)",
-                    counted(len(orphans), "caption file"),
+                    "data: %s in %r %s no image of %s name beside %s (e.g. %s; image extensions read: %s)",
+                    counted(len(orphans), "text or JSON file"),
                     root,
-                    "has" if len(orphans) == 1 else "have",
-                    "it" if len(orphans) == 1 else "them",
+                    "has" if one else "have",
+                    "its" if one else "their",
+                    "it" if one else "them",
                     orphans[0],
-                    ", ".join(IMAGE_EXTS),
+                    ", ".join(image_extensions()),
                 )
         if not self.paths and index_file:
             example = f", e.g. {self.skipped[0][1]}: {self.skipped[0][2]}" if self.skipped else ""
@@ -205,7 +209,7 @@ class FolderCatalog:
                 f"data.index_file={index_file!r} lists no images ({len(self.skipped)} unusable rows{example})"
             )
         if not self.paths:
-            raise ConfigError(f"no images found in {root!r} (looked for: {', '.join(IMAGE_EXTS)})")
+            raise ConfigError(f"no images found in {root!r} (looked for: {', '.join(image_extensions())})")
 
     # ----------------------------------------------------------------------------------------------
 
@@ -340,7 +344,8 @@ class FolderCatalog:
         # a fix to the data, not to data.caption_fields as "none of the fields holds text" suggests.
         problem = None
         try:
-            fields["json"] = json.loads(_sidecar(image, names.get("json"), "json"))
+            # A JSON string's line breaks are escapes in the file, which become "\r\n" only when parsed.
+            fields["json"] = _one_newline(json.loads(_sidecar(image, names.get("json"), "json")))
         except OSError:
             pass
         except ValueError as e:
@@ -368,12 +373,15 @@ def _not_json_lines(path: Path, kind: str) -> ConfigError:
 
 
 def _one_newline(value: Any) -> Any:
-    """A row's text (or list of texts) with Windows and old Mac line breaks read as "\n", as a sidecar's are
-    (a quoted multi-line CSV field keeps its "\r\n", which would otherwise reach the text encoder)."""
+    """A row's text (or the texts in a list or JSON object) with Windows and old Mac line breaks read as
+    "\n", as a sidecar's are (a quoted multi-line CSV field keeps its "\r\n", which would otherwise reach
+    the text encoder)."""
     if isinstance(value, str):
         return value.replace("\r\n", "\n").replace("\r", "\n")
     if isinstance(value, list):
         return [_one_newline(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _one_newline(v) for k, v in value.items()}
     return value
 
 

@@ -606,7 +606,7 @@ def _cached_line(summary: dict, kept: int, out: Path, kept_skipped: int = 0) -> 
     repaired since stays out of the cache. (Retrying them would mean rewriting those shards.)"""
     cached, tried = summary["samples"], summary["samples"] + sum(summary["skipped"].values())
     shards = summary["shards"]
-    line = f"cached {cached} of {counted(tried, 'sample')} in {counted(shards, 'shard')} into {str(out)!r}"
+    line = f"cached {cached:,} of {counted(tried, 'sample')} in {counted(shards, 'shard')} into {str(out)!r}"
     if not (kept or kept_skipped):
         return line
     verb = "is" if kept_skipped == 1 else "are"
@@ -618,7 +618,7 @@ def _cached_line(summary: dict, kept: int, out: Path, kept_skipped: int = 0) -> 
         "another one"
     )
     if kept < cached:  # said apart, or a rerun reads as if it had encoded everything again
-        return f"{line}: {kept} already cached ({unread}), {cached - kept} encoded now"
+        return f"{line}: {kept:,} already cached ({unread}), {cached - kept:,} encoded now"
     return f"{line}: all already cached, none encoded now ({unread})"
 
 
@@ -633,14 +633,46 @@ def _check_shard(items: _Items, shard: dict, out: Path) -> None:
     bare = [i.removesuffix(f"@{p}") for p, i in enumerate(now, start)]
     was = {s["id"] for s in shard["samples"]} | {s[1] for s in shard["skipped"]}
     if bare != now and was == set(bare) and _id_change(shard, bare, lambda: _whereabouts(items, out)) is None:
+        _rekey(shard, now)
         return
     change = _id_change(shard, now, lambda: _whereabouts(items, out))
     if change:
         raise ConfigError(
             f"{str(out)!r}: the dataset changed since shard {shard['shard']} (positions {start}..{end - 1}) "
-            f"was cached: {change}; use another folder (allowed: only samples added after the last cached "
-            "one)"
+            f"was cached: {change}{_newly_read(shard, now)}; use another folder (allowed: only samples added "
+            "after the last cached one)"
         )
+
+
+# The image extensions a folder scan reads since the h-data audit's fixes (image_extensions); before them, a
+# folder's files of these kinds were not samples.
+_NEWLY_READ = {"jfif", "jpe", "avif", "heic", "heif"}
+
+
+def _newly_read(shard: dict, now: list[str]) -> str:
+    """Where the ids new to a shard's positions (``now``) are files of an extension fusedit did not read
+    before, a note that the files may be old and fusedit's reading of them new; else ""."""
+    was = {s["id"] for s in shard["samples"]} | {s[1] for s in shard["skipped"]}
+    kinds = sorted({i.rpartition(".")[2].lower() for i in now if i not in was} & _NEWLY_READ)
+    if not kinds:
+        return ""
+    return (
+        f"; {'/'.join(f'.{k}' for k in kinds)} files are images to fusedit since its data-edge fixes "
+        "(docs/train-your-own-data.md), so a cache made before them left out any that were there already"
+    )
+
+
+def _rekey(shard: dict, now: list[str]) -> None:
+    """An old shard's ids replaced by those the data gives its positions now (``now``), so that its repeated
+    paths' samples and skips count once per row, as a shard cached now does. Every position is one sample
+    or one skip, and the skips are in position order (``_encode_shard``)."""
+    start = shard["start"]
+    for s in shard["samples"]:
+        s["id"] = now[s["position"] - start]
+    taken = {s["position"] for s in shard["samples"]}
+    free = [p for p in range(start, shard["end"]) if p not in taken]
+    for skip, position in zip(shard["skipped"], free):
+        skip[1] = now[position - start]
 
 
 def _whereabouts(items: _Items, out: Path) -> tuple[dict[str, int], set[str]]:

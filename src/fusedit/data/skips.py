@@ -199,8 +199,21 @@ def skipped_jsonl(skips: dict) -> str:
         for k, sample_id in enumerate(ids):
             detail = details[k] if k < len(details) else ""
             record = {"id": sample_id, "reason": reason, **({"detail": detail} if detail else {})}
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps(record, ensure_ascii=False)
+            if not _is_utf8(line):
+                # A tar member name in another encoding is held with its bytes surrogate-escaped; escaped
+                # as \udcXX the line is UTF-8 and reads back to the same id.
+                line = json.dumps(record)
+            lines.append(line + "\n")
     return "".join(lines)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class SkipWatch:

@@ -11,6 +11,7 @@ aspect ratio (in log space, so 1:2 and 2:1 are equally far from 1:1).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,17 +34,24 @@ log = logging.getLogger(__name__)
 # Why a sample was skipped. "corrupt-shard" is a tar shard that is unreadable from some point on;
 # "duplicate" a later copy of a sample key in a tar shard (the first copy is read).
 SKIP_REASONS = ("missing", "corrupt", "tiny", "no-caption", "bad-row", "corrupt-shard", "duplicate")
-# Files a folder scan treats as images (lower-case suffix without the dot): the formats Pillow reads without
-# a plugin (.jfif and .jpe are JPEG's other names, as cameras and Windows save them), then those a plugin or
-# Pillow's build adds where it registers them (AVIF is built in from Pillow 11.2 on, HEIC comes from the
-# pillow-heif plugin), so a folder never holds images it quietly leaves out on one machine and reads on another
-# with the same Pillow.
-IMAGE_EXTS = ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff") + tuple(
-    ext for ext in ("avif", "heic", "heif") if f".{ext}" in Image.registered_extensions()
-)
+# The files a folder scan treats as images (lower-case suffix without the dot) that Pillow reads without a
+# plugin; .jfif and .jpe are JPEG's other names, as cameras and Windows save them.
+_PLAIN_IMAGE_EXTS = ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff")
 # EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
+
+
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """The files a folder scan (and a shard's check for an image in another format) treats as images: the
+    formats Pillow reads without a plugin, then AVIF, HEIC and HEIF where Pillow has an opener registered
+    (AVIF is built in from Pillow 11.2 on; HEIC and HEIF need the pillow-heif plugin registered with
+    ``pillow_heif.register_heif_opener()``, which fusedit does not do). Listed at first use, not at import:
+    asking Pillow imports every format plugin (``Image.init``), a cost every process importing this module
+    would pay, and a plugin registered after importing fusedit but before the first scan is seen."""
+    registered = Image.registered_extensions()
+    return _PLAIN_IMAGE_EXTS + tuple(ext for ext in ("avif", "heic", "heif") if f".{ext}" in registered)
 
 
 class SkipSample(Exception):
@@ -171,9 +179,13 @@ def decode_rgb(image: Image.Image) -> Image.Image:
     """An opened image's pixels as displayed, in RGB: decoded, the EXIF orientation applied, deep greyscale
     scaled to 8 bits, transparency composited on white (training's decoding, and evaluation's). Raises
     SkipSample("corrupt") for data that fails to decode; closing ``image`` is the caller's."""
+    # A PNG's colour key is in the file's own sample scale, while Pillow reads a 16-bit RGB PNG as 8-bit
+    # "RGB" (and 2- or 4-bit grey as "L"): only the raw mode, known before the pixels are decoded, tells
+    # whether the key can be compared with the decoded pixels.
+    raw_mode = image.tile[0][3] if image.format == "PNG" and image.tile else None
     try:
         image.load()  # no catch_warnings() around it: it is not thread-safe (see open_image)
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(ImageOps.exif_transpose(image), raw_mode)
     except Exception as e:
         # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise
         # assorted types on malformed data (struct.error, IndexError, ...). This only reads the image,
@@ -202,21 +214,34 @@ def _deep_grey_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # A colour key (a PNG's tRNS chunk on an RGB or greyscale image: one colour that is transparent).
+def _to_rgb(image: Image.Image, raw_mode: str | None = None) -> Image.Image:
+    # A colour key (a PNG's tRNS chunk on an RGB or greyscale image: one colour that is transparent), in the
+    # PNG's own sample scale. Pillow decodes 2- and 4-bit grey to "L" scaled up (4-bit 1 is 17), so the key
+    # is scaled as the samples were; it reads 16-bit RGB as 8-bit "RGB", whose 16-bit key matches no
+    # decoded pixel reliably, so there (and where the raw mode is unknown) the key is not applied.
     key = image.info.get("transparency")
-    keyed = isinstance(key, tuple) if image.mode == "RGB" else isinstance(key, int)
+    if image.mode == "RGB":
+        keyed = raw_mode == "RGB" and isinstance(key, tuple)
+    elif image.mode == "L":
+        bits = {"L": 8, "L;2": 2, "L;4": 4}.get(raw_mode or "")
+        keyed = bits is not None and isinstance(key, int)
+        key = key * 255 // (2**bits - 1) if keyed else None
+    else:  # deep grey keys in its own scale; a palette's transparency is the compositing below
+        keyed = (image.mode.startswith("I;16") or image.mode in ("I", "F")) and isinstance(key, int)
     alpha = None
+    if keyed:  # found before 16-bit grey is scaled, where it still tells pixels apart
+        match = np.asarray(image) == np.asarray(key)
+        alpha = Image.fromarray(
+            np.where(match.all(-1) if match.ndim == 3 else match, 0, 255).astype(np.uint8)
+        )
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        if keyed:  # the key is a 16-bit value: found before scaling, where it still tells pixels apart
-            alpha = Image.fromarray(np.where(np.asarray(image) == key, 0, 255).astype(np.uint8))
         image = _deep_grey_to_8bit(image)
-        if alpha is not None:
-            image = image.convert("LA")
-            image.putalpha(alpha)
+    if alpha is not None:
+        image = image.convert("RGB")
+        image.putalpha(alpha)
     # Transparent pixels carry arbitrary colours; compositing on white is what a viewer shows.
     palette = image.mode == "P" and "transparency" in image.info
-    if image.mode in ("RGBA", "LA", "PA") or palette or (image.mode in ("RGB", "L") and keyed):
+    if image.mode in ("RGBA", "LA", "PA") or palette:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -262,7 +287,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class NotUTF8:
     """Caption texts whose bytes are not UTF-8, met in this process: how many, and the latest one's name.
     Their bad bytes read as U+FFFD (one such file must not stop a run); the first is warned about, once per
-    process (a worker forked after it inherits the count and stays quiet), so the replacement is never silent."""
+    process, so the replacement is never silent. Each data-loading process counts its own (a DataLoader
+    worker forked before any was met starts at 0 and warns at its first), and the warning says so."""
 
     def __init__(self) -> None:
         self.count, self.last = 0, ""
@@ -276,7 +302,7 @@ class NotUTF8:
         if first:
             log.warning(
                 "data: the caption in %s is not UTF-8: its bad bytes read as U+FFFD (said for the first such "
-                "caption only; save captions as UTF-8 to keep every character)",
+                "caption each data-loading process meets; save captions as UTF-8 to keep every character)",
                 where,
             )
 
@@ -296,7 +322,8 @@ def decode_text(data: bytes, where: str) -> str:
 
 def field_value(record: dict, name: str, parsed: dict | None = None) -> Any:
     """``record[name]``, where a dotted name walks into nested mappings (``json.caption``). A JSON text or
-    bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes); ``parsed`` keeps
+    bytes value on the way is parsed (webdataset ``.json`` members arrive as bytes, decoded by
+    ``decode_text``, so bytes that are not UTF-8 are warned about and parsed, not lost); ``parsed`` keeps
     those parses by the path walked (``("json",)``), so several fields of one member parse it once."""
     if name in record:
         return record[name]
@@ -307,8 +334,11 @@ def field_value(record: dict, name: str, parsed: dict | None = None) -> Any:
         if isinstance(node, (bytes, str)):
             walked = tuple(parts[:k])
             if walked not in parsed:
+                text = (
+                    decode_text(node, _member(record, ".".join(walked))) if isinstance(node, bytes) else node
+                )
                 try:
-                    parsed[walked] = json.loads(node)
+                    parsed[walked] = json.loads(text)
                 except ValueError:
                     parsed[walked] = None
             node = parsed[walked]
@@ -318,11 +348,12 @@ def field_value(record: dict, name: str, parsed: dict | None = None) -> Any:
     return node
 
 
-def caption_candidates(record: dict, fields: Sequence[str]) -> list[str]:
+def caption_candidates(record: dict, fields: Sequence[str], parsed: dict | None = None) -> list[str]:
     """The non-empty captions found under ``fields``, in field order, without duplicates. A field holding
-    a list of strings (several captions per image) contributes each of them."""
+    a list of strings (several captions per image) contributes each of them. ``parsed``: as for
+    ``field_value``."""
     out: list[str] = []
-    parsed: dict = {}
+    parsed = {} if parsed is None else parsed
     for name in fields:
         value = field_value(record, name, parsed)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -346,7 +377,9 @@ def _member(record: dict, name: str) -> str:
 
 
 def _caption_text(value: Any) -> str | None:
-    """A caption field's value as stripped text (bytes decoded), None when it is not text."""
+    """A caption field's value as stripped text (bytes decoded), None when it is not text. Bytes reach here
+    only from the emptiness probe of ``SampleDecoder.captions``, after ``caption_candidates`` has decoded
+    the same bytes through ``decode_text`` (and warned about any that are not UTF-8): not warned again."""
     if isinstance(value, bytes):
         value = value.decode("utf-8-sig", errors="replace")  # -sig: a BOM (Windows tools) is not caption text
     return value.strip() if isinstance(value, str) else None
@@ -411,11 +444,14 @@ class SampleDecoder:
             raise SkipSample("tiny", f"{width}x{height} < min_image_size {self.min_image_size}")
 
     def captions(self, record: dict) -> tuple[str, ...]:
-        found = caption_candidates(record, self.caption_fields)
+        parsed: dict = {}  # a .json member parsed (and its bytes decoded) once, by both lookups
+        found = caption_candidates(record, self.caption_fields, parsed)
         if not found:
             # A field that is there but blank (an empty .txt member: a captioning pass that failed on the
             # image) is a fix to the data, not to data.caption_fields: say which.
-            empty = [name for name in self.caption_fields if _caption_text(field_value(record, name)) == ""]
+            empty = [
+                name for name in self.caption_fields if _caption_text(field_value(record, name, parsed)) == ""
+            ]
             raise SkipSample(
                 "no-caption",
                 f"its {' and '.join(empty)} field{'s are' if len(empty) > 1 else ' is'} empty"

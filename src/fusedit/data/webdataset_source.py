@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, weights_fit
-from fusedit.data.transforms import IMAGE_EXTS, SkipSample, StreamRecord, _short, make_rng, stable_key
+from fusedit.data.transforms import SkipSample, StreamRecord, _short, image_extensions, make_rng, stable_key
 from fusedit.files import counted
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -194,8 +194,12 @@ class TarShard:
             members, self.error = list(self.tar.members), _short(e)
         else:
             self.error = self._check_end()
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        repeats: dict[str, dict[str, list[str]]] = {}  # key -> extension -> the names of its later copies
+        # A key written twice (two samples given one name, or a writer restarted mid-sample) is split into
+        # copies by occurrence: a member whose extension the key's latest copy already holds starts the next
+        # copy, so each copy is one run of members and a sample never mixes one copy's image with another's
+        # caption. The first copy is the sample, each later one a sample skipped under its own id, so the
+        # counts still cover every sample.
+        copies: dict[str, list[dict[str, tarfile.TarInfo]]] = {}
         for member in members:
             if not member.isfile():
                 continue
@@ -205,21 +209,18 @@ class TarShard:
             # is empty (.DS_Store, the "._00001.jpg" resource forks a macOS tar adds beside each file).
             if not (ext and stem and not stem.startswith("__")):
                 continue
-            group = groups.setdefault(key, {})
-            if ext in group:
-                # A key written twice (two samples given one name): the first copy is the sample, each
-                # later one a sample skipped under its own id, so the counts still cover every sample.
-                repeats.setdefault(key, {}).setdefault(ext, []).append(member.name)
-            else:
-                group[ext] = member
-        self.samples = list(groups.items())
-        for key, names in repeats.items():
-            for copy in range(max(len(n) for n in names.values())):
-                repeated = ", ".join(n[copy] for n in names.values() if copy < len(n))
+            found = copies.setdefault(key, [{}])
+            if ext in found[-1]:
+                found.append({})
+            found[-1][ext] = member
+        self.samples = [(key, found[0]) for key, found in copies.items()]
+        for key, found in copies.items():
+            for n, copy in enumerate(found[1:], start=2):
+                repeated = ", ".join(member.name for member in copy.values())
                 self.dropped.append(
                     (
                         "duplicate",
-                        f"{path}/{key}@{copy + 2}",
+                        f"{path}/{key}@{n}",
                         f"duplicate member {repeated} in the shard (key {key!r} again); the first copy is used",
                     )
                 )
@@ -293,7 +294,7 @@ def _no_image(members: dict, image_field: str) -> str:
     source reads it) names its extension and the setting that reads it."""
     if image_field:
         return f"no {image_field} member (data.image_field; its members: {', '.join(members)})"
-    other = next((e for e in members if e in IMAGE_EXTS), None)
+    other = next((e for e in members if e in image_extensions()), None)
     if other is None:
         return f"no {'/'.join(IMAGE_EXTENSIONS)} member"
     return (

@@ -37,15 +37,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, check_whole, model_config
-from fusedit.data.transforms import IMAGE_EXTS, SkipSample, decode_rgb, open_image
+from fusedit.data.transforms import SkipSample, decode_rgb, image_extensions, open_image
 from fusedit.files import files_digest, write_atomic
 from fusedit.system import resolve_device
 
 log = logging.getLogger(__name__)
 
 FeatureExtractor = Callable[[list[Image.Image]], torch.Tensor]
-# What training reads (data.transforms), so that a reference folder of training images is read whole.
-IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 # Bytes of each reference image that its digest reads besides name and size: a re-encoded image of the same
 # size (a BMP or TIFF always is; a PNG may be) changes its first bytes, and 4 KiB each costs little beside
 # decoding the folder again.
@@ -110,7 +108,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def is_sample_image(path: Path) -> bool:
     """Whether ``path`` is an image file of a sample folder: an image type, and not the contact sheet
     (``CONTACT_SHEET``) sample folders hold beside their samples."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.name != CONTACT_SHEET and path.is_file()
+    # The types training reads (data.transforms), so that a reference folder of training images is read whole.
+    image = path.suffix[1:].lower() in image_extensions()
+    return image and path.name != CONTACT_SHEET and path.is_file()
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -121,7 +121,8 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"image folder {str(folder)!r} {problem}")
     files = sorted(p for p in folder.rglob("*") if is_sample_image(p))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
+        suffixes = ", ".join(f".{ext}" for ext in image_extensions())
+        raise FileNotFoundError(f"no images ({suffixes}) under {str(folder)!r}")
     return files
 
 
