@@ -770,6 +770,56 @@ def test_refiner_heads_that_do_not_divide_the_width_are_refused_before_the_run_f
     assert "model.refiner_heads=7 does not divide" in _one_line_error(capsys)
 
 
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused_before_the_run_folder(
+    tmp_path, capsys
+):
+    """model.num_kv_heads of a shallow design must divide its query heads (model.num_heads, else the LLM's):
+    it passed config, describe and the build, wrote the run folder, and failed in attention at the first
+    step with a torch traceback (h-knobs S1)."""
+    from fusedit.config import ConfigError, ModelConfig, check_kv_heads
+
+    run = tmp_path / "run"
+    cross = ["model.design=dit-cross", "train.steps=1"]
+    assert (
+        main(["train", "debug", *cross, "model.num_heads=8", "model.num_kv_heads=3", "--out", str(run)]) == 2
+    )
+    assert _one_line_error(capsys) == (
+        "fusedit: error: model.num_kv_heads=3 does not divide model.num_heads=8: each key/value head serves a "
+        "whole number of query heads (allowed: 1, 2, 4, 8)"
+    )
+    assert not run.exists()
+    assert main(["config", "debug", *cross, "model.num_kv_heads=3"]) == 2  # the debug LLM's 4 heads
+    assert "does not divide the LLM's 4 heads (model.num_heads unset)" in _one_line_error(capsys)
+    # Where only the build knows the LLM (a hub id not in the cache), the build refuses it the same way.
+    with pytest.raises(ConfigError, match=r"^model.num_kv_heads=3 does not divide the LLM's 8 heads"):
+        check_kv_heads(ModelConfig(design="dit-cross", num_kv_heads=3), 8)
+    check_kv_heads(ModelConfig(design="dit-cross", num_heads=8, num_kv_heads=4), None)
+
+
+def test_a_hidden_layer_out_of_the_llms_range_is_refused_at_load_where_its_depth_is_known(tmp_path, capsys):
+    """text.hidden_layer (and extra_text.N's) of a shallow design against the LLM's depth, at load where the
+    config knows it (the debug LLM's text.arch: 6 layers): it was refused only at the build, after the run
+    folder was made and locked (h-knobs S3)."""
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "debug",
+        "model.design=dit-cross",
+        "text.hidden_layer=7",
+        "train.steps=1",
+        "--out",
+        str(run),
+    ]
+    assert main(argv) == 2
+    assert _one_line_error(capsys) == (
+        "fusedit: error: text.hidden_layer=7 is out of range for an LLM with 6 layers (allowed: -7..6)"
+    )
+    assert not run.exists()
+    assert main(["config", "debug-lidit", "extra_text.0.hidden_layer=-99"]) == 2
+    assert "extra_text.0.hidden_layer=-99 is out of range for an LLM with" in _one_line_error(capsys)
+    assert main(["config", "debug", "model.design=dit-cross", "text.hidden_layer=-7"]) == 0
+
+
 def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_resume_goes_on(
     tmp_path, capsys, monkeypatch
 ):

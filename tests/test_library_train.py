@@ -237,9 +237,13 @@ def test_a_fine_tune_into_its_own_source_is_refused_before_anything_is_deleted(t
     with caplog.at_level(logging.WARNING, logger="fusedit"):
         train(tune, tmp_path / "tuned", progress=False)
     assert [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()] == [
+        # The source's own EMA is its random init after 1 step: what init_from loads by default.
+        f"train.init_from={str(run)!r}: its EMA weights at step 1 still hold 99% of its run's random initial "
+        "weights (train.ema_decay=0.99 every train.ema_every=1 steps), so this run starts from mostly those: "
+        "train.init_from_ema=false starts it from the trained (raw) weights",
         "the EMA weights, which sampling and export use (sample.use_ema), will still hold 98% of "
         "train.init_from's at step 2 (train.ema_decay=0.99 every train.ema_every=1 steps): lower them, or "
-        "sample with --no-ema"
+        "sample with --no-ema",
     ]
 
 

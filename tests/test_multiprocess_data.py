@@ -5,6 +5,7 @@ onto or from one process changes (h-dist M1, M2, R4, R6)."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -24,6 +25,7 @@ def _resumed(tmp_path, saved: dict, before: list[str], now: list[str], env: Dist
     resume's) lists, as loop._resume_point computes them."""
     saved_cfg = load_config("recipe-shapes-3stage", before)
     cfg = load_config("recipe-shapes-3stage", now)
+    (tmp_path / "state.json").write_text(json.dumps(saved))  # the checkpoint's, which names its stage
     return check_same_model(tmp_path, cfg, saved_cfg, unchanged=resplit_keys(saved, saved_cfg, cfg, env))
 
 
@@ -119,6 +121,7 @@ def test_process_settings_are_no_change_where_either_run_had_one_process(tmp_pat
     ]:
         saved = {"step": 2, "world_size": saved_world, "batch_size": 4, "grad_accum": 1}
         keys = resplit_keys(saved, saved_cfg, cfg, env)
+        (tmp_path / "state.json").write_text(json.dumps(saved))
         assert check_same_model(tmp_path, cfg, saved_cfg, unchanged=keys) == changed
 
 

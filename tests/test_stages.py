@@ -686,7 +686,7 @@ def test_settings_for_a_part_that_does_not_train_are_named_in_a_warning(tmp_path
         train(cfg, tmp_path / "run", progress=False)
     warned = [r.getMessage() for r in caplog.records if "do nothing" in r.getMessage()]
     assert warned == [
-        "stage 0 (dit-only) trains DiT (train.trainable=['dit']), so these settings for other parts do nothing: "
+        "stage 0 (dit-only) trains DiT (train.trainable=['dit']), so these settings do nothing: "
         "train.llm_lora.rank=2 (LLM), train.llm_lr=0.0003 (LLM), train.llm_top_layers=2 (LLM)"
     ]
     llm_only = tiny_config(train={"trainable": ["llm"], "dit_lora": {"rank": 4}, "llm_lr": 1e-5}).train

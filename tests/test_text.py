@@ -783,8 +783,12 @@ def test_a_tokenizer_that_appends_eos_puts_no_eos_before_the_prompt(instruction)
 
 def test_errors_about_a_second_llm_name_its_section():
     """They named text.hidden_layer / text.template and showed the built-in tokenizer as ''."""
-    cfg = load_config("debug-lidit", ["extra_text.0.hidden_layer=9"])
-    with pytest.raises(ConfigError, match=r"^extra_text\.0\.hidden_layer=9 is out of range for an LLM with"):
+    out_of_range = r"^extra_text\.0\.hidden_layer=9 is out of range for an LLM with"
+    with pytest.raises(ConfigError, match=out_of_range):  # at load, where the LLM's depth is known
+        load_config("debug-lidit", ["extra_text.0.hidden_layer=9"])
+    cfg = load_config("debug-lidit")
+    cfg.extra_text[0].hidden_layer = 9  # at the build, where only it knows the depth (a hub LLM)
+    with pytest.raises(ConfigError, match=out_of_range):
         build_model(cfg, with_autoencoder=False)
     cfg = load_config("debug-lidit", ["extra_text.0.template=lidit-chat"])
     with pytest.raises(ValueError) as e:

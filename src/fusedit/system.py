@@ -275,10 +275,15 @@ def builtin_words(cfg: Config) -> list[str]:
     from fusedit.data.shapes import vocabulary
 
     if cfg.data.source not in ("shapes", "latents") and tokenizes_builtin(cfg.text):
+        # A fine-tune's LLM learned the words of its source's built-in tokenizer (a source with another
+        # tokenizer has other embedding rows, refused by init_from's checks, as is another word list), so
+        # only the captions' words can change.
         log.warning(
-            "data.source=%s with the built-in shapes-world tokenizer: other words become <unk>; set "
-            "text.tokenizer (or text.model_id)",
+            "data.source=%s with the built-in shapes-world tokenizer: other words become <unk>; %s",
             cfg.data.source,
+            "train.init_from's model knows only the words it was trained with: caption in those"
+            if cfg.train.init_from
+            else "set text.tokenizer (or text.model_id)",
         )
     extra = " ".join(
         [LIDIT_INSTRUCTION] + [f"{t.instruction} {t.system_prompt}" for t in (cfg.text, *cfg.extra_text)]

@@ -175,7 +175,7 @@ def _warn_early_ema(where: Path) -> None:
     The training's own warning judges the run's end step only. A pipeline folder is judged by what
     export_run recorded (none for one exported before that record, or not by export_run); a checkpoint at
     step 0, which training never writes (a library save of given weights), has no trained raw weights."""
-    from fusedit.checkpoints import EMA_MOSTLY_START, checkpoint_stage, ema_start_at, load_checkpoint_config
+    from fusedit.checkpoints import EMA_MOSTLY_START, early_ema
 
     if (where / "model_index.json").is_file():
         from fusedit.pipeline import export_source
@@ -191,17 +191,16 @@ def _warn_early_ema(where: Path) -> None:
                 100 * kept,
             )
         return
-    at = ema_start_at(where)
-    if at is None or at[1] <= EMA_MOSTLY_START:
+    early = early_ema(where)
+    if early is None:
         return
-    (step, kept), cfg = at, load_checkpoint_config(where)
-    train = checkpoint_stage(where, cfg).config.train  # the settings in force at that step
+    step, kept, start, train = early
     log.warning(
         "the EMA weights at step %d still hold %.0f%% of %s (train.ema_decay=%g every train.ema_every=%d "
         "steps): --no-ema uses the trained weights",
         step,
         100 * kept,
-        "train.init_from's weights" if cfg.train.init_from else "the random initial weights",
+        start,
         train.ema_decay,
         train.ema_every,
     )

@@ -668,9 +668,14 @@ class TrainConfig:
     dit_lora: LoRAConfig = field(default_factory=LoRAConfig)
     # A run or checkpoint folder whose weights (EMA when saved, LoRA adapters merged; its LLM when saved),
     # or a diffusers pipeline folder whose transformer and LLMs, start this run instead of the random init:
-    # fine-tuning a trained, converted or downloaded model. Resuming reads
+    # fine-tuning a trained, converted or downloaded model. It starts the run at step 0 with a fresh AdamW,
+    # learning-rate schedule and warmup, and an EMA that is a copy of the loaded weights. Resuming reads
     # this run's own checkpoints instead.
     init_from: str = ""
+    # Start from train.init_from's EMA weights (true) or its raw, trained weights (false: early in a run
+    # the EMA still holds mostly the weights that run started from, checkpoints.ema_start_share). A
+    # pipeline folder holds the one set of weights it was exported with.
+    init_from_ema: bool = True
     # Metric loggers next to the always-on metrics.jsonl, on rank 0: "tensorboard" (run_dir/tensorboard)
     # and "wandb" (project from $WANDB_PROJECT, default "fusedit"; offline with WANDB_MODE=offline).
     loggers: list = subset([], "tensorboard", "wandb")
@@ -726,6 +731,7 @@ RUN_WIDE_TRAIN_KEYS = (
     "ema_offload",
     "keep_checkpoints",
     "init_from",
+    "init_from_ema",
     "loggers",
 )
 

@@ -192,9 +192,10 @@ def adds_template_tokens(text: TextConfig) -> bool:
 
 def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     """(dotted key, one-line refusal) of each setting that changes nothing in ``cfg``: an ablation of a part
-    the model lacks, a system prompt a template has no turn for. Refused in a config being written
-    (validate); dropped from the config a model folder was saved with (_saved_mapping), which a run saved
-    before a refusal was added may hold, as dropping it changes nothing."""
+    the model lacks, a system prompt a template has no turn for, a choice of train.init_from's weights
+    without one. Refused in a config being written (validate); dropped from the config a model folder was
+    saved with (_saved_mapping), which a run saved before a refusal was added may hold, as dropping it
+    changes nothing."""
     m, found = cfg.model, []
     # The built-in word tokenizer's vocabulary takes in every section's system prompt (system.builtin_words),
     # so where any encoder uses it the words change its ids even with a plain template.
@@ -231,6 +232,14 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
                 f"text.template={cfg.text.template!r} with text.instruction={cfg.text.instruction!r} gives "
                 f"none{others} (allowed: a text.instruction, or text.template "
                 f"{variant_names('text.template', lambda t: t.adds_tokens)})",
+            )
+        )
+    if not cfg.train.init_from_ema and not cfg.train.init_from:
+        found.append(
+            (
+                "train.init_from_ema",
+                "train.init_from_ema=false chooses the raw weights of train.init_from, which is not set "
+                "(allowed: a train.init_from, or train.init_from_ema=true)",
             )
         )
     if not m.collaborative_refiner and not (m.refiner_depth and cfg.extra_text):
@@ -475,6 +484,36 @@ def dit_head_dim(m: ModelConfig, llm_width: int | None, llm_head_dim: int | None
     return width // m.num_heads if width is not None else None
 
 
+def resolve_hidden_layer(index: int, num_layers: int, key: str = "text.hidden_layer") -> int:
+    """A transformers-style hidden-state index (negative counts from the end) -> absolute 0..num_layers;
+    one out of range is a one-line ConfigError naming ``key``. Checked at load where the LLM's depth is known
+    (check_llm_shape), at the build otherwise."""
+    absolute = index if index >= 0 else num_layers + 1 + index
+    if not 0 <= absolute <= num_layers:
+        raise ConfigError(
+            f"{key}={index} is out of range for an LLM with {num_layers} layers "
+            f"(allowed: {-(num_layers + 1)}..{num_layers})"
+        )
+    return absolute
+
+
+def check_kv_heads(m: ModelConfig, llm_heads: int | None) -> None:
+    """model.num_kv_heads of a shallow design against its query heads (model.num_heads, else the LLM's
+    ``llm_heads``; None: not known yet): grouped-query attention shares each key/value head among a whole
+    number of query heads. Refused in one line at load where both are known, as the build refuses it for an
+    LLM whose heads only the build knows; otherwise attention fails at training's first step."""
+    heads = m.num_heads or llm_heads
+    if m.num_kv_heads and heads is not None and heads % m.num_kv_heads:
+        given = (
+            f"model.num_heads={heads}" if m.num_heads else f"the LLM's {heads} heads (model.num_heads unset)"
+        )
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise ConfigError(
+            f"model.num_kv_heads={m.num_kv_heads} does not divide {given}: each key/value head serves a whole "
+            f"number of query heads (allowed: {', '.join(map(str, divisors))})"
+        )
+
+
 def check_refiner_heads(m: ModelConfig, width: int | None) -> None:
     """model.refiner_heads against the refiners' width, the DiT's ``width`` (None: not known yet): whole
     heads. Refused in one line at load, before a run folder is made and locked, as the build refuses it for
@@ -533,7 +572,8 @@ def check_llm_shape(cfg: Config) -> None:
     """The DiT's shape against its LLM's, at load where the LLM's config is known (known_llm_config), as the
     build checks it where it is not (then only the sizes the DiT sets itself are checked here): deep
     fusion's layer pairing (fused_layers), the heads (dit_head_dim), what the position scheme needs of
-    them (check_positions) and the refiners' heads (check_refiner_heads). Otherwise a config `fusedit
+    them (check_positions), the refiners' heads (check_refiner_heads), the key/value heads
+    (check_kv_heads) and the hidden state each LLM's section reads (resolve_hidden_layer). Otherwise a config `fusedit
     config` calls valid fails at the build, or at training's first step, after the run folder is written."""
     m, config = cfg.model, known_llm_config(cfg.text)
     shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
@@ -545,6 +585,12 @@ def check_llm_shape(cfg: Config) -> None:
             fused_layers(m, config.num_hidden_layers)
     check_positions(m, m.dit_hidden_size or llm_width, dit_head_dim(m, llm_width, llm_head))
     check_refiner_heads(m, m.dit_hidden_size or llm_width)
+    check_kv_heads(m, None if config is None else getattr(config, "num_attention_heads", None))
+    if not is_deep(m.design):  # the shallow designs read one hidden state of each LLM
+        for key, text in text_sections(cfg):
+            depth = getattr(config if key == "text" else known_llm_config(text), "num_hidden_layers", None)
+            if isinstance(depth, int):
+                resolve_hidden_layer(text.hidden_layer, depth, f"{key}.hidden_layer")
 
 
 def resolved_stages(cfg: Config) -> list[Stage]:

@@ -17,14 +17,21 @@ import dataclasses
 import torch
 from torch import nn
 
-from fusedit.config import ConfigError, ModelConfig, check_refiner_heads, dit_head_dim
+from fusedit.config import (
+    ConfigError,
+    ModelConfig,
+    check_kv_heads,
+    check_refiner_heads,
+    dit_head_dim,
+    resolve_hidden_layer,
+)
 from fusedit.layers.attention import keep_keys, key_padding_mask
 from fusedit.layers.modulation import OwnInit
 from fusedit.layers.norm import RMSNorm
 from fusedit.layers.rope import NoRotary, Rotary
 from fusedit.models.base import DiT, TextTokens
 from fusedit.models.blocks import CrossBlock, JointBlock, TextKV
-from fusedit.text.context import TextContext, TextRequest, resolve_hidden_layer
+from fusedit.text.context import TextContext, TextRequest
 from fusedit.text.refiner import PromptRefiner
 from fusedit.text.spec import LLMSpec
 
@@ -53,6 +60,9 @@ class ContextEmbedder(nn.Module, OwnInit):
 
 def own_shape(cfg: ModelConfig, llm: LLMSpec) -> LLMSpec:
     """The attention/MLP shape the DiT's blocks take: the LLM's, with the model.* overrides applied."""
+    check_kv_heads(
+        cfg, llm.num_heads
+    )  # at load where the LLM was known there, here where only the build knows it
     heads = cfg.num_heads or llm.num_heads
     head_dim = dit_head_dim(cfg, llm.hidden_size, llm.head_dim)
     return dataclasses.replace(

@@ -38,19 +38,6 @@ class TextRequest:
         return max(needed, default=0)
 
 
-def resolve_hidden_layer(index: int, num_layers: int, key: str = "model.hidden_layer") -> int:
-    """A transformers-style hidden-state index (negative counts from the end) -> absolute 0..num_layers."""
-    absolute = index if index >= 0 else num_layers + 1 + index
-    if not 0 <= absolute <= num_layers:
-        from fusedit.config import ConfigError
-
-        raise ConfigError(
-            f"{key}={index} is out of range for an LLM with {num_layers} layers "
-            f"(allowed: {-(num_layers + 1)}..{num_layers})"
-        )
-    return absolute
-
-
 @dataclass(frozen=True)
 class PromptCut:
     """The rows of an encoded prompt batch that a text encoder cut to its limit (text.max_length, an

@@ -41,12 +41,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusedit.adapters import (
+    Parts,
     adapter_state_dict,
     base_state_dict,
     load_plain_and_adapters,
@@ -63,6 +66,7 @@ from fusedit.adapters import (
 from fusedit.checkpoints import (
     DCP_DIR,
     DENOISER,
+    EMA_MOSTLY_START,
     MODELS_FILE,
     VOCABULARY_FILE,
     WEIGHT_FILES,
@@ -73,6 +77,7 @@ from fusedit.checkpoints import (
     dcp_load,
     dcp_section,
     dcp_sections,
+    early_ema,
     file_stem,
     find_checkpoint,
     identity_change,
@@ -99,6 +104,7 @@ from fusedit.config import (
     model_identity,
     model_paths,
     paths_to_nothing,
+    resolved_stages,
     save_config,
     to_dict,
 )
@@ -112,6 +118,8 @@ from fusedit.files import (
     sync_folder,
     write_text_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -470,15 +478,23 @@ def _names_with_state(keys: set[str], section: str) -> set[str]:
     return {key[len(prefix) :].rpartition(".")[0] for key in keys if key.startswith(prefix)}
 
 
-def init_weights(model, path: str | Path) -> Path:
+def init_weights(model, path: str | Path, cfg: Config | None = None) -> Path:
     """train.init_from: start ``model`` (freshly built, before any stage applies) from the weights of a run
-    or checkpoint folder, as sampling would load them (EMA, adapters merged, its LLMs when saved), or of a
-    diffusers pipeline folder (its transformer and every LLM)."""
+    or checkpoint folder, as sampling would load them (its EMA, or with train.init_from_ema=false its raw
+    weights; adapters merged, its LLMs when saved), or of a diffusers pipeline folder (its transformer and
+    every LLM). Warns of an EMA that still holds mostly the weights its run started from. ``cfg``: the
+    config ``model`` was built from, whose train.init_from_ema applies and whose model-defining settings
+    the source was trained with otherwise are warned about (:func:`init_from_changes`; a source that does
+    not fit names them too); None loads the EMA, uncompared."""
+    use_ema = cfg is None or cfg.train.init_from_ema
     source = init_source(path)
+    changes = init_from_changes(source, cfg) if cfg is not None else []
     if (source / "model_index.json").is_file():
+        _check_exported_weights(path, source, use_ema)
         problem = _init_from_pipeline(model, source)
     else:
-        # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built.
+        # The EMA holds the denoiser with its adapters merged, so it is compared with the model as built
+        # (the raw weights have the same shapes).
         expected = {
             "ema": model.denoiser.state_dict(),
             **{k: m.state_dict() for k, m in text_modules(model).items()},
@@ -488,12 +504,99 @@ def init_weights(model, path: str | Path) -> Path:
         )
         if problem is None:
             try:
-                load_weights(model, source, checkpoint_stage(source))
+                if load_weights(model, source, checkpoint_stage(source), use_ema):
+                    _warn_early_ema(path, source)
             except (RuntimeError, KeyError) as e:  # what the shapes cannot show (adapters of another rank)
                 problem = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
     if problem:
-        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}")
+        trained = f" (it was trained with {'; '.join(changes)})" if changes else ""
+        raise ConfigError(f"train.init_from={str(path)!r} does not fit this model: {problem}{trained}")
+    if changes:
+        log.warning(
+            "train.init_from=%r was trained as another model than this run builds, and its weights start it "
+            "all the same: %s",
+            path,
+            "; ".join(changes),
+        )
     return source
+
+
+def _warn_early_ema(path: str, ckpt: Path) -> None:
+    """The EMA of a checkpoint that train.init_from loads still holds mostly the weights its run started
+    from (its random init, early in a run): the fine-tune would start from about those, not from what the
+    run learned (checkpoints.early_ema)."""
+    early = early_ema(ckpt)
+    if early is None:
+        return
+    step, kept, start, train = early
+    log.warning(
+        "train.init_from=%r: its EMA weights at step %d still hold %.0f%% of its run's %s (train.ema_decay=%g "
+        "every train.ema_every=%d steps), so this run starts from mostly those: train.init_from_ema=false "
+        "starts it from the trained (raw) weights",
+        path,
+        step,
+        100 * kept,
+        start.removeprefix("the "),
+        train.ema_decay,
+        train.ema_every,
+    )
+
+
+def _check_exported_weights(path: str, folder: Path, use_ema: bool) -> None:
+    """A pipeline folder holds the weights it was exported with, as its record says (pipeline.export_source;
+    a folder without one is not judged): train.init_from_ema=false cannot get raw weights from an export of
+    the EMA (refused), and an EMA that still held mostly its run's starting weights is warned about."""
+    from fusedit.pipeline import export_source
+
+    record = export_source(folder) or {}
+    if record.get("weights") != "ema":
+        return
+    made = f"the EMA weights of step {record.get('step')} of {record.get('checkpoint')}"
+    if not use_ema:
+        raise ConfigError(
+            f"train.init_from_ema=false asks for raw weights, but the pipeline folder {str(path)!r} holds {made} "
+            "(allowed: train.init_from= that checkpoint, or an export of it with --no-ema)"
+        )
+    kept = record.get("ema_holds_start")
+    if isinstance(kept, (int, float)) and kept > EMA_MOSTLY_START:
+        log.warning(
+            "train.init_from=%r holds %s, which still held %.0f%% of the weights its run started from, so this "
+            "run starts from mostly those: train.init_from= that checkpoint with train.init_from_ema=false "
+            "starts it from the trained (raw) weights",
+            path,
+            made,
+            100 * kept,
+        )
+
+
+def init_from_changes(source: Path, cfg: Config) -> list[str]:
+    """The settings of the model-defining sections (MODEL_SECTIONS) that ``cfg`` sets otherwise than the
+    config train.init_from's ``source`` (a checkpoint or pipeline folder) was trained with, as
+    "key=old (this run: new)", and the model folders that hold another model than the one its run read
+    (models.json). Weights loaded into another design, position encoding, LLM layer or LLM of the same
+    shape fit every shape check but no longer mean what they learned. Quiet: RESUMABLE_CHANGES (how the
+    text is batched and which kernels compute, not what the weights mean), and a model folder named
+    otherwise that holds the same model (moved or copied). data.image_size and the train section, which a
+    fine-tune changes, are not model-defining. A pipeline folder that recorded no config (not exported by
+    fusedit) has nothing to compare: the shapes of its weights are still checked."""
+    try:
+        saved = load_checkpoint_config(source)
+    except ConfigError:
+        return []
+    out = []
+    for key, old, new in config_differences(saved, cfg):
+        section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
+        if section not in MODEL_SECTIONS or name in RESUMABLE_CHANGES:
+            continue
+        if name in ("model_id", "tokenizer") and _moved(old, new) and not identity_change(source, cfg, key):
+            continue
+        out.append(f"{key}={old!r} (this run: {new!r})")
+    listed = {change.split("=", 1)[0] for change in out}
+    for key, place in model_paths(cfg).items():
+        change = identity_change(source, cfg, key) if key not in listed else None
+        if change:
+            out.append(f"{key}={place!r} holds another model than its run read ({change})")
+    return out
 
 
 def init_source(path: str | Path) -> Path:
@@ -601,6 +704,13 @@ RESUMABLE_CHANGES = frozenset(
 MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
 
 
+def config_differences(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """Each setting whose value differs between two configs, as (dotted key, old, new) sorted by key: list
+    items by position (extra_text.0.model_id), a key one of them lacks as None."""
+    a, b = (flatten(to_dict(c), lists=True) for c in (old, new))
+    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
 def check_same_model(
     ckpt: Path, cfg: Config, saved: Config | None = None, unchanged: tuple[str, ...] = ()
 ) -> list[str]:
@@ -614,27 +724,27 @@ def check_same_model(
     loop._warn_schedule_change), and the keys ``unchanged`` names (a resume's own decision). ``saved``:
     the checkpoint's config, when the caller has it already."""
     saved = saved if saved is not None else load_checkpoint_config(ckpt)
-    old, new = (flatten(to_dict(c), lists=True) for c in (saved, cfg))
     changed = []
-    for key in sorted(set(old) | set(new)):
-        if key in ("train.steps", *unchanged) or old.get(key) == new.get(key):
+    for key, old, new in config_differences(saved, cfg):
+        if key in ("train.steps", *unchanged):
             continue
         section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
-        moved = name in ("model_id", "tokenizer") and _moved(old.get(key), new.get(key))
+        moved = name in ("model_id", "tokenizer") and _moved(old, new)
         allowed = section not in MODEL_SECTIONS or name in RESUMABLE_CHANGES or moved
         change = identity_change(ckpt, cfg, key) if moved else None
         if change:
             raise ConfigError(
-                f"{key}={new.get(key)!r} holds another model than checkpoint {str(ckpt)!r} was trained with "
+                f"{key}={new!r} holds another model than checkpoint {str(ckpt)!r} was trained with "
                 f"({change}; allowed: the moved folder itself)"
             )
         if not allowed:
             raise ConfigError(
-                f"checkpoint {str(ckpt)!r} was trained with {key}={old.get(key)!r}, this config has "
-                f"{new.get(key)!r}: a resumed run keeps its model (train a new one into another --out, "
+                f"checkpoint {str(ckpt)!r} was trained with {key}={old!r}, this config has "
+                f"{new!r}: a resumed run keeps its model (train a new one into another --out, "
                 "or start one from these weights with train.init_from)"
             )
-        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        changed.append(f"{key}: {old!r} -> {new!r}")
+    _check_same_parts(ckpt, saved, cfg)
     if gone := gone_model_paths(cfg):
         # Named here, before the model builds, with the way out: the loader would only say "path to nothing".
         one = len(gone) == 1
@@ -646,6 +756,61 @@ def check_same_model(
             f"{str(ckpt)!r} was trained with)"
         )
     return changed
+
+
+# The settings that decide what a stage trains and through which adapters (adapters.Parts), in the order
+# a resume that changes them names them.
+PARTS_KEYS = (
+    "trainable",
+    "llm_top_layers",
+    "dit_lora.rank",
+    "dit_lora.targets",
+    "dit_lora.alpha",
+    "llm_lora.rank",
+    "llm_lora.targets",
+    "llm_lora.alpha",
+)
+
+
+def _check_same_parts(ckpt: Path, saved: Config, cfg: Config) -> None:
+    """A resumed stage trains the parts its checkpoint saved, through the same LoRA adapters (adapters.Parts
+    of train.trainable, llm_top_layers and the *_lora settings): other parts, ranks, targets or top layers
+    do not fit the saved weights and optimizer state (refused by the load in peft's parameter names), and
+    another alpha rescales the trained adapters' output at once by new/old. Refused in config words before
+    the resume lists the changes it accepts; a later stage may change them."""
+    stage = checkpoint_stage(ckpt, saved)
+    stages = resolved_stages(cfg)
+    if stage.index >= len(stages):  # refused with the stages' ranges when the run loads its stage
+        return
+    old, new = stage.config.train, stages[stage.index].config.train
+    if Parts.of(old) == Parts.of(new):
+        return
+    # The first key that alone changes the parts (an alpha equal to the rank is no change: alpha None).
+    key = next(
+        (k for k in PARTS_KEYS if Parts.of(_with_train(old, k, _train_value(new, k))) != Parts.of(old)),
+        next(k for k in PARTS_KEYS if _train_value(old, k) != _train_value(new, k)),
+    )
+    where = f" in stage {stage.index} ({stage.name})" if cfg.stages else ""
+    raise ConfigError(
+        f"checkpoint {str(ckpt)!r} was trained with train.{key}={_train_value(old, key)!r}{where}, this config "
+        f"has {_train_value(new, key)!r}: a resumed run trains the same parts through the same LoRA adapters "
+        f"(allowed: {_train_value(old, key)!r}; change it in a later stage, or start a new --out from these "
+        "weights with train.init_from)"
+    )
+
+
+def _train_value(tc, key: str) -> Any:
+    """A PARTS_KEYS setting of a train section ("dit_lora.rank": tc.dit_lora.rank)."""
+    part, _, name = key.rpartition(".")
+    return getattr(getattr(tc, part) if part else tc, name)
+
+
+def _with_train(tc, key: str, value: Any):
+    """A train section with the PARTS_KEYS setting ``key`` set to ``value``."""
+    part, _, name = key.rpartition(".")
+    if not part:
+        return replace(tc, **{name: value})
+    return replace(tc, **{part: replace(getattr(tc, part), **{name: value})})
 
 
 def _moved(old: Any, new: Any) -> bool:

@@ -211,7 +211,9 @@ def _check_init_from(run_dir: Path, cfg: Config) -> None:
     """A fresh run deletes its folder's checkpoints before it loads train.init_from, so that is checked
     first: weights in the run folder itself (the run being fine-tuned, given as its own --out with
     --overwrite) would be lost, and the load fail; and a path that holds nothing to start from (a typo)
-    would fail only after an earlier run there was deleted."""
+    would fail only after an earlier run there was deleted. An LLM that text.pretrain_steps (or
+    extra_text.N.pretrain_steps) would pretrain is refused when train.init_from holds that LLM: its
+    weights would replace the pretrained ones, while the saved config said they were pretrained."""
     source = cfg.train.init_from
     if not source:
         return
@@ -221,6 +223,16 @@ def _check_init_from(run_dir: Path, cfg: Config) -> None:
             "deletes before it loads them (allowed: another run folder for the fine-tune)"
         )
     init_source(source)
+    sections = {"llm": ("text", cfg.text)} | {
+        f"llm_extra{i}": (f"extra_text.{i}", t) for i, t in enumerate(cfg.extra_text)
+    }
+    held = initialised_llms(cfg, sections)
+    for key, (where, text) in sections.items():
+        if text.pretrain_steps and key in held:
+            raise ConfigError(
+                f"{where}.pretrain_steps={text.pretrain_steps} pretrains an LLM that train.init_from={source!r} "
+                f"replaces with the one it holds (allowed: {where}.pretrain_steps=0 with that init_from)"
+            )
 
 
 def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: int | None, progress: bool):
@@ -462,7 +474,7 @@ def _start_fresh(
         for encoder, steps in pretrain:
             pretrain_llm(encoder, corpus, steps, seed=tc.seed, progress=progress and main)
     if tc.init_from:
-        log.info("weights initialised from %s", init_weights(model, tc.init_from))
+        log.info("weights initialised from %s", init_weights(model, tc.init_from, cfg))
     _warn_ema_holds_the_start(cfg)
 
 
@@ -790,9 +802,10 @@ class _Run:
 
 
 def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) -> None:
-    """Log what a stage trains (in a run of stages), and warn of its settings that do nothing: those for
-    parts it does not train, and a warmup longer than the stage. The batch is the global one (what recipes
-    reason about) with its split: batch_size x grad_accum x processes."""
+    """Log what a stage (or a run without stages) trains, and warn of its settings that do nothing: those
+    for parts it does not train or for adapters it does not add (idle_settings), and a warmup longer than
+    the stage. The batch is the global one (what recipes reason about) with its split: batch_size x
+    grad_accum x processes."""
     tc = stage.config.train
     parts = Parts.of(tc)
     span = f"stage {stage.index} ({stage.name})" if cfg.stages else "the run"
@@ -812,10 +825,12 @@ def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) 
             tc.lr,
             parts.describe(),
         )
+    else:  # a LoRA fine-tune's log tells it from a full one's
+        log.info("the run trains %s", parts.describe())
     idle = idle_settings(tc)
     if idle and main:
         log.warning(
-            "%s trains %s (train.trainable=%s), so these settings for other parts do nothing: %s",
+            "%s trains %s (train.trainable=%s), so these settings do nothing: %s",
             span,
             parts.describe(),
             tc.trainable,

@@ -58,9 +58,10 @@ log = logging.getLogger(__name__)
 
 
 def idle_settings(tc: TrainConfig) -> list[str]:
-    """The settings of ``tc`` for a part that ``train.trainable`` does not train, which therefore do
-    nothing, e.g. ``train.llm_lora.rank=8`` in a stage that trains only the DiT. Not an error: a staged
-    recipe's later stages inherit the keys of earlier ones (design-space.md s.3, the LLM unfreezes late)."""
+    """The settings of ``tc`` that do nothing: those for a part that ``train.trainable`` does not train,
+    e.g. ``train.llm_lora.rank=8`` in a stage that trains only the DiT, and a LoRA alpha or targets without
+    a rank (rank 0: the part trains fully, without adapters). Not an error: a staged recipe's later stages
+    inherit the keys of earlier ones (design-space.md s.3, the LLM unfreezes late)."""
     idle = []
     if "llm" not in tc.trainable:
         for key, value in (
@@ -72,6 +73,13 @@ def idle_settings(tc: TrainConfig) -> list[str]:
                 idle.append(f"train.{key}={value!r} (LLM)")
     if "dit" not in tc.trainable and tc.dit_lora.rank:
         idle.append(f"train.dit_lora.rank={tc.dit_lora.rank!r} (DiT)")
+    for key, lora in (("dit_lora", tc.dit_lora), ("llm_lora", tc.llm_lora)):
+        if not lora.rank:
+            idle += [
+                f"train.{key}.{name}={value!r} (rank 0: no adapters)"
+                for name, value in (("alpha", lora.alpha), ("targets", lora.targets))
+                if value
+            ]
     return idle
 
 
