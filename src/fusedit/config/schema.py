@@ -399,12 +399,14 @@ class ModelConfig:
     # pos_embed_max_size); None = the latent grid itself.
     ape_max_size: int | None = positive(None)
     # The norm adaLN modulates (adaln-zero, adaln-single): "layernorm" (DiT, parameter-free) or "rmsnorm"
-    # (affine, the public FuseDiT code).
+    # (affine, the public FuseDiT code). Accepted and a no-op with timestep_conditioning addition or none,
+    # which the paper presets' variants inherit it into.
     adaln_norm: str = choice("layernorm", "layernorm", "rmsnorm")
     # RoPE schemes: "joint" = text and image share one sequence (image positions after the unpadded text;
-    # shallow designs rotate their projected text keys at 0 .. T - 1); "image-only" = only image tokens are
-    # rotated, from position 0 (the public code's shallow baselines; shallow designs only, as deep fusion's
-    # text keys come rotated by the LLM).
+    # dit-self rotates its projected text keys at 0 .. T - 1); "image-only" = only image tokens are rotated,
+    # from position 0 (the public code's shallow baselines; shallow designs only, as deep fusion's text keys
+    # come rotated by the LLM). It changes only dit-self with a RoPE pos_embed: dit-cross never rotates its
+    # text keys, and APE or no positions rotate nothing (accepted there, a no-op).
     rope_layout: str = choice("joint", "joint", "image-only")
     # Deep fusion: image rotations as the public code computed them for prompts left-padded to this many
     # tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
