@@ -419,17 +419,16 @@ def ema_start_at(ckpt: Path) -> tuple[int, float] | None:
     return (step, ema_start_share(load_checkpoint_config(ckpt), step)) if step else None
 
 
-def early_ema(ckpt: Path) -> tuple[int, float, str, Any] | None:
+def early_ema(ckpt: Path) -> tuple[int, float, bool, Any] | None:
     """Where the EMA of the checkpoint folder ``ckpt`` still holds more than EMA_MOSTLY_START of the
-    weights its run started from: (step, that share, what they were: "train.init_from's weights" or "the
-    random initial weights", the train settings in force at that step, for the warning's decay and
-    cadence); None otherwise (or unknown: ema_start_at)."""
+    weights its run started from: (step, that share, whether those were train.init_from's (else the random
+    init), the train settings in force at that step, for the warning's decay and cadence); None otherwise
+    (or unknown: ema_start_at)."""
     at = ema_start_at(ckpt)
     if at is None or at[1] <= EMA_MOSTLY_START:
         return None
     saved = load_checkpoint_config(ckpt)
-    start = "train.init_from's weights" if saved.train.init_from else "the random initial weights"
-    return at[0], at[1], start, checkpoint_stage(ckpt, saved).config.train
+    return at[0], at[1], bool(saved.train.init_from), checkpoint_stage(ckpt, saved).config.train
 
 
 def load_model(

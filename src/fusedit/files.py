@@ -377,6 +377,12 @@ def holding_folder(
             handle.close()  # releases the lock; the file stays, naming the last holder
 
 
+def first_free(folder: Path, names: Iterable[str]) -> Path:
+    """``folder / name`` for the first of ``names`` (an endless series, e.g. replaced-1, replaced-2, ...) that
+    does not exist there: where a file set aside, or kept beside its replacement, goes."""
+    return next(folder / name for name in names if not (folder / name).exists())
+
+
 def counted(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural unless one, with thousands separators (an index of millions of rows):
     "1 sample", "3 times", "1,000 rows" (nouns that add an s)."""

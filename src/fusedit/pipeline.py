@@ -21,6 +21,7 @@ They live here, not in ``fusedit.hub``, so that imports point one way: this modu
 """
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from fusedit.config import (
     variant_names,
     variant_traits,
 )
-from fusedit.files import check_output_folder, readable_by_all
+from fusedit.files import check_output_folder, first_free, readable_by_all
 from fusedit.flow import sampling_times
 from fusedit.flow.samplers import SAMPLERS
 from fusedit.hub import FuseDiTTransformer2DModel, IdentityVAE
@@ -699,10 +700,8 @@ def _replaced_scores_name(folder: Path, record: dict | None, writer: str) -> str
     record = record or {}
     step, weights = record.get("step"), record.get("weights")
     scored = f"-step{step}-{weights}" if is_whole(step) and weights in ("ema", "raw") else ""
-    name, n = f"eval-replaced{scored}", 1
-    while (folder / name).exists():
-        n += 1
-        name = f"eval-replaced{scored}-{n}"
+    later = (f"eval-replaced{scored}-{n}" for n in itertools.count(2))
+    name = first_free(folder, itertools.chain([f"eval-replaced{scored}"], later)).name
     log.warning(
         "%s: %s scored the weights this %s replaces: kept beside the new scores as %s",
         writer,

@@ -194,13 +194,13 @@ def _warn_early_ema(where: Path) -> None:
     early = early_ema(where)
     if early is None:
         return
-    step, kept, start, train = early
+    step, kept, from_init, train = early
     log.warning(
         "the EMA weights at step %d still hold %.0f%% of %s (train.ema_decay=%g every train.ema_every=%d "
         "steps): --no-ema uses the trained weights",
         step,
         100 * kept,
-        start,
+        "train.init_from's weights" if from_init else "the random initial weights",
         train.ema_decay,
         train.ema_every,
     )

@@ -114,10 +114,15 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
         # Sorted so that, of several case spellings of one sidecar (a.TXT, a.Txt), the same one is read
         # everywhere; an exact lower-case ".txt"/".json" wins and needs no entry (record()'s default).
         by_stem: dict[tuple[str, str], str] = {}
+        texts: list[tuple[str, str]] = []  # (stem, name) of each visible sidecar, for the orphans below
         for name in sorted(files):
             stem, dot, ext = name.rpartition(".")
             kind = ext.lower()
-            if dot and kind in _SIDECAR_KINDS and (name == f"{stem}.{kind}" or (stem, kind) not in by_stem):
+            if not (dot and kind in _SIDECAR_KINDS):
+                continue
+            if not name.startswith("."):
+                texts.append((stem, name))
+            if name == f"{stem}.{kind}" or (stem, kind) not in by_stem:
                 by_stem[(stem, kind)] = name
         before = len(found)
         stems = set()
@@ -132,13 +137,7 @@ def _scan(root: Path, progress: bool = False) -> tuple[list[str], dict[str, dict
                 other = by_stem.get((stem, kind))
                 if other is not None and other != f"{stem}.{kind}":
                     sidecars.setdefault(path, {})[kind] = other
-        orphans += [
-            (rel / name).as_posix()
-            for name in files
-            if not name.startswith(".")
-            and name.rpartition(".")[2].lower() in _SIDECAR_KINDS
-            and name.rpartition(".")[0] not in stems
-        ]
+        orphans += [(rel / name).as_posix() for stem, name in texts if stem not in stems]
         bar.update(len(found) - before)
     bar.close()
     return sorted(found), sidecars, sorted(orphans)
@@ -178,7 +177,7 @@ class FolderCatalog:
         self._sidecars: dict[str, dict[str, str]] = {}
         self.caption_fields = tuple(keep_fields)
         self.sizes_known: np.ndarray | None = None
-        self._ids: list[str] | None = None  # an index's sample ids, where a path may repeat
+        self._repeats: dict[int, str] = {}  # an index's sample id by position, where its path repeats
         check_folder_paths(root, index_file)
         if index_file:
             path = Path(index_file)
@@ -306,12 +305,12 @@ class FolderCatalog:
             )
         # A path listed again (the same image under two captions) is a sample of its own: its id is keyed by
         # its position, as the latent cache keys it, so its skips and its cached twin count once per row.
-        first: set[str] = set()
-        ids = []
+        # Only the repeats are kept (the catalog is copied into every worker process).
+        seen: set[str] = set()
         for i, value in enumerate(paths):
-            ids.append(f"{value}@{i}" if value in first else value)
-            first.add(value)
-        self._ids = ids if len(first) < len(paths) else None  # the paths themselves when none repeats
+            if value in seen:
+                self._repeats[i] = f"{value}@{i}"
+            seen.add(value)
         if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
             self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
 
@@ -321,7 +320,7 @@ class FolderCatalog:
         return len(self.paths)
 
     def sample_id(self, i: int) -> str:
-        return self._ids[i] if self._ids is not None else self.paths[i]
+        return self._repeats.get(i, self.paths[i])
 
     def image_value(self, i: int) -> Path:
         return self.root_dir / self.paths[i]

@@ -220,6 +220,7 @@ def _to_rgb(image: Image.Image, raw_mode: str | None = None) -> Image.Image:
     # is scaled as the samples were; it reads 16-bit RGB as 8-bit "RGB", whose 16-bit key matches no
     # decoded pixel reliably, so there (and where the raw mode is unknown) the key is not applied.
     key = image.info.get("transparency")
+    deep = image.mode.startswith("I;16") or image.mode in ("I", "F")  # greyscale deeper than 8 bits
     if image.mode == "RGB":
         keyed = raw_mode == "RGB" and isinstance(key, tuple)
     elif image.mode == "L":
@@ -227,14 +228,14 @@ def _to_rgb(image: Image.Image, raw_mode: str | None = None) -> Image.Image:
         keyed = bits is not None and isinstance(key, int)
         key = key * 255 // (2**bits - 1) if keyed else None
     else:  # deep grey keys in its own scale; a palette's transparency is the compositing below
-        keyed = (image.mode.startswith("I;16") or image.mode in ("I", "F")) and isinstance(key, int)
+        keyed = deep and isinstance(key, int)
     alpha = None
     if keyed:  # found before 16-bit grey is scaled, where it still tells pixels apart
         match = np.asarray(image) == np.asarray(key)
         alpha = Image.fromarray(
             np.where(match.all(-1) if match.ndim == 3 else match, 0, 255).astype(np.uint8)
         )
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+    if deep:
         image = _deep_grey_to_8bit(image)
     if alpha is not None:
         image = image.convert("RGB")

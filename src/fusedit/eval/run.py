@@ -23,6 +23,7 @@ described the images before go aside with it (``replaced-<n>/``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from PIL import Image
 
 from fusedit.config import ConfigError, check_whole, refuse_path_to_nothing
 from fusedit.eval.fid import check_batch_size, model_fingerprint
-from fusedit.files import as_json_reads_back, read_json, sweep_temporaries, write_text_atomic
+from fusedit.files import as_json_reads_back, first_free, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sampling.generation import (
     generate,
@@ -161,13 +162,13 @@ class RecordMismatch(ConfigError):
         self.saved, self.changed = saved, changed
 
 
-def check_claim(out_dir: Path, images: Path, record: dict) -> None:
-    """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` describes, or
-    have no record."""
+def check_claim(out_dir: Path, images: Path, record: dict) -> bool:
+    """Raise when ``out_dir``'s ``images`` were made by another generation than ``record`` (as JSON reads
+    it back) describes, or have no record; True when there are images, made as it describes."""
     record = as_json_reads_back(record)
     path = out_dir / RECORD
     if not (images.is_dir() and any(images.iterdir())):
-        return
+        return False
     if not path.is_file():
         raise ConfigError(
             f"{images} holds images without a record of what made them ({RECORD}); give a new --out, or "
@@ -183,6 +184,7 @@ def check_claim(out_dir: Path, images: Path, record: dict) -> None:
             saved,
             changed,
         )
+    return True
 
 
 def record_changes(saved: dict, record: dict) -> list[str]:
@@ -212,8 +214,8 @@ def claim_folder(
     if record is None:
         return None
     record = as_json_reads_back(protocol_record(record, bench, seed, n_per_prompt))
-    check_claim(out_dir, images, record)
-    set_aside(out_dir, record, fed)
+    if not check_claim(out_dir, images, record):  # with images, the record already matches
+        set_aside(out_dir, record, fed)
     write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
     return record
 
@@ -241,10 +243,7 @@ def set_aside(out_dir: Path, record: dict, fed: Sequence[Path] = ()) -> Path | N
     stale += [p for p in fed if p.is_file()]
     if not stale:
         return None
-    n = 1
-    while (out_dir / f"replaced-{n}").exists():
-        n += 1
-    aside = out_dir / f"replaced-{n}"
+    aside = first_free(out_dir, (f"replaced-{n}" for n in itertools.count(1)))
     aside.mkdir()
     for p in [path, *stale]:
         p.replace(aside / p.name)
@@ -278,10 +277,8 @@ def move_legacy_results(out_dir: Path, bench: str) -> None:
     old = out_dir / IMAGES[bench] / LEGACY_RESULTS[bench]
     if not old.is_file():
         return
-    target, n = out_dir / "results-legacy.jsonl", 1
-    while target.exists():
-        n += 1
-        target = out_dir / f"results-legacy{n}.jsonl"
+    later = (f"results-legacy{n}.jsonl" for n in itertools.count(2))
+    target = first_free(out_dir, itertools.chain(["results-legacy.jsonl"], later))
     old.replace(target)
     log.warning("moved %s, an earlier run's results file, out of the images to %s", old, target)
 

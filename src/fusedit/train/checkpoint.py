@@ -528,7 +528,7 @@ def _warn_early_ema(path: str, ckpt: Path) -> None:
     early = early_ema(ckpt)
     if early is None:
         return
-    step, kept, start, train = early
+    step, kept, from_init, train = early
     log.warning(
         "train.init_from=%r: its EMA weights at step %d still hold %.0f%% of its run's %s (train.ema_decay=%g "
         "every train.ema_every=%d steps), so this run starts from mostly those: train.init_from_ema=false "
@@ -536,7 +536,7 @@ def _warn_early_ema(path: str, ckpt: Path) -> None:
         path,
         step,
         100 * kept,
-        start.removeprefix("the "),
+        "train.init_from's weights" if from_init else "random initial weights",
         train.ema_decay,
         train.ema_every,
     )
@@ -583,17 +583,17 @@ def init_from_changes(source: Path, cfg: Config) -> list[str]:
         saved = load_checkpoint_config(source)
     except ConfigError:
         return []
-    out = []
+    out, compared = [], set()  # compared: the keys whose model identity the first loop already judged
     for key, old, new in config_differences(saved, cfg):
         section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
         if section not in MODEL_SECTIONS or name in RESUMABLE_CHANGES:
             continue
+        compared.add(key)
         if name in ("model_id", "tokenizer") and _moved(old, new) and not identity_change(source, cfg, key):
             continue
         out.append(f"{key}={old!r} (this run: {new!r})")
-    listed = {change.split("=", 1)[0] for change in out}
     for key, place in model_paths(cfg).items():
-        change = identity_change(source, cfg, key) if key not in listed else None
+        change = identity_change(source, cfg, key) if key not in compared else None
         if change:
             out.append(f"{key}={place!r} holds another model than its run read ({change})")
     return out
