@@ -1,9 +1,10 @@
 """Golden losses: each built-in debug preset, trained a few steps from its seed, gives the losses recorded in
-tests/fixtures/golden_losses.json (as torchtitan pins its debug models' loss curves).
+tests/fixtures/golden_losses.json (as torchtitan pins its debug models' loss curves), and its EMA then
+samples a seeded image whose per-channel mean and mean absolute value are recorded beside them.
 
 Any change to the training math shows here: initialisation (adaLN-Zero, the output projection), the flow
 matching convention and timestep sampling, caption dropout, the shapes data, the optimizer and learning-rate
-schedule, a design's forward. The other tests check such pieces one by one against their definitions; this
+schedule, a design's forward; the sampler, its timestep schedule and classifier-free guidance. The other tests check such pieces one by one against their definitions; this
 one catches the change nobody meant to make. A change that is meant rewrites the file:
 
     FUSEDIT_GOLDEN=update python -m pytest -q tests/test_golden.py
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fusedit.config.load import load_config
+from fusedit.sampling import generate, load_sampling_model, sample_settings
 from fusedit.train.loop import train
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_losses.json"
@@ -47,27 +49,38 @@ PRESETS = [
 UPDATE = os.environ.get("FUSEDIT_GOLDEN") == "update"
 
 
-def _recorded() -> dict[str, list[float]]:
+def _recorded() -> dict[str, dict[str, list[float]]]:
     return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
 
 
+def _image_stats(run) -> list[float]:
+    """The run's EMA sampling one seeded prompt at its own settings, 4 steps: per-channel mean, then
+    per-channel mean absolute value of the (1, 3, H, W) image in [-1, 1]."""
+    sampler, cfg, _ = load_sampling_model(run, "cpu")
+    image = generate(sampler, ["a red circle"], seed=0, **sample_settings(cfg, steps=4))
+    return [*image.mean(dim=(0, 2, 3)).tolist(), *image.abs().mean(dim=(0, 2, 3)).tolist()]
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_debug_preset_trains_to_its_golden_losses(preset, tmp_path):
+def test_debug_preset_trains_and_samples_as_recorded(preset, tmp_path):
     losses = train(load_config(preset, OVERRIDES), tmp_path / "run", progress=False)["losses"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
+    got = {"losses": losses, "sample": _image_stats(tmp_path / "run")}
     if UPDATE:
         recorded = _recorded()
-        recorded[preset] = losses
+        recorded[preset] = got
         GOLDEN.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
         return
     expected = _recorded().get(preset)
     assert expected is not None, (
-        f"{GOLDEN} has no losses for {preset!r}: run FUSEDIT_GOLDEN=update (see docstring)"
+        f"{GOLDEN} has no record for {preset!r}: run FUSEDIT_GOLDEN=update (see docstring)"
     )
-    assert losses == pytest.approx(expected, rel=1e-4), (
-        f"{preset}: the training math changed (got {losses}, recorded {expected}); if that is meant, "
-        "rewrite the record with FUSEDIT_GOLDEN=update (see this file's docstring)"
-    )
+    for key in ("losses", "sample"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (
+            f"{preset}: the {'training' if key == 'losses' else 'sampling'} math changed (got {got[key]}, "
+            f"recorded {expected[key]}); if that is meant, rewrite the record with FUSEDIT_GOLDEN=update "
+            "(see this file's docstring)"
+        )
 
 
 def test_every_recorded_preset_is_still_trained():
