@@ -444,10 +444,8 @@ def test_clip_similarity_is_the_plain_cosine(tmp_path):
 class StubVQA:
     """P(yes) by question: "a red ..." 0.9 when the image is red (else 0.2); anything else 0.5."""
 
-    model_id = "stub-vqa"
-
-    def __init__(self, *args, **kwargs):
-        self.batches = []
+    def __init__(self, model_id="stub-vqa", **kwargs):
+        self.model_id, self.batches = model_id, []  # as TransformersYesNoVQA: the id it was built from
 
     def yes_probabilities(self, images, questions):
         self.batches.append(len(images))
@@ -577,11 +575,10 @@ def test_run_compbench_generates_without_scorers_and_refuses_another_generation(
 class StubDetector:
     """Boxes in an 8-px image: the dog left of the cat, the hat and the box side by side (same row)."""
 
-    model_id = "stub-detector"
     label_map = {0: "dog", 1: "cat", 2: "person"}  # "hat" and "box" are outside its vocabulary
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __init__(self, model_id="stub-detector", **kwargs):
+        self.model_id = model_id
 
     def __call__(self, image):
         return [
@@ -593,10 +590,8 @@ class StubDetector:
 
 
 class StubClip:
-    model_id = "stub-clip"
-
-    def __init__(self, *args, **kwargs):
-        self.texts = []
+    def __init__(self, model_id="stub-clip", **kwargs):
+        self.model_id, self.texts = model_id, []
 
     def __call__(self, images, texts):
         self.texts += list(texts)
@@ -607,7 +602,7 @@ def test_run_compbench_scores_every_category_into_scores_json(dataset, tmp_path,
     clips = []
 
     def make_clip(*args, **kwargs):
-        clips.append(StubClip())
+        clips.append(StubClip(*args, **kwargs))
         return clips[-1]
 
     monkeypatch.setattr(cb, "TransformersYesNoVQA", StubVQA)

@@ -355,9 +355,11 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
 
         return generate
 
+    folder = tmp_path / "samples"  # the results go beside it, into tmp_path
+    folder.mkdir()
     for index, meta in enumerate(METADATA):
         write_geneval_samples([meta], generate_marked(index), tmp_path / "tmp", progress=False)
-        (tmp_path / "tmp" / "00000").rename(tmp_path / f"{index:05d}")
+        (tmp_path / "tmp" / "00000").rename(folder / f"{index:05d}")
     red_box, blue_box = (0, 0, 16, 32), (16, 0, 32, 32)
 
     def detector(image):
@@ -368,7 +370,7 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
             return [det("clock", 0.95), det("clock", 0.95)] + ([det("clock", 0.91)] if k == 0 else [])
         return [det("car", 0.9, red_box if k % 2 == 0 else blue_box)]  # the red car in images 0 and 2
 
-    scores = score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
+    scores = score_geneval_folder(folder, detector, dominant_color, progress=False)
     assert scores["per_task"] == {"single_object": 0.75, "counting": 0.75, "colors": 0.5}
     assert scores["overall"] == pytest.approx((0.75 + 0.75 + 0.5) / 3)
     assert scores["num_images"] == 12 and scores["num_prompts"] == 3 and scores["correct_prompts"] == 1.0
@@ -385,35 +387,35 @@ def test_score_geneval_folder_scores_per_task_and_overall(tmp_path):
     }
     assert json.loads(rows[4]["metadata"]) == COUNTING and rows[4]["reason"] == "expected clock<3, found 3"
     # Given the prompts, only theirs are scored (the first two here); a folder of another prompt is refused.
-    first = score_geneval_folder(tmp_path, detector, None, metadata=METADATA[:2], progress=False)
+    first = score_geneval_folder(folder, detector, None, metadata=METADATA[:2], progress=False)
     assert (first["num_prompts"], first["num_images"], first["overall"]) == (2, 8, 0.75)
     with pytest.raises(
         ConfigError, match="00001 holds samples of prompt 'a photo of two clocks', not 'a dog'"
     ):
         score_geneval_folder(
-            tmp_path, detector, None, metadata=[METADATA[0], {**COUNTING, "prompt": "a dog"}], progress=False
+            folder, detector, None, metadata=[METADATA[0], {**COUNTING, "prompt": "a dog"}], progress=False
         )
     with pytest.raises(ConfigError, match="ask for colours; pass a color_classifier"):
-        score_geneval_folder(tmp_path, detector, None, progress=False)
+        score_geneval_folder(folder, detector, None, progress=False)
     with pytest.raises(FileNotFoundError, match="no GenEval samples"):
         score_geneval_folder(tmp_path / "tmp", detector, None, progress=False)
     # A file damaged since it was written is named, with the way to make it again (not PIL's bare message).
-    damaged = tmp_path / "00001" / "samples" / "00002.png"
+    damaged = folder / "00001" / "samples" / "00002.png"
     damaged.write_bytes(damaged.read_bytes()[:40])
     remake = (
-        rf"delete {tmp_path / '00001'} and rerun the same `fusedit eval`: it makes that prompt's images again"
+        rf"delete {folder / '00001'} and rerun the same `fusedit eval`: it makes that prompt's images again"
     )
     with pytest.raises(ValueError, match=rf"^{damaged}: corrupt image \(.*\); {re.escape(remake)}$"):
-        score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
-    (tmp_path / "00001" / "metadata.jsonl").write_text("garbage")
+        score_geneval_folder(folder, detector, dominant_color, progress=False)
+    (folder / "00001" / "metadata.jsonl").write_text("garbage")
     with pytest.raises(
         ValueError, match=rf"metadata.jsonl' is not readable JSON \(.*; {re.escape(remake)}\)$"
     ):
-        score_geneval_folder(tmp_path, detector, dominant_color, progress=False)
+        score_geneval_folder(folder, detector, dominant_color, progress=False)
     with pytest.raises(
         ValueError, match="metadata.jsonl' is not readable JSON"
     ):  # and when resuming the generation
-        write_geneval_samples(METADATA, generate_marked(0), tmp_path, progress=False)
+        write_geneval_samples(METADATA, generate_marked(0), folder, progress=False)
 
 
 def test_rule_values_are_validated_and_labels_mapped():

@@ -395,13 +395,11 @@ def _repeated_flags(args) -> list[str]:
     given (its value not the parser's default), as the parser reads it back."""
     import argparse
 
-    sub = argparse.ArgumentParser().add_subparsers()
-    _add_eval_parser(sub)
     words: list[str] = []
-    for action in sub.choices["eval"]._actions:
+    for action in _add_eval_parser(argparse.ArgumentParser().add_subparsers()):
         value = getattr(args, action.dest, None)
         if value is None or value == action.default or action.dest in _NOT_REPEATED:
-            continue  # not given (--help's value is None too), or placed by the caller
+            continue  # not given, or placed by the caller
         flag = max(action.option_strings, key=len)
         if action.nargs == 0:  # a switch (--no-ema)
             words.append(flag)
@@ -572,8 +570,22 @@ def cmd_clip_score(args) -> int:
     return 0
 
 
-def _add_eval_parser(sub) -> None:
-    sp = sub.add_parser("eval", help="score a run, checkpoint or pipeline folder on a benchmark")
+class _Recorded:
+    """A parser whose ``add_argument`` keeps the actions it returns (``actions``): argparse's own list is
+    private, and the how-to-score line (``_repeated_flags``) reads the eval flags back."""
+
+    def __init__(self, parser):
+        self.parser, self.actions = parser, []
+
+    def add_argument(self, *args, **kwargs):
+        self.actions.append(self.parser.add_argument(*args, **kwargs))
+        return self.actions[-1]
+
+
+def _add_eval_parser(sub) -> list:
+    """Adds `fusedit eval` to ``sub``; returns the argparse actions of its arguments, in order."""
+    parser = sub.add_parser("eval", help="score a run, checkpoint or pipeline folder on a benchmark")
+    sp = _Recorded(parser)
     sp.add_argument("model", help="run, checkpoint or pipeline folder (as for `fusedit sample`)")
     sp.add_argument("--bench", choices=["shapes", *_PROTOCOLS], default="shapes")
     sp.add_argument(
@@ -644,7 +656,8 @@ def _add_eval_parser(sub) -> None:
     _add_relocate_flag(sp)
     sp.add_argument("--device", default="auto")
     sp.add_argument("--quiet", action="store_true")
-    sp.set_defaults(func=cmd_eval)
+    parser.set_defaults(func=cmd_eval)
+    return sp.actions
 
 
 def _add_benchmarks_parser(sub) -> None:

@@ -82,7 +82,15 @@ from fusedit.config import ConfigError, check_whole
 from fusedit.data.transforms import SkipSample
 from fusedit.eval.benchmarks import BenchmarkError, existing_path, read_utf8
 from fusedit.eval.dpg import TransformersVQA
-from fusedit.eval.fid import ClipEmbedder, SkippedImages, check_batch_size, load_image, model_inputs
+from fusedit.eval.fid import (
+    ClipEmbedder,
+    SkippedImages,
+    check_batch_size,
+    load_image,
+    model_inputs,
+    results_beside,
+    scorer_record,
+)
 from fusedit.eval.geneval import Detection, geneval_class
 from fusedit.files import sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
@@ -1004,7 +1012,7 @@ def score_category(
             f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. "
             f"{skipped.example})"
         )
-    out_path = Path(out_file) if out_file is not None else samples.parent / "results.jsonl"
+    out_path = Path(out_file) if out_file is not None else results_beside(samples)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "score": float(np.mean([r["score"] for r in rows])),
@@ -1036,7 +1044,9 @@ def score_compbench(
     """Score every category of ``prompts`` (``load_compbench``'s result) under ``<out_dir>/<category>/``,
     each image's verdict into ``<out_dir>/<category>/<results_name>``; returns what ``run_compbench``
     writes to its scores file: ``overall`` (the mean of the category scores), ``per_category``,
-    per-category ``counts`` and results files, and the scoring setup."""
+    per-category ``counts`` and results files, and the scoring setup: ``scorers``, each model given as
+    ``fid.scorer_record`` of its ``model_id`` (the id it was built from; else its class name) and the
+    noun-phrase rules' name (``text``)."""
     text = text or RuleText()
     check_scorers(list(prompts), {"vqa": vqa, "clip": clip, "detector": detector}, flags=False)
     per_category, counts, files = {}, {}, {}
@@ -1060,18 +1070,17 @@ def score_compbench(
         files[category] = summary.pop("results_file")
         counts[category] = summary
 
-    def model_name(model) -> str | None:
-        return None if model is None else str(getattr(model, "model_id", type(model).__name__))
-
     return {
         "overall": float(np.mean(list(per_category.values()))),
         "per_category": per_category,
         "counts": counts,
         "n_per_prompt": n_per_prompt,
         "scorers": {
-            "vqa": model_name(vqa),
-            "clip": model_name(clip),
-            "detector": model_name(detector),
+            **{
+                name: scorer_record(getattr(model, "model_id", type(model).__name__), model)
+                for name, model in (("vqa", vqa), ("clip", clip), ("detector", detector))
+                if model is not None
+            },
             "text": text.name,
         },
         "results_files": files,

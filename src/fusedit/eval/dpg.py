@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, model_config
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
-from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs
+from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs, results_beside
 from fusedit.files import sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, kept_for_prompts, save_png
 from fusedit.system import resolve_device
@@ -259,11 +259,16 @@ def score_dpg_folder(
     progress: bool = True,
 ) -> dict:
     """Score the grids ``<folder>/<name>.png`` whose names have questions, of the prompts ``names`` only
-    (None: every grid there); writes one JSON line per prompt (``out_file``, default
-    ``<folder>/dpg_results.jsonl``, where ELLA's scorer would take it for a grid: give another place when
-    it will run on the folder; tile scores, score, answers) and returns the overall score (in [0, 1],
-    ``scale``), the per-category scores and, as ``missing``, the question file's items not scored (without
-    a grid, or not among ``names``).
+    (None: every grid there); writes one JSON line per prompt (``out_file``: tile scores, score, answers)
+    and returns the overall score (in [0, 1], ``scale``), the per-category scores and, as ``missing``, the
+    question file's items not scored (without a grid, or not among ``names``).
+
+    ``out_file`` defaults to ``results.jsonl`` beside ``folder`` (``fid.results_beside``): for
+    ``OUT/grids``, ``OUT/results.jsonl``, where ``fusedit eval`` writes a full run's, so scoring a
+    protocol folder from Python replaces that run's per-image results as a rescore by the command would;
+    give ``out_file`` to keep them (a subset: ``eval.run.output_files``). An earlier fusedit's default was
+    ``<folder>/dpg_results.jsonl``, among the grids, where ELLA's scorer fails on it; a file left there is
+    not moved (``fusedit eval`` on the folder moves it out, ``eval.run.move_legacy_results``).
 
     ``questions`` is ``load_dpg_questions``' result or the CSV's path; ``tiles`` scores only the first k
     tiles of each grid (ELLA's ``--pic-num``, 4 in its published runs).
@@ -307,7 +312,7 @@ def score_dpg_folder(
                 "answers": tile_answers,
             }
         )
-    out_path = Path(out_file) if out_file is not None else folder / "dpg_results.jsonl"
+    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     scored = {r["name"] for r in results}

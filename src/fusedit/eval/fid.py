@@ -564,6 +564,26 @@ def model_fingerprint(model_id: str | Path, model=None) -> str:
     return f"{model_id}@{commit}" if commit else str(model_id)
 
 
+def results_beside(folder: str | Path) -> Path:
+    """Where a library scorer writes its per-image results by default: ``results.jsonl`` beside the scored
+    ``folder`` (its parent, "." and ".." resolved), as a protocol run writes ``OUT/results.jsonl`` beside
+    ``OUT/samples`` or ``OUT/grids`` (``eval.run.output_files``): never among the images, which the
+    official scorers read as samples (ELLA's DPG-Bench script fails on any other file)."""
+    return Path(os.path.abspath(folder)).parent / "results.jsonl"
+
+
+def scorer_record(model_id, loaded=None, fingerprint: str | None = None) -> dict:
+    """A scoring model as a scores file records it: its id as given and, as ``model_fingerprint``, what
+    that id loaded (``loaded``: the scorer built from it, whose ``model`` or ``clip.model`` is the
+    transformers model, for a hub id's commit), or the ``fingerprint`` a feature extractor made itself."""
+    if fingerprint is None:
+        model = getattr(loaded, "model", None)
+        if model is None:  # ClipColorClassifier and ClipSimilarity: through their ClipEmbedder
+            model = getattr(getattr(loaded, "clip", None), "model", None)
+        fingerprint = model_fingerprint(model_id, model)
+    return {"id": str(model_id), "fingerprint": fingerprint}
+
+
 class TransformersImageFeatures:
     """A transformers vision model as a ``FeatureExtractor``: images -> (B, D) float32 features.
 

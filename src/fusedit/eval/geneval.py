@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, check_whole, model_config
-from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs
+from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs, results_beside
 from fusedit.files import read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
@@ -406,9 +406,15 @@ def score_geneval_folder(
 ) -> dict:
     """Score the ``<index>/samples/<k>.png`` of a GenEval folder: of the prompts ``metadata`` (the folders
     ``write_geneval_samples`` wrote them to, each checked to hold its prompt), or of every prompt folder
-    there when None. Writes the per-image results as JSON lines (``out_file``, default
-    ``<folder>/results.jsonl``, the fields of GenEval's results file) and returns ``summarize`` of them
-    plus the results file's path."""
+    there when None. Writes the per-image results as JSON lines (``out_file``, the fields of GenEval's
+    results file) and returns ``summarize`` of them plus the results file's path.
+
+    ``out_file`` defaults to ``results.jsonl`` beside ``folder`` (``fid.results_beside``): for
+    ``OUT/samples``, ``OUT/results.jsonl``, where ``fusedit eval`` writes a full run's, so scoring a
+    protocol folder from Python replaces that run's per-image results as a rescore by the command would;
+    give ``out_file`` to keep them (a subset: ``eval.run.output_files``). An earlier fusedit's default was
+    ``<folder>/results.jsonl``, among the images; a file left there is not moved (``fusedit eval`` on
+    the folder moves it out, ``eval.run.move_legacy_results``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"GenEval sample folder {str(folder)!r} does not exist")
@@ -453,7 +459,7 @@ def score_geneval_folder(
                 "details": json.dumps(verdict["details"]),
             }
         )
-    out_path = Path(out_file) if out_file is not None else folder / "results.jsonl"
+    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     return {**summarize(results), "results_file": str(out_path)}

@@ -32,7 +32,7 @@ from pathlib import Path
 from PIL import Image
 
 from fusedit.config import ConfigError, check_whole, refuse_path_to_nothing
-from fusedit.eval.fid import check_batch_size, model_fingerprint
+from fusedit.eval.fid import check_batch_size, scorer_record
 from fusedit.files import as_json_reads_back, first_free, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sampling.generation import (
@@ -269,30 +269,31 @@ def output_files(
 # Where fusedit wrote a protocol's per-image results before they moved beside the scores (2026-11): among
 # the images, which the official scorers read as samples (ELLA's DPG script fails on the file, by name).
 LEGACY_RESULTS = {"geneval": "results.jsonl", "dpg": "dpg_results.jsonl"}
+LEGACY_PLACES = {(IMAGES[bench], name) for bench, name in LEGACY_RESULTS.items()}
 
 
 def move_legacy_results(out_dir: Path, bench: str) -> None:
     """Move an earlier fusedit's results file out of ``out_dir``'s images to ``out_dir/results-legacy.jsonl``
-    (a free name), with a line saying so: it describes the images it was scored from, so it is kept."""
+    (a free name), with a line saying so: it describes the images it was scored from, so it is kept. The
+    scores files in ``out_dir`` that named it (``results_path``) name it at its new place, relative."""
     old = out_dir / IMAGES[bench] / LEGACY_RESULTS[bench]
     if not old.is_file():
         return
+    naming = []
+    for scores_file in sorted(out_dir.glob("scores*.json")):
+        try:
+            scores = read_json(scores_file, "")
+        except ConfigError:  # not readable: it names nothing to mend
+            continue
+        recorded = scores.get("results_file") if isinstance(scores, dict) else None
+        if isinstance(recorded, str) and results_path(scores_file, recorded).resolve() == old.resolve():
+            naming.append((scores_file, scores))
     later = (f"results-legacy{n}.jsonl" for n in itertools.count(2))
     target = first_free(out_dir, itertools.chain(["results-legacy.jsonl"], later))
     old.replace(target)
+    for scores_file, scores in naming:
+        write_text_atomic(scores_file, json.dumps({**scores, "results_file": target.name}, indent=1))
     log.warning("moved %s, an earlier run's results file, out of the images to %s", old, target)
-
-
-def scorer_record(model_id, loaded=None, fingerprint: str | None = None) -> dict:
-    """A scoring model as a scores file records it: its id as given and, as ``fid.model_fingerprint``,
-    what that id loaded (``loaded``: the scorer built from it, whose ``model`` or ``clip.model`` is the
-    transformers model, for a hub id's commit), or the ``fingerprint`` a feature extractor made itself."""
-    if fingerprint is None:
-        model = getattr(loaded, "model", None)
-        if model is None:  # ClipColorClassifier: through its ClipEmbedder
-            model = getattr(getattr(loaded, "clip", None), "model", None)
-        fingerprint = model_fingerprint(model_id, model)
-    return {"id": str(model_id), "fingerprint": fingerprint}
 
 
 def with_scores(
@@ -307,19 +308,36 @@ def with_scores(
     (``scores-first<N>.json`` for the first N prompts, ``scores["limit"]``; ``scores-<categories>.json``
     for a subset of T2I-CompBench's ``categories``; ``output_files``) with the ``generation`` record that
     made the images (None: unknown, a caller's generator) and the ``scorers`` (``scorer_record``s) that
-    scored them; a ``results_file`` (or ``results_files``) is named relative to ``out_dir``.
+    scored them; a ``results_file`` (or ``results_files``) is named relative to ``out_dir``, the scores
+    file's folder, so that the link holds when the folder moves (``results_path`` reads it back).
     ``result["scores_file"]`` names the file."""
     path, _ = output_files(out_dir, scores.get("limit"), categories)
-    if "results_file" in scores:
-        scores = {**scores, "results_file": Path(scores["results_file"]).name}
+
+    def relative(file) -> str:
+        return Path(file).relative_to(out_dir).as_posix()
+
+    if "results_file" in scores:  # OUT/results[-firstN].jsonl
+        scores = {**scores, "results_file": relative(scores["results_file"])}
     if "results_files" in scores:  # T2I-CompBench's, one per category: OUT/<category>/results[-...].jsonl
-        files = {c: Path(f).relative_to(out_dir).as_posix() for c, f in scores["results_files"].items()}
-        scores = {**scores, "results_files": files}
+        scores = {**scores, "results_files": {c: relative(f) for c, f in scores["results_files"].items()}}
     scores = {**scores, "generation": generation}
     if scorers is not None:
         scores["scorers"] = scorers
     result["scores"], result["scores_file"] = scores, str(path)
     write_text_atomic(path, json.dumps(scores, indent=1))
+
+
+def results_path(scores_file: str | Path, recorded: str) -> Path:
+    """Where the per-image results a scores file names (its ``results_file``, or one of T2I-CompBench's
+    ``results_files``) lie. Since 2026-11-25 the name is relative to the scores file's folder. Before, it
+    was the path the results were written to among the images, absolute or relative to the working
+    directory then (``OUT/samples/results.jsonl``, ``OUT/grids/dpg_results.jsonl``): that path when it is
+    still there, else the same place under the scores file's folder (OUT moved since)."""
+    here, path = Path(scores_file).parent, Path(recorded)
+    if (path.parent.name, path.name) not in LEGACY_PLACES:
+        return here / path
+    moved = here / path.parent.name / path.name
+    return moved if not path.is_file() and moved.is_file() else path
 
 
 def first_prompts(prompts: list, limit: int | None) -> tuple[list, int | None]:
@@ -578,6 +596,7 @@ def run_compbench(
         rules_text = text_rules(text)
     out_dir = Path(out_dir)
     subset = None if chosen == CATEGORIES else list(chosen)
+    fed = fed_scores(out_dir, chosen)
     for category in chosen:  # each category's record is the same
         generation = claim_folder(
             out_dir / category,
@@ -586,7 +605,7 @@ def run_compbench(
             BENCH,
             seed,
             n_per_prompt,
-            fed=fed_scores(out_dir, category),
+            fed=fed[category],
         )
     generated = skipped = 0
     for category in chosen:
@@ -628,16 +647,16 @@ def run_compbench(
             progress=progress,
             results_name=output_files(out_dir, categories=subset)[1].name,
         )
-        scorers = {k: scorer_record(given[k], model) for k, model in built.items() if model is not None}
-        scorers["text"] = scores["scorers"]["text"]  # the noun-phrase rules, a name
-        with_scores(result, out_dir, scores, generation, scorers, subset)
+        # score_compbench recorded the scorers (scorer_record of each model's id as given, and the text rules)
+        with_scores(result, out_dir, scores, generation, categories=subset)
     return result
 
 
-def fed_scores(out_dir: Path, category: str) -> list[Path]:
-    """T2I-CompBench's scores files in ``out_dir`` that took ``category``'s scores: ``scores.json`` (every
-    category) and each ``scores-<categories>.json`` naming it (``output_files``)."""
+def fed_scores(out_dir: Path, categories: Sequence[str]) -> dict[str, list[Path]]:
+    """For each of ``categories``, T2I-CompBench's scores files in ``out_dir`` that took its scores:
+    ``scores.json`` (every category) and each ``scores-<categories>.json`` naming it (``output_files``)."""
     named = {
-        p: p.stem.removeprefix("scores").removeprefix("-").split("-") for p in out_dir.glob("scores*.json")
+        p: p.stem.removeprefix("scores").removeprefix("-").split("-")
+        for p in sorted(out_dir.glob("scores*.json"))
     }
-    return sorted(p for p, categories in named.items() if categories == [""] or category in categories)
+    return {c: [p for p, took in named.items() if took == [""] or c in took] for c in categories}
