@@ -176,19 +176,21 @@ def test_a_repeated_key_is_split_into_copies_by_occurrence_never_mixing_them(tmp
     assert (fields, image) == ({"__key__": "002", "__url__": str(shard)}, b"IMAGE-A")
 
 
-def test_an_image_member_in_a_format_not_read_names_it_and_the_setting(tmp_path):
+def test_a_sample_without_an_image_member_names_its_members_and_the_extensions_read(tmp_path):
+    # A gif member is read, as a folder reads .gif files (one list of image extensions: image_extensions).
     gif = io.BytesIO()
     Image.new("RGB", (32, 32), (9, 9, 9)).save(gif, "GIF")
     shard = _tar(
-        tmp_path / "g.tar", [("a.png", _png()), ("a.txt", b"a"), ("b.gif", gif.getvalue()), ("b.txt", b"b")]
+        tmp_path / "g.tar",
+        [("a.png", _png()), ("a.txt", b"a"), ("b.gif", gif.getvalue()), ("b.txt", b"b"), ("c.txt", b"c")],
     )
     catalog = WebDatasetCatalog([[str(shard)]])
-    loader = step_loader(_cfg(source="webdataset", shards=[str(shard)]), 0, 1, 0, 2)
-    list(loader)
+    loader = step_loader(_cfg(source="webdataset", shards=[str(shard)]), 0, 1, 0, 3)
+    assert {c for batch in loader for c in batch["caption"]} == {"a", "b"}
     assert loader.skips.ids == {
         "missing": {
-            f"{shard}/b": "its gif member is not read (image extensions read: jpg, jpeg, png, webp; set "
-            "data.image_field=gif to read it)"
+            f"{shard}/c": "no image member (its members: txt; image extensions read: "
+            f"{', '.join(image_extensions())}, or the one data.image_field names)"
         }
     }
     with pytest.raises(Exception) as error:

@@ -511,7 +511,10 @@ def test_pooled_text_loads_a_whole_clips_text_tower_and_refuses_other_models(tmp
             {"model": {"design": "fusedit", "refiner_depth": 2}},
             "model.refiner_depth=2 needs a shallow design",
         ),
-        ({"model": {"design": "dit-cross", "pooled_text": "refined"}}, "pools the refined text"),
+        (
+            {"model": {"design": "fusedit", "pooled_text": "refined"}},
+            "model.pooled_text='refined' pools the text tokens a shallow design prepares",
+        ),
         ({"model": {"pooled_text": "clip"}}, "needs pooled_text.model_id"),
         ({"model": {"num_heads": 4}}, "model.num_heads is set but model.design='fusedit' mirrors the LLM"),
         (

@@ -552,7 +552,8 @@ def test_the_pooled_text_checks_ask_a_registered_variants_traits():
     with pytest.raises(ConfigError) as e:
         load_config("debug", ["model.pooled_text=reg-refined"])
     assert str(e.value) == (
-        "model.pooled_text='reg-refined' pools the refined text: set model.refiner_depth >= 1 (or "
+        "model.pooled_text='reg-refined' pools the text tokens a shallow design prepares (refined, or embedded "
+        "without a refiner), but model.design='fusedit' prepares none (allowed: design dit-self or dit-cross, or "
         "model.pooled_text none, clip or reg-clip)"
     )
     with pytest.raises(ConfigError) as e:

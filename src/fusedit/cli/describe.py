@@ -5,7 +5,16 @@ from __future__ import annotations
 import sys
 
 from fusedit.cli.common import _add_config_args, _config
-from fusedit.config import Config, ConfigError, adds_template_tokens, preset_names, text_sections, to_yaml
+from fusedit.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TextConfig,
+    adds_template_tokens,
+    preset_names,
+    text_sections,
+    to_yaml,
+)
 
 
 def _count(state: str, what: str, count: int) -> str:
@@ -95,6 +104,38 @@ def _memory_line(model, cfg: Config) -> str:
     )
 
 
+def _lidit_knobs(cfg: Config) -> str:
+    """The headline's prompt-encoding knobs, LI-DiT's (design-space.md s.2) above all, that the config sets
+    away from the plain baseline, as key=value: the conv position block, the refiners and their ablations, how 2+ LLMs' branches
+    meet, the pooled text modulation, the templates and instructions in front of the prompt."""
+    m, default = cfg.model, ModelConfig()
+    sections = text_sections(cfg)
+    knobs = ["conv_pos=true"] if m.conv_pos else []
+    if m.refiner_depth:
+        knobs.append(f"refiner_depth={m.refiner_depth}")
+        knobs += [
+            f"{k}={str(getattr(m, k)).lower()}"
+            for k in ("refiner_causal", "refiner_gating", "drop_instruction")
+            if getattr(m, k) != getattr(default, k)
+        ]
+    if cfg.extra_text:
+        knobs.append(f"llms={len(sections)}")
+        if m.refiner_depth:  # the refiners are what join them (validate refuses extra_text without)
+            knobs += [f"collaborative_refiner={str(m.collaborative_refiner).lower()}"]
+            knobs += (
+                [f"refiner_concat={m.refiner_concat}"] if m.refiner_concat != default.refiner_concat else []
+            )
+    if m.pooled_text != default.pooled_text:
+        knobs.append(f"pooled_text={m.pooled_text}")
+    templates = [t.template for _, t in sections]
+    if any(t != TextConfig.template for t in templates):
+        knobs.append(f"template={'/'.join(dict.fromkeys(templates))}")
+    instructed = [key for key, t in sections if t.instruction]
+    if instructed:
+        knobs.append(f"instruction={'/'.join(instructed)}")
+    return "".join(f" {k}" for k in knobs)
+
+
 def _unloaded_templates(cfg: Config, model) -> list[str]:
     """The text sections whose template's tokens a meta build leaves out of the text width: a hub
     tokenizer is not downloaded there (system._text_encoder), so its encoder has no tokenizer to count a
@@ -164,7 +205,8 @@ def cmd_describe(args) -> int:
         parameters.append(_memory_line(model, first.config))
     print(
         f"{cfg.name}: design={cfg.model.design} pos_embed={cfg.model.pos_embed} "
-        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}; reads "
+        f"timestep={cfg.model.timestep_conditioning} dit_layers={len(d.blocks)} width={d.dim}"
+        f"{_lidit_knobs(cfg)}; reads "
         f"{'; '.join(read)}"
     )
     if cfg.stages:

@@ -22,8 +22,9 @@ package, and transformers only inside the functions that read an LLM's config):
 - ``paths``: run-folder names, paths made absolute, model locations, their relocation and identity, and the
   LLM-config side (``check_arch``, ``arch_config``, ``known_llm_config``, ``model_config``).
 - ``validate``: design traits, image sides, the cross-field checks (``validate``, ``noop_settings``,
-  ``check_llm_shape``, ``check_data_locations``) and ``resolved_stages``.
-- ``load``: YAML, presets, ``base:`` chains, overrides, ``load_config``, ``config_from_dict``, ``checked``,
+  ``idle_settings``, ``check_llm_shape``, ``check_data_locations``) and ``resolved_stages``.
+- ``load``: YAML, presets, ``base:`` chains, overrides, ``load_config`` (which warns of the user's
+  ``idle_user_settings``), ``config_from_dict``, ``checked``,
   ``saved_config`` and ``save_config``.
 
 Everything is re-exported here: import from ``fusedit.config``. ``register_variant`` is importable but not in
@@ -36,6 +37,7 @@ from fusedit.config.load import (
     checked,
     config_from_dict,
     flatten,
+    idle_user_settings,
     load_config,
     load_yaml,
     parse_overrides,
@@ -142,6 +144,7 @@ from fusedit.config.validate import (
     dit_head_dim,
     dit_layer_count,
     fused_layers,
+    idle_settings,
     is_deep,
     is_shallow,
     limits_text,
@@ -227,6 +230,8 @@ __all__ = [
     "fused_layers",
     "gone_model_paths",
     "identity_difference",
+    "idle_settings",
+    "idle_user_settings",
     "is_deep",
     "is_shallow",
     "is_whole",

@@ -28,7 +28,7 @@ from fusedit.config.schema import (
     build_section,
     deep_merge,
 )
-from fusedit.config.validate import check_llm_shape, noop_settings, resolved_stages, validate
+from fusedit.config.validate import check_llm_shape, idle_settings, noop_settings, resolved_stages, validate
 
 # The package's name, as before the split into modules: its messages keep their logger.
 log = logging.getLogger("fusedit.config")
@@ -206,16 +206,23 @@ def _model_folder(name_or_path: str | Path, preset: bool) -> bool:
 
 
 def resolve_raw(
-    name_or_path: str | Path, seen: tuple = (), preset: bool = False, folders: list | None = None
+    name_or_path: str | Path,
+    seen: tuple = (),
+    preset: bool = False,
+    folders: list | None = None,
+    written: list | None = None,
 ) -> dict:
     """The merged mapping of a config reference and its ``base:`` chain; ``folders`` collects the model
-    folders read along it (model_folder_bases)."""
+    folders read along it (model_folder_bases), ``written`` the mappings of the YAML files read along it
+    (the user's own: neither a preset nor a model folder's saved config)."""
     if str(name_or_path) in seen:
         raise ConfigError(f"config 'base' cycle: {' -> '.join(map(str, (*seen, name_or_path)))}")
     if folders is not None and _model_folder(name_or_path, preset):
         folders.append(Path(name_or_path))
     data, folder = _read_yaml(name_or_path, preset)
     base = data.pop("base", None)
+    if written is not None and folder is not None:  # only a YAML file has a folder for its relative base
+        written.append(data)
     if base is None:
         return data
     if not isinstance(base, str) or not base:
@@ -229,7 +236,9 @@ def resolve_raw(
     sibling = folder / str(base) if folder is not None else None
     as_path = "/" in str(base) or str(base).startswith(".")
     if sibling is not None and (sibling.is_file() or (sibling.is_dir() and as_path)):
-        return deep_merge(resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders), data)
+        return deep_merge(
+            resolve_raw(sibling, (*seen, str(name_or_path)), folders=folders, written=written), data
+        )
     bare = not as_path and Path(str(base)).suffix not in (".yaml", ".yml")
     if bare and base not in preset_names():
         raise ConfigError(
@@ -242,7 +251,8 @@ def resolve_raw(
             f"base {base!r} of {name_or_path}: not found {beside}from the working directory "
             f"({Path(base).absolute()}) (allowed: a preset name, a YAML path, or a run folder)"
         )
-    return deep_merge(resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders), data)
+    deeper = resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders, written=written)
+    return deep_merge(deeper, data)
 
 
 def _field_type(parts: list[str]) -> Any:
@@ -387,7 +397,8 @@ def load_config(
             f"overrides={overrides!r:.80} is not allowed (allowed: a list of 'section.key=value' strings, "
             "e.g. ['train.steps=5'])"
         )
-    data = resolve_raw(name_or_path, folders=folders)
+    written: list[dict] = []
+    data = resolve_raw(name_or_path, folders=folders, written=written)
     extra = parse_overrides(overrides or [])
     data = deep_merge(data, extra)
     if data.get("stages") and "steps" in (extra.get("train") or {}):
@@ -399,7 +410,16 @@ def load_config(
     absolute_paths(cfg)
     for message in unreached_overrides(cfg, extra):
         log.warning(message)
+    for message in idle_user_settings(cfg, [*written, extra]):
+        log.warning(message)
     return cfg
+
+
+def idle_user_settings(cfg: Config, mappings: list[dict]) -> list[str]:
+    """One warning per key, of the settings that change nothing in ``cfg``'s design (idle_settings), that
+    one of ``mappings`` (the user's own files and overrides, not the presets they inherit from) sets."""
+    given = {key for mapping in mappings for key in flatten(mapping)}
+    return [message for key, message in idle_settings(cfg) if key in given]
 
 
 def unreached_overrides(cfg: Config, extra: dict) -> list[str]:

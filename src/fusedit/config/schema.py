@@ -121,9 +121,10 @@ class TimestepTraits:
 class PooledTextTraits:
     """What the config and the build ask of a model.pooled_text: whether it reads the pooled embedding of
     the second encoder the ``pooled_text`` section configures (``encoder``: it needs pooled_text.model_id or
-    arch, and the build passes that embedding's width as pooled_dim), whether it pools the refiners' output
-    (``refined``: it needs model.refiner_depth >= 1), and whether it adds anything to the timestep embedding
-    at all (``adds``: False only for none; the timestep conditioning must have an embedding otherwise)."""
+    arch, and the build passes that embedding's width as pooled_dim), whether it pools the text tokens a
+    shallow design prepares, refined or (refiner_depth 0) embedded (``refined``: it needs a shallow
+    design), and whether it adds anything to the timestep embedding at all (``adds``: False only for none;
+    the timestep conditioning must have an embedding otherwise)."""
 
     encoder: bool
     refined: bool = False
@@ -386,8 +387,10 @@ class ModelConfig:
     refiner_concat: str = variant("model.refiner_concat", "tokens")
     # Drop instruction/template tokens after the refiners (LI-DiT); they stay for the refiners to read.
     drop_instruction: bool = True
-    # Extra modulation added to the timestep embedding: "refined" = masked mean of the refined text
-    # (LI-DiT), "clip" = a second encoder's pooled embedding (FuseDiT clip-mod, configured in pooled_text).
+    # Extra modulation added to the timestep embedding: "refined" = masked mean of the text tokens, projected
+    # (LI-DiT; shallow designs only: the refiners' output, or the context embedder's with refiner_depth 0,
+    # which separates the pooled modulation from the refiner), "clip" = a second encoder's pooled embedding
+    # (FuseDiT clip-mod, configured in pooled_text).
     # Their traits: VARIANTS; fusedit.models.register_pooled_text adds one.
     pooled_text: str = variant("model.pooled_text", "none")
     # -- Options that reproduce the public FuseDiT code's numerics (fusedit.convert.fusedit_official); the
@@ -406,7 +409,8 @@ class ModelConfig:
     # dit-self rotates its projected text keys at 0 .. T - 1); "image-only" = only image tokens are rotated,
     # from position 0 (the public code's shallow baselines; shallow designs only, as deep fusion's text keys
     # come rotated by the LLM). It changes only dit-self with a RoPE pos_embed: dit-cross never rotates its
-    # text keys, and APE or no positions rotate nothing (accepted there, a no-op).
+    # text keys, and APE or no positions rotate nothing (accepted there, a no-op; load_config warns of one
+    # the user set: idle_settings).
     rope_layout: str = choice("joint", "joint", "image-only")
     # Deep fusion: image rotations as the public code computed them for prompts left-padded to this many
     # tokens (Gemma's tokenizers pad on the left), see layers/position.py; None = right padding.
@@ -530,7 +534,8 @@ class DataConfig:
     # folder: a .jsonl or .csv index with one row per image (a path column and caption columns).
     index_file: str = ""
     # Column (index file, hf) or tar member extension (webdataset) holding the image; "" = the first of
-    # path/file_name/image/filepath/file (index file), "image" (hf), jpg/jpeg/png/webp (webdataset).
+    # path/file_name/image/filepath/file (index file), "image" (hf), the first member whose extension a
+    # folder reads as an image, jpg first (webdataset).
     image_field: str = ""
     # Caption sources, tried in order; dotted names read into JSON (e.g. json.caption). Several present:
     # see caption_pick. A sample with none of them is skipped and counted ("no-caption").
@@ -551,6 +556,10 @@ class DataConfig:
     # Images whose shorter side is below this are skipped and counted ("tiny"); None = image_size // 2
     # (upscaling by more than 2x mostly teaches blur).
     min_image_size: int | None = positive(None)
+    # Images whose long side is more than this many times their short side (web banners, 8:1) are skipped and
+    # counted ("aspect-ratio"): a crop or the nearest bucket keeps a sliver of them. 0 or None = no limit;
+    # otherwise > 1 (checked at load).
+    max_aspect_ratio: float | None = None
     # Crop after resizing the shorter side: "center", or "random" (offset fixed per sample by seed).
     crop: str = choice("center", "center", "random")
     # Aspect-ratio buckets as [[H, W], ...]: each image goes to the nearest aspect ratio and every batch

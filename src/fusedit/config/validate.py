@@ -253,6 +253,71 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
     return found
 
 
+_MODEL_DEFAULTS = dataclasses.asdict(ModelConfig())
+
+
+def idle_settings(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, one-line warning) of each setting, away from its default, that changes nothing in the
+    design ``cfg`` chose but is accepted (not refused as noop_settings are): a preset or study parent sets it
+    for its own design, and the variants that inherit it into another design must still load. load_config
+    warns of those among the keys the user set (an override file, key=value), never of inherited ones."""
+    m, found = cfg.model, []
+    position = variant_traits("model.pos_embed", m.pos_embed)
+    design = design_traits(m.design)
+
+    def changed(knob: str) -> bool:
+        return getattr(m, knob) != _MODEL_DEFAULTS[knob]
+
+    if changed("refiner_heads") and not m.refiner_depth:
+        found.append(
+            (
+                "model.refiner_heads",
+                f"model.refiner_heads={m.refiner_heads} changes nothing with model.refiner_depth=0 "
+                "(no refiner)",
+            )
+        )
+    # image-only restarts the image rotations at 0 apart from the text's: only dit-self rotates text keys in
+    # the image's attention (deep designs refuse it in validate).
+    if changed("rope_layout") and not position.rotates:
+        found.append(
+            (
+                "model.rope_layout",
+                f"model.rope_layout={m.rope_layout!r} changes nothing with model.pos_embed={m.pos_embed!r}, "
+                "which rotates no tokens",
+            )
+        )
+    elif changed("rope_layout") and not design.deep and design.attention != "self":
+        found.append(
+            (
+                "model.rope_layout",
+                f"model.rope_layout={m.rope_layout!r} changes nothing with model.design={m.design!r}, whose "
+                "cross-attention never rotates the text keys (its image attention sees relative positions "
+                "only)",
+            )
+        )
+    for knob in ("ape_base_size", "ape_max_size"):
+        if changed(knob) and not position.ape_options:
+            found.append(
+                (
+                    f"model.{knob}",
+                    f"model.{knob}={getattr(m, knob)} changes nothing with model.pos_embed={m.pos_embed!r}, "
+                    "which has no APE table",
+                )
+            )
+    if not variant_traits("model.pooled_text", m.pooled_text).encoder:
+        defaults = dataclasses.asdict(type(cfg.pooled_text)())
+        for knob, value in dataclasses.asdict(cfg.pooled_text).items():
+            if value != defaults[knob]:
+                found.append(
+                    (
+                        f"pooled_text.{knob}",
+                        f"pooled_text.{knob}={value!r} changes nothing with model.pooled_text="
+                        f"{m.pooled_text!r}, which reads no second encoder",
+                    )
+                )
+    return found
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-field types cannot express, a section at a time."""
     _validate_vae(cfg)
@@ -276,7 +341,7 @@ def _validate_vae(cfg: Config) -> None:
 
 def _validate_data(cfg: Config) -> None:
     """Image sizes and buckets against the patch grid and the APE table; the shapes world's options; the
-    webdataset mix's weights."""
+    aspect-ratio limit; the webdataset mix's weights."""
     unit, largest = side_limits(cfg)  # pixels per DiT token side; the APE table's largest side
     if cfg.data.image_size % unit:
         raise ConfigError(
@@ -314,6 +379,12 @@ def _validate_data(cfg: Config) -> None:
             raise ConfigError(
                 f"data.kinds={cfg.data.kinds!r} with data.max_objects={cfg.data.max_objects}: {e}"
             ) from None
+    ratio = cfg.data.max_aspect_ratio
+    if ratio and not ratio > 1:  # NaN fails the comparison too
+        raise ConfigError(
+            f"data.max_aspect_ratio={ratio!r} is not allowed (allowed: a number > 1, e.g. 3 for 3:1, or 0 or "
+            "null for no limit)"
+        )
     check_weights(cfg.data)
 
 
@@ -398,10 +469,14 @@ def _validate_model(cfg: Config) -> None:
     for _, problem in noop_settings(cfg):
         raise ConfigError(problem)
     pooled = variant_traits("model.pooled_text", m.pooled_text)
-    if pooled.refined and not m.refiner_depth:
+    if pooled.refined and not shallow:
+        # It pools the text tokens a shallow design prepares once per forward (refined, or embedded without a
+        # refiner: TextTokens); deep fusion prepares none, each layer reading its own LLM layer.
         raise ConfigError(
-            f"model.pooled_text={m.pooled_text!r} pools the refined text: set model.refiner_depth >= 1 "
-            f"(or model.pooled_text {variant_names('model.pooled_text', lambda t: not t.refined)})"
+            f"model.pooled_text={m.pooled_text!r} pools the text tokens a shallow design prepares (refined, "
+            f"or embedded without a refiner), but model.design={m.design!r} prepares none (allowed: design "
+            f"{shallow_designs()}, or model.pooled_text "
+            f"{variant_names('model.pooled_text', lambda t: not t.refined)})"
         )
     if pooled.encoder and not (cfg.pooled_text.model_id or cfg.pooled_text.arch):
         raise ConfigError(

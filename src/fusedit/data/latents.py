@@ -73,7 +73,19 @@ INDEX, META = "index.json", "meta.json"
 # The DataConfig fields each source reads, which change what a cache holds: a rerun with other values must
 # not mix into it. The others are recorded but never compared: a rerun must not be refused over a setting
 # that changes nothing, such as data.kinds for a folder or data.crop for shapes.
-_IMAGE_KEYS = ("image_field", "caption_fields", "image_size", "min_image_size", "crop", "buckets")
+_IMAGE_KEYS = (
+    "image_field",
+    "caption_fields",
+    "image_size",
+    "min_image_size",
+    "max_aspect_ratio",
+    "crop",
+    "buckets",
+)
+# What a cache made before a setting was recorded was made with, where that is known: before
+# data.max_aspect_ratio existed no image was skipped for its shape. (Others, such as data.hf_streaming, are
+# not compared for such a cache.)
+_BEFORE_RECORDED = {"max_aspect_ratio": None}
 _READ_KEYS = {
     "shapes": ("image_size", "max_objects", "num_samples", "kinds"),
     "folder": ("root", "index_file", *_IMAGE_KEYS),
@@ -212,6 +224,7 @@ def _items(cfg: DataConfig, seed: int, batch_size: int, progress: bool) -> _Item
 
 def _meta(data_cfg: DataConfig, vae_cfg: VAEConfig, seed: int, shard_size: int, dtype: torch.dtype) -> dict:
     data = dataclasses.asdict(data_cfg)
+    data["max_aspect_ratio"] = data["max_aspect_ratio"] or None  # 0 and None are the same: no limit
     return {
         "format": FORMAT,
         "data": as_json_reads_back({k: data[k] for k in _DATA_KEYS}),
@@ -347,7 +360,9 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
     else:
         data, recorded = meta["data"], old.get("data", {})
         read = ("source", *_READ_KEYS.get(data["source"], _DATA_KEYS))
-        # A setting recorded only since a later version (data.hf_streaming) is unknown for an older cache.
+        # A setting recorded only since a later version (data.hf_streaming) is unknown for an older cache,
+        # unless what it was then is known (_BEFORE_RECORDED).
+        recorded = {**_BEFORE_RECORDED, **recorded}
         differences = [(f"data.{key}", recorded.get(key), data[key]) for key in read if key in recorded]
         differences += [(key, old.get(key), meta[key]) for key in ("format", "seed", "shard_size", "dtype")]
         change = next(

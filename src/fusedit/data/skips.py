@@ -303,7 +303,7 @@ def no_usable_samples(
 ) -> ConfigError:
     """The error for data whose every sample was skipped (``where``: which of several mixed sources; ``task``:
     what the samples were for): the skip counts, and which setting to change for the reasons a setting can
-    cause (no-caption, tiny)."""
+    cause (no-caption, tiny, aspect-ratio)."""
     counts = counter.counts()
     hints = []
     if "no-caption" in counts:
@@ -313,6 +313,8 @@ def no_usable_samples(
         )
     if "tiny" in counts:
         hints.append("lower data.min_image_size to keep smaller images")
+    if "aspect-ratio" in counts:
+        hints.append("raise data.max_aspect_ratio (or set it to 0, no limit) to keep more elongated images")
     hint = f"; {'; '.join(hints)}" if hints else ""
     where = f" ({where} has none)" if where else ""
     return ConfigError(f"no usable sample {task}{where}; {counter.report()}{hint}")

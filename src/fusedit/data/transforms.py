@@ -32,8 +32,18 @@ from fusedit.config import ConfigError
 log = logging.getLogger(__name__)
 
 # Why a sample was skipped. "corrupt-shard" is a tar shard that is unreadable from some point on;
-# "duplicate" a later copy of a sample key in a tar shard (the first copy is read).
-SKIP_REASONS = ("missing", "corrupt", "tiny", "no-caption", "bad-row", "corrupt-shard", "duplicate")
+# "duplicate" a later copy of a sample key in a tar shard (the first copy is read); "aspect-ratio" an image
+# whose long side is more than data.max_aspect_ratio times its short side (a web banner).
+SKIP_REASONS = (
+    "missing",
+    "corrupt",
+    "tiny",
+    "aspect-ratio",
+    "no-caption",
+    "bad-row",
+    "corrupt-shard",
+    "duplicate",
+)
 # The files a folder scan treats as images (lower-case suffix without the dot) that Pillow reads without a
 # plugin; .jfif and .jpe are JPEG's other names, as cameras and Windows save them.
 _PLAIN_IMAGE_EXTS = ("jpg", "jpeg", "jfif", "jpe", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -175,17 +185,20 @@ def _short(error: BaseException) -> str:
     return text[:200]
 
 
-def decode_rgb(image: Image.Image) -> Image.Image:
+def decode_rgb(image: Image.Image, where: str = "") -> Image.Image:
     """An opened image's pixels as displayed, in RGB: decoded, the EXIF orientation applied, deep greyscale
     scaled to 8 bits, transparency composited on white (training's decoding, and evaluation's). Raises
-    SkipSample("corrupt") for data that fails to decode; closing ``image`` is the caller's."""
+    SkipSample("corrupt") for data that fails to decode; closing ``image`` is the caller's. ``where`` names
+    the image in a warning (a float image's values clipped: ``_float_to_8bit``); "" = its file's name, if
+    it was opened from one."""
     # A PNG's colour key is in the file's own sample scale, while Pillow reads a 16-bit RGB PNG as 8-bit
     # "RGB" (and 2- or 4-bit grey as "L"): only the raw mode, known before the pixels are decoded, tells
     # whether the key can be compared with the decoded pixels.
     raw_mode = image.tile[0][3] if image.format == "PNG" and image.tile else None
     try:
         image.load()  # no catch_warnings() around it: it is not thread-safe (see open_image)
-        return _to_rgb(ImageOps.exif_transpose(image), raw_mode)
+        where = where or getattr(image, "filename", "") or "an image given as bytes"
+        return _to_rgb(ImageOps.exif_transpose(image), raw_mode, str(where))
     except Exception as e:
         # Truncated data surfaces only when the pixels are decoded, and PIL's format plugins raise
         # assorted types on malformed data (struct.error, IndexError, ...). This only reads the image,
@@ -193,28 +206,63 @@ def decode_rgb(image: Image.Image) -> Image.Image:
         raise SkipSample("corrupt", _short(e)) from None
 
 
-def _deep_grey_to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit ("I;16*"), 32-bit integer ("I") or float ("F") greyscale image scaled to 8 bits ("L").
+class _Once:
+    """Whether a warning is the first of its kind in this process (thread-safe: decoder threads)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._lock = threading.Lock()
+
+    def first(self) -> bool:
+        with self._lock:
+            first, self.done = not self.done, True
+        return first
+
+
+FLOAT_CLIPPED = _Once()
+
+
+def _float_to_8bit(values: np.ndarray, where: str) -> np.ndarray:
+    """A float ("F") greyscale image's values as 8 bits. A float image carries no scale: one whose values
+    all lie within 0..1 (the usual float convention) is read as 0..1, any other as 0..255 (an 8-bit image
+    saved as float, as numpy or OpenCV exports do), never as 16 bits, which would turn 0..255 data nearly
+    black. Values outside the scale (negative, HDR highlights) are clipped, warned about once per process
+    naming ``where`` and the image's range: its look then depends on data it did not fit."""
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    full = 1.0 if high <= 1.0 else 255.0
+    if (low < 0.0 or high > full) and FLOAT_CLIPPED.first():
+        log.warning(
+            "data: the float image %s holds values %g..%g, outside the 0..%g it is read as: clipped (a float "
+            "image is read as 0..1 when its values stay within 1, else as 0..255; said for the first such "
+            "image each data-loading process meets)",
+            where,
+            low,
+            high,
+            full,
+        )
+    return np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+
+
+def _deep_grey_to_8bit(image: Image.Image, where: str = "") -> Image.Image:
+    """A 16-bit ("I;16*"), 32-bit integer ("I") or float ("F", ``_float_to_8bit``) greyscale image scaled
+    to 8 bits ("L").
 
     PIL's own conversion clips these to 0..255 instead of scaling them, which turns a mid-grey 16-bit PNG
-    white. The full scale is 65535 for "I;16*"; "I" and "F" carry no bit depth, so it is guessed from the
-    brightest pixel: 65535 when it fits (16-bit data read as "I"), else the int32 maximum, and 1.0 for
-    floats that stay within [0, 1] (the usual range of float images).
+    white. The full scale is 65535 for "I;16*"; "I" carries no bit depth, so it is guessed from the
+    brightest pixel: 65535 when it fits (16-bit data read as "I", as Pillow reads some 16-bit PNGs), else
+    the int32 maximum.
     """
     values = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    if image.mode == "F":
+        return Image.fromarray(_float_to_8bit(values, where))
     peak = float(values.max(initial=0.0))
-    if image.mode == "F" and peak <= 1.0:
-        full = 1.0
-    elif image.mode.startswith("I;16") or peak <= 65535:
-        full = 65535.0
-    else:
-        full = float(2**31 - 1)
+    full = 65535.0 if image.mode.startswith("I;16") or peak <= 65535 else float(2**31 - 1)
     # full / 255 is 257 for 16 bits: dividing by it is exact, multiplying by its inverse would round.
     scaled = np.clip(np.rint(values / (full / 255.0)), 0, 255).astype(np.uint8)
     return Image.fromarray(scaled)
 
 
-def _to_rgb(image: Image.Image, raw_mode: str | None = None) -> Image.Image:
+def _to_rgb(image: Image.Image, raw_mode: str | None = None, where: str = "") -> Image.Image:
     # A colour key (a PNG's tRNS chunk on an RGB or greyscale image: one colour that is transparent), in the
     # PNG's own sample scale. Pillow decodes 2- and 4-bit grey to "L" scaled up (4-bit 1 is 17), so the key
     # is scaled as the samples were; it reads 16-bit RGB as 8-bit "RGB", whose 16-bit key matches no
@@ -236,7 +284,7 @@ def _to_rgb(image: Image.Image, raw_mode: str | None = None) -> Image.Image:
             np.where(match.all(-1) if match.ndim == 3 else match, 0, 255).astype(np.uint8)
         )
     if deep:
-        image = _deep_grey_to_8bit(image)
+        image = _deep_grey_to_8bit(image, where)
     if alpha is not None:
         image = image.convert("RGB")
         image.putalpha(alpha)
@@ -414,6 +462,7 @@ class SampleDecoder:
     crop: str = "center"
     seed: int = 0
     min_image_size: int = 1
+    max_aspect_ratio: float = 0.0  # long side / short side above which an image is skipped; 0 = no limit
     caption_fields: tuple[str, ...] = ("txt", "caption")
     caption_pick: str = "random"
 
@@ -433,6 +482,7 @@ class SampleDecoder:
             crop=cfg.crop,
             seed=seed,
             min_image_size=min_size,
+            max_aspect_ratio=cfg.max_aspect_ratio or 0.0,  # None and 0 both mean no limit
             caption_fields=tuple(cfg.caption_fields),
             caption_pick=cfg.caption_pick,
         )
@@ -441,8 +491,16 @@ class SampleDecoder:
         return nearest_bucket(width, height, self.targets) if len(self.targets) > 1 else 0
 
     def check_size(self, width: int, height: int) -> None:
+        """Skip an image too small (``tiny``) or too elongated (``aspect-ratio``) to train on, from its
+        displayed size: the header's, so planning, streams and a latent cache skip the same images."""
         if min(width, height) < self.min_image_size:
             raise SkipSample("tiny", f"{width}x{height} < min_image_size {self.min_image_size}")
+        ratio = max(width, height) / min(width, height)
+        if self.max_aspect_ratio and ratio > self.max_aspect_ratio:
+            raise SkipSample(
+                "aspect-ratio",
+                f"{width}x{height} is {ratio:.3g}:1 > max_aspect_ratio {self.max_aspect_ratio:g}",
+            )
 
     def captions(self, record: dict) -> tuple[str, ...]:
         parsed: dict = {}  # a .json member parsed (and its bytes decoded) once, by both lookups
@@ -485,7 +543,7 @@ class SampleDecoder:
             draft = (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale))
             if image.format == "JPEG" and scale < 0.5:
                 image.draft("RGB", draft)
-            image = decode_rgb(image)
+            image = decode_rgb(image, _image_name(record, image_value))
         except SkipSample:
             image.close()
             raise
@@ -497,7 +555,7 @@ class SampleDecoder:
         return Decoded(image=tensor, caption=caption, captions=captions, bucket=bucket)
 
     def header(self, image_value: Any) -> tuple[int, int]:
-        """(width, height) from the header only, validated against min_image_size (for bucket planning)."""
+        """(width, height) from the header only, validated by ``check_size`` (for bucket planning)."""
         image = open_image(image_value)
         try:
             width, height = oriented_size(image)
@@ -505,3 +563,17 @@ class SampleDecoder:
             image.close()  # only the header was read; release the file now rather than at GC
         self.check_size(width, height)
         return width, height
+
+
+def _image_name(record: dict, image_value: Any) -> str:
+    """The image of a sample, as a warning names it: its file, or its tar member's shard and key; "" where
+    neither is known (an hf row's bytes: ``decode_rgb`` then says so)."""
+    if isinstance(image_value, dict):
+        image_value = image_value.get("path")
+    if isinstance(image_value, (str, Path)):
+        return str(image_value)
+    key = record.get("__key__")
+    if key is None:
+        return ""
+    url = record.get("__url__")
+    return f"{url}/{key}" if url else str(key)

@@ -45,7 +45,6 @@ from fusedit.config import ConfigError, weights_fit
 from fusedit.data.transforms import SkipSample, StreamRecord, _short, image_extensions, make_rng, stable_key
 from fusedit.files import counted
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 # Draws of the dataset mixture are generated in blocks: one generator per block, not per draw.
 _DRAW_BLOCK = 1024
@@ -265,7 +264,9 @@ class TarShard:
             raise SkipSample("corrupt", f"shard unreadable: {self.error}")
         key, members = self.samples[index]
         # Member extensions are lower-cased when the shard is indexed, so the setting is too (image_field=JPG).
-        ext = image_field.lower() or next((e for e in IMAGE_EXTENSIONS if e in members), "")
+        # Without it, the first member whose extension a folder scan reads too (image_extensions, in its
+        # order: jpg before png), so a shard and a folder of the same files hold the same samples.
+        ext = image_field.lower() or next((e for e in image_extensions() if e in members), "")
         if ext not in members:
             raise SkipSample("missing", _no_image(members, image_field))
         loaded: dict[str, Any] = {}
@@ -290,16 +291,13 @@ class TarShard:
 
 
 def _no_image(members: dict, image_field: str) -> str:
-    """Why a sample has no image member to read: an image in a format the reader does not take (a folder
-    source reads it) names its extension and the setting that reads it."""
+    """Why a sample has no image member to read: its members, and the extensions read as images (or the one
+    data.image_field names)."""
     if image_field:
         return f"no {image_field} member (data.image_field; its members: {', '.join(members)})"
-    other = next((e for e in members if e in image_extensions()), None)
-    if other is None:
-        return f"no {'/'.join(IMAGE_EXTENSIONS)} member"
     return (
-        f"its {other} member is not read (image extensions read: {', '.join(IMAGE_EXTENSIONS)}; set "
-        f"data.image_field={other} to read it)"
+        f"no image member (its members: {', '.join(members)}; image extensions read: "
+        f"{', '.join(image_extensions())}, or the one data.image_field names)"
     )
 
 

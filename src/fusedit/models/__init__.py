@@ -94,7 +94,8 @@ def register_pooled_text(
     ``prepare_text`` made of it (the shallow designs' ``TextTokens``). ``encoder``: it reads ``text.pooled``,
     the pooled embedding of the second encoder the ``pooled_text`` section configures (that section then
     needs a model_id or arch; pooled_dim is the embedding's width, else None). ``refined``: it pools the
-    refiners' output (model.refiner_depth >= 1). A name already taken is a ConfigError."""
+    shallow designs' text tokens (``state.context``: refined, or embedded without a refiner), so the deep
+    designs, which prepare none, refuse it. A name already taken is a ConfigError."""
     register_variant("model.pooled_text", name, PooledTextTraits(encoder=encoder, refined=refined))
     POOLED_TEXT[name] = builder
 

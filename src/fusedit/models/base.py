@@ -130,7 +130,9 @@ class TextTokens(NamedTuple):
 
 
 class RefinedPooledText(nn.Module):
-    """LI-DiT: the masked mean of the refined text, projected and added to the timestep embedding."""
+    """LI-DiT: the masked mean of the shallow design's text tokens (TextTokens.context, (B, T', d): the
+    refiners' output, or the context embedder's with model.refiner_depth 0), projected and added to the
+    timestep embedding (B, d)."""
 
     def __init__(self, dim: int):
         super().__init__()

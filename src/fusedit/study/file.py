@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ from fusedit.config import (
     config_from_dict,
     deep_merge,
     flatten,
+    idle_user_settings,
     is_name_word,
     load_yaml,
     nonneg,
@@ -62,6 +64,8 @@ from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.sampling.generation import check_seed
 
 STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
+log = logging.getLogger(__name__)
+
 DESIGN_KEYS = ("preset", "overrides", "description")
 # Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
@@ -277,6 +281,10 @@ def load_study(
         except ConfigError as e:
             raise ConfigError(f"{shared.blame(e, where, dwhere)}: {e}") from None
         _check_staged_steps(cfg, preset, shared, changes, dwhere)
+        # A setting this design's overrides (or the command line) give that does nothing in its design, as
+        # load_config warns; the study's base is shared by every design, like a parent preset, so it is not.
+        for message in idle_user_settings(cfg, [changes, given]):
+            log.warning("%s: %s", dwhere, message)
         _check_design_keeps_base(
             cfg, partial(_design_raw, preset, base, label, folder), shared, changes, settings, where, dwhere
         )

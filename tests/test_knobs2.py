@@ -1,0 +1,149 @@
+"""Design knobs (h-knobs2): LI-DiT's pooled text modulation without a refiner, the warning for a setting the
+user gave that changes nothing in the chosen design, and `fusedit describe`'s LI-DiT knobs."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import randomize, tiny_config
+from fusedit.cli import main
+from fusedit.config import ConfigError, load_config, preset_names
+from fusedit.models.base import RefinedPooledText
+from fusedit.models.shallow import ContextEmbedder
+from fusedit.study.file import load_study
+from fusedit.system import build_model
+
+STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.yaml"))
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("design", ["dit-self", "dit-cross"])
+def test_pooled_text_without_a_refiner_pools_the_embedded_tokens(design):
+    model = build_model(tiny_config(model={"design": design, "refiner_depth": 0, "pooled_text": "refined"}))
+    d = model.denoiser
+    assert isinstance(d.context, ContextEmbedder) and isinstance(d.pooled, RefinedPooledText)
+    randomize(d)
+    text = model.encode_prompts(["a red circle", "two blue squares"])
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    v = model(x, t, text)
+    assert v.shape == (2, 3, 16, 16) and torch.isfinite(v).all()
+    # The pooled term is the embedded tokens' masked mean through the MLP; zeroing its last layer removes it.
+    with torch.no_grad():
+        d.pooled.embed[2].weight.zero_()
+        d.pooled.embed[2].bias.zero_()
+    assert not torch.allclose(v, model(x, t, text))
+
+
+def test_pooled_text_refined_is_still_refused_by_a_deep_design():
+    with pytest.raises(ConfigError) as e:
+        tiny_config(model={"design": "fusedit", "pooled_text": "refined"})
+    assert str(e.value) == (
+        "model.pooled_text='refined' pools the text tokens a shallow design prepares (refined, or embedded "
+        "without a refiner), but model.design='fusedit' prepares none (allowed: design dit-self or "
+        "dit-cross, or model.pooled_text none or clip)"
+    )
+
+
+def test_no_preset_warns_of_its_inherited_settings(caplog):
+    for name in preset_names():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+            load_config(name)
+        assert [m for m in warnings_of(caplog) if "changes nothing" in m] == [], name
+
+
+def test_no_study_rung_sets_a_setting_that_changes_nothing():
+    """A rung's own overrides are what its author set (the study's base, shared by every rung, is its parent
+    as a preset is): none may be idle in the rung's design."""
+    from fusedit.config import idle_user_settings  # new here: the tests above run on the code before it
+
+    for path in STUDIES:
+        for design in load_study(path).designs:
+            assert idle_user_settings(design.config, [design.overrides]) == [], (path.name, design.label)
+
+
+def test_a_user_setting_that_changes_nothing_is_warned_once_an_inherited_one_is_not(tmp_path, caplog):
+    # lidit-1b inherits ape_base_size / ape_max_size from its parent preset with pos_embed none: silent.
+    with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+        load_config("lidit-1b")
+    assert [m for m in warnings_of(caplog) if "changes nothing" in m] == []
+    caplog.clear()
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        yaml.safe_dump({"base": "debug-dit-self", "model": {"pos_embed": "ape", "rope_layout": "image-only"}})
+    )
+    with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+        # ape_base_size does something with ape: no warning of it.
+        load_config(mine, ["model.refiner_heads=2", "pooled_text.max_length=20", "model.ape_base_size=8"])
+    assert warnings_of(caplog) == [
+        "model.refiner_heads=2 changes nothing with model.refiner_depth=0 (no refiner)",
+        "model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which rotates no tokens",
+        "pooled_text.max_length=20 changes nothing with model.pooled_text='none', which reads no second "
+        "encoder",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+        load_config("debug-dit-cross", ["model.pos_embed=2d-rope", "model.rope_layout=image-only"])
+    assert warnings_of(caplog) == [
+        "model.rope_layout='image-only' changes nothing with model.design='dit-cross', whose "
+        "cross-attention never rotates the text keys (its image attention sees relative positions only)"
+    ]
+
+
+def test_describe_names_the_lidit_knobs(capsys):
+    assert main(["describe", "debug-lidit"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith(
+        "debug-lidit: design=dit-cross pos_embed=none timestep=adaln-zero dit_layers=6 width=128 conv_pos=true "
+        "refiner_depth=2 llms=2 collaborative_refiner=true pooled_text=refined template=lidit; reads "
+    )
+    overrides = [
+        "model.refiner_causal=true",
+        "model.refiner_gating=false",
+        "model.collaborative_refiner=false",
+    ]
+    assert main(["describe", "debug-lidit", *overrides, "text.instruction=Imagine:"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert (
+        " conv_pos=true refiner_depth=2 refiner_causal=true refiner_gating=false llms=2 "
+        "collaborative_refiner=false pooled_text=refined template=lidit instruction=text; reads " in head
+    )
+    assert main(["describe", "debug"]) == 0  # no LI-DiT knob set: the headline as before
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .startswith("debug: design=fusedit pos_embed=ape timestep=adaln-zero dit_layers=6 width=128; reads ")
+    )
+
+
+def test_a_study_warns_of_a_designs_idle_override_not_of_its_base(caplog):
+    study = {
+        "name": "idle",
+        "base": {"model": {"refiner_heads": 2}},  # shared by every design, like a parent preset: silent
+        "designs": {
+            "plain": {"preset": "debug-dit-self"},
+            "rotated": {
+                "preset": "debug-dit-self",
+                "overrides": ["model.pos_embed=ape", "model.rope_layout=image-only"],
+            },
+        },
+    }
+    with caplog.at_level(logging.WARNING, logger="fusedit.study.file"):
+        load_study(study)
+    assert [m.split(": ", 1)[1] for m in warnings_of(caplog)] == [
+        "designs.rotated: model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which "
+        "rotates no tokens"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusedit.study.file"):
+        load_study(study, overrides=["pooled_text.max_length=20"])  # the command line's: every design
+    assert sorted({m.split(": ", 2)[2] for m in warnings_of(caplog)}) == [
+        "model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which rotates no tokens",
+        "pooled_text.max_length=20 changes nothing with model.pooled_text='none', which reads no second encoder",
+    ]
