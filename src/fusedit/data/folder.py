@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
+from fusedit.data.packed import PackedStrings
 from fusedit.data.transforms import SkipSample, caption_candidates, decode_text, image_extensions
 from fusedit.files import counted
 
@@ -187,8 +188,8 @@ class FolderCatalog:
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
-            self.paths, self._sidecars, orphans = _scan(self.root_dir, progress)
-            self.rows = None
+            paths, self._sidecars, orphans = _scan(self.root_dir, progress)
+            self.paths, self.rows = PackedStrings(paths), None
             if orphans:
                 # Said as text or JSON files, not captions: a README.txt or metadata.json is one too.
                 one = len(orphans) == 1
@@ -292,7 +293,6 @@ class FolderCatalog:
                 document = None
             if isinstance(document, dict):
                 raise _not_json_lines(path, "object")
-        self.paths, self.rows = paths, rows
         if self.not_utf8:
             log.warning(
                 "data: %s of %r %s not UTF-8: %s bad bytes read as U+FFFD (e.g. line %d; save the index as UTF-8 "
@@ -313,6 +313,10 @@ class FolderCatalog:
             seen.add(value)
         if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
             self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
+        # Packed (data/packed.py): millions of rows as lists of str and dicts would be copied into each
+        # DataLoader worker as it reads them. A row is kept as its JSON text, parsed when its sample is read.
+        self.paths = PackedStrings(paths)
+        self.rows: PackedStrings | None = PackedStrings(json.dumps(r, ensure_ascii=False) for r in rows)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -330,7 +334,7 @@ class FolderCatalog:
         SkipSample when the only caption source the caption fields read is a sidecar that is not JSON, or
         a ``.txt`` sidecar that is empty."""
         if self.rows is not None:
-            return self.rows[i], self.image_value(i)
+            return json.loads(self.rows[i]), self.image_value(i)
         image = self.image_value(i)
         names = self._sidecars.get(self.paths[i], {})
         fields: dict[str, Any] = {}

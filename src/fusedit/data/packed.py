@@ -1,0 +1,65 @@
+"""Strings packed into two numpy arrays, for per-sample tables of millions of rows.
+
+A Python list of str costs about 50 bytes per string beyond its characters, and, worse, each DataLoader worker
+process that reads it copies the memory pages it touches: forked workers share the parent's pages until a
+reference count is written, and reading a list item writes the item's count (pytorch/pytorch#13246). An index of
+10 million captions held as a list of dicts (about 7 GB) so grows by a copy per worker over an epoch. Here the
+strings are one UTF-8 buffer and their end offsets: reading item i writes nothing into either array, so the
+workers keep sharing them, and the table takes its characters plus 8 bytes per item.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+# Any str survives the round trip, including the lone surrogates that os.walk gives for file names that are
+# not UTF-8 (read with surrogateescape): they are written as their 3-byte forms and read back as such.
+_ERRORS = "surrogatepass"
+
+
+class PackedStrings(Sequence[str]):
+    """An immutable sequence of str stored as one uint8 buffer and int64 end offsets."""
+
+    def __init__(self, items: Iterable[str] = ()):
+        data, ends = bytearray(), array("q")
+        for item in items:
+            data += item.encode("utf-8", _ERRORS)
+            ends.append(len(data))
+        # Views of the buffers just built (no copy at the peak of a load), read-only from here on.
+        self._data = np.frombuffer(data, dtype=np.uint8)  # (total bytes,)
+        self._ends = np.frombuffer(ends, dtype=np.int64)  # (n,): item i is data[ends[i-1]:ends[i]]
+        self._data.flags.writeable = self._ends.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._ends)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} strings")
+        i %= n
+        start = int(self._ends[i - 1]) if i else 0
+        return self._data[start : int(self._ends[i])].tobytes().decode("utf-8", _ERRORS)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PackedStrings):
+            return np.array_equal(self._ends, other._ends) and np.array_equal(self._data, other._data)
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # mutable-looking sequences (list) are unhashable too; equality is by content
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings, {self._data.nbytes} bytes)"
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the table holds: its characters (UTF-8) and 8 bytes per string."""
+        return self._data.nbytes + self._ends.nbytes
