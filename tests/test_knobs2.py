@@ -147,3 +147,33 @@ def test_a_study_warns_of_a_designs_idle_override_not_of_its_base(caplog):
         "model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which rotates no tokens",
         "pooled_text.max_length=20 changes nothing with model.pooled_text='none', which reads no second encoder",
     ]
+
+
+def test_adaln_norm_is_warned_about_where_no_norm_is_modulated(caplog):
+    from fusedit.config import idle_settings
+    from fusedit.layers.modulation import TIMESTEP_CONDITIONING
+    from fusedit.models import register_timestep_conditioning
+
+    with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+        load_config("debug", ["model.timestep_conditioning=addition", "model.adaln_norm=rmsnorm"])
+        load_config("debug", ["model.adaln_norm=rmsnorm"])  # adaln-zero modulates it: silent
+        load_config("fusedit-addition")  # inherits fusedit-gemma2b's rmsnorm: silent
+    assert warnings_of(caplog) == [
+        "model.adaln_norm='rmsnorm' changes nothing with model.timestep_conditioning='addition', which "
+        "modulates no norm"
+    ]
+    # A registered conditioning is taken to read adaln_norm unless it says otherwise.
+    register_timestep_conditioning("reg-adaln", TIMESTEP_CONDITIONING["adaln-zero"], has_embedding=True)
+    register_timestep_conditioning(
+        "reg-plain", TIMESTEP_CONDITIONING["addition"], has_embedding=True, modulates_norm=False
+    )
+    keys = {
+        name: [
+            k
+            for k, _ in idle_settings(
+                tiny_config(model={"timestep_conditioning": name, "adaln_norm": "rmsnorm"})
+            )
+        ]
+        for name in ("reg-adaln", "reg-plain")
+    }
+    assert keys == {"reg-adaln": [], "reg-plain": ["model.adaln_norm"]}

@@ -112,9 +112,11 @@ class PositionTraits:
 @dataclass(frozen=True)
 class TimestepTraits:
     """What the config asks of a model.timestep_conditioning: whether it embeds the timestep (pooled text
-    is added to that embedding)."""
+    is added to that embedding); whether it modulates a norm, which model.adaln_norm chooses (a user's
+    adaln_norm is warned about where none is: config.idle_settings)."""
 
     has_embedding: bool
+    modulates_norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -210,8 +212,8 @@ VARIANTS: dict[str, Variants] = {
         {
             "adaln-zero": TimestepTraits(has_embedding=True),
             "adaln-single": TimestepTraits(has_embedding=True),
-            "addition": TimestepTraits(has_embedding=True),
-            "none": TimestepTraits(has_embedding=False),
+            "addition": TimestepTraits(has_embedding=True, modulates_norm=False),
+            "none": TimestepTraits(has_embedding=False, modulates_norm=False),
         },
     ),
     "model.pooled_text": Variants(
@@ -403,7 +405,7 @@ class ModelConfig:
     ape_max_size: int | None = positive(None)
     # The norm adaLN modulates (adaln-zero, adaln-single): "layernorm" (DiT, parameter-free) or "rmsnorm"
     # (affine, the public FuseDiT code). Accepted and a no-op with timestep_conditioning addition or none,
-    # which the paper presets' variants inherit it into.
+    # which the paper presets' variants inherit it into (warned about where the user sets it).
     adaln_norm: str = choice("layernorm", "layernorm", "rmsnorm")
     # RoPE schemes: "joint" = text and image share one sequence (image positions after the unpadded text;
     # dit-self rotates its projected text keys at 0 .. T - 1); "image-only" = only image tokens are rotated,

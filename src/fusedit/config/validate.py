@@ -295,6 +295,15 @@ def idle_settings(cfg: Config) -> list[tuple[str, str]]:
                 "only)",
             )
         )
+    timestep = variant_traits("model.timestep_conditioning", m.timestep_conditioning)
+    if changed("adaln_norm") and not timestep.modulates_norm:
+        found.append(
+            (
+                "model.adaln_norm",
+                f"model.adaln_norm={m.adaln_norm!r} changes nothing with model.timestep_conditioning="
+                f"{m.timestep_conditioning!r}, which modulates no norm",
+            )
+        )
     for knob in ("ape_base_size", "ape_max_size"):
         if changed(knob) and not position.ape_options:
             found.append(

@@ -72,12 +72,14 @@ def register_position_scheme(
 
 
 def register_timestep_conditioning(
-    name: str, cls: type[TimestepConditioning], *, has_embedding: bool
+    name: str, cls: type[TimestepConditioning], *, has_embedding: bool, modulates_norm: bool = True
 ) -> None:
     """``model.timestep_conditioning=name`` builds ``cls(dim, adaln_norm=...)``, a ``TimestepConditioning``.
     ``has_embedding``: its ``embed`` returns a timestep embedding (False: None, and model.pooled_text,
-    which is added to it, is refused). A name already taken is a ConfigError."""
-    register_variant("model.timestep_conditioning", name, TimestepTraits(has_embedding=has_embedding))
+    which is added to it, is refused). ``modulates_norm``: it reads ``adaln_norm`` (False: a user's
+    model.adaln_norm is warned about as changing nothing). A name already taken is a ConfigError."""
+    traits = TimestepTraits(has_embedding=has_embedding, modulates_norm=modulates_norm)
+    register_variant("model.timestep_conditioning", name, traits)
     TIMESTEP_CONDITIONING[name] = cls
 
 
