@@ -71,15 +71,21 @@ def test_float_images_read_as_0_to_1_within_1_else_as_0_to_255_and_clipping_is_w
     bytes_range = _float_tiff(tmp_path / "bytes.tif", np.full((4, 4), 200.0))
     outside = _float_tiff(tmp_path / "hdr.tif", np.array([[-5.0, 300.0], [100.0, 0.0]]))
     outside2 = _float_tiff(tmp_path / "hdr2.tif", np.array([[-1.0, 2.0]]))
+    # A 0..1 ramp of 200 values with one highlight at 1.2: read as 0..1 (by its 99th percentile), the
+    # highlight clipped to 255; judged by its maximum it read as 0..255, all but black.
+    ramp = np.append(np.linspace(0.0, 1.0, 199), 1.2).reshape(1, 200)
+    highlight = _float_tiff(tmp_path / "highlight.tif", ramp)
     with caplog.at_level(logging.WARNING, logger="fusedit.data.transforms"):
         read = {p.name: np.asarray(decode_rgb(open_image(p)))[..., 0] for p in (unit, bytes_range, outside)}
         assert read["unit.tif"].tolist() == [[51] * 4] * 4  # 0.2 of 255
         assert read["bytes.tif"].tolist() == [[200] * 4] * 4  # was 200 / 257 -> 1: nearly black
         assert read["hdr.tif"].tolist() == [[0, 255], [100, 0]]
         assert np.asarray(decode_rgb(open_image(outside2)))[..., 0].tolist() == [[0, 2]]
+        lit = np.asarray(decode_rgb(open_image(highlight)))[0, :, 0]
+        assert np.abs(lit[:199] - ramp[0, :199] * 255).max() <= 0.501 and lit[199] == 255  # rounded; clipped
     assert [r.getMessage() for r in caplog.records] == [
         f"data: the float image {outside} holds values -5..300, outside the 0..255 it is read as: clipped (a "
-        "float image is read as 0..1 when its values stay within 1, else as 0..255; said for the first such "
+        "float image is read as 0..1 when 99% of its values stay within 1, else as 0..255; said for the first such "
         "image each data-loading process meets)"
     ]
 
@@ -242,3 +248,14 @@ def test_a_cache_made_before_the_limit_existed_counts_as_made_without_one(tmp_pa
     )
     with pytest.raises(ConfigError, match=r"made with data.max_aspect_ratio=None, not 4.0"):
         cache_latents(_cfg(source="folder", root=str(root), max_aspect_ratio=4.0), VAEConfig(), out, 2, 8)
+
+
+def test_an_image_exactly_at_the_aspect_ratio_is_kept():
+    from fusedit.data.transforms import SampleDecoder, SkipSample
+
+    decoder = SampleDecoder.from_config(_cfg(max_aspect_ratio=4), seed=0)
+    decoder.check_size(128, 32)  # 4:1 at a limit of 4: kept
+    decoder.check_size(32, 128)
+    with pytest.raises(SkipSample) as e:
+        decoder.check_size(129, 32)
+    assert (e.value.reason, e.value.detail) == ("aspect-ratio", "129x32 is 4.03:1 > max_aspect_ratio 4")

@@ -5,6 +5,7 @@ its scorers once, and scorer_record's hub-commit and CLIP paths."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,14 @@ def test_an_old_scores_files_absolute_results_path_is_read_where_it_is_or_where_
     absolute = str(out / images / name)
     assert run_mod.results_path(out / "scores.json", absolute) == out / images / name
     monkeypatch.chdir(tmp_path)
-    assert run_mod.results_path(out / "scores.json", f"out/{images}/{name}") == Path("out", images, name)
+    assert run_mod.results_path(out / "scores.json", f"out/{images}/{name}") == out / images / name
+    # A copy of OUT reads its own file, not the original's that still lies at the recorded path.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for recorded in (absolute, f"out/{images}/{name}"):
+        assert run_mod.results_path(copy / "scores.json", recorded) == copy / images / name
+    (copy / images / name).unlink()  # the copy's own gone: the recorded path, which the caller's error names
+    assert run_mod.results_path(copy / "scores.json", absolute) == Path(absolute)
     moved = out.rename(tmp_path / "moved")
     for recorded in (absolute, f"out/{images}/{name}"):  # both gone: the same place under the scores' folder
         assert run_mod.results_path(moved / "scores.json", recorded) == moved / images / name

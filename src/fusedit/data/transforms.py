@@ -224,16 +224,17 @@ FLOAT_CLIPPED = _Once()
 
 def _float_to_8bit(values: np.ndarray, where: str) -> np.ndarray:
     """A float ("F") greyscale image's values as 8 bits. A float image carries no scale: one whose values
-    all lie within 0..1 (the usual float convention) is read as 0..1, any other as 0..255 (an 8-bit image
+    lie within 0..1 (the usual float convention) is read as 0..1, any other as 0..255 (an 8-bit image
     saved as float, as numpy or OpenCV exports do), never as 16 bits, which would turn 0..255 data nearly
-    black. Values outside the scale (negative, HDR highlights) are clipped, warned about once per process
-    naming ``where`` and the image's range: its look then depends on data it did not fit."""
+    black. The scale is judged by the 99th percentile, not the maximum, so that a few HDR highlights (or
+    1.0000001 from rounding) above 1 do not turn a 0..1 image black. Values outside the scale (negative,
+    highlights) are clipped, warned about once per process naming ``where`` and the image's range."""
     low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
-    full = 1.0 if high <= 1.0 else 255.0
+    full = 1.0 if values.size == 0 or float(np.percentile(values, 99)) <= 1.0 else 255.0
     if (low < 0.0 or high > full) and FLOAT_CLIPPED.first():
         log.warning(
             "data: the float image %s holds values %g..%g, outside the 0..%g it is read as: clipped (a float "
-            "image is read as 0..1 when its values stay within 1, else as 0..255; said for the first such "
+            "image is read as 0..1 when 99%% of its values stay within 1, else as 0..255; said for the first such "
             "image each data-loading process meets)",
             where,
             low,
@@ -495,8 +496,10 @@ class SampleDecoder:
         displayed size: the header's, so planning, streams and a latent cache skip the same images."""
         if min(width, height) < self.min_image_size:
             raise SkipSample("tiny", f"{width}x{height} < min_image_size {self.min_image_size}")
+        if not self.max_aspect_ratio:  # off (0)
+            return
         ratio = max(width, height) / min(width, height)
-        if self.max_aspect_ratio and ratio > self.max_aspect_ratio:
+        if ratio > self.max_aspect_ratio:
             raise SkipSample(
                 "aspect-ratio",
                 f"{width}x{height} is {ratio:.3g}:1 > max_aspect_ratio {self.max_aspect_ratio:g}",

@@ -331,13 +331,15 @@ def results_path(scores_file: str | Path, recorded: str) -> Path:
     """Where the per-image results a scores file names (its ``results_file``, or one of T2I-CompBench's
     ``results_files``) lie. Since 2026-11-25 the name is relative to the scores file's folder. Before, it
     was the path the results were written to among the images, absolute or relative to the working
-    directory then (``OUT/samples/results.jsonl``, ``OUT/grids/dpg_results.jsonl``): that path when it is
-    still there, else the same place under the scores file's folder (OUT moved since)."""
+    directory then (``OUT/samples/results.jsonl``, ``OUT/grids/dpg_results.jsonl``): the same place under
+    the scores file's folder when that file is there, else that path (the caller's error then names it).
+    Beside the scores first: a copied OUT, or one read from another working directory, must not resolve to
+    another run's file that happens to lie at the recorded path."""
     here, path = Path(scores_file).parent, Path(recorded)
     if (path.parent.name, path.name) not in LEGACY_PLACES:
         return here / path
     moved = here / path.parent.name / path.name
-    return moved if not path.is_file() and moved.is_file() else path
+    return moved if moved.is_file() else path
 
 
 def first_prompts(prompts: list, limit: int | None) -> tuple[list, int | None]:
