@@ -27,6 +27,7 @@ from fusedit.cli import main
 from fusedit.config import ConfigError
 from fusedit.convert.fusedit_official import (
     MissingAutoencoder,
+    _exportable,
     build,
     export_official,
     load_official,
@@ -562,6 +563,10 @@ def test_export_refuses_what_the_public_code_cannot_express(tmp_path):
     )
     with pytest.raises(ConfigError, match="model.rope_layout='joint'"):
         export_official(shallow_joint, model, tmp_path / "x")
+    # dit-cross never rotates text keys: either layout is its (the load warns that a user's changes nothing).
+    for layout in ("joint", "image-only"):
+        cross = dataclasses.replace(cfg.model, design="dit-cross", pos_embed="1d-rope", rope_layout=layout)
+        _exportable(dataclasses.replace(cfg, model=cross), model)
     with pytest.raises(ConfigError, match="layout='zip'"):
         export_official(cfg, model, tmp_path / "x", layout="zip")
 

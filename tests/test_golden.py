@@ -1,11 +1,12 @@
 """Golden losses: each built-in debug preset, trained a few steps from its seed, gives the losses recorded in
-tests/fixtures/golden_losses.json (as torchtitan pins its debug models' loss curves), and its EMA then
+tests/fixtures/golden.json (as torchtitan pins its debug models' loss curves), and its EMA then
 samples a seeded image whose per-channel mean and mean absolute value are recorded beside them.
 
 Any change to the training math shows here: initialisation (adaLN-Zero, the output projection), the flow
 matching convention and timestep sampling, caption dropout, the shapes data, the optimizer and learning-rate
-schedule, a design's forward; the sampler, its timestep schedule and classifier-free guidance. The other tests check such pieces one by one against their definitions; this
-one catches the change nobody meant to make. A change that is meant rewrites the file:
+schedule, a design's forward; the sampler, its timestep schedule and classifier-free guidance. The other
+tests check such pieces one by one against their definitions; this one catches the change nobody meant to
+make. A change that is meant rewrites the file:
 
     FUSEDIT_GOLDEN=update python -m pytest -q tests/test_golden.py
 
@@ -27,10 +28,11 @@ from fusedit.config.load import load_config
 from fusedit.sampling import generate, load_sampling_model, sample_settings
 from fusedit.train.loop import train
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden_losses.json"
+GOLDEN = Path(__file__).parent / "fixtures" / "golden.json"
 # Short and small, so that the whole set takes a few seconds; a learning rate, warmup and EMA that keep the
 # run a real one (the schedule's warmup and decay both reached; no early-EMA warning).
 OVERRIDES = [
+    "train.device=cpu",  # on a GPU host "auto" trains on CUDA in bf16, far from a CPU record
     "train.steps=6",
     "train.batch_size=4",
     "train.warmup_steps=2",

@@ -50,12 +50,31 @@ def test_pooled_text_refined_is_still_refused_by_a_deep_design():
     )
 
 
-def test_no_preset_warns_of_its_inherited_settings(caplog):
+def test_no_preset_sets_a_setting_that_changes_nothing_in_its_own_design():
+    """A preset's own YAML (what its author set, its base aside) holds no idle setting: the presets that
+    inherit one (lidit-1b's ape_* with pos_embed none) inherit it, which stays silent."""
+    from fusedit.config import idle_user_settings
+
+    presets = Path(__file__).parent.parent / "src" / "fusedit" / "presets"
     for name in preset_names():
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fusedit.config"):
-            load_config(name)
-        assert [m for m in warnings_of(caplog) if "changes nothing" in m] == [], name
+        own = yaml.safe_load((presets / f"{name}.yaml").read_text())
+        own.pop("base", None)
+        assert idle_user_settings(load_config(name), [own]) == [], name
+
+
+def test_a_saved_config_read_as_a_file_is_not_the_users_settings(tmp_path, caplog):
+    from fusedit.config import save_config
+
+    saved = tmp_path / "config.yaml"
+    save_config(load_config("fusedit-2d-rope"), saved)  # holds the ape_* it inherits with 2d-rope
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"base": "config.yaml", "model": {"refiner_heads": 2}}))
+    with caplog.at_level(logging.WARNING, logger="fusedit.config"):
+        load_config(saved)
+        load_config(mine)
+    assert warnings_of(caplog) == [
+        "model.refiner_heads=2 changes nothing with model.refiner_depth=0 (no refiner)"
+    ]
 
 
 def test_no_study_rung_sets_a_setting_that_changes_nothing():
@@ -177,3 +196,17 @@ def test_adaln_norm_is_warned_about_where_no_norm_is_modulated(caplog):
         for name in ("reg-adaln", "reg-plain")
     }
     assert keys == {"reg-adaln": [], "reg-plain": ["model.adaln_norm"]}
+
+
+def test_a_study_design_whose_preset_is_the_users_file_is_warned_about(tmp_path, caplog):
+    (tmp_path / "mine.yaml").write_text(
+        yaml.safe_dump({"base": "debug-dit-self", "model": {"pos_embed": "ape", "rope_layout": "image-only"}})
+    )
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "mine", "designs": {"a": {"preset": "mine.yaml"}}}))
+    with caplog.at_level(logging.WARNING, logger="fusedit.study.file"):
+        load_study(study)
+    assert [m.split(": ", 1)[1] for m in warnings_of(caplog)] == [
+        "designs.a: model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which rotates no "
+        "tokens"
+    ]

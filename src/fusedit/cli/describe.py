@@ -106,8 +106,9 @@ def _memory_line(model, cfg: Config) -> str:
 
 def _lidit_knobs(cfg: Config) -> str:
     """The headline's prompt-encoding knobs, LI-DiT's (design-space.md s.2) above all, that the config sets
-    away from the plain baseline, as key=value: the conv position block, the refiners and their ablations, how 2+ LLMs' branches
-    meet, the pooled text modulation, the templates and instructions in front of the prompt."""
+    away from the plain baseline, as key=value: the conv position block, the refiners and their ablations,
+    how 2+ LLMs' branches meet, the pooled text modulation, the templates and instructions in front of the
+    prompt."""
     m, default = cfg.model, ModelConfig()
     sections = text_sections(cfg)
     knobs = ["conv_pos=true"] if m.conv_pos else []

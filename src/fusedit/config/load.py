@@ -221,7 +221,9 @@ def resolve_raw(
         folders.append(Path(name_or_path))
     data, folder = _read_yaml(name_or_path, preset)
     base = data.pop("base", None)
-    if written is not None and folder is not None:  # only a YAML file has a folder for its relative base
+    # Only a YAML file has a folder for its relative base; a saved config (a run's config.yaml, save_config's
+    # output, used as a file or a base) holds every inherited value, so its settings are not the user's.
+    if written is not None and folder is not None and not set(data) >= SAVED_SECTIONS:
         written.append(data)
     if base is None:
         return data
@@ -253,6 +255,10 @@ def resolve_raw(
         )
     deeper = resolve_raw(base, (*seen, str(name_or_path)), preset=bare, folders=folders, written=written)
     return deep_merge(deeper, data)
+
+
+# The sections every saved config writes (to_dict): a YAML file holding them all is a dump, not overrides.
+SAVED_SECTIONS = {"model", "text", "vae", "data", "flow", "train", "sample"}
 
 
 def _field_type(parts: list[str]) -> Any:

@@ -917,8 +917,12 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
         (
             "model.rope_layout",
             m.rope_layout,
-            m.pos_embed not in ROTARY_SCHEMES or m.rope_layout == ("joint" if fused else "image-only"),
-            "joint for deep fusion, image-only for the shallow baselines",
+            # A shallow cross-attention design never rotates text keys, so either layout is its (the load
+            # warns that a user's image-only changes nothing: config.idle_settings).
+            m.pos_embed not in ROTARY_SCHEMES
+            or m.rope_layout == ("joint" if fused else "image-only")
+            or (not fused and attention_kind(m.design) == "cross"),
+            "joint for deep fusion, image-only for the shallow baselines (either for dit-cross)",
         ),
     ]
     # What the public code has no counterpart for (LI-DiT's parts, the CLIP-pooled modulation, a variant a

@@ -63,9 +63,9 @@ from fusedit.config import (
 from fusedit.data.shapes import DEMO_PROMPTS
 from fusedit.sampling.generation import check_seed
 
-STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
 log = logging.getLogger(__name__)
 
+STUDY_KEYS = ("name", "description", "base", "designs", "eval", "prompts", "seeds")
 DESIGN_KEYS = ("preset", "overrides", "description")
 # Keys never compared (what varies, a finished run against the study): a design's name and its device.
 _IGNORED_KEYS = ("name", "train.device")
@@ -158,14 +158,17 @@ def _overrides_mapping(value: Any, where: str) -> dict:
     raise ConfigError(f"{where} must be a list of 'section.key=value' or a mapping, got {value!r}")
 
 
-def _design_raw(preset: str, base: dict, label: str, folder: Path | None) -> dict:
-    """The raw mapping of preset (name, or YAML file relative to ``folder``) <- study base <- name."""
+def _design_raw(
+    preset: str, base: dict, label: str, folder: Path | None, written: list | None = None
+) -> dict:
+    """The raw mapping of preset (name, or YAML file relative to ``folder``) <- study base <- name;
+    ``written`` collects the mappings of the user's YAML files along the preset's chain (load.resolve_raw)."""
     ref: str | Path = preset
     if folder is not None and (folder / preset).is_file():
         ref = folder / preset
     # fusedit.config's own reader and merge, so that presets, files and their `base:` chains behave exactly
     # as in `fusedit train PRESET key=value ...`.
-    raw = resolve_raw(ref)
+    raw = resolve_raw(ref, written=written)
     for layer in (base, {"name": label}):
         raw = deep_merge(raw, layer)
     return raw
@@ -178,9 +181,11 @@ def resolve_design_config(
     label: str,
     folder: Path | None = None,
     device: str | None = None,
+    written: list | None = None,
 ) -> Config:
-    """preset (name, or YAML file relative to ``folder``) <- study base <- name <- design overrides."""
-    raw = deep_merge(_design_raw(preset, base, label, folder), overrides)
+    """preset (name, or YAML file relative to ``folder``) <- study base <- name <- design overrides;
+    ``written`` as in _design_raw."""
+    raw = deep_merge(_design_raw(preset, base, label, folder, written), overrides)
     if device:
         raw = deep_merge(raw, {"train": {"device": device}})
     return config_from_dict(raw)
@@ -276,14 +281,16 @@ def load_study(
                 f"{dwhere}: preset is required (a preset name, see `fusedit presets`, or a file)"
             )
         changes = _overrides_mapping(spec.get("overrides"), f"{dwhere}.overrides")
+        written: list[dict] = []
         try:
-            cfg = resolve_design_config(preset, base, changes, label, folder, device)
+            cfg = resolve_design_config(preset, base, changes, label, folder, device, written)
         except ConfigError as e:
             raise ConfigError(f"{shared.blame(e, where, dwhere)}: {e}") from None
         _check_staged_steps(cfg, preset, shared, changes, dwhere)
-        # A setting this design's overrides (or the command line) give that does nothing in its design, as
-        # load_config warns; the study's base is shared by every design, like a parent preset, so it is not.
-        for message in idle_user_settings(cfg, [changes, given]):
+        # A setting this design's own YAML file, overrides or the command line give that does nothing in its
+        # design, as load_config warns; the study's base is shared by every design, like a parent preset,
+        # so it is not.
+        for message in idle_user_settings(cfg, [*written, changes, given]):
             log.warning("%s: %s", dwhere, message)
         _check_design_keeps_base(
             cfg, partial(_design_raw, preset, base, label, folder), shared, changes, settings, where, dwhere
