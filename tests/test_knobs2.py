@@ -31,8 +31,15 @@ def test_pooled_text_without_a_refiner_pools_the_embedded_tokens(design):
     randomize(d)
     text = model.encode_prompts(["a red circle", "two blue squares"])
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    seen = {}
+    d.context.register_forward_hook(lambda m, args, out: seen.update(context=out[0], mask=out[1]))
+    d.pooled.embed.register_forward_hook(lambda m, args, out: seen.update(pooled_in=args[0]))
     v = model(x, t, text)
     assert v.shape == (2, 3, 16, 16) and torch.isfinite(v).all()
+    # What is pooled is the context embedder's tokens (no refiner between), masked-meaned: (B, d).
+    keep = seen["mask"].unsqueeze(-1).to(seen["context"].dtype)
+    mean = (seen["context"] * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(seen["pooled_in"], mean)
     # The pooled term is the embedded tokens' masked mean through the MLP; zeroing its last layer removes it.
     with torch.no_grad():
         d.pooled.embed[2].weight.zero_()
