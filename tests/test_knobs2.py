@@ -217,3 +217,16 @@ def test_a_study_design_whose_preset_is_the_users_file_is_warned_about(tmp_path,
         "designs.a: model.rope_layout='image-only' changes nothing with model.pos_embed='ape', which rotates no "
         "tokens"
     ]
+
+
+def test_a_random_init_pooled_encoder_is_the_runs_whatever_the_global_generator():
+    # Frozen and not saved with checkpoints, it is rebuilt at every resume and sampling load: drawn from the
+    # global generator, each load held another CLIP than the one the run trained with.
+    cfg = load_config("debug-clip-mod")
+    torch.manual_seed(1)
+    first = build_model(cfg).pooled_text.model.state_dict()
+    torch.manual_seed(2)
+    again = build_model(cfg).pooled_text.model.state_dict()
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    other = build_model(load_config("debug-clip-mod", ["train.seed=1"])).pooled_text.model.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # the run's seed chooses it

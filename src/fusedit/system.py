@@ -438,7 +438,10 @@ def build_model(
         words = vocabulary if vocabulary is not None else builtin_words(cfg)
     pooled = None
     if variant_traits("model.pooled_text", cfg.model.pooled_text).encoder:
-        with torch.device(device) if meta else contextlib.nullcontext():
+        # A random-init encoder (pooled_text.arch) is frozen and not saved with checkpoints: its own seed, as
+        # a random-init LLM's, makes every build of the run (a resume, sampling) hold the one it trained with,
+        # whatever the global generator's state (it was drawn from that, another CLIP at each load).
+        with torch.device(device) if meta else seeded(llm_seed(cfg.train.seed, "pooled_text"), device):
             builtin = None if meta or cfg.pooled_text.tokenizer else load_tokenizer(TextConfig(), words)
             pooled = load_pooled_encoder(
                 cfg.pooled_text, device, builtin, shape_only=meta, instruction=cfg.text.instruction
