@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError
-from fusedit.data.packed import PackedStrings
+from fusedit.data.packed import PackedStrings, Packer
 from fusedit.data.transforms import SkipSample, caption_candidates, decode_text, image_extensions
 from fusedit.files import counted
 
@@ -260,7 +261,11 @@ class FolderCatalog:
             yield line
 
     def _load_index(self, path: Path, image_field: str, keep_fields) -> None:
-        rows, paths = [], []
+        # Packed as they are read (data/packed.py): millions of rows as lists of str and dicts would be copied
+        # into each DataLoader worker as it reads them, and held whole before packing at the load's peak. A
+        # row is kept as its JSON text, parsed when its sample is read.
+        paths, rows, sizes = Packer(), Packer(), array("q")  # sizes: (width, height) while every row has one
+        seen: set[str] = set()
         self.not_utf8: list[int] = []
         column = image_field
         # Keep only the columns something reads: an index of millions of rows with many unused columns
@@ -282,8 +287,19 @@ class FolderCatalog:
             if not isinstance(value, str) or not value:
                 self.skipped.append(("bad-row", where, f"no {column!r} path"))
                 continue
+            kept = {k: _one_newline(v) for k, v in row.items() if k in keep}
+            # A path listed again (the same image under two captions) is a sample of its own: its id is keyed
+            # by its position, as the latent cache keys it, so its skips and its cached twin count once per
+            # row. Only the repeats are kept (the catalog is copied into every worker process).
+            if value in seen:
+                self._repeats[len(paths)] = f"{value}@{len(paths)}"
+            seen.add(value)
+            if sizes is not None and _is_size(kept.get("width")) and _is_size(kept.get("height")):
+                sizes += array("q", (int(kept["width"]), int(kept["height"])))
+            else:
+                sizes = None
             paths.append(value)
-            rows.append({k: _one_newline(v) for k, v in row.items() if k in keep})
+            rows.append(json.dumps(kept, ensure_ascii=False))
         if not paths and path.suffix.lower() in _JSON_LINES_SUFFIXES:
             # No usable line: perhaps one JSON object written over many lines (an array is refused by
             # _read_rows at its opening bracket).
@@ -303,20 +319,10 @@ class FolderCatalog:
                 "its" if len(self.not_utf8) == 1 else "their",
                 self.not_utf8[0],
             )
-        # A path listed again (the same image under two captions) is a sample of its own: its id is keyed by
-        # its position, as the latent cache keys it, so its skips and its cached twin count once per row.
-        # Only the repeats are kept (the catalog is copied into every worker process).
-        seen: set[str] = set()
-        for i, value in enumerate(paths):
-            if value in seen:
-                self._repeats[i] = f"{value}@{i}"
-            seen.add(value)
-        if rows and all(_is_size(r.get("width")) and _is_size(r.get("height")) for r in rows):
-            self.sizes_known = np.array([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.int64)
-        # Packed (data/packed.py): millions of rows as lists of str and dicts would be copied into each
-        # DataLoader worker as it reads them. A row is kept as its JSON text, parsed when its sample is read.
-        self.paths = PackedStrings(paths)
-        self.rows: PackedStrings | None = PackedStrings(json.dumps(r, ensure_ascii=False) for r in rows)
+        if len(rows) and sizes is not None:
+            self.sizes_known = np.frombuffer(sizes, dtype=np.int64).reshape(-1, 2).copy()  # (N, 2)
+        self.paths = paths.packed()
+        self.rows: PackedStrings | None = rows.packed()
 
     # ----------------------------------------------------------------------------------------------
 

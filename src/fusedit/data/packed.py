@@ -20,14 +20,38 @@ import numpy as np
 _ERRORS = "surrogatepass"
 
 
+class Packer:
+    """Strings appended one at a time into the buffers of a :class:`PackedStrings` (``packed()``), so that a
+    table read row by row is never held as a list of str first."""
+
+    def __init__(self) -> None:
+        self.data, self.ends = bytearray(), array("q")
+
+    def append(self, item: str) -> None:
+        self.data += item.encode("utf-8", _ERRORS)
+        self.ends.append(len(self.data))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def packed(self) -> PackedStrings:
+        """The strings appended so far; this packer is then empty (its buffers are the table's)."""
+        table = PackedStrings.__new__(PackedStrings)
+        table._adopt(self.data, self.ends)
+        self.data, self.ends = bytearray(), array("q")
+        return table
+
+
 class PackedStrings(Sequence[str]):
     """An immutable sequence of str stored as one uint8 buffer and int64 end offsets."""
 
     def __init__(self, items: Iterable[str] = ()):
-        data, ends = bytearray(), array("q")
+        packer = Packer()
         for item in items:
-            data += item.encode("utf-8", _ERRORS)
-            ends.append(len(data))
+            packer.append(item)
+        self._adopt(packer.data, packer.ends)
+
+    def _adopt(self, data: bytearray, ends: array) -> None:
         # Views of the buffers just built (no copy at the peak of a load), read-only from here on.
         self._data = np.frombuffer(data, dtype=np.uint8)  # (total bytes,)
         self._ends = np.frombuffer(ends, dtype=np.int64)  # (n,): item i is data[ends[i-1]:ends[i]]

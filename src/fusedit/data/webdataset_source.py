@@ -244,6 +244,7 @@ class TarShard:
         offsets, sizes, codes = array("q"), array("q"), array("i")  # per member of every copy, in tar order
         extensions: dict[str, int] = {}  # the member extensions as written (JPG, jpg) -> code
         sparse: list[int] = []
+        repeated_names: dict[int, str] = {}  # row -> member name, of the later copies of a key only
         # A key written twice (two samples given one name, or a writer restarted mid-sample) is split into
         # copies by occurrence: a member whose extension the key's latest copy already holds starts the next
         # copy, so each copy is one run of members and a sample never mixes one copy's image with another's
@@ -263,11 +264,15 @@ class TarShard:
                 # stem is empty (.DS_Store, the "._00001.jpg" resource forks a macOS tar adds beside each file).
                 if not (ext and stem and not stem.startswith("__")):
                     continue
-                written = member.name[len(key) + 1 :]  # the extension as written, for the member's name below
+                # The extension as written (split_key lower-cases it), for the member's name below: after the
+                # first dot of the file name, also when the name starts with "/" (tar -P), key "a" of "/a.jpg".
+                written = member.name.rpartition("/")[2].partition(".")[2]
                 found = copies.setdefault(key, [{}])
                 if ext in found[-1]:
                     found.append({})
                 found[-1][ext] = len(offsets)
+                if len(found) > 1:  # a later copy's member: its skip names it as written
+                    repeated_names[len(offsets)] = member.name
                 if member.sparse is not None:
                     sparse.append(len(offsets))
                 offsets.append(member.offset if member.sparse is not None else member.offset_data)
@@ -292,7 +297,7 @@ class TarShard:
         )
         for key, found in copies.items():
             for n, copy in enumerate(found[1:], start=2):
-                repeated = ", ".join(f"{key}.{written_as[codes[row]]}" for row in copy.values())
+                repeated = ", ".join(repeated_names[row] for row in copy.values())
                 self.dropped.append(
                     (
                         "duplicate",
@@ -549,6 +554,15 @@ class WebDatasetReader:
 # Index-addressable view
 
 
+def _indexed_shard(path: str) -> TarShard:
+    """A shard's index, its file closed at once: a catalog of thousands of shards (CC12M's 1,242) held one
+    open file per shard until all were read, and past ``ulimit -n`` (often 1024) the rest failed as
+    corrupt-shard and were left out."""
+    shard = TarShard(path)
+    shard.close()
+    return shard
+
+
 class WebDatasetCatalog:
     """Every sample of every shard once, in listed order (shards in data.shards order, samples in tar
     order): sample i is a fixed sample. Opening a catalog reads every shard's tar headers (not the data):
@@ -567,7 +581,7 @@ class WebDatasetCatalog:
         self.skipped: list[tuple[str, str, str]] = []
         self.sizes_known = None
         with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:
-            opened = pool.map(TarShard, self.paths)
+            opened = pool.map(_indexed_shard, self.paths)
             scanned = list(
                 tqdm(
                     opened,
@@ -584,7 +598,6 @@ class WebDatasetCatalog:
                 self.skipped.append(("corrupt-shard", shard.path, shard.error))
             self.skipped += shard.dropped
             self.samples.append(shard.samples)
-            shard.close()
         self.offsets = np.cumsum([0] + [len(s) for s in self.samples])
         self._local = threading.local()
 
