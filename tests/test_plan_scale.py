@@ -130,7 +130,30 @@ def test_header_reads_keep_a_bounded_number_of_futures(tmp_path, monkeypatch):
     _Counted.most = 0
     groups, events = loader.bucket_groups(_Headers(tmp_path / "x.png"), SampleDecoder.from_config(cfg, 0))
     assert groups.tolist() == [1] * 200 and events == []
-    assert _Counted.most == 8  # not one future per sample (200)
+    # Not one future per sample (200); 9 for a moment, as a worker lets go of a future after setting it.
+    assert _Counted.most <= 9
+
+
+def test_a_failed_header_read_stops_the_queued_reads(tmp_path, monkeypatch):
+    # A read that raises (or Ctrl+C) must not wait for every queued read to run first.
+    import time
+
+    class Failing(_Headers):
+        read = 0
+
+        def record(self, i):
+            Failing.read += 1
+            time.sleep(0.03)
+            if i == 5:
+                raise RuntimeError("disk gone")
+            return super().record(i)
+
+    Image.new("RGB", (48, 32)).save(tmp_path / "x.png")
+    monkeypatch.setattr(loader, "_HEADER_AHEAD", 64, raising=False)
+    cfg = DataConfig(image_size=32, caption_fields=["caption"], buckets=[[32, 32], [32, 48]])
+    with pytest.raises(RuntimeError, match="disk gone"):
+        loader.bucket_groups(Failing(tmp_path / "x.png"), SampleDecoder.from_config(cfg, 0))
+    assert Failing.read < 48  # the 16 threads' running reads and a few more, not all 64 queued
 
 
 # --------------------------------------------------------------------------------------------------

@@ -182,12 +182,18 @@ def _header_sizes(catalog: Any, decoder: SampleDecoder) -> Iterator[int | SkipSa
     with ThreadPoolExecutor(_HEADER_THREADS) as pool:
         indices = iter(range(len(catalog)))
         ahead = deque(pool.submit(bucket_of, i) for i in islice(indices, _HEADER_AHEAD))
-        while ahead:
-            result = ahead.popleft().result()
-            following = next(indices, None)
-            if following is not None:
-                ahead.append(pool.submit(bucket_of, following))
-            yield result
+        try:
+            while ahead:
+                result = ahead.popleft().result()
+                following = next(indices, None)
+                if following is not None:
+                    ahead.append(pool.submit(bucket_of, following))
+                yield result
+        finally:
+            # An error, Ctrl+C or a caller that stops early: the queued reads are dropped, not waited for
+            # (up to _HEADER_AHEAD of them, seconds on a network file system); the running ones finish.
+            for future in ahead:
+                future.cancel()
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
