@@ -105,31 +105,39 @@ def test_the_index_is_compact_and_an_old_indented_one_still_reads(cache, tmp_pat
         assert got == {k: v for k, v in want.items() if k != "latent"}
 
 
-def test_a_repeated_id_is_keyed_by_its_position_in_the_streamed_index(tmp_path):
+@pytest.mark.parametrize(
+    "shards, keys",
+    [
+        ([["a", "b"], ["a", "c"]], ["a", "b", "a@2", "c"]),
+        # A given id equal to a repeat's new name: renamed in turn, as the index held every sample before.
+        ([["x"], ["x"], ["x@1"]], ["x", "x@1", "x@1@2"]),
+    ],
+)
+def test_a_repeated_id_is_keyed_by_its_position_in_the_streamed_index(tmp_path, shards, keys):
     # An id column of a streamed table may repeat: the later sample must not replace the earlier one.
     out = tmp_path / "cache"
     out.mkdir()
     tally = latents._Tally()
-    for j, ids in enumerate([["a", "b"], ["a", "c"]]):
+    start = 0
+    for j, ids in enumerate(shards):
         shard = {
             "shard": j,
-            "start": 2 * j,
-            "end": 2 * j + 2,
+            "start": start,
+            "end": start + len(ids),
             "samples": [
                 {"id": i, "captions": [f"c{i}"], "key": str(p), "position": p, "shape": [3, 2, 2]}
-                for p, i in enumerate(ids, 2 * j)
+                for p, i in enumerate(ids, start)
             ],
             "skipped": [],
         }
+        start += len(ids)
         (out / f"latents-00000{j}.safetensors").write_bytes(b"")
         (out / f"latents-00000{j}.json").write_text(json.dumps(shard))
         tally.add(shard)
     summary = latents._write_index(out, {"format": 2}, tally)
     index = json.loads((out / "index.json").read_text())
-    assert (
-        list(index["samples"]) == ["a", "b", "a@2", "c"] and index["num_samples"] == summary["samples"] == 4
-    )
-    assert index["samples"]["a@2"]["position"] == 2 and index["samples"]["a"]["position"] == 0
+    assert list(index["samples"]) == keys and index["num_samples"] == summary["samples"] == len(keys)
+    assert [index["samples"][k]["position"] for k in keys] == list(range(len(keys)))
 
 
 def test_open_shards_are_an_lru_sized_under_the_open_file_limit(cache, monkeypatch):
@@ -167,3 +175,12 @@ def test_forked_workers_read_the_same_batches(cache):
     alone, workers = batches(0), batches(2)
     assert [ids for ids, _ in alone] == [ids for ids, _ in workers]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(alone, workers))
+
+
+def test_a_shard_removed_before_the_index_is_written_is_named(tmp_path):
+    out = tmp_path / "cache"
+    out.mkdir()
+    tally = latents._Tally()
+    tally.add({"shard": 0, "start": 0, "end": 0, "samples": [], "skipped": []})
+    with pytest.raises(ConfigError, match=r"latents-000000.safetensors' or its record was removed while"):
+        latents._write_index(out, {"format": 2}, tally)

@@ -785,9 +785,16 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
         first = True
         for j, name in enumerate(names):
             samples = {}
-            for s in _finished_shard(out / f"{_shard_name(j)}.json")["samples"]:
+            record = _finished_shard(out / f"{_shard_name(j)}.json")
+            if record is None:  # encoded in this run, gone since: only something outside the run removes it
+                raise ConfigError(
+                    f"{str(out / name)!r} or its record was removed while cache-latents ran; run it again "
+                    "to encode that shard anew (the others are kept)"
+                )
+            for s in record["samples"]:
                 sample_id = s["id"]
-                if hash(sample_id) in repeated:
+                # A repeated id, or one a renamed repeat took ("x@1" given after "x" was renamed so).
+                if hash(sample_id) in repeated or sample_id in seen:
                     if sample_id in seen:
                         sample_id = f"{sample_id}@{s['position']}"
                     seen.add(sample_id)
