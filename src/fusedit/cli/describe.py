@@ -122,10 +122,9 @@ def _lidit_knobs(cfg: Config) -> str:
     if cfg.extra_text:
         knobs.append(f"llms={len(sections)}")
         if m.refiner_depth:  # the refiners are what join them (validate refuses extra_text without)
-            knobs += [f"collaborative_refiner={str(m.collaborative_refiner).lower()}"]
-            knobs += (
-                [f"refiner_concat={m.refiner_concat}"] if m.refiner_concat != default.refiner_concat else []
-            )
+            knobs.append(f"collaborative_refiner={str(m.collaborative_refiner).lower()}")
+            if m.refiner_concat != default.refiner_concat:
+                knobs.append(f"refiner_concat={m.refiner_concat}")
     if m.pooled_text != default.pooled_text:
         knobs.append(f"pooled_text={m.pooled_text}")
     templates = [t.template for _, t in sections]

@@ -22,7 +22,8 @@ package, and transformers only inside the functions that read an LLM's config):
 - ``paths``: run-folder names, paths made absolute, model locations, their relocation and identity, and the
   LLM-config side (``check_arch``, ``arch_config``, ``known_llm_config``, ``model_config``).
 - ``validate``: design traits, image sides, the cross-field checks (``validate``, ``noop_settings``,
-  ``idle_settings``, ``check_llm_shape``, ``check_data_locations``) and ``resolved_stages``.
+  ``idle_settings``, ``rope_layout_idle``, ``check_llm_shape``, ``check_data_locations``) and
+  ``resolved_stages``.
 - ``load``: YAML, presets, ``base:`` chains, overrides, ``load_config`` (which warns of the user's
   ``idle_user_settings``), ``config_from_dict``, ``checked``,
   ``saved_config`` and ``save_config``.
@@ -152,6 +153,7 @@ from fusedit.config.validate import (
     pooled_tokenizes_builtin,
     resolve_hidden_layer,
     resolved_stages,
+    rope_layout_idle,
     side_fits,
     side_limits,
     tokenizes_builtin,
@@ -253,6 +255,7 @@ __all__ = [
     "relocate",
     "resolve_raw",
     "resolved_stages",
+    "rope_layout_idle",
     "save_config",
     "saved_config",
     "side_fits",

@@ -256,74 +256,56 @@ def noop_settings(cfg: Config) -> list[tuple[str, str]]:
 _MODEL_DEFAULTS = dataclasses.asdict(ModelConfig())
 
 
+def rope_layout_idle(m: ModelConfig) -> str | None:
+    """Why model.rope_layout changes nothing in ``m``'s design (the end of an idle-setting warning), or None
+    where it acts. image-only restarts the image rotations at 0 apart from the text's: only dit-self rotates
+    text keys in the image's attention (deep fusion's layout is held at joint by validate)."""
+    design = design_traits(m.design)
+    if not variant_traits("model.pos_embed", m.pos_embed).rotates:
+        return f"model.pos_embed={m.pos_embed!r}, which rotates no tokens"
+    if not design.deep and design.attention != "self":
+        return (
+            f"model.design={m.design!r}, whose cross-attention never rotates the text keys (its image "
+            "attention sees relative positions only)"
+        )
+    return None
+
+
 def idle_settings(cfg: Config) -> list[tuple[str, str]]:
     """(dotted key, one-line warning) of each setting, away from its default, that changes nothing in the
     design ``cfg`` chose but is accepted (not refused as noop_settings are): a preset or study parent sets it
     for its own design, and the variants that inherit it into another design must still load. load_config
     warns of those among the keys the user set (an override file, key=value), never of inherited ones."""
-    m, found = cfg.model, []
+    m = cfg.model
     position = variant_traits("model.pos_embed", m.pos_embed)
-    design = design_traits(m.design)
-
-    def changed(knob: str) -> bool:
-        return getattr(m, knob) != _MODEL_DEFAULTS[knob]
-
-    if changed("refiner_heads") and not m.refiner_depth:
-        found.append(
-            (
-                "model.refiner_heads",
-                f"model.refiner_heads={m.refiner_heads} changes nothing with model.refiner_depth=0 "
-                "(no refiner)",
-            )
-        )
-    # image-only restarts the image rotations at 0 apart from the text's: only dit-self rotates text keys in
-    # the image's attention (deep designs refuse it in validate).
-    if changed("rope_layout") and not position.rotates:
-        found.append(
-            (
-                "model.rope_layout",
-                f"model.rope_layout={m.rope_layout!r} changes nothing with model.pos_embed={m.pos_embed!r}, "
-                "which rotates no tokens",
-            )
-        )
-    elif changed("rope_layout") and not design.deep and design.attention != "self":
-        found.append(
-            (
-                "model.rope_layout",
-                f"model.rope_layout={m.rope_layout!r} changes nothing with model.design={m.design!r}, whose "
-                "cross-attention never rotates the text keys (its image attention sees relative positions "
-                "only)",
-            )
-        )
-    timestep = variant_traits("model.timestep_conditioning", m.timestep_conditioning)
-    if changed("adaln_norm") and not timestep.modulates_norm:
-        found.append(
-            (
-                "model.adaln_norm",
-                f"model.adaln_norm={m.adaln_norm!r} changes nothing with model.timestep_conditioning="
-                f"{m.timestep_conditioning!r}, which modulates no norm",
-            )
-        )
-    for knob in ("ape_base_size", "ape_max_size"):
-        if changed(knob) and not position.ape_options:
-            found.append(
-                (
-                    f"model.{knob}",
-                    f"model.{knob}={getattr(m, knob)} changes nothing with model.pos_embed={m.pos_embed!r}, "
-                    "which has no APE table",
-                )
-            )
+    no_ape = None if position.ape_options else f"model.pos_embed={m.pos_embed!r}, which has no APE table"
+    modulates = variant_traits("model.timestep_conditioning", m.timestep_conditioning).modulates_norm
+    # Each model knob and why it is idle here (None: it acts).
+    why_idle = {
+        "refiner_heads": None if m.refiner_depth else "model.refiner_depth=0 (no refiner)",
+        "rope_layout": rope_layout_idle(m),
+        "adaln_norm": None
+        if modulates
+        else f"model.timestep_conditioning={m.timestep_conditioning!r}, which modulates no norm",
+        "ape_base_size": no_ape,
+        "ape_max_size": no_ape,
+    }
+    found = [
+        (f"model.{knob}", f"model.{knob}={getattr(m, knob)!r} changes nothing with {why}")
+        for knob, why in why_idle.items()
+        if why and getattr(m, knob) != _MODEL_DEFAULTS[knob]
+    ]
     if not variant_traits("model.pooled_text", m.pooled_text).encoder:
         defaults = dataclasses.asdict(type(cfg.pooled_text)())
-        for knob, value in dataclasses.asdict(cfg.pooled_text).items():
-            if value != defaults[knob]:
-                found.append(
-                    (
-                        f"pooled_text.{knob}",
-                        f"pooled_text.{knob}={value!r} changes nothing with model.pooled_text="
-                        f"{m.pooled_text!r}, which reads no second encoder",
-                    )
-                )
+        found += [
+            (
+                f"pooled_text.{knob}",
+                f"pooled_text.{knob}={value!r} changes nothing with model.pooled_text={m.pooled_text!r}, "
+                "which reads no second encoder",
+            )
+            for knob, value in dataclasses.asdict(cfg.pooled_text).items()
+            if value != defaults[knob]
+        ]
     return found
 
 

@@ -86,7 +86,6 @@ from torch import nn
 
 from fusedit.config import (
     DESIGN_TRAITS,
-    ROTARY_SCHEMES,
     Config,
     ConfigError,
     VAEConfig,
@@ -95,6 +94,7 @@ from fusedit.config import (
     config_from_dict,
     is_deep,
     is_shallow,
+    rope_layout_idle,
 )
 from fusedit.files import readable
 from fusedit.layers.embed import scaled_sincos_2d
@@ -917,11 +917,9 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
         (
             "model.rope_layout",
             m.rope_layout,
-            # A shallow cross-attention design never rotates text keys, so either layout is its (the load
-            # warns that a user's image-only changes nothing: config.idle_settings).
-            m.pos_embed not in ROTARY_SCHEMES
-            or m.rope_layout == ("joint" if fused else "image-only")
-            or (not fused and attention_kind(m.design) == "cross"),
+            # Where the layout changes nothing (no rotation; dit-cross, whose text keys are never rotated),
+            # either is the public code's.
+            rope_layout_idle(m) is not None or m.rope_layout == ("joint" if fused else "image-only"),
             "joint for deep fusion, image-only for the shallow baselines (either for dit-cross)",
         ),
     ]
