@@ -473,7 +473,11 @@ def test_score_category_multiplies_the_answers_per_image(tmp_path):
     summary = score_category("color", samples, prompts, n_per_prompt=2, vqa=vqa, batch_size=3, progress=False)
     assert summary["score"] == pytest.approx(0.45) and summary["images"] == 2
     assert (summary["missing"], summary["unreadable"]) == (1, 1)
-    rows = [json.loads(line) for line in (tmp_path / "color" / "results.jsonl").read_text().splitlines()]
+    # Named after the folder: a sibling folder, or the protocol's color/results.jsonl, keeps its own.
+    assert not (tmp_path / "color" / "results.jsonl").exists()
+    rows = [
+        json.loads(line) for line in (tmp_path / "color" / "samples-results.jsonl").read_text().splitlines()
+    ]
     assert rows[0] == {
         "file": sample_name(prompts[0], 0),
         "prompt": prompts[0],

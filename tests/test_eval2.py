@@ -1,6 +1,7 @@
-"""Evaluation outputs, second pass: the library scorers' default results file agrees with the protocol's
-layout, scores files' results links survive a moved folder (old absolute records too), T2I-CompBench records
-its scorers once, and scorer_record's hub-commit and CLIP paths."""
+"""Evaluation outputs, second pass: the library scorers' default results file lies beside the scored
+folder, named after it (sibling folders and a protocol run keep their own), scores files' results links
+survive a moved folder (old absolute records too), T2I-CompBench records its scorers once, and
+scorer_record's hub-commit and CLIP paths."""
 
 from __future__ import annotations
 
@@ -31,30 +32,96 @@ def sees_a_cow(image):
 # 1. The library scorers' default results file
 
 
-def test_geneval_library_scoring_writes_its_results_beside_the_images_as_the_protocol(tmp_path, monkeypatch):
+def test_geneval_library_scoring_writes_its_results_beside_the_images_named_after_them(tmp_path, monkeypatch):
     samples = tmp_path / "out" / "samples"
     write_geneval_samples([COW], lambda p, s, n: [solid((200, 20, 20))] * n, samples, progress=False)
     before = sorted(p.relative_to(samples) for p in samples.rglob("*"))
     scores = score_geneval_folder(samples, sees_a_cow, None, progress=False)
-    # OUT/results.jsonl, as `fusedit eval --bench geneval` writes a full run's; nothing among the images
-    assert scores["results_file"] == str(tmp_path / "out" / "results.jsonl")
-    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
+    # OUT/samples-results.jsonl: nothing among the images, and not the protocol's OUT/results.jsonl
+    assert scores["results_file"] == str(tmp_path / "out" / "samples-results.jsonl")
+    assert len((tmp_path / "out" / "samples-results.jsonl").read_text().splitlines()) == 4
     assert sorted(p.relative_to(samples) for p in samples.rglob("*")) == before
-    # "." is the images folder itself: its results go to its parent too, not into it
+    # "." is the images folder itself: its results go to its parent too, under its name, not into it
     monkeypatch.chdir(samples)
     again = score_geneval_folder(".", sees_a_cow, None, progress=False)
-    assert again["results_file"] == str(tmp_path / "out" / "results.jsonl")
+    assert again["results_file"] == str(tmp_path / "out" / "samples-results.jsonl")
     assert sorted(p.relative_to(samples) for p in samples.rglob("*")) == before
 
 
-def test_dpg_library_scoring_writes_its_results_beside_the_grids_as_the_protocol(tmp_path, questions_csv):  # noqa: F811
+def test_dpg_library_scoring_writes_its_results_beside_the_grids_named_after_them(tmp_path, questions_csv):  # noqa: F811
     grids = tmp_path / "out" / "grids"
     write_dpg_grids([("0", "A red ball, on a table.")], grid_generate([]), grids, progress=False)
     result = score_dpg_folder(grids, questions_csv, fake_vqa, progress=False)
-    assert result["results_file"] == str(tmp_path / "out" / "results.jsonl")
-    assert json.loads((tmp_path / "out" / "results.jsonl").read_text())["name"] == "0"
+    assert result["results_file"] == str(tmp_path / "out" / "grids-results.jsonl")
+    assert json.loads((tmp_path / "out" / "grids-results.jsonl").read_text())["name"] == "0"
     # ELLA's scorer reads every file among the grids as one: none but the grid is there
     assert sorted(p.name for p in grids.iterdir()) == ["0.png"]
+
+
+def test_sibling_folders_scored_with_the_default_keep_their_own_results(tmp_path, questions_csv):  # noqa: F811
+    """Folders with one parent (after "." and ".." resolve) shared parent/results.jsonl: the second scored
+    replaced the first's verdicts, across GenEval and DPG-Bench too. Folders under different parents
+    (out/run-a/samples, out/run-b/samples) never shared one."""
+    out = tmp_path / "out"
+    write_geneval_samples([COW], lambda p, s, n: [solid((200, 20, 20))] * n, out / "a", progress=False)
+    write_geneval_samples([COW], lambda p, s, n: [solid((200, 20, 20))] * n, out / "b", 2, progress=False)
+    write_dpg_grids([("0", "A red ball, on a table.")], grid_generate([]), out / "grids", progress=False)
+    (out / "x").mkdir()
+    a = score_geneval_folder(out / "a", sees_a_cow, None, progress=False)
+    b = score_geneval_folder(out / "x" / ".." / "b", sees_a_cow, None, progress=False)
+    grids = score_dpg_folder(out / "grids", questions_csv, fake_vqa, progress=False)
+    files = [a["results_file"], b["results_file"], grids["results_file"]]
+    assert files == [
+        str(out / "a-results.jsonl"),
+        str(out / "b-results.jsonl"),
+        str(out / "grids-results.jsonl"),
+    ]
+    assert len(Path(files[0]).read_text().splitlines()) == 4  # a's four images, not b's two
+    assert len(Path(files[1]).read_text().splitlines()) == 2
+    assert json.loads(Path(files[2]).read_text())["name"] == "0"
+
+
+def test_library_scoring_of_a_protocol_folder_leaves_the_runs_results(tmp_path, monkeypatch):
+    """scores.json names OUT/results.jsonl; scoring OUT/samples (or a copy beside it) from Python wrote
+    that file, so the scores file named verdicts it did not sum."""
+    out = tmp_path / "out"
+    write_geneval_samples([COW], lambda p, s, n: [solid((200, 20, 20))] * n, out / "samples", progress=False)
+    result = {}
+    scores = score_geneval_folder(
+        out / "samples", sees_a_cow, None, out_file=run_mod.output_files(out)[1], progress=False
+    )
+    run_mod.with_scores(result, out, {**scores, "limit": None})
+    protocol = (out / "results.jsonl").read_text()
+    shutil.copytree(out / "samples", out / "samples-copy")
+    score_geneval_folder(out / "samples", lambda image: [], None, progress=False)
+    score_geneval_folder(out / "samples-copy", lambda image: [], None, progress=False)
+    recorded = json.loads((out / "scores.json").read_text())["results_file"]
+    assert run_mod.results_path(out / "scores.json", recorded).read_text() == protocol
+    assert sorted(p.name for p in out.glob("*.jsonl")) == [
+        "results.jsonl",
+        "samples-copy-results.jsonl",
+        "samples-results.jsonl",
+    ]
+
+
+def test_a_replaced_record_takes_the_library_results_of_its_images_aside(tmp_path):
+    """OUT/samples-results.jsonl, a library scoring of OUT/samples, described the images that are gone."""
+    out, record = tmp_path / "out", {"checkpoint": "step_2", "steps": 2}
+    (out / "samples").mkdir(parents=True)
+    run_mod.claim_folder(out, out / "samples", record, "geneval", 42, 4)
+    (out / "samples-results.jsonl").write_text("{}\n")
+    (out / "grids-results.jsonl").write_text("{}\n")  # another folder's: stays
+    run_mod.claim_folder(out, out / "samples", {**record, "steps": 3}, "geneval", 42, 4)
+    assert sorted(p.name for p in (out / "replaced-1").iterdir()) == [
+        "generation.json",
+        "samples-results.jsonl",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "generation.json",
+        "grids-results.jsonl",
+        "replaced-1",
+        "samples",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,3 +291,29 @@ def test_scorer_record_names_a_hub_ids_commit_and_a_folders_digest(tmp_path):
         "id": "transformers:x",
         "fingerprint": "x#0",
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Long work shows its progress
+
+
+def test_unpacking_the_mjhq_images_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """30,000 images: the unpacking after the download (which has its bar) showed nothing for minutes."""
+    import zipfile
+
+    import fusedit.eval.benchmarks as benchmarks
+    from test_mjhq import mjhq_folder
+
+    source = tmp_path / "hub" / "main"
+    source.mkdir(parents=True)
+    meta, refs = mjhq_folder(tmp_path)
+    (source / "meta_data.json").write_bytes(meta.read_bytes())
+    images = sorted(refs.rglob("*.jpg"))
+    with zipfile.ZipFile(source / "mjhq30k_imgs.zip", "w") as bundle:
+        for path in images:
+            bundle.write(path, f"mjhq30k_imgs/{path.parent.name}/{path.name}")
+    monkeypatch.setattr(benchmarks, "MJHQ_URL", (tmp_path / "hub").as_uri() + "/{ref}/{name}")
+    benchmarks.download("mjhq", tmp_path / "data", images=True, progress=True)
+    assert (
+        f"MJHQ-30K images, unpacking: 100%|██████████| {len(images)}/{len(images)}" in capsys.readouterr().err
+    )

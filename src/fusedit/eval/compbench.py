@@ -950,9 +950,9 @@ def score_category(
     progress: bool = True,
 ) -> dict:
     """Score the images ``<samples>/<prompt>_<NNNNNN>.png`` of one category (``write_compbench_samples``'
-    layout); writes one JSON line per image (``out_file``, default ``results.jsonl`` beside ``samples``:
-    file, prompt, score and what made it) and returns the mean score with the counts of images scored,
-    missing and unreadable (skipped with a warning, as training skips them).
+    layout); writes one JSON line per image (``out_file``, default ``fid.results_beside(samples)``, e.g.
+    ``color/samples-results.jsonl``: file, prompt, score and what made it) and returns the mean score with
+    the counts of images scored, missing and unreadable (skipped with a warning, as training skips them).
 
     ``vqa`` has ``yes_probabilities(images, questions)``, ``clip(images, texts)`` gives cosine
     similarities, ``detector(image)`` gives ``Detection``s; ``complex_groups`` is ``load_complex_groups``'
@@ -1012,6 +1012,8 @@ def score_category(
             f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. "
             f"{skipped.example})"
         )
+    # Named after the folder (``<category>/samples-results.jsonl``), as GenEval's and DPG-Bench's are: sibling
+    # folders keep their own, and a protocol run's ``<category>/results.jsonl`` (score_compbench) is left alone.
     out_path = Path(out_file) if out_file is not None else results_beside(samples)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {

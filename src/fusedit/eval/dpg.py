@@ -263,12 +263,13 @@ def score_dpg_folder(
     and returns the overall score (in [0, 1], ``scale``), the per-category scores and, as ``missing``, the
     question file's items not scored (without a grid, or not among ``names``).
 
-    ``out_file`` defaults to ``results.jsonl`` beside ``folder`` (``fid.results_beside``): for
-    ``OUT/grids``, ``OUT/results.jsonl``, where ``fusedit eval`` writes a full run's, so scoring a
-    protocol folder from Python replaces that run's per-image results as a rescore by the command would;
-    give ``out_file`` to keep them (a subset: ``eval.run.output_files``). An earlier fusedit's default was
-    ``<folder>/dpg_results.jsonl``, among the grids, where ELLA's scorer fails on it; a file left there is
-    not moved (``fusedit eval`` on the folder moves it out, ``eval.run.move_legacy_results``).
+    ``out_file`` defaults to ``<name>-results.jsonl`` beside ``folder`` (``fid.results_beside``): for
+    ``OUT/grids``, ``OUT/grids-results.jsonl``, so that a sibling folder scored so keeps its own and the
+    per-image results of ``fusedit eval`` (``OUT/results.jsonl``, which its scores.json names) stay.
+    Earlier defaults were ``<folder>/dpg_results.jsonl``, among the grids, where ELLA's scorer fails on
+    it (a file left there is not moved; ``fusedit eval`` on the folder moves it out,
+    ``eval.run.move_legacy_results``), and, on 2026-11-25, ``results.jsonl`` beside the folder, which
+    sibling folders shared.
 
     ``questions`` is ``load_dpg_questions``' result or the CSV's path; ``tiles`` scores only the first k
     tiles of each grid (ELLA's ``--pic-num``, 4 in its published runs).

@@ -565,11 +565,14 @@ def model_fingerprint(model_id: str | Path, model=None) -> str:
 
 
 def results_beside(folder: str | Path) -> Path:
-    """Where a library scorer writes its per-image results by default: ``results.jsonl`` beside the scored
-    ``folder`` (its parent, "." and ".." resolved), as a protocol run writes ``OUT/results.jsonl`` beside
-    ``OUT/samples`` or ``OUT/grids`` (``eval.run.output_files``): never among the images, which the
-    official scorers read as samples (ELLA's DPG-Bench script fails on any other file)."""
-    return Path(os.path.abspath(folder)).parent / "results.jsonl"
+    """Where GenEval's and DPG-Bench's library scorers write the per-image results of ``folder`` by
+    default: ``<name>-results.jsonl`` beside it (in its parent, "." and ".." resolved), never among the
+    images, which the official scorers read as samples (ELLA's DPG-Bench script fails on any other file).
+    Named after the folder, so that sibling folders (``out/a``, ``out/b``; a GenEval ``OUT/samples`` and
+    a DPG-Bench ``OUT/grids``) keep one each, and never a protocol run's ``results[-...].jsonl``
+    (``eval.run.output_files``), which its scores file names."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f"{folder.name}-results.jsonl"
 
 
 def scorer_record(model_id, loaded=None, fingerprint: str | None = None) -> dict:

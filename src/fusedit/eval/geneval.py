@@ -409,12 +409,12 @@ def score_geneval_folder(
     there when None. Writes the per-image results as JSON lines (``out_file``, the fields of GenEval's
     results file) and returns ``summarize`` of them plus the results file's path.
 
-    ``out_file`` defaults to ``results.jsonl`` beside ``folder`` (``fid.results_beside``): for
-    ``OUT/samples``, ``OUT/results.jsonl``, where ``fusedit eval`` writes a full run's, so scoring a
-    protocol folder from Python replaces that run's per-image results as a rescore by the command would;
-    give ``out_file`` to keep them (a subset: ``eval.run.output_files``). An earlier fusedit's default was
-    ``<folder>/results.jsonl``, among the images; a file left there is not moved (``fusedit eval`` on
-    the folder moves it out, ``eval.run.move_legacy_results``)."""
+    ``out_file`` defaults to ``<name>-results.jsonl`` beside ``folder`` (``fid.results_beside``): for
+    ``OUT/samples``, ``OUT/samples-results.jsonl``, so that a sibling folder scored so keeps its own and
+    the per-image results of ``fusedit eval`` (``OUT/results.jsonl``, which its scores.json names) stay.
+    Earlier defaults were ``<folder>/results.jsonl``, among the images (a file left there is not moved;
+    ``fusedit eval`` on the folder moves it out, ``eval.run.move_legacy_results``), and, on 2026-11-25,
+    ``results.jsonl`` beside the folder, which sibling folders shared."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"GenEval sample folder {str(folder)!r} does not exist")

@@ -32,7 +32,7 @@ from pathlib import Path
 from PIL import Image
 
 from fusedit.config import ConfigError, check_whole, refuse_path_to_nothing
-from fusedit.eval.fid import check_batch_size, scorer_record
+from fusedit.eval.fid import check_batch_size, results_beside, scorer_record
 from fusedit.files import as_json_reads_back, first_free, read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import to_uint8
 from fusedit.sampling.generation import (
@@ -206,16 +206,17 @@ def claim_folder(
     (with what the protocol run adds: ``protocol_record``); otherwise write that record there and return
     it, as written. ``record`` None (a caller-made generator whose settings are unknown) checks nothing.
     A record without images (a run that stopped before its first, or whose images were deleted) is
-    replaced; when it differs (or cannot be read), the scores and results files beside it, and the ``fed``
-    files elsewhere that its images' scores went into, are moved aside with it (``set_aside``). A record
-    that matches is written again: its informational keys (the model's current path) are then the ones
-    the scores record. The temporary files a kill -9 left beside the record and the scores go first."""
+    replaced; when it differs (or cannot be read), the scores and results files beside it (a library
+    scorer's default one of ``images`` too, ``fid.results_beside``), and the ``fed`` files elsewhere that
+    its images' scores went into, are moved aside with it (``set_aside``). A record that matches is
+    written again: its informational keys (the model's current path) are then the ones the scores
+    record. The temporary files a kill -9 left beside the record and the scores go first."""
     sweep_temporaries(out_dir)
     if record is None:
         return None
     record = as_json_reads_back(protocol_record(record, bench, seed, n_per_prompt))
     if not check_claim(out_dir, images, record):  # with images, the record already matches
-        set_aside(out_dir, record, fed)
+        set_aside(out_dir, record, [results_beside(images), *fed])
     write_text_atomic(out_dir / RECORD, json.dumps(record, indent=1))
     return record
 

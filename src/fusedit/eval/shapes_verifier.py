@@ -406,7 +406,9 @@ def evaluate(
     ``correct``, ``reason`` and the ``detected`` objects' names.
     """
     if len(prompts) != len(images):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(images)} images; expected one image per prompt"
+        )
     if not prompts:
         raise ValueError("nothing to evaluate: no prompts given")
     counts: dict[str, dict[str, int]] = {}
