@@ -682,6 +682,9 @@ class _Run:
             state=data_state,
             skip_list=str(skip_path),
             progress=not self.bar.disable,
+            # Bucket planning split over the ranks (each reads its share of the image headers): every
+            # rank builds its loader here, so every rank joins the exchange.
+            gather=lambda obj: distributed.gather_object(obj, env),
         )
 
     def _count_bad_step(self, step: int, loss: float, norm: float, max_bad_steps: int) -> None:

@@ -1,0 +1,254 @@
+"""Bucket planning split over the ranks: each reads its share of the headers, all end with one plan."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from fusedit.config import ConfigError, DataConfig
+from fusedit.data import loader
+from fusedit.data.transforms import SampleDecoder
+
+# (file, width, height, caption): three aspect ratios, a corrupt file, a tiny image, an uncaptioned one.
+ROWS = [
+    ("a.png", 48, 32, "wide"),
+    ("b.png", 32, 48, "tall"),
+    ("c.png", 40, 40, "square"),
+    ("bad.png", 40, 40, "corrupt file"),
+    ("d.png", 64, 40, "wide again"),
+    ("tiny.png", 6, 6, "too small"),
+    ("e.png", 32, 32, ""),
+    ("f.png", 36, 54, "tall again"),
+    ("g.png", 40, 44, "nearly square"),
+    ("h.png", 50, 30, "wide once more"),
+]
+
+
+def _folder(root: Path, sizes: bool) -> DataConfig:
+    rows = []
+    for name, w, h, caption in ROWS:
+        if name == "bad.png":
+            (root / name).write_bytes(b"not an image at all")
+        else:
+            Image.new("RGB", (w, h), (w, h, 7)).save(root / name)
+        rows.append({"path": name, "caption": caption, **({"width": w, "height": h} if sizes else {})})
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataConfig(
+        source="folder",
+        root=str(root),
+        index_file=str(root / "index.jsonl"),
+        image_size=32,
+        min_image_size=16,
+        caption_fields=["caption"],
+        buckets=[[32, 32], [32, 48], [48, 32]],  # (H, W): square, wide, tall
+    )
+
+
+class _Gather:
+    """An in-process all-gather over ``world`` threads standing for the ranks (rank order)."""
+
+    def __init__(self, world: int):
+        self.slots: list = [None] * world
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.sent: list = [None] * world
+
+    def for_rank(self, rank: int):
+        def gather(obj):
+            self.slots[rank] = self.sent[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()  # everyone has read the slots before any rank gathers again
+            return out
+
+        return gather
+
+
+def _ranks(world: int, work) -> list:
+    """``work(rank, gather)`` run by ``world`` threads at once; their results (or errors) in rank order."""
+    exchange = _Gather(world)
+    out: list = [None] * world
+
+    def run(rank):
+        try:
+            out[rank] = work(rank, exchange.for_rank(rank))
+        except Exception as e:  # noqa: BLE001 - the test compares each rank's error
+            out[rank] = e
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def _reading(catalog, rank: int, reads: dict):
+    """``catalog`` with its reads counted per rank (which samples each one opened)."""
+    record = catalog.record
+
+    def counted(i):
+        reads.setdefault(rank, []).append(i)
+        return record(i)
+
+    catalog.record = counted
+    return catalog
+
+
+@pytest.mark.parametrize("sizes", [False, True], ids=["headers", "known-sizes"])
+@pytest.mark.parametrize("world", [2, 3, 12])
+def test_a_split_plan_is_the_plan_of_one_process(tmp_path, sizes, world):
+    cfg = _folder(tmp_path, sizes)
+    decoder = SampleDecoder.from_config(cfg, 0)
+    groups, events = loader.bucket_groups(loader.build_catalog(cfg), decoder)
+    # The corrupt file is found from its header; known sizes never open it.
+    assert groups.tolist() == (
+        [1, 2, 0, 0, 1, -1, -1, 2, 0, 1] if sizes else [1, 2, 0, -1, 1, -1, -1, 2, 0, 1]
+    )
+    assert [e[0] for e in events] == (["tiny", "no-caption"] if sizes else ["corrupt", "tiny", "no-caption"])
+    reads: dict = {}
+
+    def plan(rank, gather):
+        catalog = _reading(loader.build_catalog(cfg), rank, reads)
+        return loader.bucket_groups(catalog, decoder, rank=rank, world_size=world, gather=gather)
+
+    for rank_groups, rank_events in _ranks(world, plan):
+        assert rank_groups.dtype == groups.dtype and rank_groups.tobytes() == groups.tobytes()
+        assert rank_events == events
+    # Each rank read its contiguous share, every sample read once (12 ranks: two read nothing).
+    n = len(ROWS)
+    assert {r: sorted(i) for r, i in reads.items()} == {
+        r: list(range(n * r // world, n * (r + 1) // world))
+        for r in range(world)
+        if n * r // world < n * (r + 1) // world
+    }
+
+
+def test_the_shares_exchanged_are_arrays_not_a_record_per_sample(tmp_path):
+    cfg = _folder(tmp_path, sizes=False)
+    decoder = SampleDecoder.from_config(cfg, 0)
+    exchange = _Gather(2)
+
+    def plan(rank, _):
+        return loader.bucket_groups(
+            loader.build_catalog(cfg), decoder, rank=rank, world_size=2, gather=exchange.for_rank(rank)
+        )
+
+    _ranks(2, plan)
+    first = exchange.sent[0]
+    assert first["samples"] == 10 and first["groups"].dtype == np.int8
+    assert first["groups"].tolist() == [1, 2, 0, -1, 1]
+    assert first["at"].tolist() == [3] and first["reasons"] == ["corrupt"] and first["reason"].tolist() == [0]
+    assert first["details"] == [f"cannot identify image file {str(tmp_path / 'bad.png')!r}"]
+    second = exchange.sent[1]
+    assert second["at"].tolist() == [5, 6] and second["reasons"] == ["no-caption", "tiny"]
+    assert second["reason"].tolist() == [1, 0]
+
+
+def test_a_rank_whose_share_fails_fails_every_rank_rather_than_hang(tmp_path):
+    cfg = _folder(tmp_path, sizes=False)
+    decoder = SampleDecoder.from_config(cfg, 0)
+
+    def plan(rank, gather):
+        catalog = loader.build_catalog(cfg)
+        if rank == 1:
+            catalog.record = lambda i: (_ for _ in ()).throw(OSError("disk gone"))
+        return loader.bucket_groups(catalog, decoder, rank=rank, world_size=3, gather=gather)
+
+    errors = _ranks(3, plan)
+    assert isinstance(errors[1], OSError) and str(errors[1]) == "disk gone"
+    for r in (0, 2):
+        assert isinstance(errors[r], RuntimeError)
+        assert str(errors[r]) == "bucket planning failed on rank(s) [1]: their log says why"
+
+
+def test_ranks_that_see_different_data_are_refused(tmp_path):
+    cfg = _folder(tmp_path, sizes=True)
+    decoder = SampleDecoder.from_config(cfg, 0)
+    shorter = tmp_path / "short.jsonl"
+    shorter.write_text("".join((tmp_path / "index.jsonl").read_text().splitlines(keepends=True)[:7]))
+
+    def plan(rank, gather):
+        data = cfg if rank == 0 else DataConfig(**{**cfg.__dict__, "index_file": str(shorter)})
+        return loader.bucket_groups(
+            loader.build_catalog(data), decoder, rank=rank, world_size=2, gather=gather
+        )
+
+    for error in _ranks(2, plan):
+        assert isinstance(error, ConfigError)
+        assert str(error) == (
+            "the processes see different data: their catalogs hold [10, 7] samples (rank order); every rank "
+            "must read the same data (was it being written to?)"
+        )
+
+
+def test_a_gather_of_the_wrong_number_of_ranks_is_refused(tmp_path):
+    cfg = _folder(tmp_path, sizes=True)
+    with pytest.raises(ValueError, match=r"^gather returned 1 shares of the bucket plan, not world_size=2$"):
+        loader.bucket_groups(
+            loader.build_catalog(cfg),
+            SampleDecoder.from_config(cfg, 0),
+            rank=0,
+            world_size=2,
+            gather=lambda o: [o],
+        )
+
+
+def _batches(cfg: DataConfig, rank: int, world: int, gather) -> tuple[list, dict]:
+    steps = loader.step_loader(cfg, 0, 2, 0, 3, rank=rank, world_size=world, gather=gather)
+    ids = [batch["id"] for batch in steps]
+    return ids, steps.state_dict()
+
+
+def test_step_loaders_with_a_split_plan_read_the_batches_of_an_unsplit_one(tmp_path):
+    cfg = _folder(tmp_path, sizes=False)
+    alone = [_batches(cfg, rank, 2, None) for rank in (0, 1)]
+    assert _ranks(2, lambda rank, gather: _batches(cfg, rank, 2, gather)) == alone
+    # The planning skips in every rank's state, as before: counted once by the merged report.
+    assert alone[1][1]["skips"]["ids"] == {
+        "corrupt": ["bad.png"],
+        "no-caption": ["e.png"],
+        "tiny": ["tiny.png"],
+    }
+
+
+def _spawned(rank: int, world: int, store: str, cfg: DataConfig, out: str) -> None:
+    from fusedit.train.distributed import DistEnv, gather_object
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        env = DistEnv(rank=rank, world_size=world, distributed=True)
+        decoder = SampleDecoder.from_config(cfg, 0)
+        groups, events = loader.bucket_groups(
+            loader.build_catalog(cfg),
+            decoder,
+            rank=rank,
+            world_size=world,
+            gather=lambda obj: gather_object(obj, env),
+        )
+        Path(out, f"{rank}.json").write_text(json.dumps([groups.tolist(), events]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: about 15 s on 2 busy cores
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="this torch build has no torch.distributed/gloo",
+)
+def test_two_gloo_processes_plan_what_one_does(tmp_path):
+    cfg = _folder(tmp_path, sizes=False)
+    groups, events = loader.bucket_groups(loader.build_catalog(cfg), SampleDecoder.from_config(cfg, 0))
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(
+        _spawned, args=(2, str(tmp_path / "store"), cfg, str(out)), nprocs=2, start_method="spawn"
+    )
+    expected = json.loads(json.dumps([groups.tolist(), events]))
+    assert [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)] == [expected, expected]
