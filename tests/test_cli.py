@@ -1115,6 +1115,24 @@ def test_fid_names_a_folder_of_one_image(tmp_path, capsys, monkeypatch, caplog):
     )
 
 
+def test_under_torchrun_rank_0_alone_warns_of_the_config(caplog, monkeypatch, tmp_path):
+    # Every rank loads the config; what it says of settings that change nothing is said once, by rank 0.
+    monkeypatch.setattr(
+        "fusedit.train.loop.train",
+        lambda cfg, out, **kw: {"rank": int(os.environ["RANK"]), "step": 0, "start_step": 0},
+    )
+    args = ["train", "debug", "model.refiner_heads=2", "--stop-at", "100000", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(args) == 0
+        assert ("model.refiner_heads=2 changes nothing" in caplog.text) is said, rank
+        assert ("--stop-at 100000 is beyond train.steps" in caplog.text) is said, rank
+    assert not logging.getLogger("fusedit.config").disabled
+
+
 def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch):
     bad = ["train", "debug", "model.pos_embed=nope"]  # train: the one command torchrun runs in several
     monkeypatch.setenv("RANK", "1")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fusedit.cli.common import _add_config_args, _kept_on_interrupt, _out_folder, log
@@ -33,6 +36,18 @@ def _warn_other_files(out: Path) -> None:
             str(out),
             example,
         )
+
+
+@contextmanager
+def _said_by_rank_0(logger: logging.Logger) -> Iterator[None]:
+    """``logger``'s warnings from rank 0 alone under torchrun: every process loads the same config, so the
+    settings that change nothing and the overrides no key reads are said once, not once per GPU."""
+    before = logger.disabled
+    logger.disabled = before or os.environ.get("RANK", "0") != "0"
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def _local_rank_of_several() -> int:
@@ -65,14 +80,15 @@ def cmd_train(args) -> int:
     try:
         if args.stop_at is not None and args.stop_at < 1:
             raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
-        cfg = load_config(args.config, args.overrides, folders=folders)
+        with _said_by_rank_0(logging.getLogger("fusedit.config")):
+            cfg = load_config(args.config, args.overrides, folders=folders)
     except ConfigError as e:
         # The processes of one machine read the same command line and files: its local rank 0 prints the
         # error. Not left to rank 0 across machines: a file missing on one node only is that node's error.
         if _local_rank_of_several() > 0:
             e.said_by = "this machine's local rank 0"
         raise
-    if args.stop_at is not None and args.stop_at > cfg.train.steps:
+    if args.stop_at is not None and args.stop_at > cfg.train.steps and os.environ.get("RANK", "0") == "0":
         log.warning(
             "--stop-at %d is beyond train.steps=%d: the run ends at step %d first",
             args.stop_at,
