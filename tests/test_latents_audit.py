@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,7 @@ def test_a_damaged_cache_index_is_named_and_a_rerun_writes_it_anew(tmp_path):
     data = DataConfig(source="folder", root=str(root), image_size=16, min_image_size=16)
     out = tmp_path / "cache"
     cache_latents(data, VAEConfig(), out, 2, 2, "cpu", progress=False)
+    shutil.rmtree(out / "index")  # a cache made before the index's columns reads index.json
     index = out / "index.json"
     index.write_text(index.read_text()[:1])
     with pytest.raises(ValueError) as error:

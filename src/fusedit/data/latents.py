@@ -10,6 +10,9 @@ encodes them with ``fusedit.vae.load_autoencoder(vae_cfg)`` and writes, into ``o
   its skips, written after the tensors, so its presence marks the shard finished;
 * ``index.json``: sample id -> shard, key, captions, shape, position, for all shards, and the skip report,
   written at the end from the shard records, one at a time;
+* ``index/``: the same index as columns (``_IndexColumns``), written beside index.json: what training reads,
+  memory-mapped, without parsing the whole JSON document (about 1.5 GB of parse per 1M samples in every
+  process); a cache made before it has none and is read from index.json;
 * ``meta.json``: the data and VAE settings the cache was made with.
 
 Samples are keyed by their stable id (relative path, shard/key, row), never by a training step, so one
@@ -64,8 +67,11 @@ from fusedit.files import (
     check_output_folder,
     counted,
     read_json,
+    readable,
     readable_by_all,
     readable_size,
+    remove_folder,
+    replace_folder,
     tensors_fingerprint,
     write_atomic,
     write_text_atomic,
@@ -75,6 +81,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the VAE noise seeded per sample (1: per encoding batch)
 INDEX, META = "index.json", "meta.json"
+COLUMNS = "index"  # the folder of the index's columns (_IndexColumns)
 # The DataConfig fields each source reads, which change what a cache holds: a rerun with other values must
 # not mix into it. The others are recorded but never compared: a rerun must not be refused over a setting
 # that changes nothing, such as data.kinds for a folder or data.crop for shapes.
@@ -357,6 +364,7 @@ def _check_meta(out: Path, meta: dict) -> dict | None:
         log.info("%r holds no encoded sample yet: started over", str(out))
         for stale in [path, out / INDEX, *out.glob("latents-*")]:
             stale.unlink(missing_ok=True)
+        remove_folder(out / COLUMNS)
         return None
     old = read_json(path, COPY_CACHE_AGAIN)
     change = _vae_change(old, meta["vae"], meta["vae_identity"], repr(str(out)))
@@ -767,6 +775,155 @@ class _Tally:
         self.id_hashes.extend(hash(s["id"]) for s in shard["samples"])
 
 
+class _Column:
+    """One 1-D array of the index's columns, written as a .npy file piece by piece: the values go to a raw
+    file first and get their .npy header at the end, which states the length, known only then; so the
+    writer holds no column (the fixed-size ones alone are 32 bytes a sample, 320 MB at 10M samples)."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), 0
+        self.raw = open(path.with_suffix(".raw"), "wb")  # noqa: SIM115 (closed by finish or close)
+
+    def write(self, values) -> None:
+        array = np.ascontiguousarray(values, dtype=self.dtype)
+        self.raw.write(array.data)
+        self.count += len(array)
+
+    def finish(self) -> None:
+        self.raw.close()
+        raw = Path(self.raw.name)
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.count,),
+        }
+        with open(self.path, "wb") as handle, open(raw, "rb") as values:
+            np.lib.format.write_array_header_1_0(handle, header)
+            shutil.copyfileobj(values, handle, 1 << 20)
+        raw.unlink()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _IndexColumns:
+    """The index as columns, in the folder COLUMNS: ``head.json`` (format, num_samples, meta, skipped and
+    report as in INDEX; "shard_files": the shard files holding samples and "shapes": the latent shapes,
+    each in order of first appearance; "index_bytes": the size of the INDEX written with them) and one 1-D
+    .npy array each over the samples, in INDEX's order (shard order, so by position):
+
+    * ``ids.ends.npy`` (int64) and ``ids.data.npy`` (uint8): each sample's key in INDEX, packed as
+      ``PackedStrings`` holds them (end offsets, UTF-8);
+    * ``captions.ends.npy`` and ``captions.data.npy``: likewise, each sample's captions as the JSON text of
+      their list (json.dumps);
+    * ``positions.npy`` (int64): its position, also its tensor's key (INDEX's "key" is its str);
+    * ``shards.npy`` (int32): its shard, into "shard_files";
+    * ``shapes.npy`` (int32): its latent shape, into "shapes".
+
+    A reader maps them (np.load(mmap_mode="r")): nothing is parsed or copied at the start, and the ranks
+    and DataLoader workers of a machine share one copy of what they read, in the page cache."""
+
+    FORMAT = 1
+    HEAD = "head.json"
+    # name -> dtype; each ``ends`` before its ``data``, whose length is its last end.
+    ARRAYS = {
+        "ids.ends": "<i8",
+        "ids.data": "|u1",
+        "captions.ends": "<i8",
+        "captions.data": "|u1",
+        "positions": "<i8",
+        "shards": "<i4",
+        "shapes": "<i4",
+    }
+
+    def __init__(self, folder: Path):
+        """A writer into ``folder`` (made here): ``add`` each shard's samples, then ``finish``."""
+        folder.mkdir()
+        self.folder = folder
+        self.columns = {name: _Column(folder / f"{name}.npy", dtype) for name, dtype in self.ARRAYS.items()}
+        self.sizes = {"ids": 0, "captions": 0}  # the bytes of each text column so far
+        self.shard_files: dict[str, int] = {}
+        self.shapes: dict[tuple[int, ...], int] = {}
+
+    def _strings(self, name: str, items: list[str]) -> None:
+        packer = Packer()  # the encoding PackedStrings reads back
+        for item in items:
+            packer.append(item)
+        self.columns[f"{name}.data"].write(np.frombuffer(packer.data, dtype=np.uint8))
+        self.columns[f"{name}.ends"].write(np.frombuffer(packer.ends, dtype=np.int64) + self.sizes[name])
+        self.sizes[name] += len(packer.data)
+
+    def add(self, shard_file: str, ids: list[str], samples: list[dict]) -> None:
+        """One shard's samples (its record's), keyed ``ids`` in INDEX."""
+        if not samples:
+            return
+        self._strings("ids", ids)
+        self._strings("captions", [json.dumps(s["captions"]) for s in samples])
+        self.columns["positions"].write([s["position"] for s in samples])
+        shard = self.shard_files.setdefault(shard_file, len(self.shard_files))
+        self.columns["shards"].write(np.full(len(samples), shard))
+        self.columns["shapes"].write(
+            [self.shapes.setdefault(tuple(s["shape"]), len(self.shapes)) for s in samples]
+        )
+
+    def finish(self, head: dict) -> None:
+        for column in self.columns.values():
+            column.finish()
+        shapes = [list(shape) for shape in self.shapes]
+        _write_json(
+            self.folder / self.HEAD,
+            {"format": self.FORMAT, **head, "shard_files": list(self.shard_files), "shapes": shapes},
+        )
+
+    def close(self) -> None:
+        for column in self.columns.values():
+            column.close()
+
+    @classmethod
+    def read(cls, latents_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(head, {name: array}) of the finished cache in ``latents_dir``, its arrays memory-mapped and
+        checked against head's counts; None where it has no columns (made before them) or columns of
+        another format (a later fusedit's; its INDEX still reads)."""
+        folder = Path(latents_dir) / COLUMNS
+        if not (folder / cls.HEAD).is_file():
+            return None
+        remedy = _rerun(latents_dir)
+        head = read_json(folder / cls.HEAD, remedy)
+        if not isinstance(head, dict) or head.get("format") != cls.FORMAT:
+            return None
+        index = Path(latents_dir) / INDEX
+        if head.get("index_bytes") != index.stat().st_size:
+            # INDEX written anew without them (by a fusedit before the columns, which leaves COLUMNS as it
+            # was): they may be of other samples. The size changes with any sample added or removed.
+            log.warning(
+                "%r was written with another %s (of %s bytes, not %s): reading %s instead, which takes "
+                "longer and ~1.5 GB per 1M samples; a rerun of `fusedit cache-latents CONFIG --out %s` "
+                "writes both anew",
+                str(folder),
+                INDEX,
+                head.get("index_bytes"),
+                index.stat().st_size,
+                INDEX,
+                latents_dir,
+            )
+            return None
+        n, arrays = head["num_samples"], {}
+        if not n:
+            return head, arrays
+        for name, dtype in cls.ARRAYS.items():
+            path = folder / f"{name}.npy"
+            kind, part = name.partition(".")[::2]
+            length = int(arrays[f"{kind}.ends"][-1]) if part == "data" else n
+            with readable(path, "a readable column of a latent index", (OSError, ValueError), remedy):
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                if array.dtype != np.dtype(dtype) or array.shape != (length,):
+                    raise ValueError(
+                        f"{array.dtype} of shape {array.shape}, not {np.dtype(dtype)} of shape ({length},)"
+                    )
+            arrays[name] = array.view(np.ndarray)  # the map stays open while the view is held
+        return head, arrays
+
+
 def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
     """Write INDEX from shards 0..tally.shards - 1 of ``out``, streamed one shard record at a time (one
     json.dumps of every sample with indent=1 peaked at ~3 GB per 1M samples). Compact JSON: no reader
@@ -778,6 +935,12 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
     repeated, seen = set(hashes[counts > 1].tolist()), set()
     names = [f"{_shard_name(j)}.safetensors" for j in range(tally.shards)]
     skips = tally.skips
+    # The columns go first, and come back only after INDEX: columns there are always those of the INDEX
+    # beside them (a kill in between leaves INDEX alone, which reads as a cache made before columns).
+    remove_folder(out / COLUMNS)
+    partial = out / f".{COLUMNS}.partial"
+    remove_folder(partial)  # a killed run's
+    columns = _IndexColumns(partial)
 
     def write(handle) -> None:
         head = {"meta": meta, "num_samples": tally.samples, "shards": names}
@@ -791,6 +954,7 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
                     f"{str(out / name)!r} or its record was removed while cache-latents ran; run it again "
                     "to encode that shard anew (the others are kept)"
                 )
+            ids = []
             for s in record["samples"]:
                 sample_id = s["id"]
                 # A repeated id, or one a renamed repeat took ("x@1" given after "x" was renamed so).
@@ -798,6 +962,7 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
                     if sample_id in seen:
                         sample_id = f"{sample_id}@{s['position']}"
                     seen.add(sample_id)
+                ids.append(sample_id)
                 samples[sample_id] = {
                     "shard": name,
                     "key": s["key"],
@@ -807,6 +972,7 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
                     "shape": s["shape"],
                     "position": s["position"],
                 }
+            columns.add(name, ids, record["samples"])
             if samples:
                 text = json.dumps(samples, separators=(",", ":"))[1:-1]  # the members, without the braces
                 handle.write((text if first else "," + text).encode())
@@ -814,7 +980,21 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
         tail = {"skipped": skips.counts(), "report": skips.report()}
         handle.write(b"}," + json.dumps(tail, separators=(",", ":"))[1:].encode())
 
-    write_atomic(out / INDEX, write)
+    try:
+        write_atomic(out / INDEX, write)
+        head = {
+            "num_samples": tally.samples,
+            "meta": meta,
+            "skipped": skips.counts(),
+            "report": skips.report(),
+        }
+        columns.finish({**head, "index_bytes": (out / INDEX).stat().st_size})
+    except BaseException:
+        columns.close()
+        remove_folder(partial)
+        raise
+    readable_by_all(partial)  # a cache is shared data, as its shards are
+    replace_folder(partial, out / COLUMNS)
     return {
         "samples": tally.samples,
         "shards": tally.shards,
@@ -852,12 +1032,13 @@ def read_index(latents_dir: str | Path) -> dict:
 
 def read_meta(latents_dir: str | Path) -> dict:
     """The meta of the finished cache in ``latents_dir``, from its small META (the whole INDEX is ~300 MB
-    of JSON per 1M samples, parsed in 6-8 s to a peak of +1 GB); from INDEX only for a cache copied without its
-    META. Refused like ``read_index`` where the cache is unfinished."""
+    of JSON per 1M samples, parsed in 6-8 s to a peak of +1 GB); for a cache copied without its META, from
+    its columns' head, else from INDEX. Refused like ``read_index`` where the cache is unfinished."""
     index = _finished_index(latents_dir)
     meta = index.with_name(META)
     if not meta.is_file():
-        return read_index(latents_dir)["meta"]
+        columns = _IndexColumns.read(latents_dir)
+        return columns[0]["meta"] if columns else read_index(latents_dir)["meta"]
     # The same record as the index's "meta" (cache-latents writes both from one dict); a rerun writes META
     # first, with only what _check_meta accepts as the same cache.
     return read_json(meta, COPY_CACHE_AGAIN)
@@ -907,22 +1088,63 @@ def _open_files_cap() -> int:
 class LatentDataset(PlannedDataset):
     """The cached latents (module docstring). ``len`` = cached samples; sample i = i-th by position.
 
-    What it keeps per sample is packed as soon as the index is parsed: ids and captions (a JSON list each)
-    as ``PackedStrings``, position, shard and shape group as numpy arrays. Measured at 1M samples (ids and
+    What it keeps per sample is packed: ids and captions (a JSON list each) as ``PackedStrings``, position,
+    shard and shape group as numpy arrays; all but the groups are the index's columns (``_IndexColumns``),
+    memory-mapped, where the cache has them, else packed as INDEX is parsed. Measured at 1M samples (ids and
     captions of ~45 and ~60 characters): as a list of dicts it held 930 MB, and a forked DataLoader worker
     copied 533 MB of it by reading every entry (288 MB by one GC pass alone: reference counts and GC
-    headers written into shared pages); packed, it holds about 200 MB and a worker copies none of it."""
+    headers written into shared pages); packed, it holds about 200 MB and a worker copies none of it; from
+    the columns, parsing INDEX's peak (~1.5 GB) is gone too, and the ranks of a machine share the 200 MB."""
 
     def __init__(self, latents_dir: str | Path, seed: int = 0, caption_pick: str = "random"):
-        index = read_index(latents_dir)
+        _finished_index(latents_dir)  # the mark of a finished cache, with or without columns
         self.dir = Path(latents_dir)
         self.seed, self.caption_pick = seed, caption_pick
+        columns = _IndexColumns.read(latents_dir)
+        shape_of, shapes = (
+            self._from_columns(*columns, latents_dir) if columns else self._from_index(latents_dir)
+        )
+        # Groups numbered in sorted shape order, as the plan names them.
+        self.shapes = sorted(shapes)
+        rank = np.array([self.shapes.index(shape) for shape in shapes], dtype=np.int32)
+        self.group_of = rank[shape_of]
+        if np.any(self.positions[1:] < self.positions[:-1]):  # cache-latents writes them in position order
+            order = np.argsort(self.positions, kind="stable")
+            self.ids = PackedStrings(self.ids[int(k)] for k in order)
+            self.captions = PackedStrings(self.captions[int(k)] for k in order)
+            self.positions, self.shard_of = self.positions[order], self.shard_of[order]
+            self.group_of = self.group_of[order]
+        self._handles: OrderedDict[int, Any] = OrderedDict()  # shard -> open file, least recently read first
+        self._pid: int | None = None
+        self._cap = _open_files_cap()
+
+    def _none_held(self, latents_dir: str | Path) -> ConfigError:
+        return ConfigError(f"data.latents_dir={str(latents_dir)!r} holds no samples ({self.report})")
+
+    def _from_columns(
+        self, head: dict, arrays: dict[str, np.ndarray], latents_dir: str | Path
+    ) -> tuple[np.ndarray, list[tuple]]:
+        """The tables from the index's columns, as they are (mapped); returns (each sample's shape, (n,)
+        into the shapes in order of appearance, those shapes)."""
+        self.meta, self.report = head["meta"], head.get("report", "")
+        if not head["num_samples"]:
+            raise self._none_held(latents_dir)
+        self.ids = PackedStrings.of_arrays(arrays["ids.data"], arrays["ids.ends"])
+        self.captions = PackedStrings.of_arrays(arrays["captions.data"], arrays["captions.ends"])
+        self.positions, self.shard_of = arrays["positions"], arrays["shards"]
+        self.shards = PackedStrings(head["shard_files"])
+        return arrays["shapes"], [tuple(shape) for shape in head["shapes"]]
+
+    def _from_index(self, latents_dir: str | Path) -> tuple[np.ndarray, list[tuple]]:
+        """The tables from INDEX (a cache made before its columns), packed as it is parsed; returns as
+        ``_from_columns``."""
+        index = read_index(latents_dir)
         self.meta = index["meta"]
         self.report = index.get("report", "")
         samples = index.pop("samples")
         del index
         if not samples:
-            raise ConfigError(f"data.latents_dir={str(latents_dir)!r} holds no samples ({self.report})")
+            raise self._none_held(latents_dir)
         n = len(samples)
         ids, captions = Packer(), Packer()
         self.positions = np.empty(n, dtype=np.int64)  # (n,): the sample's position, also its tensor's key
@@ -941,19 +1163,7 @@ class LatentDataset(PlannedDataset):
         # One name per shard file (N / shard_size), packed too: the parsed names, kept, would each pin a
         # block of the freed parse's memory (1000 names held 1 GB of it in RSS at 1M samples).
         self.shards = PackedStrings(shards)
-        # Groups numbered in sorted shape order, as the plan names them.
-        self.shapes = sorted(shapes)
-        rank = np.array([self.shapes.index(shape) for shape in shapes], dtype=np.int32)
-        self.group_of = rank[shape_of]
-        if np.any(self.positions[1:] < self.positions[:-1]):  # cache-latents writes them in position order
-            order = np.argsort(self.positions, kind="stable")
-            self.ids = PackedStrings(self.ids[int(k)] for k in order)
-            self.captions = PackedStrings(self.captions[int(k)] for k in order)
-            self.positions, self.shard_of = self.positions[order], self.shard_of[order]
-            self.group_of = self.group_of[order]
-        self._handles: OrderedDict[int, Any] = OrderedDict()  # shard -> open file, least recently read first
-        self._pid: int | None = None
-        self._cap = _open_files_cap()
+        return shape_of, list(shapes)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -968,7 +1178,7 @@ class LatentDataset(PlannedDataset):
         names = ["latents " + "x".join(map(str, shape)) for shape in self.shapes]
         if len(self.shapes) == 1:
             return None, names
-        return self.group_of.astype(np.int64), names
+        return self.group_of, names  # int32, as StepPlan keeps them: no copy
 
     def sample_id(self, i: int) -> str:
         return self.ids[i]

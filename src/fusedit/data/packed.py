@@ -51,6 +51,19 @@ class PackedStrings(Sequence[str]):
             packer.append(item)
         self._adopt(packer.data, packer.ends)
 
+    @classmethod
+    def of_arrays(cls, data: np.ndarray, ends: np.ndarray) -> PackedStrings:
+        """The strings that ``data`` (uint8: their UTF-8) and ``ends`` (int64: their end offsets) hold, laid
+        out as ``Packer`` writes them, such as arrays mapped from files (np.load(mmap_mode="r")): used as
+        they are, not copied, and read-only here."""
+        table = cls.__new__(cls)
+        table._data, table._ends = (
+            np.asarray(data, dtype=np.uint8).view(),
+            np.asarray(ends, dtype=np.int64).view(),
+        )
+        table._data.flags.writeable = table._ends.flags.writeable = False
+        return table
+
     def _adopt(self, data: bytearray, ends: array) -> None:
         # Views of the buffers just built (no copy at the peak of a load), read-only from here on.
         self._data = np.frombuffer(data, dtype=np.uint8)  # (total bytes,)

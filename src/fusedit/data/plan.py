@@ -32,6 +32,13 @@ def check_rank(rank: int, world_size: int) -> None:
         )
 
 
+def index_dtype(n: int) -> np.dtype:
+    """The dtype of a plan's epoch orders over ``n`` samples: int32 whenever every index fits (n <= 2**31),
+    half of numpy's default int64 (a plan holds two orders: 80 MB, not 160 MB, at 10M samples, in every
+    process); int64 only beyond."""
+    return np.dtype(np.int32) if n <= 2**31 else np.dtype(np.int64)
+
+
 class StepPlan:
     """Which dataset positions fill each slot of the batch a rank reads at a step (fusedit.data.loader's
     docstring gives the order).
@@ -62,7 +69,9 @@ class StepPlan:
         # Without buckets, step s reads from position offset + s * G: a run resumed at another global batch
         # goes on after the samples it has read (``position``), not at s times the new batch.
         self.offset = offset
-        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.index_dtype = index_dtype(n)  # of the epoch orders and members (dataset indices)
+        # Bucket numbers index data.buckets (or a cache's latent shapes): a few, int32 like the orders.
+        self.groups = None if groups is None else np.asarray(groups).astype(np.int32, copy=False)
         self.global_batch = batch_size * world_size  # every rank's rows of one step
         self._cache: dict[int, Any] = {}
         # The last global batch whose samples a replacement search needed (_own_batch): the slots of one
@@ -82,7 +91,7 @@ class StepPlan:
                 ", and the processes may read the same ones" if world_size > 1 else "",
             )
         if self.groups is not None:
-            self.members = np.flatnonzero(self.groups >= 0)
+            self.members = np.flatnonzero(self.groups >= 0).astype(self.index_dtype)
             if len(self.members) == 0:
                 raise RuntimeError("no usable samples to plan batches over (every sample was skipped)")
             ids, sizes = np.unique(self.groups[self.members], return_counts=True)
@@ -112,10 +121,18 @@ class StepPlan:
             self._cache[epoch] = self._build(epoch)
         return self._cache[epoch]
 
+    def _shuffled(self, n: int, epoch: int) -> np.ndarray:
+        """(n,) of self.index_dtype: make_rng(seed, 0, epoch).permutation(n), which is an int64 arange
+        shuffled in place. The shuffle's draws do not depend on the item size, so an arange of int32
+        shuffled by the same generator is the same order (tests/test_latent_index.py pins it)."""
+        order = np.arange(n, dtype=self.index_dtype)
+        make_rng(self.seed, 0, epoch).shuffle(order)
+        return order
+
     def _build(self, epoch: int) -> Any:
         if self.groups is None:
-            return make_rng(self.seed, 0, epoch).permutation(self.n)
-        order = self.members[make_rng(self.seed, 0, epoch).permutation(len(self.members))]
+            return self._shuffled(self.n, epoch)
+        order = self.members[self._shuffled(len(self.members), epoch)]
         lists = {g: order[self.groups[order] == g] for g in self.group_sizes}
         batches = [
             (g, c) for g, size in self.group_sizes.items() for c in range(math.ceil(size / self.global_batch))
