@@ -568,7 +568,7 @@ class DataConfig:
     # comes from one bucket (the whole global batch of a step, all processes alike, except for streams,
     # which bucket per process); empty = square image_size crops.
     buckets: list = field(default_factory=list)
-    # latents: the folder `fusedit cache-latents` wrote (safetensors shards + index.json).
+    # latents: the folder `fusedit cache-latents` wrote (safetensors shards + index.json and its columns, index/).
     latents_dir: str = ""
 
 
