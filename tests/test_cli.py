@@ -28,6 +28,12 @@ def test_describe_and_config_and_presets(capsys):
     )
     assert "frozen (LLM text, incl. embeddings): " in out and "frozen (LLM extra_text.0, incl. " in out
     assert "deep fusion can read" not in out
+    for overrides, reads in (
+        ([], "reads K/V of LLM layers 0..5 of 6"),
+        (["model.num_layers=1"], "reads K/V of LLM layer 0 of 1"),
+    ):
+        assert main(["describe", "debug", *overrides]) == 0
+        assert reads in capsys.readouterr().out
     assert main(["config", "debug", "train.steps=3"]) == 0
     assert "steps: 3" in capsys.readouterr().out
     assert main(["presets"]) == 0

@@ -180,11 +180,14 @@ def cmd_describe(args) -> int:
     # (the model is the run's; stages change what trains, the image size and the batch).
     first = resolved_stages(cfg)[0]
 
+    def layers(which: tuple[int, ...]) -> str:
+        return f"layer {which[0]}" if len(which) == 1 else f"layers {which[0]}..{which[-1]}"
+
     def reads(req, llm) -> str:
         what = (
-            f"K/V of LLM layers {req.kv_layers[0]}..{req.kv_layers[-1]}"
+            f"K/V of LLM {layers(req.kv_layers)}"
             if req.kv_layers
-            else f"pre-RoPE K/V of LLM layers {req.raw_kv_layers[0]}..{req.raw_kv_layers[-1]}"
+            else f"pre-RoPE K/V of LLM {layers(req.raw_kv_layers)}"
             if req.raw_kv_layers
             else f"LLM hidden state {req.hidden_layer}"
         )
