@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fusedit.config import ConfigError, TextConfig, arch_config, refuse_path_to_nothing, written_as_path
-from fusedit.text.spec import unsupported_llm
+from fusedit.text.spec import LLMSpec, unsupported_llm
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,38 @@ def load_llm(
             f"{key}.attn_implementation={cfg.attn_implementation!r} cannot run the {config.model_type} LLM: "
             f"{str(e).splitlines()[0]} (allowed: auto, or a kernel the family supports)"
         ) from None
+    if reads_kv:
+        _refuse_without_kv(llm, config.model_type)
+    llm = llm.to(device) if str(device) != "meta" else llm
+    llm.requires_grad_(False)
+    return llm.eval()
+
+
+def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
+    """The refusals of ``load_llm`` and ``LLMSpec.from_hf`` that the LLM's config alone decides, made
+    without its weights: a config that is not LLaMA-style, and for a ``deep`` design (which reads each
+    layer's K/V) a RoPE per layer type or layers without separate q/k/v projections (one layer built on the
+    meta device shows them). A run checks this before it makes and locks its folder."""
+    config = llm_config(cfg, key=key)
+    LLMSpec.from_hf(config, deep=deep)
+    if deep:
+        one = copy.deepcopy(config)
+        _cut_config(one, 1)
+        with torch.device("meta"):
+            _refuse_without_kv(AutoModel.from_config(one), config.model_type)
+
+
+def _refuse_without_kv(llm: PreTrainedModel, model_type: str) -> None:
+    """Deep fusion reads each layer's K/V through its q/k/v projections (text/encoder.py): a family whose
+    attention fuses them (Phi-3's qkv_proj) is refused in one line."""
     attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
-    if reads_kv and not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         raise unsupported_llm(
-            config.model_type,
+            model_type,
             "its layers have no separate q/k/v projections to read K/V from (the shallow designs read only "
             "its hidden states)",
             by=" by deep fusion",
         )
-    llm = llm.to(device) if str(device) != "meta" else llm
-    llm.requires_grad_(False)
-    return llm.eval()
 
 
 def _cut_config(config: PretrainedConfig, num_layers: int) -> None:

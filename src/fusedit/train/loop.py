@@ -57,6 +57,7 @@ from fusedit.config import (
     is_shallow,
     resolved_stages,
     save_config,
+    text_sections,
 )
 from fusedit.data.loader import check_data_paths, step_loader
 from fusedit.data.skips import merged_skip_report
@@ -65,6 +66,7 @@ from fusedit.files import remove_folder
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
 from fusedit.system import TextToImage, build_model, uses_bf16
 from fusedit.text.context import TextContext
+from fusedit.text.llm import check_llm
 from fusedit.train import distributed
 from fusedit.train.checkpoint import (
     CheckpointNotSaved,
@@ -198,7 +200,9 @@ def train(
 def _check_before_start(cfg: Config) -> None:
     """What a config alone decides, refused before the run folder is made and locked (a refused run left
     one behind, holding train.lock and the loggers opened before the failing one): each stage's data
-    locations, and the loggers' packages."""
+    locations, the loggers' packages, and each LLM's family (check_llm: from its config, no weights)."""
+    for key, text in text_sections(cfg):
+        check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
     for stage in resolved_stages(cfg):
         try:
             check_data_paths(stage.config.data, stage.config.vae)
