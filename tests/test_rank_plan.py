@@ -164,8 +164,45 @@ def test_a_rank_whose_share_fails_fails_every_rank_rather_than_hang(tmp_path):
     errors = _ranks(3, plan)
     assert isinstance(errors[1], OSError) and str(errors[1]) == "disk gone"
     for r in (0, 2):
-        assert isinstance(errors[r], RuntimeError)
+        assert isinstance(errors[r], loader.PlanFailedElsewhere)  # the train loop words it in one line
         assert str(errors[r]) == "bucket planning failed on rank(s) [1]: their log says why"
+
+
+def test_a_failing_share_keeps_its_own_error_when_the_exchange_fails_too(tmp_path):
+    cfg = _folder(tmp_path, sizes=False)
+    catalog = loader.build_catalog(cfg)
+    catalog.record = lambda i: (_ for _ in ()).throw(OSError("disk gone"))
+
+    def gone(obj):
+        raise RuntimeError("peer gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        loader.bucket_groups(catalog, SampleDecoder.from_config(cfg, 0), rank=1, world_size=2, gather=gone)
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(127, np.int8), (128, np.int32), (40000, np.int32)])
+def test_a_share_holds_every_bucket_number_it_sends(top, dtype):
+    # 129 buckets: bucket 128 sent as int8 wrapped to -128, read as unusable, and left out of the plan.
+    groups = np.array([top, -1, 0, top - 1])
+    sent = loader._packed_share(4, groups, [])["groups"]
+    assert sent.dtype == dtype and sent.astype(np.int64).tolist() == groups.tolist()
+
+
+def test_the_train_loop_hands_the_loader_the_runs_all_gather(tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from fusedit.train import distributed, loop
+
+    handed, calls = [], []
+    real = loop.step_loader
+
+    def spy(*args, **kwargs):
+        handed.append(kwargs["gather"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "step_loader", spy)
+    loop.train(tiny_config(train={"steps": 1}), tmp_path / "run")
+    monkeypatch.setattr(distributed, "gather_object", lambda obj, env: calls.append((obj, env.rank)) or [obj])
+    assert handed and handed[0]("share") == ["share"] and calls == [("share", 0)]
 
 
 def test_ranks_that_see_different_data_are_refused(tmp_path):

@@ -37,6 +37,7 @@ Caption dropout is not applied here: the training loop does it from its per-step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -147,11 +148,19 @@ def bucket_groups(
         groups, skipped = _bucket_share(
             catalog, decoder, start, stop, progress, f"bucket images (rank {rank}'s 1/{world_size})"
         )
+        share = _packed_share(n, groups, skipped)
     except Exception:
-        gather(None)  # the others are waiting in the exchange: they fail too, rather than hang
+        # The others are waiting in the exchange: they fail too (PlanFailedElsewhere), rather than hang. Its
+        # own failure (a peer gone too) must not hide this rank's error, which says why.
+        with contextlib.suppress(Exception):
+            gather(None)
         raise
-    parts = gather(_packed_share(n, groups, skipped))
-    return _joined_shares(catalog, parts, world_size)
+    return _joined_shares(catalog, gather(share), world_size)
+
+
+class PlanFailedElsewhere(RuntimeError):
+    """Another rank's share of a split bucket planning failed: that rank's own error says why (the train
+    loop words this as another process's failure, in one line)."""
 
 
 def _bucket_share(
@@ -183,8 +192,8 @@ def _packed_share(n: int, groups: np.ndarray, skipped: list[tuple[int, str, str]
     code = {reason: c for c, reason in enumerate(reasons)}
     return {
         "samples": n,
-        # Buckets are few: the smallest signed type holding -1 and the largest bucket index.
-        "groups": groups.astype(np.min_scalar_type(-max(1, int(groups.max(initial=0))))),
+        # Buckets are few: int8 holds -1 and up to 127 of them (128 would wrap to -128, read as unusable).
+        "groups": groups.astype(np.int8 if groups.max(initial=-1) <= np.iinfo(np.int8).max else np.int32),
         "at": np.array([i for i, _, _ in skipped], dtype=np.int64),
         "reason": np.array([code[r] for _, r, _ in skipped], dtype=np.int64),
         "reasons": reasons,
@@ -200,7 +209,7 @@ def _joined_shares(catalog: Any, parts: list, world_size: int) -> tuple[np.ndarr
         )
     failed = [r for r, part in enumerate(parts) if part is None]
     if failed:
-        raise RuntimeError(f"bucket planning failed on rank(s) {failed}: their log says why")
+        raise PlanFailedElsewhere(f"bucket planning failed on rank(s) {failed}: their log says why")
     sizes = [part["samples"] for part in parts]
     if len(set(sizes)) > 1:
         raise ConfigError(

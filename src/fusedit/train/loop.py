@@ -59,7 +59,7 @@ from fusedit.config import (
     save_config,
     text_sections,
 )
-from fusedit.data.loader import check_data_paths, step_loader
+from fusedit.data.loader import PlanFailedElsewhere, check_data_paths, step_loader
 from fusedit.data.skips import merged_skip_report
 from fusedit.devices import host_to_device
 from fusedit.files import remove_folder
@@ -183,7 +183,7 @@ def train(
     except CheckpointNotSaved as e:  # a full disk, say: what failed, then the checkpoint a resume takes
         raise RunStopped(str(e), how_to_go_on(Path(run_dir), replaced_before)) from e
     except RuntimeError as e:
-        if env.world_size > 1 and distributed.peer_failure(e):
+        if env.world_size > 1 and (distributed.peer_failure(e) or isinstance(e, PlanFailedElsewhere)):
             # The failed process says why in its own error (a traceback, a data error of its share): this
             # rank only lost it, and cannot tell whether the same command would fail again.
             raise RunStopped(
