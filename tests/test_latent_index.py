@@ -4,6 +4,7 @@ StepPlan's int32 epoch orders: the same samples, groups and batches as before, i
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,19 @@ def test_the_columns_read_as_index_json_does_without_parsing_it(cache, tmp_path,
             assert got == want
 
 
+def test_a_spawned_worker_maps_the_columns_again_rather_than_unpickle_a_copy(cache):
+    dataset = LatentDataset(cache)
+    data = pickle.dumps(dataset)
+    # The tables are left out of the pickle (no caption, no id is in it), and mapped again when it loads.
+    assert b"caption 0" not in data and "é.png".encode() not in data
+    worker = pickle.loads(data)
+    assert all(
+        _mapped(a) for a in (worker.positions, worker.shard_of, worker.ids._data, worker.captions._ends)
+    )
+    assert _tables(worker) == _tables(dataset)
+    assert torch.equal(worker.load(4, 0, -1)["latent"], dataset.load(4, 0, -1)["latent"])
+
+
 def test_the_columns_hold_what_index_json_does_for_repeated_ids_and_empty_shards(tmp_path):
     out = tmp_path / "cache"
     out.mkdir()
@@ -188,11 +202,31 @@ def test_a_cache_without_columns_gains_them_by_a_rerun_and_a_failed_rerun_leaves
     assert _tables(LatentDataset(old)) == _tables(LatentDataset(cache))
     check_latents(DataConfig(source="latents", latents_dir=str(old)), VAEConfig())
 
+    # A rerun that encodes nothing leaves the index as it is (no 2.8 GB of JSON per 10M samples written again,
+    # no columns replaced under another node's map).
+    stamps = {
+        f.name: (f.stat().st_ino, f.stat().st_mtime_ns)
+        for f in [old / "index.json", *(old / "index").iterdir()]
+    }
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("nothing was to be encoded")
+
+    monkeypatch.setattr("fusedit.vae.load_autoencoder", no_vae)
+    assert cache_latents(_data(root), VAEConfig(), old, 2, 3, "cpu", progress=False) == summary
+    assert {
+        f.name: (f.stat().st_ino, f.stat().st_mtime_ns)
+        for f in [old / "index.json", *(old / "index").iterdir()]
+    } == stamps
+
     def killed(path, write, durable=False):
         raise OSError("disk full")
 
-    # Killed while writing index.json anew: the columns of the index.json before are gone with it, never
-    # left beside another one, and no partial folder stays.
+    # Killed while writing index.json anew (its columns' head says another index, so it is written): the
+    # columns of the index.json before are gone with it, never left beside another one, and no partial
+    # folder stays.
+    head = json.loads((old / "index" / "head.json").read_text())
+    (old / "index" / "head.json").write_text(json.dumps({**head, "report": "another"}))
     monkeypatch.setattr(latents, "write_atomic", killed)
     with pytest.raises(OSError, match="disk full"):
         cache_latents(_data(root), VAEConfig(), old, 2, 3, "cpu", progress=False)

@@ -562,7 +562,10 @@ def cache_latents(
         # A hub id's config.json is in the Hugging Face cache now that the VAE has loaded.
         meta["vae_identity"] = _vae_identity(vae_cfg)
         _write_json(out / META, meta)
-    summary = _write_index(out, meta, tally)
+    # A rerun that encoded nothing leaves an index that is already this one as it is (_index_kept).
+    summary = (_index_kept(out, meta, tally) if autoencoder is None else None) or _write_index(
+        out, meta, tally
+    )
     log.info("%s", _cached_line(summary, kept, out, kept_skipped))
     if NOT_UTF8.count > not_utf8:
         # The first was warned about when met (NotUTF8); the count is known only now.
@@ -995,13 +998,41 @@ def _write_index(out: Path, meta: dict, tally: _Tally) -> dict:
         raise
     readable_by_all(partial)  # a cache is shared data, as its shards are
     replace_folder(partial, out / COLUMNS)
+    return _index_summary(out, tally)
+
+
+def _index_summary(out: Path, tally: _Tally) -> dict:
+    """What cache_latents returns of the index of ``tally``'s shards in ``out``."""
     return {
         "samples": tally.samples,
         "shards": tally.shards,
-        "skipped": skips.counts(),
-        "report": skips.report(),
+        "skipped": tally.skips.counts(),
+        "report": tally.skips.report(),
         "index": out / INDEX,
     }
+
+
+def _index_kept(out: Path, meta: dict, tally: _Tally) -> dict | None:
+    """``_index_summary`` where ``out``'s index is already the one ``_write_index`` would write for a rerun
+    that encoded nothing (its columns' head has the same samples, meta and skips, beside their own INDEX),
+    else None. It is then left as it is: writing it anew costs ~2.8 GB of JSON per 10M samples, and would
+    replace columns that a training job (on another node of a network file system) has mapped."""
+    try:
+        head = json.loads((out / COLUMNS / _IndexColumns.HEAD).read_text())
+        index_bytes = (out / INDEX).stat().st_size
+    except (OSError, ValueError):
+        return None
+    same = {
+        "format": _IndexColumns.FORMAT,
+        "index_bytes": index_bytes,
+        "num_samples": tally.samples,
+        "meta": json.loads(json.dumps(meta)),  # as head.json holds it
+        "skipped": tally.skips.counts(),
+        "report": tally.skips.report(),
+    }
+    if not isinstance(head, dict) or any(head.get(key) != value for key, value in same.items()):
+        return None
+    return _index_summary(out, tally)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1085,6 +1116,10 @@ def _open_files_cap() -> int:
     return 256 if soft == resource.RLIM_INFINITY else max(1, min(256, soft // 4))
 
 
+# The tables LatentDataset maps from the index's columns (_from_columns): not pickled (__getstate__).
+_MAPPED = ("ids", "captions", "positions", "shard_of")
+
+
 class LatentDataset(PlannedDataset):
     """The cached latents (module docstring). ``len`` = cached samples; sample i = i-th by position.
 
@@ -1108,7 +1143,10 @@ class LatentDataset(PlannedDataset):
         self.shapes = sorted(shapes)
         rank = np.array([self.shapes.index(shape) for shape in shapes], dtype=np.int32)
         self.group_of = rank[shape_of]
+        # Columns mapped as they are: a spawned DataLoader worker maps them again (__getstate__).
+        self._mapped = columns is not None
         if np.any(self.positions[1:] < self.positions[:-1]):  # cache-latents writes them in position order
+            self._mapped = False
             order = np.argsort(self.positions, kind="stable")
             self.ids = PackedStrings(self.ids[int(k)] for k in order)
             self.captions = PackedStrings(self.captions[int(k)] for k in order)
@@ -1170,7 +1208,26 @@ class LatentDataset(PlannedDataset):
 
     def __getstate__(self) -> dict:
         # Open safetensors handles cannot be pickled (DataLoader workers under "spawn"); workers reopen.
-        return {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
+        state = {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
+        if self._mapped:
+            # A spawned worker (macOS; forkserver, Linux's default from Python 3.14) maps the columns again
+            # rather than receive a copy of them in the pickle: ~1.2 GB per worker at 10M samples.
+            for name in _MAPPED:
+                del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if not self._mapped:
+            return
+        columns = _IndexColumns.read(self.dir)
+        if columns is None or columns[0]["num_samples"] != len(self.group_of):
+            raise ConfigError(
+                f"data.latents_dir={str(self.dir)!r} was written anew while training read it (a DataLoader "
+                "worker found another index than the run's); allowed: a cache that stays as it is while a run "
+                "reads it"
+            )
+        self._from_columns(*columns, self.dir)
 
     def groups(self) -> tuple[np.ndarray | None, list[str]]:
         """A group per latent shape, so every batch holds one shape (None when all shapes agree), and each
