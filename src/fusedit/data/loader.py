@@ -32,6 +32,12 @@ state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl
 the data, which every rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the
 data looks unusable (``SkipWatch``). When no usable sample is left (every one skipped), reading raises a
 ConfigError with the counts.
+
+A caption whose bytes are not UTF-8 reads with U+FFFD and is warned about once per data-loading process
+(``NOT_UTF8``). Each sample carries the names of such captions its reading met (``NOT_UTF8.scope()`` around
+it, in whichever worker process or thread read it), ``collate`` puts them into the batch's "not_utf8", and
+the loader sums them into ``loader.not_utf8`` (a ``NotUTF8Count``), which the training loop reports at the
+end of each stage. A latent cache's captions were decoded (and counted) when it was made: none here.
 Caption dropout is not applied here: the training loop does it from its per-step generator.
 """
 
@@ -52,8 +58,8 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, DataConfig, VAEConfig, check_data_locations
 from fusedit.data.plan import CatalogItems, PlanBatches, PlannedDataset, ShapesItems, StepPlan, check_rank
-from fusedit.data.skips import SkipCounter, SkipWatch, merged_skips, no_usable_samples, warn
-from fusedit.data.transforms import SampleDecoder, SkipSample, StreamRecord
+from fusedit.data.skips import NotUTF8Count, SkipCounter, SkipWatch, merged_skips, no_usable_samples, warn
+from fusedit.data.transforms import NOT_UTF8, SampleDecoder, SkipSample, StreamRecord
 from fusedit.files import counted
 
 log = logging.getLogger(__name__)
@@ -356,8 +362,9 @@ def planned_dataset(
 
 def collate(items: list[dict]) -> dict:
     """A batch of dataset items: "image" (B, 3, H, W) and/or "latent" (B, C, h, w) stacked, "caption" and
-    "id" lists, "index" (B,) long, "skipped" the samples skipped on the way; or {"unusable": skips} when an
-    item found no usable candidate (PlannedDataset)."""
+    "id" lists, "index" (B,) long, "skipped" the samples skipped on the way, "not_utf8" the names of the
+    captions read that are not UTF-8; or {"unusable": skips} when an item found no usable candidate
+    (PlannedDataset)."""
     unusable = next((it["unusable"] for it in items if "unusable" in it), None)
     if unusable is not None:
         return {"unusable": unusable}
@@ -369,7 +376,26 @@ def collate(items: list[dict]) -> dict:
     out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     out["id"] = [it.get("id", str(it["index"])) for it in items]
     out["skipped"] = [event for it in items for event in it.get("skipped", ())]
+    out["not_utf8"] = [name for it in items for name in it.get("not_utf8", ())]
     return out
+
+
+class _NotUTF8Flagged(Dataset):
+    """A planned dataset whose items carry the names of the captions that are not UTF-8 read for them: in a
+    DataLoader worker the process's ``NOT_UTF8`` count never reaches the main process, a batch does."""
+
+    def __init__(self, dataset: PlannedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, slot):
+        with NOT_UTF8.scope() as names:
+            item = self.dataset[slot]
+        if "unusable" not in item:
+            item["not_utf8"] = list(names)
+        return item
 
 
 class IndexedStepLoader:
@@ -384,8 +410,10 @@ class IndexedStepLoader:
         skips: SkipCounter,
         watch: SkipWatch | None,
         planned: SkipCounter | None = None,
+        not_utf8: NotUTF8Count | None = None,
     ):
         self.dataset, self.start_step, self.end_step = dataset, start_step, end_step
+        self.not_utf8 = NotUTF8Count() if not_utf8 is None else not_utf8
         self.num_workers, self.skips, self.watch = num_workers, skips, watch
         # The skips found while planning the data (``skips`` counts them too): the same in every process,
         # so a summary over the processes counts them once (``skipped_tally``).
@@ -397,7 +425,7 @@ class IndexedStepLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(
-            self.dataset,
+            _NotUTF8Flagged(self.dataset),
             batch_sampler=PlanBatches(self.dataset.plan, self.start_step, self.end_step),
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -414,6 +442,7 @@ class IndexedStepLoader:
                 raise no_usable_samples(SkipCounter.of(batch["unusable"]))
             skipped = batch.pop("skipped")
             self.skips.add_all(skipped)
+            self.not_utf8.add(batch.pop("not_utf8"))
             self.step, self._mark = step + 1, self.skips.mark()
             warn(self.watch, batch["id"], skipped)
             yield batch
@@ -422,7 +451,7 @@ class IndexedStepLoader:
         """Position after the last yielded batch (index sources only need the step; the skip counts
         travel along so a resumed run's report covers the whole run, the size so a resume can tell that
         the dataset changed; without buckets the position, the samples read, so a resume at another global
-        batch goes on after them)."""
+        batch goes on after them; the count of captions not UTF-8 too, for the same reason as the skips)."""
         mark = getattr(self, "_mark", None)
         position = self.dataset.plan.position(self.step)
         return {
@@ -431,6 +460,7 @@ class IndexedStepLoader:
             "samples": len(self.dataset),
             **({} if position is None else {"position": position}),
             "skips": self.skips.state_dict(mark),
+            "not_utf8": self.not_utf8.state_dict(),
         }
 
     def skipped_report(self) -> str:
@@ -466,10 +496,18 @@ class _StreamBatcher:
         try:
             if record.error is not None:
                 raise record.error
-            out = self.decoder(record.fields, record.image, key=record.key, epoch=record.epoch)
+            # In a scope per record: records decode concurrently on the pool's threads.
+            with NOT_UTF8.scope() as names:
+                out = self.decoder(record.fields, record.image, key=record.key, epoch=record.epoch)
         except SkipSample as e:
             return e
-        item = {"image": out.image, "caption": out.caption, "index": record.key, "id": record.id}
+        item = {
+            "image": out.image,
+            "caption": out.caption,
+            "index": record.key,
+            "id": record.id,
+            "not_utf8": list(names),
+        }
         return {"bucket": out.bucket, "item": item}
 
     def _records(self) -> Iterator[tuple[dict, StreamRecord]]:
@@ -584,8 +622,10 @@ class StreamStepLoader:
         watch: SkipWatch | None,
         count_skipped: bool = True,
         progress: bool = False,
+        not_utf8: NotUTF8Count | None = None,
     ):
         self.make_reader, self.decoder, self.batch_size = make_reader, decoder, batch_size
+        self.not_utf8 = NotUTF8Count() if not_utf8 is None else not_utf8
         self.start_step, self.end_step, self.workers = start_step, end_step, workers
         self.initial_state, self.skips, self.watch = state, skips, watch
         # Whether the skips met reading through the steps before start_step (without a state) count: for a
@@ -602,6 +642,7 @@ class StreamStepLoader:
         batcher = _StreamBatcher(reader, self.decoder, self.batch_size, self.workers, self.skips)
         if self.initial_state is not None:
             self.skips.load_state_dict(self.initial_state.get("skips", {}))
+            self.not_utf8 = NotUTF8Count.of([self.initial_state.get("not_utf8", {})])
             batcher.load_state_dict(self.initial_state["stream"])
         batches = batcher.batches()
         try:
@@ -624,11 +665,14 @@ class StreamStepLoader:
                     disable=not self.progress,
                     leave=False,
                 ):
-                    next(batches)
+                    passed = next(batches)
+                    if self.count_skipped:  # like the skips met on the way
+                        self.not_utf8.add(passed["not_utf8"])
                 batcher.skips = self.skips
             for step in range(self.start_step, self.end_step):
                 batch = next(batches)
                 skipped = batch.pop("skipped")
+                self.not_utf8.add(batch.pop("not_utf8"))
                 self._state = {"kind": "stream", "step": step + 1, "stream": batcher.state_dict()}
                 self._mark = self.skips.mark()
                 warn(self.watch, batch["id"], skipped)
@@ -643,7 +687,11 @@ class StreamStepLoader:
             raise RuntimeError("no position yet: state_dict() is available once a batch has been read")
         if self._state is self.initial_state:
             return self._state
-        return {**self._state, "skips": self.skips.state_dict(self._mark)}
+        return {
+            **self._state,
+            "skips": self.skips.state_dict(self._mark),
+            "not_utf8": self.not_utf8.state_dict(),
+        }
 
     def skipped_report(self) -> str:
         return self.skips.report()
@@ -714,7 +762,8 @@ def resplit_state(states: list[dict], global_batch: int) -> dict:
     cannot be mapped onto the new split; what carries over is the step, the dataset's size (to warn when it
     changed), the position of an index-addressable source without buckets (the samples read: from the step
     and ``global_batch`` where a state predates it) and every old rank's skipped samples, which the new
-    rank 0 takes on (``step_loader``), so the run's skip report and list still cover the whole run."""
+    rank 0 takes on (``step_loader``), so the run's skip report and list still cover the whole run; so does
+    the old ranks' count of captions not UTF-8, summed."""
     first = states[0]
     step = int(first["step"])
     position = first.get("position", step * global_batch) if first.get("kind") == "index" else None
@@ -724,6 +773,7 @@ def resplit_state(states: list[dict], global_batch: int) -> dict:
         **({"samples": first["samples"]} if "samples" in first else {}),
         **({} if position is None else {"position": int(position)}),
         "skips": [state.get("skips", {}) for state in states],
+        "not_utf8": NotUTF8Count.of(state.get("not_utf8", {}) for state in states).state_dict(),
     }
 
 
@@ -787,6 +837,12 @@ def step_loader(
         )
     resplit = state is not None and state.get("kind") == "resplit"
     skips = SkipCounter()
+    # The count of captions not UTF-8 is part of the saved data state, as the skips are: a resumed run's
+    # total covers the steps before the resume (a resplit one's old ranks' counts go to rank 0, like their
+    # skips). A state saved before it was kept resumes at 0, the earlier steps' captions uncounted.
+    not_utf8 = NotUTF8Count.of(
+        [state.get("not_utf8", {})] if state is not None and (rank == 0 or not resplit) else []
+    )
     if is_stream(cfg):
         if state is not None and not resplit and state.get("kind") != "stream":
             raise ConfigError(
@@ -810,6 +866,7 @@ def step_loader(
             watch,
             count_skipped=not resplit,
             progress=progress and rank == 0,
+            not_utf8=not_utf8,
         )
     position = None if state is None else state.get("position")
     # 0 at the global batch the position was saved at (the step gives it); another after a change of it.
@@ -850,4 +907,4 @@ def step_loader(
     checked = total if dataset.plan.groups is not None else len(events)
     watch = SkipWatch(total, events, checked, skip_list, _unit(cfg)) if rank == 0 else None
     planned = SkipCounter.of(events)
-    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch, planned)
+    return IndexedStepLoader(dataset, start_step, end_step, cfg.num_workers, skips, watch, planned, not_utf8)

@@ -4,8 +4,10 @@ A loader counts each skipped sample in a :class:`SkipCounter` (the reason, the i
 travels in its state so that a resumed run's report covers the whole run; ``merged_skips`` and
 ``merged_skip_report`` put several ranks' skips together, ``skipped_jsonl`` lists the skipped ids for the run
 folder, :class:`SkipWatch` warns once, early, when a large share of the data cannot be used, and
-``no_usable_samples`` is the error when none can. A module of its own: the latent cache counts its skips the
-same way, and the training loop reports and lists them, without reading any data.
+``no_usable_samples`` is the error when none can; :class:`NotUTF8Count` counts the captions read into
+batches that are not UTF-8 (read with U+FFFD), over one process or (``NotUTF8Count.of``) several. A module
+of its own: the latent cache counts its skips the same way, and the training loop reports and lists them,
+without reading any data.
 """
 
 from __future__ import annotations
@@ -318,3 +320,43 @@ def no_usable_samples(
     hint = f"; {'; '.join(hints)}" if hints else ""
     where = f" ({where} has none)" if where else ""
     return ConfigError(f"no usable sample {task}{where}; {counter.report()}{hint}")
+
+
+class NotUTF8Count:
+    """The captions that are not UTF-8 (``NOT_UTF8``) in the batches a loader yielded: how many, each time
+    one was read into a batch (a file read every epoch counts every epoch; a skipped sample's never), and
+    the first one's name as an example. A count and one name, not every name: a whole data set saved in
+    another encoding would otherwise put every file into each checkpoint's data state."""
+
+    def __init__(self, count: int = 0, example: str = "") -> None:
+        self.count, self.example = count, example
+
+    def add(self, names) -> None:
+        if names and not self.example:
+            self.example = names[0]
+        self.count += len(names)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "example": self.example}
+
+    @classmethod
+    def of(cls, states) -> NotUTF8Count:
+        """Several processes' (or checkpointed) counts as one: summed, the first example in their order. A
+        state saved before the count was kept (absent: ``{}``) adds nothing."""
+        total = cls()
+        for state in states:
+            total.count += int(state.get("count", 0))
+            total.example = total.example or state.get("example", "")
+        return total
+
+    def report(self, processes: int = 1) -> str | None:
+        """The line for the end of a stage (None when every caption was UTF-8); ``processes``: how many
+        processes' counts were summed into this one."""
+        if not self.count:
+            return None
+        where = f" over the {processes} processes" if processes > 1 else ""
+        return (
+            f"data: {counted(self.count, 'caption')} read into batches{where} "
+            f"{'was' if self.count == 1 else 'were'} not UTF-8 (counted each time read; e.g. {self.example}): "
+            "trained on with their bad bytes as U+FFFD; save captions as UTF-8 to keep every character"
+        )

@@ -11,6 +11,7 @@ aspect ratio (in log space, so 1:2 and 2:1 are equally far from 1:1).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -18,7 +19,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,13 +339,38 @@ class NotUTF8:
     """Caption texts whose bytes are not UTF-8, met in this process: how many, and the latest one's name.
     Their bad bytes read as U+FFFD (one such file must not stop a run); the first is warned about, once per
     process, so the replacement is never silent. Each data-loading process counts its own (a DataLoader
-    worker forked before any was met starts at 0 and warns at its first), and the warning says so."""
+    worker forked before any was met starts at 0 and warns at its first), and the warning says so. The
+    totals the user reads come from the names ``scope()`` collects per sample: the training loaders carry
+    them with the batches (``fusedit.data.loader``), cache-latents compares ``count`` before and after."""
 
     def __init__(self) -> None:
         self.count, self.last = 0, ""
         self._lock = threading.Lock()  # decoder threads meet captions concurrently
+        # The names met within this thread's open ``scope()`` (None outside one): per thread, because stream
+        # decoding runs samples on a thread pool and each sample's must be told apart.
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[list[str]]:
+        """The names of the captions that are not UTF-8 met by this thread inside the ``with``: how a loader
+        carries the count with each sample (a worker process's ``count`` never reaches the main process)."""
+        outer = getattr(self._local, "names", None)
+        self._local.names = names = []
+        try:
+            yield names
+        finally:
+            self._local.names = outer
+
+    def forget(self) -> None:
+        """Drop what this thread's open scope met so far: a sample that is skipped trains on no caption."""
+        names = getattr(self._local, "names", None)
+        if names is not None:
+            names.clear()
 
     def met(self, where: str) -> None:
+        names = getattr(self._local, "names", None)
+        if names is not None:
+            names.append(where)
         with self._lock:
             self.count += 1
             self.last = where
@@ -532,7 +558,16 @@ class SampleDecoder:
         bucket: int | None = None,
     ) -> Decoded:
         """Decode one sample. ``bucket`` forces a target (a planned batch); None picks it from the image's
-        own aspect ratio (a stream)."""
+        own aspect ratio (a stream). A sample skipped here leaves nothing in an open ``NOT_UTF8.scope()``
+        (what reading its record met too, just before): no batch trains on its caption, and the names a
+        scope holds are then the same whichever process had skipped it already (``PlannedDataset``)."""
+        try:
+            return self._decode(record, image_value, key, epoch, bucket)
+        except SkipSample:
+            NOT_UTF8.forget()
+            raise
+
+    def _decode(self, record: dict, image_value: Any, key: int, epoch: int, bucket: int | None) -> Decoded:
         captions = self.captions(record)  # before decoding: a caption-less sample costs no image decode
         image = open_image(image_value)
         try:

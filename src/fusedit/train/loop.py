@@ -60,7 +60,7 @@ from fusedit.config import (
     text_sections,
 )
 from fusedit.data.loader import PlanFailedElsewhere, check_data_paths, step_loader
-from fusedit.data.skips import merged_skip_report
+from fusedit.data.skips import NotUTF8Count, merged_skip_report
 from fusedit.devices import host_to_device
 from fusedit.files import remove_folder
 from fusedit.flow import caption_keep, flow_loss, interpolate, sample_training_times
@@ -794,18 +794,28 @@ class _Run:
         and a few examples; never every id, which each rank lists in its own file), and ``merged_skip_report``
         counts the samples found while planning the data, the same on every rank, once, and sums those of
         each rank's own reads over the ranks: a sample two ranks met (in different epochs) counts once per
-        rank that met it, as the line says."""
+        rank that met it, as the line says.
+
+        Then, when any caption read into the stage's batches was not UTF-8, their total (``NotUTF8Count``:
+        each rank's loader state sums its batches', the steps before a resume included), gathered with the
+        skip counts: one collective at the stage's end, none per step."""
+        not_utf8 = loader.not_utf8.state_dict()
         if self.env.world_size == 1:
             report = loader.skipped_report()
             ranks = [0] if listed else []
+            not_utf8_total = NotUTF8Count.of([not_utf8])
         else:
-            shares = distributed.gather_object((loader.skipped_tally(), listed), self.env)
-            report = merged_skip_report([tally for tally, _ in shares])
+            shares = distributed.gather_object((loader.skipped_tally(), listed, not_utf8), self.env)
+            report = merged_skip_report([tally for tally, _, _ in shares])
             # A rank that skipped nothing writes no list.
-            ranks = [rank for rank, (_, each) in enumerate(shares) if each]
+            ranks = [rank for rank, (_, each, _) in enumerate(shares) if each]
+            not_utf8_total = NotUTF8Count.of(count for _, _, count in shares)
         if ranks:
             report += "; " + where_listed(ranks, skip_path.parent, stage.index if self.cfg.stages else None)
         log.info("data: %s", report)
+        line = not_utf8_total.report(self.env.world_size)
+        if line:
+            log.warning("%s", line)
 
 
 def _announce_stage(cfg: Config, stage: Stage, main: bool, world_size: int = 1) -> None:
