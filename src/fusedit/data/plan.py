@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from fusedit.data.transforms import SampleDecoder, SkipSample, make_rng
+from fusedit.data.transforms import NOT_UTF8, SampleDecoder, SkipSample, make_rng
 from fusedit.files import counted
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ class PlannedDataset(Dataset):
             try:
                 item = self.load(i, epoch, slot[1])
             except SkipSample as e:
+                NOT_UTF8.forget()  # its caption, met before the skip, is read into no batch
                 bad[i] = (e.reason, e.detail)
                 skipped.append((e.reason, self.sample_id(i), e.detail))
                 continue

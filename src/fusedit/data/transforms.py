@@ -362,7 +362,9 @@ class NotUTF8:
             self._local.names = outer
 
     def forget(self) -> None:
-        """Drop what this thread's open scope met so far: a sample that is skipped trains on no caption."""
+        """Drop what this thread's open scope met so far: a sample that is skipped trains on no caption
+        (``PlannedDataset`` forgets a skipped candidate's, so a scope holds the same names whichever process
+        had skipped it already; a stream's skipped record takes its scope along)."""
         names = getattr(self._local, "names", None)
         if names is not None:
             names.clear()
@@ -558,16 +560,7 @@ class SampleDecoder:
         bucket: int | None = None,
     ) -> Decoded:
         """Decode one sample. ``bucket`` forces a target (a planned batch); None picks it from the image's
-        own aspect ratio (a stream). A sample skipped here leaves nothing in an open ``NOT_UTF8.scope()``
-        (what reading its record met too, just before): no batch trains on its caption, and the names a
-        scope holds are then the same whichever process had skipped it already (``PlannedDataset``)."""
-        try:
-            return self._decode(record, image_value, key, epoch, bucket)
-        except SkipSample:
-            NOT_UTF8.forget()
-            raise
-
-    def _decode(self, record: dict, image_value: Any, key: int, epoch: int, bucket: int | None) -> Decoded:
+        own aspect ratio (a stream)."""
         captions = self.captions(record)  # before decoding: a caption-less sample costs no image decode
         image = open_image(image_value)
         try:
