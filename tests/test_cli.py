@@ -30,7 +30,7 @@ def test_describe_and_config_and_presets(capsys):
     assert "deep fusion can read" not in out
     for overrides, reads in (
         ([], "reads K/V of LLM layers 0..5 of 6"),
-        (["model.num_layers=1"], "reads K/V of LLM layer 0 of 1"),
+        (["model.num_layers=1"], "reads K/V of LLM layer 0 of 1 LLM layer run"),
     ):
         assert main(["describe", "debug", *overrides]) == 0
         assert reads in capsys.readouterr().out
@@ -1139,7 +1139,8 @@ def test_under_torchrun_rank_0_alone_warns_of_the_config(caplog, monkeypatch, tm
     assert not logging.getLogger("fusedit.config").disabled
 
 
-def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch):
+def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     bad = ["train", "debug", "model.pos_embed=nope"]  # train: the one command torchrun runs in several
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the line of a plain run
@@ -1150,13 +1151,16 @@ def test_under_torchrun_each_rank_writes_its_own_error_line(capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("fusedit: error (rank 1): model.pos_embed='nope' is not allowed")
     assert err.endswith("\n") and err.count("\n") == 1
-    # A machine's other processes read the same files: its local rank 0 says it, they say so in short.
+    # A machine's other processes read the same files: its local rank 0 says it, they say so in short; also
+    # of what train() refuses before the process group (a data path, an LLM that deep fusion cannot read).
     monkeypatch.setattr("fusedit.cli.RANK_0_FIRST_S", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert main(bad) == 2
-    assert capsys.readouterr().err == (
-        "fusedit: error (rank 1): stopped at start-up, as this machine's local rank 0 did: its error says why\n"
-    )
+    for refused in (bad, ["train", "debug", "data.source=folder", f"data.root={tmp_path / 'nothing'}"]):
+        assert main(refused) == 2
+        assert capsys.readouterr().err == (
+            "fusedit: error (rank 1): stopped at start-up, as this machine's local rank 0 did: its error says why\n"
+        )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_log_lines_go_above_the_progress_bar(capsys, monkeypatch):

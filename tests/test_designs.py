@@ -300,16 +300,14 @@ def test_llms_the_text_stream_cannot_read_are_refused_in_one_line(tmp_path):
 )
 def test_deep_fusion_over_an_llm_it_cannot_read_is_refused_before_the_run_folder(tmp_path, family, says):
     """The family's refusal comes from its config alone (one layer built on the meta device for its
-    projections), before the run folder is made and locked: a refused run left an empty folder behind."""
-    from transformers import AutoConfig
-
-    arch = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
-    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0}
-    AutoConfig.for_model(family, **arch, **heads).save_pretrained(tmp_path / family)
-    cfg = tiny_config(text={"model_id": str(tmp_path / family)}, train={"steps": 1})
+    projections), before the run folder is made and locked: a refused run left an empty folder behind. The
+    shallow designs read hidden states only: they train over it."""
+    text = _saved_llm(tmp_path / family, family)
     with pytest.raises(ConfigError, match=f"model_type {family!r} is not supported by deep fusion: {says}"):
-        train(cfg, tmp_path / "run")
+        train(tiny_config(text=text, train={"steps": 1}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    shallow = tiny_config(text=text, model={"design": "dit-self"}, train={"steps": 1})
+    assert train(shallow, tmp_path / "shallow")["step"] == 1
 
 
 @pytest.mark.parametrize(("concat", "llms"), [("tokens", 2), ("channels", 2), ("tokens", 3)])

@@ -98,7 +98,7 @@ def test_the_columns_read_as_index_json_does_without_parsing_it(cache, tmp_path,
             assert got == want
 
 
-def test_a_spawned_worker_maps_the_columns_again_rather_than_unpickle_a_copy(cache):
+def test_a_spawned_worker_maps_the_columns_again_rather_than_unpickle_a_copy(cache, tmp_path):
     dataset = LatentDataset(cache)
     data = pickle.dumps(dataset)
     # The tables are left out of the pickle (no caption, no id is in it), and mapped again when it loads.
@@ -109,6 +109,13 @@ def test_a_spawned_worker_maps_the_columns_again_rather_than_unpickle_a_copy(cac
     )
     assert _tables(worker) == _tables(dataset)
     assert torch.equal(worker.load(4, 0, -1)["latent"], dataset.load(4, 0, -1)["latent"])
+    # Columns written anew in between (a cache started over under the run) are refused, not mixed in.
+    copy = LatentDataset(shutil.copytree(cache, tmp_path / "copy"))
+    data = pickle.dumps(copy)
+    head = tmp_path / "copy" / "index" / "head.json"
+    head.write_text(head.read_text())
+    with pytest.raises(ConfigError, match="was written anew while training read it"):
+        pickle.loads(data)
 
 
 def test_the_columns_hold_what_index_json_does_for_repeated_ids_and_empty_shards(tmp_path):

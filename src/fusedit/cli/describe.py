@@ -15,6 +15,7 @@ from fusedit.config import (
     text_sections,
     to_yaml,
 )
+from fusedit.files import counted
 
 
 def _count(state: str, what: str, count: int) -> str:
@@ -191,7 +192,7 @@ def cmd_describe(args) -> int:
             if req.raw_kv_layers
             else f"LLM hidden state {req.hidden_layer}"
         )
-        return f"{what} of {len(llm.layers)} LLM layers run"
+        return f"{what} of {counted(len(llm.layers), 'LLM layer')} run"
 
     read = [reads(req, enc.llm) for req, enc in zip(d.text_requests, model.encoders, strict=True)]
     if len(read) > 1:  # several LLMs (LI-DiT): each named by its section

@@ -50,13 +50,6 @@ def _said_by_rank_0(logger: logging.Logger) -> Iterator[None]:
         logger.disabled = before
 
 
-def _local_rank_of_several() -> int:
-    """This process's LOCAL_RANK in a torchrun job of several processes; 0 otherwise (train() refuses
-    nonsense)."""
-    local, world = os.environ.get("LOCAL_RANK", ""), os.environ.get("WORLD_SIZE", "")
-    return int(local) if local.isdigit() and world.isdigit() and int(world) > 1 else 0
-
-
 def _train_kept(out: Path, args, started: float) -> str:
     """What an interrupted training run kept: the checkpoint --resume would take, and the command."""
     from fusedit.checkpoints import redone_steps
@@ -73,6 +66,7 @@ def _train_kept(out: Path, args, started: float) -> str:
 
 
 def cmd_train(args) -> int:
+    from fusedit.train.distributed import local_rank_of_several
     from fusedit.train.loop import train
     from fusedit.train.run_folder import RunExists
 
@@ -85,7 +79,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         # The processes of one machine read the same command line and files: its local rank 0 prints the
         # error. Not left to rank 0 across machines: a file missing on one node only is that node's error.
-        if _local_rank_of_several() > 0:
+        if local_rank_of_several() > 0:
             e.said_by = "this machine's local rank 0"
         raise
     if args.stop_at is not None and args.stop_at > cfg.train.steps and os.environ.get("RANK", "0") == "0":

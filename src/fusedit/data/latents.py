@@ -1116,6 +1116,12 @@ def _open_files_cap() -> int:
     return 256 if soft == resource.RLIM_INFINITY else max(1, min(256, soft // 4))
 
 
+def _columns_stamp(latents_dir: str | Path) -> tuple[int, int]:
+    """Which writing of the index's columns ``latents_dir`` holds: its head's inode and modification time."""
+    stat = (Path(latents_dir) / COLUMNS / _IndexColumns.HEAD).stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
 # The tables LatentDataset maps from the index's columns (_from_columns): not pickled (__getstate__).
 _MAPPED = ("ids", "captions", "positions", "shard_of")
 
@@ -1143,8 +1149,10 @@ class LatentDataset(PlannedDataset):
         self.shapes = sorted(shapes)
         rank = np.array([self.shapes.index(shape) for shape in shapes], dtype=np.int32)
         self.group_of = rank[shape_of]
-        # Columns mapped as they are: a spawned DataLoader worker maps them again (__getstate__).
+        # Columns mapped as they are: a spawned DataLoader worker maps them again (__getstate__), the same
+        # files (a rerun that writes the index replaces them: another inode).
         self._mapped = columns is not None
+        self._stamp = _columns_stamp(latents_dir) if columns is not None else None
         if np.any(self.positions[1:] < self.positions[:-1]):  # cache-latents writes them in position order
             self._mapped = False
             order = np.argsort(self.positions, kind="stable")
@@ -1221,7 +1229,7 @@ class LatentDataset(PlannedDataset):
         if not self._mapped:
             return
         columns = _IndexColumns.read(self.dir)
-        if columns is None or columns[0]["num_samples"] != len(self.group_of):
+        if columns is None or _columns_stamp(self.dir) != self._stamp:
             raise ConfigError(
                 f"data.latents_dir={str(self.dir)!r} was written anew while training read it (a DataLoader "
                 "worker found another index than the run's); allowed: a cache that stays as it is while a run "

@@ -144,22 +144,30 @@ def load_llm(
 
 def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
     """The refusals of ``load_llm`` and ``LLMSpec.from_hf`` that the LLM's config alone decides, made
-    without its weights: a config that is not LLaMA-style, and for a ``deep`` design (which reads each
+    without its weights: a config that is not LLaMA-style, and for a ``deep`` design (its trait: it reads each
     layer's K/V) a RoPE per layer type or layers without separate q/k/v projections (one layer built on the
-    meta device shows them). A run checks this before it makes and locks its folder."""
+    meta device shows them). A run checks this before it makes and locks its folder. Not all: whether the
+    K/V that deep fusion computes match the LLM's own (TextEncoder.check_kv: OLMo-2's or Cohere's normed
+    keys, say) needs the built LLM, and is refused when the run builds it."""
     config = llm_config(cfg, key=key)
     LLMSpec.from_hf(config, deep=deep)
     if deep:
         one = copy.deepcopy(config)
         _cut_config(one, 1)
-        with torch.device("meta"):
-            _refuse_without_kv(AutoModel.from_config(one), config.model_type)
+        try:
+            with torch.device("meta"):
+                llm = AutoModel.from_config(one)
+        except ValueError as e:  # a config AutoModel has no decoder for (a vision-language model's text part)
+            raise unsupported_llm(
+                config.model_type, f"transformers builds no model of it: {str(e).splitlines()[0]}"
+            ) from None
+        _refuse_without_kv(llm, config.model_type)
 
 
 def _refuse_without_kv(llm: PreTrainedModel, model_type: str) -> None:
     """Deep fusion reads each layer's K/V through its q/k/v projections (text/encoder.py): a family whose
     attention fuses them (Phi-3's qkv_proj) is refused in one line."""
-    attn = getattr(getattr(llm, "layers", [None])[0], "self_attn", None)
+    attn = getattr((getattr(llm, "layers", None) or [None])[0], "self_attn", None)
     if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         raise unsupported_llm(
             model_type,

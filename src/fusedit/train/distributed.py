@@ -61,6 +61,15 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
 
 
+def local_rank_of_several() -> int:
+    """This process's LOCAL_RANK in a torchrun job of several processes, read before the process group is
+    joined; 0 otherwise (setup refuses nonsense). What a machine's processes refuse alike before then (a
+    config, a path) its local rank 0 says in full: not rank 0 across machines, as a path missing on one
+    node only is that node's error."""
+    local, world = os.environ.get("LOCAL_RANK", ""), os.environ.get("WORLD_SIZE", "")
+    return int(local) if local.isdigit() and world.isdigit() and int(world) > 1 else 0
+
+
 def _refuse_half_a_launch() -> None:
     """RANK without WORLD_SIZE, or WORLD_SIZE without RANK, naming a job of several processes: a launcher's or
     a job script's mistake, which would otherwise train silently as one process (a lone RANK=0 or

@@ -151,10 +151,17 @@ def train(
         raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
     # A config edited in Python is checked as a file is, on a copy whose existing paths are absolute (the
     # config a run saves must find them from another working directory: cfg.data.root = "imgs").
-    cfg = checked(cfg)
-    _check_before_start(cfg)
-    if not resume:
-        _check_init_from(Path(run_dir), cfg)
+    try:
+        cfg = checked(cfg)
+        _check_before_start(cfg)
+        if not resume:
+            _check_init_from(Path(run_dir), cfg)
+    except ConfigError as e:
+        # Before the process group: every process of a machine reads the same config and files, so its local
+        # rank 0 says the refusal (`fusedit train` prints the others' short line).
+        if distributed.local_rank_of_several() > 0:
+            e.said_by = "this machine's local rank 0"
+        raise
     # When a Ctrl+C or a stop names the checkpoint to resume from, an older one is the earlier run that
     # ``overwrite`` was to delete (its deletion comes after the build).
     replaced_before = None if resume else time.time()
