@@ -9,6 +9,7 @@ import json
 import logging
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,10 +17,12 @@ from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
 from fusedit.data.loader import resplit_state, step_loader
+from fusedit.train import distributed, loop
 from fusedit.train.loop import train
 from test_data_sources import _encode, _noise
 
-TAIL = "trained on with their bad bytes as U+FFFD; save captions as UTF-8 to keep every character"
+MID = "not UTF-8 (counted each time read, with a sample's caption files and fields that were not picked; e.g."
+TAIL = "read with their bad bytes as U+FFFD; save captions as UTF-8 to keep every character"
 
 
 def _folder(root: Path, corrupt: bool = False) -> Path:
@@ -51,8 +54,7 @@ def test_training_reports_the_total_of_captions_not_utf8_at_the_end(tmp_path, ca
         train(cfg, tmp_path / "run", progress=False)
     # A batch of 4 holds all 4 samples: b's caption is read at each of the 3 steps.
     assert _not_utf8_lines(caplog) == [
-        f"data: 3 captions read into batches were not UTF-8 (counted each time read; e.g. {root / 'b.txt'}): "
-        + TAIL
+        f"data: 3 caption texts read for batches were {MID} {root / 'b.txt'}): " + TAIL
     ]
     state = json.loads((find_checkpoint(tmp_path / "run") / "data_state.json").read_text())
     assert state["not_utf8"] == {"count": 3, "example": str(root / "b.txt")}
@@ -68,8 +70,7 @@ def test_a_resumed_run_reports_the_total_of_the_whole_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fusedit"):
         train(cfg, tmp_path / "run", resume=True, progress=False)
     assert _not_utf8_lines(caplog) == [
-        f"data: 4 captions read into batches were not UTF-8 (counted each time read; e.g. {root / 'b.txt'}): "
-        + TAIL
+        f"data: 4 caption texts read for batches were {MID} {root / 'b.txt'}): " + TAIL
     ]
 
 
@@ -123,11 +124,10 @@ def test_several_processes_counts_are_summed_in_one_line_and_carried_by_a_respli
     ]
     total = NotUTF8Count.of(shares)
     assert total.report(3) == (
-        "data: 3 captions read into batches over the 3 processes were not UTF-8 (counted each time read; "
-        "e.g. x/1.txt): " + TAIL
+        f"data: 3 caption texts read for batches over the 3 processes were {MID} x/1.txt): " + TAIL
     )
     assert NotUTF8Count(1, "a.txt").report() == (
-        "data: 1 caption read into batches was not UTF-8 (counted each time read; e.g. a.txt): " + TAIL
+        f"data: 1 caption text read for batches was {MID} a.txt): " + TAIL
     )
     assert NotUTF8Count().report() is None
     # A state saved before the count was kept adds nothing; a resplit sums the old ranks' counts.
@@ -135,3 +135,88 @@ def test_several_processes_counts_are_summed_in_one_line_and_carried_by_a_respli
         {"kind": "index", "step": 2}
     ]
     assert resplit_state(old, 8)["not_utf8"] == {"count": 3, "example": "x/1.txt"}
+
+
+def _old_ranks(kind: str) -> list[dict]:
+    """Two old ranks' states at step 2 whose counts sum to 7 (the example: rank 0's)."""
+    counts = [{"count": 5, "example": "x.txt"}, {"count": 2, "example": "y.txt"}]
+    return [{"kind": kind, "step": 2, "samples": 4, "skips": {}, "not_utf8": c} for c in counts]
+
+
+def test_a_resplit_gives_the_old_ranks_count_to_rank_0_alone_and_a_stream_counts_no_replayed_step(tmp_path):
+    # Every new rank reads old rank 0's state (train/data_state.py): were the count not rank 0's alone, the
+    # summed stage-end line would count the old ranks' captions once per new rank.
+    root = _folder(tmp_path / "data")
+    cfg = DataConfig(source="folder", root=str(root), image_size=16)
+    state = resplit_state(_old_ranks("index"), 4)
+    b = str(root / "b.txt")
+    counts = []
+    for rank in range(3):
+        loader = step_loader(cfg, 0, 1, 2, 5, rank=rank, world_size=3, state=state)
+        ids = [i for batch in loader for i in batch["id"]]
+        counts.append((ids.count("b.png"), loader.state_dict()["not_utf8"]))
+    # Rank 0: 7 + its own b.png (1); rank 1 never reads b; rank 2 once.
+    assert counts == [
+        (1, {"count": 8, "example": "x.txt"}),
+        (0, {"count": 0, "example": ""}),
+        (1, {"count": 1, "example": b}),
+    ]
+    # A stream is read through from its start to step 2 on every rank: those steps are the old ranks' (in
+    # the 7), so only the batches yielded add. Rank 1 met k1 in its steps read through, too.
+    shard = _shard(tmp_path / "s.tar")
+    scfg = DataConfig(source="webdataset", shards=[str(shard)], image_size=16)
+    state = resplit_state(_old_ranks("stream"), 4)
+    counts = []
+    for rank in range(2):
+        loader = step_loader(scfg, 0, 1, 2, 4, rank=rank, world_size=2, state=state)
+        captions = [c for batch in loader for c in batch["caption"]]
+        counts.append((captions.count("caf\ufffd"), loader.state_dict()["not_utf8"]))
+    assert counts == [(0, {"count": 7, "example": "x.txt"}), (1, {"count": 1, "example": f"{shard}/k1.txt"})]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sample_the_catalog_skips_after_reading_its_bad_caption_files_counts_nothing(tmp_path, workers):
+    # c's caption file is a broken JSON in Latin-1 (next to a Latin-1 .txt): both are decoded, then the
+    # catalog itself skips c ("no-caption") before the decoder ever sees it.
+    root = tmp_path / "data"
+    root.mkdir()
+    for i, name in enumerate("abc"):
+        _noise(32, 32, i).save(root / f"{name}.png")
+        (root / f"{name}.json").write_text(json.dumps({"caption": f"a red {name}"}))
+    (root / "c.json").write_bytes('{"caption": "caf\xe9'.encode("latin-1"))
+    (root / "c.txt").write_bytes("caf\xe9".encode("latin-1"))
+    cfg = DataConfig(
+        source="folder", root=str(root), image_size=16, caption_fields=["json.caption"], num_workers=workers
+    )
+    loader = step_loader(cfg, 0, 2, 0, 3)
+    ids = [i for batch in loader for i in batch["id"]]
+    assert loader.skips.counts() == {"no-caption": 1} and "c.png" not in ids and len(ids) == 6
+    assert loader.state_dict()["not_utf8"] == {"count": 0, "example": ""}
+
+
+def test_the_stage_end_line_sums_every_rank_s_count(tmp_path, monkeypatch, caplog):
+    from fusedit.data.skips import NotUTF8Count  # imported here: the tests above run on code without it
+
+    root = _folder(tmp_path / "data")
+    loader = step_loader(DataConfig(source="folder", root=str(root), image_size=16), 0, 2, 0, 2)
+    ids = [i for batch in loader for i in batch["id"]]
+    own = loader.state_dict()["not_utf8"]
+    assert own == {"count": ids.count("b.png"), "example": str(root / "b.txt")} and own["count"] == 1
+    gathered = []
+
+    def gather(obj, env):  # ranks 1 and 2 of a 3-process run, this process being rank 0
+        gathered.append(obj)
+        return [
+            obj,
+            (obj[0], False, {"count": 2, "example": "r1.txt"}),
+            (obj[0], False, {"count": 0, "example": ""}),
+        ]
+
+    monkeypatch.setattr(distributed, "gather_object", gather)
+    run = SimpleNamespace(env=SimpleNamespace(world_size=3, rank=0), cfg=SimpleNamespace(stages=None))
+    with caplog.at_level(logging.INFO, logger="fusedit"):
+        loop._Run._report_skipped(run, SimpleNamespace(index=0), loader, False, tmp_path / "skipped.jsonl")
+    # One collective carries this rank's count with its skip tally.
+    assert [share[2] for share in gathered] == [own]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [NotUTF8Count(3, str(root / "b.txt")).report(3)]

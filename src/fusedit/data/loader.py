@@ -642,7 +642,6 @@ class StreamStepLoader:
         batcher = _StreamBatcher(reader, self.decoder, self.batch_size, self.workers, self.skips)
         if self.initial_state is not None:
             self.skips.load_state_dict(self.initial_state.get("skips", {}))
-            self.not_utf8 = NotUTF8Count.of([self.initial_state.get("not_utf8", {})])
             batcher.load_state_dict(self.initial_state["stream"])
         batches = batcher.batches()
         try:

@@ -323,8 +323,9 @@ def no_usable_samples(
 
 
 class NotUTF8Count:
-    """The captions that are not UTF-8 (``NOT_UTF8``) in the batches a loader yielded: how many, each time
-    one was read into a batch (a file read every epoch counts every epoch; a skipped sample's never), and
+    """The caption texts that are not UTF-8 (``NOT_UTF8``) read for the batches a loader yielded: how many,
+    each time one was read for a batch (a file read every epoch counts every epoch; a skipped sample's never;
+    every caption file and field of a sample is read, also those ``caption_pick`` does not train on), and
     the first one's name as an example. A count and one name, not every name: a whole data set saved in
     another encoding would otherwise put every file into each checkpoint's data state."""
 
@@ -356,7 +357,8 @@ class NotUTF8Count:
             return None
         where = f" over the {processes} processes" if processes > 1 else ""
         return (
-            f"data: {counted(self.count, 'caption')} read into batches{where} "
-            f"{'was' if self.count == 1 else 'were'} not UTF-8 (counted each time read; e.g. {self.example}): "
-            "trained on with their bad bytes as U+FFFD; save captions as UTF-8 to keep every character"
+            f"data: {counted(self.count, 'caption text')} read for batches{where} "
+            f"{'was' if self.count == 1 else 'were'} not UTF-8 (counted each time read, with a sample's caption "
+            f"files and fields that were not picked; e.g. {self.example}): read with their bad bytes as U+FFFD; "
+            "save captions as UTF-8 to keep every character"
         )
