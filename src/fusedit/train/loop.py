@@ -54,6 +54,7 @@ from fusedit.config import (
     Stage,
     TrainConfig,
     checked,
+    gone_model_paths,
     is_shallow,
     resolved_stages,
     save_config,
@@ -153,7 +154,7 @@ def train(
     # config a run saves must find them from another working directory: cfg.data.root = "imgs").
     try:
         cfg = checked(cfg)
-        _check_before_start(cfg)
+        _check_before_start(cfg, resume)
         if not resume:
             _check_init_from(Path(run_dir), cfg)
     except ConfigError as e:
@@ -204,12 +205,15 @@ def train(
         distributed.teardown(env)
 
 
-def _check_before_start(cfg: Config) -> None:
+def _check_before_start(cfg: Config, resume: bool) -> None:
     """What a config alone decides, refused before the run folder is made and locked (a refused run left
     one behind, holding train.lock and the loggers opened before the failing one): each stage's data
     locations, the loggers' packages, and each LLM's family (check_llm: from its config, no weights)."""
+    # A resumed run's LLM folder that moved is named later with the way on (the override to give it).
+    gone = gone_model_paths(cfg) if resume else {}
     for key, text in text_sections(cfg):
-        check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
+        if f"{key}.model_id" not in gone:
+            check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
     for stage in resolved_stages(cfg):
         try:
             check_data_paths(stage.config.data, stage.config.vae)
