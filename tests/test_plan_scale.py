@@ -31,9 +31,10 @@ ROWS = [
 ]
 
 
-def _folder(root: Path, sizes: bool) -> DataConfig:
+def _folder(root: Path, sizes: bool, table: list = ROWS) -> DataConfig:
+    """``table``'s images (and its corrupt file) in ``root``, indexed with sizes or without."""
     rows = []
-    for name, w, h, caption in ROWS:
+    for name, w, h, caption in table:
         if name == "bad.png":
             (root / name).write_bytes(b"not an image at all")
         else:

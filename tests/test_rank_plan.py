@@ -10,45 +10,19 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
 from fusedit.config import ConfigError, DataConfig
 from fusedit.data import loader
 from fusedit.data.transforms import SampleDecoder
+from test_plan_scale import ROWS as PLAN_ROWS
+from test_plan_scale import _folder as _plan_folder
 
-# (file, width, height, caption): three aspect ratios, a corrupt file, a tiny image, an uncaptioned one.
-ROWS = [
-    ("a.png", 48, 32, "wide"),
-    ("b.png", 32, 48, "tall"),
-    ("c.png", 40, 40, "square"),
-    ("bad.png", 40, 40, "corrupt file"),
-    ("d.png", 64, 40, "wide again"),
-    ("tiny.png", 6, 6, "too small"),
-    ("e.png", 32, 32, ""),
-    ("f.png", 36, 54, "tall again"),
-    ("g.png", 40, 44, "nearly square"),
-    ("h.png", 50, 30, "wide once more"),
-]
+# test_plan_scale's rows and one more wide image: 10 samples, so 3 ranks read shares of 3, 3 and 4.
+ROWS = [*PLAN_ROWS, ("h.png", 50, 30, "wide once more")]
 
 
 def _folder(root: Path, sizes: bool) -> DataConfig:
-    rows = []
-    for name, w, h, caption in ROWS:
-        if name == "bad.png":
-            (root / name).write_bytes(b"not an image at all")
-        else:
-            Image.new("RGB", (w, h), (w, h, 7)).save(root / name)
-        rows.append({"path": name, "caption": caption, **({"width": w, "height": h} if sizes else {})})
-    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return DataConfig(
-        source="folder",
-        root=str(root),
-        index_file=str(root / "index.jsonl"),
-        image_size=32,
-        min_image_size=16,
-        caption_fields=["caption"],
-        buckets=[[32, 32], [32, 48], [48, 32]],  # (H, W): square, wide, tall
-    )
+    return _plan_folder(root, sizes, ROWS)
 
 
 class _Gather:

@@ -22,11 +22,17 @@ _RUN_ENTRIES = re.compile(
 )
 
 
+def _rank_0() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or alone: what every process would say alike, it
+    says for all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _warn_other_files(out: Path) -> None:
     """A new run's ``out`` that holds what no run writes (an earlier sample's images, a user's files) is
     trained into all the same, since an earlier run's folder must keep working and nothing there is deleted,
     but said in one line: the run's files land beside them, and `fusedit sample` then refuses the folder."""
-    if os.environ.get("RANK", "0") != "0" or not out.is_dir():  # said once under torchrun
+    if not _rank_0() or not out.is_dir():  # said once under torchrun
         return
     other = min((p for p in out.iterdir() if not _RUN_ENTRIES.fullmatch(p.name)), default=None)
     if other is not None:
@@ -43,7 +49,7 @@ def _said_by_rank_0(logger: logging.Logger) -> Iterator[None]:
     """``logger``'s warnings from rank 0 alone under torchrun: every process loads the same config, so the
     settings that change nothing and the overrides no key reads are said once, not once per GPU."""
     before = logger.disabled
-    logger.disabled = before or os.environ.get("RANK", "0") != "0"
+    logger.disabled = before or not _rank_0()
     try:
         yield
     finally:
@@ -82,7 +88,7 @@ def cmd_train(args) -> int:
         if local_rank_of_several() > 0:
             e.said_by = "this machine's local rank 0"
         raise
-    if args.stop_at is not None and args.stop_at > cfg.train.steps and os.environ.get("RANK", "0") == "0":
+    if args.stop_at is not None and args.stop_at > cfg.train.steps and _rank_0():
         log.warning(
             "--stop-at %d is beyond train.steps=%d: the run ends at step %d first",
             args.stop_at,
@@ -139,7 +145,7 @@ def _warn_weights_not_taken(folders: list[Path], init_from: str) -> None:
     saved config the same way."""
     from fusedit.train.checkpoint import init_source
 
-    if os.environ.get("RANK", "0") != "0":  # said once under torchrun
+    if not _rank_0():  # said once under torchrun
         return
     for folder in map(Path, map(os.path.normpath, folders)):
         if init_from and _same_start(init_from, folder, init_source):

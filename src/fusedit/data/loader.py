@@ -380,24 +380,6 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-class _NotUTF8Flagged(Dataset):
-    """A planned dataset whose items carry the names of the captions that are not UTF-8 read for them: in a
-    DataLoader worker the process's ``NOT_UTF8`` count never reaches the main process, a batch does."""
-
-    def __init__(self, dataset: PlannedDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, slot):
-        with NOT_UTF8.scope() as names:
-            item = self.dataset[slot]
-        if "unusable" not in item:
-            item["not_utf8"] = list(names)
-        return item
-
-
 class IndexedStepLoader:
     """Step-addressed batches of an index-addressable source (a DataLoader over plan slots)."""
 
@@ -425,7 +407,7 @@ class IndexedStepLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(
-            _NotUTF8Flagged(self.dataset),
+            self.dataset,
             batch_sampler=PlanBatches(self.dataset.plan, self.start_step, self.end_step),
             num_workers=self.num_workers,
             collate_fn=collate,

@@ -245,20 +245,22 @@ class PlannedDataset(Dataset):
         # Its outcome cannot change within a run (the same file, caption fields and sizes), so the batches
         # are those without this shortcut. It starts empty in every loader: a run resumed after the files
         # were fixed reads them again.
+        # The item carries the names of the captions that are not UTF-8 its reading met ("not_utf8"): in a
+        # DataLoader worker the process's NOT_UTF8 count never reaches the main process, a batch does.
         bad = self.__dict__.setdefault("_bad", {})
         skipped = []
         for i, epoch in self.plan.candidates(slot):
             if i in bad:
                 skipped.append((bad[i][0], self.sample_id(i), bad[i][1]))
                 continue
-            try:
-                item = self.load(i, epoch, slot[1])
-            except SkipSample as e:
-                NOT_UTF8.forget()  # its caption, met before the skip, is read into no batch
-                bad[i] = (e.reason, e.detail)
-                skipped.append((e.reason, self.sample_id(i), e.detail))
-                continue
-            item["skipped"] = skipped
+            with NOT_UTF8.scope() as not_utf8:  # a skipped candidate's are read into no batch
+                try:
+                    item = self.load(i, epoch, slot[1])
+                except SkipSample as e:
+                    bad[i] = (e.reason, e.detail)
+                    skipped.append((e.reason, self.sample_id(i), e.detail))
+                    continue
+            item["skipped"], item["not_utf8"] = skipped, not_utf8
             return item
         # Reported, not raised: this may run in a DataLoader worker, whose exceptions reach the main process
         # with the worker's whole traceback as their message. collate passes the report on and

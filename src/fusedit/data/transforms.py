@@ -361,14 +361,6 @@ class NotUTF8:
         finally:
             self._local.names = outer
 
-    def forget(self) -> None:
-        """Drop what this thread's open scope met so far: a sample that is skipped trains on no caption
-        (``PlannedDataset`` forgets a skipped candidate's, so a scope holds the same names whichever process
-        had skipped it already; a stream's skipped record takes its scope along)."""
-        names = getattr(self._local, "names", None)
-        if names is not None:
-            names.clear()
-
     def met(self, where: str) -> None:
         names = getattr(self._local, "names", None)
         if names is not None:
