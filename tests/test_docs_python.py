@@ -57,7 +57,13 @@ def test_every_python_block_of_the_guide_runs_in_order(tmp_path, monkeypatch, ca
             exec(compile("\n" * (line - 1) + code, str(GUIDE), "exec"), namespace)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "my-config.yaml", "runs", "samples"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval",
+        "my-config.yaml",
+        "photos",
+        "runs",
+        "samples",
+    ]
 
 
 def test_every_fusedit_name_the_guide_mentions_exists():

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 import fusedit.eval.run as run_mod
+from fusedit.config import ConfigError
 from fusedit.eval.compbench import score_compbench, write_compbench_samples
 from fusedit.eval.dpg import score_dpg_folder, write_dpg_grids
+from fusedit.eval.fid import results_beside
 from fusedit.eval.geneval import score_geneval_folder, write_geneval_samples
 from test_compbench import StubVQA, colour_generate
 from test_dpg import colour_generate as grid_generate
@@ -79,6 +81,33 @@ def test_sibling_folders_scored_with_the_default_keep_their_own_results(tmp_path
     assert len(Path(files[0]).read_text().splitlines()) == 4  # a's four images, not b's two
     assert len(Path(files[1]).read_text().splitlines()) == 2
     assert json.loads(Path(files[2]).read_text())["name"] == "0"
+
+
+@pytest.mark.parametrize("given", ["samples", "samples/", "./samples//", "x/../samples", "."])
+def test_the_default_results_file_is_named_after_the_folder_however_it_is_written(
+    given, tmp_path, monkeypatch
+):
+    """A trailing slash, "." and ".." go before the name is taken, so every spelling of OUT/samples (".": run
+    from inside it) gets OUT/samples-results.jsonl."""
+    (tmp_path / "out" / "samples").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "out" / ("samples" if given == "." else ""))
+    assert results_beside(given) == tmp_path / "out" / "samples-results.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("given", "cwd"), [("/", None), ("//", None), ("/..", None), (".", "/"), ("..", "/")]
+)
+def test_the_filesystem_root_has_no_default_results_file(given, cwd, monkeypatch):
+    """The root has no name to give the file and no parent to hold it: it was "/-results.jsonl" (or
+    "//-results.jsonl"), a nameless file among the images scored. Refused in one line, naming the value and
+    the way out, whichever way the root is spelt or reached."""
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError) as refused:
+        results_beside(given)
+    message = str(refused.value)
+    assert message.startswith(f"the images folder {given!r} is the filesystem root ")
+    assert message.endswith("pass out_file (the results file to write)") and "\n" not in message
 
 
 def test_library_scoring_of_a_protocol_folder_leaves_the_runs_results(tmp_path, monkeypatch):

@@ -965,6 +965,8 @@ def score_category(
         raise ConfigError("the complex category needs complex_groups (load_complex_groups of the dataset)")
     text = text or RuleText()
     samples = Path(samples)
+    # Named before the scoring, so that a folder with no place beside it is refused before the work.
+    out_path = Path(out_file) if out_file is not None else results_beside(samples)
     jobs = [
         (samples / sample_name(prompt, p * n_per_prompt + k), prompt)
         for p, prompt in enumerate(prompts)
@@ -1014,7 +1016,6 @@ def score_category(
         )
     # Named after the folder (``<category>/samples-results.jsonl``), as GenEval's and DPG-Bench's are: sibling
     # folders keep their own, and a protocol run's ``<category>/results.jsonl`` (score_compbench) is left alone.
-    out_path = Path(out_file) if out_file is not None else results_beside(samples)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "score": float(np.mean([r["score"] for r in rows])),

@@ -282,6 +282,8 @@ def score_dpg_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"DPG-Bench grid folder {str(folder)!r} does not exist")
+    # Named before the scoring, so that a folder with no place beside it is refused before the work.
+    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     # Another run's grids in the folder beyond ``names`` (a longer prompt list, no limit) are not scored.
     wanted = questions.keys() if names is None else set(names) & questions.keys()
     grids = sorted((p for p in folder.glob("*.png") if p.stem in wanted), key=lambda p: name_order(p.stem))
@@ -313,7 +315,6 @@ def score_dpg_folder(
                 "answers": tile_answers,
             }
         )
-    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     scored = {r["name"] for r in results}

@@ -570,9 +570,16 @@ def results_beside(folder: str | Path) -> Path:
     images, which the official scorers read as samples (ELLA's DPG-Bench script fails on any other file).
     Named after the folder, so that sibling folders (``out/a``, ``out/b``; a GenEval ``OUT/samples`` and
     a DPG-Bench ``OUT/grids``) keep one each, and never a protocol run's ``results[-...].jsonl``
-    (``eval.run.output_files``), which its scores file names."""
-    folder = Path(os.path.abspath(folder))
-    return folder.parent / f"{folder.name}-results.jsonl"
+    (``eval.run.output_files``), which its scores file names. The filesystem root has no name to give the
+    file and no parent to hold it (a ``results.jsonl`` inside it would lie among the images), so it is
+    refused: the caller passes ``out_file``."""
+    resolved = Path(os.path.abspath(folder))  # lexically ("samples/", ".", ".."): a symlink keeps its name
+    if not resolved.name:  # "/", "//", "/..", or "." run from the root
+        raise ConfigError(
+            f"the images folder {str(folder)!r} is the filesystem root {str(resolved)!r}, which has no parent "
+            "to hold its default results file: pass out_file (the results file to write)"
+        )
+    return resolved.parent / f"{resolved.name}-results.jsonl"
 
 
 def scorer_record(model_id, loaded=None, fingerprint: str | None = None) -> dict:

@@ -418,6 +418,8 @@ def score_geneval_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"GenEval sample folder {str(folder)!r} does not exist")
+    # Named before the scoring, so that a folder with no place beside it is refused before the work.
+    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     if metadata is None:
         # Upstream reads the file with json.load: one object, whatever the extension says.
         prompts = [
@@ -459,7 +461,6 @@ def score_geneval_folder(
                 "details": json.dumps(verdict["details"]),
             }
         )
-    out_path = Path(out_file) if out_file is not None else results_beside(folder)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     return {**summarize(results), "results_file": str(out_path)}
