@@ -242,6 +242,33 @@ def test_a_cache_without_columns_gains_them_by_a_rerun_and_a_failed_rerun_leaves
     assert _tables(LatentDataset(old)) == _tables(LatentDataset(cache))
 
 
+@pytest.mark.parametrize("dtype", ["<i8", "|u1", "<i4"])
+def test_a_column_writes_each_value_once_into_the_file_np_save_writes(tmp_path, monkeypatch, dtype):
+    # The values went to a raw file, then were copied behind the header (~1.3 GB more written at 10M).
+    def copied(*args):
+        raise AssertionError("the values were written twice")
+
+    monkeypatch.setattr(latents.shutil, "copyfileobj", copied)
+    # Lengths whose digits differ (0, 9 and 10, ...): numpy's header keeps its size for each.
+    for n in (0, 9, 10, 1000, 123_457):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        values = np.arange(n) % 251
+        column = latents._Column(folder / "c.npy", dtype)
+        for piece in np.array_split(values, 3):
+            column.write(piece)
+        assert [p.name for p in folder.iterdir()] == ["c.npy"]  # nothing beside it to copy from
+        column.finish()
+        np.save(tmp_path / "saved.npy", values.astype(dtype))
+        assert (folder / "c.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+def test_a_caches_columns_are_np_save_s_files(cache, tmp_path):
+    for path in sorted((cache / "index").glob("*.npy")):
+        np.save(tmp_path / "saved.npy", np.load(path))
+        assert path.read_bytes() == (tmp_path / "saved.npy").read_bytes(), path.name
+
+
 # --------------------------------------------------------------------------------------------------
 # StepPlan's epoch orders
 

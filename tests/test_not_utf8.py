@@ -220,3 +220,33 @@ def test_the_stage_end_line_sums_every_rank_s_count(tmp_path, monkeypatch, caplo
     assert [share[2] for share in gathered] == [own]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [NotUTF8Count(3, str(root / "b.txt")).report(3)]
+
+
+@pytest.mark.parametrize(
+    "fields, kinds, caption",
+    [
+        (["txt"], ["txt"], "a caf\ufffd au lait"),
+        (["json.caption"], ["json"], "cr\ufffdme"),
+        (["txt", "json.caption"], ["txt", "json"], "a caf\ufffd au lait"),  # both read, the first picked
+    ],
+)
+def test_a_folder_reads_only_the_caption_sidecars_its_caption_fields_name(
+    tmp_path, monkeypatch, fields, kinds, caption
+):
+    # Both sidecars were read whatever data.caption_fields said: a Latin-1 .json beside the .txt trained on
+    # counted in the total (and cost a file read per sample).
+    root = _folder(tmp_path / "data")
+    for name in "abcd":
+        (root / f"{name}.json").write_text(json.dumps({"caption": f"a blue {name}"}))
+    (root / "b.json").write_bytes('{"caption": "cr\xe8me"}'.encode("latin-1"))
+    opened = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: opened.append(path.name) or real(path))
+    cfg = DataConfig(
+        source="folder", root=str(root), image_size=16, caption_fields=fields, caption_pick="first"
+    )
+    loader = step_loader(cfg, 0, 4, 0, 1)
+    (batch,) = list(loader)  # a batch of 4: every sample once
+    assert sorted(set(opened)) == sorted(f"{name}.{kind}" for name in "abcd" for kind in kinds)
+    assert caption in batch["caption"]
+    assert loader.state_dict()["not_utf8"] == {"count": len(kinds), "example": str(root / f"b.{kinds[0]}")}

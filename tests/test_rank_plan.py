@@ -221,12 +221,58 @@ def test_step_loaders_with_a_split_plan_read_the_batches_of_an_unsplit_one(tmp_p
     cfg = _folder(tmp_path, sizes=False)
     alone = [_batches(cfg, rank, 2, None) for rank in (0, 1)]
     assert _ranks(2, lambda rank, gather: _batches(cfg, rank, 2, gather)) == alone
-    # The planning skips in every rank's state, as before: counted once by the merged report.
-    assert alone[1][1]["skips"]["ids"] == {
-        "corrupt": ["bad.png"],
-        "no-caption": ["e.png"],
-        "tiny": ["tiny.png"],
-    }
+    # The planning skips in rank 0's state alone, as without the exchange.
+    assert [state["skips"]["ids"] for _, state in alone] == [
+        {"corrupt": ["bad.png"], "no-caption": ["e.png"], "tiny": ["tiny.png"]},
+        {},
+    ]
+
+
+def _read(cfg: DataConfig, world: int, start: int, end: int, states: list) -> list:
+    """Each of ``world`` ranks' loader over steps [start, end) (a global batch of 2), read through, planning
+    split over the ranks; ``states``: each rank's state to resume from."""
+
+    def work(rank, gather):
+        steps = loader.step_loader(
+            cfg, 0, 2 // world, start, end, rank=rank, world_size=world, state=states[rank], gather=gather
+        )
+        list(steps)
+        return steps
+
+    return _ranks(world, work)
+
+
+def test_the_planning_skips_add_up_over_the_ranks_states_through_a_resume_and_a_resplit(tmp_path):
+    # Every rank's state held the planning skips the exchange gave it: summed over the ranks, 2 of each.
+    from fusedit.data.skips import merged_skip_report
+
+    cfg = _folder(tmp_path, sizes=False)
+    (alone,) = _read(cfg, 1, 0, 4, [None])
+    times = {"corrupt": 1, "no-caption": 1, "tiny": 1}  # the only skips: none is met reading
+    assert alone.state_dict()["skips"]["times"] == times
+
+    def summed(loaders) -> dict:
+        total: dict = {}
+        for each in loaders:
+            for reason, n in each.state_dict()["skips"]["times"].items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    first = _read(cfg, 2, 0, 2, [None, None])
+    resumed = _read(cfg, 2, 2, 4, [json.loads(json.dumps(each.state_dict())) for each in first])
+    for ranks in (first, resumed):
+        assert [each.state_dict()["skips"]["times"] for each in ranks] == [times, {}]
+        assert merged_skip_report([each.skipped_tally() for each in ranks]) == (
+            "skipped 3 samples (3 times) over the 2 processes (3 found while planning the data, counted once): "
+            f"corrupt 1 (e.g. bad.png: cannot identify image file {str(tmp_path / 'bad.png')!r}), no-caption 1 "
+            "(e.g. e.png: its caption field is empty), tiny 1 (e.g. tiny.png: 6x6 < min_image_size 16)"
+        )
+    # Resumed on one process, and from one process on two: the run's skips, once.
+    (down,) = _read(cfg, 1, 2, 4, [loader.resplit_state([each.state_dict() for each in first], 2)])
+    assert down.state_dict()["skips"]["times"] == times
+    (half,) = _read(cfg, 1, 0, 2, [None])
+    up = _read(cfg, 2, 2, 4, [loader.resplit_state([half.state_dict()], 2)] * 2)
+    assert summed(up) == times
 
 
 def _spawned(rank: int, world: int, store: str, cfg: DataConfig, out: str) -> None:
@@ -263,3 +309,24 @@ def test_two_gloo_processes_plan_what_one_does(tmp_path):
     )
     expected = json.loads(json.dumps([groups.tolist(), events]))
     assert [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)] == [expected, expected]
+
+
+def test_a_rank_whose_catalog_fails_fails_every_rank_rather_than_hang(tmp_path):
+    # It failed before the exchange: the others waited in it (here until the barrier's timeout; under
+    # torchrun until torchrun stopped them).
+    cfg = _folder(tmp_path, sizes=True)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('[{"path": "a.png"},\n')
+    data = [cfg, DataConfig(**{**cfg.__dict__, "index_file": str(broken)}), cfg]
+    errors = _ranks(
+        3,
+        lambda rank, gather: loader.step_loader(
+            data[rank], 0, 1, 0, 1, rank=rank, world_size=3, gather=gather
+        ),
+    )
+    assert isinstance(errors[1], ConfigError) and str(errors[1]).startswith(
+        f"data.index_file={str(broken)!r} holds"
+    )
+    for r in (0, 2):
+        assert isinstance(errors[r], loader.PlanFailedElsewhere)
+        assert str(errors[r]) == "bucket planning failed on rank(s) [1]: their log says why"

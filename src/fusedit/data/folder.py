@@ -5,8 +5,9 @@ Two layouts:
 * **sidecar** (``data.root`` only): every image under ``root`` (recursive, hidden files and folders
   ignored) sorted by its relative POSIX path, so the order is the same on every machine and file system.
   Captions come from ``<stem>.txt`` (field ``txt``) and/or ``<stem>.json`` (field ``json``, so a caption
-  field ``json.caption`` reads its "caption" key) next to the image; the extension may be in any case
-  (``a.TXT``). Directory symlinks are followed, but no folder is listed twice (a link loop adds nothing).
+  field ``json.caption`` reads its "caption" key) next to the image, each read only when a caption field
+  names it; the extension may be in any case (``a.TXT``). Directory symlinks are followed, but no folder
+  is listed twice (a link loop adds nothing).
 * **index** (``data.index_file``): a ``.jsonl`` (one JSON object per line; ``.json`` and ``.ndjson`` are
   read alike, and a JSON array or an object over many lines is refused) or ``.csv`` (``.tsv``:
   tab-separated) file with one row per image, in file order. ``data.image_field`` names the path column
@@ -172,12 +173,19 @@ class FolderCatalog:
         root: str = "",
         index_file: str = "",
         image_field: str = "",
-        keep_fields=(),
+        keep_fields=None,
         progress: bool = False,
     ):
+        """``keep_fields``: the caption fields read (data.caption_fields): an index keeps only their columns
+        (and width, height), a sample reads only the sidecars they name (``txt``, ``json``); None keeps every
+        column and reads every sidecar, for a caller that reads the fields itself."""
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
         self._sidecars: dict[str, dict[str, str]] = {}
-        self.caption_fields = tuple(keep_fields)
+        self.caption_fields = () if keep_fields is None else tuple(keep_fields)
+        read = _SIDECAR_KINDS if keep_fields is None else {f.split(".", 1)[0] for f in keep_fields}
+        # A sidecar no caption field names is never opened: its time, and its bytes' not-UTF-8 count, are
+        # for captions no batch could train on.
+        self.sidecar_kinds = tuple(kind for kind in _SIDECAR_KINDS if kind in read)
         self.sizes_known: np.ndarray | None = None
         self._repeats: dict[int, str] = {}  # an index's sample id by position, where its path repeats
         check_folder_paths(root, index_file)
@@ -270,7 +278,9 @@ class FolderCatalog:
         column = image_field
         # Keep only the columns something reads: an index of millions of rows with many unused columns
         # would otherwise be copied into every worker process.
-        keep = {f.split(".", 1)[0] for f in keep_fields} | {"width", "height"}
+        keep = (
+            None if keep_fields is None else {f.split(".", 1)[0] for f in keep_fields} | {"width", "height"}
+        )
         for number, row in self._read_rows(path):
             where = f"{path.name}:{number}"
             if row is None:
@@ -287,7 +297,7 @@ class FolderCatalog:
             if not isinstance(value, str) or not value:
                 self.skipped.append(("bad-row", where, f"no {column!r} path"))
                 continue
-            kept = {k: _one_newline(v) for k, v in row.items() if k in keep}
+            kept = {k: _one_newline(v) for k, v in row.items() if keep is None or k in keep}
             # A path listed again (the same image under two captions) is a sample of its own: its id is keyed
             # by its position, as the latent cache keys it, so its skips and its cached twin count once per
             # row. Only the repeats are kept (the catalog is copied into every worker process).
@@ -336,9 +346,9 @@ class FolderCatalog:
         return self.root_dir / self.paths[i]
 
     def record(self, i: int) -> tuple[dict, Any]:
-        """(caption fields, image path) of sample ``i``; the image itself is not opened here. Raises
-        SkipSample when the only caption source the caption fields read is a sidecar that is not JSON, or
-        a ``.txt`` sidecar that is empty."""
+        """(caption fields, image path) of sample ``i``; the image itself is not opened here, nor a sidecar
+        that no caption field names. Raises SkipSample when the only caption source the caption fields read
+        is a sidecar that is not JSON, or a ``.txt`` sidecar that is empty."""
         if self.rows is not None:
             return json.loads(self.rows[i]), self.image_value(i)
         image = self.image_value(i)
@@ -346,15 +356,17 @@ class FolderCatalog:
         fields: dict[str, Any] = {}
         # An unreadable or unparsable sidecar is an absent caption source: the caption check then counts
         # the sample as "no-caption" instead of the run failing on one file.
-        with contextlib.suppress(OSError):
-            fields["txt"] = _sidecar(image, names.get("txt"), "txt")
+        if "txt" in self.sidecar_kinds:
+            with contextlib.suppress(OSError):
+                fields["txt"] = _sidecar(image, names.get("txt"), "txt")
         # When the caption was to come from a broken JSON sidecar or an empty caption file (a captioning pass
         # that failed on the image), a sample without a caption names that file (the JSON's problem first):
         # a fix to the data, not to data.caption_fields as "none of the fields holds text" suggests.
         problem = None
         try:
-            # A JSON string's line breaks are escapes in the file, which become "\r\n" only when parsed.
-            fields["json"] = _one_newline(json.loads(_sidecar(image, names.get("json"), "json")))
+            if "json" in self.sidecar_kinds:
+                # A JSON string's line breaks are escapes in the file, which become "\r\n" only when parsed.
+                fields["json"] = _one_newline(json.loads(_sidecar(image, names.get("json"), "json")))
         except OSError:
             pass
         except ValueError as e:

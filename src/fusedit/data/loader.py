@@ -28,10 +28,10 @@ order (the same bucket's with buckets) that is not in the same global batch (``f
 batches are always full, without one image twice, and the replacement is deterministic; the skip is
 counted, and ``loader.skipped_report()`` summarises the counts by reason (``fusedit.data.skips``: the
 state's ``"skips"`` keep every skipped id with its detail, which ``skipped_jsonl`` lists; under torchrun,
-``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``, counting the skips found while planning
-the data, which every rank finds alike, once). Rank 0 warns once, early, when more than a fifth of the
-data looks unusable (``SkipWatch``). When no usable sample is left (every one skipped), reading raises a
-ConfigError with the counts.
+the skips found while planning the data, which every rank finds alike, are counted by rank 0 alone, so the
+ranks' states add up to the run's, and ``merged_skip_report`` sums the ranks' ``loader.skipped_tally()``).
+Rank 0 warns once, early, when more than a fifth of the data looks unusable (``SkipWatch``). When no usable
+sample is left (every one skipped), reading raises a ConfigError with the counts.
 
 A caption whose bytes are not UTF-8 reads with U+FFFD and is warned about once per data-loading process
 (``NOT_UTF8``). Each sample carries the names of such captions its reading met (``NOT_UTF8.scope()`` around
@@ -156,12 +156,19 @@ def bucket_groups(
         )
         share = _packed_share(n, groups, skipped)
     except Exception:
-        # The others are waiting in the exchange: they fail too (PlanFailedElsewhere), rather than hang. Its
-        # own failure (a peer gone too) must not hide this rank's error, which says why.
-        with contextlib.suppress(Exception):
-            gather(None)
+        _fail_exchange(gather, world_size)
         raise
     return _joined_shares(catalog, gather(share), world_size)
+
+
+def _fail_exchange(gather: Callable[[Any], list] | None, world_size: int) -> None:
+    """Take part in bucket planning's exchange with a failure (None), for a rank that failed before its
+    share was ready: the others, waiting in the exchange, fail too (PlanFailedElsewhere) rather than hang
+    until torchrun stops them. Its own failure (a peer gone too) is dropped: the caller re-raises this rank's
+    error, which says why."""
+    if gather is not None and world_size > 1:
+        with contextlib.suppress(Exception):
+            gather(None)
 
 
 class PlanFailedElsewhere(RuntimeError):
@@ -322,7 +329,9 @@ def planned_dataset(
     """(dataset over plan slots, skips found while building, the number of samples those are out of: the
     dataset's and those the catalog refused) for an index-addressable source; ``progress`` shows bars over
     the folder scan and the bucket planning; ``offset`` is StepPlan's; ``gather`` (an all-gather over the
-    ranks, in rank order) splits bucket planning over them (``bucket_groups``)."""
+    ranks, in rank order) splits bucket planning over them (``bucket_groups``); a rank whose catalog cannot
+    be built takes part in that exchange with its failure, so the others raise PlanFailedElsewhere rather
+    than wait, and then raises its own error."""
     if cfg.source == "shapes":
         shapes = build_dataset(cfg, seed)
         # Unpermuted: shapes examples are random already, and this keeps old runs' batches unchanged.
@@ -337,12 +346,18 @@ def planned_dataset(
             len(latents), batch_size, seed, rank, world_size, groups=groups, names=names, offset=offset
         )
         return latents, [], len(latents)
-    catalog = build_catalog(cfg, progress)
     decoder = SampleDecoder.from_config(cfg, seed)
+    buckets = len(decoder.targets) > 1
+    try:
+        catalog = build_catalog(cfg, progress)
+    except Exception:
+        if buckets:  # the other ranks are waiting in bucket planning's exchange (bucket_groups)
+            _fail_exchange(gather, world_size)
+        raise
     events = list(getattr(catalog, "skipped", []))
     total = len(catalog) + len(events)
     groups = None
-    if len(decoder.targets) > 1:
+    if buckets:
         groups, found = bucket_groups(
             catalog, decoder, progress, rank=rank, world_size=world_size, gather=gather
         )
@@ -397,8 +412,9 @@ class IndexedStepLoader:
         self.dataset, self.start_step, self.end_step = dataset, start_step, end_step
         self.not_utf8 = NotUTF8Count() if not_utf8 is None else not_utf8
         self.num_workers, self.skips, self.watch = num_workers, skips, watch
-        # The skips found while planning the data (``skips`` counts them too): the same in every process,
-        # so a summary over the processes counts them once (``skipped_tally``).
+        # The skips found while planning the data (rank 0's ``skips`` count them too, and every rank's
+        # saved before rank 0 alone did): the same in every process, so a summary over the processes counts
+        # them once (``skipped_tally``).
         self.planned = planned
         self.step = start_step
 
@@ -800,16 +816,16 @@ def step_loader(
 
     ``state`` is a previous loader's ``state_dict()`` at ``start_step``: required for an exact and fast
     stream resume, optional for index-addressable sources (it carries the skip counts and the position).
-    A ``resplit_state`` (a run resumed on another split of the batch) carries the old ranks' skips, which
-    rank 0 takes on (the other ranks start without), and the position of an index-addressable source
-    without buckets, which goes on after the samples read; a stream is read through from its start
-    (the skips met doing so are not counted: the old ranks' are the run's). ``skip_list`` names the file
-    the caller writes the skipped samples to (``skipped_jsonl``), for the early warning. ``progress``
-    shows bars over what is read before the first batch (rank 0's only). ``gather(obj)`` returns every
-    rank's ``obj`` in rank order (an all-gather, called by every rank alike): given, the ranks split the
-    reading of image headers that bucket planning does (each reads its share, all end with the same plan);
-    without it every rank reads them all. The data layer takes it as a callable so that it never imports
-    torch.distributed.
+    The skips found while planning the data are rank 0's alone (every rank finds them). A ``resplit_state``
+    (a run resumed on another split of the batch) carries the old ranks' skips, which rank 0 takes on (the
+    other ranks start without), and the position of an index-addressable source without buckets, which
+    goes on after the samples read; a stream is read through from its start (the skips met doing so are not
+    counted: the old ranks' are the run's). ``skip_list`` names the file the caller writes the skipped samples
+    to (``skipped_jsonl``), for the early warning. ``progress`` shows bars over what is read before the first
+    batch (rank 0's only). ``gather(obj)`` returns every rank's ``obj`` in rank order (an all-gather, called
+    by every rank alike): given, the ranks split the reading of image headers that bucket planning does (each
+    reads its share, all end with the same plan); without it every rank reads them all. The data layer takes
+    it as a callable so that it never imports torch.distributed.
     """
     check_rank(rank, world_size)
     if state is not None and int(state.get("step", -1)) != start_step:
@@ -882,7 +898,9 @@ def step_loader(
         _say_resplit_position(dataset.plan, start_step, position)
     elif state is not None and not resplit:
         skips.load_state_dict(state.get("skips", {}))
-    else:
+    elif rank == 0:
+        # Planning finds the same skips on every rank (one catalog, one exchanged plan): rank 0 alone counts
+        # them, so that the ranks' data states add up to the run's skips rather than hold a copy each.
         skips.add_all(events)
     # Bucket planning read every sample's header: all are checked; otherwise the rows a catalog refused.
     checked = total if dataset.plan.groups is not None else len(events)

@@ -95,9 +95,10 @@ class SkipCounter:
         ``shared`` (those found while planning the data, which every process finds alike) and the others
         (this process's own reads): ``{"shared": share, "own": share}``, a share being ``{reason: {"ids":
         distinct ids, "times": occurrences, "examples": [[id, detail], ...]}}`` with the first
-        ``_EXAMPLES`` ids. A planned skip counts among the shared ones where this counter holds it (a run
-        resumed onto changed data holds the planning skips of its start): planning looks at each sample once
-        (one occurrence), and the samples it leaves out are never read."""
+        ``_EXAMPLES`` ids. A planned skip counts among the shared ones where this counter holds it (rank 0's
+        alone holds them, but for a state saved before it alone did; a run resumed onto changed data holds
+        the planning skips of its start): planning looks at each sample once (one occurrence), and the
+        samples it leaves out are never read."""
         planned = {} if shared is None else shared.ids
         out: dict[str, dict] = {"shared": {}, "own": {}}
         for reason, ids in self.ids.items():
@@ -139,11 +140,11 @@ class SkipCounter:
 
 def merged_skip_report(tallies: list[dict]) -> str:
     """The skips of several processes (each one's ``SkipCounter.tally``, in rank order) in one line: those
-    found while planning the data, the same in every process, once; those each process met while reading its
-    share, summed over the processes. Distinct ids are counted per process (no process holds the others'
-    ids), so a sample two processes met (in different epochs) counts once in each: the line says so. The
-    examples are the planned ones first, then each process's in rank order."""
-    shared = tallies[0]["shared"]  # the same in every process
+    found while planning the data, rank 0's, once; those each process met while reading its share, summed
+    over the processes. Distinct ids are counted per process (no process holds the others' ids), so a sample
+    two processes met (in different epochs) counts once in each: the line says so. The examples are the
+    planned ones first, then each process's in rank order."""
+    shared = tallies[0]["shared"]  # rank 0 counts them (the others hold none, or the same ones)
     own = [tally["own"] for tally in tallies]
     where = f"over the {len(tallies)} processes"
     reasons = sorted({*shared, *(reason for share in own for reason in share)})
@@ -171,8 +172,9 @@ def merged_skip_report(tallies: list[dict]) -> str:
 def merged_skips(skip_states: list[dict], planned=()) -> SkipCounter:
     """The skip records of several ranks (their loader states' ``"skips"``, in rank order) as one: each
     reason's ids in rank order, each once, and their occurrences summed, but for the ``planned`` skips
-    (found while planning the data, which every rank counted once): those count once, as in a run on one
-    process. The ids a run on one process would hold, but listed rank by rank, not in the order met."""
+    (found while planning the data, which rank 0 counted, and every rank in states saved before rank 0 alone
+    did): those count once, as in a run on one process. The ids a run on one process would hold, but listed
+    rank by rank, not in the order met."""
     counters = []
     for state in skip_states:
         counter = SkipCounter()
@@ -325,7 +327,8 @@ def no_usable_samples(
 class NotUTF8Count:
     """The caption texts that are not UTF-8 (``NOT_UTF8``) read for the batches a loader yielded: how many,
     each time one was read for a batch (a file read every epoch counts every epoch; a skipped sample's never;
-    every caption file and field of a sample is read, also those ``caption_pick`` does not train on), and
+    every caption field data.caption_fields names is read, and a folder's sidecar files they name, also
+    those ``caption_pick`` does not train on; a sidecar no field names is never read), and
     the first one's name as an example. A count and one name, not every name: a whole data set saved in
     another encoding would otherwise put every file into each checkpoint's data state."""
 
