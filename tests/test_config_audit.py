@@ -699,3 +699,37 @@ def test_data_weights_beside_a_source_that_never_reads_them_are_refused():
         "data.weights=[1, 2] is set but data.source='folder' (it reads data.root / data.index_file) never reads "
         "it (allowed: data.source=webdataset to read it, or no data.weights)"
     )
+
+
+def test_the_saved_llm_fields_are_the_model_ids_own_not_the_presets(tmp_path):
+    """A preset's text.family and text.arch (debug: a 6-layer Gemma) stayed beside a user's own
+    text.model_id (a local Qwen2 folder) in the config a run saved. with_model_llm_fields records the
+    model's own, which load back unchanged (a resumed run saves the same); a model type no family allows
+    loses the arch; a hub id out of reach and a random-init LLM keep theirs."""
+    from transformers import AutoConfig
+
+    from fusedit.config import arch_config, save_config
+    from fusedit.config.paths import with_model_llm_fields
+
+    qwen = tmp_path / "qwen"
+    shape = {"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1}
+    AutoConfig.for_model("qwen2", vocab_size=64, intermediate_size=128, **shape).save_pretrained(qwen)
+    cfg = load_config("debug", [f"text.model_id={qwen}"])
+    assert (cfg.text.family, cfg.text.arch["num_attention_heads"]) == ("gemma", 4)  # the preset's
+    saved = with_model_llm_fields(cfg)
+    assert (saved.text.family, cfg.text.family) == ("qwen2", "gemma")  # cfg itself left as it was
+    built = arch_config(saved.text)
+    assert {k: getattr(built, k) for k in shape} == shape and built.intermediate_size == 128
+    save_config(saved, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == saved and with_model_llm_fields(again) == again
+    AutoConfig.for_model("phi3", hidden_size=64, num_hidden_layers=6, num_attention_heads=2).save_pretrained(
+        tmp_path / "phi3"
+    )
+    phi = with_model_llm_fields(load_config("debug-lidit", [f"text.model_id={tmp_path / 'phi3'}"]))
+    assert (phi.text.family, phi.text.arch) == ("gemma", {})
+    for kept in (
+        load_config("debug", ["text.model_id=fusedit-tests/not-in-the-cache"]),
+        load_config("debug"),
+    ):
+        assert with_model_llm_fields(kept) == kept

@@ -16,7 +16,7 @@ from fusedit.cli.common import (
     _relocations,
     _scoring_line,
 )
-from fusedit.config import ConfigError, save_config
+from fusedit.config import ConfigError, save_config, with_model_llm_fields
 from fusedit.files import check_output_folder, counted, replacing
 
 
@@ -97,7 +97,8 @@ def cmd_convert(args) -> int:
     llm = None if cfg.text.model_id else model.text.llm
     with replacing(out) as tmp:
         ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
-        save_config(cfg, tmp / "config.yaml")  # as a trained run has: the folder is a config base too
+        # As a trained run has (its LLM's own family and arch): the folder is a config base too.
+        save_config(with_model_llm_fields(cfg), tmp / "config.yaml")
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
 

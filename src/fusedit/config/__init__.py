@@ -79,6 +79,7 @@ from fusedit.config.paths import (
     refuse_path_to_nothing,
     relocate,
     text_sections,
+    with_model_llm_fields,
     written_as_path,
 )
 from fusedit.config.schema import (
@@ -271,6 +272,7 @@ __all__ = [
     "tokenizes_builtin",
     "uses_builtin_tokenizer",
     "validate",
+    "with_model_llm_fields",
     "written_as_path",
     "yaml_problem",
     "VARIANTS",

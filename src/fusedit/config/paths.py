@@ -1,7 +1,7 @@
 """Where a config's files are: names that become folders, paths made absolute, the model locations it sets
 and their relocation and identity, and the LLM-config side (a random-init arch checked and built, an LLM's
-config where it is known without the network, a model folder's config through transformers, imported
-only inside those functions)."""
+config where it is known without the network and the family and arch read from it, a model folder's config
+through transformers, imported only inside those functions)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fusedit.config.schema import STAGE_SECTIONS, Config, ConfigError, TextConfig
+from fusedit.config.schema import STAGE_SECTIONS, Config, ConfigError, TextConfig, choices_of
 
 # A name that becomes a folder or file name (a run's runs/<name>, a study's and its designs' folders,
 # grids/<label>.png) and a markdown link: one word, so it is never empty and never leaves its folder
@@ -347,3 +347,39 @@ def known_llm_config(text: TextConfig):
         return None
     # Multimodal wrappers (PaliGemma, ...) keep the language decoder's config under text_config.
     return getattr(config, "text_config", None) or config
+
+
+# What a saved LLM config records beside its shape: not part of the arch a random init is built from.
+CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version")
+
+
+def model_family_arch(config) -> tuple[str, dict] | None:
+    """An LLM's transformers ``config`` as text.family + text.arch (the fields that differ from the family's
+    defaults: arch_config builds the same shape from them), or None for a model type no family allows."""
+    if config.model_type not in choices_of(TextConfig, "family"):
+        return None
+    defaults = arch_defaults(config.model_type)
+    arch = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in defaults and v != defaults[k] and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
+    }
+    return config.model_type, arch
+
+
+def with_model_llm_fields(cfg: Config) -> Config:
+    """``cfg`` with each LLM section's family and arch read from its model_id's own config, for the config a
+    run saves. With a model_id they are only a stand-in (the LLM is built from the model's config; the arch
+    counts parameters offline for a hub id out of reach: text.llm.llm_config), so a preset's (Gemma's)
+    inherited past a user's model_id (a local Qwen folder) would record another LLM than the run trained.
+    A model type no family allows keeps the family and loses the arch (it would describe another LLM). A
+    section whose model's config is not known without the network (known_llm_config) is kept as it is, as
+    is a random-init one. ``cfg`` itself is left as it is."""
+    out = copy.deepcopy(cfg)
+    for _, text in text_sections(out):
+        config = known_llm_config(text) if text.model_id else None
+        if config is None:
+            continue
+        found = model_family_arch(config)
+        text.family, text.arch = found if found is not None else (text.family, {})
+    return out

@@ -427,7 +427,9 @@ class TextConfig:
     # Hugging Face hub id or local folder; empty = build `family` from `arch` with random weights.
     model_id: str = ""
     family: str = choice("gemma", "gemma", "gemma2", "qwen2", "qwen3", "llama", "mistral")
-    # transformers config fields for a random-init LLM (ignored when model_id is set).
+    # transformers config fields for a random-init LLM. With model_id, family and arch only stand in for a
+    # hub id out of reach (parameter counts offline: text.llm.llm_config); the LLM is built from the model's
+    # own config, which paths.with_model_llm_fields reads into them for the config a run saves.
     arch: dict = field(default_factory=dict)
     # Tokenizer hub id or folder; empty = model_id's, or the built-in shapes-world word tokenizer.
     tokenizer: str = ""
@@ -590,7 +592,8 @@ TRAINABLE_PARTS = ("dit", "refiner", "llm")
 @dataclass
 class LoRAConfig:
     """LoRA adapters (through peft) on a part's linear projections: with rank >= 1 the part trains through
-    the adapters and its own weights stay frozen; rank 0 = no adapters (the part trains fully)."""
+    the adapters and its own weights stay frozen; rank 0 = no adapters (the part trains fully). The whole
+    section written as null is this default, no adapters (``lora_field``)."""
 
     rank: int = nonneg(0)
     # The adapters' output is scaled by alpha / rank; None = rank (scale 1).
@@ -599,6 +602,12 @@ class LoRAConfig:
     # the part's attention projections q/k/v/o_proj, and for the DiT also its MLP's gate/up/down_proj (the
     # DiT's blocks use the LLMs' module names).
     targets: list[str] = field(default_factory=list)
+
+
+def lora_field() -> Any:
+    """A LoRAConfig field that also takes null, as its default: no adapters. A later stage turns a part's
+    adapters off with it (``train.llm_lora: null``), forgetting their alpha and targets too."""
+    return field(default_factory=LoRAConfig, metadata={"null_is_default": True})
 
 
 @dataclass
@@ -675,10 +684,11 @@ class TrainConfig:
     # that the design reads (fusedit.text.encoder.TextEncoder.read_modules).
     llm_top_layers: int | None = positive(None)
     # Train the LLM through LoRA adapters instead of fully (rank >= 1); with llm_top_layers, only there.
-    llm_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # null or rank 0 = no adapters.
+    llm_lora: LoRAConfig = lora_field()
     # Train the DiT through LoRA adapters on its attention and MLP projections (rank >= 1), e.g. to
-    # fine-tune a trained model (train.init_from); its other weights stay frozen.
-    dit_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # fine-tune a trained model (train.init_from); its other weights stay frozen. null or rank 0 = no adapters.
+    dit_lora: LoRAConfig = lora_field()
     # A run or checkpoint folder whose weights (EMA when saved, LoRA adapters merged; its LLM when saved),
     # or a diffusers pipeline folder whose transformer and LLMs, start this run instead of the random init:
     # fine-tuning a trained, converted or downloaded model. It starts the run at step 0 with a fresh AdamW,
@@ -997,7 +1007,9 @@ def build_section(cls: type, data: dict, prefix: str) -> Any:
             # the raw YAML holds no list for the positions to patch, so they patch the field's default. (A
             # stage's data/train mapping keeps such a patch: resolved_stages merges it into the inherited list.)
             value = _merge_into_list(spec.default_factory(), value, path)
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and value is None and spec.metadata.get("null_is_default"):
+            kwargs[name] = spec.default_factory()
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = build_section(tp, value, path)
         elif "item" in spec.metadata:
             if not isinstance(value, list):

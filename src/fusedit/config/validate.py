@@ -22,6 +22,7 @@ from fusedit.config.schema import (
     ModelConfig,
     Stage,
     TextConfig,
+    TrainConfig,
     build_section,
     check_shapes_options,
     deep_merge,
@@ -659,6 +660,24 @@ def check_llm_shape(cfg: Config) -> None:
                 resolve_hidden_layer(text.hidden_layer, depth, f"{key}.hidden_layer")
 
 
+def _forget_idle_lora(train: TrainConfig, own: dict) -> None:
+    """A stage's LoRA sections at rank 0 (no adapters) without the alpha and targets it inherits: they mean
+    nothing there, so a stage that turns adapters off with ``{rank: 0}`` is not warned about the earlier
+    stage's alpha (loop._announce_stage). Those the stage sets itself stay, and are warned about. The
+    merged sections resolved_stages carries on keep them: a later stage that sets a rank alone again gets
+    the earlier alpha and targets, as before (``null`` forgets them there too: lora_field)."""
+    for key in ("llm_lora", "dit_lora"):
+        lora, given = getattr(train, key), own.get(key)
+        given = given if isinstance(given, dict) else {}
+        if not lora.rank:
+            kept = {"alpha": lora.alpha if "alpha" in given else None}
+            setattr(
+                train,
+                key,
+                dataclasses.replace(lora, targets=lora.targets if "targets" in given else [], **kept),
+            )
+
+
 def resolved_stages(cfg: Config) -> list[Stage]:
     """The run's stages, each with its global steps [start, end) and full config (module docstring).
 
@@ -687,6 +706,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
             sections[name] = deep_merge(sections[name], getattr(st, name))
             built[name] = build_section(STAGE_SECTION_CLASSES[name], sections[name], f"{where}.{name}")
         built["train"].steps = st.steps
+        _forget_idle_lora(built["train"], st.train)
         stage_cfg = dataclasses.replace(cfg, stages=[], **built)
         try:
             validate(stage_cfg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,20 +78,88 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
     column = cfg.image_field or "image"
     features = getattr(ds, "features", None)
     if features is not None:
-        if column not in features:
-            raise ConfigError(
-                f"data.image_field={column!r} is not a column of {path!r} (columns: {', '.join(features)})"
-            )
+        _check_columns(cfg, list(features))
         if isinstance(features[column], datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
-        # Every row would otherwise be skipped as "no-caption", and the error after them could not say
-        # which columns there are.
-        if not any(str(f).split(".", 1)[0] in features for f in cfg.caption_fields):
-            raise ConfigError(
-                f"data.caption_fields={list(cfg.caption_fields)!r} names no column of {path!r} "
-                f"(columns: {', '.join(features)})"
-            )
     return ds
+
+
+def check_hf_source(cfg: Any) -> None:
+    """The refusals of ``load_hf`` that a local source's metadata decides, without reading a row or importing
+    ``datasets``: made before a run makes and locks its folder. A save_to_disk folder's split
+    (dataset_dict.json) and columns (its dataset_info.json), a parquet file's columns (its schema). A hub id,
+    or a folder of data files that ``load_dataset`` reads, is checked when it loads."""
+    path = cfg.hf_path
+    if not path:
+        raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
+    local = Path(path)
+    if local.is_file() or any(ch in path for ch in "*?["):
+        import pyarrow.parquet as pq
+
+        files = sorted(glob.glob(path, recursive=True)) if not local.is_file() else [path]
+        if not files:
+            raise ConfigError(f"data.hf_path={path!r} matches no files")
+        try:  # load_dataset takes its features from the first file
+            columns = pq.read_schema(files[0]).names
+        except Exception:  # noqa: BLE001  (not a parquet file: load_dataset says why when the run loads it)
+            return
+    elif _saved_to_disk(local):
+        _refuse_hf_name(cfg)
+        if (local / "dataset_dict.json").is_file():
+            splits = _metadata(local / "dataset_dict.json", "splits")
+            if splits is None:
+                return
+            _refuse_split(cfg, list(splits))
+            local = local / cfg.hf_split
+        columns = _metadata(local / "dataset_info.json", "features")
+        if columns is None:
+            return
+        columns = list(columns)
+    else:
+        return
+    _check_columns(cfg, columns)
+
+
+def _metadata(file: Path, field: str) -> Any:
+    """``field`` of a save_to_disk folder's JSON ``file``; None where it is of another form (load_from_disk
+    then says what it makes of it)."""
+    try:
+        return json.loads(file.read_text())[field]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_columns(cfg: Any, columns: list[str]) -> None:
+    """Refuse an image column that ``columns`` (the dataset's) lacks, or caption fields that name none."""
+    column = cfg.image_field or "image"
+    if column not in columns:
+        raise ConfigError(
+            f"data.image_field={column!r} is not a column of {cfg.hf_path!r} (columns: {', '.join(columns)})"
+        )
+    # Every row would otherwise be skipped as "no-caption", and the error after them could not say which
+    # columns there are.
+    if not any(str(f).split(".", 1)[0] in columns for f in cfg.caption_fields):
+        raise ConfigError(
+            f"data.caption_fields={list(cfg.caption_fields)!r} names no column of {cfg.hf_path!r} "
+            f"(columns: {', '.join(columns)})"
+        )
+
+
+def _refuse_hf_name(cfg: Any) -> None:
+    if cfg.hf_name:
+        # Configs are a hub/loading-script notion: a saved folder has none, so the setting would be ignored.
+        raise ConfigError(
+            f"data.hf_name={cfg.hf_name!r} does not apply to the save_to_disk folder data.hf_path={cfg.hf_path!r} "
+            "(allowed: empty)"
+        )
+
+
+def _refuse_split(cfg: Any, splits: Sequence[str]) -> None:
+    if cfg.hf_split not in splits:
+        raise ConfigError(
+            f"data.hf_split={cfg.hf_split!r} is not a split of data.hf_path={cfg.hf_path!r} "
+            f"(allowed: {', '.join(splits)})"
+        )
 
 
 def _saved_to_disk(folder: Path) -> bool:
@@ -110,20 +179,10 @@ def _saved_to_disk(folder: Path) -> bool:
 
 def _load_from_disk(datasets: Any, cfg: Any, streaming: bool) -> Any:
     """The split ``cfg.hf_split`` of the ``save_to_disk`` folder ``cfg.hf_path``, streamed if asked."""
-    path = cfg.hf_path
-    if cfg.hf_name:
-        # Configs are a hub/loading-script notion: a saved folder has none, so the setting would be ignored.
-        raise ConfigError(
-            f"data.hf_name={cfg.hf_name!r} does not apply to the save_to_disk folder data.hf_path={path!r} "
-            "(allowed: empty)"
-        )
-    ds = datasets.load_from_disk(path)
+    _refuse_hf_name(cfg)
+    ds = datasets.load_from_disk(cfg.hf_path)
     if isinstance(ds, datasets.DatasetDict):
-        if cfg.hf_split not in ds:
-            raise ConfigError(
-                f"data.hf_split={cfg.hf_split!r} is not a split of data.hf_path={path!r} "
-                f"(allowed: {', '.join(ds)})"
-            )
+        _refuse_split(cfg, list(ds))
         ds = ds[cfg.hf_split]
     # A saved Dataset is memory-mapped already; streaming turns it into an IterableDataset so that it
     # reads in stored order with a restorable position, like a streamed hub dataset.

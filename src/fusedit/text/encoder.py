@@ -60,6 +60,38 @@ def _layer_kv(layer: nn.Module, keys, h: torch.Tensor, head_dim: int):
     return k.transpose(1, 2), v
 
 
+def refuse_unreadable_kv(llm: nn.Module) -> None:
+    """Refuse an LLM whose first layer's keys/values ``_read_kv`` cannot read at all (OLMo-2's post-norms:
+    no input_layernorm; StableLM's partial rotary, whose cos/sin do not span head_dim). Shapes alone tell,
+    so ``llm`` may be built on the meta device (check_llm: one layer, no weights, before a run makes its
+    folder); the refusal is TextEncoder.check_kv's. Keys that can be read but differ from the LLM's own
+    (Cohere's pairwise RoPE, HunYuan's key norm after RoPE) are told by their values: check_kv, at the build."""
+    device = next(llm.parameters()).device
+    h = torch.zeros(1, 8, llm.config.hidden_size, device=device)  # (1, 8, d): the input of layer 0
+    try:
+        cos, sin = llm.rotary_emb(h, torch.arange(8, device=device)[None])
+        layer = llm.layers[0]
+        k, _ = _layer_kv(layer, layer_keys(layer), h, llm_head_dim(llm.config))
+        _rope(k, cos, sin)
+    except (AttributeError, RuntimeError, ValueError) as e:
+        raise _unreadable(llm.config.model_type, e) from None
+
+
+def _unreadable(model_type: str, error: Exception) -> ConfigError:
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    return _refused(model_type, f"its layers' keys/values cannot be read: {first}")
+
+
+def _refused(model_type: str, reason: str) -> ConfigError:
+    """Deep fusion's one-line refusal of an LLM family whose K/V it cannot read as the LLM makes them."""
+    return unsupported_llm(
+        model_type,
+        reason,
+        " by deep fusion",
+        f"the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS}",
+    )
+
+
 def _has_submodule(module: nn.Module, name: str) -> bool:
     try:
         module.get_submodule(name)
@@ -312,7 +344,7 @@ class TextEncoder(nn.Module):
         try:  # every read layer's keys with RoPE, as the LLM's cache holds them
             ours, _ = _read_kv(self, out.hidden_states, TextRequest(kv_layers=layers))
         except (AttributeError, RuntimeError, ValueError) as e:
-            self._refuse(f"its layers' keys/values cannot be read: {str(e).splitlines()[0]}")
+            raise _unreadable(self.llm.config.model_type, e) from None
         # transformers 5.24 names it `cache` (and warns on `past_key_values`); earlier ones `past_key_values`.
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         for i, kv in zip(layers, ours, strict=True):
@@ -328,15 +360,10 @@ class TextEncoder(nn.Module):
                 a.shape[:2] == b.shape[:2] and (a[:, :, -n:] - b).abs().max() <= 1e-2 * b.abs().max()
                 for a, b in zip(kv, theirs, strict=True)
             ):
-                self._refuse(f"layer {i}'s keys/values differ from those its attention uses")
-
-    def _refuse(self, reason: str):
-        raise unsupported_llm(
-            self.llm.config.model_type,
-            reason,
-            " by deep fusion",
-            f"the shallow designs dit-self/dit-cross read only its hidden states; {SUPPORTED_LLMS}",
-        )
+                raise _refused(
+                    self.llm.config.model_type,
+                    f"layer {i}'s keys/values differ from those its attention uses",
+                )
 
     def forward(
         self,

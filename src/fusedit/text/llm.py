@@ -17,6 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from fusedit.config import ConfigError, TextConfig, arch_config, refuse_path_to_nothing, written_as_path
+from fusedit.text.encoder import refuse_unreadable_kv
 from fusedit.text.spec import LLMSpec, unsupported_llm
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,7 @@ def load_llm(
     except (ValueError, ImportError) as e:  # a kernel the family (or this machine) cannot run
         if not kernel:
             raise
-        raise ConfigError(
-            f"{key}.attn_implementation={cfg.attn_implementation!r} cannot run the {config.model_type} LLM: "
-            f"{str(e).splitlines()[0]} (allowed: auto, or a kernel the family supports)"
-        ) from None
+        raise _kernel_refusal(cfg, config, key, e) from None
     if reads_kv:
         _refuse_without_kv(llm, config.model_type)
     llm = llm.to(device) if str(device) != "meta" else llm
@@ -144,13 +142,16 @@ def load_llm(
 
 def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
     """The refusals of ``load_llm`` and ``LLMSpec.from_hf`` that the LLM's config alone decides, made
-    without its weights: a config that is not LLaMA-style, and for a ``deep`` design (its trait: it reads each
-    layer's K/V) a RoPE per layer type or layers without separate q/k/v projections (one layer built on the
-    meta device shows them). A run checks this before it makes and locks its folder. Not all: whether the
-    K/V that deep fusion computes match the LLM's own (TextEncoder.check_kv: OLMo-2's or Cohere's normed
-    keys, say) needs the built LLM, and is refused when the run builds it."""
+    without its weights: a config that is not LLaMA-style, an attention kernel (text.attn_implementation)
+    the family or this machine cannot run, and for a ``deep`` design (its trait: it reads each layer's K/V)
+    a RoPE per layer type, layers without separate q/k/v projections, or K/V that cannot be read at all
+    (OLMo-2's post-norms, StableLM's partial rotary: one layer built on the meta device shows them). A run
+    checks this before it makes and locks its folder. Not all: whether the K/V that deep fusion reads match
+    the LLM's own (TextEncoder.check_kv: Cohere's pairwise RoPE, HunYuan's key norm after RoPE) is told by
+    their values, which need weights, and is refused when the run builds the LLM."""
     config = llm_config(cfg, key=key)
     LLMSpec.from_hf(config, deep=deep)
+    _check_kernel(cfg, config, key)
     if deep:
         one = copy.deepcopy(config)
         _cut_config(one, 1)
@@ -162,6 +163,67 @@ def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
                 config.model_type, f"transformers builds no model of it: {str(e).splitlines()[0]}"
             ) from None
         _refuse_without_kv(llm, config.model_type)
+        refuse_unreadable_kv(llm)
+
+
+# The kernels text.attn_implementation names beside eager (which every family runs), and the flag of
+# transformers' model class that says its family runs each.
+_KERNEL_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
+
+
+def _family_kernels(config: PretrainedConfig) -> list[str] | None:
+    """The kernels ``config``'s family runs, as its transformers model class says; None where AutoModel
+    has no class for the config."""
+    from transformers import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return ["eager"] + [kernel for kernel, flag in _KERNEL_FLAGS.items() if getattr(model_class, flag, False)]
+
+
+def _check_kernel(cfg: TextConfig, config: PretrainedConfig, key: str) -> None:
+    """Refuse ``cfg.attn_implementation`` where the family has no such kernel (its model class says so), or
+    where this machine cannot run it (flash_attention_2 without the flash_attn package): transformers
+    decides both when it builds the model, so one layer built on the meta device tells, without weights."""
+    if cfg.attn_implementation == "auto" or _family_kernels(config) is None:
+        return
+    one = copy.deepcopy(config)
+    _cut_config(one, 1)
+    try:
+        with torch.device("meta"):
+            AutoModel.from_config(
+                one, attn_implementation=cfg.attn_implementation, **{_DTYPE_KW: DTYPES[cfg.dtype]}
+            )
+    except (ValueError, ImportError) as e:
+        raise _kernel_refusal(cfg, config, key, e) from None
+
+
+def _kernel_refusal(cfg: TextConfig, config: PretrainedConfig, key: str, error: Exception) -> ConfigError:
+    """The one-line refusal of a kernel that transformers refused with ``error``: one the family lacks (its
+    kernels allowed; transformers' own message names another model), or one this machine cannot run
+    (transformers' reason, and the family's other kernels)."""
+    named = f"{key}.attn_implementation={cfg.attn_implementation!r}"
+    family = config.model_type
+    kernels = _family_kernels(config)
+    if kernels is not None and cfg.attn_implementation not in kernels:
+        return ConfigError(
+            f"{named} cannot run the {family} LLM: its transformers model has no such kernel (allowed for "
+            f"{family}: auto, {', '.join(kernels)})"
+        )
+    # transformers' reason, without its preamble ("FlashAttention2 has been toggled on, but it cannot be
+    # used due to the following error: ...").
+    reason = (str(error).splitlines() or [type(error).__name__])[0].split("following error: ")[-1].rstrip(".")
+    others = [k for k in kernels or () if k != cfg.attn_implementation]
+    return ConfigError(
+        f"{named} cannot run the {family} LLM on this machine: {reason} (allowed here: "
+        f"{', '.join(['auto', *others])})"
+    )
 
 
 def _refuse_without_kv(llm: PreTrainedModel, model_type: str) -> None:

@@ -52,6 +52,7 @@ from fusedit.config import (
     ConfigError,
     RunStopped,
     Stage,
+    TextConfig,
     TrainConfig,
     checked,
     gone_model_paths,
@@ -59,7 +60,10 @@ from fusedit.config import (
     resolved_stages,
     save_config,
     text_sections,
+    with_model_llm_fields,
+    written_as_path,
 )
+from fusedit.data.hf import check_hf_source
 from fusedit.data.loader import PlanFailedElsewhere, check_data_paths, step_loader
 from fusedit.data.skips import NotUTF8Count, merged_skip_report
 from fusedit.devices import host_to_device
@@ -193,11 +197,17 @@ def train(
     except RuntimeError as e:
         if env.world_size > 1 and (distributed.peer_failure(e) or isinstance(e, PlanFailedElsewhere)):
             # The failed process says why in its own error (a traceback, a data error of its share): this
-            # rank only lost it, and cannot tell whether the same command would fail again.
+            # rank only lost it, and cannot tell whether the same command would fail again. Ranks whose
+            # bucket planning failed said so at once (PlanFailedElsewhere): no process waited for them.
+            what = (
+                f"another process of the job failed ({distributed.error_summary(e)})"
+                if isinstance(e, PlanFailedElsewhere)
+                else f"another process of the job failed or stopped answering ({distributed.error_summary(e)}; a "
+                f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others)"
+            )
             raise RunStopped(
-                f"another process of the job failed or stopped answering ({distributed.error_summary(e)}; a "
-                f"process waits train.dist_timeout_s={cfg.train.dist_timeout_s:g} s for the others): that "
-                "process's own error, printed above or in its log, may say why and what to change first",
+                f"{what}: that process's own error, printed above or in its log, may say why and what to "
+                "change first",
                 how_to_go_on(Path(run_dir), replaced_before),
             ) from e
         raise
@@ -208,18 +218,46 @@ def train(
 def _check_before_start(cfg: Config, resume: bool) -> None:
     """What a config alone decides, refused before the run folder is made and locked (a refused run left
     one behind, holding train.lock and the loggers opened before the failing one): each stage's data
-    locations, the loggers' packages, and each LLM's family (check_llm: from its config, no weights)."""
+    locations (and a local Hugging Face dataset's split and columns), the loggers' packages, and each LLM's
+    family and attention kernel (check_llm: from its config, no weights)."""
     # A resumed run's LLM folder that moved is named later with the way on (the override to give it).
     gone = gone_model_paths(cfg) if resume else {}
-    for key, text in text_sections(cfg):
+    for i, (key, text) in enumerate(text_sections(cfg)):
         if f"{key}.model_id" not in gone:
-            check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
+            try:
+                check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
+            except ConfigError as e:
+                raise ConfigError(f"{e}{_exported_llm_hint(cfg, i, key, text)}") from None
     for stage in resolved_stages(cfg):
         try:
             check_data_paths(stage.config.data, stage.config.vae)
+            if stage.config.data.source == "hf":
+                check_hf_source(stage.config.data)
         except ConfigError as e:
             raise ConfigError(f"{stage.where}: {e}" if cfg.stages else str(e)) from None
     check_loggers(cfg)
+
+
+def _exported_llm_hint(cfg: Config, index: int, key: str, text: TextConfig) -> str:
+    """The way on for the ``index``-th LLM's folder that is gone (written as a path to nothing) when
+    train.init_from is an exported pipeline folder (`fusedit export`) holding that LLM and its tokenizer: the
+    overrides that load them from there; else nothing. The export's config records the LLM's folder as the
+    run had it, which a fine-tune elsewhere (another machine, a downloaded model) does not have."""
+    from fusedit.pipeline import LLM_SLOTS
+
+    source = cfg.train.init_from
+    place = text.model_id
+    if not (source and place and written_as_path(place) and not Path(place).expanduser().exists()):
+        return ""
+    if index >= len(LLM_SLOTS):
+        return ""
+    tokenizer, encoder = (Path(source) / name for name in LLM_SLOTS[index])
+    if not (encoder.is_dir() and tokenizer.is_dir()):
+        return ""
+    return (
+        f"; train.init_from={source!r} holds the LLM it was exported with: give {key}.model_id={encoder} "
+        f"{key}.tokenizer={tokenizer}"
+    )
 
 
 def _check_init_from(run_dir: Path, cfg: Config) -> None:
@@ -584,7 +622,7 @@ def _start_state(
     # that trains nothing (--stop-at at or below the run's step): overrides given with it (train.steps=...)
     # were never trained with, and a later plain --resume would take them from config.yaml.
     if env.is_main and start < end:
-        save_config(run.cfg, run.run_dir / "config.yaml")
+        save_config(with_model_llm_fields(run.cfg), run.run_dir / "config.yaml")
     return ema, data_state
 
 
@@ -803,8 +841,8 @@ class _Run:
         """Log the samples skipped over the stage, and where they are listed. Under torchrun the line covers
         the job (rank 0 logs it): the ranks gather one another's counts by reason (distinct ids, occurrences
         and a few examples; never every id, which each rank lists in its own file), and ``merged_skip_report``
-        counts the samples found while planning the data, the same on every rank, once, and sums those of
-        each rank's own reads over the ranks: a sample two ranks met (in different epochs) counts once per
+        counts the samples found while planning the data, which rank 0 alone holds (states saved before
+        2026-11-26 hold them on every rank), once, and sums those of each rank's own reads over the ranks: a sample two ranks met (in different epochs) counts once per
         rank that met it, as the line says.
 
         Then, when any caption read into the stage's batches was not UTF-8, their total (``NotUTF8Count``:
