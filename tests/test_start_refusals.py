@@ -181,3 +181,17 @@ def test_deep_fusion_over_llm_keys_it_cannot_read_is_refused_before_the_run_fold
     assert "(the shallow designs dit-self/dit-cross read only its hidden states; " in str(e.value)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_folder_that_is_not_there_is_refused_before_the_run_folder(tmp_path):
+    """A text.tokenizer written as a path to nothing (a typo, an unmounted disk) was refused by the build,
+    after the run folder was made and locked."""
+    missing = tmp_path / "no-such-tokenizer"
+    cfg = tiny_config(text={"tokenizer": str(missing)}, train={"steps": 1})
+    with pytest.raises(ConfigError) as e:
+        train(cfg, tmp_path / "run")
+    assert str(e.value) == (
+        f"text.tokenizer={str(missing)!r} is a path to nothing (allowed: a folder written by save_pretrained, "
+        "or a hub id written org/name)"
+    )
+    assert not (tmp_path / "run").exists()

@@ -57,6 +57,8 @@ from fusedit.config import (
     checked,
     gone_model_paths,
     is_shallow,
+    model_paths,
+    refuse_path_to_nothing,
     resolved_stages,
     save_config,
     text_sections,
@@ -218,8 +220,9 @@ def train(
 def _check_before_start(cfg: Config, resume: bool) -> None:
     """What a config alone decides, refused before the run folder is made and locked (a refused run left
     one behind, holding train.lock and the loggers opened before the failing one): each stage's data
-    locations (and a local Hugging Face dataset's split and columns), the loggers' packages, and each LLM's
-    family and attention kernel (check_llm: from its config, no weights)."""
+    locations (and a local Hugging Face dataset's split and columns), the loggers' packages, each LLM's
+    family and attention kernel (check_llm: from its config, no weights), and model folders written as
+    paths to nothing."""
     # A resumed run's LLM folder that moved is named later with the way on (the override to give it).
     gone = gone_model_paths(cfg) if resume else {}
     for i, (key, text) in enumerate(text_sections(cfg)):
@@ -228,6 +231,11 @@ def _check_before_start(cfg: Config, resume: bool) -> None:
                 check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
             except ConfigError as e:
                 raise ConfigError(f"{e}{_exported_llm_hint(cfg, i, key, text)}") from None
+    # The other model folders written as paths (a tokenizer's, the VAE's, the pooled text encoder's): a
+    # typo or a folder on an unmounted disk, refused before the run folder rather than by the build.
+    for key, place in model_paths(cfg).items():
+        if key not in gone:
+            refuse_path_to_nothing(f"{key}={place!r}", place)
     for stage in resolved_stages(cfg):
         try:
             check_data_paths(stage.config.data, stage.config.vae)
@@ -842,8 +850,8 @@ class _Run:
         the job (rank 0 logs it): the ranks gather one another's counts by reason (distinct ids, occurrences
         and a few examples; never every id, which each rank lists in its own file), and ``merged_skip_report``
         counts the samples found while planning the data, which rank 0 alone holds (states saved before
-        2026-11-26 hold them on every rank), once, and sums those of each rank's own reads over the ranks: a sample two ranks met (in different epochs) counts once per
-        rank that met it, as the line says.
+        2026-11-26 hold them on every rank), once, and sums those of each rank's own reads over the ranks: a
+        sample two ranks met (in different epochs) counts once per rank that met it, as the line says.
 
         Then, when any caption read into the stage's batches was not UTF-8, their total (``NotUTF8Count``:
         each rank's loader state sums its batches', the steps before a resume included), gathered with the
