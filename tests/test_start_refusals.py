@@ -38,13 +38,16 @@ def test_a_kernel_the_family_lacks_is_refused_in_its_own_words_before_the_run_fo
     ):
         train(tiny_config(model=lidit, extra_text=[gemma2], train={"steps": 1}), tmp_path / "lidit")
     assert not (tmp_path / "lidit").exists()
-    # The build's own refusal (a hub id not checked before the start) words it the same way.
+    # The build's own refusal (a model built outside train(), e.g. for sampling) words it the same way.
     with pytest.raises(ConfigError) as built:
         build_model(tiny_config(text=gemma2), with_autoencoder=False)
     assert str(built.value) == str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is not None for p in ("flash_attn", "kernels")),
+    reason="flash_attn is installed, or transformers fetches a hub kernel for it (kernels)",
+)
 def test_a_kernel_this_machine_cannot_run_is_refused_as_the_machines_before_the_run_folder(tmp_path):
     """Llama runs flash_attention_2, but not without the flash_attn package: the refusal says it is this
     machine, not the family (it said 'allowed: a kernel the family supports', which flash_attention_2 is)."""
@@ -195,3 +198,51 @@ def test_a_tokenizer_folder_that_is_not_there_is_refused_before_the_run_folder(t
         "or a hub id written org/name)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_deep_fusion_reads_a_dynamic_rope_llm_before_the_start(tmp_path):
+    """A dynamic RoPE reads its longest position with .item(), which the meta device cannot: the early K/V
+    check refused a valid Llama the build trains (it needs only the width of cos/sin)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fusedit.data.shapes import vocabulary
+    from fusedit.text.llm import check_llm
+    from fusedit.text.tokenizer import word_tokenizer
+
+    arch = {**TINY_ARCH, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    folder = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **arch)).save_pretrained(folder)
+    word_tokenizer(vocabulary()).save_pretrained(folder)
+    cfg = tiny_config(text={"model_id": str(folder), "family": "llama"}, train={"steps": 1})
+    check_llm(cfg.text, deep=True)
+    assert train(cfg, tmp_path / "run", progress=False)["step"] == 1
+
+
+def test_a_parquet_source_without_datasets_is_the_loads_one_line(tmp_path, monkeypatch):
+    """The early check read a parquet file's schema with pyarrow, which comes with the optional datasets
+    package: without it, a traceback instead of the load's one line."""
+    import sys
+
+    from fusedit.data.hf import check_hf_source
+
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    cfg = tiny_config(data={"source": "hf", "hf_path": str(tmp_path / "rows.parquet")})
+    with pytest.raises(
+        ConfigError, match=r"^data.source=hf needs the optional 'datasets' package: pip install"
+    ):
+        check_hf_source(cfg.data)
+
+
+def test_the_kernel_check_reads_older_transformers_flash_flag(monkeypatch):
+    """transformers before 4.54 named the flash flag _supports_flash_attn_2: a family that runs it was
+    said to lack it."""
+    from transformers import AutoConfig, LlamaModel
+
+    from fusedit.text.llm import _family_kernels
+
+    monkeypatch.setattr(LlamaModel, "_supports_flash_attn", False, raising=False)
+    monkeypatch.setattr(LlamaModel, "_supports_flash_attn_2", True, raising=False)
+    assert "flash_attention_2" in _family_kernels(AutoConfig.for_model("llama", **TINY_ARCH))

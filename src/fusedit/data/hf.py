@@ -94,6 +94,7 @@ def check_hf_source(cfg: Any) -> None:
         raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
     local = Path(path)
     if local.is_file() or any(ch in path for ch in "*?["):
+        _datasets()  # pyarrow comes with it: without it, the same one-line refusal as the load's
         import pyarrow.parquet as pq
 
         files = sorted(glob.glob(path, recursive=True)) if not local.is_file() else [path]

@@ -69,7 +69,9 @@ def refuse_unreadable_kv(llm: nn.Module) -> None:
     device = next(llm.parameters()).device
     h = torch.zeros(1, 8, llm.config.hidden_size, device=device)  # (1, 8, d): the input of layer 0
     try:
-        cos, sin = llm.rotary_emb(h, torch.arange(8, device=device)[None])
+        # Only the width of cos/sin matters here (rotate-half over 2 * len(inv_freq)); calling rotary_emb on
+        # the meta device fails for a dynamic RoPE, which reads its longest position with .item().
+        cos = sin = torch.zeros(1, 8, 2 * llm.rotary_emb.inv_freq.shape[-1], device=device)
         layer = llm.layers[0]
         k, _ = _layer_kv(layer, layer_keys(layer), h, llm_head_dim(llm.config))
         _rope(k, cos, sin)

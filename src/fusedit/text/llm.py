@@ -166,12 +166,13 @@ def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
         refuse_unreadable_kv(llm)
 
 
-# The kernels text.attn_implementation names beside eager (which every family runs), and the flag of
-# transformers' model class that says its family runs each.
+# The kernels text.attn_implementation names beside eager (which every family runs), and the flags of
+# transformers' model class that say its family runs each (transformers before 4.54 named flash's
+# _supports_flash_attn_2).
 _KERNEL_FLAGS = {
-    "sdpa": "_supports_sdpa",
-    "flash_attention_2": "_supports_flash_attn",
-    "flex_attention": "_supports_flex_attn",
+    "sdpa": ("_supports_sdpa",),
+    "flash_attention_2": ("_supports_flash_attn", "_supports_flash_attn_2"),
+    "flex_attention": ("_supports_flex_attn",),
 }
 
 
@@ -184,7 +185,11 @@ def _family_kernels(config: PretrainedConfig) -> list[str] | None:
         model_class = MODEL_MAPPING[type(config)]
     except KeyError:
         return None
-    return ["eager"] + [kernel for kernel, flag in _KERNEL_FLAGS.items() if getattr(model_class, flag, False)]
+    return ["eager"] + [
+        kernel
+        for kernel, flags in _KERNEL_FLAGS.items()
+        if any(getattr(model_class, f, False) for f in flags)
+    ]
 
 
 def _check_kernel(cfg: TextConfig, config: PretrainedConfig, key: str) -> None:
