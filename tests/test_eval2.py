@@ -346,3 +346,20 @@ def test_unpacking_the_mjhq_images_shows_its_progress(tmp_path, monkeypatch, cap
     assert (
         f"MJHQ-30K images, unpacking: 100%|██████████| {len(images)}/{len(images)}" in capsys.readouterr().err
     )
+
+
+def test_the_scorers_refuse_the_root_before_they_score(questions_csv, monkeypatch):  # noqa: F811
+    """GenEval's and DPG-Bench's folder scorers name their results file before scoring: the root (no place
+    beside it) is refused at once, not after a whole folder's scoring (or, with nothing to score there, as
+    a folder holding no samples)."""
+
+    def never(*args):
+        raise AssertionError("scored")
+
+    monkeypatch.chdir("/")
+    for score in (
+        lambda: score_geneval_folder("/", never, None, progress=False),
+        lambda: score_dpg_folder(".", questions_csv, never, progress=False),
+    ):
+        with pytest.raises(ConfigError, match=r" is the filesystem root '/', which has no parent"):
+            score()
