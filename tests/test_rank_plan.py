@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -330,3 +331,23 @@ def test_a_rank_whose_catalog_fails_fails_every_rank_rather_than_hang(tmp_path):
     for r in (0, 2):
         assert isinstance(errors[r], loader.PlanFailedElsewhere)
         assert str(errors[r]) == "bucket planning failed on rank(s) [1]: their log says why"
+
+
+@pytest.mark.parametrize("buckets", [True, False], ids=["buckets", "no-buckets"])
+@pytest.mark.parametrize("world", [2, 1])
+def test_a_rank_whose_catalog_fails_enters_the_exchange_only_where_the_others_wait_in_it(
+    tmp_path, buckets, world
+):
+    # With buckets the others wait in bucket planning's exchange: it sends its failure (None) once, then
+    # raises its own error. Without, the others go on to their first training collective: this rank entering
+    # an all-gather there would be a mismatched collective (a hang, or undefined behaviour). Alone: no exchange.
+    cfg = _folder(tmp_path, sizes=True)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('[{"path": "a.png"},\n')
+    bad = DataConfig(**{**cfg.__dict__, "index_file": str(broken), **({} if buckets else {"buckets": []})})
+    sent: list = []
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.index_file={str(broken)!r} holds")):
+        loader.step_loader(
+            bad, 0, 1, 0, 1, rank=world - 1, world_size=world, gather=lambda o: sent.append(o) or [o] * world
+        )
+    assert sent == ([None] if buckets and world > 1 else [])

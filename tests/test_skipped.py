@@ -16,7 +16,7 @@ import fusedit.data.transforms as transforms
 from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
-from fusedit.data.loader import step_loader
+from fusedit.data.loader import resplit_state, step_loader
 from fusedit.data.skips import SkipCounter, merged_skip_report, skipped_jsonl
 from fusedit.data.transforms import make_rng
 from fusedit.train.loop import train
@@ -321,6 +321,59 @@ def test_the_ranks_skips_merge_counting_the_planned_ones_once(tmp_path):
         list(resumed)
         assert resumed.skipped_tally() == tallies[rank]
     assert merged_skip_report([SkipCounter().tally()] * 2) == "skipped samples: none over the 2 processes"
+
+
+def _saved_before_rank_0_alone(state: dict, planned: SkipCounter) -> dict:
+    """``state`` as the code saved it before rank 0 alone held the planning skips: every rank's skips began
+    with them (the planning skips, then the rank's own reads)."""
+    own = SkipCounter()
+    own.load_state_dict(state["skips"])
+    old = SkipCounter.of(
+        (reason, i, detail) for reason, ids in planned.ids.items() for i, detail in ids.items()
+    )
+    for reason, ids in own.ids.items():
+        for sample_id, detail in ids.items():
+            old.ids.setdefault(reason, {}).setdefault(sample_id, detail)
+        old.times[reason] = old.times.get(reason, 0) + own.times[reason]
+    return {**state, "skips": old.state_dict()}
+
+
+def test_states_saved_with_the_planning_skips_on_every_rank_resume_to_the_same_counts(tmp_path):
+    """A checkpoint made before rank 0 alone held the planning skips: resumed on the same split, on one
+    process and on four, its ranks' states give the counts and the line the states saved now give."""
+    index = _indexed_folder(tmp_path / "data", good=8, corrupt=4)
+    cfg = DataConfig(source="folder", index_file=str(index), image_size=16)
+    first = [step_loader(cfg, 0, 4, 0, 1, rank=rank, world_size=2) for rank in (0, 1)]
+    for loader in first:
+        list(loader)
+    new = [json.loads(json.dumps(loader.state_dict())) for loader in first]
+    old = [new[0], _saved_before_rank_0_alone(new[1], first[0].planned)]
+    assert old[1]["skips"]["times"] == {"bad-row": 1, **new[1]["skips"]["times"]}
+
+    def resumed(states: list, world: int) -> tuple[list, str]:
+        """Each of ``world`` ranks' skip counts and the merged line after step 1 (a global batch of 8)."""
+        if world != 2:
+            states = [resplit_state(states, 8)] * world
+        loaders = [
+            step_loader(
+                cfg, 0, 8 // world, 1, 2, rank=rank, world_size=world, state=json.loads(json.dumps(state))
+            )
+            for rank, state in enumerate(states)
+        ]
+        for each in loaders:
+            list(each)
+        return [each.skips.times for each in loaders], merged_skip_report(
+            [each.skipped_tally() for each in loaders]
+        )
+
+    # The same split: rank 1 keeps its copy (counted once in the line); a resplit: rank 0 takes on one.
+    (old_times, old_line), (new_times, new_line) = resumed(old, 2), resumed(new, 2)
+    assert old_times == [new_times[0], {"bad-row": 1, **new_times[1]}] and old_line == new_line
+    assert old_line.startswith(
+        "skipped 9 samples (10 times) over the 2 processes (1 found while planning the data, counted once; "
+    )
+    assert resumed(old, 1) == resumed(new, 1) and resumed(old, 1)[0] == [{"bad-row": 1, "corrupt": 9}]
+    assert resumed(old, 4) == resumed(new, 4)
 
 
 @pytest.mark.skipif(
