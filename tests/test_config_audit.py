@@ -704,8 +704,8 @@ def test_data_weights_beside_a_source_that_never_reads_them_are_refused():
 def test_the_saved_llm_fields_are_the_model_ids_own_not_the_presets(tmp_path):
     """A preset's text.family and text.arch (debug: a 6-layer Gemma) stayed beside a user's own
     text.model_id (a local Qwen2 folder) in the config a run saved. with_model_llm_fields records the
-    model's own, which load back unchanged (a resumed run saves the same); a model type no family allows
-    loses the arch; a hub id out of reach and a random-init LLM keep theirs."""
+    model's own, which load back unchanged (a resumed run saves the same); a model type no family allows,
+    a hub id out of reach and a random-init LLM keep theirs."""
     from transformers import AutoConfig
 
     from fusedit.config import arch_config, save_config
@@ -726,9 +726,8 @@ def test_the_saved_llm_fields_are_the_model_ids_own_not_the_presets(tmp_path):
     AutoConfig.for_model("phi3", hidden_size=64, num_hidden_layers=6, num_attention_heads=2).save_pretrained(
         tmp_path / "phi3"
     )
-    phi = with_model_llm_fields(load_config("debug-lidit", [f"text.model_id={tmp_path / 'phi3'}"]))
-    assert (phi.text.family, phi.text.arch) == ("gemma", {})
     for kept in (
+        load_config("debug-lidit", [f"text.model_id={tmp_path / 'phi3'}"]),
         load_config("debug", ["text.model_id=fusedit-tests/not-in-the-cache"]),
         load_config("debug"),
     ):

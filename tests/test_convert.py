@@ -571,6 +571,20 @@ def test_export_refuses_what_the_public_code_cannot_express(tmp_path):
         export_official(cfg, model, tmp_path / "x", layout="zip")
 
 
+def test_export_reads_the_built_llms_own_type_not_the_stand_in_family(tmp_path, small_words_dir):
+    # A preset's text.family (gemma) left beside the user's own Qwen2 folder: the model holds a Qwen2 LLM,
+    # which the public code has no counterpart for.
+    qwen = tmp_path / "qwen"
+    shape = {k: v for k, v in TINY_BASE.items() if k != "model_type"}
+    AutoModel.from_config(AutoConfig.for_model("qwen2", **shape)).save_pretrained(qwen)
+    cfg = official_config(TINY_PUBLIC)
+    text = dataclasses.replace(cfg.text, model_id=str(qwen), tokenizer=str(small_words_dir))
+    cfg = dataclasses.replace(cfg, text=text)
+    assert cfg.text.family == "gemma"
+    with pytest.raises(ConfigError, match=r"^text.model_id's model_type='qwen2' has no counterpart"):
+        export_official(cfg, build(cfg), tmp_path / "x")
+
+
 def test_dit_self_exports_only_a_shared_k_norm(tmp_path, small_words_dir):
     public = {**TINY_PUBLIC, "model_type": "DiT", "pos_embed": "1d-rope"}
     cfg = official_config(public, llm=public_llm(tmp_path / "llm0", TINY_BASE), tokenizer=small_words_dir)

@@ -50,12 +50,43 @@ def test_a_stages_own_alpha_at_rank_0_is_still_idle(tmp_path):
     ]
 
 
+def test_a_top_level_alpha_no_stage_gives_a_rank_is_still_idle_in_every_stage(tmp_path):
+    # No stage trains with it: it does nothing in the whole run, so each stage warns of it. Once a stage
+    # has trained with it, a later one at rank 0 does not.
+    stages = [{"name": "a", "steps": 2, "train": {}}, {"name": "b", "steps": 2, "train": {}}]
+    path = tmp_path / "top.yaml"
+    path.write_text(
+        yaml.safe_dump({"base": "debug", "train": {**JOINT, "llm_lora": {"alpha": 8}}, "stages": stages})
+    )
+    idle = ["train.llm_lora.alpha=8.0 (rank 0: no adapters)"]
+    assert [idle_settings(s.config.train) for s in resolved_stages(load_config(path))] == [idle, idle]
+    used = load_config(path, ["stages.0.train.llm_lora.rank=4"])
+    assert [idle_settings(s.config.train) for s in resolved_stages(used)] == [[], []]
+
+
 def test_null_on_the_command_line_and_at_the_top_level(tmp_path):
     cfg = _staged(tmp_path, {}, overrides=["stages.1.train.llm_lora=null"])
     assert resolved_stages(cfg)[1].config.train.llm_lora == LoRAConfig()
     assert (
         load_config("debug", ["train.dit_lora.rank=4", "train.dit_lora=null"]).train.dit_lora == LoRAConfig()
     )
+
+
+def test_a_key_under_null_on_the_command_line_builds_on_the_default_or_is_refused(tmp_path):
+    # null, then a rank: the section's defaults with that rank, the earlier stage's alpha forgotten.
+    cfg = _staged(tmp_path, {}, overrides=["stages.1.train.llm_lora=null", "stages.1.train.llm_lora.rank=2"])
+    assert resolved_stages(cfg)[1].config.train.llm_lora == LoRAConfig(rank=2)
+    assert load_config(
+        "debug", ["train.dit_lora=null", "train.dit_lora.rank=4"]
+    ).train.dit_lora == LoRAConfig(rank=4)
+    # A section that takes no null, or a value that holds no keys: one line naming both overrides.
+    for first, then in (("flow=null", "flow.shift=2"), ("train.lr=0.1", "train.lr.x=1")):
+        with pytest.raises(ConfigError) as e:
+            load_config("debug", [first, then])
+        assert str(e.value) == (
+            f"override {then!r} sets a key inside {first.partition('=')[0]}, which the earlier override "
+            f"{first!r} set to {yaml.safe_load(first.partition('=')[2])!r} (allowed: one of the two)"
+        )
 
 
 def test_other_sections_still_refuse_null(tmp_path):

@@ -5,10 +5,12 @@ family and arch only stand in for the model's config offline)."""
 
 import logging
 
+import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_ARCH, tiny_config
-from fusedit.config import load_config
+from fusedit.bench import random_init_text
+from fusedit.config import TextConfig, arch_config, load_config, model_family_arch, with_model_llm_fields
 from fusedit.data.shapes import vocabulary
 from fusedit.text.tokenizer import word_tokenizer
 from fusedit.train.checkpoint import find_checkpoint
@@ -43,3 +45,46 @@ def test_a_run_saves_its_llms_own_family_and_resumes_with_the_presets(tmp_path, 
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "text.family" not in said and "text.arch" not in said
     assert load_config(run / "config.yaml").text.family == "qwen2"
+
+
+@pytest.mark.parametrize(
+    "family, shape",
+    [
+        # Mistral-Nemo: head_dim 128 where MistralConfig's default is hidden / heads = 160.
+        (
+            "mistral",
+            {"hidden_size": 5120, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
+        ),
+        # head_dim 128 where LlamaConfig's default is 3072 / 32 = 96; kv heads = heads, LlamaConfig's default.
+        (
+            "llama",
+            {"hidden_size": 3072, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128},
+        ),
+    ],
+    ids=["mistral-nemo", "llama"],
+)
+def test_a_field_equal_to_a_computed_default_is_recorded_and_rebuilt(family, shape):
+    config = AutoConfig.for_model(family, num_hidden_layers=2, intermediate_size=64, vocab_size=64, **shape)
+    found, arch = model_family_arch(config)
+    rebuilt = arch_config(TextConfig(family=found, arch=arch))
+    assert found == family
+    assert {k: getattr(rebuilt, k) for k in shape} == shape
+    assert {k: v for k, v in rebuilt.to_dict().items() if k in arch} == arch
+
+
+def test_a_model_type_no_family_allows_keeps_the_users_section(tmp_path):
+    phi = tmp_path / "phi3"
+    AutoConfig.for_model(
+        "phi3",
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).save_pretrained(phi)
+    user = TextConfig(model_id=str(phi), family="gemma", arch=dict(TINY_ARCH))
+    cfg = tiny_config()
+    cfg.text = user
+    saved = with_model_llm_fields(cfg)
+    assert saved.text == user  # not gemma with an empty arch: the default 28-layer Gemma
+    assert random_init_text(saved.text, "text")[0].arch == TINY_ARCH

@@ -37,9 +37,8 @@ from fusedit.config import (
     Config,
     TextConfig,
     arch_config,
-    arch_defaults,
-    choices_of,
     known_llm_config,
+    model_family_arch,
     resolved_stages,
     text_sections,
 )
@@ -251,10 +250,6 @@ class BenchSetup:
     sampling_form: bool = False  # set once the denoiser has been turned into its sampling form
 
 
-# What a saved LLM config records beside its shape: not part of the arch a random init is built from.
-CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version")
-
-
 def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
     """``text`` (the section ``key``) as a random-init LLM of its model's shape, and where that shape came
     from ("model_id" or "arch"): a model_id's config where it is readable without the network (a local
@@ -268,7 +263,8 @@ def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
     if config is None:  # not on this machine: llm_config says why, or warns that the arch stands in
         llm_config(text, shape_only=True, key=key)
         return model, "arch"
-    if config.model_type not in choices_of(TextConfig, "family"):
+    found = model_family_arch(config)
+    if found is None:
         stand_in = arch_config(text, key)
         log.warning(
             "%s.model_id=%r is a %s LLM, which the bench cannot build with random weights: timing %s.arch "
@@ -282,13 +278,8 @@ def random_init_text(text: TextConfig, key: str) -> tuple[TextConfig, str]:
             stand_in.hidden_size,
         )
         return model, "arch"
-    defaults = arch_defaults(config.model_type)
-    arch = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k in defaults and v != defaults[k] and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
-    }
-    return dataclasses.replace(model, family=config.model_type, arch=arch), "model_id"
+    family, arch = found
+    return dataclasses.replace(model, family=family, arch=arch), "model_id"
 
 
 def setup(cfg: Config, device: torch.device, bf16: bool) -> BenchSetup:

@@ -73,6 +73,7 @@ from fusedit.config.paths import (
     known_llm_config,
     llm_head_dim,
     model_config,
+    model_family_arch,
     model_identity,
     model_paths,
     paths_to_nothing,
@@ -80,6 +81,7 @@ from fusedit.config.paths import (
     relocate,
     text_sections,
     with_model_llm_fields,
+    with_stand_ins_of,
     written_as_path,
 )
 from fusedit.config.schema import (
@@ -243,6 +245,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "model_config",
+    "model_family_arch",
     "model_identity",
     "model_paths",
     "nonneg",
@@ -273,6 +276,7 @@ __all__ = [
     "uses_builtin_tokenizer",
     "validate",
     "with_model_llm_fields",
+    "with_stand_ins_of",
     "written_as_path",
     "yaml_problem",
     "VARIANTS",

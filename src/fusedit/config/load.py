@@ -265,24 +265,30 @@ def _field_type(parts: list[str]) -> Any:
     """The declared type of the Config field at ``parts`` (e.g. ["text", "instruction"]), or None. An item
     of a list of sections is addressed by its position (extra_text.0.instruction, stages.1.name) and a
     stage's override mappings by their section's fields (stages.0.data.root)."""
+    return _field(parts)[0]
+
+
+def _field(parts: list[str]) -> tuple[Any, Any]:
+    """The declared type and the dataclass field of the Config field at ``parts`` (_field_type), or None
+    for each that is not known."""
     cls: Any = Config
     parts = list(parts)
     while parts:
         name = parts.pop(0)
         if not dataclasses.is_dataclass(cls):
-            return None
+            return None, None
         tp = typing.get_type_hints(cls).get(name)
         if not parts or tp is None:
-            return tp
+            return tp, cls.__dataclass_fields__.get(name)
         item = cls.__dataclass_fields__[name].metadata.get("item")
         if item is not None:
             if not parts.pop(0).isdigit():
-                return None
+                return None, None
             tp = item
         elif cls is StageConfig and name in STAGE_SECTIONS:
             tp = STAGE_SECTION_CLASSES[name]
         cls = tp
-    return None
+    return None, None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -290,14 +296,18 @@ def parse_overrides(overrides: list[str]) -> dict:
     except for string keys, which take the text as typed (``null`` aside, refused as in a YAML file): YAML
     would turn ``text.instruction=Imagine: `` into a mapping and ``name=yes`` into true."""
     out: dict = {}
+    given: dict[str, str] = {}  # dotted key -> the override that set it last
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         parts = key.strip().split(".")
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if p in node and not isinstance(node[p], dict):
+                node[p] = _under_a_value(parts[: i + 1], node[p], given, item)
             node = node.setdefault(p, {})
+        given[".".join(parts)] = item
         if _field_type(parts) is str:
             # Kept as the text 'null', it would name a folder or a prompt nobody meant.
             node[parts[-1]] = None if value.strip() in ("null", "Null", "NULL") else value
@@ -307,6 +317,21 @@ def parse_overrides(overrides: list[str]) -> dict:
         except yaml.YAMLError:
             node[parts[-1]] = value
     return out
+
+
+def _under_a_value(parts: list[str], value: Any, given: dict[str, str], item: str) -> dict:
+    """The mapping an override ``item`` under ``parts`` builds on where an earlier override set ``parts``
+    itself to ``value``: a section whose null is its default (lora_field: ``train.llm_lora=null
+    train.llm_lora.rank=4``) builds on that default, all its fields written out, so that the earlier null
+    still forgets what the preset set (its alpha, targets). Any other value holds no keys: refused."""
+    key = ".".join(parts)
+    _, spec = _field(parts)
+    if value is None and spec is not None and spec.metadata.get("null_is_default"):
+        return dataclasses.asdict(spec.default_factory())
+    raise ConfigError(
+        f"override {item!r} sets a key inside {key}, which the earlier override {given[key]!r} set to "
+        f"{value!r} (allowed: one of the two)"
+    )
 
 
 def config_from_dict(data: dict) -> Config:

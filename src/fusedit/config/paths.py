@@ -354,17 +354,45 @@ CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_ver
 
 
 def model_family_arch(config) -> tuple[str, dict] | None:
-    """An LLM's transformers ``config`` as text.family + text.arch (the fields that differ from the family's
-    defaults: arch_config builds the same shape from them), or None for a model type no family allows."""
+    """An LLM's transformers ``config`` as text.family + text.arch, or None for a model type no family
+    allows. The arch holds the fields that differ from the family's defaults, and then each field that a
+    config built from those (arch_config) still gets otherwise: a default computed from other fields
+    (LlamaConfig's head_dim = hidden_size / heads, num_key_value_heads = heads) is not the model's where it
+    sets that field to the class default's own value (Mistral-Nemo: head_dim 128, hidden 5120 / 32 heads).
+    arch_config builds the same config from them."""
+    from transformers import AutoConfig
+
     if config.model_type not in choices_of(TextConfig, "family"):
         return None
     defaults = arch_defaults(config.model_type)
-    arch = {
+    real = {
         k: v
         for k, v in config.to_dict().items()
-        if k in defaults and v != defaults[k] and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
+        if k in defaults and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
     }
-    return config.model_type, arch
+    arch = {k: v for k, v in real.items() if v != defaults[k]}
+    while True:
+        built = AutoConfig.for_model(config.model_type, **copy.deepcopy(arch)).to_dict()
+        # A field given as the model's and still built otherwise (the class rewrites it) is left to its own.
+        missing = {k: v for k, v in real.items() if built.get(k) != v and k not in arch}
+        if not missing:
+            return config.model_type, arch
+        arch.update(missing)
+
+
+def with_stand_ins_of(cfg: Config, other: Config) -> Config:
+    """``cfg`` with the family and arch of each LLM section that names a model_id both here and in ``other``
+    taken from ``other``, so that a comparison of the two (a resume's or fine-tune's config_differences, a
+    study's re-run) leaves them out: with a model_id the LLM is built from the model's own config and they
+    only stand in for it offline, and a run saves the model's own (with_model_llm_fields) where the command
+    it is compared with may still carry its preset's. ``cfg`` itself is left as it is."""
+    out = copy.deepcopy(cfg)
+    theirs = dict(text_sections(other))
+    for key, text in text_sections(out):
+        given = theirs.get(key)
+        if given is not None and text.model_id and given.model_id:
+            text.family, text.arch = given.family, copy.deepcopy(given.arch)
+    return out
 
 
 def with_model_llm_fields(cfg: Config) -> Config:
@@ -372,14 +400,14 @@ def with_model_llm_fields(cfg: Config) -> Config:
     run saves. With a model_id they are only a stand-in (the LLM is built from the model's config; the arch
     counts parameters offline for a hub id out of reach: text.llm.llm_config), so a preset's (Gemma's)
     inherited past a user's model_id (a local Qwen folder) would record another LLM than the run trained.
-    A model type no family allows keeps the family and loses the arch (it would describe another LLM). A
-    section whose model's config is not known without the network (known_llm_config) is kept as it is, as
-    is a random-init one. ``cfg`` itself is left as it is."""
+    A section whose model type no family allows (Phi-3, Gemma-3) is kept as the user's config had it: no
+    family and arch describe that model, and the user's stay the stand-in they chose (bench.random_init_text
+    times them). So is a section whose model's config is not known without the network
+    (known_llm_config), and a random-init one. ``cfg`` itself is left as it is."""
     out = copy.deepcopy(cfg)
     for _, text in text_sections(out):
         config = known_llm_config(text) if text.model_id else None
-        if config is None:
-            continue
-        found = model_family_arch(config)
-        text.family, text.arch = found if found is not None else (text.family, {})
+        found = model_family_arch(config) if config is not None else None
+        if found is not None:
+            text.family, text.arch = found
     return out

@@ -660,16 +660,20 @@ def check_llm_shape(cfg: Config) -> None:
                 resolve_hidden_layer(text.hidden_layer, depth, f"{key}.hidden_layer")
 
 
-def _forget_idle_lora(train: TrainConfig, own: dict) -> None:
-    """A stage's LoRA sections at rank 0 (no adapters) without the alpha and targets it inherits: they mean
-    nothing there, so a stage that turns adapters off with ``{rank: 0}`` is not warned about the earlier
-    stage's alpha (loop._announce_stage). Those the stage sets itself stay, and are warned about. The
-    merged sections resolved_stages carries on keep them: a later stage that sets a rank alone again gets
-    the earlier alpha and targets, as before (``null`` forgets them there too: lora_field)."""
+def _forget_idle_lora(train: TrainConfig, own: dict, trained: set[str]) -> None:
+    """A stage's LoRA sections at rank 0 (no adapters) without the alpha and targets it inherits from an
+    earlier stage that trained with them (its section in ``trained``: rank >= 1): they mean nothing there, so
+    a stage that turns adapters off with ``{rank: 0}`` is not warned about the earlier stage's alpha
+    (loop._announce_stage). Those the stage sets itself stay, and are warned about; so do those no stage
+    has used yet (a top-level ``train.llm_lora: {alpha: 8}`` that no stage gives a rank does nothing in the
+    whole run). The merged sections resolved_stages carries on keep them: a later stage that sets a rank
+    alone again gets the earlier alpha and targets, as before (``null`` forgets them there too: lora_field)."""
     for key in ("llm_lora", "dit_lora"):
         lora, given = getattr(train, key), own.get(key)
         given = given if isinstance(given, dict) else {}
-        if not lora.rank:
+        if lora.rank:
+            trained.add(key)
+        elif key in trained:
             kept = {"alpha": lora.alpha if "alpha" in given else None}
             setattr(
                 train,
@@ -686,7 +690,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
     if not cfg.stages:
         return [Stage(0, cfg.name, 0, cfg.train.steps, cfg, staged=False)]
     sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in STAGE_SECTIONS}
-    stages, start = [], 0
+    stages, start, trained = [], 0, set()
     for i, st in enumerate(cfg.stages):
         where = f"stages.{i}"
         fixed = [k for k in st.train if k in RUN_WIDE_TRAIN_KEYS]
@@ -706,7 +710,7 @@ def resolved_stages(cfg: Config) -> list[Stage]:
             sections[name] = deep_merge(sections[name], getattr(st, name))
             built[name] = build_section(STAGE_SECTION_CLASSES[name], sections[name], f"{where}.{name}")
         built["train"].steps = st.steps
-        _forget_idle_lora(built["train"], st.train)
+        _forget_idle_lora(built["train"], st.train, trained)
         stage_cfg = dataclasses.replace(cfg, stages=[], **built)
         try:
             validate(stage_cfg)

@@ -900,8 +900,11 @@ LAYOUTS = ("transformer", "pipeline", "model.pt.zst", "ema.pt.zst", "deepspeed")
 def _exportable(cfg: Config, model: TextToImage) -> None:
     m, llm = cfg.model, model.text.llm.config
     fused = is_deep(m.design)
+    # The built LLM's own type: with a model_id, text.family only stands in for it (a preset's Gemma beside
+    # the user's Qwen2 folder, or beside a Phi-3 one, which no family names: with_model_llm_fields).
+    family = "text.model_id's model_type" if cfg.text.model_id else "text.family"
     checks: list[tuple[str, object, bool, str]] = [
-        ("text.family", cfg.text.family, cfg.text.family in FAMILIES, "gemma, gemma2"),
+        (family, llm.model_type, llm.model_type in FAMILIES, "gemma, gemma2"),
         (
             "model.adaln_norm",
             m.adaln_norm,
@@ -949,7 +952,7 @@ def _exportable(cfg: Config, model: TextToImage) -> None:
         and block.img_mlp.gate_proj.out_features == spec.intermediate_size
     )
     checks = [("the DiT's heads and MLP", "not the LLM's", mirrored, "the public DiT mirrors its LLM")]
-    if fused and cfg.text.family == "gemma2":
+    if fused and llm.model_type == "gemma2":
         head_dim = spec.head_dim
         layer_types = getattr(llm, "layer_types", None) or []
         checks += [
@@ -991,11 +994,11 @@ def public_config(cfg: Config, model: TextToImage) -> dict:
     m, llm = cfg.model, model.text.llm.config
     fused = is_deep(m.design)
     spec = LLMSpec.from_hf(llm, deep=fused)
-    base = {"model_type": cfg.text.family}
+    base = {"model_type": llm.model_type}
     base.update({k: getattr(llm, k) for k in ARCH_FIELDS if getattr(llm, k, None) is not None})
     base.update(head_dim=spec.head_dim, rope_theta=spec.rope_theta, attention_bias=False)
     base.update(hidden_act=spec.activation, hidden_activation=spec.activation)
-    if cfg.text.family == "gemma2":
+    if llm.model_type == "gemma2":
         base.update({k: getattr(llm, k) for k in GEMMA2_FIELDS})
     base["_name_or_path"] = cfg.text.model_id
     tc = {v: k for k, v in TIMESTEP_CONDITIONINGS.items()}[m.timestep_conditioning]

@@ -38,7 +38,15 @@ from fusedit.checkpoints import (
     load_state,
     redone_steps,
 )
-from fusedit.config import Config, ConfigError, flatten, load_config, resolved_stages, to_dict
+from fusedit.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load_config,
+    resolved_stages,
+    to_dict,
+    with_stand_ins_of,
+)
 from fusedit.data.shapes import ALL_KINDS
 from fusedit.eval.shapes_bench import (
     bench_settings,
@@ -189,7 +197,10 @@ def _check_same_config(run_dir: Path, cfg: Config, label: str) -> None:
 
 def _trained_difference(old: Config, new: Config) -> tuple[str, Any, Any] | None:
     """The first key, with its two values, in which ``new`` would train other weights than ``old``:
-    stage by stage (a staged run's sampling settings live in its stages too), _UNTRAINED_KEYS aside."""
+    stage by stage (a staged run's sampling settings live in its stages too), _UNTRAINED_KEYS aside, and an
+    LLM's family and arch where both name its model_id (with_stand_ins_of: the run saved its model's own,
+    the design may still carry its preset's)."""
+    old = with_stand_ins_of(old, new)
     a, b = resolved_stages(old), resolved_stages(new)
     if [s.steps for s in a] != [s.steps for s in b]:
         key = "train.steps" if old.train.steps != new.train.steps else "stages"

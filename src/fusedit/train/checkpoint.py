@@ -106,9 +106,9 @@ from fusedit.config import (
     paths_to_nothing,
     resolved_stages,
     save_config,
-    text_sections,
     to_dict,
     with_model_llm_fields,
+    with_stand_ins_of,
 )
 from fusedit.files import (
     partial_folder,
@@ -709,20 +709,9 @@ MODEL_SECTIONS = ("model", "text", "extra_text", "vae", "pooled_text")
 def config_differences(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """Each setting whose value differs between two configs, as (dotted key, old, new) sorted by key: list
     items by position (extra_text.0.model_id), a key one of them lacks as None. An LLM section's family and
-    arch are left out where both configs name its model_id: the LLM is then built from the model's own
-    config, they only stand in for it offline, and a run saves the model's own (with_model_llm_fields) where
-    the command it is resumed or fine-tuned with may still carry its preset's."""
-    a, b = (flatten(to_dict(c), lists=True) for c in (old, new))
-    with_ids = {key for key, text in text_sections(old) if text.model_id} & {
-        key for key, text in text_sections(new) if text.model_id
-    }
-    stand_ins = tuple(f"{key}.{name}" for key in with_ids for name in ("family", "arch"))
-    return [
-        (key, a.get(key), b.get(key))
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-        and not (key in stand_ins or key.startswith(tuple(f"{s}." for s in stand_ins)))
-    ]
+    arch are left out where both configs name its model_id (with_stand_ins_of)."""
+    a, b = (flatten(to_dict(c), lists=True) for c in (with_stand_ins_of(old, new), new))
+    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
 def check_same_model(
