@@ -752,9 +752,17 @@ def test_a_resume_that_moves_the_cosine_schedule_says_how_the_learning_rate_jump
     ]
 
 
-def test_grad_clip_0_trains_unclipped_and_still_logs_the_norm(tmp_path):
+def test_grad_clip_0_trains_unclipped_and_still_logs_the_norm(tmp_path, monkeypatch):
     """train.grad_clip=0 turns clipping off (as a clip no norm reaches does) and the logged grad_norm is
-    still the measured one; a clip below the norms changes the training."""
+    still the measured one; a clip below the norms changes the training. At 0 the gradients are only
+    measured (torch >= 2.6): clip_grad_norm_ with an infinite limit also multiplied each by 1."""
+    clip_calls = []
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda p, limit: clip_calls.append(limit) or clip_grad_norm(p, limit),
+    )
 
     def run(clip: float, name: str) -> tuple[list[float], list[float]]:
         out = train(tiny_config(train={"steps": 3, "grad_clip": clip}), tmp_path / name, progress=False)
@@ -763,5 +771,7 @@ def test_grad_clip_0_trains_unclipped_and_still_logs_the_norm(tmp_path):
 
     off, never = run(0, "off"), run(1e9, "never")
     assert off == never
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        assert clip_calls == [1e9] * 3  # the run at 0 measured alone
     clipped = run(min(never[1]) / 4, "clipped")
     assert clipped[0][0] == off[0][0] and clipped[0][1:] != off[0][1:]
