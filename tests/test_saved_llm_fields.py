@@ -88,3 +88,18 @@ def test_a_model_type_no_family_allows_keeps_the_users_section(tmp_path):
     saved = with_model_llm_fields(cfg)
     assert saved.text == user  # not gemma with an empty arch: the default 28-layer Gemma
     assert random_init_text(saved.text, "text")[0].arch == TINY_ARCH
+
+
+def test_an_odd_computed_head_dim_is_not_built_on_the_way_to_the_saved_arch(tmp_path):
+    """A Llama that sets head_dim 128 where hidden 120 / 8 heads computes 15: the arch built from the fields
+    that differ from the defaults alone had an odd RoPE width, which transformers refuses, and the run
+    crashed at its first config save. The attention sizes are written as the model has them."""
+    from fusedit.config import arch_config, with_model_llm_fields
+
+    shape = {"hidden_size": 120, "num_attention_heads": 8, "head_dim": 128, "num_hidden_layers": 2}
+    AutoConfig.for_model("llama", vocab_size=64, intermediate_size=64, **shape).save_pretrained(
+        tmp_path / "l"
+    )
+    saved = with_model_llm_fields(load_config("debug", [f"text.model_id={tmp_path / 'l'}"]))
+    built = arch_config(saved.text)
+    assert saved.text.family == "llama" and {k: getattr(built, k) for k in shape} == shape

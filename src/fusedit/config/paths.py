@@ -351,6 +351,8 @@ def known_llm_config(text: TextConfig):
 
 # What a saved LLM config records beside its shape: not part of the arch a random init is built from.
 CONFIG_RECORD_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version")
+# The sizes an LLM config computes others from (head_dim, the K/V heads), written into every saved arch.
+_ATTENTION_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 def model_family_arch(config) -> tuple[str, dict] | None:
@@ -370,9 +372,15 @@ def model_family_arch(config) -> tuple[str, dict] | None:
         for k, v in config.to_dict().items()
         if k in defaults and not k.startswith("_") and k not in CONFIG_RECORD_KEYS
     }
-    arch = {k: v for k, v in real.items() if v != defaults[k]}
+    # The attention sizes are always written: a build from the other fields alone can compute one that
+    # transformers refuses (head_dim = hidden 120 / 8 heads = 15, odd for RoPE, where the model sets 128).
+    arch = {k: v for k, v in real.items() if v != defaults[k] or k in _ATTENTION_SIZES}
     while True:
-        built = AutoConfig.for_model(config.model_type, **copy.deepcopy(arch)).to_dict()
+        try:
+            built = AutoConfig.for_model(config.model_type, **copy.deepcopy(arch)).to_dict()
+        except Exception:  # noqa: BLE001
+            # A validator of this transformers version refused the partial arch: every field, as the model's.
+            return config.model_type, real
         # A field given as the model's and still built otherwise (the class rewrites it) is left to its own.
         missing = {k: v for k, v in real.items() if built.get(k) != v and k not in arch}
         if not missing:
