@@ -708,8 +708,7 @@ def test_the_saved_llm_fields_are_the_model_ids_own_not_the_presets(tmp_path):
     a hub id out of reach and a random-init LLM keep theirs."""
     from transformers import AutoConfig
 
-    from fusedit.config import arch_config, save_config
-    from fusedit.config.paths import with_model_llm_fields
+    from fusedit.config import arch_config, save_config, with_model_llm_fields
 
     qwen = tmp_path / "qwen"
     shape = {"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1}

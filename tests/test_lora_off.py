@@ -89,7 +89,8 @@ def test_a_key_under_null_on_the_command_line_builds_on_the_default_or_is_refuse
         )
 
 
-def test_other_sections_still_refuse_null(tmp_path):
+def test_other_null_values_are_still_refused(tmp_path):
+    """Only a LoRA section itself takes null (its default): its rank, and another section, are refused."""
     with pytest.raises(ConfigError, match=r"^stages\.1\.train\.llm_lora\.rank=None"):
         _staged(tmp_path, {"llm_lora": {"rank": None}})
     with pytest.raises(ConfigError, match="flow must be a mapping, got None"):

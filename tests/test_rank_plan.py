@@ -244,7 +244,8 @@ def _read(cfg: DataConfig, world: int, start: int, end: int, states: list) -> li
 
 
 def test_the_planning_skips_add_up_over_the_ranks_states_through_a_resume_and_a_resplit(tmp_path):
-    # Every rank's state held the planning skips the exchange gave it: summed over the ranks, 2 of each.
+    """Rank 0 alone holds the planning skips, so the ranks' states sum to the one-process run's, through a
+    resume and a resplit (every rank held a copy the exchange gave it: 2 of each over 2 ranks)."""
     from fusedit.data.skips import merged_skip_report
 
     cfg = _folder(tmp_path, sizes=False)

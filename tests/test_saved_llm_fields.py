@@ -94,8 +94,6 @@ def test_an_odd_computed_head_dim_is_not_built_on_the_way_to_the_saved_arch(tmp_
     """A Llama that sets head_dim 128 where hidden 120 / 8 heads computes 15: the arch built from the fields
     that differ from the defaults alone had an odd RoPE width, which transformers refuses, and the run
     crashed at its first config save. The attention sizes are written as the model has them."""
-    from fusedit.config import arch_config, with_model_llm_fields
-
     shape = {"hidden_size": 120, "num_attention_heads": 8, "head_dim": 128, "num_hidden_layers": 2}
     AutoConfig.for_model("llama", vocab_size=64, intermediate_size=64, **shape).save_pretrained(
         tmp_path / "l"

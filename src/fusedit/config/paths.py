@@ -357,8 +357,9 @@ _ATTENTION_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads",
 
 def model_family_arch(config) -> tuple[str, dict] | None:
     """An LLM's transformers ``config`` as text.family + text.arch, or None for a model type no family
-    allows. The arch holds the fields that differ from the family's defaults, and then each field that a
-    config built from those (arch_config) still gets otherwise: a default computed from other fields
+    allows. The arch holds the attention sizes (_ATTENTION_SIZES) and the fields that differ from the family's
+    defaults, and then each field that a config built from those (arch_config) still gets otherwise (every
+    field where transformers refuses a config built from some): a default computed from other fields
     (LlamaConfig's head_dim = hidden_size / heads, num_key_value_heads = heads) is not the model's where it
     sets that field to the class default's own value (Mistral-Nemo: head_dim 128, hidden 5120 / 32 heads).
     arch_config builds the same config from them."""

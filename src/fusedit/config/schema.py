@@ -451,8 +451,8 @@ class TextConfig:
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     # The LLM's attention kernel (transformers' attn_implementation; model.attention_backend is the DiT's).
     # auto: what transformers picks for the family, sdpa where the family supports it and eager for
-    # Gemma-2, whose attention logit soft-capping sdpa cannot do. A family that cannot run the one named is
-    # refused when the LLM loads.
+    # Gemma-2, whose attention logit soft-capping sdpa cannot do. One the family or this machine cannot run
+    # is refused before a run starts (text.llm.check_llm; the build refuses it alike).
     attn_implementation: str = choice("auto", "auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
     # Cut each batch's text to its longest real prompt: exact (padded keys are masked anyway) and cheaper.
     trim_padding: bool = True

@@ -85,8 +85,8 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
 
 
 def check_hf_source(cfg: Any) -> None:
-    """The refusals of ``load_hf`` that a local source's metadata decides, without reading a row or importing
-    ``datasets``: made before a run makes and locks its folder. A save_to_disk folder's split
+    """The refusals of ``load_hf`` that a local source's metadata decides, without reading a row (a parquet
+    file's schema needs pyarrow, which comes with ``datasets``): made before a run makes and locks its folder. A save_to_disk folder's split
     (dataset_dict.json) and columns (its dataset_info.json), a parquet file's columns (its schema). A hub id,
     or a folder of data files that ``load_dataset`` reads, is checked when it loads."""
     path = cfg.hf_path

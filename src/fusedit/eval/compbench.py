@@ -965,6 +965,8 @@ def score_category(
         raise ConfigError("the complex category needs complex_groups (load_complex_groups of the dataset)")
     text = text or RuleText()
     samples = Path(samples)
+    # Named after the folder (``<category>/samples-results.jsonl``), as GenEval's and DPG-Bench's are: sibling
+    # folders keep their own, and a protocol run's ``<category>/results.jsonl`` (score_compbench) is left alone.
     # Named before the scoring, so that a folder with no place beside it is refused before the work.
     out_path = Path(out_file) if out_file is not None else results_beside(samples)
     jobs = [
@@ -1014,8 +1016,6 @@ def score_category(
             f"none of the {len(present)} {category} images in {str(samples)!r} could be read (e.g. "
             f"{skipped.example})"
         )
-    # Named after the folder (``<category>/samples-results.jsonl``), as GenEval's and DPG-Bench's are: sibling
-    # folders keep their own, and a protocol run's ``<category>/results.jsonl`` (score_compbench) is left alone.
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "score": float(np.mean([r["score"] for r in rows])),

@@ -231,8 +231,9 @@ def _check_before_start(cfg: Config, resume: bool) -> None:
                 check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
             except ConfigError as e:
                 raise ConfigError(f"{e}{_exported_llm_hint(cfg, i, key, text)}") from None
-    # The other model folders written as paths (a tokenizer's, the VAE's, the pooled text encoder's): a
-    # typo or a folder on an unmounted disk, refused before the run folder rather than by the build.
+    # Every model folder written as a path (the tokenizers', the VAE's, the pooled text encoder's; an LLM's
+    # check_llm named already): a typo or a folder on an unmounted disk, refused before the run folder
+    # rather than by the build.
     for key, place in model_paths(cfg).items():
         if key not in gone:
             refuse_path_to_nothing(f"{key}={place!r}", place)
@@ -850,7 +851,7 @@ class _Run:
         the job (rank 0 logs it): the ranks gather one another's counts by reason (distinct ids, occurrences
         and a few examples; never every id, which each rank lists in its own file), and ``merged_skip_report``
         counts the samples found while planning the data, which rank 0 alone holds (states saved before
-        2026-11-26 hold them on every rank), once, and sums those of each rank's own reads over the ranks: a
+        rank 0 alone did hold them on every rank), once, and sums those of each rank's own reads over the ranks: a
         sample two ranks met (in different epochs) counts once per rank that met it, as the line says.
 
         Then, when any caption read into the stage's batches was not UTF-8, their total (``NotUTF8Count``:
