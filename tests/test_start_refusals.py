@@ -246,3 +246,12 @@ def test_the_kernel_check_reads_older_transformers_flash_flag(monkeypatch):
     monkeypatch.setattr(LlamaModel, "_supports_flash_attn", False, raising=False)
     monkeypatch.setattr(LlamaModel, "_supports_flash_attn_2", True, raising=False)
     assert "flash_attention_2" in _family_kernels(AutoConfig.for_model("llama", **TINY_ARCH))
+
+
+def test_every_kernel_the_config_allows_has_its_family_flags():
+    """text.attn_implementation's choices and the kernel check's table of transformers flags name the same
+    kernels (a kernel added to one alone would be said to run on no family, or never be checked)."""
+    from fusedit.config import TextConfig, choices_of
+    from fusedit.text.llm import _KERNEL_FLAGS
+
+    assert set(choices_of(TextConfig, "attn_implementation")) - {"auto", "eager"} == set(_KERNEL_FLAGS)

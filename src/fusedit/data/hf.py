@@ -49,16 +49,11 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
     """The ``datasets`` Dataset (or IterableDataset when streaming) that ``cfg`` (a DataConfig) names, with
     its image column left undecoded."""
     datasets = _datasets()
-    path = cfg.hf_path
-    if not path:
-        raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
+    path = _hf_path(cfg)
     streaming = cfg.hf_streaming if streaming is None else streaming
     local = Path(path)
     try:
-        if local.is_file() or any(ch in path for ch in "*?["):
-            files = sorted(glob.glob(path, recursive=True)) if not local.is_file() else [path]
-            if not files:
-                raise ConfigError(f"data.hf_path={path!r} matches no files")
+        if (files := _parquet_files(path)) is not None:
             ds = datasets.load_dataset(
                 "parquet", data_files={cfg.hf_split: files}, split=cfg.hf_split, streaming=streaming
             )
@@ -86,20 +81,16 @@ def load_hf(cfg: Any, streaming: bool | None = None) -> Any:
 
 def check_hf_source(cfg: Any) -> None:
     """The refusals of ``load_hf`` that a local source's metadata decides, without reading a row (a parquet
-    file's schema needs pyarrow, which comes with ``datasets``): made before a run makes and locks its folder. A save_to_disk folder's split
-    (dataset_dict.json) and columns (its dataset_info.json), a parquet file's columns (its schema). A hub id,
-    or a folder of data files that ``load_dataset`` reads, is checked when it loads."""
-    path = cfg.hf_path
-    if not path:
-        raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
+    file's schema needs pyarrow, which comes with ``datasets``): made before a run makes and locks its
+    folder. A save_to_disk folder's split (dataset_dict.json) and columns (its dataset_info.json), a parquet
+    file's columns (its schema). A hub id, or a folder of data files that ``load_dataset`` reads, is checked
+    when it loads."""
+    path = _hf_path(cfg)
     local = Path(path)
-    if local.is_file() or any(ch in path for ch in "*?["):
+    if (files := _parquet_files(path)) is not None:
         _datasets()  # pyarrow comes with it: without it, the same one-line refusal as the load's
         import pyarrow.parquet as pq
 
-        files = sorted(glob.glob(path, recursive=True)) if not local.is_file() else [path]
-        if not files:
-            raise ConfigError(f"data.hf_path={path!r} matches no files")
         try:  # load_dataset takes its features from the first file
             columns = pq.read_schema(files[0]).names
         except Exception:  # noqa: BLE001  (not a parquet file: load_dataset says why when the run loads it)
@@ -119,6 +110,24 @@ def check_hf_source(cfg: Any) -> None:
     else:
         return
     _check_columns(cfg, columns)
+
+
+def _hf_path(cfg: Any) -> str:
+    if not cfg.hf_path:
+        raise ConfigError("data.source=hf needs data.hf_path (a parquet file or glob, a folder, or a hub id)")
+    return cfg.hf_path
+
+
+def _parquet_files(path: str) -> list[str] | None:
+    """The parquet files data.hf_path names as a file or a glob (sorted); None for a folder or a hub id."""
+    if Path(path).is_file():
+        return [path]
+    if not any(ch in path for ch in "*?["):
+        return None
+    files = sorted(glob.glob(path, recursive=True))
+    if not files:
+        raise ConfigError(f"data.hf_path={path!r} matches no files")
+    return files
 
 
 def _metadata(file: Path, field: str) -> Any:
