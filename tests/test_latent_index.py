@@ -264,7 +264,9 @@ def test_a_column_writes_each_value_once_into_the_file_np_save_writes(tmp_path, 
 
 
 def test_a_caches_columns_are_np_save_s_files(cache, tmp_path):
-    for path in sorted((cache / "index").glob("*.npy")):
+    paths = sorted((cache / "index").glob("*.npy"))
+    assert sorted(p.stem for p in paths) == sorted(latents._IndexColumns.ARRAYS)
+    for path in paths:
         np.save(tmp_path / "saved.npy", np.load(path))
         assert path.read_bytes() == (tmp_path / "saved.npy").read_bytes(), path.name
 

@@ -4,10 +4,8 @@ total at the end of each stage, a resume included."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +17,7 @@ from fusedit.config import DataConfig
 from fusedit.data.loader import resplit_state, step_loader
 from fusedit.train import distributed, loop
 from fusedit.train.loop import train
+from test_data_edges import _tar
 from test_data_sources import _encode, _noise
 
 MID = "not UTF-8 (counted each time read, with a sample's caption files and fields that were not picked; e.g."
@@ -88,13 +87,13 @@ def test_a_skipped_sample_s_caption_is_not_counted_whatever_the_workers(tmp_path
 
 
 def _shard(path: Path) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for i, (key, caption) in enumerate([("k0", b"plain"), ("k1", b"caf\xe9"), ("k2", b"cr\xc3\xa8me")]):
-            for name, data in ((f"{key}.png", _encode(_noise(32, 32, i), "PNG")), (f"{key}.txt", caption)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
+    captions = [("k0", b"plain"), ("k1", b"caf\xe9"), ("k2", b"cr\xc3\xa8me")]
+    members = [
+        member
+        for i, (key, caption) in enumerate(captions)
+        for member in ((f"{key}.png", _encode(_noise(32, 32, i), "PNG")), (f"{key}.txt", caption))
+    ]
+    return _tar(path, members)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

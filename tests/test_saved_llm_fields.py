@@ -6,27 +6,24 @@ family and arch only stand in for the model's config offline)."""
 import logging
 
 import pytest
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from conftest import TINY_ARCH, tiny_config
 from fusedit.bench import random_init_text
 from fusedit.config import TextConfig, arch_config, load_config, model_family_arch, with_model_llm_fields
-from fusedit.data.shapes import vocabulary
-from fusedit.text.tokenizer import word_tokenizer
 from fusedit.train.checkpoint import find_checkpoint
 from fusedit.train.loop import train
+from test_designs import _saved_llm
 
 
 def test_a_run_saves_its_llms_own_family_and_resumes_with_the_presets(tmp_path, caplog):
-    llm = tmp_path / "llm"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY_ARCH)).save_pretrained(llm)
-    word_tokenizer(vocabulary()).save_pretrained(llm)
+    llm = _saved_llm(tmp_path / "llm", "qwen2")["model_id"]
     # The family and arch a preset left beside the user's Qwen2 folder: another LLM's.
     preset = {"family": "gemma", "arch": {"num_attention_heads": 8, "hidden_size": 64}}
 
     def config(steps, **train_extra):
         return tiny_config(
-            text={"model_id": str(llm), **preset},
+            text={"model_id": llm, **preset},
             model={"num_layers": 2},
             train={"steps": steps, "checkpoint_every": 1, **train_extra},
         )

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from fusedit.checkpoints import find_checkpoint
 from fusedit.config import DataConfig
 from fusedit.data.loader import resplit_state, step_loader
-from fusedit.data.skips import SkipCounter, merged_skip_report, skipped_jsonl
+from fusedit.data.skips import SkipCounter, merged_skip_report, merged_skips, skipped_jsonl
 from fusedit.data.transforms import make_rng
 from fusedit.train.loop import train
 from test_data_sources import _noise, _write_shards
@@ -326,15 +326,7 @@ def test_the_ranks_skips_merge_counting_the_planned_ones_once(tmp_path):
 def _saved_before_rank_0_alone(state: dict, planned: SkipCounter) -> dict:
     """``state`` as the code saved it before rank 0 alone held the planning skips: every rank's skips began
     with them (the planning skips, then the rank's own reads)."""
-    own = SkipCounter()
-    own.load_state_dict(state["skips"])
-    old = SkipCounter.of(
-        (reason, i, detail) for reason, ids in planned.ids.items() for i, detail in ids.items()
-    )
-    for reason, ids in own.ids.items():
-        for sample_id, detail in ids.items():
-            old.ids.setdefault(reason, {}).setdefault(sample_id, detail)
-        old.times[reason] = old.times.get(reason, 0) + own.times[reason]
+    old = merged_skips([planned.state_dict(), state["skips"]])
     return {**state, "skips": old.state_dict()}
 
 

@@ -203,17 +203,11 @@ def test_a_tokenizer_folder_that_is_not_there_is_refused_before_the_run_folder(t
 def test_deep_fusion_reads_a_dynamic_rope_llm_before_the_start(tmp_path):
     """A dynamic RoPE reads its longest position with .item(), which the meta device cannot: the early K/V
     check refused a valid Llama the build trains (it needs only the width of cos/sin)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fusedit.data.shapes import vocabulary
     from fusedit.text.llm import check_llm
-    from fusedit.text.tokenizer import word_tokenizer
+    from test_designs import _saved_llm
 
-    arch = {**TINY_ARCH, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
-    folder = tmp_path / "llama"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **arch)).save_pretrained(folder)
-    word_tokenizer(vocabulary()).save_pretrained(folder)
-    cfg = tiny_config(text={"model_id": str(folder), "family": "llama"}, train={"steps": 1})
+    text = _saved_llm(tmp_path / "llama", "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    cfg = tiny_config(text={**text, "family": "llama"}, train={"steps": 1})
     check_llm(cfg.text, deep=True)
     assert train(cfg, tmp_path / "run", progress=False)["step"] == 1
 

@@ -95,10 +95,12 @@ def cmd_convert(args) -> int:
     # Written beside ``out`` and swapped in whole: a redo (e.g. another --vae or --max-length) killed at
     # any point leaves the earlier conversion or the new one, never a run folder missing weights.
     llm = None if cfg.text.model_id else model.text.llm
+    # As a trained run saves it (its LLM's own family and arch), in the checkpoint and beside it: the folder
+    # is a config base too.
+    saved = with_model_llm_fields(cfg)
     with replacing(out) as tmp:
-        ckpt = out / save_checkpoint(tmp, 0, cfg, model.denoiser, weights, None, llm).relative_to(tmp)
-        # As a trained run has (its LLM's own family and arch): the folder is a config base too.
-        save_config(with_model_llm_fields(cfg), tmp / "config.yaml")
+        ckpt = out / save_checkpoint(tmp, 0, saved, model.denoiser, weights, None, llm).relative_to(tmp)
+        save_config(saved, tmp / "config.yaml")
     print(f"converted {args.path} -> {ckpt}; sample with: fusedit sample {args.out} --prompt ...")
     return 0
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from fusedit.cli.common import _add_config_args, _kept_on_interrupt, _out_folder, log
@@ -22,17 +19,13 @@ _RUN_ENTRIES = re.compile(
 )
 
 
-def _rank_0() -> bool:
-    """Whether this process is rank 0 of a torchrun job, or alone: what every process would say alike, it
-    says for all."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _warn_other_files(out: Path) -> None:
     """A new run's ``out`` that holds what no run writes (an earlier sample's images, a user's files) is
     trained into all the same, since an earlier run's folder must keep working and nothing there is deleted,
     but said in one line: the run's files land beside them, and `fusedit sample` then refuses the folder."""
-    if not _rank_0() or not out.is_dir():  # said once under torchrun
+    from fusedit.train.distributed import rank_0_before_setup
+
+    if not rank_0_before_setup() or not out.is_dir():  # said once under torchrun
         return
     other = min((p for p in out.iterdir() if not _RUN_ENTRIES.fullmatch(p.name)), default=None)
     if other is not None:
@@ -42,18 +35,6 @@ def _warn_other_files(out: Path) -> None:
             str(out),
             example,
         )
-
-
-@contextmanager
-def _said_by_rank_0(logger: logging.Logger) -> Iterator[None]:
-    """``logger``'s warnings from rank 0 alone under torchrun: every process loads the same config, so the
-    settings that change nothing and the overrides no key reads are said once, not once per GPU."""
-    before = logger.disabled
-    logger.disabled = before or not _rank_0()
-    try:
-        yield
-    finally:
-        logger.disabled = before
 
 
 def _train_kept(out: Path, args, started: float) -> str:
@@ -72,23 +53,19 @@ def _train_kept(out: Path, args, started: float) -> str:
 
 
 def cmd_train(args) -> int:
-    from fusedit.train.distributed import local_rank_of_several
+    from fusedit.train import distributed
     from fusedit.train.loop import train
     from fusedit.train.run_folder import RunExists
 
     folders: list[Path] = []  # the model folders the config came from
-    try:
+    with distributed.refused_alike_per_machine():
         if args.stop_at is not None and args.stop_at < 1:
             raise ConfigError(f"--stop-at {args.stop_at} is not allowed (allowed: a step number, 1 or more)")
-        with _said_by_rank_0(logging.getLogger("fusedit.config")):
+        # Every process loads the same config: the settings that change nothing and the overrides no key
+        # reads are said once, not once per GPU.
+        with distributed.quiet_unless_main():
             cfg = load_config(args.config, args.overrides, folders=folders)
-    except ConfigError as e:
-        # The processes of one machine read the same command line and files: its local rank 0 prints the
-        # error. Not left to rank 0 across machines: a file missing on one node only is that node's error.
-        if local_rank_of_several() > 0:
-            e.said_by = "this machine's local rank 0"
-        raise
-    if args.stop_at is not None and args.stop_at > cfg.train.steps and _rank_0():
+    if args.stop_at is not None and args.stop_at > cfg.train.steps and distributed.rank_0_before_setup():
         log.warning(
             "--stop-at %d is beyond train.steps=%d: the run ends at step %d first",
             args.stop_at,
@@ -144,8 +121,9 @@ def _warn_weights_not_taken(folders: list[Path], init_from: str) -> None:
     train.init_from, which its saved config carries along. Not in load_config: `--resume` reads a run's
     saved config the same way."""
     from fusedit.train.checkpoint import init_source
+    from fusedit.train.distributed import rank_0_before_setup
 
-    if not _rank_0():  # said once under torchrun
+    if not rank_0_before_setup():  # said once under torchrun
         return
     for folder in map(Path, map(os.path.normpath, folders)):
         if init_from and _same_start(init_from, folder, init_source):

@@ -261,16 +261,11 @@ def resolve_raw(
 SAVED_SECTIONS = {"model", "text", "vae", "data", "flow", "train", "sample"}
 
 
-def _field_type(parts: list[str]) -> Any:
-    """The declared type of the Config field at ``parts`` (e.g. ["text", "instruction"]), or None. An item
-    of a list of sections is addressed by its position (extra_text.0.instruction, stages.1.name) and a
-    stage's override mappings by their section's fields (stages.0.data.root)."""
-    return _field(parts)[0]
-
-
 def _field(parts: list[str]) -> tuple[Any, Any]:
-    """The declared type and the dataclass field of the Config field at ``parts`` (_field_type), or None
-    for each that is not known."""
+    """The declared type and the dataclass field of the Config field at ``parts`` (e.g. ["text",
+    "instruction"]), or None for each that is not known. An item of a list of sections is addressed by its
+    position (extra_text.0.instruction, stages.1.name) and a stage's override mappings by their section's
+    fields (stages.0.data.root)."""
     cls: Any = Config
     parts = list(parts)
     while parts:
@@ -308,7 +303,7 @@ def parse_overrides(overrides: list[str]) -> dict:
                 node[p] = _under_a_value(parts[: i + 1], node[p], given, item)
             node = node.setdefault(p, {})
         given[".".join(parts)] = item
-        if _field_type(parts) is str:
+        if _field(parts)[0] is str:
             # Kept as the text 'null', it would name a folder or a prompt nobody meant.
             node[parts[-1]] = None if value.strip() in ("null", "Null", "NULL") else value
             continue

@@ -109,11 +109,16 @@ def written_as_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().exists()
 
 
+def is_path_to_nothing(place: str) -> bool:
+    """Whether a model location is written as a local path (written_as_path) that does not exist."""
+    return written_as_path(place) and not Path(place).expanduser().exists()
+
+
 def refuse_path_to_nothing(named: str, place: str, folder: str = "a folder") -> None:
     """A model location written as a path that does not exist, refused before a loader (transformers,
     diffusers) takes it for a malformed or unreachable hub id; ``named`` is the setting as the error shows
     it (``text.model_id='/x'``, ``--clip '/x'``), ``folder`` what belongs there."""
-    if written_as_path(place) and not Path(place).expanduser().exists():
+    if is_path_to_nothing(place):
         raise ConfigError(
             f"{named} is a path to nothing (allowed: {folder} written by save_pretrained, or a hub id "
             "written org/name)"

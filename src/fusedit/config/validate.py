@@ -674,11 +674,14 @@ def _forget_idle_lora(train: TrainConfig, own: dict, trained: set[str]) -> None:
         if lora.rank:
             trained.add(key)
         elif key in trained:
-            kept = {"alpha": lora.alpha if "alpha" in given else None}
             setattr(
                 train,
                 key,
-                dataclasses.replace(lora, targets=lora.targets if "targets" in given else [], **kept),
+                dataclasses.replace(
+                    lora,
+                    alpha=lora.alpha if "alpha" in given else None,
+                    targets=lora.targets if "targets" in given else [],
+                ),
             )
 
 

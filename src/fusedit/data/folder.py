@@ -182,7 +182,9 @@ class FolderCatalog:
         self.skipped: list[tuple[str, str, str]] = []  # (reason, id, detail) found while loading
         self._sidecars: dict[str, dict[str, str]] = {}
         self.caption_fields = () if keep_fields is None else tuple(keep_fields)
-        read = _SIDECAR_KINDS if keep_fields is None else {f.split(".", 1)[0] for f in keep_fields}
+        # The fields' heads (json.caption: json), the sidecar kinds and index columns they read; None: all.
+        heads = None if keep_fields is None else {f.split(".", 1)[0] for f in keep_fields}
+        read = _SIDECAR_KINDS if heads is None else heads
         # A sidecar no caption field names is never opened: its time, and its bytes' not-UTF-8 count, are
         # for captions no batch could train on.
         self.sidecar_kinds = tuple(kind for kind in _SIDECAR_KINDS if kind in read)
@@ -193,7 +195,7 @@ class FolderCatalog:
             path = Path(index_file)
             self.root_dir = Path(root) if root else path.parent
             self.mode = "index"
-            self._load_index(path, image_field, keep_fields)
+            self._load_index(path, image_field, heads)
         else:
             self.root_dir = Path(root)
             self.mode = "sidecar"
@@ -268,7 +270,7 @@ class FolderCatalog:
                 line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             yield line
 
-    def _load_index(self, path: Path, image_field: str, keep_fields) -> None:
+    def _load_index(self, path: Path, image_field: str, heads: set[str] | None) -> None:
         # Packed as they are read (data/packed.py): millions of rows as lists of str and dicts would be copied
         # into each DataLoader worker as it reads them, and held whole before packing at the load's peak. A
         # row is kept as its JSON text, parsed when its sample is read.
@@ -278,9 +280,7 @@ class FolderCatalog:
         column = image_field
         # Keep only the columns something reads: an index of millions of rows with many unused columns
         # would otherwise be copied into every worker process.
-        keep = (
-            None if keep_fields is None else {f.split(".", 1)[0] for f in keep_fields} | {"width", "height"}
-        )
+        keep = None if heads is None else heads | {"width", "height"}
         for number, row in self._read_rows(path):
             where = f"{path.name}:{number}"
             if row is None:

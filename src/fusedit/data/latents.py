@@ -1166,12 +1166,11 @@ class LatentDataset(PlannedDataset):
         self.shapes = sorted(shapes)
         rank = np.array([self.shapes.index(shape) for shape in shapes], dtype=np.int32)
         self.group_of = rank[shape_of]
-        # Columns mapped as they are: a spawned DataLoader worker maps them again (__getstate__), the same
-        # files (a rerun that writes the index replaces them: another inode).
-        self._mapped = columns is not None
+        # Columns mapped as they are (a stamp): a spawned DataLoader worker maps them again (__getstate__), the
+        # same files (a rerun that writes the index replaces them: another inode); None when not mapped.
         self._stamp = _columns_stamp(latents_dir) if columns is not None else None
         if np.any(self.positions[1:] < self.positions[:-1]):  # cache-latents writes them in position order
-            self._mapped = False
+            self._stamp = None
             order = np.argsort(self.positions, kind="stable")
             self.ids = PackedStrings(self.ids[int(k)] for k in order)
             self.captions = PackedStrings(self.captions[int(k)] for k in order)
@@ -1234,7 +1233,7 @@ class LatentDataset(PlannedDataset):
     def __getstate__(self) -> dict:
         # Open safetensors handles cannot be pickled (DataLoader workers under "spawn"); workers reopen.
         state = {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
-        if self._mapped:
+        if self._stamp is not None:
             # A spawned worker (macOS; forkserver, Linux's default from Python 3.14) maps the columns again
             # rather than receive a copy of them in the pickle: ~1.2 GB per worker at 10M samples.
             for name in _MAPPED:
@@ -1243,10 +1242,11 @@ class LatentDataset(PlannedDataset):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if not self._mapped:
+        if self._stamp is None:
             return
-        columns = _IndexColumns.read(self.dir)
-        if columns is None or _columns_stamp(self.dir) != self._stamp:
+        # The stamp first: columns written anew are refused before read() warns of anything in them.
+        columns = _IndexColumns.read(self.dir) if _columns_stamp(self.dir) == self._stamp else None
+        if columns is None:
             raise ConfigError(
                 f"data.latents_dir={str(self.dir)!r} was written anew while training read it (a DataLoader "
                 "worker found another index than the run's); allowed: a cache that stays as it is while a run "

@@ -81,8 +81,9 @@ def is_stream(cfg: DataConfig) -> bool:
 
 
 def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
-    """The checks of a data source that read nothing big (its paths, a latent cache's index): made before a
-    run builds its model, so that a mistyped folder fails at once rather than after an LLM has loaded."""
+    """The checks of a data source that read nothing big (its paths, a latent cache's index, a local Hugging
+    Face dataset's split and columns from its metadata): made before a run makes its folder and builds its
+    model, so that a mistyped folder fails at once rather than after an LLM has loaded."""
     check_data_locations(cfg)
     if cfg.source == "folder":
         from fusedit.data.folder import check_folder_paths
@@ -96,6 +97,10 @@ def check_data_paths(cfg: DataConfig, vae_cfg: VAEConfig) -> None:
         from fusedit.data.webdataset_source import shard_lists
 
         shard_lists(cfg.shards, cfg.weights)  # every shard a pattern names must exist
+    elif cfg.source == "hf":
+        from fusedit.data.hf import check_hf_source
+
+        check_hf_source(cfg)
 
 
 def build_catalog(cfg: DataConfig, progress: bool = False) -> Any:
@@ -180,7 +185,7 @@ def _bucket_share(
     catalog: Any, decoder: SampleDecoder, start: int, stop: int, progress: bool, desc: str
 ) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
     """Samples [start, stop)'s buckets (-1 when unusable), and (index, reason, detail) of the unusable."""
-    groups = np.full(stop - start, -1, dtype=np.int64)
+    groups = np.full(stop - start, -1, dtype=np.int32)  # StepPlan's dtype: no copy to narrow it
     skipped: list[tuple[int, str, str]] = []
     known = getattr(catalog, "sizes_known", None)
     with tqdm(total=stop - start, desc=desc, unit="img", disable=not progress, leave=False) as bar:
@@ -229,7 +234,7 @@ def _joined_shares(catalog: Any, parts: list, world_size: int) -> tuple[np.ndarr
             f"the processes see different data: their catalogs hold {sizes} samples (rank order); every rank "
             "must read the same data (was it being written to?)"
         )
-    groups = np.concatenate([part["groups"] for part in parts]).astype(np.int64)
+    groups = np.concatenate([part["groups"] for part in parts]).astype(np.int32)
     events = [
         (part["reasons"][c], catalog.sample_id(i), detail)
         for part in parts

@@ -57,14 +57,10 @@ class PackedStrings(Sequence[str]):
         out as ``Packer`` writes them, such as arrays mapped from files (np.load(mmap_mode="r")): used as
         they are, not copied, and read-only here."""
         table = cls.__new__(cls)
-        table._data, table._ends = (
-            np.asarray(data, dtype=np.uint8).view(),
-            np.asarray(ends, dtype=np.int64).view(),
-        )
-        table._data.flags.writeable = table._ends.flags.writeable = False
+        table._adopt(data, ends)
         return table
 
-    def _adopt(self, data: bytearray, ends: array) -> None:
+    def _adopt(self, data: bytearray | np.ndarray, ends: array | np.ndarray) -> None:
         # Views of the buffers just built (no copy at the peak of a load), read-only from here on.
         self._data = np.frombuffer(data, dtype=np.uint8)  # (total bytes,)
         self._ends = np.frombuffer(ends, dtype=np.int64)  # (n,): item i is data[ends[i-1]:ends[i]]

@@ -88,7 +88,7 @@ from fusedit.eval.fid import (
     check_batch_size,
     load_image,
     model_inputs,
-    results_beside,
+    results_file,
     scorer_record,
 )
 from fusedit.eval.geneval import Detection, geneval_class
@@ -967,8 +967,7 @@ def score_category(
     samples = Path(samples)
     # Named after the folder (``<category>/samples-results.jsonl``), as GenEval's and DPG-Bench's are: sibling
     # folders keep their own, and a protocol run's ``<category>/results.jsonl`` (score_compbench) is left alone.
-    # Named before the scoring, so that a folder with no place beside it is refused before the work.
-    out_path = Path(out_file) if out_file is not None else results_beside(samples)
+    out_path = results_file(samples, out_file)
     jobs = [
         (samples / sample_name(prompt, p * n_per_prompt + k), prompt)
         for p, prompt in enumerate(prompts)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, model_config
 from fusedit.eval.benchmarks import BenchmarkError, dpg_csv_path, name_order, read_utf8
-from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs, results_beside
+from fusedit.eval.fid import check_batch_size, decoded_image, model_inputs, results_file
 from fusedit.files import sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, kept_for_prompts, save_png
 from fusedit.system import resolve_device
@@ -282,8 +282,7 @@ def score_dpg_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"DPG-Bench grid folder {str(folder)!r} does not exist")
-    # Named before the scoring, so that a folder with no place beside it is refused before the work.
-    out_path = Path(out_file) if out_file is not None else results_beside(folder)
+    out_path = results_file(folder, out_file)
     # Another run's grids in the folder beyond ``names`` (a longer prompt list, no limit) are not scored.
     wanted = questions.keys() if names is None else set(names) & questions.keys()
     grids = sorted((p for p in folder.glob("*.png") if p.stem in wanted), key=lambda p: name_order(p.stem))
@@ -315,7 +314,6 @@ def score_dpg_folder(
                 "answers": tile_answers,
             }
         )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     scored = {r["name"] for r in results}
     return {

@@ -564,8 +564,14 @@ def model_fingerprint(model_id: str | Path, model=None) -> str:
     return f"{model_id}@{commit}" if commit else str(model_id)
 
 
+def results_file(folder: str | Path, out_file: str | Path | None = None) -> Path:
+    """``out_file``, or by default ``results_beside(folder)``: named before the scoring, so that a folder
+    with no place beside it is refused before the work."""
+    return Path(out_file) if out_file is not None else results_beside(folder)
+
+
 def results_beside(folder: str | Path) -> Path:
-    """Where GenEval's and DPG-Bench's library scorers write the per-image results of ``folder`` by
+    """Where GenEval's, DPG-Bench's and T2I-CompBench's library scorers write the per-image results of ``folder`` by
     default: ``<name>-results.jsonl`` beside it (in its parent, "." and ".." resolved), never among the
     images, which the official scorers read as samples (ELLA's DPG-Bench script fails on any other file).
     Named after the folder, so that sibling folders (``out/a``, ``out/b``; a GenEval ``OUT/samples`` and

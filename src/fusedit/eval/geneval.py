@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusedit.config import ConfigError, check_whole, model_config
-from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs, results_beside
+from fusedit.eval.fid import CLIP_ALLOWED, ClipEmbedder, decoded_image, model_inputs, results_file
 from fusedit.files import read_json, sweep_temporaries, write_text_atomic
 from fusedit.imaging import generated_image, save_png
 from fusedit.system import resolve_device
@@ -418,8 +418,7 @@ def score_geneval_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"GenEval sample folder {str(folder)!r} does not exist")
-    # Named before the scoring, so that a folder with no place beside it is refused before the work.
-    out_path = Path(out_file) if out_file is not None else results_beside(folder)
+    out_path = results_file(folder, out_file)
     if metadata is None:
         # Upstream reads the file with json.load: one object, whatever the extension says.
         prompts = [
@@ -461,7 +460,6 @@ def score_geneval_folder(
                 "details": json.dumps(verdict["details"]),
             }
         )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_path, "".join(json.dumps(r) + "\n" for r in results))
     return {**summarize(results), "results_file": str(out_path)}
 

@@ -66,12 +66,13 @@ def refuse_unreadable_kv(llm: nn.Module) -> None:
     so ``llm`` may be built on the meta device (check_llm: one layer, no weights, before a run makes its
     folder); the refusal is TextEncoder.check_kv's. Keys that can be read but differ from the LLM's own
     (Cohere's pairwise RoPE, HunYuan's key norm after RoPE) are told by their values: check_kv, at the build."""
-    device = next(llm.parameters()).device
-    h = torch.zeros(1, 8, llm.config.hidden_size, device=device)  # (1, 8, d): the input of layer 0
+    weight = next(llm.parameters())
+    # (1, 8, d): the input of layer 0, in the weights' dtype (a kernel check builds it in text.dtype).
+    h = torch.zeros(1, 8, llm.config.hidden_size, device=weight.device, dtype=weight.dtype)
     try:
         # Only the width of cos/sin matters here (rotate-half over 2 * len(inv_freq)); calling rotary_emb on
         # the meta device fails for a dynamic RoPE, which reads its longest position with .item().
-        cos = sin = torch.zeros(1, 8, 2 * llm.rotary_emb.inv_freq.shape[-1], device=device)
+        cos = sin = torch.zeros(1, 8, 2 * llm.rotary_emb.inv_freq.shape[-1], device=h.device, dtype=h.dtype)
         layer = llm.layers[0]
         k, _ = _layer_kv(layer, layer_keys(layer), h, llm_head_dim(llm.config))
         _rope(k, cos, sin)

@@ -151,17 +151,27 @@ def check_llm(cfg: TextConfig, deep: bool, key: str = "text") -> None:
     their values, which need weights, and is refused when the run builds the LLM."""
     config = llm_config(cfg, key=key)
     LLMSpec.from_hf(config, deep=deep)
-    _check_kernel(cfg, config, key)
+    # A kernel is checked where the family's model class is known (else the load says what it makes of it).
+    kernel = cfg.attn_implementation != "auto" and _family_kernels(config) is not None
+    if not (deep or kernel):
+        return
+    # One layer on the meta device serves both checks: transformers decides the kernel when it builds it.
+    one = copy.deepcopy(config)
+    _cut_config(one, 1)
+    kwargs = {"attn_implementation": cfg.attn_implementation, _DTYPE_KW: DTYPES[cfg.dtype]} if kernel else {}
+    try:
+        with torch.device("meta"):
+            llm = AutoModel.from_config(one, **kwargs)
+    except (ValueError, ImportError) as e:
+        if kernel:  # the family's class exists: what it refused is the kernel (or this machine's lack of it)
+            raise _kernel_refusal(cfg, config, key, e) from None
+        if isinstance(e, ImportError):
+            raise
+        # A config AutoModel has no decoder for (a vision-language model's text part).
+        raise unsupported_llm(
+            config.model_type, f"transformers builds no model of it: {str(e).splitlines()[0]}"
+        ) from None
     if deep:
-        one = copy.deepcopy(config)
-        _cut_config(one, 1)
-        try:
-            with torch.device("meta"):
-                llm = AutoModel.from_config(one)
-        except ValueError as e:  # a config AutoModel has no decoder for (a vision-language model's text part)
-            raise unsupported_llm(
-                config.model_type, f"transformers builds no model of it: {str(e).splitlines()[0]}"
-            ) from None
         _refuse_without_kv(llm, config.model_type)
         refuse_unreadable_kv(llm)
 
@@ -190,23 +200,6 @@ def _family_kernels(config: PretrainedConfig) -> list[str] | None:
         for kernel, flags in _KERNEL_FLAGS.items()
         if any(getattr(model_class, f, False) for f in flags)
     ]
-
-
-def _check_kernel(cfg: TextConfig, config: PretrainedConfig, key: str) -> None:
-    """Refuse ``cfg.attn_implementation`` where the family has no such kernel (its model class says so), or
-    where this machine cannot run it (flash_attention_2 without the flash_attn package): transformers
-    decides both when it builds the model, so one layer built on the meta device tells, without weights."""
-    if cfg.attn_implementation == "auto" or _family_kernels(config) is None:
-        return
-    one = copy.deepcopy(config)
-    _cut_config(one, 1)
-    try:
-        with torch.device("meta"):
-            AutoModel.from_config(
-                one, attn_implementation=cfg.attn_implementation, **{_DTYPE_KW: DTYPES[cfg.dtype]}
-            )
-    except (ValueError, ImportError) as e:
-        raise _kernel_refusal(cfg, config, key, e) from None
 
 
 def _kernel_refusal(cfg: TextConfig, config: PretrainedConfig, key: str, error: Exception) -> ConfigError:

@@ -107,7 +107,6 @@ from fusedit.config import (
     resolved_stages,
     save_config,
     to_dict,
-    with_model_llm_fields,
     with_stand_ins_of,
 )
 from fusedit.files import (
@@ -288,7 +287,7 @@ def _save_config_files(cfg: Config, into: _Files, vocabulary: list[str] | None) 
     """config.yaml; models.json: what each local model folder the config names held (model_identity),
     so that a run read after one moved (load_model's ``relocate``) can tell the new place holds the same
     model; and the built-in tokenizer's ``vocabulary`` when there is one (vocabulary.json)."""
-    save_config(with_model_llm_fields(cfg), into("config.yaml"))
+    save_config(cfg, into("config.yaml"))
     if vocabulary is not None:
         into(VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     identities = {}

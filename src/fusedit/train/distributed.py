@@ -70,6 +70,26 @@ def local_rank_of_several() -> int:
     return int(local) if local.isdigit() and world.isdigit() and int(world) > 1 else 0
 
 
+def rank_0_before_setup() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or alone, read from RANK before the process group is
+    joined: what every process would say alike (a config's warnings), it says for all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def refused_alike_per_machine() -> Iterator[None]:
+    """A ConfigError from the block, met before the process group by every process of a machine alike (they
+    read the same command line, config and files), is said in full by that machine's local rank 0; the
+    others' is marked so that `fusedit train` prints their short line. Not left to rank 0 across machines: a
+    file missing on one node only is that node's error (local_rank_of_several)."""
+    try:
+        yield
+    except ConfigError as e:
+        if local_rank_of_several() > 0:
+            e.said_by = "this machine's local rank 0"
+        raise
+
+
 def _refuse_half_a_launch() -> None:
     """RANK without WORLD_SIZE, or WORLD_SIZE without RANK, naming a job of several processes: a launcher's or
     a job script's mistake, which would otherwise train silently as one process (a lone RANK=0 or
@@ -284,13 +304,14 @@ def teardown(env: DistEnv) -> None:
 
 
 @contextlib.contextmanager
-def quiet_unless_main(env: DistEnv) -> Iterator[None]:
+def quiet_unless_main(env: DistEnv | None = None) -> Iterator[None]:
     """Logging from rank 0 only: every rank would print the same lines (32 copies of each config warning on
-    4 nodes x 8 GPUs). The other ranks keep their errors. (The data loaders warn from rank 0 too, and each
-    rank lists its own skipped samples, train.data_state.skipped_list_name.)"""
+    4 nodes x 8 GPUs). The other ranks keep their errors. Rank 0 is ``env``'s, or without one (before the
+    process group: loading the config) RANK's, rank_0_before_setup. (The data loaders warn from rank 0 too,
+    and each rank lists its own skipped samples, train.data_state.skipped_list_name.)"""
     logger = logging.getLogger("fusedit")
     level = logger.level
-    if not env.is_main:
+    if not (env.is_main if env is not None else rank_0_before_setup()):
         logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
     try:
         yield

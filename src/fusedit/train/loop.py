@@ -56,16 +56,15 @@ from fusedit.config import (
     TrainConfig,
     checked,
     gone_model_paths,
-    is_shallow,
+    is_deep,
+    is_path_to_nothing,
     model_paths,
     refuse_path_to_nothing,
     resolved_stages,
     save_config,
     text_sections,
     with_model_llm_fields,
-    written_as_path,
 )
-from fusedit.data.hf import check_hf_source
 from fusedit.data.loader import PlanFailedElsewhere, check_data_paths, step_loader
 from fusedit.data.skips import NotUTF8Count, merged_skip_report
 from fusedit.devices import host_to_device
@@ -156,19 +155,15 @@ def train(
     # checkpoints and train nothing.
     if stop_at is not None and stop_at < 1:
         raise ConfigError(f"stop_at={stop_at} is not allowed (allowed: a step number, 1 or more, or None)")
-    # A config edited in Python is checked as a file is, on a copy whose existing paths are absolute (the
-    # config a run saves must find them from another working directory: cfg.data.root = "imgs").
-    try:
+    # Before the process group: every process of a machine reads the same config and files, so its local
+    # rank 0 says the refusal (`fusedit train` prints the others' short line).
+    with distributed.refused_alike_per_machine():
+        # A config edited in Python is checked as a file is, on a copy whose existing paths are absolute (the
+        # config a run saves must find them from another working directory: cfg.data.root = "imgs").
         cfg = checked(cfg)
         _check_before_start(cfg, resume)
         if not resume:
             _check_init_from(Path(run_dir), cfg)
-    except ConfigError as e:
-        # Before the process group: every process of a machine reads the same config and files, so its local
-        # rank 0 says the refusal (`fusedit train` prints the others' short line).
-        if distributed.local_rank_of_several() > 0:
-            e.said_by = "this machine's local rank 0"
-        raise
     # When a Ctrl+C or a stop names the checkpoint to resume from, an older one is the earlier run that
     # ``overwrite`` was to delete (its deletion comes after the build).
     replaced_before = None if resume else time.time()
@@ -228,7 +223,7 @@ def _check_before_start(cfg: Config, resume: bool) -> None:
     for i, (key, text) in enumerate(text_sections(cfg)):
         if f"{key}.model_id" not in gone:
             try:
-                check_llm(text, deep=not is_shallow(cfg.model.design), key=key)
+                check_llm(text, deep=is_deep(cfg.model.design), key=key)
             except ConfigError as e:
                 raise ConfigError(f"{e}{_exported_llm_hint(cfg, i, key, text)}") from None
     # Every model folder written as a path (the tokenizers', the VAE's, the pooled text encoder's; an LLM's
@@ -240,8 +235,6 @@ def _check_before_start(cfg: Config, resume: bool) -> None:
     for stage in resolved_stages(cfg):
         try:
             check_data_paths(stage.config.data, stage.config.vae)
-            if stage.config.data.source == "hf":
-                check_hf_source(stage.config.data)
         except ConfigError as e:
             raise ConfigError(f"{stage.where}: {e}" if cfg.stages else str(e)) from None
     check_loggers(cfg)
@@ -256,9 +249,7 @@ def _exported_llm_hint(cfg: Config, index: int, key: str, text: TextConfig) -> s
 
     source = cfg.train.init_from
     place = text.model_id
-    if not (source and place and written_as_path(place) and not Path(place).expanduser().exists()):
-        return ""
-    if index >= len(LLM_SLOTS):
+    if not (source and place and is_path_to_nothing(place)) or index >= len(LLM_SLOTS):
         return ""
     tokenizer, encoder = (Path(source) / name for name in LLM_SLOTS[index])
     if not (encoder.is_dir() and tokenizer.is_dir()):
@@ -307,7 +298,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at: i
     tc = cfg.train  # the run-wide settings; each stage trains with its own stage.config.train
     stages = resolved_stages(cfg)
     check_stages_run(cfg, stages, parallel, env.world_size)
-    if main and not is_shallow(cfg.model.design) and cfg.text.hidden_layer != -1:
+    if main and is_deep(cfg.model.design) and cfg.text.hidden_layer != -1:
         # Not refused: a study's base may set it for its shallow designs, beside a deep one.
         log.warning(
             "text.hidden_layer=%d does nothing for model.design=%r, which fuses the LLM layer by layer "
@@ -631,7 +622,7 @@ def _start_state(
     # that trains nothing (--stop-at at or below the run's step): overrides given with it (train.steps=...)
     # were never trained with, and a later plain --resume would take them from config.yaml.
     if env.is_main and start < end:
-        save_config(with_model_llm_fields(run.cfg), run.run_dir / "config.yaml")
+        save_config(run.saved_cfg, run.run_dir / "config.yaml")
     return ema, data_state
 
 
@@ -658,6 +649,13 @@ class _Run:
     truncated_since: int = 0
     # Under torchrun, the pid of the process that started this one: checked every step (launcher_gone).
     launcher: int | None = None
+
+    @functools.cached_property
+    def saved_cfg(self) -> Config:
+        """The config the run saves (its config.yaml and every checkpoint's): each LLM's family and arch read
+        once from its model's own config (with_model_llm_fields), so that all of them record the same LLM,
+        even should its folder become unreadable mid-run."""
+        return with_model_llm_fields(self.cfg)
 
     def stage(self, stage: Stage, steps: range, forward, stage_parallel, opts, ema, data_state) -> None:
         """Train ``steps`` (global step numbers) of ``stage``: batch -> text context once -> loss -> AdamW
@@ -818,7 +816,7 @@ class _Run:
             save_distributed_checkpoint(
                 self.run_dir,
                 step + 1,
-                cfg,
+                self.saved_cfg,
                 denoiser,
                 ema_state,
                 opts.by_module,
@@ -832,7 +830,7 @@ class _Run:
             save_checkpoint(
                 self.run_dir,
                 step + 1,
-                cfg,
+                self.saved_cfg,
                 denoiser,
                 ema_state,
                 opts.by_module.get(DENOISER),
